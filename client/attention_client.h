@@ -1,0 +1,70 @@
+// A C++ client for da.v1.AttentionService: unary and streamed calls with deadlines, server info
+// and health.
+//
+//   auto channel = grpc::CreateChannel("localhost:50051", grpc::InsecureChannelCredentials());
+//   da::client::AttentionClient client(channel);
+//   da::v1::AttendResponse response;
+//   grpc::Status status = client.Attend(request, &response, {.timeout_ms = 5000});
+//
+// AttendStream takes the same AttendRequest, sends it as a header plus token blocks, and
+// reassembles the streamed output into the same AttendResponse shape, so callers can switch
+// between the two with one flag. Thread safety: one client may be used from many threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "da/v1/attention.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace da::client {
+
+struct CallOptions {
+  int64_t timeout_ms = 0;  // 0: no deadline.
+  std::string request_id;  // Sent as x-request-id metadata when set.
+};
+
+struct StreamOptions {
+  int64_t block_tokens = 0;  // Tokens per block; 0 picks blocks of about 4 MiB.
+};
+
+// Channel arguments that lift gRPC's 4 MiB receive default to max_message_bytes.
+grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes = 1LL << 30);
+
+// An insecure channel to target with DefaultChannelArguments.
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
+                                           int64_t max_message_bytes = 1LL << 30);
+
+// Connects channel, waiting at most timeout_ms. Returns OK once connected, and also when the
+// connection attempt has already failed (TRANSIENT_FAILURE): the next call then fails at once with
+// gRPC's own reason. UNAVAILABLE when no connection is made in time (e.g. a black-holed address).
+grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms);
+
+class AttentionClient {
+ public:
+  explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
+
+  grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
+                      const CallOptions& options = {});
+
+  // Streams request (header, then token blocks) and collects the answer into response.
+  grpc::Status AttendStream(const v1::AttendRequest& request, v1::AttendResponse* response,
+                            const CallOptions& options = {}, const StreamOptions& stream = {});
+
+  grpc::Status GetServerInfo(v1::GetServerInfoResponse* response, const CallOptions& options = {});
+
+  // Health of a service ("" for liveness, "da.v1.AttentionService" for readiness).
+  grpc::Status CheckHealth(const std::string& service,
+                           grpc::health::v1::HealthCheckResponse::ServingStatus* status,
+                           const CallOptions& options = {});
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+};
+
+}  // namespace da::client

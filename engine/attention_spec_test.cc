@@ -1,0 +1,141 @@
+// Every validation rule of issue #2: the code and a message naming the field, value and limit.
+#include "engine/attention_spec.h"
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+namespace da::engine {
+namespace {
+
+struct Buffers {
+  std::vector<float> q, k, v;
+};
+
+// Valid problem: B=1, N=8, H=4, Hkv=2, D=4, one pattern (4, 2).
+struct Problem {
+  Shape4 q_shape{1, 8, 4, 4};
+  Shape4 kv_shape{1, 8, 2, 4};
+  AttentionSpec spec;
+  Limits limits;
+  Buffers buffers;
+  int64_t q_bytes = -1;  // -1: exact.
+
+  Problem() { spec.patterns = {{4, 2}}; }
+
+  absl::Status Validate() {
+    buffers.q.assign(q_shape.elements() > 0 ? q_shape.elements() : 1, 0.5f);
+    buffers.k.assign(kv_shape.elements() > 0 ? kv_shape.elements() : 1, 0.5f);
+    buffers.v = buffers.k;
+    TensorView q{DType::kFloat32, q_shape, buffers.q.data(),
+                 q_bytes >= 0 ? q_bytes : q_shape.elements() * 4};
+    TensorView k{DType::kFloat32, kv_shape, buffers.k.data(), kv_shape.elements() * 4};
+    TensorView v{DType::kFloat32, kv_shape, buffers.v.data(), kv_shape.elements() * 4};
+    return ValidateProblem(q, k, v, spec, limits);
+  }
+};
+
+void ExpectInvalid(Problem p, const std::string& needle,
+                   absl::StatusCode code = absl::StatusCode::kInvalidArgument) {
+  const absl::Status status = p.Validate();
+  EXPECT_EQ(status.code(), code) << status;
+  EXPECT_NE(status.message().find(needle), std::string::npos)
+      << "message '" << status.message() << "' lacks '" << needle << "'";
+}
+
+TEST(AttentionSpecTest, ValidProblemPasses) { EXPECT_TRUE(Problem().Validate().ok()); }
+
+TEST(AttentionSpecTest, NeedsAtLeastOnePattern) {
+  Problem p;
+  p.spec.patterns.clear();
+  ExpectInvalid(p, "spec.segment_lengths is empty");
+}
+
+TEST(AttentionSpecTest, SegmentLengthAtLeastOne) {
+  Problem p;
+  p.spec.patterns = {{4, 1}, {0, 1}};
+  ExpectInvalid(p, "spec.segment_lengths[1] is 0; must be >= 1");
+}
+
+TEST(AttentionSpecTest, DilationBetweenOneAndSegmentLength) {
+  Problem p;
+  p.spec.patterns = {{4, 5}};
+  ExpectInvalid(p, "spec.dilation_rates[0] is 5; must be in [1, segment_lengths[0] = 4]");
+  p.spec.patterns = {{4, 0}};
+  ExpectInvalid(p, "spec.dilation_rates[0] is 0");
+}
+
+TEST(AttentionSpecTest, ScaleMustBeFinite) {
+  Problem p;
+  p.spec.softmax_scale = std::numeric_limits<double>::infinity();
+  ExpectInvalid(p, "spec.softmax_scale is inf");
+}
+
+TEST(AttentionSpecTest, EveryDimensionAtLeastOne) {
+  Problem p;
+  p.q_shape.seq_len = 0;
+  p.kv_shape.seq_len = 0;
+  ExpectInvalid(p, "query.shape seq is 0; must be >= 1");
+  Problem h;
+  h.kv_shape.heads = 0;
+  ExpectInvalid(h, "key.shape heads is 0; must be >= 1");
+}
+
+TEST(AttentionSpecTest, BatchAndSeqMustMatch) {
+  Problem p;
+  p.kv_shape.batch = 2;
+  ExpectInvalid(p, "key.shape batch is 2; must equal query batch 1");
+  Problem s;
+  s.kv_shape.seq_len = 9;
+  ExpectInvalid(s, "key.shape seq is 9; must equal query seq 8");
+}
+
+TEST(AttentionSpecTest, HeadDimMustMatch) {
+  Problem p;
+  p.kv_shape.head_dim = 8;
+  ExpectInvalid(p, "key.shape head_dim is 8; must equal query head_dim 4");
+}
+
+TEST(AttentionSpecTest, KeyHeadsMustDivideQueryHeads) {
+  Problem p;
+  p.kv_shape.heads = 3;
+  ExpectInvalid(p, "key.shape heads is 3; must divide query heads 4");
+}
+
+TEST(AttentionSpecTest, ByteCountMustMatchShape) {
+  Problem p;
+  p.q_bytes = 100;
+  ExpectInvalid(p, "query.data has 100 bytes; shape [1, 8, 4, 4] of fp32 needs 512");
+}
+
+TEST(AttentionSpecTest, TokenLimit) {
+  Problem p;
+  p.limits.max_tokens = 4;
+  ExpectInvalid(p, "request has 8 tokens (batch x seq); limit is 4",
+                absl::StatusCode::kResourceExhausted);
+}
+
+TEST(AttentionSpecTest, ByteLimit) {
+  Problem p;
+  p.limits.max_request_bytes = 1000;
+  // q 512 + k 256 + v 256 + out 512 = 1536 bytes.
+  ExpectInvalid(p, "request needs 1536 bytes for query, key, value and output; limit is 1000",
+                absl::StatusCode::kResourceExhausted);
+}
+
+TEST(AttentionSpecTest, HeadDimLimit) {
+  Problem p;
+  p.limits.max_head_dim = 2;
+  ExpectInvalid(p, "head_dim is 4; at most 2");
+}
+
+TEST(AttentionSpecTest, ShapeOverflowIsRefused) {
+  AttentionSpec spec;
+  spec.patterns = {{4, 1}};
+  const ProblemShape huge{1LL << 40, 1LL << 40, 8, 8, 64};
+  EXPECT_EQ(ValidateShape(huge, DType::kFloat32, spec, {}).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+}  // namespace
+}  // namespace da::engine

@@ -1,0 +1,147 @@
+// Engine: validation before compute, queued runs on a dispatcher thread, cancellation, backends.
+#include "engine/engine.h"
+
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "engine/test_tensors.h"
+
+namespace da::engine {
+namespace {
+
+using testing::OwnedTensor;
+
+struct Inputs {
+  OwnedTensor q, k, v, out;
+  AttentionSpec spec;
+  RunRequest Request() {
+    RunRequest r;
+    r.q = q.view();
+    r.k = k.view();
+    r.v = v.view();
+    r.out = out.mutable_view();
+    r.spec = spec;
+    return r;
+  }
+};
+
+EngineOptions Options(int threads, const std::string& backend = "cpu") {
+  EngineOptions options;
+  options.threads = threads;
+  options.backend = backend;
+  return options;
+}
+
+Inputs MakeInputs(Shape4 shape, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Inputs in;
+  in.q = testing::RandomTensor(DType::kFloat32, shape, rng);
+  in.k = testing::RandomTensor(DType::kFloat32, shape, rng);
+  in.v = testing::RandomTensor(DType::kFloat32, shape, rng);
+  in.out = testing::PoisonedTensor(DType::kFloat32, shape);
+  in.spec.patterns = {{16, 1}, {32, 2}};
+  return in;
+}
+
+TEST(EngineTest, CpuAndReferenceBackendsAgree) {
+  auto cpu = Engine::Create(Options(2));
+  auto reference = Engine::Create(Options(2, "reference"));
+  ASSERT_TRUE(cpu.ok() && reference.ok());
+  Inputs a = MakeInputs({1, 100, 4, 8}, 1);
+  Inputs b = MakeInputs({1, 100, 4, 8}, 1);
+  absl::StatusOr<ExecutionInfo> info = (*cpu)->Run(a.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->backend, "cpu");
+  EXPECT_EQ(info->precision_used, Precision::kFloat32);
+  EXPECT_EQ(info->devices, std::vector<std::string>{"cpu:0"});
+  ASSERT_TRUE((*reference)->Run(b.Request()).ok());
+  EXPECT_EQ(testing::Compare(a.out, b.out, testing::ToleranceFor(DType::kFloat32)), "");
+}
+
+TEST(EngineTest, SubmitRunsOnADispatcherThreadAndReportsTimes) {
+  auto engine = Engine::Create(Options(1));
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 64, 2, 8}, 2);
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread::id callback_thread;
+  absl::StatusOr<ExecutionInfo> result = absl::UnknownError("not run");
+  (*engine)->Submit(in.Request(), [&](absl::StatusOr<ExecutionInfo> info) {
+    std::lock_guard<std::mutex> lock(mutex);
+    result = std::move(info);
+    callback_thread = std::this_thread::get_id();
+    done = true;
+    cv.notify_one();
+  });
+  std::unique_lock<std::mutex> lock(mutex);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; }));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_NE(callback_thread, std::this_thread::get_id());
+  EXPECT_GE(result->queue_time_us, 0);
+  EXPECT_GT(result->compute_time_us, 0);
+  for (int64_t i = 0; i < in.out.elements(); ++i) ASSERT_TRUE(std::isfinite(in.out.at(i)));
+}
+
+TEST(EngineTest, SubmitReportsValidationErrorsWithoutComputing) {
+  auto engine = Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 8, 2, 4}, 3);
+  in.spec.patterns = {{4, 9}};
+  absl::Status status;
+  (*engine)->Submit(in.Request(), [&](absl::StatusOr<ExecutionInfo> info) { status = info.status(); });
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ((*engine)->pending(), 0);
+}
+
+TEST(EngineTest, OutputMustMatchQueryShape) {
+  auto engine = Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 8, 2, 4}, 4);
+  RunRequest request = in.Request();
+  request.out.shape.heads = 1;
+  EXPECT_EQ((*engine)->Run(request).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, CancelledRequestReturnsCancelled) {
+  auto engine = Engine::Create(Options(1));
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 64, 2, 8}, 5);
+  std::atomic<bool> cancelled{true};
+  RunRequest request = in.Request();
+  request.cancelled = &cancelled;
+  EXPECT_EQ((*engine)->Run(request).status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST(EngineTest, UnsupportedPrecisionNamesWhatIsSupported) {
+  auto engine = Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 8, 2, 4}, 6);
+  in.spec.precision = Precision::kFloat8;
+  const absl::Status status = (*engine)->Run(in.Request()).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(status.message().find("fp8"), std::string::npos);
+}
+
+TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {
+  EXPECT_EQ(Engine::Create(Options(0, "tpu")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(Options(-1)).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, DevicesListTheCpuFirst) {
+  auto engine = Engine::Create(Options(3));
+  ASSERT_TRUE(engine.ok());
+  const std::vector<DeviceInfo>& devices = (*engine)->devices();
+  ASSERT_FALSE(devices.empty());
+  EXPECT_EQ(devices[0].id, "cpu:0");
+  EXPECT_EQ(devices[0].compute_units, 3);
+  EXPECT_GT(devices[0].memory_bytes, 0);
+}
+
+}  // namespace
+}  // namespace da::engine

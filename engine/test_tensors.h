@@ -1,0 +1,85 @@
+// Test helpers shared by engine and server tests: owned random tensors, poisoned outputs and
+// comparisons with tolerances. Test-only; not part of da_engine's sources.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/tensor.h"
+
+namespace da::engine::testing {
+
+// An owned tensor in its dtype's bytes.
+struct OwnedTensor {
+  DType dtype = DType::kFloat32;
+  Shape4 shape;
+  std::vector<uint8_t> bytes;
+
+  TensorView view() const {
+    return {dtype, shape, bytes.data(), static_cast<int64_t>(bytes.size())};
+  }
+  MutableTensorView mutable_view() {
+    return {dtype, shape, bytes.data(), static_cast<int64_t>(bytes.size())};
+  }
+  float at(int64_t i) const { return LoadAsFloat(dtype, bytes.data(), i); }
+  int64_t elements() const { return shape.elements(); }
+};
+
+// Uniform values in [-1, 1), rounded to dtype; never all zeros.
+inline OwnedTensor RandomTensor(DType dtype, Shape4 shape, std::mt19937& rng) {
+  OwnedTensor t{dtype, shape, std::vector<uint8_t>(shape.elements() * DTypeSize(dtype))};
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int64_t i = 0; i < shape.elements(); ++i) StoreFromFloat(dtype, t.bytes.data(), i, uniform(rng));
+  return t;
+}
+
+// An output buffer filled with NaN bit patterns (0xff bytes are NaN in fp32, fp16 and bf16), so
+// any element a backend forgets to write shows up.
+inline OwnedTensor PoisonedTensor(DType dtype, Shape4 shape) {
+  return {dtype, shape, std::vector<uint8_t>(shape.elements() * DTypeSize(dtype), 0xff)};
+}
+
+struct Tolerance {
+  double atol;
+  double rtol;
+};
+
+// Tolerance for an output stored in dtype compared with an fp32 rendering of the fp64 reference:
+// half an ulp of the storage type plus fp32 accumulation error.
+inline Tolerance ToleranceFor(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return {1e-5, 1e-4};
+    case DType::kFloat16:
+      return {1e-4, 1e-3};
+    case DType::kBFloat16:
+      return {1e-3, 8e-3};
+  }
+  return {0, 0};
+}
+
+// Empty when every element of actual is within tolerance of expected (and finite); otherwise a
+// description of the worst element.
+inline std::string Compare(const OwnedTensor& actual, const OwnedTensor& expected, Tolerance tol) {
+  if (actual.elements() != expected.elements()) return "element counts differ";
+  double worst_excess = 0.0;
+  int64_t worst = -1;
+  for (int64_t i = 0; i < actual.elements(); ++i) {
+    const double a = actual.at(i);
+    const double e = expected.at(i);
+    if (!std::isfinite(a)) return "element " + std::to_string(i) + " is not finite";
+    const double excess = std::fabs(a - e) - (tol.atol + tol.rtol * std::fabs(e));
+    if (excess > worst_excess) {
+      worst_excess = excess;
+      worst = i;
+    }
+  }
+  if (worst < 0) return "";
+  return "element " + std::to_string(worst) + ": got " + std::to_string(actual.at(worst)) +
+         ", expected " + std::to_string(expected.at(worst));
+}
+
+}  // namespace da::engine::testing
