@@ -226,6 +226,29 @@ TEST(ReferenceBackendTest, CustomScaleMultipliesScores) {
   }
 }
 
+TEST(ReferenceBackendTest, ReferenceRowEqualsTheFullRun) {
+  std::mt19937 rng(9);
+  const Shape4 shape{2, 45, 4, 8};
+  const Shape4 kv_shape{2, 45, 2, 8};
+  OwnedTensor q = RandomTensor(DType::kFloat32, shape, rng);
+  OwnedTensor k = RandomTensor(DType::kFloat32, kv_shape, rng);
+  OwnedTensor v = RandomTensor(DType::kFloat32, kv_shape, rng);
+  for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+    const AttentionSpec spec = Spec({{8, 1}, {16, 3}, {64, 4}}, mode, true);
+    OwnedTensor out = RunReference(q, k, v, spec);
+    for (int64_t b = 0; b < 2; ++b) {
+      for (int64_t n = 0; n < 45; ++n) {
+        for (int64_t h = 0; h < 4; ++h) {
+          const std::vector<double> row = ReferenceRow(q.view(), k.view(), v.view(), spec, b, n, h);
+          for (int64_t d = 0; d < 8; ++d) {
+            ASSERT_NEAR(row[d], out.at(((b * 45 + n) * 4 + h) * 8 + d), 1e-6);
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST(DilationTest, LongNetOffsetsFollowHeadBlocks) {
   AttentionSpec spec = Spec({{8, 1}, {8, 2}, {9, 3}});
   const auto work = AssignHeadPatterns(8, spec);

@@ -4,108 +4,87 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/aligned_buffer.h"
 #include "engine/dilation.h"
 #include "engine/thread_pool.h"
 
 namespace da::engine {
 namespace {
 
-// Tile sizes: a query block of kQueryBlock rows meets a key block of kKeyBlock rows; both tiles
-// and the score block stay in L1/L2 for head_dim up to a few hundred.
-constexpr int64_t kQueryBlock = 32;
-constexpr int64_t kKeyBlock = 128;
+using cpu::AlignedBuffer;
+using cpu::RoundUp;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+// A task's query chunk is at least this many rows: packing its keys costs O(keys * D), the
+// attention O(rows * keys * D), so small chunks would spend their time packing.
+constexpr int64_t kMinChunkRows = 128;
 
-// Per-thread buffers, grown on demand and reused across tasks.
-struct Scratch {
-  std::vector<float> q, k, v;    // Gathered kept rows, [kept, head_dim].
-  std::vector<float> scores;     // [kQueryBlock, kKeyBlock].
-  std::vector<float> acc;        // [kQueryBlock, head_dim].
-  std::vector<float> row_max, row_sum;
-  std::vector<float> out;        // Normalised pattern output, [kept, head_dim].
-  std::vector<float> lse;        // [kept].
-};
-
-// Copies rows first + i * stride (i < count) of head `head` into dst as fp32, times factor.
-void Gather(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, float factor,
-            float* dst) {
-  const Shape4& s = t.shape;
-  for (int64_t i = 0; i < kept.count; ++i) {
-    const int64_t n = kept.first + i * kept.stride;
-    const int64_t base = ((b * s.seq_len + n) * s.heads + head) * s.head_dim;
-    float* row = dst + i * s.head_dim;
-    if (t.dtype == DType::kFloat32 && factor == 1.0f) {
-      std::memcpy(row, static_cast<const float*>(t.data) + base, s.head_dim * sizeof(float));
-    } else {
-      for (int64_t d = 0; d < s.head_dim; ++d) row[d] = factor * LoadAsFloat(t.dtype, t.data, base + d);
-    }
-  }
-}
-
-// Attention among `kept` gathered rows: writes normalised outputs and LSEs into scratch.out/lse.
-// Queries are pre-scaled. Causal: key i is visible to query j only when i <= j.
-void AttendSegment(int64_t kept, int64_t head_dim, bool causal, Scratch& s) {
-  s.out.resize(kept * head_dim);
-  s.lse.resize(kept);
-  for (int64_t q0 = 0; q0 < kept; q0 += kQueryBlock) {
-    const int64_t rows = std::min(kQueryBlock, kept - q0);
-    std::fill(s.acc.begin(), s.acc.begin() + rows * head_dim, 0.0f);
-    std::fill(s.row_max.begin(), s.row_max.begin() + rows, kNegInf);
-    std::fill(s.row_sum.begin(), s.row_sum.begin() + rows, 0.0f);
-    const int64_t key_end = causal ? q0 + rows : kept;  // Later key blocks are fully masked.
-    for (int64_t k0 = 0; k0 < key_end; k0 += kKeyBlock) {
-      const int64_t cols = std::min(kKeyBlock, key_end - k0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* qrow = &s.q[(q0 + r) * head_dim];
-        float* score_row = &s.scores[r * kKeyBlock];
-        const int64_t visible = causal ? std::min(cols, q0 + r - k0 + 1) : cols;
-        float block_max = kNegInf;
-        for (int64_t c = 0; c < visible; ++c) {
-          const float* krow = &s.k[(k0 + c) * head_dim];
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qrow[d] * krow[d];
-          score_row[c] = dot;
-          block_max = std::max(block_max, dot);
-        }
-        if (visible <= 0) continue;
-        const float new_max = std::max(s.row_max[r], block_max);
-        const float correction = std::exp(s.row_max[r] - new_max);
-        float* acc_row = &s.acc[r * head_dim];
-        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= correction;
-        float block_sum = 0.0f;
-        for (int64_t c = 0; c < visible; ++c) {
-          const float weight = std::exp(score_row[c] - new_max);
-          block_sum += weight;
-          const float* vrow = &s.v[(k0 + c) * head_dim];
-          for (int64_t d = 0; d < head_dim; ++d) acc_row[d] += weight * vrow[d];
-        }
-        s.row_sum[r] = s.row_sum[r] * correction + block_sum;
-        s.row_max[r] = new_max;
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const float inv = 1.0f / s.row_sum[r];
-      for (int64_t d = 0; d < head_dim; ++d) {
-        s.out[(q0 + r) * head_dim + d] = s.acc[r * head_dim + d] * inv;
-      }
-      s.lse[q0 + r] = s.row_max[r] + std::log(s.row_sum[r]);
-    }
-  }
-}
-
-// One unit of parallel work: a segment of one pattern for one (batch, head).
+// One unit of parallel work: queries [row_begin, row_end) of one segment of one pattern for one
+// (batch, head).
 struct Task {
   int64_t batch;
   int64_t head;
   const HeadWork* work;
-  int64_t segment;
+  KeptRange kept;
+  int64_t row_begin;
+  int64_t row_end;
+  double cost;  // Relative work, for ordering the biggest first.
 };
 
+struct ThreadSpace {
+  AlignedBuffer q, kt, v, out, lse, scratch;
+};
+
+// Copies rows kept.first + i * kept.stride, i in [begin, end), of `head` into dst as fp32 times
+// factor: row-major [end - begin, dim_pad] or, with transpose, [dim_pad, ld] (column per row).
+void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, int64_t begin,
+          int64_t end, float factor, bool transpose, int64_t dim_pad, int64_t ld, float* dst) {
+  const Shape4& s = t.shape;
+  const int64_t dim = s.head_dim;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = kept.first + i * kept.stride;
+    const int64_t base = ((b * s.seq_len + n) * s.heads + head) * dim;
+    const int64_t row = i - begin;
+    if (transpose) {
+      for (int64_t d = 0; d < dim; ++d) dst[d * ld + row] = factor * LoadAsFloat(t.dtype, t.data, base + d);
+    } else if (t.dtype == DType::kFloat32) {
+      const float* src = static_cast<const float*>(t.data) + base;
+      float* out = dst + row * dim_pad;
+      for (int64_t d = 0; d < dim; ++d) out[d] = factor * src[d];
+      std::fill(out + dim, out + dim_pad, 0.0f);
+    } else {
+      float* out = dst + row * dim_pad;
+      for (int64_t d = 0; d < dim; ++d) out[d] = factor * LoadAsFloat(t.dtype, t.data, base + d);
+      std::fill(out + dim, out + dim_pad, 0.0f);
+    }
+  }
+}
+
 }  // namespace
+
+struct CpuBackend::Workspace {
+  std::vector<ThreadSpace> threads;
+  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
+};
+
+CpuBackend::CpuBackend(cpu::Isa isa) : isa_(isa) {}
+CpuBackend::~CpuBackend() = default;
+
+std::unique_ptr<CpuBackend::Workspace> CpuBackend::TakeWorkspace() {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  if (idle_workspaces_.empty()) return std::make_unique<Workspace>();
+  std::unique_ptr<Workspace> workspace = std::move(idle_workspaces_.back());
+  idle_workspaces_.pop_back();
+  return workspace;
+}
+
+void CpuBackend::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
+  std::lock_guard<std::mutex> lock(pool_mutex_);
+  idle_workspaces_.push_back(std::move(workspace));
+}
 
 absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpec& spec) const {
   if (spec.precision != Precision::kAuto && spec.precision != Precision::kFloat32) {
@@ -123,67 +102,105 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
   const int64_t seq_len = s.seq_len;
   const int64_t heads = s.heads;
   const int64_t head_dim = s.head_dim;
-  const float scale = static_cast<float>(spec.ScaleFor(head_dim));
+  const int64_t dim_pad = RoundUp(head_dim, cpu::kDimAlign);
+  const float q_factor = static_cast<float>(spec.ScaleFor(head_dim)) * kLog2e;
   const bool longnet = spec.mode == CombineMode::kLongNet;
   const float group_factor = 1.0f / static_cast<float>(spec.patterns.size());
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(heads, spec);
   const int threads = context.pool != nullptr ? context.pool->size() : 1;
+  const auto cancelled = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
 
-  std::vector<Scratch> scratch(threads);
+  std::unique_ptr<Workspace> ws = TakeWorkspace();
+  struct Returner {
+    CpuBackend* backend;
+    std::unique_ptr<Workspace>& ws;
+    ~Returner() { backend->ReturnWorkspace(std::move(ws)); }
+  } returner{this, ws};
+  if (static_cast<int>(ws->threads.size()) < threads) ws->threads.resize(threads);
+
+  // Per-thread tiles sized for the largest chunk any task can have.
   int64_t max_kept = 0;
   for (const Pattern& p : spec.patterns) {
     max_kept = std::max(max_kept, (std::min(p.segment_len, seq_len) + p.dilation - 1) / p.dilation);
   }
-  for (Scratch& sc : scratch) {
-    sc.q.resize(max_kept * head_dim);
-    sc.k.resize(max_kept * head_dim);
-    sc.v.resize(max_kept * head_dim);
-    sc.scores.resize(kQueryBlock * kKeyBlock);
-    sc.acc.resize(kQueryBlock * head_dim);
-    sc.row_max.resize(kQueryBlock);
-    sc.row_sum.resize(kQueryBlock);
+  const int64_t rows_pad = RoundUp(max_kept, cpu::kRowAlign);
+  const int64_t keys_pad_max = RoundUp(max_kept, cpu::kKeyAlign);
+  for (int t = 0; t < threads; ++t) {
+    ThreadSpace& ts = ws->threads[t];
+    if (!ts.q.Reserve(rows_pad * dim_pad) || !ts.kt.Reserve(dim_pad * keys_pad_max) ||
+        !ts.v.Reserve(keys_pad_max * dim_pad) || !ts.out.Reserve(rows_pad * dim_pad) ||
+        !ts.lse.Reserve(rows_pad) || !ts.scratch.Reserve(cpu::KernelScratchFloats(dim_pad))) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: cannot allocate workspace for ", max_kept, " kept rows"));
+    }
   }
 
-  // LONGNET state per (b, n, head): fp32 accumulator (the output itself when it is fp32),
-  // running max LSE and weight sum. GROUPED writes straight into a zeroed output.
+  // LONGNET state per (b, n, head): fp32 accumulator (the output itself when it is fp32), running
+  // max LSE and weight sum. GROUPED writes straight into a zeroed output.
   const int64_t rows_total = s.batch * seq_len * heads;
-  std::unique_ptr<float[]> acc_owned;
   float* acc = nullptr;
-  std::vector<float> max_lse, weight;
+  float* max_lse = nullptr;
+  float* weight = nullptr;
   if (longnet) {
-    if (out.dtype == DType::kFloat32) {
-      acc = static_cast<float*>(out.data);
-    } else {
-      acc_owned.reset(new float[rows_total * head_dim]);
-      acc = acc_owned.get();
+    acc = out.dtype == DType::kFloat32 ? static_cast<float*>(out.data)
+                                       : ws->acc.Reserve(rows_total * head_dim);
+    max_lse = ws->max_lse.Reserve(rows_total);
+    weight = ws->weight.Reserve(rows_total);
+    if (acc == nullptr || max_lse == nullptr || weight == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: cannot allocate combine state for ", rows_total, " rows"));
     }
     std::fill(acc, acc + rows_total * head_dim, 0.0f);
-    max_lse.assign(rows_total, kNegInf);
-    weight.assign(rows_total, 0.0f);
+    std::fill(max_lse, max_lse + rows_total, kNegInf);
+    std::fill(weight, weight + rows_total, 0.0f);
   } else {
     std::memset(out.data, 0, out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
   }
 
   const auto run_task = [&](const Task& task, int thread) {
-    Scratch& sc = scratch[thread];
-    const KeptRange kept = KeptPositions(task.work->pattern, task.work->offset, seq_len, task.segment);
-    if (kept.count == 0) return;
+    ThreadSpace& ts = ws->threads[thread];
     const int64_t kv_head = KvHeadFor(task.head, heads, k.shape.heads);
-    Gather(q, task.batch, task.head, kept, scale, sc.q.data());
-    Gather(k, task.batch, kv_head, kept, 1.0f, sc.k.data());
-    Gather(v, task.batch, kv_head, kept, 1.0f, sc.v.data());
-    AttendSegment(kept.count, head_dim, spec.causal, sc);
-    for (int64_t i = 0; i < kept.count; ++i) {
-      const int64_t row = (task.batch * seq_len + kept.first + i * kept.stride) * heads + task.head;
-      const float* src = &sc.out[i * head_dim];
+    const int64_t keys = spec.causal ? task.row_end : task.kept.count;
+    const int64_t keys_pad = RoundUp(keys, cpu::kKeyAlign);
+    const int64_t rows = task.row_end - task.row_begin;
+    float* qt = ts.q.data();
+    float* kt = ts.kt.data();
+    float* vt = ts.v.data();
+    Pack(q, task.batch, task.head, task.kept, task.row_begin, task.row_end, q_factor, false,
+         dim_pad, 0, qt);
+    std::fill(qt + rows * dim_pad, qt + RoundUp(rows, cpu::kRowAlign) * dim_pad, 0.0f);
+    std::fill(kt, kt + dim_pad * keys_pad, 0.0f);
+    Pack(k, task.batch, kv_head, task.kept, 0, keys, 1.0f, true, dim_pad, keys_pad, kt);
+    Pack(v, task.batch, kv_head, task.kept, 0, keys, 1.0f, false, dim_pad, 0, vt);
+    std::fill(vt + keys * dim_pad, vt + keys_pad * dim_pad, 0.0f);
+
+    cpu::SegmentKernelArgs args;
+    args.keys = keys;
+    args.dim_pad = dim_pad;
+    args.keys_pad = keys_pad;
+    args.causal = spec.causal;
+    args.row_begin = task.row_begin;
+    args.row_end = task.row_end;
+    args.q = qt;
+    args.kt = kt;
+    args.v = vt;
+    args.out = ts.out.data();
+    args.lse = ts.lse.data();
+    args.scratch = ts.scratch.data();
+    cpu::RunSegmentKernel(isa_, args);
+
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
+      const int64_t row = (task.batch * seq_len + n) * heads + task.head;
+      const float* src = args.out + i * dim_pad;
       if (!longnet) {
         for (int64_t d = 0; d < head_dim; ++d) {
           StoreFromFloat(out.dtype, out.data, row * head_dim + d, src[d] * group_factor);
         }
         continue;
       }
-      // Fold this pattern into the running softmax over patterns' LSEs.
-      const float lse = sc.lse[i];
+      // Fold this pattern into the running softmax over the patterns' LSEs.
+      const float lse = args.lse[i];
       const float new_max = std::max(max_lse[row], lse);
       const float old_factor = std::exp(max_lse[row] - new_max);
       const float new_factor = std::exp(lse - new_max);
@@ -194,53 +211,72 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     }
   };
 
-  const auto cancelled = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
-  const auto run_tasks = [&](const std::vector<Task>& tasks) {
-    const auto body = [&](int64_t i, int thread) {
-      if (!cancelled()) run_task(tasks[i], thread);
-    };
+  const auto parallel = [&](int64_t count, const std::function<void(int64_t, int)>& body) {
     if (context.pool != nullptr) {
-      context.pool->ParallelFor(static_cast<int64_t>(tasks.size()), body);
+      context.pool->ParallelFor(count, body);
     } else {
-      for (size_t i = 0; i < tasks.size(); ++i) body(static_cast<int64_t>(i), 0);
+      for (int64_t i = 0; i < count; ++i) body(i, 0);
     }
   };
 
-  // Tasks of one loop must write disjoint rows: in LONGNET one loop per pattern index, in
-  // GROUPED one loop for everything (each head runs one pattern).
+  // Tasks of one loop write disjoint rows: in LONGNET one loop per pattern, in GROUPED one loop
+  // for everything (each head runs one pattern).
   const size_t loops = longnet ? spec.patterns.size() : 1;
+  std::vector<Task> tasks;
   for (size_t loop = 0; loop < loops && !cancelled(); ++loop) {
-    std::vector<Task> tasks;
+    tasks.clear();
     for (int64_t b = 0; b < s.batch; ++b) {
       for (int64_t h = 0; h < heads; ++h) {
         for (const HeadWork& hw : work[h]) {
           if (longnet && hw.pattern_index != static_cast<int>(loop)) continue;
           for (int64_t t = 0; t < NumSegments(seq_len, hw.pattern.segment_len); ++t) {
-            tasks.push_back({b, h, &hw, t});
+            const KeptRange kept = KeptPositions(hw.pattern, hw.offset, seq_len, t);
+            if (kept.count > 0) tasks.push_back({b, h, &hw, kept, 0, kept.count, 0.0});
           }
         }
       }
     }
-    run_tasks(tasks);
+    // Few big segments: cut their queries into chunks so every thread has work; causal chunks
+    // cost in proportion to their last row, so the biggest go first.
+    const int64_t wanted_tasks = 4 * static_cast<int64_t>(threads);
+    if (static_cast<int64_t>(tasks.size()) < wanted_tasks) {
+      std::vector<Task> chunked;
+      const int64_t pieces = (wanted_tasks + static_cast<int64_t>(tasks.size()) - 1) /
+                             std::max<int64_t>(1, static_cast<int64_t>(tasks.size()));
+      for (const Task& task : tasks) {
+        const int64_t chunk =
+            std::max(kMinChunkRows, RoundUp((task.kept.count + pieces - 1) / pieces, cpu::kRowAlign));
+        for (int64_t r = 0; r < task.kept.count; r += chunk) {
+          Task piece = task;
+          piece.row_begin = r;
+          piece.row_end = std::min(task.kept.count, r + chunk);
+          chunked.push_back(piece);
+        }
+      }
+      tasks.swap(chunked);
+    }
+    for (Task& task : tasks) {
+      const double keys = spec.causal ? task.row_end : task.kept.count;
+      task.cost = static_cast<double>(task.row_end - task.row_begin) * keys;
+    }
+    std::stable_sort(tasks.begin(), tasks.end(),
+                     [](const Task& a, const Task& b) { return a.cost > b.cost; });
+    parallel(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
+      if (!cancelled()) run_task(tasks[i], thread);
+    });
   }
   if (cancelled()) return absl::CancelledError("cpu run cancelled");
 
   if (longnet) {
     const int64_t chunk = 4096;
-    const int64_t chunks = (rows_total + chunk - 1) / chunk;
-    const auto finish = [&](int64_t c, int) {
+    parallel((rows_total + chunk - 1) / chunk, [&](int64_t c, int) {
       for (int64_t row = c * chunk; row < std::min(rows_total, (c + 1) * chunk); ++row) {
         const float inv = weight[row] > 0.0f ? 1.0f / weight[row] : 0.0f;
         for (int64_t d = 0; d < head_dim; ++d) {
           StoreFromFloat(out.dtype, out.data, row * head_dim + d, acc[row * head_dim + d] * inv);
         }
       }
-    };
-    if (context.pool != nullptr) {
-      context.pool->ParallelFor(chunks, finish);
-    } else {
-      for (int64_t c = 0; c < chunks; ++c) finish(c, 0);
-    }
+    });
   }
   return absl::OkStatus();
 }

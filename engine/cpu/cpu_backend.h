@@ -1,23 +1,47 @@
-// The CPU backend: fp32 accumulation, one task per (batch, head, segment), memory O(N).
+// The CPU backend: the fused kernel of attention_kernel.h driven over (batch, head, segment, query
+// chunk) tasks on the engine's thread pool; fp32 accumulation; memory O(N).
 //
-// A task gathers the kept rows of one segment into fp32 tiles and runs blocked attention with an
-// online softmax (running max and sum), so no score matrix larger than one tile ever exists.
-// LONGNET patterns run one after another; each folds its output and LSE into per-position running
-// state. GROUPED heads run disjoint patterns, so all their tasks run in one parallel loop.
+// A task packs the kept rows of one segment (queries of its chunk, the keys they can see) into
+// padded fp32 tiles, runs the kernel, then writes its rows of the output. LONGNET patterns run one
+// after another, each folding its outputs and LSEs into per-position running state, so patterns
+// combine in the same pass over the output. GROUPED heads run disjoint patterns, so all their
+// tasks run in one parallel loop and write the output directly.
+//
+// Workspaces (packed tiles, LONGNET state) are pooled across runs: page faults on fresh memory
+// cost more than the arithmetic of a small request.
 #pragma once
 
+#include <memory>
+#include <mutex>
+#include <vector>
+
 #include "engine/backend.h"
+#include "engine/cpu/attention_kernel.h"
 
 namespace da::engine {
 
 class CpuBackend final : public Backend {
  public:
+  explicit CpuBackend(cpu::Isa isa = cpu::SelectedIsa());
+  ~CpuBackend() override;
+
   std::string Name() const override { return "cpu"; }
+  cpu::Isa isa() const { return isa_; }
+
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
   absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
                    const AttentionSpec& spec, const MutableTensorView& out,
                    const RunContext& context) override;
+
+ private:
+  struct Workspace;
+  std::unique_ptr<Workspace> TakeWorkspace();
+  void ReturnWorkspace(std::unique_ptr<Workspace> workspace);
+
+  cpu::Isa isa_;
+  std::mutex pool_mutex_;
+  std::vector<std::unique_ptr<Workspace>> idle_workspaces_;
 };
 
 }  // namespace da::engine

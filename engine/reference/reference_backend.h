@@ -2,9 +2,17 @@
 // fp64. Slow and obviously correct; tests compare every other backend with it.
 #pragma once
 
+#include <vector>
+
 #include "engine/backend.h"
 
 namespace da::engine {
+
+// The output of one (batch, position, head) row in fp64, computed as ReferenceBackend::Run would;
+// for checking large problems on a sample of rows.
+std::vector<double> ReferenceRow(const TensorView& q, const TensorView& k, const TensorView& v,
+                                 const AttentionSpec& spec, int64_t batch, int64_t position,
+                                 int64_t head);
 
 class ReferenceBackend final : public Backend {
  public:

@@ -1,0 +1,250 @@
+// da-bench: times the engine on one problem, after checking its output against the fp64
+// reference, and prints the figures next to peaks measured in the same run.
+//
+//   da-bench --seq-len 65536 --heads 8 --head-dim 64 --segments 2048,4096,8192
+//            --dilations 1,2,4 --mode grouped --threads 2 --repeat 5
+//
+// FLOPs are counted as the attention needs them: 4 * m^2 * D per segment and head for m kept
+// positions (2 * m * (m + 1) * D when causal: only the computed, unmasked part). Check: the whole
+// output when the reference costs little, otherwise a random sample of rows (--check-rows).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "bench/peak.h"
+#include "engine/cpu/attention_kernel.h"
+#include "engine/dilation.h"
+#include "engine/engine.h"
+#include "engine/reference/reference_backend.h"
+
+namespace da::bench {
+namespace {
+
+using engine::DType;
+using engine::Shape4;
+
+struct Options {
+  int64_t batch = 1, seq_len = 8192, heads = 8, kv_heads = 0, head_dim = 64;
+  std::vector<int64_t> segments{2048}, dilations{1};
+  std::string mode = "longnet", dtype = "fp32", precision = "auto";
+  bool causal = false, json = false;
+  int threads = 0, repeat = 5, check_rows = 64;
+  uint32_t seed = 1;
+};
+
+double AttentionFlops(const Options& o, const engine::AttentionSpec& spec) {
+  double flops = 0.0;
+  const auto work = engine::AssignHeadPatterns(o.heads, spec);
+  for (int64_t h = 0; h < o.heads; ++h) {
+    for (const engine::HeadWork& hw : work[h]) {
+      for (int64_t t = 0; t < engine::NumSegments(o.seq_len, hw.pattern.segment_len); ++t) {
+        const double m = engine::KeptPositions(hw.pattern, hw.offset, o.seq_len, t).count;
+        flops += spec.causal ? 2.0 * m * (m + 1) * o.head_dim : 4.0 * m * m * o.head_dim;
+      }
+    }
+  }
+  return flops * o.batch;
+}
+
+std::vector<uint8_t> RandomBytes(DType dtype, int64_t elements, std::mt19937& rng) {
+  std::vector<uint8_t> bytes(elements * engine::DTypeSize(dtype));
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int64_t i = 0; i < elements; ++i) engine::StoreFromFloat(dtype, bytes.data(), i, uniform(rng));
+  return bytes;
+}
+
+struct CheckResult {
+  int64_t rows = 0;
+  double max_abs_error = 0.0;
+  double relative_l2 = 0.0;
+};
+
+// Compares out with the fp64 reference: every row when the reference is cheap, else a sample.
+CheckResult Check(const engine::RunRequest& r, const Options& o, double flops) {
+  CheckResult result;
+  double err2 = 0.0, ref2 = 0.0;
+  const Shape4& s = r.q.shape;
+  const auto compare_row = [&](int64_t b, int64_t n, int64_t h, const std::vector<double>& ref) {
+    for (int64_t d = 0; d < s.head_dim; ++d) {
+      const double got =
+          engine::LoadAsFloat(r.out.dtype, r.out.data, ((b * s.seq_len + n) * s.heads + h) * s.head_dim + d);
+      const double e = std::fabs(got - ref[d]);
+      result.max_abs_error = std::max(result.max_abs_error, std::isfinite(got) ? e : INFINITY);
+      err2 += e * e;
+      ref2 += ref[d] * ref[d];
+    }
+    ++result.rows;
+  };
+  std::mt19937 rng(o.seed + 1);
+  const int64_t all_rows = s.batch * s.seq_len * s.heads;
+  const bool whole = flops <= 2e9;
+  const int64_t rows = whole ? all_rows : std::min<int64_t>(o.check_rows, all_rows);
+  std::uniform_int_distribution<int64_t> pick(0, all_rows - 1);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row = whole ? i : pick(rng);
+    const int64_t h = row % s.heads, n = (row / s.heads) % s.seq_len, b = row / s.heads / s.seq_len;
+    compare_row(b, n, h, engine::ReferenceRow(r.q, r.k, r.v, r.spec, b, n, h));
+  }
+  result.relative_l2 = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+  return result;
+}
+
+int Main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"da-bench: check the engine against the reference, then time it"};
+  app.add_option("--batch", o.batch)->check(CLI::PositiveNumber);
+  app.add_option("--seq-len", o.seq_len)->check(CLI::PositiveNumber);
+  app.add_option("--heads", o.heads)->check(CLI::PositiveNumber);
+  app.add_option("--kv-heads", o.kv_heads, "0: equal to --heads");
+  app.add_option("--head-dim", o.head_dim)->check(CLI::PositiveNumber);
+  app.add_option("--segments", o.segments)->delimiter(',');
+  app.add_option("--dilations", o.dilations)->delimiter(',');
+  app.add_option("--mode", o.mode)->check(CLI::IsMember({"longnet", "grouped"}));
+  app.add_option("--dtype", o.dtype)->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
+  app.add_option("--precision", o.precision)->check(CLI::IsMember({"auto", "fp32", "bf16"}));
+  app.add_flag("--causal", o.causal);
+  app.add_option("--threads", o.threads, "0: every core");
+  app.add_option("--repeat", o.repeat)->check(CLI::PositiveNumber);
+  app.add_option("--check-rows", o.check_rows, "rows sampled when the whole check is too costly");
+  app.add_option("--seed", o.seed);
+  app.add_flag("--json", o.json);
+  CLI11_PARSE(app, argc, argv);
+  if (o.kv_heads == 0) o.kv_heads = o.heads;
+
+  engine::AttentionSpec spec;
+  if (o.segments.size() != o.dilations.size()) {
+    std::cerr << "da-bench: --segments has " << o.segments.size() << " values, --dilations "
+              << o.dilations.size() << "; they must match\n";
+    return 2;
+  }
+  for (size_t i = 0; i < o.segments.size(); ++i) spec.patterns.push_back({o.segments[i], o.dilations[i]});
+  spec.causal = o.causal;
+  spec.mode = o.mode == "grouped" ? engine::CombineMode::kGrouped : engine::CombineMode::kLongNet;
+  spec.precision = o.precision == "bf16"   ? engine::Precision::kBFloat16
+                   : o.precision == "fp32" ? engine::Precision::kFloat32
+                                           : engine::Precision::kAuto;
+  const DType dtype = o.dtype == "fp16" ? DType::kFloat16
+                      : o.dtype == "bf16" ? DType::kBFloat16
+                                          : DType::kFloat32;
+
+  engine::EngineOptions engine_options;
+  engine_options.threads = o.threads;
+  auto engine_or = engine::Engine::Create(engine_options);
+  if (!engine_or.ok()) {
+    std::cerr << "da-bench: " << engine_or.status() << "\n";
+    return 2;
+  }
+  engine::Engine& engine = **engine_or;
+
+  std::mt19937 rng(o.seed);
+  const Shape4 q_shape{o.batch, o.seq_len, o.heads, o.head_dim};
+  const Shape4 kv_shape{o.batch, o.seq_len, o.kv_heads, o.head_dim};
+  const std::vector<uint8_t> q = RandomBytes(dtype, q_shape.elements(), rng);
+  const std::vector<uint8_t> k = RandomBytes(dtype, kv_shape.elements(), rng);
+  const std::vector<uint8_t> v = RandomBytes(dtype, kv_shape.elements(), rng);
+  std::vector<uint8_t> out(q.size(), 0xff);
+  engine::RunRequest request;
+  request.q = {dtype, q_shape, q.data(), static_cast<int64_t>(q.size())};
+  request.k = {dtype, kv_shape, k.data(), static_cast<int64_t>(k.size())};
+  request.v = {dtype, kv_shape, v.data(), static_cast<int64_t>(v.size())};
+  request.out = {dtype, q_shape, out.data(), static_cast<int64_t>(out.size())};
+  request.spec = spec;
+
+  // First run: also the check. Its time includes first-touch costs and is reported apart.
+  const double flops = AttentionFlops(o, spec);
+  const auto first_start = std::chrono::steady_clock::now();
+  absl::StatusOr<engine::ExecutionInfo> info = engine.Run(request);
+  const double first_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - first_start).count();
+  if (!info.ok()) {
+    std::cerr << "da-bench: " << info.status() << "\n";
+    return 2;
+  }
+  const CheckResult check = Check(request, o, flops);
+  const double tolerance = info->precision_used == engine::Precision::kBFloat16 ? 2e-2
+                           : dtype == DType::kFloat32                           ? 1e-5
+                                                                                : 1e-2;
+  const bool check_ok = check.relative_l2 <= tolerance && std::isfinite(check.max_abs_error);
+
+  std::vector<double> times;
+  for (int i = 0; i < o.repeat && check_ok; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    info = engine.Run(request);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (!info.ok()) {
+      std::cerr << "da-bench: " << info.status() << "\n";
+      return 2;
+    }
+  }
+  const int threads = engine.threads();
+  const double fp32_peak = MeasureFp32PeakGflops(threads);
+  const double bf16_peak = MeasureBf16PeakGflops(threads);
+
+  std::sort(times.begin(), times.end());
+  const double median = times.empty() ? 0 : times[times.size() / 2];
+  const double gflops = median > 0 ? flops / median / 1e9 : 0;
+  const bool bf16_used = info->precision_used == engine::Precision::kBFloat16;
+  const double peak = bf16_used ? bf16_peak : fp32_peak;
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+
+  nlohmann::json j;
+  j["shape"] = {{"batch", o.batch}, {"seq_len", o.seq_len}, {"heads", o.heads},
+                {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim}};
+  j["patterns"] = spec.PatternsToString();
+  j["mode"] = o.mode;
+  j["causal"] = o.causal;
+  j["dtype"] = o.dtype;
+  j["precision_used"] = engine::PrecisionName(info->precision_used);
+  j["isa"] = engine::cpu::IsaName(engine::cpu::SelectedIsa());
+  j["threads"] = threads;
+  j["check"] = {{"rows", check.rows}, {"max_abs_error", check.max_abs_error},
+                {"relative_l2", check.relative_l2}, {"tolerance", tolerance}, {"ok", check_ok}};
+  j["gflop"] = flops / 1e9;
+  j["first_run_s"] = first_seconds;
+  j["time_s"] = {{"median", median}, {"min", times.empty() ? 0 : times.front()},
+                 {"max", times.empty() ? 0 : times.back()}, {"repeat", times.size()}};
+  j["gflops"] = gflops;
+  j["peak_fp32_gflops"] = fp32_peak;
+  j["peak_bf16_gflops"] = bf16_peak;
+  j["ratio_to_peak"] = peak > 0 ? gflops / peak : 0;
+  j["ns_per_token"] = median / (o.batch * o.seq_len) * 1e9;
+  j["peak_rss_mib"] = usage.ru_maxrss / 1024.0;
+  if (o.json) {
+    std::cout << j.dump() << "\n";
+  } else {
+    std::printf("problem   B=%lld N=%lld H=%lld Hkv=%lld D=%lld patterns %s %s%s %s, %d threads, %s\n",
+                (long long)o.batch, (long long)o.seq_len, (long long)o.heads,
+                (long long)o.kv_heads, (long long)o.head_dim, spec.PatternsToString().c_str(),
+                o.mode.c_str(), o.causal ? " causal" : "", o.dtype.c_str(), threads,
+                engine::cpu::IsaName(engine::cpu::SelectedIsa()).c_str());
+    std::printf("check     %s: %lld rows, max abs error %.3g, relative L2 %.3g (tolerance %.1g)\n",
+                check_ok ? "ok" : "FAILED", (long long)check.rows, check.max_abs_error,
+                check.relative_l2, tolerance);
+    std::printf("time      median %.4f s, min %.4f s, max %.4f s over %zu runs (first run %.4f s)\n",
+                median, times.empty() ? 0 : times.front(), times.empty() ? 0 : times.back(),
+                times.size(), first_seconds);
+    std::printf("compute   %.1f GFLOP, %.1f GFLOP/s in %s; peaks fp32 %.1f, bf16 %.1f GFLOP/s; "
+                "%.1f%% of peak\n",
+                flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(),
+                fp32_peak, bf16_peak, peak > 0 ? 100 * gflops / peak : 0);
+    std::printf("per token %.1f ns; peak RSS %.0f MiB\n", median / (o.batch * o.seq_len) * 1e9,
+                usage.ru_maxrss / 1024.0);
+  }
+  return check_ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace da::bench
+
+int main(int argc, char** argv) { return da::bench::Main(argc, argv); }

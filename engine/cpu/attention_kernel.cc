@@ -1,0 +1,61 @@
+#include "engine/cpu/attention_kernel.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "engine/device.h"
+
+namespace da::engine::cpu {
+
+int64_t KernelScratchFloats(int64_t dim_pad) {
+  constexpr int64_t kMaxRows = 8;  // At least every ISA's kRows.
+  return kMaxRows * (kKeyBlock + dim_pad) + 4 * kMaxRows;
+}
+
+std::string IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kPortable:
+      return "portable";
+    case Isa::kAvx2:
+      return "avx2";
+    case Isa::kAvx512:
+      return "avx512";
+  }
+  return "unknown";
+}
+
+Isa BestIsa() {
+  const CpuFeatures f = DetectCpuFeatures();
+  if (f.avx512f) return Isa::kAvx512;
+  if (f.avx2 && f.fma) return Isa::kAvx2;
+  return Isa::kPortable;
+}
+
+Isa SelectedIsa() {
+  static const Isa selected = [] {
+    const Isa best = BestIsa();
+    const char* wanted = std::getenv("DA_CPU_ISA");
+    if (wanted == nullptr) return best;
+    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+      if (IsaName(isa) == wanted && isa <= best) return isa;
+    }
+    return best;  // Unknown or unsupported: the best available, never an illegal instruction.
+  }();
+  return selected;
+}
+
+void RunSegmentKernel(Isa isa, const SegmentKernelArgs& args) {
+  switch (isa) {
+    case Isa::kAvx512:
+      avx512::RunSegment(args);
+      return;
+    case Isa::kAvx2:
+      avx2::RunSegment(args);
+      return;
+    case Isa::kPortable:
+      portable::RunSegment(args);
+      return;
+  }
+}
+
+}  // namespace da::engine::cpu

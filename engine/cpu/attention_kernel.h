@@ -1,0 +1,65 @@
+// The fused attention kernel of the CPU backend: one segment's packed rows in, normalised outputs
+// and log-sum-exps out, in cache-sized tiles with an online softmax.
+//
+//   SegmentKernelArgs args = ...;          // packed by the caller, see the field comments
+//   RunSegmentKernel(SelectedIsa(), args);  // AVX-512, AVX2 or portable code, chosen at run time
+//
+// The same kernel body is compiled three times with different instruction sets
+// (kernel_avx512.cc, kernel_avx2.cc, kernel_portable.cc); SelectedIsa picks the best the CPU has,
+// or the one named by the environment variable DA_CPU_ISA (avx512, avx2, portable), which tests
+// use to run every path the machine can.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace da::engine::cpu {
+
+// Padding every packed buffer honours, so that no ISA ever needs a tail loop.
+constexpr int64_t kDimAlign = 16;   // head_dim is padded to a multiple of this (zeros).
+constexpr int64_t kKeyAlign = 64;   // Key counts are padded to a multiple of this (zeros).
+constexpr int64_t kRowAlign = 8;    // Query rows are padded to a multiple of this (zeros).
+constexpr int64_t kKeyBlock = 512;  // Keys per online-softmax step (a multiple of kKeyAlign).
+
+inline int64_t RoundUp(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+struct SegmentKernelArgs {
+  int64_t keys = 0;      // Packed keys: the segment's first `keys` kept positions.
+  int64_t dim_pad = 0;   // head_dim rounded up to kDimAlign.
+  int64_t keys_pad = 0;  // keys rounded up to kKeyAlign; the leading dimension of kt.
+  bool causal = false;   // Query i sees keys j <= i (kept positions increase with the index).
+  int64_t row_begin = 0;  // Queries [row_begin, row_end) of the segment are computed; with
+  int64_t row_end = 0;    // causal, keys >= row_end need not be packed.
+  const float* q = nullptr;   // [RoundUp(row_end - row_begin, kRowAlign), dim_pad], zero padded,
+                              // times softmax scale * log2(e).
+  const float* kt = nullptr;  // [dim_pad, keys_pad]: keys transposed, zero padded.
+  const float* v = nullptr;   // [keys_pad, dim_pad], zero padded.
+  float* out = nullptr;       // [row_end - row_begin, dim_pad]: softmax-normalised outputs.
+  float* lse = nullptr;       // [row_end - row_begin]: natural-log log-sum-exp of the scores.
+  float* scratch = nullptr;   // KernelScratchFloats(dim_pad) floats, 64-byte aligned.
+};
+
+int64_t KernelScratchFloats(int64_t dim_pad);
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+std::string IsaName(Isa isa);
+Isa BestIsa();      // The widest instruction set this CPU supports.
+Isa SelectedIsa();  // BestIsa, or DA_CPU_ISA when it names a supported one.
+
+void RunSegmentKernel(Isa isa, const SegmentKernelArgs& args);
+
+// One entry per instruction set; each is compiled with its own target flags.
+namespace avx512 {
+void RunSegment(const SegmentKernelArgs& args);
+}
+namespace avx2 {
+void RunSegment(const SegmentKernelArgs& args);
+}
+namespace portable {
+void RunSegment(const SegmentKernelArgs& args);
+}
+
+}  // namespace da::engine::cpu

@@ -1,0 +1,163 @@
+// The fused CPU kernel at its tile boundaries, across head dims and thread counts, and on a large
+// problem checked on sampled rows. Runs once per instruction set (DA_CPU_ISA, see CMakeLists).
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <random>
+
+#include "engine/cpu/attention_kernel.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/reference/reference_backend.h"
+#include "engine/test_tensors.h"
+#include "engine/thread_pool.h"
+
+namespace da::engine {
+namespace {
+
+using testing::OwnedTensor;
+
+class CpuKernelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const char* wanted = std::getenv("DA_CPU_ISA");
+    if (wanted != nullptr && cpu::IsaName(cpu::SelectedIsa()) != wanted) {
+      GTEST_SKIP() << "this CPU lacks " << wanted;
+    }
+  }
+
+  // Runs the CPU backend and the reference on fresh inputs and compares them.
+  void ExpectMatchesReference(Shape4 shape, int64_t kv_heads, AttentionSpec spec, int threads,
+                              DType dtype = DType::kFloat32) {
+    std::mt19937 rng(static_cast<uint32_t>(shape.seq_len * 7 + shape.head_dim));
+    const Shape4 kv_shape{shape.batch, shape.seq_len, kv_heads, shape.head_dim};
+    const OwnedTensor q = testing::RandomTensor(dtype, shape, rng);
+    const OwnedTensor k = testing::RandomTensor(dtype, kv_shape, rng);
+    const OwnedTensor v = testing::RandomTensor(dtype, kv_shape, rng);
+    OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, shape);
+    OwnedTensor actual = testing::PoisonedTensor(dtype, shape);
+    ThreadPool pool(threads);
+    ASSERT_TRUE(ReferenceBackend()
+                    .Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {&pool})
+                    .ok());
+    ASSERT_TRUE(
+        CpuBackend().Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());
+    EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(dtype)), "")
+        << "N=" << shape.seq_len << " D=" << shape.head_dim << " patterns "
+        << spec.PatternsToString() << (spec.causal ? " causal" : "") << " threads " << threads;
+  }
+};
+
+AttentionSpec OneSegment(int64_t kept, bool causal) {
+  AttentionSpec spec;
+  spec.patterns = {{kept, 1}};
+  spec.causal = causal;
+  return spec;
+}
+
+TEST_F(CpuKernelTest, KeptCountsAtTileBoundaries) {
+  // Around the row alignment, the key alignment, the chunk size and the key block.
+  for (int64_t kept : {cpu::kRowAlign - 1, cpu::kRowAlign, cpu::kRowAlign + 1,
+                       cpu::kKeyAlign - 1, cpu::kKeyAlign, cpu::kKeyAlign + 1, int64_t{127},
+                       int64_t{128}, int64_t{129}, cpu::kKeyBlock - 1, cpu::kKeyBlock,
+                       cpu::kKeyBlock + 1, 2 * cpu::kKeyBlock + 1}) {
+    for (bool causal : {false, true}) {
+      ExpectMatchesReference({1, kept, 2, 16}, 1, OneSegment(kept, causal), 2);
+    }
+  }
+}
+
+TEST_F(CpuKernelTest, DilatedKeptCountsAtTileBoundaries) {
+  // w = 2 * (kKeyBlock + 1) with r = 2 keeps kKeyBlock + 1 positions per segment; N cuts the
+  // last segment so that it keeps one fewer than a key block.
+  AttentionSpec spec;
+  spec.patterns = {{2 * (cpu::kKeyBlock + 1), 2}};
+  for (bool causal : {false, true}) {
+    spec.causal = causal;
+    ExpectMatchesReference({1, 2 * (cpu::kKeyBlock + 1) + 2 * (cpu::kKeyBlock - 1), 2, 32}, 2,
+                           spec, 3);
+  }
+}
+
+TEST_F(CpuKernelTest, HeadDimsAroundTheVectorWidths) {
+  AttentionSpec spec;
+  spec.patterns = {{96, 1}, {192, 3}};
+  for (int64_t head_dim : {1, 7, 15, 16, 17, 32, 48, 64, 80, 128, 200}) {
+    for (bool causal : {false, true}) {
+      spec.causal = causal;
+      ExpectMatchesReference({1, 300, 2, head_dim}, 1, spec, 2);
+    }
+  }
+}
+
+TEST_F(CpuKernelTest, ThreadCountsGiveIdenticalBytes) {
+  std::mt19937 rng(11);
+  const Shape4 shape{1, 3000, 3, 32};
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
+  const OwnedTensor k = testing::RandomTensor(DType::kFloat32, shape, rng);
+  const OwnedTensor v = testing::RandomTensor(DType::kFloat32, shape, rng);
+  for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+    AttentionSpec spec;
+    spec.patterns = {{1000, 1}, {3000, 2}};
+    spec.causal = true;
+    spec.mode = mode;
+    std::vector<uint8_t> first;
+    for (int threads : {1, 2, 3}) {
+      ThreadPool pool(threads);
+      OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
+      ASSERT_TRUE(
+          CpuBackend().Run(q.view(), k.view(), v.view(), spec, out.mutable_view(), {&pool}).ok());
+      if (first.empty()) {
+        first = out.bytes;
+        OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, shape);
+        ASSERT_TRUE(ReferenceBackend()
+                        .Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {&pool})
+                        .ok());
+        EXPECT_EQ(testing::Compare(out, expected, testing::ToleranceFor(DType::kFloat32)), "");
+      } else {
+        // Each row's arithmetic does not depend on how rows are cut into tasks.
+        EXPECT_EQ(out.bytes, first) << threads << " threads";
+      }
+    }
+  }
+}
+
+TEST_F(CpuKernelTest, OneLongCausalSegmentIsSplitAcrossThreads) {
+  for (int threads : {1, 2, 3}) {
+    ExpectMatchesReference({1, 1500, 1, 16}, 1, OneSegment(1500, true), threads);
+  }
+}
+
+TEST_F(CpuKernelTest, HalfPrecisionInputsAtABoundary) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    ExpectMatchesReference({2, cpu::kKeyBlock + 1, 4, 64}, 2, OneSegment(cpu::kKeyBlock + 1, true),
+                           2, dtype);
+  }
+}
+
+TEST_F(CpuKernelTest, LargeProblemOnSampledRows) {
+  std::mt19937 rng(12);
+  const Shape4 shape{1, 131072, 2, 32};
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
+  const OwnedTensor k = testing::RandomTensor(DType::kFloat32, shape, rng);
+  const OwnedTensor v = testing::RandomTensor(DType::kFloat32, shape, rng);
+  AttentionSpec spec;
+  spec.patterns = {{1024, 1}, {4096, 4}, {131072, 128}};
+  spec.causal = true;
+  OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
+  ThreadPool pool(2);
+  ASSERT_TRUE(
+      CpuBackend().Run(q.view(), k.view(), v.view(), spec, out.mutable_view(), {&pool}).ok());
+  std::uniform_int_distribution<int64_t> position(0, shape.seq_len - 1);
+  for (int sample = 0; sample < 200; ++sample) {
+    const int64_t n = sample < 2 ? sample * (shape.seq_len - 1) : position(rng);
+    const int64_t h = sample % 2;
+    const std::vector<double> ref = ReferenceRow(q.view(), k.view(), v.view(), spec, 0, n, h);
+    for (int64_t d = 0; d < shape.head_dim; ++d) {
+      const double got = out.at((n * 2 + h) * 32 + d);
+      ASSERT_NEAR(got, ref[d], 1e-5 + 1e-4 * std::fabs(ref[d])) << "row " << n << " head " << h;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace da::engine
