@@ -9,17 +9,16 @@
 // output when the reference costs little, otherwise a random sample of rows (--check-rows).
 #include <sys/resource.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
 
 #include "bench/peak.h"
 #include "engine/cpu/attention_kernel.h"
@@ -59,7 +58,8 @@ double AttentionFlops(const Options& o, const engine::AttentionSpec& spec) {
 std::vector<uint8_t> RandomBytes(DType dtype, int64_t elements, std::mt19937& rng) {
   std::vector<uint8_t> bytes(elements * engine::DTypeSize(dtype));
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  for (int64_t i = 0; i < elements; ++i) engine::StoreFromFloat(dtype, bytes.data(), i, uniform(rng));
+  for (int64_t i = 0; i < elements; ++i)
+    engine::StoreFromFloat(dtype, bytes.data(), i, uniform(rng));
   return bytes;
 }
 
@@ -76,8 +76,8 @@ CheckResult Check(const engine::RunRequest& r, const Options& o, double flops) {
   const Shape4& s = r.q.shape;
   const auto compare_row = [&](int64_t b, int64_t n, int64_t h, const std::vector<double>& ref) {
     for (int64_t d = 0; d < s.head_dim; ++d) {
-      const double got =
-          engine::LoadAsFloat(r.out.dtype, r.out.data, ((b * s.seq_len + n) * s.heads + h) * s.head_dim + d);
+      const double got = engine::LoadAsFloat(r.out.dtype, r.out.data,
+                                             ((b * s.seq_len + n) * s.heads + h) * s.head_dim + d);
       const double e = std::fabs(got - ref[d]);
       result.max_abs_error = std::max(result.max_abs_error, std::isfinite(got) ? e : INFINITY);
       err2 += e * e;
@@ -127,13 +127,14 @@ int Main(int argc, char** argv) {
               << o.dilations.size() << "; they must match\n";
     return 2;
   }
-  for (size_t i = 0; i < o.segments.size(); ++i) spec.patterns.push_back({o.segments[i], o.dilations[i]});
+  for (size_t i = 0; i < o.segments.size(); ++i)
+    spec.patterns.push_back({o.segments[i], o.dilations[i]});
   spec.causal = o.causal;
   spec.mode = o.mode == "grouped" ? engine::CombineMode::kGrouped : engine::CombineMode::kLongNet;
   spec.precision = o.precision == "bf16"   ? engine::Precision::kBFloat16
                    : o.precision == "fp32" ? engine::Precision::kFloat32
                                            : engine::Precision::kAuto;
-  const DType dtype = o.dtype == "fp16" ? DType::kFloat16
+  const DType dtype = o.dtype == "fp16"   ? DType::kFloat16
                       : o.dtype == "bf16" ? DType::kBFloat16
                                           : DType::kFloat32;
 
@@ -180,7 +181,8 @@ int Main(int argc, char** argv) {
   for (int i = 0; i < o.repeat && check_ok; ++i) {
     const auto start = std::chrono::steady_clock::now();
     info = engine.Run(request);
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    times.push_back(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     if (!info.ok()) {
       std::cerr << "da-bench: " << info.status() << "\n";
       return 2;
@@ -199,8 +201,11 @@ int Main(int argc, char** argv) {
   getrusage(RUSAGE_SELF, &usage);
 
   nlohmann::json j;
-  j["shape"] = {{"batch", o.batch}, {"seq_len", o.seq_len}, {"heads", o.heads},
-                {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim}};
+  j["shape"] = {{"batch", o.batch},
+                {"seq_len", o.seq_len},
+                {"heads", o.heads},
+                {"kv_heads", o.kv_heads},
+                {"head_dim", o.head_dim}};
   j["patterns"] = spec.PatternsToString();
   j["mode"] = o.mode;
   j["causal"] = o.causal;
@@ -208,12 +213,17 @@ int Main(int argc, char** argv) {
   j["precision_used"] = engine::PrecisionName(info->precision_used);
   j["isa"] = engine::cpu::IsaName(engine::cpu::SelectedIsa());
   j["threads"] = threads;
-  j["check"] = {{"rows", check.rows}, {"max_abs_error", check.max_abs_error},
-                {"relative_l2", check.relative_l2}, {"tolerance", tolerance}, {"ok", check_ok}};
+  j["check"] = {{"rows", check.rows},
+                {"max_abs_error", check.max_abs_error},
+                {"relative_l2", check.relative_l2},
+                {"tolerance", tolerance},
+                {"ok", check_ok}};
   j["gflop"] = flops / 1e9;
   j["first_run_s"] = first_seconds;
-  j["time_s"] = {{"median", median}, {"min", times.empty() ? 0 : times.front()},
-                 {"max", times.empty() ? 0 : times.back()}, {"repeat", times.size()}};
+  j["time_s"] = {{"median", median},
+                 {"min", times.empty() ? 0 : times.front()},
+                 {"max", times.empty() ? 0 : times.back()},
+                 {"repeat", times.size()}};
   j["gflops"] = gflops;
   j["peak_fp32_gflops"] = fp32_peak;
   j["peak_bf16_gflops"] = bf16_peak;
@@ -223,21 +233,24 @@ int Main(int argc, char** argv) {
   if (o.json) {
     std::cout << j.dump() << "\n";
   } else {
-    std::printf("problem   B=%lld N=%lld H=%lld Hkv=%lld D=%lld patterns %s %s%s %s, %d threads, %s\n",
-                (long long)o.batch, (long long)o.seq_len, (long long)o.heads,
-                (long long)o.kv_heads, (long long)o.head_dim, spec.PatternsToString().c_str(),
-                o.mode.c_str(), o.causal ? " causal" : "", o.dtype.c_str(), threads,
-                engine::cpu::IsaName(engine::cpu::SelectedIsa()).c_str());
+    std::printf(
+        "problem   B=%lld N=%lld H=%lld Hkv=%lld D=%lld patterns %s %s%s %s, %d threads, %s\n",
+        (long long)o.batch, (long long)o.seq_len, (long long)o.heads, (long long)o.kv_heads,
+        (long long)o.head_dim, spec.PatternsToString().c_str(), o.mode.c_str(),
+        o.causal ? " causal" : "", o.dtype.c_str(), threads,
+        engine::cpu::IsaName(engine::cpu::SelectedIsa()).c_str());
     std::printf("check     %s: %lld rows, max abs error %.3g, relative L2 %.3g (tolerance %.1g)\n",
                 check_ok ? "ok" : "FAILED", (long long)check.rows, check.max_abs_error,
                 check.relative_l2, tolerance);
-    std::printf("time      median %.4f s, min %.4f s, max %.4f s over %zu runs (first run %.4f s)\n",
-                median, times.empty() ? 0 : times.front(), times.empty() ? 0 : times.back(),
-                times.size(), first_seconds);
-    std::printf("compute   %.1f GFLOP, %.1f GFLOP/s in %s; peaks fp32 %.1f, bf16 %.1f GFLOP/s; "
-                "%.1f%% of peak\n",
-                flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(),
-                fp32_peak, bf16_peak, peak > 0 ? 100 * gflops / peak : 0);
+    std::printf(
+        "time      median %.4f s, min %.4f s, max %.4f s over %zu runs (first run %.4f s)\n",
+        median, times.empty() ? 0 : times.front(), times.empty() ? 0 : times.back(), times.size(),
+        first_seconds);
+    std::printf(
+        "compute   %.1f GFLOP, %.1f GFLOP/s in %s; peaks fp32 %.1f, bf16 %.1f GFLOP/s; "
+        "%.1f%% of peak\n",
+        flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(), fp32_peak,
+        bf16_peak, peak > 0 ? 100 * gflops / peak : 0);
     std::printf("per token %.1f ns; peak RSS %.0f MiB\n", median / (o.batch * o.seq_len) * 1e9,
                 usage.ru_maxrss / 1024.0);
   }

@@ -88,7 +88,8 @@ absl::Status AttentionSpec::Validate() const {
 }
 
 double AttentionSpec::ScaleFor(int64_t head_dim) const {
-  return softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  return softmax_scale.has_value() ? *softmax_scale
+                                   : 1.0 / std::sqrt(static_cast<double>(head_dim));
 }
 
 std::string AttentionSpec::PatternsToString() const {
@@ -120,12 +121,11 @@ absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const Attenti
     return Invalid(absl::StrCat("head_dim is ", shape.head_dim, "; must be >= 1"));
   }
   if (shape.heads % shape.kv_heads != 0) {
-    return Invalid(absl::StrCat("key.shape heads is ", shape.kv_heads,
-                                "; must divide query heads ", shape.heads));
+    return Invalid(absl::StrCat("key.shape heads is ", shape.kv_heads, "; must divide query heads ",
+                                shape.heads));
   }
   if (limits.max_head_dim > 0 && shape.head_dim > limits.max_head_dim) {
-    return Invalid(
-        absl::StrCat("head_dim is ", shape.head_dim, "; at most ", limits.max_head_dim));
+    return Invalid(absl::StrCat("head_dim is ", shape.head_dim, "; at most ", limits.max_head_dim));
   }
   if (limits.max_patterns > 0 && static_cast<int64_t>(spec.patterns.size()) > limits.max_patterns) {
     return Invalid(absl::StrCat("spec.segment_lengths has ", spec.patterns.size(),

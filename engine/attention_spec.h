@@ -37,7 +37,7 @@ enum class Precision { kAuto, kFloat32, kBFloat16, kFloat16, kFloat8 };
 
 enum class ShardPolicy { kAuto, kNone, kHeads, kSequence };
 
-std::string CombineModeName(CombineMode mode);  // "longnet", "grouped".
+std::string CombineModeName(CombineMode mode);   // "longnet", "grouped".
 std::string PrecisionName(Precision precision);  // "auto", "fp32", "bf16", "fp16", "fp8".
 std::string ShardPolicyName(ShardPolicy policy);
 

@@ -16,7 +16,7 @@ namespace da::engine {
 class ThreadPool;
 
 struct RunContext {
-  ThreadPool* pool = nullptr;                   // May be null: run on the calling thread.
+  ThreadPool* pool = nullptr;                    // May be null: run on the calling thread.
   const std::atomic<bool>* cancelled = nullptr;  // When it turns true, stop and return CANCELLED.
 };
 

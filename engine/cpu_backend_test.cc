@@ -30,10 +30,10 @@ struct HeadConfig {
 
 const std::vector<std::vector<Pattern>>& PatternSets() {
   static const auto* sets = new std::vector<std::vector<Pattern>>{
-      {{8, 1}},                        // Dense segments, partial last segment for most N.
-      {{16, 1}, {32, 2}, {64, 4}},     // LongNet-style geometric set.
-      {{10, 3}, {100, 7}},             // r does not divide w.
-      {{64, 1}, {5000, 40}},           // w > N for every N in the sweep.
+      {{8, 1}},                     // Dense segments, partial last segment for most N.
+      {{16, 1}, {32, 2}, {64, 4}},  // LongNet-style geometric set.
+      {{10, 3}, {100, 7}},          // r does not divide w.
+      {{64, 1}, {5000, 40}},        // w > N for every N in the sweep.
   };
   return *sets;
 }
@@ -72,8 +72,8 @@ TEST_P(CpuBackendSweepTest, MatchesReference) {
   static ThreadPool pool(3);  // More threads than this machine's cores: exercises the hand-out.
   OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, q_shape);
   ReferenceBackend reference;
-  ASSERT_TRUE(reference.Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {&pool})
-                  .ok());
+  ASSERT_TRUE(
+      reference.Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {&pool}).ok());
   OwnedTensor actual = testing::PoisonedTensor(dtype, q_shape);
   CpuBackend cpu;
   ASSERT_TRUE(cpu.Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());

@@ -56,10 +56,10 @@ AttentionSpec OneSegment(int64_t kept, bool causal) {
 
 TEST_F(CpuKernelTest, KeptCountsAtTileBoundaries) {
   // Around the row alignment, the key alignment, the chunk size and the key block.
-  for (int64_t kept : {cpu::kRowAlign - 1, cpu::kRowAlign, cpu::kRowAlign + 1,
-                       cpu::kKeyAlign - 1, cpu::kKeyAlign, cpu::kKeyAlign + 1, int64_t{127},
-                       int64_t{128}, int64_t{129}, cpu::kKeyBlock - 1, cpu::kKeyBlock,
-                       cpu::kKeyBlock + 1, 2 * cpu::kKeyBlock + 1}) {
+  for (int64_t kept :
+       {cpu::kRowAlign - 1, cpu::kRowAlign, cpu::kRowAlign + 1, cpu::kKeyAlign - 1, cpu::kKeyAlign,
+        cpu::kKeyAlign + 1, int64_t{127}, int64_t{128}, int64_t{129}, cpu::kKeyBlock - 1,
+        cpu::kKeyBlock, cpu::kKeyBlock + 1, 2 * cpu::kKeyBlock + 1}) {
     for (bool causal : {false, true}) {
       ExpectMatchesReference({1, kept, 2, 16}, 1, OneSegment(kept, causal), 2);
     }
@@ -73,8 +73,8 @@ TEST_F(CpuKernelTest, DilatedKeptCountsAtTileBoundaries) {
   spec.patterns = {{2 * (cpu::kKeyBlock + 1), 2}};
   for (bool causal : {false, true}) {
     spec.causal = causal;
-    ExpectMatchesReference({1, 2 * (cpu::kKeyBlock + 1) + 2 * (cpu::kKeyBlock - 1), 2, 32}, 2,
-                           spec, 3);
+    ExpectMatchesReference({1, 2 * (cpu::kKeyBlock + 1) + 2 * (cpu::kKeyBlock - 1), 2, 32}, 2, spec,
+                           3);
   }
 }
 

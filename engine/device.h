@@ -15,9 +15,9 @@
 namespace da::engine {
 
 struct DeviceInfo {
-  std::string id;    // "cpu:0", "cuda:0", ...
-  std::string kind;  // "cpu" or "cuda".
-  std::string name;  // CPU model name or GPU product name.
+  std::string id;                     // "cpu:0", "cuda:0", ...
+  std::string kind;                   // "cpu" or "cuda".
+  std::string name;                   // CPU model name or GPU product name.
   std::vector<Precision> precisions;  // What the device can compute in today.
   int64_t memory_bytes = 0;           // Physical memory (host RAM or GPU global memory).
   int compute_units = 0;              // Worker threads for a CPU, multiprocessors for a GPU.

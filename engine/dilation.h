@@ -45,7 +45,8 @@ struct KeptRange {
 inline KeptRange KeptPositions(const Pattern& pattern, int64_t offset, int64_t seq_len,
                                int64_t segment) {
   const int64_t start = segment * pattern.segment_len;
-  const int64_t span = seq_len - start < pattern.segment_len ? seq_len - start : pattern.segment_len;
+  const int64_t span =
+      seq_len - start < pattern.segment_len ? seq_len - start : pattern.segment_len;
   KeptRange kept;
   kept.first = start + offset;
   kept.stride = pattern.dilation;

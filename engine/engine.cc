@@ -49,15 +49,14 @@ struct Engine::Impl {
     const Shape4& os = request.out.shape;
     if (os.batch != qs.batch || os.seq_len != qs.seq_len || os.heads != qs.heads ||
         os.head_dim != qs.head_dim) {
-      return absl::InvalidArgumentError(absl::StrCat("output shape ", os.ToString(),
-                                                     " must equal query shape ", qs.ToString()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("output shape ", os.ToString(), " must equal query shape ", qs.ToString()));
     }
     if (request.out.bytes != os.elements() * DTypeSize(request.out.dtype) ||
         request.out.data == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("output buffer has ", request.out.bytes, " bytes; shape ", os.ToString(),
-                       " of ", DTypeName(request.out.dtype), " needs ",
-                       os.elements() * DTypeSize(request.out.dtype)));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "output buffer has ", request.out.bytes, " bytes; shape ", os.ToString(), " of ",
+          DTypeName(request.out.dtype), " needs ", os.elements() * DTypeSize(request.out.dtype)));
     }
     const ProblemShape shape{qs.batch, qs.seq_len, qs.heads, request.k.shape.heads, qs.head_dim};
     return backend->Supports(shape, request.q.dtype, request.spec);
@@ -67,8 +66,8 @@ struct Engine::Impl {
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us) {
     const Clock::time_point start = Clock::now();
     RunContext context{pool.get(), request.cancelled};
-    DA_RETURN_IF_ERROR(backend->Run(request.q, request.k, request.v, request.spec, request.out,
-                                    context));
+    DA_RETURN_IF_ERROR(
+        backend->Run(request.q, request.k, request.v, request.spec, request.out, context));
     ExecutionInfo info;
     info.precision_used = Precision::kFloat32;
     info.precision_reason =
@@ -121,8 +120,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
         absl::StrCat("threads is ", options.threads, "; must be >= 0 (0 = every core)"));
   }
   if (options.max_concurrent_runs < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "max_concurrent_runs is ", options.max_concurrent_runs, "; must be >= 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_concurrent_runs is ", options.max_concurrent_runs, "; must be >= 1"));
   }
   impl->pool = std::make_unique<ThreadPool>(options.threads);
   impl->devices = DiscoverDevices(impl->pool->size());

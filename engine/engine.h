@@ -8,8 +8,8 @@
 //
 // Thread safety: Run and Submit may be called from any thread. Submit's callback runs on an engine
 // dispatcher thread, except for a request that fails validation: then it runs before Submit
-// returns, on the caller's thread (no compute happens there). The views in a request must stay valid until Run
-// returns or the callback has been called.
+// returns, on the caller's thread (no compute happens there). The views in a request must stay
+// valid until Run returns or the callback has been called.
 #pragma once
 
 #include <atomic>
@@ -27,7 +27,7 @@
 namespace da::engine {
 
 struct EngineOptions {
-  int threads = 0;             // Compute threads; 0 means every core.
+  int threads = 0;              // Compute threads; 0 means every core.
   int max_concurrent_runs = 1;  // Requests computed at once (each uses the whole pool).
   std::string backend = "cpu";  // "cpu" or "reference".
   Limits limits;

@@ -93,7 +93,8 @@ TEST(EngineTest, SubmitReportsValidationErrorsWithoutComputing) {
   Inputs in = MakeInputs({1, 8, 2, 4}, 3);
   in.spec.patterns = {{4, 9}};
   absl::Status status;
-  (*engine)->Submit(in.Request(), [&](absl::StatusOr<ExecutionInfo> info) { status = info.status(); });
+  (*engine)->Submit(in.Request(),
+                    [&](absl::StatusOr<ExecutionInfo> info) { status = info.status(); });
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ((*engine)->pending(), 0);
 }
@@ -128,8 +129,7 @@ TEST(EngineTest, UnsupportedPrecisionNamesWhatIsSupported) {
 }
 
 TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {
-  EXPECT_EQ(Engine::Create(Options(0, "tpu")).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(Options(0, "tpu")).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Engine::Create(Options(-1)).status().code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -63,7 +63,8 @@ std::vector<double> DenseAttention(const OwnedTensor& q, const OwnedTensor& k, c
     double sum = 0;
     for (double& e : s) sum += (e = std::exp(e - m));
     for (int64_t j = 0; j < keys; ++j) {
-      for (int64_t x = 0; x < d; ++x) out[i * d + x] += s[j] / sum * v.at((j * v.shape.heads + kv_head) * d + x);
+      for (int64_t x = 0; x < d; ++x)
+        out[i * d + x] += s[j] / sum * v.at((j * v.shape.heads + kv_head) * d + x);
     }
   }
   return out;

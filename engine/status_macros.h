@@ -12,10 +12,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-#define DA_RETURN_IF_ERROR(expr)                \
-  do {                                          \
-    ::absl::Status da_status_ = (expr);         \
-    if (!da_status_.ok()) return da_status_;    \
+#define DA_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::absl::Status da_status_ = (expr);      \
+    if (!da_status_.ok()) return da_status_; \
   } while (0)
 
 #define DA_STATUS_CONCAT_INNER_(a, b) a##b
@@ -29,10 +29,10 @@
   if (!statusor.ok()) return statusor.status();        \
   lhs = std::move(statusor).value()
 
-#define DA_CHECK(cond)                                                              \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
+#define DA_CHECK(cond)                                                                 \
+  do {                                                                                 \
+    if (!(cond)) {                                                                     \
       std::fprintf(stderr, "%s:%d: DA_CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::abort();                                                                 \
-    }                                                                               \
+      std::abort();                                                                    \
+    }                                                                                  \
   } while (0)

@@ -32,7 +32,8 @@ struct OwnedTensor {
 inline OwnedTensor RandomTensor(DType dtype, Shape4 shape, std::mt19937& rng) {
   OwnedTensor t{dtype, shape, std::vector<uint8_t>(shape.elements() * DTypeSize(dtype))};
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  for (int64_t i = 0; i < shape.elements(); ++i) StoreFromFloat(dtype, t.bytes.data(), i, uniform(rng));
+  for (int64_t i = 0; i < shape.elements(); ++i)
+    StoreFromFloat(dtype, t.bytes.data(), i, uniform(rng));
   return t;
 }
 

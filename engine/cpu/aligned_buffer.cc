@@ -31,7 +31,7 @@ float* AlignedBuffer::Reserve(int64_t floats) {
   const size_t alignment = huge ? kHugePage : 64;
   const size_t bytes = (wanted + alignment - 1) / alignment * alignment;
   void* memory = std::aligned_alloc(alignment, bytes);
-  if (memory == nullptr) return nullptr;  // The old buffer stays valid.
+  if (memory == nullptr) return nullptr;            // The old buffer stays valid.
   if (huge) madvise(memory, bytes, MADV_HUGEPAGE);  // Advice only; failure is harmless.
   std::free(data_);
   data_ = static_cast<float*>(memory);

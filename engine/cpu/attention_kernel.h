@@ -26,12 +26,12 @@ inline int64_t RoundUp(int64_t value, int64_t multiple) {
 }
 
 struct SegmentKernelArgs {
-  int64_t keys = 0;      // Packed keys: the segment's first `keys` kept positions.
-  int64_t dim_pad = 0;   // head_dim rounded up to kDimAlign.
-  int64_t keys_pad = 0;  // keys rounded up to kKeyAlign; the leading dimension of kt.
-  bool causal = false;   // Query i sees keys j <= i (kept positions increase with the index).
-  int64_t row_begin = 0;  // Queries [row_begin, row_end) of the segment are computed; with
-  int64_t row_end = 0;    // causal, keys >= row_end need not be packed.
+  int64_t keys = 0;           // Packed keys: the segment's first `keys` kept positions.
+  int64_t dim_pad = 0;        // head_dim rounded up to kDimAlign.
+  int64_t keys_pad = 0;       // keys rounded up to kKeyAlign; the leading dimension of kt.
+  bool causal = false;        // Query i sees keys j <= i (kept positions increase with the index).
+  int64_t row_begin = 0;      // Queries [row_begin, row_end) of the segment are computed; with
+  int64_t row_end = 0;        // causal, keys >= row_end need not be packed.
   const float* q = nullptr;   // [RoundUp(row_end - row_begin, kRowAlign), dim_pad], zero padded,
                               // times softmax scale * log2(e).
   const float* kt = nullptr;  // [dim_pad, keys_pad]: keys transposed, zero padded.

@@ -49,7 +49,8 @@ void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, i
     const int64_t base = ((b * s.seq_len + n) * s.heads + head) * dim;
     const int64_t row = i - begin;
     if (transpose) {
-      for (int64_t d = 0; d < dim; ++d) dst[d * ld + row] = factor * LoadAsFloat(t.dtype, t.data, base + d);
+      for (int64_t d = 0; d < dim; ++d)
+        dst[d * ld + row] = factor * LoadAsFloat(t.dtype, t.data, base + d);
     } else if (t.dtype == DType::kFloat32) {
       const float* src = static_cast<const float*>(t.data) + base;
       float* out = dst + row * dim_pad;
@@ -244,8 +245,8 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
       const int64_t pieces = (wanted_tasks + static_cast<int64_t>(tasks.size()) - 1) /
                              std::max<int64_t>(1, static_cast<int64_t>(tasks.size()));
       for (const Task& task : tasks) {
-        const int64_t chunk =
-            std::max(kMinChunkRows, RoundUp((task.kept.count + pieces - 1) / pieces, cpu::kRowAlign));
+        const int64_t chunk = std::max(
+            kMinChunkRows, RoundUp((task.kept.count + pieces - 1) / pieces, cpu::kRowAlign));
         for (int64_t r = 0; r < task.kept.count; r += chunk) {
           Task piece = task;
           piece.row_begin = r;

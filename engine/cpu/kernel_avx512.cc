@@ -39,8 +39,8 @@ struct Vec {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    const __m512i bits = _mm512_slli_epi32(
-        _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512i bits =
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return {_mm512_mul_ps(p, _mm512_castsi512_ps(bits))};
   }
 };

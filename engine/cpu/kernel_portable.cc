@@ -36,10 +36,18 @@ struct Vec {
     for (int i = 0; i < kWidth; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
     return r;
   }
-  static Vec Mul(Vec a, Vec b) { return Map2(a, b, [](float x, float y) { return x * y; }); }
-  static Vec Add(Vec a, Vec b) { return Map2(a, b, [](float x, float y) { return x + y; }); }
-  static Vec Sub(Vec a, Vec b) { return Map2(a, b, [](float x, float y) { return x - y; }); }
-  static Vec Max(Vec a, Vec b) { return Map2(a, b, [](float x, float y) { return x > y ? x : y; }); }
+  static Vec Mul(Vec a, Vec b) {
+    return Map2(a, b, [](float x, float y) { return x * y; });
+  }
+  static Vec Add(Vec a, Vec b) {
+    return Map2(a, b, [](float x, float y) { return x + y; });
+  }
+  static Vec Sub(Vec a, Vec b) {
+    return Map2(a, b, [](float x, float y) { return x - y; });
+  }
+  static Vec Max(Vec a, Vec b) {
+    return Map2(a, b, [](float x, float y) { return x > y ? x : y; });
+  }
   static float ReduceMax(Vec a) {
     float m = a.v[0];
     for (float lane : a.v) m = lane > m ? lane : m;
