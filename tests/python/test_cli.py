@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""da-client end to end against a real da-server: every subcommand, .npy files written by numpy,
+outputs compared with numpy_reference (docs/MATH.md), and the failure behaviour users rely on
+(one line on stderr, a non-zero exit, never a hang).
+
+    test_cli.py --server-binary build/bin/da-server --client-binary build/bin/da-client
+"""
+
+import json
+import os
+import tempfile
+import unittest
+
+import numpy as np
+
+import da_testing
+import numpy_reference as ref
+
+ARGS, UNITTEST_ARGV = da_testing.parse_args(needs=("server_binary", "client_binary"))
+
+
+def parse_json_output(text):
+    """One JSON object, or one per line (e.g. one per --repeat); returns a list of objects."""
+    text = text.strip()
+    try:
+        value = json.loads(text)
+        return value if isinstance(value, list) else [value]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class CliTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = da_testing.Server(ARGS.server_binary).start()
+        cls.tmp = tempfile.TemporaryDirectory(prefix="da-cli-")
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            code = cls.server.stop()
+            if code != 0:
+                raise AssertionError(f"da-server exited with {code} after SIGTERM:\n"
+                                     f"{cls.server.log()}")
+        finally:
+            cls.server.close()
+            cls.tmp.cleanup()
+
+    def cli(self, *args):
+        return da_testing.run_cli(ARGS.client_binary, *args)
+
+    def assert_ok(self, done):
+        self.assertEqual(done.returncode, 0,
+                         f"{done.args} exited {done.returncode}\nstdout: {done.stdout}\n"
+                         f"stderr: {done.stderr}")
+
+    def assert_fails_with_one_line(self, done):
+        self.assertNotEqual(done.returncode, 0, f"{done.args} should fail: {done.stdout}")
+        self.assertGreater(done.returncode, 0, f"{done.args} died of signal {-done.returncode}")
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        self.assertEqual(len(lines), 1, f"{done.args}: expected one line on stderr, got "
+                                        f"{done.stderr!r}")
+
+    def path(self, name):
+        return os.path.join(self.tmp.name, name)
+
+    def test_random_prints_json(self):
+        for extra in ([], ["--dtype", "fp16", "--kv-heads", "2", "--causal", "--stream"],
+                      ["--mode", "grouped", "--repeat", "2", "--seed", "7"],
+                      ["--dtype", "bf16", "--kv-heads", "1"]):
+            with self.subTest(extra=extra):
+                done = self.cli("random", "--server", self.server.address, "--batch", 1,
+                                "--seq-len", 300, "--heads", 4, "--head-dim", 16, "--segments",
+                                "64,128", "--dilations", "1,2", "--json", *extra)
+                self.assert_ok(done)
+                objects = parse_json_output(done.stdout)
+                self.assertTrue(objects and all(isinstance(o, dict) for o in objects),
+                                done.stdout)
+
+    def test_random_plain_output(self):
+        done = self.cli("random", "--server", self.server.address, "--batch", 1, "--seq-len",
+                        256, "--heads", 2, "--head-dim", 8, "--segments", "64", "--dilations", "2")
+        self.assert_ok(done)
+        self.assertTrue(done.stdout.strip())
+
+    def test_info(self):
+        done = self.cli("info", "--server", self.server.address)
+        self.assert_ok(done)
+        self.assertIn("cpu", done.stdout.lower())
+
+    def test_health(self):
+        self.assert_ok(self.cli("health", "--server", self.server.address))
+        self.assert_ok(self.cli("health", "--server", self.server.address, "--service",
+                                "da.v1.AttentionService"))
+        done = self.cli("health", "--server", self.server.address, "--service", "nosuch")
+        self.assertNotEqual(done.returncode, 0, done.stdout)
+        self.assertGreater(done.returncode, 0, "da-client died of a signal")
+
+    def test_attend_with_npy_files(self):
+        rng = np.random.default_rng(17)
+        cases = [
+            # (name, numpy dtype, shape q, kv heads, segments, dilations, extra flags, ref kw)
+            ("fp32 gqa", np.float32, (1, 70, 4, 16), 2, [16, 32], [1, 2], [], {}),
+            ("fp16 gqa causal grouped scale", np.float16, (2, 45, 6, 8), 3, [8, 16, 64],
+             [1, 4, 3], ["--causal", "--mode", "grouped", "--scale", "0.3"],
+             dict(causal=True, mode=ref.GROUPED, scale=0.3)),
+            ("fp32 stream", np.float32, (1, 90, 2, 32), 1, [32, 100], [2, 7],
+             ["--stream", "--causal"], dict(causal=True)),
+        ]
+        for name, dtype, shape, kv_heads, segments, dilations, flags, kw in cases:
+            with self.subTest(case=name):
+                batch, seq_len, heads, head_dim = shape
+                q = rng.standard_normal(shape).astype(dtype)
+                k = rng.standard_normal((batch, seq_len, kv_heads, head_dim)).astype(dtype)
+                v = rng.standard_normal((batch, seq_len, kv_heads, head_dim)).astype(dtype)
+                files = {}
+                for label, array in (("q", q), ("k", k), ("v", v)):
+                    files[label] = self.path(f"{name}-{label}.npy".replace(" ", "_"))
+                    np.save(files[label], array)
+                out = self.path(f"{name}-out.npy".replace(" ", "_"))
+                done = self.cli("attend", "--server", self.server.address, "--q", files["q"],
+                                "--k", files["k"], "--v", files["v"], "--segments",
+                                ",".join(map(str, segments)), "--dilations",
+                                ",".join(map(str, dilations)), "--out", out, "--json", *flags)
+                self.assert_ok(done)
+                self.assertEqual(len(parse_json_output(done.stdout)), 1, done.stdout)
+                got = np.load(out)
+                self.assertEqual(got.dtype, np.dtype(dtype))
+                want = ref.dilated_attention(q, k, v, segments, dilations, **kw)
+                da_testing.assert_close(got, want, "fp32" if dtype == np.float32 else "fp16",
+                                        name)
+
+    def test_bad_inputs_fail_with_one_line(self):
+        q = np.zeros((1, 8, 2, 4), dtype=np.float32)
+        np.save(self.path("ok.npy"), q)
+        np.save(self.path("f64.npy"), q.astype(np.float64))
+        with open(self.path("garbage.npy"), "wb") as f:
+            f.write(b"not an npy file")
+        common = ["--segments", "4", "--dilations", "1", "--out", self.path("never.npy")]
+        for label, q_file in (("missing file", self.path("missing.npy")),
+                              ("float64", self.path("f64.npy")),
+                              ("not npy", self.path("garbage.npy"))):
+            with self.subTest(case=label):
+                done = self.cli("attend", "--server", self.server.address, "--q", q_file, "--k",
+                                self.path("ok.npy"), "--v", self.path("ok.npy"), *common)
+                self.assert_fails_with_one_line(done)
+        with self.subTest(case="server rejects the request"):
+            done = self.cli("attend", "--server", self.server.address, "--q",
+                            self.path("ok.npy"), "--k", self.path("ok.npy"), "--v",
+                            self.path("ok.npy"), "--segments", "4", "--dilations", "5")
+            self.assert_fails_with_one_line(done)
+
+    def test_unreachable_server_fails_with_one_line(self):
+        address = f"127.0.0.1:{da_testing.free_port()}"
+        for args in (["health"], ["info"],
+                     ["random", "--batch", 1, "--seq-len", 16, "--heads", 1, "--head-dim", 4,
+                      "--segments", "8", "--dilations", "1", "--timeout-ms", "5000"]):
+            with self.subTest(command=args[0]):
+                done = self.cli(args[0], "--server", address, *args[1:])
+                self.assert_fails_with_one_line(done)
+
+
+if __name__ == "__main__":
+    da_testing.run_unittest(UNITTEST_ARGV)
