@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 #include "engine/tensor.h"
 
@@ -20,11 +21,21 @@ struct RunContext {
   const std::atomic<bool>* cancelled = nullptr;  // When it turns true, stop and return CANCELLED.
 };
 
+// The precision a backend will compute a request in, and why.
+struct PrecisionChoice {
+  Precision precision = Precision::kFloat32;
+  std::string reason;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
 
   virtual std::string Name() const = 0;
+
+  // Maps the request's precision wish to what this backend computes in; INVALID_ARGUMENT naming
+  // the supported precisions when the wish cannot be met.
+  virtual absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const = 0;
 
   // OK when this backend can compute the problem; otherwise why not.
   virtual absl::Status Supports(const ProblemShape& shape, DType dtype,

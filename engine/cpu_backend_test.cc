@@ -61,6 +61,7 @@ TEST_P(CpuBackendSweepTest, MatchesReference) {
   spec.patterns = PatternSets()[set_index];
   spec.causal = causal;
   spec.mode = mode;
+  spec.precision = Precision::kFloat32;
   const int64_t head_dim = 16;
   const Shape4 q_shape{2, seq_len, heads.heads, head_dim};
   const Shape4 kv_shape{2, seq_len, heads.kv_heads, head_dim};
@@ -108,6 +109,7 @@ TEST(CpuBackendTest, SegmentsLargerThanTheTilesMatchReference) {
     spec.patterns = {{300, 1}, {700, 2}};
     spec.causal = causal;
     spec.softmax_scale = 0.3;
+    spec.precision = Precision::kFloat32;
     OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, shape);
     OwnedTensor actual = testing::PoisonedTensor(DType::kFloat32, shape);
     ASSERT_TRUE(ReferenceBackend()
@@ -136,11 +138,29 @@ TEST(CpuBackendTest, CancelledRunStopsWithCancelled) {
 TEST(CpuBackendTest, RejectsPrecisionItCannotCompute) {
   AttentionSpec spec;
   spec.patterns = {{8, 1}};
+  for (Precision precision : {Precision::kFloat16, Precision::kFloat8}) {
+    spec.precision = precision;
+    const absl::Status status = CpuBackend().Supports({1, 8, 1, 1, 8}, DType::kFloat32, spec);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(status.message().find("spec.precision " + PrecisionName(precision)),
+              std::string::npos);
+    EXPECT_NE(status.message().find("supported: auto, fp32"), std::string::npos);
+  }
+}
+
+TEST(CpuBackendTest, AutoPicksBf16ExactlyWhenTheCpuHasIt) {
+  AttentionSpec spec;
+  spec.patterns = {{8, 1}};
+  const CpuBackend backend;
+  absl::StatusOr<PrecisionChoice> choice = backend.ChoosePrecision(spec);
+  ASSERT_TRUE(choice.ok());
+  const bool bf16 = backend.isa() == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts();
+  EXPECT_EQ(choice->precision, bf16 ? Precision::kBFloat16 : Precision::kFloat32);
+  EXPECT_FALSE(choice->reason.empty());
   spec.precision = Precision::kBFloat16;
-  const absl::Status status = CpuBackend().Supports({1, 8, 1, 1, 8}, DType::kFloat32, spec);
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(status.message().find("bf16"), std::string::npos);
-  EXPECT_NE(status.message().find("supported: auto, fp32"), std::string::npos);
+  EXPECT_EQ(backend.ChoosePrecision(spec).ok(), bf16);
+  spec.precision = Precision::kFloat32;
+  EXPECT_EQ(backend.ChoosePrecision(spec)->precision, Precision::kFloat32);
 }
 
 }  // namespace

@@ -41,9 +41,16 @@ class CpuKernelTest : public ::testing::Test {
                     .ok());
     ASSERT_TRUE(
         CpuBackend().Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());
-    EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(dtype)), "")
-        << "N=" << shape.seq_len << " D=" << shape.head_dim << " patterns "
-        << spec.PatternsToString() << (spec.causal ? " causal" : "") << " threads " << threads;
+    const std::string where = "N=" + std::to_string(shape.seq_len) + " D=" +
+                              std::to_string(shape.head_dim) + " patterns " +
+                              spec.PatternsToString() + (spec.causal ? " causal" : "") +
+                              " threads " + std::to_string(threads);
+    if (CpuBackend().ChoosePrecision(spec)->precision == Precision::kBFloat16) {
+      EXPECT_LE(testing::RelativeL2(actual, expected), testing::kBf16RelativeL2) << where;
+      EXPECT_EQ(testing::Compare(actual, expected, {5e-2, 5e-2}), "") << where;
+    } else {
+      EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(dtype)), "") << where;
+    }
   }
 };
 
@@ -51,6 +58,7 @@ AttentionSpec OneSegment(int64_t kept, bool causal) {
   AttentionSpec spec;
   spec.patterns = {{kept, 1}};
   spec.causal = causal;
+  spec.precision = Precision::kFloat32;
   return spec;
 }
 
@@ -71,6 +79,7 @@ TEST_F(CpuKernelTest, DilatedKeptCountsAtTileBoundaries) {
   // last segment so that it keeps one fewer than a key block.
   AttentionSpec spec;
   spec.patterns = {{2 * (cpu::kKeyBlock + 1), 2}};
+  spec.precision = Precision::kFloat32;
   for (bool causal : {false, true}) {
     spec.causal = causal;
     ExpectMatchesReference({1, 2 * (cpu::kKeyBlock + 1) + 2 * (cpu::kKeyBlock - 1), 2, 32}, 2, spec,
@@ -81,6 +90,7 @@ TEST_F(CpuKernelTest, DilatedKeptCountsAtTileBoundaries) {
 TEST_F(CpuKernelTest, HeadDimsAroundTheVectorWidths) {
   AttentionSpec spec;
   spec.patterns = {{96, 1}, {192, 3}};
+  spec.precision = Precision::kFloat32;
   for (int64_t head_dim : {1, 7, 15, 16, 17, 32, 48, 64, 80, 128, 200}) {
     for (bool causal : {false, true}) {
       spec.causal = causal;
@@ -99,6 +109,7 @@ TEST_F(CpuKernelTest, ThreadCountsGiveIdenticalBytes) {
     AttentionSpec spec;
     spec.patterns = {{1000, 1}, {3000, 2}};
     spec.causal = true;
+    spec.precision = Precision::kFloat32;
     spec.mode = mode;
     std::vector<uint8_t> first;
     for (int threads : {1, 2, 3}) {
@@ -143,6 +154,7 @@ TEST_F(CpuKernelTest, LargeProblemOnSampledRows) {
   AttentionSpec spec;
   spec.patterns = {{1024, 1}, {4096, 4}, {131072, 128}};
   spec.causal = true;
+  spec.precision = Precision::kFloat32;
   OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
   ThreadPool pool(2);
   ASSERT_TRUE(
@@ -156,6 +168,50 @@ TEST_F(CpuKernelTest, LargeProblemOnSampledRows) {
       const double got = out.at((n * 2 + h) * 32 + d);
       ASSERT_NEAR(got, ref[d], 1e-5 + 1e-4 * std::fabs(ref[d])) << "row " << n << " head " << h;
     }
+  }
+}
+
+// bf16 products: the same boundaries and head dims, held to the bf16 error bound.
+class CpuKernelBf16Test : public CpuKernelTest {
+ protected:
+  void SetUp() override {
+    CpuKernelTest::SetUp();
+    if (IsSkipped()) return;
+    if (!(CpuBackend().isa() == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts())) {
+      GTEST_SKIP() << "no AVX512-BF16 on this path";
+    }
+  }
+};
+
+TEST_F(CpuKernelBf16Test, KeptCountsAtTileBoundaries) {
+  for (int64_t kept : {int64_t{1}, cpu::kRowAlign + 1, cpu::kKeyAlign - 1, cpu::kKeyAlign + 1,
+                       cpu::kKeyBlock - 1, cpu::kKeyBlock + 1}) {
+    for (bool causal : {false, true}) {
+      AttentionSpec spec = OneSegment(kept, causal);
+      spec.precision = Precision::kBFloat16;
+      ExpectMatchesReference({1, kept, 2, 16}, 1, spec, 2);
+    }
+  }
+}
+
+TEST_F(CpuKernelBf16Test, HeadDimsAndModes) {
+  for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+    for (int64_t head_dim : {1, 16, 17, 48, 64, 128}) {
+      AttentionSpec spec;
+      spec.patterns = {{200, 1}, {600, 3}};
+      spec.mode = mode;
+      spec.causal = head_dim % 2 == 0;
+      spec.precision = Precision::kBFloat16;
+      ExpectMatchesReference({1, 900, 4, head_dim}, 2, spec, 3);
+    }
+  }
+}
+
+TEST_F(CpuKernelBf16Test, HalfPrecisionInputs) {
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    AttentionSpec spec = OneSegment(700, true);
+    spec.precision = Precision::kAuto;  // AUTO picks bf16 on this path.
+    ExpectMatchesReference({1, 700, 2, 64}, 1, spec, 2, dtype);
   }
 }
 

@@ -65,15 +65,13 @@ struct Engine::Impl {
   // Runs a validated request on the calling thread and the pool.
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us) {
     const Clock::time_point start = Clock::now();
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
     RunContext context{pool.get(), request.cancelled};
     DA_RETURN_IF_ERROR(
         backend->Run(request.q, request.k, request.v, request.spec, request.out, context));
     ExecutionInfo info;
-    info.precision_used = Precision::kFloat32;
-    info.precision_reason =
-        request.spec.precision == Precision::kAuto
-            ? absl::StrCat("auto: the ", backend->Name(), " backend computes in fp32")
-            : "requested fp32";
+    info.precision_used = precision.precision;
+    info.precision_reason = precision.reason;
     info.shard_strategy = ShardPolicy::kNone;
     info.backend = backend->Name();
     info.devices = {devices.front().id};

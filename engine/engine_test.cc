@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -44,6 +45,7 @@ Inputs MakeInputs(Shape4 shape, uint32_t seed) {
   in.v = testing::RandomTensor(DType::kFloat32, shape, rng);
   in.out = testing::PoisonedTensor(DType::kFloat32, shape);
   in.spec.patterns = {{16, 1}, {32, 2}};
+  in.spec.precision = Precision::kFloat32;
   return in;
 }
 
@@ -126,6 +128,19 @@ TEST(EngineTest, UnsupportedPrecisionNamesWhatIsSupported) {
   const absl::Status status = (*engine)->Run(in.Request()).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(status.message().find("fp8"), std::string::npos);
+}
+
+TEST(EngineTest, ReportsThePrecisionTheBackendChose) {
+  auto engine = Engine::Create(Options(1));
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 32, 2, 16}, 7);
+  in.spec.precision = Precision::kAuto;
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  const CpuFeatures f = DetectCpuFeatures();
+  const bool bf16 = f.avx512f && f.avx512_bf16 && std::getenv("DA_CPU_ISA") == nullptr;
+  EXPECT_EQ(info->precision_used, bf16 ? Precision::kBFloat16 : Precision::kFloat32);
+  EXPECT_NE(info->precision_reason.find("auto"), std::string::npos) << info->precision_reason;
 }
 
 TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {

@@ -83,4 +83,20 @@ inline std::string Compare(const OwnedTensor& actual, const OwnedTensor& expecte
          ", expected " + std::to_string(expected.at(worst));
 }
 
+// ||actual - expected||_2 / ||expected||_2, the error measure of reduced-precision products.
+inline double RelativeL2(const OwnedTensor& actual, const OwnedTensor& expected) {
+  double err2 = 0.0, ref2 = 0.0;
+  for (int64_t i = 0; i < actual.elements(); ++i) {
+    const double e = expected.at(i);
+    const double d = actual.at(i) - e;
+    err2 += d * d;
+    ref2 += e * e;
+  }
+  return ref2 > 0.0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+}
+
+// The documented bound of bf16 products with fp32 accumulation (docs/PRECISION.md): relative L2
+// error at most 2e-2 against the fp64 reference. Tests hold the kernel to half of it.
+constexpr double kBf16RelativeL2 = 1e-2;
+
 }  // namespace da::engine::testing

@@ -12,6 +12,18 @@ int64_t KernelScratchFloats(int64_t dim_pad) {
   return kMaxRows * (kKeyBlock + dim_pad) + 4 * kMaxRows;
 }
 
+int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad) {
+  // bf16 halves of q, kt and v, plus one row-panel of bf16 weights, counted in floats.
+  return (rows_pad * dim_pad + 2 * keys_pad * dim_pad) / 2 + 8 * kKeyBlock;
+}
+
+bool HasBf16DotProducts() {
+  const CpuFeatures f = DetectCpuFeatures();
+  return f.avx512f && f.avx512_bf16;
+}
+
+void RunSegmentKernelBf16(const SegmentKernelArgs& args) { avx512_bf16::RunSegment(args); }
+
 std::string IsaName(Isa isa) {
   switch (isa) {
     case Isa::kPortable:

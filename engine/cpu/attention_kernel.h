@@ -39,9 +39,12 @@ struct SegmentKernelArgs {
   float* out = nullptr;       // [row_end - row_begin, dim_pad]: softmax-normalised outputs.
   float* lse = nullptr;       // [row_end - row_begin]: natural-log log-sum-exp of the scores.
   float* scratch = nullptr;   // KernelScratchFloats(dim_pad) floats, 64-byte aligned.
+  // bf16 kernel only: KernelBf16ScratchFloats(...) floats for the bf16 copies of q, kt, v and P.
+  float* bf16_scratch = nullptr;
 };
 
 int64_t KernelScratchFloats(int64_t dim_pad);
+int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad);
 
 enum class Isa { kPortable, kAvx2, kAvx512 };
 
@@ -51,6 +54,13 @@ Isa SelectedIsa();  // BestIsa, or DA_CPU_ISA when it names a supported one.
 
 void RunSegmentKernel(Isa isa, const SegmentKernelArgs& args);
 
+// True when this CPU has AVX512-BF16 dot products (vdpbf16ps).
+bool HasBf16DotProducts();
+
+// The same contract with bf16 products and fp32 accumulation: q, kt, v and the softmax weights are
+// rounded to bf16 (8 significant bits) before each product. Requires HasBf16DotProducts().
+void RunSegmentKernelBf16(const SegmentKernelArgs& args);
+
 // One entry per instruction set; each is compiled with its own target flags.
 namespace avx512 {
 void RunSegment(const SegmentKernelArgs& args);
@@ -59,6 +69,9 @@ namespace avx2 {
 void RunSegment(const SegmentKernelArgs& args);
 }
 namespace portable {
+void RunSegment(const SegmentKernelArgs& args);
+}
+namespace avx512_bf16 {
 void RunSegment(const SegmentKernelArgs& args);
 }
 

@@ -35,7 +35,7 @@ struct Task {
 };
 
 struct ThreadSpace {
-  AlignedBuffer q, kt, v, out, lse, scratch;
+  AlignedBuffer q, kt, v, out, lse, scratch, bf16;
 };
 
 // Copies rows kept.first + i * kept.stride, i in [begin, end), of `head` into dst as fp32 times
@@ -71,7 +71,8 @@ struct CpuBackend::Workspace {
   AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
 };
 
-CpuBackend::CpuBackend(cpu::Isa isa) : isa_(isa) {}
+CpuBackend::CpuBackend(cpu::Isa isa)
+    : isa_(isa), bf16_(isa == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts()) {}
 CpuBackend::~CpuBackend() = default;
 
 std::unique_ptr<CpuBackend::Workspace> CpuBackend::TakeWorkspace() {
@@ -87,13 +88,34 @@ void CpuBackend::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
   idle_workspaces_.push_back(std::move(workspace));
 }
 
-absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpec& spec) const {
-  if (spec.precision != Precision::kAuto && spec.precision != Precision::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat("spec.precision ", PrecisionName(spec.precision),
-                                                   " is not supported by the cpu backend; "
-                                                   "supported: auto, fp32"));
+absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
+  const std::string supported = bf16_ ? "auto, fp32, bf16" : "auto, fp32";
+  switch (spec.precision) {
+    case Precision::kAuto:
+      if (bf16_) {
+        return PrecisionChoice{Precision::kBFloat16,
+                               "auto: this CPU has AVX512-BF16; bf16 products with fp32 "
+                               "accumulation (relative L2 error within 2e-2)"};
+      }
+      return PrecisionChoice{Precision::kFloat32,
+                             absl::StrCat("auto: no AVX512-BF16 on the ", cpu::IsaName(isa_),
+                                          " path; fp32")};
+    case Precision::kFloat32:
+      return PrecisionChoice{Precision::kFloat32, "requested fp32"};
+    case Precision::kBFloat16:
+      if (bf16_) return PrecisionChoice{Precision::kBFloat16, "requested bf16"};
+      break;
+    case Precision::kFloat16:
+    case Precision::kFloat8:
+      break;
   }
-  return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("spec.precision ", PrecisionName(spec.precision), " is not supported by the cpu ",
+                   "backend on this machine (", cpu::IsaName(isa_), "); supported: ", supported));
+}
+
+absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpec& spec) const {
+  return ChoosePrecision(spec).status();
 }
 
 absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -110,6 +132,9 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(heads, spec);
   const int threads = context.pool != nullptr ? context.pool->size() : 1;
   const auto cancelled = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
+  absl::StatusOr<PrecisionChoice> precision = ChoosePrecision(spec);
+  if (!precision.ok()) return precision.status();
+  const bool bf16 = precision->precision == Precision::kBFloat16;
 
   std::unique_ptr<Workspace> ws = TakeWorkspace();
   struct Returner {
@@ -130,7 +155,8 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     ThreadSpace& ts = ws->threads[t];
     if (!ts.q.Reserve(rows_pad * dim_pad) || !ts.kt.Reserve(dim_pad * keys_pad_max) ||
         !ts.v.Reserve(keys_pad_max * dim_pad) || !ts.out.Reserve(rows_pad * dim_pad) ||
-        !ts.lse.Reserve(rows_pad) || !ts.scratch.Reserve(cpu::KernelScratchFloats(dim_pad))) {
+        !ts.lse.Reserve(rows_pad) || !ts.scratch.Reserve(cpu::KernelScratchFloats(dim_pad)) ||
+        (bf16 && !ts.bf16.Reserve(cpu::KernelBf16ScratchFloats(rows_pad, keys_pad_max, dim_pad)))) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cpu backend: cannot allocate workspace for ", max_kept, " kept rows"));
     }
@@ -188,7 +214,12 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     args.out = ts.out.data();
     args.lse = ts.lse.data();
     args.scratch = ts.scratch.data();
-    cpu::RunSegmentKernel(isa_, args);
+    if (bf16) {
+      args.bf16_scratch = ts.bf16.data();
+      cpu::RunSegmentKernelBf16(args);
+    } else {
+      cpu::RunSegmentKernel(isa_, args);
+    }
 
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;

@@ -28,6 +28,10 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
   cpu::Isa isa() const { return isa_; }
 
+  // fp32 always; bf16 dot products (fp32 accumulation) when the CPU has AVX512-BF16 and the wish is
+  // BF16 or AUTO. fp16 and fp8 are not offered on CPUs.
+  absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
+
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
   absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -40,6 +44,7 @@ class CpuBackend final : public Backend {
   void ReturnWorkspace(std::unique_ptr<Workspace> workspace);
 
   cpu::Isa isa_;
+  bool bf16_;  // The CPU has AVX512-BF16 and the AVX-512 path is selected.
   std::mutex pool_mutex_;
   std::vector<std::unique_ptr<Workspace>> idle_workspaces_;
 };

@@ -125,6 +125,10 @@ std::vector<double> ReferenceRow(const TensorView& q, const TensorView& k, const
   return combiner.Result(q.shape.head_dim);
 }
 
+absl::StatusOr<PrecisionChoice> ReferenceBackend::ChoosePrecision(const AttentionSpec&) const {
+  return PrecisionChoice{Precision::kFloat32, "reference backend: fp64 accumulation"};
+}
+
 absl::Status ReferenceBackend::Supports(const ProblemShape&, DType, const AttentionSpec&) const {
   return absl::OkStatus();
 }

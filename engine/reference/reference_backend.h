@@ -17,6 +17,7 @@ std::vector<double> ReferenceRow(const TensorView& q, const TensorView& k, const
 class ReferenceBackend final : public Backend {
  public:
   std::string Name() const override { return "reference"; }
+  absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
   absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
