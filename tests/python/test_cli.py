@@ -121,7 +121,8 @@ class CliTest(unittest.TestCase):
                 done = self.cli("attend", "--server", self.server.address, "--q", files["q"],
                                 "--k", files["k"], "--v", files["v"], "--segments",
                                 ",".join(map(str, segments)), "--dilations",
-                                ",".join(map(str, dilations)), "--out", out, "--json", *flags)
+                                ",".join(map(str, dilations)), "--out", out, "--json",
+                                "--precision", "fp32", *flags)
                 self.assert_ok(done)
                 self.assertEqual(len(parse_json_output(done.stdout)), 1, done.stdout)
                 got = np.load(out)

@@ -63,9 +63,12 @@ CASES = [
 ]
 
 
-def make_request(case, q, k, v, request_id=""):
+def make_request(case, q, k, v, request_id="", precision=pb2.PRECISION_FP32):
+    # FP32 unless a test says otherwise: AUTO may choose bf16 products on CPUs that have them,
+    # whose error bound (relative L2 2e-2) is not the elementwise fp32 one checked here.
     spec = pb2.AttentionSpec(segment_lengths=case.segments, dilation_rates=case.dilations,
-                             causal=case.causal, combine_mode=MODES[case.mode])
+                             causal=case.causal, combine_mode=MODES[case.mode],
+                             precision=precision)
     if case.scale is not None:
         spec.softmax_scale = case.scale
     tensors = [pb2.Tensor(dtype=DTYPES[case.dtype], shape=list(x.shape),
@@ -173,6 +176,20 @@ class IndependentClientTest(unittest.TestCase):
                 self.assertTrue(response.info.backend, "execution info has no backend")
                 self.assertTrue(response.info.devices, "execution info has no devices")
                 self.assertGreaterEqual(response.info.compute_time_us, 0)
+
+    def test_auto_precision_is_reported_and_within_its_bound(self):
+        rng = np.random.default_rng(11)
+        case = CASES[8]  # fp32, 1000 tokens, three patterns.
+        q, k, v = da_testing.random_inputs(rng, *case.shape, case.dtype)
+        response = self.attend(make_request(case, q, k, v, precision=pb2.PRECISION_AUTO))
+        self.assertIn(response.info.precision_used, (pb2.PRECISION_FP32, pb2.PRECISION_BF16))
+        self.assertTrue(response.info.precision_reason.startswith("auto"),
+                        response.info.precision_reason)
+        got = da_testing.from_bytes(response.output.data, case.dtype, q.shape)
+        want = reference_output(case, q, k, v)
+        relative_l2 = np.linalg.norm(got - want) / np.linalg.norm(want)
+        bound = 2e-2 if response.info.precision_used == pb2.PRECISION_BF16 else 1e-5
+        self.assertLessEqual(relative_l2, bound, pb2.Precision.Name(response.info.precision_used))
 
     def test_request_id_is_echoed_or_generated(self):
         rng = np.random.default_rng(3)

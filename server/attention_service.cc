@@ -1,0 +1,129 @@
+#include "server/attention_service.h"
+
+#include <atomic>
+#include <chrono>
+#include <utility>
+
+#include "engine/status_macros.h"
+#include "server/attend_stream_reactor.h"
+#include "server/conversion.h"
+#include "server/request_record.h"
+
+namespace da::server {
+namespace {
+
+// One unary Attend: the inputs are views of the request's bytes and the engine writes straight
+// into the response's output bytes, so the server itself copies no tensor. Lifetime: gRPC keeps
+// request and response alive until OnDone, which comes only after Finish, and Finish is called only
+// once the engine has called back (or never started).
+class AttendReactor final : public grpc::ServerUnaryReactor {
+ public:
+  AttendReactor(engine::Engine* engine, Metrics* metrics, grpc::CallbackServerContext* context,
+                const v1::AttendRequest* request, v1::AttendResponse* response)
+      : record_(metrics, "Attend", *context), request_(request), response_(response) {
+    record_.SetRequestIdField(request->request_id());
+    absl::Status status = Submit(engine);
+    if (!status.ok()) FinishWith(status, nullptr);
+  }
+
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  absl::Status Submit(engine::Engine* engine) {
+    DA_ASSIGN_OR_RETURN(UnaryProblem problem, ProblemFromRequest(*request_));
+    const engine::TensorView& q = problem.q;
+    record_.SetProblem(
+        {q.shape.batch, q.shape.seq_len, q.shape.heads, problem.k.shape.heads, q.shape.head_dim},
+        q.dtype, problem.spec);
+    record_.AddBytes(q.bytes + problem.k.bytes + problem.v.bytes, 0);
+    // Checked here as well as in the engine so that an oversized request is refused before the
+    // output is allocated.
+    DA_RETURN_IF_ERROR(
+        engine::ValidateProblem(q, problem.k, problem.v, problem.spec, engine->limits()));
+
+    v1::Tensor* output = response_->mutable_output();
+    output->set_dtype(request_->query().dtype());
+    output->mutable_shape()->CopyFrom(request_->query().shape());
+    std::string* bytes = output->mutable_data();
+    bytes->resize(static_cast<size_t>(q.bytes));
+
+    engine::RunRequest run;
+    run.q = problem.q;
+    run.k = problem.k;
+    run.v = problem.v;
+    run.spec = problem.spec;
+    run.out = {q.dtype, q.shape, bytes->data(), q.bytes};
+    run.request_id = record_.id();
+    run.cancelled = &cancelled_;
+    engine->Submit(
+        run, [this](absl::StatusOr<engine::ExecutionInfo> info) { OnComputed(std::move(info)); });
+    return absl::OkStatus();
+  }
+
+  // Runs on an engine dispatcher thread.
+  void OnComputed(absl::StatusOr<engine::ExecutionInfo> info) {
+    if (!info.ok()) {
+      response_->Clear();
+      FinishWith(info.status(), nullptr);
+      return;
+    }
+    record_.AddBytes(0, static_cast<int64_t>(response_->output().data().size()));
+    ExecutionInfoToProto(*info, record_.id(), record_.ElapsedUs(), response_->mutable_info());
+    FinishWith(absl::OkStatus(), &*info);
+  }
+
+  // The last thing this object does: OnDone (delete this) may follow at once on another thread.
+  void FinishWith(const absl::Status& status, const engine::ExecutionInfo* info) {
+    Finish(record_.Finish(status, info));
+  }
+
+  RequestRecord record_;
+  const v1::AttendRequest* request_;
+  v1::AttendResponse* response_;
+  std::atomic<bool> cancelled_{false};
+};
+
+}  // namespace
+
+AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, ServiceOptions options)
+    : engine_(engine),
+      metrics_(metrics),
+      options_(std::move(options)),
+      build_features_(engine::BuildFeatures()) {}
+
+grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* context,
+                                                   const v1::AttendRequest* request,
+                                                   v1::AttendResponse* response) {
+  return new AttendReactor(engine_, metrics_, context, request, response);
+}
+
+grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
+AttentionService::AttendStream(grpc::CallbackServerContext* context) {
+  return new AttendStreamReactor(engine_, metrics_, options_.max_message_bytes, context);
+}
+
+// Cheap and non-blocking, so it is answered on the gRPC thread.
+grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerContext* context,
+                                                          const v1::GetServerInfoRequest*,
+                                                          v1::GetServerInfoResponse* response) {
+  const auto start = std::chrono::steady_clock::now();
+  response->set_version(options_.version);
+  for (const std::string& feature : build_features_) response->add_build_features(feature);
+  for (const engine::DeviceInfo& device : engine_->devices()) {
+    DeviceInfoToProto(device, response->add_devices());
+  }
+  v1::Limits* limits = response->mutable_limits();
+  limits->set_max_message_bytes(options_.max_message_bytes);
+  limits->set_max_request_bytes(engine_->limits().max_request_bytes);
+  limits->set_max_tokens(engine_->limits().max_tokens);
+  response->mutable_plan_cache();  // All zero until the plan cache exists.
+
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  metrics_->RequestFinished("GetServerInfo", grpc::StatusCode::OK, elapsed.count());
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace da::server

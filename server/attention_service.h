@@ -1,0 +1,50 @@
+// The da.v1.AttentionService implementation on gRPC's callback API.
+//
+//   AttentionService service(engine.get(), metrics.get(), {.max_message_bytes = 64 << 20});
+//   builder.RegisterService(&service);
+//
+// Handlers only convert and check messages; every computation is queued on the engine
+// (Engine::Submit) and the RPC is finished from the engine's dispatcher thread, so no gRPC thread
+// ever computes. The engine and metrics must outlive the grpc::Server the service is registered in.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "da/v1/attention.grpc.pb.h"
+#include "engine/engine.h"
+#include "server/metrics.h"
+
+namespace da::server {
+
+inline constexpr char kServiceName[] = "da.v1.AttentionService";
+
+struct ServiceOptions {
+  int64_t max_message_bytes = 64 << 20;  // Bounds each streamed output block (half of it).
+  std::string version;                   // Reported by GetServerInfo.
+};
+
+class AttentionService final : public v1::AttentionService::CallbackService {
+ public:
+  AttentionService(engine::Engine* engine, Metrics* metrics, ServiceOptions options);
+
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
+
+  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+      grpc::CallbackServerContext* context) override;
+
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::GetServerInfoResponse* response) override;
+
+ private:
+  engine::Engine* engine_;
+  Metrics* metrics_;
+  ServiceOptions options_;
+  std::vector<std::string> build_features_;
+};
+
+}  // namespace da::server

@@ -1,0 +1,209 @@
+#include "server/conversion.h"
+
+#include "absl/strings/str_cat.h"
+#include "engine/status_macros.h"
+
+namespace da::server {
+namespace {
+
+absl::Status Invalid(const std::string& field, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat(field, " ", what));
+}
+
+absl::StatusOr<engine::CombineMode> CombineModeFromProto(v1::CombineMode mode) {
+  switch (mode) {
+    case v1::COMBINE_MODE_UNSPECIFIED:
+    case v1::COMBINE_MODE_LONGNET:
+      return engine::CombineMode::kLongNet;
+    case v1::COMBINE_MODE_GROUPED:
+      return engine::CombineMode::kGrouped;
+    default:
+      return Invalid("spec.combine_mode", absl::StrCat("has unknown value ", mode));
+  }
+}
+
+absl::StatusOr<engine::Precision> PrecisionFromProto(v1::Precision precision) {
+  switch (precision) {
+    case v1::PRECISION_AUTO:
+      return engine::Precision::kAuto;
+    case v1::PRECISION_FP32:
+      return engine::Precision::kFloat32;
+    case v1::PRECISION_BF16:
+      return engine::Precision::kBFloat16;
+    case v1::PRECISION_FP16:
+      return engine::Precision::kFloat16;
+    case v1::PRECISION_FP8:
+      return engine::Precision::kFloat8;
+    default:
+      return Invalid("spec.precision", absl::StrCat("has unknown value ", precision));
+  }
+}
+
+absl::StatusOr<engine::ShardPolicy> ShardPolicyFromProto(v1::ShardPolicy policy) {
+  switch (policy) {
+    case v1::SHARD_POLICY_AUTO:
+      return engine::ShardPolicy::kAuto;
+    case v1::SHARD_POLICY_NONE:
+      return engine::ShardPolicy::kNone;
+    case v1::SHARD_POLICY_HEADS:
+      return engine::ShardPolicy::kHeads;
+    case v1::SHARD_POLICY_SEQUENCE:
+      return engine::ShardPolicy::kSequence;
+    default:
+      return Invalid("spec.shard_policy", absl::StrCat("has unknown value ", policy));
+  }
+}
+
+// The dtype of other must equal the query's.
+absl::Status CheckSameDType(const v1::Tensor& query, const v1::Tensor& other,
+                            const std::string& field) {
+  if (other.dtype() == query.dtype()) return absl::OkStatus();
+  return Invalid(absl::StrCat(field, ".dtype"),
+                 absl::StrCat("is ", v1::DType_Name(other.dtype()), " but query.dtype is ",
+                              v1::DType_Name(query.dtype()), "; q, k and v must share a dtype"));
+}
+
+}  // namespace
+
+absl::StatusOr<engine::DType> DTypeFromProto(v1::DType dtype, const std::string& field) {
+  switch (dtype) {
+    case v1::DTYPE_FP32:
+      return engine::DType::kFloat32;
+    case v1::DTYPE_FP16:
+      return engine::DType::kFloat16;
+    case v1::DTYPE_BF16:
+      return engine::DType::kBFloat16;
+    case v1::DTYPE_UNSPECIFIED:
+      return Invalid(field, "is DTYPE_UNSPECIFIED; expected DTYPE_FP32, DTYPE_FP16 or DTYPE_BF16");
+    default:
+      return Invalid(field, absl::StrCat("has unknown value ", dtype));
+  }
+}
+
+v1::DType DTypeToProto(engine::DType dtype) {
+  switch (dtype) {
+    case engine::DType::kFloat32:
+      return v1::DTYPE_FP32;
+    case engine::DType::kFloat16:
+      return v1::DTYPE_FP16;
+    case engine::DType::kBFloat16:
+      return v1::DTYPE_BF16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+v1::Precision PrecisionToProto(engine::Precision precision) {
+  switch (precision) {
+    case engine::Precision::kAuto:
+      return v1::PRECISION_AUTO;
+    case engine::Precision::kFloat32:
+      return v1::PRECISION_FP32;
+    case engine::Precision::kBFloat16:
+      return v1::PRECISION_BF16;
+    case engine::Precision::kFloat16:
+      return v1::PRECISION_FP16;
+    case engine::Precision::kFloat8:
+      return v1::PRECISION_FP8;
+  }
+  return v1::PRECISION_AUTO;
+}
+
+v1::ShardPolicy ShardPolicyToProto(engine::ShardPolicy policy) {
+  switch (policy) {
+    case engine::ShardPolicy::kAuto:
+      return v1::SHARD_POLICY_AUTO;
+    case engine::ShardPolicy::kNone:
+      return v1::SHARD_POLICY_NONE;
+    case engine::ShardPolicy::kHeads:
+      return v1::SHARD_POLICY_HEADS;
+    case engine::ShardPolicy::kSequence:
+      return v1::SHARD_POLICY_SEQUENCE;
+  }
+  return v1::SHARD_POLICY_AUTO;
+}
+
+absl::StatusOr<engine::AttentionSpec> SpecFromProto(const v1::AttentionSpec& spec) {
+  if (spec.segment_lengths_size() != spec.dilation_rates_size()) {
+    return Invalid(
+        "spec.segment_lengths",
+        absl::StrCat("has ", spec.segment_lengths_size(), " entries but spec.dilation_rates has ",
+                     spec.dilation_rates_size(), "; they must have equal lengths"));
+  }
+  engine::AttentionSpec out;
+  for (int i = 0; i < spec.segment_lengths_size(); ++i) {
+    out.patterns.push_back({spec.segment_lengths(i), spec.dilation_rates(i)});
+  }
+  out.causal = spec.causal();
+  if (spec.has_softmax_scale()) out.softmax_scale = spec.softmax_scale();
+  DA_ASSIGN_OR_RETURN(out.mode, CombineModeFromProto(spec.combine_mode()));
+  DA_ASSIGN_OR_RETURN(out.precision, PrecisionFromProto(spec.precision()));
+  DA_ASSIGN_OR_RETURN(out.shard_policy, ShardPolicyFromProto(spec.shard_policy()));
+  return out;
+}
+
+absl::StatusOr<engine::TensorView> TensorViewFromProto(const v1::Tensor& tensor,
+                                                       const std::string& field) {
+  if (tensor.shape_size() != 4) {
+    return Invalid(absl::StrCat(field, ".shape"),
+                   absl::StrCat("has rank ", tensor.shape_size(),
+                                "; expected rank 4 [batch, seq, heads, head_dim]"));
+  }
+  engine::TensorView view;
+  DA_ASSIGN_OR_RETURN(view.dtype, DTypeFromProto(tensor.dtype(), absl::StrCat(field, ".dtype")));
+  view.shape = {tensor.shape(0), tensor.shape(1), tensor.shape(2), tensor.shape(3)};
+  view.data = tensor.data().data();
+  view.bytes = static_cast<int64_t>(tensor.data().size());
+  return view;
+}
+
+absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request) {
+  UnaryProblem problem;
+  DA_ASSIGN_OR_RETURN(problem.q, TensorViewFromProto(request.query(), "query"));
+  DA_ASSIGN_OR_RETURN(problem.k, TensorViewFromProto(request.key(), "key"));
+  DA_ASSIGN_OR_RETURN(problem.v, TensorViewFromProto(request.value(), "value"));
+  DA_RETURN_IF_ERROR(CheckSameDType(request.query(), request.key(), "key"));
+  DA_RETURN_IF_ERROR(CheckSameDType(request.query(), request.value(), "value"));
+  DA_ASSIGN_OR_RETURN(problem.spec, SpecFromProto(request.spec()));
+  return problem;
+}
+
+absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header) {
+  StreamProblem problem;
+  DA_ASSIGN_OR_RETURN(problem.dtype, DTypeFromProto(header.dtype(), "header.dtype"));
+  problem.shape.batch = header.batch();
+  problem.shape.seq_len = header.seq_len();
+  problem.shape.heads = header.heads();
+  problem.shape.kv_heads = header.kv_heads() == 0 ? header.heads() : header.kv_heads();
+  problem.shape.head_dim = header.head_dim();
+  DA_ASSIGN_OR_RETURN(problem.spec, SpecFromProto(header.spec()));
+  return problem;
+}
+
+void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
+                          int64_t total_time_us, v1::ExecutionInfo* out) {
+  out->set_request_id(request_id);
+  out->set_precision_used(PrecisionToProto(info.precision_used));
+  out->set_precision_reason(info.precision_reason);
+  out->set_shard_strategy(ShardPolicyToProto(info.shard_strategy));
+  out->set_backend(info.backend);
+  for (const std::string& device : info.devices) out->add_devices(device);
+  out->set_queue_time_us(info.queue_time_us);
+  out->set_compute_time_us(info.compute_time_us);
+  out->set_plan_cache_hit(info.plan_cache_hit);
+  out->set_plan_build_time_us(info.plan_build_time_us);
+  out->set_total_time_us(total_time_us);
+}
+
+void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out) {
+  out->set_id(device.id);
+  out->set_kind(device.kind);
+  out->set_name(device.name);
+  for (engine::Precision precision : device.precisions) {
+    out->add_precisions(PrecisionToProto(precision));
+  }
+  out->set_memory_bytes(device.memory_bytes);
+  out->set_compute_units(device.compute_units);
+  out->set_capability(device.capability);
+}
+
+}  // namespace da::server

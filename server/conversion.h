@@ -1,0 +1,56 @@
+// Conversions between the da.v1 wire messages and the engine's types.
+//
+//   DA_ASSIGN_OR_RETURN(UnaryProblem problem, ProblemFromRequest(request));
+//   // problem.q/k/v point into request's bytes: no copy; request must outlive them.
+//
+// Checks that exist only on the wire (rank-4 shapes, unspecified or unknown enums, dtypes that
+// differ between tensors, equal list lengths) live here and fail with INVALID_ARGUMENT naming the
+// proto field. Everything else is the engine's ValidateProblem / ValidateShape.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "da/v1/attention.pb.h"
+#include "engine/attention_spec.h"
+#include "engine/device.h"
+#include "engine/engine.h"
+#include "engine/tensor.h"
+
+namespace da::server {
+
+absl::StatusOr<engine::DType> DTypeFromProto(v1::DType dtype, const std::string& field);
+v1::DType DTypeToProto(engine::DType dtype);
+v1::Precision PrecisionToProto(engine::Precision precision);
+v1::ShardPolicy ShardPolicyToProto(engine::ShardPolicy policy);
+
+// Patterns, causal, scale, mode, precision wish and shard policy. Does not run spec.Validate().
+absl::StatusOr<engine::AttentionSpec> SpecFromProto(const v1::AttentionSpec& spec);
+
+// A view of tensor's bytes (no copy). field names the tensor in messages ("query").
+absl::StatusOr<engine::TensorView> TensorViewFromProto(const v1::Tensor& tensor,
+                                                       const std::string& field);
+
+// An AttendRequest as engine inputs; views point into request.
+struct UnaryProblem {
+  engine::TensorView q;
+  engine::TensorView k;
+  engine::TensorView v;
+  engine::AttentionSpec spec;
+};
+absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request);
+
+// A StreamHeader as a problem shape, dtype and spec.
+struct StreamProblem {
+  engine::ProblemShape shape;
+  engine::DType dtype = engine::DType::kFloat32;
+  engine::AttentionSpec spec;
+};
+absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header);
+
+void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
+                          int64_t total_time_us, v1::ExecutionInfo* out);
+void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out);
+
+}  // namespace da::server

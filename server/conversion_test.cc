@@ -1,0 +1,105 @@
+#include "server/conversion.h"
+
+#include <gtest/gtest.h>
+
+namespace da::server {
+namespace {
+
+TEST(ConversionTest, DTypesRoundTrip) {
+  for (v1::DType dtype : {v1::DTYPE_FP32, v1::DTYPE_FP16, v1::DTYPE_BF16}) {
+    absl::StatusOr<engine::DType> converted = DTypeFromProto(dtype, "query.dtype");
+    ASSERT_TRUE(converted.ok()) << converted.status();
+    EXPECT_EQ(DTypeToProto(*converted), dtype);
+  }
+  absl::StatusOr<engine::DType> unspecified = DTypeFromProto(v1::DTYPE_UNSPECIFIED, "x.dtype");
+  EXPECT_EQ(unspecified.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(unspecified.status().message().find("x.dtype"), std::string::npos);
+}
+
+TEST(ConversionTest, SpecDefaultsAndFields) {
+  v1::AttentionSpec proto;
+  proto.add_segment_lengths(2048);
+  proto.add_dilation_rates(1);
+  proto.add_segment_lengths(4096);
+  proto.add_dilation_rates(2);
+  absl::StatusOr<engine::AttentionSpec> spec = SpecFromProto(proto);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->PatternsToString(), "(2048,1),(4096,2)");
+  EXPECT_EQ(spec->mode, engine::CombineMode::kLongNet);  // COMBINE_MODE_UNSPECIFIED.
+  EXPECT_EQ(spec->precision, engine::Precision::kAuto);
+  EXPECT_EQ(spec->shard_policy, engine::ShardPolicy::kAuto);
+  EXPECT_FALSE(spec->softmax_scale.has_value());
+  EXPECT_FALSE(spec->causal);
+
+  proto.set_causal(true);
+  proto.set_softmax_scale(0.25);
+  proto.set_combine_mode(v1::COMBINE_MODE_GROUPED);
+  proto.set_precision(v1::PRECISION_BF16);
+  proto.set_shard_policy(v1::SHARD_POLICY_HEADS);
+  spec = SpecFromProto(proto);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(spec->causal);
+  EXPECT_EQ(spec->softmax_scale, 0.25);
+  EXPECT_EQ(spec->mode, engine::CombineMode::kGrouped);
+  EXPECT_EQ(spec->precision, engine::Precision::kBFloat16);
+  EXPECT_EQ(spec->shard_policy, engine::ShardPolicy::kHeads);
+}
+
+TEST(ConversionTest, TensorViewPointsIntoTheMessage) {
+  v1::Tensor tensor;
+  tensor.set_dtype(v1::DTYPE_FP16);
+  for (int64_t dim : {2, 3, 4, 5}) tensor.add_shape(dim);
+  tensor.mutable_data()->resize(2 * 3 * 4 * 5 * 2);
+  absl::StatusOr<engine::TensorView> view = TensorViewFromProto(tensor, "query");
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_EQ(view->data, tensor.data().data());
+  EXPECT_EQ(view->bytes, 240);
+  EXPECT_EQ(view->dtype, engine::DType::kFloat16);
+  EXPECT_EQ(view->shape.ToString(), "[2, 3, 4, 5]");
+}
+
+TEST(ConversionTest, HeaderKvHeadsZeroMeansHeads) {
+  v1::StreamHeader header;
+  header.set_dtype(v1::DTYPE_BF16);
+  header.set_batch(1);
+  header.set_seq_len(10);
+  header.set_heads(6);
+  header.set_head_dim(8);
+  header.mutable_spec()->add_segment_lengths(4);
+  header.mutable_spec()->add_dilation_rates(1);
+  absl::StatusOr<StreamProblem> problem = ProblemFromHeader(header);
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  EXPECT_EQ(problem->shape.kv_heads, 6);
+  header.set_kv_heads(2);
+  problem = ProblemFromHeader(header);
+  ASSERT_TRUE(problem.ok()) << problem.status();
+  EXPECT_EQ(problem->shape.kv_heads, 2);
+}
+
+TEST(ConversionTest, ExecutionInfoCarriesEveryField) {
+  engine::ExecutionInfo info;
+  info.precision_used = engine::Precision::kBFloat16;
+  info.precision_reason = "allowed";
+  info.shard_strategy = engine::ShardPolicy::kSequence;
+  info.backend = "cpu";
+  info.devices = {"cpu:0"};
+  info.queue_time_us = 3;
+  info.compute_time_us = 40;
+  info.plan_build_time_us = 5;
+  v1::ExecutionInfo proto;
+  ExecutionInfoToProto(info, "abc", 50, &proto);
+  EXPECT_EQ(proto.request_id(), "abc");
+  EXPECT_EQ(proto.precision_used(), v1::PRECISION_BF16);
+  EXPECT_EQ(proto.precision_reason(), "allowed");
+  EXPECT_EQ(proto.shard_strategy(), v1::SHARD_POLICY_SEQUENCE);
+  EXPECT_EQ(proto.backend(), "cpu");
+  ASSERT_EQ(proto.devices_size(), 1);
+  EXPECT_EQ(proto.queue_time_us(), 3);
+  EXPECT_EQ(proto.compute_time_us(), 40);
+  EXPECT_EQ(proto.plan_build_time_us(), 5);
+  EXPECT_EQ(proto.total_time_us(), 50);
+  EXPECT_FALSE(proto.plan_cache_hit());
+}
+
+}  // namespace
+}  // namespace da::server

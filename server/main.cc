@@ -1,0 +1,119 @@
+// da-server: dilated attention over gRPC. With no flags it serves on CPU at 0.0.0.0:50051 and
+// exposes Prometheus metrics at 0.0.0.0:9464/metrics.
+//
+//   da-server --listen 127.0.0.1:0 --port-file /tmp/port --log-level debug
+//
+// SIGTERM or SIGINT: readiness turns NOT_SERVING, new calls are refused, calls in flight finish
+// (for up to --drain-timeout-ms), then the process exits 0.
+#include <signal.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include "server/server.h"
+
+namespace {
+
+// Writes value to path atomically (temporary file, then rename), so a reader polling for the
+// file never sees it half written.
+bool WritePortFile(const std::string& path, int port) {
+  const std::string temporary = path + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    out << port << "\n";
+    if (!out) return false;
+  }
+  return std::rename(temporary.c_str(), path.c_str()) == 0;
+}
+
+// "0.0.0.0:0" with port 5123 -> "0.0.0.0:5123".
+std::string WithPort(const std::string& address, int port) {
+  const size_t colon = address.rfind(':');
+  return (colon == std::string::npos ? address : address.substr(0, colon)) + ":" +
+         std::to_string(port);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  da::server::ServerOptions options;
+  std::string log_level = "info";
+  std::string port_file;
+  std::string metrics_port_file;
+  int64_t drain_timeout_ms = 30000;
+
+  CLI::App app{"da-server: dilated (LongNet-style) attention as a gRPC service"};
+  app.add_option("--listen", options.listen_address, "gRPC address host:port (port 0: any free)")
+      ->capture_default_str();
+  app.add_option("--metrics-listen", options.metrics_address,
+                 "Prometheus /metrics address host:port; empty disables it")
+      ->capture_default_str();
+  app.add_option("--threads", options.threads, "Compute threads; 0 uses every core")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-message-bytes", options.max_message_bytes,
+                 "Largest gRPC message received or sent")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{2147483647}));
+  app.add_option("--max-request-bytes", options.max_request_bytes,
+                 "Largest request: q + k + v + output bytes; 0: unlimited")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-tokens", options.max_tokens, "Largest batch * seq_len; 0: unlimited")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--drain-timeout-ms", drain_timeout_ms,
+                 "On SIGTERM, how long calls in flight may take to finish")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
+  app.add_option("--port-file", port_file, "Once serving, write the bound gRPC port to this file");
+  app.add_option("--metrics-port-file", metrics_port_file,
+                 "Once serving, write the bound /metrics port to this file");
+  CLI11_PARSE(app, argc, argv);
+
+  // Blocked before any thread exists, so every thread inherits the mask and the signals reach
+  // only the sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
+  spdlog::set_level(spdlog::level::from_str(log_level));
+
+  absl::StatusOr<std::unique_ptr<da::server::Server>> server = da::server::Server::Start(options);
+  if (!server.ok()) {
+    spdlog::error("cannot start: {}", server.status().ToString());
+    return 1;
+  }
+  spdlog::info("listening on {}", WithPort(options.listen_address, (*server)->port()));
+  if ((*server)->metrics_port() != 0) {
+    spdlog::info("metrics on http://{}/metrics",
+                 WithPort(options.metrics_address, (*server)->metrics_port()));
+  }
+  if (!port_file.empty() && !WritePortFile(port_file, (*server)->port())) {
+    spdlog::error("cannot write --port-file {}", port_file);
+    return 1;
+  }
+  if (!metrics_port_file.empty() && !WritePortFile(metrics_port_file, (*server)->metrics_port())) {
+    spdlog::error("cannot write --metrics-port-file {}", metrics_port_file);
+    return 1;
+  }
+
+  int signal_number = 0;
+  sigwait(&stop_signals, &signal_number);
+  spdlog::info("{}: draining for up to {} ms", strsignal(signal_number), drain_timeout_ms);
+  (*server)->Shutdown(std::chrono::milliseconds(drain_timeout_ms));
+  spdlog::info("stopped");
+  return 0;
+}

@@ -1,0 +1,92 @@
+// /metrics after real traffic: scraped over HTTP from a server with an exposer on a kernel-chosen
+// port, checked by `promtool check metrics`, and holding the expected series.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "client/attention_client.h"
+#include "server/server.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+// Runs promtool on text; returns its exit status and fills output with what it printed.
+int PromtoolCheck(const std::string& text, std::string* output) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string path = dir + "/metrics.txt";
+  std::ofstream(path) << text;
+  const std::string command = std::string(DA_PROMTOOL) + " check metrics < " + path + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buffer[4096];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output->append(buffer, n);
+  const int status = pclose(pipe);
+  std::filesystem::remove_all(dir);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+bool Contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.metrics_address = "127.0.0.1:0";
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  ASSERT_GT(server->metrics_port(), 0);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest request =
+      testing::RandomRequest({.batch = 2, .seq_len = 50, .heads = 4, .kv_heads = 2}, rng);
+  v1::AttendResponse response;
+  ASSERT_TRUE(client.Attend(request, &response).ok());
+  ASSERT_TRUE(client.Attend(request, &response).ok());
+  ASSERT_TRUE(client.AttendStream(request, &response).ok());
+  v1::AttendRequest invalid = request;
+  invalid.mutable_spec()->clear_segment_lengths();
+  invalid.mutable_spec()->clear_dilation_rates();
+  ASSERT_EQ(client.Attend(invalid, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client.GetServerInfo(&info).ok());
+
+  const std::optional<std::string> scraped = testing::HttpGet(server->metrics_port(), "/metrics");
+  ASSERT_TRUE(scraped.has_value());
+  const std::string& text = *scraped;
+
+  std::string promtool_output;
+  EXPECT_EQ(PromtoolCheck(text, &promtool_output), 0) << promtool_output << "\n" << text;
+
+  EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"Attend\"} 2")) << text;
+  EXPECT_TRUE(Contains(text, "da_requests_total{code=\"INVALID_ARGUMENT\",method=\"Attend\"} 1"))
+      << text;
+  EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"AttendStream\"} 1")) << text;
+  EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"GetServerInfo\"} 1")) << text;
+  EXPECT_TRUE(Contains(text, "da_request_duration_seconds_count{method=\"Attend\"} 3")) << text;
+  EXPECT_TRUE(Contains(text, "da_request_duration_seconds_bucket{method=\"Attend\",le=\"600\"}"))
+      << text;
+  // Three successful runs of batch 2 x 50 tokens.
+  EXPECT_TRUE(Contains(text, "da_tokens_total 300")) << text;
+  EXPECT_TRUE(Contains(text, "da_in_flight_requests 0")) << text;
+  EXPECT_TRUE(Contains(text, "da_queue_duration_seconds_count 3")) << text;
+  EXPECT_TRUE(Contains(text, "da_compute_duration_seconds_count 3")) << text;
+  // Out: three outputs of 2 x 50 x 4 x 16 fp32 = 25600 bytes each.
+  EXPECT_TRUE(Contains(text, "da_request_bytes_total{direction=\"out\"} 76800")) << text;
+}
+
+TEST(MetricsTest, PromtoolRejectsABrokenExposition) {
+  // The check above can fail: promtool does flag a counter without the _total suffix.
+  std::string output;
+  EXPECT_NE(PromtoolCheck("# HELP da_bad Bad.\n# TYPE da_bad counter\nda_bad 1\n", &output), 0)
+      << output;
+}
+
+}  // namespace
+}  // namespace da::server

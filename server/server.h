@@ -1,0 +1,69 @@
+// The da gRPC server: engine, AttentionService, health, reflection and /metrics in one object.
+//
+//   ServerOptions options;
+//   options.listen_address = "127.0.0.1:0";  // Port 0 picks a free port.
+//   DA_ASSIGN_OR_RETURN(std::unique_ptr<Server> server, Server::Start(options));
+//   std::cout << server->port();
+//   server->Shutdown(std::chrono::seconds(30));  // Drains, then returns.
+//
+// Health: liveness ("") and readiness ("da.v1.AttentionService") are SERVING once Start returns
+// and NOT_SERVING from the moment Shutdown begins. Thread safety: Shutdown may be called from any
+// thread, more than once; the destructor shuts down without a drain if nobody did.
+#pragma once
+
+#include <grpcpp/server.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/engine.h"
+#include "server/attention_service.h"
+#include "server/metrics.h"
+
+namespace da::server {
+
+struct ServerOptions {
+  std::string listen_address = "0.0.0.0:50051";
+  std::string metrics_address = "0.0.0.0:9464";  // Empty: no /metrics endpoint.
+  int threads = 0;                               // Engine compute threads; 0: every core.
+  int64_t max_message_bytes = 64LL << 20;        // gRPC receive and send limit, per message.
+  int64_t max_request_bytes = 16LL << 30;        // q + k + v + output bytes; 0: unlimited.
+  int64_t max_tokens = 0;                        // batch * seq_len; 0: unlimited.
+  std::string backend = "cpu";                   // Engine backend: "cpu" or "reference".
+};
+
+class Server {
+ public:
+  // Builds the engine, binds both ports and starts serving.
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();
+
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // The bound gRPC port and /metrics port (0 when metrics are off).
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_->port(); }
+  const Metrics& metrics() const { return *metrics_; }
+
+  // Readiness and liveness NOT_SERVING, refuse new calls, let calls in flight finish for up to
+  // drain_timeout (then cancel them), and wait until the engine is idle.
+  void Shutdown(std::chrono::milliseconds drain_timeout);
+
+ private:
+  Server() = default;
+
+  std::unique_ptr<engine::Engine> engine_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<AttentionService> service_;
+  std::unique_ptr<grpc::Server> server_;  // Declared last: destroyed first.
+  int port_ = 0;
+  std::mutex shutdown_mu_;
+  bool shut_down_ = false;
+};
+
+}  // namespace da::server

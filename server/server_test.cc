@@ -1,0 +1,249 @@
+// End to end on a real loopback server, through the client library: answers equal the in-process
+// engine's bytes, request ids, health, server info and the size limits.
+#include "server/server.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "client/attention_client.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using testing::ProblemConfig;
+
+constexpr int kThreads = 2;
+
+struct Case {
+  std::string name;
+  ProblemConfig config;
+};
+
+// Keeps test listings (and so ctest's names) readable and stable.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class ServerAnswerTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    server_ = testing::StartServer(testing::LoopbackOptions());
+    ASSERT_NE(server_, nullptr);
+    client_ = std::make_unique<client::AttentionClient>(testing::ChannelTo(server_->port()));
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<client::AttentionClient> client_;
+};
+
+TEST_P(ServerAnswerTest, UnaryAndStreamEqualInProcessEngineBytes) {
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest request = testing::RandomRequest(GetParam().config, rng);
+  const std::string expected = testing::InProcessOutput(request, kThreads);
+  ASSERT_FALSE(expected.empty());
+
+  v1::AttendResponse unary;
+  grpc::Status status = client_->Attend(request, &unary);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(unary.output().dtype(), request.query().dtype());
+  EXPECT_EQ(unary.output().shape().size(), 4);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(unary.output().shape(i), request.query().shape(i));
+  EXPECT_TRUE(unary.output().data() == expected) << "unary output differs from the engine's";
+  EXPECT_EQ(unary.info().backend(), "cpu");
+  ASSERT_EQ(unary.info().devices_size(), 1);
+  EXPECT_EQ(unary.info().devices(0), "cpu:0");
+  EXPECT_NE(unary.info().precision_used(), v1::PRECISION_AUTO);  // The engine names its choice.
+  EXPECT_FALSE(unary.info().precision_reason().empty());
+  EXPECT_FALSE(unary.info().plan_cache_hit());
+  EXPECT_GE(unary.info().total_time_us(), unary.info().compute_time_us());
+
+  // Small blocks so that the stream has many of them, the last one partial.
+  for (int64_t block_tokens : {int64_t{7}, int64_t{0}}) {
+    v1::AttendResponse streamed;
+    status = client_->AttendStream(request, &streamed, {}, {.block_tokens = block_tokens});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(streamed.output().data() == expected)
+        << "stream output (block_tokens " << block_tokens << ") differs from the engine's";
+    EXPECT_EQ(streamed.info().backend(), "cpu");
+    EXPECT_EQ(streamed.info().request_id().size(), 16u);
+  }
+}
+
+ProblemConfig Config(int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, std::vector<std::pair<int64_t, int64_t>> patterns,
+                     bool causal, v1::CombineMode mode, v1::DType dtype) {
+  return {batch, seq_len, heads, kv_heads, head_dim, std::move(patterns), causal, mode, dtype};
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ServerAnswerTest,
+    ::testing::Values(
+        Case{"fp32_longnet", Config(1, 100, 4, 4, 16, {{32, 1}, {64, 2}}, false,
+                                    v1::COMBINE_MODE_LONGNET, v1::DTYPE_FP32)},
+        Case{"fp16_gqa_causal_grouped", Config(2, 77, 6, 2, 8, {{16, 1}, {32, 4}, {80, 3}}, true,
+                                               v1::COMBINE_MODE_GROUPED, v1::DTYPE_FP16)},
+        Case{"fp32_gqa_causal_longnet", Config(1, 300, 8, 2, 32, {{128, 2}, {300, 3}}, true,
+                                               v1::COMBINE_MODE_LONGNET, v1::DTYPE_FP32)},
+        Case{"bf16_mqa_grouped",
+             Config(3, 50, 3, 1, 24, {{20, 1}}, false, v1::COMBINE_MODE_GROUPED, v1::DTYPE_BF16)}),
+    [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void Start(const ServerOptions& options) {
+    server_ = testing::StartServer(options);
+    ASSERT_NE(server_, nullptr);
+    client_ = std::make_unique<client::AttentionClient>(testing::ChannelTo(server_->port()));
+  }
+  void SetUp() override { Start(testing::LoopbackOptions()); }
+
+  v1::AttendRequest SmallRequest() {
+    std::mt19937 rng(std::random_device{}());
+    return testing::RandomRequest({}, rng);
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<client::AttentionClient> client_;
+};
+
+TEST_F(ServerTest, RequestIdComesFromMetadataThenFieldThenIsGenerated) {
+  v1::AttendRequest request = SmallRequest();
+  request.set_request_id("from-field");
+  v1::AttendResponse response;
+  ASSERT_TRUE(client_->Attend(request, &response, {.request_id = "from-metadata"}).ok());
+  EXPECT_EQ(response.info().request_id(), "from-metadata");
+
+  ASSERT_TRUE(client_->Attend(request, &response).ok());
+  EXPECT_EQ(response.info().request_id(), "from-field");
+
+  request.clear_request_id();
+  ASSERT_TRUE(client_->Attend(request, &response).ok());
+  EXPECT_EQ(response.info().request_id().size(), 16u);
+  EXPECT_EQ(response.info().request_id().find_first_not_of("0123456789abcdef"), std::string::npos);
+}
+
+TEST_F(ServerTest, HealthIsServingForLivenessAndReadiness) {
+  for (const std::string service : {"", "da.v1.AttentionService"}) {
+    auto status = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+    grpc::Status call = client_->CheckHealth(service, &status);
+    ASSERT_TRUE(call.ok()) << "'" << service << "': " << call.error_message();
+    EXPECT_EQ(status, grpc::health::v1::HealthCheckResponse::SERVING) << "'" << service << "'";
+  }
+}
+
+// Server reflection, spoken without its generated stubs (Debian ships no reflection.proto): a
+// ServerReflectionRequest{list_services: "*"} is the three bytes 0x3a 0x01 '*', and the answer
+// holds the service names as plain strings.
+TEST_F(ServerTest, ReflectionListsTheServices) {
+  std::shared_ptr<grpc::Channel> channel = testing::ChannelTo(server_->port());
+  const grpc::internal::RpcMethod method(
+      "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+      grpc::internal::RpcMethod::BIDI_STREAMING);
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel.get(), method, &context));
+  const grpc::Slice list_services(std::string("\x3a\x01*", 3));
+  ASSERT_TRUE(stream->Write(grpc::ByteBuffer(&list_services, 1)));
+  stream->WritesDone();
+  grpc::ByteBuffer answer;
+  ASSERT_TRUE(stream->Read(&answer));
+  EXPECT_TRUE(stream->Finish().ok());
+  grpc::Slice bytes;
+  ASSERT_TRUE(answer.DumpToSingleSlice(&bytes).ok());
+  const std::string text(reinterpret_cast<const char*>(bytes.begin()), bytes.size());
+  EXPECT_NE(text.find("da.v1.AttentionService"), std::string::npos);
+  EXPECT_NE(text.find("grpc.health.v1.Health"), std::string::npos);
+}
+
+TEST_F(ServerTest, ServerInfoListsTheCpuDeviceAndLimits) {
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client_->GetServerInfo(&info).ok());
+  EXPECT_FALSE(info.version().empty());
+  ASSERT_GE(info.devices_size(), 1);
+  EXPECT_EQ(info.devices(0).id(), "cpu:0");
+  EXPECT_EQ(info.devices(0).kind(), "cpu");
+  EXPECT_EQ(info.devices(0).compute_units(), kThreads);
+  EXPECT_GE(info.devices(0).precisions_size(), 1);
+  EXPECT_EQ(info.limits().max_message_bytes(), 64 << 20);
+  EXPECT_EQ(info.limits().max_request_bytes(), 16LL << 30);
+  EXPECT_EQ(info.limits().max_tokens(), 0);
+  EXPECT_EQ(info.plan_cache().hits(), 0);
+}
+
+TEST_F(ServerTest, UnaryAboveMaxMessageBytesIsResourceExhausted) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_message_bytes = 1 << 20;
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  // q + k + v = 3 x 512 KiB: above the 1 MiB message limit.
+  const v1::AttendRequest request =
+      testing::RandomRequest({.seq_len = 2048, .heads = 4, .kv_heads = 4, .head_dim = 16}, rng);
+  v1::AttendResponse response;
+  grpc::Status status = client_->Attend(request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+}
+
+TEST_F(ServerTest, AboveMaxRequestBytesIsResourceExhaustedNamingValueAndLimit) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_request_bytes = 100000;
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  // q, k, v and output of 64 x 4 x 32 fp32 each: 4 x 32768 = 131072 bytes.
+  const v1::AttendRequest request =
+      testing::RandomRequest({.seq_len = 64, .heads = 4, .kv_heads = 4, .head_dim = 32}, rng);
+  v1::AttendResponse response;
+  grpc::Status unary = client_->Attend(request, &response);
+  EXPECT_EQ(unary.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(unary.error_message().find("131072"), std::string::npos) << unary.error_message();
+  EXPECT_NE(unary.error_message().find("100000"), std::string::npos) << unary.error_message();
+
+  grpc::Status stream = client_->AttendStream(request, &response);
+  EXPECT_EQ(stream.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(stream.error_message().find("131072"), std::string::npos) << stream.error_message();
+  EXPECT_NE(stream.error_message().find("100000"), std::string::npos) << stream.error_message();
+}
+
+TEST_F(ServerTest, AboveMaxTokensIsResourceExhausted) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_tokens = 100;
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest request = testing::RandomRequest({.batch = 2, .seq_len = 64}, rng);
+  v1::AttendResponse response;
+  grpc::Status status = client_->Attend(request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(status.error_message().find("128"), std::string::npos) << status.error_message();
+}
+
+TEST_F(ServerTest, ExpiredDeadlineStopsTheRunAndTheServerStaysUsable) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_message_bytes = 1 << 30;
+  Start(options);
+  // 2.7e11 FLOPs: about ten seconds uncancelled on two cores today, in tasks of a fraction of a
+  // second, so cancellation can take effect quickly.
+  const v1::AttendRequest long_request = testing::LongRequest(32768, 4096);
+  v1::AttendResponse response;
+  grpc::Status status = client_->Attend(long_request, &response, testing::WithTimeout(1500));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+
+  // The cancelled run gives the engine back promptly: a small request is answered well within
+  // the time the long one would have taken.
+  const auto start = std::chrono::steady_clock::now();
+  status = client_->Attend(SmallRequest(), &response, testing::WithTimeout(20000));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+TEST_F(ServerTest, ShutdownTurnsHealthOffAndRefusesCalls) {
+  server_->Shutdown(std::chrono::milliseconds(1000));
+  auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+  grpc::Status health = client_->CheckHealth("da.v1.AttentionService", &serving);
+  EXPECT_TRUE(!health.ok() || serving != grpc::health::v1::HealthCheckResponse::SERVING);
+  v1::AttendResponse response;
+  grpc::Status status = client_->Attend(SmallRequest(), &response, testing::WithTimeout(5000));
+  EXPECT_FALSE(status.ok());
+}
+
+}  // namespace
+}  // namespace da::server

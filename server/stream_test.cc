@@ -1,0 +1,215 @@
+// AttendStream on the wire, driven by a raw stub so that malformed streams can be sent: the
+// header and block rules, and the shape of the answer (header, bounded output blocks, trailer).
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "client/stream_blocks.h"
+#include "da/v1/attention.grpc.pb.h"
+#include "server/server.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<v1::AttendStreamResponse> responses;
+};
+
+class StreamTest : public ::testing::Test {
+ protected:
+  void Start(const ServerOptions& options) {
+    server_ = testing::StartServer(options);
+    ASSERT_NE(server_, nullptr);
+    stub_ = v1::AttentionService::NewStub(testing::ChannelTo(server_->port()));
+  }
+  void SetUp() override {
+    Start(testing::LoopbackOptions());
+    std::mt19937 rng(std::random_device{}());
+    // fp32 [2, 40, 4, 16] with kv_heads 2, split into blocks of 8 tokens.
+    request_ = testing::RandomRequest({.batch = 2, .seq_len = 40, .kv_heads = 2}, rng);
+    ASSERT_TRUE(client::MakeStreamPlan(request_, 8, &plan_).ok());
+  }
+
+  // Sends messages, half-closes, and collects the answer.
+  StreamResult Run(const std::vector<v1::AttendStreamRequest>& messages) {
+    grpc::ClientContext context;
+    auto stream = stub_->AttendStream(&context);
+    for (const v1::AttendStreamRequest& message : messages) {
+      if (!stream->Write(message)) break;  // The server has already answered.
+    }
+    stream->WritesDone();
+    StreamResult result;
+    v1::AttendStreamResponse response;
+    while (stream->Read(&response)) result.responses.push_back(response);
+    result.status = stream->Finish();
+    return result;
+  }
+
+  v1::AttendStreamRequest Header() const {
+    v1::AttendStreamRequest message;
+    *message.mutable_header() = plan_.header;
+    return message;
+  }
+  v1::AttendStreamRequest Block(int64_t token_start) const {
+    v1::AttendStreamRequest message;
+    *message.mutable_block() = client::MakeTokenBlock(request_, plan_, token_start);
+    return message;
+  }
+
+  void ExpectInvalid(const std::vector<v1::AttendStreamRequest>& messages,
+                     const std::vector<std::string>& message_parts) {
+    const StreamResult result = Run(messages);
+    EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << result.status.error_message();
+    EXPECT_TRUE(result.responses.empty());
+    for (const std::string& part : message_parts) {
+      EXPECT_NE(result.status.error_message().find(part), std::string::npos)
+          << "'" << part << "' missing from: " << result.status.error_message();
+    }
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+  v1::AttendRequest request_;
+  client::StreamPlan plan_;
+};
+
+TEST_F(StreamTest, WellFormedStreamIsAnsweredWithHeaderBlocksAndTrailer) {
+  const StreamResult result = Run({Header(), Block(0), Block(8), Block(16), Block(24), Block(32)});
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  ASSERT_GE(result.responses.size(), 3u);
+  EXPECT_TRUE(result.responses.front().has_header());
+  EXPECT_TRUE(result.responses.back().has_trailer());
+  EXPECT_EQ(result.responses.back().trailer().info().backend(), "cpu");
+}
+
+TEST_F(StreamTest, BlockBeforeHeader) {
+  ExpectInvalid({Block(0), Header()}, {"block 0", "header"});
+}
+
+TEST_F(StreamTest, NoHeaderAtAll) { ExpectInvalid({}, {"header"}); }
+
+TEST_F(StreamTest, SecondHeader) {
+  ExpectInvalid({Header(), Block(0), Header()}, {"second header"});
+}
+
+TEST_F(StreamTest, BlockOutOfOrder) {
+  ExpectInvalid({Header(), Block(0), Block(16), Block(8)},
+                {"block 1 (tokens [16, 24))", "out of order", "[8, 16) are missing"});
+}
+
+TEST_F(StreamTest, BlockOverlapping) {
+  v1::AttendStreamRequest overlapping = Block(8);
+  overlapping.mutable_block()->set_token_start(4);
+  ExpectInvalid({Header(), Block(0), overlapping},
+                {"block 1 (tokens [4, 12))", "overlaps", "expected token_start 8"});
+}
+
+TEST_F(StreamTest, BlockRepeated) {
+  ExpectInvalid({Header(), Block(0), Block(0)}, {"block 1 (tokens [0, 8))", "overlaps"});
+}
+
+TEST_F(StreamTest, BlocksMissingAtTheEnd) {
+  ExpectInvalid({Header(), Block(0), Block(8)}, {"after 2 blocks", "[16, 40) missing"});
+}
+
+TEST_F(StreamTest, BlockPastSeqLen) {
+  v1::AttendStreamRequest last = Block(32);
+  last.mutable_block()->set_token_count(16);
+  ExpectInvalid({Header(), Block(0), Block(8), Block(16), Block(24), last},
+                {"block 4 (tokens [32, 48))", "seq_len 40"});
+}
+
+TEST_F(StreamTest, BlockWithWrongByteCount) {
+  v1::AttendStreamRequest bad = Block(8);
+  bad.mutable_block()->mutable_key()->resize(100);
+  // key: batch 2 x 8 tokens x 2 kv heads x 16 x 4 bytes = 2048.
+  ExpectInvalid({Header(), Block(0), bad},
+                {"block 1 (tokens [8, 16))", "key has 100 bytes", "2048"});
+}
+
+TEST_F(StreamTest, BlockWithZeroTokens) {
+  v1::AttendStreamRequest empty = Block(0);
+  empty.mutable_block()->set_token_count(0);
+  ExpectInvalid({Header(), empty}, {"block 0", "token_count is 0"});
+}
+
+TEST_F(StreamTest, EmptyMessage) {
+  ExpectInvalid({Header(), v1::AttendStreamRequest()}, {"neither a header nor a block"});
+}
+
+TEST_F(StreamTest, HeaderRules) {
+  struct HeaderCase {
+    std::function<void(v1::StreamHeader*)> break_header;
+    std::string message_part;
+  };
+  const std::vector<HeaderCase> cases = {
+      {[](v1::StreamHeader* h) { h->clear_dtype(); }, "header.dtype"},
+      {[](v1::StreamHeader* h) { h->set_seq_len(0); }, "seq_len is 0"},
+      {[](v1::StreamHeader* h) { h->set_batch(-1); }, "batch is -1"},
+      {[](v1::StreamHeader* h) { h->set_kv_heads(3); }, "heads is 3"},
+      {[](v1::StreamHeader* h) { h->mutable_spec()->clear_dilation_rates(); },
+       "spec.dilation_rates"},
+      {[](v1::StreamHeader* h) { h->mutable_spec()->set_dilation_rates(0, 0); },
+       "spec.dilation_rates[0]"},
+  };
+  for (const HeaderCase& c : cases) {
+    v1::AttendStreamRequest header = Header();
+    c.break_header(header.mutable_header());
+    ExpectInvalid({header, Block(0)}, {c.message_part});
+  }
+}
+
+TEST_F(StreamTest, HeaderAboveMaxRequestBytesIsRefusedBeforeAnyBlock) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_request_bytes = 1 << 20;
+  Start(options);
+  v1::AttendStreamRequest header = Header();
+  header.mutable_header()->set_seq_len(int64_t{1} << 40);  // Petabytes: never allocated.
+  const StreamResult result = Run({header});
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(result.status.error_message().find("1048576"), std::string::npos)
+      << result.status.error_message();
+}
+
+TEST_F(StreamTest, OutputBlocksStayWithinHalfTheMessageLimit) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_message_bytes = 64 << 10;
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  // Output 1 x 1000 x 4 x 16 fp32 = 256000 bytes: at least 8 blocks of at most 32 KiB.
+  request_ = testing::RandomRequest({.seq_len = 1000}, rng);
+  // Input blocks of 50 tokens: q + k + v = 38400 bytes, below the 64 KiB message limit.
+  ASSERT_TRUE(client::MakeStreamPlan(request_, 50, &plan_).ok());
+  std::vector<v1::AttendStreamRequest> messages = {Header()};
+  for (int64_t start = 0; start < 1000; start += 50) messages.push_back(Block(start));
+  const StreamResult result = Run(messages);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+
+  ASSERT_TRUE(result.responses.front().has_header());
+  EXPECT_EQ(result.responses.front().header().dtype(), v1::DTYPE_FP32);
+  EXPECT_EQ(result.responses.front().header().shape_size(), 4);
+  std::string output;
+  int64_t next_token = 0;
+  for (size_t i = 1; i + 1 < result.responses.size(); ++i) {
+    ASSERT_TRUE(result.responses[i].has_block()) << "message " << i;
+    const v1::OutputBlock& block = result.responses[i].block();
+    EXPECT_EQ(block.token_start(), next_token);
+    EXPECT_LE(block.output().size(), 32u << 10);
+    EXPECT_EQ(static_cast<int64_t>(block.output().size()), block.token_count() * 4 * 16 * 4);
+    next_token += block.token_count();
+    output += block.output();
+  }
+  EXPECT_EQ(next_token, 1000);
+  EXPECT_GE(result.responses.size(), 10u);
+  ASSERT_TRUE(result.responses.back().has_trailer());
+  EXPECT_TRUE(output == testing::InProcessOutput(request_, 2));
+}
+
+}  // namespace
+}  // namespace da::server

@@ -1,0 +1,194 @@
+#include "server/test_util.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include "engine/test_tensors.h"
+#include "server/conversion.h"
+
+namespace da::server::testing {
+namespace {
+
+v1::Tensor RandomProtoTensor(v1::DType dtype, engine::Shape4 shape, std::mt19937& rng) {
+  const engine::DType engine_dtype = DTypeFromProto(dtype, "dtype").value();
+  engine::testing::OwnedTensor owned = engine::testing::RandomTensor(engine_dtype, shape, rng);
+  v1::Tensor tensor;
+  tensor.set_dtype(dtype);
+  for (int64_t dim : {shape.batch, shape.seq_len, shape.heads, shape.head_dim}) {
+    tensor.add_shape(dim);
+  }
+  tensor.set_data(owned.bytes.data(), owned.bytes.size());
+  return tensor;
+}
+
+}  // namespace
+
+v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng) {
+  v1::AttendRequest request;
+  for (const auto& [segment_len, dilation] : config.patterns) {
+    request.mutable_spec()->add_segment_lengths(segment_len);
+    request.mutable_spec()->add_dilation_rates(dilation);
+  }
+  request.mutable_spec()->set_causal(config.causal);
+  request.mutable_spec()->set_combine_mode(config.mode);
+  const engine::Shape4 q_shape{config.batch, config.seq_len, config.heads, config.head_dim};
+  const engine::Shape4 kv_shape{config.batch, config.seq_len, config.kv_heads, config.head_dim};
+  *request.mutable_query() = RandomProtoTensor(config.dtype, q_shape, rng);
+  *request.mutable_key() = RandomProtoTensor(config.dtype, kv_shape, rng);
+  *request.mutable_value() = RandomProtoTensor(config.dtype, kv_shape, rng);
+  return request;
+}
+
+v1::AttendRequest LongRequest(int64_t seq_len, int64_t segment_len) {
+  std::mt19937 rng(std::random_device{}());
+  ProblemConfig config;
+  config.seq_len = seq_len;
+  config.heads = 8;
+  config.kv_heads = 8;
+  config.head_dim = 64;
+  config.patterns = {{segment_len, 1}};
+  return RandomRequest(config, rng);
+}
+
+std::string InProcessOutput(const v1::AttendRequest& request, int threads) {
+  absl::StatusOr<UnaryProblem> problem = ProblemFromRequest(request);
+  EXPECT_TRUE(problem.ok()) << problem.status();
+  if (!problem.ok()) return "";
+  engine::EngineOptions options;
+  options.threads = threads;
+  auto engine = engine::Engine::Create(options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  if (!engine.ok()) return "";
+  std::string out(static_cast<size_t>(problem->q.bytes), '\xff');
+  engine::RunRequest run;
+  run.q = problem->q;
+  run.k = problem->k;
+  run.v = problem->v;
+  run.spec = problem->spec;
+  run.out = {problem->q.dtype, problem->q.shape, out.data(), problem->q.bytes};
+  absl::StatusOr<engine::ExecutionInfo> info = (*engine)->Run(run);
+  EXPECT_TRUE(info.ok()) << info.status();
+  return out;
+}
+
+ServerOptions LoopbackOptions() {
+  ServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.metrics_address = "";
+  options.threads = 2;
+  return options;
+}
+
+std::unique_ptr<Server> StartServer(const ServerOptions& options) {
+  absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? *std::move(server) : nullptr;
+}
+
+std::shared_ptr<grpc::Channel> ChannelTo(int port) {
+  return client::MakeChannel("127.0.0.1:" + std::to_string(port));
+}
+
+client::CallOptions WithTimeout(int64_t timeout_ms) {
+  client::CallOptions options;
+  options.timeout_ms = timeout_ms;
+  return options;
+}
+
+bool WaitFor(const std::function<bool()>& predicate, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!predicate()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return true;
+}
+
+std::optional<std::string> HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return std::nullopt;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return std::nullopt;
+  }
+  // HTTP/1.0: the server closes the connection after the answer, which ends the read loop.
+  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+  if (send(fd, request.data(), request.size(), 0) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return std::nullopt;
+  }
+  std::string answer;
+  char buffer[16384];
+  for (ssize_t n; (n = recv(fd, buffer, sizeof(buffer), 0)) > 0;) answer.append(buffer, n);
+  close(fd);
+  const size_t body = answer.find("\r\n\r\n");
+  if (answer.rfind("HTTP/1.", 0) != 0 || answer.find(" 200 ") == std::string::npos ||
+      body == std::string::npos) {
+    return std::nullopt;
+  }
+  return answer.substr(body + 4);
+}
+
+std::unique_ptr<ChildProcess> ChildProcess::Spawn(const std::string& binary,
+                                                  const std::vector<std::string>& args) {
+  // argv is built before fork: the child of a multithreaded parent may only exec.
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(binary.c_str()));
+  for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    execv(binary.c_str(), argv.data());
+    _exit(127);
+  }
+  EXPECT_GT(pid, 0) << "fork failed";
+  return pid > 0 ? std::unique_ptr<ChildProcess>(new ChildProcess(pid)) : nullptr;
+}
+
+ChildProcess::~ChildProcess() {
+  if (exited_) return;
+  kill(pid_, SIGKILL);
+  waitpid(pid_, nullptr, 0);
+}
+
+std::optional<int> ChildProcess::WaitForExit(std::chrono::milliseconds timeout) {
+  int status = 0;
+  const bool done = WaitFor([&] { return waitpid(pid_, &status, WNOHANG) == pid_; }, timeout);
+  if (!done) return std::nullopt;
+  exited_ = true;
+  return status;
+}
+
+int ReadPortFile(const std::string& path, std::chrono::milliseconds timeout) {
+  int port = 0;
+  WaitFor(
+      [&] {
+        std::ifstream in(path);
+        return static_cast<bool>(in >> port) && port > 0;
+      },
+      timeout);
+  return port;
+}
+
+std::string MakeTempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string pattern = std::string(base != nullptr ? base : "/tmp") + "/da-server-test-XXXXXX";
+  const char* made = mkdtemp(pattern.data());
+  EXPECT_NE(made, nullptr) << "mkdtemp " << pattern;
+  return pattern;
+}
+
+}  // namespace da::server::testing

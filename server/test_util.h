@@ -1,0 +1,87 @@
+// Helpers for the server tests: random AttendRequests, the in-process engine's answer to them, an
+// in-process server on a loopback port, a spawned da-server process, and a tiny HTTP GET.
+// Test-only; not part of da_server.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "client/attention_client.h"
+#include "da/v1/attention.pb.h"
+#include "engine/engine.h"
+#include "server/server.h"
+
+namespace da::server::testing {
+
+// What a random request looks like.
+struct ProblemConfig {
+  int64_t batch = 1;
+  int64_t seq_len = 64;
+  int64_t heads = 4;
+  int64_t kv_heads = 4;
+  int64_t head_dim = 16;
+  std::vector<std::pair<int64_t, int64_t>> patterns = {{16, 1}, {32, 2}};  // (w, r)
+  bool causal = false;
+  v1::CombineMode mode = v1::COMBINE_MODE_LONGNET;
+  v1::DType dtype = v1::DTYPE_FP32;
+};
+
+// A well-formed request with fresh random q, k, v in [-1, 1).
+v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng);
+
+// fp32 [1, seq_len, 8, 64] with one pattern (segment_len, 1): compute grows with
+// seq_len * segment_len, and the engine's tasks (hence its cancellation latency) with segment_len.
+v1::AttendRequest LongRequest(int64_t seq_len, int64_t segment_len);
+
+// The output bytes engine::Engine::Run (CPU backend, `threads` threads) gives for request.
+std::string InProcessOutput(const v1::AttendRequest& request, int threads);
+
+// ServerOptions for tests: 127.0.0.1:0, no metrics, 2 compute threads.
+ServerOptions LoopbackOptions();
+
+// Starts an in-process server (fails the test and returns null on error).
+std::unique_ptr<Server> StartServer(const ServerOptions& options);
+
+std::shared_ptr<grpc::Channel> ChannelTo(int port);
+
+// Call options with only a deadline.
+client::CallOptions WithTimeout(int64_t timeout_ms);
+
+// Polls predicate every few milliseconds until it holds or timeout passes; returns its last value.
+bool WaitFor(const std::function<bool()>& predicate, std::chrono::milliseconds timeout);
+
+// The body of GET http://127.0.0.1:port/path, or nullopt when the request fails.
+std::optional<std::string> HttpGet(int port, const std::string& path);
+
+// A child process running a binary; killed (SIGKILL) on destruction if still running.
+class ChildProcess {
+ public:
+  static std::unique_ptr<ChildProcess> Spawn(const std::string& binary,
+                                             const std::vector<std::string>& args);
+  ~ChildProcess();
+
+  pid_t pid() const { return pid_; }
+  // Waits up to timeout for the exit; the raw wait status, or nullopt if still running.
+  std::optional<int> WaitForExit(std::chrono::milliseconds timeout);
+
+ private:
+  explicit ChildProcess(pid_t pid) : pid_(pid) {}
+  pid_t pid_;
+  bool exited_ = false;
+};
+
+// The integer in a file that --port-file wrote, polled for until timeout; 0 on timeout.
+int ReadPortFile(const std::string& path, std::chrono::milliseconds timeout);
+
+// A fresh empty directory under TMPDIR for one test.
+std::string MakeTempDir();
+
+}  // namespace da::server::testing
