@@ -2,7 +2,10 @@
 // problem checked on sampled rows. Runs once per instruction set (DA_CPU_ISA, see CMakeLists).
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <thread>
 #include <random>
 
 #include "engine/cpu/attention_kernel.h"
@@ -169,6 +172,35 @@ TEST_F(CpuKernelTest, LargeProblemOnSampledRows) {
       ASSERT_NEAR(got, ref[d], 1e-5 + 1e-4 * std::fabs(ref[d])) << "row " << n << " head " << h;
     }
   }
+}
+
+TEST_F(CpuKernelTest, CancellationStopsInsideOneLongSegment) {
+  // One segment of 32768 kept rows is minutes of work on the portable path and seconds on AVX-512;
+  // the kernel checks the flag per panel, so a cancel takes effect within milliseconds.
+  std::mt19937 rng(13);
+  const Shape4 shape{1, 32768, 1, 64};
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
+  OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
+  const AttentionSpec spec = OneSegment(32768, false);
+  std::atomic<bool> cancelled{false};
+  ThreadPool pool(2);
+  absl::Status status;
+  std::atomic<bool> done{false};
+  std::thread runner([&] {
+    status = CpuBackend().Run(q.view(), q.view(), q.view(), spec, out.mutable_view(),
+                              {&pool, &cancelled});
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));  // Let the run get going.
+  ASSERT_FALSE(done.load()) << "the run finished before it could be cancelled";
+  const auto cancel_time = std::chrono::steady_clock::now();
+  cancelled = true;
+  runner.join();
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
+                                                              cancel_time)
+                        .count();
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(ms, 250.0) << "cancel took " << ms << " ms";
 }
 
 // bf16 products: the same boundaries and head dims, held to the bf16 error bound.

@@ -10,6 +10,7 @@
 // use to run every path the machine can.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -41,6 +42,9 @@ struct SegmentKernelArgs {
   float* scratch = nullptr;   // KernelScratchFloats(dim_pad) floats, 64-byte aligned.
   // bf16 kernel only: KernelBf16ScratchFloats(...) floats for the bf16 copies of q, kt, v and P.
   float* bf16_scratch = nullptr;
+  // Checked before every panel of queries; when it turns true the kernel returns early and its
+  // outputs are undefined (the caller reports CANCELLED).
+  const std::atomic<bool>* cancelled = nullptr;
 };
 
 int64_t KernelScratchFloats(int64_t dim_pad);

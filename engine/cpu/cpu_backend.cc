@@ -214,6 +214,7 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     args.out = ts.out.data();
     args.lse = ts.lse.data();
     args.scratch = ts.scratch.data();
+    args.cancelled = context.cancelled;
     if (bf16) {
       args.bf16_scratch = ts.bf16.data();
       cpu::RunSegmentKernelBf16(args);
@@ -221,6 +222,7 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
       cpu::RunSegmentKernel(isa_, args);
     }
 
+    if (cancelled()) return;  // The kernel may have stopped early: its rows are not valid.
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
       const int64_t row = (task.batch * seq_len + n) * heads + task.head;
