@@ -8,7 +8,7 @@ CMAKE_FLAGS ?=
 SERVE_ARGS ?=
 DEPS_STAMP := $(BUILD_DIR)/.deps-installed
 
-.PHONY: all deps configure build build-nocuda serve test clean
+.PHONY: all deps configure build build-nocuda sanitize serve test clean
 
 all: build
 
@@ -36,8 +36,25 @@ build-nocuda: $(DEPS_STAMP)
 	  -DDA_BUILD_SERVER=OFF -DDA_BUILD_TESTS=OFF
 	cmake --build $(NOCUDA_DIR) -j $(JOBS) --target da_engine
 
-test: build build-nocuda
+# Small kernel and reference cases under AddressSanitizer and UndefinedBehaviorSanitizer, on every
+# instruction-set path this CPU has.
+SANITIZE_DIR ?= build-sanitize
+SANITIZE_FILTER := CpuKernelTest.KeptCounts*:CpuKernelTest.HeadDims*:CpuKernelBf16Test.*:CpuBackendTest.*
+sanitize: $(DEPS_STAMP)
+	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
+	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=address,undefined
+	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target cpu_kernel_test cpu_backend_test \
+	  reference_backend_test
+	$(SANITIZE_DIR)/bin/reference_backend_test --gtest_brief=1
+	for isa in avx512 avx2 portable; do \
+	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_kernel_test --gtest_brief=1 \
+	    --gtest_filter='$(SANITIZE_FILTER)' || exit 1; \
+	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_backend_test --gtest_brief=1 \
+	    --gtest_filter='CpuBackendTest.*:*N64_set1_H8kv2_causal_*' || exit 1; \
+	done
+
+test: build build-nocuda sanitize
 	cd $(BUILD_DIR) && ctest -j $(JOBS) --output-on-failure --timeout 600
 
 clean:
-	rm -rf $(BUILD_DIR) $(NOCUDA_DIR)
+	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR)
