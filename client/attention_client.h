@@ -11,11 +11,11 @@
 // between the two with one flag. Thread safety: one client may be used from many threads.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "da/v1/attention.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -24,7 +24,9 @@ namespace da::client {
 
 struct CallOptions {
   int64_t timeout_ms = 0;  // 0: no deadline.
-  std::string request_id;  // Sent as x-request-id metadata when set.
+  // Sent as x-request-id metadata when set. The "= {}" keeps -Wextra quiet about designated
+  // initializers such as {.timeout_ms = 5000} that leave it out.
+  std::string request_id = {};
 };
 
 struct StreamOptions {

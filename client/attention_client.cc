@@ -1,0 +1,137 @@
+#include "client/attention_client.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <thread>
+
+#include "client/stream_blocks.h"
+
+namespace da::client {
+namespace {
+
+// Deadline and request id. wait_for_ready stays false: with nothing listening a call fails with
+// UNAVAILABLE at once instead of waiting for the server to appear.
+void ConfigureContext(const CallOptions& options, const std::string& request_id,
+                      grpc::ClientContext* context) {
+  if (options.timeout_ms > 0) {
+    context->set_deadline(std::chrono::system_clock::now() +
+                          std::chrono::milliseconds(options.timeout_ms));
+  }
+  const std::string& id = options.request_id.empty() ? request_id : options.request_id;
+  if (!id.empty()) context->AddMetadata("x-request-id", id);
+}
+
+}  // namespace
+
+grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes) {
+  // gRPC takes an int; anything larger means "as large as possible".
+  const int bytes = static_cast<int>(std::clamp<int64_t>(max_message_bytes, 0, INT_MAX));
+  grpc::ChannelArguments arguments;
+  arguments.SetMaxReceiveMessageSize(bytes);
+  arguments.SetMaxSendMessageSize(bytes);
+  return arguments;
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, int64_t max_message_bytes) {
+  return grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(),
+                                   DefaultChannelArguments(max_message_bytes));
+}
+
+grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms) {
+  const auto deadline = std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+  grpc_connectivity_state state = channel.GetState(/*try_to_connect=*/true);
+  while (state != GRPC_CHANNEL_READY) {
+    if (state == GRPC_CHANNEL_TRANSIENT_FAILURE || state == GRPC_CHANNEL_SHUTDOWN) {
+      return grpc::Status::OK;
+    }
+    if (!channel.WaitForStateChange(state, deadline)) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                          "no connection within " + std::to_string(timeout_ms) + " ms");
+    }
+    state = channel.GetState(/*try_to_connect=*/true);
+  }
+  return grpc::Status::OK;
+}
+
+AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)),
+      stub_(v1::AttentionService::NewStub(channel_)),
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
+                                     const CallOptions& options) {
+  grpc::ClientContext context;
+  ConfigureContext(options, request.request_id(), &context);
+  return stub_->Attend(&context, request, response);
+}
+
+grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
+                                           v1::AttendResponse* response, const CallOptions& options,
+                                           const StreamOptions& stream_options) {
+  StreamPlan plan;
+  if (grpc::Status status = MakeStreamPlan(request, stream_options.block_tokens, &plan);
+      !status.ok()) {
+    return status;
+  }
+  if (plan.header.request_id().empty()) plan.header.set_request_id(options.request_id);
+
+  grpc::ClientContext context;
+  ConfigureContext(options, request.request_id(), &context);
+  auto stream = stub_->AttendStream(&context);
+
+  // Write on a thread of its own while this one reads: a server that answers blocks as they
+  // arrive could otherwise fill both flow-control windows and leave both sides waiting.
+  std::thread writer([&] {
+    v1::AttendStreamRequest message;
+    *message.mutable_header() = plan.header;
+    if (!stream->Write(message)) return;  // The call is over; Finish() says why.
+    for (int64_t i = 0; i < plan.block_count; ++i) {
+      *message.mutable_block() = MakeTokenBlock(request, plan, i * plan.block_tokens);
+      if (!stream->Write(message)) return;
+    }
+    stream->WritesDone();
+  });
+
+  OutputAssembler assembler(plan.header);
+  grpc::Status answer_status;
+  v1::AttendStreamResponse message;
+  while (stream->Read(&message)) {
+    answer_status = assembler.Add(message);
+    if (!answer_status.ok()) {
+      // A malformed answer: stop the call and drain so that Finish() returns promptly.
+      context.TryCancel();
+      while (stream->Read(&message)) {
+      }
+      break;
+    }
+  }
+  writer.join();
+  const grpc::Status call_status = stream->Finish();
+  if (!answer_status.ok()) return answer_status;
+  if (!call_status.ok()) return call_status;
+  return assembler.Finish(response);
+}
+
+grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,
+                                            const CallOptions& options) {
+  grpc::ClientContext context;
+  ConfigureContext(options, "", &context);
+  return stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), response);
+}
+
+grpc::Status AttentionClient::CheckHealth(
+    const std::string& service, grpc::health::v1::HealthCheckResponse::ServingStatus* status,
+    const CallOptions& options) {
+  grpc::ClientContext context;
+  ConfigureContext(options, "", &context);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::Status call_status = health_stub_->Check(&context, request, &response);
+  if (call_status.ok()) *status = response.status();
+  return call_status;
+}
+
+}  // namespace da::client

@@ -1,0 +1,138 @@
+#include "client/attention_client.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <chrono>
+
+#include "client/echo_server_test_util.h"
+#include "client/tensor_io.h"
+
+namespace da::client {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+v1::AttendRequest RandomRequest(v1::DType dtype, int64_t batch, int64_t seq_len, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim) {
+  v1::AttendRequest request;
+  request.mutable_spec()->add_segment_lengths(64);
+  request.mutable_spec()->add_dilation_rates(1);
+  *request.mutable_query() = RandomTensor(dtype, {batch, seq_len, heads, head_dim}, 1, 0);
+  *request.mutable_key() = RandomTensor(dtype, {batch, seq_len, kv_heads, head_dim}, 1, 1);
+  *request.mutable_value() = RandomTensor(dtype, {batch, seq_len, kv_heads, head_dim}, 1, 2);
+  return request;
+}
+
+class AttentionClientTest : public testing::Test {
+ protected:
+  EchoServer server_;
+  AttentionClient client_{MakeChannel(server_.address())};
+};
+
+TEST_F(AttentionClientTest, AttendSendsRequestIdAndReceivesMoreThanFourMebibytes) {
+  // 8 MiB of output: above gRPC's default 4 MiB receive limit, so MakeChannel's limit matters.
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 4096, 8, 8, 64);
+  v1::AttendResponse response;
+  const grpc::Status status = client_.Attend(request, &response, {.request_id = "abc"});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().data(), request.query().data());
+  EXPECT_EQ(response.info().request_id(), "abc");
+}
+
+TEST_F(AttentionClientTest, AttendStreamGathersAndScattersEveryBatchElement) {
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP16, 3, 1000, 2, 1, 8);
+  request.set_request_id("stream-1");
+  v1::AttendResponse response;
+  const grpc::Status status =
+      client_.AttendStream(request, &response, {.timeout_ms = 20000}, {.block_tokens = 7});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().dtype(), v1::DTYPE_FP16);
+  EXPECT_THAT(response.output().shape(), ElementsAre(3, 1000, 2, 8));
+  EXPECT_EQ(response.output().data(), request.query().data());
+  EXPECT_EQ(response.info().request_id(), "stream-1");
+  EXPECT_EQ(response.info().backend(), "echo");
+}
+
+TEST_F(AttentionClientTest, AttendStreamMatchesUnaryWithDefaultBlocks) {
+  // 48 MiB of q, k, v in blocks of about 4 MiB, answered block by block while still being sent.
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 2, 4096, 8, 8, 64);
+  v1::AttendResponse unary, streamed;
+  ASSERT_TRUE(client_.Attend(request, &unary).ok());
+  const grpc::Status status = client_.AttendStream(request, &streamed);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(streamed.output().data(), unary.output().data());
+  EXPECT_EQ(streamed.output().dtype(), unary.output().dtype());
+  EXPECT_THAT(streamed.output().shape(), ElementsAre(2, 4096, 8, 64));
+}
+
+TEST_F(AttentionClientTest, MalformedStreamAnswerIsInternalNamingTheBlock) {
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 300, 2, 2, 8);
+  request.set_request_id("bad-block");
+  v1::AttendResponse response;
+  const grpc::Status status =
+      client_.AttendStream(request, &response, {.timeout_ms = 20000}, {.block_tokens = 10});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(status.error_message(), HasSubstr("output block 0 starts at token 1, expected 0"));
+}
+
+TEST_F(AttentionClientTest, DeadlinesEndUnaryAndStreamedCalls) {
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  request.set_request_id("wait");
+  for (bool stream : {false, true}) {
+    SCOPED_TRACE(stream ? "stream" : "unary");
+    v1::AttendResponse response;
+    const auto start = std::chrono::steady_clock::now();
+    const grpc::Status status = stream
+                                    ? client_.AttendStream(request, &response, {.timeout_ms = 200})
+                                    : client_.Attend(request, &response, {.timeout_ms = 200});
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  }
+}
+
+TEST_F(AttentionClientTest, AttendStreamRejectsAnUnsplittableRequestLocally) {
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  request.mutable_value()->mutable_data()->resize(3);
+  v1::AttendResponse response;
+  const grpc::Status status = client_.AttendStream(request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("value: shape [1, 64, 2, 8]"));
+}
+
+TEST_F(AttentionClientTest, GetsServerInfoAndHealth) {
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client_.GetServerInfo(&info, {.timeout_ms = 5000}).ok());
+  EXPECT_EQ(info.version(), "echo-1");
+  EXPECT_EQ(info.devices(0).id(), "cpu:0");
+
+  grpc::health::v1::HealthCheckResponse::ServingStatus serving{};
+  ASSERT_TRUE(client_.CheckHealth("", &serving).ok());
+  EXPECT_EQ(serving, grpc::health::v1::HealthCheckResponse::SERVING);
+  ASSERT_TRUE(client_.CheckHealth("da.v1.AttentionService", &serving).ok());
+  EXPECT_EQ(serving, grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(client_.CheckHealth("nope", &serving).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST(AttentionClientUnreachableTest, FailsFastWithUnavailable) {
+  std::shared_ptr<grpc::Channel> channel = MakeChannel("127.0.0.1:1");
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(WaitForConnection(*channel, 10000).ok());  // Refused: returns without waiting.
+  AttentionClient client(channel);
+  v1::AttendResponse response;
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 16, 1, 1, 4);
+  EXPECT_EQ(client.Attend(request, &response).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(client.AttendStream(request, &response).error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+TEST(AttentionClientConnectTest, WaitForConnectionReachesARunningServer) {
+  EchoServer server;
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(server.address());
+  EXPECT_TRUE(WaitForConnection(*channel, 10000).ok());
+  EXPECT_EQ(channel->GetState(false), GRPC_CHANNEL_READY);
+}
+
+}  // namespace
+}  // namespace da::client

@@ -1,0 +1,77 @@
+// Flags of da-client's subcommands and their conversion into request fields. Only the CLI uses
+// this. Checks return InvalidArgument with a message that names the flag and the value, e.g.
+// "--segments: 'x' is not an integer".
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "da/v1/attention.pb.h"
+
+namespace da::client {
+
+// Flags every subcommand that talks to the server has.
+struct CallFlags {
+  std::string server = "localhost:50051";
+  int64_t timeout_ms = 0;  // 0: none for attend and random; a 10 s default for info and health.
+  bool json = false;
+  // attend and random only.
+  bool stream = false;
+  int64_t block_tokens = 0;
+  std::string request_id;
+
+  absl::Status Check() const;
+};
+
+// The attention spec, as typed.
+struct SpecFlags {
+  std::string segments;   // "2048,4096"
+  std::string dilations;  // "1,2"
+  bool causal = false;
+  std::string mode = "longnet";
+  double scale = 0;  // Used only when has_scale.
+  bool has_scale = false;
+  std::string precision = "auto";
+};
+
+struct AttendFlags {
+  CallFlags call;
+  SpecFlags spec;
+  std::string q_path, k_path, v_path, out_path;
+};
+
+struct RandomFlags {
+  CallFlags call;
+  SpecFlags spec;
+  int64_t batch = 1;
+  int64_t seq_len = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;  // 0: equal to heads.
+  int64_t head_dim = 0;
+  std::string dtype = "fp32";
+  int64_t repeat = 1;
+  int64_t seed = 0;
+
+  absl::Status Check() const;  // Also checks call flags and the dtype name.
+};
+
+// attend: true adds --stream, --block-tokens and --request-id.
+void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend);
+CLI::App* AddAttendCommand(CLI::App& app, AttendFlags* flags);
+CLI::App* AddRandomCommand(CLI::App& app, RandomFlags* flags);
+
+// "2048,4096" -> {2048, 4096}; flag names the list in errors.
+absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text, const char* flag);
+absl::StatusOr<v1::AttentionSpec> BuildSpec(const SpecFlags& flags);
+absl::StatusOr<v1::DType> ParseDType(const std::string& name);  // "fp32", "fp16", "bf16".
+
+struct LatencySummary {
+  double mean_ms = 0, min_ms = 0, median_ms = 0, max_ms = 0;
+};
+LatencySummary Summarize(std::vector<double> latencies_ms);
+
+}  // namespace da::client

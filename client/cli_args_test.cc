@@ -1,0 +1,113 @@
+#include "client/cli_args.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace da::client {
+namespace {
+
+using ::testing::ElementsAre;
+
+std::string ErrorOf(const absl::Status& status) {
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+  return std::string(status.message());
+}
+
+SpecFlags Spec(std::string segments, std::string dilations) {
+  SpecFlags flags;
+  flags.segments = std::move(segments);
+  flags.dilations = std::move(dilations);
+  return flags;
+}
+
+TEST(CliArgsTest, ParsesIntegerLists) {
+  absl::StatusOr<std::vector<int64_t>> values = ParseIntList("2048, 4096,8", "--segments");
+  ASSERT_TRUE(values.ok()) << values.status();
+  EXPECT_THAT(*values, ElementsAre(2048, 4096, 8));
+  EXPECT_EQ(ErrorOf(ParseIntList("2048,x", "--segments").status()),
+            "--segments: 'x' is not an integer");
+  EXPECT_EQ(ErrorOf(ParseIntList("", "--segments").status()), "--segments: '' is not an integer");
+  EXPECT_EQ(ErrorOf(ParseIntList("4,0", "--dilations").status()),
+            "--dilations: values must be >= 1, got 0");
+  EXPECT_EQ(ErrorOf(ParseIntList("99999999999999999999", "--segments").status()),
+            "--segments: '99999999999999999999' is not an integer");
+}
+
+TEST(CliArgsTest, BuildsSpecFromFlags) {
+  SpecFlags flags = Spec("2048,4096", "1,2");
+  flags.causal = true;
+  flags.mode = "grouped";
+  flags.has_scale = true;
+  flags.scale = 0.125;
+  flags.precision = "bf16";
+  absl::StatusOr<v1::AttentionSpec> spec = BuildSpec(flags);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_THAT(spec->segment_lengths(), ElementsAre(2048, 4096));
+  EXPECT_THAT(spec->dilation_rates(), ElementsAre(1, 2));
+  EXPECT_TRUE(spec->causal());
+  EXPECT_EQ(spec->combine_mode(), v1::COMBINE_MODE_GROUPED);
+  ASSERT_TRUE(spec->has_softmax_scale());
+  EXPECT_EQ(spec->softmax_scale(), 0.125);
+  EXPECT_EQ(spec->precision(), v1::PRECISION_BF16);
+
+  spec = BuildSpec(Spec("16", "1"));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->combine_mode(), v1::COMBINE_MODE_LONGNET);
+  EXPECT_FALSE(spec->has_softmax_scale());
+  EXPECT_EQ(spec->precision(), v1::PRECISION_AUTO);
+}
+
+TEST(CliArgsTest, RejectsBadSpecFlags) {
+  EXPECT_EQ(ErrorOf(BuildSpec(Spec("16,32", "1")).status()),
+            "--segments has 2 values but --dilations has 1; give one dilation per segment length");
+  SpecFlags flags = Spec("16", "1");
+  flags.mode = "dense";
+  EXPECT_EQ(ErrorOf(BuildSpec(flags).status()), "--mode: 'dense' is not longnet or grouped");
+  flags = Spec("16", "1");
+  flags.precision = "int8";
+  EXPECT_EQ(ErrorOf(BuildSpec(flags).status()),
+            "--precision: 'int8' is not auto, fp32, bf16, fp16 or fp8");
+  flags = Spec("16", "1");
+  flags.has_scale = true;
+  flags.scale = -1;
+  EXPECT_EQ(ErrorOf(BuildSpec(flags).status()), "--scale must be a positive finite number, got -1");
+}
+
+TEST(CliArgsTest, ParsesDtypes) {
+  EXPECT_EQ(*ParseDType("fp32"), v1::DTYPE_FP32);
+  EXPECT_EQ(*ParseDType("fp16"), v1::DTYPE_FP16);
+  EXPECT_EQ(*ParseDType("bf16"), v1::DTYPE_BF16);
+  EXPECT_EQ(ErrorOf(ParseDType("fp64").status()), "--dtype: 'fp64' is not fp32, fp16 or bf16");
+}
+
+TEST(CliArgsTest, ChecksRandomFlags) {
+  RandomFlags flags;
+  flags.seq_len = 128;
+  flags.heads = 4;
+  flags.head_dim = 16;
+  EXPECT_TRUE(flags.Check().ok());
+  flags.heads = 0;
+  EXPECT_EQ(ErrorOf(flags.Check()), "--heads must be >= 1, got 0");
+  flags.heads = 4;
+  flags.repeat = 0;
+  EXPECT_EQ(ErrorOf(flags.Check()), "--repeat must be >= 1, got 0");
+  flags.repeat = 1;
+  flags.call.timeout_ms = -5;
+  EXPECT_EQ(ErrorOf(flags.Check()), "--timeout-ms must be >= 0, got -5");
+  flags.call.timeout_ms = 0;
+  flags.seq_len = int64_t{1} << 40;
+  flags.head_dim = int64_t{1} << 20;
+  EXPECT_THAT(ErrorOf(flags.Check()), testing::HasSubstr("is too large"));
+}
+
+TEST(CliArgsTest, SummarizesLatencies) {
+  const LatencySummary summary = Summarize({4, 1, 3, 2});
+  EXPECT_EQ(summary.min_ms, 1);
+  EXPECT_EQ(summary.max_ms, 4);
+  EXPECT_EQ(summary.median_ms, 2.5);
+  EXPECT_EQ(summary.mean_ms, 2.5);
+  EXPECT_EQ(Summarize({7}).median_ms, 7);
+}
+
+}  // namespace
+}  // namespace da::client

@@ -1,0 +1,114 @@
+#include "client/echo_server_test_util.h"
+
+#include <chrono>
+#include <thread>
+
+#include "da/v1/attention.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace da::client {
+namespace {
+
+std::string RequestId(const grpc::ServerContext& context) {
+  auto it = context.client_metadata().find("x-request-id");
+  if (it == context.client_metadata().end()) return "";
+  return std::string(it->second.data(), it->second.size());
+}
+
+// Holds the call until the client gives up (deadline or cancellation), at most 10 s.
+grpc::Status WaitForClientToGiveUp(grpc::ServerContext* context) {
+  const auto limit = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!context->IsCancelled() && std::chrono::steady_clock::now() < limit) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client gave up");
+}
+
+}  // namespace
+
+class EchoServer::AttentionService final : public v1::AttentionService::Service {
+  grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
+                      v1::AttendResponse* response) override {
+    if (RequestId(*context) == "wait") return WaitForClientToGiveUp(context);
+    *response->mutable_output() = request->query();
+    response->mutable_info()->set_request_id(RequestId(*context));
+    response->mutable_info()->set_backend("echo");
+    return grpc::Status::OK;
+  }
+
+  grpc::Status AttendStream(grpc::ServerContext* context,
+                            grpc::ServerReaderWriter<v1::AttendStreamResponse,
+                                                     v1::AttendStreamRequest>* stream) override {
+    v1::AttendStreamRequest request;
+    if (!stream->Read(&request) || !request.has_header()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "expected a header first");
+    }
+    const v1::StreamHeader header = request.header();
+    if (header.request_id() == "wait") return WaitForClientToGiveUp(context);
+    v1::AttendStreamResponse response;
+    response.mutable_header()->set_request_id(header.request_id());
+    response.mutable_header()->set_dtype(header.dtype());
+    for (int64_t dim : {header.batch(), header.seq_len(), header.heads(), header.head_dim()}) {
+      response.mutable_header()->add_shape(dim);
+    }
+    stream->Write(response);
+    while (stream->Read(&request)) {
+      if (!request.has_block()) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "expected token blocks");
+      }
+      v1::OutputBlock& block = *response.mutable_block();
+      block.set_token_start(request.block().token_start() +
+                            (header.request_id() == "bad-block" ? 1 : 0));
+      block.set_token_count(request.block().token_count());
+      *block.mutable_output() = std::move(*request.mutable_block()->mutable_query());
+      stream->Write(response);
+    }
+    response.mutable_trailer()->mutable_info()->set_request_id(RequestId(*context));
+    response.mutable_trailer()->mutable_info()->set_backend("echo");
+    stream->Write(response);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
+                             v1::GetServerInfoResponse* response) override {
+    response->set_version("echo-1");
+    v1::DeviceInfo* device = response->add_devices();
+    device->set_id("cpu:0");
+    device->set_kind("cpu");
+    device->add_precisions(v1::PRECISION_FP32);
+    return grpc::Status::OK;
+  }
+};
+
+class EchoServer::HealthService final : public grpc::health::v1::Health::Service {
+  grpc::Status Check(grpc::ServerContext*, const grpc::health::v1::HealthCheckRequest* request,
+                     grpc::health::v1::HealthCheckResponse* response) override {
+    if (request->service().empty()) {
+      response->set_status(grpc::health::v1::HealthCheckResponse::SERVING);
+    } else if (request->service() == "da.v1.AttentionService") {
+      response->set_status(grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+    } else {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown service " + request->service());
+    }
+    return grpc::Status::OK;
+  }
+};
+
+EchoServer::EchoServer()
+    : attention_(std::make_unique<AttentionService>()), health_(std::make_unique<HealthService>()) {
+  int port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(1 << 30);
+  builder.SetMaxSendMessageSize(1 << 30);
+  builder.RegisterService(attention_.get());
+  builder.RegisterService(health_.get());
+  server_ = builder.BuildAndStart();
+  address_ = "127.0.0.1:" + std::to_string(port);
+}
+
+EchoServer::~EchoServer() {
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+}
+
+}  // namespace da::client

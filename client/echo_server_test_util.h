@@ -1,0 +1,36 @@
+// A stand-in da.v1.AttentionService for the client's tests: it answers with the query as the
+// output ("echo"), so the tests check framing, block order, batch gather/scatter, metadata and
+// deadlines without an engine. Streams are answered block by block as they arrive, like a
+// pipelined server. Runs on a loopback port chosen by the system.
+//
+//   EchoServer server;
+//   AttentionClient client(MakeChannel(server.address()));
+//
+// Request ids steer misbehaviour: "bad-block" answers with a block at the wrong token, "wait"
+// holds the call until the client's deadline or cancellation (at most 10 s).
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+namespace da::client {
+
+class EchoServer {
+ public:
+  EchoServer();
+  ~EchoServer();
+
+  const std::string& address() const { return address_; }  // "127.0.0.1:PORT".
+
+ private:
+  class AttentionService;
+  class HealthService;
+  std::unique_ptr<AttentionService> attention_;
+  std::unique_ptr<HealthService> health_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+};
+
+}  // namespace da::client

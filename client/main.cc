@@ -1,0 +1,308 @@
+// da-client: the command-line client of da-server.
+//
+//   da-client attend --q q.npy --k k.npy --v v.npy --segments 2048,4096 --dilations 1,2 --out o.npy
+//   da-client random --seq-len 65536 --heads 8 --head-dim 64 --segments 2048 --dilations 1 --json
+//   da-client info
+//   da-client health --service da.v1.AttentionService
+//
+// Every failure is one line on stderr and a non-zero exit: 2 for bad flags, 1 for anything else
+// (files, the server, a health status other than SERVING).
+#include <grpc/support/log.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/attention_client.h"
+#include "client/cli_args.h"
+#include "client/cli_format.h"
+#include "client/tensor_io.h"
+
+namespace da::client {
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+// Bounds the wait for a connection (the call's own timeout may be larger or absent), and the
+// whole call for info and health when --timeout-ms is not given.
+constexpr int64_t kConnectTimeoutMs = 10000;
+
+std::string OneLine(std::string text) {
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  return text;
+}
+
+int Fail(absl::string_view message, int exit_code = kExitFailure) {
+  std::cerr << "da-client: error: " << OneLine(std::string(message)) << std::endl;
+  return exit_code;
+}
+
+int FailRpc(const grpc::Status& status, const std::string& server) {
+  std::cerr << "da-client: " << StatusCodeName(status.error_code()) << ": "
+            << OneLine(status.error_message()) << " (server " << server << ")" << std::endl;
+  return kExitFailure;
+}
+
+double MillisecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
+}
+
+// A connected client, or the status that says why not.
+grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* client) {
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(flags.server);
+  const int64_t connect_ms =
+      flags.timeout_ms > 0 ? std::min(flags.timeout_ms, kConnectTimeoutMs) : kConnectTimeoutMs;
+  grpc::Status status = WaitForConnection(*channel, connect_ms);
+  if (status.ok()) *client = std::make_unique<AttentionClient>(channel);
+  return status;
+}
+
+// info and health are quick: without --timeout-ms they get the connect bound as their deadline.
+CallOptions QueryOptions(const CallFlags& flags) {
+  CallOptions options;
+  options.timeout_ms = flags.timeout_ms > 0 ? flags.timeout_ms : kConnectTimeoutMs;
+  return options;
+}
+
+grpc::Status Call(AttentionClient& client, const CallFlags& flags, const v1::AttendRequest& request,
+                  v1::AttendResponse* response) {
+  const CallOptions options{.timeout_ms = flags.timeout_ms, .request_id = request.request_id()};
+  if (!flags.stream) return client.Attend(request, response, options);
+  return client.AttendStream(request, response, options, {.block_tokens = flags.block_tokens});
+}
+
+int RunAttend(const AttendFlags& flags) {
+  if (absl::Status status = flags.call.Check(); !status.ok()) {
+    return Fail(status.message(), kExitUsage);
+  }
+  v1::AttendRequest request;
+  absl::StatusOr<v1::AttentionSpec> spec = BuildSpec(flags.spec);
+  if (!spec.ok()) return Fail(spec.status().message(), kExitUsage);
+  *request.mutable_spec() = *std::move(spec);
+  request.set_request_id(flags.call.request_id);
+  for (auto [path, tensor] : {std::pair{&flags.q_path, request.mutable_query()},
+                              {&flags.k_path, request.mutable_key()},
+                              {&flags.v_path, request.mutable_value()}}) {
+    absl::StatusOr<v1::Tensor> read = ReadTensorNpy(*path);
+    if (!read.ok()) return Fail(read.status().message());
+    *tensor = *std::move(read);
+  }
+
+  std::unique_ptr<AttentionClient> client;
+  if (grpc::Status status = Connect(flags.call, &client); !status.ok()) {
+    return FailRpc(status, flags.call.server);
+  }
+  v1::AttendResponse response;
+  const auto start = std::chrono::steady_clock::now();
+  const grpc::Status status = Call(*client, flags.call, request, &response);
+  const double latency_ms = MillisecondsSince(start);
+  if (!status.ok()) return FailRpc(status, flags.call.server);
+
+  const std::string shape = ShapeString(response.output());
+  const std::string dtype = DTypeName(response.output().dtype());
+  const std::vector<int64_t> dims(response.output().shape().begin(),
+                                  response.output().shape().end());
+  if (!flags.out_path.empty()) {
+    absl::Status written = WriteTensorNpy(flags.out_path, std::move(*response.mutable_output()));
+    if (!written.ok()) return Fail(written.message());
+  }
+  if (flags.call.json) {
+    nlohmann::json json = ExecutionInfoJson(response.info());
+    json["shape"] = dims;
+    json["dtype"] = dtype;
+    json["stream"] = flags.call.stream;
+    json["client_latency_ms"] = latency_ms;
+    json["output"] =
+        flags.out_path.empty() ? nlohmann::json(nullptr) : nlohmann::json(flags.out_path);
+    std::cout << JsonLine(json) << std::endl;
+  } else {
+    std::cout << "output_shape        " << shape << " " << dtype << "\n";
+    PrintExecutionInfo(response.info(), std::cout);
+    std::cout << "client_latency_ms   " << latency_ms << "\n";
+    if (!flags.out_path.empty()) std::cout << "output              " << flags.out_path << "\n";
+    std::cout << std::flush;
+  }
+  return 0;
+}
+
+int RunRandom(const RandomFlags& flags) {
+  if (absl::Status status = flags.Check(); !status.ok()) return Fail(status.message(), kExitUsage);
+  v1::AttendRequest request;
+  absl::StatusOr<v1::AttentionSpec> spec = BuildSpec(flags.spec);
+  if (!spec.ok()) return Fail(spec.status().message(), kExitUsage);
+  *request.mutable_spec() = *std::move(spec);
+  const v1::DType dtype = *ParseDType(flags.dtype);
+  const int64_t kv_heads = flags.kv_heads > 0 ? flags.kv_heads : flags.heads;
+  const uint64_t seed = static_cast<uint64_t>(flags.seed);
+  *request.mutable_query() =
+      RandomTensor(dtype, {flags.batch, flags.seq_len, flags.heads, flags.head_dim}, seed, 0);
+  *request.mutable_key() =
+      RandomTensor(dtype, {flags.batch, flags.seq_len, kv_heads, flags.head_dim}, seed, 1);
+  *request.mutable_value() =
+      RandomTensor(dtype, {flags.batch, flags.seq_len, kv_heads, flags.head_dim}, seed, 2);
+
+  std::unique_ptr<AttentionClient> client;
+  if (grpc::Status status = Connect(flags.call, &client); !status.ok()) {
+    return FailRpc(status, flags.call.server);
+  }
+  const double tokens = static_cast<double>(flags.batch * flags.seq_len);
+  std::vector<double> latencies_ms;
+  nlohmann::json calls = nlohmann::json::array();
+  if (!flags.call.json) {
+    std::cout << "random: q " << ShapeString(request.query()) << ", k/v "
+              << ShapeString(request.key()) << " " << DTypeName(dtype)
+              << (flags.call.stream ? ", streamed" : ", unary") << std::endl;
+  }
+  for (int64_t i = 0; i < flags.repeat; ++i) {
+    if (!flags.call.request_id.empty()) {
+      request.set_request_id(absl::StrCat(flags.call.request_id, "-", i));
+    }
+    v1::AttendResponse response;
+    const auto start = std::chrono::steady_clock::now();
+    const grpc::Status status = Call(*client, flags.call, request, &response);
+    const double latency_ms = MillisecondsSince(start);
+    if (!status.ok()) return FailRpc(status, flags.call.server);
+    latencies_ms.push_back(latency_ms);
+    const double tokens_per_s = tokens / (latency_ms / 1e3);
+    if (flags.call.json) {
+      calls.push_back({{"call", i},
+                       {"latency_ms", latency_ms},
+                       {"tokens_per_s", tokens_per_s},
+                       {"info", ExecutionInfoJson(response.info())}});
+    } else {
+      std::cout << "call " << i << ": " << latency_ms << " ms, " << tokens_per_s
+                << " tokens/s (server compute " << response.info().compute_time_us()
+                << " us, queue " << response.info().queue_time_us() << " us, "
+                << PrecisionName(response.info().precision_used()) << " on "
+                << response.info().backend() << ")" << std::endl;
+    }
+  }
+  const LatencySummary summary = Summarize(latencies_ms);
+  const double mean_tokens_per_s = tokens / (summary.mean_ms / 1e3);
+  if (flags.call.json) {
+    nlohmann::json json = {{"shape", {flags.batch, flags.seq_len, flags.heads, flags.head_dim}},
+                           {"kv_heads", kv_heads},
+                           {"dtype", DTypeName(dtype)},
+                           {"stream", flags.call.stream},
+                           {"calls", calls},
+                           {"summary",
+                            {{"calls", flags.repeat},
+                             {"tokens_per_call", flags.batch * flags.seq_len},
+                             {"mean_latency_ms", summary.mean_ms},
+                             {"min_latency_ms", summary.min_ms},
+                             {"median_latency_ms", summary.median_ms},
+                             {"max_latency_ms", summary.max_ms},
+                             {"tokens_per_s", mean_tokens_per_s}}}};
+    std::cout << JsonLine(json) << std::endl;
+  } else {
+    std::cout << "summary: " << flags.repeat << " calls, latency mean " << summary.mean_ms
+              << " ms, median " << summary.median_ms << " ms, min " << summary.min_ms << " ms, max "
+              << summary.max_ms << " ms; " << mean_tokens_per_s << " tokens/s" << std::endl;
+  }
+  return 0;
+}
+
+int RunInfo(const CallFlags& flags) {
+  if (absl::Status status = flags.Check(); !status.ok()) return Fail(status.message(), kExitUsage);
+  std::unique_ptr<AttentionClient> client;
+  if (grpc::Status status = Connect(flags, &client); !status.ok()) {
+    return FailRpc(status, flags.server);
+  }
+  v1::GetServerInfoResponse info;
+  if (grpc::Status status = client->GetServerInfo(&info, QueryOptions(flags)); !status.ok()) {
+    return FailRpc(status, flags.server);
+  }
+  if (flags.json) {
+    std::cout << JsonLine(ServerInfoJson(info)) << std::endl;
+  } else {
+    PrintServerInfo(info, std::cout);
+    std::cout << std::flush;
+  }
+  return 0;
+}
+
+int RunHealth(const CallFlags& flags, const std::string& service) {
+  if (absl::Status status = flags.Check(); !status.ok()) return Fail(status.message(), kExitUsage);
+  std::unique_ptr<AttentionClient> client;
+  if (grpc::Status status = Connect(flags, &client); !status.ok()) {
+    return FailRpc(status, flags.server);
+  }
+  grpc::health::v1::HealthCheckResponse::ServingStatus serving;
+  if (grpc::Status status = client->CheckHealth(service, &serving, QueryOptions(flags));
+      !status.ok()) {
+    return FailRpc(status, flags.server);
+  }
+  const std::string name = grpc::health::v1::HealthCheckResponse::ServingStatus_Name(serving);
+  if (flags.json) {
+    std::cout << JsonLine({{"service", service}, {"status", name}}) << std::endl;
+  } else {
+    std::cout << name << std::endl;
+  }
+  return serving == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : kExitFailure;
+}
+
+// gRPC logs connection failures on stderr; the CLI reports them itself, in one line. Setting
+// GRPC_VERBOSITY brings gRPC's own logging back for debugging.
+void SilenceGrpcLogging() {
+  if (std::getenv("GRPC_VERBOSITY") == nullptr) gpr_set_log_function([](gpr_log_func_args*) {});
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app("da-client: send dilated attention requests to da-server", "da-client");
+  app.require_subcommand(1);
+  AttendFlags attend;
+  RandomFlags random;
+  CallFlags info;
+  CallFlags health;
+  std::string health_service;
+  CLI::App* attend_command = AddAttendCommand(app, &attend);
+  CLI::App* random_command = AddRandomCommand(app, &random);
+  CLI::App* info_command =
+      app.add_subcommand("info", "Print the server's version, devices, limits");
+  AddCallFlags(info_command, &info, /*attend=*/false);
+  CLI::App* health_command =
+      app.add_subcommand("health", "Print a service's health; exit 0 only when SERVING");
+  AddCallFlags(health_command, &health, /*attend=*/false);
+  health_command->add_option("--service", health_service,
+                             "Service name: '' (liveness) or da.v1.AttentionService (readiness)");
+  // CLI11 would call an unknown word "A subcommand is required"; say what was wrong instead.
+  const std::string first = argc > 1 ? argv[1] : "-";
+  if (first[0] != '-' && first != "attend" && first != "random" && first != "info" &&
+      first != "health") {
+    return Fail(
+        absl::StrCat("unknown subcommand '", first, "' (expected attend, random, info or health)"),
+        kExitUsage);
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help.
+    return Fail(e.what(), kExitUsage);
+  }
+
+  SilenceGrpcLogging();
+  if (attend_command->parsed()) return RunAttend(attend);
+  if (random_command->parsed()) return RunRandom(random);
+  if (info_command->parsed()) return RunInfo(info);
+  return RunHealth(health, health_service);
+}
+
+}  // namespace
+}  // namespace da::client
+
+int main(int argc, char** argv) {
+  try {
+    return da::client::Main(argc, argv);
+  } catch (const std::bad_alloc&) {
+    return da::client::Fail("out of memory");
+  } catch (const std::exception& e) {
+    return da::client::Fail(e.what());
+  }
+}

@@ -1,0 +1,193 @@
+#include "client/npy.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+
+namespace da::client {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The bytes of a .npy file with the given version, header text and data, laid out by hand so that
+// the tests do not trust the writer under test.
+std::string RawNpy(int major, const std::string& dict, const std::string& data) {
+  std::string header = dict + "\n";
+  std::string bytes = "\x93NUMPY";
+  bytes.push_back(static_cast<char>(major));
+  bytes.push_back('\0');
+  const size_t length_bytes = major == 1 ? 2 : 4;
+  for (size_t i = 0; i < length_bytes; ++i) {
+    bytes.push_back(static_cast<char>((header.size() >> (8 * i)) & 0xff));
+  }
+  return bytes + header + data;
+}
+
+std::string FloatBytes(std::initializer_list<float> values) {
+  std::string bytes(values.size() * 4, '\0');
+  std::memcpy(bytes.data(), values.begin(), bytes.size());
+  return bytes;
+}
+
+NpyArray SampleArray(NpyDType dtype) {
+  NpyArray array;
+  array.dtype = dtype;
+  array.shape = {2, 3, 1, 2};
+  const int64_t bytes = array.elements() * NpyDTypeSize(dtype);
+  for (int64_t i = 0; i < bytes; ++i) array.data.push_back(static_cast<char>(i * 37 + 11));
+  return array;
+}
+
+void ExpectSameArray(const NpyArray& actual, const NpyArray& expected) {
+  EXPECT_EQ(actual.dtype, expected.dtype);
+  EXPECT_EQ(actual.shape, expected.shape);
+  EXPECT_EQ(actual.data, expected.data);
+}
+
+std::string ParseError(const std::string& bytes) {
+  absl::StatusOr<NpyArray> array = ParseNpy(bytes, "x.npy");
+  EXPECT_FALSE(array.ok());
+  EXPECT_EQ(array.status().code(), absl::StatusCode::kInvalidArgument);
+  const std::string message(array.status().message());
+  EXPECT_EQ(message.rfind("x.npy: ", 0), 0u) << message;
+  return message;
+}
+
+TEST(NpyTest, RoundTripsFloat32AndFloat16InEveryVersion) {
+  for (NpyDType dtype : {NpyDType::kFloat32, NpyDType::kFloat16}) {
+    for (int version : {0, 1, 2, 3}) {
+      SCOPED_TRACE(testing::Message() << "dtype " << NpyDescr(dtype) << " version " << version);
+      const NpyArray array = SampleArray(dtype);
+      const std::string bytes = SerializeNpy(array, version);
+      EXPECT_EQ(bytes[6], version == 0 ? 1 : version);
+      absl::StatusOr<NpyArray> parsed = ParseNpy(bytes, "sample");
+      ASSERT_TRUE(parsed.ok()) << parsed.status();
+      ExpectSameArray(*parsed, array);
+    }
+  }
+}
+
+TEST(NpyTest, WritesNumPyHeaderWithDataAlignedTo64Bytes) {
+  const std::string bytes = SerializeNpy(SampleArray(NpyDType::kFloat32));
+  const size_t header_len = static_cast<unsigned char>(bytes[8]) |
+                            static_cast<size_t>(static_cast<unsigned char>(bytes[9])) << 8;
+  EXPECT_EQ((10 + header_len) % 64, 0u);
+  const std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 1, 2), }";
+  EXPECT_EQ(bytes.substr(10, dict.size()), dict);
+  EXPECT_EQ(bytes[10 + header_len - 1], '\n');
+}
+
+TEST(NpyTest, RoundTripsThroughFiles) {
+  const std::string path =
+      testing::TempDir() + "/npy_test_round_trip." + std::to_string(getpid()) + ".npy";
+  const NpyArray array = SampleArray(NpyDType::kFloat16);
+  ASSERT_TRUE(WriteNpy(path, array).ok());
+  absl::StatusOr<NpyArray> read = ReadNpy(path);
+  ASSERT_TRUE(read.ok()) << read.status();
+  ExpectSameArray(*read, array);
+  std::remove(path.c_str());
+}
+
+TEST(NpyTest, ReadsHandWrittenHeadersOfEveryRankAndVersion) {
+  struct Case {
+    int major;
+    std::string dict;
+    std::vector<int64_t> shape;
+  } cases[] = {
+      {1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", {3}},
+      {1, "{'shape': (1, 3), 'fortran_order': False, 'descr': '<f4'}   ", {1, 3}},
+      {2, "{\"descr\": \"<f4\", \"fortran_order\": False, \"shape\": (3L, 1L)}", {3, 1}},
+      {3, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 3, 1), }", {1, 1, 3, 1}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.dict);
+    const std::string data = FloatBytes({1.5f, -2.0f, 3.25f});
+    absl::StatusOr<NpyArray> array = ParseNpy(RawNpy(c.major, c.dict, data), "x.npy");
+    ASSERT_TRUE(array.ok()) << array.status();
+    EXPECT_EQ(array->dtype, NpyDType::kFloat32);
+    EXPECT_EQ(array->shape, c.shape);
+    EXPECT_EQ(array->data, data);
+  }
+  absl::StatusOr<NpyArray> scalar =
+      ParseNpy(RawNpy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': ()}", FloatBytes({7})),
+               "scalar.npy");
+  ASSERT_TRUE(scalar.ok()) << scalar.status();
+  EXPECT_TRUE(scalar->shape.empty());
+  EXPECT_EQ(scalar->elements(), 1);
+}
+
+TEST(NpyTest, RejectsMissingFileNamingIt) {
+  absl::StatusOr<NpyArray> array = ReadNpy("/nonexistent/dir/q.npy");
+  ASSERT_FALSE(array.ok());
+  EXPECT_EQ(array.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(array.status().message()),
+              HasSubstr("/nonexistent/dir/q.npy: cannot open"));
+}
+
+TEST(NpyTest, RejectsBadMagic) {
+  EXPECT_THAT(ParseError("PK\x03\x04 this is a zip file"), HasSubstr("bad magic"));
+  EXPECT_THAT(ParseError(""), HasSubstr("bad magic"));
+}
+
+TEST(NpyTest, RejectsUnsupportedVersion) {
+  const std::string bytes =
+      RawNpy(4, "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)}", FloatBytes({1}));
+  EXPECT_THAT(ParseError(bytes), HasSubstr("unsupported .npy format version 4.0"));
+}
+
+TEST(NpyTest, RejectsTruncatedHeader) {
+  const std::string bytes =
+      RawNpy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)}", "");
+  EXPECT_THAT(ParseError(bytes.substr(0, 9)), HasSubstr("truncated header"));
+  EXPECT_THAT(ParseError(bytes.substr(0, 30)), HasSubstr("truncated header"));
+}
+
+TEST(NpyTest, RejectsMalformedHeaders) {
+  EXPECT_THAT(ParseError(RawNpy(1, "{'descr': '<f4', 'fortran_order': False}", "")),
+              HasSubstr("malformed header: no 'shape' key"));
+  EXPECT_THAT(
+      ParseError(RawNpy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, x)}", "")),
+      HasSubstr("malformed header"));
+  EXPECT_THAT(ParseError(RawNpy(1, "not a dict", "")), HasSubstr("malformed header"));
+  EXPECT_THAT(ParseError(RawNpy(1,
+                                "{'descr': [('a', '<f4')], 'fortran_order': False, "
+                                "'shape': (1,)}",
+                                "")),
+              HasSubstr("structured dtypes are not supported"));
+}
+
+TEST(NpyTest, RejectsFortranOrder) {
+  const std::string bytes =
+      RawNpy(1, "{'descr': '<f4', 'fortran_order': True, 'shape': (1,)}", FloatBytes({1}));
+  EXPECT_THAT(ParseError(bytes), HasSubstr("fortran_order"));
+}
+
+TEST(NpyTest, RejectsUnsupportedDtypesNamingThem) {
+  for (const char* descr : {"<f8", ">f4", "<i4", "|u1", ">f2"}) {
+    const std::string bytes =
+        RawNpy(1, std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (1,)}",
+               std::string(8, '\0'));
+    EXPECT_EQ(ParseError(bytes),
+              std::string("x.npy: unsupported dtype '") + descr + "' (expected '<f4' or '<f2')");
+  }
+}
+
+TEST(NpyTest, RejectsTruncatedAndTrailingData) {
+  const std::string dict = "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 2)}";
+  EXPECT_THAT(ParseError(RawNpy(1, dict, std::string(7, '\0'))),
+              HasSubstr("truncated data: shape (2, 2) of '<f2' needs 8 bytes, the file has 7"));
+  EXPECT_THAT(ParseError(RawNpy(1, dict, std::string(10, '\0'))),
+              HasSubstr("2 bytes of unexpected data"));
+}
+
+TEST(NpyTest, RejectsShapesWhoseSizeOverflows) {
+  const std::string bytes =
+      RawNpy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4)}", "");
+  EXPECT_THAT(ParseError(bytes), HasSubstr("too large"));
+}
+
+}  // namespace
+}  // namespace da::client

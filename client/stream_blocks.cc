@@ -1,0 +1,222 @@
+#include "client/stream_blocks.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "client/tensor_io.h"
+
+namespace da::client {
+namespace {
+
+grpc::Status InvalidArgument(std::string message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::move(message));
+}
+
+grpc::Status Internal(std::string message) {
+  return grpc::Status(grpc::StatusCode::INTERNAL, std::move(message));
+}
+
+grpc::Status CheckTensor(const v1::Tensor& tensor, const char* name) {
+  if (tensor.shape_size() != 4) {
+    return InvalidArgument(absl::StrCat(name,
+                                        ": expected rank 4 (batch, seq_len, heads, head_dim), ",
+                                        "got shape ", ShapeString(tensor)));
+  }
+  int64_t elements = 1;
+  for (int64_t dim : tensor.shape()) {
+    if (dim < 1) {
+      return InvalidArgument(
+          absl::StrCat(name, ": every dimension must be >= 1, got shape ", ShapeString(tensor)));
+    }
+    elements *= dim;
+  }
+  if (DTypeBytes(tensor.dtype()) == 0) {
+    return InvalidArgument(absl::StrCat(name, ": dtype must be fp32, fp16 or bf16"));
+  }
+  const int64_t expected_bytes = elements * DTypeBytes(tensor.dtype());
+  if (static_cast<int64_t>(tensor.data().size()) != expected_bytes) {
+    return InvalidArgument(absl::StrCat(name, ": shape ", ShapeString(tensor), " of ",
+                                        DTypeName(tensor.dtype()), " needs ", expected_bytes,
+                                        " bytes, data has ", tensor.data().size()));
+  }
+  return grpc::Status::OK;
+}
+
+// Appends tokens [token_start, token_start + token_count) of every batch element of tensor.
+void GatherTokens(const v1::Tensor& tensor, int64_t token_start, int64_t token_count,
+                  std::string* out) {
+  const int64_t batch = tensor.shape(0);
+  const int64_t seq_len = tensor.shape(1);
+  const int64_t token_bytes = tensor.shape(2) * tensor.shape(3) * DTypeBytes(tensor.dtype());
+  out->reserve(out->size() + batch * token_count * token_bytes);
+  for (int64_t b = 0; b < batch; ++b) {
+    out->append(tensor.data(), (b * seq_len + token_start) * token_bytes,
+                token_count * token_bytes);
+  }
+}
+
+}  // namespace
+
+grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_tokens,
+                            StreamPlan* plan) {
+  const v1::Tensor& q = request.query();
+  const v1::Tensor& k = request.key();
+  const v1::Tensor& v = request.value();
+  for (auto [tensor, name] : {std::pair{&q, "query"}, {&k, "key"}, {&v, "value"}}) {
+    if (grpc::Status status = CheckTensor(*tensor, name); !status.ok()) return status;
+  }
+  for (auto [tensor, name] : {std::pair{&k, "key"}, {&v, "value"}}) {
+    if (tensor->dtype() != q.dtype()) {
+      return InvalidArgument(absl::StrCat(name, " dtype ", DTypeName(tensor->dtype()),
+                                          " differs from query dtype ", DTypeName(q.dtype()),
+                                          "; a stream carries one dtype"));
+    }
+    if (tensor->shape(0) != q.shape(0) || tensor->shape(1) != q.shape(1) ||
+        tensor->shape(3) != q.shape(3)) {
+      return InvalidArgument(absl::StrCat(name, " shape ", ShapeString(*tensor),
+                                          " must match query shape ", ShapeString(q),
+                                          " in batch, seq_len and head_dim"));
+    }
+  }
+  if (v.shape(2) != k.shape(2)) {
+    return InvalidArgument(
+        absl::StrCat("value shape ", ShapeString(v), " differs from key shape ", ShapeString(k)));
+  }
+  if (block_tokens < 0) {
+    return InvalidArgument(absl::StrCat("block_tokens must be >= 0, got ", block_tokens));
+  }
+
+  v1::StreamHeader& header = plan->header;
+  header.Clear();
+  header.set_request_id(request.request_id());
+  *header.mutable_spec() = request.spec();
+  header.set_dtype(q.dtype());
+  header.set_batch(q.shape(0));
+  header.set_seq_len(q.shape(1));
+  header.set_heads(q.shape(2));
+  header.set_kv_heads(k.shape(2));
+  header.set_head_dim(q.shape(3));
+
+  if (block_tokens == 0) {
+    const int64_t token_bytes = header.batch() * (header.heads() + 2 * header.kv_heads()) *
+                                header.head_dim() * DTypeBytes(q.dtype());
+    block_tokens = std::max<int64_t>(1, kDefaultBlockBytes / token_bytes);
+  }
+  plan->block_tokens = std::min(block_tokens, header.seq_len());
+  plan->block_count = (header.seq_len() + plan->block_tokens - 1) / plan->block_tokens;
+  return grpc::Status::OK;
+}
+
+v1::TokenBlock MakeTokenBlock(const v1::AttendRequest& request, const StreamPlan& plan,
+                              int64_t token_start) {
+  v1::TokenBlock block;
+  const int64_t token_count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
+  block.set_token_start(token_start);
+  block.set_token_count(token_count);
+  GatherTokens(request.query(), token_start, token_count, block.mutable_query());
+  GatherTokens(request.key(), token_start, token_count, block.mutable_key());
+  GatherTokens(request.value(), token_start, token_count, block.mutable_value());
+  return block;
+}
+
+OutputAssembler::OutputAssembler(const v1::StreamHeader& expected) : expected_(expected) {}
+
+grpc::Status OutputAssembler::Add(const v1::AttendStreamResponse& message) {
+  switch (message.kind_case()) {
+    case v1::AttendStreamResponse::kHeader:
+      return AddHeader(message.header());
+    case v1::AttendStreamResponse::kBlock:
+      return AddBlock(message.block());
+    case v1::AttendStreamResponse::kTrailer:
+      if (!have_header_) return Internal("stream trailer arrived before the response header");
+      if (have_trailer_) return Internal("second stream trailer");
+      have_trailer_ = true;
+      MergeTrailerInfo(message.trailer().info());
+      return grpc::Status::OK;
+    default:
+      return Internal("empty stream response message (no header, block or trailer)");
+  }
+}
+
+void OutputAssembler::MergeTrailerInfo(const v1::ExecutionInfo& info) {
+  // The header's request id stands when the trailer leaves it out.
+  std::string request_id = response_.info().request_id();
+  *response_.mutable_info() = info;
+  if (info.request_id().empty()) response_.mutable_info()->set_request_id(std::move(request_id));
+}
+
+grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) {
+  if (have_header_) return Internal("second stream response header");
+  const int64_t dtype_bytes = DTypeBytes(header.dtype());
+  if (dtype_bytes == 0) {
+    return Internal(absl::StrCat("stream response header has no valid dtype (",
+                                 static_cast<int>(header.dtype()), ")"));
+  }
+  const std::array<int64_t, 4> expected_shape = {expected_.batch(), expected_.seq_len(),
+                                                 expected_.heads(), expected_.head_dim()};
+  v1::Tensor& output = *response_.mutable_output();
+  output.set_dtype(header.dtype());
+  *output.mutable_shape() = header.shape();
+  if (header.shape_size() != 4 ||
+      !std::equal(expected_shape.begin(), expected_shape.end(), header.shape().begin())) {
+    return Internal(absl::StrCat("stream response header shape ", ShapeString(output),
+                                 " differs from the request's [", expected_shape[0], ", ",
+                                 expected_shape[1], ", ", expected_shape[2], ", ",
+                                 expected_shape[3], "]"));
+  }
+  have_header_ = true;
+  token_bytes_ = expected_.heads() * expected_.head_dim() * dtype_bytes;
+  output.mutable_data()->resize(expected_.batch() * expected_.seq_len() * token_bytes_);
+  if (header.request_id().size() > 0) response_.mutable_info()->set_request_id(header.request_id());
+  return grpc::Status::OK;
+}
+
+grpc::Status OutputAssembler::AddBlock(const v1::OutputBlock& block) {
+  const int64_t index = block_index_++;
+  if (!have_header_) {
+    return Internal(absl::StrCat("output block ", index, " arrived before the response header"));
+  }
+  if (have_trailer_) {
+    return Internal(absl::StrCat("output block ", index, " arrived after the stream trailer"));
+  }
+  const int64_t seq_len = expected_.seq_len();
+  if (block.token_start() != next_token_) {
+    return Internal(absl::StrCat("output block ", index, " starts at token ", block.token_start(),
+                                 ", expected ", next_token_, " (blocks must be contiguous)"));
+  }
+  if (block.token_count() < 1 || block.token_count() > seq_len - next_token_) {
+    return Internal(absl::StrCat("output block ", index, " has token_count ", block.token_count(),
+                                 " at token ", next_token_, ", outside [1, ", seq_len - next_token_,
+                                 "]"));
+  }
+  const int64_t batch = expected_.batch();
+  const int64_t row_bytes = block.token_count() * token_bytes_;
+  if (static_cast<int64_t>(block.output().size()) != batch * row_bytes) {
+    return Internal(absl::StrCat("output block ", index, " has ", block.output().size(),
+                                 " bytes, expected ", batch * row_bytes, " for ",
+                                 block.token_count(), " tokens"));
+  }
+  char* out = response_.mutable_output()->mutable_data()->data();
+  for (int64_t b = 0; b < batch; ++b) {
+    std::memcpy(out + (b * seq_len + next_token_) * token_bytes_,
+                block.output().data() + b * row_bytes, row_bytes);
+  }
+  next_token_ += block.token_count();
+  return grpc::Status::OK;
+}
+
+grpc::Status OutputAssembler::Finish(v1::AttendResponse* response) {
+  if (!have_header_) return Internal("stream ended without a response header");
+  if (next_token_ != expected_.seq_len()) {
+    return Internal(absl::StrCat("stream ended after ", block_index_, " output blocks covering ",
+                                 next_token_, " of ", expected_.seq_len(), " tokens"));
+  }
+  if (!have_trailer_) return Internal("stream ended without a trailer");
+  *response = std::move(response_);
+  response_.Clear();
+  return grpc::Status::OK;
+}
+
+}  // namespace da::client
