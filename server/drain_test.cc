@@ -63,8 +63,8 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   ASSERT_TRUE(server.started());
   client::AttentionClient client(testing::ChannelTo(server.port()));
 
-  // A second or two of compute on two cores.
-  const v1::AttendRequest request = testing::LongRequest(4096, 4096);
+  // Seconds of compute on two cores: long enough to be seen in flight.
+  const v1::AttendRequest request = testing::LongRequest(40960);
   grpc::Status in_flight_status;
   v1::AttendResponse in_flight_response;
   std::thread call([&] {
@@ -98,9 +98,9 @@ TEST(DrainTest, DrainDeadlineCancelsWorkStillRunningAndExitsZero) {
   ASSERT_TRUE(server.started());
   client::AttentionClient client(testing::ChannelTo(server.port()));
 
-  // 2.7e11 FLOPs (over ten seconds on two cores today, over half a second at their peak) in 64
-  // tasks of 2 x 4096 x 4096 x 64 x 2 FLOPs: only cancellation can end it within the bound below.
-  const v1::AttendRequest request = testing::LongRequest(32768, 4096);
+  // 2.2e12 FLOPs, over five seconds at two cores' fp32 peak: only cancellation can end it within
+  // the bound below.
+  const v1::AttendRequest request = testing::LongRequest(131072);
   grpc::Status in_flight_status;
   std::thread call([&] {
     v1::AttendResponse response;

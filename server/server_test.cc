@@ -220,9 +220,9 @@ TEST_F(ServerTest, ExpiredDeadlineStopsTheRunAndTheServerStaysUsable) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_message_bytes = 1 << 30;
   Start(options);
-  // 2.7e11 FLOPs: about ten seconds uncancelled on two cores today, in tasks of a fraction of a
-  // second, so cancellation can take effect quickly.
-  const v1::AttendRequest long_request = testing::LongRequest(32768, 4096);
+  // 2.2e12 FLOPs: over five seconds uncancelled at two cores' fp32 peak; the kernel checks for
+  // cancellation per panel of queries, so it takes effect quickly.
+  const v1::AttendRequest long_request = testing::LongRequest(131072);
   v1::AttendResponse response;
   grpc::Status status = client_->Attend(long_request, &response, testing::WithTimeout(1500));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();

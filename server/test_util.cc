@@ -48,15 +48,18 @@ v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng) 
   return request;
 }
 
-v1::AttendRequest LongRequest(int64_t seq_len, int64_t segment_len) {
+v1::AttendRequest LongRequest(int64_t seq_len) {
   std::mt19937 rng(std::random_device{}());
   ProblemConfig config;
   config.seq_len = seq_len;
-  config.heads = 8;
-  config.kv_heads = 8;
-  config.head_dim = 64;
-  config.patterns = {{segment_len, 1}};
-  return RandomRequest(config, rng);
+  config.heads = 1;
+  config.kv_heads = 1;
+  config.head_dim = 32;
+  config.patterns = {{seq_len, 1}};
+  v1::AttendRequest request = RandomRequest(config, rng);
+  // fp32 products: AUTO may pick bf16, which is about twice as fast.
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  return request;
 }
 
 std::string InProcessOutput(const v1::AttendRequest& request, int threads) {

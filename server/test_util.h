@@ -37,9 +37,11 @@ struct ProblemConfig {
 // A well-formed request with fresh random q, k, v in [-1, 1).
 v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng);
 
-// fp32 [1, seq_len, 8, 64] with one pattern (segment_len, 1): compute grows with
-// seq_len * segment_len, and the engine's tasks (hence its cancellation latency) with segment_len.
-v1::AttendRequest LongRequest(int64_t seq_len, int64_t segment_len);
+// fp32 [1, seq_len, 1, 32] with one segment covering everything (fp32 products): compute grows with
+// seq_len^2 (4 * seq_len^2 * 32 FLOP) while the message grows with seq_len (384 bytes per token),
+// so a long run fits in a small message. seq_len 40960: about 0.2 TFLOP, seconds on two cores;
+// 131072: about 2.2 TFLOP, too long to finish before a test's deadline or drain bound.
+v1::AttendRequest LongRequest(int64_t seq_len);
 
 // The output bytes engine::Engine::Run (CPU backend, `threads` threads) gives for request.
 std::string InProcessOutput(const v1::AttendRequest& request, int threads);
