@@ -5,8 +5,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <thread>
 #include <random>
+#include <thread>
 
 #include "engine/cpu/attention_kernel.h"
 #include "engine/cpu/cpu_backend.h"
@@ -44,8 +44,8 @@ class CpuKernelTest : public ::testing::Test {
                     .ok());
     ASSERT_TRUE(
         CpuBackend().Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());
-    const std::string where = "N=" + std::to_string(shape.seq_len) + " D=" +
-                              std::to_string(shape.head_dim) + " patterns " +
+    const std::string where = "N=" + std::to_string(shape.seq_len) +
+                              " D=" + std::to_string(shape.head_dim) + " patterns " +
                               spec.PatternsToString() + (spec.causal ? " causal" : "") +
                               " threads " + std::to_string(threads);
     if (CpuBackend().ChoosePrecision(spec)->precision == Precision::kBFloat16) {
@@ -196,9 +196,9 @@ TEST_F(CpuKernelTest, CancellationStopsInsideOneLongSegment) {
   const auto cancel_time = std::chrono::steady_clock::now();
   cancelled = true;
   runner.join();
-  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
-                                                              cancel_time)
-                        .count();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - cancel_time)
+          .count();
   EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
   EXPECT_LT(ms, 250.0) << "cancel took " << ms << " ms";
 }

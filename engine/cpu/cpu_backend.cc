@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/aligned_buffer.h"
+#include "engine/cpu/task_plan.h"
 #include "engine/dilation.h"
 #include "engine/thread_pool.h"
 
@@ -18,22 +19,6 @@ using cpu::RoundUp;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
-// A task's query chunk is at least this many rows: packing its keys costs O(keys * D), the
-// attention O(rows * keys * D), so small chunks would spend their time packing.
-constexpr int64_t kMinChunkRows = 128;
-
-// One unit of parallel work: queries [row_begin, row_end) of one segment of one pattern for one
-// (batch, head).
-struct Task {
-  int64_t batch;
-  int64_t head;
-  const HeadWork* work;
-  KeptRange kept;
-  int64_t row_begin;
-  int64_t row_end;
-  double cost;  // Relative work, for ordering the biggest first.
-};
-
 struct ThreadSpace {
   AlignedBuffer q, kt, v, out, lse, scratch, bf16;
 };
@@ -97,9 +82,8 @@ absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec&
                                "auto: this CPU has AVX512-BF16; bf16 products with fp32 "
                                "accumulation (relative L2 error within 2e-2)"};
       }
-      return PrecisionChoice{Precision::kFloat32,
-                             absl::StrCat("auto: no AVX512-BF16 on the ", cpu::IsaName(isa_),
-                                          " path; fp32")};
+      return PrecisionChoice{Precision::kFloat32, absl::StrCat("auto: no AVX512-BF16 on the ",
+                                                               cpu::IsaName(isa_), " path; fp32")};
     case Precision::kFloat32:
       return PrecisionChoice{Precision::kFloat32, "requested fp32"};
     case Precision::kBFloat16:
@@ -109,9 +93,9 @@ absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec&
     case Precision::kFloat8:
       break;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("spec.precision ", PrecisionName(spec.precision), " is not supported by the cpu ",
-                   "backend on this machine (", cpu::IsaName(isa_), "); supported: ", supported));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "spec.precision ", PrecisionName(spec.precision), " is not supported by the cpu ",
+      "backend on this machine (", cpu::IsaName(isa_), "); supported: ", supported));
 }
 
 absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpec& spec) const {
@@ -184,7 +168,7 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     std::memset(out.data, 0, out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
   }
 
-  const auto run_task = [&](const Task& task, int thread) {
+  const auto run_task = [&](const cpu::Task& task, int thread) {
     ThreadSpace& ts = ws->threads[thread];
     const int64_t kv_head = KvHeadFor(task.head, heads, k.shape.heads);
     const int64_t keys = spec.causal ? task.row_end : task.kept.count;
@@ -253,48 +237,8 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     }
   };
 
-  // Tasks of one loop write disjoint rows: in LONGNET one loop per pattern, in GROUPED one loop
-  // for everything (each head runs one pattern).
-  const size_t loops = longnet ? spec.patterns.size() : 1;
-  std::vector<Task> tasks;
-  for (size_t loop = 0; loop < loops && !cancelled(); ++loop) {
-    tasks.clear();
-    for (int64_t b = 0; b < s.batch; ++b) {
-      for (int64_t h = 0; h < heads; ++h) {
-        for (const HeadWork& hw : work[h]) {
-          if (longnet && hw.pattern_index != static_cast<int>(loop)) continue;
-          for (int64_t t = 0; t < NumSegments(seq_len, hw.pattern.segment_len); ++t) {
-            const KeptRange kept = KeptPositions(hw.pattern, hw.offset, seq_len, t);
-            if (kept.count > 0) tasks.push_back({b, h, &hw, kept, 0, kept.count, 0.0});
-          }
-        }
-      }
-    }
-    // Few big segments: cut their queries into chunks so every thread has work; causal chunks
-    // cost in proportion to their last row, so the biggest go first.
-    const int64_t wanted_tasks = 4 * static_cast<int64_t>(threads);
-    if (static_cast<int64_t>(tasks.size()) < wanted_tasks) {
-      std::vector<Task> chunked;
-      const int64_t pieces = (wanted_tasks + static_cast<int64_t>(tasks.size()) - 1) /
-                             std::max<int64_t>(1, static_cast<int64_t>(tasks.size()));
-      for (const Task& task : tasks) {
-        const int64_t chunk = std::max(
-            kMinChunkRows, RoundUp((task.kept.count + pieces - 1) / pieces, cpu::kRowAlign));
-        for (int64_t r = 0; r < task.kept.count; r += chunk) {
-          Task piece = task;
-          piece.row_begin = r;
-          piece.row_end = std::min(task.kept.count, r + chunk);
-          chunked.push_back(piece);
-        }
-      }
-      tasks.swap(chunked);
-    }
-    for (Task& task : tasks) {
-      const double keys = spec.causal ? task.row_end : task.kept.count;
-      task.cost = static_cast<double>(task.row_end - task.row_begin) * keys;
-    }
-    std::stable_sort(tasks.begin(), tasks.end(),
-                     [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  for (const std::vector<cpu::Task>& tasks : cpu::PlanTasks(s, spec, work, threads)) {
+    if (cancelled()) break;
     parallel(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
       if (!cancelled()) run_task(tasks[i], thread);
     });

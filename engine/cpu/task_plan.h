@@ -1,0 +1,45 @@
+// How the CPU backend cuts a problem into parallel tasks.
+//
+//   auto work = AssignHeadPatterns(heads, spec);
+//   for (const std::vector<Task>& loop : PlanTasks(q_shape, spec, work, threads)) {
+//     pool.ParallelFor(loop.size(), ...);  // tasks of one loop write disjoint output rows
+//   }
+//
+// A task is the queries [row_begin, row_end) of one segment of one pattern for one (batch, head).
+// When a loop has fewer than four tasks per thread, segments are cut into query chunks (at least
+// kMinChunkRows rows); tasks are ordered biggest first, so the pool's dynamic hand-out balances
+// them, causal (triangular) work included.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/dilation.h"
+
+namespace da::engine::cpu {
+
+// A chunk's packing costs O(keys * D) and its attention O(rows * keys * D): below this many rows
+// packing would dominate.
+constexpr int64_t kMinChunkRows = 128;
+
+struct Task {
+  int64_t batch = 0;
+  int64_t head = 0;
+  const HeadWork* work = nullptr;  // Points into the AssignHeadPatterns result given to PlanTasks.
+  KeptRange kept;
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  double cost = 0.0;  // Score entries computed: rows x visible keys.
+};
+
+// Loops of tasks: one per pattern in LONGNET (patterns fold into shared state one after another),
+// one in GROUPED (each head runs one pattern). `work` must outlive the result.
+std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionSpec& spec,
+                                         const std::vector<std::vector<HeadWork>>& work,
+                                         int threads);
+
+// The finishing time of `threads` threads that each take the next task in order when free, as
+// ThreadPool::ParallelFor does, in units of Task::cost.
+double SimulatedMakespan(const std::vector<Task>& tasks, int threads);
+
+}  // namespace da::engine::cpu
