@@ -1,15 +1,24 @@
 // The interface every compute backend implements (reference, CPU, later CUDA).
 //
-// A backend says what it supports, then runs one whole problem. It must write every element of
-// the output (positions no pattern keeps get 0) and must not write anywhere else.
+// A backend says what it supports and in which precision it would compute, builds a Plan for a
+// problem's key (work decomposition and warm workspaces, kept by the engine's PlanCache), and runs
+// problems on a plan. A run must write every element of the output (positions no pattern keeps
+// get 0) and nothing else.
+//
+//   DA_ASSIGN_OR_RETURN(PrecisionChoice precision, backend.ChoosePrecision(spec));
+//   PlanKey key = MakePlanKey(q, k, out.dtype, spec, precision.precision, "cpu:0", threads);
+//   DA_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, backend.BuildPlan(key));
+//   DA_RETURN_IF_ERROR(backend.RunPlan(*plan, q, k, v, spec, out, context));
 #pragma once
 
 #include <atomic>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
+#include "engine/plan_cache.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -41,10 +50,25 @@ class Backend {
   virtual absl::Status Supports(const ProblemShape& shape, DType dtype,
                                 const AttentionSpec& spec) const = 0;
 
-  // Computes out = DilatedAttention(q, k, v) per docs/MATH.md. Views are already validated.
-  virtual absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
-                           const AttentionSpec& spec, const MutableTensorView& out,
-                           const RunContext& context) = 0;
+  // Everything derivable from the key, workspaces allocated and touched.
+  virtual absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) = 0;
+
+  // Computes out = DilatedAttention(q, k, v) per docs/MATH.md on a plan this backend built for
+  // these views' key. Views are already validated. A plan may serve concurrent runs.
+  virtual absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k,
+                               const TensorView& v, const AttentionSpec& spec,
+                               const MutableTensorView& out, const RunContext& context) = 0;
+
+  // Builds a plan for this one problem and runs it (no cache): for tests and one-off use.
+  absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const AttentionSpec& spec, const MutableTensorView& out,
+                   const RunContext& context);
 };
+
+// The plan key of a problem: views' shapes and dtypes, the spec's patterns, mode and causality,
+// the chosen precision, the devices and the thread count.
+PlanKey MakePlanKey(const TensorView& q, const TensorView& k, DType out_dtype,
+                    const AttentionSpec& spec, Precision precision, const std::string& devices,
+                    int threads);
 
 }  // namespace da::engine

@@ -144,7 +144,8 @@ TEST(CpuBackendTest, RejectsPrecisionItCannotCompute) {
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(status.message().find("spec.precision " + PrecisionName(precision)),
               std::string::npos);
-    EXPECT_NE(status.message().find("supported: auto, fp32"), std::string::npos);
+    EXPECT_NE(status.message().find("supported:"), std::string::npos) << status.message();
+    EXPECT_NE(status.message().find("fp32"), std::string::npos) << status.message();
   }
 }
 

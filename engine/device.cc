@@ -7,6 +7,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/cpu/attention_kernel.h"
+#include "engine/precision_policy.h"
 
 #ifdef DA_HAVE_CUDA
 #include "engine/cuda/device_query.cuh"
@@ -45,7 +47,8 @@ void AppendCudaDevices(std::vector<DeviceInfo>& devices) {
     d.id = absl::StrCat("cuda:", i);
     d.kind = "cuda";
     d.name = props[i].name;
-    // The CUDA backend lands in a later issue; until then a GPU computes nothing.
+    // What the policy allows on this generation; the CUDA backend itself lands in a later issue.
+    d.precisions = SupportedPrecisions(CudaCapabilities(props[i].major, props[i].minor));
     d.memory_bytes = props[i].global_memory_bytes;
     d.compute_units = props[i].multiprocessors;
     d.capability = absl::StrCat("sm_", props[i].major, props[i].minor);
@@ -87,7 +90,7 @@ std::vector<DeviceInfo> DiscoverDevices(int cpu_threads) {
   cpu.id = "cpu:0";
   cpu.kind = "cpu";
   cpu.name = CpuModelName();
-  cpu.precisions = {Precision::kFloat32};
+  cpu.precisions = SupportedPrecisions(CpuCapabilities(cpu::SelectedIsa() == cpu::Isa::kAvx512));
   cpu.memory_bytes = PhysicalMemoryBytes();
   cpu.compute_units = cpu_threads;
   cpu.capability = DetectCpuFeatures().ToString();

@@ -29,6 +29,7 @@ struct Engine::Impl {
   std::unique_ptr<ThreadPool> pool;
   std::unique_ptr<Backend> backend;
   std::vector<DeviceInfo> devices;
+  std::unique_ptr<PlanCache> plans;
 
   struct Job {
     RunRequest request;
@@ -62,21 +63,35 @@ struct Engine::Impl {
     return backend->Supports(shape, request.q.dtype, request.spec);
   }
 
+  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const PlanKey& key, bool* hit) {
+    return plans->GetOrBuild(
+        key, [&] { return backend->BuildPlan(key); }, hit);
+  }
+
   // Runs a validated request on the calling thread and the pool.
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us) {
     const Clock::time_point start = Clock::now();
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
-    RunContext context{pool.get(), request.cancelled};
-    DA_RETURN_IF_ERROR(
-        backend->Run(request.q, request.k, request.v, request.spec, request.out, context));
+    const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,
+                                    precision.precision, devices.front().id, pool->size());
+    bool hit = false;
     ExecutionInfo info;
+    {
+      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, GetPlan(key, &hit));
+      RunContext context{pool.get(), request.cancelled};
+      DA_RETURN_IF_ERROR(backend->RunPlan(*plan, request.q, request.k, request.v, request.spec,
+                                          request.out, context));
+      info.plan_build_time_us = hit ? 0 : plan->build_time_us;
+    }
+    plans->Trim();  // The plan is released: bring the cache back within budget if it was over.
+    info.plan_cache_hit = hit;
     info.precision_used = precision.precision;
     info.precision_reason = precision.reason;
     info.shard_strategy = ShardPolicy::kNone;
     info.backend = backend->Name();
     info.devices = {devices.front().id};
     info.queue_time_us = queue_time_us;
-    info.compute_time_us = MicrosSince(start);
+    info.compute_time_us = MicrosSince(start) - info.plan_build_time_us;
     return info;
   }
 
@@ -106,7 +121,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   if (options.backend == "cpu") {
-    impl->backend = std::make_unique<CpuBackend>();
+    DA_RETURN_IF_ERROR(options.precision.Validate());
+    impl->backend = std::make_unique<CpuBackend>(cpu::SelectedIsa(), options.precision);
   } else if (options.backend == "reference") {
     impl->backend = std::make_unique<ReferenceBackend>();
   } else {
@@ -121,6 +137,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("max_concurrent_runs is ", options.max_concurrent_runs, "; must be >= 1"));
   }
+  if (options.plan_cache_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("plan_cache_bytes is ", options.plan_cache_bytes,
+                                                   "; must be >= 0 (0 caches nothing)"));
+  }
+  impl->plans = std::make_unique<PlanCache>(options.plan_cache_bytes);
   impl->pool = std::make_unique<ThreadPool>(options.threads);
   impl->devices = DiscoverDevices(impl->pool->size());
   for (int i = 0; i < options.max_concurrent_runs; ++i) {
@@ -158,6 +179,26 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
   }
   impl_->cv.notify_one();
 }
+
+absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
+                                            const AttentionSpec& spec) {
+  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
+  DA_RETURN_IF_ERROR(impl_->backend->Supports(shape, dtype, spec));
+  DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend->ChoosePrecision(spec));
+  const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
+  const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
+  const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision,
+                                  impl_->devices.front().id, impl_->pool->size());
+  WarmUpResult result;
+  DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, impl_->GetPlan(key, &result.already_warm));
+  result.plan_bytes = plan->bytes();
+  result.build_time_us = result.already_warm ? 0 : plan->build_time_us;
+  result.precision = precision.precision;
+  result.plan_key = key.ToString();
+  return result;
+}
+
+PlanCacheStats Engine::plan_cache_stats() const { return impl_->plans->stats(); }
 
 int64_t Engine::pending() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);

@@ -22,6 +22,8 @@
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 #include "engine/device.h"
+#include "engine/plan_cache.h"
+#include "engine/precision_policy.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -31,6 +33,8 @@ struct EngineOptions {
   int max_concurrent_runs = 1;  // Requests computed at once (each uses the whole pool).
   std::string backend = "cpu";  // "cpu" or "reference".
   Limits limits;
+  int64_t plan_cache_bytes = int64_t{1} << 30;  // Budget of the warm plan cache (LRU).
+  PrecisionPolicyOptions precision;             // Fallback for unsupported wishes, tolerance.
 };
 
 struct RunRequest {
@@ -57,6 +61,15 @@ struct ExecutionInfo {
 
 using RunCallback = std::function<void(absl::StatusOr<ExecutionInfo>)>;
 
+// What warming one problem's plan did.
+struct WarmUpResult {
+  bool already_warm = false;  // The plan was in the cache already.
+  int64_t plan_bytes = 0;
+  int64_t build_time_us = 0;
+  Precision precision = Precision::kFloat32;
+  std::string plan_key;
+};
+
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
@@ -71,6 +84,13 @@ class Engine {
   // Validates, then queues; done runs on a dispatcher thread with the result. A validation error
   // is reported through done too, before Submit returns.
   void Submit(const RunRequest& request, RunCallback done);
+
+  // Builds (or finds) the plan of a problem without running it, so that the first real request
+  // of this shape is a cache hit. out_dtype is the dtype the requests will want back.
+  absl::StatusOr<WarmUpResult> WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
+                                      const AttentionSpec& spec);
+
+  PlanCacheStats plan_cache_stats() const;
 
   // Requests queued or running.
   int64_t pending() const;

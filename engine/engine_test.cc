@@ -143,6 +143,79 @@ TEST(EngineTest, ReportsThePrecisionTheBackendChose) {
   EXPECT_NE(info->precision_reason.find("auto"), std::string::npos) << info->precision_reason;
 }
 
+TEST(EngineTest, SecondRunOfAShapeHitsThePlanCache) {
+  auto engine = Engine::Create(Options(2));
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 300, 4, 16}, 8);
+  absl::StatusOr<ExecutionInfo> first = (*engine)->Run(in.Request());
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_FALSE(first->plan_cache_hit);
+  EXPECT_GT(first->plan_build_time_us, 0);
+  const std::vector<uint8_t> cold = in.out.bytes;
+  absl::StatusOr<ExecutionInfo> second = (*engine)->Run(in.Request());
+  ASSERT_TRUE(second.ok());
+  EXPECT_TRUE(second->plan_cache_hit);
+  EXPECT_EQ(second->plan_build_time_us, 0);
+  EXPECT_EQ(in.out.bytes, cold) << "a warm plan must give the same bytes";
+  // A different shape is a different plan.
+  Inputs other = MakeInputs({1, 301, 4, 16}, 9);
+  EXPECT_FALSE((*engine)->Run(other.Request())->plan_cache_hit);
+  const PlanCacheStats stats = (*engine)->plan_cache_stats();
+  EXPECT_EQ(stats.hits, 1);
+  EXPECT_EQ(stats.misses, 2);
+  EXPECT_EQ(stats.entries, 2);
+  EXPECT_GT(stats.bytes, 0);
+}
+
+TEST(EngineTest, WarmUpMakesTheFirstRequestAHit) {
+  auto engine = Engine::Create(Options(2));
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({2, 500, 4, 32}, 10);
+  const ProblemShape shape{2, 500, 4, 4, 32};
+  absl::StatusOr<WarmUpResult> warm =
+      (*engine)->WarmUp(shape, DType::kFloat32, DType::kFloat32, in.spec);
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_FALSE(warm->already_warm);
+  EXPECT_GT(warm->plan_bytes, 0);
+  EXPECT_TRUE((*engine)->WarmUp(shape, DType::kFloat32, DType::kFloat32, in.spec)->already_warm);
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+  ASSERT_TRUE(info.ok());
+  EXPECT_TRUE(info->plan_cache_hit);
+  // Warm-up validates like a request does.
+  AttentionSpec bad = in.spec;
+  bad.patterns = {{4, 9}};
+  EXPECT_EQ((*engine)->WarmUp(shape, DType::kFloat32, DType::kFloat32, bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, PrecisionFallbackUsesTheNearestSupportedPrecision) {
+  EngineOptions options = Options(1);
+  options.precision.fallback = true;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 64, 2, 8}, 12);
+  in.spec.precision = Precision::kFloat8;  // No CPU computes in fp8.
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_NE(info->precision_used, Precision::kFloat8);
+  EXPECT_EQ(info->precision_reason.rfind("fallback", 0), 0u) << info->precision_reason;
+}
+
+TEST(EngineTest, ZeroPlanCacheBudgetStillComputes) {
+  EngineOptions options = Options(1);
+  options.plan_cache_bytes = 0;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 64, 2, 8}, 11);
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+    ASSERT_TRUE(info.ok());
+    EXPECT_FALSE(info->plan_cache_hit);
+  }
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 0);
+  EXPECT_EQ((*engine)->plan_cache_stats().evictions, 2);
+}
+
 TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {
   EXPECT_EQ(Engine::Create(Options(0, "tpu")).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Engine::Create(Options(-1)).status().code(), absl::StatusCode::kInvalidArgument);

@@ -1,14 +1,17 @@
 #include "engine/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/aligned_buffer.h"
 #include "engine/cpu/task_plan.h"
 #include "engine/dilation.h"
+#include "engine/status_macros.h"
 #include "engine/thread_pool.h"
 
 namespace da::engine {
@@ -19,10 +22,6 @@ using cpu::RoundUp;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
-struct ThreadSpace {
-  AlignedBuffer q, kt, v, out, lse, scratch, bf16;
-};
-
 // Copies rows kept.first + i * kept.stride, i in [begin, end), of `head` into dst as fp32 times
 // factor: row-major [end - begin, dim_pad] or, with transpose, [dim_pad, ld] (column per row).
 void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, int64_t begin,
@@ -51,116 +50,207 @@ void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, i
 
 }  // namespace
 
-struct CpuBackend::Workspace {
-  std::vector<ThreadSpace> threads;
-  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
+namespace {
+
+struct ThreadSpace {
+  AlignedBuffer q, kt, v, out, lse, scratch, bf16;
 };
 
-CpuBackend::CpuBackend(cpu::Isa isa)
-    : isa_(isa), bf16_(isa == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts()) {}
-CpuBackend::~CpuBackend() = default;
+// What a plan's workspace must hold.
+struct WorkspaceSizes {
+  int threads = 1;
+  int64_t head_dim = 0;
+  int64_t dim_pad = 0;
+  int64_t rows_pad = 0;    // Query rows of the largest chunk, padded.
+  int64_t keys_pad = 0;    // Keys of the largest segment, padded.
+  int64_t rows_total = 0;  // batch x seq x heads: LONGNET state rows.
+  bool longnet = false;
+  bool accumulator = false;  // LONGNET with a non-fp32 output needs its own fp32 accumulator.
+  bool bf16 = false;
+};
 
-std::unique_ptr<CpuBackend::Workspace> CpuBackend::TakeWorkspace() {
-  std::lock_guard<std::mutex> lock(pool_mutex_);
-  if (idle_workspaces_.empty()) return std::make_unique<Workspace>();
-  std::unique_ptr<Workspace> workspace = std::move(idle_workspaces_.back());
-  idle_workspaces_.pop_back();
-  return workspace;
+struct Workspace {
+  std::vector<ThreadSpace> threads;
+  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
+
+  int64_t bytes() const {
+    int64_t total = acc.capacity_bytes() + max_lse.capacity_bytes() + weight.capacity_bytes();
+    for (const ThreadSpace& t : threads) {
+      for (const AlignedBuffer* b : {&t.q, &t.kt, &t.v, &t.out, &t.lse, &t.scratch, &t.bf16}) {
+        total += b->capacity_bytes();
+      }
+    }
+    return total;
+  }
+};
+
+// Reserves every buffer; with touch, writes them once so that their pages are resident.
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
+  ws.threads.resize(z.threads);
+  std::vector<std::pair<AlignedBuffer*, int64_t>> wanted;
+  for (ThreadSpace& t : ws.threads) {
+    wanted.push_back({&t.q, z.rows_pad * z.dim_pad});
+    wanted.push_back({&t.kt, z.dim_pad * z.keys_pad});
+    wanted.push_back({&t.v, z.keys_pad * z.dim_pad});
+    wanted.push_back({&t.out, z.rows_pad * z.dim_pad});
+    wanted.push_back({&t.lse, z.rows_pad});
+    wanted.push_back({&t.scratch, cpu::KernelScratchFloats(z.dim_pad)});
+    if (z.bf16) {
+      wanted.push_back({&t.bf16, cpu::KernelBf16ScratchFloats(z.rows_pad, z.keys_pad, z.dim_pad)});
+    }
+  }
+  if (z.longnet) {
+    if (z.accumulator) wanted.push_back({&ws.acc, z.rows_total * z.head_dim});
+    wanted.push_back({&ws.max_lse, z.rows_total});
+    wanted.push_back({&ws.weight, z.rows_total});
+  }
+  for (const auto& [buffer, floats] : wanted) {
+    float* data = buffer->Reserve(floats);
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: cannot allocate a ", floats * 4, "-byte workspace buffer"));
+    }
+    if (touch) std::memset(data, 0, buffer->capacity_bytes());
+  }
+  return absl::OkStatus();
 }
 
-void CpuBackend::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
-  std::lock_guard<std::mutex> lock(pool_mutex_);
-  idle_workspaces_.push_back(std::move(workspace));
+class CpuPlan final : public Plan {
+ public:
+  CpuPlan(const PlanKey& key, const WorkspaceSizes& sizes) : key_(key), sizes_(sizes) {}
+
+  absl::Status Build() {
+    work_ = AssignHeadPatterns(key_.shape.heads, SpecOf(key_));
+    loops_ = cpu::PlanTasks(key_.shape.QueryShape(), SpecOf(key_), work_, sizes_.threads);
+    idle_ = std::make_unique<Workspace>();
+    DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true));
+    workspace_bytes_ = idle_->bytes();
+    for (const auto& loop : loops_) table_bytes_ += loop.size() * sizeof(cpu::Task);
+    return absl::OkStatus();
+  }
+
+  int64_t bytes() const override { return workspace_bytes_ + table_bytes_; }
+  const WorkspaceSizes& sizes() const { return sizes_; }
+  const std::vector<std::vector<cpu::Task>>& loops() const { return loops_; }
+
+  // The plan's own workspace, or null while another run holds it.
+  std::unique_ptr<Workspace> TakeWorkspace() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::move(idle_);
+  }
+  void ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (idle_ == nullptr) idle_ = std::move(workspace);
+  }
+
+  static AttentionSpec SpecOf(const PlanKey& key) {
+    AttentionSpec spec;
+    spec.patterns = key.patterns;
+    spec.causal = key.causal;
+    spec.mode = key.mode;
+    return spec;
+  }
+
+ private:
+  const PlanKey key_;
+  const WorkspaceSizes sizes_;
+  std::vector<std::vector<HeadWork>> work_;  // Tasks point into it.
+  std::vector<std::vector<cpu::Task>> loops_;
+  std::mutex mutex_;
+  std::unique_ptr<Workspace> idle_;
+  int64_t workspace_bytes_ = 0;
+  int64_t table_bytes_ = 0;
+};
+
+}  // namespace
+
+CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
+    : isa_(isa),
+      bf16_(isa == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts()),
+      capabilities_(CpuCapabilities(isa == cpu::Isa::kAvx512)),
+      precision_options_(precision) {}
+CpuBackend::~CpuBackend() = default;
+
+absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key) {
+  const auto start = std::chrono::steady_clock::now();
+  WorkspaceSizes z;
+  z.threads = std::max(1, key.threads);
+  z.head_dim = key.shape.head_dim;
+  z.dim_pad = RoundUp(key.shape.head_dim, cpu::kDimAlign);
+  int64_t max_kept = 0;
+  for (const Pattern& p : key.patterns) {
+    const int64_t span = std::min(p.segment_len, key.shape.seq_len);
+    max_kept = std::max(max_kept, (span + p.dilation - 1) / p.dilation);
+  }
+  z.rows_pad = RoundUp(max_kept, cpu::kRowAlign);
+  z.keys_pad = RoundUp(max_kept, cpu::kKeyAlign);
+  z.rows_total = key.shape.batch * key.shape.seq_len * key.shape.heads;
+  z.longnet = key.mode == CombineMode::kLongNet;
+  z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
+  z.bf16 = key.precision == Precision::kBFloat16;
+  if (z.bf16 && !bf16_) {
+    return absl::InvalidArgumentError("bf16 plan requested on a CPU path without AVX512-BF16");
+  }
+  auto plan = std::make_shared<CpuPlan>(key, z);
+  DA_RETURN_IF_ERROR(plan->Build());
+  plan->build_time_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now() - start)
+                            .count();
+  return plan;
 }
 
 absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
-  const std::string supported = bf16_ ? "auto, fp32, bf16" : "auto, fp32";
-  switch (spec.precision) {
-    case Precision::kAuto:
-      if (bf16_) {
-        return PrecisionChoice{Precision::kBFloat16,
-                               "auto: this CPU has AVX512-BF16; bf16 products with fp32 "
-                               "accumulation (relative L2 error within 2e-2)"};
-      }
-      return PrecisionChoice{Precision::kFloat32, absl::StrCat("auto: no AVX512-BF16 on the ",
-                                                               cpu::IsaName(isa_), " path; fp32")};
-    case Precision::kFloat32:
-      return PrecisionChoice{Precision::kFloat32, "requested fp32"};
-    case Precision::kBFloat16:
-      if (bf16_) return PrecisionChoice{Precision::kBFloat16, "requested bf16"};
-      break;
-    case Precision::kFloat16:
-    case Precision::kFloat8:
-      break;
-  }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "spec.precision ", PrecisionName(spec.precision), " is not supported by the cpu ",
-      "backend on this machine (", cpu::IsaName(isa_), "); supported: ", supported));
+  return engine::ChoosePrecision(capabilities_, spec.precision, precision_options_);
 }
 
 absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpec& spec) const {
   return ChoosePrecision(spec).status();
 }
 
-absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const TensorView& v,
-                             const AttentionSpec& spec, const MutableTensorView& out,
-                             const RunContext& context) {
+absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const TensorView& k,
+                                 const TensorView& v, const AttentionSpec& spec,
+                                 const MutableTensorView& out, const RunContext& context) {
+  CpuPlan* plan = dynamic_cast<CpuPlan*>(&plan_base);
+  if (plan == nullptr) return absl::InternalError("cpu backend given a plan it did not build");
+  const WorkspaceSizes& z = plan->sizes();
   const Shape4& s = q.shape;
   const int64_t seq_len = s.seq_len;
   const int64_t heads = s.heads;
   const int64_t head_dim = s.head_dim;
-  const int64_t dim_pad = RoundUp(head_dim, cpu::kDimAlign);
+  const int64_t dim_pad = z.dim_pad;
   const float q_factor = static_cast<float>(spec.ScaleFor(head_dim)) * kLog2e;
-  const bool longnet = spec.mode == CombineMode::kLongNet;
+  const bool longnet = z.longnet;
+  const bool bf16 = z.bf16;
   const float group_factor = 1.0f / static_cast<float>(spec.patterns.size());
-  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(heads, spec);
   const int threads = context.pool != nullptr ? context.pool->size() : 1;
+  if (threads > z.threads) {
+    return absl::InternalError(
+        absl::StrCat("cpu plan cut for ", z.threads, " threads, run on ", threads));
+  }
   const auto cancelled = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
-  absl::StatusOr<PrecisionChoice> precision = ChoosePrecision(spec);
-  if (!precision.ok()) return precision.status();
-  const bool bf16 = precision->precision == Precision::kBFloat16;
 
-  std::unique_ptr<Workspace> ws = TakeWorkspace();
+  // The plan's warm workspace, or (when a concurrent run of this plan holds it) a fresh one.
+  std::unique_ptr<Workspace> ws = plan->TakeWorkspace();
+  if (ws == nullptr) {
+    ws = std::make_unique<Workspace>();
+    DA_RETURN_IF_ERROR(PrepareWorkspace(*ws, z, /*touch=*/false));
+  }
   struct Returner {
-    CpuBackend* backend;
+    CpuPlan* plan;
     std::unique_ptr<Workspace>& ws;
-    ~Returner() { backend->ReturnWorkspace(std::move(ws)); }
-  } returner{this, ws};
-  if (static_cast<int>(ws->threads.size()) < threads) ws->threads.resize(threads);
-
-  // Per-thread tiles sized for the largest chunk any task can have.
-  int64_t max_kept = 0;
-  for (const Pattern& p : spec.patterns) {
-    max_kept = std::max(max_kept, (std::min(p.segment_len, seq_len) + p.dilation - 1) / p.dilation);
-  }
-  const int64_t rows_pad = RoundUp(max_kept, cpu::kRowAlign);
-  const int64_t keys_pad_max = RoundUp(max_kept, cpu::kKeyAlign);
-  for (int t = 0; t < threads; ++t) {
-    ThreadSpace& ts = ws->threads[t];
-    if (!ts.q.Reserve(rows_pad * dim_pad) || !ts.kt.Reserve(dim_pad * keys_pad_max) ||
-        !ts.v.Reserve(keys_pad_max * dim_pad) || !ts.out.Reserve(rows_pad * dim_pad) ||
-        !ts.lse.Reserve(rows_pad) || !ts.scratch.Reserve(cpu::KernelScratchFloats(dim_pad)) ||
-        (bf16 && !ts.bf16.Reserve(cpu::KernelBf16ScratchFloats(rows_pad, keys_pad_max, dim_pad)))) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cpu backend: cannot allocate workspace for ", max_kept, " kept rows"));
-    }
-  }
+    ~Returner() { plan->ReturnWorkspace(std::move(ws)); }
+  } returner{plan, ws};
 
   // LONGNET state per (b, n, head): fp32 accumulator (the output itself when it is fp32), running
   // max LSE and weight sum. GROUPED writes straight into a zeroed output.
-  const int64_t rows_total = s.batch * seq_len * heads;
+  const int64_t rows_total = z.rows_total;
   float* acc = nullptr;
   float* max_lse = nullptr;
   float* weight = nullptr;
   if (longnet) {
-    acc = out.dtype == DType::kFloat32 ? static_cast<float*>(out.data)
-                                       : ws->acc.Reserve(rows_total * head_dim);
-    max_lse = ws->max_lse.Reserve(rows_total);
-    weight = ws->weight.Reserve(rows_total);
-    if (acc == nullptr || max_lse == nullptr || weight == nullptr) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cpu backend: cannot allocate combine state for ", rows_total, " rows"));
-    }
+    acc = z.accumulator ? ws->acc.data() : static_cast<float*>(out.data);
+    max_lse = ws->max_lse.data();
+    weight = ws->weight.data();
     std::fill(acc, acc + rows_total * head_dim, 0.0f);
     std::fill(max_lse, max_lse + rows_total, kNegInf);
     std::fill(weight, weight + rows_total, 0.0f);
@@ -237,7 +327,7 @@ absl::Status CpuBackend::Run(const TensorView& q, const TensorView& k, const Ten
     }
   };
 
-  for (const std::vector<cpu::Task>& tasks : cpu::PlanTasks(s, spec, work, threads)) {
+  for (const std::vector<cpu::Task>& tasks : plan->loops()) {
     if (cancelled()) break;
     parallel(static_cast<int64_t>(tasks.size()), [&](int64_t i, int thread) {
       if (!cancelled()) run_task(tasks[i], thread);

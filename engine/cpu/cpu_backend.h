@@ -7,46 +7,44 @@
 // combine in the same pass over the output. GROUPED heads run disjoint patterns, so all their
 // tasks run in one parallel loop and write the output directly.
 //
-// Workspaces (packed tiles, LONGNET state) are pooled across runs: page faults on fresh memory
-// cost more than the arithmetic of a small request.
+// A plan (BuildPlan) holds the task decomposition and one workspace (packed tiles, LONGNET state),
+// allocated and touched when the plan is built: page faults on fresh memory cost more than the
+// arithmetic of a small request, and a cached plan pays them once. A run that finds the plan's
+// workspace taken by a concurrent run of the same plan allocates its own.
 #pragma once
 
 #include <memory>
-#include <mutex>
-#include <vector>
 
 #include "engine/backend.h"
 #include "engine/cpu/attention_kernel.h"
+#include "engine/precision_policy.h"
 
 namespace da::engine {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(cpu::Isa isa = cpu::SelectedIsa());
+  explicit CpuBackend(cpu::Isa isa = cpu::SelectedIsa(), PrecisionPolicyOptions precision = {});
   ~CpuBackend() override;
 
   std::string Name() const override { return "cpu"; }
   cpu::Isa isa() const { return isa_; }
 
-  // fp32 always; bf16 dot products (fp32 accumulation) when the CPU has AVX512-BF16 and the wish is
-  // BF16 or AUTO. fp16 and fp8 are not offered on CPUs.
+  // The PrecisionPolicy for this CPU: fp32 always; bf16 dot products (fp32 accumulation) when the
+  // CPU has AVX512-BF16 and the AVX-512 path is selected. fp16 and fp8 are not offered on CPUs.
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
 
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
-  absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
-                   const AttentionSpec& spec, const MutableTensorView& out,
-                   const RunContext& context) override;
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) override;
+  absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionSpec& spec, const MutableTensorView& out,
+                       const RunContext& context) override;
 
  private:
-  struct Workspace;
-  std::unique_ptr<Workspace> TakeWorkspace();
-  void ReturnWorkspace(std::unique_ptr<Workspace> workspace);
-
   cpu::Isa isa_;
   bool bf16_;  // The CPU has AVX512-BF16 and the AVX-512 path is selected.
-  std::mutex pool_mutex_;
-  std::vector<std::unique_ptr<Workspace>> idle_workspaces_;
+  DeviceCapabilities capabilities_;
+  PrecisionPolicyOptions precision_options_;
 };
 
 }  // namespace da::engine

@@ -41,7 +41,8 @@ inline void PairRows(const float* a, const float* b, int64_t count, uint32_t* ds
 // Rounds `count` (a multiple of 32) floats to bf16, in order.
 inline void ToBf16(const float* src, int64_t count, uint16_t* dst) {
   for (int64_t j = 0; j < count; j += 32) {
-    const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
+    const __m512bh packed =
+        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
     _mm512_storeu_si512(dst + j, (__m512i)packed);
   }
 }
@@ -79,7 +80,8 @@ struct Bf16Tiles {
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 8
-        for (int j = 0; j < kCols; ++j) _mm512_storeu_ps(s + r * kKeyBlock + c0 + j * 16, acc[r][j]);
+        for (int j = 0; j < kCols; ++j)
+          _mm512_storeu_ps(s + r * kKeyBlock + c0 + j * 16, acc[r][j]);
       }
     }
   }
@@ -100,7 +102,8 @@ struct Bf16Tiles {
     for (int64_t c2 = 0; c2 < kb / 2; ++c2) {
       __m512bh vv[kVecs];
 #pragma GCC unroll 8
-      for (int j = 0; j < kVecs; ++j) vv[j] = (__m512bh)_mm512_loadu_si512(vp + c2 * dim_pad + j * 16);
+      for (int j = 0; j < kVecs; ++j)
+        vv[j] = (__m512bh)_mm512_loadu_si512(vp + c2 * dim_pad + j * 16);
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
         const __m512bh pb =

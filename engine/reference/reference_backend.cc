@@ -133,9 +133,23 @@ absl::Status ReferenceBackend::Supports(const ProblemShape&, DType, const Attent
   return absl::OkStatus();
 }
 
-absl::Status ReferenceBackend::Run(const TensorView& q, const TensorView& k, const TensorView& v,
-                                   const AttentionSpec& spec, const MutableTensorView& out,
-                                   const RunContext& context) {
+namespace {
+
+// The reference computes from scratch each time; its plan holds nothing.
+class ReferencePlan final : public Plan {
+ public:
+  int64_t bytes() const override { return 0; }
+};
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<Plan>> ReferenceBackend::BuildPlan(const PlanKey&) {
+  return std::make_shared<ReferencePlan>();
+}
+
+absl::Status ReferenceBackend::RunPlan(Plan&, const TensorView& q, const TensorView& k,
+                                       const TensorView& v, const AttentionSpec& spec,
+                                       const MutableTensorView& out, const RunContext& context) {
   const Shape4& s = q.shape;
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, spec);
   const auto body = [&](int64_t task, int) {

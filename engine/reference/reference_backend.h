@@ -20,9 +20,10 @@ class ReferenceBackend final : public Backend {
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
-  absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
-                   const AttentionSpec& spec, const MutableTensorView& out,
-                   const RunContext& context) override;
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) override;
+  absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionSpec& spec, const MutableTensorView& out,
+                       const RunContext& context) override;
 };
 
 }  // namespace da::engine

@@ -1,0 +1,114 @@
+#include "engine/plan_cache.h"
+
+#include <condition_variable>
+
+#include "absl/strings/str_cat.h"
+
+namespace da::engine {
+
+struct PlanCache::Entry {
+  std::shared_ptr<Plan> plan;
+  int64_t bytes = 0;
+  std::list<std::string>::iterator recency;
+};
+
+// One build in progress; waiters block on done.
+struct PlanCache::Flight {
+  std::condition_variable done_cv;
+  bool done = false;
+  absl::StatusOr<std::shared_ptr<Plan>> result = absl::UnknownError("plan build in progress");
+};
+
+std::string PlanKey::ToString() const {
+  std::string patterns_text;
+  for (const Pattern& p : patterns)
+    absl::StrAppend(&patterns_text, p.segment_len, "/", p.dilation, ";");
+  return absl::StrCat("b", shape.batch, " n", shape.seq_len, " h", shape.heads, " kv",
+                      shape.kv_heads, " d", shape.head_dim, " ", DTypeName(dtype), "->",
+                      DTypeName(out_dtype), " [", patterns_text, "] ", causal ? "causal " : "",
+                      CombineModeName(mode), " ", PrecisionName(precision), " ", devices, "x",
+                      threads);
+}
+
+PlanCache::PlanCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {
+  stats_.capacity_bytes = capacity_bytes;
+}
+
+PlanCache::~PlanCache() = default;
+
+absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
+                                                            const Builder& build, bool* hit) {
+  const std::string id = key.ToString();
+  std::shared_ptr<Flight> flight;
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    auto found = entries_.find(id);
+    if (found != entries_.end()) {
+      recency_.splice(recency_.begin(), recency_, found->second.recency);
+      ++stats_.hits;
+      if (hit != nullptr) *hit = true;
+      return found->second.plan;
+    }
+    ++stats_.misses;
+    if (hit != nullptr) *hit = false;
+    auto flying = flights_.find(id);
+    if (flying != flights_.end()) {
+      flight = flying->second;  // Someone is building it: wait for that build.
+      flight->done_cv.wait(lock, [&] { return flight->done; });
+      return flight->result;
+    }
+    flight = std::make_shared<Flight>();
+    flights_.emplace(id, flight);
+    ++stats_.builds;
+  }
+  // Build outside the lock: other keys proceed meanwhile.
+  absl::StatusOr<std::shared_ptr<Plan>> result = build();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (result.ok() && *result != nullptr) {
+    recency_.push_front(id);
+    Entry entry{*result, (*result)->bytes(), recency_.begin()};
+    stats_.bytes += entry.bytes;
+    entries_.emplace(id, std::move(entry));
+    TrimLocked();
+  } else if (result.ok()) {
+    result = absl::InternalError(absl::StrCat("plan builder returned no plan for ", id));
+  }
+  flight->result = result;
+  flight->done = true;
+  flight->done_cv.notify_all();
+  flights_.erase(id);
+  return result;
+}
+
+void PlanCache::Trim() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TrimLocked();
+}
+
+void PlanCache::TrimLocked() {
+  // From the least recently used end, drop plans nobody else holds until within budget.
+  for (auto it = recency_.end(); stats_.bytes > capacity_bytes_ && it != recency_.begin();) {
+    --it;
+    auto entry = entries_.find(*it);
+    if (entry->second.plan.use_count() > 1) continue;  // In use: never dropped.
+    stats_.bytes -= entry->second.bytes;
+    ++stats_.evictions;
+    entries_.erase(entry);
+    it = recency_.erase(it);
+  }
+  stats_.entries = static_cast<int64_t>(entries_.size());
+}
+
+PlanCacheStats PlanCache::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PlanCacheStats s = stats_;
+  s.entries = static_cast<int64_t>(entries_.size());
+  return s;
+}
+
+std::vector<std::string> PlanCache::KeysByRecency() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {recency_.begin(), recency_.end()};
+}
+
+}  // namespace da::engine

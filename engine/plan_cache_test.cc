@@ -1,0 +1,166 @@
+// PlanCache: LRU order within a byte budget, plans in use never dropped, single-flight builds.
+// CI also runs this file under ThreadSanitizer (make test -> tsan).
+#include "engine/plan_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
+namespace da::engine {
+namespace {
+
+class FakePlan : public Plan {
+ public:
+  explicit FakePlan(int64_t bytes) : bytes_(bytes) {}
+  int64_t bytes() const override { return bytes_; }
+
+ private:
+  int64_t bytes_;
+};
+
+PlanKey Key(int64_t seq_len) {
+  PlanKey key;
+  key.shape = {1, seq_len, 1, 1, 8};
+  key.patterns = {{8, 1}};
+  key.devices = "cpu:0";
+  return key;
+}
+
+PlanCache::Builder Makes(int64_t bytes) {
+  return [bytes]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+    return std::make_shared<FakePlan>(bytes);
+  };
+}
+
+TEST(PlanCacheTest, SecondLookupIsAHit) {
+  PlanCache cache(1000);
+  bool hit = true;
+  auto first = cache.GetOrBuild(Key(1), Makes(10), &hit);
+  ASSERT_TRUE(first.ok());
+  EXPECT_FALSE(hit);
+  auto second = cache.GetOrBuild(Key(1), Makes(10), &hit);
+  EXPECT_TRUE(hit);
+  EXPECT_EQ(first->get(), second->get());
+  const PlanCacheStats s = cache.stats();
+  EXPECT_EQ(s.hits, 1);
+  EXPECT_EQ(s.misses, 1);
+  EXPECT_EQ(s.builds, 1);
+  EXPECT_EQ(s.bytes, 10);
+  EXPECT_EQ(s.entries, 1);
+}
+
+TEST(PlanCacheTest, EvictsLeastRecentlyUsedWhenOverBudget) {
+  PlanCache cache(300);
+  for (int64_t n : {1, 2, 3}) ASSERT_TRUE(cache.GetOrBuild(Key(n), Makes(100), nullptr).ok());
+  ASSERT_TRUE(cache.GetOrBuild(Key(1), Makes(100), nullptr).ok());  // 1 is now the most recent.
+  ASSERT_TRUE(cache.GetOrBuild(Key(4), Makes(100), nullptr).ok());  // Over budget: 2 goes.
+  EXPECT_EQ(cache.KeysByRecency(),
+            (std::vector<std::string>{Key(4).ToString(), Key(1).ToString(), Key(3).ToString()}));
+  PlanCacheStats s = cache.stats();
+  EXPECT_EQ(s.evictions, 1);
+  EXPECT_EQ(s.bytes, 300);
+  EXPECT_EQ(s.entries, 3);
+  // A plan bigger than half the budget pushes out two.
+  ASSERT_TRUE(cache.GetOrBuild(Key(5), Makes(200), nullptr).ok());
+  s = cache.stats();
+  EXPECT_EQ(s.evictions, 3);
+  EXPECT_LE(s.bytes, 300);
+  EXPECT_EQ(cache.KeysByRecency(),
+            (std::vector<std::string>{Key(5).ToString(), Key(4).ToString()}));
+}
+
+TEST(PlanCacheTest, APlanInUseSurvivesEviction) {
+  PlanCache cache(100);
+  auto held = cache.GetOrBuild(Key(1), Makes(100), nullptr);
+  ASSERT_TRUE(held.ok());
+  ASSERT_TRUE(cache.GetOrBuild(Key(2), Makes(100), nullptr).ok());  // Over budget; 1 is in use.
+  bool hit = false;
+  ASSERT_TRUE(cache.GetOrBuild(Key(1), Makes(100), &hit).ok());
+  EXPECT_TRUE(hit) << "the held plan was dropped";
+  EXPECT_EQ((*held)->bytes(), 100);
+  // Released, it becomes evictable; Trim brings the cache back within budget.
+  held->reset();
+  cache.Trim();
+  EXPECT_LE(cache.stats().bytes, 100);
+}
+
+TEST(PlanCacheTest, FailedBuildIsReturnedAndNotCached) {
+  PlanCache cache(100);
+  auto failing = []() -> absl::StatusOr<std::shared_ptr<Plan>> {
+    return absl::ResourceExhaustedError("no memory for the workspace");
+  };
+  auto result = cache.GetOrBuild(Key(1), failing, nullptr);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(cache.stats().entries, 0);
+  bool hit = true;
+  EXPECT_TRUE(cache.GetOrBuild(Key(1), Makes(10), &hit).ok());
+  EXPECT_FALSE(hit);
+}
+
+TEST(PlanCacheTest, ConcurrentMissesOnOneKeyBuildOnce) {
+  PlanCache cache(1 << 20);
+  std::atomic<int> builds{0};
+  std::atomic<int> started{0};
+  auto slow = [&]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+    ++builds;
+    // Hold the build open until every thread has asked, so all 16 lookups overlap it.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (started.load() < 16 && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::yield();
+    }
+    return std::make_shared<FakePlan>(64);
+  };
+  std::vector<std::thread> threads;
+  std::vector<Plan*> seen(16, nullptr);
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      ++started;
+      auto plan = cache.GetOrBuild(Key(7), slow, nullptr);
+      if (plan.ok()) seen[t] = plan->get();
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(builds.load(), 1);
+  for (Plan* p : seen) EXPECT_EQ(p, seen[0]);
+  EXPECT_NE(seen[0], nullptr);
+  EXPECT_EQ(cache.stats().builds, 1);
+  EXPECT_EQ(cache.stats().entries, 1);
+}
+
+TEST(PlanCacheTest, DifferentKeysBuildConcurrently) {
+  PlanCache cache(1 << 20);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 50; ++i) {
+        ASSERT_TRUE(cache.GetOrBuild(Key((t + i) % 8), Makes(16), nullptr).ok());
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  const PlanCacheStats s = cache.stats();
+  EXPECT_EQ(s.entries, 8);
+  EXPECT_EQ(s.builds, 8);
+  EXPECT_EQ(s.hits + s.misses, 16 * 50);
+}
+
+TEST(PlanCacheTest, KeyNamesEverythingThePlanDependsOn) {
+  PlanKey a = Key(1);
+  PlanKey b = a;
+  b.causal = true;
+  EXPECT_NE(a.ToString(), b.ToString());
+  b = a;
+  b.precision = Precision::kBFloat16;
+  EXPECT_NE(a.ToString(), b.ToString());
+  b = a;
+  b.patterns = {{8, 2}};
+  EXPECT_NE(a.ToString(), b.ToString());
+  b = a;
+  b.shape.kv_heads = 2;
+  EXPECT_NE(a.ToString(), b.ToString());
+}
+
+}  // namespace
+}  // namespace da::engine
