@@ -8,7 +8,7 @@ CMAKE_FLAGS ?=
 SERVE_ARGS ?=
 DEPS_STAMP := $(BUILD_DIR)/.deps-installed
 
-.PHONY: all deps configure build build-nocuda sanitize serve test clean
+.PHONY: all deps configure build build-nocuda sanitize tsan serve test clean
 
 all: build
 
@@ -53,8 +53,17 @@ sanitize: $(DEPS_STAMP)
 	    --gtest_filter='CpuBackendTest.*:*N64_set1_H8kv2_causal_*' || exit 1; \
 	done
 
-test: build build-nocuda sanitize
+# The plan cache's concurrency (single-flight, eviction while in use) under ThreadSanitizer.
+TSAN_DIR ?= build-tsan
+tsan: $(DEPS_STAMP)
+	cmake -S . -B $(TSAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
+	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=thread
+	cmake --build $(TSAN_DIR) -j $(JOBS) --target plan_cache_test engine_test
+	$(TSAN_DIR)/bin/plan_cache_test --gtest_brief=1
+	$(TSAN_DIR)/bin/engine_test --gtest_brief=1
+
+test: build build-nocuda sanitize tsan
 	cd $(BUILD_DIR) && ctest -j $(JOBS) --output-on-failure --timeout 600
 
 clean:
-	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR)
+	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR) $(TSAN_DIR)
