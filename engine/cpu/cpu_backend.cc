@@ -1,14 +1,12 @@
 #include "engine/cpu/cpu_backend.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 
 #include "absl/strings/str_cat.h"
-#include "engine/cpu/aligned_buffer.h"
+#include "engine/cpu/cpu_plan.h"
 #include "engine/cpu/task_plan.h"
 #include "engine/dilation.h"
 #include "engine/status_macros.h"
@@ -17,7 +15,6 @@
 namespace da::engine {
 namespace {
 
-using cpu::AlignedBuffer;
 using cpu::RoundUp;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -50,120 +47,6 @@ void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, i
 
 }  // namespace
 
-namespace {
-
-struct ThreadSpace {
-  AlignedBuffer q, kt, v, out, lse, scratch, bf16;
-};
-
-// What a plan's workspace must hold.
-struct WorkspaceSizes {
-  int threads = 1;
-  int64_t head_dim = 0;
-  int64_t dim_pad = 0;
-  int64_t rows_pad = 0;    // Query rows of the largest chunk, padded.
-  int64_t keys_pad = 0;    // Keys of the largest segment, padded.
-  int64_t rows_total = 0;  // batch x seq x heads: LONGNET state rows.
-  bool longnet = false;
-  bool accumulator = false;  // LONGNET with a non-fp32 output needs its own fp32 accumulator.
-  bool bf16 = false;
-};
-
-struct Workspace {
-  std::vector<ThreadSpace> threads;
-  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
-
-  int64_t bytes() const {
-    int64_t total = acc.capacity_bytes() + max_lse.capacity_bytes() + weight.capacity_bytes();
-    for (const ThreadSpace& t : threads) {
-      for (const AlignedBuffer* b : {&t.q, &t.kt, &t.v, &t.out, &t.lse, &t.scratch, &t.bf16}) {
-        total += b->capacity_bytes();
-      }
-    }
-    return total;
-  }
-};
-
-// Reserves every buffer; with touch, writes them once so that their pages are resident.
-absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
-  ws.threads.resize(z.threads);
-  std::vector<std::pair<AlignedBuffer*, int64_t>> wanted;
-  for (ThreadSpace& t : ws.threads) {
-    wanted.push_back({&t.q, z.rows_pad * z.dim_pad});
-    wanted.push_back({&t.kt, z.dim_pad * z.keys_pad});
-    wanted.push_back({&t.v, z.keys_pad * z.dim_pad});
-    wanted.push_back({&t.out, z.rows_pad * z.dim_pad});
-    wanted.push_back({&t.lse, z.rows_pad});
-    wanted.push_back({&t.scratch, cpu::KernelScratchFloats(z.dim_pad)});
-    if (z.bf16) {
-      wanted.push_back({&t.bf16, cpu::KernelBf16ScratchFloats(z.rows_pad, z.keys_pad, z.dim_pad)});
-    }
-  }
-  if (z.longnet) {
-    if (z.accumulator) wanted.push_back({&ws.acc, z.rows_total * z.head_dim});
-    wanted.push_back({&ws.max_lse, z.rows_total});
-    wanted.push_back({&ws.weight, z.rows_total});
-  }
-  for (const auto& [buffer, floats] : wanted) {
-    float* data = buffer->Reserve(floats);
-    if (data == nullptr) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cpu backend: cannot allocate a ", floats * 4, "-byte workspace buffer"));
-    }
-    if (touch) std::memset(data, 0, buffer->capacity_bytes());
-  }
-  return absl::OkStatus();
-}
-
-class CpuPlan final : public Plan {
- public:
-  CpuPlan(const PlanKey& key, const WorkspaceSizes& sizes) : key_(key), sizes_(sizes) {}
-
-  absl::Status Build() {
-    work_ = AssignHeadPatterns(key_.shape.heads, SpecOf(key_));
-    loops_ = cpu::PlanTasks(key_.shape.QueryShape(), SpecOf(key_), work_, sizes_.threads);
-    idle_ = std::make_unique<Workspace>();
-    DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true));
-    workspace_bytes_ = idle_->bytes();
-    for (const auto& loop : loops_) table_bytes_ += loop.size() * sizeof(cpu::Task);
-    return absl::OkStatus();
-  }
-
-  int64_t bytes() const override { return workspace_bytes_ + table_bytes_; }
-  const WorkspaceSizes& sizes() const { return sizes_; }
-  const std::vector<std::vector<cpu::Task>>& loops() const { return loops_; }
-
-  // The plan's own workspace, or null while another run holds it.
-  std::unique_ptr<Workspace> TakeWorkspace() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return std::move(idle_);
-  }
-  void ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (idle_ == nullptr) idle_ = std::move(workspace);
-  }
-
-  static AttentionSpec SpecOf(const PlanKey& key) {
-    AttentionSpec spec;
-    spec.patterns = key.patterns;
-    spec.causal = key.causal;
-    spec.mode = key.mode;
-    return spec;
-  }
-
- private:
-  const PlanKey key_;
-  const WorkspaceSizes sizes_;
-  std::vector<std::vector<HeadWork>> work_;  // Tasks point into it.
-  std::vector<std::vector<cpu::Task>> loops_;
-  std::mutex mutex_;
-  std::unique_ptr<Workspace> idle_;
-  int64_t workspace_bytes_ = 0;
-  int64_t table_bytes_ = 0;
-};
-
-}  // namespace
-
 CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
     : isa_(isa),
       bf16_(isa == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts()),
@@ -172,31 +55,11 @@ CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
 CpuBackend::~CpuBackend() = default;
 
 absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key) {
-  const auto start = std::chrono::steady_clock::now();
-  WorkspaceSizes z;
-  z.threads = std::max(1, key.threads);
-  z.head_dim = key.shape.head_dim;
-  z.dim_pad = RoundUp(key.shape.head_dim, cpu::kDimAlign);
-  int64_t max_kept = 0;
-  for (const Pattern& p : key.patterns) {
-    const int64_t span = std::min(p.segment_len, key.shape.seq_len);
-    max_kept = std::max(max_kept, (span + p.dilation - 1) / p.dilation);
-  }
-  z.rows_pad = RoundUp(max_kept, cpu::kRowAlign);
-  z.keys_pad = RoundUp(max_kept, cpu::kKeyAlign);
-  z.rows_total = key.shape.batch * key.shape.seq_len * key.shape.heads;
-  z.longnet = key.mode == CombineMode::kLongNet;
-  z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
-  z.bf16 = key.precision == Precision::kBFloat16;
-  if (z.bf16 && !bf16_) {
+  if (key.precision == Precision::kBFloat16 && !bf16_) {
     return absl::InvalidArgumentError("bf16 plan requested on a CPU path without AVX512-BF16");
   }
-  auto plan = std::make_shared<CpuPlan>(key, z);
-  DA_RETURN_IF_ERROR(plan->Build());
-  plan->build_time_us = std::chrono::duration_cast<std::chrono::microseconds>(
-                            std::chrono::steady_clock::now() - start)
-                            .count();
-  return plan;
+  DA_ASSIGN_OR_RETURN(std::shared_ptr<cpu::CpuPlan> plan, cpu::BuildCpuPlan(key));
+  return std::shared_ptr<Plan>(std::move(plan));
 }
 
 absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
@@ -210,9 +73,9 @@ absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpe
 absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const TensorView& k,
                                  const TensorView& v, const AttentionSpec& spec,
                                  const MutableTensorView& out, const RunContext& context) {
-  CpuPlan* plan = dynamic_cast<CpuPlan*>(&plan_base);
+  cpu::CpuPlan* plan = dynamic_cast<cpu::CpuPlan*>(&plan_base);
   if (plan == nullptr) return absl::InternalError("cpu backend given a plan it did not build");
-  const WorkspaceSizes& z = plan->sizes();
+  const cpu::WorkspaceSizes& z = plan->sizes();
   const Shape4& s = q.shape;
   const int64_t seq_len = s.seq_len;
   const int64_t heads = s.heads;
@@ -230,14 +93,14 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
   const auto cancelled = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
 
   // The plan's warm workspace, or (when a concurrent run of this plan holds it) a fresh one.
-  std::unique_ptr<Workspace> ws = plan->TakeWorkspace();
+  std::unique_ptr<cpu::Workspace> ws = plan->TakeWorkspace();
   if (ws == nullptr) {
-    ws = std::make_unique<Workspace>();
-    DA_RETURN_IF_ERROR(PrepareWorkspace(*ws, z, /*touch=*/false));
+    ws = std::make_unique<cpu::Workspace>();
+    DA_RETURN_IF_ERROR(cpu::PrepareWorkspace(*ws, z, /*touch=*/false));
   }
   struct Returner {
-    CpuPlan* plan;
-    std::unique_ptr<Workspace>& ws;
+    cpu::CpuPlan* plan;
+    std::unique_ptr<cpu::Workspace>& ws;
     ~Returner() { plan->ReturnWorkspace(std::move(ws)); }
   } returner{plan, ws};
 
@@ -259,7 +122,7 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
   }
 
   const auto run_task = [&](const cpu::Task& task, int thread) {
-    ThreadSpace& ts = ws->threads[thread];
+    cpu::ThreadSpace& ts = ws->threads[thread];
     const int64_t kv_head = KvHeadFor(task.head, heads, k.shape.heads);
     const int64_t keys = spec.causal ? task.row_end : task.kept.count;
     const int64_t keys_pad = RoundUp(keys, cpu::kKeyAlign);

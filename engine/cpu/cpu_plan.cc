@@ -1,0 +1,110 @@
+#include "engine/cpu/cpu_plan.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/attention_kernel.h"
+#include "engine/status_macros.h"
+
+namespace da::engine::cpu {
+namespace {
+
+AttentionSpec SpecOf(const PlanKey& key) {
+  AttentionSpec spec;
+  spec.patterns = key.patterns;
+  spec.causal = key.causal;
+  spec.mode = key.mode;
+  return spec;
+}
+
+}  // namespace
+
+int64_t Workspace::bytes() const {
+  int64_t total = acc.capacity_bytes() + max_lse.capacity_bytes() + weight.capacity_bytes();
+  for (const ThreadSpace& t : threads) {
+    for (const AlignedBuffer* b : {&t.q, &t.kt, &t.v, &t.out, &t.lse, &t.scratch, &t.bf16}) {
+      total += b->capacity_bytes();
+    }
+  }
+  return total;
+}
+
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
+  ws.threads.resize(z.threads);
+  std::vector<std::pair<AlignedBuffer*, int64_t>> wanted;
+  for (ThreadSpace& t : ws.threads) {
+    wanted.push_back({&t.q, z.rows_pad * z.dim_pad});
+    wanted.push_back({&t.kt, z.dim_pad * z.keys_pad});
+    wanted.push_back({&t.v, z.keys_pad * z.dim_pad});
+    wanted.push_back({&t.out, z.rows_pad * z.dim_pad});
+    wanted.push_back({&t.lse, z.rows_pad});
+    wanted.push_back({&t.scratch, KernelScratchFloats(z.dim_pad)});
+    if (z.bf16)
+      wanted.push_back({&t.bf16, KernelBf16ScratchFloats(z.rows_pad, z.keys_pad, z.dim_pad)});
+  }
+  if (z.longnet) {
+    if (z.accumulator) wanted.push_back({&ws.acc, z.rows_total * z.head_dim});
+    wanted.push_back({&ws.max_lse, z.rows_total});
+    wanted.push_back({&ws.weight, z.rows_total});
+  }
+  for (const auto& [buffer, floats] : wanted) {
+    float* data = buffer->Reserve(floats);
+    if (data == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu backend: cannot allocate a ", floats * 4, "-byte workspace buffer"));
+    }
+    if (touch) std::memset(data, 0, buffer->capacity_bytes());
+  }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<Workspace> CpuPlan::TakeWorkspace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::move(idle_);
+}
+
+void CpuPlan::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (idle_ == nullptr) idle_ = std::move(workspace);
+}
+
+absl::Status CpuPlan::Build() {
+  const AttentionSpec spec = SpecOf(key_);
+  work_ = AssignHeadPatterns(key_.shape.heads, spec);
+  loops_ = PlanTasks(key_.shape.QueryShape(), spec, work_, sizes_.threads);
+  idle_ = std::make_unique<Workspace>();
+  DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true));
+  workspace_bytes_ = idle_->bytes();
+  for (const auto& loop : loops_) table_bytes_ += loop.size() * sizeof(Task);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key) {
+  const auto start = std::chrono::steady_clock::now();
+  WorkspaceSizes z;
+  z.threads = std::max(1, key.threads);
+  z.head_dim = key.shape.head_dim;
+  z.dim_pad = RoundUp(key.shape.head_dim, kDimAlign);
+  int64_t max_kept = 0;
+  for (const Pattern& p : key.patterns) {
+    const int64_t span = std::min(p.segment_len, key.shape.seq_len);
+    max_kept = std::max(max_kept, (span + p.dilation - 1) / p.dilation);
+  }
+  z.rows_pad = RoundUp(max_kept, kRowAlign);
+  z.keys_pad = RoundUp(max_kept, kKeyAlign);
+  z.rows_total = key.shape.batch * key.shape.seq_len * key.shape.heads;
+  z.longnet = key.mode == CombineMode::kLongNet;
+  z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
+  z.bf16 = key.precision == Precision::kBFloat16;
+  auto plan = std::make_shared<CpuPlan>(key, z);
+  DA_RETURN_IF_ERROR(plan->Build());
+  plan->build_time_us = std::chrono::duration_cast<std::chrono::microseconds>(
+                            std::chrono::steady_clock::now() - start)
+                            .count();
+  return plan;
+}
+
+}  // namespace da::engine::cpu

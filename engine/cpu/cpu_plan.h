@@ -1,0 +1,82 @@
+// The CPU backend's plan: the task decomposition of a problem and one workspace for running it,
+// sized from the plan key and touched when built.
+//
+//   absl::StatusOr<std::shared_ptr<cpu::CpuPlan>> plan = cpu::BuildCpuPlan(key);
+//   std::unique_ptr<cpu::Workspace> ws = (*plan)->TakeWorkspace();  // null while another run has
+//   it
+//   ...
+//   (*plan)->ReturnWorkspace(std::move(ws));
+//
+// Thread safety: the tables are immutable after BuildCpuPlan; Take/ReturnWorkspace lock.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/cpu/aligned_buffer.h"
+#include "engine/cpu/task_plan.h"
+#include "engine/plan_cache.h"
+
+namespace da::engine::cpu {
+
+struct ThreadSpace {
+  AlignedBuffer q, kt, v, out, lse, scratch, bf16;
+};
+
+// What a plan's workspace must hold.
+struct WorkspaceSizes {
+  int threads = 1;
+  int64_t head_dim = 0;
+  int64_t dim_pad = 0;
+  int64_t rows_pad = 0;    // Query rows of the largest chunk, padded.
+  int64_t keys_pad = 0;    // Keys of the largest segment, padded.
+  int64_t rows_total = 0;  // batch x seq x heads: LONGNET state rows.
+  bool longnet = false;
+  bool accumulator = false;  // LONGNET with a non-fp32 output needs its own fp32 accumulator.
+  bool bf16 = false;
+};
+
+struct Workspace {
+  std::vector<ThreadSpace> threads;
+  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
+
+  int64_t bytes() const;
+};
+
+// Reserves every buffer; with touch, writes them once so that their pages are resident.
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& sizes, bool touch);
+
+class CpuPlan final : public Plan {
+ public:
+  CpuPlan(const PlanKey& key, const WorkspaceSizes& sizes) : key_(key), sizes_(sizes) {}
+
+  int64_t bytes() const override { return workspace_bytes_ + table_bytes_; }
+  const WorkspaceSizes& sizes() const { return sizes_; }
+  const std::vector<std::vector<Task>>& loops() const { return loops_; }
+
+  // The plan's own workspace, or null while another run holds it.
+  std::unique_ptr<Workspace> TakeWorkspace();
+  void ReturnWorkspace(std::unique_ptr<Workspace> workspace);
+
+ private:
+  friend absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key);
+  absl::Status Build();
+
+  const PlanKey key_;
+  const WorkspaceSizes sizes_;
+  std::vector<std::vector<HeadWork>> work_;  // Tasks point into it.
+  std::vector<std::vector<Task>> loops_;
+  std::mutex mutex_;
+  std::unique_ptr<Workspace> idle_;
+  int64_t workspace_bytes_ = 0;
+  int64_t table_bytes_ = 0;
+};
+
+// Sizes, decomposes and allocates (touching the workspace). The key's precision must be one the
+// caller's kernels can run (bf16 only with AVX512-BF16).
+absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key);
+
+}  // namespace da::engine::cpu
