@@ -121,6 +121,13 @@ grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,
   return stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), response);
 }
 
+grpc::Status AttentionClient::WarmUp(const v1::WarmUpRequest& request, v1::WarmUpResponse* response,
+                                     const CallOptions& options) {
+  grpc::ClientContext context;
+  ConfigureContext(options, "", &context);
+  return stub_->WarmUp(&context, request, response);
+}
+
 grpc::Status AttentionClient::CheckHealth(
     const std::string& service, grpc::health::v1::HealthCheckResponse::ServingStatus* status,
     const CallOptions& options) {

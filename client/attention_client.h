@@ -58,6 +58,11 @@ class AttentionClient {
 
   grpc::Status GetServerInfo(v1::GetServerInfoResponse* response, const CallOptions& options = {});
 
+  // Builds the plans of request's shapes on the server, so that their first requests are plan
+  // cache hits.
+  grpc::Status WarmUp(const v1::WarmUpRequest& request, v1::WarmUpResponse* response,
+                      const CallOptions& options = {});
+
   // Health of a service ("" for liveness, "da.v1.AttentionService" for readiness).
   grpc::Status CheckHealth(const std::string& service,
                            grpc::health::v1::HealthCheckResponse::ServingStatus* status,

@@ -190,11 +190,15 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
   const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision,
                                   impl_->devices.front().id, impl_->pool->size());
   WarmUpResult result;
-  DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, impl_->GetPlan(key, &result.already_warm));
-  result.plan_bytes = plan->bytes();
-  result.build_time_us = result.already_warm ? 0 : plan->build_time_us;
+  {
+    DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,
+                        impl_->GetPlan(key, &result.already_warm));
+    result.plan_bytes = plan->bytes();
+    result.build_time_us = result.already_warm ? 0 : plan->build_time_us;
+  }
   result.precision = precision.precision;
   result.plan_key = key.ToString();
+  impl_->plans->Trim();  // Within budget even when this plan does not fit (it is not held now).
   return result;
 }
 

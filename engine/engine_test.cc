@@ -214,6 +214,9 @@ TEST(EngineTest, ZeroPlanCacheBudgetStillComputes) {
   }
   EXPECT_EQ((*engine)->plan_cache_stats().entries, 0);
   EXPECT_EQ((*engine)->plan_cache_stats().evictions, 2);
+  // A warmed plan that does not fit the budget is not kept either.
+  ASSERT_TRUE((*engine)->WarmUp({1, 64, 2, 2, 8}, DType::kFloat32, DType::kFloat32, in.spec).ok());
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 0);
 }
 
 TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {

@@ -1,13 +1,18 @@
 #include "server/attention_service.h"
 
+#include <spdlog/spdlog.h>
+
 #include <atomic>
 #include <chrono>
 #include <utility>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 #include "server/attend_stream_reactor.h"
 #include "server/conversion.h"
 #include "server/request_record.h"
+#include "server/status_conversion.h"
 
 namespace da::server {
 namespace {
@@ -84,6 +89,38 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   std::atomic<bool> cancelled_{false};
 };
 
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Every shape is converted and checked against the limits before any is built, so a malformed
+// request warms nothing; a shape the engine then refuses (e.g. an unsupported precision) stops
+// the call after the shapes before it.
+absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
+                          const v1::WarmUpRequest& request, v1::WarmUpResponse* response) {
+  std::vector<WarmUpShape> shapes;
+  for (int i = 0; i < request.shapes_size(); ++i) {
+    const std::string field = absl::StrCat("shapes[", i, "]");
+    absl::StatusOr<WarmUpShape> shape =
+        ProblemFromHeader(request.shapes(i), absl::StrCat(field, ".dtype"));
+    absl::Status valid = shape.status();
+    if (valid.ok()) {
+      valid = engine::ValidateShape(shape->shape, shape->dtype, shape->spec, engine.limits());
+    }
+    if (!valid.ok()) return absl::Status(valid.code(), absl::StrCat(field, ": ", valid.message()));
+    shapes.push_back(*std::move(shape));
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i]);
+    if (!result.ok()) {
+      return absl::Status(result.status().code(),
+                          absl::StrCat("shapes[", i, "]: ", result.status().message()));
+    }
+    WarmUpResultToProto(*result, response->add_results());
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, ServiceOptions options)
@@ -117,12 +154,37 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
   limits->set_max_message_bytes(options_.max_message_bytes);
   limits->set_max_request_bytes(engine_->limits().max_request_bytes);
   limits->set_max_tokens(engine_->limits().max_tokens);
-  response->mutable_plan_cache();  // All zero until the plan cache exists.
+  PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
 
-  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
-  metrics_->RequestFinished("GetServerInfo", grpc::StatusCode::OK, elapsed.count());
+  metrics_->RequestFinished("GetServerInfo", grpc::StatusCode::OK, SecondsSince(start));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+// Building a plan allocates and touches its workspace (milliseconds to seconds), so it runs on
+// the warm-up worker, which finishes the RPC. Unauthenticated for now: once authentication exists
+// (issue 5) this RPC goes behind it, since it makes the server allocate memory on request.
+grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* context,
+                                                   const v1::WarmUpRequest* request,
+                                                   v1::WarmUpResponse* response) {
+  const auto start = std::chrono::steady_clock::now();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // gRPC keeps context, request and response alive until Finish.
+  warm_up_worker_.Post([this, context, request, response, reactor, start] {
+    absl::Status status = context->IsCancelled()
+                              ? absl::CancelledError("cancelled before the warm-up started")
+                              : WarmUpShapes(*engine_, *metrics_, *request, response);
+    if (status.ok()) {
+      PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
+    } else {
+      response->Clear();
+      spdlog::warn("WarmUp of {} shapes failed: {}", request->shapes_size(), status.ToString());
+    }
+    const grpc::Status grpc_status = ToGrpcStatus(status);
+    metrics_->RequestFinished("WarmUp", grpc_status.error_code(), SecondsSince(start));
+    reactor->Finish(grpc_status);
+  });
   return reactor;
 }
 

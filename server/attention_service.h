@@ -5,7 +5,9 @@
 //
 // Handlers only convert and check messages; every computation is queued on the engine
 // (Engine::Submit) and the RPC is finished from the engine's dispatcher thread, so no gRPC thread
-// ever computes. The engine and metrics must outlive the grpc::Server the service is registered in.
+// ever computes. WarmUp builds plans on the service's own worker thread and finishes from there.
+// The engine and metrics must outlive the grpc::Server the service is registered in, and the
+// service must outlive it too (its destructor joins the warm-up worker).
 #pragma once
 
 #include <cstdint>
@@ -15,6 +17,7 @@
 #include "da/v1/attention.grpc.pb.h"
 #include "engine/engine.h"
 #include "server/metrics.h"
+#include "server/warm_up.h"
 
 namespace da::server {
 
@@ -40,11 +43,16 @@ class AttentionService final : public v1::AttentionService::CallbackService {
                                           const v1::GetServerInfoRequest* request,
                                           v1::GetServerInfoResponse* response) override;
 
+  grpc::ServerUnaryReactor* WarmUp(grpc::CallbackServerContext* context,
+                                   const v1::WarmUpRequest* request,
+                                   v1::WarmUpResponse* response) override;
+
  private:
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;
   std::vector<std::string> build_features_;
+  WarmUpWorker warm_up_worker_;
 };
 
 }  // namespace da::server

@@ -167,9 +167,10 @@ absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request
   return problem;
 }
 
-absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header) {
+absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
+                                                const std::string& dtype_field) {
   StreamProblem problem;
-  DA_ASSIGN_OR_RETURN(problem.dtype, DTypeFromProto(header.dtype(), "header.dtype"));
+  DA_ASSIGN_OR_RETURN(problem.dtype, DTypeFromProto(header.dtype(), dtype_field));
   problem.shape.batch = header.batch();
   problem.shape.seq_len = header.seq_len();
   problem.shape.heads = header.heads();
@@ -204,6 +205,24 @@ void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out) {
   out->set_memory_bytes(device.memory_bytes);
   out->set_compute_units(device.compute_units);
   out->set_capability(device.capability);
+}
+
+void PlanCacheStatsToProto(const engine::PlanCacheStats& stats, v1::PlanCacheStats* out) {
+  out->set_hits(stats.hits);
+  out->set_misses(stats.misses);
+  out->set_evictions(stats.evictions);
+  out->set_bytes(stats.bytes);
+  out->set_entries(stats.entries);
+  out->set_builds(stats.builds);
+  out->set_capacity_bytes(stats.capacity_bytes);
+}
+
+void WarmUpResultToProto(const engine::WarmUpResult& result, v1::WarmUpResult* out) {
+  out->set_plan_key(result.plan_key);
+  out->set_already_warm(result.already_warm);
+  out->set_plan_bytes(result.plan_bytes);
+  out->set_build_time_us(result.build_time_us);
+  out->set_precision(PrecisionToProto(result.precision));
 }
 
 }  // namespace da::server

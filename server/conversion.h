@@ -41,16 +41,20 @@ struct UnaryProblem {
 };
 absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request);
 
-// A StreamHeader as a problem shape, dtype and spec.
+// A StreamHeader as a problem shape, dtype and spec (also what a warm-up shape is).
 struct StreamProblem {
   engine::ProblemShape shape;
   engine::DType dtype = engine::DType::kFloat32;
   engine::AttentionSpec spec;
 };
-absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header);
+// dtype_field names the header's dtype in messages.
+absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
+                                                const std::string& dtype_field = "header.dtype");
 
 void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
                           int64_t total_time_us, v1::ExecutionInfo* out);
 void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out);
+void PlanCacheStatsToProto(const engine::PlanCacheStats& stats, v1::PlanCacheStats* out);
+void WarmUpResultToProto(const engine::WarmUpResult& result, v1::WarmUpResult* out);
 
 }  // namespace da::server

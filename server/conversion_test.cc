@@ -86,6 +86,7 @@ TEST(ConversionTest, ExecutionInfoCarriesEveryField) {
   info.queue_time_us = 3;
   info.compute_time_us = 40;
   info.plan_build_time_us = 5;
+  info.plan_cache_hit = true;  // Not the default, so a missing copy shows.
   v1::ExecutionInfo proto;
   ExecutionInfoToProto(info, "abc", 50, &proto);
   EXPECT_EQ(proto.request_id(), "abc");
@@ -98,7 +99,39 @@ TEST(ConversionTest, ExecutionInfoCarriesEveryField) {
   EXPECT_EQ(proto.compute_time_us(), 40);
   EXPECT_EQ(proto.plan_build_time_us(), 5);
   EXPECT_EQ(proto.total_time_us(), 50);
-  EXPECT_FALSE(proto.plan_cache_hit());
+  EXPECT_TRUE(proto.plan_cache_hit());
+}
+
+TEST(ConversionTest, PlanCacheStatsAndWarmUpResultCarryEveryField) {
+  const engine::PlanCacheStats stats{.hits = 1,
+                                     .misses = 2,
+                                     .builds = 3,
+                                     .evictions = 4,
+                                     .bytes = 5,
+                                     .entries = 6,
+                                     .capacity_bytes = 7};
+  v1::PlanCacheStats stats_proto;
+  PlanCacheStatsToProto(stats, &stats_proto);
+  EXPECT_EQ(stats_proto.hits(), 1);
+  EXPECT_EQ(stats_proto.misses(), 2);
+  EXPECT_EQ(stats_proto.builds(), 3);
+  EXPECT_EQ(stats_proto.evictions(), 4);
+  EXPECT_EQ(stats_proto.bytes(), 5);
+  EXPECT_EQ(stats_proto.entries(), 6);
+  EXPECT_EQ(stats_proto.capacity_bytes(), 7);
+
+  const engine::WarmUpResult result{.already_warm = true,
+                                    .plan_bytes = 8,
+                                    .build_time_us = 9,
+                                    .precision = engine::Precision::kBFloat16,
+                                    .plan_key = "key"};
+  v1::WarmUpResult result_proto;
+  WarmUpResultToProto(result, &result_proto);
+  EXPECT_TRUE(result_proto.already_warm());
+  EXPECT_EQ(result_proto.plan_bytes(), 8);
+  EXPECT_EQ(result_proto.build_time_us(), 9);
+  EXPECT_EQ(result_proto.precision(), v1::PRECISION_BF16);
+  EXPECT_EQ(result_proto.plan_key(), "key");
 }
 
 }  // namespace

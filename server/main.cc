@@ -2,6 +2,11 @@
 // exposes Prometheus metrics at 0.0.0.0:9464/metrics.
 //
 //   da-server --listen 127.0.0.1:0 --port-file /tmp/port --log-level debug
+//   da-server --warmup shapes.json --plan-cache-bytes 4294967296 --precision-fallback
+//
+// With --warmup, the file is read before anything listens (a bad file exits 1 naming the file,
+// the entry and the field); the ports are then bound and written, liveness is SERVING, and
+// readiness turns SERVING once every warm-up plan is built (a shape the engine refuses exits 1).
 //
 // SIGTERM or SIGINT: readiness turns NOT_SERVING, new calls are refused, calls in flight finish
 // (for up to --drain-timeout-ms), then the process exits 0.
@@ -15,8 +20,11 @@
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "server/server.h"
+#include "server/warm_up_file.h"
 
 namespace {
 
@@ -47,6 +55,7 @@ int main(int argc, char** argv) {
   std::string port_file;
   std::string metrics_port_file;
   int64_t drain_timeout_ms = 30000;
+  std::string warmup_file;
 
   CLI::App app{"da-server: dilated (LongNet-style) attention as a gRPC service"};
   app.add_option("--listen", options.listen_address, "gRPC address host:port (port 0: any free)")
@@ -68,6 +77,15 @@ int main(int argc, char** argv) {
   app.add_option("--max-tokens", options.max_tokens, "Largest batch * seq_len; 0: unlimited")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--plan-cache-bytes", options.plan_cache_bytes,
+                 "Budget of the warm plan cache (LRU); 0 caches nothing")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--precision-fallback", options.precision_fallback,
+               "A precision the device cannot do uses the nearest supported one (reported in "
+               "ExecutionInfo) instead of failing with INVALID_ARGUMENT");
+  app.add_option("--warmup", warmup_file,
+                 "JSON file of shapes whose plans are built before readiness turns SERVING");
   app.add_option("--drain-timeout-ms", drain_timeout_ms,
                  "On SIGTERM, how long calls in flight may take to finish")
       ->capture_default_str()
@@ -91,6 +109,16 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
   spdlog::set_level(spdlog::level::from_str(log_level));
 
+  if (!warmup_file.empty()) {
+    absl::StatusOr<std::vector<da::server::WarmUpShape>> shapes =
+        da::server::ReadWarmUpFile(warmup_file);
+    if (!shapes.ok()) {
+      spdlog::error("--warmup {}: {}", warmup_file, std::string(shapes.status().message()));
+      return 1;
+    }
+    options.warmup = *std::move(shapes);
+  }
+
   absl::StatusOr<std::unique_ptr<da::server::Server>> server = da::server::Server::Start(options);
   if (!server.ok()) {
     spdlog::error("cannot start: {}", server.status().ToString());
@@ -108,6 +136,17 @@ int main(int argc, char** argv) {
   if (!metrics_port_file.empty() && !WritePortFile(metrics_port_file, (*server)->metrics_port())) {
     spdlog::error("cannot write --metrics-port-file {}", metrics_port_file);
     return 1;
+  }
+
+  if (!options.warmup.empty()) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status warmed = (*server)->WarmUp(); !warmed.ok()) {
+      spdlog::error("--warmup {}: {}", warmup_file, std::string(warmed.message()));
+      return 1;
+    }
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    spdlog::info("warm-up done: {} plans in {:.3f} s; ready", options.warmup.size(),
+                 elapsed.count());
   }
 
   int signal_number = 0;

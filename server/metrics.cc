@@ -1,14 +1,19 @@
 #include "server/metrics.h"
 
+#include <prometheus/collectable.h>
 #include <prometheus/counter.h>
 #include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
+#include <prometheus/metric_family.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
 #include <exception>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "server/status_conversion.h"
@@ -22,7 +27,69 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
           1,     2.5,    5,     10,   30,    60,   120, 300,  600};
 }
 
+// 100 us to 1 min: a small table up to a plan that touches gigabytes of workspace.
+prometheus::Histogram::BucketBoundaries BuildBuckets() {
+  return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+          0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30,    60};
+}
+
+prometheus::MetricFamily OneValueFamily(std::string name, std::string help,
+                                        prometheus::MetricType type, int64_t value) {
+  prometheus::ClientMetric metric;
+  if (type == prometheus::MetricType::Counter) {
+    metric.counter.value = static_cast<double>(value);
+  } else {
+    metric.gauge.value = static_cast<double>(value);
+  }
+  return {std::move(name), std::move(help), type, {metric}};
+}
+
 }  // namespace
+
+// Computed at scrape time from the engine's own statistics rather than mirrored into
+// prometheus::Counter objects: nothing can drift between the metric, GetServerInfo and the
+// engine, and no code path has to remember to sync after a request or a warm-up.
+class PlanCacheCollector final : public prometheus::Collectable {
+ public:
+  void SetSource(std::function<engine::PlanCacheStats()> source) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (source_) last_ = source_();  // What an empty source keeps reporting.
+    source_ = std::move(source);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    engine::PlanCacheStats stats;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (source_) last_ = source_();
+      stats = last_;
+    }
+    using prometheus::MetricType;
+    return {
+        OneValueFamily("da_plan_cache_hits_total", "Plan lookups that found a ready plan.",
+                       MetricType::Counter, stats.hits),
+        OneValueFamily("da_plan_cache_misses_total",
+                       "Plan lookups that found none (they built one or waited for its build).",
+                       MetricType::Counter, stats.misses),
+        OneValueFamily("da_plan_cache_builds_total",
+                       "Plans built by requests or warm-up, successfully or not.",
+                       MetricType::Counter, stats.builds),
+        OneValueFamily("da_plan_cache_evictions_total",
+                       "Plans dropped to keep the cache within --plan-cache-bytes.",
+                       MetricType::Counter, stats.evictions),
+        OneValueFamily("da_plan_cache_bytes", "Bytes held by the cached plans.", MetricType::Gauge,
+                       stats.bytes),
+        OneValueFamily("da_plan_cache_entries", "Plans cached.", MetricType::Gauge, stats.entries),
+        OneValueFamily("da_plan_cache_capacity_bytes", "The plan cache's budget, in bytes.",
+                       MetricType::Gauge, stats.capacity_bytes),
+    };
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::function<engine::PlanCacheStats()> source_;
+  mutable engine::PlanCacheStats last_;
+};
 
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   requests_ = &prometheus::BuildCounter()
@@ -59,7 +126,15 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                     .Help("Attention RPCs accepted and not yet answered.")
                     .Register(*registry_)
                     .Add({});
-  for (const char* method : {"Attend", "AttendStream", "GetServerInfo"}) {
+  plan_build_duration_ = &prometheus::BuildHistogram()
+                              .Name("da_plan_build_duration_seconds")
+                              .Help(
+                                  "Time to build a plan, for requests that missed the plan "
+                                  "cache and for warm-up.")
+                              .Register(*registry_)
+                              .Add({}, BuildBuckets());
+  plan_cache_ = std::make_shared<PlanCacheCollector>();
+  for (const char* method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
     request_duration_->Add({{"method", method}}, LatencyBuckets());
   }
 }
@@ -76,6 +151,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
         absl::StrCat("cannot serve metrics on ", listen_address, ": ", e.what()));
   }
   metrics->exposer_->RegisterCollectable(metrics->registry_);
+  metrics->exposer_->RegisterCollectable(metrics->plan_cache_);
   std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (!ports.empty()) metrics->port_ = ports.front();
   return metrics;
@@ -103,8 +179,18 @@ void Metrics::AddBytes(int64_t bytes_in, int64_t bytes_out) {
   bytes_out_->Increment(static_cast<double>(bytes_out));
 }
 
+void Metrics::PlanBuilt(double build_seconds) { plan_build_duration_->Observe(build_seconds); }
+
+void Metrics::SetPlanCacheSource(std::function<engine::PlanCacheStats()> source) {
+  plan_cache_->SetSource(std::move(source));
+}
+
 std::string Metrics::Scrape() const {
-  return prometheus::TextSerializer().Serialize(registry_->Collect());
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  for (prometheus::MetricFamily& family : plan_cache_->Collect()) {
+    families.push_back(std::move(family));
+  }
+  return prometheus::TextSerializer().Serialize(families);
 }
 
 }  // namespace da::server

@@ -4,19 +4,25 @@
 //   metrics->RequestStarted();
 //   metrics->RequestFinished("Attend", grpc::StatusCode::OK, 0.012);
 //   metrics->RequestEnded();
+//   metrics->SetPlanCacheSource([&engine] { return engine.plan_cache_stats(); });
 //
 // Names follow Prometheus conventions: da_ prefix, base units (seconds, bytes), counters end in
 // _total. Thread safe.
+//
+// The plan cache's counters and gauges (da_plan_cache_*) are not kept here: they are read from
+// the source at every scrape, so they always equal Engine::plan_cache_stats() and GetServerInfo.
 #pragma once
 
 #include <grpcpp/support/status.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "engine/plan_cache.h"
 
 namespace prometheus {
 class Counter;
@@ -29,6 +35,8 @@ class Registry;
 }  // namespace prometheus
 
 namespace da::server {
+
+class PlanCacheCollector;
 
 class Metrics {
  public:
@@ -47,6 +55,13 @@ class Metrics {
   // A completed engine run: its queue and compute times and its batch * seq_len.
   void RunFinished(double queue_seconds, double compute_seconds, int64_t tokens);
   void AddBytes(int64_t bytes_in, int64_t bytes_out);
+  // A plan was built, by a request that missed the cache or by warm-up.
+  void PlanBuilt(double build_seconds);
+
+  // Where scrapes read the plan cache's statistics. The source must stay callable until it is
+  // replaced; an empty source keeps reporting the last statistics read (so the engine may be
+  // destroyed after SetPlanCacheSource(nullptr)). Until a source is set, all zero.
+  void SetPlanCacheSource(std::function<engine::PlanCacheStats()> source);
 
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
@@ -63,6 +78,8 @@ class Metrics {
   prometheus::Counter* bytes_in_ = nullptr;
   prometheus::Counter* bytes_out_ = nullptr;
   prometheus::Gauge* in_flight_ = nullptr;
+  prometheus::Histogram* plan_build_duration_ = nullptr;
+  std::shared_ptr<PlanCacheCollector> plan_cache_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

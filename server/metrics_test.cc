@@ -46,6 +46,10 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   std::mt19937 rng(std::random_device{}());
   const v1::AttendRequest request =
       testing::RandomRequest({.batch = 2, .seq_len = 50, .heads = 4, .kv_heads = 2}, rng);
+  v1::WarmUpRequest warm_up;
+  *warm_up.add_shapes() = testing::HeaderFor(request);
+  v1::WarmUpResponse warmed;
+  ASSERT_TRUE(client.WarmUp(warm_up, &warmed).ok());
   v1::AttendResponse response;
   ASSERT_TRUE(client.Attend(request, &response).ok());
   ASSERT_TRUE(client.Attend(request, &response).ok());
@@ -79,6 +83,25 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   EXPECT_TRUE(Contains(text, "da_compute_duration_seconds_count 3")) << text;
   // Out: three outputs of 2 x 50 x 4 x 16 fp32 = 25600 bytes each.
   EXPECT_TRUE(Contains(text, "da_request_bytes_total{direction=\"out\"} 76800")) << text;
+
+  // The warm-up built the one plan (a miss); the three runs found it.
+  EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"WarmUp\"} 1")) << text;
+  for (const char* family : {"da_plan_cache_hits_total", "da_plan_cache_misses_total",
+                             "da_plan_cache_builds_total", "da_plan_cache_evictions_total"}) {
+    EXPECT_TRUE(Contains(text, std::string("# TYPE ") + family + " counter")) << text;
+  }
+  for (const char* family :
+       {"da_plan_cache_bytes", "da_plan_cache_entries", "da_plan_cache_capacity_bytes"}) {
+    EXPECT_TRUE(Contains(text, std::string("# TYPE ") + family + " gauge")) << text;
+  }
+  EXPECT_TRUE(Contains(text, "# TYPE da_plan_build_duration_seconds histogram")) << text;
+  EXPECT_TRUE(Contains(text, "\nda_plan_cache_hits_total 3\n")) << text;
+  EXPECT_TRUE(Contains(text, "\nda_plan_cache_misses_total 1\n")) << text;
+  EXPECT_TRUE(Contains(text, "\nda_plan_cache_builds_total 1\n")) << text;
+  EXPECT_TRUE(Contains(text, "\nda_plan_cache_entries 1\n")) << text;
+  EXPECT_TRUE(Contains(text, "\nda_plan_build_duration_seconds_count 1\n")) << text;
+  EXPECT_EQ(testing::MetricValue(text, "da_plan_cache_bytes"), warmed.results(0).plan_bytes());
+  EXPECT_EQ(testing::MetricValue(text, "da_plan_cache_capacity_bytes"), double{1 << 30});
 }
 
 TEST(MetricsTest, PromtoolRejectsABrokenExposition) {

@@ -82,6 +82,9 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
   metrics_->AddBytes(bytes_in_, bytes_out_);
   if (status.ok() && info != nullptr) {
     metrics_->RunFinished(queue_us / 1e6, compute_us / 1e6, shape_.batch * shape_.seq_len);
+    // A miss that waited for a concurrent build of the same plan reports (and is counted with)
+    // that build's time: the engine does not say which of the requests built it.
+    if (!info->plan_cache_hit) metrics_->PlanBuilt(info->plan_build_time_us / 1e6);
   }
   metrics_->RequestEnded();
 
@@ -95,8 +98,10 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
   }
   const std::string run =
       info == nullptr ? ""
-                      : absl::StrFormat(" precision=%s backend=%s",
-                                        engine::PrecisionName(info->precision_used), info->backend);
+                      : absl::StrFormat(" precision=%s backend=%s plan=%s plan_build_ms=%.3f",
+                                        engine::PrecisionName(info->precision_used), info->backend,
+                                        info->plan_cache_hit ? "hit" : "miss",
+                                        Millis(info->plan_build_time_us));
   const std::string line = absl::StrFormat(
       "request id=%s method=%s %s code=%s%s queue_ms=%.3f compute_ms=%.3f total_ms=%.3f", id_,
       method_, problem, StatusCodeName(grpc_status.error_code()), run, Millis(queue_us),

@@ -27,8 +27,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.backend = options.backend;
   engine_options.limits.max_request_bytes = options.max_request_bytes;
   engine_options.limits.max_tokens = options.max_tokens;
+  engine_options.plan_cache_bytes = options.plan_cache_bytes;
+  engine_options.precision.fallback = options.precision_fallback;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
   DA_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_address));
+  server->metrics_->SetPlanCacheSource(
+      [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
+  server->warmup_ = options.warmup;
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
       ServiceOptions{.max_message_bytes = options.max_message_bytes, .version = DA_VERSION});
@@ -47,8 +52,24 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
   grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
   health->SetServingStatus("", true);
-  health->SetServingStatus(kServiceName, true);
+  health->SetServingStatus(kServiceName, server->warmup_.empty());
   return server;
+}
+
+absl::Status Server::WarmUp() {
+  for (size_t i = 0; i < warmup_.size(); ++i) {
+    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i]);
+    if (!result.ok()) {
+      return absl::Status(result.status().code(),
+                          absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]),
+                                       "): ", result.status().message()));
+    }
+  }
+  std::lock_guard<std::mutex> lock(shutdown_mu_);
+  if (!shut_down_ && server_ != nullptr) {
+    server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
+  }
+  return absl::OkStatus();
 }
 
 Server::~Server() { Shutdown(std::chrono::milliseconds(0)); }
@@ -64,7 +85,9 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
   // reactor is done, so no engine callback can touch the service afterwards.
   server_->Shutdown(std::chrono::system_clock::now() + drain_timeout);
-  // The engine's destructor finishes anything still queued.
+  // Scrapes keep the plan cache's last statistics; the engine's destructor finishes anything
+  // still queued.
+  metrics_->SetPlanCacheSource(nullptr);
   engine_.reset();
 }
 

@@ -4,11 +4,14 @@
 //   options.listen_address = "127.0.0.1:0";  // Port 0 picks a free port.
 //   DA_ASSIGN_OR_RETURN(std::unique_ptr<Server> server, Server::Start(options));
 //   std::cout << server->port();
+//   DA_RETURN_IF_ERROR(server->WarmUp());       // Builds options.warmup's plans, then ready.
 //   server->Shutdown(std::chrono::seconds(30));  // Drains, then returns.
 //
-// Health: liveness ("") and readiness ("da.v1.AttentionService") are SERVING once Start returns
-// and NOT_SERVING from the moment Shutdown begins. Thread safety: Shutdown may be called from any
-// thread, more than once; the destructor shuts down without a drain if nobody did.
+// Health: liveness ("") is SERVING once Start returns. Readiness ("da.v1.AttentionService") is
+// SERVING once Start returns when options.warmup is empty; otherwise it stays NOT_SERVING until
+// WarmUp has built every warm-up plan (the server answers calls meanwhile; only readiness waits).
+// Both turn NOT_SERVING from the moment Shutdown begins. Thread safety: Shutdown may be called from
+// any thread, more than once; the destructor shuts down without a drain if nobody did.
 #pragma once
 
 #include <grpcpp/server.h>
@@ -18,11 +21,13 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
 #include "server/attention_service.h"
 #include "server/metrics.h"
+#include "server/warm_up.h"
 
 namespace da::server {
 
@@ -34,6 +39,9 @@ struct ServerOptions {
   int64_t max_request_bytes = 16LL << 30;        // q + k + v + output bytes; 0: unlimited.
   int64_t max_tokens = 0;                        // batch * seq_len; 0: unlimited.
   std::string backend = "cpu";                   // Engine backend: "cpu" or "reference".
+  int64_t plan_cache_bytes = int64_t{1} << 30;   // Plan cache budget; 0 caches nothing.
+  bool precision_fallback = false;  // Unsupported precision wishes use the nearest supported one.
+  std::vector<WarmUpShape> warmup;  // Plans WarmUp builds before readiness turns SERVING.
 };
 
 class Server {
@@ -50,6 +58,12 @@ class Server {
   int metrics_port() const { return metrics_->port(); }
   const Metrics& metrics() const { return *metrics_; }
 
+  // Builds the plans of options.warmup in order (one log line each), then turns readiness
+  // SERVING unless Shutdown has begun. On the first shape the engine refuses it returns that
+  // error, prefixed with "entry <i> (<shape>): ", and readiness stays NOT_SERVING. Call once,
+  // after Start, and not concurrently with Shutdown.
+  absl::Status WarmUp();
+
   // Readiness and liveness NOT_SERVING, refuse new calls, let calls in flight finish for up to
   // drain_timeout (then cancel them), and wait until the engine is idle.
   void Shutdown(std::chrono::milliseconds drain_timeout);
@@ -57,6 +71,7 @@ class Server {
  private:
   Server() = default;
 
+  std::vector<WarmUpShape> warmup_;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<AttentionService> service_;

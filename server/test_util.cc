@@ -1,6 +1,7 @@
 #include "server/test_util.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -9,9 +10,12 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
+#include "client/stream_blocks.h"
 #include "engine/test_tensors.h"
 #include "server/conversion.h"
 
@@ -46,6 +50,13 @@ v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng) 
   *request.mutable_key() = RandomProtoTensor(config.dtype, kv_shape, rng);
   *request.mutable_value() = RandomProtoTensor(config.dtype, kv_shape, rng);
   return request;
+}
+
+v1::StreamHeader HeaderFor(const v1::AttendRequest& request) {
+  client::StreamPlan plan;
+  const grpc::Status status = client::MakeStreamPlan(request, 0, &plan);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return plan.header;
 }
 
 v1::AttendRequest LongRequest(int64_t seq_len) {
@@ -145,15 +156,35 @@ std::optional<std::string> HttpGet(int port, const std::string& path) {
   return answer.substr(body + 4);
 }
 
+std::optional<double> MetricValue(const std::string& text, const std::string& series) {
+  const std::string prefix = series + " ";
+  for (size_t start = 0; start < text.size();) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    if (text.compare(start, prefix.size(), prefix) == 0) {
+      return std::strtod(text.substr(start + prefix.size(), end - start - prefix.size()).c_str(),
+                         nullptr);
+    }
+    start = end + 1;
+  }
+  return std::nullopt;
+}
+
 std::unique_ptr<ChildProcess> ChildProcess::Spawn(const std::string& binary,
-                                                  const std::vector<std::string>& args) {
-  // argv is built before fork: the child of a multithreaded parent may only exec.
+                                                  const std::vector<std::string>& args,
+                                                  const std::string& stderr_path) {
+  // argv is built before fork: the child of a multithreaded parent may only call
+  // async-signal-safe functions (open, dup2, exec).
   std::vector<char*> argv;
   argv.push_back(const_cast<char*>(binary.c_str()));
   for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
   argv.push_back(nullptr);
   const pid_t pid = fork();
   if (pid == 0) {
+    if (!stderr_path.empty()) {
+      const int fd = open(stderr_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (fd < 0 || dup2(fd, STDERR_FILENO) < 0) _exit(126);
+    }
     execv(binary.c_str(), argv.data());
     _exit(127);
   }
@@ -192,6 +223,41 @@ std::string MakeTempDir() {
   const char* made = mkdtemp(pattern.data());
   EXPECT_NE(made, nullptr) << "mkdtemp " << pattern;
   return pattern;
+}
+
+SpawnedServer::SpawnedServer(const std::string& binary, const std::vector<std::string>& extra_args)
+    : dir_(MakeTempDir()) {
+  std::vector<std::string> args = {"--listen",
+                                   "127.0.0.1:0",
+                                   "--port-file",
+                                   dir_ + "/port",
+                                   "--metrics-listen",
+                                   "127.0.0.1:0",
+                                   "--metrics-port-file",
+                                   dir_ + "/metrics_port",
+                                   "--threads",
+                                   "2"};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  child_ = ChildProcess::Spawn(binary, args, dir_ + "/log");
+}
+
+SpawnedServer::~SpawnedServer() {
+  child_.reset();
+  std::filesystem::remove_all(dir_);
+}
+
+bool SpawnedServer::WaitForPorts(std::chrono::milliseconds timeout) {
+  if (child_ == nullptr) return false;
+  port_ = ReadPortFile(dir_ + "/port", timeout);
+  metrics_port_ = ReadPortFile(dir_ + "/metrics_port", timeout);
+  return port_ > 0 && metrics_port_ > 0;
+}
+
+std::string SpawnedServer::Log() const {
+  std::ifstream in(dir_ + "/log");
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
 }
 
 }  // namespace da::server::testing

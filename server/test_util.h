@@ -37,6 +37,9 @@ struct ProblemConfig {
 // A well-formed request with fresh random q, k, v in [-1, 1).
 v1::AttendRequest RandomRequest(const ProblemConfig& config, std::mt19937& rng);
 
+// The StreamHeader of request (its shape, dtype and spec): what WarmUp takes to warm its plan.
+v1::StreamHeader HeaderFor(const v1::AttendRequest& request);
+
 // fp32 [1, seq_len, 1, 32] with one segment covering everything (fp32 products): compute grows with
 // seq_len^2 (4 * seq_len^2 * 32 FLOP) while the message grows with seq_len (384 bytes per token),
 // so a long run fits in a small message. seq_len 40960: about 0.2 TFLOP, seconds on two cores;
@@ -63,11 +66,17 @@ bool WaitFor(const std::function<bool()>& predicate, std::chrono::milliseconds t
 // The body of GET http://127.0.0.1:port/path, or nullopt when the request fails.
 std::optional<std::string> HttpGet(int port, const std::string& path);
 
+// The value of the sample `series` (name plus labels, exactly as exposed, e.g.
+// `da_plan_cache_hits_total`) in Prometheus text, or nullopt when absent.
+std::optional<double> MetricValue(const std::string& text, const std::string& series);
+
 // A child process running a binary; killed (SIGKILL) on destruction if still running.
 class ChildProcess {
  public:
+  // stderr_path: where the child's stderr goes; empty: inherited.
   static std::unique_ptr<ChildProcess> Spawn(const std::string& binary,
-                                             const std::vector<std::string>& args);
+                                             const std::vector<std::string>& args,
+                                             const std::string& stderr_path = "");
   ~ChildProcess();
 
   pid_t pid() const { return pid_; }
@@ -85,5 +94,29 @@ int ReadPortFile(const std::string& path, std::chrono::milliseconds timeout);
 
 // A fresh empty directory under TMPDIR for one test.
 std::string MakeTempDir();
+
+// A da-server process on loopback ports the kernel picks (2 compute threads), with its port files
+// and its stderr (the log) in a temporary directory that goes away with it.
+class SpawnedServer {
+ public:
+  SpawnedServer(const std::string& binary, const std::vector<std::string>& extra_args);
+  ~SpawnedServer();
+
+  // Waits up to timeout for both port files; true when the server is listening.
+  bool WaitForPorts(std::chrono::milliseconds timeout);
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  ChildProcess& process() { return *child_; }
+  // What the process has logged so far.
+  std::string Log() const;
+  // A path inside the server's temporary directory, for files to pass it.
+  std::string PathFor(const std::string& name) const { return dir_ + "/" + name; }
+
+ private:
+  std::string dir_;
+  std::unique_ptr<ChildProcess> child_;
+  int port_ = 0;
+  int metrics_port_ = 0;
+};
 
 }  // namespace da::server::testing

@@ -1,0 +1,185 @@
+// The real da-server binary and its start-up flags: --warmup builds every plan before readiness
+// turns SERVING, and the first real request is a hit; a bad warm-up file exits non-zero naming
+// the file, the entry and the field; --plan-cache-bytes 0 and --precision-fallback take effect.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "client/attention_client.h"
+#include "server/attention_service.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using grpc::health::v1::HealthCheckResponse;
+using std::chrono::seconds;
+
+// Small enough for a quick request, warmed together with larger shapes below.
+constexpr char kSmallShape[] =
+    R"({"batch": 1, "seq_len": 256, "heads": 4, "head_dim": 16, "segments": [64, 128],
+        "dilations": [1, 2], "precision": "fp32"})";
+
+v1::AttendRequest SmallRequest() {
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest(
+      {.seq_len = 256, .heads = 4, .kv_heads = 4, .head_dim = 16, .patterns = {{64, 1}, {128, 2}}},
+      rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  return request;
+}
+
+int CountOf(const std::string& text, const std::string& part) {
+  int count = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++count;
+  return count;
+}
+
+TEST(StartupTest, WarmUpFileBuildsEveryPlanBeforeReadinessAndTheFirstRequestHits) {
+  // Larger shapes first, so that the small one is warmed last and readiness has a while to wait.
+  const std::string shapes =
+      std::string("[") +
+      R"({"batch": 1, "seq_len": 65536, "heads": 8, "head_dim": 64, "segments": [2048, 4096],
+          "dilations": [1, 2], "precision": "fp32"},
+         {"batch": 2, "seq_len": 32768, "heads": 8, "kv_heads": 2, "head_dim": 128,
+          "dtype": "bf16", "segments": [4096], "dilations": [4], "causal": true,
+          "mode": "grouped"},
+         {"batch": 1, "seq_len": 16384, "heads": 16, "head_dim": 64, "dtype": "fp16",
+          "segments": [1024, 2048], "dilations": [1, 2]}, )" +
+      kSmallShape + "]";
+  constexpr int kShapes = 4;
+  const std::string dir = testing::MakeTempDir();
+  const std::string warmup = dir + "/warmup.json";
+  std::ofstream(warmup) << shapes;
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--warmup", warmup});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  client::AttentionClient client(testing::ChannelTo(server.port()));
+
+  // Whenever readiness is first seen SERVING, every warm-up plan is already built.
+  bool liveness_serving = false;
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        HealthCheckResponse::ServingStatus live = HealthCheckResponse::UNKNOWN;
+        HealthCheckResponse::ServingStatus ready = HealthCheckResponse::UNKNOWN;
+        if (!client.CheckHealth("", &live, testing::WithTimeout(5000)).ok()) return false;
+        liveness_serving = live == HealthCheckResponse::SERVING;
+        return client.CheckHealth(kServiceName, &ready, testing::WithTimeout(5000)).ok() &&
+               ready == HealthCheckResponse::SERVING;
+      },
+      seconds(120)))
+      << server.Log();
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client.GetServerInfo(&info, testing::WithTimeout(5000)).ok());
+  EXPECT_EQ(info.plan_cache().entries(), kShapes);
+  EXPECT_EQ(info.plan_cache().builds(), kShapes);
+  EXPECT_EQ(info.plan_cache().hits(), 0);
+  EXPECT_TRUE(liveness_serving);
+
+  v1::AttendResponse response;
+  const grpc::Status status = client.Attend(SmallRequest(), &response, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.info().plan_cache_hit());
+  EXPECT_EQ(response.info().plan_build_time_us(), 0);
+
+  const std::optional<std::string> text = testing::HttpGet(server.metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_plan_cache_hits_total"), 1) << *text;
+  EXPECT_EQ(testing::MetricValue(*text, "da_plan_cache_builds_total"), kShapes) << *text;
+  EXPECT_EQ(testing::MetricValue(*text, "da_plan_build_duration_seconds_count"), kShapes) << *text;
+
+  const std::string log = server.Log();
+  EXPECT_EQ(CountOf(log, "warm-up plan="), kShapes) << log;
+  EXPECT_EQ(CountOf(log, "plan=hit"), 1) << log;  // The request's log line.
+  std::filesystem::remove_all(dir);
+}
+
+struct BadFile {
+  std::string name;
+  std::string text;  // Empty: the file does not exist.
+  std::vector<std::string> log_parts;
+};
+
+void PrintTo(const BadFile& c, std::ostream* os) { *os << c.name; }
+
+class BadWarmUpFileTest : public ::testing::TestWithParam<BadFile> {};
+
+TEST_P(BadWarmUpFileTest, ExitsNonZeroNamingTheFileTheEntryAndTheField) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string warmup = dir + "/warmup.json";
+  if (!GetParam().text.empty()) std::ofstream(warmup) << GetParam().text;
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--warmup", warmup});
+  const std::optional<int> wait_status = server.process().WaitForExit(seconds(60));
+  ASSERT_TRUE(wait_status.has_value()) << "still running; log:\n" << server.Log();
+  EXPECT_TRUE(WIFEXITED(*wait_status) && WEXITSTATUS(*wait_status) != 0);
+
+  const std::string log = server.Log();
+  std::string error_line;
+  for (size_t start = 0, end; start < log.size(); start = end + 1) {
+    end = log.find('\n', start);
+    if (end == std::string::npos) end = log.size();
+    const std::string line = log.substr(start, end - start);
+    if (line.find("[error]") != std::string::npos) error_line = line;
+  }
+  ASSERT_FALSE(error_line.empty()) << log;
+  // One line carries it all.
+  EXPECT_NE(error_line.find("--warmup " + warmup), std::string::npos) << log;
+  for (const std::string& part : GetParam().log_parts) {
+    EXPECT_NE(error_line.find(part), std::string::npos) << "'" << part << "' not in: " << log;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Files, BadWarmUpFileTest,
+    ::testing::Values(
+        BadFile{"Missing", "", {"cannot read"}}, BadFile{"NotJson", "[{]", {"not valid JSON"}},
+        BadFile{"MissingField",
+                std::string("[") + kSmallShape +
+                    R"(, {"batch": 1, "heads": 4, "head_dim": 16, "segments": [64],
+                          "dilations": [1]}])",
+                {"entry 1", "\"seq_len\" is missing"}},
+        BadFile{"InvalidValue",
+                std::string("[") + kSmallShape +
+                    R"(, {"batch": 1, "seq_len": 256, "heads": 4, "head_dim": 16,
+                          "segments": [64], "dilations": [1], "mode": "dense"}])",
+                {"entry 1", "\"mode\" is \"dense\""}},
+        // Well formed, but the engine refuses it: found only when warming, after listening.
+        BadFile{"RefusedByTheEngine",
+                std::string("[") + kSmallShape +
+                    R"(, {"batch": 1, "seq_len": 256, "heads": 4, "head_dim": 16,
+                          "segments": [64], "dilations": [128]}])",
+                {"entry 1", "spec.dilation_rates[0] is 128"}},
+        BadFile{"UnsupportedPrecision",
+                R"([{"batch": 1, "seq_len": 256, "heads": 4, "head_dim": 16, "segments": [64],
+                     "dilations": [1], "precision": "fp8"}])",
+                {"entry 0", "spec.precision fp8", "supported: "}}));
+
+TEST(StartupTest, PlanCacheBytesZeroNeverHitsAndPrecisionFallbackReplacesFp8) {
+  testing::SpawnedServer server(DA_SERVER_BINARY,
+                                {"--plan-cache-bytes", "0", "--precision-fallback"});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  client::AttentionClient client(testing::ChannelTo(server.port()));
+
+  v1::AttendRequest request = SmallRequest();
+  request.mutable_spec()->set_precision(v1::PRECISION_FP8);
+  for (int i = 0; i < 3; ++i) {
+    v1::AttendResponse response;
+    const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(60000));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_FALSE(response.info().plan_cache_hit()) << "call " << i;
+    EXPECT_EQ(response.info().precision_reason().rfind("fallback", 0), 0u)
+        << response.info().precision_reason();
+    EXPECT_NE(response.info().precision_used(), v1::PRECISION_FP8);
+  }
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client.GetServerInfo(&info, testing::WithTimeout(5000)).ok());
+  EXPECT_EQ(info.plan_cache().capacity_bytes(), 0);
+  EXPECT_EQ(info.plan_cache().hits(), 0);
+  EXPECT_EQ(info.plan_cache().entries(), 0);
+}
+
+}  // namespace
+}  // namespace da::server

@@ -1,0 +1,189 @@
+// Warming plans ahead of requests on a real loopback server: the WarmUp RPC (builds once, then
+// finds the plan; the next request of that shape is a hit; malformed shapes name shapes[i]) and
+// ServerOptions::warmup (readiness waits for it).
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "client/attention_client.h"
+#include "server/server.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using grpc::health::v1::HealthCheckResponse;
+
+// fp32 products, so that the plan does not depend on what AUTO picks on this CPU.
+v1::AttendRequest Fp32Request(const testing::ProblemConfig& config) {
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest(config, rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  return request;
+}
+
+v1::GetServerInfoResponse Info(client::AttentionClient& client) {
+  v1::GetServerInfoResponse info;
+  const grpc::Status status = client.GetServerInfo(&info, testing::WithTimeout(10000));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return info;
+}
+
+HealthCheckResponse::ServingStatus Health(client::AttentionClient& client,
+                                          const std::string& service) {
+  HealthCheckResponse::ServingStatus serving = HealthCheckResponse::UNKNOWN;
+  const grpc::Status status = client.CheckHealth(service, &serving, testing::WithTimeout(10000));
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  return serving;
+}
+
+TEST(WarmUpRpcTest, BuildsOnceThenFindsThePlanAndTheNextRequestIsAHit) {
+  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  const v1::AttendRequest request = Fp32Request({.seq_len = 256, .head_dim = 32});
+  v1::WarmUpRequest warm_up;
+  *warm_up.add_shapes() = testing::HeaderFor(request);
+
+  v1::WarmUpResponse first;
+  grpc::Status status = client.WarmUp(warm_up, &first, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(first.results_size(), 1);
+  EXPECT_FALSE(first.results(0).already_warm());
+  EXPECT_GT(first.results(0).plan_bytes(), 0);
+  EXPECT_GT(first.results(0).build_time_us(), 0);
+  EXPECT_EQ(first.results(0).precision(), v1::PRECISION_FP32);
+  EXPECT_NE(first.results(0).plan_key().find("n256"), std::string::npos)
+      << first.results(0).plan_key();
+  EXPECT_EQ(first.plan_cache().entries(), 1);
+  EXPECT_EQ(first.plan_cache().builds(), 1);
+  EXPECT_EQ(first.plan_cache().bytes(), first.results(0).plan_bytes());
+  EXPECT_EQ(first.plan_cache().capacity_bytes(), int64_t{1} << 30);
+
+  v1::WarmUpResponse second;
+  status = client.WarmUp(warm_up, &second, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(second.results_size(), 1);
+  EXPECT_TRUE(second.results(0).already_warm());
+  EXPECT_EQ(second.results(0).build_time_us(), 0);
+  EXPECT_EQ(second.results(0).plan_key(), first.results(0).plan_key());
+  EXPECT_EQ(second.plan_cache().builds(), 1);
+
+  v1::AttendResponse response;
+  status = client.Attend(request, &response, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.info().plan_cache_hit());
+  EXPECT_EQ(response.info().plan_build_time_us(), 0);
+
+  const v1::GetServerInfoResponse info = Info(client);
+  EXPECT_EQ(info.plan_cache().hits(), 2);    // The second warm-up and the request.
+  EXPECT_EQ(info.plan_cache().misses(), 1);  // The first warm-up.
+  EXPECT_EQ(info.plan_cache().builds(), 1);
+  EXPECT_EQ(info.plan_cache().entries(), 1);
+}
+
+TEST(WarmUpRpcTest, MalformedShapesNameTheirIndexAndWarmNothing) {
+  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  const v1::StreamHeader good = testing::HeaderFor(Fp32Request({}));
+
+  struct Case {
+    std::string name;
+    std::function<void(v1::StreamHeader*)> spoil;
+    std::string expected;  // Part of the message, after "shapes[0]".
+  };
+  const Case cases[] = {
+      {"seq_len 0", [](v1::StreamHeader* h) { h->set_seq_len(0); }, ": seq_len is 0"},
+      {"no dtype", [](v1::StreamHeader* h) { h->set_dtype(v1::DTYPE_UNSPECIFIED); },
+       ".dtype is DTYPE_UNSPECIFIED"},
+      {"no patterns",
+       [](v1::StreamHeader* h) {
+         h->mutable_spec()->clear_segment_lengths();
+         h->mutable_spec()->clear_dilation_rates();
+       },
+       ": spec.segment_lengths"},
+      {"kv_heads not dividing heads", [](v1::StreamHeader* h) { h->set_kv_heads(3); },
+       "heads is 3"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    v1::WarmUpRequest request;
+    v1::StreamHeader* bad = request.add_shapes();
+    *bad = good;
+    c.spoil(bad);
+    *request.add_shapes() = good;  // Valid, and must not be warmed either.
+    v1::WarmUpResponse response;
+    const grpc::Status status = client.WarmUp(request, &response, testing::WithTimeout(60000));
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_EQ(status.error_message().rfind("shapes[0]", 0), 0u) << status.error_message();
+    EXPECT_NE(status.error_message().find(c.expected), std::string::npos) << status.error_message();
+  }
+  EXPECT_EQ(Info(client).plan_cache().builds(), 0);
+}
+
+TEST(WarmUpRpcTest, UnsupportedPrecisionNamesTheShapeAndWhatIsSupported) {
+  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  v1::WarmUpRequest request;
+  *request.add_shapes() = testing::HeaderFor(Fp32Request({}));
+  v1::StreamHeader* fp8 = request.add_shapes();
+  *fp8 = request.shapes(0);
+  fp8->mutable_spec()->set_precision(v1::PRECISION_FP8);  // No CPU computes in fp8.
+
+  v1::WarmUpResponse response;
+  const grpc::Status status = client.WarmUp(request, &response, testing::WithTimeout(60000));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_EQ(status.error_message().rfind("shapes[1]: ", 0), 0u) << status.error_message();
+  EXPECT_NE(status.error_message().find("supported:"), std::string::npos) << status.error_message();
+  EXPECT_EQ(Info(client).plan_cache().entries(), 1);  // shapes[0] was warmed before.
+}
+
+TEST(ServerWarmUpTest, ReadinessWaitsForTheWarmUpPlans) {
+  ServerOptions options = testing::LoopbackOptions();
+  const v1::AttendRequest small = Fp32Request({.seq_len = 128});
+  const v1::AttendRequest grouped =
+      Fp32Request({.seq_len = 512, .heads = 2, .kv_heads = 1, .mode = v1::COMBINE_MODE_GROUPED});
+  for (const v1::AttendRequest* request : {&small, &grouped}) {
+    options.warmup.push_back(*ProblemFromHeader(testing::HeaderFor(*request)));
+  }
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  EXPECT_EQ(Health(client, ""), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Health(client, kServiceName), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(Info(client).plan_cache().entries(), 0);
+
+  const absl::Status warmed = server->WarmUp();
+  ASSERT_TRUE(warmed.ok()) << warmed;
+  EXPECT_EQ(Health(client, kServiceName), HealthCheckResponse::SERVING);
+  EXPECT_EQ(Info(client).plan_cache().entries(), 2);
+
+  for (const v1::AttendRequest* request : {&small, &grouped}) {
+    v1::AttendResponse response;
+    const grpc::Status status = client.Attend(*request, &response, testing::WithTimeout(60000));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(response.info().plan_cache_hit());
+  }
+}
+
+TEST(ServerWarmUpTest, AShapeTheEngineRefusesNamesItsEntryAndKeepsReadinessDown) {
+  ServerOptions options = testing::LoopbackOptions();
+  WarmUpShape good = *ProblemFromHeader(testing::HeaderFor(Fp32Request({})));
+  WarmUpShape bad = good;
+  bad.shape.head_dim = 4096;  // Above the engine's head_dim limit.
+  options.warmup = {good, bad};
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+
+  const absl::Status warmed = server->WarmUp();
+  EXPECT_EQ(warmed.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(warmed.message().rfind("entry 1 (", 0), 0u) << warmed;
+  EXPECT_NE(warmed.message().find("head_dim is 4096"), std::string::npos) << warmed;
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  EXPECT_EQ(Health(client, kServiceName), HealthCheckResponse::NOT_SERVING);
+}
+
+}  // namespace
+}  // namespace da::server
