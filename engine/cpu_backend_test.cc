@@ -41,18 +41,12 @@ const std::vector<std::vector<Pattern>>& PatternSets() {
 using SweepParam = std::tuple<int64_t /*seq_len*/, int /*pattern set*/, HeadConfig, bool /*causal*/,
                               CombineMode, DType>;
 
-// ctest runs this binary once per instruction set, naming it in DA_CPU_ISA; a path the machine
-// lacks is skipped, never silently replaced by another.
-void SkipUnlessIsaAvailable() {
-  const char* wanted = std::getenv("DA_CPU_ISA");
-  if (wanted != nullptr && cpu::IsaName(cpu::SelectedIsa()) != wanted) {
-    GTEST_SKIP() << "this CPU lacks " << wanted << "; best is " << cpu::IsaName(cpu::BestIsa());
-  }
-}
-
 class CpuBackendSweepTest : public ::testing::TestWithParam<SweepParam> {
  protected:
-  void SetUp() override { SkipUnlessIsaAvailable(); }
+  void SetUp() override {
+    const std::string missing = testing::MissingRequestedIsa();
+    if (!missing.empty()) GTEST_SKIP() << missing;
+  }
 };
 
 TEST_P(CpuBackendSweepTest, MatchesReference) {

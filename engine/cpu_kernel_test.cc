@@ -22,10 +22,8 @@ using testing::OwnedTensor;
 class CpuKernelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const char* wanted = std::getenv("DA_CPU_ISA");
-    if (wanted != nullptr && cpu::IsaName(cpu::SelectedIsa()) != wanted) {
-      GTEST_SKIP() << "this CPU lacks " << wanted;
-    }
+    const std::string missing = testing::MissingRequestedIsa();
+    if (!missing.empty()) GTEST_SKIP() << missing;
   }
 
   // Runs the CPU backend and the reference on fresh inputs and compares them.

@@ -4,10 +4,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/cpu/attention_kernel.h"
 #include "engine/tensor.h"
 
 namespace da::engine::testing {
@@ -98,5 +100,14 @@ inline double RelativeL2(const OwnedTensor& actual, const OwnedTensor& expected)
 // The documented bound of bf16 products with fp32 accumulation (docs/PRECISION.md): relative L2
 // error at most 2e-2 against the fp64 reference. Tests hold the kernel to half of it.
 constexpr double kBf16RelativeL2 = 1e-2;
+
+// ctest runs the CPU backend tests once per instruction set, naming it in DA_CPU_ISA. Empty when
+// that path is the one selected (or none is named); otherwise why the test must be skipped, so a
+// path the machine lacks is skipped, never silently replaced by another.
+inline std::string MissingRequestedIsa() {
+  const char* wanted = std::getenv("DA_CPU_ISA");
+  if (wanted == nullptr || cpu::IsaName(cpu::SelectedIsa()) == wanted) return "";
+  return std::string("this CPU lacks ") + wanted + "; best is " + cpu::IsaName(cpu::BestIsa());
+}
 
 }  // namespace da::engine::testing

@@ -162,6 +162,15 @@ class Server:
             self.terminate()
         return self.wait(timeout_s)
 
+    def stop_and_close(self):
+        """SIGTERM; raises unless da-server exits 0. Always releases the process and its files."""
+        try:
+            code = self.stop()
+            if code != 0:
+                raise AssertionError(f"da-server exited with {code} after SIGTERM:\n{self.log()}")
+        finally:
+            self.close()
+
     def close(self):
         if self.process is not None and self.process.poll() is None:
             self.process.kill()

@@ -38,12 +38,8 @@ class CliTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         try:
-            code = cls.server.stop()
-            if code != 0:
-                raise AssertionError(f"da-server exited with {code} after SIGTERM:\n"
-                                     f"{cls.server.log()}")
+            cls.server.stop_and_close()
         finally:
-            cls.server.close()
             cls.tmp.cleanup()
 
     def cli(self, *args):

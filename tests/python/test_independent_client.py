@@ -148,13 +148,7 @@ class IndependentClientTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.channel.close()
-        try:
-            code = cls.server.stop()
-            if code != 0:
-                raise AssertionError(f"da-server exited with {code} after SIGTERM:\n"
-                                     f"{cls.server.log()}")
-        finally:
-            cls.server.close()
+        cls.server.stop_and_close()
 
     def attend(self, request):
         return self.stub.Attend(request, timeout=da_testing.CALL_TIMEOUT_S)
