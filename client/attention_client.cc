@@ -75,32 +75,50 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
       !status.ok()) {
     return status;
   }
-  if (plan.header.request_id().empty()) plan.header.set_request_id(options.request_id);
+  if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
+  int64_t next_block = 0;
+  OutputAssembler assembler(plan.header);
+  const grpc::Status status = AttendStreamBlocks(
+      plan.header,
+      [&](v1::TokenBlock* block) {
+        if (next_block == plan.block_count) return false;
+        *block = MakeTokenBlock(request, plan, next_block++ * plan.block_tokens);
+        return true;
+      },
+      [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }, options);
+  if (!status.ok()) return status;
+  return assembler.Finish(response);
+}
 
+grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
+                                                 const BlockSource& next_block,
+                                                 const AnswerSink& on_answer,
+                                                 const CallOptions& options) {
   grpc::ClientContext context;
-  ConfigureContext(options, request.request_id(), &context);
+  ConfigureContext(options, header.request_id(), &context);
   auto stream = stub_->AttendStream(&context);
 
-  // Write on a thread of its own while this one reads: a server that answers blocks as they
-  // arrive could otherwise fill both flow-control windows and leave both sides waiting.
+  // Write on a thread of its own while this one reads: the server answers chunks while later
+  // blocks are still arriving, and would otherwise fill both flow-control windows and leave both
+  // sides waiting.
   std::thread writer([&] {
     v1::AttendStreamRequest message;
-    *message.mutable_header() = plan.header;
+    *message.mutable_header() = header;
     if (!stream->Write(message)) return;  // The call is over; Finish() says why.
-    for (int64_t i = 0; i < plan.block_count; ++i) {
-      *message.mutable_block() = MakeTokenBlock(request, plan, i * plan.block_tokens);
+    message.Clear();
+    while (next_block(message.mutable_block())) {
       if (!stream->Write(message)) return;
+      message.Clear();
     }
     stream->WritesDone();
   });
 
-  OutputAssembler assembler(plan.header);
   grpc::Status answer_status;
   v1::AttendStreamResponse message;
   while (stream->Read(&message)) {
-    answer_status = assembler.Add(message);
+    answer_status = on_answer(message);
     if (!answer_status.ok()) {
-      // A malformed answer: stop the call and drain so that Finish() returns promptly.
+      // The caller refused the answer: stop the call and drain so that Finish() returns promptly.
       context.TryCancel();
       while (stream->Read(&message)) {
       }
@@ -110,8 +128,7 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   writer.join();
   const grpc::Status call_status = stream->Finish();
   if (!answer_status.ok()) return answer_status;
-  if (!call_status.ok()) return call_status;
-  return assembler.Finish(response);
+  return call_status;
 }
 
 grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,

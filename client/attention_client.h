@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -55,6 +56,18 @@ class AttentionClient {
   // Streams request (header, then token blocks) and collects the answer into response.
   grpc::Status AttendStream(const v1::AttendRequest& request, v1::AttendResponse* response,
                             const CallOptions& options = {}, const StreamOptions& stream = {});
+
+  // Produces the next token block into *block, or returns false when there are no more.
+  using BlockSource = std::function<bool(v1::TokenBlock* block)>;
+  // Takes each answer message in order: the header, output blocks, the trailer. A status other
+  // than OK cancels the call, and AttendStreamBlocks returns it.
+  using AnswerSink = std::function<grpc::Status(const v1::AttendStreamResponse& message)>;
+
+  // The streaming call without whole tensors on either side: blocks are produced on demand (on a
+  // writer thread) and answers are handed over as they arrive (on the calling thread), so the
+  // client's memory can stay as bounded as the server's.
+  grpc::Status AttendStreamBlocks(const v1::StreamHeader& header, const BlockSource& next_block,
+                                  const AnswerSink& on_answer, const CallOptions& options = {});
 
   grpc::Status GetServerInfo(v1::GetServerInfoResponse* response, const CallOptions& options = {});
 

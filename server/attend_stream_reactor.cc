@@ -10,6 +10,9 @@
 #include "engine/status_macros.h"
 
 namespace da::server {
+namespace {
+constexpr int64_t kOutputMessageBytes = int64_t{4} << 20;
+}  // namespace
 
 int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
                           int64_t min_chunk_tokens) {
@@ -124,8 +127,11 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
           layout.chunk_tokens));
     }
   }
-  output_block_tokens_ =
-      std::max<int64_t>(1, (settings_.max_message_bytes / 2) / (layout.batch * layout.q_row_bytes));
+  // Output messages of about 4 MiB (at most half the message limit): small enough that a chunk's
+  // answer starts moving while it is still being copied out, and that gRPC's copies of one
+  // message stay small next to the window.
+  const int64_t message_bytes = std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
+  output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
   have_header_ = true;
   return absl::OkStatus();
 }
@@ -133,10 +139,13 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
 absl::Status AttendStreamReactor::AcceptBlock() {
   const v1::TokenBlock& block = request_.block();
   if (!have_header_) {
+    // Without signed overflow: the numbers come straight from the client.
+    const int64_t end = static_cast<int64_t>(static_cast<uint64_t>(block.token_start()) +
+                                             static_cast<uint64_t>(block.token_count()));
     return absl::InvalidArgumentError(absl::StrFormat(
         "block 0 (tokens [%d, %d)) arrived before the header; the first stream message must be "
         "a header",
-        block.token_start(), block.token_start() + block.token_count()));
+        block.token_start(), end));
   }
   const BlockView view{block.token_start(), block.token_count(), block.query(), block.key(),
                        block.value()};
