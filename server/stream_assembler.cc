@@ -1,0 +1,190 @@
+#include "server/stream_assembler.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "engine/status_macros.h"
+
+namespace da::server {
+namespace {
+
+constexpr int64_t kMaxInt64 = std::numeric_limits<int64_t>::max();
+
+// a * b, or -1 when it would overflow (both non-negative).
+int64_t CheckedMul(int64_t a, int64_t b) {
+  if (a != 0 && b > kMaxInt64 / a) return -1;
+  return a * b;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
+    const StreamLayout& layout, int slots) {
+  const std::pair<const char*, int64_t> positive[] = {{"batch", layout.batch},
+                                                      {"seq_len", layout.seq_len},
+                                                      {"q_row_bytes", layout.q_row_bytes},
+                                                      {"kv_row_bytes", layout.kv_row_bytes},
+                                                      {"chunk_tokens", layout.chunk_tokens}};
+  for (const auto& [name, value] : positive) {
+    if (value < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("stream layout: %s is %d; must be >= 1", name, value));
+    }
+  }
+  if (slots < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("stream layout: slots is %d; must be >= 1", slots));
+  }
+  auto assembler = std::unique_ptr<StreamAssembler>(new StreamAssembler(layout, slots));
+  const int64_t tokens = CheckedMul(layout.chunk_tokens, layout.batch);
+  const int64_t row_bytes = layout.q_row_bytes + 2 * layout.kv_row_bytes;
+  const int64_t slot_bytes = CheckedMul(tokens, row_bytes);
+  const int64_t total = CheckedMul(slot_bytes, slots);
+  if (tokens < 0 || slot_bytes < 0 || total < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "stream layout: %d slots of %d tokens x batch %d x %d bytes overflow int64", slots,
+        layout.chunk_tokens, layout.batch, row_bytes));
+  }
+  assembler->slot_q_bytes_ = tokens * layout.q_row_bytes;
+  assembler->slot_kv_bytes_ = tokens * layout.kv_row_bytes;
+  assembler->buffer_bytes_ = total;
+  assembler->buffer_ = AllocateHostBuffer(total);
+  if (!assembler->buffer_) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("cannot allocate %d bytes for %d stream chunks of %d tokens", total, slots,
+                        layout.chunk_tokens));
+  }
+  return assembler;
+}
+
+StreamAssembler::StreamAssembler(const StreamLayout& layout, int slots)
+    : layout_(layout), slots_(slots) {}
+
+int64_t StreamAssembler::ChunkCount(int64_t index) const {
+  return std::min(layout_.chunk_tokens, layout_.seq_len - ChunkStart(index));
+}
+
+Chunk StreamAssembler::ChunkAt(int64_t index) const {
+  char* slot =
+      buffer_.get() + (index % slots_) * (slot_q_bytes_ + 2 * slot_kv_bytes_);
+  Chunk chunk;
+  chunk.index = index;
+  chunk.token_start = ChunkStart(index);
+  chunk.token_count = ChunkCount(index);
+  chunk.q = slot;
+  chunk.k = slot + slot_q_bytes_;
+  chunk.v = slot + slot_q_bytes_ + slot_kv_bytes_;
+  return chunk;
+}
+
+absl::Status StreamAssembler::CheckBlock(const BlockView& block) {
+  const int64_t index = blocks_received_;
+  const int64_t start = block.token_start;
+  const int64_t count = block.token_count;
+  // Without signed overflow: the numbers come straight from the client.
+  const int64_t end =
+      static_cast<int64_t>(static_cast<uint64_t>(start) + static_cast<uint64_t>(count));
+  const std::string where = absl::StrFormat("block %d (tokens [%d, %d))", index, start, end);
+  DA_CHECK(tokens_received_ == block_end_);  // The previous block was filled completely.
+  if (count < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: token_count is %d; must be >= 1", where, count));
+  }
+  if (start < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: token_start is %d; must be >= 0", where, start));
+  }
+  if (start < tokens_received_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s overlaps tokens already received: expected token_start %d (blocks must be contiguous "
+        "and in order)",
+        where, tokens_received_));
+  }
+  if (start > tokens_received_) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s is out of order: tokens [%d, %d) are missing before it (blocks must be contiguous and "
+        "in order)",
+        where, tokens_received_, start));
+  }
+  if (count > layout_.seq_len - start) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s extends past seq_len %d", where, layout_.seq_len));
+  }
+  // count <= seq_len here, and seq_len * batch * row bytes fit (Create checked a chunk; the
+  // server's limits bound the request), but compute the sizes without trusting that.
+  const int64_t rows = CheckedMul(count, layout_.batch);
+  const int64_t expected_q = CheckedMul(rows, layout_.q_row_bytes);
+  const int64_t expected_kv = CheckedMul(rows, layout_.kv_row_bytes);
+  const std::pair<const char*, std::pair<int64_t, int64_t>> sizes[] = {
+      {"query", {static_cast<int64_t>(block.q.size()), expected_q}},
+      {"key", {static_cast<int64_t>(block.k.size()), expected_kv}},
+      {"value", {static_cast<int64_t>(block.v.size()), expected_kv}}};
+  for (const auto& [field, size] : sizes) {
+    if (size.first != size.second) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: %s has %d bytes; expected %d (batch x token_count x heads x head_dim x dtype size)",
+          where, field, size.first, size.second));
+    }
+  }
+  block_end_ = end;
+  ++blocks_received_;
+  return absl::OkStatus();
+}
+
+int64_t StreamAssembler::Fill(const BlockView& block, int64_t taken) {
+  DA_CHECK(block.token_start + taken == tokens_received_);  // In step with the stream.
+  const int64_t chunk_tokens = layout_.chunk_tokens;
+  const int64_t batch = layout_.batch;
+  const int64_t q_row = layout_.q_row_bytes;
+  const int64_t kv_row = layout_.kv_row_bytes;
+  const int64_t block_count = block.token_count;
+  int64_t took = 0;
+  while (tokens_received_ < block_end_) {
+    const int64_t index = tokens_received_ / chunk_tokens;
+    if (index >= released_ + slots_) break;  // Every slot holds an unreleased chunk.
+    const Chunk chunk = ChunkAt(index);
+    const int64_t first = tokens_received_;
+    const int64_t last = std::min(block_end_, chunk.token_start + chunk.token_count);
+    const int64_t n = last - first;
+    const int64_t in_block = first - block.token_start;  // Token offset within the block.
+    const int64_t in_chunk = first - chunk.token_start;  // Token offset within the chunk.
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t src_row = b * block_count + in_block;
+      const int64_t dst_row = b * chunk.token_count + in_chunk;
+      std::memcpy(chunk.q + dst_row * q_row, block.q.data() + src_row * q_row,
+                  static_cast<size_t>(n * q_row));
+      std::memcpy(chunk.k + dst_row * kv_row, block.k.data() + src_row * kv_row,
+                  static_cast<size_t>(n * kv_row));
+      std::memcpy(chunk.v + dst_row * kv_row, block.v.data() + src_row * kv_row,
+                  static_cast<size_t>(n * kv_row));
+    }
+    tokens_received_ += n;
+    took += n;
+  }
+  return took;
+}
+
+std::optional<Chunk> StreamAssembler::TakeReadyChunk() {
+  if (next_take_ >= layout_.chunk_count()) return std::nullopt;
+  const int64_t end = ChunkStart(next_take_) + ChunkCount(next_take_);
+  if (tokens_received_ < end) return std::nullopt;
+  return ChunkAt(next_take_++);
+}
+
+void StreamAssembler::ReleaseChunk(int64_t index) {
+  DA_CHECK(index == released_);   // Chunks are released in order,
+  DA_CHECK(index < next_take_);  // after they were taken.
+  ++released_;
+}
+
+absl::Status StreamAssembler::CheckComplete() const {
+  if (tokens_received_ == layout_.seq_len) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "the stream ended after %d blocks with tokens [%d, %d) missing (seq_len %d)",
+      blocks_received_, tokens_received_, layout_.seq_len, layout_.seq_len));
+}
+
+}  // namespace da::server
