@@ -9,7 +9,8 @@
 // A refusal must be INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message. A problem that passes
 // and is small (see kMaxRunCost) then runs on the CPU engine: on the request's own bytes (NaN,
 // infinities, denormals: no crash), and on random values in [-1, 1] compared with the reference
-// engine, so a shape validation accepts but the kernel gets wrong is found too. Anything else
+// engine (within the precision policy's error bound), so a shape validation accepts but the
+// kernel gets wrong is found too. Anything else
 // aborts the run: ASan/UBSan findings, leaks, a wrong status code, a wrong output.
 #include <algorithm>
 #include <cmath>
@@ -26,7 +27,9 @@
 #include "da/v1/attention.pb.h"
 #include "engine/attention_spec.h"
 #include "engine/engine.h"
+#include "engine/precision_policy.h"
 #include "engine/tensor.h"
+#include "google/protobuf/stubs/logging.h"
 #include "server/conversion.h"
 #include "server/server.h"
 
@@ -119,7 +122,8 @@ std::vector<char> RandomTensor(engine::DType dtype, const engine::Shape4& shape,
 
 absl::StatusOr<engine::ExecutionInfo> Run(engine::Engine& engine, const engine::TensorView& q,
                                           const engine::TensorView& k, const engine::TensorView& v,
-                                          const engine::AttentionSpec& spec, std::vector<char>* out) {
+                                          const engine::AttentionSpec& spec,
+                                          std::vector<char>* out) {
   out->assign(static_cast<size_t>(q.bytes), static_cast<char>(0x7F));  // Poisoned: NaN-ish.
   engine::RunRequest request;
   request.q = q;
@@ -141,7 +145,7 @@ void RunAsGiven(const engine::TensorView& q, const engine::TensorView& k,
 }
 
 // The CPU engine against the reference on random inputs of an accepted shape. Compared only when
-// the CPU computed in fp32 and the scale keeps scores small, where a few 1e-3 cover rounding.
+// the scale keeps scores small (|scale| <= 1), where the error bounds below hold.
 void CompareWithReference(const engine::ProblemShape& shape, engine::DType dtype,
                           const engine::AttentionSpec& spec) {
   if (std::abs(spec.ScaleFor(shape.head_dim)) > 1.0) return;
@@ -167,19 +171,21 @@ void CompareWithReference(const engine::ProblemShape& shape, engine::DType dtype
     Fail(absl::StrCat("the CPU engine ran a problem the reference refused: ",
                       reference.status().ToString()));
   }
-  if (cpu->precision_used != engine::Precision::kFloat32) return;
-  // Rounding the output to a 16-bit dtype costs up to 2^-8 (bf16) relative.
+  // Twice the error bound the precision policy promises for the precision the CPU chose (bf16
+  // under AUTO on CPUs with AVX512-BF16), with a floor for fp32 rounding of large scores, plus
+  // rounding the output to a 16-bit dtype (up to 2^-8 relative for bf16).
+  const double absolute = std::max(2e-3, 2 * engine::ErrorBound(cpu->precision_used));
   const double relative = dtype == engine::DType::kFloat32 ? 1e-4 : 1.0 / 128;
   const int64_t elements = shape.QueryShape().elements();
   for (int64_t i = 0; i < elements; ++i) {
     const double got = engine::LoadAsFloat(dtype, cpu_out.data(), i);
     const double want = engine::LoadAsFloat(dtype, reference_out.data(), i);
-    if (!(std::abs(got - want) <= 2e-3 + relative * std::abs(want))) {
+    if (!(std::abs(got - want) <= absolute + relative * std::abs(want))) {
       Fail(absl::StrCat("output element ", i, " is ", got, "; the reference gives ", want,
                         " (shape ", shape.QueryShape().ToString(), ", kv_heads ", shape.kv_heads,
                         ", ", engine::DTypeName(dtype), ", patterns ", spec.PatternsToString(),
-                        spec.causal ? ", causal" : "", ", ",
-                        engine::CombineModeName(spec.mode), ")"));
+                        spec.causal ? ", causal" : "", ", ", engine::CombineModeName(spec.mode),
+                        ")"));
     }
   }
 }
@@ -205,8 +211,8 @@ void FuzzAttendRequest(const v1::AttendRequest& request) {
                                    problem->q.shape.heads, problem->k.shape.heads,
                                    problem->q.shape.head_dim};
   // What passed must also pass the header path's check: the two RPCs accept the same problems.
-  const absl::Status shape_valid = engine::ValidateShape(shape, problem->q.dtype, problem->spec,
-                                                         limits);
+  const absl::Status shape_valid =
+      engine::ValidateShape(shape, problem->q.dtype, problem->spec, limits);
   if (!shape_valid.ok()) {
     Fail(absl::StrCat("ValidateProblem accepted what ValidateShape refuses: ",
                       shape_valid.ToString()));
@@ -262,6 +268,12 @@ void FuzzWarmUpRequest(const v1::WarmUpRequest& request) {
 
 }  // namespace
 }  // namespace da::server
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  // Invalid UTF-8 in string fields is logged by protobuf on every such input: noise, not news.
+  google::protobuf::SetLogHandler(nullptr);
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
