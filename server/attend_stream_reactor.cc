@@ -1,10 +1,8 @@
 #include "server/attend_stream_reactor.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <string>
 #include <utility>
 
@@ -12,46 +10,30 @@
 #include "engine/status_macros.h"
 
 namespace da::server {
-namespace {
 
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-
-// Uninitialised on purpose: every byte is overwritten by the blocks (inputs) or the engine.
-// Large buffers are 2 MiB aligned and advised onto transparent huge pages: first touch of 4 KiB
-// pages costs about 13 us each here (MACHINE-NOTES), seconds per GiB. Returns null when the
-// memory is not there, which becomes RESOURCE_EXHAUSTED.
-AttendStreamReactor::HostBuffer Allocate(int64_t bytes) {
-  const size_t size = static_cast<size_t>(bytes);
-  if (size < kHugePageBytes)
-    return AttendStreamReactor::HostBuffer(static_cast<char*>(std::malloc(size)));
-  const size_t rounded = (size + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-  AttendStreamReactor::HostBuffer buffer(
-      static_cast<char*>(std::aligned_alloc(kHugePageBytes, rounded)));
-  if (buffer) madvise(buffer.get(), rounded, MADV_HUGEPAGE);  // Advice only: failure is harmless.
-  return buffer;
-}
-
-// Copies count token rows of each batch element between a block ([batch, count, ...]) and a
-// whole tensor ([batch, seq_len, ...]).
-void CopyBlockIntoTensor(const std::string& block, int64_t batch, int64_t seq_len,
-                         int64_t token_start, int64_t token_count, int64_t row_bytes,
-                         char* tensor) {
-  const int64_t block_batch_bytes = token_count * row_bytes;
-  for (int64_t b = 0; b < batch; ++b) {
-    std::memcpy(tensor + (b * seq_len + token_start) * row_bytes,
-                block.data() + b * block_batch_bytes, static_cast<size_t>(block_batch_bytes));
+int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
+                          int64_t min_chunk_tokens) {
+  if (seq_len < 1) return seq_len;
+  int64_t period = 1;  // The least common multiple of the segment lengths so far.
+  for (const engine::Pattern& pattern : spec.patterns) {
+    const int64_t w = std::max<int64_t>(1, pattern.segment_len);
+    const int64_t step = period / std::gcd(period, w);
+    if (step > seq_len / w) return seq_len;  // The period reaches seq_len: one chunk.
+    period = step * w;
   }
+  const int64_t factor = std::max<int64_t>(1, (min_chunk_tokens + period - 1) / period);
+  if (factor > seq_len / period) return seq_len;
+  return std::min(seq_len, factor * period);
 }
-
-}  // namespace
 
 AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metrics,
-                                         int64_t max_message_bytes,
+                                         const StreamSettings& settings,
                                          grpc::CallbackServerContext* context)
     : engine_(engine),
-      max_message_bytes_(max_message_bytes),
+      settings_(settings),
       context_(context),
       record_(metrics, "AttendStream", *context) {
+  read_in_flight_ = true;
   StartRead(&request_);
 }
 
@@ -63,230 +45,301 @@ int64_t AttendStreamReactor::KeyRowBytes() const {
   return problem_.shape.kv_heads * problem_.shape.head_dim * engine::DTypeSize(problem_.dtype);
 }
 
+void AttendStreamReactor::Fail(absl::Status status) {
+  if (!error_.ok()) return;
+  error_ = std::move(status);
+  cancelled_.store(true);  // Stops an engine run in flight at its next panel.
+}
+
 void AttendStreamReactor::OnReadDone(bool ok) {
-  if (!ok) {  // The client half-closed, or the call is gone.
-    if (context_->IsCancelled()) {
-      FinishWith(absl::CancelledError("the stream was cancelled before its input was complete"));
+  Advance([&] {
+    read_in_flight_ = false;
+    if (finished_ || !error_.ok()) return;
+    if (!ok) {  // The client half-closed, or the call is gone.
+      if (context_->IsCancelled()) {
+        Fail(absl::CancelledError("the stream was cancelled before its input was complete"));
+      } else if (!have_header_) {
+        Fail(absl::InvalidArgumentError("the stream ended before its header"));
+      } else {
+        input_done_ = true;
+        if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) Fail(complete);
+      }
       return;
     }
-    absl::Status complete = CheckComplete();
-    if (!complete.ok()) {
-      FinishWith(complete);
-      return;
+    absl::Status status;
+    if (request_.has_header()) {
+      status = AcceptHeader(request_.header());
+    } else if (request_.has_block()) {
+      status = AcceptBlock();
+    } else {
+      status = absl::InvalidArgumentError(absl::StrFormat(
+          "stream message %d carries neither a header nor a block",
+          (assembler_ ? assembler_->blocks_received() : 0) + (have_header_ ? 1 : 0)));
     }
-    StartCompute();
-    return;
-  }
-  absl::Status status;
-  if (request_.has_header()) {
-    status = AcceptHeader(request_.header());
-  } else if (request_.has_block()) {
-    status = AcceptBlock(request_.block());
-  } else {
-    status = absl::InvalidArgumentError(absl::StrFormat(
-        "stream message %d carries neither a header nor a block", blocks_received_ + 1));
-  }
-  if (!status.ok()) {
-    FinishWith(status);
-    return;
-  }
-  StartRead(&request_);
+    if (!status.ok()) Fail(status);
+  });
 }
 
 absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   if (have_header_) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "header: a second header arrived after %d blocks; a stream has exactly one header, first",
-        blocks_received_));
+        assembler_->blocks_received()));
   }
   DA_ASSIGN_OR_RETURN(problem_, ProblemFromHeader(header));
   record_.SetRequestIdField(header.request_id());
   record_.SetProblem(problem_.shape, problem_.dtype, problem_.spec);
-  // Shapes, spec and the configured limits (max_request_bytes counts q, k, v and the output)
-  // are all checked before a single byte is allocated.
-  DA_RETURN_IF_ERROR(
-      engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, engine_->limits()));
+  // Shapes, spec and max_tokens are checked before a single byte is allocated. max_request_bytes
+  // bounds what a unary request holds whole; a stream never holds itself whole, so it is bounded
+  // by its window instead (see the class comment).
+  engine::Limits limits = engine_->limits();
+  limits.max_request_bytes = 0;
+  DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits));
 
-  const int64_t q_bytes = problem_.shape.batch * problem_.shape.seq_len * QueryRowBytes();
-  const int64_t kv_bytes = problem_.shape.batch * problem_.shape.seq_len * KeyRowBytes();
-  q_ = Allocate(q_bytes);
-  k_ = Allocate(kv_bytes);
-  v_ = Allocate(kv_bytes);
-  out_ = Allocate(q_bytes);
-  if (!q_ || !k_ || !v_ || !out_) {
+  StreamLayout layout;
+  layout.batch = problem_.shape.batch;
+  layout.seq_len = problem_.shape.seq_len;
+  layout.q_row_bytes = QueryRowBytes();
+  layout.kv_row_bytes = KeyRowBytes();
+  layout.chunk_tokens =
+      ChooseChunkTokens(problem_.spec, problem_.shape.seq_len, settings_.min_chunk_tokens);
+  // Each chunk is one engine run and, like a unary request, must fit max_request_bytes.
+  const int64_t max_request_bytes = engine_->limits().max_request_bytes;
+  const int64_t chunk_bytes =
+      layout.chunk_tokens * layout.batch * (2 * layout.q_row_bytes + 2 * layout.kv_row_bytes);
+  if (max_request_bytes > 0 && chunk_bytes > max_request_bytes) {
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "cannot allocate %d bytes for the request (q, k, v and output)", 2 * (q_bytes + kv_bytes)));
+        "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "
+        "query, key, value and output; limit is %d (--max-request-bytes)",
+        layout.chunk_tokens, chunk_bytes, max_request_bytes));
   }
+  DA_ASSIGN_OR_RETURN(assembler_, StreamAssembler::Create(layout, settings_.pipeline_depth));
+  const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.q_row_bytes;
+  for (int i = 0; i < 2; ++i) {
+    out_slots_.push_back(AllocateHostBuffer(out_slot_bytes));
+    out_slot_busy_.push_back(false);
+    if (!out_slots_.back()) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "cannot allocate %d bytes for a chunk's output (%d tokens)", out_slot_bytes,
+          layout.chunk_tokens));
+    }
+  }
+  output_block_tokens_ =
+      std::max<int64_t>(1, (settings_.max_message_bytes / 2) / (layout.batch * layout.q_row_bytes));
   have_header_ = true;
   return absl::OkStatus();
 }
 
-absl::Status AttendStreamReactor::AcceptBlock(const v1::TokenBlock& block) {
-  const int64_t index = blocks_received_;
-  const int64_t start = block.token_start();
-  const int64_t count = block.token_count();
-  // Computed without signed overflow: the numbers come straight from the client.
-  const int64_t end =
-      static_cast<int64_t>(static_cast<uint64_t>(start) + static_cast<uint64_t>(count));
-  const std::string where = absl::StrFormat("block %d (tokens [%d, %d))", index, start, end);
+absl::Status AttendStreamReactor::AcceptBlock() {
+  const v1::TokenBlock& block = request_.block();
   if (!have_header_) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s arrived before the header; the first stream message must be a header", where));
+        "block 0 (tokens [%d, %d)) arrived before the header; the first stream message must be "
+        "a header",
+        block.token_start(), block.token_start() + block.token_count()));
   }
-  const int64_t seq_len = problem_.shape.seq_len;
-  if (count < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: token_count is %d; must be >= 1", where, count));
+  const BlockView view{block.token_start(), block.token_count(), block.query(), block.key(),
+                       block.value()};
+  DA_RETURN_IF_ERROR(assembler_->CheckBlock(view));
+  record_.AddBytes(static_cast<int64_t>(view.q.size() + view.k.size() + view.v.size()), 0);
+  pending_block_ = true;
+  pending_taken_ = 0;
+  return absl::OkStatus();
+}
+
+void AttendStreamReactor::FeedPendingBlock() {
+  if (!pending_block_) return;
+  const v1::TokenBlock& block = request_.block();
+  const BlockView view{block.token_start(), block.token_count(), block.query(), block.key(),
+                       block.value()};
+  pending_taken_ += assembler_->Fill(view, pending_taken_);
+  if (pending_taken_ == view.token_count) pending_block_ = false;
+}
+
+AttendStreamReactor::Actions AttendStreamReactor::Decide() {
+  Actions actions;
+  if (finished_) return actions;
+  const bool quiet = !computing_ && !write_in_flight_ && starting_ == 0;
+  if (!error_.ok()) {
+    if (quiet) {
+      finished_ = true;
+      actions.finish = record_.Finish(error_, any_computed_ ? &info_ : nullptr);
+    }
+    return actions;
   }
-  if (start < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: token_start is %d; must be >= 0", where, start));
+  if (trailer_sent_) {
+    if (quiet) {
+      finished_ = true;
+      actions.finish = record_.Finish(absl::OkStatus(), &info_);
+    }
+    return actions;
   }
-  if (start < next_token_) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s overlaps tokens already received: expected token_start %d (blocks must be contiguous "
-        "and in order)",
-        where, next_token_));
-  }
-  if (start > next_token_) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s is out of order: tokens [%d, %d) are missing before it (blocks must be contiguous and "
-        "in order)",
-        where, next_token_, start));
-  }
-  if (count > seq_len - start) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s extends past seq_len %d", where, seq_len));
-  }
-  const int64_t batch = problem_.shape.batch;
-  const int64_t q_bytes = batch * count * QueryRowBytes();
-  const int64_t kv_bytes = batch * count * KeyRowBytes();
-  const std::pair<const char*, std::pair<int64_t, int64_t>> sizes[] = {
-      {"query", {static_cast<int64_t>(block.query().size()), q_bytes}},
-      {"key", {static_cast<int64_t>(block.key().size()), kv_bytes}},
-      {"value", {static_cast<int64_t>(block.value().size()), kv_bytes}}};
-  for (const auto& [field, size] : sizes) {
-    if (size.first != size.second) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: %s has %d bytes; expected %d (batch x token_count x heads x head_dim x dtype size)",
-          where, field, size.first, size.second));
+  FeedPendingBlock();
+  if (!computing_ && assembler_ != nullptr) {
+    const auto free_slot = std::find(out_slot_busy_.begin(), out_slot_busy_.end(), false);
+    if (free_slot != out_slot_busy_.end()) {
+      actions.compute = assembler_->TakeReadyChunk();
+      if (actions.compute) {
+        computing_ = true;
+        *free_slot = true;
+        actions.compute_slot = static_cast<int>(free_slot - out_slot_busy_.begin());
+      }
     }
   }
-  CopyBlockIntoTensor(block.query(), batch, seq_len, start, count, QueryRowBytes(), q_.get());
-  CopyBlockIntoTensor(block.key(), batch, seq_len, start, count, KeyRowBytes(), k_.get());
-  CopyBlockIntoTensor(block.value(), batch, seq_len, start, count, KeyRowBytes(), v_.get());
-  record_.AddBytes(q_bytes + 2 * kv_bytes, 0);
-  next_token_ += count;
-  ++blocks_received_;
-  return absl::OkStatus();
+  if (!read_in_flight_ && !input_done_ && !pending_block_) {
+    read_in_flight_ = true;
+    actions.read = true;
+  }
+  if (!write_in_flight_ && FillNextWrite()) {
+    write_in_flight_ = true;
+    actions.write = true;
+  }
+  return actions;
 }
 
-absl::Status AttendStreamReactor::CheckComplete() const {
-  if (!have_header_) {
-    return absl::InvalidArgumentError("the stream ended before its header");
+bool AttendStreamReactor::FillNextWrite() {
+  if (!have_header_) return false;
+  response_.Clear();
+  const bool trailer_ready =
+      input_done_ && !computing_ && chunks_computed_ == assembler_->layout().chunk_count();
+  // The header goes out with the first output, so a stream refused for its input gets no answer
+  // messages at all, only the status.
+  if (!header_sent_ && (!outgoing_.empty() || trailer_ready)) {
+    v1::StreamResponseHeader* header = response_.mutable_header();
+    header->set_request_id(record_.id());
+    header->set_dtype(DTypeToProto(problem_.dtype));
+    const engine::Shape4 shape = problem_.shape.QueryShape();
+    for (int64_t dim : {shape.batch, shape.seq_len, shape.heads, shape.head_dim}) {
+      header->add_shape(dim);
+    }
+    header_sent_ = true;
+    return true;
   }
-  if (next_token_ != problem_.shape.seq_len) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the stream ended after %d blocks with tokens [%d, %d) missing (seq_len %d)",
-        blocks_received_, next_token_, problem_.shape.seq_len, problem_.shape.seq_len));
+  if (!outgoing_.empty()) {
+    Outgoing& chunk = outgoing_.front();
+    const int64_t count = std::min(output_block_tokens_, chunk.token_count - chunk.sent);
+    const int64_t row_bytes = QueryRowBytes();
+    const int64_t batch = problem_.shape.batch;
+    v1::OutputBlock* block = response_.mutable_block();
+    block->set_token_start(chunk.token_start + chunk.sent);
+    block->set_token_count(count);
+    std::string* bytes = block->mutable_output();
+    bytes->resize(static_cast<size_t>(batch * count * row_bytes));
+    const char* out = out_slots_[chunk.slot].get();
+    for (int64_t b = 0; b < batch; ++b) {
+      std::memcpy(bytes->data() + b * count * row_bytes,
+                  out + (b * chunk.token_count + chunk.sent) * row_bytes,
+                  static_cast<size_t>(count * row_bytes));
+    }
+    record_.AddBytes(0, static_cast<int64_t>(bytes->size()));
+    chunk.sent += count;
+    if (chunk.sent == chunk.token_count) {  // Copied out: the slot can take the next chunk.
+      out_slot_busy_[chunk.slot] = false;
+      outgoing_.pop_front();
+    }
+    return true;
   }
-  return absl::OkStatus();
+  if (trailer_ready && header_sent_) {
+    v1::ExecutionInfo* info = response_.mutable_trailer()->mutable_info();
+    ExecutionInfoToProto(info_, record_.id(), record_.ElapsedUs(), info);
+    info->set_stream_chunk_tokens(assembler_->layout().chunk_tokens);
+    info->set_stream_chunks(chunks_computed_);
+    info->set_stream_buffer_bytes(BufferBytes());
+    trailer_sent_ = true;
+    return true;
+  }
+  return false;
 }
 
-void AttendStreamReactor::StartCompute() {
-  const engine::Shape4 q_shape = problem_.shape.QueryShape();
-  const engine::Shape4 kv_shape = problem_.shape.KeyShape();
+int64_t AttendStreamReactor::BufferBytes() const {
+  if (assembler_ == nullptr) return 0;
+  const StreamLayout& layout = assembler_->layout();
+  const int64_t out_bytes =
+      static_cast<int64_t>(out_slots_.size()) * layout.chunk_tokens * layout.batch *
+      layout.q_row_bytes;
+  // One incoming and one outgoing message at most, each within max_message_bytes.
+  return assembler_->buffer_bytes() + out_bytes + 2 * settings_.max_message_bytes;
+}
+
+void AttendStreamReactor::Advance(const std::function<void()>& under_lock) {
+  Actions actions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (under_lock) under_lock();
+    actions = Decide();
+    if (actions.read || actions.write || actions.compute) ++starting_;
+  }
+  for (;;) {
+    if (actions.finish) {
+      Finish(*actions.finish);  // The last thing: OnDone may follow at once on another thread.
+      return;
+    }
+    if (!actions.read && !actions.write && !actions.compute) return;
+    if (actions.read) StartRead(&request_);
+    if (actions.write) StartWrite(&response_);
+    // Last: a run the engine refuses calls back before Submit returns, and that callback must
+    // not finish the RPC while this thread may still start operations (starting_ prevents it).
+    if (actions.compute) Compute(*actions.compute, actions.compute_slot);
+    std::lock_guard<std::mutex> lock(mu_);
+    --starting_;
+    actions = Decide();
+    if (actions.read || actions.write || actions.compute) ++starting_;
+  }
+}
+
+void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
+  const engine::Shape4 q_shape{problem_.shape.batch, chunk.token_count, problem_.shape.heads,
+                               problem_.shape.head_dim};
+  const engine::Shape4 kv_shape{problem_.shape.batch, chunk.token_count, problem_.shape.kv_heads,
+                                problem_.shape.head_dim};
   const int64_t q_bytes = q_shape.elements() * engine::DTypeSize(problem_.dtype);
   const int64_t kv_bytes = kv_shape.elements() * engine::DTypeSize(problem_.dtype);
   engine::RunRequest run;
-  run.q = {problem_.dtype, q_shape, q_.get(), q_bytes};
-  run.k = {problem_.dtype, kv_shape, k_.get(), kv_bytes};
-  run.v = {problem_.dtype, kv_shape, v_.get(), kv_bytes};
+  run.q = {problem_.dtype, q_shape, chunk.q, q_bytes};
+  run.k = {problem_.dtype, kv_shape, chunk.k, kv_bytes};
+  run.v = {problem_.dtype, kv_shape, chunk.v, kv_bytes};
   run.spec = problem_.spec;
-  run.out = {problem_.dtype, q_shape, out_.get(), q_bytes};
+  run.out = {problem_.dtype, q_shape, out_slots_[slot].get(), q_bytes};
   run.request_id = record_.id();
   run.cancelled = &cancelled_;
-  engine_->Submit(
-      run, [this](absl::StatusOr<engine::ExecutionInfo> info) { OnComputed(std::move(info)); });
+  const Outgoing outgoing{chunk.index, chunk.token_start, chunk.token_count, slot, 0};
+  engine_->Submit(run, [this, outgoing](absl::StatusOr<engine::ExecutionInfo> info) {
+    OnComputed(outgoing, std::move(info));
+  });
 }
 
-void AttendStreamReactor::OnComputed(absl::StatusOr<engine::ExecutionInfo> info) {
-  q_.reset();
-  k_.reset();
-  v_.reset();
-  if (!info.ok()) {
-    FinishWith(info.status());
-    return;
-  }
-  computed_ = true;
-  info_ = *std::move(info);
-  const int64_t batch_row_bytes = problem_.shape.batch * QueryRowBytes();
-  output_block_tokens_ = std::max<int64_t>(1, (max_message_bytes_ / 2) / batch_row_bytes);
-  write_stage_ = WriteStage::kHeader;
-  WriteNext();
-}
-
-void AttendStreamReactor::WriteNext() {
-  response_.Clear();
-  switch (write_stage_) {
-    case WriteStage::kHeader: {
-      v1::StreamResponseHeader* header = response_.mutable_header();
-      header->set_request_id(record_.id());
-      header->set_dtype(DTypeToProto(problem_.dtype));
-      const engine::Shape4 shape = problem_.shape.QueryShape();
-      for (int64_t dim : {shape.batch, shape.seq_len, shape.heads, shape.head_dim}) {
-        header->add_shape(dim);
-      }
-      write_stage_ = WriteStage::kBlocks;
-      break;
-    }
-    case WriteStage::kBlocks:
-      FillOutputBlock(response_.mutable_block());
-      if (next_output_token_ == problem_.shape.seq_len) write_stage_ = WriteStage::kTrailer;
-      break;
-    case WriteStage::kTrailer:
-      ExecutionInfoToProto(info_, record_.id(), record_.ElapsedUs(),
-                           response_.mutable_trailer()->mutable_info());
-      write_stage_ = WriteStage::kFinished;
-      break;
-    case WriteStage::kFinished:
+void AttendStreamReactor::OnComputed(const Outgoing& chunk,
+                                     absl::StatusOr<engine::ExecutionInfo> info) {
+  Advance([&] {
+    computing_ = false;
+    if (!info.ok()) {
+      Fail(info.status());
       return;
-  }
-  StartWrite(&response_);
-}
-
-void AttendStreamReactor::FillOutputBlock(v1::OutputBlock* block) {
-  const int64_t start = next_output_token_;
-  const int64_t count = std::min(output_block_tokens_, problem_.shape.seq_len - start);
-  const int64_t row_bytes = QueryRowBytes();
-  const int64_t batch = problem_.shape.batch;
-  block->set_token_start(start);
-  block->set_token_count(count);
-  std::string* bytes = block->mutable_output();
-  bytes->resize(static_cast<size_t>(batch * count * row_bytes));
-  for (int64_t b = 0; b < batch; ++b) {
-    std::memcpy(bytes->data() + b * count * row_bytes,
-                out_.get() + (b * problem_.shape.seq_len + start) * row_bytes,
-                static_cast<size_t>(count * row_bytes));
-  }
-  record_.AddBytes(0, static_cast<int64_t>(bytes->size()));
-  next_output_token_ += count;
+    }
+    if (!any_computed_) {
+      info_ = *info;
+      any_computed_ = true;
+    } else {
+      info_.queue_time_us += info->queue_time_us;
+      info_.compute_time_us += info->compute_time_us;
+      info_.plan_build_time_us += info->plan_build_time_us;
+      info_.plan_cache_hit = info_.plan_cache_hit && info->plan_cache_hit;
+    }
+    assembler_->ReleaseChunk(chunk.index);
+    outgoing_.push_back(chunk);
+    ++chunks_computed_;
+  });
 }
 
 void AttendStreamReactor::OnWriteDone(bool ok) {
-  if (!ok) {
-    FinishWith(absl::CancelledError("the client went away while the answer was being sent"));
-    return;
-  }
-  if (write_stage_ == WriteStage::kFinished) {
-    FinishWith(absl::OkStatus());
-    return;
-  }
-  WriteNext();
+  Advance([&] {
+    write_in_flight_ = false;
+    if (!ok) Fail(absl::CancelledError("the client went away while the answer was being sent"));
+  });
 }
 
-void AttendStreamReactor::FinishWith(const absl::Status& status) {
-  Finish(record_.Finish(status, computed_ ? &info_ : nullptr));
+void AttendStreamReactor::OnCancel() {
+  Advance([&] { Fail(absl::CancelledError("the client cancelled the stream")); });
 }
 
 }  // namespace da::server

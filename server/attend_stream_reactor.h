@@ -1,88 +1,141 @@
-// One AttendStream RPC: reads a StreamHeader and the token blocks, computes on the engine, and
-// writes a StreamResponseHeader, OutputBlocks and a StreamTrailer.
+// One AttendStream RPC, pipelined: token blocks are assembled into chunks of whole segments, each
+// chunk is computed on the engine as soon as its last token has arrived, and its output blocks
+// are sent while later chunks are still arriving or computing (DESIGN §3, Streaming).
 //
-// This version collects the whole input before computing (pipelining comes later). The input
-// total is checked against the engine's limits (max_request_bytes, max_tokens) from the header,
-// before any buffer is allocated. Output blocks carry at most max_message_bytes / 2 bytes each
-// (at least one token).
+// Chunks. A chunk is chunk_tokens consecutive tokens, chunk_tokens a multiple of every segment
+// length of the request (their least common multiple, rounded up to at least
+// min_chunk_tokens and clipped to seq_len). No segment then spans two chunks, and the patterns'
+// geometry is the same in every chunk (segments and offsets are relative to a segment's start),
+// so each chunk is an independent attention problem whose output rows are exactly the rows of
+// the whole problem: a streamed answer has the same bytes as the unary one.
 //
-// Lifetime: created by the service per RPC and deleted in OnDone. Reads, the engine run and
-// writes happen strictly one after another, so at most one operation is outstanding; Finish is
-// called only after the engine has called back, so buffers outlive any engine work even when the
-// client cancels (OnCancel sets the flag the engine polls).
+// Memory. A stream holds `pipeline_depth` chunks of inputs (the StreamAssembler's slots), two
+// chunks of output (one being computed into, one being sent), the chunk plan's workspace, and
+// one incoming and one outgoing message: all independent of seq_len. When every input slot is
+// full the reactor stops reading, so gRPC's flow control holds the client back; nothing is
+// buffered without bound.
+//
+// Threads. gRPC reactions (OnReadDone, OnWriteDone, OnCancel) and the engine's completion
+// callback run on different threads; all state is guarded by mu_, and each reaction updates
+// the state, then calls Advance(), which decides the next operations under the lock and starts
+// them after releasing it. At most one read, one write and one engine run are outstanding.
+// Finish is called only when no write and no engine run is outstanding, so buffers outlive any
+// engine work even when the client cancels (OnCancel sets the flag the engine polls).
 #pragma once
 
 #include <grpcpp/support/server_callback.h>
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
+#include <deque>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
 
+#include "absl/status/status.h"
 #include "da/v1/attention.pb.h"
 #include "engine/engine.h"
 #include "server/conversion.h"
+#include "server/host_buffer.h"
 #include "server/metrics.h"
 #include "server/request_record.h"
+#include "server/stream_assembler.h"
 
 namespace da::server {
+
+struct StreamSettings {
+  int64_t max_message_bytes = 64 << 20;  // Each output message carries at most half of it.
+  int pipeline_depth = 2;                // Chunks of inputs held at once (>= 1).
+  int64_t min_chunk_tokens = 4096;       // Chunks are at least this long (unless seq_len is less).
+};
+
+// Tokens per chunk for a request: the least common multiple of the segment lengths, times the
+// smallest factor that makes it at least min_chunk_tokens, clipped to seq_len (also when the
+// multiple would overflow).
+int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
+                          int64_t min_chunk_tokens);
 
 class AttendStreamReactor final
     : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
  public:
-  // Whole-tensor host memory, released with free().
-  struct FreeDeleter {
-    void operator()(char* p) const { std::free(p); }
-  };
-  using HostBuffer = std::unique_ptr<char, FreeDeleter>;
-
-  AttendStreamReactor(engine::Engine* engine, Metrics* metrics, int64_t max_message_bytes,
+  AttendStreamReactor(engine::Engine* engine, Metrics* metrics, const StreamSettings& settings,
                       grpc::CallbackServerContext* context);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
-  void OnCancel() override { cancelled_.store(true); }
+  void OnCancel() override;
   void OnDone() override { delete this; }
 
  private:
-  enum class WriteStage { kHeader, kBlocks, kTrailer, kFinished };
+  // A computed chunk whose output is being sent.
+  struct Outgoing {
+    int64_t index = 0;
+    int64_t token_start = 0;
+    int64_t token_count = 0;
+    int slot = 0;       // Index into out_slots_.
+    int64_t sent = 0;   // Tokens of it sent so far.
+  };
+  // What Advance decided to do once the lock is released.
+  struct Actions {
+    bool read = false;
+    bool write = false;
+    std::optional<Chunk> compute;
+    int compute_slot = 0;
+    std::optional<grpc::Status> finish;
+  };
 
-  absl::Status AcceptHeader(const v1::StreamHeader& header);
-  absl::Status AcceptBlock(const v1::TokenBlock& block);
-  absl::Status CheckComplete() const;
-  void StartCompute();
-  void OnComputed(absl::StatusOr<engine::ExecutionInfo> info);  // On an engine thread.
-  void WriteNext();
-  void FillOutputBlock(v1::OutputBlock* block);
-  // The last thing the reactor does: OnDone may follow at once on another thread.
-  void FinishWith(const absl::Status& status);
+  absl::Status AcceptHeader(const v1::StreamHeader& header);  // Under mu_.
+  absl::Status AcceptBlock();                                  // Under mu_.
+  void Fail(absl::Status status);                              // Under mu_; the first error wins.
+  void FeedPendingBlock();                                     // Under mu_.
+  Actions Decide();                                            // Under mu_.
+  bool FillNextWrite();                                        // Under mu_: into response_.
+  int64_t BufferBytes() const;                                 // Under mu_.
+  // Runs under_lock and Decide under mu_, then starts what Decide chose, until nothing is left.
+  void Advance(const std::function<void()>& under_lock);
+  void Compute(const Chunk& chunk, int slot);
+  void OnComputed(const Outgoing& chunk, absl::StatusOr<engine::ExecutionInfo> info);
 
-  // Bytes of one token row of q (heads) and of k or v (kv_heads).
   int64_t QueryRowBytes() const;
   int64_t KeyRowBytes() const;
 
   engine::Engine* engine_;
-  int64_t max_message_bytes_;
+  StreamSettings settings_;
   grpc::CallbackServerContext* context_;
-  RequestRecord record_;
   std::atomic<bool> cancelled_{false};
 
+  std::mutex mu_;
+  RequestRecord record_;
+  absl::Status error_;  // The first error; the RPC finishes with it.
+  bool finished_ = false;
+  int starting_ = 0;  // Threads starting operations Decide chose; Finish waits for them.
+
+  // Reading.
   v1::AttendStreamRequest request_;
-  v1::AttendStreamResponse response_;
-
+  bool read_in_flight_ = false;
+  bool input_done_ = false;     // The client half-closed.
   bool have_header_ = false;
+  bool pending_block_ = false;  // request_ holds a checked block not yet copied in full.
+  int64_t pending_taken_ = 0;
   StreamProblem problem_;
-  int64_t blocks_received_ = 0;
-  int64_t next_token_ = 0;  // Tokens [0, next_token_) have arrived.
-  HostBuffer q_;
-  HostBuffer k_;
-  HostBuffer v_;
-  HostBuffer out_;
+  std::unique_ptr<StreamAssembler> assembler_;
 
-  bool computed_ = false;
-  engine::ExecutionInfo info_;
-  WriteStage write_stage_ = WriteStage::kHeader;
-  int64_t next_output_token_ = 0;
+  // Computing.
+  bool computing_ = false;
+  int64_t chunks_computed_ = 0;
+  std::vector<HostBuffer> out_slots_;
+  std::vector<bool> out_slot_busy_;
+  engine::ExecutionInfo info_;  // Summed over chunks.
+  bool any_computed_ = false;
+
+  // Writing.
+  v1::AttendStreamResponse response_;
+  bool write_in_flight_ = false;
+  bool header_sent_ = false;
+  bool trailer_sent_ = false;
+  std::deque<Outgoing> outgoing_;
   int64_t output_block_tokens_ = 1;
 };
 

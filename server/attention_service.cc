@@ -137,7 +137,10 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
 
 grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
 AttentionService::AttendStream(grpc::CallbackServerContext* context) {
-  return new AttendStreamReactor(engine_, metrics_, options_.max_message_bytes, context);
+  const StreamSettings settings{.max_message_bytes = options_.max_message_bytes,
+                                .pipeline_depth = options_.stream_pipeline_depth,
+                                .min_chunk_tokens = options_.stream_min_chunk_tokens};
+  return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 
 // Cheap and non-blocking, so it is answered on the gRPC thread.

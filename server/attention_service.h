@@ -16,6 +16,7 @@
 
 #include "da/v1/attention.grpc.pb.h"
 #include "engine/engine.h"
+#include "server/attend_stream_reactor.h"
 #include "server/metrics.h"
 #include "server/warm_up.h"
 
@@ -26,6 +27,8 @@ inline constexpr char kServiceName[] = "da.v1.AttentionService";
 struct ServiceOptions {
   int64_t max_message_bytes = 64 << 20;  // Bounds each streamed output block (half of it).
   std::string version;                   // Reported by GetServerInfo.
+  int stream_pipeline_depth = 2;         // Chunks of input one stream holds (StreamSettings).
+  int64_t stream_min_chunk_tokens = 4096;
 };
 
 class AttentionService final : public v1::AttentionService::CallbackService {

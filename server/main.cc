@@ -84,6 +84,16 @@ int main(int argc, char** argv) {
   app.add_flag("--precision-fallback", options.precision_fallback,
                "A precision the device cannot do uses the nearest supported one (reported in "
                "ExecutionInfo) instead of failing with INVALID_ARGUMENT");
+  app.add_option("--stream-pipeline-depth", options.stream_pipeline_depth,
+                 "AttendStream: chunks of input one stream holds at once; a stream's memory is "
+                 "about (depth + 2) chunks, whatever its length")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  app.add_option("--stream-min-chunk-tokens", options.stream_min_chunk_tokens,
+                 "AttendStream: least tokens per chunk; a chunk is a multiple of every segment "
+                 "length and is computed as soon as its tokens have arrived")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--warmup", warmup_file,
                  "JSON file of shapes whose plans are built before readiness turns SERVING");
   app.add_option("--drain-timeout-ms", drain_timeout_ms,

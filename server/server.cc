@@ -16,6 +16,14 @@
 namespace da::server {
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  if (options.stream_pipeline_depth < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream_pipeline_depth is ", options.stream_pipeline_depth, "; must be >= 1"));
+  }
+  if (options.stream_min_chunk_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream_min_chunk_tokens is ", options.stream_min_chunk_tokens, "; must be >= 1"));
+  }
   if (options.max_message_bytes < 1 || options.max_message_bytes > INT_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes is ", options.max_message_bytes, "; must be in [1, ", INT_MAX, "]"));
@@ -36,7 +44,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   server->warmup_ = options.warmup;
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
-      ServiceOptions{.max_message_bytes = options.max_message_bytes, .version = DA_VERSION});
+      ServiceOptions{.max_message_bytes = options.max_message_bytes,
+                     .version = DA_VERSION,
+                     .stream_pipeline_depth = options.stream_pipeline_depth,
+                     .stream_min_chunk_tokens = options.stream_min_chunk_tokens});
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -42,6 +42,10 @@ struct ServerOptions {
   int64_t plan_cache_bytes = int64_t{1} << 30;   // Plan cache budget; 0 caches nothing.
   bool precision_fallback = false;  // Unsupported precision wishes use the nearest supported one.
   std::vector<WarmUpShape> warmup;  // Plans WarmUp builds before readiness turns SERVING.
+  // AttendStream: chunks of input one stream holds at once, and the least tokens per chunk
+  // (chunks are multiples of every segment length; see attend_stream_reactor.h).
+  int stream_pipeline_depth = 2;
+  int64_t stream_min_chunk_tokens = 4096;
 };
 
 class Server {

@@ -165,9 +165,9 @@ TEST_F(StreamTest, HeaderRules) {
   }
 }
 
-TEST_F(StreamTest, HeaderAboveMaxRequestBytesIsRefusedBeforeAnyBlock) {
+TEST_F(StreamTest, HeaderAboveMaxTokensIsRefusedBeforeAnyBlock) {
   ServerOptions options = testing::LoopbackOptions();
-  options.max_request_bytes = 1 << 20;
+  options.max_tokens = 1 << 20;
   Start(options);
   v1::AttendStreamRequest header = Header();
   header.mutable_header()->set_seq_len(int64_t{1} << 40);  // Petabytes: never allocated.
@@ -175,6 +175,31 @@ TEST_F(StreamTest, HeaderAboveMaxRequestBytesIsRefusedBeforeAnyBlock) {
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_NE(result.status.error_message().find("1048576"), std::string::npos)
       << result.status.error_message();
+  EXPECT_TRUE(result.responses.empty());
+}
+
+// max_request_bytes bounds what a unary request holds whole; a stream holds only its window.
+TEST_F(StreamTest, StreamAboveMaxRequestBytesIsComputedInItsWindow) {
+  ServerOptions options = testing::LoopbackOptions();
+  // The request has 40 tokens x batch 2 x 768 bytes = 61440 bytes; a chunk of 32 tokens (lcm of
+  // the segment lengths 16 and 32) has 49152.
+  options.max_request_bytes = 56 << 10;
+  options.stream_min_chunk_tokens = 1;
+  Start(options);
+  std::vector<v1::AttendStreamRequest> messages = {Header()};
+  for (int64_t start = 0; start < 40; start += 8) messages.push_back(Block(start));
+  const StreamResult result = Run(messages);
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  ASSERT_TRUE(result.responses.back().has_trailer());
+  EXPECT_EQ(result.responses.back().trailer().info().stream_chunk_tokens(), 32);
+  EXPECT_EQ(result.responses.back().trailer().info().stream_chunks(), 2);
+
+  options.max_request_bytes = 40 << 10;  // Below one chunk: refused at the header.
+  Start(options);
+  const StreamResult refused = Run(messages);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status.error_message().find("chunk of 32 tokens"), std::string::npos)
+      << refused.status.error_message();
 }
 
 TEST_F(StreamTest, OutputBlocksStayWithinHalfTheMessageLimit) {
@@ -209,6 +234,78 @@ TEST_F(StreamTest, OutputBlocksStayWithinHalfTheMessageLimit) {
   EXPECT_GE(result.responses.size(), 10u);
   ASSERT_TRUE(result.responses.back().has_trailer());
   EXPECT_TRUE(output == testing::InProcessOutput(request_, 2));
+}
+
+// The pipelined stream computes chunk by chunk; its answer must be byte for byte the unary
+// answer. Chunks here are the least common multiple of the segment lengths (min chunk 1), so
+// every case runs several chunks, with block sizes drawn at random so that blocks straddle chunks.
+TEST_F(StreamTest, StreamedBytesEqualUnaryBytesAcrossTheSweep) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_min_chunk_tokens = 1;
+  Start(options);
+  client::AttentionClient client(testing::ChannelTo(server_->port()));
+  std::mt19937 rng(std::random_device{}());
+  struct Case {
+    testing::ProblemConfig config;
+    v1::Precision precision;
+  };
+  std::vector<Case> cases;
+  for (bool causal : {false, true}) {
+    for (v1::CombineMode mode : {v1::COMBINE_MODE_LONGNET, v1::COMBINE_MODE_GROUPED}) {
+      for (v1::Precision precision : {v1::PRECISION_FP32, v1::PRECISION_AUTO}) {
+        testing::ProblemConfig config;
+        config.batch = 1 + static_cast<int64_t>(rng() % 2);
+        config.seq_len = 150 + static_cast<int64_t>(rng() % 200);  // Partial last segments.
+        config.heads = 4;
+        config.kv_heads = (rng() % 2 == 0) ? 4 : 2;  // With and without GQA.
+        config.patterns = {{16, 1}, {24, 2}, {32, 4}};  // Chunks of lcm = 96 tokens.
+        config.causal = causal;
+        config.mode = mode;
+        cases.push_back({config, precision});
+      }
+    }
+  }
+  testing::ProblemConfig half = cases.front().config;
+  half.dtype = v1::DTYPE_FP16;
+  cases.push_back({half, v1::PRECISION_AUTO});
+  testing::ProblemConfig bf16 = cases.back().config;
+  bf16.dtype = v1::DTYPE_BF16;
+  bf16.patterns = {{40, 2}};
+  cases.push_back({bf16, v1::PRECISION_AUTO});
+
+  for (const Case& c : cases) {
+    v1::AttendRequest request = testing::RandomRequest(c.config, rng);
+    request.mutable_spec()->set_precision(c.precision);
+    SCOPED_TRACE(testing::HeaderFor(request).DebugString());
+    v1::AttendResponse unary;
+    ASSERT_TRUE(client.Attend(request, &unary).ok());
+    v1::AttendResponse streamed;
+    const int64_t block_tokens = 1 + static_cast<int64_t>(rng() % 70);
+    const grpc::Status status =
+        client.AttendStream(request, &streamed, {}, {.block_tokens = block_tokens});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(streamed.output().data() == unary.output().data())
+        << "block_tokens " << block_tokens;
+    EXPECT_EQ(streamed.info().precision_used(), unary.info().precision_used());
+    EXPECT_GE(streamed.info().stream_chunks(), 2);
+    EXPECT_EQ(streamed.info().stream_chunks(),
+              (c.config.seq_len + streamed.info().stream_chunk_tokens() - 1) /
+                  streamed.info().stream_chunk_tokens());
+  }
+}
+
+TEST(ChooseChunkTokensTest, LeastCommonMultipleRoundedUpAndClipped) {
+  engine::AttentionSpec spec;
+  spec.patterns = {{2048, 1}, {4096, 2}, {8192, 4}};
+  EXPECT_EQ(ChooseChunkTokens(spec, 65536, 4096), 8192);
+  EXPECT_EQ(ChooseChunkTokens(spec, 65536, 20000), 24576);
+  EXPECT_EQ(ChooseChunkTokens(spec, 5000, 4096), 5000);
+  spec.patterns = {{16, 1}, {24, 2}};
+  EXPECT_EQ(ChooseChunkTokens(spec, 1000, 1), 48);
+  EXPECT_EQ(ChooseChunkTokens(spec, 1000, 100), 144);
+  // Coprime lengths whose multiple passes seq_len (or int64): one chunk of the whole stream.
+  spec.patterns = {{1000003, 1}, {1000033, 1}, {1000037, 1}, {1000039, 1}};
+  EXPECT_EQ(ChooseChunkTokens(spec, int64_t{1} << 40, 1), int64_t{1} << 40);
 }
 
 }  // namespace
