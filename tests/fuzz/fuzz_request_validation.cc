@@ -2,7 +2,8 @@
 //
 // The first input byte picks the message; the rest is its protobuf encoding:
 //   0: AttendRequest  -> ProblemFromRequest, then ValidateProblem (as AttendReactor::Submit)
-//   1: StreamHeader   -> ProblemFromHeader, then ValidateShape (as AttendStreamReactor)
+//   1: StreamHeader   -> ProblemFromHeader, then ValidateShape (as AttendStreamReactor, which
+//                        leaves max_request_bytes to its chunks)
 //   2: WarmUpRequest  -> per shape ProblemFromHeader and ValidateShape (as the WarmUp RPC)
 // with the limits a da-server has when started with no flags (ServerOptions' defaults).
 //
@@ -223,8 +224,11 @@ void FuzzAttendRequest(const v1::AttendRequest& request) {
 }
 
 // Returns the problem when the header is accepted.
+// limits: a stream is checked without max_request_bytes (it never holds itself whole; its chunks
+// are bounded instead, in AttendStreamReactor), a warm-up shape with every limit.
 std::optional<StreamProblem> CheckHeader(const v1::StreamHeader& header,
-                                         const std::string& dtype_field) {
+                                         const std::string& dtype_field,
+                                         const engine::Limits& limits) {
   absl::StatusOr<StreamProblem> problem = ProblemFromHeader(header, dtype_field);
   if (!problem.ok()) {
     CheckRefusal(problem.status(), "ProblemFromHeader");
@@ -235,7 +239,7 @@ std::optional<StreamProblem> CheckHeader(const v1::StreamHeader& header,
     return std::nullopt;
   }
   const absl::Status valid =
-      engine::ValidateShape(problem->shape, problem->dtype, problem->spec, DefaultServerLimits());
+      engine::ValidateShape(problem->shape, problem->dtype, problem->spec, limits);
   if (!valid.ok()) {
     CheckRefusal(valid, "ValidateShape");
     return std::nullopt;
@@ -244,7 +248,9 @@ std::optional<StreamProblem> CheckHeader(const v1::StreamHeader& header,
 }
 
 void FuzzStreamHeader(const v1::StreamHeader& header) {
-  std::optional<StreamProblem> problem = CheckHeader(header, "header.dtype");
+  engine::Limits limits = DefaultServerLimits();
+  limits.max_request_bytes = 0;  // As AttendStreamReactor::AcceptHeader.
+  std::optional<StreamProblem> problem = CheckHeader(header, "header.dtype", limits);
   if (!problem || !SmallEnough(problem->shape, problem->spec)) return;
   CompareWithReference(problem->shape, problem->dtype, problem->spec);
 }
@@ -253,8 +259,8 @@ void FuzzWarmUpRequest(const v1::WarmUpRequest& request) {
   // As the WarmUp RPC: every shape is checked before any is built.
   std::vector<StreamProblem> shapes;
   for (int i = 0; i < request.shapes_size(); ++i) {
-    std::optional<StreamProblem> problem =
-        CheckHeader(request.shapes(i), absl::StrCat("shapes[", i, "].dtype"));
+    std::optional<StreamProblem> problem = CheckHeader(
+        request.shapes(i), absl::StrCat("shapes[", i, "].dtype"), DefaultServerLimits());
     if (!problem) return;
     shapes.push_back(*std::move(problem));
   }
