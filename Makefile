@@ -1,6 +1,7 @@
 # The two commands users and CI rely on:
 #   make serve   install what is missing, build Release, run da-server on CPU with its defaults
-#   make test    install what is missing, build, run every test through ctest
+#   make test    install what is missing, build, run every test through ctest (and the sanitizer,
+#                ThreadSanitizer and fuzz runs first)
 BUILD_DIR ?= build
 NOCUDA_DIR ?= build-nocuda
 JOBS ?= $(shell nproc)
@@ -8,7 +9,7 @@ CMAKE_FLAGS ?=
 SERVE_ARGS ?=
 DEPS_STAMP := $(BUILD_DIR)/.deps-installed
 
-.PHONY: all deps configure build build-nocuda sanitize tsan serve test clean
+.PHONY: all deps configure build build-nocuda sanitize tsan fuzz serve test clean
 
 all: build
 
@@ -62,8 +63,20 @@ tsan: $(DEPS_STAMP)
 	$(TSAN_DIR)/bin/plan_cache_test --gtest_brief=1
 	$(TSAN_DIR)/bin/engine_test --gtest_brief=1
 
-test: build build-nocuda sanitize tsan
+# libFuzzer targets over request validation and stream assembly, built by Debian's clang with
+# ASan/UBSan in a build directory of their own, each run for FUZZ_SECONDS from the seed corpus in
+# tests/fuzz/corpus (docs/FUZZING.md). Any crash, sanitizer report or leak fails the target.
+FUZZ_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 35
+FUZZ_TARGETS := fuzz_request_validation fuzz_stream_assembly
+fuzz: $(DEPS_STAMP)
+	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ \
+	  -DDA_WITH_CUDA=OFF -DDA_BUILD_TESTS=OFF -DDA_FUZZ=ON
+	cmake --build $(FUZZ_DIR) -j $(JOBS) --target $(FUZZ_TARGETS)
+	scripts/run-fuzz $(FUZZ_DIR) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+test: build build-nocuda sanitize tsan fuzz
 	cd $(BUILD_DIR) && ctest -j $(JOBS) --output-on-failure --timeout 600
 
 clean:
-	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR) $(TSAN_DIR)
+	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR) $(TSAN_DIR) $(FUZZ_DIR)

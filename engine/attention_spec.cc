@@ -20,7 +20,14 @@ absl::Status ValidateTensor(const char* name, const TensorView& t) {
       return Invalid(absl::StrCat(name, ".shape ", dim_name, " is ", value, "; must be >= 1"));
     }
   }
-  const int64_t expected = s.elements() * DTypeSize(t.dtype);
+  // The dimensions come straight from the client: multiply without signed overflow.
+  int64_t expected = DTypeSize(t.dtype);
+  for (const auto& [dim_name, value] : dims) {
+    if (__builtin_mul_overflow(expected, value, &expected)) {
+      return Invalid(absl::StrCat(name, ".shape ", s.ToString(), " of ", DTypeName(t.dtype),
+                                  " needs more than 2^63 bytes; ", name, ".data has ", t.bytes));
+    }
+  }
   if (t.bytes != expected) {
     return Invalid(absl::StrCat(name, ".data has ", t.bytes, " bytes; shape ", s.ToString(), " of ",
                                 DTypeName(t.dtype), " needs ", expected));

@@ -137,5 +137,20 @@ TEST(AttentionSpecTest, ShapeOverflowIsRefused) {
             absl::StatusCode::kResourceExhausted);
 }
 
+// A client may claim any shape: the byte count must not overflow before it is compared (found by
+// tests/fuzz/fuzz_request_validation).
+TEST(AttentionSpecTest, TensorShapeOverflowIsRefused) {
+  AttentionSpec spec;
+  spec.patterns = {{4, 1}};
+  const std::vector<float> data(4, 0.5f);
+  const TensorView huge{DType::kFloat32, {1LL << 40, 1LL << 40, 1, 1}, data.data(), 16};
+  const absl::Status status = ValidateProblem(huge, huge, huge, spec, {});
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("query.shape [1099511627776, 1099511627776, 1, 1] of fp32 needs "
+                                  "more than 2^63 bytes; query.data has 16"),
+            std::string::npos)
+      << status;
+}
+
 }  // namespace
 }  // namespace da::engine

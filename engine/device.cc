@@ -14,6 +14,10 @@
 #include "engine/cuda/device_query.cuh"
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace da::engine {
 namespace {
 
@@ -78,8 +82,12 @@ CpuFeatures DetectCpuFeatures() {
   f.fma = __builtin_cpu_supports("fma");
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512_bf16 = __builtin_cpu_supports("avx512bf16");
-  f.avx512_fp16 = __builtin_cpu_supports("avx512fp16");
-  f.f16c = __builtin_cpu_supports("f16c");
+  // clang 14 (the fuzz build) knows neither feature name, so these two are read from CPUID:
+  // leaf 1 ECX bit 29 (F16C) and leaf 7 EDX bit 23 (AVX512-FP16).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) f.f16c = (ecx >> 29) & 1;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+    f.avx512_fp16 = f.avx512f && ((edx >> 23) & 1);
 #endif
   return f;
 }
