@@ -26,12 +26,12 @@ absl::Status Invalid(std::string message) { return absl::InvalidArgumentError(st
 
 struct KindCounters {
   int64_t sent = 0, ok = 0, expected_errors = 0, unexpected = 0;
+  std::vector<double> latencies_ms;  // Completed requests.
 };
 
 // What one worker saw; merged after every worker has stopped, so workers share nothing mutable.
 struct WorkerStats {
-  std::vector<double> latencies_ms;  // Completed requests only.
-  std::vector<KindCounters> kinds;   // Indexed like the kinds vector.
+  std::vector<KindCounters> kinds;  // Indexed like the kinds vector.
   std::map<grpc::StatusCode, CodeCounts> codes;
   std::vector<UnexpectedSample> samples;
   double tokens = 0;
@@ -111,7 +111,7 @@ void RunWorker(int index, const LoadOptions& options, const std::vector<RequestK
     } else if (status.ok()) {
       ++counters.ok;
       ++code.expected;
-      stats->latencies_ms.push_back(latency_ms);
+      counters.latencies_ms.push_back(latency_ms);
       stats->tokens += static_cast<double>(kind.tokens);
     } else {
       ++counters.expected_errors;
@@ -148,16 +148,21 @@ LoadReport Merge(const LoadOptions& options, const std::vector<RequestKind>& kin
     }
   }
   std::vector<double> latencies_ms;
+  std::vector<std::vector<double>> kind_latencies_ms(kinds.size());
   double tokens = 0;
   for (const WorkerStats& worker : workers) {
-    latencies_ms.insert(latencies_ms.end(), worker.latencies_ms.begin(), worker.latencies_ms.end());
     tokens += worker.tokens;
     for (size_t k = 0; k < worker.kinds.size(); ++k) {
+      const KindCounters& counters = worker.kinds[k];
       KindReport& out = report.kinds[kinds[k].name];
-      out.sent += worker.kinds[k].sent;
-      out.ok += worker.kinds[k].ok;
-      out.expected_errors += worker.kinds[k].expected_errors;
-      out.unexpected += worker.kinds[k].unexpected;
+      out.sent += counters.sent;
+      out.ok += counters.ok;
+      out.expected_errors += counters.expected_errors;
+      out.unexpected += counters.unexpected;
+      latencies_ms.insert(latencies_ms.end(), counters.latencies_ms.begin(),
+                          counters.latencies_ms.end());
+      kind_latencies_ms[k].insert(kind_latencies_ms[k].end(), counters.latencies_ms.begin(),
+                                  counters.latencies_ms.end());
     }
     for (const auto& [code, counts] : worker.codes) {
       CodeCounts& out = report.codes[StatusCodeName(code)];
@@ -181,7 +186,18 @@ LoadReport Merge(const LoadOptions& options, const std::vector<RequestKind>& kin
     report.tokens_per_s = tokens / elapsed_s;
   }
   report.latency = SummarizeLatencies(std::move(latencies_ms));
+  for (size_t k = 0; k < kinds.size(); ++k) {
+    report.kinds[kinds[k].name].latency = SummarizeLatencies(std::move(kind_latencies_ms[k]));
+  }
   return report;
+}
+
+nlohmann::json LatencyJson(const LatencyPercentiles& latency) {
+  return {{"p50", latency.p50_ms},
+          {"p90", latency.p90_ms},
+          {"p99", latency.p99_ms},
+          {"max", latency.max_ms},
+          {"mean", latency.mean_ms}};
 }
 
 }  // namespace
@@ -261,12 +277,7 @@ std::string LoadReport::ToJson() const {
       {"unexpected_errors", unexpected_errors},
       {"requests_per_s", requests_per_s},
       {"tokens_per_s", tokens_per_s},
-      {"latency_ms",
-       {{"p50", latency.p50_ms},
-        {"p90", latency.p90_ms},
-        {"p99", latency.p99_ms},
-        {"max", latency.max_ms},
-        {"mean", latency.mean_ms}}},
+      {"latency_ms", LatencyJson(latency)},
       {"max_request_bytes", max_request_bytes},
   };
   nlohmann::json& code_json = json["codes"] = nlohmann::json::object();
@@ -283,7 +294,8 @@ std::string LoadReport::ToJson() const {
                        {"sent", kind.sent},
                        {"ok", kind.ok},
                        {"expected_errors", kind.expected_errors},
-                       {"unexpected", kind.unexpected}};
+                       {"unexpected", kind.unexpected},
+                       {"latency_ms", LatencyJson(kind.latency)}};
   }
   nlohmann::json& samples = json["unexpected_samples"] = nlohmann::json::array();
   for (const UnexpectedSample& sample : unexpected_samples) {
@@ -314,11 +326,12 @@ std::string LoadReport::ToText() const {
     out << std::left << std::setw(20) << name << std::right << std::setw(10) << counts.expected
         << std::setw(12) << counts.unexpected << "\n";
   }
-  out << "\nkind                          sent        ok  exp.err  unexpected\n";
+  out << "\nkind                          sent        ok  exp.err  unexpected   p50 ms   p99 ms\n";
   for (const auto& [name, kind] : kinds) {
     out << std::left << std::setw(28) << name << std::right << std::setw(6) << kind.sent
         << std::setw(10) << kind.ok << std::setw(9) << kind.expected_errors << std::setw(12)
-        << kind.unexpected << "\n";
+        << kind.unexpected << std::setw(9) << kind.latency.p50_ms << std::setw(9)
+        << kind.latency.p99_ms << "\n";
   }
   if (!load_codes.empty()) {
     out << "\nexpected for any request under load:";

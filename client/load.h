@@ -78,6 +78,7 @@ struct KindReport {
   int64_t ok = 0;
   int64_t expected_errors = 0;
   int64_t unexpected = 0;  // Includes an OK with a wrong output and an OK for a malformed request.
+  LatencyPercentiles latency;  // Over this kind's completed requests.
 };
 
 // One unexpected answer, for diagnosis (the first few of a run are kept).

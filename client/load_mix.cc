@@ -269,22 +269,26 @@ std::vector<RequestKind> BuildMix(Mix mix, bool with_malformed, uint64_t seed) {
 
 KindPicker::KindPicker(const std::vector<RequestKind>& kinds, double malformed_fraction) {
   for (size_t i = 0; i < kinds.size(); ++i) {
-    std::vector<size_t>& group = kinds[i].malformed() ? malformed_ : well_formed_;
-    std::vector<double>& sums = kinds[i].malformed() ? malformed_sums_ : well_formed_sums_;
-    group.push_back(i);
-    sums.push_back((sums.empty() ? 0 : sums.back()) + kinds[i].weight);
+    if (kinds[i].malformed()) {
+      malformed_.push_back(i);
+      continue;
+    }
+    well_formed_.push_back(i);
+    well_formed_sums_.push_back((well_formed_sums_.empty() ? 0 : well_formed_sums_.back()) +
+                                kinds[i].weight);
   }
   malformed_fraction_ = malformed_.empty() ? 0 : well_formed_.empty() ? 1 : malformed_fraction;
 }
 
 size_t KindPicker::Pick(std::mt19937_64& rng) const {
   std::uniform_real_distribution<double> uniform(0, 1);
-  const bool malformed = uniform(rng) < malformed_fraction_;
-  const std::vector<size_t>& group = malformed ? malformed_ : well_formed_;
-  const std::vector<double>& sums = malformed ? malformed_sums_ : well_formed_sums_;
-  const double draw = uniform(rng) * sums.back();
-  const size_t at = std::upper_bound(sums.begin(), sums.end(), draw) - sums.begin();
-  return group[std::min(at, group.size() - 1)];
+  if (uniform(rng) < malformed_fraction_) {
+    return malformed_[malformed_turn_.fetch_add(1, std::memory_order_relaxed) % malformed_.size()];
+  }
+  const double draw = uniform(rng) * well_formed_sums_.back();
+  const size_t at = std::upper_bound(well_formed_sums_.begin(), well_formed_sums_.end(), draw) -
+                    well_formed_sums_.begin();
+  return well_formed_[std::min(at, well_formed_.size() - 1)];
 }
 
 grpc::Status SendKind(const RequestKind& kind, AttentionClient& client,

@@ -18,7 +18,7 @@
 //           causal-gqa-fp16-stream(2) N=4096 H=8 Hkv=2 D=64 fp16 causal, streamed in 1000-token
 //                                     blocks, (1024,1),(2048,2)
 //           medium-stream         (1) N=16384 H=4 D=32 fp32 streamed, (1024,1),(2048,4)
-// Malformed kinds (any mix; chosen with the malformed fraction, then uniformly) all expect
+// Malformed kinds (any mix; chosen with the malformed fraction, then in turn) all expect
 // INVALID_ARGUMENT: a rank-3 query, a query one element short, a segment length of 0, a dilation
 // larger than its segment, an unknown dtype, kv heads that do not divide the query heads, and
 // streams with a missing block, an overlapping block, and a block of the wrong byte count.
@@ -26,6 +26,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -53,7 +54,7 @@ enum class StreamFault {
 
 struct RequestKind {
   std::string name;
-  double weight = 1;  // Relative, among the well-formed kinds or among the malformed ones.
+  double weight = 1;  // Relative, among the well-formed kinds; malformed kinds are taken in turn.
   bool stream = false;
   int64_t block_tokens = 0;  // Streams only; 0 picks blocks of about 4 MiB.
   StreamFault fault = StreamFault::kNone;
@@ -76,18 +77,21 @@ std::vector<RequestKind> BuildMix(Mix mix, bool with_malformed, uint64_t seed);
 std::vector<RequestKind> MalformedKinds(uint64_t seed);
 
 // Draws kind indices: a malformed kind with probability malformed_fraction (0 when there is none),
-// otherwise a well-formed one, each in proportion to its weight within its group.
+// otherwise a well-formed one in proportion to its weight. Malformed kinds are taken in turn
+// rather than at random, so that a short run with few malformed requests still sends every kind.
+// Thread-safe: workers share one picker, each with its own rng.
 class KindPicker {
  public:
   KindPicker(const std::vector<RequestKind>& kinds, double malformed_fraction);
   size_t Pick(std::mt19937_64& rng) const;
 
  private:
-  // Kind indices of each group, and the running sums of their weights (searched with a uniform
-  // draw, so Pick is const and needs no lock across worker threads).
+  // Kind indices of each group, and the running sums of the well-formed weights (searched with a
+  // uniform draw).
   std::vector<size_t> well_formed_, malformed_;
-  std::vector<double> well_formed_sums_, malformed_sums_;
+  std::vector<double> well_formed_sums_;
   double malformed_fraction_ = 0;
+  mutable std::atomic<uint64_t> malformed_turn_{0};
 };
 
 // Sends one request of kind: unary or streamed through client, or, for a stream fault, message by

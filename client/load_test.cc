@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "client/load_cli.h"
 #include "client/load_mix.h"
@@ -167,17 +168,31 @@ TEST(KindPickerTest, DrawsTheMalformedFractionAndTheWeights) {
   constexpr int kDraws = 200000;
   for (int i = 0; i < kDraws; ++i) ++counts[picker.Pick(rng)];
   double weight_sum = 0, malformed_draws = 0;
+  int64_t fewest_malformed = INT64_MAX, most_malformed = 0;
   for (const RequestKind& kind : kinds) weight_sum += kind.malformed() ? 0 : kind.weight;
   for (size_t k = 0; k < kinds.size(); ++k) {
     if (kinds[k].malformed()) {
       malformed_draws += counts[k];
-      EXPECT_GT(counts[k], 0) << kinds[k].name;
+      fewest_malformed = std::min(fewest_malformed, counts[k]);
+      most_malformed = std::max(most_malformed, counts[k]);
     } else {
       const double expected = 0.9 * kDraws * kinds[k].weight / weight_sum;
       EXPECT_NEAR(counts[k], expected, 0.05 * expected) << kinds[k].name;
     }
   }
   EXPECT_NEAR(malformed_draws / kDraws, 0.1, 0.005);
+  // Taken in turn: every malformed kind equally often, to within one.
+  EXPECT_GT(fewest_malformed, 0);
+  EXPECT_LE(most_malformed - fewest_malformed, 1);
+}
+
+TEST(KindPickerTest, FewMalformedDrawsStillCoverEveryMalformedKind) {
+  const std::vector<RequestKind> kinds = BuildMix(Mix::kSmall, true, 1);
+  const KindPicker picker(kinds, 1);
+  std::mt19937_64 rng(3);
+  std::set<size_t> seen;
+  for (size_t i = 0; i + 1 < kinds.size(); ++i) seen.insert(picker.Pick(rng));
+  EXPECT_EQ(seen.size(), kinds.size() - 1);  // Every kind but the one well-formed kind.
 }
 
 TEST(KindPickerTest, ZeroAndOneFractions) {
@@ -289,6 +304,20 @@ TEST_F(LoadServerTest, RunLoadCountsEveryAnswerAsExpected) {
     EXPECT_TRUE(json["latency_ms"].contains(field)) << field;
   }
   EXPECT_THAT(report->ToText(), HasSubstr("unexpected errors   0"));
+  const KindReport& tiny = report->kinds.at("tiny-unary");
+  EXPECT_GT(tiny.ok, 0);
+  EXPECT_GT(tiny.latency.p50_ms, 0);
+  EXPECT_LE(tiny.latency.p99_ms, report->latency.max_ms);
+  EXPECT_EQ(json["kinds"]["tiny-unary"]["latency_ms"]["p50"], tiny.latency.p50_ms);
+  // Malformed kinds are taken in turn: each was sent as often as any other, to within one.
+  int64_t fewest = INT64_MAX, most = 0;
+  for (const auto& [name, kind] : report->kinds) {
+    if (!kind.malformed) continue;
+    fewest = std::min(fewest, kind.sent);
+    most = std::max(most, kind.sent);
+  }
+  EXPECT_GT(most, 0);
+  EXPECT_LE(most - fewest, 1);
 }
 
 TEST(LoadRefusalTest, UnexpectedCodesCountUnlessExpectedUnderLoad) {
