@@ -82,7 +82,7 @@ void RunWorker(int index, const LoadOptions& options, const std::vector<RequestK
   for (int64_t n = 0;; ++n) {
     const Clock::time_point start = Clock::now();
     if (start >= end) break;
-    const size_t k = picker.Pick(rng);
+    const size_t k = n == 0 ? picker.First(index) : picker.Pick(rng);
     const RequestKind& kind = kinds[k];
     CallOptions call{.timeout_ms = options.deadline_ms,
                      .request_id = absl::StrCat("load-", index, "-", n)};

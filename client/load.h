@@ -1,6 +1,8 @@
 // The load generator behind `da-client load`: `concurrency` worker threads, each in its own request
-// loop, send the requests of a mix (client/load_mix.h) for `duration_s` seconds and judge every
-// answer against the status code its request must get.
+// loop with at most one call in flight, send the requests of a mix (client/load_mix.h) for
+// `duration_s` seconds and judge every answer against the status code its request must get. Worker
+// i starts with well-formed kind i (in turn), then draws kinds at random; calls still in flight at
+// the end are waited for and counted.
 //
 //   LoadOptions options;
 //   options.server = "127.0.0.1:50051";

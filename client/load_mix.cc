@@ -291,6 +291,11 @@ size_t KindPicker::Pick(std::mt19937_64& rng) const {
   return well_formed_[std::min(at, well_formed_.size() - 1)];
 }
 
+size_t KindPicker::First(int worker) const {
+  if (well_formed_.empty()) return malformed_[static_cast<size_t>(worker) % malformed_.size()];
+  return well_formed_[static_cast<size_t>(worker) % well_formed_.size()];
+}
+
 grpc::Status SendKind(const RequestKind& kind, AttentionClient& client,
                       v1::AttentionService::Stub& stub, const CallOptions& options,
                       int stream_override, v1::AttendResponse* response) {

@@ -84,6 +84,9 @@ class KindPicker {
  public:
   KindPicker(const std::vector<RequestKind>& kinds, double malformed_fraction);
   size_t Pick(std::mt19937_64& rng) const;
+  // The well-formed kind worker `worker` starts with: workers start on different kinds in turn,
+  // so that every kind is in flight from the first second even in a short or slow run.
+  size_t First(int worker) const;
 
  private:
   // Kind indices of each group, and the running sums of the well-formed weights (searched with a

@@ -195,6 +195,19 @@ TEST(KindPickerTest, FewMalformedDrawsStillCoverEveryMalformedKind) {
   EXPECT_EQ(seen.size(), kinds.size() - 1);  // Every kind but the one well-formed kind.
 }
 
+TEST(KindPickerTest, WorkersStartOnEveryWellFormedKindInTurn) {
+  const std::vector<RequestKind> kinds = BuildMix(Mix::kMixed, true, 1);
+  const KindPicker picker(kinds, 0.5);
+  std::set<std::string> first;
+  for (int worker = 0; worker < 5; ++worker) {
+    const RequestKind& kind = kinds[picker.First(worker)];
+    EXPECT_FALSE(kind.malformed()) << kind.name;
+    first.insert(kind.name);
+  }
+  EXPECT_EQ(first.size(), 5u);
+  EXPECT_EQ(picker.First(5), picker.First(0));
+}
+
 TEST(KindPickerTest, ZeroAndOneFractions) {
   const std::vector<RequestKind> kinds = BuildMix(Mix::kSmall, true, 1);
   std::mt19937_64 rng(1);
