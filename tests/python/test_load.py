@@ -125,5 +125,27 @@ class LoadSmokeTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
 
 
+class LoadUsageTest(unittest.TestCase):
+    def test_bad_flags_exit_2_with_one_line(self):
+        for args, message in (
+                (["--mix", "huge"], "--mix: 'huge' is not small, mixed or large"),
+                (["--malformed-fraction", "2"], "--malformed-fraction is 2; must be in [0, 1]"),
+                (["--expect-codes", "NOPE"], "--expect-codes: 'NOPE' is not a gRPC status code"),
+                (["--transport", "pigeon"], "--transport: 'pigeon' is not auto, unary or stream")):
+            with self.subTest(args=args):
+                done = da_testing.run_cli(ARGS.client_binary, "load", *args)
+                self.assertEqual(done.returncode, 2, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(done.stdout, "")
+
+    def test_no_server_exits_1(self):
+        address = f"127.0.0.1:{da_testing.free_port()}"
+        done = da_testing.run_cli(ARGS.client_binary, "load", "--server", address,
+                                  "--duration-s", 1)
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(f"server {address} does not answer: UNAVAILABLE", done.stderr)
+
+
 if __name__ == "__main__":
     da_testing.run_unittest(UNITTEST_ARGV)
