@@ -4,6 +4,7 @@
 //   da-client random --seq-len 65536 --heads 8 --head-dim 64 --segments 2048 --dilations 1 --json
 //   da-client info
 //   da-client health --service da.v1.AttentionService
+//   da-client load --concurrency 16 --duration-s 20 --mix mixed --json
 //
 // Every failure is one line on stderr and a non-zero exit: 2 for bad flags, 1 for anything else
 // (files, the server, a health status other than SERVING).
@@ -21,6 +22,7 @@
 #include "client/attention_client.h"
 #include "client/cli_args.h"
 #include "client/cli_format.h"
+#include "client/load_cli.h"
 #include "client/tensor_io.h"
 
 namespace da::client {
@@ -272,13 +274,15 @@ int Main(int argc, char** argv) {
   AddCallFlags(health_command, &health, /*attend=*/false);
   health_command->add_option("--service", health_service,
                              "Service name: '' (liveness) or da.v1.AttentionService (readiness)");
+  LoadFlags load;
+  CLI::App* load_command = AddLoadCommand(app, &load);
   // CLI11 would call an unknown word "A subcommand is required"; say what was wrong instead.
   const std::string first = argc > 1 ? argv[1] : "-";
   if (first[0] != '-' && first != "attend" && first != "random" && first != "info" &&
-      first != "health") {
-    return Fail(
-        absl::StrCat("unknown subcommand '", first, "' (expected attend, random, info or health)"),
-        kExitUsage);
+      first != "health" && first != "load") {
+    return Fail(absl::StrCat("unknown subcommand '", first,
+                             "' (expected attend, random, info, health or load)"),
+                kExitUsage);
   }
   try {
     app.parse(argc, argv);
@@ -291,6 +295,7 @@ int Main(int argc, char** argv) {
   if (attend_command->parsed()) return RunAttend(attend);
   if (random_command->parsed()) return RunRandom(random);
   if (info_command->parsed()) return RunInfo(info);
+  if (load_command->parsed()) return RunLoadCommand(load);
   return RunHealth(health, health_service);
 }
 
