@@ -1,0 +1,226 @@
+// da-stream-bench: one fp32 problem through AttendStream on loopback, next to the in-process
+// engine's time for the same problem, measured in the same run.
+//
+//   da-stream-bench --seq-len 65536 --heads 8 --head-dim 64 --segments 2048,4096,8192
+//                   --dilations 1,2,4 --mode grouped --threads 2 --repeat 3
+//   da-stream-bench --server 127.0.0.1:50051 --server-pid 1234 --seq-len 4194304 --heads 2
+//                   --skip-in-process --repeat 1
+//
+// Without --server it starts an in-process server (127.0.0.1, port 0, --threads compute
+// threads). Inputs are generated block by block (server/synthetic_stream.h), so the client holds
+// no whole tensors; with the in-process baseline on, the whole streamed output is compared byte
+// for byte with the engine's. --server-pid reads that process's peak RSS (VmHWM) after the run.
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "client/attention_client.h"
+#include "server/conversion.h"
+#include "server/server.h"
+#include "server/synthetic_stream.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+int64_t ProcStatusKib(long pid, const std::string& field) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
+  }
+  return -1;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t batch = 1, seq_len = 65536, heads = 8, kv_heads = 0, head_dim = 64;
+  int64_t block_tokens = 0, min_chunk_tokens = 4096;
+  std::vector<int64_t> segments{2048, 4096, 8192}, dilations{1, 2, 4};
+  std::string mode = "grouped", precision = "fp32", server_address;
+  int threads = 2, repeat = 3, depth = 2;
+  long server_pid = 0;
+  bool skip_in_process = false;
+
+  CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
+  app.add_option("--server", server_address, "host:port of a running da-server; default: start one");
+  app.add_option("--server-pid", server_pid, "pid of that server, to report its peak RSS");
+  app.add_option("--batch", batch);
+  app.add_option("--seq-len", seq_len);
+  app.add_option("--heads", heads);
+  app.add_option("--kv-heads", kv_heads);
+  app.add_option("--head-dim", head_dim);
+  app.add_option("--segments", segments)->delimiter(',');
+  app.add_option("--dilations", dilations)->delimiter(',');
+  app.add_option("--mode", mode)->check(CLI::IsMember({"longnet", "grouped"}));
+  app.add_option("--precision", precision)->check(CLI::IsMember({"auto", "fp32", "bf16"}));
+  app.add_option("--block-tokens", block_tokens, "Tokens per input block; 0: about 4 MiB");
+  app.add_option("--threads", threads, "Compute threads of the in-process engine and server");
+  app.add_option("--pipeline-depth", depth, "In-process server's --stream-pipeline-depth");
+  app.add_option("--min-chunk-tokens", min_chunk_tokens, "In-process server's chunk minimum");
+  app.add_option("--repeat", repeat, "Timed runs of each (after one warm-up run)");
+  app.add_flag("--skip-in-process", skip_in_process, "Only the stream (e.g. for 4M tokens)");
+  CLI11_PARSE(app, argc, argv);
+  if (segments.size() != dilations.size() || repeat < 1) {
+    std::cerr << "da-stream-bench: --segments and --dilations need equal lengths; --repeat >= 1\n";
+    return 2;
+  }
+
+  da::v1::StreamHeader header;
+  header.set_request_id("da-stream-bench");
+  header.set_dtype(da::v1::DTYPE_FP32);
+  header.set_batch(batch);
+  header.set_seq_len(seq_len);
+  header.set_heads(heads);
+  header.set_kv_heads(kv_heads);
+  header.set_head_dim(head_dim);
+  for (size_t i = 0; i < segments.size(); ++i) {
+    header.mutable_spec()->add_segment_lengths(segments[i]);
+    header.mutable_spec()->add_dilation_rates(dilations[i]);
+  }
+  header.mutable_spec()->set_combine_mode(mode == "grouped" ? da::v1::COMBINE_MODE_GROUPED
+                                                            : da::v1::COMBINE_MODE_LONGNET);
+  header.mutable_spec()->set_precision(precision == "fp32"   ? da::v1::PRECISION_FP32
+                                       : precision == "bf16" ? da::v1::PRECISION_BF16
+                                                             : da::v1::PRECISION_AUTO);
+  const int64_t row_bytes = (kv_heads == 0 ? heads : kv_heads) * head_dim * 4;
+  if (block_tokens == 0) {
+    block_tokens = std::max<int64_t>(1, (4 << 20) / (batch * (heads * head_dim * 4 + 2 * row_bytes)));
+  }
+  const da::server::testing::SyntheticStream stream(header, /*seed=*/20261125, block_tokens);
+  const int64_t out_bytes = batch * seq_len * heads * head_dim * 4;
+  const double wire_bytes = static_cast<double>(batch * seq_len) *
+                            (2.0 * heads * head_dim * 4 + 2.0 * row_bytes);
+
+  // The in-process baseline: the whole problem in one Engine::Run on inputs already in memory
+  // (the same values the stream sends), best and median of repeat after one warm-up run.
+  std::string expected;
+  std::vector<double> engine_times;
+  if (!skip_in_process) {
+    da::engine::EngineOptions engine_options;
+    engine_options.threads = threads;
+    auto engine = da::engine::Engine::Create(engine_options);
+    if (!engine.ok()) {
+      std::cerr << engine.status() << "\n";
+      return 1;
+    }
+    using da::server::testing::SyntheticStream;
+    const std::string q = stream.Rows(SyntheticStream::kQuery, 0, seq_len);
+    const std::string k = stream.Rows(SyntheticStream::kKey, 0, seq_len);
+    const std::string v = stream.Rows(SyntheticStream::kValue, 0, seq_len);
+    expected.assign(q.size(), '\0');
+    const auto problem = da::server::ProblemFromHeader(header);
+    if (!problem.ok()) {
+      std::cerr << problem.status() << "\n";
+      return 1;
+    }
+    const da::engine::Shape4 q_shape = problem->shape.QueryShape();
+    const da::engine::Shape4 kv_shape = problem->shape.KeyShape();
+    da::engine::RunRequest run;
+    run.q = {da::engine::DType::kFloat32, q_shape, q.data(), static_cast<int64_t>(q.size())};
+    run.k = {da::engine::DType::kFloat32, kv_shape, k.data(), static_cast<int64_t>(k.size())};
+    run.v = {da::engine::DType::kFloat32, kv_shape, v.data(), static_cast<int64_t>(v.size())};
+    run.spec = problem->spec;
+    run.out = {da::engine::DType::kFloat32, q_shape, expected.data(),
+               static_cast<int64_t>(expected.size())};
+    for (int i = 0; i <= repeat; ++i) {
+      const Clock::time_point start = Clock::now();
+      const auto ran = (*engine)->Run(run);
+      const double seconds = Seconds(start);
+      if (!ran.ok()) {
+        std::cerr << "da-stream-bench: the in-process engine refused: " << ran.status() << "\n";
+        return 1;
+      }
+      if (i > 0) engine_times.push_back(seconds);
+    }
+  }
+
+  std::unique_ptr<da::server::Server> server;
+  if (server_address.empty()) {
+    da::server::ServerOptions options;
+    options.listen_address = "127.0.0.1:0";
+    options.metrics_address = "";
+    options.threads = threads;
+    options.stream_pipeline_depth = depth;
+    options.stream_min_chunk_tokens = min_chunk_tokens;
+    auto started = da::server::Server::Start(options);
+    if (!started.ok()) {
+      std::cerr << started.status() << "\n";
+      return 1;
+    }
+    server = *std::move(started);
+    server_address = "127.0.0.1:" + std::to_string(server->port());
+  }
+  da::client::AttentionClient client(da::client::MakeChannel(server_address));
+
+  std::vector<double> stream_times;
+  da::v1::ExecutionInfo info;
+  for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
+    int64_t received = 0;
+    bool same = true;
+    const Clock::time_point start = Clock::now();
+    const grpc::Status status = client.AttendStreamBlocks(
+        header, stream.Source(), [&](const da::v1::AttendStreamResponse& message) {
+          if (message.has_trailer()) info = message.trailer().info();
+          if (message.has_block()) {
+            const std::string& bytes = message.block().output();
+            if (!expected.empty() && batch == 1 &&
+                expected.compare(received, bytes.size(), bytes) != 0) {
+              same = false;
+            }
+            received += static_cast<int64_t>(bytes.size());
+          }
+          return grpc::Status::OK;
+        });
+    const double seconds = Seconds(start);
+    if (!status.ok()) {
+      std::cerr << "da-stream-bench: stream failed: " << status.error_message() << "\n";
+      return 1;
+    }
+    if (received != out_bytes || !same) {
+      std::cerr << "da-stream-bench: streamed output differs from the in-process engine's\n";
+      return 1;
+    }
+    if (i > 0) stream_times.push_back(seconds);
+  }
+
+  std::printf("problem: B=%lld N=%lld H=%lld Hkv=%lld D=%lld fp32, %s, precision %s, %zu patterns\n",
+              static_cast<long long>(batch), static_cast<long long>(seq_len),
+              static_cast<long long>(heads), static_cast<long long>(kv_heads == 0 ? heads : kv_heads),
+              static_cast<long long>(head_dim), mode.c_str(), precision.c_str(), segments.size());
+  std::printf("stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
+              static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),
+              static_cast<long long>(info.stream_chunks()), wire_bytes / (1 << 30));
+  const double stream_best = *std::min_element(stream_times.begin(), stream_times.end());
+  std::printf("AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
+              stream_best, Median(stream_times), wire_bytes / stream_best / 1e9);
+  std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s\n",
+              info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
+  if (!engine_times.empty()) {
+    const double engine_best = *std::min_element(engine_times.begin(), engine_times.end());
+    std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n",
+                engine_best, Median(engine_times));
+    std::printf("ratio stream / in-process: best %.3f, median %.3f; output identical: yes\n",
+                stream_best / engine_best, Median(stream_times) / Median(engine_times));
+  }
+  if (server_pid > 0) {
+    std::printf("server peak RSS (VmHWM of pid %ld): %.1f MiB\n", server_pid,
+                ProcStatusKib(server_pid, "VmHWM") / 1024.0);
+  }
+  return 0;
+}
