@@ -62,6 +62,10 @@ absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key) 
   return std::shared_ptr<Plan>(std::move(plan));
 }
 
+int64_t CpuBackend::PlanWorkspaceBytes(const PlanKey& key) const {
+  return cpu::WorkspaceBytes(cpu::SizesFor(key));
+}
+
 absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
   return engine::ChoosePrecision(capabilities_, spec.precision, precision_options_);
 }
