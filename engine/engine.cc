@@ -325,10 +325,11 @@ struct Engine::Impl {
       const Clock::time_point now = Clock::now();
       for (Active* run : active) {
         if (run->cause != StopCause::kNone) continue;
-        if (run->cancelled != nullptr && run->cancelled->load()) {
-          run->cause = StopCause::kCancelled;
-        } else if (run->deadline.has_value() && now >= *run->deadline) {
+        // The deadline first: a server cancels a call whose deadline passed, so both may hold.
+        if (run->deadline.has_value() && now >= *run->deadline) {
           run->cause = StopCause::kDeadline;
+        } else if (run->cancelled != nullptr && run->cancelled->load()) {
+          run->cause = StopCause::kCancelled;
         } else {
           continue;
         }
@@ -339,13 +340,7 @@ struct Engine::Impl {
       for (auto it = queue.begin(); it != queue.end();) {
         const RunRequest& request = it->second.request;
         absl::Status status;
-        if (request.cancelled != nullptr && request.cancelled->load()) {
-          ++counters.rejected_cancelled;
-          status = WithRejectReason(
-              absl::CancelledError(absl::StrFormat("cancelled while queued, after waiting %.1f ms",
-                                                   Millis(now - it->second.enqueued))),
-              RejectReason::kCancelled);
-        } else if (request.deadline.has_value() && now >= *request.deadline) {
+        if (request.deadline.has_value() && now >= *request.deadline) {
           ++counters.rejected_deadline;
           status = WithRejectReason(
               absl::DeadlineExceededError(absl::StrFormat(
@@ -354,6 +349,12 @@ struct Engine::Impl {
                   Millis(now - it->second.enqueued), std::distance(queue.begin(), it),
                   dispatching)),
               RejectReason::kDeadline);
+        } else if (request.cancelled != nullptr && request.cancelled->load()) {
+          ++counters.rejected_cancelled;
+          status = WithRejectReason(
+              absl::CancelledError(absl::StrFormat("cancelled while queued, after waiting %.1f ms",
+                                                   Millis(now - it->second.enqueued))),
+              RejectReason::kCancelled);
         } else {
           ++it;
           continue;
