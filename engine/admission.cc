@@ -78,11 +78,12 @@ int64_t MemoryAccount::reserved_bytes() const {
 absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (budget_bytes_ > 0 && bytes > budget_bytes_ - reserved_bytes_) {
-    return WithRejectReason(
-        absl::ResourceExhaustedError(absl::StrCat(
-            "request needs an estimated ", what.empty() ? absl::StrCat(bytes, " bytes") : std::string(what), " but the memory budget is ", budget_bytes_,
-            " bytes with ", reserved_bytes_, " in use")),
-        RejectReason::kMemory);
+    return WithRejectReason(absl::ResourceExhaustedError(absl::StrCat(
+                                "request needs an estimated ",
+                                what.empty() ? absl::StrCat(bytes, " bytes") : std::string(what),
+                                " but the memory budget is ", budget_bytes_, " bytes with ",
+                                reserved_bytes_, " in use")),
+                            RejectReason::kMemory);
   }
   reserved_bytes_ += bytes;
   return absl::OkStatus();

@@ -120,11 +120,11 @@ struct EngineStats {
   int64_t memory_budget_bytes = 0;  // 0: unlimited.
   int64_t rejected_queue_full = 0;
   int64_t rejected_memory = 0;
-  int64_t rejected_deadline = 0;   // Refused up front or expired while queued.
-  int64_t rejected_cancelled = 0;  // Cancelled while queued.
-  int64_t runs_completed = 0;      // Computed successfully.
-  int64_t runs_cancelled = 0;      // Stopped during compute by their cancelled flag.
-  int64_t runs_deadline_exceeded = 0;  // Stopped during compute by their deadline.
+  int64_t rejected_deadline = 0;         // Refused up front or expired while queued.
+  int64_t rejected_cancelled = 0;        // Cancelled while queued.
+  int64_t runs_completed = 0;            // Computed successfully.
+  int64_t runs_cancelled = 0;            // Stopped during compute by their cancelled flag.
+  int64_t runs_deadline_exceeded = 0;    // Stopped during compute by their deadline.
   double measured_flops_per_second = 0;  // Best seen over completed runs; 0 before the first.
   StopLatencyStats stop_latency;
 };

@@ -1,5 +1,5 @@
-// Engine admission: memory estimates and the budget, the queue limit, priorities, deadlines (queued,
-// up front, during compute) and prompt cancellation, with the statistics that report them.
+// Engine admission: memory estimates and the budget, the queue limit, priorities, deadlines
+// (queued, up front, during compute) and prompt cancellation, with the statistics that report them.
 #include "engine/admission.h"
 
 #include <gtest/gtest.h>
@@ -15,11 +15,11 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "engine/backend.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/cpu_plan.h"
 #include "engine/engine.h"
-#include "absl/strings/str_cat.h"
 #include "engine/test_tensors.h"
 
 namespace da::engine {
@@ -75,8 +75,7 @@ std::unique_ptr<Problem> SmallProblem(uint32_t seed) {
 // One dense segment of 16384 tokens, 4 heads of 64: about 275 GFLOP, around a second on this
 // machine's two cores; long enough to be stopped in the middle.
 std::unique_ptr<Problem> LongProblem(uint32_t seed) {
-  return std::make_unique<Problem>(Shape4{1, 16384, 4, 64}, std::vector<Pattern>{{16384, 1}},
-                                   seed);
+  return std::make_unique<Problem>(Shape4{1, 16384, 4, 64}, std::vector<Pattern>{{16384, 1}}, seed);
 }
 
 // A result delivered to a Submit callback, with when it came.
@@ -148,13 +147,25 @@ TEST(AdmissionTest, EstimateIsInputsOutputsAndTheBuiltPlansWorkspace) {
     DType dtype, out_dtype;
   };
   const std::vector<Case> cases = {
-      {{1, 1000, 4, 4, 64}, {{256, 1}, {512, 2}}, CombineMode::kLongNet, DType::kFloat32,
+      {{1, 1000, 4, 4, 64},
+       {{256, 1}, {512, 2}},
+       CombineMode::kLongNet,
+       DType::kFloat32,
        DType::kFloat32},
-      {{2, 4096, 8, 2, 32}, {{2048, 1}, {4096, 4}}, CombineMode::kLongNet, DType::kFloat16,
+      {{2, 4096, 8, 2, 32},
+       {{2048, 1}, {4096, 4}},
+       CombineMode::kLongNet,
+       DType::kFloat16,
        DType::kFloat16},  // fp16 output: LONGNET keeps its own fp32 accumulator.
-      {{1, 777, 6, 3, 16}, {{100, 1}, {300, 3}, {777, 7}}, CombineMode::kGrouped,
-       DType::kBFloat16, DType::kFloat32},
-      {{1, 40000, 2, 2, 128}, {{32768, 4}}, CombineMode::kLongNet, DType::kFloat32,
+      {{1, 777, 6, 3, 16},
+       {{100, 1}, {300, 3}, {777, 7}},
+       CombineMode::kGrouped,
+       DType::kBFloat16,
+       DType::kFloat32},
+      {{1, 40000, 2, 2, 128},
+       {{32768, 4}},
+       CombineMode::kLongNet,
+       DType::kFloat32,
        DType::kBFloat16},  // Huge-page buffers, rounded to 2 MiB.
   };
   CpuBackend backend;
@@ -190,8 +201,8 @@ TEST(AdmissionTest, OverBudgetIsRefusedWithTheNumbersAndMemoryReturnsToZero) {
   auto small = SmallProblem(1);
   auto probe = Engine::Create(Options());
   ASSERT_TRUE(probe.ok());
-  absl::StatusOr<MemoryEstimate> estimate = (*probe)->EstimateMemory(
-      small->shape(), DType::kFloat32, DType::kFloat32, small->spec);
+  absl::StatusOr<MemoryEstimate> estimate =
+      (*probe)->EstimateMemory(small->shape(), DType::kFloat32, DType::kFloat32, small->spec);
   ASSERT_TRUE(estimate.ok()) << estimate.status();
 
   EngineOptions options = Options();
@@ -202,13 +213,13 @@ TEST(AdmissionTest, OverBudgetIsRefusedWithTheNumbersAndMemoryReturnsToZero) {
   EXPECT_EQ(run.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(RejectReasonOf(run.status()), RejectReason::kMemory);
   const std::string message(run.status().message());
-  EXPECT_TRUE(Contains(message, absl::StrCat("request needs an estimated ", estimate->total,
-                                             " bytes (inputs ", estimate->inputs, ", outputs ",
-                                             estimate->outputs, ", workspace ",
-                                             estimate->workspace, ")")))
+  EXPECT_TRUE(
+      Contains(message, absl::StrCat("request needs an estimated ", estimate->total,
+                                     " bytes (inputs ", estimate->inputs, ", outputs ",
+                                     estimate->outputs, ", workspace ", estimate->workspace, ")")))
       << message;
-  EXPECT_TRUE(Contains(message, absl::StrCat("the memory budget is ", estimate->total - 1,
-                                             " bytes with 0 in use")))
+  EXPECT_TRUE(Contains(
+      message, absl::StrCat("the memory budget is ", estimate->total - 1, " bytes with 0 in use")))
       << message;
 
   Outcome submitted;
@@ -374,8 +385,9 @@ TEST(AdmissionTest, QueuedRequestPastItsDeadlineLeavesTheQueuePromptly) {
   EXPECT_LT(late_ms, 50) << outcome.result.status();
   EXPECT_EQ(outcome.result.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(RejectReasonOf(outcome.result.status()), RejectReason::kDeadline);
-  EXPECT_TRUE(Contains(outcome.result.status().message(), "deadline passed in the queue, after "
-                                                          "waiting "))
+  EXPECT_TRUE(Contains(outcome.result.status().message(),
+                       "deadline passed in the queue, after "
+                       "waiting "))
       << outcome.result.status();
   EXPECT_EQ((*engine)->stats().running, 1);  // The long run is still going.
   EXPECT_EQ((*engine)->stats().queued, 0);
@@ -445,8 +457,8 @@ TEST(AdmissionTest, RunThatCannotMeetItsDeadlineIsRefusedUpFrontOnceThroughputIs
   auto long_problem = LongProblem(8);
   RunRequest request = long_problem->Request();
   request.deadline = Clock::now() + milliseconds(100);
-  const double needed_ms = EstimateFlops(long_problem->shape(), long_problem->spec) /
-                           flops_per_second * 1e3;
+  const double needed_ms =
+      EstimateFlops(long_problem->shape(), long_problem->spec) / flops_per_second * 1e3;
   ASSERT_GT(needed_ms, 100) << "the long problem is too fast on this machine for this test";
   Outcome outcome;
   const Clock::time_point submitted = Clock::now();

@@ -114,11 +114,11 @@ struct Engine::Impl {
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(spec));
     const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
     const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
-    const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision, devices.front().id,
-                                    pool->size());
+    const PlanKey key =
+        MakePlanKey(q, k, out_dtype, spec, precision.precision, devices.front().id, pool->size());
     MemoryEstimate estimate;
-    estimate.inputs = (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) *
-                      DTypeSize(dtype);
+    estimate.inputs =
+        (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype);
     estimate.outputs = shape.QueryShape().elements() * DTypeSize(out_dtype);
     estimate.workspace = backend->PlanWorkspaceBytes(key);
     estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
@@ -156,9 +156,9 @@ struct Engine::Impl {
     const Clock::time_point now = Clock::now();
     absl::Status refused;
     if (now >= *request.deadline) {
-      refused = absl::DeadlineExceededError(absl::StrFormat(
-          "deadline passed %s, after waiting %.1f ms (%.1f ms past the deadline)", when,
-          Millis(now - enqueued), Millis(now - *request.deadline)));
+      refused = absl::DeadlineExceededError(
+          absl::StrFormat("deadline passed %s, after waiting %.1f ms (%.1f ms past the deadline)",
+                          when, Millis(now - enqueued), Millis(now - *request.deadline)));
     } else {
       double flops_per_second = 0;
       {
@@ -242,8 +242,7 @@ struct Engine::Impl {
         return absl::CancelledError(absl::StrCat("request cancelled during compute ", computed));
       }
       ++counters.runs_deadline_exceeded;
-      return absl::DeadlineExceededError(
-          absl::StrCat("deadline passed during compute ", computed));
+      return absl::DeadlineExceededError(absl::StrCat("deadline passed during compute ", computed));
     }
     if (result.ok()) {
       ++counters.runs_completed;
@@ -406,9 +405,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
                                                    "; must be >= 0 (0 caches nothing)"));
   }
   if (options.memory_budget_bytes < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("memory_budget_bytes is ",
-                                                   options.memory_budget_bytes,
-                                                   "; must be >= 0 (0 = unlimited)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "memory_budget_bytes is ", options.memory_budget_bytes, "; must be >= 0 (0 = unlimited)"));
   }
   if (options.max_queue < 0) {
     return absl::InvalidArgumentError(

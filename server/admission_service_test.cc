@@ -48,9 +48,8 @@ TEST(AdmissionServerTest, TightDeadlineIsDeadlineExceededAndStopsTheEngine) {
   EXPECT_TRUE(testing::WaitFor(
       [&] { return Metric(*server, "da_engine_runs_deadline_exceeded_total") == 1; },
       milliseconds(2000)));
-  const double stopped_ms = std::chrono::duration<double, std::milli>(
-                                std::chrono::steady_clock::now() - start)
-                                .count();
+  const double stopped_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   EXPECT_LT(stopped_ms, 300 + 100 + 50);
   EXPECT_EQ(Metric(*server, "da_engine_running_requests"), 0);
   EXPECT_EQ(Metric(*server, "da_memory_reserved_bytes"), 0);
@@ -81,10 +80,9 @@ TEST(AdmissionServerTest, OverTheMemoryBudgetIsResourceExhaustedWithTheNumbers) 
   v1::AttendResponse response;
   const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(10000));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_EQ(status.error_message(),
-            absl::StrCat("request needs an estimated ", estimate->ToString(),
-                         " but the memory budget is ", estimate->total - 1,
-                         " bytes with 0 in use"));
+  EXPECT_EQ(status.error_message(), absl::StrCat("request needs an estimated ",
+                                                 estimate->ToString(), " but the memory budget is ",
+                                                 estimate->total - 1, " bytes with 0 in use"));
   EXPECT_EQ(Rejected(*server, "memory"), 1);
   EXPECT_EQ(Rejected(*server, "queue_full"), 0);
   EXPECT_EQ(Metric(*server, "da_memory_budget_bytes"), estimate->total - 1);

@@ -49,9 +49,9 @@ class PlanCacheCollector;
 class EngineCollector;
 
 // Every reason da_requests_rejected_total is exported with (all start at 0).
-inline constexpr const char* kRejectReasons[] = {
-    "invalid_argument", "too_large", "queue_full",      "memory",
-    "deadline",         "cancelled", "unauthenticated", "unavailable"};
+inline constexpr const char* kRejectReasons[] = {"invalid_argument", "too_large",  "queue_full",
+                                                 "memory",           "deadline",   "cancelled",
+                                                 "unauthenticated",  "unavailable"};
 
 class Metrics {
  public:

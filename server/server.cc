@@ -3,7 +3,6 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,8 +26,8 @@ int64_t DefaultMemoryBudgetBytes() {
        {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
     std::ifstream in(path);
     std::string text;
-    if (!(in >> text) || text.empty() || text.find_first_not_of("0123456789") != std::string::npos ||
-        text.size() > 18) {
+    if (!(in >> text) || text.empty() ||
+        text.find_first_not_of("0123456789") != std::string::npos || text.size() > 18) {
       continue;
     }
     const int64_t cgroup = std::stoll(text);

@@ -146,8 +146,7 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
       if (cancelled()) return;
       const int64_t k1 = std::min(keys, k0 + kPackSliceRows);
       Pack(k, task.batch, kv_head, task.kept, k0, k1, 1.0f, true, dim_pad, keys_pad, kt + k0);
-      Pack(v, task.batch, kv_head, task.kept, k0, k1, 1.0f, false, dim_pad, 0,
-           vt + k0 * dim_pad);
+      Pack(v, task.batch, kv_head, task.kept, k0, k1, 1.0f, false, dim_pad, 0, vt + k0 * dim_pad);
     }
     std::fill(vt + keys * dim_pad, vt + keys_pad * dim_pad, 0.0f);
 
