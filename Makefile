@@ -54,14 +54,17 @@ sanitize: $(DEPS_STAMP)
 	    --gtest_filter='CpuBackendTest.*:*N64_set1_H8kv2_causal_*' || exit 1; \
 	done
 
-# The plan cache's concurrency (single-flight, eviction while in use) under ThreadSanitizer.
+# The plan cache's concurrency (single-flight, eviction while in use) and the engine's admission
+# (queue, watchdog, cancellation) under ThreadSanitizer.
 TSAN_DIR ?= build-tsan
 tsan: $(DEPS_STAMP)
 	cmake -S . -B $(TSAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=thread
-	cmake --build $(TSAN_DIR) -j $(JOBS) --target plan_cache_test engine_test
+	cmake --build $(TSAN_DIR) -j $(JOBS) --target plan_cache_test engine_test \
+	  admission_test
 	$(TSAN_DIR)/bin/plan_cache_test --gtest_brief=1
 	$(TSAN_DIR)/bin/engine_test --gtest_brief=1
+	$(TSAN_DIR)/bin/admission_test --gtest_brief=1
 
 # libFuzzer targets over request validation and stream assembly, built by Debian's clang with
 # ASan/UBSan in a build directory of their own, each run for FUZZ_SECONDS from the seed corpus in

@@ -53,6 +53,15 @@ class Backend {
   // Everything derivable from the key, workspaces allocated and touched.
   virtual absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) = 0;
 
+  // The workspace bytes BuildPlan(key) allocates, computed without allocating anything: the
+  // engine's admission control counts them. A run that finds its plan's workspace taken by a
+  // concurrent run allocates the same amount again, so this is also what one run needs. 0 for a
+  // backend whose plans hold no workspace.
+  virtual int64_t PlanWorkspaceBytes(const PlanKey& key) const {
+    (void)key;
+    return 0;
+  }
+
   // Computes out = DilatedAttention(q, k, v) per docs/MATH.md on a plan this backend built for
   // these views' key. Views are already validated. A plan may serve concurrent runs.
   virtual absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k,

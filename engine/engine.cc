@@ -1,12 +1,16 @@
 #include "engine/engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
+#include <map>
 #include <mutex>
+#include <set>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/backend.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/reference/reference_backend.h"
@@ -22,6 +26,22 @@ int64_t MicrosSince(Clock::time_point start) {
   return std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start).count();
 }
 
+double Millis(Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+// How often the watchdog looks at deadlines and cancelled flags while there is something to
+// watch. A kernel panel takes a few milliseconds more, so runs stop well within 100 ms.
+constexpr auto kWatchdogPeriod = std::chrono::milliseconds(2);
+
+// Runs shorter than this are dominated by fixed costs (plan lookup, thread wake-ups): they would
+// understate the throughput, so they do not update it.
+constexpr int64_t kMinMeasuredComputeUs = 1000;
+
+std::vector<double> StopLatencyBounds() {
+  return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
+}
+
+enum class StopCause { kNone, kCancelled, kDeadline };
+
 }  // namespace
 
 struct Engine::Impl {
@@ -30,18 +50,40 @@ struct Engine::Impl {
   std::unique_ptr<Backend> backend;
   std::vector<DeviceInfo> devices;
   std::unique_ptr<PlanCache> plans;
+  std::shared_ptr<MemoryAccount> memory;
 
   struct Job {
     RunRequest request;
     RunCallback done;
     Clock::time_point enqueued;
+    MemoryReservation reservation;  // The engine's own, when the caller passed none.
+    double flops = 0;
   };
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::deque<Job> queue;
-  int64_t running = 0;
+  // A run in compute, as the watchdog sees it. `stop` is what the backend polls.
+  struct Active {
+    const std::atomic<bool>* cancelled = nullptr;
+    std::optional<Clock::time_point> deadline;
+    std::atomic<bool> stop{false};
+    StopCause cause = StopCause::kNone;  // Guarded by mutex.
+    Clock::time_point stop_seen;         // Guarded by mutex.
+  };
+  // Ordered by (-priority, arrival): begin() is the next to run.
+  using QueueKey = std::pair<int64_t, uint64_t>;
+
+  mutable std::mutex mutex;
+  std::condition_variable cv;           // Dispatchers: work queued, or stopping.
+  std::condition_variable watchdog_cv;  // Watchdog: something to watch, or stopping.
+  std::map<QueueKey, Job> queue;
+  uint64_t next_arrival = 0;
+  std::set<Active*> active;
+  int64_t dispatching = 0;  // Dispatchers busy with a job (for the idle count).
+  int64_t pending = 0;      // Submitted, callback not yet called.
+  int64_t admitting = 0;    // Past the queue check, reserving memory: they hold a queue place.
   bool stopping = false;
+  bool watchdog_stopping = false;
   std::vector<std::thread> dispatchers;
+  std::thread watchdog;
+  EngineStats counters;  // Only the counters and stop latencies are kept here.
 
   absl::Status Validate(const RunRequest& request) const {
     DA_RETURN_IF_ERROR(
@@ -59,8 +101,82 @@ struct Engine::Impl {
           "output buffer has ", request.out.bytes, " bytes; shape ", os.ToString(), " of ",
           DTypeName(request.out.dtype), " needs ", os.elements() * DTypeSize(request.out.dtype)));
     }
-    const ProblemShape shape{qs.batch, qs.seq_len, qs.heads, request.k.shape.heads, qs.head_dim};
-    return backend->Supports(shape, request.q.dtype, request.spec);
+    return backend->Supports(ShapeOf(request), request.q.dtype, request.spec);
+  }
+
+  static ProblemShape ShapeOf(const RunRequest& request) {
+    const Shape4& qs = request.q.shape;
+    return {qs.batch, qs.seq_len, qs.heads, request.k.shape.heads, qs.head_dim};
+  }
+
+  absl::StatusOr<MemoryEstimate> Estimate(const ProblemShape& shape, DType dtype, DType out_dtype,
+                                          const AttentionSpec& spec) const {
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(spec));
+    const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
+    const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
+    const PlanKey key =
+        MakePlanKey(q, k, out_dtype, spec, precision.precision, devices.front().id, pool->size());
+    MemoryEstimate estimate;
+    estimate.inputs =
+        (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype);
+    estimate.outputs = shape.QueryShape().elements() * DTypeSize(out_dtype);
+    estimate.workspace = backend->PlanWorkspaceBytes(key);
+    estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+    return estimate;
+  }
+
+  // The engine's own reservation for a request (none when the caller brought one).
+  absl::StatusOr<MemoryReservation> ReserveFor(const RunRequest& request) {
+    if (request.reservation != nullptr) return MemoryReservation();
+    DA_ASSIGN_OR_RETURN(const MemoryEstimate estimate, Estimate(ShapeOf(request), request.q.dtype,
+                                                                request.out.dtype, request.spec));
+    absl::Status reserved = memory->Reserve(estimate.total, estimate.ToString());
+    if (!reserved.ok()) {
+      std::lock_guard<std::mutex> lock(mutex);
+      ++counters.rejected_memory;
+      return reserved;
+    }
+    return MemoryReservation(memory, estimate.total);
+  }
+
+  // CANCELLED when the request was cancelled before it reached compute.
+  absl::Status CheckNotCancelled(const RunRequest& request, const char* when) {
+    if (request.cancelled == nullptr || !request.cancelled->load()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(mutex);
+    ++counters.rejected_cancelled;
+    return WithRejectReason(absl::CancelledError(absl::StrCat("cancelled ", when)),
+                            RejectReason::kCancelled);
+  }
+
+  // DEADLINE_EXCEEDED when the deadline has passed, or when the compute estimated from the
+  // measured throughput cannot fit the time left. `when` says where the request is.
+  absl::Status CheckDeadline(const RunRequest& request, double flops, std::string_view when,
+                             Clock::time_point enqueued) {
+    if (!request.deadline.has_value()) return absl::OkStatus();
+    const Clock::time_point now = Clock::now();
+    absl::Status refused;
+    if (now >= *request.deadline) {
+      refused = absl::DeadlineExceededError(
+          absl::StrFormat("deadline passed %s, after waiting %.1f ms (%.1f ms past the deadline)",
+                          when, Millis(now - enqueued), Millis(now - *request.deadline)));
+    } else {
+      double flops_per_second = 0;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        flops_per_second = counters.measured_flops_per_second;
+      }
+      const double left_ms = Millis(*request.deadline - now);
+      if (flops_per_second > 0 && flops / flops_per_second * 1e3 > left_ms) {
+        refused = absl::DeadlineExceededError(absl::StrFormat(
+            "request needs an estimated %.1f ms of compute (%.3g GFLOP at the measured %.1f "
+            "GFLOP/s) but only %.1f ms remain before its deadline",
+            flops / flops_per_second * 1e3, flops / 1e9, flops_per_second / 1e9, left_ms));
+      }
+    }
+    if (refused.ok()) return refused;
+    std::lock_guard<std::mutex> lock(mutex);
+    ++counters.rejected_deadline;
+    return WithRejectReason(refused, RejectReason::kDeadline);
   }
 
   absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const PlanKey& key, bool* hit) {
@@ -68,8 +184,9 @@ struct Engine::Impl {
         key, [&] { return backend->BuildPlan(key); }, hit);
   }
 
-  // Runs a validated request on the calling thread and the pool.
-  absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us) {
+  // Runs a validated request on the calling thread and the pool; the backend polls `stop`.
+  absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us,
+                                        const std::atomic<bool>* stop) {
     const Clock::time_point start = Clock::now();
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
     const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,
@@ -78,7 +195,7 @@ struct Engine::Impl {
     ExecutionInfo info;
     {
       DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, GetPlan(key, &hit));
-      RunContext context{pool.get(), request.cancelled};
+      RunContext context{pool.get(), stop};
       DA_RETURN_IF_ERROR(backend->RunPlan(*plan, request.q, request.k, request.v, request.spec,
                                           request.out, context));
       info.plan_build_time_us = hit ? 0 : plan->build_time_us;
@@ -95,6 +212,67 @@ struct Engine::Impl {
     return info;
   }
 
+  // Compute under the watchdog's eye: a cancellation or a passed deadline sets the run's stop
+  // flag, and the result then says which of the two stopped it and how fast.
+  absl::StatusOr<ExecutionInfo> Execute(const RunRequest& request, int64_t queue_time_us,
+                                        double flops) {
+    Active run;
+    run.cancelled = request.cancelled;
+    run.deadline = request.deadline;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      active.insert(&run);
+    }
+    watchdog_cv.notify_one();
+    const Clock::time_point start = Clock::now();
+    absl::StatusOr<ExecutionInfo> result = Compute(request, queue_time_us, &run.stop);
+    const Clock::time_point returned = Clock::now();
+
+    std::lock_guard<std::mutex> lock(mutex);
+    active.erase(&run);
+    if (!result.ok() && run.cause != StopCause::kNone) {
+      // The status the backend returned for its stop flag becomes what stopped it.
+      const double latency_s = std::chrono::duration<double>(returned - run.stop_seen).count();
+      RecordStopLatency(latency_s);
+      const std::string computed = absl::StrFormat(
+          "after %.1f ms of compute (%.1f ms queued); compute stopped %.1f ms later",
+          Millis(run.stop_seen - start), queue_time_us / 1e3, latency_s * 1e3);
+      if (run.cause == StopCause::kCancelled) {
+        ++counters.runs_cancelled;
+        return absl::CancelledError(absl::StrCat("request cancelled during compute ", computed));
+      }
+      ++counters.runs_deadline_exceeded;
+      return absl::DeadlineExceededError(absl::StrCat("deadline passed during compute ", computed));
+    }
+    if (result.ok()) {
+      ++counters.runs_completed;
+      if (result->compute_time_us >= kMinMeasuredComputeUs) {
+        // The best throughput seen: a refusal then only happens when even that is too slow.
+        counters.measured_flops_per_second =
+            std::max(counters.measured_flops_per_second, flops / (result->compute_time_us / 1e6));
+      }
+    }
+    return result;
+  }
+
+  void RecordStopLatency(double seconds) {
+    StopLatencyStats& s = counters.stop_latency;
+    for (size_t i = 0; i < s.bounds_seconds.size(); ++i) {
+      if (seconds <= s.bounds_seconds[i]) ++s.cumulative[i];
+    }
+    ++s.count;
+    s.sum_seconds += seconds;
+    s.max_seconds = std::max(s.max_seconds, seconds);
+    s.last_seconds = seconds;
+  }
+
+  void Finish(Job& job, absl::StatusOr<ExecutionInfo> result) {
+    job.reservation.Reset();  // Memory is back before the caller hears of the result.
+    job.done(std::move(result));
+    std::lock_guard<std::mutex> lock(mutex);
+    --pending;
+  }
+
   void DispatchLoop() {
     for (;;) {
       Job job;
@@ -102,18 +280,103 @@ struct Engine::Impl {
         std::unique_lock<std::mutex> lock(mutex);
         cv.wait(lock, [&] { return stopping || !queue.empty(); });
         if (queue.empty()) return;  // Stopping with nothing left to do.
-        job = std::move(queue.front());
-        queue.pop_front();
+        job = std::move(queue.begin()->second);
+        queue.erase(queue.begin());
+        ++dispatching;
       }
       const int64_t queue_time_us = MicrosSince(job.enqueued);
-      absl::StatusOr<ExecutionInfo> result =
-          job.request.cancelled != nullptr && job.request.cancelled->load()
-              ? absl::StatusOr<ExecutionInfo>(absl::CancelledError("cancelled while queued"))
-              : Compute(job.request, queue_time_us);
-      job.done(std::move(result));
-      std::lock_guard<std::mutex> lock(mutex);
-      --running;
+      absl::StatusOr<ExecutionInfo> result = absl::UnknownError("not run");
+      if (absl::Status live = CheckNotCancelled(job.request, "while queued"); !live.ok()) {
+        result = live;
+      } else if (absl::Status in_time =
+                     CheckDeadline(job.request, job.flops, "in the queue", job.enqueued);
+                 !in_time.ok()) {
+        result = in_time;
+      } else {
+        result = Execute(job.request, queue_time_us, job.flops);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        --dispatching;
+      }
+      Finish(job, std::move(result));
     }
+  }
+
+  bool SomethingToWatch() const {
+    if (!active.empty()) return true;
+    for (const auto& [key, job] : queue) {
+      if (job.request.deadline.has_value() || job.request.cancelled != nullptr) return true;
+    }
+    return false;
+  }
+
+  // Takes queued requests whose deadline passed or that were cancelled out of the queue, and
+  // raises the stop flag of running ones, every kWatchdogPeriod while anything is watched.
+  void WatchdogLoop() {
+    std::unique_lock<std::mutex> lock(mutex);
+    while (!watchdog_stopping) {
+      if (SomethingToWatch()) {
+        watchdog_cv.wait_for(lock, kWatchdogPeriod);
+      } else {
+        watchdog_cv.wait(lock);
+      }
+      const Clock::time_point now = Clock::now();
+      for (Active* run : active) {
+        if (run->cause != StopCause::kNone) continue;
+        // The deadline first: a server cancels a call whose deadline passed, so both may hold.
+        if (run->deadline.has_value() && now >= *run->deadline) {
+          run->cause = StopCause::kDeadline;
+        } else if (run->cancelled != nullptr && run->cancelled->load()) {
+          run->cause = StopCause::kCancelled;
+        } else {
+          continue;
+        }
+        run->stop_seen = now;
+        run->stop.store(true);
+      }
+      std::vector<std::pair<Job, absl::Status>> expired;
+      for (auto it = queue.begin(); it != queue.end();) {
+        const RunRequest& request = it->second.request;
+        absl::Status status;
+        if (request.deadline.has_value() && now >= *request.deadline) {
+          ++counters.rejected_deadline;
+          status = WithRejectReason(
+              absl::DeadlineExceededError(absl::StrFormat(
+                  "deadline passed in the queue, after waiting %.1f ms behind %d queued and %d "
+                  "running requests",
+                  Millis(now - it->second.enqueued), std::distance(queue.begin(), it),
+                  dispatching)),
+              RejectReason::kDeadline);
+        } else if (request.cancelled != nullptr && request.cancelled->load()) {
+          ++counters.rejected_cancelled;
+          status = WithRejectReason(
+              absl::CancelledError(absl::StrFormat("cancelled while queued, after waiting %.1f ms",
+                                                   Millis(now - it->second.enqueued))),
+              RejectReason::kCancelled);
+        } else {
+          ++it;
+          continue;
+        }
+        expired.emplace_back(std::move(it->second), std::move(status));
+        it = queue.erase(it);
+      }
+      if (expired.empty()) continue;
+      lock.unlock();
+      for (auto& [job, status] : expired) Finish(job, status);
+      lock.lock();
+    }
+  }
+
+  void StartQueued(Job job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      --admitting;
+      const int64_t priority = job.request.priority;
+      queue.emplace(QueueKey{-priority, next_arrival++}, std::move(job));
+    }
+    cv.notify_one();
+    watchdog_cv.notify_one();
   }
 };
 
@@ -141,12 +404,24 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     return absl::InvalidArgumentError(absl::StrCat("plan_cache_bytes is ", options.plan_cache_bytes,
                                                    "; must be >= 0 (0 caches nothing)"));
   }
+  if (options.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "memory_budget_bytes is ", options.memory_budget_bytes, "; must be >= 0 (0 = unlimited)"));
+  }
+  if (options.max_queue < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_queue is ", options.max_queue, "; must be >= 0 (0 = no waiting)"));
+  }
+  impl->memory = std::make_shared<MemoryAccount>(options.memory_budget_bytes);
+  impl->counters.stop_latency.bounds_seconds = StopLatencyBounds();
+  impl->counters.stop_latency.cumulative.assign(StopLatencyBounds().size(), 0);
   impl->plans = std::make_unique<PlanCache>(options.plan_cache_bytes);
   impl->pool = std::make_unique<ThreadPool>(options.threads);
   impl->devices = DiscoverDevices(impl->pool->size());
   for (int i = 0; i < options.max_concurrent_runs; ++i) {
     impl->dispatchers.emplace_back([raw = impl.get()] { raw->DispatchLoop(); });
   }
+  impl->watchdog = std::thread([raw = impl.get()] { raw->WatchdogLoop(); });
   return std::unique_ptr<Engine>(new Engine(std::move(impl)));
 }
 
@@ -159,25 +434,81 @@ Engine::~Engine() {
   }
   impl_->cv.notify_all();
   for (std::thread& t : impl_->dispatchers) t.join();
+  // The watchdog keeps watching until the queue is drained: queued deadlines still hold.
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->watchdog_stopping = true;
+  }
+  impl_->watchdog_cv.notify_all();
+  impl_->watchdog.join();
 }
 
 absl::StatusOr<ExecutionInfo> Engine::Run(const RunRequest& request) {
   DA_RETURN_IF_ERROR(impl_->Validate(request));
-  return impl_->Compute(request, 0);
+  DA_RETURN_IF_ERROR(impl_->CheckNotCancelled(request, "before the run"));
+  const double flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
+  DA_RETURN_IF_ERROR(impl_->CheckDeadline(request, flops, "before the run", Clock::now()));
+  DA_ASSIGN_OR_RETURN(MemoryReservation reservation, impl_->ReserveFor(request));
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    ++impl_->pending;
+  }
+  absl::StatusOr<ExecutionInfo> result = impl_->Execute(request, 0, flops);
+  reservation.Reset();
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  --impl_->pending;
+  return result;
 }
 
 void Engine::Submit(const RunRequest& request, RunCallback done) {
+  const Clock::time_point now = Clock::now();
   absl::Status valid = impl_->Validate(request);
   if (!valid.ok()) {
     done(valid);
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(impl_->mutex);
-    impl_->queue.push_back({request, std::move(done), Clock::now()});
-    ++impl_->running;
+  if (absl::Status live = impl_->CheckNotCancelled(request, "before queueing"); !live.ok()) {
+    done(live);
+    return;
   }
-  impl_->cv.notify_one();
+  Impl::Job job{request, std::move(done), now, MemoryReservation(), 0};
+  job.flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
+  if (absl::Status in_time = impl_->CheckDeadline(request, job.flops, "before queueing", now);
+      !in_time.ok()) {
+    job.done(in_time);
+    return;
+  }
+  {
+    // A request is refused for a full queue only when it would wait: idle dispatchers take the
+    // first requests at once. Checked before the memory, which a refused request must not hold.
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    const int64_t idle = impl_->options.max_concurrent_runs - impl_->dispatching;
+    const int64_t queued = static_cast<int64_t>(impl_->queue.size()) + impl_->admitting;
+    if (request.reservation == nullptr && queued - idle + 1 > impl_->options.max_queue) {
+      ++impl_->counters.rejected_queue_full;
+      lock.unlock();
+      job.done(WithRejectReason(
+          absl::ResourceExhaustedError(absl::StrCat(
+              "queue full: ", queued, " requests wait for ", impl_->options.max_concurrent_runs,
+              " busy dispatcher(s) and max_queue is ", impl_->options.max_queue)),
+          RejectReason::kQueueFull));
+      return;
+    }
+    ++impl_->pending;
+    ++impl_->admitting;  // Holds its queue place while it reserves, so concurrent Submits see it.
+  }
+  absl::StatusOr<MemoryReservation> reservation = impl_->ReserveFor(request);
+  if (!reservation.ok()) {
+    {
+      std::lock_guard<std::mutex> lock(impl_->mutex);
+      --impl_->pending;
+      --impl_->admitting;
+    }
+    job.done(reservation.status());
+    return;
+  }
+  job.reservation = *std::move(reservation);
+  impl_->StartQueued(std::move(job));
 }
 
 absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
@@ -202,11 +533,43 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
   return result;
 }
 
+absl::StatusOr<MemoryEstimate> Engine::EstimateMemory(const ProblemShape& shape, DType dtype,
+                                                      DType out_dtype,
+                                                      const AttentionSpec& spec) const {
+  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
+  DA_RETURN_IF_ERROR(impl_->backend->Supports(shape, dtype, spec));
+  return impl_->Estimate(shape, dtype, out_dtype, spec);
+}
+
+absl::StatusOr<MemoryReservation> Engine::ReserveMemory(int64_t bytes, std::string_view what) {
+  if (bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot reserve ", bytes, " bytes"));
+  }
+  absl::Status reserved = impl_->memory->Reserve(bytes, what);
+  if (!reserved.ok()) {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    ++impl_->counters.rejected_memory;
+    return reserved;
+  }
+  return MemoryReservation(impl_->memory, bytes);
+}
+
 PlanCacheStats Engine::plan_cache_stats() const { return impl_->plans->stats(); }
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  EngineStats stats = impl_->counters;
+  stats.queued = static_cast<int64_t>(impl_->queue.size());
+  stats.running = static_cast<int64_t>(impl_->active.size());
+  stats.max_queue = impl_->options.max_queue;
+  stats.memory_reserved_bytes = impl_->memory->reserved_bytes();
+  stats.memory_budget_bytes = impl_->memory->budget_bytes();
+  return stats;
+}
 
 int64_t Engine::pending() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->running;
+  return impl_->pending;
 }
 
 const std::vector<DeviceInfo>& Engine::devices() const { return impl_->devices; }

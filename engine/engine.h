@@ -7,19 +7,32 @@
 //   (*engine)->Submit(request, [](absl::StatusOr<ExecutionInfo> info) { ... });  // queued
 //
 // Thread safety: Run and Submit may be called from any thread. Submit's callback runs on an engine
-// dispatcher thread, except for a request that fails validation: then it runs before Submit
-// returns, on the caller's thread (no compute happens there). The views in a request must stay
-// valid until Run returns or the callback has been called.
+// thread (a dispatcher, or the watchdog for a queued request whose deadline passed or that was
+// cancelled), except for a request refused at once (validation, queue full, memory, deadline):
+// then it runs before Submit returns, on the caller's thread (no compute happens there). The views
+// in a request, its cancelled flag and its reservation must stay valid until Run returns or the
+// callback has been called.
+//
+// Admission (engine/admission.h): a request's memory (MemoryEstimate) is reserved against
+// memory_budget_bytes from Submit (or Run) until just before its callback (or Run's return), unless
+// the caller passes a reservation it made itself; at most max_queue requests wait for a
+// dispatcher, taken highest priority first, in arrival order among equal priorities. Deadlines
+// and the cancelled flag are watched every few milliseconds: a queued request leaves the queue at
+// once, and a computing one is stopped within a kernel panel (DEADLINE_EXCEEDED or CANCELLED).
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/admission.h"
 #include "engine/attention_spec.h"
 #include "engine/device.h"
 #include "engine/plan_cache.h"
@@ -35,6 +48,12 @@ struct EngineOptions {
   Limits limits;
   int64_t plan_cache_bytes = int64_t{1} << 30;  // Budget of the warm plan cache (LRU).
   PrecisionPolicyOptions precision;             // Fallback for unsupported wishes, tolerance.
+  // Bytes all admitted requests may hold at once (MemoryEstimate::total each); 0: unlimited.
+  int64_t memory_budget_bytes = 0;
+  // Submitted requests that may wait for a dispatcher, beyond those an idle dispatcher takes at
+  // once. 0: no waiting; a request is accepted only when a dispatcher is free for it. Runs with a
+  // caller's reservation (chunks of an admitted stream) are never refused for a full queue.
+  int max_queue = 64;
 };
 
 struct RunRequest {
@@ -45,6 +64,13 @@ struct RunRequest {
   MutableTensorView out;  // [B, N, H, D], the dtype the caller wants back.
   std::string request_id;
   const std::atomic<bool>* cancelled = nullptr;  // Optional; true stops the run with CANCELLED.
+  int priority = 0;  // Higher leaves the queue first; equal priorities in arrival order.
+  // When it passes: DEADLINE_EXCEEDED, whether queued or computing. Also refused up front when
+  // the measured throughput says the compute cannot finish in time.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Memory the caller already reserved for this run (ReserveMemory); null: the engine estimates
+  // and reserves the request's memory itself. With a reservation the queue limit does not apply.
+  const MemoryReservation* reservation = nullptr;
 };
 
 struct ExecutionInfo {
@@ -90,7 +116,21 @@ class Engine {
   absl::StatusOr<WarmUpResult> WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
                                       const AttentionSpec& spec);
 
+  // The memory a problem would hold while queued and computed: q, k, v, the output and the
+  // workspace of its plan (Backend::PlanWorkspaceBytes). The workspace is always counted in full,
+  // even when the plan is cached: a run whose plan's workspace is in use by a concurrent run
+  // allocates its own, so the estimate depends on the problem alone, never on the cache's state.
+  // (The cached plans themselves are bounded by plan_cache_bytes, a separate budget.) Errors:
+  // what ValidateShape and the backend's Supports report.
+  absl::StatusOr<MemoryEstimate> EstimateMemory(const ProblemShape& shape, DType dtype,
+                                                DType out_dtype, const AttentionSpec& spec) const;
+
+  // Reserves bytes against memory_budget_bytes until the reservation is destroyed; over budget:
+  // RESOURCE_EXHAUSTED (RejectReason kMemory) naming `what`, the budget and the bytes in use.
+  absl::StatusOr<MemoryReservation> ReserveMemory(int64_t bytes, std::string_view what);
+
   PlanCacheStats plan_cache_stats() const;
+  EngineStats stats() const;
 
   // Requests queued or running.
   int64_t pending() const;

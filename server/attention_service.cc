@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,16 @@
 namespace da::server {
 namespace {
 
+// The client's deadline on the engine's clock; none when the client set none (gRPC reports an
+// infinite deadline as the largest time point).
+std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
+    std::chrono::system_clock::time_point deadline) {
+  if (deadline == std::chrono::system_clock::time_point::max()) return std::nullopt;
+  const auto left = deadline - std::chrono::system_clock::now();
+  return std::chrono::steady_clock::now() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(left);
+}
+
 // One unary Attend: the inputs are views of the request's bytes and the engine writes straight
 // into the response's output bytes, so the server itself copies no tensor. Lifetime: gRPC keeps
 // request and response alive until OnDone, which comes only after Finish, and Finish is called only
@@ -25,13 +36,25 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
  public:
   AttendReactor(engine::Engine* engine, Metrics* metrics, grpc::CallbackServerContext* context,
                 const v1::AttendRequest* request, v1::AttendResponse* response)
-      : record_(metrics, "Attend", *context), request_(request), response_(response) {
+      : record_(metrics, "Attend", *context),
+        context_(context),
+        request_(request),
+        response_(response) {
     record_.SetRequestIdField(request->request_id());
     absl::Status status = Submit(engine);
     if (!status.ok()) FinishWith(status, nullptr);
   }
 
-  void OnCancel() override { cancelled_.store(true); }
+  // gRPC also cancels a call whose deadline passed; the engine watches that deadline itself and
+  // reports DEADLINE_EXCEEDED, so only a cancellation clearly before the deadline raises the flag.
+  // The slack covers gRPC's timer firing a little before the deadline as read back through
+  // system_clock (observed: a few milliseconds); the engine's own check follows within it.
+  void OnCancel() override {
+    constexpr auto kDeadlineSlack = std::chrono::milliseconds(50);
+    if (std::chrono::system_clock::now() + kDeadlineSlack < context_->deadline()) {
+      cancelled_.store(true);
+    }
+  }
   void OnDone() override { delete this; }
 
  private:
@@ -61,6 +84,8 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
     run.out = {q.dtype, q.shape, bytes->data(), q.bytes};
     run.request_id = record_.id();
     run.cancelled = &cancelled_;
+    run.priority = request_->priority();
+    run.deadline = SteadyDeadline(context_->deadline());
     engine->Submit(
         run, [this](absl::StatusOr<engine::ExecutionInfo> info) { OnComputed(std::move(info)); });
     return absl::OkStatus();
@@ -84,6 +109,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   }
 
   RequestRecord record_;
+  grpc::CallbackServerContext* context_;
   const v1::AttendRequest* request_;
   v1::AttendResponse* response_;
   std::atomic<bool> cancelled_{false};

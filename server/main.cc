@@ -3,6 +3,7 @@
 //
 //   da-server --listen 127.0.0.1:0 --port-file /tmp/port --log-level debug
 //   da-server --warmup shapes.json --plan-cache-bytes 4294967296 --precision-fallback
+//   da-server --memory-budget-bytes 8589934592 --max-queue 16
 //
 // With --warmup, the file is read before anything listens (a bad file exits 1 naming the file,
 // the entry and the field); the ports are then bound and written, liveness is SERVING, and
@@ -51,6 +52,7 @@ std::string WithPort(const std::string& address, int port) {
 
 int main(int argc, char** argv) {
   da::server::ServerOptions options;
+  options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes();
   std::string log_level = "info";
   std::string port_file;
   std::string metrics_port_file;
@@ -94,6 +96,17 @@ int main(int argc, char** argv) {
                  "length and is computed as soon as its tokens have arrived")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  app.add_option("--memory-budget-bytes", options.memory_budget_bytes,
+                 "Bytes all admitted requests may hold at once (inputs, outputs, plan workspace); "
+                 "over it a request gets RESOURCE_EXHAUSTED. Default: 3/4 of physical memory or "
+                 "of the cgroup limit, whichever is smaller; 0: unlimited")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--max-queue", options.max_queue,
+                 "Requests that may wait for the engine; more get RESOURCE_EXHAUSTED. 0: only "
+                 "requests the engine can start at once")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--warmup", warmup_file,
                  "JSON file of shapes whose plans are built before readiness turns SERVING");
   app.add_option("--drain-timeout-ms", drain_timeout_ms,

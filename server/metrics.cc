@@ -11,6 +11,7 @@
 #include <prometheus/text_serializer.h>
 
 #include <exception>
+#include <limits>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -42,6 +43,23 @@ prometheus::MetricFamily OneValueFamily(std::string name, std::string help,
     metric.gauge.value = static_cast<double>(value);
   }
   return {std::move(name), std::move(help), type, {metric}};
+}
+
+// A histogram family whose buckets the engine already counted (cumulative, one per bound).
+prometheus::MetricFamily StopLatencyFamily(const engine::StopLatencyStats& stats) {
+  prometheus::ClientMetric metric;
+  for (size_t i = 0; i < stats.bounds_seconds.size() && i < stats.cumulative.size(); ++i) {
+    metric.histogram.bucket.push_back(
+        {static_cast<uint64_t>(stats.cumulative[i]), stats.bounds_seconds[i]});
+  }
+  metric.histogram.bucket.push_back(
+      {static_cast<uint64_t>(stats.count), std::numeric_limits<double>::infinity()});
+  metric.histogram.sample_count = static_cast<uint64_t>(stats.count);
+  metric.histogram.sample_sum = stats.sum_seconds;
+  return {"da_engine_stop_latency_seconds",
+          "Time from the engine seeing a cancellation or a passed deadline to compute returning.",
+          prometheus::MetricType::Histogram,
+          {metric}};
 }
 
 }  // namespace
@@ -91,6 +109,52 @@ class PlanCacheCollector final : public prometheus::Collectable {
   mutable engine::PlanCacheStats last_;
 };
 
+// The engine's admission state, read at scrape time like the plan cache's.
+class EngineCollector final : public prometheus::Collectable {
+ public:
+  void SetSource(std::function<engine::EngineStats()> source) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (source_) last_ = source_();
+    source_ = std::move(source);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    engine::EngineStats stats;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (source_) last_ = source_();
+      stats = last_;
+    }
+    using prometheus::MetricType;
+    return {
+        OneValueFamily("da_queue_length", "Requests waiting for the engine.", MetricType::Gauge,
+                       stats.queued),
+        OneValueFamily("da_queue_capacity", "Requests that may wait (--max-queue).",
+                       MetricType::Gauge, stats.max_queue),
+        OneValueFamily("da_engine_running_requests", "Requests the engine is computing.",
+                       MetricType::Gauge, stats.running),
+        OneValueFamily("da_memory_reserved_bytes",
+                       "Bytes reserved by admitted requests (inputs, outputs, workspace).",
+                       MetricType::Gauge, stats.memory_reserved_bytes),
+        OneValueFamily("da_memory_budget_bytes",
+                       "The admission memory budget (--memory-budget-bytes); 0: unlimited.",
+                       MetricType::Gauge, stats.memory_budget_bytes),
+        OneValueFamily("da_engine_runs_cancelled_total",
+                       "Runs stopped during compute because their request was cancelled.",
+                       MetricType::Counter, stats.runs_cancelled),
+        OneValueFamily("da_engine_runs_deadline_exceeded_total",
+                       "Runs stopped during compute because their deadline passed.",
+                       MetricType::Counter, stats.runs_deadline_exceeded),
+        StopLatencyFamily(stats.stop_latency),
+    };
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::function<engine::EngineStats()> source_;
+  mutable engine::EngineStats last_;
+};
+
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   requests_ = &prometheus::BuildCounter()
                    .Name("da_requests_total")
@@ -133,7 +197,16 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                                   "cache and for warm-up.")
                               .Register(*registry_)
                               .Add({}, BuildBuckets());
+  rejected_ = &prometheus::BuildCounter()
+                   .Name("da_requests_rejected_total")
+                   .Help(
+                       "Attention RPCs refused without a result, by reason (invalid_argument, "
+                       "too_large, queue_full, memory, deadline, cancelled, unauthenticated, "
+                       "unavailable).")
+                   .Register(*registry_);
+  for (const char* reason : kRejectReasons) rejected_->Add({{"reason", reason}});
   plan_cache_ = std::make_shared<PlanCacheCollector>();
+  engine_ = std::make_shared<EngineCollector>();
   for (const char* method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
     request_duration_->Add({{"method", method}}, LatencyBuckets());
   }
@@ -152,6 +225,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   }
   metrics->exposer_->RegisterCollectable(metrics->registry_);
   metrics->exposer_->RegisterCollectable(metrics->plan_cache_);
+  metrics->exposer_->RegisterCollectable(metrics->engine_);
   std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (!ports.empty()) metrics->port_ = ports.front();
   return metrics;
@@ -181,6 +255,14 @@ void Metrics::AddBytes(int64_t bytes_in, int64_t bytes_out) {
 
 void Metrics::PlanBuilt(double build_seconds) { plan_build_duration_->Observe(build_seconds); }
 
+void Metrics::RequestRejected(std::string_view reason) {
+  rejected_->Add({{"reason", std::string(reason)}}).Increment();
+}
+
+void Metrics::SetEngineSource(std::function<engine::EngineStats()> source) {
+  engine_->SetSource(std::move(source));
+}
+
 void Metrics::SetPlanCacheSource(std::function<engine::PlanCacheStats()> source) {
   plan_cache_->SetSource(std::move(source));
 }
@@ -188,6 +270,9 @@ void Metrics::SetPlanCacheSource(std::function<engine::PlanCacheStats()> source)
 std::string Metrics::Scrape() const {
   std::vector<prometheus::MetricFamily> families = registry_->Collect();
   for (prometheus::MetricFamily& family : plan_cache_->Collect()) {
+    families.push_back(std::move(family));
+  }
+  for (prometheus::MetricFamily& family : engine_->Collect()) {
     families.push_back(std::move(family));
   }
   return prometheus::TextSerializer().Serialize(families);

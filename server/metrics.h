@@ -9,8 +9,16 @@
 // Names follow Prometheus conventions: da_ prefix, base units (seconds, bytes), counters end in
 // _total. Thread safe.
 //
-// The plan cache's counters and gauges (da_plan_cache_*) are not kept here: they are read from
-// the source at every scrape, so they always equal Engine::plan_cache_stats() and GetServerInfo.
+// The plan cache's counters and gauges (da_plan_cache_*) and the engine's admission state
+// (da_queue_length, da_engine_*, da_memory_*) are not kept here: they are read from their sources
+// at every scrape, so they always equal Engine::plan_cache_stats(), Engine::stats() and
+// GetServerInfo.
+//
+// da_requests_rejected_total{reason} counts attention RPCs refused without a result; the reasons
+// (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
+// deadline (refused up front or expired while queued), cancelled (by the client before compute
+// began), unauthenticated and unavailable (e.g. draining). Runs stopped during compute are not
+// rejections: they count in da_engine_runs_{cancelled,deadline_exceeded}_total.
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -22,6 +30,7 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "engine/admission.h"
 #include "engine/plan_cache.h"
 
 namespace prometheus {
@@ -37,6 +46,12 @@ class Registry;
 namespace da::server {
 
 class PlanCacheCollector;
+class EngineCollector;
+
+// Every reason da_requests_rejected_total is exported with (all start at 0).
+inline constexpr const char* kRejectReasons[] = {"invalid_argument", "too_large",  "queue_full",
+                                                 "memory",           "deadline",   "cancelled",
+                                                 "unauthenticated",  "unavailable"};
 
 class Metrics {
  public:
@@ -57,11 +72,15 @@ class Metrics {
   void AddBytes(int64_t bytes_in, int64_t bytes_out);
   // A plan was built, by a request that missed the cache or by warm-up.
   void PlanBuilt(double build_seconds);
+  // An attention RPC was refused; reason is one of kRejectReasons.
+  void RequestRejected(std::string_view reason);
 
   // Where scrapes read the plan cache's statistics. The source must stay callable until it is
   // replaced; an empty source keeps reporting the last statistics read (so the engine may be
   // destroyed after SetPlanCacheSource(nullptr)). Until a source is set, all zero.
   void SetPlanCacheSource(std::function<engine::PlanCacheStats()> source);
+  // The same for the engine's admission statistics (Engine::stats).
+  void SetEngineSource(std::function<engine::EngineStats()> source);
 
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
@@ -79,7 +98,9 @@ class Metrics {
   prometheus::Counter* bytes_out_ = nullptr;
   prometheus::Gauge* in_flight_ = nullptr;
   prometheus::Histogram* plan_build_duration_ = nullptr;
+  prometheus::Family<prometheus::Counter>* rejected_ = nullptr;
   std::shared_ptr<PlanCacheCollector> plan_cache_;
+  std::shared_ptr<EngineCollector> engine_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

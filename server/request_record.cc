@@ -25,6 +25,23 @@ double Millis(int64_t micros) { return static_cast<double>(micros) / 1e3; }
 
 }  // namespace
 
+std::string RejectionReason(const absl::Status& status) {
+  const engine::RejectReason reason = engine::RejectReasonOf(status);
+  if (reason != engine::RejectReason::kNone) return engine::RejectReasonName(reason);
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+      return "invalid_argument";
+    case absl::StatusCode::kResourceExhausted:
+      return "too_large";
+    case absl::StatusCode::kUnauthenticated:
+      return "unauthenticated";
+    case absl::StatusCode::kUnavailable:
+      return "unavailable";
+    default:
+      return "";
+  }
+}
+
 std::string GenerateRequestId() {
   thread_local std::mt19937_64 generator(std::random_device{}());
   return absl::StrFormat("%016x", generator());
@@ -79,6 +96,9 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
   const int64_t compute_us = info != nullptr ? info->compute_time_us : 0;
 
   metrics_->RequestFinished(method_, grpc_status.error_code(), total_us / 1e6);
+  if (const std::string reason = RejectionReason(status); !reason.empty()) {
+    metrics_->RequestRejected(reason);
+  }
   metrics_->AddBytes(bytes_in_, bytes_out_);
   if (status.ok() && info != nullptr) {
     metrics_->RunFinished(queue_us / 1e6, compute_us / 1e6, shape_.batch * shape_.seq_len);

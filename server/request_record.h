@@ -63,6 +63,13 @@ class RequestRecord {
   int64_t bytes_out_ = 0;
 };
 
+// Why an RPC that ended with status was refused, as counted in da_requests_rejected_total (one of
+// kRejectReasons); "" when it was not a refusal (OK, or a run that failed or was stopped during
+// compute). The engine's admission refusals carry their reason (engine::RejectReasonOf); other
+// codes map: INVALID_ARGUMENT -> invalid_argument, RESOURCE_EXHAUSTED -> too_large (a configured
+// limit), UNAUTHENTICATED -> unauthenticated, UNAVAILABLE -> unavailable.
+std::string RejectionReason(const absl::Status& status);
+
 // A fresh request id: 16 lowercase hex digits.
 std::string GenerateRequestId();
 

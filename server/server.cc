@@ -3,8 +3,12 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <climits>
+#include <fstream>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -14,6 +18,23 @@
 #endif
 
 namespace da::server {
+
+int64_t DefaultMemoryBudgetBytes() {
+  int64_t limit = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  // A container's limit is what the kernel enforces; "max" (v2) or a huge number (v1) means none.
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(path);
+    std::string text;
+    if (!(in >> text) || text.empty() ||
+        text.find_first_not_of("0123456789") != std::string::npos || text.size() > 18) {
+      continue;
+    }
+    const int64_t cgroup = std::stoll(text);
+    if (cgroup > 0) limit = std::min(limit, cgroup);
+  }
+  return limit / 4 * 3;
+}
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   if (options.stream_pipeline_depth < 1) {
@@ -37,10 +58,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.limits.max_tokens = options.max_tokens;
   engine_options.plan_cache_bytes = options.plan_cache_bytes;
   engine_options.precision.fallback = options.precision_fallback;
+  engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.max_queue = options.max_queue;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
   DA_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_address));
   server->metrics_->SetPlanCacheSource(
       [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
+  server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });
   server->warmup_ = options.warmup;
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
@@ -102,9 +126,10 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
   // reactor is done, so no engine callback can touch the service afterwards.
   server_->Shutdown(std::chrono::system_clock::now() + drain_timeout);
-  // Scrapes keep the plan cache's last statistics; the engine's destructor finishes anything
-  // still queued.
+  // Scrapes keep the plan cache's and the engine's last statistics; the engine's destructor
+  // finishes anything still queued.
   metrics_->SetPlanCacheSource(nullptr);
+  metrics_->SetEngineSource(nullptr);
   engine_.reset();
 }
 

@@ -50,7 +50,17 @@ struct ServerOptions {
   // (chunks are multiples of every segment length; see attend_stream_reactor.h).
   int stream_pipeline_depth = 2;
   int64_t stream_min_chunk_tokens = 4096;
+  // Admission: bytes all admitted requests may hold (inputs, outputs, plan workspace); 0:
+  // unlimited (da-server's default is DefaultMemoryBudgetBytes()). Requests that may wait for the
+  // engine; more are refused with RESOURCE_EXHAUSTED.
+  int64_t memory_budget_bytes = 0;
+  int max_queue = 64;
 };
+
+// Three quarters of the memory this process may use: the smaller of physical memory and the cgroup
+// (v2 memory.max or v1 limit_in_bytes) limit. The rest is left to what admission does not count:
+// the plan cache (its own budget), gRPC buffers and the process itself.
+int64_t DefaultMemoryBudgetBytes();
 
 class Server {
  public:

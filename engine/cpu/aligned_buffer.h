@@ -23,6 +23,8 @@ class AlignedBuffer {
   // the memory cannot be had (the previous buffer is kept).
   float* Reserve(int64_t floats);
   float* data() const { return data_; }
+  // The capacity_bytes() a fresh buffer gets from Reserve(floats), without allocating.
+  static int64_t CapacityFor(int64_t floats);
   int64_t capacity_bytes() const { return static_cast<int64_t>(capacity_bytes_); }
 
  private:

@@ -19,6 +19,8 @@ using cpu::RoundUp;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
+// Keys packed between two stop checks: a few milliseconds even for the strided transpose.
+constexpr int64_t kPackSliceRows = 4096;
 // Copies rows kept.first + i * kept.stride, i in [begin, end), of `head` into dst as fp32 times
 // factor: row-major [end - begin, dim_pad] or, with transpose, [dim_pad, ld] (column per row).
 void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, int64_t begin,
@@ -60,6 +62,10 @@ absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key) 
   }
   DA_ASSIGN_OR_RETURN(std::shared_ptr<cpu::CpuPlan> plan, cpu::BuildCpuPlan(key));
   return std::shared_ptr<Plan>(std::move(plan));
+}
+
+int64_t CpuBackend::PlanWorkspaceBytes(const PlanKey& key) const {
+  return cpu::WorkspaceBytes(cpu::SizesFor(key));
 }
 
 absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
@@ -134,8 +140,14 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
          dim_pad, 0, qt);
     std::fill(qt + rows * dim_pad, qt + RoundUp(rows, cpu::kRowAlign) * dim_pad, 0.0f);
     std::fill(kt, kt + dim_pad * keys_pad, 0.0f);
-    Pack(k, task.batch, kv_head, task.kept, 0, keys, 1.0f, true, dim_pad, keys_pad, kt);
-    Pack(v, task.batch, kv_head, task.kept, 0, keys, 1.0f, false, dim_pad, 0, vt);
+    // Packing a long segment's keys takes tens of milliseconds (the transpose writes with a
+    // stride), so it goes in slices with a stop check between them.
+    for (int64_t k0 = 0; k0 < keys; k0 += kPackSliceRows) {
+      if (cancelled()) return;
+      const int64_t k1 = std::min(keys, k0 + kPackSliceRows);
+      Pack(k, task.batch, kv_head, task.kept, k0, k1, 1.0f, true, dim_pad, keys_pad, kt + k0);
+      Pack(v, task.batch, kv_head, task.kept, k0, k1, 1.0f, false, dim_pad, 0, vt + k0 * dim_pad);
+    }
     std::fill(vt + keys * dim_pad, vt + keys_pad * dim_pad, 0.0f);
 
     cpu::SegmentKernelArgs args;

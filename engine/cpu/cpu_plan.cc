@@ -32,7 +32,12 @@ int64_t Workspace::bytes() const {
   return total;
 }
 
-absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
+namespace {
+
+// Every buffer of a workspace with the floats it needs: the one list PrepareWorkspace allocates
+// from and WorkspaceBytes counts from, so the admission estimate and the allocation agree.
+std::vector<std::pair<AlignedBuffer*, int64_t>> WantedBuffers(Workspace& ws,
+                                                              const WorkspaceSizes& z) {
   ws.threads.resize(z.threads);
   std::vector<std::pair<AlignedBuffer*, int64_t>> wanted;
   for (ThreadSpace& t : ws.threads) {
@@ -50,7 +55,13 @@ absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch
     wanted.push_back({&ws.max_lse, z.rows_total});
     wanted.push_back({&ws.weight, z.rows_total});
   }
-  for (const auto& [buffer, floats] : wanted) {
+  return wanted;
+}
+
+}  // namespace
+
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
+  for (const auto& [buffer, floats] : WantedBuffers(ws, z)) {
     float* data = buffer->Reserve(floats);
     if (data == nullptr) {
       return absl::ResourceExhaustedError(
@@ -59,6 +70,15 @@ absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch
     if (touch) std::memset(data, 0, buffer->capacity_bytes());
   }
   return absl::OkStatus();
+}
+
+int64_t WorkspaceBytes(const WorkspaceSizes& sizes) {
+  Workspace empty;  // Its buffers stay unallocated: only the list of sizes is wanted.
+  int64_t total = 0;
+  for (const auto& [buffer, floats] : WantedBuffers(empty, sizes)) {
+    total += AlignedBuffer::CapacityFor(floats);
+  }
+  return total;
 }
 
 std::unique_ptr<Workspace> CpuPlan::TakeWorkspace() {
@@ -82,8 +102,7 @@ absl::Status CpuPlan::Build() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key) {
-  const auto start = std::chrono::steady_clock::now();
+WorkspaceSizes SizesFor(const PlanKey& key) {
   WorkspaceSizes z;
   z.threads = std::max(1, key.threads);
   z.head_dim = key.shape.head_dim;
@@ -99,7 +118,12 @@ absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key) {
   z.longnet = key.mode == CombineMode::kLongNet;
   z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
   z.bf16 = key.precision == Precision::kBFloat16;
-  auto plan = std::make_shared<CpuPlan>(key, z);
+  return z;
+}
+
+absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key) {
+  const auto start = std::chrono::steady_clock::now();
+  auto plan = std::make_shared<CpuPlan>(key, SizesFor(key));
   DA_RETURN_IF_ERROR(plan->Build());
   plan->build_time_us = std::chrono::duration_cast<std::chrono::microseconds>(
                             std::chrono::steady_clock::now() - start)

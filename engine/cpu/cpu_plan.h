@@ -49,11 +49,16 @@ struct Workspace {
 // Reserves every buffer; with touch, writes them once so that their pages are resident.
 absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& sizes, bool touch);
 
+// What PrepareWorkspace on a fresh workspace allocates (Workspace::bytes() afterwards), computed
+// without allocating: admission control counts it before a plan exists.
+int64_t WorkspaceBytes(const WorkspaceSizes& sizes);
+
 class CpuPlan final : public Plan {
  public:
   CpuPlan(const PlanKey& key, const WorkspaceSizes& sizes) : key_(key), sizes_(sizes) {}
 
   int64_t bytes() const override { return workspace_bytes_ + table_bytes_; }
+  int64_t workspace_bytes() const { return workspace_bytes_; }
   const WorkspaceSizes& sizes() const { return sizes_; }
   const std::vector<std::vector<Task>>& loops() const { return loops_; }
 
@@ -74,6 +79,9 @@ class CpuPlan final : public Plan {
   int64_t workspace_bytes_ = 0;
   int64_t table_bytes_ = 0;
 };
+
+// The workspace a plan for key needs.
+WorkspaceSizes SizesFor(const PlanKey& key);
 
 // Sizes, decomposes and allocates (touching the workspace). The key's precision must be one the
 // caller's kernels can run (bf16 only with AVX512-BF16).

@@ -28,6 +28,14 @@ FAMILIES = {
     "da_tokens_total": "counter",
     "da_in_flight_requests": "gauge",
     "da_request_bytes_total": "counter",
+    "da_requests_rejected_total": "counter",
+    "da_queue_length": "gauge",
+    "da_engine_running_requests": "gauge",
+    "da_memory_reserved_bytes": "gauge",
+    "da_memory_budget_bytes": "gauge",
+    "da_engine_runs_cancelled_total": "counter",
+    "da_engine_runs_deadline_exceeded_total": "counter",
+    "da_engine_stop_latency_seconds": "histogram",
 }
 
 
@@ -118,6 +126,10 @@ class MetricsTest(unittest.TestCase):
             self.assertEqual(len(directions), 2, f"da_request_bytes_total: {directions}")
             self.assertTrue(all(value > 0 for value in directions.values()), directions)
             self.assertEqual(total(samples, "da_in_flight_requests"), 0)
+            self.assertEqual(
+                total(samples, "da_requests_rejected_total", reason="invalid_argument"), 1)
+            self.assertEqual(total(samples, "da_memory_reserved_bytes"), 0)
+            self.assertGreater(total(samples, "da_memory_budget_bytes"), 0)  # The default.
             self.assertEqual(server.stop(), 0, server.log())
 
 

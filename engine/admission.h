@@ -1,0 +1,132 @@
+// Admission control for the engine: what a request's memory is estimated at, the budget it is
+// reserved against, why a request was refused, and the statistics the server exports.
+//
+//   DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
+//                       engine.EstimateMemory(shape, dtype, out_dtype, spec));
+//   DA_ASSIGN_OR_RETURN(MemoryReservation reservation,
+//                       engine.ReserveMemory(estimate.total, estimate.ToString()));
+//   ...  // The bytes stay reserved until `reservation` is destroyed (or moved from and reset).
+//
+// A refusal by admission (queue full, memory, deadline, cancelled before compute) is an
+// absl::Status carrying a payload under kRejectReasonPayload; RejectReasonOf reads it back, so a
+// caller can count refusals by reason without parsing messages.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/attention_spec.h"
+
+namespace da::engine {
+
+// Bytes one request needs while it is queued and computed.
+struct MemoryEstimate {
+  int64_t inputs = 0;     // q + k + v.
+  int64_t outputs = 0;    // The output tensor.
+  int64_t workspace = 0;  // The backend plan's workspace (Backend::PlanWorkspaceBytes).
+  int64_t total = 0;      // inputs + outputs + workspace.
+
+  // "805306368 bytes (inputs 402653184, outputs 134217728, workspace 268435456)".
+  std::string ToString() const;
+};
+
+// The FLOPs of a problem per DESIGN §2 "Cost": a segment keeping m positions costs 4 * m^2 * D per
+// head that runs its pattern (half that when causal), summed over segments, patterns and batch.
+// What the engine divides by its measured throughput to refuse runs that cannot meet a deadline.
+double EstimateFlops(const ProblemShape& shape, const AttentionSpec& spec);
+
+// Why admission refused a request; kNone for any other status.
+enum class RejectReason {
+  kNone,
+  kQueueFull,  // RESOURCE_EXHAUSTED: max_queue requests already wait.
+  kMemory,     // RESOURCE_EXHAUSTED: the memory budget cannot hold the request.
+  kDeadline,   // DEADLINE_EXCEEDED before compute began (up front, or while queued).
+  kCancelled,  // CANCELLED before compute began (while queued).
+};
+
+inline constexpr char kRejectReasonPayload[] = "type.googleapis.com/da.engine.RejectReason";
+
+// "queue_full", "memory", "deadline", "cancelled"; "" for kNone.
+std::string RejectReasonName(RejectReason reason);
+// status with the reason attached as its payload.
+absl::Status WithRejectReason(absl::Status status, RejectReason reason);
+RejectReason RejectReasonOf(const absl::Status& status);
+
+// The shared counter of reserved bytes. Thread safe. Reservations keep it alive, so a reservation
+// may outlive the engine that granted it.
+class MemoryAccount {
+ public:
+  explicit MemoryAccount(int64_t budget_bytes) : budget_bytes_(budget_bytes) {}
+
+  int64_t budget_bytes() const { return budget_bytes_; }  // 0: unlimited.
+  int64_t reserved_bytes() const;
+
+  // Adds bytes when they fit the budget; otherwise RESOURCE_EXHAUSTED (reason kMemory) naming
+  // what (a description of the bytes such as MemoryEstimate::ToString(); empty: the byte count),
+  // the budget and the bytes in use.
+  absl::Status Reserve(int64_t bytes, std::string_view what);
+  void Release(int64_t bytes);
+
+ private:
+  const int64_t budget_bytes_;
+  mutable std::mutex mutex_;
+  int64_t reserved_bytes_ = 0;
+};
+
+// Bytes held against a MemoryAccount; released on destruction. Movable, not copyable. A
+// default-constructed reservation holds nothing.
+class MemoryReservation {
+ public:
+  MemoryReservation() = default;
+  MemoryReservation(std::shared_ptr<MemoryAccount> account, int64_t bytes)
+      : account_(std::move(account)), bytes_(bytes) {}
+  ~MemoryReservation() { Reset(); }
+  MemoryReservation(MemoryReservation&& other) noexcept;
+  MemoryReservation& operator=(MemoryReservation&& other) noexcept;
+  MemoryReservation(const MemoryReservation&) = delete;
+  MemoryReservation& operator=(const MemoryReservation&) = delete;
+
+  int64_t bytes() const { return bytes_; }
+  // Releases the bytes now.
+  void Reset();
+
+ private:
+  std::shared_ptr<MemoryAccount> account_;
+  int64_t bytes_ = 0;
+};
+
+// Stop latencies (from the moment the engine saw a cancellation or a passed deadline to the moment
+// compute returned), as a cumulative histogram the server exports unchanged.
+struct StopLatencyStats {
+  std::vector<double> bounds_seconds;  // Upper bounds, increasing; +Inf is implied.
+  std::vector<int64_t> cumulative;     // Stops at or below each bound.
+  int64_t count = 0;
+  double sum_seconds = 0;
+  double max_seconds = 0;
+  double last_seconds = 0;
+};
+
+struct EngineStats {
+  int64_t queued = 0;   // Waiting for a dispatcher.
+  int64_t running = 0;  // Computing now (Submit and Run).
+  int64_t max_queue = 0;
+  int64_t memory_reserved_bytes = 0;
+  int64_t memory_budget_bytes = 0;  // 0: unlimited.
+  int64_t rejected_queue_full = 0;
+  int64_t rejected_memory = 0;
+  int64_t rejected_deadline = 0;         // Refused up front or expired while queued.
+  int64_t rejected_cancelled = 0;        // Cancelled while queued.
+  int64_t runs_completed = 0;            // Computed successfully.
+  int64_t runs_cancelled = 0;            // Stopped during compute by their cancelled flag.
+  int64_t runs_deadline_exceeded = 0;    // Stopped during compute by their deadline.
+  double measured_flops_per_second = 0;  // Best seen over completed runs; 0 before the first.
+  StopLatencyStats stop_latency;
+};
+
+}  // namespace da::engine

@@ -1,0 +1,493 @@
+// Engine admission: memory estimates and the budget, the queue limit, priorities, deadlines
+// (queued, up front, during compute) and prompt cancellation, with the statistics that report them.
+#include "engine/admission.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/cpu_plan.h"
+#include "engine/engine.h"
+#include "engine/test_tensors.h"
+
+namespace da::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+using testing::OwnedTensor;
+
+bool Contains(absl::string_view text, absl::string_view part) {
+  return text.find(part) != absl::string_view::npos;
+}
+
+double MillisSince(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+struct Problem {
+  OwnedTensor q, k, v, out;
+  AttentionSpec spec;
+  std::atomic<bool> cancelled{false};
+
+  Problem(Shape4 shape, std::vector<Pattern> patterns, uint32_t seed) {
+    std::mt19937 rng(seed);
+    q = testing::RandomTensor(DType::kFloat32, shape, rng);
+    k = testing::RandomTensor(DType::kFloat32, shape, rng);
+    v = testing::RandomTensor(DType::kFloat32, shape, rng);
+    out = testing::PoisonedTensor(DType::kFloat32, shape);
+    spec.patterns = std::move(patterns);
+    spec.precision = Precision::kFloat32;
+  }
+  RunRequest Request() {
+    RunRequest r;
+    r.q = q.view();
+    r.k = k.view();
+    r.v = v.view();
+    r.out = out.mutable_view();
+    r.spec = spec;
+    r.cancelled = &cancelled;
+    return r;
+  }
+  ProblemShape shape() const {
+    const Shape4& s = q.shape;
+    return {s.batch, s.seq_len, s.heads, k.shape.heads, s.head_dim};
+  }
+};
+
+std::unique_ptr<Problem> SmallProblem(uint32_t seed) {
+  return std::make_unique<Problem>(Shape4{1, 64, 2, 8}, std::vector<Pattern>{{16, 1}, {32, 2}},
+                                   seed);
+}
+
+// One dense segment of 16384 tokens, 4 heads of 64: about 275 GFLOP, around a second on this
+// machine's two cores; long enough to be stopped in the middle.
+std::unique_ptr<Problem> LongProblem(uint32_t seed) {
+  return std::make_unique<Problem>(Shape4{1, 16384, 4, 64}, std::vector<Pattern>{{16384, 1}}, seed);
+}
+
+// A result delivered to a Submit callback, with when it came.
+struct Outcome {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool done = false;
+  absl::StatusOr<ExecutionInfo> result = absl::UnknownError("not run");
+  Clock::time_point at;
+
+  RunCallback Callback() {
+    return [this](absl::StatusOr<ExecutionInfo> info) {
+      std::lock_guard<std::mutex> lock(mutex);
+      result = std::move(info);
+      at = Clock::now();
+      done = true;
+      cv.notify_all();
+    };
+  }
+  bool Wait(milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mutex);
+    return cv.wait_for(lock, timeout, [&] { return done; });
+  }
+};
+
+bool WaitFor(const std::function<bool()>& predicate, milliseconds timeout) {
+  const Clock::time_point end = Clock::now() + timeout;
+  while (!predicate()) {
+    if (Clock::now() > end) return false;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  return true;
+}
+
+EngineOptions Options() {
+  EngineOptions options;
+  options.threads = 2;
+  return options;
+}
+
+// Occupies the engine's single dispatcher with a long run until Release.
+class Busy {
+ public:
+  explicit Busy(Engine& engine) : engine_(engine), problem_(LongProblem(99)) {
+    engine.Submit(problem_->Request(), outcome_.Callback());
+  }
+  bool WaitRunning() {
+    return WaitFor([&] { return engine_.stats().running == 1; }, milliseconds(10000));
+  }
+  void Release() {
+    problem_->cancelled = true;
+    outcome_.Wait(milliseconds(10000));
+  }
+  ~Busy() { Release(); }
+
+ private:
+  Engine& engine_;
+  std::unique_ptr<Problem> problem_;
+  Outcome outcome_;
+};
+
+TEST(AdmissionTest, EstimateIsInputsOutputsAndTheBuiltPlansWorkspace) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  struct Case {
+    ProblemShape shape;
+    std::vector<Pattern> patterns;
+    CombineMode mode;
+    DType dtype, out_dtype;
+  };
+  const std::vector<Case> cases = {
+      {{1, 1000, 4, 4, 64},
+       {{256, 1}, {512, 2}},
+       CombineMode::kLongNet,
+       DType::kFloat32,
+       DType::kFloat32},
+      {{2, 4096, 8, 2, 32},
+       {{2048, 1}, {4096, 4}},
+       CombineMode::kLongNet,
+       DType::kFloat16,
+       DType::kFloat16},  // fp16 output: LONGNET keeps its own fp32 accumulator.
+      {{1, 777, 6, 3, 16},
+       {{100, 1}, {300, 3}, {777, 7}},
+       CombineMode::kGrouped,
+       DType::kBFloat16,
+       DType::kFloat32},
+      {{1, 40000, 2, 2, 128},
+       {{32768, 4}},
+       CombineMode::kLongNet,
+       DType::kFloat32,
+       DType::kBFloat16},  // Huge-page buffers, rounded to 2 MiB.
+  };
+  CpuBackend backend;
+  for (const Case& c : cases) {
+    AttentionSpec spec;
+    spec.patterns = c.patterns;
+    spec.mode = c.mode;
+    absl::StatusOr<MemoryEstimate> estimate =
+        (*engine)->EstimateMemory(c.shape, c.dtype, c.out_dtype, spec);
+    ASSERT_TRUE(estimate.ok()) << estimate.status();
+    const int64_t q = c.shape.QueryShape().elements();
+    const int64_t kv = c.shape.KeyShape().elements();
+    EXPECT_EQ(estimate->inputs, (q + 2 * kv) * DTypeSize(c.dtype));
+    EXPECT_EQ(estimate->outputs, q * DTypeSize(c.out_dtype));
+    EXPECT_EQ(estimate->total, estimate->inputs + estimate->outputs + estimate->workspace);
+
+    // The plan the engine would build (same precision, device and thread count), built for real.
+    absl::StatusOr<PrecisionChoice> precision = backend.ChoosePrecision(spec);
+    ASSERT_TRUE(precision.ok());
+    const TensorView qv{c.dtype, c.shape.QueryShape(), nullptr, 0};
+    const TensorView kview{c.dtype, c.shape.KeyShape(), nullptr, 0};
+    const PlanKey key = MakePlanKey(qv, kview, c.out_dtype, spec, precision->precision, "cpu:0",
+                                    (*engine)->threads());
+    absl::StatusOr<std::shared_ptr<cpu::CpuPlan>> plan = cpu::BuildCpuPlan(key);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_GT((*plan)->workspace_bytes(), 0);
+    EXPECT_EQ(estimate->workspace, (*plan)->workspace_bytes()) << key.ToString();
+    EXPECT_EQ(backend.PlanWorkspaceBytes(key), (*plan)->workspace_bytes());
+  }
+}
+
+TEST(AdmissionTest, OverBudgetIsRefusedWithTheNumbersAndMemoryReturnsToZero) {
+  auto small = SmallProblem(1);
+  auto probe = Engine::Create(Options());
+  ASSERT_TRUE(probe.ok());
+  absl::StatusOr<MemoryEstimate> estimate =
+      (*probe)->EstimateMemory(small->shape(), DType::kFloat32, DType::kFloat32, small->spec);
+  ASSERT_TRUE(estimate.ok()) << estimate.status();
+
+  EngineOptions options = Options();
+  options.memory_budget_bytes = estimate->total - 1;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  absl::StatusOr<ExecutionInfo> run = (*engine)->Run(small->Request());
+  EXPECT_EQ(run.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(RejectReasonOf(run.status()), RejectReason::kMemory);
+  const std::string message(run.status().message());
+  EXPECT_TRUE(
+      Contains(message, absl::StrCat("request needs an estimated ", estimate->total,
+                                     " bytes (inputs ", estimate->inputs, ", outputs ",
+                                     estimate->outputs, ", workspace ", estimate->workspace, ")")))
+      << message;
+  EXPECT_TRUE(Contains(
+      message, absl::StrCat("the memory budget is ", estimate->total - 1, " bytes with 0 in use")))
+      << message;
+
+  Outcome submitted;
+  (*engine)->Submit(small->Request(), submitted.Callback());
+  ASSERT_TRUE(submitted.Wait(milliseconds(0)));  // Refused before Submit returned.
+  EXPECT_EQ(RejectReasonOf(submitted.result.status()), RejectReason::kMemory);
+  EXPECT_EQ((*engine)->stats().rejected_memory, 2);
+
+  // Exactly the estimate fits, and is all returned afterwards.
+  options.memory_budget_bytes = estimate->total;
+  auto fits = Engine::Create(options);
+  ASSERT_TRUE(fits.ok());
+  ASSERT_TRUE((*fits)->Run(small->Request()).ok());
+  Outcome queued;
+  (*fits)->Submit(small->Request(), queued.Callback());
+  ASSERT_TRUE(queued.Wait(milliseconds(10000)));
+  ASSERT_TRUE(queued.result.ok()) << queued.result.status();
+  const EngineStats stats = (*fits)->stats();
+  EXPECT_EQ(stats.memory_reserved_bytes, 0);
+  EXPECT_EQ(stats.memory_budget_bytes, estimate->total);
+  EXPECT_EQ(stats.rejected_memory, 0);
+  EXPECT_EQ(stats.runs_completed, 2);
+}
+
+TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
+  EngineOptions options = Options();
+  options.memory_budget_bytes = 1000;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  absl::StatusOr<MemoryReservation> a = (*engine)->ReserveMemory(600, "");
+  ASSERT_TRUE(a.ok());
+  absl::StatusOr<MemoryReservation> b = (*engine)->ReserveMemory(500, "a stream of 500 bytes");
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().message(),
+            "request needs an estimated a stream of 500 bytes but the memory budget is 1000 "
+            "bytes with 600 in use");
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 600);
+  {
+    MemoryReservation moved = *std::move(a);
+    EXPECT_EQ(moved.bytes(), 600);
+    EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 600);
+  }
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
+  EXPECT_TRUE((*engine)->ReserveMemory(1000, "").ok());
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);  // The temporary is gone.
+}
+
+TEST(AdmissionTest, QueueFullIsRefusedButAdmittedStreamsStillQueue) {
+  EngineOptions options = Options();
+  options.max_queue = 2;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  Busy busy(**engine);
+  ASSERT_TRUE(busy.WaitRunning());
+
+  std::vector<std::unique_ptr<Problem>> problems;
+  std::vector<std::unique_ptr<Outcome>> outcomes;
+  for (int i = 0; i < 4; ++i) {
+    problems.push_back(SmallProblem(10 + i));
+    outcomes.push_back(std::make_unique<Outcome>());
+  }
+  (*engine)->Submit(problems[0]->Request(), outcomes[0]->Callback());
+  (*engine)->Submit(problems[1]->Request(), outcomes[1]->Callback());
+  (*engine)->Submit(problems[2]->Request(), outcomes[2]->Callback());
+  ASSERT_TRUE(outcomes[2]->Wait(milliseconds(0)));  // Refused at once.
+  EXPECT_EQ(outcomes[2]->result.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(RejectReasonOf(outcomes[2]->result.status()), RejectReason::kQueueFull);
+  EXPECT_EQ(outcomes[2]->result.status().message(),
+            "queue full: 2 requests wait for 1 busy dispatcher(s) and max_queue is 2");
+
+  // A chunk of an admitted stream brings its reservation and is queued anyway.
+  absl::StatusOr<MemoryReservation> reservation = (*engine)->ReserveMemory(4096, "");
+  ASSERT_TRUE(reservation.ok());
+  RunRequest chunk = problems[3]->Request();
+  chunk.reservation = &*reservation;
+  (*engine)->Submit(chunk, outcomes[3]->Callback());
+  EXPECT_FALSE(outcomes[3]->Wait(milliseconds(0)));
+  EngineStats stats = (*engine)->stats();
+  EXPECT_EQ(stats.queued, 3);
+  EXPECT_EQ(stats.running, 1);
+  EXPECT_EQ(stats.rejected_queue_full, 1);
+
+  busy.Release();
+  for (int i : {0, 1, 3}) {
+    ASSERT_TRUE(outcomes[i]->Wait(milliseconds(10000)));
+    EXPECT_TRUE(outcomes[i]->result.ok()) << i << ": " << outcomes[i]->result.status();
+  }
+  // Only the caller's reservation is left.
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 4096);
+}
+
+TEST(AdmissionTest, NoQueueMeansOnlyImmediateRuns) {
+  EngineOptions options = Options();
+  options.max_queue = 0;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  auto small = SmallProblem(3);
+  Outcome first;
+  (*engine)->Submit(small->Request(), first.Callback());  // The idle dispatcher takes it.
+  ASSERT_TRUE(first.Wait(milliseconds(10000)));
+  EXPECT_TRUE(first.result.ok()) << first.result.status();
+
+  Busy busy(**engine);
+  ASSERT_TRUE(busy.WaitRunning());
+  Outcome refused;
+  (*engine)->Submit(small->Request(), refused.Callback());
+  ASSERT_TRUE(refused.Wait(milliseconds(0)));
+  EXPECT_EQ(RejectReasonOf(refused.result.status()), RejectReason::kQueueFull);
+}
+
+TEST(AdmissionTest, HigherPriorityRunsFirstAndEqualPrioritiesInArrivalOrder) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  Busy busy(**engine);
+  ASSERT_TRUE(busy.WaitRunning());
+
+  std::mutex mutex;
+  std::vector<std::string> order;
+  const std::vector<std::pair<std::string, int>> submitted = {
+      {"low", -1}, {"high-a", 10}, {"medium", 5}, {"high-b", 10}, {"default", 0}};
+  std::vector<std::unique_ptr<Problem>> problems;
+  std::vector<std::unique_ptr<Outcome>> outcomes;
+  for (const auto& [name, priority] : submitted) {
+    problems.push_back(SmallProblem(static_cast<uint32_t>(priority + 50)));
+    outcomes.push_back(std::make_unique<Outcome>());
+    RunRequest request = problems.back()->Request();
+    request.priority = priority;
+    RunCallback record = outcomes.back()->Callback();
+    (*engine)->Submit(request, [&, name, record](absl::StatusOr<ExecutionInfo> info) {
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        order.push_back(name);
+      }
+      record(std::move(info));
+    });
+  }
+  EXPECT_EQ((*engine)->stats().queued, 5);
+  busy.Release();
+  for (auto& outcome : outcomes) {
+    ASSERT_TRUE(outcome->Wait(milliseconds(10000)));
+    EXPECT_TRUE(outcome->result.ok()) << outcome->result.status();
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"high-a", "high-b", "medium", "default", "low"}));
+}
+
+TEST(AdmissionTest, QueuedRequestPastItsDeadlineLeavesTheQueuePromptly) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  Busy busy(**engine);
+  ASSERT_TRUE(busy.WaitRunning());
+
+  auto small = SmallProblem(4);
+  RunRequest request = small->Request();
+  const Clock::time_point deadline = Clock::now() + milliseconds(50);
+  request.deadline = deadline;
+  Outcome outcome;
+  (*engine)->Submit(request, outcome.Callback());
+  // Bound: the watchdog looks every 2 ms; 50 ms leaves room for a loaded machine, and the long
+  // run ahead of it takes about a second, so waiting for the head of the queue would fail.
+  ASSERT_TRUE(outcome.Wait(milliseconds(2000)));
+  const double late_ms = std::chrono::duration<double, std::milli>(outcome.at - deadline).count();
+  EXPECT_GE(late_ms, 0);
+  EXPECT_LT(late_ms, 50) << outcome.result.status();
+  EXPECT_EQ(outcome.result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(RejectReasonOf(outcome.result.status()), RejectReason::kDeadline);
+  EXPECT_TRUE(Contains(outcome.result.status().message(),
+                       "deadline passed in the queue, after "
+                       "waiting "))
+      << outcome.result.status();
+  EXPECT_EQ((*engine)->stats().running, 1);  // The long run is still going.
+  EXPECT_EQ((*engine)->stats().queued, 0);
+  EXPECT_EQ((*engine)->stats().rejected_deadline, 1);
+}
+
+TEST(AdmissionTest, CancellationDuringComputeStopsWithin100Ms) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  auto long_problem = LongProblem(5);
+  Outcome outcome;
+  (*engine)->Submit(long_problem->Request(), outcome.Callback());
+  ASSERT_TRUE(WaitFor([&] { return (*engine)->stats().running == 1; }, milliseconds(10000)));
+  // Into the kernel (the plan is built in a few milliseconds); the run takes about a second.
+  std::this_thread::sleep_for(milliseconds(100));
+  const Clock::time_point cancelled_at = Clock::now();
+  long_problem->cancelled = true;
+  ASSERT_TRUE(outcome.Wait(milliseconds(5000)));
+  const double stop_ms =
+      std::chrono::duration<double, std::milli>(outcome.at - cancelled_at).count();
+  EXPECT_LT(stop_ms, 100);
+  EXPECT_EQ(outcome.result.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(RejectReasonOf(outcome.result.status()), RejectReason::kNone);  // Not a refusal.
+  EXPECT_TRUE(Contains(outcome.result.status().message(), "request cancelled during compute"))
+      << outcome.result.status();
+
+  const EngineStats stats = (*engine)->stats();
+  EXPECT_EQ(stats.running, 0);
+  EXPECT_EQ(stats.memory_reserved_bytes, 0);
+  EXPECT_EQ(stats.runs_cancelled, 1);
+  EXPECT_EQ(stats.stop_latency.count, 1);
+  EXPECT_LT(stats.stop_latency.max_seconds, 0.1);
+  EXPECT_EQ(stats.stop_latency.cumulative.back(), 1);
+}
+
+TEST(AdmissionTest, DeadlineDuringComputeStopsWithin100Ms) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  auto long_problem = LongProblem(6);
+  RunRequest request = long_problem->Request();
+  const Clock::time_point deadline = Clock::now() + milliseconds(300);
+  request.deadline = deadline;
+  // No run has completed, so the engine has no throughput to refuse with: it starts the run.
+  absl::StatusOr<ExecutionInfo> result = (*engine)->Run(request);
+  const double late_ms = MillisSince(deadline);
+  EXPECT_LT(late_ms, 100);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_TRUE(Contains(result.status().message(), "deadline passed during compute after "))
+      << result.status();
+  const EngineStats stats = (*engine)->stats();
+  EXPECT_EQ(stats.running, 0);
+  EXPECT_EQ(stats.memory_reserved_bytes, 0);
+  EXPECT_EQ(stats.runs_deadline_exceeded, 1);
+  EXPECT_EQ(stats.rejected_deadline, 0);
+  EXPECT_EQ(stats.stop_latency.count, 1);
+}
+
+TEST(AdmissionTest, RunThatCannotMeetItsDeadlineIsRefusedUpFrontOnceThroughputIsKnown) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  // About 8.6 GFLOP: long enough to measure the throughput.
+  Problem measured({1, 4096, 2, 64}, {{4096, 1}}, 7);
+  ASSERT_TRUE((*engine)->Run(measured.Request()).ok());
+  const double flops_per_second = (*engine)->stats().measured_flops_per_second;
+  ASSERT_GT(flops_per_second, 0);
+
+  auto long_problem = LongProblem(8);
+  RunRequest request = long_problem->Request();
+  request.deadline = Clock::now() + milliseconds(100);
+  const double needed_ms =
+      EstimateFlops(long_problem->shape(), long_problem->spec) / flops_per_second * 1e3;
+  ASSERT_GT(needed_ms, 100) << "the long problem is too fast on this machine for this test";
+  Outcome outcome;
+  const Clock::time_point submitted = Clock::now();
+  (*engine)->Submit(request, outcome.Callback());
+  ASSERT_TRUE(outcome.Wait(milliseconds(0)));
+  EXPECT_LT(MillisSince(submitted), 50);
+  EXPECT_EQ(outcome.result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(RejectReasonOf(outcome.result.status()), RejectReason::kDeadline);
+  EXPECT_TRUE(Contains(outcome.result.status().message(), "request needs an estimated "))
+      << outcome.result.status();
+  EXPECT_TRUE(Contains(outcome.result.status().message(), "remain before its deadline"))
+      << outcome.result.status();
+  EXPECT_EQ((*engine)->stats().rejected_deadline, 1);
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
+}
+
+TEST(AdmissionTest, EstimateFlopsFollowsTheCostFormula) {
+  AttentionSpec spec;
+  spec.patterns = {{1024, 1}, {2048, 2}};
+  const ProblemShape shape{2, 4096, 4, 4, 64};
+  // 4 * N * D * w / r^2 per head and pattern when w divides N.
+  const double per_head = 4.0 * 4096 * 64 * (1024 + 2048 / 4);
+  EXPECT_DOUBLE_EQ(EstimateFlops(shape, spec), per_head * 4 * 2);
+  spec.causal = true;
+  EXPECT_DOUBLE_EQ(EstimateFlops(shape, spec), per_head * 4 * 2 / 2);
+  spec.causal = false;
+  spec.mode = CombineMode::kGrouped;  // Two heads per pattern.
+  EXPECT_DOUBLE_EQ(EstimateFlops(shape, spec), 4.0 * 4096 * 64 * (1024 * 2 + 2048 / 4 * 2) * 2);
+}
+
+}  // namespace
+}  // namespace da::engine
