@@ -41,6 +41,10 @@ void AddSpecFlags(CLI::App* command, SpecFlags* flags) {
 
 absl::Status CallFlags::Check() const {
   if (server.empty()) return Invalid("--server must not be empty");
+  if (connection.tls_cert.empty() != connection.tls_key.empty()) {
+    return Invalid(connection.tls_cert.empty() ? "--tls-key needs --tls-cert as well"
+                                               : "--tls-cert needs --tls-key as well");
+  }
   if (absl::Status status = CheckAtLeast(timeout_ms, 0, "--timeout-ms"); !status.ok()) {
     return status;
   }
@@ -77,6 +81,15 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
                       attend ? "Deadline of each call in ms (0: none)"
                              : "Deadline in ms (0: the default of 10000)");
   command->add_flag("--json", flags->json, "Print one JSON object");
+  command->add_option("--tls-ca", flags->connection.tls_ca,
+                      "PEM CA certificate(s) that verify the server: connect with TLS");
+  command->add_option("--tls-cert", flags->connection.tls_cert,
+                      "PEM client certificate for mutual TLS (needs --tls-key)");
+  command->add_option("--tls-key", flags->connection.tls_key, "PEM private key of --tls-cert");
+  command->add_option("--tls-server-name", flags->connection.tls_server_name,
+                      "Name to check the server's certificate against instead of --server's host");
+  command->add_option("--token-file", flags->connection.token_file,
+                      "File whose first non-comment line is the bearer token sent with each call");
   if (!attend) return;
   command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");
   command->add_option("--block-tokens", flags->block_tokens,

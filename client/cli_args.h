@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "client/connection_options.h"
 #include "da/v1/attention.pb.h"
 
 namespace da::client {
@@ -23,6 +24,8 @@ struct CallFlags {
   bool stream = false;
   int64_t block_tokens = 0;
   std::string request_id;
+  // --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file.
+  ConnectionFiles connection;
 
   absl::Status Check() const;
 };
@@ -59,7 +62,8 @@ struct RandomFlags {
   absl::Status Check() const;  // Also checks call flags and the dtype name.
 };
 
-// attend: true adds --stream, --block-tokens and --request-id.
+// attend: true adds --stream, --block-tokens and --request-id. Every command gets --server,
+// --timeout-ms, --json and the connection flags (TLS files and the token file).
 void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend);
 CLI::App* AddAttendCommand(CLI::App& app, AttendFlags* flags);
 CLI::App* AddRandomCommand(CLI::App& app, RandomFlags* flags);

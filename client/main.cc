@@ -5,6 +5,7 @@
 //   da-client info
 //   da-client health --service da.v1.AttentionService
 //   da-client load --concurrency 16 --duration-s 20 --mix mixed --json
+//   da-client info --server db:50051 --tls-ca ca.pem --token-file token.txt
 //
 // Every failure is one line on stderr and a non-zero exit: 2 for bad flags, 1 for anything else
 // (files, the server, a health status other than SERVING).
@@ -23,6 +24,7 @@
 #include "client/cli_args.h"
 #include "client/cli_format.h"
 #include "client/load_cli.h"
+#include "client/connection_options.h"
 #include "client/tensor_io.h"
 
 namespace da::client {
@@ -58,7 +60,12 @@ double MillisecondsSince(std::chrono::steady_clock::time_point start) {
 
 // A connected client, or the status that says why not.
 grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* client) {
-  std::shared_ptr<grpc::Channel> channel = MakeChannel(flags.server);
+  absl::StatusOr<ConnectionOptions> connection = LoadConnectionOptions(flags.connection);
+  if (!connection.ok()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        std::string(connection.status().message()));
+  }
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(flags.server, *connection);
   const int64_t connect_ms =
       flags.timeout_ms > 0 ? std::min(flags.timeout_ms, kConnectTimeoutMs) : kConnectTimeoutMs;
   grpc::Status status = WaitForConnection(*channel, connect_ms);

@@ -4,6 +4,8 @@
 //   da-server --listen 127.0.0.1:0 --port-file /tmp/port --log-level debug
 //   da-server --warmup shapes.json --plan-cache-bytes 4294967296 --precision-fallback
 //   da-server --memory-budget-bytes 8589934592 --max-queue 16
+//   da-server --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
+//             --auth-token-file tokens.txt
 //
 // With --warmup, the file is read before anything listens (a bad file exits 1 naming the file,
 // the entry and the field); the ports are then bound and written, liveness is SERVING, and
@@ -109,6 +111,20 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--warmup", warmup_file,
                  "JSON file of shapes whose plans are built before readiness turns SERVING");
+  // Security and per-connection limits (server/security.h); files are checked before listening.
+  app.add_option("--tls-cert", options.security.tls_cert_file,
+                 "PEM certificate chain of the server: TLS on the gRPC port (needs --tls-key)");
+  app.add_option("--tls-key", options.security.tls_key_file,
+                 "PEM private key of --tls-cert (unencrypted)");
+  app.add_option("--tls-client-ca", options.security.tls_client_ca_file,
+                 "PEM CA certificate(s): mutual TLS, clients must present a certificate it signed");
+  app.add_option("--auth-token-file", options.security.auth_token_file,
+                 "Bearer tokens, one per line (# comments): AttentionService calls need "
+                 "'authorization: Bearer <token>'; health and reflection stay open");
+  app.add_option("--max-concurrent-streams", options.max_concurrent_streams,
+                 "Calls one connection may have open at once; more wait on the client")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 2147483647));
   app.add_option("--drain-timeout-ms", drain_timeout_ms,
                  "On SIGTERM, how long calls in flight may take to finish")
       ->capture_default_str()

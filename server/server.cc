@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
+#include "server/authenticated_service.h"
 
 #ifndef DA_VERSION
 #define DA_VERSION "unknown"
@@ -49,7 +50,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes is ", options.max_message_bytes, "; must be in [1, ", INT_MAX, "]"));
   }
+  if (options.max_concurrent_streams < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_concurrent_streams is ", options.max_concurrent_streams, "; must be at least 1"));
+  }
+  // Files first: a bad certificate or token file fails before the engine is built.
+  DA_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                      MakeServerCredentials(options.security));
   std::unique_ptr<Server> server(new Server());
+  if (!options.security.auth_token_file.empty()) {
+    DA_ASSIGN_OR_RETURN(server->authenticator_,
+                        BearerTokenAuthenticator::FromFile(options.security.auth_token_file));
+  }
 
   engine::EngineOptions engine_options;
   engine_options.threads = options.threads;
@@ -76,9 +88,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(),
-                           &server->port_);
-  builder.RegisterService(server->service_.get());
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
+  if (server->authenticator_ != nullptr) {
+    server->guarded_ = std::make_unique<AuthenticatedAttentionService>(
+        server->service_.get(), server->authenticator_.get(), server->metrics_.get());
+    builder.RegisterService(server->guarded_.get());
+  } else {
+    builder.RegisterService(server->service_.get());
+  }
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
   // Flow control: a stream the server is not reading (its pipeline window is full) may have at

@@ -12,6 +12,9 @@
 // WarmUp has built every warm-up plan (the server answers calls meanwhile; only readiness waits).
 // Both turn NOT_SERVING from the moment Shutdown begins. Thread safety: Shutdown may be called from
 // any thread, more than once; the destructor shuts down without a drain if nobody did.
+//
+// Security: with options.security the gRPC port speaks TLS (mutual with a client CA) and/or every
+// AttentionService method requires a bearer token; health and reflection stay open either way.
 #pragma once
 
 #include <grpcpp/server.h>
@@ -27,6 +30,7 @@
 #include "engine/engine.h"
 #include "server/attention_service.h"
 #include "server/metrics.h"
+#include "server/security.h"
 #include "server/warm_up.h"
 
 namespace da::server {
@@ -55,6 +59,12 @@ struct ServerOptions {
   // engine; more are refused with RESOURCE_EXHAUSTED.
   int64_t memory_budget_bytes = 0;
   int max_queue = 64;
+  // TLS, mutual TLS and bearer tokens on the gRPC port (server/security.h); default: plaintext,
+  // no authentication. Health and reflection never require a token.
+  SecurityOptions security;
+  // HTTP/2 streams (calls) one connection may have open at once; further calls on that connection
+  // wait client-side until one ends. Bounds what a single client can hold.
+  int max_concurrent_streams = 100;
 };
 
 // Three quarters of the memory this process may use: the smaller of physical memory and the cgroup
@@ -93,6 +103,8 @@ class Server {
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<AttentionService> service_;
+  std::unique_ptr<BearerTokenAuthenticator> authenticator_;         // Null: no authentication.
+  std::unique_ptr<v1::AttentionService::CallbackService> guarded_;  // service_ behind the tokens.
   std::unique_ptr<grpc::Server> server_;  // Declared last: destroyed first.
   int port_ = 0;
   std::mutex shutdown_mu_;

@@ -113,7 +113,9 @@ TEST(StreamMemoryTest, HalfAMillionTokensInABoundedWindow) {
               static_cast<long long>(peak / kMiB), static_cast<long long>(bound / kMiB));
   EXPECT_LT(peak, bound);
 
-  auto engine = engine::Engine::Create({.threads = 2});
+  engine::EngineOptions engine_options;
+  engine_options.threads = 2;
+  auto engine = engine::Engine::Create(engine_options);
   ASSERT_TRUE(engine.ok());
   for (int64_t chunk_start : checked) {
     const std::string expected = stream.EngineOutput(**engine, chunk_start, kChunk);

@@ -1,0 +1,67 @@
+#include "server/authenticated_service.h"
+
+#include <spdlog/spdlog.h>
+
+namespace da::server {
+namespace {
+
+// Finishes a stream at once, before reading anything from it.
+class RefusedStreamReactor final
+    : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
+ public:
+  explicit RefusedStreamReactor(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
+                                                         grpc::CallbackServerContext& context) {
+  grpc::Status status = authenticator_->Check(context);
+  if (!status.ok()) {
+    spdlog::warn("method={} peer={} status=UNAUTHENTICATED: {}", method, context.peer(),
+                 status.error_message());
+    if (metrics_ != nullptr) metrics_->RequestFinished(method, status.error_code(), 0.0);
+  }
+  return status;
+}
+
+grpc::ServerUnaryReactor* AuthenticatedAttentionService::Refuse(
+    grpc::CallbackServerContext* context, grpc::Status status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(std::move(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AuthenticatedAttentionService::Attend(
+    grpc::CallbackServerContext* context, const v1::AttendRequest* request,
+    v1::AttendResponse* response) {
+  grpc::Status status = Authenticate("Attend", *context);
+  if (!status.ok()) return Refuse(context, std::move(status));
+  return service_->Attend(context, request, response);
+}
+
+grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
+AuthenticatedAttentionService::AttendStream(grpc::CallbackServerContext* context) {
+  grpc::Status status = Authenticate("AttendStream", *context);
+  if (!status.ok()) return new RefusedStreamReactor(status);
+  return service_->AttendStream(context);
+}
+
+grpc::ServerUnaryReactor* AuthenticatedAttentionService::GetServerInfo(
+    grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
+    v1::GetServerInfoResponse* response) {
+  grpc::Status status = Authenticate("GetServerInfo", *context);
+  if (!status.ok()) return Refuse(context, std::move(status));
+  return service_->GetServerInfo(context, request, response);
+}
+
+grpc::ServerUnaryReactor* AuthenticatedAttentionService::WarmUp(
+    grpc::CallbackServerContext* context, const v1::WarmUpRequest* request,
+    v1::WarmUpResponse* response) {
+  grpc::Status status = Authenticate("WarmUp", *context);
+  if (!status.ok()) return Refuse(context, std::move(status));
+  return service_->WarmUp(context, request, response);
+}
+
+}  // namespace da::server

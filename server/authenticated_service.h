@@ -1,0 +1,51 @@
+// AttentionService behind bearer-token authentication: every method checks the call's
+// `authorization` metadata before the wrapped service sees the call, and answers UNAUTHENTICATED
+// (counted in da_requests_total, logged without the token) when it is missing or wrong.
+//
+//   AttentionService service(engine, metrics, options);
+//   AuthenticatedAttentionService guarded(&service, authenticator.get(), metrics);
+//   builder.RegisterService(&guarded);  // Not `service`: it would be reachable without a token.
+//
+// Health and reflection are separate services and stay open. A method of the proto that this
+// class does not forward answers UNIMPLEMENTED, so a new RPC is closed until it is added here.
+// The wrapped service, the authenticator and the metrics must outlive the grpc::Server.
+#pragma once
+
+#include "da/v1/attention.grpc.pb.h"
+#include "server/metrics.h"
+#include "server/security.h"
+
+namespace da::server {
+
+class AuthenticatedAttentionService final : public v1::AttentionService::CallbackService {
+ public:
+  AuthenticatedAttentionService(v1::AttentionService::CallbackService* service,
+                                const BearerTokenAuthenticator* authenticator, Metrics* metrics)
+      : service_(service), authenticator_(authenticator), metrics_(metrics) {}
+
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
+
+  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+      grpc::CallbackServerContext* context) override;
+
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::GetServerInfoResponse* response) override;
+
+  grpc::ServerUnaryReactor* WarmUp(grpc::CallbackServerContext* context,
+                                   const v1::WarmUpRequest* request,
+                                   v1::WarmUpResponse* response) override;
+
+ private:
+  // OK, or the UNAUTHENTICATED status after counting and logging the refusal.
+  grpc::Status Authenticate(const char* method, grpc::CallbackServerContext& context);
+  grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, grpc::Status status);
+
+  v1::AttentionService::CallbackService* service_;
+  const BearerTokenAuthenticator* authenticator_;
+  Metrics* metrics_;
+};
+
+}  // namespace da::server

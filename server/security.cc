@@ -1,0 +1,211 @@
+#include "server/security.h"
+
+#include <openssl/bio.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+namespace da::server {
+namespace {
+
+constexpr char kCertFlag[] = "--tls-cert";
+constexpr char kKeyFlag[] = "--tls-key";
+constexpr char kClientCaFlag[] = "--tls-client-ca";
+constexpr char kTokenFlag[] = "--auth-token-file";
+
+absl::Status FileError(const char* flag, const std::string& path, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": ", what));
+}
+
+absl::StatusOr<std::string> ReadWholeFile(const char* flag, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return FileError(flag, path, absl::StrCat("cannot read: ", std::strerror(errno)));
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) return FileError(flag, path, "cannot read");
+  return text.str();
+}
+
+struct BioDeleter {
+  void operator()(BIO* bio) const { BIO_free(bio); }
+};
+struct X509Deleter {
+  void operator()(X509* x509) const { X509_free(x509); }
+};
+struct KeyDeleter {
+  void operator()(EVP_PKEY* key) const { EVP_PKEY_free(key); }
+};
+
+std::unique_ptr<BIO, BioDeleter> MemoryBio(const std::string& pem) {
+  return std::unique_ptr<BIO, BioDeleter>(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+}
+
+// The first certificate of a PEM file (the leaf of a chain), or null when there is none.
+std::unique_ptr<X509, X509Deleter> FirstCertificate(const std::string& pem) {
+  auto bio = MemoryBio(pem);
+  return std::unique_ptr<X509, X509Deleter>(
+      bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+}
+
+absl::StatusOr<std::string> ReadCertificateFile(const char* flag, const std::string& path) {
+  absl::StatusOr<std::string> pem = ReadWholeFile(flag, path);
+  if (!pem.ok()) return pem.status();
+  if (FirstCertificate(*pem) == nullptr) {
+    return FileError(flag, path, "no PEM certificate in the file");
+  }
+  return pem;
+}
+
+// gRPC would only find a mismatched or unreadable key at its first handshake (or refuse the port
+// with no reason given); OpenSSL says which at start-up.
+absl::Status CheckKeyMatchesCertificate(const std::string& key_path, const std::string& key_pem,
+                                        const std::string& cert_path, const std::string& cert_pem) {
+  auto bio = MemoryBio(key_pem);
+  std::unique_ptr<EVP_PKEY, KeyDeleter> key(
+      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (key == nullptr) {
+    return FileError(kKeyFlag, key_path, "no unencrypted PEM private key in the file");
+  }
+  std::unique_ptr<X509, X509Deleter> certificate = FirstCertificate(cert_pem);
+  if (X509_check_private_key(certificate.get(), key.get()) != 1) {
+    return FileError(kKeyFlag, key_path,
+                     absl::StrCat("the private key does not match the certificate of ", kCertFlag,
+                                  " ", cert_path));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const SecurityOptions& options) {
+  const bool has_cert = !options.tls_cert_file.empty();
+  const bool has_key = !options.tls_key_file.empty();
+  if (has_cert != has_key) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        has_cert ? kCertFlag : kKeyFlag, " ",
+        has_cert ? options.tls_cert_file : options.tls_key_file, " is set but ",
+        has_cert ? kKeyFlag : kCertFlag, " is not: TLS needs both the certificate and the key"));
+  }
+  if (!options.tls_client_ca_file.empty() && !has_cert) {
+    return absl::InvalidArgumentError(absl::StrCat(kClientCaFlag, " ", options.tls_client_ca_file,
+                                                   " requires ", kCertFlag, " and ", kKeyFlag,
+                                                   ": mutual TLS runs over TLS"));
+  }
+  if (!has_cert) return grpc::InsecureServerCredentials();
+
+  absl::StatusOr<std::string> cert = ReadCertificateFile(kCertFlag, options.tls_cert_file);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadWholeFile(kKeyFlag, options.tls_key_file);
+  if (!key.ok()) return key.status();
+  if (absl::Status matched =
+          CheckKeyMatchesCertificate(options.tls_key_file, *key, options.tls_cert_file, *cert);
+      !matched.ok()) {
+    return matched;
+  }
+
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  if (!options.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadCertificateFile(kClientCaFlag, options.tls_client_ca_file);
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *std::move(ca);
+    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  ssl.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
+  return grpc::SslServerCredentials(ssl);
+}
+
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {
+  absl::StatusOr<std::string> text = ReadWholeFile(kTokenFlag, path);
+  if (!text.ok()) return text.status();
+  std::vector<std::string> tokens;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    ++line_number;
+    line = absl::StripAsciiWhitespace(line);
+    if (line.empty() || line[0] == '#') continue;
+    for (char c : line) {
+      // What gRPC allows in a metadata value: printable ASCII. A token with anything else could
+      // never be sent, so it is a mistake in the file.
+      if (c < 0x21 || c > 0x7e) {
+        return FileError(kTokenFlag, path,
+                         absl::StrCat("line ", line_number,
+                                      ": a token may hold only printable ASCII without spaces"));
+      }
+    }
+    tokens.emplace_back(line);
+  }
+  if (tokens.empty()) {
+    return FileError(kTokenFlag, path,
+                     "no token in the file (blank lines and lines starting with # are ignored)");
+  }
+  return tokens;
+}
+
+absl::StatusOr<std::unique_ptr<BearerTokenAuthenticator>> BearerTokenAuthenticator::FromFile(
+    const std::string& path) {
+  absl::StatusOr<std::vector<std::string>> tokens = ReadTokenFile(path);
+  if (!tokens.ok()) return tokens.status();
+  return std::make_unique<BearerTokenAuthenticator>(*tokens);
+}
+
+BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens) {
+  for (const std::string& token : tokens) token_digests_.push_back(Sha256(token));
+}
+
+BearerTokenAuthenticator::Digest BearerTokenAuthenticator::Sha256(absl::string_view text) {
+  Digest digest{};
+  unsigned int size = 0;
+  EVP_Digest(text.data(), text.size(), digest.data(), &size, EVP_sha256(), nullptr);
+  return digest;
+}
+
+grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& context) const {
+  const auto& metadata = context.client_metadata();
+  const auto found = metadata.find("authorization");
+  if (found == metadata.end()) return CheckAuthorization(nullptr);
+  const absl::string_view value(found->second.data(), found->second.size());
+  return CheckAuthorization(&value);
+}
+
+grpc::Status BearerTokenAuthenticator::CheckAuthorization(
+    const absl::string_view* authorization) const {
+  constexpr absl::string_view kScheme = "Bearer ";
+  if (authorization == nullptr) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "no authorization metadata: this server requires "
+                        "'authorization: Bearer <token>'");
+  }
+  // The scheme is case-insensitive (RFC 7235).
+  if (authorization->size() <= kScheme.size() ||
+      !absl::EqualsIgnoreCase(authorization->substr(0, kScheme.size()), kScheme)) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "the authorization metadata is not of the form 'Bearer <token>'");
+  }
+  const Digest presented =
+      Sha256(absl::StripAsciiWhitespace(authorization->substr(kScheme.size())));
+  // No early exit: every digest is compared, whichever matches.
+  int matches = 0;
+  for (const Digest& digest : token_digests_) {
+    matches |= CRYPTO_memcmp(presented.data(), digest.data(), digest.size()) == 0;
+  }
+  if (matches == 0) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "the bearer token is not valid for this server");
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace da::server

@@ -1,0 +1,76 @@
+// Transport security and bearer-token authentication of the gRPC port.
+//
+//   SecurityOptions security{.tls_cert_file = "server.pem", .tls_key_file = "server.key",
+//                            .auth_token_file = "tokens.txt"};
+//   DA_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+//                       MakeServerCredentials(security));
+//   DA_ASSIGN_OR_RETURN(std::unique_ptr<BearerTokenAuthenticator> auth,
+//                       BearerTokenAuthenticator::FromFile(security.auth_token_file));
+//   grpc::Status allowed = auth->Check(*context);  // In each protected handler.
+//
+// Every file is read and checked when the server starts, so that a bad file stops the server
+// instead of failing the first handshake or call. Error messages name the flag and the file
+// (the fields below mirror da-server's flags) and never contain key material or tokens.
+#pragma once
+
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_context.h>
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace da::server {
+
+// "= {}" on every field keeps -Wextra quiet about designated initializers that leave some out.
+struct SecurityOptions {
+  // PEM certificate chain and private key of the server: both or neither. Both: TLS on the gRPC
+  // port; neither: plaintext.
+  std::string tls_cert_file = {};
+  std::string tls_key_file = {};
+  // PEM CA certificate(s): mutual TLS, every client must present a certificate signed by one of
+  // them. Requires tls_cert_file and tls_key_file.
+  std::string tls_client_ca_file = {};
+  // Bearer tokens, one per line; blank lines and lines starting with '#' are ignored. Empty: no
+  // authentication.
+  std::string auth_token_file = {};
+};
+
+// Insecure credentials when no TLS file is set, otherwise TLS (mutual with tls_client_ca_file).
+// InvalidArgument naming the flag and the file when a file is missing, unreadable or not PEM, when
+// the key does not belong to the certificate, or when only one of cert and key is given.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
+    const SecurityOptions& options);
+
+// The tokens of a token file: each non-blank line that does not start with '#', trimmed.
+// InvalidArgument naming --auth-token-file and the file when it cannot be read, holds no token,
+// or a token has a character outside printable ASCII (named by line number, never echoed).
+absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
+
+// Checks the `authorization: Bearer <token>` metadata of a call. Only SHA-256 digests of the
+// tokens are kept, and the presented token's digest is compared with every one of them in
+// constant time, so neither the time taken nor the memory reveals where a guess differs.
+// Thread safety: Check may be called from any number of threads.
+class BearerTokenAuthenticator {
+ public:
+  static absl::StatusOr<std::unique_ptr<BearerTokenAuthenticator>> FromFile(
+      const std::string& path);
+  explicit BearerTokenAuthenticator(const std::vector<std::string>& tokens);
+
+  // OK, or UNAUTHENTICATED saying what was missing or wrong (never echoing what was sent).
+  grpc::Status Check(const grpc::ServerContextBase& context) const;
+  // The same check on the value of the authorization metadata (nullptr: absent).
+  grpc::Status CheckAuthorization(const absl::string_view* authorization) const;
+
+ private:
+  using Digest = std::array<unsigned char, 32>;
+  static Digest Sha256(absl::string_view text);
+  std::vector<Digest> token_digests_;
+};
+
+}  // namespace da::server

@@ -1,0 +1,471 @@
+// TLS, mutual TLS, bearer tokens and --max-concurrent-streams, end to end: a real server on a
+// loopback port, the client library's channels (server/security.h, client/connection_options.h),
+// certificates made by openssl at test time, and the real binaries for start-up failures and the
+// CLI.
+#include "server/security.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "absl/strings/str_replace.h"
+#include "client/attention_client.h"
+#include "client/connection_options.h"
+#include "server/attention_service.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using grpc::StatusCode;
+using grpc::health::v1::HealthCheckResponse;
+using std::chrono::seconds;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr char kToken[] = "s3cr3t-token-9f2c1e";
+constexpr char kOtherToken[] = "0ther-token-77ab";
+constexpr int64_t kTimeoutMs = 20000;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void WriteFile(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+// A CA, a server certificate for localhost and 127.0.0.1, a client certificate from that CA, and a
+// client certificate from another CA, made once per test program (EC P-256: fast to generate).
+class Certificates {
+ public:
+  static const Certificates& Get() {
+    static const Certificates certificates;
+    return certificates;
+  }
+  ~Certificates() { std::filesystem::remove_all(dir_); }
+  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string Pem(const std::string& name) const { return ReadFile(Path(name)); }
+  bool ok() const { return ok_; }
+
+ private:
+  Certificates() : dir_(testing::MakeTempDir()) {
+    const std::string key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes ";
+    auto make_ca = [&](const std::string& name) {
+      return "openssl req -x509 -new " + key + "-keyout " + name + ".key -out " + name +
+             ".pem -days 2 -subj /CN=" + name +
+             " -addext basicConstraints=critical,CA:TRUE"
+             " -addext keyUsage=critical,keyCertSign,cRLSign";
+    };
+    auto make_leaf = [&](const std::string& name, const std::string& ca,
+                         const std::string& extensions) {
+      return "openssl req -new " + key + "-keyout " + name + ".key -out " + name +
+             ".csr -subj /CN=" + name + " && printf '" + extensions + "' > " + name +
+             ".ext && openssl x509 -req -in " + name + ".csr -CA " + ca + ".pem -CAkey " + ca +
+             ".key -CAcreateserial -out " + name + ".pem -days 2 -extfile " + name + ".ext";
+    };
+    const std::string script =
+        "(cd " + dir_ + " && " + make_ca("ca") + " && " + make_ca("other_ca") + " && " +
+        make_leaf("server", "ca",
+                  "subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n") +
+        " && " + make_leaf("client", "ca", "extendedKeyUsage=clientAuth\\n") + " && " +
+        make_leaf("other_client", "other_ca", "extendedKeyUsage=clientAuth\\n") + ") > " + dir_ +
+        "/openssl.log 2>&1";
+    ok_ = std::system(script.c_str()) == 0;
+    EXPECT_TRUE(ok_) << script << "\n" << ReadFile(dir_ + "/openssl.log");
+    WriteFile(Path("tokens.txt"),
+              std::string("# da-server tokens\n\n  ") + kOtherToken + "  \n" + kToken + "\n");
+  }
+
+  std::string dir_;
+  bool ok_ = false;
+};
+
+// A client of what the server on `port` expects, built from the library's options.
+struct Client {
+  Client(int port, client::ConnectionOptions options)
+      : channel(client::MakeChannel("127.0.0.1:" + std::to_string(port), options)),
+        client(channel) {}
+  std::shared_ptr<grpc::Channel> channel;
+  client::AttentionClient client;
+};
+
+client::ConnectionOptions Tls(const std::string& ca = "ca.pem") {
+  const Certificates& certs = Certificates::Get();
+  client::ConnectionOptions options;
+  options.tls = true;
+  options.tls_root_certs_pem = certs.Pem(ca);
+  options.tls_server_name = "localhost";
+  return options;
+}
+
+client::ConnectionOptions MutualTls(const std::string& client_name) {
+  const Certificates& certs = Certificates::Get();
+  client::ConnectionOptions options = Tls();
+  options.tls_cert_chain_pem = certs.Pem(client_name + ".pem");
+  options.tls_private_key_pem = certs.Pem(client_name + ".key");
+  return options;
+}
+
+client::ConnectionOptions WithToken(client::ConnectionOptions options, const std::string& token) {
+  options.bearer_token = token;
+  return options;
+}
+
+v1::AttendRequest SmallRequest() {
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest({}, rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  return request;
+}
+
+grpc::Status CallInfo(Client& c) {
+  v1::GetServerInfoResponse info;
+  return c.client.GetServerInfo(&info, testing::WithTimeout(kTimeoutMs));
+}
+
+// Attend must also compute the right thing through the secured channel.
+void ExpectAttendWorks(Client& c) {
+  const v1::AttendRequest request = SmallRequest();
+  v1::AttendResponse response;
+  const grpc::Status status = c.client.Attend(request, &response, testing::WithTimeout(kTimeoutMs));
+  ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
+  EXPECT_EQ(response.output().data(), testing::InProcessOutput(request, 2));
+}
+
+class SecurityTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_TRUE(Certificates::Get().ok()); }
+
+  std::unique_ptr<Server> Start(const SecurityOptions& security) {
+    ServerOptions options = testing::LoopbackOptions();
+    options.security = security;
+    return testing::StartServer(options);
+  }
+
+  SecurityOptions TlsFiles() const {
+    const Certificates& certs = Certificates::Get();
+    return {.tls_cert_file = certs.Path("server.pem"), .tls_key_file = certs.Path("server.key")};
+  }
+};
+
+TEST_F(SecurityTest, TlsServerAnswersTlsClientsAndRefusesPlaintextAndTheWrongCa) {
+  std::unique_ptr<Server> server = Start(TlsFiles());
+  ASSERT_NE(server, nullptr);
+
+  Client tls(server->port(), Tls());
+  ExpectAttendWorks(tls);
+  EXPECT_TRUE(CallInfo(tls).ok());
+
+  Client plaintext(server->port(), client::ConnectionOptions{});
+  EXPECT_EQ(CallInfo(plaintext).error_code(), StatusCode::UNAVAILABLE);
+
+  Client wrong_ca(server->port(), Tls("other_ca.pem"));
+  EXPECT_EQ(CallInfo(wrong_ca).error_code(), StatusCode::UNAVAILABLE);
+}
+
+TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromTheClientCa) {
+  SecurityOptions security = TlsFiles();
+  security.tls_client_ca_file = Certificates::Get().Path("ca.pem");
+  std::unique_ptr<Server> server = Start(security);
+  ASSERT_NE(server, nullptr);
+
+  Client signed_by_ca(server->port(), MutualTls("client"));
+  ExpectAttendWorks(signed_by_ca);
+
+  Client no_certificate(server->port(), Tls());
+  EXPECT_EQ(CallInfo(no_certificate).error_code(), StatusCode::UNAVAILABLE);
+
+  Client other_ca(server->port(), MutualTls("other_client"));
+  EXPECT_EQ(CallInfo(other_ca).error_code(), StatusCode::UNAVAILABLE);
+}
+
+// Every AttentionService method, called with the given client; the statuses in method order.
+std::vector<std::pair<std::string, grpc::Status>> CallEveryMethod(Client& c) {
+  const v1::AttendRequest request = SmallRequest();
+  std::vector<std::pair<std::string, grpc::Status>> statuses;
+  v1::AttendResponse response;
+  statuses.emplace_back("Attend",
+                        c.client.Attend(request, &response, testing::WithTimeout(kTimeoutMs)));
+  statuses.emplace_back(
+      "AttendStream", c.client.AttendStream(request, &response, testing::WithTimeout(kTimeoutMs)));
+  statuses.emplace_back("GetServerInfo", CallInfo(c));
+  v1::WarmUpRequest warm_up;
+  *warm_up.add_shapes() = testing::HeaderFor(request);
+  v1::WarmUpResponse warmed;
+  statuses.emplace_back("WarmUp",
+                        c.client.WarmUp(warm_up, &warmed, testing::WithTimeout(kTimeoutMs)));
+  return statuses;
+}
+
+TEST_F(SecurityTest, TokenIsRequiredOnEveryMethodButNotForHealth) {
+  std::unique_ptr<Server> server =
+      Start({.auth_token_file = Certificates::Get().Path("tokens.txt")});
+  ASSERT_NE(server, nullptr);
+
+  Client anonymous(server->port(), client::ConnectionOptions{});
+  for (const auto& [method, status] : CallEveryMethod(anonymous)) {
+    EXPECT_EQ(status.error_code(), StatusCode::UNAUTHENTICATED) << method;
+    EXPECT_THAT(status.error_message(), HasSubstr("authorization: Bearer <token>")) << method;
+  }
+
+  const std::string wrong_token = "not-the-token-5d1e";
+  Client wrong(server->port(), WithToken(client::ConnectionOptions{}, wrong_token));
+  for (const auto& [method, status] : CallEveryMethod(wrong)) {
+    EXPECT_EQ(status.error_code(), StatusCode::UNAUTHENTICATED) << method;
+    EXPECT_THAT(status.error_message(), HasSubstr("bearer token is not valid")) << method;
+    EXPECT_THAT(status.error_message(), Not(HasSubstr(wrong_token))) << method;
+  }
+
+  // Both tokens of the file are accepted (the first one is indented and commented around).
+  for (const std::string token : {kToken, kOtherToken}) {
+    Client authorized(server->port(), WithToken(client::ConnectionOptions{}, token));
+    for (const auto& [method, status] : CallEveryMethod(authorized)) {
+      EXPECT_TRUE(status.ok()) << method << ": " << status.error_message();
+    }
+    ExpectAttendWorks(authorized);
+  }
+
+  for (const std::string service : {"", kServiceName}) {
+    HealthCheckResponse::ServingStatus serving = HealthCheckResponse::UNKNOWN;
+    const grpc::Status status =
+        anonymous.client.CheckHealth(service, &serving, testing::WithTimeout(kTimeoutMs));
+    EXPECT_TRUE(status.ok()) << "'" << service << "': " << status.error_message();
+    EXPECT_EQ(serving, HealthCheckResponse::SERVING) << "'" << service << "'";
+  }
+}
+
+TEST_F(SecurityTest, TokenOverMutualTls) {
+  SecurityOptions security = TlsFiles();
+  security.tls_client_ca_file = Certificates::Get().Path("ca.pem");
+  security.auth_token_file = Certificates::Get().Path("tokens.txt");
+  std::unique_ptr<Server> server = Start(security);
+  ASSERT_NE(server, nullptr);
+
+  Client authorized(server->port(), WithToken(MutualTls("client"), kToken));
+  ExpectAttendWorks(authorized);
+
+  Client anonymous(server->port(), MutualTls("client"));
+  const grpc::Status status = CallInfo(anonymous);
+  EXPECT_EQ(status.error_code(), StatusCode::UNAUTHENTICATED) << status.error_message();
+}
+
+TEST(BearerTokenAuthenticatorTest, ChecksTheSchemeAndTheTokenWithoutEchoingIt) {
+  BearerTokenAuthenticator authenticator({"alpha-1", "beta-2"});
+  auto check = [&](absl::string_view value) { return authenticator.CheckAuthorization(&value); };
+  EXPECT_TRUE(check("Bearer alpha-1").ok());
+  EXPECT_TRUE(check("bearer beta-2").ok());
+  EXPECT_EQ(authenticator.CheckAuthorization(nullptr).error_code(), StatusCode::UNAUTHENTICATED);
+  for (absl::string_view refused : {"Bearer alpha-2", "Bearer alpha-1x", "Bearer alpha-", "Bearer ",
+                                    "Basic alpha-1", "alpha-1"}) {
+    const grpc::Status status = check(refused);
+    EXPECT_EQ(status.error_code(), StatusCode::UNAUTHENTICATED) << refused;
+    EXPECT_THAT(status.error_message(), Not(HasSubstr("alpha"))) << refused;
+  }
+  EXPECT_THAT(check("Basic alpha-1").error_message(), HasSubstr("'Bearer <token>'"));
+}
+
+TEST(ReadTokenFileTest, SkipsCommentsAndBlankLinesAndRefusesFilesWithoutTokens) {
+  const std::string dir = testing::MakeTempDir();
+  WriteFile(dir + "/tokens", "# comment\n\n  first\t\r\nsecond\n   # indented comment\n");
+  EXPECT_THAT(ReadTokenFile(dir + "/tokens").value(), ::testing::ElementsAre("first", "second"));
+
+  WriteFile(dir + "/empty", "# only a comment\n\n \n");
+  absl::StatusOr<std::vector<std::string>> empty = ReadTokenFile(dir + "/empty");
+  ASSERT_FALSE(empty.ok());
+  EXPECT_THAT(std::string(empty.status().message()),
+              HasSubstr("--auth-token-file " + dir + "/empty: no token"));
+
+  WriteFile(dir + "/spaces", "ok-token\nhas a space\n");
+  absl::StatusOr<std::vector<std::string>> spaces = ReadTokenFile(dir + "/spaces");
+  ASSERT_FALSE(spaces.ok());
+  EXPECT_THAT(std::string(spaces.status().message()), HasSubstr("line 2"));
+  EXPECT_THAT(std::string(spaces.status().message()), Not(HasSubstr("has a space")));
+
+  absl::StatusOr<std::vector<std::string>> missing = ReadTokenFile(dir + "/missing");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(std::string(missing.status().message()),
+              HasSubstr("--auth-token-file " + dir + "/missing: cannot read"));
+  std::filesystem::remove_all(dir);
+}
+
+// The client waits for a free stream before sending a call, so a connection already holding
+// max_concurrent_streams open streams cannot start another until one ends; another connection can.
+TEST_F(SecurityTest, MaxConcurrentStreamsHoldsBackTheExtraCallOnTheSameConnection) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_concurrent_streams = 2;
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+
+  Client c(server->port(), client::ConnectionOptions{});
+  // A first call settles the connection, so the client knows the server's stream limit.
+  ASSERT_TRUE(CallInfo(c).ok());
+  std::unique_ptr<v1::AttentionService::Stub> stub = v1::AttentionService::NewStub(c.channel);
+  grpc::ClientContext contexts[2];
+  std::vector<
+      std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>>
+      streams;
+  for (grpc::ClientContext& context : contexts) {
+    streams.push_back(stub->AttendStream(&context));  // Open; the server waits for a header.
+  }
+
+  v1::GetServerInfoResponse info;
+  grpc::Status held = c.client.GetServerInfo(&info, testing::WithTimeout(500));
+  EXPECT_EQ(held.error_code(), StatusCode::DEADLINE_EXCEEDED) << held.error_message();
+
+  // Channels with equal arguments share one connection (gRPC's global subchannel pool); a local
+  // pool gives this one its own.
+  grpc::ChannelArguments arguments = client::DefaultChannelArguments();
+  arguments.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  client::AttentionClient other_connection(
+      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(server->port()),
+                                grpc::InsecureChannelCredentials(), arguments));
+  v1::GetServerInfoResponse other_info;
+  const grpc::Status other =
+      other_connection.GetServerInfo(&other_info, testing::WithTimeout(kTimeoutMs));
+  EXPECT_TRUE(other.ok()) << other.error_code() << ": " << other.error_message();
+
+  contexts[0].TryCancel();
+  EXPECT_FALSE(streams[0]->Finish().ok());
+  const grpc::Status freed = CallInfo(c);
+  EXPECT_TRUE(freed.ok()) << freed.error_code() << ": " << freed.error_message();
+  contexts[1].TryCancel();
+  streams[1]->Finish();
+}
+
+TEST(ServerOptionsTest, MaxConcurrentStreamsMustBePositive) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_concurrent_streams = 0;
+  absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(options);
+  ASSERT_FALSE(server.ok());
+  EXPECT_THAT(std::string(server.status().message()),
+              HasSubstr("max_concurrent_streams is 0; must be at least 1"));
+}
+
+// The real binary with bad security flags: exit 1 and one error line naming the flag and file.
+struct BadStart {
+  std::string name;
+  std::vector<std::string> args;  // "@name" stands for the path of a test certificate file.
+  std::vector<std::string> log_parts;
+};
+
+void PrintTo(const BadStart& c, std::ostream* os) { *os << c.name; }
+
+class BadStartTest : public ::testing::TestWithParam<BadStart> {};
+
+TEST_P(BadStartTest, ExitsOneNamingTheFlagAndTheFile) {
+  const Certificates& certs = Certificates::Get();
+  ASSERT_TRUE(certs.ok());
+  WriteFile(certs.Path("empty_tokens.txt"), "# no tokens yet\n\n");
+  // Every '@' becomes the certificates' folder, in arguments and expected log parts alike.
+  auto expand = [&](const std::string& text) {
+    return absl::StrReplaceAll(text, {{"@", certs.Path("")}});
+  };
+  std::vector<std::string> args;
+  for (const std::string& arg : GetParam().args) args.push_back(expand(arg));
+  testing::SpawnedServer server(DA_SERVER_BINARY, args);
+  const std::optional<int> wait_status = server.process().WaitForExit(seconds(60));
+  ASSERT_TRUE(wait_status.has_value()) << "still running; log:\n" << server.Log();
+  EXPECT_TRUE(WIFEXITED(*wait_status)) << *wait_status;
+  EXPECT_EQ(WEXITSTATUS(*wait_status), 1) << server.Log();
+  const std::string log = server.Log();
+  for (const std::string& part : GetParam().log_parts) {
+    EXPECT_THAT(log, HasSubstr(expand(part)));
+  }
+  EXPECT_THAT(log, Not(HasSubstr("listening on")));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Flags, BadStartTest,
+    ::testing::Values(
+        BadStart{"MissingCertificate",
+                 {"--tls-cert", "@missing.pem", "--tls-key", "@server.key"},
+                 {"--tls-cert @missing.pem: cannot read"}},
+        BadStart{"KeyOfAnotherCertificate",
+                 {"--tls-cert", "@server.pem", "--tls-key", "@client.key"},
+                 {"--tls-key @client.key: the private key does not match the certificate of "
+                  "--tls-cert @server.pem"}},
+        BadStart{"CertificateWithoutKey",
+                 {"--tls-cert", "@server.pem"},
+                 {"--tls-cert @server.pem is set but --tls-key is not"}},
+        BadStart{"NotACertificate",
+                 {"--tls-cert", "@server.key", "--tls-key", "@server.key"},
+                 {"--tls-cert @server.key: no PEM certificate"}},
+        BadStart{"ClientCaWithoutCertificate",
+                 {"--tls-client-ca", "@ca.pem"},
+                 {"--tls-client-ca @ca.pem requires --tls-cert and --tls-key"}},
+        BadStart{"MissingClientCa",
+                 {"--tls-cert", "@server.pem", "--tls-key", "@server.key", "--tls-client-ca",
+                  "@missing_ca.pem"},
+                 {"--tls-client-ca @missing_ca.pem: cannot read"}},
+        BadStart{"EmptyTokenFile",
+                 {"--auth-token-file", "@empty_tokens.txt"},
+                 {"--auth-token-file @empty_tokens.txt: no token"}},
+        BadStart{"MissingTokenFile",
+                 {"--auth-token-file", "@missing_tokens.txt"},
+                 {"--auth-token-file @missing_tokens.txt: cannot read"}}));
+
+TEST(StartupFlagsTest, MaxConcurrentStreamsBelowOneIsRefused) {
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--max-concurrent-streams", "0"});
+  const std::optional<int> wait_status = server.process().WaitForExit(seconds(60));
+  ASSERT_TRUE(wait_status.has_value()) << server.Log();
+  EXPECT_TRUE(WIFEXITED(*wait_status) && WEXITSTATUS(*wait_status) != 0) << *wait_status;
+  EXPECT_THAT(server.Log(), HasSubstr("--max-concurrent-streams"));
+}
+
+// Runs command through the shell; its exit code and everything it printed.
+std::pair<int, std::string> RunCommand(const std::string& command) {
+  FILE* pipe = popen((command + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return {-1, "popen failed"};
+  std::string output;
+  char buffer[4096];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output.append(buffer, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+TEST(CliSecurityTest, InfoOverTlsWithATokenAndRefusedWithout) {
+  const Certificates& certs = Certificates::Get();
+  ASSERT_TRUE(certs.ok());
+  testing::SpawnedServer server(
+      DA_SERVER_BINARY,
+      {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
+       "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  const std::string token_file = certs.Path("client_token.txt");
+  WriteFile(token_file, std::string("# for da-client\n") + kToken + "\n");
+  // localhost is in the server certificate, so no --tls-server-name is needed.
+  const std::string base = std::string(DA_CLIENT_BINARY) +
+                           " info --json --server localhost:" + std::to_string(server.port()) +
+                           " --tls-ca " + certs.Path("ca.pem") + " --tls-cert " +
+                           certs.Path("client.pem") + " --tls-key " + certs.Path("client.key");
+
+  const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
+  EXPECT_EQ(ok_code, 0) << ok_output;
+  EXPECT_THAT(ok_output, HasSubstr("\"version\"")) << ok_output;
+
+  const auto [refused_code, refused_output] = RunCommand(base);
+  EXPECT_EQ(refused_code, 1) << refused_output;
+  EXPECT_THAT(refused_output, HasSubstr("UNAUTHENTICATED")) << refused_output;
+
+  const auto [missing_code, missing_output] =
+      RunCommand(base + " --token-file " + certs.Path("no_such_token"));
+  EXPECT_EQ(missing_code, 1) << missing_output;
+  EXPECT_THAT(missing_output, HasSubstr("--token-file " + certs.Path("no_such_token")));
+
+  const auto [usage_code, usage_output] =
+      RunCommand(std::string(DA_CLIENT_BINARY) + " info --tls-cert " + certs.Path("client.pem"));
+  EXPECT_EQ(usage_code, 2) << usage_output;
+  EXPECT_THAT(usage_output, HasSubstr("--tls-cert needs --tls-key"));
+}
+
+}  // namespace
+}  // namespace da::server
