@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "engine/admission.h"
 #include "engine/status_macros.h"
 
 namespace da::server {
@@ -116,6 +117,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
         "query, key, value and output; limit is %d (--max-request-bytes)",
         layout.chunk_tokens, chunk_bytes, max_request_bytes));
   }
+  priority_ = header.priority();
+  DA_RETURN_IF_ERROR(Admit(layout));
   DA_ASSIGN_OR_RETURN(assembler_, StreamAssembler::Create(layout, settings_.pipeline_depth));
   const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.q_row_bytes;
   for (int i = 0; i < 2; ++i) {
@@ -133,6 +136,42 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   const int64_t message_bytes = std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
   output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
   have_header_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
+  deadline_ = SteadyDeadline(context_->deadline());
+  if (deadline_) {
+    const double left_s =
+        std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
+    const double rate = engine_->stats().measured_flops_per_second;
+    const double flops = engine::EstimateFlops(problem_.shape, problem_.spec);
+    if (left_s <= 0 || (rate > 0 && flops / rate > left_s)) {
+      return engine::WithRejectReason(
+          absl::DeadlineExceededError(absl::StrFormat(
+              "the stream needs an estimated %.0f ms of compute (%.1f GFLOP at the measured "
+              "%.1f GFLOP/s) but its deadline leaves %.0f ms",
+              rate > 0 ? 1e3 * flops / rate : 0.0, flops / 1e9, rate / 1e9, 1e3 * left_s)),
+          engine::RejectReason::kDeadline);
+    }
+  }
+  const engine::ProblemShape chunk_shape{layout.batch, layout.chunk_tokens, problem_.shape.heads,
+                                         problem_.shape.kv_heads, problem_.shape.head_dim};
+  DA_ASSIGN_OR_RETURN(
+      const engine::MemoryEstimate chunk,
+      engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.dtype, problem_.spec));
+  const int64_t inputs = settings_.pipeline_depth * chunk.inputs;
+  const int64_t outputs = 2 * chunk.outputs;
+  const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes +
+                           std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
+  const int64_t total = inputs + outputs + chunk.workspace + messages;
+  DA_ASSIGN_OR_RETURN(
+      reservation_,
+      engine_->ReserveMemory(
+          total, absl::StrFormat("%d bytes for the stream's window (inputs %d: %d chunks of %d "
+                                 "tokens; outputs %d; workspace %d; messages %d)",
+                                 total, inputs, settings_.pipeline_depth, layout.chunk_tokens,
+                                 outputs, chunk.workspace, messages)));
   return absl::OkStatus();
 }
 
@@ -169,17 +208,15 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
   Actions actions;
   if (finished_) return actions;
   const bool quiet = !computing_ && !write_in_flight_ && starting_ == 0;
-  if (!error_.ok()) {
+  if (!error_.ok() || trailer_sent_) {
     if (quiet) {
       finished_ = true;
       actions.finish = record_.Finish(error_, any_computed_ ? &info_ : nullptr);
-    }
-    return actions;
-  }
-  if (trailer_sent_) {
-    if (quiet) {
-      finished_ = true;
-      actions.finish = record_.Finish(absl::OkStatus(), &info_);
+      // Nothing uses the window any more (no run, no write in flight): return it now rather
+      // than when gRPC calls OnDone.
+      assembler_.reset();
+      out_slots_.clear();
+      reservation_.reset();
     }
     return actions;
   }
@@ -311,6 +348,9 @@ void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
   run.out = {problem_.dtype, q_shape, out_slots_[slot].get(), q_bytes};
   run.request_id = record_.id();
   run.cancelled = &cancelled_;
+  run.priority = priority_;
+  run.deadline = deadline_;
+  run.reservation = &*reservation_;
   const Outgoing outgoing{chunk.index, chunk.token_start, chunk.token_count, slot, 0};
   engine_->Submit(run, [this, outgoing](absl::StatusOr<engine::ExecutionInfo> info) {
     OnComputed(outgoing, std::move(info));
@@ -348,7 +388,21 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
 }
 
 void AttendStreamReactor::OnCancel() {
-  Advance([&] { Fail(absl::CancelledError("the client cancelled the stream")); });
+  Advance([&] {
+    // gRPC cancels a call whose deadline passed, too (its timer may fire a few ms early).
+    constexpr auto kDeadlineSlack = std::chrono::milliseconds(50);
+    if (std::chrono::system_clock::now() + kDeadlineSlack >= context_->deadline()) {
+      Fail(engine::WithRejectReason(
+          absl::DeadlineExceededError(absl::StrFormat(
+              "the deadline passed after %d of %d tokens arrived and %d chunks were computed",
+              assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
+              chunks_computed_)),
+          chunks_computed_ == 0 && !computing_ ? engine::RejectReason::kDeadline
+                                               : engine::RejectReason::kNone));
+    } else {
+      Fail(absl::CancelledError("the client cancelled the stream"));
+    }
+  });
 }
 
 }  // namespace da::server

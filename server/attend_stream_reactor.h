@@ -11,7 +11,14 @@
 //
 // Memory. A stream holds `pipeline_depth` chunks of inputs (the StreamAssembler's slots), two
 // chunks of output (one being computed into, one being sent), the chunk plan's workspace, and
-// one incoming and one outgoing message: all independent of seq_len. When every input slot is
+// its messages (the HTTP/2 window, one incoming message of at most max_message_bytes, one
+// outgoing of at most 4 MiB): all independent of seq_len. That sum is reserved against the
+// engine's memory budget when the header arrives, before anything is allocated (over budget:
+// RESOURCE_EXHAUSTED stating both), and released when the RPC finishes.
+//
+// Deadlines. The gRPC deadline is every chunk run's deadline; a header whose whole problem the
+// engine's measured throughput cannot finish in the time left is refused at once with
+// DEADLINE_EXCEEDED. The header's priority is every chunk run's priority. When every input slot is
 // full the reactor stops reading, so gRPC's flow control holds the client back; nothing is
 // buffered without bound.
 //
@@ -26,6 +33,7 @@
 #include <grpcpp/support/server_callback.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -44,6 +52,10 @@
 #include "server/stream_assembler.h"
 
 namespace da::server {
+
+// HTTP/2 window of each stream towards the server: what gRPC buffers for a stream that the
+// server has stopped reading (flow control). Server::Start sets it on the gRPC server.
+inline constexpr int64_t kStreamLookaheadBytes = int64_t{8} << 20;
 
 struct StreamSettings {
   int64_t max_message_bytes = 64 << 20;  // Each output message carries at most half of it.
@@ -87,6 +99,7 @@ class AttendStreamReactor final
   };
 
   absl::Status AcceptHeader(const v1::StreamHeader& header);  // Under mu_.
+  absl::Status Admit(const StreamLayout& layout);              // Under mu_: deadline, memory.
   absl::Status AcceptBlock();                                  // Under mu_.
   void Fail(absl::Status status);                              // Under mu_; the first error wins.
   void FeedPendingBlock();                                     // Under mu_.
@@ -105,6 +118,11 @@ class AttendStreamReactor final
   StreamSettings settings_;
   grpc::CallbackServerContext* context_;
   std::atomic<bool> cancelled_{false};
+  // Set from the header: every chunk's run carries the stream's priority and deadline, and its
+  // memory is the stream's reservation, made once for the whole window.
+  int priority_ = 0;
+  std::optional<std::chrono::steady_clock::time_point> deadline_;
+  std::optional<engine::MemoryReservation> reservation_;
 
   std::mutex mu_;
   RequestRecord record_;

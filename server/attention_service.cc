@@ -18,16 +18,6 @@
 namespace da::server {
 namespace {
 
-// The client's deadline on the engine's clock; none when the client set none (gRPC reports an
-// infinite deadline as the largest time point).
-std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
-    std::chrono::system_clock::time_point deadline) {
-  if (deadline == std::chrono::system_clock::time_point::max()) return std::nullopt;
-  const auto left = deadline - std::chrono::system_clock::now();
-  return std::chrono::steady_clock::now() +
-         std::chrono::duration_cast<std::chrono::steady_clock::duration>(left);
-}
-
 // One unary Attend: the inputs are views of the request's bytes and the engine writes straight
 // into the response's output bytes, so the server itself copies no tensor. Lifetime: gRPC keeps
 // request and response alive until OnDone, which comes only after Finish, and Finish is called only

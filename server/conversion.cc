@@ -180,6 +180,14 @@ absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
   return problem;
 }
 
+std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
+    std::chrono::system_clock::time_point deadline) {
+  if (deadline == std::chrono::system_clock::time_point::max()) return std::nullopt;
+  const auto left = deadline - std::chrono::system_clock::now();
+  return std::chrono::steady_clock::now() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(left);
+}
+
 void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
                           int64_t total_time_us, v1::ExecutionInfo* out) {
   out->set_request_id(request_id);

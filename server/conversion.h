@@ -8,7 +8,9 @@
 // proto field. Everything else is the engine's ValidateProblem / ValidateShape.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -50,6 +52,11 @@ struct StreamProblem {
 // dtype_field names the header's dtype in messages.
 absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
                                                 const std::string& dtype_field = "header.dtype");
+
+// The client's deadline on the engine's clock; none when the client set none (gRPC reports an
+// infinite deadline as the largest time point).
+std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
+    std::chrono::system_clock::time_point deadline);
 
 void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
                           int64_t total_time_us, v1::ExecutionInfo* out);

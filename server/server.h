@@ -35,10 +35,6 @@
 
 namespace da::server {
 
-// HTTP/2 window of each stream towards the server: what gRPC buffers for a stream that the
-// server has stopped reading (flow control).
-inline constexpr int64_t kStreamLookaheadBytes = int64_t{8} << 20;
-
 struct ServerOptions {
   std::string listen_address = "0.0.0.0:50051";
   std::string metrics_address = "0.0.0.0:9464";  // Empty: no /metrics endpoint.

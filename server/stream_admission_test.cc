@@ -1,0 +1,136 @@
+// The pipelined stream under admission control: its window is reserved against the memory budget
+// (and refused over it), deadlines and client cancellation stop its engine work within 100 ms,
+// and its memory returns when it ends. Real gRPC on loopback, in-process server, numbers read
+// from the server's own /metrics exposition.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+
+#include "client/attention_client.h"
+#include "server/server.h"
+#include "server/synthetic_stream.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// N tokens, H=8, D=64, fp32, one pattern (8192, 1): chunks of 8192 tokens, each about 137 GFLOP
+// (a few hundred ms on two cores), so a run is surely in flight when the test acts.
+v1::StreamHeader LongHeader(int64_t seq_len) {
+  v1::StreamHeader header;
+  header.set_dtype(v1::DTYPE_FP32);
+  header.set_batch(1);
+  header.set_seq_len(seq_len);
+  header.set_heads(8);
+  header.set_head_dim(64);
+  header.mutable_spec()->add_segment_lengths(8192);
+  header.mutable_spec()->add_dilation_rates(1);
+  header.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  return header;
+}
+
+class StreamAdmissionTest : public ::testing::Test {
+ protected:
+  void Start(int64_t memory_budget_bytes) {
+    ServerOptions options = testing::LoopbackOptions();
+    options.memory_budget_bytes = memory_budget_bytes;
+    server_ = testing::StartServer(options);
+    ASSERT_NE(server_, nullptr);
+    client_ = std::make_unique<client::AttentionClient>(testing::ChannelTo(server_->port()));
+  }
+  double Metric(const std::string& series) const {
+    return testing::MetricValue(server_->metrics().Scrape(), series).value_or(-1);
+  }
+  // Polls until the engine runs nothing and holds no memory; the time that took.
+  std::chrono::milliseconds TimeUntilIdle(Clock::time_point since) const {
+    testing::WaitFor(
+        [&] {
+          return Metric("da_engine_running_requests") == 0 &&
+                 Metric("da_memory_reserved_bytes") == 0;
+        },
+        std::chrono::seconds(10));
+    return std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since);
+  }
+
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<client::AttentionClient> client_;
+};
+
+TEST_F(StreamAdmissionTest, WindowOverTheBudgetIsRefusedWithBothNumbers) {
+  Start(/*memory_budget_bytes=*/64 << 20);  // One 8192-token chunk of inputs alone is 48 MiB.
+  const testing::SyntheticStream stream(LongHeader(32768), 1, 1024);
+  const grpc::Status status = client_->AttendStreamBlocks(
+      stream.header(), stream.Source(),
+      [](const v1::AttendStreamResponse&) { return grpc::Status::OK; });
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  for (const char* part : {"for the stream's window", "2 chunks of 8192 tokens",
+                           "memory budget is 67108864 bytes"}) {
+    EXPECT_NE(status.error_message().find(part), std::string::npos)
+        << "'" << part << "' missing from: " << status.error_message();
+  }
+  EXPECT_EQ(Metric("da_requests_rejected_total{reason=\"memory\"}"), 1);
+  EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
+}
+
+TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
+  Start(/*memory_budget_bytes=*/0);
+  const testing::SyntheticStream stream(LongHeader(8 * 8192), 2, 1024);
+  std::atomic<int64_t> cancelled_at{0};
+  std::atomic<double> running_at_cancel{-1}, reserved_at_cancel{-1};
+  std::thread call([&] {
+    const grpc::Status status = client_->AttendStreamBlocks(
+        stream.header(), stream.Source(), [&](const v1::AttendStreamResponse& message) {
+          if (!message.has_block()) return grpc::Status::OK;
+          // Chunk 0 is answered; chunk 1's tokens arrived while it computed, so chunk 1 runs now.
+          running_at_cancel = Metric("da_engine_running_requests");
+          reserved_at_cancel = Metric("da_memory_reserved_bytes");
+          cancelled_at = Clock::now().time_since_epoch().count();
+          return grpc::Status(grpc::StatusCode::CANCELLED, "test cancels");  // -> TryCancel.
+        });
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+  });
+  ASSERT_TRUE(testing::WaitFor([&] { return cancelled_at.load() != 0; }, std::chrono::seconds(60)));
+  const Clock::time_point since{Clock::duration(cancelled_at.load())};
+  const std::chrono::milliseconds stopped = TimeUntilIdle(since);
+  call.join();
+  EXPECT_EQ(running_at_cancel.load(), 1) << "no chunk was computing when the test cancelled";
+  EXPECT_GT(reserved_at_cancel.load(), 100 << 20) << "the stream's window was not reserved";
+  EXPECT_LT(stopped.count(), 100) << "engine work and memory outlived the cancellation";
+  EXPECT_EQ(Metric("da_engine_runs_cancelled_total"), 1);
+}
+
+TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {
+  Start(/*memory_budget_bytes=*/0);
+  const testing::SyntheticStream stream(LongHeader(16 * 8192), 3, 1024);
+  auto discard = [](const v1::AttendStreamResponse&) { return grpc::Status::OK; };
+  // On a fresh server (no throughput measured yet, so nothing is refused up front) a 400 ms
+  // deadline falls inside chunk 0's compute: the engine stops that run.
+  const Clock::time_point start = Clock::now();
+  const grpc::Status late = client_->AttendStreamBlocks(stream.header(), stream.Source(), discard,
+                                                        testing::WithTimeout(400));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
+  const std::chrono::milliseconds stopped = TimeUntilIdle(start + std::chrono::milliseconds(400));
+  EXPECT_LT(stopped.count(), 100) << "engine work and memory outlived the deadline";
+  EXPECT_EQ(Metric("da_engine_runs_deadline_exceeded_total"), 1);
+  EXPECT_EQ(Metric("da_engine_stop_latency_seconds_count"), 1);
+
+  // Once the engine has measured its throughput (one chunk computed to the end), the long stream
+  // is refused before any block is read.
+  const testing::SyntheticStream one_chunk(LongHeader(8192), 4, 1024);
+  ASSERT_TRUE(client_->AttendStreamBlocks(one_chunk.header(), one_chunk.Source(), discard).ok());
+  const grpc::Status refused = client_->AttendStreamBlocks(
+      stream.header(), stream.Source(), discard, testing::WithTimeout(1500));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_NE(refused.error_message().find("the stream needs an estimated"), std::string::npos)
+      << refused.error_message();
+  EXPECT_GE(Metric("da_requests_rejected_total{reason=\"deadline\"}"), 1);
+  EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
+}
+
+}  // namespace
+}  // namespace da::server
