@@ -75,21 +75,25 @@ absl::Status RandomFlags::Check() const {
   return absl::OkStatus();
 }
 
+void AddConnectionFlags(CLI::App* command, ConnectionFiles* files) {
+  command->add_option("--tls-ca", files->tls_ca,
+                      "PEM CA certificate(s) that verify the server: connect with TLS");
+  command->add_option("--tls-cert", files->tls_cert,
+                      "PEM client certificate for mutual TLS (needs --tls-key)");
+  command->add_option("--tls-key", files->tls_key, "PEM private key of --tls-cert");
+  command->add_option("--tls-server-name", files->tls_server_name,
+                      "Name to check the server's certificate against instead of --server's host");
+  command->add_option("--token-file", files->token_file,
+                      "File whose first non-comment line is the bearer token sent with each call");
+}
+
 void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
   command->add_option("--server", flags->server, "Server address host:port")->capture_default_str();
   command->add_option("--timeout-ms", flags->timeout_ms,
                       attend ? "Deadline of each call in ms (0: none)"
                              : "Deadline in ms (0: the default of 10000)");
   command->add_flag("--json", flags->json, "Print one JSON object");
-  command->add_option("--tls-ca", flags->connection.tls_ca,
-                      "PEM CA certificate(s) that verify the server: connect with TLS");
-  command->add_option("--tls-cert", flags->connection.tls_cert,
-                      "PEM client certificate for mutual TLS (needs --tls-key)");
-  command->add_option("--tls-key", flags->connection.tls_key, "PEM private key of --tls-cert");
-  command->add_option("--tls-server-name", flags->connection.tls_server_name,
-                      "Name to check the server's certificate against instead of --server's host");
-  command->add_option("--token-file", flags->connection.token_file,
-                      "File whose first non-comment line is the bearer token sent with each call");
+  AddConnectionFlags(command, &flags->connection);
   if (!attend) return;
   command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");
   command->add_option("--block-tokens", flags->block_tokens,

@@ -65,6 +65,9 @@ struct RandomFlags {
 // attend: true adds --stream, --block-tokens and --request-id. Every command gets --server,
 // --timeout-ms, --json and the connection flags (TLS files and the token file).
 void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend);
+
+// --tls-ca, --tls-cert, --tls-key, --tls-server-name and --token-file (every subcommand has them).
+void AddConnectionFlags(CLI::App* command, ConnectionFiles* files);
 CLI::App* AddAttendCommand(CLI::App& app, AttendFlags* flags);
 CLI::App* AddRandomCommand(CLI::App& app, RandomFlags* flags);
 

@@ -104,6 +104,7 @@ absl::StatusOr<ConnectionOptions> LoadConnectionOptions(const ConnectionFiles& f
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            const ConnectionOptions& options) {
   grpc::ChannelArguments arguments = DefaultChannelArguments(options.max_message_bytes);
+  if (options.channel_id != 0) arguments.SetInt("da.channel_id", options.channel_id);
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options.tls) {
     grpc::SslCredentialsOptions ssl;

@@ -34,6 +34,9 @@ struct ConnectionOptions {
   std::string tls_server_name = {};
   std::string bearer_token;  // Empty: no authorization metadata.
   int64_t max_message_bytes = 1LL << 30;
+  // Channels whose options are equal share one connection; a distinct id gives a channel its own
+  // (the load generator's --channels).
+  int channel_id = 0;
 };
 
 // The paths as given on da-client's command line (--tls-ca, --tls-cert, --tls-key,

@@ -46,12 +46,10 @@ struct Connection {
 std::vector<Connection> Connect(const LoadOptions& options) {
   std::vector<Connection> connections(options.channels);
   for (int i = 0; i < options.channels; ++i) {
-    grpc::ChannelArguments arguments = DefaultChannelArguments();
-    // Channels with equal arguments share one connection; a distinct argument gives each its own.
-    arguments.SetInt("da.load_channel", i);
-    auto credentials =
-        options.credentials ? options.credentials : grpc::InsecureChannelCredentials();
-    connections[i].channel = grpc::CreateCustomChannel(options.server, credentials, arguments);
+    // Channels with equal arguments share one connection; a distinct id gives each its own.
+    ConnectionOptions connection = options.connection;
+    connection.channel_id = i;
+    connections[i].channel = MakeChannel(options.server, connection);
     connections[i].client = std::make_unique<AttentionClient>(connections[i].channel);
     connections[i].stub = v1::AttentionService::NewStub(connections[i].channel);
   }

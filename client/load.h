@@ -31,14 +31,15 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/connection_options.h"
 #include "client/load_mix.h"
 
 namespace da::client {
 
 struct LoadOptions {
   std::string server = "localhost:50051";
-  // Null: insecure. Set by the CLI when TLS flags are given.
-  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Plaintext without a token by default; the CLI fills it from the connection flags.
+  ConnectionOptions connection;
   int concurrency = 1;     // Worker threads, each with at most one call in flight.
   int channels = 1;        // gRPC channels (connections); workers use them round robin.
   double duration_s = 10;  // Measured time, after warm-up.

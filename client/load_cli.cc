@@ -1,10 +1,13 @@
 #include "client/load_cli.h"
 
+#include "client/cli_args.h"
+
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "client/cli_args.h"
 #include "client/cli_format.h"
 
 namespace da::client {
@@ -21,6 +24,9 @@ absl::StatusOr<grpc::StatusCode> ParseStatusCode(const std::string& name, const 
 
 absl::StatusOr<LoadOptions> LoadFlags::ToOptions() const {
   LoadOptions out = options;
+  absl::StatusOr<ConnectionOptions> connection_options = LoadConnectionOptions(connection);
+  if (!connection_options.ok()) return connection_options.status();
+  out.connection = *std::move(connection_options);
   absl::StatusOr<Mix> parsed_mix = ParseMix(mix);
   if (!parsed_mix.ok()) return parsed_mix.status();
   out.mix = *parsed_mix;
@@ -57,6 +63,7 @@ CLI::App* AddLoadCommand(CLI::App& app, LoadFlags* flags) {
       "latency percentiles and answers by status code");
   LoadOptions& o = flags->options;
   command->add_option("--server", o.server, "Server address host:port")->capture_default_str();
+  AddConnectionFlags(command, &flags->connection);
   command->add_option("--concurrency", o.concurrency, "Concurrent workers (calls in flight)")
       ->capture_default_str();
   command->add_option("--duration-s", o.duration_s, "Measured seconds")->capture_default_str();

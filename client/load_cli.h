@@ -17,6 +17,7 @@ namespace da::client {
 
 struct LoadFlags {
   LoadOptions options;
+  ConnectionFiles connection;  // --tls-* and --token-file, read by ToOptions.
   std::string mix = "small";
   std::string transport = "auto";  // auto (each kind's choice), unary or stream.
   std::string expect_codes;        // "RESOURCE_EXHAUSTED,DEADLINE_EXCEEDED".

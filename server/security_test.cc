@@ -467,5 +467,30 @@ TEST(CliSecurityTest, InfoOverTlsWithATokenAndRefusedWithout) {
   EXPECT_THAT(usage_output, HasSubstr("--tls-cert needs --tls-key"));
 }
 
+// The load generator takes the same connection flags: over mTLS with the token every answer is
+// OK; without the token every answer is UNAUTHENTICATED, which the report counts as unexpected.
+TEST(CliSecurityTest, LoadOverMutualTlsWithAToken) {
+  const Certificates& certs = Certificates::Get();
+  ASSERT_TRUE(certs.ok());
+  testing::SpawnedServer server(
+      DA_SERVER_BINARY,
+      {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
+       "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  const std::string token_file = certs.Path("load_token.txt");
+  WriteFile(token_file, std::string(kToken) + "\n");
+  const std::string base =
+      std::string(DA_CLIENT_BINARY) + " load --json --mix small --concurrency 2 --duration-s 1" +
+      " --server localhost:" + std::to_string(server.port()) + " --tls-ca " +
+      certs.Path("ca.pem") + " --tls-cert " + certs.Path("client.pem") + " --tls-key " +
+      certs.Path("client.key");
+  const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
+  EXPECT_EQ(ok_code, 0) << ok_output;
+  EXPECT_THAT(ok_output, HasSubstr("\"unexpected_errors\":0")) << ok_output;
+  const auto [refused_code, refused_output] = RunCommand(base);
+  EXPECT_EQ(refused_code, 1) << refused_output;
+  EXPECT_THAT(refused_output, HasSubstr("UNAUTHENTICATED")) << refused_output;
+}
+
 }  // namespace
 }  // namespace da::server
