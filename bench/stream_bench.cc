@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   int threads = 2, repeat = 3, depth = 2;
   long server_pid = 0;
   bool skip_in_process = false;
+  bool generate_while_sending = false;
 
   CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
   app.add_option("--server", server_address, "host:port of a running da-server; default: start one");
@@ -75,6 +76,9 @@ int main(int argc, char** argv) {
   app.add_option("--min-chunk-tokens", min_chunk_tokens, "In-process server's chunk minimum");
   app.add_option("--repeat", repeat, "Timed runs of each (after one warm-up run)");
   app.add_flag("--skip-in-process", skip_in_process, "Only the stream (e.g. for 4M tokens)");
+  app.add_flag("--generate-while-sending", generate_while_sending,
+               "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
+               "of before the clock starts");
   CLI11_PARSE(app, argc, argv);
   if (segments.size() != dilations.size() || repeat < 1) {
     std::cerr << "da-stream-bench: --segments and --dilations need equal lengths; --repeat >= 1\n";
@@ -173,9 +177,27 @@ int main(int argc, char** argv) {
   for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
     int64_t received = 0;
     bool same = true;
+    // Blocks are made before the clock starts (unless --generate-while-sending): on a shared
+    // loopback machine the client's random number generation would otherwise compete with the
+    // server's compute, which a client on its own machine does not.
+    std::vector<da::v1::TokenBlock> blocks;
+    if (!generate_while_sending) {
+      for (int64_t start = 0; start < seq_len; start += block_tokens) {
+        blocks.push_back(stream.Block(start));
+      }
+    }
+    size_t next_block = 0;
+    da::client::AttentionClient::BlockSource source = stream.Source();
+    if (!generate_while_sending) {
+      source = [&](da::v1::TokenBlock* block) {
+        if (next_block == blocks.size()) return false;
+        block->Swap(&blocks[next_block++]);
+        return true;
+      };
+    }
     const Clock::time_point start = Clock::now();
     const grpc::Status status = client.AttendStreamBlocks(
-        header, stream.Source(), [&](const da::v1::AttendStreamResponse& message) {
+        header, source, [&](const da::v1::AttendStreamResponse& message) {
           if (message.has_trailer()) info = message.trailer().info();
           if (message.has_block()) {
             const std::string& bytes = message.block().output();

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 #include <string>
 #include <utility>
 
@@ -14,21 +13,6 @@ namespace da::server {
 namespace {
 constexpr int64_t kOutputMessageBytes = int64_t{4} << 20;
 }  // namespace
-
-int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
-                          int64_t min_chunk_tokens) {
-  if (seq_len < 1) return seq_len;
-  int64_t period = 1;  // The least common multiple of the segment lengths so far.
-  for (const engine::Pattern& pattern : spec.patterns) {
-    const int64_t w = std::max<int64_t>(1, pattern.segment_len);
-    const int64_t step = period / std::gcd(period, w);
-    if (step > seq_len / w) return seq_len;  // The period reaches seq_len: one chunk.
-    period = step * w;
-  }
-  const int64_t factor = std::max<int64_t>(1, (min_chunk_tokens + period - 1) / period);
-  if (factor > seq_len / period) return seq_len;
-  return std::min(seq_len, factor * period);
-}
 
 AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metrics,
                                          const StreamSettings& settings,
@@ -100,23 +84,9 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   limits.max_request_bytes = 0;
   DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits));
 
-  StreamLayout layout;
-  layout.batch = problem_.shape.batch;
-  layout.seq_len = problem_.shape.seq_len;
-  layout.q_row_bytes = QueryRowBytes();
-  layout.kv_row_bytes = KeyRowBytes();
-  layout.chunk_tokens =
-      ChooseChunkTokens(problem_.spec, problem_.shape.seq_len, settings_.min_chunk_tokens);
-  // Each chunk is one engine run and, like a unary request, must fit max_request_bytes.
-  const int64_t max_request_bytes = engine_->limits().max_request_bytes;
-  const int64_t chunk_bytes =
-      layout.chunk_tokens * layout.batch * (2 * layout.q_row_bytes + 2 * layout.kv_row_bytes);
-  if (max_request_bytes > 0 && chunk_bytes > max_request_bytes) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "
-        "query, key, value and output; limit is %d (--max-request-bytes)",
-        layout.chunk_tokens, chunk_bytes, max_request_bytes));
-  }
+  DA_ASSIGN_OR_RETURN(const StreamLayout layout,
+                      MakeStreamLayout(problem_.shape, problem_.dtype, problem_.spec,
+                                       settings_.min_chunk_tokens, engine_->limits().max_request_bytes));
   priority_ = header.priority();
   DA_RETURN_IF_ERROR(Admit(layout));
   DA_ASSIGN_OR_RETURN(assembler_, StreamAssembler::Create(layout, settings_.pipeline_depth));

@@ -63,12 +63,6 @@ struct StreamSettings {
   int64_t min_chunk_tokens = 4096;       // Chunks are at least this long (unless seq_len is less).
 };
 
-// Tokens per chunk for a request: the least common multiple of the segment lengths, times the
-// smallest factor that makes it at least min_chunk_tokens, clipped to seq_len (also when the
-// multiple would overflow).
-int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
-                          int64_t min_chunk_tokens);
-
 class AttendStreamReactor final
     : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
  public:

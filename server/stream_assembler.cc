@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <utility>
 
 #include "absl/strings/str_format.h"
@@ -20,6 +21,44 @@ int64_t CheckedMul(int64_t a, int64_t b) {
 }
 
 }  // namespace
+
+int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
+                          int64_t min_chunk_tokens) {
+  if (seq_len < 1) return seq_len;
+  int64_t period = 1;  // The least common multiple of the segment lengths so far.
+  for (const engine::Pattern& pattern : spec.patterns) {
+    const int64_t w = std::max<int64_t>(1, pattern.segment_len);
+    const int64_t step = period / std::gcd(period, w);
+    if (step > seq_len / w) return seq_len;  // The period reaches seq_len: one chunk.
+    period = step * w;
+  }
+  const int64_t factor = std::max<int64_t>(1, (min_chunk_tokens + period - 1) / period);
+  if (factor > seq_len / period) return seq_len;
+  return std::min(seq_len, factor * period);
+}
+
+absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape, engine::DType dtype,
+                                              const engine::AttentionSpec& spec,
+                                              int64_t min_chunk_tokens, int64_t max_request_bytes) {
+  StreamLayout layout;
+  layout.batch = shape.batch;
+  layout.seq_len = shape.seq_len;
+  layout.q_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(dtype);
+  layout.kv_row_bytes = shape.kv_heads * shape.head_dim * engine::DTypeSize(dtype);
+  layout.chunk_tokens = ChooseChunkTokens(spec, shape.seq_len, min_chunk_tokens);
+  // Validated shapes fit the engine's limits, but compute without trusting that.
+  const int64_t rows = CheckedMul(layout.chunk_tokens, layout.batch);
+  const int64_t chunk_bytes = CheckedMul(rows, 2 * layout.q_row_bytes + 2 * layout.kv_row_bytes);
+  if (rows < 0 || chunk_bytes < 0 ||
+      (max_request_bytes > 0 && chunk_bytes > max_request_bytes)) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "
+        "query, key, value and output; limit is %d (--max-request-bytes)",
+        layout.chunk_tokens, chunk_bytes < 0 ? std::numeric_limits<int64_t>::max() : chunk_bytes,
+        max_request_bytes));
+  }
+  return layout;
+}
 
 absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
     const StreamLayout& layout, int slots) {

@@ -31,6 +31,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/attention_spec.h"
+#include "engine/tensor.h"
 #include "server/host_buffer.h"
 
 namespace da::server {
@@ -65,6 +67,19 @@ struct BlockView {
   std::string_view k;
   std::string_view v;
 };
+
+// Tokens per chunk for a request: the least common multiple of the segment lengths, times the
+// smallest factor that makes it at least min_chunk_tokens, clipped to seq_len (also when the
+// multiple would pass seq_len or overflow). No segment then spans two chunks.
+int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
+                          int64_t min_chunk_tokens);
+
+// The layout of a validated stream problem (its shape checked by engine::ValidateShape). Each
+// chunk is one engine run and, like a unary request, must fit max_request_bytes (q, k, v and
+// output; 0: unlimited): RESOURCE_EXHAUSTED naming the chunk otherwise.
+absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape, engine::DType dtype,
+                                              const engine::AttentionSpec& spec,
+                                              int64_t min_chunk_tokens, int64_t max_request_bytes);
 
 class StreamAssembler {
  public:

@@ -32,6 +32,7 @@
 #include "engine/tensor.h"
 #include "google/protobuf/stubs/logging.h"
 #include "server/conversion.h"
+#include "server/stream_assembler.h"
 #include "server/server.h"
 
 namespace da::server {
@@ -251,7 +252,35 @@ void FuzzStreamHeader(const v1::StreamHeader& header) {
   engine::Limits limits = DefaultServerLimits();
   limits.max_request_bytes = 0;  // As AttendStreamReactor::AcceptHeader.
   std::optional<StreamProblem> problem = CheckHeader(header, "header.dtype", limits);
-  if (!problem || !SmallEnough(problem->shape, problem->spec)) return;
+  if (!problem) return;
+  // The chunking AttendStreamReactor derives from an accepted header.
+  const int64_t seq_len = problem->shape.seq_len;
+  for (int64_t min_chunk : {int64_t{1}, int64_t{4096}}) {
+    absl::StatusOr<StreamLayout> layout =
+        MakeStreamLayout(problem->shape, problem->dtype, problem->spec, min_chunk,
+                         DefaultServerLimits().max_request_bytes);
+    if (!layout.ok()) {
+      if (layout.status().code() != absl::StatusCode::kResourceExhausted ||
+          layout.status().message().find("stream chunk of") == std::string::npos) {
+        Fail(absl::StrCat("MakeStreamLayout refused oddly: ", layout.status().ToString()));
+      }
+      continue;
+    }
+    const int64_t chunk = layout->chunk_tokens;
+    if (chunk < std::min(min_chunk, seq_len) || chunk > seq_len) {
+      Fail(absl::StrCat("chunk_tokens ", chunk, " outside [min(", min_chunk, ", ", seq_len,
+                        "), seq_len]"));
+    }
+    if (chunk != seq_len) {
+      for (const engine::Pattern& pattern : problem->spec.patterns) {
+        if (chunk % pattern.segment_len != 0) {
+          Fail(absl::StrCat("chunk_tokens ", chunk, " is not a multiple of segment length ",
+                            pattern.segment_len));
+        }
+      }
+    }
+  }
+  if (!SmallEnough(problem->shape, problem->spec)) return;
   CompareWithReference(problem->shape, problem->dtype, problem->spec);
 }
 
