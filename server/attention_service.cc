@@ -182,8 +182,8 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
 }
 
 // Building a plan allocates and touches its workspace (milliseconds to seconds), so it runs on
-// the warm-up worker, which finishes the RPC. Unauthenticated for now: once authentication exists
-// (issue 5) this RPC goes behind it, since it makes the server allocate memory on request.
+// the warm-up worker, which finishes the RPC. With --auth-token-file it needs a token like every
+// AttentionService method (AuthenticatedAttentionService), since it makes the server allocate.
 grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* context,
                                                    const v1::WarmUpRequest* request,
                                                    v1::WarmUpResponse* response) {
@@ -198,7 +198,9 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
       PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
     } else {
       response->Clear();
-      spdlog::warn("WarmUp of {} shapes failed: {}", request->shapes_size(), status.ToString());
+      spdlog::warn("request id={} method=WarmUp shapes={} code={} error=\"{}\"",
+                   RequestIdOf(*context), request->shapes_size(),
+                   absl::StatusCodeToString(status.code()), std::string(status.message()));
     }
     const grpc::Status grpc_status = ToGrpcStatus(status);
     metrics_->RequestFinished("WarmUp", grpc_status.error_code(), SecondsSince(start));

@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "server/request_record.h"
+
 namespace da::server {
 namespace {
 
@@ -19,9 +21,12 @@ grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
                                                          grpc::CallbackServerContext& context) {
   grpc::Status status = authenticator_->Check(context);
   if (!status.ok()) {
-    spdlog::warn("method={} peer={} status=UNAUTHENTICATED: {}", method, context.peer(),
-                 status.error_message());
-    if (metrics_ != nullptr) metrics_->RequestFinished(method, status.error_code(), 0.0);
+    spdlog::warn("request id={} method={} peer={} code=UNAUTHENTICATED error=\"{}\"",
+                 RequestIdOf(context), method, context.peer(), status.error_message());
+    if (metrics_ != nullptr) {
+      metrics_->RequestFinished(method, status.error_code(), 0.0);
+      metrics_->RequestRejected("unauthenticated");
+    }
   }
   return status;
 }

@@ -2,7 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <optional>
 #include <random>
+#include <string>
 
 #include "absl/strings/str_format.h"
 #include "server/status_conversion.h"
@@ -47,12 +49,21 @@ std::string GenerateRequestId() {
   return absl::StrFormat("%016x", generator());
 }
 
+std::optional<std::string> MetadataRequestId(const grpc::ServerContextBase& context) {
+  auto it = context.client_metadata().find("x-request-id");
+  if (it == context.client_metadata().end() || it->second.length() == 0) return std::nullopt;
+  return SanitizeRequestId(std::string_view(it->second.data(), it->second.length()));
+}
+
+std::string RequestIdOf(const grpc::ServerContextBase& context) {
+  return MetadataRequestId(context).value_or(GenerateRequestId());
+}
+
 RequestRecord::RequestRecord(Metrics* metrics, std::string method,
                              const grpc::CallbackServerContext& context)
     : metrics_(metrics), method_(std::move(method)), start_(std::chrono::steady_clock::now()) {
-  auto it = context.client_metadata().find("x-request-id");
-  if (it != context.client_metadata().end() && it->second.length() > 0) {
-    id_ = SanitizeRequestId(std::string_view(it->second.data(), it->second.length()));
+  if (std::optional<std::string> id = MetadataRequestId(context)) {
+    id_ = *std::move(id);
     id_from_metadata_ = true;
   } else {
     id_ = GenerateRequestId();

@@ -73,4 +73,8 @@ std::string RejectionReason(const absl::Status& status);
 // A fresh request id: 16 lowercase hex digits.
 std::string GenerateRequestId();
 
+// The call's x-request-id metadata (sanitized as RequestRecord does), else a fresh id: for the
+// log lines of calls that do not keep a RequestRecord (refused before, or not attention calls).
+std::string RequestIdOf(const grpc::ServerContextBase& context);
+
 }  // namespace da::server

@@ -224,6 +224,10 @@ TEST_F(SecurityTest, TokenIsRequiredOnEveryMethodButNotForHealth) {
     EXPECT_THAT(status.error_message(), HasSubstr("bearer token is not valid")) << method;
     EXPECT_THAT(status.error_message(), Not(HasSubstr(wrong_token))) << method;
   }
+  // Eight refusals (four methods, twice), each counted by reason.
+  EXPECT_EQ(testing::MetricValue(server->metrics().Scrape(),
+                                 "da_requests_rejected_total{reason=\"unauthenticated\"}"),
+            8);
 
   // Both tokens of the file are accepted (the first one is indented and commented around).
   for (const std::string token : {kToken, kOtherToken}) {
