@@ -24,6 +24,10 @@ class Health::WatchReactor final : public grpc::ServerWriteReactor<HealthCheckRe
   void Send(ServingStatus status) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (finish_called_ || ending_) return;
+    // Every change of any condition publishes to every watcher: send only what is news to this
+    // one, as the protocol asks.
+    if (status == last_status_) return;
+    last_status_ = status;
     if (writing_) {
       next_ = status;
       has_next_ = true;
@@ -87,6 +91,7 @@ class Health::WatchReactor final : public grpc::ServerWriteReactor<HealthCheckRe
   bool writing_ = false;
   bool has_next_ = false;
   ServingStatus next_ = HealthCheckResponse::UNKNOWN;
+  ServingStatus last_status_ = HealthCheckResponse::UNKNOWN;  // The latest status sent or queued.
   bool ending_ = false;
   grpc::Status end_status_;
   bool finish_called_ = false;
