@@ -5,8 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <condition_variable>
-#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -25,62 +23,6 @@ using std::chrono::seconds;
 using ServingStatus = HealthCheckResponse::ServingStatus;
 
 constexpr int64_t kTimeoutMs = 30000;
-
-// A Watch call read on its own thread; every status it receives and how it ended.
-class WatchRecorder {
- public:
-  WatchRecorder(std::shared_ptr<grpc::Channel> channel, const std::string& service)
-      : stub_(grpc::health::v1::Health::NewStub(channel)) {
-    HealthCheckRequest request;
-    request.set_service(service);
-    reader_ = stub_->Watch(&context_, request);
-    thread_ = std::thread([this] {
-      HealthCheckResponse response;
-      while (reader_->Read(&response)) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        statuses_.push_back(response.status());
-        cv_.notify_all();
-      }
-      const grpc::Status status = reader_->Finish();
-      std::lock_guard<std::mutex> lock(mutex_);
-      final_ = status;
-      done_ = true;
-      cv_.notify_all();
-    });
-  }
-  ~WatchRecorder() {
-    context_.TryCancel();
-    thread_.join();
-  }
-
-  // True once the latest status received is `status` (within the timeout).
-  bool WaitForLatest(ServingStatus status, std::chrono::milliseconds timeout) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    return cv_.wait_for(lock, timeout,
-                        [&] { return !statuses_.empty() && statuses_.back() == status; });
-  }
-  // The call's final status once it ended (within the timeout), or nullopt.
-  std::optional<grpc::Status> WaitForEnd(std::chrono::milliseconds timeout) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (!cv_.wait_for(lock, timeout, [&] { return done_; })) return std::nullopt;
-    return final_;
-  }
-  std::vector<ServingStatus> statuses() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return statuses_;
-  }
-
- private:
-  std::unique_ptr<grpc::health::v1::Health::Stub> stub_;
-  grpc::ClientContext context_;
-  std::unique_ptr<grpc::ClientReader<HealthCheckResponse>> reader_;
-  mutable std::mutex mutex_;
-  std::condition_variable cv_;
-  std::vector<ServingStatus> statuses_;
-  grpc::Status final_;
-  bool done_ = false;
-  std::thread thread_;  // Last: starts once the members above exist.
-};
 
 ServingStatus Check(client::AttentionClient& client, const std::string& service) {
   ServingStatus serving = HealthCheckResponse::UNKNOWN;
@@ -119,7 +61,7 @@ TEST(HealthTest, ReadinessWatchSeesWarmUpThenShutdownAndDoesNotHoldTheDrain) {
   std::unique_ptr<Server> server = testing::StartServer(WithOneWarmUpShape());
   ASSERT_NE(server, nullptr);
   client::AttentionClient client(testing::ChannelTo(server->port()));
-  WatchRecorder readiness(testing::ChannelTo(server->port()), kServiceName);
+  testing::HealthWatch readiness(testing::ChannelTo(server->port()), kServiceName);
   ASSERT_TRUE(readiness.WaitForLatest(HealthCheckResponse::NOT_SERVING, seconds(30)));
   EXPECT_EQ(server->health().NotReadyReason(), "warming up");
   EXPECT_EQ(Check(client, kServiceName), HealthCheckResponse::NOT_SERVING);
@@ -148,7 +90,7 @@ TEST(HealthTest, ReadinessWatchSeesWarmUpThenShutdownAndDoesNotHoldTheDrain) {
 TEST(HealthTest, LivenessWatchStaysServingThroughWarmUpAndEndsAtTheDrain) {
   std::unique_ptr<Server> server = testing::StartServer(WithOneWarmUpShape());
   ASSERT_NE(server, nullptr);
-  WatchRecorder liveness(testing::ChannelTo(server->port()), "");
+  testing::HealthWatch liveness(testing::ChannelTo(server->port()), "");
   ASSERT_TRUE(liveness.WaitForLatest(HealthCheckResponse::SERVING, seconds(30)));
   ASSERT_TRUE(server->WarmUp().ok());
   ShutdownInBackground shutdown(*server, std::chrono::minutes(2));
@@ -216,7 +158,7 @@ TEST(HealthTest, UnknownServicesAreNotFoundForCheckAndServiceUnknownForWatch) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_NE(status.error_message().find("unknown service 'da.v1.Nope'"), std::string::npos)
       << status.error_message();
-  WatchRecorder unknown(testing::ChannelTo(server->port()), "da.v1.Nope");
+  testing::HealthWatch unknown(testing::ChannelTo(server->port()), "da.v1.Nope");
   EXPECT_TRUE(unknown.WaitForLatest(HealthCheckResponse::SERVICE_UNKNOWN, seconds(30)));
 }
 
