@@ -228,10 +228,6 @@ TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
   }
   // The drain did the work: the held-back streams at least completed after the signal.
   EXPECT_GE(finished_after_signal, 2);
-            << std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
-                                                         signalled)
-                   .count()
-            << "\n";
 
   const std::optional<int> exit_status =
       server->process().WaitForExit(milliseconds(kDrainTimeoutMs));
