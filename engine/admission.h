@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -127,6 +128,10 @@ struct EngineStats {
   int64_t runs_deadline_exceeded = 0;    // Stopped during compute by their deadline.
   double measured_flops_per_second = 0;  // Best seen over completed runs; 0 before the first.
   StopLatencyStats stop_latency;
+  // Per device id (every device of Engine::devices(), from 0): seconds runs spent computing on
+  // it, from the start of compute (plan lookup or build included) until it returned, whether it
+  // succeeded, failed or was stopped. Concurrent runs on one device each count their own time.
+  std::map<std::string, double> device_busy_seconds;
 };
 
 }  // namespace da::engine

@@ -230,6 +230,9 @@ struct Engine::Impl {
 
     std::lock_guard<std::mutex> lock(mutex);
     active.erase(&run);
+    // Compute always runs on the first device (Compute's plan key and ExecutionInfo say so).
+    counters.device_busy_seconds[devices.front().id] +=
+        std::chrono::duration<double>(returned - start).count();
     if (!result.ok() && run.cause != StopCause::kNone) {
       // The status the backend returned for its stop flag becomes what stopped it.
       const double latency_s = std::chrono::duration<double>(returned - run.stop_seen).count();
@@ -418,6 +421,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   impl->plans = std::make_unique<PlanCache>(options.plan_cache_bytes);
   impl->pool = std::make_unique<ThreadPool>(options.threads);
   impl->devices = DiscoverDevices(impl->pool->size());
+  for (const DeviceInfo& device : impl->devices) impl->counters.device_busy_seconds[device.id] = 0;
   for (int i = 0; i < options.max_concurrent_runs; ++i) {
     impl->dispatchers.emplace_back([raw = impl.get()] { raw->DispatchLoop(); });
   }

@@ -234,5 +234,34 @@ TEST(EngineTest, DevicesListTheCpuFirst) {
   EXPECT_GT(devices[0].memory_bytes, 0);
 }
 
+TEST(EngineTest, DeviceBusySecondsSumTheComputeTimeOfRunsOnThatDevice) {
+  auto engine = Engine::Create(Options(2));
+  ASSERT_TRUE(engine.ok());
+  // Every device is listed from the start, at zero.
+  const EngineStats before = (*engine)->stats();
+  ASSERT_EQ(before.device_busy_seconds.size(), (*engine)->devices().size());
+  for (const DeviceInfo& device : (*engine)->devices()) {
+    EXPECT_EQ(before.device_busy_seconds.at(device.id), 0) << device.id;
+  }
+
+  // Two runs of a few milliseconds each; the busy time lies between their compute times and the
+  // wall time around them.
+  Inputs in = MakeInputs({1, 2048, 4, 32}, 7);
+  in.spec.patterns = {{2048, 1}};
+  const auto start = std::chrono::steady_clock::now();
+  double compute_seconds = 0;
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+    ASSERT_TRUE(info.ok()) << info.status();
+    compute_seconds += info->compute_time_us / 1e6;
+  }
+  const double wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double busy = (*engine)->stats().device_busy_seconds.at("cpu:0");
+  EXPECT_GT(compute_seconds, 0);
+  EXPECT_GE(busy, compute_seconds);
+  EXPECT_LE(busy, wall_seconds);
+}
+
 }  // namespace
 }  // namespace da::engine

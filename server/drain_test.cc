@@ -1,13 +1,19 @@
 // SIGTERM on the real da-server binary: the call in flight completes, new calls are refused, the
-// process exits 0; and a drain deadline cancels what is still running.
+// process exits 0; under load (unary and streamed calls, one still sending its input) every call
+// in flight completes with the right output while readiness turns NOT_SERVING; and a drain
+// deadline cancels what is still running.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <random>
 #include <thread>
 
 #include "client/attention_client.h"
+#include "client/stream_blocks.h"
 #include "server/test_util.h"
 
 namespace da::server {
@@ -69,6 +75,164 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   EXPECT_TRUE(in_flight_status.ok()) << in_flight_status.error_message();
   EXPECT_EQ(in_flight_response.output().data().size(), request.query().data().size());
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
+}
+
+// A one-shot gate: Wait blocks until Open.
+class Gate {
+ public:
+  void Open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    cv_.notify_all();
+  }
+  void Wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return open_; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool open_ = false;
+};
+
+// How a call under load is made.
+enum class CallKind { kUnary, kStream, kStreamHeldBack };
+
+// AttendStreamBlocks with request's blocks produced on demand; the last block waits for `gate`,
+// so the call is still receiving input when the gate opens.
+grpc::Status StreamHeldBack(client::AttentionClient& client, const v1::AttendRequest& request,
+                            Gate& gate, v1::AttendResponse* response) {
+  client::StreamPlan plan;
+  if (grpc::Status planned = client::MakeStreamPlan(request, /*block_tokens=*/1024, &plan);
+      !planned.ok()) {
+    return planned;
+  }
+  int64_t next = 0;
+  auto next_block = [&](v1::TokenBlock* block) {
+    if (next >= plan.header.seq_len()) return false;
+    if (next + plan.block_tokens >= plan.header.seq_len()) gate.Wait();
+    *block = client::MakeTokenBlock(request, plan, next);
+    next += plan.block_tokens;
+    return true;
+  };
+  client::OutputAssembler assembler(plan.header);
+  auto on_answer = [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); };
+  const grpc::Status status =
+      client.AttendStreamBlocks(plan.header, next_block, on_answer, testing::WithTimeout(300000));
+  return status.ok() ? assembler.Finish(response) : status;
+}
+
+TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
+  // Generous: the drain must end because the work is done, never because this ran out.
+  constexpr int64_t kDrainTimeoutMs = 240000;
+  std::unique_ptr<testing::SpawnedServer> server = SpawnServer(kDrainTimeoutMs);
+  ASSERT_NE(server, nullptr);
+  auto channel = testing::ChannelTo(server->port());
+  client::AttentionClient client(channel);
+
+  // Eight calls of a few hundred milliseconds of compute each on two cores (4 heads of 8192
+  // tokens, 24 MiB of q, k, v), each with its own random input; the engine runs them one after
+  // another, so most of them are still queued or computing when SIGTERM arrives.
+  const std::vector<CallKind> kinds = {
+      CallKind::kUnary,  CallKind::kStream, CallKind::kStreamHeldBack, CallKind::kUnary,
+      CallKind::kStream, CallKind::kUnary,  CallKind::kStreamHeldBack, CallKind::kStream};
+  std::mt19937 rng(std::random_device{}());
+  std::vector<v1::AttendRequest> requests;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    requests.push_back(testing::RandomRequest({.seq_len = 8192,
+                                               .heads = 4,
+                                               .kv_heads = 2,
+                                               .head_dim = 64,
+                                               .patterns = {{2048, 1}, {4096, 2}},
+                                               .causal = i % 2 == 1},
+                                              rng));
+  }
+
+  testing::HealthWatch readiness(channel, kServiceName);
+  ASSERT_TRUE(readiness.WaitForLatest(grpc::health::v1::HealthCheckResponse::SERVING, seconds(60)));
+
+  Gate held_back;
+  std::vector<grpc::Status> statuses(kinds.size());
+  std::vector<v1::AttendResponse> responses(kinds.size());
+  std::vector<std::chrono::steady_clock::time_point> finished(kinds.size());
+  std::vector<std::thread> calls;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    calls.emplace_back([&, i] {
+      switch (kinds[i]) {
+        case CallKind::kUnary:
+          statuses[i] = client.Attend(requests[i], &responses[i], testing::WithTimeout(300000));
+          break;
+        case CallKind::kStream:
+          statuses[i] =
+              client.AttendStream(requests[i], &responses[i], testing::WithTimeout(300000));
+          break;
+        case CallKind::kStreamHeldBack:
+          statuses[i] = StreamHeldBack(client, requests[i], held_back, &responses[i]);
+          break;
+      }
+      finished[i] = std::chrono::steady_clock::now();
+    });
+  }
+  // Every call accepted by the server (held-back streams included) before the signal.
+  const bool all_in_flight = testing::WaitFor(
+      [&] { return InFlight(*server, static_cast<int>(kinds.size())); }, seconds(120));
+  const auto signalled = std::chrono::steady_clock::now();
+  const int killed = all_in_flight ? kill(server->process().pid(), SIGTERM) : -1;
+  // Whatever happened, let the held-back streams finish sending so every thread can end.
+  auto release = [&] {
+    held_back.Open();
+    for (std::thread& call : calls) call.join();
+  };
+  if (!all_in_flight || killed != 0) {
+    release();
+    FAIL() << "calls in flight never reached " << kinds.size() << " (or kill failed)\n"
+           << server->Log();
+  }
+
+  // Readiness turns NOT_SERVING, then the Watch ends: the drain has begun.
+  EXPECT_TRUE(
+      readiness.WaitForLatest(grpc::health::v1::HealthCheckResponse::NOT_SERVING, seconds(30)));
+  const std::optional<grpc::Status> watch_end = readiness.WaitForEnd(seconds(30));
+  ASSERT_TRUE(watch_end.has_value());
+  EXPECT_EQ(watch_end->error_code(), grpc::StatusCode::UNAVAILABLE) << watch_end->error_message();
+
+  // New calls are refused. On a fresh connection at once: nothing listens any more. On the
+  // connection carrying the calls in flight, once the client has read the server's GOAWAY (the
+  // channel leaves READY): a call sent before that races the GOAWAY, and gRPC may answer it
+  // CANCELLED instead (the server kills streams that arrive after its shutdown began).
+  std::mt19937 late_rng(std::random_device{}());
+  const v1::AttendRequest late_request = testing::RandomRequest({}, late_rng);
+  client::AttentionClient late_client(testing::ChannelTo(server->port()));
+  v1::AttendResponse late_response;
+  grpc::Status late = late_client.Attend(late_request, &late_response, testing::WithTimeout(10000));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << "fresh connection: " << late.error_message();
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY; },
+      seconds(30)));
+  late = client.Attend(late_request, &late_response, testing::WithTimeout(10000));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << "connection of the calls in flight: " << late.error_message();
+
+  // The held-back streams still get to send their last block, after the signal.
+  release();
+  int finished_after_signal = 0;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    SCOPED_TRACE(::testing::Message() << "call " << i << " kind " << static_cast<int>(kinds[i]));
+    ASSERT_TRUE(statuses[i].ok()) << statuses[i].error_code() << ": "
+                                  << statuses[i].error_message();
+    EXPECT_TRUE(responses[i].output().data() == testing::InProcessOutput(requests[i], 2))
+        << "output differs from the in-process engine's";
+    if (finished[i] > signalled) ++finished_after_signal;
+  }
+  // The drain did the work: the held-back streams at least completed after the signal.
+  EXPECT_GE(finished_after_signal, 2);
+
+  const std::optional<int> exit_status =
+      server->process().WaitForExit(milliseconds(kDrainTimeoutMs));
+  EXPECT_TRUE(ExitedWithZero(exit_status)) << server->Log();
+  EXPECT_LT(std::chrono::steady_clock::now() - signalled, milliseconds(kDrainTimeoutMs));
 }
 
 TEST(DrainTest, DrainDeadlineCancelsWorkStillRunningAndExitsZero) {

@@ -10,6 +10,7 @@
 // With --warmup, the file is read before anything listens (a bad file exits 1 naming the file,
 // the entry and the field); the ports are then bound and written, liveness is SERVING, and
 // readiness turns SERVING once every warm-up plan is built (a shape the engine refuses exits 1).
+// Readiness also waits for the start-up self-check; a failed one keeps it off (server/health.h).
 //
 // SIGTERM or SIGINT: readiness turns NOT_SERVING, new calls are refused, calls in flight finish
 // (for up to --drain-timeout-ms), then the process exits 0.
@@ -184,8 +185,13 @@ int main(int argc, char** argv) {
       return 1;
     }
     const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
-    spdlog::info("warm-up done: {} plans in {:.3f} s; ready", options.warmup.size(),
-                 elapsed.count());
+    spdlog::info("warm-up done: {} plans in {:.3f} s", options.warmup.size(), elapsed.count());
+  }
+  // Readiness also needs the self-check and the devices (server/health.h); say which way it went.
+  if (const std::string not_ready = (*server)->health().NotReadyReason(); not_ready.empty()) {
+    spdlog::info("ready");
+  } else {
+    spdlog::warn("not ready: {}; liveness stays SERVING", not_ready);
   }
 
   int signal_number = 0;

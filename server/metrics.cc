@@ -155,6 +155,72 @@ class EngineCollector final : public prometheus::Collectable {
   mutable engine::EngineStats last_;
 };
 
+// The devices, read at scrape time too. Every family is present even with no device (HELP and
+// TYPE only), so dashboards and promtool see the same set of names on every server.
+class DeviceCollector final : public prometheus::Collectable {
+ public:
+  void SetSource(std::function<std::vector<DeviceSample>()> source) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (source_) last_ = source_();
+    source_ = std::move(source);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    std::vector<DeviceSample> devices;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (source_) last_ = source_();
+      devices = last_;
+    }
+    using prometheus::MetricType;
+    prometheus::MetricFamily info{"da_device_info",
+                                  "Devices the engine computes on (always 1), with their kind, "
+                                  "product name and capability.",
+                                  MetricType::Gauge,
+                                  {}};
+    prometheus::MetricFamily memory{
+        "da_device_memory_bytes",
+        "Physical memory of the device: host RAM for a CPU, global memory for a GPU.",
+        MetricType::Gauge,
+        {}};
+    prometheus::MetricFamily busy{"da_device_busy_seconds_total",
+                                  "Seconds runs spent computing on the device (concurrent runs "
+                                  "each count their own time).",
+                                  MetricType::Counter,
+                                  {}};
+    prometheus::MetricFamily up{
+        "da_device_up",
+        "1 when the device is up (discovered, self-check passed), 0 when it is down; readiness "
+        "needs every device up.",
+        MetricType::Gauge,
+        {}};
+    for (const DeviceSample& device : devices) {
+      prometheus::ClientMetric metric;
+      metric.label = {{"device", device.id}};
+      metric.gauge.value = static_cast<double>(device.memory_bytes);
+      memory.metric.push_back(metric);
+      metric.gauge.value = device.up ? 1 : 0;
+      up.metric.push_back(metric);
+      metric.gauge.value = 0;
+      metric.counter.value = device.busy_seconds;
+      busy.metric.push_back(metric);
+      prometheus::ClientMetric labelled;
+      labelled.label = {{"capability", device.capability},
+                        {"device", device.id},
+                        {"kind", device.kind},
+                        {"name", device.name}};
+      labelled.gauge.value = 1;
+      info.metric.push_back(labelled);
+    }
+    return {std::move(info), std::move(memory), std::move(busy), std::move(up)};
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::function<std::vector<DeviceSample>()> source_;
+  mutable std::vector<DeviceSample> last_;
+};
+
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   requests_ = &prometheus::BuildCounter()
                    .Name("da_requests_total")
@@ -207,6 +273,7 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   for (const char* reason : kRejectReasons) rejected_->Add({{"reason", reason}});
   plan_cache_ = std::make_shared<PlanCacheCollector>();
   engine_ = std::make_shared<EngineCollector>();
+  devices_ = std::make_shared<DeviceCollector>();
   for (const char* method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
     request_duration_->Add({{"method", method}}, LatencyBuckets());
   }
@@ -226,6 +293,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   metrics->exposer_->RegisterCollectable(metrics->registry_);
   metrics->exposer_->RegisterCollectable(metrics->plan_cache_);
   metrics->exposer_->RegisterCollectable(metrics->engine_);
+  metrics->exposer_->RegisterCollectable(metrics->devices_);
   std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (!ports.empty()) metrics->port_ = ports.front();
   return metrics;
@@ -263,6 +331,10 @@ void Metrics::SetEngineSource(std::function<engine::EngineStats()> source) {
   engine_->SetSource(std::move(source));
 }
 
+void Metrics::SetDeviceSource(std::function<std::vector<DeviceSample>()> source) {
+  devices_->SetSource(std::move(source));
+}
+
 void Metrics::SetPlanCacheSource(std::function<engine::PlanCacheStats()> source) {
   plan_cache_->SetSource(std::move(source));
 }
@@ -273,6 +345,9 @@ std::string Metrics::Scrape() const {
     families.push_back(std::move(family));
   }
   for (prometheus::MetricFamily& family : engine_->Collect()) {
+    families.push_back(std::move(family));
+  }
+  for (prometheus::MetricFamily& family : devices_->Collect()) {
     families.push_back(std::move(family));
   }
   return prometheus::TextSerializer().Serialize(families);

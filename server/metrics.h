@@ -14,6 +14,11 @@
 // at every scrape, so they always equal Engine::plan_cache_stats(), Engine::stats() and
 // GetServerInfo.
 //
+// Per device (DeviceSample, read at scrape time from SetDeviceSource): da_device_info{device,
+// kind,name,capability} (always 1), da_device_memory_bytes{device} (physical memory: host RAM or
+// GPU global memory), da_device_busy_seconds_total{device} (compute time of runs on it,
+// EngineStats::device_busy_seconds) and da_device_up{device} (1 or 0, the state readiness uses).
+//
 // da_requests_rejected_total{reason} counts attention RPCs refused without a result; the reasons
 // (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
 // deadline (refused up front or expired while queued), cancelled (by the client before compute
@@ -28,6 +33,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/admission.h"
@@ -47,6 +53,18 @@ namespace da::server {
 
 class PlanCacheCollector;
 class EngineCollector;
+class DeviceCollector;
+
+// What /metrics reports of one device.
+struct DeviceSample {
+  std::string id;  // "cpu:0", "cuda:0", ...
+  std::string kind;
+  std::string name;
+  std::string capability;
+  int64_t memory_bytes = 0;
+  double busy_seconds = 0;
+  bool up = false;
+};
 
 // Every reason da_requests_rejected_total is exported with (all start at 0).
 inline constexpr const char* kRejectReasons[] = {"invalid_argument", "too_large",  "queue_full",
@@ -81,6 +99,8 @@ class Metrics {
   void SetPlanCacheSource(std::function<engine::PlanCacheStats()> source);
   // The same for the engine's admission statistics (Engine::stats).
   void SetEngineSource(std::function<engine::EngineStats()> source);
+  // The same for the devices (da_device_*); until a source is set, no device is reported.
+  void SetDeviceSource(std::function<std::vector<DeviceSample>()> source);
 
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
@@ -101,6 +121,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* rejected_ = nullptr;
   std::shared_ptr<PlanCacheCollector> plan_cache_;
   std::shared_ptr<EngineCollector> engine_;
+  std::shared_ptr<DeviceCollector> devices_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

@@ -102,6 +102,26 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   EXPECT_TRUE(Contains(text, "\nda_plan_build_duration_seconds_count 1\n")) << text;
   EXPECT_EQ(testing::MetricValue(text, "da_plan_cache_bytes"), warmed.results(0).plan_bytes());
   EXPECT_EQ(testing::MetricValue(text, "da_plan_cache_capacity_bytes"), double{1 << 30});
+
+  // Devices: the CPU, up, with its memory, busy for at least the compute the runs reported.
+  EXPECT_TRUE(Contains(text, "# TYPE da_device_info gauge")) << text;
+  EXPECT_TRUE(Contains(text, "# TYPE da_device_busy_seconds_total counter")) << text;
+  EXPECT_TRUE(Contains(text, "da_device_info{capability=\"")) << text;
+  EXPECT_TRUE(Contains(text, "device=\"cpu:0\",kind=\"cpu\",name=\"")) << text;
+  EXPECT_EQ(testing::MetricValue(text, "da_device_up{device=\"cpu:0\"}"), 1) << text;
+  EXPECT_GT(testing::MetricValue(text, "da_device_memory_bytes{device=\"cpu:0\"}").value_or(0), 0)
+      << text;
+  const std::optional<double> busy =
+      testing::MetricValue(text, "da_device_busy_seconds_total{device=\"cpu:0\"}");
+  ASSERT_TRUE(busy.has_value()) << text;
+  EXPECT_GE(*busy, response.info().compute_time_us() / 1e6);
+  const std::optional<double> compute_sum =
+      testing::MetricValue(text, "da_compute_duration_seconds_sum");
+  ASSERT_TRUE(compute_sum.has_value()) << text;
+  // Busy time covers each run from compute start to return; the compute histogram excludes only
+  // plan lookups, so the two agree to within a few milliseconds.
+  EXPECT_GE(*busy, *compute_sum * 0.999) << text;
+  EXPECT_LT(*busy, *compute_sum + 0.05) << text;
 }
 
 TEST(MetricsTest, PromtoolRejectsABrokenExposition) {

@@ -1,8 +1,9 @@
 #include "server/server.h"
 
+#include <grpcpp/ext/health_check_service_server_builder_option.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/health_check_service_interface.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/self_check.h"
 #include "engine/status_macros.h"
 #include "server/authenticated_service.h"
 
@@ -37,10 +40,76 @@ int64_t DefaultMemoryBudgetBytes() {
   return limit / 4 * 3;
 }
 
+namespace {
+
+std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Health& health) {
+  const engine::EngineStats stats = engine.stats();
+  const std::vector<std::pair<std::string, bool>> up = health.DevicesUp();
+  std::vector<DeviceSample> samples;
+  for (const engine::DeviceInfo& device : engine.devices()) {
+    DeviceSample sample{.id = device.id,
+                        .kind = device.kind,
+                        .name = device.name,
+                        .capability = device.capability,
+                        .memory_bytes = device.memory_bytes};
+    if (auto busy = stats.device_busy_seconds.find(device.id);
+        busy != stats.device_busy_seconds.end()) {
+      sample.busy_seconds = busy->second;
+    }
+    for (const auto& [id, is_up] : up) {
+      if (id == device.id) sample.up = is_up;
+    }
+    samples.push_back(std::move(sample));
+  }
+  return samples;
+}
+
+}  // namespace
+
+void Server::RunSelfCheck(const engine::EngineOptions& engine_options,
+                          const std::function<absl::Status(engine::Engine&)>& hook) {
+  // The check runs on an engine of the same backend, instruction set, thread count and precision
+  // policy as the serving one, so it exercises the same compute path; but without the request
+  // limits and memory budget (a --max-tokens below the check's 80 tokens must not keep the server
+  // unready for good) and apart from the serving engine's plan cache and statistics, which then
+  // count client traffic only.
+  engine::EngineOptions check_options = engine_options;
+  check_options.limits = engine::Limits();
+  check_options.memory_budget_bytes = 0;
+  check_options.plan_cache_bytes = int64_t{64} << 20;
+  absl::Status checked;
+  std::string passed;
+  absl::StatusOr<std::unique_ptr<engine::Engine>> check_engine =
+      engine::Engine::Create(check_options);
+  if (!check_engine.ok()) {
+    checked = check_engine.status();
+  } else if (hook) {
+    checked = hook(**check_engine);
+  } else {
+    absl::StatusOr<engine::SelfCheckResult> result = engine::SelfCheck(**check_engine);
+    checked = result.status();
+    if (result.ok()) {
+      passed = absl::StrFormat(" on %s (%s): max error %.2g within %.2g", result->device,
+                               engine::PrecisionName(result->precision), result->max_abs_error,
+                               result->tolerance);
+    }
+  }
+  if (engine_->devices().empty()) return;  // Readiness already says "no device discovered".
+  // Runs go to the first device (ExecutionInfo::devices): that is the one the check vouches for.
+  const std::string& device = engine_->devices().front().id;
+  if (checked.ok()) {
+    spdlog::info("self-check passed{}", passed);
+    return;
+  }
+  const std::string reason = absl::StrCat("self-check failed: ", checked.message());
+  spdlog::error("device {} down, readiness stays NOT_SERVING: {}", device, reason);
+  health_->SetDeviceUp(device, false, reason);
+}
+
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   if (options.stream_pipeline_depth < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "stream_pipeline_depth is ", options.stream_pipeline_depth, "; must be >= 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("stream_pipeline_depth is ", options.stream_pipeline_depth, "; must be >= 1"));
   }
   if (options.stream_min_chunk_tokens < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -77,6 +146,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   server->metrics_->SetPlanCacheSource(
       [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
   server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });
+  server->health_ = std::make_unique<Health>(server->engine_->devices());
+  server->RunSelfCheck(engine_options, options.self_check);
+  server->metrics_->SetDeviceSource(
+      [engine = server->engine_.get(), health = server->health_.get()] {
+        return DeviceSamples(*engine, *health);
+      });
   server->warmup_ = options.warmup;
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
@@ -85,9 +160,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                      .stream_pipeline_depth = options.stream_pipeline_depth,
                      .stream_min_chunk_tokens = options.stream_min_chunk_tokens});
 
-  grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // Our own grpc.health.v1.Health (server/health.h) instead of gRPC's default one, whose Watch
+  // calls stay open through Shutdown and so would hold every drain up to its deadline. A null
+  // interface turns the default service off whatever EnableDefaultHealthCheckService said.
+  builder.SetOption(std::make_unique<grpc::HealthCheckServiceServerBuilderOption>(nullptr));
+  builder.RegisterService(server->health_.get());
   builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   if (server->authenticator_ != nullptr) {
     server->guarded_ = std::make_unique<AuthenticatedAttentionService>(
@@ -109,9 +188,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
-  grpc::HealthCheckServiceInterface* health = server->server_->GetHealthCheckService();
-  health->SetServingStatus("", true);
-  health->SetServingStatus(kServiceName, server->warmup_.empty());
+  if (server->warmup_.empty()) server->health_->SetWarm(true);
   return server;
 }
 
@@ -124,10 +201,7 @@ absl::Status Server::WarmUp() {
                                        "): ", result.status().message()));
     }
   }
-  std::lock_guard<std::mutex> lock(shutdown_mu_);
-  if (!shut_down_ && server_ != nullptr) {
-    server_->GetHealthCheckService()->SetServingStatus(kServiceName, true);
-  }
+  health_->SetWarm(true);  // Draining, if it has begun, still keeps readiness off.
   return absl::OkStatus();
 }
 
@@ -137,9 +211,7 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   std::lock_guard<std::mutex> lock(shutdown_mu_);
   if (shut_down_ || server_ == nullptr) return;
   shut_down_ = true;
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  health->SetServingStatus(kServiceName, false);
-  health->SetServingStatus("", false);
+  health_->BeginDrain();
   // New calls are refused at once; calls in flight run to completion until the deadline, then
   // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
   // reactor is done, so no engine callback can touch the service afterwards.
@@ -148,6 +220,7 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   // finishes anything still queued.
   metrics_->SetPlanCacheSource(nullptr);
   metrics_->SetEngineSource(nullptr);
+  metrics_->SetDeviceSource(nullptr);
   engine_.reset();
 }
 

@@ -7,11 +7,20 @@
 //   DA_RETURN_IF_ERROR(server->WarmUp());       // Builds options.warmup's plans, then ready.
 //   server->Shutdown(std::chrono::seconds(30));  // Drains, then returns.
 //
-// Health: liveness ("") is SERVING once Start returns. Readiness ("da.v1.AttentionService") is
-// SERVING once Start returns when options.warmup is empty; otherwise it stays NOT_SERVING until
-// WarmUp has built every warm-up plan (the server answers calls meanwhile; only readiness waits).
-// Both turn NOT_SERVING from the moment Shutdown begins. Thread safety: Shutdown may be called from
-// any thread, more than once; the destructor shuts down without a drain if nobody did.
+// Health (server/health.h has the rules in full): liveness ("") is SERVING while the server
+// answers, through warm-up, a failed self-check and the drain alike. Readiness
+// ("da.v1.AttentionService") is SERVING only when
+//   (a) the engine is warm: with options.warmup, WarmUp has built every plan; without, Start's
+//       self-check passed (engine::SelfCheck: a small problem through an engine of the same
+//       backend, ISA, threads and precision policy, compared with the reference, so a broken CPU
+//       path never turns ready; it runs with a warm-up list too);
+//   (b) its devices are up: the engine discovered at least one, and none is marked down (a failed
+//       self-check marks the device it ran on down, and keeps it down: da_device_up shows 0);
+//   (c) the server is not draining: Shutdown turns it NOT_SERVING for good before anything else.
+// The server answers calls whatever readiness says; only load balancers and probes read it.
+// Watch streams get every change and end (UNAVAILABLE) when Shutdown begins, so they never hold
+// up the drain. Thread safety: Shutdown may be called from any thread, more than once; the
+// destructor shuts down without a drain if nobody did.
 //
 // Security: with options.security the gRPC port speaks TLS (mutual with a client CA) and/or every
 // AttentionService method requires a bearer token; health and reflection stay open either way.
@@ -21,6 +30,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,6 +39,7 @@
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
 #include "server/attention_service.h"
+#include "server/health.h"
 #include "server/metrics.h"
 #include "server/security.h"
 #include "server/warm_up.h"
@@ -61,6 +72,10 @@ struct ServerOptions {
   // HTTP/2 streams (calls) one connection may have open at once; further calls on that connection
   // wait client-side until one ends. Bounds what a single client can hold.
   int max_concurrent_streams = 100;
+  // Test hook: what Start runs instead of engine::SelfCheck (on an engine configured like the
+  // serving one, without its limits) before readiness may turn SERVING; a non-OK status marks the
+  // serving engine's first device down. Null: engine::SelfCheck.
+  std::function<absl::Status(engine::Engine&)> self_check;
 };
 
 // Three quarters of the memory this process may use: the smaller of physical memory and the cgroup
@@ -81,6 +96,7 @@ class Server {
   int port() const { return port_; }
   int metrics_port() const { return metrics_->port(); }
   const Metrics& metrics() const { return *metrics_; }
+  const Health& health() const { return *health_; }
 
   // Builds the plans of options.warmup in order (one log line each), then turns readiness
   // SERVING unless Shutdown has begun. On the first shape the engine refuses it returns that
@@ -88,16 +104,21 @@ class Server {
   // after Start, and not concurrently with Shutdown.
   absl::Status WarmUp();
 
-  // Readiness and liveness NOT_SERVING, refuse new calls, let calls in flight finish for up to
-  // drain_timeout (then cancel them), and wait until the engine is idle.
+  // Readiness NOT_SERVING and Watch streams ended, refuse new calls, let calls in flight finish for
+  // up to drain_timeout (then cancel them), and wait until the engine is idle.
   void Shutdown(std::chrono::milliseconds drain_timeout);
 
  private:
   Server() = default;
+  // Runs the self-check (hook, or engine::SelfCheck) on an engine configured like engine_ and
+  // marks engine_'s first device down on failure.
+  void RunSelfCheck(const engine::EngineOptions& engine_options,
+                    const std::function<absl::Status(engine::Engine&)>& hook);
 
   std::vector<WarmUpShape> warmup_;
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Health> health_;  // Outlives server_: gRPC calls into it until it is gone.
   std::unique_ptr<AttentionService> service_;
   std::unique_ptr<BearerTokenAuthenticator> authenticator_;         // Null: no authentication.
   std::unique_ptr<v1::AttentionService::CallbackService> guarded_;  // service_ behind the tokens.

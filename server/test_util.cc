@@ -260,4 +260,46 @@ std::string SpawnedServer::Log() const {
   return text.str();
 }
 
+HealthWatch::HealthWatch(std::shared_ptr<grpc::Channel> channel, const std::string& service)
+    : stub_(grpc::health::v1::Health::NewStub(channel)) {
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  reader_ = stub_->Watch(&context_, request);
+  thread_ = std::thread([this] {
+    grpc::health::v1::HealthCheckResponse response;
+    while (reader_->Read(&response)) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      statuses_.push_back(response.status());
+      cv_.notify_all();
+    }
+    const grpc::Status status = reader_->Finish();
+    std::lock_guard<std::mutex> lock(mutex_);
+    final_ = status;
+    done_ = true;
+    cv_.notify_all();
+  });
+}
+
+HealthWatch::~HealthWatch() {
+  context_.TryCancel();
+  thread_.join();
+}
+
+bool HealthWatch::WaitForLatest(ServingStatus status, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  return cv_.wait_for(lock, timeout,
+                      [&] { return !statuses_.empty() && statuses_.back() == status; });
+}
+
+std::optional<grpc::Status> HealthWatch::WaitForEnd(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!cv_.wait_for(lock, timeout, [&] { return done_; })) return std::nullopt;
+  return final_;
+}
+
+std::vector<HealthWatch::ServingStatus> HealthWatch::statuses() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return statuses_;
+}
+
 }  // namespace da::server::testing

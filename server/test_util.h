@@ -6,12 +6,15 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "client/attention_client.h"
@@ -117,6 +120,33 @@ class SpawnedServer {
   std::unique_ptr<ChildProcess> child_;
   int port_ = 0;
   int metrics_port_ = 0;
+};
+
+// A grpc.health.v1.Health/Watch call read on its own thread: every status received, in order, and
+// how the call ended. Cancelled (if still open) on destruction.
+class HealthWatch {
+ public:
+  using ServingStatus = grpc::health::v1::HealthCheckResponse::ServingStatus;
+
+  HealthWatch(std::shared_ptr<grpc::Channel> channel, const std::string& service);
+  ~HealthWatch();
+
+  // True once the latest status received is `status` (waits up to timeout).
+  bool WaitForLatest(ServingStatus status, std::chrono::milliseconds timeout);
+  // The call's final status once it has ended (waits up to timeout); nullopt while still open.
+  std::optional<grpc::Status> WaitForEnd(std::chrono::milliseconds timeout);
+  std::vector<ServingStatus> statuses() const;
+
+ private:
+  std::unique_ptr<grpc::health::v1::Health::Stub> stub_;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReader<grpc::health::v1::HealthCheckResponse>> reader_;
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::vector<ServingStatus> statuses_;
+  grpc::Status final_;
+  bool done_ = false;
+  std::thread thread_;  // Last: starts once the members above exist.
 };
 
 }  // namespace da::server::testing

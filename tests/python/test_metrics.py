@@ -36,6 +36,10 @@ FAMILIES = {
     "da_engine_runs_cancelled_total": "counter",
     "da_engine_runs_deadline_exceeded_total": "counter",
     "da_engine_stop_latency_seconds": "histogram",
+    "da_device_info": "gauge",
+    "da_device_memory_bytes": "gauge",
+    "da_device_busy_seconds_total": "counter",
+    "da_device_up": "gauge",
 }
 
 
@@ -130,6 +134,16 @@ class MetricsTest(unittest.TestCase):
                 total(samples, "da_requests_rejected_total", reason="invalid_argument"), 1)
             self.assertEqual(total(samples, "da_memory_reserved_bytes"), 0)
             self.assertGreater(total(samples, "da_memory_budget_bytes"), 0)  # The default.
+            # The CPU is always a device: listed, up, with memory, and busy for the traffic above.
+            infos = [labels for name, labels, value in samples
+                     if name == "da_device_info" and value == 1]
+            self.assertIn("cpu:0", [labels.get("device") for labels in infos], infos)
+            cpu = next(labels for labels in infos if labels.get("device") == "cpu:0")
+            self.assertEqual(cpu.get("kind"), "cpu", cpu)
+            self.assertTrue(cpu.get("name") and cpu.get("capability"), cpu)
+            self.assertEqual(total(samples, "da_device_up", device="cpu:0"), 1)
+            self.assertGreater(total(samples, "da_device_memory_bytes", device="cpu:0"), 0)
+            self.assertGreater(total(samples, "da_device_busy_seconds_total", device="cpu:0"), 0)
             self.assertEqual(server.stop(), 0, server.log())
 
 
