@@ -66,22 +66,34 @@ prometheus::MetricFamily StopLatencyFamily(const engine::StopLatencyStats& stats
 
 // Computed at scrape time from the engine's own statistics rather than mirrored into
 // prometheus::Counter objects: nothing can drift between the metric, GetServerInfo and the
-// engine, and no code path has to remember to sync after a request or a warm-up.
-class PlanCacheCollector final : public prometheus::Collectable {
+// engine, and no code path has to remember to sync after a request or a warm-up. A collector
+// reads its source at every scrape; once the source is cleared it keeps reporting the last value.
+template <typename Stats>
+class SourcedCollector : public prometheus::Collectable {
  public:
-  void SetSource(std::function<engine::PlanCacheStats()> source) {
+  void SetSource(std::function<Stats()> source) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (source_) last_ = source_();  // What an empty source keeps reporting.
     source_ = std::move(source);
   }
 
+ protected:
+  Stats Read() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (source_) last_ = source_();
+    return last_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::function<Stats()> source_;
+  mutable Stats last_;
+};
+
+class PlanCacheCollector final : public SourcedCollector<engine::PlanCacheStats> {
+ public:
   std::vector<prometheus::MetricFamily> Collect() const override {
-    engine::PlanCacheStats stats;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (source_) last_ = source_();
-      stats = last_;
-    }
+    const engine::PlanCacheStats stats = Read();
     using prometheus::MetricType;
     return {
         OneValueFamily("da_plan_cache_hits_total", "Plan lookups that found a ready plan.",
@@ -102,29 +114,13 @@ class PlanCacheCollector final : public prometheus::Collectable {
                        MetricType::Gauge, stats.capacity_bytes),
     };
   }
-
- private:
-  mutable std::mutex mutex_;
-  std::function<engine::PlanCacheStats()> source_;
-  mutable engine::PlanCacheStats last_;
 };
 
 // The engine's admission state, read at scrape time like the plan cache's.
-class EngineCollector final : public prometheus::Collectable {
+class EngineCollector final : public SourcedCollector<engine::EngineStats> {
  public:
-  void SetSource(std::function<engine::EngineStats()> source) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (source_) last_ = source_();
-    source_ = std::move(source);
-  }
-
   std::vector<prometheus::MetricFamily> Collect() const override {
-    engine::EngineStats stats;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (source_) last_ = source_();
-      stats = last_;
-    }
+    const engine::EngineStats stats = Read();
     using prometheus::MetricType;
     return {
         OneValueFamily("da_queue_length", "Requests waiting for the engine.", MetricType::Gauge,
@@ -148,30 +144,14 @@ class EngineCollector final : public prometheus::Collectable {
         StopLatencyFamily(stats.stop_latency),
     };
   }
-
- private:
-  mutable std::mutex mutex_;
-  std::function<engine::EngineStats()> source_;
-  mutable engine::EngineStats last_;
 };
 
 // The devices, read at scrape time too. Every family is present even with no device (HELP and
 // TYPE only), so dashboards and promtool see the same set of names on every server.
-class DeviceCollector final : public prometheus::Collectable {
+class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>> {
  public:
-  void SetSource(std::function<std::vector<DeviceSample>()> source) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (source_) last_ = source_();
-    source_ = std::move(source);
-  }
-
   std::vector<prometheus::MetricFamily> Collect() const override {
-    std::vector<DeviceSample> devices;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (source_) last_ = source_();
-      devices = last_;
-    }
+    const std::vector<DeviceSample> devices = Read();
     using prometheus::MetricType;
     prometheus::MetricFamily info{"da_device_info",
                                   "Devices the engine computes on (always 1), with their kind, "
@@ -214,11 +194,6 @@ class DeviceCollector final : public prometheus::Collectable {
     }
     return {std::move(info), std::move(memory), std::move(busy), std::move(up)};
   }
-
- private:
-  mutable std::mutex mutex_;
-  std::function<std::vector<DeviceSample>()> source_;
-  mutable std::vector<DeviceSample> last_;
 };
 
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {

@@ -436,21 +436,28 @@ std::pair<int, std::string> RunCommand(const std::string& command) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
 }
 
+// The real da-server with TLS, mutual TLS and the test's token file.
+std::vector<std::string> SecuredServerFlags(const Certificates& certs) {
+  return {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
+          "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")};
+}
+
+// da-client's flags to reach that server over mutual TLS (without a token). localhost is in the
+// server certificate, so no --tls-server-name is needed.
+std::string MutualTlsClientFlags(const Certificates& certs, int port) {
+  return " --server localhost:" + std::to_string(port) + " --tls-ca " + certs.Path("ca.pem") +
+         " --tls-cert " + certs.Path("client.pem") + " --tls-key " + certs.Path("client.key");
+}
+
 TEST(CliSecurityTest, InfoOverTlsWithATokenAndRefusedWithout) {
   const Certificates& certs = Certificates::Get();
   ASSERT_TRUE(certs.ok());
-  testing::SpawnedServer server(
-      DA_SERVER_BINARY,
-      {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
-       "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")});
+  testing::SpawnedServer server(DA_SERVER_BINARY, SecuredServerFlags(certs));
   ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
   const std::string token_file = certs.Path("client_token.txt");
   WriteFile(token_file, std::string("# for da-client\n") + kToken + "\n");
-  // localhost is in the server certificate, so no --tls-server-name is needed.
-  const std::string base = std::string(DA_CLIENT_BINARY) +
-                           " info --json --server localhost:" + std::to_string(server.port()) +
-                           " --tls-ca " + certs.Path("ca.pem") + " --tls-cert " +
-                           certs.Path("client.pem") + " --tls-key " + certs.Path("client.key");
+  const std::string base = std::string(DA_CLIENT_BINARY) + " info --json" +
+                           MutualTlsClientFlags(certs, server.port());
 
   const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
   EXPECT_EQ(ok_code, 0) << ok_output;
@@ -476,18 +483,13 @@ TEST(CliSecurityTest, InfoOverTlsWithATokenAndRefusedWithout) {
 TEST(CliSecurityTest, LoadOverMutualTlsWithAToken) {
   const Certificates& certs = Certificates::Get();
   ASSERT_TRUE(certs.ok());
-  testing::SpawnedServer server(
-      DA_SERVER_BINARY,
-      {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
-       "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")});
+  testing::SpawnedServer server(DA_SERVER_BINARY, SecuredServerFlags(certs));
   ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
   const std::string token_file = certs.Path("load_token.txt");
   WriteFile(token_file, std::string(kToken) + "\n");
   const std::string base =
       std::string(DA_CLIENT_BINARY) + " load --json --mix small --concurrency 2 --duration-s 1" +
-      " --server localhost:" + std::to_string(server.port()) + " --tls-ca " +
-      certs.Path("ca.pem") + " --tls-cert " + certs.Path("client.pem") + " --tls-key " +
-      certs.Path("client.key");
+      MutualTlsClientFlags(certs, server.port());
   const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
   EXPECT_EQ(ok_code, 0) << ok_output;
   EXPECT_THAT(ok_output, HasSubstr("\"unexpected_errors\":0")) << ok_output;
