@@ -53,6 +53,7 @@ int main(int argc, char** argv) {
   int64_t block_tokens = 0, min_chunk_tokens = 4096;
   std::vector<int64_t> segments{2048, 4096, 8192}, dilations{1, 2, 4};
   std::string mode = "grouped", precision = "fp32", server_address;
+  std::string listen = "127.0.0.1:0";
   int threads = 2, repeat = 3, depth = 2;
   long server_pid = 0;
   bool skip_in_process = false;
@@ -61,6 +62,9 @@ int main(int argc, char** argv) {
   CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
   app.add_option("--server", server_address, "host:port of a running da-server; default: start one");
   app.add_option("--server-pid", server_pid, "pid of that server, to report its peak RSS");
+  app.add_option("--listen", listen,
+                 "Address of the in-process server: host:0 (TCP loopback) or unix:PATH")
+      ->capture_default_str();
   app.add_option("--batch", batch);
   app.add_option("--seq-len", seq_len);
   app.add_option("--heads", heads);
@@ -157,7 +161,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<da::server::Server> server;
   if (server_address.empty()) {
     da::server::ServerOptions options;
-    options.listen_address = "127.0.0.1:0";
+    options.listen_address = listen;
     options.metrics_address = "";
     options.threads = threads;
     options.stream_pipeline_depth = depth;
@@ -168,7 +172,10 @@ int main(int argc, char** argv) {
       return 1;
     }
     server = *std::move(started);
-    server_address = "127.0.0.1:" + std::to_string(server->port());
+    server_address = listen.rfind("unix:", 0) == 0
+                         ? listen
+                         : listen.substr(0, listen.rfind(':')) + ":" +
+                               std::to_string(server->port());
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 

@@ -240,12 +240,13 @@ bool AttendStreamReactor::FillNextWrite() {
     block->set_token_start(chunk.token_start + chunk.sent);
     block->set_token_count(count);
     std::string* bytes = block->mutable_output();
-    bytes->resize(static_cast<size_t>(batch * count * row_bytes));
     const char* out = out_slots_[chunk.slot].get();
+    // Appended row run by row run: one pass over the bytes (resize would zero them first).
+    bytes->clear();
+    bytes->reserve(static_cast<size_t>(batch * count * row_bytes));
     for (int64_t b = 0; b < batch; ++b) {
-      std::memcpy(bytes->data() + b * count * row_bytes,
-                  out + (b * chunk.token_count + chunk.sent) * row_bytes,
-                  static_cast<size_t>(count * row_bytes));
+      bytes->append(out + (b * chunk.token_count + chunk.sent) * row_bytes,
+                    static_cast<size_t>(count * row_bytes));
     }
     record_.AddBytes(0, static_cast<int64_t>(bytes->size()));
     chunk.sent += count;
