@@ -1,5 +1,7 @@
 #include "server/attend_stream_reactor.h"
 
+#include <grpc/slice.h>
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -11,7 +13,15 @@
 
 namespace da::server {
 namespace {
+
 constexpr int64_t kOutputMessageBytes = int64_t{4} << 20;
+
+// A small message (a header or a trailer) as one slice.
+grpc::ByteBuffer SerializedMessage(const v1::AttendStreamResponse& message) {
+  grpc::Slice slice(message.SerializeAsString());
+  return grpc::ByteBuffer(&slice, 1);
+}
+
 }  // namespace
 
 AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metrics,
@@ -22,7 +32,7 @@ AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metric
       context_(context),
       record_(metrics, "AttendStream", *context) {
   read_in_flight_ = true;
-  StartRead(&request_);
+  StartRead(&request_buffer_);
 }
 
 int64_t AttendStreamReactor::QueryRowBytes() const {
@@ -54,11 +64,24 @@ void AttendStreamReactor::OnReadDone(bool ok) {
       }
       return;
     }
+    // The slices stay referenced (request_slices_) while the block's bytes are pending.
+    request_slices_.clear();
+    std::vector<std::string_view> pieces;
     absl::Status status;
-    if (request_.has_header()) {
-      status = AcceptHeader(request_.header());
-    } else if (request_.has_block()) {
-      status = AcceptBlock();
+    if (grpc::Status dumped = request_buffer_.Dump(&request_slices_); !dumped.ok()) {
+      status = absl::InternalError("cannot read a stream message: " + dumped.error_message());
+    } else {
+      for (const grpc::Slice& slice : request_slices_) {
+        pieces.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
+      }
+      status = ParseStreamMessage(pieces, &fallback_, &message_);
+    }
+    if (!status.ok()) {
+      // Reported below with the rest.
+    } else if (message_.kind == StreamMessage::Kind::kHeader) {
+      status = AcceptHeader(message_.header);
+    } else if (message_.kind == StreamMessage::Kind::kBlock) {
+      status = AcceptBlock(message_.block);
     } else {
       status = absl::InvalidArgumentError(absl::StrFormat(
           "stream message %d carries neither a header nor a block",
@@ -145,21 +168,18 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   return absl::OkStatus();
 }
 
-absl::Status AttendStreamReactor::AcceptBlock() {
-  const v1::TokenBlock& block = request_.block();
+absl::Status AttendStreamReactor::AcceptBlock(const BlockView& view) {
   if (!have_header_) {
     // Without signed overflow: the numbers come straight from the client.
-    const int64_t end = static_cast<int64_t>(static_cast<uint64_t>(block.token_start()) +
-                                             static_cast<uint64_t>(block.token_count()));
+    const int64_t end = static_cast<int64_t>(static_cast<uint64_t>(view.token_start) +
+                                             static_cast<uint64_t>(view.token_count));
     return absl::InvalidArgumentError(absl::StrFormat(
         "block 0 (tokens [%d, %d)) arrived before the header; the first stream message must be "
         "a header",
-        block.token_start(), end));
+        view.token_start, end));
   }
-  const BlockView view{block.token_start(), block.token_count(), block.query(), block.key(),
-                       block.value()};
   DA_RETURN_IF_ERROR(assembler_->CheckBlock(view));
-  record_.AddBytes(static_cast<int64_t>(view.q.size() + view.k.size() + view.v.size()), 0);
+  record_.AddBytes(view.q.size() + view.k.size() + view.v.size(), 0);
   pending_block_ = true;
   pending_taken_ = 0;
   return absl::OkStatus();
@@ -167,9 +187,7 @@ absl::Status AttendStreamReactor::AcceptBlock() {
 
 void AttendStreamReactor::FeedPendingBlock() {
   if (!pending_block_) return;
-  const v1::TokenBlock& block = request_.block();
-  const BlockView view{block.token_start(), block.token_count(), block.query(), block.key(),
-                       block.value()};
+  const BlockView& view = message_.block;
   pending_taken_ += assembler_->Fill(view, pending_taken_);
   if (pending_taken_ == view.token_count) pending_block_ = false;
 }
@@ -215,13 +233,13 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
 
 bool AttendStreamReactor::FillNextWrite() {
   if (!have_header_) return false;
-  response_.Clear();
+  v1::AttendStreamResponse response;  // Header and trailer; blocks are written directly.
   const bool trailer_ready =
       input_done_ && !computing_ && chunks_computed_ == assembler_->layout().chunk_count();
   // The header goes out with the first output, so a stream refused for its input gets no answer
   // messages at all, only the status.
   if (!header_sent_ && (!outgoing_.empty() || trailer_ready)) {
-    v1::StreamResponseHeader* header = response_.mutable_header();
+    v1::StreamResponseHeader* header = response.mutable_header();
     header->set_request_id(record_.id());
     header->set_dtype(DTypeToProto(problem_.dtype));
     const engine::Shape4 shape = problem_.shape.QueryShape();
@@ -229,6 +247,7 @@ bool AttendStreamReactor::FillNextWrite() {
       header->add_shape(dim);
     }
     header_sent_ = true;
+    response_buffer_ = SerializedMessage(response);
     return true;
   }
   if (!outgoing_.empty()) {
@@ -236,19 +255,24 @@ bool AttendStreamReactor::FillNextWrite() {
     const int64_t count = std::min(output_block_tokens_, chunk.token_count - chunk.sent);
     const int64_t row_bytes = QueryRowBytes();
     const int64_t batch = problem_.shape.batch;
-    v1::OutputBlock* block = response_.mutable_block();
-    block->set_token_start(chunk.token_start + chunk.sent);
-    block->set_token_count(count);
-    std::string* bytes = block->mutable_output();
+    // The serialized message, written straight into one slice: its prefix, then the rows copied
+    // once from the output slot.
+    const int64_t payload = batch * count * row_bytes;
+    const std::string prefix =
+        EncodeOutputBlockPrefix(chunk.token_start + chunk.sent, count, payload);
+    grpc_slice raw = grpc_slice_malloc(prefix.size() + static_cast<size_t>(payload));
+    char* write = reinterpret_cast<char*>(GRPC_SLICE_START_PTR(raw));
+    std::memcpy(write, prefix.data(), prefix.size());
+    write += prefix.size();
     const char* out = out_slots_[chunk.slot].get();
-    // Appended row run by row run: one pass over the bytes (resize would zero them first).
-    bytes->clear();
-    bytes->reserve(static_cast<size_t>(batch * count * row_bytes));
     for (int64_t b = 0; b < batch; ++b) {
-      bytes->append(out + (b * chunk.token_count + chunk.sent) * row_bytes,
-                    static_cast<size_t>(count * row_bytes));
+      std::memcpy(write + b * count * row_bytes,
+                  out + (b * chunk.token_count + chunk.sent) * row_bytes,
+                  static_cast<size_t>(count * row_bytes));
     }
-    record_.AddBytes(0, static_cast<int64_t>(bytes->size()));
+    grpc::Slice slice(raw, grpc::Slice::STEAL_REF);
+    response_buffer_ = grpc::ByteBuffer(&slice, 1);
+    record_.AddBytes(0, payload);
     chunk.sent += count;
     if (chunk.sent == chunk.token_count) {  // Copied out: the slot can take the next chunk.
       out_slot_busy_[chunk.slot] = false;
@@ -257,12 +281,13 @@ bool AttendStreamReactor::FillNextWrite() {
     return true;
   }
   if (trailer_ready && header_sent_) {
-    v1::ExecutionInfo* info = response_.mutable_trailer()->mutable_info();
+    v1::ExecutionInfo* info = response.mutable_trailer()->mutable_info();
     ExecutionInfoToProto(info_, record_.id(), record_.ElapsedUs(), info);
     info->set_stream_chunk_tokens(assembler_->layout().chunk_tokens);
     info->set_stream_chunks(chunks_computed_);
     info->set_stream_buffer_bytes(BufferBytes());
     trailer_sent_ = true;
+    response_buffer_ = SerializedMessage(response);
     return true;
   }
   return false;
@@ -292,8 +317,8 @@ void AttendStreamReactor::Advance(const std::function<void()>& under_lock) {
       return;
     }
     if (!actions.read && !actions.write && !actions.compute) return;
-    if (actions.read) StartRead(&request_);
-    if (actions.write) StartWrite(&response_);
+    if (actions.read) StartRead(&request_buffer_);
+    if (actions.write) StartWrite(&response_buffer_);
     // Last: a run the engine refuses calls back before Submit returns, and that callback must
     // not finish the RPC while this thread may still start operations (starting_ prevents it).
     if (actions.compute) Compute(*actions.compute, actions.compute_slot);

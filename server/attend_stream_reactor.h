@@ -30,7 +30,9 @@
 // engine work even when the client cancels (OnCancel sets the flag the engine polls).
 #pragma once
 
+#include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/server_callback.h>
+#include <grpcpp/support/slice.h>
 
 #include <atomic>
 #include <chrono>
@@ -50,6 +52,7 @@
 #include "server/metrics.h"
 #include "server/request_record.h"
 #include "server/stream_assembler.h"
+#include "server/stream_wire.h"
 
 namespace da::server {
 
@@ -63,8 +66,11 @@ struct StreamSettings {
   int64_t min_chunk_tokens = 4096;       // Chunks are at least this long (unless seq_len is less).
 };
 
+// Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
+// parsed where gRPC received them and output blocks are serialized straight from the output
+// buffer (server/stream_wire.h), one copy each way instead of two or three.
 class AttendStreamReactor final
-    : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   AttendStreamReactor(engine::Engine* engine, Metrics* metrics, const StreamSettings& settings,
                       grpc::CallbackServerContext* context);
@@ -94,11 +100,11 @@ class AttendStreamReactor final
 
   absl::Status AcceptHeader(const v1::StreamHeader& header);  // Under mu_.
   absl::Status Admit(const StreamLayout& layout);              // Under mu_: deadline, memory.
-  absl::Status AcceptBlock();                                  // Under mu_.
+  absl::Status AcceptBlock(const BlockView& block);            // Under mu_.
   void Fail(absl::Status status);                              // Under mu_; the first error wins.
   void FeedPendingBlock();                                     // Under mu_.
   Actions Decide();                                            // Under mu_.
-  bool FillNextWrite();                                        // Under mu_: into response_.
+  bool FillNextWrite();                                        // Under mu_: response_buffer_.
   int64_t BufferBytes() const;                                 // Under mu_.
   // Runs under_lock and Decide under mu_, then starts what Decide chose, until nothing is left.
   void Advance(const std::function<void()>& under_lock);
@@ -124,8 +130,11 @@ class AttendStreamReactor final
   bool finished_ = false;
   int starting_ = 0;  // Threads starting operations Decide chose; Finish waits for them.
 
-  // Reading.
-  v1::AttendStreamRequest request_;
+  // Reading. message_ refers into request_slices_ (or fallback_) while a block is pending.
+  grpc::ByteBuffer request_buffer_;
+  std::vector<grpc::Slice> request_slices_;
+  v1::AttendStreamRequest fallback_;
+  StreamMessage message_;
   bool read_in_flight_ = false;
   bool input_done_ = false;     // The client half-closed.
   bool have_header_ = false;
@@ -143,7 +152,7 @@ class AttendStreamReactor final
   bool any_computed_ = false;
 
   // Writing.
-  v1::AttendStreamResponse response_;
+  grpc::ByteBuffer response_buffer_;
   bool write_in_flight_ = false;
   bool header_sent_ = false;
   bool trailer_sent_ = false;

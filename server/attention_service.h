@@ -24,6 +24,14 @@ namespace da::server {
 
 inline constexpr char kServiceName[] = "da.v1.AttentionService";
 
+// The generated callback service with AttendStream as a raw method: its reactor reads and writes
+// ByteBuffers so that tensors are copied once each way (server/stream_wire.h). The wire format is
+// unchanged; clients use the generated stubs as they are.
+using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Attend<
+    v1::AttentionService::WithRawCallbackMethod_AttendStream<
+        v1::AttentionService::WithCallbackMethod_GetServerInfo<
+            v1::AttentionService::WithCallbackMethod_WarmUp<v1::AttentionService::Service>>>>;
+
 struct ServiceOptions {
   int64_t max_message_bytes = 64 << 20;  // Bounds each streamed output block (half of it).
   std::string version;                   // Reported by GetServerInfo.
@@ -31,7 +39,7 @@ struct ServiceOptions {
   int64_t stream_min_chunk_tokens = 4096;
 };
 
-class AttentionService final : public v1::AttentionService::CallbackService {
+class AttentionService final : public AttentionServiceBase {
  public:
   AttentionService(engine::Engine* engine, Metrics* metrics, ServiceOptions options);
 
@@ -39,7 +47,7 @@ class AttentionService final : public v1::AttentionService::CallbackService {
                                    const v1::AttendRequest* request,
                                    v1::AttendResponse* response) override;
 
-  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendStream(
       grpc::CallbackServerContext* context) override;
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,

@@ -9,7 +9,7 @@ namespace {
 
 // Finishes a stream at once, before reading anything from it.
 class RefusedStreamReactor final
-    : public grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit RefusedStreamReactor(const grpc::Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -46,7 +46,7 @@ grpc::ServerUnaryReactor* AuthenticatedAttentionService::Attend(
   return service_->Attend(context, request, response);
 }
 
-grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 AuthenticatedAttentionService::AttendStream(grpc::CallbackServerContext* context) {
   grpc::Status status = Authenticate("AttendStream", *context);
   if (!status.ok()) return new RefusedStreamReactor(status);

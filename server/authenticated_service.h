@@ -12,14 +12,15 @@
 #pragma once
 
 #include "da/v1/attention.grpc.pb.h"
+#include "server/attention_service.h"
 #include "server/metrics.h"
 #include "server/security.h"
 
 namespace da::server {
 
-class AuthenticatedAttentionService final : public v1::AttentionService::CallbackService {
+class AuthenticatedAttentionService final : public AttentionServiceBase {
  public:
-  AuthenticatedAttentionService(v1::AttentionService::CallbackService* service,
+  AuthenticatedAttentionService(AttentionServiceBase* service,
                                 const BearerTokenAuthenticator* authenticator, Metrics* metrics)
       : service_(service), authenticator_(authenticator), metrics_(metrics) {}
 
@@ -27,7 +28,7 @@ class AuthenticatedAttentionService final : public v1::AttentionService::Callbac
                                    const v1::AttendRequest* request,
                                    v1::AttendResponse* response) override;
 
-  grpc::ServerBidiReactor<v1::AttendStreamRequest, v1::AttendStreamResponse>* AttendStream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendStream(
       grpc::CallbackServerContext* context) override;
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
@@ -43,7 +44,7 @@ class AuthenticatedAttentionService final : public v1::AttentionService::Callbac
   grpc::Status Authenticate(const char* method, grpc::CallbackServerContext& context);
   grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, grpc::Status status);
 
-  v1::AttentionService::CallbackService* service_;
+  AttentionServiceBase* service_;
   const BearerTokenAuthenticator* authenticator_;
   Metrics* metrics_;
 };

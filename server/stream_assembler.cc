@@ -37,6 +37,31 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
   return std::min(seq_len, factor * period);
 }
 
+void ByteSpans::Append(std::string_view piece) {
+  if (piece.empty()) return;
+  pieces_.push_back(piece);
+  starts_.push_back(size_);
+  size_ += static_cast<int64_t>(piece.size());
+}
+
+void ByteSpans::CopyTo(int64_t offset, int64_t n, char* dst) const {
+  DA_CHECK(offset >= 0 && n >= 0 && offset + n <= size_);
+  // The piece holding offset: the last one starting at or before it.
+  size_t i = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), offset) -
+                                 starts_.begin());
+  i = i == 0 ? 0 : i - 1;
+  while (n > 0) {
+    const std::string_view piece = pieces_[i];
+    const int64_t within = offset - starts_[i];
+    const int64_t take = std::min<int64_t>(n, static_cast<int64_t>(piece.size()) - within);
+    std::memcpy(dst, piece.data() + within, static_cast<size_t>(take));
+    dst += take;
+    offset += take;
+    n -= take;
+    ++i;
+  }
+}
+
 absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape, engine::DType dtype,
                                               const engine::AttentionSpec& spec,
                                               int64_t min_chunk_tokens, int64_t max_request_bytes) {
@@ -158,9 +183,9 @@ absl::Status StreamAssembler::CheckBlock(const BlockView& block) {
   const int64_t expected_q = CheckedMul(rows, layout_.q_row_bytes);
   const int64_t expected_kv = CheckedMul(rows, layout_.kv_row_bytes);
   const std::pair<const char*, std::pair<int64_t, int64_t>> sizes[] = {
-      {"query", {static_cast<int64_t>(block.q.size()), expected_q}},
-      {"key", {static_cast<int64_t>(block.k.size()), expected_kv}},
-      {"value", {static_cast<int64_t>(block.v.size()), expected_kv}}};
+      {"query", {block.q.size(), expected_q}},
+      {"key", {block.k.size(), expected_kv}},
+      {"value", {block.v.size(), expected_kv}}};
   for (const auto& [field, size] : sizes) {
     if (size.first != size.second) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -193,12 +218,9 @@ int64_t StreamAssembler::Fill(const BlockView& block, int64_t taken) {
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t src_row = b * block_count + in_block;
       const int64_t dst_row = b * chunk.token_count + in_chunk;
-      std::memcpy(chunk.q + dst_row * q_row, block.q.data() + src_row * q_row,
-                  static_cast<size_t>(n * q_row));
-      std::memcpy(chunk.k + dst_row * kv_row, block.k.data() + src_row * kv_row,
-                  static_cast<size_t>(n * kv_row));
-      std::memcpy(chunk.v + dst_row * kv_row, block.v.data() + src_row * kv_row,
-                  static_cast<size_t>(n * kv_row));
+      block.q.CopyTo(src_row * q_row, n * q_row, chunk.q + dst_row * q_row);
+      block.k.CopyTo(src_row * kv_row, n * kv_row, chunk.k + dst_row * kv_row);
+      block.v.CopyTo(src_row * kv_row, n * kv_row, chunk.v + dst_row * kv_row);
     }
     tokens_received_ += n;
     took += n;

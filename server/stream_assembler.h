@@ -28,6 +28,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -59,13 +60,33 @@ struct Chunk {
   char* v = nullptr;
 };
 
+// Bytes that may lie in several pieces: the slices gRPC received a message in, referenced where
+// they are rather than copied into one string.
+class ByteSpans {
+ public:
+  ByteSpans() = default;
+  ByteSpans(std::string_view bytes) { Append(bytes); }  // NOLINT(runtime/explicit): one piece.
+  ByteSpans(const std::string& bytes) : ByteSpans(std::string_view(bytes)) {}  // NOLINT
+
+  void Append(std::string_view piece);
+  int64_t size() const { return size_; }
+  const std::vector<std::string_view>& pieces() const { return pieces_; }
+  // Copies bytes [offset, offset + n) to dst; the range must lie within [0, size()).
+  void CopyTo(int64_t offset, int64_t n, char* dst) const;
+
+ private:
+  std::vector<std::string_view> pieces_;
+  std::vector<int64_t> starts_;  // Offset of each piece.
+  int64_t size_ = 0;
+};
+
 // A token block as it arrived: bytes laid out [batch, token_count, heads or kv_heads, head_dim].
 struct BlockView {
   int64_t token_start = 0;
   int64_t token_count = 0;
-  std::string_view q;
-  std::string_view k;
-  std::string_view v;
+  ByteSpans q;
+  ByteSpans k;
+  ByteSpans v;
 };
 
 // Tokens per chunk for a request: the least common multiple of the segment lengths, times the

@@ -5,6 +5,9 @@
 //   1: StreamHeader   -> ProblemFromHeader, then ValidateShape (as AttendStreamReactor, which
 //                        leaves max_request_bytes to its chunks)
 //   2: WarmUpRequest  -> per shape ProblemFromHeader and ValidateShape (as the WarmUp RPC)
+//   3: bytes of an AttendStreamRequest as the server receives them -> ParseStreamMessage (the
+//      zero-copy stream parser), cut into pieces at points the next bytes choose, which must
+//      read exactly as protobuf reads the same bytes
 // with the limits a da-server has when started with no flags (ServerOptions' defaults).
 //
 // A refusal must be INVALID_ARGUMENT or RESOURCE_EXHAUSTED with a message. A problem that passes
@@ -21,6 +24,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -33,6 +37,7 @@
 #include "google/protobuf/stubs/logging.h"
 #include "server/conversion.h"
 #include "server/stream_assembler.h"
+#include "server/stream_wire.h"
 #include "server/server.h"
 
 namespace da::server {
@@ -301,6 +306,52 @@ void FuzzWarmUpRequest(const v1::WarmUpRequest& request) {
   }
 }
 
+// cut_points: bytes that choose where the message is cut into pieces (as gRPC slices cut it).
+void FuzzStreamWire(std::string_view cut_points, std::string_view bytes) {
+  std::vector<std::string_view> pieces;
+  size_t at = 0;
+  for (char cut : cut_points) {
+    if (at >= bytes.size()) break;
+    const size_t n = std::min<size_t>(static_cast<uint8_t>(cut), bytes.size() - at);
+    pieces.push_back(bytes.substr(at, n));  // n may be 0: empty slices must be harmless.
+    at += n;
+  }
+  if (at < bytes.size()) pieces.push_back(bytes.substr(at));
+  v1::AttendStreamRequest expected;
+  const bool valid = expected.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()));
+  v1::AttendStreamRequest fallback;
+  StreamMessage message;
+  const absl::Status status = ParseStreamMessage(pieces, &fallback, &message);
+  if (status.ok() != valid) Fail(absl::StrCat("ParseStreamMessage: ", status.ToString(),
+                                              " but protobuf says valid=", valid));
+  if (!valid) {
+    if (status.code() != absl::StatusCode::kInvalidArgument) Fail(status.ToString());
+    return;
+  }
+  auto gather = [](const ByteSpans& spans) {
+    std::string out(static_cast<size_t>(spans.size()), '\0');
+    if (spans.size() > 0) spans.CopyTo(0, spans.size(), out.data());
+    return out;
+  };
+  if (expected.has_header()) {
+    if (message.kind != StreamMessage::Kind::kHeader ||
+        message.header.SerializeAsString() != expected.header().SerializeAsString()) {
+      Fail("a header reads differently from protobuf");
+    }
+  } else if (expected.has_block()) {
+    const v1::TokenBlock& block = expected.block();
+    if (message.kind != StreamMessage::Kind::kBlock ||
+        message.block.token_start != block.token_start() ||
+        message.block.token_count != block.token_count() ||
+        gather(message.block.q) != block.query() || gather(message.block.k) != block.key() ||
+        gather(message.block.v) != block.value()) {
+      Fail("a block reads differently from protobuf");
+    }
+  } else if (message.kind != StreamMessage::Kind::kNone) {
+    Fail("an empty message reads as a header or a block");
+  }
+}
+
 }  // namespace
 }  // namespace da::server
 
@@ -312,7 +363,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
-  const uint8_t kind = data[0] % 3;
+  const uint8_t kind = data[0] % 4;
   const char* bytes = reinterpret_cast<const char*>(data + 1);
   const int length = static_cast<int>(size - 1);
   switch (kind) {
@@ -329,6 +380,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     case 2: {
       da::v1::WarmUpRequest request;
       if (request.ParseFromArray(bytes, length)) da::server::FuzzWarmUpRequest(request);
+      break;
+    }
+    case 3: {  // Up to 8 cut points, then the message.
+      const size_t cuts = std::min<size_t>(8, static_cast<size_t>(length));
+      da::server::FuzzStreamWire(std::string_view(bytes, cuts),
+                                 std::string_view(bytes + cuts, length - cuts));
       break;
     }
   }

@@ -154,9 +154,10 @@ class StreamModel {
     const int64_t k_size = MaybeWrongSize(fdp, rows * layout_.kv_row_bytes);
     const int64_t v_size = MaybeWrongSize(fdp, rows * layout_.kv_row_bytes);
     const std::string q = BlockBytes(q_size), k = BlockBytes(k_size), v = BlockBytes(v_size);
-    block.q = q;
-    block.k = k;
-    block.v = v;
+    // In pieces, as gRPC's slices hold a received message.
+    block.q = Split(fdp, q);
+    block.k = Split(fdp, k);
+    block.v = Split(fdp, v);
     const bool valid = placed && q_size == rows * layout_.q_row_bytes &&
                        k_size == rows * layout_.kv_row_bytes &&
                        v_size == rows * layout_.kv_row_bytes;
@@ -196,17 +197,31 @@ class StreamModel {
     }
   }
 
+  // bytes cut into up to a few pieces of fuzzed lengths.
+  static ByteSpans Split(FuzzedDataProvider& fdp, const std::string& bytes) {
+    ByteSpans spans;
+    size_t at = 0;
+    for (int piece = 0; at < bytes.size(); ++piece) {
+      const size_t left = bytes.size() - at;
+      const size_t n = piece == 3 ? left : fdp.ConsumeIntegralInRange<size_t>(1, left);
+      spans.Append(std::string_view(bytes).substr(at, n));
+      at += n;
+    }
+    FUZZ_CHECK(spans.size() == static_cast<int64_t>(bytes.size()));
+    return spans;
+  }
+
   // The sender's copy of an accepted block.
   void Record(const BlockView& block) {
-    const std::pair<std::string_view, std::pair<std::vector<char>*, int64_t>> tensors[] = {
-        {block.q, {&sent_q_, layout_.q_row_bytes}},
-        {block.k, {&sent_k_, layout_.kv_row_bytes}},
-        {block.v, {&sent_v_, layout_.kv_row_bytes}}};
+    const std::pair<const ByteSpans*, std::pair<std::vector<char>*, int64_t>> tensors[] = {
+        {&block.q, {&sent_q_, layout_.q_row_bytes}},
+        {&block.k, {&sent_k_, layout_.kv_row_bytes}},
+        {&block.v, {&sent_v_, layout_.kv_row_bytes}}};
     for (const auto& [bytes, target] : tensors) {
       const auto [sent, row] = target;
       for (int64_t b = 0; b < layout_.batch; ++b) {
-        std::copy_n(bytes.data() + b * block.token_count * row, block.token_count * row,
-                    sent->data() + (b * layout_.seq_len + block.token_start) * row);
+        bytes->CopyTo(b * block.token_count * row, block.token_count * row,
+                      sent->data() + (b * layout_.seq_len + block.token_start) * row);
       }
     }
   }

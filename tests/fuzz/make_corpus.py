@@ -21,7 +21,7 @@ import numpy as np
 from grpc_tools import protoc
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-ATTEND, HEADER, WARMUP = 0, 1, 2
+ATTEND, HEADER, WARMUP, WIRE = 0, 1, 2, 3
 
 
 def load_protos(out_dir):
@@ -127,10 +127,22 @@ def request_validation_seeds(pb):
             header(pb, (1, 32, 2, 8), 2, base),
             header(pb, (1, -5, 2, 8), 2, base)]),
     }
+    # Stream messages as the server receives them: 8 cut points, then an AttendStreamRequest.
+    block = pb.TokenBlock(token_start=96, token_count=4,
+                          query=rng.bytes(4 * 16), key=rng.bytes(4 * 8), value=rng.bytes(4 * 8))
+    wires = {
+        "wire_block": pb.AttendStreamRequest(block=block).SerializeToString(),
+        "wire_header": pb.AttendStreamRequest(
+            header=header(pb, (1, 64, 4, 8), 2, base)).SerializeToString(),
+        "wire_two_blocks": (pb.AttendStreamRequest(block=block).SerializeToString() * 2),
+        "wire_unknown_field": b"\x78\x05" + pb.AttendStreamRequest(block=block).SerializeToString(),
+    }
     out = {}
     for kind, group in ((ATTEND, seeds), (HEADER, headers), (WARMUP, warmups)):
         for name, message in group.items():
             out[name] = bytes([kind]) + message.SerializeToString()
+    for name, data in wires.items():
+        out[name] = bytes([WIRE]) + bytes([3, 17, 0, 40, 9, 200, 1, 64]) + data
     return out
 
 

@@ -1,0 +1,245 @@
+#include "server/stream_wire.h"
+
+#include <algorithm>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+
+namespace da::server {
+namespace {
+
+// Protobuf wire types.
+constexpr int kVarint = 0;
+constexpr int kFixed64 = 1;
+constexpr int kLengthDelimited = 2;
+constexpr int kFixed32 = 5;
+
+// AttendStreamRequest and TokenBlock field numbers (proto/da/v1/attention.proto).
+constexpr uint64_t kRequestHeader = 1;
+constexpr uint64_t kRequestBlock = 2;
+constexpr uint64_t kBlockTokenStart = 1;
+constexpr uint64_t kBlockTokenCount = 2;
+constexpr uint64_t kBlockQuery = 3;
+constexpr uint64_t kBlockKey = 4;
+constexpr uint64_t kBlockValue = 5;
+
+// Reads forward through pieces without copying. Every read fails (returns false) rather than
+// passing the end; the fast path then gives the message to protobuf.
+class Reader {
+ public:
+  Reader(const std::vector<std::string_view>& pieces, int64_t limit)
+      : pieces_(pieces), left_(limit) {}
+
+  bool done() const { return left_ == 0; }
+  int64_t left() const { return left_; }
+
+  bool Varint(uint64_t* value) {
+    *value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t byte;
+      if (!Byte(&byte)) return false;
+      *value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if ((byte & 0x80) == 0) return true;
+    }
+    return false;  // More than ten bytes.
+  }
+
+  // The next n bytes as spans over the pieces.
+  bool Spans(int64_t n, ByteSpans* spans) {
+    if (n < 0 || n > left_) return false;
+    while (n > 0) {
+      Settle();
+      const std::string_view piece = pieces_[index_];
+      const int64_t take = std::min<int64_t>(n, static_cast<int64_t>(piece.size()) - offset_);
+      if (spans != nullptr) spans->Append(piece.substr(static_cast<size_t>(offset_), take));
+      offset_ += take;
+      left_ -= take;
+      n -= take;
+    }
+    return true;
+  }
+
+  bool Skip(int wire_type) {
+    uint64_t value;
+    switch (wire_type) {
+      case kVarint:
+        return Varint(&value);
+      case kFixed64:
+        return Spans(8, nullptr);
+      case kFixed32:
+        return Spans(4, nullptr);
+      case kLengthDelimited:
+        return Varint(&value) && value <= static_cast<uint64_t>(left_) &&
+               Spans(static_cast<int64_t>(value), nullptr);
+      default:
+        return false;  // Groups and invalid wire types: protobuf decides.
+    }
+  }
+
+  // A reader over the next n bytes; this one moves past them.
+  std::optional<Reader> Sub(int64_t n) {
+    if (n < 0 || n > left_) return std::nullopt;
+    if (left_ > 0) Settle();
+    Reader sub = *this;
+    sub.left_ = n;
+    if (!Spans(n, nullptr)) return std::nullopt;
+    return sub;
+  }
+
+ private:
+  // Moves past exhausted pieces (there is a byte left when called with left_ > 0).
+  void Settle() {
+    while (offset_ == static_cast<int64_t>(pieces_[index_].size())) {
+      ++index_;
+      offset_ = 0;
+    }
+  }
+  bool Byte(uint8_t* byte) {
+    if (left_ == 0) return false;
+    Settle();
+    *byte = static_cast<uint8_t>(pieces_[index_][static_cast<size_t>(offset_)]);
+    ++offset_;
+    --left_;
+    return true;
+  }
+
+  const std::vector<std::string_view>& pieces_;
+  size_t index_ = 0;
+  int64_t offset_ = 0;
+  int64_t left_;
+};
+
+// A TokenBlock in canonical form; false sends the message to protobuf.
+bool ParseBlock(Reader reader, BlockView* block) {
+  bool seen[6] = {};
+  while (!reader.done()) {
+    uint64_t tag;
+    if (!reader.Varint(&tag)) return false;
+    const uint64_t field = tag >> 3;
+    const int wire_type = static_cast<int>(tag & 7);
+    if (field >= kBlockTokenStart && field <= kBlockValue) {
+      if (seen[field]) return false;  // Repeated: protobuf's last-one-wins.
+      seen[field] = true;
+      const bool is_count = field == kBlockTokenStart || field == kBlockTokenCount;
+      if (wire_type != (is_count ? kVarint : kLengthDelimited)) return false;
+      if (is_count) {
+        uint64_t value;
+        if (!reader.Varint(&value)) return false;
+        (field == kBlockTokenStart ? block->token_start : block->token_count) =
+            static_cast<int64_t>(value);
+        continue;
+      }
+      uint64_t length;
+      if (!reader.Varint(&length) || length > static_cast<uint64_t>(reader.left())) return false;
+      ByteSpans* spans =
+          field == kBlockQuery ? &block->q : field == kBlockKey ? &block->k : &block->v;
+      if (!reader.Spans(static_cast<int64_t>(length), spans)) return false;
+      continue;
+    }
+    if (field == 0 || !reader.Skip(wire_type)) return false;
+  }
+  return true;
+}
+
+// The fast path: one block field, nothing else but unknown fields. False: use protobuf.
+bool ParseCanonical(const std::vector<std::string_view>& pieces, int64_t size,
+                    StreamMessage* out) {
+  Reader reader(pieces, size);
+  bool have_block = false;
+  while (!reader.done()) {
+    uint64_t tag;
+    if (!reader.Varint(&tag)) return false;
+    const uint64_t field = tag >> 3;
+    const int wire_type = static_cast<int>(tag & 7);
+    if (field == kRequestHeader) return false;  // Small: protobuf parses headers.
+    if (field == kRequestBlock) {
+      if (have_block || wire_type != kLengthDelimited) return false;
+      uint64_t length;
+      if (!reader.Varint(&length)) return false;
+      std::optional<Reader> sub = reader.Sub(static_cast<int64_t>(
+          std::min<uint64_t>(length, static_cast<uint64_t>(reader.left()) + 1)));
+      if (!sub || !ParseBlock(*sub, &out->block)) return false;
+      have_block = true;
+      continue;
+    }
+    if (field == 0 || !reader.Skip(wire_type)) return false;
+  }
+  if (!have_block) return false;
+  out->kind = StreamMessage::Kind::kBlock;
+  return true;
+}
+
+void AppendVarint(uint64_t value, std::string* out) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+int VarintSize(uint64_t value) {
+  int size = 1;
+  while (value >= 0x80) {
+    value >>= 7;
+    ++size;
+  }
+  return size;
+}
+
+}  // namespace
+
+absl::Status ParseStreamMessage(const std::vector<std::string_view>& pieces,
+                                v1::AttendStreamRequest* fallback, StreamMessage* out) {
+  *out = StreamMessage();
+  int64_t size = 0;
+  for (std::string_view piece : pieces) size += static_cast<int64_t>(piece.size());
+  if (ParseCanonical(pieces, size, out)) return absl::OkStatus();
+
+  *out = StreamMessage();
+  out->parsed_by_protobuf = true;
+  std::string bytes;
+  bytes.reserve(static_cast<size_t>(size));
+  for (std::string_view piece : pieces) bytes.append(piece);
+  if (!fallback->ParseFromString(bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a stream message of ", size, " bytes is not a valid da.v1.AttendStreamRequest"));
+  }
+  if (fallback->has_header()) {
+    out->kind = StreamMessage::Kind::kHeader;
+    out->header = fallback->header();
+  } else if (fallback->has_block()) {
+    const v1::TokenBlock& block = fallback->block();
+    out->kind = StreamMessage::Kind::kBlock;
+    out->block = {block.token_start(), block.token_count(), block.query(), block.key(),
+                  block.value()};
+  }
+  return absl::OkStatus();
+}
+
+std::string EncodeOutputBlockPrefix(int64_t token_start, int64_t token_count,
+                                    int64_t output_bytes) {
+  // OutputBlock: token_start = 1, token_count = 2 (varints, omitted when 0 as proto3 does),
+  // output = 3 (bytes). AttendStreamResponse: block = 2.
+  std::string inner;
+  if (token_start != 0) {
+    AppendVarint(uint64_t{1} << 3 | kVarint, &inner);
+    AppendVarint(static_cast<uint64_t>(token_start), &inner);
+  }
+  if (token_count != 0) {
+    AppendVarint(uint64_t{2} << 3 | kVarint, &inner);
+    AppendVarint(static_cast<uint64_t>(token_count), &inner);
+  }
+  if (output_bytes != 0) {
+    AppendVarint(uint64_t{3} << 3 | kLengthDelimited, &inner);
+    AppendVarint(static_cast<uint64_t>(output_bytes), &inner);
+  }
+  const uint64_t block_size = inner.size() + static_cast<uint64_t>(output_bytes);
+  std::string prefix;
+  prefix.reserve(inner.size() + 1 + VarintSize(block_size));
+  AppendVarint(uint64_t{2} << 3 | kLengthDelimited, &prefix);
+  AppendVarint(block_size, &prefix);
+  prefix += inner;
+  return prefix;
+}
+
+}  // namespace da::server
