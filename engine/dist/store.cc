@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -33,6 +34,8 @@ constexpr size_t kMaxFrameBytes = kMaxStoreKeyBytes + kMaxStoreValueBytes + 64;
 constexpr std::chrono::seconds kServerIoTimeout{30};
 // The client waits this much longer than a GET's own timeout for the server's answer.
 constexpr std::chrono::seconds kGetReplyGrace{5};
+// Longest wait a GET may ask for; keeps deadline arithmetic far from overflow.
+constexpr std::chrono::milliseconds kMaxGetTimeout = std::chrono::hours(24 * 7);
 
 }  // namespace
 
@@ -105,7 +108,8 @@ class CoordinatorStoreServer::Impl {
   void Serve(Connection* connection) {
     const int fd = connection->fd;
     while (true) {
-      // Idle clients may stay connected indefinitely; only a started frame has a time limit.
+      // Idle clients stay connected indefinitely; the thread ends when the client disconnects
+      // or the server stops.
       auto request = internal::ReadFrame(fd, kMaxFrameBytes, Clock::time_point::max(), wake_fd_);
       if (!request.ok()) break;
       std::string reply;
@@ -140,6 +144,7 @@ class CoordinatorStoreServer::Impl {
     if (op == kOpGet) {
       int64_t timeout_ms = 0;
       if (!internal::GetI64(request, pos, timeout_ms) || timeout_ms < 0) return false;
+      timeout_ms = std::min<int64_t>(timeout_ms, kMaxGetTimeout.count());
       auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
       std::unique_lock<std::mutex> lock(mu_);
       bool found =
@@ -231,7 +236,7 @@ class CoordinatorStoreClient : public KeyValueStore {
       return absl::InvalidArgumentError(
           absl::StrCat("store Get: key of ", key.size(), " bytes exceeds ", kMaxStoreKeyBytes));
     }
-    if (timeout.count() < 0) timeout = std::chrono::milliseconds(0);
+    timeout = std::clamp(timeout, std::chrono::milliseconds(0), kMaxGetTimeout);
     std::string request(1, static_cast<char>(kOpGet));
     internal::PutString(request, key);
     internal::PutI64(request, timeout.count());

@@ -57,9 +57,8 @@ class CoordinatorStoreServer {
   CoordinatorStoreServer(const CoordinatorStoreServer&) = delete;
   CoordinatorStoreServer& operator=(const CoordinatorStoreServer&) = delete;
 
-  class Impl;
-
  private:
+  class Impl;
   explicit CoordinatorStoreServer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
