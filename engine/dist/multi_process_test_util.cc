@@ -1,0 +1,91 @@
+#include "engine/dist/multi_process_test_util.h"
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+extern char** environ;
+
+namespace da::dist::testing {
+
+std::optional<RankFlags> ParseRankFlags(int argc, char** argv) {
+  RankFlags flags;
+  bool is_rank = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&](const char* name) -> std::optional<std::string> {
+      std::string prefix = absl::StrCat("--", name, "=");
+      if (!absl::StartsWith(arg, prefix)) return std::nullopt;
+      return arg.substr(prefix.size());
+    };
+    if (auto v = value("rank")) {
+      is_rank = absl::SimpleAtoi(*v, &flags.rank);
+    } else if (auto v = value("size")) {
+      (void)absl::SimpleAtoi(*v, &flags.size);
+    } else if (auto v = value("coordinator")) {
+      flags.coordinator = *v;
+    } else if (auto v = value("scenario")) {
+      flags.scenario = *v;
+    } else if (auto v = value("prefix")) {
+      flags.prefix = *v;
+    } else if (auto v = value("seed")) {
+      (void)absl::SimpleAtoi(*v, &flags.seed);
+    }
+  }
+  if (!is_rank) return std::nullopt;
+  return flags;
+}
+
+pid_t SpawnRank(const RankFlags& flags) {
+  std::vector<std::string> args = {
+      "/proc/self/exe",
+      absl::StrCat("--rank=", flags.rank),
+      absl::StrCat("--size=", flags.size),
+      absl::StrCat("--coordinator=", flags.coordinator),
+      absl::StrCat("--scenario=", flags.scenario),
+      absl::StrCat("--prefix=", flags.prefix),
+      absl::StrCat("--seed=", flags.seed),
+  };
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, argv.data(), environ) != 0) return -1;
+  return pid;
+}
+
+int WaitForExit(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (true) {
+    int status = 0;
+    pid_t done = waitpid(pid, &status, WNOHANG);
+    if (done == pid) {
+      if (WIFEXITED(status)) return WEXITSTATUS(status);
+      if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+      return -1;
+    }
+    if (done < 0) return -1;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    // Polling a child's exit with a short period; waitpid has no timeout.
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+std::string UniquePrefix(const std::string& name) {
+  static std::atomic<int> counter{0};
+  return absl::StrCat(name, "-", getpid(), "-", counter++);
+}
+
+}  // namespace da::dist::testing

@@ -1,0 +1,54 @@
+// Blocking TCP helpers with deadlines, for the coordinator store (internal to engine/dist).
+//
+// Every call takes an absolute deadline and returns a Status: DEADLINE_EXCEEDED when it passes,
+// UNAVAILABLE when the peer closes or resets the connection. Writes use MSG_NOSIGNAL, so a dead
+// peer never raises SIGPIPE.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace da::dist::internal {
+
+using Clock = std::chrono::steady_clock;
+
+struct HostPort {
+  std::string host;  // Without brackets; empty means any interface.
+  int port = 0;
+};
+
+// Parses "host:port" or "[v6]:port"; INVALID_ARGUMENT naming the text otherwise.
+absl::StatusOr<HostPort> ParseHostPort(const std::string& host_port);
+
+// Connects once; UNAVAILABLE with the errno text when refused or unreachable by the deadline.
+absl::StatusOr<int> ConnectTcp(const HostPort& address, Clock::time_point deadline);
+
+// Binds and listens; returns the socket. `port` 0 picks a free port (see LocalPort).
+absl::StatusOr<int> ListenTcp(const HostPort& address);
+absl::StatusOr<int> LocalPort(int fd);
+
+// Writes or reads exactly `bytes`. `wake_fd` (optional, -1 for none) aborts a read with
+// CANCELLED when it becomes readable.
+absl::Status WriteAll(int fd, const void* data, size_t bytes, Clock::time_point deadline);
+absl::Status ReadAll(int fd, void* data, size_t bytes, Clock::time_point deadline,
+                     int wake_fd = -1);
+
+// Frames: u32 little-endian length, then the body.
+absl::Status WriteFrame(int fd, const std::string& body, Clock::time_point deadline);
+absl::StatusOr<std::string> ReadFrame(int fd, size_t max_bytes, Clock::time_point deadline,
+                                      int wake_fd = -1);
+
+// Little-endian field encoding inside a frame body.
+void PutU32(std::string& out, uint32_t value);
+void PutI64(std::string& out, int64_t value);
+void PutString(std::string& out, const std::string& value);
+// Readers advance `pos`; false when the body is too short.
+bool GetU8(const std::string& in, size_t& pos, uint8_t& value);
+bool GetI64(const std::string& in, size_t& pos, int64_t& value);
+bool GetString(const std::string& in, size_t& pos, size_t max_bytes, std::string& value);
+
+}  // namespace da::dist::internal

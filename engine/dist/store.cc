@@ -1,0 +1,336 @@
+#include "engine/dist/store.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/dist/socket_io.h"
+
+namespace da::dist {
+namespace {
+
+using internal::Clock;
+
+constexpr uint8_t kOpSet = 1;
+constexpr uint8_t kOpGet = 2;
+constexpr uint8_t kReplyOk = 0;
+constexpr uint8_t kReplyTimedOut = 1;
+// A frame carries a key, a value and a few header bytes.
+constexpr size_t kMaxFrameBytes = kMaxStoreKeyBytes + kMaxStoreValueBytes + 64;
+// How long the server gives a client to send the rest of a frame or take a reply.
+constexpr std::chrono::seconds kServerIoTimeout{30};
+// The client waits this much longer than a GET's own timeout for the server's answer.
+constexpr std::chrono::seconds kGetReplyGrace{5};
+// Longest wait a GET may ask for; keeps deadline arithmetic far from overflow.
+constexpr std::chrono::milliseconds kMaxGetTimeout = std::chrono::hours(24 * 7);
+
+}  // namespace
+
+class CoordinatorStoreServer::Impl {
+ public:
+  Impl(int listen_fd, int wake_fd, int port)
+      : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port) {
+    accept_thread_ = std::thread([this] { AcceptLoop(); });
+  }
+
+  ~Impl() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    set_cv_.notify_all();
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+    accept_thread_.join();
+    for (Connection& connection : connections_) connection.thread.join();
+    for (Connection& connection : connections_) close(connection.fd);
+    close(listen_fd_);
+    close(wake_fd_);
+  }
+
+  int port() const { return port_; }
+
+ private:
+  struct Connection {
+    int fd = -1;
+    std::thread thread;
+    bool done = false;  // Guarded by mu_.
+  };
+
+  void AcceptLoop() {
+    while (true) {
+      pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+      if (poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (fds[1].revents & POLLIN) return;
+      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      std::lock_guard<std::mutex> lock(mu_);
+      ReapFinishedLocked();
+      connections_.emplace_back();
+      Connection* connection = &connections_.back();
+      connection->fd = fd;
+      connection->thread = std::thread([this, connection] { Serve(connection); });
+    }
+  }
+
+  // Joins the threads of connections that have ended, so a long-lived coordinator with
+  // reconnecting clients does not accumulate them.
+  void ReapFinishedLocked() {
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      if (it->done) {
+        it->thread.join();
+        close(it->fd);
+        it = connections_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  void Serve(Connection* connection) {
+    const int fd = connection->fd;
+    while (true) {
+      // Idle clients stay connected indefinitely; the thread ends when the client disconnects
+      // or the server stops.
+      auto request = internal::ReadFrame(fd, kMaxFrameBytes, Clock::time_point::max(), wake_fd_);
+      if (!request.ok()) break;
+      std::string reply;
+      if (!Handle(*request, reply)) break;
+      if (!internal::WriteFrame(fd, reply, Clock::now() + kServerIoTimeout).ok()) break;
+    }
+    shutdown(fd, SHUT_RDWR);
+    std::lock_guard<std::mutex> lock(mu_);
+    connection->done = true;
+  }
+
+  // Returns false for a malformed request (the connection is then closed).
+  bool Handle(const std::string& request, std::string& reply) {
+    size_t pos = 0;
+    uint8_t op = 0;
+    std::string key;
+    if (!internal::GetU8(request, pos, op) ||
+        !internal::GetString(request, pos, kMaxStoreKeyBytes, key)) {
+      return false;
+    }
+    if (op == kOpSet) {
+      std::string value;
+      if (!internal::GetString(request, pos, kMaxStoreValueBytes, value)) return false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        values_[key] = std::move(value);
+      }
+      set_cv_.notify_all();
+      reply.push_back(static_cast<char>(kReplyOk));
+      return true;
+    }
+    if (op == kOpGet) {
+      int64_t timeout_ms = 0;
+      if (!internal::GetI64(request, pos, timeout_ms) || timeout_ms < 0) return false;
+      timeout_ms = std::min<int64_t>(timeout_ms, kMaxGetTimeout.count());
+      auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+      std::unique_lock<std::mutex> lock(mu_);
+      bool found =
+          set_cv_.wait_until(lock, deadline, [&] { return stopping_ || values_.count(key) > 0; });
+      if (stopping_) return false;
+      if (!found) {
+        reply.push_back(static_cast<char>(kReplyTimedOut));
+        return true;
+      }
+      reply.push_back(static_cast<char>(kReplyOk));
+      internal::PutString(reply, values_[key]);
+      return true;
+    }
+    return false;
+  }
+
+  const int listen_fd_;
+  const int wake_fd_;  // An eventfd: readable once the server is stopping.
+  const int port_;
+  std::thread accept_thread_;
+  std::mutex mu_;
+  std::condition_variable set_cv_;
+  bool stopping_ = false;                      // Guarded by mu_.
+  std::map<std::string, std::string> values_;  // Guarded by mu_.
+  std::list<Connection> connections_;          // Guarded by mu_ (list: stable addresses).
+};
+
+CoordinatorStoreServer::CoordinatorStoreServer(std::unique_ptr<Impl> impl)
+    : impl_(std::move(impl)) {}
+CoordinatorStoreServer::~CoordinatorStoreServer() = default;
+int CoordinatorStoreServer::port() const { return impl_->port(); }
+
+absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::Start(
+    const std::string& host_port) {
+  auto address = internal::ParseHostPort(host_port);
+  if (!address.ok()) return address.status();
+  if (address->host == "0.0.0.0") address->host.clear();
+  auto listen_fd = internal::ListenTcp(*address);
+  if (!listen_fd.ok()) {
+    return absl::Status(listen_fd.status().code(),
+                        absl::StrCat("coordinator store: ", listen_fd.status().message()));
+  }
+  auto port = internal::LocalPort(*listen_fd);
+  int wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (!port.ok() || wake_fd < 0) {
+    close(*listen_fd);
+    if (wake_fd >= 0) close(wake_fd);
+    return absl::InternalError(absl::StrCat("coordinator store on ", host_port, ": cannot set up (",
+                                            std::strerror(errno), ")"));
+  }
+  return std::unique_ptr<CoordinatorStoreServer>(
+      new CoordinatorStoreServer(std::make_unique<Impl>(*listen_fd, wake_fd, *port)));
+}
+
+namespace {
+
+class CoordinatorStoreClient : public KeyValueStore {
+ public:
+  CoordinatorStoreClient(std::string host_port, internal::HostPort address,
+                         std::chrono::milliseconds io_timeout, int fd)
+      : host_port_(std::move(host_port)),
+        address_(std::move(address)),
+        io_timeout_(io_timeout),
+        fd_(fd) {}
+
+  ~CoordinatorStoreClient() override {
+    if (fd_ >= 0) close(fd_);
+  }
+
+  absl::Status Set(const std::string& key, const std::string& value) override {
+    if (key.size() > kMaxStoreKeyBytes || value.size() > kMaxStoreValueBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("store Set of key '", key.substr(0, 64), "': key of ", key.size(),
+                       " bytes (limit ", kMaxStoreKeyBytes, ") or value of ", value.size(),
+                       " bytes (limit ", kMaxStoreValueBytes, ")"));
+    }
+    std::string request(1, static_cast<char>(kOpSet));
+    internal::PutString(request, key);
+    internal::PutString(request, value);
+    auto reply = Call(request, Clock::now() + io_timeout_, absl::StrCat("Set of key '", key, "'"),
+                      io_timeout_);
+    if (!reply.ok()) return reply.status();
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::string> Get(const std::string& key,
+                                  std::chrono::milliseconds timeout) override {
+    if (key.size() > kMaxStoreKeyBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("store Get: key of ", key.size(), " bytes exceeds ", kMaxStoreKeyBytes));
+    }
+    timeout = std::clamp(timeout, std::chrono::milliseconds(0), kMaxGetTimeout);
+    std::string request(1, static_cast<char>(kOpGet));
+    internal::PutString(request, key);
+    internal::PutI64(request, timeout.count());
+    std::string what = absl::StrCat("Get of key '", key, "'");
+    auto reply = Call(request, Clock::now() + timeout + kGetReplyGrace, what, timeout);
+    if (!reply.ok()) return reply.status();
+    size_t pos = 0;
+    uint8_t code = 0;
+    std::string value;
+    if (internal::GetU8(*reply, pos, code) && code == kReplyTimedOut) {
+      return absl::DeadlineExceededError(absl::StrCat("coordinator store ", host_port_, ": ", what,
+                                                      " not set within ", timeout.count(), " ms"));
+    }
+    if (code != kReplyOk || !internal::GetString(*reply, pos, kMaxStoreValueBytes, value)) {
+      return Broken(what, "malformed reply");
+    }
+    return value;
+  }
+
+ private:
+  // Sends one request and reads its reply on the shared connection, reconnecting first if an
+  // earlier call lost it.
+  absl::StatusOr<std::string> Call(const std::string& request, Clock::time_point deadline,
+                                   const std::string& what, std::chrono::milliseconds timeout) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ < 0) {
+      auto fd = internal::ConnectTcp(address_, Clock::now() + io_timeout_);
+      if (!fd.ok()) {
+        return absl::UnavailableError(absl::StrCat("coordinator store ", host_port_, ": ", what,
+                                                   ": ", fd.status().message()));
+      }
+      fd_ = *fd;
+    }
+    absl::Status status = internal::WriteFrame(fd_, request, deadline);
+    absl::StatusOr<std::string> reply =
+        status.ok() ? internal::ReadFrame(fd_, kMaxFrameBytes, deadline) : status;
+    if (reply.ok()) return reply;
+    // The connection is in an unknown state (a reply may still come): drop it.
+    close(fd_);
+    fd_ = -1;
+    auto code = reply.status().code() == absl::StatusCode::kDeadlineExceeded
+                    ? absl::StatusCode::kDeadlineExceeded
+                    : absl::StatusCode::kUnavailable;
+    return absl::Status(code,
+                        absl::StrCat("coordinator store ", host_port_, ": ", what, " (timeout ",
+                                     timeout.count(), " ms): ", reply.status().message()));
+  }
+
+  absl::Status Broken(const std::string& what, const std::string& why) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+    return absl::UnavailableError(
+        absl::StrCat("coordinator store ", host_port_, ": ", what, ": ", why));
+  }
+
+  const std::string host_port_;
+  const internal::HostPort address_;
+  const std::chrono::milliseconds io_timeout_;
+  std::mutex mu_;
+  int fd_;  // Guarded by mu_; -1 when disconnected.
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KeyValueStore>> ConnectCoordinatorStore(
+    const std::string& host_port, std::chrono::milliseconds timeout) {
+  auto address = internal::ParseHostPort(host_port);
+  if (!address.ok()) return address.status();
+  if (address->port == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coordinator address '", host_port, "' needs a port"));
+  }
+  const auto deadline = Clock::now() + timeout;
+  absl::Status last = absl::UnavailableError("no attempt");
+  // Retry refused connections: the coordinator may not be listening yet.
+  auto backoff = std::chrono::milliseconds(10);
+  while (true) {
+    auto fd = internal::ConnectTcp(*address, deadline);
+    if (fd.ok()) {
+      return std::unique_ptr<KeyValueStore>(
+          new CoordinatorStoreClient(host_port, *address, timeout, *fd));
+    }
+    last = fd.status();
+    if (last.code() == absl::StatusCode::kInvalidArgument) return last;
+    const auto now = Clock::now();
+    if (now >= deadline) break;
+    // Waiting for the coordinator to start listening: nothing to wait on but time.
+    std::this_thread::sleep_for(std::min<Clock::duration>(backoff, deadline - now));
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(200));
+  }
+  return absl::UnavailableError(absl::StrCat("coordinator store at ", host_port,
+                                             " not reachable within ", timeout.count(),
+                                             " ms: ", last.message()));
+}
+
+}  // namespace da::dist
