@@ -201,6 +201,28 @@ std::string ExerciseRank(Communicator& comm, uint64_t seed) {
 
 uint64_t FreshSeed() { return std::random_device{}(); }
 
+// Runs everywhere, GPUs or not: arguments are checked before any device is touched.
+TEST(NcclCommunicatorTest, ValidatesArgumentsBeforeTouchingADevice) {
+  FileStore store(testing::TempDir());
+  auto no_devices = CreateLocalNcclCommunicators({});
+  EXPECT_EQ(no_devices.status().code(), absl::StatusCode::kInvalidArgument);
+  auto bad_size = CreateNcclCommunicator(store, 0, 0, NcclOptions{});
+  EXPECT_EQ(bad_size.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_size.status().message().find("got 0"), absl::string_view::npos)
+      << bad_size.status();
+  auto bad_rank = CreateNcclCommunicator(store, 3, 2, NcclOptions{});
+  EXPECT_EQ(bad_rank.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_rank.status().message().find("rank 3"), absl::string_view::npos)
+      << bad_rank.status();
+  NcclOptions options;
+  options.device = CudaDeviceCount();  // One past the last device.
+  auto bad_device = CreateNcclCommunicator(store, 0, 1, options);
+  EXPECT_EQ(bad_device.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_device.status().message().find(absl::StrCat("CUDA device ", options.device)),
+            absl::string_view::npos)
+      << bad_device.status();
+}
+
 TEST(NcclCommunicatorTest, OneGpuGroupCopiesItsOwnBytes) {
   DA_REQUIRE_GPUS(1);
   auto comms = CreateLocalNcclCommunicators({0});
