@@ -31,7 +31,8 @@
 //   (one per device) may be used concurrently from different threads.
 // - counters(): bytes this rank moved as if point to point, independent of NCCL's algorithm
 //   (AllGather: (size-1)*bytes sent and received; Broadcast: the root sends (size-1)*bytes, the
-//   others receive bytes; Send/Recv: bytes), one operation per call, and wall time in calls.
+//   others receive bytes; Send/Recv: bytes), one operation per call that reached NCCL (argument
+//   errors are not counted), and the wall time of those calls.
 #pragma once
 
 #include <chrono>
