@@ -1,28 +1,22 @@
 #include "engine/dist/nccl_communicator.h"
 
-#include <cuda_runtime_api.h>
-#include <nccl.h>
-
-#include <algorithm>
 #include <cstring>
-#include <mutex>
-#include <set>
 #include <thread>
 #include <utility>
 
-#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/string_view.h"
+#include "engine/dist/nccl_internal.h"
 #include "engine/status_macros.h"
 
 namespace da::dist {
+namespace nccl_internal {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 // How long the wait loops sleep between polls: short against any collective worth timing out,
 // long enough that a waiting thread does not take a core from the kernels' host threads.
 constexpr auto kPollInterval = std::chrono::microseconds(50);
+
+}  // namespace
 
 absl::Status CudaStatus(cudaError_t error, absl::string_view call) {
   if (error == cudaSuccess) return absl::OkStatus();
@@ -31,7 +25,7 @@ absl::Status CudaStatus(cudaError_t error, absl::string_view call) {
 }
 
 // ncclInProgress is not an error: nonblocking communicators return it while work is pending.
-absl::Status NcclStatus(ncclResult_t result, absl::string_view call, ncclComm_t comm = nullptr) {
+absl::Status NcclStatus(ncclResult_t result, absl::string_view call, ncclComm_t comm) {
   if (result == ncclSuccess || result == ncclInProgress) return absl::OkStatus();
   return absl::InternalError(absl::StrCat(call, " failed: ", ncclGetErrorString(result), " (",
                                           ncclGetLastError(comm), ")"));
@@ -63,60 +57,32 @@ std::string Millis(std::chrono::milliseconds timeout) {
   return absl::StrCat(timeout.count(), " ms");
 }
 
-class NcclCommunicator final : public Communicator {
- public:
-  NcclCommunicator(ncclComm_t comm, int rank, int size, int device)
-      : comm_(comm), rank_(rank), size_(size), device_(device) {}
-  ~NcclCommunicator() override;
+absl::Status CheckBytes(absl::string_view op, int64_t bytes) {
+  if (bytes >= 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("NCCL ", op, ": bytes must be >= 0, got ", bytes));
+}
 
-  // Creates the stream and the barrier word; called once, right after construction.
-  absl::Status Init();
+absl::Status CheckRank(absl::string_view op, absl::string_view what, int value, int size) {
+  if (value >= 0 && value < size) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("NCCL ", op, ": ", what, " ", value, " is out of range [0, ", size, ")"));
+}
 
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-  std::string backend() const override { return "nccl"; }
-  int device() const { return device_; }
+absl::StatusOr<std::unique_ptr<Communicator>> Wrap(ncclComm_t comm, int rank, int size,
+                                                   int device) {
+  auto communicator = std::make_unique<NcclCommunicator>(comm, rank, size, device);
+  DA_RETURN_IF_ERROR(communicator->Init());
+  return communicator;
+}
 
-  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
-                         std::chrono::milliseconds timeout) override;
-  absl::Status Broadcast(void* data, int64_t bytes, int root,
-                         std::chrono::milliseconds timeout) override;
-  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
-                    std::chrono::milliseconds timeout) override;
-  absl::Status Recv(void* data, int64_t bytes, int peer, int tag,
-                    std::chrono::milliseconds timeout) override;
-  absl::Status Barrier(std::chrono::milliseconds timeout) override;
-  Counters counters() const override;
+absl::Status CheckDevice(int device) {
+  const int count = CudaDeviceCount();
+  if (device >= 0 && device < count) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "NCCL: CUDA device ", device, " is out of range: this process sees ", count, " device(s)"));
+}
 
-  // Pieces of an operation, also used by the grouped local operations.
-  absl::Status Prepare(absl::string_view op) const;
-  absl::Status Enqueue(absl::string_view op, ncclResult_t result);
-  absl::Status Complete(absl::string_view op, Clock::time_point deadline,
-                        std::chrono::milliseconds timeout);
-  void Record(absl::Status status, Clock::time_point start, int64_t sent, int64_t received);
-
-  ncclComm_t comm() const { return comm_; }
-  cudaStream_t stream() const { return stream_; }
-
- private:
-  // Runs `launch` (one NCCL call on comm_ and stream_) and waits for it within `timeout`.
-  template <typename Launch>
-  absl::Status Run(absl::string_view op, std::chrono::milliseconds timeout, int64_t sent,
-                   int64_t received, Launch launch);
-  void Abort();
-  std::string Where() const {
-    return absl::StrCat("rank ", rank_, " of ", size_, " (CUDA device ", device_, ")");
-  }
-
-  ncclComm_t comm_;
-  const int rank_;
-  const int size_;
-  const int device_;
-  cudaStream_t stream_ = nullptr;
-  float* barrier_word_ = nullptr;  // Device memory all-reduced by Barrier.
-  mutable std::mutex counters_mutex_;
-  Counters counters_;
-};
+// Grouped local operations: all communicators of one process, from one thread.
 
 NcclCommunicator::~NcclCommunicator() {
   cudaSetDevice(device_);
@@ -217,17 +183,6 @@ absl::Status NcclCommunicator::Run(absl::string_view op, std::chrono::millisecon
   return status;
 }
 
-absl::Status CheckBytes(absl::string_view op, int64_t bytes) {
-  if (bytes >= 0) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("NCCL ", op, ": bytes must be >= 0, got ", bytes));
-}
-
-absl::Status CheckRank(absl::string_view op, absl::string_view what, int value, int size) {
-  if (value >= 0 && value < size) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("NCCL ", op, ": ", what, " ", value, " is out of range [0, ", size, ")"));
-}
-
 absl::Status NcclCommunicator::AllGather(const void* send, void* recv, int64_t bytes,
                                          std::chrono::milliseconds timeout) {
   DA_RETURN_IF_ERROR(CheckBytes("AllGather", bytes));
@@ -248,6 +203,8 @@ absl::Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root,
   });
 }
 
+namespace {
+
 absl::Status CheckPeer(absl::string_view op, int peer, int tag, int rank, int size) {
   DA_RETURN_IF_ERROR(CheckRank(op, "peer", peer, size));
   if (peer == rank) {
@@ -259,6 +216,8 @@ absl::Status CheckPeer(absl::string_view op, int peer, int tag, int rank, int si
   }
   return absl::OkStatus();
 }
+
+}  // namespace
 
 // NCCL has no tags: messages between two ranks match in issue order (see the header).
 absl::Status NcclCommunicator::Send(const void* data, int64_t bytes, int peer, int tag,
@@ -286,71 +245,17 @@ absl::Status NcclCommunicator::Barrier(std::chrono::milliseconds timeout) {
   });
 }
 
-absl::StatusOr<std::unique_ptr<Communicator>> Wrap(ncclComm_t comm, int rank, int size,
-                                                   int device) {
-  auto communicator = std::make_unique<NcclCommunicator>(comm, rank, size, device);
-  DA_RETURN_IF_ERROR(communicator->Init());
-  return communicator;
-}
+}  // namespace nccl_internal
 
-absl::Status CheckDevice(int device) {
-  const int count = CudaDeviceCount();
-  if (device >= 0 && device < count) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat(
-      "NCCL: CUDA device ", device, " is out of range: this process sees ", count, " device(s)"));
-}
-
-// Grouped local operations: all communicators of one process, from one thread.
-absl::StatusOr<std::vector<NcclCommunicator*>> LocalGroup(absl::string_view op,
-                                                          const std::vector<Communicator*>& comms,
-                                                          size_t buffers) {
-  std::vector<NcclCommunicator*> group;
-  for (size_t i = 0; i < comms.size(); ++i) {
-    auto* comm = dynamic_cast<NcclCommunicator*>(comms[i]);
-    if (comm == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("NCCL local ", op, ": communicator ", i, " is not an NCCL communicator"));
-    }
-    if (comm->rank() != static_cast<int>(i) || comm->size() != static_cast<int>(comms.size())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "NCCL local ", op, ": communicator ", i, " is rank ", comm->rank(), " of ", comm->size(),
-          "; pass all ", comm->size(), " communicators of the group in rank order"));
-    }
-    DA_RETURN_IF_ERROR(comm->Prepare(op));
-    group.push_back(comm);
-  }
-  if (group.empty() || buffers != group.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("NCCL local ", op, ": ", group.size(),
-                                                   " communicators but ", buffers, " buffers"));
-  }
-  return group;
-}
-
-// Issues launch(i) for every communicator inside one ncclGroupStart/End, then waits for all.
-template <typename Launch>
-absl::Status RunGrouped(absl::string_view op, const std::vector<NcclCommunicator*>& group,
-                        std::chrono::milliseconds timeout,
-                        const std::vector<std::pair<int64_t, int64_t>>& moved, Launch launch) {
-  const Clock::time_point start = Clock::now();
-  absl::Status status = NcclStatus(ncclGroupStart(), "ncclGroupStart");
-  for (size_t i = 0; status.ok() && i < group.size(); ++i) {
-    status = CudaStatus(cudaSetDevice(group[i]->device()), "cudaSetDevice");
-    if (status.ok()) status = group[i]->Enqueue(op, launch(i));
-  }
-  // A group that was started must be ended, whatever failed inside it.
-  absl::Status end = NcclStatus(ncclGroupEnd(), absl::StrCat("ncclGroupEnd of local ", op));
-  if (status.ok()) status = end;
-  for (size_t i = 0; i < group.size(); ++i) {
-    absl::Status done = status;
-    if (done.ok()) done = group[i]->Prepare(op);
-    if (done.ok()) done = group[i]->Complete(op, start + timeout, timeout);
-    group[i]->Record(done, start, moved[i].first, moved[i].second);
-    if (status.ok()) status = done;
-  }
-  return status;
-}
-
-}  // namespace
+using nccl_internal::CheckDevice;
+using nccl_internal::CheckRank;
+using nccl_internal::Clock;
+using nccl_internal::CudaStatus;
+using nccl_internal::Millis;
+using nccl_internal::NcclStatus;
+using nccl_internal::NonblockingConfig;
+using nccl_internal::WaitWhileInProgress;
+using nccl_internal::Wrap;
 
 int CudaDeviceCount() {
   int count = 0;
@@ -411,97 +316,6 @@ absl::StatusOr<std::unique_ptr<Communicator>> CreateNcclCommunicator(KeyValueSto
                       absl::StrCat("ncclCommInitRankConfig of rank ", rank, " of ", world_size));
   }
   return Wrap(comm, rank, world_size, options.device);
-}
-
-absl::StatusOr<std::vector<std::unique_ptr<Communicator>>> CreateLocalNcclCommunicators(
-    const std::vector<int>& devices, std::chrono::milliseconds init_timeout) {
-  if (devices.empty()) return absl::InvalidArgumentError("NCCL local group: no devices given");
-  std::set<int> distinct;
-  for (int device : devices) {
-    DA_RETURN_IF_ERROR(CheckDevice(device));
-    if (!distinct.insert(device).second) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("NCCL local group: CUDA device ", device, " is listed twice"));
-    }
-  }
-  const Clock::time_point deadline = Clock::now() + init_timeout;
-  const int size = static_cast<int>(devices.size());
-
-  // What ncclCommInitAll does, with a nonblocking config so that no later call can hang.
-  ncclUniqueId id;
-  DA_RETURN_IF_ERROR(NcclStatus(ncclGetUniqueId(&id), "ncclGetUniqueId"));
-  std::vector<ncclComm_t> comms(devices.size(), nullptr);
-  ncclConfig_t config = NonblockingConfig();
-  absl::Status status = NcclStatus(ncclGroupStart(), "ncclGroupStart");
-  for (int i = 0; status.ok() && i < size; ++i) {
-    status = CudaStatus(cudaSetDevice(devices[i]), "cudaSetDevice");
-    if (status.ok()) {
-      status = NcclStatus(ncclCommInitRankConfig(&comms[i], size, id, i, &config),
-                          absl::StrCat("ncclCommInitRankConfig of local rank ", i));
-    }
-  }
-  absl::Status end = NcclStatus(ncclGroupEnd(), "ncclGroupEnd of the local init");
-  if (status.ok()) status = end;
-  for (int i = 0; status.ok() && i < size; ++i) {
-    ncclResult_t state = WaitWhileInProgress(comms[i], deadline);
-    if (state == ncclInProgress) {
-      status = absl::DeadlineExceededError(absl::StrCat("NCCL init of local rank ", i, " of ", size,
-                                                        " did not complete within ",
-                                                        Millis(init_timeout)));
-    } else {
-      status = NcclStatus(state, absl::StrCat("NCCL init of local rank ", i), comms[i]);
-    }
-  }
-  if (!status.ok()) {
-    for (ncclComm_t comm : comms) {
-      if (comm != nullptr) ncclCommAbort(comm);
-    }
-    return status;
-  }
-
-  std::vector<std::unique_ptr<Communicator>> result;
-  for (int i = 0; i < size; ++i) {
-    auto wrapped = Wrap(comms[i], i, size, devices[i]);
-    if (!wrapped.ok()) {
-      // The failed one freed its own communicator; the ones not yet wrapped need aborting.
-      for (int j = i + 1; j < size; ++j) ncclCommAbort(comms[j]);
-      return wrapped.status();
-    }
-    result.push_back(std::move(wrapped).value());
-  }
-  return result;
-}
-
-absl::Status NcclLocalAllGather(const std::vector<Communicator*>& comms,
-                                const std::vector<const void*>& send,
-                                const std::vector<void*>& recv, int64_t bytes,
-                                std::chrono::milliseconds timeout) {
-  DA_RETURN_IF_ERROR(CheckBytes("local AllGather", bytes));
-  if (send.size() != recv.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("NCCL local AllGather: ", send.size(),
-                                                   " send buffers but ", recv.size(), " recv"));
-  }
-  DA_ASSIGN_OR_RETURN(auto group, LocalGroup("AllGather", comms, send.size()));
-  const int64_t moved = bytes * (static_cast<int64_t>(group.size()) - 1);
-  std::vector<std::pair<int64_t, int64_t>> counted(group.size(), {moved, moved});
-  return RunGrouped("AllGather", group, timeout, counted, [&](size_t i) {
-    return ncclAllGather(send[i], recv[i], static_cast<size_t>(bytes), ncclUint8, group[i]->comm(),
-                         group[i]->stream());
-  });
-}
-
-absl::Status NcclLocalBroadcast(const std::vector<Communicator*>& comms,
-                                const std::vector<void*>& data, int64_t bytes, int root,
-                                std::chrono::milliseconds timeout) {
-  DA_RETURN_IF_ERROR(CheckBytes("local Broadcast", bytes));
-  DA_ASSIGN_OR_RETURN(auto group, LocalGroup("Broadcast", comms, data.size()));
-  DA_RETURN_IF_ERROR(CheckRank("local Broadcast", "root", root, static_cast<int>(group.size())));
-  std::vector<std::pair<int64_t, int64_t>> counted(group.size(), {0, bytes});
-  counted[root] = {bytes * (static_cast<int64_t>(group.size()) - 1), 0};
-  return RunGrouped("Broadcast", group, timeout, counted, [&](size_t i) {
-    return ncclBroadcast(data[i], data[i], static_cast<size_t>(bytes), ncclUint8, root,
-                         group[i]->comm(), group[i]->stream());
-  });
 }
 
 }  // namespace da::dist
