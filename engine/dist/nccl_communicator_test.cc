@@ -234,6 +234,47 @@ TEST(NcclCommunicatorTest, OneGpuGroupCopiesItsOwnBytes) {
   EXPECT_EQ(ExerciseRank(comm, FreshSeed()), "");
 }
 
+// The multi-process path (id through the store, nonblocking init) with a group of one.
+TEST(NcclCommunicatorTest, GroupOfOneThroughTheStore) {
+  DA_REQUIRE_GPUS(1);
+  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  FileStore store(dir);
+  NcclOptions options;
+  options.key_prefix = "one";
+  auto comm = CreateNcclCommunicator(store, 0, 1, options);
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  absl::StatusOr<std::string> id = store.Get("one/nccl_id", milliseconds(0));
+  ASSERT_TRUE(id.ok()) << id.status();
+  EXPECT_EQ(id->size(), 128u);
+  EXPECT_EQ(ExerciseRank(**comm, FreshSeed()), "");
+  std::filesystem::remove_all(dir);
+}
+
+// Rank 0 of two, with rank 1 never started: init gives up at its timeout and says so.
+TEST(NcclCommunicatorTest, InitWithoutPeersTimesOut) {
+  DA_REQUIRE_GPUS(1);
+  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  FileStore store(dir);
+  NcclOptions options;
+  options.init_timeout = milliseconds(500);
+  const auto start = std::chrono::steady_clock::now();
+  auto comm = CreateNcclCommunicator(store, 0, 2, options);
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(comm.status().code(), absl::StatusCode::kDeadlineExceeded) << comm.status();
+  EXPECT_NE(comm.status().message().find("500 ms"), absl::string_view::npos) << comm.status();
+  EXPECT_LT(elapsed, std::chrono::seconds(10));
+  // A rank other than 0 waits for the id and times out naming the key.
+  options.init_timeout = milliseconds(100);
+  options.key_prefix = "never_published";
+  auto waiting = CreateNcclCommunicator(store, 1, 2, options);
+  EXPECT_EQ(waiting.status().code(), absl::StatusCode::kDeadlineExceeded) << waiting.status();
+  EXPECT_NE(waiting.status().message().find("never_published/nccl_id"), absl::string_view::npos)
+      << waiting.status();
+  std::filesystem::remove_all(dir);
+}
+
 TEST(NcclCommunicatorTest, RejectsBadArgumentsNamingTheValue) {
   DA_REQUIRE_GPUS(1);
   const int devices = CudaDeviceCount();
