@@ -9,7 +9,7 @@ CMAKE_FLAGS ?=
 SERVE_ARGS ?=
 DEPS_STAMP := $(BUILD_DIR)/.deps-installed
 
-.PHONY: all deps configure build build-nocuda sanitize tsan fuzz serve test clean
+.PHONY: all deps configure build build-nocuda sanitize tsan fuzz serve test test-gpu clean
 
 all: build
 
@@ -80,6 +80,10 @@ fuzz: $(DEPS_STAMP)
 
 test: build build-nocuda sanitize tsan fuzz
 	cd $(BUILD_DIR) && ctest -j $(JOBS) --output-on-failure --timeout 600
+
+# On a machine with GPUs: build with CUDA and NCCL required, run the tests labelled gpu.
+test-gpu:
+	scripts/run-gpu-tests
 
 clean:
 	rm -rf $(BUILD_DIR) $(NOCUDA_DIR) $(SANITIZE_DIR) $(TSAN_DIR) $(FUZZ_DIR)
