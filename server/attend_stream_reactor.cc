@@ -112,10 +112,14 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
                                        settings_.min_chunk_tokens, engine_->limits().max_request_bytes));
   priority_ = header.priority();
   DA_RETURN_IF_ERROR(Admit(layout));
-  DA_ASSIGN_OR_RETURN(assembler_, StreamAssembler::Create(layout, settings_.pipeline_depth));
+  DA_ASSIGN_OR_RETURN(assembler_,
+                      StreamAssembler::Create(layout, settings_.pipeline_depth, settings_.buffers));
   const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.q_row_bytes;
   for (int i = 0; i < 2; ++i) {
-    out_slots_.push_back(AllocateHostBuffer(out_slot_bytes));
+    out_slots_.push_back(settings_.buffers != nullptr
+                             ? settings_.buffers->Take(out_slot_bytes)
+                             : PooledBuffer(AllocateHostBuffer(out_slot_bytes), out_slot_bytes,
+                                            nullptr));
     out_slot_busy_.push_back(false);
     if (!out_slots_.back()) {
       return absl::ResourceExhaustedError(absl::StrFormat(

@@ -64,6 +64,7 @@ struct StreamSettings {
   int64_t max_message_bytes = 64 << 20;  // Each output message carries at most half of it.
   int pipeline_depth = 2;                // Chunks of inputs held at once (>= 1).
   int64_t min_chunk_tokens = 4096;       // Chunks are at least this long (unless seq_len is less).
+  HostBufferPool* buffers = nullptr;     // Where chunk buffers come from and go back to.
 };
 
 // Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
@@ -146,7 +147,7 @@ class AttendStreamReactor final
   // Computing.
   bool computing_ = false;
   int64_t chunks_computed_ = 0;
-  std::vector<HostBuffer> out_slots_;
+  std::vector<PooledBuffer> out_slots_;
   std::vector<bool> out_slot_busy_;
   engine::ExecutionInfo info_;  // Summed over chunks.
   bool any_computed_ = false;

@@ -143,6 +143,7 @@ AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, Ser
     : engine_(engine),
       metrics_(metrics),
       options_(std::move(options)),
+      stream_buffers_(options_.stream_buffer_pool_bytes),
       build_features_(engine::BuildFeatures()) {}
 
 grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* context,
@@ -154,7 +155,8 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(grpc::CallbackServerContext* context) {
   const StreamSettings settings{.max_message_bytes = options_.max_message_bytes,
                                 .pipeline_depth = options_.stream_pipeline_depth,
-                                .min_chunk_tokens = options_.stream_min_chunk_tokens};
+                                .min_chunk_tokens = options_.stream_min_chunk_tokens,
+                                .buffers = &stream_buffers_};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 

@@ -37,6 +37,7 @@ struct ServiceOptions {
   std::string version;                   // Reported by GetServerInfo.
   int stream_pipeline_depth = 2;         // Chunks of input one stream holds (StreamSettings).
   int64_t stream_min_chunk_tokens = 4096;
+  int64_t stream_buffer_pool_bytes = int64_t{256} << 20;  // Idle chunk buffers kept for reuse.
 };
 
 class AttentionService final : public AttentionServiceBase {
@@ -62,6 +63,7 @@ class AttentionService final : public AttentionServiceBase {
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;
+  HostBufferPool stream_buffers_;  // Outlives the streams: the service outlives the grpc::Server.
   std::vector<std::string> build_features_;
   WarmUpWorker warm_up_worker_;
 };

@@ -94,6 +94,11 @@ int main(int argc, char** argv) {
                  "about (depth + 2) chunks, whatever its length")
       ->capture_default_str()
       ->check(CLI::Range(1, 64));
+  app.add_option("--stream-buffer-pool-bytes", options.stream_buffer_pool_bytes,
+                 "AttendStream: idle chunk buffers kept for the next stream of the same shape "
+                 "(resident, outside --memory-budget-bytes); 0 keeps none")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--stream-min-chunk-tokens", options.stream_min_chunk_tokens,
                  "AttendStream: least tokens per chunk; a chunk is a multiple of every segment "
                  "length and is computed as soon as its tokens have arrived")

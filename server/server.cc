@@ -115,6 +115,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::InvalidArgumentError(absl::StrCat(
         "stream_min_chunk_tokens is ", options.stream_min_chunk_tokens, "; must be >= 1"));
   }
+  if (options.stream_buffer_pool_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "stream_buffer_pool_bytes is ", options.stream_buffer_pool_bytes, "; must be >= 0"));
+  }
   if (options.max_message_bytes < 1 || options.max_message_bytes > INT_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes is ", options.max_message_bytes, "; must be in [1, ", INT_MAX, "]"));
@@ -158,7 +162,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       ServiceOptions{.max_message_bytes = options.max_message_bytes,
                      .version = DA_VERSION,
                      .stream_pipeline_depth = options.stream_pipeline_depth,
-                     .stream_min_chunk_tokens = options.stream_min_chunk_tokens});
+                     .stream_min_chunk_tokens = options.stream_min_chunk_tokens,
+                     .stream_buffer_pool_bytes = options.stream_buffer_pool_bytes});
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

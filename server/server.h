@@ -61,6 +61,9 @@ struct ServerOptions {
   // (chunks are multiples of every segment length; see attend_stream_reactor.h).
   int stream_pipeline_depth = 2;
   int64_t stream_min_chunk_tokens = 4096;
+  // Idle chunk buffers kept for the next stream of the same shape (no first-touch cost); resident
+  // memory outside --memory-budget-bytes, like the plan cache. 0: none kept.
+  int64_t stream_buffer_pool_bytes = int64_t{256} << 20;
   // Admission: bytes all admitted requests may hold (inputs, outputs, plan workspace); 0:
   // unlimited (da-server's default is DefaultMemoryBudgetBytes()). Requests that may wait for the
   // engine; more are refused with RESOURCE_EXHAUSTED.

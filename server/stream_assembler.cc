@@ -86,7 +86,7 @@ absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
 }
 
 absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
-    const StreamLayout& layout, int slots) {
+    const StreamLayout& layout, int slots, HostBufferPool* pool) {
   const std::pair<const char*, int64_t> positive[] = {{"batch", layout.batch},
                                                       {"seq_len", layout.seq_len},
                                                       {"q_row_bytes", layout.q_row_bytes},
@@ -115,7 +115,11 @@ absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
   assembler->slot_q_bytes_ = tokens * layout.q_row_bytes;
   assembler->slot_kv_bytes_ = tokens * layout.kv_row_bytes;
   assembler->buffer_bytes_ = total;
-  assembler->buffer_ = AllocateHostBuffer(total);
+  if (pool != nullptr) {
+    assembler->buffer_ = pool->Take(total);
+  } else if (HostBuffer fresh = AllocateHostBuffer(total)) {
+    assembler->buffer_ = PooledBuffer(std::move(fresh), total, nullptr);
+  }
   if (!assembler->buffer_) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("cannot allocate %d bytes for %d stream chunks of %d tokens", total, slots,

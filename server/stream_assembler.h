@@ -106,8 +106,10 @@ class StreamAssembler {
  public:
   // slots: how many chunks' inputs may be held at once (the pipeline depth), >= 1. Errors:
   // INVALID_ARGUMENT for a malformed layout, RESOURCE_EXHAUSTED when the memory is not there.
+  // pool: where the slots' buffer comes from and goes back to (null: allocated and freed).
   static absl::StatusOr<std::unique_ptr<StreamAssembler>> Create(const StreamLayout& layout,
-                                                                 int slots);
+                                                                 int slots,
+                                                                 HostBufferPool* pool = nullptr);
 
   // Checks the next block against the layout and what arrived before it: order, overlap, gaps,
   // tokens past seq_len, byte counts. Messages name the block: "block 3 (tokens [96, 128))".
@@ -133,6 +135,7 @@ class StreamAssembler {
   int64_t tokens_received() const { return tokens_received_; }
   int64_t blocks_received() const { return blocks_received_; }
   int64_t buffer_bytes() const { return buffer_bytes_; }
+  const char* ChunkBufferForTest() const { return buffer_.get(); }
 
  private:
   StreamAssembler(const StreamLayout& layout, int slots);
@@ -146,7 +149,7 @@ class StreamAssembler {
   int64_t slot_q_bytes_ = 0;   // Per slot: chunk_tokens * batch * q_row_bytes.
   int64_t slot_kv_bytes_ = 0;  // Per slot and tensor: chunk_tokens * batch * kv_row_bytes.
   int64_t buffer_bytes_ = 0;
-  HostBuffer buffer_;  // slots x (q, k, v).
+  PooledBuffer buffer_;  // slots x (q, k, v).
 
   int64_t blocks_received_ = 0;  // Blocks that passed CheckBlock.
   int64_t tokens_received_ = 0;  // Tokens [0, tokens_received_) are in slots or were released.

@@ -212,5 +212,48 @@ TEST(StreamAssemblerCreateTest, RejectsBadLayouts) {
               HasSubstr("overflow"));
 }
 
+TEST(HostBufferPoolTest, ReusesIdleBuffersOfTheSameSizeWithinItsCapacity) {
+  HostBufferPool pool(/*capacity_bytes=*/3 << 20);
+  char* first = nullptr;
+  {
+    PooledBuffer a = pool.Take(1 << 20);
+    ASSERT_TRUE(a);
+    first = a.get();
+    EXPECT_EQ(pool.idle_bytes(), 0);
+  }
+  EXPECT_EQ(pool.idle_bytes(), 1 << 20);
+  PooledBuffer again = pool.Take(1 << 20);
+  EXPECT_EQ(again.get(), first) << "an idle buffer of the same size is reused";
+  EXPECT_EQ(pool.idle_bytes(), 0);
+  PooledBuffer other = pool.Take(2 << 20);  // Another size: fresh.
+  EXPECT_NE(other.get(), first);
+  again.Reset();
+  other.Reset();
+  EXPECT_EQ(pool.idle_bytes(), 3 << 20);
+  // Keeping 1.5 MiB more would pass the 3 MiB capacity: idle buffers go oldest first (the 1 MiB
+  // one, then the 2 MiB one) until it fits.
+  { PooledBuffer third = pool.Take(1536 << 10); }
+  EXPECT_EQ(pool.idle_bytes(), 1536 << 10);
+  { PooledBuffer huge = pool.Take(4 << 20); }  // Larger than the capacity: freed, not kept.
+  EXPECT_LE(pool.idle_bytes(), 3 << 20);
+}
+
+TEST(HostBufferPoolTest, AssemblersReturnTheirSlotsToThePool) {
+  HostBufferPool pool(64 << 20);
+  const StreamLayout layout{.batch = 1, .seq_len = 100, .q_row_bytes = 64, .kv_row_bytes = 32,
+                            .chunk_tokens = 32};
+  char* slot = nullptr;
+  {
+    auto a = StreamAssembler::Create(layout, 2, &pool);
+    ASSERT_TRUE(a.ok());
+    slot = const_cast<char*>((*a)->ChunkBufferForTest());
+  }
+  EXPECT_EQ(pool.idle_bytes(), 2 * 32 * (64 + 2 * 32));
+  auto b = StreamAssembler::Create(layout, 2, &pool);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ((*b)->ChunkBufferForTest(), slot);
+  EXPECT_EQ(pool.idle_bytes(), 0);
+}
+
 }  // namespace
 }  // namespace da::server
