@@ -4,6 +4,12 @@
 #include <chrono>
 #include <climits>
 #include <thread>
+#include <vector>
+
+#include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
+#include <grpcpp/support/sync_stream.h>
 
 #include "client/stream_blocks.h"
 
@@ -22,7 +28,60 @@ void ConfigureContext(const CallOptions& options, const std::string& request_id,
   if (!id.empty()) context->AddMetadata("x-request-id", id);
 }
 
+void AppendVarint(uint64_t value, std::string* out) {
+  while (value >= 0x80) {
+    out->push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out->push_back(static_cast<char>(value));
+}
+
+void ReleaseBlock(void* block) { delete static_cast<std::shared_ptr<v1::TokenBlock>*>(block); }
+
+// A slice over bytes of *block, holding a reference to the block until gRPC lets go of it.
+grpc::Slice BlockSlice(const std::shared_ptr<v1::TokenBlock>& block, const std::string& bytes) {
+  return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &ReleaseBlock,
+                     new std::shared_ptr<v1::TokenBlock>(block));
+}
+
 }  // namespace
+
+grpc::ByteBuffer TokenBlockBuffer(std::unique_ptr<v1::TokenBlock> block) {
+  const std::shared_ptr<v1::TokenBlock> owned(std::move(block));
+  // AttendStreamRequest{block = 2: TokenBlock{token_start = 1, token_count = 2, query = 3,
+  // key = 4, value = 5}}, written as protobuf writes it (zero varints and empty bytes omitted):
+  // the tags and lengths in small slices of their own, the tensors as slices over the block.
+  std::string start;
+  if (owned->token_start() != 0) {
+    AppendVarint(1 << 3 | 0, &start);
+    AppendVarint(static_cast<uint64_t>(owned->token_start()), &start);
+  }
+  if (owned->token_count() != 0) {
+    AppendVarint(2 << 3 | 0, &start);
+    AppendVarint(static_cast<uint64_t>(owned->token_count()), &start);
+  }
+  std::string tags[3];
+  const std::string* tensors[3] = {&owned->query(), &owned->key(), &owned->value()};
+  uint64_t block_bytes = start.size();
+  for (int i = 0; i < 3; ++i) {
+    if (tensors[i]->empty()) continue;
+    AppendVarint(static_cast<uint64_t>(3 + i) << 3 | 2, &tags[i]);
+    AppendVarint(tensors[i]->size(), &tags[i]);
+    block_bytes += tags[i].size() + tensors[i]->size();
+  }
+  std::string outer;
+  AppendVarint(2 << 3 | 2, &outer);
+  AppendVarint(block_bytes, &outer);
+  outer += start;
+  std::vector<grpc::Slice> slices;
+  slices.emplace_back(outer);
+  for (int i = 0; i < 3; ++i) {
+    if (tensors[i]->empty()) continue;
+    slices.emplace_back(tags[i]);
+    slices.push_back(BlockSlice(owned, *tensors[i]));
+  }
+  return grpc::ByteBuffer(slices.data(), slices.size());
+}
 
 grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes) {
   // gRPC takes an int; anything larger means "as large as possible".
@@ -96,31 +155,50 @@ grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
                                                  const CallOptions& options) {
   grpc::ClientContext context;
   ConfigureContext(options, header.request_id(), &context);
-  auto stream = stub_->AttendStream(&context);
+  // The same RPC as the generated stub's AttendStream, on ByteBuffers: a block is sent as slices
+  // that point into its own q, k and v strings (TokenBlockBuffer), not serialized into a copy.
+  const grpc::internal::RpcMethod method("/da.v1.AttentionService/AttendStream",
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel_);
+  std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
+      grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
+          channel_.get(), method, &context));
 
   // Write on a thread of its own while this one reads: the server answers chunks while later
   // blocks are still arriving, and would otherwise fill both flow-control windows and leave both
   // sides waiting.
   std::thread writer([&] {
-    v1::AttendStreamRequest message;
-    *message.mutable_header() = header;
-    if (!stream->Write(message)) return;  // The call is over; Finish() says why.
-    message.Clear();
-    while (next_block(message.mutable_block())) {
-      if (!stream->Write(message)) return;
-      message.Clear();
+    v1::AttendStreamRequest first;
+    *first.mutable_header() = header;
+    grpc::Slice serialized(first.SerializeAsString());
+    grpc::ByteBuffer buffer(&serialized, 1);
+    if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
+    auto block = std::make_unique<v1::TokenBlock>();
+    while (next_block(block.get())) {
+      buffer = TokenBlockBuffer(std::move(block));
+      if (!stream->Write(buffer)) return;
+      block = std::make_unique<v1::TokenBlock>();
     }
     stream->WritesDone();
   });
 
   grpc::Status answer_status;
+  grpc::ByteBuffer buffer;
   v1::AttendStreamResponse message;
-  while (stream->Read(&message)) {
-    answer_status = on_answer(message);
+  while (stream->Read(&buffer)) {
+    message.Clear();
+    if (grpc::Status parsed =
+            grpc::SerializationTraits<v1::AttendStreamResponse>::Deserialize(&buffer, &message);
+        !parsed.ok()) {
+      answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
+                                   "the server's answer is not an AttendStreamResponse: " +
+                                       parsed.error_message());
+    } else {
+      answer_status = on_answer(message);
+    }
     if (!answer_status.ok()) {
       // The caller refused the answer: stop the call and drain so that Finish() returns promptly.
       context.TryCancel();
-      while (stream->Read(&message)) {
+      while (stream->Read(&buffer)) {
       }
       break;
     }

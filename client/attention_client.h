@@ -46,6 +46,11 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
 // gRPC's own reason. UNAVAILABLE when no connection is made in time (e.g. a black-holed address).
 grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms);
 
+// The serialized AttendStreamRequest{block} as slices: the tags and lengths copied, q, k and v
+// referenced where they are (the block lives until gRPC releases the last slice). The same bytes
+// as block.SerializeAsString() inside an AttendStreamRequest, without the copy.
+grpc::ByteBuffer TokenBlockBuffer(std::unique_ptr<v1::TokenBlock> block);
+
 class AttentionClient {
  public:
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);

@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <random>
+#include <string>
+#include <vector>
 
 #include "client/echo_server_test_util.h"
 #include "client/tensor_io.h"
@@ -132,6 +135,34 @@ TEST(AttentionClientConnectTest, WaitForConnectionReachesARunningServer) {
   std::shared_ptr<grpc::Channel> channel = MakeChannel(server.address());
   EXPECT_TRUE(WaitForConnection(*channel, 10000).ok());
   EXPECT_EQ(channel->GetState(false), GRPC_CHANNEL_READY);
+}
+
+// The zero-copy block message must be byte for byte what protobuf writes for the same block.
+TEST(TokenBlockBufferTest, SameBytesAsProtobufSerialization) {
+  std::mt19937_64 rng(9);
+  auto bytes = [&](size_t n) {
+    std::string s(n, '\0');
+    for (char& c : s) c = static_cast<char>(rng());
+    return s;
+  };
+  for (int i = 0; i < 200; ++i) {
+    auto block = std::make_unique<v1::TokenBlock>();
+    if (i % 5 != 0) block->set_token_start(static_cast<int64_t>(rng() % 1000000));
+    if (i % 7 != 0) block->set_token_count(static_cast<int64_t>(rng() % 5000));
+    if (i % 3 != 0) block->set_query(bytes(rng() % 3000));
+    if (i % 4 != 0) block->set_key(bytes(rng() % 2000));
+    if (i % 6 != 0) block->set_value(bytes(rng() % 2000));
+    v1::AttendStreamRequest expected;
+    *expected.mutable_block() = *block;
+    grpc::ByteBuffer buffer = TokenBlockBuffer(std::move(block));
+    std::vector<grpc::Slice> slices;
+    ASSERT_TRUE(buffer.Dump(&slices).ok());
+    std::string got;
+    for (const grpc::Slice& slice : slices) {
+      got.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    EXPECT_TRUE(got == expected.SerializeAsString()) << "block " << i;
+  }
 }
 
 }  // namespace
