@@ -38,10 +38,20 @@ class Reader {
     for (int shift = 0; shift < 64; shift += 7) {
       uint8_t byte;
       if (!Byte(&byte)) return false;
+      if (shift == 63 && byte > 1) return false;  // Past 64 bits: protobuf decides.
       *value |= static_cast<uint64_t>(byte & 0x7f) << shift;
       if ((byte & 0x80) == 0) return true;
     }
     return false;  // More than ten bytes.
+  }
+
+  // A field tag as protobuf reads it: a 32-bit varint with a field number >= 1.
+  bool Tag(uint64_t* field, int* wire_type) {
+    uint64_t tag;
+    if (!Varint(&tag) || tag > 0xffffffffu || (tag >> 3) == 0) return false;
+    *field = tag >> 3;
+    *wire_type = static_cast<int>(tag & 7);
+    return true;
   }
 
   // The next n bytes as spans over the pieces.
@@ -113,10 +123,9 @@ class Reader {
 bool ParseBlock(Reader reader, BlockView* block) {
   bool seen[6] = {};
   while (!reader.done()) {
-    uint64_t tag;
-    if (!reader.Varint(&tag)) return false;
-    const uint64_t field = tag >> 3;
-    const int wire_type = static_cast<int>(tag & 7);
+    uint64_t field;
+    int wire_type;
+    if (!reader.Tag(&field, &wire_type)) return false;
     if (field >= kBlockTokenStart && field <= kBlockValue) {
       if (seen[field]) return false;  // Repeated: protobuf's last-one-wins.
       seen[field] = true;
@@ -136,7 +145,7 @@ bool ParseBlock(Reader reader, BlockView* block) {
       if (!reader.Spans(static_cast<int64_t>(length), spans)) return false;
       continue;
     }
-    if (field == 0 || !reader.Skip(wire_type)) return false;
+    if (!reader.Skip(wire_type)) return false;
   }
   return true;
 }
@@ -147,10 +156,9 @@ bool ParseCanonical(const std::vector<std::string_view>& pieces, int64_t size,
   Reader reader(pieces, size);
   bool have_block = false;
   while (!reader.done()) {
-    uint64_t tag;
-    if (!reader.Varint(&tag)) return false;
-    const uint64_t field = tag >> 3;
-    const int wire_type = static_cast<int>(tag & 7);
+    uint64_t field;
+    int wire_type;
+    if (!reader.Tag(&field, &wire_type)) return false;
     if (field == kRequestHeader) return false;  // Small: protobuf parses headers.
     if (field == kRequestBlock) {
       if (have_block || wire_type != kLengthDelimited) return false;
@@ -162,7 +170,7 @@ bool ParseCanonical(const std::vector<std::string_view>& pieces, int64_t size,
       have_block = true;
       continue;
     }
-    if (field == 0 || !reader.Skip(wire_type)) return false;
+    if (!reader.Skip(wire_type)) return false;
   }
   if (!have_block) return false;
   out->kind = StreamMessage::Kind::kBlock;

@@ -110,6 +110,12 @@ TEST(StreamWireTest, OtherFormsFallBackToProtobufWithItsSemantics) {
       RandomBytes(64, rng),
       std::string("\x12\x02\x0a\x05", 4),  // Block field whose TokenBlock has a bad wire type.
       std::string("\x12\x04\x08\x01\x08\x02", 6),  // token_start twice.
+      // Tags past 32 bits (field numbers past 2^29 - 1), which protobuf refuses, at the top and
+      // inside a block; found by the fuzzer.
+      std::string("\xf8\xff\xff\xff\xff\x01\x00", 7) + RandomBlock(rng).SerializeAsString(),
+      std::string("\x12\x09\x08\x60\xf0\xff\xff\xff\xff\x01\x00", 11),
+      // A 64-bit varint whose tenth byte carries more than one bit.
+      std::string("\x12\x0c\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f", 14),
   };
   for (const std::string& bytes : cases) {
     SCOPED_TRACE(testing::Message() << bytes.size() << " bytes");
