@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
   bool generate_while_sending = false;
 
   CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
-  app.add_option("--server", server_address, "host:port of a running da-server; default: start one");
+  app.add_option("--server", server_address,
+                 "host:port of a running da-server; default: start one");
   app.add_option("--server-pid", server_pid, "pid of that server, to report its peak RSS");
   app.add_option("--listen", listen,
                  "Address of the in-process server: host:0 (TCP loopback) or unix:PATH")
@@ -108,12 +109,13 @@ int main(int argc, char** argv) {
                                                              : da::v1::PRECISION_AUTO);
   const int64_t row_bytes = (kv_heads == 0 ? heads : kv_heads) * head_dim * 4;
   if (block_tokens == 0) {
-    block_tokens = std::max<int64_t>(1, (4 << 20) / (batch * (heads * head_dim * 4 + 2 * row_bytes)));
+    block_tokens =
+        std::max<int64_t>(1, (4 << 20) / (batch * (heads * head_dim * 4 + 2 * row_bytes)));
   }
   const da::server::testing::SyntheticStream stream(header, /*seed=*/20261125, block_tokens);
   const int64_t out_bytes = batch * seq_len * heads * head_dim * 4;
-  const double wire_bytes = static_cast<double>(batch * seq_len) *
-                            (2.0 * heads * head_dim * 4 + 2.0 * row_bytes);
+  const double wire_bytes =
+      static_cast<double>(batch * seq_len) * (2.0 * heads * head_dim * 4 + 2.0 * row_bytes);
 
   // The in-process baseline: the whole problem in one Engine::Run on inputs already in memory
   // (the same values the stream sends), best and median of repeat after one warm-up run.
@@ -172,10 +174,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     server = *std::move(started);
-    server_address = listen.rfind("unix:", 0) == 0
-                         ? listen
-                         : listen.substr(0, listen.rfind(':')) + ":" +
-                               std::to_string(server->port());
+    server_address = listen.rfind("unix:", 0) == 0 ? listen
+                                                   : listen.substr(0, listen.rfind(':')) + ":" +
+                                                         std::to_string(server->port());
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 
@@ -203,8 +204,8 @@ int main(int argc, char** argv) {
       };
     }
     const Clock::time_point start = Clock::now();
-    const grpc::Status status = client.AttendStreamBlocks(
-        header, source, [&](const da::v1::AttendStreamResponse& message) {
+    const grpc::Status status =
+        client.AttendStreamBlocks(header, source, [&](const da::v1::AttendStreamResponse& message) {
           if (message.has_trailer()) info = message.trailer().info();
           if (message.has_block()) {
             const std::string& bytes = message.block().output();
@@ -229,22 +230,25 @@ int main(int argc, char** argv) {
     if (i > 0) stream_times.push_back(seconds);
   }
 
-  std::printf("problem: B=%lld N=%lld H=%lld Hkv=%lld D=%lld fp32, %s, precision %s, %zu patterns\n",
-              static_cast<long long>(batch), static_cast<long long>(seq_len),
-              static_cast<long long>(heads), static_cast<long long>(kv_heads == 0 ? heads : kv_heads),
-              static_cast<long long>(head_dim), mode.c_str(), precision.c_str(), segments.size());
-  std::printf("stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
-              static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),
-              static_cast<long long>(info.stream_chunks()), wire_bytes / (1 << 30));
+  std::printf(
+      "problem: B=%lld N=%lld H=%lld Hkv=%lld D=%lld fp32, %s, precision %s, %zu patterns\n",
+      static_cast<long long>(batch), static_cast<long long>(seq_len), static_cast<long long>(heads),
+      static_cast<long long>(kv_heads == 0 ? heads : kv_heads), static_cast<long long>(head_dim),
+      mode.c_str(), precision.c_str(), segments.size());
+  std::printf(
+      "stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
+      static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),
+      static_cast<long long>(info.stream_chunks()), wire_bytes / (1 << 30));
   const double stream_best = *std::min_element(stream_times.begin(), stream_times.end());
-  std::printf("AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
-              stream_best, Median(stream_times), wire_bytes / stream_best / 1e9);
+  std::printf(
+      "AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
+      stream_best, Median(stream_times), wire_bytes / stream_best / 1e9);
   std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s\n",
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
   if (!engine_times.empty()) {
     const double engine_best = *std::min_element(engine_times.begin(), engine_times.end());
-    std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n",
-                engine_best, Median(engine_times));
+    std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n", engine_best,
+                Median(engine_times));
     std::printf("ratio stream / in-process: best %.3f, median %.3f; output identical: yes\n",
                 stream_best / engine_best, Median(stream_times) / Median(engine_times));
   }

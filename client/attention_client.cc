@@ -1,15 +1,15 @@
 #include "client/attention_client.h"
 
+#include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
+#include <grpcpp/support/sync_stream.h>
+
 #include <algorithm>
 #include <chrono>
 #include <climits>
 #include <thread>
 #include <vector>
-
-#include <grpcpp/impl/codegen/proto_utils.h>
-#include <grpcpp/support/byte_buffer.h>
-#include <grpcpp/support/slice.h>
-#include <grpcpp/support/sync_stream.h>
 
 #include "client/stream_blocks.h"
 
@@ -189,9 +189,9 @@ grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
     if (grpc::Status parsed =
             grpc::SerializationTraits<v1::AttendStreamResponse>::Deserialize(&buffer, &message);
         !parsed.ok()) {
-      answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
-                                   "the server's answer is not an AttendStreamResponse: " +
-                                       parsed.error_message());
+      answer_status = grpc::Status(
+          grpc::StatusCode::INTERNAL,
+          "the server's answer is not an AttendStreamResponse: " + parsed.error_message());
     } else {
       answer_status = on_answer(message);
     }

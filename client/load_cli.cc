@@ -1,7 +1,5 @@
 #include "client/load_cli.h"
 
-#include "client/cli_args.h"
-
 #include <iostream>
 
 #include "absl/strings/str_cat.h"

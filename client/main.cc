@@ -23,8 +23,8 @@
 #include "client/attention_client.h"
 #include "client/cli_args.h"
 #include "client/cli_format.h"
-#include "client/load_cli.h"
 #include "client/connection_options.h"
+#include "client/load_cli.h"
 #include "client/tensor_io.h"
 
 namespace da::client {

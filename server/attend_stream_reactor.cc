@@ -107,30 +107,32 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   limits.max_request_bytes = 0;
   DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits));
 
-  DA_ASSIGN_OR_RETURN(const StreamLayout layout,
-                      MakeStreamLayout(problem_.shape, problem_.dtype, problem_.spec,
-                                       settings_.min_chunk_tokens, engine_->limits().max_request_bytes));
+  DA_ASSIGN_OR_RETURN(
+      const StreamLayout layout,
+      MakeStreamLayout(problem_.shape, problem_.dtype, problem_.spec, settings_.min_chunk_tokens,
+                       engine_->limits().max_request_bytes));
   priority_ = header.priority();
   DA_RETURN_IF_ERROR(Admit(layout));
   DA_ASSIGN_OR_RETURN(assembler_,
                       StreamAssembler::Create(layout, settings_.pipeline_depth, settings_.buffers));
   const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.q_row_bytes;
   for (int i = 0; i < 2; ++i) {
-    out_slots_.push_back(settings_.buffers != nullptr
-                             ? settings_.buffers->Take(out_slot_bytes)
-                             : PooledBuffer(AllocateHostBuffer(out_slot_bytes), out_slot_bytes,
-                                            nullptr));
+    out_slots_.push_back(
+        settings_.buffers != nullptr
+            ? settings_.buffers->Take(out_slot_bytes)
+            : PooledBuffer(AllocateHostBuffer(out_slot_bytes), out_slot_bytes, nullptr));
     out_slot_busy_.push_back(false);
     if (!out_slots_.back()) {
-      return absl::ResourceExhaustedError(absl::StrFormat(
-          "cannot allocate %d bytes for a chunk's output (%d tokens)", out_slot_bytes,
-          layout.chunk_tokens));
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("cannot allocate %d bytes for a chunk's output (%d tokens)",
+                          out_slot_bytes, layout.chunk_tokens));
     }
   }
   // Output messages of about 4 MiB (at most half the message limit): small enough that a chunk's
   // answer starts moving while it is still being copied out, and that gRPC's copies of one
   // message stay small next to the window.
-  const int64_t message_bytes = std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
+  const int64_t message_bytes =
+      std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
   output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
   have_header_ = true;
   return absl::OkStatus();
@@ -300,9 +302,8 @@ bool AttendStreamReactor::FillNextWrite() {
 int64_t AttendStreamReactor::BufferBytes() const {
   if (assembler_ == nullptr) return 0;
   const StreamLayout& layout = assembler_->layout();
-  const int64_t out_bytes =
-      static_cast<int64_t>(out_slots_.size()) * layout.chunk_tokens * layout.batch *
-      layout.q_row_bytes;
+  const int64_t out_bytes = static_cast<int64_t>(out_slots_.size()) * layout.chunk_tokens *
+                            layout.batch * layout.q_row_bytes;
   // One incoming and one outgoing message at most, each within max_message_bytes.
   return assembler_->buffer_bytes() + out_bytes + 2 * settings_.max_message_bytes;
 }

@@ -87,8 +87,8 @@ class AttendStreamReactor final
     int64_t index = 0;
     int64_t token_start = 0;
     int64_t token_count = 0;
-    int slot = 0;       // Index into out_slots_.
-    int64_t sent = 0;   // Tokens of it sent so far.
+    int slot = 0;      // Index into out_slots_.
+    int64_t sent = 0;  // Tokens of it sent so far.
   };
   // What Advance decided to do once the lock is released.
   struct Actions {
@@ -100,13 +100,13 @@ class AttendStreamReactor final
   };
 
   absl::Status AcceptHeader(const v1::StreamHeader& header);  // Under mu_.
-  absl::Status Admit(const StreamLayout& layout);              // Under mu_: deadline, memory.
-  absl::Status AcceptBlock(const BlockView& block);            // Under mu_.
-  void Fail(absl::Status status);                              // Under mu_; the first error wins.
-  void FeedPendingBlock();                                     // Under mu_.
-  Actions Decide();                                            // Under mu_.
-  bool FillNextWrite();                                        // Under mu_: response_buffer_.
-  int64_t BufferBytes() const;                                 // Under mu_.
+  absl::Status Admit(const StreamLayout& layout);             // Under mu_: deadline, memory.
+  absl::Status AcceptBlock(const BlockView& block);           // Under mu_.
+  void Fail(absl::Status status);                             // Under mu_; the first error wins.
+  void FeedPendingBlock();                                    // Under mu_.
+  Actions Decide();                                           // Under mu_.
+  bool FillNextWrite();                                       // Under mu_: response_buffer_.
+  int64_t BufferBytes() const;                                // Under mu_.
   // Runs under_lock and Decide under mu_, then starts what Decide chose, until nothing is left.
   void Advance(const std::function<void()>& under_lock);
   void Compute(const Chunk& chunk, int slot);
@@ -137,7 +137,7 @@ class AttendStreamReactor final
   v1::AttendStreamRequest fallback_;
   StreamMessage message_;
   bool read_in_flight_ = false;
-  bool input_done_ = false;     // The client half-closed.
+  bool input_done_ = false;  // The client half-closed.
   bool have_header_ = false;
   bool pending_block_ = false;  // request_ holds a checked block not yet copied in full.
   int64_t pending_taken_ = 0;

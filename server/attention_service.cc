@@ -152,7 +152,8 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
   return new AttendReactor(engine_, metrics_, context, request, response);
 }
 
-grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(grpc::CallbackServerContext* context) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(
+    grpc::CallbackServerContext* context) {
   const StreamSettings settings{.max_message_bytes = options_.max_message_bytes,
                                 .pipeline_depth = options_.stream_pipeline_depth,
                                 .min_chunk_tokens = options_.stream_min_chunk_tokens,

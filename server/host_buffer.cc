@@ -12,7 +12,8 @@ constexpr size_t kHugePageBytes = size_t{2} << 20;
 HostBuffer AllocateHostBuffer(int64_t bytes) {
   if (bytes < 0) return nullptr;
   const size_t size = static_cast<size_t>(bytes);
-  if (size < kHugePageBytes) return HostBuffer(static_cast<char*>(std::malloc(size == 0 ? 1 : size)));
+  if (size < kHugePageBytes)
+    return HostBuffer(static_cast<char*>(std::malloc(size == 0 ? 1 : size)));
   const size_t rounded = (size + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
   HostBuffer buffer(static_cast<char*>(std::aligned_alloc(kHugePageBytes, rounded)));
   if (buffer) madvise(buffer.get(), rounded, MADV_HUGEPAGE);  // Advice only: failure is harmless.

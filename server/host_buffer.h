@@ -67,7 +67,7 @@ class HostBufferPool {
   const int64_t capacity_bytes_;
   mutable std::mutex mutex_;
   std::multimap<int64_t, HostBuffer> idle_;  // By size; the oldest of a size first.
-  std::deque<int64_t> order_;                 // Sizes in the order they became idle.
+  std::deque<int64_t> order_;                // Sizes in the order they became idle.
   int64_t idle_bytes_ = 0;
 };
 

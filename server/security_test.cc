@@ -438,8 +438,9 @@ std::pair<int, std::string> RunCommand(const std::string& command) {
 
 // The real da-server with TLS, mutual TLS and the test's token file.
 std::vector<std::string> SecuredServerFlags(const Certificates& certs) {
-  return {"--tls-cert", certs.Path("server.pem"), "--tls-key", certs.Path("server.key"),
-          "--tls-client-ca", certs.Path("ca.pem"), "--auth-token-file", certs.Path("tokens.txt")};
+  return {
+      "--tls-cert",      certs.Path("server.pem"), "--tls-key",         certs.Path("server.key"),
+      "--tls-client-ca", certs.Path("ca.pem"),     "--auth-token-file", certs.Path("tokens.txt")};
 }
 
 // da-client's flags to reach that server over mutual TLS (without a token). localhost is in the
@@ -456,8 +457,8 @@ TEST(CliSecurityTest, InfoOverTlsWithATokenAndRefusedWithout) {
   ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
   const std::string token_file = certs.Path("client_token.txt");
   WriteFile(token_file, std::string("# for da-client\n") + kToken + "\n");
-  const std::string base = std::string(DA_CLIENT_BINARY) + " info --json" +
-                           MutualTlsClientFlags(certs, server.port());
+  const std::string base =
+      std::string(DA_CLIENT_BINARY) + " info --json" + MutualTlsClientFlags(certs, server.port());
 
   const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
   EXPECT_EQ(ok_code, 0) << ok_output;
@@ -487,9 +488,9 @@ TEST(CliSecurityTest, LoadOverMutualTlsWithAToken) {
   ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
   const std::string token_file = certs.Path("load_token.txt");
   WriteFile(token_file, std::string(kToken) + "\n");
-  const std::string base =
-      std::string(DA_CLIENT_BINARY) + " load --json --mix small --concurrency 2 --duration-s 1" +
-      MutualTlsClientFlags(certs, server.port());
+  const std::string base = std::string(DA_CLIENT_BINARY) +
+                           " load --json --mix small --concurrency 2 --duration-s 1" +
+                           MutualTlsClientFlags(certs, server.port());
   const auto [ok_code, ok_output] = RunCommand(base + " --token-file " + token_file);
   EXPECT_EQ(ok_code, 0) << ok_output;
   EXPECT_THAT(ok_output, HasSubstr("\"unexpected_errors\":0")) << ok_output;

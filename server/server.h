@@ -123,9 +123,9 @@ class Server {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Health> health_;  // Outlives server_: gRPC calls into it until it is gone.
   std::unique_ptr<AttentionService> service_;
-  std::unique_ptr<BearerTokenAuthenticator> authenticator_;         // Null: no authentication.
-  std::unique_ptr<AttentionServiceBase> guarded_;  // service_ behind the tokens.
-  std::unique_ptr<grpc::Server> server_;  // Declared last: destroyed first.
+  std::unique_ptr<BearerTokenAuthenticator> authenticator_;  // Null: no authentication.
+  std::unique_ptr<AttentionServiceBase> guarded_;            // service_ behind the tokens.
+  std::unique_ptr<grpc::Server> server_;                     // Declared last: destroyed first.
   int port_ = 0;
   std::mutex shutdown_mu_;
   bool shut_down_ = false;

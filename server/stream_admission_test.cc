@@ -64,12 +64,12 @@ class StreamAdmissionTest : public ::testing::Test {
 TEST_F(StreamAdmissionTest, WindowOverTheBudgetIsRefusedWithBothNumbers) {
   Start(/*memory_budget_bytes=*/64 << 20);  // One 8192-token chunk of inputs alone is 48 MiB.
   const testing::SyntheticStream stream(LongHeader(32768), 1, 1024);
-  const grpc::Status status = client_->AttendStreamBlocks(
-      stream.header(), stream.Source(),
-      [](const v1::AttendStreamResponse&) { return grpc::Status::OK; });
+  const grpc::Status status =
+      client_->AttendStreamBlocks(stream.header(), stream.Source(),
+                                  [](const v1::AttendStreamResponse&) { return grpc::Status::OK; });
   EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
-  for (const char* part : {"for the stream's window", "2 chunks of 8192 tokens",
-                           "memory budget is 67108864 bytes"}) {
+  for (const char* part :
+       {"for the stream's window", "2 chunks of 8192 tokens", "memory budget is 67108864 bytes"}) {
     EXPECT_NE(status.error_message().find(part), std::string::npos)
         << "'" << part << "' missing from: " << status.error_message();
   }
@@ -123,8 +123,8 @@ TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {
   // is refused before any block is read.
   const testing::SyntheticStream one_chunk(LongHeader(8192), 4, 1024);
   ASSERT_TRUE(client_->AttendStreamBlocks(one_chunk.header(), one_chunk.Source(), discard).ok());
-  const grpc::Status refused = client_->AttendStreamBlocks(
-      stream.header(), stream.Source(), discard, testing::WithTimeout(1500));
+  const grpc::Status refused = client_->AttendStreamBlocks(stream.header(), stream.Source(),
+                                                           discard, testing::WithTimeout(1500));
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   EXPECT_NE(refused.error_message().find("the stream needs an estimated"), std::string::npos)
       << refused.error_message();

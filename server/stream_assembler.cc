@@ -62,7 +62,8 @@ void ByteSpans::CopyTo(int64_t offset, int64_t n, char* dst) const {
   }
 }
 
-absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape, engine::DType dtype,
+absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
+                                              engine::DType dtype,
                                               const engine::AttentionSpec& spec,
                                               int64_t min_chunk_tokens, int64_t max_request_bytes) {
   StreamLayout layout;
@@ -74,8 +75,7 @@ absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
   // Validated shapes fit the engine's limits, but compute without trusting that.
   const int64_t rows = CheckedMul(layout.chunk_tokens, layout.batch);
   const int64_t chunk_bytes = CheckedMul(rows, 2 * layout.q_row_bytes + 2 * layout.kv_row_bytes);
-  if (rows < 0 || chunk_bytes < 0 ||
-      (max_request_bytes > 0 && chunk_bytes > max_request_bytes)) {
+  if (rows < 0 || chunk_bytes < 0 || (max_request_bytes > 0 && chunk_bytes > max_request_bytes)) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "
         "query, key, value and output; limit is %d (--max-request-bytes)",
@@ -85,8 +85,9 @@ absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
   return layout;
 }
 
-absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
-    const StreamLayout& layout, int slots, HostBufferPool* pool) {
+absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(const StreamLayout& layout,
+                                                                         int slots,
+                                                                         HostBufferPool* pool) {
   const std::pair<const char*, int64_t> positive[] = {{"batch", layout.batch},
                                                       {"seq_len", layout.seq_len},
                                                       {"q_row_bytes", layout.q_row_bytes},
@@ -108,9 +109,9 @@ absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(
   const int64_t slot_bytes = CheckedMul(tokens, row_bytes);
   const int64_t total = CheckedMul(slot_bytes, slots);
   if (tokens < 0 || slot_bytes < 0 || total < 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "stream layout: %d slots of %d tokens x batch %d x %d bytes overflow int64", slots,
-        layout.chunk_tokens, layout.batch, row_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("stream layout: %d slots of %d tokens x batch %d x %d bytes overflow int64",
+                        slots, layout.chunk_tokens, layout.batch, row_bytes));
   }
   assembler->slot_q_bytes_ = tokens * layout.q_row_bytes;
   assembler->slot_kv_bytes_ = tokens * layout.kv_row_bytes;
@@ -136,8 +137,7 @@ int64_t StreamAssembler::ChunkCount(int64_t index) const {
 }
 
 Chunk StreamAssembler::ChunkAt(int64_t index) const {
-  char* slot =
-      buffer_.get() + (index % slots_) * (slot_q_bytes_ + 2 * slot_kv_bytes_);
+  char* slot = buffer_.get() + (index % slots_) * (slot_q_bytes_ + 2 * slot_kv_bytes_);
   Chunk chunk;
   chunk.index = index;
   chunk.token_start = ChunkStart(index);
@@ -240,16 +240,16 @@ std::optional<Chunk> StreamAssembler::TakeReadyChunk() {
 }
 
 void StreamAssembler::ReleaseChunk(int64_t index) {
-  DA_CHECK(index == released_);   // Chunks are released in order,
+  DA_CHECK(index == released_);  // Chunks are released in order,
   DA_CHECK(index < next_take_);  // after they were taken.
   ++released_;
 }
 
 absl::Status StreamAssembler::CheckComplete() const {
   if (tokens_received_ == layout_.seq_len) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "the stream ended after %d blocks with tokens [%d, %d) missing (seq_len %d)",
-      blocks_received_, tokens_received_, layout_.seq_len, layout_.seq_len));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("the stream ended after %d blocks with tokens [%d, %d) missing (seq_len %d)",
+                      blocks_received_, tokens_received_, layout_.seq_len, layout_.seq_len));
 }
 
 }  // namespace da::server

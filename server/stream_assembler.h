@@ -98,7 +98,8 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
 // The layout of a validated stream problem (its shape checked by engine::ValidateShape). Each
 // chunk is one engine run and, like a unary request, must fit max_request_bytes (q, k, v and
 // output; 0: unlimited): RESOURCE_EXHAUSTED naming the chunk otherwise.
-absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape, engine::DType dtype,
+absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
+                                              engine::DType dtype,
                                               const engine::AttentionSpec& spec,
                                               int64_t min_chunk_tokens, int64_t max_request_bytes);
 

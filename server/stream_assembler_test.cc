@@ -116,24 +116,24 @@ TEST(StreamAssemblerTest, RandomBlocksRandomReleases) {
     layout.kv_row_bytes = 4 * (1 + rng() % 4);
     layout.chunk_tokens = 1 + rng() % 64;
     const int slots = 1 + rng() % 3;
-    SCOPED_TRACE(testing::Message() << "trial " << trial << " batch " << layout.batch
-                                    << " seq_len " << layout.seq_len << " chunk "
-                                    << layout.chunk_tokens << " slots " << slots);
+    SCOPED_TRACE(testing::Message()
+                 << "trial " << trial << " batch " << layout.batch << " seq_len " << layout.seq_len
+                 << " chunk " << layout.chunk_tokens << " slots " << slots);
     RoundTrip(layout, slots, rng());
     if (HasFatalFailure()) return;
   }
 }
 
 TEST(StreamAssemblerTest, OneChunkLargerThanTheStream) {
-  RoundTrip({.batch = 2, .seq_len = 10, .q_row_bytes = 8, .kv_row_bytes = 4, .chunk_tokens = 64},
-            1, 3);
+  RoundTrip({.batch = 2, .seq_len = 10, .q_row_bytes = 8, .kv_row_bytes = 4, .chunk_tokens = 64}, 1,
+            3);
 }
 
 class StreamAssemblerErrorTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    layout_ = {.batch = 2, .seq_len = 100, .q_row_bytes = 16, .kv_row_bytes = 8,
-               .chunk_tokens = 32};
+    layout_ = {
+        .batch = 2, .seq_len = 100, .q_row_bytes = 16, .kv_row_bytes = 8, .chunk_tokens = 32};
     std::mt19937_64 rng(11);
     stream_ = std::make_unique<Stream>(layout_, rng);
     assembler_ = *StreamAssembler::Create(layout_, 2);
@@ -198,8 +198,8 @@ TEST_F(StreamAssemblerErrorTest, FillStopsWhenSlotsAreFullAndIncompleteStreamIsR
 }
 
 TEST(StreamAssemblerCreateTest, RejectsBadLayouts) {
-  StreamLayout layout{.batch = 1, .seq_len = 8, .q_row_bytes = 4, .kv_row_bytes = 4,
-                      .chunk_tokens = 0};
+  StreamLayout layout{
+      .batch = 1, .seq_len = 8, .q_row_bytes = 4, .kv_row_bytes = 4, .chunk_tokens = 0};
   absl::StatusOr<std::unique_ptr<StreamAssembler>> bad = StreamAssembler::Create(layout, 1);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("chunk_tokens is 0"));
@@ -240,8 +240,8 @@ TEST(HostBufferPoolTest, ReusesIdleBuffersOfTheSameSizeWithinItsCapacity) {
 
 TEST(HostBufferPoolTest, AssemblersReturnTheirSlotsToThePool) {
   HostBufferPool pool(64 << 20);
-  const StreamLayout layout{.batch = 1, .seq_len = 100, .q_row_bytes = 64, .kv_row_bytes = 32,
-                            .chunk_tokens = 32};
+  const StreamLayout layout{
+      .batch = 1, .seq_len = 100, .q_row_bytes = 64, .kv_row_bytes = 32, .chunk_tokens = 32};
   char* slot = nullptr;
   {
     auto a = StreamAssembler::Create(layout, 2, &pool);

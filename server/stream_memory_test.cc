@@ -32,8 +32,8 @@ TEST(StreamMemoryTest, HalfAMillionTokensInABoundedWindow) {
   constexpr int64_t kSeqLen = 524288, kHeads = 8, kHeadDim = 64;
   constexpr int64_t kChunk = 8192;       // lcm(2048, 4096, 8192) >= --stream-min-chunk-tokens.
   constexpr int64_t kBlockTokens = 512;  // 3 MiB of q, k and v per message.
-  testing::SpawnedServer server(DA_SERVER_BINARY, {"--stream-pipeline-depth", "2",
-                                                   "--stream-min-chunk-tokens", "4096"});
+  testing::SpawnedServer server(
+      DA_SERVER_BINARY, {"--stream-pipeline-depth", "2", "--stream-min-chunk-tokens", "4096"});
   ASSERT_TRUE(server.WaitForPorts(std::chrono::seconds(30))) << server.Log();
   client::AttentionClient client(client::MakeChannel("127.0.0.1:" + std::to_string(server.port())));
   ASSERT_TRUE(client::WaitForConnection(
@@ -79,7 +79,8 @@ TEST(StreamMemoryTest, HalfAMillionTokensInABoundedWindow) {
         }
         for (int64_t chunk_start : checked) {
           const int64_t from = std::max(chunk_start, block.token_start());
-          const int64_t to = std::min(chunk_start + kChunk, block.token_start() + block.token_count());
+          const int64_t to =
+              std::min(chunk_start + kChunk, block.token_start() + block.token_count());
           if (from < to) {
             kept[chunk_start].append(block.output(), (from - block.token_start()) * row_bytes,
                                      (to - from) * row_bytes);
@@ -101,16 +102,18 @@ TEST(StreamMemoryTest, HalfAMillionTokensInABoundedWindow) {
   //   outputs  2 x 8192 tokens x 2 KiB                                       =  32 MiB
   //   plan     workspace of an 8192-token chunk plan                         <  16 MiB
   //   messages incoming: the HTTP/2 window (kStreamLookaheadBytes, 8 MiB) plus one 3 MiB block
-  //            as wire bytes and parsed; outgoing: one 4 MiB block, parsed and serialized  =  22 MiB
+  //            as wire bytes and parsed; outgoing: one 4 MiB block, parsed and serialized  =  22
+  //            MiB
   //   slack    allocator rounding and retention across gRPC's threads       =  42 MiB
   // = 208 MiB above the idle server, against 4 GiB moved through the stream.
   const int64_t peak = ProcStatusBytes(server.process().pid(), "VmHWM");
   const int64_t bound = baseline + 208 * kMiB;
   RecordProperty("peak_rss_mib", std::to_string(peak / kMiB));
   RecordProperty("seconds", std::to_string(seconds));
-  std::printf("stream of %lld tokens: %.1f s, server RSS idle %lld MiB, peak %lld MiB, bound %lld MiB\n",
-              static_cast<long long>(kSeqLen), seconds, static_cast<long long>(baseline / kMiB),
-              static_cast<long long>(peak / kMiB), static_cast<long long>(bound / kMiB));
+  std::printf(
+      "stream of %lld tokens: %.1f s, server RSS idle %lld MiB, peak %lld MiB, bound %lld MiB\n",
+      static_cast<long long>(kSeqLen), seconds, static_cast<long long>(baseline / kMiB),
+      static_cast<long long>(peak / kMiB), static_cast<long long>(bound / kMiB));
   EXPECT_LT(peak, bound);
 
   engine::EngineOptions engine_options;

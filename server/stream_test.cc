@@ -257,7 +257,7 @@ TEST_F(StreamTest, StreamedBytesEqualUnaryBytesAcrossTheSweep) {
         config.batch = 1 + static_cast<int64_t>(rng() % 2);
         config.seq_len = 150 + static_cast<int64_t>(rng() % 200);  // Partial last segments.
         config.heads = 4;
-        config.kv_heads = (rng() % 2 == 0) ? 4 : 2;  // With and without GQA.
+        config.kv_heads = (rng() % 2 == 0) ? 4 : 2;     // With and without GQA.
         config.patterns = {{16, 1}, {24, 2}, {32, 4}};  // Chunks of lcm = 96 tokens.
         config.causal = causal;
         config.mode = mode;

@@ -140,8 +140,9 @@ bool ParseBlock(Reader reader, BlockView* block) {
       }
       uint64_t length;
       if (!reader.Varint(&length) || length > static_cast<uint64_t>(reader.left())) return false;
-      ByteSpans* spans =
-          field == kBlockQuery ? &block->q : field == kBlockKey ? &block->k : &block->v;
+      ByteSpans* spans = field == kBlockQuery ? &block->q
+                         : field == kBlockKey ? &block->k
+                                              : &block->v;
       if (!reader.Spans(static_cast<int64_t>(length), spans)) return false;
       continue;
     }
@@ -151,8 +152,7 @@ bool ParseBlock(Reader reader, BlockView* block) {
 }
 
 // The fast path: one block field, nothing else but unknown fields. False: use protobuf.
-bool ParseCanonical(const std::vector<std::string_view>& pieces, int64_t size,
-                    StreamMessage* out) {
+bool ParseCanonical(const std::vector<std::string_view>& pieces, int64_t size, StreamMessage* out) {
   Reader reader(pieces, size);
   bool have_block = false;
   while (!reader.done()) {

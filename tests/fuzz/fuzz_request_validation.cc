@@ -36,9 +36,9 @@
 #include "engine/tensor.h"
 #include "google/protobuf/stubs/logging.h"
 #include "server/conversion.h"
+#include "server/server.h"
 #include "server/stream_assembler.h"
 #include "server/stream_wire.h"
-#include "server/server.h"
 
 namespace da::server {
 namespace {
@@ -322,8 +322,9 @@ void FuzzStreamWire(std::string_view cut_points, std::string_view bytes) {
   v1::AttendStreamRequest fallback;
   StreamMessage message;
   const absl::Status status = ParseStreamMessage(pieces, &fallback, &message);
-  if (status.ok() != valid) Fail(absl::StrCat("ParseStreamMessage: ", status.ToString(),
-                                              " but protobuf says valid=", valid));
+  if (status.ok() != valid)
+    Fail(absl::StrCat("ParseStreamMessage: ", status.ToString(),
+                      " but protobuf says valid=", valid));
   if (!valid) {
     if (status.code() != absl::StatusCode::kInvalidArgument) Fail(status.ToString());
     return;
