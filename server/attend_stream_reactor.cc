@@ -390,9 +390,7 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
 
 void AttendStreamReactor::OnCancel() {
   Advance([&] {
-    // gRPC cancels a call whose deadline passed, too (its timer may fire a few ms early).
-    constexpr auto kDeadlineSlack = std::chrono::milliseconds(50);
-    if (std::chrono::system_clock::now() + kDeadlineSlack >= context_->deadline()) {
+    if (CancelledByDeadline(context_->deadline())) {
       Fail(engine::WithRejectReason(
           absl::DeadlineExceededError(absl::StrFormat(
               "the deadline passed after %d of %d tokens arrived and %d chunks were computed",

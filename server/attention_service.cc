@@ -35,15 +35,10 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
     if (!status.ok()) FinishWith(status, nullptr);
   }
 
-  // gRPC also cancels a call whose deadline passed; the engine watches that deadline itself and
-  // reports DEADLINE_EXCEEDED, so only a cancellation clearly before the deadline raises the flag.
-  // The slack covers gRPC's timer firing a little before the deadline as read back through
-  // system_clock (observed: a few milliseconds); the engine's own check follows within it.
+  // The engine watches the deadline itself and reports DEADLINE_EXCEEDED, so only a cancellation
+  // that is not the deadline's raises the flag.
   void OnCancel() override {
-    constexpr auto kDeadlineSlack = std::chrono::milliseconds(50);
-    if (std::chrono::system_clock::now() + kDeadlineSlack < context_->deadline()) {
-      cancelled_.store(true);
-    }
+    if (!CancelledByDeadline(context_->deadline())) cancelled_.store(true);
   }
   void OnDone() override { delete this; }
 

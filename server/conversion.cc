@@ -188,6 +188,11 @@ std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
          std::chrono::duration_cast<std::chrono::steady_clock::duration>(left);
 }
 
+bool CancelledByDeadline(std::chrono::system_clock::time_point deadline) {
+  constexpr auto kDeadlineSlack = std::chrono::milliseconds(50);
+  return std::chrono::system_clock::now() + kDeadlineSlack >= deadline;
+}
+
 void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
                           int64_t total_time_us, v1::ExecutionInfo* out) {
   out->set_request_id(request_id);

@@ -58,6 +58,11 @@ absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
 std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
     std::chrono::system_clock::time_point deadline);
 
+// Whether a cancellation seen now is gRPC ending a call whose deadline passed. gRPC cancels such
+// a call too, and its timer may fire a few ms early as read back through system_clock, so a
+// cancellation within 50 ms of the deadline counts as the deadline.
+bool CancelledByDeadline(std::chrono::system_clock::time_point deadline);
+
 void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& request_id,
                           int64_t total_time_us, v1::ExecutionInfo* out);
 void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out);

@@ -381,19 +381,32 @@ TEST(GlooCommunicatorTest, OperationsAndRendezvousTimeOutInTime) {
   EXPECT_EQ(group.Wait(1), 0);
 }
 
+// A coordinator store in this process and one client of it.
+struct LocalStore {
+  LocalStore() {
+    auto started = CoordinatorStoreServer::Start("127.0.0.1:0");
+    if (!started.ok()) return;
+    server = *std::move(started);
+    auto connected =
+        ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", server->port()), milliseconds(2000));
+    if (connected.ok()) store = *std::move(connected);
+  }
+  bool ok() const { return store != nullptr; }
+  std::unique_ptr<CoordinatorStoreServer> server;
+  std::unique_ptr<KeyValueStore> store;
+};
+
 TEST(GlooCommunicatorTest, RendezvousWithoutTheOtherRanksTimesOutNamingTheKey) {
-  auto server = CoordinatorStoreServer::Start("127.0.0.1:0");
-  ASSERT_TRUE(server.ok());
-  auto store =
-      ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", (*server)->port()), milliseconds(2000));
-  ASSERT_TRUE(store.ok());
+  LocalStore local;
+  ASSERT_TRUE(local.ok());
+  auto& store = local.store;
   GlooOptions options;
   options.rank = 0;
   options.size = 2;
   options.prefix = testing::UniquePrefix("alone");
   options.timeout = milliseconds(300);
   const auto start = Clock::now();
-  auto comm = MakeGlooCommunicator(**store, options);
+  auto comm = MakeGlooCommunicator(*store, options);
   EXPECT_EQ(comm.status().code(), absl::StatusCode::kDeadlineExceeded) << comm.status();
   EXPECT_NE(comm.status().message().find(options.prefix), std::string::npos) << comm.status();
   EXPECT_NE(comm.status().message().find("300 ms"), std::string::npos) << comm.status();
@@ -402,14 +415,12 @@ TEST(GlooCommunicatorTest, RendezvousWithoutTheOtherRanksTimesOutNamingTheKey) {
 }
 
 TEST(GlooCommunicatorTest, SingleRankGroupCopiesAndRejectsBadArguments) {
-  auto server = CoordinatorStoreServer::Start("127.0.0.1:0");
-  ASSERT_TRUE(server.ok());
-  auto store =
-      ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", (*server)->port()), milliseconds(2000));
-  ASSERT_TRUE(store.ok());
+  LocalStore local;
+  ASSERT_TRUE(local.ok());
+  auto& store = local.store;
   GlooOptions options;
   options.prefix = testing::UniquePrefix("single");
-  auto comm = MakeGlooCommunicator(**store, options);
+  auto comm = MakeGlooCommunicator(*store, options);
   ASSERT_TRUE(comm.ok()) << comm.status();
   const auto data = RandomBytes(std::random_device{}(), 777);
   std::vector<char> out(777, '\x5a');
@@ -428,7 +439,7 @@ TEST(GlooCommunicatorTest, SingleRankGroupCopiesAndRejectsBadArguments) {
   EXPECT_EQ((*comm)->Barrier(milliseconds(0)).code(), absl::StatusCode::kInvalidArgument);
   GlooOptions bad = options;
   bad.rank = 3;
-  EXPECT_EQ(MakeGlooCommunicator(**store, bad).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MakeGlooCommunicator(*store, bad).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
