@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_plan.h"
+#include "engine/cpu/segment_task.h"
 #include "engine/cpu/task_plan.h"
 #include "engine/dilation.h"
 #include "engine/status_macros.h"
@@ -15,37 +16,8 @@
 namespace da::engine {
 namespace {
 
-using cpu::RoundUp;
-
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
-// Keys packed between two stop checks: a few milliseconds even for the strided transpose.
-constexpr int64_t kPackSliceRows = 4096;
-// Copies rows kept.first + i * kept.stride, i in [begin, end), of `head` into dst as fp32 times
-// factor: row-major [end - begin, dim_pad] or, with transpose, [dim_pad, ld] (column per row).
-void Pack(const TensorView& t, int64_t b, int64_t head, const KeptRange& kept, int64_t begin,
-          int64_t end, float factor, bool transpose, int64_t dim_pad, int64_t ld, float* dst) {
-  const Shape4& s = t.shape;
-  const int64_t dim = s.head_dim;
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n = kept.first + i * kept.stride;
-    const int64_t base = ((b * s.seq_len + n) * s.heads + head) * dim;
-    const int64_t row = i - begin;
-    if (transpose) {
-      for (int64_t d = 0; d < dim; ++d)
-        dst[d * ld + row] = factor * LoadAsFloat(t.dtype, t.data, base + d);
-    } else if (t.dtype == DType::kFloat32) {
-      const float* src = static_cast<const float*>(t.data) + base;
-      float* out = dst + row * dim_pad;
-      for (int64_t d = 0; d < dim; ++d) out[d] = factor * src[d];
-      std::fill(out + dim, out + dim_pad, 0.0f);
-    } else {
-      float* out = dst + row * dim_pad;
-      for (int64_t d = 0; d < dim; ++d) out[d] = factor * LoadAsFloat(t.dtype, t.data, base + d);
-      std::fill(out + dim, out + dim_pad, 0.0f);
-    }
-  }
-}
 
 }  // namespace
 
@@ -130,67 +102,31 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
   const auto run_task = [&](const cpu::Task& task, int thread) {
     cpu::ThreadSpace& ts = ws->threads[thread];
     const int64_t kv_head = KvHeadFor(task.head, heads, k.shape.heads);
-    const int64_t keys = spec.causal ? task.row_end : task.kept.count;
-    const int64_t keys_pad = RoundUp(keys, cpu::kKeyAlign);
-    const int64_t rows = task.row_end - task.row_begin;
-    float* qt = ts.q.data();
-    float* kt = ts.kt.data();
-    float* vt = ts.v.data();
-    Pack(q, task.batch, task.head, task.kept, task.row_begin, task.row_end, q_factor, false,
-         dim_pad, 0, qt);
-    std::fill(qt + rows * dim_pad, qt + RoundUp(rows, cpu::kRowAlign) * dim_pad, 0.0f);
-    std::fill(kt, kt + dim_pad * keys_pad, 0.0f);
-    // Packing a long segment's keys takes tens of milliseconds (the transpose writes with a
-    // stride), so it goes in slices with a stop check between them.
-    for (int64_t k0 = 0; k0 < keys; k0 += kPackSliceRows) {
-      if (cancelled()) return;
-      const int64_t k1 = std::min(keys, k0 + kPackSliceRows);
-      Pack(k, task.batch, kv_head, task.kept, k0, k1, 1.0f, true, dim_pad, keys_pad, kt + k0);
-      Pack(v, task.batch, kv_head, task.kept, k0, k1, 1.0f, false, dim_pad, 0, vt + k0 * dim_pad);
-    }
-    std::fill(vt + keys * dim_pad, vt + keys_pad * dim_pad, 0.0f);
+    cpu::SegmentTaskIo io;
+    io.q = cpu::TensorRows(q, task.batch, task.head, task.kept);
+    io.k = cpu::TensorRows(k, task.batch, kv_head, task.kept);
+    io.v = cpu::TensorRows(v, task.batch, kv_head, task.kept);
+    io.keys = spec.causal ? task.row_end : task.kept.count;
+    io.row_begin = task.row_begin;
+    io.row_end = task.row_end;
+    io.head_dim = head_dim;
+    io.dim_pad = dim_pad;
+    io.q_factor = q_factor;
+    io.causal = spec.causal;
+    if (!cpu::RunSegmentTask(isa_, bf16, io, ts, context.cancelled)) return;
 
-    cpu::SegmentKernelArgs args;
-    args.keys = keys;
-    args.dim_pad = dim_pad;
-    args.keys_pad = keys_pad;
-    args.causal = spec.causal;
-    args.row_begin = task.row_begin;
-    args.row_end = task.row_end;
-    args.q = qt;
-    args.kt = kt;
-    args.v = vt;
-    args.out = ts.out.data();
-    args.lse = ts.lse.data();
-    args.scratch = ts.scratch.data();
-    args.cancelled = context.cancelled;
-    if (bf16) {
-      args.bf16_scratch = ts.bf16.data();
-      cpu::RunSegmentKernelBf16(args);
-    } else {
-      cpu::RunSegmentKernel(isa_, args);
-    }
-
-    if (cancelled()) return;  // The kernel may have stopped early: its rows are not valid.
-    for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t i = 0; i < task.row_end - task.row_begin; ++i) {
       const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
       const int64_t row = (task.batch * seq_len + n) * heads + task.head;
-      const float* src = args.out + i * dim_pad;
-      if (!longnet) {
+      const float* src = ts.out.data() + i * dim_pad;
+      if (longnet) {
+        cpu::FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc + row * head_dim, &max_lse[row],
+                            &weight[row]);
+      } else {
         for (int64_t d = 0; d < head_dim; ++d) {
           StoreFromFloat(out.dtype, out.data, row * head_dim + d, src[d] * group_factor);
         }
-        continue;
       }
-      // Fold this pattern into the running softmax over the patterns' LSEs.
-      const float lse = args.lse[i];
-      const float new_max = std::max(max_lse[row], lse);
-      const float old_factor = std::exp(max_lse[row] - new_max);
-      const float new_factor = std::exp(lse - new_max);
-      float* dst = acc + row * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) dst[d] = dst[d] * old_factor + src[d] * new_factor;
-      weight[row] = weight[row] * old_factor + new_factor;
-      max_lse[row] = new_max;
     }
   };
 

@@ -1,0 +1,272 @@
+#include "engine/cpu/slice_run.h"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/segment_task.h"
+#include "engine/cpu/task_plan.h"
+#include "engine/dilation.h"
+#include "engine/status_macros.h"
+#include "engine/thread_pool.h"
+
+namespace da::engine::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The query rows [row_begin, row_end) of one kept set of one (batch, head) that lie in the share.
+struct SliceTask {
+  int64_t batch = 0;
+  int64_t head = 0;  // Global query head.
+  int64_t kv_head = 0;  // Global kv head.
+  KeptRange kept;    // Global positions.
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  int gathered = -1;  // Index into the spanning sets, or -1: the keys are local.
+  double cost = 0;
+};
+
+absl::Status CheckShape(const char* what, const Shape4& got, const Shape4& want) {
+  if (got.batch == want.batch && got.seq_len == want.seq_len && got.heads == want.heads &&
+      got.head_dim == want.head_dim) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("slice ", what, " has shape ", got.ToString(), "; the share needs ",
+                   want.ToString()));
+}
+
+absl::Status CheckViews(const SliceProblem& p) {
+  DA_RETURN_IF_ERROR(CheckShape("q", p.q.shape, p.share.QueryShape(p.shape)));
+  DA_RETURN_IF_ERROR(CheckShape("k", p.k.shape, p.share.KeyShape(p.shape)));
+  DA_RETURN_IF_ERROR(CheckShape("v", p.v.shape, p.share.KeyShape(p.shape)));
+  DA_RETURN_IF_ERROR(CheckShape("out", p.out.shape, p.share.QueryShape(p.shape)));
+  if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype) {
+    return absl::InvalidArgumentError("slice q, k and v must share one dtype");
+  }
+  if ((p.spanning == nullptr) != (p.gathered == nullptr) ||
+      (p.spanning != nullptr && p.spanning->size() != p.gathered->size())) {
+    return absl::InvalidArgumentError("slice spanning sets and gathered rows must pair up");
+  }
+  return absl::OkStatus();
+}
+
+// The tasks of the share, one loop per LONGNET pattern (patterns fold one after another into the
+// same rows) or one loop for GROUPED, cut into chunks when a loop has too few tasks for the pool.
+absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem& p,
+                                                              int threads) {
+  const ProblemShape& s = p.shape;
+  const RankShare& share = p.share;
+  const bool longnet = p.spec.mode == CombineMode::kLongNet;
+  std::map<std::tuple<int, int64_t, int64_t, int64_t>, int> spanning;
+  if (p.spanning != nullptr) {
+    for (size_t i = 0; i < p.spanning->size(); ++i) {
+      const SpanningKeys& set = (*p.spanning)[i];
+      spanning[{set.pattern_index, set.segment, set.kv_head, set.offset}] = static_cast<int>(i);
+    }
+  }
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, p.spec);
+  std::vector<std::vector<SliceTask>> loops(longnet ? p.spec.patterns.size() : 1);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t head = share.head_begin; head < share.head_end; ++head) {
+      const int64_t kv_head = KvHeadFor(head, s.heads, s.kv_heads);
+      for (const HeadWork& hw : work[head]) {
+        const int64_t w = hw.pattern.segment_len;
+        for (int64_t t = share.token_begin / w; t * w < share.token_end; ++t) {
+          SliceTask task;
+          task.batch = b;
+          task.head = head;
+          task.kv_head = kv_head;
+          task.kept = KeptPositions(hw.pattern, hw.offset, s.seq_len, t);
+          std::tie(task.row_begin, task.row_end) =
+              KeptRowsIn(task.kept, share.token_begin, share.token_end);
+          if (task.row_begin == task.row_end) continue;
+          const int64_t keys = p.spec.causal ? task.row_end : task.kept.count;
+          const auto found = spanning.find({hw.pattern_index, t, kv_head, hw.offset});
+          if (found != spanning.end()) {
+            task.gathered = found->second;
+            if ((*p.gathered)[task.gathered].k == nullptr ||
+                (*p.gathered)[task.gathered].v == nullptr) {
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "slice: no gathered rows for pattern ", hw.pattern_index, " segment ", t,
+                  " kv head ", kv_head, " offset ", hw.offset));
+            }
+          } else if (task.row_begin != 0 || task.row_end < keys) {
+            // Keys outside the share and no gathered rows for them: the caller's sets are wrong.
+            return absl::InvalidArgumentError(absl::StrCat(
+                "slice: pattern ", hw.pattern_index, " segment ", t, " kv head ", kv_head,
+                " offset ", hw.offset, " reads keys outside tokens [", share.token_begin, ", ",
+                share.token_end, ") but is not among the spanning sets"));
+          }
+          loops[longnet ? hw.pattern_index : 0].push_back(task);
+        }
+      }
+    }
+  }
+  // Chunks of at least kMinChunkRows rows when a loop has fewer than four tasks per thread.
+  const auto cost = [&](const SliceTask& t) {
+    const double rows = static_cast<double>(t.row_end - t.row_begin);
+    return p.spec.causal ? rows * 0.5 * static_cast<double>(t.row_begin + t.row_end + 1)
+                         : rows * static_cast<double>(t.kept.count);
+  };
+  for (std::vector<SliceTask>& loop : loops) {
+    const int64_t wanted = 4 * static_cast<int64_t>(threads);
+    if (threads > 1 && static_cast<int64_t>(loop.size()) < wanted) {
+      int64_t rows = 0;
+      for (const SliceTask& t : loop) rows += t.row_end - t.row_begin;
+      const int64_t chunk = std::max(kMinChunkRows, (rows + wanted - 1) / wanted);
+      std::vector<SliceTask> cut;
+      for (const SliceTask& t : loop) {
+        for (int64_t r = t.row_begin; r < t.row_end; r += chunk) {
+          SliceTask piece = t;
+          piece.row_begin = r;
+          piece.row_end = std::min(t.row_end, r + chunk);
+          cut.push_back(piece);
+        }
+      }
+      loop = std::move(cut);
+    }
+    for (SliceTask& t : loop) t.cost = cost(t);
+    std::stable_sort(loop.begin(), loop.end(),
+                     [](const SliceTask& a, const SliceTask& b) { return a.cost > b.cost; });
+  }
+  return loops;
+}
+
+}  // namespace
+
+SliceRunner::SliceRunner(Isa isa) : isa_(isa) {}
+
+absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
+                              const std::atomic<bool>* cancelled) {
+  DA_RETURN_IF_ERROR(CheckViews(p));
+  const bool bf16 = p.precision == Precision::kBFloat16;
+  if (bf16 && !(isa_ == Isa::kAvx512 && HasBf16DotProducts())) {
+    return absl::InvalidArgumentError("slice: bf16 requested on a CPU path without AVX512-BF16");
+  }
+  if (!bf16 && p.precision != Precision::kFloat32) {
+    return absl::InvalidArgumentError(absl::StrCat("slice: precision ",
+                                                   PrecisionName(p.precision),
+                                                   " is not computed on CPUs; use fp32 or bf16"));
+  }
+  const int threads = pool != nullptr ? pool->size() : 1;
+  DA_ASSIGN_OR_RETURN(const std::vector<std::vector<SliceTask>> loops, MakeLoops(p, threads));
+  const ProblemShape& s = p.shape;
+  const RankShare& share = p.share;
+  const int64_t head_dim = s.head_dim;
+  const int64_t local_heads = share.heads();
+  const int64_t tokens = share.tokens();
+  const bool longnet = p.spec.mode == CombineMode::kLongNet;
+
+  WorkspaceSizes z;
+  z.threads = threads;
+  z.head_dim = head_dim;
+  z.dim_pad = RoundUp(head_dim, kDimAlign);
+  z.rows_total = s.batch * tokens * local_heads;
+  z.longnet = longnet;
+  z.accumulator = longnet && p.out.dtype != DType::kFloat32;
+  z.bf16 = bf16;
+  int64_t max_rows = 1, max_keys = 1;
+  for (const auto& loop : loops) {
+    for (const SliceTask& t : loop) {
+      max_rows = std::max(max_rows, t.row_end - t.row_begin);
+      max_keys = std::max(max_keys, p.spec.causal ? t.row_end : t.kept.count);
+    }
+  }
+  z.rows_pad = RoundUp(max_rows, kRowAlign);
+  z.keys_pad = RoundUp(max_keys, kKeyAlign);
+  DA_RETURN_IF_ERROR(PrepareWorkspace(workspace_, z, /*touch=*/false));
+
+  float* acc = nullptr;
+  float* max_lse = nullptr;
+  float* weight = nullptr;
+  if (longnet) {
+    acc = z.accumulator ? workspace_.acc.data() : static_cast<float*>(p.out.data);
+    max_lse = workspace_.max_lse.data();
+    weight = workspace_.weight.data();
+    std::fill(acc, acc + z.rows_total * head_dim, 0.0f);
+    std::fill(max_lse, max_lse + z.rows_total, kNegInf);
+    std::fill(weight, weight + z.rows_total, 0.0f);
+  } else {
+    std::memset(p.out.data, 0, p.out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
+  }
+  const float q_factor = static_cast<float>(p.spec.ScaleFor(head_dim)) * kLog2e;
+  const float group_factor = 1.0f / static_cast<float>(p.spec.patterns.size());
+  const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
+
+  const auto run_task = [&](const SliceTask& task, int thread) {
+    ThreadSpace& ts = workspace_.threads[thread];
+    const int64_t local_head = task.head - share.head_begin;
+    SegmentTaskIo io;
+    io.q = TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
+    if (task.gathered < 0) {
+      const int64_t local_kv = task.kv_head - share.kv_head_begin;
+      io.k = TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
+      io.v = TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
+    } else {
+      const GatheredKeys& g = (*p.gathered)[task.gathered];
+      const int64_t base = task.batch * task.kept.count * head_dim;
+      io.k = {p.k.dtype, g.k, base, head_dim};
+      io.v = {p.v.dtype, g.v, base, head_dim};
+    }
+    io.keys = p.spec.causal ? task.row_end : task.kept.count;
+    io.row_begin = task.row_begin;
+    io.row_end = task.row_end;
+    io.head_dim = head_dim;
+    io.dim_pad = z.dim_pad;
+    io.q_factor = q_factor;
+    io.causal = p.spec.causal;
+    if (!RunSegmentTask(isa_, bf16, io, ts, cancelled)) return;
+
+    for (int64_t i = 0; i < task.row_end - task.row_begin; ++i) {
+      const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
+      const int64_t row =
+          (task.batch * tokens + n - share.token_begin) * local_heads + local_head;
+      const float* src = ts.out.data() + i * z.dim_pad;
+      if (longnet) {
+        FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc + row * head_dim, &max_lse[row],
+                       &weight[row]);
+      } else {
+        for (int64_t d = 0; d < head_dim; ++d) {
+          StoreFromFloat(p.out.dtype, p.out.data, row * head_dim + d, src[d] * group_factor);
+        }
+      }
+    }
+  };
+  const auto parallel = [&](int64_t count, const std::function<void(int64_t, int)>& body) {
+    if (pool != nullptr) {
+      pool->ParallelFor(count, body);
+    } else {
+      for (int64_t i = 0; i < count; ++i) body(i, 0);
+    }
+  };
+  for (const std::vector<SliceTask>& loop : loops) {
+    if (stopped()) break;
+    parallel(static_cast<int64_t>(loop.size()), [&](int64_t i, int thread) {
+      if (!stopped()) run_task(loop[i], thread);
+    });
+  }
+  if (stopped()) return absl::CancelledError("cpu slice run cancelled");
+
+  if (longnet) {
+    const int64_t chunk = 4096;
+    parallel((z.rows_total + chunk - 1) / chunk, [&](int64_t c, int) {
+      for (int64_t row = c * chunk; row < std::min(z.rows_total, (c + 1) * chunk); ++row) {
+        const float inv = weight[row] > 0.0f ? 1.0f / weight[row] : 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          StoreFromFloat(p.out.dtype, p.out.data, row * head_dim + d,
+                         acc[row * head_dim + d] * inv);
+        }
+      }
+    });
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace da::engine::cpu

@@ -1,0 +1,120 @@
+// One request computed by a group of ranks over a dist::Communicator (DESIGN §3, Sharding).
+//
+// Rank 0 (the coordinator) holds the whole q, k, v and output. It sends every worker a control
+// frame naming the problem, scatters each worker's share of the inputs, takes part in the
+// SEQUENCE exchange, computes its own share and gathers the workers' outputs (and their
+// timings). A worker that received a kRun control frame calls ServeShardedRun with it.
+//
+//   // rank 0, with a formed group
+//   DA_ASSIGN_OR_RETURN(ShardRunStats stats, CoordinateShardedRun(*comm, problem, options));
+//   // worker loop
+//   std::string frame(kControlFrameBytes, '\0');
+//   DA_RETURN_IF_ERROR(comm->Recv(frame.data(), frame.size(), 0, kControlTag, idle_timeout));
+//   DA_ASSIGN_OR_RETURN(ControlFrame control, DecodeControlFrame(frame));
+//   if (control.kind == ControlKind::kRun) ServeShardedRun(*comm, control, options);
+//
+// What crosses ranks: the control frame; each worker's share of q, k and v (HEADS: its heads of
+// every token; SEQUENCE: its tokens of every head); for SEQUENCE only, the kept K/V rows of the
+// segments that span ranks, sent point to point among the ranks of each such segment
+// (engine/shard_plan.h: SpanningKeySets, NeedsRowsFrom), never a whole sequence; each worker's
+// output share and a small stats record back to rank 0. Tags below keep the kinds apart.
+//
+// Exactness: every rank runs the CPU backend's kernel on the same packed rows a single process
+// would (engine/cpu/slice_run.h), so the output equals the single-process output up to the
+// order in which threads fold LONGNET patterns (bit-identical in our tests).
+//
+// Errors: a failed collective (lost peer: UNAVAILABLE, timeout: DEADLINE_EXCEEDED) is returned
+// as the communicator reported it; after it the communicator is unusable (communicator.h) and
+// the caller re-forms the group. A cancelled request still completes the exchange protocol (so
+// the group stays usable) but skips rank 0's compute and returns CANCELLED; workers compute
+// their share regardless.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/attention_spec.h"
+#include "engine/dist/communicator.h"
+#include "engine/tensor.h"
+
+namespace da::engine {
+class ThreadPool;
+}
+
+namespace da::dist {
+
+// Point-to-point tags of the protocol (Communicator::Send/Recv).
+inline constexpr int kControlTag = 1;   // Control frames, rank 0 -> worker.
+inline constexpr int kScatterTag = 2;   // Input shares, rank 0 -> worker.
+inline constexpr int kExchangeTag = 3;  // Kept K/V rows of spanning segments, rank -> rank.
+inline constexpr int kGatherTag = 4;    // Output shares and stats, worker -> rank 0.
+
+// Every control frame has exactly this size.
+inline constexpr int64_t kControlFrameBytes = 4096;
+
+enum class ControlKind : uint32_t {
+  kHeartbeat = 1,  // Idle keep-alive; no payload.
+  kRun = 2,        // A problem follows (payload: its encoded description).
+  kShutdown = 3,   // The worker leaves its loop.
+};
+
+struct ControlFrame {
+  ControlKind kind = ControlKind::kHeartbeat;
+  std::string payload;  // At most kControlFrameBytes - 16 bytes.
+};
+
+// Exactly kControlFrameBytes bytes: magic, kind, payload length, payload, zero padding.
+std::string EncodeControlFrame(const ControlFrame& frame);
+// INVALID_ARGUMENT for a frame of the wrong size, magic, kind or length.
+absl::StatusOr<ControlFrame> DecodeControlFrame(const std::string& bytes);
+
+struct ShardRunOptions {
+  // Limit of every point-to-point operation of the run.
+  std::chrono::milliseconds timeout{30000};
+  engine::ThreadPool* pool = nullptr;  // This rank's compute threads; null: the calling thread.
+  // Rank budget for ChooseShardStrategy's AUTO (0: unlimited). Rank 0 decides; workers obey.
+  int64_t per_rank_budget_bytes = 0;
+};
+
+// What one run did, per rank (index = rank). Rank 0 fills every rank's entry (workers report
+// theirs in the gather); a worker fills its own entry only.
+struct ShardRunStats {
+  engine::ShardPolicy strategy = engine::ShardPolicy::kSequence;
+  engine::Precision precision = engine::Precision::kFloat32;
+  struct Rank {
+    int64_t bytes_sent = 0;       // Everything this rank sent during the run.
+    int64_t bytes_received = 0;   // Everything it received.
+    int64_t exchange_bytes = 0;   // Of bytes_received: kept K/V rows of spanning segments.
+    double compute_seconds = 0;   // In this rank's kernel work.
+    double collective_seconds = 0;  // In Send/Recv of this run (waiting included).
+  };
+  std::vector<Rank> ranks;
+};
+
+// The problem rank 0 runs across the group. Views as in engine::RunRequest (validated by the
+// caller); precision is what the caller's policy chose (fp32 or bf16 on CPU); strategy HEADS or
+// SEQUENCE (ChooseShardStrategy).
+struct ShardedProblem {
+  engine::TensorView q, k, v;
+  engine::AttentionSpec spec;
+  engine::MutableTensorView out;
+  engine::Precision precision = engine::Precision::kFloat32;
+  engine::ShardPolicy strategy = engine::ShardPolicy::kSequence;
+  const std::atomic<bool>* cancelled = nullptr;
+};
+
+// Rank 0: sends the kRun frame to every worker, then scatter, exchange, compute, gather.
+absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
+                                                   const ShardedProblem& problem,
+                                                   const ShardRunOptions& options);
+
+// A worker, after receiving `run` (kind kRun) from rank 0: receives its share, exchanges,
+// computes and sends its output and stats back.
+absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlFrame& run,
+                                              const ShardRunOptions& options);
+
+}  // namespace da::dist

@@ -1,0 +1,90 @@
+#include "engine/shard_data.h"
+
+#include <cstring>
+
+namespace da::engine {
+namespace {
+
+int64_t ShareHeads(const RankShare& share, bool kv) { return kv ? share.kv_heads() : share.heads(); }
+int64_t ShareHeadBegin(const RankShare& share, bool kv) {
+  return kv ? share.kv_head_begin : share.head_begin;
+}
+
+}  // namespace
+
+int64_t ShareBytes(const Shape4& whole, const RankShare& share, DType dtype, bool kv) {
+  return whole.batch * share.tokens() * ShareHeads(share, kv) * whole.head_dim * DTypeSize(dtype);
+}
+
+void CopyShareOut(const TensorView& whole, const RankShare& share, bool kv, void* dst) {
+  const Shape4& s = whole.shape;
+  const int64_t elem = DTypeSize(whole.dtype);
+  const int64_t heads = ShareHeads(share, kv);
+  const int64_t row_bytes = heads * s.head_dim * elem;  // One token's heads of the share.
+  const auto* src = static_cast<const uint8_t*>(whole.data);
+  auto* out = static_cast<uint8_t*>(dst);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    if (heads == s.heads) {  // Whole tokens: one copy per batch.
+      std::memcpy(out, src + (b * s.seq_len + share.token_begin) * row_bytes,
+                  share.tokens() * row_bytes);
+      out += share.tokens() * row_bytes;
+      continue;
+    }
+    for (int64_t n = share.token_begin; n < share.token_end; ++n) {
+      const int64_t offset = ((b * s.seq_len + n) * s.heads + ShareHeadBegin(share, kv)) *
+                             s.head_dim * elem;
+      std::memcpy(out, src + offset, row_bytes);
+      out += row_bytes;
+    }
+  }
+}
+
+void CopyShareIn(const void* src, const RankShare& share, const MutableTensorView& whole) {
+  const Shape4& s = whole.shape;
+  const int64_t elem = DTypeSize(whole.dtype);
+  const int64_t row_bytes = share.heads() * s.head_dim * elem;
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* dst = static_cast<uint8_t*>(whole.data);
+  for (int64_t b = 0; b < s.batch; ++b) {
+    if (share.heads() == s.heads) {
+      std::memcpy(dst + (b * s.seq_len + share.token_begin) * row_bytes, in,
+                  share.tokens() * row_bytes);
+      in += share.tokens() * row_bytes;
+      continue;
+    }
+    for (int64_t n = share.token_begin; n < share.token_end; ++n) {
+      const int64_t offset = ((b * s.seq_len + n) * s.heads + share.head_begin) * s.head_dim * elem;
+      std::memcpy(dst + offset, in, row_bytes);
+      in += row_bytes;
+    }
+  }
+}
+
+void CopyKeptRows(const TensorView& share_kv, const RankShare& share, const SpanningKeys& set,
+                  int64_t row_begin, int64_t row_end, void* dst) {
+  const Shape4& s = share_kv.shape;  // [B, tokens, kv heads, D]
+  const int64_t row_bytes = s.head_dim * DTypeSize(share_kv.dtype);
+  const auto* src = static_cast<const uint8_t*>(share_kv.data);
+  auto* out = static_cast<uint8_t*>(dst);
+  const int64_t head = set.kv_head - share.kv_head_begin;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t i = row_begin; i < row_end; ++i) {
+      const int64_t n = set.kept.first + i * set.kept.stride - share.token_begin;
+      std::memcpy(out, src + ((b * s.seq_len + n) * s.heads + head) * row_bytes, row_bytes);
+      out += row_bytes;
+    }
+  }
+}
+
+void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin,
+                   int64_t row_end, DType dtype, int64_t batch, int64_t head_dim,
+                   void* gathered) {
+  const int64_t row_bytes = head_dim * DTypeSize(dtype);
+  const int64_t rows = row_end - row_begin;
+  for (int64_t b = 0; b < batch; ++b) {
+    std::memcpy(static_cast<uint8_t*>(gathered) + (b * set.kept.count + row_begin) * row_bytes,
+                static_cast<const uint8_t*>(piece) + b * rows * row_bytes, rows * row_bytes);
+  }
+}
+
+}  // namespace da::engine

@@ -1,0 +1,212 @@
+#include "engine/shard_plan.h"
+
+#include <algorithm>
+#include <set>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+
+namespace da::engine {
+namespace {
+
+// [begin, end) of part `index` when `total` items are cut into `parts` near-equal contiguous
+// parts, the first total % parts one larger.
+std::pair<int64_t, int64_t> EvenPart(int64_t total, int64_t parts, int64_t index) {
+  const int64_t base = total / parts;
+  const int64_t extra = total % parts;
+  const int64_t begin = index * base + std::min(index, extra);
+  return {begin, begin + base + (index < extra ? 1 : 0)};
+}
+
+// q, k, v and output bytes of a share.
+int64_t ShareBytes(const ProblemShape& shape, const RankShare& share, DType dtype,
+                   DType out_dtype) {
+  const int64_t per_head = shape.batch * share.tokens() * shape.head_dim;
+  return per_head * (share.heads() * (DTypeSize(dtype) + DTypeSize(out_dtype)) +
+                     2 * share.kv_heads() * DTypeSize(dtype));
+}
+
+}  // namespace
+
+Shape4 RankShare::QueryShape(const ProblemShape& shape) const {
+  return {shape.batch, tokens(), heads(), shape.head_dim};
+}
+
+Shape4 RankShare::KeyShape(const ProblemShape& shape) const {
+  return {shape.batch, tokens(), kv_heads(), shape.head_dim};
+}
+
+absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType dtype,
+                                                DType out_dtype, const AttentionSpec& spec,
+                                                int world_size, int64_t per_rank_budget_bytes) {
+  if (world_size < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("world size is ", world_size, "; must be >= 1"));
+  }
+  switch (spec.shard_policy) {
+    case ShardPolicy::kHeads:
+      if (shape.heads < world_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("shard_policy HEADS needs at least one query head per rank: heads is ",
+                         shape.heads, ", world size ", world_size));
+      }
+      return ShardPolicy::kHeads;
+    case ShardPolicy::kSequence:
+      if (shape.seq_len < world_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("shard_policy SEQUENCE needs at least one token per rank: seq_len is ",
+                         shape.seq_len, ", world size ", world_size));
+      }
+      return ShardPolicy::kSequence;
+    case ShardPolicy::kAuto:
+    case ShardPolicy::kNone:
+      break;
+  }
+  if (shape.heads >= world_size) {
+    absl::StatusOr<ShardLayout> heads = MakeShardLayout(shape, ShardPolicy::kHeads, world_size);
+    if (!heads.ok()) return heads.status();
+    int64_t largest = 0;
+    for (const RankShare& share : heads->shares) {
+      largest = std::max(largest, ShareBytes(shape, share, dtype, out_dtype));
+    }
+    if (per_rank_budget_bytes <= 0 || largest <= per_rank_budget_bytes) return ShardPolicy::kHeads;
+  }
+  if (shape.seq_len < world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot shard: heads (", shape.heads, ") and seq_len (", shape.seq_len,
+                     ") are both smaller than the world size ", world_size));
+  }
+  return ShardPolicy::kSequence;
+}
+
+absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPolicy strategy,
+                                            int world_size) {
+  if (world_size < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("world size is ", world_size, "; must be >= 1"));
+  }
+  ShardLayout layout;
+  layout.strategy = strategy;
+  const int64_t group = shape.heads / shape.kv_heads;  // Query heads per kv head.
+  for (int r = 0; r < world_size; ++r) {
+    RankShare share;
+    share.rank = r;
+    if (strategy == ShardPolicy::kHeads) {
+      if (shape.heads < world_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "HEADS layout: heads (", shape.heads, ") must be >= world size ", world_size));
+      }
+      std::tie(share.head_begin, share.head_end) = EvenPart(shape.heads, world_size, r);
+      share.token_begin = 0;
+      share.token_end = shape.seq_len;
+      share.kv_head_begin = share.head_begin / group;
+      share.kv_head_end = (share.head_end - 1) / group + 1;
+    } else if (strategy == ShardPolicy::kSequence) {
+      if (shape.seq_len < world_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "SEQUENCE layout: seq_len (", shape.seq_len, ") must be >= world size ", world_size));
+      }
+      std::tie(share.token_begin, share.token_end) = EvenPart(shape.seq_len, world_size, r);
+      share.head_begin = 0;
+      share.head_end = shape.heads;
+      share.kv_head_begin = 0;
+      share.kv_head_end = shape.kv_heads;
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("shard layout for strategy ",
+                                                     ShardPolicyName(strategy),
+                                                     "; expected HEADS or SEQUENCE"));
+    }
+    layout.shares.push_back(share);
+  }
+  return layout;
+}
+
+std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begin,
+                                       int64_t token_end) {
+  // Row i is at kept.first + i * stride: the first row at or past a position p is
+  // ceil((p - first) / stride), clamped to [0, count].
+  const auto first_row_at = [&](int64_t position) {
+    if (position <= kept.first) return int64_t{0};
+    const int64_t row = (position - kept.first + kept.stride - 1) / kept.stride;
+    return std::min(row, kept.count);
+  };
+  const int64_t begin = first_row_at(token_begin);
+  const int64_t end = first_row_at(token_end);
+  return {begin, std::max(begin, end)};
+}
+
+std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const AttentionSpec& spec,
+                                          const ShardLayout& layout) {
+  std::vector<SpanningKeys> sets;
+  if (layout.strategy != ShardPolicy::kSequence || layout.shares.size() < 2) return sets;
+  // The (kv head, offset) pairs each pattern's query heads read.
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
+  std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(spec.patterns.size());
+  for (int64_t head = 0; head < shape.heads; ++head) {
+    for (const HeadWork& hw : work[head]) {
+      pairs[hw.pattern_index].insert({KvHeadFor(head, shape.heads, shape.kv_heads), hw.offset});
+    }
+  }
+  const int world = static_cast<int>(layout.shares.size());
+  for (size_t i = 0; i < spec.patterns.size(); ++i) {
+    const Pattern& pattern = spec.patterns[i];
+    for (int64_t t = 0; t < NumSegments(shape.seq_len, pattern.segment_len); ++t) {
+      const int64_t start = t * pattern.segment_len;
+      const int64_t end = std::min(shape.seq_len, start + pattern.segment_len);
+      // Cheap test first: a segment inside one rank's range spans nothing.
+      int first_touch = world, last_touch = -1;
+      for (int r = 0; r < world; ++r) {
+        const RankShare& s = layout.shares[r];
+        if (s.token_begin < end && start < s.token_end) {
+          first_touch = std::min(first_touch, r);
+          last_touch = r;
+        }
+      }
+      if (first_touch == last_touch) continue;
+      for (const auto& [kv_head, offset] : pairs[i]) {
+        SpanningKeys set;
+        set.pattern_index = static_cast<int>(i);
+        set.segment = t;
+        set.kv_head = kv_head;
+        set.offset = offset;
+        set.kept = KeptPositions(pattern, offset, shape.seq_len, t);
+        // Only ranks holding at least one kept row take part.
+        int first = world, last = -1;
+        for (int r = first_touch; r <= last_touch; ++r) {
+          const auto [b, e] =
+              KeptRowsIn(set.kept, layout.shares[r].token_begin, layout.shares[r].token_end);
+          if (b < e) {
+            first = std::min(first, r);
+            last = r;
+          }
+        }
+        if (last <= first) continue;
+        set.first_rank = first;
+        set.last_rank = last;
+        sets.push_back(set);
+      }
+    }
+  }
+  return sets;
+}
+
+std::pair<int64_t, int64_t> RowsOf(const SpanningKeys& set, const ShardLayout& layout, int rank) {
+  const RankShare& share = layout.shares[rank];
+  return KeptRowsIn(set.kept, share.token_begin, share.token_end);
+}
+
+int64_t ExchangeBytesReceived(const ProblemShape& shape, const AttentionSpec& spec,
+                              const ShardLayout& layout, DType dtype, int rank) {
+  int64_t rows = 0;
+  for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
+    if (rank < set.first_rank || rank > set.last_rank) continue;
+    const auto [mine_begin, mine_end] = RowsOf(set, layout, rank);
+    if (mine_begin == mine_end) continue;  // No query rows here: no keys needed.
+    for (int from = set.first_rank; from <= set.last_rank; ++from) {
+      if (!NeedsRowsFrom(spec.causal, from, rank)) continue;
+      const auto [b, e] = RowsOf(set, layout, from);
+      rows += e - b;
+    }
+  }
+  return rows * 2 * shape.head_dim * DTypeSize(dtype) * shape.batch;
+}
+
+}  // namespace da::engine

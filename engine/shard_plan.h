@@ -1,0 +1,104 @@
+// How one problem is cut across the ranks of a group (DESIGN §3, Sharding): the strategy, each
+// rank's share of tokens and heads, and for SEQUENCE the kept keys and values that segments
+// spanning several ranks exchange. Pure geometry: no data, no communication; every rank computes
+// the same answer from the same (shape, spec, world size).
+//
+//   DA_ASSIGN_OR_RETURN(ShardPolicy strategy,
+//                       ChooseShardStrategy(shape, dtype, out_dtype, spec, world, budget));
+//   DA_ASSIGN_OR_RETURN(ShardLayout layout, MakeShardLayout(shape, strategy, world));
+//   for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) { ... }
+//
+// HEADS: rank r takes a contiguous block of query heads over every token (the first H % W ranks
+// one head more) and the kv heads those heads read. SEQUENCE: rank r takes a contiguous range of
+// token positions (the first N % W ranks one token more) of every batch and every head.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/attention_spec.h"
+#include "engine/dilation.h"
+#include "engine/tensor.h"
+
+namespace da::engine {
+
+// One rank's share: positions [token_begin, token_end) of every batch, query heads
+// [head_begin, head_end) and the kv heads [kv_head_begin, kv_head_end) they read.
+struct RankShare {
+  int rank = 0;
+  int64_t token_begin = 0;
+  int64_t token_end = 0;
+  int64_t head_begin = 0;
+  int64_t head_end = 0;
+  int64_t kv_head_begin = 0;
+  int64_t kv_head_end = 0;
+
+  int64_t tokens() const { return token_end - token_begin; }
+  int64_t heads() const { return head_end - head_begin; }
+  int64_t kv_heads() const { return kv_head_end - kv_head_begin; }
+  // The local tensors' shapes: [batch, tokens, heads, head_dim] and the kv one.
+  Shape4 QueryShape(const ProblemShape& shape) const;
+  Shape4 KeyShape(const ProblemShape& shape) const;
+};
+
+struct ShardLayout {
+  ShardPolicy strategy = ShardPolicy::kSequence;  // kHeads or kSequence.
+  std::vector<RankShare> shares;                  // One per rank, in rank order.
+};
+
+// The strategy for a problem on world_size ranks. The spec's shard_policy HEADS or SEQUENCE is
+// obeyed (HEADS needs heads >= world_size: INVALID_ARGUMENT otherwise); AUTO (and NONE, which a
+// caller that wants one process must not send here) picks HEADS when heads >= world_size and the
+// largest rank's HEADS share (its q, k, v and output) fits per_rank_budget_bytes (0: no limit),
+// otherwise SEQUENCE. SEQUENCE needs seq_len >= world_size.
+absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType dtype,
+                                                DType out_dtype, const AttentionSpec& spec,
+                                                int world_size, int64_t per_rank_budget_bytes);
+
+// Every rank's share under a strategy. INVALID_ARGUMENT when the strategy cannot give every rank
+// work (fewer heads or tokens than ranks) or is not HEADS or SEQUENCE.
+absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPolicy strategy,
+                                            int world_size);
+
+// Rows [first, second) of kept whose positions lie in [token_begin, token_end).
+std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begin,
+                                       int64_t token_end);
+
+// The kept positions of one segment of one pattern for one (kv head, offset) when they lie on
+// more than one rank (SEQUENCE only): the ranks first_rank..last_rank each hold a contiguous run
+// of its rows (RowsOf) and the only exchange of a SEQUENCE run is these rows among these ranks.
+struct SpanningKeys {
+  int pattern_index = 0;
+  int64_t segment = 0;
+  int64_t kv_head = 0;
+  int64_t offset = 0;
+  KeptRange kept;  // Global positions.
+  int first_rank = 0;
+  int last_rank = 0;
+};
+
+// Every spanning set a SEQUENCE layout has, for the (kv head, offset) pairs some query head reads
+// under the spec's combine mode, in a fixed order (pattern, segment, kv head, offset). Empty for
+// HEADS.
+std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const AttentionSpec& spec,
+                                          const ShardLayout& layout);
+
+// Rows of set.kept that rank `rank` holds.
+std::pair<int64_t, int64_t> RowsOf(const SpanningKeys& set, const ShardLayout& layout, int rank);
+
+// Whether rank `to` needs rank `from`'s rows of a spanning set: every other rank of the set that
+// holds rows of its own (queries) does, except that with causal attention only later ranks read
+// earlier ranks' keys. Both ranks must hold rows (RowsOf non-empty) for a message to exist.
+inline bool NeedsRowsFrom(bool causal, int from, int to) {
+  return from != to && (!causal || from < to);
+}
+
+// The bytes of kept K and V rows rank `rank` receives in the SEQUENCE exchange (all batches),
+// for inputs of dtype: sum over the spanning sets of the rows it needs from other ranks, times
+// 2 * head_dim * dtype size * batch. Summed over ranks this is the whole exchange.
+int64_t ExchangeBytesReceived(const ProblemShape& shape, const AttentionSpec& spec,
+                              const ShardLayout& layout, DType dtype, int rank);
+
+}  // namespace da::engine

@@ -1,0 +1,200 @@
+// A rank's share computed by SliceRunner equals those rows of the whole problem computed by the
+// CPU backend, for 1-4 simulated ranks in one process: the shares are cut out of the whole
+// tensors and the spanning sets' rows are gathered with the same functions the multi-process
+// protocol uses (shard_data.h), from every rank's share. Sweep: N not divisible by the world
+// size, segments spanning two or more ranks (w up to > N), r not dividing w, causal, both combine
+// modes, GQA, both strategies, fp32 and fp16 inputs. Bound: max |share - whole| <= 1e-6 * max
+// |whole| (fp32 outputs). (On 2026-11-30 every case was bit-identical: the shares run the same
+// kernel on the same packed rows; the bound leaves room for a kernel whose row chunking changes.)
+#include "engine/cpu/slice_run.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/shard_data.h"
+#include "engine/test_tensors.h"
+#include "engine/thread_pool.h"
+
+namespace da::engine {
+namespace {
+
+using testing::OwnedTensor;
+
+struct Heads {
+  int64_t heads;
+  int64_t kv_heads;
+};
+
+const std::vector<std::vector<Pattern>>& PatternSets() {
+  static const auto* sets = new std::vector<std::vector<Pattern>>{
+      {{16, 1}, {32, 2}, {64, 4}},  // Geometric set; segments span ranks for small shares.
+      {{10, 3}, {100, 7}},          // r does not divide w.
+      {{64, 1}, {5000, 40}},        // w > N: one segment spans every rank.
+  };
+  return *sets;
+}
+
+// The rows of every spanning set this rank holds rows of, gathered from all ranks' shares the
+// way the protocol does it (each sender's rows with CopyKeptRows, placed with PlaceKeptRows).
+struct Gathered {
+  std::vector<std::vector<uint8_t>> k, v;
+  std::vector<cpu::GatheredKeys> views;
+};
+
+Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSpec& spec,
+                   const ShardLayout& layout, const std::vector<SpanningKeys>& sets,
+                   const std::vector<OwnedTensor>& k_shares,
+                   const std::vector<OwnedTensor>& v_shares) {
+  Gathered g;
+  g.k.resize(sets.size());
+  g.v.resize(sets.size());
+  g.views.resize(sets.size());
+  const DType dtype = k_shares[0].dtype;
+  const int64_t row_bytes = shape.head_dim * DTypeSize(dtype);
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const SpanningKeys& set = sets[i];
+    const auto [mine_begin, mine_end] = RowsOf(set, layout, rank);
+    if (mine_begin == mine_end) continue;
+    g.k[i].assign(shape.batch * set.kept.count * row_bytes, 0xff);
+    g.v[i].assign(shape.batch * set.kept.count * row_bytes, 0xff);
+    for (int from = set.first_rank; from <= set.last_rank; ++from) {
+      if (from != rank && !NeedsRowsFrom(spec.causal, from, rank)) continue;
+      const auto [b, e] = RowsOf(set, layout, from);
+      std::vector<uint8_t> piece(shape.batch * (e - b) * row_bytes);
+      CopyKeptRows(k_shares[from].view(), layout.shares[from], set, b, e, piece.data());
+      PlaceKeptRows(piece.data(), set, b, e, dtype, shape.batch, shape.head_dim, g.k[i].data());
+      CopyKeptRows(v_shares[from].view(), layout.shares[from], set, b, e, piece.data());
+      PlaceKeptRows(piece.data(), set, b, e, dtype, shape.batch, shape.head_dim, g.v[i].data());
+    }
+    g.views[i] = {g.k[i].data(), g.v[i].data()};
+  }
+  return g;
+}
+
+using SweepParam = std::tuple<int /*world*/, ShardPolicy, int64_t /*seq_len*/, int /*set*/,
+                              Heads, bool /*causal*/, CombineMode, DType>;
+
+class SliceRunSweepTest : public ::testing::TestWithParam<SweepParam> {};
+
+TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
+  const auto& [world, strategy, seq_len, set_index, heads, causal, mode, dtype] = GetParam();
+  AttentionSpec spec;
+  spec.patterns = PatternSets()[set_index];
+  spec.causal = causal;
+  spec.mode = mode;
+  spec.precision = Precision::kFloat32;
+  const ProblemShape shape{2, seq_len, heads.heads, heads.kv_heads, 24};
+  std::mt19937 rng(static_cast<uint32_t>(seq_len * 131 + set_index * 17 + world));
+  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
+  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  OwnedTensor whole = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  ThreadPool pool(2);
+  CpuBackend backend;
+  ASSERT_TRUE(backend.Run(q.view(), k.view(), v.view(), spec, whole.mutable_view(), {&pool})
+                  .ok());
+
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, strategy, world);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
+  std::vector<OwnedTensor> q_shares, k_shares, v_shares;
+  for (const RankShare& share : layout->shares) {
+    for (auto [list, source, kv] : {std::tuple{&q_shares, &q, false},
+                                    std::tuple{&k_shares, &k, true},
+                                    std::tuple{&v_shares, &v, true}}) {
+      OwnedTensor t = testing::PoisonedTensor(
+          dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
+      CopyShareOut(source->view(), share, kv, t.bytes.data());
+      list->push_back(std::move(t));
+    }
+  }
+
+  OwnedTensor assembled = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  cpu::SliceRunner runner;
+  ThreadPool rank_pool(world % 2 == 0 ? 1 : 2);  // Both one- and two-thread shares.
+  for (const RankShare& share : layout->shares) {
+    Gathered gathered = GatherFor(share.rank, shape, spec, *layout, sets, k_shares, v_shares);
+    OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
+    cpu::SliceProblem p;
+    p.shape = shape;
+    p.spec = spec;
+    p.share = share;
+    p.q = q_shares[share.rank].view();
+    p.k = k_shares[share.rank].view();
+    p.v = v_shares[share.rank].view();
+    p.out = out.mutable_view();
+    if (strategy == ShardPolicy::kSequence) {
+      p.spanning = &sets;
+      p.gathered = &gathered.views;
+    }
+    absl::Status status = runner.Run(p, &rank_pool, nullptr);
+    ASSERT_TRUE(status.ok()) << "rank " << share.rank << ": " << status;
+    CopyShareIn(out.bytes.data(), share, assembled.mutable_view());
+  }
+  double max_abs = 0, max_diff = 0;
+  for (int64_t i = 0; i < whole.elements(); ++i) {
+    ASSERT_TRUE(std::isfinite(assembled.at(i))) << "element " << i << " not written";
+    max_abs = std::max(max_abs, std::fabs(static_cast<double>(whole.at(i))));
+    max_diff = std::max(max_diff, std::fabs(static_cast<double>(assembled.at(i)) - whole.at(i)));
+  }
+  EXPECT_GT(max_abs, 0.0);
+  EXPECT_LE(max_diff, 1e-6 * max_abs) << "max diff " << max_diff << " of max " << max_abs;
+  if (strategy == ShardPolicy::kSequence && world > 1 && seq_len >= 100) {
+    // Guard against a sweep that never exercises the exchange.
+    EXPECT_FALSE(sets.empty());
+  }
+}
+
+std::string SweepName(const ::testing::TestParamInfo<SweepParam>& info) {
+  const auto& [world, strategy, seq_len, set_index, heads, causal, mode, dtype] = info.param;
+  return absl::StrCat("W", world, "_", ShardPolicyName(strategy), "_N", seq_len, "_set",
+                      set_index, "_H", heads.heads, "kv", heads.kv_heads, causal ? "_causal" : "",
+                      "_", CombineModeName(mode), "_", DTypeName(dtype));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, SliceRunSweepTest,
+    ::testing::Combine(::testing::Values(1, 2, 3, 4),
+                       ::testing::Values(ShardPolicy::kHeads, ShardPolicy::kSequence),
+                       ::testing::Values(int64_t{97}, int64_t{500}),
+                       ::testing::Values(0, 1, 2),
+                       ::testing::Values(Heads{8, 8}, Heads{8, 2}, Heads{6, 3}),
+                       ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat32)),
+    SweepName);
+
+INSTANTIATE_TEST_SUITE_P(
+    Half, SliceRunSweepTest,
+    ::testing::Combine(::testing::Values(3), ::testing::Values(ShardPolicy::kSequence),
+                       ::testing::Values(int64_t{500}), ::testing::Values(0),
+                       ::testing::Values(Heads{8, 2}), ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat16, DType::kBFloat16)),
+    SweepName);
+
+TEST(SliceRunTest, RefusesASpanningSegmentWithoutGatheredRows) {
+  AttentionSpec spec;
+  spec.patterns = {{64, 2}};
+  const ProblemShape shape{1, 100, 2, 2, 16};
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, ShardPolicy::kSequence, 2);
+  ASSERT_TRUE(layout.ok());
+  std::mt19937 rng(5);
+  const RankShare& share = layout->shares[0];
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
+  const OwnedTensor k = testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
+  OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
+  cpu::SliceProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
+  absl::Status status = cpu::SliceRunner().Run(p, nullptr, nullptr);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(std::string(status.message()).find("not among the spanning sets"), std::string::npos)
+      << status;
+}
+
+}  // namespace
+}  // namespace da::engine
