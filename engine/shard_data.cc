@@ -5,7 +5,9 @@
 namespace da::engine {
 namespace {
 
-int64_t ShareHeads(const RankShare& share, bool kv) { return kv ? share.kv_heads() : share.heads(); }
+int64_t ShareHeads(const RankShare& share, bool kv) {
+  return kv ? share.kv_heads() : share.heads();
+}
 int64_t ShareHeadBegin(const RankShare& share, bool kv) {
   return kv ? share.kv_head_begin : share.head_begin;
 }
@@ -31,8 +33,8 @@ void CopyShareOut(const TensorView& whole, const RankShare& share, bool kv, void
       continue;
     }
     for (int64_t n = share.token_begin; n < share.token_end; ++n) {
-      const int64_t offset = ((b * s.seq_len + n) * s.heads + ShareHeadBegin(share, kv)) *
-                             s.head_dim * elem;
+      const int64_t offset =
+          ((b * s.seq_len + n) * s.heads + ShareHeadBegin(share, kv)) * s.head_dim * elem;
       std::memcpy(out, src + offset, row_bytes);
       out += row_bytes;
     }
@@ -76,9 +78,8 @@ void CopyKeptRows(const TensorView& share_kv, const RankShare& share, const Span
   }
 }
 
-void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin,
-                   int64_t row_end, DType dtype, int64_t batch, int64_t head_dim,
-                   void* gathered) {
+void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin, int64_t row_end,
+                   DType dtype, int64_t batch, int64_t head_dim, void* gathered) {
   const int64_t row_bytes = head_dim * DTypeSize(dtype);
   const int64_t rows = row_end - row_begin;
   for (int64_t b = 0; b < batch; ++b) {

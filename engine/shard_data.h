@@ -34,8 +34,7 @@ void CopyKeptRows(const TensorView& share_kv, const RankShare& share, const Span
 
 // Places a piece [B, row_end - row_begin, D] (CopyKeptRows' output) at rows [row_begin, row_end)
 // of a gathered buffer [B, set.kept.count, D].
-void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin,
-                   int64_t row_end, DType dtype, int64_t batch, int64_t head_dim,
-                   void* gathered);
+void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin, int64_t row_end,
+                   DType dtype, int64_t batch, int64_t head_dim, void* gathered);
 
 }  // namespace da::engine

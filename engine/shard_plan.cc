@@ -91,8 +91,8 @@ absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPoli
     share.rank = r;
     if (strategy == ShardPolicy::kHeads) {
       if (shape.heads < world_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "HEADS layout: heads (", shape.heads, ") must be >= world size ", world_size));
+        return absl::InvalidArgumentError(absl::StrCat("HEADS layout: heads (", shape.heads,
+                                                       ") must be >= world size ", world_size));
       }
       std::tie(share.head_begin, share.head_end) = EvenPart(shape.heads, world_size, r);
       share.token_begin = 0;
@@ -101,8 +101,8 @@ absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPoli
       share.kv_head_end = (share.head_end - 1) / group + 1;
     } else if (strategy == ShardPolicy::kSequence) {
       if (shape.seq_len < world_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "SEQUENCE layout: seq_len (", shape.seq_len, ") must be >= world size ", world_size));
+        return absl::InvalidArgumentError(absl::StrCat("SEQUENCE layout: seq_len (", shape.seq_len,
+                                                       ") must be >= world size ", world_size));
       }
       std::tie(share.token_begin, share.token_end) = EvenPart(shape.seq_len, world_size, r);
       share.head_begin = 0;
@@ -110,9 +110,8 @@ absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPoli
       share.kv_head_begin = 0;
       share.kv_head_end = shape.kv_heads;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("shard layout for strategy ",
-                                                     ShardPolicyName(strategy),
-                                                     "; expected HEADS or SEQUENCE"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "shard layout for strategy ", ShardPolicyName(strategy), "; expected HEADS or SEQUENCE"));
     }
     layout.shares.push_back(share);
   }

@@ -50,8 +50,7 @@ TEST(ShardPlanTest, AutoPicksHeadsWhenEveryRankGetsAHeadAndItFits) {
   EXPECT_EQ(*ChooseShardStrategy(shape, DType::kFloat32, DType::kFloat32, spec, 4, 0),
             ShardPolicy::kHeads);
   // Fewer heads than ranks: SEQUENCE.
-  EXPECT_EQ(*ChooseShardStrategy({1, 1024, 2, 2, 64}, DType::kFloat32, DType::kFloat32, spec, 4,
-                                 0),
+  EXPECT_EQ(*ChooseShardStrategy({1, 1024, 2, 2, 64}, DType::kFloat32, DType::kFloat32, spec, 4, 0),
             ShardPolicy::kSequence);
   // A HEADS share is 2 heads x 1024 tokens x 64 x 4 bytes x (q, k, v, out) = 2 MiB.
   EXPECT_EQ(*ChooseShardStrategy(shape, DType::kFloat32, DType::kFloat32, spec, 4, 2 << 20),
@@ -112,8 +111,8 @@ TEST(ShardPlanTest, OnlySegmentsAcrossRanksExchangeAndOnlyTheirKeptRows) {
   EXPECT_EQ(ExchangeBytesReceived(shape, spec, *layout, DType::kFloat32, 0), 0);
   EXPECT_EQ(ExchangeBytesReceived(shape, spec, *layout, DType::kFloat32, 1), 50 * row_bytes);
   // HEADS exchanges nothing.
-  EXPECT_TRUE(SpanningKeySets(shape, spec, *MakeShardLayout(shape, ShardPolicy::kHeads, 2))
-                  .empty());
+  EXPECT_TRUE(
+      SpanningKeySets(shape, spec, *MakeShardLayout(shape, ShardPolicy::kHeads, 2)).empty());
 }
 
 TEST(ShardPlanTest, SpanningSetsPartitionTheirRowsAmongContiguousRanks) {
@@ -122,8 +121,8 @@ TEST(ShardPlanTest, SpanningSetsPartitionTheirRowsAmongContiguousRanks) {
     const int world = 2 + static_cast<int>(rng() % 3);
     const int64_t seq_len = world + static_cast<int64_t>(rng() % 400);
     const ProblemShape shape{1, seq_len, 6, 3, 8};
-    AttentionSpec spec = Spec({{1 + static_cast<int64_t>(rng() % 200), 1},
-                               {8 + static_cast<int64_t>(rng() % 300), 0}});
+    AttentionSpec spec = Spec(
+        {{1 + static_cast<int64_t>(rng() % 200), 1}, {8 + static_cast<int64_t>(rng() % 300), 0}});
     spec.patterns[1].dilation = 1 + static_cast<int64_t>(rng() % spec.patterns[1].segment_len);
     spec.mode = trial % 2 ? CombineMode::kLongNet : CombineMode::kGrouped;
     const ShardLayout layout = *MakeShardLayout(shape, ShardPolicy::kSequence, world);

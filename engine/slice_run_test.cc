@@ -76,8 +76,8 @@ Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSpec& spe
   return g;
 }
 
-using SweepParam = std::tuple<int /*world*/, ShardPolicy, int64_t /*seq_len*/, int /*set*/,
-                              Heads, bool /*causal*/, CombineMode, DType>;
+using SweepParam = std::tuple<int /*world*/, ShardPolicy, int64_t /*seq_len*/, int /*set*/, Heads,
+                              bool /*causal*/, CombineMode, DType>;
 
 class SliceRunSweepTest : public ::testing::TestWithParam<SweepParam> {};
 
@@ -96,19 +96,18 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
   OwnedTensor whole = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
   ThreadPool pool(2);
   CpuBackend backend;
-  ASSERT_TRUE(backend.Run(q.view(), k.view(), v.view(), spec, whole.mutable_view(), {&pool})
-                  .ok());
+  ASSERT_TRUE(backend.Run(q.view(), k.view(), v.view(), spec, whole.mutable_view(), {&pool}).ok());
 
   absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, strategy, world);
   ASSERT_TRUE(layout.ok()) << layout.status();
   const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
   std::vector<OwnedTensor> q_shares, k_shares, v_shares;
   for (const RankShare& share : layout->shares) {
-    for (auto [list, source, kv] : {std::tuple{&q_shares, &q, false},
-                                    std::tuple{&k_shares, &k, true},
-                                    std::tuple{&v_shares, &v, true}}) {
-      OwnedTensor t = testing::PoisonedTensor(
-          dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
+    for (auto [list, source, kv] :
+         {std::tuple{&q_shares, &q, false}, std::tuple{&k_shares, &k, true},
+          std::tuple{&v_shares, &v, true}}) {
+      OwnedTensor t =
+          testing::PoisonedTensor(dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
       CopyShareOut(source->view(), share, kv, t.bytes.data());
       list->push_back(std::move(t));
     }
@@ -152,19 +151,17 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
 
 std::string SweepName(const ::testing::TestParamInfo<SweepParam>& info) {
   const auto& [world, strategy, seq_len, set_index, heads, causal, mode, dtype] = info.param;
-  return absl::StrCat("W", world, "_", ShardPolicyName(strategy), "_N", seq_len, "_set",
-                      set_index, "_H", heads.heads, "kv", heads.kv_heads, causal ? "_causal" : "",
-                      "_", CombineModeName(mode), "_", DTypeName(dtype));
+  return absl::StrCat("W", world, "_", ShardPolicyName(strategy), "_N", seq_len, "_set", set_index,
+                      "_H", heads.heads, "kv", heads.kv_heads, causal ? "_causal" : "", "_",
+                      CombineModeName(mode), "_", DTypeName(dtype));
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Sweep, SliceRunSweepTest,
     ::testing::Combine(::testing::Values(1, 2, 3, 4),
                        ::testing::Values(ShardPolicy::kHeads, ShardPolicy::kSequence),
-                       ::testing::Values(int64_t{97}, int64_t{500}),
-                       ::testing::Values(0, 1, 2),
-                       ::testing::Values(Heads{8, 8}, Heads{8, 2}, Heads{6, 3}),
-                       ::testing::Bool(),
+                       ::testing::Values(int64_t{97}, int64_t{500}), ::testing::Values(0, 1, 2),
+                       ::testing::Values(Heads{8, 8}, Heads{8, 2}, Heads{6, 3}), ::testing::Bool(),
                        ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
                        ::testing::Values(DType::kFloat32)),
     SweepName);

@@ -25,7 +25,8 @@ void Pack(const RowSource& src, int64_t begin, int64_t end, float factor, bool t
       std::fill(out + dim, out + dim_pad, 0.0f);
     } else {
       float* out = dst + row * dim_pad;
-      for (int64_t d = 0; d < dim; ++d) out[d] = factor * LoadAsFloat(src.dtype, src.data, base + d);
+      for (int64_t d = 0; d < dim; ++d)
+        out[d] = factor * LoadAsFloat(src.dtype, src.data, base + d);
       std::fill(out + dim, out + dim_pad, 0.0f);
     }
   }

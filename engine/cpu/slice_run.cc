@@ -23,9 +23,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 // The query rows [row_begin, row_end) of one kept set of one (batch, head) that lie in the share.
 struct SliceTask {
   int64_t batch = 0;
-  int64_t head = 0;  // Global query head.
+  int64_t head = 0;     // Global query head.
   int64_t kv_head = 0;  // Global kv head.
-  KeptRange kept;    // Global positions.
+  KeptRange kept;       // Global positions.
   int64_t row_begin = 0;
   int64_t row_end = 0;
   int gathered = -1;  // Index into the spanning sets, or -1: the keys are local.
@@ -37,9 +37,8 @@ absl::Status CheckShape(const char* what, const Shape4& got, const Shape4& want)
       got.head_dim == want.head_dim) {
     return absl::OkStatus();
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("slice ", what, " has shape ", got.ToString(), "; the share needs ",
-                   want.ToString()));
+  return absl::InvalidArgumentError(absl::StrCat("slice ", what, " has shape ", got.ToString(),
+                                                 "; the share needs ", want.ToString()));
 }
 
 absl::Status CheckViews(const SliceProblem& p) {
@@ -59,8 +58,7 @@ absl::Status CheckViews(const SliceProblem& p) {
 
 // The tasks of the share, one loop per LONGNET pattern (patterns fold one after another into the
 // same rows) or one loop for GROUPED, cut into chunks when a loop has too few tasks for the pool.
-absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem& p,
-                                                              int threads) {
+absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem& p, int threads) {
   const ProblemShape& s = p.shape;
   const RankShare& share = p.share;
   const bool longnet = p.spec.mode == CombineMode::kLongNet;
@@ -93,9 +91,9 @@ absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem
             task.gathered = found->second;
             if ((*p.gathered)[task.gathered].k == nullptr ||
                 (*p.gathered)[task.gathered].v == nullptr) {
-              return absl::InvalidArgumentError(absl::StrCat(
-                  "slice: no gathered rows for pattern ", hw.pattern_index, " segment ", t,
-                  " kv head ", kv_head, " offset ", hw.offset));
+              return absl::InvalidArgumentError(
+                  absl::StrCat("slice: no gathered rows for pattern ", hw.pattern_index,
+                               " segment ", t, " kv head ", kv_head, " offset ", hw.offset));
             }
           } else if (task.row_begin != 0 || task.row_end < keys) {
             // Keys outside the share and no gathered rows for them: the caller's sets are wrong.
@@ -151,8 +149,7 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
     return absl::InvalidArgumentError("slice: bf16 requested on a CPU path without AVX512-BF16");
   }
   if (!bf16 && p.precision != Precision::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat("slice: precision ",
-                                                   PrecisionName(p.precision),
+    return absl::InvalidArgumentError(absl::StrCat("slice: precision ", PrecisionName(p.precision),
                                                    " is not computed on CPUs; use fp32 or bf16"));
   }
   const int threads = pool != nullptr ? pool->size() : 1;
@@ -226,8 +223,7 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
 
     for (int64_t i = 0; i < task.row_end - task.row_begin; ++i) {
       const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
-      const int64_t row =
-          (task.batch * tokens + n - share.token_begin) * local_heads + local_head;
+      const int64_t row = (task.batch * tokens + n - share.token_begin) * local_heads + local_head;
       const float* src = ts.out.data() + i * z.dim_pad;
       if (longnet) {
         FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc + row * head_dim, &max_lse[row],

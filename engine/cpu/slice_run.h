@@ -43,9 +43,9 @@ struct GatheredKeys {
 struct SliceProblem {
   ProblemShape shape;  // The whole problem.
   AttentionSpec spec;
-  RankShare share;         // This rank's tokens and heads.
-  TensorView q, k, v;      // This rank's inputs: share.QueryShape(shape), share.KeyShape(shape).
-  MutableTensorView out;   // share.QueryShape(shape), in the output dtype.
+  RankShare share;        // This rank's tokens and heads.
+  TensorView q, k, v;     // This rank's inputs: share.QueryShape(shape), share.KeyShape(shape).
+  MutableTensorView out;  // share.QueryShape(shape), in the output dtype.
   Precision precision = Precision::kFloat32;  // fp32, or bf16 on a CPU with AVX512-BF16.
   // SEQUENCE: the layout's spanning sets and, index-aligned, their gathered rows. An entry may be
   // empty (null k and v) for a set this rank holds no rows of. Null for HEADS.

@@ -35,21 +35,6 @@ int64_t MsSince(Clock::time_point start) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - start).count();
 }
 
-// Child-side checks: print what failed and make the rank exit non-zero.
-#define RANK_CHECK(cond, ...)                                                              \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      std::fprintf(stderr, "rank %d: %s:%d: check failed: %s: %s\n", flags.rank, __FILE__, \
-                   __LINE__, #cond, absl::StrCat(__VA_ARGS__).c_str());                    \
-      return 1;                                                                            \
-    }                                                                                      \
-  } while (0)
-#define RANK_CHECK_OK(expr)                                 \
-  do {                                                      \
-    absl::Status rank_status_ = (expr);                     \
-    RANK_CHECK(rank_status_.ok(), rank_status_.ToString()); \
-  } while (0)
-
 absl::StatusOr<std::unique_ptr<Communicator>> Join(KeyValueStore& store, const RankFlags& flags,
                                                    const std::string& prefix) {
   GlooOptions options;
@@ -284,41 +269,7 @@ int RunRank(const RankFlags& flags) {
   RANK_CHECK(false, "unknown scenario ", flags.scenario);
 }
 
-// The parent side: serves the store and starts `size` ranks.
-class Group {
- public:
-  Group(int size, const std::string& scenario) {
-    auto server = CoordinatorStoreServer::Start("127.0.0.1:0");
-    EXPECT_TRUE(server.ok()) << server.status();
-    server_ = *std::move(server);
-    flags_.size = size;
-    flags_.coordinator = absl::StrCat("127.0.0.1:", server_->port());
-    flags_.scenario = scenario;
-    flags_.prefix = testing::UniquePrefix(scenario);
-    flags_.seed = std::random_device{}();
-    auto store = ConnectCoordinatorStore(flags_.coordinator, milliseconds(2000));
-    EXPECT_TRUE(store.ok()) << store.status();
-    store_ = *std::move(store);
-    for (int rank = 0; rank < size; ++rank) {
-      flags_.rank = rank;
-      pids_.push_back(testing::SpawnRank(flags_));
-      EXPECT_GT(pids_.back(), 0);
-    }
-  }
-  ~Group() {
-    for (pid_t pid : pids_) testing::WaitForExit(pid, milliseconds(1));
-  }
-  KeyValueStore& store() { return *store_; }
-  const std::string& prefix() const { return flags_.prefix; }
-  pid_t pid(int rank) const { return pids_[rank]; }
-  int Wait(int rank) { return testing::WaitForExit(pids_[rank], milliseconds(20000)); }
-
- private:
-  std::unique_ptr<CoordinatorStoreServer> server_;
-  std::unique_ptr<KeyValueStore> store_;
-  RankFlags flags_;
-  std::vector<pid_t> pids_;
-};
+using Group = testing::RankGroup;
 
 class GlooGroupTest : public ::testing::TestWithParam<int> {};
 

@@ -1,11 +1,13 @@
 #include "engine/dist/multi_process_test_util.h"
 
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <random>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -87,5 +89,30 @@ std::string UniquePrefix(const std::string& name) {
   static std::atomic<int> counter{0};
   return absl::StrCat(name, "-", getpid(), "-", counter++);
 }
+
+RankGroup::RankGroup(int size, const std::string& scenario) {
+  auto server = CoordinatorStoreServer::Start("127.0.0.1:0");
+  EXPECT_TRUE(server.ok()) << server.status();
+  server_ = *std::move(server);
+  flags_.size = size;
+  flags_.coordinator = absl::StrCat("127.0.0.1:", server_->port());
+  flags_.scenario = scenario;
+  flags_.prefix = UniquePrefix(scenario);
+  flags_.seed = std::random_device{}();
+  auto store = ConnectCoordinatorStore(flags_.coordinator, std::chrono::milliseconds(2000));
+  EXPECT_TRUE(store.ok()) << store.status();
+  store_ = *std::move(store);
+  for (int rank = 0; rank < size; ++rank) {
+    flags_.rank = rank;
+    pids_.push_back(SpawnRank(flags_));
+    EXPECT_GT(pids_.back(), 0);
+  }
+}
+
+RankGroup::~RankGroup() {
+  for (pid_t pid : pids_) WaitForExit(pid, std::chrono::milliseconds(1));
+}
+
+int RankGroup::Wait(int rank) { return WaitForExit(pids_[rank], std::chrono::milliseconds(20000)); }
 
 }  // namespace da::dist::testing

@@ -2,7 +2,7 @@
 //
 //   int main(int argc, char** argv) {
 //     if (auto flags = ParseRankFlags(argc, argv)) return RunRank(*flags);  // a child
-//     ...run the tests, which call SpawnRanks(...)...
+//     ...run the tests, which start a RankGroup(size, "scenario")...
 //   }
 #pragma once
 
@@ -10,10 +10,31 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/dist/store.h"
+
+// Child-side checks (in a function returning the rank's exit code, with `flags` in scope):
+// print what failed and make the rank exit non-zero.
+#define RANK_CHECK(cond, ...)                                                              \
+  do {                                                                                     \
+    if (!(cond)) {                                                                         \
+      std::fprintf(stderr, "rank %d: %s:%d: check failed: %s: %s\n", flags.rank, __FILE__, \
+                   __LINE__, #cond, absl::StrCat(__VA_ARGS__).c_str());                    \
+      return 1;                                                                            \
+    }                                                                                      \
+  } while (0)
+#define RANK_CHECK_OK(expr)                                 \
+  do {                                                      \
+    absl::Status rank_status_ = (expr);                     \
+    RANK_CHECK(rank_status_.ok(), rank_status_.ToString()); \
+  } while (0)
 
 namespace da::dist::testing {
 
@@ -38,5 +59,25 @@ int WaitForExit(pid_t pid, std::chrono::milliseconds timeout);
 
 // A fresh store prefix per call: the store keeps keys forever.
 std::string UniquePrefix(const std::string& name);
+
+// The parent side of a group: serves the coordinator store on loopback and starts `size` ranks
+// running `scenario` (with a fresh prefix and a random seed). The destructor reaps the ranks,
+// SIGKILLing any still running.
+class RankGroup {
+ public:
+  RankGroup(int size, const std::string& scenario);
+  ~RankGroup();
+  KeyValueStore& store() { return *store_; }
+  const std::string& prefix() const { return flags_.prefix; }
+  pid_t pid(int rank) const { return pids_[rank]; }
+  // The rank's exit code (WaitForExit) within 20 s.
+  int Wait(int rank);
+
+ private:
+  std::unique_ptr<CoordinatorStoreServer> server_;
+  std::unique_ptr<KeyValueStore> store_;
+  RankFlags flags_;
+  std::vector<pid_t> pids_;
+};
 
 }  // namespace da::dist::testing

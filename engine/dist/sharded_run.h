@@ -43,7 +43,10 @@
 
 namespace da::engine {
 class ThreadPool;
+namespace cpu {
+class SliceRunner;
 }
+}  // namespace da::engine
 
 namespace da::dist {
 
@@ -76,6 +79,9 @@ struct ShardRunOptions {
   // Limit of every point-to-point operation of the run.
   std::chrono::milliseconds timeout{30000};
   engine::ThreadPool* pool = nullptr;  // This rank's compute threads; null: the calling thread.
+  // Keeps its workspace between runs (fresh pages are slow); null: a fresh one per run. One run
+  // at a time may use a runner.
+  engine::cpu::SliceRunner* runner = nullptr;
   // Rank budget for ChooseShardStrategy's AUTO (0: unlimited). Rank 0 decides; workers obey.
   int64_t per_rank_budget_bytes = 0;
 };
@@ -86,11 +92,11 @@ struct ShardRunStats {
   engine::ShardPolicy strategy = engine::ShardPolicy::kSequence;
   engine::Precision precision = engine::Precision::kFloat32;
   struct Rank {
-    int64_t bytes_sent = 0;       // Everything this rank sent during the run.
-    int64_t bytes_received = 0;   // Everything it received.
-    int64_t exchange_bytes = 0;   // Of bytes_received: kept K/V rows of spanning segments.
-    double compute_seconds = 0;   // In this rank's kernel work.
-    double collective_seconds = 0;  // In Send/Recv of this run (waiting included).
+    int64_t bytes_sent = 0;         // Everything this rank sent during the run.
+    int64_t bytes_received = 0;     // Everything it received.
+    int64_t exchange_bytes = 0;     // Of bytes_received: kept K/V rows of spanning segments.
+    double compute_seconds = 0;     // In this rank's kernel work.
+    double collective_seconds = 0;  // Wall time of scatter, exchange and gather (waits too).
   };
   std::vector<Rank> ranks;
 };

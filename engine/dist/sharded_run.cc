@@ -1,0 +1,493 @@
+#include "engine/dist/sharded_run.h"
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/slice_run.h"
+#include "engine/shard_data.h"
+#include "engine/shard_plan.h"
+#include "engine/status_macros.h"
+
+namespace da::dist {
+namespace {
+
+using engine::DType;
+using engine::ProblemShape;
+using engine::RankShare;
+using engine::ShardLayout;
+using engine::SpanningKeys;
+using Clock = std::chrono::steady_clock;
+
+constexpr uint32_t kFrameMagic = 0x44414331;  // "DAC1"
+constexpr int64_t kFrameHeaderBytes = 16;     // magic, kind, payload length, reserved.
+constexpr int64_t kStatsWords = 5;            // ShardRunStats::Rank on the wire.
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// The problem description of a kRun frame: little-endian int64 words.
+struct RunHeader {
+  ProblemShape shape;
+  DType dtype = DType::kFloat32;
+  DType out_dtype = DType::kFloat32;
+  engine::AttentionSpec spec;  // precision = the chosen one; shard_policy = the strategy.
+};
+
+std::string EncodeRunHeader(const RunHeader& h) {
+  std::vector<int64_t> words = {h.shape.batch,
+                                h.shape.seq_len,
+                                h.shape.heads,
+                                h.shape.kv_heads,
+                                h.shape.head_dim,
+                                static_cast<int64_t>(h.dtype),
+                                static_cast<int64_t>(h.out_dtype),
+                                h.spec.causal ? 1 : 0,
+                                static_cast<int64_t>(h.spec.mode),
+                                static_cast<int64_t>(h.spec.precision),
+                                static_cast<int64_t>(h.spec.shard_policy),
+                                h.spec.softmax_scale.has_value() ? 1 : 0,
+                                0,
+                                static_cast<int64_t>(h.spec.patterns.size())};
+  if (h.spec.softmax_scale.has_value()) std::memcpy(&words[12], &*h.spec.softmax_scale, 8);
+  for (const engine::Pattern& p : h.spec.patterns) {
+    words.push_back(p.segment_len);
+    words.push_back(p.dilation);
+  }
+  return std::string(reinterpret_cast<const char*>(words.data()), words.size() * 8);
+}
+
+absl::StatusOr<RunHeader> DecodeRunHeader(const std::string& bytes) {
+  constexpr size_t kFixedWords = 14;
+  if (bytes.size() % 8 != 0 || bytes.size() < kFixedWords * 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "run header of ", bytes.size(), " bytes; expected 8-byte words, >= ", kFixedWords * 8));
+  }
+  std::vector<int64_t> w(bytes.size() / 8);
+  std::memcpy(w.data(), bytes.data(), bytes.size());
+  RunHeader h;
+  h.shape = {w[0], w[1], w[2], w[3], w[4]};
+  h.dtype = static_cast<DType>(w[5]);
+  h.out_dtype = static_cast<DType>(w[6]);
+  h.spec.causal = w[7] != 0;
+  h.spec.mode = static_cast<engine::CombineMode>(w[8]);
+  h.spec.precision = static_cast<engine::Precision>(w[9]);
+  h.spec.shard_policy = static_cast<engine::ShardPolicy>(w[10]);
+  if (w[11] != 0) {
+    double scale;
+    std::memcpy(&scale, &w[12], 8);
+    h.spec.softmax_scale = scale;
+  }
+  if (w[13] < 0 || w.size() != kFixedWords + 2 * static_cast<size_t>(w[13])) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("run header names ", w[13], " patterns but holds ", w.size(), " words"));
+  }
+  for (int64_t i = 0; i < w[13]; ++i) {
+    h.spec.patterns.push_back({w[kFixedWords + 2 * i], w[kFixedWords + 2 * i + 1]});
+  }
+  if (h.shape.batch < 1 || h.shape.seq_len < 1 || h.shape.heads < 1 || h.shape.kv_heads < 1 ||
+      h.shape.head_dim < 1 || h.shape.heads % h.shape.kv_heads != 0) {
+    return absl::InvalidArgumentError("run header has an invalid shape");
+  }
+  DA_RETURN_IF_ERROR(h.spec.Validate());
+  return h;
+}
+
+// One rank's view of a run: its share of the layout, its local tensors and its stats.
+class RankRun {
+ public:
+  RankRun(Communicator& comm, const RunHeader& header, ShardLayout layout,
+          const ShardRunOptions& options)
+      : comm_(comm),
+        h_(header),
+        layout_(std::move(layout)),
+        options_(options),
+        share_(layout_.shares[comm.rank()]) {
+    if (layout_.strategy == engine::ShardPolicy::kSequence) {
+      sets_ = engine::SpanningKeySets(h_.shape, h_.spec, layout_);
+    }
+  }
+
+  // The share's tensors: views into caller memory (rank 0 when contiguous) or owned buffers.
+  engine::TensorView q, k, v;
+  engine::MutableTensorView out;
+
+  // Owned buffers for the share's inputs and output.
+  void AllocateShare() {
+    q_buf_.resize(ShareBytes(h_.shape.QueryShape(), share_, h_.dtype, false));
+    k_buf_.resize(ShareBytes(h_.shape.KeyShape(), share_, h_.dtype, true));
+    v_buf_.resize(k_buf_.size());
+    out_buf_.resize(ShareBytes(h_.shape.QueryShape(), share_, h_.out_dtype, false));
+    q = {h_.dtype, share_.QueryShape(h_.shape), q_buf_.data(), static_cast<int64_t>(q_buf_.size())};
+    k = {h_.dtype, share_.KeyShape(h_.shape), k_buf_.data(), static_cast<int64_t>(k_buf_.size())};
+    v = {h_.dtype, share_.KeyShape(h_.shape), v_buf_.data(), static_cast<int64_t>(v_buf_.size())};
+    out = {h_.out_dtype, share_.QueryShape(h_.shape), out_buf_.data(),
+           static_cast<int64_t>(out_buf_.size())};
+  }
+  std::vector<uint8_t>& q_buffer() { return q_buf_; }
+  std::vector<uint8_t>& k_buffer() { return k_buf_; }
+  std::vector<uint8_t>& v_buffer() { return v_buf_; }
+
+  // SEQUENCE: sends this rank's kept rows of every spanning set to the ranks that read them and
+  // gathers the rows it reads; a no-op for HEADS.
+  absl::Status Exchange() {
+    if (sets_.empty()) return absl::OkStatus();
+    const Clock::time_point start = Clock::now();
+    const int me = comm_.rank();
+    const int world = comm_.size();
+    const int64_t row_bytes = h_.shape.head_dim * engine::DTypeSize(h_.dtype);
+    gathered_k_.resize(sets_.size());
+    gathered_v_.resize(sets_.size());
+    views_.assign(sets_.size(), {});
+    // Outgoing messages, one per peer: for every set both hold rows of (in set order) and the
+    // peer reads, this rank's K rows then V rows.
+    std::vector<std::vector<uint8_t>> outgoing(world);
+    std::vector<int64_t> incoming_bytes(world, 0);
+    for (size_t i = 0; i < sets_.size(); ++i) {
+      const SpanningKeys& set = sets_[i];
+      const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
+      if (mine_begin == mine_end) continue;
+      const int64_t piece_bytes = h_.shape.batch * (mine_end - mine_begin) * row_bytes;
+      gathered_k_[i].resize(h_.shape.batch * set.kept.count * row_bytes);
+      gathered_v_[i].resize(gathered_k_[i].size());
+      views_[i] = {gathered_k_[i].data(), gathered_v_[i].data()};
+      std::vector<uint8_t> piece(piece_bytes);
+      for (auto [source, gathered] :
+           {std::pair{&k, &gathered_k_[i]}, std::pair{&v, &gathered_v_[i]}}) {
+        engine::CopyKeptRows(*source, share_, set, mine_begin, mine_end, piece.data());
+        engine::PlaceKeptRows(piece.data(), set, mine_begin, mine_end, h_.dtype, h_.shape.batch,
+                              h_.shape.head_dim, gathered->data());
+        for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
+          const auto [b, e] = engine::RowsOf(set, layout_, peer);
+          if (b == e || !engine::NeedsRowsFrom(h_.spec.causal, me, peer)) continue;
+          outgoing[peer].insert(outgoing[peer].end(), piece.begin(), piece.end());
+        }
+      }
+      for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
+        const auto [b, e] = engine::RowsOf(set, layout_, peer);
+        if (b == e || !engine::NeedsRowsFrom(h_.spec.causal, peer, me)) continue;
+        incoming_bytes[peer] += 2 * h_.shape.batch * (e - b) * row_bytes;
+      }
+    }
+    // Sends are synchronous: each peer's on its own thread, receives here in rank order, so no
+    // two ranks ever wait on each other in a cycle.
+    std::vector<absl::Status> sent(world);
+    std::vector<std::thread> senders;
+    for (int peer = 0; peer < world; ++peer) {
+      if (outgoing[peer].empty()) continue;
+      senders.emplace_back([&, peer] {
+        sent[peer] = comm_.Send(outgoing[peer].data(), static_cast<int64_t>(outgoing[peer].size()),
+                                peer, kExchangeTag, options_.timeout);
+      });
+    }
+    absl::Status received;
+    for (int peer = 0; peer < world && received.ok(); ++peer) {
+      if (incoming_bytes[peer] == 0) continue;
+      std::vector<uint8_t> message(incoming_bytes[peer]);
+      received =
+          comm_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, options_.timeout);
+      if (!received.ok()) break;
+      stats_.exchange_bytes += incoming_bytes[peer];
+      // Unpack in the sender's order: per set, K rows then V rows.
+      const uint8_t* cursor = message.data();
+      for (size_t i = 0; i < sets_.size(); ++i) {
+        const SpanningKeys& set = sets_[i];
+        const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
+        const auto [b, e] = engine::RowsOf(set, layout_, peer);
+        if (mine_begin == mine_end || b == e || !engine::NeedsRowsFrom(h_.spec.causal, peer, me)) {
+          continue;
+        }
+        for (std::vector<uint8_t>* gathered : {&gathered_k_[i], &gathered_v_[i]}) {
+          engine::PlaceKeptRows(cursor, set, b, e, h_.dtype, h_.shape.batch, h_.shape.head_dim,
+                                gathered->data());
+          cursor += h_.shape.batch * (e - b) * row_bytes;
+        }
+      }
+    }
+    for (std::thread& t : senders) t.join();
+    stats_.collective_seconds += SecondsSince(start);
+    DA_RETURN_IF_ERROR(received);
+    for (const absl::Status& s : sent) DA_RETURN_IF_ERROR(s);
+    return absl::OkStatus();
+  }
+
+  absl::Status Compute(const std::atomic<bool>* cancelled) {
+    const Clock::time_point start = Clock::now();
+    engine::cpu::SliceProblem p;
+    p.shape = h_.shape;
+    p.spec = h_.spec;
+    p.share = share_;
+    p.q = q;
+    p.k = k;
+    p.v = v;
+    p.out = out;
+    p.precision = h_.spec.precision;
+    if (!sets_.empty()) {
+      p.spanning = &sets_;
+      p.gathered = &views_;
+    }
+    engine::cpu::SliceRunner fresh;
+    engine::cpu::SliceRunner& runner = options_.runner != nullptr ? *options_.runner : fresh;
+    absl::Status status = runner.Run(p, options_.pool, cancelled);
+    stats_.compute_seconds += SecondsSince(start);
+    return status;
+  }
+
+  // Times a scatter or gather step into collective_seconds.
+  template <typename F>
+  absl::Status Timed(F&& step) {
+    const Clock::time_point start = Clock::now();
+    absl::Status status = step();
+    stats_.collective_seconds += SecondsSince(start);
+    return status;
+  }
+
+  ShardRunStats::Rank& stats() { return stats_; }
+  const RankShare& share() const { return share_; }
+  const ShardLayout& layout() const { return layout_; }
+
+ private:
+  Communicator& comm_;
+  const RunHeader& h_;
+  const ShardLayout layout_;
+  const ShardRunOptions& options_;
+  const RankShare share_;
+  std::vector<SpanningKeys> sets_;
+  std::vector<std::vector<uint8_t>> gathered_k_, gathered_v_;
+  std::vector<engine::cpu::GatheredKeys> views_;
+  std::vector<uint8_t> q_buf_, k_buf_, v_buf_, out_buf_;
+  ShardRunStats::Rank stats_;
+};
+
+void CountTraffic(const Communicator& comm, const Communicator::Counters& before,
+                  ShardRunStats::Rank& stats) {
+  const Communicator::Counters after = comm.counters();
+  stats.bytes_sent = after.bytes_sent - before.bytes_sent;
+  stats.bytes_received = after.bytes_received - before.bytes_received;
+}
+
+std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r) {
+  int64_t compute_ns = static_cast<int64_t>(r.compute_seconds * 1e9);
+  int64_t collective_ns = static_cast<int64_t>(r.collective_seconds * 1e9);
+  return {r.bytes_sent, r.bytes_received, r.exchange_bytes, compute_ns, collective_ns};
+}
+
+ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
+  ShardRunStats::Rank r;
+  r.bytes_sent = w[0];
+  r.bytes_received = w[1];
+  r.exchange_bytes = w[2];
+  r.compute_seconds = static_cast<double>(w[3]) / 1e9;
+  r.collective_seconds = static_cast<double>(w[4]) / 1e9;
+  return r;
+}
+
+// Views of a rank-0 share straight into the whole tensors, when the share is contiguous there
+// (SEQUENCE with batch 1): no copy in or out.
+bool Contiguous(const ProblemShape& shape, const RankShare& share) {
+  return shape.batch == 1 && share.heads() == shape.heads;
+}
+
+const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const RankShare& share,
+                          int64_t heads, DType dtype) {
+  return static_cast<const uint8_t*>(whole) +
+         share.token_begin * heads * shape.head_dim * engine::DTypeSize(dtype);
+}
+
+}  // namespace
+
+std::string EncodeControlFrame(const ControlFrame& frame) {
+  std::string bytes(kControlFrameBytes, '\0');
+  const uint32_t words[4] = {kFrameMagic, static_cast<uint32_t>(frame.kind),
+                             static_cast<uint32_t>(frame.payload.size()), 0};
+  std::memcpy(bytes.data(), words, sizeof(words));
+  const size_t room = kControlFrameBytes - kFrameHeaderBytes;
+  std::memcpy(bytes.data() + kFrameHeaderBytes, frame.payload.data(),
+              std::min(frame.payload.size(), room));
+  return bytes;
+}
+
+absl::StatusOr<ControlFrame> DecodeControlFrame(const std::string& bytes) {
+  if (static_cast<int64_t>(bytes.size()) != kControlFrameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("control frame of ", bytes.size(), " bytes; expected ", kControlFrameBytes));
+  }
+  uint32_t words[4];
+  std::memcpy(words, bytes.data(), sizeof(words));
+  if (words[0] != kFrameMagic) {
+    return absl::InvalidArgumentError(absl::StrCat("control frame magic ", words[0]));
+  }
+  if (words[1] < 1 || words[1] > 3) {
+    return absl::InvalidArgumentError(absl::StrCat("control frame kind ", words[1]));
+  }
+  if (words[2] > kControlFrameBytes - kFrameHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("control frame payload of ", words[2],
+                                                   " bytes; at most ",
+                                                   kControlFrameBytes - kFrameHeaderBytes));
+  }
+  ControlFrame frame;
+  frame.kind = static_cast<ControlKind>(words[1]);
+  frame.payload = bytes.substr(kFrameHeaderBytes, words[2]);
+  return frame;
+}
+
+absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
+                                                   const ShardedProblem& problem,
+                                                   const ShardRunOptions& options) {
+  if (comm.rank() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CoordinateShardedRun on rank ", comm.rank(), "; only rank 0 coordinates"));
+  }
+  RunHeader header;
+  header.shape = {problem.q.shape.batch, problem.q.shape.seq_len, problem.q.shape.heads,
+                  problem.k.shape.heads, problem.q.shape.head_dim};
+  header.dtype = problem.q.dtype;
+  header.out_dtype = problem.out.dtype;
+  header.spec = problem.spec;
+  header.spec.precision = problem.precision;
+  header.spec.shard_policy = problem.strategy;
+  const std::string payload = EncodeRunHeader(header);
+  if (static_cast<int64_t>(payload.size()) > kControlFrameBytes - kFrameHeaderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("sharded run: ", problem.spec.patterns.size(),
+                                                   " patterns do not fit a control frame"));
+  }
+  DA_ASSIGN_OR_RETURN(ShardLayout layout,
+                      engine::MakeShardLayout(header.shape, problem.strategy, comm.size()));
+  const Communicator::Counters before = comm.counters();
+  RankRun run(comm, header, std::move(layout), options);
+  const ProblemShape& shape = header.shape;
+  const int world = comm.size();
+
+  // Control frames and the scatter: each worker's q, k and v share.
+  const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
+  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+    for (int r = 1; r < world; ++r) {
+      DA_RETURN_IF_ERROR(
+          comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
+    }
+    std::vector<uint8_t> buffer;
+    for (int r = 1; r < world; ++r) {
+      const RankShare& share = run.layout().shares[r];
+      for (auto [view, kv] : {std::pair{&problem.q, false}, std::pair{&problem.k, true},
+                              std::pair{&problem.v, true}}) {
+        const int64_t bytes = engine::ShareBytes(view->shape, share, view->dtype, kv);
+        const void* data;
+        if (Contiguous(shape, share)) {
+          data = ShareStart(view->data, shape, share, view->shape.heads, view->dtype);
+        } else {
+          buffer.resize(bytes);
+          engine::CopyShareOut(*view, share, kv, buffer.data());
+          data = buffer.data();
+        }
+        DA_RETURN_IF_ERROR(comm.Send(data, bytes, r, kScatterTag, options.timeout));
+      }
+    }
+    return absl::OkStatus();
+  }));
+
+  // Rank 0's own share.
+  const RankShare& mine = run.share();
+  if (Contiguous(shape, mine)) {
+    run.q = {problem.q.dtype, mine.QueryShape(shape),
+             ShareStart(problem.q.data, shape, mine, shape.heads, problem.q.dtype),
+             engine::ShareBytes(problem.q.shape, mine, problem.q.dtype, false)};
+    for (auto [dst, src] : {std::pair{&run.k, &problem.k}, std::pair{&run.v, &problem.v}}) {
+      *dst = {src->dtype, mine.KeyShape(shape),
+              ShareStart(src->data, shape, mine, shape.kv_heads, src->dtype),
+              engine::ShareBytes(src->shape, mine, src->dtype, true)};
+    }
+    run.out = {problem.out.dtype, mine.QueryShape(shape),
+               const_cast<uint8_t*>(
+                   ShareStart(problem.out.data, shape, mine, shape.heads, problem.out.dtype)),
+               engine::ShareBytes(problem.out.shape, mine, problem.out.dtype, false)};
+  } else {
+    run.AllocateShare();
+    engine::CopyShareOut(problem.q, mine, false, run.q_buffer().data());
+    engine::CopyShareOut(problem.k, mine, true, run.k_buffer().data());
+    engine::CopyShareOut(problem.v, mine, true, run.v_buffer().data());
+  }
+  DA_RETURN_IF_ERROR(run.Exchange());
+  const bool cancelled_before = problem.cancelled != nullptr && problem.cancelled->load();
+  const absl::Status computed = cancelled_before
+                                    ? absl::CancelledError("sharded run cancelled before compute")
+                                    : run.Compute(problem.cancelled);
+  // Whatever happened here, the workers' outputs are collected, so the group stays in step.
+  if (computed.ok() && !Contiguous(shape, mine))
+    engine::CopyShareIn(run.out.data, mine, problem.out);
+
+  // The gather: every worker's output share, then its stats.
+  ShardRunStats stats;
+  stats.strategy = problem.strategy;
+  stats.precision = problem.precision;
+  stats.ranks.resize(world);
+  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+    std::vector<uint8_t> buffer;
+    for (int r = 1; r < world; ++r) {
+      const RankShare& share = run.layout().shares[r];
+      const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
+      if (Contiguous(shape, share) && computed.ok()) {
+        DA_RETURN_IF_ERROR(
+            comm.Recv(const_cast<uint8_t*>(ShareStart(problem.out.data, shape, share, shape.heads,
+                                                      problem.out.dtype)),
+                      bytes, r, kGatherTag, options.timeout));
+      } else {
+        buffer.resize(bytes);
+        DA_RETURN_IF_ERROR(comm.Recv(buffer.data(), bytes, r, kGatherTag, options.timeout));
+        if (computed.ok()) engine::CopyShareIn(buffer.data(), share, problem.out);
+      }
+      std::vector<int64_t> words(kStatsWords);
+      DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, options.timeout));
+      stats.ranks[r] = StatsFromWords(words);
+    }
+    return absl::OkStatus();
+  }));
+  CountTraffic(comm, before, run.stats());
+  stats.ranks[0] = run.stats();
+  if (!computed.ok()) return computed;
+  return stats;
+}
+
+absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlFrame& frame,
+                                              const ShardRunOptions& options) {
+  if (frame.kind != ControlKind::kRun) {
+    return absl::InvalidArgumentError("ServeShardedRun needs a kRun control frame");
+  }
+  DA_ASSIGN_OR_RETURN(const RunHeader header, DecodeRunHeader(frame.payload));
+  DA_ASSIGN_OR_RETURN(ShardLayout layout,
+                      engine::MakeShardLayout(header.shape, header.spec.shard_policy, comm.size()));
+  const Communicator::Counters before = comm.counters();
+  RankRun run(comm, header, std::move(layout), options);
+  run.AllocateShare();
+  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+    for (std::vector<uint8_t>* buffer : {&run.q_buffer(), &run.k_buffer(), &run.v_buffer()}) {
+      DA_RETURN_IF_ERROR(comm.Recv(buffer->data(), static_cast<int64_t>(buffer->size()), 0,
+                                   kScatterTag, options.timeout));
+    }
+    return absl::OkStatus();
+  }));
+  DA_RETURN_IF_ERROR(run.Exchange());
+  // A failed compute (it cannot be cancelled here) still sends its (unspecified) rows, so that
+  // rank 0 is not left waiting; the error is returned to the worker's loop.
+  const absl::Status computed = run.Compute(nullptr);
+  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+    DA_RETURN_IF_ERROR(comm.Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout));
+    CountTraffic(comm, before, run.stats());
+    // The kRun frame (received before this call) and the stats' own bytes belong to the run.
+    run.stats().bytes_received += kControlFrameBytes;
+    run.stats().bytes_sent += kStatsWords * 8;
+    const std::vector<int64_t> words = StatsWords(run.stats());
+    return comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout);
+  }));
+  DA_RETURN_IF_ERROR(computed);
+  ShardRunStats stats;
+  stats.strategy = header.spec.shard_policy;
+  stats.precision = header.spec.precision;
+  stats.ranks.resize(comm.size());
+  stats.ranks[comm.rank()] = run.stats();
+  return stats;
+}
+
+}  // namespace da::dist

@@ -1,0 +1,267 @@
+// Sharded runs over real Gloo processes on loopback (ranks are copies of this binary, --rank=R):
+// 1, 2, 3 and 4 ranks compute a sweep of problems and rank 0 compares each output with the
+// single-process CPU backend's, and each rank's traffic with the geometry's exact byte count.
+//
+// Sweep (every case, every world size): N = 97 and 500 (not divisible by 2, 3 or 4), pattern
+// sets whose segments span two or more ranks (up to w > N), r not dividing w, causal or not,
+// LONGNET and GROUPED, GQA (H 8 / Hkv 2, 6 / 3) and MHA, HEADS and SEQUENCE. Bound: max |sharded -
+// single| <= 1e-6 * max |single| (fp32).
+//
+// Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
+// kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
+// within 5% of the kept K/V bytes of its spanning segments, and far below the sequence's K/V.
+#include "engine/dist/sharded_run.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/slice_run.h"
+#include "engine/dist/gloo_communicator.h"
+#include "engine/dist/multi_process_test_util.h"
+#include "engine/shard_data.h"
+#include "engine/shard_plan.h"
+#include "engine/test_tensors.h"
+#include "engine/thread_pool.h"
+
+namespace da::dist {
+namespace {
+
+using engine::AttentionSpec;
+using engine::CombineMode;
+using engine::DType;
+using engine::ProblemShape;
+using engine::ShardPolicy;
+using engine::testing::OwnedTensor;
+using std::chrono::milliseconds;
+using testing::RankFlags;
+
+constexpr milliseconds kTimeout{20000};
+
+struct Case {
+  ProblemShape shape;
+  AttentionSpec spec;
+  ShardPolicy strategy;
+  std::string name;
+};
+
+std::vector<Case> SweepCases() {
+  const std::vector<std::vector<engine::Pattern>> sets = {
+      {{16, 1}, {32, 2}, {64, 4}}, {{10, 3}, {100, 7}}, {{64, 1}, {5000, 40}}};
+  const std::vector<std::pair<int64_t, int64_t>> heads = {{8, 8}, {8, 2}, {6, 3}};
+  std::vector<Case> cases;
+  for (int64_t seq_len : {97, 500}) {
+    for (size_t set = 0; set < sets.size(); ++set) {
+      for (auto [h, kv] : heads) {
+        for (bool causal : {false, true}) {
+          for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+            for (ShardPolicy strategy : {ShardPolicy::kHeads, ShardPolicy::kSequence}) {
+              Case c;
+              c.shape = {2, seq_len, h, kv, 24};
+              c.spec.patterns = sets[set];
+              c.spec.causal = causal;
+              c.spec.mode = mode;
+              c.spec.precision = engine::Precision::kFloat32;
+              c.strategy = strategy;
+              c.name = absl::StrCat("N", seq_len, " set", set, " H", h, "/", kv,
+                                    causal ? " causal " : " ", engine::CombineModeName(mode), " ",
+                                    engine::ShardPolicyName(strategy));
+              cases.push_back(c);
+            }
+          }
+        }
+      }
+    }
+  }
+  return cases;
+}
+
+// The long problem of the volume test: 2 ranks, N = 65536, segments up to the whole sequence;
+// the boundary at 32768 cuts a (3000, 2) segment and the (65536, 16) one.
+Case VolumeCase() {
+  Case c;
+  c.shape = {1, 65536, 4, 4, 16};
+  c.spec.patterns = {{2048, 1}, {3000, 2}, {8192, 4}, {65536, 16}};
+  c.spec.precision = engine::Precision::kFloat32;
+  c.strategy = ShardPolicy::kSequence;
+  c.name = "volume";
+  return c;
+}
+
+// Kept K/V bytes of the spanning sets: every set's rows, K and V, whole batch.
+int64_t SpanningKeptBytes(const Case& c, const engine::ShardLayout& layout) {
+  int64_t rows = 0;
+  for (const engine::SpanningKeys& set : engine::SpanningKeySets(c.shape, c.spec, layout)) {
+    rows += set.kept.count;
+  }
+  return rows * 2 * c.shape.head_dim * 4 * c.shape.batch;
+}
+
+// Rank 0: runs one case and checks output and traffic.
+int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, uint64_t seed,
+                   engine::ThreadPool& pool, engine::cpu::SliceRunner& runner) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
+  const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
+  const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
+  OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
+  engine::CpuBackend backend;
+  RANK_CHECK_OK(backend.Run(q.view(), k.view(), v.view(), c.spec, single.mutable_view(), {&pool}));
+
+  OwnedTensor sharded = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
+  ShardedProblem problem{q.view(), k.view(), v.view(), c.spec, sharded.mutable_view()};
+  problem.strategy = c.strategy;
+  const absl::StatusOr<ShardRunStats> stats =
+      CoordinateShardedRun(comm, problem, {kTimeout, &pool, &runner});
+  RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
+  double max_abs = 0, max_diff = 0;
+  for (int64_t i = 0; i < single.elements(); ++i) {
+    RANK_CHECK(std::isfinite(sharded.at(i)), c.name, ": element ", i, " not written");
+    max_abs = std::max(max_abs, std::fabs(static_cast<double>(single.at(i))));
+    max_diff = std::max(max_diff, std::fabs(static_cast<double>(sharded.at(i)) - single.at(i)));
+  }
+  RANK_CHECK(max_abs > 0 && max_diff <= 1e-6 * max_abs, c.name, ": max diff ", max_diff, " of max ",
+             max_abs);
+
+  // Traffic: each worker received its frame, its share and exactly the exchange the geometry
+  // names; nothing else.
+  const absl::StatusOr<engine::ShardLayout> layout =
+      engine::MakeShardLayout(c.shape, c.strategy, comm.size());
+  RANK_CHECK(layout.ok(), layout.status().ToString());
+  for (int r = 0; r < comm.size(); ++r) {
+    const int64_t exchange =
+        engine::ExchangeBytesReceived(c.shape, c.spec, *layout, DType::kFloat32, r);
+    RANK_CHECK(stats->ranks[r].exchange_bytes == exchange, c.name, ": rank ", r, " exchanged ",
+               stats->ranks[r].exchange_bytes, " bytes, geometry says ", exchange);
+    if (r == 0) continue;
+    const engine::RankShare& share = layout->shares[r];
+    const int64_t scatter =
+        engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false) +
+        2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
+    RANK_CHECK(stats->ranks[r].bytes_received == kControlFrameBytes + scatter + exchange, c.name,
+               ": rank ", r, " received ", stats->ranks[r].bytes_received,
+               "; frame + share + "
+               "exchange = ",
+               kControlFrameBytes + scatter + exchange);
+  }
+  if (c.name == "volume") {
+    int64_t total = 0;
+    for (const ShardRunStats::Rank& r : stats->ranks) total += r.exchange_bytes;
+    const int64_t kept = SpanningKeptBytes(c, *layout);
+    const int64_t whole_kv = 2 * c.shape.KeyShape().elements() * 4;
+    std::fprintf(stderr,
+                 "volume: exchanged %lld bytes; kept K/V of spanning segments %lld; "
+                 "whole K/V %lld (%.4f of it)\n",
+                 static_cast<long long>(total), static_cast<long long>(kept),
+                 static_cast<long long>(whole_kv),
+                 static_cast<double>(total) / static_cast<double>(whole_kv));
+    RANK_CHECK(kept > 0 && std::fabs(static_cast<double>(total - kept)) <= 0.05 * kept, "exchange ",
+               total, " not within 5% of the spanning kept K/V ", kept);
+    RANK_CHECK(total * 8 < whole_kv, "exchange ", total, " is not small against ", whole_kv);
+  }
+  return 0;
+}
+
+int RunRank(const RankFlags& flags) {
+  auto store = ConnectCoordinatorStore(flags.coordinator, milliseconds(5000));
+  RANK_CHECK(store.ok(), store.status().ToString());
+  GlooOptions options;
+  options.rank = flags.rank;
+  options.size = flags.size;
+  options.prefix = flags.prefix;
+  options.timeout = milliseconds(10000);
+  auto comm = MakeGlooCommunicator(**store, options);
+  RANK_CHECK(comm.ok(), comm.status().ToString());
+  engine::ThreadPool pool(1);
+  engine::cpu::SliceRunner runner;
+  if (flags.rank != 0) {
+    // A worker: serve runs until rank 0 says shut down.
+    while (true) {
+      std::string frame(kControlFrameBytes, '\0');
+      RANK_CHECK_OK((*comm)->Recv(frame.data(), kControlFrameBytes, 0, kControlTag, kTimeout));
+      absl::StatusOr<ControlFrame> control = DecodeControlFrame(frame);
+      RANK_CHECK(control.ok(), control.status().ToString());
+      if (control->kind == ControlKind::kShutdown) return 0;
+      RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
+      RANK_CHECK_OK(ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner}).status());
+    }
+  }
+  std::vector<Case> cases =
+      flags.scenario == "volume" ? std::vector<Case>{VolumeCase()} : SweepCases();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    if (cases[i].strategy == ShardPolicy::kHeads && cases[i].shape.heads < flags.size) continue;
+    if (int failed = CoordinateCase(flags, **comm, cases[i], flags.seed + i, pool, runner)) {
+      return failed;
+    }
+  }
+  const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+  for (int r = 1; r < flags.size; ++r) {
+    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+  }
+  std::fprintf(stderr, "rank 0: %zu cases on %d ranks match the single process\n", cases.size(),
+               flags.size);
+  return 0;
+}
+
+class ShardedRunTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ShardedRunTest, EveryCaseEqualsTheSingleProcessOutputAndMovesOnlyWhatItMust) {
+  testing::RankGroup group(GetParam(), "sweep");
+  for (int rank = 0; rank < GetParam(); ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, ShardedRunTest, ::testing::Values(1, 2, 3, 4));
+
+TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
+  testing::RankGroup group(2, "volume");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ControlFrameTest, RoundTripsAndRefusesDamage) {
+  const std::string bytes = EncodeControlFrame({ControlKind::kRun, "payload"});
+  ASSERT_EQ(static_cast<int64_t>(bytes.size()), kControlFrameBytes);
+  absl::StatusOr<ControlFrame> frame = DecodeControlFrame(bytes);
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  EXPECT_EQ(frame->kind, ControlKind::kRun);
+  EXPECT_EQ(frame->payload, "payload");
+  EXPECT_FALSE(DecodeControlFrame(bytes.substr(1)).ok());
+  std::string damaged = bytes;
+  damaged[0] ^= 1;
+  EXPECT_FALSE(DecodeControlFrame(damaged).ok());
+  damaged = bytes;
+  damaged[4] = 9;  // Kind.
+  EXPECT_FALSE(DecodeControlFrame(damaged).ok());
+}
+
+TEST(ShardedRunTest, ServeRefusesAFrameThatIsNotARun) {
+  struct NoComm : Communicator {
+    int rank() const override { return 1; }
+    int size() const override { return 2; }
+    std::string backend() const override { return "none"; }
+    absl::Status AllGather(const void*, void*, int64_t, milliseconds) override { return {}; }
+    absl::Status Broadcast(void*, int64_t, int, milliseconds) override { return {}; }
+    absl::Status Send(const void*, int64_t, int, int, milliseconds) override { return {}; }
+    absl::Status Recv(void*, int64_t, int, int, milliseconds) override { return {}; }
+    absl::Status Barrier(milliseconds) override { return {}; }
+    Counters counters() const override { return {}; }
+  } comm;
+  EXPECT_EQ(ServeShardedRun(comm, {ControlKind::kHeartbeat, ""}, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ServeShardedRun(comm, {ControlKind::kRun, "short"}, {}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace da::dist
+
+int main(int argc, char** argv) {
+  if (auto flags = da::dist::testing::ParseRankFlags(argc, argv)) {
+    return da::dist::RunRank(*flags);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
