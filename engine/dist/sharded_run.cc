@@ -361,15 +361,22 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   const ProblemShape& shape = header.shape;
   const int world = comm.size();
 
-  // Control frames and the scatter: each worker's q, k and v share.
+  // Control frames, then the scatter of each worker's q, k and v share on a thread of its own,
+  // so that rank 0's exchange and compute overlap it.
   const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     for (int r = 1; r < world; ++r) {
       DA_RETURN_IF_ERROR(
           comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
     }
+    return absl::OkStatus();
+  }));
+  absl::Status scattered;
+  double scatter_seconds = 0;
+  std::thread scatter([&] {
+    const Clock::time_point start = Clock::now();
     std::vector<uint8_t> buffer;
-    for (int r = 1; r < world; ++r) {
+    for (int r = 1; r < world && scattered.ok(); ++r) {
       const RankShare& share = run.layout().shares[r];
       for (auto [view, kv] : {std::pair{&problem.q, false}, std::pair{&problem.k, true},
                               std::pair{&problem.v, true}}) {
@@ -382,11 +389,18 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           engine::CopyShareOut(*view, share, kv, buffer.data());
           data = buffer.data();
         }
-        DA_RETURN_IF_ERROR(comm.Send(data, bytes, r, kScatterTag, options.timeout));
+        scattered = comm.Send(data, bytes, r, kScatterTag, options.timeout);
+        if (!scattered.ok()) break;
       }
     }
-    return absl::OkStatus();
-  }));
+    scatter_seconds = SecondsSince(start);
+  });
+  struct Joiner {
+    std::thread& thread;
+    ~Joiner() {
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{scatter};
 
   // Rank 0's own share.
   const RankShare& mine = run.share();
@@ -417,6 +431,10 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // Whatever happened here, the workers' outputs are collected, so the group stays in step.
   if (computed.ok() && !Contiguous(shape, mine))
     engine::CopyShareIn(run.out.data, mine, problem.out);
+
+  scatter.join();
+  run.stats().collective_seconds += scatter_seconds;
+  DA_RETURN_IF_ERROR(scattered);
 
   // The gather: every worker's output share, then its stats.
   ShardRunStats stats;

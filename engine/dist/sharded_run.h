@@ -92,11 +92,13 @@ struct ShardRunStats {
   engine::ShardPolicy strategy = engine::ShardPolicy::kSequence;
   engine::Precision precision = engine::Precision::kFloat32;
   struct Rank {
-    int64_t bytes_sent = 0;         // Everything this rank sent during the run.
-    int64_t bytes_received = 0;     // Everything it received.
-    int64_t exchange_bytes = 0;     // Of bytes_received: kept K/V rows of spanning segments.
-    double compute_seconds = 0;     // In this rank's kernel work.
-    double collective_seconds = 0;  // Wall time of scatter, exchange and gather (waits too).
+    int64_t bytes_sent = 0;      // Everything this rank sent during the run.
+    int64_t bytes_received = 0;  // Everything it received.
+    int64_t exchange_bytes = 0;  // Of bytes_received: kept K/V rows of spanning segments.
+    double compute_seconds = 0;  // In this rank's kernel work.
+    // Wall time of control, scatter, exchange and gather (waits included); rank 0's scatter
+    // runs on a thread of its own, overlapping its exchange and compute.
+    double collective_seconds = 0;
   };
   std::vector<Rank> ranks;
 };
