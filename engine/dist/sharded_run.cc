@@ -23,7 +23,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kFrameMagic = 0x44414331;  // "DAC1"
 constexpr int64_t kFrameHeaderBytes = 16;     // magic, kind, payload length, reserved.
-constexpr int64_t kStatsWords = 5;            // ShardRunStats::Rank on the wire.
+constexpr int64_t kStatsWords = 6;            // ShardRunStats::Rank and a status code.
 
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -269,10 +269,11 @@ void CountTraffic(const Communicator& comm, const Communicator::Counters& before
   stats.bytes_received = after.bytes_received - before.bytes_received;
 }
 
-std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r) {
+std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r, absl::StatusCode code) {
   int64_t compute_ns = static_cast<int64_t>(r.compute_seconds * 1e9);
   int64_t collective_ns = static_cast<int64_t>(r.collective_seconds * 1e9);
-  return {r.bytes_sent, r.bytes_received, r.exchange_bytes, compute_ns, collective_ns};
+  return {r.bytes_sent, r.bytes_received, r.exchange_bytes,
+          compute_ns,   collective_ns,    static_cast<int64_t>(code)};
 }
 
 ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
@@ -441,6 +442,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.strategy = problem.strategy;
   stats.precision = problem.precision;
   stats.ranks.resize(world);
+  absl::Status worker_failed;
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world; ++r) {
@@ -459,12 +461,21 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       std::vector<int64_t> words(kStatsWords);
       DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, options.timeout));
       stats.ranks[r] = StatsFromWords(words);
+      if (words[5] != 0 && worker_failed.ok()) {
+        // The worker's own log has its message; the code and the rank reach the caller.
+        worker_failed = absl::Status(
+            static_cast<absl::StatusCode>(words[5]),
+            absl::StrCat("rank ", r, " failed to compute its share (",
+                         absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
+                         "; see that rank's log)"));
+      }
     }
     return absl::OkStatus();
   }));
   CountTraffic(comm, before, run.stats());
   stats.ranks[0] = run.stats();
   if (!computed.ok()) return computed;
+  if (!worker_failed.ok()) return worker_failed;
   return stats;
 }
 
@@ -496,7 +507,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     // The kRun frame (received before this call) and the stats' own bytes belong to the run.
     run.stats().bytes_received += kControlFrameBytes;
     run.stats().bytes_sent += kStatsWords * 8;
-    const std::vector<int64_t> words = StatsWords(run.stats());
+    const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
     return comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout);
   }));
   DA_RETURN_IF_ERROR(computed);

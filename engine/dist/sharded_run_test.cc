@@ -177,7 +177,9 @@ int RunRank(const RankFlags& flags) {
   auto comm = MakeGlooCommunicator(**store, options);
   RANK_CHECK(comm.ok(), comm.status().ToString());
   engine::ThreadPool pool(1);
-  engine::cpu::SliceRunner runner;
+  // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
+  engine::cpu::SliceRunner runner(flags.scenario == "worker_fails" ? engine::cpu::Isa::kPortable
+                                                                   : engine::cpu::SelectedIsa());
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
     while (true) {
@@ -187,8 +189,34 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK(control.ok(), control.status().ToString());
       if (control->kind == ControlKind::kShutdown) return 0;
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
-      RANK_CHECK_OK(ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner}).status());
+      absl::Status served = ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner}).status();
+      // A compute failure (worker_fails) is reported to rank 0; anything else fails the rank.
+      RANK_CHECK(served.ok() || (flags.scenario == "worker_fails" &&
+                                 served.code() == absl::StatusCode::kInvalidArgument),
+                 served.ToString());
     }
+  }
+  if (flags.scenario == "worker_fails") {
+    // A bf16 run the workers cannot compute: rank 0 hears which rank failed and the group stays
+    // usable for the next run.
+    Case c = SweepCases()[0];
+    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
+    std::mt19937 rng(3);
+    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
+    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
+    ShardedProblem problem{q.view(), k.view(), k.view(), c.spec, out.mutable_view()};
+    problem.strategy = ShardPolicy::kSequence;
+    problem.precision = engine::Precision::kBFloat16;
+    absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, {kTimeout, &pool});
+    RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
+                   failed.status().message().find("rank 1 failed") != std::string::npos,
+               failed.status().ToString());
+    std::fprintf(stderr, "rank 0: %s\n", failed.status().ToString().c_str());
+    c.strategy = ShardPolicy::kSequence;
+    if (int bad = CoordinateCase(flags, **comm, c, flags.seed, pool, runner)) return bad;
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
+    return 0;
   }
   std::vector<Case> cases =
       flags.scenario == "volume" ? std::vector<Case>{VolumeCase()} : SweepCases();
@@ -218,6 +246,11 @@ INSTANTIATE_TEST_SUITE_P(Ranks, ShardedRunTest, ::testing::Values(1, 2, 3, 4));
 
 TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
   testing::RankGroup group(2, "volume");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunFailureTest, AWorkerThatCannotComputeIsNamedAndTheGroupGoesOn) {
+  testing::RankGroup group(2, "worker_fails");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
