@@ -15,6 +15,7 @@ RUN apt-get update \
       cmake g++ make pkg-config \
       libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
       libspdlog-dev libfmt-dev prometheus-cpp-dev libcli11-dev nlohmann-json3-dev libssl-dev \
+      libgloo-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
@@ -26,12 +27,12 @@ RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DDA_WITH_CUDA=OFF -DDA_BUILD
 FROM debian:bookworm-slim AS runtime
 
 # Shared libraries the two binaries link against (gRPC, protobuf, Abseil, spdlog, prometheus-cpp,
-# OpenSSL's libcrypto for the bearer-token digests).
+# OpenSSL's libcrypto for the bearer-token digests, Gloo for multi-process serving).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 \
-      libspdlog1.10 libfmt9 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libssl3 \
+      libspdlog1.10 libfmt9 libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libssl3 libgloo0 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin da
 
