@@ -82,6 +82,7 @@ void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin
                    DType dtype, int64_t batch, int64_t head_dim, void* gathered) {
   const int64_t row_bytes = head_dim * DTypeSize(dtype);
   const int64_t rows = row_end - row_begin;
+  if (rows == 0) return;  // An empty piece may have no storage at all.
   for (int64_t b = 0; b < batch; ++b) {
     std::memcpy(static_cast<uint8_t*>(gathered) + (b * set.kept.count + row_begin) * row_bytes,
                 static_cast<const uint8_t*>(piece) + b * rows * row_bytes, rows * row_bytes);
