@@ -14,6 +14,7 @@
 #include "engine/backend.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/reference/reference_backend.h"
+#include "engine/shard_plan.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
 
@@ -184,9 +185,40 @@ struct Engine::Impl {
         key, [&] { return backend->BuildPlan(key); }, hit);
   }
 
+  bool Sharded(const AttentionSpec& spec) const {
+    return options.shard_group != nullptr && options.shard_group->world_size() > 1 &&
+           spec.shard_policy != ShardPolicy::kNone;
+  }
+
+  // A validated request across the shard group: rank 0 (this process) computes its share on the
+  // pool, the other ranks theirs. No plan: each rank plans its own share.
+  absl::StatusOr<ExecutionInfo> ComputeSharded(const RunRequest& request, int64_t queue_time_us,
+                                               const std::atomic<bool>* stop) {
+    const Clock::time_point start = Clock::now();
+    ShardGroup& group = *options.shard_group;
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
+    DA_ASSIGN_OR_RETURN(
+        const ShardPolicy strategy,
+        ChooseShardStrategy(ShapeOf(request), request.q.dtype, request.out.dtype, request.spec,
+                            group.world_size(), options.memory_budget_bytes));
+    ShardGroupProblem problem{request.q,           request.k, request.v,  request.spec, request.out,
+                              precision.precision, strategy,  pool.get(), stop};
+    DA_ASSIGN_OR_RETURN(ShardGroupRunInfo run, group.Run(problem));
+    ExecutionInfo info;
+    info.precision_used = precision.precision;
+    info.precision_reason = precision.reason;
+    info.shard_strategy = run.strategy;
+    info.backend = backend->Name();
+    info.devices = std::move(run.devices);
+    info.queue_time_us = queue_time_us;
+    info.compute_time_us = MicrosSince(start);
+    return info;
+  }
+
   // Runs a validated request on the calling thread and the pool; the backend polls `stop`.
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us,
                                         const std::atomic<bool>* stop) {
+    if (Sharded(request.spec)) return ComputeSharded(request, queue_time_us, stop);
     const Clock::time_point start = Clock::now();
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
     const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,
@@ -394,6 +426,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("backend '", options.backend, "' is unknown; expected cpu or reference"));
+  }
+  if (options.shard_group != nullptr && options.backend != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a shard group runs on the cpu backend only; backend is '", options.backend, "'"));
   }
   if (options.threads < 0) {
     return absl::InvalidArgumentError(

@@ -37,6 +37,7 @@
 #include "engine/device.h"
 #include "engine/plan_cache.h"
 #include "engine/precision_policy.h"
+#include "engine/shard_group.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -54,6 +55,11 @@ struct EngineOptions {
   // once. 0: no waiting; a request is accepted only when a dispatcher is free for it. Runs with a
   // caller's reservation (chunks of an admitted stream) are never refused for a full queue.
   int max_queue = 64;
+  // Ranks that compute requests together (engine/shard_group.h); null or one rank: this process
+  // alone. With a group of several ranks, every request whose shard policy is not NONE runs
+  // across it (strategy: ChooseShardStrategy with memory_budget_bytes as the per-rank budget);
+  // the cpu backend only.
+  std::shared_ptr<ShardGroup> shard_group;
 };
 
 struct RunRequest {

@@ -127,6 +127,13 @@ void Health::SetDeviceUp(const std::string& device_id, bool up, const std::strin
   PublishLocked();
 }
 
+void Health::SetGroup(bool whole, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  group_whole_ = whole;
+  group_reason_ = whole ? "" : (reason.empty() ? "not whole" : reason);
+  PublishLocked();
+}
+
 void Health::BeginDrain() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (draining_) return;
@@ -172,6 +179,7 @@ std::string Health::NotReadyReasonLocked() const {
     const auto& [id, reason] = *down_reasons_.begin();
     return absl::StrCat("device ", id, " down: ", reason);
   }
+  if (!group_whole_) return absl::StrCat("group: ", group_reason_);
   if (!warm_) return "warming up";
   return "";
 }

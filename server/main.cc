@@ -14,19 +14,30 @@
 //
 // SIGTERM or SIGINT: readiness turns NOT_SERVING, new calls are refused, calls in flight finish
 // (for up to --drain-timeout-ms), then the process exits 0.
+//
+// Multi-process serving (docs/DISTRIBUTED.md, server/group_flags.h):
+//   da-server --world-size 3 --rank 0 --coordinator host0:29500 --rank-address 10.0.0.5
+//   da-server --world-size 3 --rank 1 --coordinator host0:29500 --rank-address 10.0.0.6
+// Rank 0 serves gRPC and /metrics as above, with readiness NOT_SERVING while the group is not
+// whole; the other ranks serve neither, compute their shares, and exit 0 on SIGTERM or SIGINT
+// (after the run in progress, if any; at most --drain-timeout-ms later).
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "server/group_flags.h"
 #include "server/server.h"
 #include "server/warm_up_file.h"
 
@@ -49,6 +60,48 @@ std::string WithPort(const std::string& address, int port) {
   const size_t colon = address.rfind(':');
   return (colon == std::string::npos ? address : address.substr(0, colon)) + ":" +
          std::to_string(port);
+}
+
+// A worker rank: the group loop on a thread of its own, until SIGTERM/SIGINT (then it leaves
+// after the run in progress, within drain_timeout_ms) or until it ends by itself (a kShutdown
+// frame, which it reports by raising SIGUSR1: every thread blocks the stop signals, so sigwait
+// here is the one place that hears them).
+int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset_t& signals,
+                  int64_t drain_timeout_ms) {
+  spdlog::info("rank {} of {}: computing for the coordinator at {}; no gRPC or /metrics here",
+               group.rank, group.world_size, group.coordinator);
+  std::atomic<bool> stop{false};
+  std::atomic<bool> ended{false};
+  absl::Status result;
+  std::thread loop([&] {
+    result = da::server::RunWorkerRank(group, threads, stop);
+    ended.store(true);
+    kill(getpid(), SIGUSR1);
+  });
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  if (signal_number != SIGUSR1) {
+    spdlog::info("{}: leaving the group (up to {} ms)", strsignal(signal_number), drain_timeout_ms);
+    stop.store(true);
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(drain_timeout_ms);
+    while (!ended.load()) {
+      // The loop ended raises SIGUSR1; a repeated stop signal is ignored.
+      timespec slice{0, 100 * 1000 * 1000};
+      sigtimedwait(&signals, nullptr, &slice);
+      if (std::chrono::steady_clock::now() >= deadline && !ended.load()) {
+        spdlog::warn("the run in progress did not end within {} ms; exiting", drain_timeout_ms);
+        std::_Exit(0);
+      }
+    }
+  }
+  loop.join();
+  if (!result.ok()) {
+    spdlog::error("rank {}: {}", group.rank, result.ToString());
+    return 1;
+  }
+  spdlog::info("stopped");
+  return 0;
 }
 
 }  // namespace
@@ -135,6 +188,30 @@ int main(int argc, char** argv) {
                  "On SIGTERM, how long calls in flight may take to finish")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  // Multi-process serving (server/group_flags.h); checked by ValidateGroupFlags.
+  da::server::GroupFlags group;
+  app.add_option("--world-size", group.world_size,
+                 "Ranks (processes) that compute each request together; 1: this process alone")
+      ->capture_default_str();
+  app.add_option("--rank", group.rank,
+                 "This process's rank: 0 serves gRPC and coordinates, 1..world-size-1 compute")
+      ->capture_default_str();
+  app.add_option("--coordinator", group.coordinator,
+                 "HOST:PORT of rank 0's rendezvous store: rank 0 listens on every interface at "
+                 "PORT (0: any free port, see --coordinator-port-file), the others connect");
+  app.add_option("--rank-address", group.rank_address,
+                 "Address of this host the other ranks connect to for collectives")
+      ->capture_default_str();
+  app.add_option("--collective-timeout-ms", group.collective_timeout_ms,
+                 "Limit of each collective step of a sharded run (a stalled rank fails the run "
+                 "with UNAVAILABLE after it) and of forming the group")
+      ->capture_default_str();
+  app.add_option("--heartbeat-ms", group.heartbeat_ms,
+                 "Rank 0's idle keep-alive period; a worker that hears nothing for 5 periods "
+                 "re-joins")
+      ->capture_default_str();
+  app.add_option("--coordinator-port-file", group.coordinator_port_file,
+                 "Rank 0: write the port the coordinator listens on to this file");
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
@@ -142,6 +219,10 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-port-file", metrics_port_file,
                  "Once serving, write the bound /metrics port to this file");
   CLI11_PARSE(app, argc, argv);
+  if (absl::Status valid = da::server::ValidateGroupFlags(group); !valid.ok()) {
+    std::fprintf(stderr, "da-server: %s\n", std::string(valid.message()).c_str());
+    return 1;
+  }
 
   // Blocked before any thread exists, so every thread inherits the mask and the signals reach
   // only the sigwait below.
@@ -149,10 +230,31 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  if (group.rank > 0) sigaddset(&stop_signals, SIGUSR1);  // RunWorkerMain: the loop ended.
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
   spdlog::set_level(spdlog::level::from_str(log_level));
+  if (group.rank > 0) {
+    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms);
+  }
+  if (group.world_size > 1) {
+    int coordinator_port = 0;
+    absl::StatusOr<std::shared_ptr<da::engine::ShardGroup>> shard_group =
+        da::server::StartCoordinator(group, &coordinator_port);
+    if (!shard_group.ok()) {
+      spdlog::error("cannot start the coordinator: {}", shard_group.status().ToString());
+      return 1;
+    }
+    options.shard_group = *std::move(shard_group);
+    spdlog::info("coordinating a group of {} ranks; rendezvous on port {}", group.world_size,
+                 coordinator_port);
+    if (!group.coordinator_port_file.empty() &&
+        !WritePortFile(group.coordinator_port_file, coordinator_port)) {
+      spdlog::error("cannot write --coordinator-port-file {}", group.coordinator_port_file);
+      return 1;
+    }
+  }
 
   if (!warmup_file.empty()) {
     absl::StatusOr<std::vector<da::server::WarmUpShape>> shapes =

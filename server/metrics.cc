@@ -196,6 +196,78 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
   }
 };
 
+// The shard group, read at scrape time. Every family is present on every server (a single
+// process is a group of one, always whole), so dashboards see one set of names.
+class GroupCollector final : public SourcedCollector<engine::ShardGroupStats> {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    engine::ShardGroupStats stats = Read();
+    if (stats.status.world_size < 1) stats.status = engine::ShardGroupStatus();
+    using prometheus::MetricType;
+    prometheus::MetricFamily runs{
+        "da_group_runs_total",
+        "Sharded runs by outcome: completed, or failed (a rank lost or stalled; the group "
+        "re-formed).",
+        MetricType::Counter,
+        {}};
+    for (const auto& [outcome, value] :
+         {std::pair{"completed", stats.runs_completed}, std::pair{"failed", stats.runs_failed}}) {
+      prometheus::ClientMetric metric;
+      metric.label = {{"outcome", outcome}};
+      metric.counter.value = static_cast<double>(value);
+      runs.metric.push_back(std::move(metric));
+    }
+    std::vector<prometheus::MetricFamily> families = {
+        OneValueFamily("da_group_world_size", "Ranks in the group (1: a single process).",
+                       MetricType::Gauge, stats.status.world_size),
+        OneValueFamily("da_group_whole",
+                       "1 when every rank is in the group (readiness needs it), 0 while it "
+                       "re-forms.",
+                       MetricType::Gauge, stats.status.whole ? 1 : 0),
+        OneValueFamily("da_group_generation", "Attempts to form the group so far.",
+                       MetricType::Gauge, stats.status.generation),
+        std::move(runs),
+        OneValueFamily("da_group_heartbeats_total",
+                       "Idle keep-alive frames rank 0 sent to workers (not in da_rank_bytes_*).",
+                       MetricType::Counter, stats.heartbeats_sent),
+    };
+    struct PerRank {
+      const char* name;
+      const char* help;
+      double (*value)(const engine::ShardGroupStats::Rank&);
+    };
+    const PerRank per_rank[] = {
+        {"da_rank_bytes_sent_total", "Bytes the rank sent in completed sharded runs.",
+         [](const engine::ShardGroupStats::Rank& r) { return static_cast<double>(r.bytes_sent); }},
+        {"da_rank_bytes_received_total", "Bytes the rank received in completed sharded runs.",
+         [](const engine::ShardGroupStats::Rank& r) {
+           return static_cast<double>(r.bytes_received);
+         }},
+        {"da_rank_exchange_bytes_total",
+         "Of the received bytes: kept K/V rows of segments spanning ranks (SEQUENCE).",
+         [](const engine::ShardGroupStats::Rank& r) {
+           return static_cast<double>(r.exchange_bytes);
+         }},
+        {"da_rank_compute_seconds_total", "Seconds the rank computed its shares.",
+         [](const engine::ShardGroupStats::Rank& r) { return r.compute_seconds; }},
+        {"da_rank_collective_seconds_total",
+         "Seconds the rank spent in scatter, exchange and gather (waits included).",
+         [](const engine::ShardGroupStats::Rank& r) { return r.collective_seconds; }},
+    };
+    for (const PerRank& kind : per_rank) {
+      prometheus::MetricFamily family{kind.name, kind.help, MetricType::Counter, {}};
+      for (size_t r = 0; r < stats.ranks.size(); ++r) {
+        prometheus::ClientMetric metric;
+        metric.label = {{"rank", std::to_string(r)}};
+        metric.counter.value = kind.value(stats.ranks[r]);
+        family.metric.push_back(std::move(metric));
+      }
+      families.push_back(std::move(family));
+    }
+    return families;
+  }
+};
+
 Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   requests_ = &prometheus::BuildCounter()
                    .Name("da_requests_total")
@@ -249,6 +321,7 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   plan_cache_ = std::make_shared<PlanCacheCollector>();
   engine_ = std::make_shared<EngineCollector>();
   devices_ = std::make_shared<DeviceCollector>();
+  group_ = std::make_shared<GroupCollector>();
   for (const char* method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
     request_duration_->Add({{"method", method}}, LatencyBuckets());
   }
@@ -269,6 +342,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   metrics->exposer_->RegisterCollectable(metrics->plan_cache_);
   metrics->exposer_->RegisterCollectable(metrics->engine_);
   metrics->exposer_->RegisterCollectable(metrics->devices_);
+  metrics->exposer_->RegisterCollectable(metrics->group_);
   std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (!ports.empty()) metrics->port_ = ports.front();
   return metrics;
@@ -314,6 +388,10 @@ void Metrics::SetPlanCacheSource(std::function<engine::PlanCacheStats()> source)
   plan_cache_->SetSource(std::move(source));
 }
 
+void Metrics::SetGroupSource(std::function<engine::ShardGroupStats()> source) {
+  group_->SetSource(std::move(source));
+}
+
 std::string Metrics::Scrape() const {
   std::vector<prometheus::MetricFamily> families = registry_->Collect();
   for (prometheus::MetricFamily& family : plan_cache_->Collect()) {
@@ -323,6 +401,9 @@ std::string Metrics::Scrape() const {
     families.push_back(std::move(family));
   }
   for (prometheus::MetricFamily& family : devices_->Collect()) {
+    families.push_back(std::move(family));
+  }
+  for (prometheus::MetricFamily& family : group_->Collect()) {
     families.push_back(std::move(family));
   }
   return prometheus::TextSerializer().Serialize(families);

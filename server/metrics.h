@@ -19,6 +19,16 @@
 // GPU global memory), da_device_busy_seconds_total{device} (compute time of runs on it,
 // EngineStats::device_busy_seconds) and da_device_up{device} (1 or 0, the state readiness uses).
 //
+// Multi-process serving (read at scrape time from SetGroupSource, engine::ShardGroupStats):
+// da_group_world_size, da_group_whole (1 when every rank is in the group, the state readiness
+// uses), da_group_generation (attempts to form the group so far), da_group_runs_total{outcome}
+// (completed, failed: a run that lost a rank), da_group_heartbeats_total, and per rank, as rank 0
+// collected them from completed runs: da_rank_bytes_sent_total{rank},
+// da_rank_bytes_received_total{rank}, da_rank_exchange_bytes_total{rank} (of the received bytes,
+// the kept K/V rows of spanning segments), da_rank_compute_seconds_total{rank} and
+// da_rank_collective_seconds_total{rank} (scatter, exchange and gather, waits included). A single
+// process reports world size 1, whole, generation 0 and no per-rank samples.
+//
 // da_requests_rejected_total{reason} counts attention RPCs refused without a result; the reasons
 // (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
 // deadline (refused up front or expired while queued), cancelled (by the client before compute
@@ -38,6 +48,7 @@
 #include "absl/status/statusor.h"
 #include "engine/admission.h"
 #include "engine/plan_cache.h"
+#include "engine/shard_group.h"
 
 namespace prometheus {
 class Counter;
@@ -54,6 +65,7 @@ namespace da::server {
 class PlanCacheCollector;
 class EngineCollector;
 class DeviceCollector;
+class GroupCollector;
 
 // What /metrics reports of one device.
 struct DeviceSample {
@@ -102,6 +114,9 @@ class Metrics {
   // The same for the devices (da_device_*); until a source is set, no device is reported.
   void SetDeviceSource(std::function<std::vector<DeviceSample>()> source);
 
+  // The same for the shard group (da_group_*, da_rank_*); until a source is set, one process.
+  void SetGroupSource(std::function<engine::ShardGroupStats()> source);
+
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
 
@@ -122,6 +137,7 @@ class Metrics {
   std::shared_ptr<PlanCacheCollector> plan_cache_;
   std::shared_ptr<EngineCollector> engine_;
   std::shared_ptr<DeviceCollector> devices_;
+  std::shared_ptr<GroupCollector> group_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

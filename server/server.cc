@@ -77,6 +77,7 @@ void Server::RunSelfCheck(const engine::EngineOptions& engine_options,
   check_options.limits = engine::Limits();
   check_options.memory_budget_bytes = 0;
   check_options.plan_cache_bytes = int64_t{64} << 20;
+  check_options.shard_group = nullptr;  // The check is of this process's compute path.
   absl::Status checked;
   std::string passed;
   absl::StatusOr<std::unique_ptr<engine::Engine>> check_engine =
@@ -145,6 +146,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.precision.fallback = options.precision_fallback;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
   engine_options.max_queue = options.max_queue;
+  engine_options.shard_group = options.shard_group;
+  server->shard_group_ = options.shard_group;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
   DA_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_address));
   server->metrics_->SetPlanCacheSource(
@@ -152,6 +155,24 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });
   server->health_ = std::make_unique<Health>(server->engine_->devices());
   server->RunSelfCheck(engine_options, options.self_check);
+  if (server->shard_group_ != nullptr) {
+    // The listener first, then the current state: a change in between is reported twice, never
+    // lost.
+    server->shard_group_->SetStatusListener(
+        [health = server->health_.get()](const engine::ShardGroupStatus& status) {
+          if (status.whole) {
+            spdlog::info("group of {} ranks whole (generation {})", status.world_size,
+                         status.generation);
+          } else {
+            spdlog::warn("group not whole: {}", status.reason);
+          }
+          health->SetGroup(status.whole, status.reason);
+        });
+    const engine::ShardGroupStatus status = server->shard_group_->status();
+    server->health_->SetGroup(status.whole, status.reason);
+    server->metrics_->SetGroupSource(
+        [group = server->shard_group_.get()] { return group->stats(); });
+  }
   server->metrics_->SetDeviceSource(
       [engine = server->engine_.get(), health = server->health_.get()] {
         return DeviceSamples(*engine, *health);
@@ -210,7 +231,11 @@ absl::Status Server::WarmUp() {
   return absl::OkStatus();
 }
 
-Server::~Server() { Shutdown(std::chrono::milliseconds(0)); }
+Server::~Server() {
+  Shutdown(std::chrono::milliseconds(0));
+  // Also when Start failed before serving (Shutdown then does nothing).
+  if (shard_group_ != nullptr) shard_group_->SetStatusListener(nullptr);
+}
 
 void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   std::lock_guard<std::mutex> lock(shutdown_mu_);
@@ -227,6 +252,11 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
   metrics_->SetEngineSource(nullptr);
   metrics_->SetDeviceSource(nullptr);
   engine_.reset();
+  if (shard_group_ != nullptr) {
+    // The group may outlive the server (the caller holds it too): no more calls into health_.
+    shard_group_->SetStatusListener(nullptr);
+    metrics_->SetGroupSource(nullptr);
+  }
 }
 
 }  // namespace da::server

@@ -16,7 +16,9 @@
 //       path never turns ready; it runs with a warm-up list too);
 //   (b) its devices are up: the engine discovered at least one, and none is marked down (a failed
 //       self-check marks the device it ran on down, and keeps it down: da_device_up shows 0);
-//   (c) the server is not draining: Shutdown turns it NOT_SERVING for good before anything else.
+//   (c) with options.shard_group, the group is whole (every rank joined; "group: ..." says
+//       which rank is missing while it re-forms);
+//   (d) the server is not draining: Shutdown turns it NOT_SERVING for good before anything else.
 // The server answers calls whatever readiness says; only load balancers and probes read it.
 // Watch streams get every change and end (UNAVAILABLE) when Shutdown begins, so they never hold
 // up the drain. Thread safety: Shutdown may be called from any thread, more than once; the
@@ -75,6 +77,10 @@ struct ServerOptions {
   // HTTP/2 streams (calls) one connection may have open at once; further calls on that connection
   // wait client-side until one ends. Bounds what a single client can hold.
   int max_concurrent_streams = 100;
+  // Multi-process serving (rank 0): the group requests run across (engine/shard_group.h). The
+  // server puts it in the engine, reports its state in readiness (NOT_SERVING while it is not
+  // whole) and its statistics in /metrics. Null: this process alone.
+  std::shared_ptr<engine::ShardGroup> shard_group;
   // Test hook: what Start runs instead of engine::SelfCheck (on an engine configured like the
   // serving one, without its limits) before readiness may turn SERVING; a non-OK status marks the
   // serving engine's first device down. Null: engine::SelfCheck.
@@ -119,6 +125,7 @@ class Server {
                     const std::function<absl::Status(engine::Engine&)>& hook);
 
   std::vector<WarmUpShape> warmup_;
+  std::shared_ptr<engine::ShardGroup> shard_group_;  // Outlives engine_ (it runs through it).
   std::unique_ptr<engine::Engine> engine_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Health> health_;  // Outlives server_: gRPC calls into it until it is gone.

@@ -1,0 +1,371 @@
+#include "engine/dist/serving_group.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "engine/cpu/slice_run.h"
+#include "engine/dist/gloo_communicator.h"
+#include "engine/dist/serving_keys.h"
+#include "engine/dist/sharded_run.h"
+#include "engine/dist/store.h"
+#include "engine/status_macros.h"
+
+namespace da::dist {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using engine::ShardGroupStatus;
+
+// Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
+// failed (lost or stalled peer) or something unexpected happened. A cancelled run, or one refused
+// before any message (bad geometry), leaves the group usable.
+bool BreaksGroup(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kOk:
+    case absl::StatusCode::kCancelled:
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kResourceExhausted:
+      return false;
+    default:
+      return true;
+  }
+}
+
+// "with peer 2" in a communicator message (gloo_communicator.cc) names the rank a Send or Recv
+// failed with; -1 when the message names none.
+int PeerNamedIn(absl::string_view message) {
+  const size_t at = message.find("with peer ");
+  if (at == absl::string_view::npos) return -1;
+  int peer = -1;
+  for (size_t i = at + 10; i < message.size() && message[i] >= '0' && message[i] <= '9'; ++i) {
+    peer = (peer < 0 ? 0 : peer * 10) + (message[i] - '0');
+  }
+  return peer;
+}
+
+std::string RandomSession() {
+  std::random_device device;
+  return absl::StrCat(getpid(), "-", device(), device());
+}
+
+}  // namespace
+
+absl::Status ValidateServingGroupOptions(const ServingGroupOptions& o) {
+  if (o.world_size < 1 || o.world_size > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("world size is ", o.world_size, "; must be in [1, 1024]"));
+  }
+  if (o.rank < 0 || o.rank >= o.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rank is ", o.rank, "; must be in [0, ", o.world_size, ") for world size ", o.world_size));
+  }
+  if (o.world_size > 1 && o.coordinator.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a group of ", o.world_size, " ranks needs the coordinator's HOST:PORT"));
+  }
+  if (o.collective_timeout.count() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "collective timeout is ", o.collective_timeout.count(), " ms; must be >= 1 ms"));
+  }
+  if (o.heartbeat.count() < 1 || o.heartbeat >= o.collective_timeout) {
+    return absl::InvalidArgumentError(absl::StrCat("heartbeat is ", o.heartbeat.count(),
+                                                   " ms; must be >= 1 ms and below the collective "
+                                                   "timeout (",
+                                                   o.collective_timeout.count(), " ms)"));
+  }
+  if (o.threads < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("threads is ", o.threads, "; must be >= 0 (0 = every core)"));
+  }
+  return absl::OkStatus();
+}
+
+class CoordinatorGroup::Impl {
+ public:
+  ServingGroupOptions options;
+  std::string session = RandomSession();
+  std::unique_ptr<CoordinatorStoreServer> store_server;
+  std::unique_ptr<KeyValueStore> store;
+  int port = 0;
+
+  ~Impl() { Stop(); }
+
+  void StartLoop() {
+    stats_.status = {options.world_size, false, 0, "forming generation 1"};
+    stats_.ranks.resize(options.world_size);
+    loop_ = std::thread([this] { Loop(); });
+  }
+
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    // Waits in the store (joins, Gloo's rendezvous) end at once when the store stops serving.
+    store_server.reset();
+    if (loop_.joinable()) loop_.join();
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    comm_.reset();  // The workers see their connections close.
+  }
+
+  ShardGroupStatus status() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_.status;
+  }
+
+  engine::ShardGroupStats stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stats_;
+  }
+
+  void SetListener(std::function<void(const ShardGroupStatus&)> listener) {
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    listener_ = std::move(listener);
+  }
+
+  absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardGroupProblem& problem) {
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    const ShardGroupStatus now = status();
+    if (comm_ == nullptr || !now.whole) {
+      return absl::UnavailableError(
+          absl::StrCat("the group of ", options.world_size, " ranks is not whole: ", now.reason));
+    }
+    ShardedProblem sharded{problem.q,   problem.k,         problem.v,        problem.spec,
+                           problem.out, problem.precision, problem.strategy, problem.stop};
+    ShardRunOptions run_options;
+    run_options.timeout = options.collective_timeout;
+    run_options.pool = problem.pool;
+    run_options.runner = &runner_;
+    absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, sharded, run_options);
+    last_activity_ = Clock::now();
+    if (result.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.runs_completed;
+      for (size_t r = 0; r < result->ranks.size() && r < stats_.ranks.size(); ++r) {
+        const ShardRunStats::Rank& from = result->ranks[r];
+        engine::ShardGroupStats::Rank& to = stats_.ranks[r];
+        to.bytes_sent += from.bytes_sent;
+        to.bytes_received += from.bytes_received;
+        to.exchange_bytes += from.exchange_bytes;
+        to.compute_seconds += from.compute_seconds;
+        to.collective_seconds += from.collective_seconds;
+      }
+      engine::ShardGroupRunInfo info;
+      info.strategy = result->strategy;
+      info.generation = now.generation;
+      for (int r = 0; r < options.world_size; ++r) info.devices.push_back(serving::RankDevice(r));
+      return info;
+    }
+    if (!BreaksGroup(result.status())) return result.status();
+    const int peer = PeerNamedIn(result.status().message());
+    const std::string lost = peer > 0 ? absl::StrCat("rank ", peer, " lost or unreachable")
+                                      : std::string("a rank lost or stalled");
+    const std::string cause = absl::StrCat(lost, " during a sharded run of generation ",
+                                           now.generation, ": ", result.status().message());
+    Break(cause);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++stats_.runs_failed;
+    }
+    return absl::UnavailableError(absl::StrCat(cause, "; the group is re-forming"));
+  }
+
+ private:
+  // Under run_mu_: drops the communicator (the workers' connections close, so they re-join at
+  // once) and has the loop form the next generation.
+  void Break(const std::string& cause) {
+    comm_.reset();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      broken_ = true;
+    }
+    SetStatus(false, absl::StrCat(cause, "; re-forming"));
+    cv_.notify_all();
+  }
+
+  void SetStatus(bool whole, std::string reason, int64_t generation = -1) {
+    ShardGroupStatus copy;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ShardGroupStatus& s = stats_.status;
+      if (generation >= 0) s.generation = generation;
+      if (s.whole == whole && s.reason == reason) return;
+      s.whole = whole;
+      s.reason = std::move(reason);
+      copy = s;
+    }
+    std::lock_guard<std::mutex> lock(listener_mu_);
+    if (listener_) listener_(copy);
+  }
+
+  bool stopping() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stopping_;
+  }
+
+  void Loop() {
+    if (absl::Status set = store->Set(serving::kSessionKey, session); !set.ok()) {
+      SetStatus(false, absl::StrCat("cannot publish the session: ", set.message()));
+      return;
+    }
+    int64_t generation = 0;
+    while (!stopping()) {
+      ++generation;
+      absl::Status formed = Form(generation);
+      if (stopping()) break;
+      if (!formed.ok()) {
+        SetStatus(false, absl::StrCat("generation ", generation,
+                                      " failed to form: ", formed.message(), "; re-forming"));
+        continue;
+      }
+      SetStatus(true, "", generation);
+      Heartbeats();
+    }
+  }
+
+  // Opens `generation`, waits for every worker to join, then forms the Gloo group.
+  absl::Status Form(int64_t generation) {
+    const int world = options.world_size;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.status.generation = generation;
+      broken_ = false;
+    }
+    DA_RETURN_IF_ERROR(store->Set(serving::GenerationKey(session), absl::StrCat(generation)));
+    DA_RETURN_IF_ERROR(store->Set(serving::OpenKey(session, generation), "1"));
+    std::vector<int> missing;
+    for (int r = 1; r < world; ++r) missing.push_back(r);
+    // Every missing rank is looked at, then the first one still missing waited for one slice:
+    // readiness names exactly the ranks that have not joined.
+    std::vector<int> reported;
+    for (bool first_pass = true; !missing.empty(); first_pass = false) {
+      if (stopping()) return absl::CancelledError("stopping");
+      std::vector<int> still;
+      for (const int rank : missing) {
+        const auto wait =
+            first_pass || !still.empty() ? std::chrono::milliseconds(0) : serving::kStoreSlice;
+        absl::StatusOr<std::string> joined =
+            store->Get(serving::JoinedKey(session, generation, rank), wait);
+        if (joined.ok()) continue;
+        if (!absl::IsDeadlineExceeded(joined.status())) return joined.status();
+        still.push_back(rank);
+      }
+      if (!still.empty() && still != reported) {
+        reported = still;
+        SetStatus(false,
+                  absl::StrCat(still.size() == 1 ? "rank " : "ranks ", absl::StrJoin(still, ", "),
+                               " missing; waiting for ", still.size() == 1 ? "it" : "them",
+                               " to join generation ", generation));
+      }
+      missing = std::move(still);
+    }
+    SetStatus(false, absl::StrCat("every rank joined generation ", generation, "; connecting"));
+    DA_RETURN_IF_ERROR(store->Set(serving::GoKey(session, generation), serving::kGoForm));
+    GlooOptions gloo{.rank = 0,
+                     .size = world,
+                     .interface_address = options.interface_address,
+                     .prefix = serving::GlooPrefix(session, generation),
+                     .timeout = options.collective_timeout};
+    DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm, MakeGlooCommunicator(*store, gloo));
+    DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
+    std::lock_guard<std::mutex> run_lock(run_mu_);
+    comm_ = std::move(comm);
+    last_activity_ = Clock::now();
+    return absl::OkStatus();
+  }
+
+  // While the group is formed: a heartbeat to every worker whenever the group has been idle for
+  // a heartbeat period. Returns when the group breaks (here or in a run) or on Stop.
+  void Heartbeats() {
+    const std::string frame = EncodeControlFrame({ControlKind::kHeartbeat, ""});
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, options.heartbeat, [&] { return stopping_ || broken_; });
+        if (stopping_ || broken_) return;
+      }
+      std::lock_guard<std::mutex> run_lock(run_mu_);
+      if (comm_ == nullptr) return;
+      if (Clock::now() - last_activity_ < options.heartbeat) continue;
+      for (int r = 1; r < options.world_size; ++r) {
+        absl::Status sent = comm_->Send(frame.data(), kControlFrameBytes, r, kControlTag,
+                                        options.collective_timeout);
+        if (!sent.ok()) {
+          Break(absl::StrCat("rank ", r, " lost (heartbeat): ", sent.message()));
+          return;
+        }
+        std::lock_guard<std::mutex> lock(mu_);
+        ++stats_.heartbeats_sent;
+      }
+      last_activity_ = Clock::now();
+    }
+  }
+
+  mutable std::mutex mu_;  // stats_, stopping_, broken_.
+  std::condition_variable cv_;
+  engine::ShardGroupStats stats_;
+  bool stopping_ = false;
+  bool broken_ = false;
+
+  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_, runner_.
+  std::unique_ptr<Communicator> comm_;
+  engine::cpu::SliceRunner runner_;
+  Clock::time_point last_activity_;
+
+  std::mutex listener_mu_;
+  std::function<void(const ShardGroupStatus&)> listener_;
+  std::thread loop_;
+};
+
+absl::StatusOr<std::shared_ptr<CoordinatorGroup>> CoordinatorGroup::Start(
+    const ServingGroupOptions& options) {
+  DA_RETURN_IF_ERROR(ValidateServingGroupOptions(options));
+  if (options.rank != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CoordinatorGroup runs on rank 0; rank is ", options.rank));
+  }
+  const size_t colon = options.coordinator.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coordinator '", options.coordinator, "' is not HOST:PORT"));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  const std::string listen = absl::StrCat("0.0.0.0", options.coordinator.substr(colon));
+  DA_ASSIGN_OR_RETURN(impl->store_server, CoordinatorStoreServer::Start(listen));
+  impl->port = impl->store_server->port();
+  DA_ASSIGN_OR_RETURN(
+      impl->store, ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", impl->store_server->port()),
+                                           options.collective_timeout));
+  impl->StartLoop();
+  return std::shared_ptr<CoordinatorGroup>(new CoordinatorGroup(std::move(impl)));
+}
+
+CoordinatorGroup::CoordinatorGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CoordinatorGroup::~CoordinatorGroup() = default;
+
+int CoordinatorGroup::coordinator_port() const { return impl_->port; }
+int CoordinatorGroup::world_size() const { return impl_->options.world_size; }
+engine::ShardGroupStatus CoordinatorGroup::status() const { return impl_->status(); }
+absl::StatusOr<engine::ShardGroupRunInfo> CoordinatorGroup::Run(
+    const engine::ShardGroupProblem& problem) {
+  return impl_->Run(problem);
+}
+engine::ShardGroupStats CoordinatorGroup::stats() const { return impl_->stats(); }
+void CoordinatorGroup::SetStatusListener(
+    std::function<void(const engine::ShardGroupStatus&)> listener) {
+  impl_->SetListener(std::move(listener));
+}
+
+}  // namespace da::dist

@@ -1,0 +1,42 @@
+// Store keys and small helpers shared by the two sides of multi-process serving
+// (serving_group.h describes the protocol). Internal to engine/dist.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+
+namespace da::dist::serving {
+
+inline constexpr char kSessionKey[] = "da/session";
+
+// How long one store wait lasts before the waiter looks at its stop flag again.
+inline constexpr std::chrono::milliseconds kStoreSlice{250};
+
+inline std::string SessionPrefix(const std::string& session) {
+  return absl::StrCat("da/", session, "/");
+}
+inline std::string GenerationKey(const std::string& session) {
+  return SessionPrefix(session) + "generation";
+}
+inline std::string OpenKey(const std::string& session, int64_t generation) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/open");
+}
+inline std::string JoinedKey(const std::string& session, int64_t generation, int rank) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/joined/", rank);
+}
+inline std::string GoKey(const std::string& session, int64_t generation) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/go");
+}
+inline std::string GlooPrefix(const std::string& session, int64_t generation) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/gloo");
+}
+
+// The values of the go key.
+inline constexpr char kGoForm[] = "form";
+
+inline std::string RankDevice(int rank) { return absl::StrCat("rank", rank, ":cpu"); }
+
+}  // namespace da::dist::serving

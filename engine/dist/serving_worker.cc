@@ -1,0 +1,178 @@
+// RunWorker (serving_group.h): a worker rank's loop of join, serve, re-join.
+#include <unistd.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/slice_run.h"
+#include "engine/dist/gloo_communicator.h"
+#include "engine/dist/serving_group.h"
+#include "engine/dist/serving_keys.h"
+#include "engine/dist/sharded_run.h"
+#include "engine/dist/store.h"
+#include "engine/status_macros.h"
+#include "engine/thread_pool.h"
+
+namespace da::dist {
+namespace {
+
+// The worker logs to stderr itself: engine/ has no logging library (DESIGN §3).
+void Log(const std::string& line) { std::fprintf(stderr, "[worker] %s\n", line.c_str()); }
+
+class Worker {
+ public:
+  Worker(const ServingGroupOptions& options, const std::atomic<bool>& stop)
+      : o_(options), stop_(stop), pool_(options.threads) {}
+
+  absl::Status Run() {
+    Log(absl::StrCat("rank ", o_.rank, " of ", o_.world_size, ": waiting for the coordinator at ",
+                     o_.coordinator));
+    while (!stop_.load()) {
+      if (store_ == nullptr) {
+        absl::StatusOr<std::unique_ptr<KeyValueStore>> store =
+            ConnectCoordinatorStore(o_.coordinator, std::chrono::milliseconds(1000));
+        if (store.ok()) store_ = *std::move(store);
+        continue;  // ConnectCoordinatorStore waited its second when nobody answered.
+      }
+      absl::StatusOr<int64_t> generation = NextGeneration();
+      if (!generation.ok()) {
+        // Not yet (a slice passed): look again; anything else (the coordinator is down): pause.
+        if (!absl::IsDeadlineExceeded(generation.status())) Pause();
+        continue;
+      }
+      last_ = *generation;
+      absl::StatusOr<std::unique_ptr<Communicator>> comm = Join(*generation);
+      if (!comm.ok()) {
+        if (!stop_.load()) {
+          Log(absl::StrCat("generation ", *generation, " did not form: ", comm.status().message()));
+        }
+        continue;
+      }
+      Log(absl::StrCat("rank ", o_.rank, " joined generation ", *generation));
+      absl::Status served = Serve(**comm);
+      if (shutdown_) {
+        Log("shutdown frame from rank 0: leaving");
+        return absl::OkStatus();
+      }
+      if (!stop_.load()) {
+        Log(absl::StrCat("left generation ", *generation, ": ", served.message()));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // Waits (in store slices, watching stop) for a generation newer than last_ to open and returns
+  // the newest open one this worker may still join. DEADLINE_EXCEEDED / CANCELLED: look again.
+  absl::StatusOr<int64_t> NextGeneration() {
+    DA_ASSIGN_OR_RETURN(const std::string session,
+                        store_->Get(serving::kSessionKey, serving::kStoreSlice));
+    if (session != session_) {
+      if (!session_.empty()) Log("a new coordinator session began");
+      session_ = session;
+      last_ = 0;
+    }
+    DA_RETURN_IF_ERROR(
+        store_->Get(serving::OpenKey(session_, last_ + 1), serving::kStoreSlice).status());
+    DA_ASSIGN_OR_RETURN(const std::string text,
+                        store_->Get(serving::GenerationKey(session_), serving::kStoreSlice));
+    int64_t generation = 0;
+    if (!absl::SimpleAtoi(text, &generation) || generation <= last_) {
+      return absl::InternalError(absl::StrCat("generation key holds '", text, "'"));
+    }
+    // A generation whose go is set formed (or is forming) without this worker: wait for the next.
+    if (store_->Get(serving::GoKey(session_, generation), std::chrono::milliseconds(0)).ok()) {
+      last_ = generation;
+      return absl::DeadlineExceededError("generation already closed");
+    }
+    return generation;
+  }
+
+  // Joins `generation`: announces itself, waits for rank 0's go, forms the Gloo group.
+  absl::StatusOr<std::unique_ptr<Communicator>> Join(int64_t generation) {
+    DA_RETURN_IF_ERROR(
+        store_->Set(serving::JoinedKey(session_, generation, o_.rank), absl::StrCat(getpid())));
+    for (;;) {
+      if (stop_.load()) return absl::CancelledError("stopping");
+      absl::StatusOr<std::string> go =
+          store_->Get(serving::GoKey(session_, generation), serving::kStoreSlice);
+      if (go.ok()) break;
+      if (!absl::IsDeadlineExceeded(go.status())) return go.status();
+    }
+    GlooOptions gloo{.rank = o_.rank,
+                     .size = o_.world_size,
+                     .interface_address = o_.interface_address,
+                     .prefix = serving::GlooPrefix(session_, generation),
+                     .timeout = o_.collective_timeout};
+    DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm, MakeGlooCommunicator(*store_, gloo));
+    DA_RETURN_IF_ERROR(comm->Barrier(o_.collective_timeout));
+    return comm;
+  }
+
+  // Control frames until the group fails, rank 0 goes quiet, stop (seen after a frame) or
+  // kShutdown. Any failed run leaves the generation: the ranks may be out of step.
+  absl::Status Serve(Communicator& comm) {
+    const auto idle_timeout = o_.heartbeat * kIdleHeartbeats;
+    std::string bytes(kControlFrameBytes, '\0');
+    ShardRunOptions run_options;
+    run_options.timeout = o_.collective_timeout;
+    run_options.pool = &pool_;
+    run_options.runner = &runner_;
+    for (;;) {
+      absl::Status received =
+          comm.Recv(bytes.data(), kControlFrameBytes, 0, kControlTag, idle_timeout);
+      if (absl::IsDeadlineExceeded(received)) {
+        return absl::UnavailableError(absl::StrCat("no frame from rank 0 for ",
+                                                   idle_timeout.count(), " ms (", kIdleHeartbeats,
+                                                   " heartbeats): rank 0 lost"));
+      }
+      DA_RETURN_IF_ERROR(received);
+      DA_ASSIGN_OR_RETURN(const ControlFrame frame, DecodeControlFrame(bytes));
+      switch (frame.kind) {
+        case ControlKind::kHeartbeat:
+          break;
+        case ControlKind::kShutdown:
+          shutdown_ = true;
+          return absl::OkStatus();
+        case ControlKind::kRun:
+          DA_RETURN_IF_ERROR(ServeShardedRun(comm, frame, run_options).status());
+          break;
+      }
+      if (stop_.load()) return absl::CancelledError("stopping");
+    }
+  }
+
+  // After the coordinator refused a connection: wait a little before asking again (it may be
+  // restarting; a tight loop would only spin).
+  void Pause() {
+    for (int i = 0; i < 4 && !stop_.load(); ++i) {
+      std::this_thread::sleep_for(serving::kStoreSlice / 4);
+    }
+  }
+
+  const ServingGroupOptions o_;
+  const std::atomic<bool>& stop_;
+  engine::ThreadPool pool_;
+  engine::cpu::SliceRunner runner_;
+  std::unique_ptr<KeyValueStore> store_;
+  std::string session_;
+  int64_t last_ = 0;  // The newest generation this worker tried (or skipped) in session_.
+  bool shutdown_ = false;
+};
+
+}  // namespace
+
+absl::Status RunWorker(const ServingGroupOptions& options, const std::atomic<bool>& stop) {
+  DA_RETURN_IF_ERROR(ValidateServingGroupOptions(options));
+  if (options.rank == 0) {
+    return absl::InvalidArgumentError("RunWorker runs on ranks 1..world_size-1; rank is 0");
+  }
+  Worker worker(options, stop);
+  return worker.Run();
+}
+
+}  // namespace da::dist

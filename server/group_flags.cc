@@ -1,0 +1,57 @@
+#include "server/group_flags.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace da::server {
+
+absl::Status ValidateGroupFlags(const GroupFlags& f) {
+  if (f.world_size < 1 || f.world_size > kMaxWorldSize) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--world-size is ", f.world_size, "; must be in [1, ", kMaxWorldSize, "]"));
+  }
+  if (f.rank < 0 || f.rank >= f.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("--rank is ", f.rank, "; must be in [0, ",
+                                                   f.world_size, ") (below --world-size ",
+                                                   f.world_size, ")"));
+  }
+  if (f.world_size == 1) return absl::OkStatus();  // One process: the other flags are unused.
+  if (f.coordinator.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--coordinator HOST:PORT is required with --world-size ", f.world_size,
+                     " (rank 0 listens at PORT, the other ranks connect to HOST:PORT)"));
+  }
+  const size_t colon = f.coordinator.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(f.coordinator.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator is '", f.coordinator, "'; expected HOST:PORT with PORT in [0, 65535]"));
+  }
+  if (port == 0 && f.rank != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator is '", f.coordinator, "'; port 0 (any free port) is for rank 0 only, rank ",
+        f.rank, " must name rank 0's port"));
+  }
+  if (f.collective_timeout_ms < 1 || f.collective_timeout_ms > kMaxCollectiveTimeoutMs) {
+    return absl::InvalidArgumentError(absl::StrCat("--collective-timeout-ms is ",
+                                                   f.collective_timeout_ms, "; must be in [1, ",
+                                                   kMaxCollectiveTimeoutMs, "]"));
+  }
+  if (f.heartbeat_ms < 1 || f.heartbeat_ms >= f.collective_timeout_ms) {
+    return absl::InvalidArgumentError(absl::StrCat("--heartbeat-ms is ", f.heartbeat_ms,
+                                                   "; must be in [1, --collective-timeout-ms ",
+                                                   f.collective_timeout_ms, ")"));
+  }
+  if (f.rank_address.empty()) {
+    return absl::InvalidArgumentError(
+        "--rank-address is empty; name an address of this host the other ranks can reach");
+  }
+  if (!f.coordinator_port_file.empty() && f.rank != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--coordinator-port-file is for rank 0 (the rank that listens); this is rank ", f.rank));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace da::server

@@ -1,0 +1,47 @@
+// The flags of multi-process serving (issue #6) and their checks:
+//
+//   da-server --world-size 3 --rank 0 --coordinator host0:29500   # serves gRPC, coordinates
+//   da-server --world-size 3 --rank 1 --coordinator host0:29500   # computes
+//
+// engine/dist/serving_group.h has the protocol; docs/DISTRIBUTED.md the operator's view.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/shard_group.h"
+
+namespace da::server {
+
+// Limits of the flags.
+inline constexpr int kMaxWorldSize = 1024;
+inline constexpr int64_t kMaxCollectiveTimeoutMs = 3600 * 1000;
+
+struct GroupFlags {
+  int world_size = 1;       // --world-size: ranks, rank 0 included; 1 = no group.
+  int rank = 0;             // --rank: 0 serves gRPC and coordinates; others compute.
+  std::string coordinator;  // --coordinator HOST:PORT: rank 0 listens at PORT, workers connect.
+  std::string rank_address = "127.0.0.1";  // --rank-address: where this rank's peers reach it.
+  int64_t collective_timeout_ms = 30000;   // --collective-timeout-ms
+  int64_t heartbeat_ms = 1000;             // --heartbeat-ms
+  std::string coordinator_port_file;       // --coordinator-port-file (rank 0)
+};
+
+// INVALID_ARGUMENT naming the flag, its value and the limit, e.g. "--rank is 3; must be in
+// [0, 3) (below --world-size 3)".
+absl::Status ValidateGroupFlags(const GroupFlags& flags);
+
+// Implemented in group_launch.cc when the build has Gloo (engine/dist), else in
+// group_launch_none.cc (UNIMPLEMENTED naming the missing library); part of da-server only.
+//
+// Rank 0: starts the coordinator (store and group formation) and returns the group for
+// ServerOptions::shard_group; *coordinator_port is the port it listens on.
+absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const GroupFlags& flags,
+                                                                     int* coordinator_port);
+// A worker rank: serves the group until stop is set or rank 0 sends kShutdown.
+absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop);
+
+}  // namespace da::server

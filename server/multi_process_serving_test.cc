@@ -1,0 +1,340 @@
+// Multi-process serving through the real binary (issue #6): a da-server rank 0 and worker ranks
+// on loopback, real Gloo, real gRPC. A group answers like one process; a worker SIGKILLed
+// mid-request fails that request with UNAVAILABLE within the collective timeout, rank 0 stays up
+// with readiness NOT_SERVING, and the group re-forms when the worker is back; bad flags exit 1
+// naming the flag, the value and the limit.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "client/attention_client.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "server/attention_service.h"
+#include "server/test_util.h"
+
+namespace da::server {
+namespace {
+
+using grpc::health::v1::HealthCheckResponse;
+using std::chrono::milliseconds;
+using std::chrono::seconds;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kCollectiveTimeoutMs = 10000;
+constexpr int kHeartbeatMs = 100;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Rank 0 (a SpawnedServer: gRPC and /metrics on loopback) and its workers, whose logs go to a
+// directory of the group's own.
+class Group {
+ public:
+  explicit Group(int world_size)
+      : world_size_(world_size),
+        dir_(testing::MakeTempDir()),
+        rank0_(DA_SERVER_BINARY,
+               {"--world-size", std::to_string(world_size), "--rank", "0", "--coordinator",
+                "127.0.0.1:0", "--coordinator-port-file", dir_ + "/coordinator_port",
+                "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+                std::to_string(kCollectiveTimeoutMs)}) {}
+  ~Group() { std::filesystem::remove_all(dir_); }
+
+  // Waits for rank 0's ports, then starts every worker.
+  bool Start() {
+    if (!rank0_.WaitForPorts(seconds(30))) return false;
+    coordinator_port_ = testing::ReadPortFile(dir_ + "/coordinator_port", seconds(10));
+    if (coordinator_port_ == 0) return false;
+    workers_.resize(world_size_);
+    for (int r = 1; r < world_size_; ++r) StartWorker(r);
+    channel_ = testing::ChannelTo(rank0_.port());
+    return true;
+  }
+
+  void StartWorker(int rank) {
+    workers_[rank] = testing::ChildProcess::Spawn(
+        DA_SERVER_BINARY,
+        {"--world-size", std::to_string(world_size_), "--rank", std::to_string(rank),
+         "--coordinator", "127.0.0.1:" + std::to_string(coordinator_port_), "--threads", "1",
+         "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+         std::to_string(kCollectiveTimeoutMs)},
+        WorkerLog(rank));
+  }
+
+  HealthCheckResponse::ServingStatus Readiness() {
+    auto stub = grpc::health::v1::Health::NewStub(channel_);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + seconds(5));
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(kServiceName);
+    HealthCheckResponse response;
+    if (!stub->Check(&context, request, &response).ok()) return HealthCheckResponse::UNKNOWN;
+    return response.status();
+  }
+
+  bool WaitForReadiness(HealthCheckResponse::ServingStatus status, milliseconds timeout) {
+    return testing::WaitFor([&] { return Readiness() == status; }, timeout);
+  }
+
+  std::string Metrics() { return testing::HttpGet(rank0_.metrics_port(), "/metrics").value_or(""); }
+
+  std::string Logs() {
+    std::string logs = "--- rank 0 ---\n" + rank0_.Log();
+    for (int r = 1; r < world_size_; ++r) {
+      logs += "--- rank " + std::to_string(r) + " ---\n" + ReadFile(WorkerLog(r));
+    }
+    return logs;
+  }
+
+  testing::SpawnedServer& rank0() { return rank0_; }
+  std::unique_ptr<testing::ChildProcess>& worker(int rank) { return workers_[rank]; }
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+
+ private:
+  std::string WorkerLog(int rank) const { return dir_ + "/worker" + std::to_string(rank) + ".log"; }
+
+  const int world_size_;
+  const std::string dir_;
+  testing::SpawnedServer rank0_;
+  int coordinator_port_ = 0;
+  std::vector<std::unique_ptr<testing::ChildProcess>> workers_;
+  std::shared_ptr<grpc::Channel> channel_;
+};
+
+// CPU seconds a process has used (utime + stime of /proc/<pid>/stat); -1 when unreadable.
+double CpuSeconds(pid_t pid) {
+  std::istringstream stat(ReadFile("/proc/" + std::to_string(pid) + "/stat"));
+  std::string field;
+  double ticks = 0;
+  for (int i = 1; i <= 15 && stat >> field; ++i) {
+    if (i == 2 && field.back() != ')') return -1;  // A command name with spaces: not ours.
+    if (i >= 14) ticks += std::stod(field);
+  }
+  return stat ? ticks / static_cast<double>(sysconf(_SC_CLK_TCK)) : -1;
+}
+
+// `promtool check metrics` on text: its exit status, with what it printed in *output.
+int PromtoolCheck(const std::string& text, std::string* output) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string path = dir + "/metrics.txt";
+  std::ofstream(path) << text;
+  const std::string command = std::string(DA_PROMTOOL) + " check metrics < " + path + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buffer[4096];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output->append(buffer, n);
+  const int status = pclose(pipe);
+  std::filesystem::remove_all(dir);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+double MaxRelativeError(const std::string& got, const std::string& want) {
+  EXPECT_EQ(got.size(), want.size());
+  const size_t n = std::min(got.size(), want.size()) / sizeof(float);
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    float a, b;
+    std::memcpy(&a, got.data() + i * sizeof(float), sizeof(float));
+    std::memcpy(&b, want.data() + i * sizeof(float), sizeof(float));
+    worst = std::max(worst, std::abs(double{a} - b) / std::max(1e-6, std::abs(double{b})));
+  }
+  return worst;
+}
+
+v1::AttendRequest Fp32Request(const testing::ProblemConfig& config, v1::ShardPolicy policy) {
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest(config, rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  request.mutable_spec()->set_shard_policy(policy);
+  return request;
+}
+
+TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
+  Group group(3);
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+
+  struct Case {
+    testing::ProblemConfig config;
+    v1::ShardPolicy policy;
+    v1::ShardPolicy expected;
+  };
+  const std::vector<Case> cases = {
+      // AUTO with heads >= ranks: HEADS. GQA, two patterns.
+      {{.seq_len = 200, .heads = 6, .kv_heads = 2, .patterns = {{32, 1}, {64, 2}}},
+       v1::SHARD_POLICY_AUTO,
+       v1::SHARD_POLICY_HEADS},
+      // SEQUENCE with segments spanning ranks, N not divisible by 3, causal, GROUPED.
+      {{.seq_len = 301,
+        .heads = 4,
+        .kv_heads = 4,
+        .patterns = {{64, 1}, {256, 4}},
+        .causal = true,
+        .mode = v1::COMBINE_MODE_GROUPED},
+       v1::SHARD_POLICY_SEQUENCE,
+       v1::SHARD_POLICY_SEQUENCE},
+      // AUTO with fewer heads than ranks: SEQUENCE.
+      {{.batch = 2, .seq_len = 150, .heads = 2, .kv_heads = 1, .patterns = {{150, 3}}},
+       v1::SHARD_POLICY_AUTO,
+       v1::SHARD_POLICY_SEQUENCE},
+  };
+  for (const Case& c : cases) {
+    const v1::AttendRequest request = Fp32Request(c.config, c.policy);
+    const std::string expected = testing::InProcessOutput(request, 2);
+    v1::AttendResponse response;
+    grpc::Status status = client.Attend(request, &response, testing::WithTimeout(20000));
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+    EXPECT_LE(MaxRelativeError(response.output().data(), expected), 1e-6);
+    EXPECT_EQ(response.info().shard_strategy(), c.expected);
+    EXPECT_EQ(response.info().precision_used(), v1::PRECISION_FP32);
+    ASSERT_EQ(response.info().devices_size(), 3);
+    for (int r = 0; r < 3; ++r) {
+      EXPECT_EQ(response.info().devices(r), "rank" + std::to_string(r) + ":cpu");
+    }
+  }
+  // NONE keeps a request on rank 0 alone.
+  const v1::AttendRequest local = Fp32Request(cases[0].config, v1::SHARD_POLICY_NONE);
+  v1::AttendResponse response;
+  ASSERT_TRUE(client.Attend(local, &response, testing::WithTimeout(20000)).ok());
+  EXPECT_EQ(response.info().shard_strategy(), v1::SHARD_POLICY_NONE);
+  EXPECT_EQ(response.output().data(), testing::InProcessOutput(local, 2));
+
+  // Every rank's traffic and compute time, collected by rank 0.
+  const std::string text = group.Metrics();
+  std::string promtool_output;
+  EXPECT_EQ(PromtoolCheck(text, &promtool_output), 0) << promtool_output << "\n" << text;
+  EXPECT_EQ(testing::MetricValue(text, "da_group_world_size"), 3) << text;
+  EXPECT_EQ(testing::MetricValue(text, "da_group_whole"), 1) << text;
+  EXPECT_EQ(testing::MetricValue(text, "da_group_runs_total{outcome=\"completed\"}"), 3) << text;
+  for (int r = 0; r < 3; ++r) {
+    const std::string rank = "{rank=\"" + std::to_string(r) + "\"}";
+    EXPECT_GT(testing::MetricValue(text, "da_rank_bytes_sent_total" + rank).value_or(0), 0) << r;
+    EXPECT_GT(testing::MetricValue(text, "da_rank_bytes_received_total" + rank).value_or(0), 0)
+        << r;
+    EXPECT_GT(testing::MetricValue(text, "da_rank_compute_seconds_total" + rank).value_or(0), 0)
+        << r;
+    EXPECT_GT(testing::MetricValue(text, "da_rank_collective_seconds_total" + rank).value_or(0), 0)
+        << r;
+  }
+  // The SEQUENCE cases exchanged kept K/V rows of spanning segments.
+  EXPECT_GT(testing::MetricValue(text, "da_rank_exchange_bytes_total{rank=\"1\"}").value_or(0), 0);
+}
+
+TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItReturns) {
+  Group group(2);
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+
+  // One segment over 40960 tokens and one head: SEQUENCE, about a second of compute per rank.
+  v1::AttendRequest request = testing::LongRequest(40960);
+  std::future<grpc::Status> call = std::async(std::launch::async, [&] {
+    v1::AttendResponse response;
+    return client.Attend(request, &response, testing::WithTimeout(60000));
+  });
+  // Mid-request, in the compute: the worker has its share (a few MB, milliseconds) and has
+  // burnt well over what receiving it costs.
+  const double idle_cpu = CpuSeconds(group.worker(1)->pid());
+  ASSERT_GE(idle_cpu, 0);
+  ASSERT_TRUE(testing::WaitFor([&] { return CpuSeconds(group.worker(1)->pid()) - idle_cpu >= 0.3; },
+                               seconds(20)))
+      << group.Logs();
+  ASSERT_EQ(call.wait_for(milliseconds(0)), std::future_status::timeout) << "finished too soon";
+  ASSERT_EQ(kill(group.worker(1)->pid(), SIGKILL), 0);
+  const Clock::time_point killed = Clock::now();
+  ASSERT_EQ(call.wait_for(milliseconds(kCollectiveTimeoutMs + 2000)), std::future_status::ready)
+      << group.Logs();
+  const grpc::Status failed = call.get();
+  const double failed_after_ms =
+      std::chrono::duration<double, std::milli>(Clock::now() - killed).count();
+  EXPECT_EQ(failed.error_code(), grpc::StatusCode::UNAVAILABLE) << failed.error_message();
+  EXPECT_LT(failed_after_ms, kCollectiveTimeoutMs) << failed.error_message();
+  EXPECT_NE(failed.error_message().find("rank 1"), std::string::npos) << failed.error_message();
+  EXPECT_NE(failed.error_message().find("re-forming"), std::string::npos) << failed.error_message();
+  std::printf("the request failed %.0f ms after the kill: %s\n", failed_after_ms,
+              failed.error_message().c_str());
+
+  // Rank 0 is alive, not ready, and refuses sharded work at once while the group is broken.
+  EXPECT_FALSE(group.rank0().process().WaitForExit(milliseconds(0)).has_value());
+  EXPECT_EQ(group.Readiness(), HealthCheckResponse::NOT_SERVING);
+  const v1::AttendRequest small =
+      Fp32Request({.seq_len = 128, .heads = 4, .kv_heads = 4}, v1::SHARD_POLICY_AUTO);
+  v1::AttendResponse response;
+  grpc::Status refused = client.Attend(small, &response, testing::WithTimeout(10000));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("rank 1 missing"), std::string::npos)
+      << refused.error_message();
+  const std::string broken = group.Metrics();
+  EXPECT_EQ(testing::MetricValue(broken, "da_group_whole"), 0) << broken;
+  EXPECT_EQ(testing::MetricValue(broken, "da_group_runs_total{outcome=\"failed\"}"), 1) << broken;
+
+  // The worker comes back: the group re-forms and serves again.
+  group.StartWorker(1);
+  const Clock::time_point restarted = Clock::now();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(15))) << group.Logs();
+  std::printf("ready again %.0f ms after the worker restarted\n",
+              std::chrono::duration<double, std::milli>(Clock::now() - restarted).count());
+  grpc::Status status = client.Attend(small, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+  EXPECT_EQ(response.info().devices_size(), 2);
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(small, 2)), 1e-6);
+  EXPECT_GE(testing::MetricValue(group.Metrics(), "da_group_generation").value_or(0), 2);
+
+  // A worker's SIGTERM ends it with 0, and rank 0 is not ready without it.
+  ASSERT_EQ(kill(group.worker(1)->pid(), SIGTERM), 0);
+  const std::optional<int> exited = group.worker(1)->WaitForExit(seconds(10));
+  ASSERT_TRUE(exited.has_value()) << group.Logs();
+  EXPECT_TRUE(WIFEXITED(*exited) && WEXITSTATUS(*exited) == 0) << group.Logs();
+  EXPECT_TRUE(group.WaitForReadiness(HealthCheckResponse::NOT_SERVING, seconds(5))) << group.Logs();
+}
+
+TEST(MultiProcessServingTest, BadFlagsExitNamingTheFlagValueAndLimit) {
+  const std::string dir = testing::MakeTempDir();
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {{"--world-size", "0"}, "--world-size is 0; must be in [1, 1024]"},
+      {{"--world-size", "3", "--rank", "3", "--coordinator", "127.0.0.1:1"},
+       "--rank is 3; must be in [0, 3) (below --world-size 3)"},
+      {{"--world-size", "2"}, "--coordinator HOST:PORT is required with --world-size 2"},
+      {{"--world-size", "2", "--rank", "1", "--coordinator", "nohost"},
+       "--coordinator is 'nohost'; expected HOST:PORT"},
+      {{"--world-size", "2", "--coordinator", "127.0.0.1:0", "--heartbeat-ms", "500",
+        "--collective-timeout-ms", "500"},
+       "--heartbeat-ms is 500; must be in [1, --collective-timeout-ms 500)"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string log = dir + "/case" + std::to_string(i);
+    auto child = testing::ChildProcess::Spawn(DA_SERVER_BINARY, cases[i].args, log);
+    ASSERT_NE(child, nullptr);
+    const std::optional<int> status = child->WaitForExit(seconds(10));
+    ASSERT_TRUE(status.has_value()) << "case " << i << " still running";
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "case " << i;
+    EXPECT_NE(ReadFile(log).find(cases[i].message), std::string::npos)
+        << "case " << i << ": " << ReadFile(log);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace da::server
