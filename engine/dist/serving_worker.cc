@@ -35,8 +35,12 @@ class Worker {
       if (store_ == nullptr) {
         absl::StatusOr<std::unique_ptr<KeyValueStore>> store =
             ConnectCoordinatorStore(o_.coordinator, std::chrono::milliseconds(1000));
-        if (store.ok()) store_ = *std::move(store);
-        continue;  // ConnectCoordinatorStore waited its second when nobody answered.
+        if (store.ok()) {
+          store_ = *std::move(store);
+        } else {
+          Pause();  // E.g. a coordinator name that does not resolve yet: no tight loop.
+        }
+        continue;
       }
       absl::StatusOr<int64_t> generation = NextGeneration();
       if (!generation.ok()) {
