@@ -1,5 +1,6 @@
 #include "engine/dist/sharded_run.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -425,56 +426,91 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     engine::CopyShareOut(problem.v, mine, true, run.v_buffer().data());
   }
   DA_RETURN_IF_ERROR(run.Exchange());
-  const bool cancelled_before = problem.cancelled != nullptr && problem.cancelled->load();
-  const absl::Status computed = cancelled_before
-                                    ? absl::CancelledError("sharded run cancelled before compute")
-                                    : run.Compute(problem.cancelled);
-  // Whatever happened here, the workers' outputs are collected, so the group stays in step.
-  if (computed.ok() && !Contiguous(shape, mine))
-    engine::CopyShareIn(run.out.data, mine, problem.out);
 
-  scatter.join();
-  run.stats().collective_seconds += scatter_seconds;
-  DA_RETURN_IF_ERROR(scattered);
-
-  // The gather: every worker's output share, then its stats.
+  // The gather runs on a thread posted before rank 0 computes: a worker that finishes first is
+  // not left waiting in its (synchronous) Send, and a worker lost at any time is noticed at once
+  // and stops rank 0's compute. Workers write disjoint parts of the output.
   ShardRunStats stats;
   stats.strategy = problem.strategy;
   stats.precision = problem.precision;
   stats.ranks.resize(world);
-  absl::Status worker_failed;
-  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
-    std::vector<uint8_t> buffer;
-    for (int r = 1; r < world; ++r) {
-      const RankShare& share = run.layout().shares[r];
-      const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
-      if (Contiguous(shape, share) && computed.ok()) {
-        DA_RETURN_IF_ERROR(
-            comm.Recv(const_cast<uint8_t*>(ShareStart(problem.out.data, shape, share, shape.heads,
-                                                      problem.out.dtype)),
-                      bytes, r, kGatherTag, options.timeout));
-      } else {
-        buffer.resize(bytes);
-        DA_RETURN_IF_ERROR(comm.Recv(buffer.data(), bytes, r, kGatherTag, options.timeout));
-        if (computed.ok()) engine::CopyShareIn(buffer.data(), share, problem.out);
+  std::atomic<bool> stop{false};
+  absl::Status gathered, worker_failed;
+  double gather_seconds = 0;
+  std::thread gather([&] {
+    const Clock::time_point start = Clock::now();
+    const std::chrono::milliseconds limit = options.timeout + options.compute_timeout;
+    gathered = [&]() -> absl::Status {
+      std::vector<uint8_t> buffer;
+      for (int r = 1; r < world; ++r) {
+        const RankShare& share = run.layout().shares[r];
+        const int64_t bytes =
+            engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
+        if (Contiguous(shape, share)) {
+          DA_RETURN_IF_ERROR(
+              comm.Recv(const_cast<uint8_t*>(ShareStart(problem.out.data, shape, share, shape.heads,
+                                                        problem.out.dtype)),
+                        bytes, r, kGatherTag, limit));
+        } else {
+          buffer.resize(bytes);
+          DA_RETURN_IF_ERROR(comm.Recv(buffer.data(), bytes, r, kGatherTag, limit));
+          engine::CopyShareIn(buffer.data(), share, problem.out);
+        }
+        std::vector<int64_t> words(kStatsWords);
+        DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, limit));
+        stats.ranks[r] = StatsFromWords(words);
+        if (words[5] != 0 && worker_failed.ok()) {
+          // The worker's own log has its message; the code and the rank reach the caller.
+          worker_failed = absl::Status(
+              static_cast<absl::StatusCode>(words[5]),
+              absl::StrCat("rank ", r, " failed to compute its share (",
+                           absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
+                           "; see that rank's log)"));
+        }
       }
-      std::vector<int64_t> words(kStatsWords);
-      DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, options.timeout));
-      stats.ranks[r] = StatsFromWords(words);
-      if (words[5] != 0 && worker_failed.ok()) {
-        // The worker's own log has its message; the code and the rank reach the caller.
-        worker_failed = absl::Status(
-            static_cast<absl::StatusCode>(words[5]),
-            absl::StrCat("rank ", r, " failed to compute its share (",
-                         absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
-                         "; see that rank's log)"));
-      }
+      return absl::OkStatus();
+    }();
+    if (!gathered.ok()) stop = true;
+    gather_seconds = SecondsSince(start);
+  });
+  struct GatherJoiner {
+    std::thread& thread;
+    ~GatherJoiner() {
+      if (thread.joinable()) thread.join();
     }
-    return absl::OkStatus();
-  }));
+  } gather_joiner{gather};
+
+  // Rank 0's compute polls one flag: set by the gather on a lost worker, or relayed from the
+  // caller's cancellation by a watcher polling every millisecond.
+  std::atomic<bool> computing{true};
+  std::thread relay([&] {
+    while (computing.load() && !stop.load()) {
+      if (problem.cancelled != nullptr && problem.cancelled->load()) stop = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  const absl::Status computed = run.Compute(&stop);
+  computing = false;
+  relay.join();
+  if (computed.ok() && !Contiguous(shape, mine)) {
+    engine::CopyShareIn(run.out.data, mine, problem.out);
+  }
+
+  // Whatever happened here, every worker's output is collected, so the group stays in step.
+  scatter.join();
+  gather.join();
+  run.stats().collective_seconds += scatter_seconds + gather_seconds;
+  DA_RETURN_IF_ERROR(scattered);
+  DA_RETURN_IF_ERROR(gathered);
   CountTraffic(comm, before, run.stats());
   stats.ranks[0] = run.stats();
-  if (!computed.ok()) return computed;
+  if (!computed.ok()) {
+    if (computed.code() == absl::StatusCode::kCancelled && problem.cancelled != nullptr &&
+        problem.cancelled->load()) {
+      return absl::CancelledError("sharded run cancelled");
+    }
+    return computed;
+  }
   if (!worker_failed.ok()) return worker_failed;
   return stats;
 }

@@ -25,9 +25,11 @@
 //
 // Errors: a failed collective (lost peer: UNAVAILABLE, timeout: DEADLINE_EXCEEDED) is returned
 // as the communicator reported it; after it the communicator is unusable (communicator.h) and
-// the caller re-forms the group. A cancelled request still completes the exchange protocol (so
-// the group stays usable) but skips rank 0's compute and returns CANCELLED; workers compute
-// their share regardless.
+// the caller re-forms the group. Rank 0 receives the workers' outputs on a thread posted before
+// it computes, so a worker lost while rank 0 computes stops rank 0's compute and fails the run at
+// once. A worker's compute failure comes back as its status code, naming the rank. A cancelled
+// request stops rank 0's compute at once but still collects the workers' outputs (so the group
+// stays usable; workers are not told and finish their share), then returns CANCELLED.
 #pragma once
 
 #include <atomic>
@@ -82,8 +84,9 @@ struct ShardRunOptions {
   // Keeps its workspace between runs (fresh pages are slow); null: a fresh one per run. One run
   // at a time may use a runner.
   engine::cpu::SliceRunner* runner = nullptr;
-  // Rank budget for ChooseShardStrategy's AUTO (0: unlimited). Rank 0 decides; workers obey.
-  int64_t per_rank_budget_bytes = 0;
+  // Added to the limit of rank 0's gather, which waits for the slowest worker's compute (a lost
+  // worker still fails it at once: its connection closes).
+  std::chrono::milliseconds compute_timeout{600000};
 };
 
 // What one run did, per rank (index = rank). Rank 0 fills every rank's entry (workers report
