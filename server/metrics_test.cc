@@ -16,19 +16,8 @@
 namespace da::server {
 namespace {
 
-// Runs promtool on text; returns its exit status and fills output with what it printed.
 int PromtoolCheck(const std::string& text, std::string* output) {
-  const std::string dir = testing::MakeTempDir();
-  const std::string path = dir + "/metrics.txt";
-  std::ofstream(path) << text;
-  const std::string command = std::string(DA_PROMTOOL) + " check metrics < " + path + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  if (pipe == nullptr) return -1;
-  char buffer[4096];
-  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output->append(buffer, n);
-  const int status = pclose(pipe);
-  std::filesystem::remove_all(dir);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return testing::PromtoolCheck(DA_PROMTOOL, text, output);
 }
 
 bool Contains(const std::string& text, const std::string& part) {

@@ -302,4 +302,18 @@ std::vector<HealthWatch::ServingStatus> HealthWatch::statuses() const {
   return statuses_;
 }
 
+int PromtoolCheck(const std::string& promtool, const std::string& text, std::string* output) {
+  const std::string dir = MakeTempDir();
+  const std::string path = dir + "/metrics.txt";
+  std::ofstream(path) << text;
+  const std::string command = promtool + " check metrics < " + path + " 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buffer[4096];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output->append(buffer, n);
+  const int status = pclose(pipe);
+  std::filesystem::remove_all(dir);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 }  // namespace da::server::testing

@@ -98,6 +98,10 @@ int ReadPortFile(const std::string& path, std::chrono::milliseconds timeout);
 // A fresh empty directory under TMPDIR for one test.
 std::string MakeTempDir();
 
+// `<promtool> check metrics` on text: its exit status (-1 when it could not run), with what it
+// printed in *output.
+int PromtoolCheck(const std::string& promtool, const std::string& text, std::string* output);
+
 // A da-server process on loopback ports the kernel picks (2 compute threads), with its port files
 // and its stderr (the log) in a temporary directory that goes away with it.
 class SpawnedServer {
