@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "server/malloc_tuning.h"
 #include "server/server.h"
 #include "server/warm_up_file.h"
 
@@ -54,6 +55,7 @@ std::string WithPort(const std::string& address, int port) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  da::server::KeepFreedMessageMemory();  // Before any thread starts (server/malloc_tuning.h).
   da::server::ServerOptions options;
   options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes();
   std::string log_level = "info";
