@@ -10,17 +10,22 @@
 // threads). Inputs are generated block by block (server/synthetic_stream.h), so the client holds
 // no whole tensors; with the in-process baseline on, the whole streamed output is compared byte
 // for byte with the engine's. --server-pid reads that process's peak RSS (VmHWM) after the run.
+#include <sys/resource.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "client/attention_client.h"
 #include "server/conversion.h"
+#include "server/malloc_tuning.h"
 #include "server/server.h"
 #include "server/synthetic_stream.h"
 
@@ -39,6 +44,25 @@ int64_t ProcStatusKib(long pid, const std::string& field) {
     if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
   }
   return -1;
+}
+
+// This process's CPU time (all threads: with an in-process server, client and server alike) and
+// minor page faults so far.
+struct Usage {
+  double cpu_s = 0;
+  double minor_faults = 0;
+};
+
+Usage ProcessUsage() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const auto seconds = [](const timeval& t) { return t.tv_sec + t.tv_usec / 1e6; };
+  return {seconds(usage.ru_utime) + seconds(usage.ru_stime), static_cast<double>(usage.ru_minflt)};
+}
+
+Usage Since(const Usage& start) {
+  const Usage now = ProcessUsage();
+  return {now.cpu_s - start.cpu_s, now.minor_faults - start.minor_faults};
 }
 
 double Median(std::vector<double> v) {
@@ -85,6 +109,8 @@ int main(int argc, char** argv) {
                "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
                "of before the clock starts");
   CLI11_PARSE(app, argc, argv);
+  // As da-server does (this process is the server too, unless --server).
+  if (server_address.empty()) da::server::KeepFreedMessageMemory();
   if (segments.size() != dilations.size() || repeat < 1) {
     std::cerr << "da-stream-bench: --segments and --dilations need equal lengths; --repeat >= 1\n";
     return 2;
@@ -120,7 +146,7 @@ int main(int argc, char** argv) {
   // The in-process baseline: the whole problem in one Engine::Run on inputs already in memory
   // (the same values the stream sends), best and median of repeat after one warm-up run.
   std::string expected;
-  std::vector<double> engine_times;
+  std::vector<double> engine_times, engine_cpu, engine_faults;
   if (!skip_in_process) {
     da::engine::EngineOptions engine_options;
     engine_options.threads = threads;
@@ -149,14 +175,20 @@ int main(int argc, char** argv) {
     run.out = {da::engine::DType::kFloat32, q_shape, expected.data(),
                static_cast<int64_t>(expected.size())};
     for (int i = 0; i <= repeat; ++i) {
+      const Usage usage_start = ProcessUsage();
       const Clock::time_point start = Clock::now();
       const auto ran = (*engine)->Run(run);
       const double seconds = Seconds(start);
+      const Usage used = Since(usage_start);
       if (!ran.ok()) {
         std::cerr << "da-stream-bench: the in-process engine refused: " << ran.status() << "\n";
         return 1;
       }
-      if (i > 0) engine_times.push_back(seconds);
+      if (i > 0) {
+        engine_times.push_back(seconds);
+        engine_cpu.push_back(used.cpu_s);
+        engine_faults.push_back(used.minor_faults);
+      }
     }
   }
 
@@ -180,45 +212,52 @@ int main(int argc, char** argv) {
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 
-  std::vector<double> stream_times;
+  std::vector<double> stream_times, stream_cpu, stream_faults;
   da::v1::ExecutionInfo info;
   for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
     int64_t received = 0;
     bool same = true;
     // Blocks are made before the clock starts (unless --generate-while-sending): on a shared
     // loopback machine the client's random number generation would otherwise compete with the
-    // server's compute, which a client on its own machine does not.
-    std::vector<da::v1::TokenBlock> blocks;
+    // server's compute, which a client on its own machine does not. They are shared with the
+    // client, which sends them where they lie, and freed after the clock stops, as the
+    // in-process run's inputs are.
+    std::vector<std::shared_ptr<const da::v1::TokenBlock>> blocks;
     if (!generate_while_sending) {
       for (int64_t start = 0; start < seq_len; start += block_tokens) {
-        blocks.push_back(stream.Block(start));
+        blocks.push_back(std::make_shared<const da::v1::TokenBlock>(stream.Block(start)));
       }
     }
     size_t next_block = 0;
-    da::client::AttentionClient::BlockSource source = stream.Source();
-    if (!generate_while_sending) {
-      source = [&](da::v1::TokenBlock* block) {
-        if (next_block == blocks.size()) return false;
-        block->Swap(&blocks[next_block++]);
-        return true;
-      };
-    }
+    int64_t next_start = 0;
+    const auto source = [&]() -> std::shared_ptr<const da::v1::TokenBlock> {
+      if (!generate_while_sending) {
+        return next_block == blocks.size() ? nullptr : blocks[next_block++];
+      }
+      if (next_start >= seq_len) return nullptr;
+      next_start += block_tokens;
+      return std::make_shared<const da::v1::TokenBlock>(stream.Block(next_start - block_tokens));
+    };
+    da::client::AttentionClient::AnswerViews answers;
+    answers.on_block = [&](const da::client::OutputBlockView& block) {
+      // Checked on the warm-up run, outside the timed runs.
+      if (i == 0 && !expected.empty() && batch == 1 &&
+          (received + block.output_bytes() > static_cast<int64_t>(expected.size()) ||
+           !block.Equals(std::string_view(expected).substr(received, block.output_bytes())))) {
+        same = false;
+      }
+      received += block.output_bytes();
+      return grpc::Status::OK;
+    };
+    answers.on_message = [&](const da::v1::AttendStreamResponse& message) {
+      if (message.has_trailer()) info = message.trailer().info();
+      return grpc::Status::OK;
+    };
+    const Usage usage_start = ProcessUsage();
     const Clock::time_point start = Clock::now();
-    const grpc::Status status =
-        client.AttendStreamBlocks(header, source, [&](const da::v1::AttendStreamResponse& message) {
-          if (message.has_trailer()) info = message.trailer().info();
-          if (message.has_block()) {
-            const std::string& bytes = message.block().output();
-            // Checked on the warm-up run, outside the timed runs.
-            if (i == 0 && !expected.empty() && batch == 1 &&
-                expected.compare(received, bytes.size(), bytes) != 0) {
-              same = false;
-            }
-            received += static_cast<int64_t>(bytes.size());
-          }
-          return grpc::Status::OK;
-        });
+    const grpc::Status status = client.AttendStreamShared(header, source, answers);
     const double seconds = Seconds(start);
+    const Usage used = Since(usage_start);
     if (!status.ok()) {
       std::cerr << "da-stream-bench: stream failed: " << status.error_message() << "\n";
       return 1;
@@ -227,7 +266,11 @@ int main(int argc, char** argv) {
       std::cerr << "da-stream-bench: streamed output differs from the in-process engine's\n";
       return 1;
     }
-    if (i > 0) stream_times.push_back(seconds);
+    if (i > 0) {
+      stream_times.push_back(seconds);
+      stream_cpu.push_back(used.cpu_s);
+      stream_faults.push_back(used.minor_faults);
+    }
   }
 
   std::printf(
@@ -245,10 +288,14 @@ int main(int argc, char** argv) {
       stream_best, Median(stream_times), wire_bytes / stream_best / 1e9);
   std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s\n",
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
+  std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n", Median(stream_cpu),
+              Median(stream_faults), server ? " (client and server)" : " (client only)");
   if (!engine_times.empty()) {
     const double engine_best = *std::min_element(engine_times.begin(), engine_times.end());
     std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n", engine_best,
                 Median(engine_times));
+    std::printf("  this process (median): %.3f CPU s, %.0f minor page faults\n", Median(engine_cpu),
+                Median(engine_faults));
     std::printf("ratio stream / in-process: best %.3f, median %.3f; output identical: yes\n",
                 stream_best / engine_best, Median(stream_times) / Median(engine_times));
   }

@@ -1,6 +1,5 @@
 #include "client/attention_client.h"
 
-#include <grpcpp/impl/codegen/proto_utils.h>
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/slice.h>
 #include <grpcpp/support/sync_stream.h>
@@ -36,18 +35,21 @@ void AppendVarint(uint64_t value, std::string* out) {
   out->push_back(static_cast<char>(value));
 }
 
-void ReleaseBlock(void* block) { delete static_cast<std::shared_ptr<v1::TokenBlock>*>(block); }
+void ReleaseBlock(void* block) {
+  delete static_cast<std::shared_ptr<const v1::TokenBlock>*>(block);
+}
 
 // A slice over bytes of *block, holding a reference to the block until gRPC lets go of it.
-grpc::Slice BlockSlice(const std::shared_ptr<v1::TokenBlock>& block, const std::string& bytes) {
+grpc::Slice BlockSlice(const std::shared_ptr<const v1::TokenBlock>& block,
+                       const std::string& bytes) {
   return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &ReleaseBlock,
-                     new std::shared_ptr<v1::TokenBlock>(block));
+                     new std::shared_ptr<const v1::TokenBlock>(block));
 }
 
 }  // namespace
 
-grpc::ByteBuffer TokenBlockBuffer(std::unique_ptr<v1::TokenBlock> block) {
-  const std::shared_ptr<v1::TokenBlock> owned(std::move(block));
+grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
+  const std::shared_ptr<const v1::TokenBlock> owned(std::move(block));
   // AttendStreamRequest{block = 2: TokenBlock{token_start = 1, token_count = 2, query = 3,
   // key = 4, value = 5}}, written as protobuf writes it (zero varints and empty bytes omitted):
   // the tags and lengths in small slices of their own, the tensors as slices over the block.
@@ -137,14 +139,17 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
   int64_t next_block = 0;
   OutputAssembler assembler(plan.header);
-  const grpc::Status status = AttendStreamBlocks(
+  const grpc::Status status = AttendStreamShared(
       plan.header,
-      [&](v1::TokenBlock* block) {
-        if (next_block == plan.block_count) return false;
-        *block = MakeTokenBlock(request, plan, next_block++ * plan.block_tokens);
-        return true;
+      [&]() -> std::shared_ptr<const v1::TokenBlock> {
+        if (next_block == plan.block_count) return nullptr;
+        return std::make_shared<const v1::TokenBlock>(
+            MakeTokenBlock(request, plan, next_block++ * plan.block_tokens));
       },
-      [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }, options);
+      {.on_block = [&](const OutputBlockView& block) { return assembler.AddBlock(block); },
+       .on_message =
+           [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }},
+      options);
   if (!status.ok()) return status;
   return assembler.Finish(response);
 }
@@ -153,10 +158,38 @@ grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
                                                  const BlockSource& next_block,
                                                  const AnswerSink& on_answer,
                                                  const CallOptions& options) {
+  v1::AttendStreamResponse message;
+  return AttendStreamShared(
+      header,
+      [&]() -> std::shared_ptr<const v1::TokenBlock> {
+        auto block = std::make_shared<v1::TokenBlock>();
+        if (!next_block(block.get())) return nullptr;
+        return block;
+      },
+      {.on_block =
+           [&](const OutputBlockView& block) {
+             // This interface hands over messages: the rows are copied into one.
+             message.Clear();
+             v1::OutputBlock* out = message.mutable_block();
+             out->set_token_start(block.token_start());
+             out->set_token_count(block.token_count());
+             out->mutable_output()->resize(static_cast<size_t>(block.output_bytes()));
+             block.CopyTo(0, block.output_bytes(), out->mutable_output()->data());
+             return on_answer(message);
+           },
+       .on_message = on_answer},
+      options);
+}
+
+grpc::Status AttentionClient::AttendStreamShared(const v1::StreamHeader& header,
+                                                 const SharedBlockSource& next_block,
+                                                 const AnswerViews& answers,
+                                                 const CallOptions& options) {
   grpc::ClientContext context;
   ConfigureContext(options, header.request_id(), &context);
   // The same RPC as the generated stub's AttendStream, on ByteBuffers: a block is sent as slices
-  // that point into its own q, k and v strings (TokenBlockBuffer), not serialized into a copy.
+  // that point into its own q, k and v strings (TokenBlockBuffer), not serialized into a copy,
+  // and an answer is parsed where it was received (client/answer_wire.h).
   const grpc::internal::RpcMethod method("/da.v1.AttentionService/AttendStream",
                                          grpc::internal::RpcMethod::BIDI_STREAMING, channel_);
   std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
@@ -172,28 +205,38 @@ grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
     grpc::Slice serialized(first.SerializeAsString());
     grpc::ByteBuffer buffer(&serialized, 1);
     if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
-    auto block = std::make_unique<v1::TokenBlock>();
-    while (next_block(block.get())) {
+    while (std::shared_ptr<const v1::TokenBlock> block = next_block()) {
       buffer = TokenBlockBuffer(std::move(block));
       if (!stream->Write(buffer)) return;
-      block = std::make_unique<v1::TokenBlock>();
     }
     stream->WritesDone();
   });
 
   grpc::Status answer_status;
   grpc::ByteBuffer buffer;
+  std::vector<grpc::Slice> slices;
+  std::vector<std::string_view> pieces;
   v1::AttendStreamResponse message;
+  OutputBlockView block;
   while (stream->Read(&buffer)) {
-    message.Clear();
-    if (grpc::Status parsed =
-            grpc::SerializationTraits<v1::AttendStreamResponse>::Deserialize(&buffer, &message);
-        !parsed.ok()) {
-      answer_status = grpc::Status(
-          grpc::StatusCode::INTERNAL,
-          "the server's answer is not an AttendStreamResponse: " + parsed.error_message());
+    slices.clear();
+    pieces.clear();
+    if (grpc::Status dumped = buffer.Dump(&slices); !dumped.ok()) {
+      answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
+                                   "cannot read an answer message: " + dumped.error_message());
     } else {
-      answer_status = on_answer(message);
+      for (const grpc::Slice& slice : slices) {
+        pieces.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
+      }
+      if (absl::Status parsed = ParseAnswer(pieces, &message, &block); !parsed.ok()) {
+        answer_status = grpc::Status(
+            grpc::StatusCode::INTERNAL,
+            "the server's answer is not an AttendStreamResponse: " + std::string(parsed.message()));
+      } else if (message.has_block()) {
+        answer_status = answers.on_block(block);
+      } else {
+        answer_status = answers.on_message(message);
+      }
     }
     if (!answer_status.ok()) {
       // The caller refused the answer: stop the call and drain so that Finish() returns promptly.

@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 
+#include "client/answer_wire.h"
 #include "da/v1/attention.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -49,7 +50,7 @@ grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms);
 // The serialized AttendStreamRequest{block} as slices: the tags and lengths copied, q, k and v
 // referenced where they are (the block lives until gRPC releases the last slice). The same bytes
 // as block.SerializeAsString() inside an AttendStreamRequest, without the copy.
-grpc::ByteBuffer TokenBlockBuffer(std::unique_ptr<v1::TokenBlock> block);
+grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block);
 
 class AttentionClient {
  public:
@@ -73,6 +74,25 @@ class AttentionClient {
   // client's memory can stay as bounded as the server's.
   grpc::Status AttendStreamBlocks(const v1::StreamHeader& header, const BlockSource& next_block,
                                   const AnswerSink& on_answer, const CallOptions& options = {});
+
+  // The next token block, shared with the caller, or null when there are no more. gRPC sends
+  // its q, k and v where they lie and holds a reference until the bytes are written, so a caller
+  // that keeps its blocks (or made them once) neither copies nor frees anything per block. The
+  // block must not change once returned.
+  using SharedBlockSource = std::function<std::shared_ptr<const v1::TokenBlock>()>;
+  // Answers as they arrive, without copying output rows out of gRPC's receive buffers: on_block
+  // gets each output block (its pieces valid only during the call), on_message the header and
+  // the trailer. A status other than OK cancels the call, as with AnswerSink.
+  struct AnswerViews {
+    std::function<grpc::Status(const OutputBlockView& block)> on_block;
+    std::function<grpc::Status(const v1::AttendStreamResponse& message)> on_message;
+  };
+
+  // AttendStreamBlocks without copies on the client: blocks go out as slices over the shared
+  // blocks, output rows are handed over where they were received.
+  grpc::Status AttendStreamShared(const v1::StreamHeader& header,
+                                  const SharedBlockSource& next_block, const AnswerViews& answers,
+                                  const CallOptions& options = {});
 
   grpc::Status GetServerInfo(v1::GetServerInfoResponse* response, const CallOptions& options = {});
 

@@ -128,7 +128,7 @@ grpc::Status OutputAssembler::Add(const v1::AttendStreamResponse& message) {
     case v1::AttendStreamResponse::kHeader:
       return AddHeader(message.header());
     case v1::AttendStreamResponse::kBlock:
-      return AddBlock(message.block());
+      return AddBlock(OutputBlockView::Over(message.block()));
     case v1::AttendStreamResponse::kTrailer:
       if (!have_header_) return Internal("stream trailer arrived before the response header");
       if (have_trailer_) return Internal("second stream trailer");
@@ -173,7 +173,7 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
   return grpc::Status::OK;
 }
 
-grpc::Status OutputAssembler::AddBlock(const v1::OutputBlock& block) {
+grpc::Status OutputAssembler::AddBlock(const OutputBlockView& block) {
   const int64_t index = block_index_++;
   if (!have_header_) {
     return Internal(absl::StrCat("output block ", index, " arrived before the response header"));
@@ -193,15 +193,14 @@ grpc::Status OutputAssembler::AddBlock(const v1::OutputBlock& block) {
   }
   const int64_t batch = expected_.batch();
   const int64_t row_bytes = block.token_count() * token_bytes_;
-  if (static_cast<int64_t>(block.output().size()) != batch * row_bytes) {
-    return Internal(absl::StrCat("output block ", index, " has ", block.output().size(),
+  if (block.output_bytes() != batch * row_bytes) {
+    return Internal(absl::StrCat("output block ", index, " has ", block.output_bytes(),
                                  " bytes, expected ", batch * row_bytes, " for ",
                                  block.token_count(), " tokens"));
   }
   char* out = response_.mutable_output()->mutable_data()->data();
   for (int64_t b = 0; b < batch; ++b) {
-    std::memcpy(out + (b * seq_len + next_token_) * token_bytes_,
-                block.output().data() + b * row_bytes, row_bytes);
+    block.CopyTo(b * row_bytes, row_bytes, out + (b * seq_len + next_token_) * token_bytes_);
   }
   next_token_ += block.token_count();
   return grpc::Status::OK;

@@ -9,6 +9,7 @@
 //
 //   OutputAssembler assembler(plan.header);
 //   for (const v1::AttendStreamResponse& message : received) status = assembler.Add(message);
+//   // or, for blocks read in place: status = assembler.AddBlock(block_view);
 //   status = assembler.Finish(&response);
 //
 // A block's bytes are laid out [batch, token_count, heads, head_dim]: for batch > 1 it gathers
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <string>
 
+#include "client/answer_wire.h"
 #include "da/v1/attention.pb.h"
 
 namespace da::client {
@@ -53,6 +55,9 @@ class OutputAssembler {
   explicit OutputAssembler(const v1::StreamHeader& expected);
 
   grpc::Status Add(const v1::AttendStreamResponse& message);
+  // An output block read in place (client/answer_wire.h): its rows are copied once, straight
+  // into the response.
+  grpc::Status AddBlock(const OutputBlockView& block);
 
   // Moves the output and the trailer's execution info into response; fails unless the header,
   // every block and the trailer have arrived.
@@ -60,7 +65,6 @@ class OutputAssembler {
 
  private:
   grpc::Status AddHeader(const v1::StreamResponseHeader& header);
-  grpc::Status AddBlock(const v1::OutputBlock& block);
   void MergeTrailerInfo(const v1::ExecutionInfo& info);
 
   v1::StreamHeader expected_;

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "server/group_flags.h"
+#include "server/malloc_tuning.h"
 #include "server/server.h"
 #include "server/warm_up_file.h"
 
@@ -107,6 +108,7 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
 }  // namespace
 
 int main(int argc, char** argv) {
+  da::server::KeepFreedMessageMemory();  // Before any thread starts (server/malloc_tuning.h).
   da::server::ServerOptions options;
   options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes();
   std::string log_level = "info";
