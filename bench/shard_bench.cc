@@ -99,7 +99,7 @@ engine::AttentionSpec SpecOf(const Options& o) {
 void PrintGeometry(const Options& o, const engine::ProblemShape& shape,
                    const engine::AttentionSpec& spec) {
   for (int world : {2, 4, 8, 16}) {
-    auto layout = engine::MakeShardLayout(shape, engine::ShardPolicy::kSequence, world);
+    auto layout = engine::MakeShardLayout(shape, spec, engine::ShardPolicy::kSequence, world);
     if (!layout.ok()) continue;
     int64_t bytes = 0;
     for (int r = 0; r < world; ++r) {

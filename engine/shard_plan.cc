@@ -1,6 +1,9 @@
 #include "engine/shard_plan.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
 #include <set>
 #include <tuple>
 
@@ -24,6 +27,53 @@ int64_t ShareBytes(const ProblemShape& shape, const RankShare& share, DType dtyp
   const int64_t per_head = shape.batch * share.tokens() * shape.head_dim;
   return per_head * (share.heads() * (DTypeSize(dtype) + DTypeSize(out_dtype)) +
                      2 * share.kv_heads() * DTypeSize(dtype));
+}
+
+// Whether items [begin, n) split into `parts` contiguous non-empty blocks of cost <= cap
+// (greedy: each block takes as many items as fit).
+bool RestFits(const std::vector<double>& prefix, int64_t begin, int64_t n, int parts, double cap) {
+  int64_t i = begin;
+  for (int p = 0; p < parts && i < n; ++p) {
+    int64_t end = i + 1;
+    if (prefix[end] - prefix[i] > cap) return false;
+    while (end < n && prefix[end + 1] - prefix[i] <= cap) ++end;
+    i = end;
+  }
+  return i == n && n - begin >= parts;
+}
+
+// Cuts items 0..n-1 (n >= parts) into `parts` contiguous non-empty blocks whose largest cost sum
+// is as small as possible (dynamic programming over prefix sums, O(parts * n^2)); among the
+// optimal cuts, earlier blocks take as many items as fit, so equal costs give the first n % parts
+// blocks one item more. Returns the parts + 1 boundaries.
+std::vector<int64_t> BalancedCuts(const std::vector<double>& costs, int parts) {
+  const int64_t n = static_cast<int64_t>(costs.size());
+  std::vector<double> prefix(n + 1, 0.0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + costs[i];
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  // best[p][i]: the least largest block cost of items [0, i) in p blocks.
+  std::vector<std::vector<double>> best(parts + 1, std::vector<double>(n + 1, kInf));
+  best[0][0] = 0;
+  for (int p = 1; p <= parts; ++p) {
+    for (int64_t i = p; i <= n; ++i) {
+      for (int64_t j = p - 1; j < i; ++j) {
+        best[p][i] = std::min(best[p][i], std::max(best[p - 1][j], prefix[i] - prefix[j]));
+      }
+    }
+  }
+  // A block within the optimum may carry rounding of the sums: compare with a relative slack.
+  const double cap = best[parts][n] * (1 + 1e-12);
+  std::vector<int64_t> cuts(parts + 1, 0);
+  cuts[parts] = n;
+  for (int r = 1; r < parts; ++r) {
+    int64_t end = cuts[r - 1] + 1;
+    while (end < n - (parts - r) && prefix[end + 1] - prefix[cuts[r - 1]] <= cap &&
+           RestFits(prefix, end + 1, n, parts - r, cap)) {
+      ++end;
+    }
+    cuts[r] = end;
+  }
+  return cuts;
 }
 
 }  // namespace
@@ -62,7 +112,8 @@ absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType
       break;
   }
   if (shape.heads >= world_size) {
-    absl::StatusOr<ShardLayout> heads = MakeShardLayout(shape, ShardPolicy::kHeads, world_size);
+    absl::StatusOr<ShardLayout> heads =
+        MakeShardLayout(shape, spec, ShardPolicy::kHeads, world_size);
     if (!heads.ok()) return heads.status();
     int64_t largest = 0;
     for (const RankShare& share : heads->shares) {
@@ -78,14 +129,38 @@ absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType
   return ShardPolicy::kSequence;
 }
 
-absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPolicy strategy,
-                                            int world_size) {
+std::vector<double> HeadCosts(const ProblemShape& shape, const AttentionSpec& spec) {
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
+  std::map<std::pair<int, int64_t>, double> by_pattern_offset;  // Heads share these.
+  std::vector<double> costs(shape.heads, 0.0);
+  for (int64_t head = 0; head < shape.heads; ++head) {
+    for (const HeadWork& hw : work[head]) {
+      auto [it, fresh] = by_pattern_offset.insert({{hw.pattern_index, hw.offset}, 0.0});
+      if (fresh) {
+        for (int64_t t = 0; t < NumSegments(shape.seq_len, hw.pattern.segment_len); ++t) {
+          const double m =
+              static_cast<double>(KeptPositions(hw.pattern, hw.offset, shape.seq_len, t).count);
+          it->second += spec.causal ? m * (m + 1) / 2 : m * m;
+        }
+      }
+      costs[head] += it->second;
+    }
+  }
+  return costs;
+}
+
+absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, const AttentionSpec& spec,
+                                            ShardPolicy strategy, int world_size) {
   if (world_size < 1) {
     return absl::InvalidArgumentError(absl::StrCat("world size is ", world_size, "; must be >= 1"));
   }
   ShardLayout layout;
   layout.strategy = strategy;
   const int64_t group = shape.heads / shape.kv_heads;  // Query heads per kv head.
+  std::vector<int64_t> head_bounds;
+  if (strategy == ShardPolicy::kHeads && shape.heads >= world_size) {
+    head_bounds = BalancedCuts(HeadCosts(shape, spec), world_size);
+  }
   for (int r = 0; r < world_size; ++r) {
     RankShare share;
     share.rank = r;
@@ -94,7 +169,8 @@ absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPoli
         return absl::InvalidArgumentError(absl::StrCat("HEADS layout: heads (", shape.heads,
                                                        ") must be >= world size ", world_size));
       }
-      std::tie(share.head_begin, share.head_end) = EvenPart(shape.heads, world_size, r);
+      share.head_begin = head_bounds[r];
+      share.head_end = head_bounds[r + 1];
       share.token_begin = 0;
       share.token_end = shape.seq_len;
       share.kv_head_begin = share.head_begin / group;

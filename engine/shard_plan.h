@@ -5,12 +5,14 @@
 //
 //   DA_ASSIGN_OR_RETURN(ShardPolicy strategy,
 //                       ChooseShardStrategy(shape, dtype, out_dtype, spec, world, budget));
-//   DA_ASSIGN_OR_RETURN(ShardLayout layout, MakeShardLayout(shape, strategy, world));
+//   DA_ASSIGN_OR_RETURN(ShardLayout layout, MakeShardLayout(shape, spec, strategy, world));
 //   for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) { ... }
 //
-// HEADS: rank r takes a contiguous block of query heads over every token (the first H % W ranks
-// one head more) and the kv heads those heads read. SEQUENCE: rank r takes a contiguous range of
-// token positions (the first N % W ranks one token more) of every batch and every head.
+// HEADS: rank r takes a contiguous block of query heads over every token, the blocks cut so that
+// their compute (HeadCosts) is as even as contiguous blocks allow (GROUPED heads of a dense
+// pattern cost many times those of a dilated one), and the kv heads those heads read. SEQUENCE:
+// rank r takes a contiguous range of token positions (the first N % W ranks one token more) of
+// every batch and every head.
 #pragma once
 
 #include <cstdint>
@@ -59,8 +61,12 @@ absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType
 
 // Every rank's share under a strategy. INVALID_ARGUMENT when the strategy cannot give every rank
 // work (fewer heads or tokens than ranks) or is not HEADS or SEQUENCE.
-absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, ShardPolicy strategy,
-                                            int world_size);
+absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, const AttentionSpec& spec,
+                                            ShardPolicy strategy, int world_size);
+
+// Per query head, the score entries its patterns compute over the whole sequence (kept rows
+// squared per segment; with causal, the unmasked half), the cost HEADS balances.
+std::vector<double> HeadCosts(const ProblemShape& shape, const AttentionSpec& spec);
 
 // Rows [first, second) of kept whose positions lie in [token_begin, token_end).
 std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begin,

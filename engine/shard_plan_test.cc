@@ -16,7 +16,8 @@ AttentionSpec Spec(std::vector<Pattern> patterns, ShardPolicy policy = ShardPoli
 
 TEST(ShardPlanTest, SequenceSharesAreNearEqualWithTheRemainderFirst) {
   const ProblemShape shape{1, 10, 4, 4, 8};
-  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, ShardPolicy::kSequence, 3);
+  absl::StatusOr<ShardLayout> layout =
+      MakeShardLayout(shape, Spec({{4, 1}}), ShardPolicy::kSequence, 3);
   ASSERT_TRUE(layout.ok()) << layout.status();
   ASSERT_EQ(layout->shares.size(), 3u);
   EXPECT_EQ(layout->shares[0].token_begin, 0);
@@ -32,7 +33,8 @@ TEST(ShardPlanTest, SequenceSharesAreNearEqualWithTheRemainderFirst) {
 
 TEST(ShardPlanTest, HeadSharesCarryTheKvHeadsTheyRead) {
   const ProblemShape shape{1, 16, 8, 2, 8};  // Query heads 0-3 read kv head 0, 4-7 kv head 1.
-  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, ShardPolicy::kHeads, 3);
+  absl::StatusOr<ShardLayout> layout =
+      MakeShardLayout(shape, Spec({{4, 1}}), ShardPolicy::kHeads, 3);
   ASSERT_TRUE(layout.ok()) << layout.status();
   const std::vector<std::pair<int64_t, int64_t>> heads = {{0, 3}, {3, 6}, {6, 8}};
   const std::vector<std::pair<int64_t, int64_t>> kv = {{0, 1}, {0, 2}, {1, 2}};
@@ -42,6 +44,35 @@ TEST(ShardPlanTest, HeadSharesCarryTheKvHeadsTheyRead) {
     EXPECT_EQ(std::make_pair(s.kv_head_begin, s.kv_head_end), kv[r]) << "rank " << r;
     EXPECT_EQ(s.tokens(), 16);
   }
+}
+
+TEST(ShardPlanTest, HeadSharesBalanceCostNotHeadCount) {
+  // GROUPED, 8 heads, 3 patterns: heads 0-2 run (2048, 1), 3-5 (4096, 2), 6-7 (8192, 4); per head
+  // the costs are 4 : 2 : 1 (32 segments of 2048 rows, 16 of 2048, 8 of 2048).
+  const ProblemShape shape{1, 65536, 8, 8, 64};
+  AttentionSpec spec = Spec({{2048, 1}, {4096, 2}, {8192, 4}});
+  spec.mode = CombineMode::kGrouped;
+  const std::vector<double> costs = HeadCosts(shape, spec);
+  ASSERT_EQ(costs.size(), 8u);
+  EXPECT_DOUBLE_EQ(costs[0], 32.0 * 2048 * 2048);
+  EXPECT_DOUBLE_EQ(costs[3], costs[0] / 2);
+  EXPECT_DOUBLE_EQ(costs[7], costs[0] / 4);
+  absl::StatusOr<ShardLayout> two = MakeShardLayout(shape, spec, ShardPolicy::kHeads, 2);
+  ASSERT_TRUE(two.ok());
+  // Costs 4 4 4 | 2 2 2 1 1: the largest block is 12 of 20 (by head count: 14 of 20).
+  EXPECT_EQ(two->shares[0].head_end, 3);
+  absl::StatusOr<ShardLayout> four = MakeShardLayout(shape, spec, ShardPolicy::kHeads, 4);
+  ASSERT_TRUE(four.ok());
+  // 4 | 4 | 4 | 2 2 2 1 1 would put 8 on the last rank; 4 | 4 | 4 2 | 2 2 1 1 is at most 6.
+  std::vector<int64_t> ends;
+  for (const RankShare& share : four->shares) ends.push_back(share.head_end);
+  EXPECT_EQ(ends, (std::vector<int64_t>{1, 2, 4, 8}));
+  // LONGNET heads all run every pattern: equal costs, equal blocks (first H % W one larger).
+  spec.mode = CombineMode::kLongNet;
+  absl::StatusOr<ShardLayout> even = MakeShardLayout(shape, spec, ShardPolicy::kHeads, 3);
+  ASSERT_TRUE(even.ok());
+  EXPECT_EQ(even->shares[0].head_end, 3);
+  EXPECT_EQ(even->shares[1].head_end, 6);
 }
 
 TEST(ShardPlanTest, AutoPicksHeadsWhenEveryRankGetsAHeadAndItFits) {
@@ -90,7 +121,7 @@ TEST(ShardPlanTest, OnlySegmentsAcrossRanksExchangeAndOnlyTheirKeptRows) {
   // head 1 offset 1. Segment 0 ([0, 64)) spans both ranks, segment 1 ([64, 100)) is rank 1's.
   const ProblemShape shape{3, 100, 2, 2, 16};
   AttentionSpec spec = Spec({{64, 2}});
-  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, ShardPolicy::kSequence, 2);
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kSequence, 2);
   ASSERT_TRUE(layout.ok());
   const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
   ASSERT_EQ(sets.size(), 2u);
@@ -112,7 +143,7 @@ TEST(ShardPlanTest, OnlySegmentsAcrossRanksExchangeAndOnlyTheirKeptRows) {
   EXPECT_EQ(ExchangeBytesReceived(shape, spec, *layout, DType::kFloat32, 1), 50 * row_bytes);
   // HEADS exchanges nothing.
   EXPECT_TRUE(
-      SpanningKeySets(shape, spec, *MakeShardLayout(shape, ShardPolicy::kHeads, 2)).empty());
+      SpanningKeySets(shape, spec, *MakeShardLayout(shape, spec, ShardPolicy::kHeads, 2)).empty());
 }
 
 TEST(ShardPlanTest, SpanningSetsPartitionTheirRowsAmongContiguousRanks) {
@@ -125,7 +156,7 @@ TEST(ShardPlanTest, SpanningSetsPartitionTheirRowsAmongContiguousRanks) {
         {{1 + static_cast<int64_t>(rng() % 200), 1}, {8 + static_cast<int64_t>(rng() % 300), 0}});
     spec.patterns[1].dilation = 1 + static_cast<int64_t>(rng() % spec.patterns[1].segment_len);
     spec.mode = trial % 2 ? CombineMode::kLongNet : CombineMode::kGrouped;
-    const ShardLayout layout = *MakeShardLayout(shape, ShardPolicy::kSequence, world);
+    const ShardLayout layout = *MakeShardLayout(shape, spec, ShardPolicy::kSequence, world);
     for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
       ASSERT_LT(set.first_rank, set.last_rank);
       int64_t next = 0;

@@ -98,7 +98,7 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
   CpuBackend backend;
   ASSERT_TRUE(backend.Run(q.view(), k.view(), v.view(), spec, whole.mutable_view(), {&pool}).ok());
 
-  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, strategy, world);
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, strategy, world);
   ASSERT_TRUE(layout.ok()) << layout.status();
   const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
   std::vector<OwnedTensor> q_shares, k_shares, v_shares;
@@ -179,7 +179,7 @@ TEST(SliceRunTest, RefusesASpanningSegmentWithoutGatheredRows) {
   AttentionSpec spec;
   spec.patterns = {{64, 2}};
   const ProblemShape shape{1, 100, 2, 2, 16};
-  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, ShardPolicy::kSequence, 2);
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kSequence, 2);
   ASSERT_TRUE(layout.ok());
   std::mt19937 rng(5);
   const RankShare& share = layout->shares[0];

@@ -356,8 +356,9 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     return absl::InvalidArgumentError(absl::StrCat("sharded run: ", problem.spec.patterns.size(),
                                                    " patterns do not fit a control frame"));
   }
-  DA_ASSIGN_OR_RETURN(ShardLayout layout,
-                      engine::MakeShardLayout(header.shape, problem.strategy, comm.size()));
+  DA_ASSIGN_OR_RETURN(ShardLayout layout, engine::MakeShardLayout(header.shape, header.spec,
+                                                                  problem.strategy, comm.size()));
+  const Clock::time_point run_start = Clock::now();
   const Communicator::Counters before = comm.counters();
   RankRun run(comm, header, std::move(layout), options);
   const ProblemShape& shape = header.shape;
@@ -374,9 +375,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     return absl::OkStatus();
   }));
   absl::Status scattered;
-  double scatter_seconds = 0;
   std::thread scatter([&] {
-    const Clock::time_point start = Clock::now();
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && scattered.ok(); ++r) {
       const RankShare& share = run.layout().shares[r];
@@ -395,7 +394,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
         if (!scattered.ok()) break;
       }
     }
-    scatter_seconds = SecondsSince(start);
   });
   struct Joiner {
     std::thread& thread;
@@ -436,9 +434,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.ranks.resize(world);
   std::atomic<bool> stop{false};
   absl::Status gathered, worker_failed;
-  double gather_seconds = 0;
   std::thread gather([&] {
-    const Clock::time_point start = Clock::now();
     const std::chrono::milliseconds limit = options.timeout + options.compute_timeout;
     gathered = [&]() -> absl::Status {
       std::vector<uint8_t> buffer;
@@ -471,7 +467,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       return absl::OkStatus();
     }();
     if (!gathered.ok()) stop = true;
-    gather_seconds = SecondsSince(start);
   });
   struct GatherJoiner {
     std::thread& thread;
@@ -499,7 +494,9 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // Whatever happened here, every worker's output is collected, so the group stays in step.
   scatter.join();
   gather.join();
-  run.stats().collective_seconds += scatter_seconds + gather_seconds;
+  // Rank 0's scatter and gather overlap its compute: its communication time is the run's wall
+  // time outside its compute (sends, waits and copies).
+  run.stats().collective_seconds = SecondsSince(run_start) - run.stats().compute_seconds;
   DA_RETURN_IF_ERROR(scattered);
   DA_RETURN_IF_ERROR(gathered);
   CountTraffic(comm, before, run.stats());
@@ -521,8 +518,9 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     return absl::InvalidArgumentError("ServeShardedRun needs a kRun control frame");
   }
   DA_ASSIGN_OR_RETURN(const RunHeader header, DecodeRunHeader(frame.payload));
-  DA_ASSIGN_OR_RETURN(ShardLayout layout,
-                      engine::MakeShardLayout(header.shape, header.spec.shard_policy, comm.size()));
+  DA_ASSIGN_OR_RETURN(
+      ShardLayout layout,
+      engine::MakeShardLayout(header.shape, header.spec, header.spec.shard_policy, comm.size()));
   const Communicator::Counters before = comm.counters();
   RankRun run(comm, header, std::move(layout), options);
   run.AllocateShare();

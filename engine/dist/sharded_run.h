@@ -99,8 +99,9 @@ struct ShardRunStats {
     int64_t bytes_received = 0;  // Everything it received.
     int64_t exchange_bytes = 0;  // Of bytes_received: kept K/V rows of spanning segments.
     double compute_seconds = 0;  // In this rank's kernel work.
-    // Wall time of control, scatter, exchange and gather (waits included); rank 0's scatter
-    // runs on a thread of its own, overlapping its exchange and compute.
+    // Workers: wall time of receiving the share, the exchange and sending the output (waits
+    // included). Rank 0, whose scatter and gather run on threads beside its compute: the run's
+    // wall time outside its compute.
     double collective_seconds = 0;
   };
   std::vector<Rank> ranks;

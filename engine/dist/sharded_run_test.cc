@@ -130,7 +130,7 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   // Traffic: each worker received its frame, its share and exactly the exchange the geometry
   // names; nothing else.
   const absl::StatusOr<engine::ShardLayout> layout =
-      engine::MakeShardLayout(c.shape, c.strategy, comm.size());
+      engine::MakeShardLayout(c.shape, c.spec, c.strategy, comm.size());
   RANK_CHECK(layout.ok(), layout.status().ToString());
   for (int r = 0; r < comm.size(); ++r) {
     const int64_t exchange =
