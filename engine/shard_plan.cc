@@ -29,19 +29,6 @@ int64_t ShareBytes(const ProblemShape& shape, const RankShare& share, DType dtyp
                      2 * share.kv_heads() * DTypeSize(dtype));
 }
 
-// Whether items [begin, n) split into `parts` contiguous non-empty blocks of cost <= cap
-// (greedy: each block takes as many items as fit).
-bool RestFits(const std::vector<double>& prefix, int64_t begin, int64_t n, int parts, double cap) {
-  int64_t i = begin;
-  for (int p = 0; p < parts && i < n; ++p) {
-    int64_t end = i + 1;
-    if (prefix[end] - prefix[i] > cap) return false;
-    while (end < n && prefix[end + 1] - prefix[i] <= cap) ++end;
-    i = end;
-  }
-  return i == n && n - begin >= parts;
-}
-
 // Cuts items 0..n-1 (n >= parts) into `parts` contiguous non-empty blocks whose largest cost sum
 // is as small as possible (dynamic programming over prefix sums, O(parts * n^2)); among the
 // optimal cuts, earlier blocks take as many items as fit, so equal costs give the first n % parts
@@ -67,8 +54,9 @@ std::vector<int64_t> BalancedCuts(const std::vector<double>& costs, int parts) {
   cuts[parts] = n;
   for (int r = 1; r < parts; ++r) {
     int64_t end = cuts[r - 1] + 1;
-    while (end < n - (parts - r) && prefix[end + 1] - prefix[cuts[r - 1]] <= cap &&
-           RestFits(prefix, end + 1, n, parts - r, cap)) {
+    // Filling each block as far as the optimum allows never needs more blocks than the optimum
+    // (the classic greedy argument); one item stays for each later block.
+    while (end < n - (parts - r) && prefix[end + 1] - prefix[cuts[r - 1]] <= cap) {
       ++end;
     }
     cuts[r] = end;

@@ -69,10 +69,14 @@ TEST(ShardPlanTest, HeadSharesBalanceCostNotHeadCount) {
   EXPECT_EQ(ends, (std::vector<int64_t>{1, 2, 4, 8}));
   // LONGNET heads all run every pattern: equal costs, equal blocks (first H % W one larger).
   spec.mode = CombineMode::kLongNet;
-  absl::StatusOr<ShardLayout> even = MakeShardLayout(shape, spec, ShardPolicy::kHeads, 3);
-  ASSERT_TRUE(even.ok());
-  EXPECT_EQ(even->shares[0].head_end, 3);
-  EXPECT_EQ(even->shares[1].head_end, 6);
+  for (int world = 2; world <= 8; ++world) {
+    absl::StatusOr<ShardLayout> even = MakeShardLayout(shape, spec, ShardPolicy::kHeads, world);
+    ASSERT_TRUE(even.ok());
+    for (int r = 0; r < world; ++r) {
+      EXPECT_EQ(even->shares[r].heads(), 8 / world + (r < 8 % world ? 1 : 0))
+          << "rank " << r << " of " << world;
+    }
+  }
 }
 
 TEST(ShardPlanTest, AutoPicksHeadsWhenEveryRankGetsAHeadAndItFits) {
