@@ -62,6 +62,7 @@ int RunWorker(const dist::testing::RankFlags& flags) {
   }
   engine::ThreadPool pool(static_cast<int>(flags.seed));  // --seed carries the thread count.
   engine::cpu::SliceRunner runner;
+  dist::RankBuffers buffers;
   while (true) {
     std::string frame(dist::kControlFrameBytes, '\0');
     absl::Status got =
@@ -73,7 +74,7 @@ int RunWorker(const dist::testing::RankFlags& flags) {
       return 2;
     }
     if (control->kind == dist::ControlKind::kShutdown) return 0;
-    auto served = dist::ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner});
+    auto served = dist::ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner, &buffers});
     if (!served.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", flags.rank, served.status().ToString().c_str());
       return 2;
@@ -206,6 +207,7 @@ int Main(int argc, char** argv) {
   // Rank 0 of the group.
   engine::ThreadPool rank_pool(o.threads_per_rank);
   engine::cpu::SliceRunner runner;
+  dist::RankBuffers buffers;
   auto strategy =
       engine::ChooseShardStrategy(shape, DType::kFloat32, DType::kFloat32, spec, o.world_size, 0);
   if (!strategy.ok()) {
@@ -223,7 +225,8 @@ int Main(int argc, char** argv) {
         backend.RunPlan(**plan, qv, kv, vv, spec, out_view(single), {&single_pool, nullptr});
     const double single_time = Seconds(start);
     start = Clock::now();
-    auto stats = dist::CoordinateShardedRun(**comm, problem, {kTimeout, &rank_pool, &runner});
+    auto stats =
+        dist::CoordinateShardedRun(**comm, problem, {kTimeout, &rank_pool, &runner, &buffers});
     const double sharded_time = Seconds(start);
     if (!ran.ok() || !stats.ok()) {
       std::fprintf(stderr, "run failed: %s / %s\n", ran.ToString().c_str(),

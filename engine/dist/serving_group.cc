@@ -147,6 +147,7 @@ class CoordinatorGroup::Impl {
     run_options.timeout = options.collective_timeout;
     run_options.pool = problem.pool;
     run_options.runner = &runner_;
+    run_options.buffers = &buffers_;
     absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, sharded, run_options);
     last_activity_ = Clock::now();
     if (result.ok()) {
@@ -318,9 +319,11 @@ class CoordinatorGroup::Impl {
   bool stopping_ = false;
   bool broken_ = false;
 
-  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_, runner_.
+  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_, runner_,
+                       // buffers_.
   std::unique_ptr<Communicator> comm_;
   engine::cpu::SliceRunner runner_;
+  RankBuffers buffers_;  // Rank 0's share when not contiguous, kept between runs.
   Clock::time_point last_activity_;
 
   std::mutex listener_mu_;

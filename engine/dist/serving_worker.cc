@@ -126,6 +126,7 @@ class Worker {
     run_options.timeout = o_.collective_timeout;
     run_options.pool = &pool_;
     run_options.runner = &runner_;
+    run_options.buffers = &buffers_;
     for (;;) {
       absl::Status received =
           comm.Recv(bytes.data(), kControlFrameBytes, 0, kControlTag, idle_timeout);
@@ -162,6 +163,7 @@ class Worker {
   const std::atomic<bool>& stop_;
   engine::ThreadPool pool_;
   engine::cpu::SliceRunner runner_;
+  RankBuffers buffers_;  // The share buffers, kept between runs.
   std::unique_ptr<KeyValueStore> store_;
   std::string session_;
   int64_t last_ = 0;  // The newest generation this worker tried (or skipped) in session_.

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/aligned_buffer.h"
 #include "engine/cpu/slice_run.h"
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
@@ -116,21 +117,19 @@ class RankRun {
   engine::TensorView q, k, v;
   engine::MutableTensorView out;
 
-  // Owned buffers for the share's inputs and output.
-  void AllocateShare() {
-    q_buf_.resize(ShareBytes(h_.shape.QueryShape(), share_, h_.dtype, false));
-    k_buf_.resize(ShareBytes(h_.shape.KeyShape(), share_, h_.dtype, true));
-    v_buf_.resize(k_buf_.size());
-    out_buf_.resize(ShareBytes(h_.shape.QueryShape(), share_, h_.out_dtype, false));
-    q = {h_.dtype, share_.QueryShape(h_.shape), q_buf_.data(), static_cast<int64_t>(q_buf_.size())};
-    k = {h_.dtype, share_.KeyShape(h_.shape), k_buf_.data(), static_cast<int64_t>(k_buf_.size())};
-    v = {h_.dtype, share_.KeyShape(h_.shape), v_buf_.data(), static_cast<int64_t>(v_buf_.size())};
-    out = {h_.out_dtype, share_.QueryShape(h_.shape), out_buf_.data(),
-           static_cast<int64_t>(out_buf_.size())};
+  // The share's inputs and output in the rank's kept buffers (or fresh ones).
+  absl::Status AllocateShare() {
+    const int64_t q_bytes = ShareBytes(h_.shape.QueryShape(), share_, h_.dtype, false);
+    const int64_t kv_bytes = ShareBytes(h_.shape.KeyShape(), share_, h_.dtype, true);
+    const int64_t out_bytes = ShareBytes(h_.shape.QueryShape(), share_, h_.out_dtype, false);
+    RankBuffers& b = options_.buffers != nullptr ? *options_.buffers : own_buffers_;
+    DA_RETURN_IF_ERROR(b.Reserve(q_bytes, kv_bytes, out_bytes));
+    q = {h_.dtype, share_.QueryShape(h_.shape), b.q(), q_bytes};
+    k = {h_.dtype, share_.KeyShape(h_.shape), b.k(), kv_bytes};
+    v = {h_.dtype, share_.KeyShape(h_.shape), b.v(), kv_bytes};
+    out = {h_.out_dtype, share_.QueryShape(h_.shape), b.out(), out_bytes};
+    return absl::OkStatus();
   }
-  std::vector<uint8_t>& q_buffer() { return q_buf_; }
-  std::vector<uint8_t>& k_buffer() { return k_buf_; }
-  std::vector<uint8_t>& v_buffer() { return v_buf_; }
 
   // SEQUENCE: sends this rank's kept rows of every spanning set to the ranks that read them and
   // gathers the rows it reads; a no-op for HEADS.
@@ -259,7 +258,7 @@ class RankRun {
   std::vector<SpanningKeys> sets_;
   std::vector<std::vector<uint8_t>> gathered_k_, gathered_v_;
   std::vector<engine::cpu::GatheredKeys> views_;
-  std::vector<uint8_t> q_buf_, k_buf_, v_buf_, out_buf_;
+  RankBuffers own_buffers_;
   ShardRunStats::Rank stats_;
 };
 
@@ -300,6 +299,34 @@ const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const Ra
 }
 
 }  // namespace
+
+struct RankBuffers::Buffers {
+  engine::cpu::AlignedBuffer q, k, v, out;
+};
+
+RankBuffers::RankBuffers() : buffers_(std::make_unique<Buffers>()) {}
+RankBuffers::~RankBuffers() = default;
+
+absl::Status RankBuffers::Reserve(int64_t q_bytes, int64_t kv_bytes, int64_t out_bytes) {
+  for (auto [buffer, bytes] :
+       {std::pair{&buffers_->q, q_bytes}, std::pair{&buffers_->k, kv_bytes},
+        std::pair{&buffers_->v, kv_bytes}, std::pair{&buffers_->out, out_bytes}}) {
+    if (buffer->Reserve((bytes + 3) / 4) == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("sharded run: cannot allocate a ", bytes, "-byte share buffer"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void* RankBuffers::q() const { return buffers_->q.data(); }
+void* RankBuffers::k() const { return buffers_->k.data(); }
+void* RankBuffers::v() const { return buffers_->v.data(); }
+void* RankBuffers::out() const { return buffers_->out.data(); }
+int64_t RankBuffers::capacity_bytes() const {
+  return buffers_->q.capacity_bytes() + buffers_->k.capacity_bytes() +
+         buffers_->v.capacity_bytes() + buffers_->out.capacity_bytes();
+}
 
 std::string EncodeControlFrame(const ControlFrame& frame) {
   std::string bytes(kControlFrameBytes, '\0');
@@ -364,6 +391,10 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   const ProblemShape& shape = header.shape;
   const int world = comm.size();
 
+  // Rank 0's own share buffers, when its share is not contiguous in the whole tensors, are had
+  // before anything is sent: running out of memory then leaves the group in step.
+  if (!Contiguous(shape, run.share())) DA_RETURN_IF_ERROR(run.AllocateShare());
+
   // Control frames, then the scatter of each worker's q, k and v share on a thread of its own,
   // so that rank 0's exchange and compute overlap it.
   const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
@@ -417,11 +448,10 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                const_cast<uint8_t*>(
                    ShareStart(problem.out.data, shape, mine, shape.heads, problem.out.dtype)),
                engine::ShareBytes(problem.out.shape, mine, problem.out.dtype, false)};
-  } else {
-    run.AllocateShare();
-    engine::CopyShareOut(problem.q, mine, false, run.q_buffer().data());
-    engine::CopyShareOut(problem.k, mine, true, run.k_buffer().data());
-    engine::CopyShareOut(problem.v, mine, true, run.v_buffer().data());
+  } else {  // Allocated above.
+    engine::CopyShareOut(problem.q, mine, false, const_cast<void*>(run.q.data));
+    engine::CopyShareOut(problem.k, mine, true, const_cast<void*>(run.k.data));
+    engine::CopyShareOut(problem.v, mine, true, const_cast<void*>(run.v.data));
   }
   DA_RETURN_IF_ERROR(run.Exchange());
 
@@ -523,11 +553,11 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       engine::MakeShardLayout(header.shape, header.spec, header.spec.shard_policy, comm.size()));
   const Communicator::Counters before = comm.counters();
   RankRun run(comm, header, std::move(layout), options);
-  run.AllocateShare();
+  DA_RETURN_IF_ERROR(run.AllocateShare());
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
-    for (std::vector<uint8_t>* buffer : {&run.q_buffer(), &run.k_buffer(), &run.v_buffer()}) {
-      DA_RETURN_IF_ERROR(comm.Recv(buffer->data(), static_cast<int64_t>(buffer->size()), 0,
-                                   kScatterTag, options.timeout));
+    for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
+      DA_RETURN_IF_ERROR(
+          comm.Recv(const_cast<void*>(view->data), view->bytes, 0, kScatterTag, options.timeout));
     }
     return absl::OkStatus();
   }));

@@ -35,6 +35,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,30 @@ std::string EncodeControlFrame(const ControlFrame& frame);
 // INVALID_ARGUMENT for a frame of the wrong size, magic, kind or length.
 absl::StatusOr<ControlFrame> DecodeControlFrame(const std::string& bytes);
 
+// Memory a rank keeps between runs for its share of q, k, v and the output (a worker's always;
+// rank 0's when its share is not contiguous in the whole tensors). Fresh pages cost about 13 us
+// per 4 KiB here (MACHINE-NOTES): 1 GiB of share faulted in anew took 3.4 s, more than moving it.
+// The buffers grow and never shrink, and ask for transparent huge pages. One run at a time.
+class RankBuffers {
+ public:
+  RankBuffers();
+  ~RankBuffers();
+  RankBuffers(const RankBuffers&) = delete;
+  RankBuffers& operator=(const RankBuffers&) = delete;
+  // At least q_bytes, kv_bytes (k and v each) and out_bytes; RESOURCE_EXHAUSTED when memory ran
+  // out.
+  absl::Status Reserve(int64_t q_bytes, int64_t kv_bytes, int64_t out_bytes);
+  void* q() const;
+  void* k() const;
+  void* v() const;
+  void* out() const;
+  int64_t capacity_bytes() const;
+
+ private:
+  struct Buffers;
+  std::unique_ptr<Buffers> buffers_;
+};
+
 struct ShardRunOptions {
   // Limit of every point-to-point operation of the run.
   std::chrono::milliseconds timeout{30000};
@@ -84,6 +109,8 @@ struct ShardRunOptions {
   // Keeps its workspace between runs (fresh pages are slow); null: a fresh one per run. One run
   // at a time may use a runner.
   engine::cpu::SliceRunner* runner = nullptr;
+  // Share buffers kept between runs; null: fresh ones per run.
+  RankBuffers* buffers = nullptr;
   // Added to the limit of rank 0's gather, which waits for the slowest worker's compute (a lost
   // worker still fails it at once: its connection closes).
   std::chrono::milliseconds compute_timeout{600000};

@@ -180,6 +180,7 @@ int RunRank(const RankFlags& flags) {
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
   engine::cpu::SliceRunner runner(flags.scenario == "worker_fails" ? engine::cpu::Isa::kPortable
                                                                    : engine::cpu::SelectedIsa());
+  RankBuffers buffers;
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
     while (true) {
@@ -189,7 +190,9 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK(control.ok(), control.status().ToString());
       if (control->kind == ControlKind::kShutdown) return 0;
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
-      absl::Status served = ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner}).status();
+      // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
+      absl::Status served =
+          ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner, &buffers}).status();
       // A compute failure (worker_fails) is reported to rank 0; anything else fails the rank.
       RANK_CHECK(served.ok() || (flags.scenario == "worker_fails" &&
                                  served.code() == absl::StatusCode::kInvalidArgument),
