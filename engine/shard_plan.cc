@@ -256,15 +256,22 @@ std::pair<int64_t, int64_t> RowsOf(const SpanningKeys& set, const ShardLayout& l
   return KeptRowsIn(set.kept, share.token_begin, share.token_end);
 }
 
+bool SendsRows(const SpanningKeys& set, const ShardLayout& layout, bool causal, int from, int to) {
+  if (!NeedsRowsFrom(causal, from, to)) return false;
+  for (int rank : {from, to}) {
+    const auto [begin, end] = RowsOf(set, layout, rank);
+    if (begin == end) return false;
+  }
+  return true;
+}
+
 int64_t ExchangeBytesReceived(const ProblemShape& shape, const AttentionSpec& spec,
                               const ShardLayout& layout, DType dtype, int rank) {
   int64_t rows = 0;
   for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
     if (rank < set.first_rank || rank > set.last_rank) continue;
-    const auto [mine_begin, mine_end] = RowsOf(set, layout, rank);
-    if (mine_begin == mine_end) continue;  // No query rows here: no keys needed.
     for (int from = set.first_rank; from <= set.last_rank; ++from) {
-      if (!NeedsRowsFrom(spec.causal, from, rank)) continue;
+      if (!SendsRows(set, layout, spec.causal, from, rank)) continue;
       const auto [b, e] = RowsOf(set, layout, from);
       rows += e - b;
     }

@@ -101,6 +101,10 @@ inline bool NeedsRowsFrom(bool causal, int from, int to) {
   return from != to && (!causal || from < to);
 }
 
+// Whether rank `from` sends its rows of `set` to rank `to` in the SEQUENCE exchange: both hold rows
+// of it and `to` reads `from`'s (NeedsRowsFrom).
+bool SendsRows(const SpanningKeys& set, const ShardLayout& layout, bool causal, int from, int to);
+
 // The bytes of kept K and V rows rank `rank` receives in the SEQUENCE exchange (all batches),
 // for inputs of dtype: sum over the spanning sets of the rows it needs from other ranks, times
 // 2 * head_dim * dtype size * batch. Summed over ranks this is the whole exchange.

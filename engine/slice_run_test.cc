@@ -63,7 +63,7 @@ Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSpec& spe
     g.k[i].assign(shape.batch * set.kept.count * row_bytes, 0xff);
     g.v[i].assign(shape.batch * set.kept.count * row_bytes, 0xff);
     for (int from = set.first_rank; from <= set.last_rank; ++from) {
-      if (from != rank && !NeedsRowsFrom(spec.causal, from, rank)) continue;
+      if (from != rank && !SendsRows(set, layout, spec.causal, from, rank)) continue;
       const auto [b, e] = RowsOf(set, layout, from);
       std::vector<uint8_t> piece(shape.batch * (e - b) * row_bytes);
       CopyKeptRows(k_shares[from].view(), layout.shares[from], set, b, e, piece.data());

@@ -20,18 +20,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
-// The query rows [row_begin, row_end) of one kept set of one (batch, head) that lie in the share.
-struct SliceTask {
-  int64_t batch = 0;
-  int64_t head = 0;     // Global query head.
-  int64_t kv_head = 0;  // Global kv head.
-  KeptRange kept;       // Global positions.
-  int64_t row_begin = 0;
-  int64_t row_end = 0;
-  int gathered = -1;  // Index into the spanning sets, or -1: the keys are local.
-  double cost = 0;
-};
-
 absl::Status CheckShape(const char* what, const Shape4& got, const Shape4& want) {
   if (got.batch == want.batch && got.seq_len == want.seq_len && got.heads == want.heads &&
       got.head_dim == want.head_dim) {
@@ -56,9 +44,11 @@ absl::Status CheckViews(const SliceProblem& p) {
   return absl::OkStatus();
 }
 
-// The tasks of the share, one loop per LONGNET pattern (patterns fold one after another into the
-// same rows) or one loop for GROUPED, cut into chunks when a loop has too few tasks for the pool.
-absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem& p, int threads) {
+// The tasks of the share (the query rows of each kept set that lie in the share), one loop per
+// LONGNET pattern (patterns fold one after another into the same rows) or one loop for GROUPED,
+// balanced as the whole-problem plan's loops are. Tasks point into `work`.
+absl::StatusOr<std::vector<std::vector<Task>>> MakeLoops(
+    const SliceProblem& p, const std::vector<std::vector<HeadWork>>& work, int threads) {
   const ProblemShape& s = p.shape;
   const RankShare& share = p.share;
   const bool longnet = p.spec.mode == CombineMode::kLongNet;
@@ -69,18 +59,17 @@ absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem
       spanning[{set.pattern_index, set.segment, set.kv_head, set.offset}] = static_cast<int>(i);
     }
   }
-  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, p.spec);
-  std::vector<std::vector<SliceTask>> loops(longnet ? p.spec.patterns.size() : 1);
+  std::vector<std::vector<Task>> loops(longnet ? p.spec.patterns.size() : 1);
   for (int64_t b = 0; b < s.batch; ++b) {
     for (int64_t head = share.head_begin; head < share.head_end; ++head) {
       const int64_t kv_head = KvHeadFor(head, s.heads, s.kv_heads);
       for (const HeadWork& hw : work[head]) {
         const int64_t w = hw.pattern.segment_len;
         for (int64_t t = share.token_begin / w; t * w < share.token_end; ++t) {
-          SliceTask task;
+          Task task;
           task.batch = b;
           task.head = head;
-          task.kv_head = kv_head;
+          task.work = &hw;
           task.kept = KeptPositions(hw.pattern, hw.offset, s.seq_len, t);
           std::tie(task.row_begin, task.row_end) =
               KeptRowsIn(task.kept, share.token_begin, share.token_end);
@@ -107,33 +96,7 @@ absl::StatusOr<std::vector<std::vector<SliceTask>>> MakeLoops(const SliceProblem
       }
     }
   }
-  // Chunks of at least kMinChunkRows rows when a loop has fewer than four tasks per thread.
-  const auto cost = [&](const SliceTask& t) {
-    const double rows = static_cast<double>(t.row_end - t.row_begin);
-    return p.spec.causal ? rows * 0.5 * static_cast<double>(t.row_begin + t.row_end + 1)
-                         : rows * static_cast<double>(t.kept.count);
-  };
-  for (std::vector<SliceTask>& loop : loops) {
-    const int64_t wanted = 4 * static_cast<int64_t>(threads);
-    if (threads > 1 && static_cast<int64_t>(loop.size()) < wanted) {
-      int64_t rows = 0;
-      for (const SliceTask& t : loop) rows += t.row_end - t.row_begin;
-      const int64_t chunk = std::max(kMinChunkRows, (rows + wanted - 1) / wanted);
-      std::vector<SliceTask> cut;
-      for (const SliceTask& t : loop) {
-        for (int64_t r = t.row_begin; r < t.row_end; r += chunk) {
-          SliceTask piece = t;
-          piece.row_begin = r;
-          piece.row_end = std::min(t.row_end, r + chunk);
-          cut.push_back(piece);
-        }
-      }
-      loop = std::move(cut);
-    }
-    for (SliceTask& t : loop) t.cost = cost(t);
-    std::stable_sort(loop.begin(), loop.end(),
-                     [](const SliceTask& a, const SliceTask& b) { return a.cost > b.cost; });
-  }
+  for (std::vector<Task>& loop : loops) BalanceLoop(loop, p.spec.causal, threads);
   return loops;
 }
 
@@ -153,7 +116,8 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
                                                    " is not computed on CPUs; use fp32 or bf16"));
   }
   const int threads = pool != nullptr ? pool->size() : 1;
-  DA_ASSIGN_OR_RETURN(const std::vector<std::vector<SliceTask>> loops, MakeLoops(p, threads));
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(p.shape.heads, p.spec);
+  DA_ASSIGN_OR_RETURN(const std::vector<std::vector<Task>> loops, MakeLoops(p, work, threads));
   const ProblemShape& s = p.shape;
   const RankShare& share = p.share;
   const int64_t head_dim = s.head_dim;
@@ -171,7 +135,7 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
   z.bf16 = bf16;
   int64_t max_rows = 1, max_keys = 1;
   for (const auto& loop : loops) {
-    for (const SliceTask& t : loop) {
+    for (const Task& t : loop) {
       max_rows = std::max(max_rows, t.row_end - t.row_begin);
       max_keys = std::max(max_keys, p.spec.causal ? t.row_end : t.kept.count);
     }
@@ -197,13 +161,13 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
   const float group_factor = 1.0f / static_cast<float>(p.spec.patterns.size());
   const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
 
-  const auto run_task = [&](const SliceTask& task, int thread) {
+  const auto run_task = [&](const Task& task, int thread) {
     ThreadSpace& ts = workspace_.threads[thread];
     const int64_t local_head = task.head - share.head_begin;
     SegmentTaskIo io;
     io.q = TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
     if (task.gathered < 0) {
-      const int64_t local_kv = task.kv_head - share.kv_head_begin;
+      const int64_t local_kv = KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
       io.k = TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
       io.v = TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
     } else {
@@ -242,7 +206,7 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
       for (int64_t i = 0; i < count; ++i) body(i, 0);
     }
   };
-  for (const std::vector<SliceTask>& loop : loops) {
+  for (const std::vector<Task>& loop : loops) {
     if (stopped()) break;
     parallel(static_cast<int64_t>(loop.size()), [&](int64_t i, int thread) {
       if (!stopped()) run_task(loop[i], thread);

@@ -9,18 +9,18 @@
 namespace da::engine::cpu {
 namespace {
 
-// Cuts every task into query chunks so that the loop has about `wanted` tasks.
+// Cuts every task's rows into query chunks so that the loop has about `wanted` tasks.
 std::vector<Task> Chunk(const std::vector<Task>& tasks, int64_t wanted) {
   const int64_t count = static_cast<int64_t>(tasks.size());
   const int64_t pieces = (wanted + count - 1) / std::max<int64_t>(1, count);
   std::vector<Task> chunked;
   for (const Task& task : tasks) {
-    const int64_t chunk =
-        std::max(kMinChunkRows, RoundUp((task.kept.count + pieces - 1) / pieces, kRowAlign));
-    for (int64_t r = 0; r < task.kept.count; r += chunk) {
+    const int64_t rows = task.row_end - task.row_begin;
+    const int64_t chunk = std::max(kMinChunkRows, RoundUp((rows + pieces - 1) / pieces, kRowAlign));
+    for (int64_t r = task.row_begin; r < task.row_end; r += chunk) {
       Task piece = task;
       piece.row_begin = r;
-      piece.row_end = std::min(task.kept.count, r + chunk);
+      piece.row_end = std::min(task.row_end, r + chunk);
       chunked.push_back(piece);
     }
   }
@@ -48,17 +48,21 @@ std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionS
         }
       }
     }
-    const int64_t wanted = 4 * static_cast<int64_t>(std::max(threads, 1));
-    if (static_cast<int64_t>(tasks.size()) < wanted) tasks = Chunk(tasks, wanted);
-    for (Task& task : tasks) {
-      // Causal: a chunk sees keys up to its last row, so its cost grows with row_end.
-      const double keys = spec.causal ? task.row_end : task.kept.count;
-      task.cost = static_cast<double>(task.row_end - task.row_begin) * keys;
-    }
-    std::stable_sort(tasks.begin(), tasks.end(),
-                     [](const Task& a, const Task& b) { return a.cost > b.cost; });
+    BalanceLoop(tasks, spec.causal, threads);
   }
   return plan;
+}
+
+void BalanceLoop(std::vector<Task>& tasks, bool causal, int threads) {
+  const int64_t wanted = 4 * static_cast<int64_t>(std::max(threads, 1));
+  if (static_cast<int64_t>(tasks.size()) < wanted) tasks = Chunk(tasks, wanted);
+  for (Task& task : tasks) {
+    // Causal: a chunk sees keys up to its last row, so its cost grows with row_end.
+    const double keys = causal ? task.row_end : task.kept.count;
+    task.cost = static_cast<double>(task.row_end - task.row_begin) * keys;
+  }
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
 }
 
 double SimulatedMakespan(const std::vector<Task>& tasks, int threads) {

@@ -30,6 +30,9 @@ struct Task {
   int64_t row_begin = 0;
   int64_t row_end = 0;
   double cost = 0.0;  // Score entries computed: rows x visible keys.
+  // Sharded runs (slice_run.h): the spanning set whose gathered keys this task reads; -1: the
+  // keys are in the local k and v.
+  int gathered = -1;
 };
 
 // Loops of tasks: one per pattern in LONGNET (patterns fold into shared state one after another),
@@ -37,6 +40,11 @@ struct Task {
 std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionSpec& spec,
                                          const std::vector<std::vector<HeadWork>>& work,
                                          int threads);
+
+// Makes one loop ready for the pool: when it has fewer than four tasks per thread, cuts each
+// task's rows [row_begin, row_end) into chunks of at least kMinChunkRows; then sets the costs and
+// orders the tasks biggest first. PlanTasks does this to every loop it makes.
+void BalanceLoop(std::vector<Task>& tasks, bool causal, int threads);
 
 // The finishing time of `threads` threads that each take the next task in order when free, as
 // ThreadPool::ParallelFor does, in units of Task::cost.

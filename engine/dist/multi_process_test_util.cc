@@ -46,6 +46,12 @@ std::optional<RankFlags> ParseRankFlags(int argc, char** argv) {
   return flags;
 }
 
+int RankOrTestMain(int argc, char** argv, int (*run_rank)(const RankFlags&)) {
+  if (std::optional<RankFlags> flags = ParseRankFlags(argc, argv)) return run_rank(*flags);
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
+
 pid_t SpawnRank(const RankFlags& flags) {
   std::vector<std::string> args = {
       "/proc/self/exe",

@@ -1,9 +1,8 @@
 // Test helper: a gtest binary that starts copies of itself as the ranks of a group.
 //
-//   int main(int argc, char** argv) {
-//     if (auto flags = ParseRankFlags(argc, argv)) return RunRank(*flags);  // a child
-//     ...run the tests, which start a RankGroup(size, "scenario")...
-//   }
+//   int main(int argc, char** argv) { return RankOrTestMain(argc, argv, RunRank); }
+//   // a child (--rank=R) runs RunRank(flags); the parent runs the tests, which start a
+//   // RankGroup(size, "scenario")
 #pragma once
 
 #include <sys/types.h>
@@ -49,6 +48,10 @@ struct RankFlags {
 
 // Returns the flags when this process was started as a rank (argv has --rank=R).
 std::optional<RankFlags> ParseRankFlags(int argc, char** argv);
+
+// main() of a test binary whose ranks are copies of itself: run_rank(flags) when started as a
+// rank, otherwise every gtest test.
+int RankOrTestMain(int argc, char** argv, int (*run_rank)(const RankFlags&));
 
 // Starts /proc/self/exe with the rank flags; returns the child's pid (or -1).
 pid_t SpawnRank(const RankFlags& flags);

@@ -161,14 +161,13 @@ class RankRun {
         engine::PlaceKeptRows(piece.data(), set, mine_begin, mine_end, h_.dtype, h_.shape.batch,
                               h_.shape.head_dim, gathered->data());
         for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
-          const auto [b, e] = engine::RowsOf(set, layout_, peer);
-          if (b == e || !engine::NeedsRowsFrom(h_.spec.causal, me, peer)) continue;
+          if (!engine::SendsRows(set, layout_, h_.spec.causal, me, peer)) continue;
           outgoing[peer].insert(outgoing[peer].end(), piece.begin(), piece.end());
         }
       }
       for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
+        if (!engine::SendsRows(set, layout_, h_.spec.causal, peer, me)) continue;
         const auto [b, e] = engine::RowsOf(set, layout_, peer);
-        if (b == e || !engine::NeedsRowsFrom(h_.spec.causal, peer, me)) continue;
         incoming_bytes[peer] += 2 * h_.shape.batch * (e - b) * row_bytes;
       }
     }
@@ -195,11 +194,8 @@ class RankRun {
       const uint8_t* cursor = message.data();
       for (size_t i = 0; i < sets_.size(); ++i) {
         const SpanningKeys& set = sets_[i];
-        const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
+        if (!engine::SendsRows(set, layout_, h_.spec.causal, peer, me)) continue;
         const auto [b, e] = engine::RowsOf(set, layout_, peer);
-        if (mine_begin == mine_end || b == e || !engine::NeedsRowsFrom(h_.spec.causal, peer, me)) {
-          continue;
-        }
         for (std::vector<uint8_t>* gathered : {&gathered_k_[i], &gathered_v_[i]}) {
           engine::PlaceKeptRows(cursor, set, b, e, h_.dtype, h_.shape.batch, h_.shape.head_dim,
                                 gathered->data());
@@ -323,10 +319,6 @@ void* RankBuffers::q() const { return buffers_->q.data(); }
 void* RankBuffers::k() const { return buffers_->k.data(); }
 void* RankBuffers::v() const { return buffers_->v.data(); }
 void* RankBuffers::out() const { return buffers_->out.data(); }
-int64_t RankBuffers::capacity_bytes() const {
-  return buffers_->q.capacity_bytes() + buffers_->k.capacity_bytes() +
-         buffers_->v.capacity_bytes() + buffers_->out.capacity_bytes();
-}
 
 std::string EncodeControlFrame(const ControlFrame& frame) {
   std::string bytes(kControlFrameBytes, '\0');
@@ -398,13 +390,10 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // Control frames, then the scatter of each worker's q, k and v share on a thread of its own,
   // so that rank 0's exchange and compute overlap it.
   const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
-  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
-    for (int r = 1; r < world; ++r) {
-      DA_RETURN_IF_ERROR(
-          comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
-    }
-    return absl::OkStatus();
-  }));
+  for (int r = 1; r < world; ++r) {
+    DA_RETURN_IF_ERROR(
+        comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
+  }
   absl::Status scattered;
   std::thread scatter([&] {
     std::vector<uint8_t> buffer;

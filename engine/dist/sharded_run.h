@@ -95,7 +95,6 @@ class RankBuffers {
   void* k() const;
   void* v() const;
   void* out() const;
-  int64_t capacity_bytes() const;
 
  private:
   struct Buffers;

@@ -180,9 +180,5 @@ TEST(CoordinatorStoreTest, ProcessesMeetThroughTheCoordinator) {
 }  // namespace da::dist
 
 int main(int argc, char** argv) {
-  if (auto flags = da::dist::testing::ParseRankFlags(argc, argv)) {
-    return da::dist::RunRank(*flags);
-  }
-  ::testing::InitGoogleTest(&argc, argv);
-  return RUN_ALL_TESTS();
+  return da::dist::testing::RankOrTestMain(argc, argv, da::dist::RunRank);
 }
