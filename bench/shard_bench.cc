@@ -202,7 +202,7 @@ int Main(int argc, char** argv) {
   engine::CpuBackend backend;
   const engine::PlanKey key = engine::MakePlanKey(
       qv, kv, DType::kFloat32, spec, engine::Precision::kFloat32, "cpu:0", total_threads);
-  auto plan = backend.BuildPlan(key);
+  auto plan = backend.BuildPlan(key, /*stop=*/nullptr);
   if (!plan.ok()) return 1;
   // Rank 0 of the group.
   engine::ThreadPool rank_pool(o.threads_per_rank);

@@ -10,7 +10,16 @@
 // threads). Inputs are generated block by block (server/synthetic_stream.h), so the client holds
 // no whole tensors; with the in-process baseline on, the whole streamed output is compared byte
 // for byte with the engine's. --server-pid reads that process's peak RSS (VmHWM) after the run.
+//
+// A client that does not share the server's cores (as a remote client does not), on a machine
+// with four or more:
+//   taskset -c 0,1 da-server --threads 2 ... &
+//   taskset -c 2,3 da-stream-bench --server 127.0.0.1:50051 --server-pid $! --engine-cpus 0,1
+// --engine-cpus runs the in-process baseline on the server's cores, so both sides of the ratio
+// compute on the same two cores.
+#include <sched.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -18,11 +27,14 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "client/attention_client.h"
 #include "server/conversion.h"
 #include "server/malloc_tuning.h"
@@ -46,6 +58,23 @@ int64_t ProcStatusKib(long pid, const std::string& field) {
   return -1;
 }
 
+// CPU seconds (user and system, all threads) that process `pid` has used so far; -1 if unknown.
+double ProcessCpuSeconds(long pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // The fields after the command name (which may hold spaces) start after its closing ')'.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream fields(stat.substr(close + 2));
+  std::string field;
+  double utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {  // Fields 14 and 15: utime and stime.
+    if (i == 14) utime = std::stod(field);
+    if (i == 15) stime = std::stod(field);
+  }
+  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
 // This process's CPU time (all threads: with an in-process server, client and server alike) and
 // minor page faults so far.
 struct Usage {
@@ -65,6 +94,73 @@ Usage Since(const Usage& start) {
   return {now.cpu_s - start.cpu_s, now.minor_faults - start.minor_faults};
 }
 
+// Runs `body` with the calling thread (and the threads it starts) on `cpus`, then restores the
+// calling thread's affinity. Empty `cpus`: runs it as is.
+template <typename Body>
+bool WithAffinity(const std::vector<int>& cpus, Body&& body) {
+  cpu_set_t before;
+  if (cpus.empty()) {
+    body();
+    return true;
+  }
+  if (sched_getaffinity(0, sizeof(before), &before) != 0) return false;
+  cpu_set_t wanted;
+  CPU_ZERO(&wanted);
+  for (const int cpu : cpus) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
+    CPU_SET(cpu, &wanted);
+  }
+  if (sched_setaffinity(0, sizeof(wanted), &wanted) != 0) return false;
+  body();
+  return sched_setaffinity(0, sizeof(before), &before) == 0;
+}
+
+// The whole problem in memory and an engine to run it on: the stream's baseline.
+class Baseline {
+ public:
+  static absl::StatusOr<std::unique_ptr<Baseline>> Create(
+      const da::server::testing::SyntheticStream& stream, const da::v1::StreamHeader& header,
+      int threads) {
+    da::engine::EngineOptions engine_options;
+    engine_options.threads = threads;
+    auto engine = da::engine::Engine::Create(engine_options);
+    if (!engine.ok()) return engine.status();
+    const auto problem = da::server::ProblemFromHeader(header);
+    if (!problem.ok()) return problem.status();
+    auto made = std::unique_ptr<Baseline>(new Baseline);
+    made->engine_ = *std::move(engine);
+    using da::server::testing::SyntheticStream;
+    const int64_t n = header.seq_len();
+    made->q_ = stream.Rows(SyntheticStream::kQuery, 0, n);
+    made->k_ = stream.Rows(SyntheticStream::kKey, 0, n);
+    made->v_ = stream.Rows(SyntheticStream::kValue, 0, n);
+    made->out_.assign(made->q_.size(), '\0');
+    const da::engine::Shape4 q_shape = problem->shape.QueryShape();
+    const da::engine::Shape4 kv_shape = problem->shape.KeyShape();
+    const auto view = [](da::engine::Shape4 shape, const std::string& bytes) {
+      return da::engine::TensorView{da::engine::DType::kFloat32, shape, bytes.data(),
+                                    static_cast<int64_t>(bytes.size())};
+    };
+    made->run_.q = view(q_shape, made->q_);
+    made->run_.k = view(kv_shape, made->k_);
+    made->run_.v = view(kv_shape, made->v_);
+    made->run_.out = {da::engine::DType::kFloat32, q_shape, made->out_.data(),
+                      static_cast<int64_t>(made->out_.size())};
+    made->run_.spec = problem->spec;
+    return made;
+  }
+
+  absl::Status Run() { return engine_->Run(run_).status(); }
+  // The last run's output.
+  const std::string& output() const { return out_; }
+
+ private:
+  Baseline() = default;
+  std::unique_ptr<da::engine::Engine> engine_;
+  std::string q_, k_, v_, out_;
+  da::engine::RunRequest run_;
+};
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -82,6 +178,7 @@ int main(int argc, char** argv) {
   long server_pid = 0;
   bool skip_in_process = false;
   bool generate_while_sending = false;
+  std::vector<int> engine_cpus;
 
   CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
   app.add_option("--server", server_address,
@@ -108,6 +205,9 @@ int main(int argc, char** argv) {
   app.add_flag("--generate-while-sending", generate_while_sending,
                "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
                "of before the clock starts");
+  app.add_option("--engine-cpus", engine_cpus,
+                 "CPUs of the in-process baseline (e.g. those a --server is pinned to)")
+      ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
   // As da-server does (this process is the server too, unless --server).
   if (server_address.empty()) da::server::KeepFreedMessageMemory();
@@ -144,53 +244,25 @@ int main(int argc, char** argv) {
       static_cast<double>(batch * seq_len) * (2.0 * heads * head_dim * 4 + 2.0 * row_bytes);
 
   // The in-process baseline: the whole problem in one Engine::Run on inputs already in memory
-  // (the same values the stream sends), best and median of repeat after one warm-up run.
-  std::string expected;
-  std::vector<double> engine_times, engine_cpu, engine_faults;
+  // (the same values the stream sends). Its runs alternate with the stream's, so that both see
+  // the same state of the machine; the first of each warms up.
+  std::unique_ptr<Baseline> baseline;
   if (!skip_in_process) {
-    da::engine::EngineOptions engine_options;
-    engine_options.threads = threads;
-    auto engine = da::engine::Engine::Create(engine_options);
-    if (!engine.ok()) {
-      std::cerr << engine.status() << "\n";
+    // The engine's pool threads start inside Engine::Create and inherit the affinity.
+    absl::StatusOr<std::unique_ptr<Baseline>> made;
+    if (!WithAffinity(engine_cpus, [&] { made = Baseline::Create(stream, header, threads); })) {
+      std::cerr << "da-stream-bench: cannot run on --engine-cpus\n";
       return 1;
     }
-    using da::server::testing::SyntheticStream;
-    const std::string q = stream.Rows(SyntheticStream::kQuery, 0, seq_len);
-    const std::string k = stream.Rows(SyntheticStream::kKey, 0, seq_len);
-    const std::string v = stream.Rows(SyntheticStream::kValue, 0, seq_len);
-    expected.assign(q.size(), '\0');
-    const auto problem = da::server::ProblemFromHeader(header);
-    if (!problem.ok()) {
-      std::cerr << problem.status() << "\n";
+    if (!made.ok()) {
+      std::cerr << "da-stream-bench: " << made.status() << "\n";
       return 1;
     }
-    const da::engine::Shape4 q_shape = problem->shape.QueryShape();
-    const da::engine::Shape4 kv_shape = problem->shape.KeyShape();
-    da::engine::RunRequest run;
-    run.q = {da::engine::DType::kFloat32, q_shape, q.data(), static_cast<int64_t>(q.size())};
-    run.k = {da::engine::DType::kFloat32, kv_shape, k.data(), static_cast<int64_t>(k.size())};
-    run.v = {da::engine::DType::kFloat32, kv_shape, v.data(), static_cast<int64_t>(v.size())};
-    run.spec = problem->spec;
-    run.out = {da::engine::DType::kFloat32, q_shape, expected.data(),
-               static_cast<int64_t>(expected.size())};
-    for (int i = 0; i <= repeat; ++i) {
-      const Usage usage_start = ProcessUsage();
-      const Clock::time_point start = Clock::now();
-      const auto ran = (*engine)->Run(run);
-      const double seconds = Seconds(start);
-      const Usage used = Since(usage_start);
-      if (!ran.ok()) {
-        std::cerr << "da-stream-bench: the in-process engine refused: " << ran.status() << "\n";
-        return 1;
-      }
-      if (i > 0) {
-        engine_times.push_back(seconds);
-        engine_cpu.push_back(used.cpu_s);
-        engine_faults.push_back(used.minor_faults);
-      }
-    }
+    baseline = *std::move(made);
   }
+  const std::string no_output;
+  const std::string& expected = baseline ? baseline->output() : no_output;  // Not a copy.
+  std::vector<double> engine_times, engine_cpu, engine_faults;
 
   std::unique_ptr<da::server::Server> server;
   if (server_address.empty()) {
@@ -212,9 +284,26 @@ int main(int argc, char** argv) {
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 
-  std::vector<double> stream_times, stream_cpu, stream_faults;
+  std::vector<double> stream_times, stream_cpu, stream_faults, server_cpu;
   da::v1::ExecutionInfo info;
   for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
+    if (baseline) {
+      const Usage usage_start = ProcessUsage();
+      const Clock::time_point start = Clock::now();
+      absl::Status ran;
+      WithAffinity(engine_cpus, [&] { ran = baseline->Run(); });
+      const double seconds = Seconds(start);
+      const Usage used = Since(usage_start);
+      if (!ran.ok()) {
+        std::cerr << "da-stream-bench: the in-process engine refused: " << ran << "\n";
+        return 1;
+      }
+      if (i > 0) {
+        engine_times.push_back(seconds);
+        engine_cpu.push_back(used.cpu_s);
+        engine_faults.push_back(used.minor_faults);
+      }
+    }
     int64_t received = 0;
     bool same = true;
     // Blocks are made before the clock starts (unless --generate-while-sending): on a shared
@@ -254,6 +343,7 @@ int main(int argc, char** argv) {
       return grpc::Status::OK;
     };
     const Usage usage_start = ProcessUsage();
+    const double server_cpu_start = server_pid > 0 ? ProcessCpuSeconds(server_pid) : -1;
     const Clock::time_point start = Clock::now();
     const grpc::Status status = client.AttendStreamShared(header, source, answers);
     const double seconds = Seconds(start);
@@ -270,6 +360,8 @@ int main(int argc, char** argv) {
       stream_times.push_back(seconds);
       stream_cpu.push_back(used.cpu_s);
       stream_faults.push_back(used.minor_faults);
+      if (server_cpu_start >= 0)
+        server_cpu.push_back(ProcessCpuSeconds(server_pid) - server_cpu_start);
     }
   }
 
@@ -290,14 +382,25 @@ int main(int argc, char** argv) {
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
   std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n", Median(stream_cpu),
               Median(stream_faults), server ? " (client and server)" : " (client only)");
+  if (!server_cpu.empty()) {
+    std::printf("  server process %ld (median): %.3f CPU s\n", server_pid, Median(server_cpu));
+  }
   if (!engine_times.empty()) {
     const double engine_best = *std::min_element(engine_times.begin(), engine_times.end());
     std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n", engine_best,
                 Median(engine_times));
     std::printf("  this process (median): %.3f CPU s, %.0f minor page faults\n", Median(engine_cpu),
                 Median(engine_faults));
-    std::printf("ratio stream / in-process: best %.3f, median %.3f; output identical: yes\n",
-                stream_best / engine_best, Median(stream_times) / Median(engine_times));
+    std::vector<double> paired;  // Each stream run over the engine run just before it.
+    for (size_t i = 0; i < stream_times.size(); ++i) {
+      paired.push_back(stream_times[i] / engine_times[i]);
+    }
+    std::printf(
+        "ratio stream / in-process: best %.3f, median %.3f, median of pairs %.3f (pairs %.3f to "
+        "%.3f); output identical: yes\n",
+        stream_best / engine_best, Median(stream_times) / Median(engine_times), Median(paired),
+        *std::min_element(paired.begin(), paired.end()),
+        *std::max_element(paired.begin(), paired.end()));
   }
   if (server_pid > 0) {
     std::printf("server peak RSS (VmHWM of pid %ld): %.1f MiB\n", server_pid,

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -421,6 +422,61 @@ TEST(AdmissionTest, CancellationDuringComputeStopsWithin100Ms) {
   EXPECT_EQ(stats.stop_latency.count, 1);
   EXPECT_LT(stats.stop_latency.max_seconds, 0.1);
   EXPECT_EQ(stats.stop_latency.cumulative.back(), 1);
+}
+
+// A cold plan whose workspace takes a while to allocate and touch: LONGNET into fp16 keeps an
+// fp32 accumulator for every output element (256 MiB here), and its build, not its compute, is
+// what a cancellation has to stop.
+TEST(AdmissionTest, CancellationDuringAColdPlanBuildStopsWithin100Ms) {
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  const Shape4 shape{1, 65536, 16, 64};
+  std::mt19937 rng(41);
+  // Values play no part (the run is stopped before it computes); random all the same.
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat16, shape, rng);
+  const OwnedTensor k = testing::RandomTensor(DType::kFloat16, shape, rng);
+  const OwnedTensor v = testing::RandomTensor(DType::kFloat16, shape, rng);
+  OwnedTensor out = testing::PoisonedTensor(DType::kFloat16, shape);
+  std::atomic<bool> cancelled{false};
+  RunRequest request;
+  request.q = q.view();
+  request.k = k.view();
+  request.v = v.view();
+  request.out = out.mutable_view();
+  request.spec.patterns = {{2048, 1}, {4096, 2}};
+  request.spec.mode = CombineMode::kLongNet;
+  request.spec.precision = Precision::kFloat32;
+  request.cancelled = &cancelled;
+
+  Outcome outcome;
+  (*engine)->Submit(request, outcome.Callback());
+  ASSERT_TRUE(WaitFor([&] { return (*engine)->stats().running == 1; }, milliseconds(10000)));
+  const Clock::time_point cancelled_at = Clock::now();
+  cancelled = true;
+  ASSERT_TRUE(outcome.Wait(milliseconds(10000)));
+  const double stop_ms =
+      std::chrono::duration<double, std::milli>(outcome.at - cancelled_at).count();
+  EXPECT_LT(stop_ms, 100);
+  EXPECT_EQ(outcome.result.status().code(), absl::StatusCode::kCancelled);
+  // Stopped in the build (the plan cache has no plan for the key), not after it.
+  EXPECT_TRUE(Contains(outcome.result.status().message(), "request cancelled during compute"))
+      << outcome.result.status();
+  EXPECT_TRUE(Contains(outcome.result.status().message(), "while its plan was being built"))
+      << outcome.result.status();
+  const EngineStats stats = (*engine)->stats();
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 0);
+  EXPECT_EQ(stats.running, 0);
+  EXPECT_EQ(stats.memory_reserved_bytes, 0);
+  EXPECT_EQ(stats.runs_cancelled, 1);
+  EXPECT_LT(stats.stop_latency.max_seconds, 0.1);
+
+  // The key is not poisoned: the same problem's plan still builds (and is not found cached).
+  absl::StatusOr<WarmUpResult> warm =
+      (*engine)->WarmUp({1, 65536, 16, 16, 64}, DType::kFloat16, DType::kFloat16, request.spec);
+  ASSERT_TRUE(warm.ok()) << warm.status();
+  EXPECT_FALSE(warm->already_warm);
+  std::printf("cold plan build: %.1f ms; stopped %.1f ms after the cancellation\n",
+              warm->build_time_us / 1e3, stop_ms);
 }
 
 TEST(AdmissionTest, DeadlineDuringComputeStopsWithin100Ms) {

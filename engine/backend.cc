@@ -27,7 +27,7 @@ absl::Status Backend::Run(const TensorView& q, const TensorView& k, const Tensor
   DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, ChoosePrecision(spec));
   const int threads = context.pool != nullptr ? context.pool->size() : 1;
   const PlanKey key = MakePlanKey(q, k, out.dtype, spec, precision.precision, Name(), threads);
-  DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, BuildPlan(key));
+  DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, BuildPlan(key, context.cancelled));
   return RunPlan(*plan, q, k, v, spec, out, context);
 }
 

@@ -7,7 +7,7 @@
 //
 //   DA_ASSIGN_OR_RETURN(PrecisionChoice precision, backend.ChoosePrecision(spec));
 //   PlanKey key = MakePlanKey(q, k, out.dtype, spec, precision.precision, "cpu:0", threads);
-//   DA_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, backend.BuildPlan(key));
+//   DA_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, backend.BuildPlan(key, /*stop=*/nullptr));
 //   DA_RETURN_IF_ERROR(backend.RunPlan(*plan, q, k, v, spec, out, context));
 #pragma once
 
@@ -50,8 +50,10 @@ class Backend {
   virtual absl::Status Supports(const ProblemShape& shape, DType dtype,
                                 const AttentionSpec& spec) const = 0;
 
-  // Everything derivable from the key, workspaces allocated and touched.
-  virtual absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) = 0;
+  // Everything derivable from the key, workspaces allocated and touched. When `stop` (optional)
+  // turns true, the build ends early with CANCELLED and keeps nothing.
+  virtual absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
+                                                          const std::atomic<bool>* stop) = 0;
 
   // The workspace bytes BuildPlan(key) allocates, computed without allocating anything: the
   // engine's admission control counts them. A run that finds its plan's workspace taken by a

@@ -180,9 +180,11 @@ struct Engine::Impl {
     return WithRejectReason(refused, RejectReason::kDeadline);
   }
 
-  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const PlanKey& key, bool* hit) {
+  // `stop` (optional) ends a build in progress, or the wait for another run's, with CANCELLED.
+  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const PlanKey& key, bool* hit,
+                                                const std::atomic<bool>* stop = nullptr) {
     return plans->GetOrBuild(
-        key, [&] { return backend->BuildPlan(key); }, hit);
+        key, [&] { return backend->BuildPlan(key, stop); }, hit, stop);
   }
 
   bool Sharded(const AttentionSpec& spec) const {
@@ -215,9 +217,10 @@ struct Engine::Impl {
     return info;
   }
 
-  // Runs a validated request on the calling thread and the pool; the backend polls `stop`.
+  // Runs a validated request on the calling thread and the pool; the plan build and the backend
+  // poll `stop`. *failed_in_plan says whether a failure came from getting the plan.
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us,
-                                        const std::atomic<bool>* stop) {
+                                        const std::atomic<bool>* stop, bool* failed_in_plan) {
     if (Sharded(request.spec)) return ComputeSharded(request, queue_time_us, stop);
     const Clock::time_point start = Clock::now();
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
@@ -226,7 +229,12 @@ struct Engine::Impl {
     bool hit = false;
     ExecutionInfo info;
     {
-      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, GetPlan(key, &hit));
+      absl::StatusOr<std::shared_ptr<Plan>> got = GetPlan(key, &hit, stop);
+      if (!got.ok()) {
+        *failed_in_plan = true;
+        return got.status();
+      }
+      const std::shared_ptr<Plan>& plan = *got;
       RunContext context{pool.get(), stop};
       DA_RETURN_IF_ERROR(backend->RunPlan(*plan, request.q, request.k, request.v, request.spec,
                                           request.out, context));
@@ -257,7 +265,9 @@ struct Engine::Impl {
     }
     watchdog_cv.notify_one();
     const Clock::time_point start = Clock::now();
-    absl::StatusOr<ExecutionInfo> result = Compute(request, queue_time_us, &run.stop);
+    bool failed_in_plan = false;
+    absl::StatusOr<ExecutionInfo> result =
+        Compute(request, queue_time_us, &run.stop, &failed_in_plan);
     const Clock::time_point returned = Clock::now();
 
     std::lock_guard<std::mutex> lock(mutex);
@@ -270,8 +280,9 @@ struct Engine::Impl {
       const double latency_s = std::chrono::duration<double>(returned - run.stop_seen).count();
       RecordStopLatency(latency_s);
       const std::string computed = absl::StrFormat(
-          "after %.1f ms of compute (%.1f ms queued); compute stopped %.1f ms later",
-          Millis(run.stop_seen - start), queue_time_us / 1e3, latency_s * 1e3);
+          "after %.1f ms of compute (%.1f ms queued)%s; compute stopped %.1f ms later",
+          Millis(run.stop_seen - start), queue_time_us / 1e3,
+          failed_in_plan ? ", while its plan was being built" : "", latency_s * 1e3);
       if (run.cause == StopCause::kCancelled) {
         ++counters.runs_cancelled;
         return absl::CancelledError(absl::StrCat("request cancelled during compute ", computed));

@@ -1,5 +1,6 @@
 #include "engine/plan_cache.h"
 
+#include <chrono>
 #include <condition_variable>
 
 #include "absl/strings/str_cat.h"
@@ -16,8 +17,19 @@ struct PlanCache::Entry {
 struct PlanCache::Flight {
   std::condition_variable done_cv;
   bool done = false;
+  // The builder was stopped: its result is its own, and the waiters build again.
+  bool abandoned = false;
   absl::StatusOr<std::shared_ptr<Plan>> result = absl::UnknownError("plan build in progress");
 };
+
+namespace {
+
+// How often a waiter with a stop flag looks at it.
+constexpr std::chrono::milliseconds kStopPollPeriod(2);
+
+bool Stopped(const std::atomic<bool>* stop) { return stop != nullptr && stop->load(); }
+
+}  // namespace
 
 std::string PlanKey::ToString() const {
   std::string patterns_text;
@@ -37,25 +49,39 @@ PlanCache::PlanCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {
 PlanCache::~PlanCache() = default;
 
 absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
-                                                            const Builder& build, bool* hit) {
+                                                            const Builder& build, bool* hit,
+                                                            const std::atomic<bool>* stop) {
   const std::string id = key.ToString();
   std::shared_ptr<Flight> flight;
   {
     std::unique_lock<std::mutex> lock(mutex_);
-    auto found = entries_.find(id);
-    if (found != entries_.end()) {
-      recency_.splice(recency_.begin(), recency_, found->second.recency);
-      ++stats_.hits;
-      if (hit != nullptr) *hit = true;
-      return found->second.plan;
-    }
-    ++stats_.misses;
-    if (hit != nullptr) *hit = false;
-    auto flying = flights_.find(id);
-    if (flying != flights_.end()) {
+    bool counted = false;  // One hit or miss per call, however many builds it waits for.
+    for (;;) {
+      auto found = entries_.find(id);
+      if (found != entries_.end()) {
+        recency_.splice(recency_.begin(), recency_, found->second.recency);
+        if (!counted) ++stats_.hits;
+        if (hit != nullptr) *hit = !counted;
+        return found->second.plan;
+      }
+      if (!counted) ++stats_.misses;
+      counted = true;
+      if (hit != nullptr) *hit = false;
+      auto flying = flights_.find(id);
+      if (flying == flights_.end()) break;
       flight = flying->second;  // Someone is building it: wait for that build.
-      flight->done_cv.wait(lock, [&] { return flight->done; });
-      return flight->result;
+      while (!flight->done) {
+        if (stop == nullptr) {
+          flight->done_cv.wait(lock);
+        } else if (stop->load()) {
+          return absl::CancelledError(
+              absl::StrCat("stopped while waiting for another request's build of plan ", id));
+        } else {
+          flight->done_cv.wait_for(lock, kStopPollPeriod);
+        }
+      }
+      if (!flight->abandoned) return flight->result;
+      // Its builder was stopped: look again (another waiter may have started the build).
     }
     flight = std::make_shared<Flight>();
     flights_.emplace(id, flight);
@@ -73,6 +99,7 @@ absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
   } else if (result.ok()) {
     result = absl::InternalError(absl::StrCat("plan builder returned no plan for ", id));
   }
+  flight->abandoned = absl::IsCancelled(result.status()) && Stopped(stop);
   flight->result = result;
   flight->done = true;
   flight->done_cv.notify_all();

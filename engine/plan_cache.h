@@ -15,6 +15,7 @@
 // they are released and Trim runs).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -75,8 +76,14 @@ class PlanCache {
 
   // The plan for key: from the cache (hit), or from build() on a miss, which is then cached. A
   // failed build is returned to every waiter and not cached. *hit may be null.
+  //
+  // `stop` (optional) is the caller's: when it turns true, a caller waiting for another's build
+  // of the same key returns CANCELLED within a few milliseconds, and a build of the caller's own
+  // that returns CANCELLED while `stop` is set (the builder honoured it) is not handed to the
+  // waiters: they build the plan themselves instead.
   absl::StatusOr<std::shared_ptr<Plan>> GetOrBuild(const PlanKey& key, const Builder& build,
-                                                   bool* hit);
+                                                   bool* hit,
+                                                   const std::atomic<bool>* stop = nullptr);
 
   // Evicts least-recently-used plans nobody holds until the cache fits its budget.
   void Trim();

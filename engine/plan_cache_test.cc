@@ -129,6 +129,100 @@ TEST(PlanCacheTest, ConcurrentMissesOnOneKeyBuildOnce) {
   EXPECT_EQ(cache.stats().entries, 1);
 }
 
+// A builder that runs until released (or until its caller's stop flag is raised, when it
+// honours it as a backend does: CANCELLED).
+struct HeldBuild {
+  std::atomic<bool> started{false};
+  std::atomic<bool> release{false};
+  std::atomic<int> builds{0};
+
+  PlanCache::Builder For(const std::atomic<bool>* stop) {
+    return [this, stop]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+      ++builds;
+      started = true;
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (!release.load() && std::chrono::steady_clock::now() < deadline) {
+        if (stop != nullptr && stop->load()) return absl::CancelledError("build stopped");
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      return std::make_shared<FakePlan>(32);
+    };
+  }
+  void WaitStarted() {
+    while (!started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+};
+
+TEST(PlanCacheTest, AStoppedWaiterLeavesPromptlyAndTheBuildGoesOn) {
+  PlanCache cache(1 << 20);
+  HeldBuild held;
+  std::thread builder(
+      [&] { EXPECT_TRUE(cache.GetOrBuild(Key(3), held.For(nullptr), nullptr).ok()); });
+  held.WaitStarted();
+  std::atomic<bool> stop{false};
+  absl::StatusOr<std::shared_ptr<Plan>> waited = absl::UnknownError("not returned");
+  std::chrono::steady_clock::time_point returned;
+  std::thread waiter([&] {
+    waited = cache.GetOrBuild(Key(3), held.For(&stop), nullptr, &stop);
+    returned = std::chrono::steady_clock::now();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // The waiter is waiting.
+  const auto stopped_at = std::chrono::steady_clock::now();
+  stop = true;
+  waiter.join();
+  EXPECT_EQ(waited.status().code(), absl::StatusCode::kCancelled) << waited.status();
+  const double left_ms = std::chrono::duration<double, std::milli>(returned - stopped_at).count();
+  EXPECT_LT(left_ms, 50);
+  held.release = true;
+  builder.join();
+  EXPECT_EQ(held.builds.load(), 1);
+  EXPECT_EQ(cache.stats().entries, 1);  // The first caller's build finished and was cached.
+}
+
+TEST(PlanCacheTest, AStoppedBuilderIsNotTheWaitersAnswerTheyBuildAgain) {
+  PlanCache cache(1 << 20);
+  HeldBuild held;
+  std::atomic<bool> stop{false};
+  absl::StatusOr<std::shared_ptr<Plan>> first = absl::UnknownError("not returned");
+  std::thread builder([&] { first = cache.GetOrBuild(Key(5), held.For(&stop), nullptr, &stop); });
+  held.WaitStarted();
+  constexpr int kWaiters = 4;
+  std::vector<absl::StatusOr<std::shared_ptr<Plan>>> waited(kWaiters,
+                                                            absl::UnknownError("not returned"));
+  std::vector<std::thread> waiters;
+  for (int i = 0; i < kWaiters; ++i) {
+    waiters.emplace_back(
+        [&, i] { waited[i] = cache.GetOrBuild(Key(5), held.For(nullptr), nullptr); });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // They wait for the first build.
+  stop = true;
+  builder.join();
+  EXPECT_EQ(first.status().code(), absl::StatusCode::kCancelled);
+  held.release = true;  // The waiters' own build (one of them) may finish now.
+  for (std::thread& t : waiters) t.join();
+  for (const auto& result : waited) {
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->get(), waited[0]->get());
+  }
+  EXPECT_EQ(held.builds.load(), 2);  // The stopped one, then one for all the waiters.
+  const PlanCacheStats s = cache.stats();
+  EXPECT_EQ(s.builds, 2);
+  EXPECT_EQ(s.misses, 1 + kWaiters);
+  EXPECT_EQ(s.entries, 1);
+}
+
+TEST(PlanCacheTest, ACancelledBuildWithoutAStopIsEveryWaitersAnswer) {
+  // CANCELLED from a builder whose caller did not stop is an ordinary failure, shared as such.
+  PlanCache cache(1 << 20);
+  std::atomic<bool> stop{false};
+  auto cancelled = []() -> absl::StatusOr<std::shared_ptr<Plan>> {
+    return absl::CancelledError("the device went away");
+  };
+  EXPECT_EQ(cache.GetOrBuild(Key(6), cancelled, nullptr, &stop).status().code(),
+            absl::StatusCode::kCancelled);
+  EXPECT_EQ(cache.stats().entries, 0);
+}
+
 TEST(PlanCacheTest, DifferentKeysBuildConcurrently) {
   PlanCache cache(1 << 20);
   std::vector<std::thread> threads;

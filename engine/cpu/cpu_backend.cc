@@ -28,11 +28,12 @@ CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
       precision_options_(precision) {}
 CpuBackend::~CpuBackend() = default;
 
-absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key) {
+absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key,
+                                                            const std::atomic<bool>* stop) {
   if (key.precision == Precision::kBFloat16 && !bf16_) {
     return absl::InvalidArgumentError("bf16 plan requested on a CPU path without AVX512-BF16");
   }
-  DA_ASSIGN_OR_RETURN(std::shared_ptr<cpu::CpuPlan> plan, cpu::BuildCpuPlan(key));
+  DA_ASSIGN_OR_RETURN(std::shared_ptr<cpu::CpuPlan> plan, cpu::BuildCpuPlan(key, stop));
   return std::shared_ptr<Plan>(std::move(plan));
 }
 

@@ -35,7 +35,8 @@ class CpuBackend final : public Backend {
 
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
-  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) override;
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
+                                                  const std::atomic<bool>* stop) override;
   int64_t PlanWorkspaceBytes(const PlanKey& key) const override;
   absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionSpec& spec, const MutableTensorView& out,

@@ -60,14 +60,27 @@ std::vector<std::pair<AlignedBuffer*, int64_t>> WantedBuffers(Workspace& ws,
 
 }  // namespace
 
-absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch) {
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch,
+                              const std::atomic<bool>* stop) {
+  // Touching a fresh page costs microseconds (a huge page far more), so a large accumulator takes
+  // hundreds of milliseconds: it is written in steps, with a look at `stop` between them.
+  constexpr size_t kTouchStep = size_t{8} << 20;
   for (const auto& [buffer, floats] : WantedBuffers(ws, z)) {
     float* data = buffer->Reserve(floats);
     if (data == nullptr) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cpu backend: cannot allocate a ", floats * 4, "-byte workspace buffer"));
     }
-    if (touch) std::memset(data, 0, buffer->capacity_bytes());
+    if (!touch) continue;
+    char* bytes = reinterpret_cast<char*>(data);
+    const size_t size = static_cast<size_t>(buffer->capacity_bytes());
+    for (size_t done = 0; done < size; done += kTouchStep) {
+      if (stop != nullptr && stop->load(std::memory_order_relaxed)) {
+        return absl::CancelledError(absl::StrCat("stopped while touching the plan's workspace (",
+                                                 ws.bytes(), " bytes reserved)"));
+      }
+      std::memset(bytes + done, 0, std::min(kTouchStep, size - done));
+    }
   }
   return absl::OkStatus();
 }
@@ -91,12 +104,12 @@ void CpuPlan::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
   if (idle_ == nullptr) idle_ = std::move(workspace);
 }
 
-absl::Status CpuPlan::Build() {
+absl::Status CpuPlan::Build(const std::atomic<bool>* stop) {
   const AttentionSpec spec = SpecOf(key_);
   work_ = AssignHeadPatterns(key_.shape.heads, spec);
   loops_ = PlanTasks(key_.shape.QueryShape(), spec, work_, sizes_.threads);
   idle_ = std::make_unique<Workspace>();
-  DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true));
+  DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true, stop));
   workspace_bytes_ = idle_->bytes();
   for (const auto& loop : loops_) table_bytes_ += loop.size() * sizeof(Task);
   return absl::OkStatus();
@@ -121,10 +134,11 @@ WorkspaceSizes SizesFor(const PlanKey& key) {
   return z;
 }
 
-absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key) {
+absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key,
+                                                      const std::atomic<bool>* stop) {
   const auto start = std::chrono::steady_clock::now();
   auto plan = std::make_shared<CpuPlan>(key, SizesFor(key));
-  DA_RETURN_IF_ERROR(plan->Build());
+  DA_RETURN_IF_ERROR(plan->Build(stop));
   plan->build_time_us = std::chrono::duration_cast<std::chrono::microseconds>(
                             std::chrono::steady_clock::now() - start)
                             .count();

@@ -10,6 +10,7 @@
 // Thread safety: the tables are immutable after BuildCpuPlan; Take/ReturnWorkspace lock.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -46,8 +47,11 @@ struct Workspace {
   int64_t bytes() const;
 };
 
-// Reserves every buffer; with touch, writes them once so that their pages are resident.
-absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& sizes, bool touch);
+// Reserves every buffer; with touch, writes them once so that their pages are resident. A
+// `stop` that turns true while it touches (a few milliseconds per check at most) ends it with
+// CANCELLED.
+absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& sizes, bool touch,
+                              const std::atomic<bool>* stop = nullptr);
 
 // What PrepareWorkspace on a fresh workspace allocates (Workspace::bytes() afterwards), computed
 // without allocating: admission control counts it before a plan exists.
@@ -67,8 +71,9 @@ class CpuPlan final : public Plan {
   void ReturnWorkspace(std::unique_ptr<Workspace> workspace);
 
  private:
-  friend absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key);
-  absl::Status Build();
+  friend absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key,
+                                                               const std::atomic<bool>* stop);
+  absl::Status Build(const std::atomic<bool>* stop);
 
   const PlanKey key_;
   const WorkspaceSizes sizes_;
@@ -84,7 +89,9 @@ class CpuPlan final : public Plan {
 WorkspaceSizes SizesFor(const PlanKey& key);
 
 // Sizes, decomposes and allocates (touching the workspace). The key's precision must be one the
-// caller's kernels can run (bf16 only with AVX512-BF16).
-absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key);
+// caller's kernels can run (bf16 only with AVX512-BF16). When `stop` turns true during the
+// build, CANCELLED (the workspace touched so far is freed).
+absl::StatusOr<std::shared_ptr<CpuPlan>> BuildCpuPlan(const PlanKey& key,
+                                                      const std::atomic<bool>* stop = nullptr);
 
 }  // namespace da::engine::cpu

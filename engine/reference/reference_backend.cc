@@ -143,7 +143,8 @@ class ReferencePlan final : public Plan {
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<Plan>> ReferenceBackend::BuildPlan(const PlanKey&) {
+absl::StatusOr<std::shared_ptr<Plan>> ReferenceBackend::BuildPlan(const PlanKey&,
+                                                                  const std::atomic<bool>*) {
   return std::make_shared<ReferencePlan>();
 }
 

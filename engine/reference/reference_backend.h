@@ -20,7 +20,8 @@ class ReferenceBackend final : public Backend {
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
   absl::Status Supports(const ProblemShape& shape, DType dtype,
                         const AttentionSpec& spec) const override;
-  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key) override;
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
+                                                  const std::atomic<bool>* stop) override;
   absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionSpec& spec, const MutableTensorView& out,
                        const RunContext& context) override;
