@@ -141,14 +141,42 @@ AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, Ser
       stream_buffers_(options_.stream_buffer_pool_bytes),
       build_features_(engine::BuildFeatures()) {}
 
+namespace {
+
+grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,
+                                       const grpc::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+}  // namespace
+
+bool AttentionService::RefusedWhileDraining(const char* method,
+                                            grpc::CallbackServerContext& context,
+                                            grpc::Status* status) {
+  if (!draining_.load()) return false;
+  RequestRecord record(metrics_, method, context);
+  *status = record.Finish(absl::UnavailableError("draining: the server is shutting down and takes "
+                                                 "no new calls; send this one to another replica"),
+                          nullptr);
+  return true;
+}
+
 grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* context,
                                                    const v1::AttendRequest* request,
                                                    v1::AttendResponse* response) {
+  if (grpc::Status refused; RefusedWhileDraining("Attend", *context, &refused)) {
+    return FinishedWith(context, refused);
+  }
   return new AttendReactor(engine_, metrics_, context, request, response);
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(
     grpc::CallbackServerContext* context) {
+  if (grpc::Status refused; RefusedWhileDraining("AttendStream", *context, &refused)) {
+    return new RefusedStreamReactor(refused);
+  }
   const StreamSettings settings{.max_message_bytes = options_.max_message_bytes,
                                 .pipeline_depth = options_.stream_pipeline_depth,
                                 .min_chunk_tokens = options_.stream_min_chunk_tokens,
@@ -160,6 +188,9 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
 grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetServerInfoRequest*,
                                                           v1::GetServerInfoResponse* response) {
+  if (grpc::Status refused; RefusedWhileDraining("GetServerInfo", *context, &refused)) {
+    return FinishedWith(context, refused);
+  }
   const auto start = std::chrono::steady_clock::now();
   response->set_version(options_.version);
   for (const std::string& feature : build_features_) response->add_build_features(feature);
@@ -186,6 +217,10 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
                                                    v1::WarmUpResponse* response) {
   const auto start = std::chrono::steady_clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status refused; RefusedWhileDraining("WarmUp", *context, &refused)) {
+    reactor->Finish(refused);
+    return reactor;
+  }
   // gRPC keeps context, request and response alive until Finish.
   warm_up_worker_.Post([this, context, request, response, reactor, start] {
     absl::Status status = context->IsCancelled()

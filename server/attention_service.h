@@ -10,6 +10,7 @@
 // service must outlive it too (its destructor joins the warm-up worker).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -31,6 +32,14 @@ using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Attend<
     v1::AttentionService::WithRawCallbackMethod_AttendStream<
         v1::AttentionService::WithCallbackMethod_GetServerInfo<
             v1::AttentionService::WithCallbackMethod_WarmUp<v1::AttentionService::Service>>>>;
+
+// A stream finished at once with `status`, before anything is read from it.
+class RefusedStreamReactor final
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  explicit RefusedStreamReactor(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
 
 struct ServiceOptions {
   int64_t max_message_bytes = 64 << 20;  // Bounds each streamed output block (half of it).
@@ -59,7 +68,18 @@ class AttentionService final : public AttentionServiceBase {
                                    const v1::WarmUpRequest* request,
                                    v1::WarmUpResponse* response) override;
 
+  // From now on every new call is refused with UNAVAILABLE ("draining"), counted and logged as a
+  // refusal; calls already started are not affected. Server::Shutdown calls it before its grace
+  // period, while gRPC still takes calls, so that a client learns of the drain from a status it
+  // can retry elsewhere rather than from a call cancelled by the transport.
+  void BeginDrain() { draining_.store(true); }
+
  private:
+  // Refuses `method`'s call with UNAVAILABLE while draining: true when it did (status set).
+  bool RefusedWhileDraining(const char* method, grpc::CallbackServerContext& context,
+                            grpc::Status* status);
+
+  std::atomic<bool> draining_{false};
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;

@@ -5,17 +5,6 @@
 #include "server/request_record.h"
 
 namespace da::server {
-namespace {
-
-// Finishes a stream at once, before reading anything from it.
-class RefusedStreamReactor final
-    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
- public:
-  explicit RefusedStreamReactor(const grpc::Status& status) { Finish(status); }
-  void OnDone() override { delete this; }
-};
-
-}  // namespace
 
 grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
                                                          grpc::CallbackServerContext& context) {

@@ -22,11 +22,13 @@ namespace {
 using std::chrono::milliseconds;
 using std::chrono::seconds;
 
-// A da-server process that drains for up to drain_timeout_ms.
-std::unique_ptr<testing::SpawnedServer> SpawnServer(int64_t drain_timeout_ms) {
+// A da-server process that drains for up to drain_timeout_ms, after drain_grace_ms of grace.
+std::unique_ptr<testing::SpawnedServer> SpawnServer(int64_t drain_timeout_ms,
+                                                    int64_t drain_grace_ms = 0) {
   auto server = std::make_unique<testing::SpawnedServer>(
       DA_SERVER_BINARY,
       std::vector<std::string>{"--drain-timeout-ms", std::to_string(drain_timeout_ms),
+                               "--drain-grace-ms", std::to_string(drain_grace_ms),
                                "--max-message-bytes", "1073741824", "--log-level", "warn"});
   return server->WaitForPorts(seconds(30)) ? std::move(server) : nullptr;
 }
@@ -121,6 +123,59 @@ grpc::Status StreamHeldBack(client::AttentionClient& client, const v1::AttendReq
   const grpc::Status status =
       client.AttendStreamBlocks(plan.header, next_block, on_answer, testing::WithTimeout(300000));
   return status.ok() ? assembler.Finish(response) : status;
+}
+
+// With a grace period the refusal of a new call is deterministic, also on the connection that
+// carries the call in flight: UNAVAILABLE from the service, naming the drain, counted as a
+// refusal; never CANCELLED by a transport that has stopped taking streams.
+TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) {
+  std::unique_ptr<testing::SpawnedServer> server =
+      SpawnServer(/*drain_timeout_ms=*/120000, /*drain_grace_ms=*/5000);
+  ASSERT_NE(server, nullptr);
+  auto channel = testing::ChannelTo(server->port());
+  client::AttentionClient client(channel);
+  const v1::AttendRequest request = testing::LongRequest(40960);
+  grpc::Status in_flight_status;
+  v1::AttendResponse in_flight_response;
+  std::thread call([&] {
+    in_flight_status = client.Attend(request, &in_flight_response, testing::WithTimeout(300000));
+  });
+  ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 1); }, seconds(60)));
+  const auto signalled = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
+
+  // Readiness goes NOT_SERVING first; liveness and the connection stay up through the grace.
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+        return client.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
+               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+      },
+      seconds(4)));
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest late_request = testing::RandomRequest({}, rng);
+  v1::AttendResponse late_response;
+  const grpc::Status unary =
+      client.Attend(late_request, &late_response, testing::WithTimeout(5000));
+  const grpc::Status streamed =
+      client.AttendStream(late_request, &late_response, testing::WithTimeout(5000));
+  v1::GetServerInfoResponse info;
+  const grpc::Status info_status = client.GetServerInfo(&info, testing::WithTimeout(5000));
+  const double refused_after_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
+  ASSERT_LT(refused_after_s, 4.5) << "the checks ran past the grace; they prove nothing";
+  for (const grpc::Status& late : {unary, streamed, info_status}) {
+    EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE) << late.error_message();
+    EXPECT_NE(late.error_message().find("draining"), std::string::npos) << late.error_message();
+  }
+  std::optional<std::string> text = testing::HttpGet(server->metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_requests_rejected_total{reason=\"unavailable\"}"), 3.0);
+
+  call.join();
+  EXPECT_TRUE(in_flight_status.ok()) << in_flight_status.error_message();
+  EXPECT_EQ(in_flight_response.output().data().size(), request.query().data().size());
+  EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
 }
 
 TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {

@@ -115,6 +115,7 @@ int main(int argc, char** argv) {
   std::string port_file;
   std::string metrics_port_file;
   int64_t drain_timeout_ms = 30000;
+  int64_t drain_grace_ms = 0;
   std::string warmup_file;
 
   CLI::App app{"da-server: dilated (LongNet-style) attention as a gRPC service"};
@@ -190,6 +191,12 @@ int main(int argc, char** argv) {
                  "On SIGTERM, how long calls in flight may take to finish")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--drain-grace-ms", drain_grace_ms,
+                 "On SIGTERM, how long new calls are still taken and refused with UNAVAILABLE "
+                 "(readiness already NOT_SERVING) before the server stops accepting; then "
+                 "--drain-timeout-ms applies")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{3600000}));
   // Multi-process serving (server/group_flags.h); checked by ValidateGroupFlags.
   da::server::GroupFlags group;
   app.add_option("--world-size", group.world_size,
@@ -305,8 +312,12 @@ int main(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&stop_signals, &signal_number);
-  spdlog::info("{}: draining for up to {} ms", strsignal(signal_number), drain_timeout_ms);
-  (*server)->Shutdown(std::chrono::milliseconds(drain_timeout_ms));
+  spdlog::info(
+      "{}: draining: new calls refused; {} ms of grace, then up to {} ms for the calls in "
+      "flight",
+      strsignal(signal_number), drain_grace_ms, drain_timeout_ms);
+  (*server)->Shutdown(std::chrono::milliseconds(drain_timeout_ms),
+                      std::chrono::milliseconds(drain_grace_ms));
   spdlog::info("stopped");
   return 0;
 }

@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -237,11 +239,13 @@ Server::~Server() {
   if (shard_group_ != nullptr) shard_group_->SetStatusListener(nullptr);
 }
 
-void Server::Shutdown(std::chrono::milliseconds drain_timeout) {
+void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::milliseconds grace) {
   std::lock_guard<std::mutex> lock(shutdown_mu_);
   if (shut_down_ || server_ == nullptr) return;
   shut_down_ = true;
   health_->BeginDrain();
+  service_->BeginDrain();
+  if (grace.count() > 0) std::this_thread::sleep_for(grace);
   // New calls are refused at once; calls in flight run to completion until the deadline, then
   // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
   // reactor is done, so no engine callback can touch the service afterwards.

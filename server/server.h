@@ -113,9 +113,14 @@ class Server {
   // after Start, and not concurrently with Shutdown.
   absl::Status WarmUp();
 
-  // Readiness NOT_SERVING and Watch streams ended, refuse new calls, let calls in flight finish for
-  // up to drain_timeout (then cancel them), and wait until the engine is idle.
-  void Shutdown(std::chrono::milliseconds drain_timeout);
+  // Readiness NOT_SERVING and Watch streams ended; new attention calls are refused with
+  // UNAVAILABLE ("draining") for `grace` while gRPC still accepts them (time for load balancers
+  // to read readiness and for clients to move); then gRPC stops taking calls, calls in flight
+  // finish for up to drain_timeout (then are cancelled), and it waits until the engine is idle.
+  // Without a grace, a client that sends a new call on a connection still carrying calls in
+  // flight, before it has read the server's GOAWAY, may see it CANCELLED by the transport.
+  void Shutdown(std::chrono::milliseconds drain_timeout,
+                std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
  private:
   Server() = default;
