@@ -230,7 +230,9 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
     read_in_flight_ = true;
     actions.read = true;
   }
-  if (!write_in_flight_ && FillNextWrite()) {
+  // A write is filled (its rows copied into a message) in the next round when this one starts a
+  // compute: the engine then starts at once instead of after the copy and the write.
+  if (!write_in_flight_ && !actions.compute && FillNextWrite()) {
     write_in_flight_ = true;
     actions.write = true;
   }
