@@ -18,6 +18,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "client/attention_client.h"
@@ -304,6 +305,45 @@ TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItR
   ASSERT_TRUE(exited.has_value()) << group.Logs();
   EXPECT_TRUE(WIFEXITED(*exited) && WEXITSTATUS(*exited) == 0) << group.Logs();
   EXPECT_TRUE(group.WaitForReadiness(HealthCheckResponse::NOT_SERVING, seconds(5))) << group.Logs();
+}
+
+// A request that is no longer wanted (here its deadline passes mid-compute) stops on every rank:
+// rank 0 sends the workers a stop word, their compute stops, and the group stays whole.
+TEST(MultiProcessServingTest, ACancelledRequestStopsTheWorkersAndTheGroupStaysWhole) {
+  Group group(2);
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+
+  // About a second of compute per rank (see the test above); the deadline passes 500 ms in.
+  const v1::AttendRequest request = testing::LongRequest(40960);
+  v1::AttendResponse response;
+  const double worker_cpu_before = CpuSeconds(group.worker(1)->pid());
+  const grpc::Status expired = client.Attend(request, &response, testing::WithTimeout(500));
+  EXPECT_EQ(expired.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << expired.error_message();
+  // The worker had started (it burnt CPU) and then stopped: it burns nothing more while idle.
+  std::this_thread::sleep_for(milliseconds(150));
+  const double worker_cpu_after_stop = CpuSeconds(group.worker(1)->pid());
+  std::this_thread::sleep_for(milliseconds(700));
+  const double worker_cpu_later = CpuSeconds(group.worker(1)->pid());
+  std::printf("worker CPU: %.2f s for the request, %.2f s in the 700 ms after it ended\n",
+              worker_cpu_after_stop - worker_cpu_before, worker_cpu_later - worker_cpu_after_stop);
+  EXPECT_GE(worker_cpu_after_stop - worker_cpu_before, 0.1) << group.Logs();
+  EXPECT_LT(worker_cpu_later - worker_cpu_after_stop, 0.1) << "the worker kept computing\n"
+                                                           << group.Logs();
+
+  // Still one group, still generation 1: the next request is sharded and exact.
+  EXPECT_EQ(group.Readiness(), HealthCheckResponse::SERVING);
+  const v1::AttendRequest small =
+      Fp32Request({.seq_len = 128, .heads = 4, .kv_heads = 4}, v1::SHARD_POLICY_AUTO);
+  const grpc::Status status = client.Attend(small, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+  EXPECT_EQ(response.info().devices_size(), 2);
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(small, 2)), 1e-6);
+  const std::string metrics = group.Metrics();
+  EXPECT_EQ(testing::MetricValue(metrics, "da_group_generation"), 1) << metrics;
+  EXPECT_EQ(testing::MetricValue(metrics, "da_group_whole"), 1) << metrics;
+  EXPECT_NE(group.Logs().find("run ended early"), std::string::npos) << group.Logs();
 }
 
 TEST(MultiProcessServingTest, BadFlagsExitNamingTheFlagValueAndLimit) {

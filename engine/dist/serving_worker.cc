@@ -143,9 +143,14 @@ class Worker {
         case ControlKind::kShutdown:
           shutdown_ = true;
           return absl::OkStatus();
-        case ControlKind::kRun:
-          DA_RETURN_IF_ERROR(ServeShardedRun(comm, frame, run_options).status());
+        case ControlKind::kRun: {
+          const absl::Status served = ServeShardedRun(comm, frame, run_options).status();
+          if (!AnsweredInStep(served)) DA_RETURN_IF_ERROR(served);
+          // Stopped by rank 0 (the request was cancelled) or failed in compute, and answered:
+          // rank 0 has the code, the group stays in step.
+          if (!served.ok()) Log(absl::StrCat("run ended early: ", served.ToString()));
           break;
+        }
       }
       if (stop_.load()) return absl::CancelledError("stopping");
     }

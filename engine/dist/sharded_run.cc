@@ -6,6 +6,7 @@
 #include <thread>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/aligned_buffer.h"
 #include "engine/cpu/slice_run.h"
@@ -26,6 +27,8 @@ using Clock = std::chrono::steady_clock;
 constexpr uint32_t kFrameMagic = 0x44414331;  // "DAC1"
 constexpr int64_t kFrameHeaderBytes = 16;     // magic, kind, payload length, reserved.
 constexpr int64_t kStatsWords = 6;            // ShardRunStats::Rank and a status code.
+// Marks a worker's error after which it answered rank 0 (AnsweredInStep).
+constexpr char kAnsweredPayload[] = "da.dist/answered-in-step";
 
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -452,12 +455,38 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.precision = problem.precision;
   stats.ranks.resize(world);
   std::atomic<bool> stop{false};
+  std::atomic<bool> gather_done{false};
   absl::Status gathered, worker_failed;
+  // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
+  // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
+  std::atomic<bool> stop_words_sent{false};
+  const auto send_stop_words = [&](int64_t word) -> absl::Status {
+    if (stop_words_sent.exchange(true)) return absl::OkStatus();
+    for (int r = 1; r < world; ++r) {
+      DA_RETURN_IF_ERROR(comm.Send(&word, kStopWordBytes, r, kStopTag, options.timeout));
+    }
+    return absl::OkStatus();
+  };
   std::thread gather([&] {
     const std::chrono::milliseconds limit = options.timeout + options.compute_timeout;
     gathered = [&]() -> absl::Status {
       std::vector<uint8_t> buffer;
       for (int r = 1; r < world; ++r) {
+        // The stats first: a worker that failed or was stopped sends no output.
+        std::vector<int64_t> words(kStatsWords);
+        DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, limit));
+        stats.ranks[r] = StatsFromWords(words);
+        if (words[5] != 0) {
+          if (worker_failed.ok()) {
+            // The worker's own log has its message; the code and the rank reach the caller.
+            worker_failed = absl::Status(
+                static_cast<absl::StatusCode>(words[5]),
+                absl::StrCat("rank ", r, " failed to compute its share (",
+                             absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
+                             "; see that rank's log)"));
+          }
+          continue;
+        }
         const RankShare& share = run.layout().shares[r];
         const int64_t bytes =
             engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
@@ -471,21 +500,11 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           DA_RETURN_IF_ERROR(comm.Recv(buffer.data(), bytes, r, kGatherTag, limit));
           engine::CopyShareIn(buffer.data(), share, problem.out);
         }
-        std::vector<int64_t> words(kStatsWords);
-        DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, limit));
-        stats.ranks[r] = StatsFromWords(words);
-        if (words[5] != 0 && worker_failed.ok()) {
-          // The worker's own log has its message; the code and the rank reach the caller.
-          worker_failed = absl::Status(
-              static_cast<absl::StatusCode>(words[5]),
-              absl::StrCat("rank ", r, " failed to compute its share (",
-                           absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
-                           "; see that rank's log)"));
-        }
       }
       return absl::OkStatus();
     }();
     if (!gathered.ok()) stop = true;
+    gather_done = true;
   });
   struct GatherJoiner {
     std::thread& thread;
@@ -494,25 +513,38 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
   } gather_joiner{gather};
 
-  // Rank 0's compute polls one flag: set by the gather on a lost worker, or relayed from the
-  // caller's cancellation by a watcher polling every millisecond.
-  std::atomic<bool> computing{true};
+  // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
+  // polls the caller's cancellation every millisecond until every worker has answered, and on
+  // it also stops the workers.
+  absl::Status relayed;
   std::thread relay([&] {
-    while (computing.load() && !stop.load()) {
-      if (problem.cancelled != nullptr && problem.cancelled->load()) stop = true;
+    while (!gather_done.load()) {
+      if (problem.cancelled != nullptr && problem.cancelled->load()) {
+        stop = true;
+        relayed = send_stop_words(1);
+        return;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   });
+  struct RelayJoiner {
+    std::thread& thread;
+    ~RelayJoiner() {
+      if (thread.joinable()) thread.join();
+    }
+  } relay_joiner{relay};
   const absl::Status computed = run.Compute(&stop);
-  computing = false;
-  relay.join();
   if (computed.ok() && !Contiguous(shape, mine)) {
     engine::CopyShareIn(run.out.data, mine, problem.out);
   }
 
-  // Whatever happened here, every worker's output is collected, so the group stays in step.
+  // Whatever happened here, every worker's answer is collected, so the group stays in step.
   scatter.join();
   gather.join();
+  relay.join();
+  // Workers that answered wait for their stop word (0 unless the relay sent 1).
+  if (scattered.ok() && gathered.ok()) DA_RETURN_IF_ERROR(send_stop_words(0));
+  DA_RETURN_IF_ERROR(relayed);
   // Rank 0's scatter and gather overlap its compute: its communication time is the run's wall
   // time outside its compute (sends, waits and copies).
   run.stats().collective_seconds = SecondsSince(run_start) - run.stats().compute_seconds;
@@ -520,15 +552,21 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   DA_RETURN_IF_ERROR(gathered);
   CountTraffic(comm, before, run.stats());
   stats.ranks[0] = run.stats();
-  if (!computed.ok()) {
-    if (computed.code() == absl::StatusCode::kCancelled && problem.cancelled != nullptr &&
-        problem.cancelled->load()) {
+  // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
+  // only the workers (CANCELLED in their stats).
+  const bool cancelled = problem.cancelled != nullptr && problem.cancelled->load();
+  for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
+    if (failed->ok()) continue;
+    if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
       return absl::CancelledError("sharded run cancelled");
     }
-    return computed;
+    return *failed;
   }
-  if (!worker_failed.ok()) return worker_failed;
   return stats;
+}
+
+bool AnsweredInStep(const absl::Status& served) {
+  return !served.ok() && served.GetPayload(kAnsweredPayload).has_value();
 }
 
 absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlFrame& frame,
@@ -550,20 +588,47 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     }
     return absl::OkStatus();
   }));
+  // From here on this worker answers rank 0 whatever happens (or its communicator has failed, and
+  // with it this receive), so it listens for the run's stop word: rank 0 sends 1 as soon as the
+  // request is cancelled, 0 after it has every worker's answer. The compute polls the flag.
+  std::atomic<bool> stop{false};
+  std::atomic<bool> listened{false};
+  int64_t stop_word = 0;
+  absl::Status heard;
+  std::thread listener([&] {
+    heard = comm.Recv(&stop_word, kStopWordBytes, 0, kStopTag,
+                      options.timeout + options.compute_timeout);
+    if (heard.ok() && stop_word != 0) stop = true;
+    listened = true;
+  });
+  struct Joiner {
+    std::thread& thread;
+    ~Joiner() {
+      if (thread.joinable()) thread.join();
+    }
+  } joiner{listener};
   DA_RETURN_IF_ERROR(run.Exchange());
-  // A failed compute (it cannot be cancelled here) still sends its (unspecified) rows, so that
-  // rank 0 is not left waiting; the error is returned to the worker's loop.
-  const absl::Status computed = run.Compute(nullptr);
+  // A failed or stopped compute sends only its stats, whose code says why; the error is returned
+  // to the worker's loop.
+  const absl::Status computed = run.Compute(&stop);
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
-    DA_RETURN_IF_ERROR(comm.Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout));
     CountTraffic(comm, before, run.stats());
-    // The kRun frame (received before this call) and the stats' own bytes belong to the run.
-    run.stats().bytes_received += kControlFrameBytes;
-    run.stats().bytes_sent += kStatsWords * 8;
+    // The kRun frame (received before this call), the stop word (unless it came already: a
+    // cancelled run) and what is sent below belong to the run.
+    run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes);
+    run.stats().bytes_sent += kStatsWords * 8 + (computed.ok() ? run.out.bytes : 0);
     const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
-    return comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout);
+    DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
+    if (!computed.ok()) return absl::OkStatus();
+    return comm.Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
   }));
-  DA_RETURN_IF_ERROR(computed);
+  listener.join();
+  DA_RETURN_IF_ERROR(heard);
+  if (!computed.ok()) {
+    absl::Status answered = computed;
+    answered.SetPayload(kAnsweredPayload, absl::Cord("1"));
+    return answered;
+  }
   ShardRunStats stats;
   stats.strategy = header.spec.shard_policy;
   stats.precision = header.spec.precision;

@@ -27,9 +27,14 @@
 // as the communicator reported it; after it the communicator is unusable (communicator.h) and
 // the caller re-forms the group. Rank 0 receives the workers' outputs on a thread posted before
 // it computes, so a worker lost while rank 0 computes stops rank 0's compute and fails the run at
-// once. A worker's compute failure comes back as its status code, naming the rank. A cancelled
-// request stops rank 0's compute at once but still collects the workers' outputs (so the group
-// stays usable; workers are not told and finish their share), then returns CANCELLED.
+// once. A worker's compute failure comes back as its status code, naming the rank.
+//
+// Cancellation: each run ends with one stop word from rank 0 to every worker, which the worker
+// listens for from the moment it holds its share. A cancelled request makes rank 0 send 1 at once
+// (within a millisecond of the flag); the workers' compute polls it like rank 0's, so every rank
+// stops within the kernel's stop latency, and a stopped worker sends its stats (code CANCELLED)
+// without its output. Otherwise rank 0 sends 0 once it has gathered every worker's answer. Either
+// way the group stays in step for the next run, and rank 0 returns CANCELLED.
 #pragma once
 
 #include <atomic>
@@ -58,6 +63,10 @@ inline constexpr int kControlTag = 1;   // Control frames, rank 0 -> worker.
 inline constexpr int kScatterTag = 2;   // Input shares, rank 0 -> worker.
 inline constexpr int kExchangeTag = 3;  // Kept K/V rows of spanning segments, rank -> rank.
 inline constexpr int kGatherTag = 4;    // Output shares and stats, worker -> rank 0.
+inline constexpr int kStopTag = 5;      // One stop word per run, rank 0 -> worker.
+
+// The stop word's size: 1 stops the worker's compute (the request was cancelled), 0 ends the run.
+inline constexpr int64_t kStopWordBytes = 8;
 
 // Every control frame has exactly this size.
 inline constexpr int64_t kControlFrameBytes = 4096;
@@ -151,8 +160,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                                                    const ShardRunOptions& options);
 
 // A worker, after receiving `run` (kind kRun) from rank 0: receives its share, exchanges,
-// computes and sends its output and stats back.
+// computes and sends its output and stats back. When its compute failed or was stopped by rank
+// 0's stop word, it still answers (stats with the code) and returns that error marked
+// AnsweredInStep.
 absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlFrame& run,
                                               const ShardRunOptions& options);
+
+// Whether ServeShardedRun's error left the worker in step with rank 0 (its compute failed or was
+// stopped, and it answered): it serves the next run as usual. Any other error means the
+// communicator failed or the run never started, and the worker leaves the group.
+bool AnsweredInStep(const absl::Status& served);
 
 }  // namespace da::dist

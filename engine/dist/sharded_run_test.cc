@@ -14,8 +14,12 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -127,8 +131,8 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   RANK_CHECK(max_abs > 0 && max_diff <= 1e-6 * max_abs, c.name, ": max diff ", max_diff, " of max ",
              max_abs);
 
-  // Traffic: each worker received its frame, its share and exactly the exchange the geometry
-  // names; nothing else.
+  // Traffic: each worker received its frame, its stop word, its share and exactly the exchange
+  // the geometry names; nothing else.
   const absl::StatusOr<engine::ShardLayout> layout =
       engine::MakeShardLayout(c.shape, c.spec, c.strategy, comm.size());
   RANK_CHECK(layout.ok(), layout.status().ToString());
@@ -142,11 +146,11 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
     const int64_t scatter =
         engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false) +
         2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
-    RANK_CHECK(stats->ranks[r].bytes_received == kControlFrameBytes + scatter + exchange, c.name,
-               ": rank ", r, " received ", stats->ranks[r].bytes_received,
-               "; frame + share + "
-               "exchange = ",
-               kControlFrameBytes + scatter + exchange);
+    RANK_CHECK(
+        stats->ranks[r].bytes_received == kControlFrameBytes + kStopWordBytes + scatter + exchange,
+        c.name, ": rank ", r, " received ", stats->ranks[r].bytes_received,
+        "; frame + stop word + share + exchange = ",
+        kControlFrameBytes + kStopWordBytes + scatter + exchange);
   }
   if (c.name == "volume") {
     int64_t total = 0;
@@ -183,7 +187,7 @@ int RunRank(const RankFlags& flags) {
   RankBuffers buffers;
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
-    while (true) {
+    for (int run = 0;; ++run) {
       std::string frame(kControlFrameBytes, '\0');
       RANK_CHECK_OK((*comm)->Recv(frame.data(), kControlFrameBytes, 0, kControlTag, kTimeout));
       absl::StatusOr<ControlFrame> control = DecodeControlFrame(frame);
@@ -193,11 +197,61 @@ int RunRank(const RankFlags& flags) {
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
       absl::Status served =
           ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner, &buffers}).status();
+      if (flags.scenario == "cancel" && run == 0) {
+        // Told by rank 0's stop word, this worker's compute stopped in the middle: were it not
+        // told, it would finish its share (about a second) and return OK.
+        RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                   "the cancelled run returned ", served.ToString());
+        continue;
+      }
       // A compute failure (worker_fails) is reported to rank 0; anything else fails the rank.
       RANK_CHECK(served.ok() || (flags.scenario == "worker_fails" &&
-                                 served.code() == absl::StatusCode::kInvalidArgument),
+                                 served.code() == absl::StatusCode::kInvalidArgument &&
+                                 AnsweredInStep(served)),
                  served.ToString());
     }
+  }
+  if (flags.scenario == "cancel") {
+    // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
+    // 4 heads of 64, two heads per rank. Cancelled 300 ms in, every rank stops within 100 ms.
+    const ProblemShape shape{1, 16384, 4, 4, 64};
+    AttentionSpec spec;
+    spec.patterns = {{16384, 1}};
+    spec.precision = engine::Precision::kFloat32;
+    std::mt19937 rng(static_cast<uint32_t>(flags.seed));
+    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+    std::atomic<bool> cancelled{false};
+    ShardedProblem problem{q.view(), k.view(), v.view(), spec, out.mutable_view()};
+    problem.strategy = ShardPolicy::kHeads;
+    problem.cancelled = &cancelled;
+    std::chrono::steady_clock::time_point cancelled_at;
+    std::thread canceller([&] {
+      std::this_thread::sleep_for(milliseconds(300));
+      cancelled_at = std::chrono::steady_clock::now();
+      cancelled = true;
+    });
+    const auto started = std::chrono::steady_clock::now();
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(**comm, problem, {kTimeout, &pool, &runner});
+    const auto returned = std::chrono::steady_clock::now();
+    canceller.join();
+    RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled, result.status().ToString());
+    const double stop_ms =
+        std::chrono::duration<double, std::milli>(returned - cancelled_at).count();
+    std::fprintf(stderr, "rank 0: cancelled after %.0f ms, returned %.1f ms later\n",
+                 std::chrono::duration<double, std::milli>(cancelled_at - started).count(),
+                 stop_ms);
+    RANK_CHECK(stop_ms < 100, "the group stopped ", stop_ms, " ms after the cancellation");
+    // The group is still in step: a run after it is exact, to the byte of traffic.
+    if (int bad = CoordinateCase(flags, **comm, SweepCases()[0], flags.seed, pool, runner)) {
+      return bad;
+    }
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
+    return 0;
   }
   if (flags.scenario == "worker_fails") {
     // A bf16 run the workers cannot compute: rank 0 hears which rank failed and the group stays
@@ -257,6 +311,11 @@ TEST(ShardedRunFailureTest, AWorkerThatCannotComputeIsNamedAndTheGroupGoesOn) {
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
+TEST(ShardedRunCancelTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
+  testing::RankGroup group(2, "cancel");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
 TEST(ControlFrameTest, RoundTripsAndRefusesDamage) {
   const std::string bytes = EncodeControlFrame({ControlKind::kRun, "payload"});
   ASSERT_EQ(static_cast<int64_t>(bytes.size()), kControlFrameBytes);
@@ -287,8 +346,11 @@ TEST(ShardedRunTest, ServeRefusesAFrameThatIsNotARun) {
   } comm;
   EXPECT_EQ(ServeShardedRun(comm, {ControlKind::kHeartbeat, ""}, {}).status().code(),
             absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ServeShardedRun(comm, {ControlKind::kRun, "short"}, {}).status().code(),
-            absl::StatusCode::kInvalidArgument);
+  const absl::Status refused = ServeShardedRun(comm, {ControlKind::kRun, "short"}, {}).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  // Refused before the run began: not an answer, so a serving worker leaves the group on it.
+  EXPECT_FALSE(AnsweredInStep(refused));
+  EXPECT_FALSE(AnsweredInStep(absl::OkStatus()));
 }
 
 }  // namespace
