@@ -44,18 +44,27 @@ bool ExitedWithZero(const std::optional<int>& wait_status) {
   return wait_status.has_value() && WIFEXITED(*wait_status) && WEXITSTATUS(*wait_status) == 0;
 }
 
+// A long unary call (seconds of compute on two cores) on its own thread, seen in flight.
+struct LongCallInFlight {
+  explicit LongCallInFlight(client::AttentionClient& client)
+      : request(testing::LongRequest(40960)), thread([this, &client] {
+          status = client.Attend(request, &response, testing::WithTimeout(300000));
+        }) {}
+  ~LongCallInFlight() {
+    if (thread.joinable()) thread.join();
+  }
+  const v1::AttendRequest request;
+  grpc::Status status;
+  v1::AttendResponse response;
+  std::thread thread;
+};
+
 TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   std::unique_ptr<testing::SpawnedServer> server = SpawnServer(/*drain_timeout_ms=*/120000);
   ASSERT_NE(server, nullptr);
   client::AttentionClient client(testing::ChannelTo(server->port()));
 
-  // Seconds of compute on two cores: long enough to be seen in flight.
-  const v1::AttendRequest request = testing::LongRequest(40960);
-  grpc::Status in_flight_status;
-  v1::AttendResponse in_flight_response;
-  std::thread call([&] {
-    in_flight_status = client.Attend(request, &in_flight_response, testing::WithTimeout(300000));
-  });
+  LongCallInFlight call(client);
   ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 1); }, seconds(60)));
   ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
 
@@ -73,9 +82,9 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
                                                testing::WithTimeout(5000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE) << late.error_message();
 
-  call.join();
-  EXPECT_TRUE(in_flight_status.ok()) << in_flight_status.error_message();
-  EXPECT_EQ(in_flight_response.output().data().size(), request.query().data().size());
+  call.thread.join();
+  EXPECT_TRUE(call.status.ok()) << call.status.error_message();
+  EXPECT_EQ(call.response.output().data().size(), call.request.query().data().size());
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
 }
 
@@ -134,12 +143,7 @@ TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) 
   ASSERT_NE(server, nullptr);
   auto channel = testing::ChannelTo(server->port());
   client::AttentionClient client(channel);
-  const v1::AttendRequest request = testing::LongRequest(40960);
-  grpc::Status in_flight_status;
-  v1::AttendResponse in_flight_response;
-  std::thread call([&] {
-    in_flight_status = client.Attend(request, &in_flight_response, testing::WithTimeout(300000));
-  });
+  LongCallInFlight call(client);
   ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 1); }, seconds(60)));
   const auto signalled = std::chrono::steady_clock::now();
   ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
@@ -172,9 +176,9 @@ TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) 
   ASSERT_TRUE(text.has_value());
   EXPECT_EQ(testing::MetricValue(*text, "da_requests_rejected_total{reason=\"unavailable\"}"), 3.0);
 
-  call.join();
-  EXPECT_TRUE(in_flight_status.ok()) << in_flight_status.error_message();
-  EXPECT_EQ(in_flight_response.output().data().size(), request.query().data().size());
+  call.thread.join();
+  EXPECT_TRUE(call.status.ok()) << call.status.error_message();
+  EXPECT_EQ(call.response.output().data().size(), call.request.query().data().size());
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
 }
 

@@ -30,6 +30,14 @@ constexpr int64_t kStatsWords = 6;            // ShardRunStats::Rank and a statu
 // Marks a worker's error after which it answered rank 0 (AnsweredInStep).
 constexpr char kAnsweredPayload[] = "da.dist/answered-in-step";
 
+// Joins a thread when the scope ends (early returns included), unless it was joined already.
+struct JoinOnExit {
+  std::thread& thread;
+  ~JoinOnExit() {
+    if (thread.joinable()) thread.join();
+  }
+};
+
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -418,12 +426,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       }
     }
   });
-  struct Joiner {
-    std::thread& thread;
-    ~Joiner() {
-      if (thread.joinable()) thread.join();
-    }
-  } joiner{scatter};
+  JoinOnExit joiner{scatter};
 
   // Rank 0's own share.
   const RankShare& mine = run.share();
@@ -506,12 +509,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     if (!gathered.ok()) stop = true;
     gather_done = true;
   });
-  struct GatherJoiner {
-    std::thread& thread;
-    ~GatherJoiner() {
-      if (thread.joinable()) thread.join();
-    }
-  } gather_joiner{gather};
+  JoinOnExit gather_joiner{gather};
 
   // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
   // polls the caller's cancellation every millisecond until every worker has answered, and on
@@ -527,12 +525,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
   });
-  struct RelayJoiner {
-    std::thread& thread;
-    ~RelayJoiner() {
-      if (thread.joinable()) thread.join();
-    }
-  } relay_joiner{relay};
+  JoinOnExit relay_joiner{relay};
   const absl::Status computed = run.Compute(&stop);
   if (computed.ok() && !Contiguous(shape, mine)) {
     engine::CopyShareIn(run.out.data, mine, problem.out);
@@ -601,12 +594,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     if (heard.ok() && stop_word != 0) stop = true;
     listened = true;
   });
-  struct Joiner {
-    std::thread& thread;
-    ~Joiner() {
-      if (thread.joinable()) thread.join();
-    }
-  } joiner{listener};
+  JoinOnExit joiner{listener};
   DA_RETURN_IF_ERROR(run.Exchange());
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned
   // to the worker's loop.
