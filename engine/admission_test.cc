@@ -432,16 +432,15 @@ TEST(AdmissionTest, CancellationDuringAColdPlanBuildStopsWithin100Ms) {
   ASSERT_TRUE(engine.ok());
   const Shape4 shape{1, 65536, 16, 64};
   std::mt19937 rng(41);
-  // Values play no part (the run is stopped before it computes); random all the same.
-  const OwnedTensor q = testing::RandomTensor(DType::kFloat16, shape, rng);
-  const OwnedTensor k = testing::RandomTensor(DType::kFloat16, shape, rng);
-  const OwnedTensor v = testing::RandomTensor(DType::kFloat16, shape, rng);
+  // Values play no part (the run is stopped before it computes); random all the same, one tensor
+  // for q, k and v (generating three of 64M values costs seconds, more under TSan).
+  const OwnedTensor qkv = testing::RandomTensor(DType::kFloat16, shape, rng);
   OwnedTensor out = testing::PoisonedTensor(DType::kFloat16, shape);
   std::atomic<bool> cancelled{false};
   RunRequest request;
-  request.q = q.view();
-  request.k = k.view();
-  request.v = v.view();
+  request.q = qkv.view();
+  request.k = qkv.view();
+  request.v = qkv.view();
   request.out = out.mutable_view();
   request.spec.patterns = {{2048, 1}, {4096, 2}};
   request.spec.mode = CombineMode::kLongNet;

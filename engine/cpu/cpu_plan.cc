@@ -64,7 +64,7 @@ absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& z, bool touch
                               const std::atomic<bool>* stop) {
   // Touching a fresh page costs microseconds (a huge page far more), so a large accumulator takes
   // hundreds of milliseconds: it is written in steps, with a look at `stop` between them.
-  constexpr size_t kTouchStep = size_t{8} << 20;
+  constexpr size_t kTouchStep = size_t{2} << 20;  // One huge page.
   for (const auto& [buffer, floats] : WantedBuffers(ws, z)) {
     float* data = buffer->Reserve(floats);
     if (data == nullptr) {
