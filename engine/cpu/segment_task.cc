@@ -1,9 +1,24 @@
 #include "engine/cpu/segment_task.h"
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "engine/thread_pool.h"
 
 namespace da::engine::cpu {
 namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+void Parallel(ThreadPool* pool, int64_t count, const std::function<void(int64_t, int)>& body) {
+  if (pool != nullptr) {
+    pool->ParallelFor(count, body);
+  } else {
+    for (int64_t i = 0; i < count; ++i) body(i, 0);
+  }
+}
 
 // Keys packed between two stop checks: a few milliseconds even for the strided transpose.
 constexpr int64_t kPackSliceRows = 4096;
@@ -78,6 +93,68 @@ bool RunSegmentTask(Isa isa, bool bf16, const SegmentTaskIo& io, ThreadSpace& ts
     RunSegmentKernel(isa, args);
   }
   return !stopped();  // The kernel may have stopped early: its rows are not valid.
+}
+
+RowFold::RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out,
+                 size_t patterns)
+    : z_(z), out_(out), group_factor_(1.0f / static_cast<float>(patterns)) {
+  if (z.longnet) {
+    acc_ = z.accumulator ? ws.acc.data() : static_cast<float*>(out.data);
+    max_lse_ = ws.max_lse.data();
+    weight_ = ws.weight.data();
+    std::fill(acc_, acc_ + z.rows_total * z.head_dim, 0.0f);
+    std::fill(max_lse_, max_lse_ + z.rows_total, kNegInf);
+    std::fill(weight_, weight_ + z.rows_total, 0.0f);
+  } else {
+    std::memset(out.data, 0, out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
+  }
+}
+
+void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
+                      int64_t position0) const {
+  const int64_t head_dim = z_.head_dim;
+  for (int64_t i = 0; i < task.row_end - task.row_begin; ++i) {
+    const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
+    const int64_t row = (task.batch * out_.shape.seq_len + n - position0) * out_.shape.heads + head;
+    const float* src = ts.out.data() + i * z_.dim_pad;
+    if (z_.longnet) {
+      FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc_ + row * head_dim, &max_lse_[row],
+                     &weight_[row]);
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        StoreFromFloat(out_.dtype, out_.data, row * head_dim + d, src[d] * group_factor_);
+      }
+    }
+  }
+}
+
+void RowFold::Finish(ThreadPool* pool) const {
+  if (!z_.longnet) return;
+  const int64_t chunk = 4096;
+  const int64_t rows = z_.rows_total;
+  const int64_t head_dim = z_.head_dim;
+  Parallel(pool, (rows + chunk - 1) / chunk, [&](int64_t c, int) {
+    for (int64_t row = c * chunk; row < std::min(rows, (c + 1) * chunk); ++row) {
+      const float inv = weight_[row] > 0.0f ? 1.0f / weight_[row] : 0.0f;
+      for (int64_t d = 0; d < head_dim; ++d) {
+        StoreFromFloat(out_.dtype, out_.data, row * head_dim + d, acc_[row * head_dim + d] * inv);
+      }
+    }
+  });
+}
+
+absl::Status RunLoops(const std::vector<std::vector<Task>>& loops, ThreadPool* pool,
+                      const std::atomic<bool>* cancelled, const char* what,
+                      const std::function<void(const Task&, int thread)>& run_task) {
+  const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
+  for (const std::vector<Task>& loop : loops) {
+    if (stopped()) break;
+    Parallel(pool, static_cast<int64_t>(loop.size()), [&](int64_t i, int thread) {
+      if (!stopped()) run_task(loop[i], thread);
+    });
+  }
+  if (stopped()) return absl::CancelledError(absl::StrCat(what, " cancelled"));
+  return absl::OkStatus();
 }
 
 }  // namespace da::engine::cpu

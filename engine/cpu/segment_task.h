@@ -3,9 +3,13 @@
 // and values they see into padded fp32 tiles, run the fused kernel, and fold its rows into the
 // output.
 //
-//   SegmentTaskIo io{.q = TensorRows(q, b, head, kept), .k = ..., .v = ..., ...};
-//   if (!RunSegmentTask(isa, bf16, io, thread_space, cancelled)) return;  // stopped
-//   for (i ...) FoldLongNetRow(ts.out + i * dim_pad, ts.lse[i], head_dim, acc, max_lse, weight);
+//   RowFold fold(sizes, workspace, out, spec.patterns.size());  // zeroes out / resets LONGNET
+//   DA_RETURN_IF_ERROR(RunLoops(loops, pool, cancelled, "cpu run", [&](const Task& t, int th) {
+//     SegmentTaskIo io{.q = TensorRows(q, b, head, kept), .k = ..., .v = ..., ...};
+//     if (RunSegmentTask(isa, bf16, io, workspace.threads[th], cancelled))
+//       fold.AddTask(t, workspace.threads[th], head);
+//   }));
+//   fold.Finish(pool);  // LONGNET: out = acc / weight
 //
 // Rows are addressed through RowSource (row i at element base + i * stride of a buffer), so the
 // same code packs kept rows straight out of a [B, N, H, D] tensor or out of a packed
@@ -16,11 +20,19 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
+#include "absl/status/status.h"
 #include "engine/cpu/attention_kernel.h"
 #include "engine/cpu/cpu_plan.h"
+#include "engine/cpu/task_plan.h"
 #include "engine/dilation.h"
 #include "engine/tensor.h"
+
+namespace da::engine {
+class ThreadPool;
+}
 
 namespace da::engine::cpu {
 
@@ -69,5 +81,37 @@ inline void FoldLongNetRow(const float* src, float lse, int64_t head_dim, float*
   *weight = *weight * old_factor + new_factor;
   *max_lse = new_max;
 }
+
+// Where a run's tasks leave their rows. LONGNET: a running state per output row (accumulator,
+// max LSE, weight; the accumulator is the output itself when that is fp32) that each pattern's
+// rows fold into, written out as acc / weight by Finish. GROUPED: each head's rows, times
+// 1 / patterns, stored straight into the zeroed output. Output rows are (b, n, h) of `out`.
+class RowFold {
+ public:
+  // Resets the state: LONGNET takes acc, max_lse and weight from `ws` (prepared for `z`).
+  RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out, size_t patterns);
+
+  // The rows `task` left in ts.out and ts.lse: position n of (batch, head) goes to row
+  // (batch, n - position0, head) of out (a rank's share starts at global position position0).
+  void AddTask(const Task& task, const ThreadSpace& ts, int64_t head, int64_t position0 = 0) const;
+
+  // LONGNET: out = acc / weight, in parallel on the pool. GROUPED: nothing left to do.
+  void Finish(ThreadPool* pool) const;
+
+ private:
+  const WorkspaceSizes z_;
+  const MutableTensorView out_;
+  const float group_factor_;
+  float* acc_ = nullptr;
+  float* max_lse_ = nullptr;
+  float* weight_ = nullptr;
+};
+
+// Runs the loops one after another, each loop's tasks in parallel on the pool (null: on the
+// calling thread). Stops between tasks once `cancelled` turns true: then CANCELLED ("<what>
+// cancelled"), else OK.
+absl::Status RunLoops(const std::vector<std::vector<Task>>& loops, ThreadPool* pool,
+                      const std::atomic<bool>* cancelled, const char* what,
+                      const std::function<void(const Task&, int thread)>& run_task);
 
 }  // namespace da::engine::cpu

@@ -17,7 +17,6 @@
 namespace da::engine::cpu {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 
 absl::Status CheckShape(const char* what, const Shape4& got, const Shape4& want) {
@@ -144,88 +143,36 @@ absl::Status SliceRunner::Run(const SliceProblem& p, ThreadPool* pool,
   z.keys_pad = RoundUp(max_keys, kKeyAlign);
   DA_RETURN_IF_ERROR(PrepareWorkspace(workspace_, z, /*touch=*/false));
 
-  float* acc = nullptr;
-  float* max_lse = nullptr;
-  float* weight = nullptr;
-  if (longnet) {
-    acc = z.accumulator ? workspace_.acc.data() : static_cast<float*>(p.out.data);
-    max_lse = workspace_.max_lse.data();
-    weight = workspace_.weight.data();
-    std::fill(acc, acc + z.rows_total * head_dim, 0.0f);
-    std::fill(max_lse, max_lse + z.rows_total, kNegInf);
-    std::fill(weight, weight + z.rows_total, 0.0f);
-  } else {
-    std::memset(p.out.data, 0, p.out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
-  }
+  RowFold fold(z, workspace_, p.out, p.spec.patterns.size());
   const float q_factor = static_cast<float>(p.spec.ScaleFor(head_dim)) * kLog2e;
-  const float group_factor = 1.0f / static_cast<float>(p.spec.patterns.size());
-  const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
-
-  const auto run_task = [&](const Task& task, int thread) {
-    ThreadSpace& ts = workspace_.threads[thread];
-    const int64_t local_head = task.head - share.head_begin;
-    SegmentTaskIo io;
-    io.q = TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
-    if (task.gathered < 0) {
-      const int64_t local_kv = KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
-      io.k = TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
-      io.v = TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
-    } else {
-      const GatheredKeys& g = (*p.gathered)[task.gathered];
-      const int64_t base = task.batch * task.kept.count * head_dim;
-      io.k = {p.k.dtype, g.k, base, head_dim};
-      io.v = {p.v.dtype, g.v, base, head_dim};
-    }
-    io.keys = p.spec.causal ? task.row_end : task.kept.count;
-    io.row_begin = task.row_begin;
-    io.row_end = task.row_end;
-    io.head_dim = head_dim;
-    io.dim_pad = z.dim_pad;
-    io.q_factor = q_factor;
-    io.causal = p.spec.causal;
-    if (!RunSegmentTask(isa_, bf16, io, ts, cancelled)) return;
-
-    for (int64_t i = 0; i < task.row_end - task.row_begin; ++i) {
-      const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
-      const int64_t row = (task.batch * tokens + n - share.token_begin) * local_heads + local_head;
-      const float* src = ts.out.data() + i * z.dim_pad;
-      if (longnet) {
-        FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc + row * head_dim, &max_lse[row],
-                       &weight[row]);
-      } else {
-        for (int64_t d = 0; d < head_dim; ++d) {
-          StoreFromFloat(p.out.dtype, p.out.data, row * head_dim + d, src[d] * group_factor);
+  DA_RETURN_IF_ERROR(
+      RunLoops(loops, pool, cancelled, "cpu slice run", [&](const Task& task, int thread) {
+        ThreadSpace& ts = workspace_.threads[thread];
+        const int64_t local_head = task.head - share.head_begin;
+        SegmentTaskIo io;
+        io.q = TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
+        if (task.gathered < 0) {
+          const int64_t local_kv = KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
+          io.k = TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
+          io.v = TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
+        } else {
+          const GatheredKeys& g = (*p.gathered)[task.gathered];
+          const int64_t base = task.batch * task.kept.count * head_dim;
+          io.k = {p.k.dtype, g.k, base, head_dim};
+          io.v = {p.v.dtype, g.v, base, head_dim};
         }
-      }
-    }
-  };
-  const auto parallel = [&](int64_t count, const std::function<void(int64_t, int)>& body) {
-    if (pool != nullptr) {
-      pool->ParallelFor(count, body);
-    } else {
-      for (int64_t i = 0; i < count; ++i) body(i, 0);
-    }
-  };
-  for (const std::vector<Task>& loop : loops) {
-    if (stopped()) break;
-    parallel(static_cast<int64_t>(loop.size()), [&](int64_t i, int thread) {
-      if (!stopped()) run_task(loop[i], thread);
-    });
-  }
-  if (stopped()) return absl::CancelledError("cpu slice run cancelled");
-
-  if (longnet) {
-    const int64_t chunk = 4096;
-    parallel((z.rows_total + chunk - 1) / chunk, [&](int64_t c, int) {
-      for (int64_t row = c * chunk; row < std::min(z.rows_total, (c + 1) * chunk); ++row) {
-        const float inv = weight[row] > 0.0f ? 1.0f / weight[row] : 0.0f;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          StoreFromFloat(p.out.dtype, p.out.data, row * head_dim + d,
-                         acc[row * head_dim + d] * inv);
+        io.keys = p.spec.causal ? task.row_end : task.kept.count;
+        io.row_begin = task.row_begin;
+        io.row_end = task.row_end;
+        io.head_dim = head_dim;
+        io.dim_pad = z.dim_pad;
+        io.q_factor = q_factor;
+        io.causal = p.spec.causal;
+        if (RunSegmentTask(isa_, bf16, io, ts, cancelled)) {
+          fold.AddTask(task, ts, local_head, share.token_begin);
         }
-      }
-    });
-  }
+      }));
+  fold.Finish(pool);
   return absl::OkStatus();
 }
 
