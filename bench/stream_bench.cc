@@ -25,11 +25,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -38,6 +35,7 @@
 #include "client/attention_client.h"
 #include "server/conversion.h"
 #include "server/malloc_tuning.h"
+#include "server/proc_stats.h"
 #include "server/server.h"
 #include "server/synthetic_stream.h"
 
@@ -47,32 +45,6 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-int64_t ProcStatusKib(long pid, const std::string& field) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1));
-  }
-  return -1;
-}
-
-// CPU seconds (user and system, all threads) that process `pid` has used so far; -1 if unknown.
-double ProcessCpuSeconds(long pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  // The fields after the command name (which may hold spaces) start after its closing ')'.
-  const size_t close = stat.rfind(')');
-  if (close == std::string::npos) return -1;
-  std::istringstream fields(stat.substr(close + 2));
-  std::string field;
-  double utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && fields >> field; ++i) {  // Fields 14 and 15: utime and stime.
-    if (i == 14) utime = std::stod(field);
-    if (i == 15) stime = std::stod(field);
-  }
-  return (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 // This process's CPU time (all threads: with an in-process server, client and server alike) and
@@ -343,7 +315,8 @@ int main(int argc, char** argv) {
       return grpc::Status::OK;
     };
     const Usage usage_start = ProcessUsage();
-    const double server_cpu_start = server_pid > 0 ? ProcessCpuSeconds(server_pid) : -1;
+    const double server_cpu_start =
+        server_pid > 0 ? da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) : -1;
     const Clock::time_point start = Clock::now();
     const grpc::Status status = client.AttendStreamShared(header, source, answers);
     const double seconds = Seconds(start);
@@ -361,7 +334,8 @@ int main(int argc, char** argv) {
       stream_cpu.push_back(used.cpu_s);
       stream_faults.push_back(used.minor_faults);
       if (server_cpu_start >= 0)
-        server_cpu.push_back(ProcessCpuSeconds(server_pid) - server_cpu_start);
+        server_cpu.push_back(da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) -
+                             server_cpu_start);
     }
   }
 
@@ -404,7 +378,7 @@ int main(int argc, char** argv) {
   }
   if (server_pid > 0) {
     std::printf("server peak RSS (VmHWM of pid %ld): %.1f MiB\n", server_pid,
-                ProcStatusKib(server_pid, "VmHWM") / 1024.0);
+                da::server::ProcStatusBytes(static_cast<pid_t>(server_pid), "VmHWM") / 1048576.0);
   }
   return 0;
 }

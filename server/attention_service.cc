@@ -141,16 +141,12 @@ AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, Ser
       stream_buffers_(options_.stream_buffer_pool_bytes),
       build_features_(engine::BuildFeatures()) {}
 
-namespace {
-
 grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,
                                        const grpc::Status& status) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(status);
   return reactor;
 }
-
-}  // namespace
 
 bool AttentionService::RefusedWhileDraining(const char* method,
                                             grpc::CallbackServerContext& context,
@@ -215,12 +211,11 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* context,
                                                    const v1::WarmUpRequest* request,
                                                    v1::WarmUpResponse* response) {
+  if (grpc::Status refused; RefusedWhileDraining("WarmUp", *context, &refused)) {
+    return FinishedWith(context, refused);
+  }
   const auto start = std::chrono::steady_clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (grpc::Status refused; RefusedWhileDraining("WarmUp", *context, &refused)) {
-    reactor->Finish(refused);
-    return reactor;
-  }
   // gRPC keeps context, request and response alive until Finish.
   warm_up_worker_.Post([this, context, request, response, reactor, start] {
     absl::Status status = context->IsCancelled()

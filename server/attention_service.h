@@ -33,6 +33,10 @@ using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Attend<
         v1::AttentionService::WithCallbackMethod_GetServerInfo<
             v1::AttentionService::WithCallbackMethod_WarmUp<v1::AttentionService::Service>>>>;
 
+// A unary call finished at once with `status` (a refusal before any work).
+grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,
+                                       const grpc::Status& status);
+
 // A stream finished at once with `status`, before anything is read from it.
 class RefusedStreamReactor final
     : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {

@@ -20,18 +20,11 @@ grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
   return status;
 }
 
-grpc::ServerUnaryReactor* AuthenticatedAttentionService::Refuse(
-    grpc::CallbackServerContext* context, grpc::Status status) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(std::move(status));
-  return reactor;
-}
-
 grpc::ServerUnaryReactor* AuthenticatedAttentionService::Attend(
     grpc::CallbackServerContext* context, const v1::AttendRequest* request,
     v1::AttendResponse* response) {
   grpc::Status status = Authenticate("Attend", *context);
-  if (!status.ok()) return Refuse(context, std::move(status));
+  if (!status.ok()) return FinishedWith(context, status);
   return service_->Attend(context, request, response);
 }
 
@@ -46,7 +39,7 @@ grpc::ServerUnaryReactor* AuthenticatedAttentionService::GetServerInfo(
     grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
     v1::GetServerInfoResponse* response) {
   grpc::Status status = Authenticate("GetServerInfo", *context);
-  if (!status.ok()) return Refuse(context, std::move(status));
+  if (!status.ok()) return FinishedWith(context, status);
   return service_->GetServerInfo(context, request, response);
 }
 
@@ -54,7 +47,7 @@ grpc::ServerUnaryReactor* AuthenticatedAttentionService::WarmUp(
     grpc::CallbackServerContext* context, const v1::WarmUpRequest* request,
     v1::WarmUpResponse* response) {
   grpc::Status status = Authenticate("WarmUp", *context);
-  if (!status.ok()) return Refuse(context, std::move(status));
+  if (!status.ok()) return FinishedWith(context, status);
   return service_->WarmUp(context, request, response);
 }
 

@@ -42,7 +42,6 @@ class AuthenticatedAttentionService final : public AttentionServiceBase {
  private:
   // OK, or the UNAUTHENTICATED status after counting and logging the refusal.
   grpc::Status Authenticate(const char* method, grpc::CallbackServerContext& context);
-  grpc::ServerUnaryReactor* Refuse(grpc::CallbackServerContext* context, grpc::Status status);
 
   AttentionServiceBase* service_;
   const BearerTokenAuthenticator* authenticator_;

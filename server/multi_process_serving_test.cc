@@ -24,6 +24,7 @@
 #include "client/attention_client.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "server/attention_service.h"
+#include "server/proc_stats.h"
 #include "server/test_util.h"
 
 namespace da::server {
@@ -118,18 +119,6 @@ class Group {
   std::vector<std::unique_ptr<testing::ChildProcess>> workers_;
   std::shared_ptr<grpc::Channel> channel_;
 };
-
-// CPU seconds a process has used (utime + stime of /proc/<pid>/stat); -1 when unreadable.
-double CpuSeconds(pid_t pid) {
-  std::istringstream stat(ReadFile("/proc/" + std::to_string(pid) + "/stat"));
-  std::string field;
-  double ticks = 0;
-  for (int i = 1; i <= 15 && stat >> field; ++i) {
-    if (i == 2 && field.back() != ')') return -1;  // A command name with spaces: not ours.
-    if (i >= 14) ticks += std::stod(field);
-  }
-  return stat ? ticks / static_cast<double>(sysconf(_SC_CLK_TCK)) : -1;
-}
 
 int PromtoolCheck(const std::string& text, std::string* output) {
   return testing::PromtoolCheck(DA_PROMTOOL, text, output);
@@ -253,10 +242,10 @@ TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItR
   });
   // Mid-request, in the compute: the worker has its share (a few MB, milliseconds) and has
   // burnt well over what receiving it costs.
-  const double idle_cpu = CpuSeconds(group.worker(1)->pid());
+  const double idle_cpu = ProcessCpuSeconds(group.worker(1)->pid());
   ASSERT_GE(idle_cpu, 0);
-  ASSERT_TRUE(testing::WaitFor([&] { return CpuSeconds(group.worker(1)->pid()) - idle_cpu >= 0.3; },
-                               seconds(20)))
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return ProcessCpuSeconds(group.worker(1)->pid()) - idle_cpu >= 0.3; }, seconds(20)))
       << group.Logs();
   ASSERT_EQ(call.wait_for(milliseconds(0)), std::future_status::timeout) << "finished too soon";
   ASSERT_EQ(kill(group.worker(1)->pid(), SIGKILL), 0);
@@ -318,14 +307,14 @@ TEST(MultiProcessServingTest, ACancelledRequestStopsTheWorkersAndTheGroupStaysWh
   // About a second of compute per rank (see the test above); the deadline passes 500 ms in.
   const v1::AttendRequest request = testing::LongRequest(40960);
   v1::AttendResponse response;
-  const double worker_cpu_before = CpuSeconds(group.worker(1)->pid());
+  const double worker_cpu_before = ProcessCpuSeconds(group.worker(1)->pid());
   const grpc::Status expired = client.Attend(request, &response, testing::WithTimeout(500));
   EXPECT_EQ(expired.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << expired.error_message();
   // The worker had started (it burnt CPU) and then stopped: it burns nothing more while idle.
   std::this_thread::sleep_for(milliseconds(150));
-  const double worker_cpu_after_stop = CpuSeconds(group.worker(1)->pid());
+  const double worker_cpu_after_stop = ProcessCpuSeconds(group.worker(1)->pid());
   std::this_thread::sleep_for(milliseconds(700));
-  const double worker_cpu_later = CpuSeconds(group.worker(1)->pid());
+  const double worker_cpu_later = ProcessCpuSeconds(group.worker(1)->pid());
   std::printf("worker CPU: %.2f s for the request, %.2f s in the 700 ms after it ended\n",
               worker_cpu_after_stop - worker_cpu_before, worker_cpu_later - worker_cpu_after_stop);
   EXPECT_GE(worker_cpu_after_stop - worker_cpu_before, 0.1) << group.Logs();

@@ -5,11 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
-#include <fstream>
 #include <map>
 #include <string>
 
 #include "client/attention_client.h"
+#include "server/proc_stats.h"
 #include "server/synthetic_stream.h"
 #include "server/test_util.h"
 
@@ -17,16 +17,6 @@ namespace da::server {
 namespace {
 
 constexpr int64_t kMiB = int64_t{1} << 20;
-
-// A field of /proc/<pid>/status in bytes (e.g. "VmHWM", "VmRSS"), -1 when unreadable.
-int64_t ProcStatusBytes(pid_t pid, const std::string& field) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
-  }
-  return -1;
-}
 
 TEST(StreamMemoryTest, HalfAMillionTokensInABoundedWindow) {
   constexpr int64_t kSeqLen = 524288, kHeads = 8, kHeadDim = 64;
