@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "bench/peak.h"
+#include "bench/problem_flags.h"
 #include "engine/cpu/attention_kernel.h"
 #include "engine/dilation.h"
 #include "engine/engine.h"
@@ -32,11 +33,9 @@ namespace {
 using engine::DType;
 using engine::Shape4;
 
-struct Options {
-  int64_t batch = 1, seq_len = 8192, heads = 8, kv_heads = 0, head_dim = 64;
-  std::vector<int64_t> segments{2048}, dilations{1};
-  std::string mode = "longnet", dtype = "fp32", precision = "auto";
-  bool causal = false, json = false;
+struct Options : ProblemFlags {
+  std::string dtype = "fp32", precision = "auto";
+  bool json = false;
   int threads = 0, repeat = 5, check_rows = 64;
   uint32_t seed = 1;
 };
@@ -102,35 +101,21 @@ CheckResult Check(const engine::RunRequest& r, const Options& o, double flops) {
 int Main(int argc, char** argv) {
   Options o;
   CLI::App app{"da-bench: check the engine against the reference, then time it"};
-  app.add_option("--batch", o.batch)->check(CLI::PositiveNumber);
-  app.add_option("--seq-len", o.seq_len)->check(CLI::PositiveNumber);
-  app.add_option("--heads", o.heads)->check(CLI::PositiveNumber);
-  app.add_option("--kv-heads", o.kv_heads, "0: equal to --heads");
-  app.add_option("--head-dim", o.head_dim)->check(CLI::PositiveNumber);
-  app.add_option("--segments", o.segments)->delimiter(',');
-  app.add_option("--dilations", o.dilations)->delimiter(',');
-  app.add_option("--mode", o.mode)->check(CLI::IsMember({"longnet", "grouped"}));
+  o.AddTo(app);
   app.add_option("--dtype", o.dtype)->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   app.add_option("--precision", o.precision)->check(CLI::IsMember({"auto", "fp32", "bf16"}));
-  app.add_flag("--causal", o.causal);
   app.add_option("--threads", o.threads, "0: every core");
   app.add_option("--repeat", o.repeat)->check(CLI::PositiveNumber);
   app.add_option("--check-rows", o.check_rows, "rows sampled when the whole check is too costly");
   app.add_option("--seed", o.seed);
   app.add_flag("--json", o.json);
   CLI11_PARSE(app, argc, argv);
-  if (o.kv_heads == 0) o.kv_heads = o.heads;
-
-  engine::AttentionSpec spec;
-  if (o.segments.size() != o.dilations.size()) {
-    std::cerr << "da-bench: --segments has " << o.segments.size() << " values, --dilations "
-              << o.dilations.size() << "; they must match\n";
+  absl::StatusOr<engine::AttentionSpec> resolved = o.ResolveSpec();
+  if (!resolved.ok()) {
+    std::cerr << "da-bench: " << resolved.status().message() << "\n";
     return 2;
   }
-  for (size_t i = 0; i < o.segments.size(); ++i)
-    spec.patterns.push_back({o.segments[i], o.dilations[i]});
-  spec.causal = o.causal;
-  spec.mode = o.mode == "grouped" ? engine::CombineMode::kGrouped : engine::CombineMode::kLongNet;
+  engine::AttentionSpec spec = *std::move(resolved);
   spec.precision = o.precision == "bf16"   ? engine::Precision::kBFloat16
                    : o.precision == "fp32" ? engine::Precision::kFloat32
                                            : engine::Precision::kAuto;

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "bench/problem_flags.h"
 #include "engine/backend.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/slice_run.h"
@@ -27,6 +28,7 @@
 #include "engine/dist/multi_process_test_util.h"
 #include "engine/dist/sharded_run.h"
 #include "engine/shard_plan.h"
+#include "engine/status_macros.h"
 #include "engine/thread_pool.h"
 
 namespace da::bench {
@@ -38,12 +40,15 @@ using std::chrono::milliseconds;
 
 constexpr milliseconds kTimeout{600000};
 
-struct Options {
+struct Options : ProblemFlags {
+  Options() {
+    seq_len = 65536;
+    segments = {2048, 4096, 8192};
+    dilations = {1, 2, 4};
+  }
   int world_size = 2, threads_per_rank = 1, repeat = 5;
-  int64_t batch = 1, seq_len = 65536, heads = 8, kv_heads = 0, head_dim = 64;
-  std::vector<int64_t> segments{2048, 4096, 8192}, dilations{1, 2, 4};
-  std::string mode = "longnet", strategy = "sequence";
-  bool causal = false, geometry_only = false;
+  std::string strategy = "sequence";
+  bool geometry_only = false;
 };
 
 double Seconds(Clock::time_point start) {
@@ -82,13 +87,9 @@ int RunWorker(const dist::testing::RankFlags& flags) {
   }
 }
 
-engine::AttentionSpec SpecOf(const Options& o) {
-  engine::AttentionSpec spec;
-  for (size_t i = 0; i < o.segments.size(); ++i) {
-    spec.patterns.push_back({o.segments[i], i < o.dilations.size() ? o.dilations[i] : 1});
-  }
-  spec.causal = o.causal;
-  spec.mode = o.mode == "grouped" ? engine::CombineMode::kGrouped : engine::CombineMode::kLongNet;
+// The flags' spec, fp32, with the chosen strategy.
+absl::StatusOr<engine::AttentionSpec> SpecOf(Options& o) {
+  DA_ASSIGN_OR_RETURN(engine::AttentionSpec spec, o.ResolveSpec());
   spec.precision = engine::Precision::kFloat32;
   spec.shard_policy =
       o.strategy == "heads"
@@ -135,22 +136,18 @@ int Main(int argc, char** argv) {
   app.add_option("--world-size", o.world_size)->check(CLI::Range(1, 64));
   app.add_option("--threads-per-rank", o.threads_per_rank)->check(CLI::Range(1, 256));
   app.add_option("--repeat", o.repeat)->check(CLI::PositiveNumber);
-  app.add_option("--batch", o.batch)->check(CLI::PositiveNumber);
-  app.add_option("--seq-len", o.seq_len)->check(CLI::PositiveNumber);
-  app.add_option("--heads", o.heads)->check(CLI::PositiveNumber);
-  app.add_option("--kv-heads", o.kv_heads, "0: equal to --heads");
-  app.add_option("--head-dim", o.head_dim)->check(CLI::PositiveNumber);
-  app.add_option("--segments", o.segments)->delimiter(',');
-  app.add_option("--dilations", o.dilations)->delimiter(',');
-  app.add_option("--mode", o.mode)->check(CLI::IsMember({"longnet", "grouped"}));
+  o.AddTo(app);
   app.add_option("--strategy", o.strategy)->check(CLI::IsMember({"auto", "heads", "sequence"}));
-  app.add_flag("--causal", o.causal);
   app.add_flag("--geometry-only", o.geometry_only,
                "Print the SEQUENCE exchange for W = 2, 4, 8, 16 from the geometry; no compute");
   CLI11_PARSE(app, argc, argv);
-  if (o.kv_heads == 0) o.kv_heads = o.heads;
+  const absl::StatusOr<engine::AttentionSpec> resolved = SpecOf(o);
+  if (!resolved.ok()) {
+    std::fprintf(stderr, "da-shard-bench: %s\n", std::string(resolved.status().message()).c_str());
+    return 2;
+  }
+  const engine::AttentionSpec& spec = *resolved;
   const engine::ProblemShape shape{o.batch, o.seq_len, o.heads, o.kv_heads, o.head_dim};
-  const engine::AttentionSpec spec = SpecOf(o);
   if (absl::Status valid = spec.Validate(); !valid.ok()) {
     std::fprintf(stderr, "%s\n", valid.ToString().c_str());
     return 1;
