@@ -71,11 +71,12 @@ absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
       if (flying == flights_.end()) break;
       flight = flying->second;  // Someone is building it: wait for that build.
       while (!flight->done) {
-        if (stop == nullptr) {
-          flight->done_cv.wait(lock);
-        } else if (stop->load()) {
+        if (Stopped(stop)) {
           return absl::CancelledError(
               absl::StrCat("stopped while waiting for another request's build of plan ", id));
+        }
+        if (stop == nullptr) {
+          flight->done_cv.wait(lock);
         } else {
           flight->done_cv.wait_for(lock, kStopPollPeriod);
         }
