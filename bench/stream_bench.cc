@@ -17,8 +17,11 @@
 //   taskset -c 2,3 da-stream-bench --server 127.0.0.1:50051 --server-pid $! --engine-cpus 0,1
 // --engine-cpus runs the in-process baseline on the server's cores, so both sides of the ratio
 // compute on the same two cores.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -27,8 +30,10 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -133,6 +138,86 @@ class Baseline {
   da::engine::RunRequest run_;
 };
 
+// The same bytes over a plain loopback TCP connection between two threads of this process:
+// in_bytes one way, then out_bytes back, in 4 MiB writes and reads, no framing and no copies of
+// our own. Its CPU time is what the kernel alone charges for moving a stream's bytes, the part of
+// the stream's cost beyond the engine that no server code can remove.
+struct PlainTcp {
+  double seconds = 0;
+  double cpu_s = 0;
+};
+
+bool SendAll(int fd, const char* data, int64_t total) {
+  for (int64_t sent = 0; sent < total;) {
+    const ssize_t n = send(fd, data + sent, static_cast<size_t>(total - sent), 0);
+    if (n <= 0) return false;
+    sent += n;
+  }
+  return true;
+}
+
+bool ReceiveAll(int fd, char* buffer, int64_t total, int64_t chunk) {
+  for (int64_t got = 0; got < total;) {
+    const ssize_t n = recv(fd, buffer, static_cast<size_t>(std::min(chunk, total - got)), 0);
+    if (n <= 0) return false;
+    got += n;
+  }
+  return true;
+}
+
+std::optional<PlainTcp> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
+  constexpr int64_t kChunk = int64_t{4} << 20;
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof(address);
+  if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&address), length) != 0 ||
+      listen(listener, 1) != 0 ||
+      getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    if (listener >= 0) close(listener);
+    return std::nullopt;
+  }
+  const int client = socket(AF_INET, SOCK_STREAM, 0);
+  if (client < 0 || connect(client, reinterpret_cast<sockaddr*>(&address), length) != 0) {
+    close(listener);
+    if (client >= 0) close(client);
+    return std::nullopt;
+  }
+  const int server = accept(listener, nullptr, nullptr);
+  close(listener);
+  if (server < 0) {
+    close(client);
+    return std::nullopt;
+  }
+  // Not zeros: the bytes are what they are to TCP, but nothing should look compressible.
+  std::string send_buffer(static_cast<size_t>(kChunk), '\0');
+  for (size_t i = 0; i < send_buffer.size(); ++i) {
+    send_buffer[i] = static_cast<char>(i * 2654435761u >> 13);
+  }
+  std::string receive_buffer(static_cast<size_t>(kChunk), '\0');
+  const auto send_repeated = [&](int fd, int64_t total) {
+    for (int64_t sent = 0; sent < total; sent += kChunk) {
+      if (!SendAll(fd, send_buffer.data(), std::min(kChunk, total - sent))) return false;
+    }
+    return true;
+  };
+  const Usage start_usage = ProcessUsage();
+  const Clock::time_point start = Clock::now();
+  bool sent_ok = true;
+  std::thread sender([&] { sent_ok = send_repeated(client, in_bytes); });  // Inputs in,
+  bool ok = ReceiveAll(server, receive_buffer.data(), in_bytes, kChunk);
+  sender.join();
+  std::thread answerer([&] { sent_ok = sent_ok && send_repeated(server, out_bytes); });  // out.
+  ok = ReceiveAll(client, receive_buffer.data(), out_bytes, kChunk) && ok;
+  answerer.join();
+  PlainTcp result{Seconds(start), Since(start_usage).cpu_s};
+  close(client);
+  close(server);
+  if (!ok || !sent_ok) return std::nullopt;
+  return result;
+}
+
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -150,6 +235,7 @@ int main(int argc, char** argv) {
   long server_pid = 0;
   bool skip_in_process = false;
   bool generate_while_sending = false;
+  bool skip_plain_tcp = false;
   std::vector<int> engine_cpus;
 
   CLI::App app{"da-stream-bench: AttendStream on loopback against the in-process engine"};
@@ -177,6 +263,8 @@ int main(int argc, char** argv) {
   app.add_flag("--generate-while-sending", generate_while_sending,
                "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
                "of before the clock starts");
+  app.add_flag("--skip-plain-tcp", skip_plain_tcp,
+               "Do not measure the same bytes over a plain loopback TCP connection");
   app.add_option("--engine-cpus", engine_cpus,
                  "CPUs of the in-process baseline (e.g. those a --server is pinned to)")
       ->delimiter(',');
@@ -375,6 +463,31 @@ int main(int argc, char** argv) {
         stream_best / engine_best, Median(stream_times) / Median(engine_times), Median(paired),
         *std::min_element(paired.begin(), paired.end()),
         *std::max_element(paired.begin(), paired.end()));
+  }
+  if (!skip_plain_tcp) {
+    // After the stream runs, so that it does not disturb them; the in-process server is idle.
+    const int64_t in_bytes = static_cast<int64_t>(wire_bytes) - out_bytes;
+    std::vector<double> tcp_cpu, tcp_seconds;
+    for (int i = 0; i < repeat; ++i) {
+      const std::optional<PlainTcp> moved = MovePlainTcp(in_bytes, out_bytes);
+      if (!moved) {
+        std::cerr << "da-stream-bench: the plain loopback TCP connection failed\n";
+        return 1;
+      }
+      tcp_cpu.push_back(moved->cpu_s);
+      tcp_seconds.push_back(moved->seconds);
+    }
+    std::printf(
+        "plain loopback TCP, the same %.0f MiB in and %.0f MiB out between two threads, no gRPC "
+        "(median): %.3f CPU s, %.3f s\n",
+        in_bytes / 1048576.0, out_bytes / 1048576.0, Median(tcp_cpu), Median(tcp_seconds));
+    if (server != nullptr && !engine_cpu.empty()) {
+      std::printf(
+          "  the stream's CPU beyond the in-process engine's (median - median): %.3f CPU s, "
+          "%.2fx the plain TCP's\n",
+          Median(stream_cpu) - Median(engine_cpu),
+          (Median(stream_cpu) - Median(engine_cpu)) / Median(tcp_cpu));
+    }
   }
   if (server_pid > 0) {
     std::printf("server peak RSS (VmHWM of pid %ld): %.1f MiB\n", server_pid,
