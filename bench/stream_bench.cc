@@ -71,6 +71,20 @@ Usage Since(const Usage& start) {
   return {now.cpu_s - start.cpu_s, now.minor_faults - start.minor_faults};
 }
 
+// The whole machine over a run (/proc/stat, 10 ms ticks): the share of its CPU time that was not
+// idle, and the softirq time (loopback TCP's receive path runs there, charged to no process).
+struct MachineShare {
+  double busy = 0;
+  double softirq_s = 0;
+};
+
+MachineShare MachineSince(const da::server::MachineCpu& start) {
+  const da::server::MachineCpu now = da::server::ReadMachineCpu();
+  const double total = now.total_s - start.total_s;
+  if (!start.ok || !now.ok || total <= 0) return {};
+  return {1.0 - (now.idle_s - start.idle_s) / total, now.softirq_s - start.softirq_s};
+}
+
 // Runs `body` with the calling thread (and the threads it starts) on `cpus`, then restores the
 // calling thread's affinity. Empty `cpus`: runs it as is.
 template <typename Body>
@@ -322,7 +336,7 @@ int main(int argc, char** argv) {
   }
   const std::string no_output;
   const std::string& expected = baseline ? baseline->output() : no_output;  // Not a copy.
-  std::vector<double> engine_times, engine_cpu, engine_faults;
+  std::vector<double> engine_times, engine_cpu, engine_faults, engine_busy, engine_softirq;
 
   std::unique_ptr<da::server::Server> server;
   if (server_address.empty()) {
@@ -344,16 +358,19 @@ int main(int argc, char** argv) {
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 
-  std::vector<double> stream_times, stream_cpu, stream_faults, server_cpu;
+  std::vector<double> stream_times, stream_cpu, stream_faults, stream_busy, stream_softirq,
+      server_cpu;
   da::v1::ExecutionInfo info;
   for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
     if (baseline) {
       const Usage usage_start = ProcessUsage();
+      const da::server::MachineCpu machine_start = da::server::ReadMachineCpu();
       const Clock::time_point start = Clock::now();
       absl::Status ran;
       WithAffinity(engine_cpus, [&] { ran = baseline->Run(); });
       const double seconds = Seconds(start);
       const Usage used = Since(usage_start);
+      const MachineShare machine = MachineSince(machine_start);
       if (!ran.ok()) {
         std::cerr << "da-stream-bench: the in-process engine refused: " << ran << "\n";
         return 1;
@@ -362,6 +379,8 @@ int main(int argc, char** argv) {
         engine_times.push_back(seconds);
         engine_cpu.push_back(used.cpu_s);
         engine_faults.push_back(used.minor_faults);
+        engine_busy.push_back(machine.busy);
+        engine_softirq.push_back(machine.softirq_s);
       }
     }
     int64_t received = 0;
@@ -403,12 +422,14 @@ int main(int argc, char** argv) {
       return grpc::Status::OK;
     };
     const Usage usage_start = ProcessUsage();
+    const da::server::MachineCpu machine_start = da::server::ReadMachineCpu();
     const double server_cpu_start =
         server_pid > 0 ? da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) : -1;
     const Clock::time_point start = Clock::now();
     const grpc::Status status = client.AttendStreamShared(header, source, answers);
     const double seconds = Seconds(start);
     const Usage used = Since(usage_start);
+    const MachineShare machine = MachineSince(machine_start);
     if (!status.ok()) {
       std::cerr << "da-stream-bench: stream failed: " << status.error_message() << "\n";
       return 1;
@@ -421,6 +442,8 @@ int main(int argc, char** argv) {
       stream_times.push_back(seconds);
       stream_cpu.push_back(used.cpu_s);
       stream_faults.push_back(used.minor_faults);
+      stream_busy.push_back(machine.busy);
+      stream_softirq.push_back(machine.softirq_s);
       if (server_cpu_start >= 0)
         server_cpu.push_back(da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) -
                              server_cpu_start);
@@ -444,6 +467,14 @@ int main(int argc, char** argv) {
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
   std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n", Median(stream_cpu),
               Median(stream_faults), server ? " (client and server)" : " (client only)");
+  const auto print_machine = [](const std::vector<double>& busy,
+                                const std::vector<double>& softirq) {
+    std::printf(
+        "  the machine, all processes (/proc/stat, median): %.1f%% of its CPU time busy, "
+        "softirq %.3f CPU s\n",
+        100 * Median(busy), Median(softirq));
+  };
+  print_machine(stream_busy, stream_softirq);
   if (!server_cpu.empty()) {
     std::printf("  server process %ld (median): %.3f CPU s\n", server_pid, Median(server_cpu));
   }
@@ -453,6 +484,7 @@ int main(int argc, char** argv) {
                 Median(engine_times));
     std::printf("  this process (median): %.3f CPU s, %.0f minor page faults\n", Median(engine_cpu),
                 Median(engine_faults));
+    print_machine(engine_busy, engine_softirq);
     std::vector<double> paired;  // Each stream run over the engine run just before it.
     for (size_t i = 0; i < stream_times.size(); ++i) {
       paired.push_back(stream_times[i] / engine_times[i]);

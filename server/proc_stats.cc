@@ -33,4 +33,22 @@ double ProcessCpuSeconds(pid_t pid) {
   return i == 16 ? ticks / static_cast<double>(sysconf(_SC_CLK_TCK)) : -1;
 }
 
+MachineCpu ReadMachineCpu() {
+  std::ifstream in("/proc/stat");
+  std::string label;
+  // user nice system idle iowait irq softirq steal (guest time is already in user).
+  double ticks[8] = {};
+  if (!(in >> label) || label != "cpu") return {};
+  for (double& field : ticks) {
+    if (!(in >> field)) return {};
+  }
+  const double hz = static_cast<double>(sysconf(_SC_CLK_TCK));
+  MachineCpu cpu;
+  cpu.ok = true;
+  cpu.idle_s = (ticks[3] + ticks[4]) / hz;
+  cpu.softirq_s = ticks[6] / hz;
+  for (const double field : ticks) cpu.total_s += field / hz;
+  return cpu;
+}
+
 }  // namespace da::server
