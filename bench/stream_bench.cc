@@ -163,7 +163,7 @@ struct PlainTcp {
 
 bool SendAll(int fd, const char* data, int64_t total) {
   for (int64_t sent = 0; sent < total;) {
-    const ssize_t n = send(fd, data + sent, static_cast<size_t>(total - sent), 0);
+    const ssize_t n = send(fd, data + sent, static_cast<size_t>(total - sent), MSG_NOSIGNAL);
     if (n <= 0) return false;
     sent += n;
   }
@@ -221,9 +221,11 @@ std::optional<PlainTcp> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
   bool sent_ok = true;
   std::thread sender([&] { sent_ok = send_repeated(client, in_bytes); });  // Inputs in,
   bool ok = ReceiveAll(server, receive_buffer.data(), in_bytes, kChunk);
+  if (!ok) shutdown(client, SHUT_RDWR);  // A sender blocked on a full socket then returns.
   sender.join();
   std::thread answerer([&] { sent_ok = sent_ok && send_repeated(server, out_bytes); });  // out.
   ok = ReceiveAll(client, receive_buffer.data(), out_bytes, kChunk) && ok;
+  if (!ok) shutdown(server, SHUT_RDWR);
   answerer.join();
   PlainTcp result{Seconds(start), Since(start_usage).cpu_s};
   close(client);
