@@ -17,8 +17,7 @@
 //   taskset -c 2,3 da-stream-bench --server 127.0.0.1:50051 --server-pid $! --engine-cpus 0,1
 // --engine-cpus runs the in-process baseline on the server's cores, so both sides of the ratio
 // compute on the same two cores.
-#include <arpa/inet.h>
-#include <netinet/in.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -30,7 +29,6 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -38,6 +36,8 @@
 
 #include "absl/status/statusor.h"
 #include "client/attention_client.h"
+#include "engine/dist/socket_io.h"
+#include "engine/status_macros.h"
 #include "server/conversion.h"
 #include "server/malloc_tuning.h"
 #include "server/proc_stats.h"
@@ -84,6 +84,36 @@ MachineShare MachineSince(const da::server::MachineCpu& start) {
   if (!start.ok || !now.ok || total <= 0) return {};
   return {1.0 - (now.idle_s - start.idle_s) / total, now.softirq_s - start.softirq_s};
 }
+
+// What one timed run took: wall time, this process's usage and the machine's share.
+struct Measurement {
+  double seconds = 0;
+  Usage used;
+  MachineShare machine;
+};
+
+// Starts measuring when made; Stop() says what happened since.
+class Meter {
+ public:
+  Measurement Stop() const { return {Seconds(start_), Since(usage_), MachineSince(machine_)}; }
+
+ private:
+  Usage usage_ = ProcessUsage();
+  da::server::MachineCpu machine_ = da::server::ReadMachineCpu();
+  Clock::time_point start_ = Clock::now();
+};
+
+// The timed runs of one kind (the stream's, the in-process engine's, plain TCP's), in order.
+struct Runs {
+  std::vector<double> seconds, cpu_s, faults, busy, softirq_s;
+  void Add(const Measurement& m) {
+    seconds.push_back(m.seconds);
+    cpu_s.push_back(m.used.cpu_s);
+    faults.push_back(m.used.minor_faults);
+    busy.push_back(m.machine.busy);
+    softirq_s.push_back(m.machine.softirq_s);
+  }
+};
 
 // Runs `body` with the calling thread (and the threads it starts) on `cpus`, then restores the
 // calling thread's affinity. Empty `cpus`: runs it as is.
@@ -153,85 +183,53 @@ class Baseline {
 };
 
 // The same bytes over a plain loopback TCP connection between two threads of this process:
-// in_bytes one way, then out_bytes back, in 4 MiB writes and reads, no framing and no copies of
-// our own. Its CPU time is what the kernel alone charges for moving a stream's bytes, the part of
-// the stream's cost beyond the engine that no server code can remove.
-struct PlainTcp {
-  double seconds = 0;
-  double cpu_s = 0;
-};
-
-bool SendAll(int fd, const char* data, int64_t total) {
-  for (int64_t sent = 0; sent < total;) {
-    const ssize_t n = send(fd, data + sent, static_cast<size_t>(total - sent), MSG_NOSIGNAL);
-    if (n <= 0) return false;
-    sent += n;
-  }
-  return true;
-}
-
-bool ReceiveAll(int fd, char* buffer, int64_t total, int64_t chunk) {
-  for (int64_t got = 0; got < total;) {
-    const ssize_t n = recv(fd, buffer, static_cast<size_t>(std::min(chunk, total - got)), 0);
-    if (n <= 0) return false;
-    got += n;
-  }
-  return true;
-}
-
-std::optional<PlainTcp> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
+// in_bytes one way, then out_bytes back, in 4 MiB blocking writes and reads, no framing and no
+// copies of our own. Its CPU time is what the kernel alone charges for moving a stream's bytes,
+// the part of the stream's cost beyond the engine that no server code can remove.
+absl::StatusOr<Measurement> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
+  namespace io = da::dist::internal;
   constexpr int64_t kChunk = int64_t{4} << 20;
-  const int listener = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof(address);
-  if (listener < 0 || bind(listener, reinterpret_cast<sockaddr*>(&address), length) != 0 ||
-      listen(listener, 1) != 0 ||
-      getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
-    if (listener >= 0) close(listener);
-    return std::nullopt;
-  }
-  const int client = socket(AF_INET, SOCK_STREAM, 0);
-  if (client < 0 || connect(client, reinterpret_cast<sockaddr*>(&address), length) != 0) {
-    close(listener);
-    if (client >= 0) close(client);
-    return std::nullopt;
-  }
-  const int server = accept(listener, nullptr, nullptr);
-  close(listener);
-  if (server < 0) {
-    close(client);
-    return std::nullopt;
-  }
+  const auto deadline = io::Clock::now() + std::chrono::seconds(60);
+  struct Fd {
+    int fd = -1;
+    ~Fd() {
+      if (fd >= 0) close(fd);
+    }
+  } listener, client, server;
+  const io::HostPort loopback{"127.0.0.1", 0};
+  DA_ASSIGN_OR_RETURN(listener.fd, io::ListenTcp(loopback));
+  DA_ASSIGN_OR_RETURN(const int port, io::LocalPort(listener.fd));
+  DA_ASSIGN_OR_RETURN(client.fd, io::ConnectTcp({loopback.host, port}, deadline));
+  server.fd = accept(listener.fd, nullptr, nullptr);  // The connection is already queued.
+  if (server.fd < 0) return absl::UnavailableError("accept on the loopback listener failed");
+  // The helpers make non-blocking sockets; blocking ones sleep in recv and send, as a plain
+  // transfer does, instead of polling.
+  for (const int fd : {client.fd, server.fd}) fcntl(fd, F_SETFL, 0);
   // Not zeros: the bytes are what they are to TCP, but nothing should look compressible.
   std::string send_buffer(static_cast<size_t>(kChunk), '\0');
   for (size_t i = 0; i < send_buffer.size(); ++i) {
     send_buffer[i] = static_cast<char>(i * 2654435761u >> 13);
   }
   std::string receive_buffer(static_cast<size_t>(kChunk), '\0');
-  const auto send_repeated = [&](int fd, int64_t total) {
-    for (int64_t sent = 0; sent < total; sent += kChunk) {
-      if (!SendAll(fd, send_buffer.data(), std::min(kChunk, total - sent))) return false;
+  const auto transfer = [&](int from, int to, int64_t total) {
+    absl::Status sent;
+    std::thread sender([&] {
+      for (int64_t done = 0; done < total && sent.ok(); done += kChunk) {
+        sent = io::WriteAll(from, send_buffer.data(), std::min(kChunk, total - done), deadline);
+      }
+    });
+    absl::Status received;
+    for (int64_t done = 0; done < total && received.ok(); done += kChunk) {
+      received = io::ReadAll(to, receive_buffer.data(), std::min(kChunk, total - done), deadline);
     }
-    return true;
+    if (!received.ok()) shutdown(from, SHUT_RDWR);  // A sender blocked on a full socket returns.
+    sender.join();
+    return received.ok() ? sent : received;
   };
-  const Usage start_usage = ProcessUsage();
-  const Clock::time_point start = Clock::now();
-  bool sent_ok = true;
-  std::thread sender([&] { sent_ok = send_repeated(client, in_bytes); });  // Inputs in,
-  bool ok = ReceiveAll(server, receive_buffer.data(), in_bytes, kChunk);
-  if (!ok) shutdown(client, SHUT_RDWR);  // A sender blocked on a full socket then returns.
-  sender.join();
-  std::thread answerer([&] { sent_ok = sent_ok && send_repeated(server, out_bytes); });  // out.
-  ok = ReceiveAll(client, receive_buffer.data(), out_bytes, kChunk) && ok;
-  if (!ok) shutdown(server, SHUT_RDWR);
-  answerer.join();
-  PlainTcp result{Seconds(start), Since(start_usage).cpu_s};
-  close(client);
-  close(server);
-  if (!ok || !sent_ok) return std::nullopt;
-  return result;
+  const Meter meter;
+  DA_RETURN_IF_ERROR(transfer(client.fd, server.fd, in_bytes));   // Inputs in,
+  DA_RETURN_IF_ERROR(transfer(server.fd, client.fd, out_bytes));  // the output back.
+  return meter.Stop();
 }
 
 double Median(std::vector<double> v) {
@@ -338,7 +336,7 @@ int main(int argc, char** argv) {
   }
   const std::string no_output;
   const std::string& expected = baseline ? baseline->output() : no_output;  // Not a copy.
-  std::vector<double> engine_times, engine_cpu, engine_faults, engine_busy, engine_softirq;
+  Runs engine_runs;
 
   std::unique_ptr<da::server::Server> server;
   if (server_address.empty()) {
@@ -360,30 +358,20 @@ int main(int argc, char** argv) {
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
 
-  std::vector<double> stream_times, stream_cpu, stream_faults, stream_busy, stream_softirq,
-      server_cpu;
+  Runs stream_runs;
+  std::vector<double> server_cpu;
   da::v1::ExecutionInfo info;
   for (int i = 0; i <= repeat; ++i) {  // Run 0 warms the plan and the server's buffers.
     if (baseline) {
-      const Usage usage_start = ProcessUsage();
-      const da::server::MachineCpu machine_start = da::server::ReadMachineCpu();
-      const Clock::time_point start = Clock::now();
+      const Meter meter;
       absl::Status ran;
       WithAffinity(engine_cpus, [&] { ran = baseline->Run(); });
-      const double seconds = Seconds(start);
-      const Usage used = Since(usage_start);
-      const MachineShare machine = MachineSince(machine_start);
+      const Measurement measured = meter.Stop();
       if (!ran.ok()) {
         std::cerr << "da-stream-bench: the in-process engine refused: " << ran << "\n";
         return 1;
       }
-      if (i > 0) {
-        engine_times.push_back(seconds);
-        engine_cpu.push_back(used.cpu_s);
-        engine_faults.push_back(used.minor_faults);
-        engine_busy.push_back(machine.busy);
-        engine_softirq.push_back(machine.softirq_s);
-      }
+      if (i > 0) engine_runs.Add(measured);
     }
     int64_t received = 0;
     bool same = true;
@@ -423,15 +411,11 @@ int main(int argc, char** argv) {
       if (message.has_trailer()) info = message.trailer().info();
       return grpc::Status::OK;
     };
-    const Usage usage_start = ProcessUsage();
-    const da::server::MachineCpu machine_start = da::server::ReadMachineCpu();
     const double server_cpu_start =
         server_pid > 0 ? da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) : -1;
-    const Clock::time_point start = Clock::now();
+    const Meter meter;
     const grpc::Status status = client.AttendStreamShared(header, source, answers);
-    const double seconds = Seconds(start);
-    const Usage used = Since(usage_start);
-    const MachineShare machine = MachineSince(machine_start);
+    const Measurement measured = meter.Stop();
     if (!status.ok()) {
       std::cerr << "da-stream-bench: stream failed: " << status.error_message() << "\n";
       return 1;
@@ -441,11 +425,7 @@ int main(int argc, char** argv) {
       return 1;
     }
     if (i > 0) {
-      stream_times.push_back(seconds);
-      stream_cpu.push_back(used.cpu_s);
-      stream_faults.push_back(used.minor_faults);
-      stream_busy.push_back(machine.busy);
-      stream_softirq.push_back(machine.softirq_s);
+      stream_runs.Add(measured);
       if (server_cpu_start >= 0)
         server_cpu.push_back(da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) -
                              server_cpu_start);
@@ -461,66 +441,68 @@ int main(int argc, char** argv) {
       "stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
       static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),
       static_cast<long long>(info.stream_chunks()), wire_bytes / (1 << 30));
-  const double stream_best = *std::min_element(stream_times.begin(), stream_times.end());
+  const double stream_best =
+      *std::min_element(stream_runs.seconds.begin(), stream_runs.seconds.end());
   std::printf(
       "AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
-      stream_best, Median(stream_times), wire_bytes / stream_best / 1e9);
+      stream_best, Median(stream_runs.seconds), wire_bytes / stream_best / 1e9);
   std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s\n",
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
-  std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n", Median(stream_cpu),
-              Median(stream_faults), server ? " (client and server)" : " (client only)");
-  const auto print_machine = [](const std::vector<double>& busy,
-                                const std::vector<double>& softirq) {
+  std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n",
+              Median(stream_runs.cpu_s), Median(stream_runs.faults),
+              server ? " (client and server)" : " (client only)");
+  const auto print_machine = [](const Runs& runs) {
     std::printf(
         "  the machine, all processes (/proc/stat, median): %.1f%% of its CPU time busy, "
         "softirq %.3f CPU s\n",
-        100 * Median(busy), Median(softirq));
+        100 * Median(runs.busy), Median(runs.softirq_s));
   };
-  print_machine(stream_busy, stream_softirq);
+  print_machine(stream_runs);
   if (!server_cpu.empty()) {
     std::printf("  server process %ld (median): %.3f CPU s\n", server_pid, Median(server_cpu));
   }
-  if (!engine_times.empty()) {
-    const double engine_best = *std::min_element(engine_times.begin(), engine_times.end());
+  if (!engine_runs.seconds.empty()) {
+    const double engine_best =
+        *std::min_element(engine_runs.seconds.begin(), engine_runs.seconds.end());
     std::printf("in-process Engine::Run: best %.3f s, median %.3f s\n", engine_best,
-                Median(engine_times));
-    std::printf("  this process (median): %.3f CPU s, %.0f minor page faults\n", Median(engine_cpu),
-                Median(engine_faults));
-    print_machine(engine_busy, engine_softirq);
+                Median(engine_runs.seconds));
+    std::printf("  this process (median): %.3f CPU s, %.0f minor page faults\n",
+                Median(engine_runs.cpu_s), Median(engine_runs.faults));
+    print_machine(engine_runs);
     std::vector<double> paired;  // Each stream run over the engine run just before it.
-    for (size_t i = 0; i < stream_times.size(); ++i) {
-      paired.push_back(stream_times[i] / engine_times[i]);
+    for (size_t i = 0; i < stream_runs.seconds.size(); ++i) {
+      paired.push_back(stream_runs.seconds[i] / engine_runs.seconds[i]);
     }
     std::printf(
         "ratio stream / in-process: best %.3f, median %.3f, median of pairs %.3f (pairs %.3f to "
         "%.3f); output identical: yes\n",
-        stream_best / engine_best, Median(stream_times) / Median(engine_times), Median(paired),
-        *std::min_element(paired.begin(), paired.end()),
+        stream_best / engine_best, Median(stream_runs.seconds) / Median(engine_runs.seconds),
+        Median(paired), *std::min_element(paired.begin(), paired.end()),
         *std::max_element(paired.begin(), paired.end()));
   }
   if (!skip_plain_tcp) {
     // After the stream runs, so that it does not disturb them; the in-process server is idle.
     const int64_t in_bytes = static_cast<int64_t>(wire_bytes) - out_bytes;
-    std::vector<double> tcp_cpu, tcp_seconds;
+    Runs tcp_runs;
     for (int i = 0; i < repeat; ++i) {
-      const std::optional<PlainTcp> moved = MovePlainTcp(in_bytes, out_bytes);
-      if (!moved) {
-        std::cerr << "da-stream-bench: the plain loopback TCP connection failed\n";
+      const absl::StatusOr<Measurement> moved = MovePlainTcp(in_bytes, out_bytes);
+      if (!moved.ok()) {
+        std::cerr << "da-stream-bench: plain loopback TCP: " << moved.status() << "\n";
         return 1;
       }
-      tcp_cpu.push_back(moved->cpu_s);
-      tcp_seconds.push_back(moved->seconds);
+      tcp_runs.Add(*moved);
     }
     std::printf(
         "plain loopback TCP, the same %.0f MiB in and %.0f MiB out between two threads, no gRPC "
         "(median): %.3f CPU s, %.3f s\n",
-        in_bytes / 1048576.0, out_bytes / 1048576.0, Median(tcp_cpu), Median(tcp_seconds));
-    if (server != nullptr && !engine_cpu.empty()) {
+        in_bytes / 1048576.0, out_bytes / 1048576.0, Median(tcp_runs.cpu_s),
+        Median(tcp_runs.seconds));
+    if (server != nullptr && !engine_runs.cpu_s.empty()) {
       std::printf(
           "  the stream's CPU beyond the in-process engine's (median - median): %.3f CPU s, "
           "%.2fx the plain TCP's\n",
-          Median(stream_cpu) - Median(engine_cpu),
-          (Median(stream_cpu) - Median(engine_cpu)) / Median(tcp_cpu));
+          Median(stream_runs.cpu_s) - Median(engine_runs.cpu_s),
+          (Median(stream_runs.cpu_s) - Median(engine_runs.cpu_s)) / Median(tcp_runs.cpu_s));
     }
   }
   if (server_pid > 0) {

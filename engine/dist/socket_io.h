@@ -1,4 +1,5 @@
-// Blocking TCP helpers with deadlines, for the coordinator store (internal to engine/dist).
+// Blocking TCP helpers with deadlines, for the coordinator store (engine/dist) and
+// da-stream-bench's plain-TCP measurement (library da_socket_io).
 //
 // Every call takes an absolute deadline and returns a Status: DEADLINE_EXCEEDED when it passes,
 // UNAVAILABLE when the peer closes or resets the connection. Writes use MSG_NOSIGNAL, so a dead
