@@ -77,16 +77,29 @@ int64_t MemoryAccount::reserved_bytes() const {
 
 absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (budget_bytes_ > 0 && bytes > budget_bytes_ - reserved_bytes_) {
-    return WithRejectReason(absl::ResourceExhaustedError(absl::StrCat(
-                                "request needs an estimated ",
-                                what.empty() ? absl::StrCat(bytes, " bytes") : std::string(what),
-                                " but the memory budget is ", budget_bytes_, " bytes with ",
-                                reserved_bytes_, " in use")),
-                            RejectReason::kMemory);
+  if (budget_bytes_ > 0 && bytes > budget_bytes_ - reserved_bytes_ - kept_bytes_) {
+    return WithRejectReason(
+        absl::ResourceExhaustedError(absl::StrCat(
+            "request needs an estimated ",
+            what.empty() ? absl::StrCat(bytes, " bytes") : std::string(what),
+            " but the memory budget is ", budget_bytes_, " bytes with ", reserved_bytes_,
+            " in use",
+            kept_bytes_ > 0 ? absl::StrCat(" and ", kept_bytes_, " kept for ", kept_what_) : "")),
+        RejectReason::kMemory);
   }
   reserved_bytes_ += bytes;
   return absl::OkStatus();
+}
+
+void MemoryAccount::SetKept(int64_t bytes, std::string what) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  kept_bytes_ = bytes;
+  kept_what_ = std::move(what);
+}
+
+int64_t MemoryAccount::kept_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return kept_bytes_;
 }
 
 void MemoryAccount::Release(int64_t bytes) {
@@ -110,6 +123,21 @@ void MemoryReservation::Reset() {
   if (account_ != nullptr && bytes_ > 0) account_->Release(bytes_);
   account_.reset();
   bytes_ = 0;
+}
+
+QueuePlace::QueuePlace(QueuePlace&& other) noexcept : held_(std::move(other.held_)) {}
+
+QueuePlace& QueuePlace::operator=(QueuePlace&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    held_ = std::move(other.held_);
+  }
+  return *this;
+}
+
+void QueuePlace::Reset() {
+  if (held_ != nullptr) held_->fetch_sub(1);
+  held_.reset();
 }
 
 }  // namespace da::engine

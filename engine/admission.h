@@ -12,6 +12,7 @@
 // caller can count refusals by reason without parsing messages.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -67,6 +68,10 @@ class MemoryAccount {
 
   int64_t budget_bytes() const { return budget_bytes_; }  // 0: unlimited.
   int64_t reserved_bytes() const;
+  // Memory the server keeps outside any request (the stream buffer pool's capacity): it takes
+  // room from the budget, apart from reserved_bytes. `what` names it in refusals.
+  void SetKept(int64_t bytes, std::string what);
+  int64_t kept_bytes() const;
 
   // Adds bytes when they fit the budget; otherwise RESOURCE_EXHAUSTED (reason kMemory) naming
   // what (a description of the bytes such as MemoryEstimate::ToString(); empty: the byte count),
@@ -78,6 +83,8 @@ class MemoryAccount {
   const int64_t budget_bytes_;
   mutable std::mutex mutex_;
   int64_t reserved_bytes_ = 0;
+  int64_t kept_bytes_ = 0;
+  std::string kept_what_;
 };
 
 // Bytes held against a MemoryAccount; released on destruction. Movable, not copyable. A
@@ -102,6 +109,28 @@ class MemoryReservation {
   int64_t bytes_ = 0;
 };
 
+// One place in the engine's queue, held by a sequence of runs that never wait at the same time
+// (the chunks of one stream): taken once within max_queue (Engine::TakeQueuePlace) and counted
+// as one waiting request until destroyed, so the queue never holds more than max_queue requests
+// however many chunks pass through it (RunRequest::queue_place). Movable, not copyable; one run at
+// a time may carry it. May outlive the engine.
+class QueuePlace {
+ public:
+  QueuePlace() = default;
+  explicit QueuePlace(std::shared_ptr<std::atomic<int64_t>> held) : held_(std::move(held)) {}
+  ~QueuePlace() { Reset(); }
+  QueuePlace(QueuePlace&& other) noexcept;
+  QueuePlace& operator=(QueuePlace&& other) noexcept;
+  QueuePlace(const QueuePlace&) = delete;
+  QueuePlace& operator=(const QueuePlace&) = delete;
+
+  bool held() const { return held_ != nullptr; }
+  void Reset();
+
+ private:
+  std::shared_ptr<std::atomic<int64_t>> held_;  // The engine's count of places held.
+};
+
 // Stop latencies (from the moment the engine saw a cancellation or a passed deadline to the moment
 // compute returned), as a cumulative histogram the server exports unchanged.
 struct StopLatencyStats {
@@ -119,6 +148,7 @@ struct EngineStats {
   int64_t max_queue = 0;
   int64_t memory_reserved_bytes = 0;
   int64_t memory_budget_bytes = 0;  // 0: unlimited.
+  int64_t memory_kept_bytes = 0;    // Kept by the server outside requests (MemoryAccount::SetKept).
   int64_t rejected_queue_full = 0;
   int64_t rejected_memory = 0;
   int64_t rejected_deadline = 0;         // Refused up front or expired while queued.
@@ -127,6 +157,11 @@ struct EngineStats {
   int64_t runs_cancelled = 0;            // Stopped during compute by their cancelled flag.
   int64_t runs_deadline_exceeded = 0;    // Stopped during compute by their deadline.
   double measured_flops_per_second = 0;  // Best seen over completed runs; 0 before the first.
+  // What the up-front deadline checks of requests computed in this process divide by: the
+  // measured throughput, or before the first measurement the start-up figure
+  // (Engine::SetStartupThroughput); 0 when neither exists.
+  double deadline_flops_per_second = 0;
+  int64_t queue_places_held = 0;  // QueuePlaces held (open streams), each counted as waiting.
   StopLatencyStats stop_latency;
   // Per device id (every device of Engine::devices(), from 0): seconds runs spent computing on
   // it, from the start of compute (plan lookup or build included) until it returned, whether it

@@ -268,17 +268,22 @@ TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
   EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);  // The temporary is gone.
 }
 
-TEST(AdmissionTest, QueueFullIsRefusedButAdmittedStreamsStillQueue) {
+TEST(AdmissionTest, QueueFullIsRefusedAndAStreamHoldsOnePlaceForAllItsChunks) {
   EngineOptions options = Options();
-  options.max_queue = 2;
+  options.max_queue = 3;
   auto engine = Engine::Create(options);
   ASSERT_TRUE(engine.ok());
   Busy busy(**engine);
   ASSERT_TRUE(busy.WaitRunning());
 
+  // A stream takes its place when it is admitted, before it has a chunk to run.
+  absl::StatusOr<QueuePlace> place = (*engine)->TakeQueuePlace();
+  ASSERT_TRUE(place.ok()) << place.status();
+  EXPECT_EQ((*engine)->stats().queue_places_held, 1);
+
   std::vector<std::unique_ptr<Problem>> problems;
   std::vector<std::unique_ptr<Outcome>> outcomes;
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 5; ++i) {
     problems.push_back(SmallProblem(10 + i));
     outcomes.push_back(std::make_unique<Outcome>());
   }
@@ -289,27 +294,85 @@ TEST(AdmissionTest, QueueFullIsRefusedButAdmittedStreamsStillQueue) {
   EXPECT_EQ(outcomes[2]->result.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(RejectReasonOf(outcomes[2]->result.status()), RejectReason::kQueueFull);
   EXPECT_EQ(outcomes[2]->result.status().message(),
-            "queue full: 2 requests wait for 1 busy dispatcher(s) and max_queue is 2");
+            "queue full: 3 requests wait for 1 busy dispatcher(s) and max_queue is 3 (1 of them "
+            "open streams, one place each)");
+  // No place for another stream either.
+  EXPECT_EQ(RejectReasonOf((*engine)->TakeQueuePlace().status()), RejectReason::kQueueFull);
 
-  // A chunk of an admitted stream brings its reservation and is queued anyway.
+  // The stream's chunk uses the place it holds: queued, and the queue stays within max_queue.
   absl::StatusOr<MemoryReservation> reservation = (*engine)->ReserveMemory(4096, "");
   ASSERT_TRUE(reservation.ok());
   RunRequest chunk = problems[3]->Request();
   chunk.reservation = &*reservation;
+  chunk.queue_place = &*place;
   (*engine)->Submit(chunk, outcomes[3]->Callback());
   EXPECT_FALSE(outcomes[3]->Wait(milliseconds(0)));
   EngineStats stats = (*engine)->stats();
   EXPECT_EQ(stats.queued, 3);
+  EXPECT_LE(stats.queued, stats.max_queue);
   EXPECT_EQ(stats.running, 1);
-  EXPECT_EQ(stats.rejected_queue_full, 1);
+  EXPECT_EQ(stats.rejected_queue_full, 2);
 
   busy.Release();
   for (int i : {0, 1, 3}) {
     ASSERT_TRUE(outcomes[i]->Wait(milliseconds(10000)));
     EXPECT_TRUE(outcomes[i]->result.ok()) << i << ": " << outcomes[i]->result.status();
   }
-  // Only the caller's reservation is left.
+  // Only the caller's reservation and place are left; the place, given back, makes room.
   EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 4096);
+  place->Reset();
+  EXPECT_EQ((*engine)->stats().queue_places_held, 0);
+  (*engine)->Submit(problems[4]->Request(), outcomes[4]->Callback());
+  ASSERT_TRUE(outcomes[4]->Wait(milliseconds(10000)));
+  EXPECT_TRUE(outcomes[4]->result.ok()) << outcomes[4]->result.status();
+}
+
+// Requests queued behind a busy dispatcher, in the order the engine takes them.
+std::vector<std::string> QueueOrderOf(QueueOrder order,
+                                      const std::vector<std::pair<std::string, Shape4>>& requests) {
+  EngineOptions options = Options();
+  options.queue_order = order;
+  auto engine = Engine::Create(options);
+  EXPECT_TRUE(engine.ok());
+  Busy busy(**engine);
+  EXPECT_TRUE(busy.WaitRunning());
+  std::mutex mutex;
+  std::vector<std::string> taken;
+  std::vector<std::unique_ptr<Problem>> problems;
+  std::vector<std::unique_ptr<Outcome>> outcomes;
+  for (const auto& [name, shape] : requests) {  // All made first: they arrive close together.
+    problems.push_back(std::make_unique<Problem>(shape, std::vector<Pattern>{{1024, 1}}, 5));
+    outcomes.push_back(std::make_unique<Outcome>());
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const std::string name = requests[i].first;
+    RunCallback record = outcomes[i]->Callback();
+    (*engine)->Submit(problems[i]->Request(),
+                      [&, name, record](absl::StatusOr<ExecutionInfo> info) {
+                        {
+                          std::lock_guard<std::mutex> lock(mutex);
+                          taken.push_back(name);
+                        }
+                        record(std::move(info));
+                      });
+  }
+  busy.Release();
+  for (auto& outcome : outcomes) {
+    EXPECT_TRUE(outcome->Wait(milliseconds(10000)));
+    EXPECT_TRUE(outcome->result.ok()) << outcome->result.status();
+  }
+  return taken;
+}
+
+TEST(AdmissionTest, FairQueueServesTheLeastWorkFirstAndArrivalOrderWhenAsked) {
+  const Shape4 large{1, 1024, 4, 16};
+  const Shape4 small{1, 64, 1, 16};
+  const std::vector<std::pair<std::string, Shape4>> requests = {
+      {"large-a", large}, {"large-b", large}, {"small", small}, {"large-c", large}};
+  EXPECT_EQ(QueueOrderOf(QueueOrder::kFair, requests),
+            (std::vector<std::string>{"small", "large-a", "large-b", "large-c"}));
+  EXPECT_EQ(QueueOrderOf(QueueOrder::kArrival, requests),
+            (std::vector<std::string>{"large-a", "large-b", "small", "large-c"}));
 }
 
 TEST(AdmissionTest, NoQueueMeansOnlyImmediateRuns) {

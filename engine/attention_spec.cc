@@ -91,6 +91,11 @@ absl::Status AttentionSpec::Validate() const {
   if (softmax_scale.has_value() && !std::isfinite(*softmax_scale)) {
     return Invalid(absl::StrCat("spec.softmax_scale is ", *softmax_scale, "; must be finite"));
   }
+  if (softmax_scale.has_value() && std::abs(*softmax_scale) > kMaxSoftmaxScale) {
+    return Invalid(absl::StrCat("spec.softmax_scale is ", *softmax_scale,
+                                "; its magnitude must be at most ", kMaxSoftmaxScale,
+                                " (larger scales overflow fp32 scores; docs/MATH.md)"));
+  }
   return absl::OkStatus();
 }
 

@@ -41,10 +41,16 @@ std::string CombineModeName(CombineMode mode);   // "longnet", "grouped".
 std::string PrecisionName(Precision precision);  // "auto", "fp32", "bf16", "fp16", "fp8".
 std::string ShardPolicyName(ShardPolicy policy);
 
+// The largest |softmax_scale| a request may set. Backends fold scale * log2(e) into q in fp32, so
+// the scores stay finite for every permitted scale and every input within fp16's range
+// (|x| <= 65504, head_dim <= 256: |score| <= 1.6e18); docs/MATH.md states the bound. Scales near
+// it already make the softmax an argmax, so no real use is refused.
+inline constexpr double kMaxSoftmaxScale = 1e6;
+
 struct AttentionSpec {
   std::vector<Pattern> patterns;
   bool causal = false;
-  std::optional<double> softmax_scale;  // Default 1/sqrt(head_dim).
+  std::optional<double> softmax_scale;  // Default 1/sqrt(head_dim); |scale| <= kMaxSoftmaxScale.
   CombineMode mode = CombineMode::kLongNet;
   Precision precision = Precision::kAuto;
   ShardPolicy shard_policy = ShardPolicy::kAuto;

@@ -71,6 +71,19 @@ TEST(AttentionSpecTest, ScaleMustBeFinite) {
   ExpectInvalid(p, "spec.softmax_scale is inf");
 }
 
+// Scales folded into fp32 scores overflow to inf (then NaN) past about 1e37: refused up front.
+TEST(AttentionSpecTest, ScaleMagnitudeIsBounded) {
+  Problem p;
+  for (double scale : {1e37, 3e38, -1e7}) {
+    p.spec.softmax_scale = scale;
+    ExpectInvalid(p, "its magnitude must be at most 1e+06");
+  }
+  for (double scale : {1e6, -1e6, 0.0, 1e-30}) {
+    p.spec.softmax_scale = scale;
+    EXPECT_TRUE(p.spec.Validate().ok()) << scale;
+  }
+}
+
 TEST(AttentionSpecTest, EveryDimensionAtLeastOne) {
   Problem p;
   p.q_shape.seq_len = 0;

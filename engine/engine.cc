@@ -7,6 +7,7 @@
 #include <mutex>
 #include <set>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -45,6 +46,10 @@ enum class StopCause { kNone, kCancelled, kDeadline };
 
 }  // namespace
 
+std::string QueueOrderName(QueueOrder order) {
+  return order == QueueOrder::kFair ? "fair" : "arrival";
+}
+
 struct Engine::Impl {
   EngineOptions options;
   std::unique_ptr<ThreadPool> pool;
@@ -59,6 +64,7 @@ struct Engine::Impl {
     Clock::time_point enqueued;
     MemoryReservation reservation;  // The engine's own, when the caller passed none.
     double flops = 0;
+    double turn = 0;  // The fair queue's order (QueueOrder::kFair), seconds; 0 in arrival order.
   };
   // A run in compute, as the watchdog sees it. `stop` is what the backend polls.
   struct Active {
@@ -68,14 +74,19 @@ struct Engine::Impl {
     StopCause cause = StopCause::kNone;  // Guarded by mutex.
     Clock::time_point stop_seen;         // Guarded by mutex.
   };
-  // Ordered by (-priority, arrival): begin() is the next to run.
-  using QueueKey = std::pair<int64_t, uint64_t>;
+  // Ordered by (-priority, turn, arrival): begin() is the next to run.
+  using QueueKey = std::tuple<int64_t, double, uint64_t>;
 
   mutable std::mutex mutex;
   std::condition_variable cv;           // Dispatchers: work queued, or stopping.
   std::condition_variable watchdog_cv;  // Watchdog: something to watch, or stopping.
   std::map<QueueKey, Job> queue;
   uint64_t next_arrival = 0;
+  const Clock::time_point created = Clock::now();  // The fair queue's turns count from here.
+  // QueuePlaces held: each counts as a waiting request. Incremented under `mutex`, decremented by
+  // the places themselves.
+  std::shared_ptr<std::atomic<int64_t>> places_held = std::make_shared<std::atomic<int64_t>>(0);
+  double startup_flops_per_second = 0;
   std::set<Active*> active;
   int64_t dispatching = 0;  // Dispatchers busy with a job (for the idle count).
   int64_t pending = 0;      // Submitted, callback not yet called.
@@ -164,7 +175,7 @@ struct Engine::Impl {
       double flops_per_second = 0;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        flops_per_second = counters.measured_flops_per_second;
+        flops_per_second = DeadlineFlopsPerSecond(request.spec);
       }
       const double left_ms = Millis(*request.deadline - now);
       if (flops_per_second > 0 && flops / flops_per_second * 1e3 > left_ms) {
@@ -301,6 +312,34 @@ struct Engine::Impl {
     return result;
   }
 
+  // Under mutex. The start-up figure is of this process's compute path; a sharded request's speed
+  // depends on the group, so it waits for a measured run.
+  double DeadlineFlopsPerSecond(const AttentionSpec& spec) const {
+    if (counters.measured_flops_per_second > 0) return counters.measured_flops_per_second;
+    return Sharded(spec) ? 0 : startup_flops_per_second;
+  }
+
+  // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would
+  // pass max_queue (OK when it fits).
+  absl::Status CheckQueueRoom() {
+    const int64_t idle = options.max_concurrent_runs - dispatching;
+    int64_t unplaced = admitting;
+    for (const auto& [key, job] : queue) {
+      if (job.request.queue_place == nullptr) ++unplaced;
+    }
+    const int64_t places = places_held->load();
+    const int64_t waiting = unplaced + places;
+    if (waiting - idle + 1 <= options.max_queue) return absl::OkStatus();
+    ++counters.rejected_queue_full;
+    return WithRejectReason(
+        absl::ResourceExhaustedError(absl::StrCat(
+            "queue full: ", waiting, " requests wait for ", options.max_concurrent_runs,
+            " busy dispatcher(s) and max_queue is ", options.max_queue,
+            places > 0 ? absl::StrCat(" (", places, " of them open streams, one place each)")
+                       : "")),
+        RejectReason::kQueueFull);
+  }
+
   void RecordStopLatency(double seconds) {
     StopLatencyStats& s = counters.stop_latency;
     for (size_t i = 0; i < s.bounds_seconds.size(); ++i) {
@@ -417,9 +456,17 @@ struct Engine::Impl {
   void StartQueued(Job job) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      --admitting;
+      if (job.request.queue_place == nullptr) --admitting;
+      if (options.queue_order == QueueOrder::kFair) {
+        // Before any measurement, a nominal 100 GFLOP/s: only the ratio of costs matters then.
+        const double rate = counters.measured_flops_per_second > 0 ? counters.measured_flops_per_second
+                            : startup_flops_per_second > 0         ? startup_flops_per_second
+                                                                   : 1e11;
+        job.turn = std::chrono::duration<double>(job.enqueued - created).count() +
+                   kQueueAging * job.flops / rate;
+      }
       const int64_t priority = job.request.priority;
-      queue.emplace(QueueKey{-priority, next_arrival++}, std::move(job));
+      queue.emplace(QueueKey{-priority, job.turn, next_arrival++}, std::move(job));
     }
     cv.notify_one();
     watchdog_cv.notify_one();
@@ -532,28 +579,24 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
   {
     // A request is refused for a full queue only when it would wait: idle dispatchers take the
     // first requests at once. Checked before the memory, which a refused request must not hold.
+    // A run that carries a queue place was counted when its place was taken.
     std::unique_lock<std::mutex> lock(impl_->mutex);
-    const int64_t idle = impl_->options.max_concurrent_runs - impl_->dispatching;
-    const int64_t queued = static_cast<int64_t>(impl_->queue.size()) + impl_->admitting;
-    if (request.reservation == nullptr && queued - idle + 1 > impl_->options.max_queue) {
-      ++impl_->counters.rejected_queue_full;
-      lock.unlock();
-      job.done(WithRejectReason(
-          absl::ResourceExhaustedError(absl::StrCat(
-              "queue full: ", queued, " requests wait for ", impl_->options.max_concurrent_runs,
-              " busy dispatcher(s) and max_queue is ", impl_->options.max_queue)),
-          RejectReason::kQueueFull));
-      return;
+    if (request.queue_place == nullptr) {
+      if (absl::Status room = impl_->CheckQueueRoom(); !room.ok()) {
+        lock.unlock();
+        job.done(room);
+        return;
+      }
+      ++impl_->admitting;  // Holds its queue place while it reserves: concurrent Submits see it.
     }
     ++impl_->pending;
-    ++impl_->admitting;  // Holds its queue place while it reserves, so concurrent Submits see it.
   }
   absl::StatusOr<MemoryReservation> reservation = impl_->ReserveFor(request);
   if (!reservation.ok()) {
     {
       std::lock_guard<std::mutex> lock(impl_->mutex);
       --impl_->pending;
-      --impl_->admitting;
+      if (request.queue_place == nullptr) --impl_->admitting;
     }
     job.done(reservation.status());
     return;
@@ -605,6 +648,28 @@ absl::StatusOr<MemoryReservation> Engine::ReserveMemory(int64_t bytes, std::stri
   return MemoryReservation(impl_->memory, bytes);
 }
 
+absl::StatusOr<QueuePlace> Engine::TakeQueuePlace() {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  DA_RETURN_IF_ERROR(impl_->CheckQueueRoom());
+  impl_->places_held->fetch_add(1);
+  return QueuePlace(impl_->places_held);
+}
+
+double Engine::DeadlineThroughput(const AttentionSpec& spec) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->DeadlineFlopsPerSecond(spec);
+}
+
+void Engine::SetKeptMemory(int64_t bytes, std::string what) {
+  impl_->memory->SetKept(std::max<int64_t>(bytes, 0), std::move(what));
+}
+
+void Engine::SetStartupThroughput(double flops_per_second) {
+  if (!(flops_per_second > 0)) return;
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->startup_flops_per_second = flops_per_second;
+}
+
 PlanCacheStats Engine::plan_cache_stats() const { return impl_->plans->stats(); }
 
 EngineStats Engine::stats() const {
@@ -615,6 +680,11 @@ EngineStats Engine::stats() const {
   stats.max_queue = impl_->options.max_queue;
   stats.memory_reserved_bytes = impl_->memory->reserved_bytes();
   stats.memory_budget_bytes = impl_->memory->budget_bytes();
+  stats.memory_kept_bytes = impl_->memory->kept_bytes();
+  stats.deadline_flops_per_second = impl_->counters.measured_flops_per_second > 0
+                                        ? impl_->counters.measured_flops_per_second
+                                        : impl_->startup_flops_per_second;
+  stats.queue_places_held = impl_->places_held->load();
   return stats;
 }
 

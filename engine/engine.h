@@ -16,7 +16,9 @@
 // Admission (engine/admission.h): a request's memory (MemoryEstimate) is reserved against
 // memory_budget_bytes from Submit (or Run) until just before its callback (or Run's return), unless
 // the caller passes a reservation it made itself; at most max_queue requests wait for a
-// dispatcher, taken highest priority first, in arrival order among equal priorities. Deadlines
+// dispatcher (a stream holds one place for all its chunks: TakeQueuePlace), taken highest
+// priority first; among equal priorities the fair queue (QueueOrder::kFair) serves the least
+// work first, so a small request is not stuck behind the chunks of long streams. Deadlines
 // and the cancelled flag are watched every few milliseconds: a queued request leaves the queue at
 // once, and a computing one is stopped within a kernel panel (DEADLINE_EXCEEDED or CANCELLED).
 #pragma once
@@ -42,6 +44,22 @@
 
 namespace da::engine {
 
+// How the queue orders requests of equal priority.
+enum class QueueOrder {
+  // Least work first, with aging: a request's turn is its arrival time plus kQueueAging times its
+  // estimated compute time (estimated FLOPs over the engine's throughput), the earliest turn
+  // first. A small call then waits for the run in progress, not behind every stream's queued
+  // chunk; a large request is passed by later, smaller ones for at most kQueueAging times its own
+  // compute time, so nothing starves.
+  kFair,
+  kArrival,  // First come, first served.
+};
+
+// How many times its own estimated compute time a request may be passed by smaller ones.
+inline constexpr double kQueueAging = 16;
+
+std::string QueueOrderName(QueueOrder order);  // "fair", "arrival".
+
 struct EngineOptions {
   int threads = 0;              // Compute threads; 0 means every core.
   int max_concurrent_runs = 1;  // Requests computed at once (each uses the whole pool).
@@ -52,9 +70,11 @@ struct EngineOptions {
   // Bytes all admitted requests may hold at once (MemoryEstimate::total each); 0: unlimited.
   int64_t memory_budget_bytes = 0;
   // Submitted requests that may wait for a dispatcher, beyond those an idle dispatcher takes at
-  // once. 0: no waiting; a request is accepted only when a dispatcher is free for it. Runs with a
-  // caller's reservation (chunks of an admitted stream) are never refused for a full queue.
+  // once. 0: no waiting; a request is accepted only when a dispatcher is free for it. A held
+  // QueuePlace counts as one waiting request; runs that carry one (chunks of an admitted stream)
+  // are never refused for a full queue.
   int max_queue = 64;
+  QueueOrder queue_order = QueueOrder::kFair;
   // Ranks that compute requests together (engine/shard_group.h); null or one rank: this process
   // alone. With a group of several ranks, every request whose shard policy is not NONE runs
   // across it (strategy: ChooseShardStrategy with memory_budget_bytes as the per-rank budget);
@@ -75,8 +95,11 @@ struct RunRequest {
   // the measured throughput says the compute cannot finish in time.
   std::optional<std::chrono::steady_clock::time_point> deadline;
   // Memory the caller already reserved for this run (ReserveMemory); null: the engine estimates
-  // and reserves the request's memory itself. With a reservation the queue limit does not apply.
+  // and reserves the request's memory itself.
   const MemoryReservation* reservation = nullptr;
+  // The queue place the caller holds for a sequence of runs (TakeQueuePlace); the queue limit
+  // then does not apply. One run at a time.
+  QueuePlace* queue_place = nullptr;
 };
 
 struct ExecutionInfo {
@@ -134,6 +157,24 @@ class Engine {
   // Reserves bytes against memory_budget_bytes until the reservation is destroyed; over budget:
   // RESOURCE_EXHAUSTED (RejectReason kMemory) naming `what`, the budget and the bytes in use.
   absl::StatusOr<MemoryReservation> ReserveMemory(int64_t bytes, std::string_view what);
+
+  // A place in the queue for a sequence of runs (a stream's chunks), counted as one waiting
+  // request until destroyed; RESOURCE_EXHAUSTED (RejectReason kQueueFull) when max_queue requests
+  // already wait, as Submit refuses a request.
+  absl::StatusOr<QueuePlace> TakeQueuePlace();
+
+  // The throughput the up-front deadline checks use until a run has been measured: a start-up
+  // measurement (Server: the self-check's timed run). Ignored when not positive.
+  void SetStartupThroughput(double flops_per_second);
+
+  // Memory the caller keeps outside any request (the server's stream buffer pool), which the
+  // budget must leave room for: later reservations fit in budget - reserved - kept.
+  void SetKeptMemory(int64_t bytes, std::string what);
+
+  // FLOP/s the up-front deadline check divides a request's estimated FLOPs by: the best measured
+  // so far, or before any run was measured the start-up figure (not for a request sharded across
+  // a group, whose speed is the group's); 0: nothing is refused up front.
+  double DeadlineThroughput(const AttentionSpec& spec) const;
 
   PlanCacheStats plan_cache_stats() const;
   EngineStats stats() const;

@@ -10,6 +10,10 @@
 // patterns whose last segments are short, so grouped-query heads, offsets and partial segments
 // all take part) and seeded, so two runs compute the same thing. It costs well under a
 // millisecond of compute and leaves one small plan in the cache. Thread safe like Engine::Run.
+//
+// Then it times a larger problem (fp32 [1, 512, 4, 64], one dense segment: 268 MFLOP, a few
+// milliseconds on two AVX2 cores) twice and reports the engine's measured throughput: what the
+// server's up-front deadline checks use before its first real run (Engine::SetStartupThroughput).
 #pragma once
 
 #include <string>
@@ -24,6 +28,7 @@ struct SelfCheckResult {
   Precision precision;       // The compute precision the engine chose for it.
   double max_abs_error = 0;  // Largest |output - reference| over every element.
   double tolerance = 0;      // The bound it was held to (atol + rtol * |reference|, at worst).
+  double flops_per_second = 0;  // Measured on the timed problem; 0 if it ran too short to tell.
 };
 
 // Runs the check. INTERNAL when the run fails or an element is off by more than the tolerance of

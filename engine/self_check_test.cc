@@ -25,9 +25,12 @@ TEST(SelfCheckTest, PassesOnTheCpuBackendWithinTheFp32Tolerance) {
   if (result->precision == Precision::kFloat32) {
     EXPECT_LT(result->tolerance, 3e-3);
   }
-  // The run went through the engine: its stats and the plan cache saw it.
-  EXPECT_EQ((*engine)->stats().runs_completed, 1);
-  EXPECT_EQ((*engine)->plan_cache_stats().entries, 1);
+  // The check and the two timed runs went through the engine: its stats and the plan cache saw
+  // them, and the throughput it reports is the engine's measured one.
+  EXPECT_EQ((*engine)->stats().runs_completed, 3);
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 2);
+  EXPECT_GT(result->flops_per_second, 0);
+  EXPECT_EQ(result->flops_per_second, (*engine)->stats().measured_flops_per_second);
 }
 
 TEST(SelfCheckTest, PassesOnTheReferenceBackend) {

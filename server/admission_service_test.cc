@@ -28,7 +28,11 @@ double Rejected(const Server& server, const std::string& reason) {
 }
 
 TEST(AdmissionServerTest, TightDeadlineIsDeadlineExceededAndStopsTheEngine) {
-  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  // Without a throughput (the self-check, which measures one, is replaced) nothing is refused up
+  // front, so the run starts and its deadline falls during compute.
+  ServerOptions options = testing::LoopbackOptions();
+  options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
+  std::unique_ptr<Server> server = testing::StartServer(options);
   ASSERT_NE(server, nullptr);
   client::AttentionClient client(testing::ChannelTo(server->port()));
   // About 2.2 TFLOP: many seconds of compute unless the deadline stops it.
@@ -74,6 +78,7 @@ TEST(AdmissionServerTest, OverTheMemoryBudgetIsResourceExhaustedWithTheNumbers) 
 
   ServerOptions options = testing::LoopbackOptions();
   options.memory_budget_bytes = estimate->total - 1;
+  options.stream_buffer_pool_bytes = 0;  // Nothing kept: the whole budget is the request's.
   std::unique_ptr<Server> server = testing::StartServer(options);
   ASSERT_NE(server, nullptr);
   client::AttentionClient client(testing::ChannelTo(server->port()));
@@ -99,6 +104,9 @@ TEST(AdmissionServerTest, OverTheMemoryBudgetIsResourceExhaustedWithTheNumbers) 
 TEST(AdmissionServerTest, FullQueueIsResourceExhaustedAndCounted) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_queue = 0;  // Only what the engine can start at once.
+  // No start-up throughput (the self-check is replaced): the long request with its 3 s deadline
+  // is not refused up front but occupies the engine.
+  options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
   std::unique_ptr<Server> server = testing::StartServer(options);
   ASSERT_NE(server, nullptr);
   EXPECT_EQ(Metric(*server, "da_queue_capacity"), 0);

@@ -31,8 +31,56 @@ AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metric
       settings_(settings),
       context_(context),
       record_(metrics, "AttendStream", *context) {
+  if (settings_.watch != nullptr) settings_.watch->Add(this);
   read_in_flight_ = true;
   StartRead(&request_buffer_);
+}
+
+void AttendStreamReactor::OnDone() {
+  // Waits for a CheckIdle in progress; afterwards the watch no longer sees this stream.
+  if (settings_.watch != nullptr) settings_.watch->Remove(this);
+  delete this;
+}
+
+bool AttendStreamReactor::CheckIdle(StreamWatch::Clock::time_point now,
+                                    std::chrono::milliseconds idle_timeout) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // A chunk computing (or queued) is the engine's time, not the client's.
+  if (finished_ || idle_ended_ || !error_.ok() || computing_) return false;
+  const auto idle = std::chrono::duration_cast<std::chrono::milliseconds>(now - last_progress_);
+  if (idle <= idle_timeout) return false;
+  const int64_t reserved = reservation_ ? reservation_->bytes() : 0;
+  const std::string progress = absl::StrFormat(
+      "after %d of %d tokens arrived and %d chunks were computed; its %d reserved bytes are freed "
+      "(--stream-idle-timeout-ms %d)",
+      assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len, chunks_computed_,
+      reserved, idle_timeout.count());
+  if (write_in_flight_) {
+    Fail(WithServerRejectReason(
+        absl::CancelledError(absl::StrFormat(
+            "stream idle: the client read no answer message for %d ms %s", idle.count(), progress)),
+        "idle"));
+  } else {
+    Fail(WithServerRejectReason(
+        absl::DeadlineExceededError(absl::StrFormat(
+            "stream idle: no message from the client for %d ms %s", idle.count(), progress)),
+        "idle"));
+  }
+  idle_ended_ = true;
+  ++starting_;  // Holds the stream open (Decide does not finish it) until EndIdle.
+  return true;
+}
+
+void AttendStreamReactor::EndIdle() {
+  bool cancel = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancel = write_in_flight_;
+  }
+  // A write the client does not read never completes by itself: cancelling the call returns it
+  // (ok false), and then the stream finishes. Called while starting_ still holds the stream open.
+  if (cancel) context_->TryCancel();
+  Advance([&] { --starting_; });  // May finish the stream: the last use of this object.
 }
 
 int64_t AttendStreamReactor::QueryRowBytes() const {
@@ -52,6 +100,7 @@ void AttendStreamReactor::Fail(absl::Status status) {
 void AttendStreamReactor::OnReadDone(bool ok) {
   Advance([&] {
     read_in_flight_ = false;
+    last_progress_ = std::chrono::steady_clock::now();
     if (finished_ || !error_.ok()) return;
     if (!ok) {  // The client half-closed, or the call is gone.
       if (context_->IsCancelled()) {
@@ -143,7 +192,7 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   if (deadline_) {
     const double left_s =
         std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
-    const double rate = engine_->stats().measured_flops_per_second;
+    const double rate = engine_->DeadlineThroughput(problem_.spec);
     const double flops = engine::EstimateFlops(problem_.shape, problem_.spec);
     if (left_s <= 0 || (rate > 0 && flops / rate > left_s)) {
       return engine::WithRejectReason(
@@ -164,6 +213,10 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes +
                            std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
   const int64_t total = inputs + outputs + chunk.workspace + messages;
+  // One place in the engine's queue for all the stream's chunks, so chunks never push the queue
+  // past --max-queue; then the budget (a window it can never hold is refused for that); then
+  // this client's share of stream memory.
+  DA_ASSIGN_OR_RETURN(queue_place_, engine_->TakeQueuePlace());
   DA_ASSIGN_OR_RETURN(
       reservation_,
       engine_->ReserveMemory(
@@ -171,6 +224,11 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
                                  "tokens; outputs %d; workspace %d; messages %d)",
                                  total, inputs, settings_.pipeline_depth, layout.chunk_tokens,
                                  outputs, chunk.workspace, messages)));
+  if (settings_.quota != nullptr) {
+    DA_ASSIGN_OR_RETURN(client_share_,
+                        settings_.quota->Reserve(
+                            ClientKeyOf(*context_, settings_.client_by_token), total));
+  }
   return absl::OkStatus();
 }
 
@@ -211,6 +269,8 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
       assembler_.reset();
       out_slots_.clear();
       reservation_.reset();
+      client_share_.Reset();
+      queue_place_.Reset();
     }
     return actions;
   }
@@ -293,21 +353,13 @@ bool AttendStreamReactor::FillNextWrite() {
     ExecutionInfoToProto(info_, record_.id(), record_.ElapsedUs(), info);
     info->set_stream_chunk_tokens(assembler_->layout().chunk_tokens);
     info->set_stream_chunks(chunks_computed_);
-    info->set_stream_buffer_bytes(BufferBytes());
+    // What the window reserved: the bytes this stream held against the budget.
+    info->set_stream_buffer_bytes(reservation_ ? reservation_->bytes() : 0);
     trailer_sent_ = true;
     response_buffer_ = SerializedMessage(response);
     return true;
   }
   return false;
-}
-
-int64_t AttendStreamReactor::BufferBytes() const {
-  if (assembler_ == nullptr) return 0;
-  const StreamLayout& layout = assembler_->layout();
-  const int64_t out_bytes = static_cast<int64_t>(out_slots_.size()) * layout.chunk_tokens *
-                            layout.batch * layout.q_row_bytes;
-  // One incoming and one outgoing message at most, each within max_message_bytes.
-  return assembler_->buffer_bytes() + out_bytes + 2 * settings_.max_message_bytes;
 }
 
 void AttendStreamReactor::Advance(const std::function<void()>& under_lock) {
@@ -354,6 +406,7 @@ void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
   run.priority = priority_;
   run.deadline = deadline_;
   run.reservation = &*reservation_;
+  run.queue_place = &queue_place_;
   const Outgoing outgoing{chunk.index, chunk.token_start, chunk.token_count, slot, 0};
   engine_->Submit(run, [this, outgoing](absl::StatusOr<engine::ExecutionInfo> info) {
     OnComputed(outgoing, std::move(info));
@@ -364,6 +417,7 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
                                      absl::StatusOr<engine::ExecutionInfo> info) {
   Advance([&] {
     computing_ = false;
+    last_progress_ = std::chrono::steady_clock::now();  // From now on the client is waited for.
     if (!info.ok()) {
       Fail(info.status());
       return;
@@ -386,6 +440,7 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
 void AttendStreamReactor::OnWriteDone(bool ok) {
   Advance([&] {
     write_in_flight_ = false;
+    last_progress_ = std::chrono::steady_clock::now();
     if (!ok) Fail(absl::CancelledError("the client went away while the answer was being sent"));
   });
 }

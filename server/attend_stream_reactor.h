@@ -16,9 +16,20 @@
 // engine's memory budget when the header arrives, before anything is allocated (over budget:
 // RESOURCE_EXHAUSTED stating both), and released when the RPC finishes.
 //
+// Admission. The header is refused (before anything is allocated) when the engine's queue has no
+// place for the stream (one place, held for all its chunks: engine::QueuePlace), when the window
+// does not fit the memory budget, or when its client would hold more than
+// --max-client-stream-bytes of stream windows (ClientQuota). The trailer's stream_buffer_bytes is
+// the window reserved.
+//
+// Idle clients. The StreamWatch asks the stream every period how long its client has made no
+// progress (no message read or written) while no chunk was computing; past the idle limit the
+// stream ends and frees everything: DEADLINE_EXCEEDED when it waited for input, CANCELLED (the
+// call is cancelled, so that the blocked write returns) when the client did not read its answer.
+//
 // Deadlines. The gRPC deadline is every chunk run's deadline; a header whose whole problem the
-// engine's measured throughput cannot finish in the time left is refused at once with
-// DEADLINE_EXCEEDED. The header's priority is every chunk run's priority. When every input slot is
+// engine's throughput (measured, or the start-up self-check's) cannot finish in the time left is
+// refused at once with DEADLINE_EXCEEDED. The header's priority is every chunk run's priority. When every input slot is
 // full the reactor stops reading, so gRPC's flow control holds the client back; nothing is
 // buffered without bound.
 //
@@ -49,9 +60,11 @@
 #include "engine/engine.h"
 #include "server/conversion.h"
 #include "server/host_buffer.h"
+#include "server/client_quota.h"
 #include "server/metrics.h"
 #include "server/request_record.h"
 #include "server/stream_assembler.h"
+#include "server/stream_watch.h"
 #include "server/stream_wire.h"
 
 namespace da::server {
@@ -65,13 +78,17 @@ struct StreamSettings {
   int pipeline_depth = 2;                // Chunks of inputs held at once (>= 1).
   int64_t min_chunk_tokens = 4096;       // Chunks are at least this long (unless seq_len is less).
   HostBufferPool* buffers = nullptr;     // Where chunk buffers come from and go back to.
+  StreamWatch* watch = nullptr;          // Ends idle streams; null: none (tests).
+  ClientQuota* quota = nullptr;          // Caps each client's windows; null: no cap.
+  bool client_by_token = false;          // Clients are told apart by token (auth on), else peer.
 };
 
 // Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
 // parsed where gRPC received them and output blocks are serialized straight from the output
 // buffer (server/stream_wire.h), one copy each way instead of two or three.
 class AttendStreamReactor final
-    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+    : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
+      public StreamWatch::Watched {
  public:
   AttendStreamReactor(engine::Engine* engine, Metrics* metrics, const StreamSettings& settings,
                       grpc::CallbackServerContext* context);
@@ -79,7 +96,12 @@ class AttendStreamReactor final
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
   void OnCancel() override;
-  void OnDone() override { delete this; }
+  void OnDone() override;
+
+  // StreamWatch::Watched (called under the watch's lock; EndIdle after it is released).
+  bool CheckIdle(StreamWatch::Clock::time_point now,
+                 std::chrono::milliseconds idle_timeout) override;
+  void EndIdle() override;
 
  private:
   // A computed chunk whose output is being sent.
@@ -106,7 +128,6 @@ class AttendStreamReactor final
   void FeedPendingBlock();                                    // Under mu_.
   Actions Decide();                                           // Under mu_.
   bool FillNextWrite();                                       // Under mu_: response_buffer_.
-  int64_t BufferBytes() const;                                // Under mu_.
   // Runs under_lock and Decide under mu_, then starts what Decide chose, until nothing is left.
   void Advance(const std::function<void()>& under_lock);
   void Compute(const Chunk& chunk, int slot);
@@ -124,7 +145,12 @@ class AttendStreamReactor final
   int priority_ = 0;
   std::optional<std::chrono::steady_clock::time_point> deadline_;
   std::optional<engine::MemoryReservation> reservation_;
-
+  engine::QueuePlace queue_place_;     // Held from the header to the end.
+  ClientQuota::Share client_share_;    // The window, counted against the client's cap.
+  // The last progress of the client (a message read or written) or of the engine (a chunk
+  // computed); guarded by mu_. What CheckIdle measures idleness from.
+  std::chrono::steady_clock::time_point last_progress_ = std::chrono::steady_clock::now();
+  bool idle_ended_ = false;  // CheckIdle ended the stream; EndIdle still has to run.
   std::mutex mu_;
   RequestRecord record_;
   absl::Status error_;  // The first error; the RPC finishes with it.

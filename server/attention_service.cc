@@ -1,5 +1,7 @@
 #include "server/attention_service.h"
 
+#include <google/protobuf/io/coded_stream.h>
+#include <grpcpp/support/proto_buffer_reader.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
@@ -9,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/status_macros.h"
 #include "server/attend_stream_reactor.h"
 #include "server/conversion.h"
@@ -18,20 +21,46 @@
 namespace da::server {
 namespace {
 
-// One unary Attend: the inputs are views of the request's bytes and the engine writes straight
-// into the response's output bytes, so the server itself copies no tensor. Lifetime: gRPC keeps
-// request and response alive until OnDone, which comes only after Finish, and Finish is called only
-// once the engine has called back (or never started).
+// Bytes a unary answer's ExecutionInfo may take beyond the request id: the reason string, backend,
+// devices and a dozen varints come to about 150 bytes; 512 leaves room.
+constexpr int64_t kInfoBytesAllowance = 512;
+
+int64_t VarintBytes(uint64_t value) {
+  return static_cast<int64_t>(google::protobuf::io::CodedOutputStream::VarintSize64(value));
+}
+
+// The size of the AttendResponse that answers request with output_bytes of output: the output
+// tensor exactly (its dtype, shape, data and their framing), the execution info bounded.
+int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes) {
+  v1::Tensor output;
+  output.set_dtype(request.query().dtype());
+  *output.mutable_shape() = request.query().shape();
+  const int64_t tensor = static_cast<int64_t>(output.ByteSizeLong()) + 1 +
+                         VarintBytes(static_cast<uint64_t>(output_bytes)) + output_bytes;
+  const int64_t info = kInfoBytesAllowance + static_cast<int64_t>(request.request_id().size()) + 32;
+  return 1 + VarintBytes(static_cast<uint64_t>(tensor)) + tensor + 1 + VarintBytes(info) + info;
+}
+
+// One unary Attend. The inputs are views of the parsed request's bytes and the engine writes
+// straight into the response's output bytes; the response is serialized into gRPC's answer
+// buffer once (the copy gRPC itself makes for a generated method). Lifetime: gRPC keeps the
+// buffers alive until OnDone, which comes only after Finish, and Finish is called only once the
+// engine has called back (or never started).
 class AttendReactor final : public grpc::ServerUnaryReactor {
  public:
-  AttendReactor(engine::Engine* engine, Metrics* metrics, grpc::CallbackServerContext* context,
-                const v1::AttendRequest* request, v1::AttendResponse* response)
+  AttendReactor(engine::Engine* engine, Metrics* metrics, int64_t max_message_bytes,
+                grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
+                grpc::ByteBuffer* answer)
       : record_(metrics, "Attend", *context),
+        metrics_(metrics),
+        max_message_bytes_(max_message_bytes),
         context_(context),
-        request_(request),
-        response_(response) {
-    record_.SetRequestIdField(request->request_id());
-    absl::Status status = Submit(engine);
+        answer_(answer) {
+    absl::Status status = ParseUnaryRequest(*body, "Attend", &request_);
+    if (status.ok()) {
+      record_.SetRequestIdField(request_.request_id());
+      status = Submit(engine);
+    }
     if (!status.ok()) FinishWith(status, nullptr);
   }
 
@@ -40,11 +69,22 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   void OnCancel() override {
     if (!CancelledByDeadline(context_->deadline())) cancelled_.store(true);
   }
-  void OnDone() override { delete this; }
+  // A call finished OK and then cancelled lost its answer on the way (the client went away, or the
+  // transport refused the message): counted and logged with what it was.
+  void OnDone() override {
+    if (finished_ok_ && context_->IsCancelled()) {
+      spdlog::warn(
+          "request id={} method=Attend code=CANCELLED error=\"the answer ({} bytes) was computed "
+          "but not delivered: the call was cancelled while it was sent\"",
+          record_.id(), answer_bytes_);
+      metrics_->AnswerUndelivered("Attend");
+    }
+    delete this;
+  }
 
  private:
   absl::Status Submit(engine::Engine* engine) {
-    DA_ASSIGN_OR_RETURN(UnaryProblem problem, ProblemFromRequest(*request_));
+    DA_ASSIGN_OR_RETURN(UnaryProblem problem, ProblemFromRequest(request_));
     const engine::TensorView& q = problem.q;
     record_.SetProblem(
         {q.shape.batch, q.shape.seq_len, q.shape.heads, problem.k.shape.heads, q.shape.head_dim},
@@ -54,10 +94,20 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
     // output is allocated.
     DA_RETURN_IF_ERROR(
         engine::ValidateProblem(q, problem.k, problem.v, problem.spec, engine->limits()));
+    // The answer's size is known now: one that could not be sent is refused before any compute.
+    answer_bytes_ = UnaryAnswerBytes(request_, q.bytes);
+    if (answer_bytes_ > max_message_bytes_) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "the answer would take %d bytes (output %s of %s: %d bytes) but the message limit "
+          "(--max-message-bytes) is %d; send this request with AttendStream, which returns the "
+          "output in blocks and has no size limit",
+          answer_bytes_, q.shape.ToString(), engine::DTypeName(q.dtype), q.bytes,
+          max_message_bytes_));
+    }
 
-    v1::Tensor* output = response_->mutable_output();
-    output->set_dtype(request_->query().dtype());
-    output->mutable_shape()->CopyFrom(request_->query().shape());
+    v1::Tensor* output = response_.mutable_output();
+    output->set_dtype(request_.query().dtype());
+    output->mutable_shape()->CopyFrom(request_.query().shape());
     std::string* bytes = output->mutable_data();
     bytes->resize(static_cast<size_t>(q.bytes));
 
@@ -69,7 +119,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
     run.out = {q.dtype, q.shape, bytes->data(), q.bytes};
     run.request_id = record_.id();
     run.cancelled = &cancelled_;
-    run.priority = request_->priority();
+    run.priority = request_.priority();
     run.deadline = SteadyDeadline(context_->deadline());
     engine->Submit(
         run, [this](absl::StatusOr<engine::ExecutionInfo> info) { OnComputed(std::move(info)); });
@@ -79,12 +129,17 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   // Runs on an engine dispatcher thread.
   void OnComputed(absl::StatusOr<engine::ExecutionInfo> info) {
     if (!info.ok()) {
-      response_->Clear();
       FinishWith(info.status(), nullptr);
       return;
     }
-    record_.AddBytes(0, static_cast<int64_t>(response_->output().data().size()));
-    ExecutionInfoToProto(*info, record_.id(), record_.ElapsedUs(), response_->mutable_info());
+    record_.AddBytes(0, static_cast<int64_t>(response_.output().data().size()));
+    ExecutionInfoToProto(*info, record_.id(), record_.ElapsedUs(), response_.mutable_info());
+    if (absl::Status serialized = SerializeUnaryResponse(response_, answer_); !serialized.ok()) {
+      FinishWith(serialized, nullptr);
+      return;
+    }
+    response_.Clear();  // The answer buffer holds its own copy.
+    finished_ok_ = true;
     FinishWith(absl::OkStatus(), &*info);
   }
 
@@ -94,9 +149,14 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   }
 
   RequestRecord record_;
+  Metrics* metrics_;
+  const int64_t max_message_bytes_;
   grpc::CallbackServerContext* context_;
-  const v1::AttendRequest* request_;
-  v1::AttendResponse* response_;
+  grpc::ByteBuffer* answer_;
+  v1::AttendRequest request_;
+  v1::AttendResponse response_;
+  int64_t answer_bytes_ = 0;
+  bool finished_ok_ = false;  // Set before Finish; read in OnDone, which comes after it.
   std::atomic<bool> cancelled_{false};
 };
 
@@ -139,7 +199,33 @@ AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, Ser
       metrics_(metrics),
       options_(std::move(options)),
       stream_buffers_(options_.stream_buffer_pool_bytes),
+      client_quota_(options_.max_client_stream_bytes),
+      stream_watch_(std::chrono::milliseconds(options_.stream_idle_timeout_ms)),
       build_features_(engine::BuildFeatures()) {}
+
+absl::Status ParseUnaryRequest(const grpc::ByteBuffer& body, std::string_view method,
+                               google::protobuf::Message* message) {
+  grpc::ByteBuffer copy(body);  // Shares the slices; the reader needs a mutable buffer.
+  grpc::ProtoBufferReader reader(&copy);
+  if (!message->ParseFromZeroCopyStream(&reader)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: the request body (%d bytes) is not a %s: truncated, malformed, or a string field "
+        "that is not valid UTF-8",
+        method, body.Length(), message->GetTypeName()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SerializeUnaryResponse(const google::protobuf::Message& message,
+                                    grpc::ByteBuffer* out) {
+  bool own_buffer = false;
+  const grpc::Status serialized =
+      grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, out, &own_buffer);
+  if (!serialized.ok()) {
+    return absl::InternalError("cannot serialize the answer: " + serialized.error_message());
+  }
+  return absl::OkStatus();
+}
 
 grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,
                                        const grpc::Status& status) {
@@ -160,12 +246,20 @@ bool AttentionService::RefusedWhileDraining(const char* method,
 }
 
 grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* context,
-                                                   const v1::AttendRequest* request,
-                                                   v1::AttendResponse* response) {
+                                                   const grpc::ByteBuffer* request,
+                                                   grpc::ByteBuffer* response) {
   if (grpc::Status refused; RefusedWhileDraining("Attend", *context, &refused)) {
     return FinishedWith(context, refused);
   }
-  return new AttendReactor(engine_, metrics_, context, request, response);
+  return new AttendReactor(engine_, metrics_, options_.max_message_bytes, context, request,
+                           response);
+}
+
+grpc::ServerUnaryReactor* AttentionService::RefuseUnparsable(const char* method,
+                                                             grpc::CallbackServerContext* context,
+                                                             const absl::Status& status) {
+  RequestRecord record(metrics_, method, *context);
+  return FinishedWith(context, record.Finish(status, nullptr));
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(
@@ -176,18 +270,27 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
   const StreamSettings settings{.max_message_bytes = options_.max_message_bytes,
                                 .pipeline_depth = options_.stream_pipeline_depth,
                                 .min_chunk_tokens = options_.stream_min_chunk_tokens,
-                                .buffers = &stream_buffers_};
+                                .buffers = &stream_buffers_,
+                                .watch = &stream_watch_,
+                                .quota = &client_quota_,
+                                .client_by_token = options_.client_by_token};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 
 // Cheap and non-blocking, so it is answered on the gRPC thread.
 grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerContext* context,
-                                                          const v1::GetServerInfoRequest*,
-                                                          v1::GetServerInfoResponse* response) {
+                                                          const grpc::ByteBuffer* request,
+                                                          grpc::ByteBuffer* answer) {
   if (grpc::Status refused; RefusedWhileDraining("GetServerInfo", *context, &refused)) {
     return FinishedWith(context, refused);
   }
+  v1::GetServerInfoRequest parsed;
+  if (absl::Status status = ParseUnaryRequest(*request, "GetServerInfo", &parsed); !status.ok()) {
+    return RefuseUnparsable("GetServerInfo", context, status);
+  }
   const auto start = std::chrono::steady_clock::now();
+  v1::GetServerInfoResponse reply;
+  v1::GetServerInfoResponse* response = &reply;
   response->set_version(options_.version);
   for (const std::string& feature : build_features_) response->add_build_features(feature);
   for (const engine::DeviceInfo& device : engine_->devices()) {
@@ -198,10 +301,11 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
   limits->set_max_request_bytes(engine_->limits().max_request_bytes);
   limits->set_max_tokens(engine_->limits().max_tokens);
   PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
+  const grpc::Status status = ToGrpcStatus(SerializeUnaryResponse(reply, answer));
 
-  metrics_->RequestFinished("GetServerInfo", grpc::StatusCode::OK, SecondsSince(start));
+  metrics_->RequestFinished("GetServerInfo", status.error_code(), SecondsSince(start));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
+  reactor->Finish(status);
   return reactor;
 }
 
@@ -209,22 +313,29 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
 // the warm-up worker, which finishes the RPC. With --auth-token-file it needs a token like every
 // AttentionService method (AuthenticatedAttentionService), since it makes the server allocate.
 grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* context,
-                                                   const v1::WarmUpRequest* request,
-                                                   v1::WarmUpResponse* response) {
+                                                   const grpc::ByteBuffer* body,
+                                                   grpc::ByteBuffer* answer) {
   if (grpc::Status refused; RefusedWhileDraining("WarmUp", *context, &refused)) {
     return FinishedWith(context, refused);
   }
+  auto request = std::make_shared<v1::WarmUpRequest>();
+  if (absl::Status status = ParseUnaryRequest(*body, "WarmUp", request.get()); !status.ok()) {
+    return RefuseUnparsable("WarmUp", context, status);
+  }
   const auto start = std::chrono::steady_clock::now();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  // gRPC keeps context, request and response alive until Finish.
-  warm_up_worker_.Post([this, context, request, response, reactor, start] {
+  // gRPC keeps context and the answer buffer alive until Finish.
+  warm_up_worker_.Post([this, context, request, answer, reactor, start] {
+    v1::WarmUpResponse reply;
+    v1::WarmUpResponse* response = &reply;
     absl::Status status = context->IsCancelled()
                               ? absl::CancelledError("cancelled before the warm-up started")
                               : WarmUpShapes(*engine_, *metrics_, *request, response);
     if (status.ok()) {
       PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
-    } else {
-      response->Clear();
+      status = SerializeUnaryResponse(reply, answer);
+    }
+    if (!status.ok()) {
       spdlog::warn("request id={} method=WarmUp shapes={} code={} error=\"{}\"",
                    RequestIdOf(*context), request->shapes_size(),
                    absl::StatusCodeToString(status.code()), std::string(status.message()));

@@ -13,25 +13,39 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "da/v1/attention.grpc.pb.h"
 #include "engine/engine.h"
 #include "server/attend_stream_reactor.h"
+#include "server/client_quota.h"
 #include "server/metrics.h"
+#include "server/stream_watch.h"
 #include "server/warm_up.h"
 
 namespace da::server {
 
 inline constexpr char kServiceName[] = "da.v1.AttentionService";
 
-// The generated callback service with AttendStream as a raw method: its reactor reads and writes
-// ByteBuffers so that tensors are copied once each way (server/stream_wire.h). The wire format is
+// The generated callback service with every method raw (ByteBuffers in and out). AttendStream's
+// reactor parses and writes its messages itself so that tensors are copied once each way
+// (server/stream_wire.h); the unary methods parse their requests themselves (ParseUnaryRequest)
+// so that a body that is not the method's message gets INVALID_ARGUMENT with a message, a log
+// line and a metric, as on the stream, instead of gRPC's bare UNIMPLEMENTED. The wire format is
 // unchanged; clients use the generated stubs as they are.
-using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Attend<
+using AttentionServiceBase = v1::AttentionService::WithRawCallbackMethod_Attend<
     v1::AttentionService::WithRawCallbackMethod_AttendStream<
-        v1::AttentionService::WithCallbackMethod_GetServerInfo<
-            v1::AttentionService::WithCallbackMethod_WarmUp<v1::AttentionService::Service>>>>;
+        v1::AttentionService::WithRawCallbackMethod_GetServerInfo<
+            v1::AttentionService::WithRawCallbackMethod_WarmUp<v1::AttentionService::Service>>>>;
+
+// Parses a unary call's body into message. INVALID_ARGUMENT naming the method and the message type
+// when the bytes are not one (truncated, invalid UTF-8 in a string field, wrong wire types).
+absl::Status ParseUnaryRequest(const grpc::ByteBuffer& body, std::string_view method,
+                               google::protobuf::Message* message);
+
+// message serialized into out (for the raw unary methods' answers).
+absl::Status SerializeUnaryResponse(const google::protobuf::Message& message, grpc::ByteBuffer* out);
 
 // A unary call finished at once with `status` (a refusal before any work).
 grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,
@@ -51,6 +65,9 @@ struct ServiceOptions {
   int stream_pipeline_depth = 2;         // Chunks of input one stream holds (StreamSettings).
   int64_t stream_min_chunk_tokens = 4096;
   int64_t stream_buffer_pool_bytes = int64_t{256} << 20;  // Idle chunk buffers kept for reuse.
+  int64_t stream_idle_timeout_ms = 20000;  // A stream's client idle this long ends it; 0: never.
+  int64_t max_client_stream_bytes = 0;     // Stream windows one client may hold; 0: no cap.
+  bool client_by_token = false;            // Clients told apart by bearer token (auth on).
 };
 
 class AttentionService final : public AttentionServiceBase {
@@ -58,19 +75,19 @@ class AttentionService final : public AttentionServiceBase {
   AttentionService(engine::Engine* engine, Metrics* metrics, ServiceOptions options);
 
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
-                                   const v1::AttendRequest* request,
-                                   v1::AttendResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendStream(
       grpc::CallbackServerContext* context) override;
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const v1::GetServerInfoRequest* request,
-                                          v1::GetServerInfoResponse* response) override;
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
 
   grpc::ServerUnaryReactor* WarmUp(grpc::CallbackServerContext* context,
-                                   const v1::WarmUpRequest* request,
-                                   v1::WarmUpResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
 
   // From now on every new call is refused with UNAVAILABLE ("draining"), counted and logged as a
   // refusal; calls already started are not affected. Server::Shutdown calls it before its grace
@@ -79,6 +96,10 @@ class AttentionService final : public AttentionServiceBase {
   void BeginDrain() { draining_.store(true); }
 
  private:
+  // A unary call whose body is not its message: INVALID_ARGUMENT, logged and counted.
+  grpc::ServerUnaryReactor* RefuseUnparsable(const char* method,
+                                             grpc::CallbackServerContext* context,
+                                             const absl::Status& status);
   // Refuses `method`'s call with UNAVAILABLE while draining: true when it did (status set).
   bool RefusedWhileDraining(const char* method, grpc::CallbackServerContext& context,
                             grpc::Status* status);
@@ -88,6 +109,8 @@ class AttentionService final : public AttentionServiceBase {
   Metrics* metrics_;
   ServiceOptions options_;
   HostBufferPool stream_buffers_;  // Outlives the streams: the service outlives the grpc::Server.
+  ClientQuota client_quota_;       // Likewise.
+  StreamWatch stream_watch_;       // Likewise; its thread ends with the service.
   std::vector<std::string> build_features_;
   WarmUpWorker warm_up_worker_;
 };

@@ -21,8 +21,8 @@ grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
 }
 
 grpc::ServerUnaryReactor* AuthenticatedAttentionService::Attend(
-    grpc::CallbackServerContext* context, const v1::AttendRequest* request,
-    v1::AttendResponse* response) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+    grpc::ByteBuffer* response) {
   grpc::Status status = Authenticate("Attend", *context);
   if (!status.ok()) return FinishedWith(context, status);
   return service_->Attend(context, request, response);
@@ -36,16 +36,16 @@ AuthenticatedAttentionService::AttendStream(grpc::CallbackServerContext* context
 }
 
 grpc::ServerUnaryReactor* AuthenticatedAttentionService::GetServerInfo(
-    grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* request,
-    v1::GetServerInfoResponse* response) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+    grpc::ByteBuffer* response) {
   grpc::Status status = Authenticate("GetServerInfo", *context);
   if (!status.ok()) return FinishedWith(context, status);
   return service_->GetServerInfo(context, request, response);
 }
 
 grpc::ServerUnaryReactor* AuthenticatedAttentionService::WarmUp(
-    grpc::CallbackServerContext* context, const v1::WarmUpRequest* request,
-    v1::WarmUpResponse* response) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+    grpc::ByteBuffer* response) {
   grpc::Status status = Authenticate("WarmUp", *context);
   if (!status.ok()) return FinishedWith(context, status);
   return service_->WarmUp(context, request, response);

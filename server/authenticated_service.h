@@ -25,19 +25,19 @@ class AuthenticatedAttentionService final : public AttentionServiceBase {
       : service_(service), authenticator_(authenticator), metrics_(metrics) {}
 
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
-                                   const v1::AttendRequest* request,
-                                   v1::AttendResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendStream(
       grpc::CallbackServerContext* context) override;
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
-                                          const v1::GetServerInfoRequest* request,
-                                          v1::GetServerInfoResponse* response) override;
+                                          const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
 
   grpc::ServerUnaryReactor* WarmUp(grpc::CallbackServerContext* context,
-                                   const v1::WarmUpRequest* request,
-                                   v1::WarmUpResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
 
  private:
   // OK, or the UNAUTHENTICATED status after counting and logging the refusal.

@@ -32,6 +32,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <thread>
 #include <utility>
@@ -151,10 +152,21 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 64));
   app.add_option("--stream-buffer-pool-bytes", options.stream_buffer_pool_bytes,
-                 "AttendStream: idle chunk buffers kept for the next stream of the same shape "
-                 "(resident, outside --memory-budget-bytes); 0 keeps none")
+                 "AttendStream: idle chunk buffers kept for the next stream of the same shape; "
+                 "counted in --memory-budget-bytes (at most a quarter of it); 0 keeps none")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--stream-idle-timeout-ms", options.stream_idle_timeout_ms,
+                 "AttendStream: a stream whose client sends and reads nothing for this long "
+                 "(while none of its chunks computes) ends and frees its memory; 20 s is one "
+                 "64 MiB message at about 4 MB/s plus a margin; 0: never")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
+  app.add_option("--max-client-stream-bytes", options.max_client_stream_bytes,
+                 "Stream windows one client (its token with --auth-token-file, else its address) "
+                 "may hold at once; -1: half of --memory-budget-bytes; 0: no cap")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
   app.add_option("--stream-min-chunk-tokens", options.stream_min_chunk_tokens,
                  "AttendStream: least tokens per chunk; a chunk is a multiple of every segment "
                  "length and is computed as soon as its tokens have arrived")
@@ -167,10 +179,17 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   app.add_option("--max-queue", options.max_queue,
-                 "Requests that may wait for the engine; more get RESOURCE_EXHAUSTED. 0: only "
-                 "requests the engine can start at once")
+                 "Requests that may wait for the engine (an open stream holds one place); more "
+                 "get RESOURCE_EXHAUSTED. 0: only requests the engine can start at once")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  std::string queue_order = "fair";
+  app.add_option("--queue-order", queue_order,
+                 "Order of waiting requests of equal priority: fair (least work first across "
+                 "streams and requests, so small calls are not stuck behind long streams) or "
+                 "arrival")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fair", "arrival"}));
   app.add_option("--warmup", warmup_file,
                  "JSON file of shapes whose plans are built before readiness turns SERVING");
   // Security and per-connection limits (server/security.h); files are checked before listening.
@@ -187,6 +206,29 @@ int main(int argc, char** argv) {
                  "Calls one connection may have open at once; more wait on the client")
       ->capture_default_str()
       ->check(CLI::Range(1, 2147483647));
+  app.add_option("--keepalive-time-ms", options.keepalive_time_ms,
+                 "HTTP/2 keepalive: ping a connection idle this long, close it when the ping is "
+                 "not answered within --keepalive-timeout-ms; 0: off")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
+  app.add_option("--keepalive-timeout-ms", options.keepalive_timeout_ms,
+                 "HTTP/2 keepalive: how long a ping may go unanswered")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
+  app.add_option("--max-connection-idle-ms", options.max_connection_idle_ms,
+                 "Close a connection with no call open for this long; 0: never")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
+  app.add_option("--max-connection-age-ms", options.max_connection_age_ms,
+                 "GOAWAY to connections older than this (calls in flight finish; clients "
+                 "reconnect and rebalance); 0: no limit")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
+  app.add_option("--max-connection-age-grace-ms", options.max_connection_age_grace_ms,
+                 "After --max-connection-age-ms, how long calls in flight may still take; 0: as "
+                 "long as they need")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--drain-timeout-ms", drain_timeout_ms,
                  "On SIGTERM, how long calls in flight may take to finish")
       ->capture_default_str()
@@ -228,6 +270,8 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-port-file", metrics_port_file,
                  "Once serving, write the bound /metrics port to this file");
   CLI11_PARSE(app, argc, argv);
+  options.queue_order =
+      queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
   if (absl::Status valid = da::server::ValidateGroupFlags(group); !valid.ok()) {
     std::fprintf(stderr, "da-server: %s\n", std::string(valid.message()).c_str());
     return 1;

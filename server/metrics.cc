@@ -135,6 +135,19 @@ class EngineCollector final : public SourcedCollector<engine::EngineStats> {
         OneValueFamily("da_memory_budget_bytes",
                        "The admission memory budget (--memory-budget-bytes); 0: unlimited.",
                        MetricType::Gauge, stats.memory_budget_bytes),
+        OneValueFamily("da_memory_kept_bytes",
+                       "Bytes of the budget kept by the server outside requests (the stream "
+                       "buffer pool's capacity).",
+                       MetricType::Gauge, stats.memory_kept_bytes),
+        OneValueFamily("da_queue_stream_places",
+                       "Queue places held by open streams (one each, within --max-queue).",
+                       MetricType::Gauge, stats.queue_places_held),
+        OneValueFamily("da_engine_runs_completed_total", "Runs computed to the end.",
+                       MetricType::Counter, stats.runs_completed),
+        OneValueFamily("da_engine_deadline_flops_per_second",
+                       "Throughput the up-front deadline checks use: the best measured, or the "
+                       "start-up self-check's before the first measured run; 0: none.",
+                       MetricType::Gauge, static_cast<int64_t>(stats.deadline_flops_per_second)),
         OneValueFamily("da_engine_runs_cancelled_total",
                        "Runs stopped during compute because their request was cancelled.",
                        MetricType::Counter, stats.runs_cancelled),
@@ -315,9 +328,18 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                    .Help(
                        "Attention RPCs refused without a result, by reason (invalid_argument, "
                        "too_large, queue_full, memory, deadline, cancelled, unauthenticated, "
-                       "unavailable).")
+                       "unavailable, idle, client_memory).")
                    .Register(*registry_);
   for (const char* reason : kRejectReasons) rejected_->Add({{"reason", reason}});
+  undelivered_ = &prometheus::BuildCounter()
+                      .Name("da_answers_undelivered_total")
+                      .Help(
+                          "Answers computed and finished OK that did not reach the client (it "
+                          "went away, or the transport refused the message), by method.")
+                      .Register(*registry_);
+  for (const char* method : {"Attend", "GetServerInfo", "WarmUp"}) {
+    undelivered_->Add({{"method", method}});
+  }
   plan_cache_ = std::make_shared<PlanCacheCollector>();
   engine_ = std::make_shared<EngineCollector>();
   devices_ = std::make_shared<DeviceCollector>();
@@ -371,6 +393,10 @@ void Metrics::AddBytes(int64_t bytes_in, int64_t bytes_out) {
 }
 
 void Metrics::PlanBuilt(double build_seconds) { plan_build_duration_->Observe(build_seconds); }
+
+void Metrics::AnswerUndelivered(std::string_view method) {
+  undelivered_->Add({{"method", std::string(method)}}).Increment();
+}
 
 void Metrics::RequestRejected(std::string_view reason) {
   rejected_->Add({{"reason", std::string(reason)}}).Increment();

@@ -32,7 +32,9 @@
 // da_requests_rejected_total{reason} counts attention RPCs refused without a result; the reasons
 // (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
 // deadline (refused up front or expired while queued), cancelled (by the client before compute
-// began), unauthenticated and unavailable (e.g. draining). Runs stopped during compute are not
+// began), unauthenticated, unavailable (e.g. draining), idle (a stream whose client made no
+// progress for --stream-idle-timeout-ms) and client_memory (one client's streams at
+// --max-client-stream-bytes). Runs stopped during compute are not
 // rejections: they count in da_engine_runs_{cancelled,deadline_exceeded}_total.
 #pragma once
 
@@ -79,9 +81,9 @@ struct DeviceSample {
 };
 
 // Every reason da_requests_rejected_total is exported with (all start at 0).
-inline constexpr const char* kRejectReasons[] = {"invalid_argument", "too_large",  "queue_full",
-                                                 "memory",           "deadline",   "cancelled",
-                                                 "unauthenticated",  "unavailable"};
+inline constexpr const char* kRejectReasons[] = {
+    "invalid_argument", "too_large",       "queue_full",  "memory", "deadline",
+    "cancelled",        "unauthenticated", "unavailable", "idle",   "client_memory"};
 
 class Metrics {
  public:
@@ -104,6 +106,8 @@ class Metrics {
   void PlanBuilt(double build_seconds);
   // An attention RPC was refused; reason is one of kRejectReasons.
   void RequestRejected(std::string_view reason);
+  // A unary call finished OK whose answer did not reach the client (da_answers_undelivered_total).
+  void AnswerUndelivered(std::string_view method);
 
   // Where scrapes read the plan cache's statistics. The source must stay callable until it is
   // replaced; an empty source keeps reporting the last statistics read (so the engine may be
@@ -134,6 +138,7 @@ class Metrics {
   prometheus::Gauge* in_flight_ = nullptr;
   prometheus::Histogram* plan_build_duration_ = nullptr;
   prometheus::Family<prometheus::Counter>* rejected_ = nullptr;
+  prometheus::Family<prometheus::Counter>* undelivered_ = nullptr;
   std::shared_ptr<PlanCacheCollector> plan_cache_;
   std::shared_ptr<EngineCollector> engine_;
   std::shared_ptr<DeviceCollector> devices_;

@@ -6,6 +6,7 @@
 #include <random>
 #include <string>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_format.h"
 #include "server/status_conversion.h"
 
@@ -27,9 +28,19 @@ double Millis(int64_t micros) { return static_cast<double>(micros) / 1e3; }
 
 }  // namespace
 
+absl::Status WithServerRejectReason(absl::Status status, std::string_view reason) {
+  if (!status.ok()) status.SetPayload(engine::kRejectReasonPayload, absl::Cord(std::string(reason)));
+  return status;
+}
+
 std::string RejectionReason(const absl::Status& status) {
   const engine::RejectReason reason = engine::RejectReasonOf(status);
   if (reason != engine::RejectReason::kNone) return engine::RejectReasonName(reason);
+  if (const auto payload = status.GetPayload(engine::kRejectReasonPayload); payload.has_value()) {
+    for (const char* known : kRejectReasons) {
+      if (*payload == known) return known;
+    }
+  }
   switch (status.code()) {
     case absl::StatusCode::kInvalidArgument:
       return "invalid_argument";

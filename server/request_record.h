@@ -70,6 +70,10 @@ class RequestRecord {
 // limit), UNAUTHENTICATED -> unauthenticated, UNAVAILABLE -> unavailable.
 std::string RejectionReason(const absl::Status& status);
 
+// status with a refusal reason of the server's own (one of kRejectReasons, e.g. "idle" or
+// "client_memory"), which RejectionReason reads back.
+absl::Status WithServerRejectReason(absl::Status status, std::string_view reason);
+
 // A fresh request id: 16 lowercase hex digits.
 std::string GenerateRequestId();
 

@@ -92,9 +92,12 @@ void Server::RunSelfCheck(const engine::EngineOptions& engine_options,
     absl::StatusOr<engine::SelfCheckResult> result = engine::SelfCheck(**check_engine);
     checked = result.status();
     if (result.ok()) {
-      passed = absl::StrFormat(" on %s (%s): max error %.2g within %.2g", result->device,
-                               engine::PrecisionName(result->precision), result->max_abs_error,
-                               result->tolerance);
+      passed = absl::StrFormat(
+          " on %s (%s): max error %.2g within %.2g; %.1f GFLOP/s until a request is measured",
+          result->device, engine::PrecisionName(result->precision), result->max_abs_error,
+          result->tolerance, result->flops_per_second / 1e9);
+      // Up-front deadline checks need a throughput before the first request has been timed.
+      engine_->SetStartupThroughput(result->flops_per_second);
     }
   }
   if (engine_->devices().empty()) return;  // Readiness already says "no device discovered".
@@ -126,6 +129,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes is ", options.max_message_bytes, "; must be in [1, ", INT_MAX, "]"));
   }
+  for (const auto& [name, value] :
+       {std::pair<const char*, int64_t>{"stream_idle_timeout_ms", options.stream_idle_timeout_ms},
+        {"keepalive_time_ms", options.keepalive_time_ms},
+        {"keepalive_timeout_ms", options.keepalive_timeout_ms},
+        {"max_connection_idle_ms", options.max_connection_idle_ms},
+        {"max_connection_age_ms", options.max_connection_age_ms},
+        {"max_connection_age_grace_ms", options.max_connection_age_grace_ms}}) {
+    if (value < 0 || value > INT_MAX) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " is ", value, "; must be in [0, ", INT_MAX, "] (0: off)"));
+    }
+  }
+  if (options.max_client_stream_bytes < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_client_stream_bytes is ", options.max_client_stream_bytes,
+                     "; must be >= 0 (0: no cap), or -1 for half the memory budget"));
+  }
   if (options.max_concurrent_streams < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_concurrent_streams is ", options.max_concurrent_streams, "; must be at least 1"));
@@ -148,6 +168,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.precision.fallback = options.precision_fallback;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
   engine_options.max_queue = options.max_queue;
+  engine_options.queue_order = options.queue_order;
   engine_options.shard_group = options.shard_group;
   server->shard_group_ = options.shard_group;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
@@ -180,13 +201,26 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         return DeviceSamples(*engine, *health);
       });
   server->warmup_ = options.warmup;
+  // The stream buffer pool keeps memory the budget must count: its capacity is kept out of the
+  // budget for good (cut to a quarter of it, so that streams keep most of it).
+  int64_t pool_bytes = options.stream_buffer_pool_bytes;
+  if (options.memory_budget_bytes > 0) {
+    pool_bytes = std::min(pool_bytes, options.memory_budget_bytes / 4);
+    server->engine_->SetKeptMemory(pool_bytes, "the stream buffer pool");
+  }
+  const int64_t client_cap =
+      options.max_client_stream_bytes >= 0 ? options.max_client_stream_bytes
+                                           : std::max<int64_t>(options.memory_budget_bytes / 2, 0);
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
       ServiceOptions{.max_message_bytes = options.max_message_bytes,
                      .version = DA_VERSION,
                      .stream_pipeline_depth = options.stream_pipeline_depth,
                      .stream_min_chunk_tokens = options.stream_min_chunk_tokens,
-                     .stream_buffer_pool_bytes = options.stream_buffer_pool_bytes});
+                     .stream_buffer_pool_bytes = pool_bytes,
+                     .stream_idle_timeout_ms = options.stream_idle_timeout_ms,
+                     .max_client_stream_bytes = client_cap,
+                     .client_by_token = server->authenticator_ != nullptr});
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -204,6 +238,30 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     builder.RegisterService(server->service_.get());
   }
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  // Dead peers and idle connections (ServerOptions): without these a vanished client's calls stay
+  // open until TCP notices, which may be never.
+  if (options.keepalive_time_ms > 0) {
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                               static_cast<int>(options.keepalive_time_ms));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                               static_cast<int>(options.keepalive_timeout_ms));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  }
+  // Clients may ping every 10 s (gRPC's default refuses pings more often than every 5 minutes
+  // without data and closes the connection after two).
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  if (options.max_connection_idle_ms > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+                               static_cast<int>(options.max_connection_idle_ms));
+  }
+  if (options.max_connection_age_ms > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_MS,
+                               static_cast<int>(options.max_connection_age_ms));
+    if (options.max_connection_age_grace_ms > 0) {
+      builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_AGE_GRACE_MS,
+                                 static_cast<int>(options.max_connection_age_grace_ms));
+    }
+  }
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
   // Flow control: a stream the server is not reading (its pipeline window is full) may have at

@@ -63,20 +63,42 @@ struct ServerOptions {
   // (chunks are multiples of every segment length; see attend_stream_reactor.h).
   int stream_pipeline_depth = 2;
   int64_t stream_min_chunk_tokens = 4096;
-  // Idle chunk buffers kept for the next stream of the same shape (no first-touch cost); resident
-  // memory outside --memory-budget-bytes, like the plan cache. 0: none kept.
+  // Idle chunk buffers kept for the next stream of the same shape (no first-touch cost). Counted
+  // in the memory budget: the pool's capacity is kept out of it from the start (at most a
+  // quarter of the budget; the pool is cut to fit). 0: none kept.
   int64_t stream_buffer_pool_bytes = int64_t{256} << 20;
+  // A stream whose client makes no progress (no message read or written) for this long, while no
+  // chunk of it computes, ends (DEADLINE_EXCEEDED, or CANCELLED when it did not read its answer)
+  // and frees its window. 20 s: one largest message (64 MiB) at about 4 MB/s, a slow link, plus
+  // a few seconds; a client that stops sending or reading holds its reservation no longer. 0:
+  // never.
+  int64_t stream_idle_timeout_ms = 20000;
+  // Stream windows one client (its bearer token with tokens on, else its peer address) may hold
+  // at once; -1: half of memory_budget_bytes (none when the budget is unlimited); 0: no cap.
+  int64_t max_client_stream_bytes = -1;
   // Admission: bytes all admitted requests may hold (inputs, outputs, plan workspace); 0:
   // unlimited (da-server's default is DefaultMemoryBudgetBytes()). Requests that may wait for the
   // engine; more are refused with RESOURCE_EXHAUSTED.
   int64_t memory_budget_bytes = 0;
   int max_queue = 64;
+  engine::QueueOrder queue_order = engine::QueueOrder::kFair;
   // TLS, mutual TLS and bearer tokens on the gRPC port (server/security.h); default: plaintext,
   // no authentication. Health and reflection never require a token.
   SecurityOptions security;
   // HTTP/2 streams (calls) one connection may have open at once; further calls on that connection
   // wait client-side until one ends. Bounds what a single client can hold.
   int max_concurrent_streams = 100;
+  // HTTP/2 keepalive: the server pings a connection idle this long and closes it when the ping is
+  // not answered within keepalive_timeout_ms, so dead peers do not keep their calls open. 0: off.
+  int64_t keepalive_time_ms = 60000;
+  int64_t keepalive_timeout_ms = 20000;
+  // A connection with no call open for this long is closed (GOAWAY); 0: never.
+  int64_t max_connection_idle_ms = 300000;
+  // A connection older than this gets GOAWAY: its calls in flight finish (for up to
+  // max_connection_age_grace_ms; 0: as long as they take), new calls go to a new connection, so
+  // clients rebalance across replicas. 0: no limit.
+  int64_t max_connection_age_ms = 3600000;
+  int64_t max_connection_age_grace_ms = 0;
   // Multi-process serving (rank 0): the group requests run across (engine/shard_group.h). The
   // server puts it in the engine, reports its state in readiness (NOT_SERVING while it is not
   // whole) and its statistics in /metrics. Null: this process alone.

@@ -36,9 +36,12 @@ v1::StreamHeader LongHeader(int64_t seq_len) {
 
 class StreamAdmissionTest : public ::testing::Test {
  protected:
-  void Start(int64_t memory_budget_bytes) {
+  // measured_nothing: the self-check is replaced, so no start-up throughput exists and nothing is
+  // refused up front for its deadline until a run has been measured.
+  void Start(int64_t memory_budget_bytes, bool measured_nothing = false) {
     ServerOptions options = testing::LoopbackOptions();
     options.memory_budget_bytes = memory_budget_bytes;
+    if (measured_nothing) options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
     server_ = testing::StartServer(options);
     ASSERT_NE(server_, nullptr);
     client_ = std::make_unique<client::AttentionClient>(testing::ChannelTo(server_->port()));
@@ -105,10 +108,10 @@ TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
 }
 
 TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {
-  Start(/*memory_budget_bytes=*/0);
+  Start(/*memory_budget_bytes=*/0, /*measured_nothing=*/true);
   const testing::SyntheticStream stream(LongHeader(16 * 8192), 3, 1024);
   auto discard = [](const v1::AttendStreamResponse&) { return grpc::Status::OK; };
-  // On a fresh server (no throughput measured yet, so nothing is refused up front) a 400 ms
+  // On a server without a throughput (no self-check, nothing measured yet) a 400 ms
   // deadline falls inside chunk 0's compute: the engine stops that run.
   const Clock::time_point start = Clock::now();
   const grpc::Status late = client_->AttendStreamBlocks(stream.header(), stream.Source(), discard,
@@ -129,6 +132,26 @@ TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {
   EXPECT_NE(refused.error_message().find("the stream needs an estimated"), std::string::npos)
       << refused.error_message();
   EXPECT_GE(Metric("da_requests_rejected_total{reason=\"deadline\"}"), 1);
+  EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
+}
+
+// A fresh server knows its throughput from the start-up self-check: a hopeless deadline is refused
+// before the window is reserved, with no request measured yet.
+TEST_F(StreamAdmissionTest, FreshServerRefusesAHopelessDeadlineUpFront) {
+  Start(/*memory_budget_bytes=*/0);
+  const testing::SyntheticStream stream(LongHeader(16 * 8192), 3, 1024);
+  auto discard = [](const v1::AttendStreamResponse&) { return grpc::Status::OK; };
+  const Clock::time_point start = Clock::now();
+  const grpc::Status refused = client_->AttendStreamBlocks(stream.header(), stream.Source(),
+                                                           discard, testing::WithTimeout(400));
+  const double took_ms =
+      std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("the stream needs an estimated"), std::string::npos)
+      << refused.error_message();
+  EXPECT_LT(took_ms, 300) << "the refusal waited for the deadline";
+  EXPECT_EQ(Metric("da_requests_rejected_total{reason=\"deadline\"}"), 1);
+  EXPECT_EQ(Metric("da_engine_runs_completed_total"), 0);
   EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
 }
 

@@ -553,6 +553,11 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
       return absl::CancelledError("sharded run cancelled");
     }
+    if (failed == &computed && !worker_failed.ok()) {
+      // Both sides failed (the same unsupported request, say): name every rank that did.
+      return absl::Status(computed.code(), absl::StrCat("rank 0 failed: ", computed.message(),
+                                                        "; ", worker_failed.message()));
+    }
     return *failed;
   }
   return stats;

@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""The server against hostile and careless clients (issue #13), driven by an independent client
+(Python grpcio) against the real da-server on loopback.
+
+    test_hostile.py --server-binary build/bin/da-server --proto-dir proto
+
+Each case starts its own da-server with the flags it is about and reads the server's own
+/metrics, log and /proc figures:
+- idle streams (header only; one block then silence; the answer never read) end within
+  --stream-idle-timeout-ms and free their reservation, and a legitimate stream is then admitted;
+- 20 idle streams from one client cannot lock another client out (--max-client-stream-bytes);
+- a unary answer larger than --max-message-bytes is refused before any compute;
+- small calls keep a bounded queue time next to running streams, and the queue never passes
+  --max-queue;
+- softmax scales past the documented bound are refused, the bound itself gives finite output;
+- bodies that are not the method's message get INVALID_ARGUMENT, a log line and a metric on every
+  method;
+- the trailer reports the bytes the stream reserved;
+- resident memory after rounds of concurrent streams returns within a stated bound of idle.
+"""
+
+import os
+import tempfile
+import threading
+import time
+import unittest
+import urllib.request
+
+import grpc
+import numpy as np
+
+import da_testing
+import stream_load
+from stream_load import OpenStream
+
+ARGS, UNITTEST_ARGV = da_testing.parse_args(needs=("server_binary", "proto_dir"))
+STUB_DIR = tempfile.TemporaryDirectory(prefix="da-stubs-")
+pb2, pb2_grpc = da_testing.generate_stubs(ARGS.proto_dir, STUB_DIR.name)
+
+SERVICE = "/da.v1.AttentionService/"
+TIMEOUT_S = 60.0
+
+
+def metrics(server):
+    """{series: value} of the server's /metrics, series as exposed (name{labels})."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            values[series] = float(value)
+    return values
+
+
+def metric(server, series):
+    return metrics(server).get(series, 0.0)
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def stream_header(seq_len, **kwargs):
+    return stream_load.stream_header(pb2, seq_len, **kwargs)
+
+
+def stream_requests(header, **kwargs):
+    return stream_load.stream_requests(pb2, header, **kwargs)
+
+
+class HostileClientTest(unittest.TestCase):
+    def start(self, *flags):
+        server = da_testing.Server(ARGS.server_binary, ["--threads", "2", *flags], metrics=True)
+        server.start()
+        self.addCleanup(server.close)
+        channel = da_testing.open_channel(server.address)
+        self.addCleanup(channel.close)
+        return server, channel, pb2_grpc.AttentionServiceStub(channel)
+
+    def wait_reserved(self, server, predicate, what, timeout_s=TIMEOUT_S):
+        return da_testing.wait_until(
+            lambda: predicate(metric(server, "da_memory_reserved_bytes")), timeout_s, what)
+
+    # --- Idle streams --------------------------------------------------------------------------
+
+    def test_idle_streams_end_within_the_limit_and_free_their_reservation(self):
+        idle_ms = 1500
+        server, _, stub = self.start("--stream-idle-timeout-ms", str(idle_ms),
+                                     "--max-client-stream-bytes", "0")
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        header = stream_header(65536)
+        started = time.monotonic()
+        streams = {
+            "header only": OpenStream(stub, stream_requests(header, hold=hold, blocks=0),
+                                      timeout=None),
+            "one block": OpenStream(stub, stream_requests(header, hold=hold, blocks=1),
+                                    timeout=None),
+        }
+        # Sends everything, reads nothing: the server's writes wait on the client.
+        never_reads = OpenStream(stub, stream_requests(stream_header(65536, segment=4096)),
+                                 read=False, timeout=None)
+        self.addCleanup(never_reads.cancel)
+        # All three hold a window, then give it back within the limit (plus the watch's period;
+        # the limit counts from the client's last progress, which is after the start).
+        self.wait_reserved(server, lambda r: r > 0, "the streams' reservations", 10)
+        self.wait_reserved(server, lambda r: r == 0, "the reservations to be freed",
+                           idle_ms / 1e3 + 10)
+        took = time.monotonic() - started
+        for name, stream in streams.items():
+            self.assertTrue(stream.ended.wait(5), name)
+            self.assertEqual(stream.code, grpc.StatusCode.DEADLINE_EXCEEDED, name)
+            self.assertIn("stream idle: no message from the client for", stream.details)
+            self.assertIn("reserved bytes are freed (--stream-idle-timeout-ms 1500)",
+                          stream.details)
+        self.assertLess(took, idle_ms / 1e3 + 10)
+        self.assertRegex(server.log(), r"code=CANCELLED .*stream idle: the client read no answer")
+        self.assertEqual(metric(server, 'da_requests_rejected_total{reason="idle"}'), 3)
+        # A legitimate stream is admitted and answered afterwards.
+        good = OpenStream(stub, stream_requests(stream_header(8192), seed=3))
+        self.assertTrue(good.ended.wait(TIMEOUT_S))
+        self.assertEqual(good.code, grpc.StatusCode.OK, good.details)
+        self.assertIsNotNone(good.trailer)
+
+    def test_twenty_idle_streams_of_one_client_cannot_lock_out_another(self):
+        folder = tempfile.TemporaryDirectory(prefix="da-tokens-")
+        self.addCleanup(folder.cleanup)
+        tokens = folder.name + "/tokens.txt"
+        with open(tokens, "w") as f:
+            f.write("hostile-token-1\nhonest-token-2\n")
+        budget = 2 << 30
+        # The default cap: half the budget per client.
+        server, _, stub = self.start("--memory-budget-bytes", str(budget),
+                                     "--stream-idle-timeout-ms", "120000",
+                                     "--auth-token-file", tokens)
+        hostile = [("authorization", "Bearer hostile-token-1")]
+        honest = [("authorization", "Bearer honest-token-2")]
+        hold = threading.Event()
+        self.addCleanup(hold.set)
+        header = stream_header(4 << 20)
+        # One first, to learn the window a stream of this shape reserves.
+        idle = [OpenStream(stub, stream_requests(header, hold=hold, blocks=0), metadata=hostile,
+                           timeout=None)]
+        window = self.wait_reserved(server, lambda r: r if r > 0 else 0, "the first window")
+        idle += [OpenStream(stub, stream_requests(header, hold=hold, blocks=0), metadata=hostile,
+                            timeout=None) for _ in range(19)]
+        admitted = min(20, (budget // 2) // int(window))
+        self.assertLess(admitted, 20)
+        da_testing.wait_until(lambda: sum(s.ended.is_set() for s in idle) == 20 - admitted,
+                              TIMEOUT_S, f"{20 - admitted} refusals for the client's cap")
+        for stream in idle:
+            if stream.ended.is_set():
+                self.assertEqual(stream.code, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.details)
+                self.assertIn("(--max-client-stream-bytes)", stream.details)
+        self.assertEqual(metric(server, "da_memory_reserved_bytes"), admitted * window)
+        self.assertLessEqual(admitted * window, budget // 2)
+        self.assertEqual(metric(server, 'da_requests_rejected_total{reason="client_memory"}'),
+                         20 - admitted)
+
+        # The honest client still streams, and gets the right answer.
+        good = OpenStream(stub, stream_requests(stream_header(8192), seed=4), metadata=honest)
+        self.assertTrue(good.ended.wait(TIMEOUT_S))
+        self.assertEqual(good.code, grpc.StatusCode.OK, good.details)
+        hold.set()
+        for stream in idle:
+            stream.cancel()
+        self.wait_reserved(server, lambda r: r == 0, "the idle streams' memory to return", 10)
+
+    def test_trailer_reports_the_bytes_the_stream_reserved(self):
+        server, _, stub = self.start()
+        proceed = threading.Event()
+        self.addCleanup(proceed.set)
+        header = stream_header(16384)
+
+        def requests():
+            messages = stream_requests(header, seed=5)
+            yield next(messages)  # The header, then one block, then the rest once measured.
+            yield next(messages)
+            proceed.wait(TIMEOUT_S)
+            yield from messages
+
+        stream = OpenStream(stub, requests())
+        reserved = self.wait_reserved(server, lambda r: r if r > 0 else 0, "the window")
+        proceed.set()
+        self.assertTrue(stream.ended.wait(TIMEOUT_S))
+        self.assertEqual(stream.code, grpc.StatusCode.OK, stream.details)
+        self.assertEqual(stream.trailer.info.stream_buffer_bytes, reserved)
+
+    # --- Answers that cannot be sent ----------------------------------------------------------
+
+    def test_an_answer_over_the_message_limit_is_refused_before_any_compute(self):
+        server, _, stub = self.start()
+        # 67,108,820 bytes in, an answer of 2,097,147 heads x 16 fp16 (67,108,704 bytes) plus its
+        # framing and info out: over the 64 MiB limit only on the way back.
+        heads = 2097147
+        q = np.ones((1, 1, heads, 16), dtype="<f2")
+        kv = np.ones((1, 1, 1, 16), dtype="<f2")
+        request = pb2.AttendRequest(
+            query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
+            key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
+            value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
+        request.spec.segment_lengths.append(1)
+        request.spec.dilation_rates.append(1)
+        self.assertLess(request.ByteSize(), 64 << 20)
+        cpu_before = cpu_seconds(server.process.pid)
+        with self.assertRaises(grpc.RpcError) as refused:
+            stub.Attend(request, timeout=TIMEOUT_S)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
+        self.assertEqual(refused.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        details = refused.exception.details()
+        for part in ("the answer would take", "67108704 bytes", "(--max-message-bytes) is 67108864",
+                     "AttendStream"):
+            self.assertIn(part, details)
+        values = metrics(server)
+        self.assertEqual(values["da_plan_cache_builds_total"], 0)
+        self.assertEqual(values["da_engine_runs_completed_total"], 0)
+        self.assertEqual(values['da_requests_total{code="RESOURCE_EXHAUSTED",method="Attend"}'], 1)
+        self.assertEqual(values.get('da_requests_total{code="OK",method="Attend"}', 0), 0)
+        # Receiving and parsing 64 MiB costs tens of milliseconds; the compute took 2.1 s.
+        self.assertLess(cpu, 1.0)
+
+    # --- Fair queueing -------------------------------------------------------------------------
+
+    def test_small_calls_keep_a_bounded_queue_time_next_to_streams(self):
+        server, channel, stub = self.start("--max-queue", "8")
+        result = stream_load.tiny_call_queue_times(pb2, stub, streams=6, seq_len=16384, tiny_calls=40,
+                                       watch=lambda: metric(server, "da_queue_length"))
+        # With fair queueing a small call waits for the chunk in progress, not for every stream's.
+        self.assertLessEqual(result["max_queue_length"], 8)
+        self.assertEqual(result["stream_failures"], [])
+        self.assertLess(result["tiny_p99_ms"], 2.5 * result["chunk_compute_ms"] + 50,
+                        result)
+
+    # --- Scale -------------------------------------------------------------------------------------
+
+    def test_scales_past_the_bound_are_refused_and_the_bound_is_finite(self):
+        _, _, stub = self.start()
+        rng = np.random.default_rng(7)
+        values = rng.standard_normal((1, 128, 1, 16)).astype("<f4")
+
+        def request(scale):
+            tensor = pb2.Tensor(dtype=pb2.DTYPE_FP32, shape=values.shape, data=values.tobytes())
+            r = pb2.AttendRequest(query=tensor, key=tensor, value=tensor)
+            r.spec.segment_lengths.append(128)
+            r.spec.dilation_rates.append(1)
+            r.spec.softmax_scale = scale
+            return r
+
+        for scale in (1e37, 3e38, -1e7):
+            with self.assertRaises(grpc.RpcError) as refused:
+                stub.Attend(request(scale), timeout=TIMEOUT_S)
+            self.assertEqual(refused.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertIn("spec.softmax_scale is", refused.exception.details())
+            self.assertIn("its magnitude must be at most 1e+06", refused.exception.details())
+        for scale in (1e6, -1e6):
+            answer = stub.Attend(request(scale), timeout=TIMEOUT_S)
+            out = np.frombuffer(answer.output.data, dtype="<f4")
+            self.assertTrue(np.all(np.isfinite(out)), scale)
+
+    # --- Garbage bodies ----------------------------------------------------------------------------
+
+    def test_garbage_bodies_get_invalid_argument_a_log_line_and_a_metric_on_every_method(self):
+        server, channel, _ = self.start()
+        truncated = b"\x1a\xff\xff\xff\x0f\x01"  # Field 3, a length far past the end.
+        bad_utf8 = b"\x0a\x02\xc3\x28"  # Field 1 (request_id), invalid UTF-8.
+        cases = [
+            ("Attend", truncated), ("Attend", bad_utf8),
+            ("GetServerInfo", b"\x0a\xff"),
+            ("WarmUp", b"\x0a\x04" + bad_utf8), ("WarmUp", truncated),
+        ]
+        for method, body in cases:
+            call = channel.unary_unary(SERVICE + method)  # Bytes as they are.
+            with self.assertRaises(grpc.RpcError) as refused:
+                call(body, timeout=TIMEOUT_S)
+            error = refused.exception
+            self.assertEqual(error.code(), grpc.StatusCode.INVALID_ARGUMENT, (method, body))
+            self.assertIn(f"{method}: the request body ({len(body)} bytes) is not a da.v1.",
+                          error.details())
+        stream = channel.stream_stream(SERVICE + "AttendStream")
+        with self.assertRaises(grpc.RpcError) as refused:
+            list(stream(iter([bad_utf8]), timeout=TIMEOUT_S))
+        self.assertEqual(refused.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertTrue(refused.exception.details())
+
+        values = metrics(server)
+        self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="Attend"}'], 2)
+        self.assertEqual(
+            values['da_requests_total{code="INVALID_ARGUMENT",method="GetServerInfo"}'], 1)
+        self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="WarmUp"}'], 2)
+        self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="AttendStream"}'],
+                         1)
+        self.assertEqual(values['da_requests_rejected_total{reason="invalid_argument"}'], 6)
+        log = server.log()
+        for method in ("Attend", "GetServerInfo", "WarmUp", "AttendStream"):
+            self.assertRegex(log, rf"method={method} .*code=INVALID_ARGUMENT")
+        # The server still answers well-formed calls.
+        self.assertTrue(pb2_grpc.AttentionServiceStub(channel).GetServerInfo(
+            pb2.GetServerInfoRequest(), timeout=TIMEOUT_S).version)
+
+    # --- Connections -------------------------------------------------------------------------------
+
+    def test_a_connection_without_calls_is_closed_after_the_idle_limit(self):
+        server, channel, stub = self.start("--max-connection-idle-ms", "300")
+        states = []
+        channel.subscribe(states.append)
+        self.assertTrue(stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=TIMEOUT_S).version)
+        # The server's GOAWAY after 300 ms without a call takes the channel back to IDLE.
+        da_testing.wait_until(
+            lambda: grpc.ChannelConnectivity.READY in states
+            and states[-1] == grpc.ChannelConnectivity.IDLE, 10,
+            f"the channel to go idle (states so far: {states})")
+        # A new call simply reconnects.
+        self.assertTrue(stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=TIMEOUT_S).version)
+
+    # --- Memory after load -----------------------------------------------------------------------
+
+    def test_resident_memory_returns_near_idle_after_rounds_of_concurrent_streams(self):
+        pool_bytes = 256 << 20
+        server, _, stub = self.start("--stream-buffer-pool-bytes", str(pool_bytes))
+        header = stream_header(8192, heads=2, segment=256)
+        first = OpenStream(stub, stream_requests(header))
+        self.assertTrue(first.ended.wait(TIMEOUT_S))
+        self.assertEqual(first.code, grpc.StatusCode.OK, first.details)
+        idle_rss = rss_bytes(server.process.pid)
+        peak = 0
+        for round_index in range(5):
+            streams = [OpenStream(stub, stream_requests(header, seed=round_index * 25 + i))
+                       for i in range(25)]
+            for stream in streams:
+                self.assertTrue(stream.ended.wait(TIMEOUT_S))
+                self.assertEqual(stream.code, grpc.StatusCode.OK, stream.details)
+                peak = max(peak, rss_bytes(server.process.pid))
+        # Stated bound: idle, plus the stream buffer pool's capacity, plus 128 MiB of malloc's
+        # and gRPC's own (kept per heap: server/malloc_tuning.h). Given back within a second or
+        # two of the last stream (the stream watch trims after it).
+        bound = idle_rss + pool_bytes + (128 << 20)
+        after = da_testing.wait_until(
+            lambda: (lambda r: r if r <= bound else 0)(rss_bytes(server.process.pid)), 10,
+            f"resident memory within {bound >> 20} MiB (idle {idle_rss >> 20} MiB)")
+        print(f"resident: idle {idle_rss >> 20} MiB, peak seen {peak >> 20} MiB, after the "
+              f"rounds {after >> 20} MiB (bound {bound >> 20} MiB)")
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process (/proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    da_testing.run_unittest(UNITTEST_ARGV)
