@@ -82,8 +82,7 @@ absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
         absl::ResourceExhaustedError(absl::StrCat(
             "request needs an estimated ",
             what.empty() ? absl::StrCat(bytes, " bytes") : std::string(what),
-            " but the memory budget is ", budget_bytes_, " bytes with ", reserved_bytes_,
-            " in use",
+            " but the memory budget is ", budget_bytes_, " bytes with ", reserved_bytes_, " in use",
             kept_bytes_ > 0 ? absl::StrCat(" and ", kept_bytes_, " kept for ", kept_what_) : "")),
         RejectReason::kMemory);
   }

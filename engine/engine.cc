@@ -312,6 +312,12 @@ struct Engine::Impl {
     return result;
   }
 
+  // Under mutex: the best measured throughput, else the start-up figure; 0 when neither exists.
+  double KnownFlopsPerSecond() const {
+    return counters.measured_flops_per_second > 0 ? counters.measured_flops_per_second
+                                                  : startup_flops_per_second;
+  }
+
   // Under mutex. The start-up figure is of this process's compute path; a sharded request's speed
   // depends on the group, so it waits for a measured run.
   double DeadlineFlopsPerSecond(const AttentionSpec& spec) const {
@@ -459,9 +465,8 @@ struct Engine::Impl {
       if (job.request.queue_place == nullptr) --admitting;
       if (options.queue_order == QueueOrder::kFair) {
         // Before any measurement, a nominal 100 GFLOP/s: only the ratio of costs matters then.
-        const double rate = counters.measured_flops_per_second > 0 ? counters.measured_flops_per_second
-                            : startup_flops_per_second > 0         ? startup_flops_per_second
-                                                                   : 1e11;
+        const double known = KnownFlopsPerSecond();
+        const double rate = known > 0 ? known : 1e11;
         job.turn = std::chrono::duration<double>(job.enqueued - created).count() +
                    kQueueAging * job.flops / rate;
       }
@@ -681,9 +686,7 @@ EngineStats Engine::stats() const {
   stats.memory_reserved_bytes = impl_->memory->reserved_bytes();
   stats.memory_budget_bytes = impl_->memory->budget_bytes();
   stats.memory_kept_bytes = impl_->memory->kept_bytes();
-  stats.deadline_flops_per_second = impl_->counters.measured_flops_per_second > 0
-                                        ? impl_->counters.measured_flops_per_second
-                                        : impl_->startup_flops_per_second;
+  stats.deadline_flops_per_second = impl_->KnownFlopsPerSecond();
   stats.queue_places_held = impl_->places_held->load();
   return stats;
 }

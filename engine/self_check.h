@@ -24,10 +24,10 @@
 namespace da::engine {
 
 struct SelfCheckResult {
-  std::string device;        // Where the problem ran (ExecutionInfo::devices).
-  Precision precision;       // The compute precision the engine chose for it.
-  double max_abs_error = 0;  // Largest |output - reference| over every element.
-  double tolerance = 0;      // The bound it was held to (atol + rtol * |reference|, at worst).
+  std::string device;           // Where the problem ran (ExecutionInfo::devices).
+  Precision precision;          // The compute precision the engine chose for it.
+  double max_abs_error = 0;     // Largest |output - reference| over every element.
+  double tolerance = 0;         // The bound it was held to (atol + rtol * |reference|, at worst).
   double flops_per_second = 0;  // Measured on the timed problem; 0 if it ran too short to tell.
 };
 

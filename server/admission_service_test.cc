@@ -28,11 +28,10 @@ double Rejected(const Server& server, const std::string& reason) {
 }
 
 TEST(AdmissionServerTest, TightDeadlineIsDeadlineExceededAndStopsTheEngine) {
-  // Without a throughput (the self-check, which measures one, is replaced) nothing is refused up
-  // front, so the run starts and its deadline falls during compute.
-  ServerOptions options = testing::LoopbackOptions();
-  options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
-  std::unique_ptr<Server> server = testing::StartServer(options);
+  // Without a throughput nothing is refused up front: the run starts and its deadline falls
+  // during compute.
+  std::unique_ptr<Server> server =
+      testing::StartServer(testing::WithoutStartupThroughput(testing::LoopbackOptions()));
   ASSERT_NE(server, nullptr);
   client::AttentionClient client(testing::ChannelTo(server->port()));
   // About 2.2 TFLOP: many seconds of compute unless the deadline stops it.
@@ -104,10 +103,9 @@ TEST(AdmissionServerTest, OverTheMemoryBudgetIsResourceExhaustedWithTheNumbers) 
 TEST(AdmissionServerTest, FullQueueIsResourceExhaustedAndCounted) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_queue = 0;  // Only what the engine can start at once.
-  // No start-up throughput (the self-check is replaced): the long request with its 3 s deadline
-  // is not refused up front but occupies the engine.
-  options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
-  std::unique_ptr<Server> server = testing::StartServer(options);
+  // No start-up throughput: the long request with its 3 s deadline is not refused up front but
+  // occupies the engine.
+  std::unique_ptr<Server> server = testing::StartServer(testing::WithoutStartupThroughput(options));
   ASSERT_NE(server, nullptr);
   EXPECT_EQ(Metric(*server, "da_queue_capacity"), 0);
   client::AttentionClient client(testing::ChannelTo(server->port()));

@@ -225,9 +225,9 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
                                  total, inputs, settings_.pipeline_depth, layout.chunk_tokens,
                                  outputs, chunk.workspace, messages)));
   if (settings_.quota != nullptr) {
-    DA_ASSIGN_OR_RETURN(client_share_,
-                        settings_.quota->Reserve(
-                            ClientKeyOf(*context_, settings_.client_by_token), total));
+    DA_ASSIGN_OR_RETURN(
+        client_share_,
+        settings_.quota->Reserve(ClientKeyOf(*context_, settings_.client_by_token), total));
   }
   return absl::OkStatus();
 }

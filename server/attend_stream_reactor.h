@@ -29,9 +29,9 @@
 //
 // Deadlines. The gRPC deadline is every chunk run's deadline; a header whose whole problem the
 // engine's throughput (measured, or the start-up self-check's) cannot finish in the time left is
-// refused at once with DEADLINE_EXCEEDED. The header's priority is every chunk run's priority. When every input slot is
-// full the reactor stops reading, so gRPC's flow control holds the client back; nothing is
-// buffered without bound.
+// refused at once with DEADLINE_EXCEEDED. The header's priority is every chunk run's priority. When
+// every input slot is full the reactor stops reading, so gRPC's flow control holds the client back;
+// nothing is buffered without bound.
 //
 // Threads. gRPC reactions (OnReadDone, OnWriteDone, OnCancel) and the engine's completion
 // callback run on different threads; all state is guarded by mu_, and each reaction updates
@@ -58,9 +58,9 @@
 #include "absl/status/status.h"
 #include "da/v1/attention.pb.h"
 #include "engine/engine.h"
+#include "server/client_quota.h"
 #include "server/conversion.h"
 #include "server/host_buffer.h"
-#include "server/client_quota.h"
 #include "server/metrics.h"
 #include "server/request_record.h"
 #include "server/stream_assembler.h"
@@ -145,8 +145,8 @@ class AttendStreamReactor final
   int priority_ = 0;
   std::optional<std::chrono::steady_clock::time_point> deadline_;
   std::optional<engine::MemoryReservation> reservation_;
-  engine::QueuePlace queue_place_;     // Held from the header to the end.
-  ClientQuota::Share client_share_;    // The window, counted against the client's cap.
+  engine::QueuePlace queue_place_;   // Held from the header to the end.
+  ClientQuota::Share client_share_;  // The window, counted against the client's cap.
   // The last progress of the client (a message read or written) or of the engine (a chunk
   // computed); guarded by mu_. What CheckIdle measures idleness from.
   std::chrono::steady_clock::time_point last_progress_ = std::chrono::steady_clock::now();

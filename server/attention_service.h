@@ -45,7 +45,8 @@ absl::Status ParseUnaryRequest(const grpc::ByteBuffer& body, std::string_view me
                                google::protobuf::Message* message);
 
 // message serialized into out (for the raw unary methods' answers).
-absl::Status SerializeUnaryResponse(const google::protobuf::Message& message, grpc::ByteBuffer* out);
+absl::Status SerializeUnaryResponse(const google::protobuf::Message& message,
+                                    grpc::ByteBuffer* out);
 
 // A unary call finished at once with `status` (a refusal before any work).
 grpc::ServerUnaryReactor* FinishedWith(grpc::CallbackServerContext* context,

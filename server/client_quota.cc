@@ -44,8 +44,7 @@ void ClientQuota::Share::Reset() {
   bytes_ = 0;
 }
 
-absl::StatusOr<ClientQuota::Share> ClientQuota::Reserve(const std::string& client,
-                                                        int64_t bytes) {
+absl::StatusOr<ClientQuota::Share> ClientQuota::Reserve(const std::string& client, int64_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   int64_t& held = held_[client];
   if (cap_bytes_ > 0 && bytes > cap_bytes_ - held) {

@@ -29,7 +29,8 @@ double Millis(int64_t micros) { return static_cast<double>(micros) / 1e3; }
 }  // namespace
 
 absl::Status WithServerRejectReason(absl::Status status, std::string_view reason) {
-  if (!status.ok()) status.SetPayload(engine::kRejectReasonPayload, absl::Cord(std::string(reason)));
+  if (!status.ok())
+    status.SetPayload(engine::kRejectReasonPayload, absl::Cord(std::string(reason)));
   return status;
 }
 

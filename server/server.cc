@@ -208,9 +208,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     pool_bytes = std::min(pool_bytes, options.memory_budget_bytes / 4);
     server->engine_->SetKeptMemory(pool_bytes, "the stream buffer pool");
   }
-  const int64_t client_cap =
-      options.max_client_stream_bytes >= 0 ? options.max_client_stream_bytes
-                                           : std::max<int64_t>(options.memory_budget_bytes / 2, 0);
+  const int64_t client_cap = options.max_client_stream_bytes >= 0
+                                 ? options.max_client_stream_bytes
+                                 : std::max<int64_t>(options.memory_budget_bytes / 2, 0);
   server->service_ = std::make_unique<AttentionService>(
       server->engine_.get(), server->metrics_.get(),
       ServiceOptions{.max_message_bytes = options.max_message_bytes,

@@ -41,7 +41,7 @@ class StreamAdmissionTest : public ::testing::Test {
   void Start(int64_t memory_budget_bytes, bool measured_nothing = false) {
     ServerOptions options = testing::LoopbackOptions();
     options.memory_budget_bytes = memory_budget_bytes;
-    if (measured_nothing) options.self_check = [](engine::Engine&) { return absl::OkStatus(); };
+    if (measured_nothing) options = testing::WithoutStartupThroughput(options);
     server_ = testing::StartServer(options);
     ASSERT_NE(server_, nullptr);
     client_ = std::make_unique<client::AttentionClient>(testing::ChannelTo(server_->port()));
@@ -144,8 +144,7 @@ TEST_F(StreamAdmissionTest, FreshServerRefusesAHopelessDeadlineUpFront) {
   const Clock::time_point start = Clock::now();
   const grpc::Status refused = client_->AttendStreamBlocks(stream.header(), stream.Source(),
                                                            discard, testing::WithTimeout(400));
-  const double took_ms =
-      std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  const double took_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << refused.error_message();
   EXPECT_NE(refused.error_message().find("the stream needs an estimated"), std::string::npos)
       << refused.error_message();

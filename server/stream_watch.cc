@@ -12,16 +12,13 @@ namespace {
 // nothing; a trim waits at most one period after the last stream.
 std::chrono::milliseconds PeriodFor(std::chrono::milliseconds idle_timeout) {
   if (idle_timeout.count() <= 0) return std::chrono::milliseconds(250);
-  return std::clamp(idle_timeout / 4, std::chrono::milliseconds(5),
-                    std::chrono::milliseconds(250));
+  return std::clamp(idle_timeout / 4, std::chrono::milliseconds(5), std::chrono::milliseconds(250));
 }
 
 }  // namespace
 
 StreamWatch::StreamWatch(std::chrono::milliseconds idle_timeout)
-    : idle_timeout_(idle_timeout),
-      period_(PeriodFor(idle_timeout)),
-      thread_([this] { Loop(); }) {}
+    : idle_timeout_(idle_timeout), period_(PeriodFor(idle_timeout)), thread_([this] { Loop(); }) {}
 
 StreamWatch::~StreamWatch() {
   {

@@ -55,6 +55,11 @@ std::string InProcessOutput(const v1::AttendRequest& request, int threads);
 // ServerOptions for tests: 127.0.0.1:0, no metrics, 2 compute threads.
 ServerOptions LoopbackOptions();
 
+// options with the start-up self-check replaced by one that passes: no start-up throughput, so no
+// request is refused up front for its deadline until a run has been measured (a test can then let
+// a deadline pass during compute).
+ServerOptions WithoutStartupThroughput(ServerOptions options);
+
 // Starts an in-process server (fails the test and returns null on error).
 std::unique_ptr<Server> StartServer(const ServerOptions& options);
 

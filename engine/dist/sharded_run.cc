@@ -555,8 +555,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
     if (failed == &computed && !worker_failed.ok()) {
       // Both sides failed (the same unsupported request, say): name every rank that did.
-      return absl::Status(computed.code(), absl::StrCat("rank 0 failed: ", computed.message(),
-                                                        "; ", worker_failed.message()));
+      return absl::Status(computed.code(), absl::StrCat("rank 0 failed: ", computed.message(), "; ",
+                                                        worker_failed.message()));
     }
     return *failed;
   }

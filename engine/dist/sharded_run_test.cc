@@ -270,9 +270,8 @@ int RunRank(const RankFlags& flags) {
                                 engine::cpu::HasBf16DotProducts();
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
                    failed.status().message().find("rank 1 failed") != std::string::npos &&
-                   (rank0_has_bf16 ||
-                    failed.status().message().find("rank 0 failed: slice: bf16") !=
-                        std::string::npos),
+                   (rank0_has_bf16 || failed.status().message().find(
+                                          "rank 0 failed: slice: bf16") != std::string::npos),
                failed.status().ToString());
     std::fprintf(stderr, "rank 0: %s\n", failed.status().ToString().c_str());
     c.strategy = ShardPolicy::kSequence;
