@@ -23,7 +23,6 @@
 #include "bench/problem_flags.h"
 #include "engine/backend.h"
 #include "engine/cpu/cpu_backend.h"
-#include "engine/cpu/slice_run.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/multi_process_test_util.h"
 #include "engine/dist/sharded_run.h"
@@ -66,7 +65,8 @@ int RunWorker(const dist::testing::RankFlags& flags) {
     return 2;
   }
   engine::ThreadPool pool(static_cast<int>(flags.seed));  // --seed carries the thread count.
-  engine::cpu::SliceRunner runner;
+  engine::CpuBackend backend;
+  engine::PlanCache plans(int64_t{1} << 30);
   dist::RankBuffers buffers;
   while (true) {
     std::string frame(dist::kControlFrameBytes, '\0');
@@ -79,7 +79,8 @@ int RunWorker(const dist::testing::RankFlags& flags) {
       return 2;
     }
     if (control->kind == dist::ControlKind::kShutdown) return 0;
-    auto served = dist::ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner, &buffers});
+    auto served =
+        dist::ServeShardedRun(**comm, *control, {kTimeout, {&backend, &plans, &pool}, &buffers});
     if (!served.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", flags.rank, served.status().ToString().c_str());
       return 2;
@@ -203,7 +204,8 @@ int Main(int argc, char** argv) {
   if (!plan.ok()) return 1;
   // Rank 0 of the group.
   engine::ThreadPool rank_pool(o.threads_per_rank);
-  engine::cpu::SliceRunner runner;
+  engine::CpuBackend rank_backend;
+  engine::PlanCache rank_plans(int64_t{1} << 30);
   dist::RankBuffers buffers;
   auto strategy =
       engine::ChooseShardStrategy(shape, DType::kFloat32, DType::kFloat32, spec, o.world_size, 0);
@@ -211,8 +213,9 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", strategy.status().ToString().c_str());
     return 1;
   }
-  dist::ShardedProblem problem{qv, kv, vv, spec, out_view(sharded)};
+  engine::ShardedProblem problem{qv, kv, vv, spec, out_view(sharded)};
   problem.strategy = *strategy;
+  problem.compute = {&rank_backend, &rank_plans, &rank_pool};
 
   std::vector<double> single_s, sharded_s;
   dist::ShardRunStats last;
@@ -222,8 +225,7 @@ int Main(int argc, char** argv) {
         backend.RunPlan(**plan, qv, kv, vv, spec, out_view(single), {&single_pool, nullptr});
     const double single_time = Seconds(start);
     start = Clock::now();
-    auto stats =
-        dist::CoordinateShardedRun(**comm, problem, {kTimeout, &rank_pool, &runner, &buffers});
+    auto stats = dist::CoordinateShardedRun(**comm, problem, {kTimeout, {}, &buffers});
     const double sharded_time = Seconds(start);
     if (!ran.ok() || !stats.ok()) {
       std::fprintf(stderr, "run failed: %s / %s\n", ran.ToString().c_str(),

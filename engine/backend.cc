@@ -21,6 +21,48 @@ PlanKey MakePlanKey(const TensorView& q, const TensorView& k, DType out_dtype,
   return key;
 }
 
+PlanKey MakeShareKey(const ShareProblem& problem, Precision precision, const std::string& devices,
+                     int threads) {
+  PlanKey key;
+  key.shape = problem.shape;
+  key.dtype = problem.q.dtype;
+  key.out_dtype = problem.out.dtype;
+  key.patterns = problem.spec.patterns;
+  key.causal = problem.spec.causal;
+  key.mode = problem.spec.mode;
+  key.precision = precision;
+  key.devices = devices;
+  key.threads = threads;
+  if (!problem.share.Covers(problem.shape)) key.share = problem.share;
+  return key;
+}
+
+absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
+                              Precision precision, const std::atomic<bool>* stop, bool* hit) {
+  if (compute.backend == nullptr) return absl::InternalError("share run without a backend");
+  Backend& backend = *compute.backend;
+  const int threads = compute.pool != nullptr ? compute.pool->size() : 1;
+  const PlanKey key = MakeShareKey(problem, precision, compute.device, threads);
+  std::shared_ptr<Plan> plan;
+  if (compute.plans != nullptr) {
+    DA_ASSIGN_OR_RETURN(plan, compute.plans->GetOrBuild(
+                                  key, [&] { return backend.BuildPlan(key, stop); }, hit, stop));
+  } else {
+    DA_ASSIGN_OR_RETURN(plan, backend.BuildPlan(key, stop));
+    if (hit != nullptr) *hit = false;
+  }
+  absl::Status ran = backend.RunShare(*plan, problem, {compute.pool, stop});
+  plan.reset();
+  if (compute.plans != nullptr) compute.plans->Trim();  // Within budget now the plan is free.
+  return ran;
+}
+
+absl::Status Backend::RunPlan(Plan& plan, const TensorView& q, const TensorView& k,
+                              const TensorView& v, const AttentionSpec& spec,
+                              const MutableTensorView& out, const RunContext& context) {
+  return RunShare(plan, WholeProblem(q, k, v, spec, out), context);
+}
+
 absl::Status Backend::Run(const TensorView& q, const TensorView& k, const TensorView& v,
                           const AttentionSpec& spec, const MutableTensorView& out,
                           const RunContext& context) {

@@ -2,23 +2,27 @@
 //
 // A backend says what it supports and in which precision it would compute, builds a Plan for a
 // problem's key (work decomposition and warm workspaces, kept by the engine's PlanCache), and runs
-// problems on a plan. A run must write every element of the output (positions no pattern keeps
-// get 0) and nothing else.
+// shares of problems on a plan (engine/share.h): a whole problem is the share that covers it. A
+// run must write every element of its share's output (positions no pattern keeps get 0) and
+// nothing else.
 //
 //   DA_ASSIGN_OR_RETURN(PrecisionChoice precision, backend.ChoosePrecision(spec));
-//   PlanKey key = MakePlanKey(q, k, out.dtype, spec, precision.precision, "cpu:0", threads);
+//   ShareProblem problem = WholeProblem(q, k, v, spec, out);  // or one device's share
+//   PlanKey key = MakeShareKey(problem, precision.precision, "cpu:0", threads);
 //   DA_ASSIGN_OR_RETURN(std::shared_ptr<Plan> plan, backend.BuildPlan(key, /*stop=*/nullptr));
-//   DA_RETURN_IF_ERROR(backend.RunPlan(*plan, q, k, v, spec, out, context));
+//   DA_RETURN_IF_ERROR(backend.RunShare(*plan, problem, context));
 #pragma once
 
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 #include "engine/plan_cache.h"
+#include "engine/share.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -42,6 +46,9 @@ class Backend {
 
   virtual std::string Name() const = 0;
 
+  // The precisions it computes in on its device (DeviceInfo::precisions).
+  virtual std::vector<Precision> Precisions() const { return {Precision::kFloat32}; }
+
   // Maps the request's precision wish to what this backend computes in; INVALID_ARGUMENT naming
   // the supported precisions when the wish cannot be met.
   virtual absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const = 0;
@@ -64,11 +71,21 @@ class Backend {
     return 0;
   }
 
-  // Computes out = DilatedAttention(q, k, v) per docs/MATH.md on a plan this backend built for
-  // these views' key. Views are already validated. A plan may serve concurrent runs.
-  virtual absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k,
-                               const TensorView& v, const AttentionSpec& spec,
-                               const MutableTensorView& out, const RunContext& context) = 0;
+  // Whether RunShare computes shares smaller than the whole problem (a backend that does not
+  // is never given part of a sharded problem).
+  virtual bool ComputesShares() const { return true; }
+
+  // Computes the share's output rows of DilatedAttention(q, k, v) per docs/MATH.md on a plan this
+  // backend built for the problem's key (MakeShareKey). The problem is validated (views,
+  // CheckShareViews). A plan may serve concurrent runs. When context.cancelled turns true the run
+  // stops within a kernel panel with CANCELLED.
+  virtual absl::Status RunShare(Plan& plan, const ShareProblem& problem,
+                                const RunContext& context) = 0;
+
+  // The whole problem: RunShare on WholeProblem(q, k, v, spec, out).
+  absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionSpec& spec, const MutableTensorView& out,
+                       const RunContext& context);
 
   // Builds a plan for this one problem and runs it (no cache): for tests and one-off use.
   absl::Status Run(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -81,5 +98,24 @@ class Backend {
 PlanKey MakePlanKey(const TensorView& q, const TensorView& k, DType out_dtype,
                     const AttentionSpec& spec, Precision precision, const std::string& devices,
                     int threads);
+
+// The plan key of a share: the whole problem's key and, unless it covers everything, the share.
+PlanKey MakeShareKey(const ShareProblem& problem, Precision precision, const std::string& devices,
+                     int threads);
+
+// What one device computes its shares with.
+struct ShareCompute {
+  Backend* backend = nullptr;    // Required.
+  PlanCache* plans = nullptr;    // Null: a plan built for each run alone.
+  ThreadPool* pool = nullptr;    // Null: the calling thread.
+  std::string device = "cpu:0";  // The device, in plan keys.
+};
+
+// Runs a share in `precision` with its plan from compute.plans (built and cached on a miss).
+// `stop` (optional) ends the plan build or the run with CANCELLED. *hit (optional) says whether
+// the plan was cached.
+absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
+                              Precision precision, const std::atomic<bool>* stop,
+                              bool* hit = nullptr);
 
 }  // namespace da::engine

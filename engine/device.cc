@@ -7,7 +7,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "engine/cpu/attention_kernel.h"
 #include "engine/precision_policy.h"
 
 #ifdef DA_HAVE_CUDA
@@ -98,7 +97,6 @@ std::vector<DeviceInfo> DiscoverDevices(int cpu_threads) {
   cpu.id = "cpu:0";
   cpu.kind = "cpu";
   cpu.name = CpuModelName();
-  cpu.precisions = SupportedPrecisions(CpuCapabilities(cpu::SelectedIsa() == cpu::Isa::kAvx512));
   cpu.memory_bytes = PhysicalMemoryBytes();
   cpu.compute_units = cpu_threads;
   cpu.capability = DetectCpuFeatures().ToString();

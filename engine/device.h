@@ -15,13 +15,15 @@
 namespace da::engine {
 
 struct DeviceInfo {
-  std::string id;                     // "cpu:0", "cuda:0", ...
-  std::string kind;                   // "cpu" or "cuda".
-  std::string name;                   // CPU model name or GPU product name.
-  std::vector<Precision> precisions;  // What the device can compute in today.
-  int64_t memory_bytes = 0;           // Physical memory (host RAM or GPU global memory).
-  int compute_units = 0;              // Worker threads for a CPU, multiprocessors for a GPU.
-  std::string capability;             // CPU feature list or "sm_90".
+  std::string id;    // "cpu:0", "cuda:0", ...
+  std::string kind;  // "cpu" or "cuda".
+  std::string name;  // CPU model name or GPU product name.
+  // What the device computes in today: filled by the engine from the device's backend
+  // (Backend::Precisions); empty in DiscoverDevices' answer.
+  std::vector<Precision> precisions;
+  int64_t memory_bytes = 0;  // Physical memory (host RAM or GPU global memory).
+  int compute_units = 0;     // Worker threads for a CPU, multiprocessors for a GPU.
+  std::string capability;    // CPU feature list or "sm_90".
 };
 
 // CPU capability flags from cpuid.

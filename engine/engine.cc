@@ -13,8 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/backend.h"
-#include "engine/cpu/cpu_backend.h"
-#include "engine/reference/reference_backend.h"
+#include "engine/backend_registry.h"
 #include "engine/shard_plan.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
@@ -214,8 +213,12 @@ struct Engine::Impl {
         const ShardPolicy strategy,
         ChooseShardStrategy(ShapeOf(request), request.q.dtype, request.out.dtype, request.spec,
                             group.world_size(), options.memory_budget_bytes));
-    ShardGroupProblem problem{request.q,           request.k, request.v,  request.spec, request.out,
-                              precision.precision, strategy,  pool.get(), stop};
+    ShardedProblem problem{
+        request.q,   request.k,
+        request.v,   request.spec,
+        request.out, precision.precision,
+        strategy,    {backend.get(), plans.get(), pool.get(), devices.front().id},
+        stop};
     DA_ASSIGN_OR_RETURN(ShardGroupRunInfo run, group.Run(problem));
     ExecutionInfo info;
     info.precision_used = precision.precision;
@@ -247,8 +250,9 @@ struct Engine::Impl {
       }
       const std::shared_ptr<Plan>& plan = *got;
       RunContext context{pool.get(), stop};
-      DA_RETURN_IF_ERROR(backend->RunPlan(*plan, request.q, request.k, request.v, request.spec,
-                                          request.out, context));
+      DA_RETURN_IF_ERROR(backend->RunShare(
+          *plan, WholeProblem(request.q, request.k, request.v, request.spec, request.out),
+          context));
       info.plan_build_time_us = hit ? 0 : plan->build_time_us;
     }
     plans->Trim();  // The plan is released: bring the cache back within budget if it was over.
@@ -481,19 +485,6 @@ struct Engine::Impl {
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->options = options;
-  if (options.backend == "cpu") {
-    DA_RETURN_IF_ERROR(options.precision.Validate());
-    impl->backend = std::make_unique<CpuBackend>(cpu::SelectedIsa(), options.precision);
-  } else if (options.backend == "reference") {
-    impl->backend = std::make_unique<ReferenceBackend>();
-  } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("backend '", options.backend, "' is unknown; expected cpu or reference"));
-  }
-  if (options.shard_group != nullptr && options.backend != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "a shard group runs on the cpu backend only; backend is '", options.backend, "'"));
-  }
   if (options.threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("threads is ", options.threads, "; must be >= 0 (0 = every core)"));
@@ -520,6 +511,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   impl->plans = std::make_unique<PlanCache>(options.plan_cache_bytes);
   impl->pool = std::make_unique<ThreadPool>(options.threads);
   impl->devices = DiscoverDevices(impl->pool->size());
+  // Today the engine computes on the first device (the CPU); issue #14 makes it every device.
+  DA_ASSIGN_OR_RETURN(impl->backend, MakeBackend(options.backend == "cpu" ? "" : options.backend,
+                                                 impl->devices.front(), {options.precision}));
+  impl->devices.front().precisions = impl->backend->Precisions();
+  if (options.shard_group != nullptr && !impl->backend->ComputesShares()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a shard group needs a backend that computes "
+                     "shares; backend '",
+                     options.backend, "' does not"));
+  }
   for (const DeviceInfo& device : impl->devices) impl->counters.device_busy_seconds[device.id] = 0;
   for (int i = 0; i < options.max_concurrent_runs; ++i) {
     impl->dispatchers.emplace_back([raw = impl.get()] { raw->DispatchLoop(); });

@@ -63,7 +63,9 @@ std::string QueueOrderName(QueueOrder order);  // "fair", "arrival".
 struct EngineOptions {
   int threads = 0;              // Compute threads; 0 means every core.
   int max_concurrent_runs = 1;  // Requests computed at once (each uses the whole pool).
-  std::string backend = "cpu";  // "cpu" or "reference".
+  // The backend by name (engine/backend_registry.h): "cpu" (the default of CPU devices) or
+  // "reference".
+  std::string backend = "cpu";
   Limits limits;
   int64_t plan_cache_bytes = int64_t{1} << 30;  // Budget of the warm plan cache (LRU).
   PrecisionPolicyOptions precision;             // Fallback for unsupported wishes, tolerance.
@@ -78,7 +80,7 @@ struct EngineOptions {
   // Ranks that compute requests together (engine/shard_group.h); null or one rank: this process
   // alone. With a group of several ranks, every request whose shard policy is not NONE runs
   // across it (strategy: ChooseShardStrategy with memory_budget_bytes as the per-rank budget);
-  // the cpu backend only.
+  // a backend that computes shares only.
   std::shared_ptr<ShardGroup> shard_group;
 };
 

@@ -39,7 +39,7 @@ std::string PlanKey::ToString() const {
                       shape.kv_heads, " d", shape.head_dim, " ", DTypeName(dtype), "->",
                       DTypeName(out_dtype), " [", patterns_text, "] ", causal ? "causal " : "",
                       CombineModeName(mode), " ", PrecisionName(precision), " ", devices, "x",
-                      threads);
+                      threads, share.has_value() ? absl::StrCat(" ", share->ToString()) : "");
 }
 
 PlanCache::PlanCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {

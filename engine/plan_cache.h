@@ -21,12 +21,14 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
+#include "engine/share.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -42,6 +44,10 @@ struct PlanKey {
   Precision precision = Precision::kFloat32;  // The chosen compute precision, never kAuto.
   std::string devices;                        // e.g. "cpu:0".
   int threads = 1;                            // Compute threads the work is cut for.
+  // The share of the problem the plan computes (engine/share.h); unset: the whole problem.
+  std::optional<Share> share;
+
+  Share ShareOrWhole() const { return share.value_or(WholeShare(shape)); }
 
   std::string ToString() const;  // Stable and unique: the cache's map key.
 };

@@ -5,20 +5,18 @@
 namespace da::engine {
 namespace {
 
-int64_t ShareHeads(const RankShare& share, bool kv) {
-  return kv ? share.kv_heads() : share.heads();
-}
-int64_t ShareHeadBegin(const RankShare& share, bool kv) {
+int64_t ShareHeads(const Share& share, bool kv) { return kv ? share.kv_heads() : share.heads(); }
+int64_t ShareHeadBegin(const Share& share, bool kv) {
   return kv ? share.kv_head_begin : share.head_begin;
 }
 
 }  // namespace
 
-int64_t ShareBytes(const Shape4& whole, const RankShare& share, DType dtype, bool kv) {
+int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv) {
   return whole.batch * share.tokens() * ShareHeads(share, kv) * whole.head_dim * DTypeSize(dtype);
 }
 
-void CopyShareOut(const TensorView& whole, const RankShare& share, bool kv, void* dst) {
+void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* dst) {
   const Shape4& s = whole.shape;
   const int64_t elem = DTypeSize(whole.dtype);
   const int64_t heads = ShareHeads(share, kv);
@@ -41,7 +39,7 @@ void CopyShareOut(const TensorView& whole, const RankShare& share, bool kv, void
   }
 }
 
-void CopyShareIn(const void* src, const RankShare& share, const MutableTensorView& whole) {
+void CopyShareIn(const void* src, const Share& share, const MutableTensorView& whole) {
   const Shape4& s = whole.shape;
   const int64_t elem = DTypeSize(whole.dtype);
   const int64_t row_bytes = share.heads() * s.head_dim * elem;
@@ -62,7 +60,7 @@ void CopyShareIn(const void* src, const RankShare& share, const MutableTensorVie
   }
 }
 
-void CopyKeptRows(const TensorView& share_kv, const RankShare& share, const SpanningKeys& set,
+void CopyKeptRows(const TensorView& share_kv, const Share& share, const SpanningKeys& set,
                   int64_t row_begin, int64_t row_end, void* dst) {
   const Shape4& s = share_kv.shape;  // [B, tokens, kv heads, D]
   const int64_t row_bytes = s.head_dim * DTypeSize(share_kv.dtype);

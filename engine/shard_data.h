@@ -1,6 +1,6 @@
 // Moving the bytes of a sharded problem (engine/shard_plan.h): a rank's share in and out of the
 // whole tensors, and the kept K/V rows of spanning segments out of a share and into the gathered
-// buffers a rank computes from (engine/cpu/slice_run.h). Plain copies in the tensors' dtype.
+// buffers a rank computes from (engine/share.h). Plain copies in the tensors' dtype.
 //
 //   std::vector<uint8_t> q_share(ShareBytes(q.shape, share, q.dtype, /*kv=*/false));
 //   CopyShareOut(q, share, /*kv=*/false, q_share.data());      // rank 0, before the scatter
@@ -18,18 +18,18 @@ namespace da::engine {
 
 // Bytes of a share of a tensor shaped like `whole` ([B, N, H or Hkv, D]); kv selects the share's
 // kv heads instead of its query heads.
-int64_t ShareBytes(const Shape4& whole, const RankShare& share, DType dtype, bool kv);
+int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv);
 
 // Copies the share's tokens and heads (kv: kv heads) of `whole` into dst, contiguous
 // [B, share.tokens(), heads, D].
-void CopyShareOut(const TensorView& whole, const RankShare& share, bool kv, void* dst);
+void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* dst);
 
 // Writes a contiguous share [B, share.tokens(), share.heads(), D] of out's dtype into `whole`.
-void CopyShareIn(const void* src, const RankShare& share, const MutableTensorView& whole);
+void CopyShareIn(const void* src, const Share& share, const MutableTensorView& whole);
 
 // Copies rows [row_begin, row_end) of set.kept for set.kv_head out of a share's k or v
 // (shape share.KeyShape) into dst, contiguous [B, row_end - row_begin, D].
-void CopyKeptRows(const TensorView& share_kv, const RankShare& share, const SpanningKeys& set,
+void CopyKeptRows(const TensorView& share_kv, const Share& share, const SpanningKeys& set,
                   int64_t row_begin, int64_t row_end, void* dst);
 
 // Places a piece [B, row_end - row_begin, D] (CopyKeptRows' output) at rows [row_begin, row_end)

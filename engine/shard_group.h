@@ -30,20 +30,21 @@
 
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
+#include "engine/backend.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
 
-class ThreadPool;
-
-// One request for the group: the whole tensors live on rank 0 (this process).
-struct ShardGroupProblem {
+// One request cut across a group of devices or ranks: the whole tensors live in this process,
+// and `compute` is what this process computes its own share with (the engine's backend, plan
+// cache and pool of the device it runs on).
+struct ShardedProblem {
   TensorView q, k, v;
   AttentionSpec spec;
   MutableTensorView out;
   Precision precision = Precision::kFloat32;      // What the engine's precision policy chose.
   ShardPolicy strategy = ShardPolicy::kSequence;  // kHeads or kSequence (ChooseShardStrategy).
-  ThreadPool* pool = nullptr;                     // Rank 0's compute threads (the engine's pool).
+  ShareCompute compute;
   const std::atomic<bool>* stop = nullptr;
 };
 
@@ -87,7 +88,7 @@ class ShardGroup {
   bool whole() const { return status().whole; }
 
   // Runs one problem across the group (see the contract above).
-  virtual absl::StatusOr<ShardGroupRunInfo> Run(const ShardGroupProblem& problem) = 0;
+  virtual absl::StatusOr<ShardGroupRunInfo> Run(const ShardedProblem& problem) = 0;
 
   virtual ShardGroupStats stats() const = 0;
 

@@ -22,8 +22,7 @@ std::pair<int64_t, int64_t> EvenPart(int64_t total, int64_t parts, int64_t index
 }
 
 // q, k, v and output bytes of a share.
-int64_t ShareBytes(const ProblemShape& shape, const RankShare& share, DType dtype,
-                   DType out_dtype) {
+int64_t ShareBytes(const ProblemShape& shape, const Share& share, DType dtype, DType out_dtype) {
   const int64_t per_head = shape.batch * share.tokens() * shape.head_dim;
   return per_head * (share.heads() * (DTypeSize(dtype) + DTypeSize(out_dtype)) +
                      2 * share.kv_heads() * DTypeSize(dtype));
@@ -66,14 +65,6 @@ std::vector<int64_t> BalancedCuts(const std::vector<double>& costs, int parts) {
 
 }  // namespace
 
-Shape4 RankShare::QueryShape(const ProblemShape& shape) const {
-  return {shape.batch, tokens(), heads(), shape.head_dim};
-}
-
-Shape4 RankShare::KeyShape(const ProblemShape& shape) const {
-  return {shape.batch, tokens(), kv_heads(), shape.head_dim};
-}
-
 absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType dtype,
                                                 DType out_dtype, const AttentionSpec& spec,
                                                 int world_size, int64_t per_rank_budget_bytes) {
@@ -104,7 +95,7 @@ absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType
         MakeShardLayout(shape, spec, ShardPolicy::kHeads, world_size);
     if (!heads.ok()) return heads.status();
     int64_t largest = 0;
-    for (const RankShare& share : heads->shares) {
+    for (const Share& share : heads->shares) {
       largest = std::max(largest, ShareBytes(shape, share, dtype, out_dtype));
     }
     if (per_rank_budget_bytes <= 0 || largest <= per_rank_budget_bytes) return ShardPolicy::kHeads;
@@ -150,7 +141,7 @@ absl::StatusOr<ShardLayout> MakeShardLayout(const ProblemShape& shape, const Att
     head_bounds = BalancedCuts(HeadCosts(shape, spec), world_size);
   }
   for (int r = 0; r < world_size; ++r) {
-    RankShare share;
+    Share share;
     share.rank = r;
     if (strategy == ShardPolicy::kHeads) {
       if (shape.heads < world_size) {
@@ -217,7 +208,7 @@ std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const Atten
       // Cheap test first: a segment inside one rank's range spans nothing.
       int first_touch = world, last_touch = -1;
       for (int r = 0; r < world; ++r) {
-        const RankShare& s = layout.shares[r];
+        const Share& s = layout.shares[r];
         if (s.token_begin < end && start < s.token_end) {
           first_touch = std::min(first_touch, r);
           last_touch = r;
@@ -252,7 +243,7 @@ std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const Atten
 }
 
 std::pair<int64_t, int64_t> RowsOf(const SpanningKeys& set, const ShardLayout& layout, int rank) {
-  const RankShare& share = layout.shares[rank];
+  const Share& share = layout.shares[rank];
   return KeptRowsIn(set.kept, share.token_begin, share.token_end);
 }
 

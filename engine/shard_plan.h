@@ -22,32 +22,14 @@
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 #include "engine/dilation.h"
+#include "engine/share.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
 
-// One rank's share: positions [token_begin, token_end) of every batch, query heads
-// [head_begin, head_end) and the kv heads [kv_head_begin, kv_head_end) they read.
-struct RankShare {
-  int rank = 0;
-  int64_t token_begin = 0;
-  int64_t token_end = 0;
-  int64_t head_begin = 0;
-  int64_t head_end = 0;
-  int64_t kv_head_begin = 0;
-  int64_t kv_head_end = 0;
-
-  int64_t tokens() const { return token_end - token_begin; }
-  int64_t heads() const { return head_end - head_begin; }
-  int64_t kv_heads() const { return kv_head_end - kv_head_begin; }
-  // The local tensors' shapes: [batch, tokens, heads, head_dim] and the kv one.
-  Shape4 QueryShape(const ProblemShape& shape) const;
-  Shape4 KeyShape(const ProblemShape& shape) const;
-};
-
 struct ShardLayout {
   ShardPolicy strategy = ShardPolicy::kSequence;  // kHeads or kSequence.
-  std::vector<RankShare> shares;                  // One per rank, in rank order.
+  std::vector<Share> shares;                      // One per rank, in rank order.
 };
 
 // The strategy for a problem on world_size ranks. The spec's shard_policy HEADS or SEQUENCE is
@@ -71,19 +53,6 @@ std::vector<double> HeadCosts(const ProblemShape& shape, const AttentionSpec& sp
 // Rows [first, second) of kept whose positions lie in [token_begin, token_end).
 std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begin,
                                        int64_t token_end);
-
-// The kept positions of one segment of one pattern for one (kv head, offset) when they lie on
-// more than one rank (SEQUENCE only): the ranks first_rank..last_rank each hold a contiguous run
-// of its rows (RowsOf) and the only exchange of a SEQUENCE run is these rows among these ranks.
-struct SpanningKeys {
-  int pattern_index = 0;
-  int64_t segment = 0;
-  int64_t kv_head = 0;
-  int64_t offset = 0;
-  KeptRange kept;  // Global positions.
-  int first_rank = 0;
-  int last_rank = 0;
-};
 
 // Every spanning set a SEQUENCE layout has, for the (kv head, offset) pairs some query head reads
 // under the spec's combine mode, in a fixed order (pattern, segment, kv head, offset). Empty for

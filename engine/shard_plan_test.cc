@@ -25,7 +25,7 @@ TEST(ShardPlanTest, SequenceSharesAreNearEqualWithTheRemainderFirst) {
   EXPECT_EQ(layout->shares[1].token_begin, 4);
   EXPECT_EQ(layout->shares[1].token_end, 7);
   EXPECT_EQ(layout->shares[2].token_end, 10);
-  for (const RankShare& s : layout->shares) {
+  for (const Share& s : layout->shares) {
     EXPECT_EQ(s.heads(), 4);
     EXPECT_EQ(s.kv_heads(), 4);
   }
@@ -39,7 +39,7 @@ TEST(ShardPlanTest, HeadSharesCarryTheKvHeadsTheyRead) {
   const std::vector<std::pair<int64_t, int64_t>> heads = {{0, 3}, {3, 6}, {6, 8}};
   const std::vector<std::pair<int64_t, int64_t>> kv = {{0, 1}, {0, 2}, {1, 2}};
   for (int r = 0; r < 3; ++r) {
-    const RankShare& s = layout->shares[r];
+    const Share& s = layout->shares[r];
     EXPECT_EQ(std::make_pair(s.head_begin, s.head_end), heads[r]) << "rank " << r;
     EXPECT_EQ(std::make_pair(s.kv_head_begin, s.kv_head_end), kv[r]) << "rank " << r;
     EXPECT_EQ(s.tokens(), 16);
@@ -65,7 +65,7 @@ TEST(ShardPlanTest, HeadSharesBalanceCostNotHeadCount) {
   ASSERT_TRUE(four.ok());
   // 4 | 4 | 4 | 2 2 2 1 1 would put 8 on the last rank; 4 | 4 | 4 2 | 2 2 1 1 is at most 6.
   std::vector<int64_t> ends;
-  for (const RankShare& share : four->shares) ends.push_back(share.head_end);
+  for (const Share& share : four->shares) ends.push_back(share.head_end);
   EXPECT_EQ(ends, (std::vector<int64_t>{1, 2, 4, 8}));
   // LONGNET heads all run every pattern: equal costs, equal blocks (first H % W one larger).
   spec.mode = CombineMode::kLongNet;

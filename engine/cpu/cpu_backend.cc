@@ -4,8 +4,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "engine/backend_registry.h"
 #include "engine/cpu/cpu_plan.h"
 #include "engine/cpu/segment_task.h"
 #include "engine/cpu/task_plan.h"
@@ -18,7 +21,20 @@ namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The default backend of CPU devices (engine/backend_registry.h).
+const bool kRegistered = RegisterBackend(
+    {.name = "cpu",
+     .device_kind = "cpu",
+     .default_for_kind = true,
+     .make = [](const DeviceInfo&,
+                const BackendOptions& options) -> absl::StatusOr<std::unique_ptr<Backend>> {
+       DA_RETURN_IF_ERROR(options.precision.Validate());
+       return std::make_unique<CpuBackend>(cpu::SelectedIsa(), options.precision);
+     }});
+
 }  // namespace
+
+std::vector<Precision> CpuBackend::Precisions() const { return SupportedPrecisions(capabilities_); }
 
 CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
     : isa_(isa),
@@ -31,6 +47,10 @@ absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key,
                                                             const std::atomic<bool>* stop) {
   if (key.precision == Precision::kBFloat16 && !bf16_) {
     return absl::InvalidArgumentError("bf16 plan requested on a CPU path without AVX512-BF16");
+  }
+  if (key.precision != Precision::kBFloat16 && key.precision != Precision::kFloat32) {
+    return absl::InvalidArgumentError(absl::StrCat("precision ", PrecisionName(key.precision),
+                                                   " is not computed on CPUs; use fp32 or bf16"));
   }
   DA_ASSIGN_OR_RETURN(std::shared_ptr<cpu::CpuPlan> plan, cpu::BuildCpuPlan(key, stop));
   return std::shared_ptr<Plan>(std::move(plan));
@@ -48,20 +68,49 @@ absl::Status CpuBackend::Supports(const ProblemShape&, DType, const AttentionSpe
   return ChoosePrecision(spec).status();
 }
 
-absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const TensorView& k,
-                                 const TensorView& v, const AttentionSpec& spec,
-                                 const MutableTensorView& out, const RunContext& context) {
+absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
+                                  const RunContext& context) {
   cpu::CpuPlan* plan = dynamic_cast<cpu::CpuPlan*>(&plan_base);
   if (plan == nullptr) return absl::InternalError("cpu backend given a plan it did not build");
+  DA_RETURN_IF_ERROR(CheckShareViews(p));
+  if (plan->key().ShareOrWhole() != p.share) {
+    return absl::InternalError(absl::StrCat("cpu plan built for ",
+                                            plan->key().ShareOrWhole().ToString(), ", run on ",
+                                            p.share.ToString()));
+  }
   const cpu::WorkspaceSizes& z = plan->sizes();
-  const Shape4& s = q.shape;
-  const int64_t heads = s.heads;
+  const ProblemShape& s = p.shape;
+  const Share& share = p.share;
   const int64_t head_dim = s.head_dim;
-  const float q_factor = static_cast<float>(spec.ScaleFor(head_dim)) * kLog2e;
+  const float q_factor = static_cast<float>(p.spec.ScaleFor(head_dim)) * kLog2e;
   const int threads = context.pool != nullptr ? context.pool->size() : 1;
   if (threads > z.threads) {
     return absl::InternalError(
         absl::StrCat("cpu plan cut for ", z.threads, " threads, run on ", threads));
+  }
+
+  // The gathered rows of each spanning set the plan's tasks read, found by the set's identity.
+  std::vector<const GatheredKeys*> gathered(plan->spanning().size(), nullptr);
+  if (!gathered.empty()) {
+    std::map<cpu::SpanningId, size_t> given;
+    if (p.spanning != nullptr) {
+      for (size_t i = 0; i < p.spanning->size(); ++i) {
+        const SpanningKeys& set = (*p.spanning)[i];
+        given[{set.pattern_index, set.segment, set.kv_head, set.offset}] = i;
+      }
+    }
+    for (size_t i = 0; i < gathered.size(); ++i) {
+      const cpu::SpanningId& id = plan->spanning()[i];
+      const auto found = given.find(id);
+      if (found == given.end() || (*p.gathered)[found->second].k == nullptr ||
+          (*p.gathered)[found->second].v == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("share: pattern ", id.pattern_index, " segment ", id.segment, " kv head ",
+                         id.kv_head, " offset ", id.offset, " reads keys outside ",
+                         share.ToString(), " but no gathered rows were given for it"));
+      }
+      gathered[i] = &(*p.gathered)[found->second];
+    }
   }
 
   // The plan's warm workspace, or (when a concurrent run of this plan holds it) a fresh one.
@@ -76,27 +125,35 @@ absl::Status CpuBackend::RunPlan(Plan& plan_base, const TensorView& q, const Ten
     ~Returner() { plan->ReturnWorkspace(std::move(ws)); }
   } returner{plan, ws};
 
-  cpu::RowFold fold(z, *ws, out, spec.patterns.size());
-  DA_RETURN_IF_ERROR(
-      cpu::RunLoops(plan->loops(), context.pool, context.cancelled, "cpu run",
-                    [&](const cpu::Task& task, int thread) {
-                      cpu::ThreadSpace& ts = ws->threads[thread];
-                      const int64_t kv_head = KvHeadFor(task.head, heads, k.shape.heads);
-                      cpu::SegmentTaskIo io;
-                      io.q = cpu::TensorRows(q, task.batch, task.head, task.kept);
-                      io.k = cpu::TensorRows(k, task.batch, kv_head, task.kept);
-                      io.v = cpu::TensorRows(v, task.batch, kv_head, task.kept);
-                      io.keys = spec.causal ? task.row_end : task.kept.count;
-                      io.row_begin = task.row_begin;
-                      io.row_end = task.row_end;
-                      io.head_dim = head_dim;
-                      io.dim_pad = z.dim_pad;
-                      io.q_factor = q_factor;
-                      io.causal = spec.causal;
-                      if (cpu::RunSegmentTask(isa_, z.bf16, io, ts, context.cancelled)) {
-                        fold.AddTask(task, ts, task.head);
-                      }
-                    }));
+  cpu::RowFold fold(z, *ws, p.out, p.spec.patterns.size());
+  DA_RETURN_IF_ERROR(cpu::RunLoops(
+      plan->loops(), context.pool, context.cancelled, "cpu run",
+      [&](const cpu::Task& task, int thread) {
+        cpu::ThreadSpace& ts = ws->threads[thread];
+        const int64_t local_head = task.head - share.head_begin;
+        cpu::SegmentTaskIo io;
+        io.q = cpu::TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
+        if (task.spanning < 0) {
+          const int64_t local_kv = KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
+          io.k = cpu::TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
+          io.v = cpu::TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
+        } else {
+          const GatheredKeys& g = *gathered[task.spanning];
+          const int64_t base = task.batch * task.kept.count * head_dim;
+          io.k = {p.k.dtype, g.k, base, head_dim};
+          io.v = {p.v.dtype, g.v, base, head_dim};
+        }
+        io.keys = p.spec.causal ? task.row_end : task.kept.count;
+        io.row_begin = task.row_begin;
+        io.row_end = task.row_end;
+        io.head_dim = head_dim;
+        io.dim_pad = z.dim_pad;
+        io.q_factor = q_factor;
+        io.causal = p.spec.causal;
+        if (cpu::RunSegmentTask(isa_, z.bf16, io, ts, context.cancelled)) {
+          fold.AddTask(task, ts, local_head, share.token_begin);
+        }
+      }));
   fold.Finish(context.pool);
   return absl::OkStatus();
 }

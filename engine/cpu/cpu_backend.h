@@ -14,6 +14,7 @@
 #pragma once
 
 #include <memory>
+#include <vector>
 
 #include "engine/backend.h"
 #include "engine/cpu/attention_kernel.h"
@@ -27,6 +28,7 @@ class CpuBackend final : public Backend {
   ~CpuBackend() override;
 
   std::string Name() const override { return "cpu"; }
+  std::vector<Precision> Precisions() const override;
   cpu::Isa isa() const { return isa_; }
 
   // The PrecisionPolicy for this CPU: fp32 always; bf16 dot products (fp32 accumulation) when the
@@ -38,9 +40,9 @@ class CpuBackend final : public Backend {
   absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
                                                   const std::atomic<bool>* stop) override;
   int64_t PlanWorkspaceBytes(const PlanKey& key) const override;
-  absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
-                       const AttentionSpec& spec, const MutableTensorView& out,
-                       const RunContext& context) override;
+  // Any share (engine/share.h); a whole problem is the share that covers it.
+  absl::Status RunShare(Plan& plan, const ShareProblem& problem,
+                        const RunContext& context) override;
 
  private:
   cpu::Isa isa_;

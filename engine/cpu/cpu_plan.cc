@@ -107,11 +107,12 @@ void CpuPlan::ReturnWorkspace(std::unique_ptr<Workspace> workspace) {
 absl::Status CpuPlan::Build(const std::atomic<bool>* stop) {
   const AttentionSpec spec = SpecOf(key_);
   work_ = AssignHeadPatterns(key_.shape.heads, spec);
-  loops_ = PlanTasks(key_.shape.QueryShape(), spec, work_, sizes_.threads);
+  tasks_ = PlanShareTasks(key_.shape, spec, key_.ShareOrWhole(), work_, sizes_.threads);
   idle_ = std::make_unique<Workspace>();
   DA_RETURN_IF_ERROR(PrepareWorkspace(*idle_, sizes_, /*touch=*/true, stop));
   workspace_bytes_ = idle_->bytes();
-  for (const auto& loop : loops_) table_bytes_ += loop.size() * sizeof(Task);
+  for (const auto& loop : tasks_.loops) table_bytes_ += loop.size() * sizeof(Task);
+  table_bytes_ += tasks_.spanning.size() * sizeof(SpanningId);
   return absl::OkStatus();
 }
 
@@ -127,7 +128,8 @@ WorkspaceSizes SizesFor(const PlanKey& key) {
   }
   z.rows_pad = RoundUp(max_kept, kRowAlign);
   z.keys_pad = RoundUp(max_kept, kKeyAlign);
-  z.rows_total = key.shape.batch * key.shape.seq_len * key.shape.heads;
+  const Share share = key.ShareOrWhole();
+  z.rows_total = key.shape.batch * share.tokens() * share.heads();
   z.longnet = key.mode == CombineMode::kLongNet;
   z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
   z.bf16 = key.precision == Precision::kBFloat16;

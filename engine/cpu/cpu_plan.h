@@ -1,5 +1,6 @@
-// The CPU backend's plan: the task decomposition of a problem and one workspace for running it,
-// sized from the plan key and touched when built.
+// The CPU backend's plan: the task decomposition of a problem's share (the whole problem unless
+// the key names a share) and one workspace for running it, sized from the plan key and touched
+// when built.
 //
 //   absl::StatusOr<std::shared_ptr<cpu::CpuPlan>> plan = cpu::BuildCpuPlan(key);
 //   std::unique_ptr<cpu::Workspace> ws = (*plan)->TakeWorkspace();  // null while another run has
@@ -34,7 +35,7 @@ struct WorkspaceSizes {
   int64_t dim_pad = 0;
   int64_t rows_pad = 0;    // Query rows of the largest chunk, padded.
   int64_t keys_pad = 0;    // Keys of the largest segment, padded.
-  int64_t rows_total = 0;  // batch x seq x heads: LONGNET state rows.
+  int64_t rows_total = 0;  // batch x share tokens x share heads: LONGNET state rows.
   bool longnet = false;
   bool accumulator = false;  // LONGNET with a non-fp32 output needs its own fp32 accumulator.
   bool bf16 = false;
@@ -64,7 +65,10 @@ class CpuPlan final : public Plan {
   int64_t bytes() const override { return workspace_bytes_ + table_bytes_; }
   int64_t workspace_bytes() const { return workspace_bytes_; }
   const WorkspaceSizes& sizes() const { return sizes_; }
-  const std::vector<std::vector<Task>>& loops() const { return loops_; }
+  const PlanKey& key() const { return key_; }
+  const std::vector<std::vector<Task>>& loops() const { return tasks_.loops; }
+  // The spanning sets the share's tasks read gathered rows of (empty for a whole problem).
+  const std::vector<SpanningId>& spanning() const { return tasks_.spanning; }
 
   // The plan's own workspace, or null while another run holds it.
   std::unique_ptr<Workspace> TakeWorkspace();
@@ -78,7 +82,7 @@ class CpuPlan final : public Plan {
   const PlanKey key_;
   const WorkspaceSizes sizes_;
   std::vector<std::vector<HeadWork>> work_;  // Tasks point into it.
-  std::vector<std::vector<Task>> loops_;
+  ShareTasks tasks_;
   std::mutex mutex_;
   std::unique_ptr<Workspace> idle_;
   int64_t workspace_bytes_ = 0;

@@ -1,5 +1,5 @@
-// One segment task of the CPU backend, shared by the whole-problem backend (cpu_backend.cc) and
-// a rank's share of a sharded problem (slice_run.cc): pack the task's query rows and the keys
+// One segment task of the CPU backend (cpu_backend.cc, RunShare: a whole problem or one device's
+// share of it): pack the task's query rows and the keys
 // and values they see into padded fp32 tiles, run the fused kernel, and fold its rows into the
 // output.
 //

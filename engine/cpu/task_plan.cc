@@ -2,9 +2,12 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <queue>
+#include <tuple>
 
 #include "engine/cpu/attention_kernel.h"
+#include "engine/shard_plan.h"
 
 namespace da::engine::cpu {
 namespace {
@@ -29,28 +32,48 @@ std::vector<Task> Chunk(const std::vector<Task>& tasks, int64_t wanted) {
 
 }  // namespace
 
-std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionSpec& spec,
-                                         const std::vector<std::vector<HeadWork>>& work,
-                                         int threads) {
+ShareTasks PlanShareTasks(const ProblemShape& s, const AttentionSpec& spec, const Share& share,
+                          const std::vector<std::vector<HeadWork>>& work, int threads) {
   const bool longnet = spec.mode == CombineMode::kLongNet;
-  const size_t loops = longnet ? spec.patterns.size() : 1;
-  std::vector<std::vector<Task>> plan(loops);
-  for (size_t loop = 0; loop < loops; ++loop) {
-    std::vector<Task>& tasks = plan[loop];
-    for (int64_t b = 0; b < q_shape.batch; ++b) {
-      for (int64_t h = 0; h < q_shape.heads; ++h) {
-        for (const HeadWork& hw : work[h]) {
-          if (longnet && hw.pattern_index != static_cast<int>(loop)) continue;
-          for (int64_t t = 0; t < NumSegments(q_shape.seq_len, hw.pattern.segment_len); ++t) {
-            const KeptRange kept = KeptPositions(hw.pattern, hw.offset, q_shape.seq_len, t);
-            if (kept.count > 0) tasks.push_back({b, h, &hw, kept, 0, kept.count, 0.0});
+  ShareTasks plan;
+  plan.loops.resize(longnet ? spec.patterns.size() : 1);
+  std::map<SpanningId, int> spanning;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t head = share.head_begin; head < share.head_end; ++head) {
+      const int64_t kv_head = KvHeadFor(head, s.heads, s.kv_heads);
+      for (const HeadWork& hw : work[head]) {
+        const int64_t w = hw.pattern.segment_len;
+        for (int64_t t = share.token_begin / w; t * w < share.token_end; ++t) {
+          Task task;
+          task.batch = b;
+          task.head = head;
+          task.work = &hw;
+          task.kept = KeptPositions(hw.pattern, hw.offset, s.seq_len, t);
+          std::tie(task.row_begin, task.row_end) =
+              KeptRowsIn(task.kept, share.token_begin, share.token_end);
+          if (task.row_begin == task.row_end) continue;
+          if (task.row_begin != 0 || task.row_end != task.kept.count) {
+            const SpanningId id{hw.pattern_index, t, kv_head, hw.offset};
+            const auto [found, added] =
+                spanning.emplace(id, static_cast<int>(plan.spanning.size()));
+            if (added) plan.spanning.push_back(id);
+            task.spanning = found->second;
           }
+          plan.loops[longnet ? hw.pattern_index : 0].push_back(task);
         }
       }
     }
-    BalanceLoop(tasks, spec.causal, threads);
   }
+  for (std::vector<Task>& loop : plan.loops) BalanceLoop(loop, spec.causal, threads);
   return plan;
+}
+
+std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionSpec& spec,
+                                         const std::vector<std::vector<HeadWork>>& work,
+                                         int threads) {
+  const ProblemShape shape{q_shape.batch, q_shape.seq_len, q_shape.heads, q_shape.heads,
+                           q_shape.head_dim};
+  return PlanShareTasks(shape, spec, WholeShare(shape), work, threads).loops;
 }
 
 void BalanceLoop(std::vector<Task>& tasks, bool causal, int threads) {

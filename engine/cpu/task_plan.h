@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "engine/dilation.h"
+#include "engine/share.h"
 
 namespace da::engine::cpu {
 
@@ -30,13 +31,36 @@ struct Task {
   int64_t row_begin = 0;
   int64_t row_end = 0;
   double cost = 0.0;  // Score entries computed: rows x visible keys.
-  // Sharded runs (slice_run.h): the spanning set whose gathered keys this task reads; -1: the
-  // keys are in the local k and v.
-  int gathered = -1;
+  // A share's task whose segment reads keys outside the share: its index in the plan's
+  // spanning sets (ShareTasks::spanning), whose gathered rows it reads; -1: the keys are in the
+  // share's own k and v.
+  int spanning = -1;
 };
 
-// Loops of tasks: one per pattern in LONGNET (patterns fold into shared state one after another),
-// one in GROUPED (each head runs one pattern). `work` must outlive the result.
+// A spanning set as a share's plan names it (engine/share.h SpanningKeys, without the geometry).
+struct SpanningId {
+  int pattern_index = 0;
+  int64_t segment = 0;
+  int64_t kv_head = 0;
+  int64_t offset = 0;
+  auto operator<=>(const SpanningId&) const = default;
+};
+
+struct ShareTasks {
+  std::vector<std::vector<Task>> loops;
+  std::vector<SpanningId> spanning;  // Tasks' `spanning` index into it.
+};
+
+// The tasks of a share: the query rows of each kept set that lie in the share's tokens, for its
+// heads, one loop per LONGNET pattern or one loop for GROUPED, each balanced (BalanceLoop). A
+// set whose kept positions are not all inside the share reads gathered rows (Task::spanning).
+// `work` (AssignHeadPatterns over the whole problem's heads) must outlive the result.
+ShareTasks PlanShareTasks(const ProblemShape& shape, const AttentionSpec& spec, const Share& share,
+                          const std::vector<std::vector<HeadWork>>& work, int threads);
+
+// The whole problem's loops (PlanShareTasks for the share that covers it): one per pattern in
+// LONGNET (patterns fold into shared state one after another), one in GROUPED (each head runs one
+// pattern). `work` must outlive the result.
 std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionSpec& spec,
                                          const std::vector<std::vector<HeadWork>>& work,
                                          int threads);

@@ -12,7 +12,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "engine/cpu/slice_run.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/serving_keys.h"
 #include "engine/dist/sharded_run.h"
@@ -86,6 +85,10 @@ absl::Status ValidateServingGroupOptions(const ServingGroupOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("threads is ", o.threads, "; must be >= 0 (0 = every core)"));
   }
+  if (o.plan_cache_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("plan_cache_bytes is ", o.plan_cache_bytes,
+                                                   "; must be >= 0 (0 caches nothing)"));
+  }
   return absl::OkStatus();
 }
 
@@ -134,21 +137,17 @@ class CoordinatorGroup::Impl {
     listener_ = std::move(listener);
   }
 
-  absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardGroupProblem& problem) {
+  absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardedProblem& problem) {
     std::lock_guard<std::mutex> run_lock(run_mu_);
     const ShardGroupStatus now = status();
     if (comm_ == nullptr || !now.whole) {
       return absl::UnavailableError(
           absl::StrCat("the group of ", options.world_size, " ranks is not whole: ", now.reason));
     }
-    ShardedProblem sharded{problem.q,   problem.k,         problem.v,        problem.spec,
-                           problem.out, problem.precision, problem.strategy, problem.stop};
     ShardRunOptions run_options;
     run_options.timeout = options.collective_timeout;
-    run_options.pool = problem.pool;
-    run_options.runner = &runner_;
     run_options.buffers = &buffers_;
-    absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, sharded, run_options);
+    absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, problem, run_options);
     last_activity_ = Clock::now();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -319,10 +318,8 @@ class CoordinatorGroup::Impl {
   bool stopping_ = false;
   bool broken_ = false;
 
-  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_, runner_,
-                       // buffers_.
+  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_.
   std::unique_ptr<Communicator> comm_;
-  engine::cpu::SliceRunner runner_;
   RankBuffers buffers_;  // Rank 0's share when not contiguous, kept between runs.
   Clock::time_point last_activity_;
 
@@ -362,7 +359,7 @@ int CoordinatorGroup::coordinator_port() const { return impl_->port; }
 int CoordinatorGroup::world_size() const { return impl_->options.world_size; }
 engine::ShardGroupStatus CoordinatorGroup::status() const { return impl_->status(); }
 absl::StatusOr<engine::ShardGroupRunInfo> CoordinatorGroup::Run(
-    const engine::ShardGroupProblem& problem) {
+    const engine::ShardedProblem& problem) {
   return impl_->Run(problem);
 }
 engine::ShardGroupStats CoordinatorGroup::stats() const { return impl_->stats(); }

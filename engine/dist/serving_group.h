@@ -66,6 +66,9 @@ struct ServingGroupOptions {
   // Rank 0's idle keep-alive period.
   std::chrono::milliseconds heartbeat{1000};
   int threads = 0;  // Workers: compute threads (0: every core). Rank 0 uses the engine's pool.
+  // Workers: the budget of the plan cache their shares' plans stay warm in. Rank 0 uses the
+  // engine's cache.
+  int64_t plan_cache_bytes = int64_t{256} << 20;
 };
 
 // INVALID_ARGUMENT naming the field, its value and the limit.
@@ -84,7 +87,7 @@ class CoordinatorGroup final : public engine::ShardGroup {
 
   int world_size() const override;
   engine::ShardGroupStatus status() const override;
-  absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardGroupProblem& problem) override;
+  absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardedProblem& problem) override;
   engine::ShardGroupStats stats() const override;
   void SetStatusListener(std::function<void(const engine::ShardGroupStatus&)> listener) override;
 

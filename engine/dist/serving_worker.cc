@@ -8,7 +8,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "engine/cpu/slice_run.h"
+#include "engine/backend_registry.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/serving_group.h"
 #include "engine/dist/serving_keys.h"
@@ -26,9 +26,13 @@ void Log(const std::string& line) { std::fprintf(stderr, "[worker] %s\n", line.c
 class Worker {
  public:
   Worker(const ServingGroupOptions& options, const std::atomic<bool>& stop)
-      : o_(options), stop_(stop), pool_(options.threads) {}
+      : o_(options), stop_(stop), pool_(options.threads), plans_(options.plan_cache_bytes) {}
 
   absl::Status Run() {
+    // The worker computes its shares on its CPU with the CPU's default backend.
+    const engine::DeviceInfo cpu = engine::DiscoverDevices(pool_.size()).front();
+    DA_ASSIGN_OR_RETURN(backend_, engine::MakeBackend("", cpu));
+    device_ = cpu.id;
     Log(absl::StrCat("rank ", o_.rank, " of ", o_.world_size, ": waiting for the coordinator at ",
                      o_.coordinator));
     while (!stop_.load()) {
@@ -124,8 +128,7 @@ class Worker {
     std::string bytes(kControlFrameBytes, '\0');
     ShardRunOptions run_options;
     run_options.timeout = o_.collective_timeout;
-    run_options.pool = &pool_;
-    run_options.runner = &runner_;
+    run_options.compute = {backend_.get(), &plans_, &pool_, device_};
     run_options.buffers = &buffers_;
     for (;;) {
       absl::Status received =
@@ -167,7 +170,9 @@ class Worker {
   const ServingGroupOptions o_;
   const std::atomic<bool>& stop_;
   engine::ThreadPool pool_;
-  engine::cpu::SliceRunner runner_;
+  engine::PlanCache plans_;  // The shares' plans, warm between runs.
+  std::unique_ptr<engine::Backend> backend_;
+  std::string device_;
   RankBuffers buffers_;  // The share buffers, kept between runs.
   std::unique_ptr<KeyValueStore> store_;
   std::string session_;

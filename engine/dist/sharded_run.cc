@@ -9,7 +9,6 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/aligned_buffer.h"
-#include "engine/cpu/slice_run.h"
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
 #include "engine/status_macros.h"
@@ -19,8 +18,8 @@ namespace {
 
 using engine::DType;
 using engine::ProblemShape;
-using engine::RankShare;
 using engine::ShardLayout;
+using engine::Share;
 using engine::SpanningKeys;
 using Clock = std::chrono::steady_clock;
 
@@ -113,11 +112,12 @@ absl::StatusOr<RunHeader> DecodeRunHeader(const std::string& bytes) {
 class RankRun {
  public:
   RankRun(Communicator& comm, const RunHeader& header, ShardLayout layout,
-          const ShardRunOptions& options)
+          const ShardRunOptions& options, const engine::ShareCompute& compute)
       : comm_(comm),
         h_(header),
         layout_(std::move(layout)),
         options_(options),
+        compute_(compute),
         share_(layout_.shares[comm.rank()]) {
     if (layout_.strategy == engine::ShardPolicy::kSequence) {
       sets_ = engine::SpanningKeySets(h_.shape, h_.spec, layout_);
@@ -223,7 +223,7 @@ class RankRun {
 
   absl::Status Compute(const std::atomic<bool>* cancelled) {
     const Clock::time_point start = Clock::now();
-    engine::cpu::SliceProblem p;
+    engine::ShareProblem p;
     p.shape = h_.shape;
     p.spec = h_.spec;
     p.share = share_;
@@ -231,14 +231,11 @@ class RankRun {
     p.k = k;
     p.v = v;
     p.out = out;
-    p.precision = h_.spec.precision;
     if (!sets_.empty()) {
       p.spanning = &sets_;
       p.gathered = &views_;
     }
-    engine::cpu::SliceRunner fresh;
-    engine::cpu::SliceRunner& runner = options_.runner != nullptr ? *options_.runner : fresh;
-    absl::Status status = runner.Run(p, options_.pool, cancelled);
+    absl::Status status = engine::RunShareWithPlan(compute_, p, h_.spec.precision, cancelled);
     stats_.compute_seconds += SecondsSince(start);
     return status;
   }
@@ -253,7 +250,7 @@ class RankRun {
   }
 
   ShardRunStats::Rank& stats() { return stats_; }
-  const RankShare& share() const { return share_; }
+  const Share& share() const { return share_; }
   const ShardLayout& layout() const { return layout_; }
 
  private:
@@ -261,10 +258,11 @@ class RankRun {
   const RunHeader& h_;
   const ShardLayout layout_;
   const ShardRunOptions& options_;
-  const RankShare share_;
+  const engine::ShareCompute& compute_;
+  const Share share_;
   std::vector<SpanningKeys> sets_;
   std::vector<std::vector<uint8_t>> gathered_k_, gathered_v_;
-  std::vector<engine::cpu::GatheredKeys> views_;
+  std::vector<engine::GatheredKeys> views_;
   RankBuffers own_buffers_;
   ShardRunStats::Rank stats_;
 };
@@ -295,11 +293,11 @@ ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
 
 // Views of a rank-0 share straight into the whole tensors, when the share is contiguous there
 // (SEQUENCE with batch 1): no copy in or out.
-bool Contiguous(const ProblemShape& shape, const RankShare& share) {
+bool Contiguous(const ProblemShape& shape, const Share& share) {
   return shape.batch == 1 && share.heads() == shape.heads;
 }
 
-const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const RankShare& share,
+const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const Share& share,
                           int64_t heads, DType dtype) {
   return static_cast<const uint8_t*>(whole) +
          share.token_begin * heads * shape.head_dim * engine::DTypeSize(dtype);
@@ -367,7 +365,7 @@ absl::StatusOr<ControlFrame> DecodeControlFrame(const std::string& bytes) {
 }
 
 absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
-                                                   const ShardedProblem& problem,
+                                                   const engine::ShardedProblem& problem,
                                                    const ShardRunOptions& options) {
   if (comm.rank() != 0) {
     return absl::FailedPreconditionError(
@@ -390,7 +388,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                                                                   problem.strategy, comm.size()));
   const Clock::time_point run_start = Clock::now();
   const Communicator::Counters before = comm.counters();
-  RankRun run(comm, header, std::move(layout), options);
+  RankRun run(comm, header, std::move(layout), options, problem.compute);
   const ProblemShape& shape = header.shape;
   const int world = comm.size();
 
@@ -409,7 +407,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   std::thread scatter([&] {
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && scattered.ok(); ++r) {
-      const RankShare& share = run.layout().shares[r];
+      const Share& share = run.layout().shares[r];
       for (auto [view, kv] : {std::pair{&problem.q, false}, std::pair{&problem.k, true},
                               std::pair{&problem.v, true}}) {
         const int64_t bytes = engine::ShareBytes(view->shape, share, view->dtype, kv);
@@ -429,7 +427,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   JoinOnExit joiner{scatter};
 
   // Rank 0's own share.
-  const RankShare& mine = run.share();
+  const Share& mine = run.share();
   if (Contiguous(shape, mine)) {
     run.q = {problem.q.dtype, mine.QueryShape(shape),
              ShareStart(problem.q.data, shape, mine, shape.heads, problem.q.dtype),
@@ -490,7 +488,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           }
           continue;
         }
-        const RankShare& share = run.layout().shares[r];
+        const Share& share = run.layout().shares[r];
         const int64_t bytes =
             engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
         if (Contiguous(shape, share)) {
@@ -517,7 +515,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   absl::Status relayed;
   std::thread relay([&] {
     while (!gather_done.load()) {
-      if (problem.cancelled != nullptr && problem.cancelled->load()) {
+      if (problem.stop != nullptr && problem.stop->load()) {
         stop = true;
         relayed = send_stop_words(1);
         return;
@@ -547,7 +545,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
   // only the workers (CANCELLED in their stats).
-  const bool cancelled = problem.cancelled != nullptr && problem.cancelled->load();
+  const bool cancelled = problem.stop != nullptr && problem.stop->load();
   for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
     if (failed->ok()) continue;
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
@@ -577,7 +575,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       ShardLayout layout,
       engine::MakeShardLayout(header.shape, header.spec, header.spec.shard_policy, comm.size()));
   const Communicator::Counters before = comm.counters();
-  RankRun run(comm, header, std::move(layout), options);
+  RankRun run(comm, header, std::move(layout), options, options.compute);
   DA_RETURN_IF_ERROR(run.AllocateShare());
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {

@@ -19,9 +19,10 @@
 // (engine/shard_plan.h: SpanningKeySets, NeedsRowsFrom), never a whole sequence; each worker's
 // output share and a small stats record back to rank 0. Tags below keep the kinds apart.
 //
-// Exactness: every rank runs the CPU backend's kernel on the same packed rows a single process
-// would (engine/cpu/slice_run.h), so the output equals the single-process output up to the
-// order in which threads fold LONGNET patterns (bit-identical in our tests).
+// Exactness: every rank computes its share (engine/share.h) with Backend::RunShare, the same
+// kernel on the same packed rows a single process would run, so the output equals the
+// single-process output up to the order in which threads fold LONGNET patterns (bit-identical in
+// our tests).
 //
 // Errors: a failed collective (lost peer: UNAVAILABLE, timeout: DEADLINE_EXCEEDED) is returned
 // as the communicator reported it; after it the communicator is unusable (communicator.h) and
@@ -46,15 +47,10 @@
 
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
+#include "engine/backend.h"
 #include "engine/dist/communicator.h"
+#include "engine/shard_group.h"
 #include "engine/tensor.h"
-
-namespace da::engine {
-class ThreadPool;
-namespace cpu {
-class SliceRunner;
-}
-}  // namespace da::engine
 
 namespace da::dist {
 
@@ -113,10 +109,10 @@ class RankBuffers {
 struct ShardRunOptions {
   // Limit of every point-to-point operation of the run.
   std::chrono::milliseconds timeout{30000};
-  engine::ThreadPool* pool = nullptr;  // This rank's compute threads; null: the calling thread.
-  // Keeps its workspace between runs (fresh pages are slow); null: a fresh one per run. One run
-  // at a time may use a runner.
-  engine::cpu::SliceRunner* runner = nullptr;
+  // What this rank computes its share with: its backend, plan cache (plans stay warm between
+  // runs; fresh pages cost more than a small share's arithmetic) and pool. Workers set it here;
+  // rank 0 computes with the problem's own (ShardedProblem::compute).
+  engine::ShareCompute compute;
   // Share buffers kept between runs; null: fresh ones per run.
   RankBuffers* buffers = nullptr;
   // Added to the limit of rank 0's gather, which waits for the slowest worker's compute (a lost
@@ -145,18 +141,10 @@ struct ShardRunStats {
 // The problem rank 0 runs across the group. Views as in engine::RunRequest (validated by the
 // caller); precision is what the caller's policy chose (fp32 or bf16 on CPU); strategy HEADS or
 // SEQUENCE (ChooseShardStrategy).
-struct ShardedProblem {
-  engine::TensorView q, k, v;
-  engine::AttentionSpec spec;
-  engine::MutableTensorView out;
-  engine::Precision precision = engine::Precision::kFloat32;
-  engine::ShardPolicy strategy = engine::ShardPolicy::kSequence;
-  const std::atomic<bool>* cancelled = nullptr;
-};
 
 // Rank 0: sends the kRun frame to every worker, then scatter, exchange, compute, gather.
 absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
-                                                   const ShardedProblem& problem,
+                                                   const engine::ShardedProblem& problem,
                                                    const ShardRunOptions& options);
 
 // A worker, after receiving `run` (kind kRun) from rank 0: receives its share, exchanges,

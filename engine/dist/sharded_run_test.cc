@@ -24,7 +24,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
-#include "engine/cpu/slice_run.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/multi_process_test_util.h"
 #include "engine/shard_data.h"
@@ -39,6 +38,7 @@ using engine::AttentionSpec;
 using engine::CombineMode;
 using engine::DType;
 using engine::ProblemShape;
+using engine::ShardedProblem;
 using engine::ShardPolicy;
 using engine::testing::OwnedTensor;
 using std::chrono::milliseconds;
@@ -107,20 +107,21 @@ int64_t SpanningKeptBytes(const Case& c, const engine::ShardLayout& layout) {
 
 // Rank 0: runs one case and checks output and traffic.
 int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, uint64_t seed,
-                   engine::ThreadPool& pool, engine::cpu::SliceRunner& runner) {
+                   const engine::ShareCompute& compute) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
   const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
   OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
   engine::CpuBackend backend;
-  RANK_CHECK_OK(backend.Run(q.view(), k.view(), v.view(), c.spec, single.mutable_view(), {&pool}));
+  RANK_CHECK_OK(
+      backend.Run(q.view(), k.view(), v.view(), c.spec, single.mutable_view(), {compute.pool}));
 
   OwnedTensor sharded = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
   ShardedProblem problem{q.view(), k.view(), v.view(), c.spec, sharded.mutable_view()};
   problem.strategy = c.strategy;
-  const absl::StatusOr<ShardRunStats> stats =
-      CoordinateShardedRun(comm, problem, {kTimeout, &pool, &runner});
+  problem.compute = compute;
+  const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, {kTimeout});
   RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
   double max_abs = 0, max_diff = 0;
   for (int64_t i = 0; i < single.elements(); ++i) {
@@ -142,7 +143,7 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
     RANK_CHECK(stats->ranks[r].exchange_bytes == exchange, c.name, ": rank ", r, " exchanged ",
                stats->ranks[r].exchange_bytes, " bytes, geometry says ", exchange);
     if (r == 0) continue;
-    const engine::RankShare& share = layout->shares[r];
+    const engine::Share& share = layout->shares[r];
     const int64_t scatter =
         engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false) +
         2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
@@ -182,8 +183,11 @@ int RunRank(const RankFlags& flags) {
   RANK_CHECK(comm.ok(), comm.status().ToString());
   engine::ThreadPool pool(1);
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
-  engine::cpu::SliceRunner runner(flags.scenario == "worker_fails" ? engine::cpu::Isa::kPortable
-                                                                   : engine::cpu::SelectedIsa());
+  engine::CpuBackend rank_backend(flags.scenario == "worker_fails" && flags.rank != 0
+                                      ? engine::cpu::Isa::kPortable
+                                      : engine::cpu::SelectedIsa());
+  engine::PlanCache plans(int64_t{1} << 28);
+  const engine::ShareCompute compute{&rank_backend, &plans, &pool};
   RankBuffers buffers;
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
@@ -196,7 +200,7 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
       absl::Status served =
-          ServeShardedRun(**comm, *control, {kTimeout, &pool, &runner, &buffers}).status();
+          ServeShardedRun(**comm, *control, {kTimeout, compute, &buffers}).status();
       if (flags.scenario == "cancel" && run == 0) {
         // Told by rank 0's stop word, this worker's compute stopped in the middle: were it not
         // told, it would finish its share (about a second) and return OK.
@@ -226,7 +230,8 @@ int RunRank(const RankFlags& flags) {
     std::atomic<bool> cancelled{false};
     ShardedProblem problem{q.view(), k.view(), v.view(), spec, out.mutable_view()};
     problem.strategy = ShardPolicy::kHeads;
-    problem.cancelled = &cancelled;
+    problem.stop = &cancelled;
+    problem.compute = compute;
     std::chrono::steady_clock::time_point cancelled_at;
     std::thread canceller([&] {
       std::this_thread::sleep_for(milliseconds(300));
@@ -234,8 +239,7 @@ int RunRank(const RankFlags& flags) {
       cancelled = true;
     });
     const auto started = std::chrono::steady_clock::now();
-    const absl::StatusOr<ShardRunStats> result =
-        CoordinateShardedRun(**comm, problem, {kTimeout, &pool, &runner});
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, {kTimeout});
     const auto returned = std::chrono::steady_clock::now();
     canceller.join();
     RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled, result.status().ToString());
@@ -246,7 +250,7 @@ int RunRank(const RankFlags& flags) {
                  stop_ms);
     RANK_CHECK(stop_ms < 100, "the group stopped ", stop_ms, " ms after the cancellation");
     // The group is still in step: a run after it is exact, to the byte of traffic.
-    if (int bad = CoordinateCase(flags, **comm, SweepCases()[0], flags.seed, pool, runner)) {
+    if (int bad = CoordinateCase(flags, **comm, SweepCases()[0], flags.seed, compute)) {
       return bad;
     }
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
@@ -265,17 +269,19 @@ int RunRank(const RankFlags& flags) {
     ShardedProblem problem{q.view(), k.view(), k.view(), c.spec, out.mutable_view()};
     problem.strategy = ShardPolicy::kSequence;
     problem.precision = engine::Precision::kBFloat16;
-    absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, {kTimeout, &pool});
+    problem.compute = compute;
+    absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, {kTimeout});
     const bool rank0_has_bf16 = engine::cpu::SelectedIsa() == engine::cpu::Isa::kAvx512 &&
                                 engine::cpu::HasBf16DotProducts();
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
                    failed.status().message().find("rank 1 failed") != std::string::npos &&
-                   (rank0_has_bf16 || failed.status().message().find(
-                                          "rank 0 failed: slice: bf16") != std::string::npos),
+                   (rank0_has_bf16 ||
+                    failed.status().message().find("rank 0 failed: bf16 plan requested") !=
+                        std::string::npos),
                failed.status().ToString());
     std::fprintf(stderr, "rank 0: %s\n", failed.status().ToString().c_str());
     c.strategy = ShardPolicy::kSequence;
-    if (int bad = CoordinateCase(flags, **comm, c, flags.seed, pool, runner)) return bad;
+    if (int bad = CoordinateCase(flags, **comm, c, flags.seed, compute)) return bad;
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
     RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
     return 0;
@@ -284,7 +290,7 @@ int RunRank(const RankFlags& flags) {
       flags.scenario == "volume" ? std::vector<Case>{VolumeCase()} : SweepCases();
   for (size_t i = 0; i < cases.size(); ++i) {
     if (cases[i].strategy == ShardPolicy::kHeads && cases[i].shape.heads < flags.size) continue;
-    if (int failed = CoordinateCase(flags, **comm, cases[i], flags.seed + i, pool, runner)) {
+    if (int failed = CoordinateCase(flags, **comm, cases[i], flags.seed + i, compute)) {
       return failed;
     }
   }

@@ -4,6 +4,8 @@
 #include <limits>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "engine/backend_registry.h"
 #include "engine/dilation.h"
 #include "engine/thread_pool.h"
 
@@ -141,6 +143,16 @@ class ReferencePlan final : public Plan {
   int64_t bytes() const override { return 0; }
 };
 
+// The reference backend computes on CPU devices when asked for by name ("reference").
+const bool kRegistered =
+    RegisterBackend({.name = "reference",
+                     .device_kind = "cpu",
+                     .default_for_kind = false,
+                     .make = [](const DeviceInfo&,
+                                const BackendOptions&) -> absl::StatusOr<std::unique_ptr<Backend>> {
+                       return std::make_unique<ReferenceBackend>();
+                     }});
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<Plan>> ReferenceBackend::BuildPlan(const PlanKey&,
@@ -148,9 +160,19 @@ absl::StatusOr<std::shared_ptr<Plan>> ReferenceBackend::BuildPlan(const PlanKey&
   return std::make_shared<ReferencePlan>();
 }
 
-absl::Status ReferenceBackend::RunPlan(Plan&, const TensorView& q, const TensorView& k,
-                                       const TensorView& v, const AttentionSpec& spec,
-                                       const MutableTensorView& out, const RunContext& context) {
+absl::Status ReferenceBackend::RunShare(Plan&, const ShareProblem& problem,
+                                        const RunContext& context) {
+  if (!problem.share.Covers(problem.shape)) {
+    return absl::UnimplementedError(
+        absl::StrCat("the reference backend computes whole problems "
+                     "only; given ",
+                     problem.share.ToString(), " of ", problem.shape.QueryShape().ToString()));
+  }
+  const TensorView& q = problem.q;
+  const TensorView& k = problem.k;
+  const TensorView& v = problem.v;
+  const AttentionSpec& spec = problem.spec;
+  const MutableTensorView& out = problem.out;
   const Shape4& s = q.shape;
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, spec);
   const auto body = [&](int64_t task, int) {

@@ -22,9 +22,10 @@ class ReferenceBackend final : public Backend {
                         const AttentionSpec& spec) const override;
   absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
                                                   const std::atomic<bool>* stop) override;
-  absl::Status RunPlan(Plan& plan, const TensorView& q, const TensorView& k, const TensorView& v,
-                       const AttentionSpec& spec, const MutableTensorView& out,
-                       const RunContext& context) override;
+  // Whole problems only: a share smaller than the problem is UNIMPLEMENTED.
+  bool ComputesShares() const override { return false; }
+  absl::Status RunShare(Plan& plan, const ShareProblem& problem,
+                        const RunContext& context) override;
 };
 
 }  // namespace da::engine

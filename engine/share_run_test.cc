@@ -1,13 +1,11 @@
-// A rank's share computed by SliceRunner equals those rows of the whole problem computed by the
-// CPU backend, for 1-4 simulated ranks in one process: the shares are cut out of the whole
+// A share computed by the CPU backend's RunShare equals those rows of the whole problem computed
+// by the same backend, for 1-4 simulated ranks in one process: the shares are cut out of the whole
 // tensors and the spanning sets' rows are gathered with the same functions the multi-process
 // protocol uses (shard_data.h), from every rank's share. Sweep: N not divisible by the world
 // size, segments spanning two or more ranks (w up to > N), r not dividing w, causal, both combine
 // modes, GQA, both strategies, fp32 and fp16 inputs. Bound: max |share - whole| <= 1e-6 * max
 // |whole| (fp32 outputs). (On 2026-11-30 every case was bit-identical: the shares run the same
 // kernel on the same packed rows; the bound leaves room for a kernel whose row chunking changes.)
-#include "engine/cpu/slice_run.h"
-
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -17,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/shard_data.h"
+#include "engine/share.h"
 #include "engine/test_tensors.h"
 #include "engine/thread_pool.h"
 
@@ -43,7 +42,7 @@ const std::vector<std::vector<Pattern>>& PatternSets() {
 // way the protocol does it (each sender's rows with CopyKeptRows, placed with PlaceKeptRows).
 struct Gathered {
   std::vector<std::vector<uint8_t>> k, v;
-  std::vector<cpu::GatheredKeys> views;
+  std::vector<GatheredKeys> views;
 };
 
 Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSpec& spec,
@@ -79,9 +78,9 @@ Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSpec& spe
 using SweepParam = std::tuple<int /*world*/, ShardPolicy, int64_t /*seq_len*/, int /*set*/, Heads,
                               bool /*causal*/, CombineMode, DType>;
 
-class SliceRunSweepTest : public ::testing::TestWithParam<SweepParam> {};
+class ShareRunSweepTest : public ::testing::TestWithParam<SweepParam> {};
 
-TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
+TEST_P(ShareRunSweepTest, SharesEqualTheWholeProblemsRows) {
   const auto& [world, strategy, seq_len, set_index, heads, causal, mode, dtype] = GetParam();
   AttentionSpec spec;
   spec.patterns = PatternSets()[set_index];
@@ -102,7 +101,7 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
   ASSERT_TRUE(layout.ok()) << layout.status();
   const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
   std::vector<OwnedTensor> q_shares, k_shares, v_shares;
-  for (const RankShare& share : layout->shares) {
+  for (const Share& share : layout->shares) {
     for (auto [list, source, kv] :
          {std::tuple{&q_shares, &q, false}, std::tuple{&k_shares, &k, true},
           std::tuple{&v_shares, &v, true}}) {
@@ -114,12 +113,12 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
   }
 
   OwnedTensor assembled = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  cpu::SliceRunner runner;
   ThreadPool rank_pool(world % 2 == 0 ? 1 : 2);  // Both one- and two-thread shares.
-  for (const RankShare& share : layout->shares) {
+  PlanCache plans(int64_t{1} << 30);
+  for (const Share& share : layout->shares) {
     Gathered gathered = GatherFor(share.rank, shape, spec, *layout, sets, k_shares, v_shares);
     OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
-    cpu::SliceProblem p;
+    ShareProblem p;
     p.shape = shape;
     p.spec = spec;
     p.share = share;
@@ -131,7 +130,8 @@ TEST_P(SliceRunSweepTest, SharesEqualTheWholeProblemsRows) {
       p.spanning = &sets;
       p.gathered = &gathered.views;
     }
-    absl::Status status = runner.Run(p, &rank_pool, nullptr);
+    absl::Status status =
+        RunShareWithPlan({&backend, &plans, &rank_pool}, p, Precision::kFloat32, nullptr);
     ASSERT_TRUE(status.ok()) << "rank " << share.rank << ": " << status;
     CopyShareIn(out.bytes.data(), share, assembled.mutable_view());
   }
@@ -157,7 +157,7 @@ std::string SweepName(const ::testing::TestParamInfo<SweepParam>& info) {
 }
 
 INSTANTIATE_TEST_SUITE_P(
-    Sweep, SliceRunSweepTest,
+    Sweep, ShareRunSweepTest,
     ::testing::Combine(::testing::Values(1, 2, 3, 4),
                        ::testing::Values(ShardPolicy::kHeads, ShardPolicy::kSequence),
                        ::testing::Values(int64_t{97}, int64_t{500}), ::testing::Values(0, 1, 2),
@@ -167,7 +167,7 @@ INSTANTIATE_TEST_SUITE_P(
     SweepName);
 
 INSTANTIATE_TEST_SUITE_P(
-    Half, SliceRunSweepTest,
+    Half, ShareRunSweepTest,
     ::testing::Combine(::testing::Values(3), ::testing::Values(ShardPolicy::kSequence),
                        ::testing::Values(int64_t{500}), ::testing::Values(0),
                        ::testing::Values(Heads{8, 2}), ::testing::Bool(),
@@ -175,22 +175,53 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kFloat16, DType::kBFloat16)),
     SweepName);
 
-TEST(SliceRunTest, RefusesASpanningSegmentWithoutGatheredRows) {
+TEST(ShareRunTest, RefusesASpanningSegmentWithoutGatheredRows) {
   AttentionSpec spec;
   spec.patterns = {{64, 2}};
   const ProblemShape shape{1, 100, 2, 2, 16};
   absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kSequence, 2);
   ASSERT_TRUE(layout.ok());
   std::mt19937 rng(5);
-  const RankShare& share = layout->shares[0];
+  const Share& share = layout->shares[0];
   const OwnedTensor q = testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
   const OwnedTensor k = testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
   OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
-  cpu::SliceProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
-  absl::Status status = cpu::SliceRunner().Run(p, nullptr, nullptr);
+  ShareProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
+  CpuBackend backend;
+  absl::Status status = RunShareWithPlan({&backend}, p, Precision::kFloat32, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
-  EXPECT_NE(std::string(status.message()).find("not among the spanning sets"), std::string::npos)
+  EXPECT_NE(std::string(status.message()).find("no gathered rows were given"), std::string::npos)
       << status;
+}
+
+// A share's plan is cached under its own key: a second run of the same share is a hit, another
+// share of the same problem is not, and neither is the whole problem's plan.
+TEST(ShareRunTest, SharesHaveTheirOwnPlans) {
+  AttentionSpec spec;
+  spec.patterns = {{32, 1}, {64, 2}};
+  const ProblemShape shape{1, 128, 4, 4, 16};
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kHeads, 2);
+  ASSERT_TRUE(layout.ok());
+  std::mt19937 rng(7);
+  CpuBackend backend;
+  PlanCache plans(int64_t{1} << 28);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (const Share& share : layout->shares) {
+      const OwnedTensor q = testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
+      const OwnedTensor k = testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
+      OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
+      ShareProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
+      bool hit = true;
+      ASSERT_TRUE(RunShareWithPlan({&backend, &plans}, p, Precision::kFloat32, nullptr, &hit).ok());
+      EXPECT_EQ(hit, pass == 1) << "pass " << pass << " " << share.ToString();
+    }
+  }
+  EXPECT_EQ(plans.stats().entries, 2);
+  EXPECT_NE(
+      MakeShareKey(ShareProblem{shape, spec, layout->shares[0]}, Precision::kFloat32, "cpu:0", 1)
+          .ToString(),
+      MakeShareKey(ShareProblem{shape, spec, WholeShare(shape)}, Precision::kFloat32, "cpu:0", 1)
+          .ToString());
 }
 
 }  // namespace
