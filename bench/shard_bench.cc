@@ -68,6 +68,10 @@ int RunWorker(const dist::testing::RankFlags& flags) {
   engine::CpuBackend backend;
   engine::PlanCache plans(int64_t{1} << 30);
   dist::RankBuffers buffers;
+  dist::ShardRunOptions run_options;
+  run_options.timeout = kTimeout;
+  run_options.compute = {&backend, &plans, &pool};
+  run_options.buffers = &buffers;
   while (true) {
     std::string frame(dist::kControlFrameBytes, '\0');
     absl::Status got =
@@ -79,8 +83,7 @@ int RunWorker(const dist::testing::RankFlags& flags) {
       return 2;
     }
     if (control->kind == dist::ControlKind::kShutdown) return 0;
-    auto served =
-        dist::ServeShardedRun(**comm, *control, {kTimeout, {&backend, &plans, &pool}, &buffers});
+    auto served = dist::ServeShardedRun(**comm, *control, run_options);
     if (!served.ok()) {
       std::fprintf(stderr, "rank %d: %s\n", flags.rank, served.status().ToString().c_str());
       return 2;
@@ -213,9 +216,18 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", strategy.status().ToString().c_str());
     return 1;
   }
-  engine::ShardedProblem problem{qv, kv, vv, spec, out_view(sharded)};
+  engine::ShardedProblem problem;
+  problem.q = qv;
+  problem.k = kv;
+  problem.v = vv;
+  problem.spec = spec;
+  problem.out = out_view(sharded);
   problem.strategy = *strategy;
   problem.compute = {&rank_backend, &rank_plans, &rank_pool};
+
+  dist::ShardRunOptions coordinate_options;
+  coordinate_options.timeout = kTimeout;
+  coordinate_options.buffers = &buffers;
 
   std::vector<double> single_s, sharded_s;
   dist::ShardRunStats last;
@@ -225,7 +237,7 @@ int Main(int argc, char** argv) {
         backend.RunPlan(**plan, qv, kv, vv, spec, out_view(single), {&single_pool, nullptr});
     const double single_time = Seconds(start);
     start = Clock::now();
-    auto stats = dist::CoordinateShardedRun(**comm, problem, {kTimeout, {}, &buffers});
+    auto stats = dist::CoordinateShardedRun(**comm, problem, coordinate_options);
     const double sharded_time = Seconds(start);
     if (!ran.ok() || !stats.ok()) {
       std::fprintf(stderr, "run failed: %s / %s\n", ran.ToString().c_str(),

@@ -167,6 +167,7 @@ struct EngineStats {
   // it, from the start of compute (plan lookup or build included) until it returned, whether it
   // succeeded, failed or was stopped. Concurrent runs on one device each count their own time.
   std::map<std::string, double> device_busy_seconds;
+  std::map<std::string, int64_t> device_runs;  // Runs that computed on each device (or part).
 };
 
 }  // namespace da::engine

@@ -1,5 +1,11 @@
 #include "engine/backend.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
 
@@ -55,6 +61,49 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
   plan.reset();
   if (compute.plans != nullptr) compute.plans->Trim();  // Within budget now the plan is free.
   return ran;
+}
+
+DeviceBuffer::DeviceBuffer(void* data, int64_t bytes, MemorySpace space,
+                           std::function<void(void*)> release)
+    : data_(data), bytes_(bytes), space_(space), release_(std::move(release)) {}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (data_ != nullptr && release_) release_(data_);
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr && release_) release_(data_);
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+    space_ = other.space_;
+    release_ = std::move(other.release_);
+  }
+  return *this;
+}
+
+absl::StatusOr<DeviceBuffer> Backend::Allocate(int64_t bytes) {
+  constexpr size_t kAlign = 64;
+  const size_t rounded =
+      (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + kAlign - 1) / kAlign * kAlign;
+  void* data = std::aligned_alloc(kAlign, rounded);
+  if (data == nullptr) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(Name(), " backend: cannot allocate ", bytes, " bytes of host memory"));
+  }
+  return DeviceBuffer(data, bytes, MemorySpace::Host(), [](void* p) { std::free(p); });
+}
+
+absl::Status Backend::CopyToDevice(void* dst, const void* src, int64_t bytes, const RunContext&) {
+  if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+  return absl::OkStatus();
+}
+
+absl::Status Backend::CopyToHost(void* dst, const void* src, int64_t bytes, const RunContext&) {
+  if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+  return absl::OkStatus();
 }
 
 absl::Status Backend::RunPlan(Plan& plan, const TensorView& q, const TensorView& k,

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,31 @@ class ThreadPool;
 struct RunContext {
   ThreadPool* pool = nullptr;                    // May be null: run on the calling thread.
   const std::atomic<bool>* cancelled = nullptr;  // When it turns true, stop and return CANCELLED.
+  // The device's queue the run's copies and kernels are ordered on, opaque to the engine (a
+  // cudaStream_t for the CUDA backend); null: the backend's default. Unused by host backends.
+  void* stream = nullptr;
+};
+
+// Memory a backend allocated in its space (Backend::Allocate); released when destroyed.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(void* data, int64_t bytes, MemorySpace space, std::function<void(void*)> release);
+  ~DeviceBuffer();
+  DeviceBuffer(DeviceBuffer&& other) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* data() const { return data_; }
+  int64_t bytes() const { return bytes_; }
+  MemorySpace space() const { return space_; }
+
+ private:
+  void* data_ = nullptr;
+  int64_t bytes_ = 0;
+  MemorySpace space_;
+  std::function<void(void*)> release_;
 };
 
 // The precision a backend will compute a request in, and why.
@@ -45,6 +71,26 @@ class Backend {
   virtual ~Backend() = default;
 
   virtual std::string Name() const = 0;
+
+  // The memory its runs read and write: every view given to RunShare must be in it. Host memory
+  // for CPU backends; the GPU's own for a CUDA backend.
+  virtual MemorySpace Space() const { return MemorySpace::Host(); }
+
+  // A buffer of `bytes` in Space() from the backend's allocator (share inputs and outputs,
+  // staging); RESOURCE_EXHAUSTED naming the bytes when the device is out of memory. The default
+  // allocates 64-byte aligned host memory.
+  virtual absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes);
+
+  // Copies between host memory and Space(), ordered on context.stream (memcpy for a host
+  // backend); Synchronize waits until every copy and run queued on context.stream is done.
+  virtual absl::Status CopyToDevice(void* dst, const void* src, int64_t bytes,
+                                    const RunContext& context);
+  virtual absl::Status CopyToHost(void* dst, const void* src, int64_t bytes,
+                                  const RunContext& context);
+  virtual absl::Status Synchronize(const RunContext& context) {
+    (void)context;
+    return absl::OkStatus();
+  }
 
   // The precisions it computes in on its device (DeviceInfo::precisions).
   virtual std::vector<Precision> Precisions() const { return {Precision::kFloat32}; }

@@ -2,11 +2,16 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
+#include <thread>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "engine/precision_policy.h"
 
 #ifdef DA_HAVE_CUDA
@@ -105,6 +110,78 @@ std::vector<DeviceInfo> DiscoverDevices(int cpu_threads) {
   AppendCudaDevices(devices);
 #endif
   return devices;
+}
+
+absl::StatusOr<std::vector<int>> ParseCpuList(absl::string_view list) {
+  std::vector<int> cpus;
+  for (absl::string_view part : absl::StrSplit(absl::StripAsciiWhitespace(list), ',')) {
+    if (part.empty()) continue;
+    const size_t dash = part.find('-');
+    int first = 0, last = 0;
+    const bool parsed = dash == absl::string_view::npos
+                            ? absl::SimpleAtoi(part, &first) && absl::SimpleAtoi(part, &last)
+                            : absl::SimpleAtoi(part.substr(0, dash), &first) &&
+                                  absl::SimpleAtoi(part.substr(dash + 1), &last);
+    if (!parsed || first < 0 || last < first) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu list \"", std::string(list), "\": \"", part, "\" is not N or N-M"));
+    }
+    for (int cpu = first; cpu <= last; ++cpu) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+std::vector<std::vector<int>> NumaNodeCpus(const std::string& root) {
+  std::vector<std::vector<int>> nodes;
+  // Node numbers may have gaps (offline nodes); 1024 bounds the search.
+  for (int node = 0, missing = 0; node < 1024 && missing < 64; ++node) {
+    std::ifstream file(absl::StrCat(root, "/node", node, "/cpulist"));
+    if (!file) {
+      ++missing;
+      continue;
+    }
+    missing = 0;
+    std::string line;
+    std::getline(file, line);
+    absl::StatusOr<std::vector<int>> cpus = ParseCpuList(line);
+    if (cpus.ok() && !cpus->empty()) nodes.push_back(*std::move(cpus));
+  }
+  return nodes;
+}
+
+absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
+    int threads, int count, const std::vector<std::vector<int>>* numa_nodes) {
+  DeviceInfo cpu;
+  cpu.kind = "cpu";
+  cpu.name = CpuModelName();
+  cpu.memory_bytes = PhysicalMemoryBytes();
+  cpu.capability = DetectCpuFeatures().ToString();
+  std::vector<CpuDevicePlan> plans;
+  if (numa_nodes != nullptr) {
+    if (numa_nodes->empty()) {
+      return absl::InvalidArgumentError(
+          "cpu devices \"numa\": no NUMA node with CPUs is listed under "
+          "/sys/devices/system/node");
+    }
+    for (const std::vector<int>& node : *numa_nodes) {
+      CpuDevicePlan plan{cpu, static_cast<int>(node.size()), node};
+      plans.push_back(std::move(plan));
+    }
+  } else {
+    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (count < 1 || count > threads) {
+      return absl::InvalidArgumentError(absl::StrCat("cpu devices is ", count, "; must be in [1, ",
+                                                     threads, "] (the compute threads)"));
+    }
+    for (int i = 0; i < count; ++i) {
+      plans.push_back({cpu, threads / count + (i < threads % count ? 1 : 0), {}});
+    }
+  }
+  for (size_t i = 0; i < plans.size(); ++i) {
+    plans[i].info.id = absl::StrCat("cpu:", i);
+    plans[i].info.compute_units = plans[i].threads;
+  }
+  return plans;
 }
 
 std::vector<std::string> BuildFeatures() {

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "engine/attention_spec.h"
 
 namespace da::engine {
@@ -40,6 +42,27 @@ CpuFeatures DetectCpuFeatures();
 
 // The CPU (with the given worker thread count) followed by any CUDA devices.
 std::vector<DeviceInfo> DiscoverDevices(int cpu_threads);
+
+// "0-3,8,10-11" (a Linux cpulist) as {0, 1, 2, 3, 8, 10, 11}; INVALID_ARGUMENT on anything else.
+absl::StatusOr<std::vector<int>> ParseCpuList(absl::string_view list);
+
+// The CPUs of each NUMA node with CPUs, in node order, read from `root`/node<N>/cpulist (Linux
+// sysfs); empty when the directory is missing or lists no node.
+std::vector<std::vector<int>> NumaNodeCpus(const std::string& root = "/sys/devices/system/node");
+
+// How the CPU is cut into compute devices (EngineOptions::cpu_devices).
+struct CpuDevicePlan {
+  DeviceInfo info;        // id "cpu:<i>", compute_units its threads.
+  int threads = 1;        // Its pool's threads.
+  std::vector<int> cpus;  // The CPUs its threads are pinned to (NUMA); empty: not pinned.
+};
+
+// `count` devices that split `threads` threads (0: one per hardware thread) as evenly as
+// possible (the first threads % count one more), or with numa_nodes (from NumaNodeCpus) one
+// device per node, its threads that node's CPUs and pinned there. INVALID_ARGUMENT naming the
+// numbers when there are fewer threads than devices, or numa is asked for and no node is known.
+absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
+    int threads, int count, const std::vector<std::vector<int>>* numa_nodes);
 
 // Features compiled into this build: "cuda" when the CUDA backend was built, and so on.
 std::vector<std::string> BuildFeatures();

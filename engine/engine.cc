@@ -12,8 +12,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "engine/backend.h"
 #include "engine/backend_registry.h"
+#include "engine/local_shard.h"
+#include "engine/placement.h"
 #include "engine/shard_plan.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
@@ -51,9 +54,21 @@ std::string QueueOrderName(QueueOrder order) {
 
 struct Engine::Impl {
   EngineOptions options;
-  std::unique_ptr<ThreadPool> pool;
-  std::unique_ptr<Backend> backend;
-  std::vector<DeviceInfo> devices;
+  // One compute device: its backend instance and its pool. CPU devices share the host memory
+  // budget (the engine's MemoryAccount); the plan cache keys plans by device.
+  struct Device {
+    DeviceInfo info;
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<ThreadPool> pool;
+    std::vector<int> cpus;  // Pinned (NUMA devices): its pool's threads and, for a run, thread 0.
+    int running = 0;        // Runs computing on it now. Guarded by mutex.
+    ShareCompute Compute(PlanCache* plans) const {
+      return {backend.get(), plans, pool.get(), info.id};
+    }
+  };
+  std::vector<std::unique_ptr<Device>> slots;
+  std::vector<DeviceInfo> devices;  // slots' infos, for Engine::devices().
+  Backend& backend() const { return *slots.front()->backend; }
   std::unique_ptr<PlanCache> plans;
   std::shared_ptr<MemoryAccount> memory;
 
@@ -63,6 +78,7 @@ struct Engine::Impl {
     Clock::time_point enqueued;
     MemoryReservation reservation;  // The engine's own, when the caller passed none.
     double flops = 0;
+    Placement placement;
     double turn = 0;  // The fair queue's order (QueueOrder::kFair), seconds; 0 in arrival order.
   };
   // A run in compute, as the watchdog sees it. `stop` is what the backend polls.
@@ -112,7 +128,25 @@ struct Engine::Impl {
           "output buffer has ", request.out.bytes, " bytes; shape ", os.ToString(), " of ",
           DTypeName(request.out.dtype), " needs ", os.elements() * DTypeSize(request.out.dtype)));
     }
-    return backend->Supports(ShapeOf(request), request.q.dtype, request.spec);
+    if (!request.device.empty() && FindDevice(request.device) == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", request.device,
+                       "' is not one of the engine's: ", absl::StrJoin(DeviceIds(), ", ")));
+    }
+    return backend().Supports(ShapeOf(request), request.q.dtype, request.spec);
+  }
+
+  Device* FindDevice(const std::string& id) const {
+    for (const auto& slot : slots) {
+      if (slot->info.id == id) return slot.get();
+    }
+    return nullptr;
+  }
+
+  std::vector<std::string> DeviceIds() const {
+    std::vector<std::string> ids;
+    for (const auto& slot : slots) ids.push_back(slot->info.id);
+    return ids;
   }
 
   static ProblemShape ShapeOf(const RunRequest& request) {
@@ -122,25 +156,64 @@ struct Engine::Impl {
 
   absl::StatusOr<MemoryEstimate> Estimate(const ProblemShape& shape, DType dtype, DType out_dtype,
                                           const AttentionSpec& spec) const {
-    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(spec));
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend().ChoosePrecision(spec));
     const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
     const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
-    const PlanKey key =
-        MakePlanKey(q, k, out_dtype, spec, precision.precision, devices.front().id, pool->size());
+    const Device& device = *slots.front();
+    const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision, device.info.id,
+                                    device.pool->size());
     MemoryEstimate estimate;
     estimate.inputs =
         (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype);
     estimate.outputs = shape.QueryShape().elements() * DTypeSize(out_dtype);
-    estimate.workspace = backend->PlanWorkspaceBytes(key);
+    estimate.workspace = device.backend->PlanWorkspaceBytes(key);
     estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
     return estimate;
   }
 
+  // Which local devices compute a validated request (engine/placement.h), and the memory that
+  // placement holds. A request for the multi-process shard group is the group's to place.
+  struct Placed {
+    Placement placement;
+    MemoryEstimate estimate;
+  };
+  absl::StatusOr<Placed> Place(const RunRequest& request, double flops) {
+    const ProblemShape shape = ShapeOf(request);
+    DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
+                        Estimate(shape, request.q.dtype, request.out.dtype, request.spec));
+    PlacementOptions o;
+    o.devices =
+        Sharded(request.spec) || !request.device.empty() ? 1 : static_cast<int>(slots.size());
+    o.computes_shares = backend().ComputesShares();
+    o.device_budget_bytes =
+        options.memory_budget_bytes > 0 ? options.memory_budget_bytes / o.devices : 0;
+    o.min_shard_flops = options.local_shard_min_flops;
+    absl::StatusOr<Placement> placement =
+        PlaceRequest(shape, request.q.dtype, request.out.dtype, request.spec, estimate, flops, o);
+    if (!placement.ok()) {
+      if (absl::IsResourceExhausted(placement.status())) {
+        std::lock_guard<std::mutex> lock(mutex);
+        ++counters.rejected_memory;
+      }
+      return placement.status();
+    }
+    if (placement->devices > 1) {
+      // Every share's copy of its inputs and output, and the gathered rows, beside the whole
+      // tensors; each device's workspace is about its share of the whole problem's.
+      DA_ASSIGN_OR_RETURN(
+          const ShardLayout layout,
+          MakeShardLayout(shape, request.spec, placement->strategy, placement->devices));
+      estimate.inputs +=
+          LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype, request.spec, layout);
+      estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+    }
+    return Placed{*std::move(placement), estimate};
+  }
+
   // The engine's own reservation for a request (none when the caller brought one).
-  absl::StatusOr<MemoryReservation> ReserveFor(const RunRequest& request) {
+  absl::StatusOr<MemoryReservation> ReserveFor(const RunRequest& request, const Placed& placed) {
     if (request.reservation != nullptr) return MemoryReservation();
-    DA_ASSIGN_OR_RETURN(const MemoryEstimate estimate, Estimate(ShapeOf(request), request.q.dtype,
-                                                                request.out.dtype, request.spec));
+    const MemoryEstimate& estimate = placed.estimate;
     absl::Status reserved = memory->Reserve(estimate.total, estimate.ToString());
     if (!reserved.ok()) {
       std::lock_guard<std::mutex> lock(mutex);
@@ -190,11 +263,12 @@ struct Engine::Impl {
     return WithRejectReason(refused, RejectReason::kDeadline);
   }
 
-  // `stop` (optional) ends a build in progress, or the wait for another run's, with CANCELLED.
-  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(const PlanKey& key, bool* hit,
+  // The plan of `key` on `device`. `stop` (optional) ends a build in progress, or the wait for
+  // another run's, with CANCELLED.
+  absl::StatusOr<std::shared_ptr<Plan>> GetPlan(Device& device, const PlanKey& key, bool* hit,
                                                 const std::atomic<bool>* stop = nullptr) {
     return plans->GetOrBuild(
-        key, [&] { return backend->BuildPlan(key, stop); }, hit, stop);
+        key, [&] { return device.backend->BuildPlan(key, stop); }, hit, stop);
   }
 
   bool Sharded(const AttentionSpec& spec) const {
@@ -202,55 +276,125 @@ struct Engine::Impl {
            spec.shard_policy != ShardPolicy::kNone;
   }
 
-  // A validated request across the shard group: rank 0 (this process) computes its share on the
-  // pool, the other ranks theirs. No plan: each rank plans its own share.
+  // The device asked for, else the least busy one (the first among equals), now counted as
+  // running one more run.
+  Device& TakeDevice(const std::string& wanted) {
+    std::lock_guard<std::mutex> lock(mutex);
+    Device* best = wanted.empty() ? slots.front().get() : FindDevice(wanted);
+    for (const auto& slot : slots) {
+      if (wanted.empty() && slot->running < best->running) best = slot.get();
+    }
+    ++best->running;
+    return *best;
+  }
+
+  void ReleaseDevice(Device& device) {
+    std::lock_guard<std::mutex> lock(mutex);
+    --device.running;
+  }
+
+  // A validated request across the multi-process shard group: rank 0 (this process) computes its
+  // share on its first device, the other ranks theirs.
   absl::StatusOr<ExecutionInfo> ComputeSharded(const RunRequest& request, int64_t queue_time_us,
-                                               const std::atomic<bool>* stop) {
+                                               const std::atomic<bool>* stop,
+                                               std::vector<std::string>* used) {
     const Clock::time_point start = Clock::now();
     ShardGroup& group = *options.shard_group;
-    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
+    Device& device = *slots.front();
+    used->push_back(device.info.id);
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
+                        device.backend->ChoosePrecision(request.spec));
     DA_ASSIGN_OR_RETURN(
         const ShardPolicy strategy,
         ChooseShardStrategy(ShapeOf(request), request.q.dtype, request.out.dtype, request.spec,
                             group.world_size(), options.memory_budget_bytes));
-    ShardedProblem problem{
-        request.q,   request.k,
-        request.v,   request.spec,
-        request.out, precision.precision,
-        strategy,    {backend.get(), plans.get(), pool.get(), devices.front().id},
-        stop};
+    ShardedProblem problem{request.q,   request.k,           request.v, request.spec,
+                           request.out, precision.precision, strategy,  device.Compute(plans.get()),
+                           stop};
     DA_ASSIGN_OR_RETURN(ShardGroupRunInfo run, group.Run(problem));
     ExecutionInfo info;
     info.precision_used = precision.precision;
     info.precision_reason = precision.reason;
     info.shard_strategy = run.strategy;
-    info.backend = backend->Name();
+    info.backend = device.backend->Name();
     info.devices = std::move(run.devices);
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start);
     return info;
   }
 
-  // Runs a validated request on the calling thread and the pool; the plan build and the backend
-  // poll `stop`. *failed_in_plan says whether a failure came from getting the plan.
-  absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, int64_t queue_time_us,
-                                        const std::atomic<bool>* stop, bool* failed_in_plan) {
-    if (Sharded(request.spec)) return ComputeSharded(request, queue_time_us, stop);
+  // A validated request across `count` local devices at once (engine/local_shard.h).
+  absl::StatusOr<ExecutionInfo> ComputeLocalSharded(const RunRequest& request,
+                                                    const Placement& placement,
+                                                    int64_t queue_time_us,
+                                                    const std::atomic<bool>* stop,
+                                                    std::vector<std::string>* used) {
     const Clock::time_point start = Clock::now();
-    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend->ChoosePrecision(request.spec));
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend().ChoosePrecision(request.spec));
+    std::vector<ShareCompute> computes;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (int d = 0; d < placement.devices; ++d) {
+        ++slots[d]->running;
+        computes.push_back(slots[d]->Compute(plans.get()));
+        used->push_back(slots[d]->info.id);
+      }
+    }
+    ShardedProblem problem{request.q,          request.k,   request.v,
+                           request.spec,       request.out, precision.precision,
+                           placement.strategy, {},          stop};
+    HostKeyExchange exchange;
+    absl::StatusOr<LocalShardStats> stats = RunLocalSharded(problem, computes, exchange);
+    for (int d = 0; d < placement.devices; ++d) ReleaseDevice(*slots[d]);
+    DA_RETURN_IF_ERROR(stats.status());
+    ExecutionInfo info;
+    info.precision_used = precision.precision;
+    info.precision_reason = precision.reason;
+    info.shard_strategy = stats->strategy;
+    info.backend = backend().Name();
+    info.devices = *used;
+    info.plan_cache_hit = stats->plan_cache_hits == placement.devices;
+    info.queue_time_us = queue_time_us;
+    info.compute_time_us = MicrosSince(start);
+    return info;
+  }
+
+  // Runs a validated request where it was placed; the plan build and the backend poll `stop`.
+  // *failed_in_plan says whether a failure came from getting the plan; *used names the devices
+  // it occupied.
+  absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, const Placement& placement,
+                                        int64_t queue_time_us, const std::atomic<bool>* stop,
+                                        bool* failed_in_plan, std::vector<std::string>* used) {
+    if (Sharded(request.spec) && request.device.empty()) {
+      return ComputeSharded(request, queue_time_us, stop, used);
+    }
+    if (placement.devices > 1) {
+      return ComputeLocalSharded(request, placement, queue_time_us, stop, used);
+    }
+    const Clock::time_point start = Clock::now();
+    Device& device = TakeDevice(request.device);
+    used->push_back(device.info.id);
+    struct Release {
+      Impl* impl;
+      Device& device;
+      ~Release() { impl->ReleaseDevice(device); }
+    } release{this, device};
+    const ScopedAffinity pinned(device.cpus);  // NUMA: plans and buffers first-touched there.
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
+                        device.backend->ChoosePrecision(request.spec));
     const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,
-                                    precision.precision, devices.front().id, pool->size());
+                                    precision.precision, device.info.id, device.pool->size());
     bool hit = false;
     ExecutionInfo info;
     {
-      absl::StatusOr<std::shared_ptr<Plan>> got = GetPlan(key, &hit, stop);
+      absl::StatusOr<std::shared_ptr<Plan>> got = GetPlan(device, key, &hit, stop);
       if (!got.ok()) {
         *failed_in_plan = true;
         return got.status();
       }
       const std::shared_ptr<Plan>& plan = *got;
-      RunContext context{pool.get(), stop};
-      DA_RETURN_IF_ERROR(backend->RunShare(
+      RunContext context{device.pool.get(), stop};
+      DA_RETURN_IF_ERROR(device.backend->RunShare(
           *plan, WholeProblem(request.q, request.k, request.v, request.spec, request.out),
           context));
       info.plan_build_time_us = hit ? 0 : plan->build_time_us;
@@ -260,8 +404,8 @@ struct Engine::Impl {
     info.precision_used = precision.precision;
     info.precision_reason = precision.reason;
     info.shard_strategy = ShardPolicy::kNone;
-    info.backend = backend->Name();
-    info.devices = {devices.front().id};
+    info.backend = device.backend->Name();
+    info.devices = {device.info.id};
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start) - info.plan_build_time_us;
     return info;
@@ -269,8 +413,8 @@ struct Engine::Impl {
 
   // Compute under the watchdog's eye: a cancellation or a passed deadline sets the run's stop
   // flag, and the result then says which of the two stopped it and how fast.
-  absl::StatusOr<ExecutionInfo> Execute(const RunRequest& request, int64_t queue_time_us,
-                                        double flops) {
+  absl::StatusOr<ExecutionInfo> Execute(const RunRequest& request, const Placement& placement,
+                                        int64_t queue_time_us, double flops) {
     Active run;
     run.cancelled = request.cancelled;
     run.deadline = request.deadline;
@@ -281,15 +425,17 @@ struct Engine::Impl {
     watchdog_cv.notify_one();
     const Clock::time_point start = Clock::now();
     bool failed_in_plan = false;
+    std::vector<std::string> used;
     absl::StatusOr<ExecutionInfo> result =
-        Compute(request, queue_time_us, &run.stop, &failed_in_plan);
+        Compute(request, placement, queue_time_us, &run.stop, &failed_in_plan, &used);
     const Clock::time_point returned = Clock::now();
 
     std::lock_guard<std::mutex> lock(mutex);
     active.erase(&run);
-    // Compute always runs on the first device (Compute's plan key and ExecutionInfo say so).
-    counters.device_busy_seconds[devices.front().id] +=
-        std::chrono::duration<double>(returned - start).count();
+    for (const std::string& id : used) {
+      counters.device_busy_seconds[id] += std::chrono::duration<double>(returned - start).count();
+      ++counters.device_runs[id];
+    }
     if (!result.ok() && run.cause != StopCause::kNone) {
       // The status the backend returned for its stop flag becomes what stopped it.
       const double latency_s = std::chrono::duration<double>(returned - run.stop_seen).count();
@@ -388,7 +534,7 @@ struct Engine::Impl {
                  !in_time.ok()) {
         result = in_time;
       } else {
-        result = Execute(job.request, queue_time_us, job.flops);
+        result = Execute(job.request, job.placement, queue_time_us, job.flops);
       }
       {
         std::lock_guard<std::mutex> lock(mutex);
@@ -463,6 +609,58 @@ struct Engine::Impl {
     }
   }
 
+  // The compute devices: the CPU cut per cpu_devices (or per NUMA node), then any other device
+  // whose kind has a registered backend; only those named in options.devices when it is set.
+  absl::Status MakeDevices() {
+    std::vector<std::vector<int>> numa;
+    if (options.cpu_devices_numa) numa = NumaNodeCpus();
+    DA_ASSIGN_OR_RETURN(std::vector<CpuDevicePlan> cpus,
+                        PlanCpuDevices(options.threads, options.cpu_devices,
+                                       options.cpu_devices_numa ? &numa : nullptr));
+    std::vector<std::pair<DeviceInfo, CpuDevicePlan>> found;
+    for (CpuDevicePlan& plan : cpus) found.emplace_back(plan.info, std::move(plan));
+    for (const DeviceInfo& other : DiscoverDevices(1)) {
+      if (other.kind != "cpu") found.emplace_back(other, CpuDevicePlan{});
+    }
+    std::vector<std::string> ids;
+    for (const auto& [info, plan] : found) ids.push_back(info.id);
+    for (const std::string& wanted : options.devices) {
+      if (std::find(ids.begin(), ids.end(), wanted) == ids.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("device '", wanted,
+                         "' is not among this machine's devices: ", absl::StrJoin(ids, ", ")));
+      }
+    }
+    for (auto& [info, plan] : found) {
+      const bool named = std::find(options.devices.begin(), options.devices.end(), info.id) !=
+                         options.devices.end();
+      if (!options.devices.empty() && !named) continue;
+      const std::string backend_name =
+          info.kind == "cpu" && options.backend != "cpu" ? options.backend : "";
+      absl::StatusOr<std::unique_ptr<Backend>> backend =
+          MakeBackend(backend_name, info, {options.precision});
+      if (!backend.ok()) {
+        // A discovered device this build cannot compute on is left out, unless asked for.
+        if (info.kind != "cpu" && !named) continue;
+        return backend.status();
+      }
+      auto device = std::make_unique<Device>();
+      device->info = info;
+      device->info.precisions = (*backend)->Precisions();
+      device->backend = *std::move(backend);
+      device->cpus = plan.cpus;
+      device->pool = std::make_unique<ThreadPool>(info.kind == "cpu" ? plan.threads : 1, plan.cpus);
+      devices.push_back(device->info);
+      slots.push_back(std::move(device));
+    }
+    if (slots.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("no device to compute on: devices ",
+                                                     absl::StrJoin(options.devices, ","), " of ",
+                                                     absl::StrJoin(ids, ", ")));
+    }
+    return absl::OkStatus();
+  }
+
   void StartQueued(Job job) {
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -509,20 +707,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   impl->counters.stop_latency.bounds_seconds = StopLatencyBounds();
   impl->counters.stop_latency.cumulative.assign(StopLatencyBounds().size(), 0);
   impl->plans = std::make_unique<PlanCache>(options.plan_cache_bytes);
-  impl->pool = std::make_unique<ThreadPool>(options.threads);
-  impl->devices = DiscoverDevices(impl->pool->size());
-  // Today the engine computes on the first device (the CPU); issue #14 makes it every device.
-  DA_ASSIGN_OR_RETURN(impl->backend, MakeBackend(options.backend == "cpu" ? "" : options.backend,
-                                                 impl->devices.front(), {options.precision}));
-  impl->devices.front().precisions = impl->backend->Precisions();
-  if (options.shard_group != nullptr && !impl->backend->ComputesShares()) {
+  DA_RETURN_IF_ERROR(impl->MakeDevices());
+  if (options.shard_group != nullptr && !impl->backend().ComputesShares()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("a shard group needs a backend that computes "
-                     "shares; backend '",
+        absl::StrCat("a shard group needs a backend that computes shares; backend '",
                      options.backend, "' does not"));
   }
-  for (const DeviceInfo& device : impl->devices) impl->counters.device_busy_seconds[device.id] = 0;
-  for (int i = 0; i < options.max_concurrent_runs; ++i) {
+  for (const DeviceInfo& device : impl->devices) {
+    impl->counters.device_busy_seconds[device.id] = 0;
+    impl->counters.device_runs[device.id] = 0;
+  }
+  // max_concurrent_runs per device: a free device always has a dispatcher to feed it.
+  const int dispatchers = options.max_concurrent_runs * static_cast<int>(impl->slots.size());
+  for (int i = 0; i < dispatchers; ++i) {
     impl->dispatchers.emplace_back([raw = impl.get()] { raw->DispatchLoop(); });
   }
   impl->watchdog = std::thread([raw = impl.get()] { raw->WatchdogLoop(); });
@@ -552,12 +749,13 @@ absl::StatusOr<ExecutionInfo> Engine::Run(const RunRequest& request) {
   DA_RETURN_IF_ERROR(impl_->CheckNotCancelled(request, "before the run"));
   const double flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
   DA_RETURN_IF_ERROR(impl_->CheckDeadline(request, flops, "before the run", Clock::now()));
-  DA_ASSIGN_OR_RETURN(MemoryReservation reservation, impl_->ReserveFor(request));
+  DA_ASSIGN_OR_RETURN(const Impl::Placed placed, impl_->Place(request, flops));
+  DA_ASSIGN_OR_RETURN(MemoryReservation reservation, impl_->ReserveFor(request, placed));
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     ++impl_->pending;
   }
-  absl::StatusOr<ExecutionInfo> result = impl_->Execute(request, 0, flops);
+  absl::StatusOr<ExecutionInfo> result = impl_->Execute(request, placed.placement, 0, flops);
   reservation.Reset();
   std::lock_guard<std::mutex> lock(impl_->mutex);
   --impl_->pending;
@@ -575,13 +773,19 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
     done(live);
     return;
   }
-  Impl::Job job{request, std::move(done), now, MemoryReservation(), 0};
+  Impl::Job job{request, std::move(done), now, MemoryReservation(), 0, {}, 0};
   job.flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
   if (absl::Status in_time = impl_->CheckDeadline(request, job.flops, "before queueing", now);
       !in_time.ok()) {
     job.done(in_time);
     return;
   }
+  absl::StatusOr<Impl::Placed> placed = impl_->Place(request, job.flops);
+  if (!placed.ok()) {
+    job.done(placed.status());
+    return;
+  }
+  job.placement = placed->placement;
   {
     // A request is refused for a full queue only when it would wait: idle dispatchers take the
     // first requests at once. Checked before the memory, which a refused request must not hold.
@@ -597,7 +801,7 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
     }
     ++impl_->pending;
   }
-  absl::StatusOr<MemoryReservation> reservation = impl_->ReserveFor(request);
+  absl::StatusOr<MemoryReservation> reservation = impl_->ReserveFor(request, *placed);
   if (!reservation.ok()) {
     {
       std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -614,21 +818,27 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
 absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
                                             const AttentionSpec& spec) {
   DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
-  DA_RETURN_IF_ERROR(impl_->backend->Supports(shape, dtype, spec));
-  DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend->ChoosePrecision(spec));
+  DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
+  DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend().ChoosePrecision(spec));
   const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
   const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
-  const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision,
-                                  impl_->devices.front().id, impl_->pool->size());
+  // Every device gets the plan: a request placed on any of them finds it warm.
   WarmUpResult result;
-  {
-    DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,
-                        impl_->GetPlan(key, &result.already_warm));
-    result.plan_bytes = plan->bytes();
-    result.build_time_us = result.already_warm ? 0 : plan->build_time_us;
+  result.already_warm = true;
+  for (const auto& device : impl_->slots) {
+    const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision, device->info.id,
+                                    device->pool->size());
+    bool warm = false;
+    {
+      const ScopedAffinity pinned(device->cpus);
+      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, impl_->GetPlan(*device, key, &warm));
+      result.plan_bytes += plan->bytes();
+      result.build_time_us += warm ? 0 : plan->build_time_us;
+    }
+    result.already_warm = result.already_warm && warm;
+    if (result.plan_key.empty()) result.plan_key = key.ToString();
   }
   result.precision = precision.precision;
-  result.plan_key = key.ToString();
   impl_->plans->Trim();  // Within budget even when this plan does not fit (it is not held now).
   return result;
 }
@@ -637,7 +847,7 @@ absl::StatusOr<MemoryEstimate> Engine::EstimateMemory(const ProblemShape& shape,
                                                       DType out_dtype,
                                                       const AttentionSpec& spec) const {
   DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
-  DA_RETURN_IF_ERROR(impl_->backend->Supports(shape, dtype, spec));
+  DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
   return impl_->Estimate(shape, dtype, out_dtype, spec);
 }
 
@@ -699,6 +909,10 @@ int64_t Engine::pending() const {
 
 const std::vector<DeviceInfo>& Engine::devices() const { return impl_->devices; }
 const Limits& Engine::limits() const { return impl_->options.limits; }
-int Engine::threads() const { return impl_->pool->size(); }
+int Engine::threads() const {
+  int threads = 0;
+  for (const auto& device : impl_->slots) threads += device->pool->size();
+  return threads;
+}
 
 }  // namespace da::engine

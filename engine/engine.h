@@ -61,8 +61,21 @@ inline constexpr double kQueueAging = 16;
 std::string QueueOrderName(QueueOrder order);  // "fair", "arrival".
 
 struct EngineOptions {
-  int threads = 0;              // Compute threads; 0 means every core.
-  int max_concurrent_runs = 1;  // Requests computed at once (each uses the whole pool).
+  int threads = 0;  // Compute threads of the CPU devices together; 0 means every core.
+  // Requests computed at once per device (each uses the device's whole pool).
+  int max_concurrent_runs = 1;
+  // The CPU as this many devices, each with its own pool of threads / cpu_devices threads
+  // (DESIGN §3; issue #14): requests are placed on one device or sharded across several.
+  int cpu_devices = 1;
+  // One CPU device per NUMA node instead (/sys/devices/system/node), its threads pinned to the
+  // node's CPUs and its plans first-touched there; threads and cpu_devices are then ignored.
+  bool cpu_devices_numa = false;
+  // The devices to compute on, by id ("cpu:0", "cuda:1"); empty: every discovered device this
+  // build has a backend for.
+  std::vector<std::string> devices;
+  // AUTO requests of at least this many FLOPs are sharded across the local devices
+  // (engine/placement.h); smaller ones take one device each, side by side.
+  double local_shard_min_flops = 1e9;
   // The backend by name (engine/backend_registry.h): "cpu" (the default of CPU devices) or
   // "reference".
   std::string backend = "cpu";
@@ -102,6 +115,9 @@ struct RunRequest {
   // The queue place the caller holds for a sequence of runs (TakeQueuePlace); the queue limit
   // then does not apply. One run at a time.
   QueuePlace* queue_place = nullptr;
+  // The device to compute on (an id of Engine::devices()); empty: wherever placement puts it.
+  // The self-check uses it to check every device.
+  std::string device;
 };
 
 struct ExecutionInfo {

@@ -1,5 +1,6 @@
 // A start-up self-check of the engine's compute path: one small random attention problem run
-// through Engine::Run and compared, element by element, with the fp64 reference (ReferenceRow).
+// through Engine::Run on every device of the engine (RunRequest::device) and compared, element by
+// element, with the fp64 reference (ReferenceRow).
 // The server keeps readiness off until it passes, so a broken kernel, a bad ISA dispatch or a
 // miscompiled build never takes traffic.
 //
@@ -24,9 +25,9 @@
 namespace da::engine {
 
 struct SelfCheckResult {
-  std::string device;           // Where the problem ran (ExecutionInfo::devices).
+  std::string device;           // The devices checked, "cpu:0,cpu:1".
   Precision precision;          // The compute precision the engine chose for it.
-  double max_abs_error = 0;     // Largest |output - reference| over every element.
+  double max_abs_error = 0;     // Largest |output - reference| over every element and device.
   double tolerance = 0;         // The bound it was held to (atol + rtol * |reference|, at worst).
   double flops_per_second = 0;  // Measured on the timed problem; 0 if it ran too short to tell.
 };

@@ -78,4 +78,17 @@ absl::Status CheckShareViews(const ShareProblem& p) {
   return absl::OkStatus();
 }
 
+absl::Status CheckShareSpace(const ShareProblem& p, MemorySpace space) {
+  const std::pair<const char*, MemorySpace> views[] = {
+      {"q", p.q.space}, {"k", p.k.space}, {"v", p.v.space}, {"out", p.out.space}};
+  for (const auto& [name, in] : views) {
+    if (!(in == space)) {
+      return absl::InvalidArgumentError(absl::StrCat("share ", name, " is in ", in.ToString(),
+                                                     " memory; the backend computes in ",
+                                                     space.ToString(), " memory"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace da::engine

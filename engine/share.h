@@ -96,4 +96,8 @@ ShareProblem WholeProblem(const TensorView& q, const TensorView& k, const Tensor
 // share, the input dtypes differ, or the spanning sets and gathered rows do not pair up.
 absl::Status CheckShareViews(const ShareProblem& problem);
 
+// INVALID_ARGUMENT naming the view and both spaces when a view of the problem is not in `space`
+// (the memory the computing backend reads and writes, Backend::Space).
+absl::Status CheckShareSpace(const ShareProblem& problem, MemorySpace space);
+
 }  // namespace da::engine

@@ -186,7 +186,8 @@ TEST(ShareRunTest, RefusesASpanningSegmentWithoutGatheredRows) {
   const OwnedTensor q = testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
   const OwnedTensor k = testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
   OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
-  ShareProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
+  ShareProblem p{shape,   spec,   share, q.view(), k.view(), k.view(), out.mutable_view(),
+                 nullptr, nullptr};
   CpuBackend backend;
   absl::Status status = RunShareWithPlan({&backend}, p, Precision::kFloat32, nullptr);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
@@ -210,18 +211,22 @@ TEST(ShareRunTest, SharesHaveTheirOwnPlans) {
       const OwnedTensor q = testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
       const OwnedTensor k = testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
       OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
-      ShareProblem p{shape, spec, share, q.view(), k.view(), k.view(), out.mutable_view()};
+      ShareProblem p{shape,   spec,   share, q.view(), k.view(), k.view(), out.mutable_view(),
+                     nullptr, nullptr};
       bool hit = true;
       ASSERT_TRUE(RunShareWithPlan({&backend, &plans}, p, Precision::kFloat32, nullptr, &hit).ok());
       EXPECT_EQ(hit, pass == 1) << "pass " << pass << " " << share.ToString();
     }
   }
   EXPECT_EQ(plans.stats().entries, 2);
-  EXPECT_NE(
-      MakeShareKey(ShareProblem{shape, spec, layout->shares[0]}, Precision::kFloat32, "cpu:0", 1)
-          .ToString(),
-      MakeShareKey(ShareProblem{shape, spec, WholeShare(shape)}, Precision::kFloat32, "cpu:0", 1)
-          .ToString());
+  ShareProblem part;
+  part.shape = shape;
+  part.spec = spec;
+  part.share = layout->shares[0];
+  ShareProblem whole = part;
+  whole.share = WholeShare(shape);
+  EXPECT_NE(MakeShareKey(part, Precision::kFloat32, "cpu:0", 1).ToString(),
+            MakeShareKey(whole, Precision::kFloat32, "cpu:0", 1).ToString());
 }
 
 }  // namespace

@@ -6,6 +6,10 @@
 
 namespace da::engine {
 
+std::string MemorySpace::ToString() const {
+  return host() ? "host" : "device " + std::to_string(device);
+}
+
 std::string DTypeName(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:

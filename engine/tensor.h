@@ -34,12 +34,27 @@ struct Shape4 {
   std::string ToString() const;  // "[1, 4096, 8, 64]".
 };
 
+// Where a view's memory lives: host memory (what every CPU device computes on, and where requests
+// arrive), or the memory of one accelerator ("cuda:<device>").
+struct MemorySpace {
+  enum class Kind { kHost, kDevice };
+  Kind kind = Kind::kHost;
+  int device = -1;  // The accelerator's index for kDevice.
+
+  static MemorySpace Host() { return {}; }
+  static MemorySpace Device(int index) { return {Kind::kDevice, index}; }
+  bool host() const { return kind == Kind::kHost; }
+  bool operator==(const MemorySpace&) const = default;
+  std::string ToString() const;  // "host", "device 1".
+};
+
 // Read-only view of caller-owned memory.
 struct TensorView {
   DType dtype = DType::kFloat32;
   Shape4 shape;
   const void* data = nullptr;
   int64_t bytes = 0;  // Size of the memory behind data; must equal shape.elements() * DTypeSize.
+  MemorySpace space = {};
 };
 
 // Writable view of caller-owned memory.
@@ -48,6 +63,7 @@ struct MutableTensorView {
   Shape4 shape;
   void* data = nullptr;
   int64_t bytes = 0;
+  MemorySpace space = {};
 };
 
 // IEEE half and bfloat16 conversions, round to nearest even; NaN stays NaN.

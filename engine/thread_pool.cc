@@ -1,11 +1,51 @@
 #include "engine/thread_pool.h"
 
+#include <pthread.h>
+#include <sched.h>
+
+#include <utility>
+
 namespace da::engine {
 
-ThreadPool::ThreadPool(int threads) {
+namespace {
+
+bool SetAffinity(const std::vector<int>& cpus) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (const int cpu : cpus) {
+    if (cpu >= 0 && cpu < CPU_SETSIZE) CPU_SET(cpu, &set);
+  }
+  return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int threads) : ThreadPool(threads, {}) {}
+
+ThreadPool::ThreadPool(int threads, std::vector<int> cpus) : cpus_(std::move(cpus)) {
   if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
   if (threads <= 0) threads = 1;
-  for (int t = 1; t < threads; ++t) workers_.emplace_back([this, t] { WorkerLoop(t); });
+  for (int t = 1; t < threads; ++t) {
+    workers_.emplace_back([this, t] {
+      if (!cpus_.empty()) SetAffinity({cpus_[t % cpus_.size()]});
+      WorkerLoop(t);
+    });
+  }
+}
+
+ScopedAffinity::ScopedAffinity(const std::vector<int>& cpus) {
+  if (cpus.empty()) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (pthread_getaffinity_np(pthread_self(), sizeof(set), &set) != 0) return;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) previous_.push_back(cpu);
+  }
+  pinned_ = SetAffinity(cpus);
+}
+
+ScopedAffinity::~ScopedAffinity() {
+  if (pinned_) SetAffinity(previous_);
 }
 
 ThreadPool::~ThreadPool() {

@@ -20,6 +20,9 @@ namespace da::engine {
 class ThreadPool {
  public:
   explicit ThreadPool(int threads);  // threads <= 0: one per hardware thread.
+  // Worker t pinned to cpus[t % cpus.size()] (none pinned when empty). The calling thread, thread
+  // 0, pins itself for a run with ScopedAffinity.
+  ThreadPool(int threads, std::vector<int> cpus);
   ~ThreadPool();
 
   ThreadPool(const ThreadPool&) = delete;
@@ -31,6 +34,7 @@ class ThreadPool {
 
  private:
   void WorkerLoop(int thread);
+  std::vector<int> cpus_;
   void RunTasks(int thread);
 
   std::mutex loop_mutex_;  // Serialises ParallelFor callers.
@@ -44,6 +48,20 @@ class ThreadPool {
   uint64_t generation_ = 0;
   int busy_workers_ = 0;
   bool stopping_ = false;
+};
+
+// Pins the calling thread to `cpus` until destroyed, then restores its previous affinity; a no-op
+// for an empty list (or where affinity cannot be set).
+class ScopedAffinity {
+ public:
+  explicit ScopedAffinity(const std::vector<int>& cpus);
+  ~ScopedAffinity();
+  ScopedAffinity(const ScopedAffinity&) = delete;
+  ScopedAffinity& operator=(const ScopedAffinity&) = delete;
+
+ private:
+  bool pinned_ = false;
+  std::vector<int> previous_;
 };
 
 }  // namespace da::engine

@@ -38,6 +38,10 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "server/group_flags.h"
 #include "server/malloc_tuning.h"
 #include "server/server.h"
@@ -128,6 +132,22 @@ int main(int argc, char** argv) {
   app.add_option("--threads", options.threads, "Compute threads; 0 uses every core")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  std::string cpu_devices = "1";
+  app.add_option("--cpu-devices", cpu_devices,
+                 "The CPU as N compute devices, each with threads/N threads (requests are placed "
+                 "on one or sharded across several), or \"numa\": one device per NUMA node, "
+                 "its threads pinned there")
+      ->capture_default_str()
+      ->check([](const std::string& value) -> std::string {
+        int n = 0;
+        if (value == "numa" || (absl::SimpleAtoi(value, &n) && n >= 1)) return "";
+        return absl::StrCat("--cpu-devices is \"", value, "\"; must be a number >= 1 or \"numa\"");
+      });
+  std::string devices;
+  app.add_option("--devices", devices,
+                 "Comma-separated device ids to compute on (cpu:0, cuda:1, ...); empty: every "
+                 "device this build can compute on")
+      ->capture_default_str();
   app.add_option("--max-message-bytes", options.max_message_bytes,
                  "Largest gRPC message received or sent")
       ->capture_default_str()
@@ -272,6 +292,11 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   options.queue_order =
       queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
+  options.cpu_devices_numa = cpu_devices == "numa";
+  if (!options.cpu_devices_numa) (void)absl::SimpleAtoi(cpu_devices, &options.cpu_devices);
+  for (absl::string_view id : absl::StrSplit(devices, ',', absl::SkipWhitespace())) {
+    options.devices.emplace_back(absl::StripAsciiWhitespace(id));
+  }
   if (absl::Status valid = da::server::ValidateGroupFlags(group); !valid.ok()) {
     std::fprintf(stderr, "da-server: %s\n", std::string(valid.message()).c_str());
     return 1;

@@ -181,6 +181,11 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
                                   "each count their own time).",
                                   MetricType::Counter,
                                   {}};
+    prometheus::MetricFamily runs{"da_device_runs_total",
+                                  "Runs that computed on the device; a run sharded across "
+                                  "several devices counts on each.",
+                                  MetricType::Counter,
+                                  {}};
     prometheus::MetricFamily up{
         "da_device_up",
         "1 when the device is up (discovered, self-check passed), 0 when it is down; readiness "
@@ -197,6 +202,8 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       metric.gauge.value = 0;
       metric.counter.value = device.busy_seconds;
       busy.metric.push_back(metric);
+      metric.counter.value = static_cast<double>(device.runs);
+      runs.metric.push_back(metric);
       prometheus::ClientMetric labelled;
       labelled.label = {{"capability", device.capability},
                         {"device", device.id},
@@ -205,7 +212,7 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       labelled.gauge.value = 1;
       info.metric.push_back(labelled);
     }
-    return {std::move(info), std::move(memory), std::move(busy), std::move(up)};
+    return {std::move(info), std::move(memory), std::move(busy), std::move(runs), std::move(up)};
   }
 };
 

@@ -77,6 +77,7 @@ struct DeviceSample {
   std::string capability;
   int64_t memory_bytes = 0;
   double busy_seconds = 0;
+  int64_t runs = 0;  // Runs that computed on it (a sharded run counts on each of its devices).
   bool up = false;
 };
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/cord.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "server/status_conversion.h"
 
 namespace da::server {
@@ -140,11 +141,15 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
         spec_.PatternsToString(), engine::CombineModeName(spec_.mode), spec_.causal ? 1 : 0);
   }
   const std::string run =
-      info == nullptr ? ""
-                      : absl::StrFormat(" precision=%s backend=%s plan=%s plan_build_ms=%.3f",
-                                        engine::PrecisionName(info->precision_used), info->backend,
-                                        info->plan_cache_hit ? "hit" : "miss",
-                                        Millis(info->plan_build_time_us));
+      info == nullptr
+          ? ""
+          : absl::StrFormat(
+                " precision=%s backend=%s devices=%s shard=%s plan=%s "
+                "plan_build_ms=%.3f",
+                engine::PrecisionName(info->precision_used), info->backend,
+                info->devices.empty() ? "-" : absl::StrJoin(info->devices, ","),
+                engine::ShardPolicyName(info->shard_strategy),
+                info->plan_cache_hit ? "hit" : "miss", Millis(info->plan_build_time_us));
   const std::string line = absl::StrFormat(
       "request id=%s method=%s %s code=%s%s queue_ms=%.3f compute_ms=%.3f total_ms=%.3f", id_,
       method_, problem, StatusCodeName(grpc_status.error_code()), run, Millis(queue_us),

@@ -58,6 +58,9 @@ std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Heal
         busy != stats.device_busy_seconds.end()) {
       sample.busy_seconds = busy->second;
     }
+    if (auto runs = stats.device_runs.find(device.id); runs != stats.device_runs.end()) {
+      sample.runs = runs->second;
+    }
     for (const auto& [id, is_up] : up) {
       if (id == device.id) sample.up = is_up;
     }
@@ -101,15 +104,18 @@ void Server::RunSelfCheck(const engine::EngineOptions& engine_options,
     }
   }
   if (engine_->devices().empty()) return;  // Readiness already says "no device discovered".
-  // Runs go to the first device (ExecutionInfo::devices): that is the one the check vouches for.
-  const std::string& device = engine_->devices().front().id;
   if (checked.ok()) {
     spdlog::info("self-check passed{}", passed);
     return;
   }
+  // The check ran on every device; the reason names the one that failed. A device that failed
+  // (or could not be reached because an earlier one failed) is not vouched for: every one is
+  // down until a restart.
   const std::string reason = absl::StrCat("self-check failed: ", checked.message());
-  spdlog::error("device {} down, readiness stays NOT_SERVING: {}", device, reason);
-  health_->SetDeviceUp(device, false, reason);
+  for (const engine::DeviceInfo& device : engine_->devices()) {
+    spdlog::error("device {} down, readiness stays NOT_SERVING: {}", device.id, reason);
+    health_->SetDeviceUp(device.id, false, reason);
+  }
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
@@ -161,6 +167,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 
   engine::EngineOptions engine_options;
   engine_options.threads = options.threads;
+  engine_options.cpu_devices = options.cpu_devices;
+  engine_options.cpu_devices_numa = options.cpu_devices_numa;
+  engine_options.devices = options.devices;
   engine_options.backend = options.backend;
   engine_options.limits.max_request_bytes = options.max_request_bytes;
   engine_options.limits.max_tokens = options.max_tokens;

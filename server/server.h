@@ -52,11 +52,16 @@ struct ServerOptions {
   std::string listen_address = "0.0.0.0:50051";
   std::string metrics_address = "0.0.0.0:9464";  // Empty: no /metrics endpoint.
   int threads = 0;                               // Engine compute threads; 0: every core.
-  int64_t max_message_bytes = 64LL << 20;        // gRPC receive and send limit, per message.
-  int64_t max_request_bytes = 16LL << 30;        // q + k + v + output bytes; 0: unlimited.
-  int64_t max_tokens = 0;                        // batch * seq_len; 0: unlimited.
-  std::string backend = "cpu";                   // Engine backend: "cpu" or "reference".
-  int64_t plan_cache_bytes = int64_t{1} << 30;   // Plan cache budget; 0 caches nothing.
+  // The CPU as this many compute devices (EngineOptions::cpu_devices), or with cpu_devices_numa
+  // one per NUMA node.
+  int cpu_devices = 1;
+  bool cpu_devices_numa = false;
+  std::vector<std::string> devices;             // Device ids to compute on; empty: every one found.
+  int64_t max_message_bytes = 64LL << 20;       // gRPC receive and send limit, per message.
+  int64_t max_request_bytes = 16LL << 30;       // q + k + v + output bytes; 0: unlimited.
+  int64_t max_tokens = 0;                       // batch * seq_len; 0: unlimited.
+  std::string backend = "cpu";                  // Engine backend: "cpu" or "reference".
+  int64_t plan_cache_bytes = int64_t{1} << 30;  // Plan cache budget; 0 caches nothing.
   bool precision_fallback = false;  // Unsupported precision wishes use the nearest supported one.
   std::vector<WarmUpShape> warmup;  // Plans WarmUp builds before readiness turns SERVING.
   // AttendStream: chunks of input one stream holds at once, and the least tokens per chunk

@@ -73,6 +73,7 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
   cpu::CpuPlan* plan = dynamic_cast<cpu::CpuPlan*>(&plan_base);
   if (plan == nullptr) return absl::InternalError("cpu backend given a plan it did not build");
   DA_RETURN_IF_ERROR(CheckShareViews(p));
+  DA_RETURN_IF_ERROR(CheckShareSpace(p, Space()));
   if (plan->key().ShareOrWhole() != p.share) {
     return absl::InternalError(absl::StrCat("cpu plan built for ",
                                             plan->key().ShareOrWhole().ToString(), ", run on ",

@@ -46,6 +46,30 @@ using testing::RankFlags;
 
 constexpr milliseconds kTimeout{20000};
 
+// A run's options: the timeout, and for a worker what it computes with and its kept buffers.
+ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
+                        RankBuffers* buffers = nullptr) {
+  ShardRunOptions options;
+  options.timeout = kTimeout;
+  if (compute != nullptr) options.compute = *compute;
+  options.buffers = buffers;
+  return options;
+}
+
+// A problem with the default precision (fp32) and strategy (SEQUENCE), computed with nothing
+// set yet (the caller sets compute).
+ShardedProblem Problem(const engine::TensorView& q, const engine::TensorView& k,
+                       const engine::TensorView& v, const AttentionSpec& spec,
+                       const engine::MutableTensorView& out) {
+  ShardedProblem problem;
+  problem.q = q;
+  problem.k = k;
+  problem.v = v;
+  problem.spec = spec;
+  problem.out = out;
+  return problem;
+}
+
 struct Case {
   ProblemShape shape;
   AttentionSpec spec;
@@ -118,10 +142,10 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
       backend.Run(q.view(), k.view(), v.view(), c.spec, single.mutable_view(), {compute.pool}));
 
   OwnedTensor sharded = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
-  ShardedProblem problem{q.view(), k.view(), v.view(), c.spec, sharded.mutable_view()};
+  ShardedProblem problem = Problem(q.view(), k.view(), v.view(), c.spec, sharded.mutable_view());
   problem.strategy = c.strategy;
   problem.compute = compute;
-  const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, {kTimeout});
+  const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, Options());
   RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
   double max_abs = 0, max_diff = 0;
   for (int64_t i = 0; i < single.elements(); ++i) {
@@ -199,8 +223,7 @@ int RunRank(const RankFlags& flags) {
       if (control->kind == ControlKind::kShutdown) return 0;
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
-      absl::Status served =
-          ServeShardedRun(**comm, *control, {kTimeout, compute, &buffers}).status();
+      absl::Status served = ServeShardedRun(**comm, *control, Options(&compute, &buffers)).status();
       if (flags.scenario == "cancel" && run == 0) {
         // Told by rank 0's stop word, this worker's compute stopped in the middle: were it not
         // told, it would finish its share (about a second) and return OK.
@@ -228,7 +251,7 @@ int RunRank(const RankFlags& flags) {
     const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
     OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
     std::atomic<bool> cancelled{false};
-    ShardedProblem problem{q.view(), k.view(), v.view(), spec, out.mutable_view()};
+    ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
     problem.strategy = ShardPolicy::kHeads;
     problem.stop = &cancelled;
     problem.compute = compute;
@@ -239,7 +262,7 @@ int RunRank(const RankFlags& flags) {
       cancelled = true;
     });
     const auto started = std::chrono::steady_clock::now();
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, {kTimeout});
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, Options());
     const auto returned = std::chrono::steady_clock::now();
     canceller.join();
     RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled, result.status().ToString());
@@ -266,11 +289,11 @@ int RunRank(const RankFlags& flags) {
     std::mt19937 rng(3);
     const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
     const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
-    ShardedProblem problem{q.view(), k.view(), k.view(), c.spec, out.mutable_view()};
+    ShardedProblem problem = Problem(q.view(), k.view(), k.view(), c.spec, out.mutable_view());
     problem.strategy = ShardPolicy::kSequence;
     problem.precision = engine::Precision::kBFloat16;
     problem.compute = compute;
-    absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, {kTimeout});
+    absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, Options());
     const bool rank0_has_bf16 = engine::cpu::SelectedIsa() == engine::cpu::Isa::kAvx512 &&
                                 engine::cpu::HasBf16DotProducts();
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&

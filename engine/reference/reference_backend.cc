@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend_registry.h"
 #include "engine/dilation.h"
+#include "engine/status_macros.h"
 #include "engine/thread_pool.h"
 
 namespace da::engine {
@@ -168,6 +169,7 @@ absl::Status ReferenceBackend::RunShare(Plan&, const ShareProblem& problem,
                      "only; given ",
                      problem.share.ToString(), " of ", problem.shape.QueryShape().ToString()));
   }
+  DA_RETURN_IF_ERROR(CheckShareSpace(problem, Space()));
   const TensorView& q = problem.q;
   const TensorView& k = problem.k;
   const TensorView& v = problem.v;

@@ -1,0 +1,185 @@
+#include "engine/local_shard.h"
+
+#include <chrono>
+#include <mutex>
+#include <thread>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/shard_data.h"
+#include "engine/status_macros.h"
+
+namespace da::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<GatheredKeys>> HostKeyExchange::Gather(
+    const TensorView& whole_k, const TensorView& whole_v, const ShardLayout& layout,
+    const std::vector<SpanningKeys>& sets, int device) {
+  const Shape4& s = whole_k.shape;
+  const ProblemShape shape{s.batch, s.seq_len, s.heads, s.heads, s.head_dim};
+  const Share whole = WholeShare(shape);
+  const int64_t row_bytes = s.head_dim * DTypeSize(whole_k.dtype);
+  std::vector<GatheredKeys> views(sets.size());
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (done_.size() != sets.size()) {
+    k_.assign(sets.size(), {});
+    v_.assign(sets.size(), {});
+    done_.assign(sets.size(), false);
+  }
+  for (size_t i = 0; i < sets.size(); ++i) {
+    const SpanningKeys& set = sets[i];
+    const auto [begin, end] = RowsOf(set, layout, device);
+    if (begin == end) continue;  // This share holds no rows of the set: it reads none.
+    if (!done_[i]) {
+      k_[i].resize(s.batch * set.kept.count * row_bytes);
+      v_[i].resize(s.batch * set.kept.count * row_bytes);
+      CopyKeptRows(whole_k, whole, set, 0, set.kept.count, k_[i].data());
+      CopyKeptRows(whole_v, whole, set, 0, set.kept.count, v_[i].data());
+      done_[i] = true;
+    }
+    views[i] = {k_[i].data(), v_[i].data()};
+  }
+  return views;
+}
+
+int64_t HostKeyExchange::bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int64_t total = 0;
+  for (size_t i = 0; i < k_.size(); ++i) total += k_[i].size() + v_[i].size();
+  return total;
+}
+
+int64_t LocalShardCopyBytes(const ProblemShape& shape, DType dtype, DType out_dtype,
+                            const AttentionSpec& spec, const ShardLayout& layout) {
+  int64_t bytes =
+      (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype) +
+      shape.QueryShape().elements() * DTypeSize(out_dtype);
+  for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
+    bytes += 2 * shape.batch * set.kept.count * shape.head_dim * DTypeSize(dtype);
+  }
+  return bytes;
+}
+
+absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
+                                                const std::vector<ShareCompute>& devices,
+                                                KeyExchange& exchange) {
+  const int world = static_cast<int>(devices.size());
+  const ProblemShape shape{problem.q.shape.batch, problem.q.shape.seq_len, problem.q.shape.heads,
+                           problem.k.shape.heads, problem.q.shape.head_dim};
+  DA_ASSIGN_OR_RETURN(const ShardLayout layout,
+                      MakeShardLayout(shape, problem.spec, problem.strategy, world));
+  const std::vector<SpanningKeys> sets = layout.strategy == ShardPolicy::kSequence
+                                             ? SpanningKeySets(shape, problem.spec, layout)
+                                             : std::vector<SpanningKeys>();
+  LocalShardStats stats;
+  stats.strategy = layout.strategy;
+  stats.compute_seconds.assign(world, 0);
+  stats.copy_seconds.assign(world, 0);
+  std::vector<absl::Status> results(world);
+  std::vector<char> hits(world, 0);
+
+  const auto run_share = [&](int r) -> absl::Status {
+    const Share& share = layout.shares[r];
+    Clock::time_point start = Clock::now();
+    // The share's inputs and output in the device's memory, from its backend's allocator (host
+    // memory for CPU devices: the copies out of the whole tensors land there directly).
+    Backend& backend = *devices[r].backend;
+    const RunContext io{devices[r].pool, problem.stop, nullptr};
+    const int64_t q_bytes = ShareBytes(problem.q.shape, share, problem.q.dtype, false);
+    const int64_t kv_bytes = ShareBytes(problem.k.shape, share, problem.k.dtype, true);
+    const int64_t out_bytes = ShareBytes(problem.out.shape, share, problem.out.dtype, false);
+    DA_ASSIGN_OR_RETURN(DeviceBuffer q, backend.Allocate(q_bytes));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer k, backend.Allocate(kv_bytes));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer v, backend.Allocate(kv_bytes));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer out, backend.Allocate(out_bytes));
+    std::vector<uint8_t> staging;
+    const auto put = [&](const void* host, int64_t bytes, const DeviceBuffer& dst) {
+      return backend.CopyToDevice(dst.data(), host, bytes, io);
+    };
+    for (auto [whole, kv, dst] :
+         {std::tuple{&problem.q, false, &q}, std::tuple{&problem.k, true, &k},
+          std::tuple{&problem.v, true, &v}}) {
+      if (dst->space().host()) {
+        CopyShareOut(*whole, share, kv, dst->data());
+      } else {
+        staging.resize(dst->bytes());
+        CopyShareOut(*whole, share, kv, staging.data());
+        DA_RETURN_IF_ERROR(put(staging.data(), dst->bytes(), *dst));
+        DA_RETURN_IF_ERROR(backend.Synchronize(io));
+      }
+    }
+    ShareProblem p;
+    p.shape = shape;
+    p.spec = problem.spec;
+    p.share = share;
+    p.q = {problem.q.dtype, share.QueryShape(shape), q.data(), q_bytes, q.space()};
+    p.k = {problem.k.dtype, share.KeyShape(shape), k.data(), kv_bytes, k.space()};
+    p.v = {problem.v.dtype, share.KeyShape(shape), v.data(), kv_bytes, v.space()};
+    p.out = {problem.out.dtype, share.QueryShape(shape), out.data(), out_bytes, out.space()};
+    std::vector<GatheredKeys> gathered;
+    std::vector<DeviceBuffer> gathered_buffers;  // The rows in device memory, when not host.
+    if (!sets.empty()) {
+      DA_ASSIGN_OR_RETURN(gathered, exchange.Gather(problem.k, problem.v, layout, sets, r));
+      if (!backend.Space().host()) {
+        for (size_t i = 0; i < sets.size(); ++i) {
+          if (gathered[i].k == nullptr) continue;
+          const int64_t bytes =
+              shape.batch * sets[i].kept.count * shape.head_dim * DTypeSize(problem.k.dtype);
+          for (const void** rows : {&gathered[i].k, &gathered[i].v}) {
+            DA_ASSIGN_OR_RETURN(DeviceBuffer moved, backend.Allocate(bytes));
+            DA_RETURN_IF_ERROR(put(*rows, bytes, moved));
+            *rows = moved.data();
+            gathered_buffers.push_back(std::move(moved));
+          }
+        }
+        DA_RETURN_IF_ERROR(backend.Synchronize(io));
+      }
+      p.spanning = &sets;
+      p.gathered = &gathered;
+    }
+    stats.copy_seconds[r] += SecondsSince(start);
+    start = Clock::now();
+    bool hit = false;
+    absl::Status ran = RunShareWithPlan(devices[r], p, problem.precision, problem.stop, &hit);
+    stats.compute_seconds[r] = SecondsSince(start);
+    hits[r] = hit;
+    if (!ran.ok()) {
+      return absl::Status(ran.code(), absl::StrCat(devices[r].device, " (", share.ToString(),
+                                                   "): ", ran.message()));
+    }
+    start = Clock::now();
+    const void* rows = out.data();
+    if (!out.space().host()) {
+      staging.resize(out_bytes);
+      DA_RETURN_IF_ERROR(backend.CopyToHost(staging.data(), out.data(), out_bytes, io));
+      DA_RETURN_IF_ERROR(backend.Synchronize(io));
+      rows = staging.data();
+    }
+    CopyShareIn(rows, share, problem.out);  // Shares write disjoint rows.
+    stats.copy_seconds[r] += SecondsSince(start);
+    return absl::OkStatus();
+  };
+
+  std::vector<std::thread> threads;
+  for (int r = 1; r < world; ++r) threads.emplace_back([&, r] { results[r] = run_share(r); });
+  results[0] = run_share(0);
+  for (std::thread& t : threads) t.join();
+  // A stop is reported as such, whichever device noticed it first.
+  for (const absl::Status& result : results) {
+    if (absl::IsCancelled(result)) return result;
+  }
+  for (const absl::Status& result : results) DA_RETURN_IF_ERROR(result);
+  for (const char hit : hits) stats.plan_cache_hits += hit;
+  stats.exchange_bytes = exchange.bytes();
+  return stats;
+}
+
+}  // namespace da::engine

@@ -1,0 +1,287 @@
+// Several devices in one engine (issue #14): the CPU cut into 2-4 devices of their own pools.
+// A request sharded across them (HEADS or SEQUENCE, spanning segments, causal, GQA) equals the
+// single-device output within 1e-6 of its largest value; concurrent small requests take
+// different devices at once; a request over one device's budget is sharded under AUTO and
+// refused under NONE naming both numbers; the CPU-device plan and the NUMA topology reader.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <random>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/device.h"
+#include "engine/engine.h"
+#include "engine/placement.h"
+#include "engine/test_tensors.h"
+
+namespace da::engine {
+namespace {
+
+using testing::OwnedTensor;
+
+struct Inputs {
+  OwnedTensor q, k, v, out;
+  AttentionSpec spec;
+  RunRequest Request() {
+    RunRequest r;
+    r.q = q.view();
+    r.k = k.view();
+    r.v = v.view();
+    r.out = out.mutable_view();
+    r.spec = spec;
+    return r;
+  }
+};
+
+Inputs MakeInputs(const ProblemShape& shape, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Inputs in;
+  in.q = testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  in.k = testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  in.v = testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  in.out = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  in.spec.precision = Precision::kFloat32;
+  return in;
+}
+
+EngineOptions Devices(int devices, int threads) {
+  EngineOptions options;
+  options.threads = threads;
+  options.cpu_devices = devices;
+  return options;
+}
+
+// Largest |a - b| over the largest |b|; every element of a must be finite (written).
+double MaxRelativeError(const OwnedTensor& a, const OwnedTensor& b) {
+  double max_abs = 0, max_diff = 0;
+  for (int64_t i = 0; i < b.elements(); ++i) {
+    if (!std::isfinite(a.at(i))) return INFINITY;
+    max_abs = std::max(max_abs, std::fabs(static_cast<double>(b.at(i))));
+    max_diff = std::max(max_diff, std::fabs(static_cast<double>(a.at(i)) - b.at(i)));
+  }
+  return max_abs > 0 ? max_diff / max_abs : INFINITY;
+}
+
+using ShardParam = std::tuple<int /*devices*/, ShardPolicy, bool /*causal*/, CombineMode>;
+class MultiDeviceShardTest : public ::testing::TestWithParam<ShardParam> {};
+
+TEST_P(MultiDeviceShardTest, ShardedAcrossDevicesEqualsOneDevice) {
+  const auto& [devices, policy, causal, mode] = GetParam();
+  // N = 301 is not divisible by 2, 3 or 4; w = 128 and 512 > N span every cut; GQA 6 -> 3;
+  // r = 3 does not divide 128.
+  const ProblemShape shape{2, 301, 6, 3, 16};
+  Inputs one = MakeInputs(shape, 11);
+  one.spec.patterns = {{64, 1}, {128, 3}, {512, 8}};
+  one.spec.causal = causal;
+  one.spec.mode = mode;
+  one.spec.shard_policy = ShardPolicy::kNone;
+  auto single = Engine::Create(Devices(1, 1));
+  ASSERT_TRUE(single.ok()) << single.status();
+  absl::StatusOr<ExecutionInfo> alone = (*single)->Run(one.Request());
+  ASSERT_TRUE(alone.ok()) << alone.status();
+
+  Inputs many = MakeInputs(shape, 11);
+  many.spec = one.spec;
+  many.spec.shard_policy = policy;
+  auto engine = Engine::Create(Devices(devices, devices));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_EQ((*engine)->devices().size(), static_cast<size_t>(devices));
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(many.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->shard_strategy, policy);
+  ASSERT_EQ(info->devices.size(), static_cast<size_t>(devices));
+  for (int d = 0; d < devices; ++d) EXPECT_EQ(info->devices[d], absl::StrCat("cpu:", d));
+  EXPECT_EQ(info->backend, "cpu");
+  EXPECT_LE(MaxRelativeError(many.out, one.out), 1e-6);
+  // Each device computed: every one of them has a run and busy time.
+  const EngineStats stats = (*engine)->stats();
+  for (int d = 0; d < devices; ++d) {
+    const std::string id = absl::StrCat("cpu:", d);
+    EXPECT_EQ(stats.device_runs.at(id), 1) << id;
+    EXPECT_GT(stats.device_busy_seconds.at(id), 0) << id;
+  }
+  // A second run finds every share's plan warm.
+  absl::StatusOr<ExecutionInfo> again = (*engine)->Run(many.Request());
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->plan_cache_hit);
+  EXPECT_LE(MaxRelativeError(many.out, one.out), 1e-6);
+}
+
+std::string ShardName(const ::testing::TestParamInfo<ShardParam>& info) {
+  const auto& [devices, policy, causal, mode] = info.param;
+  return absl::StrCat(devices, "devices_", ShardPolicyName(policy), causal ? "_causal" : "", "_",
+                      CombineModeName(mode));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, MultiDeviceShardTest,
+    ::testing::Combine(::testing::Values(2, 3, 4),
+                       ::testing::Values(ShardPolicy::kHeads, ShardPolicy::kSequence),
+                       ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped)),
+    ShardName);
+
+TEST(MultiDeviceTest, SmallAutoRequestsTakeOneDeviceEach) {
+  auto engine = Engine::Create(Devices(2, 2));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Inputs in = MakeInputs({1, 128, 4, 4, 16}, 3);
+  in.spec.patterns = {{32, 1}};
+  in.spec.shard_policy = ShardPolicy::kAuto;
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->shard_strategy, ShardPolicy::kNone);
+  EXPECT_EQ(info->devices.size(), 1u);
+}
+
+// Two requests of about 300 ms each, submitted together: on one device the second waits for the
+// first; on two devices both compute at once, each on its own device.
+TEST(MultiDeviceTest, ConcurrentRequestsRunAtOnceOnDifferentDevices) {
+  const ProblemShape shape{1, 4096, 2, 2, 64};
+  for (const int devices : {1, 2}) {
+    auto engine = Engine::Create(Devices(devices, 2));
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    Inputs a = MakeInputs(shape, 5), b = MakeInputs(shape, 6);
+    for (Inputs* in : {&a, &b}) {
+      in->spec.patterns = {{4096, 1}};
+      in->spec.shard_policy = ShardPolicy::kNone;
+    }
+    std::promise<absl::StatusOr<ExecutionInfo>> pa, pb;
+    (*engine)->Submit(a.Request(), [&](absl::StatusOr<ExecutionInfo> r) { pa.set_value(r); });
+    (*engine)->Submit(b.Request(), [&](absl::StatusOr<ExecutionInfo> r) { pb.set_value(r); });
+    absl::StatusOr<ExecutionInfo> ra = pa.get_future().get(), rb = pb.get_future().get();
+    ASSERT_TRUE(ra.ok() && rb.ok()) << ra.status() << " " << rb.status();
+    ASSERT_EQ(ra->devices.size(), 1u);
+    ASSERT_EQ(rb->devices.size(), 1u);
+    const ExecutionInfo& first = ra->queue_time_us <= rb->queue_time_us ? *ra : *rb;
+    const ExecutionInfo& second = ra->queue_time_us <= rb->queue_time_us ? *rb : *ra;
+    std::printf("%d device(s): compute %lld and %lld us, the later one queued %lld us\n", devices,
+                static_cast<long long>(first.compute_time_us),
+                static_cast<long long>(second.compute_time_us),
+                static_cast<long long>(second.queue_time_us));
+    if (devices == 1) {
+      // It waited for the whole of the first run.
+      EXPECT_GE(second.queue_time_us, first.compute_time_us / 2);
+    } else {
+      EXPECT_NE(ra->devices[0], rb->devices[0]);
+      // It did not wait for the first: it started while the first computed.
+      EXPECT_LT(second.queue_time_us, first.compute_time_us / 2);
+    }
+  }
+}
+
+TEST(MultiDeviceTest, OverOneDeviceBudgetIsShardedUnderAutoAndRefusedUnderNone) {
+  const ProblemShape shape{1, 2048, 4, 4, 32};
+  EngineOptions options = Devices(2, 2);
+  Inputs in = MakeInputs(shape, 9);
+  in.spec.patterns = {{512, 1}, {2048, 4}};
+  auto probe = Engine::Create(Devices(1, 1));
+  ASSERT_TRUE(probe.ok());
+  absl::StatusOr<MemoryEstimate> estimate =
+      (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, in.spec);
+  ASSERT_TRUE(estimate.ok()) << estimate.status();
+  // The whole fits the engine's budget with room for the HEADS shares' copies of the inputs and
+  // the output, but not one device's half of it (the workspace is not nothing).
+  ASSERT_GT(estimate->workspace, 0);
+  options.memory_budget_bytes = estimate->total + estimate->inputs + estimate->outputs;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+
+  in.spec.shard_policy = ShardPolicy::kNone;
+  absl::StatusOr<ExecutionInfo> refused = (*engine)->Run(in.Request());
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  const std::string message(refused.status().message());
+  EXPECT_NE(message.find(absl::StrCat(estimate->total, " bytes")), std::string::npos) << message;
+  EXPECT_NE(message.find(absl::StrCat(options.memory_budget_bytes / 2, " bytes")),
+            std::string::npos)
+      << message;
+  EXPECT_EQ((*engine)->stats().rejected_memory, 1);
+
+  in.spec.shard_policy = ShardPolicy::kAuto;
+  absl::StatusOr<ExecutionInfo> sharded = (*engine)->Run(in.Request());
+  ASSERT_TRUE(sharded.ok()) << sharded.status();
+  EXPECT_EQ(sharded->shard_strategy, ShardPolicy::kHeads);
+  EXPECT_EQ(sharded->devices.size(), 2u);
+}
+
+TEST(MultiDeviceTest, BadDeviceOptionsNameTheValue) {
+  EngineOptions too_many = Devices(3, 2);
+  absl::Status status = Engine::Create(too_many).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("cpu devices is 3; must be in [1, 2]"), std::string::npos)
+      << status;
+  EngineOptions unknown = Devices(1, 1);
+  unknown.devices = {"cuda:7"};
+  status = Engine::Create(unknown).status();
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(status.message().find("device 'cuda:7' is not among"), std::string::npos) << status;
+  EngineOptions second = Devices(2, 2);
+  second.devices = {"cpu:1"};
+  auto engine = Engine::Create(second);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  ASSERT_EQ((*engine)->devices().size(), 1u);
+  EXPECT_EQ((*engine)->devices()[0].id, "cpu:1");
+  EXPECT_FALSE((*engine)->devices()[0].precisions.empty());
+}
+
+TEST(CpuDevicesTest, ThreadsAreSplitEvenly) {
+  absl::StatusOr<std::vector<CpuDevicePlan>> plans = PlanCpuDevices(7, 3, nullptr);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 3u);
+  EXPECT_EQ((*plans)[0].threads, 3);
+  EXPECT_EQ((*plans)[1].threads, 2);
+  EXPECT_EQ((*plans)[2].threads, 2);
+  EXPECT_EQ((*plans)[2].info.id, "cpu:2");
+  EXPECT_TRUE((*plans)[0].cpus.empty());
+}
+
+TEST(CpuDevicesTest, OneDevicePerNumaNodeFromSysfs) {
+  const std::filesystem::path root =
+      std::filesystem::temp_directory_path() / absl::StrCat("da_numa_", getpid());
+  std::filesystem::create_directories(root / "node0");
+  std::filesystem::create_directories(root / "node2");  // node1 offline: a gap.
+  std::ofstream(root / "node0" / "cpulist") << "0-3,8-9\n";
+  std::ofstream(root / "node2" / "cpulist") << "4-7\n";
+  const std::vector<std::vector<int>> nodes = NumaNodeCpus(root.string());
+  std::filesystem::remove_all(root);
+  ASSERT_EQ(nodes.size(), 2u);
+  EXPECT_EQ(nodes[0], (std::vector<int>{0, 1, 2, 3, 8, 9}));
+  EXPECT_EQ(nodes[1], (std::vector<int>{4, 5, 6, 7}));
+  absl::StatusOr<std::vector<CpuDevicePlan>> plans = PlanCpuDevices(0, 1, &nodes);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 2u);
+  EXPECT_EQ((*plans)[0].threads, 6);
+  EXPECT_EQ((*plans)[1].cpus, (std::vector<int>{4, 5, 6, 7}));
+  EXPECT_EQ((*plans)[1].info.id, "cpu:1");
+  const std::vector<std::vector<int>> none;
+  EXPECT_EQ(PlanCpuDevices(0, 1, &none).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseCpuList("3-1").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseCpuList("x").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// On this machine the real topology reads (at least one node on Linux with sysfs), and an engine
+// with one device per node computes correctly with pinned threads.
+TEST(CpuDevicesTest, NumaDevicesOnThisMachine) {
+  if (NumaNodeCpus().empty()) GTEST_SKIP() << "no /sys/devices/system/node here";
+  EngineOptions options;
+  options.cpu_devices_numa = true;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  EXPECT_EQ((*engine)->devices().size(), NumaNodeCpus().size());
+  Inputs in = MakeInputs({1, 200, 2, 2, 16}, 4);
+  in.spec.patterns = {{64, 2}};
+  Inputs ref = MakeInputs({1, 200, 2, 2, 16}, 4);
+  ref.spec = in.spec;
+  ASSERT_TRUE((*engine)->Run(in.Request()).ok());
+  auto single = Engine::Create(Devices(1, 1));
+  ASSERT_TRUE(single.ok());
+  ASSERT_TRUE((*single)->Run(ref.Request()).ok());
+  EXPECT_LE(MaxRelativeError(in.out, ref.out), 1e-6);
+}
+
+}  // namespace
+}  // namespace da::engine
