@@ -31,24 +31,27 @@ build: configure
 serve: build
 	exec $(BUILD_DIR)/bin/da-server $(SERVE_ARGS)
 
-# A build without CUDA must work too: configure once with CUDA off and build the engine library.
+# A build without CUDA must work too: configure once with CUDA off and build the engine libraries
+# (the core and every backend; da_engine itself is an interface library over them).
 build-nocuda: $(DEPS_STAMP)
 	cmake -S . -B $(NOCUDA_DIR) -DCMAKE_BUILD_TYPE=Release -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_BUILD_TESTS=OFF
-	cmake --build $(NOCUDA_DIR) -j $(JOBS) --target da_engine
+	cmake --build $(NOCUDA_DIR) -j $(JOBS) --target da_engine_core da_backend_cpu \
+	  da_backend_reference
 
 # Small kernel and reference cases under AddressSanitizer and UndefinedBehaviorSanitizer, on every
-# instruction-set path this CPU has; the sharding geometry and the share sweep.
+# instruction-set path this CPU has; the sharding geometry, the share sweep and local shard groups.
 SANITIZE_DIR ?= build-sanitize
 SANITIZE_FILTER := CpuKernelTest.KeptCounts*:CpuKernelTest.HeadDims*:CpuKernelBf16Test.*:CpuBackendTest.*
 sanitize: $(DEPS_STAMP)
 	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=address,undefined
 	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target cpu_kernel_test cpu_backend_test \
-	  reference_backend_test slice_run_test shard_plan_test
+	  reference_backend_test share_run_test shard_plan_test multi_device_test
 	$(SANITIZE_DIR)/bin/reference_backend_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/shard_plan_test --gtest_brief=1
-	$(SANITIZE_DIR)/bin/slice_run_test --gtest_brief=1
+	$(SANITIZE_DIR)/bin/share_run_test --gtest_brief=1
+	$(SANITIZE_DIR)/bin/multi_device_test --gtest_brief=1
 	for isa in avx512 avx2 portable; do \
 	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_kernel_test --gtest_brief=1 \
 	    --gtest_filter='$(SANITIZE_FILTER)' || exit 1; \
@@ -56,17 +59,19 @@ sanitize: $(DEPS_STAMP)
 	    --gtest_filter='CpuBackendTest.*:*N64_set1_H8kv2_causal_*' || exit 1; \
 	done
 
-# The plan cache's concurrency (single-flight, eviction while in use) and the engine's admission
-# (queue, watchdog, cancellation) under ThreadSanitizer.
+# The plan cache's concurrency (single-flight, eviction while in use), the engine's admission
+# (queue, watchdog, cancellation) and its devices (placement, local shard groups) under
+# ThreadSanitizer.
 TSAN_DIR ?= build-tsan
 tsan: $(DEPS_STAMP)
 	cmake -S . -B $(TSAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=thread
 	cmake --build $(TSAN_DIR) -j $(JOBS) --target plan_cache_test engine_test \
-	  admission_test
+	  admission_test multi_device_test
 	$(TSAN_DIR)/bin/plan_cache_test --gtest_brief=1
 	$(TSAN_DIR)/bin/engine_test --gtest_brief=1
 	$(TSAN_DIR)/bin/admission_test --gtest_brief=1
+	$(TSAN_DIR)/bin/multi_device_test --gtest_brief=1
 
 # libFuzzer targets over request validation and stream assembly, built by Debian's clang with
 # ASan/UBSan in a build directory of their own, each run for FUZZ_SECONDS from the seed corpus in

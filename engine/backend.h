@@ -155,6 +155,8 @@ struct ShareCompute {
   PlanCache* plans = nullptr;    // Null: a plan built for each run alone.
   ThreadPool* pool = nullptr;    // Null: the calling thread.
   std::string device = "cpu:0";  // The device, in plan keys.
+  // The CPUs the computing thread is pinned to for the run (a NUMA device); empty: not pinned.
+  std::vector<int> cpus = {};
 };
 
 // Runs a share in `precision` with its plan from compute.plans (built and cached on a miss).

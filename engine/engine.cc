@@ -63,7 +63,7 @@ struct Engine::Impl {
     std::vector<int> cpus;  // Pinned (NUMA devices): its pool's threads and, for a run, thread 0.
     int running = 0;        // Runs computing on it now. Guarded by mutex.
     ShareCompute Compute(PlanCache* plans) const {
-      return {backend.get(), plans, pool.get(), info.id};
+      return {backend.get(), plans, pool.get(), info.id, cpus};
     }
   };
   std::vector<std::unique_ptr<Device>> slots;

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/shard_data.h"
 #include "engine/status_macros.h"
+#include "engine/thread_pool.h"
 
 namespace da::engine {
 namespace {
@@ -88,6 +89,7 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
 
   const auto run_share = [&](int r) -> absl::Status {
     const Share& share = layout.shares[r];
+    const ScopedAffinity pinned(devices[r].cpus);  // NUMA: buffers first-touched on the node.
     Clock::time_point start = Clock::now();
     // The share's inputs and output in the device's memory, from its backend's allocator (host
     // memory for CPU devices: the copies out of the whole tensors land there directly).
@@ -96,34 +98,50 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     const int64_t q_bytes = ShareBytes(problem.q.shape, share, problem.q.dtype, false);
     const int64_t kv_bytes = ShareBytes(problem.k.shape, share, problem.k.dtype, true);
     const int64_t out_bytes = ShareBytes(problem.out.shape, share, problem.out.dtype, false);
-    DA_ASSIGN_OR_RETURN(DeviceBuffer q, backend.Allocate(q_bytes));
-    DA_ASSIGN_OR_RETURN(DeviceBuffer k, backend.Allocate(kv_bytes));
-    DA_ASSIGN_OR_RETURN(DeviceBuffer v, backend.Allocate(kv_bytes));
-    DA_ASSIGN_OR_RETURN(DeviceBuffer out, backend.Allocate(out_bytes));
+    // A host device computes a contiguous share (SEQUENCE of one batch) in place in the whole
+    // tensors; otherwise the share is copied into buffers from the device's allocator.
+    const bool in_place = backend.Space().host() && ShareIsContiguous(shape, share);
+    DeviceBuffer q, k, v, out;
     std::vector<uint8_t> staging;
     const auto put = [&](const void* host, int64_t bytes, const DeviceBuffer& dst) {
       return backend.CopyToDevice(dst.data(), host, bytes, io);
     };
-    for (auto [whole, kv, dst] :
-         {std::tuple{&problem.q, false, &q}, std::tuple{&problem.k, true, &k},
-          std::tuple{&problem.v, true, &v}}) {
-      if (dst->space().host()) {
-        CopyShareOut(*whole, share, kv, dst->data());
-      } else {
-        staging.resize(dst->bytes());
-        CopyShareOut(*whole, share, kv, staging.data());
-        DA_RETURN_IF_ERROR(put(staging.data(), dst->bytes(), *dst));
-        DA_RETURN_IF_ERROR(backend.Synchronize(io));
+    if (!in_place) {
+      DA_ASSIGN_OR_RETURN(q, backend.Allocate(q_bytes));
+      DA_ASSIGN_OR_RETURN(k, backend.Allocate(kv_bytes));
+      DA_ASSIGN_OR_RETURN(v, backend.Allocate(kv_bytes));
+      DA_ASSIGN_OR_RETURN(out, backend.Allocate(out_bytes));
+      for (auto [whole, kv, dst] :
+           {std::tuple{&problem.q, false, &q}, std::tuple{&problem.k, true, &k},
+            std::tuple{&problem.v, true, &v}}) {
+        if (dst->space().host()) {
+          CopyShareOut(*whole, share, kv, dst->data());
+        } else {
+          staging.resize(dst->bytes());
+          CopyShareOut(*whole, share, kv, staging.data());
+          DA_RETURN_IF_ERROR(put(staging.data(), dst->bytes(), *dst));
+          DA_RETURN_IF_ERROR(backend.Synchronize(io));
+        }
       }
     }
+    const auto at = [&](const DeviceBuffer& buffer, const void* whole, int64_t heads,
+                        DType dtype) -> void* {
+      if (!in_place) return buffer.data();
+      return const_cast<uint8_t*>(ShareStart(whole, shape, share, heads, dtype));
+    };
     ShareProblem p;
     p.shape = shape;
     p.spec = problem.spec;
     p.share = share;
-    p.q = {problem.q.dtype, share.QueryShape(shape), q.data(), q_bytes, q.space()};
-    p.k = {problem.k.dtype, share.KeyShape(shape), k.data(), kv_bytes, k.space()};
-    p.v = {problem.v.dtype, share.KeyShape(shape), v.data(), kv_bytes, v.space()};
-    p.out = {problem.out.dtype, share.QueryShape(shape), out.data(), out_bytes, out.space()};
+    const MemorySpace space = in_place ? MemorySpace::Host() : q.space();
+    p.q = {problem.q.dtype, share.QueryShape(shape),
+           at(q, problem.q.data, shape.heads, problem.q.dtype), q_bytes, space};
+    p.k = {problem.k.dtype, share.KeyShape(shape),
+           at(k, problem.k.data, shape.kv_heads, problem.k.dtype), kv_bytes, space};
+    p.v = {problem.v.dtype, share.KeyShape(shape),
+           at(v, problem.v.data, shape.kv_heads, problem.v.dtype), kv_bytes, space};
+    p.out = {problem.out.dtype, share.QueryShape(shape),
+             at(out, problem.out.data, shape.heads, problem.out.dtype), out_bytes, space};
     std::vector<GatheredKeys> gathered;
     std::vector<DeviceBuffer> gathered_buffers;  // The rows in device memory, when not host.
     if (!sets.empty()) {
@@ -155,6 +173,7 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
       return absl::Status(ran.code(), absl::StrCat(devices[r].device, " (", share.ToString(),
                                                    "): ", ran.message()));
     }
+    if (in_place) return absl::OkStatus();  // The rows are in the whole output already.
     start = Clock::now();
     const void* rows = out.data();
     if (!out.space().host()) {

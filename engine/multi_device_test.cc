@@ -105,6 +105,12 @@ TEST_P(MultiDeviceShardTest, ShardedAcrossDevicesEqualsOneDevice) {
     EXPECT_EQ(stats.device_runs.at(id), 1) << id;
     EXPECT_GT(stats.device_busy_seconds.at(id), 0) << id;
   }
+  // Each device holds its own share's plan in the one cache, counted against it.
+  const PlanCacheStats plans = (*engine)->plan_cache_stats();
+  for (int d = 0; d < devices; ++d) {
+    const std::string id = absl::StrCat("cpu:", d);
+    EXPECT_GT(plans.bytes_by_device.count(id) ? plans.bytes_by_device.at(id) : 0, 0) << id;
+  }
   // A second run finds every share's plan warm.
   absl::StatusOr<ExecutionInfo> again = (*engine)->Run(many.Request());
   ASSERT_TRUE(again.ok()) << again.status();

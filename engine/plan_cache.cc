@@ -11,6 +11,7 @@ struct PlanCache::Entry {
   std::shared_ptr<Plan> plan;
   int64_t bytes = 0;
   std::list<std::string>::iterator recency;
+  std::string device;  // PlanKey::devices: whose memory the plan holds.
 };
 
 // One build in progress; waiters block on done.
@@ -93,8 +94,9 @@ absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
   std::lock_guard<std::mutex> lock(mutex_);
   if (result.ok() && *result != nullptr) {
     recency_.push_front(id);
-    Entry entry{*result, (*result)->bytes(), recency_.begin()};
+    Entry entry{*result, (*result)->bytes(), recency_.begin(), key.devices};
     stats_.bytes += entry.bytes;
+    stats_.bytes_by_device[entry.device] += entry.bytes;
     entries_.emplace(id, std::move(entry));
     TrimLocked();
   } else if (result.ok()) {
@@ -120,6 +122,7 @@ void PlanCache::TrimLocked() {
     auto entry = entries_.find(*it);
     if (entry->second.plan.use_count() > 1) continue;  // In use: never dropped.
     stats_.bytes -= entry->second.bytes;
+    stats_.bytes_by_device[entry->second.device] -= entry->second.bytes;
     ++stats_.evictions;
     entries_.erase(entry);
     it = recency_.erase(it);

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -66,7 +67,9 @@ struct PlanCacheStats {
   int64_t builds = 0;     // Plans built (successfully or not).
   int64_t evictions = 0;  // Plans dropped to stay within the budget.
   int64_t bytes = 0;      // Bytes of the plans cached now.
-  int64_t entries = 0;    // Plans cached now.
+  // Of bytes, per device (PlanKey::devices): each device's share of the cache.
+  std::map<std::string, int64_t> bytes_by_device = {};
+  int64_t entries = 0;  // Plans cached now.
   int64_t capacity_bytes = 0;
 };
 

@@ -16,6 +16,19 @@
 
 namespace da::engine {
 
+// Whether a share's rows are one contiguous block of the whole tensors (one batch, every head):
+// then views into the whole tensors serve as the share's, with no copy.
+inline bool ShareIsContiguous(const ProblemShape& shape, const Share& share) {
+  return shape.batch == 1 && share.heads() == shape.heads && share.kv_heads() == shape.kv_heads;
+}
+
+// The first byte of a contiguous share in a whole tensor of `heads` heads per token.
+inline const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const Share& share,
+                                 int64_t heads, DType dtype) {
+  return static_cast<const uint8_t*>(whole) +
+         share.token_begin * heads * shape.head_dim * DTypeSize(dtype);
+}
+
 // Bytes of a share of a tensor shaped like `whole` ([B, N, H or Hkv, D]); kv selects the share's
 // kv heads instead of its query heads.
 int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv);

@@ -186,6 +186,11 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
                                   "several devices counts on each.",
                                   MetricType::Counter,
                                   {}};
+    prometheus::MetricFamily plans{"da_device_plan_cache_bytes",
+                                   "Bytes of the device's plans in the plan cache (its share of "
+                                   "da_plan_cache_bytes).",
+                                   MetricType::Gauge,
+                                   {}};
     prometheus::MetricFamily up{
         "da_device_up",
         "1 when the device is up (discovered, self-check passed), 0 when it is down; readiness "
@@ -204,6 +209,9 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       busy.metric.push_back(metric);
       metric.counter.value = static_cast<double>(device.runs);
       runs.metric.push_back(metric);
+      metric.counter.value = 0;
+      metric.gauge.value = static_cast<double>(device.plan_cache_bytes);
+      plans.metric.push_back(metric);
       prometheus::ClientMetric labelled;
       labelled.label = {{"capability", device.capability},
                         {"device", device.id},
@@ -212,7 +220,8 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       labelled.gauge.value = 1;
       info.metric.push_back(labelled);
     }
-    return {std::move(info), std::move(memory), std::move(busy), std::move(runs), std::move(up)};
+    return {std::move(info), std::move(memory), std::move(busy),
+            std::move(runs), std::move(plans),  std::move(up)};
   }
 };
 

@@ -78,6 +78,7 @@ struct DeviceSample {
   int64_t memory_bytes = 0;
   double busy_seconds = 0;
   int64_t runs = 0;  // Runs that computed on it (a sharded run counts on each of its devices).
+  int64_t plan_cache_bytes = 0;  // Its plans' bytes in the engine's plan cache.
   bool up = false;
 };
 

@@ -46,6 +46,7 @@ namespace {
 
 std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Health& health) {
   const engine::EngineStats stats = engine.stats();
+  const engine::PlanCacheStats plans = engine.plan_cache_stats();
   const std::vector<std::pair<std::string, bool>> up = health.DevicesUp();
   std::vector<DeviceSample> samples;
   for (const engine::DeviceInfo& device : engine.devices()) {
@@ -60,6 +61,9 @@ std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Heal
     }
     if (auto runs = stats.device_runs.find(device.id); runs != stats.device_runs.end()) {
       sample.runs = runs->second;
+    }
+    if (auto bytes = plans.bytes_by_device.find(device.id); bytes != plans.bytes_by_device.end()) {
+      sample.plan_cache_bytes = bytes->second;
     }
     for (const auto& [id, is_up] : up) {
       if (id == device.id) sample.up = is_up;

@@ -171,6 +171,55 @@ TEST_F(ServerTest, ServerInfoListsTheCpuDeviceAndLimits) {
   EXPECT_EQ(info.plan_cache().hits(), 0);
 }
 
+// --cpu-devices 2: GetServerInfo lists both devices, a SEQUENCE request runs across both and
+// equals the one-device output, a NONE request takes one, and /metrics counts runs per device.
+TEST_F(ServerTest, TwoCpuDevicesAreListedShardAcrossAndCountedPerDevice) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.threads = 2;
+  options.cpu_devices = 2;
+  options.metrics_address = "127.0.0.1:0";
+  Start(options);
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client_->GetServerInfo(&info).ok());
+  ASSERT_EQ(info.devices_size(), 2);
+  EXPECT_EQ(info.devices(0).id(), "cpu:0");
+  EXPECT_EQ(info.devices(1).id(), "cpu:1");
+  EXPECT_EQ(info.devices(1).compute_units(), 1);
+
+  std::mt19937 rng(42);
+  v1::AttendRequest request = testing::RandomRequest(
+      {.seq_len = 300, .heads = 4, .kv_heads = 2, .head_dim = 16, .patterns = {{64, 1}, {256, 4}}},
+      rng);
+  request.mutable_spec()->set_shard_policy(v1::SHARD_POLICY_SEQUENCE);
+  v1::AttendResponse response;
+  grpc::Status status = client_->Attend(request, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.info().shard_strategy(), v1::SHARD_POLICY_SEQUENCE);
+  ASSERT_EQ(response.info().devices_size(), 2);
+  EXPECT_EQ(response.info().devices(1), "cpu:1");
+  EXPECT_EQ(response.output().data(), testing::InProcessOutput(request, 1));
+
+  request.mutable_spec()->set_shard_policy(v1::SHARD_POLICY_NONE);
+  status = client_->Attend(request, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.info().devices_size(), 1);
+
+  const std::optional<std::string> text = testing::HttpGet(server_->metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  const double runs0 =
+      testing::MetricValue(*text, "da_device_runs_total{device=\"cpu:0\"}").value_or(-1);
+  const double runs1 =
+      testing::MetricValue(*text, "da_device_runs_total{device=\"cpu:1\"}").value_or(-1);
+  // The self-check's runs are on its own engine: only the two requests count, the sharded one
+  // on both devices, the other on one.
+  EXPECT_EQ(runs0 + runs1, 3) << *text;
+  EXPECT_GE(runs0, 1);
+  EXPECT_GE(runs1, 1);
+  EXPECT_GT(testing::MetricValue(*text, "da_device_plan_cache_bytes{device=\"cpu:1\"}").value_or(0),
+            0)
+      << *text;
+}
+
 TEST_F(ServerTest, UnaryAboveMaxMessageBytesIsResourceExhausted) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_message_bytes = 1 << 20;

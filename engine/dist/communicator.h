@@ -16,10 +16,17 @@
 //   every later call returns UNAVAILABLE quoting the first failure. Re-form the group with a
 //   new communicator (a fresh store prefix) to recover.
 // - Collectives must be called in the same order with the same sizes on every rank. Send
-//   completes when the peer has received the message (a synchronous send): ring exchanges
-//   either alternate the order of Send and Recv by rank parity or run Send and Recv on two
-//   threads, which is allowed. Messages between two ranks with the same tag arrive in order.
-// - Thread safety: any method may be called from any thread; collectives are serialized.
+//   completes when the peer has received the message (a synchronous send). Messages between two
+//   ranks arrive in the order they were sent.
+// - What differs between backends is stated by capabilities(), and callers keep to it:
+//   - concurrent_calls: any method may be called from several threads at once (Gloo: yes,
+//     collectives serialized; NCCL: no, one thread at a time per communicator). Ring exchanges
+//     on a communicator without it alternate Send and Recv by rank parity.
+//   - tagged_messages: Recv matches a Send by (peer, tag), so several streams of messages
+//     between two ranks can interleave (Gloo: yes; NCCL: no, messages match in issue order and
+//     the tag is only checked to be >= 0).
+//   The multi-process sharded protocol (sharded_run.h) needs both and refuses a communicator
+//   without them; NCCL is for data planes driven from one thread in a fixed order.
 #pragma once
 
 #include <chrono>
@@ -36,6 +43,12 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string backend() const = 0;  // "gloo", "nccl"
+  // What this backend allows beyond the shared contract (see above).
+  struct Capabilities {
+    bool concurrent_calls = false;
+    bool tagged_messages = false;
+  };
+  virtual Capabilities capabilities() const = 0;
   // Each rank contributes `bytes` from send; recv gets size()*bytes, rank r's at offset r*bytes.
   virtual absl::Status AllGather(const void* send, void* recv, int64_t bytes,
                                  std::chrono::milliseconds timeout) = 0;

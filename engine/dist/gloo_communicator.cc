@@ -71,6 +71,9 @@ class GlooCommunicator : public Communicator {
   int rank() const override { return context_->rank; }
   int size() const override { return context_->size; }
   std::string backend() const override { return "gloo"; }
+  Capabilities capabilities() const override {
+    return {.concurrent_calls = true, .tagged_messages = true};
+  }
 
   absl::Status AllGather(const void* send, void* recv, int64_t bytes,
                          milliseconds timeout) override {

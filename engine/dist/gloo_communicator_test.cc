@@ -50,6 +50,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Join(KeyValueStore& store, const R
 int RunCollectives(const RankFlags& flags, KeyValueStore& store, Communicator& comm) {
   const int rank = flags.rank, size = flags.size;
   RANK_CHECK(comm.rank() == rank && comm.size() == size && comm.backend() == "gloo", "identity");
+  RANK_CHECK(comm.capabilities().concurrent_calls && comm.capabilities().tagged_messages,
+             "gloo takes concurrent calls and tagged messages");
   int64_t sent = 0, received = 0, operations = 0;
 
   // AllGather of an odd byte count (Gloo splits each block in two halves).

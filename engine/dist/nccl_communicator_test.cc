@@ -230,6 +230,9 @@ TEST(NcclCommunicatorTest, OneGpuGroupCopiesItsOwnBytes) {
   ASSERT_EQ(comms->size(), 1u);
   Communicator& comm = *(*comms)[0];
   EXPECT_EQ(comm.backend(), "nccl");
+  // One thread at a time, messages in issue order: what the sharded protocol refuses.
+  EXPECT_FALSE(comm.capabilities().concurrent_calls);
+  EXPECT_FALSE(comm.capabilities().tagged_messages);
   EXPECT_EQ(comm.size(), 1);
   EXPECT_EQ(ExerciseRank(comm, FreshSeed()), "");
 }

@@ -48,6 +48,9 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   std::string backend() const override { return "nccl"; }
+  Capabilities capabilities() const override {
+    return {.concurrent_calls = false, .tagged_messages = false};
+  }
   int device() const { return device_; }
 
   absl::Status AllGather(const void* send, void* recv, int64_t bytes,

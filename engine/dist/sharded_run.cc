@@ -293,16 +293,6 @@ ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
 
 // Views of a rank-0 share straight into the whole tensors, when the share is contiguous there
 // (SEQUENCE with batch 1): no copy in or out.
-bool Contiguous(const ProblemShape& shape, const Share& share) {
-  return shape.batch == 1 && share.heads() == shape.heads;
-}
-
-const uint8_t* ShareStart(const void* whole, const ProblemShape& shape, const Share& share,
-                          int64_t heads, DType dtype) {
-  return static_cast<const uint8_t*>(whole) +
-         share.token_begin * heads * shape.head_dim * engine::DTypeSize(dtype);
-}
-
 }  // namespace
 
 struct RankBuffers::Buffers {
@@ -364,9 +354,27 @@ absl::StatusOr<ControlFrame> DecodeControlFrame(const std::string& bytes) {
   return frame;
 }
 
+namespace {
+
+// The protocol overlaps scatter, exchange, compute and gather on threads, and keeps its kinds of
+// messages apart by tag: it runs only over a communicator that allows both.
+absl::Status CheckCapabilities(const Communicator& comm) {
+  const Communicator::Capabilities can = comm.capabilities();
+  if (can.concurrent_calls && can.tagged_messages) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "the sharded protocol needs a communicator that takes concurrent calls and tagged "
+      "messages; ",
+      comm.backend(), " takes ", can.concurrent_calls ? "concurrent calls" : "one thread at a time",
+      " and matches messages ", can.tagged_messages ? "by tag" : "in issue order only",
+      " (it can carry a data plane driven from one thread, not this protocol)"));
+}
+
+}  // namespace
+
 absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                                                    const engine::ShardedProblem& problem,
                                                    const ShardRunOptions& options) {
+  DA_RETURN_IF_ERROR(CheckCapabilities(comm));
   if (comm.rank() != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("CoordinateShardedRun on rank ", comm.rank(), "; only rank 0 coordinates"));
@@ -394,7 +402,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
 
   // Rank 0's own share buffers, when its share is not contiguous in the whole tensors, are had
   // before anything is sent: running out of memory then leaves the group in step.
-  if (!Contiguous(shape, run.share())) DA_RETURN_IF_ERROR(run.AllocateShare());
+  if (!engine::ShareIsContiguous(shape, run.share())) DA_RETURN_IF_ERROR(run.AllocateShare());
 
   // Control frames, then the scatter of each worker's q, k and v share on a thread of its own,
   // so that rank 0's exchange and compute overlap it.
@@ -412,8 +420,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                               std::pair{&problem.v, true}}) {
         const int64_t bytes = engine::ShareBytes(view->shape, share, view->dtype, kv);
         const void* data;
-        if (Contiguous(shape, share)) {
-          data = ShareStart(view->data, shape, share, view->shape.heads, view->dtype);
+        if (engine::ShareIsContiguous(shape, share)) {
+          data = engine::ShareStart(view->data, shape, share, view->shape.heads, view->dtype);
         } else {
           buffer.resize(bytes);
           engine::CopyShareOut(*view, share, kv, buffer.data());
@@ -428,18 +436,18 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
 
   // Rank 0's own share.
   const Share& mine = run.share();
-  if (Contiguous(shape, mine)) {
+  if (engine::ShareIsContiguous(shape, mine)) {
     run.q = {problem.q.dtype, mine.QueryShape(shape),
-             ShareStart(problem.q.data, shape, mine, shape.heads, problem.q.dtype),
+             engine::ShareStart(problem.q.data, shape, mine, shape.heads, problem.q.dtype),
              engine::ShareBytes(problem.q.shape, mine, problem.q.dtype, false)};
     for (auto [dst, src] : {std::pair{&run.k, &problem.k}, std::pair{&run.v, &problem.v}}) {
       *dst = {src->dtype, mine.KeyShape(shape),
-              ShareStart(src->data, shape, mine, shape.kv_heads, src->dtype),
+              engine::ShareStart(src->data, shape, mine, shape.kv_heads, src->dtype),
               engine::ShareBytes(src->shape, mine, src->dtype, true)};
     }
     run.out = {problem.out.dtype, mine.QueryShape(shape),
-               const_cast<uint8_t*>(
-                   ShareStart(problem.out.data, shape, mine, shape.heads, problem.out.dtype)),
+               const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, mine, shape.heads,
+                                                       problem.out.dtype)),
                engine::ShareBytes(problem.out.shape, mine, problem.out.dtype, false)};
   } else {  // Allocated above.
     engine::CopyShareOut(problem.q, mine, false, const_cast<void*>(run.q.data));
@@ -491,10 +499,10 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
         const Share& share = run.layout().shares[r];
         const int64_t bytes =
             engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
-        if (Contiguous(shape, share)) {
+        if (engine::ShareIsContiguous(shape, share)) {
           DA_RETURN_IF_ERROR(
-              comm.Recv(const_cast<uint8_t*>(ShareStart(problem.out.data, shape, share, shape.heads,
-                                                        problem.out.dtype)),
+              comm.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
+                                                                shape.heads, problem.out.dtype)),
                         bytes, r, kGatherTag, limit));
         } else {
           buffer.resize(bytes);
@@ -525,7 +533,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   });
   JoinOnExit relay_joiner{relay};
   const absl::Status computed = run.Compute(&stop);
-  if (computed.ok() && !Contiguous(shape, mine)) {
+  if (computed.ok() && !engine::ShareIsContiguous(shape, mine)) {
     engine::CopyShareIn(run.out.data, mine, problem.out);
   }
 
@@ -570,6 +578,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   if (frame.kind != ControlKind::kRun) {
     return absl::InvalidArgumentError("ServeShardedRun needs a kRun control frame");
   }
+  DA_RETURN_IF_ERROR(CheckCapabilities(comm));
   DA_ASSIGN_OR_RETURN(const RunHeader header, DecodeRunHeader(frame.payload));
   DA_ASSIGN_OR_RETURN(
       ShardLayout layout,

@@ -366,18 +366,25 @@ TEST(ControlFrameTest, RoundTripsAndRefusesDamage) {
   EXPECT_FALSE(DecodeControlFrame(damaged).ok());
 }
 
+// A communicator that moves nothing, with the capabilities it is given: for the refusals that
+// happen before any message.
+struct NoComm : Communicator {
+  Capabilities can{.concurrent_calls = true, .tagged_messages = true};
+  int rank_ = 1;
+  int rank() const override { return rank_; }
+  int size() const override { return 2; }
+  std::string backend() const override { return "none"; }
+  Capabilities capabilities() const override { return can; }
+  absl::Status AllGather(const void*, void*, int64_t, milliseconds) override { return {}; }
+  absl::Status Broadcast(void*, int64_t, int, milliseconds) override { return {}; }
+  absl::Status Send(const void*, int64_t, int, int, milliseconds) override { return {}; }
+  absl::Status Recv(void*, int64_t, int, int, milliseconds) override { return {}; }
+  absl::Status Barrier(milliseconds) override { return {}; }
+  Counters counters() const override { return {}; }
+};
+
 TEST(ShardedRunTest, ServeRefusesAFrameThatIsNotARun) {
-  struct NoComm : Communicator {
-    int rank() const override { return 1; }
-    int size() const override { return 2; }
-    std::string backend() const override { return "none"; }
-    absl::Status AllGather(const void*, void*, int64_t, milliseconds) override { return {}; }
-    absl::Status Broadcast(void*, int64_t, int, milliseconds) override { return {}; }
-    absl::Status Send(const void*, int64_t, int, int, milliseconds) override { return {}; }
-    absl::Status Recv(void*, int64_t, int, int, milliseconds) override { return {}; }
-    absl::Status Barrier(milliseconds) override { return {}; }
-    Counters counters() const override { return {}; }
-  } comm;
+  NoComm comm;
   EXPECT_EQ(ServeShardedRun(comm, {ControlKind::kHeartbeat, ""}, {}).status().code(),
             absl::StatusCode::kInvalidArgument);
   const absl::Status refused = ServeShardedRun(comm, {ControlKind::kRun, "short"}, {}).status();
@@ -385,6 +392,33 @@ TEST(ShardedRunTest, ServeRefusesAFrameThatIsNotARun) {
   // Refused before the run began: not an answer, so a serving worker leaves the group on it.
   EXPECT_FALSE(AnsweredInStep(refused));
   EXPECT_FALSE(AnsweredInStep(absl::OkStatus()));
+}
+
+// The protocol runs threads side by side on one communicator and tells its messages apart by
+// tag; a communicator that allows neither (NCCL's contract) is refused by both sides up front.
+TEST(ShardedRunTest, BothSidesRefuseACommunicatorWithoutConcurrencyOrTags) {
+  NoComm nccl_like;
+  nccl_like.can = {.concurrent_calls = false, .tagged_messages = false};
+  const absl::Status served = ServeShardedRun(nccl_like, {ControlKind::kRun, "short"}, {}).status();
+  EXPECT_EQ(served.code(), absl::StatusCode::kFailedPrecondition) << served;
+  EXPECT_NE(served.message().find("one thread at a time"), std::string::npos) << served;
+  nccl_like.rank_ = 0;
+  std::mt19937 rng(1);
+  const engine::ProblemShape shape{1, 64, 2, 2, 8};
+  const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  AttentionSpec spec;
+  spec.patterns = {{32, 1}};
+  const absl::Status coordinated =
+      CoordinateShardedRun(
+          nccl_like, Problem(q.view(), q.view(), q.view(), spec, out.mutable_view()), Options())
+          .status();
+  EXPECT_EQ(coordinated.code(), absl::StatusCode::kFailedPrecondition) << coordinated;
+  EXPECT_NE(coordinated.message().find("in issue order only"), std::string::npos) << coordinated;
+  // Gloo's capabilities are the ones the protocol needs (its runs are the sweep above).
+  nccl_like.can = {.concurrent_calls = true, .tagged_messages = false};
+  EXPECT_EQ(ServeShardedRun(nccl_like, {ControlKind::kRun, "short"}, {}).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace
