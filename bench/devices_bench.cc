@@ -41,30 +41,11 @@ struct Options {
   std::string large_policy = "auto";
 };
 
-struct Problem {
-  OwnedTensor q, k, v, out;
-  engine::AttentionSpec spec;
-  engine::RunRequest Request() {
-    engine::RunRequest r;
-    r.q = q.view();
-    r.k = k.view();
-    r.v = v.view();
-    r.out = out.mutable_view();
-    r.spec = spec;
-    return r;
-  }
-};
+using Problem = engine::testing::OwnedProblem;
 
 Problem MakeProblem(int64_t seq, int64_t heads, uint32_t seed) {
-  std::mt19937 rng(seed);
-  const engine::Shape4 shape{1, seq, heads, 64};
-  Problem p;
-  p.q = engine::testing::RandomTensor(DType::kFloat32, shape, rng);
-  p.k = engine::testing::RandomTensor(DType::kFloat32, shape, rng);
-  p.v = engine::testing::RandomTensor(DType::kFloat32, shape, rng);
-  p.out = engine::testing::PoisonedTensor(DType::kFloat32, shape);
+  Problem p = engine::testing::RandomProblem({1, seq, heads, heads, 64}, seed);
   p.spec.patterns = {{2048, 1}, {4096, 2}, {8192, 4}};
-  p.spec.precision = engine::Precision::kFloat32;
   p.spec.shard_policy = engine::ShardPolicy::kAuto;
   return p;
 }

@@ -188,6 +188,7 @@ struct Engine::Impl {
     o.device_budget_bytes =
         options.memory_budget_bytes > 0 ? options.memory_budget_bytes / o.devices : 0;
     o.min_shard_flops = options.local_shard_min_flops;
+    o.shares_request_memory = backend().Space().host();
     absl::StatusOr<Placement> placement =
         PlaceRequest(shape, request.q.dtype, request.out.dtype, request.spec, estimate, flops, o);
     if (!placement.ok()) {
@@ -198,13 +199,14 @@ struct Engine::Impl {
       return placement.status();
     }
     if (placement->devices > 1) {
-      // Every share's copy of its inputs and output, and the gathered rows, beside the whole
-      // tensors; each device's workspace is about its share of the whole problem's.
+      // Every share's copy of its inputs and output (none in place), and the gathered rows,
+      // beside the whole tensors; each device's workspace is about its share of the whole
+      // problem's.
       DA_ASSIGN_OR_RETURN(
           const ShardLayout layout,
           MakeShardLayout(shape, request.spec, placement->strategy, placement->devices));
-      estimate.inputs +=
-          LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype, request.spec, layout);
+      estimate.inputs += LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype,
+                                             request.spec, layout, backend().Space().host());
       estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
     }
     return Placed{*std::move(placement), estimate};

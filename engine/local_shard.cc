@@ -59,10 +59,14 @@ int64_t HostKeyExchange::bytes() const {
 }
 
 int64_t LocalShardCopyBytes(const ProblemShape& shape, DType dtype, DType out_dtype,
-                            const AttentionSpec& spec, const ShardLayout& layout) {
-  int64_t bytes =
-      (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype) +
-      shape.QueryShape().elements() * DTypeSize(out_dtype);
+                            const AttentionSpec& spec, const ShardLayout& layout, bool host) {
+  int64_t bytes = 0;
+  for (const Share& share : layout.shares) {
+    if (host && ShareIsContiguous(shape, share)) continue;
+    bytes += ShareBytes(shape.QueryShape(), share, dtype, false) +
+             2 * ShareBytes(shape.KeyShape(), share, dtype, true) +
+             ShareBytes(shape.QueryShape(), share, out_dtype, false);
+  }
   for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
     bytes += 2 * shape.batch * set.kept.count * shape.head_dim * DTypeSize(dtype);
   }

@@ -73,9 +73,10 @@ struct LocalShardStats {
 };
 
 // The memory a local sharded run holds beyond the whole tensors: every share's copy of its
-// inputs and output (their sum is the whole tensors' bytes) and the gathered rows of SEQUENCE.
+// inputs and output (their sum is the whole tensors' bytes; none for a share computed in place:
+// host devices and ShareIsContiguous) and the gathered rows of SEQUENCE.
 int64_t LocalShardCopyBytes(const ProblemShape& shape, DType dtype, DType out_dtype,
-                            const AttentionSpec& spec, const ShardLayout& layout);
+                            const AttentionSpec& spec, const ShardLayout& layout, bool host);
 
 // Runs problem (strategy kHeads or kSequence; compute ignored) over devices.size() devices,
 // share r on devices[r], each on a thread of its own (share 0 on the calling thread). The first

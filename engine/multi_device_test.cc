@@ -24,29 +24,10 @@ namespace {
 
 using testing::OwnedTensor;
 
-struct Inputs {
-  OwnedTensor q, k, v, out;
-  AttentionSpec spec;
-  RunRequest Request() {
-    RunRequest r;
-    r.q = q.view();
-    r.k = k.view();
-    r.v = v.view();
-    r.out = out.mutable_view();
-    r.spec = spec;
-    return r;
-  }
-};
+using Inputs = testing::OwnedProblem;
 
 Inputs MakeInputs(const ProblemShape& shape, uint32_t seed) {
-  std::mt19937 rng(seed);
-  Inputs in;
-  in.q = testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
-  in.k = testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
-  in.v = testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
-  in.out = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  in.spec.precision = Precision::kFloat32;
-  return in;
+  return testing::RandomProblem(shape, seed);
 }
 
 EngineOptions Devices(int devices, int threads) {
@@ -207,8 +188,15 @@ TEST(MultiDeviceTest, OverOneDeviceBudgetIsShardedUnderAutoAndRefusedUnderNone) 
       << message;
   EXPECT_EQ((*engine)->stats().rejected_memory, 1);
 
+  // AUTO: across both devices. One batch, not causal: SEQUENCE, computed in place in the
+  // request's memory (only the spanning rows are copied); causal: HEADS (even shares), copied.
   in.spec.shard_policy = ShardPolicy::kAuto;
   absl::StatusOr<ExecutionInfo> sharded = (*engine)->Run(in.Request());
+  ASSERT_TRUE(sharded.ok()) << sharded.status();
+  EXPECT_EQ(sharded->shard_strategy, ShardPolicy::kSequence);
+  EXPECT_EQ(sharded->devices.size(), 2u);
+  in.spec.causal = true;
+  sharded = (*engine)->Run(in.Request());
   ASSERT_TRUE(sharded.ok()) << sharded.status();
   EXPECT_EQ(sharded->shard_strategy, ShardPolicy::kHeads);
   EXPECT_EQ(sharded->devices.size(), 2u);

@@ -33,6 +33,10 @@ absl::StatusOr<Placement> PlaceRequest(const ProblemShape& shape, DType dtype, D
   }
   absl::StatusOr<ShardPolicy> strategy =
       ChooseShardStrategy(shape, dtype, out_dtype, spec, o.devices, budget);
+  if (strategy.ok() && !explicit_policy && o.shares_request_memory && shape.batch == 1 &&
+      !spec.causal && shape.seq_len >= o.devices) {
+    strategy = ShardPolicy::kSequence;  // In place: no copy of the inputs or the output.
+  }
   if (!strategy.ok()) {
     if (explicit_policy) return strategy.status();
     return one_device(absl::StrCat("cannot split: ", strategy.status().message()));

@@ -12,7 +12,8 @@
 // - HEADS or SEQUENCE: across every local device with that strategy (ChooseShardStrategy).
 // - AUTO: across every local device when splitting gains: the request does not fit one device's
 //   budget, or its compute (min_shard_flops and more) dwarfs the cost of copying its shares;
-//   the strategy by ChooseShardStrategy's cost and memory model with the per-device budget.
+//   the strategy by ChooseShardStrategy's cost and memory model with the per-device budget, or
+//   SEQUENCE in place for devices that share the request's memory (see shares_request_memory).
 //   Otherwise one device, so that concurrent small requests run side by side on different
 //   devices.
 #pragma once
@@ -32,6 +33,10 @@ struct PlacementOptions {
   bool computes_shares = true;      // Their backend computes shares (Backend::ComputesShares).
   int64_t device_budget_bytes = 0;  // One device's memory budget; 0: unlimited.
   double min_shard_flops = 1e9;     // AUTO shards requests of at least this many FLOPs.
+  // The devices compute in the memory the request is in (CPU devices): a SEQUENCE share of one
+  // batch is then computed in place, with no copy, so AUTO prefers SEQUENCE for a non-causal
+  // request of one batch (causal SEQUENCE shares are uneven: later tokens see more keys).
+  bool shares_request_memory = false;
 };
 
 struct Placement {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/cpu/attention_kernel.h"
+#include "engine/engine.h"
 #include "engine/tensor.h"
 
 namespace da::engine::testing {
@@ -108,6 +109,35 @@ inline std::string MissingRequestedIsa() {
   const char* wanted = std::getenv("DA_CPU_ISA");
   if (wanted == nullptr || cpu::IsaName(cpu::SelectedIsa()) == wanted) return "";
   return std::string("this CPU lacks ") + wanted + "; best is " + cpu::IsaName(cpu::BestIsa());
+}
+
+// One problem's owned tensors (fresh random q, k, v; a poisoned output) and its spec, as an
+// engine RunRequest of views into them.
+struct OwnedProblem {
+  OwnedTensor q, k, v, out;
+  AttentionSpec spec;
+
+  RunRequest Request() {
+    RunRequest r;
+    r.q = q.view();
+    r.k = k.view();
+    r.v = v.view();
+    r.out = out.mutable_view();
+    r.spec = spec;
+    return r;
+  }
+};
+
+// fp32 inputs and output of `shape`, random from `seed`; spec fp32 with no patterns yet.
+inline OwnedProblem RandomProblem(const ProblemShape& shape, uint32_t seed) {
+  std::mt19937 rng(seed);
+  OwnedProblem p;
+  p.q = RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  p.k = RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  p.v = RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  p.out = PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  p.spec.precision = Precision::kFloat32;
+  return p;
 }
 
 }  // namespace da::engine::testing
