@@ -9,8 +9,12 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -115,18 +119,63 @@ TEST(CpuBackendTest, SegmentsLargerThanTheTilesMatchReference) {
   }
 }
 
+// The flag must be noticed by the run itself, not by the plan build: the plan is built first
+// (no stop flag), then RunPlan meets a flag already raised, and a flag raised from another thread
+// in the middle of a run of a second or more.
 TEST(CpuBackendTest, CancelledRunStopsWithCancelled) {
+  const std::string missing = testing::MissingRequestedIsa();
+  if (!missing.empty()) GTEST_SKIP() << missing;
   std::mt19937 rng(8);
-  const Shape4 shape{1, 256, 2, 16};
+  CpuBackend backend;
+  AttentionSpec spec;
+  spec.precision = Precision::kFloat32;
+  {
+    const Shape4 shape{1, 256, 2, 16};
+    const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
+    OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
+    spec.patterns = {{64, 1}};
+    const PlanKey key =
+        MakePlanKey(q.view(), q.view(), DType::kFloat32, spec, Precision::kFloat32, "cpu:0", 1);
+    absl::StatusOr<std::shared_ptr<Plan>> plan = backend.BuildPlan(key, /*stop=*/nullptr);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    std::atomic<bool> cancelled{true};
+    const absl::Status status = backend.RunPlan(**plan, q.view(), q.view(), q.view(), spec,
+                                                out.mutable_view(), {nullptr, &cancelled});
+    EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+    // The same plan without the flag computes: the refusal was the flag's.
+    cancelled = false;
+    EXPECT_TRUE(backend
+                    .RunPlan(**plan, q.view(), q.view(), q.view(), spec, out.mutable_view(),
+                             {nullptr, &cancelled})
+                    .ok());
+  }
+  // One dense segment of 8192 tokens, 4 heads of 64 (69 GFLOP): a second or more on one thread.
+  const Shape4 shape{1, 8192, 4, 64};
   const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
   OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
-  AttentionSpec spec;
-  spec.patterns = {{64, 1}};
-  std::atomic<bool> cancelled{true};
-  RunContext context{nullptr, &cancelled};
-  const absl::Status status =
-      CpuBackend().Run(q.view(), q.view(), q.view(), spec, out.mutable_view(), context);
-  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+  spec.patterns = {{8192, 1}};
+  const PlanKey key =
+      MakePlanKey(q.view(), q.view(), DType::kFloat32, spec, Precision::kFloat32, "cpu:0", 1);
+  absl::StatusOr<std::shared_ptr<Plan>> plan = backend.BuildPlan(key, /*stop=*/nullptr);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::atomic<bool> cancelled{false};
+  std::chrono::steady_clock::time_point raised;
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    raised = std::chrono::steady_clock::now();
+    cancelled = true;
+  });
+  const auto started = std::chrono::steady_clock::now();
+  const absl::Status status = backend.RunPlan(**plan, q.view(), q.view(), q.view(), spec,
+                                              out.mutable_view(), {nullptr, &cancelled});
+  const auto returned = std::chrono::steady_clock::now();
+  canceller.join();
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+  ASSERT_TRUE(cancelled.load());
+  const double stop_ms = std::chrono::duration<double, std::milli>(returned - raised).count();
+  std::printf("stopped %.1f ms after the flag, %.1f ms into the run\n", stop_ms,
+              std::chrono::duration<double, std::milli>(raised - started).count());
+  EXPECT_LT(stop_ms, 500) << "the run did not stop within half a second of the flag";
 }
 
 TEST(CpuBackendTest, RejectsPrecisionItCannotCompute) {

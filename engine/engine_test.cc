@@ -64,29 +64,85 @@ TEST(EngineTest, CpuAndReferenceBackendsAgree) {
   EXPECT_EQ(testing::Compare(a.out, b.out, testing::ToleranceFor(DType::kFloat32)), "");
 }
 
-TEST(EngineTest, SubmitRunsOnADispatcherThreadAndReportsTimes) {
-  auto engine = Engine::Create(Options(1));
-  ASSERT_TRUE(engine.ok());
-  Inputs in = MakeInputs({1, 64, 2, 8}, 2);
+// One Submit's outcome, as its callback saw it.
+struct Submitted {
   std::mutex mutex;
   std::condition_variable cv;
   bool done = false;
-  std::thread::id callback_thread;
+  std::thread::id thread;
+  std::chrono::steady_clock::time_point called;  // When the callback began.
   absl::StatusOr<ExecutionInfo> result = absl::UnknownError("not run");
-  (*engine)->Submit(in.Request(), [&](absl::StatusOr<ExecutionInfo> info) {
-    std::lock_guard<std::mutex> lock(mutex);
-    result = std::move(info);
-    callback_thread = std::this_thread::get_id();
-    done = true;
-    cv.notify_one();
-  });
-  std::unique_lock<std::mutex> lock(mutex);
-  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; }));
-  ASSERT_TRUE(result.ok()) << result.status();
-  EXPECT_NE(callback_thread, std::this_thread::get_id());
-  EXPECT_GE(result->queue_time_us, 0);
-  EXPECT_GT(result->compute_time_us, 0);
-  for (int64_t i = 0; i < in.out.elements(); ++i) ASSERT_TRUE(std::isfinite(in.out.at(i)));
+
+  RunCallback Callback() {
+    return [this](absl::StatusOr<ExecutionInfo> info) {
+      const auto now = std::chrono::steady_clock::now();
+      std::lock_guard<std::mutex> lock(mutex);
+      called = now;
+      thread = std::this_thread::get_id();
+      result = std::move(info);
+      done = true;
+      cv.notify_one();
+    };
+  }
+  bool Wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    return cv.wait_for(lock, std::chrono::seconds(120), [&] { return done; });
+  }
+};
+
+int64_t Micros(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+}
+
+TEST(EngineTest, SubmitRunsOnADispatcherThreadAndReportsTimes) {
+  // One dispatcher, one compute thread, first come first served: `busy` starts at once on the
+  // idle engine, and `queued`, submitted right after it, waits until busy's callback returned.
+  EngineOptions options = Options(1);
+  options.max_concurrent_runs = 1;
+  options.queue_order = QueueOrder::kArrival;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  // 4096 queries attending to all 4096 keys, 4 heads of 64 dims: 17 GFLOP, a quarter of a second
+  // or more on one core.
+  Inputs busy_in = MakeInputs({1, 4096, 4, 64}, 2);
+  busy_in.spec.patterns = {{4096, 1}};
+  Inputs queued_in = MakeInputs({1, 64, 2, 8}, 3);
+  Submitted busy, queued;
+  const auto before = std::chrono::steady_clock::now();
+  (*engine)->Submit(busy_in.Request(), busy.Callback());
+  (*engine)->Submit(queued_in.Request(), queued.Callback());
+  const auto submitted = std::chrono::steady_clock::now();
+  ASSERT_TRUE(busy.Wait());
+  ASSERT_TRUE(queued.Wait());
+  ASSERT_TRUE(busy.result.ok()) << busy.result.status();
+  ASSERT_TRUE(queued.result.ok()) << queued.result.status();
+  EXPECT_NE(busy.thread, std::this_thread::get_id());
+  EXPECT_NE(queued.thread, std::this_thread::get_id());
+  EXPECT_GT(busy.result->compute_time_us, 0);
+  EXPECT_GT(queued.result->compute_time_us, 0);
+  for (int64_t i = 0; i < busy_in.out.elements(); ++i)
+    ASSERT_TRUE(std::isfinite(busy_in.out.at(i)));
+  for (int64_t i = 0; i < queued_in.out.elements(); ++i) {
+    ASSERT_TRUE(std::isfinite(queued_in.out.at(i)));
+  }
+
+  // The queued request entered the queue before Submit returned and left it after the busy one's
+  // callback: its queue time covers at least that span, which is about busy's compute time.
+  const ExecutionInfo& b = *busy.result;
+  const ExecutionInfo& q = *queued.result;
+  EXPECT_GE(q.queue_time_us, Micros(busy.called - submitted))
+      << "busy computed " << b.compute_time_us << " us";
+  EXPECT_GE(q.queue_time_us, b.compute_time_us / 2)
+      << "busy computed " << b.compute_time_us << " us";
+  // The busy request ran at once: queue, plan build and compute fit in the time from Submit to its
+  // callback, and its wait was small next to its compute and to the queued request's wait.
+  EXPECT_LE(b.queue_time_us + b.plan_build_time_us + b.compute_time_us,
+            Micros(busy.called - before));
+  EXPECT_LT(b.queue_time_us, b.compute_time_us / 4)
+      << "busy computed " << b.compute_time_us << " us";
+  EXPECT_LT(b.queue_time_us, q.queue_time_us / 4);
+  EXPECT_LE(q.queue_time_us + q.plan_build_time_us + q.compute_time_us,
+            Micros(queued.called - before));
 }
 
 TEST(EngineTest, SubmitReportsValidationErrorsWithoutComputing) {
