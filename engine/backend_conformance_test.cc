@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <ostream>
 #include <random>
 #include <string>
 #include <tuple>
@@ -49,6 +50,11 @@ struct Target {
   Precision precision;
 };
 
+// Readable parameters in test listings and failures (not gtest's byte dumps).
+void PrintTo(const Target& target, std::ostream* os) {
+  *os << target.backend << " on " << target.device.id << " in " << PrecisionName(target.precision);
+}
+
 std::vector<Target> Targets() {
   std::vector<Target> targets;
   const std::vector<DeviceInfo> devices = DiscoverDevices(2);
@@ -72,6 +78,10 @@ std::vector<Target> Targets() {
 struct Heads {
   int64_t heads, kv_heads;
 };
+
+void PrintTo(const Heads& heads, std::ostream* os) {
+  *os << heads.heads << " heads, " << heads.kv_heads << " kv heads";
+}
 
 using Param = std::tuple<Target, int64_t /*seq_len*/, int /*set*/, Heads, bool /*causal*/,
                          CombineMode, DType>;

@@ -49,11 +49,13 @@ int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes)
 class AttendReactor final : public grpc::ServerUnaryReactor {
  public:
   AttendReactor(engine::Engine* engine, Metrics* metrics, int64_t max_message_bytes,
+                const std::function<void(grpc::CallbackServerContext&)>* before_answer,
                 grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
                 grpc::ByteBuffer* answer)
       : record_(metrics, "Attend", *context),
         metrics_(metrics),
         max_message_bytes_(max_message_bytes),
+        before_answer_(before_answer),
         context_(context),
         answer_(answer) {
     absl::Status status = ParseUnaryRequest(*body, "Attend", &request_);
@@ -139,6 +141,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
       return;
     }
     response_.Clear();  // The answer buffer holds its own copy.
+    if (before_answer_ != nullptr) (*before_answer_)(*context_);
     finished_ok_ = true;
     FinishWith(absl::OkStatus(), &*info);
   }
@@ -151,6 +154,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   RequestRecord record_;
   Metrics* metrics_;
   const int64_t max_message_bytes_;
+  const std::function<void(grpc::CallbackServerContext&)>* before_answer_;  // Test hook.
   grpc::CallbackServerContext* context_;
   grpc::ByteBuffer* answer_;
   v1::AttendRequest request_;
@@ -251,8 +255,9 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
   if (grpc::Status refused; RefusedWhileDraining("Attend", *context, &refused)) {
     return FinishedWith(context, refused);
   }
-  return new AttendReactor(engine_, metrics_, options_.max_message_bytes, context, request,
-                           response);
+  return new AttendReactor(engine_, metrics_, options_.max_message_bytes,
+                           options_.before_unary_answer ? &options_.before_unary_answer : nullptr,
+                           context, request, response);
 }
 
 grpc::ServerUnaryReactor* AttentionService::RefuseUnparsable(const char* method,

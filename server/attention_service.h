@@ -69,6 +69,8 @@ struct ServiceOptions {
   int64_t stream_idle_timeout_ms = 20000;  // A stream's client idle this long ends it; 0: never.
   int64_t max_client_stream_bytes = 0;     // Stream windows one client may hold; 0: no cap.
   bool client_by_token = false;            // Clients told apart by bearer token (auth on).
+  // Test hook: runs after a unary Attend computed OK, just before its answer is sent. Null: none.
+  std::function<void(grpc::CallbackServerContext&)> before_unary_answer;
 };
 
 class AttentionService final : public AttentionServiceBase {

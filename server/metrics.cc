@@ -350,8 +350,9 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   undelivered_ = &prometheus::BuildCounter()
                       .Name("da_answers_undelivered_total")
                       .Help(
-                          "Answers computed and finished OK that did not reach the client (it "
-                          "went away, or the transport refused the message), by method.")
+                          "Answers computed and finished OK whose call was cancelled before "
+                          "gRPC had sent them (the client went away), by method. An answer "
+                          "gRPC has already taken into its transport is not seen lost.")
                       .Register(*registry_);
   for (const char* method : {"Attend", "GetServerInfo", "WarmUp"}) {
     undelivered_->Add({{"method", method}});

@@ -233,7 +233,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                      .stream_buffer_pool_bytes = pool_bytes,
                      .stream_idle_timeout_ms = options.stream_idle_timeout_ms,
                      .max_client_stream_bytes = client_cap,
-                     .client_by_token = server->authenticator_ != nullptr});
+                     .client_by_token = server->authenticator_ != nullptr,
+                     .before_unary_answer = options.before_unary_answer});
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -112,6 +112,9 @@ struct ServerOptions {
   // serving one, without its limits) before readiness may turn SERVING; a non-OK status marks the
   // serving engine's first device down. Null: engine::SelfCheck.
   std::function<absl::Status(engine::Engine&)> self_check;
+  // Test hook: runs after a unary Attend computed OK, just before its answer is sent (to order a
+  // client's cancellation against the send). Null: none.
+  std::function<void(grpc::CallbackServerContext&)> before_unary_answer;
 };
 
 // Three quarters of the memory this process may use: the smaller of physical memory and the cgroup

@@ -4,9 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <future>
 #include <random>
+#include <thread>
 
 #include "client/attention_client.h"
+#include "da/v1/attention.grpc.pb.h"
 #include "server/test_util.h"
 
 namespace da::server {
@@ -218,6 +222,41 @@ TEST_F(ServerTest, TwoCpuDevicesAreListedShardAcrossAndCountedPerDevice) {
   EXPECT_GT(testing::MetricValue(*text, "da_device_plan_cache_bytes{device=\"cpu:1\"}").value_or(0),
             0)
       << *text;
+}
+
+// An answer computed OK whose call is cancelled before it is sent (the client went away) is
+// counted as undelivered and logged with CANCELLED, not counted as delivered. The test hook holds
+// the answer until the server has seen the client's cancellation.
+TEST_F(ServerTest, AnAnswerWhoseCallIsCancelledBeforeItIsSentIsCountedUndelivered) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.metrics_address = "127.0.0.1:0";
+  std::promise<void> computed;
+  std::promise<bool> saw_cancel;
+  options.before_unary_answer = [&](grpc::CallbackServerContext& context) {
+    computed.set_value();
+    saw_cancel.set_value(
+        testing::WaitFor([&] { return context.IsCancelled(); }, std::chrono::seconds(10)));
+  };
+  Start(options);
+  auto stub = v1::AttentionService::NewStub(testing::ChannelTo(server_->port()));
+  std::mt19937 rng(8);
+  const v1::AttendRequest request = testing::RandomRequest({}, rng);
+  grpc::ClientContext context;
+  v1::AttendResponse response;
+  grpc::Status status;
+  std::thread call([&] { status = stub->Attend(&context, request, &response); });
+  computed.get_future().wait();
+  context.TryCancel();
+  call.join();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  EXPECT_TRUE(saw_cancel.get_future().get()) << "the server never saw the cancellation";
+  const auto undelivered = [&] {
+    const std::string text = testing::HttpGet(server_->metrics_port(), "/metrics").value_or("");
+    return testing::MetricValue(text, "da_answers_undelivered_total{method=\"Attend\"}")
+        .value_or(-1);
+  };
+  EXPECT_TRUE(testing::WaitFor([&] { return undelivered() == 1; }, std::chrono::seconds(10)))
+      << undelivered();
 }
 
 TEST_F(ServerTest, UnaryAboveMaxMessageBytesIsResourceExhausted) {
