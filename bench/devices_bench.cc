@@ -55,16 +55,6 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-double MaxRelativeDiff(const OwnedTensor& a, const OwnedTensor& b) {
-  double max_abs = 0, max_diff = 0;
-  for (int64_t i = 0; i < a.elements(); ++i) {
-    if (!std::isfinite(a.at(i))) return INFINITY;
-    max_abs = std::max(max_abs, std::fabs(static_cast<double>(b.at(i))));
-    max_diff = std::max(max_diff, std::fabs(static_cast<double>(a.at(i)) - b.at(i)));
-  }
-  return max_diff / std::max(max_abs, 1e-30);
-}
-
 struct Figures {
   double large_s = 0, burst_s = 0;
   std::string large_devices, large_strategy;
@@ -137,7 +127,7 @@ int Run(const Options& o) {
     f.burst_s = Median(times);
     figures.push_back(f);
   }
-  const double diff = MaxRelativeDiff(large_outputs[1], large_outputs[0]);
+  const double diff = engine::testing::MaxRelativeError(large_outputs[1], large_outputs[0]);
   std::printf(
       "check: the large request on %d devices against one device: max diff %.3g of the "
       "largest value\n",

@@ -178,6 +178,9 @@ struct Engine::Impl {
     MemoryEstimate estimate;
   };
   absl::StatusOr<Placed> Place(const RunRequest& request, double flops) {
+    if (request.reservation != nullptr && (slots.size() == 1 || !request.device.empty())) {
+      return Placed{Placement{1, ShardPolicy::kNone, "one device"}, MemoryEstimate()};
+    }
     const ProblemShape shape = ShapeOf(request);
     DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
                         Estimate(shape, request.q.dtype, request.out.dtype, request.spec));

@@ -16,19 +16,7 @@ namespace {
 
 using testing::OwnedTensor;
 
-struct Inputs {
-  OwnedTensor q, k, v, out;
-  AttentionSpec spec;
-  RunRequest Request() {
-    RunRequest r;
-    r.q = q.view();
-    r.k = k.view();
-    r.v = v.view();
-    r.out = out.mutable_view();
-    r.spec = spec;
-    return r;
-  }
-};
+using Inputs = testing::OwnedProblem;
 
 EngineOptions Options(int threads, const std::string& backend = "cpu") {
   EngineOptions options;
@@ -38,14 +26,9 @@ EngineOptions Options(int threads, const std::string& backend = "cpu") {
 }
 
 Inputs MakeInputs(Shape4 shape, uint32_t seed) {
-  std::mt19937 rng(seed);
-  Inputs in;
-  in.q = testing::RandomTensor(DType::kFloat32, shape, rng);
-  in.k = testing::RandomTensor(DType::kFloat32, shape, rng);
-  in.v = testing::RandomTensor(DType::kFloat32, shape, rng);
-  in.out = testing::PoisonedTensor(DType::kFloat32, shape);
+  Inputs in = testing::RandomProblem(
+      {shape.batch, shape.seq_len, shape.heads, shape.heads, shape.head_dim}, seed);
   in.spec.patterns = {{16, 1}, {32, 2}};
-  in.spec.precision = Precision::kFloat32;
   return in;
 }
 

@@ -22,6 +22,7 @@
 namespace da::engine {
 namespace {
 
+using testing::MaxRelativeError;
 using testing::OwnedTensor;
 
 using Inputs = testing::OwnedProblem;
@@ -35,17 +36,6 @@ EngineOptions Devices(int devices, int threads) {
   options.threads = threads;
   options.cpu_devices = devices;
   return options;
-}
-
-// Largest |a - b| over the largest |b|; every element of a must be finite (written).
-double MaxRelativeError(const OwnedTensor& a, const OwnedTensor& b) {
-  double max_abs = 0, max_diff = 0;
-  for (int64_t i = 0; i < b.elements(); ++i) {
-    if (!std::isfinite(a.at(i))) return INFINITY;
-    max_abs = std::max(max_abs, std::fabs(static_cast<double>(b.at(i))));
-    max_diff = std::max(max_diff, std::fabs(static_cast<double>(a.at(i)) - b.at(i)));
-  }
-  return max_abs > 0 ? max_diff / max_abs : INFINITY;
 }
 
 using ShardParam = std::tuple<int /*devices*/, ShardPolicy, bool /*causal*/, CombineMode>;

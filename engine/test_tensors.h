@@ -2,6 +2,7 @@
 // comparisons with tolerances. Test-only; not part of da_engine's sources.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -109,6 +110,19 @@ inline std::string MissingRequestedIsa() {
   const char* wanted = std::getenv("DA_CPU_ISA");
   if (wanted == nullptr || cpu::IsaName(cpu::SelectedIsa()) == wanted) return "";
   return std::string("this CPU lacks ") + wanted + "; best is " + cpu::IsaName(cpu::BestIsa());
+}
+
+// Largest |actual - expected| over the largest |expected|: the bound sharded and multi-device
+// outputs are held to. Infinity when an element of actual is not finite (not written) or expected
+// is all zero.
+inline double MaxRelativeError(const OwnedTensor& actual, const OwnedTensor& expected) {
+  double max_abs = 0, max_diff = 0;
+  for (int64_t i = 0; i < expected.elements(); ++i) {
+    if (!std::isfinite(actual.at(i))) return INFINITY;
+    max_abs = std::max(max_abs, std::fabs(static_cast<double>(expected.at(i))));
+    max_diff = std::max(max_diff, std::fabs(static_cast<double>(actual.at(i)) - expected.at(i)));
+  }
+  return max_abs > 0 ? max_diff / max_abs : INFINITY;
 }
 
 // One problem's owned tensors (fresh random q, k, v; a poisoned output) and its spec, as an
