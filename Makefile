@@ -47,11 +47,12 @@ sanitize: $(DEPS_STAMP)
 	cmake -S . -B $(SANITIZE_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=address,undefined
 	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target cpu_kernel_test cpu_backend_test \
-	  reference_backend_test share_run_test shard_plan_test multi_device_test
+	  reference_backend_test share_run_test shard_plan_test multi_device_test device_memory_test
 	$(SANITIZE_DIR)/bin/reference_backend_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/shard_plan_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/share_run_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/multi_device_test --gtest_brief=1
+	$(SANITIZE_DIR)/bin/device_memory_test --gtest_brief=1
 	for isa in avx512 avx2 portable; do \
 	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_kernel_test --gtest_brief=1 \
 	    --gtest_filter='$(SANITIZE_FILTER)' || exit 1; \
@@ -67,11 +68,12 @@ tsan: $(DEPS_STAMP)
 	cmake -S . -B $(TSAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_SANITIZE=thread
 	cmake --build $(TSAN_DIR) -j $(JOBS) --target plan_cache_test engine_test \
-	  admission_test multi_device_test
+	  admission_test multi_device_test device_memory_test
 	$(TSAN_DIR)/bin/plan_cache_test --gtest_brief=1
 	$(TSAN_DIR)/bin/engine_test --gtest_brief=1
 	$(TSAN_DIR)/bin/admission_test --gtest_brief=1
 	$(TSAN_DIR)/bin/multi_device_test --gtest_brief=1
+	$(TSAN_DIR)/bin/device_memory_test --gtest_brief=1
 
 # libFuzzer targets over request validation and stream assembly, built by Debian's clang with
 # ASan/UBSan in a build directory of their own, each run for FUZZ_SECONDS from the seed corpus in

@@ -8,8 +8,13 @@
 namespace da::engine {
 
 std::string MemoryEstimate::ToString() const {
-  return absl::StrCat(total, " bytes (inputs ", inputs, ", outputs ", outputs, ", workspace ",
-                      workspace, ")");
+  if (workspace_on_host) {
+    return absl::StrCat(total, " bytes (inputs ", inputs, ", outputs ", outputs, ", workspace ",
+                        workspace, ")");
+  }
+  return absl::StrCat(total, " bytes in host memory (inputs ", inputs, ", outputs ", outputs,
+                      ") and ", device, " in the device's (their copies and workspace ", workspace,
+                      ")");
 }
 
 double EstimateFlops(const ProblemShape& shape, const AttentionSpec& spec) {

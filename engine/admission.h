@@ -27,14 +27,23 @@
 
 namespace da::engine {
 
-// Bytes one request needs while it is queued and computed.
+// Bytes one request needs while it is queued and computed: in host memory (total, reserved
+// against the host budget) and in the memory of the device that computes it (device, reserved
+// against that device's account). A CPU device computes in host memory, so the two are the same
+// bytes; a GPU holds copies of the inputs and the output and its workspace in its own.
 struct MemoryEstimate {
-  int64_t inputs = 0;     // q + k + v.
+  int64_t inputs = 0;     // q + k + v (and, sharded, the shares' copies in host memory).
   int64_t outputs = 0;    // The output tensor.
   int64_t workspace = 0;  // The backend plan's workspace (Backend::PlanWorkspaceBytes).
-  int64_t total = 0;      // inputs + outputs + workspace.
+  int64_t total = 0;      // Host bytes: inputs + outputs, + workspace when it is in host memory.
+  // Bytes in the computing device's memory: total for a host device; for a device with memory
+  // of its own, its copies of the inputs and output, and the workspace (split across the
+  // devices of a sharded run).
+  int64_t device = 0;
+  bool workspace_on_host = true;  // Whether workspace is host memory (counted in total).
 
-  // "805306368 bytes (inputs 402653184, outputs 134217728, workspace 268435456)".
+  // "805306368 bytes (inputs 402653184, outputs 134217728, workspace 268435456)"; for a device
+  // with memory of its own, the host bytes and then the device's.
   std::string ToString() const;
 };
 
@@ -168,6 +177,12 @@ struct EngineStats {
   // succeeded, failed or was stopped. Concurrent runs on one device each count their own time.
   std::map<std::string, double> device_busy_seconds;
   std::map<std::string, int64_t> device_runs;  // Runs that computed on each device (or part).
+  // Per device: the memory account its requests hold bytes in ("host" for CPU devices, which
+  // share the host budget; the device's id for a device with memory of its own), and that
+  // account's reserved bytes and budget (0: unlimited).
+  std::map<std::string, std::string> device_memory_account;
+  std::map<std::string, int64_t> device_memory_reserved_bytes;
+  std::map<std::string, int64_t> device_memory_budget_bytes;
 };
 
 }  // namespace da::engine

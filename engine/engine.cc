@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
@@ -54,29 +55,50 @@ std::string QueueOrderName(QueueOrder order) {
 
 struct Engine::Impl {
   EngineOptions options;
-  // One compute device: its backend instance and its pool. CPU devices share the host memory
-  // budget (the engine's MemoryAccount); the plan cache keys plans by device.
+  // One compute device: its backend instance, its pool and its memory account. CPU devices
+  // compute in host memory and share the host account (the engine's `memory`); a device with
+  // memory of its own (a GPU) has an account of its own. The plan cache keys plans by device.
   struct Device {
     DeviceInfo info;
     std::unique_ptr<Backend> backend;
     std::unique_ptr<ThreadPool> pool;
     std::vector<int> cpus;  // Pinned (NUMA devices): its pool's threads and, for a run, thread 0.
-    int running = 0;        // Runs computing on it now. Guarded by mutex.
+    std::shared_ptr<MemoryAccount> memory;
+    int running = 0;  // Runs computing on it now. Guarded by mutex.
+    bool host() const { return backend->Space().host(); }
     ShareCompute Compute(PlanCache* plans) const {
       return {backend.get(), plans, pool.get(), info.id, cpus};
     }
   };
   std::vector<std::unique_ptr<Device>> slots;
+  // Where placement puts a request that names no device: the devices with memory of their own
+  // (GPUs) when there are any, else every device. The others compute requests that name them.
+  std::vector<Device*> placeable;
   std::vector<DeviceInfo> devices;  // slots' infos, for Engine::devices().
-  Backend& backend() const { return *slots.front()->backend; }
+  Device& Default() const { return *placeable.front(); }
+  Backend& backend() const { return *Default().backend; }
   std::unique_ptr<PlanCache> plans;
-  std::shared_ptr<MemoryAccount> memory;
+  std::shared_ptr<MemoryAccount> memory;  // Host memory.
+
+  // What a request holds from admission until just before its callback: its host bytes
+  // (unless the caller brought a reservation) and, on devices with memory of their own, each
+  // device's bytes; `bound` is the one device admission chose for it (a device with memory of
+  // its own: its bytes are reserved there), null when the dispatcher picks the least busy.
+  struct Held {
+    MemoryReservation host;
+    std::vector<MemoryReservation> devices;
+    Device* bound = nullptr;
+    void Reset() {
+      host.Reset();
+      devices.clear();
+    }
+  };
 
   struct Job {
     RunRequest request;
     RunCallback done;
     Clock::time_point enqueued;
-    MemoryReservation reservation;  // The engine's own, when the caller passed none.
+    Held held;  // The engine's reservations.
     double flops = 0;
     Placement placement;
     double turn = 0;  // The fair queue's order (QueueOrder::kFair), seconds; 0 in arrival order.
@@ -133,7 +155,12 @@ struct Engine::Impl {
           absl::StrCat("device '", request.device,
                        "' is not one of the engine's: ", absl::StrJoin(DeviceIds(), ", ")));
     }
-    return backend().Supports(ShapeOf(request), request.q.dtype, request.spec);
+    return DeviceFor(request).backend->Supports(ShapeOf(request), request.q.dtype, request.spec);
+  }
+
+  // The device named by a validated request, else the default one (the first placeable).
+  Device& DeviceFor(const RunRequest& request) const {
+    return request.device.empty() ? Default() : *FindDevice(request.device);
   }
 
   Device* FindDevice(const std::string& id) const {
@@ -154,12 +181,14 @@ struct Engine::Impl {
     return {qs.batch, qs.seq_len, qs.heads, request.k.shape.heads, qs.head_dim};
   }
 
+  // The memory of a problem computed whole on `device`: on a host device everything is host
+  // memory; a device with memory of its own also holds copies of the inputs and the output, and
+  // the workspace.
   absl::StatusOr<MemoryEstimate> Estimate(const ProblemShape& shape, DType dtype, DType out_dtype,
-                                          const AttentionSpec& spec) const {
-    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend().ChoosePrecision(spec));
+                                          const AttentionSpec& spec, const Device& device) const {
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, device.backend->ChoosePrecision(spec));
     const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
     const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
-    const Device& device = *slots.front();
     const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision, device.info.id,
                                     device.pool->size());
     MemoryEstimate estimate;
@@ -167,7 +196,14 @@ struct Engine::Impl {
         (shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) * DTypeSize(dtype);
     estimate.outputs = shape.QueryShape().elements() * DTypeSize(out_dtype);
     estimate.workspace = device.backend->PlanWorkspaceBytes(key);
-    estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+    estimate.workspace_on_host = device.host();
+    if (device.host()) {
+      estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+      estimate.device = estimate.total;
+    } else {
+      estimate.total = estimate.inputs + estimate.outputs;
+      estimate.device = estimate.total + estimate.workspace;
+    }
     return estimate;
   }
 
@@ -177,25 +213,32 @@ struct Engine::Impl {
     Placement placement;
     MemoryEstimate estimate;
   };
-  absl::StatusOr<Placed> Place(const RunRequest& request, double flops) {
-    if (request.reservation != nullptr && (slots.size() == 1 || !request.device.empty())) {
+  // `count_refusal`: a refusal counts as a rejected request (not for WarmUp's question).
+  absl::StatusOr<Placed> Place(const RunRequest& request, double flops, bool count_refusal = true) {
+    const Device& first = DeviceFor(request);
+    if (request.reservation != nullptr && first.host() &&
+        (placeable.size() == 1 || !request.device.empty())) {
       return Placed{Placement{1, ShardPolicy::kNone, "one device"}, MemoryEstimate()};
     }
     const ProblemShape shape = ShapeOf(request);
     DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
-                        Estimate(shape, request.q.dtype, request.out.dtype, request.spec));
+                        Estimate(shape, request.q.dtype, request.out.dtype, request.spec, first));
     PlacementOptions o;
     o.devices =
-        Sharded(request.spec) || !request.device.empty() ? 1 : static_cast<int>(slots.size());
-    o.computes_shares = backend().ComputesShares();
-    o.device_budget_bytes =
-        options.memory_budget_bytes > 0 ? options.memory_budget_bytes / o.devices : 0;
+        Sharded(request.spec) || !request.device.empty() ? 1 : static_cast<int>(placeable.size());
+    o.computes_shares = first.backend->ComputesShares();
+    if (first.host()) {
+      o.device_budget_bytes =
+          options.memory_budget_bytes > 0 ? options.memory_budget_bytes / o.devices : 0;
+    } else {
+      o.device_budget_bytes = first.memory->budget_bytes();
+    }
     o.min_shard_flops = options.local_shard_min_flops;
-    o.shares_request_memory = backend().Space().host();
+    o.shares_request_memory = first.host();
     absl::StatusOr<Placement> placement =
         PlaceRequest(shape, request.q.dtype, request.out.dtype, request.spec, estimate, flops, o);
     if (!placement.ok()) {
-      if (absl::IsResourceExhausted(placement.status())) {
+      if (absl::IsResourceExhausted(placement.status()) && count_refusal) {
         std::lock_guard<std::mutex> lock(mutex);
         ++counters.rejected_memory;
       }
@@ -208,24 +251,87 @@ struct Engine::Impl {
       DA_ASSIGN_OR_RETURN(
           const ShardLayout layout,
           MakeShardLayout(shape, request.spec, placement->strategy, placement->devices));
-      estimate.inputs += LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype,
-                                             request.spec, layout, backend().Space().host());
-      estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+      // Devices with memory of their own: the copies pass through host staging (and the
+      // gathered rows are host memory first), and land in the devices' memory.
+      const int64_t copies = LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype,
+                                                 request.spec, layout, first.host());
+      estimate.inputs += copies;
+      if (first.host()) {
+        estimate.total = estimate.inputs + estimate.outputs + estimate.workspace;
+        estimate.device = estimate.total;
+      } else {
+        estimate.total = estimate.inputs + estimate.outputs;
+        estimate.device = copies + estimate.workspace;
+      }
     }
     return Placed{*std::move(placement), estimate};
   }
 
-  // The engine's own reservation for a request (none when the caller brought one).
-  absl::StatusOr<MemoryReservation> ReserveFor(const RunRequest& request, const Placed& placed) {
-    if (request.reservation != nullptr) return MemoryReservation();
-    const MemoryEstimate& estimate = placed.estimate;
-    absl::Status reserved = memory->Reserve(estimate.total, estimate.ToString());
+  // Reserves `bytes` on `account` as a refusal admission counts.
+  absl::StatusOr<MemoryReservation> ReserveOn(const std::shared_ptr<MemoryAccount>& account,
+                                              int64_t bytes, std::string_view what) {
+    absl::Status reserved = account->Reserve(bytes, what);
     if (!reserved.ok()) {
       std::lock_guard<std::mutex> lock(mutex);
       ++counters.rejected_memory;
       return reserved;
     }
-    return MemoryReservation(memory, estimate.total);
+    return MemoryReservation(account, bytes);
+  }
+
+  // The engine's reservations for a placed request: its host bytes (unless the caller brought a
+  // reservation), and on devices with memory of their own the device bytes: split over the
+  // devices of a sharded run, on the named device, or else on the placeable device with the
+  // most room (fewest runs among equals), which the request is then bound to.
+  absl::StatusOr<Held> ReserveFor(const RunRequest& request, const Placed& placed) {
+    Held held;
+    const MemoryEstimate& estimate = placed.estimate;
+    if (request.reservation == nullptr) {
+      DA_ASSIGN_OR_RETURN(held.host, ReserveOn(memory, estimate.total, estimate.ToString()));
+    }
+    const Device& first = DeviceFor(request);
+    if (first.host()) return held;
+    const std::string what =
+        absl::StrCat(estimate.device, " bytes in device memory (", estimate.ToString(), ")");
+    if (placed.placement.devices > 1) {
+      const int n = placed.placement.devices;
+      const int64_t each = (estimate.device + n - 1) / n;
+      for (int d = 0; d < n; ++d) {
+        DA_ASSIGN_OR_RETURN(MemoryReservation share,
+                            ReserveOn(placeable[d]->memory, each,
+                                      absl::StrCat(each, " bytes, its share of ", what)));
+        held.devices.push_back(std::move(share));
+      }
+      return held;
+    }
+    std::vector<Device*> order;
+    if (!request.device.empty()) {
+      order.push_back(FindDevice(request.device));
+    } else {
+      std::lock_guard<std::mutex> lock(mutex);
+      order = placeable;
+      const auto room = [](const Device* d) {
+        const int64_t budget = d->memory->budget_bytes();
+        return budget == 0 ? std::numeric_limits<int64_t>::max()
+                           : budget - d->memory->reserved_bytes() - d->memory->kept_bytes();
+      };
+      std::stable_sort(order.begin(), order.end(), [&](const Device* a, const Device* b) {
+        return std::pair(-room(a), a->running) < std::pair(-room(b), b->running);
+      });
+    }
+    absl::Status first_refusal;
+    for (Device* device : order) {
+      absl::Status reserved = device->memory->Reserve(estimate.device, what);
+      if (reserved.ok()) {
+        held.devices.emplace_back(device->memory, estimate.device);
+        held.bound = device;
+        return held;
+      }
+      if (first_refusal.ok()) first_refusal = reserved;
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    ++counters.rejected_memory;
+    return first_refusal;
   }
 
   // CANCELLED when the request was cancelled before it reached compute.
@@ -281,13 +387,13 @@ struct Engine::Impl {
            spec.shard_policy != ShardPolicy::kNone;
   }
 
-  // The device asked for, else the least busy one (the first among equals), now counted as
-  // running one more run.
+  // The device asked for, else the least busy placeable one (the first among equals), now
+  // counted as running one more run.
   Device& TakeDevice(const std::string& wanted) {
     std::lock_guard<std::mutex> lock(mutex);
-    Device* best = wanted.empty() ? slots.front().get() : FindDevice(wanted);
-    for (const auto& slot : slots) {
-      if (wanted.empty() && slot->running < best->running) best = slot.get();
+    Device* best = wanted.empty() ? placeable.front() : FindDevice(wanted);
+    for (Device* device : placeable) {
+      if (wanted.empty() && device->running < best->running) best = device;
     }
     ++best->running;
     return *best;
@@ -328,37 +434,44 @@ struct Engine::Impl {
     return info;
   }
 
-  // A validated request across `count` local devices at once (engine/local_shard.h).
-  absl::StatusOr<ExecutionInfo> ComputeLocalSharded(const RunRequest& request,
-                                                    const Placement& placement,
-                                                    int64_t queue_time_us,
-                                                    const std::atomic<bool>* stop,
-                                                    std::vector<std::string>* used) {
+  // A validated request across local devices at once (engine/local_shard.h), or on one device
+  // with memory of its own: its share is the whole problem, copied in and out through the
+  // device's backend. The devices were counted as running by the caller; they are released here.
+  absl::StatusOr<ExecutionInfo> ComputeOnDevices(const RunRequest& request,
+                                                 const std::vector<Device*>& on,
+                                                 ShardPolicy strategy, int64_t queue_time_us,
+                                                 const std::atomic<bool>* stop) {
     const Clock::time_point start = Clock::now();
-    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, backend().ChoosePrecision(request.spec));
-    std::vector<ShareCompute> computes;
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      for (int d = 0; d < placement.devices; ++d) {
-        ++slots[d]->running;
-        computes.push_back(slots[d]->Compute(plans.get()));
-        used->push_back(slots[d]->info.id);
-      }
+    const Backend& backend = *on.front()->backend;
+    absl::StatusOr<PrecisionChoice> precision = backend.ChoosePrecision(request.spec);
+    absl::StatusOr<LocalShardStats> stats = absl::UnknownError("not run");
+    if (!precision.ok()) {
+      stats = precision.status();
+    } else {
+      std::vector<ShareCompute> computes;
+      for (const Device* device : on) computes.push_back(device->Compute(plans.get()));
+      ShardedProblem problem{request.q,
+                             request.k,
+                             request.v,
+                             request.spec,
+                             request.out,
+                             precision->precision,
+                             on.size() > 1 ? strategy : ShardPolicy::kSequence,
+                             {},
+                             stop};
+      HostKeyExchange exchange;
+      stats = RunLocalSharded(problem, computes, exchange);
     }
-    ShardedProblem problem{request.q,          request.k,   request.v,
-                           request.spec,       request.out, precision.precision,
-                           placement.strategy, {},          stop};
-    HostKeyExchange exchange;
-    absl::StatusOr<LocalShardStats> stats = RunLocalSharded(problem, computes, exchange);
-    for (int d = 0; d < placement.devices; ++d) ReleaseDevice(*slots[d]);
+    for (Device* device : on) ReleaseDevice(*device);
     DA_RETURN_IF_ERROR(stats.status());
+    plans->Trim();  // The plans are released: bring the cache back within budget if it was over.
     ExecutionInfo info;
-    info.precision_used = precision.precision;
-    info.precision_reason = precision.reason;
-    info.shard_strategy = stats->strategy;
-    info.backend = backend().Name();
-    info.devices = *used;
-    info.plan_cache_hit = stats->plan_cache_hits == placement.devices;
+    info.precision_used = precision->precision;
+    info.precision_reason = precision->reason;
+    info.shard_strategy = on.size() > 1 ? stats->strategy : ShardPolicy::kNone;
+    info.backend = backend.Name();
+    for (const Device* device : on) info.devices.push_back(device->info.id);
+    info.plan_cache_hit = stats->plan_cache_hits == static_cast<int>(on.size());
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start);
     return info;
@@ -368,17 +481,30 @@ struct Engine::Impl {
   // *failed_in_plan says whether a failure came from getting the plan; *used names the devices
   // it occupied.
   absl::StatusOr<ExecutionInfo> Compute(const RunRequest& request, const Placement& placement,
-                                        int64_t queue_time_us, const std::atomic<bool>* stop,
-                                        bool* failed_in_plan, std::vector<std::string>* used) {
+                                        const Device* bound, int64_t queue_time_us,
+                                        const std::atomic<bool>* stop, bool* failed_in_plan,
+                                        std::vector<std::string>* used) {
     if (Sharded(request.spec) && request.device.empty()) {
       return ComputeSharded(request, queue_time_us, stop, used);
     }
     if (placement.devices > 1) {
-      return ComputeLocalSharded(request, placement, queue_time_us, stop, used);
+      std::vector<Device*> on;
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        for (int d = 0; d < placement.devices; ++d) {
+          ++placeable[d]->running;
+          on.push_back(placeable[d]);
+          used->push_back(placeable[d]->info.id);
+        }
+      }
+      return ComputeOnDevices(request, on, placement.strategy, queue_time_us, stop);
     }
     const Clock::time_point start = Clock::now();
-    Device& device = TakeDevice(request.device);
+    Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
     used->push_back(device.info.id);
+    if (!device.host()) {
+      return ComputeOnDevices(request, {&device}, ShardPolicy::kNone, queue_time_us, stop);
+    }
     struct Release {
       Impl* impl;
       Device& device;
@@ -419,7 +545,7 @@ struct Engine::Impl {
   // Compute under the watchdog's eye: a cancellation or a passed deadline sets the run's stop
   // flag, and the result then says which of the two stopped it and how fast.
   absl::StatusOr<ExecutionInfo> Execute(const RunRequest& request, const Placement& placement,
-                                        int64_t queue_time_us, double flops) {
+                                        const Device* bound, int64_t queue_time_us, double flops) {
     Active run;
     run.cancelled = request.cancelled;
     run.deadline = request.deadline;
@@ -432,7 +558,7 @@ struct Engine::Impl {
     bool failed_in_plan = false;
     std::vector<std::string> used;
     absl::StatusOr<ExecutionInfo> result =
-        Compute(request, placement, queue_time_us, &run.stop, &failed_in_plan, &used);
+        Compute(request, placement, bound, queue_time_us, &run.stop, &failed_in_plan, &used);
     const Clock::time_point returned = Clock::now();
 
     std::lock_guard<std::mutex> lock(mutex);
@@ -513,7 +639,7 @@ struct Engine::Impl {
   }
 
   void Finish(Job& job, absl::StatusOr<ExecutionInfo> result) {
-    job.reservation.Reset();  // Memory is back before the caller hears of the result.
+    job.held.Reset();  // Memory is back before the caller hears of the result.
     job.done(std::move(result));
     std::lock_guard<std::mutex> lock(mutex);
     --pending;
@@ -539,7 +665,7 @@ struct Engine::Impl {
                  !in_time.ok()) {
         result = in_time;
       } else {
-        result = Execute(job.request, job.placement, queue_time_us, job.flops);
+        result = Execute(job.request, job.placement, job.held.bound, queue_time_us, job.flops);
       }
       {
         std::lock_guard<std::mutex> lock(mutex);
@@ -627,6 +753,8 @@ struct Engine::Impl {
     for (const DeviceInfo& other : DiscoverDevices(1)) {
       if (other.kind != "cpu") found.emplace_back(other, CpuDevicePlan{});
     }
+    for (const DeviceInfo& added : options.added_devices)
+      found.emplace_back(added, CpuDevicePlan{});
     std::vector<std::string> ids;
     for (const auto& [info, plan] : found) ids.push_back(info.id);
     for (const std::string& wanted : options.devices) {
@@ -655,6 +783,15 @@ struct Engine::Impl {
       device->backend = *std::move(backend);
       device->cpus = plan.cpus;
       device->pool = std::make_unique<ThreadPool>(info.kind == "cpu" ? plan.threads : 1, plan.cpus);
+      if (device->host()) {
+        device->memory = memory;
+      } else {
+        const int64_t budget = options.device_memory_budget_bytes > 0
+                                   ? options.device_memory_budget_bytes
+                                   : static_cast<int64_t>(static_cast<double>(info.memory_bytes) *
+                                                          options.device_memory_fraction);
+        device->memory = std::make_shared<MemoryAccount>(budget);
+      }
       devices.push_back(device->info);
       slots.push_back(std::move(device));
     }
@@ -662,6 +799,12 @@ struct Engine::Impl {
       return absl::InvalidArgumentError(absl::StrCat("no device to compute on: devices ",
                                                      absl::StrJoin(options.devices, ","), " of ",
                                                      absl::StrJoin(ids, ", ")));
+    }
+    for (const auto& slot : slots) {
+      if (!slot->host()) placeable.push_back(slot.get());
+    }
+    if (placeable.empty()) {
+      for (const auto& slot : slots) placeable.push_back(slot.get());
     }
     return absl::OkStatus();
   }
@@ -707,6 +850,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (options.max_queue < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_queue is ", options.max_queue, "; must be >= 0 (0 = no waiting)"));
+  }
+  if (options.device_memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device_memory_budget_bytes is ", options.device_memory_budget_bytes,
+                     "; must be >= 0 (0 = a fraction of the device's)"));
+  }
+  if (!(options.device_memory_fraction > 0 && options.device_memory_fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device_memory_fraction is ", options.device_memory_fraction, "; must be in (0, 1]"));
   }
   impl->memory = std::make_shared<MemoryAccount>(options.memory_budget_bytes);
   impl->counters.stop_latency.bounds_seconds = StopLatencyBounds();
@@ -755,13 +907,14 @@ absl::StatusOr<ExecutionInfo> Engine::Run(const RunRequest& request) {
   const double flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
   DA_RETURN_IF_ERROR(impl_->CheckDeadline(request, flops, "before the run", Clock::now()));
   DA_ASSIGN_OR_RETURN(const Impl::Placed placed, impl_->Place(request, flops));
-  DA_ASSIGN_OR_RETURN(MemoryReservation reservation, impl_->ReserveFor(request, placed));
+  DA_ASSIGN_OR_RETURN(Impl::Held held, impl_->ReserveFor(request, placed));
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
     ++impl_->pending;
   }
-  absl::StatusOr<ExecutionInfo> result = impl_->Execute(request, placed.placement, 0, flops);
-  reservation.Reset();
+  absl::StatusOr<ExecutionInfo> result =
+      impl_->Execute(request, placed.placement, held.bound, 0, flops);
+  held.Reset();
   std::lock_guard<std::mutex> lock(impl_->mutex);
   --impl_->pending;
   return result;
@@ -778,7 +931,7 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
     done(live);
     return;
   }
-  Impl::Job job{request, std::move(done), now, MemoryReservation(), 0, {}, 0};
+  Impl::Job job{request, std::move(done), now, Impl::Held(), 0, {}, 0};
   job.flops = EstimateFlops(Impl::ShapeOf(request), request.spec);
   if (absl::Status in_time = impl_->CheckDeadline(request, job.flops, "before queueing", now);
       !in_time.ok()) {
@@ -806,17 +959,17 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
     }
     ++impl_->pending;
   }
-  absl::StatusOr<MemoryReservation> reservation = impl_->ReserveFor(request, *placed);
-  if (!reservation.ok()) {
+  absl::StatusOr<Impl::Held> held = impl_->ReserveFor(request, *placed);
+  if (!held.ok()) {
     {
       std::lock_guard<std::mutex> lock(impl_->mutex);
       --impl_->pending;
       if (request.queue_place == nullptr) --impl_->admitting;
     }
-    job.done(reservation.status());
+    job.done(held.status());
     return;
   }
-  job.reservation = *std::move(reservation);
+  job.held = *std::move(held);
   impl_->StartQueued(std::move(job));
 }
 
@@ -827,12 +980,44 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
   DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend().ChoosePrecision(spec));
   const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
   const TensorView k{dtype, shape.KeyShape(), nullptr, 0};
-  // Every device gets the plan: a request placed on any of them finds it warm.
+  // The plans a request of this shape will use: when placement shards it across the local
+  // devices, each device's share plan; otherwise the whole problem's plan on every placeable
+  // device (a request placed on any of them finds it warm).
   WarmUpResult result;
+  std::vector<std::pair<Impl::Device*, PlanKey>> keys;
+  RunRequest probe;
+  probe.q = q;
+  probe.k = k;
+  probe.v = k;
+  probe.spec = spec;
+  probe.out = {out_dtype, shape.QueryShape(), nullptr, 0};
+  const absl::StatusOr<Impl::Placed> placed =
+      impl_->Place(probe, EstimateFlops(shape, spec), /*count_refusal=*/false);
+  if (placed.ok() && placed->placement.devices > 1) {
+    DA_ASSIGN_OR_RETURN(
+        const ShardLayout layout,
+        MakeShardLayout(shape, spec, placed->placement.strategy, placed->placement.devices));
+    result.shares = placed->placement.devices;
+    for (int d = 0; d < placed->placement.devices; ++d) {
+      Impl::Device* device = impl_->placeable[d];
+      ShareProblem share;
+      share.shape = shape;
+      share.spec = spec;
+      share.share = layout.shares[d];
+      share.q = {dtype, share.share.QueryShape(shape), nullptr, 0};
+      share.k = share.v = {dtype, share.share.KeyShape(shape), nullptr, 0};
+      share.out = {out_dtype, share.share.QueryShape(shape), nullptr, 0};
+      keys.emplace_back(
+          device, MakeShareKey(share, precision.precision, device->info.id, device->pool->size()));
+    }
+  } else {
+    for (Impl::Device* device : impl_->placeable) {
+      keys.emplace_back(device, MakePlanKey(q, k, out_dtype, spec, precision.precision,
+                                            device->info.id, device->pool->size()));
+    }
+  }
   result.already_warm = true;
-  for (const auto& device : impl_->slots) {
-    const PlanKey key = MakePlanKey(q, k, out_dtype, spec, precision.precision, device->info.id,
-                                    device->pool->size());
+  for (auto& [device, key] : keys) {
     bool warm = false;
     {
       const ScopedAffinity pinned(device->cpus);
@@ -853,7 +1038,7 @@ absl::StatusOr<MemoryEstimate> Engine::EstimateMemory(const ProblemShape& shape,
                                                       const AttentionSpec& spec) const {
   DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
   DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
-  return impl_->Estimate(shape, dtype, out_dtype, spec);
+  return impl_->Estimate(shape, dtype, out_dtype, spec, impl_->Default());
 }
 
 absl::StatusOr<MemoryReservation> Engine::ReserveMemory(int64_t bytes, std::string_view what) {
@@ -904,6 +1089,12 @@ EngineStats Engine::stats() const {
   stats.memory_kept_bytes = impl_->memory->kept_bytes();
   stats.deadline_flops_per_second = impl_->KnownFlopsPerSecond();
   stats.queue_places_held = impl_->places_held->load();
+  for (const auto& device : impl_->slots) {
+    const std::string& id = device->info.id;
+    stats.device_memory_account[id] = device->host() ? "host" : id;
+    stats.device_memory_reserved_bytes[id] = device->memory->reserved_bytes();
+    stats.device_memory_budget_bytes[id] = device->memory->budget_bytes();
+  }
   return stats;
 }
 

@@ -82,8 +82,19 @@ struct EngineOptions {
   Limits limits;
   int64_t plan_cache_bytes = int64_t{1} << 30;  // Budget of the warm plan cache (LRU).
   PrecisionPolicyOptions precision;             // Fallback for unsupported wishes, tolerance.
-  // Bytes all admitted requests may hold at once (MemoryEstimate::total each); 0: unlimited.
+  // Host bytes all admitted requests may hold at once (MemoryEstimate::total each); 0:
+  // unlimited. CPU devices compute in host memory: this is their account too.
   int64_t memory_budget_bytes = 0;
+  // A device with memory of its own (a GPU): the bytes requests may hold in it at once (its
+  // copies of their inputs and outputs, and the workspace: MemoryEstimate::device); 0:
+  // device_memory_fraction of its physical memory (DeviceInfo::memory_bytes, unlimited when
+  // that is unknown).
+  int64_t device_memory_budget_bytes = 0;
+  double device_memory_fraction = 0.9;  // The rest for the plan cache's device memory, the
+                                        // runtime and other processes.
+  // Devices beyond those DiscoverDevices finds, computed on by their kind's registered backend:
+  // tests add devices of a test backend's kind (engine/testing/staged_backend.h).
+  std::vector<DeviceInfo> added_devices;
   // Submitted requests that may wait for a dispatcher, beyond those an idle dispatcher takes at
   // once. 0: no waiting; a request is accepted only when a dispatcher is free for it. A held
   // QueuePlace counts as one waiting request; runs that carry one (chunks of an admitted stream)
@@ -140,7 +151,10 @@ struct WarmUpResult {
   int64_t plan_bytes = 0;
   int64_t build_time_us = 0;
   Precision precision = Precision::kFloat32;
-  std::string plan_key;
+  std::string plan_key;  // The first plan's.
+  // 0: the whole problem's plan on every placeable device; 2 or more: the share plans of a
+  // request placement shards across that many local devices (one per device).
+  int shares = 0;
 };
 
 class Engine {

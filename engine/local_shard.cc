@@ -104,7 +104,8 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     const int64_t out_bytes = ShareBytes(problem.out.shape, share, problem.out.dtype, false);
     // A host device computes a contiguous share (SEQUENCE of one batch) in place in the whole
     // tensors; otherwise the share is copied into buffers from the device's allocator.
-    const bool in_place = backend.Space().host() && ShareIsContiguous(shape, share);
+    const bool contiguous = ShareIsContiguous(shape, share);
+    const bool in_place = backend.Space().host() && contiguous;
     DeviceBuffer q, k, v, out;
     std::vector<uint8_t> staging;
     const auto put = [&](const void* host, int64_t bytes, const DeviceBuffer& dst) {
@@ -120,6 +121,10 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
             std::tuple{&problem.v, true, &v}}) {
         if (dst->space().host()) {
           CopyShareOut(*whole, share, kv, dst->data());
+        } else if (contiguous) {  // Straight from the whole tensor: no staging.
+          const int64_t heads = kv ? shape.kv_heads : shape.heads;
+          DA_RETURN_IF_ERROR(
+              put(ShareStart(whole->data, shape, share, heads, whole->dtype), dst->bytes(), *dst));
         } else {
           staging.resize(dst->bytes());
           CopyShareOut(*whole, share, kv, staging.data());
@@ -127,6 +132,7 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
           DA_RETURN_IF_ERROR(backend.Synchronize(io));
         }
       }
+      DA_RETURN_IF_ERROR(backend.Synchronize(io));
     }
     const auto at = [&](const DeviceBuffer& buffer, const void* whole, int64_t heads,
                         DType dtype) -> void* {
@@ -180,6 +186,14 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     if (in_place) return absl::OkStatus();  // The rows are in the whole output already.
     start = Clock::now();
     const void* rows = out.data();
+    if (!out.space().host() && contiguous) {  // Straight into the whole output.
+      void* whole = const_cast<uint8_t*>(
+          ShareStart(problem.out.data, shape, share, shape.heads, problem.out.dtype));
+      DA_RETURN_IF_ERROR(backend.CopyToHost(whole, out.data(), out_bytes, io));
+      DA_RETURN_IF_ERROR(backend.Synchronize(io));
+      stats.copy_seconds[r] += SecondsSince(start);
+      return absl::OkStatus();
+    }
     if (!out.space().host()) {
       staging.resize(out_bytes);
       DA_RETURN_IF_ERROR(backend.CopyToHost(staging.data(), out.data(), out_bytes, io));

@@ -115,6 +115,38 @@ TEST(MultiDeviceTest, SmallAutoRequestsTakeOneDeviceEach) {
   EXPECT_EQ(info->devices.size(), 1u);
 }
 
+// WarmUp builds the plans a request of the shape will use: each device's share plan when
+// placement shards it (so the first request finds every share warm), the whole plan otherwise.
+TEST(MultiDeviceTest, WarmUpBuildsTheSharePlansOfAShardedShape) {
+  auto engine = Engine::Create(Devices(2, 2));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const ProblemShape large{1, 4096, 4, 4, 32};  // 4 * 512^2 * 32 * 8 * 4 = 1.07 GFLOP: AUTO shards.
+  Inputs in = MakeInputs(large, 21);
+  in.spec.patterns = {{512, 1}};
+  in.spec.shard_policy = ShardPolicy::kAuto;
+  absl::StatusOr<WarmUpResult> warmed =
+      (*engine)->WarmUp(large, DType::kFloat32, DType::kFloat32, in.spec);
+  ASSERT_TRUE(warmed.ok()) << warmed.status();
+  EXPECT_EQ(warmed->shares, 2);
+  EXPECT_FALSE(warmed->already_warm);
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 2);
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(in.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->devices.size(), 2u);
+  EXPECT_TRUE(info->plan_cache_hit);
+
+  Inputs small = MakeInputs({1, 128, 4, 4, 16}, 22);
+  small.spec.patterns = {{32, 1}};
+  small.spec.shard_policy = ShardPolicy::kAuto;
+  warmed = (*engine)->WarmUp({1, 128, 4, 4, 16}, DType::kFloat32, DType::kFloat32, small.spec);
+  ASSERT_TRUE(warmed.ok()) << warmed.status();
+  EXPECT_EQ(warmed->shares, 0);  // Whole plans, one per device.
+  EXPECT_EQ((*engine)->plan_cache_stats().entries, 4);
+  info = (*engine)->Run(small.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_TRUE(info->plan_cache_hit);
+}
+
 // Two requests of about 300 ms each, submitted together: on one device the second waits for the
 // first; on two devices both compute at once, each on its own device.
 TEST(MultiDeviceTest, ConcurrentRequestsRunAtOnceOnDifferentDevices) {

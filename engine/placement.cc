@@ -11,7 +11,7 @@ absl::StatusOr<Placement> PlaceRequest(const ProblemShape& shape, DType dtype, D
                                        const AttentionSpec& spec, const MemoryEstimate& estimate,
                                        double flops, const PlacementOptions& o) {
   const int64_t budget = o.device_budget_bytes;
-  const bool over_one = budget > 0 && estimate.total > budget;
+  const bool over_one = budget > 0 && estimate.device > budget;
   const auto one_device = [&](std::string reason) -> absl::StatusOr<Placement> {
     if (over_one && o.devices > 1) {
       return WithRejectReason(

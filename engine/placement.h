@@ -45,8 +45,8 @@ struct Placement {
   std::string reason;                         // Why, in a few words, for logs.
 };
 
-// `estimate` is the request's memory on one device (Engine::EstimateMemory), `flops` its cost
-// (EstimateFlops).
+// `estimate` is the request's memory on one device (Engine::EstimateMemory; its `device` bytes
+// are compared with device_budget_bytes), `flops` its cost (EstimateFlops).
 absl::StatusOr<Placement> PlaceRequest(const ProblemShape& shape, DType dtype, DType out_dtype,
                                        const AttentionSpec& spec, const MemoryEstimate& estimate,
                                        double flops, const PlacementOptions& options);

@@ -16,10 +16,11 @@
 
 namespace da::engine {
 
-// Whether a share's rows are one contiguous block of the whole tensors (one batch, every head):
-// then views into the whole tensors serve as the share's, with no copy.
+// Whether a share's rows are one contiguous block of the whole tensors (every head, and one
+// batch or every token): then views into the whole tensors serve as the share's, with no copy.
 inline bool ShareIsContiguous(const ProblemShape& shape, const Share& share) {
-  return shape.batch == 1 && share.heads() == shape.heads && share.kv_heads() == shape.kv_heads;
+  return (shape.batch == 1 || share.tokens() == shape.seq_len) && share.heads() == shape.heads &&
+         share.kv_heads() == shape.kv_heads;
 }
 
 // The first byte of a contiguous share in a whole tensor of `heads` heads per token.

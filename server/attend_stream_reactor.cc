@@ -212,7 +212,10 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   const int64_t outputs = 2 * chunk.outputs;
   const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes +
                            std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
-  const int64_t total = inputs + outputs + chunk.workspace + messages;
+  // The workspace is host memory on a CPU device; on a GPU it is the device's, which the engine
+  // reserves there for each chunk.
+  const int64_t workspace = chunk.workspace_on_host ? chunk.workspace : 0;
+  const int64_t total = inputs + outputs + workspace + messages;
   // One place in the engine's queue for all the stream's chunks, so chunks never push the queue
   // past --max-queue; then the budget (a window it can never hold is refused for that); then
   // this client's share of stream memory.
@@ -223,7 +226,7 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
           total, absl::StrFormat("%d bytes for the stream's window (inputs %d: %d chunks of %d "
                                  "tokens; outputs %d; workspace %d; messages %d)",
                                  total, inputs, settings_.pipeline_depth, layout.chunk_tokens,
-                                 outputs, chunk.workspace, messages)));
+                                 outputs, workspace, messages)));
   if (settings_.quota != nullptr) {
     DA_ASSIGN_OR_RETURN(
         client_share_,

@@ -256,17 +256,21 @@ TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
   ASSERT_TRUE(watch_end.has_value());
   EXPECT_EQ(watch_end->error_code(), grpc::StatusCode::UNAVAILABLE) << watch_end->error_message();
 
-  // New calls are refused. On a fresh connection at once: nothing listens any more. On the
-  // connection carrying the calls in flight, once the client has read the server's GOAWAY (the
-  // channel leaves READY): a call sent before that races the GOAWAY, and gRPC may answer it
-  // CANCELLED instead (the server kills streams that arrive after its shutdown began).
+  // New calls are refused. On a fresh connection at once: UNAVAILABLE when nothing listens any
+  // more, or CANCELLED when gRPC's listener (closed asynchronously by Shutdown) still took the
+  // connection: the server kills streams that arrive after its shutdown began; seen once in a
+  // loaded ctest run. On the connection carrying the calls in flight, once the client has read
+  // the server's GOAWAY (the channel leaves READY): a call sent before that races the GOAWAY, and
+  // gRPC may answer it CANCELLED instead. Either way nothing is computed for it.
   std::mt19937 late_rng(std::random_device{}());
   const v1::AttendRequest late_request = testing::RandomRequest({}, late_rng);
   client::AttentionClient late_client(testing::ChannelTo(server->port()));
   v1::AttendResponse late_response;
   grpc::Status late = late_client.Attend(late_request, &late_response, testing::WithTimeout(10000));
-  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
-      << "fresh connection: " << late.error_message();
+  EXPECT_TRUE(late.error_code() == grpc::StatusCode::UNAVAILABLE ||
+              late.error_code() == grpc::StatusCode::CANCELLED)
+      << "fresh connection: " << late.error_code() << " " << late.error_message();
+  EXPECT_FALSE(late_response.has_output());
   EXPECT_TRUE(testing::WaitFor(
       [&] { return channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY; },
       seconds(30)));

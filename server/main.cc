@@ -198,6 +198,12 @@ int main(int argc, char** argv) {
                  "of the cgroup limit, whichever is smaller; 0: unlimited")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--device-memory-budget-bytes", options.device_memory_budget_bytes,
+                 "Bytes admitted requests may hold at once in one GPU's memory (its copies of "
+                 "their tensors and the plan workspace); over it a request goes to another GPU, "
+                 "is sharded, or gets RESOURCE_EXHAUSTED. 0: 90% of the GPU's memory")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--max-queue", options.max_queue,
                  "Requests that may wait for the engine (an open stream holds one place); more "
                  "get RESOURCE_EXHAUSTED. 0: only requests the engine can start at once")

@@ -191,6 +191,18 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
                                    "da_plan_cache_bytes).",
                                    MetricType::Gauge,
                                    {}};
+    prometheus::MetricFamily reserved{
+        "da_device_memory_reserved_bytes",
+        "Bytes admitted requests hold in the device's memory account (label account): CPU "
+        "devices share the host account (da_memory_reserved_bytes), a GPU has its own.",
+        MetricType::Gauge,
+        {}};
+    prometheus::MetricFamily budget{
+        "da_device_memory_budget_bytes",
+        "The budget of the device's memory account (--memory-budget-bytes for the host, "
+        "--device-memory-budget-bytes for a GPU); 0: unlimited.",
+        MetricType::Gauge,
+        {}};
     prometheus::MetricFamily up{
         "da_device_up",
         "1 when the device is up (discovered, self-check passed), 0 when it is down; readiness "
@@ -212,6 +224,12 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       metric.counter.value = 0;
       metric.gauge.value = static_cast<double>(device.plan_cache_bytes);
       plans.metric.push_back(metric);
+      prometheus::ClientMetric accounted;
+      accounted.label = {{"account", device.memory_account}, {"device", device.id}};
+      accounted.gauge.value = static_cast<double>(device.memory_reserved_bytes);
+      reserved.metric.push_back(accounted);
+      accounted.gauge.value = static_cast<double>(device.memory_budget_bytes);
+      budget.metric.push_back(accounted);
       prometheus::ClientMetric labelled;
       labelled.label = {{"capability", device.capability},
                         {"device", device.id},
@@ -220,8 +238,8 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       labelled.gauge.value = 1;
       info.metric.push_back(labelled);
     }
-    return {std::move(info), std::move(memory), std::move(busy),
-            std::move(runs), std::move(plans),  std::move(up)};
+    return {std::move(info),  std::move(memory),   std::move(busy),   std::move(runs),
+            std::move(plans), std::move(reserved), std::move(budget), std::move(up)};
   }
 };
 

@@ -79,6 +79,10 @@ struct DeviceSample {
   double busy_seconds = 0;
   int64_t runs = 0;  // Runs that computed on it (a sharded run counts on each of its devices).
   int64_t plan_cache_bytes = 0;  // Its plans' bytes in the engine's plan cache.
+  // The memory account its requests hold bytes in: "host" (CPU devices share it) or its own id.
+  std::string memory_account = "host";
+  int64_t memory_reserved_bytes = 0;  // In that account now.
+  int64_t memory_budget_bytes = 0;    // That account's budget; 0: unlimited.
   bool up = false;
 };
 

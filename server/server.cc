@@ -65,6 +65,12 @@ std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Heal
     if (auto bytes = plans.bytes_by_device.find(device.id); bytes != plans.bytes_by_device.end()) {
       sample.plan_cache_bytes = bytes->second;
     }
+    if (auto account = stats.device_memory_account.find(device.id);
+        account != stats.device_memory_account.end()) {
+      sample.memory_account = account->second;
+      sample.memory_reserved_bytes = stats.device_memory_reserved_bytes.at(device.id);
+      sample.memory_budget_bytes = stats.device_memory_budget_bytes.at(device.id);
+    }
     for (const auto& [id, is_up] : up) {
       if (id == device.id) sample.up = is_up;
     }
@@ -180,6 +186,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.plan_cache_bytes = options.plan_cache_bytes;
   engine_options.precision.fallback = options.precision_fallback;
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
+  engine_options.device_memory_budget_bytes = options.device_memory_budget_bytes;
   engine_options.max_queue = options.max_queue;
   engine_options.queue_order = options.queue_order;
   engine_options.shard_group = options.shard_group;

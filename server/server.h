@@ -85,6 +85,8 @@ struct ServerOptions {
   // unlimited (da-server's default is DefaultMemoryBudgetBytes()). Requests that may wait for the
   // engine; more are refused with RESOURCE_EXHAUSTED.
   int64_t memory_budget_bytes = 0;
+  // A GPU's admission budget (EngineOptions::device_memory_budget_bytes); 0: 90% of its memory.
+  int64_t device_memory_budget_bytes = 0;
   int max_queue = 64;
   engine::QueueOrder queue_order = engine::QueueOrder::kFair;
   // TLS, mutual TLS and bearer tokens on the gRPC port (server/security.h); default: plaintext,

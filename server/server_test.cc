@@ -222,6 +222,17 @@ TEST_F(ServerTest, TwoCpuDevicesAreListedShardAcrossAndCountedPerDevice) {
   EXPECT_GT(testing::MetricValue(*text, "da_device_plan_cache_bytes{device=\"cpu:1\"}").value_or(0),
             0)
       << *text;
+  // CPU devices share the host memory account: its budget, nothing held between requests.
+  EXPECT_EQ(testing::MetricValue(*text,
+                                 "da_device_memory_budget_bytes{account=\"host\",device=\"cpu:1\"}")
+                .value_or(-1),
+            testing::MetricValue(*text, "da_memory_budget_bytes").value_or(-2))
+      << *text;
+  EXPECT_EQ(testing::MetricValue(
+                *text, "da_device_memory_reserved_bytes{account=\"host\",device=\"cpu:0\"}")
+                .value_or(-1),
+            0)
+      << *text;
 }
 
 // An answer computed OK whose call is cancelled before it is sent (the client went away) is

@@ -14,8 +14,9 @@ absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics&
   DA_ASSIGN_OR_RETURN(engine::WarmUpResult result,
                       engine.WarmUp(shape.shape, shape.dtype, shape.dtype, shape.spec));
   if (!result.already_warm) metrics.PlanBuilt(result.build_time_us / 1e6);
-  spdlog::info("warm-up plan=\"{}\" already_warm={} bytes={} build_ms={:.3f}", result.plan_key,
-               result.already_warm ? 1 : 0, result.plan_bytes, result.build_time_us / 1e3);
+  spdlog::info("warm-up plan=\"{}\" already_warm={} bytes={} build_ms={:.3f} shares={}",
+               result.plan_key, result.already_warm ? 1 : 0, result.plan_bytes,
+               result.build_time_us / 1e3, result.shares);
   return result;
 }
 

@@ -1,0 +1,154 @@
+#include "engine/testing/staged_backend.h"
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend.h"
+#include "engine/backend_registry.h"
+#include "engine/status_macros.h"
+
+namespace da::engine::testing {
+namespace {
+
+std::mutex& CountersMutex() {
+  static auto* mutex = new std::mutex;
+  return *mutex;
+}
+
+std::map<int, StagedCounters>& Counters() {
+  static auto* counters = new std::map<int, StagedCounters>;
+  return *counters;
+}
+
+class StagedBackend final : public Backend {
+ public:
+  StagedBackend(int index, int64_t memory_bytes, std::unique_ptr<Backend> cpu)
+      : index_(index), memory_bytes_(memory_bytes), cpu_(std::move(cpu)) {}
+
+  std::string Name() const override { return "staged"; }
+  MemorySpace Space() const override { return MemorySpace::Device(index_); }
+
+  absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes) override {
+    {
+      std::lock_guard<std::mutex> lock(CountersMutex());
+      StagedCounters& c = Counters()[index_];
+      if (memory_bytes_ > 0 && c.live_bytes + bytes > memory_bytes_) {
+        ++c.refused_allocations;
+        return absl::ResourceExhaustedError(
+            absl::StrCat("staged:", index_, " is out of memory: ", bytes, " bytes asked, ",
+                         c.live_bytes, " of ", memory_bytes_, " in use"));
+      }
+      c.live_bytes += bytes;
+      c.peak_bytes = std::max(c.peak_bytes, c.live_bytes);
+      ++c.allocations;
+    }
+    void* data =
+        ::operator new (static_cast<size_t>(std::max<int64_t>(bytes, 1)), std::align_val_t{64});
+    const int index = index_;
+    return DeviceBuffer(data, bytes, Space(), [index, bytes](void* p) {
+      ::operator delete (p, std::align_val_t{64});
+      std::lock_guard<std::mutex> lock(CountersMutex());
+      Counters()[index].live_bytes -= bytes;
+    });
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* src, int64_t bytes, const RunContext&) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+    std::lock_guard<std::mutex> lock(CountersMutex());
+    Counters()[index_].bytes_in += bytes;
+    return absl::OkStatus();
+  }
+  absl::Status CopyToHost(void* dst, const void* src, int64_t bytes, const RunContext&) override {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+    std::lock_guard<std::mutex> lock(CountersMutex());
+    Counters()[index_].bytes_out += bytes;
+    return absl::OkStatus();
+  }
+
+  std::vector<Precision> Precisions() const override { return cpu_->Precisions(); }
+  absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
+    return cpu_->ChoosePrecision(spec);
+  }
+  absl::Status Supports(const ProblemShape& shape, DType dtype,
+                        const AttentionSpec& spec) const override {
+    return cpu_->Supports(shape, dtype, spec);
+  }
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
+                                                  const std::atomic<bool>* stop) override {
+    return cpu_->BuildPlan(key, stop);
+  }
+  int64_t PlanWorkspaceBytes(const PlanKey& key) const override {
+    return cpu_->PlanWorkspaceBytes(key);
+  }
+
+  // Views in this device's memory only, as a GPU kernel could read nothing else.
+  absl::Status RunShare(Plan& plan, const ShareProblem& problem,
+                        const RunContext& context) override {
+    DA_RETURN_IF_ERROR(CheckShareSpace(problem, Space()));
+    {
+      std::lock_guard<std::mutex> lock(CountersMutex());
+      ++Counters()[index_].shares_run;
+    }
+    ShareProblem host = problem;
+    for (MemorySpace* space : {&host.q.space, &host.k.space, &host.v.space, &host.out.space}) {
+      *space = MemorySpace::Host();
+    }
+    return cpu_->RunShare(plan, host, context);
+  }
+
+ private:
+  const int index_;
+  const int64_t memory_bytes_;
+  const std::unique_ptr<Backend> cpu_;
+};
+
+}  // namespace
+
+void RegisterStagedBackend() {
+  static const bool registered = RegisterBackend(
+      {.name = "staged",
+       .device_kind = kStagedKind,
+       .default_for_kind = true,
+       .make = [](const DeviceInfo& device,
+                  const BackendOptions& options) -> absl::StatusOr<std::unique_ptr<Backend>> {
+         DeviceInfo cpu = device;
+         cpu.kind = "cpu";
+         DA_ASSIGN_OR_RETURN(std::unique_ptr<Backend> inner, MakeBackend("cpu", cpu, options));
+         const int index = std::stoi(device.id.substr(device.id.find(':') + 1));
+         return std::make_unique<StagedBackend>(index, device.memory_bytes, std::move(inner));
+       }});
+  (void)registered;
+}
+
+DeviceInfo StagedDevice(int index, int64_t memory_bytes) {
+  DeviceInfo device;
+  device.id = absl::StrCat(kStagedKind, ":", index);
+  device.kind = kStagedKind;
+  device.name = "staged test device";
+  device.memory_bytes = memory_bytes;
+  device.compute_units = 1;
+  device.capability = "host compute, device-tagged memory";
+  return device;
+}
+
+StagedCounters StagedCountersOf(int index) {
+  std::lock_guard<std::mutex> lock(CountersMutex());
+  return Counters()[index];
+}
+
+void ResetStagedCounters() {
+  std::lock_guard<std::mutex> lock(CountersMutex());
+  for (auto& [index, counters] : Counters()) {
+    const int64_t live = counters.live_bytes;
+    counters = StagedCounters();
+    counters.live_bytes = live;
+    counters.peak_bytes = live;
+  }
+}
+
+}  // namespace da::engine::testing
