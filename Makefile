@@ -37,7 +37,7 @@ build-nocuda: $(DEPS_STAMP)
 	cmake -S . -B $(NOCUDA_DIR) -DCMAKE_BUILD_TYPE=Release -DDA_WITH_CUDA=OFF \
 	  -DDA_BUILD_SERVER=OFF -DDA_BUILD_TESTS=OFF
 	cmake --build $(NOCUDA_DIR) -j $(JOBS) --target da_engine_core da_backend_cpu \
-	  da_backend_reference
+	  da_backend_reference da_cuda_host
 
 # Small kernel and reference cases under AddressSanitizer and UndefinedBehaviorSanitizer, on every
 # instruction-set path this CPU has; the sharding geometry, the share sweep and local shard groups.

@@ -55,7 +55,8 @@ void AppendCudaDevices(std::vector<DeviceInfo>& devices) {
     d.id = absl::StrCat("cuda:", i);
     d.kind = "cuda";
     d.name = props[i].name;
-    // What the policy allows on this generation; the CUDA backend itself lands in a later issue.
+    // What the policy allows on this generation; the engine replaces it with what the CUDA
+    // backend computes in (Backend::Precisions).
     d.precisions = SupportedPrecisions(CudaCapabilities(props[i].major, props[i].minor));
     d.memory_bytes = props[i].global_memory_bytes;
     d.compute_units = props[i].multiprocessors;

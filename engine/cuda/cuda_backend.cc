@@ -1,0 +1,289 @@
+// The CUDA backend (issue #15), one instance per GPU: device memory from cudaMalloc, copies on a
+// stream, and shares computed by the row kernel (row_kernel.cuh), which runs the arithmetic the
+// CPU tests check (row_attention_test). Registered for devices of kind "cuda" (DiscoverDevices
+// lists them where a driver and a GPU are present).
+//
+// What it is today: the correctness path. Every feature of the CPU backend (both combine modes,
+// causal, partial segments, w > N, r not dividing w, GQA, any batch, fp32/fp16/bf16 in and out,
+// HEADS and SEQUENCE shares with gathered rows) in fp32 arithmetic, one thread per output row.
+// The tensor-core paths (cuDNN's fused attention for bf16/fp16/fp8, a tiled kernel) come next and
+// will be compared with it. Not yet run on a GPU (no GPU was lent to the session that wrote it).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "engine/backend.h"
+#include "engine/backend_registry.h"
+#include "engine/cuda/row_kernel.cuh"
+#include "engine/cuda/row_share.h"
+#include "engine/precision_policy.h"
+#include "engine/status_macros.h"
+
+namespace da::engine::cuda {
+namespace {
+
+absl::Status CudaStatus(cudaError_t error, const std::string& what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  const absl::StatusCode code = error == cudaErrorMemoryAllocation
+                                    ? absl::StatusCode::kResourceExhausted
+                                    : absl::StatusCode::kInternal;
+  return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorName(error), " (",
+                                         cudaGetErrorString(error), ")"));
+}
+
+// Sets the calling thread's current device for the backend's calls, and puts the previous one
+// back.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int ordinal) {
+    cudaGetDevice(&previous_);
+    cudaSetDevice(ordinal);
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// A plan: the share's head tables (each head's patterns and offsets) in device memory, built once
+// per key.
+class CudaPlan final : public Plan {
+ public:
+  DeviceBuffer tables;  // RowPattern[patterns] then int[heads + 1].
+  int64_t pattern_count = 0;
+  int64_t bytes() const override { return tables.bytes(); }
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int ordinal, int major, int minor, PrecisionPolicyOptions options)
+      : ordinal_(ordinal), capabilities_(CudaCapabilities(major, minor)), options_(options) {}
+
+  ~CudaBackend() override {
+    if (stream_ != nullptr) {
+      DeviceScope scope(ordinal_);
+      cudaStreamDestroy(stream_);
+    }
+  }
+
+  std::string Name() const override { return "cuda"; }
+  MemorySpace Space() const override { return MemorySpace::Device(ordinal_); }
+
+  absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes) override {
+    DeviceScope scope(ordinal_);
+    void* data = nullptr;
+    const cudaError_t error = cudaMalloc(&data, static_cast<size_t>(std::max<int64_t>(bytes, 1)));
+    if (error != cudaSuccess) {
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      return CudaStatus(error, absl::StrCat("cuda:", ordinal_, ": allocating ", bytes,
+                                            " bytes with ", free, " of ", total, " free"));
+    }
+    const int ordinal = ordinal_;
+    return DeviceBuffer(data, bytes, Space(), [ordinal](void* p) {
+      DeviceScope release_scope(ordinal);
+      cudaFree(p);
+    });
+  }
+
+  absl::Status CopyToDevice(void* dst, const void* src, int64_t bytes,
+                            const RunContext& context) override {
+    DeviceScope scope(ordinal_);
+    DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    return CudaStatus(
+        cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream),
+        "copy to the device");
+  }
+
+  absl::Status CopyToHost(void* dst, const void* src, int64_t bytes,
+                          const RunContext& context) override {
+    DeviceScope scope(ordinal_);
+    DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    return CudaStatus(
+        cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, stream),
+        "copy to the host");
+  }
+
+  absl::Status Synchronize(const RunContext& context) override {
+    DeviceScope scope(ordinal_);
+    DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    return CudaStatus(cudaStreamSynchronize(stream), "synchronize");
+  }
+
+  // The row kernel computes in fp32 whatever the GPU; the policy's faster precisions arrive with
+  // the tensor-core paths.
+  std::vector<Precision> Precisions() const override { return {Precision::kFloat32}; }
+
+  absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
+    const std::string device = capabilities_.Describe();
+    if (spec.precision == Precision::kAuto || spec.precision == Precision::kFloat32) {
+      return PrecisionChoice{
+          Precision::kFloat32,
+          absl::StrCat(device, ": fp32 row kernel (the tensor-core paths are not built yet)")};
+    }
+    if (options_.fallback) {
+      return PrecisionChoice{Precision::kFloat32,
+                             absl::StrCat("fallback: ", device, " computes fp32 only today, not ",
+                                          PrecisionName(spec.precision))};
+    }
+    return absl::InvalidArgumentError(absl::StrCat("precision ", PrecisionName(spec.precision),
+                                                   " is not supported on ", device,
+                                                   " yet; supported: fp32"));
+  }
+
+  absl::Status Supports(const ProblemShape& shape, DType,
+                        const AttentionSpec& spec) const override {
+    if (shape.head_dim != 32 && shape.head_dim != 64 && shape.head_dim != 128) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "head_dim ", shape.head_dim, ": the CUDA backend computes head_dim 32, 64 or 128"));
+    }
+    return ChoosePrecision(spec).status();
+  }
+
+  absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
+                                                  const std::atomic<bool>*) override {
+    const Share share = key.share.value_or(WholeShare(key.shape));
+    // The head tables depend on the key alone: build them from a view-less share problem.
+    ShareProblem probe;
+    probe.shape = key.shape;
+    probe.spec.patterns = key.patterns;
+    probe.spec.mode = key.mode;
+    probe.spec.causal = key.causal;
+    probe.share = share;
+    probe.q = {key.dtype, share.QueryShape(key.shape), nullptr, 0, Space()};
+    probe.k = probe.v = {key.dtype, share.KeyShape(key.shape), nullptr, 0, Space()};
+    probe.out = {key.out_dtype, share.QueryShape(key.shape), nullptr, 0, Space()};
+    DA_ASSIGN_OR_RETURN(RowTables tables, MakeRowTables(probe));
+    auto plan = std::make_shared<CudaPlan>();
+    plan->pattern_count = static_cast<int64_t>(tables.patterns.size());
+    const int64_t pattern_bytes = plan->pattern_count * sizeof(RowPattern);
+    const int64_t begin_bytes = static_cast<int64_t>(tables.pattern_begin.size() * sizeof(int));
+    DA_ASSIGN_OR_RETURN(plan->tables, Allocate(pattern_bytes + begin_bytes));
+    std::vector<uint8_t> host(pattern_bytes + begin_bytes);
+    std::memcpy(host.data(), tables.patterns.data(), pattern_bytes);
+    std::memcpy(host.data() + pattern_bytes, tables.pattern_begin.data(), begin_bytes);
+    DeviceScope scope(ordinal_);
+    DA_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy(plan->tables.data(), host.data(), host.size(), cudaMemcpyHostToDevice),
+        "plan tables to the device"));
+    return plan;
+  }
+
+  absl::Status RunShare(Plan& plan_base, const ShareProblem& problem,
+                        const RunContext& context) override {
+    auto* plan = dynamic_cast<CudaPlan*>(&plan_base);
+    if (plan == nullptr) return absl::InternalError("cuda backend given a plan it did not build");
+    DA_RETURN_IF_ERROR(CheckShareSpace(problem, Space()));
+    DA_ASSIGN_OR_RETURN(RowTables tables, MakeRowTables(problem));
+    if (static_cast<int64_t>(tables.patterns.size()) != plan->pattern_count) {
+      return absl::InternalError("cuda plan built for another share");
+    }
+    DeviceScope scope(ordinal_);
+    DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    RowShare share = tables.share;
+    auto* base = static_cast<uint8_t*>(plan->tables.data());
+    share.head_patterns = reinterpret_cast<const RowPattern*>(base);
+    share.head_pattern_begin =
+        reinterpret_cast<const int*>(base + plan->pattern_count * sizeof(RowPattern));
+    // This run's spanning sets (their gathered rows change from run to run) and the failure flag.
+    const int64_t spanning_bytes =
+        static_cast<int64_t>(tables.spanning.size() * sizeof(RowSpanning));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer scratch, Allocate(spanning_bytes + sizeof(int)));
+    auto* flag = reinterpret_cast<int*>(static_cast<uint8_t*>(scratch.data()) + spanning_bytes);
+    DA_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(flag, 0, sizeof(int), stream), "clear flag"));
+    if (spanning_bytes > 0) {
+      DA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(scratch.data(), tables.spanning.data(),
+                                                    spanning_bytes, cudaMemcpyHostToDevice, stream),
+                                    "spanning sets to the device"));
+      share.spanning = static_cast<const RowSpanning*>(scratch.data());
+    } else {
+      share.spanning = nullptr;
+    }
+    // Launches of a bounded amount of work each, with the stop flag polled between them: a stop
+    // ends the run within one launch.
+    int64_t keys_per_row = 0;
+    for (const Pattern& p : problem.spec.patterns) {
+      keys_per_row +=
+          (std::min(p.segment_len, problem.shape.seq_len) + p.dilation - 1) / p.dilation;
+    }
+    const int64_t rows = RowCount(share);
+    // About 2^36 key-dimension products per launch (tens of milliseconds on a large GPU, a guess
+    // until measured), and never fewer rows than fill one (32768 threads).
+    const int64_t per_launch = std::clamp<int64_t>(
+        (int64_t{1} << 36) / std::max<int64_t>(1, keys_per_row * problem.shape.head_dim), 32768,
+        std::max<int64_t>(rows, 32768));
+    for (int64_t first = 0; first < rows; first += per_launch) {
+      if (context.cancelled != nullptr && context.cancelled->load()) {
+        cudaStreamSynchronize(stream);
+        return absl::CancelledError(
+            absl::StrCat("cuda run cancelled after ", first, " of ", rows, " rows"));
+      }
+      DA_RETURN_IF_ERROR(
+          CudaStatus(LaunchRows(share, first, std::min(per_launch, rows - first), flag, stream),
+                     "row kernel"));
+      DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "row kernel"));
+    }
+    int failed = 0;
+    DA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy(&failed, flag, sizeof(int), cudaMemcpyDeviceToHost), "failure flag"));
+    if (failed != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "share ", problem.share.ToString(),
+          " reads keys of a segment outside itself but no gathered rows were given for it"));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  // The context's stream, else the backend's own (created on first use, non-blocking).
+  absl::StatusOr<cudaStream_t> StreamOf(const RunContext& context) {
+    if (context.stream != nullptr) return static_cast<cudaStream_t>(context.stream);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stream_ == nullptr) {
+      DA_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
+                                    "creating the stream"));
+    }
+    return stream_;
+  }
+
+  const int ordinal_;
+  const DeviceCapabilities capabilities_;
+  const PrecisionPolicyOptions options_;
+  std::mutex mutex_;
+  cudaStream_t stream_ = nullptr;
+};
+
+// "cuda:3" -> 3; "sm_90" -> (9, 0).
+absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const DeviceInfo& device,
+                                                         const BackendOptions& options) {
+  int ordinal = -1;
+  const size_t colon = device.id.find(':');
+  if (colon == std::string::npos || !absl::SimpleAtoi(device.id.substr(colon + 1), &ordinal) ||
+      ordinal < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda device id '", device.id, "' is not cuda:<ordinal>"));
+  }
+  int sm = 0;
+  if (device.capability.rfind("sm_", 0) != 0 ||
+      !absl::SimpleAtoi(device.capability.substr(3), &sm) || sm < 10) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda device ", device.id, " capability '",
+                                                   device.capability,
+                                                   "' is not sm_<major><minor>"));
+  }
+  return std::make_unique<CudaBackend>(ordinal, sm / 10, sm % 10, options.precision);
+}
+
+const bool kRegistered = RegisterBackend(
+    {.name = "cuda", .device_kind = "cuda", .default_for_kind = true, .make = MakeCudaBackend});
+
+}  // namespace
+}  // namespace da::engine::cuda

@@ -1,0 +1,141 @@
+// The CUDA backend through the engine, on a real GPU (label gpu; every test skips, saying so, on
+// a machine without one): requests placed on cuda:0 equal the reference over patterns, causal,
+// both combine modes, GQA and the three dtypes (fp32 arithmetic: the fp32 tolerance of the
+// output dtype); a run is stopped within 100 ms of its cancellation; a request over the GPU's
+// budget is refused naming both numbers. (The backend against the reference directly, shares
+// included, is backend_conformance_test's CUDA instance; the arithmetic on the CPU is
+// row_attention_test.)
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <random>
+#include <thread>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend_registry.h"
+#include "engine/engine.h"
+#include "engine/test_tensors.h"
+
+namespace da::engine {
+namespace {
+
+using testing::OwnedTensor;
+
+bool HaveGpu() {
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.kind == "cuda") return true;
+  }
+  return false;
+}
+
+EngineOptions OnGpu() {
+  EngineOptions options;
+  options.threads = 2;
+  options.devices = {"cuda:0"};
+  return options;
+}
+
+using Param = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
+class CudaEngineTest : public ::testing::TestWithParam<Param> {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+  }
+};
+
+TEST_P(CudaEngineTest, RequestsOnTheGpuMatchTheReference) {
+  const auto& [set, causal, mode, dtype] = GetParam();
+  const std::vector<std::vector<Pattern>> sets = {
+      {{256, 1}, {512, 2}, {1024, 4}}, {{10, 3}, {100, 7}}, {{64, 1}, {5000, 40}}};
+  const ProblemShape shape{2, 1999, 8, 2, 64};
+  std::mt19937 rng(static_cast<uint32_t>(set * 13 + causal));
+  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
+  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  AttentionSpec spec;
+  spec.patterns = sets[set];
+  spec.causal = causal;
+  spec.mode = mode;
+  OwnedTensor expected = testing::PoisonedTensor(dtype, shape.QueryShape());
+  absl::StatusOr<std::unique_ptr<Backend>> reference =
+      MakeBackend("reference", DiscoverDevices(1)[0]);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  ASSERT_TRUE(
+      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  OwnedTensor actual = testing::PoisonedTensor(dtype, shape.QueryShape());
+  RunRequest request;
+  request.q = q.view();
+  request.k = k.view();
+  request.v = v.view();
+  request.spec = spec;
+  request.out = actual.mutable_view();
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->backend, "cuda");
+  EXPECT_EQ(info->devices, std::vector<std::string>{"cuda:0"});
+  EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(dtype)), "");
+}
+
+std::string Name(const ::testing::TestParamInfo<Param>& info) {
+  const auto& [set, causal, mode, dtype] = info.param;
+  return absl::StrCat("set", set, causal ? "_causal_" : "_full_", CombineModeName(mode), "_",
+                      DTypeName(dtype));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, CudaEngineTest,
+    ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16)),
+    Name);
+
+class CudaEngineLimitsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+  }
+};
+
+TEST_F(CudaEngineLimitsTest, ARunStopsWithin100MsOfItsCancellation) {
+  const ProblemShape shape{1, 65536, 16, 16, 64};
+  testing::OwnedProblem p = testing::RandomProblem(shape, 5);
+  p.spec.patterns = {{16384, 1}};  // Seconds of the row kernel.
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::atomic<bool> cancelled{false};
+  RunRequest request = p.Request();
+  request.cancelled = &cancelled;
+  std::promise<absl::StatusOr<ExecutionInfo>> done;
+  (*engine)->Submit(request, [&](absl::StatusOr<ExecutionInfo> r) { done.set_value(r); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto flagged = std::chrono::steady_clock::now();
+  cancelled = true;
+  absl::StatusOr<ExecutionInfo> result = done.get_future().get();
+  const double stop_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - flagged).count();
+  EXPECT_TRUE(absl::IsCancelled(result.status())) << result.status();
+  EXPECT_LE(stop_ms, 100.0);
+}
+
+TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers) {
+  EngineOptions options = OnGpu();
+  options.device_memory_budget_bytes = 1 << 20;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const ProblemShape shape{1, 8192, 8, 8, 64};  // 8 MiB of fp32 q alone.
+  testing::OwnedProblem p = testing::RandomProblem(shape, 6);
+  p.spec.patterns = {{1024, 1}};
+  p.spec.shard_policy = ShardPolicy::kNone;
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(p.Request());
+  ASSERT_TRUE(absl::IsResourceExhausted(info.status())) << info.status();
+  EXPECT_NE(info.status().message().find("1048576"), std::string::npos) << info.status();
+}
+
+}  // namespace
+}  // namespace da::engine

@@ -1,0 +1,331 @@
+// The CUDA backend's per-row arithmetic (issue #15), in __host__ __device__ functions so that the
+// CPU tests run exactly the code the GPU runs: dtype conversions by bits (round to nearest, ties
+// to even), and one output row of a share of docs/MATH.md's dilated attention: for each pattern
+// its head runs and that keeps the row's position, softmax attention over the kept set (online,
+// in fp32), folded into the LONGNET combine by log-sum-exp (or GROUPED's one pattern divided by
+// P) as it goes, so that the only memory beyond the inputs and the output is one row's registers.
+//
+//   RowShare s = ...;                      // pointers in the GPU's memory (host in CPU tests)
+//   for (int64_t row = 0; row < RowCount(s); ++row) ComputeRow(s, row);   // a kernel: one thread
+//
+// This is the correctness path: one thread per output row, keys read from global memory. The
+// tiled tensor-core kernels and cuDNN's fused attention are the fast paths built on top of it
+// and compared with it.
+//
+// Only the standard library and CUDA here (compiled by nvcc and by the host compiler).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define DA_HD __host__ __device__ __forceinline__
+#else
+#define DA_HD inline
+#endif
+
+namespace da::engine::cuda {
+
+// The largest head dimension the row kernel holds in registers; the backend refuses larger ones.
+inline constexpr int kMaxRowHeadDim = 128;
+
+// Element types, numbered as engine::DType (fp32, fp16, bf16).
+enum class ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+DA_HD uint32_t FloatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return bits;
+#endif
+}
+
+DA_HD float BitsFloat(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+DA_HD float Bf16ToFloat(uint16_t b) { return BitsFloat(static_cast<uint32_t>(b) << 16); }
+
+// Round to nearest, ties to even; NaN stays NaN (quiet), infinities stay.
+DA_HD uint16_t FloatToBf16(float f) {
+  const uint32_t x = FloatBits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x0040u);
+  const uint32_t rounded = x + 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(rounded >> 16);
+}
+
+DA_HD float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  const uint32_t mantissa = h & 0x3ffu;
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24, exact in fp32.
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return BitsFloat(FloatBits(magnitude) | sign);
+  }
+  if (exponent == 31) return BitsFloat(sign | 0x7f800000u | (mantissa << 13));
+  return BitsFloat(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+
+// Round to nearest, ties to even; overflow to infinity; subnormals kept; NaN stays NaN.
+DA_HD uint16_t FloatToHalf(float f) {
+  uint32_t x = FloatBits(f);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7e00u;   // NaN.
+  if (x >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520 rounds to infinity.
+  if (x >= 0x38800000u) {                       // >= 2^-14: a normal half.
+    uint32_t h = (((x >> 23) - 112u) << 10) | ((x >> 13) & 0x3ffu);
+    const uint32_t rest = x & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // A carry moves the exponent.
+    return sign | static_cast<uint16_t>(h);
+  }
+  if (x < 0x33000000u) return sign;  // At most 2^-25: rounds to zero (2^-25 ties to even 0).
+  // Subnormal: f / 2^-24 = mantissa * 2^(exponent - 126), rounded.
+  const uint32_t mantissa = (x & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126u - (x >> 23);  // 14 .. 24.
+  uint32_t h = mantissa >> shift;
+  const uint32_t rest = mantissa & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (rest > half || (rest == half && (h & 1u))) ++h;  // 0x400 is the smallest normal: right.
+  return sign | static_cast<uint16_t>(h);
+}
+
+DA_HD float LoadElem(const void* data, ElemType type, int64_t index) {
+  switch (type) {
+    case ElemType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(data)[index]);
+    case ElemType::kBF16:
+      return Bf16ToFloat(static_cast<const uint16_t*>(data)[index]);
+    case ElemType::kF32:
+      break;
+  }
+  return static_cast<const float*>(data)[index];
+}
+
+DA_HD void StoreElem(void* data, ElemType type, int64_t index, float value) {
+  switch (type) {
+    case ElemType::kF16:
+      static_cast<uint16_t*>(data)[index] = FloatToHalf(value);
+      return;
+    case ElemType::kBF16:
+      static_cast<uint16_t*>(data)[index] = FloatToBf16(value);
+      return;
+    case ElemType::kF32:
+      break;
+  }
+  static_cast<float*>(data)[index] = value;
+}
+
+// One pattern a head runs (from engine::AssignHeadPatterns, computed on the host).
+struct RowPattern {
+  int64_t segment_len = 1;
+  int64_t dilation = 1;
+  int64_t offset = 0;
+  int pattern_index = 0;
+};
+
+// A segment whose kept keys lie on several shares (engine::SpanningKeys) and its gathered rows:
+// [batch, count, head_dim] each, in the input type. Sorted by (pattern, kv head, offset,
+// segment) for the binary search in FindSpanning.
+struct RowSpanning {
+  int pattern_index = 0;
+  int64_t kv_head = 0;
+  int64_t offset = 0;
+  int64_t segment = 0;
+  int64_t count = 0;
+  const void* k = nullptr;
+  const void* v = nullptr;
+};
+
+// A share of a problem as the row kernel reads it (engine::ShareProblem, flattened).
+struct RowShare {
+  // The whole problem.
+  int64_t batch = 1;
+  int64_t seq_len = 1;
+  int64_t heads = 1;
+  int64_t kv_heads = 1;
+  int64_t head_dim = 1;
+  // The share: tokens [token_begin, token_end), query heads [head_begin, head_end), kv heads
+  // [kv_head_begin, kv_head_end).
+  int64_t token_begin = 0;
+  int64_t token_end = 1;
+  int64_t head_begin = 0;
+  int64_t head_end = 1;
+  int64_t kv_head_begin = 0;
+  int64_t kv_head_end = 1;
+  // q [batch, tokens, share heads, D], k and v [batch, tokens, share kv heads, D] in `in`,
+  // out like q in `out_type`.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  ElemType in = ElemType::kF32;
+  ElemType out_type = ElemType::kF32;
+  float scale = 1.0f;
+  bool causal = false;
+  bool grouped = false;  // GROUPED: one pattern per head, divided by `patterns`.
+  int patterns = 1;      // P of the request.
+  // Per share head h (0 .. heads of the share): its patterns are
+  // head_patterns[head_pattern_begin[h] .. head_pattern_begin[h + 1]).
+  const RowPattern* head_patterns = nullptr;
+  const int* head_pattern_begin = nullptr;
+  const RowSpanning* spanning = nullptr;
+  int spanning_count = 0;
+};
+
+DA_HD int64_t ShareTokens(const RowShare& s) { return s.token_end - s.token_begin; }
+DA_HD int64_t ShareHeads(const RowShare& s) { return s.head_end - s.head_begin; }
+DA_HD int64_t ShareKvHeads(const RowShare& s) { return s.kv_head_end - s.kv_head_begin; }
+// Output rows of the share: batch * tokens * heads, row = (b * tokens + token) * heads + head.
+DA_HD int64_t RowCount(const RowShare& s) { return s.batch * ShareTokens(s) * ShareHeads(s); }
+
+// The spanning set of (pattern, kv head, offset, segment), or null.
+DA_HD const RowSpanning* FindSpanning(const RowShare& s, int pattern_index, int64_t kv_head,
+                                      int64_t offset, int64_t segment) {
+  int lo = 0;
+  int hi = s.spanning_count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    const RowSpanning& m = s.spanning[mid];
+    const bool less = m.pattern_index != pattern_index ? m.pattern_index < pattern_index
+                      : m.kv_head != kv_head           ? m.kv_head < kv_head
+                      : m.offset != offset             ? m.offset < offset
+                                                       : m.segment < segment;
+    if (less) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  if (lo < s.spanning_count) {
+    const RowSpanning& f = s.spanning[lo];
+    if (f.pattern_index == pattern_index && f.kv_head == kv_head && f.offset == offset &&
+        f.segment == segment) {
+      return &f;
+    }
+  }
+  return nullptr;
+}
+
+// The LONGNET combine of pattern results at one position, folded one pattern at a time
+// (docs/MATH.md: a softmax over the patterns' log-sum-exps, largest subtracted first).
+struct CombineFold {
+  float max_lse = -INFINITY;
+  float weight = 0.0f;
+};
+
+// Folds a pattern's normalised row out (with its lse) into acc; rows are head_dim long.
+DA_HD void FoldPattern(CombineFold& fold, float* acc, const float* out, float lse,
+                       int64_t head_dim) {
+  const float new_max = fold.max_lse > lse ? fold.max_lse : lse;
+  const float old_factor = fold.weight > 0.0f ? expf(fold.max_lse - new_max) : 0.0f;
+  const float new_factor = expf(lse - new_max);
+  for (int64_t d = 0; d < head_dim; ++d) acc[d] = acc[d] * old_factor + out[d] * new_factor;
+  fold.weight = fold.weight * old_factor + new_factor;
+  fold.max_lse = new_max;
+}
+
+// Computes output row `row` of the share (RowCount) and stores it. Returns false (writing
+// nothing) when the share reads keys outside itself that no spanning set provides: the caller's
+// layout is wrong.
+DA_HD bool ComputeRow(const RowShare& s, int64_t row) {
+  const int64_t share_heads = ShareHeads(s);
+  const int64_t tokens = ShareTokens(s);
+  const int64_t local_head = row % share_heads;
+  const int64_t local_token = (row / share_heads) % tokens;
+  const int64_t b = row / (share_heads * tokens);
+  const int64_t p = s.token_begin + local_token;
+  const int64_t head = s.head_begin + local_head;
+  const int64_t kv_head = head / (s.heads / s.kv_heads);
+  const int64_t local_kv_head = kv_head - s.kv_head_begin;
+  const int64_t d_count = s.head_dim;
+  const int64_t share_kv_heads = ShareKvHeads(s);
+
+  float q[kMaxRowHeadDim];
+  float acc[kMaxRowHeadDim];
+  float combined[kMaxRowHeadDim];
+  const int64_t q_base = ((b * tokens + local_token) * share_heads + local_head) * d_count;
+  for (int64_t d = 0; d < d_count; ++d) {
+    q[d] = LoadElem(s.q, s.in, q_base + d) * s.scale;
+    combined[d] = 0.0f;
+  }
+  CombineFold fold;
+  bool any = false;
+  for (int e = s.head_pattern_begin[local_head]; e < s.head_pattern_begin[local_head + 1]; ++e) {
+    const RowPattern& pattern = s.head_patterns[e];
+    const int64_t w = pattern.segment_len;
+    const int64_t r = pattern.dilation;
+    const int64_t segment = p / w;
+    const int64_t start = segment * w;
+    const int64_t span = s.seq_len - start < w ? s.seq_len - start : w;
+    const int64_t from_first = p - start - pattern.offset;
+    if (from_first < 0 || from_first % r != 0) continue;  // Not kept by this pattern.
+    const int64_t count = pattern.offset < span ? (span - pattern.offset + r - 1) / r : 0;
+    const int64_t qi = from_first / r;
+    const int64_t keys = s.causal ? qi + 1 : count;
+    const int64_t first = start + pattern.offset;
+    const int64_t last = first + (count - 1) * r;
+    // The keys: the share's own rows, or the set's gathered rows when it spans shares.
+    const void* k_rows = s.k;
+    const void* v_rows = s.v;
+    int64_t k_base = 0;  // Element index of key xi's row: k_base + xi * k_step.
+    int64_t k_step = 0;
+    if (first >= s.token_begin && last < s.token_end) {
+      k_base = ((b * tokens + (first - s.token_begin)) * share_kv_heads + local_kv_head) * d_count;
+      k_step = r * share_kv_heads * d_count;
+    } else {
+      const RowSpanning* set =
+          FindSpanning(s, pattern.pattern_index, kv_head, pattern.offset, segment);
+      if (set == nullptr || set->count != count) return false;
+      k_rows = set->k;
+      v_rows = set->v;
+      k_base = b * count * d_count;
+      k_step = d_count;
+    }
+    // Online softmax over the keys, in fp32.
+    float m = -INFINITY;
+    float l = 0.0f;
+    for (int64_t d = 0; d < d_count; ++d) acc[d] = 0.0f;
+    for (int64_t xi = 0; xi < keys; ++xi) {
+      const int64_t at = k_base + xi * k_step;
+      float score = 0.0f;
+      for (int64_t d = 0; d < d_count; ++d) score += q[d] * LoadElem(k_rows, s.in, at + d);
+      const float new_m = m > score ? m : score;
+      const float correction = expf(m - new_m);  // 0 on the first key (m = -inf).
+      const float weight = expf(score - new_m);
+      for (int64_t d = 0; d < d_count; ++d) {
+        acc[d] = acc[d] * correction + weight * LoadElem(v_rows, s.in, at + d);
+      }
+      l = l * correction + weight;
+      m = new_m;
+    }
+    const float inverse = 1.0f / l;
+    for (int64_t d = 0; d < d_count; ++d) acc[d] *= inverse;
+    if (s.grouped) {
+      const float share = 1.0f / static_cast<float>(s.patterns);
+      for (int64_t d = 0; d < d_count; ++d) combined[d] = acc[d] * share;
+      fold.weight = 1.0f;
+    } else {
+      FoldPattern(fold, combined, acc, m + logf(l), d_count);
+    }
+    any = true;
+  }
+  const int64_t out_base = q_base;
+  const float inverse = any ? 1.0f / fold.weight : 0.0f;
+  for (int64_t d = 0; d < d_count; ++d) {
+    StoreElem(s.out, s.out_type, out_base + d, any ? combined[d] * inverse : 0.0f);
+  }
+  return true;
+}
+
+}  // namespace da::engine::cuda

@@ -1,0 +1,265 @@
+// The CUDA row kernel's arithmetic, run on the CPU (issue #15): the exact __host__ __device__
+// functions the GPU runs (engine/cuda/row_attention.cuh), through the host tables the backend
+// uploads (row_share.h). Conversions: every fp16 and bf16 bit pattern widens as the engine's
+// LoadAsFloat, and narrowing rounds as StoreFromFloat (to nearest, ties to even) on specials,
+// ties and a million random floats. Rows: every row of whole problems and of HEADS and SEQUENCE
+// shares (2-3 shares, spanning segments with gathered rows) against the fp64 reference, over
+// pattern sets (r not dividing w, w > N, partial segments), causal, both combine modes, GQA, the
+// three dtypes and D = 32, 64, 128. Bound: the fp32 tolerance of the output dtype
+// (testing::ToleranceFor), as for every backend.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend_registry.h"
+#include "engine/cuda/row_share.h"
+#include "engine/shard_data.h"
+#include "engine/test_tensors.h"
+#include "engine/testing/share_testing.h"
+
+namespace da::engine::cuda {
+namespace {
+
+using engine::testing::OwnedTensor;
+
+uint32_t Bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// The engine's conversion of one value to a 16-bit dtype, as bits.
+// (Four bytes of room: the compiler cannot see that only two are written.)
+uint16_t EngineNarrow(DType dtype, float value) {
+  uint32_t out = 0;
+  StoreFromFloat(dtype, &out, 0, value);
+  uint16_t low;
+  std::memcpy(&low, &out, 2);
+  return low;
+}
+
+TEST(RowConversionTest, EveryHalfAndBf16BitPatternWidensAsTheEngine) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const uint16_t bits = static_cast<uint16_t>(h);
+    for (auto [dtype, ours] : {std::pair{DType::kFloat16, HalfToFloat(bits)},
+                               std::pair{DType::kBFloat16, Bf16ToFloat(bits)}}) {
+      uint32_t storage = 0;  // Four bytes of room, as in EngineNarrow.
+      std::memcpy(&storage, &bits, 2);
+      const float engine = LoadAsFloat(dtype, &storage, 0);
+      if (std::isnan(engine)) {
+        ASSERT_TRUE(std::isnan(ours)) << DTypeName(dtype) << " bits " << h;
+      } else {
+        ASSERT_EQ(Bits(ours), Bits(engine)) << DTypeName(dtype) << " bits " << h;
+      }
+    }
+  }
+}
+
+void ExpectNarrowsAsTheEngine(float value) {
+  for (auto [dtype, ours] : {std::pair{DType::kFloat16, FloatToHalf(value)},
+                             std::pair{DType::kBFloat16, FloatToBf16(value)}}) {
+    const uint16_t engine = EngineNarrow(dtype, value);
+    if (std::isnan(value)) {
+      const float widened = dtype == DType::kFloat16 ? HalfToFloat(ours) : Bf16ToFloat(ours);
+      ASSERT_TRUE(std::isnan(widened)) << DTypeName(dtype);
+    } else {
+      ASSERT_EQ(ours, engine) << DTypeName(dtype) << " of " << value << " (bits " << std::hex
+                              << Bits(value) << ")";
+    }
+  }
+}
+
+TEST(RowConversionTest, NarrowingRoundsToNearestEvenAsTheEngine) {
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float special : {0.0f, -0.0f, inf, -inf, std::numeric_limits<float>::quiet_NaN(), 65504.0f,
+                        65519.99f, 65520.0f, -65520.0f, 1e9f, 0x1p-24f, 0x1p-25f, 0x1.8p-25f,
+                        0x1.8p-24f, 0x1p-14f, 0x1.ffcp-15f, 0x1p-26f, 1e-45f, 3.4e38f}) {
+    ExpectNarrowsAsTheEngine(special);
+  }
+  // Every half and its neighbours' midpoints: exact ties round to even.
+  for (uint32_t h = 0; h < 0x7c00; ++h) {
+    const float here = HalfToFloat(static_cast<uint16_t>(h));
+    const float next = HalfToFloat(static_cast<uint16_t>(h + 1));
+    for (float sign : {1.0f, -1.0f}) {
+      ExpectNarrowsAsTheEngine(sign * here);
+      ExpectNarrowsAsTheEngine(sign * (here + (next - here) / 2));
+      ExpectNarrowsAsTheEngine(sign * std::nextafter(here + (next - here) / 2, inf));
+    }
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> any_bits;
+  for (int i = 0; i < 1000000; ++i) {
+    uint32_t bits = any_bits(rng);
+    float value;
+    std::memcpy(&value, &bits, 4);
+    ExpectNarrowsAsTheEngine(value);
+  }
+}
+
+const std::vector<std::vector<Pattern>>& PatternSets() {
+  static const auto* sets = new std::vector<std::vector<Pattern>>{
+      {{16, 1}, {32, 2}, {64, 4}},  // Geometric; segments span shares.
+      {{10, 3}, {100, 7}},          // r does not divide w; partial last segments.
+      {{64, 1}, {5000, 40}},        // w > N.
+  };
+  return *sets;
+}
+
+struct Cut {
+  int shares;
+  ShardPolicy strategy;  // kNone: the whole problem.
+};
+
+void PrintTo(const Cut& cut, std::ostream* os) {
+  *os << cut.shares << " " << ShardPolicyName(cut.strategy);
+}
+
+using Param =
+    std::tuple<Cut, int /*set*/, bool /*causal*/, CombineMode, DType, int64_t /*head_dim*/>;
+
+class RowAttentionTest : public ::testing::TestWithParam<Param> {};
+
+TEST_P(RowAttentionTest, EveryRowOfEveryShareMatchesTheReference) {
+  const auto& [cut, set, causal, mode, dtype, head_dim] = GetParam();
+  AttentionSpec spec;
+  spec.patterns = PatternSets()[set];
+  spec.causal = causal;
+  spec.mode = mode;
+  spec.precision = Precision::kFloat32;
+  const ProblemShape shape{2, 211, 6, 3, head_dim};
+  std::mt19937 rng(static_cast<uint32_t>(set * 101 + causal * 7 + head_dim + cut.shares));
+  const OwnedTensor q = engine::testing::RandomTensor(dtype, shape.QueryShape(), rng);
+  const OwnedTensor k = engine::testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  const OwnedTensor v = engine::testing::RandomTensor(dtype, shape.KeyShape(), rng);
+
+  OwnedTensor expected = engine::testing::PoisonedTensor(dtype, shape.QueryShape());
+  absl::StatusOr<std::unique_ptr<Backend>> reference =
+      MakeBackend("reference", DiscoverDevices(1)[0]);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  ASSERT_TRUE(
+      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+
+  ShardLayout layout;
+  if (cut.strategy == ShardPolicy::kNone) {
+    layout.strategy = ShardPolicy::kNone;
+    layout.shares = {WholeShare(shape)};
+  } else {
+    absl::StatusOr<ShardLayout> made = MakeShardLayout(shape, spec, cut.strategy, cut.shares);
+    ASSERT_TRUE(made.ok()) << made.status();
+    layout = *made;
+  }
+  const std::vector<SpanningKeys> sets = cut.strategy == ShardPolicy::kSequence
+                                             ? SpanningKeySets(shape, spec, layout)
+                                             : std::vector<SpanningKeys>();
+  if (cut.strategy == ShardPolicy::kSequence) {
+    EXPECT_FALSE(sets.empty());
+  }
+  std::vector<OwnedTensor> q_shares, k_shares, v_shares;
+  for (const Share& share : layout.shares) {
+    for (auto [list, source, kv] :
+         {std::tuple{&q_shares, &q, false}, std::tuple{&k_shares, &k, true},
+          std::tuple{&v_shares, &v, true}}) {
+      OwnedTensor t = engine::testing::PoisonedTensor(
+          dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
+      CopyShareOut(source->view(), share, kv, t.bytes.data());
+      list->push_back(std::move(t));
+    }
+  }
+  OwnedTensor assembled = engine::testing::PoisonedTensor(dtype, shape.QueryShape());
+  for (const Share& share : layout.shares) {
+    engine::testing::Gathered gathered =
+        engine::testing::GatherFor(share.rank, shape, spec, layout, sets, k_shares, v_shares);
+    OwnedTensor out = engine::testing::PoisonedTensor(dtype, share.QueryShape(shape));
+    ShareProblem p;
+    p.shape = shape;
+    p.spec = spec;
+    p.share = share;
+    p.q = q_shares[share.rank].view();
+    p.k = k_shares[share.rank].view();
+    p.v = v_shares[share.rank].view();
+    p.out = out.mutable_view();
+    if (!sets.empty()) {
+      p.spanning = &sets;
+      p.gathered = &gathered.views;
+    }
+    absl::StatusOr<RowTables> tables = MakeRowTables(p);
+    ASSERT_TRUE(tables.ok()) << tables.status();
+    for (int64_t row = 0; row < RowCount(tables->share); ++row) {
+      ASSERT_TRUE(ComputeRow(tables->share, row)) << share.ToString() << " row " << row;
+    }
+    CopyShareIn(out.bytes.data(), share, assembled.mutable_view());
+  }
+  EXPECT_EQ(engine::testing::Compare(assembled, expected, engine::testing::ToleranceFor(dtype)),
+            "");
+}
+
+std::string Name(const ::testing::TestParamInfo<Param>& info) {
+  const auto& [cut, set, causal, mode, dtype, head_dim] = info.param;
+  return absl::StrCat(cut.strategy == ShardPolicy::kNone
+                          ? "whole"
+                          : absl::StrCat(ShardPolicyName(cut.strategy), cut.shares),
+                      "_set", set, causal ? "_causal_" : "_full_", CombineModeName(mode), "_",
+                      DTypeName(dtype), "_D", head_dim);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, RowAttentionTest,
+    ::testing::Combine(::testing::Values(Cut{1, ShardPolicy::kNone}, Cut{2, ShardPolicy::kHeads},
+                                         Cut{3, ShardPolicy::kSequence}),
+                       ::testing::Values(0, 1, 2), ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16),
+                       ::testing::Values(int64_t{32})),
+    Name);
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, RowAttentionTest,
+                         ::testing::Combine(::testing::Values(Cut{1, ShardPolicy::kNone},
+                                                              Cut{2, ShardPolicy::kSequence}),
+                                            ::testing::Values(0), ::testing::Values(true),
+                                            ::testing::Values(CombineMode::kLongNet),
+                                            ::testing::Values(DType::kBFloat16),
+                                            ::testing::Values(int64_t{64}, 128)),
+                         Name);
+
+TEST(RowAttentionTest, ASpanningSegmentWithoutItsRowsIsReportedNotComputed) {
+  AttentionSpec spec;
+  spec.patterns = {{64, 2}};
+  const ProblemShape shape{1, 100, 2, 2, 16};
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kSequence, 2);
+  ASSERT_TRUE(layout.ok());
+  std::mt19937 rng(5);
+  const Share& share = layout->shares[0];
+  const OwnedTensor q =
+      engine::testing::RandomTensor(DType::kFloat32, share.QueryShape(shape), rng);
+  const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, share.KeyShape(shape), rng);
+  OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
+  ShareProblem p{shape,   spec,   share, q.view(), k.view(), k.view(), out.mutable_view(),
+                 nullptr, nullptr};
+  absl::StatusOr<RowTables> tables = MakeRowTables(p);
+  ASSERT_TRUE(tables.ok()) << tables.status();
+  int refused = 0;
+  for (int64_t row = 0; row < RowCount(tables->share); ++row) {
+    refused += ComputeRow(tables->share, row) ? 0 : 1;
+  }
+  EXPECT_GT(refused, 0);
+}
+
+TEST(RowAttentionTest, AHeadDimensionPastTheRegistersIsRefused) {
+  AttentionSpec spec;
+  spec.patterns = {{8, 1}};
+  const ProblemShape shape{1, 8, 1, 1, 256};
+  std::mt19937 rng(3);
+  const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  absl::StatusOr<RowTables> tables =
+      MakeRowTables(WholeProblem(q.view(), q.view(), q.view(), spec, out.mutable_view()));
+  ASSERT_EQ(tables.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tables.status().message().find("256"), std::string::npos) << tables.status();
+}
+
+}  // namespace
+}  // namespace da::engine::cuda
