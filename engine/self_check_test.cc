@@ -151,9 +151,9 @@ testing::Tolerance DocumentedBound(Precision precision) {
                                           : testing::Tolerance{3e-2, 3e-2};
 }
 
-// The element index of output[0, position, head, d] of the check's [1, 80, 4, 16] output.
+// The element index of output[0, position, head, d] of the check's [1, 80, 4, 32] output.
 int64_t CheckElement(int64_t position, int64_t head, int64_t d) {
-  return (position * 4 + head) * 16 + d;
+  return (position * 4 + head) * 32 + d;
 }
 
 TEST(SelfCheckTest, PassesOnTheCpuBackendAndReportsTheErrorItMeasured) {
@@ -213,7 +213,7 @@ TEST(SelfCheckTest, ReportsTheErrorOfTheWorstElementEvenTheLastOne) {
   // 1e-4 floor of the fp32 tolerance, is then the largest error, and it passes.
   std::shared_ptr<Recording> recording;
   absl::StatusOr<std::unique_ptr<Engine>> engine =
-      TappedEngine("reference", 1, Fault{CheckElement(79, 3, 15), 5e-5f}, &recording);
+      TappedEngine("reference", 1, Fault{CheckElement(79, 3, 31), 5e-5f}, &recording);
   ASSERT_TRUE(engine.ok()) << engine.status();
   absl::StatusOr<SelfCheckResult> result = SelfCheck(**engine);
   ASSERT_TRUE(result.ok()) << result.status();
