@@ -1,0 +1,152 @@
+// The one translation unit that includes the cuDNN frontend (about 90 s to compile).
+#include "engine/cuda/cudnn_sdpa.h"
+
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+#include <cudnn_frontend.h>
+
+#include <map>
+#include <string>
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+
+namespace da::engine::cuda {
+namespace fe = cudnn_frontend;
+namespace {
+
+constexpr int64_t kQ = 1, kK = 2, kV = 3, kO = 4, kStats = 5;
+
+std::vector<int64_t> Dims(const SdpaView& view) { return {view.dims.begin(), view.dims.end()}; }
+std::vector<int64_t> Strides(const SdpaView& view) {
+  return {view.strides.begin(), view.strides.end()};
+}
+
+absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
+  if (error.is_good()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("cuDNN ", what, ": ", error.get_message()));
+}
+
+}  // namespace
+
+struct SdpaGraphs::Impl {
+  int device = 0;
+  cudnnHandle_t handle = nullptr;
+  std::map<std::string, std::shared_ptr<fe::graph::Graph>> graphs;  // By SdpaCall::Signature.
+  int64_t workspace_bytes = 0;
+
+  ~Impl() {
+    if (handle != nullptr) cudnnDestroy(handle);
+  }
+};
+
+SdpaGraphs::SdpaGraphs(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SdpaGraphs::~SdpaGraphs() = default;
+
+absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<SdpaCall>& calls,
+                                                              DType io, float scale, int device) {
+  if (io != DType::kBFloat16 && io != DType::kFloat16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuDNN fused attention takes fp16 or bf16, not ", DTypeName(io)));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  cudaSetDevice(device);
+  if (cudnnStatus_t created = cudnnCreate(&impl->handle); created != CUDNN_STATUS_SUCCESS) {
+    return absl::InternalError(
+        absl::StrCat("cudnnCreate on cuda:", device, ": ", cudnnGetErrorString(created)));
+  }
+  const fe::DataType_t type =
+      io == DType::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+  for (const SdpaCall& call : calls) {
+    const std::string signature = call.Signature();
+    if (impl->graphs.count(signature) != 0) continue;
+    auto graph = std::make_shared<fe::graph::Graph>();
+    graph->set_io_data_type(type)
+        .set_intermediate_data_type(fe::DataType_t::FLOAT)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    auto q = graph->tensor(fe::graph::Tensor_attributes()
+                               .set_name("q")
+                               .set_uid(kQ)
+                               .set_dim(Dims(call.q))
+                               .set_stride(Strides(call.q)));
+    auto k = graph->tensor(fe::graph::Tensor_attributes()
+                               .set_name("k")
+                               .set_uid(kK)
+                               .set_dim(Dims(call.kv))
+                               .set_stride(Strides(call.kv)));
+    auto v = graph->tensor(fe::graph::Tensor_attributes()
+                               .set_name("v")
+                               .set_uid(kV)
+                               .set_dim(Dims(call.kv))
+                               .set_stride(Strides(call.kv)));
+    auto options = fe::graph::SDPA_attributes()
+                       .set_name("dilated_segment")
+                       .set_generate_stats(true)
+                       .set_attn_scale(scale);
+    if (call.causal) {
+      // Queries and keys are the same kept positions: the diagonal starts top left.
+      options.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
+          .set_diagonal_band_right_bound(0);
+    }
+    auto [o, stats] = graph->sdpa(q, k, v, options);
+    o->set_output(true).set_uid(kO).set_dim(Dims(call.q)).set_stride(Strides(call.q));
+    stats->set_output(true)
+        .set_uid(kStats)
+        .set_data_type(fe::DataType_t::FLOAT)
+        .set_dim(Dims(call.lse))
+        .set_stride(Strides(call.lse));
+    const std::string what = absl::StrCat("graph ", signature);
+    if (auto e = graph->validate(); !e.is_good()) return FrontendStatus(e, what + " validate");
+    if (auto e = graph->build_operation_graph(impl->handle); !e.is_good()) {
+      return FrontendStatus(e, what + " operation graph");
+    }
+    if (auto e = graph->create_execution_plans({fe::HeurMode_t::A}); !e.is_good()) {
+      return FrontendStatus(e, what + " execution plans");
+    }
+    if (auto e = graph->check_support(impl->handle); !e.is_good()) {
+      return FrontendStatus(e, what + " support");
+    }
+    if (auto e = graph->build_plans(impl->handle); !e.is_good()) {
+      return FrontendStatus(e, what + " build");
+    }
+    int64_t workspace = 0;
+    if (auto e = graph->get_workspace_size(workspace); !e.is_good()) {
+      return FrontendStatus(e, what + " workspace");
+    }
+    impl->workspace_bytes = std::max(impl->workspace_bytes, workspace);
+    impl->graphs.emplace(signature, std::move(graph));
+  }
+  return std::unique_ptr<SdpaGraphs>(new SdpaGraphs(std::move(impl)));
+}
+
+int64_t SdpaGraphs::workspace_bytes() const { return impl_->workspace_bytes; }
+int SdpaGraphs::graphs() const { return static_cast<int>(impl_->graphs.size()); }
+
+absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, void* workspace,
+                             void* stream) {
+  const auto found = impl_->graphs.find(call.Signature());
+  if (found == impl_->graphs.end()) {
+    return absl::InternalError(absl::StrCat("no cuDNN graph built for ", call.Signature()));
+  }
+  cudaSetDevice(impl_->device);
+  if (cudnnStatus_t set = cudnnSetStream(impl_->handle, static_cast<cudaStream_t>(stream));
+      set != CUDNN_STATUS_SUCCESS) {
+    return absl::InternalError(absl::StrCat("cudnnSetStream: ", cudnnGetErrorString(set)));
+  }
+  // Element offsets of the call's views, as byte addresses in the tensors.
+  const int64_t element = 2;  // fp16 and bf16.
+  const auto at = [&](const void* base, const SdpaView& view, int64_t size) {
+    return static_cast<void*>(const_cast<char*>(static_cast<const char*>(base)) +
+                              view.offset * size);
+  };
+  std::unordered_map<int64_t, void*> pack = {
+      {kQ, at(tensors.q, call.q, element)},   {kK, at(tensors.k, call.kv, element)},
+      {kV, at(tensors.v, call.kv, element)},  {kO, at(tensors.out, call.q, element)},
+      {kStats, at(tensors.lse, call.lse, 4)},
+  };
+  return FrontendStatus(found->second->execute(impl_->handle, pack, workspace),
+                        absl::StrCat("execute ", call.Signature()));
+}
+
+}  // namespace da::engine::cuda
