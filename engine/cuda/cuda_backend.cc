@@ -6,12 +6,16 @@
 // What it is today: the correctness path. Every feature of the CPU backend (both combine modes,
 // causal, partial segments, w > N, r not dividing w, GQA, any batch, fp32/fp16/bf16 in and out,
 // HEADS and SEQUENCE shares with gathered rows) in fp32 arithmetic, one thread per output row.
-// The tensor-core paths (cuDNN's fused attention for bf16/fp16/fp8, a tiled kernel) come next and
-// will be compared with it. Not yet run on a GPU (no GPU was lent to the session that wrote it).
+// The fused path (cuDNN's attention per pattern on strided views, sdpa_plan.h / cudnn_sdpa.h, then
+// the LONGNET fold and GROUPED scaling of row_attention.cuh) computes bf16 and fp16 on sm_80 and
+// later for shares without spanning segments; until it has run on a GPU it is off unless the
+// environment sets DA_CUDA_FUSED=1. Not yet run on a GPU (no GPU was lent to the sessions that
+// wrote it).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -23,6 +27,10 @@
 #include "engine/backend_registry.h"
 #include "engine/cuda/row_kernel.cuh"
 #include "engine/cuda/row_share.h"
+#include "engine/cuda/sdpa_plan.h"
+#if defined(DA_HAVE_CUDNN)
+#include "engine/cuda/cudnn_sdpa.h"
+#endif
 #include "engine/precision_policy.h"
 #include "engine/status_macros.h"
 
@@ -60,13 +68,30 @@ class CudaPlan final : public Plan {
  public:
   DeviceBuffer tables;  // RowPattern[patterns] then int[heads + 1].
   int64_t pattern_count = 0;
-  int64_t bytes() const override { return tables.bytes(); }
+  // The fused path's calls (empty: the row kernel), the io dtype they compute in, their graphs
+  // and workspace.
+  std::vector<SdpaCall> calls;
+  DType io = DType::kBFloat16;
+#if defined(DA_HAVE_CUDNN)
+  std::unique_ptr<SdpaGraphs> graphs;
+#endif
+  DeviceBuffer workspace;
+  int64_t bytes() const override { return tables.bytes() + workspace.bytes(); }
 };
+
+bool FusedPrecision(Precision precision) {
+  return precision == Precision::kBFloat16 || precision == Precision::kFloat16;
+}
 
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int ordinal, int major, int minor, PrecisionPolicyOptions options)
-      : ordinal_(ordinal), capabilities_(CudaCapabilities(major, minor)), options_(options) {}
+      : ordinal_(ordinal), capabilities_(CudaCapabilities(major, minor)), options_(options) {
+#if defined(DA_HAVE_CUDNN)
+    const char* fused = std::getenv("DA_CUDA_FUSED");
+    fused_ = fused != nullptr && std::string(fused) == "1" && major >= 8;
+#endif
+  }
 
   ~CudaBackend() override {
     if (stream_ != nullptr) {
@@ -119,11 +144,23 @@ class CudaBackend final : public Backend {
     return CudaStatus(cudaStreamSynchronize(stream), "synchronize");
   }
 
-  // The row kernel computes in fp32 whatever the GPU; the policy's faster precisions arrive with
-  // the tensor-core paths.
-  std::vector<Precision> Precisions() const override { return {Precision::kFloat32}; }
+  // The row kernel computes in fp32 whatever the GPU; with the fused path, bf16 and fp16 too.
+  std::vector<Precision> Precisions() const override {
+    if (!fused_) return {Precision::kFloat32};
+    std::vector<Precision> offered;
+    for (Precision p : SupportedPrecisions(capabilities_)) {
+      if (p != Precision::kFloat8) offered.push_back(p);
+    }
+    return offered;
+  }
 
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
+    if (fused_ && spec.precision != Precision::kFloat8) {
+      DA_ASSIGN_OR_RETURN(PrecisionChoice choice,
+                          engine::ChoosePrecision(capabilities_, spec.precision, options_));
+      if (FusedPrecision(choice.precision)) absl::StrAppend(&choice.reason, " (cuDNN fused)");
+      return choice;
+    }
     const std::string device = capabilities_.Describe();
     if (spec.precision == Precision::kAuto || spec.precision == Precision::kFloat32) {
       return PrecisionChoice{
@@ -164,6 +201,18 @@ class CudaBackend final : public Backend {
     probe.out = {key.out_dtype, share.QueryShape(key.shape), nullptr, 0, Space()};
     DA_ASSIGN_OR_RETURN(RowTables tables, MakeRowTables(probe));
     auto plan = std::make_shared<CudaPlan>();
+#if defined(DA_HAVE_CUDNN)
+    if (fused_ && FusedPrecision(key.precision)) {
+      DA_ASSIGN_OR_RETURN(SdpaPlan sdpa, PlanSdpaCalls(key.shape, probe.spec, share));
+      if (sdpa.spanning.empty()) {  // Spanning segments: the row kernel, for now.
+        plan->io = key.precision == Precision::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
+        DA_ASSIGN_OR_RETURN(plan->graphs, SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_));
+        DA_ASSIGN_OR_RETURN(plan->workspace,
+                            Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
+        plan->calls = std::move(sdpa.calls);
+      }
+    }
+#endif
     plan->pattern_count = static_cast<int64_t>(tables.patterns.size());
     const int64_t pattern_bytes = plan->pattern_count * sizeof(RowPattern);
     const int64_t begin_bytes = static_cast<int64_t>(tables.pattern_begin.size() * sizeof(int));
@@ -194,6 +243,7 @@ class CudaBackend final : public Backend {
     share.head_patterns = reinterpret_cast<const RowPattern*>(base);
     share.head_pattern_begin =
         reinterpret_cast<const int*>(base + plan->pattern_count * sizeof(RowPattern));
+    if (!plan->calls.empty()) return RunFused(*plan, problem, share, context, stream);
     // This run's spanning sets (their gathered rows change from run to run) and the failure flag.
     const int64_t spanning_bytes =
         static_cast<int64_t>(tables.spanning.size() * sizeof(RowSpanning));
@@ -243,7 +293,73 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // The fused path's scratch per run: the inputs in the io dtype when they come in another, one
+  // pattern's output (io) and LSE (fp32), and the fold's fp32 accumulators.
+  int64_t PlanWorkspaceBytes(const PlanKey& key) const override {
+    if (!fused_ || !FusedPrecision(key.precision)) return 0;
+    const Share share = key.share.value_or(WholeShare(key.shape));
+    const int64_t rows = key.shape.batch * share.tokens() * share.heads();
+    const int64_t d = key.shape.head_dim;
+    const int64_t kv = key.shape.batch * share.tokens() * share.kv_heads() * d;
+    const int64_t converted = key.dtype == DType::kFloat32 ? 2 * (rows * d + 2 * kv) : 0;
+    return converted + rows * d * 2 + rows * 4 + rows * d * 4 + 2 * rows * 4;
+  }
+
  private:
+  absl::Status RunFused(CudaPlan& plan, const ShareProblem& problem, const RowShare& share,
+                        const RunContext& context, cudaStream_t stream) {
+#if defined(DA_HAVE_CUDNN)
+    const int64_t rows = RowCount(share);
+    const int64_t d = share.head_dim;
+    const ElemType io = static_cast<ElemType>(plan.io);
+    // The inputs in the io dtype.
+    const void* in[3] = {problem.q.data, problem.k.data, problem.v.data};
+    std::vector<DeviceBuffer> converted;
+    if (problem.q.dtype != plan.io) {
+      const TensorView* views[3] = {&problem.q, &problem.k, &problem.v};
+      for (int i = 0; i < 3; ++i) {
+        const int64_t count = views[i]->shape.elements();
+        DA_ASSIGN_OR_RETURN(DeviceBuffer buffer, Allocate(count * 2));
+        DA_RETURN_IF_ERROR(
+            CudaStatus(LaunchConvert(views[i]->data, share.in, buffer.data(), io, count, stream),
+                       "convert inputs"));
+        in[i] = buffer.data();
+        converted.push_back(std::move(buffer));
+      }
+    }
+    DA_ASSIGN_OR_RETURN(DeviceBuffer pattern_out, Allocate(rows * d * 2));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer fold, Allocate(rows * (d + 3) * 4));
+    auto* lse = static_cast<float*>(fold.data());
+    float* acc = lse + rows;
+    float* max_lse = acc + rows * d;
+    float* weight = max_lse + rows;
+    DA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemsetAsync(acc, 0, rows * (d + 2) * 4, stream), "clear the fold"));
+    const float scale = static_cast<float>(problem.spec.ScaleFor(d));
+    for (int pi = 0; pi < static_cast<int>(problem.spec.patterns.size()); ++pi) {
+      if (context.cancelled != nullptr && context.cancelled->load()) {
+        cudaStreamSynchronize(stream);
+        return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
+      }
+      for (const SdpaCall& call : plan.calls) {
+        if (call.pattern_index != pi) continue;
+        DA_RETURN_IF_ERROR(plan.graphs->Run(call,
+                                            {in[0], in[1], in[2], pattern_out.data(), lse, scale},
+                                            plan.workspace.data(), stream));
+      }
+      DA_RETURN_IF_ERROR(CudaStatus(
+          LaunchFold(share, pi, pattern_out.data(), io, lse, acc, max_lse, weight, stream),
+          "fold"));
+      DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
+    }
+    DA_RETURN_IF_ERROR(CudaStatus(LaunchFinish(share, acc, weight, stream), "finish"));
+    return CudaStatus(cudaStreamSynchronize(stream), "finish");
+#else
+    (void)plan, (void)problem, (void)share, (void)context, (void)stream;
+    return absl::InternalError("cuda plan with fused calls in a build without cuDNN");
+#endif
+  }
+
   // The context's stream, else the backend's own (created on first use, non-blocking).
   absl::StatusOr<cudaStream_t> StreamOf(const RunContext& context) {
     if (context.stream != nullptr) return static_cast<cudaStream_t>(context.stream);
@@ -258,6 +374,7 @@ class CudaBackend final : public Backend {
   const int ordinal_;
   const DeviceCapabilities capabilities_;
   const PrecisionPolicyOptions options_;
+  bool fused_ = false;  // The cuDNN path (DA_CUDA_FUSED=1, sm_80 and later, cuDNN built).
   std::mutex mutex_;
   cudaStream_t stream_ = nullptr;
 };

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <future>
 #include <random>
 #include <thread>
@@ -94,6 +95,67 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
                        ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16)),
     Name);
+
+// The fused path (DA_CUDA_FUSED=1: cuDNN per pattern, then the fold): bf16 compute on sm_80 and
+// later, fp32 and bf16 inputs, against the reference within the bf16 bound (relative L2 2e-2).
+using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
+class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+    setenv("DA_CUDA_FUSED", "1", 1);
+  }
+  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
+};
+
+TEST_P(CudaFusedEngineTest, Bf16RequestsMatchTheReference) {
+  const auto& [set, causal, mode, dtype] = GetParam();
+  const std::vector<std::vector<Pattern>> sets = {
+      {{256, 1}, {512, 2}, {1024, 4}}, {{100, 3}, {48, 5}}, {{64, 1}, {5000, 8}}};
+  const ProblemShape shape{2, 1999, 8, 2, 64};
+  std::mt19937 rng(static_cast<uint32_t>(set * 17 + causal));
+  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
+  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  AttentionSpec spec;
+  spec.patterns = sets[set];
+  spec.causal = causal;
+  spec.mode = mode;
+  spec.precision = Precision::kBFloat16;
+  OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  absl::StatusOr<std::unique_ptr<Backend>> reference =
+      MakeBackend("reference", DiscoverDevices(1)[0]);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  ASSERT_TRUE(
+      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  OwnedTensor actual = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  RunRequest request;
+  request.q = q.view();
+  request.k = k.view();
+  request.v = v.view();
+  request.spec = spec;
+  request.out = actual.mutable_view();
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->precision_used, Precision::kBFloat16) << info->precision_reason;
+  EXPECT_EQ(testing::Compare(actual, expected, {1.0, 0.0}), "");  // Finite and sane.
+  EXPECT_LE(testing::RelativeL2(actual, expected), 2e-2);
+}
+
+std::string FusedName(const ::testing::TestParamInfo<FusedParam>& info) {
+  const auto& [set, causal, mode, dtype] = info.param;
+  return absl::StrCat("set", set, causal ? "_causal_" : "_full_", CombineModeName(mode), "_",
+                      DTypeName(dtype), "_in");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, CudaFusedEngineTest,
+    ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat32, DType::kBFloat16)),
+    FusedName);
 
 class CudaEngineLimitsTest : public ::testing::Test {
  protected:

@@ -15,7 +15,7 @@ namespace da::engine::cuda {
 namespace fe = cudnn_frontend;
 namespace {
 
-constexpr int64_t kQ = 1, kK = 2, kV = 3, kO = 4, kStats = 5;
+constexpr int64_t kQ = 1, kK = 2, kV = 3, kO = 4, kStats = 5, kScale = 6;
 
 std::vector<int64_t> Dims(const SdpaView& view) { return {view.dims.begin(), view.dims.end()}; }
 std::vector<int64_t> Strides(const SdpaView& view) {
@@ -44,7 +44,7 @@ SdpaGraphs::SdpaGraphs(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SdpaGraphs::~SdpaGraphs() = default;
 
 absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<SdpaCall>& calls,
-                                                              DType io, float scale, int device) {
+                                                              DType io, int device) {
   if (io != DType::kBFloat16 && io != DType::kFloat16) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuDNN fused attention takes fp16 or bf16, not ", DTypeName(io)));
@@ -80,6 +80,13 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
                                .set_uid(kV)
                                .set_dim(Dims(call.kv))
                                .set_stride(Strides(call.kv)));
+    auto scale = graph->tensor(fe::graph::Tensor_attributes()
+                                   .set_name("scale")
+                                   .set_uid(kScale)
+                                   .set_dim({1, 1, 1, 1})
+                                   .set_stride({1, 1, 1, 1})
+                                   .set_is_pass_by_value(true)
+                                   .set_data_type(fe::DataType_t::FLOAT));
     auto options = fe::graph::SDPA_attributes()
                        .set_name("dilated_segment")
                        .set_generate_stats(true)
@@ -143,7 +150,7 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
   std::unordered_map<int64_t, void*> pack = {
       {kQ, at(tensors.q, call.q, element)},   {kK, at(tensors.k, call.kv, element)},
       {kV, at(tensors.v, call.kv, element)},  {kO, at(tensors.out, call.q, element)},
-      {kStats, at(tensors.lse, call.lse, 4)},
+      {kStats, at(tensors.lse, call.lse, 4)}, {kScale, const_cast<float*>(&tensors.scale)},
   };
   return FrontendStatus(found->second->execute(impl_->handle, pack, workspace),
                         absl::StrCat("execute ", call.Signature()));

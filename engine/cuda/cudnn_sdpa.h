@@ -3,7 +3,7 @@
 // stream with the share's tensors, the pattern's output buffer and the fp32 log-sum-exp buffer.
 // The cuDNN frontend (header-only, slow to compile) is included by cudnn_sdpa.cc alone.
 //
-//   DA_ASSIGN_OR_RETURN(auto graphs, SdpaGraphs::Build(plan.calls, DType::kBFloat16, scale, 0));
+//   DA_ASSIGN_OR_RETURN(auto graphs, SdpaGraphs::Build(plan.calls, DType::kBFloat16, 0));
 //   DeviceBuffer workspace = ... graphs->workspace_bytes() ...
 //   for (const SdpaCall& call : plan.calls)
 //     DA_RETURN_IF_ERROR(graphs->Run(call, {q, k, v, pattern_out, lse}, workspace, stream));
@@ -30,14 +30,15 @@ struct SdpaTensors {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;
+  float scale = 1.0f;  // The softmax scale (passed by value: one graph serves every scale).
 };
 
 class SdpaGraphs {
  public:
-  // io: fp16 or bf16 (what q, k, v and out hold); scale: the attention scale; device: ordinal.
-  // INVALID_ARGUMENT for another dtype; INTERNAL with cuDNN's message when a graph is refused.
+  // io: fp16 or bf16 (what q, k, v and out hold); device: ordinal. INVALID_ARGUMENT for another
+  // dtype; INTERNAL with cuDNN's message when a graph is refused.
   static absl::StatusOr<std::unique_ptr<SdpaGraphs>> Build(const std::vector<SdpaCall>& calls,
-                                                           DType io, float scale, int device);
+                                                           DType io, int device);
   ~SdpaGraphs();
   SdpaGraphs(const SdpaGraphs&) = delete;
   SdpaGraphs& operator=(const SdpaGraphs&) = delete;

@@ -60,8 +60,8 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
 
   absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, WholeShare(shape));
   ASSERT_TRUE(plan.ok()) << plan.status();
-  absl::StatusOr<std::unique_ptr<SdpaGraphs>> graphs = SdpaGraphs::Build(
-      plan->calls, DType::kBFloat16, static_cast<float>(spec.ScaleFor(shape.head_dim)), 0);
+  absl::StatusOr<std::unique_ptr<SdpaGraphs>> graphs =
+      SdpaGraphs::Build(plan->calls, DType::kBFloat16, 0);
   ASSERT_TRUE(graphs.ok()) << graphs.status();
   const size_t out_bytes = q.bytes.size();
   const size_t lse_bytes = shape.batch * shape.seq_len * shape.heads * sizeof(float);
@@ -75,9 +75,13 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
   for (const SdpaCall& call : plan->calls) {
-    absl::Status ran =
-        (*graphs)->Run(call, {dq.data, dk.data, dv.data, dout.data, static_cast<float*>(dlse.data)},
-                       workspace.data, stream);
+    const SdpaTensors tensors{dq.data,
+                              dk.data,
+                              dv.data,
+                              dout.data,
+                              static_cast<float*>(dlse.data),
+                              static_cast<float>(spec.ScaleFor(shape.head_dim))};
+    absl::Status ran = (*graphs)->Run(call, tensors, workspace.data, stream);
     ASSERT_TRUE(ran.ok()) << ran;
   }
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);

@@ -328,4 +328,64 @@ DA_HD bool ComputeRow(const RowShare& s, int64_t row) {
   return true;
 }
 
+// The fused path's combine (issue #15): each pattern's attention comes from cuDNN as a normalised
+// output row (in the io type, q's layout) and its natural-log LSE (fp32 [B, T, H]); FoldRow folds
+// pattern `pattern_index` into running fp32 accumulators (acc [rows, D], max_lse and weight
+// [rows], all starting at 0) for the rows that pattern keeps, and FinishRow writes the
+// output: LONGNET the LSE-weighted mean, GROUPED the one pattern divided by P, 0 where no pattern
+// kept the row. Rows as RowCount(s); the same head tables as ComputeRow.
+
+// The share head's entry for pattern_index and whether it keeps the row's position; null when
+// the head does not run the pattern.
+DA_HD const RowPattern* KeptBy(const RowShare& s, int pattern_index, int64_t local_head,
+                               int64_t position) {
+  for (int e = s.head_pattern_begin[local_head]; e < s.head_pattern_begin[local_head + 1]; ++e) {
+    const RowPattern& p = s.head_patterns[e];
+    if (p.pattern_index != pattern_index) continue;
+    const int64_t from_first = position - (position / p.segment_len) * p.segment_len - p.offset;
+    if (from_first < 0 || from_first % p.dilation != 0) return nullptr;
+    return &p;
+  }
+  return nullptr;
+}
+
+DA_HD void FoldRow(const RowShare& s, int pattern_index, const void* pattern_out, ElemType type,
+                   const float* lse, float* acc, float* max_lse, float* weight, int64_t row) {
+  const int64_t share_heads = ShareHeads(s);
+  const int64_t local_head = row % share_heads;
+  const int64_t position = s.token_begin + (row / share_heads) % ShareTokens(s);
+  if (KeptBy(s, pattern_index, local_head, position) == nullptr) return;
+  const int64_t d_count = s.head_dim;
+  float* a = acc + row * d_count;
+  if (s.grouped) {  // One pattern per head.
+    const float share = 1.0f / static_cast<float>(s.patterns);
+    for (int64_t d = 0; d < d_count; ++d) {
+      a[d] = LoadElem(pattern_out, type, row * d_count + d) * share;
+    }
+    weight[row] = 1.0f;
+    max_lse[row] = 0.0f;
+    return;
+  }
+  const float l = lse[row];
+  // The first kept pattern sets the maximum (the buffers may start as zeros).
+  const float new_max = weight[row] > 0.0f && max_lse[row] > l ? max_lse[row] : l;
+  const float old_factor = weight[row] > 0.0f ? expf(max_lse[row] - new_max) : 0.0f;
+  const float new_factor = expf(l - new_max);
+  for (int64_t d = 0; d < d_count; ++d) {
+    a[d] = a[d] * old_factor + LoadElem(pattern_out, type, row * d_count + d) * new_factor;
+  }
+  weight[row] = weight[row] * old_factor + new_factor;
+  max_lse[row] = new_max;
+}
+
+DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, int64_t row) {
+  const int64_t d_count = s.head_dim;
+  const float w = weight[row];
+  const float inverse = w > 0.0f ? 1.0f / w : 0.0f;
+  for (int64_t d = 0; d < d_count; ++d) {
+    StoreElem(s.out, s.out_type, row * d_count + d,
+              w > 0.0f ? acc[row * d_count + d] * inverse : 0.0f);
+  }
+}
+
 }  // namespace da::engine::cuda

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend_registry.h"
 #include "engine/cuda/row_share.h"
+#include "engine/dilation.h"
 #include "engine/shard_data.h"
 #include "engine/test_tensors.h"
 #include "engine/testing/share_testing.h"
@@ -224,6 +225,108 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, RowAttentionTest,
                                             ::testing::Values(DType::kBFloat16),
                                             ::testing::Values(int64_t{64}, 128)),
                          Name);
+
+// The fused path's combine: each pattern's normalised output (rounded to bf16, as cuDNN returns
+// it) and natural-log LSE, computed here in fp64 per kept set, folded pattern by pattern with
+// FoldRow and finished with FinishRow, equal the reference (bf16 relative L2 bound); rows no
+// pattern keeps are exactly 0.
+using FoldParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode>;
+class FoldRowTest : public ::testing::TestWithParam<FoldParam> {};
+
+TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
+  const auto& [set, causal, mode] = GetParam();
+  AttentionSpec spec;
+  spec.patterns = PatternSets()[set];
+  spec.causal = causal;
+  spec.mode = mode;
+  const ProblemShape shape{2, 211, 6, 3, 32};
+  std::mt19937 rng(static_cast<uint32_t>(set * 3 + causal));
+  const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  OwnedTensor expected = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  absl::StatusOr<std::unique_ptr<Backend>> reference =
+      MakeBackend("reference", DiscoverDevices(1)[0]);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  ASSERT_TRUE(
+      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+
+  OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  absl::StatusOr<RowTables> tables =
+      MakeRowTables(WholeProblem(q.view(), k.view(), v.view(), spec, out.mutable_view()));
+  ASSERT_TRUE(tables.ok()) << tables.status();
+  const RowShare& s = tables->share;
+  const int64_t rows = RowCount(s), D = shape.head_dim;
+  std::vector<float> acc(rows * D, 0.0f), max_lse(rows, 0.0f), weight(rows, 0.0f);
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
+  const double scale = spec.ScaleFor(D);
+  for (int pi = 0; pi < static_cast<int>(spec.patterns.size()); ++pi) {
+    // The pattern's output (bf16, poisoned where it keeps nothing) and LSE, in fp64.
+    std::vector<uint16_t> pattern_out(rows * D, 0xffff);
+    std::vector<float> lse(rows, NAN);
+    for (int64_t b = 0; b < shape.batch; ++b) {
+      for (int64_t h = 0; h < shape.heads; ++h) {
+        const int64_t kvh = KvHeadFor(h, shape.heads, shape.kv_heads);
+        for (const HeadWork& hw : work[h]) {
+          if (hw.pattern_index != pi) continue;
+          for (int64_t t = 0; t < NumSegments(shape.seq_len, hw.pattern.segment_len); ++t) {
+            const KeptRange kept = KeptPositions(hw.pattern, hw.offset, shape.seq_len, t);
+            for (int64_t qi = 0; qi < kept.count; ++qi) {
+              const int64_t p = kept.first + qi * kept.stride;
+              const int64_t row = (b * shape.seq_len + p) * shape.heads + h;
+              const int64_t keys = causal ? qi + 1 : kept.count;
+              std::vector<double> scores(keys);
+              double m = -INFINITY;
+              for (int64_t xi = 0; xi < keys; ++xi) {
+                const int64_t x = kept.first + xi * kept.stride;
+                double dot = 0;
+                for (int64_t d = 0; d < D; ++d) {
+                  dot += q.at(row * D + d) *
+                         k.at(((b * shape.seq_len + x) * shape.kv_heads + kvh) * D + d);
+                }
+                scores[xi] = dot * scale;
+                m = std::max(m, scores[xi]);
+              }
+              double sum = 0;
+              for (double& e : scores) sum += (e = std::exp(e - m));
+              for (int64_t d = 0; d < D; ++d) {
+                double o = 0;
+                for (int64_t xi = 0; xi < keys; ++xi) {
+                  const int64_t x = kept.first + xi * kept.stride;
+                  o += scores[xi] / sum *
+                       v.at(((b * shape.seq_len + x) * shape.kv_heads + kvh) * D + d);
+                }
+                pattern_out[row * D + d] = FloatToBf16(static_cast<float>(o));
+              }
+              lse[row] = static_cast<float>(m + std::log(sum));
+            }
+          }
+        }
+      }
+    }
+    for (int64_t row = 0; row < rows; ++row) {
+      FoldRow(s, pi, pattern_out.data(), ElemType::kBF16, lse.data(), acc.data(), max_lse.data(),
+              weight.data(), row);
+    }
+  }
+  for (int64_t row = 0; row < rows; ++row) FinishRow(s, acc.data(), weight.data(), row);
+  EXPECT_LE(engine::testing::RelativeL2(out, expected), engine::testing::kBf16RelativeL2);
+  int64_t zeros = 0;
+  for (int64_t i = 0; i < expected.elements(); ++i) {
+    if (expected.at(i) == 0.0f) {
+      ASSERT_EQ(out.at(i), 0.0f) << "element " << i;
+      ++zeros;
+    }
+  }
+  if (set == 1) {
+    EXPECT_GT(zeros, 0) << "r > 1 everywhere leaves rows no pattern keeps";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, FoldRowTest,
+                         ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
+                                            ::testing::Values(CombineMode::kLongNet,
+                                                              CombineMode::kGrouped)));
 
 TEST(RowAttentionTest, ASpanningSegmentWithoutItsRowsIsReportedNotComputed) {
   AttentionSpec spec;

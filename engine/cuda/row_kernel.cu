@@ -13,7 +13,52 @@ __global__ void RowKernel(RowShare share, int64_t first, int64_t count, int* fai
   if (!ComputeRow(share, first + i)) atomicExch(failed, 1);
 }
 
+__global__ void FoldKernel(RowShare share, int pattern_index, const void* pattern_out,
+                           ElemType type, const float* lse, float* acc, float* max_lse,
+                           float* weight, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row < rows) FoldRow(share, pattern_index, pattern_out, type, lse, acc, max_lse, weight, row);
+}
+
+__global__ void FinishKernel(RowShare share, const float* acc, const float* weight, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row < rows) FinishRow(share, acc, weight, row);
+}
+
+__global__ void ConvertKernel(const void* src, ElemType from, void* dst, ElemType to,
+                              int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) StoreElem(dst, to, i, LoadElem(src, from, i));
+}
+
+unsigned Blocks(int64_t threads) {
+  return static_cast<unsigned>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock);
+}
+
 }  // namespace
+
+cudaError_t LaunchFold(const RowShare& share, int pattern_index, const void* pattern_out,
+                       ElemType type, const float* lse, float* acc, float* max_lse, float* weight,
+                       cudaStream_t stream) {
+  const int64_t rows = RowCount(share);
+  FoldKernel<<<Blocks(rows), kThreadsPerBlock, 0, stream>>>(share, pattern_index, pattern_out, type,
+                                                            lse, acc, max_lse, weight, rows);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* weight,
+                         cudaStream_t stream) {
+  const int64_t rows = RowCount(share);
+  FinishKernel<<<Blocks(rows), kThreadsPerBlock, 0, stream>>>(share, acc, weight, rows);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchConvert(const void* src, ElemType from, void* dst, ElemType to, int64_t count,
+                          cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  ConvertKernel<<<Blocks(count), kThreadsPerBlock, 0, stream>>>(src, from, dst, to, count);
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchRows(const RowShare& share, int64_t first, int64_t count, int* failed,
                        cudaStream_t stream) {

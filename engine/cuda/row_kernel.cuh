@@ -15,4 +15,15 @@ namespace da::engine::cuda {
 cudaError_t LaunchRows(const RowShare& share, int64_t first, int64_t count, int* failed,
                        cudaStream_t stream);
 
+// The fused path's combine (row_attention.cuh FoldRow / FinishRow) over every row of the share.
+cudaError_t LaunchFold(const RowShare& share, int pattern_index, const void* pattern_out,
+                       ElemType type, const float* lse, float* acc, float* max_lse, float* weight,
+                       cudaStream_t stream);
+cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* weight,
+                         cudaStream_t stream);
+
+// dst[i] = src[i] converted, for i < count (fp32/fp16/bf16 either way).
+cudaError_t LaunchConvert(const void* src, ElemType from, void* dst, ElemType to, int64_t count,
+                          cudaStream_t stream);
+
 }  // namespace da::engine::cuda
