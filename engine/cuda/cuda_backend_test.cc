@@ -19,6 +19,7 @@
 #include "engine/backend_registry.h"
 #include "engine/engine.h"
 #include "engine/test_tensors.h"
+#include "engine/testing/reference_output.h"
 
 namespace da::engine {
 namespace {
@@ -60,12 +61,7 @@ TEST_P(CudaEngineTest, RequestsOnTheGpuMatchTheReference) {
   spec.patterns = sets[set];
   spec.causal = causal;
   spec.mode = mode;
-  OwnedTensor expected = testing::PoisonedTensor(dtype, shape.QueryShape());
-  absl::StatusOr<std::unique_ptr<Backend>> reference =
-      MakeBackend("reference", DiscoverDevices(1)[0]);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  ASSERT_TRUE(
-      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  const OwnedTensor expected = testing::ReferenceOutput(q, k, v, spec, dtype);
 
   auto engine = Engine::Create(OnGpu());
   ASSERT_TRUE(engine.ok()) << engine.status();
@@ -122,12 +118,7 @@ TEST_P(CudaFusedEngineTest, Bf16RequestsMatchTheReference) {
   spec.causal = causal;
   spec.mode = mode;
   spec.precision = Precision::kBFloat16;
-  OwnedTensor expected = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  absl::StatusOr<std::unique_ptr<Backend>> reference =
-      MakeBackend("reference", DiscoverDevices(1)[0]);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  ASSERT_TRUE(
-      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  const OwnedTensor expected = testing::ReferenceOutput(q, k, v, spec, DType::kFloat32);
   auto engine = Engine::Create(OnGpu());
   ASSERT_TRUE(engine.ok()) << engine.status();
   OwnedTensor actual = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
@@ -150,12 +141,12 @@ std::string FusedName(const ::testing::TestParamInfo<FusedParam>& info) {
                       DTypeName(dtype), "_in");
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Sweep, CudaFusedEngineTest,
-    ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
-                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
-                       ::testing::Values(DType::kFloat32, DType::kBFloat16)),
-    FusedName);
+INSTANTIATE_TEST_SUITE_P(Sweep, CudaFusedEngineTest,
+                         ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
+                                            ::testing::Values(CombineMode::kLongNet,
+                                                              CombineMode::kGrouped),
+                                            ::testing::Values(DType::kFloat32, DType::kBFloat16)),
+                         FusedName);
 
 class CudaEngineLimitsTest : public ::testing::Test {
  protected:

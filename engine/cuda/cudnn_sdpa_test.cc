@@ -16,6 +16,7 @@
 #include "engine/cuda/sdpa_plan.h"
 #include "engine/dilation.h"
 #include "engine/test_tensors.h"
+#include "engine/testing/reference_output.h"
 
 namespace da::engine::cuda {
 namespace {
@@ -51,12 +52,7 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
   const OwnedTensor q = engine::testing::RandomTensor(DType::kBFloat16, shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kBFloat16, shape.KeyShape(), rng);
   const OwnedTensor v = engine::testing::RandomTensor(DType::kBFloat16, shape.KeyShape(), rng);
-  OwnedTensor expected = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  absl::StatusOr<std::unique_ptr<Backend>> reference =
-      MakeBackend("reference", DiscoverDevices(1)[0]);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  ASSERT_TRUE(
-      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  const OwnedTensor expected = engine::testing::ReferenceOutput(q, k, v, spec, DType::kFloat32);
 
   absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, WholeShare(shape));
   ASSERT_TRUE(plan.ok()) << plan.status();

@@ -20,6 +20,7 @@
 #include "engine/dilation.h"
 #include "engine/shard_data.h"
 #include "engine/test_tensors.h"
+#include "engine/testing/reference_output.h"
 #include "engine/testing/share_testing.h"
 
 namespace da::engine::cuda {
@@ -137,12 +138,7 @@ TEST_P(RowAttentionTest, EveryRowOfEveryShareMatchesTheReference) {
   const OwnedTensor k = engine::testing::RandomTensor(dtype, shape.KeyShape(), rng);
   const OwnedTensor v = engine::testing::RandomTensor(dtype, shape.KeyShape(), rng);
 
-  OwnedTensor expected = engine::testing::PoisonedTensor(dtype, shape.QueryShape());
-  absl::StatusOr<std::unique_ptr<Backend>> reference =
-      MakeBackend("reference", DiscoverDevices(1)[0]);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  ASSERT_TRUE(
-      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  const OwnedTensor expected = engine::testing::ReferenceOutput(q, k, v, spec, dtype);
 
   ShardLayout layout;
   if (cut.strategy == ShardPolicy::kNone) {
@@ -244,12 +240,7 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
   const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
-  OwnedTensor expected = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  absl::StatusOr<std::unique_ptr<Backend>> reference =
-      MakeBackend("reference", DiscoverDevices(1)[0]);
-  ASSERT_TRUE(reference.ok()) << reference.status();
-  ASSERT_TRUE(
-      (*reference)->Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {}).ok());
+  const OwnedTensor expected = engine::testing::ReferenceOutput(q, k, v, spec, DType::kFloat32);
 
   OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
   absl::StatusOr<RowTables> tables =
