@@ -39,8 +39,10 @@ const std::vector<std::vector<Pattern>>& PatternSets() {
   return *sets;
 }
 
+using testing::CutShares;
 using testing::Gathered;
 using testing::GatherFor;
+using testing::ShareInputs;
 
 using SweepParam = std::tuple<int /*world*/, ShardPolicy, int64_t /*seq_len*/, int /*set*/, Heads,
                               bool /*causal*/, CombineMode, DType>;
@@ -67,31 +69,21 @@ TEST_P(ShareRunSweepTest, SharesEqualTheWholeProblemsRows) {
   absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, strategy, world);
   ASSERT_TRUE(layout.ok()) << layout.status();
   const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
-  std::vector<OwnedTensor> q_shares, k_shares, v_shares;
-  for (const Share& share : layout->shares) {
-    for (auto [list, source, kv] :
-         {std::tuple{&q_shares, &q, false}, std::tuple{&k_shares, &k, true},
-          std::tuple{&v_shares, &v, true}}) {
-      OwnedTensor t =
-          testing::PoisonedTensor(dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
-      CopyShareOut(source->view(), share, kv, t.bytes.data());
-      list->push_back(std::move(t));
-    }
-  }
+  const ShareInputs shares = CutShares(shape, *layout, q, k, v);
 
   OwnedTensor assembled = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
   ThreadPool rank_pool(world % 2 == 0 ? 1 : 2);  // Both one- and two-thread shares.
   PlanCache plans(int64_t{1} << 30);
   for (const Share& share : layout->shares) {
-    Gathered gathered = GatherFor(share.rank, shape, spec, *layout, sets, k_shares, v_shares);
+    Gathered gathered = GatherFor(share.rank, shape, spec, *layout, sets, shares.k, shares.v);
     OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, share.QueryShape(shape));
     ShareProblem p;
     p.shape = shape;
     p.spec = spec;
     p.share = share;
-    p.q = q_shares[share.rank].view();
-    p.k = k_shares[share.rank].view();
-    p.v = v_shares[share.rank].view();
+    p.q = shares.q[share.rank].view();
+    p.k = shares.k[share.rank].view();
+    p.v = shares.v[share.rank].view();
     p.out = out.mutable_view();
     if (strategy == ShardPolicy::kSequence) {
       p.spanning = &sets;

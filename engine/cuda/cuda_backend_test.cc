@@ -40,6 +40,36 @@ EngineOptions OnGpu() {
   return options;
 }
 
+// A request of fresh random inputs in `dtype` through an engine on cuda:0, and the reference's
+// output of the same inputs, both in out_dtype.
+struct GpuRun {
+  absl::StatusOr<ExecutionInfo> info;
+  OwnedTensor actual, expected;
+};
+
+GpuRun RunOnGpu(const AttentionSpec& spec, DType dtype, DType out_dtype, uint32_t seed) {
+  const ProblemShape shape{2, 1999, 8, 2, 64};
+  std::mt19937 rng(seed);
+  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
+  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
+  GpuRun run{absl::UnknownError("not run"), testing::PoisonedTensor(out_dtype, shape.QueryShape()),
+             testing::ReferenceOutput(q, k, v, spec, out_dtype)};
+  auto engine = Engine::Create(OnGpu());
+  if (!engine.ok()) {
+    run.info = engine.status();
+    return run;
+  }
+  RunRequest request;
+  request.q = q.view();
+  request.k = k.view();
+  request.v = v.view();
+  request.spec = spec;
+  request.out = run.actual.mutable_view();
+  run.info = (*engine)->Run(request);
+  return run;
+}
+
 using Param = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
 class CudaEngineTest : public ::testing::TestWithParam<Param> {
  protected:
@@ -52,31 +82,15 @@ TEST_P(CudaEngineTest, RequestsOnTheGpuMatchTheReference) {
   const auto& [set, causal, mode, dtype] = GetParam();
   const std::vector<std::vector<Pattern>> sets = {
       {{256, 1}, {512, 2}, {1024, 4}}, {{10, 3}, {100, 7}}, {{64, 1}, {5000, 40}}};
-  const ProblemShape shape{2, 1999, 8, 2, 64};
-  std::mt19937 rng(static_cast<uint32_t>(set * 13 + causal));
-  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
-  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
-  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
   AttentionSpec spec;
   spec.patterns = sets[set];
   spec.causal = causal;
   spec.mode = mode;
-  const OwnedTensor expected = testing::ReferenceOutput(q, k, v, spec, dtype);
-
-  auto engine = Engine::Create(OnGpu());
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  OwnedTensor actual = testing::PoisonedTensor(dtype, shape.QueryShape());
-  RunRequest request;
-  request.q = q.view();
-  request.k = k.view();
-  request.v = v.view();
-  request.spec = spec;
-  request.out = actual.mutable_view();
-  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
-  ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->backend, "cuda");
-  EXPECT_EQ(info->devices, std::vector<std::string>{"cuda:0"});
-  EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(dtype)), "");
+  const GpuRun run = RunOnGpu(spec, dtype, dtype, static_cast<uint32_t>(set * 13 + causal));
+  ASSERT_TRUE(run.info.ok()) << run.info.status();
+  EXPECT_EQ(run.info->backend, "cuda");
+  EXPECT_EQ(run.info->devices, std::vector<std::string>{"cuda:0"});
+  EXPECT_EQ(testing::Compare(run.actual, run.expected, testing::ToleranceFor(dtype)), "");
 }
 
 std::string Name(const ::testing::TestParamInfo<Param>& info) {
@@ -108,31 +122,17 @@ TEST_P(CudaFusedEngineTest, Bf16RequestsMatchTheReference) {
   const auto& [set, causal, mode, dtype] = GetParam();
   const std::vector<std::vector<Pattern>> sets = {
       {{256, 1}, {512, 2}, {1024, 4}}, {{100, 3}, {48, 5}}, {{64, 1}, {5000, 8}}};
-  const ProblemShape shape{2, 1999, 8, 2, 64};
-  std::mt19937 rng(static_cast<uint32_t>(set * 17 + causal));
-  const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
-  const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
-  const OwnedTensor v = testing::RandomTensor(dtype, shape.KeyShape(), rng);
   AttentionSpec spec;
   spec.patterns = sets[set];
   spec.causal = causal;
   spec.mode = mode;
   spec.precision = Precision::kBFloat16;
-  const OwnedTensor expected = testing::ReferenceOutput(q, k, v, spec, DType::kFloat32);
-  auto engine = Engine::Create(OnGpu());
-  ASSERT_TRUE(engine.ok()) << engine.status();
-  OwnedTensor actual = testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-  RunRequest request;
-  request.q = q.view();
-  request.k = k.view();
-  request.v = v.view();
-  request.spec = spec;
-  request.out = actual.mutable_view();
-  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
-  ASSERT_TRUE(info.ok()) << info.status();
-  EXPECT_EQ(info->precision_used, Precision::kBFloat16) << info->precision_reason;
-  EXPECT_EQ(testing::Compare(actual, expected, {1.0, 0.0}), "");  // Finite and sane.
-  EXPECT_LE(testing::RelativeL2(actual, expected), 2e-2);
+  const GpuRun run =
+      RunOnGpu(spec, dtype, DType::kFloat32, static_cast<uint32_t>(set * 17 + causal));
+  ASSERT_TRUE(run.info.ok()) << run.info.status();
+  EXPECT_EQ(run.info->precision_used, Precision::kBFloat16) << run.info->precision_reason;
+  EXPECT_EQ(testing::Compare(run.actual, run.expected, {1.0, 0.0}), "");  // Finite and sane.
+  EXPECT_LE(testing::RelativeL2(run.actual, run.expected), 2e-2);
 }
 
 std::string FusedName(const ::testing::TestParamInfo<FusedParam>& info) {

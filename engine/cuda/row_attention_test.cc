@@ -155,29 +155,20 @@ TEST_P(RowAttentionTest, EveryRowOfEveryShareMatchesTheReference) {
   if (cut.strategy == ShardPolicy::kSequence) {
     EXPECT_FALSE(sets.empty());
   }
-  std::vector<OwnedTensor> q_shares, k_shares, v_shares;
-  for (const Share& share : layout.shares) {
-    for (auto [list, source, kv] :
-         {std::tuple{&q_shares, &q, false}, std::tuple{&k_shares, &k, true},
-          std::tuple{&v_shares, &v, true}}) {
-      OwnedTensor t = engine::testing::PoisonedTensor(
-          dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
-      CopyShareOut(source->view(), share, kv, t.bytes.data());
-      list->push_back(std::move(t));
-    }
-  }
+  const engine::testing::ShareInputs shares = engine::testing::CutShares(shape, layout, q, k, v);
+
   OwnedTensor assembled = engine::testing::PoisonedTensor(dtype, shape.QueryShape());
   for (const Share& share : layout.shares) {
     engine::testing::Gathered gathered =
-        engine::testing::GatherFor(share.rank, shape, spec, layout, sets, k_shares, v_shares);
+        engine::testing::GatherFor(share.rank, shape, spec, layout, sets, shares.k, shares.v);
     OwnedTensor out = engine::testing::PoisonedTensor(dtype, share.QueryShape(shape));
     ShareProblem p;
     p.shape = shape;
     p.spec = spec;
     p.share = share;
-    p.q = q_shares[share.rank].view();
-    p.k = k_shares[share.rank].view();
-    p.v = v_shares[share.rank].view();
+    p.q = shares.q[share.rank].view();
+    p.k = shares.k[share.rank].view();
+    p.v = shares.v[share.rank].view();
     p.out = out.mutable_view();
     if (!sets.empty()) {
       p.spanning = &sets;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "engine/shard_data.h"
@@ -47,6 +48,27 @@ inline Gathered GatherFor(int rank, const ProblemShape& shape, const AttentionSp
     g.views[i] = {g.k[i].data(), g.v[i].data()};
   }
   return g;
+}
+
+// Every share's copy of q, k and v (index = rank), cut out of the whole tensors.
+struct ShareInputs {
+  std::vector<OwnedTensor> q, k, v;
+};
+
+inline ShareInputs CutShares(const ProblemShape& shape, const ShardLayout& layout,
+                             const OwnedTensor& q, const OwnedTensor& k, const OwnedTensor& v) {
+  ShareInputs inputs;
+  for (const Share& share : layout.shares) {
+    for (auto [list, source, kv] :
+         {std::tuple{&inputs.q, &q, false}, std::tuple{&inputs.k, &k, true},
+          std::tuple{&inputs.v, &v, true}}) {
+      OwnedTensor t =
+          PoisonedTensor(source->dtype, kv ? share.KeyShape(shape) : share.QueryShape(shape));
+      CopyShareOut(source->view(), share, kv, t.bytes.data());
+      list->push_back(std::move(t));
+    }
+  }
+  return inputs;
 }
 
 }  // namespace da::engine::testing
