@@ -103,13 +103,17 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
 
 CLI::App* AddAttendCommand(CLI::App& app, AttendFlags* flags) {
   CLI::App* command = app.add_subcommand(
-      "attend", "Dilated attention over q, k, v from .npy files (float32 or float16, B,N,H,D)");
+      "attend",
+      "Dilated attention over q, k, v from .npy files (float32, float16 or bfloat16; B,N,H,D)");
   AddCallFlags(command, &flags->call, /*attend=*/true);
   AddSpecFlags(command, &flags->spec);
   command->add_option("--q", flags->q_path, "Query .npy, shape (B, N, H, D)")->required();
   command->add_option("--k", flags->k_path, "Key .npy, shape (B, N, Hkv, D)")->required();
   command->add_option("--v", flags->v_path, "Value .npy, shape (B, N, Hkv, D)")->required();
   command->add_option("--out", flags->out_path, "Write the output here, in the input's dtype");
+  command->add_flag("--bf16-as-uint16", flags->bf16_as_uint16,
+                    "bfloat16 .npy files hold raw bits as uint16 ('<u2'); by default bfloat16 is "
+                    "ml_dtypes' '<V2', as np.save writes it");
   return command;
 }
 

@@ -45,6 +45,7 @@ struct AttendFlags {
   CallFlags call;
   SpecFlags spec;
   std::string q_path, k_path, v_path, out_path;
+  bool bf16_as_uint16 = false;  // bf16 .npy files as raw uint16 bits ('<u2') instead of '<V2'.
 };
 
 struct RandomFlags {

@@ -146,7 +146,7 @@ TEST_F(CliTest, UnsupportedDtypeIsOneErrorLine) {
   const RunResult result = RunClient(Attend(Path("f8.npy"), "127.0.0.1:1"));
   ExpectOneErrorLine(result, 1,
                      "da-client: error: " + Path("f8.npy") +
-                         ": unsupported dtype '<f8' (expected '<f4' or '<f2')");
+                         ": unsupported dtype '<f8' (expected '<f4', '<f2' or bfloat16 as '<V2')");
 }
 
 TEST_F(CliTest, WrongRankIsOneErrorLine) {

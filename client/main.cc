@@ -99,7 +99,7 @@ int RunAttend(const AttendFlags& flags) {
   for (auto [path, tensor] : {std::pair{&flags.q_path, request.mutable_query()},
                               {&flags.k_path, request.mutable_key()},
                               {&flags.v_path, request.mutable_value()}}) {
-    absl::StatusOr<v1::Tensor> read = ReadTensorNpy(*path);
+    absl::StatusOr<v1::Tensor> read = ReadTensorNpy(*path, {.bf16_as_uint16 = flags.bf16_as_uint16});
     if (!read.ok()) return Fail(read.status().message());
     *tensor = *std::move(read);
   }
@@ -119,7 +119,8 @@ int RunAttend(const AttendFlags& flags) {
   const std::vector<int64_t> dims(response.output().shape().begin(),
                                   response.output().shape().end());
   if (!flags.out_path.empty()) {
-    absl::Status written = WriteTensorNpy(flags.out_path, std::move(*response.mutable_output()));
+    absl::Status written = WriteTensorNpy(flags.out_path, std::move(*response.mutable_output()),
+                                          {.bf16_as_uint16 = flags.bf16_as_uint16});
     if (!written.ok()) return Fail(written.message());
   }
   if (flags.call.json) {

@@ -156,7 +156,7 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 // Checks the header and the data size; fills array's dtype and shape, and returns the offset of
 // the data in bytes.
 absl::StatusOr<size_t> ParseHeader(absl::string_view bytes, absl::string_view name,
-                                   NpyArray* array) {
+                                   const NpyOptions& options, NpyArray* array) {
   auto fail = [&](absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(name, ": ", what));
   };
@@ -201,8 +201,17 @@ absl::StatusOr<size_t> ParseHeader(absl::string_view bytes, absl::string_view na
     array->dtype = NpyDType::kFloat32;
   } else if (*descr == "<f2") {
     array->dtype = NpyDType::kFloat16;
+  } else if (*descr == "<V2" || *descr == "|V2" || *descr == "bfloat16") {
+    array->dtype = NpyDType::kBFloat16;  // ml_dtypes' bfloat16, as np.save writes it.
+  } else if (*descr == "<u2" && options.bf16_as_uint16) {
+    array->dtype = NpyDType::kBFloat16;
+  } else if (*descr == "<u2" || *descr == "<i2") {
+    return fail(absl::StrCat("unsupported dtype '", *descr,
+                             "' (expected '<f4', '<f2' or bfloat16 as '<V2'; for bf16 bits in a "
+                             "uint16 array, pass --bf16-as-uint16)"));
   } else {
-    return fail(absl::StrCat("unsupported dtype '", *descr, "' (expected '<f4' or '<f2')"));
+    return fail(absl::StrCat("unsupported dtype '", *descr,
+                             "' (expected '<f4', '<f2' or bfloat16 as '<V2')"));
   }
   if (fortran_order.flag) {
     return fail("fortran_order arrays are not supported (save a C-order array)");
@@ -229,9 +238,9 @@ absl::StatusOr<size_t> ParseHeader(absl::string_view bytes, absl::string_view na
 }
 
 // The header of a .npy file for array, in the given format version (1, 2 or 3).
-std::string NpyHeader(const NpyArray& array, int major_version) {
+std::string NpyHeader(const NpyArray& array, int major_version, const NpyOptions& options) {
   const std::string dict =
-      absl::StrCat("{'descr': '", NpyDescr(array.dtype),
+      absl::StrCat("{'descr': '", NpyDescr(array.dtype, options),
                    "', 'fortran_order': False, 'shape': ", ShapeText(array.shape), ", }");
   const size_t length_bytes = major_version == 1 ? 2 : 4;
   // Pad with spaces and end with a newline so that the data starts 64-byte aligned.
@@ -251,18 +260,28 @@ std::string NpyHeader(const NpyArray& array, int major_version) {
   return bytes;
 }
 
-std::string NpyHeader(const NpyArray& array) {
-  std::string header = NpyHeader(array, 1);
+std::string NpyHeader(const NpyArray& array, const NpyOptions& options) {
+  std::string header = NpyHeader(array, 1, options);
   // Version 1.0 stores the header length in 16 bits; longer headers need 2.0.
   if (header.size() - kPreludeBytes - 2 > std::numeric_limits<uint16_t>::max()) {
-    header = NpyHeader(array, 2);
+    header = NpyHeader(array, 2, options);
   }
   return header;
 }
 
 }  // namespace
 
-const char* NpyDescr(NpyDType dtype) { return dtype == NpyDType::kFloat32 ? "<f4" : "<f2"; }
+const char* NpyDescr(NpyDType dtype, const NpyOptions& options) {
+  switch (dtype) {
+    case NpyDType::kFloat32:
+      return "<f4";
+    case NpyDType::kFloat16:
+      return "<f2";
+    case NpyDType::kBFloat16:
+      break;
+  }
+  return options.bf16_as_uint16 ? "<u2" : "<V2";
+}
 
 int64_t NpyArray::elements() const {
   int64_t count = 1;
@@ -270,15 +289,16 @@ int64_t NpyArray::elements() const {
   return count;
 }
 
-absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name) {
+absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name,
+                                  const NpyOptions& options) {
   NpyArray array;
-  absl::StatusOr<size_t> data_offset = ParseHeader(bytes, name, &array);
+  absl::StatusOr<size_t> data_offset = ParseHeader(bytes, name, options, &array);
   if (!data_offset.ok()) return data_offset.status();
   array.data = std::string(bytes.substr(*data_offset));
   return array;
 }
 
-absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
+absl::StatusOr<NpyArray> ReadNpy(const std::string& path, const NpyOptions& options) {
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file)
     return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
@@ -290,7 +310,7 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   if (!file) return absl::DataLossError(absl::StrCat(path, ": read failed"));
 
   NpyArray array;
-  absl::StatusOr<size_t> data_offset = ParseHeader(contents, path, &array);
+  absl::StatusOr<size_t> data_offset = ParseHeader(contents, path, options, &array);
   if (!data_offset.ok()) return data_offset.status();
   // Drop the header in place rather than copy the data: inputs can be gigabytes.
   contents.erase(0, *data_offset);
@@ -298,19 +318,20 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path) {
   return array;
 }
 
-std::string SerializeNpy(const NpyArray& array, int major_version) {
-  std::string bytes = major_version == 0 ? NpyHeader(array) : NpyHeader(array, major_version);
+std::string SerializeNpy(const NpyArray& array, int major_version, const NpyOptions& options) {
+  std::string bytes =
+      major_version == 0 ? NpyHeader(array, options) : NpyHeader(array, major_version, options);
   bytes += array.data;
   return bytes;
 }
 
-absl::Status WriteNpy(const std::string& path, const NpyArray& array) {
+absl::Status WriteNpy(const std::string& path, const NpyArray& array, const NpyOptions& options) {
   std::ofstream file(path, std::ios::binary | std::ios::trunc);
   if (!file) {
     return absl::PermissionDeniedError(
         absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
   }
-  const std::string header = NpyHeader(array);
+  const std::string header = NpyHeader(array, options);
   file.write(header.data(), static_cast<std::streamsize>(header.size()));
   file.write(array.data.data(), static_cast<std::streamsize>(array.data.size()));
   file.close();

@@ -56,8 +56,8 @@ std::string ParseError(const std::string& bytes) {
   return message;
 }
 
-TEST(NpyTest, RoundTripsFloat32AndFloat16InEveryVersion) {
-  for (NpyDType dtype : {NpyDType::kFloat32, NpyDType::kFloat16}) {
+TEST(NpyTest, RoundTripsEveryDtypeInEveryVersion) {
+  for (NpyDType dtype : {NpyDType::kFloat32, NpyDType::kFloat16, NpyDType::kBFloat16}) {
     for (int version : {0, 1, 2, 3}) {
       SCOPED_TRACE(testing::Message() << "dtype " << NpyDescr(dtype) << " version " << version);
       const NpyArray array = SampleArray(dtype);
@@ -78,6 +78,41 @@ TEST(NpyTest, WritesNumPyHeaderWithDataAlignedTo64Bytes) {
   const std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 1, 2), }";
   EXPECT_EQ(bytes.substr(10, dict.size()), dict);
   EXPECT_EQ(bytes[10 + header_len - 1], '\n');
+}
+
+// ml_dtypes' bfloat16 as np.save writes it ('<V2'), and a header that names it; raw bits in a
+// uint16 array only when asked.
+TEST(NpyTest, ReadsBFloat16InBothConventions) {
+  const std::string bits("\x80\x3f\x00\x40", 4);  // bf16 1.0 and 2.0.
+  for (const char* descr : {"<V2", "|V2", "bfloat16"}) {
+    SCOPED_TRACE(descr);
+    absl::StatusOr<NpyArray> parsed = ParseNpy(
+        RawNpy(1, std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (2,), }",
+               bits),
+        "b.npy");
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    EXPECT_EQ(parsed->dtype, NpyDType::kBFloat16);
+    EXPECT_EQ(parsed->data, bits);
+  }
+  const std::string uint16 =
+      RawNpy(1, "{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }", bits);
+  EXPECT_EQ(ParseError(uint16),
+            "x.npy: unsupported dtype '<u2' (expected '<f4', '<f2' or bfloat16 as '<V2'; for bf16 "
+            "bits in a uint16 array, pass --bf16-as-uint16)");
+  absl::StatusOr<NpyArray> parsed = ParseNpy(uint16, "b.npy", {.bf16_as_uint16 = true});
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->dtype, NpyDType::kBFloat16);
+  EXPECT_EQ(parsed->data, bits);
+}
+
+TEST(NpyTest, WritesBFloat16AsVoidOrAsUint16) {
+  const NpyArray array = SampleArray(NpyDType::kBFloat16);
+  EXPECT_THAT(SerializeNpy(array), HasSubstr("{'descr': '<V2', "));
+  const std::string uint16 = SerializeNpy(array, 0, {.bf16_as_uint16 = true});
+  EXPECT_THAT(uint16, HasSubstr("{'descr': '<u2', "));
+  absl::StatusOr<NpyArray> parsed = ParseNpy(uint16, "b.npy", {.bf16_as_uint16 = true});
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ExpectSameArray(*parsed, array);
 }
 
 TEST(NpyTest, RoundTripsThroughFiles) {
@@ -171,7 +206,8 @@ TEST(NpyTest, RejectsUnsupportedDtypesNamingThem) {
         RawNpy(1, std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (1,)}",
                std::string(8, '\0'));
     EXPECT_EQ(ParseError(bytes),
-              std::string("x.npy: unsupported dtype '") + descr + "' (expected '<f4' or '<f2')");
+              std::string("x.npy: unsupported dtype '") + descr +
+                  "' (expected '<f4', '<f2' or bfloat16 as '<V2')");
   }
 }
 

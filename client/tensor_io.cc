@@ -62,19 +62,30 @@ absl::StatusOr<v1::Tensor> TensorFromNpy(NpyArray array, absl::string_view name)
                      absl::StrJoin(array.shape, ", "), ")"));
   }
   v1::Tensor tensor;
-  tensor.set_dtype(array.dtype == NpyDType::kFloat32 ? v1::DTYPE_FP32 : v1::DTYPE_FP16);
+  switch (array.dtype) {
+    case NpyDType::kFloat32:
+      tensor.set_dtype(v1::DTYPE_FP32);
+      break;
+    case NpyDType::kFloat16:
+      tensor.set_dtype(v1::DTYPE_FP16);
+      break;
+    case NpyDType::kBFloat16:
+      tensor.set_dtype(v1::DTYPE_BF16);
+      break;
+  }
   for (int64_t dim : array.shape) tensor.add_shape(dim);
   tensor.set_data(std::move(array.data));
   return tensor;
 }
 
-absl::StatusOr<v1::Tensor> ReadTensorNpy(const std::string& path) {
-  absl::StatusOr<NpyArray> array = ReadNpy(path);
+absl::StatusOr<v1::Tensor> ReadTensorNpy(const std::string& path, const NpyOptions& options) {
+  absl::StatusOr<NpyArray> array = ReadNpy(path, options);
   if (!array.ok()) return array.status();
   return TensorFromNpy(*std::move(array), path);
 }
 
-absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor) {
+absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor,
+                            const NpyOptions& options) {
   NpyArray array;
   switch (tensor.dtype()) {
     case v1::DTYPE_FP32:
@@ -83,9 +94,13 @@ absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor) {
     case v1::DTYPE_FP16:
       array.dtype = NpyDType::kFloat16;
       break;
+    case v1::DTYPE_BF16:
+      array.dtype = NpyDType::kBFloat16;
+      break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          path, ": cannot write a ", DTypeName(tensor.dtype()), " tensor to .npy (fp32 or fp16)"));
+      return absl::InvalidArgumentError(absl::StrCat(path, ": cannot write a ",
+                                                     DTypeName(tensor.dtype()),
+                                                     " tensor to .npy (fp32, fp16 or bf16)"));
   }
   array.shape.assign(tensor.shape().begin(), tensor.shape().end());
   if (static_cast<int64_t>(tensor.data().size()) != array.elements() * NpyDTypeSize(array.dtype)) {
@@ -94,7 +109,7 @@ absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor) {
                      " bytes, expected ", array.elements() * NpyDTypeSize(array.dtype)));
   }
   array.data = std::move(*tensor.mutable_data());
-  return WriteNpy(path, array);
+  return WriteNpy(path, array, options);
 }
 
 v1::Tensor RandomTensor(v1::DType dtype, const std::array<int64_t, 4>& shape, uint64_t seed,

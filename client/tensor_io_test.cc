@@ -39,8 +39,8 @@ TEST(TensorIoTest, TensorFromNpyRejectsWrongRankNamingTheFile) {
             "q.npy: expected rank 4 (batch, seq_len, heads, head_dim), got shape (5, 2, 4)");
 }
 
-TEST(TensorIoTest, WritesAndReadsBackFloat32AndFloat16) {
-  for (v1::DType dtype : {v1::DTYPE_FP32, v1::DTYPE_FP16}) {
+TEST(TensorIoTest, WritesAndReadsBackEveryDtype) {
+  for (v1::DType dtype : {v1::DTYPE_FP32, v1::DTYPE_FP16, v1::DTYPE_BF16}) {
     const v1::Tensor tensor = RandomTensor(dtype, {2, 3, 4, 5}, 9, 0);
     const std::string path = testing::TempDir() + "/tensor_io_test_" + DTypeName(dtype) + "." +
                              std::to_string(getpid()) + ".npy";
@@ -54,11 +54,27 @@ TEST(TensorIoTest, WritesAndReadsBackFloat32AndFloat16) {
   }
 }
 
-TEST(TensorIoTest, RefusesToWriteBFloat16OrInconsistentTensors) {
+TEST(TensorIoTest, BFloat16AsUint16RoundTripsOnlyWithTheOption) {
+  const v1::Tensor tensor = RandomTensor(v1::DTYPE_BF16, {1, 3, 2, 4}, 9, 0);
+  const std::string path =
+      testing::TempDir() + "/tensor_io_test_u2." + std::to_string(getpid()) + ".npy";
+  ASSERT_TRUE(WriteTensorNpy(path, tensor, {.bf16_as_uint16 = true}).ok());
+  EXPECT_THAT(std::string(ReadTensorNpy(path).status().message()),
+              HasSubstr("unsupported dtype '<u2'"));
+  absl::StatusOr<v1::Tensor> read = ReadTensorNpy(path, {.bf16_as_uint16 = true});
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->dtype(), v1::DTYPE_BF16);
+  EXPECT_EQ(read->data(), tensor.data());
+  std::remove(path.c_str());
+}
+
+TEST(TensorIoTest, RefusesUnspecifiedOrInconsistentTensors) {
   const std::string path =
       testing::TempDir() + "/tensor_io_test_bad." + std::to_string(getpid()) + ".npy";
-  absl::Status status = WriteTensorNpy(path, RandomTensor(v1::DTYPE_BF16, {1, 1, 1, 2}, 0, 0));
-  EXPECT_THAT(std::string(status.message()), HasSubstr("cannot write a bf16 tensor"));
+  v1::Tensor unspecified = RandomTensor(v1::DTYPE_FP32, {1, 1, 1, 2}, 0, 0);
+  unspecified.set_dtype(v1::DTYPE_UNSPECIFIED);
+  absl::Status status = WriteTensorNpy(path, unspecified);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("cannot write a unspecified tensor"));
   v1::Tensor tensor = RandomTensor(v1::DTYPE_FP32, {1, 1, 1, 2}, 0, 0);
   tensor.mutable_data()->pop_back();
   status = WriteTensorNpy(path, tensor);

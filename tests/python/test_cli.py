@@ -127,6 +127,42 @@ class CliTest(unittest.TestCase):
                 da_testing.assert_close(got, want, "fp32" if dtype == np.float32 else "fp16",
                                         name)
 
+    def test_attend_with_bfloat16_npy_files(self):
+        """bf16 both ways: ml_dtypes arrays as np.save writes them ('<V2'), and raw bits in uint16
+        arrays with --bf16-as-uint16; unary and streamed."""
+        import ml_dtypes  # scripts/install-deps installs it.
+        rng = np.random.default_rng(23)
+        shape, kv_shape = (2, 40, 4, 16), (2, 40, 2, 16)
+        q, k, v = (rng.standard_normal(s).astype(ml_dtypes.bfloat16)
+                   for s in (shape, kv_shape, kv_shape))
+        want = ref.dilated_attention(q.astype(np.float64), k.astype(np.float64),
+                                     v.astype(np.float64), [8, 16], [1, 2], causal=True)
+        for convention, flags in (("void", []), ("uint16", ["--bf16-as-uint16"])):
+            for transport in ([], ["--stream", "--block-tokens", "7"]):
+                name = f"bf16 {convention} {' '.join(transport) or 'unary'}"
+                with self.subTest(case=name):
+                    files = {}
+                    for label, array in (("q", q), ("k", k), ("v", v)):
+                        files[label] = self.path(f"bf16-{convention}-{label}.npy")
+                        np.save(files[label], array if convention == "void"
+                                else array.view(np.uint16))
+                    out = self.path(f"bf16-{convention}-out.npy")
+                    done = self.cli("attend", "--server", self.server.address, "--q", files["q"],
+                                    "--k", files["k"], "--v", files["v"], "--segments", "8,16",
+                                    "--dilations", "1,2", "--causal", "--out", out,
+                                    "--precision", "fp32", *flags, *transport)
+                    self.assert_ok(done)
+                    raw = np.load(out)
+                    self.assertEqual(raw.dtype, np.dtype("V2" if convention == "void" else "<u2"))
+                    got = raw.view(ml_dtypes.bfloat16)
+                    self.assertEqual(got.shape, shape)
+                    da_testing.assert_close(got.astype(np.float64), want, "bf16", name)
+        # Without the flag a uint16 file is refused, naming the flag.
+        done = self.cli("attend", "--server", self.server.address, "--q", files["q"], "--k",
+                        files["k"], "--v", files["v"], "--segments", "8,16", "--dilations", "1,2")
+        self.assert_fails_with_one_line(done)
+        self.assertIn("--bf16-as-uint16", done.stderr)
+
     def test_bad_inputs_fail_with_one_line(self):
         q = np.zeros((1, 8, 2, 4), dtype=np.float32)
         np.save(self.path("ok.npy"), q)
