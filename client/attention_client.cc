@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <mutex>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/stream_blocks.h"
 
 namespace da::client {
@@ -117,9 +119,48 @@ grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms) {
 }
 
 AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
-    : channel_(std::move(channel)),
+    : AttentionClient(std::vector<std::shared_ptr<grpc::Channel>>{std::move(channel)}) {}
+
+AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels)
+    : channels_(std::move(channels)),
+      channel_(channels_.at(0)),
       stub_(v1::AttentionService::NewStub(channel_)),
       health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+// The calls of one request streamed in parts: the first part to fail cancels the others.
+class AttentionClient::CallGroup {
+ public:
+  // A call's context, from before the call starts until it has finished. A context added after
+  // Cancel is cancelled at once (gRPC then cancels the call as it starts).
+  void Add(grpc::ClientContext* context) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cancelled_) context->TryCancel();
+    contexts_.push_back(context);
+  }
+  void Remove(grpc::ClientContext* context) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    contexts_.erase(std::find(contexts_.begin(), contexts_.end(), context));
+  }
+  // Records status as the request's failure unless another part failed first, and cancels every
+  // call of the group.
+  void Fail(grpc::Status status) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cancelled_) return;
+    cancelled_ = true;
+    failure_ = std::move(status);
+    for (grpc::ClientContext* context : contexts_) context->TryCancel();
+  }
+  grpc::Status failure() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return failure_;
+  }
+
+ private:
+  std::mutex mutex_;
+  bool cancelled_ = false;
+  grpc::Status failure_;
+  std::vector<grpc::ClientContext*> contexts_;
+};
 
 grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                                      const CallOptions& options) {
@@ -131,6 +172,17 @@ grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::Atten
 grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
                                            v1::AttendResponse* response, const CallOptions& options,
                                            const StreamOptions& stream_options) {
+  int parts = stream_options.parallel_streams;
+  if (parts < 0) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("parallel_streams must be >= 0, got ", parts));
+  }
+  if (parts == 0) {
+    const auto& q = request.query();
+    parts = DefaultParallelStreams(static_cast<int64_t>(
+        2 * q.data().size() + request.key().data().size() + request.value().data().size()));
+  }
+  if (parts > 1) return AttendParts(request, response, options, stream_options, parts);
   StreamPlan plan;
   if (grpc::Status status = MakeStreamPlan(request, stream_options.block_tokens, &plan);
       !status.ok()) {
@@ -152,6 +204,76 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
       options);
   if (!status.ok()) return status;
   return assembler.Finish(response);
+}
+
+grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
+                                          v1::AttendResponse* response, const CallOptions& options,
+                                          const StreamOptions& stream_options, int part_count) {
+  StreamPlan whole;
+  if (grpc::Status status = MakeStreamPlan(request, stream_options.block_tokens, &whole);
+      !status.ok()) {
+    return status;
+  }
+  const int64_t seq_len = whole.header.seq_len();
+  const std::vector<TokenRange> parts = CutParts(request.spec(), seq_len, part_count);
+  if (parts.size() == 1) {  // One chunk: nothing to cut.
+    StreamOptions single = stream_options;
+    single.parallel_streams = 1;
+    return AttendStream(request, response, options, single);
+  }
+  // The output, written by the parts where their tokens lie.
+  response->Clear();
+  v1::Tensor& output = *response->mutable_output();
+  output.set_dtype(request.query().dtype());
+  *output.mutable_shape() = request.query().shape();
+  output.mutable_data()->resize(request.query().data().size());
+
+  const std::string base_id =
+      options.request_id.empty() ? request.request_id() : options.request_id;
+  CallGroup group;
+  std::vector<v1::AttendResponse> answers(parts.size());
+  auto run_part = [&](size_t i) {
+    const TokenRange& part = parts[i];
+    const std::string where = absl::StrCat("part ", i + 1, " of ", parts.size(), " (tokens ",
+                                           part.first, "..", part.first + part.count, "): ");
+    StreamPlan plan;
+    grpc::Status status = MakePartPlan(request, stream_options.block_tokens, part, &plan);
+    if (status.ok()) {
+      CallOptions part_options = options;
+      part_options.request_id = base_id.empty() ? "" : absl::StrCat(base_id, "/", i + 1);
+      plan.header.set_request_id(part_options.request_id);
+      OutputAssembler assembler(plan.header, &output, seq_len, part.first);
+      int64_t next_block = 0;
+      status = AttendStreamOn(
+          channels_[i % channels_.size()], plan.header,
+          [&]() -> std::shared_ptr<const v1::TokenBlock> {
+            if (next_block == plan.block_count) return nullptr;
+            return std::make_shared<const v1::TokenBlock>(
+                MakeTokenBlock(request, plan, next_block++ * plan.block_tokens));
+          },
+          {.on_block = [&](const OutputBlockView& block) { return assembler.AddBlock(block); },
+           .on_message =
+               [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }},
+          part_options, &group);
+      if (status.ok()) status = assembler.Finish(&answers[i]);
+    }
+    if (!status.ok()) {
+      group.Fail(grpc::Status(status.error_code(), where + status.error_message(),
+                              status.error_details()));
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < parts.size(); ++i) threads.emplace_back(run_part, i);
+  run_part(0);
+  for (std::thread& thread : threads) thread.join();
+  if (grpc::Status failure = group.failure(); !failure.ok()) {
+    response->Clear();
+    return failure;
+  }
+  std::vector<v1::ExecutionInfo> infos;
+  for (const v1::AttendResponse& answer : answers) infos.push_back(answer.info());
+  *response->mutable_info() = MergePartInfos(infos);
+  return grpc::Status::OK;
 }
 
 grpc::Status AttentionClient::AttendStreamBlocks(const v1::StreamHeader& header,
@@ -185,16 +307,33 @@ grpc::Status AttentionClient::AttendStreamShared(const v1::StreamHeader& header,
                                                  const SharedBlockSource& next_block,
                                                  const AnswerViews& answers,
                                                  const CallOptions& options) {
+  return AttendStreamOn(channel_, header, next_block, answers, options, nullptr);
+}
+
+grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
+                                             const v1::StreamHeader& header,
+                                             const SharedBlockSource& next_block,
+                                             const AnswerViews& answers, const CallOptions& options,
+                                             CallGroup* group) {
   grpc::ClientContext context;
   ConfigureContext(options, header.request_id(), &context);
+  // Out of the group (which may cancel it from another thread) before the context goes.
+  struct Membership {
+    CallGroup* group;
+    grpc::ClientContext* context;
+    ~Membership() {
+      if (group != nullptr) group->Remove(context);
+    }
+  } membership{group, &context};
+  if (group != nullptr) group->Add(&context);
   // The same RPC as the generated stub's AttendStream, on ByteBuffers: a block is sent as slices
   // that point into its own q, k and v strings (TokenBlockBuffer), not serialized into a copy,
   // and an answer is parsed where it was received (client/answer_wire.h).
   const grpc::internal::RpcMethod method("/da.v1.AttentionService/AttendStream",
-                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel_);
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel);
   std::unique_ptr<grpc::ClientReaderWriter<grpc::ByteBuffer, grpc::ByteBuffer>> stream(
       grpc::internal::ClientReaderWriterFactory<grpc::ByteBuffer, grpc::ByteBuffer>::Create(
-          channel_.get(), method, &context));
+          channel.get(), method, &context));
 
   // Write on a thread of its own while this one reads: the server answers chunks while later
   // blocks are still arriving, and would otherwise fill both flow-control windows and leave both

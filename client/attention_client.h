@@ -8,7 +8,10 @@
 //
 // AttendStream takes the same AttendRequest, sends it as a header plus token blocks, and
 // reassembles the streamed output into the same AttendResponse shape, so callers can switch
-// between the two with one flag. Thread safety: one client may be used from many threads.
+// between the two with one flag. With StreamOptions::parallel_streams it cuts the request at
+// chunk boundaries into parts (client/stream_blocks.h) and streams them as concurrent calls, over
+// the client's channels in turn: one HTTP/2 stream, or one connection, rarely fills a fast link.
+// Thread safety: one client may be used from many threads.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -17,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "client/answer_wire.h"
 #include "da/v1/attention.grpc.pb.h"
@@ -33,6 +37,10 @@ struct CallOptions {
 
 struct StreamOptions {
   int64_t block_tokens = 0;  // Tokens per block; 0 picks blocks of about 4 MiB.
+  // Concurrent AttendStream calls, each streaming one part of the request (at most one part per
+  // chunk of whole segments; a request that is one chunk goes as one stream). 0: chosen from the
+  // request's size (DefaultParallelStreams).
+  int parallel_streams = 1;
 };
 
 // Channel arguments that lift gRPC's 4 MiB receive default to max_message_bytes.
@@ -55,11 +63,17 @@ grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block);
 class AttentionClient {
  public:
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
+  // Calls go on the first channel; the parts of a parallel AttendStream on the channels in turn
+  // (give channels distinct ConnectionOptions::channel_id for connections of their own).
+  explicit AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels);
 
   grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                       const CallOptions& options = {});
 
-  // Streams request (header, then token blocks) and collects the answer into response.
+  // Streams request (header, then token blocks) and collects the answer into response. With
+  // several parallel streams, the first part to fail fails the request with its status (the
+  // message names the part) and cancels the others; response's execution info is the parts'
+  // merged (MergePartInfos).
   grpc::Status AttendStream(const v1::AttendRequest& request, v1::AttendResponse* response,
                             const CallOptions& options = {}, const StreamOptions& stream = {});
 
@@ -107,7 +121,16 @@ class AttentionClient {
                            const CallOptions& options = {});
 
  private:
-  std::shared_ptr<grpc::Channel> channel_;
+  class CallGroup;
+  grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
+                           const CallOptions& options, const StreamOptions& stream, int parts);
+  grpc::Status AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
+                              const v1::StreamHeader& header, const SharedBlockSource& next_block,
+                              const AnswerViews& answers, const CallOptions& options,
+                              CallGroup* group);
+
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
+  std::shared_ptr<grpc::Channel> channel_;  // channels_[0].
   std::unique_ptr<v1::AttentionService::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
 };

@@ -12,6 +12,10 @@
 namespace da::client {
 namespace {
 
+// Each parallel stream is two client threads, a connection and a stream window of server memory;
+// far fewer than this fill any link.
+constexpr int64_t kMaxParallelStreamsFlag = 64;
+
 absl::Status Invalid(std::string message) { return absl::InvalidArgumentError(std::move(message)); }
 
 absl::Status CheckAtLeast(int64_t value, int64_t least, const char* flag) {
@@ -47,6 +51,13 @@ absl::Status CallFlags::Check() const {
   }
   if (absl::Status status = CheckAtLeast(timeout_ms, 0, "--timeout-ms"); !status.ok()) {
     return status;
+  }
+  if (absl::Status status = CheckAtLeast(parallel_streams, 0, "--parallel-streams"); !status.ok()) {
+    return status;
+  }
+  if (parallel_streams > kMaxParallelStreamsFlag) {
+    return Invalid(absl::StrCat("--parallel-streams: ", parallel_streams, " is above the limit of ",
+                                kMaxParallelStreamsFlag));
   }
   return CheckAtLeast(block_tokens, 0, "--block-tokens");
 }
@@ -98,6 +109,9 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
   command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");
   command->add_option("--block-tokens", flags->block_tokens,
                       "Tokens per streamed block (0: blocks of about 4 MiB)");
+  command->add_option("--parallel-streams", flags->parallel_streams,
+                      "Stream the request as K concurrent parts cut at chunk boundaries, each on a "
+                      "connection of its own (0: with --stream, one per 256 MiB, at most 4)");
   command->add_option("--request-id", flags->request_id, "Request id sent to the server");
 }
 

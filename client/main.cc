@@ -25,6 +25,7 @@
 #include "client/cli_format.h"
 #include "client/connection_options.h"
 #include "client/load_cli.h"
+#include "client/stream_blocks.h"
 #include "client/tensor_io.h"
 
 namespace da::client {
@@ -58,19 +59,40 @@ double MillisecondsSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
-// A connected client, or the status that says why not.
-grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* client) {
+// The parallel streams a request is sent with (as many as it can be cut into): 0 for a unary call.
+int ParallelStreams(const CallFlags& flags, const v1::AttendRequest& request) {
+  if (!flags.stream && flags.parallel_streams <= 1) return flags.parallel_streams == 1 ? 1 : 0;
+  int64_t wanted = flags.parallel_streams;
+  if (wanted == 0) {
+    wanted = DefaultParallelStreams(static_cast<int64_t>(2 * request.query().data().size() +
+                                                         request.key().data().size() +
+                                                         request.value().data().size()));
+  }
+  const int64_t seq_len = request.query().shape_size() == 4 ? request.query().shape(1) : 1;
+  return static_cast<int>(CutParts(request.spec(), seq_len, static_cast<int>(wanted)).size());
+}
+
+// A connected client, or the status that says why not; with `channels` connections of its own
+// (one per parallel stream).
+grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* client,
+                     int channels = 1) {
   absl::StatusOr<ConnectionOptions> connection = LoadConnectionOptions(flags.connection);
   if (!connection.ok()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         std::string(connection.status().message()));
   }
-  std::shared_ptr<grpc::Channel> channel = MakeChannel(flags.server, *connection);
   const int64_t connect_ms =
       flags.timeout_ms > 0 ? std::min(flags.timeout_ms, kConnectTimeoutMs) : kConnectTimeoutMs;
-  grpc::Status status = WaitForConnection(*channel, connect_ms);
-  if (status.ok()) *client = std::make_unique<AttentionClient>(channel);
-  return status;
+  std::vector<std::shared_ptr<grpc::Channel>> made;
+  for (int i = 0; i < std::max(channels, 1); ++i) {
+    connection->channel_id = i;
+    made.push_back(MakeChannel(flags.server, *connection));
+    if (grpc::Status status = WaitForConnection(*made.back(), connect_ms); !status.ok()) {
+      return status;
+    }
+  }
+  *client = std::make_unique<AttentionClient>(std::move(made));
+  return grpc::Status::OK;
 }
 
 // info and health are quick: without --timeout-ms they get the connect bound as their deadline.
@@ -83,8 +105,10 @@ CallOptions QueryOptions(const CallFlags& flags) {
 grpc::Status Call(AttentionClient& client, const CallFlags& flags, const v1::AttendRequest& request,
                   v1::AttendResponse* response) {
   const CallOptions options{.timeout_ms = flags.timeout_ms, .request_id = request.request_id()};
-  if (!flags.stream) return client.Attend(request, response, options);
-  return client.AttendStream(request, response, options, {.block_tokens = flags.block_tokens});
+  const int streams = ParallelStreams(flags, request);
+  if (streams == 0) return client.Attend(request, response, options);
+  return client.AttendStream(request, response, options,
+                             {.block_tokens = flags.block_tokens, .parallel_streams = streams});
 }
 
 int RunAttend(const AttendFlags& flags) {
@@ -99,13 +123,15 @@ int RunAttend(const AttendFlags& flags) {
   for (auto [path, tensor] : {std::pair{&flags.q_path, request.mutable_query()},
                               {&flags.k_path, request.mutable_key()},
                               {&flags.v_path, request.mutable_value()}}) {
-    absl::StatusOr<v1::Tensor> read = ReadTensorNpy(*path, {.bf16_as_uint16 = flags.bf16_as_uint16});
+    absl::StatusOr<v1::Tensor> read =
+        ReadTensorNpy(*path, {.bf16_as_uint16 = flags.bf16_as_uint16});
     if (!read.ok()) return Fail(read.status().message());
     *tensor = *std::move(read);
   }
 
   std::unique_ptr<AttentionClient> client;
-  if (grpc::Status status = Connect(flags.call, &client); !status.ok()) {
+  if (grpc::Status status = Connect(flags.call, &client, ParallelStreams(flags.call, request));
+      !status.ok()) {
     return FailRpc(status, flags.call.server);
   }
   v1::AttendResponse response;
@@ -127,7 +153,8 @@ int RunAttend(const AttendFlags& flags) {
     nlohmann::json json = ExecutionInfoJson(response.info());
     json["shape"] = dims;
     json["dtype"] = dtype;
-    json["stream"] = flags.call.stream;
+    json["stream"] = ParallelStreams(flags.call, request) > 0;
+    json["parallel_streams"] = ParallelStreams(flags.call, request);
     json["client_latency_ms"] = latency_ms;
     json["output"] =
         flags.out_path.empty() ? nlohmann::json(nullptr) : nlohmann::json(flags.out_path);
@@ -159,7 +186,8 @@ int RunRandom(const RandomFlags& flags) {
       RandomTensor(dtype, {flags.batch, flags.seq_len, kv_heads, flags.head_dim}, seed, 2);
 
   std::unique_ptr<AttentionClient> client;
-  if (grpc::Status status = Connect(flags.call, &client); !status.ok()) {
+  if (grpc::Status status = Connect(flags.call, &client, ParallelStreams(flags.call, request));
+      !status.ok()) {
     return FailRpc(status, flags.call.server);
   }
   const double tokens = static_cast<double>(flags.batch * flags.seq_len);
@@ -168,7 +196,11 @@ int RunRandom(const RandomFlags& flags) {
   if (!flags.call.json) {
     std::cout << "random: q " << ShapeString(request.query()) << ", k/v "
               << ShapeString(request.key()) << " " << DTypeName(dtype)
-              << (flags.call.stream ? ", streamed" : ", unary") << std::endl;
+              << (ParallelStreams(flags.call, request) == 0
+                      ? std::string(", unary")
+                      : absl::StrCat(", streamed (", ParallelStreams(flags.call, request),
+                                     " parallel streams)"))
+              << std::endl;
   }
   for (int64_t i = 0; i < flags.repeat; ++i) {
     if (!flags.call.request_id.empty()) {
@@ -200,7 +232,8 @@ int RunRandom(const RandomFlags& flags) {
     nlohmann::json json = {{"shape", {flags.batch, flags.seq_len, flags.heads, flags.head_dim}},
                            {"kv_heads", kv_heads},
                            {"dtype", DTypeName(dtype)},
-                           {"stream", flags.call.stream},
+                           {"stream", ParallelStreams(flags.call, request) > 0},
+                           {"parallel_streams", ParallelStreams(flags.call, request)},
                            {"calls", calls},
                            {"summary",
                             {{"calls", flags.repeat},

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "client/tensor_io.h"
 
 namespace da::client {
@@ -57,10 +59,8 @@ void GatherTokens(const v1::Tensor& tensor, int64_t token_start, int64_t token_c
   }
 }
 
-}  // namespace
-
-grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_tokens,
-                            StreamPlan* plan) {
+// The tensors of request can be streamed: see MakeStreamPlan.
+grpc::Status CheckStreamable(const v1::AttendRequest& request) {
   const v1::Tensor& q = request.query();
   const v1::Tensor& k = request.key();
   const v1::Tensor& v = request.value();
@@ -84,8 +84,87 @@ grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_toke
     return InvalidArgument(
         absl::StrCat("value shape ", ShapeString(v), " differs from key shape ", ShapeString(k)));
   }
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
+int64_t ChunkTokens(const v1::AttentionSpec& spec, int64_t seq_len) {
+  int64_t chunk = 1;
+  for (int64_t w : spec.segment_lengths()) {
+    if (w < 1 || w >= seq_len) return seq_len;  // The server refuses w < 1.
+    chunk = chunk / std::gcd(chunk, w) * w;     // Below seq_len * w: no overflow.
+    if (chunk >= seq_len) return seq_len;
+  }
+  return std::max<int64_t>(chunk, 1);
+}
+
+std::vector<TokenRange> CutParts(const v1::AttentionSpec& spec, int64_t seq_len, int parts) {
+  if (seq_len < 1) return {{0, seq_len}};  // MakeStreamPlan refuses it.
+  const int64_t chunk = ChunkTokens(spec, seq_len);
+  const int64_t chunks = (seq_len + chunk - 1) / chunk;
+  const int64_t count = std::clamp<int64_t>(parts, 1, std::max<int64_t>(chunks, 1));
+  std::vector<TokenRange> ranges;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t first = i * chunks / count * chunk;
+    const int64_t end = std::min(seq_len, (i + 1) * chunks / count * chunk);
+    ranges.push_back({first, end - first});
+  }
+  return ranges;
+}
+
+int DefaultParallelStreams(int64_t total_bytes) {
+  return static_cast<int>(
+      std::clamp<int64_t>(total_bytes / kParallelStreamBytes, 1, kMaxParallelStreams));
+}
+
+v1::ExecutionInfo MergePartInfos(const std::vector<v1::ExecutionInfo>& parts) {
+  v1::ExecutionInfo merged;
+  if (parts.empty()) return merged;
+  merged = parts.front();
+  merged.clear_devices();
+  std::vector<std::string> ids;
+  for (const v1::ExecutionInfo& part : parts) {
+    ids.push_back(part.request_id());
+    for (const std::string& device : part.devices()) {
+      if (std::find(merged.devices().begin(), merged.devices().end(), device) ==
+          merged.devices().end()) {
+        merged.add_devices(device);
+      }
+    }
+    if (&part == &parts.front()) continue;
+    merged.set_queue_time_us(std::max(merged.queue_time_us(), part.queue_time_us()));
+    merged.set_total_time_us(std::max(merged.total_time_us(), part.total_time_us()));
+    merged.set_compute_time_us(merged.compute_time_us() + part.compute_time_us());
+    merged.set_plan_build_time_us(merged.plan_build_time_us() + part.plan_build_time_us());
+    merged.set_plan_cache_hit(merged.plan_cache_hit() && part.plan_cache_hit());
+    merged.set_stream_chunk_tokens(
+        std::max(merged.stream_chunk_tokens(), part.stream_chunk_tokens()));
+    merged.set_stream_chunks(merged.stream_chunks() + part.stream_chunks());
+    merged.set_stream_buffer_bytes(merged.stream_buffer_bytes() + part.stream_buffer_bytes());
+  }
+  merged.set_request_id(absl::StrJoin(ids, ","));
+  return merged;
+}
+
+grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_tokens,
+                            StreamPlan* plan) {
+  if (grpc::Status status = CheckStreamable(request); !status.ok()) return status;
+  return MakePartPlan(request, block_tokens, {0, request.query().shape(1)}, plan);
+}
+
+grpc::Status MakePartPlan(const v1::AttendRequest& request, int64_t block_tokens,
+                          const TokenRange& part, StreamPlan* plan) {
+  if (grpc::Status status = CheckStreamable(request); !status.ok()) return status;
+  const v1::Tensor& q = request.query();
+  const v1::Tensor& k = request.key();
   if (block_tokens < 0) {
     return InvalidArgument(absl::StrCat("block_tokens must be >= 0, got ", block_tokens));
+  }
+  if (part.first < 0 || part.count < 1 || part.first + part.count > q.shape(1)) {
+    return InvalidArgument(absl::StrCat("part [", part.first, ", ", part.first + part.count,
+                                        ") is not a non-empty range within the ", q.shape(1),
+                                        " tokens"));
   }
 
   v1::StreamHeader& header = plan->header;
@@ -94,7 +173,7 @@ grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_toke
   *header.mutable_spec() = request.spec();
   header.set_dtype(q.dtype());
   header.set_batch(q.shape(0));
-  header.set_seq_len(q.shape(1));
+  header.set_seq_len(part.count);
   header.set_heads(q.shape(2));
   header.set_kv_heads(k.shape(2));
   header.set_head_dim(q.shape(3));
@@ -106,6 +185,7 @@ grpc::Status MakeStreamPlan(const v1::AttendRequest& request, int64_t block_toke
   }
   plan->block_tokens = std::min(block_tokens, header.seq_len());
   plan->block_count = (header.seq_len() + plan->block_tokens - 1) / plan->block_tokens;
+  plan->first_token = part.first;
   return grpc::Status::OK;
 }
 
@@ -115,13 +195,21 @@ v1::TokenBlock MakeTokenBlock(const v1::AttendRequest& request, const StreamPlan
   const int64_t token_count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
   block.set_token_start(token_start);
   block.set_token_count(token_count);
-  GatherTokens(request.query(), token_start, token_count, block.mutable_query());
-  GatherTokens(request.key(), token_start, token_count, block.mutable_key());
-  GatherTokens(request.value(), token_start, token_count, block.mutable_value());
+  const int64_t first = plan.first_token + token_start;
+  GatherTokens(request.query(), first, token_count, block.mutable_query());
+  GatherTokens(request.key(), first, token_count, block.mutable_key());
+  GatherTokens(request.value(), first, token_count, block.mutable_value());
   return block;
 }
 
 OutputAssembler::OutputAssembler(const v1::StreamHeader& expected) : expected_(expected) {}
+
+OutputAssembler::OutputAssembler(const v1::StreamHeader& expected, v1::Tensor* whole_output,
+                                 int64_t whole_seq_len, int64_t first_token)
+    : expected_(expected),
+      target_(whole_output),
+      target_seq_len_(whole_seq_len),
+      target_first_token_(first_token) {}
 
 grpc::Status OutputAssembler::Add(const v1::AttendStreamResponse& message) {
   switch (message.kind_case()) {
@@ -156,19 +244,30 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
   }
   const std::array<int64_t, 4> expected_shape = {expected_.batch(), expected_.seq_len(),
                                                  expected_.heads(), expected_.head_dim()};
-  v1::Tensor& output = *response_.mutable_output();
-  output.set_dtype(header.dtype());
-  *output.mutable_shape() = header.shape();
+  v1::Tensor answered;
+  answered.set_dtype(header.dtype());
+  *answered.mutable_shape() = header.shape();
   if (header.shape_size() != 4 ||
       !std::equal(expected_shape.begin(), expected_shape.end(), header.shape().begin())) {
-    return Internal(absl::StrCat("stream response header shape ", ShapeString(output),
+    return Internal(absl::StrCat("stream response header shape ", ShapeString(answered),
                                  " differs from the request's [", expected_shape[0], ", ",
                                  expected_shape[1], ", ", expected_shape[2], ", ",
                                  expected_shape[3], "]"));
   }
-  have_header_ = true;
   token_bytes_ = expected_.heads() * expected_.head_dim() * dtype_bytes;
-  output.mutable_data()->resize(expected_.batch() * expected_.seq_len() * token_bytes_);
+  if (target_ != nullptr) {
+    const int64_t whole_bytes = expected_.batch() * target_seq_len_ * token_bytes_;
+    if (header.dtype() != target_->dtype() ||
+        static_cast<int64_t>(target_->data().size()) != whole_bytes) {
+      return Internal(absl::StrCat("stream response header dtype ", DTypeName(header.dtype()),
+                                   " differs from the other parts' ", DTypeName(target_->dtype())));
+    }
+  } else {
+    *response_.mutable_output() = std::move(answered);
+    response_.mutable_output()->mutable_data()->resize(expected_.batch() * expected_.seq_len() *
+                                                       token_bytes_);
+  }
+  have_header_ = true;
   if (header.request_id().size() > 0) response_.mutable_info()->set_request_id(header.request_id());
   return grpc::Status::OK;
 }
@@ -198,9 +297,14 @@ grpc::Status OutputAssembler::AddBlock(const OutputBlockView& block) {
                                  " bytes, expected ", batch * row_bytes, " for ",
                                  block.token_count(), " tokens"));
   }
-  char* out = response_.mutable_output()->mutable_data()->data();
+  // Rows of batch element b start at b * out_seq_len + out_first + next_token_.
+  char* out = target_ != nullptr ? target_->mutable_data()->data()
+                                 : response_.mutable_output()->mutable_data()->data();
+  const int64_t out_seq_len = target_ != nullptr ? target_seq_len_ : seq_len;
+  const int64_t out_first = target_ != nullptr ? target_first_token_ : 0;
   for (int64_t b = 0; b < batch; ++b) {
-    block.CopyTo(b * row_bytes, row_bytes, out + (b * seq_len + next_token_) * token_bytes_);
+    block.CopyTo(b * row_bytes, row_bytes,
+                 out + (b * out_seq_len + out_first + next_token_) * token_bytes_);
   }
   next_token_ += block.token_count();
   return grpc::Status::OK;
