@@ -93,8 +93,9 @@ int64_t ChunkTokens(const v1::AttentionSpec& spec, int64_t seq_len) {
   int64_t chunk = 1;
   for (int64_t w : spec.segment_lengths()) {
     if (w < 1 || w >= seq_len) return seq_len;  // The server refuses w < 1.
-    chunk = chunk / std::gcd(chunk, w) * w;     // Below seq_len * w: no overflow.
-    if (chunk >= seq_len) return seq_len;
+    const int64_t factor = chunk / std::gcd(chunk, w);
+    if (factor >= (seq_len + w - 1) / w) return seq_len;  // factor * w >= seq_len; no overflow.
+    chunk = factor * w;
   }
   return std::max<int64_t>(chunk, 1);
 }

@@ -227,5 +227,146 @@ TEST(StreamBlocksTest, RejectsMalformedAnswersNamingTheBlock) {
   }
 }
 
+v1::AttentionSpec Spec(std::vector<int64_t> segments) {
+  v1::AttentionSpec spec;
+  for (int64_t w : segments) {
+    spec.add_segment_lengths(w);
+    spec.add_dilation_rates(1);
+  }
+  return spec;
+}
+
+TEST(ParallelPartsTest, ChunksAreTheLeastCommonMultipleBelowTheSequence) {
+  EXPECT_EQ(ChunkTokens(Spec({2048, 4096, 8192}), 65536), 8192);
+  EXPECT_EQ(ChunkTokens(Spec({12, 56, 24}), 200), 168);
+  EXPECT_EQ(ChunkTokens(Spec({12, 56, 24}), 168), 168);  // One chunk exactly.
+  EXPECT_EQ(ChunkTokens(Spec({16, 400}), 200), 200);     // w > N: no cut.
+  EXPECT_EQ(ChunkTokens(Spec({200}), 200), 200);         // A segment as long as the sequence.
+  EXPECT_EQ(ChunkTokens(Spec({3, 5, 7, 11, 13}), 10000), 10000);  // lcm 15015 > N.
+  EXPECT_EQ(ChunkTokens(Spec({0, 4}), 16), 16);  // Invalid: left to the server, one part.
+  // Pairwise coprime lengths whose product overflows int64 stop at the first multiple past N.
+  EXPECT_EQ(ChunkTokens(Spec({1000003, 1000033, 1000037, 1000039}), int64_t{1} << 62),
+            int64_t{1} << 62);
+}
+
+TEST(ParallelPartsTest, PartsAreEvenRunsOfWholeChunks) {
+  auto ranges = [](std::vector<TokenRange> parts) {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (const TokenRange& part : parts) out.emplace_back(part.first, part.count);
+    return out;
+  };
+  using R = std::vector<std::pair<int64_t, int64_t>>;
+  // 200 tokens in chunks of 32: 6 whole chunks and 8 tokens.
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 1)), (R{{0, 200}}));
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 2)), (R{{0, 96}, {96, 104}}));
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 3)), (R{{0, 64}, {64, 64}, {128, 72}}));
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 7)).size(), 7u);
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 100)).size(), 7u);  // At most one per chunk.
+  EXPECT_EQ(ranges(CutParts(Spec({16, 32}), 200, 0)), (R{{0, 200}}));
+  EXPECT_EQ(ranges(CutParts(Spec({16, 400}), 200, 4)), (R{{0, 200}}));
+  // Every cut at a multiple of every segment length, the parts covering the sequence.
+  for (int parts = 1; parts <= 9; ++parts) {
+    int64_t next = 0;
+    for (const TokenRange& part : CutParts(Spec({12, 56, 24}), 1000, parts)) {
+      EXPECT_EQ(part.first, next);
+      EXPECT_EQ(part.first % 168, 0);
+      EXPECT_GT(part.count, 0);
+      next = part.first + part.count;
+    }
+    EXPECT_EQ(next, 1000);
+  }
+}
+
+TEST(ParallelPartsTest, DefaultStreamsGrowWithTheRequestUpToFour) {
+  EXPECT_EQ(DefaultParallelStreams(0), 1);
+  EXPECT_EQ(DefaultParallelStreams((256LL << 20) - 1), 1);
+  EXPECT_EQ(DefaultParallelStreams(512LL << 20), 2);
+  EXPECT_EQ(DefaultParallelStreams(16LL << 30), 4);
+}
+
+TEST(ParallelPartsTest, PartPlanStreamsThePartsTokensNumberedFromZero) {
+  const v1::AttendRequest request = SampleRequest();  // N = 7.
+  StreamPlan plan;
+  ASSERT_TRUE(MakePartPlan(request, 2, {4, 3}, &plan).ok());
+  EXPECT_EQ(plan.header.seq_len(), 3);
+  EXPECT_EQ(plan.first_token, 4);
+  EXPECT_EQ(plan.block_count, 2);
+  const v1::TokenBlock block = MakeTokenBlock(request, plan, 2);
+  EXPECT_EQ(block.token_start(), 2);
+  EXPECT_EQ(block.token_count(), 1);
+  EXPECT_EQ(block.query(), GatherByHand(request.query(), 6, 1));
+  EXPECT_EQ(block.key(), GatherByHand(request.key(), 6, 1));
+  EXPECT_EQ(block.value(), GatherByHand(request.value(), 6, 1));
+  for (TokenRange bad : {TokenRange{5, 3}, TokenRange{-1, 2}, TokenRange{2, 0}}) {
+    const grpc::Status status = MakePartPlan(request, 2, bad, &plan);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("within the 7 tokens"));
+  }
+}
+
+TEST(ParallelPartsTest, PartAssemblersWriteTheirTokensIntoOneOutput) {
+  const v1::AttendRequest request = SampleRequest();
+  const v1::Tensor expected = IndexedTensor({2, 7, 2, 3}, 5000);
+  v1::Tensor whole;
+  whole.set_dtype(v1::DTYPE_FP32);
+  whole.mutable_data()->resize(expected.data().size());
+  // Parts [0, 4) and [4, 7), their blocks arriving interleaved.
+  StreamPlan first, second;
+  ASSERT_TRUE(MakePartPlan(request, 0, {0, 4}, &first).ok());
+  ASSERT_TRUE(MakePartPlan(request, 0, {4, 3}, &second).ok());
+  OutputAssembler a(first.header, &whole, 7, 0), b(second.header, &whole, 7, 4);
+  v1::Tensor second_output = IndexedTensor({2, 3, 2, 3}, 0);  // The part's own view, by hand.
+  *second_output.mutable_data() = GatherByHand(expected, 4, 3);
+  ASSERT_TRUE(a.Add(Header({2, 4, 2, 3})).ok());
+  ASSERT_TRUE(b.Add(Header({2, 3, 2, 3})).ok());
+  ASSERT_TRUE(b.Add(Block(second_output, 0, 3)).ok());
+  ASSERT_TRUE(a.Add(Block(expected, 0, 4)).ok());
+  ASSERT_TRUE(a.Add(Trailer()).ok());
+  ASSERT_TRUE(b.Add(Trailer()).ok());
+  v1::AttendResponse ra, rb;
+  ASSERT_TRUE(a.Finish(&ra).ok());
+  ASSERT_TRUE(b.Finish(&rb).ok());
+  EXPECT_EQ(whole.data(), expected.data());
+  EXPECT_FALSE(ra.has_output());
+  EXPECT_EQ(ra.info().compute_time_us(), 42);
+  // A part answering in another dtype is refused.
+  OutputAssembler c(second.header, &whole, 7, 4);
+  v1::AttendStreamResponse half = Header({2, 3, 2, 3});
+  half.mutable_header()->set_dtype(v1::DTYPE_FP16);
+  EXPECT_THAT(c.Add(half).error_message(),
+              HasSubstr("dtype fp16 differs from the other parts' fp32"));
+}
+
+TEST(ParallelPartsTest, MergedInfoSumsWorkAndKeepsTheLongestWait) {
+  std::vector<v1::ExecutionInfo> parts(3);
+  for (int i = 0; i < 3; ++i) {
+    parts[i].set_request_id("r/" + std::to_string(i + 1));
+    parts[i].set_precision_used(v1::PRECISION_BF16);
+    parts[i].set_backend("cpu");
+    parts[i].add_devices(i == 1 ? "cpu:1" : "cpu:0");
+    parts[i].set_queue_time_us(10 * (i + 1));
+    parts[i].set_total_time_us(100 * (3 - i));
+    parts[i].set_compute_time_us(7);
+    parts[i].set_plan_build_time_us(i == 0 ? 5 : 0);
+    parts[i].set_plan_cache_hit(i != 0);
+    parts[i].set_stream_chunk_tokens(i == 2 ? 8 : 32);
+    parts[i].set_stream_chunks(3);
+    parts[i].set_stream_buffer_bytes(1000);
+  }
+  const v1::ExecutionInfo merged = MergePartInfos(parts);
+  EXPECT_EQ(merged.request_id(), "r/1,r/2,r/3");
+  EXPECT_EQ(merged.precision_used(), v1::PRECISION_BF16);
+  EXPECT_EQ(merged.backend(), "cpu");
+  EXPECT_THAT(merged.devices(), testing::ElementsAre("cpu:0", "cpu:1"));
+  EXPECT_EQ(merged.queue_time_us(), 30);
+  EXPECT_EQ(merged.total_time_us(), 300);
+  EXPECT_EQ(merged.compute_time_us(), 21);
+  EXPECT_EQ(merged.plan_build_time_us(), 5);
+  EXPECT_FALSE(merged.plan_cache_hit());
+  EXPECT_EQ(merged.stream_chunk_tokens(), 32);
+  EXPECT_EQ(merged.stream_chunks(), 9);
+  EXPECT_EQ(merged.stream_buffer_bytes(), 3000);
+}
+
 }  // namespace
 }  // namespace da::client
