@@ -5,11 +5,15 @@
 //                   --dilations 1,2,4 --mode grouped --threads 2 --repeat 3
 //   da-stream-bench --server 127.0.0.1:50051 --server-pid 1234 --seq-len 4194304 --heads 2
 //                   --skip-in-process --repeat 1
+//   da-stream-bench --parallel-streams 2 ...   # the client library's AttendStream, 2 parts
 //
 // Without --server it starts an in-process server (127.0.0.1, port 0, --threads compute
 // threads). Inputs are generated block by block (server/synthetic_stream.h), so the client holds
 // no whole tensors; with the in-process baseline on, the whole streamed output is compared byte
-// for byte with the engine's. --server-pid reads that process's peak RSS (VmHWM) after the run.
+// for byte with the engine's. With --parallel-streams K the client holds the whole request (made
+// before the clock) and sends it as a user of the client library does, AttendStream cut into K
+// parts on K connections of their own (K = 1: the same library path in one stream). --server-pid
+// reads that process's peak RSS (VmHWM) after the run.
 //
 // A client that does not share the server's cores (as a remote client does not), on a machine
 // with four or more:
@@ -32,10 +36,12 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "client/attention_client.h"
+#include "client/connection_options.h"
 #include "engine/dist/socket_io.h"
 #include "engine/status_macros.h"
 #include "server/conversion.h"
@@ -245,7 +251,7 @@ int main(int argc, char** argv) {
   std::vector<int64_t> segments{2048, 4096, 8192}, dilations{1, 2, 4};
   std::string mode = "grouped", precision = "fp32", server_address;
   std::string listen = "127.0.0.1:0";
-  int threads = 2, repeat = 3, depth = 2;
+  int threads = 2, repeat = 3, depth = 2, parallel_streams = 0, parts_used = 1;
   long server_pid = 0;
   bool skip_in_process = false;
   bool generate_while_sending = false;
@@ -273,6 +279,9 @@ int main(int argc, char** argv) {
   app.add_option("--pipeline-depth", depth, "In-process server's --stream-pipeline-depth");
   app.add_option("--min-chunk-tokens", min_chunk_tokens, "In-process server's chunk minimum");
   app.add_option("--repeat", repeat, "Timed runs of each (after one warm-up run)");
+  app.add_option("--parallel-streams", parallel_streams,
+                 "Send through AttendStream cut into K parts on K connections (0: shared blocks, "
+                 "one stream)");
   app.add_flag("--skip-in-process", skip_in_process, "Only the stream (e.g. for 4M tokens)");
   app.add_flag("--generate-while-sending", generate_while_sending,
                "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
@@ -357,6 +366,29 @@ int main(int argc, char** argv) {
                                                          std::to_string(server->port());
   }
   da::client::AttentionClient client(da::client::MakeChannel(server_address));
+  // --parallel-streams: the whole request, and a client with a connection per part.
+  da::v1::AttendRequest request;
+  std::unique_ptr<da::client::AttentionClient> parts_client;
+  if (parallel_streams > 0) {
+    using da::server::testing::SyntheticStream;
+    request.set_request_id(header.request_id());
+    *request.mutable_spec() = header.spec();
+    for (auto [tensor, kind, h] :
+         {std::tuple{request.mutable_query(), SyntheticStream::kQuery, heads},
+          {request.mutable_key(), SyntheticStream::kKey, kv_heads == 0 ? heads : kv_heads},
+          {request.mutable_value(), SyntheticStream::kValue, kv_heads == 0 ? heads : kv_heads}}) {
+      tensor->set_dtype(da::v1::DTYPE_FP32);
+      for (int64_t dim : {batch, seq_len, h, head_dim}) tensor->add_shape(dim);
+      tensor->set_data(stream.Rows(kind, 0, seq_len));
+    }
+    std::vector<std::shared_ptr<grpc::Channel>> channels;
+    for (int c = 0; c < parallel_streams; ++c) {
+      da::client::ConnectionOptions connection;
+      connection.channel_id = c;
+      channels.push_back(da::client::MakeChannel(server_address, connection));
+    }
+    parts_client = std::make_unique<da::client::AttentionClient>(std::move(channels));
+  }
 
   Runs stream_runs;
   std::vector<double> server_cpu;
@@ -414,8 +446,22 @@ int main(int argc, char** argv) {
     const double server_cpu_start =
         server_pid > 0 ? da::server::ProcessCpuSeconds(static_cast<pid_t>(server_pid)) : -1;
     const Meter meter;
-    const grpc::Status status = client.AttendStreamShared(header, source, answers);
+    grpc::Status status;
+    da::v1::AttendResponse response;
+    if (parts_client == nullptr) {
+      status = client.AttendStreamShared(header, source, answers);
+    } else {
+      status = parts_client->AttendStream(
+          request, &response, {},
+          {.block_tokens = block_tokens, .parallel_streams = parallel_streams});
+    }
     const Measurement measured = meter.Stop();
+    if (parts_client != nullptr && status.ok()) {
+      received = static_cast<int64_t>(response.output().data().size());
+      same = i > 0 || expected.empty() || response.output().data() == expected;
+      info = response.info();
+      parts_used = std::count(info.request_id().begin(), info.request_id().end(), ',') + 1;
+    }
     if (!status.ok()) {
       std::cerr << "da-stream-bench: stream failed: " << status.error_message() << "\n";
       return 1;
@@ -441,6 +487,14 @@ int main(int argc, char** argv) {
       "stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
       static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),
       static_cast<long long>(info.stream_chunks()), wire_bytes / (1 << 30));
+  if (parts_client != nullptr) {
+    std::printf(
+        "client: the library's AttendStream, %d parallel streams asked, %d used, each on "
+        "a connection of its own\n",
+        parallel_streams, parts_used);
+  } else {
+    std::printf("client: one stream of shared blocks (AttendStreamShared)\n");
+  }
   const double stream_best =
       *std::min_element(stream_runs.seconds.begin(), stream_runs.seconds.end());
   std::printf(

@@ -41,37 +41,33 @@ void ReleaseBlock(void* block) {
   delete static_cast<std::shared_ptr<const v1::TokenBlock>*>(block);
 }
 
-// A slice over bytes of *block, holding a reference to the block until gRPC lets go of it.
-grpc::Slice BlockSlice(const std::shared_ptr<const v1::TokenBlock>& block,
-                       const std::string& bytes) {
-  return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &ReleaseBlock,
-                     new std::shared_ptr<const v1::TokenBlock>(block));
-}
-
 }  // namespace
 
-grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
-  const std::shared_ptr<const v1::TokenBlock> owned(std::move(block));
-  // AttendStreamRequest{block = 2: TokenBlock{token_start = 1, token_count = 2, query = 3,
-  // key = 4, value = 5}}, written as protobuf writes it (zero varints and empty bytes omitted):
-  // the tags and lengths in small slices of their own, the tensors as slices over the block.
+namespace {
+
+// AttendStreamRequest{block = 2: TokenBlock{token_start = 1, token_count = 2, query = 3, key = 4,
+// value = 5}}, written as protobuf writes it (zero varints and empty bytes omitted): the tags and
+// lengths in small slices of their own, each tensor as the slice tensor_slice makes of it.
+template <typename TensorSlice>
+grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
+                             const std::string_view (&tensors)[3],
+                             const TensorSlice& tensor_slice) {
   std::string start;
-  if (owned->token_start() != 0) {
+  if (token_start != 0) {
     AppendVarint(1 << 3 | 0, &start);
-    AppendVarint(static_cast<uint64_t>(owned->token_start()), &start);
+    AppendVarint(static_cast<uint64_t>(token_start), &start);
   }
-  if (owned->token_count() != 0) {
+  if (token_count != 0) {
     AppendVarint(2 << 3 | 0, &start);
-    AppendVarint(static_cast<uint64_t>(owned->token_count()), &start);
+    AppendVarint(static_cast<uint64_t>(token_count), &start);
   }
   std::string tags[3];
-  const std::string* tensors[3] = {&owned->query(), &owned->key(), &owned->value()};
   uint64_t block_bytes = start.size();
   for (int i = 0; i < 3; ++i) {
-    if (tensors[i]->empty()) continue;
+    if (tensors[i].empty()) continue;
     AppendVarint(static_cast<uint64_t>(3 + i) << 3 | 2, &tags[i]);
-    AppendVarint(tensors[i]->size(), &tags[i]);
-    block_bytes += tags[i].size() + tensors[i]->size();
+    AppendVarint(tensors[i].size(), &tags[i]);
+    block_bytes += tags[i].size() + tensors[i].size();
   }
   std::string outer;
   AppendVarint(2 << 3 | 2, &outer);
@@ -80,11 +76,50 @@ grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
   std::vector<grpc::Slice> slices;
   slices.emplace_back(outer);
   for (int i = 0; i < 3; ++i) {
-    if (tensors[i]->empty()) continue;
+    if (tensors[i].empty()) continue;
     slices.emplace_back(tags[i]);
-    slices.push_back(BlockSlice(owned, *tensors[i]));
+    slices.push_back(tensor_slice(tensors[i]));
   }
   return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+// The next block of a request held whole, as a message ready to write: for batch 1 the rows are
+// contiguous in the request's tensors and are sent where they lie (the request outlives the
+// call); otherwise they are gathered into a block (MakeTokenBlock).
+bool NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan, int64_t* next_block,
+                      grpc::ByteBuffer* buffer) {
+  if (*next_block == plan.block_count) return false;
+  const int64_t token_start = (*next_block)++ * plan.block_tokens;
+  if (plan.header.batch() != 1) {
+    *buffer = TokenBlockBuffer(
+        std::make_shared<const v1::TokenBlock>(MakeTokenBlock(request, plan, token_start)));
+    return true;
+  }
+  const int64_t count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
+  const int64_t first = plan.first_token + token_start;
+  const v1::Tensor* tensors[3] = {&request.query(), &request.key(), &request.value()};
+  std::string_view rows[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t token_bytes =
+        static_cast<int64_t>(tensors[i]->data().size()) / tensors[i]->shape(1);
+    rows[i] = std::string_view(tensors[i]->data()).substr(first * token_bytes, count * token_bytes);
+  }
+  *buffer = EncodeBlock(token_start, count, rows, [](std::string_view bytes) {
+    return grpc::Slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
+  });
+  return true;
+}
+
+}  // namespace
+
+grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
+  const std::shared_ptr<const v1::TokenBlock> owned(std::move(block));
+  const std::string_view tensors[3] = {owned->query(), owned->key(), owned->value()};
+  return EncodeBlock(
+      owned->token_start(), owned->token_count(), tensors, [&](std::string_view bytes) {
+        return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &ReleaseBlock,
+                           new std::shared_ptr<const v1::TokenBlock>(owned));
+      });
 }
 
 grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes) {
@@ -191,17 +226,15 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
   int64_t next_block = 0;
   OutputAssembler assembler(plan.header);
-  const grpc::Status status = AttendStreamShared(
-      plan.header,
-      [&]() -> std::shared_ptr<const v1::TokenBlock> {
-        if (next_block == plan.block_count) return nullptr;
-        return std::make_shared<const v1::TokenBlock>(
-            MakeTokenBlock(request, plan, next_block++ * plan.block_tokens));
+  const grpc::Status status = AttendStreamOn(
+      channel_, plan.header,
+      [&](grpc::ByteBuffer* buffer) {
+        return NextRequestBlock(request, plan, &next_block, buffer);
       },
       {.on_block = [&](const OutputBlockView& block) { return assembler.AddBlock(block); },
        .on_message =
            [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }},
-      options);
+      options, nullptr);
   if (!status.ok()) return status;
   return assembler.Finish(response);
 }
@@ -246,10 +279,8 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
       int64_t next_block = 0;
       status = AttendStreamOn(
           channels_[i % channels_.size()], plan.header,
-          [&]() -> std::shared_ptr<const v1::TokenBlock> {
-            if (next_block == plan.block_count) return nullptr;
-            return std::make_shared<const v1::TokenBlock>(
-                MakeTokenBlock(request, plan, next_block++ * plan.block_tokens));
+          [&](grpc::ByteBuffer* buffer) {
+            return NextRequestBlock(request, plan, &next_block, buffer);
           },
           {.on_block = [&](const OutputBlockView& block) { return assembler.AddBlock(block); },
            .on_message =
@@ -307,12 +338,20 @@ grpc::Status AttentionClient::AttendStreamShared(const v1::StreamHeader& header,
                                                  const SharedBlockSource& next_block,
                                                  const AnswerViews& answers,
                                                  const CallOptions& options) {
-  return AttendStreamOn(channel_, header, next_block, answers, options, nullptr);
+  return AttendStreamOn(
+      channel_, header,
+      [&](grpc::ByteBuffer* buffer) {
+        std::shared_ptr<const v1::TokenBlock> block = next_block();
+        if (block == nullptr) return false;
+        *buffer = TokenBlockBuffer(std::move(block));
+        return true;
+      },
+      answers, options, nullptr);
 }
 
 grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
                                              const v1::StreamHeader& header,
-                                             const SharedBlockSource& next_block,
+                                             const BufferSource& next_buffer,
                                              const AnswerViews& answers, const CallOptions& options,
                                              CallGroup* group) {
   grpc::ClientContext context;
@@ -344,8 +383,7 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
     grpc::Slice serialized(first.SerializeAsString());
     grpc::ByteBuffer buffer(&serialized, 1);
     if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
-    while (std::shared_ptr<const v1::TokenBlock> block = next_block()) {
-      buffer = TokenBlockBuffer(std::move(block));
+    while (next_buffer(&buffer)) {
       if (!stream->Write(buffer)) return;
     }
     stream->WritesDone();

@@ -124,8 +124,10 @@ class AttentionClient {
   class CallGroup;
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
+  // Writes the next block's message into *buffer, or returns false when there are no more.
+  using BufferSource = std::function<bool(grpc::ByteBuffer* buffer)>;
   grpc::Status AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
-                              const v1::StreamHeader& header, const SharedBlockSource& next_block,
+                              const v1::StreamHeader& header, const BufferSource& next_buffer,
                               const AnswerViews& answers, const CallOptions& options,
                               CallGroup* group);
 

@@ -51,10 +51,11 @@ TEST_P(ParallelStreamTest, PartsGiveTheBytesOfOneStreamAndOfUnary) {
   std::mt19937 rng(std::random_device{}());
   for (bool causal : {false, true}) {
     for (v1::CombineMode mode : {v1::COMBINE_MODE_LONGNET, v1::COMBINE_MODE_GROUPED}) {
-      for (int64_t kv_heads : {4, 2}) {
-        SCOPED_TRACE(::testing::Message()
-                     << "causal " << causal << " mode " << mode << " kv_heads " << kv_heads);
-        v1::AttendRequest request = testing::RandomRequest({.batch = 2,
+      for (auto [batch, kv_heads] : {std::pair<int64_t, int64_t>{1, 4}, {2, 2}}) {
+        // Batch 1 rows go out where they lie in the request; batch 2 rows are gathered.
+        SCOPED_TRACE(::testing::Message() << "causal " << causal << " mode " << mode << " batch "
+                                          << batch << " kv_heads " << kv_heads);
+        v1::AttendRequest request = testing::RandomRequest({.batch = batch,
                                                             .seq_len = 200,
                                                             .heads = 4,
                                                             .kv_heads = kv_heads,
