@@ -114,6 +114,7 @@ class RankRun {
   RankRun(Communicator& comm, const RunHeader& header, ShardLayout layout,
           const ShardRunOptions& options, const engine::ShareCompute& compute)
       : comm_(comm),
+        plane_(options.data_plane != nullptr ? *options.data_plane : comm),
         h_(header),
         layout_(std::move(layout)),
         options_(options),
@@ -182,24 +183,16 @@ class RankRun {
         incoming_bytes[peer] += 2 * h_.shape.batch * (e - b) * row_bytes;
       }
     }
-    // Sends are synchronous: each peer's on its own thread, receives here in rank order, so no
-    // two ranks ever wait on each other in a cycle.
-    std::vector<absl::Status> sent(world);
-    std::vector<std::thread> senders;
-    for (int peer = 0; peer < world; ++peer) {
-      if (outgoing[peer].empty()) continue;
-      senders.emplace_back([&, peer] {
-        sent[peer] = comm_.Send(outgoing[peer].data(), static_cast<int64_t>(outgoing[peer].size()),
-                                peer, kExchangeTag, options_.timeout);
-      });
-    }
-    absl::Status received;
-    for (int peer = 0; peer < world && received.ok(); ++peer) {
-      if (incoming_bytes[peer] == 0) continue;
+    const auto send_to = [&](int peer) -> absl::Status {
+      if (outgoing[peer].empty()) return absl::OkStatus();
+      return plane_.Send(outgoing[peer].data(), static_cast<int64_t>(outgoing[peer].size()), peer,
+                         kExchangeTag, options_.timeout);
+    };
+    const auto receive_from = [&](int peer) -> absl::Status {
+      if (incoming_bytes[peer] == 0) return absl::OkStatus();
       std::vector<uint8_t> message(incoming_bytes[peer]);
-      received =
-          comm_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, options_.timeout);
-      if (!received.ok()) break;
+      DA_RETURN_IF_ERROR(
+          plane_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, options_.timeout));
       stats_.exchange_bytes += incoming_bytes[peer];
       // Unpack in the sender's order: per set, K rows then V rows.
       const uint8_t* cursor = message.data();
@@ -213,12 +206,38 @@ class RankRun {
           cursor += h_.shape.batch * (e - b) * row_bytes;
         }
       }
+      return absl::OkStatus();
+    };
+    absl::Status exchanged;
+    if (separate_plane()) {
+      // A data plane: one thread, blocking sends, no tags. Pair by pair in one global order
+      // ((a, b), a < b, lexicographic), the lower rank sending first: the first pair not yet done
+      // always has both its ranks at it, so the exchange cannot deadlock.
+      for (int a = 0; a < world && exchanged.ok(); ++a) {
+        for (int b = a + 1; b < world && exchanged.ok(); ++b) {
+          if (me != a && me != b) continue;
+          const int peer = me == a ? b : a;
+          exchanged = me == a ? send_to(peer) : receive_from(peer);
+          if (exchanged.ok()) exchanged = me == a ? receive_from(peer) : send_to(peer);
+        }
+      }
+    } else {
+      // Sends are synchronous: each peer's on its own thread, receives here in rank order, so no
+      // two ranks ever wait on each other in a cycle.
+      std::vector<absl::Status> sent(world);
+      std::vector<std::thread> senders;
+      for (int peer = 0; peer < world; ++peer) {
+        if (outgoing[peer].empty()) continue;
+        senders.emplace_back([&, peer] { sent[peer] = send_to(peer); });
+      }
+      for (int peer = 0; peer < world && exchanged.ok(); ++peer) exchanged = receive_from(peer);
+      for (std::thread& t : senders) t.join();
+      for (const absl::Status& s : sent) {
+        if (exchanged.ok()) exchanged = s;
+      }
     }
-    for (std::thread& t : senders) t.join();
     stats_.collective_seconds += SecondsSince(start);
-    DA_RETURN_IF_ERROR(received);
-    for (const absl::Status& s : sent) DA_RETURN_IF_ERROR(s);
-    return absl::OkStatus();
+    return exchanged;
   }
 
   absl::Status Compute(const std::atomic<bool>* cancelled) {
@@ -252,9 +271,13 @@ class RankRun {
   ShardRunStats::Rank& stats() { return stats_; }
   const Share& share() const { return share_; }
   const ShardLayout& layout() const { return layout_; }
+  // Where the bulk bytes go: the data plane, or the control communicator itself.
+  Communicator& plane() const { return plane_; }
+  bool separate_plane() const { return &plane_ != &comm_; }
 
  private:
   Communicator& comm_;
+  Communicator& plane_;
   const RunHeader& h_;
   const ShardLayout layout_;
   const ShardRunOptions& options_;
@@ -267,12 +290,32 @@ class RankRun {
   ShardRunStats::Rank stats_;
 };
 
-void CountTraffic(const Communicator& comm, const Communicator::Counters& before,
-                  ShardRunStats::Rank& stats) {
-  const Communicator::Counters after = comm.counters();
-  stats.bytes_sent = after.bytes_sent - before.bytes_sent;
-  stats.bytes_received = after.bytes_received - before.bytes_received;
-}
+// Bytes a rank moved during a run, over the control communicator and the data plane (when it has
+// one of its own).
+class Traffic {
+ public:
+  Traffic(const Communicator& comm, const Communicator* plane)
+      : comm_(comm), plane_(plane == &comm ? nullptr : plane), before_(Sum()) {}
+  void Count(ShardRunStats::Rank& stats) const {
+    const Communicator::Counters after = Sum();
+    stats.bytes_sent = after.bytes_sent - before_.bytes_sent;
+    stats.bytes_received = after.bytes_received - before_.bytes_received;
+  }
+
+ private:
+  Communicator::Counters Sum() const {
+    Communicator::Counters sum = comm_.counters();
+    if (plane_ != nullptr) {
+      const Communicator::Counters plane = plane_->counters();
+      sum.bytes_sent += plane.bytes_sent;
+      sum.bytes_received += plane.bytes_received;
+    }
+    return sum;
+  }
+  const Communicator& comm_;
+  const Communicator* plane_;
+  const Communicator::Counters before_;
+};
 
 std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r, absl::StatusCode code) {
   int64_t compute_ns = static_cast<int64_t>(r.compute_seconds * 1e9);
@@ -358,7 +401,14 @@ namespace {
 
 // The protocol overlaps scatter, exchange, compute and gather on threads, and keeps its kinds of
 // messages apart by tag: it runs only over a communicator that allows both.
-absl::Status CheckCapabilities(const Communicator& comm) {
+absl::Status CheckCapabilities(const Communicator& comm, const Communicator* plane) {
+  if (plane != nullptr && (plane->rank() != comm.rank() || plane->size() != comm.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the data plane is rank ", plane->rank(), " of ", plane->size(),
+                     ", the control "
+                     "communicator rank ",
+                     comm.rank(), " of ", comm.size(), "; they must be one group"));
+  }
   const Communicator::Capabilities can = comm.capabilities();
   if (can.concurrent_calls && can.tagged_messages) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
@@ -374,7 +424,7 @@ absl::Status CheckCapabilities(const Communicator& comm) {
 absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                                                    const engine::ShardedProblem& problem,
                                                    const ShardRunOptions& options) {
-  DA_RETURN_IF_ERROR(CheckCapabilities(comm));
+  DA_RETURN_IF_ERROR(CheckCapabilities(comm, options.data_plane));
   if (comm.rank() != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("CoordinateShardedRun on rank ", comm.rank(), "; only rank 0 coordinates"));
@@ -395,8 +445,9 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   DA_ASSIGN_OR_RETURN(ShardLayout layout, engine::MakeShardLayout(header.shape, header.spec,
                                                                   problem.strategy, comm.size()));
   const Clock::time_point run_start = Clock::now();
-  const Communicator::Counters before = comm.counters();
+  const Traffic traffic(comm, options.data_plane);
   RankRun run(comm, header, std::move(layout), options, problem.compute);
+  Communicator& plane = run.plane();
   const ProblemShape& shape = header.shape;
   const int world = comm.size();
 
@@ -405,14 +456,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   if (!engine::ShareIsContiguous(shape, run.share())) DA_RETURN_IF_ERROR(run.AllocateShare());
 
   // Control frames, then the scatter of each worker's q, k and v share on a thread of its own,
-  // so that rank 0's exchange and compute overlap it.
+  // so that rank 0's exchange and compute overlap it (on a data plane: here, before the
+  // exchange, as the plane takes one thread).
   const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
   for (int r = 1; r < world; ++r) {
     DA_RETURN_IF_ERROR(
         comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
   }
   absl::Status scattered;
-  std::thread scatter([&] {
+  const auto scatter_shares = [&] {
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && scattered.ok(); ++r) {
       const Share& share = run.layout().shares[r];
@@ -427,12 +479,19 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           engine::CopyShareOut(*view, share, kv, buffer.data());
           data = buffer.data();
         }
-        scattered = comm.Send(data, bytes, r, kScatterTag, options.timeout);
+        scattered = plane.Send(data, bytes, r, kScatterTag, options.timeout);
         if (!scattered.ok()) break;
       }
     }
-  });
+  };
+  std::thread scatter;
   JoinOnExit joiner{scatter};
+  if (run.separate_plane()) {
+    scatter_shares();
+    DA_RETURN_IF_ERROR(scattered);
+  } else {
+    scatter = std::thread(scatter_shares);
+  }
 
   // Rank 0's own share.
   const Share& mine = run.share();
@@ -458,7 +517,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
 
   // The gather runs on a thread posted before rank 0 computes: a worker that finishes first is
   // not left waiting in its (synchronous) Send, and a worker lost at any time is noticed at once
-  // and stops rank 0's compute. Workers write disjoint parts of the output.
+  // and stops rank 0's compute. Workers write disjoint parts of the output. With a data plane the
+  // thread takes the stats only; the outputs come over the plane after rank 0's compute.
   ShardRunStats stats;
   stats.strategy = problem.strategy;
   stats.precision = problem.precision;
@@ -466,6 +526,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   std::atomic<bool> stop{false};
   std::atomic<bool> gather_done{false};
   absl::Status gathered, worker_failed;
+  std::vector<bool> sends_output(world, false);  // The worker computed its share.
   // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
   // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
   std::atomic<bool> stop_words_sent{false};
@@ -474,6 +535,21 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     for (int r = 1; r < world; ++r) {
       DA_RETURN_IF_ERROR(comm.Send(&word, kStopWordBytes, r, kStopTag, options.timeout));
     }
+    return absl::OkStatus();
+  };
+  // Worker r's output share, into its place in the whole output.
+  const auto receive_output = [&](int r, std::chrono::milliseconds limit,
+                                  std::vector<uint8_t>& buffer) -> absl::Status {
+    const Share& share = run.layout().shares[r];
+    const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
+    if (engine::ShareIsContiguous(shape, share)) {
+      return plane.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
+                                                                shape.heads, problem.out.dtype)),
+                        bytes, r, kGatherTag, limit);
+    }
+    buffer.resize(bytes);
+    DA_RETURN_IF_ERROR(plane.Recv(buffer.data(), bytes, r, kGatherTag, limit));
+    engine::CopyShareIn(buffer.data(), share, problem.out);
     return absl::OkStatus();
   };
   std::thread gather([&] {
@@ -496,19 +572,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           }
           continue;
         }
-        const Share& share = run.layout().shares[r];
-        const int64_t bytes =
-            engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
-        if (engine::ShareIsContiguous(shape, share)) {
-          DA_RETURN_IF_ERROR(
-              comm.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
-                                                                shape.heads, problem.out.dtype)),
-                        bytes, r, kGatherTag, limit));
-        } else {
-          buffer.resize(bytes);
-          DA_RETURN_IF_ERROR(comm.Recv(buffer.data(), bytes, r, kGatherTag, limit));
-          engine::CopyShareIn(buffer.data(), share, problem.out);
-        }
+        sends_output[r] = true;
+        if (!run.separate_plane()) DA_RETURN_IF_ERROR(receive_output(r, limit, buffer));
       }
       return absl::OkStatus();
     }();
@@ -538,9 +603,16 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   }
 
   // Whatever happened here, every worker's answer is collected, so the group stays in step.
-  scatter.join();
+  if (scatter.joinable()) scatter.join();
   gather.join();
   relay.join();
+  if (run.separate_plane() && gathered.ok()) {
+    // Every worker that computed is sending its output over the plane, in rank order.
+    std::vector<uint8_t> buffer;
+    for (int r = 1; r < world && gathered.ok(); ++r) {
+      if (sends_output[r]) gathered = receive_output(r, options.timeout, buffer);
+    }
+  }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
   if (scattered.ok() && gathered.ok()) DA_RETURN_IF_ERROR(send_stop_words(0));
   DA_RETURN_IF_ERROR(relayed);
@@ -549,7 +621,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   run.stats().collective_seconds = SecondsSince(run_start) - run.stats().compute_seconds;
   DA_RETURN_IF_ERROR(scattered);
   DA_RETURN_IF_ERROR(gathered);
-  CountTraffic(comm, before, run.stats());
+  traffic.Count(run.stats());
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
   // only the workers (CANCELLED in their stats).
@@ -578,18 +650,18 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   if (frame.kind != ControlKind::kRun) {
     return absl::InvalidArgumentError("ServeShardedRun needs a kRun control frame");
   }
-  DA_RETURN_IF_ERROR(CheckCapabilities(comm));
+  DA_RETURN_IF_ERROR(CheckCapabilities(comm, options.data_plane));
   DA_ASSIGN_OR_RETURN(const RunHeader header, DecodeRunHeader(frame.payload));
   DA_ASSIGN_OR_RETURN(
       ShardLayout layout,
       engine::MakeShardLayout(header.shape, header.spec, header.spec.shard_policy, comm.size()));
-  const Communicator::Counters before = comm.counters();
+  const Traffic traffic(comm, options.data_plane);
   RankRun run(comm, header, std::move(layout), options, options.compute);
   DA_RETURN_IF_ERROR(run.AllocateShare());
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
-      DA_RETURN_IF_ERROR(
-          comm.Recv(const_cast<void*>(view->data), view->bytes, 0, kScatterTag, options.timeout));
+      DA_RETURN_IF_ERROR(run.plane().Recv(const_cast<void*>(view->data), view->bytes, 0,
+                                          kScatterTag, options.timeout));
     }
     return absl::OkStatus();
   }));
@@ -612,7 +684,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   // to the worker's loop.
   const absl::Status computed = run.Compute(&stop);
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
-    CountTraffic(comm, before, run.stats());
+    traffic.Count(run.stats());
     // The kRun frame (received before this call), the stop word (unless it came already: a
     // cancelled run) and what is sent below belong to the run.
     run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes);
@@ -620,7 +692,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
-    return comm.Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
+    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
   }));
   listener.join();
   DA_RETURN_IF_ERROR(heard);

@@ -13,6 +13,10 @@
 //   DA_ASSIGN_OR_RETURN(ControlFrame control, DecodeControlFrame(frame));
 //   if (control.kind == ControlKind::kRun) ServeShardedRun(*comm, control, options);
 //
+// Data plane (ShardRunOptions::data_plane): the same protocol with its bulk bytes on a second
+// communicator driven from one thread in a fixed order (NCCL's terms); tested with Gloo in that
+// role on CPU ranks.
+//
 // What crosses ranks: the control frame; each worker's share of q, k and v (HEADS: its heads of
 // every token; SEQUENCE: its tokens of every head); for SEQUENCE only, the kept K/V rows of the
 // segments that span ranks, sent point to point among the ranks of each such segment
@@ -118,6 +122,16 @@ struct ShardRunOptions {
   // Added to the limit of rank 0's gather, which waits for the slowest worker's compute (a lost
   // worker still fails it at once: its connection closes).
   std::chrono::milliseconds compute_timeout{600000};
+  // The data plane: a second communicator of the same group (same ranks) that carries the bulk
+  // bytes (shares of q, k, v, the exchange, the outputs) while control frames, stop words and
+  // stats stay on the first. Null: the first carries everything. A data plane is driven from
+  // one thread per rank in one fixed order, with no tags (messages between two ranks match in
+  // issue order) and blocking sends, which is what NCCL offers: scatter in rank order, then the
+  // exchange pair by pair ((a, b) with a < b in lexicographic order, a sending first), then,
+  // after rank 0's compute, the outputs in rank order. Every rank must set it, or none. Its
+  // buffers are the shares' (host memory here: a device data plane needs device-resident
+  // shares).
+  Communicator* data_plane = nullptr;
 };
 
 // What one run did, per rank (index = rank). Rank 0 fills every rank's entry (workers report

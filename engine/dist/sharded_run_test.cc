@@ -7,6 +7,10 @@
 // LONGNET and GROUPED, GQA (H 8 / Hkv 2, 6 / 3) and MHA, HEADS and SEQUENCE. Bound: max |sharded -
 // single| <= 1e-6 * max |single| (fp32).
 //
+// Data plane: the same sweep (and a cancellation) with the bulk bytes on a second Gloo
+// communicator held to NCCL's terms (InOrderPlane: one thread at a time, no tags, refusing
+// anything else), as the NCCL data plane will carry them.
+//
 // Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
 // kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
 // within 5% of the kept K/V bytes of its spanning segments, and far below the sequence's K/V.
@@ -46,13 +50,62 @@ using testing::RankFlags;
 
 constexpr milliseconds kTimeout{20000};
 
-// A run's options: the timeout, and for a worker what it computes with and its kept buffers.
+// A Gloo communicator held to NCCL's terms, for the data plane: it says it takes one thread at a
+// time and no tags, and keeps to that: every message goes on one tag (so messages between two
+// ranks match in issue order, as NCCL's do), and a call made while another is in progress is
+// refused (FAILED_PRECONDITION, which fails the run and so the test).
+class InOrderPlane final : public Communicator {
+ public:
+  explicit InOrderPlane(std::unique_ptr<Communicator> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string backend() const override { return "gloo held to nccl's terms"; }
+  Capabilities capabilities() const override { return {}; }
+  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
+                         milliseconds timeout) override {
+    return OneAtATime([&] { return inner_->AllGather(send, recv, bytes, timeout); });
+  }
+  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
+    return OneAtATime([&] { return inner_->Broadcast(data, bytes, root, timeout); });
+  }
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    if (tag < 0) return absl::InvalidArgumentError("negative tag");
+    return OneAtATime([&] { return inner_->Send(data, bytes, peer, 0, timeout); });
+  }
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    if (tag < 0) return absl::InvalidArgumentError("negative tag");
+    return OneAtATime([&] { return inner_->Recv(data, bytes, peer, 0, timeout); });
+  }
+  absl::Status Barrier(milliseconds timeout) override {
+    return OneAtATime([&] { return inner_->Barrier(timeout); });
+  }
+  Counters counters() const override { return inner_->counters(); }
+
+ private:
+  template <typename Call>
+  absl::Status OneAtATime(Call&& call) {
+    if (busy_.exchange(true)) {
+      return absl::FailedPreconditionError(
+          "a call on the data plane while another is in progress: it takes one thread at a time");
+    }
+    absl::Status status = call();
+    busy_ = false;
+    return status;
+  }
+  std::unique_ptr<Communicator> inner_;
+  std::atomic<bool> busy_{false};
+};
+
+// A run's options: the timeout, for a worker what it computes with and its kept buffers, and the
+// data plane when the scenario has one.
 ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
-                        RankBuffers* buffers = nullptr) {
+                        RankBuffers* buffers = nullptr, Communicator* plane = nullptr) {
   ShardRunOptions options;
   options.timeout = kTimeout;
   if (compute != nullptr) options.compute = *compute;
   options.buffers = buffers;
+  options.data_plane = plane;
   return options;
 }
 
@@ -131,7 +184,7 @@ int64_t SpanningKeptBytes(const Case& c, const engine::ShardLayout& layout) {
 
 // Rank 0: runs one case and checks output and traffic.
 int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, uint64_t seed,
-                   const engine::ShareCompute& compute) {
+                   const engine::ShareCompute& compute, Communicator* plane = nullptr) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
@@ -145,7 +198,8 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   ShardedProblem problem = Problem(q.view(), k.view(), v.view(), c.spec, sharded.mutable_view());
   problem.strategy = c.strategy;
   problem.compute = compute;
-  const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, Options());
+  const absl::StatusOr<ShardRunStats> stats =
+      CoordinateShardedRun(comm, problem, Options(nullptr, nullptr, plane));
   RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
   double max_abs = 0, max_diff = 0;
   for (int64_t i = 0; i < single.elements(); ++i) {
@@ -205,6 +259,15 @@ int RunRank(const RankFlags& flags) {
   options.timeout = milliseconds(10000);
   auto comm = MakeGlooCommunicator(**store, options);
   RANK_CHECK(comm.ok(), comm.status().ToString());
+  // The "plane" scenarios carry the bulk bytes on a second group held to NCCL's terms.
+  const bool with_plane = flags.scenario.rfind("plane", 0) == 0;
+  std::unique_ptr<Communicator> plane;
+  if (with_plane) {
+    options.prefix = flags.prefix + "/plane";
+    auto inner = MakeGlooCommunicator(**store, options);
+    RANK_CHECK(inner.ok(), inner.status().ToString());
+    plane = std::make_unique<InOrderPlane>(*std::move(inner));
+  }
   engine::ThreadPool pool(1);
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
   engine::CpuBackend rank_backend(flags.scenario == "worker_fails" && flags.rank != 0
@@ -223,8 +286,9 @@ int RunRank(const RankFlags& flags) {
       if (control->kind == ControlKind::kShutdown) return 0;
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
-      absl::Status served = ServeShardedRun(**comm, *control, Options(&compute, &buffers)).status();
-      if (flags.scenario == "cancel" && run == 0) {
+      absl::Status served =
+          ServeShardedRun(**comm, *control, Options(&compute, &buffers, plane.get())).status();
+      if ((flags.scenario == "cancel" || flags.scenario == "plane_cancel") && run == 0) {
         // Told by rank 0's stop word, this worker's compute stopped in the middle: were it not
         // told, it would finish its share (about a second) and return OK.
         RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
@@ -238,7 +302,7 @@ int RunRank(const RankFlags& flags) {
                  served.ToString());
     }
   }
-  if (flags.scenario == "cancel") {
+  if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
     // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
     // 4 heads of 64, two heads per rank. Cancelled 300 ms in, every rank stops within 100 ms.
     const ProblemShape shape{1, 16384, 4, 4, 64};
@@ -262,7 +326,8 @@ int RunRank(const RankFlags& flags) {
       cancelled = true;
     });
     const auto started = std::chrono::steady_clock::now();
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, Options());
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
     const auto returned = std::chrono::steady_clock::now();
     canceller.join();
     RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled, result.status().ToString());
@@ -273,7 +338,8 @@ int RunRank(const RankFlags& flags) {
                  stop_ms);
     RANK_CHECK(stop_ms < 100, "the group stopped ", stop_ms, " ms after the cancellation");
     // The group is still in step: a run after it is exact, to the byte of traffic.
-    if (int bad = CoordinateCase(flags, **comm, SweepCases()[0], flags.seed, compute)) {
+    if (int bad =
+            CoordinateCase(flags, **comm, SweepCases()[0], flags.seed, compute, plane.get())) {
       return bad;
     }
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
@@ -311,11 +377,29 @@ int RunRank(const RankFlags& flags) {
   }
   std::vector<Case> cases =
       flags.scenario == "volume" ? std::vector<Case>{VolumeCase()} : SweepCases();
+  const Communicator::Counters control_before = (*comm)->counters();
+  int64_t runs = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     if (cases[i].strategy == ShardPolicy::kHeads && cases[i].shape.heads < flags.size) continue;
-    if (int failed = CoordinateCase(flags, **comm, cases[i], flags.seed + i, compute)) {
+    if (int failed =
+            CoordinateCase(flags, **comm, cases[i], flags.seed + i, compute, plane.get())) {
       return failed;
     }
+    ++runs;
+  }
+  if (plane != nullptr && flags.size > 1) {
+    // The control communicator carried the frames, stop words and stats, the plane the rest.
+    const Communicator::Counters control = (*comm)->counters();
+    const int64_t workers = flags.size - 1;
+    RANK_CHECK(control.bytes_sent - control_before.bytes_sent ==
+                   runs * workers * (kControlFrameBytes + kStopWordBytes),
+               "rank 0 sent ", control.bytes_sent - control_before.bytes_sent,
+               " bytes of control for ", runs, " runs");
+    RANK_CHECK(control.bytes_received - control_before.bytes_received == runs * workers * 6 * 8,
+               "rank 0 received ", control.bytes_received - control_before.bytes_received,
+               " bytes of control for ", runs, " runs");
+    RANK_CHECK(plane->counters().bytes_sent > 0 && plane->counters().bytes_received > 0,
+               "nothing crossed the data plane");
   }
   const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
   for (int r = 1; r < flags.size; ++r) {
@@ -334,6 +418,20 @@ TEST_P(ShardedRunTest, EveryCaseEqualsTheSingleProcessOutputAndMovesOnlyWhatItMu
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, ShardedRunTest, ::testing::Values(1, 2, 3, 4));
+
+class ShardedRunDataPlaneTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(ShardedRunDataPlaneTest, EveryCaseEqualsTheSingleProcessOutputWithTheBulkOnAPlane) {
+  testing::RankGroup group(GetParam(), "plane");
+  for (int rank = 0; rank < GetParam(); ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, ShardedRunDataPlaneTest, ::testing::Values(2, 3, 4));
+
+TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
+  testing::RankGroup group(2, "plane_cancel");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
 
 TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
   testing::RankGroup group(2, "volume");
