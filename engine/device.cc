@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "engine/host_resources.h"
 #include "engine/precision_policy.h"
 
 #ifdef DA_HAVE_CUDA
@@ -35,12 +36,6 @@ std::string CpuModelName() {
     }
   }
   return "cpu";
-}
-
-int64_t PhysicalMemoryBytes() {
-  const long pages = sysconf(_SC_PHYS_PAGES);
-  const long page_size = sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && page_size > 0 ? static_cast<int64_t>(pages) * page_size : 0;
 }
 
 #ifdef DA_HAVE_CUDA
@@ -103,7 +98,7 @@ std::vector<DeviceInfo> DiscoverDevices(int cpu_threads) {
   cpu.id = "cpu:0";
   cpu.kind = "cpu";
   cpu.name = CpuModelName();
-  cpu.memory_bytes = PhysicalMemoryBytes();
+  cpu.memory_bytes = HostResourcesOfThisProcess().memory_bytes;  // The container's limit.
   cpu.compute_units = cpu_threads;
   cpu.capability = DetectCpuFeatures().ToString();
   devices.push_back(std::move(cpu));
@@ -155,7 +150,7 @@ absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
   DeviceInfo cpu;
   cpu.kind = "cpu";
   cpu.name = CpuModelName();
-  cpu.memory_bytes = PhysicalMemoryBytes();
+  cpu.memory_bytes = HostResourcesOfThisProcess().memory_bytes;  // The container's limit.
   cpu.capability = DetectCpuFeatures().ToString();
   std::vector<CpuDevicePlan> plans;
   if (numa_nodes != nullptr) {
@@ -169,7 +164,7 @@ absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
       plans.push_back(std::move(plan));
     }
   } else {
-    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (threads <= 0) threads = HostResourcesOfThisProcess().cpus;
     if (count < 1 || count > threads) {
       return absl::InvalidArgumentError(absl::StrCat("cpu devices is ", count, "; must be in [1, ",
                                                      threads, "] (the compute threads)"));

@@ -5,6 +5,8 @@
 
 #include <utility>
 
+#include "engine/host_resources.h"
+
 namespace da::engine {
 
 namespace {
@@ -23,7 +25,7 @@ bool SetAffinity(const std::vector<int>& cpus) {
 ThreadPool::ThreadPool(int threads) : ThreadPool(threads, {}) {}
 
 ThreadPool::ThreadPool(int threads, std::vector<int> cpus) : cpus_(std::move(cpus)) {
-  if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
+  if (threads <= 0) threads = HostResourcesOfThisProcess().cpus;  // The container's CPUs.
   if (threads <= 0) threads = 1;
   for (int t = 1; t < threads; ++t) {
     workers_.emplace_back([this, t] {

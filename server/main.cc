@@ -42,6 +42,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "engine/host_resources.h"
 #include "server/group_flags.h"
 #include "server/malloc_tuning.h"
 #include "server/server.h"
@@ -115,7 +116,7 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
 int main(int argc, char** argv) {
   da::server::KeepFreedMessageMemory();  // Before any thread starts (server/malloc_tuning.h).
   da::server::ServerOptions options;
-  options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes();
+  std::string resources_root = "/";
   std::string log_level = "info";
   std::string port_file;
   std::string metrics_port_file;
@@ -129,7 +130,9 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-listen", options.metrics_address,
                  "Prometheus /metrics address host:port; empty disables it")
       ->capture_default_str();
-  app.add_option("--threads", options.threads, "Compute threads; 0 uses every core")
+  app.add_option("--threads", options.threads,
+                 "Compute threads; 0: the CPUs this process may use (its affinity mask, lowered to "
+                 "its container's CPU quota)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   std::string cpu_devices = "1";
@@ -160,8 +163,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   app.add_option("--plan-cache-bytes", options.plan_cache_bytes,
-                 "Budget of the warm plan cache (LRU); 0 caches nothing")
-      ->capture_default_str()
+                 "Budget of the warm plan cache (LRU); 0 caches nothing. Default: min(1 GiB, M / "
+                 "8), M the memory this process may use (physical or its container's limit)")
       ->check(CLI::NonNegativeNumber);
   app.add_flag("--precision-fallback", options.precision_fallback,
                "A precision the device cannot do uses the nearest supported one (reported in "
@@ -194,9 +197,9 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--memory-budget-bytes", options.memory_budget_bytes,
                  "Bytes all admitted requests may hold at once (inputs, outputs, plan workspace); "
-                 "over it a request gets RESOURCE_EXHAUSTED. Default: 3/4 of physical memory or "
-                 "of the cgroup limit, whichever is smaller; 0: unlimited")
-      ->capture_default_str()
+                 "over it a request gets RESOURCE_EXHAUSTED. Default: max(M / 4, 3/4 M - "
+                 "--plan-cache-bytes), M the memory this process may use (physical or its "
+                 "container's limit); 0: unlimited")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--device-memory-budget-bytes", options.device_memory_budget_bytes,
                  "Bytes admitted requests may hold at once in one GPU's memory (its copies of "
@@ -289,13 +292,38 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--coordinator-port-file", group.coordinator_port_file,
                  "Rank 0: write the port the coordinator listens on to this file");
+  app.add_option("--resources-root", resources_root,
+                 "Where /proc/self/cgroup and /sys/fs/cgroup are read from for the default "
+                 "threads and memory (tests)")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn or error")
       ->capture_default_str()
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   app.add_option("--port-file", port_file, "Once serving, write the bound gRPC port to this file");
   app.add_option("--metrics-port-file", metrics_port_file,
                  "Once serving, write the bound /metrics port to this file");
+  // Every flag also from the environment, as containers are configured: --max-queue from
+  // DA_MAX_QUEUE. A flag on the command line wins.
+  for (CLI::Option* option : app.get_options()) {
+    const std::string& name = option->get_single_name();
+    if (name.empty() || name == "help") continue;
+    std::string env = "DA_" + name;
+    for (char& c : env) c = c == '-' ? '_' : static_cast<char>(std::toupper(c));
+    option->envname(env);
+  }
   CLI11_PARSE(app, argc, argv);
+  // Defaults from what the container gives this process (engine/host_resources.h).
+  da::engine::SetHostResourcesRoot(resources_root);
+  const da::engine::HostResources& host = da::engine::HostResourcesOfThisProcess();
+  const bool threads_given = options.threads > 0;
+  if (!threads_given) options.threads = host.cpus;
+  if (app.count("--plan-cache-bytes") == 0) {
+    options.plan_cache_bytes = da::server::DefaultPlanCacheBytes(host.memory_bytes);
+  }
+  if (app.count("--memory-budget-bytes") == 0) {
+    options.memory_budget_bytes =
+        da::server::DefaultMemoryBudgetBytes(host.memory_bytes, options.plan_cache_bytes);
+  }
   options.queue_order =
       queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
   options.cpu_devices_numa = cpu_devices == "numa";
@@ -319,6 +347,15 @@ int main(int argc, char** argv) {
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
   spdlog::set_level(spdlog::level::from_str(log_level));
+  spdlog::info(
+      "resources: {} compute threads{}; memory {} bytes from {}; plan cache {} bytes{}; admission "
+      "budget {} bytes{}",
+      options.threads, threads_given ? " (--threads)" : absl::StrCat(" from ", host.cpus_from),
+      host.memory_bytes, host.memory_from, options.plan_cache_bytes,
+      app.count("--plan-cache-bytes") > 0 ? " (--plan-cache-bytes)" : " (min(1 GiB, memory / 8))",
+      options.memory_budget_bytes,
+      app.count("--memory-budget-bytes") > 0 ? " (--memory-budget-bytes)"
+                                             : " (max(memory / 4, 3/4 memory - plan cache))");
   if (group.rank > 0) {
     return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms);
   }

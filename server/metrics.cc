@@ -9,14 +9,21 @@
 #include <prometheus/metric_family.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <exception>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "server/status_conversion.h"
 
 namespace da::server {
@@ -35,12 +42,12 @@ prometheus::Histogram::BucketBoundaries BuildBuckets() {
 }
 
 prometheus::MetricFamily OneValueFamily(std::string name, std::string help,
-                                        prometheus::MetricType type, int64_t value) {
+                                        prometheus::MetricType type, double value) {
   prometheus::ClientMetric metric;
   if (type == prometheus::MetricType::Counter) {
-    metric.counter.value = static_cast<double>(value);
+    metric.counter.value = value;
   } else {
-    metric.gauge.value = static_cast<double>(value);
+    metric.gauge.value = value;
   }
   return {std::move(name), std::move(help), type, {metric}};
 }
@@ -88,6 +95,72 @@ class SourcedCollector : public prometheus::Collectable {
   mutable std::mutex mutex_;
   std::function<Stats()> source_;
   mutable Stats last_;
+};
+
+// The standard process_* metrics (the names Prometheus' client libraries use), from /proc/self.
+class ProcessCollector final : public prometheus::Collectable {
+ public:
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    using prometheus::MetricType;
+    std::vector<prometheus::MetricFamily> families;
+    const long ticks = sysconf(_SC_CLK_TCK);
+    const long page = sysconf(_SC_PAGE_SIZE);
+    // /proc/self/stat: fields after the command's closing parenthesis, from field 3 (state) on.
+    std::ifstream stat_file("/proc/self/stat");
+    std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');
+    if (close != std::string::npos && ticks > 0 && page > 0) {
+      std::vector<std::string> fields = absl::StrSplit(stat.substr(close + 2), ' ');
+      // Field k of stat(5) is fields[k - 3].
+      auto field = [&](size_t k) -> double {
+        double value = 0;
+        return k - 3 < fields.size() && absl::SimpleAtod(fields[k - 3], &value) ? value : 0;
+      };
+      families.push_back(OneValueFamily("process_cpu_seconds_total",
+                                        "Total user and system CPU time spent in seconds.",
+                                        MetricType::Counter, (field(14) + field(15)) / ticks));
+      families.push_back(OneValueFamily("process_virtual_memory_bytes",
+                                        "Virtual memory size in bytes.", MetricType::Gauge,
+                                        field(23)));
+      families.push_back(OneValueFamily("process_resident_memory_bytes",
+                                        "Resident memory size in bytes.", MetricType::Gauge,
+                                        field(24) * page));
+      if (const double boot = BootTimeSeconds(); boot > 0) {
+        families.push_back(OneValueFamily("process_start_time_seconds",
+                                          "Start time of the process since unix epoch in seconds.",
+                                          MetricType::Gauge, boot + field(22) / ticks));
+      }
+    }
+    std::error_code error;
+    int64_t fds = 0;
+    for (auto it = std::filesystem::directory_iterator("/proc/self/fd", error);
+         !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+      ++fds;
+    }
+    if (!error) {
+      families.push_back(OneValueFamily("process_open_fds", "Number of open file descriptors.",
+                                        MetricType::Gauge, fds));
+    }
+    if (rlimit limit; getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY) {
+      families.push_back(OneValueFamily("process_max_fds",
+                                        "Maximum number of open file descriptors.",
+                                        MetricType::Gauge, static_cast<double>(limit.rlim_cur)));
+    }
+    return families;
+  }
+
+ private:
+  // /proc/stat's btime: the boot time, seconds since the epoch.
+  static double BootTimeSeconds() {
+    std::ifstream in("/proc/stat");
+    std::string key;
+    double value = 0;
+    while (in >> key) {
+      if (key == "btime" && (in >> value)) return value;
+      in.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+    }
+    return 0;
+  }
 };
 
 class PlanCacheCollector final : public SourcedCollector<engine::PlanCacheStats> {
@@ -173,7 +246,8 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
                                   {}};
     prometheus::MetricFamily memory{
         "da_device_memory_bytes",
-        "Physical memory of the device: host RAM for a CPU, global memory for a GPU.",
+        "Memory of the device: for a CPU what this process may use (host RAM, or its "
+        "container's memory limit when lower), for a GPU its global memory.",
         MetricType::Gauge,
         {}};
     prometheus::MetricFamily busy{"da_device_busy_seconds_total",
@@ -379,6 +453,7 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   engine_ = std::make_shared<EngineCollector>();
   devices_ = std::make_shared<DeviceCollector>();
   group_ = std::make_shared<GroupCollector>();
+  process_ = std::make_shared<ProcessCollector>();
   for (const char* method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
     request_duration_->Add({{"method", method}}, LatencyBuckets());
   }
@@ -400,6 +475,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& list
   metrics->exposer_->RegisterCollectable(metrics->engine_);
   metrics->exposer_->RegisterCollectable(metrics->devices_);
   metrics->exposer_->RegisterCollectable(metrics->group_);
+  metrics->exposer_->RegisterCollectable(metrics->process_);
   std::vector<int> ports = metrics->exposer_->GetListeningPorts();
   if (!ports.empty()) metrics->port_ = ports.front();
   return metrics;
@@ -453,6 +529,16 @@ void Metrics::SetGroupSource(std::function<engine::ShardGroupStats()> source) {
   group_->SetSource(std::move(source));
 }
 
+void Metrics::SetBuildInfo(const std::string& version, const std::string& revision,
+                           const std::string& features) {
+  prometheus::BuildGauge()
+      .Name("da_build_info")
+      .Help("The running build (always 1): its version, source revision and build features.")
+      .Register(*registry_)
+      .Add({{"version", version}, {"revision", revision}, {"features", features}})
+      .Set(1);
+}
+
 std::string Metrics::Scrape() const {
   std::vector<prometheus::MetricFamily> families = registry_->Collect();
   for (prometheus::MetricFamily& family : plan_cache_->Collect()) {
@@ -465,6 +551,9 @@ std::string Metrics::Scrape() const {
     families.push_back(std::move(family));
   }
   for (prometheus::MetricFamily& family : group_->Collect()) {
+    families.push_back(std::move(family));
+  }
+  for (prometheus::MetricFamily& family : process_->Collect()) {
     families.push_back(std::move(family));
   }
   return prometheus::TextSerializer().Serialize(families);

@@ -7,7 +7,10 @@
 //   metrics->SetPlanCacheSource([&engine] { return engine.plan_cache_stats(); });
 //
 // Names follow Prometheus conventions: da_ prefix, base units (seconds, bytes), counters end in
-// _total. Thread safe.
+// _total. Thread safe. Besides da_*, the standard process metrics every Prometheus client library
+// exports, read from /proc/self at scrape time: process_cpu_seconds_total,
+// process_resident_memory_bytes, process_virtual_memory_bytes, process_open_fds,
+// process_max_fds and process_start_time_seconds; and da_build_info{version,revision,features}.
 //
 // The plan cache's counters and gauges (da_plan_cache_*) and the engine's admission state
 // (da_queue_length, da_engine_*, da_memory_*) are not kept here: they are read from their sources
@@ -68,6 +71,7 @@ class PlanCacheCollector;
 class EngineCollector;
 class DeviceCollector;
 class GroupCollector;
+class ProcessCollector;
 
 // What /metrics reports of one device.
 struct DeviceSample {
@@ -127,6 +131,10 @@ class Metrics {
   // The same for the shard group (da_group_*, da_rank_*); until a source is set, one process.
   void SetGroupSource(std::function<engine::ShardGroupStats()> source);
 
+  // da_build_info{version,revision,features} 1: what is running (features joined by ',').
+  void SetBuildInfo(const std::string& version, const std::string& revision,
+                    const std::string& features);
+
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
 
@@ -149,6 +157,7 @@ class Metrics {
   std::shared_ptr<EngineCollector> engine_;
   std::shared_ptr<DeviceCollector> devices_;
   std::shared_ptr<GroupCollector> group_;
+  std::shared_ptr<ProcessCollector> process_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   int port_ = 0;
 };

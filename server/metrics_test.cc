@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
+#include <chrono>
+#include <ctime>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -50,6 +52,10 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   v1::GetServerInfoResponse info;
   ASSERT_TRUE(client.GetServerInfo(&info).ok());
 
+  // At least 0.2 CPU s of this process's own (process_cpu_seconds_total counts 10 ms ticks).
+  const std::clock_t spin_start = std::clock();
+  volatile double sink = 0;
+  while (std::clock() - spin_start < CLOCKS_PER_SEC / 5) sink = sink + 1;
   const std::optional<std::string> scraped = testing::HttpGet(server->metrics_port(), "/metrics");
   ASSERT_TRUE(scraped.has_value());
   const std::string& text = *scraped;
@@ -58,6 +64,21 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   EXPECT_EQ(PromtoolCheck(text, &promtool_output), 0) << promtool_output << "\n" << text;
 
   EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"Attend\"} 2")) << text;
+  // What is running, and the standard process metrics, with values this process can check.
+  EXPECT_TRUE(Contains(text, "da_build_info{features=\"")) << text;
+  EXPECT_TRUE(Contains(text, "\",revision=\"")) << text;
+  EXPECT_TRUE(Contains(text, "\",version=\"" + info.version() + "\"} 1")) << text;
+  EXPECT_GE(testing::MetricValue(text, "process_cpu_seconds_total").value_or(0), 0.2) << text;
+  const double rss = testing::MetricValue(text, "process_resident_memory_bytes").value_or(0);
+  EXPECT_GT(rss, 10 << 20) << text;  // This test process, server and all.
+  EXPECT_GE(testing::MetricValue(text, "process_virtual_memory_bytes").value_or(0), rss) << text;
+  EXPECT_GE(testing::MetricValue(text, "process_open_fds").value_or(0), 3) << text;
+  EXPECT_GT(testing::MetricValue(text, "process_max_fds").value_or(0), 3) << text;
+  const double started = testing::MetricValue(text, "process_start_time_seconds").value_or(0);
+  const double now =
+      std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  EXPECT_LE(started, now + 2) << text;
+  EXPECT_GT(started, now - 3600) << text;  // Started within the hour (this test just began).
   EXPECT_TRUE(Contains(text, "da_requests_total{code=\"INVALID_ARGUMENT\",method=\"Attend\"} 1"))
       << text;
   EXPECT_TRUE(Contains(text, "da_requests_total{code=\"OK\",method=\"AttendStream\"} 1")) << text;

@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "engine/self_check.h"
 #include "engine/status_macros.h"
 #include "server/authenticated_service.h"
@@ -22,24 +23,18 @@
 #ifndef DA_VERSION
 #define DA_VERSION "unknown"
 #endif
+#ifndef DA_REVISION
+#define DA_REVISION "unknown"
+#endif
 
 namespace da::server {
 
-int64_t DefaultMemoryBudgetBytes() {
-  int64_t limit = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
-  // A container's limit is what the kernel enforces; "max" (v2) or a huge number (v1) means none.
-  for (const char* path :
-       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
-    std::ifstream in(path);
-    std::string text;
-    if (!(in >> text) || text.empty() ||
-        text.find_first_not_of("0123456789") != std::string::npos || text.size() > 18) {
-      continue;
-    }
-    const int64_t cgroup = std::stoll(text);
-    if (cgroup > 0) limit = std::min(limit, cgroup);
-  }
-  return limit / 4 * 3;
+int64_t DefaultPlanCacheBytes(int64_t memory_bytes) {
+  return std::min<int64_t>(int64_t{1} << 30, memory_bytes / 8);
+}
+
+int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes) {
+  return std::max(memory_bytes / 4, memory_bytes / 4 * 3 - plan_cache_bytes);
 }
 
 namespace {
@@ -193,6 +188,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   server->shard_group_ = options.shard_group;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
   DA_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_address));
+  server->metrics_->SetBuildInfo(DA_VERSION, DA_REVISION,
+                                 absl::StrJoin(engine::BuildFeatures(), ","));
   server->metrics_->SetPlanCacheSource(
       [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
   server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });

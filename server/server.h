@@ -119,10 +119,14 @@ struct ServerOptions {
   std::function<void(grpc::CallbackServerContext&)> before_unary_answer;
 };
 
-// Three quarters of the memory this process may use: the smaller of physical memory and the cgroup
-// (v2 memory.max or v1 limit_in_bytes) limit. The rest is left to what admission does not count:
-// the plan cache (its own budget), gRPC buffers and the process itself.
-int64_t DefaultMemoryBudgetBytes();
+// Defaults from the memory this process may use (engine::HostResources: the smaller of physical
+// memory and the container's cgroup limit), M:
+// - the plan cache: min(1 GiB, M / 8);
+// - the admission budget: max(M / 4, 3/4 M - plan cache bytes). The stream buffer pool is kept
+//   inside the budget; the quarter of M outside it is left to gRPC's buffers and the process, and
+//   the plan cache has its own budget beside it.
+int64_t DefaultPlanCacheBytes(int64_t memory_bytes);
+int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
 
 class Server {
  public:

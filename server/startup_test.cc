@@ -1,6 +1,8 @@
 // The real da-server binary and its start-up flags: --warmup builds every plan before readiness
 // turns SERVING, and the first real request is a hit; a bad warm-up file exits non-zero naming
-// the file, the entry and the field; --plan-cache-bytes 0 and --precision-fallback take effect.
+// the file, the entry and the field; --plan-cache-bytes 0 and --precision-fallback take effect;
+// threads and memory come from the container (a mocked cgroup tree) and flags from DA_*
+// environment variables.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -179,6 +181,54 @@ TEST(StartupTest, PlanCacheBytesZeroNeverHitsAndPrecisionFallbackReplacesFp8) {
   EXPECT_EQ(info.plan_cache().capacity_bytes(), 0);
   EXPECT_EQ(info.plan_cache().hits(), 0);
   EXPECT_EQ(info.plan_cache().entries(), 0);
+}
+
+// A pod of one CPU and 2 GiB (cgroup v2 files under --resources-root), and DA_MAX_QUEUE in the
+// environment: one compute thread, the memory limit for the CPU device, the plan cache and
+// budget from it, the queue from the variable, and a log line that says where each came from.
+TEST(StartupTest, ThreadsAndMemoryComeFromTheContainerAndFlagsFromTheEnvironment) {
+  const std::string dir = testing::MakeTempDir();
+  std::filesystem::create_directories(dir + "/root/proc/self");
+  std::filesystem::create_directories(dir + "/root/sys/fs/cgroup");
+  std::ofstream(dir + "/root/proc/self/cgroup") << "0::/\n";
+  std::ofstream(dir + "/root/sys/fs/cgroup/cpu.max") << "100000 100000\n";
+  std::ofstream(dir + "/root/sys/fs/cgroup/memory.max") << "2147483648\n";
+  setenv("DA_MAX_QUEUE", "7", 1);
+  std::unique_ptr<testing::ChildProcess> child = testing::ChildProcess::Spawn(
+      DA_SERVER_BINARY,
+      {"--listen", "127.0.0.1:0", "--port-file", dir + "/port", "--metrics-listen", "127.0.0.1:0",
+       "--metrics-port-file", dir + "/metrics_port", "--resources-root", dir + "/root"},
+      dir + "/log");
+  unsetenv("DA_MAX_QUEUE");
+  const int port = testing::ReadPortFile(dir + "/port", seconds(60));
+  const int metrics_port = testing::ReadPortFile(dir + "/metrics_port", seconds(60));
+  std::ifstream log_file(dir + "/log");
+  const std::string log((std::istreambuf_iterator<char>(log_file)),
+                        std::istreambuf_iterator<char>());
+  ASSERT_GT(port, 0) << log;
+  ASSERT_GT(metrics_port, 0) << log;
+  EXPECT_NE(log.find("resources: 1 compute threads from the cgroup CPU quota of 1 CPUs"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("memory 2147483648 bytes from the cgroup memory limit"), std::string::npos)
+      << log;
+  // min(1 GiB, 2 GiB / 8) and max(2 GiB / 4, 3/4 * 2 GiB - 256 MiB).
+  EXPECT_NE(log.find("plan cache 268435456 bytes (min(1 GiB, memory / 8))"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("admission budget 1342177280 bytes"), std::string::npos) << log;
+
+  client::AttentionClient client(testing::ChannelTo(port));
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client.GetServerInfo(&info, testing::WithTimeout(5000)).ok());
+  ASSERT_GE(info.devices_size(), 1);
+  EXPECT_EQ(info.devices(0).compute_units(), 1);
+  EXPECT_EQ(info.plan_cache().capacity_bytes(), 268435456);
+  const std::optional<std::string> text = testing::HttpGet(metrics_port, "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_device_memory_bytes{device=\"cpu:0\"}"), 2147483648.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_memory_budget_bytes"), 1342177280.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_queue_capacity"), 7.0);
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
