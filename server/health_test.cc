@@ -122,6 +122,45 @@ TEST(HealthTest, AFailedSelfCheckKeepsReadinessDownAndTheDeviceDownOnMetrics) {
   const std::optional<std::string> text = testing::HttpGet(server->metrics_port(), "/metrics");
   ASSERT_TRUE(text.has_value());
   EXPECT_EQ(testing::MetricValue(*text, "da_device_up{device=\"cpu:0\"}"), 0) << *text;
+  // The plaintext probes say the same.
+  const std::optional<testing::HttpAnswer> ready =
+      testing::HttpRequest(server->metrics_port(), "/readyz");
+  ASSERT_TRUE(ready.has_value());
+  EXPECT_EQ(ready->status, 503);
+  EXPECT_EQ(ready->body,
+            "device cpu:0 down: self-check failed: output[0, 3, 1, 2] is nan (injected)\n");
+  EXPECT_EQ(testing::HttpRequest(server->metrics_port(), "/livez")->status, 200);
+}
+
+// /livez and /readyz on the metrics port, for probes that cannot speak TLS or gRPC: live and
+// ready once warm, ready no more while draining (the metrics port stays up through the drain).
+TEST(HealthTest, PlaintextProbesFollowReadinessThroughTheDrain) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.metrics_address = "127.0.0.1:0";
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  ASSERT_TRUE(server->WarmUp().ok());
+  const int port = server->metrics_port();
+  std::optional<testing::HttpAnswer> answer = testing::HttpRequest(port, "/readyz");
+  ASSERT_TRUE(answer.has_value());
+  EXPECT_EQ(answer->status, 200);
+  EXPECT_EQ(answer->body, "ok\n");
+  answer = testing::HttpRequest(port, "/livez");
+  ASSERT_TRUE(answer.has_value());
+  EXPECT_EQ(answer->status, 200);
+  EXPECT_EQ(testing::HttpRequest(port, "/nothing")->status, 404);
+  // A drain with a grace: readiness goes at once, the process is still live.
+  std::thread shutdown([&] { server->Shutdown(seconds(5), seconds(2)); });
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        std::optional<testing::HttpAnswer> now = testing::HttpRequest(port, "/readyz");
+        return now.has_value() && now->status == 503 && now->body == "draining\n";
+      },
+      std::chrono::milliseconds(1500)));
+  answer = testing::HttpRequest(port, "/livez");
+  ASSERT_TRUE(answer.has_value());
+  EXPECT_EQ(answer->status, 200);
+  shutdown.join();
 }
 
 TEST(HealthTest, ThePassingSelfCheckRunsOnAnEngineLikeTheServingOneWithoutItsLimits) {

@@ -1,8 +1,8 @@
 #include "server/metrics.h"
 
+#include <CivetServer.h>
 #include <prometheus/collectable.h>
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
@@ -459,26 +459,98 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   }
 }
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() { http_.reset(); }  // No scrape may run while the members go.
+
+// The HTTP port: /metrics (the text exposition format, Scrape()), /livez and /readyz (200 "ok"
+// or 503 with the reason, from the probes), served by CivetWeb.
+class Metrics::HttpEndpoints {
+ public:
+  HttpEndpoints(const std::string& listen_address, Metrics& metrics)
+      : server_({"listening_ports", listen_address, "num_threads", "4"}),
+        metrics_(&metrics),
+        live_(this, true),
+        ready_(this, false) {
+    server_.addHandler("/metrics$", metrics_);
+    server_.addHandler("/livez$", live_);
+    server_.addHandler("/readyz$", ready_);
+  }
+  ~HttpEndpoints() { server_.close(); }
+
+  int port() { return server_.getListeningPorts().empty() ? 0 : server_.getListeningPorts()[0]; }
+
+  void SetProbes(std::function<ProbeResult()> live, std::function<ProbeResult()> ready) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    live_probe_ = std::move(live);
+    ready_probe_ = std::move(ready);
+  }
+
+ private:
+  static void Answer(mg_connection* connection, int code, const char* content_type,
+                     const std::string& body) {
+    mg_printf(connection,
+              "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nCache-Control: "
+              "no-store\r\n\r\n",
+              code, code == 200 ? "OK" : "Service Unavailable", content_type, body.size());
+    mg_write(connection, body.data(), body.size());
+  }
+
+  class MetricsHandler final : public CivetHandler {
+   public:
+    explicit MetricsHandler(Metrics* metrics) : metrics_(metrics) {}
+    bool handleGet(CivetServer*, mg_connection* connection) override {
+      Answer(connection, 200, "text/plain; version=0.0.4; charset=utf-8", metrics_->Scrape());
+      return true;
+    }
+
+   private:
+    Metrics* metrics_;
+  };
+
+  // A probe: 200 "ok" or 503 with the reason. Until the server sets the probes, live answers
+  // 200 and ready 503 "starting".
+  class ProbeHandler final : public CivetHandler {
+   public:
+    ProbeHandler(HttpEndpoints* owner, bool live) : owner_(owner), live_(live) {}
+    bool handleGet(CivetServer*, mg_connection* connection) override {
+      ProbeResult result{live_, live_ ? "" : "starting"};
+      {
+        std::lock_guard<std::mutex> lock(owner_->mutex_);
+        const std::function<ProbeResult()>& probe =
+            live_ ? owner_->live_probe_ : owner_->ready_probe_;
+        if (probe) result = probe();
+      }
+      Answer(connection, result.ok ? 200 : 503, "text/plain; charset=utf-8",
+             result.ok ? "ok\n" : result.reason + "\n");
+      return true;
+    }
+
+   private:
+    HttpEndpoints* owner_;
+    bool live_;
+  };
+
+  CivetServer server_;
+  MetricsHandler metrics_;
+  ProbeHandler live_, ready_;
+  std::mutex mutex_;
+  std::function<ProbeResult()> live_probe_, ready_probe_;
+};
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& listen_address) {
   std::unique_ptr<Metrics> metrics(new Metrics());
   if (listen_address.empty()) return metrics;
   try {
-    metrics->exposer_ = std::make_unique<prometheus::Exposer>(listen_address);
+    metrics->http_ = std::make_unique<HttpEndpoints>(listen_address, *metrics);
   } catch (const std::exception& e) {
     return absl::UnavailableError(
         absl::StrCat("cannot serve metrics on ", listen_address, ": ", e.what()));
   }
-  metrics->exposer_->RegisterCollectable(metrics->registry_);
-  metrics->exposer_->RegisterCollectable(metrics->plan_cache_);
-  metrics->exposer_->RegisterCollectable(metrics->engine_);
-  metrics->exposer_->RegisterCollectable(metrics->devices_);
-  metrics->exposer_->RegisterCollectable(metrics->group_);
-  metrics->exposer_->RegisterCollectable(metrics->process_);
-  std::vector<int> ports = metrics->exposer_->GetListeningPorts();
-  if (!ports.empty()) metrics->port_ = ports.front();
+  metrics->port_ = metrics->http_->port();
   return metrics;
+}
+
+void Metrics::SetProbes(std::function<ProbeResult()> live, std::function<ProbeResult()> ready) {
+  if (http_ != nullptr) http_->SetProbes(std::move(live), std::move(ready));
 }
 
 void Metrics::RequestStarted() { in_flight_->Increment(); }

@@ -57,7 +57,6 @@
 
 namespace prometheus {
 class Counter;
-class Exposer;
 template <typename T>
 class Family;
 class Gauge;
@@ -135,6 +134,15 @@ class Metrics {
   void SetBuildInfo(const std::string& version, const std::string& revision,
                     const std::string& features);
 
+  // The plaintext probes on the metrics port, for orchestrators whose probes cannot speak TLS or
+  // gRPC: GET /livez and /readyz answer 200 "ok" when the probe says ok, else 503 with its
+  // reason. Until set: live, and not ready ("starting"). Null functions go back to that.
+  struct ProbeResult {
+    bool ok = false;
+    std::string reason;
+  };
+  void SetProbes(std::function<ProbeResult()> live, std::function<ProbeResult()> ready);
+
   // The text exposition format, as /metrics serves it.
   std::string Scrape() const;
 
@@ -158,7 +166,8 @@ class Metrics {
   std::shared_ptr<DeviceCollector> devices_;
   std::shared_ptr<GroupCollector> group_;
   std::shared_ptr<ProcessCollector> process_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  class HttpEndpoints;
+  std::unique_ptr<HttpEndpoints> http_;
   int port_ = 0;
 };
 

@@ -194,6 +194,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
   server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });
   server->health_ = std::make_unique<Health>(server->engine_->devices());
+  // /livez and /readyz on the metrics port say what grpc.health.v1 says, in plaintext HTTP.
+  server->metrics_->SetProbes([] { return Metrics::ProbeResult{.ok = true, .reason = ""}; },
+                              [health = server->health_.get()] {
+                                std::string reason = health->NotReadyReason();
+                                return Metrics::ProbeResult{.ok = reason.empty(),
+                                                            .reason = std::move(reason)};
+                              });
   server->RunSelfCheck(engine_options, options.self_check);
   if (server->shard_group_ != nullptr) {
     // The listener first, then the current state: a change in between is reported twice, never
@@ -331,6 +338,8 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::mill
   metrics_->SetPlanCacheSource(nullptr);
   metrics_->SetEngineSource(nullptr);
   metrics_->SetDeviceSource(nullptr);
+  metrics_->SetProbes([] { return Metrics::ProbeResult{.ok = true, .reason = ""}; },
+                      [] { return Metrics::ProbeResult{.ok = false, .reason = "stopped"}; });
   engine_.reset();
   if (shard_group_ != nullptr) {
     // The group may outlive the server (the caller holds it too): no more calls into health_.

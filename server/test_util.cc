@@ -133,6 +133,12 @@ bool WaitFor(const std::function<bool()>& predicate, std::chrono::milliseconds t
 }
 
 std::optional<std::string> HttpGet(int port, const std::string& path) {
+  std::optional<HttpAnswer> answer = HttpRequest(port, path);
+  if (!answer || answer->status != 200) return std::nullopt;
+  return std::move(answer->body);
+}
+
+std::optional<HttpAnswer> HttpRequest(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return std::nullopt;
   sockaddr_in address{};
@@ -154,11 +160,11 @@ std::optional<std::string> HttpGet(int port, const std::string& path) {
   for (ssize_t n; (n = recv(fd, buffer, sizeof(buffer), 0)) > 0;) answer.append(buffer, n);
   close(fd);
   const size_t body = answer.find("\r\n\r\n");
-  if (answer.rfind("HTTP/1.", 0) != 0 || answer.find(" 200 ") == std::string::npos ||
-      body == std::string::npos) {
+  const size_t space = answer.find(' ');
+  if (answer.rfind("HTTP/1.", 0) != 0 || body == std::string::npos || space == std::string::npos) {
     return std::nullopt;
   }
-  return answer.substr(body + 4);
+  return HttpAnswer{std::atoi(answer.c_str() + space + 1), answer.substr(body + 4)};
 }
 
 std::optional<double> MetricValue(const std::string& text, const std::string& series) {

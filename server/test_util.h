@@ -71,8 +71,17 @@ client::CallOptions WithTimeout(int64_t timeout_ms);
 // Polls predicate every few milliseconds until it holds or timeout passes; returns its last value.
 bool WaitFor(const std::function<bool()>& predicate, std::chrono::milliseconds timeout);
 
-// The body of GET http://127.0.0.1:port/path, or nullopt when the request fails.
+// The body of GET http://127.0.0.1:port/path, or nullopt when the request fails or the status is
+// not 200.
 std::optional<std::string> HttpGet(int port, const std::string& path);
+
+// GET http://127.0.0.1:port/path: the status code and the body, or nullopt when no HTTP answer
+// came.
+struct HttpAnswer {
+  int status = 0;
+  std::string body;
+};
+std::optional<HttpAnswer> HttpRequest(int port, const std::string& path);
 
 // The value of the sample `series` (name plus labels, exactly as exposed, e.g.
 // `da_plan_cache_hits_total`) in Prometheus text, or nullopt when absent.
