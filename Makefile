@@ -1,5 +1,6 @@
 # The two commands users and CI rely on:
-#   make serve   install what is missing, build Release, run da-server on CPU with its defaults
+#   make serve   install what serving needs, build da-server and da-client (Release), run
+#                da-server on CPU with its defaults
 #   make test    install what is missing, build, run every test through ctest (and the sanitizer,
 #                ThreadSanitizer and fuzz runs first)
 BUILD_DIR ?= build
@@ -8,6 +9,7 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 SERVE_ARGS ?=
 DEPS_STAMP := $(BUILD_DIR)/.deps-installed
+SERVE_DEPS_STAMP := $(BUILD_DIR)/.deps-serve-installed
 
 .PHONY: all deps configure build build-nocuda sanitize tsan fuzz serve test test-gpu clean
 
@@ -18,17 +20,29 @@ $(DEPS_STAMP): scripts/install-deps
 	scripts/install-deps
 	@mkdir -p $(BUILD_DIR) && touch $@
 
+$(SERVE_DEPS_STAMP): scripts/install-deps
+	scripts/install-deps serve
+	@mkdir -p $(BUILD_DIR) && touch $@
+
 deps: $(DEPS_STAMP)
 
 $(BUILD_DIR)/CMakeCache.txt: $(DEPS_STAMP)
-	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DDA_BUILD_TESTS=ON $(CMAKE_FLAGS)
 
+# A tree `make serve` configured has no tests: turn them on.
 configure: $(BUILD_DIR)/CMakeCache.txt
+	@grep -q '^DA_BUILD_TESTS:BOOL=ON' $(BUILD_DIR)/CMakeCache.txt || \
+	  cmake -S . -B $(BUILD_DIR) -DDA_BUILD_TESTS=ON
 
 build: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
-serve: build
+# Only what serving needs: the serving packages, the server and the client (in a tree configured
+# for tests already, only those two targets).
+serve: $(SERVE_DEPS_STAMP)
+	@test -f $(BUILD_DIR)/CMakeCache.txt || \
+	  cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DDA_BUILD_TESTS=OFF $(CMAKE_FLAGS)
+	cmake --build $(BUILD_DIR) -j $(JOBS) --target da-server da-client
 	exec $(BUILD_DIR)/bin/da-server $(SERVE_ARGS)
 
 # A build without CUDA must work too: configure once with CUDA off and build the engine libraries
