@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -42,6 +43,8 @@ absl::Status ValidateGroupFlags(const GroupFlags& flags);
 absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const GroupFlags& flags,
                                                                      int* coordinator_port);
 // A worker rank: serves the group until stop is set or rank 0 sends kShutdown.
-absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop);
+// on_state: ServingGroupOptions::on_state (the worker's readiness), may be null.
+absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop,
+                           std::function<void(const std::string&)> on_state = nullptr);
 
 }  // namespace da::server

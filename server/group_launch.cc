@@ -28,8 +28,11 @@ absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const Group
   return group;
 }
 
-absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop) {
-  return dist::RunWorker(ToOptions(flags, threads), stop);
+absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop,
+                           std::function<void(const std::string&)> on_state) {
+  dist::ServingGroupOptions options = ToOptions(flags, threads);
+  options.on_state = std::move(on_state);
+  return dist::RunWorker(options, stop);
 }
 
 }  // namespace da::server

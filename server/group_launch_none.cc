@@ -19,7 +19,8 @@ absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const Group
   return NoGloo(flags);
 }
 
-absl::Status RunWorkerRank(const GroupFlags& flags, int, const std::atomic<bool>&) {
+absl::Status RunWorkerRank(const GroupFlags& flags, int, const std::atomic<bool>&,
+                           std::function<void(const std::string&)>) {
   return NoGloo(flags);
 }
 

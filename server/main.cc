@@ -33,6 +33,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -45,6 +46,7 @@
 #include "engine/host_resources.h"
 #include "server/group_flags.h"
 #include "server/malloc_tuning.h"
+#include "server/metrics.h"
 #include "server/server.h"
 #include "server/warm_up_file.h"
 
@@ -73,15 +75,48 @@ std::string WithPort(const std::string& address, int port) {
 // after the run in progress, within drain_timeout_ms) or until it ends by itself (a kShutdown
 // frame, which it reports by raising SIGUSR1: every thread blocks the stop signals, so sigwait
 // here is the one place that hears them).
+// It serves no gRPC; with metrics_address, /metrics (build and process metrics), /livez and
+// /readyz (200 while it is in a generation of the group) on that address, so that every rank can
+// be scraped and probed.
 int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset_t& signals,
-                  int64_t drain_timeout_ms) {
-  spdlog::info("rank {} of {}: computing for the coordinator at {}; no gRPC or /metrics here",
-               group.rank, group.world_size, group.coordinator);
+                  int64_t drain_timeout_ms, const std::string& metrics_address,
+                  const std::string& metrics_port_file) {
+  std::unique_ptr<da::server::Metrics> metrics;
+  std::mutex state_mutex;
+  std::string not_serving = "starting";
+  if (!metrics_address.empty()) {
+    absl::StatusOr<std::unique_ptr<da::server::Metrics>> made =
+        da::server::Metrics::Create(metrics_address);
+    if (!made.ok()) {
+      spdlog::error("rank {}: {}", group.rank, made.status().ToString());
+      return 1;
+    }
+    metrics = *std::move(made);
+    da::server::DescribeBuild(*metrics);
+    metrics->SetProbes([] { return da::server::Metrics::ProbeResult{.ok = true, .reason = ""}; },
+                       [&] {
+                         std::lock_guard<std::mutex> lock(state_mutex);
+                         return da::server::Metrics::ProbeResult{.ok = not_serving.empty(),
+                                                                 .reason = not_serving};
+                       });
+    if (!metrics_port_file.empty() && !WritePortFile(metrics_port_file, metrics->port())) {
+      spdlog::error("cannot write {}", metrics_port_file);
+      return 1;
+    }
+  }
+  spdlog::info("rank {} of {}: computing for the coordinator at {}; no gRPC here; {}", group.rank,
+               group.world_size, group.coordinator,
+               metrics ? absl::StrCat("/metrics, /livez and /readyz on ",
+                                      WithPort(metrics_address, metrics->port()))
+                       : std::string("no /metrics (--metrics-listen \"\")"));
   std::atomic<bool> stop{false};
   std::atomic<bool> ended{false};
   absl::Status result;
   std::thread loop([&] {
-    result = da::server::RunWorkerRank(group, threads, stop);
+    result = da::server::RunWorkerRank(group, threads, stop, [&](const std::string& reason) {
+      std::lock_guard<std::mutex> lock(state_mutex);
+      not_serving = reason;
+    });
     ended.store(true);
     kill(getpid(), SIGUSR1);
   });
@@ -357,7 +392,8 @@ int main(int argc, char** argv) {
       app.count("--memory-budget-bytes") > 0 ? " (--memory-budget-bytes)"
                                              : " (max(memory / 4, 3/4 memory - plan cache))");
   if (group.rank > 0) {
-    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms);
+    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
+                         options.metrics_address, metrics_port_file);
   }
   if (group.world_size > 1) {
     int coordinator_port = 0;

@@ -76,8 +76,14 @@ class Group {
         {"--world-size", std::to_string(world_size_), "--rank", std::to_string(rank),
          "--coordinator", "127.0.0.1:" + std::to_string(coordinator_port_), "--threads", "1",
          "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
-         std::to_string(kCollectiveTimeoutMs)},
+         std::to_string(kCollectiveTimeoutMs), "--metrics-listen", "127.0.0.1:0",
+         "--metrics-port-file", WorkerMetricsPortFile(rank)},
         WorkerLog(rank));
+  }
+
+  // The worker's /metrics port (0 when it has not written it within 10 s).
+  int WorkerMetricsPort(int rank) {
+    return testing::ReadPortFile(WorkerMetricsPortFile(rank), seconds(10));
   }
 
   HealthCheckResponse::ServingStatus Readiness() {
@@ -111,6 +117,9 @@ class Group {
 
  private:
   std::string WorkerLog(int rank) const { return dir_ + "/worker" + std::to_string(rank) + ".log"; }
+  std::string WorkerMetricsPortFile(int rank) const {
+    return dir_ + "/worker" + std::to_string(rank) + ".metrics_port";
+  }
 
   const int world_size_;
   const std::string dir_;
@@ -149,6 +158,25 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
   Group group(3);
   ASSERT_TRUE(group.Start()) << group.Logs();
   ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  // Every worker rank can be probed and scraped: ready once in the group, its build and process
+  // metrics on /metrics.
+  for (int rank = 1; rank < 3; ++rank) {
+    const int port = group.WorkerMetricsPort(rank);
+    ASSERT_GT(port, 0) << group.Logs();
+    EXPECT_TRUE(testing::WaitFor(
+        [&] {
+          const std::optional<testing::HttpAnswer> ready = testing::HttpRequest(port, "/readyz");
+          return ready.has_value() && ready->status == 200;
+        },
+        seconds(10)))
+        << "rank " << rank << "\n"
+        << group.Logs();
+    EXPECT_EQ(testing::HttpRequest(port, "/livez")->status, 200);
+    const std::string metrics = testing::HttpGet(port, "/metrics").value_or("");
+    EXPECT_NE(metrics.find("da_build_info{features=\""), std::string::npos) << metrics;
+    EXPECT_GT(testing::MetricValue(metrics, "process_resident_memory_bytes").value_or(0), 0)
+        << metrics;
+  }
   client::AttentionClient client(group.channel());
 
   struct Case {
@@ -336,6 +364,29 @@ TEST(MultiProcessServingTest, ACancelledRequestStopsTheWorkersAndTheGroupStaysWh
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_generation"), 1) << metrics;
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_whole"), 1) << metrics;
   EXPECT_NE(group.Logs().find("run ended early"), std::string::npos) << group.Logs();
+}
+
+// A worker with no coordinator to reach is live but not ready, and says why.
+TEST(MultiProcessServingTest, AWorkerWithoutItsCoordinatorIsLiveButNotReady) {
+  const std::string dir = testing::MakeTempDir();
+  auto worker = testing::ChildProcess::Spawn(
+      DA_SERVER_BINARY,
+      {"--world-size", "2", "--rank", "1", "--coordinator", "127.0.0.1:1", "--threads", "1",
+       "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", dir + "/metrics_port"},
+      dir + "/log");
+  const int port = testing::ReadPortFile(dir + "/metrics_port", seconds(10));
+  ASSERT_GT(port, 0) << ReadFile(dir + "/log");
+  std::optional<testing::HttpAnswer> ready;
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        ready = testing::HttpRequest(port, "/readyz");
+        return ready.has_value() && ready->status == 503 && ready->body != "starting\n";
+      },
+      seconds(10)));
+  EXPECT_EQ(ready->body, "waiting for the coordinator at 127.0.0.1:1\n");
+  EXPECT_EQ(testing::HttpRequest(port, "/livez")->status, 200);
+  worker.reset();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(MultiProcessServingTest, BadFlagsExitNamingTheFlagValueAndLimit) {

@@ -29,6 +29,10 @@
 
 namespace da::server {
 
+void DescribeBuild(Metrics& metrics) {
+  metrics.SetBuildInfo(DA_VERSION, DA_REVISION, absl::StrJoin(engine::BuildFeatures(), ","));
+}
+
 int64_t DefaultPlanCacheBytes(int64_t memory_bytes) {
   return std::min<int64_t>(int64_t{1} << 30, memory_bytes / 8);
 }
@@ -188,8 +192,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   server->shard_group_ = options.shard_group;
   DA_ASSIGN_OR_RETURN(server->engine_, engine::Engine::Create(engine_options));
   DA_ASSIGN_OR_RETURN(server->metrics_, Metrics::Create(options.metrics_address));
-  server->metrics_->SetBuildInfo(DA_VERSION, DA_REVISION,
-                                 absl::StrJoin(engine::BuildFeatures(), ","));
+  DescribeBuild(*server->metrics_);
   server->metrics_->SetPlanCacheSource(
       [engine = server->engine_.get()] { return engine->plan_cache_stats(); });
   server->metrics_->SetEngineSource([engine = server->engine_.get()] { return engine->stats(); });

@@ -126,6 +126,10 @@ struct ServerOptions {
 //   inside the budget; the quarter of M outside it is left to gRPC's buffers and the process, and
 //   the plan cache has its own budget beside it.
 int64_t DefaultPlanCacheBytes(int64_t memory_bytes);
+
+// da_build_info on metrics: this build's version, source revision and features (worker ranks,
+// which run no Server, call it themselves).
+void DescribeBuild(Metrics& metrics);
 int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
 
 class Server {

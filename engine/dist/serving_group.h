@@ -41,6 +41,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -69,6 +70,10 @@ struct ServingGroupOptions {
   // Workers: the budget of the plan cache their shares' plans stay warm in. Rank 0 uses the
   // engine's cache.
   int64_t plan_cache_bytes = int64_t{256} << 20;
+  // Workers: told "" when the worker has joined a generation (it serves runs), and why not
+  // otherwise ("waiting for the coordinator at ...", "left generation 3: ..."): its readiness.
+  // Called from the worker's thread; null: nobody listens.
+  std::function<void(const std::string& not_serving_reason)> on_state = nullptr;
 };
 
 // INVALID_ARGUMENT naming the field, its value and the limit.

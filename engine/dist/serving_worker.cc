@@ -35,6 +35,7 @@ class Worker {
     device_ = cpu.id;
     Log(absl::StrCat("rank ", o_.rank, " of ", o_.world_size, ": waiting for the coordinator at ",
                      o_.coordinator));
+    State(absl::StrCat("waiting for the coordinator at ", o_.coordinator));
     while (!stop_.load()) {
       if (store_ == nullptr) {
         absl::StatusOr<std::unique_ptr<KeyValueStore>> store =
@@ -57,23 +58,32 @@ class Worker {
       if (!comm.ok()) {
         if (!stop_.load()) {
           Log(absl::StrCat("generation ", *generation, " did not form: ", comm.status().message()));
+          State(
+              absl::StrCat("generation ", *generation, " did not form: ", comm.status().message()));
         }
         continue;
       }
       Log(absl::StrCat("rank ", o_.rank, " joined generation ", *generation));
+      State("");
       absl::Status served = Serve(**comm);
       if (shutdown_) {
         Log("shutdown frame from rank 0: leaving");
+        State("shut down by rank 0");
         return absl::OkStatus();
       }
       if (!stop_.load()) {
         Log(absl::StrCat("left generation ", *generation, ": ", served.message()));
       }
+      State(absl::StrCat("left generation ", *generation, ": ", served.message()));
     }
     return absl::OkStatus();
   }
 
  private:
+  void State(const std::string& not_serving_reason) {
+    if (o_.on_state) o_.on_state(not_serving_reason);
+  }
+
   // Waits (in store slices, watching stop) for a generation newer than last_ to open and returns
   // the newest open one this worker may still join. DEADLINE_EXCEEDED / CANCELLED: look again.
   absl::StatusOr<int64_t> NextGeneration() {
