@@ -3,7 +3,8 @@
 deploy/prometheus's rules (every second here). Traffic through `da-client load`, then through
 Prometheus' HTTP API: the target is up, da_requests_total grew, the recording rules have values
 and no alert is pending or firing; then a burst of malformed requests makes DaHighErrorRatio
-pending (its `for` of 5 minutes keeps it from firing within the test).
+pending (its `for` of 5 minutes keeps it from firing within the test); every query of the Grafana
+dashboard (deploy/grafana) is valid and has data.
 
     test_local_stack.py --client-binary build/bin/da-client --bin-dir build/bin
 """
@@ -127,6 +128,16 @@ class LocalStackTest(unittest.TestCase):
         self.assertEqual(pending[0]["labels"]["method"], "Attend", pending)
         ratio = self.query('da:request_errors:ratio_rate5m{method="Attend"}')
         self.assertGreater(ratio[0][1], 0.05, ratio)
+
+        # Every query of the Grafana dashboard is valid PromQL here and has data after this
+        # traffic (the dashboard's $job variable set to this stack's job).
+        with open(os.path.join(ROOT, "deploy", "grafana", "da-dashboard.json")) as f:
+            dashboard = json.load(f)
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$job", "da")
+                with self.subTest(panel=panel["title"], expr=expr):
+                    self.assertTrue(self.query(expr), f"no data for {expr}")
 
 
 if __name__ == "__main__":
