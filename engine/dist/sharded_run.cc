@@ -2,7 +2,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <utility>
 
@@ -26,6 +28,8 @@ using Clock = std::chrono::steady_clock;
 constexpr uint32_t kFrameMagic = 0x44414331;  // "DAC1"
 constexpr int64_t kFrameHeaderBytes = 16;     // magic, kind, payload length, reserved.
 constexpr int64_t kStatsWords = 6;            // ShardRunStats::Rank and a status code.
+// In a stats frame's code word: not the stats but a worker saying it is still computing.
+constexpr int64_t kProgressWord = -1;
 // Marks a worker's error after which it answered rank 0 (AnsweredInStep).
 constexpr char kAnsweredPayload[] = "da.dist/answered-in-step";
 
@@ -526,7 +530,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   std::atomic<bool> stop{false};
   std::atomic<bool> gather_done{false};
   absl::Status gathered, worker_failed;
-  std::vector<bool> sends_output(world, false);  // The worker computed its share.
+  std::vector<char> sends_output(world, 0);  // The worker computed its share (one writer each).
   // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
   // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
   std::atomic<bool> stop_words_sent{false};
@@ -552,32 +556,64 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     engine::CopyShareIn(buffer.data(), share, problem.out);
     return absl::OkStatus();
   };
-  std::thread gather([&] {
-    const std::chrono::milliseconds limit = options.timeout + options.compute_timeout;
-    gathered = [&]() -> absl::Status {
-      std::vector<uint8_t> buffer;
-      for (int r = 1; r < world; ++r) {
-        // The stats first: a worker that failed or was stopped sends no output.
-        std::vector<int64_t> words(kStatsWords);
-        DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, limit));
-        stats.ranks[r] = StatsFromWords(words);
-        if (words[5] != 0) {
-          if (worker_failed.ok()) {
-            // The worker's own log has its message; the code and the rank reach the caller.
-            worker_failed = absl::Status(
-                static_cast<absl::StatusCode>(words[5]),
-                absl::StrCat("rank ", r, " failed to compute its share (",
-                             absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
-                             "; see that rank's log)"));
-          }
-          continue;
-        }
-        sends_output[r] = true;
-        if (!run.separate_plane()) DA_RETURN_IF_ERROR(receive_output(r, limit, buffer));
+  // One thread per worker, so that a worker lost while another computes is noticed within the
+  // collective timeout: a computing worker sends a progress frame at least every third of it
+  // (kProgressWord), so silence for a whole timeout means the worker (or its link) is gone, even
+  // when no connection closes. Its compute may take up to compute_timeout in all.
+  std::mutex gather_mutex;  // worker_failed and gathered.
+  std::atomic<bool> abandon{false};
+  const auto gather_worker = [&](int r) -> absl::Status {
+    std::vector<uint8_t> buffer;
+    const Clock::time_point begin = Clock::now();
+    std::vector<int64_t> words(kStatsWords);
+    for (;;) {
+      DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, options.timeout));
+      if (words[5] != kProgressWord) break;
+      // Another worker is lost: the run fails and the group re-forms; stop waiting for this one.
+      if (abandon.load()) return absl::AbortedError("run abandoned");
+      if (Clock::now() - begin > options.timeout + options.compute_timeout) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("rank ", r, " computed its share for longer than ",
+                         (options.timeout + options.compute_timeout).count(), " ms"));
+      }
+    }
+    // The stats first: a worker that failed or was stopped sends no output.
+    stats.ranks[r] = StatsFromWords(words);
+    if (words[5] != 0) {
+      std::lock_guard<std::mutex> lock(gather_mutex);
+      if (worker_failed.ok()) {
+        // The worker's own log has its message; the code and the rank reach the caller.
+        worker_failed = absl::Status(
+            static_cast<absl::StatusCode>(words[5]),
+            absl::StrCat("rank ", r, " failed to compute its share (",
+                         absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
+                         "; see that rank's log)"));
       }
       return absl::OkStatus();
-    }();
-    if (!gathered.ok()) stop = true;
+    }
+    sends_output[r] = 1;
+    if (!run.separate_plane()) return receive_output(r, options.timeout, buffer);
+    return absl::OkStatus();
+  };
+  std::thread gather([&] {
+    std::vector<std::thread> workers;
+    for (int r = 1; r < world; ++r) {
+      workers.emplace_back([&, r] {
+        absl::Status status = gather_worker(r);
+        if (!status.ok()) {
+          stop = true;     // A lost worker stops rank 0's compute at once,
+          abandon = true;  // and the other workers' waits at their next progress frame.
+          // A timeout is the cause: Gloo then closes the other pairs too, which fail the other
+          // workers' receives a moment later, naming bystanders.
+          std::lock_guard<std::mutex> lock(gather_mutex);
+          if (gathered.ok() ||
+              (absl::IsDeadlineExceeded(status) && !absl::IsDeadlineExceeded(gathered))) {
+            gathered = std::move(status);
+          }
+        }
+      });
+    }
+    for (std::thread& t : workers) t.join();
     gather_done = true;
   });
   JoinOnExit gather_joiner{gather};
@@ -610,7 +646,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     // Every worker that computed is sending its output over the plane, in rank order.
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && gathered.ok(); ++r) {
-      if (sends_output[r]) gathered = receive_output(r, options.timeout, buffer);
+      if (sends_output[r] != 0) gathered = receive_output(r, options.timeout, buffer);
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
@@ -680,9 +716,32 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   });
   JoinOnExit joiner{listener};
   DA_RETURN_IF_ERROR(run.Exchange());
+  // While it computes, a progress frame to rank 0 every third of the timeout: rank 0 takes a
+  // whole timeout of silence for a lost worker (a cut link closes no connection).
+  std::mutex progress_mutex;
+  std::condition_variable progress_wake;
+  bool computing = true;
+  std::thread progress([&] {
+    std::vector<int64_t> words(kStatsWords, 0);
+    words[5] = kProgressWord;
+    std::unique_lock<std::mutex> lock(progress_mutex);
+    while (!progress_wake.wait_for(lock, options.timeout / 3, [&] { return !computing; })) {
+      lock.unlock();
+      const absl::Status sent =
+          comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout);
+      lock.lock();
+      if (!sent.ok()) return;  // The stats send below fails the same way.
+    }
+  });
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned
   // to the worker's loop.
   const absl::Status computed = run.Compute(&stop);
+  {
+    std::lock_guard<std::mutex> lock(progress_mutex);
+    computing = false;
+  }
+  progress_wake.notify_all();
+  progress.join();  // Its frames go before the stats, in order.
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     traffic.Count(run.stats());
     // The kRun frame (received before this call), the stop word (unless it came already: a

@@ -30,9 +30,10 @@
 //
 // Errors: a failed collective (lost peer: UNAVAILABLE, timeout: DEADLINE_EXCEEDED) is returned
 // as the communicator reported it; after it the communicator is unusable (communicator.h) and
-// the caller re-forms the group. Rank 0 receives the workers' outputs on a thread posted before
-// it computes, so a worker lost while rank 0 computes stops rank 0's compute and fails the run at
-// once. A worker's compute failure comes back as its status code, naming the rank.
+// the caller re-forms the group. Rank 0 receives each worker's answer on a thread of its own
+// posted before it computes, so a worker lost while rank 0 computes stops rank 0's compute and
+// fails the run at once; a computing worker sends a progress frame every third of the timeout,
+// so a worker whose link is cut (no connection closes) fails the run within one timeout. A worker's compute failure comes back as its status code, naming the rank.
 //
 // Cancellation: each run ends with one stop word from rank 0 to every worker, which the worker
 // listens for from the moment it holds its share. A cancelled request makes rank 0 send 1 at once
@@ -119,8 +120,9 @@ struct ShardRunOptions {
   engine::ShareCompute compute;
   // Share buffers kept between runs; null: fresh ones per run.
   RankBuffers* buffers = nullptr;
-  // Added to the limit of rank 0's gather, which waits for the slowest worker's compute (a lost
-  // worker still fails it at once: its connection closes).
+  // How long a worker's compute may take in all. While it computes, the worker sends rank 0 a
+  // progress frame every timeout / 3, so rank 0 takes silence for a whole `timeout` as the
+  // worker lost (a cut link closes no connection) and fails the run within it.
   std::chrono::milliseconds compute_timeout{600000};
   // The data plane: a second communicator of the same group (same ranks) that carries the bulk
   // bytes (shares of q, k, v, the exchange, the outputs) while control frames, stop words and
