@@ -258,10 +258,13 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
   token_bytes_ = expected_.heads() * expected_.head_dim() * dtype_bytes;
   if (target_ != nullptr) {
     const int64_t whole_bytes = expected_.batch() * target_seq_len_ * token_bytes_;
-    if (header.dtype() != target_->dtype() ||
-        static_cast<int64_t>(target_->data().size()) != whole_bytes) {
+    if (header.dtype() != target_->dtype()) {
       return Internal(absl::StrCat("stream response header dtype ", DTypeName(header.dtype()),
                                    " differs from the other parts' ", DTypeName(target_->dtype())));
+    }
+    if (static_cast<int64_t>(target_->data().size()) != whole_bytes) {
+      return Internal(absl::StrCat("the whole output holds ", target_->data().size(),
+                                   " bytes; its shape needs ", whole_bytes));
     }
   } else {
     *response_.mutable_output() = std::move(answered);
