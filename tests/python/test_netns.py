@@ -99,7 +99,8 @@ class ThreeHostsTest(unittest.TestCase):
                                          "127.0.0.1:50051", "--service",
                                          "da.v1.AttentionService", "--timeout-ms", 2000),
                               capture_output=True, text=True)
-        return done.returncode == 0 and "NOT_SERVING" not in done.stdout and "SERVING" in done.stdout
+        return (done.returncode == 0 and "NOT_SERVING" not in done.stdout
+                and "SERVING" in done.stdout)
 
     @classmethod
     def wait_ready(cls, ready, timeout_s):
