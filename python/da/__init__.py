@@ -7,13 +7,15 @@
 `q` is [batch, seq_len, heads, head_dim], `k` and `v` [batch, seq_len, kv_heads, head_dim], as
 numpy arrays of float32, float16 or ml_dtypes.bfloat16; the output has q's shape and dtype.
 `attend` sends small requests in one message and streams large ones (AttendStream), filling the
-output as blocks arrive. Errors are da.Error subclasses (da/errors.py).
+output as blocks arrive. Errors are da.Error subclasses (da/errors.py). da.aio.Client is the same
+on asyncio.
 """
 
+from da import aio
 from da._client import Client, Result
 from da.errors import (Cancelled, DeadlineExceeded, Error, InvalidArgument, ResourceExhausted,
                        Unauthenticated, Unavailable)
 
-__all__ = ["Client", "Result", "Error", "InvalidArgument", "ResourceExhausted",
+__all__ = ["Client", "Result", "aio", "Error", "InvalidArgument", "ResourceExhausted",
            "DeadlineExceeded", "Unavailable", "Unauthenticated", "Cancelled"]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
 (pip install ./python, here into a temporary directory) and used against a real da-server:
 numpy arrays of every wire dtype against the numpy reference, unary and streamed alike, the
 automatic switch to streaming past the server's message limit, local refusals before anything is
-sent, errors as exceptions of the right classes, health, info and the bearer token.
+sent, errors as exceptions of the right classes, health, info and the bearer token, and the
+asyncio client.
 
     test_python_client.py --server-binary build/bin/da-server
 """
@@ -118,6 +119,30 @@ class PythonClientTest(unittest.TestCase):
         with self.assertRaises(da.Unavailable):
             da.Client("127.0.0.1:1").attend(q, q, q, segments=[16], dilations=[1], stream=False,
                                             timeout=10)
+
+    def test_asyncio_client_runs_many_requests_from_one_loop(self):
+        import asyncio
+        rng = np.random.default_rng(14)
+        inputs = [rng.standard_normal((1, 120, 4, 16)).astype(np.float32) for _ in range(6)]
+        kw = dict(segments=[32, 64], dilations=[1, 2], precision="fp32")
+
+        async def run():
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                self.assertEqual(await client.health("da.v1.AttentionService"), "SERVING")
+                unary = await asyncio.gather(*(client.attend(q, q, q, stream=False, **kw)
+                                               for q in inputs))
+                streamed = await asyncio.gather(*(client.attend(q, q, q, stream=True,
+                                                                block_tokens=50, **kw)
+                                                  for q in inputs))
+                with self.assertRaises(da.InvalidArgument):
+                    await client.attend(inputs[0], inputs[0], inputs[0], segments=[16, 0],
+                                        dilations=[1, 1])
+                return unary, streamed
+
+        unary, streamed = asyncio.run(run())
+        for q, a, b in zip(inputs, unary, streamed):
+            self.assertTrue(np.array_equal(a, b))
+            self.assertTrue(np.array_equal(a, self.client.attend(q, q, q, **kw)))
 
     def test_health_info_and_the_token(self):
         self.assertEqual(self.client.health(), "SERVING")
