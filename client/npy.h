@@ -55,7 +55,7 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path, const NpyOptions& opti
 // The bytes of a .npy file holding array. major_version 0 picks 1.0, or 2.0 when the header does
 // not fit 1.0's 16-bit length; 1, 2 or 3 force that version.
 std::string SerializeNpy(const NpyArray& array, int major_version = 0,
-                        const NpyOptions& options = {});
+                         const NpyOptions& options = {});
 absl::Status WriteNpy(const std::string& path, const NpyArray& array,
                       const NpyOptions& options = {});
 

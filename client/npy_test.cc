@@ -87,7 +87,8 @@ TEST(NpyTest, ReadsBFloat16InBothConventions) {
   for (const char* descr : {"<V2", "|V2", "bfloat16"}) {
     SCOPED_TRACE(descr);
     absl::StatusOr<NpyArray> parsed = ParseNpy(
-        RawNpy(1, std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (2,), }",
+        RawNpy(1,
+               std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (2,), }",
                bits),
         "b.npy");
     ASSERT_TRUE(parsed.ok()) << parsed.status();
@@ -205,9 +206,8 @@ TEST(NpyTest, RejectsUnsupportedDtypesNamingThem) {
     const std::string bytes =
         RawNpy(1, std::string("{'descr': '") + descr + "', 'fortran_order': False, 'shape': (1,)}",
                std::string(8, '\0'));
-    EXPECT_EQ(ParseError(bytes),
-              std::string("x.npy: unsupported dtype '") + descr +
-                  "' (expected '<f4', '<f2' or bfloat16 as '<V2')");
+    EXPECT_EQ(ParseError(bytes), std::string("x.npy: unsupported dtype '") + descr +
+                                     "' (expected '<f4', '<f2' or bfloat16 as '<V2')");
   }
 }
 

@@ -84,8 +84,7 @@ absl::StatusOr<v1::Tensor> ReadTensorNpy(const std::string& path, const NpyOptio
   return TensorFromNpy(*std::move(array), path);
 }
 
-absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor,
-                            const NpyOptions& options) {
+absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor, const NpyOptions& options) {
   NpyArray array;
   switch (tensor.dtype()) {
     case v1::DTYPE_FP32:

@@ -33,7 +33,8 @@
 // the caller re-forms the group. Rank 0 receives each worker's answer on a thread of its own
 // posted before it computes, so a worker lost while rank 0 computes stops rank 0's compute and
 // fails the run at once; a computing worker sends a progress frame every third of the timeout,
-// so a worker whose link is cut (no connection closes) fails the run within one timeout. A worker's compute failure comes back as its status code, naming the rank.
+// so a worker whose link is cut (no connection closes) fails the run within one timeout. A worker's
+// compute failure comes back as its status code, naming the rank.
 //
 // Cancellation: each run ends with one stop word from rank 0 to every worker, which the worker
 // listens for from the moment it holds its share. A cancelled request makes rank 0 send 1 at once
