@@ -1,11 +1,13 @@
-"""da.Client: unary and streamed attention calls, server info and health (see da/__init__.py)."""
+"""da.Client and what da.aio.Client shares with it: the checks made before anything is sent, the
+requests (tensor bytes copied once, da/_wire.py), the output filled as blocks arrive, the
+execution info. The two clients differ only in how a call is made and awaited."""
 
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from da import errors
+from da import _tensors, _wire, errors
 from da.v1 import attention_pb2 as pb
 from da.v1 import attention_pb2_grpc as pb_grpc
 
@@ -13,57 +15,72 @@ _MODES = {"longnet": pb.COMBINE_MODE_LONGNET, "grouped": pb.COMBINE_MODE_GROUPED
 _PRECISIONS = {"auto": pb.PRECISION_AUTO, "fp32": pb.PRECISION_FP32, "bf16": pb.PRECISION_BF16,
                "fp16": pb.PRECISION_FP16, "fp8": pb.PRECISION_FP8}
 _PRECISION_NAMES = {value: name for name, value in _PRECISIONS.items()}
+_DTYPES = {"float32": pb.DTYPE_FP32, "float16": pb.DTYPE_FP16, "bfloat16": pb.DTYPE_BF16}
 # A streamed block carries about this many bytes of q, k and v (as da-client's blocks).
 _BLOCK_BYTES = 4 << 20
 _DEFAULT_MESSAGE_BYTES = 64 << 20  # The server's default --max-message-bytes.
-
-
-def _wire_dtype(dtype):
-    """The wire dtype of a numpy dtype: float32, float16 or ml_dtypes' bfloat16."""
-    if dtype == np.float32:
-        return pb.DTYPE_FP32
-    if dtype == np.float16:
-        return pb.DTYPE_FP16
-    if dtype.name == "bfloat16":
-        return pb.DTYPE_BF16
-    return None
+_ATTEND = "/da.v1.AttentionService/Attend"
+_ATTEND_STREAM = "/da.v1.AttentionService/AttendStream"
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass
 class Result:
-    """An output with how the server computed it (ExecutionInfo): `precision` used and `reason`,
-    `devices`, `queue_time_s`, `compute_time_s`, `plan_cache_hit`, `request_id`, and `info`, the
-    whole message."""
-    output: np.ndarray
+    """An output with how the server computed it.
+
+    `output` has the query's shape, kind (numpy or torch), dtype and device; `info` is the
+    server's ExecutionInfo message, whose main fields are also properties here."""
+    output: object
     info: pb.ExecutionInfo
 
     @property
     def precision(self):
+        """The precision computed in: "fp32", "bf16", "fp16" or "fp8"."""
         return _PRECISION_NAMES.get(self.info.precision_used, "auto")
 
     @property
     def reason(self):
+        """Why the server chose that precision."""
         return self.info.precision_reason
 
     @property
     def devices(self):
+        """The devices that computed, e.g. ["cpu:0"]."""
         return list(self.info.devices)
 
     @property
     def queue_time_s(self):
+        """Seconds from acceptance to the start of compute."""
         return self.info.queue_time_us / 1e6
 
     @property
     def compute_time_s(self):
+        """Seconds of compute."""
         return self.info.compute_time_us / 1e6
 
     @property
     def plan_cache_hit(self):
+        """Whether the execution plan was warm (cached) already."""
         return self.info.plan_cache_hit
 
     @property
     def request_id(self):
+        """The request's id: the caller's, or one the server made."""
         return self.info.request_id
+
+
+@dataclass
+class OutputBlock:
+    """One block of a streamed output (Client.attend_blocks): the tokens [token_start,
+    token_start + token_count) of every batch, as [batch, token_count, heads, head_dim] in the
+    first input block's kind, dtype and device."""
+    token_start: int
+    output: object
+
+    @property
+    def token_count(self):
+        """The number of tokens in this block."""
+        return self.output.shape[1]
 
 
 class Client:
@@ -72,7 +89,9 @@ class Client:
     target: "host:port". TLS when any of tls_ca (PEM file of the CA that signed the server's
     certificate), tls_cert and tls_key (a client certificate for mutual TLS) is given; token: a
     bearer token sent with every call; timeout: the default deadline of each call in seconds
-    (None: none); options: extra gRPC channel arguments. Thread safe, as a gRPC channel is.
+    (None: none); options: extra gRPC channel arguments; max_message_bytes: the largest message
+    this client sends or receives. Thread safe, as a gRPC channel is. Usable as a context manager
+    (closes the channel).
     """
 
     def __init__(self, target, *, tls_ca=None, tls_cert=None, tls_key=None, token=None,
@@ -80,11 +99,16 @@ class Client:
         self._channel = _make_channel(grpc, target, tls_ca, tls_cert, tls_key, options,
                                       max_message_bytes)
         self._stub = pb_grpc.AttentionServiceStub(self._channel)
-        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        # Tensor-carrying calls take and give bytes encoded by da/_wire.py.
+        self._attend = self._channel.unary_unary(_ATTEND)
+        self._attend_stream = self._channel.stream_stream(_ATTEND_STREAM)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK)
+        self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._message_limit = None  # The server's max_message_bytes, read once.
 
     def close(self):
+        """Closes the channel; calls in flight are cancelled."""
         self._channel.close()
 
     def __enter__(self):
@@ -93,69 +117,126 @@ class Client:
     def __exit__(self, *exc):
         self.close()
 
+    def _options(self, timeout, request_id=""):
+        return _call_options(self._token_metadata, self._timeout, timeout, request_id)
+
     def _call(self, method, request, timeout, request_id=""):
-        metadata = list(self._metadata)
-        if request_id:
-            metadata.append(("x-request-id", request_id))
         try:
-            return method(request, timeout=timeout if timeout is not None else self._timeout,
-                          metadata=metadata)
+            return method(request, **self._options(timeout, request_id))
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
     def info(self, timeout=None):
-        """GetServerInfo: version, build features, devices, limits, plan-cache statistics."""
+        """GetServerInfo: version, build features, devices, limits, plan-cache statistics (the
+        GetServerInfoResponse message)."""
         return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
 
     def health(self, service="", timeout=None):
         """grpc.health.v1 Check of service ("" liveness, "da.v1.AttentionService" readiness):
         "SERVING", "NOT_SERVING", ... (NOT_FOUND for an unknown service raises da.Error)."""
-        check = self._channel.unary_unary("/grpc.health.v1.Health/Check")
-        return _health_status(self._call(check, _health_request(service), timeout))
+        return _health_status(self._call(self._health, _health_request(service), timeout))
+
+    def warm_up(self, shapes, timeout=None):
+        """Builds the server's plans for shapes ahead of requests, so that their first request is
+        a plan-cache hit. Each shape is a dict with "shape" ([batch, seq_len, heads, head_dim]),
+        "segments" and "dilations", and optionally "kv_heads", "dtype" ("float32", "float16",
+        "bfloat16", or a numpy or torch dtype), "causal", "mode", "precision" and "scale", as
+        attend takes them. Returns the WarmUpResponse: one result per shape (plan key, whether it
+        was warm already, bytes, build time, precision) and the plan cache after."""
+        return self._call(self._stub.WarmUp, _warm_up_request(shapes), timeout)
 
     def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
-               precision="auto", scale=None, stream=None, block_tokens=0, request_id="",
-               priority=0, timeout=None, return_info=False):
-        """Dilated attention of q over k and v (numpy [B, N, H, D] and [B, N, Hkv, D]).
+               precision="auto", scale=None, out=None, stream=None, block_tokens=0,
+               request_id="", priority=0, timeout=None, return_info=False):
+        """Dilated attention of q over k and v.
 
-        mode "longnet" or "grouped"; precision "auto", "fp32", "bf16", "fp16" or "fp8"; scale the
-        softmax scale (default 1/sqrt(D)). stream None chooses: one message when q, k, v and the
-        output fit the server's message limit, else AttendStream in blocks of block_tokens tokens
-        (0: about 4 MiB, at most half the server's message limit). Returns the output (q's shape and dtype), or a Result with the
-        execution info when return_info.
+        q is [batch, seq_len, heads, head_dim], k and v [batch, seq_len, kv_heads, head_dim]
+        (kv_heads divides heads), all numpy arrays (float32, float16, ml_dtypes.bfloat16) or all
+        torch tensors (float32, float16, bfloat16; any device; not requiring grad unless under
+        torch.no_grad()) of one dtype. segments and dilations: the patterns (w_i, r_i). mode
+        "longnet" or "grouped"; precision "auto", "fp32", "bf16", "fp16" or "fp8"; scale the
+        softmax scale (default 1/sqrt(head_dim)); causal masks keys after the query.
+
+        out: an array or tensor of q's shape and dtype to write the output into (otherwise one
+        is allocated). stream None chooses: one message when q, k, v and the output fit the
+        server's message limit, else AttendStream in blocks of block_tokens tokens (0: about 4
+        MiB, at most half the server's message limit), the output filled as blocks arrive.
+        Either way each tensor's bytes are copied once going out and once coming back.
+
+        Returns the output (q's shape, kind, dtype and device), or a Result with the execution
+        info when return_info. Raises da.Error subclasses (InvalidArgument before anything is
+        sent for inputs the server would refuse).
         """
-        q, k, v, spec = _prepare(q, k, v, segments, dilations, causal, mode, precision, scale)
+        job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
+                      request_id, priority)
         limit = self._server_message_limit(timeout)
-        if stream is None:
-            stream = _wants_stream(q, k, v, limit)
-        if stream:
-            output, info = self._attend_stream(q, k, v, spec, _block_tokens(q, k, limit,
-                                                                             block_tokens),
-                                               request_id, priority, timeout)
-        else:
-            response = self._call(self._stub.Attend, _unary_request(q, k, v, spec, request_id,
-                                                                    priority),
-                                  timeout, request_id)
-            output, info = _unary_output(q, response)
-        return Result(output, info) if return_info else output
+        options = self._options(timeout, request_id)
+        try:
+            if job.streams(stream, limit):
+                answers = self._attend_stream(job.stream_requests(limit, block_tokens),
+                                              **options)
+                try:
+                    for message in answers:
+                        job.take_stream_message(message)
+                finally:
+                    answers.cancel()  # Nothing once the stream has ended; else stops the server.
+            else:
+                job.take_unary_response(self._attend(job.unary_request(), **options))
+        except grpc.RpcError as error:
+            raise errors.from_rpc_error(error) from None
+        return job.result(return_info)
+
+    def attend_blocks(self, blocks, *, seq_len, segments, dilations, causal=False,
+                      mode="longnet", precision="auto", scale=None, request_id="", priority=0,
+                      timeout=None):
+        """Streams a sequence the caller produces block by block and need not hold whole.
+
+        blocks: an iterable of (q, k, v) blocks, each [batch, tokens, heads, head_dim] and
+        [batch, tokens, kv_heads, head_dim] (any number of tokens, numpy arrays or torch tensors
+        as attend takes them), pulled only as the transport can send them; seq_len: their total
+        number of tokens. Returns a BlockStream: iterate it for OutputBlocks in token order, as
+        the server computes them; its `info` is the execution info once it has ended. Stopping
+        early (break, close()) cancels the call on the server.
+        """
+        feed = _BlockFeed(blocks, seq_len,
+                          _spec(segments, dilations, causal, mode, precision, scale),
+                          request_id, priority, self._server_message_limit(timeout))
+        return BlockStream(self._attend_stream, feed, self._options(timeout, request_id))
 
     def _server_message_limit(self, timeout):
         if self._message_limit is None:
-            limit = self.info(timeout).limits.max_message_bytes
-            self._message_limit = limit if limit > 0 else _DEFAULT_MESSAGE_BYTES
+            self._message_limit = _message_limit(self.info(timeout))
         return self._message_limit
 
-    def _attend_stream(self, q, k, v, spec, block_tokens, request_id, priority, timeout):
-        assembler = _OutputAssembler(q)
-        answers = self._call(self._stub.AttendStream,
-                             _stream_requests(q, k, v, spec, block_tokens, request_id, priority),
-                             timeout, request_id)
+
+class BlockStream:
+    """The output of Client.attend_blocks: an iterator of OutputBlocks, and `info` (the
+    ExecutionInfo message) once it has ended."""
+
+    def __init__(self, method, feed, options):
+        self.info = None
+        self._method = method
+        self._feed = feed
+        self._options = options
+        self._answers = None
+
+    def __iter__(self):
+        self._answers = self._method(self._feed.requests(), **self._options)
         try:
-            for message in answers:
-                assembler.add(message)
+            for message in self._answers:
+                block = self._feed.take_stream_message(message)
+                if block is not None:
+                    yield block
+            self.info = self._feed.finish()
         except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
-        return assembler.finish()
+            raise self._feed.failure(error) from None
+        finally:
+            self._answers.cancel()
+
+    def close(self):
+        """Cancels the call (if it has not ended)."""
+        if self._answers is not None:
+            self._answers.cancel()
 
 
 def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_message_bytes):
@@ -180,67 +261,45 @@ def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_messag
     return module.secure_channel(target, credentials, options=channel_options)
 
 
-def _prepare(q, k, v, segments, dilations, causal, mode, precision, scale):
-    """The arrays as numpy arrays and the spec, after the checks that need no server."""
-    q, k, v = (np.asarray(t) for t in (q, k, v))
-    spec = _check(q, k, v, segments, dilations, mode, precision)
-    spec.causal = bool(causal)
+def _call_options(token_metadata, default_timeout, timeout, request_id):
+    metadata = list(token_metadata)
+    if request_id:
+        metadata.append(("x-request-id", request_id))
+    return {"timeout": timeout if timeout is not None else default_timeout,
+            "metadata": metadata}
+
+
+def _message_limit(info):
+    limit = info.limits.max_message_bytes
+    return limit if limit > 0 else _DEFAULT_MESSAGE_BYTES
+
+
+def _spec(segments, dilations, causal, mode, precision, scale):
+    """The AttentionSpec, after the checks that need no server (with the server's wording)."""
+    segments, dilations = list(segments), list(dilations)
+    if not segments or len(segments) != len(dilations):
+        raise errors.invalid(f"spec: {len(segments)} segment lengths and {len(dilations)} "
+                             "dilation rates; they must be equal in number and at least one")
+    if mode not in _MODES:
+        raise errors.invalid(f"mode '{mode}' is not longnet or grouped")
+    if precision not in _PRECISIONS:
+        raise errors.invalid(f"precision '{precision}' is not one of {sorted(_PRECISIONS)}")
+    spec = pb.AttentionSpec(segment_lengths=[int(w) for w in segments],
+                            dilation_rates=[int(r) for r in dilations], causal=bool(causal),
+                            combine_mode=_MODES[mode], precision=_PRECISIONS[precision])
     if scale is not None:
         spec.softmax_scale = float(scale)
-    return q, k, v, spec
+    return spec
 
 
-def _wants_stream(q, k, v, message_limit):
-    """Whether q, k, v and the output are too large for one message (with room for framing)."""
-    return q.nbytes + k.nbytes + v.nbytes + q.nbytes > 0.9 * message_limit
-
-
-def _block_tokens(q, k, message_limit, block_tokens):
-    """Tokens per streamed block: as asked, or about 4 MiB of q, k and v and never more than
-    half a message."""
-    if block_tokens > 0:
-        return block_tokens
-    token_bytes = q.shape[0] * (q.shape[2] + 2 * k.shape[2]) * q.shape[3] * q.itemsize
-    return max(1, min(_BLOCK_BYTES, message_limit // 2) // token_bytes)
-
-
-def _unary_request(q, k, v, spec, request_id, priority):
-    return pb.AttendRequest(request_id=request_id, spec=spec, query=_tensor(q), key=_tensor(k),
-                            value=_tensor(v), priority=priority)
-
-
-def _unary_output(q, response):
-    output = np.frombuffer(response.output.data, dtype=q.dtype).reshape(q.shape).copy()
-    return output, response.info
-
-
-def _health_request(service):
-    """HealthCheckRequest{service = 1}, encoded here so that the client needs no health
-    package."""
-    encoded = service.encode()
-    return b"\x0a" + _varint(len(encoded)) + encoded if encoded else b""
-
-
-def _health_status(answer):
-    """The status of an encoded HealthCheckResponse{status = 1}."""
-    status = answer[1] if len(answer) >= 2 and answer[0] == 0x08 else 0
-    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(
-        status, str(status))
-
-
-def _check(q, k, v, segments, dilations, mode, precision):
-    """The server's checks that need no server, with its wording; the spec."""
-    for name, tensor in (("query", q), ("key", k), ("value", v)):
-        if tensor.ndim != 4:
-            raise errors.invalid(f"{name}: expected rank 4 (batch, seq_len, heads, head_dim), "
-                                 f"got shape {list(tensor.shape)}")
-        if _wire_dtype(tensor.dtype) is None:
-            raise errors.invalid(f"{name}: dtype {tensor.dtype} is not float32, float16 or "
-                                 "bfloat16 (ml_dtypes)")
+def _host_tensors(q, k, v):
+    """q, k and v as HostTensors, after the shape and dtype checks the server would make."""
+    q, k, v = (_tensors.HostTensor(name, t) for name, t in (("query", q), ("key", k),
+                                                             ("value", v)))
     for name, tensor in (("key", k), ("value", v)):
-        if tensor.dtype != q.dtype:
-            raise errors.invalid(f"{name} dtype {tensor.dtype} differs from query dtype "
-                                 f"{q.dtype}")
+        if not tensor.same_kind(q):
+            raise errors.invalid(f"{name} dtype {tensor.dtype_name} differs from query dtype "
+                                 f"{q.dtype_name}")
         if (tensor.shape[0], tensor.shape[1], tensor.shape[3]) != (
                 q.shape[0], q.shape[1], q.shape[3]):
             raise errors.invalid(f"{name} shape {list(tensor.shape)} must match query shape "
@@ -250,77 +309,303 @@ def _check(q, k, v, segments, dilations, mode, precision):
                              f"{list(k.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise errors.invalid(f"heads {q.shape[2]} is not a multiple of kv_heads {k.shape[2]}")
-    segments, dilations = list(segments), list(dilations)
-    if not segments or len(segments) != len(dilations):
-        raise errors.invalid(f"spec: {len(segments)} segment lengths and {len(dilations)} "
-                             "dilation rates; they must be equal in number and at least one")
-    if mode not in _MODES:
-        raise errors.invalid(f"mode '{mode}' is not longnet or grouped")
-    if precision not in _PRECISIONS:
-        raise errors.invalid(f"precision '{precision}' is not one of {sorted(_PRECISIONS)}")
-    return pb.AttentionSpec(segment_lengths=[int(w) for w in segments],
-                            dilation_rates=[int(r) for r in dilations],
-                            combine_mode=_MODES[mode], precision=_PRECISIONS[precision])
+    return q, k, v
 
 
-def _stream_requests(q, k, v, spec, block_tokens, request_id, priority):
-    """The AttendStream requests of q, k, v: the header, then blocks of block_tokens tokens."""
-    batch, seq_len, heads, head_dim = q.shape
-    yield pb.AttendStreamRequest(header=pb.StreamHeader(
-        request_id=request_id, spec=spec, dtype=_wire_dtype(q.dtype), batch=batch,
-        seq_len=seq_len, heads=heads, kv_heads=k.shape[2], head_dim=head_dim, priority=priority))
-    for start in range(0, seq_len, block_tokens):
-        end = min(seq_len, start + block_tokens)
-        yield pb.AttendStreamRequest(block=pb.TokenBlock(
-            token_start=start, token_count=end - start,
-            query=np.ascontiguousarray(q[:, start:end]).tobytes(),
-            key=np.ascontiguousarray(k[:, start:end]).tobytes(),
-            value=np.ascontiguousarray(v[:, start:end]).tobytes()))
+def _block_tokens(q, k, message_limit, requested):
+    """Tokens per streamed block: as requested, or about 4 MiB of q, k and v and never more than
+    half a message."""
+    if requested > 0:
+        return requested
+    token_bytes = q.shape[0] * (q.shape[2] + 2 * k.shape[2]) * q.shape[3] * q.raw.itemsize
+    return max(1, min(_BLOCK_BYTES, message_limit // 2) // token_bytes)
 
 
-class _OutputAssembler:
-    """Fills the output of a streamed answer as its blocks arrive (in order), keeps the trailer's
-    execution info."""
+def _stream_header(q, k, seq_len, spec, request_id, priority):
+    batch, _, heads, head_dim = q.shape
+    header = pb.StreamHeader(request_id=request_id, spec=spec, dtype=q.wire, batch=batch,
+                             seq_len=seq_len, heads=heads, kv_heads=k.shape[2],
+                             head_dim=head_dim, priority=priority)
+    return _wire.message_field(1, header)
 
-    def __init__(self, q):
-        self.output = np.empty(q.shape, dtype=q.dtype)
+
+def _rows(raw, start, end):
+    """The buffers of tokens [start, end) of every batch of raw: one contiguous run per batch."""
+    return [memoryview(raw[b, start:end]) for b in range(raw.shape[0])]
+
+
+def _block_message(token_start, q, k, v, start, end):
+    """AttendStreamRequest{block}: tokens [start, end) of q, k and v (HostTensors) sent as
+    tokens token_start + [0, end - start) of the stream."""
+    block = [_wire.int_field(1, token_start), _wire.int_field(2, end - start)]
+    for field, tensor in ((3, q), (4, k), (5, v)):
+        block += _wire.bytes_field(field, _rows(tensor.raw, start, end))
+    return _wire.join(_wire.bytes_field(2, block))
+
+
+def _read_stream_message(data):
+    """An encoded AttendStreamResponse as ("block", token_start, token_count, output bytes),
+    ("trailer", ExecutionInfo) or ("header",)."""
+    for field, value in _wire.fields(data):
+        if field == 2:
+            block = dict(_wire.fields(value))
+            return "block", block.get(1, 0), block.get(2, 0), block.get(3, memoryview(b""))
+        if field == 3:
+            return "trailer", pb.StreamTrailer.FromString(value).info
+        if field == 1:
+            return ("header",)
+    return ("header",)
+
+
+def _internal(message):
+    return errors.Error(grpc.StatusCode.INTERNAL, message)
+
+
+def _rows_from_wire(data, dtype, shape, what):
+    """The output bytes of a message as an array of shape (not copied), checked for size."""
+    rows = np.frombuffer(data, dtype=dtype)
+    if rows.size != int(np.prod(shape)):
+        raise _internal(f"{what} has {rows.size} elements, expected {list(shape)}")
+    return rows.reshape(shape)
+
+
+class _Attend:
+    """One attend call on whole tensors: its checks, requests and output, made the same way by
+    the sync and the asyncio client."""
+
+    def __init__(self, q, k, v, out, spec, request_id, priority):
+        self.q, self.k, self.v = _host_tensors(q, k, v)
+        self.output = _tensors.Output(self.q, out)
+        self.spec = spec
+        self.request_id = request_id
+        self.priority = priority
         self.info = None
         self.next_token = 0
 
-    def add(self, message):
-        kind = message.WhichOneof("kind")
-        if kind == "block":
-            block = message.block
-            if block.token_start != self.next_token or block.token_count < 1:
-                raise errors.Error(grpc.StatusCode.INTERNAL,
-                                   f"output block at token {block.token_start}, expected "
-                                   f"{self.next_token}")
-            batch, _, heads, head_dim = self.output.shape
-            rows = np.frombuffer(block.output, dtype=self.output.dtype)
-            self.output[:, self.next_token:self.next_token + block.token_count] = rows.reshape(
-                batch, block.token_count, heads, head_dim)
-            self.next_token += block.token_count
-        elif kind == "trailer":
-            self.info = message.trailer.info
+    def streams(self, stream, message_limit):
+        """Whether to stream: as asked, or when q, k, v and the output do not fit one message
+        (with room for framing)."""
+        if stream is not None:
+            return stream
+        return self.q.nbytes * 2 + self.k.nbytes + self.v.nbytes > 0.9 * message_limit
+
+    def unary_request(self):
+        """AttendRequest, encoded."""
+        parts = []
+        if self.request_id:
+            parts += _wire.bytes_field(1, [self.request_id.encode()])
+        parts.append(_wire.message_field(2, self.spec))
+        for field, tensor in ((3, self.q), (4, self.k), (5, self.v)):
+            header = pb.Tensor(dtype=tensor.wire, shape=tensor.shape).SerializeToString()
+            parts += _wire.bytes_field(field, [header, *_wire.bytes_field(3, [tensor.raw])])
+        parts.append(_wire.int_field(6, self.priority))
+        return _wire.join(parts)
+
+    def take_unary_response(self, data):
+        """Copies the output of an encoded AttendResponse into place; keeps the info."""
+        for field, value in _wire.fields(data):
+            if field == 1:
+                tensor = dict(_wire.fields(value))
+                raw = self.output.raw
+                np.copyto(raw, _rows_from_wire(tensor.get(3, b""), raw.dtype, raw.shape,
+                                               "the output"))
+                self.next_token = raw.shape[1]
+            elif field == 2:
+                self.info = pb.ExecutionInfo.FromString(value)
+
+    def stream_requests(self, message_limit, block_tokens):
+        """The encoded AttendStream requests: the header, then blocks of block_tokens tokens."""
+        q, k, v = self.q, self.k, self.v
+        seq_len = q.shape[1]
+        yield _stream_header(q, k, seq_len, self.spec, self.request_id, self.priority)
+        step = _block_tokens(q, k, message_limit, block_tokens)
+        for start in range(0, seq_len, step):
+            yield _block_message(start, q, k, v, start, min(seq_len, start + step))
+
+    def take_stream_message(self, data):
+        """Fills the output from an encoded AttendStreamResponse (blocks arrive in order)."""
+        kind, *rest = _read_stream_message(data)
+        if kind == "trailer":
+            self.info = rest[0]
+        elif kind == "block":
+            start, count, data = rest
+            raw = self.output.raw
+            if start != self.next_token or count < 1 or start + count > raw.shape[1]:
+                raise _internal(f"output block of {count} tokens at token {start}, expected "
+                                f"token {self.next_token}")
+            batch, _, heads, head_dim = raw.shape
+            raw[:, start:start + count] = _rows_from_wire(
+                data, raw.dtype, (batch, count, heads, head_dim), "an output block")
+            self.next_token += count
+
+    def result(self, return_info):
+        seq_len = self.q.shape[1]
+        if self.next_token != seq_len or self.info is None:
+            raise _internal(f"the answer ended after {self.next_token} of {seq_len} tokens")
+        output = self.output.result()
+        return Result(output, self.info) if return_info else output
+
+
+class _BlockFeed:
+    """The iterator form's requests, pulled from the caller's blocks as the transport asks, and
+    its output blocks. An exception raised by the caller's iterable (or a check of its blocks)
+    is kept and raised in place of the cancelled call's status."""
+
+    def __init__(self, blocks, seq_len, spec, request_id, priority, message_limit):
+        if int(seq_len) < 1:
+            raise errors.invalid(f"seq_len {seq_len} must be at least 1")
+        self.blocks = blocks
+        self.seq_len = int(seq_len)
+        self.spec = spec
+        self.request_id = request_id
+        self.priority = priority
+        self.message_limit = message_limit
+        self.first = None  # The first block's query: the shape and kind every block must have.
+        self.first_kv = None
+        self.sent = 0  # Tokens sent.
+        self.received = 0  # Tokens received.
+        self.error = None
+        self.info = None
+
+    def requests(self):
+        """The encoded requests, from a sync iterable of blocks."""
+        try:
+            for block in self.blocks:
+                yield from self._messages(block)
+            self._check_complete()
+        except Exception as error:
+            self.error = error
+            raise
+
+    async def async_requests(self):
+        """The encoded requests, from an async or a sync iterable of blocks."""
+        try:
+            if hasattr(self.blocks, "__aiter__"):
+                async for block in self.blocks:
+                    for message in self._messages(block):
+                        yield message
+            else:
+                for block in self.blocks:
+                    for message in self._messages(block):
+                        yield message
+            self._check_complete()
+        except Exception as error:
+            self.error = error
+            raise
+
+    def _messages(self, block):
+        try:
+            q, k, v = block
+        except (TypeError, ValueError):
+            raise errors.invalid(f"blocks: each block is (q, k, v), got {type(block).__name__}")
+        q, k, v = _host_tensors(q, k, v)
+        tokens = q.shape[1]
+        messages = []
+        if self.first is None:
+            self.first, self.first_kv = q, k
+            messages.append(_stream_header(q, k, self.seq_len, self.spec, self.request_id,
+                                           self.priority))
+        elif (q.shape[0], q.shape[2], q.shape[3], k.shape[2]) != (
+                self.first.shape[0], self.first.shape[2], self.first.shape[3],
+                self.first_kv.shape[2]) or not q.same_kind(self.first):
+            raise errors.invalid(
+                f"blocks: the block at token {self.sent} has query shape {list(q.shape)}, "
+                f"kv_heads {k.shape[2]} and dtype {q.dtype_name}; the first block had "
+                f"{list(self.first.shape)}, {self.first_kv.shape[2]} and "
+                f"{self.first.dtype_name}")
+        if self.sent + tokens > self.seq_len:
+            raise errors.invalid(f"blocks: {self.sent + tokens} tokens so far, past seq_len "
+                                 f"{self.seq_len}")
+        step = _block_tokens(q, k, self.message_limit, 0)
+        for start in range(0, tokens, step):
+            end = min(tokens, start + step)
+            messages.append(_block_message(self.sent + start, q, k, v, start, end))
+        self.sent += tokens
+        return messages
+
+    def _check_complete(self):
+        if self.sent != self.seq_len:
+            raise errors.invalid(f"blocks: ended after {self.sent} of seq_len {self.seq_len} "
+                                 "tokens")
+
+    def take_stream_message(self, data):
+        """The OutputBlock of an encoded AttendStreamResponse (None for the header and the
+        trailer, whose info is kept)."""
+        kind, *rest = _read_stream_message(data)
+        if kind == "trailer":
+            self.info = rest[0]
+            return None
+        if kind != "block":
+            return None
+        start, count, data = rest
+        if start != self.received or count < 1 or start + count > self.seq_len:
+            raise _internal(f"output block of {count} tokens at token {start}, expected token "
+                            f"{self.received}")
+        batch, _, heads, head_dim = self.first.shape
+        raw = self.first.empty((batch, count, heads, head_dim))
+        np.copyto(raw, _rows_from_wire(data, raw.dtype, raw.shape, "an output block"))
+        self.received += count
+        return OutputBlock(start, self.first.give_back(raw))
 
     def finish(self):
-        seq_len = self.output.shape[1]
-        if self.next_token != seq_len or self.info is None:
-            raise errors.Error(grpc.StatusCode.INTERNAL,
-                               f"stream ended after {self.next_token} of {seq_len} tokens")
-        return self.output, self.info
+        """The execution info, once every output token has arrived."""
+        if self.received != self.seq_len or self.info is None:
+            raise _internal(f"the answer ended after {self.received} of {self.seq_len} tokens")
+        return self.info
+
+    def failure(self, error):
+        """What to raise for a failed call: the caller's own exception when its blocks caused
+        the failure, else the call's status."""
+        return self.error if self.error is not None else errors.from_rpc_error(error)
 
 
-def _tensor(array):
-    return pb.Tensor(dtype=_wire_dtype(array.dtype), shape=list(array.shape),
-                     data=np.ascontiguousarray(array).tobytes())
+def _warm_up_request(shapes):
+    request = pb.WarmUpRequest()
+    known = {"shape", "segments", "dilations", "kv_heads", "dtype", "causal", "mode",
+             "precision", "scale"}
+    for i, shape in enumerate(shapes):
+        unknown = sorted(set(shape) - known)
+        if unknown or not {"shape", "segments", "dilations"} <= set(shape):
+            raise errors.invalid(f"shapes[{i}]: keys {sorted(shape)}; needs shape, segments and "
+                                 f"dilations, may have {sorted(known - {'shape'})}")
+        try:
+            batch, seq_len, heads, head_dim = (int(n) for n in shape["shape"])
+        except (TypeError, ValueError):
+            raise errors.invalid(f"shapes[{i}].shape {shape['shape']!r} is not [batch, seq_len, "
+                                 "heads, head_dim]") from None
+        dtype = _dtype_name(shape.get("dtype", "float32"))
+        if dtype not in _DTYPES:
+            raise errors.invalid(f"shapes[{i}].dtype {dtype} is not float32, float16 or "
+                                 "bfloat16")
+        spec = _spec(shape["segments"], shape["dilations"], shape.get("causal", False),
+                     shape.get("mode", "longnet"), shape.get("precision", "auto"),
+                     shape.get("scale"))
+        request.shapes.append(pb.StreamHeader(
+            spec=spec, dtype=_DTYPES[dtype], batch=batch, seq_len=seq_len, heads=heads,
+            kv_heads=int(shape.get("kv_heads", heads)), head_dim=head_dim))
+    return request
 
 
-def _varint(value):
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+def _dtype_name(dtype):
+    """"float32", "float16", "bfloat16", ... of a name, a numpy dtype or type, or a torch dtype."""
+    if isinstance(dtype, str):
+        return dtype
+    if type(dtype).__module__.startswith("torch"):
+        return str(dtype).removeprefix("torch.")
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
 
+
+def _health_request(service):
+    """HealthCheckRequest{service = 1}, encoded here so that the client needs no health
+    package."""
+    return _wire.join(_wire.bytes_field(1, [service.encode()])) if service else b""
+
+
+def _health_status(answer):
+    """The status of an encoded HealthCheckResponse{status = 1}."""
+    status = dict(_wire.fields(answer)).get(1, 0)
+    return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(
+        status, str(status))

@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""The Python package `da` (python/, issue #18), installed from the checkout as a user would
-(pip install ./python, here into a temporary directory) and used against a real da-server:
-numpy arrays of every wire dtype against the numpy reference, unary and streamed alike, the
-automatic switch to streaming past the server's message limit, local refusals before anything is
-sent, errors as exceptions of the right classes, health, info and the bearer token, and the
-asyncio client.
+"""The Python package `da` (python/, issue #18) as a user has it: its wheel built with
+`python -m build` from a copy of python/ and proto/, installed into a fresh virtual environment
+(which sees the system's grpcio, numpy, ml_dtypes and torch but not the checkout), and this file
+run again inside it against a real da-server. Checked: numpy arrays and torch tensors of every
+wire dtype against the numpy reference, unary and streamed alike to the byte, the tensor bytes
+framed by hand equal to protobuf's own encoding, the automatic switch to streaming (a 96 MiB
+request), outputs written into a caller's array, the block iterator fed by a generator that never
+holds the input, warm-up, local refusals before anything is sent, errors as exceptions of the
+right classes, health, info and the bearer token, the asyncio client, and the torch module.
 
     test_python_client.py --server-binary build/bin/da-server
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,15 +26,61 @@ import numpy_reference as ref
 
 ARGS, UNITTEST_ARGV = da_testing.parse_args(needs=("server_binary",))
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV_RUN = "DA_PYTHON_PACKAGE_VENV"  # Set (to the venv's directory) in the run inside the venv.
 
-INSTALL = tempfile.TemporaryDirectory(prefix="da-python-")
-_installed = subprocess.run(
-    [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
-     "--target", INSTALL.name, os.path.join(ROOT, "python")], capture_output=True, text=True)
-if _installed.returncode != 0:
-    raise SystemExit("pip install ./python failed:\n" + _installed.stdout + _installed.stderr)
-sys.path.insert(0, INSTALL.name)
-import da  # noqa: E402  (installed just above)
+
+def _run_in_a_fresh_venv():
+    """Builds the wheel, installs it into a new virtual environment and runs this file there;
+    exits with that run's status."""
+    work = tempfile.mkdtemp(prefix="da-wheel-")
+    try:
+        source = os.path.join(work, "src")
+        ignore = shutil.ignore_patterns("build", "*.egg-info", "*_pb2*.py", "__pycache__")
+        shutil.copytree(os.path.join(ROOT, "python"), os.path.join(source, "python"),
+                        ignore=ignore)
+        shutil.copytree(os.path.join(ROOT, "proto"), os.path.join(source, "proto"))
+        venv = os.path.join(work, "venv")
+        python = os.path.join(venv, "bin", "python")
+        steps = [
+            [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+             os.path.join(work, "dist"), os.path.join(source, "python")],
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
+        ]
+        for step in steps:
+            # In work/: run from the checkout, `-m build` would find its build/ directory.
+            done = subprocess.run(step, capture_output=True, text=True, cwd=work)
+            if done.returncode != 0:
+                raise SystemExit(f"{' '.join(step)} failed:\n{done.stdout}{done.stderr}")
+        wheels = os.listdir(os.path.join(work, "dist"))
+        if len(wheels) != 1 or not wheels[0].endswith(".whl"):
+            raise SystemExit(f"python -m build made {wheels}, not one wheel")
+        # --no-index: the wheel's dependencies must be met by what is installed, with no
+        # download (pip itself comes from the system's site-packages).
+        install = [python, "-m", "pip", "install", "--quiet", "--no-index",
+                   "--disable-pip-version-check", os.path.join(work, "dist", wheels[0])]
+        done = subprocess.run(install, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"installing the wheel failed:\n{done.stdout}{done.stderr}")
+        print(f"installed {wheels[0]} into a fresh venv", flush=True)
+        run = subprocess.run([python, os.path.abspath(__file__), *sys.argv[1:]],
+                             env=dict(os.environ, **{VENV_RUN: venv}))
+        raise SystemExit(run.returncode)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if VENV_RUN not in os.environ:
+    _run_in_a_fresh_venv()
+
+import da  # noqa: E402  (the wheel's, in the venv)
+import da.torch  # noqa: E402
+import ml_dtypes  # noqa: E402
+import torch  # noqa: E402
+from da import _client  # noqa: E402  (the framing, compared with protobuf's below)
+from da.v1 import attention_pb2 as pb  # noqa: E402
+
+if not da.__file__.startswith(os.environ[VENV_RUN]):
+    raise SystemExit(f"da was imported from {da.__file__}, not from the venv")
 
 
 def reference(q, k, v, segments, dilations, **kw):
@@ -162,6 +212,242 @@ class PythonClientTest(unittest.TestCase):
                 out = da.Client(guarded.address, token="s3cret-token").attend(
                     q, q, q, segments=[16], dilations=[1], stream=False)
                 self.assertEqual(out.shape, q.shape)
+
+    def test_tensor_bytes_framed_by_hand_equal_protobufs_encoding(self):
+        rng = np.random.default_rng(21)
+        q = rng.standard_normal((2, 9, 4, 8)).astype(ml_dtypes.bfloat16)
+        k = rng.standard_normal((2, 9, 2, 8)).astype(ml_dtypes.bfloat16)
+        spec = _client._spec([4, 8], [1, 2], True, "grouped", "fp32", 0.25)
+        job = _client._Attend(q, k, k, None, spec, "request-7", -3)
+
+        def tensor(a):
+            return pb.Tensor(dtype=pb.DTYPE_BF16, shape=a.shape, data=a.tobytes())
+
+        want = pb.AttendRequest(request_id="request-7", spec=spec, query=tensor(q),
+                                key=tensor(k), value=tensor(k), priority=-3)
+        self.assertEqual(job.unary_request(), want.SerializeToString())
+        messages = list(job.stream_requests(1 << 20, 4))
+        self.assertEqual(len(messages), 1 + 3)  # The header and blocks of 4, 4 and 1 tokens.
+        for i, message in enumerate(messages):
+            parsed = pb.AttendStreamRequest.FromString(message)
+            self.assertEqual(parsed.SerializeToString(), message)
+            if i > 0:
+                start = 4 * (i - 1)
+                self.assertEqual(parsed.block.token_start, start)
+                self.assertEqual(parsed.block.query, q[:, start:start + 4].tobytes())
+                self.assertEqual(parsed.block.value, k[:, start:start + 4].tobytes())
+        # Answers read by hand as protobuf wrote them.
+        out = rng.standard_normal(q.shape).astype(ml_dtypes.bfloat16)
+        info = pb.ExecutionInfo(request_id="request-7", compute_time_us=12)
+        job.take_unary_response(pb.AttendResponse(output=tensor(out),
+                                                  info=info).SerializeToString())
+        result = job.result(return_info=True)
+        self.assertTrue(np.array_equal(result.output.view(np.uint16), out.view(np.uint16)))
+        self.assertEqual(result.info, info)
+        job = _client._Attend(q, k, k, None, spec, "", 0)
+        for start, count in ((0, 5), (5, 4)):
+            job.take_stream_message(pb.AttendStreamResponse(block=pb.OutputBlock(
+                token_start=start, token_count=count,
+                output=out[:, start:start + count].tobytes())).SerializeToString())
+        job.take_stream_message(pb.AttendStreamResponse(
+            trailer=pb.StreamTrailer(info=info)).SerializeToString())
+        self.assertTrue(np.array_equal(job.result(False).view(np.uint16), out.view(np.uint16)))
+
+    def test_torch_tensors_of_every_dtype_match_the_reference(self):
+        generator = torch.Generator().manual_seed(22)
+        cases = [  # (mode, causal, kv_heads, seq_len, segments, dilations)
+            ("grouped", True, 2, 90, [16, 64], [1, 4]),
+            ("longnet", False, 4, 77, [32, 24], [2, 3]),  # Partial last segments.
+        ]
+        for dtype, tolerance in ((torch.float32, "fp32"), (torch.float16, "fp16"),
+                                 (torch.bfloat16, "bf16")):
+            for mode, causal, kv_heads, seq_len, segments, dilations in cases:
+                with self.subTest(dtype=str(dtype), mode=mode):
+                    q = torch.randn(2, seq_len, 4, 16, generator=generator).to(dtype)
+                    k = torch.randn(2, seq_len, kv_heads, 16, generator=generator).to(dtype)
+                    v = torch.randn(2, seq_len, kv_heads, 16, generator=generator).to(dtype)
+                    kw = dict(segments=segments, dilations=dilations, causal=causal, mode=mode,
+                              precision="fp32")
+                    unary = self.client.attend(q, k, v, stream=False, **kw)
+                    streamed = self.client.attend(q, k, v, stream=True, block_tokens=11, **kw)
+                    self.assertIsInstance(unary, torch.Tensor)
+                    self.assertEqual((unary.dtype, unary.device, unary.shape),
+                                     (dtype, q.device, q.shape))
+                    self.assertTrue(torch.equal(unary.view(torch.int16) if dtype ==
+                                                torch.bfloat16 else unary,
+                                                streamed.view(torch.int16) if dtype ==
+                                                torch.bfloat16 else streamed))
+                    want = reference(*(t.float().numpy() for t in (q, k, v)), segments,
+                                     dilations, causal=causal,
+                                     mode=ref.GROUPED if mode == "grouped" else ref.LONGNET)
+                    da_testing.assert_close(unary.float().numpy(), want, tolerance, str(dtype))
+
+    def test_outputs_land_in_the_callers_array(self):
+        rng = np.random.default_rng(23)
+        q = rng.standard_normal((2, 64, 2, 16)).astype(np.float16)
+        kw = dict(segments=[32], dilations=[2], precision="fp32")
+        want = self.client.attend(q, q, q, **kw)
+        for stream in (False, True):
+            with self.subTest(stream=stream):
+                out = np.full(q.shape, np.nan, np.float16)
+                got = self.client.attend(q, q, q, out=out, stream=stream, block_tokens=20, **kw)
+                self.assertIs(got, out)
+                self.assertTrue(np.array_equal(out, want))
+                tq = torch.from_numpy(q)
+                tout = torch.full(q.shape, float("nan"), dtype=torch.float16)
+                got = self.client.attend(tq, tq, tq, out=tout, stream=stream, **kw)
+                self.assertIs(got, tout)
+                self.assertTrue(np.array_equal(tout.numpy(), want))
+        with self.assertRaises(da.InvalidArgument) as caught:
+            self.client.attend(q, q, q, out=np.empty(q.shape, np.float32), **kw)
+        self.assertIn("expected the query's [2, 64, 2, 16] and float16", str(caught.exception))
+
+    def test_a_96_mib_request_streams_by_itself(self):
+        # 16,384 x 8 x 64 fp32: q, k and v are 96 MiB, past the default 64 MiB message.
+        rng = np.random.default_rng(24)
+        q, k, v = (rng.standard_normal((1, 16384, 8, 64), dtype=np.float32) for _ in range(3))
+        result = self.client.attend(q, k, v, segments=[256], dilations=[4], precision="fp32",
+                                    return_info=True, timeout=300)
+        self.assertGreater(result.info.stream_chunks, 1, "the call was not streamed")
+        # Segments are independent: the first and last 1024 tokens are problems of their own.
+        for rows in (slice(0, 1024), slice(16384 - 1024, 16384)):
+            want = reference(q[:, rows], k[:, rows], v[:, rows], [256], [4])
+            da_testing.assert_close(result.output[:, rows], want, "fp32", f"rows {rows}")
+
+    def test_the_block_iterator_streams_a_sequence_never_held_whole(self):
+        batch, heads, kv_heads, head_dim, block, blocks = 1, 4, 2, 32, 2048, 48
+        seq_len = block * blocks  # 24 MiB of q, k and v in all, 0.5 MiB a block.
+        kw = dict(segments=[512, 1024], dilations=[1, 2], causal=True, precision="fp32")
+        produced = []  # Tokens produced when each output block arrived.
+        state = {"produced": 0}
+
+        def make(i):
+            rng = np.random.default_rng(1000 + i)
+            return (rng.standard_normal((batch, block, heads, head_dim), dtype=np.float32),
+                    rng.standard_normal((batch, block, kv_heads, head_dim), dtype=np.float32),
+                    rng.standard_normal((batch, block, kv_heads, head_dim), dtype=np.float32))
+
+        def generate():
+            for i in range(blocks):
+                yield make(i)
+                state["produced"] += block
+
+        stream = self.client.attend_blocks(generate(), seq_len=seq_len, **kw)
+        outputs = {}
+        for out in stream:
+            produced.append(state["produced"])
+            self.assertEqual(out.output.shape[::2], (batch, head_dim)[:1] + (heads,))
+            outputs[out.token_start] = out.output
+        self.assertIsNotNone(stream.info)
+        self.assertGreater(stream.info.stream_chunks, 1)
+        # The first output came back long before the generator had produced everything.
+        self.assertLess(produced[0], seq_len // 2, f"tokens produced at each output: {produced}")
+        starts = sorted(outputs)
+        self.assertEqual(sum(outputs[s].shape[1] for s in starts), seq_len)
+        # Check two windows of whole segments against the reference.
+        for first in (0, blocks - 2):
+            q, k, v = (np.concatenate(parts, axis=1) for parts in zip(make(first),
+                                                                       make(first + 1)))
+            got = np.concatenate([outputs[s] for s in starts], axis=1)
+            rows = slice(first * block, (first + 2) * block)
+            want = reference(q, k, v, [512, 1024], [1, 2], causal=True)
+            da_testing.assert_close(got[:, rows], want, "fp32", f"blocks {first}, {first + 1}")
+
+    def test_the_block_iterator_refuses_bad_blocks_and_passes_the_callers_errors_on(self):
+        x = np.ones((1, 16, 2, 8), np.float32)
+        kw = dict(segments=[8], dilations=[1])
+        with self.assertRaises(da.InvalidArgument) as caught:
+            wide = np.ones((1, 16, 4, 8), np.float32)
+            list(self.client.attend_blocks([(x, x, x), (wide, x, x)], seq_len=32, **kw))
+        self.assertIn("the block at token 16 has query shape [1, 16, 4, 8]",
+                      str(caught.exception))
+        with self.assertRaises(da.InvalidArgument) as caught:
+            list(self.client.attend_blocks([(x, x, x)], seq_len=32, **kw))
+        self.assertIn("ended after 16 of seq_len 32 tokens", str(caught.exception))
+
+        class Broken(Exception):
+            pass
+
+        def failing():
+            yield x, x, x
+            raise Broken("the producer failed")
+
+        with self.assertRaises(Broken):
+            list(self.client.attend_blocks(failing(), seq_len=32, **kw))
+        # Leaving early cancels the call; the server is still there for the next.
+        stream = self.client.attend_blocks(((x, x, x) for _ in range(64)), seq_len=1024, **kw)
+        for _ in stream:
+            break
+        stream.close()
+        self.assertEqual(self.client.health("da.v1.AttentionService"), "SERVING")
+
+    def test_warm_up_makes_the_first_request_a_plan_cache_hit(self):
+        shape = dict(shape=(1, 640, 4, 32), kv_heads=2, dtype=torch.float16, segments=[64, 128],
+                     dilations=[1, 2], mode="grouped", precision="fp32")
+        warmed = self.client.warm_up([shape])
+        self.assertEqual(len(warmed.results), 1)
+        self.assertFalse(warmed.results[0].already_warm)
+        self.assertTrue(self.client.warm_up([shape]).results[0].already_warm)
+        q = torch.randn(1, 640, 4, 32).half()
+        k = torch.randn(1, 640, 2, 32).half()
+        result = self.client.attend(q, k, k, segments=[64, 128], dilations=[1, 2],
+                                    mode="grouped", precision="fp32", stream=False,
+                                    return_info=True)
+        self.assertTrue(result.plan_cache_hit)
+        with self.assertRaises(da.InvalidArgument) as caught:
+            self.client.warm_up([dict(shape=(1, 64, 4, 32), segments=[64])])
+        self.assertIn("needs shape, segments and dilations", str(caught.exception))
+
+    def test_the_torch_module_is_grouped_dilated_attention_for_inference(self):
+        generator = torch.Generator().manual_seed(25)
+        # fp32 compute, to compare with the reference closely (the default, auto, may be bf16).
+        module = da.torch.DilatedAttention([32, 64, 128], [1, 2, 4], precision="fp32",
+                                           client=self.client)
+        self.assertIsInstance(module, torch.nn.Module)
+        for dtype, tolerance in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            with self.subTest(dtype=str(dtype)):
+                # Five heads over three patterns: groups of 2, 2 and 1.
+                q, k, v = (torch.randn(2, 256, 5, 32, generator=generator).to(dtype)
+                           for _ in range(3))
+                with torch.no_grad():
+                    out = module(q, k, v, is_causal=True)
+                self.assertEqual((out.dtype, out.device, out.shape), (dtype, q.device, q.shape))
+                want = reference(*(t.float().numpy() for t in (q, k, v)), [32, 64, 128],
+                                 [1, 2, 4], causal=True, mode=ref.GROUPED)
+                da_testing.assert_close(out.float().numpy(), want, tolerance, str(dtype))
+        q = torch.randn(1, 64, 3, 16, requires_grad=True)
+        with self.assertRaises(da.InvalidArgument) as caught:
+            module(q, q, q)
+        self.assertIsInstance(caught.exception, ValueError)
+        self.assertIn("torch.no_grad()", str(caught.exception))
+        with torch.no_grad():
+            self.assertEqual(module(q, q, q).shape, q.shape)
+        with self.assertRaises(ValueError):
+            da.torch.DilatedAttention([32], [1], attention_dropout=0.1, client=self.client)
+        with self.assertRaises(da.InvalidArgument):
+            da.torch.DilatedAttention([32, 64], [1], client=self.client)
+
+    def test_asyncio_block_iterator_takes_an_async_generator(self):
+        import asyncio
+        rng = np.random.default_rng(26)
+        q = rng.standard_normal((1, 300, 2, 16)).astype(np.float32)
+        kw = dict(segments=[50], dilations=[1], precision="fp32")
+
+        async def blocks():
+            for start in range(0, 300, 70):
+                await asyncio.sleep(0)
+                part = q[:, start:start + 70]
+                yield part, part, part
+
+        async def run():
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                stream = client.attend_blocks(blocks(), seq_len=300, **kw)
+                parts = [block.output async for block in stream]
+                return np.concatenate(parts, axis=1), stream.info
+
+        got, info = asyncio.run(run())
+        self.assertIsNotNone(info)
+        self.assertTrue(np.array_equal(got, self.client.attend(q, q, q, **kw)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Inputs and outputs: numpy arrays (float32, float16, ml_dtypes.bfloat16) or torch tensors
+(float32, float16, bfloat16, on any device), seen as C-contiguous numpy arrays of their bytes on
+the host (bf16 as uint16), and an output given back in the input's kind, dtype and device.
+
+torch is never imported here: a tensor is recognised through `sys.modules`, so the package works
+without torch and costs nothing when torch is not used.
+"""
+
+import sys
+
+import numpy as np
+
+from da import errors
+from da.v1 import attention_pb2 as pb
+
+# The wire dtype of each accepted dtype name, and the numpy dtype its bytes are held in.
+_WIRE = {"float32": pb.DTYPE_FP32, "float16": pb.DTYPE_FP16, "bfloat16": pb.DTYPE_BF16}
+_RAW = {pb.DTYPE_FP32: np.float32, pb.DTYPE_FP16: np.float16, pb.DTYPE_BF16: np.uint16}
+
+
+def _torch_of(value):
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(value, torch.Tensor) else None
+
+
+class HostTensor:
+    """A caller's tensor as a C-contiguous numpy array on the host (`raw`, bf16 as uint16), its
+    wire dtype and how to give an output of the same kind back (`like`)."""
+
+    def __init__(self, name, value):
+        torch = _torch_of(value)
+        if torch is not None:
+            self._init_torch(name, value, torch)
+        else:
+            self._init_numpy(name, value)
+        self.shape = self.raw.shape
+        self.nbytes = self.raw.nbytes
+
+    def _init_numpy(self, name, value):
+        array = np.asarray(value)
+        self.dtype_name = str(array.dtype)
+        # A non-native byte order has the same name: refused, the wire is little-endian.
+        self.wire = _WIRE.get(array.dtype.name) if array.dtype.isnative else None
+        self._check(name, array.ndim, array.shape, "float32, float16 or bfloat16 (ml_dtypes)")
+        self.raw = np.ascontiguousarray(array).view(_RAW[self.wire])
+        self.torch = None
+        self.numpy_dtype = array.dtype
+
+    def _init_torch(self, name, tensor, torch):
+        self.dtype_name = str(tensor.dtype)
+        self.wire = {torch.float32: pb.DTYPE_FP32, torch.float16: pb.DTYPE_FP16,
+                     torch.bfloat16: pb.DTYPE_BF16}.get(tensor.dtype)
+        self._check(name, tensor.dim(), tuple(tensor.shape),
+                    "torch.float32, torch.float16 or torch.bfloat16")
+        if tensor.requires_grad and torch.is_grad_enabled():
+            raise errors.invalid(
+                f"{name} requires grad, but da computes attention on a server, without "
+                "gradients: call it under torch.no_grad() (or torch.inference_mode()), or pass "
+                "tensors that do not require grad")
+        self.torch = torch
+        self.device = tensor.device
+        self.torch_dtype = tensor.dtype
+        host = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype == torch.bfloat16:
+            host = host.view(torch.int16)
+        self.raw = host.numpy().view(_RAW[self.wire])
+
+    def _check(self, name, ndim, shape, accepted):
+        if ndim != 4:
+            raise errors.invalid(f"{name}: expected rank 4 (batch, seq_len, heads, head_dim), "
+                                 f"got shape {list(shape)}")
+        if self.wire is None:
+            raise errors.invalid(f"{name}: dtype {self.dtype_name} is not {accepted}")
+
+    def same_kind(self, other):
+        return self.wire == other.wire and (self.torch is None) == (other.torch is None)
+
+    def empty(self, shape):
+        """A host array for an output of this tensor's dtype (raw)."""
+        return np.empty(shape, dtype=_RAW[self.wire])
+
+    def give_back(self, raw):
+        """raw (a host array of this dtype's bytes) as the caller's kind, dtype and device."""
+        if self.torch is None:
+            return raw.view(self.numpy_dtype)
+        torch = self.torch
+        if self.wire == pb.DTYPE_BF16:
+            tensor = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(raw)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
+
+class Output:
+    """Where an output lands: `raw`, a host array filled block by block, and `result()`, what the
+    caller gets. With `out` (an array or tensor of the query's shape and dtype) the output is
+    written there: in place for numpy and for C-contiguous CPU tensors, else copied once at the
+    end (a GPU tensor)."""
+
+    def __init__(self, query, out=None):
+        self._query = query
+        self._out = out
+        if out is None:
+            self.raw = query.empty(query.shape)
+            return
+        torch = _torch_of(out)
+        if torch is not None:
+            self._init_torch_out(out, torch)
+        else:
+            if not isinstance(out, np.ndarray):
+                raise errors.invalid(f"out: expected a numpy array or torch tensor, got "
+                                     f"{type(out).__name__}")
+            self._check_out(out.shape, str(out.dtype), out.flags.c_contiguous and
+                            out.flags.writeable)
+            self.raw = out.view(_RAW[query.wire])
+        self._in_place = True
+
+    def _init_torch_out(self, out, torch):
+        self._check_out(tuple(out.shape), str(out.dtype), True)
+        self._in_place = out.device.type == "cpu" and out.is_contiguous()
+        if self._in_place:
+            host = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+            self.raw = host.numpy().view(_RAW[self._query.wire])
+        else:
+            self.raw = self._query.empty(self._query.shape)
+
+    def _check_out(self, shape, dtype_name, usable):
+        query = self._query
+        if tuple(shape) != tuple(query.shape) or dtype_name != query.dtype_name:
+            raise errors.invalid(f"out: shape {list(shape)} and dtype {dtype_name}, expected the "
+                                 f"query's {list(query.shape)} and {query.dtype_name}")
+        if not usable:
+            raise errors.invalid("out: must be C-contiguous and writeable")
+
+    def result(self):
+        if self._out is None:
+            return self._query.give_back(self.raw)
+        if not self._in_place:
+            self._out.copy_(self._query.give_back(self.raw))
+        return self._out
