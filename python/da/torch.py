@@ -66,6 +66,7 @@ class DilatedAttention(torch.nn.Module):
                                   scale=self.softmax_scale, timeout=self.timeout)
 
     def extra_repr(self):
+        """The patterns, scale, mode and precision, as print(module) shows them."""
         return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
                 f"softmax_scale={self.softmax_scale}, mode={self.mode!r}, "
                 f"precision={self.precision!r}")

@@ -12,6 +12,7 @@ right classes, health, info and the bearer token, the asyncio client, and the to
     test_python_client.py --server-binary build/bin/da-server
 """
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -100,15 +101,19 @@ class PythonClientTest(unittest.TestCase):
         cls.server.stop_and_close()
 
     def test_every_dtype_unary_and_streamed_matches_the_reference(self):
-        import ml_dtypes
         rng = np.random.default_rng(11)
-        for dtype, tolerance in ((np.float32, "fp32"), (np.float16, "fp16"),
-                                 (ml_dtypes.bfloat16, "bf16")):
-            with self.subTest(dtype=np.dtype(dtype).name):
-                q = rng.standard_normal((2, 90, 4, 16)).astype(dtype)
-                k = rng.standard_normal((2, 90, 2, 16)).astype(dtype)
-                v = rng.standard_normal((2, 90, 2, 16)).astype(dtype)
-                kw = dict(segments=[16, 64], dilations=[1, 4], causal=True, mode="grouped",
+        cases = [  # (mode, causal, kv_heads, seq_len, segments, dilations)
+            ("grouped", True, 2, 90, [16, 64], [1, 4]),  # GQA; a partial last segment of 64.
+            ("longnet", False, 4, 77, [32, 24], [2, 3]),
+        ]
+        for (dtype, tolerance), (mode, causal, kv_heads, seq_len, segments, dilations) in (
+                itertools.product(((np.float32, "fp32"), (np.float16, "fp16"),
+                                   (ml_dtypes.bfloat16, "bf16")), cases)):
+            with self.subTest(dtype=np.dtype(dtype).name, mode=mode):
+                q = rng.standard_normal((2, seq_len, 4, 16)).astype(dtype)
+                k = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+                v = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+                kw = dict(segments=segments, dilations=dilations, causal=causal, mode=mode,
                           precision="fp32")
                 unary = self.client.attend(q, k, v, stream=False, **kw)
                 streamed = self.client.attend(q, k, v, stream=True, block_tokens=13,
@@ -119,7 +124,8 @@ class PythonClientTest(unittest.TestCase):
                     np.array_equal(unary.view(np.uint8), streamed.output.view(np.uint8)))
                 self.assertEqual(streamed.precision, "fp32")
                 self.assertGreater(streamed.info.stream_chunks, 0)
-                want = reference(q, k, v, [16, 64], [1, 4], causal=True, mode=ref.GROUPED)
+                want = reference(q, k, v, segments, dilations, causal=causal,
+                                 mode=ref.GROUPED if mode == "grouped" else ref.LONGNET)
                 da_testing.assert_close(unary, want, tolerance, np.dtype(dtype).name)
 
     def test_large_requests_stream_by_themselves(self):
