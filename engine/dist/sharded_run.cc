@@ -409,9 +409,8 @@ absl::Status CheckCapabilities(const Communicator& comm, const Communicator* pla
   if (plane != nullptr && (plane->rank() != comm.rank() || plane->size() != comm.size())) {
     return absl::InvalidArgumentError(
         absl::StrCat("the data plane is rank ", plane->rank(), " of ", plane->size(),
-                     ", the control "
-                     "communicator rank ",
-                     comm.rank(), " of ", comm.size(), "; they must be one group"));
+                     ", the control communicator rank ", comm.rank(), " of ", comm.size(),
+                     "; they must be one group"));
   }
   const Communicator::Capabilities can = comm.capabilities();
   if (can.concurrent_calls && can.tagged_messages) return absl::OkStatus();
