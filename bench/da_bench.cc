@@ -7,6 +7,9 @@
 // FLOPs are counted as the attention needs them: 4 * m^2 * D per segment and head for m kept
 // positions (2 * m * (m + 1) * D when causal: only the computed, unmasked part). Check: the whole
 // output when the reference costs little, otherwise a random sample of rows (--check-rows).
+// Peaks: short samples of a throughput loop before, between and after the timed runs, the best
+// kept (bench/peak.h), on the vector unit of the path that ran: ymm FMAs when DA_CPU_ISA=avx2
+// forces the AVX2 kernel on an AVX-512 machine, bf16 dot products for bf16 precision.
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
@@ -162,6 +165,15 @@ int Main(int argc, char** argv) {
                                                                                 : 1e-2;
   const bool check_ok = check.relative_l2 <= tolerance && std::isfinite(check.max_abs_error);
 
+  const int threads = engine.threads();
+  const engine::cpu::Isa isa = engine::cpu::SelectedIsa();
+  PeakSampler fp32_peak(Fp32PeakLoopFor(isa), threads);
+  PeakSampler bf16_peak(Bf16PeakLoop(), threads);
+  const auto sample_peaks = [&](int count) {
+    fp32_peak.Sample(count);
+    bf16_peak.Sample(count);
+  };
+  sample_peaks(3);
   std::vector<double> times;
   for (int i = 0; i < o.repeat && check_ok; ++i) {
     const auto start = std::chrono::steady_clock::now();
@@ -172,16 +184,25 @@ int Main(int argc, char** argv) {
       std::cerr << "da-bench: " << info.status() << "\n";
       return 2;
     }
+    sample_peaks(1);
   }
-  const int threads = engine.threads();
-  const double fp32_peak = MeasureFp32PeakGflops(threads);
-  const double bf16_peak = MeasureBf16PeakGflops(threads);
+  sample_peaks(2);
 
   std::sort(times.begin(), times.end());
   const double median = times.empty() ? 0 : times[times.size() / 2];
   const double gflops = median > 0 ? flops / median / 1e9 : 0;
   const bool bf16_used = info->precision_used == engine::Precision::kBFloat16;
-  const double peak = bf16_used ? bf16_peak : fp32_peak;
+  const PeakSampler& used_peak = bf16_used ? bf16_peak : fp32_peak;
+  const double peak = used_peak.Best();
+  // The kernel that ran: the bf16 dot-product kernel, or the fp32 kernel of the selected ISA.
+  const std::string kernel = bf16_used ? "avx512_bf16" : engine::cpu::IsaName(isa);
+  const auto peak_json = [](const PeakSampler& p) {
+    return nlohmann::json{{"loop", PeakLoopName(p.loop())},
+                          {"best", p.Best()},
+                          {"median", p.Median()},
+                          {"min", p.Min()},
+                          {"samples", p.Count()}};
+  };
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
 
@@ -196,7 +217,8 @@ int Main(int argc, char** argv) {
   j["causal"] = o.causal;
   j["dtype"] = o.dtype;
   j["precision_used"] = engine::PrecisionName(info->precision_used);
-  j["isa"] = engine::cpu::IsaName(engine::cpu::SelectedIsa());
+  j["isa"] = engine::cpu::IsaName(isa);
+  j["kernel"] = kernel;
   j["threads"] = threads;
   j["check"] = {{"rows", check.rows},
                 {"max_abs_error", check.max_abs_error},
@@ -210,8 +232,11 @@ int Main(int argc, char** argv) {
                  {"max", times.empty() ? 0 : times.back()},
                  {"repeat", times.size()}};
   j["gflops"] = gflops;
-  j["peak_fp32_gflops"] = fp32_peak;
-  j["peak_bf16_gflops"] = bf16_peak;
+  j["peak_fp32_gflops"] = fp32_peak.Best();
+  j["peak_bf16_gflops"] = bf16_peak.Best();
+  j["peak_fp32"] = peak_json(fp32_peak);
+  j["peak_bf16"] = peak_json(bf16_peak);
+  j["ratio_peak_loop"] = PeakLoopName(used_peak.loop());
   j["ratio_to_peak"] = peak > 0 ? gflops / peak : 0;
   j["ns_per_token"] = median / (o.batch * o.seq_len) * 1e9;
   j["peak_rss_mib"] = usage.ru_maxrss / 1024.0;
@@ -222,8 +247,7 @@ int Main(int argc, char** argv) {
         "problem   B=%lld N=%lld H=%lld Hkv=%lld D=%lld patterns %s %s%s %s, %d threads, %s\n",
         (long long)o.batch, (long long)o.seq_len, (long long)o.heads, (long long)o.kv_heads,
         (long long)o.head_dim, spec.PatternsToString().c_str(), o.mode.c_str(),
-        o.causal ? " causal" : "", o.dtype.c_str(), threads,
-        engine::cpu::IsaName(engine::cpu::SelectedIsa()).c_str());
+        o.causal ? " causal" : "", o.dtype.c_str(), threads, kernel.c_str());
     std::printf("check     %s: %lld rows, max abs error %.3g, relative L2 %.3g (tolerance %.1g)\n",
                 check_ok ? "ok" : "FAILED", (long long)check.rows, check.max_abs_error,
                 check.relative_l2, tolerance);
@@ -231,11 +255,17 @@ int Main(int argc, char** argv) {
         "time      median %.4f s, min %.4f s, max %.4f s over %zu runs (first run %.4f s)\n",
         median, times.empty() ? 0 : times.front(), times.empty() ? 0 : times.back(), times.size(),
         first_seconds);
-    std::printf(
-        "compute   %.1f GFLOP, %.1f GFLOP/s in %s; peaks fp32 %.1f, bf16 %.1f GFLOP/s; "
-        "%.1f%% of peak\n",
-        flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(), fp32_peak,
-        bf16_peak, peak > 0 ? 100 * gflops / peak : 0);
+    std::printf("compute   %.1f GFLOP, %.1f GFLOP/s in %s; %.1f%% of the %s peak (%s kernel)\n",
+                flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(),
+                peak > 0 ? 100 * gflops / peak : 0, PeakLoopName(used_peak.loop()).c_str(),
+                kernel.c_str());
+    for (const PeakSampler* p : {&fp32_peak, &bf16_peak}) {
+      if (p->Count() == 0) continue;
+      std::printf(
+          "peak      %s %.1f GFLOP/s: best of %d samples around the timed runs "
+          "(median %.1f, min %.1f)\n",
+          PeakLoopName(p->loop()).c_str(), p->Best(), p->Count(), p->Median(), p->Min());
+    }
     std::printf("per token %.1f ns; peak RSS %.0f MiB\n", median / (o.batch * o.seq_len) * 1e9,
                 usage.ru_maxrss / 1024.0);
   }

@@ -1,9 +1,9 @@
 #include "bench/peak.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <thread>
 #include <vector>
 
@@ -17,37 +17,94 @@ float Fp32FmaLoopAvx2(int64_t iterations);
 
 namespace {
 
-// Runs loop(iterations) on `threads` threads at once, best of three, and returns GFLOP/s.
-double Measure(int threads, double flops_per_iteration, const std::function<float(int64_t)>& loop) {
-  constexpr int64_t kIterations = 20'000'000;
-  double best = 0.0;
-  for (int attempt = 0; attempt < 3; ++attempt) {
+struct LoopInfo {
+  float (*run)(int64_t iterations) = nullptr;
+  double flops_per_iteration = 0.0;
+};
+
+LoopInfo InfoFor(PeakLoop loop) {
+  switch (loop) {
+    case PeakLoop::kFp32Avx512:
+      return {Fp32FmaLoopAvx512, 16 * 16 * 2};  // 16 zmm FMAs of 16 lanes.
+    case PeakLoop::kFp32Avx2:
+      return {Fp32FmaLoopAvx2, 12 * 8 * 2};  // 12 ymm FMAs of 8 lanes.
+    case PeakLoop::kBf16Avx512:
+      return {Bf16DotLoopAvx512, 16 * 16 * 4};  // 16 vdpbf16ps of 16 lane pairs.
+    case PeakLoop::kNone:
+      break;
+  }
+  return {};
+}
+
+// About 20 ms per thread at 100 GFLOP/s per core; a bf16 sample takes half as long.
+constexpr double kFlopsPerThreadPerSample = 2e9;
+
+}  // namespace
+
+PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa) {
+  const engine::CpuFeatures f = engine::DetectCpuFeatures();
+  const bool avx2 = f.avx2 && f.fma;
+  switch (isa) {
+    case engine::cpu::Isa::kAvx512:
+      return f.avx512f ? PeakLoop::kFp32Avx512 : PeakLoop::kNone;
+    case engine::cpu::Isa::kAvx2:
+      return avx2 ? PeakLoop::kFp32Avx2 : PeakLoop::kNone;
+    case engine::cpu::Isa::kPortable:
+      return f.avx512f ? PeakLoop::kFp32Avx512 : avx2 ? PeakLoop::kFp32Avx2 : PeakLoop::kNone;
+  }
+  return PeakLoop::kNone;
+}
+
+PeakLoop Bf16PeakLoop() {
+  return engine::DetectCpuFeatures().avx512_bf16 ? PeakLoop::kBf16Avx512 : PeakLoop::kNone;
+}
+
+std::string PeakLoopName(PeakLoop loop) {
+  switch (loop) {
+    case PeakLoop::kFp32Avx512:
+      return "avx512 zmm FMA";
+    case PeakLoop::kFp32Avx2:
+      return "avx2 ymm FMA";
+    case PeakLoop::kBf16Avx512:
+      return "avx512 bf16 dot";
+    case PeakLoop::kNone:
+      break;
+  }
+  return "none";
+}
+
+void PeakSampler::Sample(int count) {
+  const LoopInfo info = InfoFor(loop_);
+  if (info.run == nullptr) return;
+  const int64_t iterations =
+      static_cast<int64_t>(kFlopsPerThreadPerSample / info.flops_per_iteration);
+  for (int i = 0; i < count; ++i) {
     std::atomic<float> sink{0.0f};
     const auto start = std::chrono::steady_clock::now();
     std::vector<std::thread> workers;
-    for (int t = 0; t < threads; ++t) {
-      workers.emplace_back([&] { sink = sink + loop(kIterations); });
+    for (int t = 0; t < threads_; ++t) {
+      workers.emplace_back([&] { sink = sink + info.run(iterations); });
     }
     for (std::thread& w : workers) w.join();
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, flops_per_iteration * kIterations * threads / seconds / 1e9);
+    gflops_.push_back(info.flops_per_iteration * iterations * threads_ / seconds / 1e9);
   }
-  return best;
 }
 
-}  // namespace
-
-double MeasureFp32PeakGflops(int threads) {
-  const engine::CpuFeatures f = engine::DetectCpuFeatures();
-  if (f.avx512f) return Measure(threads, 16 * 16 * 2, Fp32FmaLoopAvx512);
-  if (f.avx2 && f.fma) return Measure(threads, 12 * 8 * 2, Fp32FmaLoopAvx2);
-  return 0.0;
+double PeakSampler::Best() const {
+  return gflops_.empty() ? 0.0 : *std::max_element(gflops_.begin(), gflops_.end());
 }
 
-double MeasureBf16PeakGflops(int threads) {
-  if (!engine::DetectCpuFeatures().avx512_bf16) return 0.0;
-  return Measure(threads, 16 * 16 * 4, Bf16DotLoopAvx512);
+double PeakSampler::Min() const {
+  return gflops_.empty() ? 0.0 : *std::min_element(gflops_.begin(), gflops_.end());
+}
+
+double PeakSampler::Median() const {
+  if (gflops_.empty()) return 0.0;
+  std::vector<double> sorted = gflops_;
+  std::sort(sorted.begin(), sorted.end());
+  return sorted[sorted.size() / 2];
 }
 
 }  // namespace da::bench

@@ -1,16 +1,56 @@
 // Machine peaks measured in-run, so that every figure da-bench prints is a ratio taken on the
 // same machine at the same moment.
+//
+//   PeakSampler peak(PeakLoopFor(isa), threads);
+//   peak.Sample(3);                       // before the timed runs
+//   for (...) { TimeOneRun(); peak.Sample(); }
+//   peak.Sample(3);                       // after them
+//   ratio = gflops / peak.Best();         // the best sample; Min and Median show the spread
+//
+// A sample is one short run (about 20 ms) of a throughput loop on `threads` threads at once.
+// Other work on the machine can only lower a sample, so the best of several samples spread over
+// the run is the estimate of what the machine can do; the spread says how disturbed the run was.
 #pragma once
+
+#include <string>
+#include <vector>
+
+#include "engine/cpu/attention_kernel.h"
 
 namespace da::bench {
 
-// fp32 FMA throughput of `threads` threads running an FMA-only loop with enough independent
-// accumulators to hide latency, in GFLOP/s (an FMA is 2 FLOP per lane). Uses AVX-512 when the CPU
-// has it, else AVX2.
-double MeasureFp32PeakGflops(int threads);
+enum class PeakLoop {
+  kNone,        // Not available on this CPU.
+  kFp32Avx512,  // fp32 FMAs on zmm registers, 16 independent accumulators.
+  kFp32Avx2,    // fp32 FMAs on ymm registers (AVX2 + FMA), 12 independent accumulators.
+  kBf16Avx512,  // bf16 dot products (vdpbf16ps: 2 products and 2 additions per fp32 lane pair).
+};
 
-// bf16 dot-product throughput (vdpbf16ps: 2 products and 2 additions per fp32 lane pair), in
-// GFLOP/s; 0 when the CPU lacks AVX512-BF16.
-double MeasureBf16PeakGflops(int threads);
+// The fp32 loop for the unit a kernel ISA runs on: zmm FMAs for avx512, ymm FMAs for avx2. The
+// portable path has no unit of its own; its ratio is taken against the widest unit the CPU has.
+PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa);
+// kBf16Avx512 when the CPU has AVX512-BF16, else kNone.
+PeakLoop Bf16PeakLoop();
+// "avx512 zmm FMA", "avx2 ymm FMA", "avx512 bf16 dot", "none".
+std::string PeakLoopName(PeakLoop loop);
+
+class PeakSampler {
+ public:
+  PeakSampler(PeakLoop loop, int threads) : loop_(loop), threads_(threads) {}
+
+  // Takes `count` short samples, in GFLOP/s (an FMA is 2 FLOP per lane). Nothing for kNone.
+  void Sample(int count = 1);
+
+  double Best() const;  // 0 without samples.
+  double Min() const;
+  double Median() const;
+  int Count() const { return static_cast<int>(gflops_.size()); }
+  PeakLoop loop() const { return loop_; }
+
+ private:
+  PeakLoop loop_;
+  int threads_;
+  std::vector<double> gflops_;
+};
 
 }  // namespace da::bench

@@ -4,12 +4,15 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <random>
 #include <thread>
+#include <vector>
 
 #include "engine/cpu/attention_kernel.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/widen_rows.h"
 #include "engine/reference/reference_backend.h"
 #include "engine/test_tensors.h"
 #include "engine/thread_pool.h"
@@ -143,6 +146,29 @@ TEST_F(CpuKernelTest, HalfPrecisionInputsAtABoundary) {
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     ExpectMatchesReference({2, cpu::kKeyBlock + 1, 4, 64}, 2, OneSegment(cpu::kKeyBlock + 1, true),
                            2, dtype);
+  }
+}
+
+TEST_F(CpuKernelTest, WidenedRowsMatchTheScalarConversionForEveryBitPattern) {
+  // Every fp16 and bf16 value (F16C on the AVX paths, plain C++ on the portable one), times a
+  // factor, with a row length that leaves a tail of 7 elements.
+  constexpr int64_t kCount = 65536 + 7;
+  std::vector<uint16_t> bits(kCount);
+  for (int64_t i = 0; i < kCount; ++i) bits[i] = static_cast<uint16_t>(i);
+  std::vector<float> widened(kCount);
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    for (float factor : {1.0f, 0.18033688f}) {
+      std::fill(widened.begin(), widened.end(), -1.0f);
+      cpu::WidenRow(dtype, bits.data(), 0, kCount, factor, widened.data());
+      for (int64_t i = 0; i < kCount; ++i) {
+        const float expected = factor * LoadAsFloat(dtype, bits.data(), i);
+        if (std::isnan(expected)) {
+          ASSERT_TRUE(std::isnan(widened[i])) << DTypeName(dtype) << " bits " << bits[i];
+        } else {
+          ASSERT_EQ(widened[i], expected) << DTypeName(dtype) << " bits " << bits[i];
+        }
+      }
+    }
   }
 }
 

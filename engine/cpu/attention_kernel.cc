@@ -8,8 +8,7 @@
 namespace da::engine::cpu {
 
 int64_t KernelScratchFloats(int64_t dim_pad) {
-  constexpr int64_t kMaxRows = 8;  // At least every ISA's kRows.
-  return kMaxRows * (kKeyBlock + dim_pad) + 4 * kMaxRows;
+  return kMaxPanelRows * (kKeyBlock + dim_pad) + 4 * kMaxPanelRows;
 }
 
 int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad) {

@@ -17,10 +17,11 @@
 namespace da::engine::cpu {
 
 // Padding every packed buffer honours, so that no ISA ever needs a tail loop.
-constexpr int64_t kDimAlign = 16;   // head_dim is padded to a multiple of this (zeros).
-constexpr int64_t kKeyAlign = 64;   // Key counts are padded to a multiple of this (zeros).
-constexpr int64_t kRowAlign = 8;    // Query rows are padded to a multiple of this (zeros).
-constexpr int64_t kKeyBlock = 512;  // Keys per online-softmax step (a multiple of kKeyAlign).
+constexpr int64_t kDimAlign = 16;     // head_dim is padded to a multiple of this (zeros).
+constexpr int64_t kKeyAlign = 64;     // Key counts are padded to a multiple of this (zeros).
+constexpr int64_t kRowAlign = 8;      // Query rows are padded to a multiple of this (zeros).
+constexpr int64_t kKeyBlock = 512;    // Keys per online-softmax step (a multiple of kKeyAlign).
+constexpr int64_t kMaxPanelRows = 8;  // Query rows per kernel panel, at most (every ISA's kRows).
 
 inline int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;

@@ -48,6 +48,7 @@ inline void ToBf16(const float* src, int64_t count, uint16_t* dst) {
 }
 
 struct Bf16Tiles {
+  static constexpr int kPanelRows = kRows;
   const SegmentKernelArgs& a;
   const uint32_t* q;   // [rows_pad][dim_pad / 2]
   const uint32_t* kt;  // [dim_pad / 2][keys_pad]
@@ -162,7 +163,7 @@ void RunSegment(const SegmentKernelArgs& a) {
   for (int64_t c = 0; c < a.keys_pad / 2; ++c) {
     PairRows(a.v + 2 * c * dim_pad, a.v + (2 * c + 1) * dim_pad, dim_pad, v + c * dim_pad);
   }
-  RunPanels(a, Bf16Tiles{a, q, kt, v, p});
+  RunPanels(a, Bf16Tiles{a, q, kt, v, p}, a.row_begin, a.row_end);
 }
 
 }  // namespace da::engine::cpu::avx512_bf16

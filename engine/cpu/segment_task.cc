@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cpu/widen_rows.h"
 #include "engine/thread_pool.h"
 
 namespace da::engine::cpu {
@@ -24,24 +25,24 @@ void Parallel(ThreadPool* pool, int64_t count, const std::function<void(int64_t,
 constexpr int64_t kPackSliceRows = 4096;
 
 // Copies rows [begin, end) of src into dst as fp32 times factor: row-major [end - begin, dim_pad]
-// or, with transpose, [dim_pad, ld] (a column per row).
+// or, with transpose, [dim_pad, ld] (a column per row). Each element is widened once (WidenRow:
+// F16C for fp16 where the CPU has it); the transpose goes through a small row buffer.
 void Pack(const RowSource& src, int64_t begin, int64_t end, float factor, bool transpose,
           int64_t dim, int64_t dim_pad, int64_t ld, float* dst) {
+  constexpr int64_t kChunk = 256;  // Row buffer of the transpose, in elements.
+  float row[kChunk];
   for (int64_t i = begin; i < end; ++i) {
     const int64_t base = src.base + i * src.stride;
-    const int64_t row = i - begin;
+    const int64_t r = i - begin;
     if (transpose) {
-      for (int64_t d = 0; d < dim; ++d)
-        dst[d * ld + row] = factor * LoadAsFloat(src.dtype, src.data, base + d);
-    } else if (src.dtype == DType::kFloat32) {
-      const float* in = static_cast<const float*>(src.data) + base;
-      float* out = dst + row * dim_pad;
-      for (int64_t d = 0; d < dim; ++d) out[d] = factor * in[d];
-      std::fill(out + dim, out + dim_pad, 0.0f);
+      for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+        const int64_t count = std::min(kChunk, dim - d0);
+        WidenRow(src.dtype, src.data, base + d0, count, factor, row);
+        for (int64_t d = 0; d < count; ++d) dst[(d0 + d) * ld + r] = row[d];
+      }
     } else {
-      float* out = dst + row * dim_pad;
-      for (int64_t d = 0; d < dim; ++d)
-        out[d] = factor * LoadAsFloat(src.dtype, src.data, base + d);
+      float* out = dst + r * dim_pad;
+      WidenRow(src.dtype, src.data, base, dim, factor, out);
       std::fill(out + dim, out + dim_pad, 0.0f);
     }
   }

@@ -1,0 +1,48 @@
+#include "engine/cpu/widen_rows.h"
+
+#include <cstring>
+
+#include "engine/cpu/attention_kernel.h"
+#include "engine/device.h"
+
+namespace da::engine::cpu {
+namespace {
+
+bool UseF16c() {
+  static const bool use = DetectCpuFeatures().f16c && SelectedIsa() != Isa::kPortable;
+  return use;
+}
+
+}  // namespace
+
+void WidenRow(DType dtype, const void* data, int64_t base, int64_t count, float factor,
+              float* out) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* in = static_cast<const float*>(data) + base;
+      for (int64_t i = 0; i < count; ++i) out[i] = factor * in[i];
+      return;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* in = static_cast<const uint16_t*>(data) + base;
+      for (int64_t i = 0; i < count; ++i) {
+        const uint32_t wide = static_cast<uint32_t>(in[i]) << 16;
+        float value;
+        std::memcpy(&value, &wide, sizeof(value));
+        out[i] = factor * value;
+      }
+      return;
+    }
+    case DType::kFloat16: {
+      const uint16_t* in = static_cast<const uint16_t*>(data) + base;
+      if (UseF16c()) {
+        f16c::WidenHalfRow(in, count, factor, out);
+      } else {
+        for (int64_t i = 0; i < count; ++i) out[i] = factor * HalfToFloat(in[i]);
+      }
+      return;
+    }
+  }
+}
+
+}  // namespace da::engine::cpu
