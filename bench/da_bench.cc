@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "bench/gpu_peak.h"
 #include "bench/peak.h"
 #include "bench/problem_flags.h"
 #include "engine/cpu/attention_kernel.h"
@@ -37,7 +39,7 @@ using engine::DType;
 using engine::Shape4;
 
 struct Options : ProblemFlags {
-  std::string dtype = "fp32", precision = "auto";
+  std::string dtype = "fp32", precision = "auto", device;
   bool json = false;
   int threads = 0, repeat = 5, check_rows = 64;
   uint32_t seed = 1;
@@ -106,7 +108,10 @@ int Main(int argc, char** argv) {
   CLI::App app{"da-bench: check the engine against the reference, then time it"};
   o.AddTo(app);
   app.add_option("--dtype", o.dtype)->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
-  app.add_option("--precision", o.precision)->check(CLI::IsMember({"auto", "fp32", "bf16"}));
+  app.add_option("--precision", o.precision)
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+  app.add_option("--device", o.device,
+                 "the device to compute on, e.g. cuda:0 (default: the engine's placement)");
   app.add_option("--threads", o.threads, "0: every core");
   app.add_option("--repeat", o.repeat)->check(CLI::PositiveNumber);
   app.add_option("--check-rows", o.check_rows, "rows sampled when the whole check is too costly");
@@ -120,6 +125,7 @@ int Main(int argc, char** argv) {
   }
   engine::AttentionSpec spec = *std::move(resolved);
   spec.precision = o.precision == "bf16"   ? engine::Precision::kBFloat16
+                   : o.precision == "fp16" ? engine::Precision::kFloat16
                    : o.precision == "fp32" ? engine::Precision::kFloat32
                                            : engine::Precision::kAuto;
   const DType dtype = o.dtype == "fp16"   ? DType::kFloat16
@@ -128,6 +134,7 @@ int Main(int argc, char** argv) {
 
   engine::EngineOptions engine_options;
   engine_options.threads = o.threads;
+  if (!o.device.empty()) engine_options.devices = {o.device};
   auto engine_or = engine::Engine::Create(engine_options);
   if (!engine_or.ok()) {
     std::cerr << "da-bench: " << engine_or.status() << "\n";
@@ -169,9 +176,28 @@ int Main(int argc, char** argv) {
   const engine::cpu::Isa isa = engine::cpu::SelectedIsa();
   PeakSampler fp32_peak(Fp32PeakLoopFor(isa), threads);
   PeakSampler bf16_peak(Bf16PeakLoop(), threads);
+  // A run the engine placed on a GPU is held against that GPU's cuBLAS GEMM rate in the precision
+  // it computed in (before and after the timed runs, the best kept), not the CPU's loops.
+  const std::string& first_device = info->devices.empty() ? o.device : info->devices[0];
+  const bool on_gpu = first_device.rfind("cuda:", 0) == 0;
+  const GemmType gemm_type =
+      info->precision_used == engine::Precision::kBFloat16  ? GemmType::kBFloat16
+      : info->precision_used == engine::Precision::kFloat16 ? GemmType::kFloat16
+                                                            : GemmType::kFloat32;
+  GemmRate gpu_peak;
   const auto sample_peaks = [&](int count) {
-    fp32_peak.Sample(count);
-    bf16_peak.Sample(count);
+    if (!on_gpu) {
+      fp32_peak.Sample(count);
+      bf16_peak.Sample(count);
+      return;
+    }
+    absl::StatusOr<GemmRate> rate =
+        GpuGemmRate(std::stoi(first_device.substr(5)), gemm_type, 8192, 5 * count);
+    if (!rate.ok()) {
+      std::cerr << "da-bench: the GPU's GEMM rate: " << rate.status() << "\n";
+    } else if (rate->flops_per_second > gpu_peak.flops_per_second) {
+      gpu_peak = *rate;
+    }
   };
   sample_peaks(3);
   std::vector<double> times;
@@ -184,7 +210,7 @@ int Main(int argc, char** argv) {
       std::cerr << "da-bench: " << info.status() << "\n";
       return 2;
     }
-    sample_peaks(1);
+    if (!on_gpu) sample_peaks(1);  // A GPU's rate is taken only before and after.
   }
   sample_peaks(2);
 
@@ -193,9 +219,15 @@ int Main(int argc, char** argv) {
   const double gflops = median > 0 ? flops / median / 1e9 : 0;
   const bool bf16_used = info->precision_used == engine::Precision::kBFloat16;
   const PeakSampler& used_peak = bf16_used ? bf16_peak : fp32_peak;
-  const double peak = used_peak.Best();
-  // The kernel that ran: the bf16 dot-product kernel, or the fp32 kernel of the selected ISA.
-  const std::string kernel = bf16_used ? "avx512_bf16" : engine::cpu::IsaName(isa);
+  const double peak = on_gpu ? gpu_peak.flops_per_second / 1e9 : used_peak.Best();
+  const std::string peak_name =
+      on_gpu ? absl::StrCat("cuBLAS ", GemmTypeName(gemm_type), " GEMM on ", gpu_peak.device_name)
+             : PeakLoopName(used_peak.loop());
+  // The kernel that ran: the GPU's, the bf16 dot-product kernel, or the fp32 kernel of the
+  // selected ISA.
+  const std::string kernel = on_gpu      ? first_device
+                             : bf16_used ? "avx512_bf16"
+                                         : engine::cpu::IsaName(isa);
   const auto peak_json = [](const PeakSampler& p) {
     return nlohmann::json{{"loop", PeakLoopName(p.loop())},
                           {"best", p.Best()},
@@ -236,7 +268,8 @@ int Main(int argc, char** argv) {
   j["peak_bf16_gflops"] = bf16_peak.Best();
   j["peak_fp32"] = peak_json(fp32_peak);
   j["peak_bf16"] = peak_json(bf16_peak);
-  j["ratio_peak_loop"] = PeakLoopName(used_peak.loop());
+  j["ratio_peak_loop"] = peak_name;
+  if (on_gpu) j["peak_gpu_gemm_gflops"] = peak;
   j["ratio_to_peak"] = peak > 0 ? gflops / peak : 0;
   j["ns_per_token"] = median / (o.batch * o.seq_len) * 1e9;
   j["peak_rss_mib"] = usage.ru_maxrss / 1024.0;
@@ -257,8 +290,10 @@ int Main(int argc, char** argv) {
         first_seconds);
     std::printf("compute   %.1f GFLOP, %.1f GFLOP/s in %s; %.1f%% of the %s peak (%s kernel)\n",
                 flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(),
-                peak > 0 ? 100 * gflops / peak : 0, PeakLoopName(used_peak.loop()).c_str(),
-                kernel.c_str());
+                peak > 0 ? 100 * gflops / peak : 0, peak_name.c_str(), kernel.c_str());
+    if (on_gpu)
+      std::printf("peak      %s %.1f GFLOP/s: best before and after the timed runs\n",
+                  peak_name.c_str(), peak);
     for (const PeakSampler* p : {&fp32_peak, &bf16_peak}) {
       if (p->Count() == 0) continue;
       std::printf(
