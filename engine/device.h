@@ -26,6 +26,10 @@ struct DeviceInfo {
   int64_t memory_bytes = 0;  // Physical memory (host RAM or GPU global memory).
   int compute_units = 0;     // Worker threads for a CPU, multiprocessors for a GPU.
   std::string capability;    // CPU feature list or "sm_90".
+  // A GPU's CUDA ordinal, when it is not the id's number: tests map two logical devices
+  // ("cuda:0", "cuda:1", each with its own stream) to one GPU to run the multi-GPU paths on a
+  // one-GPU machine (issue #16). -1: the id's number.
+  int ordinal = -1;
 };
 
 // CPU capability flags from cpuid.

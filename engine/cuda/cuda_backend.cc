@@ -379,13 +379,13 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
 };
 
-// "cuda:3" -> 3; "sm_90" -> (9, 0).
+// "cuda:3" -> 3 (unless DeviceInfo::ordinal says otherwise); "sm_90" -> (9, 0).
 absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const DeviceInfo& device,
                                                          const BackendOptions& options) {
-  int ordinal = -1;
+  int ordinal = device.ordinal;
   const size_t colon = device.id.find(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(device.id.substr(colon + 1), &ordinal) ||
-      ordinal < 0) {
+  if (ordinal < 0 && (colon == std::string::npos ||
+                      !absl::SimpleAtoi(device.id.substr(colon + 1), &ordinal) || ordinal < 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda device id '", device.id, "' is not cuda:<ordinal>"));
   }

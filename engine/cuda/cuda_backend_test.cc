@@ -2,7 +2,8 @@
 // a machine without one): requests placed on cuda:0 equal the reference over patterns, causal,
 // both combine modes, GQA and the three dtypes (fp32 arithmetic: the fp32 tolerance of the
 // output dtype); a run is stopped within 100 ms of its cancellation; a request over the GPU's
-// budget is refused naming both numbers. (The backend against the reference directly, shares
+// budget is refused naming both numbers; two logical devices on the one GPU shard (HEADS,
+// SEQUENCE) as one device computes. (The backend against the reference directly, shares
 // included, is backend_conformance_test's CUDA instance; the arithmetic on the CPU is
 // row_attention_test.)
 #include <gtest/gtest.h>
@@ -188,6 +189,55 @@ TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers)
   absl::StatusOr<ExecutionInfo> info = (*engine)->Run(p.Request());
   ASSERT_TRUE(absl::IsResourceExhausted(info.status())) << info.status();
   EXPECT_NE(info.status().message().find("1048576"), std::string::npos) << info.status();
+}
+
+// Two logical devices on one GPU (cuda:0 and a cuda:1 mapped to the same GPU, each backend with
+// its own stream) run the multi-GPU paths on a one-GPU machine: HEADS, and SEQUENCE with spanning
+// segments (rows exchanged device to device), equal to one device up to reassociation.
+TEST_F(CudaEngineLimitsTest, TwoLogicalDevicesOnOneGpuShardAsOneDeviceComputes) {
+  // N = 1999 is cut by neither device count; w = 512 spans the cut; GQA 8 -> 2; r = 3.
+  const ProblemShape shape{2, 1999, 8, 2, 64};
+  const AttentionSpec base = [] {
+    AttentionSpec spec;
+    spec.patterns = {{128, 1}, {512, 3}, {4096, 8}};
+    spec.precision = Precision::kFloat32;
+    return spec;
+  }();
+  for (const ShardPolicy policy : {ShardPolicy::kHeads, ShardPolicy::kSequence}) {
+    for (const CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+      SCOPED_TRACE(absl::StrCat(ShardPolicyName(policy), " ", CombineModeName(mode)));
+      testing::OwnedProblem one = testing::RandomProblem(shape, 21);
+      one.spec = base;
+      one.spec.mode = mode;
+      one.spec.causal = true;
+      one.spec.shard_policy = ShardPolicy::kNone;
+      auto single = Engine::Create(OnGpu());
+      ASSERT_TRUE(single.ok()) << single.status();
+      ASSERT_TRUE((*single)->Run(one.Request()).ok());
+
+      testing::OwnedProblem many = testing::RandomProblem(shape, 21);
+      many.spec = one.spec;
+      many.spec.shard_policy = policy;
+      EngineOptions options = OnGpu();
+      DeviceInfo twin;
+      for (const DeviceInfo& device : DiscoverDevices(1)) {
+        if (device.id == "cuda:0") twin = device;
+      }
+      twin.id = "cuda:1";
+      twin.ordinal = 0;
+      options.added_devices = {twin};
+      options.devices = {"cuda:0", "cuda:1"};
+      auto engine = Engine::Create(options);
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      absl::StatusOr<ExecutionInfo> info = (*engine)->Run(many.Request());
+      ASSERT_TRUE(info.ok()) << info.status();
+      EXPECT_EQ(info->shard_strategy, policy);
+      ASSERT_EQ(info->devices.size(), 2u);
+      EXPECT_EQ(info->devices[0], "cuda:0");
+      EXPECT_EQ(info->devices[1], "cuda:1");
+      EXPECT_LE(testing::MaxRelativeError(many.out, one.out), 1e-5);
+    }
+  }
 }
 
 }  // namespace
