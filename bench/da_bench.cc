@@ -178,7 +178,8 @@ int Main(int argc, char** argv) {
   PeakSampler bf16_peak(Bf16PeakLoop(), threads);
   // A run the engine placed on a GPU is held against that GPU's cuBLAS GEMM rate in the precision
   // it computed in (before and after the timed runs, the best kept), not the CPU's loops.
-  const std::string& first_device = info->devices.empty() ? o.device : info->devices[0];
+  // A copy: `info` is reassigned by the timed runs below.
+  const std::string first_device = info->devices.empty() ? o.device : info->devices[0];
   const bool on_gpu = first_device.rfind("cuda:", 0) == 0;
   const GemmType gemm_type =
       info->precision_used == engine::Precision::kBFloat16  ? GemmType::kBFloat16

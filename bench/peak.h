@@ -1,7 +1,7 @@
 // Machine peaks measured in-run, so that every figure da-bench prints is a ratio taken on the
 // same machine at the same moment.
 //
-//   PeakSampler peak(PeakLoopFor(isa), threads);
+//   PeakSampler peak(Fp32PeakLoopFor(isa), threads);
 //   peak.Sample(3);                       // before the timed runs
 //   for (...) { TimeOneRun(); peak.Sample(); }
 //   peak.Sample(3);                       // after them

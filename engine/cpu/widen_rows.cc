@@ -1,7 +1,5 @@
 #include "engine/cpu/widen_rows.h"
 
-#include <cstring>
-
 #include "engine/cpu/attention_kernel.h"
 #include "engine/device.h"
 
@@ -25,12 +23,7 @@ void WidenRow(DType dtype, const void* data, int64_t base, int64_t count, float 
     }
     case DType::kBFloat16: {
       const uint16_t* in = static_cast<const uint16_t*>(data) + base;
-      for (int64_t i = 0; i < count; ++i) {
-        const uint32_t wide = static_cast<uint32_t>(in[i]) << 16;
-        float value;
-        std::memcpy(&value, &wide, sizeof(value));
-        out[i] = factor * value;
-      }
+      for (int64_t i = 0; i < count; ++i) out[i] = factor * BFloat16ToFloat(in[i]);
       return;
     }
     case DType::kFloat16: {
