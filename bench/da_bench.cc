@@ -14,6 +14,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +22,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -59,11 +61,29 @@ double AttentionFlops(const Options& o, const engine::AttentionSpec& spec) {
   return flops * o.batch;
 }
 
+// Uniform in [-1, 1), filled by up to 16 threads, each its own stream seeded from rng (a GPU
+// problem's inputs run to gigabytes).
 std::vector<uint8_t> RandomBytes(DType dtype, int64_t elements, std::mt19937& rng) {
   std::vector<uint8_t> bytes(elements * engine::DTypeSize(dtype));
-  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  for (int64_t i = 0; i < elements; ++i)
-    engine::StoreFromFloat(dtype, bytes.data(), i, uniform(rng));
+  const int64_t parts = std::clamp<int64_t>(std::thread::hardware_concurrency(), 1, 16) * 4;
+  const int64_t per_part = (elements + parts - 1) / parts;
+  std::vector<uint32_t> seeds(parts);
+  for (uint32_t& seed : seeds) seed = rng();
+  std::atomic<int64_t> next{0};
+  const auto fill = [&] {
+    for (int64_t part; (part = next.fetch_add(1)) < parts;) {
+      std::mt19937 local(seeds[part]);
+      std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+      const int64_t end = std::min(elements, (part + 1) * per_part);
+      for (int64_t i = part * per_part; i < end; ++i)
+        engine::StoreFromFloat(dtype, bytes.data(), i, uniform(local));
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < std::min<int64_t>(parts / 4, elements / 65536 + 1); ++t)
+    threads.emplace_back(fill);
+  fill();
+  for (std::thread& t : threads) t.join();
   return bytes;
 }
 
@@ -201,7 +221,7 @@ int Main(int argc, char** argv) {
     }
   };
   sample_peaks(3);
-  std::vector<double> times;
+  std::vector<double> times, device_us, copy_us;
   for (int i = 0; i < o.repeat && check_ok; ++i) {
     const auto start = std::chrono::steady_clock::now();
     info = engine.Run(request);
@@ -211,6 +231,8 @@ int Main(int argc, char** argv) {
       std::cerr << "da-bench: " << info.status() << "\n";
       return 2;
     }
+    device_us.push_back(static_cast<double>(info->device_compute_us));
+    copy_us.push_back(static_cast<double>(info->device_copy_us));
     if (!on_gpu) sample_peaks(1);  // A GPU's rate is taken only before and after.
   }
   sample_peaks(2);
@@ -272,6 +294,16 @@ int Main(int argc, char** argv) {
   j["ratio_peak_loop"] = peak_name;
   if (on_gpu) j["peak_gpu_gemm_gflops"] = peak;
   j["ratio_to_peak"] = peak > 0 ? gflops / peak : 0;
+  if (on_gpu) {
+    // The GPU's own time: the median run's RunShare, without the host<->device copies.
+    std::sort(device_us.begin(), device_us.end());
+    const double device_s = device_us.empty() ? 0 : device_us[device_us.size() / 2] / 1e6;
+    std::sort(copy_us.begin(), copy_us.end());
+    j["device_compute_s"] = device_s;
+    j["device_copy_s"] = copy_us.empty() ? 0 : copy_us[copy_us.size() / 2] / 1e6;
+    j["device_gflops"] = device_s > 0 ? flops / device_s / 1e9 : 0;
+    j["device_ratio_to_peak"] = device_s > 0 && peak > 0 ? flops / device_s / 1e9 / peak : 0;
+  }
   j["ns_per_token"] = median / (o.batch * o.seq_len) * 1e9;
   j["peak_rss_mib"] = usage.ru_maxrss / 1024.0;
   if (o.json) {
@@ -292,9 +324,17 @@ int Main(int argc, char** argv) {
     std::printf("compute   %.1f GFLOP, %.1f GFLOP/s in %s; %.1f%% of the %s peak (%s kernel)\n",
                 flops / 1e9, gflops, engine::PrecisionName(info->precision_used).c_str(),
                 peak > 0 ? 100 * gflops / peak : 0, peak_name.c_str(), kernel.c_str());
-    if (on_gpu)
+    if (on_gpu) {
       std::printf("peak      %s %.1f GFLOP/s: best before and after the timed runs\n",
                   peak_name.c_str(), peak);
+      const double device_s = j["device_compute_s"];
+      std::printf(
+          "on GPU    %.4f s in the backend (%.1f GFLOP/s, %.1f%% of the GEMM rate), "
+          "%.4f s of copies\n",
+          device_s, device_s > 0 ? flops / device_s / 1e9 : 0,
+          device_s > 0 && peak > 0 ? 100 * flops / device_s / 1e9 / peak : 0,
+          static_cast<double>(j["device_copy_s"]));
+    }
     for (const PeakSampler* p : {&fp32_peak, &bf16_peak}) {
       if (p->Count() == 0) continue;
       std::printf(

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_join.h"
 #include "client/attention_client.h"
 #include "client/connection_options.h"
 #include "engine/dist/socket_io.h"
@@ -500,8 +501,11 @@ int main(int argc, char** argv) {
   std::printf(
       "AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
       stream_best, Median(stream_runs.seconds), wire_bytes / stream_best / 1e9);
-  std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s\n",
-              info.compute_time_us() / 1e6, info.queue_time_us() / 1e6);
+  std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s, on %s (%s: %s)\n",
+              info.compute_time_us() / 1e6, info.queue_time_us() / 1e6,
+              absl::StrJoin(info.devices(), ",").c_str(),
+              da::v1::Precision_Name(info.precision_used()).c_str(),
+              info.precision_reason().c_str());
   std::printf("  this process (median): %.3f CPU s, %.0f minor page faults%s\n",
               Median(stream_runs.cpu_s), Median(stream_runs.faults),
               server ? " (client and server)" : " (client only)");

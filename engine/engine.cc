@@ -474,6 +474,14 @@ struct Engine::Impl {
     info.plan_cache_hit = stats->plan_cache_hits == static_cast<int>(on.size());
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start);
+    if (!on.front()->host()) {
+      for (size_t r = 0; r < on.size(); ++r) {
+        info.device_compute_us = std::max<int64_t>(
+            info.device_compute_us, static_cast<int64_t>(stats->compute_seconds[r] * 1e6));
+        info.device_copy_us = std::max<int64_t>(info.device_copy_us,
+                                                static_cast<int64_t>(stats->copy_seconds[r] * 1e6));
+      }
+    }
     return info;
   }
 

@@ -139,6 +139,10 @@ struct ExecutionInfo {
   std::vector<std::string> devices;
   int64_t queue_time_us = 0;
   int64_t compute_time_us = 0;
+  // Of compute_time_us on a device that is not the host's (a GPU): the longest share's time in its
+  // backend's RunShare, and the longest share's copies in and out (0 where all ran on the host).
+  int64_t device_compute_us = 0;
+  int64_t device_copy_us = 0;
   bool plan_cache_hit = false;  // Filled once the plan cache exists.
   int64_t plan_build_time_us = 0;
 };

@@ -72,11 +72,14 @@ GpuRun RunOnGpu(const AttentionSpec& spec, DType dtype, DType out_dtype, uint32_
 }
 
 using Param = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
+// The row kernel (DA_CUDA_FUSED=0: fp32 arithmetic whatever the input dtype).
 class CudaEngineTest : public ::testing::TestWithParam<Param> {
  protected:
   void SetUp() override {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+    setenv("DA_CUDA_FUSED", "0", 1);
   }
+  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
 };
 
 TEST_P(CudaEngineTest, RequestsOnTheGpuMatchTheReference) {
@@ -107,8 +110,9 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kFloat32, DType::kFloat16, DType::kBFloat16)),
     Name);
 
-// The fused path (DA_CUDA_FUSED=1: cuDNN per pattern, then the fold): bf16 compute on sm_80 and
-// later, fp32 and bf16 inputs, against the reference within the bf16 bound (relative L2 2e-2).
+// The fused path (the default; DA_CUDA_FUSED=1 says so: cuDNN per pattern, then the fold): bf16
+// compute on sm_80 and later, fp32 and bf16 inputs, against the reference within the bf16 bound
+// (relative L2 2e-2).
 using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
 class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
  protected:
@@ -149,11 +153,14 @@ INSTANTIATE_TEST_SUITE_P(Sweep, CudaFusedEngineTest,
                                             ::testing::Values(DType::kFloat32, DType::kBFloat16)),
                          FusedName);
 
+// On the row kernel (DA_CUDA_FUSED=0), whose launches the stop is polled between.
 class CudaEngineLimitsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+    setenv("DA_CUDA_FUSED", "0", 1);
   }
+  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
 };
 
 TEST_F(CudaEngineLimitsTest, ARunStopsWithin100MsOfItsCancellation) {

@@ -181,7 +181,13 @@ struct RowShare {
   const int* head_pattern_begin = nullptr;
   const RowSpanning* spanning = nullptr;
   int spanning_count = 0;
+  // A stop flag the host may set while the kernel runs (pinned, mapped host memory; null: none).
+  // ComputeRow reads it every kStopPollKeys keys and, once it is set, returns leaving its row
+  // unwritten: a cancelled run ends within a few microseconds of the flag, however long its rows.
+  const volatile int* stop = nullptr;
 };
+
+inline constexpr int64_t kStopPollKeys = 256;
 
 DA_HD int64_t ShareTokens(const RowShare& s) { return s.token_end - s.token_begin; }
 DA_HD int64_t ShareHeads(const RowShare& s) { return s.head_end - s.head_begin; }
@@ -237,7 +243,7 @@ DA_HD void FoldPattern(CombineFold& fold, float* acc, const float* out, float ls
 
 // Computes output row `row` of the share (RowCount) and stores it. Returns false (writing
 // nothing) when the share reads keys outside itself that no spanning set provides: the caller's
-// layout is wrong.
+// layout is wrong. Returns true, writing nothing, once s.stop is set.
 DA_HD bool ComputeRow(const RowShare& s, int64_t row) {
   const int64_t share_heads = ShareHeads(s);
   const int64_t tokens = ShareTokens(s);
@@ -297,6 +303,7 @@ DA_HD bool ComputeRow(const RowShare& s, int64_t row) {
     float l = 0.0f;
     for (int64_t d = 0; d < d_count; ++d) acc[d] = 0.0f;
     for (int64_t xi = 0; xi < keys; ++xi) {
+      if (s.stop != nullptr && xi % kStopPollKeys == 0 && *s.stop != 0) return true;
       const int64_t at = k_base + xi * k_step;
       float score = 0.0f;
       for (int64_t d = 0; d < d_count; ++d) score += q[d] * LoadElem(k_rows, s.in, at + d);
@@ -349,43 +356,77 @@ DA_HD const RowPattern* KeptBy(const RowShare& s, int pattern_index, int64_t loc
   return nullptr;
 }
 
-DA_HD void FoldRow(const RowShare& s, int pattern_index, const void* pattern_out, ElemType type,
-                   const float* lse, float* acc, float* max_lse, float* weight, int64_t row) {
+// What folding pattern `pattern_index` does to one row: whether the pattern keeps it, the factors
+// for the old accumulator and the pattern's output, and the row's new maximum and weight. It only
+// reads the row's state, so that every thread working on the row can compute it before any of
+// them writes (FoldRow's kernel: a warp per row, lanes over the head dimension).
+struct FoldStep {
+  bool kept = false;
+  float old_factor = 0.0f;
+  float new_factor = 0.0f;
+  float new_max = 0.0f;
+  float new_weight = 0.0f;
+};
+
+DA_HD FoldStep FoldStepFor(const RowShare& s, int pattern_index, const float* lse,
+                           const float* max_lse, const float* weight, int64_t row) {
+  FoldStep step;
   const int64_t share_heads = ShareHeads(s);
   const int64_t local_head = row % share_heads;
   const int64_t position = s.token_begin + (row / share_heads) % ShareTokens(s);
-  if (KeptBy(s, pattern_index, local_head, position) == nullptr) return;
-  const int64_t d_count = s.head_dim;
-  float* a = acc + row * d_count;
-  if (s.grouped) {  // One pattern per head.
-    const float share = 1.0f / static_cast<float>(s.patterns);
-    for (int64_t d = 0; d < d_count; ++d) {
-      a[d] = LoadElem(pattern_out, type, row * d_count + d) * share;
-    }
-    weight[row] = 1.0f;
-    max_lse[row] = 0.0f;
-    return;
+  if (KeptBy(s, pattern_index, local_head, position) == nullptr) return step;
+  step.kept = true;
+  if (s.grouped) {  // One pattern per head: its output divided by P.
+    step.new_factor = 1.0f / static_cast<float>(s.patterns);
+    step.new_weight = 1.0f;
+    return step;
   }
   const float l = lse[row];
   // The first kept pattern sets the maximum (the buffers may start as zeros).
-  const float new_max = weight[row] > 0.0f && max_lse[row] > l ? max_lse[row] : l;
-  const float old_factor = weight[row] > 0.0f ? expf(max_lse[row] - new_max) : 0.0f;
-  const float new_factor = expf(l - new_max);
-  for (int64_t d = 0; d < d_count; ++d) {
-    a[d] = a[d] * old_factor + LoadElem(pattern_out, type, row * d_count + d) * new_factor;
-  }
-  weight[row] = weight[row] * old_factor + new_factor;
-  max_lse[row] = new_max;
+  step.new_max = weight[row] > 0.0f && max_lse[row] > l ? max_lse[row] : l;
+  step.old_factor = weight[row] > 0.0f ? expf(max_lse[row] - step.new_max) : 0.0f;
+  step.new_factor = expf(l - step.new_max);
+  step.new_weight = weight[row] * step.old_factor + step.new_factor;
+  return step;
 }
 
-DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, int64_t row) {
+// Elements first, first + stride, ... of a kept row's fold (a thread's part of the row).
+DA_HD void FoldElements(const FoldStep& step, const void* pattern_out, ElemType type, float* acc,
+                        int64_t row, int64_t head_dim, int64_t first, int64_t stride) {
+  float* a = acc + row * head_dim;
+  for (int64_t d = first; d < head_dim; d += stride) {
+    const float x = LoadElem(pattern_out, type, row * head_dim + d);
+    // GROUPED sets (a head's one pattern); LONGNET rescales what was there.
+    a[d] = step.old_factor == 0.0f ? x * step.new_factor
+                                   : a[d] * step.old_factor + x * step.new_factor;
+  }
+}
+
+// FoldStepFor, FoldElements over the whole row, then the row's new state: one thread's fold.
+DA_HD void FoldRow(const RowShare& s, int pattern_index, const void* pattern_out, ElemType type,
+                   const float* lse, float* acc, float* max_lse, float* weight, int64_t row) {
+  const FoldStep step = FoldStepFor(s, pattern_index, lse, max_lse, weight, row);
+  if (!step.kept) return;
+  FoldElements(step, pattern_out, type, acc, row, s.head_dim, 0, 1);
+  weight[row] = step.new_weight;
+  max_lse[row] = step.new_max;
+}
+
+// Elements first, first + stride, ... of output row `row`: LONGNET's weighted mean, GROUPED's
+// pattern, 0 where no pattern kept the row.
+DA_HD void FinishElements(const RowShare& s, const float* acc, const float* weight, int64_t row,
+                          int64_t first, int64_t stride) {
   const int64_t d_count = s.head_dim;
   const float w = weight[row];
   const float inverse = w > 0.0f ? 1.0f / w : 0.0f;
-  for (int64_t d = 0; d < d_count; ++d) {
+  for (int64_t d = first; d < d_count; d += stride) {
     StoreElem(s.out, s.out_type, row * d_count + d,
               w > 0.0f ? acc[row * d_count + d] * inverse : 0.0f);
   }
+}
+
+DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, int64_t row) {
+  FinishElements(s, acc, weight, row, 0, 1);
 }
 
 }  // namespace da::engine::cuda

@@ -333,6 +333,32 @@ TEST(RowAttentionTest, ASpanningSegmentWithoutItsRowsIsReportedNotComputed) {
   EXPECT_GT(refused, 0);
 }
 
+// The stop flag (a cancelled run's): a row whose flag is set returns without writing its output;
+// with the flag clear the same rows are computed.
+TEST(RowAttentionTest, ASetStopFlagEndsARowUnwritten) {
+  AttentionSpec spec;
+  spec.patterns = {{1024, 1}, {512, 2}};
+  const ProblemShape shape{1, 1024, 2, 2, 32};
+  std::mt19937 rng(9);
+  const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+  const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+  OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  const std::vector<uint8_t> poisoned = out.bytes;
+  absl::StatusOr<RowTables> tables =
+      MakeRowTables(WholeProblem(q.view(), k.view(), k.view(), spec, out.mutable_view()));
+  ASSERT_TRUE(tables.ok()) << tables.status();
+  int stop = 1;
+  RowShare s = tables->share;
+  s.stop = &stop;
+  for (int64_t row = 0; row < RowCount(s); ++row) EXPECT_TRUE(ComputeRow(s, row));
+  EXPECT_EQ(out.bytes, poisoned) << "a row was written after the stop";
+  stop = 0;
+  for (int64_t row = 0; row < RowCount(s); ++row) EXPECT_TRUE(ComputeRow(s, row));
+  for (int64_t i = 0; i < shape.QueryShape().elements(); ++i) {
+    ASSERT_TRUE(std::isfinite(LoadAsFloat(DType::kFloat32, out.bytes.data(), i))) << i;
+  }
+}
+
 TEST(RowAttentionTest, AHeadDimensionPastTheRegistersIsRefused) {
   AttentionSpec spec;
   spec.patterns = {{8, 1}};

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from da import _tensors, _wire, errors
+from da import _stub, _tensors, _wire, errors
 from da.v1 import attention_pb2 as pb
-from da.v1 import attention_pb2_grpc as pb_grpc
 
 _MODES = {"longnet": pb.COMBINE_MODE_LONGNET, "grouped": pb.COMBINE_MODE_GROUPED}
 _PRECISIONS = {"auto": pb.PRECISION_AUTO, "fp32": pb.PRECISION_FP32, "bf16": pb.PRECISION_BF16,
@@ -19,8 +18,8 @@ _DTYPES = {"float32": pb.DTYPE_FP32, "float16": pb.DTYPE_FP16, "bfloat16": pb.DT
 # A streamed block carries about this many bytes of q, k and v (as da-client's blocks).
 _BLOCK_BYTES = 4 << 20
 _DEFAULT_MESSAGE_BYTES = 64 << 20  # The server's default --max-message-bytes.
-_ATTEND = "/da.v1.AttentionService/Attend"
-_ATTEND_STREAM = "/da.v1.AttentionService/AttendStream"
+_ATTEND = _stub.method_path("Attend")
+_ATTEND_STREAM = _stub.method_path("AttendStream")
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
@@ -98,7 +97,7 @@ class Client:
                  timeout=None, options=(), max_message_bytes=1 << 30):
         self._channel = _make_channel(grpc, target, tls_ca, tls_cert, tls_key, options,
                                       max_message_bytes)
-        self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        self._stub = _stub.AttentionServiceStub(self._channel)
         # Tensor-carrying calls take and give bytes encoded by da/_wire.py.
         self._attend = self._channel.unary_unary(_ATTEND)
         self._attend_stream = self._channel.stream_stream(_ATTEND_STREAM)

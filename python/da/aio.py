@@ -12,9 +12,8 @@ and output assembly it shares; only the calls are awaited.
 import grpc
 import grpc.aio
 
-from da import _client, errors
+from da import _client, _stub, errors
 from da.v1 import attention_pb2 as pb
-from da.v1 import attention_pb2_grpc as pb_grpc
 
 
 class Client:
@@ -25,7 +24,7 @@ class Client:
                  timeout=None, options=(), max_message_bytes=1 << 30):
         self._channel = _client._make_channel(grpc.aio, target, tls_ca, tls_cert, tls_key,
                                               options, max_message_bytes)
-        self._stub = pb_grpc.AttentionServiceStub(self._channel)
+        self._stub = _stub.AttentionServiceStub(self._channel)
         self._attend = self._channel.unary_unary(_client._ATTEND)
         self._attend_stream = self._channel.stream_stream(_client._ATTEND_STREAM)
         self._health = self._channel.unary_unary(_client._HEALTH_CHECK)

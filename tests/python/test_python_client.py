@@ -7,7 +7,9 @@ wire dtype against the numpy reference, unary and streamed alike to the byte, th
 framed by hand equal to protobuf's own encoding, the automatic switch to streaming (a 96 MiB
 request), outputs written into a caller's array, the block iterator fed by a generator that never
 holds the input, warm-up, local refusals before anything is sent, errors as exceptions of the
-right classes, health, info and the bearer token, the asyncio client, and the torch module.
+right classes, health, info and the bearer token, the asyncio client, and the torch module; and
+that the wheel holds no gencode that checks the grpcio or protobuf version at import (it would
+refuse the older ones that pyproject.toml accepts), its stub and messages standing in for it.
 
     test_python_client.py --server-binary build/bin/da-server
 """
@@ -36,7 +38,9 @@ def _run_in_a_fresh_venv():
     work = tempfile.mkdtemp(prefix="da-wheel-")
     try:
         source = os.path.join(work, "src")
-        ignore = shutil.ignore_patterns("build", "*.egg-info", "*_pb2*.py", "__pycache__")
+        # Not what a build leaves in the checkout (attention_pb2.py is written by hand: kept).
+        ignore = shutil.ignore_patterns("build", "*.egg-info", "*.desc", "*_pb2_grpc.py",
+                                        "__pycache__")
         shutil.copytree(os.path.join(ROOT, "python"), os.path.join(source, "python"),
                         ignore=ignore)
         shutil.copytree(os.path.join(ROOT, "proto"), os.path.join(source, "proto"))
@@ -78,6 +82,7 @@ import da.torch  # noqa: E402
 import ml_dtypes  # noqa: E402
 import torch  # noqa: E402
 from da import _client  # noqa: E402  (the framing, compared with protobuf's below)
+from da import _stub  # noqa: E402
 from da.v1 import attention_pb2 as pb  # noqa: E402
 
 if not da.__file__.startswith(os.environ[VENV_RUN]):
@@ -185,6 +190,11 @@ class PythonClientTest(unittest.TestCase):
         async def run():
             async with da.aio.Client(self.server.address, timeout=60) as client:
                 self.assertEqual(await client.health("da.v1.AttentionService"), "SERVING")
+                # The stub's calls (da/_stub.py) on a grpc.aio channel.
+                self.assertEqual((await client.info()).devices[0].id, "cpu:0")
+                self.assertEqual(len((await client.warm_up([dict(
+                    shape=(1, 120, 4, 16), segments=[32, 64], dilations=[1, 2],
+                    precision="fp32")])).results), 1)
                 unary = await asyncio.gather(*(client.attend(q, q, q, stream=False, **kw)
                                                for q in inputs))
                 streamed = await asyncio.gather(*(client.attend(q, q, q, stream=True,
@@ -454,6 +464,78 @@ class PythonClientTest(unittest.TestCase):
         got, info = asyncio.run(run())
         self.assertIsNotNone(info)
         self.assertTrue(np.array_equal(got, self.client.attend(q, q, q, **kw)))
+
+
+class PackageTest(unittest.TestCase):
+    """The wheel without version-locked gencode: its gRPC stub (da/_stub.py) and its messages
+    (da/v1/attention_pb2.py, made at import from the descriptor set the build wrote)."""
+
+    def test_the_installed_package_holds_no_version_checking_gencode(self):
+        package = os.path.dirname(da.__file__)
+        files = sorted(os.path.relpath(os.path.join(d, f), package)
+                       for d, _, names in os.walk(package) for f in names)
+        self.assertIn(os.path.join("v1", "attention.desc"), files)
+        self.assertIn(os.path.join("v1", "attention_pb2.py"), files)
+        self.assertNotIn(os.path.join("v1", "attention_pb2_grpc.py"), files)
+        for name in files:
+            with open(os.path.join(package, name), "rb") as f:
+                data = f.read()
+            # grpcio-tools' stub raises under an older grpcio; protoc's messages under an older
+            # protobuf (google.protobuf.runtime_version).
+            for text in (b"GRPC_GENERATED_VERSION", b"ValidateProtobufRuntimeVersion",
+                         b"import runtime_version"):
+                self.assertFalse(text in data, f"{text.decode()} in da/{name}")
+
+    def test_messages_and_enums_have_the_gencode_names(self):
+        file = pb.DESCRIPTOR
+        self.assertEqual(file.name, "da/v1/attention.proto")
+        for name, descriptor in file.message_types_by_name.items():
+            self.assertIs(getattr(pb, name).DESCRIPTOR, descriptor)
+        for name, descriptor in file.enum_types_by_name.items():
+            self.assertIs(getattr(pb, name).DESCRIPTOR, descriptor)
+            for value in descriptor.values:
+                self.assertEqual(getattr(pb, value.name), value.number)
+                self.assertEqual(getattr(pb, name).Value(value.name), value.number)
+        self.assertEqual(pb.DType.Name(pb.DTYPE_BF16), "DTYPE_BF16")
+        self.assertEqual(pb.PRECISION_FP8, 4)
+        request = pb.AttendRequest(request_id="r", spec=pb.AttentionSpec(
+            segment_lengths=[8], dilation_rates=[2], softmax_scale=0.5,
+            combine_mode=pb.COMBINE_MODE_GROUPED), priority=-1)
+        again = pb.AttendRequest.FromString(request.SerializeToString())
+        self.assertEqual(again, request)
+        self.assertTrue(again.spec.HasField("softmax_scale"))
+        answer = pb.AttendStreamResponse(trailer=pb.StreamTrailer())
+        self.assertEqual(answer.WhichOneof("kind"), "trailer")
+
+    def test_the_stub_makes_each_rpc_of_the_service_with_its_kind(self):
+        class Channel:  # Records what the stub asks of a channel.
+            def __init__(self):
+                self.made = {}
+
+            def __getattr__(self, kind):
+                def make(path, request_serializer, response_deserializer):
+                    self.made[path] = (kind, request_serializer, response_deserializer)
+                    return (kind, path)
+                return make
+
+        channel = Channel()
+        stub = _stub.AttentionServiceStub(channel)
+        service = pb.DESCRIPTOR.services_by_name["AttentionService"]
+        self.assertEqual(_stub.SERVICE, service.full_name)
+        self.assertEqual(sorted(_stub.METHODS), sorted(m.name for m in service.methods))
+        for method in service.methods:
+            with self.subTest(method=method.name):
+                path = f"/da.v1.AttentionService/{method.name}"
+                self.assertEqual(getattr(stub, method.name), channel.made[path][:1] + (path,))
+                kind, serialize, deserialize = channel.made[path]
+                if hasattr(method, "client_streaming"):  # protobuf >= 4.23 or so.
+                    self.assertEqual(kind, ("stream" if method.client_streaming else "unary") +
+                                     ("_stream" if method.server_streaming else "_unary"))
+                request = getattr(pb, method.input_type.name)
+                response = getattr(pb, method.output_type.name)
+                self.assertEqual(serialize, request.SerializeToString)
+                self.assertEqual(deserialize, response.FromString)
+        # On real channels: info and warm_up above (grpc.Channel) and in the asyncio test.
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ class TorchBaselineTest(unittest.TestCase):
     def test_the_cost_is_the_references(self):
         self.assertEqual(baseline.cost_flops(4096, 8, 64, [1024, 2048], [1, 2], False),
                          ref.cost_flops(4096, 8, 64, [1024, 2048], [1, 2]))
+        # GROUPED: each pattern on its group of heads (3 and 2 of 5 heads) only.
+        self.assertEqual(
+            baseline.cost_flops(4096, 5, 64, [1024, 2048], [1, 2], False, mode="grouped"),
+            3 * 4 * 4096 * 64 * 1024 + 2 * 4 * 4096 * 64 * 2048 / 4)
 
 
 if __name__ == "__main__":
