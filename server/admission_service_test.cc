@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <thread>
@@ -43,16 +44,29 @@ TEST(AdmissionServerTest, TightDeadlineIsDeadlineExceededAndStopsTheEngine) {
   v1::WarmUpResponse warmed;
   ASSERT_TRUE(client.WarmUp(warm_up, &warmed).ok());
   v1::AttendResponse response;
-  const auto start = std::chrono::steady_clock::now();
-  const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(300));
+  // On a loaded machine the 48 MiB request can take the whole 300 ms to arrive; the deadline then
+  // passes before it is queued, the engine never runs, and nothing here is tested: send it again
+  // (at most 3 times), each refusal logged.
+  grpc::Status status;
+  bool engine_stopped = false;
+  double stopped_ms = 0;
+  for (int attempt = 0; attempt < 3 && !engine_stopped; ++attempt) {
+    const auto start = std::chrono::steady_clock::now();
+    status = client.Attend(request, &response, testing::WithTimeout(300));
+    // The engine saw the deadline itself (not only the client): it stopped the run within 100 ms
+    // of it, on top of the polling of this check.
+    engine_stopped = testing::WaitFor(
+        [&] { return Metric(*server, "da_engine_runs_deadline_exceeded_total") == 1; },
+        milliseconds(2000));
+    stopped_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (!engine_stopped) {
+      std::fprintf(stderr, "attempt %d never ran in the engine: %s\n", attempt,
+                   status.error_message().c_str());
+    }
+  }
   EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
-  // The engine saw the deadline itself (not only the client): it stopped the run within 100 ms
-  // of it, on top of the polling of this check.
-  EXPECT_TRUE(testing::WaitFor(
-      [&] { return Metric(*server, "da_engine_runs_deadline_exceeded_total") == 1; },
-      milliseconds(2000)));
-  const double stopped_ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_TRUE(engine_stopped);
   EXPECT_LT(stopped_ms, 300 + 100 + 50);
   EXPECT_EQ(Metric(*server, "da_engine_running_requests"), 0);
   EXPECT_EQ(Metric(*server, "da_memory_reserved_bytes"), 0);
