@@ -165,15 +165,14 @@ class Baseline {
     made->out_.assign(made->q_.size(), '\0');
     const da::engine::Shape4 q_shape = problem->shape.QueryShape();
     const da::engine::Shape4 kv_shape = problem->shape.KeyShape();
-    const auto view = [](da::engine::Shape4 shape, const std::string& bytes) {
-      return da::engine::TensorView{da::engine::DType::kFloat32, shape, bytes.data(),
-                                    static_cast<int64_t>(bytes.size())};
+    const da::engine::DType type = stream.dtype();
+    const auto view = [type](da::engine::Shape4 shape, const std::string& bytes) {
+      return da::engine::TensorView{type, shape, bytes.data(), static_cast<int64_t>(bytes.size())};
     };
     made->run_.q = view(q_shape, made->q_);
     made->run_.k = view(kv_shape, made->k_);
     made->run_.v = view(kv_shape, made->v_);
-    made->run_.out = {da::engine::DType::kFloat32, q_shape, made->out_.data(),
-                      static_cast<int64_t>(made->out_.size())};
+    made->run_.out = {type, q_shape, made->out_.data(), static_cast<int64_t>(made->out_.size())};
     made->run_.spec = problem->spec;
     return made;
   }
@@ -250,7 +249,7 @@ int main(int argc, char** argv) {
   int64_t batch = 1, seq_len = 65536, heads = 8, kv_heads = 0, head_dim = 64;
   int64_t block_tokens = 0, min_chunk_tokens = 4096;
   std::vector<int64_t> segments{2048, 4096, 8192}, dilations{1, 2, 4};
-  std::string mode = "grouped", precision = "fp32", server_address;
+  std::string mode = "grouped", precision = "fp32", dtype = "fp32", server_address;
   std::string listen = "127.0.0.1:0";
   int threads = 2, repeat = 3, depth = 2, parallel_streams = 0, parts_used = 1;
   long server_pid = 0;
@@ -275,6 +274,10 @@ int main(int argc, char** argv) {
   app.add_option("--dilations", dilations)->delimiter(',');
   app.add_option("--mode", mode)->check(CLI::IsMember({"longnet", "grouped"}));
   app.add_option("--precision", precision)->check(CLI::IsMember({"auto", "fp32", "bf16"}));
+  app.add_option("--dtype", dtype,
+                 "The tensors' dtype on the wire and out (bf16 and fp16: half "
+                 "the bytes of fp32)")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   app.add_option("--block-tokens", block_tokens, "Tokens per input block; 0: about 4 MiB");
   app.add_option("--threads", threads, "Compute threads of the in-process engine and server");
   app.add_option("--pipeline-depth", depth, "In-process server's --stream-pipeline-depth");
@@ -302,7 +305,11 @@ int main(int argc, char** argv) {
 
   da::v1::StreamHeader header;
   header.set_request_id("da-stream-bench");
-  header.set_dtype(da::v1::DTYPE_FP32);
+  const da::v1::DType wire_dtype = dtype == "bf16"   ? da::v1::DTYPE_BF16
+                                   : dtype == "fp16" ? da::v1::DTYPE_FP16
+                                                     : da::v1::DTYPE_FP32;
+  const int64_t element_bytes = dtype == "fp32" ? 4 : 2;
+  header.set_dtype(wire_dtype);
   header.set_batch(batch);
   header.set_seq_len(seq_len);
   header.set_heads(heads);
@@ -317,15 +324,15 @@ int main(int argc, char** argv) {
   header.mutable_spec()->set_precision(precision == "fp32"   ? da::v1::PRECISION_FP32
                                        : precision == "bf16" ? da::v1::PRECISION_BF16
                                                              : da::v1::PRECISION_AUTO);
-  const int64_t row_bytes = (kv_heads == 0 ? heads : kv_heads) * head_dim * 4;
+  const int64_t row_bytes = (kv_heads == 0 ? heads : kv_heads) * head_dim * element_bytes;
   if (block_tokens == 0) {
-    block_tokens =
-        std::max<int64_t>(1, (4 << 20) / (batch * (heads * head_dim * 4 + 2 * row_bytes)));
+    block_tokens = std::max<int64_t>(
+        1, (4 << 20) / (batch * (heads * head_dim * element_bytes + 2 * row_bytes)));
   }
   const da::server::testing::SyntheticStream stream(header, /*seed=*/20261125, block_tokens);
-  const int64_t out_bytes = batch * seq_len * heads * head_dim * 4;
-  const double wire_bytes =
-      static_cast<double>(batch * seq_len) * (2.0 * heads * head_dim * 4 + 2.0 * row_bytes);
+  const int64_t out_bytes = batch * seq_len * heads * head_dim * element_bytes;
+  const double wire_bytes = static_cast<double>(batch * seq_len) *
+                            (2.0 * heads * head_dim * element_bytes + 2.0 * row_bytes);
 
   // The in-process baseline: the whole problem in one Engine::Run on inputs already in memory
   // (the same values the stream sends). Its runs alternate with the stream's, so that both see
@@ -378,7 +385,7 @@ int main(int argc, char** argv) {
          {std::tuple{request.mutable_query(), SyntheticStream::kQuery, heads},
           {request.mutable_key(), SyntheticStream::kKey, kv_heads == 0 ? heads : kv_heads},
           {request.mutable_value(), SyntheticStream::kValue, kv_heads == 0 ? heads : kv_heads}}) {
-      tensor->set_dtype(da::v1::DTYPE_FP32);
+      tensor->set_dtype(wire_dtype);
       for (int64_t dim : {batch, seq_len, h, head_dim}) tensor->add_shape(dim);
       tensor->set_data(stream.Rows(kind, 0, seq_len));
     }
@@ -480,10 +487,10 @@ int main(int argc, char** argv) {
   }
 
   std::printf(
-      "problem: B=%lld N=%lld H=%lld Hkv=%lld D=%lld fp32, %s, precision %s, %zu patterns\n",
+      "problem: B=%lld N=%lld H=%lld Hkv=%lld D=%lld %s, %s, precision %s, %zu patterns\n",
       static_cast<long long>(batch), static_cast<long long>(seq_len), static_cast<long long>(heads),
       static_cast<long long>(kv_heads == 0 ? heads : kv_heads), static_cast<long long>(head_dim),
-      mode.c_str(), precision.c_str(), segments.size());
+      dtype.c_str(), mode.c_str(), precision.c_str(), segments.size());
   std::printf(
       "stream: %lld-token blocks, chunks of %lld tokens (%lld chunks), %.2f GiB through the wire\n",
       static_cast<long long>(block_tokens), static_cast<long long>(info.stream_chunk_tokens()),

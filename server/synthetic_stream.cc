@@ -4,10 +4,16 @@
 #include <cstring>
 #include <memory>
 
+#include "engine/tensor.h"
 #include "server/conversion.h"
 
 namespace da::server::testing {
 namespace {
+
+v1::StreamHeader WithDType(v1::StreamHeader header, v1::DType dtype) {
+  header.set_dtype(dtype);
+  return header;
+}
 
 uint64_t SplitMix64(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
@@ -33,9 +39,23 @@ int64_t SyntheticStream::Heads(Tensor tensor) const {
   return tensor == kQuery ? header_.heads() : header_.kv_heads();
 }
 
+engine::DType SyntheticStream::dtype() const {
+  return DTypeFromProto(header_.dtype(), "dtype").value_or(engine::DType::kFloat32);
+}
+
 std::string SyntheticStream::Rows(Tensor tensor, int64_t token_start, int64_t count) const {
   const int64_t row = Heads(tensor) * header_.head_dim();
-  std::string bytes(static_cast<size_t>(header_.batch() * count * row * 4), '\0');
+  const engine::DType type = dtype();
+  std::string bytes(static_cast<size_t>(header_.batch() * count * row * engine::DTypeSize(type)),
+                    '\0');
+  if (type != engine::DType::kFloat32) {  // The fp32 values, rounded to the stream's dtype.
+    std::string wide = SyntheticStream(WithDType(header_, v1::DTYPE_FP32), seed_, block_tokens_)
+                           .Rows(tensor, token_start, count);
+    const auto* values = reinterpret_cast<const float*>(wide.data());
+    for (int64_t i = 0; i < header_.batch() * count * row; ++i)
+      engine::StoreFromFloat(type, bytes.data(), i, values[i]);
+    return bytes;
+  }
   float* out = reinterpret_cast<float*>(bytes.data());
   for (int64_t b = 0; b < header_.batch(); ++b) {
     for (int64_t t = 0; t < count; ++t) {
@@ -86,11 +106,12 @@ std::string SyntheticStream::EngineOutput(engine::Engine& engine, int64_t token_
   const engine::Shape4 q_shape = problem.shape.QueryShape();
   const engine::Shape4 kv_shape = problem.shape.KeyShape();
   engine::RunRequest run;
-  run.q = {engine::DType::kFloat32, q_shape, q.data(), static_cast<int64_t>(q.size())};
-  run.k = {engine::DType::kFloat32, kv_shape, k.data(), static_cast<int64_t>(k.size())};
-  run.v = {engine::DType::kFloat32, kv_shape, v.data(), static_cast<int64_t>(v.size())};
+  const engine::DType type = dtype();
+  run.q = {type, q_shape, q.data(), static_cast<int64_t>(q.size())};
+  run.k = {type, kv_shape, k.data(), static_cast<int64_t>(k.size())};
+  run.v = {type, kv_shape, v.data(), static_cast<int64_t>(v.size())};
   run.spec = problem.spec;
-  run.out = {engine::DType::kFloat32, q_shape, out.data(), static_cast<int64_t>(out.size())};
+  run.out = {type, q_shape, out.data(), static_cast<int64_t>(out.size())};
   if (!engine.Run(run).ok()) return {};
   return out;
 }

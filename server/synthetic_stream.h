@@ -23,10 +23,12 @@ class SyntheticStream {
  public:
   enum Tensor { kQuery = 0, kKey = 1, kValue = 2 };
 
-  // header: an fp32 StreamHeader (kv_heads 0 means heads).
+  // header: a StreamHeader (kv_heads 0 means heads) of dtype fp32, fp16 or bf16; the values are
+  // the same for every dtype, rounded to it.
   SyntheticStream(const v1::StreamHeader& header, uint64_t seed, int64_t block_tokens);
 
   const v1::StreamHeader& header() const { return header_; }
+  engine::DType dtype() const;  // The header's.
   int64_t block_tokens() const { return block_tokens_; }
 
   // Tokens [token_start, token_start + count) of every batch element, [batch, count, heads, D].
@@ -38,9 +40,9 @@ class SyntheticStream {
   // Blocks in order, for AttendStreamBlocks; each call of Source() starts from token 0.
   client::AttentionClient::BlockSource Source() const;
 
-  // What the in-process engine (CPU, `threads` threads, FP32 output) answers for tokens
-  // [token_start, token_start + count) computed as a problem of their own: for a chunk of the
-  // server's stream this equals the server's output for those tokens.
+  // What the in-process engine (CPU, `threads` threads, output in the stream's dtype) answers for
+  // tokens [token_start, token_start + count) computed as a problem of their own: for a chunk of
+  // the server's stream this equals the server's output for those tokens.
   std::string EngineOutput(engine::Engine& engine, int64_t token_start, int64_t count) const;
 
  private:

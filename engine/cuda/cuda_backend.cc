@@ -169,6 +169,8 @@ class CudaBackend final : public Backend {
 #if defined(DA_HAVE_CUDNN)
     const char* fused = std::getenv("DA_CUDA_FUSED");
     fused_ = (fused == nullptr || std::string(fused) != "0") && major >= 8;
+    const char* combine = std::getenv("DA_CUDA_COMBINE");
+    one_pass_ = combine != nullptr && std::string(combine) == "onepass";
 #endif
   }
 
@@ -394,6 +396,9 @@ class CudaBackend final : public Backend {
     const int64_t d = key.shape.head_dim;
     const int64_t kv = key.shape.batch * share.tokens() * share.kv_heads() * d;
     const int64_t converted = key.dtype == DType::kFloat32 ? 2 * (rows * d + 2 * kv) : 0;
+    if (one_pass_) {  // Every pattern's output (io) and LSE (fp32).
+      return converted + static_cast<int64_t>(key.patterns.size()) * rows * (d * 2 + 4);
+    }
     return converted + rows * d * 2 + rows * 4 + rows * d * 4 + 2 * rows * 4;
   }
 
@@ -421,6 +426,35 @@ class CudaBackend final : public Backend {
       }
       times.Mark("convert");
     }
+    const float scale = static_cast<float>(problem.spec.ScaleFor(d));
+    const int patterns = static_cast<int>(problem.spec.patterns.size());
+    if (one_pass_) {
+      // Each pattern writes its own block; rows it does not keep are never read.
+      DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * 2));
+      DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(patterns * rows * 4));
+      times.Mark("alloc");
+      for (int pi = 0; pi < patterns; ++pi) {
+        if (context.cancelled != nullptr && context.cancelled->load()) {
+          cudaStreamSynchronize(stream);
+          return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
+        }
+        void* out = static_cast<uint8_t*>(outs.data()) + pi * rows * d * 2;
+        float* lse = static_cast<float*>(lses.data()) + pi * rows;
+        for (const SdpaCall& call : plan.calls) {
+          if (call.pattern_index != pi) continue;
+          DA_RETURN_IF_ERROR(plan.graphs->Run(call, {in[0], in[1], in[2], out, lse, scale},
+                                              plan.workspace.data(), stream));
+        }
+        times.Mark(absl::StrCat("p", pi, " sdpa"));
+        // Polls the stop between patterns, as the fold does.
+        DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
+      }
+      DA_RETURN_IF_ERROR(CudaStatus(
+          LaunchCombine(share, outs.data(), io, static_cast<const float*>(lses.data()), stream),
+          "combine"));
+      times.Mark("combine");
+      return CudaStatus(cudaStreamSynchronize(stream), "combine");
+    }
     DA_ASSIGN_OR_RETURN(DeviceBuffer pattern_out, Allocate(rows * d * 2));
     DA_ASSIGN_OR_RETURN(DeviceBuffer fold, Allocate(rows * (d + 3) * 4));
     auto* lse = static_cast<float*>(fold.data());
@@ -430,8 +464,7 @@ class CudaBackend final : public Backend {
     DA_RETURN_IF_ERROR(
         CudaStatus(cudaMemsetAsync(acc, 0, rows * (d + 2) * 4, stream), "clear the fold"));
     times.Mark("alloc+clear");
-    const float scale = static_cast<float>(problem.spec.ScaleFor(d));
-    for (int pi = 0; pi < static_cast<int>(problem.spec.patterns.size()); ++pi) {
+    for (int pi = 0; pi < patterns; ++pi) {
       if (context.cancelled != nullptr && context.cancelled->load()) {
         cudaStreamSynchronize(stream);
         return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
@@ -473,6 +506,9 @@ class CudaBackend final : public Backend {
   const DeviceCapabilities capabilities_;
   const PrecisionPolicyOptions options_;
   bool fused_ = false;  // The cuDNN path (sm_80 and later, cuDNN built; DA_CUDA_FUSED=0: off).
+  // The fused path's combine: every pattern's output kept and combined in one pass at the end
+  // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
+  bool one_pass_ = false;
   std::mutex mutex_;
   cudaStream_t stream_ = nullptr;
 };

@@ -429,4 +429,71 @@ DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, i
   FinishElements(s, acc, weight, row, 0, 1);
 }
 
+// The one-pass combine (the alternative to FoldRow + FinishRow): every pattern's output kept,
+// pattern pi's at outs + pi * RowCount(s) * head_dim (io type) with its LSE at
+// lses + pi * RowCount(s), and each output row computed once from the patterns that keep it:
+// LONGNET the LSE-weighted mean (largest LSE subtracted first), GROUPED its head's one pattern
+// divided by P, 0 where none keeps it. Rows a pattern does not keep are never read, so the
+// buffers need no clearing. The thread computes elements first + j * stride, j < kSlots (kSlots
+// a compile-time bound so that its accumulators stay in registers: 4 for a warp's lanes over
+// D <= 128, kMaxRowHeadDim for one thread over the whole row).
+template <int kSlots>
+DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, const float* lses,
+                           int64_t row, int64_t first, int64_t stride) {
+  const int64_t rows = RowCount(s);
+  const int64_t d_count = s.head_dim;
+  const int64_t share_heads = ShareHeads(s);
+  const int64_t local_head = row % share_heads;
+  const int64_t position = s.token_begin + (row / share_heads) % ShareTokens(s);
+  const int begin = s.head_pattern_begin[local_head];
+  const int end = s.head_pattern_begin[local_head + 1];
+  // The largest LSE of the patterns that keep the row.
+  float max_lse = -INFINITY;
+  bool any = false;
+  for (int e = begin; e < end; ++e) {
+    const int pi = s.head_patterns[e].pattern_index;
+    if (KeptBy(s, pi, local_head, position) == nullptr) continue;
+    const float l = lses[pi * rows + row];
+    max_lse = !any || l > max_lse ? l : max_lse;
+    any = true;
+  }
+  float acc[kSlots];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kSlots; ++j) acc[j] = 0.0f;
+  float weight = 0.0f;
+  for (int e = begin; e < end && any; ++e) {
+    const int pi = s.head_patterns[e].pattern_index;
+    if (KeptBy(s, pi, local_head, position) == nullptr) continue;
+    const float w = s.grouped ? 1.0f : expf(lses[pi * rows + row] - max_lse);
+    weight += w;
+    const int64_t base = (pi * rows + row) * d_count;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < kSlots; ++j) {
+      const int64_t d = first + j * stride;
+      if (d < d_count) acc[j] += w * LoadElem(outs, type, base + d);
+    }
+  }
+  // GROUPED: one pattern, weight 1, divided by P; LONGNET: divided by the weights' sum.
+  const float inverse = !any        ? 0.0f
+                        : s.grouped ? 1.0f / static_cast<float>(s.patterns)
+                                    : 1.0f / weight;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int j = 0; j < kSlots; ++j) {
+    const int64_t d = first + j * stride;
+    if (d < d_count) StoreElem(s.out, s.out_type, row * d_count + d, acc[j] * inverse);
+  }
+}
+
+// One thread's whole row of the one-pass combine.
+DA_HD void CombineRow(const RowShare& s, const void* outs, ElemType type, const float* lses,
+                      int64_t row) {
+  CombineElements<kMaxRowHeadDim>(s, outs, type, lses, row, 0, 1);
+}
+
 }  // namespace da::engine::cuda

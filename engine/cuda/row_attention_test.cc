@@ -215,8 +215,9 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, RowAttentionTest,
 
 // The fused path's combine: each pattern's normalised output (rounded to bf16, as cuDNN returns
 // it) and natural-log LSE, computed here in fp64 per kept set, folded pattern by pattern with
-// FoldRow and finished with FinishRow, equal the reference (bf16 relative L2 bound); rows no
-// pattern keeps are exactly 0.
+// FoldRow and finished with FinishRow, and the same outputs kept side by side and combined in one
+// pass with CombineRow, both equal the reference (bf16 relative L2 bound); rows no pattern keeps
+// are exactly 0. Positions a pattern does not keep hold NaN, which neither may read.
 using FoldParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode>;
 class FoldRowTest : public ::testing::TestWithParam<FoldParam> {};
 
@@ -240,6 +241,9 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   const RowShare& s = tables->share;
   const int64_t rows = RowCount(s), D = shape.head_dim;
   std::vector<float> acc(rows * D, 0.0f), max_lse(rows, 0.0f), weight(rows, 0.0f);
+  const int64_t patterns = static_cast<int64_t>(spec.patterns.size());
+  std::vector<uint16_t> all_outs;  // Every pattern's output, for CombineRow.
+  std::vector<float> all_lses;
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
   const double scale = spec.ScaleFor(D);
   for (int pi = 0; pi < static_cast<int>(spec.patterns.size()); ++pi) {
@@ -290,18 +294,32 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
       FoldRow(s, pi, pattern_out.data(), ElemType::kBF16, lse.data(), acc.data(), max_lse.data(),
               weight.data(), row);
     }
+    all_outs.insert(all_outs.end(), pattern_out.begin(), pattern_out.end());
+    all_lses.insert(all_lses.end(), lse.begin(), lse.end());
   }
+  ASSERT_EQ(static_cast<int64_t>(all_lses.size()), patterns * rows);
   for (int64_t row = 0; row < rows; ++row) FinishRow(s, acc.data(), weight.data(), row);
-  EXPECT_LE(engine::testing::RelativeL2(out, expected), engine::testing::kBf16RelativeL2);
-  int64_t zeros = 0;
-  for (int64_t i = 0; i < expected.elements(); ++i) {
-    if (expected.at(i) == 0.0f) {
-      ASSERT_EQ(out.at(i), 0.0f) << "element " << i;
-      ++zeros;
-    }
+  OwnedTensor combined = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+  RowShare one_pass = s;
+  one_pass.out = combined.bytes.data();
+  for (int64_t row = 0; row < rows; ++row) {
+    CombineRow(one_pass, all_outs.data(), ElemType::kBF16, all_lses.data(), row);
   }
-  if (set == 1) {
-    EXPECT_GT(zeros, 0) << "r > 1 everywhere leaves rows no pattern keeps";
+  for (const OwnedTensor* got : {&out, &combined}) {
+    const char* name = got == &out ? "fold" : "one-pass combine";
+    EXPECT_LE(engine::testing::RelativeL2(*got, expected), engine::testing::kBf16RelativeL2)
+        << name;
+    int64_t zeros = 0;
+    for (int64_t i = 0; i < expected.elements(); ++i) {
+      ASSERT_TRUE(std::isfinite(got->at(i))) << name << ", element " << i;
+      if (expected.at(i) == 0.0f) {
+        ASSERT_EQ(got->at(i), 0.0f) << name << ", element " << i;
+        ++zeros;
+      }
+    }
+    if (set == 1) {
+      EXPECT_GT(zeros, 0) << "r > 1 everywhere leaves rows no pattern keeps";
+    }
   }
 }
 

@@ -39,6 +39,15 @@ __global__ void FinishKernel(RowShare share, const float* acc, const float* weig
   if (row < rows) FinishElements(share, acc, weight, row, threadIdx.x % kLanes, kLanes);
 }
 
+__global__ void CombineKernel(RowShare share, const void* outs, ElemType type, const float* lses,
+                              int64_t rows) {
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  if (row < rows) {
+    CombineElements<kMaxRowHeadDim / kLanes>(share, outs, type, lses, row, threadIdx.x % kLanes,
+                                             kLanes);
+  }
+}
+
 __global__ void ConvertKernel(const void* src, ElemType from, void* dst, ElemType to,
                               int64_t count) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -64,6 +73,14 @@ cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* w
                          cudaStream_t stream) {
   const int64_t rows = RowCount(share);
   FinishKernel<<<Blocks(rows * kLanes), kThreadsPerBlock, 0, stream>>>(share, acc, weight, rows);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchCombine(const RowShare& share, const void* outs, ElemType type, const float* lses,
+                          cudaStream_t stream) {
+  const int64_t rows = RowCount(share);
+  CombineKernel<<<Blocks(rows * kLanes), kThreadsPerBlock, 0, stream>>>(share, outs, type, lses,
+                                                                        rows);
   return cudaGetLastError();
 }
 

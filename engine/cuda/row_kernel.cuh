@@ -22,6 +22,12 @@ cudaError_t LaunchFold(const RowShare& share, int pattern_index, const void* pat
 cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* weight,
                          cudaStream_t stream);
 
+// The one-pass combine (row_attention.cuh CombineElements) of every pattern's kept output (outs:
+// P blocks of RowCount rows x head_dim in `type`; lses: P blocks of RowCount fp32) into the
+// share's output, a warp per row.
+cudaError_t LaunchCombine(const RowShare& share, const void* outs, ElemType type, const float* lses,
+                          cudaStream_t stream);
+
 // dst[i] = src[i] converted, for i < count (fp32/fp16/bf16 either way).
 cudaError_t LaunchConvert(const void* src, ElemType from, void* dst, ElemType to, int64_t count,
                           cudaStream_t stream);
