@@ -32,6 +32,7 @@
 #include "engine/cuda/row_kernel.cuh"
 #include "engine/cuda/row_share.h"
 #include "engine/cuda/sdpa_plan.h"
+#include "engine/cuda/staged_copy.h"
 #if defined(DA_HAVE_CUDNN)
 #include "engine/cuda/cudnn_sdpa.h"
 #endif
@@ -169,16 +170,21 @@ class CudaBackend final : public Backend {
 #if defined(DA_HAVE_CUDNN)
     const char* fused = std::getenv("DA_CUDA_FUSED");
     fused_ = (fused == nullptr || std::string(fused) != "0") && major >= 8;
+    const char* staging = std::getenv("DA_CUDA_STAGING");
+    staging_ = staging != nullptr && std::string(staging) == "1";
     const char* combine = std::getenv("DA_CUDA_COMBINE");
     one_pass_ = combine != nullptr && std::string(combine) == "onepass";
 #endif
   }
 
   ~CudaBackend() override {
-    if (stream_ != nullptr) {
-      DeviceScope scope(ordinal_);
-      cudaStreamDestroy(stream_);
+    DeviceScope scope(ordinal_);
+    for (cudaEvent_t event : staging_events_) {
+      cudaEventSynchronize(event);  // No transfer may still read a buffer freed below.
+      cudaEventDestroy(event);
     }
+    for (uint8_t* buffer : staging_buffers_) cudaFreeHost(buffer);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }
 
   std::string Name() const override { return "cuda"; }
@@ -205,6 +211,12 @@ class CudaBackend final : public Backend {
                             const RunContext& context) override {
     DeviceScope scope(ordinal_);
     DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock()) {
+      DA_RETURN_IF_ERROR(EnsureStaging());
+      auto* device = static_cast<uint8_t*>(dst);
+      return copier_->ToDevice(static_cast<const uint8_t*>(src), bytes,
+                               StagingOps(device, cudaMemcpyHostToDevice, stream));
+    }
     return CudaStatus(
         cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream),
         "copy to the device");
@@ -214,6 +226,12 @@ class CudaBackend final : public Backend {
                           const RunContext& context) override {
     DeviceScope scope(ordinal_);
     DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
+    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock()) {
+      DA_RETURN_IF_ERROR(EnsureStaging());
+      auto* device = static_cast<uint8_t*>(const_cast<void*>(src));
+      return copier_->ToHost(static_cast<uint8_t*>(dst), bytes,
+                             StagingOps(device, cudaMemcpyDeviceToHost, stream));
+    }
     return CudaStatus(
         cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, stream),
         "copy to the host");
@@ -491,6 +509,58 @@ class CudaBackend final : public Backend {
 #endif
   }
 
+  // Staged copies (DA_CUDA_STAGING=1; not yet run on a GPU): copies of kStagedMin bytes or more
+  // go through kStagingBuffers pinned buffers of kStagingChunk bytes, their memcpy split over a
+  // pool of host threads (staged_copy.h); one such copy at a time per backend, any other copy
+  // meanwhile goes straight from pageable memory. The lock, held for the copy, when this one
+  // is staged.
+  static constexpr int64_t kStagedMin = int64_t{16} << 20;
+  static constexpr int64_t kStagingChunk = int64_t{32} << 20;
+  static constexpr int kStagingBuffers = 3;
+  std::unique_lock<std::mutex> StagingFor(int64_t bytes) {
+    if (!staging_ || bytes < kStagedMin) return {};
+    return std::unique_lock<std::mutex>(staging_mutex_, std::try_to_lock);
+  }
+
+  // The pinned buffers, their events and the copier, made on the first staged copy (under the
+  // staging lock).
+  absl::Status EnsureStaging() {
+    if (copier_ != nullptr) return absl::OkStatus();
+    for (int b = 0; b < kStagingBuffers; ++b) {
+      void* buffer = nullptr;
+      DA_RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&buffer, kStagingChunk, cudaHostAllocDefault),
+                                    "pinned staging buffer"));
+      staging_buffers_.push_back(static_cast<uint8_t*>(buffer));
+      cudaEvent_t event = nullptr;
+      DA_RETURN_IF_ERROR(
+          CudaStatus(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "staging event"));
+      staging_events_.push_back(event);
+    }
+    const int threads =
+        std::clamp<int>(static_cast<int>(std::thread::hardware_concurrency()) / 2, 1, 8);
+    copy_pool_ = std::make_unique<ThreadPool>(threads);
+    copier_ = std::make_unique<StagedCopier>(staging_buffers_, kStagingChunk, copy_pool_.get());
+    return absl::OkStatus();
+  }
+
+  // The device side of a staged copy: buffer b's bytes to or from device + offset on the stream,
+  // an event after each, waited for before the buffer's next use.
+  StagedCopier::Ops StagingOps(uint8_t* device, cudaMemcpyKind kind, cudaStream_t stream) {
+    return {[this, device, kind, stream](int b, int64_t offset, int64_t n) -> absl::Status {
+              void* dst = kind == cudaMemcpyHostToDevice ? static_cast<void*>(device + offset)
+                                                         : staging_buffers_[b];
+              const void* src = kind == cudaMemcpyHostToDevice
+                                    ? static_cast<const void*>(staging_buffers_[b])
+                                    : device + offset;
+              DA_RETURN_IF_ERROR(CudaStatus(
+                  cudaMemcpyAsync(dst, src, static_cast<size_t>(n), kind, stream), "staged copy"));
+              return CudaStatus(cudaEventRecord(staging_events_[b], stream), "staged copy event");
+            },
+            [this](int b) {
+              return CudaStatus(cudaEventSynchronize(staging_events_[b]), "staged copy wait");
+            }};
+  }
+
   // The context's stream, else the backend's own (created on first use, non-blocking).
   absl::StatusOr<cudaStream_t> StreamOf(const RunContext& context) {
     if (context.stream != nullptr) return static_cast<cudaStream_t>(context.stream);
@@ -509,6 +579,12 @@ class CudaBackend final : public Backend {
   // The fused path's combine: every pattern's output kept and combined in one pass at the end
   // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
   bool one_pass_ = false;
+  bool staging_ = false;  // DA_CUDA_STAGING=1: large copies through pinned buffers.
+  std::mutex staging_mutex_;
+  std::vector<uint8_t*> staging_buffers_;
+  std::vector<cudaEvent_t> staging_events_;
+  std::unique_ptr<ThreadPool> copy_pool_;
+  std::unique_ptr<StagedCopier> copier_;
   std::mutex mutex_;
   cudaStream_t stream_ = nullptr;
 };

@@ -160,7 +160,10 @@ class CudaEngineLimitsTest : public ::testing::Test {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
     setenv("DA_CUDA_FUSED", "0", 1);
   }
-  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
+  void TearDown() override {
+    unsetenv("DA_CUDA_FUSED");
+    unsetenv("DA_CUDA_STAGING");
+  }
 };
 
 TEST_F(CudaEngineLimitsTest, ARunStopsWithin100MsOfItsCancellation) {
@@ -182,6 +185,45 @@ TEST_F(CudaEngineLimitsTest, ARunStopsWithin100MsOfItsCancellation) {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - flagged).count();
   EXPECT_TRUE(absl::IsCancelled(result.status())) << result.status();
   EXPECT_LE(stop_ms, 100.0);
+}
+
+// DA_CUDA_STAGING=1: copies of 16 MiB or more through pinned buffers (staged_copy.h). 100 MiB and
+// a few bytes of fresh random data to the GPU and back, to a poisoned host buffer, byte for byte;
+// then a whole request through the engine, whose copies are staged, against the reference.
+TEST_F(CudaEngineLimitsTest, StagedCopiesCarryEveryByteBothWays) {
+  setenv("DA_CUDA_STAGING", "1", 1);
+  DeviceInfo gpu;
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.kind == "cuda") gpu = device;
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend("cuda", gpu);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const int64_t bytes = (int64_t{100} << 20) + 12345;
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<uint8_t> src(bytes), back(bytes, 0xA5);
+  for (auto& x : src) x = static_cast<uint8_t>(rng());
+  absl::StatusOr<DeviceBuffer> device = (*backend)->Allocate(bytes);
+  ASSERT_TRUE(device.ok()) << device.status();
+  const RunContext context{};
+  ASSERT_TRUE((*backend)->CopyToDevice(device->data(), src.data(), bytes, context).ok());
+  ASSERT_TRUE((*backend)->Synchronize(context).ok());
+  ASSERT_TRUE((*backend)->CopyToHost(back.data(), device->data(), bytes, context).ok());
+  ASSERT_TRUE((*backend)->Synchronize(context).ok());
+  EXPECT_TRUE(back == src);
+
+  AttentionSpec spec;
+  spec.patterns = {{2048, 1}, {4096, 2}};
+  spec.precision = Precision::kFloat32;
+  const ProblemShape shape{1, 16384, 8, 8, 64};  // 32 MiB per tensor: staged.
+  testing::OwnedProblem p = testing::RandomProblem(shape, 11);
+  p.spec = spec;
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(p.Request());
+  unsetenv("DA_CUDA_STAGING");
+  ASSERT_TRUE(info.ok()) << info.status();
+  const OwnedTensor expected = testing::ReferenceOutput(p.q, p.k, p.v, spec, DType::kFloat32);
+  EXPECT_LE(testing::RelativeL2(p.out, expected), 1e-5);
 }
 
 TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers) {
