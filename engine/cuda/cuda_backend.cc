@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/backend.h"
 #include "engine/backend_registry.h"
+#include "engine/cuda/block_cache.h"
 #include "engine/cuda/row_kernel.cuh"
 #include "engine/cuda/row_share.h"
 #include "engine/cuda/sdpa_plan.h"
@@ -170,6 +171,8 @@ class CudaBackend final : public Backend {
 #if defined(DA_HAVE_CUDNN)
     const char* fused = std::getenv("DA_CUDA_FUSED");
     fused_ = (fused == nullptr || std::string(fused) != "0") && major >= 8;
+    const char* cache = std::getenv("DA_CUDA_CACHE");
+    cache_enabled_ = cache != nullptr && std::string(cache) == "1";
     const char* staging = std::getenv("DA_CUDA_STAGING");
     staging_ = staging != nullptr && std::string(staging) == "1";
     const char* combine = std::getenv("DA_CUDA_COMBINE");
@@ -192,8 +195,25 @@ class CudaBackend final : public Backend {
 
   absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes) override {
     DeviceScope scope(ordinal_);
+    const int64_t size = std::max<int64_t>(bytes, 1);
+    if (std::shared_ptr<BlockCache> cache = Cache(); cache != nullptr) {
+      absl::StatusOr<void*> block = cache->Take(size);
+      if (!block.ok()) {
+        size_t free = 0, total = 0;
+        cudaMemGetInfo(&free, &total);
+        return absl::Status(block.status().code(),
+                            absl::StrCat("cuda:", ordinal_, ": allocating ", bytes, " bytes with ",
+                                         free, " of ", total, " free (", cache->cached_bytes(),
+                                         " cached): ", block.status().message()));
+      }
+      const int ordinal = ordinal_;
+      return DeviceBuffer(*block, bytes, Space(), [cache, ordinal, size](void* p) {
+        DeviceScope release_scope(ordinal);
+        cache->Give(p, size);
+      });
+    }
     void* data = nullptr;
-    const cudaError_t error = cudaMalloc(&data, static_cast<size_t>(std::max<int64_t>(bytes, 1)));
+    const cudaError_t error = cudaMalloc(&data, static_cast<size_t>(size));
     if (error != cudaSuccess) {
       size_t free = 0, total = 0;
       cudaMemGetInfo(&free, &total);
@@ -561,6 +581,37 @@ class CudaBackend final : public Backend {
             }};
   }
 
+  // The block cache (DA_CUDA_CACHE=1; not yet run on a GPU): freed device buffers kept for reuse
+  // by size, up to a quarter of the device's memory (block_cache.h), made on first use. Null when
+  // off. Each buffer's deleter holds it, so it outlives the backend's last buffer.
+  std::shared_ptr<BlockCache> Cache() {
+    if (!cache_enabled_) return nullptr;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cache_ == nullptr) {
+      size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      const int ordinal = ordinal_;
+      BlockCache::Allocator allocator{
+          [ordinal](int64_t bytes) -> absl::StatusOr<void*> {
+            DeviceScope scope(ordinal);
+            void* data = nullptr;
+            DA_RETURN_IF_ERROR(
+                CudaStatus(cudaMalloc(&data, static_cast<size_t>(bytes)), "cudaMalloc"));
+            return data;
+          },
+          [ordinal](void* block) {
+            DeviceScope scope(ordinal);
+            cudaFree(block);
+          },
+          [ordinal] {  // What cudaFree would have waited for.
+            DeviceScope scope(ordinal);
+            cudaDeviceSynchronize();
+          }};
+      cache_ = std::make_shared<BlockCache>(std::move(allocator), static_cast<int64_t>(total / 4));
+    }
+    return cache_;
+  }
+
   // The context's stream, else the backend's own (created on first use, non-blocking).
   absl::StatusOr<cudaStream_t> StreamOf(const RunContext& context) {
     if (context.stream != nullptr) return static_cast<cudaStream_t>(context.stream);
@@ -579,7 +630,9 @@ class CudaBackend final : public Backend {
   // The fused path's combine: every pattern's output kept and combined in one pass at the end
   // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
   bool one_pass_ = false;
-  bool staging_ = false;  // DA_CUDA_STAGING=1: large copies through pinned buffers.
+  bool staging_ = false;        // DA_CUDA_STAGING=1: large copies through pinned buffers.
+  bool cache_enabled_ = false;  // DA_CUDA_CACHE=1: device buffers reused (Cache()).
+  std::shared_ptr<BlockCache> cache_;
   std::mutex staging_mutex_;
   std::vector<uint8_t*> staging_buffers_;
   std::vector<cudaEvent_t> staging_events_;

@@ -163,6 +163,7 @@ class CudaEngineLimitsTest : public ::testing::Test {
   void TearDown() override {
     unsetenv("DA_CUDA_FUSED");
     unsetenv("DA_CUDA_STAGING");
+    unsetenv("DA_CUDA_CACHE");
   }
 };
 
@@ -224,6 +225,43 @@ TEST_F(CudaEngineLimitsTest, StagedCopiesCarryEveryByteBothWays) {
   ASSERT_TRUE(info.ok()) << info.status();
   const OwnedTensor expected = testing::ReferenceOutput(p.q, p.k, p.v, spec, DType::kFloat32);
   EXPECT_LE(testing::RelativeL2(p.out, expected), 1e-5);
+}
+
+// DA_CUDA_CACHE=1: a freed buffer of a size asked for again comes back, and requests through the
+// engine (their buffers and the fused scratch reused from run to run) still match the reference.
+TEST_F(CudaEngineLimitsTest, CachedBlocksAreReusedAndRequestsStillMatch) {
+  setenv("DA_CUDA_CACHE", "1", 1);
+  DeviceInfo gpu;
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.kind == "cuda") gpu = device;
+  }
+  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend("cuda", gpu);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  void* first = nullptr;
+  {
+    absl::StatusOr<DeviceBuffer> a = (*backend)->Allocate(int64_t{64} << 20);
+    ASSERT_TRUE(a.ok()) << a.status();
+    first = a->data();
+  }
+  absl::StatusOr<DeviceBuffer> b = (*backend)->Allocate(int64_t{64} << 20);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->data(), first);
+
+  unsetenv("DA_CUDA_FUSED");  // The fused path too: its scratch comes from the cache.
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  for (int run = 0; run < 3; ++run) {
+    AttentionSpec spec;
+    spec.patterns = {{1024, 1}, {2048, 2}};
+    spec.precision = run == 0 ? Precision::kFloat32 : Precision::kBFloat16;
+    testing::OwnedProblem p = testing::RandomProblem({1, 8192, 8, 4, 64}, 20 + run);
+    p.spec = spec;
+    absl::StatusOr<ExecutionInfo> info = (*engine)->Run(p.Request());
+    ASSERT_TRUE(info.ok()) << info.status();
+    const OwnedTensor expected = testing::ReferenceOutput(p.q, p.k, p.v, spec, DType::kFloat32);
+    EXPECT_LE(testing::RelativeL2(p.out, expected), run == 0 ? 1e-5 : testing::kBf16RelativeL2)
+        << "run " << run;
+  }
 }
 
 TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers) {

@@ -1,0 +1,67 @@
+#include "engine/cuda/block_cache.h"
+
+#include <utility>
+#include <vector>
+
+namespace da::engine::cuda {
+
+BlockCache::BlockCache(Allocator allocator, int64_t max_cached_bytes)
+    : allocator_(std::move(allocator)), max_cached_bytes_(max_cached_bytes) {}
+
+BlockCache::~BlockCache() { ReleaseAll(); }
+
+absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (auto it = free_.find(bytes); it != free_.end()) {
+      void* block = it->second;
+      free_.erase(it);
+      cached_bytes_ -= bytes;
+      ++hits_;
+      return block;
+    }
+  }
+  absl::StatusOr<void*> block = allocator_.allocate(bytes);
+  if (block.ok()) return block;
+  // Cached blocks of other sizes may be what the device lacks: release them and try again.
+  if (cached_bytes() == 0) return block;
+  ReleaseAll();
+  return allocator_.allocate(bytes);
+}
+
+void BlockCache::Give(void* block, int64_t bytes) {
+  if (block == nullptr) return;
+  allocator_.quiesce();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cached_bytes_ + bytes <= max_cached_bytes_) {
+      free_.emplace(bytes, block);
+      cached_bytes_ += bytes;
+      return;
+    }
+  }
+  allocator_.release(block);
+}
+
+void BlockCache::ReleaseAll() {
+  std::vector<void*> blocks;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [bytes, block] : free_) blocks.push_back(block);
+    free_.clear();
+    cached_bytes_ = 0;
+  }
+  for (void* block : blocks) allocator_.release(block);
+}
+
+int64_t BlockCache::cached_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cached_bytes_;
+}
+
+int64_t BlockCache::hits() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return hits_;
+}
+
+}  // namespace da::engine::cuda
