@@ -188,16 +188,20 @@ TEST_F(CudaEngineLimitsTest, ARunStopsWithin100MsOfItsCancellation) {
   EXPECT_LE(stop_ms, 100.0);
 }
 
+// A CUDA backend of the first GPU, made as the engine makes it (the environment read now).
+absl::StatusOr<std::unique_ptr<Backend>> FirstGpuBackend() {
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.kind == "cuda") return MakeBackend("cuda", device);
+  }
+  return absl::NotFoundError("no CUDA device");
+}
+
 // DA_CUDA_STAGING=1: copies of 16 MiB or more through pinned buffers (staged_copy.h). 100 MiB and
 // a few bytes of fresh random data to the GPU and back, to a poisoned host buffer, byte for byte;
 // then a whole request through the engine, whose copies are staged, against the reference.
 TEST_F(CudaEngineLimitsTest, StagedCopiesCarryEveryByteBothWays) {
   setenv("DA_CUDA_STAGING", "1", 1);
-  DeviceInfo gpu;
-  for (const DeviceInfo& device : DiscoverDevices(1)) {
-    if (device.kind == "cuda") gpu = device;
-  }
-  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend("cuda", gpu);
+  absl::StatusOr<std::unique_ptr<Backend>> backend = FirstGpuBackend();
   ASSERT_TRUE(backend.ok()) << backend.status();
   const int64_t bytes = (int64_t{100} << 20) + 12345;
   std::mt19937_64 rng(std::random_device{}());
@@ -231,11 +235,7 @@ TEST_F(CudaEngineLimitsTest, StagedCopiesCarryEveryByteBothWays) {
 // engine (their buffers and the fused scratch reused from run to run) still match the reference.
 TEST_F(CudaEngineLimitsTest, CachedBlocksAreReusedAndRequestsStillMatch) {
   setenv("DA_CUDA_CACHE", "1", 1);
-  DeviceInfo gpu;
-  for (const DeviceInfo& device : DiscoverDevices(1)) {
-    if (device.kind == "cuda") gpu = device;
-  }
-  absl::StatusOr<std::unique_ptr<Backend>> backend = MakeBackend("cuda", gpu);
+  absl::StatusOr<std::unique_ptr<Backend>> backend = FirstGpuBackend();
   ASSERT_TRUE(backend.ok()) << backend.status();
   void* first = nullptr;
   {
