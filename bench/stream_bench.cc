@@ -308,7 +308,8 @@ int main(int argc, char** argv) {
   const da::v1::DType wire_dtype = dtype == "bf16"   ? da::v1::DTYPE_BF16
                                    : dtype == "fp16" ? da::v1::DTYPE_FP16
                                                      : da::v1::DTYPE_FP32;
-  const int64_t element_bytes = dtype == "fp32" ? 4 : 2;
+  const int64_t element_bytes =
+      da::engine::DTypeSize(*da::server::DTypeFromProto(wire_dtype, "dtype"));
   header.set_dtype(wire_dtype);
   header.set_batch(batch);
   header.set_seq_len(seq_len);

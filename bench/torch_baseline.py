@@ -117,17 +117,13 @@ def _flash_with_lse(qs, ks, vs, causal, scale):
     return out.float(), lse
 
 
-_LSE_PATH = {"attend": None}  # Set by main (--lse); None: flash where it runs.
-
-
-def _longnet(q, k, v, segments, dilations, causal, scale):
+def _longnet(q, k, v, segments, dilations, causal, scale, lse="auto"):
     batch, seq_len, heads, dim = q.shape
     acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     acc_lse = torch.full(q.shape[:3] + (1,), -math.inf, dtype=torch.float32, device=q.device)
-    attend = _LSE_PATH["attend"]
-    if attend is None:
-        flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        attend = _flash_with_lse if flash else _attention_with_lse
+    if lse == "auto":
+        lse = "flash" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else "math"
+    attend = _flash_with_lse if lse == "flash" else _attention_with_lse
     for w, r in zip(segments, dilations):
         run = -(-heads // r)  # Head j uses offset floor(j / ceil(H / r)).
         for o in range(r):
@@ -158,11 +154,17 @@ def _longnet(q, k, v, segments, dilations, causal, scale):
     return acc.to(q.dtype)
 
 
-def dilated_attention(q, k, v, segments, dilations, causal=False, scale=None, mode="longnet"):
-    """Dilated attention of q [B, N, H, D] over k, v [B, N, Hkv, D] (docs/MATH.md)."""
+def dilated_attention(q, k, v, segments, dilations, causal=False, scale=None, mode="longnet",
+                      lse="auto"):
+    """Dilated attention of q [B, N, H, D] over k, v [B, N, Hkv, D] (docs/MATH.md); lse: how
+    LONGNET's per-pattern attention is computed ("flash", "math", "auto": flash on a GPU in
+    fp16/bf16)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    attend = {"grouped": _grouped, "longnet": _longnet}[mode]
-    return attend(q, k, v, list(segments), list(dilations), causal, scale)
+    if mode not in ("grouped", "longnet"):
+        raise ValueError(f"mode {mode!r}: grouped or longnet")
+    if mode == "grouped":
+        return _grouped(q, k, v, list(segments), list(dilations), causal, scale)
+    return _longnet(q, k, v, list(segments), list(dilations), causal, scale, lse)
 
 
 def _sync(device):
@@ -225,8 +227,6 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = _DTYPES[args.dtype]
-    _LSE_PATH["attend"] = {"auto": None, "flash": _flash_with_lse,
-                           "math": _attention_with_lse}[args.lse]
     segments = [int(x) for x in args.segments.split(",")]
     dilations = [int(x) for x in args.dilations.split(",")]
     kv_heads = args.kv_heads or args.heads
@@ -242,7 +242,8 @@ def main():
     print(f"problem   {name} ({gpu}, torch {torch.__version__})")
 
     def run():
-        return dilated_attention(q, k, v, segments, dilations, args.causal, mode=args.mode)
+        return dilated_attention(q, k, v, segments, dilations, args.causal, mode=args.mode,
+                                 lse=args.lse)
 
     median, times = _timed(run, device, args.repeat)
     flops = cost_flops(args.seq_len, args.heads, args.head_dim, segments, dilations,

@@ -10,11 +10,6 @@
 namespace da::server::testing {
 namespace {
 
-v1::StreamHeader WithDType(v1::StreamHeader header, v1::DType dtype) {
-  header.set_dtype(dtype);
-  return header;
-}
-
 uint64_t SplitMix64(uint64_t& state) {
   uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -31,7 +26,10 @@ float ToUnit(uint64_t bits) {
 
 SyntheticStream::SyntheticStream(const v1::StreamHeader& header, uint64_t seed,
                                  int64_t block_tokens)
-    : header_(header), seed_(seed), block_tokens_(std::max<int64_t>(1, block_tokens)) {
+    : header_(header),
+      dtype_(DTypeFromProto(header.dtype(), "dtype").value_or(engine::DType::kFloat32)),
+      seed_(seed),
+      block_tokens_(std::max<int64_t>(1, block_tokens)) {
   if (header_.kv_heads() == 0) header_.set_kv_heads(header_.heads());
 }
 
@@ -39,24 +37,21 @@ int64_t SyntheticStream::Heads(Tensor tensor) const {
   return tensor == kQuery ? header_.heads() : header_.kv_heads();
 }
 
-engine::DType SyntheticStream::dtype() const {
-  return DTypeFromProto(header_.dtype(), "dtype").value_or(engine::DType::kFloat32);
+std::string SyntheticStream::Rows(Tensor tensor, int64_t token_start, int64_t count) const {
+  const int64_t elements = header_.batch() * count * Heads(tensor) * header_.head_dim();
+  std::string wide(static_cast<size_t>(elements * 4), '\0');
+  FillValues(tensor, token_start, count, reinterpret_cast<float*>(wide.data()));
+  if (dtype_ == engine::DType::kFloat32) return wide;
+  // The same values rounded to the stream's dtype.
+  std::string bytes(static_cast<size_t>(elements * engine::DTypeSize(dtype_)), '\0');
+  const auto* values = reinterpret_cast<const float*>(wide.data());
+  for (int64_t i = 0; i < elements; ++i) engine::StoreFromFloat(dtype_, bytes.data(), i, values[i]);
+  return bytes;
 }
 
-std::string SyntheticStream::Rows(Tensor tensor, int64_t token_start, int64_t count) const {
+void SyntheticStream::FillValues(Tensor tensor, int64_t token_start, int64_t count,
+                                 float* out) const {
   const int64_t row = Heads(tensor) * header_.head_dim();
-  const engine::DType type = dtype();
-  std::string bytes(static_cast<size_t>(header_.batch() * count * row * engine::DTypeSize(type)),
-                    '\0');
-  if (type != engine::DType::kFloat32) {  // The fp32 values, rounded to the stream's dtype.
-    std::string wide = SyntheticStream(WithDType(header_, v1::DTYPE_FP32), seed_, block_tokens_)
-                           .Rows(tensor, token_start, count);
-    const auto* values = reinterpret_cast<const float*>(wide.data());
-    for (int64_t i = 0; i < header_.batch() * count * row; ++i)
-      engine::StoreFromFloat(type, bytes.data(), i, values[i]);
-    return bytes;
-  }
-  float* out = reinterpret_cast<float*>(bytes.data());
   for (int64_t b = 0; b < header_.batch(); ++b) {
     for (int64_t t = 0; t < count; ++t) {
       const uint64_t token = static_cast<uint64_t>(token_start + t);
@@ -70,7 +65,6 @@ std::string SyntheticStream::Rows(Tensor tensor, int64_t token_start, int64_t co
       }
     }
   }
-  return bytes;
 }
 
 v1::TokenBlock SyntheticStream::Block(int64_t token_start) const {
@@ -106,7 +100,7 @@ std::string SyntheticStream::EngineOutput(engine::Engine& engine, int64_t token_
   const engine::Shape4 q_shape = problem.shape.QueryShape();
   const engine::Shape4 kv_shape = problem.shape.KeyShape();
   engine::RunRequest run;
-  const engine::DType type = dtype();
+  const engine::DType type = dtype_;
   run.q = {type, q_shape, q.data(), static_cast<int64_t>(q.size())};
   run.k = {type, kv_shape, k.data(), static_cast<int64_t>(k.size())};
   run.v = {type, kv_shape, v.data(), static_cast<int64_t>(v.size())};

@@ -28,7 +28,7 @@ class SyntheticStream {
   SyntheticStream(const v1::StreamHeader& header, uint64_t seed, int64_t block_tokens);
 
   const v1::StreamHeader& header() const { return header_; }
-  engine::DType dtype() const;  // The header's.
+  engine::DType dtype() const { return dtype_; }  // The header's.
   int64_t block_tokens() const { return block_tokens_; }
 
   // Tokens [token_start, token_start + count) of every batch element, [batch, count, heads, D].
@@ -47,8 +47,11 @@ class SyntheticStream {
 
  private:
   int64_t Heads(Tensor tensor) const;
+  // The values of Rows (fp32, whatever the stream's dtype) into out.
+  void FillValues(Tensor tensor, int64_t token_start, int64_t count, float* out) const;
 
   v1::StreamHeader header_;
+  engine::DType dtype_;
   uint64_t seed_;
   int64_t block_tokens_;
 };

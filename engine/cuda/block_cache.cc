@@ -31,16 +31,19 @@ absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
 
 void BlockCache::Give(void* block, int64_t bytes) {
   if (block == nullptr) return;
-  allocator_.quiesce();
+  bool keep = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (cached_bytes_ + bytes <= max_cached_bytes_) {
-      free_.emplace(bytes, block);
-      cached_bytes_ += bytes;
-      return;
-    }
+    keep = cached_bytes_ + bytes <= max_cached_bytes_;
+    if (keep) cached_bytes_ += bytes;  // Its place, held while the device quiesces.
   }
-  allocator_.release(block);
+  if (!keep) {  // Released at once: cudaFree waits for the device itself.
+    allocator_.release(block);
+    return;
+  }
+  allocator_.quiesce();
+  std::lock_guard<std::mutex> lock(mutex_);
+  free_.emplace(bytes, block);
 }
 
 void BlockCache::ReleaseAll() {

@@ -26,12 +26,13 @@ class BlockCache {
   struct Allocator {
     std::function<absl::StatusOr<void*>(int64_t bytes)> allocate;
     std::function<void(void* block)> release;
-    // Waits until no queued device work may still use a block given back (cudaFree's implicit
-    // synchronisation, which a cached block would otherwise skip).
+    // Waits until no queued device work may still use a block kept for reuse (cudaFree's
+    // implicit synchronisation, which a cached block would otherwise skip).
     std::function<void()> quiesce;
   };
 
-  // Blocks given back are kept while the cached bytes stay within max_cached_bytes.
+  // Blocks given back are kept while the cached bytes stay within max_cached_bytes (0: none is
+  // kept, every block is released when given back).
   BlockCache(Allocator allocator, int64_t max_cached_bytes);
   ~BlockCache();  // Releases every cached block.
   BlockCache(const BlockCache&) = delete;

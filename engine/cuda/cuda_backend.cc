@@ -52,6 +52,17 @@ absl::Status CudaStatus(cudaError_t error, const std::string& what) {
                                          cudaGetErrorString(error), ")"));
 }
 
+// Whether the run was cancelled (or its deadline passed).
+bool Stopped(const RunContext& context) {
+  return context.cancelled != nullptr && context.cancelled->load();
+}
+
+// Whether the environment sets `name` to `value`.
+bool EnvIs(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::string(set) == value;
+}
+
 // Sets the calling thread's current device for the backend's calls, and puts the previous one
 // back.
 class DeviceScope {
@@ -101,15 +112,14 @@ class PinnedFlag {
   const volatile int* device_ = nullptr;
 };
 
-// With DA_CUDA_STAGE_TIMES=1 in the environment, the fused path records an event after each stage
-// of a run and prints the stages' GPU times to stderr when the run ends (what a profiler would
-// say, where none works): `cuda:0 fused run: alloc 1.2 ms, p0 sdpa 30.1 ms, p0 fold 3.0 ms, ...`.
+// With DA_CUDA_STAGE_TIMES=1 in the environment (enabled), the fused path records an event after
+// each stage of a run and prints the stages' GPU times to stderr when the run ends (what a profiler
+// would say, where none works): `cuda:0 fused run: alloc 1.2 ms, p0 sdpa 30.1 ms, p0 fold 3.0 ms,
+// ...`.
 class StageTimes {
  public:
-  StageTimes(cudaStream_t stream, std::string device)
-      : stream_(stream), device_(std::move(device)) {
-    const char* on = std::getenv("DA_CUDA_STAGE_TIMES");
-    enabled_ = on != nullptr && std::string(on) == "1";
+  StageTimes(bool enabled, cudaStream_t stream, std::string device)
+      : stream_(stream), device_(std::move(device)), enabled_(enabled) {
     Mark("start");
   }
   ~StageTimes() {
@@ -139,7 +149,7 @@ class StageTimes {
  private:
   cudaStream_t stream_;
   std::string device_;
-  bool enabled_ = false;
+  bool enabled_;
   std::vector<std::pair<std::string, cudaEvent_t>> marks_;
 };
 
@@ -167,16 +177,15 @@ bool FusedPrecision(Precision precision) {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int ordinal, int major, int minor, PrecisionPolicyOptions options)
-      : ordinal_(ordinal), capabilities_(CudaCapabilities(major, minor)), options_(options) {
+      : ordinal_(ordinal),
+        capabilities_(CudaCapabilities(major, minor)),
+        options_(options),
+        cache_enabled_(EnvIs("DA_CUDA_CACHE", "1")),
+        staging_(EnvIs("DA_CUDA_STAGING", "1")) {
 #if defined(DA_HAVE_CUDNN)
-    const char* fused = std::getenv("DA_CUDA_FUSED");
-    fused_ = (fused == nullptr || std::string(fused) != "0") && major >= 8;
-    const char* cache = std::getenv("DA_CUDA_CACHE");
-    cache_enabled_ = cache != nullptr && std::string(cache) == "1";
-    const char* staging = std::getenv("DA_CUDA_STAGING");
-    staging_ = staging != nullptr && std::string(staging) == "1";
-    const char* combine = std::getenv("DA_CUDA_COMBINE");
-    one_pass_ = combine != nullptr && std::string(combine) == "onepass";
+    fused_ = !EnvIs("DA_CUDA_FUSED", "0") && major >= 8;
+    one_pass_ = EnvIs("DA_CUDA_COMBINE", "onepass");
+    stage_times_ = EnvIs("DA_CUDA_STAGE_TIMES", "1");
 #endif
   }
 
@@ -196,34 +205,20 @@ class CudaBackend final : public Backend {
   absl::StatusOr<DeviceBuffer> Allocate(int64_t bytes) override {
     DeviceScope scope(ordinal_);
     const int64_t size = std::max<int64_t>(bytes, 1);
-    if (std::shared_ptr<BlockCache> cache = Cache(); cache != nullptr) {
-      absl::StatusOr<void*> block = cache->Take(size);
-      if (!block.ok()) {
-        size_t free = 0, total = 0;
-        cudaMemGetInfo(&free, &total);
-        return absl::Status(block.status().code(),
-                            absl::StrCat("cuda:", ordinal_, ": allocating ", bytes, " bytes with ",
-                                         free, " of ", total, " free (", cache->cached_bytes(),
-                                         " cached): ", block.status().message()));
-      }
-      const int ordinal = ordinal_;
-      return DeviceBuffer(*block, bytes, Space(), [cache, ordinal, size](void* p) {
-        DeviceScope release_scope(ordinal);
-        cache->Give(p, size);
-      });
-    }
-    void* data = nullptr;
-    const cudaError_t error = cudaMalloc(&data, static_cast<size_t>(size));
-    if (error != cudaSuccess) {
+    std::shared_ptr<BlockCache> cache = Cache();
+    absl::StatusOr<void*> block = cache->Take(size);
+    if (!block.ok()) {
       size_t free = 0, total = 0;
       cudaMemGetInfo(&free, &total);
-      return CudaStatus(error, absl::StrCat("cuda:", ordinal_, ": allocating ", bytes,
-                                            " bytes with ", free, " of ", total, " free"));
+      return absl::Status(block.status().code(),
+                          absl::StrCat("cuda:", ordinal_, ": allocating ", bytes, " bytes with ",
+                                       free, " of ", total, " free (", cache->cached_bytes(),
+                                       " cached): ", block.status().message()));
     }
     const int ordinal = ordinal_;
-    return DeviceBuffer(data, bytes, Space(), [ordinal](void* p) {
+    return DeviceBuffer(*block, bytes, Space(), [cache, ordinal, size](void* p) {
       DeviceScope release_scope(ordinal);
-      cudaFree(p);
+      cache->Give(p, size);
     });
   }
 
@@ -394,22 +389,17 @@ class CudaBackend final : public Backend {
     const int64_t per_launch = std::clamp<int64_t>(
         (int64_t{1} << 36) / std::max<int64_t>(1, keys_per_row * problem.shape.head_dim), 32768,
         std::max<int64_t>(rows, 32768));
-    const auto stopped = [&] { return context.cancelled != nullptr && context.cancelled->load(); };
     for (int64_t first = 0; first < rows; first += per_launch) {
-      if (stopped()) {
-        return absl::CancelledError(
-            absl::StrCat("cuda run cancelled after ", first, " of ", rows, " rows"));
-      }
       DA_RETURN_IF_ERROR(
           CudaStatus(LaunchRows(share, first, std::min(per_launch, rows - first), flag, stream),
                      "row kernel"));
       cudaError_t done;
       while ((done = cudaStreamQuery(stream)) == cudaErrorNotReady) {
-        if (stopped()) stop.Set();
+        if (Stopped(context)) stop.Set();
         std::this_thread::sleep_for(std::chrono::microseconds(500));
       }
       DA_RETURN_IF_ERROR(CudaStatus(done, "row kernel"));
-      if (stopped()) {
+      if (Stopped(context)) {  // Rows of this launch may be unwritten.
         return absl::CancelledError(absl::StrCat("cuda run cancelled in rows ", first, " to ",
                                                  std::min(rows, first + per_launch), " of ", rows));
       }
@@ -447,7 +437,7 @@ class CudaBackend final : public Backend {
     const int64_t rows = RowCount(share);
     const int64_t d = share.head_dim;
     const ElemType io = static_cast<ElemType>(plan.io);
-    StageTimes times(stream, absl::StrCat("cuda:", ordinal_));
+    StageTimes times(stage_times_, stream, absl::StrCat("cuda:", ordinal_));
     // The inputs in the io dtype.
     const void* in[3] = {problem.q.data, problem.k.data, problem.v.data};
     std::vector<DeviceBuffer> converted;
@@ -466,25 +456,29 @@ class CudaBackend final : public Backend {
     }
     const float scale = static_cast<float>(problem.spec.ScaleFor(d));
     const int patterns = static_cast<int>(problem.spec.patterns.size());
+    // Pattern pi's cuDNN calls, writing its output and LSE at out and lse; the stop is polled
+    // before each pattern.
+    const auto attend = [&](int pi, void* out, float* lse) -> absl::Status {
+      if (Stopped(context)) {
+        cudaStreamSynchronize(stream);
+        return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
+      }
+      for (const SdpaCall& call : plan.calls) {
+        if (call.pattern_index != pi) continue;
+        DA_RETURN_IF_ERROR(plan.graphs->Run(call, {in[0], in[1], in[2], out, lse, scale},
+                                            plan.workspace.data(), stream));
+      }
+      times.Mark(absl::StrCat("p", pi, " sdpa"));
+      return absl::OkStatus();
+    };
     if (one_pass_) {
       // Each pattern writes its own block; rows it does not keep are never read.
       DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * 2));
       DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(patterns * rows * 4));
       times.Mark("alloc");
       for (int pi = 0; pi < patterns; ++pi) {
-        if (context.cancelled != nullptr && context.cancelled->load()) {
-          cudaStreamSynchronize(stream);
-          return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
-        }
-        void* out = static_cast<uint8_t*>(outs.data()) + pi * rows * d * 2;
-        float* lse = static_cast<float*>(lses.data()) + pi * rows;
-        for (const SdpaCall& call : plan.calls) {
-          if (call.pattern_index != pi) continue;
-          DA_RETURN_IF_ERROR(plan.graphs->Run(call, {in[0], in[1], in[2], out, lse, scale},
-                                              plan.workspace.data(), stream));
-        }
-        times.Mark(absl::StrCat("p", pi, " sdpa"));
-        // Polls the stop between patterns, as the fold does.
+        DA_RETURN_IF_ERROR(attend(pi, static_cast<uint8_t*>(outs.data()) + pi * rows * d * 2,
+                                  static_cast<float*>(lses.data()) + pi * rows));
         DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
       }
       DA_RETURN_IF_ERROR(CudaStatus(
@@ -503,17 +497,7 @@ class CudaBackend final : public Backend {
         CudaStatus(cudaMemsetAsync(acc, 0, rows * (d + 2) * 4, stream), "clear the fold"));
     times.Mark("alloc+clear");
     for (int pi = 0; pi < patterns; ++pi) {
-      if (context.cancelled != nullptr && context.cancelled->load()) {
-        cudaStreamSynchronize(stream);
-        return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
-      }
-      for (const SdpaCall& call : plan.calls) {
-        if (call.pattern_index != pi) continue;
-        DA_RETURN_IF_ERROR(plan.graphs->Run(call,
-                                            {in[0], in[1], in[2], pattern_out.data(), lse, scale},
-                                            plan.workspace.data(), stream));
-      }
-      times.Mark(absl::StrCat("p", pi, " sdpa"));
+      DA_RETURN_IF_ERROR(attend(pi, pattern_out.data(), lse));
       DA_RETURN_IF_ERROR(CudaStatus(
           LaunchFold(share, pi, pattern_out.data(), io, lse, acc, max_lse, weight, stream),
           "fold"));
@@ -581,15 +565,15 @@ class CudaBackend final : public Backend {
             }};
   }
 
-  // The block cache (DA_CUDA_CACHE=1; not yet run on a GPU): freed device buffers kept for reuse
-  // by size, up to a quarter of the device's memory (block_cache.h), made on first use. Null when
-  // off. Each buffer's deleter holds it, so it outlives the backend's last buffer.
+  // Every buffer comes from the block cache (block_cache.h), made on first use. With
+  // DA_CUDA_CACHE=1 (not yet run on a GPU) it keeps freed buffers for reuse by size, up to a
+  // quarter of the device's memory; otherwise it keeps none: cudaMalloc and cudaFree as before.
+  // Each buffer's deleter holds it, so it outlives the backend's last buffer.
   std::shared_ptr<BlockCache> Cache() {
-    if (!cache_enabled_) return nullptr;
     std::lock_guard<std::mutex> lock(mutex_);
     if (cache_ == nullptr) {
       size_t free = 0, total = 0;
-      cudaMemGetInfo(&free, &total);
+      if (cache_enabled_) cudaMemGetInfo(&free, &total);
       const int ordinal = ordinal_;
       BlockCache::Allocator allocator{
           [ordinal](int64_t bytes) -> absl::StatusOr<void*> {
@@ -626,12 +610,13 @@ class CudaBackend final : public Backend {
   const int ordinal_;
   const DeviceCapabilities capabilities_;
   const PrecisionPolicyOptions options_;
+  const bool cache_enabled_;  // DA_CUDA_CACHE=1: device buffers kept for reuse (Cache()).
+  const bool staging_;        // DA_CUDA_STAGING=1: large copies through pinned buffers.
   bool fused_ = false;  // The cuDNN path (sm_80 and later, cuDNN built; DA_CUDA_FUSED=0: off).
   // The fused path's combine: every pattern's output kept and combined in one pass at the end
   // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
   bool one_pass_ = false;
-  bool staging_ = false;        // DA_CUDA_STAGING=1: large copies through pinned buffers.
-  bool cache_enabled_ = false;  // DA_CUDA_CACHE=1: device buffers reused (Cache()).
+  bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
   std::shared_ptr<BlockCache> cache_;
   std::mutex staging_mutex_;
   std::vector<uint8_t*> staging_buffers_;

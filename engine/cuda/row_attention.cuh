@@ -432,7 +432,7 @@ DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, i
 // The one-pass combine (the alternative to FoldRow + FinishRow): every pattern's output kept,
 // pattern pi's at outs + pi * RowCount(s) * head_dim (io type) with its LSE at
 // lses + pi * RowCount(s), and each output row computed once from the patterns that keep it:
-// LONGNET the LSE-weighted mean (largest LSE subtracted first), GROUPED its head's one pattern
+// LONGNET the LSE-weighted mean (folded as FoldPattern does), GROUPED its head's one pattern
 // divided by P, 0 where none keeps it. Rows a pattern does not keep are never read, so the
 // buffers need no clearing. The thread computes elements first + j * stride, j < kSlots (kSlots
 // a compile-time bound so that its accumulators stay in registers: 4 for a warp's lanes over
@@ -445,42 +445,41 @@ DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, c
   const int64_t share_heads = ShareHeads(s);
   const int64_t local_head = row % share_heads;
   const int64_t position = s.token_begin + (row / share_heads) % ShareTokens(s);
-  const int begin = s.head_pattern_begin[local_head];
-  const int end = s.head_pattern_begin[local_head + 1];
-  // The largest LSE of the patterns that keep the row.
-  float max_lse = -INFINITY;
-  bool any = false;
-  for (int e = begin; e < end; ++e) {
-    const int pi = s.head_patterns[e].pattern_index;
-    if (KeptBy(s, pi, local_head, position) == nullptr) continue;
-    const float l = lses[pi * rows + row];
-    max_lse = !any || l > max_lse ? l : max_lse;
-    any = true;
-  }
   float acc[kSlots];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int j = 0; j < kSlots; ++j) acc[j] = 0.0f;
-  float weight = 0.0f;
-  for (int e = begin; e < end && any; ++e) {
+  // The patterns that keep the row, folded as they come (FoldPattern's arithmetic: the largest
+  // LSE so far subtracted, the sum rescaled when it grows).
+  CombineFold fold;
+  bool any = false;
+  for (int e = s.head_pattern_begin[local_head]; e < s.head_pattern_begin[local_head + 1]; ++e) {
     const int pi = s.head_patterns[e].pattern_index;
     if (KeptBy(s, pi, local_head, position) == nullptr) continue;
-    const float w = s.grouped ? 1.0f : expf(lses[pi * rows + row] - max_lse);
-    weight += w;
+    float old_factor = 1.0f, new_factor = 1.0f;  // GROUPED: the head's one pattern.
+    if (!s.grouped) {
+      const float l = lses[pi * rows + row];
+      const float new_max = any && fold.max_lse > l ? fold.max_lse : l;
+      old_factor = any ? expf(fold.max_lse - new_max) : 0.0f;
+      new_factor = expf(l - new_max);
+      fold.max_lse = new_max;
+    }
+    fold.weight = fold.weight * old_factor + new_factor;
     const int64_t base = (pi * rows + row) * d_count;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int j = 0; j < kSlots; ++j) {
       const int64_t d = first + j * stride;
-      if (d < d_count) acc[j] += w * LoadElem(outs, type, base + d);
+      if (d < d_count) acc[j] = acc[j] * old_factor + new_factor * LoadElem(outs, type, base + d);
     }
+    any = true;
   }
   // GROUPED: one pattern, weight 1, divided by P; LONGNET: divided by the weights' sum.
   const float inverse = !any        ? 0.0f
                         : s.grouped ? 1.0f / static_cast<float>(s.patterns)
-                                    : 1.0f / weight;
+                                    : 1.0f / fold.weight;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
