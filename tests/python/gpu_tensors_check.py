@@ -50,9 +50,11 @@ def main():
         tolerance = max(TOLERANCE[DTYPE_NAME[dtype]], TOLERANCE[result.precision])
         want = ref.dilated_attention(*(t.float().cpu().numpy() for t in (q, k, v)),
                                      [64, 128, 256], [1, 2, 4], causal=True, mode=ref.GROUPED)
-        error = float(np.max(np.abs(out.float().cpu().numpy() - want)))
+        # Both calls against the reference, each on its own: the server may place them on
+        # different devices (the CPU and the GPU), so they need not agree bit for bit.
+        error = max(float(np.max(np.abs(t.float().cpu().numpy() - want))) for t in (out, got))
         ok = (out.device == q.device and out.dtype == dtype and got is out_into
-              and torch.equal(out_into, out) and error <= tolerance)
+              and error <= tolerance)
         print(f"{dtype}: output on {out.device} in {out.dtype}, max abs error {error:.2e} "
               f"(tolerance {tolerance}, computed in {result.precision} on {result.devices}), "
               f"out= in place {got is out_into}: "
