@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 
@@ -121,6 +122,22 @@ class Server:
             self.metrics_port = wait_until(lambda: self._read_port(metrics_port_file),
                                            STARTUP_TIMEOUT_S, "the server's --metrics-port-file")
         return self
+
+    def metric_values(self):
+        """{series: value} of the server's /metrics (metrics=True), series as exposed
+        (name{labels})."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                values[series] = float(value)
+        return values
+
+    def metric(self, series):
+        return self.metric_values().get(series, 0.0)
 
     def _read_port(self, path):
         if self.process.poll() is not None:

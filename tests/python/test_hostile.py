@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import unittest
-import urllib.request
 
 import grpc
 import numpy as np
@@ -39,23 +38,6 @@ pb2, pb2_grpc = da_testing.generate_stubs(ARGS.proto_dir, STUB_DIR.name)
 
 SERVICE = "/da.v1.AttentionService/"
 TIMEOUT_S = 60.0
-
-
-def metrics(server):
-    """{series: value} of the server's /metrics, series as exposed (name{labels})."""
-    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            values[series] = float(value)
-    return values
-
-
-def metric(server, series):
-    return metrics(server).get(series, 0.0)
 
 
 def rss_bytes(pid):
@@ -85,7 +67,7 @@ class HostileClientTest(unittest.TestCase):
 
     def wait_reserved(self, server, predicate, what, timeout_s=TIMEOUT_S):
         return da_testing.wait_until(
-            lambda: predicate(metric(server, "da_memory_reserved_bytes")), timeout_s, what)
+            lambda: predicate(server.metric("da_memory_reserved_bytes")), timeout_s, what)
 
     # --- Idle streams --------------------------------------------------------------------------
 
@@ -121,7 +103,7 @@ class HostileClientTest(unittest.TestCase):
                           stream.details)
         self.assertLess(took, idle_ms / 1e3 + 10)
         self.assertRegex(server.log(), r"code=CANCELLED .*stream idle: the client read no answer")
-        self.assertEqual(metric(server, 'da_requests_rejected_total{reason="idle"}'), 3)
+        self.assertEqual(server.metric('da_requests_rejected_total{reason="idle"}'), 3)
         # A legitimate stream is admitted and answered afterwards.
         good = OpenStream(stub, stream_requests(stream_header(8192), seed=3))
         self.assertTrue(good.ended.wait(TIMEOUT_S))
@@ -158,9 +140,9 @@ class HostileClientTest(unittest.TestCase):
             if stream.ended.is_set():
                 self.assertEqual(stream.code, grpc.StatusCode.RESOURCE_EXHAUSTED, stream.details)
                 self.assertIn("(--max-client-stream-bytes)", stream.details)
-        self.assertEqual(metric(server, "da_memory_reserved_bytes"), admitted * window)
+        self.assertEqual(server.metric("da_memory_reserved_bytes"), admitted * window)
         self.assertLessEqual(admitted * window, budget // 2)
-        self.assertEqual(metric(server, 'da_requests_rejected_total{reason="client_memory"}'),
+        self.assertEqual(server.metric('da_requests_rejected_total{reason="client_memory"}'),
                          20 - admitted)
 
         # The honest client still streams, and gets the right answer.
@@ -217,7 +199,7 @@ class HostileClientTest(unittest.TestCase):
         for part in ("the answer would take", "67108704 bytes", "(--max-message-bytes) is 67108864",
                      "AttendStream"):
             self.assertIn(part, details)
-        values = metrics(server)
+        values = server.metric_values()
         self.assertEqual(values["da_plan_cache_builds_total"], 0)
         self.assertEqual(values["da_engine_runs_completed_total"], 0)
         self.assertEqual(values['da_requests_total{code="RESOURCE_EXHAUSTED",method="Attend"}'], 1)
@@ -230,7 +212,7 @@ class HostileClientTest(unittest.TestCase):
     def test_small_calls_keep_a_bounded_queue_time_next_to_streams(self):
         server, channel, stub = self.start("--max-queue", "8")
         result = stream_load.tiny_call_queue_times(pb2, stub, streams=6, seq_len=16384, tiny_calls=40,
-                                       watch=lambda: metric(server, "da_queue_length"))
+                                       watch=lambda: server.metric("da_queue_length"))
         # With fair queueing a small call waits for the chunk in progress, not for every stream's.
         self.assertLessEqual(result["max_queue_length"], 8)
         self.assertEqual(result["stream_failures"], [])
@@ -288,7 +270,7 @@ class HostileClientTest(unittest.TestCase):
         self.assertEqual(refused.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
         self.assertTrue(refused.exception.details())
 
-        values = metrics(server)
+        values = server.metric_values()
         self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="Attend"}'], 2)
         self.assertEqual(
             values['da_requests_total{code="INVALID_ARGUMENT",method="GetServerInfo"}'], 1)

@@ -325,7 +325,8 @@ class LifecycleTest(unittest.TestCase):
         request = make_request(case, *inputs)
         messages = list(stream_messages(request, "fp32", inputs, [(0, 20), (20, 64)]))
         outgoing = queue.Queue()
-        with da_testing.Server(ARGS.server_binary, ["--drain-timeout-ms", "30000"]) as server:
+        with da_testing.Server(ARGS.server_binary, ["--drain-timeout-ms", "30000"],
+                               metrics=True) as server:
             channel = da_testing.open_channel(server.address)
             stub = pb2_grpc.AttentionServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
@@ -338,8 +339,11 @@ class LifecycleTest(unittest.TestCase):
             reader = threading.Thread(target=lambda: collected.update(
                 result=self._collect_or_error(responses)))
             reader.start()
-            # A health round trip on the same connection after the stream's first frames: the
-            # server has the stream when it answers, so SIGTERM finds the stream in flight.
+            # SIGTERM once the server holds the stream (its queue place, taken when the header
+            # is admitted): an answer on the same connection does not promise that gRPC has
+            # handed the stream to the service yet.
+            da_testing.wait_until(lambda: server.metric("da_queue_stream_places") >= 1, 20,
+                                  "the server to admit the stream")
             self.assertEqual(health.Check(health_pb2.HealthCheckRequest(service=READINESS),
                                           timeout=10).status,
                              health_pb2.HealthCheckResponse.SERVING)
