@@ -230,11 +230,9 @@ class CudaBackend final : public Backend {
       DA_RETURN_IF_ERROR(EnsureStaging());
       auto* device = static_cast<uint8_t*>(dst);
       return copier_->ToDevice(static_cast<const uint8_t*>(src), bytes,
-                               StagingOps(device, cudaMemcpyHostToDevice, stream));
+                               StagingOps(device, cudaMemcpyHostToDevice, stream, context));
     }
-    return CudaStatus(
-        cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream),
-        "copy to the device");
+    return CopyInPieces(dst, src, bytes, cudaMemcpyHostToDevice, stream, context);
   }
 
   absl::Status CopyToHost(void* dst, const void* src, int64_t bytes,
@@ -245,11 +243,9 @@ class CudaBackend final : public Backend {
       DA_RETURN_IF_ERROR(EnsureStaging());
       auto* device = static_cast<uint8_t*>(const_cast<void*>(src));
       return copier_->ToHost(static_cast<uint8_t*>(dst), bytes,
-                             StagingOps(device, cudaMemcpyDeviceToHost, stream));
+                             StagingOps(device, cudaMemcpyDeviceToHost, stream, context));
     }
-    return CudaStatus(
-        cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost, stream),
-        "copy to the host");
+    return CopyInPieces(dst, src, bytes, cudaMemcpyDeviceToHost, stream, context);
   }
 
   absl::Status Synchronize(const RunContext& context) override {
@@ -456,17 +452,19 @@ class CudaBackend final : public Backend {
     }
     const float scale = static_cast<float>(problem.spec.ScaleFor(d));
     const int patterns = static_cast<int>(problem.spec.patterns.size());
-    // Pattern pi's cuDNN calls, writing its output and LSE at out and lse; the stop is polled
-    // before each pattern.
+    // Pattern pi's cuDNN calls, writing its output and LSE at out and lse. Calls are at most
+    // kMaxSdpaCallFlops (sdpa_plan.h: milliseconds) and each is waited for, so the stop, polled
+    // before each, is seen within one call; the stream is idle when a stop returns.
     const auto attend = [&](int pi, void* out, float* lse) -> absl::Status {
-      if (Stopped(context)) {
-        cudaStreamSynchronize(stream);
-        return absl::CancelledError(absl::StrCat("cuda run cancelled before pattern ", pi));
-      }
       for (const SdpaCall& call : plan.calls) {
         if (call.pattern_index != pi) continue;
+        if (Stopped(context)) {
+          cudaStreamSynchronize(stream);
+          return absl::CancelledError(absl::StrCat("cuda run cancelled in pattern ", pi));
+        }
         DA_RETURN_IF_ERROR(plan.graphs->Run(call, {in[0], in[1], in[2], out, lse, scale},
                                             plan.workspace.data(), stream));
+        DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "sdpa call"));
       }
       times.Mark(absl::StrCat("p", pi, " sdpa"));
       return absl::OkStatus();
@@ -547,9 +545,32 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // A plain copy in pieces of kCopyPiece bytes, the run's stop polled before each: a copy from
+  // or to pageable memory returns about when its bytes have moved (7 GB/s on the H200 host: 4 GiB,
+  // one tensor at 1M tokens, took over half a second), so a cancelled run stops within a piece.
+  static constexpr int64_t kCopyPiece = int64_t{256} << 20;
+  absl::Status CopyInPieces(void* dst, const void* src, int64_t bytes, cudaMemcpyKind kind,
+                            cudaStream_t stream, const RunContext& context) {
+    for (int64_t done = 0; done < bytes; done += kCopyPiece) {
+      if (Stopped(context)) {
+        return absl::CancelledError(
+            absl::StrCat("cuda copy cancelled after ", done, " of ", bytes, " bytes"));
+      }
+      const int64_t n = std::min(kCopyPiece, bytes - done);
+      DA_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + done,
+                                     static_cast<const uint8_t*>(src) + done,
+                                     static_cast<size_t>(n), kind, stream),
+                     kind == cudaMemcpyHostToDevice ? "copy to the device" : "copy to the host"));
+    }
+    return absl::OkStatus();
+  }
+
   // The device side of a staged copy: buffer b's bytes to or from device + offset on the stream,
-  // an event after each, waited for before the buffer's next use.
-  StagedCopier::Ops StagingOps(uint8_t* device, cudaMemcpyKind kind, cudaStream_t stream) {
+  // an event after each, waited for before the buffer's next use; the run's stop, polled before
+  // each chunk.
+  StagedCopier::Ops StagingOps(uint8_t* device, cudaMemcpyKind kind, cudaStream_t stream,
+                               const RunContext& context) {
     return {[this, device, kind, stream](int b, int64_t offset, int64_t n) -> absl::Status {
               void* dst = kind == cudaMemcpyHostToDevice ? static_cast<void*>(device + offset)
                                                          : staging_buffers_[b];
@@ -562,7 +583,8 @@ class CudaBackend final : public Backend {
             },
             [this](int b) {
               return CudaStatus(cudaEventSynchronize(staging_events_[b]), "staged copy wait");
-            }};
+            },
+            [cancelled = context.cancelled] { return cancelled != nullptr && cancelled->load(); }};
   }
 
   // Every buffer comes from the block cache (block_cache.h), made on first use. With

@@ -1,6 +1,7 @@
 #include "engine/cuda/sdpa_plan.h"
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -27,7 +28,78 @@ SdpaView SegmentView(int64_t batches, int64_t n, int64_t heads, int64_t kept, in
   return view;
 }
 
+// The largest piece size of at most `most` (>= 1) for n items, a divisor of n when one is within
+// half of `most`.
+int64_t PieceSize(int64_t n, int64_t most) {
+  most = std::clamp<int64_t>(most, 1, n);
+  for (int64_t size = most; size * 2 >= most; --size) {
+    if (n % size == 0) return size;
+  }
+  return most;
+}
+
+// `call` cut along its segments (dimension 0 of every view) into pieces of `size` segments.
+void CutBySegments(const SdpaCall& call, int64_t size, std::vector<SdpaCall>& out) {
+  const int64_t n = call.q.dims[0];
+  for (int64_t first = 0; first < n; first += size) {
+    SdpaCall piece = call;
+    for (SdpaView* view : {&piece.q, &piece.kv, &piece.lse}) {
+      view->dims[0] = std::min(size, n - first);
+      view->offset += first * view->strides[0];
+    }
+    out.push_back(piece);
+  }
+}
+
+// `call` (one segment's worth or more, not causal) cut along its queries (dimension 2 of q and
+// of the log-sum-exps) into pieces of at most max_flops; each piece reads every key.
+void CutByQueries(const SdpaCall& call, double max_flops, std::vector<SdpaCall>& out) {
+  const int64_t queries = call.q.dims[2];
+  const int64_t pieces = static_cast<int64_t>(std::ceil(SdpaCallFlops(call) / max_flops));
+  int64_t size = (queries + pieces - 1) / pieces;
+  constexpr int64_t kTile = 128;  // Whole query tiles of cuDNN's kernels where pieces are large.
+  if (size > kTile) size = size / kTile * kTile;
+  for (int64_t first = 0; first < queries; first += size) {
+    SdpaCall piece = call;
+    for (SdpaView* view : {&piece.q, &piece.lse}) {
+      view->dims[2] = std::min(size, queries - first);
+      view->offset += first * view->strides[2];
+    }
+    out.push_back(piece);
+  }
+}
+
+// Every call of `calls` within max_flops (0: as they are).
+std::vector<SdpaCall> CutCalls(const std::vector<SdpaCall>& calls, double max_flops) {
+  std::vector<SdpaCall> out;
+  for (const SdpaCall& call : calls) {
+    const double flops = SdpaCallFlops(call);
+    if (max_flops <= 0 || flops <= max_flops) {
+      out.push_back(call);
+      continue;
+    }
+    const int64_t n = call.q.dims[0];
+    std::vector<SdpaCall> by_segments;
+    CutBySegments(call, PieceSize(n, static_cast<int64_t>(max_flops / (flops / n))), by_segments);
+    for (const SdpaCall& piece : by_segments) {
+      if (piece.causal || SdpaCallFlops(piece) <= max_flops) {
+        out.push_back(piece);
+      } else {
+        CutByQueries(piece, max_flops, out);
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
+
+double SdpaCallFlops(const SdpaCall& call) {
+  const double flops = 4.0 * static_cast<double>(call.q.dims[0]) *
+                       static_cast<double>(call.q.dims[1]) * static_cast<double>(call.q.dims[2]) *
+                       static_cast<double>(call.kv.dims[2]) * static_cast<double>(call.q.dims[3]);
+  return call.causal ? flops / 2 : flops;
+}
 
 std::string SdpaCall::Signature() const {
   return absl::StrCat("q", ViewSignature(q), " kv", ViewSignature(kv), " lse", ViewSignature(lse),
@@ -35,7 +107,7 @@ std::string SdpaCall::Signature() const {
 }
 
 absl::StatusOr<SdpaPlan> PlanSdpaCalls(const ProblemShape& shape, const AttentionSpec& spec,
-                                       const Share& share) {
+                                       const Share& share, double max_call_flops) {
   if (share.tokens() <= 0 || share.heads() <= 0 || share.kv_heads() <= 0 || share.token_begin < 0 ||
       share.token_end > shape.seq_len || share.head_begin < 0 || share.head_end > shape.heads ||
       share.kv_head_begin < 0 || share.kv_head_end > shape.kv_heads) {
@@ -160,6 +232,7 @@ absl::StatusOr<SdpaPlan> PlanSdpaCalls(const ProblemShape& shape, const Attentio
       flush(last_segment + 1);
     }
   }
+  plan.calls = CutCalls(plan.calls, max_call_flops);
   std::set<std::string> signatures;
   for (const SdpaCall& call : plan.calls) signatures.insert(call.Signature());
   plan.distinct_signatures = static_cast<int>(signatures.size());

@@ -75,8 +75,22 @@ struct SdpaPlan {
   int distinct_signatures = 0;  // Graphs to build.
 };
 
-// Every call of the share. INVALID_ARGUMENT for a share that is not one of `shape`.
+// The most FLOPs one call does by default: about 6 ms of cuDNN on an H200 (650 TFLOP/s), 60 ms
+// on the slowest GPU the fused path runs on (sm_80 and later, from about 70 TFLOP/s), so that a
+// run polls its stop between calls well within 100 ms (issue #15).
+inline constexpr double kMaxSdpaCallFlops = 4e12;
+
+// A call's FLOPs: 4 * segments * heads * queries * keys * D (half that when causal).
+double SdpaCallFlops(const SdpaCall& call);
+
+// Every call of the share, each cut to at most max_call_flops (0: uncut): first by segments (a
+// divisor of the call's segment count where one is within half of the largest piece allowed, so
+// that the pieces share one graph), then, for a single segment over the bound that is not causal,
+// by queries (every piece reads all the segment's keys; a causal segment is not cut by queries, as
+// cuDNN's top-left diagonal would then be wrong). INVALID_ARGUMENT for a share that is not one of
+// `shape`.
 absl::StatusOr<SdpaPlan> PlanSdpaCalls(const ProblemShape& shape, const AttentionSpec& spec,
-                                       const Share& share);
+                                       const Share& share,
+                                       double max_call_flops = kMaxSdpaCallFlops);
 
 }  // namespace da::engine::cuda

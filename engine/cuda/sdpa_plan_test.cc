@@ -40,11 +40,14 @@ int64_t At(const SdpaView& v, int64_t i0, int64_t i1, int64_t i2) {
   return v.offset + i0 * v.strides[0] + i1 * v.strides[1] + i2 * v.strides[2];
 }
 
-using Param = std::tuple<int /*spec*/, bool /*grouped*/, std::pair<int, ShardPolicy> /*cut*/>;
+// max_call_flops: 0 leaves calls whole; 2e6 cuts them by segments and queries (kMaxSdpaCallFlops
+// at a test's size).
+using Param = std::tuple<int /*spec*/, bool /*grouped*/, std::pair<int, ShardPolicy> /*cut*/,
+                         double /*max_call_flops*/>;
 class SdpaPlanTest : public ::testing::TestWithParam<Param> {};
 
 TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
-  const auto& [spec_index, grouped, cut_by] = GetParam();
+  const auto& [spec_index, grouped, cut_by, max_call_flops] = GetParam();
   const auto [shares, strategy] = cut_by;
   const std::vector<std::vector<Pattern>> specs = {
       {{64, 1}, {128, 2}, {256, 4}},  // Full segments; offsets per head run.
@@ -66,7 +69,7 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
   int spanning_seen = 0;
   for (const Share& share : cut) {
     SCOPED_TRACE(share.ToString());
-    absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, share);
+    absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, share, max_call_flops);
     ASSERT_TRUE(plan.ok()) << plan.status();
     const int64_t T = share.tokens(), H = share.heads(), Hk = share.kv_heads(), D = shape.head_dim;
     std::map<std::tuple<Place, int>, int> covered;  // (place, pattern) -> times.
@@ -75,7 +78,9 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
       const Pattern& pattern = spec.patterns[call.pattern_index];
       ASSERT_EQ(call.q.dims[3], D);
       ASSERT_EQ(call.q.strides[3], 1);
-      ASSERT_EQ(call.kv.dims[2], call.q.dims[2]);
+      if (max_call_flops > 0) {  // Within the bound, but for a causal segment (never cut).
+        EXPECT_TRUE(SdpaCallFlops(call) <= max_call_flops || (call.causal && call.q.dims[0] == 1));
+      }
       ASSERT_EQ(call.q.dims[1] % call.kv.dims[1], 0) << "GQA needs whole groups";
       const int64_t per_kv = call.q.dims[1] / call.kv.dims[1];
       for (const SdpaView* view : {&call.q, &call.kv}) {
@@ -98,19 +103,28 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
           ASSERT_TRUE(runs) << "head " << global_head << " does not run this pattern/offset";
           const KeptRange kept =
               KeptPositions(pattern, call.dilation_offset, shape.seq_len, segment);
-          ASSERT_EQ(call.q.dims[2], kept.count);
+          // Queries: a run of the kept set from kept index s0 (0 unless cut by queries, which a
+          // causal call never is); keys: all of it, in order.
+          const int64_t s0 = (position - kept.first) / kept.stride;
+          ASSERT_LE(s0 + call.q.dims[2], kept.count);
+          if (call.causal) {
+            ASSERT_EQ(call.q.dims[2], kept.count);
+          }
+          ASSERT_EQ(call.kv.dims[2], kept.count);
           for (int64_t s = 0; s < call.q.dims[2]; ++s) {
             const Place q = Decode(At(call.q, i0, h, s), T, H, D);
             ASSERT_EQ(q.batch, first.batch);
             ASSERT_EQ(q.head, first.head);
-            ASSERT_EQ(share.token_begin + q.token, kept.first + s * kept.stride);
-            const Place kv = Decode(At(call.kv, i0, h / per_kv, s), T, Hk, D);
-            ASSERT_EQ(kv.batch, q.batch);
-            ASSERT_EQ(kv.token, q.token);
-            ASSERT_EQ(share.kv_head_begin + kv.head,
-                      KvHeadFor(global_head, shape.heads, shape.kv_heads));
+            ASSERT_EQ(share.token_begin + q.token, kept.first + (s0 + s) * kept.stride);
             ASSERT_EQ(Decode(At(call.lse, i0, h, s), T, H, 1), q);
             ++covered[{q, call.pattern_index}];
+          }
+          for (int64_t s = 0; s < call.kv.dims[2]; ++s) {
+            const Place kv = Decode(At(call.kv, i0, h / per_kv, s), T, Hk, D);
+            ASSERT_EQ(kv.batch, first.batch);
+            ASSERT_EQ(share.token_begin + kv.token, kept.first + s * kept.stride);
+            ASSERT_EQ(share.kv_head_begin + kv.head,
+                      KvHeadFor(global_head, shape.heads, shape.kv_heads));
           }
         }
       }
@@ -163,11 +177,12 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
 }
 
 std::string Name(const ::testing::TestParamInfo<Param>& info) {
-  const auto& [spec_index, grouped, cut_by] = info.param;
+  const auto& [spec_index, grouped, cut_by, max_call_flops] = info.param;
   const auto [shares, strategy] = cut_by;
   return absl::StrCat(
       "spec", spec_index, grouped ? "_grouped" : "_longnet",
-      shares == 1 ? std::string("_whole") : absl::StrCat("_", ShardPolicyName(strategy), shares));
+      shares == 1 ? std::string("_whole") : absl::StrCat("_", ShardPolicyName(strategy), shares),
+      max_call_flops > 0 ? "_cut" : "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Sweep, SdpaPlanTest,
@@ -176,8 +191,8 @@ INSTANTIATE_TEST_SUITE_P(Sweep, SdpaPlanTest,
                                                               std::pair{2, ShardPolicy::kHeads},
                                                               std::pair{3, ShardPolicy::kHeads},
                                                               std::pair{2, ShardPolicy::kSequence},
-                                                              std::pair{3,
-                                                                        ShardPolicy::kSequence})),
+                                                              std::pair{3, ShardPolicy::kSequence}),
+                                            ::testing::Values(0.0, 2e6)),
                          Name);
 
 // A whole problem whose segments tile the sequence folds batch and segments into one dimension:
@@ -197,6 +212,49 @@ TEST(SdpaPlanTest, WholeSegmentsFoldIntoOneCallPerHeadGroup) {
   EXPECT_EQ(plan->calls[2].q.offset, 1 * 16 * 128 + 8 * 128);  // Offset 1, heads from 8.
   EXPECT_EQ(plan->distinct_signatures, 2);
   EXPECT_TRUE(plan->spanning.empty());
+}
+
+// At #15's benchmark size every call is cut to kMaxSdpaCallFlops, in pieces of whole segments
+// that share the uncut calls' graphs and do the same work; a single segment as long as the
+// sequence is cut by its queries, unless causal.
+TEST(SdpaPlanTest, LargeCallsAreCutWithinTheBound) {
+  AttentionSpec spec;
+  spec.patterns = {{2048, 1}, {4096, 2}, {8192, 4}};
+  const ProblemShape shape{1, 1 << 20, 16, 16, 128};
+  absl::StatusOr<SdpaPlan> whole = PlanSdpaCalls(shape, spec, WholeShare(shape), 0);
+  absl::StatusOr<SdpaPlan> cut = PlanSdpaCalls(shape, spec, WholeShare(shape));
+  ASSERT_TRUE(whole.ok() && cut.ok());
+  const auto total = [](const SdpaPlan& plan) {
+    double flops = 0;
+    for (const SdpaCall& call : plan.calls) flops += SdpaCallFlops(call);
+    return flops;
+  };
+  EXPECT_DOUBLE_EQ(total(*cut), total(*whole));
+  for (const SdpaCall& call : cut->calls) EXPECT_LE(SdpaCallFlops(call), kMaxSdpaCallFlops);
+  // Pattern 0: 512 segments in 8 pieces of 64; pattern 1: 2 offsets x 2 pieces of 128; pattern 2
+  // (1.1e12 per call) as it was: 4 offsets.
+  EXPECT_EQ(whole->calls.size(), 7u);
+  EXPECT_EQ(cut->calls.size(), 16u);
+  EXPECT_EQ(cut->distinct_signatures, whole->distinct_signatures);
+
+  const ProblemShape long_shape{1, 262144, 16, 16, 128};
+  spec.patterns = {{262144, 1}};
+  cut = PlanSdpaCalls(long_shape, spec, WholeShare(long_shape));
+  ASSERT_TRUE(cut.ok());
+  ASSERT_GT(cut->calls.size(), 100u);
+  int64_t queries = 0;
+  for (const SdpaCall& call : cut->calls) {
+    EXPECT_LE(SdpaCallFlops(call), kMaxSdpaCallFlops);
+    EXPECT_EQ(call.kv.dims[2], 262144);
+    EXPECT_EQ(call.q.offset, queries * 16 * 128);
+    queries += call.q.dims[2];
+  }
+  EXPECT_EQ(queries, 262144);
+  EXPECT_LE(cut->distinct_signatures, 2);  // Equal pieces and the last.
+  spec.causal = true;
+  cut = PlanSdpaCalls(long_shape, spec, WholeShare(long_shape));
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ(cut->calls.size(), 1u);
 }
 
 TEST(SdpaPlanTest, NotAShareIsRefused) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 
 namespace da::engine::cuda {
@@ -37,12 +38,19 @@ absl::Status StagedCopier::Free(int buffer, const Ops& ops) {
   return absl::OkStatus();
 }
 
+absl::Status StagedCopier::Poll(const Ops& ops, int64_t done, int64_t bytes) {
+  if (!ops.stopped || !ops.stopped()) return absl::OkStatus();
+  return absl::CancelledError(
+      absl::StrCat("staged copy cancelled after ", done, " of ", bytes, " bytes"));
+}
+
 absl::Status StagedCopier::ToDevice(const uint8_t* src, int64_t bytes, const Ops& ops) {
   if (buffers_.size() < 2) return absl::InternalError("staged copy needs two buffers or more");
   const int count = buffers();
   for (int64_t offset = 0, i = 0; offset < bytes; offset += chunk_, ++i) {
     const int b = static_cast<int>(i % count);
     const int64_t n = std::min(chunk_, bytes - offset);
+    DA_RETURN_IF_ERROR(Poll(ops, offset, bytes));
     DA_RETURN_IF_ERROR(Free(b, ops));  // Its previous transfer has read it.
     Memcpy(buffers_[b], src + offset, n);
     DA_RETURN_IF_ERROR(ops.queue(b, offset, n));
@@ -65,6 +73,7 @@ absl::Status StagedCopier::ToHost(uint8_t* dst, int64_t bytes, const Ops& ops) {
   for (int64_t i = 0; i < std::min<int64_t>(count, chunks); ++i) DA_RETURN_IF_ERROR(queue(i));
   for (int64_t i = 0; i < chunks; ++i) {
     const int b = static_cast<int>(i % count);
+    DA_RETURN_IF_ERROR(Poll(ops, i * chunk_, bytes));
     DA_RETURN_IF_ERROR(Free(b, ops));  // Chunk i has arrived in buffer b.
     Memcpy(dst + i * chunk_, buffers_[b], std::min(chunk_, bytes - i * chunk_));
     if (i + count < chunks) DA_RETURN_IF_ERROR(queue(i + count));

@@ -31,6 +31,9 @@ class StagedCopier {
     std::function<absl::Status(int buffer, int64_t offset, int64_t bytes)> queue;
     // Blocks until everything queued on `buffer` so far is done.
     std::function<absl::Status(int buffer)> wait;
+    // Polled before each chunk (may be empty): true stops the copy with CANCELLED, its queued
+    // transfers left to finish (the buffers are waited for before their next use).
+    std::function<bool()> stopped;
   };
 
   // buffers: at least 2, each `chunk` bytes (pinned host memory for a GPU); pool: the threads
@@ -51,6 +54,8 @@ class StagedCopier {
 
  private:
   void Memcpy(uint8_t* dst, const uint8_t* src, int64_t bytes);
+  // CANCELLED when ops.stopped says so, naming done of bytes.
+  static absl::Status Poll(const Ops& ops, int64_t done, int64_t bytes);
   // Waits for `buffer` if a transfer was ever queued on it.
   absl::Status Free(int buffer, const Ops& ops);
 

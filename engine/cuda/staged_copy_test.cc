@@ -26,7 +26,9 @@ struct FakeDevice {
   std::deque<Transfer> pending;
   std::mt19937 rng{7};
   bool random_order = false;
-  int overwritten = 0;  // Transfers that found their buffer changed since queued.
+  int overwritten = 0;      // Transfers that found their buffer changed since queued.
+  int64_t stop_after = -1;  // The stop turns on after this many transfers were queued (-1: never).
+  int64_t queued = 0;
 
   void Run(const Transfer& t) {
     std::vector<uint8_t>& buffer = (*buffers)[t.buffer];
@@ -53,6 +55,7 @@ struct FakeDevice {
               std::vector<uint8_t> staged;
               if (to_device) staged.assign((*buffers)[b].begin(), (*buffers)[b].begin() + bytes);
               pending.push_back({b, offset, bytes, std::move(staged)});
+              ++queued;
               // A stream may also have got round to some earlier transfers by now.
               if (random_order && rng() % 2 == 0) {
                 Run(pending.front());
@@ -63,7 +66,8 @@ struct FakeDevice {
             [this](int b) {
               Drain(b);
               return absl::OkStatus();
-            }};
+            },
+            [this] { return stop_after >= 0 && queued >= stop_after; }};
   }
 };
 
@@ -110,6 +114,47 @@ INSTANTIATE_TEST_SUITE_P(
                                                   5 * ((int64_t{1} << 20) + 4096),
                                                   7 * ((int64_t{1} << 20) + 4096) + 123),
                        ::testing::Values(2, 3), ::testing::Bool(), ::testing::Bool()));
+
+// A stop polled between chunks ends either copy with CANCELLED after the chunks queued so far;
+// the copier is usable at once: the next copies carry every byte, and no buffer is refilled
+// before a transfer left in flight by the stopped copy has run.
+TEST(StagedCopyTest, AStopEndsTheCopyBetweenChunksAndTheNextCopyIsWhole) {
+  constexpr int64_t kChunk = 4096;
+  constexpr int64_t kBytes = 10 * kChunk + 77;
+  std::vector<std::vector<uint8_t>> buffers(3, std::vector<uint8_t>(kChunk, 0));
+  std::vector<uint8_t*> pointers;
+  for (auto& b : buffers) pointers.push_back(b.data());
+  StagedCopier copier(pointers, kChunk, nullptr);
+  std::mt19937_64 rng(std::random_device{}());
+  std::vector<uint8_t> src(kBytes);
+  for (auto& x : src) x = static_cast<uint8_t>(rng());
+  FakeDevice device;
+  device.memory.assign(kBytes, 0xA5);
+  device.buffers = &buffers;
+  device.stop_after = 4;
+  const absl::Status stopped = copier.ToDevice(src.data(), kBytes, device.Ops());
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kCancelled) << stopped;
+  EXPECT_EQ(device.queued, 4);
+  EXPECT_NE(stopped.message().find("after 16384 of 41037 bytes"), std::string::npos) << stopped;
+
+  device.stop_after = -1;
+  ASSERT_TRUE(copier.ToDevice(src.data(), kBytes, device.Ops()).ok());
+  while (!device.pending.empty()) {
+    device.Run(device.pending.front());
+    device.pending.pop_front();
+  }
+  EXPECT_EQ(device.overwritten, 0);
+  EXPECT_TRUE(device.memory == src);
+
+  device.to_device = false;
+  device.queued = 0;
+  device.stop_after = 2;
+  std::vector<uint8_t> dst(kBytes, 0x5A);
+  EXPECT_EQ(copier.ToHost(dst.data(), kBytes, device.Ops()).code(), absl::StatusCode::kCancelled);
+  device.stop_after = -1;
+  ASSERT_TRUE(copier.ToHost(dst.data(), kBytes, device.Ops()).ok());
+  EXPECT_TRUE(dst == src);
+}
 
 TEST(StagedCopyTest, OneBufferIsRefused) {
   std::vector<uint8_t> buffer(64);
