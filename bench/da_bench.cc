@@ -129,7 +129,7 @@ int Main(int argc, char** argv) {
   o.AddTo(app);
   app.add_option("--dtype", o.dtype)->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
   app.add_option("--precision", o.precision)
-      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16"}));
+      ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16", "fp8"}));
   app.add_option("--device", o.device,
                  "the device to compute on, e.g. cuda:0 (default: the engine's placement)");
   app.add_option("--threads", o.threads, "0: every core");
@@ -147,6 +147,7 @@ int Main(int argc, char** argv) {
   spec.precision = o.precision == "bf16"   ? engine::Precision::kBFloat16
                    : o.precision == "fp16" ? engine::Precision::kFloat16
                    : o.precision == "fp32" ? engine::Precision::kFloat32
+                   : o.precision == "fp8"  ? engine::Precision::kFloat8
                                            : engine::Precision::kAuto;
   const DType dtype = o.dtype == "fp16"   ? DType::kFloat16
                       : o.dtype == "bf16" ? DType::kBFloat16
@@ -187,9 +188,10 @@ int Main(int argc, char** argv) {
     return 2;
   }
   const CheckResult check = Check(request, o, flops);
-  const double tolerance = info->precision_used == engine::Precision::kBFloat16 ? 2e-2
-                           : dtype == DType::kFloat32                           ? 1e-5
-                                                                                : 1e-2;
+  const double tolerance = info->precision_used == engine::Precision::kFloat8     ? 8e-2
+                           : info->precision_used == engine::Precision::kBFloat16 ? 2e-2
+                           : dtype == DType::kFloat32                             ? 1e-5
+                                                                                  : 1e-2;
   const bool check_ok = check.relative_l2 <= tolerance && std::isfinite(check.max_abs_error);
 
   const int threads = engine.threads();

@@ -3,6 +3,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <sstream>
+
+#include "client/cli_format.h"
+
 namespace da::client {
 namespace {
 
@@ -107,6 +111,37 @@ TEST(CliArgsTest, SummarizesLatencies) {
   EXPECT_EQ(summary.median_ms, 2.5);
   EXPECT_EQ(summary.mean_ms, 2.5);
   EXPECT_EQ(Summarize({7}).median_ms, 7);
+}
+
+// An fp8 run's scales reach the printed and the JSON form (one line or entry per device and
+// chunk); a run in another precision shows none.
+TEST(CliFormatTest, Fp8ScalesArePrintedOnlyForFp8Runs) {
+  v1::ExecutionInfo info;
+  info.set_precision_used(v1::PRECISION_FP8);
+  v1::Fp8Scales* scales = info.add_fp8_scales();
+  scales->set_device("cuda:0");
+  scales->set_query_amax(2);
+  scales->set_key_amax(0.5);
+  scales->set_value_amax(4);
+  scales->set_query_scale(224);
+  scales->set_key_scale(896);
+  scales->set_value_scale(112);
+  std::ostringstream printed;
+  PrintExecutionInfo(info, printed);
+  EXPECT_THAT(printed.str(), testing::HasSubstr("fp8_scales          cuda:0: q 224 (amax 2), k 896 "
+                                                "(amax 0.5), v 112 (amax 4)\n"));
+  const nlohmann::json json = ExecutionInfoJson(info);
+  ASSERT_TRUE(json.contains("fp8_scales"));
+  EXPECT_EQ(json["fp8_scales"][0]["device"], "cuda:0");
+  EXPECT_EQ(json["fp8_scales"][0]["scale"][1], 896.0);
+  EXPECT_EQ(json["fp8_scales"][0]["amax"][2], 4.0);
+
+  info.clear_fp8_scales();
+  info.set_precision_used(v1::PRECISION_BF16);
+  printed.str("");
+  PrintExecutionInfo(info, printed);
+  EXPECT_THAT(printed.str(), testing::Not(testing::HasSubstr("fp8")));
+  EXPECT_FALSE(ExecutionInfoJson(info).contains("fp8_scales"));
 }
 
 }  // namespace

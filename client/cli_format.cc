@@ -71,7 +71,13 @@ std::string ShardPolicyName(v1::ShardPolicy policy) {
 }
 
 nlohmann::json ExecutionInfoJson(const v1::ExecutionInfo& info) {
-  return {
+  nlohmann::json fp8 = nlohmann::json::array();
+  for (const v1::Fp8Scales& s : info.fp8_scales()) {
+    fp8.push_back({{"device", s.device()},
+                   {"amax", {s.query_amax(), s.key_amax(), s.value_amax()}},
+                   {"scale", {s.query_scale(), s.key_scale(), s.value_scale()}}});
+  }
+  nlohmann::json json = {
       {"request_id", info.request_id()},
       {"precision_used", PrecisionName(info.precision_used())},
       {"precision_reason", info.precision_reason()},
@@ -84,6 +90,8 @@ nlohmann::json ExecutionInfoJson(const v1::ExecutionInfo& info) {
       {"total_time_us", info.total_time_us()},
       {"plan_cache_hit", info.plan_cache_hit()},
   };
+  if (!fp8.empty()) json["fp8_scales"] = fp8;  // fp8 runs only: q, k, v each.
+  return json;
 }
 
 void PrintExecutionInfo(const v1::ExecutionInfo& info, std::ostream& out) {
@@ -98,6 +106,11 @@ void PrintExecutionInfo(const v1::ExecutionInfo& info, std::ostream& out) {
       << "plan_build_time_us  " << info.plan_build_time_us() << "\n"
       << "total_time_us       " << info.total_time_us() << "\n"
       << "plan_cache_hit      " << (info.plan_cache_hit() ? "true" : "false") << "\n";
+  for (const v1::Fp8Scales& s : info.fp8_scales()) {  // fp8 runs: each device's (and chunk's).
+    out << "fp8_scales          " << s.device() << ": q " << s.query_scale() << " (amax "
+        << s.query_amax() << "), k " << s.key_scale() << " (amax " << s.key_amax() << "), v "
+        << s.value_scale() << " (amax " << s.value_amax() << ")\n";
+  }
 }
 
 nlohmann::json ServerInfoJson(const v1::GetServerInfoResponse& info) {

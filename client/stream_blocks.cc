@@ -143,6 +143,7 @@ v1::ExecutionInfo MergePartInfos(const std::vector<v1::ExecutionInfo>& parts) {
         std::max(merged.stream_chunk_tokens(), part.stream_chunk_tokens()));
     merged.set_stream_chunks(merged.stream_chunks() + part.stream_chunks());
     merged.set_stream_buffer_bytes(merged.stream_buffer_bytes() + part.stream_buffer_bytes());
+    merged.mutable_fp8_scales()->MergeFrom(part.fp8_scales());  // Every part's, in order.
   }
   merged.set_request_id(absl::StrJoin(ids, ","));
   return merged;

@@ -352,6 +352,7 @@ TEST(ParallelPartsTest, MergedInfoSumsWorkAndKeepsTheLongestWait) {
     parts[i].set_stream_chunk_tokens(i == 2 ? 8 : 32);
     parts[i].set_stream_chunks(3);
     parts[i].set_stream_buffer_bytes(1000);
+    parts[i].add_fp8_scales()->set_query_amax(static_cast<float>(i + 1));  // fp8 parts' scales.
   }
   const v1::ExecutionInfo merged = MergePartInfos(parts);
   EXPECT_EQ(merged.request_id(), "r/1,r/2,r/3");
@@ -366,6 +367,8 @@ TEST(ParallelPartsTest, MergedInfoSumsWorkAndKeepsTheLongestWait) {
   EXPECT_EQ(merged.stream_chunk_tokens(), 32);
   EXPECT_EQ(merged.stream_chunks(), 9);
   EXPECT_EQ(merged.stream_buffer_bytes(), 3000);
+  ASSERT_EQ(merged.fp8_scales_size(), 3);  // Every part's, in order.
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(merged.fp8_scales(i).query_amax(), i + 1.0f);
 }
 
 }  // namespace

@@ -44,7 +44,8 @@ PlanKey MakeShareKey(const ShareProblem& problem, Precision precision, const std
 }
 
 absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
-                              Precision precision, const std::atomic<bool>* stop, bool* hit) {
+                              Precision precision, const std::atomic<bool>* stop, bool* hit,
+                              RunReport* report) {
   if (compute.backend == nullptr) return absl::InternalError("share run without a backend");
   Backend& backend = *compute.backend;
   const int threads = compute.pool != nullptr ? compute.pool->size() : 1;
@@ -57,7 +58,7 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
     DA_ASSIGN_OR_RETURN(plan, backend.BuildPlan(key, stop));
     if (hit != nullptr) *hit = false;
   }
-  absl::Status ran = backend.RunShare(*plan, problem, {compute.pool, stop});
+  absl::Status ran = backend.RunShare(*plan, problem, {compute.pool, stop, nullptr, report});
   plan.reset();
   if (compute.plans != nullptr) compute.plans->Trim();  // Within budget now the plan is free.
   return ran;

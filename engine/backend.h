@@ -30,12 +30,20 @@ namespace da::engine {
 
 class ThreadPool;
 
+// What a run tells its caller beyond its output: the fp8 scales it derived from the data.
+struct RunReport {
+  bool fp8 = false;            // The run quantized its inputs to fp8 E4M3.
+  float amax[3] = {0, 0, 0};   // The largest magnitudes of q, k, v.
+  float scale[3] = {1, 1, 1};  // Their factors onto fp8's range (448 / amax).
+};
+
 struct RunContext {
   ThreadPool* pool = nullptr;                    // May be null: run on the calling thread.
   const std::atomic<bool>* cancelled = nullptr;  // When it turns true, stop and return CANCELLED.
   // The device's queue the run's copies and kernels are ordered on, opaque to the engine (a
   // cudaStream_t for the CUDA backend); null: the backend's default. Unused by host backends.
   void* stream = nullptr;
+  RunReport* report = nullptr;  // May be null: nobody asked.
 };
 
 // Memory a backend allocated in its space (Backend::Allocate); released when destroyed.
@@ -161,9 +169,9 @@ struct ShareCompute {
 
 // Runs a share in `precision` with its plan from compute.plans (built and cached on a miss).
 // `stop` (optional) ends the plan build or the run with CANCELLED. *hit (optional) says whether
-// the plan was cached.
+// the plan was cached; *report (optional) gets the run's RunReport.
 absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
                               Precision precision, const std::atomic<bool>* stop,
-                              bool* hit = nullptr);
+                              bool* hit = nullptr, RunReport* report = nullptr);
 
 }  // namespace da::engine

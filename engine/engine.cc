@@ -474,6 +474,14 @@ struct Engine::Impl {
     info.plan_cache_hit = stats->plan_cache_hits == static_cast<int>(on.size());
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start);
+    for (size_t r = 0; r < on.size() && r < stats->reports.size(); ++r) {
+      const RunReport& report = stats->reports[r];
+      if (!report.fp8) continue;
+      ExecutionInfo::Fp8Scales scales{on[r]->info.id};
+      std::copy(report.amax, report.amax + 3, scales.amax);
+      std::copy(report.scale, report.scale + 3, scales.scale);
+      info.fp8_scales.push_back(scales);
+    }
     if (!on.front()->host()) {
       for (size_t r = 0; r < on.size(); ++r) {
         info.device_compute_us = std::max<int64_t>(

@@ -145,6 +145,13 @@ struct ExecutionInfo {
   int64_t device_copy_us = 0;
   bool plan_cache_hit = false;  // Filled once the plan cache exists.
   int64_t plan_build_time_us = 0;
+  // fp8 runs: per device, the per-tensor scales its share was quantized with (RunReport).
+  struct Fp8Scales {
+    std::string device;
+    float amax[3] = {0, 0, 0};   // q, k, v.
+    float scale[3] = {1, 1, 1};  // 448 / amax.
+  };
+  std::vector<Fp8Scales> fp8_scales;
 };
 
 using RunCallback = std::function<void(absl::StatusOr<ExecutionInfo>)>;

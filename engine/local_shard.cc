@@ -87,6 +87,7 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
   LocalShardStats stats;
   stats.strategy = layout.strategy;
   stats.compute_seconds.assign(world, 0);
+  stats.reports.assign(world, RunReport{});
   stats.copy_seconds.assign(world, 0);
   std::vector<absl::Status> results(world);
   std::vector<char> hits(world, 0);
@@ -176,7 +177,8 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     stats.copy_seconds[r] += SecondsSince(start);
     start = Clock::now();
     bool hit = false;
-    absl::Status ran = RunShareWithPlan(devices[r], p, problem.precision, problem.stop, &hit);
+    absl::Status ran =
+        RunShareWithPlan(devices[r], p, problem.precision, problem.stop, &hit, &stats.reports[r]);
     stats.compute_seconds[r] = SecondsSince(start);
     hits[r] = hit;
     if (!ran.ok()) {

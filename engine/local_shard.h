@@ -70,6 +70,7 @@ struct LocalShardStats {
   std::vector<double> copy_seconds;     // Per device: its share in and out, and the exchange.
   int64_t exchange_bytes = 0;           // Kept K/V rows of spanning segments gathered.
   int plan_cache_hits = 0;              // Devices whose share's plan was cached.
+  std::vector<RunReport> reports;       // Per device, from its share's RunShare.
 };
 
 // The memory a local sharded run holds beyond the whole tensors: every share's copy of its

@@ -433,6 +433,9 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
       info_.compute_time_us += info->compute_time_us;
       info_.plan_build_time_us += info->plan_build_time_us;
       info_.plan_cache_hit = info_.plan_cache_hit && info->plan_cache_hit;
+      // fp8: each chunk was quantized with scales of its own; all of them, in chunk order.
+      info_.fp8_scales.insert(info_.fp8_scales.end(), info->fp8_scales.begin(),
+                              info->fp8_scales.end());
     }
     assembler_->ReleaseChunk(chunk.index);
     outgoing_.push_back(chunk);

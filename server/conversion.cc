@@ -206,6 +206,16 @@ void ExecutionInfoToProto(const engine::ExecutionInfo& info, const std::string& 
   out->set_plan_cache_hit(info.plan_cache_hit);
   out->set_plan_build_time_us(info.plan_build_time_us);
   out->set_total_time_us(total_time_us);
+  for (const engine::ExecutionInfo::Fp8Scales& scales : info.fp8_scales) {
+    v1::Fp8Scales* wire = out->add_fp8_scales();
+    wire->set_device(scales.device);
+    wire->set_query_amax(scales.amax[0]);
+    wire->set_key_amax(scales.amax[1]);
+    wire->set_value_amax(scales.amax[2]);
+    wire->set_query_scale(scales.scale[0]);
+    wire->set_key_scale(scales.scale[1]);
+    wire->set_value_scale(scales.scale[2]);
+  }
 }
 
 void DeviceInfoToProto(const engine::DeviceInfo& device, v1::DeviceInfo* out) {

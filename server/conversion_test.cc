@@ -87,6 +87,7 @@ TEST(ConversionTest, ExecutionInfoCarriesEveryField) {
   info.compute_time_us = 40;
   info.plan_build_time_us = 5;
   info.plan_cache_hit = true;  // Not the default, so a missing copy shows.
+  info.fp8_scales.push_back({"cuda:1", {2.0f, 0.5f, 4.0f}, {224.0f, 896.0f, 112.0f}});
   v1::ExecutionInfo proto;
   ExecutionInfoToProto(info, "abc", 50, &proto);
   EXPECT_EQ(proto.request_id(), "abc");
@@ -100,6 +101,15 @@ TEST(ConversionTest, ExecutionInfoCarriesEveryField) {
   EXPECT_EQ(proto.plan_build_time_us(), 5);
   EXPECT_EQ(proto.total_time_us(), 50);
   EXPECT_TRUE(proto.plan_cache_hit());
+  ASSERT_EQ(proto.fp8_scales_size(), 1);
+  const v1::Fp8Scales& scales = proto.fp8_scales(0);
+  EXPECT_EQ(scales.device(), "cuda:1");
+  EXPECT_EQ(scales.query_amax(), 2.0f);
+  EXPECT_EQ(scales.key_amax(), 0.5f);
+  EXPECT_EQ(scales.value_amax(), 4.0f);
+  EXPECT_EQ(scales.query_scale(), 224.0f);
+  EXPECT_EQ(scales.key_scale(), 896.0f);
+  EXPECT_EQ(scales.value_scale(), 112.0f);
 }
 
 TEST(ConversionTest, PlanCacheStatsAndWarmUpResultCarryEveryField) {

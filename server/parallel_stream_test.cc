@@ -84,7 +84,9 @@ TEST_P(ParallelStreamTest, PartsGiveTheBytesOfOneStreamAndOfUnary) {
           // One call per part, each with its own id; one stream when there is one chunk.
           const std::vector<std::string> ids = absl::StrSplit(parts.info().request_id(), ',');
           EXPECT_EQ(ids.size(), std::min<size_t>(k, chunks)) << parts.info().request_id();
-          if (ids.size() > 1) EXPECT_EQ(ids[1], "sweep/2");
+          if (ids.size() > 1) {
+            EXPECT_EQ(ids[1], "sweep/2");
+          }
           EXPECT_EQ(parts.info().precision_used(), unary.info().precision_used());
         }
       }

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -163,6 +164,7 @@ class CudaPlan final : public Plan {
   // and workspace.
   std::vector<SdpaCall> calls;
   DType io = DType::kBFloat16;
+  bool fp8 = false;  // The calls compute in fp8 E4M3 (io unused): inputs quantized per run.
 #if defined(DA_HAVE_CUDNN)
   std::unique_ptr<SdpaGraphs> graphs;
 #endif
@@ -184,6 +186,7 @@ class CudaBackend final : public Backend {
         staging_(EnvIs("DA_CUDA_STAGING", "1")) {
 #if defined(DA_HAVE_CUDNN)
     fused_ = !EnvIs("DA_CUDA_FUSED", "0") && major >= 8;
+    fp8_ = fused_ && major >= 9;  // cuDNN's fp8 attention: Hopper and later.
     one_pass_ = EnvIs("DA_CUDA_COMBINE", "onepass");
     stage_times_ = EnvIs("DA_CUDA_STAGE_TIMES", "1");
 #endif
@@ -259,16 +262,24 @@ class CudaBackend final : public Backend {
     if (!fused_) return {Precision::kFloat32};
     std::vector<Precision> offered;
     for (Precision p : SupportedPrecisions(capabilities_)) {
-      if (p != Precision::kFloat8) offered.push_back(p);
+      if (p != Precision::kFloat8 || fp8_) offered.push_back(p);
     }
     return offered;
   }
 
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
-    if (fused_ && spec.precision != Precision::kFloat8) {
+    if (fused_) {
       DA_ASSIGN_OR_RETURN(PrecisionChoice choice,
                           engine::ChoosePrecision(capabilities_, spec.precision, options_));
-      if (FusedPrecision(choice.precision)) absl::StrAppend(&choice.reason, " (cuDNN fused)");
+      if (choice.precision == Precision::kFloat8 && !fp8_) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("spec.precision fp8 is not supported by ", capabilities_.Describe(),
+                         ": cuDNN's fp8 attention needs sm_90 or later; supported: ",
+                         PrecisionListName(Precisions())));
+      }
+      if (FusedPrecision(choice.precision) || choice.precision == Precision::kFloat8) {
+        absl::StrAppend(&choice.reason, " (cuDNN fused)");
+      }
       return choice;
     }
     const std::string device = capabilities_.Describe();
@@ -312,11 +323,14 @@ class CudaBackend final : public Backend {
     DA_ASSIGN_OR_RETURN(RowTables tables, MakeRowTables(probe));
     auto plan = std::make_shared<CudaPlan>();
 #if defined(DA_HAVE_CUDNN)
-    if (fused_ && FusedPrecision(key.precision)) {
+    if (fused_ &&
+        (FusedPrecision(key.precision) || (fp8_ && key.precision == Precision::kFloat8))) {
       DA_ASSIGN_OR_RETURN(SdpaPlan sdpa, PlanSdpaCalls(key.shape, probe.spec, share));
       if (sdpa.spanning.empty()) {  // Spanning segments: the row kernel, for now.
-        plan->io = key.precision == Precision::kBFloat16 ? DType::kBFloat16 : DType::kFloat16;
-        DA_ASSIGN_OR_RETURN(plan->graphs, SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_));
+        plan->io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
+        plan->fp8 = key.precision == Precision::kFloat8;
+        DA_ASSIGN_OR_RETURN(plan->graphs,
+                            SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8));
         DA_ASSIGN_OR_RETURN(plan->workspace,
                             Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
         plan->calls = std::move(sdpa.calls);
@@ -427,18 +441,92 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  absl::Status RunFused(CudaPlan& plan, const ShareProblem& problem, const RowShare& share,
+#if defined(DA_HAVE_CUDNN)
+  struct Fp8Scales {
+    float amax[3] = {0, 0, 0};   // Of q, k, v.
+    float scale[3] = {1, 1, 1};  // Fp8ScaleFor(amax): each tensor onto fp8's range.
+  };
+
+  // q, k and v (views, in `type`) quantized to fp8 E4M3 with per-tensor scales from their amax:
+  // the amaxes computed on the device (into the 3 floats after the scalars in `scalars`) and read
+  // back, the quantized tensors appended to `converted` and pointed to by `in`. INVALID_ARGUMENT
+  // when a tensor holds a NaN or an infinity (no scale maps it onto fp8).
+  absl::StatusOr<Fp8Scales> QuantizeToFp8(const TensorView* const views[3], ElemType type,
+                                          const DeviceBuffer& scalars, const void* in[3],
+                                          std::vector<DeviceBuffer>& converted,
+                                          cudaStream_t stream) {
+    float* amax = static_cast<float*>(scalars.data()) + kFp8ScalarCount;
+    DA_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(amax, 0, 3 * 4, stream), "clear the amaxes"));
+    for (int i = 0; i < 3; ++i) {
+      DA_RETURN_IF_ERROR(CudaStatus(
+          LaunchAmax(views[i]->data, type, views[i]->shape.elements(), amax + i, stream), "amax"));
+    }
+    Fp8Scales scales;
+    DA_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(scales.amax, amax, sizeof(scales.amax), cudaMemcpyDeviceToHost, stream),
+        "amaxes to the host"));
+    DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "amaxes"));
+    static constexpr const char* kNames[3] = {"query", "key", "value"};
+    for (int i = 0; i < 3; ++i) {
+      if (!std::isfinite(scales.amax[i])) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("fp8: the ", kNames[i], " holds a NaN or an infinity (largest magnitude ",
+                         scales.amax[i], "); fp8 needs finite inputs"));
+      }
+      scales.scale[i] = Fp8ScaleFor(scales.amax[i]);
+      const int64_t count = views[i]->shape.elements();
+      DA_ASSIGN_OR_RETURN(DeviceBuffer buffer, Allocate(count));
+      DA_RETURN_IF_ERROR(CudaStatus(LaunchQuantize(views[i]->data, type, count, scales.scale[i],
+                                                   static_cast<uint8_t*>(buffer.data()), stream),
+                                    "quantize to fp8"));
+      in[i] = buffer.data();
+      converted.push_back(std::move(buffer));
+    }
+    return scales;
+  }
+#endif
+
+  absl::Status RunFused(CudaPlan& plan, const ShareProblem& problem, RowShare share,
                         const RunContext& context, cudaStream_t stream) {
 #if defined(DA_HAVE_CUDNN)
     const int64_t rows = RowCount(share);
     const int64_t d = share.head_dim;
-    const ElemType io = static_cast<ElemType>(plan.io);
+    const ElemType io = plan.fp8 ? ElemType::kF8E4M3 : static_cast<ElemType>(plan.io);
+    const int64_t element = plan.fp8 ? 1 : 2;  // Bytes of an io element.
     StageTimes times(stage_times_, stream, absl::StrCat("cuda:", ordinal_));
     // The inputs in the io dtype.
     const void* in[3] = {problem.q.data, problem.k.data, problem.v.data};
+    const TensorView* views[3] = {&problem.q, &problem.k, &problem.v};
     std::vector<DeviceBuffer> converted;
-    if (problem.q.dtype != plan.io) {
-      const TensorView* views[3] = {&problem.q, &problem.k, &problem.v};
+    DeviceBuffer fp8_scalars;
+    float host_scalars[kFp8ScalarCount] = {};  // Read by the copy below until the run ends.
+    if (plan.fp8) {
+      DA_ASSIGN_OR_RETURN(fp8_scalars, Allocate((kFp8ScalarCount + 3) * 4));
+      DA_ASSIGN_OR_RETURN(Fp8Scales scales,
+                          QuantizeToFp8(views, share.in, fp8_scalars, in, converted, stream));
+      // Descales of q, k, v; the probabilities onto fp8's range and back; the output scaled as v
+      // (an output row is a convex combination of v's rows, so it never exceeds v's amax).
+      const float values[kFp8ScalarCount] = {1.0f / scales.scale[0],
+                                             1.0f / scales.scale[1],
+                                             1.0f / scales.scale[2],
+                                             1.0f / kFp8E4M3Max,
+                                             kFp8E4M3Max,
+                                             scales.scale[2],
+                                             0.0f,
+                                             0.0f};
+      std::copy(values, values + kFp8ScalarCount, host_scalars);
+      DA_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(fp8_scalars.data(), host_scalars, sizeof(host_scalars),
+                                     cudaMemcpyHostToDevice, stream),
+                     "fp8 scalars to the device"));
+      share.pattern_scale = 1.0f / scales.scale[2];  // The stored outputs' descale.
+      if (context.report != nullptr) {
+        context.report->fp8 = true;
+        std::copy(scales.amax, scales.amax + 3, context.report->amax);
+        std::copy(scales.scale, scales.scale + 3, context.report->scale);
+      }
+      times.Mark("fp8 amax+quantize");
+    } else if (problem.q.dtype != plan.io) {
       for (int i = 0; i < 3; ++i) {
         const int64_t count = views[i]->shape.elements();
         DA_ASSIGN_OR_RETURN(DeviceBuffer buffer, Allocate(count * 2));
@@ -462,8 +550,9 @@ class CudaBackend final : public Backend {
           cudaStreamSynchronize(stream);
           return absl::CancelledError(absl::StrCat("cuda run cancelled in pattern ", pi));
         }
-        DA_RETURN_IF_ERROR(plan.graphs->Run(call, {in[0], in[1], in[2], out, lse, scale},
-                                            plan.workspace.data(), stream));
+        DA_RETURN_IF_ERROR(plan.graphs->Run(
+            call, {in[0], in[1], in[2], out, lse, scale, static_cast<float*>(fp8_scalars.data())},
+            plan.workspace.data(), stream));
         DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "sdpa call"));
       }
       times.Mark(absl::StrCat("p", pi, " sdpa"));
@@ -471,11 +560,11 @@ class CudaBackend final : public Backend {
     };
     if (one_pass_) {
       // Each pattern writes its own block; rows it does not keep are never read.
-      DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * 2));
+      DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * element));
       DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(patterns * rows * 4));
       times.Mark("alloc");
       for (int pi = 0; pi < patterns; ++pi) {
-        DA_RETURN_IF_ERROR(attend(pi, static_cast<uint8_t*>(outs.data()) + pi * rows * d * 2,
+        DA_RETURN_IF_ERROR(attend(pi, static_cast<uint8_t*>(outs.data()) + pi * rows * d * element,
                                   static_cast<float*>(lses.data()) + pi * rows));
         DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
       }
@@ -485,7 +574,7 @@ class CudaBackend final : public Backend {
       times.Mark("combine");
       return CudaStatus(cudaStreamSynchronize(stream), "combine");
     }
-    DA_ASSIGN_OR_RETURN(DeviceBuffer pattern_out, Allocate(rows * d * 2));
+    DA_ASSIGN_OR_RETURN(DeviceBuffer pattern_out, Allocate(rows * d * element));
     DA_ASSIGN_OR_RETURN(DeviceBuffer fold, Allocate(rows * (d + 3) * 4));
     auto* lse = static_cast<float*>(fold.data());
     float* acc = lse + rows;
@@ -638,6 +727,7 @@ class CudaBackend final : public Backend {
   // The fused path's combine: every pattern's output kept and combined in one pass at the end
   // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
   bool one_pass_ = false;
+  bool fp8_ = false;          // fp8 on the fused path (sm_90 and later).
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
   std::shared_ptr<BlockCache> cache_;
   std::mutex staging_mutex_;

@@ -37,6 +37,16 @@ bool HaveGpu() {
   return false;
 }
 
+// The first GPU's compute capability as major * 10 + minor ("sm_90" -> 90); 0 without one.
+int FirstGpuSm() {
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.kind == "cuda" && device.capability.rfind("sm_", 0) == 0) {
+      return std::atoi(device.capability.c_str() + 3);
+    }
+  }
+  return 0;
+}
+
 EngineOptions OnGpu() {
   EngineOptions options;
   options.threads = 2;
@@ -115,8 +125,9 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The fused path (the default; DA_CUDA_FUSED=1 says so: cuDNN per pattern, then the fold): bf16
 // compute on sm_80 and later, fp32 and bf16 inputs, against the reference within the bf16 bound
-// (relative L2 2e-2).
-using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType>;
+// (relative L2 2e-2); fp8 (E4M3, per-tensor scales from the data) on sm_90 and later within #15's
+// fp8 bound (8e-2).
+using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType, Precision>;
 class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
  protected:
   void SetUp() override {
@@ -126,35 +137,52 @@ class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
   void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
 };
 
-TEST_P(CudaFusedEngineTest, Bf16RequestsMatchTheReference) {
-  const auto& [set, causal, mode, dtype] = GetParam();
+TEST_P(CudaFusedEngineTest, RequestsMatchTheReferenceWithinTheirPrecisionsBound) {
+  const auto& [set, causal, mode, dtype, precision] = GetParam();
+  if (precision == Precision::kFloat8 && FirstGpuSm() < 90) {
+    GTEST_SKIP() << "fp8 attention needs sm_90 or later; this GPU is sm_" << FirstGpuSm();
+  }
   const std::vector<std::vector<Pattern>> sets = {
       {{256, 1}, {512, 2}, {1024, 4}}, {{100, 3}, {48, 5}}, {{64, 1}, {5000, 8}}};
   AttentionSpec spec;
   spec.patterns = sets[set];
   spec.causal = causal;
   spec.mode = mode;
-  spec.precision = Precision::kBFloat16;
+  spec.precision = precision;
   const GpuRun run =
       RunOnGpu(spec, dtype, DType::kFloat32, static_cast<uint32_t>(set * 17 + causal));
   ASSERT_TRUE(run.info.ok()) << run.info.status();
-  EXPECT_EQ(run.info->precision_used, Precision::kBFloat16) << run.info->precision_reason;
+  EXPECT_EQ(run.info->precision_used, precision) << run.info->precision_reason;
   EXPECT_EQ(testing::Compare(run.actual, run.expected, {1.0, 0.0}), "");  // Finite and sane.
-  EXPECT_LE(testing::RelativeL2(run.actual, run.expected), 2e-2);
+  const double error = testing::RelativeL2(run.actual, run.expected);
+  EXPECT_LE(error, precision == Precision::kFloat8 ? 8e-2 : 2e-2);
+  if (precision == Precision::kFloat8) {  // Scales from the data: inputs uniform in [-1, 1).
+    ASSERT_EQ(run.info->fp8_scales.size(), 1u);
+    EXPECT_EQ(run.info->fp8_scales[0].device, "cuda:0");
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_GT(run.info->fp8_scales[0].amax[i], 0.9f);
+      EXPECT_LE(run.info->fp8_scales[0].amax[i], 1.0f);
+      EXPECT_FLOAT_EQ(run.info->fp8_scales[0].scale[i], 448.0f / run.info->fp8_scales[0].amax[i]);
+    }
+  } else {
+    EXPECT_TRUE(run.info->fp8_scales.empty());
+  }
+  std::cout << PrecisionName(precision) << " relative L2 " << error << "\n";
 }
 
 std::string FusedName(const ::testing::TestParamInfo<FusedParam>& info) {
-  const auto& [set, causal, mode, dtype] = info.param;
+  const auto& [set, causal, mode, dtype, precision] = info.param;
   return absl::StrCat("set", set, causal ? "_causal_" : "_full_", CombineModeName(mode), "_",
-                      DTypeName(dtype), "_in");
+                      DTypeName(dtype), "_in_", PrecisionName(precision));
 }
 
-INSTANTIATE_TEST_SUITE_P(Sweep, CudaFusedEngineTest,
-                         ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
-                                            ::testing::Values(CombineMode::kLongNet,
-                                                              CombineMode::kGrouped),
-                                            ::testing::Values(DType::kFloat32, DType::kBFloat16)),
-                         FusedName);
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, CudaFusedEngineTest,
+    ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
+                       ::testing::Values(CombineMode::kLongNet, CombineMode::kGrouped),
+                       ::testing::Values(DType::kFloat32, DType::kBFloat16),
+                       ::testing::Values(Precision::kBFloat16, Precision::kFloat8)),
+    FusedName);
 
 // On the row kernel (DA_CUDA_FUSED=0), whose launches the stop is polled between.
 class CudaEngineLimitsTest : public ::testing::Test {

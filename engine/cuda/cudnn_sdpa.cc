@@ -16,6 +16,10 @@ namespace fe = cudnn_frontend;
 namespace {
 
 constexpr int64_t kQ = 1, kK = 2, kV = 3, kO = 4, kStats = 5, kScale = 6;
+// fp8 graphs' scalars (device fp32), in SdpaTensors::fp8_scalars' order.
+constexpr int64_t kFp8Scalars[kFp8ScalarCount] = {7, 8, 9, 10, 11, 12, 13, 14};
+constexpr const char* kFp8ScalarNames[kFp8ScalarCount] = {
+    "descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o", "amax_s", "amax_o"};
 
 std::vector<int64_t> Dims(const SdpaView& view) { return {view.dims.begin(), view.dims.end()}; }
 std::vector<int64_t> Strides(const SdpaView& view) {
@@ -34,6 +38,7 @@ struct SdpaGraphs::Impl {
   cudnnHandle_t handle = nullptr;
   std::map<std::string, std::shared_ptr<fe::graph::Graph>> graphs;  // By SdpaCall::Signature.
   int64_t workspace_bytes = 0;
+  bool fp8 = false;
 
   ~Impl() {
     if (handle != nullptr) cudnnDestroy(handle);
@@ -44,20 +49,22 @@ SdpaGraphs::SdpaGraphs(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SdpaGraphs::~SdpaGraphs() = default;
 
 absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<SdpaCall>& calls,
-                                                              DType io, int device) {
-  if (io != DType::kBFloat16 && io != DType::kFloat16) {
+                                                              DType io, int device, bool fp8) {
+  if (!fp8 && io != DType::kBFloat16 && io != DType::kFloat16) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuDNN fused attention takes fp16 or bf16, not ", DTypeName(io)));
   }
   auto impl = std::make_unique<Impl>();
   impl->device = device;
+  impl->fp8 = fp8;
   cudaSetDevice(device);
   if (cudnnStatus_t created = cudnnCreate(&impl->handle); created != CUDNN_STATUS_SUCCESS) {
     return absl::InternalError(
         absl::StrCat("cudnnCreate on cuda:", device, ": ", cudnnGetErrorString(created)));
   }
-  const fe::DataType_t type =
-      io == DType::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF;
+  const fe::DataType_t type = fp8                      ? fe::DataType_t::FP8_E4M3
+                              : io == DType::kBFloat16 ? fe::DataType_t::BFLOAT16
+                                                       : fe::DataType_t::HALF;
   for (const SdpaCall& call : calls) {
     const std::string signature = call.Signature();
     if (impl->graphs.count(signature) != 0) continue;
@@ -96,7 +103,35 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
       options.set_diagonal_alignment(fe::DiagonalAlignment_t::TOP_LEFT)
           .set_diagonal_band_right_bound(0);
     }
-    auto [o, stats] = graph->sdpa(q, k, v, options);
+    std::shared_ptr<fe::graph::Tensor_attributes> o, stats;
+    if (fp8) {
+      // Hopper's fp8 attention: q, k, v and the output in E4M3 with per-tensor scales (device
+      // scalars), the probabilities scaled into fp8 by scale_s, the amaxes of both written.
+      std::shared_ptr<fe::graph::Tensor_attributes> scalars[kFp8ScalarCount];
+      for (int i = 0; i < 6; ++i) {
+        scalars[i] = graph->tensor(fe::graph::Tensor_attributes()
+                                       .set_name(kFp8ScalarNames[i])
+                                       .set_uid(kFp8Scalars[i])
+                                       .set_dim({1, 1, 1, 1})
+                                       .set_stride({1, 1, 1, 1})
+                                       .set_data_type(fe::DataType_t::FLOAT));
+      }
+      auto [fo, fstats, amax_s, amax_o] = graph->sdpa_fp8(
+          q, k, v, scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], options);
+      for (auto [amax, i] : {std::pair{amax_s, 6}, std::pair{amax_o, 7}}) {
+        amax->set_output(true)
+            .set_uid(kFp8Scalars[i])
+            .set_dim({1, 1, 1, 1})
+            .set_stride({1, 1, 1, 1})
+            .set_data_type(fe::DataType_t::FLOAT);
+      }
+      o = fo;
+      stats = fstats;
+    } else {
+      const auto outputs = graph->sdpa(q, k, v, options);
+      o = outputs[0];
+      stats = outputs[1];
+    }
     o->set_output(true).set_uid(kO).set_dim(Dims(call.q)).set_stride(Strides(call.q));
     stats->set_output(true)
         .set_uid(kStats)
@@ -141,8 +176,11 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
       set != CUDNN_STATUS_SUCCESS) {
     return absl::InternalError(absl::StrCat("cudnnSetStream: ", cudnnGetErrorString(set)));
   }
+  if (impl_->fp8 && tensors.fp8_scalars == nullptr) {
+    return absl::InternalError("an fp8 cuDNN graph run without its scalars");
+  }
   // Element offsets of the call's views, as byte addresses in the tensors.
-  const int64_t element = 2;  // fp16 and bf16.
+  const int64_t element = impl_->fp8 ? 1 : 2;  // fp8; fp16 and bf16.
   const auto at = [&](const void* base, const SdpaView& view, int64_t size) {
     return static_cast<void*>(const_cast<char*>(static_cast<const char*>(base)) +
                               view.offset * size);
@@ -152,6 +190,9 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
       {kV, at(tensors.v, call.kv, element)},  {kO, at(tensors.out, call.q, element)},
       {kStats, at(tensors.lse, call.lse, 4)}, {kScale, const_cast<float*>(&tensors.scale)},
   };
+  if (impl_->fp8) {
+    for (int i = 0; i < kFp8ScalarCount; ++i) pack[kFp8Scalars[i]] = tensors.fp8_scalars + i;
+  }
   return FrontendStatus(found->second->execute(impl_->handle, pack, workspace),
                         absl::StrCat("execute ", call.Signature()));
 }

@@ -24,6 +24,11 @@ namespace da::engine::cuda {
 
 // Device pointers of one run: the share's q, k, v; out with q's layout (the pattern's output,
 // in the io dtype); lse fp32 [B, T, H].
+// fp8 graphs' device scalars (fp32), in this order: the descales of q, k and v (1 / their
+// scales), the descale and scale of the probabilities, the output's scale, then the amaxes cuDNN
+// writes of the probabilities and the output.
+inline constexpr int kFp8ScalarCount = 8;
+
 struct SdpaTensors {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -31,14 +36,16 @@ struct SdpaTensors {
   void* out = nullptr;
   float* lse = nullptr;
   float scale = 1.0f;  // The softmax scale (passed by value: one graph serves every scale).
+  float* fp8_scalars = nullptr;  // fp8 graphs: kFp8ScalarCount device floats (above).
 };
 
 class SdpaGraphs {
  public:
-  // io: fp16 or bf16 (what q, k, v and out hold); device: ordinal. INVALID_ARGUMENT for another
+  // io: fp16 or bf16 (what q, k, v and out hold); device: ordinal; fp8: q, k, v and out in fp8
+  // E4M3 instead, scaled (sm_90 and later; io is then ignored). INVALID_ARGUMENT for another
   // dtype; INTERNAL with cuDNN's message when a graph is refused.
   static absl::StatusOr<std::unique_ptr<SdpaGraphs>> Build(const std::vector<SdpaCall>& calls,
-                                                           DType io, int device);
+                                                           DType io, int device, bool fp8 = false);
   ~SdpaGraphs();
   SdpaGraphs(const SdpaGraphs&) = delete;
   SdpaGraphs& operator=(const SdpaGraphs&) = delete;

@@ -30,8 +30,9 @@ namespace da::engine::cuda {
 // The largest head dimension the row kernel holds in registers; the backend refuses larger ones.
 inline constexpr int kMaxRowHeadDim = 128;
 
-// Element types, numbered as engine::DType (fp32, fp16, bf16).
-enum class ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+// Element types, numbered as engine::DType (fp32, fp16, bf16), then fp8 E4M3 (the fused path's
+// fp8 inputs and pattern outputs; not a wire dtype).
+enum class ElemType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kF8E4M3 = 3 };
 
 DA_HD uint32_t FloatBits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -100,8 +101,58 @@ DA_HD uint16_t FloatToHalf(float f) {
   return sign | static_cast<uint16_t>(h);
 }
 
+// fp8 E4M3 (OCP "E4M3FN", CUDA's __nv_fp8_e4m3): sign, 4 exponent bits (bias 7), 3 mantissa
+// bits; no infinities, S.1111.111 is NaN; largest 448, smallest normal 2^-6, subnormals
+// m * 2^-9.
+inline constexpr float kFp8E4M3Max = 448.0f;
+
+DA_HD float Fp8E4M3ToFloat(uint8_t b) {
+  const uint32_t sign = static_cast<uint32_t>(b & 0x80u) << 24;
+  const uint32_t exponent = (b >> 3) & 0xfu;
+  const uint32_t mantissa = b & 0x7u;
+  if (exponent == 15 && mantissa == 7) return BitsFloat(sign | 0x7fc00000u);  // NaN.
+  if (exponent == 0) {  // Zero or subnormal: mantissa * 2^-9, exact in fp32.
+    return BitsFloat(FloatBits(static_cast<float>(mantissa) * 0.001953125f) | sign);
+  }
+  return BitsFloat(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+// Round to nearest, ties to even; magnitudes of 448 and more saturate to 448 (CUDA's
+// __NV_SATFINITE: there is no infinity), infinities too; NaN stays NaN.
+DA_HD uint8_t FloatToFp8E4M3(float f) {
+  uint32_t x = FloatBits(f);
+  const uint8_t sign = static_cast<uint8_t>((x >> 24) & 0x80u);
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return sign | 0x7fu;   // NaN.
+  if (x >= 0x43e00000u) return sign | 0x7eu;  // >= 448.
+  const uint32_t exponent = x >> 23;
+  if (exponent >= 121u) {  // >= 2^-6: a normal fp8.
+    uint32_t h = ((exponent - 120u) << 3) | ((x >> 20) & 0x7u);
+    const uint32_t rest = x & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (h & 1u))) ++h;  // Below 448: never to NaN.
+    return sign | static_cast<uint8_t>(h);
+  }
+  if (exponent < 117u) return sign;  // Below 2^-10: rounds to zero.
+  // Subnormal: f / 2^-9 = mantissa * 2^(exponent - 141), rounded (8 is the smallest normal).
+  const uint32_t mantissa = (x & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 141u - exponent;  // 21 .. 24.
+  uint32_t h = mantissa >> shift;
+  const uint32_t rest = mantissa & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  if (rest > half || (rest == half && (h & 1u))) ++h;
+  return sign | static_cast<uint8_t>(h);
+}
+
+// The factor that maps a tensor of largest magnitude amax onto fp8 E4M3's range (amax to 448);
+// 1 for an all-zero or non-finite amax (the caller refuses non-finite data).
+DA_HD float Fp8ScaleFor(float amax) {
+  return amax > 0.0f && amax <= 3.4e38f ? kFp8E4M3Max / amax : 1.0f;
+}
+
 DA_HD float LoadElem(const void* data, ElemType type, int64_t index) {
   switch (type) {
+    case ElemType::kF8E4M3:
+      return Fp8E4M3ToFloat(static_cast<const uint8_t*>(data)[index]);
     case ElemType::kF16:
       return HalfToFloat(static_cast<const uint16_t*>(data)[index]);
     case ElemType::kBF16:
@@ -114,6 +165,9 @@ DA_HD float LoadElem(const void* data, ElemType type, int64_t index) {
 
 DA_HD void StoreElem(void* data, ElemType type, int64_t index, float value) {
   switch (type) {
+    case ElemType::kF8E4M3:
+      static_cast<uint8_t*>(data)[index] = FloatToFp8E4M3(value);
+      return;
     case ElemType::kF16:
       static_cast<uint16_t*>(data)[index] = FloatToHalf(value);
       return;
@@ -175,6 +229,9 @@ struct RowShare {
   bool causal = false;
   bool grouped = false;  // GROUPED: one pattern per head, divided by `patterns`.
   int patterns = 1;      // P of the request.
+  // The fused path: the factor on every pattern output the fold and the combine read (fp8 outputs
+  // are stored scaled onto fp8's range: this is their descale; 1 otherwise).
+  float pattern_scale = 1.0f;
   // Per share head h (0 .. heads of the share): its patterns are
   // head_patterns[head_pattern_begin[h] .. head_pattern_begin[h + 1]).
   const RowPattern* head_patterns = nullptr;
@@ -377,7 +434,7 @@ DA_HD FoldStep FoldStepFor(const RowShare& s, int pattern_index, const float* ls
   if (KeptBy(s, pattern_index, local_head, position) == nullptr) return step;
   step.kept = true;
   if (s.grouped) {  // One pattern per head: its output divided by P.
-    step.new_factor = 1.0f / static_cast<float>(s.patterns);
+    step.new_factor = s.pattern_scale / static_cast<float>(s.patterns);
     step.new_weight = 1.0f;
     return step;
   }
@@ -385,8 +442,9 @@ DA_HD FoldStep FoldStepFor(const RowShare& s, int pattern_index, const float* ls
   // The first kept pattern sets the maximum (the buffers may start as zeros).
   step.new_max = weight[row] > 0.0f && max_lse[row] > l ? max_lse[row] : l;
   step.old_factor = weight[row] > 0.0f ? expf(max_lse[row] - step.new_max) : 0.0f;
-  step.new_factor = expf(l - step.new_max);
-  step.new_weight = weight[row] * step.old_factor + step.new_factor;
+  const float factor = expf(l - step.new_max);
+  step.new_weight = weight[row] * step.old_factor + factor;
+  step.new_factor = factor * s.pattern_scale;  // On the stored output; the weight has none.
   return step;
 }
 
@@ -472,7 +530,10 @@ DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, c
 #endif
     for (int j = 0; j < kSlots; ++j) {
       const int64_t d = first + j * stride;
-      if (d < d_count) acc[j] = acc[j] * old_factor + new_factor * LoadElem(outs, type, base + d);
+      if (d < d_count) {
+        acc[j] =
+            acc[j] * old_factor + new_factor * s.pattern_scale * LoadElem(outs, type, base + d);
+      }
     }
     any = true;
   }

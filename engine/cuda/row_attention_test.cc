@@ -75,6 +75,59 @@ void ExpectNarrowsAsTheEngine(float value) {
   }
 }
 
+// fp8 E4M3: every byte decodes to the value its fields say (computed here with ldexp) and
+// encodes back to itself; halfway between neighbours ties to the even one, a hair either side
+// goes to the nearer; 448 and beyond (and infinities) saturate to 448; NaN stays NaN; below
+// 2^-10 is zero.
+TEST(RowConversionTest, Fp8E4M3DecodesEncodesRoundsAndSaturates) {
+  std::vector<float> positives;  // Every finite non-negative value, ascending.
+  for (int b = 0; b < 256; ++b) {
+    const int exponent = (b >> 3) & 0xf, mantissa = b & 7;
+    const float got = Fp8E4M3ToFloat(static_cast<uint8_t>(b));
+    if (exponent == 15 && mantissa == 7) {
+      EXPECT_TRUE(std::isnan(got)) << b;
+      EXPECT_TRUE(std::isnan(Fp8E4M3ToFloat(FloatToFp8E4M3(got)))) << b;
+      continue;
+    }
+    const double magnitude =
+        exponent == 0 ? std::ldexp(mantissa, -9) : std::ldexp(8 + mantissa, exponent - 7 - 3);
+    const double want = (b & 0x80) ? -magnitude : magnitude;
+    EXPECT_EQ(got, static_cast<float>(want)) << "byte " << b;
+    EXPECT_EQ(std::signbit(got), (b & 0x80) != 0) << "byte " << b;
+    EXPECT_EQ(FloatToFp8E4M3(got), b) << "byte " << b;
+    if (b < 0x80) positives.push_back(got);
+  }
+  ASSERT_EQ(positives.size(), 127u);
+  EXPECT_EQ(positives.back(), kFp8E4M3Max);
+  for (size_t i = 0; i + 1 < positives.size(); ++i) {
+    const float lo = positives[i], hi = positives[i + 1];
+    const float mid = (lo + hi) / 2;  // Exact in fp32.
+    const uint8_t even = (i % 2 == 0) ? static_cast<uint8_t>(i) : static_cast<uint8_t>(i + 1);
+    EXPECT_EQ(FloatToFp8E4M3(mid), even) << lo << " .. " << hi;
+    EXPECT_EQ(FloatToFp8E4M3(-mid), 0x80 | even) << lo << " .. " << hi;
+    EXPECT_EQ(FloatToFp8E4M3(std::nextafter(mid, 0.0f)), i) << lo << " .. " << hi;
+    EXPECT_EQ(FloatToFp8E4M3(std::nextafter(mid, 1e9f)), i + 1) << lo << " .. " << hi;
+  }
+  for (float big : {448.0f, 449.0f, 464.0f, 470.0f, 1e6f, INFINITY}) {
+    EXPECT_EQ(FloatToFp8E4M3(big), 0x7e) << big;
+    EXPECT_EQ(FloatToFp8E4M3(-big), 0xfe) << big;
+  }
+  EXPECT_TRUE(std::isnan(Fp8E4M3ToFloat(FloatToFp8E4M3(NAN))));
+  EXPECT_EQ(FloatToFp8E4M3(std::ldexp(1.0f, -10)), 0);  // Halfway to 2^-9: ties to even 0.
+  EXPECT_EQ(FloatToFp8E4M3(1e-30f), 0);
+  EXPECT_EQ(FloatToFp8E4M3(-1e-30f), 0x80);
+  // Scales: amax onto 448; 1 for zero or non-finite amax.
+  EXPECT_EQ(Fp8ScaleFor(2.0f), 224.0f);
+  EXPECT_EQ(Fp8ScaleFor(0.0f), 1.0f);
+  EXPECT_EQ(Fp8ScaleFor(INFINITY), 1.0f);
+  EXPECT_EQ(Fp8ScaleFor(NAN), 1.0f);
+  // Through LoadElem and StoreElem.
+  uint8_t byte = 0;
+  StoreElem(&byte, ElemType::kF8E4M3, 0, 1.0f);
+  EXPECT_EQ(byte, 0x38);
+  EXPECT_EQ(LoadElem(&byte, ElemType::kF8E4M3, 0), 1.0f);
+}
+
 TEST(RowConversionTest, NarrowingRoundsToNearestEvenAsTheEngine) {
   const float inf = std::numeric_limits<float>::infinity();
   for (float special : {0.0f, -0.0f, inf, -inf, std::numeric_limits<float>::quiet_NaN(), 65504.0f,
@@ -218,16 +271,19 @@ INSTANTIATE_TEST_SUITE_P(HeadDims, RowAttentionTest,
 // FoldRow and finished with FinishRow, and the same outputs kept side by side and combined in one
 // pass with CombineRow, both equal the reference (bf16 relative L2 bound); rows no pattern keeps
 // are exactly 0. Positions a pattern does not keep hold NaN, which neither may read.
-using FoldParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode>;
+// The outputs in bf16, or in fp8 E4M3 scaled onto fp8's range by v's amax (the fused path's fp8
+// outputs, read back through RowShare::pattern_scale; bound: #15's fp8 8e-2).
+using FoldParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, ElemType>;
 class FoldRowTest : public ::testing::TestWithParam<FoldParam> {};
 
 TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
-  const auto& [set, causal, mode] = GetParam();
+  const auto& [set, causal, mode, type] = GetParam();
   AttentionSpec spec;
   spec.patterns = PatternSets()[set];
   spec.causal = causal;
   spec.mode = mode;
   const ProblemShape shape{2, 211, 6, 3, 32};
+  const int64_t element = type == ElemType::kF8E4M3 ? 1 : 2;
   std::mt19937 rng(static_cast<uint32_t>(set * 3 + causal));
   const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
@@ -238,17 +294,22 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   absl::StatusOr<RowTables> tables =
       MakeRowTables(WholeProblem(q.view(), k.view(), v.view(), spec, out.mutable_view()));
   ASSERT_TRUE(tables.ok()) << tables.status();
-  const RowShare& s = tables->share;
+  RowShare s = tables->share;
+  float v_amax = 0.0f;
+  for (int64_t i = 0; i < v.elements(); ++i) v_amax = std::max(v_amax, std::fabs(v.at(i)));
+  const float store_scale = type == ElemType::kF8E4M3 ? Fp8ScaleFor(v_amax) : 1.0f;
+  s.pattern_scale = 1.0f / store_scale;
   const int64_t rows = RowCount(s), D = shape.head_dim;
   std::vector<float> acc(rows * D, 0.0f), max_lse(rows, 0.0f), weight(rows, 0.0f);
   const int64_t patterns = static_cast<int64_t>(spec.patterns.size());
-  std::vector<uint16_t> all_outs;  // Every pattern's output, for CombineRow.
+  std::vector<uint8_t> all_outs;  // Every pattern's output, for CombineRow.
   std::vector<float> all_lses;
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
   const double scale = spec.ScaleFor(D);
   for (int pi = 0; pi < static_cast<int>(spec.patterns.size()); ++pi) {
-    // The pattern's output (bf16, poisoned where it keeps nothing) and LSE, in fp64.
-    std::vector<uint16_t> pattern_out(rows * D, 0xffff);
+    // The pattern's output (in `type`, poisoned where it keeps nothing: 0xff bytes are NaN in
+    // bf16 and fp8) and LSE, in fp64.
+    std::vector<uint8_t> pattern_out(rows * D * element, 0xff);
     std::vector<float> lse(rows, NAN);
     for (int64_t b = 0; b < shape.batch; ++b) {
       for (int64_t h = 0; h < shape.heads; ++h) {
@@ -282,7 +343,8 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
                   o += scores[xi] / sum *
                        v.at(((b * shape.seq_len + x) * shape.kv_heads + kvh) * D + d);
                 }
-                pattern_out[row * D + d] = FloatToBf16(static_cast<float>(o));
+                StoreElem(pattern_out.data(), type, row * D + d,
+                          static_cast<float>(o) * store_scale);
               }
               lse[row] = static_cast<float>(m + std::log(sum));
             }
@@ -291,7 +353,7 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
       }
     }
     for (int64_t row = 0; row < rows; ++row) {
-      FoldRow(s, pi, pattern_out.data(), ElemType::kBF16, lse.data(), acc.data(), max_lse.data(),
+      FoldRow(s, pi, pattern_out.data(), type, lse.data(), acc.data(), max_lse.data(),
               weight.data(), row);
     }
     all_outs.insert(all_outs.end(), pattern_out.begin(), pattern_out.end());
@@ -303,12 +365,15 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   RowShare one_pass = s;
   one_pass.out = combined.bytes.data();
   for (int64_t row = 0; row < rows; ++row) {
-    CombineRow(one_pass, all_outs.data(), ElemType::kBF16, all_lses.data(), row);
+    CombineRow(one_pass, all_outs.data(), type, all_lses.data(), row);
   }
   for (const OwnedTensor* got : {&out, &combined}) {
     const char* name = got == &out ? "fold" : "one-pass combine";
-    EXPECT_LE(engine::testing::RelativeL2(*got, expected), engine::testing::kBf16RelativeL2)
-        << name;
+    const double error = engine::testing::RelativeL2(*got, expected);
+    EXPECT_LE(error, type == ElemType::kF8E4M3 ? 8e-2 : engine::testing::kBf16RelativeL2) << name;
+    if (type == ElemType::kF8E4M3) {  // The descale was applied: fp8's own rounding remains.
+      EXPECT_GE(error, 1e-3) << name << ": no fp8 rounding error at all?";
+    }
     int64_t zeros = 0;
     for (int64_t i = 0; i < expected.elements(); ++i) {
       ASSERT_TRUE(std::isfinite(got->at(i))) << name << ", element " << i;
@@ -326,7 +391,8 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
 INSTANTIATE_TEST_SUITE_P(Sweep, FoldRowTest,
                          ::testing::Combine(::testing::Values(0, 1, 2), ::testing::Bool(),
                                             ::testing::Values(CombineMode::kLongNet,
-                                                              CombineMode::kGrouped)));
+                                                              CombineMode::kGrouped),
+                                            ::testing::Values(ElemType::kBF16, ElemType::kF8E4M3)));
 
 TEST(RowAttentionTest, ASpanningSegmentWithoutItsRowsIsReportedNotComputed) {
   AttentionSpec spec;

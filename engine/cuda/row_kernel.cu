@@ -1,5 +1,7 @@
 // The correctness path of the CUDA backend: ComputeRow (row_attention.cuh, tested on the CPU)
 // for one output row per thread.
+#include <algorithm>
+
 #include "engine/cuda/row_kernel.cuh"
 
 namespace da::engine::cuda {
@@ -54,6 +56,30 @@ __global__ void ConvertKernel(const void* src, ElemType from, void* dst, ElemTyp
   if (i < count) StoreElem(dst, to, i, LoadElem(src, from, i));
 }
 
+// The largest |x| of src[0, count) into *amax (fp32 bits, starting at 0): a grid-stride loop,
+// a warp's maximum by shuffles, one atomicMax per warp (non-negative floats order as their bits;
+// a NaN's bits exceed every number's, so a NaN anywhere shows in the result).
+__global__ void AmaxKernel(const void* src, ElemType type, int64_t count, unsigned* amax) {
+  float most = 0.0f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
+    const float x = fabsf(LoadElem(src, type, i));
+    most = x > most || x != x ? x : most;
+  }
+  unsigned bits = __float_as_uint(most);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    bits = max(bits, __shfl_down_sync(0xffffffffu, bits, offset));
+  }
+  if (threadIdx.x % 32 == 0) atomicMax(amax, bits);
+}
+
+__global__ void QuantizeKernel(const void* src, ElemType type, int64_t count, float scale,
+                               uint8_t* dst) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) dst[i] = FloatToFp8E4M3(LoadElem(src, type, i) * scale);
+}
+
 unsigned Blocks(int64_t threads) {
   return static_cast<unsigned>((threads + kThreadsPerBlock - 1) / kThreadsPerBlock);
 }
@@ -88,6 +114,23 @@ cudaError_t LaunchConvert(const void* src, ElemType from, void* dst, ElemType to
                           cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;
   ConvertKernel<<<Blocks(count), kThreadsPerBlock, 0, stream>>>(src, from, dst, to, count);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAmax(const void* src, ElemType type, int64_t count, float* amax,
+                       cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(
+      std::min<int64_t>((count + kThreadsPerBlock - 1) / kThreadsPerBlock, 4096));
+  AmaxKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(src, type, count,
+                                                      reinterpret_cast<unsigned*>(amax));
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchQuantize(const void* src, ElemType type, int64_t count, float scale, uint8_t* dst,
+                           cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  QuantizeKernel<<<Blocks(count), kThreadsPerBlock, 0, stream>>>(src, type, count, scale, dst);
   return cudaGetLastError();
 }
 

@@ -28,6 +28,13 @@ cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* w
 cudaError_t LaunchCombine(const RowShare& share, const void* outs, ElemType type, const float* lses,
                           cudaStream_t stream);
 
+// fp8 (the fused path): *amax (device fp32, cleared to 0 by the caller) becomes the largest |x|
+// of src[0, count) (NaN if any is NaN); dst[i] = FloatToFp8E4M3(src[i] * scale).
+cudaError_t LaunchAmax(const void* src, ElemType type, int64_t count, float* amax,
+                       cudaStream_t stream);
+cudaError_t LaunchQuantize(const void* src, ElemType type, int64_t count, float scale, uint8_t* dst,
+                           cudaStream_t stream);
+
 // dst[i] = src[i] converted, for i < count (fp32/fp16/bf16 either way).
 cudaError_t LaunchConvert(const void* src, ElemType from, void* dst, ElemType to, int64_t count,
                           cudaStream_t stream);
