@@ -308,7 +308,8 @@ class CudaBackend final : public Backend {
   }
 
   absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
-                                                  const std::atomic<bool>*) override {
+                                                  const std::atomic<bool>* stop) override {
+    (void)stop;  // Polled between cuDNN graph builds, where cuDNN is built.
     const Share share = key.share.value_or(WholeShare(key.shape));
     // The head tables depend on the key alone: build them from a view-less share problem.
     ShareProblem probe;
@@ -330,7 +331,7 @@ class CudaBackend final : public Backend {
         plan->io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
         plan->fp8 = key.precision == Precision::kFloat8;
         DA_ASSIGN_OR_RETURN(plan->graphs,
-                            SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8));
+                            SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8, stop));
         DA_ASSIGN_OR_RETURN(plan->workspace,
                             Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
         plan->calls = std::move(sdpa.calls);

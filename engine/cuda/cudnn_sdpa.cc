@@ -49,7 +49,8 @@ SdpaGraphs::SdpaGraphs(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SdpaGraphs::~SdpaGraphs() = default;
 
 absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<SdpaCall>& calls,
-                                                              DType io, int device, bool fp8) {
+                                                              DType io, int device, bool fp8,
+                                                              const std::atomic<bool>* stop) {
   if (!fp8 && io != DType::kBFloat16 && io != DType::kFloat16) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuDNN fused attention takes fp16 or bf16, not ", DTypeName(io)));
@@ -68,6 +69,10 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
   for (const SdpaCall& call : calls) {
     const std::string signature = call.Signature();
     if (impl->graphs.count(signature) != 0) continue;
+    if (stop != nullptr && stop->load()) {
+      return absl::CancelledError(
+          absl::StrCat("cuDNN graphs cancelled after ", impl->graphs.size(), " were built"));
+    }
     auto graph = std::make_shared<fe::graph::Graph>();
     graph->set_io_data_type(type)
         .set_intermediate_data_type(fe::DataType_t::FLOAT)

@@ -13,6 +13,7 @@
 // graph->validate() needs a GPU; cudnn_sdpa_test (label gpu) compares a call with the reference.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -43,9 +44,11 @@ class SdpaGraphs {
  public:
   // io: fp16 or bf16 (what q, k, v and out hold); device: ordinal; fp8: q, k, v and out in fp8
   // E4M3 instead, scaled (sm_90 and later; io is then ignored). INVALID_ARGUMENT for another
-  // dtype; INTERNAL with cuDNN's message when a graph is refused.
+  // dtype; INTERNAL with cuDNN's message when a graph is refused; CANCELLED when `stop` (polled
+  // before each graph) turns true.
   static absl::StatusOr<std::unique_ptr<SdpaGraphs>> Build(const std::vector<SdpaCall>& calls,
-                                                           DType io, int device, bool fp8 = false);
+                                                           DType io, int device, bool fp8 = false,
+                                                           const std::atomic<bool>* stop = nullptr);
   ~SdpaGraphs();
   SdpaGraphs(const SdpaGraphs&) = delete;
   SdpaGraphs& operator=(const SdpaGraphs&) = delete;
