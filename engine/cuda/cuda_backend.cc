@@ -426,19 +426,25 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  // The fused path's scratch per run: the inputs in the io dtype when they come in another, one
-  // pattern's output (io) and LSE (fp32), and the fold's fp32 accumulators.
+  // The fused path's scratch per run: the inputs in the io dtype when they come in another (fp8:
+  // always, a byte each, and the scales), one pattern's output (io) and LSE (fp32) and the fold's
+  // fp32 accumulators, or with the one-pass combine every pattern's output and LSE.
   int64_t PlanWorkspaceBytes(const PlanKey& key) const override {
-    if (!fused_ || !FusedPrecision(key.precision)) return 0;
+    const bool fp8 = fp8_ && key.precision == Precision::kFloat8;
+    if (!fused_ || !(FusedPrecision(key.precision) || fp8)) return 0;
     const Share share = key.share.value_or(WholeShare(key.shape));
     const int64_t rows = key.shape.batch * share.tokens() * share.heads();
     const int64_t d = key.shape.head_dim;
     const int64_t kv = key.shape.batch * share.tokens() * share.kv_heads() * d;
-    const int64_t converted = key.dtype == DType::kFloat32 ? 2 * (rows * d + 2 * kv) : 0;
+    const DType io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
+    const int64_t element = fp8 ? 1 : 2;
+    const int64_t converted = fp8               ? rows * d + 2 * kv + 64  // 64: the scalars.
+                              : key.dtype != io ? 2 * (rows * d + 2 * kv)
+                                                : 0;
     if (one_pass_) {  // Every pattern's output (io) and LSE (fp32).
-      return converted + static_cast<int64_t>(key.patterns.size()) * rows * (d * 2 + 4);
+      return converted + static_cast<int64_t>(key.patterns.size()) * rows * (d * element + 4);
     }
-    return converted + rows * d * 2 + rows * 4 + rows * d * 4 + 2 * rows * 4;
+    return converted + rows * d * element + rows * 4 + rows * d * 4 + 2 * rows * 4;
   }
 
  private:
