@@ -67,6 +67,15 @@ class Result:
         """The request's id: the caller's, or one the server made."""
         return self.info.request_id
 
+    @property
+    def fp8_scales(self):
+        """fp8 runs: per device (and per chunk of a stream), the scales q, k and v were quantized
+        with, derived from the data: [{"device": "cuda:0", "amax": (q, k, v), "scale": (q, k,
+        v)}], scale = 448 / amax. Empty for other precisions."""
+        return [{"device": s.device, "amax": (s.query_amax, s.key_amax, s.value_amax),
+                 "scale": (s.query_scale, s.key_scale, s.value_scale)}
+                for s in self.info.fp8_scales]
+
 
 @dataclass
 class OutputBlock:

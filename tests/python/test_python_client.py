@@ -506,6 +506,15 @@ class PackageTest(unittest.TestCase):
         self.assertTrue(again.spec.HasField("softmax_scale"))
         answer = pb.AttendStreamResponse(trailer=pb.StreamTrailer())
         self.assertEqual(answer.WhichOneof("kind"), "trailer")
+        # An fp8 run's scales, as Result reads them (no fp8 device here: made by hand).
+        info = pb.ExecutionInfo(precision_used=pb.PRECISION_FP8, fp8_scales=[pb.Fp8Scales(
+            device="cuda:0", query_amax=2, key_amax=0.5, value_amax=4, query_scale=224,
+            key_scale=896, value_scale=112)])
+        result = da.Result(None, pb.ExecutionInfo.FromString(info.SerializeToString()))
+        self.assertEqual(result.precision, "fp8")
+        self.assertEqual(result.fp8_scales, [{"device": "cuda:0", "amax": (2, 0.5, 4),
+                                              "scale": (224, 896, 112)}])
+        self.assertEqual(da.Result(None, pb.ExecutionInfo()).fp8_scales, [])
 
     def test_the_stub_makes_each_rpc_of_the_service_with_its_kind(self):
         class Channel:  # Records what the stub asks of a channel.
