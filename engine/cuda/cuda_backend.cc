@@ -271,11 +271,15 @@ class CudaBackend final : public Backend {
     if (fused_) {
       DA_ASSIGN_OR_RETURN(PrecisionChoice choice,
                           engine::ChoosePrecision(capabilities_, spec.precision, options_));
+      // sm_89 has fp8 tensor cores (the policy offers fp8) but not cuDNN's fp8 attention.
       if (choice.precision == Precision::kFloat8 && !fp8_) {
-        return absl::InvalidArgumentError(
+        const std::string why =
             absl::StrCat("spec.precision fp8 is not supported by ", capabilities_.Describe(),
                          ": cuDNN's fp8 attention needs sm_90 or later; supported: ",
-                         PrecisionListName(Precisions())));
+                         PrecisionListName(Precisions()));
+        if (!options_.fallback) return absl::InvalidArgumentError(why);
+        return PrecisionChoice{Precision::kBFloat16,
+                               absl::StrCat("fallback: ", why, " (cuDNN fused)")};
       }
       if (FusedPrecision(choice.precision) || choice.precision == Precision::kFloat8) {
         absl::StrAppend(&choice.reason, " (cuDNN fused)");
@@ -732,7 +736,8 @@ class CudaBackend final : public Backend {
   const bool staging_;        // DA_CUDA_STAGING=1: large copies through pinned buffers.
   bool fused_ = false;  // The cuDNN path (sm_80 and later, cuDNN built; DA_CUDA_FUSED=0: off).
   // The fused path's combine: every pattern's output kept and combined in one pass at the end
-  // (DA_CUDA_COMBINE=onepass; not yet run on a GPU), else folded pattern by pattern.
+  // (DA_CUDA_COMBINE=onepass: right on an H200, its speed not yet measured), else folded
+  // pattern by pattern.
   bool one_pass_ = false;
   bool fp8_ = false;          // fp8 on the fused path (sm_90 and later).
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
