@@ -14,6 +14,8 @@ namespace da::bench {
 float Fp32FmaLoopAvx512(int64_t iterations);
 float Bf16DotLoopAvx512(int64_t iterations);
 float Fp32FmaLoopAvx2(int64_t iterations);
+float Fp32FmaLoopXmm(int64_t iterations);
+float Fp32MulAddLoopSse(int64_t iterations);
 
 namespace {
 
@@ -30,6 +32,10 @@ LoopInfo InfoFor(PeakLoop loop) {
       return {Fp32FmaLoopAvx2, 12 * 8 * 2};  // 12 ymm FMAs of 8 lanes.
     case PeakLoop::kBf16Avx512:
       return {Bf16DotLoopAvx512, 16 * 16 * 4};  // 16 vdpbf16ps of 16 lane pairs.
+    case PeakLoop::kFp32Sse:
+      return {Fp32MulAddLoopSse, 12 * 4};  // 6 mulps and 6 addps of 4 lanes.
+    case PeakLoop::kFp32XmmFma:
+      return {Fp32FmaLoopXmm, 12 * 4 * 2};  // 12 xmm FMAs of 4 lanes.
     case PeakLoop::kNone:
       break;
   }
@@ -50,7 +56,8 @@ PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa) {
     case engine::cpu::Isa::kAvx2:
       return avx2 ? PeakLoop::kFp32Avx2 : PeakLoop::kNone;
     case engine::cpu::Isa::kPortable:
-      return f.avx512f ? PeakLoop::kFp32Avx512 : avx2 ? PeakLoop::kFp32Avx2 : PeakLoop::kNone;
+      return engine::cpu::portable::UsesFma() ? (f.fma ? PeakLoop::kFp32XmmFma : PeakLoop::kNone)
+                                              : PeakLoop::kFp32Sse;
   }
   return PeakLoop::kNone;
 }
@@ -67,6 +74,10 @@ std::string PeakLoopName(PeakLoop loop) {
       return "avx2 ymm FMA";
     case PeakLoop::kBf16Avx512:
       return "avx512 bf16 dot";
+    case PeakLoop::kFp32Sse:
+      return "sse2 xmm mul+add";
+    case PeakLoop::kFp32XmmFma:
+      return "xmm FMA";
     case PeakLoop::kNone:
       break;
   }

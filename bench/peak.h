@@ -24,14 +24,17 @@ enum class PeakLoop {
   kFp32Avx512,  // fp32 FMAs on zmm registers, 16 independent accumulators.
   kFp32Avx2,    // fp32 FMAs on ymm registers (AVX2 + FMA), 12 independent accumulators.
   kBf16Avx512,  // bf16 dot products (vdpbf16ps: 2 products and 2 additions per fp32 lane pair).
+  kFp32Sse,     // fp32 multiplies and adds on xmm registers (SSE2, no FMA), 6 + 6 accumulators.
+  kFp32XmmFma,  // fp32 FMAs on xmm registers, 12 accumulators.
 };
 
-// The fp32 loop for the unit a kernel ISA runs on: zmm FMAs for avx512, ymm FMAs for avx2. The
-// portable path has no unit of its own; its ratio is taken against the widest unit the CPU has.
+// The fp32 loop for the unit a kernel ISA runs on: zmm FMAs for avx512, ymm FMAs for avx2, and
+// for the portable kernel the 128-bit unit it was built for (xmm FMAs where it uses FMA, else
+// SSE2 multiplies and adds; x86 only).
 PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa);
 // kBf16Avx512 when the CPU has AVX512-BF16, else kNone.
 PeakLoop Bf16PeakLoop();
-// "avx512 zmm FMA", "avx2 ymm FMA", "avx512 bf16 dot", "none".
+// "avx512 zmm FMA", "avx2 ymm FMA", "avx512 bf16 dot", "sse2 xmm mul+add", "xmm FMA", "none".
 std::string PeakLoopName(PeakLoop loop);
 
 class PeakSampler {

@@ -75,7 +75,10 @@ void RunSegment(const SegmentKernelArgs& args);
 }
 namespace portable {
 void RunSegment(const SegmentKernelArgs& args);
-}
+// Whether this build's portable kernel was compiled with FMA (DA_PORTABLE_COMPILE_OPTIONS=-mfma;
+// aarch64's baseline), so that its `a * b + c` are fused; otherwise a multiply and an add.
+bool UsesFma();
+}  // namespace portable
 namespace avx512_bf16 {
 void RunSegment(const SegmentKernelArgs& args);
 }

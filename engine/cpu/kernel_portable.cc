@@ -75,4 +75,12 @@ constexpr int kCols = 2;
 
 void RunSegment(const SegmentKernelArgs& args) { RunSegmentBody(args); }
 
+bool UsesFma() {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace da::engine::cpu::portable
