@@ -19,6 +19,7 @@ import numpy_reference as ref  # noqa: E402
 
 import da  # noqa: E402
 import da.torch  # noqa: E402
+from da.v1 import attention_pb2 as pb  # noqa: E402
 
 # Absolute bounds on outputs of unit-variance inputs (values below 1), by the coarser of the
 # dtype and the precision the server computed in.
@@ -60,6 +61,25 @@ def main():
               f"out= in place {got is out_into}: "
               f"{'ok' if ok else 'FAILED'}")
         failures += not ok
+    # fp8 where the server's GPU offers it (sm_90 and later): bf16 tensors in, per-tensor scales
+    # from the data reported for the device that computed.
+    offered = {d.id: set(d.precisions) for d in client.info().devices}
+    if pb.PRECISION_FP8 in offered.get(str(device), set()):
+        q, k, v = (torch.randn(2, 384, 6, 64, device=device, generator=generator)
+                   .to(torch.bfloat16) for _ in range(3))
+        result = client.attend(q, k, v, segments=[64, 128, 256], dilations=[1, 2, 4],
+                               causal=True, mode="grouped", precision="fp8", return_info=True)
+        want = ref.dilated_attention(*(t.float().cpu().numpy() for t in (q, k, v)),
+                                     [64, 128, 256], [1, 2, 4], causal=True, mode=ref.GROUPED)
+        error = float(np.max(np.abs(result.output.float().cpu().numpy() - want)))
+        scales = result.fp8_scales
+        ok = (result.precision == "fp8" and error <= TOLERANCE["fp8"] and len(scales) == 1
+              and scales[0]["device"] == str(device) and min(scales[0]["amax"]) > 0)
+        print(f"fp8: max abs error {error:.2e} (tolerance {TOLERANCE['fp8']}), scales {scales}: "
+              f"{'ok' if ok else 'FAILED'}")
+        failures += not ok
+    else:
+        print(f"fp8: not offered by {device} ({sorted(offered.get(str(device), set()))}); skipped")
     client.close()
     raise SystemExit(1 if failures else 0)
 
