@@ -6,8 +6,10 @@
 // AUTO and refused under NONE naming both numbers; the host account holds only host bytes.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <future>
 #include <string>
 #include <thread>
@@ -236,6 +238,55 @@ TEST(DeviceMemoryTest, ARequestOverOneDeviceIsShardedOrRefused) {
       EXPECT_EQ(counters.refused_allocations, 0) << d;
     }
   }
+}
+
+// What each device's run reports (RunContext::report; the CUDA backend's fp8 scales) reaches
+// ExecutionInfo::fp8_scales once per device, named by it: two staged devices share a request by
+// heads, each head scaled differently, so each share's amax of q, k and v is its own.
+TEST(DeviceMemoryTest, EachDevicesRunReportReachesTheExecutionInfo) {
+  const ProblemShape shape{1, 1024, 4, 2, 32};
+  OwnedProblem p = Problem(shape, 12, ShardPolicy::kHeads);
+  // q's head h times h + 1, k's and v's head g times 2g + 1.
+  const auto scale_heads = [](testing::OwnedTensor& t, int64_t heads, int64_t d, int per) {
+    for (int64_t i = 0; i < t.elements(); ++i) {
+      const int64_t h = (i / d) % heads;
+      StoreFromFloat(t.dtype, t.bytes.data(), i, t.at(i) * static_cast<float>(per * h + 1));
+    }
+  };
+  scale_heads(p.q, shape.heads, shape.head_dim, 1);
+  scale_heads(p.k, shape.kv_heads, shape.head_dim, 2);
+  scale_heads(p.v, shape.kv_heads, shape.head_dim, 2);
+  // The largest |x| over heads [h0, h1) of a tensor of `heads` heads.
+  const auto amax = [](const testing::OwnedTensor& t, int64_t heads, int64_t d, int64_t h0,
+                       int64_t h1) {
+    float most = 0.0f;
+    for (int64_t i = 0; i < t.elements(); ++i) {
+      const int64_t h = (i / d) % heads;
+      if (h >= h0 && h < h1) most = std::max(most, std::fabs(t.at(i)));
+    }
+    return most;
+  };
+  auto engine = Engine::Create(Staged(2, 0));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  absl::StatusOr<ExecutionInfo> plain = (*engine)->Run(p.Request());
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_TRUE(plain->fp8_scales.empty()) << "no run reported anything";
+
+  testing::SetStagedReportsAmax(true);
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(p.Request());
+  testing::SetStagedReportsAmax(false);
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_EQ(info->devices, (std::vector<std::string>{"staged:0", "staged:1"}));
+  ASSERT_EQ(info->fp8_scales.size(), 2u);
+  for (int s = 0; s < 2; ++s) {  // Share s: query heads 2s, 2s + 1, kv head s.
+    const ExecutionInfo::Fp8Scales& got = info->fp8_scales[s];
+    EXPECT_EQ(got.device, info->devices[s]);
+    EXPECT_EQ(got.amax[0], amax(p.q, shape.heads, shape.head_dim, 2 * s, 2 * s + 2)) << s;
+    EXPECT_EQ(got.amax[1], amax(p.k, shape.kv_heads, shape.head_dim, s, s + 1)) << s;
+    EXPECT_EQ(got.amax[2], amax(p.v, shape.kv_heads, shape.head_dim, s, s + 1)) << s;
+    for (int i = 0; i < 3; ++i) EXPECT_FLOAT_EQ(got.scale[i], 448.0f / got.amax[i]) << s;
+  }
+  EXPECT_GT(info->fp8_scales[1].amax[0], info->fp8_scales[0].amax[0]);
 }
 
 // A caller that reserved the host bytes itself (a stream) still has the device bytes reserved

@@ -1,5 +1,8 @@
 #include "engine/testing/staged_backend.h"
 
+#include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -23,6 +26,19 @@ std::mutex& CountersMutex() {
 std::map<int, StagedCounters>& Counters() {
   static auto* counters = new std::map<int, StagedCounters>;
   return *counters;
+}
+
+std::atomic<bool>& ReportsAmax() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+float LargestMagnitude(const TensorView& t) {
+  float most = 0.0f;
+  for (int64_t i = 0; i < t.shape.elements(); ++i) {
+    most = std::max(most, std::fabs(LoadAsFloat(t.dtype, t.data, i)));
+  }
+  return most;
 }
 
 class StagedBackend final : public Backend {
@@ -98,6 +114,14 @@ class StagedBackend final : public Backend {
     for (MemorySpace* space : {&host.q.space, &host.k.space, &host.v.space, &host.out.space}) {
       *space = MemorySpace::Host();
     }
+    if (ReportsAmax().load() && context.report != nullptr) {
+      context.report->fp8 = true;
+      const TensorView* views[3] = {&host.q, &host.k, &host.v};
+      for (int i = 0; i < 3; ++i) {
+        context.report->amax[i] = LargestMagnitude(*views[i]);
+        context.report->scale[i] = 448.0f / context.report->amax[i];
+      }
+    }
     return cpu_->RunShare(plan, host, context);
   }
 
@@ -108,6 +132,8 @@ class StagedBackend final : public Backend {
 };
 
 }  // namespace
+
+void SetStagedReportsAmax(bool on) { ReportsAmax() = on; }
 
 void RegisterStagedBackend() {
   static const bool registered = RegisterBackend(

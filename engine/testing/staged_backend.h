@@ -41,4 +41,9 @@ DeviceInfo StagedDevice(int index, int64_t memory_bytes);
 StagedCounters StagedCountersOf(int index);
 void ResetStagedCounters();
 
+// When on, every staged run reports what an fp8 run would (RunContext::report): fp8, and its
+// share's largest magnitude of q, k and v (read on the host) with scale 448 / amax; for the tests
+// of how reports reach ExecutionInfo. Off at start.
+void SetStagedReportsAmax(bool on);
+
 }  // namespace da::engine::testing
