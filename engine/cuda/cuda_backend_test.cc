@@ -333,7 +333,8 @@ TEST_F(CudaEngineLimitsTest, CachedBlocksAreReusedAndRequestsStillMatch) {
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_EQ(b->data(), first);
 
-  auto cached = Engine::Create(OnGpu());  // The fused path too: its scratch comes from the cache.
+  unsetenv("DA_CUDA_FUSED");  // The fused path too (the fixture turns it off): its scratch.
+  auto cached = Engine::Create(OnGpu());
   unsetenv("DA_CUDA_CACHE");
   ASSERT_TRUE(cached.ok()) << cached.status();
   auto plain = Engine::Create(OnGpu());
@@ -344,7 +345,8 @@ TEST_F(CudaEngineLimitsTest, CachedBlocksAreReusedAndRequestsStillMatch) {
     p.spec.patterns = {{1024, 1}, {2048, 2}};
     p.spec.precision = run % 2 == 0 ? Precision::kFloat32 : Precision::kBFloat16;
     std::fill(p.out.bytes.begin(), p.out.bytes.end(), 0xff);
-    ASSERT_TRUE((*plain)->Run(p.Request()).ok());
+    const absl::StatusOr<ExecutionInfo> uncached = (*plain)->Run(p.Request());
+    ASSERT_TRUE(uncached.ok()) << uncached.status();
     const std::vector<uint8_t> fresh = p.out.bytes;
     std::fill(p.out.bytes.begin(), p.out.bytes.end(), 0xff);
     absl::StatusOr<ExecutionInfo> info = (*cached)->Run(p.Request());
