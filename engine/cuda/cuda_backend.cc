@@ -187,7 +187,9 @@ class CudaBackend final : public Backend {
 #if defined(DA_HAVE_CUDNN)
     fused_ = !EnvIs("DA_CUDA_FUSED", "0") && major >= 8;
     fp8_ = fused_ && major >= 9;  // cuDNN's fp8 attention: Hopper and later.
-    one_pass_ = EnvIs("DA_CUDA_COMBINE", "onepass");
+    combine_ = EnvIs("DA_CUDA_COMBINE", "onepass") ? Combine::kOnePass
+               : EnvIs("DA_CUDA_COMBINE", "fold")  ? Combine::kFold
+                                                   : Combine::kAuto;
     stage_times_ = EnvIs("DA_CUDA_STAGE_TIMES", "1");
 #endif
   }
@@ -445,7 +447,7 @@ class CudaBackend final : public Backend {
     const int64_t converted = fp8               ? rows * d + 2 * kv + 64  // 64: the scalars.
                               : key.dtype != io ? 2 * (rows * d + 2 * kv)
                                                 : 0;
-    if (one_pass_) {  // Every pattern's output (io) and LSE (fp32).
+    if (OnePass(static_cast<int>(key.patterns.size()))) {  // Every pattern's output and LSE.
       return converted + static_cast<int64_t>(key.patterns.size()) * rows * (d * element + 4);
     }
     return converted + rows * d * element + rows * 4 + rows * d * 4 + 2 * rows * 4;
@@ -569,7 +571,7 @@ class CudaBackend final : public Backend {
       times.Mark(absl::StrCat("p", pi, " sdpa"));
       return absl::OkStatus();
     };
-    if (one_pass_) {
+    if (OnePass(patterns)) {
       // Each pattern writes its own block; rows it does not keep are never read.
       DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * element));
       DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(patterns * rows * 4));
@@ -735,10 +737,16 @@ class CudaBackend final : public Backend {
   const bool cache_enabled_;  // DA_CUDA_CACHE=1: device buffers kept for reuse (Cache()).
   const bool staging_;        // DA_CUDA_STAGING=1: large copies through pinned buffers.
   bool fused_ = false;  // The cuDNN path (sm_80 and later, cuDNN built; DA_CUDA_FUSED=0: off).
-  // The fused path's combine: every pattern's output kept and combined in one pass at the end
-  // (DA_CUDA_COMBINE=onepass: right on an H200, its speed not yet measured), else folded
-  // pattern by pattern.
-  bool one_pass_ = false;
+  // The fused path's combine. One pass: every pattern's output kept and combined once at the
+  // end (right on an H200; bf16 outputs, P of them, against the fold's one output and fp32
+  // accumulators: less memory for P <= 3 and less traffic always). Fold: pattern by pattern into
+  // fp32 accumulators, then the finish. Auto (the default): one pass for P <= 3, where it never
+  // holds more memory, else the fold; DA_CUDA_COMBINE=onepass or fold forces one.
+  enum class Combine { kAuto, kOnePass, kFold };
+  Combine combine_ = Combine::kAuto;
+  bool OnePass(int patterns) const {
+    return combine_ == Combine::kOnePass || (combine_ == Combine::kAuto && patterns <= 3);
+  }
   bool fp8_ = false;          // fp8 on the fused path (sm_90 and later).
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
   std::shared_ptr<BlockCache> cache_;
