@@ -455,16 +455,12 @@ class CudaBackend final : public Backend {
 
  private:
 #if defined(DA_HAVE_CUDNN)
-  struct Fp8Scales {
-    float amax[3] = {0, 0, 0};   // Of q, k, v.
-    float scale[3] = {1, 1, 1};  // Fp8ScaleFor(amax): each tensor onto fp8's range.
-  };
-
   // q, k and v (views, in `type`) quantized to fp8 E4M3 with per-tensor scales from their amax:
   // the amaxes computed on the device (into the 3 floats after the scalars in `scalars`) and read
-  // back, the quantized tensors appended to `converted` and pointed to by `in`. INVALID_ARGUMENT
-  // when a tensor holds a NaN or an infinity (no scale maps it onto fp8).
-  absl::StatusOr<Fp8Scales> QuantizeToFp8(const TensorView* const views[3], ElemType type,
+  // back, the quantized tensors appended to `converted` and pointed to by `in`; the scales as the
+  // run reports them. INVALID_ARGUMENT when a tensor holds a NaN or an infinity (no scale maps it
+  // onto fp8).
+  absl::StatusOr<RunReport> QuantizeToFp8(const TensorView* const views[3], ElemType type,
                                           const DeviceBuffer& scalars, const void* in[3],
                                           std::vector<DeviceBuffer>& converted,
                                           cudaStream_t stream) {
@@ -474,7 +470,8 @@ class CudaBackend final : public Backend {
       DA_RETURN_IF_ERROR(CudaStatus(
           LaunchAmax(views[i]->data, type, views[i]->shape.elements(), amax + i, stream), "amax"));
     }
-    Fp8Scales scales;
+    RunReport scales;
+    scales.fp8 = true;
     DA_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(scales.amax, amax, sizeof(scales.amax), cudaMemcpyDeviceToHost, stream),
         "amaxes to the host"));
@@ -512,13 +509,13 @@ class CudaBackend final : public Backend {
     const TensorView* views[3] = {&problem.q, &problem.k, &problem.v};
     std::vector<DeviceBuffer> converted;
     DeviceBuffer fp8_scalars;
-    float host_scalars[kFp8ScalarCount] = {};  // Read by the copy below until the run ends.
     if (plan.fp8) {
       DA_ASSIGN_OR_RETURN(fp8_scalars, Allocate((kFp8ScalarCount + 3) * 4));
-      DA_ASSIGN_OR_RETURN(Fp8Scales scales,
+      DA_ASSIGN_OR_RETURN(RunReport scales,
                           QuantizeToFp8(views, share.in, fp8_scalars, in, converted, stream));
       // Descales of q, k, v; the probabilities onto fp8's range and back; the output scaled as v
-      // (an output row is a convex combination of v's rows, so it never exceeds v's amax).
+      // (an output row is a convex combination of v's rows, so it never exceeds v's amax). From
+      // pageable memory the copy has read `values` when it returns (CUDA's documented behaviour).
       const float values[kFp8ScalarCount] = {1.0f / scales.scale[0],
                                              1.0f / scales.scale[1],
                                              1.0f / scales.scale[2],
@@ -527,17 +524,11 @@ class CudaBackend final : public Backend {
                                              scales.scale[2],
                                              0.0f,
                                              0.0f};
-      std::copy(values, values + kFp8ScalarCount, host_scalars);
-      DA_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(fp8_scalars.data(), host_scalars, sizeof(host_scalars),
-                                     cudaMemcpyHostToDevice, stream),
-                     "fp8 scalars to the device"));
+      DA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(fp8_scalars.data(), values, sizeof(values),
+                                                    cudaMemcpyHostToDevice, stream),
+                                    "fp8 scalars to the device"));
       share.pattern_scale = 1.0f / scales.scale[2];  // The stored outputs' descale.
-      if (context.report != nullptr) {
-        context.report->fp8 = true;
-        std::copy(scales.amax, scales.amax + 3, context.report->amax);
-        std::copy(scales.scale, scales.scale + 3, context.report->scale);
-      }
+      if (context.report != nullptr) *context.report = scales;
       times.Mark("fp8 amax+quantize");
     } else if (problem.q.dtype != plan.io) {
       for (int i = 0; i < 3; ++i) {
@@ -555,7 +546,8 @@ class CudaBackend final : public Backend {
     const int patterns = static_cast<int>(problem.spec.patterns.size());
     // Pattern pi's cuDNN calls, writing its output and LSE at out and lse. Calls are at most
     // kMaxSdpaCallFlops (sdpa_plan.h: milliseconds) and each is waited for, so the stop, polled
-    // before each, is seen within one call; the stream is idle when a stop returns.
+    // before each, is seen within one call; the stream is idle when a stop returns. Work queued
+    // after the calls (a fold) is ordered before the next pattern's calls by the stream.
     const auto attend = [&](int pi, void* out, float* lse) -> absl::Status {
       for (const SdpaCall& call : plan.calls) {
         if (call.pattern_index != pi) continue;
@@ -579,7 +571,6 @@ class CudaBackend final : public Backend {
       for (int pi = 0; pi < patterns; ++pi) {
         DA_RETURN_IF_ERROR(attend(pi, static_cast<uint8_t*>(outs.data()) + pi * rows * d * element,
                                   static_cast<float*>(lses.data()) + pi * rows));
-        DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
       }
       DA_RETURN_IF_ERROR(CudaStatus(
           LaunchCombine(share, outs.data(), io, static_cast<const float*>(lses.data()), stream),
@@ -602,7 +593,6 @@ class CudaBackend final : public Backend {
           LaunchFold(share, pi, pattern_out.data(), io, lse, acc, max_lse, weight, stream),
           "fold"));
       times.Mark(absl::StrCat("p", pi, " fold"));
-      DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "pattern"));
     }
     DA_RETURN_IF_ERROR(CudaStatus(LaunchFinish(share, acc, weight, stream), "finish"));
     times.Mark("finish");

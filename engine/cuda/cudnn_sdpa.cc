@@ -112,7 +112,7 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
     if (fp8) {
       // Hopper's fp8 attention: q, k, v and the output in E4M3 with per-tensor scales (device
       // scalars), the probabilities scaled into fp8 by scale_s, the amaxes of both written.
-      std::shared_ptr<fe::graph::Tensor_attributes> scalars[kFp8ScalarCount];
+      std::shared_ptr<fe::graph::Tensor_attributes> scalars[6];  // The inputs; the amaxes below.
       for (int i = 0; i < 6; ++i) {
         scalars[i] = graph->tensor(fe::graph::Tensor_attributes()
                                        .set_name(kFp8ScalarNames[i])

@@ -524,16 +524,14 @@ DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, c
       fold.max_lse = new_max;
     }
     fold.weight = fold.weight * old_factor + new_factor;
+    const float out_factor = new_factor * s.pattern_scale;  // On the stored output only.
     const int64_t base = (pi * rows + row) * d_count;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
     for (int j = 0; j < kSlots; ++j) {
       const int64_t d = first + j * stride;
-      if (d < d_count) {
-        acc[j] =
-            acc[j] * old_factor + new_factor * s.pattern_scale * LoadElem(outs, type, base + d);
-      }
+      if (d < d_count) acc[j] = acc[j] * old_factor + out_factor * LoadElem(outs, type, base + d);
     }
     any = true;
   }
