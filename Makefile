@@ -67,7 +67,7 @@ sanitize: $(DEPS_STAMP)
 	$(SANITIZE_DIR)/bin/share_run_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/multi_device_test --gtest_brief=1
 	$(SANITIZE_DIR)/bin/device_memory_test --gtest_brief=1
-	for isa in avx512 avx2 portable; do \
+	for isa in avx512 avx2 portable portable-sse2; do \
 	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_kernel_test --gtest_brief=1 \
 	    --gtest_filter='$(SANITIZE_FILTER)' || exit 1; \
 	  DA_CPU_ISA=$$isa $(SANITIZE_DIR)/bin/cpu_backend_test --gtest_brief=1 \

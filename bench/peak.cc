@@ -56,6 +56,8 @@ PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa) {
     case engine::cpu::Isa::kAvx2:
       return avx2 ? PeakLoop::kFp32Avx2 : PeakLoop::kNone;
     case engine::cpu::Isa::kPortable:
+      return f.fma ? PeakLoop::kFp32XmmFma : PeakLoop::kNone;
+    case engine::cpu::Isa::kPortableSse2:
       return engine::cpu::portable::UsesFma() ? (f.fma ? PeakLoop::kFp32XmmFma : PeakLoop::kNone)
                                               : PeakLoop::kFp32Sse;
   }

@@ -25,6 +25,8 @@ void RunSegmentKernelBf16(const SegmentKernelArgs& args) { avx512_bf16::RunSegme
 
 std::string IsaName(Isa isa) {
   switch (isa) {
+    case Isa::kPortableSse2:
+      return "portable-sse2";
     case Isa::kPortable:
       return "portable";
     case Isa::kAvx2:
@@ -39,7 +41,8 @@ Isa BestIsa() {
   const CpuFeatures f = DetectCpuFeatures();
   if (f.avx512f) return Isa::kAvx512;
   if (f.avx2 && f.fma) return Isa::kAvx2;
-  return Isa::kPortable;
+  if (f.fma) return Isa::kPortable;
+  return Isa::kPortableSse2;
 }
 
 Isa SelectedIsa() {
@@ -47,7 +50,7 @@ Isa SelectedIsa() {
     const Isa best = BestIsa();
     const char* wanted = std::getenv("DA_CPU_ISA");
     if (wanted == nullptr) return best;
-    for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+    for (Isa isa : {Isa::kPortableSse2, Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
       if (IsaName(isa) == wanted && isa <= best) return isa;
     }
     return best;  // Unknown or unsupported: the best available, never an illegal instruction.
@@ -64,6 +67,9 @@ void RunSegmentKernel(Isa isa, const SegmentKernelArgs& args) {
       avx2::RunSegment(args);
       return;
     case Isa::kPortable:
+      portable_fma::RunSegment(args);
+      return;
+    case Isa::kPortableSse2:
       portable::RunSegment(args);
       return;
   }

@@ -4,10 +4,11 @@
 //   SegmentKernelArgs args = ...;          // packed by the caller, see the field comments
 //   RunSegmentKernel(SelectedIsa(), args);  // AVX-512, AVX2 or portable code, chosen at run time
 //
-// The same kernel body is compiled three times with different instruction sets
-// (kernel_avx512.cc, kernel_avx2.cc, kernel_portable.cc); SelectedIsa picks the best the CPU has,
-// or the one named by the environment variable DA_CPU_ISA (avx512, avx2, portable), which tests
-// use to run every path the machine can.
+// The same kernel body is compiled once per instruction set (kernel_avx512.cc, kernel_avx2.cc,
+// and the portable C++ source twice: kernel_portable_fma.cc with FMA, kernel_portable.cc for the
+// x86-64 baseline); SelectedIsa picks the best the CPU has, or the one named by the environment
+// variable DA_CPU_ISA (avx512, avx2, portable, portable-sse2), which tests use to run every path
+// the machine can.
 #pragma once
 
 #include <atomic>
@@ -51,7 +52,12 @@ struct SegmentKernelArgs {
 int64_t KernelScratchFloats(int64_t dim_pad);
 int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad);
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
+// In order of preference. kPortable is the portable source built with FMA (as Arm servers run it),
+// for x86 CPUs with FMA; kPortableSse2 the same source for any x86-64.
+enum class Isa { kPortableSse2, kPortable, kAvx2, kAvx512 };
+
+// The portable C++ kernel, in either build (no intrinsics, no F16C conversions).
+inline bool IsPortable(Isa isa) { return isa == Isa::kPortableSse2 || isa == Isa::kPortable; }
 
 std::string IsaName(Isa isa);
 Isa BestIsa();      // The widest instruction set this CPU supports.
@@ -73,10 +79,14 @@ void RunSegment(const SegmentKernelArgs& args);
 namespace avx2 {
 void RunSegment(const SegmentKernelArgs& args);
 }
+namespace portable_fma {
+void RunSegment(const SegmentKernelArgs& args);
+bool UsesFma();  // True: compiled with -mfma.
+}  // namespace portable_fma
 namespace portable {
 void RunSegment(const SegmentKernelArgs& args);
-// Whether this build's portable kernel was compiled with FMA (DA_PORTABLE_COMPILE_OPTIONS=-mfma;
-// aarch64's baseline), so that its `a * b + c` are fused; otherwise a multiply and an add.
+// Whether the baseline build was compiled with FMA anyway (DA_PORTABLE_COMPILE_OPTIONS=-mfma), so
+// that its `a * b + c` are fused; otherwise a multiply and an add.
 bool UsesFma();
 }  // namespace portable
 namespace avx512_bf16 {

@@ -7,7 +7,7 @@ namespace da::engine::cpu {
 namespace {
 
 bool UseF16c() {
-  static const bool use = DetectCpuFeatures().f16c && SelectedIsa() != Isa::kPortable;
+  static const bool use = DetectCpuFeatures().f16c && !IsPortable(SelectedIsa());
   return use;
 }
 

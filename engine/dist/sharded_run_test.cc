@@ -271,7 +271,7 @@ int RunRank(const RankFlags& flags) {
   engine::ThreadPool pool(1);
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
   engine::CpuBackend rank_backend(flags.scenario == "worker_fails" && flags.rank != 0
-                                      ? engine::cpu::Isa::kPortable
+                                      ? engine::cpu::Isa::kPortableSse2
                                       : engine::cpu::SelectedIsa());
   engine::PlanCache plans(int64_t{1} << 28);
   const engine::ShareCompute compute{&rank_backend, &plans, &pool};
