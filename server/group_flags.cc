@@ -47,6 +47,14 @@ absl::Status ValidateGroupFlags(const GroupFlags& f) {
     return absl::InvalidArgumentError(
         "--rank-address is empty; name an address of this host the other ranks can reach");
   }
+  if (f.data_plane != "none" && f.data_plane != "nccl" && f.data_plane != "gloo-staged") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--data-plane is '", f.data_plane, "'; must be none, nccl or gloo-staged"));
+  }
+  if (f.data_plane_device < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--data-plane-device is ", f.data_plane_device, "; must be >= 0"));
+  }
   if (!f.coordinator_port_file.empty() && f.rank != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--coordinator-port-file is for rank 0 (the rank that listens); this is rank ", f.rank));

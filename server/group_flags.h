@@ -29,6 +29,8 @@ struct GroupFlags {
   int64_t collective_timeout_ms = 30000;   // --collective-timeout-ms
   int64_t heartbeat_ms = 1000;             // --heartbeat-ms
   std::string coordinator_port_file;       // --coordinator-port-file (rank 0)
+  std::string data_plane = "none";         // --data-plane: none, nccl or gloo-staged
+  int data_plane_device = 0;               // --data-plane-device: the CUDA device (nccl)
 };
 
 // INVALID_ARGUMENT naming the flag, its value and the limit, e.g. "--rank is 3; must be in

@@ -58,6 +58,12 @@ TEST(GroupFlagsTest, RefusesEachBadFlagNamingValueAndLimit) {
   f.heartbeat_ms = 0;
   ExpectRefused(f, "--heartbeat-ms is 0");
   f = Good();
+  f.data_plane = "rdma";
+  ExpectRefused(f, "--data-plane is 'rdma'; must be none, nccl or gloo-staged");
+  f = Good();
+  f.data_plane_device = -1;
+  ExpectRefused(f, "--data-plane-device is -1; must be >= 0");
+  f = Good();
   f.coordinator_port_file = "/tmp/port";
   ExpectRefused(f, "--coordinator-port-file is for rank 0");
   f = Good();

@@ -327,6 +327,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--coordinator-port-file", group.coordinator_port_file,
                  "Rank 0: write the port the coordinator listens on to this file");
+  app.add_option("--data-plane", group.data_plane,
+                 "What carries a sharded run's bulk bytes between ranks (every rank the same): "
+                 "none (the Gloo group over TCP), nccl (NCCL between the ranks' GPUs; needs a "
+                 "CUDA build with NCCL and a GPU per rank), gloo-staged (nccl's path with Gloo "
+                 "and host staging, for CPU machines)")
+      ->capture_default_str();
+  app.add_option("--data-plane-device", group.data_plane_device,
+                 "With --data-plane nccl: this rank's CUDA device")
+      ->capture_default_str();
   app.add_option("--resources-root", resources_root,
                  "Where /proc/self/cgroup and /sys/fs/cgroup are read from for the default "
                  "threads and memory (tests)")

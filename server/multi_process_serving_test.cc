@@ -49,14 +49,17 @@ std::string ReadFile(const std::string& path) {
 // directory of the group's own.
 class Group {
  public:
-  explicit Group(int world_size)
+  // every_rank: extra flags for every rank (the data plane).
+  explicit Group(int world_size, std::vector<std::string> every_rank = {})
       : world_size_(world_size),
+        every_rank_(std::move(every_rank)),
         dir_(testing::MakeTempDir()),
         rank0_(DA_SERVER_BINARY,
-               {"--world-size", std::to_string(world_size), "--rank", "0", "--coordinator",
-                "127.0.0.1:0", "--coordinator-port-file", dir_ + "/coordinator_port",
-                "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
-                std::to_string(kCollectiveTimeoutMs)}) {}
+               Concat({"--world-size", std::to_string(world_size), "--rank", "0", "--coordinator",
+                       "127.0.0.1:0", "--coordinator-port-file", dir_ + "/coordinator_port",
+                       "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+                       std::to_string(kCollectiveTimeoutMs)},
+                      every_rank_)) {}
   ~Group() { std::filesystem::remove_all(dir_); }
 
   // Waits for rank 0's ports, then starts every worker.
@@ -73,11 +76,12 @@ class Group {
   void StartWorker(int rank) {
     workers_[rank] = testing::ChildProcess::Spawn(
         DA_SERVER_BINARY,
-        {"--world-size", std::to_string(world_size_), "--rank", std::to_string(rank),
-         "--coordinator", "127.0.0.1:" + std::to_string(coordinator_port_), "--threads", "1",
-         "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
-         std::to_string(kCollectiveTimeoutMs), "--metrics-listen", "127.0.0.1:0",
-         "--metrics-port-file", WorkerMetricsPortFile(rank)},
+        Concat({"--world-size", std::to_string(world_size_), "--rank", std::to_string(rank),
+                "--coordinator", "127.0.0.1:" + std::to_string(coordinator_port_), "--threads", "1",
+                "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+                std::to_string(kCollectiveTimeoutMs), "--metrics-listen", "127.0.0.1:0",
+                "--metrics-port-file", WorkerMetricsPortFile(rank)},
+               every_rank_),
         WorkerLog(rank));
   }
 
@@ -121,7 +125,14 @@ class Group {
     return dir_ + "/worker" + std::to_string(rank) + ".metrics_port";
   }
 
+  static std::vector<std::string> Concat(std::vector<std::string> a,
+                                         const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  }
+
   const int world_size_;
+  const std::vector<std::string> every_rank_;
   const std::string dir_;
   testing::SpawnedServer rank0_;
   int coordinator_port_ = 0;
@@ -254,6 +265,68 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
   }
   // The SEQUENCE cases exchanged kept K/V rows of spanning segments.
   EXPECT_GT(testing::MetricValue(text, "da_rank_exchange_bytes_total{rank=\"1\"}").value_or(0), 0);
+}
+
+// The nccl data plane's path (staged_plane.h: host shares staged through "device" buffers, a
+// plane held to NCCL's terms) with Gloo and host staging in NCCL's place, across real da-server
+// ranks: SEQUENCE with spanning segments and HEADS equal one process, the workers say which plane
+// they formed, and the bulk bytes crossed it.
+TEST(MultiProcessServingTest, AStagedDataPlaneCarriesTheRunsAndTheyAnswerLikeOneProcess) {
+  Group group(3, {"--data-plane", "gloo-staged"});
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+  const std::vector<std::pair<testing::ProblemConfig, v1::ShardPolicy>> cases = {
+      {{.seq_len = 301, .heads = 4, .kv_heads = 2, .patterns = {{64, 1}, {256, 4}}, .causal = true},
+       v1::SHARD_POLICY_SEQUENCE},
+      {{.seq_len = 200, .heads = 6, .kv_heads = 3, .patterns = {{32, 1}, {64, 2}}},
+       v1::SHARD_POLICY_HEADS},
+  };
+  for (const auto& [config, policy] : cases) {
+    const v1::AttendRequest request = Fp32Request(config, policy);
+    v1::AttendResponse response;
+    grpc::Status status = client.Attend(request, &response, testing::WithTimeout(20000));
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+    EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(request, 2)),
+              1e-6);
+    EXPECT_EQ(response.info().shard_strategy(), policy);
+    EXPECT_EQ(response.info().devices_size(), 3);
+  }
+  const std::string logs = group.Logs();
+  for (int rank = 1; rank < 3; ++rank) {
+    EXPECT_NE(logs.find("rank " + std::to_string(rank) +
+                        " joined generation 1; data plane: gloo held to nccl's terms via host"),
+              std::string::npos)
+        << logs;
+  }
+  const std::string text = group.Metrics();
+  EXPECT_GT(testing::MetricValue(text, "da_rank_exchange_bytes_total{rank=\"1\"}").value_or(0), 0)
+      << text;
+  EXPECT_GE(testing::MetricValue(text, "da_group_runs_total{outcome=\"completed\"}"), 2) << text;
+}
+
+// --data-plane nccl where no process can see a GPU (or the build has no NCCL) is refused at
+// start-up by rank 0 and by a worker, naming the flag and why.
+TEST(MultiProcessServingTest, AnNcclDataPlaneWithoutAGpuIsRefusedAtStartNamingTheFlag) {
+  if (std::filesystem::exists("/dev/nvidia0")) {
+    GTEST_SKIP() << "this machine has a GPU: the nccl data plane can form here";
+  }
+  const std::string dir = testing::MakeTempDir();
+  const std::vector<std::vector<std::string>> ranks = {
+      {"--world-size", "2", "--rank", "0", "--coordinator", "127.0.0.1:0", "--data-plane", "nccl"},
+      {"--world-size", "2", "--rank", "1", "--coordinator", "127.0.0.1:1", "--data-plane", "nccl"},
+  };
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const std::string log = dir + "/rank" + std::to_string(i);
+    auto child = testing::ChildProcess::Spawn(DA_SERVER_BINARY, ranks[i], log);
+    ASSERT_NE(child, nullptr);
+    const std::optional<int> status = child->WaitForExit(seconds(10));
+    ASSERT_TRUE(status.has_value()) << "rank " << i << " still running";
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 1) << "rank " << i;
+    EXPECT_NE(ReadFile(log).find("--data-plane nccl: the nccl data plane needs"), std::string::npos)
+        << "rank " << i << ": " << ReadFile(log);
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItReturns) {
@@ -405,6 +478,8 @@ TEST(MultiProcessServingTest, BadFlagsExitNamingTheFlagValueAndLimit) {
       {{"--world-size", "2", "--coordinator", "127.0.0.1:0", "--heartbeat-ms", "500",
         "--collective-timeout-ms", "500"},
        "--heartbeat-ms is 500; must be in [1, --collective-timeout-ms 500)"},
+      {{"--world-size", "2", "--coordinator", "127.0.0.1:0", "--data-plane", "rdma"},
+       "--data-plane is 'rdma'; must be none, nccl or gloo-staged"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string log = dir + "/case" + std::to_string(i);

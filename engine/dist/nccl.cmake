@@ -1,7 +1,8 @@
 # da_dist_nccl: the NCCL backend of dist::Communicator (included from engine/CMakeLists.txt when
 # CUDA is on and NCCL was found). Host code only: no kernels, so a plain .cc built by the C++
 # compiler against the CUDA runtime and libnccl.
-add_library(da_dist_nccl STATIC dist/nccl_communicator.cc dist/nccl_local_group.cc)
+add_library(da_dist_nccl STATIC dist/nccl_communicator.cc dist/nccl_local_group.cc
+  dist/cuda_staging.cc)
 target_include_directories(da_dist_nccl PUBLIC ${PROJECT_SOURCE_DIR})
 target_link_libraries(da_dist_nccl
   PUBLIC absl::status absl::statusor

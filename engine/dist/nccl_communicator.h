@@ -42,6 +42,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/dist/communicator.h"
+#include "engine/dist/staged_plane.h"
 #include "engine/dist/store.h"
 
 namespace da::dist {
@@ -82,5 +83,10 @@ absl::Status NcclLocalAllGather(const std::vector<Communicator*>& comms,
 absl::Status NcclLocalBroadcast(const std::vector<Communicator*>& comms,
                                 const std::vector<void*>& data, int64_t bytes, int root,
                                 std::chrono::milliseconds timeout);
+
+// Staging buffers on CUDA device `device` for MakeStagedPlane (staged_plane.h): a multi-process
+// NCCL communicator fed from host shares. Copies are synchronous (cudaMemcpy); errors are
+// INTERNAL naming the call.
+std::unique_ptr<PlaneStaging> MakeCudaStaging(int device);
 
 }  // namespace da::dist

@@ -254,6 +254,43 @@ TEST(NcclCommunicatorTest, GroupOfOneThroughTheStore) {
   std::filesystem::remove_all(dir);
 }
 
+#if DA_HAVE_STAGED_PLANE
+// The nccl data plane's staging (MakeCudaStaging) under a staged plane over a group of one:
+// host bytes through device buffers and NCCL, in chunks of 5 bytes, byte for byte.
+TEST(NcclCommunicatorTest, AStagedPlaneOfOneMovesHostBytesThroughTheGpu) {
+  DA_REQUIRE_GPUS(1);
+  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
+  const std::string dir = mkdtemp(dir_template);
+  FileStore store(dir);
+  NcclOptions options;
+  options.key_prefix = "staged";
+  auto comm = CreateNcclCommunicator(store, 0, 1, options);
+  ASSERT_TRUE(comm.ok()) << comm.status();
+  std::unique_ptr<Communicator> plane =
+      MakeStagedPlane(*std::move(comm), MakeCudaStaging(0), /*chunk_bytes=*/5);
+  EXPECT_EQ(plane->backend(), "nccl via cuda:0");
+  std::mt19937 rng(FreshSeed());
+  std::vector<uint8_t> mine(23);
+  for (uint8_t& b : mine) b = static_cast<uint8_t>(rng() | 1);
+  std::vector<uint8_t> gathered(23, 0);
+  ASSERT_TRUE(plane->AllGather(mine.data(), gathered.data(), 23, milliseconds(10000)).ok());
+  EXPECT_EQ(gathered, mine);
+  std::vector<uint8_t> root = mine;
+  ASSERT_TRUE(plane->Broadcast(root.data(), 23, 0, milliseconds(10000)).ok());
+  EXPECT_EQ(root, mine);
+  // The staging itself, both ways.
+  std::unique_ptr<PlaneStaging> staging = MakeCudaStaging(0);
+  absl::StatusOr<void*> device = staging->Buffer(PlaneStaging::kOutgoing, 1000);
+  ASSERT_TRUE(device.ok()) << device.status();
+  std::vector<uint8_t> out(1000), back(1000, 0);
+  for (uint8_t& b : out) b = static_cast<uint8_t>(rng() | 1);
+  ASSERT_TRUE(staging->ToDevice(*device, out.data(), 1000).ok());
+  ASSERT_TRUE(staging->ToHost(back.data(), *device, 1000).ok());
+  EXPECT_EQ(back, out);
+  std::filesystem::remove_all(dir);
+}
+#endif
+
 // Rank 0 of two, with rank 1 never started: init gives up at its timeout and says so.
 TEST(NcclCommunicatorTest, InitWithoutPeersTimesOut) {
   DA_REQUIRE_GPUS(1);

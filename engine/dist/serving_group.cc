@@ -81,6 +81,14 @@ absl::Status ValidateServingGroupOptions(const ServingGroupOptions& o) {
                                                    "timeout (",
                                                    o.collective_timeout.count(), " ms)"));
   }
+  if (o.data_plane_device < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("data plane device is ", o.data_plane_device, "; must be >= 0"));
+  }
+  if (absl::Status plane = CheckDataPlane(o.data_plane, o.data_plane_device); !plane.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("data plane ", DataPlaneName(o.data_plane), ": ", plane.message()));
+  }
   if (o.threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("threads is ", o.threads, "; must be >= 0 (0 = every core)"));
@@ -119,6 +127,7 @@ class CoordinatorGroup::Impl {
     store_server.reset();
     if (loop_.joinable()) loop_.join();
     std::lock_guard<std::mutex> run_lock(run_mu_);
+    plane_.reset();
     comm_.reset();  // The workers see their connections close.
   }
 
@@ -147,6 +156,7 @@ class CoordinatorGroup::Impl {
     ShardRunOptions run_options;
     run_options.timeout = options.collective_timeout;
     run_options.buffers = &buffers_;
+    run_options.data_plane = plane_.get();
     absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, problem, run_options);
     last_activity_ = Clock::now();
     if (result.ok()) {
@@ -185,6 +195,7 @@ class CoordinatorGroup::Impl {
   // Under run_mu_: drops the communicator (the workers' connections close, so they re-join at
   // once) and has the loop form the next generation.
   void Break(const std::string& cause) {
+    plane_.reset();
     comm_.reset();
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -279,7 +290,11 @@ class CoordinatorGroup::Impl {
                      .timeout = options.collective_timeout};
     DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm, MakeGlooCommunicator(*store, gloo));
     DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
+    DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> plane,
+                        serving::FormServingDataPlane(options, *store, gloo.prefix));
+    if (plane != nullptr) DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
     std::lock_guard<std::mutex> run_lock(run_mu_);
+    plane_ = std::move(plane);
     comm_ = std::move(comm);
     last_activity_ = Clock::now();
     return absl::OkStatus();
@@ -320,7 +335,8 @@ class CoordinatorGroup::Impl {
 
   std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_.
   std::unique_ptr<Communicator> comm_;
-  RankBuffers buffers_;  // Rank 0's share when not contiguous, kept between runs.
+  std::unique_ptr<Communicator> plane_;  // The data plane; null: comm_ carries everything.
+  RankBuffers buffers_;                  // Rank 0's share when not contiguous, kept between runs.
   Clock::time_point last_activity_;
 
   std::mutex listener_mu_;

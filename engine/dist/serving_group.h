@@ -18,7 +18,9 @@
 //      forming, without this worker), else sets "g<g>/joined/<rank>" and waits for "g<g>/go";
 //   3. rank 0 waits, without a time limit, until every rank has joined (readiness says which are
 //      missing), sets "g<g>/go", and all ranks form a Gloo group under "g<g>/gloo" and pass a
-//      barrier, each within collective_timeout;
+//      barrier, each within collective_timeout; with a data plane (data_plane.h) they then form
+//      it under "g<g>/gloo/plane" (NCCL: rank 0's id under "g<g>/gloo/plane/nccl/nccl_id") and
+//      pass a second barrier;
 //   4. a failure anywhere (a rank gone after joining, a failed rendezvous) sends everybody to the
 //      next generation: rank 0 opens g+1 at once, the workers were already waiting for it.
 // Convergence: only rank 0 gives up on a generation, and only after every rank joined it; a
@@ -46,6 +48,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "engine/dist/data_plane.h"
 #include "engine/shard_group.h"
 
 namespace da::dist {
@@ -66,6 +69,10 @@ struct ServingGroupOptions {
   std::chrono::milliseconds collective_timeout{30000};
   // Rank 0's idle keep-alive period.
   std::chrono::milliseconds heartbeat{1000};
+  // The communicator of a run's bulk bytes (data_plane.h), formed by every rank right after the
+  // Gloo group in each generation; every rank must name the same. kNone: the Gloo group itself.
+  DataPlaneKind data_plane = DataPlaneKind::kNone;
+  int data_plane_device = 0;  // kNccl: this rank's CUDA device.
   int threads = 0;  // Workers: compute threads (0: every core). Rank 0 uses the engine's pool.
   // Workers: the budget of the plan cache their shares' plans stay warm in. Rank 0 uses the
   // engine's cache.

@@ -4,9 +4,13 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "engine/dist/data_plane.h"
+#include "engine/dist/serving_group.h"
 
 namespace da::dist::serving {
 
@@ -36,6 +40,16 @@ inline std::string GlooPrefix(const std::string& session, int64_t generation) {
 
 // The values of the go key.
 inline constexpr char kGoForm[] = "form";
+
+// This rank's data plane of a generation (null for none), formed by every rank right after its
+// Gloo group under that group's prefix + "/plane".
+inline absl::StatusOr<std::unique_ptr<Communicator>> FormServingDataPlane(
+    const ServingGroupOptions& o, KeyValueStore& store, const std::string& gloo_prefix) {
+  return FormDataPlane(o.data_plane, store, o.rank, o.world_size, gloo_prefix + "/plane",
+                       {.interface_address = o.interface_address,
+                        .device = o.data_plane_device,
+                        .timeout = o.collective_timeout});
+}
 
 inline std::string RankDevice(int rank) { return absl::StrCat("rank", rank, ":cpu"); }
 

@@ -54,18 +54,22 @@ class Worker {
         continue;
       }
       last_ = *generation;
-      absl::StatusOr<std::unique_ptr<Communicator>> comm = Join(*generation);
-      if (!comm.ok()) {
+      absl::StatusOr<Joined> joined = Join(*generation);
+      if (!joined.ok()) {
         if (!stop_.load()) {
-          Log(absl::StrCat("generation ", *generation, " did not form: ", comm.status().message()));
-          State(
-              absl::StrCat("generation ", *generation, " did not form: ", comm.status().message()));
+          Log(absl::StrCat("generation ", *generation,
+                           " did not form: ", joined.status().message()));
+          State(absl::StrCat("generation ", *generation,
+                             " did not form: ", joined.status().message()));
         }
         continue;
       }
-      Log(absl::StrCat("rank ", o_.rank, " joined generation ", *generation));
+      Log(absl::StrCat("rank ", o_.rank, " joined generation ", *generation,
+                       joined->plane != nullptr
+                           ? absl::StrCat("; data plane: ", joined->plane->backend())
+                           : std::string()));
       State("");
-      absl::Status served = Serve(**comm);
+      absl::Status served = Serve(*joined->comm, joined->plane.get());
       if (shutdown_) {
         Log("shutdown frame from rank 0: leaving");
         State("shut down by rank 0");
@@ -110,8 +114,15 @@ class Worker {
     return generation;
   }
 
-  // Joins `generation`: announces itself, waits for rank 0's go, forms the Gloo group.
-  absl::StatusOr<std::unique_ptr<Communicator>> Join(int64_t generation) {
+  // The communicators of one generation: control frames and, when formed, the data plane.
+  struct Joined {
+    std::unique_ptr<Communicator> comm;
+    std::unique_ptr<Communicator> plane;  // Null: comm carries everything.
+  };
+
+  // Joins `generation`: announces itself, waits for rank 0's go, forms the Gloo group and the
+  // data plane.
+  absl::StatusOr<Joined> Join(int64_t generation) {
     DA_RETURN_IF_ERROR(
         store_->Set(serving::JoinedKey(session_, generation, o_.rank), absl::StrCat(getpid())));
     for (;;) {
@@ -126,20 +137,24 @@ class Worker {
                      .interface_address = o_.interface_address,
                      .prefix = serving::GlooPrefix(session_, generation),
                      .timeout = o_.collective_timeout};
-    DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm, MakeGlooCommunicator(*store_, gloo));
-    DA_RETURN_IF_ERROR(comm->Barrier(o_.collective_timeout));
-    return comm;
+    Joined joined;
+    DA_ASSIGN_OR_RETURN(joined.comm, MakeGlooCommunicator(*store_, gloo));
+    DA_RETURN_IF_ERROR(joined.comm->Barrier(o_.collective_timeout));
+    DA_ASSIGN_OR_RETURN(joined.plane, serving::FormServingDataPlane(o_, *store_, gloo.prefix));
+    if (joined.plane != nullptr) DA_RETURN_IF_ERROR(joined.comm->Barrier(o_.collective_timeout));
+    return joined;
   }
 
   // Control frames until the group fails, rank 0 goes quiet, stop (seen after a frame) or
   // kShutdown. Any failed run leaves the generation: the ranks may be out of step.
-  absl::Status Serve(Communicator& comm) {
+  absl::Status Serve(Communicator& comm, Communicator* plane) {
     const auto idle_timeout = o_.heartbeat * kIdleHeartbeats;
     std::string bytes(kControlFrameBytes, '\0');
     ShardRunOptions run_options;
     run_options.timeout = o_.collective_timeout;
     run_options.compute = {backend_.get(), &plans_, &pool_, device_};
     run_options.buffers = &buffers_;
+    run_options.data_plane = plane;
     for (;;) {
       absl::Status received =
           comm.Recv(bytes.data(), kControlFrameBytes, 0, kControlTag, idle_timeout);

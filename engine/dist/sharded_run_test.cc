@@ -8,8 +8,9 @@
 // single| <= 1e-6 * max |single| (fp32).
 //
 // Data plane: the same sweep (and a cancellation) with the bulk bytes on a second Gloo
-// communicator held to NCCL's terms (InOrderPlane: one thread at a time, no tags, refusing
-// anything else), as the NCCL data plane will carry them.
+// communicator held to NCCL's terms (HoldToNcclTerms: one thread at a time, no tags, refusing
+// anything else), as the NCCL data plane carries them; and once more through the staged plane
+// (staged_plane.h) in 64 KiB chunks, the nccl data plane's own path with host staging.
 //
 // Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
 // kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
@@ -28,8 +29,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/dist/data_plane.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/multi_process_test_util.h"
+#include "engine/dist/staged_plane.h"
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
 #include "engine/test_tensors.h"
@@ -49,53 +52,6 @@ using std::chrono::milliseconds;
 using testing::RankFlags;
 
 constexpr milliseconds kTimeout{20000};
-
-// A Gloo communicator held to NCCL's terms, for the data plane: it says it takes one thread at a
-// time and no tags, and keeps to that: every message goes on one tag (so messages between two
-// ranks match in issue order, as NCCL's do), and a call made while another is in progress is
-// refused (FAILED_PRECONDITION, which fails the run and so the test).
-class InOrderPlane final : public Communicator {
- public:
-  explicit InOrderPlane(std::unique_ptr<Communicator> inner) : inner_(std::move(inner)) {}
-  int rank() const override { return inner_->rank(); }
-  int size() const override { return inner_->size(); }
-  std::string backend() const override { return "gloo held to nccl's terms"; }
-  Capabilities capabilities() const override { return {}; }
-  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
-                         milliseconds timeout) override {
-    return OneAtATime([&] { return inner_->AllGather(send, recv, bytes, timeout); });
-  }
-  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
-    return OneAtATime([&] { return inner_->Broadcast(data, bytes, root, timeout); });
-  }
-  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
-                    milliseconds timeout) override {
-    if (tag < 0) return absl::InvalidArgumentError("negative tag");
-    return OneAtATime([&] { return inner_->Send(data, bytes, peer, 0, timeout); });
-  }
-  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
-    if (tag < 0) return absl::InvalidArgumentError("negative tag");
-    return OneAtATime([&] { return inner_->Recv(data, bytes, peer, 0, timeout); });
-  }
-  absl::Status Barrier(milliseconds timeout) override {
-    return OneAtATime([&] { return inner_->Barrier(timeout); });
-  }
-  Counters counters() const override { return inner_->counters(); }
-
- private:
-  template <typename Call>
-  absl::Status OneAtATime(Call&& call) {
-    if (busy_.exchange(true)) {
-      return absl::FailedPreconditionError(
-          "a call on the data plane while another is in progress: it takes one thread at a time");
-    }
-    absl::Status status = call();
-    busy_ = false;
-    return status;
-  }
-  std::unique_ptr<Communicator> inner_;
-  std::atomic<bool> busy_{false};
-};
 
 // A run's options: the timeout, for a worker what it computes with and its kept buffers, and the
 // data plane when the scenario has one.
@@ -266,7 +222,13 @@ int RunRank(const RankFlags& flags) {
     options.prefix = flags.prefix + "/plane";
     auto inner = MakeGlooCommunicator(**store, options);
     RANK_CHECK(inner.ok(), inner.status().ToString());
-    plane = std::make_unique<InOrderPlane>(*std::move(inner));
+    // Gloo held to NCCL's terms (data_plane.h); "plane_staged" also stages every message
+    // through host "device" buffers in 64 KiB chunks (the nccl data plane's path, chunking
+    // every share, exchange and output).
+    plane = HoldToNcclTerms(*std::move(inner));
+    if (flags.scenario == "plane_staged") {
+      plane = MakeStagedPlane(std::move(plane), MakeHostStaging(), 65536);
+    }
   }
   engine::ThreadPool pool(1);
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
@@ -427,6 +389,11 @@ TEST_P(ShardedRunDataPlaneTest, EveryCaseEqualsTheSingleProcessOutputWithTheBulk
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, ShardedRunDataPlaneTest, ::testing::Values(2, 3, 4));
+
+TEST(ShardedRunDataPlaneTest, EveryCaseEqualsTheSingleProcessOutputThroughAStagedPlane) {
+  testing::RankGroup group(3, "plane_staged");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
 
 TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
   testing::RankGroup group(2, "plane_cancel");
