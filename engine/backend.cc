@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
@@ -62,6 +63,52 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
   plan.reset();
   if (compute.plans != nullptr) compute.plans->Trim();  // Within budget now the plan is free.
   return ran;
+}
+
+absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
+                                  Precision precision, const std::atomic<bool>* stop, bool* hit,
+                                  RunReport* report) {
+  if (compute.backend == nullptr) return absl::InternalError("share run without a backend");
+  Backend& backend = *compute.backend;
+  if (backend.Space().host())
+    return RunShareWithPlan(compute, problem, precision, stop, hit, report);
+  DA_RETURN_IF_ERROR(CheckShareSpace(problem, MemorySpace::Host()));
+  const RunContext io{compute.pool, stop, nullptr};
+  const MemorySpace space = backend.Space();
+  std::vector<DeviceBuffer> buffers;  // Every device buffer of the run, freed on return.
+  const auto moved = [&](const void* host, int64_t bytes) -> absl::StatusOr<void*> {
+    DA_ASSIGN_OR_RETURN(DeviceBuffer buffer, backend.Allocate(bytes));
+    if (host != nullptr) DA_RETURN_IF_ERROR(backend.CopyToDevice(buffer.data(), host, bytes, io));
+    buffers.push_back(std::move(buffer));
+    return buffers.back().data();
+  };
+  ShareProblem p = problem;
+  DA_ASSIGN_OR_RETURN(void* q, moved(problem.q.data, problem.q.bytes));
+  DA_ASSIGN_OR_RETURN(void* k, moved(problem.k.data, problem.k.bytes));
+  DA_ASSIGN_OR_RETURN(void* v, moved(problem.v.data, problem.v.bytes));
+  DA_ASSIGN_OR_RETURN(void* out, moved(nullptr, problem.out.bytes));
+  p.q.data = q;
+  p.k.data = k;
+  p.v.data = v;
+  p.out.data = out;
+  p.q.space = p.k.space = p.v.space = space;
+  p.out.space = space;
+  std::vector<GatheredKeys> gathered;
+  if (problem.gathered != nullptr) {
+    gathered = *problem.gathered;
+    for (size_t i = 0; i < gathered.size(); ++i) {
+      if (gathered[i].k == nullptr) continue;
+      const int64_t bytes = problem.shape.batch * (*problem.spanning)[i].kept.count *
+                            problem.shape.head_dim * DTypeSize(problem.k.dtype);
+      DA_ASSIGN_OR_RETURN(gathered[i].k, moved(gathered[i].k, bytes));
+      DA_ASSIGN_OR_RETURN(gathered[i].v, moved(gathered[i].v, bytes));
+    }
+    p.gathered = &gathered;
+  }
+  DA_RETURN_IF_ERROR(backend.Synchronize(io));
+  DA_RETURN_IF_ERROR(RunShareWithPlan(compute, p, precision, stop, hit, report));
+  DA_RETURN_IF_ERROR(backend.CopyToHost(problem.out.data, out, problem.out.bytes, io));
+  return backend.Synchronize(io);
 }
 
 DeviceBuffer::DeviceBuffer(void* data, int64_t bytes, MemorySpace space,

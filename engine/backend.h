@@ -174,4 +174,12 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
                               Precision precision, const std::atomic<bool>* stop,
                               bool* hit = nullptr, RunReport* report = nullptr);
 
+// RunShareWithPlan for a share whose tensors and gathered rows are in host memory, on a backend
+// of any memory: a host backend computes in place; another (a GPU) gets the inputs and gathered
+// rows copied into buffers of its own, computes there, and the output is copied back. What a
+// worker rank does with the share it received over the network.
+absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
+                                  Precision precision, const std::atomic<bool>* stop,
+                                  bool* hit = nullptr, RunReport* report = nullptr);
+
 }  // namespace da::engine

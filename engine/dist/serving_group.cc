@@ -174,7 +174,10 @@ class CoordinatorGroup::Impl {
       engine::ShardGroupRunInfo info;
       info.strategy = result->strategy;
       info.generation = now.generation;
-      for (int r = 0; r < options.world_size; ++r) info.devices.push_back(serving::RankDevice(r));
+      for (int r = 0; r < options.world_size; ++r) {
+        info.devices.push_back(
+            serving::RankDevice(r, r == 0 ? problem.compute.device : rank_devices_[r]));
+      }
       return info;
     }
     if (!BreaksGroup(result.status())) return result.status();
@@ -281,6 +284,13 @@ class CoordinatorGroup::Impl {
       }
       missing = std::move(still);
     }
+    // The device each worker computes on (set before its joined key), for ExecutionInfo.
+    std::vector<std::string> devices(world);
+    for (int r = 1; r < world; ++r) {
+      absl::StatusOr<std::string> device =
+          store->Get(serving::DeviceKey(session, generation, r), std::chrono::milliseconds(0));
+      if (device.ok()) devices[r] = *device;
+    }
     SetStatus(false, absl::StrCat("every rank joined generation ", generation, "; connecting"));
     DA_RETURN_IF_ERROR(store->Set(serving::GoKey(session, generation), serving::kGoForm));
     GlooOptions gloo{.rank = 0,
@@ -296,6 +306,7 @@ class CoordinatorGroup::Impl {
     std::lock_guard<std::mutex> run_lock(run_mu_);
     plane_ = std::move(plane);
     comm_ = std::move(comm);
+    rank_devices_ = std::move(devices);
     last_activity_ = Clock::now();
     return absl::OkStatus();
   }
@@ -335,8 +346,9 @@ class CoordinatorGroup::Impl {
 
   std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_.
   std::unique_ptr<Communicator> comm_;
-  std::unique_ptr<Communicator> plane_;  // The data plane; null: comm_ carries everything.
-  RankBuffers buffers_;                  // Rank 0's share when not contiguous, kept between runs.
+  std::unique_ptr<Communicator> plane_;    // The data plane; null: comm_ carries everything.
+  std::vector<std::string> rank_devices_;  // What each worker computes on ("cpu:0", "cuda:0").
+  RankBuffers buffers_;                    // Rank 0's share when not contiguous, kept between runs.
   Clock::time_point last_activity_;
 
   std::mutex listener_mu_;

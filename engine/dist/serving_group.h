@@ -46,8 +46,10 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/device.h"
 #include "engine/dist/data_plane.h"
 #include "engine/shard_group.h"
 
@@ -109,6 +111,12 @@ class CoordinatorGroup final : public engine::ShardGroup {
   explicit CoordinatorGroup(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// The device a worker computes on, of `devices` (engine::DiscoverDevices): with the nccl data
+// plane its GPU (cuda:<data_plane_device>; FAILED_PRECONDITION when absent), otherwise the first
+// GPU when it has one (as the engine prefers), else its CPU.
+absl::StatusOr<engine::DeviceInfo> WorkerDevice(const std::vector<engine::DeviceInfo>& devices,
+                                                const ServingGroupOptions& options);
 
 // A worker's life: joins the current generation, serves kRun frames (ServeShardedRun) and
 // heartbeats, re-joins the next generation after any failure, and returns OK when `stop` is set

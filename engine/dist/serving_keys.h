@@ -31,6 +31,10 @@ inline std::string OpenKey(const std::string& session, int64_t generation) {
 inline std::string JoinedKey(const std::string& session, int64_t generation, int rank) {
   return absl::StrCat(SessionPrefix(session), "g", generation, "/joined/", rank);
 }
+// The device a worker computes on ("cpu:0", "cuda:0"), set before its joined key.
+inline std::string DeviceKey(const std::string& session, int64_t generation, int rank) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/device/", rank);
+}
 inline std::string GoKey(const std::string& session, int64_t generation) {
   return absl::StrCat(SessionPrefix(session), "g", generation, "/go");
 }
@@ -51,6 +55,12 @@ inline absl::StatusOr<std::unique_ptr<Communicator>> FormServingDataPlane(
                         .timeout = o.collective_timeout});
 }
 
-inline std::string RankDevice(int rank) { return absl::StrCat("rank", rank, ":cpu"); }
+// How ExecutionInfo names a rank's device: "rank1:cpu" for a CPU (all its cores), "rank1:cuda:0"
+// for a GPU.
+inline std::string RankDevice(int rank, const std::string& device) {
+  const size_t colon = device.find(':');
+  if (device.empty() || device.substr(0, colon) == "cpu") return absl::StrCat("rank", rank, ":cpu");
+  return absl::StrCat("rank", rank, ":", device);
+}
 
 }  // namespace da::dist::serving

@@ -23,16 +23,39 @@ namespace {
 // The worker logs to stderr itself: engine/ has no logging library (DESIGN §3).
 void Log(const std::string& line) { std::fprintf(stderr, "[worker] %s\n", line.c_str()); }
 
+}  // namespace
+
+absl::StatusOr<engine::DeviceInfo> WorkerDevice(const std::vector<engine::DeviceInfo>& devices,
+                                                const ServingGroupOptions& options) {
+  if (options.data_plane == DataPlaneKind::kNccl) {
+    const std::string wanted = absl::StrCat("cuda:", options.data_plane_device);
+    for (const engine::DeviceInfo& device : devices) {
+      if (device.id == wanted) return device;
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat("the nccl data plane's device ", wanted, " is not among this rank's devices"));
+  }
+  for (const engine::DeviceInfo& device : devices) {
+    if (device.kind == "cuda") return device;
+  }
+  if (devices.empty()) return absl::InternalError("no device to compute on");
+  return devices.front();
+}
+
+namespace {
+
 class Worker {
  public:
   Worker(const ServingGroupOptions& options, const std::atomic<bool>& stop)
       : o_(options), stop_(stop), pool_(options.threads), plans_(options.plan_cache_bytes) {}
 
   absl::Status Run() {
-    // The worker computes its shares on its CPU with the CPU's default backend.
-    const engine::DeviceInfo cpu = engine::DiscoverDevices(pool_.size()).front();
-    DA_ASSIGN_OR_RETURN(backend_, engine::MakeBackend("", cpu));
-    device_ = cpu.id;
+    // The worker computes its shares on one device with its kind's default backend.
+    DA_ASSIGN_OR_RETURN(const engine::DeviceInfo device,
+                        WorkerDevice(engine::DiscoverDevices(pool_.size()), o_));
+    DA_ASSIGN_OR_RETURN(backend_, engine::MakeBackend("", device));
+    device_ = device.id;
+    Log(absl::StrCat("rank ", o_.rank, " computes on ", device.id, " (", device.name, ")"));
     Log(absl::StrCat("rank ", o_.rank, " of ", o_.world_size, ": waiting for the coordinator at ",
                      o_.coordinator));
     State(absl::StrCat("waiting for the coordinator at ", o_.coordinator));
@@ -123,6 +146,7 @@ class Worker {
   // Joins `generation`: announces itself, waits for rank 0's go, forms the Gloo group and the
   // data plane.
   absl::StatusOr<Joined> Join(int64_t generation) {
+    DA_RETURN_IF_ERROR(store_->Set(serving::DeviceKey(session_, generation, o_.rank), device_));
     DA_RETURN_IF_ERROR(
         store_->Set(serving::JoinedKey(session_, generation, o_.rank), absl::StrCat(getpid())));
     for (;;) {

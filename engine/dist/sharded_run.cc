@@ -258,7 +258,8 @@ class RankRun {
       p.spanning = &sets_;
       p.gathered = &views_;
     }
-    absl::Status status = engine::RunShareWithPlan(compute_, p, h_.spec.precision, cancelled);
+    // The share is in host memory (received, or rank 0's own); a GPU computes it in its memory.
+    absl::Status status = engine::RunHostShareWithPlan(compute_, p, h_.spec.precision, cancelled);
     stats_.compute_seconds += SecondsSince(start);
     return status;
   }

@@ -10,7 +10,8 @@
 // Data plane: the same sweep (and a cancellation) with the bulk bytes on a second Gloo
 // communicator held to NCCL's terms (HoldToNcclTerms: one thread at a time, no tags, refusing
 // anything else), as the NCCL data plane carries them; and once more through the staged plane
-// (staged_plane.h) in 64 KiB chunks, the nccl data plane's own path with host staging.
+// (staged_plane.h) in 64 KiB chunks, the nccl data plane's own path with host staging, with the
+// workers computing on a device with memory of its own (the staged test backend), as GPU workers.
 //
 // Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
 // kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
@@ -28,6 +29,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "engine/backend_registry.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/dist/data_plane.h"
 #include "engine/dist/gloo_communicator.h"
@@ -36,6 +38,7 @@
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
 #include "engine/test_tensors.h"
+#include "engine/testing/staged_backend.h"
 #include "engine/thread_pool.h"
 
 namespace da::dist {
@@ -236,7 +239,19 @@ int RunRank(const RankFlags& flags) {
                                       ? engine::cpu::Isa::kPortableSse2
                                       : engine::cpu::SelectedIsa());
   engine::PlanCache plans(int64_t{1} << 28);
-  const engine::ShareCompute compute{&rank_backend, &plans, &pool};
+  engine::ShareCompute compute{&rank_backend, &plans, &pool};
+  // In "plane_staged" the workers compute on a device with memory of its own (the staged test
+  // backend: host memory tagged as a device's, the CPU kernel), as a GPU worker does: every share
+  // and gathered row is copied into it and the output back (RunHostShareWithPlan).
+  const bool staged_worker = flags.scenario == "plane_staged" && flags.rank != 0;
+  std::unique_ptr<engine::Backend> staged_backend;
+  if (staged_worker) {
+    engine::testing::RegisterStagedBackend();
+    auto made = engine::MakeBackend("staged", engine::testing::StagedDevice(0, 0));
+    RANK_CHECK(made.ok(), made.status().ToString());
+    staged_backend = *std::move(made);
+    compute = {staged_backend.get(), &plans, &pool, "staged:0"};
+  }
   RankBuffers buffers;
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
@@ -245,7 +260,16 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK_OK((*comm)->Recv(frame.data(), kControlFrameBytes, 0, kControlTag, kTimeout));
       absl::StatusOr<ControlFrame> control = DecodeControlFrame(frame);
       RANK_CHECK(control.ok(), control.status().ToString());
-      if (control->kind == ControlKind::kShutdown) return 0;
+      if (control->kind == ControlKind::kShutdown) {
+        if (staged_worker) {
+          // Every share ran on the device, its bytes went in and out, and nothing is left.
+          const engine::testing::StagedCounters c = engine::testing::StagedCountersOf(0);
+          RANK_CHECK(c.shares_run >= run && c.bytes_in > 0 && c.bytes_out > 0 && c.live_bytes == 0,
+                     "staged device: ", c.shares_run, " shares run of ", run, " runs, ", c.bytes_in,
+                     " bytes in, ", c.bytes_out, " out, ", c.live_bytes, " still allocated");
+        }
+        return 0;
+      }
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
       absl::Status served =

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -26,6 +27,23 @@ std::mutex& CountersMutex() {
 std::map<int, StagedCounters>& Counters() {
   static auto* counters = new std::map<int, StagedCounters>;
   return *counters;
+}
+
+// Live allocations per device index: start address -> bytes (under CountersMutex).
+std::map<int, std::map<const uint8_t*, int64_t>>& Allocations() {
+  static auto* allocations = new std::map<int, std::map<const uint8_t*, int64_t>>;
+  return *allocations;
+}
+
+// Whether [p, p + bytes) lies within one live allocation of device `index`.
+bool InAllocation(int index, const void* p, int64_t bytes) {
+  const auto* at = static_cast<const uint8_t*>(p);
+  std::lock_guard<std::mutex> lock(CountersMutex());
+  const std::map<const uint8_t*, int64_t>& live = Allocations()[index];
+  auto it = live.upper_bound(at);
+  if (it == live.begin()) return false;
+  --it;
+  return at + bytes <= it->first + it->second;
 }
 
 std::atomic<bool>& ReportsAmax() {
@@ -66,9 +84,14 @@ class StagedBackend final : public Backend {
     void* data =
         ::operator new (static_cast<size_t>(std::max<int64_t>(bytes, 1)), std::align_val_t{64});
     const int index = index_;
-    return DeviceBuffer(data, bytes, Space(), [index, bytes](void* p) {
-      ::operator delete (p, std::align_val_t{64});
+    {
       std::lock_guard<std::mutex> lock(CountersMutex());
+      Allocations()[index][static_cast<const uint8_t*>(data)] = bytes;
+    }
+    return DeviceBuffer(data, bytes, Space(), [index, bytes](void* p) {
+      std::lock_guard<std::mutex> lock(CountersMutex());
+      Allocations()[index].erase(static_cast<const uint8_t*>(p));
+      ::operator delete (p, std::align_val_t{64});
       Counters()[index].live_bytes -= bytes;
     });
   }
@@ -106,6 +129,22 @@ class StagedBackend final : public Backend {
   absl::Status RunShare(Plan& plan, const ShareProblem& problem,
                         const RunContext& context) override {
     DA_RETURN_IF_ERROR(CheckShareSpace(problem, Space()));
+    // The gathered rows of spanning segments too (plain pointers, no space of their own): in
+    // this device's allocations, as a GPU kernel could read nothing else.
+    if (problem.gathered != nullptr) {
+      for (size_t i = 0; i < problem.gathered->size(); ++i) {
+        const GatheredKeys& rows = (*problem.gathered)[i];
+        if (rows.k == nullptr) continue;
+        const int64_t bytes = problem.shape.batch * (*problem.spanning)[i].kept.count *
+                              problem.shape.head_dim * DTypeSize(problem.k.dtype);
+        for (const void* p : {rows.k, rows.v}) {
+          if (!InAllocation(index_, p, bytes)) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "gathered rows of spanning set ", i, " are not in staged:", index_, "'s memory"));
+          }
+        }
+      }
+    }
     {
       std::lock_guard<std::mutex> lock(CountersMutex());
       ++Counters()[index_].shares_run;
