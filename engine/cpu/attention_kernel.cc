@@ -8,7 +8,7 @@
 namespace da::engine::cpu {
 
 int64_t KernelScratchFloats(int64_t dim_pad) {
-  return kMaxPanelRows * (kKeyBlock + dim_pad) + 4 * kMaxPanelRows;
+  return kMaxPanelRows * kKeyBlock + kGroupPanels * PanelStateFloats(kMaxPanelRows, dim_pad);
 }
 
 int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad) {

@@ -23,6 +23,7 @@ constexpr int64_t kKeyAlign = 64;     // Key counts are padded to a multiple of 
 constexpr int64_t kRowAlign = 8;      // Query rows are padded to a multiple of this (zeros).
 constexpr int64_t kKeyBlock = 512;    // Keys per online-softmax step (a multiple of kKeyAlign).
 constexpr int64_t kMaxPanelRows = 8;  // Query rows per kernel panel, at most (every ISA's kRows).
+constexpr int kGroupPanels = 16;      // Panels that share each key block (kernel_body.inc).
 
 inline int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -49,6 +50,11 @@ struct SegmentKernelArgs {
   const std::atomic<bool>* cancelled = nullptr;
 };
 
+// One panel's running state in the scratch: its output rows [rows][dim_pad] and its rows' max,
+// sum and correction, rounded to whole cache lines.
+inline int64_t PanelStateFloats(int64_t rows, int64_t dim_pad) {
+  return (rows * dim_pad + 3 * rows + 15) / 16 * 16;
+}
 int64_t KernelScratchFloats(int64_t dim_pad);
 int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad);
 
