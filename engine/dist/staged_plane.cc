@@ -56,13 +56,10 @@ class StagedPlane final : public Communicator {
     const auto* host = static_cast<const uint8_t*>(data);
     DA_ASSIGN_OR_RETURN(void* device,
                         staging_->Buffer(PlaneStaging::kOutgoing, std::min(bytes, chunk_)));
-    for (int64_t i = 0, pieces = Pieces(bytes); i < pieces; ++i) {
-      const int64_t done = i * chunk_;
-      const int64_t n = std::min(chunk_, bytes - done);
+    return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       DA_RETURN_IF_ERROR(staging_->ToDevice(device, host + done, n));
-      DA_RETURN_IF_ERROR(inner_->Send(device, n, peer, tag, timeout));
-    }
-    return absl::OkStatus();
+      return inner_->Send(device, n, peer, tag, timeout);
+    });
   }
 
   absl::Status Recv(void* data, int64_t bytes, int peer, int tag,
@@ -71,13 +68,10 @@ class StagedPlane final : public Communicator {
     auto* host = static_cast<uint8_t*>(data);
     DA_ASSIGN_OR_RETURN(void* device,
                         staging_->Buffer(PlaneStaging::kIncoming, std::min(bytes, chunk_)));
-    for (int64_t i = 0, pieces = Pieces(bytes); i < pieces; ++i) {
-      const int64_t done = i * chunk_;
-      const int64_t n = std::min(chunk_, bytes - done);
+    return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       DA_RETURN_IF_ERROR(inner_->Recv(device, n, peer, tag, timeout));
-      DA_RETURN_IF_ERROR(staging_->ToHost(host + done, device, n));
-    }
-    return absl::OkStatus();
+      return staging_->ToHost(host + done, device, n);
+    });
   }
 
   absl::Status Broadcast(void* data, int64_t bytes, int root,
@@ -86,14 +80,11 @@ class StagedPlane final : public Communicator {
     auto* host = static_cast<uint8_t*>(data);
     DA_ASSIGN_OR_RETURN(void* device,
                         staging_->Buffer(PlaneStaging::kIncoming, std::min(bytes, chunk_)));
-    for (int64_t i = 0, pieces = Pieces(bytes); i < pieces; ++i) {
-      const int64_t done = i * chunk_;
-      const int64_t n = std::min(chunk_, bytes - done);
+    return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       if (rank() == root) DA_RETURN_IF_ERROR(staging_->ToDevice(device, host + done, n));
       DA_RETURN_IF_ERROR(inner_->Broadcast(device, n, root, timeout));
-      if (rank() != root) DA_RETURN_IF_ERROR(staging_->ToHost(host + done, device, n));
-    }
-    return absl::OkStatus();
+      return rank() == root ? absl::OkStatus() : staging_->ToHost(host + done, device, n);
+    });
   }
 
   // Chunk by chunk of every rank's block: the inner gather of chunk [done, done + n) of each
@@ -106,23 +97,29 @@ class StagedPlane final : public Communicator {
     const int64_t most = std::min(bytes, chunk_);
     DA_ASSIGN_OR_RETURN(void* out, staging_->Buffer(PlaneStaging::kOutgoing, most));
     DA_ASSIGN_OR_RETURN(void* in, staging_->Buffer(PlaneStaging::kIncoming, most * size()));
-    for (int64_t i = 0, pieces = Pieces(bytes); i < pieces; ++i) {
-      const int64_t done = i * chunk_;
-      const int64_t n = std::min(chunk_, bytes - done);
+    return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       DA_RETURN_IF_ERROR(staging_->ToDevice(out, host_send + done, n));
       DA_RETURN_IF_ERROR(inner_->AllGather(out, in, n, timeout));
       for (int r = 0; r < size(); ++r) {
         DA_RETURN_IF_ERROR(
             staging_->ToHost(host_recv + r * bytes + done, static_cast<uint8_t*>(in) + r * n, n));
       }
-    }
-    return absl::OkStatus();
+      return absl::OkStatus();
+    });
   }
 
  private:
-  // Inner operations for a message of `bytes`: one at least (an empty message is still one
-  // matched operation on both sides).
-  int64_t Pieces(int64_t bytes) const { return bytes == 0 ? 1 : (bytes + chunk_ - 1) / chunk_; }
+  // step(offset, size) for each chunk of a message of `bytes`, in order, stopping at the first
+  // error: one chunk at least (an empty message is still one matched operation on both sides).
+  template <typename Step>
+  absl::Status ForEachChunk(int64_t bytes, Step&& step) const {
+    const int64_t pieces = bytes == 0 ? 1 : (bytes + chunk_ - 1) / chunk_;
+    for (int64_t i = 0; i < pieces; ++i) {
+      const int64_t done = i * chunk_;
+      DA_RETURN_IF_ERROR(step(done, std::min(chunk_, bytes - done)));
+    }
+    return absl::OkStatus();
+  }
 
   static absl::Status Negative(const char* op, int64_t bytes) {
     return absl::InvalidArgumentError(absl::StrCat(op, " of ", bytes, " bytes"));
