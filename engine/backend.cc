@@ -65,6 +65,23 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
   return ran;
 }
 
+absl::Status CopyGatheredRowsIn(Backend& backend, const ProblemShape& shape, DType dtype,
+                                const std::vector<SpanningKeys>& sets,
+                                std::vector<GatheredKeys>& gathered, const RunContext& io,
+                                std::vector<DeviceBuffer>& buffers) {
+  for (size_t i = 0; i < sets.size(); ++i) {
+    if (gathered[i].k == nullptr) continue;
+    const int64_t bytes = GatheredRowsBytes(shape, sets[i], dtype);
+    for (const void** rows : {&gathered[i].k, &gathered[i].v}) {
+      DA_ASSIGN_OR_RETURN(DeviceBuffer moved, backend.Allocate(bytes));
+      DA_RETURN_IF_ERROR(backend.CopyToDevice(moved.data(), *rows, bytes, io));
+      *rows = moved.data();
+      buffers.push_back(std::move(moved));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
                                   Precision precision, const std::atomic<bool>* stop, bool* hit,
                                   RunReport* report) {
@@ -96,13 +113,8 @@ absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProble
   std::vector<GatheredKeys> gathered;
   if (problem.gathered != nullptr) {
     gathered = *problem.gathered;
-    for (size_t i = 0; i < gathered.size(); ++i) {
-      if (gathered[i].k == nullptr) continue;
-      const int64_t bytes = problem.shape.batch * (*problem.spanning)[i].kept.count *
-                            problem.shape.head_dim * DTypeSize(problem.k.dtype);
-      DA_ASSIGN_OR_RETURN(gathered[i].k, moved(gathered[i].k, bytes));
-      DA_ASSIGN_OR_RETURN(gathered[i].v, moved(gathered[i].v, bytes));
-    }
+    DA_RETURN_IF_ERROR(CopyGatheredRowsIn(backend, problem.shape, problem.k.dtype,
+                                          *problem.spanning, gathered, io, buffers));
     p.gathered = &gathered;
   }
   DA_RETURN_IF_ERROR(backend.Synchronize(io));

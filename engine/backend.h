@@ -174,6 +174,14 @@ absl::Status RunShareWithPlan(const ShareCompute& compute, const ShareProblem& p
                               Precision precision, const std::atomic<bool>* stop,
                               bool* hit = nullptr, RunReport* report = nullptr);
 
+// Gathered rows in host memory (`gathered`, index-aligned with `sets`) copied into buffers of
+// `backend` and the entries repointed at them; the buffers are appended to `buffers`, which must
+// outlive the run. The copies are queued on `io`: the caller synchronises.
+absl::Status CopyGatheredRowsIn(Backend& backend, const ProblemShape& shape, DType dtype,
+                                const std::vector<SpanningKeys>& sets,
+                                std::vector<GatheredKeys>& gathered, const RunContext& io,
+                                std::vector<DeviceBuffer>& buffers);
+
 // RunShareWithPlan for a share whose tensors and gathered rows are in host memory, on a backend
 // of any memory: a host backend computes in place; another (a GPU) gets the inputs and gathered
 // rows copied into buffers of its own, computes there, and the output is copied back. What a

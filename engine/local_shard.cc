@@ -68,7 +68,7 @@ int64_t LocalShardCopyBytes(const ProblemShape& shape, DType dtype, DType out_dt
              ShareBytes(shape.QueryShape(), share, out_dtype, false);
   }
   for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
-    bytes += 2 * shape.batch * set.kept.count * shape.head_dim * DTypeSize(dtype);
+    bytes += 2 * GatheredRowsBytes(shape, set, dtype);
   }
   return bytes;
 }
@@ -158,17 +158,8 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     if (!sets.empty()) {
       DA_ASSIGN_OR_RETURN(gathered, exchange.Gather(problem.k, problem.v, layout, sets, r));
       if (!backend.Space().host()) {
-        for (size_t i = 0; i < sets.size(); ++i) {
-          if (gathered[i].k == nullptr) continue;
-          const int64_t bytes =
-              shape.batch * sets[i].kept.count * shape.head_dim * DTypeSize(problem.k.dtype);
-          for (const void** rows : {&gathered[i].k, &gathered[i].v}) {
-            DA_ASSIGN_OR_RETURN(DeviceBuffer moved, backend.Allocate(bytes));
-            DA_RETURN_IF_ERROR(put(*rows, bytes, moved));
-            *rows = moved.data();
-            gathered_buffers.push_back(std::move(moved));
-          }
-        }
+        DA_RETURN_IF_ERROR(CopyGatheredRowsIn(backend, shape, problem.k.dtype, sets, gathered, io,
+                                              gathered_buffers));
         DA_RETURN_IF_ERROR(backend.Synchronize(io));
       }
       p.spanning = &sets;

@@ -74,6 +74,11 @@ struct GatheredKeys {
   const void* v = nullptr;
 };
 
+// Bytes of one of a set's gathered K or V: batch * set.kept.count * head_dim elements of dtype.
+inline int64_t GatheredRowsBytes(const ProblemShape& shape, const SpanningKeys& set, DType dtype) {
+  return shape.batch * set.kept.count * shape.head_dim * DTypeSize(dtype);
+}
+
 // One device's share of a problem, its inputs and output in that device's memory.
 struct ShareProblem {
   ProblemShape shape;  // The whole problem.

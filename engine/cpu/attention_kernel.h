@@ -87,7 +87,6 @@ void RunSegment(const SegmentKernelArgs& args);
 }
 namespace portable_fma {
 void RunSegment(const SegmentKernelArgs& args);
-bool UsesFma();  // True: compiled with -mfma.
 }  // namespace portable_fma
 namespace portable {
 void RunSegment(const SegmentKernelArgs& args);

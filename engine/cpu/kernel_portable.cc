@@ -8,4 +8,13 @@
 
 namespace da::engine::cpu::portable {
 #include "engine/cpu/kernel_portable.inc"
+
+bool UsesFma() {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace da::engine::cpu::portable

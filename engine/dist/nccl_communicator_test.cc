@@ -201,6 +201,16 @@ std::string ExerciseRank(Communicator& comm, uint64_t seed) {
 
 uint64_t FreshSeed() { return std::random_device{}(); }
 
+// A fresh directory under /tmp (for a test's FileStore, or its ranks'), removed at the end.
+struct ScratchDir {
+  ScratchDir() {
+    char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
+    path = mkdtemp(dir_template);
+  }
+  ~ScratchDir() { std::filesystem::remove_all(path); }
+  std::string path;
+};
+
 // Runs everywhere, GPUs or not: arguments are checked before any device is touched.
 TEST(NcclCommunicatorTest, ValidatesArgumentsBeforeTouchingADevice) {
   FileStore store(testing::TempDir());
@@ -240,9 +250,8 @@ TEST(NcclCommunicatorTest, OneGpuGroupCopiesItsOwnBytes) {
 // The multi-process path (id through the store, nonblocking init) with a group of one.
 TEST(NcclCommunicatorTest, GroupOfOneThroughTheStore) {
   DA_REQUIRE_GPUS(1);
-  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
-  FileStore store(dir);
+  const ScratchDir dir;
+  FileStore store(dir.path);
   NcclOptions options;
   options.key_prefix = "one";
   auto comm = CreateNcclCommunicator(store, 0, 1, options);
@@ -251,7 +260,6 @@ TEST(NcclCommunicatorTest, GroupOfOneThroughTheStore) {
   ASSERT_TRUE(id.ok()) << id.status();
   EXPECT_EQ(id->size(), 128u);
   EXPECT_EQ(ExerciseRank(**comm, FreshSeed()), "");
-  std::filesystem::remove_all(dir);
 }
 
 #if DA_HAVE_STAGED_PLANE
@@ -259,9 +267,8 @@ TEST(NcclCommunicatorTest, GroupOfOneThroughTheStore) {
 // host bytes through device buffers and NCCL, in chunks of 5 bytes, byte for byte.
 TEST(NcclCommunicatorTest, AStagedPlaneOfOneMovesHostBytesThroughTheGpu) {
   DA_REQUIRE_GPUS(1);
-  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
-  FileStore store(dir);
+  const ScratchDir dir;
+  FileStore store(dir.path);
   NcclOptions options;
   options.key_prefix = "staged";
   auto comm = CreateNcclCommunicator(store, 0, 1, options);
@@ -287,16 +294,14 @@ TEST(NcclCommunicatorTest, AStagedPlaneOfOneMovesHostBytesThroughTheGpu) {
   ASSERT_TRUE(staging->ToDevice(*device, out.data(), 1000).ok());
   ASSERT_TRUE(staging->ToHost(back.data(), *device, 1000).ok());
   EXPECT_EQ(back, out);
-  std::filesystem::remove_all(dir);
 }
 #endif
 
 // Rank 0 of two, with rank 1 never started: init gives up at its timeout and says so.
 TEST(NcclCommunicatorTest, InitWithoutPeersTimesOut) {
   DA_REQUIRE_GPUS(1);
-  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
-  FileStore store(dir);
+  const ScratchDir dir;
+  FileStore store(dir.path);
   NcclOptions options;
   options.init_timeout = milliseconds(500);
   const auto start = std::chrono::steady_clock::now();
@@ -312,7 +317,6 @@ TEST(NcclCommunicatorTest, InitWithoutPeersTimesOut) {
   EXPECT_EQ(waiting.status().code(), absl::StatusCode::kDeadlineExceeded) << waiting.status();
   EXPECT_NE(waiting.status().message().find("never_published/nccl_id"), absl::string_view::npos)
       << waiting.status();
-  std::filesystem::remove_all(dir);
 }
 
 TEST(NcclCommunicatorTest, RejectsBadArgumentsNamingTheValue) {
@@ -426,8 +430,8 @@ TEST(NcclCommunicatorTest, CollectiveWithoutPeersTimesOutAndAborts) {
 
 // Spawns this binary once per rank with the child environment; returns the ranks' exit codes.
 std::vector<int> RunRanks(int size, const std::string& mode, uint64_t seed) {
-  char dir_template[] = "/tmp/da_nccl_test_XXXXXX";
-  const std::string dir = mkdtemp(dir_template);
+  const ScratchDir scratch;
+  const std::string& dir = scratch.path;
   std::vector<pid_t> pids;
   for (int rank = 0; rank < size; ++rank) {
     std::vector<std::string> env;
@@ -458,7 +462,6 @@ std::vector<int> RunRanks(int size, const std::string& mode, uint64_t seed) {
       codes.push_back(WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus));
     }
   }
-  std::filesystem::remove_all(dir);
   return codes;
 }
 

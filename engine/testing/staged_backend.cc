@@ -135,8 +135,8 @@ class StagedBackend final : public Backend {
       for (size_t i = 0; i < problem.gathered->size(); ++i) {
         const GatheredKeys& rows = (*problem.gathered)[i];
         if (rows.k == nullptr) continue;
-        const int64_t bytes = problem.shape.batch * (*problem.spanning)[i].kept.count *
-                              problem.shape.head_dim * DTypeSize(problem.k.dtype);
+        const int64_t bytes =
+            GatheredRowsBytes(problem.shape, (*problem.spanning)[i], problem.k.dtype);
         for (const void* p : {rows.k, rows.v}) {
           if (!InAllocation(index_, p, bytes)) {
             return absl::InvalidArgumentError(absl::StrCat(
