@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
@@ -225,6 +226,34 @@ TEST_F(CpuKernelTest, CancellationStopsInsideOneLongSegment) {
           .count();
   EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
   EXPECT_LT(ms, 250.0) << "cancel took " << ms << " ms";
+}
+
+TEST_F(CpuKernelTest, ARunCancelledBeforeItStartsWritesNothing) {
+  // The output's reset (zeroing, or LONGNET's accumulator) goes in slices with a stop check each:
+  // a request's output can be gigabytes of fresh pages. On a built plan, a run flagged before it
+  // starts writes not one byte of the output, in either mode.
+  std::mt19937 rng(17);
+  const Shape4 shape{1, 4096, 2, 64};
+  const OwnedTensor q = testing::RandomTensor(DType::kFloat32, shape, rng);
+  ThreadPool pool(2);
+  std::atomic<bool> cancelled{true};
+  CpuBackend backend;
+  for (const CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+    AttentionSpec spec = OneSegment(1024, false);
+    spec.patterns.push_back({4096, 4});
+    spec.mode = mode;
+    OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, shape);
+    const OwnedTensor poisoned = testing::PoisonedTensor(DType::kFloat32, shape);
+    const PlanKey key = MakePlanKey(q.view(), q.view(), DType::kFloat32, spec, Precision::kFloat32,
+                                    "cpu:0", pool.size());
+    const absl::StatusOr<std::shared_ptr<Plan>> plan = backend.BuildPlan(key, nullptr);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const absl::Status status = backend.RunPlan(**plan, q.view(), q.view(), q.view(), spec,
+                                                out.mutable_view(), {&pool, &cancelled});
+    EXPECT_EQ(status.code(), absl::StatusCode::kCancelled) << status;
+    EXPECT_EQ(std::memcmp(out.view().data, poisoned.view().data, out.view().bytes), 0)
+        << "a cancelled " << CombineModeName(mode) << " run wrote into the output";
+  }
 }
 
 // bf16 products: the same boundaries and head dims, held to the bf16 error bound.

@@ -52,13 +52,20 @@ class StreamAdmissionTest : public ::testing::Test {
     return testing::MetricValue(server_->metrics().Scrape(), series).value_or(-1);
   }
   // When the engine first ran nothing and when the memory reservation first went to 0, after
-  // `since`; the later of the two is when the server was idle.
+  // `since`; the later of the two is when the server was idle. -1: not within TimeUntilIdle's
+  // 10 s, and then total() is the largest duration, which no bound passes.
   struct Idle {
     std::chrono::milliseconds engine{-1}, memory{-1};
-    std::chrono::milliseconds total() const { return std::max(engine, memory); }
+    std::chrono::milliseconds total() const {
+      if (engine.count() < 0 || memory.count() < 0) return std::chrono::milliseconds::max();
+      return std::max(engine, memory);
+    }
     std::string Describe() const {
-      return absl::StrCat("the engine ran nothing after ", engine.count(),
-                          " ms, the memory reservation was 0 after ", memory.count(), " ms");
+      const auto after = [](std::chrono::milliseconds t) {
+        return t.count() < 0 ? std::string("not within 10 s") : absl::StrCat(t.count(), " ms");
+      };
+      return absl::StrCat("the engine ran nothing after ", after(engine),
+                          ", the memory reservation was 0 after ", after(memory));
     }
   };
   // Polls until the engine runs nothing and holds no memory.

@@ -126,7 +126,8 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
     ~Returner() { plan->ReturnWorkspace(std::move(ws)); }
   } returner{plan, ws};
 
-  cpu::RowFold fold(z, *ws, p.out, p.spec.patterns.size());
+  const cpu::RowFold fold(z, *ws, p.out, p.spec.patterns.size());
+  DA_RETURN_IF_ERROR(fold.Reset(context.pool, context.cancelled));
   DA_RETURN_IF_ERROR(cpu::RunLoops(
       plan->loops(), context.pool, context.cancelled, "cpu run",
       [&](const cpu::Task& task, int thread) {
@@ -155,8 +156,7 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
           fold.AddTask(task, ts, local_head, share.token_begin);
         }
       }));
-  fold.Finish(context.pool);
-  return absl::OkStatus();
+  return fold.Finish(context.pool, context.cancelled);
 }
 
 }  // namespace da::engine

@@ -21,6 +21,24 @@ void Parallel(ThreadPool* pool, int64_t count, const std::function<void(int64_t,
   }
 }
 
+// Bytes a fold's Reset or Finish writes between two stop checks: well under a millisecond, even
+// where the pages are touched for the first time.
+constexpr int64_t kFoldSliceBytes = int64_t{1} << 20;
+
+// Runs body(begin, end) over [0, items) in slices of about kFoldSliceBytes (items of item_bytes
+// each), in parallel on the pool; a slice starts only while `cancelled` is false.
+absl::Status Sliced(ThreadPool* pool, const std::atomic<bool>* cancelled, int64_t items,
+                    int64_t item_bytes, const std::function<void(int64_t, int64_t)>& body) {
+  const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
+  const int64_t per_slice = std::max<int64_t>(1, kFoldSliceBytes / item_bytes);
+  Parallel(pool, (items + per_slice - 1) / per_slice, [&](int64_t slice, int) {
+    if (stopped()) return;
+    body(slice * per_slice, std::min(items, (slice + 1) * per_slice));
+  });
+  if (stopped()) return absl::CancelledError("cpu run cancelled");
+  return absl::OkStatus();
+}
+
 // Keys packed between two stop checks: a few milliseconds even for the strided transpose.
 constexpr int64_t kPackSliceRows = 4096;
 
@@ -113,12 +131,23 @@ RowFold::RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView
     acc_ = z.accumulator ? ws.acc.data() : static_cast<float*>(out.data);
     max_lse_ = ws.max_lse.data();
     weight_ = ws.weight.data();
-    std::fill(acc_, acc_ + z.rows_total * z.head_dim, 0.0f);
-    std::fill(max_lse_, max_lse_ + z.rows_total, kNegInf);
-    std::fill(weight_, weight_ + z.rows_total, 0.0f);
-  } else {
-    std::memset(out.data, 0, out.bytes);  // Zero bits are 0.0 in fp32, fp16 and bf16.
   }
+}
+
+absl::Status RowFold::Reset(ThreadPool* pool, const std::atomic<bool>* cancelled) const {
+  if (!z_.longnet) {
+    // Zero bits are 0.0 in fp32, fp16 and bf16.
+    return Sliced(pool, cancelled, out_.bytes, 1, [&](int64_t begin, int64_t end) {
+      std::memset(static_cast<char*>(out_.data) + begin, 0, end - begin);
+    });
+  }
+  const int64_t head_dim = z_.head_dim;
+  return Sliced(pool, cancelled, z_.rows_total, head_dim * sizeof(float),
+                [&](int64_t begin, int64_t end) {
+                  std::fill(acc_ + begin * head_dim, acc_ + end * head_dim, 0.0f);
+                  std::fill(max_lse_ + begin, max_lse_ + end, kNegInf);
+                  std::fill(weight_ + begin, weight_ + end, 0.0f);
+                });
 }
 
 void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
@@ -139,19 +168,19 @@ void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
   }
 }
 
-void RowFold::Finish(ThreadPool* pool) const {
-  if (!z_.longnet) return;
-  const int64_t chunk = 4096;
-  const int64_t rows = z_.rows_total;
+absl::Status RowFold::Finish(ThreadPool* pool, const std::atomic<bool>* cancelled) const {
+  if (!z_.longnet) return absl::OkStatus();
   const int64_t head_dim = z_.head_dim;
-  Parallel(pool, (rows + chunk - 1) / chunk, [&](int64_t c, int) {
-    for (int64_t row = c * chunk; row < std::min(rows, (c + 1) * chunk); ++row) {
-      const float inv = weight_[row] > 0.0f ? 1.0f / weight_[row] : 0.0f;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        StoreFromFloat(out_.dtype, out_.data, row * head_dim + d, acc_[row * head_dim + d] * inv);
-      }
-    }
-  });
+  return Sliced(pool, cancelled, z_.rows_total, head_dim * sizeof(float),
+                [&](int64_t begin, int64_t end) {
+                  for (int64_t row = begin; row < end; ++row) {
+                    const float inv = weight_[row] > 0.0f ? 1.0f / weight_[row] : 0.0f;
+                    for (int64_t d = 0; d < head_dim; ++d) {
+                      StoreFromFloat(out_.dtype, out_.data, row * head_dim + d,
+                                     acc_[row * head_dim + d] * inv);
+                    }
+                  }
+                });
 }
 
 absl::Status RunLoops(const std::vector<std::vector<Task>>& loops, ThreadPool* pool,

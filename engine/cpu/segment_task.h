@@ -3,13 +3,14 @@
 // and values they see into padded fp32 tiles, run the fused kernel, and fold its rows into the
 // output.
 //
-//   RowFold fold(sizes, workspace, out, spec.patterns.size());  // zeroes out / resets LONGNET
+//   RowFold fold(sizes, workspace, out, spec.patterns.size());
+//   DA_RETURN_IF_ERROR(fold.Reset(pool, cancelled));  // zeroes out / resets LONGNET
 //   DA_RETURN_IF_ERROR(RunLoops(loops, pool, cancelled, "cpu run", [&](const Task& t, int th) {
 //     SegmentTaskIo io{.q = TensorRows(q, b, head, kept), .k = ..., .v = ..., ...};
 //     if (RunSegmentTask(isa, bf16, io, workspace.threads[th], cancelled))
 //       fold.AddTask(t, workspace.threads[th], head);
 //   }));
-//   fold.Finish(pool);  // LONGNET: out = acc / weight
+//   DA_RETURN_IF_ERROR(fold.Finish(pool, cancelled));  // LONGNET: out = acc / weight
 //
 // Rows are addressed through RowSource (row i at element base + i * stride of a buffer), so the
 // same code packs kept rows straight out of a [B, N, H, D] tensor or out of a packed
@@ -88,15 +89,23 @@ inline void FoldLongNetRow(const float* src, float lse, int64_t head_dim, float*
 // 1 / patterns, stored straight into the zeroed output. Output rows are (b, n, h) of `out`.
 class RowFold {
  public:
-  // Resets the state: LONGNET takes acc, max_lse and weight from `ws` (prepared for `z`).
+  // LONGNET takes acc, max_lse and weight from `ws` (prepared for `z`). Touches nothing: Reset
+  // does.
   RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out, size_t patterns);
+
+  // Zeroes out (GROUPED) or resets acc, max_lse and weight (LONGNET), in parallel on the pool,
+  // in slices of kFoldSliceBytes with a look at `cancelled` before each: a request's output is
+  // up to gigabytes, and its first touch (fresh pages) can take longer than a stop may. CANCELLED
+  // ("cpu run cancelled") once `cancelled` turns true.
+  absl::Status Reset(ThreadPool* pool, const std::atomic<bool>* cancelled) const;
 
   // The rows `task` left in ts.out and ts.lse: position n of (batch, head) goes to row
   // (batch, n - position0, head) of out (a rank's share starts at global position position0).
   void AddTask(const Task& task, const ThreadSpace& ts, int64_t head, int64_t position0 = 0) const;
 
-  // LONGNET: out = acc / weight, in parallel on the pool. GROUPED: nothing left to do.
-  void Finish(ThreadPool* pool) const;
+  // LONGNET: out = acc / weight, in parallel on the pool, with the same stop checks as Reset.
+  // GROUPED: nothing left to do.
+  absl::Status Finish(ThreadPool* pool, const std::atomic<bool>* cancelled) const;
 
  private:
   const WorkspaceSizes z_;
