@@ -86,6 +86,9 @@ absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProble
                                   Precision precision, const std::atomic<bool>* stop, bool* hit,
                                   RunReport* report) {
   if (compute.backend == nullptr) return absl::InternalError("share run without a backend");
+  // A share whose request was cancelled before its run (a worker told mid-scatter) moves nothing.
+  if (stop != nullptr && stop->load())
+    return absl::CancelledError("share run stopped before it began");
   Backend& backend = *compute.backend;
   if (backend.Space().host())
     return RunShareWithPlan(compute, problem, precision, stop, hit, report);

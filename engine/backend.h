@@ -185,7 +185,8 @@ absl::Status CopyGatheredRowsIn(Backend& backend, const ProblemShape& shape, DTy
 // RunShareWithPlan for a share whose tensors and gathered rows are in host memory, on a backend
 // of any memory: a host backend computes in place; another (a GPU) gets the inputs and gathered
 // rows copied into buffers of its own, computes there, and the output is copied back. What a
-// worker rank does with the share it received over the network.
+// worker rank does with the share it received over the network. CANCELLED at once, with nothing
+// copied or computed, when `stop` is up already.
 absl::Status RunHostShareWithPlan(const ShareCompute& compute, const ShareProblem& problem,
                                   Precision precision, const std::atomic<bool>* stop,
                                   bool* hit = nullptr, RunReport* report = nullptr);

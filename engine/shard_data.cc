@@ -1,5 +1,6 @@
 #include "engine/shard_data.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace da::engine {
@@ -17,20 +18,27 @@ int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv
 }
 
 void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* dst) {
+  CopyShareOutRows(whole, share, kv, 0, whole.shape.batch * share.tokens(), dst);
+}
+
+void CopyShareOutRows(const TensorView& whole, const Share& share, bool kv, int64_t row_begin,
+                      int64_t row_end, void* dst) {
   const Shape4& s = whole.shape;
   const int64_t elem = DTypeSize(whole.dtype);
   const int64_t heads = ShareHeads(share, kv);
   const int64_t row_bytes = heads * s.head_dim * elem;  // One token's heads of the share.
+  const int64_t tokens = share.tokens();
   const auto* src = static_cast<const uint8_t*>(whole.data);
   auto* out = static_cast<uint8_t*>(dst);
-  for (int64_t b = 0; b < s.batch; ++b) {
+  for (int64_t b = row_begin / tokens; b < s.batch && b * tokens < row_end; ++b) {
+    const int64_t first = std::max(row_begin, b * tokens) - b * tokens + share.token_begin;
+    const int64_t last = std::min(row_end, (b + 1) * tokens) - b * tokens + share.token_begin;
     if (heads == s.heads) {  // Whole tokens: one copy per batch.
-      std::memcpy(out, src + (b * s.seq_len + share.token_begin) * row_bytes,
-                  share.tokens() * row_bytes);
-      out += share.tokens() * row_bytes;
+      std::memcpy(out, src + (b * s.seq_len + first) * row_bytes, (last - first) * row_bytes);
+      out += (last - first) * row_bytes;
       continue;
     }
-    for (int64_t n = share.token_begin; n < share.token_end; ++n) {
+    for (int64_t n = first; n < last; ++n) {
       const int64_t offset =
           ((b * s.seq_len + n) * s.heads + ShareHeadBegin(share, kv)) * s.head_dim * elem;
       std::memcpy(out, src + offset, row_bytes);

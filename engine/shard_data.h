@@ -38,6 +38,11 @@ int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv
 // [B, share.tokens(), heads, D].
 void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* dst);
 
+// Rows [row_begin, row_end) of that contiguous share (row i: batch i / share.tokens(), token
+// share.token_begin + i % share.tokens(); share heads x D elements) into dst.
+void CopyShareOutRows(const TensorView& whole, const Share& share, bool kv, int64_t row_begin,
+                      int64_t row_end, void* dst);
+
 // Writes a contiguous share [B, share.tokens(), share.heads(), D] of out's dtype into `whole`.
 void CopyShareIn(const void* src, const Share& share, const MutableTensorView& whole);
 

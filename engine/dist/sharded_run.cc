@@ -1,5 +1,6 @@
 #include "engine/dist/sharded_run.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -45,12 +46,18 @@ double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// Whole rows of `row_bytes` in one scatter piece of at most `piece_bytes` (at least one row).
+int64_t PieceRows(int64_t row_bytes, int64_t piece_bytes) {
+  return std::max<int64_t>(1, piece_bytes / std::max<int64_t>(1, row_bytes));
+}
+
 // The problem description of a kRun frame: little-endian int64 words.
 struct RunHeader {
   ProblemShape shape;
   DType dtype = DType::kFloat32;
   DType out_dtype = DType::kFloat32;
-  engine::AttentionSpec spec;  // precision = the chosen one; shard_policy = the strategy.
+  engine::AttentionSpec spec;       // precision = the chosen one; shard_policy = the strategy.
+  int64_t scatter_piece_bytes = 0;  // ShardRunOptions::scatter_piece_bytes of rank 0.
 };
 
 std::string EncodeRunHeader(const RunHeader& h) {
@@ -67,7 +74,8 @@ std::string EncodeRunHeader(const RunHeader& h) {
                                 static_cast<int64_t>(h.spec.shard_policy),
                                 h.spec.softmax_scale.has_value() ? 1 : 0,
                                 0,
-                                static_cast<int64_t>(h.spec.patterns.size())};
+                                static_cast<int64_t>(h.spec.patterns.size()),
+                                h.scatter_piece_bytes};
   if (h.spec.softmax_scale.has_value()) std::memcpy(&words[12], &*h.spec.softmax_scale, 8);
   for (const engine::Pattern& p : h.spec.patterns) {
     words.push_back(p.segment_len);
@@ -77,7 +85,7 @@ std::string EncodeRunHeader(const RunHeader& h) {
 }
 
 absl::StatusOr<RunHeader> DecodeRunHeader(const std::string& bytes) {
-  constexpr size_t kFixedWords = 14;
+  constexpr size_t kFixedWords = 15;
   if (bytes.size() % 8 != 0 || bytes.size() < kFixedWords * 8) {
     return absl::InvalidArgumentError(absl::StrCat(
         "run header of ", bytes.size(), " bytes; expected 8-byte words, >= ", kFixedWords * 8));
@@ -97,6 +105,7 @@ absl::StatusOr<RunHeader> DecodeRunHeader(const std::string& bytes) {
     std::memcpy(&scale, &w[12], 8);
     h.spec.softmax_scale = scale;
   }
+  h.scatter_piece_bytes = w[14];
   if (w[13] < 0 || w.size() != kFixedWords + 2 * static_cast<size_t>(w[13])) {
     return absl::InvalidArgumentError(
         absl::StrCat("run header names ", w[13], " patterns but holds ", w.size(), " words"));
@@ -107,6 +116,10 @@ absl::StatusOr<RunHeader> DecodeRunHeader(const std::string& bytes) {
   if (h.shape.batch < 1 || h.shape.seq_len < 1 || h.shape.heads < 1 || h.shape.kv_heads < 1 ||
       h.shape.head_dim < 1 || h.shape.heads % h.shape.kv_heads != 0) {
     return absl::InvalidArgumentError("run header has an invalid shape");
+  }
+  if (h.scatter_piece_bytes < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("run header has scatter pieces of ", h.scatter_piece_bytes, " bytes"));
   }
   DA_RETURN_IF_ERROR(h.spec.Validate());
   return h;
@@ -343,6 +356,13 @@ ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
 // (SEQUENCE with batch 1): no copy in or out.
 }  // namespace
 
+int64_t ScatterPieceCount(int64_t bytes, int64_t row_bytes, int64_t piece_bytes) {
+  if (bytes <= 0) return 0;
+  const int64_t rows = bytes / std::max<int64_t>(1, row_bytes);
+  const int64_t piece_rows = PieceRows(row_bytes, piece_bytes);
+  return (rows + piece_rows - 1) / piece_rows;
+}
+
 struct RankBuffers::Buffers {
   engine::cpu::AlignedBuffer q, k, v, out;
 };
@@ -441,6 +461,11 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   header.spec = problem.spec;
   header.spec.precision = problem.precision;
   header.spec.shard_policy = problem.strategy;
+  if (options.scatter_piece_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sharded run: scatter pieces of ", options.scatter_piece_bytes, " bytes; at least 1"));
+  }
+  header.scatter_piece_bytes = options.scatter_piece_bytes;
   const std::string payload = EncodeRunHeader(header);
   if (static_cast<int64_t>(payload.size()) > kControlFrameBytes - kFrameHeaderBytes) {
     return absl::InvalidArgumentError(absl::StrCat("sharded run: ", problem.spec.patterns.size(),
@@ -468,24 +493,48 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
         comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
   }
   absl::Status scattered;
+  // Each worker's q, k and v share in pieces of whole rows, each announced by a piece word. The
+  // request's flag is looked at before every piece: once it is up, the worker being sent to and
+  // every later one are told 0 (nothing more comes) instead.
+  const auto request_cancelled = [&] { return problem.stop != nullptr && problem.stop->load(); };
+  const auto send_word = [&](int r, int64_t word) {
+    return comm.Send(&word, kPieceWordBytes, r, kPieceTag, options.timeout);
+  };
   const auto scatter_shares = [&] {
-    std::vector<uint8_t> buffer;
+    std::vector<uint8_t> buffer;  // A piece of a share that is not contiguous in the whole.
+    bool stopped = false;
     for (int r = 1; r < world && scattered.ok(); ++r) {
       const Share& share = run.layout().shares[r];
+      const int64_t rows = shape.batch * share.tokens();
       for (auto [view, kv] : {std::pair{&problem.q, false}, std::pair{&problem.k, true},
                               std::pair{&problem.v, true}}) {
-        const int64_t bytes = engine::ShareBytes(view->shape, share, view->dtype, kv);
-        const void* data;
-        if (engine::ShareIsContiguous(shape, share)) {
-          data = engine::ShareStart(view->data, shape, share, view->shape.heads, view->dtype);
-        } else {
-          buffer.resize(bytes);
-          engine::CopyShareOut(*view, share, kv, buffer.data());
-          data = buffer.data();
+        if (stopped || !scattered.ok() || rows == 0) break;
+        const int64_t row_bytes = engine::ShareBytes(view->shape, share, view->dtype, kv) / rows;
+        const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
+        const bool contiguous = engine::ShareIsContiguous(shape, share);
+        for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
+          if (request_cancelled()) {
+            stopped = true;
+            break;
+          }
+          const int64_t r1 = std::min(rows, r0 + piece_rows);
+          const void* data;
+          if (contiguous) {
+            data = engine::ShareStart(view->data, shape, share, view->shape.heads, view->dtype) +
+                   r0 * row_bytes;
+          } else {
+            buffer.resize((r1 - r0) * row_bytes);
+            engine::CopyShareOutRows(*view, share, kv, r0, r1, buffer.data());
+            data = buffer.data();
+          }
+          scattered = send_word(r, 1);
+          if (scattered.ok()) {
+            scattered = plane.Send(data, (r1 - r0) * row_bytes, r, kScatterTag, options.timeout);
+          }
+          if (!scattered.ok()) break;
         }
-        scattered = plane.Send(data, bytes, r, kScatterTag, options.timeout);
-        if (!scattered.ok()) break;
       }
+      if (stopped && scattered.ok()) scattered = send_word(r, 0);
     }
   };
   std::thread scatter;
@@ -512,7 +561,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, mine, shape.heads,
                                                        problem.out.dtype)),
                engine::ShareBytes(problem.out.shape, mine, problem.out.dtype, false)};
-  } else {  // Allocated above.
+  } else if (!request_cancelled()) {  // Allocated above; not needed for a cancelled run.
     engine::CopyShareOut(problem.q, mine, false, const_cast<void*>(run.q.data));
     engine::CopyShareOut(problem.k, mine, true, const_cast<void*>(run.k.data));
     engine::CopyShareOut(problem.v, mine, true, const_cast<void*>(run.v.data));
@@ -633,6 +682,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
   });
   JoinOnExit relay_joiner{relay};
+  if (request_cancelled()) stop = true;  // Not one kernel step for a request cancelled already.
   const absl::Status computed = run.Compute(&stop);
   if (computed.ok() && !engine::ShareIsContiguous(shape, mine)) {
     engine::CopyShareIn(run.out.data, mine, problem.out);
@@ -661,7 +711,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
   // only the workers (CANCELLED in their stats).
-  const bool cancelled = problem.stop != nullptr && problem.stop->load();
+  const bool cancelled = request_cancelled();
   for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
     if (failed->ok()) continue;
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
@@ -694,17 +744,34 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   const Traffic traffic(comm, options.data_plane);
   RankRun run(comm, header, std::move(layout), options, options.compute);
   DA_RETURN_IF_ERROR(run.AllocateShare());
+  // The share in pieces, each after its piece word; a 0 word (the request was cancelled) ends
+  // the scatter early, and the worker then goes through the run's steps without computing.
+  bool scatter_stopped = false;
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+    const int64_t rows = header.shape.batch * run.share().tokens();
+    if (rows == 0) return absl::OkStatus();
     for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
-      DA_RETURN_IF_ERROR(run.plane().Recv(const_cast<void*>(view->data), view->bytes, 0,
-                                          kScatterTag, options.timeout));
+      const int64_t row_bytes = view->bytes / rows;
+      const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
+      for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
+        int64_t word = 0;
+        DA_RETURN_IF_ERROR(comm.Recv(&word, kPieceWordBytes, 0, kPieceTag, options.timeout));
+        if (word == 0) {
+          scatter_stopped = true;
+          return absl::OkStatus();
+        }
+        const int64_t r1 = std::min(rows, r0 + piece_rows);
+        DA_RETURN_IF_ERROR(
+            run.plane().Recv(static_cast<uint8_t*>(const_cast<void*>(view->data)) + r0 * row_bytes,
+                             (r1 - r0) * row_bytes, 0, kScatterTag, options.timeout));
+      }
     }
     return absl::OkStatus();
   }));
   // From here on this worker answers rank 0 whatever happens (or its communicator has failed, and
   // with it this receive), so it listens for the run's stop word: rank 0 sends 1 as soon as the
   // request is cancelled, 0 after it has every worker's answer. The compute polls the flag.
-  std::atomic<bool> stop{false};
+  std::atomic<bool> stop{scatter_stopped};
   std::atomic<bool> listened{false};
   int64_t stop_word = 0;
   absl::Status heard;

@@ -36,8 +36,14 @@
 // so a worker whose link is cut (no connection closes) fails the run within one timeout. A worker's
 // compute failure comes back as its status code, naming the rank.
 //
-// Cancellation: each run ends with one stop word from rank 0 to every worker, which the worker
-// listens for from the moment it holds its share. A cancelled request makes rank 0 send 1 at once
+// Cancellation: the scatter goes in pieces of at most ShardRunOptions::scatter_piece_bytes, each
+// announced by a piece word (kPieceTag, on the control communicator): 1, the piece follows; 0,
+// the request was cancelled and nothing more of the share comes. Rank 0 looks at the request's
+// flag before every piece, so a cancel during a scatter of gigabytes ends it within one piece;
+// a worker told 0 still takes part in the exchange (its kept rows are then never computed with)
+// and stops its compute before it starts. Each run ends with one stop word from rank 0 to every
+// worker, which the worker listens for from the moment it holds its share (or has been told the
+// scatter stopped). A cancelled request makes rank 0 send 1 at once
 // (within a millisecond of the flag); the workers' compute polls it like rank 0's, so every rank
 // stops within the kernel's stop latency, and a stopped worker sends its stats (code CANCELLED)
 // without its output. Otherwise rank 0 sends 0 once it has gathered every worker's answer. Either
@@ -66,6 +72,10 @@ inline constexpr int kScatterTag = 2;   // Input shares, rank 0 -> worker.
 inline constexpr int kExchangeTag = 3;  // Kept K/V rows of spanning segments, rank -> rank.
 inline constexpr int kGatherTag = 4;    // Output shares and stats, worker -> rank 0.
 inline constexpr int kStopTag = 5;      // One stop word per run, rank 0 -> worker.
+inline constexpr int kPieceTag = 6;     // A piece word before each scatter piece, rank 0 -> worker.
+
+// A piece word's size: 1, a scatter piece follows; 0, the scatter stopped (a cancelled request).
+inline constexpr int64_t kPieceWordBytes = 8;
 
 // The stop word's size: 1 stops the worker's compute (the request was cancelled), 0 ends the run.
 inline constexpr int64_t kStopWordBytes = 8;
@@ -135,7 +145,16 @@ struct ShardRunOptions {
   // buffers are the shares' (host memory here: a device data plane needs device-resident
   // shares).
   Communicator* data_plane = nullptr;
+  // The most bytes of a share that go in one scatter piece (whole token rows of the share, at
+  // least one): rank 0's run header carries it, so the workers cut alike. A piece is the unit in
+  // which a cancel takes effect during the scatter (32 MiB: tens of milliseconds on a 10 Gb/s
+  // link) and the most rank 0 copies out of a non-contiguous share at a time.
+  int64_t scatter_piece_bytes = int64_t{32} << 20;
 };
+
+// The pieces (and so the piece words) in which a share of `bytes` bytes, rows of `row_bytes`
+// each, is scattered with pieces of at most `piece_bytes`: every piece holds whole rows.
+int64_t ScatterPieceCount(int64_t bytes, int64_t row_bytes, int64_t piece_bytes);
 
 // What one run did, per rank (index = rank). Rank 0 fills every rank's entry (workers report
 // theirs in the gather); a worker fills its own entry only.

@@ -62,6 +62,9 @@ ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
                         RankBuffers* buffers = nullptr, Communicator* plane = nullptr) {
   ShardRunOptions options;
   options.timeout = kTimeout;
+  // On a data plane the scatter goes in pieces of 16 KiB: tens per share, some across a batch
+  // boundary of a non-contiguous share (batch 2), instead of one piece per share.
+  if (plane != nullptr) options.scatter_piece_bytes = 16 << 10;
   if (compute != nullptr) options.compute = *compute;
   options.buffers = buffers;
   options.data_plane = plane;
@@ -142,8 +145,24 @@ int64_t SpanningKeptBytes(const Case& c, const engine::ShardLayout& layout) {
 }
 
 // Rank 0: runs one case and checks output and traffic.
+// The piece words rank 0 sends worker r for its shares of q, k and v: one per piece of whole
+// rows (a row: a token of the share's heads) of at most piece_bytes.
+int64_t PieceWordBytes(const Case& c, const engine::Share& share, int64_t piece_bytes) {
+  const int64_t rows = c.shape.batch * share.tokens();
+  int64_t words = 0;
+  for (bool kv : {false, true, true}) {
+    const engine::Shape4 whole = kv ? c.shape.KeyShape() : c.shape.QueryShape();
+    const int64_t bytes = engine::ShareBytes(whole, share, DType::kFloat32, kv);
+    words += ScatterPieceCount(bytes, bytes / rows, piece_bytes);
+  }
+  return words * kPieceWordBytes;
+}
+
+// Rank 0: runs one case and checks output and traffic. *piece_words (optional) grows by the
+// piece words rank 0 sent.
 int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, uint64_t seed,
-                   const engine::ShareCompute& compute, Communicator* plane = nullptr) {
+                   const engine::ShareCompute& compute, Communicator* plane = nullptr,
+                   int64_t* piece_words = nullptr) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
   const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
@@ -157,8 +176,8 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   ShardedProblem problem = Problem(q.view(), k.view(), v.view(), c.spec, sharded.mutable_view());
   problem.strategy = c.strategy;
   problem.compute = compute;
-  const absl::StatusOr<ShardRunStats> stats =
-      CoordinateShardedRun(comm, problem, Options(nullptr, nullptr, plane));
+  const ShardRunOptions options = Options(nullptr, nullptr, plane);
+  const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, options);
   RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
   double max_abs = 0, max_diff = 0;
   for (int64_t i = 0; i < single.elements(); ++i) {
@@ -169,8 +188,8 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   RANK_CHECK(max_abs > 0 && max_diff <= 1e-6 * max_abs, c.name, ": max diff ", max_diff, " of max ",
              max_abs);
 
-  // Traffic: each worker received its frame, its stop word, its share and exactly the exchange
-  // the geometry names; nothing else.
+  // Traffic: each worker received its frame, its piece words, its stop word, its share and
+  // exactly the exchange the geometry names; nothing else.
   const absl::StatusOr<engine::ShardLayout> layout =
       engine::MakeShardLayout(c.shape, c.spec, c.strategy, comm.size());
   RANK_CHECK(layout.ok(), layout.status().ToString());
@@ -184,11 +203,13 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
     const int64_t scatter =
         engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false) +
         2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
-    RANK_CHECK(
-        stats->ranks[r].bytes_received == kControlFrameBytes + kStopWordBytes + scatter + exchange,
-        c.name, ": rank ", r, " received ", stats->ranks[r].bytes_received,
-        "; frame + stop word + share + exchange = ",
-        kControlFrameBytes + kStopWordBytes + scatter + exchange);
+    const int64_t words = PieceWordBytes(c, share, options.scatter_piece_bytes);
+    if (piece_words != nullptr) *piece_words += words;
+    RANK_CHECK(stats->ranks[r].bytes_received ==
+                   kControlFrameBytes + words + kStopWordBytes + scatter + exchange,
+               c.name, ": rank ", r, " received ", stats->ranks[r].bytes_received,
+               "; frame + piece words + stop word + share + exchange = ",
+               kControlFrameBytes + words + kStopWordBytes + scatter + exchange);
   }
   if (c.name == "volume") {
     int64_t total = 0;
@@ -272,8 +293,20 @@ int RunRank(const RankFlags& flags) {
       }
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
+      const Communicator::Counters before = (*comm)->counters();
       absl::Status served =
           ServeShardedRun(**comm, *control, Options(&compute, &buffers, plane.get())).status();
+      if (flags.scenario == "scatter_cancel" && run < 2) {
+        // Told by its first piece word that the request was cancelled: no share came, it went
+        // through the run's steps (run 1: the SEQUENCE exchange too) and answered CANCELLED.
+        RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                   "the run cancelled before its scatter returned ", served.ToString());
+        const int64_t received = (*comm)->counters().bytes_received - before.bytes_received;
+        RANK_CHECK(run == 1 || received == kPieceWordBytes + kStopWordBytes, "run ", run,
+                   ": received ", received, " bytes; a piece word and a stop word are ",
+                   kPieceWordBytes + kStopWordBytes);
+        continue;
+      }
       if ((flags.scenario == "cancel" || flags.scenario == "plane_cancel") && run == 0) {
         // Told by rank 0's stop word, this worker's compute stopped in the middle: were it not
         // told, it would finish its share (about a second) and return OK.
@@ -332,6 +365,62 @@ int RunRank(const RankFlags& flags) {
     RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
     return 0;
   }
+  if (flags.scenario == "scatter_cancel") {
+    // A request cancelled before its scatter (the flag is up from the start): each worker's first
+    // piece word says so, and not one byte of a share is sent. HEADS first, where nothing else
+    // moves; then SEQUENCE with a segment spanning every rank, where the workers still take part
+    // in the exchange; then a run that must be exact: the group stayed in step.
+    const ProblemShape shape{1, 3000, 4, 4, 32};
+    AttentionSpec spec;
+    spec.patterns = {{500, 1}, {3000, 4}};
+    spec.precision = engine::Precision::kFloat32;
+    std::mt19937 rng(static_cast<uint32_t>(flags.seed));
+    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    std::atomic<bool> cancelled{true};
+    const int64_t workers = flags.size - 1;
+    for (ShardPolicy strategy : {ShardPolicy::kHeads, ShardPolicy::kSequence}) {
+      OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+      ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
+      problem.strategy = strategy;
+      problem.stop = &cancelled;
+      problem.compute = compute;
+      const Communicator::Counters before = (*comm)->counters();
+      const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, Options());
+      RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled,
+                 result.status().ToString());
+      const int64_t sent = (*comm)->counters().bytes_sent - before.bytes_sent;
+      const int64_t control = workers * (kControlFrameBytes + kPieceWordBytes + kStopWordBytes);
+      if (strategy == ShardPolicy::kHeads) {
+        RANK_CHECK(sent == control, "HEADS: rank 0 sent ", sent,
+                   " bytes; frames, one piece word and one stop word per worker are ", control);
+      } else {
+        // And rank 0's kept rows of the segment that spans every rank, to each worker.
+        const absl::StatusOr<engine::ShardLayout> layout =
+            engine::MakeShardLayout(shape, spec, strategy, flags.size);
+        RANK_CHECK(layout.ok(), layout.status().ToString());
+        int64_t rows = 0;
+        for (const engine::SpanningKeys& set : engine::SpanningKeySets(shape, spec, *layout)) {
+          for (int peer = 1; peer < flags.size; ++peer) {
+            if (!engine::SendsRows(set, *layout, spec.causal, 0, peer)) continue;
+            const auto [b, e] = engine::RowsOf(set, *layout, 0);
+            rows += e - b;
+          }
+        }
+        const int64_t exchange = rows * 2 * shape.head_dim * 4;
+        RANK_CHECK(exchange > 0 && sent == control + exchange, "SEQUENCE: rank 0 sent ", sent,
+                   " bytes; control ", control, " and its exchange ", exchange, " are ",
+                   control + exchange);
+      }
+    }
+    if (int bad = CoordinateCase(flags, **comm, SweepCases()[1], flags.seed, compute)) return bad;
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    for (int r = 1; r < flags.size; ++r) {
+      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+    }
+    return 0;
+  }
   if (flags.scenario == "worker_fails") {
     // A bf16 run the workers cannot compute: rank 0 hears which rank failed and the group stays
     // usable for the next run. On a CPU without AVX512-BF16 rank 0 cannot compute it either; its
@@ -364,21 +453,24 @@ int RunRank(const RankFlags& flags) {
   std::vector<Case> cases =
       flags.scenario == "volume" ? std::vector<Case>{VolumeCase()} : SweepCases();
   const Communicator::Counters control_before = (*comm)->counters();
-  int64_t runs = 0;
+  int64_t runs = 0, piece_words = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     if (cases[i].strategy == ShardPolicy::kHeads && cases[i].shape.heads < flags.size) continue;
-    if (int failed =
-            CoordinateCase(flags, **comm, cases[i], flags.seed + i, compute, plane.get())) {
+    if (int failed = CoordinateCase(flags, **comm, cases[i], flags.seed + i, compute, plane.get(),
+                                    &piece_words)) {
       return failed;
     }
     ++runs;
   }
   if (plane != nullptr && flags.size > 1) {
-    // The control communicator carried the frames, stop words and stats, the plane the rest.
+    // The control communicator carried the frames, piece words, stop words and stats, the plane
+    // the rest.
     const Communicator::Counters control = (*comm)->counters();
     const int64_t workers = flags.size - 1;
+    RANK_CHECK(piece_words > runs * workers * 3 * kPieceWordBytes,
+               "the shares went in one piece each: ", piece_words, " bytes of piece words");
     RANK_CHECK(control.bytes_sent - control_before.bytes_sent ==
-                   runs * workers * (kControlFrameBytes + kStopWordBytes),
+                   runs * workers * (kControlFrameBytes + kStopWordBytes) + piece_words,
                "rank 0 sent ", control.bytes_sent - control_before.bytes_sent,
                " bytes of control for ", runs, " runs");
     RANK_CHECK(control.bytes_received - control_before.bytes_received == runs * workers * 6 * 8,
@@ -422,6 +514,11 @@ TEST(ShardedRunDataPlaneTest, EveryCaseEqualsTheSingleProcessOutputThroughAStage
 TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
   testing::RankGroup group(2, "plane_cancel");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunCancelTest, ARequestCancelledBeforeItsScatterSendsNoShareAndTheGroupGoesOn) {
+  testing::RankGroup group(3, "scatter_cancel");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
