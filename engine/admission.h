@@ -160,12 +160,13 @@ struct EngineStats {
   int64_t memory_kept_bytes = 0;    // Kept by the server outside requests (MemoryAccount::SetKept).
   int64_t rejected_queue_full = 0;
   int64_t rejected_memory = 0;
-  int64_t rejected_deadline = 0;         // Refused up front or expired while queued.
-  int64_t rejected_cancelled = 0;        // Cancelled while queued.
-  int64_t runs_completed = 0;            // Computed successfully.
-  int64_t runs_cancelled = 0;            // Stopped during compute by their cancelled flag.
-  int64_t runs_deadline_exceeded = 0;    // Stopped during compute by their deadline.
-  double measured_flops_per_second = 0;  // Best seen over completed runs; 0 before the first.
+  int64_t rejected_deadline = 0;       // Refused up front or expired while queued.
+  int64_t rejected_cancelled = 0;      // Cancelled while queued.
+  int64_t runs_completed = 0;          // Computed successfully.
+  int64_t runs_cancelled = 0;          // Stopped during compute by their cancelled flag.
+  int64_t runs_deadline_exceeded = 0;  // Stopped during compute by their deadline.
+  // Best seen over completed runs of at least 1 ms and 1e8 FLOP; 0 before the first.
+  double measured_flops_per_second = 0;
   // What the up-front deadline checks of requests computed in this process divide by: the
   // measured throughput, or before the first measurement the start-up figure
   // (Engine::SetStartupThroughput); 0 when neither exists.

@@ -593,6 +593,34 @@ TEST(AdmissionTest, RunThatCannotMeetItsDeadlineIsRefusedUpFrontOnceThroughputIs
   EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
 }
 
+TEST(AdmissionTest, NeitherASmallRunNorASlowOneLowersTheThroughputDeadlinesAreJudgedBy) {
+  // A small run is mostly fixed costs (on a loaded machine, whole scheduler slices): measured, it
+  // would understate the throughput by orders of magnitude and make every later request with a
+  // deadline look hopeless. Runs under 1e8 FLOP do not count, and the start-up figure stays the
+  // floor of what deadlines are judged by.
+  auto engine = Engine::Create(Options());
+  ASSERT_TRUE(engine.ok());
+  constexpr double kStartup = 1e15;  // Faster than any run here.
+  (*engine)->SetStartupThroughput(kStartup);
+  // 4 * 2048^2 * 4 = 67 MFLOP, but D = 4 pads to a vector's width: several milliseconds.
+  Problem small({1, 2048, 1, 4}, {{2048, 1}}, 11);
+  const absl::StatusOr<ExecutionInfo> ran = (*engine)->Run(small.Request());
+  ASSERT_TRUE(ran.ok()) << ran.status();
+  ASSERT_GE(ran->compute_time_us, 1000) << "the small run is too fast for this test";
+  EXPECT_EQ((*engine)->stats().measured_flops_per_second, 0)
+      << "a run of " << EstimateFlops(small.shape(), small.spec) << " FLOP was measured";
+  EXPECT_EQ((*engine)->DeadlineThroughput(small.spec), kStartup);
+
+  Problem measured({1, 4096, 2, 64}, {{4096, 1}}, 7);  // About 8.6 GFLOP: counted.
+  ASSERT_TRUE((*engine)->Run(measured.Request()).ok());
+  const double flops_per_second = (*engine)->stats().measured_flops_per_second;
+  EXPECT_GT(flops_per_second, 0);
+  EXPECT_LT(flops_per_second, kStartup);
+  EXPECT_EQ((*engine)->DeadlineThroughput(measured.spec), kStartup)
+      << "a measured run slower than the start-up figure lowered it";
+  EXPECT_EQ((*engine)->stats().deadline_flops_per_second, kStartup);
+}
+
 TEST(AdmissionTest, EstimateFlopsFollowsTheCostFormula) {
   AttentionSpec spec;
   spec.patterns = {{1024, 1}, {2048, 2}};

@@ -37,9 +37,12 @@ double Millis(Clock::duration d) { return std::chrono::duration<double, std::mil
 // watch. A kernel panel takes a few milliseconds more, so runs stop well within 100 ms.
 constexpr auto kWatchdogPeriod = std::chrono::milliseconds(2);
 
-// Runs shorter than this are dominated by fixed costs (plan lookup, thread wake-ups): they would
-// understate the throughput, so they do not update it.
+// Runs shorter than this, or of fewer FLOPs, are dominated by fixed costs (plan lookup, thread
+// wake-ups, and on a loaded machine whole scheduler slices): they would understate the
+// throughput, so they do not update it. A request of 64 tokens measured at a few MFLOP/s on a busy
+// two-core machine once made every later request with a deadline look hopeless.
 constexpr int64_t kMinMeasuredComputeUs = 1000;
+constexpr double kMinMeasuredFlops = 1e8;
 
 std::vector<double> StopLatencyBounds() {
   return {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
@@ -600,7 +603,7 @@ struct Engine::Impl {
     }
     if (result.ok()) {
       ++counters.runs_completed;
-      if (result->compute_time_us >= kMinMeasuredComputeUs) {
+      if (result->compute_time_us >= kMinMeasuredComputeUs && flops >= kMinMeasuredFlops) {
         // The best throughput seen: a refusal then only happens when even that is too slow.
         counters.measured_flops_per_second =
             std::max(counters.measured_flops_per_second, flops / (result->compute_time_us / 1e6));
@@ -609,17 +612,16 @@ struct Engine::Impl {
     return result;
   }
 
-  // Under mutex: the best measured throughput, else the start-up figure; 0 when neither exists.
+  // Under mutex: the better of the best measured throughput and the start-up figure (a refusal
+  // only when even the best this process has shown is too slow); 0 when neither exists.
   double KnownFlopsPerSecond() const {
-    return counters.measured_flops_per_second > 0 ? counters.measured_flops_per_second
-                                                  : startup_flops_per_second;
+    return std::max(counters.measured_flops_per_second, startup_flops_per_second);
   }
 
   // Under mutex. The start-up figure is of this process's compute path; a sharded request's speed
   // depends on the group, so it waits for a measured run.
   double DeadlineFlopsPerSecond(const AttentionSpec& spec) const {
-    if (counters.measured_flops_per_second > 0) return counters.measured_flops_per_second;
-    return Sharded(spec) ? 0 : startup_flops_per_second;
+    return Sharded(spec) ? counters.measured_flops_per_second : KnownFlopsPerSecond();
   }
 
   // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would
