@@ -113,6 +113,34 @@ class PinnedFlag {
   const volatile int* device_ = nullptr;
 };
 
+// An event without timing, destroyed with its scope: what a run waits on after its own launches.
+struct LaunchEvent {
+  static absl::StatusOr<LaunchEvent> Create() {
+    LaunchEvent made;
+    DA_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&made.event, cudaEventDisableTiming),
+                                  "a launch's event"));
+    return made;
+  }
+  LaunchEvent(LaunchEvent&& other) noexcept : event(std::exchange(other.event, nullptr)) {}
+  LaunchEvent& operator=(LaunchEvent&&) = delete;
+  ~LaunchEvent() {
+    if (event != nullptr) cudaEventDestroy(event);
+  }
+  cudaEvent_t event = nullptr;
+
+ private:
+  LaunchEvent() = default;
+};
+
+// Waits for what has been queued on `stream` so far, through an event recorded now: runs share
+// the backend's stream, and a run (its stop above all) must not wait for work that other runs
+// queue after its own. The stream's own synchronize would.
+absl::Status WaitForQueued(cudaStream_t stream, const char* what) {
+  DA_ASSIGN_OR_RETURN(const LaunchEvent queued, LaunchEvent::Create());
+  DA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(queued.event, stream), what));
+  return CudaStatus(cudaEventSynchronize(queued.event), what);
+}
+
 // With DA_CUDA_STAGE_TIMES=1 in the environment (enabled), the fused path records an event after
 // each stage of a run and prints the stages' GPU times to stderr when the run ends (what a profiler
 // would say, where none works): `cuda:0 fused run: alloc 1.2 ms, p0 sdpa 30.1 ms, p0 fold 3.0 ms,
@@ -256,7 +284,7 @@ class CudaBackend final : public Backend {
   absl::Status Synchronize(const RunContext& context) override {
     DeviceScope scope(ordinal_);
     DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
-    return CudaStatus(cudaStreamSynchronize(stream), "synchronize");
+    return WaitForQueued(stream, "synchronize");
   }
 
   // The row kernel computes in fp32 whatever the GPU; with the fused path, bf16 and fp16 too.
@@ -336,8 +364,17 @@ class CudaBackend final : public Backend {
       if (sdpa.spanning.empty()) {  // Spanning segments: the row kernel, for now.
         plan->io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
         plan->fp8 = key.precision == Precision::kFloat8;
-        DA_ASSIGN_OR_RETURN(plan->graphs,
-                            SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8, stop));
+        absl::StatusOr<std::unique_ptr<SdpaGraphs>> graphs =
+            SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8, stop);
+        if (!graphs.ok() && plan->fp8 && !absl::IsCancelled(graphs.status())) {
+          // cuDNN's fp8 attention covers fewer shapes than bf16 (head dims, strides, the causal
+          // band), and none of ours has been checked on a GPU: say so, not INTERNAL.
+          return absl::InvalidArgumentError(absl::StrCat(
+              "precision fp8 is not available for this problem on cuda:", ordinal_,
+              " (cuDNN refused its graph: ", graphs.status().message(), "); ask for bf16 or fp16"));
+        }
+        DA_RETURN_IF_ERROR(graphs.status());
+        plan->graphs = *std::move(graphs);
         DA_ASSIGN_OR_RETURN(plan->workspace,
                             Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
         plan->calls = std::move(sdpa.calls);
@@ -355,6 +392,10 @@ class CudaBackend final : public Backend {
     DA_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpy(plan->tables.data(), host.data(), host.size(), cudaMemcpyHostToDevice),
         "plan tables to the device"));
+    // From pageable memory cudaMemcpy may return before its DMA has landed, and the kernels that
+    // read the tables run on the backend's non-blocking stream, which does not wait for it.
+    DA_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamSynchronize(cudaStreamLegacy), "plan tables to the device"));
     return plan;
   }
 
@@ -406,12 +447,16 @@ class CudaBackend final : public Backend {
     const int64_t per_launch = std::clamp<int64_t>(
         (int64_t{1} << 36) / std::max<int64_t>(1, keys_per_row * problem.shape.head_dim), 32768,
         std::max<int64_t>(rows, 32768));
+    // The wait is on an event after this run's launch, not on the stream: runs share the
+    // backend's stream, and a stop must not wait for launches other runs queue after it.
+    DA_ASSIGN_OR_RETURN(const LaunchEvent launched, LaunchEvent::Create());
     for (int64_t first = 0; first < rows; first += per_launch) {
       DA_RETURN_IF_ERROR(
           CudaStatus(LaunchRows(share, first, std::min(per_launch, rows - first), flag, stream),
                      "row kernel"));
+      DA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(launched.event, stream), "row kernel"));
       cudaError_t done;
-      while ((done = cudaStreamQuery(stream)) == cudaErrorNotReady) {
+      while ((done = cudaEventQuery(launched.event)) == cudaErrorNotReady) {
         if (Stopped(context)) stop.Set();
         std::this_thread::sleep_for(std::chrono::microseconds(500));
       }
@@ -475,7 +520,7 @@ class CudaBackend final : public Backend {
     DA_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpyAsync(scales.amax, amax, sizeof(scales.amax), cudaMemcpyDeviceToHost, stream),
         "amaxes to the host"));
-    DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "amaxes"));
+    DA_RETURN_IF_ERROR(WaitForQueued(stream, "amaxes"));
     static constexpr const char* kNames[3] = {"query", "key", "value"};
     for (int i = 0; i < 3; ++i) {
       if (!std::isfinite(scales.amax[i])) {
@@ -546,19 +591,19 @@ class CudaBackend final : public Backend {
     const int patterns = static_cast<int>(problem.spec.patterns.size());
     // Pattern pi's cuDNN calls, writing its output and LSE at out and lse. Calls are at most
     // kMaxSdpaCallFlops (sdpa_plan.h: milliseconds) and each is waited for, so the stop, polled
-    // before each, is seen within one call; the stream is idle when a stop returns. Work queued
-    // after the calls (a fold) is ordered before the next pattern's calls by the stream.
+    // before each, is seen within one call; the run's own work is done when a stop returns. Work
+    // queued after the calls (a fold) is ordered before the next pattern's calls by the stream.
     const auto attend = [&](int pi, void* out, float* lse) -> absl::Status {
       for (const SdpaCall& call : plan.calls) {
         if (call.pattern_index != pi) continue;
         if (Stopped(context)) {
-          cudaStreamSynchronize(stream);
+          (void)WaitForQueued(stream, "a stopped run");  // Its buffers are freed next.
           return absl::CancelledError(absl::StrCat("cuda run cancelled in pattern ", pi));
         }
         DA_RETURN_IF_ERROR(plan.graphs->Run(
             call, {in[0], in[1], in[2], out, lse, scale, static_cast<float*>(fp8_scalars.data())},
             plan.workspace.data(), stream));
-        DA_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "sdpa call"));
+        DA_RETURN_IF_ERROR(WaitForQueued(stream, "sdpa call"));
       }
       times.Mark(absl::StrCat("p", pi, " sdpa"));
       return absl::OkStatus();
@@ -576,7 +621,7 @@ class CudaBackend final : public Backend {
           LaunchCombine(share, outs.data(), io, static_cast<const float*>(lses.data()), stream),
           "combine"));
       times.Mark("combine");
-      return CudaStatus(cudaStreamSynchronize(stream), "combine");
+      return WaitForQueued(stream, "combine");
     }
     DA_ASSIGN_OR_RETURN(DeviceBuffer pattern_out, Allocate(rows * d * element));
     DA_ASSIGN_OR_RETURN(DeviceBuffer fold, Allocate(rows * (d + 3) * 4));
@@ -596,7 +641,7 @@ class CudaBackend final : public Backend {
     }
     DA_RETURN_IF_ERROR(CudaStatus(LaunchFinish(share, acc, weight, stream), "finish"));
     times.Mark("finish");
-    return CudaStatus(cudaStreamSynchronize(stream), "finish");
+    return WaitForQueued(stream, "finish");
 #else
     (void)plan, (void)problem, (void)share, (void)context, (void)stream;
     return absl::InternalError("cuda plan with fused calls in a build without cuDNN");
@@ -620,14 +665,19 @@ class CudaBackend final : public Backend {
   // staging lock).
   absl::Status EnsureStaging() {
     if (copier_ != nullptr) return absl::OkStatus();
-    for (int b = 0; b < kStagingBuffers; ++b) {
+    // Buffer and event in pairs, kept only together: a failure part-way (pinned memory runs out)
+    // leaves the two lists the same length, and a later call goes on from there.
+    for (int b = static_cast<int>(staging_buffers_.size()); b < kStagingBuffers; ++b) {
       void* buffer = nullptr;
       DA_RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&buffer, kStagingChunk, cudaHostAllocDefault),
                                     "pinned staging buffer"));
-      staging_buffers_.push_back(static_cast<uint8_t*>(buffer));
       cudaEvent_t event = nullptr;
-      DA_RETURN_IF_ERROR(
-          CudaStatus(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "staging event"));
+      if (const cudaError_t made = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+          made != cudaSuccess) {
+        cudaFreeHost(buffer);
+        return CudaStatus(made, "staging event");
+      }
+      staging_buffers_.push_back(static_cast<uint8_t*>(buffer));
       staging_events_.push_back(event);
     }
     const int threads =

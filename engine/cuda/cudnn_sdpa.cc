@@ -6,6 +6,7 @@
 #include <cudnn_frontend.h>
 
 #include <map>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 
@@ -35,13 +36,22 @@ absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
 
 struct SdpaGraphs::Impl {
   int device = 0;
+  // Runs of one plan on several threads (parallel streams of one shape, a stream's chunks) share
+  // its handle and workspace: cuDNN's handle is not thread-safe, so Run holds this.
+  std::mutex mutex;
   cudnnHandle_t handle = nullptr;
   std::map<std::string, std::shared_ptr<fe::graph::Graph>> graphs;  // By SdpaCall::Signature.
   int64_t workspace_bytes = 0;
   bool fp8 = false;
 
   ~Impl() {
-    if (handle != nullptr) cudnnDestroy(handle);
+    if (handle == nullptr) return;
+    // The handle belongs to `device`; the plan may be evicted from a thread on another one.
+    int current = 0;
+    const bool restore = cudaGetDevice(&current) == cudaSuccess && current != device;
+    cudaSetDevice(device);
+    cudnnDestroy(handle);
+    if (restore) cudaSetDevice(current);
   }
 };
 
@@ -176,6 +186,7 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
   if (found == impl_->graphs.end()) {
     return absl::InternalError(absl::StrCat("no cuDNN graph built for ", call.Signature()));
   }
+  std::lock_guard<std::mutex> lock(impl_->mutex);
   cudaSetDevice(impl_->device);
   if (cudnnStatus_t set = cudnnSetStream(impl_->handle, static_cast<cudaStream_t>(stream));
       set != CUDNN_STATUS_SUCCESS) {

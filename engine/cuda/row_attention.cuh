@@ -143,10 +143,17 @@ DA_HD uint8_t FloatToFp8E4M3(float f) {
   return sign | static_cast<uint8_t>(h);
 }
 
-// The factor that maps a tensor of largest magnitude amax onto fp8 E4M3's range (amax to 448);
-// 1 for an all-zero or non-finite amax (the caller refuses non-finite data).
+// The largest fp8 scale: 2^100. 448 / amax overflows to infinity for amax below about 1.3e-36
+// (which bf16 holds), and an infinite scale turns the zeros of a tensor into NaN (0 x inf) and its
+// descale into 0; capped, such a tensor quantises to zeros, within any error bound of its own size.
+inline constexpr float kFp8MaxScale = 1.2676506e30f;
+
+// The factor that maps a tensor of largest magnitude amax onto fp8 E4M3's range (amax to 448, at
+// most kFp8MaxScale); 1 for an all-zero or non-finite amax (the caller refuses non-finite data).
 DA_HD float Fp8ScaleFor(float amax) {
-  return amax > 0.0f && amax <= 3.4e38f ? kFp8E4M3Max / amax : 1.0f;
+  if (!(amax > 0.0f && amax <= 3.4e38f)) return 1.0f;
+  const float scale = kFp8E4M3Max / amax;
+  return scale < kFp8MaxScale ? scale : kFp8MaxScale;
 }
 
 DA_HD float LoadElem(const void* data, ElemType type, int64_t index) {

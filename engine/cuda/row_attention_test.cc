@@ -121,6 +121,14 @@ TEST(RowConversionTest, Fp8E4M3DecodesEncodesRoundsAndSaturates) {
   EXPECT_EQ(Fp8ScaleFor(0.0f), 1.0f);
   EXPECT_EQ(Fp8ScaleFor(INFINITY), 1.0f);
   EXPECT_EQ(Fp8ScaleFor(NAN), 1.0f);
+  // Tiny but nonzero amax (bf16 holds values down to about 1e-38): 448 / amax would be infinite.
+  for (const float amax : {1e-36f, 1e-38f, std::numeric_limits<float>::denorm_min()}) {
+    const float scale = Fp8ScaleFor(amax);
+    EXPECT_TRUE(std::isfinite(scale) && scale == kFp8MaxScale) << amax << " -> " << scale;
+    EXPECT_EQ(0.0f * scale, 0.0f) << "a zero of the tensor must stay 0 after scaling";
+    EXPECT_GT(1.0f / scale, 0.0f) << "the descale must not be 0";
+  }
+  EXPECT_FLOAT_EQ(Fp8ScaleFor(448.0f / 1e30f), 1e30f);  // Under the cap: 448 / amax.
   // Through LoadElem and StoreElem.
   uint8_t byte = 0;
   StoreElem(&byte, ElemType::kF8E4M3, 0, 1.0f);

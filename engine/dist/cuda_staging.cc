@@ -38,8 +38,14 @@ class CudaStaging final : public PlaneStaging {
   absl::Status ToDevice(void* device, const void* host, int64_t bytes) override {
     if (bytes == 0) return absl::OkStatus();
     DA_RETURN_IF_ERROR(SetDevice());
-    return CudaStatus(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice),
-                      absl::StrCat("cudaMemcpy of ", bytes, " bytes to the data plane's staging"));
+    DA_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice),
+                   absl::StrCat("cudaMemcpy of ", bytes, " bytes to the data plane's staging")));
+    // From pageable memory cudaMemcpy may return before its DMA has landed (CUDA's API
+    // synchronisation notes), and NCCL reads the buffer next on its own non-blocking stream,
+    // which does not wait for the legacy stream: wait for the copy here.
+    return CudaStatus(cudaStreamSynchronize(cudaStreamLegacy),
+                      "waiting for the copy to the data plane's staging");
   }
 
   absl::Status ToHost(void* host, const void* device, int64_t bytes) override {
