@@ -105,6 +105,7 @@ class PinnedFlag {
   }
 
   void Set() { *host_ = 1; }
+  void Clear() { *host_ = 0; }
   const volatile int* device() const { return device_; }
 
  private:
@@ -436,7 +437,13 @@ class CudaBackend final : public Backend {
     // them), and never fewer rows than fill the GPU (32768 threads). The wait polls the run's
     // cancellation every 0.5 ms: on an H200 one launch of rows 16,384 keys long took 150 ms, so
     // the flag, not the launch boundary, is what keeps a stop within 100 ms.
-    DA_ASSIGN_OR_RETURN(PinnedFlag stop, PinnedFlag::Create());
+    DA_ASSIGN_OR_RETURN(std::unique_ptr<PinnedFlag> flag_held, TakeFlag());
+    struct FlagReturn {
+      CudaBackend* backend;
+      std::unique_ptr<PinnedFlag>& flag;
+      ~FlagReturn() { backend->GiveFlag(std::move(flag)); }
+    } flag_return{this, flag_held};
+    PinnedFlag& stop = *flag_held;
     share.stop = stop.device();
     int64_t keys_per_row = 0;
     for (const Pattern& p : problem.spec.patterns) {
@@ -797,6 +804,29 @@ class CudaBackend final : public Backend {
   std::unique_ptr<StagedCopier> copier_;
   std::mutex mutex_;
   cudaStream_t stream_ = nullptr;
+  // The row kernel's stop flags, kept between runs: cudaFreeHost waits for the whole device
+  // (other runs' work and any NCCL transfer on it included), so a run's flag comes back here.
+  std::mutex flags_mutex_;
+  std::vector<std::unique_ptr<PinnedFlag>> idle_flags_;
+
+  absl::StatusOr<std::unique_ptr<PinnedFlag>> TakeFlag() {
+    {
+      std::lock_guard<std::mutex> lock(flags_mutex_);
+      if (!idle_flags_.empty()) {
+        std::unique_ptr<PinnedFlag> flag = std::move(idle_flags_.back());
+        idle_flags_.pop_back();
+        flag->Clear();
+        return flag;
+      }
+    }
+    DA_ASSIGN_OR_RETURN(PinnedFlag made, PinnedFlag::Create());
+    return std::make_unique<PinnedFlag>(std::move(made));
+  }
+  void GiveFlag(std::unique_ptr<PinnedFlag> flag) {
+    if (flag == nullptr) return;
+    std::lock_guard<std::mutex> lock(flags_mutex_);
+    idle_flags_.push_back(std::move(flag));
+  }
 };
 
 // "cuda:3" -> 3 (unless DeviceInfo::ordinal says otherwise); "sm_90" -> (9, 0).
