@@ -6,7 +6,8 @@
 //
 // FLOPs are counted as the attention needs them: 4 * m^2 * D per segment and head for m kept
 // positions (2 * m * (m + 1) * D when causal: only the computed, unmasked part). Check: the whole
-// output when the reference costs little, otherwise a random sample of rows (--check-rows).
+// output when the reference costs little, otherwise the last row and a random sample of rows
+// (--check-rows).
 // Peaks: short samples of a throughput loop before, between and after the timed runs, the best
 // kept (bench/peak.h), on the vector unit of the path that ran: ymm FMAs when DA_CPU_ISA=avx2
 // forces the AVX2 kernel on an AVX-512 machine, bf16 dot products for bf16 precision.
@@ -115,7 +116,9 @@ CheckResult Check(const engine::RunRequest& r, const Options& o, double flops) {
   const int64_t rows = whole ? all_rows : std::min<int64_t>(o.check_rows, all_rows);
   std::uniform_int_distribution<int64_t> pick(0, all_rows - 1);
   for (int64_t i = 0; i < rows; ++i) {
-    const int64_t row = whole ? i : pick(rng);
+    // A sample starts with the last row: the farthest offsets are where an index held in 32 bits
+    // would wrap (a bf16 tensor of 2^31 elements is 2^32 bytes).
+    const int64_t row = whole ? i : i == 0 ? all_rows - 1 : pick(rng);
     const int64_t h = row % s.heads, n = (row / s.heads) % s.seq_len, b = row / s.heads / s.seq_len;
     compare_row(b, n, h, engine::ReferenceRow(r.q, r.k, r.v, r.spec, b, n, h));
   }
