@@ -229,6 +229,45 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   return 0;
 }
 
+// Rank 0's communicator, which raises a flag once it has sent its n-th piece word saying a piece
+// follows: a cancel at a known point in the middle of a scatter.
+class CancelAfterPieceWords final : public Communicator {
+ public:
+  CancelAfterPieceWords(Communicator& inner, std::atomic<bool>* flag, int n)
+      : inner_(inner), flag_(flag), n_(n) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string backend() const override { return inner_.backend(); }
+  Capabilities capabilities() const override { return inner_.capabilities(); }
+  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
+                         milliseconds timeout) override {
+    return inner_.AllGather(send, recv, bytes, timeout);
+  }
+  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
+    return inner_.Broadcast(data, bytes, root, timeout);
+  }
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    absl::Status sent = inner_.Send(data, bytes, peer, tag, timeout);
+    if (tag == kPieceTag && bytes == kPieceWordBytes && *static_cast<const int64_t*>(data) == 1 &&
+        ++words_ == n_) {
+      *flag_ = true;
+    }
+    return sent;
+  }
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    return inner_.Recv(data, bytes, peer, tag, timeout);
+  }
+  absl::Status Barrier(milliseconds timeout) override { return inner_.Barrier(timeout); }
+  Counters counters() const override { return inner_.counters(); }
+
+ private:
+  Communicator& inner_;
+  std::atomic<bool>* flag_;
+  const int n_;
+  std::atomic<int> words_{0};
+};
+
 int RunRank(const RankFlags& flags) {
   auto store = ConnectCoordinatorStore(flags.coordinator, milliseconds(5000));
   RANK_CHECK(store.ok(), store.status().ToString());
@@ -296,13 +335,14 @@ int RunRank(const RankFlags& flags) {
       const Communicator::Counters before = (*comm)->counters();
       absl::Status served =
           ServeShardedRun(**comm, *control, Options(&compute, &buffers, plane.get())).status();
-      if (flags.scenario == "scatter_cancel" && run < 2) {
-        // Told by its first piece word that the request was cancelled: no share came, it went
-        // through the run's steps (run 1: the SEQUENCE exchange too) and answered CANCELLED.
+      if (flags.scenario == "scatter_cancel" && run < 3) {
+        // Told by a piece word that the request was cancelled (runs 0 and 1: the first word; run
+        // 2: worker 1 after 5 pieces), it went through the run's steps (runs 1 and 2: the
+        // SEQUENCE exchange too) and answered CANCELLED.
         RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
                    "the run cancelled before its scatter returned ", served.ToString());
         const int64_t received = (*comm)->counters().bytes_received - before.bytes_received;
-        RANK_CHECK(run == 1 || received == kPieceWordBytes + kStopWordBytes, "run ", run,
+        RANK_CHECK(run != 0 || received == kPieceWordBytes + kStopWordBytes, "run ", run,
                    ": received ", received, " bytes; a piece word and a stop word are ",
                    kPieceWordBytes + kStopWordBytes);
         continue;
@@ -369,7 +409,8 @@ int RunRank(const RankFlags& flags) {
     // A request cancelled before its scatter (the flag is up from the start): each worker's first
     // piece word says so, and not one byte of a share is sent. HEADS first, where nothing else
     // moves; then SEQUENCE with a segment spanning every rank, where the workers still take part
-    // in the exchange; then a run that must be exact: the group stayed in step.
+    // in the exchange; then SEQUENCE cancelled in the middle of its scatter; then a run that
+    // must be exact: the group stayed in step.
     const ProblemShape shape{1, 3000, 4, 4, 32};
     AttentionSpec spec;
     spec.patterns = {{500, 1}, {3000, 4}};
@@ -380,6 +421,19 @@ int RunRank(const RankFlags& flags) {
     const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
     std::atomic<bool> cancelled{true};
     const int64_t workers = flags.size - 1;
+    // SEQUENCE: rank 0's kept rows of the segment that spans every rank, to each worker.
+    const absl::StatusOr<engine::ShardLayout> layout =
+        engine::MakeShardLayout(shape, spec, ShardPolicy::kSequence, flags.size);
+    RANK_CHECK(layout.ok(), layout.status().ToString());
+    int64_t exchange_rows = 0;
+    for (const engine::SpanningKeys& set : engine::SpanningKeySets(shape, spec, *layout)) {
+      for (int peer = 1; peer < flags.size; ++peer) {
+        if (!engine::SendsRows(set, *layout, spec.causal, 0, peer)) continue;
+        const auto [b, e] = engine::RowsOf(set, *layout, 0);
+        exchange_rows += e - b;
+      }
+    }
+    const int64_t exchange = exchange_rows * 2 * shape.head_dim * 4;
     for (ShardPolicy strategy : {ShardPolicy::kHeads, ShardPolicy::kSequence}) {
       OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
       ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
@@ -396,23 +450,34 @@ int RunRank(const RankFlags& flags) {
         RANK_CHECK(sent == control, "HEADS: rank 0 sent ", sent,
                    " bytes; frames, one piece word and one stop word per worker are ", control);
       } else {
-        // And rank 0's kept rows of the segment that spans every rank, to each worker.
-        const absl::StatusOr<engine::ShardLayout> layout =
-            engine::MakeShardLayout(shape, spec, strategy, flags.size);
-        RANK_CHECK(layout.ok(), layout.status().ToString());
-        int64_t rows = 0;
-        for (const engine::SpanningKeys& set : engine::SpanningKeySets(shape, spec, *layout)) {
-          for (int peer = 1; peer < flags.size; ++peer) {
-            if (!engine::SendsRows(set, *layout, spec.causal, 0, peer)) continue;
-            const auto [b, e] = engine::RowsOf(set, *layout, 0);
-            rows += e - b;
-          }
-        }
-        const int64_t exchange = rows * 2 * shape.head_dim * 4;
         RANK_CHECK(exchange > 0 && sent == control + exchange, "SEQUENCE: rank 0 sent ", sent,
                    " bytes; control ", control, " and its exchange ", exchange, " are ",
                    control + exchange);
       }
+    }
+    {
+      // Cancelled in the middle of the scatter: pieces of 64 KiB (128 rows), 8 per tensor of a
+      // worker's share, and the flag raised once rank 0 has announced its 5th piece. Worker 1
+      // gets 5 pieces and then a 0 word, worker 2 only a 0 word; both still exchange.
+      std::atomic<bool> mid{false};
+      CancelAfterPieceWords counting(**comm, &mid, 5);
+      ShardRunOptions options = Options();
+      options.scatter_piece_bytes = 64 << 10;
+      OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+      ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
+      problem.strategy = ShardPolicy::kSequence;
+      problem.stop = &mid;
+      problem.compute = compute;
+      const Communicator::Counters before = (*comm)->counters();
+      const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(counting, problem, options);
+      RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled,
+                 result.status().ToString());
+      const int64_t sent = (*comm)->counters().bytes_sent - before.bytes_sent;
+      const int64_t expected = workers * (kControlFrameBytes + kStopWordBytes) +
+                               (5 + 1 + 1) * kPieceWordBytes + 5 * (int64_t{64} << 10) + exchange;
+      RANK_CHECK(sent == expected, "mid-scatter: rank 0 sent ", sent,
+                 " bytes; frames, stop words, ", "7 piece words, 5 pieces and its exchange are ",
+                 expected);
     }
     if (int bad = CoordinateCase(flags, **comm, SweepCases()[1], flags.seed, compute)) return bad;
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
@@ -516,7 +581,7 @@ TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGr
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
-TEST(ShardedRunCancelTest, ARequestCancelledBeforeItsScatterSendsNoShareAndTheGroupGoesOn) {
+TEST(ShardedRunCancelTest, ARequestCancelledBeforeOrDuringItsScatterSendsNoMoreAndTheGroupGoesOn) {
   testing::RankGroup group(3, "scatter_cancel");
   for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
