@@ -62,9 +62,6 @@ ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
                         RankBuffers* buffers = nullptr, Communicator* plane = nullptr) {
   ShardRunOptions options;
   options.timeout = kTimeout;
-  // On a data plane the scatter goes in pieces of 16 KiB: tens per share, some across a batch
-  // boundary of a non-contiguous share (batch 2), instead of one piece per share.
-  if (plane != nullptr) options.scatter_piece_bytes = 16 << 10;
   if (compute != nullptr) options.compute = *compute;
   options.buffers = buffers;
   options.data_plane = plane;
@@ -176,7 +173,12 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   ShardedProblem problem = Problem(q.view(), k.view(), v.view(), c.spec, sharded.mutable_view());
   problem.strategy = c.strategy;
   problem.compute = compute;
-  const ShardRunOptions options = Options(nullptr, nullptr, plane);
+  ShardRunOptions options = Options(nullptr, nullptr, plane);
+  // The data-plane sweeps scatter in pieces of 16 KiB: tens per share, some across a batch
+  // boundary of a non-contiguous share (batch 2), instead of one piece per share.
+  if (flags.scenario == "plane" || flags.scenario == "plane_staged") {
+    options.scatter_piece_bytes = 16 << 10;
+  }
   const absl::StatusOr<ShardRunStats> stats = CoordinateShardedRun(comm, problem, options);
   RANK_CHECK(stats.ok(), c.name, ": ", stats.status().ToString());
   double max_abs = 0, max_diff = 0;
