@@ -506,12 +506,16 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     for (int r = 1; r < world && scattered.ok(); ++r) {
       const Share& share = run.layout().shares[r];
       const int64_t rows = shape.batch * share.tokens();
+      const bool contiguous = engine::ShareIsContiguous(shape, share);
       for (auto [view, kv] : {std::pair{&problem.q, false}, std::pair{&problem.k, true},
                               std::pair{&problem.v, true}}) {
         if (stopped || !scattered.ok() || rows == 0) break;
         const int64_t row_bytes = engine::ShareBytes(view->shape, share, view->dtype, kv) / rows;
         const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
-        const bool contiguous = engine::ShareIsContiguous(shape, share);
+        // Contiguous: the pieces are read in place from the whole tensor.
+        const uint8_t* start = contiguous ? engine::ShareStart(view->data, shape, share,
+                                                               view->shape.heads, view->dtype)
+                                          : nullptr;
         for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
           if (request_cancelled()) {
             stopped = true;
@@ -520,8 +524,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
           const int64_t r1 = std::min(rows, r0 + piece_rows);
           const void* data;
           if (contiguous) {
-            data = engine::ShareStart(view->data, shape, share, view->shape.heads, view->dtype) +
-                   r0 * row_bytes;
+            data = start + r0 * row_bytes;
           } else {
             buffer.resize((r1 - r0) * row_bytes);
             engine::CopyShareOutRows(*view, share, kv, r0, r1, buffer.data());
@@ -751,6 +754,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     const int64_t rows = header.shape.batch * run.share().tokens();
     if (rows == 0) return absl::OkStatus();
     for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
+      auto* share_data = static_cast<uint8_t*>(const_cast<void*>(view->data));
       const int64_t row_bytes = view->bytes / rows;
       const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
       for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
@@ -761,9 +765,8 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
           return absl::OkStatus();
         }
         const int64_t r1 = std::min(rows, r0 + piece_rows);
-        DA_RETURN_IF_ERROR(
-            run.plane().Recv(static_cast<uint8_t*>(const_cast<void*>(view->data)) + r0 * row_bytes,
-                             (r1 - r0) * row_bytes, 0, kScatterTag, options.timeout));
+        DA_RETURN_IF_ERROR(run.plane().Recv(share_data + r0 * row_bytes, (r1 - r0) * row_bytes, 0,
+                                            kScatterTag, options.timeout));
       }
     }
     return absl::OkStatus();
