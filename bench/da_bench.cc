@@ -10,7 +10,8 @@
 // (--check-rows).
 // Peaks: short samples of a throughput loop before, between and after the timed runs, the best
 // kept (bench/peak.h), on the vector unit of the path that ran: ymm FMAs when DA_CPU_ISA=avx2
-// forces the AVX2 kernel on an AVX-512 machine, bf16 dot products for bf16 precision.
+// forces the AVX2 kernel on an AVX-512 machine; for bf16 precision, bf16 dot products or AMX tile
+// products, whichever kernel ran (DA_CPU_BF16=avx512_bf16 forces the dot products on an AMX CPU).
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
@@ -200,7 +201,8 @@ int Main(int argc, char** argv) {
   const int threads = engine.threads();
   const engine::cpu::Isa isa = engine::cpu::SelectedIsa();
   PeakSampler fp32_peak(Fp32PeakLoopFor(isa), threads);
-  PeakSampler bf16_peak(Bf16PeakLoop(), threads);
+  const engine::cpu::Bf16Kernel bf16_kernel = engine::cpu::SelectedBf16Kernel(isa);
+  PeakSampler bf16_peak(Bf16PeakLoop(bf16_kernel), threads);
   // A run the engine placed on a GPU is held against that GPU's cuBLAS GEMM rate in the precision
   // it computed in (before and after the timed runs, the best kept), not the CPU's loops.
   // A copy: `info` is reassigned by the timed runs below.
@@ -251,10 +253,10 @@ int Main(int argc, char** argv) {
   const std::string peak_name =
       on_gpu ? absl::StrCat("cuBLAS ", GemmTypeName(gemm_type), " GEMM on ", gpu_peak.device_name)
              : PeakLoopName(used_peak.loop());
-  // The kernel that ran: the GPU's, the bf16 dot-product kernel, or the fp32 kernel of the
-  // selected ISA.
+  // The kernel that ran: the GPU's, the bf16 kernel (dot products or AMX tiles), or the fp32
+  // kernel of the selected ISA.
   const std::string kernel = on_gpu      ? first_device
-                             : bf16_used ? "avx512_bf16"
+                             : bf16_used ? engine::cpu::Bf16KernelName(bf16_kernel)
                                          : engine::cpu::IsaName(isa);
   const auto peak_json = [](const PeakSampler& p) {
     return nlohmann::json{{"loop", PeakLoopName(p.loop())},

@@ -16,12 +16,14 @@ float Bf16DotLoopAvx512(int64_t iterations);
 float Fp32FmaLoopAvx2(int64_t iterations);
 float Fp32FmaLoopXmm(int64_t iterations);
 float Fp32MulAddLoopSse(int64_t iterations);
+float Bf16TileLoopAmx(int64_t iterations);
 
 namespace {
 
 struct LoopInfo {
   float (*run)(int64_t iterations) = nullptr;
   double flops_per_iteration = 0.0;
+  double rate_scale = 1.0;  // About how many times a vector unit's rate: sizes a sample.
 };
 
 LoopInfo InfoFor(PeakLoop loop) {
@@ -36,6 +38,9 @@ LoopInfo InfoFor(PeakLoop loop) {
       return {Fp32MulAddLoopSse, 12 * 4};  // 6 mulps and 6 addps of 4 lanes.
     case PeakLoop::kFp32XmmFma:
       return {Fp32FmaLoopXmm, 12 * 4 * 2};  // 12 xmm FMAs of 4 lanes.
+    case PeakLoop::kBf16Amx:
+      // 4 tdpbf16ps of 16 x 16 x 32: about 3.5 TFLOP/s per core, so samples of 30x the FLOPs.
+      return {Bf16TileLoopAmx, 4 * 16 * 16 * 32 * 2, 30.0};
     case PeakLoop::kNone:
       break;
   }
@@ -64,7 +69,10 @@ PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa) {
   return PeakLoop::kNone;
 }
 
-PeakLoop Bf16PeakLoop() {
+PeakLoop Bf16PeakLoop(engine::cpu::Bf16Kernel kernel) {
+  if (kernel == engine::cpu::Bf16Kernel::kAmx && engine::cpu::HasAmxBf16()) {
+    return PeakLoop::kBf16Amx;
+  }
   return engine::DetectCpuFeatures().avx512_bf16 ? PeakLoop::kBf16Avx512 : PeakLoop::kNone;
 }
 
@@ -80,6 +88,8 @@ std::string PeakLoopName(PeakLoop loop) {
       return "sse2 xmm mul+add";
     case PeakLoop::kFp32XmmFma:
       return "xmm FMA";
+    case PeakLoop::kBf16Amx:
+      return "amx bf16 tile";
     case PeakLoop::kNone:
       break;
   }
@@ -90,7 +100,7 @@ void PeakSampler::Sample(int count) {
   const LoopInfo info = InfoFor(loop_);
   if (info.run == nullptr) return;
   const int64_t iterations =
-      static_cast<int64_t>(kFlopsPerThreadPerSample / info.flops_per_iteration);
+      static_cast<int64_t>(kFlopsPerThreadPerSample * info.rate_scale / info.flops_per_iteration);
   for (int i = 0; i < count; ++i) {
     std::atomic<float> sink{0.0f};
     const auto start = std::chrono::steady_clock::now();

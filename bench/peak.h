@@ -26,15 +26,18 @@ enum class PeakLoop {
   kBf16Avx512,  // bf16 dot products (vdpbf16ps: 2 products and 2 additions per fp32 lane pair).
   kFp32Sse,     // fp32 multiplies and adds on xmm registers (SSE2, no FMA), 6 + 6 accumulators.
   kFp32XmmFma,  // fp32 FMAs on xmm registers, 12 accumulators.
+  kBf16Amx,     // bf16 tile products (tdpbf16ps, 16 x 16 x 32), 4 accumulator tiles.
 };
 
 // The fp32 loop for the unit a kernel ISA runs on: zmm FMAs for avx512, ymm FMAs for avx2, and
 // for the portable kernel the 128-bit unit it was built for (xmm FMAs where it uses FMA, else
 // SSE2 multiplies and adds; x86 only).
 PeakLoop Fp32PeakLoopFor(engine::cpu::Isa isa);
-// kBf16Avx512 when the CPU has AVX512-BF16, else kNone.
-PeakLoop Bf16PeakLoop();
-// "avx512 zmm FMA", "avx2 ymm FMA", "avx512 bf16 dot", "sse2 xmm mul+add", "xmm FMA", "none".
+// The unit of the bf16 kernel `kernel` runs on: kBf16Amx for AMX, kBf16Avx512 for the dot-product
+// kernel (and for none, where the CPU has AVX512-BF16), else kNone.
+PeakLoop Bf16PeakLoop(engine::cpu::Bf16Kernel kernel);
+// "avx512 zmm FMA", "avx2 ymm FMA", "avx512 bf16 dot", "sse2 xmm mul+add", "xmm FMA",
+// "amx bf16 tile", "none".
 std::string PeakLoopName(PeakLoop loop);
 
 class PeakSampler {

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "engine/cpu/attention_kernel.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/widen_rows.h"
+#include "engine/device.h"
 #include "engine/reference/reference_backend.h"
 #include "engine/test_tensors.h"
 #include "engine/thread_pool.h"
@@ -25,10 +27,15 @@ using testing::OwnedTensor;
 
 class CpuKernelTest : public ::testing::Test {
  protected:
+  std::optional<cpu::Bf16Kernel> bf16_kernel_;  // Unset: the selected one.
+
   void SetUp() override {
     const std::string missing = testing::MissingRequestedIsa();
     if (!missing.empty()) GTEST_SKIP() << missing;
   }
+
+  // The backend under test: the selected paths, or the bf16 kernel a test names.
+  CpuBackend Backend() const { return CpuBackend(cpu::SelectedIsa(), {}, bf16_kernel_); }
 
   // Runs the CPU backend and the reference on fresh inputs and compares them.
   void ExpectMatchesReference(Shape4 shape, int64_t kv_heads, AttentionSpec spec, int threads,
@@ -44,13 +51,14 @@ class CpuKernelTest : public ::testing::Test {
     ASSERT_TRUE(ReferenceBackend()
                     .Run(q.view(), k.view(), v.view(), spec, expected.mutable_view(), {&pool})
                     .ok());
+    CpuBackend backend = Backend();
     ASSERT_TRUE(
-        CpuBackend().Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());
-    const std::string where = "N=" + std::to_string(shape.seq_len) +
-                              " D=" + std::to_string(shape.head_dim) + " patterns " +
-                              spec.PatternsToString() + (spec.causal ? " causal" : "") +
-                              " threads " + std::to_string(threads);
-    if (CpuBackend().ChoosePrecision(spec)->precision == Precision::kBFloat16) {
+        backend.Run(q.view(), k.view(), v.view(), spec, actual.mutable_view(), {&pool}).ok());
+    const std::string where =
+        "N=" + std::to_string(shape.seq_len) + " D=" + std::to_string(shape.head_dim) +
+        " patterns " + spec.PatternsToString() + (spec.causal ? " causal" : "") + " threads " +
+        std::to_string(threads) + " bf16 kernel " + cpu::Bf16KernelName(backend.bf16_kernel());
+    if (backend.ChoosePrecision(spec)->precision == Precision::kBFloat16) {
       EXPECT_LE(testing::RelativeL2(actual, expected), testing::kBf16RelativeL2) << where;
       EXPECT_EQ(testing::Compare(actual, expected, {5e-2, 5e-2}), "") << where;
     } else {
@@ -256,8 +264,10 @@ TEST_F(CpuKernelTest, ARunCancelledBeforeItStartsWritesNothing) {
   }
 }
 
-// bf16 products: the same boundaries and head dims, held to the bf16 error bound.
-class CpuKernelBf16Test : public CpuKernelTest {
+// bf16 products: the same boundaries and head dims, held to the bf16 error bound, once per bf16
+// kernel (vdpbf16ps and AMX tiles), each skipped where the CPU lacks it.
+class CpuKernelBf16Test : public CpuKernelTest,
+                          public ::testing::WithParamInterface<cpu::Bf16Kernel> {
  protected:
   void SetUp() override {
     CpuKernelTest::SetUp();
@@ -265,10 +275,22 @@ class CpuKernelBf16Test : public CpuKernelTest {
     if (!(CpuBackend().isa() == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts())) {
       GTEST_SKIP() << "no AVX512-BF16 on this path";
     }
+    if (GetParam() == cpu::Bf16Kernel::kAmx && !cpu::HasAmxBf16()) {
+      GTEST_SKIP() << "no AMX-BF16 on this CPU (or the OS did not grant the tile state): "
+                   << DetectCpuFeatures().ToString();
+    }
+    bf16_kernel_ = GetParam();
+    ASSERT_EQ(Backend().bf16_kernel(), GetParam());
   }
 };
 
-TEST_F(CpuKernelBf16Test, KeptCountsAtTileBoundaries) {
+INSTANTIATE_TEST_SUITE_P(Kernels, CpuKernelBf16Test,
+                         ::testing::Values(cpu::Bf16Kernel::kDotProducts, cpu::Bf16Kernel::kAmx),
+                         [](const ::testing::TestParamInfo<cpu::Bf16Kernel>& info) {
+                           return cpu::Bf16KernelName(info.param);
+                         });
+
+TEST_P(CpuKernelBf16Test, KeptCountsAtTileBoundaries) {
   for (int64_t kept : {int64_t{1}, cpu::kRowAlign + 1, cpu::kKeyAlign - 1, cpu::kKeyAlign + 1,
                        cpu::kKeyBlock - 1, cpu::kKeyBlock + 1}) {
     for (bool causal : {false, true}) {
@@ -279,7 +301,7 @@ TEST_F(CpuKernelBf16Test, KeptCountsAtTileBoundaries) {
   }
 }
 
-TEST_F(CpuKernelBf16Test, HeadDimsAndModes) {
+TEST_P(CpuKernelBf16Test, HeadDimsAndModes) {
   for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
     for (int64_t head_dim : {1, 16, 17, 48, 64, 128}) {
       AttentionSpec spec;
@@ -292,7 +314,18 @@ TEST_F(CpuKernelBf16Test, HeadDimsAndModes) {
   }
 }
 
-TEST_F(CpuKernelBf16Test, HalfPrecisionInputs) {
+// Segments of several key blocks with sharp scores (scale 0.5 at D = 64: scores of a few units),
+// so that later blocks raise the running max and each block's correction of the output matters.
+TEST_P(CpuKernelBf16Test, SharpScoresOverSeveralKeyBlocks) {
+  for (bool causal : {false, true}) {
+    AttentionSpec spec = OneSegment(3 * cpu::kKeyBlock + 5, causal);
+    spec.precision = Precision::kBFloat16;
+    spec.softmax_scale = 0.5;
+    ExpectMatchesReference({1, 3 * cpu::kKeyBlock + 5, 2, 64}, 1, spec, 2);
+  }
+}
+
+TEST_P(CpuKernelBf16Test, HalfPrecisionInputs) {
   for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
     AttentionSpec spec = OneSegment(700, true);
     spec.precision = Precision::kAuto;  // AUTO picks bf16 on this path.

@@ -71,6 +71,7 @@ std::string CpuFeatures::ToString() const {
   if (avx512f) names.push_back("avx512f");
   if (avx512_bf16) names.push_back("avx512_bf16");
   if (avx512_fp16) names.push_back("avx512_fp16");
+  if (amx_bf16) names.push_back("amx_bf16");
   return absl::StrJoin(names, " ");
 }
 
@@ -86,8 +87,18 @@ CpuFeatures DetectCpuFeatures() {
   // leaf 1 ECX bit 29 (F16C) and leaf 7 EDX bit 23 (AVX512-FP16).
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) f.f16c = (ecx >> 29) & 1;
-  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx))
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) {
     f.avx512_fp16 = f.avx512f && ((edx >> 23) & 1);
+    // Leaf 7 EDX bit 22: AMX-BF16, bit 24: AMX-TILE; XCR0 bits 17 and 18: the OS saves the tile
+    // configuration and data (read only when leaf 1 ECX bit 27, OSXSAVE, says XGETBV works).
+    const bool amx = ((edx >> 22) & 1) && ((edx >> 24) & 1);
+    unsigned eax1 = 0, ebx1 = 0, ecx1 = 0, edx1 = 0;
+    if (amx && __get_cpuid(1, &eax1, &ebx1, &ecx1, &edx1) && ((ecx1 >> 27) & 1)) {
+      uint32_t xcr0_low = 0, xcr0_high = 0;
+      __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+      f.amx_bf16 = (xcr0_low & (3u << 17)) == (3u << 17);
+    }
+  }
 #endif
   return f;
 }

@@ -40,6 +40,8 @@ struct CpuFeatures {
   bool avx512_bf16 = false;
   bool avx512_fp16 = false;
   bool f16c = false;
+  // AMX-TILE and AMX-BF16, with the tile state enabled in XCR0 by the OS.
+  bool amx_bf16 = false;
   std::string ToString() const;  // "avx2 fma avx512f ...".
 };
 CpuFeatures DetectCpuFeatures();

@@ -3,6 +3,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "engine/device.h"
 
 namespace da::engine::cpu {
@@ -12,8 +17,10 @@ int64_t KernelScratchFloats(int64_t dim_pad) {
 }
 
 int64_t KernelBf16ScratchFloats(int64_t rows_pad, int64_t keys_pad, int64_t dim_pad) {
-  // bf16 halves of q, kt and v, plus one row-panel of bf16 weights, counted in floats.
-  return (rows_pad * dim_pad + 2 * keys_pad * dim_pad) / 2 + 8 * kKeyBlock;
+  // bf16 halves of q (its rows padded to a whole panel of kMaxPanelRows), kt and v, plus one
+  // panel of bf16 weights, counted in floats.
+  return (RoundUp(rows_pad, kMaxPanelRows) * dim_pad + 2 * keys_pad * dim_pad) / 2 +
+         kMaxPanelRows * kKeyBlock / 2;
 }
 
 bool HasBf16DotProducts() {
@@ -21,7 +28,56 @@ bool HasBf16DotProducts() {
   return f.avx512f && f.avx512_bf16;
 }
 
-void RunSegmentKernelBf16(const SegmentKernelArgs& args) { avx512_bf16::RunSegment(args); }
+bool HasAmxBf16() {
+  static const bool granted = [] {
+    const CpuFeatures f = DetectCpuFeatures();
+    if (!(f.avx512f && f.avx512_bf16 && f.amx_bf16)) return false;
+#if defined(__linux__) && defined(__x86_64__)
+    // Linux keeps AMX's 8 KiB of tile data out of a process's state until it asks for it.
+    constexpr long kArchReqXcompPerm = 0x1023;
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return granted;
+}
+
+std::string Bf16KernelName(Bf16Kernel kernel) {
+  switch (kernel) {
+    case Bf16Kernel::kNone:
+      return "none";
+    case Bf16Kernel::kDotProducts:
+      return "avx512_bf16";
+    case Bf16Kernel::kAmx:
+      return "amx_bf16";
+  }
+  return "unknown";
+}
+
+Bf16Kernel BestBf16Kernel(Isa isa) {
+  if (isa != Isa::kAvx512 || !HasBf16DotProducts()) return Bf16Kernel::kNone;
+  return HasAmxBf16() ? Bf16Kernel::kAmx : Bf16Kernel::kDotProducts;
+}
+
+Bf16Kernel SelectedBf16Kernel(Isa isa) {
+  const Bf16Kernel best = BestBf16Kernel(isa);
+  const char* wanted = std::getenv("DA_CPU_BF16");
+  if (best != Bf16Kernel::kNone && wanted != nullptr &&
+      std::string(wanted) == Bf16KernelName(Bf16Kernel::kDotProducts)) {
+    return Bf16Kernel::kDotProducts;
+  }
+  return best;
+}
+
+void RunSegmentKernelBf16(Bf16Kernel kernel, const SegmentKernelArgs& args) {
+  if (kernel == Bf16Kernel::kAmx) {
+    amx_bf16::RunSegment(args);
+  } else {
+    avx512_bf16::RunSegment(args);
+  }
+}
 
 std::string IsaName(Isa isa) {
   switch (isa) {

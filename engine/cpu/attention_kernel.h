@@ -18,12 +18,12 @@
 namespace da::engine::cpu {
 
 // Padding every packed buffer honours, so that no ISA ever needs a tail loop.
-constexpr int64_t kDimAlign = 16;     // head_dim is padded to a multiple of this (zeros).
-constexpr int64_t kKeyAlign = 64;     // Key counts are padded to a multiple of this (zeros).
-constexpr int64_t kRowAlign = 8;      // Query rows are padded to a multiple of this (zeros).
-constexpr int64_t kKeyBlock = 512;    // Keys per online-softmax step (a multiple of kKeyAlign).
-constexpr int64_t kMaxPanelRows = 8;  // Query rows per kernel panel, at most (every ISA's kRows).
-constexpr int kGroupPanels = 16;      // Panels that share each key block (kernel_body.inc).
+constexpr int64_t kDimAlign = 16;      // head_dim is padded to a multiple of this (zeros).
+constexpr int64_t kKeyAlign = 64;      // Key counts are padded to a multiple of this (zeros).
+constexpr int64_t kRowAlign = 8;       // Query rows are padded to a multiple of this (zeros).
+constexpr int64_t kKeyBlock = 512;     // Keys per online-softmax step (a multiple of kKeyAlign).
+constexpr int64_t kMaxPanelRows = 16;  // Query rows per kernel panel, at most (every ISA's kRows).
+constexpr int kGroupPanels = 16;       // Panels that share each key block (kernel_body.inc).
 
 inline int64_t RoundUp(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
@@ -74,9 +74,30 @@ void RunSegmentKernel(Isa isa, const SegmentKernelArgs& args);
 // True when this CPU has AVX512-BF16 dot products (vdpbf16ps).
 bool HasBf16DotProducts();
 
+// True when this CPU has AMX-TILE and AMX-BF16 tiles besides AVX512-BF16, and the OS granted this
+// process the tile state (Linux 5.16+, arch_prctl ARCH_REQ_XCOMP_PERM: asked once, here).
+bool HasAmxBf16();
+
+// The kernels that compute in bf16 (bf16 products, fp32 accumulation), fastest last.
+enum class Bf16Kernel {
+  kNone,         // No bf16 kernel on this path: bf16 is not offered.
+  kDotProducts,  // AVX512-BF16 vdpbf16ps on zmm registers (kernel_avx512_bf16.cc).
+  kAmx,          // AMX tdpbf16ps on tiles (kernel_amx_bf16.cc).
+};
+
+// "none", "avx512_bf16", "amx_bf16".
+std::string Bf16KernelName(Bf16Kernel kernel);
+// The fastest bf16 kernel for the fp32 path `isa`: none unless it is AVX-512 on a CPU with
+// AVX512-BF16; AMX where HasAmxBf16().
+Bf16Kernel BestBf16Kernel(Isa isa);
+// BestBf16Kernel, or the dot-product kernel when DA_CPU_BF16=avx512_bf16 asks for it (and
+// there is a bf16 kernel at all).
+Bf16Kernel SelectedBf16Kernel(Isa isa);
+
 // The same contract with bf16 products and fp32 accumulation: q, kt, v and the softmax weights are
-// rounded to bf16 (8 significant bits) before each product. Requires HasBf16DotProducts().
-void RunSegmentKernelBf16(const SegmentKernelArgs& args);
+// rounded to bf16 (8 significant bits) before each product. `kernel` must be available (not
+// kNone; kAmx only where HasAmxBf16()); args.bf16_scratch must be set.
+void RunSegmentKernelBf16(Bf16Kernel kernel, const SegmentKernelArgs& args);
 
 // One entry per instruction set; each is compiled with its own target flags.
 namespace avx512 {
@@ -95,6 +116,9 @@ void RunSegment(const SegmentKernelArgs& args);
 bool UsesFma();
 }  // namespace portable
 namespace avx512_bf16 {
+void RunSegment(const SegmentKernelArgs& args);
+}
+namespace amx_bf16 {
 void RunSegment(const SegmentKernelArgs& args);
 }
 

@@ -36,16 +36,21 @@ const bool kRegistered = RegisterBackend(
 
 std::vector<Precision> CpuBackend::Precisions() const { return SupportedPrecisions(capabilities_); }
 
-CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision)
+CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision,
+                       std::optional<cpu::Bf16Kernel> bf16_kernel)
     : isa_(isa),
-      bf16_(isa == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts()),
+      // A named kernel where this path has it (the enum goes slowest to fastest).
+      bf16_kernel_(bf16_kernel.has_value() && *bf16_kernel != cpu::Bf16Kernel::kNone &&
+                           *bf16_kernel <= cpu::BestBf16Kernel(isa)
+                       ? *bf16_kernel
+                       : cpu::SelectedBf16Kernel(isa)),
       capabilities_(CpuCapabilities(isa == cpu::Isa::kAvx512)),
       precision_options_(precision) {}
 CpuBackend::~CpuBackend() = default;
 
 absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key,
                                                             const std::atomic<bool>* stop) {
-  if (key.precision == Precision::kBFloat16 && !bf16_) {
+  if (key.precision == Precision::kBFloat16 && bf16_kernel_ == cpu::Bf16Kernel::kNone) {
     return absl::InvalidArgumentError("bf16 plan requested on a CPU path without AVX512-BF16");
   }
   if (key.precision != Precision::kBFloat16 && key.precision != Precision::kFloat32) {
@@ -152,7 +157,8 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
         io.dim_pad = z.dim_pad;
         io.q_factor = q_factor;
         io.causal = p.spec.causal;
-        if (cpu::RunSegmentTask(isa_, z.bf16, io, ts, context.cancelled)) {
+        if (cpu::RunSegmentTask(isa_, z.bf16 ? bf16_kernel_ : cpu::Bf16Kernel::kNone, io, ts,
+                                context.cancelled)) {
           fold.AddTask(task, ts, local_head, share.token_begin);
         }
       }));

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "engine/backend.h"
@@ -24,12 +25,17 @@ namespace da::engine {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(cpu::Isa isa = cpu::SelectedIsa(), PrecisionPolicyOptions precision = {});
+  // `bf16_kernel`: the kernel of bf16 runs (tests name one); by default SelectedBf16Kernel(isa).
+  // A kernel this path does not have (kAmx without cpu::HasAmxBf16(), any without AVX512-BF16)
+  // is not run: the default is taken instead.
+  explicit CpuBackend(cpu::Isa isa = cpu::SelectedIsa(), PrecisionPolicyOptions precision = {},
+                      std::optional<cpu::Bf16Kernel> bf16_kernel = std::nullopt);
   ~CpuBackend() override;
 
   std::string Name() const override { return "cpu"; }
   std::vector<Precision> Precisions() const override;
   cpu::Isa isa() const { return isa_; }
+  cpu::Bf16Kernel bf16_kernel() const { return bf16_kernel_; }
 
   // The PrecisionPolicy for this CPU: fp32 always; bf16 dot products (fp32 accumulation) when the
   // CPU has AVX512-BF16 and the AVX-512 path is selected. fp16 and fp8 are not offered on CPUs.
@@ -46,7 +52,7 @@ class CpuBackend final : public Backend {
 
  private:
   cpu::Isa isa_;
-  bool bf16_;  // The CPU has AVX512-BF16 and the AVX-512 path is selected.
+  cpu::Bf16Kernel bf16_kernel_;  // kNone unless the CPU has AVX512-BF16 on the AVX-512 path.
   DeviceCapabilities capabilities_;
   PrecisionPolicyOptions precision_options_;
 };

@@ -1,7 +1,8 @@
 // The kernel with bf16 dot products (AVX512-BF16 vdpbf16ps) and fp32 accumulation.
 //
 // vdpbf16ps adds, per fp32 lane, the products of two adjacent bf16 pairs. So the operands are
-// re-packed from the fp32 tiles into pairs along the reduction dimension of each product:
+// re-packed from the fp32 tiles into pairs along the reduction dimension of each product
+// (bf16_pack_avx512.inc):
 //   scores  S = Q K^T: q as [rows][dim_pad/2] pairs along d, broadcast; kt as
 //           [dim_pad/2][keys_pad][2] (for each d-pair, every key's two values side by side);
 //   values  O += P V: the softmax weights as [kRows][kb/2] pairs along keys, broadcast; v as
@@ -22,30 +23,8 @@ namespace {
 constexpr int kRows = 4;
 constexpr int kCols = 4;
 
+#include "engine/cpu/bf16_pack_avx512.inc"
 #include "engine/cpu/kernel_body.inc"
-
-// 16 lanes of (bf16(lo[i]), bf16(hi[i])) pairs, lo in the low half of each 32-bit lane.
-inline __m512i PairUp(__m512 lo, __m512 hi) {
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
-}
-
-// dst[i][j] = pair(a[i][j], b[i][j]) for two fp32 rows of `count` (a multiple of 16) values.
-inline void PairRows(const float* a, const float* b, int64_t count, uint32_t* dst) {
-  for (int64_t j = 0; j < count; j += 16) {
-    _mm512_storeu_si512(dst + j, PairUp(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)));
-  }
-}
-
-// Rounds `count` (a multiple of 32) floats to bf16, in order.
-inline void ToBf16(const float* src, int64_t count, uint16_t* dst) {
-  for (int64_t j = 0; j < count; j += 32) {
-    const __m512bh packed =
-        _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + j + 16), _mm512_loadu_ps(src + j));
-    _mm512_storeu_si512(dst + j, (__m512i)packed);
-  }
-}
 
 struct Bf16Tiles {
   static constexpr int kPanelRows = kRows;
@@ -146,24 +125,8 @@ struct Bf16Tiles {
 }  // namespace
 
 void RunSegment(const SegmentKernelArgs& a) {
-  const int64_t dim_pad = a.dim_pad;
-  const int64_t rows_pad = RoundUp(a.row_end - a.row_begin, kRowAlign);
-  uint32_t* q = reinterpret_cast<uint32_t*>(a.bf16_scratch);
-  uint32_t* kt = q + rows_pad * dim_pad / 2;
-  uint32_t* v = kt + a.keys_pad * dim_pad / 2;
-  uint32_t* p = v + a.keys_pad * dim_pad / 2;
-  // q rows: pairs along d are adjacent already.
-  ToBf16(a.q, rows_pad * dim_pad, reinterpret_cast<uint16_t*>(q));
-  // kt [dim_pad][keys_pad] -> [dim_pad/2][keys_pad] pairs of rows d = 2i, 2i + 1.
-  for (int64_t i = 0; i < dim_pad / 2; ++i) {
-    PairRows(a.kt + 2 * i * a.keys_pad, a.kt + (2 * i + 1) * a.keys_pad, a.keys_pad,
-             kt + i * a.keys_pad);
-  }
-  // v [keys_pad][dim_pad] -> [keys_pad/2][dim_pad] pairs of keys 2c, 2c + 1.
-  for (int64_t c = 0; c < a.keys_pad / 2; ++c) {
-    PairRows(a.v + 2 * c * dim_pad, a.v + (2 * c + 1) * dim_pad, dim_pad, v + c * dim_pad);
-  }
-  RunPanels(a, Bf16Tiles{a, q, kt, v, p}, a.row_begin, a.row_end);
+  const Bf16Operands o = PackBf16Operands(a);
+  RunPanels(a, Bf16Tiles{a, o.q, o.kt, o.v, o.p}, a.row_begin, a.row_end);
 }
 
 }  // namespace da::engine::cpu::avx512_bf16

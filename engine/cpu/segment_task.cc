@@ -78,7 +78,7 @@ void Pack(const RowSource& src, int64_t begin, int64_t end, float factor, bool t
 
 }  // namespace
 
-bool RunSegmentTask(Isa isa, bool bf16, const SegmentTaskIo& io, ThreadSpace& ts,
+bool RunSegmentTask(Isa isa, Bf16Kernel bf16, const SegmentTaskIo& io, ThreadSpace& ts,
                     const std::atomic<bool>* cancelled) {
   const auto stopped = [&] { return cancelled != nullptr && cancelled->load(); };
   const int64_t dim_pad = io.dim_pad;
@@ -115,9 +115,9 @@ bool RunSegmentTask(Isa isa, bool bf16, const SegmentTaskIo& io, ThreadSpace& ts
   args.lse = ts.lse.data();
   args.scratch = ts.scratch.data();
   args.cancelled = cancelled;
-  if (bf16) {
+  if (bf16 != Bf16Kernel::kNone) {
     args.bf16_scratch = ts.bf16.data();
-    RunSegmentKernelBf16(args);
+    RunSegmentKernelBf16(bf16, args);
   } else {
     RunSegmentKernel(isa, args);
   }

@@ -7,7 +7,7 @@
 //   DA_RETURN_IF_ERROR(fold.Reset(pool, cancelled));  // zeroes out / resets LONGNET
 //   DA_RETURN_IF_ERROR(RunLoops(loops, pool, cancelled, "cpu run", [&](const Task& t, int th) {
 //     SegmentTaskIo io{.q = TensorRows(q, b, head, kept), .k = ..., .v = ..., ...};
-//     if (RunSegmentTask(isa, bf16, io, workspace.threads[th], cancelled))
+//     if (RunSegmentTask(isa, bf16_kernel, io, workspace.threads[th], cancelled))
 //       fold.AddTask(t, workspace.threads[th], head);
 //   }));
 //   DA_RETURN_IF_ERROR(fold.Finish(pool, cancelled));  // LONGNET: out = acc / weight
@@ -67,8 +67,9 @@ struct SegmentTaskIo {
 };
 
 // Packs and runs the kernel; on return ts.out holds row_end - row_begin rows of dim_pad floats
-// and ts.lse their LSEs. False when `cancelled` turned true (the rows are then not valid).
-bool RunSegmentTask(Isa isa, bool bf16, const SegmentTaskIo& io, ThreadSpace& ts,
+// and ts.lse their LSEs, computed by the fp32 kernel of `isa`, or in bf16 by `bf16` unless it is
+// kNone. False when `cancelled` turned true (the rows are then not valid).
+bool RunSegmentTask(Isa isa, Bf16Kernel bf16, const SegmentTaskIo& io, ThreadSpace& ts,
                     const std::atomic<bool>* cancelled);
 
 // LONGNET: folds one pattern's normalised row `src` with log-sum-exp `lse` into the running
