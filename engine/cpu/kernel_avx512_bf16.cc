@@ -18,6 +18,7 @@
 namespace da::engine::cpu::avx512_bf16 {
 namespace {
 
+constexpr int kExp2Degree = 7;  // vec_avx512.inc's exp2 polynomial.
 #include "engine/cpu/vec_avx512.inc"
 
 constexpr int kRows = 4;
