@@ -213,14 +213,22 @@ TEST(CpuBackendTest, RejectsPrecisionItCannotCompute) {
   }
 }
 
-TEST(CpuBackendTest, AutoPicksBf16ExactlyWhenTheCpuHasIt) {
+// AUTO picks bf16 where the CPU has a bf16 kernel that beats fp32: AMX tiles, or vdpbf16ps on
+// AMD; fp32 where its bf16 kernel is vdpbf16ps on another vendor (slower than fp32, measured).
+TEST(CpuBackendTest, AutoPicksBf16ExactlyWhenTheCpuHasAFasterBf16Kernel) {
   AttentionSpec spec;
   spec.patterns = {{8, 1}};
   const CpuBackend backend;
   absl::StatusOr<PrecisionChoice> choice = backend.ChoosePrecision(spec);
   ASSERT_TRUE(choice.ok());
   const bool bf16 = backend.isa() == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts();
-  EXPECT_EQ(choice->precision, bf16 ? Precision::kBFloat16 : Precision::kFloat32);
+  const bool faster =
+      backend.bf16_kernel() == cpu::Bf16Kernel::kAmx || (bf16 && DetectCpuFeatures().amd);
+  EXPECT_EQ(choice->precision, faster ? Precision::kBFloat16 : Precision::kFloat32)
+      << choice->reason;
+  if (bf16 && !faster) {
+    EXPECT_NE(choice->reason.find("slower than fp32"), std::string::npos) << choice->reason;
+  }
   EXPECT_FALSE(choice->reason.empty());
   spec.precision = Precision::kBFloat16;
   EXPECT_EQ(backend.ChoosePrecision(spec).ok(), bf16);

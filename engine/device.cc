@@ -86,6 +86,10 @@ CpuFeatures DetectCpuFeatures() {
   // clang 14 (the fuzz build) knows neither feature name, so these two are read from CPUID:
   // leaf 1 ECX bit 29 (F16C) and leaf 7 EDX bit 23 (AVX512-FP16).
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  // Leaf 0: the vendor string in EBX, EDX, ECX ("Auth" "enti" "cAMD").
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+    f.amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;
+  }
   if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) f.f16c = (ecx >> 29) & 1;
   if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) {
     f.avx512_fp16 = f.avx512f && ((edx >> 23) & 1);

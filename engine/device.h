@@ -42,6 +42,7 @@ struct CpuFeatures {
   bool f16c = false;
   // AMX-TILE and AMX-BF16, with the tile state enabled in XCR0 by the OS.
   bool amx_bf16 = false;
+  bool amd = false;  // The vendor is "AuthenticAMD" (not a feature: ToString leaves it out).
   std::string ToString() const;  // "avx2 fma avx512f ...".
 };
 CpuFeatures DetectCpuFeatures();

@@ -1,5 +1,6 @@
 #include "engine/precision_policy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -167,14 +168,19 @@ std::string DeviceCapabilities::Describe() const {
   if (cpu.avx512f && cpu.avx512_bf16 && !cpu_bf16_kernel) {
     absl::StrAppend(&features, "; bf16 kernel not selected");
   }
+  // And why AUTO passes over bf16 where it is offered.
+  if (cpu_bf16_kernel && cpu_bf16_slower) {
+    absl::StrAppend(&features, "; bf16 dot products slower than fp32 here");
+  }
   return absl::StrCat("cpu (", features, ")");
 }
 
-DeviceCapabilities CpuCapabilities(bool avx512_path_selected) {
+DeviceCapabilities CpuCapabilities(bool avx512_path_selected, bool bf16_on_amx) {
   DeviceCapabilities caps;
   caps.kind = DeviceCapabilities::Kind::kCpu;
   caps.cpu = DetectCpuFeatures();
   caps.cpu_bf16_kernel = avx512_path_selected && caps.cpu.avx512f && caps.cpu.avx512_bf16;
+  caps.cpu_bf16_slower = caps.cpu_bf16_kernel && !bf16_on_amx && !caps.cpu.amd;
   return caps;
 }
 
@@ -209,6 +215,10 @@ std::vector<Precision> SupportedPrecisions(const DeviceCapabilities& caps) {
   if (row == nullptr) return supported;
   for (Precision p : kFastestFirst) {
     if (row->precisions & Mask({p})) supported.push_back(p);
+  }
+  if (caps.kind == Kind::kCpu && caps.cpu_bf16_slower) {
+    std::stable_partition(supported.begin(), supported.end(),
+                          [](Precision p) { return p == Precision::kFloat32; });
   }
   return supported;
 }

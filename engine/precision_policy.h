@@ -35,15 +35,21 @@ struct DeviceCapabilities {
   CpuFeatures cpu;               // kCpu: the features cpuid reports.
   bool cpu_bf16_kernel = false;  // kCpu: the bf16 kernel can run (avx512f, avx512_bf16 and the
                                  // AVX-512 path selected).
-  int cuda_sm = 0;               // kCuda: compute capability as major * 10 + minor, e.g. 90.
+  // kCpu: that kernel is slower than the fp32 one on this CPU, so AUTO prefers fp32 (bf16 stays
+  // available when asked for). vdpbf16ps on Intel: 0.70-0.75x the fp32 kernel, measured
+  // (docs/PERFORMANCE.md, "bf16 on AMX tiles"); on AMD Zen 4 it is 1.6x, and AMX tiles 2.2-3.4x.
+  bool cpu_bf16_slower = false;
+  int cuda_sm = 0;  // kCuda: compute capability as major * 10 + minor, e.g. 90.
 
   // "cpu (avx2 fma avx512f avx512_bf16)", "cuda sm_90"; names the device in reasons and errors.
   std::string Describe() const;
 };
 
 // This CPU, from DetectCpuFeatures(); avx512_path_selected: the CPU backend runs its AVX-512
-// kernels (not forced to AVX2 or portable code by DA_CPU_ISA).
-DeviceCapabilities CpuCapabilities(bool avx512_path_selected);
+// kernels (not forced to AVX2 or portable code by DA_CPU_ISA); bf16_on_amx: its bf16 kernel is
+// the AMX one. The bf16 kernel counts as slower than fp32 on a CPU that is not AMD and runs it on
+// vdpbf16ps.
+DeviceCapabilities CpuCapabilities(bool avx512_path_selected, bool bf16_on_amx);
 // A CUDA device of compute capability major.minor (cudaDeviceProp::major, ::minor).
 DeviceCapabilities CudaCapabilities(int major, int minor);
 
@@ -56,7 +62,8 @@ double ErrorBound(Precision precision);
 constexpr double kDefaultTolerance = 2e-2;
 
 // The precisions caps can compute in, fastest first (fp8, bf16, fp16, fp32; bf16 and fp16 run at
-// the same rate, bf16 comes first for its range). Empty for a device the policy cannot use.
+// the same rate, bf16 comes first for its range; fp32 before bf16 on a CPU whose bf16 kernel is
+// the slower). Empty for a device the policy cannot use.
 std::vector<Precision> SupportedPrecisions(const DeviceCapabilities& caps);
 
 // "fp16, fp32"; "none" for an empty list.

@@ -22,7 +22,8 @@ constexpr std::optional<Precision> kRefused = std::nullopt;
 
 constexpr std::array<Precision, 5> kWishes = {kAuto, kF32, kBf16, kF16, kF8};
 
-DeviceCapabilities Cpu(bool avx2, bool avx512f, bool avx512_bf16, bool bf16_kernel) {
+DeviceCapabilities Cpu(bool avx2, bool avx512f, bool avx512_bf16, bool bf16_kernel,
+                       bool bf16_slower = false) {
   DeviceCapabilities caps;
   caps.kind = DeviceCapabilities::Kind::kCpu;
   caps.cpu.avx2 = avx2;
@@ -30,6 +31,7 @@ DeviceCapabilities Cpu(bool avx2, bool avx512f, bool avx512_bf16, bool bf16_kern
   caps.cpu.avx512f = avx512f;
   caps.cpu.avx512_bf16 = avx512_bf16;
   caps.cpu_bf16_kernel = bf16_kernel;
+  caps.cpu_bf16_slower = bf16_slower;
   return caps;
 }
 
@@ -58,6 +60,10 @@ std::vector<TableRow> Table() {
   const PerWish fp8{kBf16, kF32, kBf16, kF16, kF8};
   const PerWish cpu_bf16{kBf16, kF32, kBf16, kRefused, kRefused};
   const PerWish cpu_bf16_fb{kBf16, kF32, kBf16, kBf16, kBf16};
+  // AUTO takes fp32 where the bf16 kernel is the slower; bf16 is still there when asked for, and
+  // still the nearest to fp16 and fp8 (fallback goes by precision, not speed).
+  const PerWish cpu_slow_bf16{kF32, kF32, kBf16, kRefused, kRefused};
+  const PerWish cpu_slow_bf16_fb{kF32, kF32, kBf16, kBf16, kBf16};
   const PerWish none{kRefused, kRefused, kRefused, kRefused, kRefused};
   return {
       {"sm_50", CudaCapabilities(5, 0), "none", none, none},
@@ -78,6 +84,8 @@ std::vector<TableRow> Table() {
       {"cpu avx512_bf16, avx2 path", Cpu(true, true, true, false), "fp32", fp32_only, fp32_only_fb},
       {"cpu avx512_bf16, avx512 path", Cpu(true, true, true, true), "bf16, fp32", cpu_bf16,
        cpu_bf16_fb},
+      {"cpu avx512_bf16, avx512 path, bf16 the slower", Cpu(true, true, true, true, true),
+       "fp32, bf16", cpu_slow_bf16, cpu_slow_bf16_fb},
   };
 }
 
@@ -239,15 +247,24 @@ TEST(PrecisionPolicyTest, CapabilitiesAndDescriptions) {
   EXPECT_EQ(CudaCapabilities(10, 0).Describe(), "cuda sm_100");
   EXPECT_EQ(Cpu(true, true, true, true).Describe(), "cpu (avx2 fma avx512f avx512_bf16)");
   EXPECT_EQ(Cpu(false, false, false, false).Describe(), "cpu (no avx2 or avx512)");
+  EXPECT_EQ(Cpu(true, true, true, true, true).Describe(),
+            "cpu (avx2 fma avx512f avx512_bf16; bf16 dot products slower than fp32 here)");
 
   const CpuFeatures features = DetectCpuFeatures();
   const bool bf16_hardware = features.avx512f && features.avx512_bf16;
-  const DeviceCapabilities selected = CpuCapabilities(true);
-  EXPECT_EQ(selected.kind, DeviceCapabilities::Kind::kCpu);
-  EXPECT_EQ(selected.cpu.ToString(), features.ToString());
-  EXPECT_EQ(selected.cpu_bf16_kernel, bf16_hardware);
-  EXPECT_FALSE(CpuCapabilities(false).cpu_bf16_kernel);
-  EXPECT_EQ(ChoosePrecision(selected, kAuto)->precision, bf16_hardware ? kBf16 : kF32);
+  for (bool amx : {false, true}) {
+    const DeviceCapabilities selected = CpuCapabilities(true, amx);
+    EXPECT_EQ(selected.kind, DeviceCapabilities::Kind::kCpu);
+    EXPECT_EQ(selected.cpu.ToString(), features.ToString());
+    EXPECT_EQ(selected.cpu_bf16_kernel, bf16_hardware);
+    // vdpbf16ps is the slower on every vendor but AMD; AMX never.
+    const bool slower = bf16_hardware && !amx && !features.amd;
+    EXPECT_EQ(selected.cpu_bf16_slower, slower) << "amx " << amx;
+    EXPECT_EQ(ChoosePrecision(selected, kAuto)->precision, bf16_hardware && !slower ? kBf16 : kF32)
+        << "amx " << amx;
+  }
+  EXPECT_FALSE(CpuCapabilities(false, false).cpu_bf16_kernel);
+  EXPECT_FALSE(CpuCapabilities(false, false).cpu_bf16_slower);
 }
 
 }  // namespace

@@ -44,7 +44,8 @@ CpuBackend::CpuBackend(cpu::Isa isa, PrecisionPolicyOptions precision,
                            *bf16_kernel <= cpu::BestBf16Kernel(isa)
                        ? *bf16_kernel
                        : cpu::SelectedBf16Kernel(isa)),
-      capabilities_(CpuCapabilities(isa == cpu::Isa::kAvx512)),
+      capabilities_(
+          CpuCapabilities(isa == cpu::Isa::kAvx512, bf16_kernel_ == cpu::Bf16Kernel::kAmx)),
       precision_options_(precision) {}
 CpuBackend::~CpuBackend() = default;
 

@@ -37,8 +37,9 @@ class CpuBackend final : public Backend {
   cpu::Isa isa() const { return isa_; }
   cpu::Bf16Kernel bf16_kernel() const { return bf16_kernel_; }
 
-  // The PrecisionPolicy for this CPU: fp32 always; bf16 dot products (fp32 accumulation) when the
-  // CPU has AVX512-BF16 and the AVX-512 path is selected. fp16 and fp8 are not offered on CPUs.
+  // The PrecisionPolicy for this CPU: fp32 always; bf16 products (fp32 accumulation) when the
+  // CPU has AVX512-BF16 and the AVX-512 path is selected, which AUTO prefers unless they are the
+  // slower (vdpbf16ps on a CPU that is not AMD; AMX never). fp16 and fp8 are not offered on CPUs.
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override;
 
   absl::Status Supports(const ProblemShape& shape, DType dtype,
