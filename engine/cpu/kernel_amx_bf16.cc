@@ -1,5 +1,5 @@
 // The bf16 kernel on AMX tiles (Intel Sapphire Rapids and later: AMX-TILE and AMX-BF16): the
-// score and value products as tdpbf16ps on 8-row tiles, the panel loop, masking and online softmax
+// score and value products as tdpbf16ps on 16-row tiles, the panel loop, masking and online softmax
 // those of every other path (kernel_body.inc, on AVX-512 vectors).
 //
 // The operands are the bf16 kernel's (bf16_pack_avx512.inc), whose pair layouts are exactly what
