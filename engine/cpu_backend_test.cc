@@ -236,5 +236,30 @@ TEST(CpuBackendTest, AutoPicksBf16ExactlyWhenTheCpuHasAFasterBf16Kernel) {
   EXPECT_EQ(backend.ChoosePrecision(spec)->precision, Precision::kFloat32);
 }
 
+// Each bf16 kernel named: AUTO takes bf16 on AMX (anywhere) and on vdpbf16ps from AMD, fp32 on
+// vdpbf16ps from any other vendor, saying why; bf16 asked for is bf16 either way.
+TEST(CpuBackendTest, AutoFollowsTheBf16KernelItRuns) {
+  if (!(cpu::SelectedIsa() == cpu::Isa::kAvx512 && cpu::HasBf16DotProducts())) {
+    GTEST_SKIP() << "no AVX512-BF16 on this path";
+  }
+  AttentionSpec spec;
+  spec.patterns = {{8, 1}};
+  for (cpu::Bf16Kernel kernel : {cpu::Bf16Kernel::kDotProducts, cpu::Bf16Kernel::kAmx}) {
+    if (kernel == cpu::Bf16Kernel::kAmx && !cpu::HasAmxBf16()) continue;
+    const CpuBackend backend(cpu::SelectedIsa(), {}, kernel);
+    ASSERT_EQ(backend.bf16_kernel(), kernel);
+    spec.precision = Precision::kAuto;
+    absl::StatusOr<PrecisionChoice> choice = backend.ChoosePrecision(spec);
+    ASSERT_TRUE(choice.ok());
+    const bool faster = kernel == cpu::Bf16Kernel::kAmx || DetectCpuFeatures().amd;
+    EXPECT_EQ(choice->precision, faster ? Precision::kBFloat16 : Precision::kFloat32)
+        << cpu::Bf16KernelName(kernel) << ": " << choice->reason;
+    EXPECT_EQ(choice->reason.find("slower than fp32") != std::string::npos, !faster)
+        << choice->reason;
+    spec.precision = Precision::kBFloat16;
+    EXPECT_EQ(backend.ChoosePrecision(spec)->precision, Precision::kBFloat16);
+  }
+}
+
 }  // namespace
 }  // namespace da::engine
