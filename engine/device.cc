@@ -90,14 +90,18 @@ CpuFeatures DetectCpuFeatures() {
   if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
     f.amd = ebx == 0x68747541 && edx == 0x69746e65 && ecx == 0x444d4163;
   }
-  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) f.f16c = (ecx >> 29) & 1;
+  // Leaf 1 ECX bit 27: OSXSAVE, the OS enabled XGETBV (read for AMX below).
+  bool osxsave = false;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) {
+    f.f16c = (ecx >> 29) & 1;
+    osxsave = (ecx >> 27) & 1;
+  }
   if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) {
     f.avx512_fp16 = f.avx512f && ((edx >> 23) & 1);
     // Leaf 7 EDX bit 22: AMX-BF16, bit 24: AMX-TILE; XCR0 bits 17 and 18: the OS saves the tile
-    // configuration and data (read only when leaf 1 ECX bit 27, OSXSAVE, says XGETBV works).
+    // configuration and data.
     const bool amx = ((edx >> 22) & 1) && ((edx >> 24) & 1);
-    unsigned eax1 = 0, ebx1 = 0, ecx1 = 0, edx1 = 0;
-    if (amx && __get_cpuid(1, &eax1, &ebx1, &ecx1, &edx1) && ((ecx1 >> 27) & 1)) {
+    if (amx && osxsave) {
       uint32_t xcr0_low = 0, xcr0_high = 0;
       __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
       f.amx_bf16 = (xcr0_low & (3u << 17)) == (3u << 17);

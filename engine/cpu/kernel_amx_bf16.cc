@@ -87,7 +87,9 @@ inline void FourProducts(const uint32_t* b, int64_t stride, int count) {
   if (count > 3) DA_AMX_PRODUCT(3, 6);
 }
 
-// The same with tile 5 only (tile 6 is the last dims' B).
+// The same with tile 5 only (tile 6 is the last dims' B). Not one template over the second tile:
+// GCC's AMX intrinsics are macros that paste the tile number into the instruction's text, so it
+// must be a literal.
 inline void FourProductsOneB(const uint32_t* b, int64_t stride, int count) {
   DA_AMX_PRODUCT(0, 5);
   if (count > 1) DA_AMX_PRODUCT(1, 5);
