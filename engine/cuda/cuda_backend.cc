@@ -499,8 +499,13 @@ class CudaBackend final : public Backend {
     const int64_t converted = fp8               ? rows * d + 2 * kv + 64  // 64: the scalars.
                               : key.dtype != io ? 2 * (rows * d + 2 * kv)
                                                 : 0;
-    if (OnePass(static_cast<int>(key.patterns.size()))) {  // Every pattern's output and LSE.
-      return converted + static_cast<int64_t>(key.patterns.size()) * rows * (d * element + 4);
+    const int patterns = static_cast<int>(key.patterns.size());
+    if (OnePass(patterns)) {  // Every pattern's output and LSE (GROUPED: one block, or none).
+      const bool grouped = key.mode == CombineMode::kGrouped;
+      const bool in_place = GroupedInPlace(grouped, fp8, static_cast<ElemType>(key.out_dtype),
+                                           static_cast<ElemType>(io));
+      const int64_t blocks = OnePassBlocks(grouped, patterns);
+      return converted + blocks * rows * ((in_place ? 0 : d * element) + 4);
     }
     return converted + rows * d * element + rows * 4 + rows * d * 4 + 2 * rows * 4;
   }
@@ -616,17 +621,25 @@ class CudaBackend final : public Backend {
       return absl::OkStatus();
     };
     if (OnePass(patterns)) {
-      // Each pattern writes its own block; rows it does not keep are never read.
-      DA_ASSIGN_OR_RETURN(DeviceBuffer outs, Allocate(patterns * rows * d * element));
-      DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(patterns * rows * 4));
+      // LONGNET: each pattern writes its own block; rows it does not keep are never read.
+      // GROUPED: one block (OnePassBlocks), the output itself where GroupedInPlace.
+      const int blocks = OnePassBlocks(share.grouped, patterns);
+      const bool in_place = GroupedInPlace(share.grouped, plan.fp8, share.out_type, io);
+      DeviceBuffer outs_buffer;
+      if (!in_place) {
+        DA_ASSIGN_OR_RETURN(outs_buffer, Allocate(blocks * rows * d * element));
+      }
+      DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(blocks * rows * 4));
+      auto* outs = static_cast<uint8_t*>(in_place ? share.out : outs_buffer.data());
       times.Mark("alloc");
       for (int pi = 0; pi < patterns; ++pi) {
-        DA_RETURN_IF_ERROR(attend(pi, static_cast<uint8_t*>(outs.data()) + pi * rows * d * element,
-                                  static_cast<float*>(lses.data()) + pi * rows));
+        const int block = blocks == 1 ? 0 : pi;
+        DA_RETURN_IF_ERROR(attend(pi, outs + block * rows * d * element,
+                                  static_cast<float*>(lses.data()) + block * rows));
       }
-      DA_RETURN_IF_ERROR(CudaStatus(
-          LaunchCombine(share, outs.data(), io, static_cast<const float*>(lses.data()), stream),
-          "combine"));
+      DA_RETURN_IF_ERROR(
+          CudaStatus(LaunchCombine(share, outs, io, static_cast<const float*>(lses.data()), stream),
+                     "combine"));
       times.Mark("combine");
       return WaitForQueued(stream, "combine");
     }

@@ -495,13 +495,15 @@ DA_HD void FinishRow(const RowShare& s, const float* acc, const float* weight, i
 }
 
 // The one-pass combine (the alternative to FoldRow + FinishRow): every pattern's output kept,
-// pattern pi's at outs + pi * RowCount(s) * head_dim (io type) with its LSE at
+// LONGNET's pattern pi at outs + pi * RowCount(s) * head_dim (io type) with its LSE at
 // lses + pi * RowCount(s), and each output row computed once from the patterns that keep it:
 // LONGNET the LSE-weighted mean (folded as FoldPattern does), GROUPED its head's one pattern
-// divided by P, 0 where none keeps it. Rows a pattern does not keep are never read, so the
-// buffers need no clearing. The thread computes elements first + j * stride, j < kSlots (kSlots
-// a compile-time bound so that its accumulators stay in registers: 4 for a warp's lanes over
-// D <= 128, kMaxRowHeadDim for one thread over the whole row).
+// divided by P, 0 where none keeps it. GROUPED's patterns share one block at outs (a head has one
+// pattern, so their rows never meet) and read no LSE; that block may be s.out itself when it is in
+// the io type (each element is read before the same thread writes it). Rows a pattern does not
+// keep are never read, so the buffers need no clearing. The thread computes elements first + j *
+// stride, j < kSlots (kSlots a compile-time bound so that its accumulators stay in registers: 4 for
+// a warp's lanes over D <= 128, kMaxRowHeadDim for one thread over the whole row).
 template <int kSlots>
 DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, const float* lses,
                            int64_t row, int64_t first, int64_t stride) {
@@ -532,7 +534,7 @@ DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, c
     }
     fold.weight = fold.weight * old_factor + new_factor;
     const float out_factor = new_factor * s.pattern_scale;  // On the stored output only.
-    const int64_t base = (pi * rows + row) * d_count;
+    const int64_t base = ((s.grouped ? 0 : pi) * rows + row) * d_count;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif

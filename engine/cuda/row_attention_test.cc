@@ -9,10 +9,12 @@
 // (testing::ToleranceFor), as for every backend.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
 #include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend_registry.h"
@@ -310,7 +312,11 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   const int64_t rows = RowCount(s), D = shape.head_dim;
   std::vector<float> acc(rows * D, 0.0f), max_lse(rows, 0.0f), weight(rows, 0.0f);
   const int64_t patterns = static_cast<int64_t>(spec.patterns.size());
-  std::vector<uint8_t> all_outs;  // Every pattern's output, for CombineRow.
+  // The patterns' outputs as the one-pass combine reads them (OnePassBlocks): LONGNET's side by
+  // side, GROUPED's in one block, each pattern's rows copied in (they must not meet).
+  const bool grouped = mode == CombineMode::kGrouped;
+  std::vector<uint8_t> all_outs;
+  if (grouped) all_outs.assign(rows * D * element, 0xff);
   std::vector<float> all_lses;
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
   const double scale = spec.ScaleFor(D);
@@ -364,9 +370,23 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
       FoldRow(s, pi, pattern_out.data(), type, lse.data(), acc.data(), max_lse.data(),
               weight.data(), row);
     }
-    all_outs.insert(all_outs.end(), pattern_out.begin(), pattern_out.end());
+    if (grouped) {
+      for (int64_t row = 0; row < rows; ++row) {
+        if (std::isnan(lse[row])) continue;  // Not this pattern's row.
+        const int64_t at = row * D * element;
+        ASSERT_TRUE(std::all_of(all_outs.begin() + at, all_outs.begin() + at + D * element,
+                                [](uint8_t byte) { return byte == 0xff; }))
+            << "row " << row << " written by two GROUPED patterns";
+        std::copy(pattern_out.begin() + at, pattern_out.begin() + at + D * element,
+                  all_outs.begin() + at);
+      }
+    } else {
+      all_outs.insert(all_outs.end(), pattern_out.begin(), pattern_out.end());
+    }
     all_lses.insert(all_lses.end(), lse.begin(), lse.end());
   }
+  ASSERT_EQ(static_cast<int64_t>(all_outs.size()),
+            OnePassBlocks(grouped, static_cast<int>(patterns)) * rows * D * element);
   ASSERT_EQ(static_cast<int64_t>(all_lses.size()), patterns * rows);
   for (int64_t row = 0; row < rows; ++row) FinishRow(s, acc.data(), weight.data(), row);
   OwnedTensor combined = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
@@ -375,8 +395,23 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   for (int64_t row = 0; row < rows; ++row) {
     CombineRow(one_pass, all_outs.data(), type, all_lses.data(), row);
   }
-  for (const OwnedTensor* got : {&out, &combined}) {
-    const char* name = got == &out ? "fold" : "one-pass combine";
+  // GROUPED in bf16 with a bf16 output (GroupedInPlace): the patterns' block is the output
+  // itself, scaled and zeroed in place.
+  std::vector<const OwnedTensor*> results = {&out, &combined};
+  OwnedTensor in_place{DType::kBFloat16, shape.QueryShape(), all_outs};
+  if (GroupedInPlace(grouped, false, ElemType::kBF16, type)) {
+    RowShare s_in_place = s;
+    s_in_place.out = in_place.bytes.data();
+    s_in_place.out_type = ElemType::kBF16;
+    for (int64_t row = 0; row < rows; ++row) {
+      CombineRow(s_in_place, in_place.bytes.data(), type, all_lses.data(), row);
+    }
+    results.push_back(&in_place);
+  }
+  for (const OwnedTensor* got : results) {
+    const char* name = got == &out        ? "fold"
+                       : got == &combined ? "one-pass combine"
+                                          : "one-pass combine in place";
     const double error = engine::testing::RelativeL2(*got, expected);
     EXPECT_LE(error, type == ElemType::kF8E4M3 ? 8e-2 : engine::testing::kBf16RelativeL2) << name;
     if (type == ElemType::kF8E4M3) {  // The descale was applied: fp8's own rounding remains.

@@ -31,4 +31,14 @@ absl::StatusOr<RowTables> MakeRowTables(const ShareProblem& problem);
 // Sets tables.share's table pointers to the tables' own vectors (host memory).
 void PointAtTables(RowTables& tables);
 
+// The one-pass combine's blocks of pattern outputs (CombineElements): one per pattern for LONGNET,
+// one for all of GROUPED's (each head has one pattern, so their rows never meet).
+inline int OnePassBlocks(bool grouped, int patterns) { return grouped ? 1 : patterns; }
+
+// Whether GROUPED's patterns write straight into the output, which the combine then scales in
+// place: the output is in the io type (and that is not fp8, whose stored outputs carry a scale).
+inline bool GroupedInPlace(bool grouped, bool fp8, ElemType out_type, ElemType io) {
+  return grouped && !fp8 && out_type == io;
+}
+
 }  // namespace da::engine::cuda
