@@ -174,21 +174,16 @@ void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
     const int64_t n = task.kept.first + (task.row_begin + i) * task.kept.stride;
     return (task.batch * out_.shape.seq_len + n - position0) * out_.shape.heads + head;
   };
+  // The rows a task folds into are r * H rows apart (kilobytes): without asking for them ahead
+  // each waited for DRAM, as Pack's reads did.
+  const char* const dest =
+      z_.longnet ? reinterpret_cast<const char*>(acc_) : static_cast<const char*>(out_.data);
+  const int64_t dest_row_bytes =
+      head_dim * (z_.longnet ? static_cast<int64_t>(sizeof(float)) : DTypeSize(out_.dtype));
   for (int64_t i = 0; i < rows; ++i) {
     if (i + kPrefetchRows < rows) {
-      const int64_t ahead = row_of(i + kPrefetchRows);
-      const char* line;
-      int64_t bytes;
-      if (z_.longnet) {
-        line = reinterpret_cast<const char*>(acc_ + ahead * head_dim);
-        bytes = head_dim * static_cast<int64_t>(sizeof(float));
-      } else {
-        line = static_cast<const char*>(out_.data) + ahead * head_dim * DTypeSize(out_.dtype);
-        bytes = head_dim * DTypeSize(out_.dtype);
-      }
-      // The rows a task folds into are r * H rows apart (kilobytes): without this each waited
-      // for DRAM, as Pack's reads did.
-      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(line + b, 1);
+      const char* line = dest + row_of(i + kPrefetchRows) * dest_row_bytes;
+      for (int64_t b = 0; b < dest_row_bytes; b += 64) __builtin_prefetch(line + b, 1);
     }
     const int64_t row = row_of(i);
     const float* src = ts.out.data() + i * z_.dim_pad;

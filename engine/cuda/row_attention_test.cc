@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -398,15 +399,16 @@ TEST_P(FoldRowTest, FoldedPatternsMatchTheReference) {
   // GROUPED in bf16 with a bf16 output (GroupedInPlace): the patterns' block is the output
   // itself, scaled and zeroed in place.
   std::vector<const OwnedTensor*> results = {&out, &combined};
-  OwnedTensor in_place{DType::kBFloat16, shape.QueryShape(), all_outs};
+  std::optional<OwnedTensor> in_place;
   if (GroupedInPlace(grouped, false, ElemType::kBF16, type)) {
+    in_place = OwnedTensor{DType::kBFloat16, shape.QueryShape(), all_outs};
     RowShare s_in_place = s;
-    s_in_place.out = in_place.bytes.data();
+    s_in_place.out = in_place->bytes.data();
     s_in_place.out_type = ElemType::kBF16;
     for (int64_t row = 0; row < rows; ++row) {
-      CombineRow(s_in_place, in_place.bytes.data(), type, all_lses.data(), row);
+      CombineRow(s_in_place, in_place->bytes.data(), type, all_lses.data(), row);
     }
-    results.push_back(&in_place);
+    results.push_back(&*in_place);
   }
   for (const OwnedTensor* got : results) {
     const char* name = got == &out        ? "fold"
