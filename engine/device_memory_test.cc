@@ -289,6 +289,39 @@ TEST(DeviceMemoryTest, EachDevicesRunReportReachesTheExecutionInfo) {
   EXPECT_GT(info->fp8_scales[1].amax[0], info->fp8_scales[0].amax[0]);
 }
 
+// A device that computed in fp32 instead of the chosen precision (RunReport::fp32_fallback) is
+// named in the reason; the precision reported becomes fp32 only when every device fell back, as
+// the result is as precise as its least precise share.
+TEST(DeviceMemoryTest, Fp32FallbacksAreReportedWithTheDevicesThatFellBack) {
+  const ProblemShape shape{1, 1024, 4, 2, 32};
+  const OwnedProblem p = Problem(shape, 14, ShardPolicy::kHeads);
+  auto engine = Engine::Create(Staged(2, 0));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  struct Case {
+    unsigned fallbacks;
+    Precision used;
+    std::string reason;
+  };
+  const Case cases[] = {
+      {4, Precision::kBFloat16, "staged: bf16"},  // staged:2 is not in the run: nobody fell back.
+      {2, Precision::kBFloat16, "staged: bf16; fp32 row kernel on staged:1 (staged test fallback)"},
+      {3, Precision::kFloat32,
+       "fallback: computed fp32, not bf16 (staged: bf16); fp32 row kernel on staged:0 (staged "
+       "test fallback), staged:1 (staged test fallback)"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.fallbacks);
+    testing::SetStagedFp32Fallbacks(c.fallbacks);
+    OwnedProblem run = p;
+    absl::StatusOr<ExecutionInfo> info = (*engine)->Run(run.Request());
+    testing::SetStagedFp32Fallbacks(0);
+    ASSERT_TRUE(info.ok()) << info.status();
+    ASSERT_EQ(info->devices, (std::vector<std::string>{"staged:0", "staged:1"}));
+    EXPECT_EQ(info->precision_used, c.used);
+    EXPECT_EQ(info->precision_reason, c.reason);
+  }
+}
+
 // A caller that reserved the host bytes itself (a stream) still has the device bytes reserved
 // by the engine: a device too small for the chunk refuses it.
 TEST(DeviceMemoryTest, ACallersHostReservationDoesNotCoverTheDevice) {

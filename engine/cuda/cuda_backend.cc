@@ -31,6 +31,7 @@
 #include "engine/backend.h"
 #include "engine/backend_registry.h"
 #include "engine/cuda/block_cache.h"
+#include "engine/cuda/device_scope.h"
 #include "engine/cuda/row_kernel.cuh"
 #include "engine/cuda/row_share.h"
 #include "engine/cuda/sdpa_plan.h"
@@ -63,22 +64,6 @@ bool EnvIs(const char* name, const char* value) {
   const char* set = std::getenv(name);
   return set != nullptr && std::string(set) == value;
 }
-
-// Sets the calling thread's current device for the backend's calls, and puts the previous one
-// back.
-class DeviceScope {
- public:
-  explicit DeviceScope(int ordinal) {
-    cudaGetDevice(&previous_);
-    cudaSetDevice(ordinal);
-  }
-  ~DeviceScope() { cudaSetDevice(previous_); }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // An int in pinned host memory that the device reads (mapped; with unified addressing the same
 // pointer on both sides): the row kernel's stop flag. Starts at 0.
@@ -194,6 +179,9 @@ class CudaPlan final : public Plan {
   std::vector<SdpaCall> calls;
   DType io = DType::kBFloat16;
   bool fp8 = false;  // The calls compute in fp8 E4M3 (io unused): inputs quantized per run.
+  // Non-empty: the key's precision is a fused one, but this share runs on the row kernel in fp32,
+  // for this reason (reported with every run, RunReport::fp32_fallback).
+  std::string fp32_fallback;
 #if defined(DA_HAVE_CUDNN)
   std::unique_ptr<SdpaGraphs> graphs;
 #endif
@@ -362,7 +350,11 @@ class CudaBackend final : public Backend {
     if (fused_ &&
         (FusedPrecision(key.precision) || (fp8_ && key.precision == Precision::kFloat8))) {
       DA_ASSIGN_OR_RETURN(SdpaPlan sdpa, PlanSdpaCalls(key.shape, probe.spec, share));
-      if (sdpa.spanning.empty()) {  // Spanning segments: the row kernel, for now.
+      if (!sdpa.spanning.empty()) {
+        plan->fp32_fallback =
+            absl::StrCat(sdpa.spanning.size(),
+                         " segment pieces span devices, which the fused path does not compute yet");
+      } else {
         plan->io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
         plan->fp8 = key.precision == Precision::kFloat8;
         absl::StatusOr<std::unique_ptr<SdpaGraphs>> graphs =
@@ -374,11 +366,22 @@ class CudaBackend final : public Backend {
               "precision fp8 is not available for this problem on cuda:", ordinal_,
               " (cuDNN refused its graph: ", graphs.status().message(), "); ask for bf16 or fp16"));
         }
-        DA_RETURN_IF_ERROR(graphs.status());
-        plan->graphs = *std::move(graphs);
-        DA_ASSIGN_OR_RETURN(plan->workspace,
-                            Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
-        plan->calls = std::move(sdpa.calls);
+        if (!graphs.ok() && !absl::IsCancelled(graphs.status())) {
+          // A cuDNN that refuses a bf16 or fp16 graph (an older library: before 9.12 the frontend
+          // takes only packed log-sum-exps, and ours are strided) still gets an exact answer,
+          // from the row kernel, and says so with every run.
+          plan->fp32_fallback =
+              absl::StrCat("cuDNN refused its graph: ", graphs.status().message());
+          std::fprintf(stderr, "cuda:%d: %s; this plan computes on the fp32 row kernel\n", ordinal_,
+                       plan->fp32_fallback.c_str());
+          plan->fp8 = false;
+        } else {
+          DA_RETURN_IF_ERROR(graphs.status());
+          plan->graphs = *std::move(graphs);
+          DA_ASSIGN_OR_RETURN(plan->workspace,
+                              Allocate(std::max<int64_t>(plan->graphs->workspace_bytes(), 16)));
+          plan->calls = std::move(sdpa.calls);
+        }
       }
     }
 #endif
@@ -417,6 +420,7 @@ class CudaBackend final : public Backend {
     share.head_pattern_begin =
         reinterpret_cast<const int*>(base + plan->pattern_count * sizeof(RowPattern));
     if (!plan->calls.empty()) return RunFused(*plan, problem, share, context, stream);
+    if (context.report != nullptr) context.report->fp32_fallback = plan->fp32_fallback;
     // This run's spanning sets (their gathered rows change from run to run) and the failure flag.
     const int64_t spanning_bytes =
         static_cast<int64_t>(tables.spanning.size() * sizeof(RowSpanning));
@@ -500,8 +504,8 @@ class CudaBackend final : public Backend {
                               : key.dtype != io ? 2 * (rows * d + 2 * kv)
                                                 : 0;
     const int patterns = static_cast<int>(key.patterns.size());
-    if (OnePass(patterns)) {  // Every pattern's output and LSE (GROUPED: one block, or none).
-      const bool grouped = key.mode == CombineMode::kGrouped;
+    const bool grouped = key.mode == CombineMode::kGrouped;
+    if (OnePass(grouped, patterns)) {  // Every pattern's output and LSE (GROUPED: one block).
       const bool in_place = GroupedInPlace(grouped, fp8, static_cast<ElemType>(key.out_dtype),
                                            static_cast<ElemType>(io));
       const int64_t blocks = OnePassBlocks(grouped, patterns);
@@ -620,7 +624,7 @@ class CudaBackend final : public Backend {
       times.Mark(absl::StrCat("p", pi, " sdpa"));
       return absl::OkStatus();
     };
-    if (OnePass(patterns)) {
+    if (OnePass(share.grouped, patterns)) {
       // LONGNET: each pattern writes its own block; rows it does not keep are never read.
       // GROUPED: one block (OnePassBlocks), the output itself where GroupedInPlace.
       const int blocks = OnePassBlocks(share.grouped, patterns);
@@ -800,12 +804,14 @@ class CudaBackend final : public Backend {
   // The fused path's combine. One pass: every pattern's output kept and combined once at the
   // end (right on an H200; bf16 outputs, P of them, against the fold's one output and fp32
   // accumulators: less memory for P <= 3 and less traffic always). Fold: pattern by pattern into
-  // fp32 accumulators, then the finish. Auto (the default): one pass for P <= 3, where it never
-  // holds more memory, else the fold; DA_CUDA_COMBINE=onepass or fold forces one.
+  // fp32 accumulators, then the finish. Auto (the default): one pass where it never holds more
+  // memory: LONGNET with P <= 3, GROUPED always (its patterns share one block, OnePassBlocks);
+  // else the fold. DA_CUDA_COMBINE=onepass or fold forces one.
   enum class Combine { kAuto, kOnePass, kFold };
   Combine combine_ = Combine::kAuto;
-  bool OnePass(int patterns) const {
-    return combine_ == Combine::kOnePass || (combine_ == Combine::kAuto && patterns <= 3);
+  bool OnePass(bool grouped, int patterns) const {
+    return combine_ == Combine::kOnePass ||
+           (combine_ == Combine::kAuto && (grouped || patterns <= 3));
   }
   bool fp8_ = false;          // fp8 on the fused path (sm_90 and later).
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.

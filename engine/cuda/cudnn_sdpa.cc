@@ -11,6 +11,7 @@
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
+#include "engine/cuda/device_scope.h"
 
 namespace da::engine::cuda {
 namespace fe = cudnn_frontend;
@@ -29,7 +30,13 @@ std::vector<int64_t> Strides(const SdpaView& view) {
 
 absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
   if (error.is_good()) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("cuDNN ", what, ": ", error.get_message()));
+  return absl::InternalError(
+      absl::StrCat("cuDNN ", cudnnGetVersion(), " ", what, ": ", error.get_message()));
+}
+
+// A cuDNN version number (major * 10000 + minor * 100 + patch since 9.0) as major.minor.patch.
+std::string VersionName(size_t version) {
+  return absl::StrCat(version / 10000, ".", version / 100 % 100, ".", version % 100);
 }
 
 }  // namespace
@@ -47,11 +54,8 @@ struct SdpaGraphs::Impl {
   ~Impl() {
     if (handle == nullptr) return;
     // The handle belongs to `device`; the plan may be evicted from a thread on another one.
-    int current = 0;
-    const bool restore = cudaGetDevice(&current) == cudaSuccess && current != device;
-    cudaSetDevice(device);
+    DeviceScope scope(device);
     cudnnDestroy(handle);
-    if (restore) cudaSetDevice(current);
   }
 };
 
@@ -68,7 +72,7 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
   auto impl = std::make_unique<Impl>();
   impl->device = device;
   impl->fp8 = fp8;
-  cudaSetDevice(device);
+  DeviceScope scope(device);
   if (cudnnStatus_t created = cudnnCreate(&impl->handle); created != CUDNN_STATUS_SUCCESS) {
     return absl::InternalError(
         absl::StrCat("cudnnCreate on cuda:", device, ": ", cudnnGetErrorString(created)));
@@ -177,6 +181,12 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
   return std::unique_ptr<SdpaGraphs>(new SdpaGraphs(std::move(impl)));
 }
 
+std::string CudnnVersions() {
+  return absl::StrCat("cuDNN ", VersionName(cudnnGetVersion()), " (built against ",
+                      VersionName(CUDNN_VERSION), "), frontend ", CUDNN_FRONTEND_MAJOR_VERSION, ".",
+                      CUDNN_FRONTEND_MINOR_VERSION, ".", CUDNN_FRONTEND_PATCH_VERSION);
+}
+
 int64_t SdpaGraphs::workspace_bytes() const { return impl_->workspace_bytes; }
 int SdpaGraphs::graphs() const { return static_cast<int>(impl_->graphs.size()); }
 
@@ -187,7 +197,7 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
     return absl::InternalError(absl::StrCat("no cuDNN graph built for ", call.Signature()));
   }
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  cudaSetDevice(impl_->device);
+  DeviceScope scope(impl_->device);
   if (cudnnStatus_t set = cudnnSetStream(impl_->handle, static_cast<cudaStream_t>(stream));
       set != CUDNN_STATUS_SUCCESS) {
     return absl::InternalError(absl::StrCat("cudnnSetStream: ", cudnnGetErrorString(set)));

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -39,6 +40,10 @@ struct SdpaTensors {
   float scale = 1.0f;  // The softmax scale (passed by value: one graph serves every scale).
   float* fp8_scalars = nullptr;  // fp8 graphs: kFp8ScalarCount device floats (above).
 };
+
+// The cuDNN library loaded at run time, the one built against, and the frontend's version:
+// "cuDNN 9.19.0 (built against 9.19.0), frontend 1.32.0". What the fused path gets depends on it.
+std::string CudnnVersions();
 
 class SdpaGraphs {
  public:

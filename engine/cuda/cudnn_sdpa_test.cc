@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <tuple>
 
@@ -39,6 +40,11 @@ class CudnnSdpaTest : public ::testing::TestWithParam<Param> {
  protected:
   void SetUp() override {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+    static const bool printed = [] {
+      std::printf("%s\n", CudnnVersions().c_str());  // For scripts/gpu-check's log.
+      return true;
+    }();
+    (void)printed;
   }
 };
 

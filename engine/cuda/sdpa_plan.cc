@@ -69,20 +69,24 @@ void CutByQueries(const SdpaCall& call, double max_flops, std::vector<SdpaCall>&
   }
 }
 
-// Every call of `calls` within max_flops (0: as they are).
+// Every call of `calls` within max_flops (0: no bound on FLOPs) and kMaxSdpaSegments.
 std::vector<SdpaCall> CutCalls(const std::vector<SdpaCall>& calls, double max_flops) {
   std::vector<SdpaCall> out;
   for (const SdpaCall& call : calls) {
     const double flops = SdpaCallFlops(call);
-    if (max_flops <= 0 || flops <= max_flops) {
+    const int64_t n = call.q.dims[0];
+    if ((max_flops <= 0 || flops <= max_flops) && n <= kMaxSdpaSegments) {
       out.push_back(call);
       continue;
     }
-    const int64_t n = call.q.dims[0];
+    int64_t most = kMaxSdpaSegments;
+    if (max_flops > 0 && flops > max_flops) {
+      most = std::min(most, static_cast<int64_t>(max_flops / (flops / n)));
+    }
     std::vector<SdpaCall> by_segments;
-    CutBySegments(call, PieceSize(n, static_cast<int64_t>(max_flops / (flops / n))), by_segments);
+    CutBySegments(call, PieceSize(n, most), by_segments);
     for (const SdpaCall& piece : by_segments) {
-      if (piece.causal || SdpaCallFlops(piece) <= max_flops) {
+      if (max_flops <= 0 || piece.causal || SdpaCallFlops(piece) <= max_flops) {
         out.push_back(piece);
       } else {
         CutByQueries(piece, max_flops, out);

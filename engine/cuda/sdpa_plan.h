@@ -80,10 +80,16 @@ struct SdpaPlan {
 // run polls its stop between calls well within 100 ms (issue #15).
 inline constexpr double kMaxSdpaCallFlops = 4e12;
 
+// The most segments (dimension 0) one call covers: cuDNN's fused attention fails past 65,535 in
+// its batch dimension (PyTorch routes such batches away from it, pytorch/pytorch#180718,
+// #181235), which many short segments reach: N = 1M tokens with w = 16 is 65,536 per batch.
+inline constexpr int64_t kMaxSdpaSegments = 65535;
+
 // A call's FLOPs: 4 * segments * heads * queries * keys * D (half that when causal).
 double SdpaCallFlops(const SdpaCall& call);
 
-// Every call of the share, each cut to at most max_call_flops (0: uncut): first by segments (a
+// Every call of the share, each cut to at most kMaxSdpaSegments segments and max_call_flops (0: no
+// bound on FLOPs): first by segments (a
 // divisor of the call's segment count where one is within half of the largest piece allowed, so
 // that the pieces share one graph), then, for a single segment over the bound that is not causal,
 // by queries (every piece reads all the segment's keys; a causal segment is not cut by queries, as

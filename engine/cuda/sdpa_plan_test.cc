@@ -257,6 +257,37 @@ TEST(SdpaPlanTest, LargeCallsAreCutWithinTheBound) {
   EXPECT_EQ(cut->calls.size(), 1u);
 }
 
+// Many short segments stay far under the FLOP bound but not under cuDNN's 65,535 in dimension 0:
+// N = 1M with w = 16 and B = 2 folds into 131,072 segments, which are cut into pieces of at most
+// kMaxSdpaSegments that cover every segment once, in order, with one graph for the equal pieces.
+TEST(SdpaPlanTest, ManyShortSegmentsAreCutWithinCudnnsBatchLimit) {
+  AttentionSpec spec;
+  spec.patterns = {{16, 1}, {64, 4}};
+  const ProblemShape shape{2, 1 << 20, 4, 4, 64};
+  for (double max_call_flops : {kMaxSdpaCallFlops, 0.0}) {
+    SCOPED_TRACE(max_call_flops);
+    absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, WholeShare(shape), max_call_flops);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    std::map<std::pair<int, int64_t>, int64_t> segments;  // (pattern, offset) -> segments seen.
+    for (const SdpaCall& call : plan->calls) {
+      SCOPED_TRACE(call.Signature());
+      EXPECT_LE(call.q.dims[0], kMaxSdpaSegments);
+      EXPECT_EQ(call.kv.dims[0], call.q.dims[0]);
+      EXPECT_EQ(call.lse.dims[0], call.q.dims[0]);
+      const int64_t w = spec.patterns[call.pattern_index].segment_len;
+      int64_t& seen = segments[{call.pattern_index, call.dilation_offset}];
+      // Pieces follow one another: this one starts at the first segment not yet covered.
+      EXPECT_EQ(call.q.offset, (seen * w + call.dilation_offset) * 4 * 64 + call.head_begin * 64);
+      seen += call.q.dims[0];
+    }
+    // Pattern 0: 2 * 65,536 segments, all heads; pattern 1: 2 * 16,384 per offset, one head each.
+    ASSERT_EQ(segments.size(), 5u);
+    EXPECT_EQ((segments[{0, 0}]), 2 << 16);
+    for (int64_t o = 0; o < 4; ++o) EXPECT_EQ((segments[{1, o}]), 2 << 14);
+    EXPECT_EQ(plan->distinct_signatures, 2);  // One per pattern: the pieces are equal.
+  }
+}
+
 TEST(SdpaPlanTest, NotAShareIsRefused) {
   AttentionSpec spec;
   spec.patterns = {{8, 1}};

@@ -51,6 +51,12 @@ std::atomic<bool>& ReportsAmax() {
   return on;
 }
 
+// Bit i: staged:i reports an fp32 fallback; any bit set: every staged device chooses bf16.
+std::atomic<unsigned>& Fp32Fallbacks() {
+  static std::atomic<unsigned> devices{0};
+  return devices;
+}
+
 float LargestMagnitude(const TensorView& t) {
   float most = 0.0f;
   for (int64_t i = 0; i < t.shape.elements(); ++i) {
@@ -111,6 +117,7 @@ class StagedBackend final : public Backend {
 
   std::vector<Precision> Precisions() const override { return cpu_->Precisions(); }
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
+    if (Fp32Fallbacks().load() != 0) return PrecisionChoice{Precision::kBFloat16, "staged: bf16"};
     return cpu_->ChoosePrecision(spec);
   }
   absl::Status Supports(const ProblemShape& shape, DType dtype,
@@ -119,6 +126,11 @@ class StagedBackend final : public Backend {
   }
   absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
                                                   const std::atomic<bool>* stop) override {
+    if (Fp32Fallbacks().load() != 0) {  // "bf16" is computed in fp32 on the host.
+      PlanKey fp32 = key;
+      fp32.precision = Precision::kFloat32;
+      return cpu_->BuildPlan(fp32, stop);
+    }
     return cpu_->BuildPlan(key, stop);
   }
   int64_t PlanWorkspaceBytes(const PlanKey& key) const override {
@@ -161,6 +173,9 @@ class StagedBackend final : public Backend {
         context.report->scale[i] = 448.0f / context.report->amax[i];
       }
     }
+    if ((Fp32Fallbacks().load() >> index_ & 1) != 0 && context.report != nullptr) {
+      context.report->fp32_fallback = "staged test fallback";
+    }
     return cpu_->RunShare(plan, host, context);
   }
 
@@ -173,6 +188,7 @@ class StagedBackend final : public Backend {
 }  // namespace
 
 void SetStagedReportsAmax(bool on) { ReportsAmax() = on; }
+void SetStagedFp32Fallbacks(unsigned devices) { Fp32Fallbacks() = devices; }
 
 void RegisterStagedBackend() {
   static const bool registered = RegisterBackend(
