@@ -45,7 +45,9 @@ struct RunContext {
   ThreadPool* pool = nullptr;                    // May be null: run on the calling thread.
   const std::atomic<bool>* cancelled = nullptr;  // When it turns true, stop and return CANCELLED.
   // The device's queue the run's copies and kernels are ordered on, opaque to the engine (a
-  // cudaStream_t for the CUDA backend); null: the backend's default. Unused by host backends.
+  // cudaStream_t for the CUDA backend); null: the backend's default. Unused by host backends. The
+  // CUDA backend's plans keep one cuDNN workspace for all their runs, so runs of one plan must be
+  // on one stream until each run has its own.
   void* stream = nullptr;
   RunReport* report = nullptr;  // May be null: nobody asked.
 };

@@ -185,6 +185,9 @@ class CudaPlan final : public Plan {
 #if defined(DA_HAVE_CUDNN)
   std::unique_ptr<SdpaGraphs> graphs;
 #endif
+  // cuDNN's workspace, shared by every run of the plan: safe because all of a backend's runs are
+  // ordered on its one stream (nothing sets RunContext::stream today). Runs of one plan on
+  // different streams would race on it: give each run its own first.
   DeviceBuffer workspace;
   int64_t bytes() const override { return tables.bytes() + workspace.bytes(); }
 };
@@ -248,8 +251,7 @@ class CudaBackend final : public Backend {
                             const RunContext& context) override {
     DeviceScope scope(ordinal_);
     DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
-    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock()) {
-      DA_RETURN_IF_ERROR(EnsureStaging());
+    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock() && Staged()) {
       auto* device = static_cast<uint8_t*>(dst);
       return copier_->ToDevice(static_cast<const uint8_t*>(src), bytes,
                                StagingOps(device, cudaMemcpyHostToDevice, stream, context));
@@ -261,8 +263,7 @@ class CudaBackend final : public Backend {
                           const RunContext& context) override {
     DeviceScope scope(ordinal_);
     DA_ASSIGN_OR_RETURN(cudaStream_t stream, StreamOf(context));
-    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock()) {
-      DA_RETURN_IF_ERROR(EnsureStaging());
+    if (std::unique_lock<std::mutex> lock = StagingFor(bytes); lock.owns_lock() && Staged()) {
       auto* device = static_cast<uint8_t*>(const_cast<void*>(src));
       return copier_->ToHost(static_cast<uint8_t*>(dst), bytes,
                              StagingOps(device, cudaMemcpyDeviceToHost, stream, context));
@@ -711,6 +712,18 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // Whether the staging buffers are there (made now if not; the staging mutex held). Where pinned
+  // memory cannot be had, the copy goes plain instead of failing, and says so once.
+  bool Staged() {
+    const absl::Status made = EnsureStaging();
+    if (!made.ok() && !staging_warned_) {
+      staging_warned_ = true;
+      std::fprintf(stderr, "cuda:%d: no staging buffers (%s); copies go without them\n", ordinal_,
+                   std::string(made.message()).c_str());
+    }
+    return made.ok();
+  }
+
   // A plain copy in pieces of kCopyPiece bytes, the run's stop polled before each: a copy from
   // or to pageable memory returns about when its bytes have moved (7 GB/s on the H200 host: 4 GiB,
   // one tensor at 1M tokens, took over half a second), so a cancelled run stops within a piece.
@@ -817,6 +830,7 @@ class CudaBackend final : public Backend {
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
   std::shared_ptr<BlockCache> cache_;
   std::mutex staging_mutex_;
+  bool staging_warned_ = false;  // Under staging_mutex_.
   std::vector<uint8_t*> staging_buffers_;
   std::vector<cudaEvent_t> staging_events_;
   std::unique_ptr<ThreadPool> copy_pool_;

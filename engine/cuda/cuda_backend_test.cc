@@ -61,8 +61,9 @@ struct GpuRun {
   OwnedTensor actual, expected;
 };
 
-GpuRun RunOnGpu(const AttentionSpec& spec, DType dtype, DType out_dtype, uint32_t seed) {
-  const ProblemShape shape{2, 1999, 8, 2, 64};
+GpuRun RunOnGpu(const AttentionSpec& spec, DType dtype, DType out_dtype, uint32_t seed,
+                int64_t head_dim = 64) {
+  const ProblemShape shape{2, 1999, 8, 2, head_dim};
   std::mt19937 rng(seed);
   const OwnedTensor q = testing::RandomTensor(dtype, shape.QueryShape(), rng);
   const OwnedTensor k = testing::RandomTensor(dtype, shape.KeyShape(), rng);
@@ -183,6 +184,101 @@ INSTANTIATE_TEST_SUITE_P(
                        ::testing::Values(DType::kFloat32, DType::kBFloat16),
                        ::testing::Values(Precision::kBFloat16, Precision::kFloat8)),
     FusedName);
+
+// Beyond the sweep: fp8 at D = 128 (where cuDNN's fp8 attention is most used; a refusal at D = 64
+// alone then tells a support limit from a bug) and at D = 32, and GROUPED with five patterns
+// (the one-pass combine for any P: one shared block, written in place for a bf16 output).
+class CudaFusedTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
+    setenv("DA_CUDA_FUSED", "1", 1);
+  }
+  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
+};
+
+TEST_F(CudaFusedTest, HeadDimsAndManyGroupedPatternsMatchTheReference) {
+  struct Case {
+    int64_t head_dim;
+    CombineMode mode;
+    std::vector<Pattern> patterns;
+    DType out;
+    Precision precision;
+  };
+  const std::vector<Pattern> three = {{256, 1}, {512, 2}, {1024, 4}};
+  const std::vector<Pattern> five = {{64, 1}, {128, 2}, {256, 4}, {512, 8}, {100, 3}};
+  const Case cases[] = {
+      {128, CombineMode::kLongNet, three, DType::kFloat32, Precision::kFloat8},
+      {128, CombineMode::kGrouped, three, DType::kFloat32, Precision::kFloat8},
+      {32, CombineMode::kLongNet, three, DType::kFloat32, Precision::kFloat8},
+      {128, CombineMode::kLongNet, three, DType::kBFloat16, Precision::kBFloat16},
+      {64, CombineMode::kGrouped, five, DType::kFloat32, Precision::kBFloat16},
+      {64, CombineMode::kGrouped, five, DType::kBFloat16, Precision::kBFloat16},
+      {32, CombineMode::kLongNet, five, DType::kFloat32, Precision::kBFloat16},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(absl::StrCat("D=", c.head_dim, " ", CombineModeName(c.mode),
+                              " P=", c.patterns.size(), " out ", DTypeName(c.out), " in ",
+                              PrecisionName(c.precision)));
+    if (c.precision == Precision::kFloat8 && FirstGpuSm() < 90) continue;
+    AttentionSpec spec;
+    spec.patterns = c.patterns;
+    spec.mode = c.mode;
+    spec.precision = c.precision;
+    const GpuRun run = RunOnGpu(spec, DType::kBFloat16, c.out, 31, c.head_dim);
+    ASSERT_TRUE(run.info.ok()) << run.info.status();
+    EXPECT_EQ(run.info->precision_used, c.precision) << run.info->precision_reason;
+    EXPECT_EQ(testing::Compare(run.actual, run.expected, {1.0, 0.0}), "");
+    const double error = testing::RelativeL2(run.actual, run.expected);
+    EXPECT_LE(error, c.precision == Precision::kFloat8 ? 8e-2 : 2e-2);
+    std::cout << "D=" << c.head_dim << " P=" << c.patterns.size() << " "
+              << PrecisionName(c.precision) << " relative L2 " << error << "\n";
+  }
+}
+
+// cuda:0 and a cuda:1 mapped to the same GPU (each backend with its own stream).
+EngineOptions TwinDevicesOnOneGpu() {
+  EngineOptions options = OnGpu();
+  DeviceInfo twin;
+  for (const DeviceInfo& device : DiscoverDevices(1)) {
+    if (device.id == "cuda:0") twin = device;
+  }
+  twin.id = "cuda:1";
+  twin.ordinal = 0;
+  options.added_devices = {twin};
+  options.devices = {"cuda:0", "cuda:1"};
+  return options;
+}
+
+// A SEQUENCE share with segments spanning the devices is not on the fused path yet: it computes
+// on the row kernel in fp32, and the execution info says so, naming both devices, instead of
+// claiming bf16; the result is one device's fp32 result.
+TEST_F(CudaFusedTest, SpanningSharesFallBackToFp32AndSaySo) {
+  const ProblemShape shape{1, 1999, 8, 2, 64};
+  testing::OwnedProblem one = testing::RandomProblem(shape, 22);
+  one.spec.patterns = {{128, 1}, {2048, 4}};  // 2048 > N: every share's segment spans.
+  one.spec.precision = Precision::kFloat32;
+  auto single = Engine::Create(OnGpu());
+  ASSERT_TRUE(single.ok()) << single.status();
+  ASSERT_TRUE((*single)->Run(one.Request()).ok());
+
+  testing::OwnedProblem many = testing::RandomProblem(shape, 22);
+  many.spec = one.spec;
+  many.spec.precision = Precision::kBFloat16;
+  many.spec.shard_policy = ShardPolicy::kSequence;
+  auto engine = Engine::Create(TwinDevicesOnOneGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(many.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_EQ(info->devices.size(), 2u);
+  EXPECT_EQ(info->precision_used, Precision::kFloat32) << info->precision_reason;
+  EXPECT_NE(info->precision_reason.find("fallback: computed fp32, not bf16"), std::string::npos)
+      << info->precision_reason;
+  EXPECT_NE(info->precision_reason.find("cuda:1 ("), std::string::npos) << info->precision_reason;
+  EXPECT_NE(info->precision_reason.find("span devices"), std::string::npos)
+      << info->precision_reason;
+  EXPECT_LE(testing::MaxRelativeError(many.out, one.out), 1e-5);
+}
 
 // On the row kernel (DA_CUDA_FUSED=0), whose launches the stop is polled between.
 class CudaEngineLimitsTest : public ::testing::Test {
@@ -397,16 +493,7 @@ TEST_F(CudaEngineLimitsTest, TwoLogicalDevicesOnOneGpuShardAsOneDeviceComputes) 
       testing::OwnedProblem many = testing::RandomProblem(shape, 21);
       many.spec = one.spec;
       many.spec.shard_policy = policy;
-      EngineOptions options = OnGpu();
-      DeviceInfo twin;
-      for (const DeviceInfo& device : DiscoverDevices(1)) {
-        if (device.id == "cuda:0") twin = device;
-      }
-      twin.id = "cuda:1";
-      twin.ordinal = 0;
-      options.added_devices = {twin};
-      options.devices = {"cuda:0", "cuda:1"};
-      auto engine = Engine::Create(options);
+      auto engine = Engine::Create(TwinDevicesOnOneGpu());
       ASSERT_TRUE(engine.ok()) << engine.status();
       absl::StatusOr<ExecutionInfo> info = (*engine)->Run(many.Request());
       ASSERT_TRUE(info.ok()) << info.status();
