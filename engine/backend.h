@@ -31,14 +31,16 @@ namespace da::engine {
 class ThreadPool;
 
 // What a run tells its caller beyond its output: the fp8 scales it derived from the data, and
-// where it computed in fp32 on another path than the chosen precision's, why.
+// where it computed in another precision than its plan's key, which and why.
 struct RunReport {
   bool fp8 = false;            // The run quantized its inputs to fp8 E4M3.
   float amax[3] = {0, 0, 0};   // The largest magnitudes of q, k, v.
   float scale[3] = {1, 1, 1};  // Their factors onto fp8's range (448 / amax).
-  // Non-empty: the run computed in fp32 instead (the CUDA row kernel where the fused path cannot
-  // take the share), and this says why; the engine then reports fp32 with it.
-  std::string fp32_fallback;
+  // Not kAuto: the run computed in this precision instead of the chosen one (the CUDA backend
+  // where its fused path cannot take the share: fp32 on the row kernel; or cuDNN refused fp8:
+  // bf16), for fallback_why; the engine reports the least precise precision its devices computed.
+  Precision fallback = Precision::kAuto;
+  std::string fallback_why;
 };
 
 struct RunContext {

@@ -289,32 +289,42 @@ TEST(DeviceMemoryTest, EachDevicesRunReportReachesTheExecutionInfo) {
   EXPECT_GT(info->fp8_scales[1].amax[0], info->fp8_scales[0].amax[0]);
 }
 
-// A device that computed in fp32 instead of the chosen precision (RunReport::fp32_fallback) is
-// named in the reason; the precision reported becomes fp32 only when every device fell back, as
-// the result is as precise as its least precise share.
-TEST(DeviceMemoryTest, Fp32FallbacksAreReportedWithTheDevicesThatFellBack) {
+// A device that computed in another precision than the chosen one (RunReport::fallback) is named
+// in the reason with what it computed and why; the precision reported is the least precise any
+// device computed, as the result is as precise as its least precise share.
+TEST(DeviceMemoryTest, FallbacksAreReportedWithTheDevicesThatFellBack) {
   const ProblemShape shape{1, 1024, 4, 2, 32};
   const OwnedProblem p = Problem(shape, 14, ShardPolicy::kHeads);
   auto engine = Engine::Create(Staged(2, 0));
   ASSERT_TRUE(engine.ok()) << engine.status();
   struct Case {
-    unsigned fallbacks;
-    Precision used;
+    unsigned devices;
+    Precision chosen, fallback, used;
     std::string reason;
   };
+  const std::string why = " (staged test fallback)";
   const Case cases[] = {
-      {4, Precision::kBFloat16, "staged: bf16"},  // staged:2 is not in the run: nobody fell back.
-      {2, Precision::kBFloat16, "staged: bf16; fp32 row kernel on staged:1 (staged test fallback)"},
-      {3, Precision::kFloat32,
-       "fallback: computed fp32, not bf16 (staged: bf16); fp32 row kernel on staged:0 (staged "
-       "test fallback), staged:1 (staged test fallback)"},
+      // staged:2 is not in the run: nobody fell back.
+      {4, Precision::kBFloat16, Precision::kFloat32, Precision::kBFloat16, "staged: bf16"},
+      // One device more precise: still bf16, saying which device computed what.
+      {2, Precision::kBFloat16, Precision::kFloat32, Precision::kBFloat16,
+       "staged: bf16; staged:1 computed fp32" + why},
+      {3, Precision::kBFloat16, Precision::kFloat32, Precision::kFloat32,
+       "fallback: computed fp32, not bf16 (staged: bf16); staged:0 computed fp32" + why +
+           ", staged:1 computed fp32" + why},
+      // fp8 refused on one device (bf16 there): the result is still fp8's.
+      {1, Precision::kFloat8, Precision::kBFloat16, Precision::kFloat8,
+       "staged: fp8; staged:0 computed bf16" + why},
+      {3, Precision::kFloat8, Precision::kBFloat16, Precision::kBFloat16,
+       "fallback: computed bf16, not fp8 (staged: fp8); staged:0 computed bf16" + why +
+           ", staged:1 computed bf16" + why},
   };
   for (const Case& c : cases) {
-    SCOPED_TRACE(c.fallbacks);
-    testing::SetStagedFp32Fallbacks(c.fallbacks);
+    SCOPED_TRACE(c.reason);
+    testing::SetStagedFallbacks(c.devices, c.chosen, c.fallback);
     OwnedProblem run = p;
     absl::StatusOr<ExecutionInfo> info = (*engine)->Run(run.Request());
-    testing::SetStagedFp32Fallbacks(0);
+    testing::SetStagedFallbacks(0);
     ASSERT_TRUE(info.ok()) << info.status();
     ASSERT_EQ(info->devices, (std::vector<std::string>{"staged:0", "staged:1"}));
     EXPECT_EQ(info->precision_used, c.used);

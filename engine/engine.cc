@@ -477,30 +477,34 @@ struct Engine::Impl {
     info.plan_cache_hit = stats->plan_cache_hits == static_cast<int>(on.size());
     info.queue_time_us = queue_time_us;
     info.compute_time_us = MicrosSince(start);
-    std::vector<std::string> fp32_fallbacks;  // Devices that computed fp32 instead, and why.
+    // Each device's precision (its fallback where it reported one); the result is as precise as
+    // its least precise share.
+    std::vector<std::string> fallbacks;  // "device computed precision (why)".
+    Precision least = Precision::kAuto;
     for (size_t r = 0; r < on.size() && r < stats->reports.size(); ++r) {
       const RunReport& report = stats->reports[r];
-      if (!report.fp32_fallback.empty()) {
-        fp32_fallbacks.push_back(absl::StrCat(on[r]->info.id, " (", report.fp32_fallback, ")"));
+      Precision computed = info.precision_used;
+      if (report.fallback != Precision::kAuto) {
+        computed = report.fallback;
+        fallbacks.push_back(absl::StrCat(on[r]->info.id, " computed ", PrecisionName(computed),
+                                         " (", report.fallback_why, ")"));
       }
+      if (least == Precision::kAuto || ErrorBound(computed) > ErrorBound(least)) least = computed;
       if (!report.fp8) continue;
       ExecutionInfo::Fp8Scales scales{on[r]->info.id};
       std::copy(report.amax, report.amax + 3, scales.amax);
       std::copy(report.scale, report.scale + 3, scales.scale);
       info.fp8_scales.push_back(scales);
     }
-    if (!fp32_fallbacks.empty() && info.precision_used != Precision::kFloat32) {
-      // The result is as precise as its least precise share: fp32 only where every device fell
-      // back; otherwise the chosen precision, saying which devices computed more precisely.
-      const std::string on_devices =
-          absl::StrCat("fp32 row kernel on ", absl::StrJoin(fp32_fallbacks, ", "));
-      if (fp32_fallbacks.size() == on.size()) {
-        info.precision_reason =
-            absl::StrCat("fallback: computed fp32, not ", PrecisionName(info.precision_used), " (",
-                         info.precision_reason, "); ", on_devices);
-        info.precision_used = Precision::kFloat32;
+    if (!fallbacks.empty() && least != Precision::kAuto) {
+      const std::string which = absl::StrJoin(fallbacks, ", ");
+      if (least != info.precision_used) {
+        info.precision_reason = absl::StrCat("fallback: computed ", PrecisionName(least), ", not ",
+                                             PrecisionName(info.precision_used), " (",
+                                             info.precision_reason, "); ", which);
+        info.precision_used = least;
       } else {
-        absl::StrAppend(&info.precision_reason, "; ", on_devices);
+        absl::StrAppend(&info.precision_reason, "; ", which);
       }
     }
     if (!on.front()->host()) {

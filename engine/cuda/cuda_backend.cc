@@ -180,7 +180,7 @@ class CudaPlan final : public Plan {
   DType io = DType::kBFloat16;
   bool fp8 = false;  // The calls compute in fp8 E4M3 (io unused): inputs quantized per run.
   // Non-empty: the key's precision is a fused one, but this share runs on the row kernel in fp32,
-  // for this reason (reported with every run, RunReport::fp32_fallback).
+  // for this reason (reported with every run, RunReport::fallback).
   std::string fp32_fallback;
 #if defined(DA_HAVE_CUDNN)
   std::unique_ptr<SdpaGraphs> graphs;
@@ -360,7 +360,8 @@ class CudaBackend final : public Backend {
         plan->fp8 = key.precision == Precision::kFloat8;
         absl::StatusOr<std::unique_ptr<SdpaGraphs>> graphs =
             SdpaGraphs::Build(sdpa.calls, plan->io, ordinal_, plan->fp8, stop);
-        if (!graphs.ok() && plan->fp8 && !absl::IsCancelled(graphs.status())) {
+        if (!graphs.ok() && plan->fp8 && !options_.fallback &&
+            !absl::IsCancelled(graphs.status())) {
           // cuDNN's fp8 attention covers fewer shapes than bf16 (head dims, strides, the causal
           // band), and none of ours has been checked on a GPU: say so, not INTERNAL.
           return absl::InvalidArgumentError(absl::StrCat(
@@ -369,8 +370,10 @@ class CudaBackend final : public Backend {
         }
         if (!graphs.ok() && !absl::IsCancelled(graphs.status())) {
           // A cuDNN that refuses a bf16 or fp16 graph (an older library: before 9.12 the frontend
-          // takes only packed log-sum-exps, and ours are strided) still gets an exact answer,
-          // from the row kernel, and says so with every run.
+          // takes only packed log-sum-exps, and ours are strided), or an fp8 one where the policy
+          // falls back, still gets an exact answer, from the row kernel (whose workspace is
+          // within what PlanWorkspaceBytes counted for the fused path), and says so with every
+          // run.
           plan->fp32_fallback =
               absl::StrCat("cuDNN refused its graph: ", graphs.status().message());
           std::fprintf(stderr, "cuda:%d: %s; this plan computes on the fp32 row kernel\n", ordinal_,
@@ -421,7 +424,10 @@ class CudaBackend final : public Backend {
     share.head_pattern_begin =
         reinterpret_cast<const int*>(base + plan->pattern_count * sizeof(RowPattern));
     if (!plan->calls.empty()) return RunFused(*plan, problem, share, context, stream);
-    if (context.report != nullptr) context.report->fp32_fallback = plan->fp32_fallback;
+    if (context.report != nullptr && !plan->fp32_fallback.empty()) {
+      context.report->fallback = Precision::kFloat32;
+      context.report->fallback_why = plan->fp32_fallback;
+    }
     // This run's spanning sets (their gathered rows change from run to run) and the failure flag.
     const int64_t spanning_bytes =
         static_cast<int64_t>(tables.spanning.size() * sizeof(RowSpanning));

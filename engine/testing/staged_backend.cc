@@ -51,10 +51,24 @@ std::atomic<bool>& ReportsAmax() {
   return on;
 }
 
-// Bit i: staged:i reports an fp32 fallback; any bit set: every staged device chooses bf16.
-std::atomic<unsigned>& Fp32Fallbacks() {
-  static std::atomic<unsigned> devices{0};
-  return devices;
+// Bit i of devices: staged:i reports a fallback to `fallback`; any bit set: every staged device
+// chooses `chosen` (and computes in fp32 on the host whatever it says).
+struct StagedFallbacks {
+  unsigned devices = 0;
+  Precision chosen = Precision::kBFloat16;
+  Precision fallback = Precision::kFloat32;
+};
+std::mutex& FallbacksMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+StagedFallbacks& Fallbacks() {
+  static StagedFallbacks fallbacks;
+  return fallbacks;
+}
+StagedFallbacks CurrentFallbacks() {
+  std::lock_guard<std::mutex> lock(FallbacksMutex());
+  return Fallbacks();
 }
 
 float LargestMagnitude(const TensorView& t) {
@@ -117,7 +131,9 @@ class StagedBackend final : public Backend {
 
   std::vector<Precision> Precisions() const override { return cpu_->Precisions(); }
   absl::StatusOr<PrecisionChoice> ChoosePrecision(const AttentionSpec& spec) const override {
-    if (Fp32Fallbacks().load() != 0) return PrecisionChoice{Precision::kBFloat16, "staged: bf16"};
+    if (const StagedFallbacks f = CurrentFallbacks(); f.devices != 0) {
+      return PrecisionChoice{f.chosen, absl::StrCat("staged: ", PrecisionName(f.chosen))};
+    }
     return cpu_->ChoosePrecision(spec);
   }
   absl::Status Supports(const ProblemShape& shape, DType dtype,
@@ -126,7 +142,7 @@ class StagedBackend final : public Backend {
   }
   absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
                                                   const std::atomic<bool>* stop) override {
-    if (Fp32Fallbacks().load() != 0) {  // "bf16" is computed in fp32 on the host.
+    if (CurrentFallbacks().devices != 0) {  // Whatever was chosen, computed in fp32 on the host.
       PlanKey fp32 = key;
       fp32.precision = Precision::kFloat32;
       return cpu_->BuildPlan(fp32, stop);
@@ -173,8 +189,10 @@ class StagedBackend final : public Backend {
         context.report->scale[i] = 448.0f / context.report->amax[i];
       }
     }
-    if ((Fp32Fallbacks().load() >> index_ & 1) != 0 && context.report != nullptr) {
-      context.report->fp32_fallback = "staged test fallback";
+    if (const StagedFallbacks f = CurrentFallbacks();
+        (f.devices >> index_ & 1) != 0 && context.report != nullptr) {
+      context.report->fallback = f.fallback;
+      context.report->fallback_why = "staged test fallback";
     }
     return cpu_->RunShare(plan, host, context);
   }
@@ -188,7 +206,10 @@ class StagedBackend final : public Backend {
 }  // namespace
 
 void SetStagedReportsAmax(bool on) { ReportsAmax() = on; }
-void SetStagedFp32Fallbacks(unsigned devices) { Fp32Fallbacks() = devices; }
+void SetStagedFallbacks(unsigned devices, Precision chosen, Precision fallback) {
+  std::lock_guard<std::mutex> lock(FallbacksMutex());
+  Fallbacks() = {devices, chosen, fallback};
+}
 
 void RegisterStagedBackend() {
   static const bool registered = RegisterBackend(

@@ -46,9 +46,11 @@ void ResetStagedCounters();
 // of how reports reach ExecutionInfo. Off at start.
 void SetStagedReportsAmax(bool on);
 
-// Bit i set: staged:i reports that it computed in fp32 instead (RunReport::fp32_fallback, as the
-// CUDA backend where its fused path cannot take a share). While any bit is set every staged
-// device chooses bf16 and computes it in fp32 on the host. 0 (at start): off.
-void SetStagedFp32Fallbacks(unsigned devices);
+// Bit i of devices set: staged:i reports that it computed in `fallback` instead of the chosen
+// precision (RunReport::fallback, as the CUDA backend where its fused path cannot take a share).
+// While any bit is set every staged device chooses `chosen` (and computes in fp32 on the host
+// whatever it says). devices 0 (at start): off.
+void SetStagedFallbacks(unsigned devices, Precision chosen = Precision::kBFloat16,
+                        Precision fallback = Precision::kFloat32);
 
 }  // namespace da::engine::testing
