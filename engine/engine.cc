@@ -496,7 +496,7 @@ struct Engine::Impl {
       std::copy(report.scale, report.scale + 3, scales.scale);
       info.fp8_scales.push_back(scales);
     }
-    if (!fallbacks.empty() && least != Precision::kAuto) {
+    if (!fallbacks.empty()) {  // Then `least` is set.
       const std::string which = absl::StrJoin(fallbacks, ", ");
       if (least != info.precision_used) {
         info.precision_reason = absl::StrCat("fallback: computed ", PrecisionName(least), ", not ",

@@ -128,8 +128,7 @@ INSTANTIATE_TEST_SUITE_P(
 // compute on sm_80 and later, fp32 and bf16 inputs, against the reference within the bf16 bound
 // (relative L2 2e-2); fp8 (E4M3, per-tensor scales from the data) on sm_90 and later within #15's
 // fp8 bound (8e-2).
-using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType, Precision>;
-class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
+class CudaFusedTest : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
@@ -137,6 +136,10 @@ class CudaFusedEngineTest : public ::testing::TestWithParam<FusedParam> {
   }
   void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
 };
+
+using FusedParam = std::tuple<int /*set*/, bool /*causal*/, CombineMode, DType, Precision>;
+class CudaFusedEngineTest : public CudaFusedTest,
+                            public ::testing::WithParamInterface<FusedParam> {};
 
 TEST_P(CudaFusedEngineTest, RequestsMatchTheReferenceWithinTheirPrecisionsBound) {
   const auto& [set, causal, mode, dtype, precision] = GetParam();
@@ -188,15 +191,6 @@ INSTANTIATE_TEST_SUITE_P(
 // Beyond the sweep: fp8 at D = 128 (where cuDNN's fp8 attention is most used; a refusal at D = 64
 // alone then tells a support limit from a bug) and at D = 32, and GROUPED with five patterns
 // (the one-pass combine for any P: one shared block, written in place for a bf16 output).
-class CudaFusedTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine: the GPU tests skip";
-    setenv("DA_CUDA_FUSED", "1", 1);
-  }
-  void TearDown() override { unsetenv("DA_CUDA_FUSED"); }
-};
-
 TEST_F(CudaFusedTest, HeadDimsAndManyGroupedPatternsMatchTheReference) {
   struct Case {
     int64_t head_dim;

@@ -28,15 +28,15 @@ std::vector<int64_t> Strides(const SdpaView& view) {
   return {view.strides.begin(), view.strides.end()};
 }
 
-absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
-  if (error.is_good()) return absl::OkStatus();
-  return absl::InternalError(
-      absl::StrCat("cuDNN ", cudnnGetVersion(), " ", what, ": ", error.get_message()));
-}
-
 // A cuDNN version number (major * 10000 + minor * 100 + patch since 9.0) as major.minor.patch.
 std::string VersionName(size_t version) {
   return absl::StrCat(version / 10000, ".", version / 100 % 100, ".", version % 100);
+}
+
+absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
+  if (error.is_good()) return absl::OkStatus();
+  return absl::InternalError(
+      absl::StrCat("cuDNN ", VersionName(cudnnGetVersion()), " ", what, ": ", error.get_message()));
 }
 
 }  // namespace
