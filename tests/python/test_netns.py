@@ -194,10 +194,12 @@ class ThreeHostsTest(unittest.TestCase):
                           "timeout")
 
     def test_c_a_cut_link_fails_the_request_and_the_group_reforms(self):
-        # One segment over 40960 tokens, one head: seconds of compute per rank.
+        # One segment over 65536 tokens, one head: about 3 s across the ranks on a 2-core AVX-512
+        # machine (test_b's figure), so the cut at 1 s lands mid-compute. 40960 tokens took about
+        # 1.1 s there, and the request could finish before the cut took effect.
         rng = np.random.default_rng(6)
-        q = rng.standard_normal((1, 40960, 1, 32)).astype(np.float32)
-        command, _ = self.attend("long", q, q, q, [40960], [1], server_ns=RANKS[0],
+        q = rng.standard_normal((1, 65536, 1, 32)).astype(np.float32)
+        command, _ = self.attend("long", q, q, q, [65536], [1], server_ns=RANKS[0],
                                  extra=("--timeout-ms", 60000))
         call = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(1.0)  # The shares have crossed (a few MB); the ranks compute.
