@@ -9,18 +9,16 @@
 // from one buffer without copying. The time is from the first write to the last answer read.
 // Next to AttendStream's figure for the same bytes (da-stream-bench) it says how much of the
 // stream's time is gRPC's own and how much is ours. With --streams K the bytes are cut into K
+// streams, each on a connection of its own. The channels are the client library's (MakeChannel);
+// the server's flow control is da-server's (Server::Start: no BDP probing, an 8 MiB window).
 #include <grpcpp/generic/async_generic_service.h>
-#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/impl/codegen/client_unary_call.h>
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/support/sync_stream.h>
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -28,6 +26,9 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "client/attention_client.h"
+#include "client/connection_options.h"
+#include "client/grpc_poller.h"
 
 namespace {
 
@@ -36,7 +37,7 @@ using Clock = std::chrono::steady_clock;
 // Reads and drops every message; answers out_bytes per message read, one write at a time.
 class SinkReactor final : public grpc::ServerGenericBidiReactor {
  public:
-  SinkReactor(const grpc::Slice* answer) : answer_(answer) { StartRead(&in_); }
+  explicit SinkReactor(const grpc::Slice* answer) : answer_(answer) { StartRead(&in_); }
 
   void OnReadDone(bool ok) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -91,9 +92,10 @@ class SinkService final : public grpc::CallbackGenericService {
   const grpc::Slice* answer_;
 };
 
-// One stream: writes messages of `message` bytes until `in_bytes` are sent, reads until done.
-int64_t RunStream(const std::shared_ptr<grpc::Channel>& channel, const grpc::Slice& block,
-                  int64_t messages) {
+// One stream: writes `messages` copies of block, reads the answers; true when the call ended OK
+// with `answer_bytes` per message written.
+bool RunStream(const std::shared_ptr<grpc::Channel>& channel, const grpc::Slice& block,
+               int64_t messages, int64_t answer_bytes) {
   grpc::ClientContext context;
   const grpc::internal::RpcMethod method("/da.floor/Sink",
                                          grpc::internal::RpcMethod::BIDI_STREAMING, channel);
@@ -114,9 +116,14 @@ int64_t RunStream(const std::shared_ptr<grpc::Channel>& channel, const grpc::Sli
   const grpc::Status status = stream->Finish();
   if (!status.ok()) {
     std::fprintf(stderr, "stream failed: %s\n", status.error_message().c_str());
-    return -1;
+    return false;
   }
-  return received;
+  if (received != messages * answer_bytes) {
+    std::fprintf(stderr, "stream answered %lld bytes, expected %lld\n",
+                 static_cast<long long>(received), static_cast<long long>(messages * answer_bytes));
+    return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -132,10 +139,19 @@ int main(int argc, char** argv) {
   app.add_option("--repeat", repeat);
   app.add_option("--streams", streams, "Streams, each on a connection of its own");
   CLI11_PARSE(app, argc, argv);
+  // GRPC_POLL_STRATEGY chooses gRPC's poller, as in da-server and da-client.
+  const std::string poller = da::client::PreferPollPoller();
 
   const int64_t message = static_cast<int64_t>(message_mib * (1 << 20));
-  const int64_t messages_per_stream = (in_mib << 20) / message / streams;
+  const int64_t messages_per_stream =
+      streams < 1 || message < 1 ? 0 : (in_mib << 20) / message / streams;
   const int64_t answer_bytes = message * out_mib / in_mib;
+  if (streams < 1 || messages_per_stream < 1 || answer_bytes < 1) {
+    std::fprintf(stderr,
+                 "da-grpc-floor-bench: needs --streams >= 1 and at least one message of "
+                 "input and a byte of answer per stream\n");
+    return 2;
+  }
   std::string block_bytes(message, 'q');
   std::string answer_bytes_data(answer_bytes, 'o');
   const grpc::Slice block(block_bytes.data(), block_bytes.size(), grpc::Slice::STATIC_SLICE);
@@ -155,11 +171,9 @@ int main(int argc, char** argv) {
 
   std::vector<std::shared_ptr<grpc::Channel>> channels;
   for (int c = 0; c < streams; ++c) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(1 << 30);
-    args.SetInt("da.floor.connection", c);  // A connection of its own.
-    channels.push_back(grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                                 grpc::InsecureChannelCredentials(), args));
+    da::client::ConnectionOptions connection;
+    connection.channel_id = c;  // A connection of its own.
+    channels.push_back(da::client::MakeChannel("127.0.0.1:" + std::to_string(port), connection));
   }
   const double total_gb =
       static_cast<double>(messages_per_stream * streams * (message + answer_bytes)) / 1e9;
@@ -169,14 +183,15 @@ int main(int argc, char** argv) {
     std::atomic<bool> failed{false};
     for (int c = 0; c < streams; ++c) {
       threads.emplace_back([&, c] {
-        if (RunStream(channels[c], block, messages_per_stream) < 0) failed = true;
+        if (!RunStream(channels[c], block, messages_per_stream, answer_bytes)) failed = true;
       });
     }
     for (std::thread& thread : threads) thread.join();
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
     if (failed) return 1;
-    std::printf("%s: %d stream(s), %.2f GB in %.3f s: %.2f GB/s\n", r == 0 ? "warm-up" : "run",
-                streams, total_gb, seconds, total_gb / seconds);
+    std::printf("%s: %d stream(s), %.2f GB in %.3f s: %.2f GB/s (gRPC poller %s)\n",
+                r == 0 ? "warm-up" : "run", streams, total_gb, seconds, total_gb / seconds,
+                poller.c_str());
   }
   server->Shutdown();
   return 0;
