@@ -96,6 +96,10 @@ void OutputBlockView::CopyTo(int64_t offset, int64_t n, char* dst) const {
   }
 }
 
+void OutputBlockView::AppendTo(std::string* dst) const {
+  for (const std::string_view piece : output_) dst->append(piece);
+}
+
 bool OutputBlockView::Equals(std::string_view bytes) const {
   if (static_cast<int64_t>(bytes.size()) != output_bytes_) return false;
   for (const std::string_view piece : output_) {

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -39,6 +40,8 @@ class OutputBlockView {
 
   // Copies output bytes [offset, offset + n) to dst; the range must lie within output_bytes().
   void CopyTo(int64_t offset, int64_t n, char* dst) const;
+  // Appends all output bytes to *dst.
+  void AppendTo(std::string* dst) const;
   // True when the output bytes equal bytes.
   bool Equals(std::string_view bytes) const;
 

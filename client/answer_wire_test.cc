@@ -61,6 +61,9 @@ void ExpectSameAsProtobuf(const std::string& bytes, const std::vector<std::strin
   EXPECT_EQ(message.block().token_count(), expected.block().token_count());
   EXPECT_EQ(Rows(block), expected.block().output());
   EXPECT_TRUE(block.Equals(expected.block().output()));
+  std::string appended = "prefix";
+  block.AppendTo(&appended);
+  EXPECT_EQ(appended, "prefix" + expected.block().output());
 }
 
 TEST(AnswerWireTest, ServerBlocksAreReadInPlaceAsProtobufReadsThem) {

@@ -269,8 +269,15 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
     }
   } else {
     *response_.mutable_output() = std::move(answered);
-    response_.mutable_output()->mutable_data()->resize(expected_.batch() * expected_.seq_len() *
-                                                       token_bytes_);
+    std::string& data = *response_.mutable_output()->mutable_data();
+    const int64_t bytes = expected_.batch() * expected_.seq_len() * token_bytes_;
+    // One batch element's blocks arrive in token order and are appended (AddBlock), so its output
+    // is never zeroed first: zeroing 512 MiB took 0.2 s here, in the thread that reads answers.
+    if (expected_.batch() == 1) {
+      data.reserve(static_cast<size_t>(bytes));
+    } else {
+      data.resize(static_cast<size_t>(bytes));
+    }
   }
   have_header_ = true;
   if (header.request_id().size() > 0) response_.mutable_info()->set_request_id(header.request_id());
@@ -301,6 +308,11 @@ grpc::Status OutputAssembler::AddBlock(const OutputBlockView& block) {
     return Internal(absl::StrCat("output block ", index, " has ", block.output_bytes(),
                                  " bytes, expected ", batch * row_bytes, " for ",
                                  block.token_count(), " tokens"));
+  }
+  if (target_ == nullptr && batch == 1) {
+    block.AppendTo(response_.mutable_output()->mutable_data());
+    next_token_ += block.token_count();
+    return grpc::Status::OK;
   }
   // Rows of batch element b start at b * out_seq_len + out_first + next_token_.
   char* out = target_ != nullptr ? target_->mutable_data()->data()

@@ -184,6 +184,27 @@ TEST(StreamBlocksTest, ReassemblesOutputFromBlocksOfAnySize) {
   EXPECT_EQ(response.info().request_id(), "req-1");  // From the header; the trailer has none.
 }
 
+TEST(StreamBlocksTest, ReassemblesOneBatchElementInTokenOrder) {
+  // With one batch element the output is appended block by block rather than zeroed first.
+  v1::AttendRequest request = SampleRequest();
+  *request.mutable_query() = IndexedTensor({1, 7, 2, 3}, 0);
+  *request.mutable_key() = IndexedTensor({1, 7, 1, 3}, 1000);
+  *request.mutable_value() = IndexedTensor({1, 7, 1, 3}, 2000);
+  const StreamPlan plan = SamplePlan(request, 2);
+  const v1::Tensor expected = IndexedTensor({1, 7, 2, 3}, 5000);
+  OutputAssembler assembler(plan.header);
+  ASSERT_TRUE(assembler.Add(Header({1, 7, 2, 3})).ok());
+  for (auto [start, count] : {std::pair{0, 1}, {1, 5}, {6, 1}}) {
+    const grpc::Status status = assembler.Add(Block(expected, start, count));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  ASSERT_TRUE(assembler.Add(Trailer()).ok());
+  v1::AttendResponse response;
+  ASSERT_TRUE(assembler.Finish(&response).ok());
+  EXPECT_THAT(response.output().shape(), testing::ElementsAre(1, 7, 2, 3));
+  EXPECT_EQ(response.output().data(), expected.data());
+}
+
 // Feeds messages until one fails, and returns that failure (or Finish's).
 grpc::Status Feed(const std::vector<v1::AttendStreamResponse>& messages) {
   const StreamPlan plan = SamplePlan(SampleRequest(), 3);
