@@ -268,6 +268,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   std::shared_future<grpc::Status> output_sized =
       std::async(std::launch::async, [&output, output_bytes] {
         try {
+          ReserveOutput(output.mutable_data(), output_bytes);
           output.mutable_data()->resize(output_bytes);
         } catch (const std::bad_alloc&) {
           return grpc::Status(

@@ -3,7 +3,9 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 
 namespace da::client {
 namespace {
@@ -204,6 +206,40 @@ TEST(StreamBlocksTest, ReassemblesOneBatchElementInTokenOrder) {
   EXPECT_THAT(response.output().shape(), testing::ElementsAre(1, 7, 2, 3));
   EXPECT_EQ(response.output().data(), expected.data());
 }
+
+#if defined(__linux__)
+// The VmFlags line of the mapping of /proc/self/smaps that holds address.
+std::string VmFlagsAt(const void* address) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<uintptr_t>(address);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long first = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &first, &end) == 2 && line.find(' ') > 8 &&
+        line.find('-') < line.find(' ')) {
+      inside = first <= at && at < end;
+    } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+      return line;
+    }
+  }
+  return "";
+}
+
+TEST(StreamBlocksTest, LargeOutputsAskForHugePages) {
+  if (!std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled")) {
+    GTEST_SKIP() << "this kernel has no transparent huge pages";
+  }
+  std::string large = "kept";
+  ReserveOutput(&large, 64 << 20);
+  EXPECT_EQ(large, "kept");
+  EXPECT_GE(large.capacity(), size_t{64} << 20);
+  // madvise(MADV_HUGEPAGE) marks the mapping "hg"; a middle byte lies in whole huge pages.
+  EXPECT_THAT(VmFlagsAt(large.data() + (32 << 20)), HasSubstr(" hg"));
+  std::string small;
+  ReserveOutput(&small, 1 << 20);
+  EXPECT_GE(small.capacity(), size_t{1} << 20);
+}
+#endif
 
 // Feeds messages until one fails, and returns that failure (or Finish's).
 grpc::Status Feed(const std::vector<v1::AttendStreamResponse>& messages) {
