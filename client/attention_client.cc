@@ -87,19 +87,24 @@ grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
 
 // The next block of a request held whole, as a message ready to write: for batch 1 the rows are
 // contiguous in the request's tensors and are sent where they lie (the request outlives the
-// call); otherwise they are gathered into a block (MakeTokenBlock).
-bool NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan, int64_t* next_block,
-                      grpc::ByteBuffer* buffer) {
-  if (*next_block == plan.block_count) return false;
+// call); otherwise they are gathered into a block (MakeTokenBlock). Returns the block's q, k and v
+// bytes, 0 when there are no more blocks.
+int64_t NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan,
+                         int64_t* next_block, grpc::ByteBuffer* buffer) {
+  if (*next_block == plan.block_count) return 0;
   const int64_t token_start = (*next_block)++ * plan.block_tokens;
+  const int64_t count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
+  const v1::Tensor* tensors[3] = {&request.query(), &request.key(), &request.value()};
+  int64_t payload = 0;
+  for (const v1::Tensor* tensor : tensors) {  // Bytes of a token, over the batch.
+    payload += count * (static_cast<int64_t>(tensor->data().size()) / tensor->shape(1));
+  }
   if (plan.header.batch() != 1) {
     *buffer = TokenBlockBuffer(
         std::make_shared<const v1::TokenBlock>(MakeTokenBlock(request, plan, token_start)));
-    return true;
+    return payload;
   }
-  const int64_t count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
   const int64_t first = plan.first_token + token_start;
-  const v1::Tensor* tensors[3] = {&request.query(), &request.key(), &request.value()};
   std::string_view rows[3];
   for (int i = 0; i < 3; ++i) {
     const int64_t token_bytes =
@@ -109,7 +114,17 @@ bool NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan, 
   *buffer = EncodeBlock(token_start, count, rows, [](std::string_view bytes) {
     return grpc::Slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
   });
-  return true;
+  return payload;
+}
+
+void AddProgress(std::atomic<int64_t> StreamProgress::*counter, StreamProgress* progress,
+                 int64_t bytes) {
+  if (progress != nullptr) (progress->*counter).fetch_add(bytes, std::memory_order_relaxed);
+}
+
+// The output bytes an answer message carries.
+int64_t AnswerOutputBytes(const v1::AttendStreamResponse& message) {
+  return message.has_block() ? static_cast<int64_t>(message.block().output().size()) : 0;
 }
 
 }  // namespace
@@ -228,14 +243,24 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
   int64_t next_block = 0;
   OutputAssembler assembler(plan.header);
+  StreamProgress* progress = stream_options.progress;
   const grpc::Status status = AttendStreamOn(
       channel_, plan.header,
       [&](grpc::ByteBuffer* buffer) {
-        return NextRequestBlock(request, plan, &next_block, buffer);
+        const int64_t bytes = NextRequestBlock(request, plan, &next_block, buffer);
+        AddProgress(&StreamProgress::sent_bytes, progress, bytes);
+        return bytes > 0;
       },
-      {.on_block = [&](const OutputBlockView& block) { return assembler.AddBlock(block); },
+      {.on_block =
+           [&](const OutputBlockView& block) {
+             AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
+             return assembler.AddBlock(block);
+           },
        .on_message =
-           [&](const v1::AttendStreamResponse& message) { return assembler.Add(message); }},
+           [&](const v1::AttendStreamResponse& message) {
+             AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
+             return assembler.Add(message);
+           }},
       options, nullptr);
   if (!status.ok()) return status;
   return assembler.Finish(response);
@@ -294,19 +319,24 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
       plan.header.set_request_id(part_options.request_id);
       OutputAssembler assembler(plan.header, &output, seq_len, part.first);
       int64_t next_block = 0;
+      StreamProgress* progress = stream_options.progress;
       status = AttendStreamOn(
           channels_[i % channels_.size()], plan.header,
           [&](grpc::ByteBuffer* buffer) {
-            return NextRequestBlock(request, plan, &next_block, buffer);
+            const int64_t bytes = NextRequestBlock(request, plan, &next_block, buffer);
+            AddProgress(&StreamProgress::sent_bytes, progress, bytes);
+            return bytes > 0;
           },
           {.on_block =
                [&](const OutputBlockView& block) {
                  if (const grpc::Status& sized = output_sized.get(); !sized.ok()) return sized;
+                 AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
                  return assembler.AddBlock(block);
                },
            .on_message =
                [&](const v1::AttendStreamResponse& message) {
                  if (const grpc::Status& sized = output_sized.get(); !sized.ok()) return sized;
+                 AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
                  return assembler.Add(message);
                }},
           part_options, &group);

@@ -16,6 +16,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -35,12 +36,21 @@ struct CallOptions {
   std::string request_id = {};
 };
 
+// What a streamed call has moved so far, for a progress display: the request's q, k and v bytes
+// handed to gRPC and the output bytes received, summed over the parts of a parallel request. The
+// call adds to it from its threads while it runs; read it from any thread.
+struct StreamProgress {
+  std::atomic<int64_t> sent_bytes{0};
+  std::atomic<int64_t> received_bytes{0};
+};
+
 struct StreamOptions {
   int64_t block_tokens = 0;  // Tokens per block; 0 picks blocks of about 4 MiB.
   // Concurrent AttendStream calls, each streaming one part of the request (at most one part per
   // chunk of whole segments; a request that is one chunk goes as one stream). 0: chosen from the
   // request's size (DefaultParallelStreams).
   int parallel_streams = 1;
+  StreamProgress* progress = {};  // Null: nobody watches.
 };
 
 // Channel arguments that lift gRPC's 4 MiB receive default to max_message_bytes.

@@ -70,6 +70,26 @@ TEST_F(AttentionClientTest, AttendStreamMatchesUnaryWithDefaultBlocks) {
   EXPECT_THAT(streamed.output().shape(), ElementsAre(2, 4096, 8, 64));
 }
 
+TEST_F(AttentionClientTest, AttendStreamCountsTheBytesItMoves) {
+  // Batch 1 (rows sent where they lie) and 3 (gathered), one stream and parts; fp16 q of 2 heads,
+  // k and v of 1.
+  for (int64_t batch : {1, 3}) {
+    for (int parts : {1, 3}) {
+      SCOPED_TRACE(testing::Message() << "batch " << batch << ", " << parts << " parts");
+      const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP16, batch, 1000, 2, 1, 8);
+      StreamProgress progress;
+      v1::AttendResponse response;
+      const grpc::Status status = client_.AttendStream(
+          request, &response, {},
+          {.block_tokens = 7, .parallel_streams = parts, .progress = &progress});
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_EQ(response.output().data(), request.query().data());
+      EXPECT_EQ(progress.sent_bytes.load(), batch * 1000 * (2 + 1 + 1) * 8 * 2);
+      EXPECT_EQ(progress.received_bytes.load(), batch * 1000 * 2 * 8 * 2);
+    }
+  }
+}
+
 TEST_F(AttentionClientTest, MalformedStreamAnswerIsInternalNamingTheBlock) {
   v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 300, 2, 2, 8);
   request.set_request_id("bad-block");

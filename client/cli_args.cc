@@ -112,6 +112,9 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
   command->add_option("--parallel-streams", flags->parallel_streams,
                       "Stream the request as K concurrent parts cut at chunk boundaries, each on a "
                       "connection of its own (0: with --stream, one per 256 MiB, at most 4)");
+  command->add_flag("--progress,!--no-progress", flags->progress,
+                    "While a request streams, print the bytes sent and received, the rate and the "
+                    "time about once a second on stderr (default: when stderr is a terminal)");
   command->add_option("--request-id", flags->request_id, "Request id sent to the server");
 }
 

@@ -26,6 +26,9 @@ struct CallFlags {
   // Concurrent streams per request, each on a connection of its own (implies streaming when
   // above 1); 0: with --stream, chosen from the request's size.
   int64_t parallel_streams = 0;
+  // A progress line on stderr about once a second while a request streams: 1 (--progress), -1
+  // (--no-progress), 0: when stderr is a terminal.
+  int progress = 0;
   std::string request_id;
   // --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file.
   ConnectionFiles connection;
@@ -66,8 +69,8 @@ struct RandomFlags {
   absl::Status Check() const;  // Also checks call flags and the dtype name.
 };
 
-// attend: true adds --stream, --block-tokens, --parallel-streams and --request-id. Every command
-// gets --server,
+// attend: true adds --stream, --block-tokens, --parallel-streams, --progress and --request-id.
+// Every command gets --server,
 // --timeout-ms, --json and the connection flags (TLS files and the token file).
 void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend);
 

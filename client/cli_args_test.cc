@@ -144,5 +144,30 @@ TEST(CliFormatTest, Fp8ScalesArePrintedOnlyForFp8Runs) {
   EXPECT_FALSE(ExecutionInfoJson(info).contains("fp8_scales"));
 }
 
+TEST(CliFormatTest, ProgressLineSaysHowMuchOfEachDirectionMovedAndHowFast) {
+  // 1.5 of 2 GiB sent, 0.25 of 0.5 GiB received, in 2 s: 1.75 GiB (1.88 GB) at 0.94 GB/s.
+  EXPECT_EQ(ProgressLine(3LL << 29, 2LL << 30, 1LL << 28, 1LL << 29, 2.0),
+            "sent 1.50 of 2.00 GiB (75%), received 0.25 of 0.50 GiB (50%), 0.94 GB/s, 2.0 s");
+  // Nothing to receive yet counts as done; no time yet is no rate.
+  EXPECT_EQ(ProgressLine(0, 1LL << 30, 0, 0, 0.0),
+            "sent 0.00 of 1.00 GiB (0%), received 0.00 of 0.00 GiB (100%), 0.00 GB/s, 0.0 s");
+}
+
+TEST(CallFlagsTest, ProgressIsOnOffOrLeftToTheTerminal) {
+  for (auto [args, expected] : {std::pair<std::vector<std::string>, int>{{}, 0},
+                                {{"--progress"}, 1},
+                                {{"--no-progress"}, -1}}) {
+    CLI::App app;
+    CallFlags flags;
+    AddCallFlags(&app, &flags, /*attend=*/true);
+    std::vector<std::string> argv = {"da-client"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    std::vector<char*> pointers;
+    for (std::string& arg : argv) pointers.push_back(arg.data());
+    app.parse(static_cast<int>(pointers.size()), pointers.data());
+    EXPECT_EQ(flags.progress, expected) << (args.empty() ? "(none)" : args[0]);
+  }
+}
+
 }  // namespace
 }  // namespace da::client

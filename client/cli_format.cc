@@ -166,6 +166,21 @@ void PrintServerInfo(const v1::GetServerInfoResponse& info, std::ostream& out) {
       << "\n";
 }
 
+std::string ProgressLine(int64_t sent, int64_t to_send, int64_t received, int64_t to_receive,
+                         double seconds) {
+  const auto part = [](int64_t done, int64_t total) {
+    char text[64];
+    std::snprintf(text, sizeof(text), "%.2f of %.2f GiB (%d%%)",
+                  static_cast<double>(done) / (1LL << 30), static_cast<double>(total) / (1LL << 30),
+                  total > 0 ? static_cast<int>(100 * static_cast<double>(done) / total) : 100);
+    return std::string(text);
+  };
+  char rate[64];
+  std::snprintf(rate, sizeof(rate), "%.2f GB/s, %.1f s",
+                seconds > 0 ? static_cast<double>(sent + received) / seconds / 1e9 : 0.0, seconds);
+  return "sent " + part(sent, to_send) + ", received " + part(received, to_receive) + ", " + rate;
+}
+
 std::string JsonLine(const nlohmann::json& value) {
   return value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }

@@ -274,6 +274,21 @@ TEST_F(CliEchoTest, AttendWritesTheOutputInTheInputDtypeAndPrintsOneJsonObject) 
   }
 }
 
+TEST_F(CliEchoTest, StreamedAttendPrintsProgressOnStderrWhenAsked) {
+  // stderr is a file here, so progress is off by default (the test above expects no stderr).
+  const RunResult result = RunClient(Attend({"--stream", "--parallel-streams", "2", "--progress"}));
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  EXPECT_THAT(result.out, HasSubstr("backend             echo"));
+  // q is [2, 16, 2, 4] fp16 (512 bytes), k and v the same: the last line says all of it moved.
+  EXPECT_THAT(result.err,
+              testing::MatchesRegex("(da-client: sent [^\n]*\n)*da-client: sent 0.00 of 0.00 GiB "
+                                    "\\(100%\\), received 0.00 of 0.00 GiB \\(100%\\), [0-9.]+ "
+                                    "GB/s, [0-9.]+ s\n"));
+  const RunResult quiet = RunClient(Attend({"--stream", "--no-progress"}));
+  ASSERT_EQ(quiet.exit_code, 0) << quiet.err;
+  EXPECT_EQ(quiet.err, "");
+}
+
 TEST_F(CliEchoTest, AttendPrintsExecutionInfoAsText) {
   const RunResult result = RunClient(Attend({}));
   ASSERT_EQ(result.exit_code, 0) << result.err;

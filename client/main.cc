@@ -10,13 +10,18 @@
 // Every failure is one line on stderr and a non-zero exit: 2 for bad flags, 1 for anything else
 // (files, the server, a health status other than SERVING).
 #include <grpc/support/log.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <iostream>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -103,13 +108,72 @@ CallOptions QueryOptions(const CallFlags& flags) {
   return options;
 }
 
+// Prints a streamed request's progress on stderr about once a second while it lives, and a last
+// line when it ends: on a terminal one line rewritten in place, otherwise a line each time.
+class ProgressReporter {
+ public:
+  ProgressReporter(const StreamProgress* progress, int64_t to_send, int64_t to_receive)
+      : progress_(progress),
+        to_send_(to_send),
+        to_receive_(to_receive),
+        terminal_(isatty(STDERR_FILENO) == 1),
+        thread_([this] { Loop(); }) {}
+  ~ProgressReporter() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+    Print(/*last=*/true);
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!wake_.wait_for(lock, std::chrono::seconds(1), [this] { return done_; })) {
+      Print(/*last=*/false);
+    }
+  }
+  void Print(bool last) const {
+    const std::string line =
+        "da-client: " + ProgressLine(progress_->sent_bytes.load(), to_send_,
+                                     progress_->received_bytes.load(), to_receive_,
+                                     MillisecondsSince(start_) / 1e3);
+    if (terminal_) {  // Back to the line's start, the line, the rest of the old one cleared.
+      std::cerr << '\r' << line << "\033[K" << (last ? "\n" : "") << std::flush;
+    } else {
+      std::cerr << line << std::endl;
+    }
+  }
+
+  const StreamProgress* const progress_;
+  const int64_t to_send_, to_receive_;
+  const std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  const bool terminal_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool done_ = false;   // Guarded by mutex_.
+  std::thread thread_;  // Last: starts once the members above are set.
+};
+
 grpc::Status Call(AttentionClient& client, const CallFlags& flags, const v1::AttendRequest& request,
                   v1::AttendResponse* response) {
   const CallOptions options{.timeout_ms = flags.timeout_ms, .request_id = request.request_id()};
   const int streams = ParallelStreams(flags, request);
   if (streams == 0) return client.Attend(request, response, options);
-  return client.AttendStream(request, response, options,
-                             {.block_tokens = flags.block_tokens, .parallel_streams = streams});
+  StreamProgress progress;
+  std::optional<ProgressReporter> reporter;
+  if (flags.progress > 0 || (flags.progress == 0 && isatty(STDERR_FILENO) == 1)) {
+    const int64_t q_bytes = static_cast<int64_t>(request.query().data().size());
+    reporter.emplace(
+        &progress,
+        q_bytes + static_cast<int64_t>(request.key().data().size() + request.value().data().size()),
+        q_bytes);
+  }
+  return client.AttendStream(
+      request, response, options,
+      {.block_tokens = flags.block_tokens, .parallel_streams = streams, .progress = &progress});
 }
 
 int RunAttend(const AttendFlags& flags) {
