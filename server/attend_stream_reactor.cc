@@ -31,6 +31,8 @@ AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metric
       settings_(settings),
       context_(context),
       record_(metrics, "AttendStream", *context) {
+  next_progress_log_ =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(settings_.progress_log_ms);
   if (settings_.watch != nullptr) settings_.watch->Add(this);
   read_in_flight_ = true;
   StartRead(&request_buffer_);
@@ -440,6 +442,13 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
     assembler_->ReleaseChunk(chunk.index);
     outgoing_.push_back(chunk);
     ++chunks_computed_;
+    const auto now = std::chrono::steady_clock::now();
+    if (settings_.progress_log_ms > 0 && now >= next_progress_log_) {
+      next_progress_log_ = now + std::chrono::milliseconds(settings_.progress_log_ms);
+      record_.LogProgress(absl::StrFormat("tokens_in=%d/%d chunks=%d/%d",
+                                          assembler_->tokens_received(), problem_.shape.seq_len,
+                                          chunks_computed_, assembler_->layout().chunk_count()));
+    }
   });
 }
 

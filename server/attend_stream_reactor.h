@@ -81,6 +81,7 @@ struct StreamSettings {
   StreamWatch* watch = nullptr;          // Ends idle streams; null: none (tests).
   ClientQuota* quota = nullptr;          // Caps each client's windows; null: no cap.
   bool client_by_token = false;          // Clients are told apart by token (auth on), else peer.
+  int64_t progress_log_ms = 0;  // A progress line this often while the stream runs; 0: none.
 };
 
 // Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
@@ -151,6 +152,8 @@ class AttendStreamReactor final
   // computed); guarded by mu_. What CheckIdle measures idleness from.
   std::chrono::steady_clock::time_point last_progress_ = std::chrono::steady_clock::now();
   bool idle_ended_ = false;  // CheckIdle ended the stream; EndIdle still has to run.
+  // When the next progress line is due (StreamSettings::progress_log_ms); guarded by mu_.
+  std::chrono::steady_clock::time_point next_progress_log_;
   std::mutex mu_;
   RequestRecord record_;
   absl::Status error_;  // The first error; the RPC finishes with it.

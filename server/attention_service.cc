@@ -278,7 +278,8 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
                                 .buffers = &stream_buffers_,
                                 .watch = &stream_watch_,
                                 .quota = &client_quota_,
-                                .client_by_token = options_.client_by_token};
+                                .client_by_token = options_.client_by_token,
+                                .progress_log_ms = options_.stream_progress_log_ms};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 

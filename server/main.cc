@@ -216,6 +216,12 @@ int main(int argc, char** argv) {
                  "counted in --memory-budget-bytes (at most a quarter of it); 0 keeps none")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--stream-progress-log-ms", options.stream_progress_log_ms,
+                 "AttendStream: a stream running this long logs a progress line (tokens and "
+                 "chunks done, bytes each way, elapsed) as a chunk finishes, then again each "
+                 "time as long after; 0: none")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--stream-idle-timeout-ms", options.stream_idle_timeout_ms,
                  "AttendStream: a stream whose client sends and reads nothing for this long "
                  "(while none of its chunks computes) ends and frees its memory; 20 s is one "

@@ -103,6 +103,12 @@ void RequestRecord::SetProblem(const engine::ProblemShape& shape, engine::DType 
 void RequestRecord::AddBytes(int64_t bytes_in, int64_t bytes_out) {
   bytes_in_ += bytes_in;
   bytes_out_ += bytes_out;
+  metrics_->AddBytes(bytes_in, bytes_out);
+}
+
+void RequestRecord::LogProgress(std::string_view detail) const {
+  spdlog::info("progress id={} method={} {} bytes_in={} bytes_out={} elapsed_ms={:.3f}", id_,
+               method_, detail, bytes_in_, bytes_out_, Millis(ElapsedUs()));
 }
 
 int64_t RequestRecord::ElapsedUs() const {
@@ -123,7 +129,6 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
   if (const std::string reason = RejectionReason(status); !reason.empty()) {
     metrics_->RequestRejected(reason);
   }
-  metrics_->AddBytes(bytes_in_, bytes_out_);
   if (status.ok() && info != nullptr) {
     metrics_->RunFinished(queue_us / 1e6, compute_us / 1e6, shape_.batch * shape_.seq_len);
     // A miss that waited for a concurrent build of the same plan reports (and is counted with)
@@ -151,9 +156,10 @@ grpc::Status RequestRecord::Finish(const absl::Status& status, const engine::Exe
                 engine::ShardPolicyName(info->shard_strategy),
                 info->plan_cache_hit ? "hit" : "miss", Millis(info->plan_build_time_us));
   const std::string line = absl::StrFormat(
-      "request id=%s method=%s %s code=%s%s queue_ms=%.3f compute_ms=%.3f total_ms=%.3f", id_,
-      method_, problem, StatusCodeName(grpc_status.error_code()), run, Millis(queue_us),
-      Millis(compute_us), Millis(total_us));
+      "request id=%s method=%s %s code=%s%s queue_ms=%.3f compute_ms=%.3f total_ms=%.3f "
+      "bytes_in=%d bytes_out=%d",
+      id_, method_, problem, StatusCodeName(grpc_status.error_code()), run, Millis(queue_us),
+      Millis(compute_us), Millis(total_us), bytes_in_, bytes_out_);
   if (status.ok()) {
     spdlog::info("{}", line);
   } else {

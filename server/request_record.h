@@ -39,7 +39,12 @@ class RequestRecord {
   void SetRequestIdField(std::string_view field_id);
   void SetProblem(const engine::ProblemShape& shape, engine::DType dtype,
                   const engine::AttentionSpec& spec);
+  // Tensor bytes received and sent, counted in the metrics at once (a long stream's rate shows
+  // while it runs) and in the log lines.
   void AddBytes(int64_t bytes_in, int64_t bytes_out);
+  // One log line while the RPC runs: "progress id=... method=... <detail> bytes_in=...
+  // bytes_out=... elapsed_ms=...".
+  void LogProgress(std::string_view detail) const;
 
   // Microseconds since the RPC started.
   int64_t ElapsedUs() const;

@@ -146,6 +146,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
   for (const auto& [name, value] :
        {std::pair<const char*, int64_t>{"stream_idle_timeout_ms", options.stream_idle_timeout_ms},
+        {"stream_progress_log_ms", options.stream_progress_log_ms},
         {"keepalive_time_ms", options.keepalive_time_ms},
         {"keepalive_timeout_ms", options.keepalive_timeout_ms},
         {"max_connection_idle_ms", options.max_connection_idle_ms},
@@ -246,6 +247,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                      .stream_min_chunk_tokens = options.stream_min_chunk_tokens,
                      .stream_buffer_pool_bytes = pool_bytes,
                      .stream_idle_timeout_ms = options.stream_idle_timeout_ms,
+                     .stream_progress_log_ms = options.stream_progress_log_ms,
                      .max_client_stream_bytes = client_cap,
                      .client_by_token = server->authenticator_ != nullptr,
                      .before_unary_answer = options.before_unary_answer});

@@ -78,6 +78,10 @@ struct ServerOptions {
   // a few seconds; a client that stops sending or reading holds its reservation no longer. 0:
   // never.
   int64_t stream_idle_timeout_ms = 20000;
+  // A stream still running this long after its start, and again each time as long after its last
+  // such line, logs a progress line (tokens and chunks done, bytes each way, elapsed) as a chunk
+  // finishes computing. 0: none.
+  int64_t stream_progress_log_ms = 10000;
   // Stream windows one client (its bearer token with tokens on, else its peer address) may hold
   // at once; -1: half of memory_budget_bytes (none when the budget is unlimited); 0: no cap.
   int64_t max_client_stream_bytes = -1;

@@ -1,12 +1,19 @@
 // AttendStream on the wire, driven by a raw stub so that malformed streams can be sent: the
 // header and block rules, and the shape of the answer (header, bounded output blocks, trailer).
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <chrono>
 #include <functional>
 #include <random>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/stream_blocks.h"
 #include "da/v1/attention.grpc.pb.h"
 #include "server/server.h"
@@ -291,6 +298,79 @@ TEST_F(StreamTest, StreamedBytesEqualUnaryBytesAcrossTheSweep) {
     EXPECT_EQ(streamed.info().stream_chunks(),
               (c.config.seq_len + streamed.info().stream_chunk_tokens() - 1) /
                   streamed.info().stream_chunk_tokens());
+  }
+}
+
+// The server's log lines while it runs (a sink on spdlog's default logger).
+class CapturedLog {
+ public:
+  CapturedLog() : sink_(std::make_shared<spdlog::sinks::ostream_sink_mt>(text_)) {
+    sink_->set_pattern("%v");
+    spdlog::default_logger()->sinks().push_back(sink_);
+  }
+  ~CapturedLog() {
+    auto& sinks = spdlog::default_logger()->sinks();
+    sinks.erase(std::find(sinks.begin(), sinks.end(), sink_));
+  }
+  std::vector<std::string> LinesStartingWith(const std::string& prefix) {
+    spdlog::default_logger()->flush();
+    std::vector<std::string> lines;
+    std::istringstream in(text_.str());
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind(prefix, 0) == 0) lines.push_back(line);
+    }
+    return lines;
+  }
+
+ private:
+  std::ostringstream text_;
+  std::shared_ptr<spdlog::sinks::ostream_sink_mt> sink_;
+};
+
+TEST_F(StreamTest, ARunningStreamLogsItsProgressAndItsBytes) {
+  for (const int64_t log_ms : {1, 0}) {
+    SCOPED_TRACE(::testing::Message() << "progress every " << log_ms << " ms");
+    ServerOptions options = testing::LoopbackOptions();
+    options.stream_min_chunk_tokens = 1;  // Two chunks: tokens [0, 32) and [32, 40).
+    options.stream_progress_log_ms = log_ms;
+    Start(options);
+    CapturedLog log;
+    grpc::ClientContext context;
+    context.AddMetadata("x-request-id", "progress-1");
+    auto stream = stub_->AttendStream(&context);
+    ASSERT_TRUE(stream->Write(Header()));
+    // 5 ms between blocks: each chunk completes more than log_ms after the last line.
+    for (int64_t start = 0; start < 40; start += 8) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      ASSERT_TRUE(stream->Write(Block(start)));
+    }
+    stream->WritesDone();
+    v1::AttendStreamResponse response;
+    while (stream->Read(&response)) {
+    }
+    ASSERT_TRUE(stream->Finish().ok());
+    server_.reset();  // Every line is logged.
+    // q: 2 x 40 tokens x 4 heads x 16 x 4 bytes; k and v: 2 heads each.
+    const int64_t q_bytes = 2 * 40 * 4 * 16 * 4, kv_bytes = 2 * 40 * 2 * 16 * 4;
+    const std::vector<std::string> done = log.LinesStartingWith("request id=progress-1 ");
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_NE(
+        done[0].find(absl::StrCat(" bytes_in=", q_bytes + 2 * kv_bytes, " bytes_out=", q_bytes)),
+        std::string::npos)
+        << done[0];
+    const std::vector<std::string> progress = log.LinesStartingWith("progress id=progress-1 ");
+    if (log_ms == 0) {
+      EXPECT_TRUE(progress.empty()) << progress[0];
+      continue;
+    }
+    ASSERT_EQ(progress.size(), 2u);
+    EXPECT_NE(progress[0].find("method=AttendStream tokens_in="), std::string::npos) << progress[0];
+    EXPECT_NE(progress[0].find(" chunks=1/2 bytes_in="), std::string::npos) << progress[0];
+    EXPECT_NE(progress[1].find(absl::StrCat(
+                  "tokens_in=40/40 chunks=2/2 bytes_in=", q_bytes + 2 * kv_bytes, " bytes_out=")),
+              std::string::npos)
+        << progress[1];
+    EXPECT_NE(progress[1].find(" elapsed_ms="), std::string::npos) << progress[1];
   }
 }
 
