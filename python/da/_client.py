@@ -155,7 +155,7 @@ class Client:
 
     def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                precision="auto", scale=None, out=None, stream=None, block_tokens=0,
-               request_id="", priority=0, timeout=None, return_info=False):
+               request_id="", priority=0, timeout=None, return_info=False, progress=None):
         """Dilated attention of q over k and v.
 
         q is [batch, seq_len, heads, head_dim], k and v [batch, seq_len, kv_heads, head_dim]
@@ -171,12 +171,20 @@ class Client:
         MiB, at most half the server's message limit), the output filled as blocks arrive.
         Either way each tensor's bytes are copied once going out and once coming back.
 
+        progress: called as progress(sent, to_send, received, to_receive) with the q, k and v
+        bytes sent so far of their total and the output bytes received of theirs, on the
+        calling thread: as each output block of a stream arrives, and once when the answer is
+        complete, e.g. to drive a progress bar:
+
+            bar = tqdm.tqdm(total=2 * q.nbytes + k.nbytes + v.nbytes, unit="B", unit_scale=True)
+            client.attend(q, k, v, ..., progress=lambda s, _, r, __: bar.update(s + r - bar.n))
+
         Returns the output (q's shape, kind, dtype and device), or a Result with the execution
         info when return_info. Raises da.Error subclasses (InvalidArgument before anything is
         sent for inputs the server would refuse).
         """
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
-                      request_id, priority)
+                      request_id, priority, progress)
         limit = self._server_message_limit(timeout)
         options = self._options(timeout, request_id)
         try:
@@ -381,7 +389,7 @@ class _Attend:
     """One attend call on whole tensors: its checks, requests and output, made the same way by
     the sync and the asyncio client."""
 
-    def __init__(self, q, k, v, out, spec, request_id, priority):
+    def __init__(self, q, k, v, out, spec, request_id, priority, progress=None):
         self.q, self.k, self.v = _host_tensors(q, k, v)
         self.output = _tensors.Output(self.q, out)
         self.spec = spec
@@ -389,6 +397,14 @@ class _Attend:
         self.priority = priority
         self.info = None
         self.next_token = 0
+        self.progress = progress
+        self.to_send = self.q.nbytes + self.k.nbytes + self.v.nbytes
+        self.sent = 0  # Of the blocks gRPC has pulled; written by its thread, read by ours.
+        self.received = 0
+
+    def report(self):
+        if self.progress is not None:
+            self.progress(self.sent, self.to_send, self.received, self.q.nbytes)
 
     def streams(self, stream, message_limit):
         """Whether to stream: as asked, or when q, k, v and the output do not fit one message
@@ -418,6 +434,7 @@ class _Attend:
                 np.copyto(raw, _rows_from_wire(tensor.get(3, b""), raw.dtype, raw.shape,
                                                "the output"))
                 self.next_token = raw.shape[1]
+                self.sent, self.received = self.to_send, raw.nbytes
             elif field == 2:
                 self.info = pb.ExecutionInfo.FromString(value)
 
@@ -428,7 +445,9 @@ class _Attend:
         yield _stream_header(q, k, seq_len, self.spec, self.request_id, self.priority)
         step = _block_tokens(q, k, message_limit, block_tokens)
         for start in range(0, seq_len, step):
-            yield _block_message(start, q, k, v, start, min(seq_len, start + step))
+            end = min(seq_len, start + step)
+            self.sent += (end - start) * (self.to_send // seq_len)
+            yield _block_message(start, q, k, v, start, end)
 
     def take_stream_message(self, data):
         """Fills the output from an encoded AttendStreamResponse (blocks arrive in order)."""
@@ -445,11 +464,15 @@ class _Attend:
             raw[:, start:start + count] = _rows_from_wire(
                 data, raw.dtype, (batch, count, heads, head_dim), "an output block")
             self.next_token += count
+            self.received += len(data)
+            if self.next_token < raw.shape[1]:  # The last block's report is result()'s.
+                self.report()
 
     def result(self, return_info):
         seq_len = self.q.shape[1]
         if self.next_token != seq_len or self.info is None:
             raise _internal(f"the answer ended after {self.next_token} of {seq_len} tokens")
+        self.report()
         output = self.output.result()
         return Result(output, self.info) if return_info else output
 

@@ -71,11 +71,12 @@ class Client:
 
     async def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                      precision="auto", scale=None, out=None, stream=None, block_tokens=0,
-                     request_id="", priority=0, timeout=None, return_info=False):
-        """da.Client.attend, awaited."""
+                     request_id="", priority=0, timeout=None, return_info=False,
+                     progress=None):
+        """da.Client.attend, awaited (progress is called on the event loop)."""
         job = _client._Attend(q, k, v, out, _client._spec(segments, dilations, causal, mode,
                                                           precision, scale),
-                              request_id, priority)
+                              request_id, priority, progress)
         limit = await self._server_message_limit(timeout)
         options = self._options(timeout, request_id)
         try:

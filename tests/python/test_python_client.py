@@ -210,6 +210,47 @@ class PythonClientTest(unittest.TestCase):
             self.assertTrue(np.array_equal(a, b))
             self.assertTrue(np.array_equal(a, self.client.attend(q, q, q, **kw)))
 
+    def test_progress_counts_every_byte_each_way_on_the_calling_thread(self):
+        import asyncio
+        import threading
+        rng = np.random.default_rng(15)
+        # 16,384 tokens: 4 chunks of the server's default 4,096, each answered by itself.
+        q = rng.standard_normal((2, 16384, 2, 16)).astype(np.float32)
+        kv = rng.standard_normal((2, 16384, 1, 16)).astype(np.float32)
+        kw = dict(segments=[32], dilations=[2], precision="fp32")
+        to_send, to_receive = q.nbytes + 2 * kv.nbytes, q.nbytes
+        for stream in (True, False):
+            with self.subTest(stream=stream):
+                calls, threads = [], set()
+
+                def progress(*counts):
+                    calls.append(counts)
+                    threads.add(threading.get_ident())
+
+                out = self.client.attend(q, kv, kv, stream=stream, block_tokens=1024,
+                                         progress=progress, **kw)
+                self.assertTrue(np.array_equal(out, self.client.attend(q, kv, kv, **kw)))
+                self.assertEqual(calls[-1], (to_send, to_send, to_receive, to_receive))
+                self.assertEqual(threads, {threading.get_ident()})
+                for before, after in zip(calls, calls[1:]):  # Never backwards.
+                    self.assertTrue(all(a <= b for a, b in zip(before, after)), calls)
+                if stream:  # A call per output block: at least one per chunk.
+                    self.assertGreaterEqual(len(calls), 4, calls)
+                    self.assertLess(calls[0][2], to_receive)
+                else:
+                    self.assertEqual(len(calls), 1)
+
+        async def run():
+            calls = []
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                await client.attend(q, kv, kv, stream=True, block_tokens=1024,
+                                    progress=lambda *c: calls.append(c), **kw)
+            return calls
+
+        calls = asyncio.run(run())
+        self.assertGreaterEqual(len(calls), 4)
+        self.assertEqual(calls[-1], (to_send, to_send, to_receive, to_receive))
+
     def test_health_info_and_the_token(self):
         self.assertEqual(self.client.health(), "SERVING")
         self.assertEqual(self.client.health("da.v1.AttentionService"), "SERVING")
