@@ -24,8 +24,7 @@ absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
   absl::StatusOr<void*> block = allocator_.allocate(bytes);
   if (block.ok()) return block;
   // Cached blocks of other sizes may be what the device lacks: release them and try again.
-  if (cached_bytes() == 0) return block;
-  ReleaseAll();
+  if (ReleaseAll() == 0) return block;
   return allocator_.allocate(bytes);
 }
 
@@ -46,15 +45,21 @@ void BlockCache::Give(void* block, int64_t bytes) {
   free_.emplace(bytes, block);
 }
 
-void BlockCache::ReleaseAll() {
+int64_t BlockCache::ReleaseAll() {
   std::vector<void*> blocks;
+  int64_t released = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [bytes, block] : free_) blocks.push_back(block);
+    for (auto& [bytes, block] : free_) {
+      blocks.push_back(block);
+      released += bytes;
+    }
     free_.clear();
-    cached_bytes_ = 0;
+    // Only what was in free_: a block being given back (Give, quiescing) keeps its place.
+    cached_bytes_ -= released;
   }
   for (void* block : blocks) allocator_.release(block);
+  return released;
 }
 
 int64_t BlockCache::cached_bytes() const {

@@ -40,7 +40,8 @@ class BlockCache {
 
   absl::StatusOr<void*> Take(int64_t bytes);
   void Give(void* block, int64_t bytes);
-  void ReleaseAll();
+  // Releases every cached block; returns their bytes.
+  int64_t ReleaseAll();
 
   int64_t cached_bytes() const;
   int64_t hits() const;

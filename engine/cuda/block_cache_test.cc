@@ -122,5 +122,30 @@ TEST(BlockCacheTest, ManyThreadsLoseNoBlock) {
   EXPECT_EQ(device.used, 0);
 }
 
+TEST(BlockCacheTest, ABlockGivenBackWhileTheCacheIsReleasedStaysCounted) {
+  // Another thread releases the cache while Give waits for the device (here: inside quiesce).
+  FakeDevice device;
+  device.capacity = 1000;
+  BlockCache* cache_seen = nullptr;
+  BlockCache::Allocator allocator = device.Allocator();
+  allocator.quiesce = [&] { cache_seen->ReleaseAll(); };
+  BlockCache cache(allocator, 500);
+  cache_seen = &cache;
+  absl::StatusOr<void*> a = cache.Take(300);
+  ASSERT_TRUE(a.ok());
+  cache.Give(*a, 300);
+  EXPECT_EQ(cache.cached_bytes(), 300);  // Kept: counted.
+  absl::StatusOr<void*> b = cache.Take(300);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(*b, *a);
+  EXPECT_EQ(cache.cached_bytes(), 0);  // Not below zero.
+  cache.Give(*b, 300);
+  // A failed allocation finds the kept block and releases it: 300 + 800 > 1000 until then.
+  absl::StatusOr<void*> big = cache.Take(800);
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(cache.cached_bytes(), 0);
+  cache.Give(*big, 800);  // Above the bound: released.
+}
+
 }  // namespace
 }  // namespace da::engine::cuda
