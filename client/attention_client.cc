@@ -234,7 +234,12 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
     parts = DefaultParallelStreams(static_cast<int64_t>(
         2 * q.data().size() + request.key().data().size() + request.value().data().size()));
   }
-  if (parts > 1) return AttendParts(request, response, options, stream_options, parts);
+  // Several batch elements: their rows of a block lie apart in the output, which is zeroed first,
+  // on a thread of its own as with parts (AttendParts), not in the reading thread.
+  const bool batched = request.query().shape_size() == 4 && request.query().shape(0) > 1;
+  if (parts > 1 || batched) {
+    return AttendParts(request, response, options, stream_options, std::max(parts, 1));
+  }
   StreamPlan plan;
   if (grpc::Status status = MakeStreamPlan(request, stream_options.block_tokens, &plan);
       !status.ok()) {
@@ -276,7 +281,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   }
   const int64_t seq_len = whole.header.seq_len();
   const std::vector<TokenRange> parts = CutParts(request.spec(), seq_len, part_count);
-  if (parts.size() == 1) {  // One chunk: nothing to cut.
+  if (parts.size() == 1 && whole.header.batch() == 1) {  // One stream, appending its output.
     StreamOptions single = stream_options;
     single.parallel_streams = 1;
     return AttendStream(request, response, options, single);
@@ -309,13 +314,16 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   std::vector<v1::AttendResponse> answers(parts.size());
   auto run_part = [&](size_t i) {
     const TokenRange& part = parts[i];
-    const std::string where = absl::StrCat("part ", i + 1, " of ", parts.size(), " (tokens ",
-                                           part.first, "..", part.first + part.count, "): ");
+    const std::string where = parts.size() == 1
+                                  ? ""
+                                  : absl::StrCat("part ", i + 1, " of ", parts.size(), " (tokens ",
+                                                 part.first, "..", part.first + part.count, "): ");
     StreamPlan plan;
     grpc::Status status = MakePartPlan(request, stream_options.block_tokens, part, &plan);
     if (status.ok()) {
       CallOptions part_options = options;
-      part_options.request_id = base_id.empty() ? "" : absl::StrCat(base_id, "/", i + 1);
+      part_options.request_id =
+          base_id.empty() || parts.size() == 1 ? base_id : absl::StrCat(base_id, "/", i + 1);
       plan.header.set_request_id(part_options.request_id);
       OutputAssembler assembler(plan.header, &output, seq_len, part.first);
       int64_t next_block = 0;
