@@ -49,10 +49,11 @@ namespace {
 
 // AttendStreamRequest{block = 2: TokenBlock{token_start = 1, token_count = 2, query = 3, key = 4,
 // value = 5}}, written as protobuf writes it (zero varints and empty bytes omitted): the tags and
-// lengths in small slices of their own, each tensor as the slice tensor_slice makes of it.
+// lengths in small slices of their own, each tensor's bytes the concatenation of its pieces, each
+// piece as the slice tensor_slice makes of it.
 template <typename TensorSlice>
 grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
-                             const std::string_view (&tensors)[3],
+                             const std::vector<std::string_view> (&tensors)[3],
                              const TensorSlice& tensor_slice) {
   std::string start;
   if (token_start != 0) {
@@ -64,12 +65,14 @@ grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
     AppendVarint(static_cast<uint64_t>(token_count), &start);
   }
   std::string tags[3];
+  uint64_t sizes[3] = {0, 0, 0};
   uint64_t block_bytes = start.size();
   for (int i = 0; i < 3; ++i) {
-    if (tensors[i].empty()) continue;
+    for (const std::string_view piece : tensors[i]) sizes[i] += piece.size();
+    if (sizes[i] == 0) continue;
     AppendVarint(static_cast<uint64_t>(3 + i) << 3 | 2, &tags[i]);
-    AppendVarint(tensors[i].size(), &tags[i]);
-    block_bytes += tags[i].size() + tensors[i].size();
+    AppendVarint(sizes[i], &tags[i]);
+    block_bytes += tags[i].size() + sizes[i];
   }
   std::string outer;
   AppendVarint(2 << 3 | 2, &outer);
@@ -78,38 +81,37 @@ grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
   std::vector<grpc::Slice> slices;
   slices.emplace_back(outer);
   for (int i = 0; i < 3; ++i) {
-    if (tensors[i].empty()) continue;
+    if (sizes[i] == 0) continue;
     slices.emplace_back(tags[i]);
-    slices.push_back(tensor_slice(tensors[i]));
+    for (const std::string_view piece : tensors[i]) {
+      if (!piece.empty()) slices.push_back(tensor_slice(piece));
+    }
   }
   return grpc::ByteBuffer(slices.data(), slices.size());
 }
 
-// The next block of a request held whole, as a message ready to write: for batch 1 the rows are
-// contiguous in the request's tensors and are sent where they lie (the request outlives the
-// call); otherwise they are gathered into a block (MakeTokenBlock). Returns the block's q, k and v
-// bytes, 0 when there are no more blocks.
+// The next block of a request held whole, as a message ready to write. A block's rows of each
+// batch element are contiguous in the request's tensors ([batch, seq_len, heads, head_dim]) and
+// are sent where they lie, one slice per batch element (the request outlives the call). Returns
+// the block's q, k and v bytes, 0 when there are no more blocks.
 int64_t NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan,
                          int64_t* next_block, grpc::ByteBuffer* buffer) {
   if (*next_block == plan.block_count) return 0;
   const int64_t token_start = (*next_block)++ * plan.block_tokens;
   const int64_t count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
-  const v1::Tensor* tensors[3] = {&request.query(), &request.key(), &request.value()};
-  int64_t payload = 0;
-  for (const v1::Tensor* tensor : tensors) {  // Bytes of a token, over the batch.
-    payload += count * (static_cast<int64_t>(tensor->data().size()) / tensor->shape(1));
-  }
-  if (plan.header.batch() != 1) {
-    *buffer = TokenBlockBuffer(
-        std::make_shared<const v1::TokenBlock>(MakeTokenBlock(request, plan, token_start)));
-    return payload;
-  }
   const int64_t first = plan.first_token + token_start;
-  std::string_view rows[3];
+  const v1::Tensor* tensors[3] = {&request.query(), &request.key(), &request.value()};
+  std::vector<std::string_view> rows[3];
+  int64_t payload = 0;
   for (int i = 0; i < 3; ++i) {
-    const int64_t token_bytes =
-        static_cast<int64_t>(tensors[i]->data().size()) / tensors[i]->shape(1);
-    rows[i] = std::string_view(tensors[i]->data()).substr(first * token_bytes, count * token_bytes);
+    const std::string_view data = tensors[i]->data();
+    const int64_t batch = tensors[i]->shape(0), seq_len = tensors[i]->shape(1);
+    // Bytes of one token of one batch element.
+    const int64_t row_bytes = static_cast<int64_t>(data.size()) / (batch * seq_len);
+    for (int64_t b = 0; b < batch; ++b) {
+      rows[i].push_back(data.substr((b * seq_len + first) * row_bytes, count * row_bytes));
+    }
+    payload += batch * count * row_bytes;
   }
   *buffer = EncodeBlock(token_start, count, rows, [](std::string_view bytes) {
     return grpc::Slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
@@ -131,7 +133,8 @@ int64_t AnswerOutputBytes(const v1::AttendStreamResponse& message) {
 
 grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
   const std::shared_ptr<const v1::TokenBlock> owned(std::move(block));
-  const std::string_view tensors[3] = {owned->query(), owned->key(), owned->value()};
+  const std::vector<std::string_view> tensors[3] = {
+      {owned->query()}, {owned->key()}, {owned->value()}};
   return EncodeBlock(
       owned->token_start(), owned->token_count(), tensors, [&](std::string_view bytes) {
         return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &ReleaseBlock,
