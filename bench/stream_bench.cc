@@ -513,6 +513,13 @@ int main(int argc, char** argv) {
   std::printf(
       "AttendStream end to end: best %.3f s, median %.3f s (%.2f GB/s of q, k, v and output)\n",
       stream_best, Median(stream_runs.seconds), wire_bytes / stream_best / 1e9);
+  // Each run's time and CPU, in order: a spread between runs shows whether the slow ones work
+  // more (more CPU) or wait more.
+  std::printf("  each run (s / CPU s):");
+  for (size_t r = 0; r < stream_runs.seconds.size(); ++r) {
+    std::printf(" %.3f/%.2f", stream_runs.seconds[r], stream_runs.cpu_s[r]);
+  }
+  std::printf("\n");
   std::printf("  server compute (trailer, last run): %.3f s, queue %.3f s, on %s (%s: %s)\n",
               info.compute_time_us() / 1e6, info.queue_time_us() / 1e6,
               absl::StrJoin(info.devices(), ",").c_str(),
