@@ -249,11 +249,30 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
     return status;
   }
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
-  int64_t next_block = 0;
   OutputAssembler assembler(plan.header);
-  StreamProgress* progress = stream_options.progress;
-  const grpc::Status status = AttendStreamOn(
-      channel_, plan.header,
+  const grpc::Status status = StreamPlanInto(channel_, request, plan, assembler,
+                                             stream_options.progress, nullptr, options, nullptr);
+  if (!status.ok()) return status;
+  return assembler.Finish(response);
+}
+
+grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel>& channel,
+                                             const v1::AttendRequest& request,
+                                             const StreamPlan& plan, OutputAssembler& assembler,
+                                             StreamProgress* progress,
+                                             const std::shared_future<grpc::Status>* ready,
+                                             const CallOptions& options, CallGroup* group) {
+  int64_t next_block = 0;
+  // Before an answer is taken: the output is ready, and its bytes are counted.
+  const auto taking = [&](int64_t bytes) -> grpc::Status {
+    if (ready != nullptr) {
+      if (const grpc::Status& sized = ready->get(); !sized.ok()) return sized;
+    }
+    AddProgress(&StreamProgress::received_bytes, progress, bytes);
+    return grpc::Status::OK;
+  };
+  return AttendStreamOn(
+      channel, plan.header,
       [&](grpc::ByteBuffer* buffer) {
         const int64_t bytes = NextRequestBlock(request, plan, &next_block, buffer);
         AddProgress(&StreamProgress::sent_bytes, progress, bytes);
@@ -261,17 +280,17 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
       },
       {.on_block =
            [&](const OutputBlockView& block) {
-             AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
+             if (grpc::Status status = taking(block.output_bytes()); !status.ok()) return status;
              return assembler.AddBlock(block);
            },
        .on_message =
            [&](const v1::AttendStreamResponse& message) {
-             AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
+             if (grpc::Status status = taking(AnswerOutputBytes(message)); !status.ok()) {
+               return status;
+             }
              return assembler.Add(message);
            }},
-      options, nullptr);
-  if (!status.ok()) return status;
-  return assembler.Finish(response);
+      options, group);
 }
 
 grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
@@ -329,28 +348,8 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
           base_id.empty() || parts.size() == 1 ? base_id : absl::StrCat(base_id, "/", i + 1);
       plan.header.set_request_id(part_options.request_id);
       OutputAssembler assembler(plan.header, &output, seq_len, part.first);
-      int64_t next_block = 0;
-      StreamProgress* progress = stream_options.progress;
-      status = AttendStreamOn(
-          channels_[i % channels_.size()], plan.header,
-          [&](grpc::ByteBuffer* buffer) {
-            const int64_t bytes = NextRequestBlock(request, plan, &next_block, buffer);
-            AddProgress(&StreamProgress::sent_bytes, progress, bytes);
-            return bytes > 0;
-          },
-          {.on_block =
-               [&](const OutputBlockView& block) {
-                 if (const grpc::Status& sized = output_sized.get(); !sized.ok()) return sized;
-                 AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
-                 return assembler.AddBlock(block);
-               },
-           .on_message =
-               [&](const v1::AttendStreamResponse& message) {
-                 if (const grpc::Status& sized = output_sized.get(); !sized.ok()) return sized;
-                 AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
-                 return assembler.Add(message);
-               }},
-          part_options, &group);
+      status = StreamPlanInto(channels_[i % channels_.size()], request, plan, assembler,
+                              stream_options.progress, &output_sized, part_options, &group);
       if (status.ok()) status = assembler.Finish(&answers[i]);
     }
     if (!status.ok()) {

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,9 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace da::client {
+
+class OutputAssembler;  // client/stream_blocks.h
+struct StreamPlan;
 
 struct CallOptions {
   int64_t timeout_ms = 0;  // 0: no deadline.
@@ -140,6 +144,14 @@ class AttentionClient {
                               const v1::StreamHeader& header, const BufferSource& next_buffer,
                               const AnswerViews& answers, const CallOptions& options,
                               CallGroup* group);
+  // Streams plan's blocks of request (a whole request or a part) on channel into assembler,
+  // counting the bytes in progress (may be null). ready, when set, is waited for before each
+  // answer is taken (the output being sized); a failure it returns ends the call.
+  grpc::Status StreamPlanInto(const std::shared_ptr<grpc::Channel>& channel,
+                              const v1::AttendRequest& request, const StreamPlan& plan,
+                              OutputAssembler& assembler, StreamProgress* progress,
+                              const std::shared_future<grpc::Status>* ready,
+                              const CallOptions& options, CallGroup* group);
 
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::shared_ptr<grpc::Channel> channel_;  // channels_[0].
