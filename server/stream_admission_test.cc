@@ -7,8 +7,11 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
+#include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
@@ -36,6 +39,52 @@ v1::StreamHeader LongHeader(int64_t seq_len) {
   return header;
 }
 
+// A thread that asks for the CPU every millisecond and keeps the gaps it finds: a machine that
+// stopped the whole process (a busy VM host) shows as a gap here, a server that held its work or
+// its memory does not.
+class PauseWatch {
+ public:
+  PauseWatch()
+      : thread_([this] {
+          for (Clock::time_point last = Clock::now(); !done_.load();) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            const Clock::time_point now = Clock::now();
+            std::lock_guard<std::mutex> lock(mu_);
+            pauses_.push_back({now, now - last});
+            if (pauses_.size() > 4096) Compact();
+            last = now;
+          }
+        }) {}
+  ~PauseWatch() {
+    done_ = true;
+    thread_.join();
+  }
+  // The longest gap that ended after `since`.
+  std::chrono::milliseconds LongestEndingAfter(Clock::time_point since) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Clock::duration longest{0};
+    for (const Pause& pause : pauses_) {
+      if (pause.end > since) longest = std::max(longest, pause.length);
+    }
+    return std::chrono::duration_cast<std::chrono::milliseconds>(longest);
+  }
+
+ private:
+  struct Pause {
+    Clock::time_point end;
+    Clock::duration length;
+  };
+  // Drops the short gaps, which no question asks about.
+  void Compact() {
+    std::erase_if(pauses_,
+                  [](const Pause& pause) { return pause.length < std::chrono::milliseconds(10); });
+  }
+  std::mutex mu_;
+  std::vector<Pause> pauses_;
+  std::atomic<bool> done_{false};
+  std::thread thread_;
+};
+
 class StreamAdmissionTest : public ::testing::Test {
  protected:
   // measured_nothing: the self-check is replaced, so no start-up throughput exists and nothing is
@@ -56,6 +105,8 @@ class StreamAdmissionTest : public ::testing::Test {
   // 10 s, and then total() is the largest duration, which no bound passes.
   struct Idle {
     std::chrono::milliseconds engine{-1}, memory{-1};
+    // The longest pause of the whole process that ended after `since` (PauseWatch).
+    std::chrono::milliseconds longest_pause{0};
     std::chrono::milliseconds total() const {
       if (engine.count() < 0 || memory.count() < 0) return std::chrono::milliseconds::max();
       return std::max(engine, memory);
@@ -65,7 +116,9 @@ class StreamAdmissionTest : public ::testing::Test {
         return t.count() < 0 ? std::string("not within 10 s") : absl::StrCat(t.count(), " ms");
       };
       return absl::StrCat("the engine ran nothing after ", after(engine),
-                          ", the memory reservation was 0 after ", after(memory));
+                          ", the memory reservation was 0 after ", after(memory),
+                          "; the longest pause of the whole process meanwhile was ",
+                          longest_pause.count(), " ms");
     }
   };
   // Polls until the engine runs nothing and holds no memory.
@@ -108,32 +161,55 @@ TEST_F(StreamAdmissionTest, WindowOverTheBudgetIsRefusedWithBothNumbers) {
   EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
 }
 
+// One cancelled stream on a fresh server: how long the engine work and the memory outlived it.
+struct CancelledStream {
+  double running_at_cancel = -1, reserved_at_cancel = -1, runs_cancelled = -1;
+  grpc::StatusCode code = grpc::StatusCode::OK;
+};
+
 TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
-  Start(/*memory_budget_bytes=*/0);
-  const testing::SyntheticStream stream(LongHeader(8 * 8192), 2, 1024);
-  std::atomic<int64_t> cancelled_at{0};
-  std::atomic<double> running_at_cancel{-1}, reserved_at_cancel{-1};
-  std::thread call([&] {
-    const grpc::Status status = client_->AttendStreamBlocks(
-        stream.header(), stream.Source(), [&](const v1::AttendStreamResponse& message) {
-          if (!message.has_block()) return grpc::Status::OK;
-          // Chunk 0 is answered; chunk 1's tokens arrived while it computed, so chunk 1 runs now.
-          running_at_cancel = Metric("da_engine_running_requests");
-          reserved_at_cancel = Metric("da_memory_reserved_bytes");
-          cancelled_at = Clock::now().time_since_epoch().count();
-          return grpc::Status(grpc::StatusCode::CANCELLED, "test cancels");  // -> TryCancel.
-        });
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
-  });
-  ASSERT_TRUE(testing::WaitFor([&] { return cancelled_at.load() != 0; }, std::chrono::seconds(60)));
-  const Clock::time_point since{Clock::duration(cancelled_at.load())};
-  const Idle stopped = TimeUntilIdle(since);
-  call.join();
-  EXPECT_EQ(running_at_cancel.load(), 1) << "no chunk was computing when the test cancelled";
-  EXPECT_GT(reserved_at_cancel.load(), 100 << 20) << "the stream's window was not reserved";
+  // A trial counts unless the whole process was stopped for 50 ms or more while the test timed the
+  // server (a wall-clock bound means nothing across such a pause); up to 3 trials.
+  constexpr auto kMachinePause = std::chrono::milliseconds(50);
+  Idle stopped;
+  CancelledStream seen;
+  for (int trial = 0; trial < 3; ++trial) {
+    Start(/*memory_budget_bytes=*/0);
+    PauseWatch pauses;
+    const testing::SyntheticStream stream(LongHeader(8 * 8192), 2, 1024);
+    std::atomic<int64_t> cancelled_at{0};
+    std::atomic<double> running_at_cancel{-1}, reserved_at_cancel{-1};
+    std::atomic<grpc::StatusCode> code{grpc::StatusCode::OK};
+    std::thread call([&] {
+      const grpc::Status status = client_->AttendStreamBlocks(
+          stream.header(), stream.Source(), [&](const v1::AttendStreamResponse& message) {
+            if (!message.has_block()) return grpc::Status::OK;
+            // Chunk 0 is answered; chunk 1's tokens arrived while it computed, so chunk 1 runs.
+            running_at_cancel = Metric("da_engine_running_requests");
+            reserved_at_cancel = Metric("da_memory_reserved_bytes");
+            cancelled_at = Clock::now().time_since_epoch().count();
+            return grpc::Status(grpc::StatusCode::CANCELLED, "test cancels");  // -> TryCancel.
+          });
+      code = status.error_code();
+    });
+    ASSERT_TRUE(
+        testing::WaitFor([&] { return cancelled_at.load() != 0; }, std::chrono::seconds(60)));
+    const Clock::time_point since{Clock::duration(cancelled_at.load())};
+    stopped = TimeUntilIdle(since);
+    stopped.longest_pause = pauses.LongestEndingAfter(since);
+    call.join();
+    seen = {running_at_cancel.load(), reserved_at_cancel.load(),
+            Metric("da_engine_runs_cancelled_total"), code.load()};
+    if (stopped.total().count() < 100 || stopped.longest_pause < kMachinePause) break;
+    std::fprintf(stderr, "trial %d does not count, the machine paused the test: %s\n", trial,
+                 stopped.Describe().c_str());
+  }
+  EXPECT_EQ(seen.code, grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(seen.running_at_cancel, 1) << "no chunk was computing when the test cancelled";
+  EXPECT_GT(seen.reserved_at_cancel, 100 << 20) << "the stream's window was not reserved";
   EXPECT_LT(stopped.total().count(), 100)
       << "engine work and memory outlived the cancellation: " << stopped.Describe();
-  EXPECT_EQ(Metric("da_engine_runs_cancelled_total"), 1);
+  EXPECT_EQ(seen.runs_cancelled, 1);
 }
 
 TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {

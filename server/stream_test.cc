@@ -339,13 +339,20 @@ TEST_F(StreamTest, ARunningStreamLogsItsProgressAndItsBytes) {
     context.AddMetadata("x-request-id", "progress-1");
     auto stream = stub_->AttendStream(&context);
     ASSERT_TRUE(stream->Write(Header()));
-    // 5 ms between blocks: each chunk completes more than log_ms after the last line.
-    for (int64_t start = 0; start < 40; start += 8) {
+    // Chunk 0 completes more than log_ms after the stream started, and chunk 1 more than log_ms
+    // after chunk 0's line: its last block goes only once chunk 0's answer is back, and 5 ms
+    // later.
+    for (int64_t start = 0; start < 32; start += 8) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
       ASSERT_TRUE(stream->Write(Block(start)));
     }
-    stream->WritesDone();
     v1::AttendStreamResponse response;
+    do {
+      ASSERT_TRUE(stream->Read(&response));
+    } while (!response.has_block());
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_TRUE(stream->Write(Block(32)));
+    stream->WritesDone();
     while (stream->Read(&response)) {
     }
     ASSERT_TRUE(stream->Finish().ok());
