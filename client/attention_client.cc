@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <future>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -237,8 +236,8 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
     parts = DefaultParallelStreams(static_cast<int64_t>(
         2 * q.data().size() + request.key().data().size() + request.value().data().size()));
   }
-  // Several batch elements: their rows of a block lie apart in the output, which is zeroed first,
-  // on a thread of its own as with parts (AttendParts), not in the reading thread.
+  // Several batch elements: their rows of a block lie apart in the output, which is sized whole
+  // at once and written where the rows lie, as with parts (AttendParts).
   const bool batched = request.query().shape_size() == 4 && request.query().shape(0) > 1;
   if (parts > 1 || batched) {
     return AttendParts(request, response, options, stream_options, std::max(parts, 1));
@@ -250,8 +249,8 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   }
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
   OutputAssembler assembler(plan.header);
-  const grpc::Status status = StreamPlanInto(channel_, request, plan, assembler,
-                                             stream_options.progress, nullptr, options, nullptr);
+  const grpc::Status status =
+      StreamPlanInto(channel_, request, plan, assembler, stream_options.progress, options, nullptr);
   if (!status.ok()) return status;
   return assembler.Finish(response);
 }
@@ -259,18 +258,9 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
 grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel>& channel,
                                              const v1::AttendRequest& request,
                                              const StreamPlan& plan, OutputAssembler& assembler,
-                                             StreamProgress* progress,
-                                             const std::shared_future<grpc::Status>* ready,
-                                             const CallOptions& options, CallGroup* group) {
+                                             StreamProgress* progress, const CallOptions& options,
+                                             CallGroup* group) {
   int64_t next_block = 0;
-  // Before an answer is taken: the output is ready, and its bytes are counted.
-  const auto taking = [&](int64_t bytes) -> grpc::Status {
-    if (ready != nullptr) {
-      if (const grpc::Status& sized = ready->get(); !sized.ok()) return sized;
-    }
-    AddProgress(&StreamProgress::received_bytes, progress, bytes);
-    return grpc::Status::OK;
-  };
   return AttendStreamOn(
       channel, plan.header,
       [&](grpc::ByteBuffer* buffer) {
@@ -280,14 +270,12 @@ grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel
       },
       {.on_block =
            [&](const OutputBlockView& block) {
-             if (grpc::Status status = taking(block.output_bytes()); !status.ok()) return status;
+             AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
              return assembler.AddBlock(block);
            },
        .on_message =
            [&](const v1::AttendStreamResponse& message) {
-             if (grpc::Status status = taking(AnswerOutputBytes(message)); !status.ok()) {
-               return status;
-             }
+             AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
              return assembler.Add(message);
            }},
       options, group);
@@ -313,22 +301,21 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   v1::Tensor& output = *response->mutable_output();
   output.set_dtype(request.query().dtype());
   *output.mutable_shape() = request.query().shape();
-  // Zeroing the whole output takes a while (0.2 s for 512 MiB on the build machine; gigabytes for
-  // a GPU request), so it runs on a thread of its own while the parts start sending: a part's
-  // answers wait for it, its blocks do not.
+  // Sized at once and not zeroed: each part writes its rows where they lie, and every byte is
+  // written before the call succeeds (a failure clears the response). Zeroing first cost as much
+  // as the transfer's slowest runs: the first touch of 512 MiB took 0.2 s on the build machine,
+  // and up to 1 s when the VM's host had to back the pages, with every part's answers waiting
+  // for it; now each part's reading thread pays for its own pages as their rows arrive.
   const size_t output_bytes = request.query().data().size();
-  std::shared_future<grpc::Status> output_sized =
-      std::async(std::launch::async, [&output, output_bytes] {
-        try {
-          ReserveOutput(output.mutable_data(), output_bytes);
-          output.mutable_data()->resize(output_bytes);
-        } catch (const std::bad_alloc&) {
-          return grpc::Status(
-              grpc::StatusCode::RESOURCE_EXHAUSTED,
-              absl::StrCat("cannot allocate the output's ", output_bytes, " bytes in this client"));
-        }
-        return grpc::Status::OK;
-      }).share();
+  try {
+    ReserveOutput(output.mutable_data(), output_bytes);
+    ResizeUninitialized(output.mutable_data(), output_bytes);
+  } catch (const std::bad_alloc&) {
+    response->Clear();
+    return grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("cannot allocate the output's ", output_bytes, " bytes in this client"));
+  }
 
   const std::string base_id =
       options.request_id.empty() ? request.request_id() : options.request_id;
@@ -349,7 +336,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
       plan.header.set_request_id(part_options.request_id);
       OutputAssembler assembler(plan.header, &output, seq_len, part.first);
       status = StreamPlanInto(channels_[i % channels_.size()], request, plan, assembler,
-                              stream_options.progress, &output_sized, part_options, &group);
+                              stream_options.progress, part_options, &group);
       if (status.ok()) status = assembler.Finish(&answers[i]);
     }
     if (!status.ok()) {
@@ -361,7 +348,6 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   for (size_t i = 1; i < parts.size(); ++i) threads.emplace_back(run_part, i);
   run_part(0);
   for (std::thread& thread : threads) thread.join();
-  output_sized.wait();  // Parts that failed early may not have waited for it.
   if (grpc::Status failure = group.failure(); !failure.ok()) {
     response->Clear();
     return failure;

@@ -19,7 +19,6 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
-#include <future>
 #include <memory>
 #include <string>
 #include <vector>
@@ -145,12 +144,10 @@ class AttentionClient {
                               const AnswerViews& answers, const CallOptions& options,
                               CallGroup* group);
   // Streams plan's blocks of request (a whole request or a part) on channel into assembler,
-  // counting the bytes in progress (may be null). ready, when set, is waited for before each
-  // answer is taken (the output being sized); a failure it returns ends the call.
+  // counting the bytes in progress (may be null).
   grpc::Status StreamPlanInto(const std::shared_ptr<grpc::Channel>& channel,
                               const v1::AttendRequest& request, const StreamPlan& plan,
                               OutputAssembler& assembler, StreamProgress* progress,
-                              const std::shared_future<grpc::Status>* ready,
                               const CallOptions& options, CallGroup* group);
 
   std::vector<std::shared_ptr<grpc::Channel>> channels_;

@@ -241,6 +241,34 @@ void OutputAssembler::MergeTrailerInfo(const v1::ExecutionInfo& info) {
   if (info.request_id().empty()) response_.mutable_info()->set_request_id(std::move(request_id));
 }
 
+#if defined(__GLIBCXX__)
+namespace {
+// libstdc++'s std::string::_M_set_length (private): sets the length and the terminating NUL and
+// writes nothing else. An explicit instantiation may name a private member ([temp.spec.general]);
+// this one hands its address out through a friend function.
+using SetLength = void (std::string::*)(std::string::size_type);
+SetLength StringSetLength();
+template <SetLength kMember>
+struct StringSetLengthAccess {
+  friend SetLength StringSetLength() { return kMember; }
+};
+template struct StringSetLengthAccess<&std::string::_M_set_length>;
+}  // namespace
+#endif
+
+void ResizeUninitialized(std::string* data, size_t bytes) {
+  if (bytes <= data->size()) {
+    data->resize(bytes);
+    return;
+  }
+  data->reserve(bytes);
+#if defined(__GLIBCXX__)
+  (data->*StringSetLength())(bytes);
+#else
+  data->resize(bytes);
+#endif
+}
+
 void ReserveOutput(std::string* data, size_t bytes) {
   data->reserve(bytes);
 #if defined(__linux__)

@@ -99,10 +99,18 @@ v1::TokenBlock MakeTokenBlock(const v1::AttendRequest& request, const StreamPlan
 // Reserves bytes of capacity in *data (its size unchanged) for an output about to be written, and
 // on Linux asks for transparent huge pages over it (madvise MADV_HUGEPAGE, a no-op where the
 // host's THP setting is "never"; outputs from 4 MiB on): a fresh 512 MiB output otherwise costs
-// 131,072 page faults as it is first written. For an output zeroed at once on a thread of its own
-// (the parallel parts'); written block by block as answers are read, huge pages cost the reading
-// thread more CPU than they saved on the build machine.
+// 131,072 page faults as it is first written. For an output sized at once and written where its
+// rows lie (the parallel parts', and a batched stream's; ResizeUninitialized); for one appended
+// block by block in one thread, huge pages cost that thread more CPU than they saved on the build
+// machine.
 void ReserveOutput(std::string* data, size_t bytes);
+
+// Sets data's size to bytes without writing the new bytes (where the standard library allows it:
+// libstdc++; elsewhere they are zeroed as by resize): an output about to be written whole, by
+// several threads where their rows lie, is not zeroed first. Its new bytes hold whatever the
+// memory held; the caller writes every one of them or discards the string. Capacity: at least
+// bytes (reserved first, so data() does not move while it is written).
+void ResizeUninitialized(std::string* data, size_t bytes);
 
 // Collects a streamed answer: a header, output blocks covering [0, seq_len) in order, a trailer.
 class OutputAssembler {

@@ -2,6 +2,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 
 #include <cstdio>
 #include <cstring>
@@ -238,6 +239,44 @@ TEST(StreamBlocksTest, LargeOutputsAskForHugePages) {
   std::string small;
   ReserveOutput(&small, 1 << 20);
   EXPECT_GE(small.capacity(), size_t{1} << 20);
+}
+
+// This process's minor page faults so far.
+int64_t MinorFaults() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_minflt;
+}
+
+TEST(StreamBlocksTest, ResizeUninitializedKeepsTheTextAndTouchesNoNewPage) {
+  std::string shrunk = "abcdef";
+  ResizeUninitialized(&shrunk, 3);
+  EXPECT_EQ(shrunk, "abc");
+  // 64 MiB of fresh memory (malloc maps it anew): a resize writes every page, faulting each in
+  // (16,384 small pages, or 32 huge ones); the uninitialized resize writes the kept text and the
+  // terminating NUL only.
+  constexpr size_t kBytes = size_t{64} << 20;
+  std::string zeroed = "kept";
+  zeroed.reserve(kBytes);
+  const int64_t before_resize = MinorFaults();
+  zeroed.resize(kBytes);
+  const int64_t resize_faults = MinorFaults() - before_resize;
+  std::string grown = "kept";
+  const int64_t before = MinorFaults();
+  ResizeUninitialized(&grown, kBytes);
+  const int64_t faults = MinorFaults() - before;
+  ASSERT_EQ(grown.size(), kBytes);
+  EXPECT_GE(grown.capacity(), kBytes);
+  EXPECT_EQ(grown.substr(0, 4), "kept");
+  EXPECT_EQ(grown.c_str()[kBytes], '\0');
+  EXPECT_GE(resize_faults, 16) << "resize itself did not touch the new memory";
+#if defined(__GLIBCXX__)
+  EXPECT_LE(faults, 4) << "the uninitialized resize touched " << faults << " pages; resize "
+                       << resize_faults;
+#endif
+  // Every byte written, as a stream's parts do: the string reads them back.
+  std::memset(grown.data(), 'x', kBytes);
+  EXPECT_EQ(grown.find_first_not_of('x'), std::string::npos);
 }
 #endif
 
