@@ -85,6 +85,11 @@ class PauseWatch {
   std::thread thread_;
 };
 
+// A timed trial counts unless the whole process was stopped for this long or longer while the
+// test timed the server (a wall-clock bound means nothing across such a pause); the stop tests
+// below run up to 3 trials.
+constexpr auto kMachinePause = std::chrono::milliseconds(50);
+
 class StreamAdmissionTest : public ::testing::Test {
  protected:
   // measured_nothing: the self-check is replaced, so no start-up throughput exists and nothing is
@@ -168,9 +173,6 @@ struct CancelledStream {
 };
 
 TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
-  // A trial counts unless the whole process was stopped for 50 ms or more while the test timed the
-  // server (a wall-clock bound means nothing across such a pause); up to 3 trials.
-  constexpr auto kMachinePause = std::chrono::milliseconds(50);
   Idle stopped;
   CancelledStream seen;
   for (int trial = 0; trial < 3; ++trial) {
@@ -213,16 +215,25 @@ TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
 }
 
 TEST_F(StreamAdmissionTest, DeadlineStopsTheStreamThenIsRefusedUpFront) {
-  Start(/*memory_budget_bytes=*/0, /*measured_nothing=*/true);
   const testing::SyntheticStream stream(LongHeader(16 * 8192), 3, 1024);
   auto discard = [](const v1::AttendStreamResponse&) { return grpc::Status::OK; };
   // On a server without a throughput (no self-check, nothing measured yet) a 400 ms
   // deadline falls inside chunk 0's compute: the engine stops that run.
-  const Clock::time_point start = Clock::now();
-  const grpc::Status late = client_->AttendStreamBlocks(stream.header(), stream.Source(), discard,
-                                                        testing::WithTimeout(400));
+  grpc::Status late;
+  Idle stopped;
+  for (int trial = 0; trial < 3; ++trial) {
+    Start(/*memory_budget_bytes=*/0, /*measured_nothing=*/true);
+    PauseWatch pauses;
+    const Clock::time_point deadline = Clock::now() + std::chrono::milliseconds(400);
+    late = client_->AttendStreamBlocks(stream.header(), stream.Source(), discard,
+                                       testing::WithTimeout(400));
+    stopped = TimeUntilIdle(deadline);
+    stopped.longest_pause = pauses.LongestEndingAfter(deadline);
+    if (stopped.total().count() < 100 || stopped.longest_pause < kMachinePause) break;
+    std::fprintf(stderr, "trial %d does not count, the machine paused the test: %s\n", trial,
+                 stopped.Describe().c_str());
+  }
   EXPECT_EQ(late.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << late.error_message();
-  const Idle stopped = TimeUntilIdle(start + std::chrono::milliseconds(400));
   EXPECT_LT(stopped.total().count(), 100)
       << "engine work and memory outlived the deadline: " << stopped.Describe();
   EXPECT_EQ(Metric("da_engine_runs_deadline_exceeded_total"), 1);
