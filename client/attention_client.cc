@@ -242,6 +242,13 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
   if (parts > 1 || batched) {
     return AttendParts(request, response, options, stream_options, std::max(parts, 1));
   }
+  return AttendOneStream(request, response, options, stream_options);
+}
+
+grpc::Status AttentionClient::AttendOneStream(const v1::AttendRequest& request,
+                                              v1::AttendResponse* response,
+                                              const CallOptions& options,
+                                              const StreamOptions& stream_options) {
   StreamPlan plan;
   if (grpc::Status status = MakeStreamPlan(request, stream_options.block_tokens, &plan);
       !status.ok()) {
@@ -292,9 +299,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   const int64_t seq_len = whole.header.seq_len();
   const std::vector<TokenRange> parts = CutParts(request.spec(), seq_len, part_count);
   if (parts.size() == 1 && whole.header.batch() == 1) {  // One stream, appending its output.
-    StreamOptions single = stream_options;
-    single.parallel_streams = 1;
-    return AttendStream(request, response, options, single);
+    return AttendOneStream(request, response, options, stream_options);
   }
   // The output, written by the parts where their tokens lie.
   response->Clear();

@@ -137,6 +137,9 @@ class AttentionClient {
   class CallGroup;
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
+  // One stream of one batch element, its output appended block by block.
+  grpc::Status AttendOneStream(const v1::AttendRequest& request, v1::AttendResponse* response,
+                               const CallOptions& options, const StreamOptions& stream);
   // Writes the next block's message into *buffer, or returns false when there are no more.
   using BufferSource = std::function<bool(grpc::ByteBuffer* buffer)>;
   grpc::Status AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
