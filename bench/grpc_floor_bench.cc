@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
   app.add_option("--streams", streams, "Streams, each on a connection of its own");
   CLI11_PARSE(app, argc, argv);
   // GRPC_POLL_STRATEGY chooses gRPC's poller, as in da-server and da-client.
-  const std::string poller = da::client::PreferPollPoller();
+  const std::string poller = da::client::GrpcPollerName();
 
   const int64_t message = static_cast<int64_t>(message_mib * (1 << 20));
   const int64_t messages_per_stream =

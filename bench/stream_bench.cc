@@ -297,8 +297,7 @@ int main(int argc, char** argv) {
                  "CPUs of the in-process baseline (e.g. those a --server is pinned to)")
       ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
-  // As da-server and da-client do (client/grpc_poller.h): before this process's first gRPC object.
-  const std::string poller = da::client::PreferPollPoller();
+  const std::string poller = da::client::GrpcPollerName();
   // As da-server does (this process is the server too, unless --server).
   if (server_address.empty()) da::server::KeepFreedMessageMemory();
   if (segments.size() != dilations.size() || repeat < 1) {
@@ -507,7 +506,7 @@ int main(int argc, char** argv) {
   } else {
     std::printf("client: one stream of shared blocks (AttendStreamShared)\n");
   }
-  std::printf("gRPC poller of this process: %s (GRPC_POLL_STRATEGY)\n", poller.c_str());
+  std::printf("gRPC poller of this process: %s\n", poller.c_str());
   const double stream_best =
       *std::min_element(stream_runs.seconds.begin(), stream_runs.seconds.end());
   std::printf(

@@ -1,22 +1,19 @@
-// Which of gRPC's pollers this process uses: poll(2) rather than gRPC 1.51's Linux default,
-// epoll1, unless the operator chose one.
+// Which of gRPC's pollers this process uses: gRPC 1.51's own choice (epoll1 on Linux) unless the
+// operator sets GRPC_POLL_STRATEGY. da does not choose one.
 //
-//   int main(int argc, char** argv) {
-//     const std::string poller = da::client::PreferPollPoller();  // Before any gRPC object.
+//   spdlog::info("gRPC poller: {}", da::client::GrpcPollerName());
 //
-// Why (docs/PERFORMANCE.md, "gRPC's poller"): with epoll1 one thread at a time waits in
-// epoll_wait and hands each event to another through a futex; a large stream's bytes then move
-// at the pace of those hand-offs. With poll, the threads that wait for a completion poll
-// themselves. Measured on the 2-core build machine, one bare gRPC bidi stream of 4 MiB messages
-// (`da-grpc-floor-bench`) moved 1.2-1.4 GB/s with epoll1 and 1.5 GB/s with poll, four streams on
-// four connections 1.8 GB/s and 2.55 GB/s, and AttendStream with almost no compute 14-20% more
-// per second at K = 1, 2 and 4; a compute-bound stream did not change. The cost: poll(2) is
-// linear in a poller's file descriptors, so a server with many thousands of connections should
-// set GRPC_POLL_STRATEGY=epoll1.
+// Why not poll(2), which da preferred from 0757cd9 until the next change (docs/PERFORMANCE.md,
+// "gRPC's poller, back to epoll1"): poll moved a near-zero-compute stream's bytes 14-20% faster
+// on the 2-core build machine, but with it gRPC 1.51 now and then lost the event that completes a
+// server write after the client cancelled. The write then returned only when the client
+// channel's backup poller next ran (GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS, 5 s), and a
+// cancelled stream held its memory until then: 5 of 120 cancel trials under load with poll, none
+// of 120 with epoll1. A server that is boringly reliable comes before one that is 15% faster on a
+// stream with nothing to compute.
 //
 // gRPC reads GRPC_POLL_STRATEGY when it initializes, that is when the process creates its first
-// channel, server or completion queue: call this before. An operator's GRPC_POLL_STRATEGY is
-// left as it is.
+// channel, server or completion queue.
 #pragma once
 
 #include <cstdlib>
@@ -26,12 +23,12 @@ namespace da::client {
 
 inline constexpr char kPollStrategyVariable[] = "GRPC_POLL_STRATEGY";
 
-// Sets GRPC_POLL_STRATEGY to "poll" where it is unset; returns the strategy gRPC will use (the
-// variable's value: one name or a comma-separated list of preferences).
-inline std::string PreferPollPoller() {
-  setenv(kPollStrategyVariable, "poll", /*overwrite=*/0);
+// The operator's GRPC_POLL_STRATEGY (one name or a comma-separated list of preferences), or
+// "epoll1 (gRPC's default)" where it is unset.
+inline std::string GrpcPollerName() {
   const char* value = std::getenv(kPollStrategyVariable);
-  return value == nullptr ? std::string() : std::string(value);
+  return value == nullptr || *value == '\0' ? std::string("epoll1 (gRPC's default)")
+                                            : std::string(value) + " (GRPC_POLL_STRATEGY)";
 }
 
 }  // namespace da::client

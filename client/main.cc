@@ -29,7 +29,6 @@
 #include "client/cli_args.h"
 #include "client/cli_format.h"
 #include "client/connection_options.h"
-#include "client/grpc_poller.h"
 #include "client/load_cli.h"
 #include "client/stream_blocks.h"
 #include "client/tensor_io.h"
@@ -409,7 +408,6 @@ int Main(int argc, char** argv) {
 }  // namespace da::client
 
 int main(int argc, char** argv) {
-  da::client::PreferPollPoller();  // Before any gRPC object (client/grpc_poller.h).
   try {
     return da::client::Main(argc, argv);
   } catch (const std::bad_alloc&) {

@@ -151,7 +151,6 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
 
 int main(int argc, char** argv) {
   da::server::KeepFreedMessageMemory();  // Before any thread starts (server/malloc_tuning.h).
-  const std::string poller = da::client::PreferPollPoller();  // Before any gRPC object.
   da::server::ServerOptions options;
   std::string resources_root = "/";
   std::string log_level = "info";
@@ -399,10 +398,7 @@ int main(int argc, char** argv) {
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
   spdlog::set_level(spdlog::level::from_str(log_level));
-  spdlog::info("gRPC poller: {} ({})", poller,
-               poller == "poll" ? "da's default; GRPC_POLL_STRATEGY=epoll1 for many thousands of "
-                                  "connections"
-                                : "GRPC_POLL_STRATEGY");
+  spdlog::info("gRPC poller: {}", da::client::GrpcPollerName());
   spdlog::info(
       "resources: {} compute threads{}; memory {} bytes from {}; plan cache {} bytes{}; admission "
       "budget {} bytes{}",

@@ -193,7 +193,10 @@ TEST_F(StreamAdmissionTest, ClientCancelMidStreamStopsTheEngineWithin100Ms) {
       const grpc::Status status = client_->AttendStreamBlocks(
           stream.header(), stream.Source(), [&](const v1::AttendStreamResponse& message) {
             if (!message.has_block()) return grpc::Status::OK;
-            // Chunk 0 is answered; chunk 1's tokens arrived while it computed, so chunk 1 runs.
+            // Chunk 0 is answered; chunk 1's tokens arrive while it computes, so chunk 1 runs
+            // (on a loaded machine it may still be on its way into the engine: wait for it).
+            testing::WaitFor([&] { return Metric("da_engine_running_requests") == 1; },
+                             std::chrono::seconds(10));
             running_at_cancel = Metric("da_engine_running_requests");
             reserved_at_cancel = Metric("da_memory_reserved_bytes");
             cancelled_at = Clock::now().time_since_epoch().count();

@@ -15,7 +15,6 @@
 #include <sstream>
 #include <thread>
 
-#include "client/grpc_poller.h"
 #include "client/stream_blocks.h"
 #include "engine/test_tensors.h"
 #include "server/conversion.h"
@@ -109,9 +108,6 @@ ServerOptions LoopbackOptions() {
 }
 
 std::unique_ptr<Server> StartServer(const ServerOptions& options) {
-  // The poller da-server uses; it takes effect where this server is the process's first gRPC
-  // object, as in a test run on its own (ctest runs each test in a process of its own).
-  client::PreferPollPoller();
   absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? *std::move(server) : nullptr;
