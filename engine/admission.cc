@@ -1,5 +1,6 @@
 #include "engine/admission.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -127,6 +128,13 @@ void MemoryReservation::Reset() {
   if (account_ != nullptr && bytes_ > 0) account_->Release(bytes_);
   account_.reset();
   bytes_ = 0;
+}
+
+void MemoryReservation::ShrinkTo(int64_t bytes) {
+  bytes = std::max<int64_t>(bytes, 0);
+  if (account_ == nullptr || bytes >= bytes_) return;
+  account_->Release(bytes_ - bytes);
+  bytes_ = bytes;
 }
 
 QueuePlace::QueuePlace(QueuePlace&& other) noexcept : held_(std::move(other.held_)) {}

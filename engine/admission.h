@@ -112,6 +112,8 @@ class MemoryReservation {
   int64_t bytes() const { return bytes_; }
   // Releases the bytes now.
   void Reset();
+  // Releases all but `bytes` now (nothing where it holds no more than that).
+  void ShrinkTo(int64_t bytes);
 
  private:
   std::shared_ptr<MemoryAccount> account_;

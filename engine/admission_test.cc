@@ -268,6 +268,27 @@ TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
   EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);  // The temporary is gone.
 }
 
+TEST(AdmissionTest, AShrunkReservationKeepsOnlyWhatItWasShrunkTo) {
+  EngineOptions options = Options();
+  options.memory_budget_bytes = 1000;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  absl::StatusOr<MemoryReservation> a = (*engine)->ReserveMemory(900, "");
+  ASSERT_TRUE(a.ok());
+  a->ShrinkTo(1200);  // Never grows.
+  EXPECT_EQ(a->bytes(), 900);
+  a->ShrinkTo(100);
+  EXPECT_EQ(a->bytes(), 100);
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 100);
+  EXPECT_TRUE((*engine)->ReserveMemory(900, "").ok());  // The rest is free again.
+  a->ShrinkTo(-5);
+  EXPECT_EQ(a->bytes(), 0);
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
+  a->Reset();  // Releases nothing twice.
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
+  EXPECT_TRUE((*engine)->ReserveMemory(1000, "").ok());
+}
+
 TEST(AdmissionTest, QueueFullIsRefusedAndAStreamHoldsOnePlaceForAllItsChunks) {
   EngineOptions options = Options();
   options.max_queue = 3;

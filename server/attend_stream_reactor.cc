@@ -48,9 +48,17 @@ bool AttendStreamReactor::CheckIdle(StreamWatch::Clock::time_point now,
                                     std::chrono::milliseconds idle_timeout) {
   std::lock_guard<std::mutex> lock(mu_);
   // A chunk computing (or queued) is the engine's time, not the client's.
-  if (finished_ || idle_ended_ || !error_.ok() || computing_) return false;
+  if (finished_ || idle_ended_ || computing_) return false;
+  // A failed stream finishes as soon as nothing is in flight, unless its last write waits on a
+  // client that reads nothing: that one is ended like an idle stream, keeping its error.
+  if (!error_.ok() && !write_in_flight_) return false;
   const auto idle = std::chrono::duration_cast<std::chrono::milliseconds>(now - last_progress_);
   if (idle <= idle_timeout) return false;
+  if (!error_.ok()) {
+    idle_ended_ = true;
+    ++starting_;  // As below: held open until EndIdle has cancelled the write.
+    return true;
+  }
   const int64_t reserved = reservation_ ? reservation_->bytes() : 0;
   const std::string progress = absl::StrFormat(
       "after %d of %d tokens arrived and %d chunks were computed; its %d reserved bytes are freed "
@@ -103,7 +111,10 @@ void AttendStreamReactor::OnReadDone(bool ok) {
   Advance([&] {
     read_in_flight_ = false;
     last_progress_ = std::chrono::steady_clock::now();
-    if (finished_ || !error_.ok()) return;
+    if (finished_ || !error_.ok()) {
+      request_buffer_.Clear();  // A message that arrived after the failure is not needed.
+      return;
+    }
     if (!ok) {  // The client half-closed, or the call is gone.
       if (context_->IsCancelled()) {
         Fail(absl::CancelledError("the stream was cancelled before its input was complete"));
@@ -276,6 +287,8 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
       reservation_.reset();
       client_share_.Reset();
       queue_place_.Reset();
+    } else if (!error_.ok() && !computing_ && starting_ == 0) {
+      ReturnWindow();
     }
     return actions;
   }
@@ -298,10 +311,29 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
   // A write is filled (its rows copied into a message) in the next round when this one starts a
   // compute: the engine then starts at once instead of after the copy and the write.
   if (!write_in_flight_ && !actions.compute && FillNextWrite()) {
+    response_bytes_ = static_cast<int64_t>(response_buffer_.Length());
     write_in_flight_ = true;
     actions.write = true;
   }
   return actions;
+}
+
+void AttendStreamReactor::ReturnWindow() {
+  // No run uses the inputs or the output slots any more, and no new one starts (the stream has
+  // failed), but a write or a read may still be in flight: the call finishes only when gRPC
+  // returns them, which a client that reads nothing delays until the idle watch ends the call.
+  // Meanwhile the window goes back to the budget, the client's share and the queue; what stays
+  // counted is what gRPC still holds for the stream: the message being written, and one message
+  // the read in flight may still receive.
+  assembler_.reset();
+  out_slots_.clear();
+  request_slices_.clear();
+  pending_block_ = false;
+  queue_place_.Reset();
+  const int64_t held = (write_in_flight_ ? response_bytes_ : 0) +
+                       (read_in_flight_ ? settings_.max_message_bytes : 0);
+  if (reservation_) reservation_->ShrinkTo(held);
+  client_share_.ShrinkTo(held);
 }
 
 bool AttendStreamReactor::FillNextWrite() {

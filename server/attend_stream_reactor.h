@@ -14,7 +14,10 @@
 // its messages (the HTTP/2 window, one incoming message of at most max_message_bytes, one
 // outgoing of at most 4 MiB): all independent of seq_len. That sum is reserved against the
 // engine's memory budget when the header arrives, before anything is allocated (over budget:
-// RESOURCE_EXHAUSTED stating both), and released when the RPC finishes.
+// RESOURCE_EXHAUSTED stating both), and released when the RPC finishes. A stream that fails
+// (bad input, a cancel, an engine error) gives its window back as soon as no run uses it, even
+// while its last write still waits on the client: only that message (and one incoming message,
+// where a read is in flight) stays counted until gRPC returns them (ReturnWindow).
 //
 // Admission. The header is refused (before anything is allocated) when the engine's queue has no
 // place for the stream (one place, held for all its chunks: engine::QueuePlace), when the window
@@ -26,6 +29,8 @@
 // progress (no message read or written) while no chunk was computing; past the idle limit the
 // stream ends and frees everything: DEADLINE_EXCEEDED when it waited for input, CANCELLED (the
 // call is cancelled, so that the blocked write returns) when the client did not read its answer.
+// A stream that failed while its write waits on a client that reads nothing is ended the same
+// way, keeping its own error.
 //
 // Deadlines. The gRPC deadline is every chunk run's deadline; a header whose whole problem the
 // engine's throughput (measured, or the start-up self-check's) cannot finish in the time left is
@@ -129,6 +134,9 @@ class AttendStreamReactor final
   void FeedPendingBlock();                                    // Under mu_.
   Actions Decide();                                           // Under mu_.
   bool FillNextWrite();                                       // Under mu_: response_buffer_.
+  // Under mu_, once the stream has failed and no run uses its buffers: frees the window and
+  // keeps counted only what gRPC still holds for it (ReturnWindow's comment).
+  void ReturnWindow();
   // Runs under_lock and Decide under mu_, then starts what Decide chose, until nothing is left.
   void Advance(const std::function<void()>& under_lock);
   void Compute(const Chunk& chunk, int slot);
@@ -183,6 +191,7 @@ class AttendStreamReactor final
 
   // Writing.
   grpc::ByteBuffer response_buffer_;
+  int64_t response_bytes_ = 0;  // response_buffer_'s length, while it is being written.
   bool write_in_flight_ = false;
   bool header_sent_ = false;
   bool trailer_sent_ = false;

@@ -1,5 +1,6 @@
 #include "server/client_quota.h"
 
+#include <algorithm>
 #include <functional>
 #include <string_view>
 #include <utility>
@@ -42,6 +43,13 @@ void ClientQuota::Share::Reset() {
   if (quota_ != nullptr && bytes_ > 0) quota_->Release(client_, bytes_);
   quota_ = nullptr;
   bytes_ = 0;
+}
+
+void ClientQuota::Share::ShrinkTo(int64_t bytes) {
+  bytes = std::max<int64_t>(bytes, 0);
+  if (quota_ == nullptr || bytes >= bytes_) return;
+  quota_->Release(client_, bytes_ - bytes);
+  bytes_ = bytes;
 }
 
 absl::StatusOr<ClientQuota::Share> ClientQuota::Reserve(const std::string& client, int64_t bytes) {

@@ -41,6 +41,8 @@ class ClientQuota {
     Share& operator=(Share&& other) noexcept;
     ~Share() { Reset(); }
     void Reset();
+    // Gives back all but `bytes` now (nothing where it holds no more than that).
+    void ShrinkTo(int64_t bytes);
 
    private:
     ClientQuota* quota_ = nullptr;

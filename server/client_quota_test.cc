@@ -36,6 +36,20 @@ TEST(ClientQuotaTest, EachClientHoldsAtMostTheCapAndOthersAreUnaffected) {
   EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 0);  // The temporary share was released.
 }
 
+TEST(ClientQuotaTest, AShrunkShareKeepsOnlyWhatItWasShrunkTo) {
+  ClientQuota quota(1000);
+  absl::StatusOr<ClientQuota::Share> share = quota.Reserve("ipv4:10.0.0.1", 900);
+  ASSERT_TRUE(share.ok()) << share.status();
+  share->ShrinkTo(2000);  // Never grows.
+  EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 900);
+  share->ShrinkTo(100);
+  EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 100);
+  EXPECT_TRUE(quota.Reserve("ipv4:10.0.0.1", 900).ok());
+  EXPECT_FALSE(quota.Reserve("ipv4:10.0.0.1", 901).ok());
+  share->Reset();
+  EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 0);
+}
+
 TEST(ClientQuotaTest, ZeroCapMeansNoCap) {
   ClientQuota quota(0);
   absl::StatusOr<ClientQuota::Share> share = quota.Reserve("token 0000abcd", int64_t{1} << 50);

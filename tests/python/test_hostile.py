@@ -20,6 +20,7 @@ Each case starts its own da-server with the flags it is about and reads the serv
 """
 
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -109,6 +110,64 @@ class HostileClientTest(unittest.TestCase):
         self.assertTrue(good.ended.wait(TIMEOUT_S))
         self.assertEqual(good.code, grpc.StatusCode.OK, good.details)
         self.assertIsNotNone(good.trailer)
+
+    def test_a_stream_failed_while_its_answer_waits_gives_back_its_window_then_ends(self):
+        # The client reads nothing and sends one chunk at a time until the engine stops (both
+        # output slots wait on the client: the server's write waits), then a block that repeats
+        # tokens, which the server still has room to read: the stream fails with a write in
+        # flight. Its window goes back at once, all but the message gRPC is still writing, and
+        # the call ends within the idle limit with its own error in the server's log.
+        idle_ms = 6000  # Longer than the 3 s that tell that the engine waits on the client.
+        server, _, stub = self.start("--stream-idle-timeout-ms", str(idle_ms))
+        # Chunks of 4096 tokens (the segment), 4 blocks each; answers of 8 MiB per chunk.
+        header = stream_header(65536, segment=4096, request_id="fails-while-writing")
+        steps = queue.Queue()
+        sent_bad = []
+
+        def requests():
+            good = stream_requests(header)
+            yield next(good)  # The header.
+            while steps.get() == "chunk":
+                for _ in range(4):
+                    yield next(good)
+            row = header.heads * header.head_dim
+            data = np.ones(1024 * row, dtype="<f4").tobytes()
+            sent_bad.append(time.monotonic())
+            yield pb2.AttendStreamRequest(block=pb2.TokenBlock(
+                token_start=0, token_count=1024, query=data, key=data, value=data))
+            time.sleep(TIMEOUT_S)  # Keeps the call open without sending more.
+
+        never_reads = OpenStream(stub, requests(), read=False, timeout=None)
+        self.addCleanup(never_reads.cancel)
+        self.addCleanup(steps.put, "end")
+        window = self.wait_reserved(server, lambda r: r if r > 0 else 0, "the stream's window", 10)
+        for chunk in range(16):
+            steps.put("chunk")
+            try:
+                da_testing.wait_until(
+                    lambda: server.metric("da_engine_runs_completed_total") > chunk, 3,
+                    f"chunk {chunk} computed")
+            except TimeoutError:
+                break  # The engine waits on the client's reading.
+        else:
+            self.fail("the server's answers never waited on the client")
+        self.assertGreaterEqual(chunk, 2)
+        self.assertEqual(server.metric("da_memory_reserved_bytes"), window)
+        steps.put("bad")
+        message_bytes = (4 << 20) + 64  # One output message and its few bytes of framing.
+        held = self.wait_reserved(server, lambda r: r if 0 < r <= message_bytes else 0,
+                                  "the window given back, but the message in flight", 5)
+        self.assertLess(time.monotonic() - sent_bad[0], 2.0)
+        self.assertGreater(window, 20 * held)
+        # The idle watch ends the call: the write waits on a client that reads nothing.
+        self.wait_reserved(server, lambda r: r == 0, "the call to end", idle_ms / 1e3 + 10)
+        self.assertLess(time.monotonic() - sent_bad[0], idle_ms / 1e3 + 5)
+        da_testing.wait_until(lambda: "request id=fails-while-writing" in server.log(), 10,
+                              "the request line")
+        line = [l for l in server.log().splitlines() if "request id=fails-while-writing" in l][-1]
+        self.assertIn("code=INVALID_ARGUMENT", line)
+        self.assertIn("block", line)
+        self.assertEqual(server.metric("da_in_flight_requests"), 0)
 
     def test_twenty_idle_streams_of_one_client_cannot_lock_out_another(self):
         folder = tempfile.TemporaryDirectory(prefix="da-tokens-")
