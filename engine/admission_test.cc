@@ -117,6 +117,13 @@ EngineOptions Options() {
   return options;
 }
 
+// An engine whose memory budget is `budget_bytes`.
+absl::StatusOr<std::unique_ptr<Engine>> EngineWithBudget(int64_t budget_bytes) {
+  EngineOptions options = Options();
+  options.memory_budget_bytes = budget_bytes;
+  return Engine::Create(options);
+}
+
 // Occupies the engine's single dispatcher with a long run until Release.
 class Busy {
  public:
@@ -246,9 +253,7 @@ TEST(AdmissionTest, OverBudgetIsRefusedWithTheNumbersAndMemoryReturnsToZero) {
 }
 
 TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
-  EngineOptions options = Options();
-  options.memory_budget_bytes = 1000;
-  auto engine = Engine::Create(options);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = EngineWithBudget(1000);
   ASSERT_TRUE(engine.ok());
   absl::StatusOr<MemoryReservation> a = (*engine)->ReserveMemory(600, "");
   ASSERT_TRUE(a.ok());
@@ -269,9 +274,7 @@ TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
 }
 
 TEST(AdmissionTest, AShrunkReservationKeepsOnlyWhatItWasShrunkTo) {
-  EngineOptions options = Options();
-  options.memory_budget_bytes = 1000;
-  auto engine = Engine::Create(options);
+  absl::StatusOr<std::unique_ptr<Engine>> engine = EngineWithBudget(1000);
   ASSERT_TRUE(engine.ok());
   absl::StatusOr<MemoryReservation> a = (*engine)->ReserveMemory(900, "");
   ASSERT_TRUE(a.ok());
