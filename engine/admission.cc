@@ -96,6 +96,11 @@ absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
   return absl::OkStatus();
 }
 
+void MemoryAccount::Hold(int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  reserved_bytes_ += std::max<int64_t>(bytes, 0);
+}
+
 void MemoryAccount::SetKept(int64_t bytes, std::string what) {
   std::lock_guard<std::mutex> lock(mutex_);
   kept_bytes_ = bytes;

@@ -86,6 +86,9 @@ class MemoryAccount {
   // what (a description of the bytes such as MemoryEstimate::ToString(); empty: the byte count),
   // the budget and the bytes in use.
   absl::Status Reserve(int64_t bytes, std::string_view what);
+  // Adds bytes that exist already (an answer computed and waiting on its client), past the budget
+  // if need be: what is admitted next sees them.
+  void Hold(int64_t bytes);
   void Release(int64_t bytes);
 
  private:

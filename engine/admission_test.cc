@@ -292,6 +292,29 @@ TEST(AdmissionTest, AShrunkReservationKeepsOnlyWhatItWasShrunkTo) {
   EXPECT_TRUE((*engine)->ReserveMemory(1000, "").ok());
 }
 
+// Bytes that exist already (an answer waiting on its client) are counted even past the budget,
+// and what is reserved meanwhile sees them.
+TEST(AdmissionTest, HeldBytesCountPastTheBudgetUntilReleased) {
+  absl::StatusOr<std::unique_ptr<Engine>> engine = EngineWithBudget(1000);
+  ASSERT_TRUE(engine.ok());
+  absl::StatusOr<MemoryReservation> reserved = (*engine)->ReserveMemory(700, "");
+  ASSERT_TRUE(reserved.ok());
+  {
+    MemoryReservation held = (*engine)->HoldMemory(500);
+    EXPECT_EQ(held.bytes(), 500);
+    EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 1200);
+    absl::StatusOr<MemoryReservation> refused = (*engine)->ReserveMemory(1, "");
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().message(),
+              "request needs an estimated 1 bytes but the memory budget is 1000 bytes with 1200 in "
+              "use");
+    EXPECT_EQ((*engine)->HoldMemory(-3).bytes(), 0);  // Nothing negative is held.
+    EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 1200);
+  }
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 700);
+  EXPECT_TRUE((*engine)->ReserveMemory(300, "").ok());
+}
+
 TEST(AdmissionTest, QueueFullIsRefusedAndAStreamHoldsOnePlaceForAllItsChunks) {
   EngineOptions options = Options();
   options.max_queue = 3;

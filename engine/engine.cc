@@ -1081,6 +1081,12 @@ absl::StatusOr<MemoryEstimate> Engine::EstimateMemory(const ProblemShape& shape,
   return impl_->Estimate(shape, dtype, out_dtype, spec, impl_->Default());
 }
 
+MemoryReservation Engine::HoldMemory(int64_t bytes) {
+  bytes = std::max<int64_t>(bytes, 0);
+  impl_->memory->Hold(bytes);
+  return MemoryReservation(impl_->memory, bytes);
+}
+
 absl::StatusOr<MemoryReservation> Engine::ReserveMemory(int64_t bytes, std::string_view what) {
   if (bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat("cannot reserve ", bytes, " bytes"));

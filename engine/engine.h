@@ -200,6 +200,10 @@ class Engine {
   // Reserves bytes against memory_budget_bytes until the reservation is destroyed; over budget:
   // RESOURCE_EXHAUSTED (RejectReason kMemory) naming `what`, the budget and the bytes in use.
   absl::StatusOr<MemoryReservation> ReserveMemory(int64_t bytes, std::string_view what);
+  // Counts bytes that exist already against memory_budget_bytes, past it if need be (a unary
+  // answer computed and waiting on its client), until the reservation is destroyed: what is
+  // admitted meanwhile sees them.
+  MemoryReservation HoldMemory(int64_t bytes);
 
   // A place in the queue for a sequence of runs (a stream's chunks), counted as one waiting
   // request until destroyed; RESOURCE_EXHAUSTED (RejectReason kQueueFull) when max_queue requests

@@ -6,7 +6,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -46,13 +49,23 @@ int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes)
 // buffer once (the copy gRPC itself makes for a generated method). Lifetime: gRPC keeps the
 // buffers alive until OnDone, which comes only after Finish, and Finish is called only once the
 // engine has called back (or never started).
-class AttendReactor final : public grpc::ServerUnaryReactor {
+//
+// The answer, once computed, waits on the client: gRPC sends it as the client's flow-control
+// window allows, and a client that never reads (a raw HTTP/2 client granting no window) would
+// hold it for as long as its connection lives. So from the moment it exists until gRPC is done
+// with it (OnDone) it is counted against the memory budget (Engine::HoldMemory), and the stream
+// watch ends the call when the client has not taken it within the idle limit
+// (--stream-idle-timeout-ms, the limit a stream's client has for each message).
+class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch::Watched {
  public:
-  AttendReactor(engine::Engine* engine, Metrics* metrics, int64_t max_message_bytes,
+  AttendReactor(engine::Engine* engine, Metrics* metrics, StreamWatch* watch,
+                int64_t max_message_bytes,
                 const std::function<void(grpc::CallbackServerContext&)>* before_answer,
                 grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
                 grpc::ByteBuffer* answer)
       : record_(metrics, "Attend", *context),
+        engine_(engine),
+        watch_(watch),
         metrics_(metrics),
         max_message_bytes_(max_message_bytes),
         before_answer_(before_answer),
@@ -71,17 +84,48 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   void OnCancel() override {
     if (!CancelledByDeadline(context_->deadline())) cancelled_.store(true);
   }
-  // A call finished OK and then cancelled lost its answer on the way (the client went away, or the
-  // transport refused the message): counted and logged with what it was.
+  // A call finished OK and then cancelled lost its answer on the way (the client went away, the
+  // transport refused the message, or the client took too long to read it): counted and logged
+  // with what it was.
   void OnDone() override {
+    bool idle_ended = false;
+    if (watched_) {
+      watch_->Remove(this);  // Waits for a CheckIdle in progress; none starts afterwards.
+      std::unique_lock<std::mutex> lock(idle_mu_);
+      idle_cv_.wait(lock, [&] { return !end_idle_pending_; });
+      idle_ended = idle_ended_;
+    }
     if (finished_ok_ && context_->IsCancelled()) {
+      const std::string why = idle_ended
+                                  ? absl::StrFormat(
+                                        "the client had not read it %d ms after it was ready, and "
+                                        "the call was cancelled (--stream-idle-timeout-ms %d)",
+                                        idle_timeout_ms_, idle_timeout_ms_)
+                                  : std::string("the call was cancelled while it was sent");
       spdlog::warn(
           "request id={} method=Attend code=CANCELLED error=\"the answer ({} bytes) was computed "
-          "but not delivered: the call was cancelled while it was sent\"",
-          record_.id(), answer_bytes_);
+          "but not delivered: {}\"",
+          record_.id(), answer_bytes_, why);
       metrics_->AnswerUndelivered("Attend");
     }
-    delete this;
+    delete this;  // Releases answer_held_.
+  }
+
+  // StreamWatch::Watched, from just before Finish(OK) until OnDone: the answer waits on the client.
+  bool CheckIdle(StreamWatch::Clock::time_point now,
+                 std::chrono::milliseconds idle_timeout) override {
+    std::lock_guard<std::mutex> lock(idle_mu_);
+    if (idle_ended_ || now - answered_at_ <= idle_timeout) return false;
+    idle_ended_ = true;
+    end_idle_pending_ = true;  // OnDone waits for EndIdle.
+    idle_timeout_ms_ = idle_timeout.count();
+    return true;
+  }
+  void EndIdle() override {
+    context_->TryCancel();  // The send returns, and OnDone follows.
+    std::lock_guard<std::mutex> lock(idle_mu_);
+    end_idle_pending_ = false;
+    idle_cv_.notify_all();
   }
 
  private:
@@ -143,6 +187,13 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
     response_.Clear();  // The answer buffer holds its own copy.
     if (before_answer_ != nullptr) (*before_answer_)(*context_);
     finished_ok_ = true;
+    // From here the answer waits on the client (see the class comment).
+    answer_held_ = engine_->HoldMemory(static_cast<int64_t>(answer_->Length()));
+    if (watch_ != nullptr) {
+      answered_at_ = StreamWatch::Clock::now();
+      watched_ = true;
+      watch_->Add(this);
+    }
     FinishWith(absl::OkStatus(), &*info);
   }
 
@@ -152,6 +203,8 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   }
 
   RequestRecord record_;
+  engine::Engine* engine_;
+  StreamWatch* watch_;  // Null: answers are never ended for idleness.
   Metrics* metrics_;
   const int64_t max_message_bytes_;
   const std::function<void(grpc::CallbackServerContext&)>* before_answer_;  // Test hook.
@@ -162,6 +215,15 @@ class AttendReactor final : public grpc::ServerUnaryReactor {
   int64_t answer_bytes_ = 0;
   bool finished_ok_ = false;  // Set before Finish; read in OnDone, which comes after it.
   std::atomic<bool> cancelled_{false};
+  // The answer, from when it exists until OnDone.
+  engine::MemoryReservation answer_held_;
+  bool watched_ = false;  // In the watch; set before Finish, read in OnDone.
+  StreamWatch::Clock::time_point answered_at_;
+  std::mutex idle_mu_;
+  std::condition_variable idle_cv_;
+  bool idle_ended_ = false;        // Guarded by idle_mu_.
+  bool end_idle_pending_ = false;  // Guarded by idle_mu_: CheckIdle said true, EndIdle not done.
+  int64_t idle_timeout_ms_ = 0;    // Guarded by idle_mu_.
 };
 
 double SecondsSince(std::chrono::steady_clock::time_point start) {
@@ -255,7 +317,7 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
   if (grpc::Status refused; RefusedWhileDraining("Attend", *context, &refused)) {
     return FinishedWith(context, refused);
   }
-  return new AttendReactor(engine_, metrics_, options_.max_message_bytes,
+  return new AttendReactor(engine_, metrics_, &stream_watch_, options_.max_message_bytes,
                            options_.before_unary_answer ? &options_.before_unary_answer : nullptr,
                            context, request, response);
 }

@@ -66,7 +66,9 @@ struct ServiceOptions {
   int stream_pipeline_depth = 2;         // Chunks of input one stream holds (StreamSettings).
   int64_t stream_min_chunk_tokens = 4096;
   int64_t stream_buffer_pool_bytes = int64_t{256} << 20;  // Idle chunk buffers kept for reuse.
-  int64_t stream_idle_timeout_ms = 20000;  // A stream's client idle this long ends it; 0: never.
+  // A stream's client idle this long ends it, and so does a unary answer unread this long after it
+  // was ready; 0: never.
+  int64_t stream_idle_timeout_ms = 20000;
   int64_t stream_progress_log_ms = 10000;  // A running stream's progress line; 0: none.
   int64_t max_client_stream_bytes = 0;     // Stream windows one client may hold; 0: no cap.
   bool client_by_token = false;            // Clients told apart by bearer token (auth on).

@@ -223,8 +223,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--stream-idle-timeout-ms", options.stream_idle_timeout_ms,
                  "AttendStream: a stream whose client sends and reads nothing for this long "
-                 "(while none of its chunks computes) ends and frees its memory; 20 s is one "
-                 "64 MiB message at about 4 MB/s plus a margin; 0: never")
+                 "(while none of its chunks computes) ends and frees its memory; so does an "
+                 "Attend whose client has not read its answer this long after it was ready; 20 s "
+                 "is one 64 MiB message at about 4 MB/s plus a margin; 0: never")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--max-client-stream-bytes", options.max_client_stream_bytes,

@@ -75,8 +75,10 @@ struct ServerOptions {
   // A stream whose client makes no progress (no message read or written) for this long, while no
   // chunk of it computes, ends (DEADLINE_EXCEEDED, or CANCELLED when it did not read its answer)
   // and frees its window. 20 s: one largest message (64 MiB) at about 4 MB/s, a slow link, plus
-  // a few seconds; a client that stops sending or reading holds its reservation no longer. 0:
-  // never.
+  // a few seconds; a client that stops sending or reading holds its reservation no longer. A
+  // unary Attend whose answer the client has not read this long after it was ready ends the same
+  // way (CANCELLED), and the answer, counted against the memory budget while it waits, is freed.
+  // 0: never.
   int64_t stream_idle_timeout_ms = 20000;
   // A stream still running this long after its start, and again each time as long after its last
   // such line, logs a progress line (tokens and chunks done, bytes each way, elapsed) as a chunk

@@ -270,6 +270,60 @@ TEST_F(ServerTest, AnAnswerWhoseCallIsCancelledBeforeItIsSentIsCountedUndelivere
       << undelivered();
 }
 
+// A client that asks for a unary answer and never reads it (a raw HTTP/2 client that grants no
+// flow-control window): the answer waits in the server. It stays counted against the memory
+// budget while it waits, and the idle limit ends the call, as for a stream.
+TEST_F(ServerTest, AnAnswerNobodyReadsIsCountedThenEndedAfterTheIdleLimit) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_idle_timeout_ms = 1000;
+  options.metrics_address = "127.0.0.1:0";
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  // 8192 x 8 x 64 fp32: a request of 48 MiB and an answer of 16 MiB, far above any flow-control
+  // window.
+  const v1::AttendRequest request = testing::RandomRequest(
+      {.seq_len = 8192, .heads = 8, .kv_heads = 8, .head_dim = 64, .patterns = {{1024, 1}}}, rng);
+  const int64_t output_bytes = int64_t{8192} * 8 * 64 * 4;
+  // The unary method called as a stream: the request goes out, and no read is ever started.
+  std::shared_ptr<grpc::Channel> channel = testing::ChannelTo(server_->port());
+  const grpc::internal::RpcMethod method("/da.v1.AttentionService/Attend",
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel);
+  grpc::ClientContext context;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendRequest, v1::AttendResponse>> call(
+      grpc::internal::ClientReaderWriterFactory<v1::AttendRequest, v1::AttendResponse>::Create(
+          channel.get(), method, &context));
+  ASSERT_TRUE(call->Write(request));
+  ASSERT_TRUE(call->WritesDone());
+  const auto metric = [&](const std::string& series) {
+    const std::string text = testing::HttpGet(server_->metrics_port(), "/metrics").value_or("");
+    return testing::MetricValue(text, series).value_or(-1);
+  };
+  ASSERT_TRUE(testing::WaitFor([&] { return metric("da_engine_runs_completed_total") == 1; },
+                               std::chrono::seconds(60)));
+  const auto computed = std::chrono::steady_clock::now();
+  // Computed and waiting on the client: the answer is held, and counted.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_GE(metric("da_memory_reserved_bytes"), output_bytes);
+  // Then ended by the idle limit: the call is cancelled, the memory returns, and the lost
+  // answer is counted.
+  ASSERT_TRUE(testing::WaitFor([&] { return metric("da_memory_reserved_bytes") == 0; },
+                               std::chrono::seconds(10)))
+      << metric("da_memory_reserved_bytes");
+  const double ended_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - computed).count();
+  // Not at once (held until the limit), nor long after it (a loaded machine may be slow to look).
+  EXPECT_GT(ended_s, 0.5);
+  EXPECT_LT(ended_s, 1.0 + 2.0);
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return metric("da_answers_undelivered_total{method=\"Attend\"}") == 1; },
+      std::chrono::seconds(5)));
+  // The client sees the server's cancel: no message arrives whole, and the call ends CANCELLED
+  // (had the server kept the call, the answer would arrive now and the call end OK).
+  v1::AttendResponse response;
+  EXPECT_FALSE(call->Read(&response));
+  EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+}
+
 TEST_F(ServerTest, UnaryAboveMaxMessageBytesIsResourceExhausted) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_message_bytes = 1 << 20;

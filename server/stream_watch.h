@@ -15,6 +15,10 @@
 // stream never calls the watch while it holds its own lock, and Remove waits for a CheckIdle in
 // progress. A stream that returned true stays alive (does not finish) until its EndIdle.
 //
+// Unary answers. A unary Attend is watched too, from when its answer is ready until gRPC is done
+// with it: a client that never takes its answer (granting no flow-control window) loses the call
+// once the limit has passed since the answer was ready (server/attention_service.cc).
+//
 // Memory. The server keeps freed message memory in malloc's heaps while streams run
 // (server/malloc_tuning.h); after the last stream ends, malloc_trim returns it, so an idle server
 // comes back near its idle resident size instead of keeping the peak of its last burst.
