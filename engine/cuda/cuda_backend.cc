@@ -45,8 +45,18 @@
 namespace da::engine::cuda {
 namespace {
 
+// A failed runtime call also leaves its error in the thread's last-error slot, where the next
+// kernel launch's check (cudaGetLastError in row_kernel.cu) would find it and fail an unrelated
+// launch: a failure this code handles (a cudaMalloc the block cache retries, pinned memory that
+// cannot be had, a run that fails with RESOURCE_EXHAUSTED) must not. Sticky errors (a broken
+// context) come back from every later call anyway.
+void ForgetHandledError(cudaError_t error) {
+  if (error != cudaSuccess) (void)cudaGetLastError();
+}
+
 absl::Status CudaStatus(cudaError_t error, const std::string& what) {
   if (error == cudaSuccess) return absl::OkStatus();
+  ForgetHandledError(error);
   const absl::StatusCode code = error == cudaErrorMemoryAllocation
                                     ? absl::StatusCode::kResourceExhausted
                                     : absl::StatusCode::kInternal;
@@ -234,7 +244,7 @@ class CudaBackend final : public Backend {
     absl::StatusOr<void*> block = cache->Take(size);
     if (!block.ok()) {
       size_t free = 0, total = 0;
-      cudaMemGetInfo(&free, &total);
+      ForgetHandledError(cudaMemGetInfo(&free, &total));
       return absl::Status(block.status().code(),
                           absl::StrCat("cuda:", ordinal_, ": allocating ", bytes, " bytes with ",
                                        free, " of ", total, " free (", cache->cached_bytes(),
@@ -719,11 +729,13 @@ class CudaBackend final : public Backend {
   }
 
   // Whether the staging buffers are there (made now if not; the staging mutex held). Where pinned
-  // memory cannot be had, the copy goes plain instead of failing, and says so once.
+  // memory cannot be had, the copy goes plain instead of failing, says so once, and every later
+  // copy goes plain too rather than trying a failing cudaHostAlloc again each time.
   bool Staged() {
+    if (staging_failed_) return false;
     const absl::Status made = EnsureStaging();
-    if (!made.ok() && !staging_warned_) {
-      staging_warned_ = true;
+    if (!made.ok()) {
+      staging_failed_ = true;
       std::fprintf(stderr, "cuda:%d: no staging buffers (%s); copies go without them\n", ordinal_,
                    std::string(made.message()).c_str());
     }
@@ -780,7 +792,7 @@ class CudaBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mutex_);
     if (cache_ == nullptr) {
       size_t free = 0, total = 0;
-      if (cache_enabled_) cudaMemGetInfo(&free, &total);
+      if (cache_enabled_) ForgetHandledError(cudaMemGetInfo(&free, &total));
       const int ordinal = ordinal_;
       BlockCache::Allocator allocator{
           [ordinal](int64_t bytes) -> absl::StatusOr<void*> {
@@ -836,7 +848,7 @@ class CudaBackend final : public Backend {
   bool stage_times_ = false;  // DA_CUDA_STAGE_TIMES=1: the fused path prints its stages' times.
   std::shared_ptr<BlockCache> cache_;
   std::mutex staging_mutex_;
-  bool staging_warned_ = false;  // Under staging_mutex_.
+  bool staging_failed_ = false;  // Under staging_mutex_: EnsureStaging failed once.
   std::vector<uint8_t*> staging_buffers_;
   std::vector<cudaEvent_t> staging_events_;
   std::unique_ptr<ThreadPool> copy_pool_;

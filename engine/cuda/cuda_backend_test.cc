@@ -446,6 +446,46 @@ TEST_F(CudaEngineLimitsTest, CachedBlocksAreReusedAndRequestsStillMatch) {
   }
 }
 
+// A cudaMalloc the GPU refuses also leaves its error in the thread's last-error slot, where the
+// next kernel launch's check would find it. The backend forgets an error it has reported
+// (ForgetHandledError), so the same thread's next run (the row kernel, whose launches check the
+// slot) still computes, and right.
+TEST_F(CudaEngineLimitsTest, AnAllocationTheGpuRefusedDoesNotFailTheThreadsNextRun) {
+  absl::StatusOr<std::unique_ptr<Backend>> made = FirstGpuBackend();
+  ASSERT_TRUE(made.ok()) << made.status();
+  Backend& backend = **made;
+  const absl::StatusOr<DeviceBuffer> huge = backend.Allocate(int64_t{1} << 50);  // A pebibyte.
+  ASSERT_TRUE(absl::IsResourceExhausted(huge.status())) << huge.status();
+
+  testing::OwnedProblem p = testing::RandomProblem({1, 1000, 4, 2, 64}, 41);
+  p.spec.patterns = {{256, 1}, {512, 2}};
+  p.spec.precision = Precision::kFloat32;
+  const RunContext context{};
+  std::vector<DeviceBuffer> buffers;
+  for (const OwnedTensor* t : {&p.q, &p.k, &p.v, &p.out}) {
+    absl::StatusOr<DeviceBuffer> buffer = backend.Allocate(t->bytes.size());
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    ASSERT_TRUE(
+        backend.CopyToDevice(buffer->data(), t->bytes.data(), t->bytes.size(), context).ok());
+    buffers.push_back(*std::move(buffer));
+  }
+  const auto view = [&](const OwnedTensor& t, const DeviceBuffer& b) {
+    return TensorView{t.dtype, t.shape, b.data(), static_cast<int64_t>(t.bytes.size()), b.space()};
+  };
+  const MutableTensorView out{p.out.dtype, p.out.shape, buffers[3].data(),
+                              static_cast<int64_t>(p.out.bytes.size()), buffers[3].space()};
+  const absl::Status ran = backend.Run(view(p.q, buffers[0]), view(p.k, buffers[1]),
+                                       view(p.v, buffers[2]), p.spec, out, context);
+  ASSERT_TRUE(ran.ok()) << ran;
+  OwnedTensor actual = testing::PoisonedTensor(p.out.dtype, p.out.shape);
+  ASSERT_TRUE(
+      backend.CopyToHost(actual.bytes.data(), buffers[3].data(), actual.bytes.size(), context)
+          .ok());
+  ASSERT_TRUE(backend.Synchronize(context).ok());
+  const OwnedTensor expected = testing::ReferenceOutput(p.q, p.k, p.v, p.spec, p.out.dtype);
+  EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(p.out.dtype)), "");
+}
+
 TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers) {
   EngineOptions options = OnGpu();
   options.device_memory_budget_bytes = 1 << 20;

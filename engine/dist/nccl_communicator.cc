@@ -20,6 +20,8 @@ constexpr auto kPollInterval = std::chrono::microseconds(50);
 
 absl::Status CudaStatus(cudaError_t error, absl::string_view call) {
   if (error == cudaSuccess) return absl::OkStatus();
+  // The failure is reported here: not again to the thread's next unrelated check.
+  (void)cudaGetLastError();
   return absl::InternalError(
       absl::StrCat(call, " failed: ", cudaGetErrorName(error), ": ", cudaGetErrorString(error)));
 }
