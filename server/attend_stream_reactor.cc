@@ -197,6 +197,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
       std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
   output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
   have_header_ = true;
+  metadata_due_ = context_->client_metadata().count(grpc::string_ref(
+                      kStreamAdmissionRequest.data(), kStreamAdmissionRequest.size())) > 0;
   return absl::OkStatus();
 }
 
@@ -275,7 +277,7 @@ void AttendStreamReactor::FeedPendingBlock() {
 AttendStreamReactor::Actions AttendStreamReactor::Decide() {
   Actions actions;
   if (finished_) return actions;
-  const bool quiet = !computing_ && !write_in_flight_ && starting_ == 0;
+  const bool quiet = !computing_ && !write_in_flight_ && !metadata_in_flight_ && starting_ == 0;
   if (!error_.ok() || trailer_sent_) {
     if (quiet) {
       finished_ = true;
@@ -291,6 +293,13 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
       ReturnWindow();
     }
     return actions;
+  }
+  if (metadata_due_) {
+    metadata_due_ = false;
+    metadata_in_flight_ = true;
+    context_->AddInitialMetadata(std::string(kStreamWindowMetadata),
+                                 std::to_string(reservation_ ? reservation_->bytes() : 0));
+    actions.send_metadata = true;
   }
   FeedPendingBlock();
   if (!computing_ && assembler_ != nullptr) {
@@ -405,14 +414,16 @@ void AttendStreamReactor::Advance(const std::function<void()>& under_lock) {
     std::lock_guard<std::mutex> lock(mu_);
     if (under_lock) under_lock();
     actions = Decide();
-    if (actions.read || actions.write || actions.compute) ++starting_;
+    if (actions.Starts()) ++starting_;
   }
   for (;;) {
     if (actions.finish) {
       Finish(*actions.finish);  // The last thing: OnDone may follow at once on another thread.
       return;
     }
-    if (!actions.read && !actions.write && !actions.compute) return;
+    if (!actions.Starts()) return;
+    // Before any write: the metadata would otherwise go out with the first message.
+    if (actions.send_metadata) StartSendInitialMetadata();
     if (actions.read) StartRead(&request_buffer_);
     if (actions.write) StartWrite(&response_buffer_);
     // Last: a run the engine refuses calls back before Submit returns, and that callback must
@@ -421,7 +432,7 @@ void AttendStreamReactor::Advance(const std::function<void()>& under_lock) {
     std::lock_guard<std::mutex> lock(mu_);
     --starting_;
     actions = Decide();
-    if (actions.read || actions.write || actions.compute) ++starting_;
+    if (actions.Starts()) ++starting_;
   }
 }
 
@@ -482,6 +493,11 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
                                           chunks_computed_, assembler_->layout().chunk_count()));
     }
   });
+}
+
+void AttendStreamReactor::OnSendInitialMetadataDone(bool /*ok*/) {
+  // Not ok: the call is gone, and OnCancel says so.
+  Advance([&] { metadata_in_flight_ = false; });
 }
 
 void AttendStreamReactor::OnWriteDone(bool ok) {

@@ -58,6 +58,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -77,6 +78,20 @@ namespace da::server {
 // HTTP/2 window of each stream towards the server: what gRPC buffers for a stream that the
 // server has stopped reading (flow control). Server::Start sets it on the gRPC server.
 inline constexpr int64_t kStreamLookaheadBytes = int64_t{8} << 20;
+
+// A client that sends kStreamAdmissionRequest in its request metadata gets the call's initial
+// metadata as soon as the header is admitted (its window reserved), with kStreamWindowMetadata
+// giving the window's bytes, rather than with the first answer; it may wait for it before it
+// sends blocks, so that a stream refused at its header ends before the client has a message in
+// flight. (grpc.aio, up to at least 1.85, reports a write that fails because the server has
+// ended the call as INTERNAL "Internal error from Core" in place of the server's status:
+// grpc/grpc#36066.) GetServerInfo lists kStreamAdmittedFeature among its protocol_features.
+// Asked for, not sent to every client: with it, da's C++ sync client (gRPC 1.51) hung in a
+// parallel-streams request whose other part was refused (its cancelled part's Read and Write
+// never returned), which it does not without it.
+inline constexpr std::string_view kStreamAdmissionRequest = "da-stream-admission";
+inline constexpr std::string_view kStreamWindowMetadata = "da-stream-window-bytes";
+inline constexpr std::string_view kStreamAdmittedFeature = "stream-admitted-metadata";
 
 struct StreamSettings {
   int64_t max_message_bytes = 64 << 20;  // Each output message carries at most half of it.
@@ -101,6 +116,7 @@ class AttendStreamReactor final
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
+  void OnSendInitialMetadataDone(bool ok) override;
   void OnCancel() override;
   void OnDone() override;
 
@@ -120,11 +136,14 @@ class AttendStreamReactor final
   };
   // What Advance decided to do once the lock is released.
   struct Actions {
+    bool send_metadata = false;
     bool read = false;
     bool write = false;
     std::optional<Chunk> compute;
     int compute_slot = 0;
     std::optional<grpc::Status> finish;
+
+    bool Starts() const { return send_metadata || read || write || compute.has_value(); }
   };
 
   absl::Status AcceptHeader(const v1::StreamHeader& header);  // Under mu_.
@@ -193,6 +212,10 @@ class AttendStreamReactor final
   grpc::ByteBuffer response_buffer_;
   int64_t response_bytes_ = 0;  // response_buffer_'s length, while it is being written.
   bool write_in_flight_ = false;
+  // The stream is admitted and its client asked to be told (kStreamAdmissionRequest): its
+  // initial metadata (kStreamWindowMetadata) goes out at once.
+  bool metadata_due_ = false;
+  bool metadata_in_flight_ = false;
   bool header_sent_ = false;
   bool trailer_sent_ = false;
   std::deque<Outgoing> outgoing_;

@@ -361,6 +361,7 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
   v1::GetServerInfoResponse* response = &reply;
   response->set_version(options_.version);
   for (const std::string& feature : build_features_) response->add_build_features(feature);
+  response->add_protocol_features(std::string(kStreamAdmittedFeature));
   for (const engine::DeviceInfo& device : engine_->devices()) {
     DeviceInfoToProto(device, response->add_devices());
   }

@@ -8,7 +8,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -171,6 +173,95 @@ TEST_F(StreamAdmissionTest, WindowOverTheBudgetIsRefusedWithBothNumbers) {
   }
   EXPECT_EQ(Metric("da_requests_rejected_total{reason=\"memory\"}"), 1);
   EXPECT_EQ(Metric("da_memory_reserved_bytes"), 0);
+}
+
+// The initial metadata of an AttendStream call that sends its header and no block (asking to be
+// told of its admission when `ask`), once the call has it or has ended (at the latest at
+// `deadline`), and the call's status (CANCELLED when it was admitted).
+std::multimap<grpc::string_ref, grpc::string_ref> MetadataAfterHeader(
+    int port, const v1::StreamHeader& header, bool ask, std::chrono::seconds deadline,
+    grpc::ClientContext* context, grpc::Status* status) {
+  std::shared_ptr<grpc::Channel> channel = testing::ChannelTo(port);
+  const grpc::internal::RpcMethod method("/da.v1.AttentionService/AttendStream",
+                                         grpc::internal::RpcMethod::BIDI_STREAMING, channel);
+  context->set_deadline(std::chrono::system_clock::now() + deadline);
+  if (ask) context->AddMetadata("da-stream-admission", "1");
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>> call(
+      grpc::internal::ClientReaderWriterFactory<v1::AttendStreamRequest,
+                                                v1::AttendStreamResponse>::Create(channel.get(),
+                                                                                  method, context));
+  v1::AttendStreamRequest request;
+  *request.mutable_header() = header;
+  call->Write(request);
+  call->WaitForInitialMetadata();  // Until the server sends it, or the call ends.
+  const std::multimap<grpc::string_ref, grpc::string_ref> metadata =
+      context->GetServerInitialMetadata();
+  // An admitted stream waits for blocks: cancelled. A refused one has ended with its status.
+  if (metadata.count("da-stream-window-bytes") > 0) context->TryCancel();
+  v1::AttendStreamResponse response;
+  while (call->Read(&response)) {
+  }
+  *status = call->Finish();
+  return metadata;
+}
+
+std::optional<std::string> WindowBytes(
+    const std::multimap<grpc::string_ref, grpc::string_ref>& metadata) {
+  const auto found = metadata.find("da-stream-window-bytes");
+  if (found == metadata.end()) return std::nullopt;
+  return std::string(found->second.data(), found->second.size());
+}
+
+// A client that asks is told of its stream's admission by the initial metadata, before any block
+// has arrived and before any answer, with the window reserved; a stream refused at its header
+// gets none, only its status; a client that does not ask gets the metadata with the first answer,
+// as before; GetServerInfo says the server does this. (The grpc.aio client asks, and waits for it
+// before it sends blocks: tests/python/test_python_client.py.)
+TEST_F(StreamAdmissionTest, AnAdmittedStreamSaysSoAtOnceWhenAskedAndARefusedOneEndsWithItsStatus) {
+  Start(/*memory_budget_bytes=*/1LL << 30);
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(client_->GetServerInfo(&info).ok());
+  EXPECT_EQ(
+      std::vector<std::string>(info.protocol_features().begin(), info.protocol_features().end()),
+      std::vector<std::string>{"stream-admitted-metadata"});
+  {
+    grpc::ClientContext context;
+    grpc::Status status;
+    const auto started = Clock::now();
+    const auto metadata = MetadataAfterHeader(server_->port(), LongHeader(32768), /*ask=*/true,
+                                              std::chrono::seconds(20), &context, &status);
+    const std::optional<std::string> window = WindowBytes(metadata);
+    ASSERT_TRUE(window.has_value()) << "no da-stream-window-bytes in the initial metadata";
+    EXPECT_LT(Clock::now() - started, std::chrono::seconds(10));
+    EXPECT_GT(std::stod(*window), 48 << 20);  // At least one 8192-token chunk of inputs.
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  }
+  {
+    // Not asked: nothing before the deadline (no answer comes without blocks). A small problem,
+    // which the server does not refuse up front for its deadline.
+    v1::StreamHeader small = LongHeader(4096);
+    small.set_heads(1);
+    small.mutable_spec()->set_segment_lengths(0, 64);
+    grpc::ClientContext context;
+    grpc::Status status;
+    const auto started = Clock::now();
+    const auto metadata = MetadataAfterHeader(server_->port(), small, /*ask=*/false,
+                                              std::chrono::seconds(2), &context, &status);
+    EXPECT_GE(Clock::now() - started, std::chrono::milliseconds(1900));
+    EXPECT_FALSE(WindowBytes(metadata).has_value());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  }
+  {
+    // 64 MiB: one 8192-token chunk of inputs alone is 48 MiB, so the window is refused.
+    server_.reset();
+    Start(/*memory_budget_bytes=*/64 << 20);
+    grpc::ClientContext context;
+    grpc::Status status;
+    const auto metadata = MetadataAfterHeader(server_->port(), LongHeader(32768), /*ask=*/true,
+                                              std::chrono::seconds(20), &context, &status);
+    EXPECT_FALSE(WindowBytes(metadata).has_value());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  }
 }
 
 // One cancelled stream on a fresh server: how long the engine work and the memory outlived it.

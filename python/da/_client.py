@@ -2,6 +2,9 @@
 requests (tensor bytes copied once, da/_wire.py), the output filled as blocks arrive, the
 execution info. The two clients differ only in how a call is made and awaited."""
 
+import math
+import queue
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +21,17 @@ _DTYPES = {"float32": pb.DTYPE_FP32, "float16": pb.DTYPE_FP16, "bfloat16": pb.DT
 # A streamed block carries about this many bytes of q, k and v (as da-client's blocks).
 _BLOCK_BYTES = 4 << 20
 _DEFAULT_MESSAGE_BYTES = 64 << 20  # The server's default --max-message-bytes.
+# parallel_streams=0 sends one stream per this many bytes of q, k, v and output, at most
+# _AUTO_PARALLEL_STREAMS (as da-client chooses); at most _MAX_PARALLEL_STREAMS when asked.
+_PARALLEL_STREAM_BYTES = 256 << 20
+_AUTO_PARALLEL_STREAMS = 4
+_MAX_PARALLEL_STREAMS = 64
+# A server listing this protocol feature sends an AttendStream's initial metadata, with
+# _WINDOW_METADATA, as soon as it has admitted the stream's header, to a client that asks with
+# _ADMISSION_REQUEST in its metadata.
+_STREAM_ADMITTED = "stream-admitted-metadata"
+_ADMISSION_REQUEST = ("da-stream-admission", "1")
+_WINDOW_METADATA = "da-stream-window-bytes"
 _ATTEND = _stub.method_path("Attend")
 _ATTEND_STREAM = _stub.method_path("AttendStream")
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -114,9 +128,18 @@ class Client:
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._message_limit = None  # The server's max_message_bytes, read once.
+        # Parallel streams: connections of their own, made when first needed and kept.
+        self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
+                              max_message_bytes)
+        self._part_channels = []
+        self._part_lock = threading.Lock()
 
     def close(self):
-        """Closes the channel; calls in flight are cancelled."""
+        """Closes the channels; calls in flight are cancelled."""
+        with self._part_lock:
+            for channel in self._part_channels:
+                channel.close()
+            self._part_channels = []
         self._channel.close()
 
     def __enter__(self):
@@ -155,7 +178,8 @@ class Client:
 
     def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                precision="auto", scale=None, out=None, stream=None, block_tokens=0,
-               request_id="", priority=0, timeout=None, return_info=False, progress=None):
+               parallel_streams=1, request_id="", priority=0, timeout=None, return_info=False,
+               progress=None):
         """Dilated attention of q over k and v.
 
         q is [batch, seq_len, heads, head_dim], k and v [batch, seq_len, kv_heads, head_dim]
@@ -171,6 +195,16 @@ class Client:
         MiB, at most half the server's message limit), the output filled as blocks arrive.
         Either way each tensor's bytes are copied once going out and once coming back.
 
+        parallel_streams: a streamed request is cut where no segment crosses (multiples of every
+        segment length) into at most this many parts, sent as concurrent AttendStream calls on
+        connections of their own and written into the one output (0: one per 256 MiB of q, k, v
+        and output, at most 4). One stream of gRPC moves about 1.3 GB/s on loopback; several
+        move more where the cores allow, at the cost of a stream window of server memory each.
+        The first part to fail fails the call with its status (its message naming the part) and
+        cancels the others. A request that cannot be cut (a segment as long as the sequence)
+        goes as one stream. Each part is a request of its own on the server (request id
+        "<request_id>/<part>"); the info returned merges theirs.
+
         progress: called as progress(sent, to_send, received, to_receive) with the q, k and v
         bytes sent so far of their total and the output bytes received of theirs, on the
         calling thread: as each output block of a stream arrives, and once when the answer is
@@ -185,10 +219,13 @@ class Client:
         """
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
                       request_id, priority, progress)
+        parts = _check_parallel_streams(parallel_streams)
         limit = self._server_message_limit(timeout)
         options = self._options(timeout, request_id)
         try:
-            if job.streams(stream, limit):
+            if job.streams(stream, limit) and len(job.cut(parts)) > 1:
+                self._stream_parts(job, limit, block_tokens, timeout)
+            elif job.streams(stream, limit):
                 answers = self._attend_stream(job.stream_requests(limit, block_tokens),
                                               **options)
                 try:
@@ -223,6 +260,60 @@ class Client:
         if self._message_limit is None:
             self._message_limit = _message_limit(self.info(timeout))
         return self._message_limit
+
+    def _stream_methods(self, count):
+        """AttendStream on count connections: this client's own, then channels of their own
+        (distinct arguments, so that gRPC does not share one connection among them)."""
+        with self._part_lock:
+            while len(self._part_channels) < count - 1:
+                target, tls_ca, tls_cert, tls_key, options, max_bytes = self._channel_args
+                number = len(self._part_channels) + 1
+                self._part_channels.append(_make_channel(
+                    grpc, target, tls_ca, tls_cert, tls_key,
+                    (*options, ("da.channel_id", number)), max_bytes))
+            channels = self._part_channels[:count - 1]
+        return [self._attend_stream] + [c.stream_stream(_ATTEND_STREAM) for c in channels]
+
+    def _stream_parts(self, job, limit, block_tokens, timeout):
+        """Streams job's parts as concurrent calls. A thread per call hands its answers over a
+        bounded queue (a call whose answers are not taken waits, and so does its server); this
+        thread writes them into the output and reports progress. Raises the first part's
+        failure after cancelling every call."""
+        calls = [method(part.requests(limit, block_tokens),
+                        **self._options(timeout, part.request_id))
+                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+        arrived = queue.Queue(maxsize=2 * len(calls))
+
+        def pump(index):
+            try:
+                for message in calls[index]:
+                    arrived.put((index, message))
+                arrived.put((index, None))  # Ended.
+            except BaseException as error:  # Ended; raised on the caller's thread.
+                arrived.put((index, error))
+
+        threads = [threading.Thread(target=pump, args=(i,), name=f"da-part-{i + 1}",
+                                    daemon=True) for i in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        ended = 0
+        try:
+            while ended < len(calls):
+                index, item = arrived.get()
+                if item is None or isinstance(item, BaseException):
+                    ended += 1
+                    if item is not None:
+                        raise job.parts[index].failure(item)
+                else:
+                    job.parts[index].take_message(item)
+        finally:
+            for call in calls:
+                call.cancel()  # Nothing for a call that has ended; else stops its server work.
+            while ended < len(calls):  # Every pump ends (none waits on a full queue).
+                _, item = arrived.get()
+                ended += item is None or isinstance(item, BaseException)
+            for thread in threads:
+                thread.join()
 
 
 class BlockStream:
@@ -275,6 +366,39 @@ def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_messag
                                                private_key=read(tls_key),
                                                certificate_chain=read(tls_cert))
     return module.secure_channel(target, credentials, options=channel_options)
+
+
+async def _after_admission(requests, made):
+    """requests (a sync or async iterable of encoded AttendStream requests) for a grpc.aio call
+    to a server that admits streams with its initial metadata (_STREAM_ADMITTED): the header,
+    then, once the server has admitted the stream, the rest; nothing more when it refused it.
+
+    grpc.aio (up to at least 1.85) reports a write that fails because the server has ended the
+    call as INTERNAL "Internal error from Core", in place of the server's status
+    (grpc/grpc#36066): a stream refused at its header (over the memory budget, the queue full,
+    too many tokens) while a block was being written lost its RESOURCE_EXHAUSTED. Waiting for
+    the admission means no block is in flight when a header is refused. made: a list that holds
+    the call once it is made (before this generator first runs)."""
+    admitted = None
+
+    async def admit():
+        metadata = await made[0].initial_metadata()
+        return any(key == _WINDOW_METADATA for key, _ in (metadata or ()))
+
+    if hasattr(requests, "__aiter__"):
+        async for message in requests:
+            yield message
+            if admitted is None:
+                admitted = await admit()
+            if not admitted:
+                return
+    else:
+        for message in requests:
+            yield message
+            if admitted is None:
+                admitted = await admit()
+            if not admitted:
+                return
 
 
 def _call_options(token_metadata, default_timeout, timeout, request_id):
@@ -385,9 +509,66 @@ def _rows_from_wire(data, dtype, shape, what):
     return rows.reshape(shape)
 
 
+def _check_parallel_streams(parallel_streams):
+    """parallel_streams as an int in [0, _MAX_PARALLEL_STREAMS], or InvalidArgument."""
+    if isinstance(parallel_streams, bool) or not isinstance(parallel_streams, int) or not (
+            0 <= parallel_streams <= _MAX_PARALLEL_STREAMS):
+        raise errors.invalid(f"parallel_streams {parallel_streams!r} must be an int from 0 "
+                             f"(chosen from the request's size) to {_MAX_PARALLEL_STREAMS}")
+    return parallel_streams
+
+
+def _chunk_tokens(segments, seq_len):
+    """The least common multiple of the segment lengths (every segment of every pattern starts
+    at a multiple of it), or seq_len when that is at least seq_len: no cut is possible."""
+    chunk = 1
+    for w in segments:
+        if w < 1 or w >= seq_len:
+            return seq_len
+        chunk = chunk // math.gcd(chunk, w) * w
+        if chunk >= seq_len:
+            return seq_len
+    return chunk
+
+
+def _cut_parts(segments, seq_len, parts):
+    """[0, seq_len) cut at multiples of _chunk_tokens into at most `parts` (begin, end) ranges
+    of whole chunks, as even as the chunks allow (as da-client's CutParts)."""
+    chunk = _chunk_tokens(segments, seq_len)
+    chunks = -(-seq_len // chunk)
+    count = min(max(parts, 1), max(chunks, 1))
+    return [(i * chunks // count * chunk, min(seq_len, (i + 1) * chunks // count * chunk))
+            for i in range(count)]
+
+
+def _merge_infos(infos):
+    """One ExecutionInfo for the parts of a call (as da-client's MergePartInfos): the first
+    part's, with every part's devices, the longest queue and total times, the summed compute and
+    plan-build times, chunks and stream buffers, a plan-cache hit only when every part had one,
+    every part's fp8 scales in order and the request ids joined by commas."""
+    merged = pb.ExecutionInfo()
+    merged.CopyFrom(infos[0])
+    del merged.devices[:]
+    for info in infos:
+        merged.devices.extend(d for d in info.devices if d not in merged.devices)
+    for info in infos[1:]:
+        merged.queue_time_us = max(merged.queue_time_us, info.queue_time_us)
+        merged.total_time_us = max(merged.total_time_us, info.total_time_us)
+        merged.compute_time_us += info.compute_time_us
+        merged.plan_build_time_us += info.plan_build_time_us
+        merged.plan_cache_hit = merged.plan_cache_hit and info.plan_cache_hit
+        merged.stream_chunk_tokens = max(merged.stream_chunk_tokens, info.stream_chunk_tokens)
+        merged.stream_chunks += info.stream_chunks
+        merged.stream_buffer_bytes += info.stream_buffer_bytes
+        merged.fp8_scales.extend(info.fp8_scales)
+    merged.request_id = ",".join(info.request_id for info in infos)
+    return merged
+
+
 class _Attend:
     """One attend call on whole tensors: its checks, requests and output, made the same way by
-    the sync and the asyncio client."""
+    the sync and the asyncio client. Streamed, it is one or more parts (_Part), each a request
+    of its own."""
 
     def __init__(self, q, k, v, out, spec, request_id, priority, progress=None):
         self.q, self.k, self.v = _host_tensors(q, k, v)
@@ -396,11 +577,18 @@ class _Attend:
         self.request_id = request_id
         self.priority = priority
         self.info = None
-        self.next_token = 0
         self.progress = progress
         self.to_send = self.q.nbytes + self.k.nbytes + self.v.nbytes
-        self.sent = 0  # Of the blocks gRPC has pulled; written by its thread, read by ours.
-        self.received = 0
+        self.parts = [_Part(self, 0, self.q.shape[1], 0)]
+
+    @property
+    def sent(self):
+        """Bytes of q, k and v gRPC has pulled (each part's counter written by its thread)."""
+        return sum(part.sent for part in self.parts)
+
+    @property
+    def received(self):
+        return sum(part.received for part in self.parts)
 
     def report(self):
         if self.progress is not None:
@@ -412,6 +600,16 @@ class _Attend:
         if stream is not None:
             return stream
         return self.q.nbytes * 2 + self.k.nbytes + self.v.nbytes > 0.9 * message_limit
+
+    def cut(self, parallel_streams):
+        """Cuts the call into at most parallel_streams parts (0: one per
+        _PARALLEL_STREAM_BYTES, at most _AUTO_PARALLEL_STREAMS); returns them."""
+        wanted = parallel_streams or min(_AUTO_PARALLEL_STREAMS, max(
+            1, (self.to_send + self.q.nbytes) // _PARALLEL_STREAM_BYTES))
+        ranges = _cut_parts(self.spec.segment_lengths, self.q.shape[1], wanted)
+        self.parts = [_Part(self, begin, end, i + 1 if len(ranges) > 1 else 0)
+                      for i, (begin, end) in enumerate(ranges)]
+        return self.parts
 
     def unary_request(self):
         """AttendRequest, encoded."""
@@ -427,54 +625,107 @@ class _Attend:
 
     def take_unary_response(self, data):
         """Copies the output of an encoded AttendResponse into place; keeps the info."""
+        whole = self.parts[0]
         for field, value in _wire.fields(data):
             if field == 1:
                 tensor = dict(_wire.fields(value))
                 raw = self.output.raw
                 np.copyto(raw, _rows_from_wire(tensor.get(3, b""), raw.dtype, raw.shape,
                                                "the output"))
-                self.next_token = raw.shape[1]
-                self.sent, self.received = self.to_send, raw.nbytes
+                whole.next_token = raw.shape[1]
+                whole.sent, whole.received = self.to_send, raw.nbytes
             elif field == 2:
-                self.info = pb.ExecutionInfo.FromString(value)
+                whole.info = pb.ExecutionInfo.FromString(value)
 
     def stream_requests(self, message_limit, block_tokens):
-        """The encoded AttendStream requests: the header, then blocks of block_tokens tokens."""
-        q, k, v = self.q, self.k, self.v
-        seq_len = q.shape[1]
-        yield _stream_header(q, k, seq_len, self.spec, self.request_id, self.priority)
-        step = _block_tokens(q, k, message_limit, block_tokens)
-        for start in range(0, seq_len, step):
-            end = min(seq_len, start + step)
-            self.sent += (end - start) * (self.to_send // seq_len)
-            yield _block_message(start, q, k, v, start, end)
+        """The encoded AttendStream requests of the call as one stream: the header, then blocks
+        of block_tokens tokens."""
+        return self.parts[0].requests(message_limit, block_tokens)
 
     def take_stream_message(self, data):
-        """Fills the output from an encoded AttendStreamResponse (blocks arrive in order)."""
+        """Fills the output from an encoded AttendStreamResponse of the one stream."""
+        self.parts[0].take_message(data)
+
+    def result(self, return_info):
+        for part in self.parts:
+            part.check_complete()
+        infos = [part.info for part in self.parts]
+        self.info = infos[0] if len(infos) == 1 else _merge_infos(infos)
+        self.report()
+        output = self.output.result()
+        return Result(output, self.info) if return_info else output
+
+
+class _Part:
+    """Tokens [begin, end) of an _Attend streamed as a request of its own: the whole call, or
+    part `number` (from 1) of its parallel streams."""
+
+    def __init__(self, job, begin, end, number):
+        self.job = job
+        self.begin, self.end = begin, end
+        self.number = number
+        self.request_id = (f"{job.request_id}/{number}" if job.request_id and number
+                           else job.request_id)
+        self.next_token = 0  # Of the part's own tokens: the next output block's start.
+        self.sent = 0  # Bytes of q, k and v; written by gRPC's thread that pulls the requests.
+        self.received = 0
+        self.info = None
+
+    def where(self):
+        """How messages name the part ("" for a whole call)."""
+        if not self.number:
+            return ""
+        return (f"part {self.number} of {len(self.job.parts)} (tokens "
+                f"{self.begin}..{self.end}): ")
+
+    def requests(self, message_limit, block_tokens):
+        """The encoded AttendStream requests: the header, then blocks of block_tokens tokens,
+        numbered from the part's start."""
+        job = self.job
+        q, k, v = job.q, job.k, job.v
+        yield _stream_header(q, k, self.end - self.begin, job.spec, self.request_id,
+                             job.priority)
+        step = _block_tokens(q, k, message_limit, block_tokens)
+        token_bytes = job.to_send // q.shape[1]
+        for start in range(self.begin, self.end, step):
+            end = min(self.end, start + step)
+            self.sent += (end - start) * token_bytes
+            yield _block_message(start - self.begin, q, k, v, start, end)
+
+    def take_message(self, data):
+        """Fills the part's rows of the output from an encoded AttendStreamResponse (blocks
+        arrive in order); keeps the trailer's info."""
         kind, *rest = _read_stream_message(data)
         if kind == "trailer":
             self.info = rest[0]
         elif kind == "block":
             start, count, data = rest
-            raw = self.output.raw
-            if start != self.next_token or count < 1 or start + count > raw.shape[1]:
-                raise _internal(f"output block of {count} tokens at token {start}, expected "
-                                f"token {self.next_token}")
+            job = self.job
+            raw = job.output.raw
+            if start != self.next_token or count < 1 or start + count > self.end - self.begin:
+                raise _internal(f"{self.where()}output block of {count} tokens at token "
+                                f"{self.begin + start}, expected token "
+                                f"{self.begin + self.next_token}")
             batch, _, heads, head_dim = raw.shape
-            raw[:, start:start + count] = _rows_from_wire(
+            first = self.begin + start
+            raw[:, first:first + count] = _rows_from_wire(
                 data, raw.dtype, (batch, count, heads, head_dim), "an output block")
             self.next_token += count
             self.received += len(data)
-            if self.next_token < raw.shape[1]:  # The last block's report is result()'s.
-                self.report()
+            if job.received < job.q.nbytes:  # The last block's report is result()'s.
+                job.report()
 
-    def result(self, return_info):
-        seq_len = self.q.shape[1]
-        if self.next_token != seq_len or self.info is None:
-            raise _internal(f"the answer ended after {self.next_token} of {seq_len} tokens")
-        self.report()
-        output = self.output.result()
-        return Result(output, self.info) if return_info else output
+    def check_complete(self):
+        if self.next_token != self.end - self.begin or self.info is None:
+            raise _internal(f"{self.where()}the answer ended after "
+                            f"{self.begin + self.next_token} of {self.end} tokens")
+
+    def failure(self, error):
+        """The exception for the part's failed call, its message naming the part."""
+        if not isinstance(error, grpc.RpcError):
+            return error
+        failed = errors.from_rpc_error(error)
+        return type(failed)(failed.code, self.where() + failed.message)
 
 
 class _BlockFeed:

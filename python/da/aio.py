@@ -9,6 +9,8 @@ The same arguments, results and exceptions as da.Client (da/_client.py), whose c
 and output assembly it shares; only the calls are awaited.
 """
 
+import asyncio
+
 import grpc
 import grpc.aio
 
@@ -31,9 +33,17 @@ class Client:
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._message_limit = None
+        self._admits_streams = False  # The server lists _client._STREAM_ADMITTED.
+        # Parallel streams: connections of their own, made when first needed and kept.
+        self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
+                              max_message_bytes)
+        self._part_channels = []
 
     async def close(self):
-        """Closes the channel; calls in flight are cancelled."""
+        """Closes the channels; calls in flight are cancelled."""
+        channels, self._part_channels = self._part_channels, []
+        for channel in channels:
+            await channel.close()
         await self._channel.close()
 
     async def __aenter__(self):
@@ -66,22 +76,41 @@ class Client:
 
     async def _server_message_limit(self, timeout):
         if self._message_limit is None:
-            self._message_limit = _client._message_limit(await self.info(timeout))
+            info = await self.info(timeout)
+            self._admits_streams = _client._STREAM_ADMITTED in info.protocol_features
+            self._message_limit = _client._message_limit(info)
         return self._message_limit
+
+    def _open_stream(self, requests, options, method=None):
+        """An AttendStream call sending requests; its blocks wait for the server's admission
+        where the server gives one (_client._after_admission: grpc.aio would otherwise lose a
+        refusal's status). After _server_message_limit."""
+        method = method or self._attend_stream
+        if not self._admits_streams:
+            return method(requests, **options)
+        made = []
+        options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
+        call = method(_client._after_admission(requests, made), **options)
+        made.append(call)
+        return call
 
     async def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                      precision="auto", scale=None, out=None, stream=None, block_tokens=0,
-                     request_id="", priority=0, timeout=None, return_info=False,
-                     progress=None):
-        """da.Client.attend, awaited (progress is called on the event loop)."""
+                     parallel_streams=1, request_id="", priority=0, timeout=None,
+                     return_info=False, progress=None):
+        """da.Client.attend, awaited (progress is called on the event loop; parallel streams
+        are tasks on it)."""
         job = _client._Attend(q, k, v, out, _client._spec(segments, dilations, causal, mode,
                                                           precision, scale),
                               request_id, priority, progress)
+        parts = _client._check_parallel_streams(parallel_streams)
         limit = await self._server_message_limit(timeout)
         options = self._options(timeout, request_id)
         try:
-            if job.streams(stream, limit):
-                call = self._attend_stream(job.stream_requests(limit, block_tokens), **options)
+            if job.streams(stream, limit) and len(job.cut(parts)) > 1:
+                await self._stream_parts(job, limit, block_tokens, timeout)
+            elif job.streams(stream, limit):
+                call = self._open_stream(job.stream_requests(limit, block_tokens), options)
                 try:
                     async for message in call:
                         job.take_stream_message(message)
@@ -92,6 +121,44 @@ class Client:
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
         return job.result(return_info)
+
+    def _stream_methods(self, count):
+        """AttendStream on count connections, as da.Client's."""
+        while len(self._part_channels) < count - 1:
+            target, tls_ca, tls_cert, tls_key, options, max_bytes = self._channel_args
+            number = len(self._part_channels) + 1
+            self._part_channels.append(_client._make_channel(
+                grpc.aio, target, tls_ca, tls_cert, tls_key,
+                (*options, ("da.channel_id", number)), max_bytes))
+        return [self._attend_stream] + [c.stream_stream(_client._ATTEND_STREAM)
+                                        for c in self._part_channels[:count - 1]]
+
+    async def _stream_parts(self, job, limit, block_tokens, timeout):
+        """Streams job's parts as concurrent calls, a task each; raises the first part's
+        failure after cancelling every call."""
+        calls = [self._open_stream(part.requests(limit, block_tokens),
+                                   self._options(timeout, part.request_id), method)
+                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+
+        async def take(part, call):
+            try:
+                async for message in call:
+                    part.take_message(message)
+            except BaseException as error:
+                raise part.failure(error) from None
+
+        tasks = [asyncio.ensure_future(take(part, call)) for part, call in zip(job.parts, calls)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in tasks:
+                if task in done and task.exception() is not None:
+                    raise task.exception()
+        finally:
+            for call in calls:
+                call.cancel()  # Nothing for a call that has ended; else stops its server work.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def attend_blocks(self, blocks, *, seq_len, segments, dilations, causal=False,
                       mode="longnet", precision="auto", scale=None, request_id="", priority=0,
@@ -117,8 +184,8 @@ class BlockStream:
         client = self._client
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
-        call = client._attend_stream(feed.async_requests(),
-                                     **client._options(self._timeout, self._request_id))
+        call = client._open_stream(feed.async_requests(),
+                                   client._options(self._timeout, self._request_id))
         try:
             async for message in call:
                 block = feed.take_stream_message(message)

@@ -89,6 +89,11 @@ if not da.__file__.startswith(os.environ[VENV_RUN]):
     raise SystemExit(f"da was imported from {da.__file__}, not from the venv")
 
 
+def grpc_code(name):
+    import grpc
+    return getattr(grpc.StatusCode, name)
+
+
 def reference(q, k, v, segments, dilations, **kw):
     as64 = [np.asarray(t, dtype=np.float64) for t in (q, k, v)]
     return ref.dilated_attention(*as64, segments, dilations, **kw)
@@ -370,6 +375,152 @@ class PythonClientTest(unittest.TestCase):
         for rows in (slice(0, 1024), slice(16384 - 1024, 16384)):
             want = reference(q[:, rows], k[:, rows], v[:, rows], [256], [4])
             da_testing.assert_close(result.output[:, rows], want, "fp32", f"rows {rows}")
+
+    def test_parallel_streams_give_the_bytes_of_one_stream_and_of_unary(self):
+        import asyncio
+        rng = np.random.default_rng(31)
+        cases = [  # (mode, causal, kv_heads, seq_len, segments, dilations): lcm 64, 8 chunks.
+            ("longnet", True, 2, 500, [32, 64], [1, 2]),  # GQA; a partial last chunk.
+            ("grouped", False, 4, 512, [16, 64], [2, 4]),
+        ]
+        for (dtype, tolerance), (mode, causal, kv_heads, seq_len, segments, dilations) in (
+                itertools.product(((np.float32, "fp32"), (ml_dtypes.bfloat16, "bf16")), cases)):
+            q = rng.standard_normal((2, seq_len, 4, 16)).astype(dtype)
+            k = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+            v = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+            kw = dict(segments=segments, dilations=dilations, causal=causal, mode=mode,
+                      precision="fp32")
+            unary = self.client.attend(q, k, v, stream=False, **kw)
+            one = self.client.attend(q, k, v, stream=True, block_tokens=40, **kw)
+            self.assertTrue(np.array_equal(unary.view(np.uint8), one.view(np.uint8)))
+            da_testing.assert_close(unary, reference(
+                q, k, v, segments, dilations, causal=causal,
+                mode=ref.GROUPED if mode == "grouped" else ref.LONGNET), tolerance, mode)
+            for parts in (1, 2, 3, 4):
+                with self.subTest(dtype=np.dtype(dtype).name, mode=mode, parallel_streams=parts):
+                    calls = []
+                    out = np.full(q.shape, np.nan, dtype)
+                    got = self.client.attend(q, k, v, stream=True, block_tokens=40,
+                                             parallel_streams=parts, out=out, request_id="pp",
+                                             return_info=True, progress=lambda *c: calls.append(c),
+                                             **kw)
+                    self.assertIs(got.output, out)
+                    self.assertTrue(np.array_equal(out.view(np.uint8), one.view(np.uint8)))
+                    # Each part a request of its own on the server.
+                    ids = ["pp"] if parts == 1 else [f"pp/{i + 1}" for i in range(parts)]
+                    self.assertEqual(got.info.request_id.split(","), ids)
+                    self.assertGreaterEqual(got.info.stream_chunks, parts)  # Summed.
+                    to_send = q.nbytes + k.nbytes + v.nbytes
+                    self.assertEqual(calls[-1], (to_send, to_send, q.nbytes, q.nbytes))
+
+        q = rng.standard_normal((1, 640, 2, 16)).astype(np.float32)
+        kw = dict(segments=[64, 128], dilations=[1, 2], precision="fp32", stream=True)
+        want = self.client.attend(q, q, q, **kw)
+
+        async def run():
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                return await asyncio.gather(*(
+                    client.attend(q, q, q, parallel_streams=parts, return_info=True, **kw)
+                    for parts in (2, 3, 5)))
+
+        for parts, got in zip((2, 3, 5), asyncio.run(run())):
+            self.assertTrue(np.array_equal(got.output, want), parts)
+            self.assertEqual(len(got.info.request_id.split(",")), parts)
+
+    def test_asyncio_streams_refused_at_their_header_keep_the_servers_status(self):
+        # grpc.aio reports a write that fails because the server ended the call as INTERNAL
+        # "Internal error from Core" (grpc/grpc#36066); the client sends blocks only once the
+        # server has admitted the header, so a refusal keeps its code and message.
+        import asyncio
+        q = np.random.default_rng(34).standard_normal((1, 16384, 4, 32)).astype(np.float32)
+        kw = dict(segments=[8192], dilations=[1], precision="fp32")
+        with da_testing.Server(ARGS.server_binary,
+                               ["--threads", "2", "--max-tokens", "12000"]) as server:
+            async def run():
+                async with da.aio.Client(server.address, timeout=60) as client:
+                    for _ in range(5):
+                        with self.assertRaises(da.ResourceExhausted) as caught:
+                            await client.attend(q, q, q, stream=True, block_tokens=256, **kw)
+                        self.assertIn("limit is 12000", caught.exception.message)
+                        with self.assertRaises(da.ResourceExhausted) as caught:
+                            async for _ in client.attend_blocks(
+                                    ((q[:, i:i + 4096],) * 3 for i in range(0, 16384, 4096)),
+                                    seq_len=16384, **kw):
+                                pass
+                        self.assertIn("limit is 12000", caught.exception.message)
+                    # An admitted stream still streams (its blocks follow the admission).
+                    small = q[:, :8192]
+                    got = await client.attend(small, small, small, stream=True, **kw)
+                    self.assertTrue(np.array_equal(got, await client.attend(
+                        small, small, small, stream=False, **kw)))
+
+            asyncio.run(run())
+
+    def test_parallel_streams_cut_only_where_no_segment_crosses(self):
+        self.assertEqual(_client._chunk_tokens([2048, 4096, 8192], 65536), 8192)
+        self.assertEqual(_client._chunk_tokens([12, 56, 24], 200), 168)
+        self.assertEqual(_client._chunk_tokens([16, 400], 200), 200)  # w > N: no cut.
+        self.assertEqual(_client._chunk_tokens([3, 5, 7, 11, 13], 10000), 10000)
+        self.assertEqual(_client._cut_parts([16, 32], 200, 2), [(0, 96), (96, 200)])
+        self.assertEqual(_client._cut_parts([16, 32], 200, 3), [(0, 64), (64, 128), (128, 200)])
+        self.assertEqual(len(_client._cut_parts([16, 32], 200, 100)), 7)  # One per chunk.
+        for parts in range(1, 10):
+            cuts = _client._cut_parts([12, 56, 24], 1000, parts)
+            self.assertEqual([b for b, _ in cuts[1:]], [e for _, e in cuts[:-1]])
+            self.assertEqual((cuts[0][0], cuts[-1][1]), (0, 1000))
+            self.assertTrue(all(b % 168 == 0 and e > b for b, e in cuts))
+        # A segment as long as the sequence: four streams asked for are one call, its own id.
+        rng = np.random.default_rng(32)
+        q = rng.standard_normal((1, 96, 2, 16)).astype(np.float32)
+        kw = dict(segments=[16, 96], dilations=[1, 4], precision="fp32")
+        got = self.client.attend(q, q, q, stream=True, parallel_streams=4, request_id="whole",
+                                 return_info=True, **kw)
+        self.assertEqual(got.info.request_id, "whole")
+        self.assertTrue(np.array_equal(got.output, self.client.attend(q, q, q, **kw)))
+        # 0 chooses from the size: a small request goes as one stream.
+        got = self.client.attend(q, q, q, stream=True, parallel_streams=0, return_info=True,
+                                 segments=[16], dilations=[1], precision="fp32")
+        self.assertNotIn(",", got.info.request_id)
+        for bad in (-1, 65, 1.5, True, "2"):
+            with self.subTest(parallel_streams=bad):
+                with self.assertRaises(da.InvalidArgument) as caught:
+                    self.client.attend(q, q, q, parallel_streams=bad, **kw)
+                self.assertIn("parallel_streams", str(caught.exception))
+
+    def test_one_part_failing_fails_the_call_and_cancels_the_others(self):
+        # At most 12000 tokens per request: of 3 chunks of 8192 cut into 2 parts, the first (one
+        # chunk, a dense segment of 8192: a second or more of compute) is taken, the second (two
+        # chunks) refused at once.
+        with da_testing.Server(ARGS.server_binary, ["--threads", "2", "--max-tokens", "12000"],
+                               metrics=True) as server:
+            rng = np.random.default_rng(33)
+            q = rng.standard_normal((1, 3 * 8192, 4, 32)).astype(np.float32)
+            for aio in (False, True):
+                with self.subTest(aio=aio):
+                    kw = dict(segments=[8192], dilations=[1], precision="fp32", stream=True,
+                              parallel_streams=2)
+                    with self.assertRaises(da.Error) as caught:
+                        if aio:
+                            import asyncio
+
+                            async def run():
+                                async with da.aio.Client(server.address, timeout=60) as client:
+                                    await client.attend(q, q, q, **kw)
+
+                            asyncio.run(run())
+                        else:
+                            with da.Client(server.address, timeout=60) as client:
+                                client.attend(q, q, q, **kw)
+                    self.assertNotEqual(caught.exception.code, grpc_code("CANCELLED"))
+                    self.assertTrue(caught.exception.message.startswith(
+                        "part 2 of 2 (tokens 8192..24576): "), caught.exception.message)
+                    self.assertIn("12000", caught.exception.message)
+            # Each time the first part ended as cancelled on the server, not computed through.
+            cancelled = 'da_requests_total{code="CANCELLED",method="AttendStream"}'
+            da_testing.wait_until(lambda: server.metric(cancelled) == 2, 10,
+                                  f"two cancelled parts ({server.metric(cancelled)})")
+            self.assertEqual(server.metric('da_requests_total{code="OK",method="AttendStream"}'),
+                             0)
 
     def test_the_block_iterator_streams_a_sequence_never_held_whole(self):
         batch, heads, kv_heads, head_dim, block, blocks = 1, 4, 2, 32, 2048, 48
