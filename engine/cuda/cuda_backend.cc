@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -67,6 +68,36 @@ absl::Status CudaStatus(cudaError_t error, const std::string& what) {
 // Whether the run was cancelled (or its deadline passed).
 bool Stopped(const RunContext& context) {
   return context.cancelled != nullptr && context.cancelled->load();
+}
+
+// The block cache of GPU `ordinal` (keeping blocks when `keep`), made when no backend holds one.
+// Called with the GPU current (a DeviceScope).
+std::shared_ptr<BlockCache> SharedCacheFor(int ordinal, bool keep) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, bool>, std::weak_ptr<BlockCache>> caches;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::weak_ptr<BlockCache>& slot = caches[{ordinal, keep}];
+  if (std::shared_ptr<BlockCache> cache = slot.lock()) return cache;
+  size_t free = 0, total = 0;
+  if (keep) ForgetHandledError(cudaMemGetInfo(&free, &total));
+  BlockCache::Allocator allocator{
+      [ordinal](int64_t bytes) -> absl::StatusOr<void*> {
+        DeviceScope scope(ordinal);
+        void* data = nullptr;
+        DA_RETURN_IF_ERROR(CudaStatus(cudaMalloc(&data, static_cast<size_t>(bytes)), "cudaMalloc"));
+        return data;
+      },
+      [ordinal](void* block) {
+        DeviceScope scope(ordinal);
+        cudaFree(block);
+      },
+      [ordinal] {  // What cudaFree would have waited for.
+        DeviceScope scope(ordinal);
+        cudaDeviceSynchronize();
+      }};
+  auto cache = std::make_shared<BlockCache>(std::move(allocator), static_cast<int64_t>(total / 4));
+  slot = cache;
+  return cache;
 }
 
 // Whether the environment sets `name` to `value`.
@@ -787,31 +818,13 @@ class CudaBackend final : public Backend {
   // Every buffer comes from the block cache (block_cache.h), made on first use. With
   // DA_CUDA_CACHE=1 (not yet run on a GPU) it keeps freed buffers for reuse by size, up to a
   // quarter of the device's memory; otherwise it keeps none: cudaMalloc and cudaFree as before.
-  // Each buffer's deleter holds it, so it outlives the backend's last buffer.
+  // Each buffer's deleter holds it, so it outlives the backend's last buffer. One cache per GPU
+  // (SharedCacheFor): backends on one GPU (two logical devices mapped to it) share it, so that a
+  // failed cudaMalloc of either releases what both keep, and together they keep at most the
+  // quarter.
   std::shared_ptr<BlockCache> Cache() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (cache_ == nullptr) {
-      size_t free = 0, total = 0;
-      if (cache_enabled_) ForgetHandledError(cudaMemGetInfo(&free, &total));
-      const int ordinal = ordinal_;
-      BlockCache::Allocator allocator{
-          [ordinal](int64_t bytes) -> absl::StatusOr<void*> {
-            DeviceScope scope(ordinal);
-            void* data = nullptr;
-            DA_RETURN_IF_ERROR(
-                CudaStatus(cudaMalloc(&data, static_cast<size_t>(bytes)), "cudaMalloc"));
-            return data;
-          },
-          [ordinal](void* block) {
-            DeviceScope scope(ordinal);
-            cudaFree(block);
-          },
-          [ordinal] {  // What cudaFree would have waited for.
-            DeviceScope scope(ordinal);
-            cudaDeviceSynchronize();
-          }};
-      cache_ = std::make_shared<BlockCache>(std::move(allocator), static_cast<int64_t>(total / 4));
-    }
+    if (cache_ == nullptr) cache_ = SharedCacheFor(ordinal_, cache_enabled_);
     return cache_;
   }
 

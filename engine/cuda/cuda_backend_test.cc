@@ -486,6 +486,25 @@ TEST_F(CudaEngineLimitsTest, AnAllocationTheGpuRefusedDoesNotFailTheThreadsNextR
   EXPECT_EQ(testing::Compare(actual, expected, testing::ToleranceFor(p.out.dtype)), "");
 }
 
+// Backends on one GPU share its block cache: a block one gave back is handed to the other, so
+// that a failed cudaMalloc of either can release what both keep.
+TEST_F(CudaEngineLimitsTest, BackendsOnOneGpuShareItsBlockCache) {
+  setenv("DA_CUDA_CACHE", "1", 1);
+  absl::StatusOr<std::unique_ptr<Backend>> a = FirstGpuBackend();
+  absl::StatusOr<std::unique_ptr<Backend>> b = FirstGpuBackend();
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(b.ok()) << b.status();
+  void* given_back = nullptr;
+  {
+    absl::StatusOr<DeviceBuffer> block = (*a)->Allocate(int64_t{48} << 20);
+    ASSERT_TRUE(block.ok()) << block.status();
+    given_back = block->data();
+  }
+  absl::StatusOr<DeviceBuffer> taken = (*b)->Allocate(int64_t{48} << 20);
+  ASSERT_TRUE(taken.ok()) << taken.status();
+  EXPECT_EQ(taken->data(), given_back);
+}
+
 TEST_F(CudaEngineLimitsTest, ARequestOverTheGpuBudgetIsRefusedNamingBothNumbers) {
   EngineOptions options = OnGpu();
   options.device_memory_budget_bytes = 1 << 20;
