@@ -33,12 +33,13 @@ class DilatedAttention(torch.nn.Module):
     1/sqrt(head_dim); attention_dropout: must be 0 (inference); op: must be None (accepted for
     the signature of dilated-attention-pytorch's module). mode: "grouped" (default) or
     "longnet"; client: a da.Client or a target "host:port" (default localhost:50051);
-    precision: as da.Client.attend; timeout: seconds per call (None: the client's default).
+    precision, stream and parallel_streams: as da.Client.attend; timeout: seconds per call
+    (None: the client's default).
     """
 
     def __init__(self, segment_lengths, dilation_rates, softmax_scale=None,
                  attention_dropout=0.0, op=None, *, mode="grouped", client=None,
-                 precision="auto", timeout=None):
+                 precision="auto", stream=None, parallel_streams=1, timeout=None):
         super().__init__()
         # The same checks as a request's, now rather than at the first forward.
         _client._spec(segment_lengths, dilation_rates, False, mode, precision, softmax_scale)
@@ -52,6 +53,8 @@ class DilatedAttention(torch.nn.Module):
         self.softmax_scale = softmax_scale
         self.mode = mode
         self.precision = precision
+        self.stream = stream
+        self.parallel_streams = _client._check_parallel_streams(parallel_streams)
         self.timeout = timeout
         self.client = client if isinstance(client, _client.Client) else _client.Client(
             client or _DEFAULT_TARGET)
@@ -63,7 +66,8 @@ class DilatedAttention(torch.nn.Module):
         return self.client.attend(query, key, value, segments=self.segment_lengths,
                                   dilations=self.dilation_rates, causal=is_causal,
                                   mode=self.mode, precision=self.precision,
-                                  scale=self.softmax_scale, timeout=self.timeout)
+                                  scale=self.softmax_scale, stream=self.stream,
+                                  parallel_streams=self.parallel_streams, timeout=self.timeout)
 
     def extra_repr(self):
         """The patterns, scale, mode and precision, as print(module) shows them."""

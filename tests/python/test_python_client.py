@@ -623,6 +623,12 @@ class PythonClientTest(unittest.TestCase):
                 want = reference(*(t.float().numpy() for t in (q, k, v)), [32, 64, 128],
                                  [1, 2, 4], causal=True, mode=ref.GROUPED)
                 da_testing.assert_close(out.float().numpy(), want, tolerance, str(dtype))
+                # Streamed as two parallel streams (cut at token 128): the same bytes.
+                parts = da.torch.DilatedAttention([32, 64, 128], [1, 2, 4], precision="fp32",
+                                                  client=self.client, stream=True,
+                                                  parallel_streams=2)
+                with torch.no_grad():
+                    self.assertTrue(torch.equal(parts(q, k, v, is_causal=True), out))
         q = torch.randn(1, 64, 3, 16, requires_grad=True)
         with self.assertRaises(da.InvalidArgument) as caught:
             module(q, q, q)
