@@ -94,6 +94,12 @@ def grpc_code(name):
     return getattr(grpc.StatusCode, name)
 
 
+def random_qkv(rng, seq_len, kv_heads, dtype):
+    """q [2, seq_len, 4, 16], k and v [2, seq_len, kv_heads, 16], standard normal in dtype."""
+    return (rng.standard_normal((2, seq_len, heads, 16)).astype(dtype)
+            for heads in (4, kv_heads, kv_heads))
+
+
 def reference(q, k, v, segments, dilations, **kw):
     as64 = [np.asarray(t, dtype=np.float64) for t in (q, k, v)]
     return ref.dilated_attention(*as64, segments, dilations, **kw)
@@ -120,9 +126,7 @@ class PythonClientTest(unittest.TestCase):
                 itertools.product(((np.float32, "fp32"), (np.float16, "fp16"),
                                    (ml_dtypes.bfloat16, "bf16")), cases)):
             with self.subTest(dtype=np.dtype(dtype).name, mode=mode):
-                q = rng.standard_normal((2, seq_len, 4, 16)).astype(dtype)
-                k = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
-                v = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+                q, k, v = random_qkv(rng, seq_len, kv_heads, dtype)
                 kw = dict(segments=segments, dilations=dilations, causal=causal, mode=mode,
                           precision="fp32")
                 unary = self.client.attend(q, k, v, stream=False, **kw)
@@ -385,9 +389,7 @@ class PythonClientTest(unittest.TestCase):
         ]
         for (dtype, tolerance), (mode, causal, kv_heads, seq_len, segments, dilations) in (
                 itertools.product(((np.float32, "fp32"), (ml_dtypes.bfloat16, "bf16")), cases)):
-            q = rng.standard_normal((2, seq_len, 4, 16)).astype(dtype)
-            k = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
-            v = rng.standard_normal((2, seq_len, kv_heads, 16)).astype(dtype)
+            q, k, v = random_qkv(rng, seq_len, kv_heads, dtype)
             kw = dict(segments=segments, dilations=dilations, causal=causal, mode=mode,
                       precision="fp32")
             unary = self.client.attend(q, k, v, stream=False, **kw)
