@@ -244,6 +244,12 @@ int main(int argc, char** argv) {
                  "--plan-cache-bytes), M the memory this process may use (physical or its "
                  "container's limit); 0: unlimited")
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--grpc-memory-bytes", options.grpc_memory_bytes,
+                 "What gRPC's own buffers may hold at once, above all unary requests still "
+                 "arriving (counted nowhere else); near it gRPC narrows its flow-control windows, "
+                 "past it cancels calls on the connections holding the most. Default: max(M / 4, "
+                 "256 MiB), M as for --memory-budget-bytes; 0: unbounded")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--device-memory-budget-bytes", options.device_memory_budget_bytes,
                  "Bytes admitted requests may hold at once in one GPU's memory (its copies of "
                  "their tensors and the plan workspace); over it a request goes to another GPU, "
@@ -376,6 +382,9 @@ int main(int argc, char** argv) {
     options.memory_budget_bytes =
         da::server::DefaultMemoryBudgetBytes(host.memory_bytes, options.plan_cache_bytes);
   }
+  if (app.count("--grpc-memory-bytes") == 0) {
+    options.grpc_memory_bytes = da::server::DefaultGrpcMemoryBytes(host.memory_bytes);
+  }
   options.queue_order =
       queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
   options.cpu_devices_numa = cpu_devices == "numa";
@@ -402,13 +411,16 @@ int main(int argc, char** argv) {
   spdlog::info("gRPC poller: {}", da::client::GrpcPollerName());
   spdlog::info(
       "resources: {} compute threads{}; memory {} bytes from {}; plan cache {} bytes{}; admission "
-      "budget {} bytes{}",
+      "budget {} bytes{}; gRPC buffers {} bytes{}",
       options.threads, threads_given ? " (--threads)" : absl::StrCat(" from ", host.cpus_from),
       host.memory_bytes, host.memory_from, options.plan_cache_bytes,
       app.count("--plan-cache-bytes") > 0 ? " (--plan-cache-bytes)" : " (min(1 GiB, memory / 8))",
       options.memory_budget_bytes,
       app.count("--memory-budget-bytes") > 0 ? " (--memory-budget-bytes)"
-                                             : " (max(memory / 4, 3/4 memory - plan cache))");
+                                             : " (max(memory / 4, 3/4 memory - plan cache))",
+      options.grpc_memory_bytes,
+      app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
+                                           : " (max(memory / 4, 256 MiB))");
   if (group.rank > 0) {
     return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
                          options.metrics_address, metrics_port_file);

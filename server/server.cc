@@ -41,6 +41,10 @@ int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes)
   return std::max(memory_bytes / 4, memory_bytes / 4 * 3 - plan_cache_bytes);
 }
 
+int64_t DefaultGrpcMemoryBytes(int64_t memory_bytes) {
+  return std::max(memory_bytes / 4, int64_t{256} << 20);
+}
+
 namespace {
 
 std::vector<DeviceSample> DeviceSamples(const engine::Engine& engine, const Health& health) {
@@ -157,6 +161,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
           absl::StrCat(name, " is ", value, "; must be in [0, ", INT_MAX, "] (0: off)"));
     }
   }
+  if (options.grpc_memory_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grpc_memory_bytes is ", options.grpc_memory_bytes, "; must be >= 0 (0: unbounded)"));
+  }
   if (options.max_client_stream_bytes < -1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_client_stream_bytes is ", options.max_client_stream_bytes,
@@ -268,6 +276,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     builder.RegisterService(server->service_.get());
   }
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, options.max_concurrent_streams);
+  if (options.grpc_memory_bytes > 0) {
+    server->grpc_quota_ = std::make_unique<grpc::ResourceQuota>("da-server");
+    server->grpc_quota_->Resize(static_cast<size_t>(options.grpc_memory_bytes));
+    builder.SetResourceQuota(*server->grpc_quota_);
+  }
   // Dead peers and idle connections (ServerOptions): without these a vanished client's calls stay
   // open until TCP notices, which may be never.
   if (options.keepalive_time_ms > 0) {

@@ -28,6 +28,7 @@
 // AttentionService method requires a bearer token; health and reflection stay open either way.
 #pragma once
 
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/server.h>
 
 #include <chrono>
@@ -112,6 +113,12 @@ struct ServerOptions {
   // clients rebalance across replicas. 0: no limit.
   int64_t max_connection_age_ms = 3600000;
   int64_t max_connection_age_grace_ms = 0;
+  // What gRPC's own buffers may hold at once (its resource quota): above all the unary requests
+  // still arriving, which nothing else counts (a client that sends all but the last byte of a
+  // 64 MiB message holds 64 MiB, and a connection may have max_concurrent_streams such calls).
+  // Near it gRPC narrows its flow-control windows, and past it cancels calls on the connections
+  // holding the most (RST_STREAM). da-server's default is DefaultGrpcMemoryBytes(); 0: unbounded.
+  int64_t grpc_memory_bytes = 0;
   // Multi-process serving (rank 0): the group requests run across (engine/shard_group.h). The
   // server puts it in the engine, reports its state in readiness (NOT_SERVING while it is not
   // whole) and its statistics in /metrics. Null: this process alone.
@@ -137,6 +144,11 @@ int64_t DefaultPlanCacheBytes(int64_t memory_bytes);
 // which run no Server, call it themselves).
 void DescribeBuild(Metrics& metrics);
 int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
+// ServerOptions::grpc_memory_bytes from M: max(M / 4, 256 MiB), the quarter of M the admission
+// budget leaves to gRPC and the process. (A bound costs some transport speed: on the 2-core build
+// machine the near-zero-compute stream at K = 1 took 3-11% longer under bounds from M / 8 to
+// 1 TiB than unbounded, 3.4% under M / 4; docs/PERFORMANCE.md.)
+int64_t DefaultGrpcMemoryBytes(int64_t memory_bytes);
 
 class Server {
  public:
@@ -183,6 +195,7 @@ class Server {
   std::unique_ptr<AttentionService> service_;
   std::unique_ptr<BearerTokenAuthenticator> authenticator_;  // Null: no authentication.
   std::unique_ptr<AttentionServiceBase> guarded_;            // service_ behind the tokens.
+  std::unique_ptr<grpc::ResourceQuota> grpc_quota_;          // Null: gRPC's memory unbounded.
   std::unique_ptr<grpc::Server> server_;                     // Declared last: destroyed first.
   int port_ = 0;
   std::mutex shutdown_mu_;

@@ -324,6 +324,17 @@ TEST_F(ServerTest, AnAnswerNobodyReadsIsCountedThenEndedAfterTheIdleLimit) {
   EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
+// gRPC's own buffers: bounded by default from the process's memory, refused when negative.
+TEST(ServerOptionsTest, GrpcMemoryIsAQuarterOfMemoryAtLeast256MiBAndNeverNegative) {
+  EXPECT_EQ(DefaultGrpcMemoryBytes(int64_t{64} << 30), int64_t{16} << 30);
+  EXPECT_EQ(DefaultGrpcMemoryBytes(int64_t{512} << 20), int64_t{256} << 20);
+  ServerOptions options = testing::LoopbackOptions();
+  options.grpc_memory_bytes = -1;
+  const absl::StatusOr<std::unique_ptr<Server>> refused = Server::Start(options);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().message(), "grpc_memory_bytes is -1; must be >= 0 (0: unbounded)");
+}
+
 TEST_F(ServerTest, UnaryAboveMaxMessageBytesIsResourceExhausted) {
   ServerOptions options = testing::LoopbackOptions();
   options.max_message_bytes = 1 << 20;

@@ -16,7 +16,9 @@ Each case starts its own da-server with the flags it is about and reads the serv
 - bodies that are not the method's message get INVALID_ARGUMENT, a log line and a metric on every
   method;
 - the trailer reports the bytes the stream reserved;
-- resident memory after rounds of concurrent streams returns within a stated bound of idle.
+- resident memory after rounds of concurrent streams returns within a stated bound of idle;
+- unary requests whose last byte never comes (a raw HTTP/2 client) hold no more than
+  --grpc-memory-bytes, and the server serves on once that client has gone.
 """
 
 import os
@@ -30,6 +32,7 @@ import grpc
 import numpy as np
 
 import da_testing
+import raw_h2
 import stream_load
 from stream_load import OpenStream
 
@@ -386,6 +389,38 @@ class HostileClientTest(unittest.TestCase):
             f"resident memory within {bound >> 20} MiB (idle {idle_rss >> 20} MiB)")
         print(f"resident: idle {idle_rss >> 20} MiB, peak seen {peak >> 20} MiB, after the "
               f"rounds {after >> 20} MiB (bound {bound >> 20} MiB)")
+
+    # --- What gRPC alone holds -------------------------------------------------------------------
+
+    def test_unary_requests_that_never_complete_hold_no_more_than_the_grpc_bound(self):
+        grpc_bytes = 128 << 20
+        server, _, stub = self.start("--grpc-memory-bytes", str(grpc_bytes))
+        self.assertTrue(stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=TIMEOUT_S).version)
+        idle_rss = rss_bytes(server.process.pid)
+        # Eight calls of a 60 MiB message whose last byte never comes, on one connection: 480 MiB
+        # that nothing counts but gRPC's quota (the engine sees no request until it is whole).
+        connection = raw_h2.Connection(server.port)
+        self.addCleanup(connection.close)
+        for _ in range(8):
+            connection.start_call(SERVICE + "Attend", 60 << 20, stall_s=2)
+        held = rss_bytes(server.process.pid) - idle_rss
+        print(f"held by the incomplete calls: {held >> 20} MiB (bound {grpc_bytes >> 20} MiB); "
+              f"calls reset by the server: {sorted(connection.reset)}")
+        # The quota, plus one message gRPC may have taken in as it reached it.
+        self.assertLess(held, grpc_bytes + (64 << 20))
+        self.assertTrue(connection.reset, "the server reset none of the calls")
+        self.assertEqual(server.metric("da_memory_reserved_bytes"), 0)
+        # Once that client has gone, a request is served.
+        connection.close()
+        rng = np.random.default_rng(7)
+        request = pb2.AttendRequest(spec=pb2.AttentionSpec(segment_lengths=[64],
+                                                           dilation_rates=[1]))
+        for field in (request.query, request.key, request.value):
+            field.dtype = pb2.DTYPE_FP32
+            field.shape[:] = [1, 256, 2, 16]
+            field.data = rng.standard_normal(256 * 2 * 16).astype(np.float32).tobytes()
+        answer = stub.Attend(request, timeout=TIMEOUT_S)
+        self.assertEqual(len(answer.output.data), 256 * 2 * 16 * 4)
 
 
 def cpu_seconds(pid):
