@@ -247,7 +247,7 @@ int main(int argc, char** argv) {
   app.add_option("--grpc-memory-bytes", options.grpc_memory_bytes,
                  "What gRPC's own buffers may hold at once, above all unary requests still "
                  "arriving (counted nowhere else); near it gRPC narrows its flow-control windows, "
-                 "past it cancels calls on the connections holding the most. Default: max(M / 4, "
+                 "past it sends idle connections GOAWAY and resets calls. Default: max(M / 4, "
                  "256 MiB), M as for --memory-budget-bytes; 0: unbounded")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--device-memory-budget-bytes", options.device_memory_budget_bytes,

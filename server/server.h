@@ -116,8 +116,9 @@ struct ServerOptions {
   // What gRPC's own buffers may hold at once (its resource quota): above all the unary requests
   // still arriving, which nothing else counts (a client that sends all but the last byte of a
   // 64 MiB message holds 64 MiB, and a connection may have max_concurrent_streams such calls).
-  // Near it gRPC narrows its flow-control windows, and past it cancels calls on the connections
-  // holding the most (RST_STREAM). da-server's default is DefaultGrpcMemoryBytes(); 0: unbounded.
+  // Near it gRPC narrows its flow-control windows; past it, it reclaims memory: GOAWAY to idle
+  // connections, RST_STREAM to calls (in tests/python/test_hostile.py it reset the incomplete
+  // calls). da-server's default is DefaultGrpcMemoryBytes(); 0: unbounded.
   int64_t grpc_memory_bytes = 0;
   // Multi-process serving (rank 0): the group requests run across (engine/shard_group.h). The
   // server puts it in the engine, reports its state in readiness (NOT_SERVING while it is not
