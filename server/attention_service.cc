@@ -189,11 +189,9 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     finished_ok_ = true;
     // From here the answer waits on the client (see the class comment).
     answer_held_ = engine_->HoldMemory(static_cast<int64_t>(answer_->Length()));
-    if (watch_ != nullptr) {
-      answered_at_ = StreamWatch::Clock::now();
-      watched_ = true;
-      watch_->Add(this);
-    }
+    answered_at_ = StreamWatch::Clock::now();
+    watched_ = true;
+    watch_->Add(this);
     FinishWith(absl::OkStatus(), &*info);
   }
 
@@ -204,7 +202,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
 
   RequestRecord record_;
   engine::Engine* engine_;
-  StreamWatch* watch_;  // Null: answers are never ended for idleness.
+  StreamWatch* watch_;
   Metrics* metrics_;
   const int64_t max_message_bytes_;
   const std::function<void(grpc::CallbackServerContext&)>* before_answer_;  // Test hook.

@@ -266,11 +266,8 @@ class Client:
         (distinct arguments, so that gRPC does not share one connection among them)."""
         with self._part_lock:
             while len(self._part_channels) < count - 1:
-                target, tls_ca, tls_cert, tls_key, options, max_bytes = self._channel_args
-                number = len(self._part_channels) + 1
-                self._part_channels.append(_make_channel(
-                    grpc, target, tls_ca, tls_cert, tls_key,
-                    (*options, ("da.channel_id", number)), max_bytes))
+                self._part_channels.append(_part_channel(grpc, self._channel_args,
+                                                         len(self._part_channels) + 1))
             channels = self._part_channels[:count - 1]
         return [self._attend_stream] + [c.stream_stream(_ATTEND_STREAM) for c in channels]
 
@@ -368,6 +365,25 @@ def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_messag
     return module.secure_channel(target, credentials, options=channel_options)
 
 
+async def _as_async(items):
+    """An async iterator over items, an async or a sync iterable."""
+    if hasattr(items, "__aiter__"):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def _part_channel(module, channel_args, number):
+    """Channel `number` (from 1) of a client's parallel streams, for module (grpc or grpc.aio):
+    the client's channel arguments plus one of its own, so that gRPC does not share one
+    connection among them."""
+    target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
+    return _make_channel(module, target, tls_ca, tls_cert, tls_key,
+                         (*options, ("da.channel_id", number)), max_bytes)
+
+
 async def _after_admission(requests, made):
     """requests (a sync or async iterable of encoded AttendStream requests) for a grpc.aio call
     to a server that admits streams with its initial metadata (_STREAM_ADMITTED): the header,
@@ -385,20 +401,12 @@ async def _after_admission(requests, made):
         metadata = await made[0].initial_metadata()
         return any(key == _WINDOW_METADATA for key, _ in (metadata or ()))
 
-    if hasattr(requests, "__aiter__"):
-        async for message in requests:
-            yield message
-            if admitted is None:
-                admitted = await admit()
-            if not admitted:
-                return
-    else:
-        for message in requests:
-            yield message
-            if admitted is None:
-                admitted = await admit()
-            if not admitted:
-                return
+    async for message in _as_async(requests):
+        yield message
+        if admitted is None:
+            admitted = await admit()
+        if not admitted:
+            return
 
 
 def _call_options(token_metadata, default_timeout, timeout, request_id):
@@ -762,14 +770,9 @@ class _BlockFeed:
     async def async_requests(self):
         """The encoded requests, from an async or a sync iterable of blocks."""
         try:
-            if hasattr(self.blocks, "__aiter__"):
-                async for block in self.blocks:
-                    for message in self._messages(block):
-                        yield message
-            else:
-                for block in self.blocks:
-                    for message in self._messages(block):
-                        yield message
+            async for block in _as_async(self.blocks):
+                for message in self._messages(block):
+                    yield message
             self._check_complete()
         except Exception as error:
             self.error = error

@@ -125,11 +125,8 @@ class Client:
     def _stream_methods(self, count):
         """AttendStream on count connections, as da.Client's."""
         while len(self._part_channels) < count - 1:
-            target, tls_ca, tls_cert, tls_key, options, max_bytes = self._channel_args
-            number = len(self._part_channels) + 1
-            self._part_channels.append(_client._make_channel(
-                grpc.aio, target, tls_ca, tls_cert, tls_key,
-                (*options, ("da.channel_id", number)), max_bytes))
+            self._part_channels.append(_client._part_channel(grpc.aio, self._channel_args,
+                                                             len(self._part_channels) + 1))
         return [self._attend_stream] + [c.stream_stream(_client._ATTEND_STREAM)
                                         for c in self._part_channels[:count - 1]]
 
