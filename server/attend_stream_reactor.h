@@ -88,7 +88,10 @@ inline constexpr int64_t kStreamLookaheadBytes = int64_t{8} << 20;
 // grpc/grpc#36066.) GetServerInfo lists kStreamAdmittedFeature among its protocol_features.
 // Asked for, not sent to every client: with it, da's C++ sync client (gRPC 1.51) hung in a
 // parallel-streams request whose other part was refused (its cancelled part's Read and Write
-// never returned), which it does not without it.
+// never returned; 12 runs of 20), which it does not without it. The hang is in gRPC's retry
+// filter, which is in every call unless the channel sets grpc.enable_retries to 0 (then 0 runs
+// of 20 hung); da's clients keep it, because it also retries transparently a call that a GOAWAY
+// (a drain, --max-connection-age-ms) refused before the server saw it.
 inline constexpr std::string_view kStreamAdmissionRequest = "da-stream-admission";
 inline constexpr std::string_view kStreamWindowMetadata = "da-stream-window-bytes";
 inline constexpr std::string_view kStreamAdmittedFeature = "stream-admitted-metadata";
