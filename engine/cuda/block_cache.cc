@@ -23,7 +23,13 @@ absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
   }
   absl::StatusOr<void*> block = allocator_.allocate(bytes);
   if (block.ok()) return block;
-  // Cached blocks of other sizes may be what the device lacks: release them and try again.
+  // Cached blocks of other sizes may be what the device lacks, and so may blocks on their way
+  // back (Give, quiescing): wait for those, release them all and try again.
+  {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t failed_at = next_ticket_;
+    given_.wait(lock, [&] { return giving_.empty() || *giving_.begin() >= failed_at; });
+  }
   if (ReleaseAll() == 0) return block;
   return allocator_.allocate(bytes);
 }
@@ -31,18 +37,27 @@ absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
 void BlockCache::Give(void* block, int64_t bytes) {
   if (block == nullptr) return;
   bool keep = false;
+  int64_t ticket = 0;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     keep = cached_bytes_ + bytes <= max_cached_bytes_;
-    if (keep) cached_bytes_ += bytes;  // Its place, held while the device quiesces.
+    if (keep) {
+      cached_bytes_ += bytes;  // Its place, held while the device quiesces.
+      ticket = next_ticket_++;
+      giving_.insert(ticket);
+    }
   }
   if (!keep) {  // Released at once: cudaFree waits for the device itself.
     allocator_.release(block);
     return;
   }
   allocator_.quiesce();
-  std::lock_guard<std::mutex> lock(mutex_);
-  free_.emplace(bytes, block);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.emplace(bytes, block);
+    giving_.erase(ticket);
+  }
+  given_.notify_all();
 }
 
 int64_t BlockCache::ReleaseAll() {

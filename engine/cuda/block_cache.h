@@ -1,8 +1,9 @@
 // Device memory blocks kept for reuse (issue #15): on an H200 each fused run spent 3-10 ms in
 // cudaMalloc and cudaFree of its gigabytes of scratch, and every streamed chunk allocates its
 // inputs and output anew. A freed block of a size asked for again is handed out again; a failed
-// allocation releases every cached block and tries once more, so that cached memory never makes
-// an allocation fail that would have succeeded without the cache.
+// allocation releases every cached block (after the blocks being given back at that moment have
+// arrived) and tries once more, so that cached memory never makes an allocation fail that would
+// have succeeded without the cache.
 //
 //   BlockCache cache({.allocate = ..., .release = ..., .quiesce = ...}, max_cached_bytes);
 //   absl::StatusOr<void*> p = cache.Take(bytes);   // reused or newly allocated
@@ -12,10 +13,12 @@
 // Thread-safe.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "absl/status/statusor.h"
 
@@ -50,7 +53,12 @@ class BlockCache {
   Allocator allocator_;
   const int64_t max_cached_bytes_;
   mutable std::mutex mutex_;
+  std::condition_variable given_;
   std::multimap<int64_t, void*> free_;  // By size.
+  // Gives that hold a place in the cache while the device quiesces, by ticket (in the order they
+  // began): a failed Take waits for those that began before it failed, not for later ones.
+  std::set<int64_t> giving_;
+  int64_t next_ticket_ = 0;
   int64_t cached_bytes_ = 0;
   int64_t hits_ = 0;
 };

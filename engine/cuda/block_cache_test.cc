@@ -1,12 +1,16 @@
 // BlockCache over a fake allocator with a fixed capacity: a block of a size asked for again is
 // reused (after the device is quiesced), other sizes are allocated, the cache stays within its
 // bound, a failed allocation releases the cached blocks and succeeds where it would have without
-// the cache, and many threads taking and giving blocks lose none.
+// the cache (waiting for blocks on their way back), and many threads taking and giving blocks lose
+// none.
 #include "engine/cuda/block_cache.h"
 
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <set>
 #include <thread>
 #include <vector>
@@ -145,6 +149,62 @@ TEST(BlockCacheTest, ABlockGivenBackWhileTheCacheIsReleasedStaysCounted) {
   ASSERT_TRUE(big.ok()) << big.status();
   EXPECT_EQ(cache.cached_bytes(), 0);
   cache.Give(*big, 800);  // Above the bound: released.
+}
+
+TEST(BlockCacheTest, AFailedTakeWaitsForABlockOnItsWayBackAndUsesItsMemory) {
+  // Thread A gives a 300-byte block back and waits for the device (inside quiesce) until the
+  // test lets it go; meanwhile thread B asks for 800 of the device's 1000 bytes. B's first
+  // allocation fails; the block on its way back is what B lacks, so B waits for it, releases it
+  // and succeeds.
+  FakeDevice device;
+  device.capacity = 1000;
+  std::mutex mutex;
+  std::condition_variable changed;
+  bool quiescing = false, let_go = false;
+  std::atomic<int> failed_allocations{0};
+  BlockCache::Allocator allocator = device.Allocator();
+  allocator.quiesce = [&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    quiescing = true;
+    changed.notify_all();
+    changed.wait(lock, [&] { return let_go; });
+  };
+  const auto allocate = allocator.allocate;
+  allocator.allocate = [&](int64_t bytes) {
+    absl::StatusOr<void*> block = allocate(bytes);
+    if (!block.ok()) ++failed_allocations;
+    return block;
+  };
+  BlockCache cache(allocator, 500);
+  absl::StatusOr<void*> small = cache.Take(300);
+  ASSERT_TRUE(small.ok());
+  std::thread giver([&] { cache.Give(*small, 300); });
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    changed.wait(lock, [&] { return quiescing; });
+  }
+  absl::StatusOr<void*> big = absl::UnknownError("not yet taken");
+  std::atomic<bool> taken{false};
+  std::thread taker([&] {
+    big = cache.Take(800);
+    taken = true;
+  });
+  while (failed_allocations.load() == 0) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(taken.load()) << "Take returned while a block was on its way back: " << big.status();
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    let_go = true;
+  }
+  changed.notify_all();
+  giver.join();
+  taker.join();
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(failed_allocations.load(), 1);
+  EXPECT_EQ(cache.cached_bytes(), 0);
+  EXPECT_EQ(device.used, 800);
+  cache.Give(*big, 800);  // Above the bound: released.
+  EXPECT_EQ(device.used, 0);
 }
 
 }  // namespace
