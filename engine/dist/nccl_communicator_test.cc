@@ -102,9 +102,16 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   void* get() const { return data_; }
-  void Poison() { cudaMemset(data_, 0xA5, bytes_); }
+  // Both wait for the device: cudaMemset is asynchronous and a cudaMemcpy from pageable memory
+  // may return before its bytes land, both on the legacy stream, which NCCL's non-blocking
+  // stream does not wait for.
+  void Poison() {
+    cudaMemset(data_, 0xA5, bytes_);
+    cudaDeviceSynchronize();
+  }
   void Upload(const std::vector<uint8_t>& host) {
     cudaMemcpy(data_, host.data(), host.size(), cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
   }
   std::vector<uint8_t> Download() const {
     std::vector<uint8_t> host(bytes_);

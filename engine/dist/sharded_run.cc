@@ -821,7 +821,11 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
-    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
+    // Over a separate plane rank 0 takes the outputs only after its own compute (which may take
+    // up to compute_timeout), so the send waits as long as that, not one timeout.
+    return run.plane().Send(
+        run.out.data, run.out.bytes, 0, kGatherTag,
+        run.separate_plane() ? options.timeout + options.compute_timeout : options.timeout);
   }));
   listener.join();
   DA_RETURN_IF_ERROR(heard);

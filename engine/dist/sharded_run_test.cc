@@ -12,6 +12,8 @@
 // anything else), as the NCCL data plane carries them; and once more through the staged plane
 // (staged_plane.h) in 64 KiB chunks, the nccl data plane's own path with host staging, with the
 // workers computing on a device with memory of its own (the staged test backend), as GPU workers.
+// A worker whose output waits on the plane for a rank 0 that computes three timeouts longer
+// still answers (its send may take as long as rank 0's compute may).
 //
 // Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
 // kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
@@ -24,9 +26,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <random>
+#include <string>
 #include <thread>
 #include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend_registry.h"
@@ -67,6 +72,43 @@ ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
   options.data_plane = plane;
   return options;
 }
+
+// "plane_slow_root": every point-to-point operation may take 1 s, and rank 0 computes 3 s
+// longer than its worker (SlowShares), as a rank 0 whose GPU is busy with local requests does.
+constexpr milliseconds kSlowRootTimeout{1000};
+constexpr milliseconds kSlowRootDelay{3000};
+
+// A backend that waits `delay` before each share it computes with `inner`.
+class SlowShares final : public engine::Backend {
+ public:
+  SlowShares(engine::Backend& inner, milliseconds delay) : inner_(inner), delay_(delay) {}
+  std::string Name() const override { return inner_.Name(); }
+  std::vector<engine::Precision> Precisions() const override { return inner_.Precisions(); }
+  absl::StatusOr<engine::PrecisionChoice> ChoosePrecision(
+      const AttentionSpec& spec) const override {
+    return inner_.ChoosePrecision(spec);
+  }
+  absl::Status Supports(const ProblemShape& shape, DType dtype,
+                        const AttentionSpec& spec) const override {
+    return inner_.Supports(shape, dtype, spec);
+  }
+  absl::StatusOr<std::shared_ptr<engine::Plan>> BuildPlan(const engine::PlanKey& key,
+                                                          const std::atomic<bool>* stop) override {
+    return inner_.BuildPlan(key, stop);
+  }
+  int64_t PlanWorkspaceBytes(const engine::PlanKey& key) const override {
+    return inner_.PlanWorkspaceBytes(key);
+  }
+  absl::Status RunShare(engine::Plan& plan, const engine::ShareProblem& problem,
+                        const engine::RunContext& context) override {
+    std::this_thread::sleep_for(delay_);
+    return inner_.RunShare(plan, problem, context);
+  }
+
+ private:
+  engine::Backend& inner_;
+  const milliseconds delay_;
+};
 
 // A problem with the default precision (fp32) and strategy (SEQUENCE), computed with nothing
 // set yet (the caller sets compute).
@@ -335,8 +377,9 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
       const Communicator::Counters before = (*comm)->counters();
-      absl::Status served =
-          ServeShardedRun(**comm, *control, Options(&compute, &buffers, plane.get())).status();
+      ShardRunOptions serve_options = Options(&compute, &buffers, plane.get());
+      if (flags.scenario == "plane_slow_root") serve_options.timeout = kSlowRootTimeout;
+      absl::Status served = ServeShardedRun(**comm, *control, serve_options).status();
       if (flags.scenario == "scatter_cancel" && run < 3) {
         // Told by a piece word that the request was cancelled (runs 0 and 1: the first word; run
         // 2: worker 1 after 5 pieces), it went through the run's steps (runs 1 and 2: the
@@ -362,6 +405,43 @@ int RunRank(const RankFlags& flags) {
                                  AnsweredInStep(served)),
                  served.ToString());
     }
+  }
+  if (flags.scenario == "plane_slow_root") {
+    // HEADS, half the heads each: the worker computes its half at once and sends its output over
+    // the plane, where rank 0 takes it only after its own compute, 3 s (3 timeouts) later. The
+    // worker waits for that as long as rank 0's compute may take (compute_timeout), not for one
+    // timeout: the run is exact.
+    const ProblemShape shape{1, 2048, 4, 4, 32};
+    AttentionSpec spec;
+    spec.patterns = {{512, 1}, {2048, 4}};
+    spec.precision = engine::Precision::kFloat32;
+    std::mt19937 rng(static_cast<uint32_t>(flags.seed));
+    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
+    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+    RANK_CHECK_OK(rank_backend.Run(q.view(), k.view(), v.view(), spec, single.mutable_view(),
+                                   {compute.pool}));
+    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+    SlowShares slow(rank_backend, kSlowRootDelay);
+    ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
+    problem.strategy = ShardPolicy::kHeads;
+    problem.compute = {&slow, nullptr, &pool};
+    ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
+    run_options.timeout = kSlowRootTimeout;
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
+    RANK_CHECK(result.ok(), result.status().ToString());
+    double max_abs = 0, max_diff = 0;
+    for (int64_t i = 0; i < single.elements(); ++i) {
+      RANK_CHECK(std::isfinite(out.at(i)), "element ", i, " not written");
+      max_abs = std::max(max_abs, std::fabs(static_cast<double>(single.at(i))));
+      max_diff = std::max(max_diff, std::fabs(static_cast<double>(out.at(i)) - single.at(i)));
+    }
+    RANK_CHECK(max_abs > 0 && max_diff <= 1e-6 * max_abs, "max diff ", max_diff, " of max ",
+               max_abs);
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
+    return 0;
   }
   if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
     // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
@@ -580,6 +660,11 @@ TEST(ShardedRunDataPlaneTest, EveryCaseEqualsTheSingleProcessOutputThroughAStage
 
 TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
   testing::RankGroup group(2, "plane_cancel");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, AWorkerWaitsForARank0ThatComputesLongerThanATimeout) {
+  testing::RankGroup group(2, "plane_slow_root");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
