@@ -179,12 +179,14 @@ class StageTimes {
     Mark("start");
   }
   ~StageTimes() {
-    if (!enabled_) return;
+    if (!enabled_ || marks_.empty()) return;
     std::string line = absl::StrCat(device_, " fused run:");
-    if (cudaEventSynchronize(marks_.back().second) == cudaSuccess) {
+    const cudaError_t synced = cudaEventSynchronize(marks_.back().second);
+    ForgetHandledError(synced);
+    if (synced == cudaSuccess) {
       for (size_t i = 1; i < marks_.size(); ++i) {
         float ms = 0;
-        cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second);
+        ForgetHandledError(cudaEventElapsedTime(&ms, marks_[i - 1].second, marks_[i].second));
         absl::StrAppend(&line, i > 1 ? "," : "", " ", marks_[i].first, " ", ms, " ms");
       }
     }
@@ -197,8 +199,15 @@ class StageTimes {
   void Mark(std::string name) {
     if (!enabled_) return;
     cudaEvent_t event = nullptr;
-    if (cudaEventCreate(&event) != cudaSuccess) return;
-    cudaEventRecord(event, stream_);
+    if (const cudaError_t made = cudaEventCreate(&event); made != cudaSuccess) {
+      ForgetHandledError(made);
+      return;
+    }
+    if (const cudaError_t recorded = cudaEventRecord(event, stream_); recorded != cudaSuccess) {
+      ForgetHandledError(recorded);
+      cudaEventDestroy(event);
+      return;
+    }
     marks_.emplace_back(std::move(name), event);
   }
 
@@ -516,6 +525,9 @@ class CudaBackend final : public Backend {
       DA_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(launched.event, stream), "row kernel"));
       cudaError_t done;
       while ((done = cudaEventQuery(launched.event)) == cudaErrorNotReady) {
+        // Not an error, but the runtime may keep it as the thread's last one, where the next
+        // launch's check would find it.
+        ForgetHandledError(done);
         if (Stopped(context)) stop.Set();
         std::this_thread::sleep_for(std::chrono::microseconds(500));
       }
@@ -548,7 +560,7 @@ class CudaBackend final : public Backend {
     const int64_t kv = key.shape.batch * share.tokens() * share.kv_heads() * d;
     const DType io = key.precision == Precision::kFloat16 ? DType::kFloat16 : DType::kBFloat16;
     const int64_t element = fp8 ? 1 : 2;
-    const int64_t converted = fp8               ? rows * d + 2 * kv + 64  // 64: the scalars.
+    const int64_t converted = fp8               ? rows * d + 2 * kv + 256  // 256: the scalars.
                               : key.dtype != io ? 2 * (rows * d + 2 * kv)
                                                 : 0;
     const int patterns = static_cast<int>(key.patterns.size());
@@ -557,7 +569,8 @@ class CudaBackend final : public Backend {
       const bool in_place = GroupedInPlace(grouped, fp8, static_cast<ElemType>(key.out_dtype),
                                            static_cast<ElemType>(io));
       const int64_t blocks = OnePassBlocks(grouped, patterns);
-      return converted + blocks * rows * ((in_place ? 0 : d * element) + 4);
+      const int64_t lse_stride = (rows + 3) / 4 * 4;  // LseBlockStride.
+      return converted + blocks * (rows * (in_place ? 0 : d * element) + lse_stride * 4);
     }
     return converted + rows * d * element + rows * 4 + rows * d * 4 + 2 * rows * 4;
   }
@@ -573,7 +586,7 @@ class CudaBackend final : public Backend {
                                           const DeviceBuffer& scalars, const void* in[3],
                                           std::vector<DeviceBuffer>& converted,
                                           cudaStream_t stream) {
-    float* amax = static_cast<float*>(scalars.data()) + kFp8ScalarCount;
+    float* amax = static_cast<float*>(scalars.data()) + kFp8ScalarCount * kFp8ScalarStride;
     DA_RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(amax, 0, 3 * 4, stream), "clear the amaxes"));
     for (int i = 0; i < 3; ++i) {
       DA_RETURN_IF_ERROR(CudaStatus(
@@ -616,15 +629,19 @@ class CudaBackend final : public Backend {
     // The inputs in the io dtype.
     const void* in[3] = {problem.q.data, problem.k.data, problem.v.data};
     const TensorView* views[3] = {&problem.q, &problem.k, &problem.v};
+    // fp8: the scalars' values, uploaded from here by an asynchronous copy; declared before every
+    // device buffer so that it outlives all work queued in this run.
+    float fp8_values[kFp8ScalarCount * kFp8ScalarStride] = {};
     std::vector<DeviceBuffer> converted;
     DeviceBuffer fp8_scalars;
     if (plan.fp8) {
-      DA_ASSIGN_OR_RETURN(fp8_scalars, Allocate((kFp8ScalarCount + 3) * 4));
+      // The scalars (16 bytes apart), then the 3 amaxes of q, k and v.
+      DA_ASSIGN_OR_RETURN(fp8_scalars, Allocate((kFp8ScalarCount * kFp8ScalarStride + 3) * 4));
       DA_ASSIGN_OR_RETURN(RunReport scales,
                           QuantizeToFp8(views, share.in, fp8_scalars, in, converted, stream));
       // Descales of q, k, v; the probabilities onto fp8's range and back; the output scaled as v
-      // (an output row is a convex combination of v's rows, so it never exceeds v's amax). From
-      // pageable memory the copy has read `values` when it returns (CUDA's documented behaviour).
+      // (an output row is a convex combination of v's rows, so it never exceeds v's amax); the two
+      // amaxes cuDNN writes.
       const float values[kFp8ScalarCount] = {1.0f / scales.scale[0],
                                              1.0f / scales.scale[1],
                                              1.0f / scales.scale[2],
@@ -633,9 +650,11 @@ class CudaBackend final : public Backend {
                                              scales.scale[2],
                                              0.0f,
                                              0.0f};
-      DA_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(fp8_scalars.data(), values, sizeof(values),
-                                                    cudaMemcpyHostToDevice, stream),
-                                    "fp8 scalars to the device"));
+      for (int i = 0; i < kFp8ScalarCount; ++i) fp8_values[i * kFp8ScalarStride] = values[i];
+      DA_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(fp8_scalars.data(), fp8_values, sizeof(fp8_values),
+                                     cudaMemcpyHostToDevice, stream),
+                     "fp8 scalars to the device"));
       share.pattern_scale = 1.0f / scales.scale[2];  // The stored outputs' descale.
       if (context.report != nullptr) *context.report = scales;
       times.Mark("fp8 amax+quantize");
@@ -681,13 +700,14 @@ class CudaBackend final : public Backend {
       if (!in_place) {
         DA_ASSIGN_OR_RETURN(outs_buffer, Allocate(blocks * rows * d * element));
       }
-      DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(blocks * rows * 4));
+      const int64_t lse_stride = LseBlockStride(share);  // Each block 16-byte aligned.
+      DA_ASSIGN_OR_RETURN(DeviceBuffer lses, Allocate(blocks * lse_stride * 4));
       auto* outs = static_cast<uint8_t*>(in_place ? share.out : outs_buffer.data());
       times.Mark("alloc");
       for (int pi = 0; pi < patterns; ++pi) {
         const int block = blocks == 1 ? 0 : pi;
         DA_RETURN_IF_ERROR(attend(pi, outs + block * rows * d * element,
-                                  static_cast<float*>(lses.data()) + block * rows));
+                                  static_cast<float*>(lses.data()) + block * lse_stride));
       }
       DA_RETURN_IF_ERROR(
           CudaStatus(LaunchCombine(share, outs, io, static_cast<const float*>(lses.data()), stream),
@@ -738,7 +758,8 @@ class CudaBackend final : public Backend {
   absl::Status EnsureStaging() {
     if (copier_ != nullptr) return absl::OkStatus();
     // Buffer and event in pairs, kept only together: a failure part-way (pinned memory runs out)
-    // leaves the two lists the same length, and a later call goes on from there.
+    // leaves the two lists the same length, for the destructor to free (Staged does not try
+    // again).
     for (int b = static_cast<int>(staging_buffers_.size()); b < kStagingBuffers; ++b) {
       void* buffer = nullptr;
       DA_RETURN_IF_ERROR(CudaStatus(cudaHostAlloc(&buffer, kStagingChunk, cudaHostAllocDefault),
@@ -902,6 +923,18 @@ absl::StatusOr<std::unique_ptr<Backend>> MakeCudaBackend(const DeviceInfo& devic
                       !absl::SimpleAtoi(device.id.substr(colon + 1), &ordinal) || ordinal < 0)) {
     return absl::InvalidArgumentError(
         absl::StrCat("cuda device id '", device.id, "' is not cuda:<ordinal>"));
+  }
+  // Past the visible GPUs, cudaSetDevice would fail in every DeviceScope (which does not check)
+  // and each call would run on whatever device the thread had.
+  int count = 0;
+  if (const cudaError_t counted = cudaGetDeviceCount(&count); counted != cudaSuccess) {
+    ForgetHandledError(counted);
+    count = 0;
+  }
+  if (ordinal >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda device ", device.id, ": ordinal ", ordinal,
+                                                   " is out of range: this process sees ", count,
+                                                   " CUDA device(s)"));
   }
   int sm = 0;
   if (device.capability.rfind("sm_", 0) != 0 ||

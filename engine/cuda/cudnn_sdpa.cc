@@ -156,7 +156,8 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
         .set_uid(kStats)
         .set_data_type(fe::DataType_t::FLOAT)
         .set_dim(Dims(call.lse))
-        .set_stride(Strides(call.lse));
+        .set_stride(Strides(call.lse))
+        .set_alignment(call.LseAlignment());
     const std::string what = absl::StrCat("graph ", signature);
     if (auto e = graph->validate(); !e.is_good()) return FrontendStatus(e, what + " validate");
     if (auto e = graph->build_operation_graph(impl->handle); !e.is_good()) {
@@ -217,7 +218,9 @@ absl::Status SdpaGraphs::Run(const SdpaCall& call, const SdpaTensors& tensors, v
       {kStats, at(tensors.lse, call.lse, 4)}, {kScale, const_cast<float*>(&tensors.scale)},
   };
   if (impl_->fp8) {
-    for (int i = 0; i < kFp8ScalarCount; ++i) pack[kFp8Scalars[i]] = tensors.fp8_scalars + i;
+    for (int i = 0; i < kFp8ScalarCount; ++i) {
+      pack[kFp8Scalars[i]] = tensors.fp8_scalars + i * kFp8ScalarStride;
+    }
   }
   return FrontendStatus(found->second->execute(impl_->handle, pack, workspace),
                         absl::StrCat("execute ", call.Signature()));

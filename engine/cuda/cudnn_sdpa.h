@@ -28,8 +28,10 @@ namespace da::engine::cuda {
 // in the io dtype); lse fp32 [B, T, H].
 // fp8 graphs' device scalars (fp32), in this order: the descales of q, k and v (1 / their
 // scales), the descale and scale of the probabilities, the output's scale, then the amaxes cuDNN
-// writes of the probabilities and the output.
+// writes of the probabilities and the output. Each kFp8ScalarStride floats (16 bytes) from the
+// last: cuDNN takes every tensor's pointer as 16-byte aligned unless told otherwise.
 inline constexpr int kFp8ScalarCount = 8;
+inline constexpr int kFp8ScalarStride = 4;
 
 struct SdpaTensors {
   const void* q = nullptr;
@@ -38,7 +40,8 @@ struct SdpaTensors {
   void* out = nullptr;
   float* lse = nullptr;
   float scale = 1.0f;  // The softmax scale (passed by value: one graph serves every scale).
-  float* fp8_scalars = nullptr;  // fp8 graphs: kFp8ScalarCount device floats (above).
+  float* fp8_scalars = nullptr;  // fp8 graphs: kFp8ScalarCount device floats (above), 16-byte
+                                 // aligned, kFp8ScalarStride apart.
 };
 
 // The cuDNN library loaded at run time, the one built against, and the frontend's version:

@@ -259,6 +259,11 @@ DA_HD int64_t ShareKvHeads(const RowShare& s) { return s.kv_head_end - s.kv_head
 // Output rows of the share: batch * tokens * heads, row = (b * tokens + token) * heads + head.
 DA_HD int64_t RowCount(const RowShare& s) { return s.batch * ShareTokens(s) * ShareHeads(s); }
 
+// Floats from one pattern's LSE block of the one-pass combine (CombineElements) to the next:
+// RowCount rounded up to a multiple of 4, so that every block starts 16-byte aligned, as cuDNN
+// takes the Stats pointer of a call whose view starts at a block's row 0.
+DA_HD int64_t LseBlockStride(const RowShare& s) { return (RowCount(s) + 3) / 4 * 4; }
+
 // The spanning set of (pattern, kv head, offset, segment), or null.
 DA_HD const RowSpanning* FindSpanning(const RowShare& s, int pattern_index, int64_t kv_head,
                                       int64_t offset, int64_t segment) {
@@ -526,7 +531,7 @@ DA_HD void CombineElements(const RowShare& s, const void* outs, ElemType type, c
     if (KeptBy(s, pi, local_head, position) == nullptr) continue;
     float old_factor = 1.0f, new_factor = 1.0f;  // GROUPED: the head's one pattern.
     if (!s.grouped) {
-      const float l = lses[pi * rows + row];
+      const float l = lses[pi * LseBlockStride(s) + row];
       const float new_max = any && fold.max_lse > l ? fold.max_lse : l;
       old_factor = any ? expf(fold.max_lse - new_max) : 0.0f;
       new_factor = expf(l - new_max);

@@ -23,8 +23,8 @@ cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* w
                          cudaStream_t stream);
 
 // The one-pass combine (row_attention.cuh CombineElements) of every pattern's kept output (outs:
-// P blocks of RowCount rows x head_dim in `type`; lses: P blocks of RowCount fp32) into the
-// share's output, a warp per row.
+// P blocks of RowCount rows x head_dim in `type`; lses: P blocks of fp32, LseBlockStride apart)
+// into the share's output, a warp per row.
 cudaError_t LaunchCombine(const RowShare& share, const void* outs, ElemType type, const float* lses,
                           cudaStream_t stream);
 

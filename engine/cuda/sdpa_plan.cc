@@ -105,8 +105,14 @@ double SdpaCallFlops(const SdpaCall& call) {
   return call.causal ? flops / 2 : flops;
 }
 
+int64_t SdpaCall::LseAlignment() const {
+  return lse.offset % 4 == 0 ? 16 : 4;  // 8 is not worth a graph of its own.
+}
+
 std::string SdpaCall::Signature() const {
+  const int64_t alignment = LseAlignment();
   return absl::StrCat("q", ViewSignature(q), " kv", ViewSignature(kv), " lse", ViewSignature(lse),
+                      alignment < 16 ? absl::StrCat(" lse-align", alignment) : "",
                       causal ? " causal" : "");
 }
 

@@ -51,8 +51,13 @@ struct SdpaCall {
   SdpaView lse;  // In the fp32 [B, T, H] log-sum-exp buffer (D = 1).
   bool causal = false;
 
-  // What a graph depends on (dims, strides, causality; not the offsets): calls with one signature
-  // share one built graph.
+  // The alignment in bytes (16 or 4) of the call's first LSE element in a 16-byte aligned
+  // buffer: cuDNN takes the Stats pointer as 16-byte aligned unless the graph says otherwise, and
+  // a call whose rows start off a multiple of 4 (a head group from head 3, say) is not.
+  int64_t LseAlignment() const;
+
+  // What a graph depends on (dims, strides, causality, the LSE's alignment; not the offsets):
+  // calls with one signature share one built graph.
   std::string Signature() const;
 };
 

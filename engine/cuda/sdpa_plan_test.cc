@@ -67,6 +67,7 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
   }
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
   int spanning_seen = 0;
+  int misaligned_lse = 0;  // Calls whose LSE starts off 16 bytes.
   for (const Share& share : cut) {
     SCOPED_TRACE(share.ToString());
     absl::StatusOr<SdpaPlan> plan = PlanSdpaCalls(shape, spec, share, max_call_flops);
@@ -87,6 +88,12 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
         for (int k = 0; k < 3; ++k) EXPECT_EQ(view->strides[k] * 2 % 16, 0);
         EXPECT_EQ(view->offset * 2 % 16, 0);
       }
+      // The LSE's first element is as aligned as the graph says, and no more is claimed.
+      const int64_t lse_alignment = call.LseAlignment();
+      EXPECT_EQ(call.lse.offset * 4 % lse_alignment, 0);
+      EXPECT_TRUE(lse_alignment == 16 || call.lse.offset * 4 % 16 != 0);
+      EXPECT_EQ(call.Signature().find("lse-align") != std::string::npos, lse_alignment < 16);
+      misaligned_lse += lse_alignment < 16 ? 1 : 0;
       for (int64_t i0 = 0; i0 < call.q.dims[0]; ++i0) {
         for (int64_t h = 0; h < call.q.dims[1]; ++h) {
           // The kept set of one segment, in order, for a head that runs the pattern at the
@@ -173,6 +180,10 @@ TEST_P(SdpaPlanTest, CallsCoverEveryKeptPositionOnceWithTheRightKeys) {
   }
   if (strategy == ShardPolicy::kSequence && shares > 1) {
     EXPECT_GT(spanning_seen, 0);
+  }
+  // Set 1's r = 3 and 5 over 12 heads start head groups off a multiple of 4 rows.
+  if (spec_index == 1) {
+    EXPECT_GT(misaligned_lse, 0);
   }
 }
 
@@ -284,7 +295,9 @@ TEST(SdpaPlanTest, ManyShortSegmentsAreCutWithinCudnnsBatchLimit) {
     ASSERT_EQ(segments.size(), 5u);
     EXPECT_EQ((segments[{0, 0}]), 2 << 16);
     for (int64_t o = 0; o < 4; ++o) EXPECT_EQ((segments[{1, o}]), 2 << 14);
-    EXPECT_EQ(plan->distinct_signatures, 2);  // One per pattern: the pieces are equal.
+    // One per pattern (the pieces are equal), and pattern 1's again for offsets 1 to 3, whose LSE
+    // starts at rows 5, 10 and 15: off 16 bytes, unlike offset 0's.
+    EXPECT_EQ(plan->distinct_signatures, 3);
   }
 }
 
