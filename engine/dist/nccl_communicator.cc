@@ -105,23 +105,26 @@ absl::Status NcclCommunicator::Init() {
   return CudaStatus(cudaMemset(barrier_word_, 0, sizeof(float)), "cudaMemset");
 }
 
-void NcclCommunicator::Abort() {
-  if (comm_ == nullptr) return;
-  ncclCommAbort(comm_);
+absl::Status NcclCommunicator::Abort(absl::Status why) {
+  if (first_failure_.ok()) first_failure_ = why;
+  if (comm_ != nullptr) ncclCommAbort(comm_);
   comm_ = nullptr;
+  return why;
 }
 
 absl::Status NcclCommunicator::Prepare(absl::string_view op) const {
   if (comm_ == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "NCCL ", op, " on ", Where(), ": the communicator was aborted by an earlier failure"));
+    return absl::UnavailableError(absl::StrCat("NCCL ", op, " on ", Where(),
+                                               " refused: the communicator was aborted after an "
+                                               "earlier failure (",
+                                               first_failure_.message(), ")"));
   }
   return CudaStatus(cudaSetDevice(device_), absl::StrCat("cudaSetDevice(", device_, ")"));
 }
 
-absl::Status NcclCommunicator::Enqueue(absl::string_view op, ncclResult_t result) {
+absl::Status NcclCommunicator::Enqueue(absl::string_view op, ncclResult_t result, bool in_group) {
   absl::Status status = NcclStatus(result, absl::StrCat("nccl", op, " on ", Where()), comm_);
-  if (!status.ok()) Abort();
+  if (!status.ok() && !in_group) return Abort(status);
   return status;
 }
 
@@ -135,8 +138,7 @@ absl::Status NcclCommunicator::Complete(absl::string_view op, Clock::time_point 
       std::string message =
           absl::StrCat("NCCL ", op, " on ", Where(), " failed: ", ncclGetErrorString(state), " (",
                        ncclGetLastError(comm_), "); a peer is probably lost; communicator aborted");
-      Abort();
-      return absl::UnavailableError(message);
+      return Abort(absl::UnavailableError(message));
     }
     // While the communicator is still in progress the kernel may not be on the stream yet, so an
     // idle stream means nothing.
@@ -144,15 +146,17 @@ absl::Status NcclCommunicator::Complete(absl::string_view op, Clock::time_point 
       cudaError_t query = cudaStreamQuery(stream_);
       if (query == cudaSuccess) return absl::OkStatus();
       if (query != cudaErrorNotReady) {
-        Abort();
-        return CudaStatus(query, absl::StrCat("cudaStreamQuery after NCCL ", op, " on ", Where()));
+        return Abort(
+            CudaStatus(query, absl::StrCat("cudaStreamQuery after NCCL ", op, " on ", Where())));
       }
+      // Not ready is no error, but the runtime may keep it as the thread's last one, where a
+      // later launch's check on this thread would find it.
+      (void)cudaGetLastError();
     }
     if (Clock::now() >= deadline) {
-      Abort();
-      return absl::DeadlineExceededError(absl::StrCat("NCCL ", op, " on ", Where(),
-                                                      " did not complete within ", Millis(timeout),
-                                                      "; communicator aborted"));
+      return Abort(absl::DeadlineExceededError(
+          absl::StrCat("NCCL ", op, " on ", Where(), " did not complete within ", Millis(timeout),
+                       "; communicator aborted")));
     }
     std::this_thread::sleep_for(kPollInterval);
   }

@@ -64,12 +64,17 @@ class NcclCommunicator final : public Communicator {
   absl::Status Barrier(std::chrono::milliseconds timeout) override;
   Counters counters() const override;
 
-  // Pieces of an operation, also used by the grouped local operations.
+  // Pieces of an operation, also used by the grouped local operations. Enqueue aborts the
+  // communicator when the call failed, unless `in_group` (inside ncclGroupStart/End, where the
+  // caller aborts every member once the group has ended).
   absl::Status Prepare(absl::string_view op) const;
-  absl::Status Enqueue(absl::string_view op, ncclResult_t result);
+  absl::Status Enqueue(absl::string_view op, ncclResult_t result, bool in_group = false);
   absl::Status Complete(absl::string_view op, Clock::time_point deadline,
                         std::chrono::milliseconds timeout);
   void Record(absl::Status status, Clock::time_point start, int64_t sent, int64_t received);
+  // Ends the communicator (its kernels in flight stop) for `why`, which later calls quote as
+  // they are refused (UNAVAILABLE, the communicator contract); returns why.
+  absl::Status Abort(absl::Status why);
 
   ncclComm_t comm() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
@@ -79,7 +84,6 @@ class NcclCommunicator final : public Communicator {
   template <typename Launch>
   absl::Status Run(absl::string_view op, std::chrono::milliseconds timeout, int64_t sent,
                    int64_t received, Launch launch);
-  void Abort();
   std::string Where() const {
     return absl::StrCat("rank ", rank_, " of ", size_, " (CUDA device ", device_, ")");
   }
@@ -88,6 +92,7 @@ class NcclCommunicator final : public Communicator {
   const int rank_;
   const int size_;
   const int device_;
+  absl::Status first_failure_;  // What aborted the communicator (OK while it is live).
   cudaStream_t stream_ = nullptr;
   float* barrier_word_ = nullptr;  // Device memory all-reduced by Barrier.
   mutable std::mutex counters_mutex_;

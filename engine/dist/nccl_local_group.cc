@@ -46,6 +46,9 @@ absl::StatusOr<std::vector<NcclCommunicator*>> LocalGroup(absl::string_view op,
 }
 
 // Issues launch(i) for every communicator inside one ncclGroupStart/End, then waits for all.
+// When any of it fails, every communicator of the group is aborted: the others' kernels wait for
+// the failed one's and would otherwise spin on their streams for ever (within one process NCCL
+// reports no error for that), and the next cudaFree would wait for them.
 template <typename Launch>
 absl::Status RunGrouped(absl::string_view op, const std::vector<NcclCommunicator*>& group,
                         std::chrono::milliseconds timeout,
@@ -54,7 +57,7 @@ absl::Status RunGrouped(absl::string_view op, const std::vector<NcclCommunicator
   absl::Status status = NcclStatus(ncclGroupStart(), "ncclGroupStart");
   for (size_t i = 0; status.ok() && i < group.size(); ++i) {
     status = CudaStatus(cudaSetDevice(group[i]->device()), "cudaSetDevice");
-    if (status.ok()) status = group[i]->Enqueue(op, launch(i));
+    if (status.ok()) status = group[i]->Enqueue(op, launch(i), /*in_group=*/true);
   }
   // A group that was started must be ended, whatever failed inside it.
   absl::Status end = NcclStatus(ncclGroupEnd(), absl::StrCat("ncclGroupEnd of local ", op));
@@ -65,6 +68,12 @@ absl::Status RunGrouped(absl::string_view op, const std::vector<NcclCommunicator
     if (done.ok()) done = group[i]->Complete(op, start + timeout, timeout);
     group[i]->Record(done, start, moved[i].first, moved[i].second);
     if (status.ok()) status = done;
+  }
+  if (!status.ok()) {
+    for (NcclCommunicator* comm : group) {
+      cudaSetDevice(comm->device());
+      comm->Abort(status).IgnoreError();  // The group's failure, returned below.
+    }
   }
   return status;
 }
