@@ -1,17 +1,22 @@
 // cuDNN's fused attention over the strided views of PlanSdpaCalls, on a real GPU (label gpu;
-// skips, saying so, without one): a one-pattern problem in bf16 (r = 1, and r = 2 with offsets
-// per head run, causal and not, GQA) computed by the plan's calls equals the reference at every
-// kept position (relative L2 at most 2e-2, the bf16 bound), and its log-sum-exps are finite.
-// This is the check that cuDNN takes the dilated strided views the geometry describes.
+// skips, saying so, without one): a one-pattern problem in bf16 (r = 1, 2 and 3 with offsets
+// per head run, causal and not, GQA, a partial last segment) computed by the plan's calls equals
+// the reference at every kept position (relative L2 at most 2e-2, the bf16 bound), and every
+// kept row's log-sum-exp equals the natural-log LSE of its scaled scores computed here in fp64
+// (within 1e-2). This is the check that cuDNN takes the dilated strided views the geometry
+// describes, Stats included: r = 3 over 8 heads starts head groups at heads 3 and 6, so calls
+// whose LSE starts off 16 bytes (SdpaCall::LseAlignment) run too.
 #include "engine/cuda/cudnn_sdpa.h"
 
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <tuple>
+#include <vector>
 
 #include "engine/backend_registry.h"
 #include "engine/cuda/sdpa_plan.h"
@@ -50,7 +55,7 @@ class CudnnSdpaTest : public ::testing::TestWithParam<Param> {
 
 TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
   const auto& [dilation, causal] = GetParam();
-  const ProblemShape shape{2, 2048, 8, 4, 64};
+  const ProblemShape shape{2, 2000, 8, 4, 64};  // Segments of 512: the last one has 464.
   AttentionSpec spec;
   spec.patterns = {{512, dilation}};
   spec.causal = causal;
@@ -95,8 +100,9 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
 
   // Kept positions only (one pattern: its output is the result there; others stay untouched).
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
-  double err2 = 0, ref2 = 0;
+  double err2 = 0, ref2 = 0, worst_lse = 0;
   int64_t kept = 0;
+  const double scale = spec.ScaleFor(shape.head_dim);
   for (int64_t b = 0; b < shape.batch; ++b) {
     for (int64_t n = 0; n < shape.seq_len; ++n) {
       for (int64_t h = 0; h < shape.heads; ++h) {
@@ -104,6 +110,27 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
         ++kept;
         const int64_t row = (b * shape.seq_len + n) * shape.heads + h;
         ASSERT_TRUE(std::isfinite(lse[row])) << "lse of row " << row;
+        // The LSE over the row's keys: its segment's kept positions (up to itself when causal).
+        const int64_t kvh = h / (shape.heads / shape.kv_heads);
+        const KeptRange keys =
+            KeptPositions(work[h][0].pattern, work[h][0].offset, shape.seq_len, n / 512);
+        std::vector<double> scores;
+        for (int64_t i = 0; i < keys.count; ++i) {
+          const int64_t x = keys.first + i * keys.stride;
+          if (causal && x > n) break;
+          double dot = 0;
+          for (int64_t d = 0; d < shape.head_dim; ++d) {
+            dot += static_cast<double>(q.at(row * shape.head_dim + d)) *
+                   k.at(((b * shape.seq_len + x) * shape.kv_heads + kvh) * shape.head_dim + d);
+          }
+          scores.push_back(dot * scale);
+        }
+        const double top = *std::max_element(scores.begin(), scores.end());
+        double sum = 0;
+        for (double score : scores) sum += std::exp(score - top);
+        const double want_lse = top + std::log(sum);
+        worst_lse = std::max(worst_lse, std::fabs(lse[row] - want_lse));
+        ASSERT_NEAR(lse[row], want_lse, 1e-2) << "lse of row " << row;
         for (int64_t d = 0; d < shape.head_dim; ++d) {
           const double want = expected.at(row * shape.head_dim + d);
           const double got = actual.at(row * shape.head_dim + d);
@@ -113,12 +140,22 @@ TEST_P(CudnnSdpaTest, ThePlansCallsMatchTheReferenceAtKeptPositions) {
       }
     }
   }
-  EXPECT_EQ(kept, shape.batch * shape.seq_len * shape.heads / dilation);
+  int64_t want_kept = 0;  // From the dilation's own arithmetic.
+  for (int64_t h = 0; h < shape.heads; ++h) {
+    for (int64_t t = 0; t < NumSegments(shape.seq_len, 512); ++t) {
+      want_kept += shape.batch *
+                   KeptPositions(work[h][0].pattern, work[h][0].offset, shape.seq_len, t).count;
+    }
+  }
+  EXPECT_EQ(kept, want_kept);
   EXPECT_LE(std::sqrt(err2 / ref2), 2e-2);
+  std::printf("r=%lld causal=%d: relative L2 %.2e, largest LSE error %.2e, %zu calls\n",
+              static_cast<long long>(dilation), causal ? 1 : 0, std::sqrt(err2 / ref2), worst_lse,
+              plan->calls.size());
 }
 
 INSTANTIATE_TEST_SUITE_P(Patterns, CudnnSdpaTest,
-                         ::testing::Combine(::testing::Values(int64_t{1}, int64_t{2}),
+                         ::testing::Combine(::testing::Values(int64_t{1}, int64_t{2}, int64_t{3}),
                                             ::testing::Bool()));
 
 }  // namespace

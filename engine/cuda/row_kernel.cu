@@ -90,6 +90,7 @@ cudaError_t LaunchFold(const RowShare& share, int pattern_index, const void* pat
                        ElemType type, const float* lse, float* acc, float* max_lse, float* weight,
                        cudaStream_t stream) {
   const int64_t rows = RowCount(share);
+  if (rows <= 0) return cudaSuccess;
   FoldKernel<<<Blocks(rows * kLanes), kThreadsPerBlock, 0, stream>>>(
       share, pattern_index, pattern_out, type, lse, acc, max_lse, weight, rows);
   return cudaGetLastError();
@@ -98,6 +99,7 @@ cudaError_t LaunchFold(const RowShare& share, int pattern_index, const void* pat
 cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* weight,
                          cudaStream_t stream) {
   const int64_t rows = RowCount(share);
+  if (rows <= 0) return cudaSuccess;
   FinishKernel<<<Blocks(rows * kLanes), kThreadsPerBlock, 0, stream>>>(share, acc, weight, rows);
   return cudaGetLastError();
 }
@@ -105,6 +107,7 @@ cudaError_t LaunchFinish(const RowShare& share, const float* acc, const float* w
 cudaError_t LaunchCombine(const RowShare& share, const void* outs, ElemType type, const float* lses,
                           cudaStream_t stream) {
   const int64_t rows = RowCount(share);
+  if (rows <= 0) return cudaSuccess;
   CombineKernel<<<Blocks(rows * kLanes), kThreadsPerBlock, 0, stream>>>(share, outs, type, lses,
                                                                         rows);
   return cudaGetLastError();
