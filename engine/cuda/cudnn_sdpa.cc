@@ -44,7 +44,9 @@ absl::Status FrontendStatus(fe::error_t error, const std::string& what) {
 struct SdpaGraphs::Impl {
   int device = 0;
   // Runs of one plan on several threads (parallel streams of one shape, a stream's chunks) share
-  // its handle and workspace: cuDNN's handle is not thread-safe, so Run holds this.
+  // its handle and workspace: cuDNN's handle is not thread-safe, so Run holds this while it
+  // queues a call. The lock does not cover the workspace, which the queued call uses later: that
+  // is safe only while every run is on one CUDA stream (CudaPlan::workspace).
   std::mutex mutex;
   cudnnHandle_t handle = nullptr;
   std::map<std::string, std::shared_ptr<fe::graph::Graph>> graphs;  // By SdpaCall::Signature.
