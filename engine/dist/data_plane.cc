@@ -121,7 +121,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> FormDataPlane(DataPlaneKind kind,
                        .prefix = prefix + "/gloo",
                        .timeout = options.timeout};
       DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> inner, MakeGlooCommunicator(store, gloo));
-      return MakeStagedPlane(HoldToNcclTerms(std::move(inner)), MakeHostStaging(),
+      std::unique_ptr<PlaneStaging> staging = MakeHostStaging();
+      DA_RETURN_IF_ERROR(ReservePlaneStaging(*staging, options.chunk_bytes));
+      return MakeStagedPlane(HoldToNcclTerms(std::move(inner)), std::move(staging),
                              options.chunk_bytes);
     }
     case DataPlaneKind::kNccl: {
@@ -132,8 +134,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> FormDataPlane(DataPlaneKind kind,
                        .init_timeout = options.timeout};
       DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> inner,
                           CreateNcclCommunicator(store, rank, size, nccl));
-      return MakeStagedPlane(std::move(inner), MakeCudaStaging(options.device),
-                             options.chunk_bytes);
+      std::unique_ptr<PlaneStaging> staging = MakeCudaStaging(options.device);
+      DA_RETURN_IF_ERROR(ReservePlaneStaging(*staging, options.chunk_bytes));
+      return MakeStagedPlane(std::move(inner), std::move(staging), options.chunk_bytes);
 #else
       return CheckDataPlane(kind, options.device);
 #endif

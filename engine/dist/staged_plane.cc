@@ -54,8 +54,7 @@ class StagedPlane final : public Communicator {
                     std::chrono::milliseconds timeout) override {
     if (bytes < 0) return Negative("Send", bytes);
     const auto* host = static_cast<const uint8_t*>(data);
-    DA_ASSIGN_OR_RETURN(void* device,
-                        staging_->Buffer(PlaneStaging::kOutgoing, std::min(bytes, chunk_)));
+    DA_ASSIGN_OR_RETURN(void* device, staging_->Buffer(PlaneStaging::kOutgoing, chunk_));
     return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       DA_RETURN_IF_ERROR(staging_->ToDevice(device, host + done, n));
       return inner_->Send(device, n, peer, tag, timeout);
@@ -66,8 +65,7 @@ class StagedPlane final : public Communicator {
                     std::chrono::milliseconds timeout) override {
     if (bytes < 0) return Negative("Recv", bytes);
     auto* host = static_cast<uint8_t*>(data);
-    DA_ASSIGN_OR_RETURN(void* device,
-                        staging_->Buffer(PlaneStaging::kIncoming, std::min(bytes, chunk_)));
+    DA_ASSIGN_OR_RETURN(void* device, staging_->Buffer(PlaneStaging::kIncoming, chunk_));
     return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       DA_RETURN_IF_ERROR(inner_->Recv(device, n, peer, tag, timeout));
       return staging_->ToHost(host + done, device, n);
@@ -78,8 +76,7 @@ class StagedPlane final : public Communicator {
                          std::chrono::milliseconds timeout) override {
     if (bytes < 0) return Negative("Broadcast", bytes);
     auto* host = static_cast<uint8_t*>(data);
-    DA_ASSIGN_OR_RETURN(void* device,
-                        staging_->Buffer(PlaneStaging::kIncoming, std::min(bytes, chunk_)));
+    DA_ASSIGN_OR_RETURN(void* device, staging_->Buffer(PlaneStaging::kIncoming, chunk_));
     return ForEachChunk(bytes, [&](int64_t done, int64_t n) -> absl::Status {
       if (rank() == root) DA_RETURN_IF_ERROR(staging_->ToDevice(device, host + done, n));
       DA_RETURN_IF_ERROR(inner_->Broadcast(device, n, root, timeout));
@@ -133,6 +130,14 @@ class StagedPlane final : public Communicator {
 }  // namespace
 
 std::unique_ptr<PlaneStaging> MakeHostStaging() { return std::make_unique<HostStaging>(); }
+
+absl::Status ReservePlaneStaging(PlaneStaging& staging, int64_t chunk_bytes) {
+  const int64_t chunk = std::max<int64_t>(1, chunk_bytes);
+  for (int slot : {PlaneStaging::kOutgoing, PlaneStaging::kIncoming}) {
+    DA_RETURN_IF_ERROR(staging.Buffer(slot, chunk).status());
+  }
+  return absl::OkStatus();
+}
 
 std::unique_ptr<Communicator> MakeStagedPlane(std::unique_ptr<Communicator> inner,
                                               std::unique_ptr<PlaneStaging> staging,

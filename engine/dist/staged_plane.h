@@ -9,7 +9,10 @@
 //
 // Messages larger than `chunk_bytes` go as several inner operations of at most that size, the
 // same cut on both sides (both know the message's size), so the device holds two chunks per rank
-// (one out, one in; AllGather's incoming chunk is size() chunks) whatever the share's size.
+// (one out, one in; AllGather's incoming chunk is size() chunks) whatever the share's size. Send,
+// Recv and Broadcast ask the staging for whole chunks, however small the message, so that after
+// ReservePlaneStaging no run allocates device memory (cudaFree, when a buffer grows, waits for
+// the whole device).
 // Contract: the inner communicator's, on host pointers. Counters are the inner communicator's.
 // A failed copy returns the staging's error (INTERNAL, naming the copy); a failed inner operation
 // its own, after which the plane is unusable like the inner one.
@@ -47,6 +50,10 @@ class PlaneStaging {
 std::unique_ptr<PlaneStaging> MakeHostStaging();
 
 inline constexpr int64_t kDefaultPlaneChunkBytes = int64_t{64} << 20;
+
+// Takes both of `staging`'s buffers at `chunk_bytes` now: a device without room for them fails
+// here, when the group forms, not in the middle of a run. FormDataPlane calls it.
+absl::Status ReservePlaneStaging(PlaneStaging& staging, int64_t chunk_bytes);
 
 // `inner` (one group, device buffers) fed from host buffers through `staging`.
 std::unique_ptr<Communicator> MakeStagedPlane(std::unique_ptr<Communicator> inner,

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -29,17 +30,22 @@ constexpr milliseconds kTimeout{20000};
 constexpr int kRanks = 3;
 constexpr int64_t kChunk = 7;  // Bytes: every message below spans several chunks, with a tail.
 
-// Host staging that records the largest buffer asked for and the bytes copied each way.
+// Host staging that records the largest and smallest buffers asked for and the bytes copied each
+// way; `fail` makes every Buffer fail (a device without room).
 class CountingStaging final : public PlaneStaging {
  public:
   struct Tally {
     int64_t largest_outgoing = 0, largest_incoming = 0, to_device = 0, to_host = 0;
+    int64_t smallest_asked = INT64_MAX;
+    bool fail = false;
   };
   explicit CountingStaging(Tally* tally) : inner_(MakeHostStaging()), tally_(tally) {}
   std::string name() const override { return "counted host"; }
   absl::StatusOr<void*> Buffer(int slot, int64_t bytes) override {
+    if (tally_->fail) return absl::ResourceExhaustedError("out of device memory");
     int64_t& largest = slot == kOutgoing ? tally_->largest_outgoing : tally_->largest_incoming;
     largest = std::max(largest, bytes);
+    tally_->smallest_asked = std::min(tally_->smallest_asked, bytes);
     return inner_->Buffer(slot, bytes);
   }
   absl::Status ToDevice(void* device, const void* host, int64_t bytes) override {
@@ -133,6 +139,8 @@ TEST(StagedPlaneTest, SendAndRecvCarryEveryByteInChunksAndEmptyMessagesStillMatc
   for (int rank = 0; rank < kRanks; ++rank) {
     EXPECT_EQ(tallies[rank].largest_outgoing, kChunk) << rank;
     EXPECT_EQ(tallies[rank].largest_incoming, kChunk) << rank;
+    // Whole chunks, even for the 1-byte and empty messages: a reserved staging never grows.
+    EXPECT_EQ(tallies[rank].smallest_asked, kChunk) << rank;
     EXPECT_GE(tallies[rank].to_device, kBytes) << rank;
     EXPECT_GE(tallies[rank].to_host, kBytes) << rank;
   }
@@ -163,6 +171,19 @@ TEST(StagedPlaneTest, AllGatherAndBroadcastPutEveryRanksBytesInPlace) {
     EXPECT_EQ(tallies[rank].largest_outgoing, kChunk) << rank;
     EXPECT_EQ(tallies[rank].largest_incoming, kChunk * kRanks) << rank;
   }
+}
+
+// The staging a data plane forms with is taken whole at once (both buffers, a chunk each), and a
+// device without room for it fails the formation with its error.
+TEST(StagedPlaneTest, ReservingTakesBothBuffersAtTheChunkOrFails) {
+  CountingStaging::Tally tally;
+  CountingStaging staging(&tally);
+  ASSERT_TRUE(ReservePlaneStaging(staging, kChunk).ok());
+  EXPECT_EQ(tally.largest_outgoing, kChunk);
+  EXPECT_EQ(tally.largest_incoming, kChunk);
+  tally.fail = true;
+  const absl::Status refused = ReservePlaneStaging(staging, kChunk);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
 }
 
 }  // namespace
