@@ -241,7 +241,12 @@ TEST(SdpaPlanTest, LargeCallsAreCutWithinTheBound) {
     return flops;
   };
   EXPECT_DOUBLE_EQ(total(*cut), total(*whole));
-  for (const SdpaCall& call : cut->calls) EXPECT_LE(SdpaCallFlops(call), kMaxSdpaCallFlops);
+  for (const SdpaCall& call : cut->calls) {
+    EXPECT_LE(SdpaCallFlops(call), kMaxSdpaCallFlops);
+    // Every head group and piece starts on 16 bytes of LSE: the benchmark's graphs keep cuDNN's
+    // default alignment (SdpaCall::LseAlignment).
+    EXPECT_EQ(call.LseAlignment(), 16) << call.Signature();
+  }
   // Pattern 0: 512 segments in 8 pieces of 64; pattern 1: 2 offsets x 2 pieces of 128; pattern 2
   // (1.1e12 per call) as it was: 4 offsets.
   EXPECT_EQ(whole->calls.size(), 7u);
