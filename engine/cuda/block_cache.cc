@@ -24,7 +24,8 @@ absl::StatusOr<void*> BlockCache::Take(int64_t bytes) {
   absl::StatusOr<void*> block = allocator_.allocate(bytes);
   if (block.ok()) return block;
   // Cached blocks of other sizes may be what the device lacks, and so may blocks on their way
-  // back (Give, quiescing): wait for those, release them all and try again.
+  // back (Give, quiescing): wait for those, release them all and try again. The wait is as long
+  // as their quiesce (cudaDeviceSynchronize): only on this failure path.
   {
     std::unique_lock<std::mutex> lock(mutex_);
     const int64_t failed_at = next_ticket_;

@@ -695,11 +695,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   if (scatter.joinable()) scatter.join();
   gather.join();
   relay.join();
-  if (run.separate_plane() && gathered.ok()) {
-    // Every worker that computed is sending its output over the plane, in rank order.
+  if (run.separate_plane()) {
+    // Every worker that computed is sending its output over the plane, in rank order. Each is
+    // taken even after a failure (another worker lost), so that no worker is left waiting in its
+    // send (a plane that failed refuses the rest at once).
     std::vector<uint8_t> buffer;
-    for (int r = 1; r < world && gathered.ok(); ++r) {
-      if (sends_output[r] != 0) gathered = receive_output(r, options.timeout, buffer);
+    for (int r = 1; r < world; ++r) {
+      if (sends_output[r] == 0) continue;
+      const absl::Status received = receive_output(r, options.timeout, buffer);
+      if (gathered.ok()) gathered = received;
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
@@ -821,11 +825,12 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
-    // Over a separate plane rank 0 takes the outputs only after its own compute (which may take
-    // up to compute_timeout), so the send waits as long as that, not one timeout.
-    return run.plane().Send(
-        run.out.data, run.out.bytes, 0, kGatherTag,
-        run.separate_plane() ? options.timeout + options.compute_timeout : options.timeout);
+    // Over a separate plane rank 0 takes the outputs only after its own compute (up to
+    // compute_timeout), then in rank order (up to a timeout each), so the send waits that long.
+    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag,
+                            run.separate_plane()
+                                ? options.compute_timeout + options.timeout * comm.rank()
+                                : options.timeout);
   }));
   listener.join();
   DA_RETURN_IF_ERROR(heard);

@@ -338,10 +338,12 @@ int RunRank(const RankFlags& flags) {
     }
   }
   engine::ThreadPool pool(1);
-  // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
-  engine::CpuBackend rank_backend(flags.scenario == "worker_fails" && flags.rank != 0
-                                      ? engine::cpu::Isa::kPortableSse2
-                                      : engine::cpu::SelectedIsa());
+  // In "worker_fails" the workers compute on the portable path, which has no bf16 products; in
+  // "plane_worker_fails" only rank 2 does.
+  const bool portable = (flags.scenario == "worker_fails" && flags.rank != 0) ||
+                        (flags.scenario == "plane_worker_fails" && flags.rank == 2);
+  engine::CpuBackend rank_backend(portable ? engine::cpu::Isa::kPortableSse2
+                                           : engine::cpu::SelectedIsa());
   engine::PlanCache plans(int64_t{1} << 28);
   engine::ShareCompute compute{&rank_backend, &plans, &pool};
   // In "plane_staged" the workers compute on a device with memory of its own (the staged test
@@ -379,7 +381,26 @@ int RunRank(const RankFlags& flags) {
       const Communicator::Counters before = (*comm)->counters();
       ShardRunOptions serve_options = Options(&compute, &buffers, plane.get());
       if (flags.scenario == "plane_slow_root") serve_options.timeout = kSlowRootTimeout;
+      // Were rank 1's output not taken, its send would wait compute_timeout + a timeout: 25 s.
+      if (flags.scenario == "plane_worker_fails")
+        serve_options.compute_timeout = milliseconds(5000);
+      const auto serve_started = std::chrono::steady_clock::now();
       absl::Status served = ServeShardedRun(**comm, *control, serve_options).status();
+      const double serve_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - serve_started).count();
+      if (flags.scenario == "plane_worker_fails" && run == 0) {
+        // Rank 2 cannot compute (it says so in its stats); rank 1 can, and rank 0 takes its
+        // output over the plane although the run fails: rank 1 answers at once instead of
+        // waiting in its send.
+        if (flags.rank == 1) {
+          RANK_CHECK(served.ok(), "rank 1: ", served.ToString());
+          RANK_CHECK(serve_s < 10, "rank 1's run took ", serve_s, " s: its output waited");
+        } else {
+          RANK_CHECK(served.code() == absl::StatusCode::kInvalidArgument && AnsweredInStep(served),
+                     "rank 2: ", served.ToString());
+        }
+        continue;
+      }
       if (flags.scenario == "scatter_cancel" && run < 3) {
         // Told by a piece word that the request was cancelled (runs 0 and 1: the first word; run
         // 2: worker 1 after 5 pieces), it went through the run's steps (runs 1 and 2: the
@@ -568,6 +589,31 @@ int RunRank(const RankFlags& flags) {
     }
     return 0;
   }
+  if (flags.scenario == "plane_worker_fails") {
+    // A bf16 run over a data plane that rank 2 cannot compute and rank 1 can (checked on the
+    // workers' side), then an exact run: the group stayed in step.
+    Case c = SweepCases()[0];
+    c.strategy = ShardPolicy::kSequence;
+    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
+    std::mt19937 rng(4);
+    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
+    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
+    ShardedProblem problem = Problem(q.view(), k.view(), k.view(), c.spec, out.mutable_view());
+    problem.strategy = c.strategy;
+    problem.precision = engine::Precision::kBFloat16;
+    problem.compute = compute;
+    const absl::StatusOr<ShardRunStats> failed =
+        CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
+    RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
+                   failed.status().message().find("rank 2 failed") != std::string::npos,
+               failed.status().ToString());
+    if (int bad = CoordinateCase(flags, **comm, c, flags.seed, compute, plane.get())) return bad;
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    for (int r = 1; r < flags.size; ++r) {
+      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+    }
+    return 0;
+  }
   if (flags.scenario == "worker_fails") {
     // A bf16 run the workers cannot compute: rank 0 hears which rank failed and the group stays
     // usable for the next run. On a CPU without AVX512-BF16 rank 0 cannot compute it either; its
@@ -666,6 +712,11 @@ TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGr
 TEST(ShardedRunDataPlaneTest, AWorkerWaitsForARank0ThatComputesLongerThanATimeout) {
   testing::RankGroup group(2, "plane_slow_root");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, AWorkerThatComputedIsAnsweredAtOnceWhenAnotherFails) {
+  testing::RankGroup group(3, "plane_worker_fails");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunCancelTest, ARequestCancelledBeforeOrDuringItsScatterSendsNoMoreAndTheGroupGoesOn) {

@@ -12,7 +12,8 @@
 // (one out, one in; AllGather's incoming chunk is size() chunks) whatever the share's size. Send,
 // Recv and Broadcast ask the staging for whole chunks, however small the message, so that after
 // ReservePlaneStaging no run allocates device memory (cudaFree, when a buffer grows, waits for
-// the whole device).
+// the whole device). AllGather's incoming buffer, world-size chunks, is not reserved and grows on
+// first use: no sharded run calls it on the plane.
 // Contract: the inner communicator's, on host pointers. Counters are the inner communicator's.
 // A failed copy returns the staging's error (INTERNAL, naming the copy); a failed inner operation
 // its own, after which the plane is unusable like the inner one.
