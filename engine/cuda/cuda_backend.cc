@@ -569,8 +569,8 @@ class CudaBackend final : public Backend {
       const bool in_place = GroupedInPlace(grouped, fp8, static_cast<ElemType>(key.out_dtype),
                                            static_cast<ElemType>(io));
       const int64_t blocks = OnePassBlocks(grouped, patterns);
-      const int64_t lse_stride = (rows + 3) / 4 * 4;  // LseBlockStride.
-      return converted + blocks * (rows * (in_place ? 0 : d * element) + lse_stride * 4);
+      return converted +
+             blocks * (rows * (in_place ? 0 : d * element) + LseBlockStrideFor(rows) * 4);
     }
     return converted + rows * d * element + rows * 4 + rows * d * 4 + 2 * rows * 4;
   }

@@ -262,7 +262,8 @@ DA_HD int64_t RowCount(const RowShare& s) { return s.batch * ShareTokens(s) * Sh
 // Floats from one pattern's LSE block of the one-pass combine (CombineElements) to the next:
 // RowCount rounded up to a multiple of 4, so that every block starts 16-byte aligned, as cuDNN
 // takes the Stats pointer of a call whose view starts at a block's row 0.
-DA_HD int64_t LseBlockStride(const RowShare& s) { return (RowCount(s) + 3) / 4 * 4; }
+DA_HD int64_t LseBlockStrideFor(int64_t rows) { return (rows + 3) / 4 * 4; }
+DA_HD int64_t LseBlockStride(const RowShare& s) { return LseBlockStrideFor(RowCount(s)); }
 
 // The spanning set of (pattern, kv head, offset, segment), or null.
 DA_HD const RowSpanning* FindSpanning(const RowShare& s, int pattern_index, int64_t kv_head,

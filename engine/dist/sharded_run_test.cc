@@ -433,33 +433,24 @@ int RunRank(const RankFlags& flags) {
     // worker waits for that as long as rank 0's compute may take (compute_timeout), not for one
     // timeout: the run is exact.
     const ProblemShape shape{1, 2048, 4, 4, 32};
-    AttentionSpec spec;
-    spec.patterns = {{512, 1}, {2048, 4}};
-    spec.precision = engine::Precision::kFloat32;
-    std::mt19937 rng(static_cast<uint32_t>(flags.seed));
-    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, shape.QueryShape(), rng);
-    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
-    const OwnedTensor v = engine::testing::RandomTensor(DType::kFloat32, shape.KeyShape(), rng);
+    engine::testing::OwnedProblem p =
+        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
+    p.spec.patterns = {{512, 1}, {2048, 4}};
     OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-    RANK_CHECK_OK(rank_backend.Run(q.view(), k.view(), v.view(), spec, single.mutable_view(),
-                                   {compute.pool}));
-    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+    RANK_CHECK_OK(rank_backend.Run(p.q.view(), p.k.view(), p.v.view(), p.spec,
+                                   single.mutable_view(), {compute.pool}));
     SlowShares slow(rank_backend, kSlowRootDelay);
-    ShardedProblem problem = Problem(q.view(), k.view(), v.view(), spec, out.mutable_view());
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
     problem.strategy = ShardPolicy::kHeads;
     problem.compute = {&slow, nullptr, &pool};
     ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
     run_options.timeout = kSlowRootTimeout;
     const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
     RANK_CHECK(result.ok(), result.status().ToString());
-    double max_abs = 0, max_diff = 0;
-    for (int64_t i = 0; i < single.elements(); ++i) {
-      RANK_CHECK(std::isfinite(out.at(i)), "element ", i, " not written");
-      max_abs = std::max(max_abs, std::fabs(static_cast<double>(single.at(i))));
-      max_diff = std::max(max_diff, std::fabs(static_cast<double>(out.at(i)) - single.at(i)));
-    }
-    RANK_CHECK(max_abs > 0 && max_diff <= 1e-6 * max_abs, "max diff ", max_diff, " of max ",
-               max_abs);
+    // Every element written (finite) and within 1e-6 of the single-process output's largest.
+    const double error = engine::testing::MaxRelativeError(p.out, single);
+    RANK_CHECK(error <= 1e-6, "max relative error ", error);
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
     RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
     return 0;
@@ -594,11 +585,9 @@ int RunRank(const RankFlags& flags) {
     // workers' side), then an exact run: the group stayed in step.
     Case c = SweepCases()[0];
     c.strategy = ShardPolicy::kSequence;
-    OwnedTensor out = engine::testing::PoisonedTensor(DType::kFloat32, c.shape.QueryShape());
-    std::mt19937 rng(4);
-    const OwnedTensor q = engine::testing::RandomTensor(DType::kFloat32, c.shape.QueryShape(), rng);
-    const OwnedTensor k = engine::testing::RandomTensor(DType::kFloat32, c.shape.KeyShape(), rng);
-    ShardedProblem problem = Problem(q.view(), k.view(), k.view(), c.spec, out.mutable_view());
+    engine::testing::OwnedProblem p = engine::testing::RandomProblem(c.shape, 4);
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
     problem.strategy = c.strategy;
     problem.precision = engine::Precision::kBFloat16;
     problem.compute = compute;
