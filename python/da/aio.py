@@ -44,14 +44,71 @@ def _deadline(default_timeout, timeout):
     return None if seconds is None else time.monotonic() + seconds
 
 
+def _at_once(coroutine):
+    """The value of a coroutine that returns without waiting (a finished call's code() or
+    details()); None, closing it, where it would wait."""
+    try:
+        coroutine.send(None)
+    except StopIteration as returned:
+        return returned.value
+    coroutine.close()
+    return None
+
+
+def _lost(code, details):
+    return code == grpc.StatusCode.INTERNAL and details == _LOST_STATUS
+
+
+def _failed(code, details):
+    """A failed call's status, not grpc.aio's stand-in for it."""
+    return code is not None and code != grpc.StatusCode.OK and not _lost(code, details)
+
+
+class _KeptStatus:
+    """A stream call's status as the server sent it, where grpc.aio reports a failed write
+    instead (grpc/grpc#36066). A write that fails because the call has ended sets the call's
+    status to INTERNAL (_LOST_STATUS) whether or not Core already delivered the server's: if the
+    server's came first, the first status (taken here, as the call finishes) is it; if the write
+    failure came first, Core's status replaces it a moment later. Measured before this: a server
+    draining mid-transfer reached 3 of 6 asyncio callers as INTERNAL instead of UNAVAILABLE, a
+    stream the server ended as idle 4 of 4 instead of DEADLINE_EXCEEDED."""
+
+    # How long a lost status may wait for Core's: it follows on the event loop at once where the
+    # server ended the call; only a write that failed for a reason of Core's own waits it out.
+    WAIT_S = 1.0
+
+    def __init__(self, call, deadline):
+        self._call = call
+        self._deadline = deadline
+        self._first = None
+        call.add_done_callback(self._finished)
+
+    def _finished(self, call):
+        if self._first is None:
+            self._first = (_at_once(call.code()), _at_once(call.details()))
+
+    async def of(self, error):
+        """error, or the call's own status where grpc.aio lost it."""
+        if not (isinstance(error, grpc.RpcError) and _lost(error.code(), error.details())):
+            return error
+        if self._first is not None and _failed(*self._first):
+            return _Status(*self._first)
+        give_up = time.monotonic() + self.WAIT_S
+        while time.monotonic() < give_up:
+            code, details = await self._call.code(), await self._call.details()
+            if _failed(code, details):
+                return _Status(code, details)
+            await asyncio.sleep(0.005)
+        return _kept_deadline(error, self._deadline)
+
+
 def _kept_deadline(error, deadline):
-    """error, or DEADLINE_EXCEEDED where grpc.aio lost it: a stream whose deadline passes while
-    a block is being written ends with its write failing, which grpc.aio reports as INTERNAL
-    (_LOST_STATUS); measured, 7 of 8 such streams. Past the call's deadline, the deadline is
-    what ended it, as the sync client reports."""
+    """error, or DEADLINE_EXCEEDED where grpc.aio lost it (_LOST_STATUS) and no status of the
+    server's or Core's followed (_KeptStatus): past the call's deadline, the deadline is what
+    ended it, as the sync client reports. Before _KeptStatus, 7 of 8 streams whose deadline
+    passed mid-transfer ended so."""
     if (deadline is not None and isinstance(error, grpc.RpcError)
-            and error.code() == grpc.StatusCode.INTERNAL and error.details() == _LOST_STATUS
-            and time.monotonic() >= deadline):
+            and _lost(error.code(), error.details()) and time.monotonic() >= deadline):
         return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     return error
 
@@ -119,18 +176,19 @@ class Client:
             self._message_limit = _client._message_limit(info)
         return self._message_limit
 
-    def _open_stream(self, requests, options, method=None):
-        """An AttendStream call sending requests; its blocks wait for the server's admission
-        where the server gives one (_client._after_admission: grpc.aio would otherwise lose a
-        refusal's status). After _server_message_limit."""
+    def _open_stream(self, requests, options, deadline, method=None):
+        """An AttendStream call sending requests, and its _KeptStatus; its blocks wait for the
+        server's admission where the server gives one (_client._after_admission: a refusal then
+        never meets a write in flight). After _server_message_limit."""
         method = method or self._attend_stream
         if not self._admits_streams:
-            return method(requests, **options)
+            call = method(requests, **options)
+            return call, _KeptStatus(call, deadline)
         made = []
         options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
         call = method(_client._after_admission(requests, made), **options)
         made.append(call)
-        return call
+        return call, _KeptStatus(call, deadline)
 
     async def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                      precision="auto", scale=None, out=None, stream=None, block_tokens=0,
@@ -149,16 +207,19 @@ class Client:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
                 await self._stream_parts(job, limit, block_tokens, timeout, deadline)
             elif job.streams(stream, limit):
-                call = self._open_stream(job.stream_requests(limit, block_tokens), options)
+                call, kept = self._open_stream(job.stream_requests(limit, block_tokens),
+                                               options, deadline)
                 try:
                     async for message in call:
                         job.take_stream_message(message)
+                except grpc.RpcError as error:
+                    raise errors.from_rpc_error(await kept.of(error)) from None
                 finally:
                     call.cancel()
             else:
                 job.take_unary_response(await self._attend(job.unary_request(), **options))
         except grpc.RpcError as error:
-            raise errors.from_rpc_error(_kept_deadline(error, deadline)) from None
+            raise errors.from_rpc_error(error) from None
         return job.result(return_info)
 
     def _stream_methods(self, count):
@@ -172,18 +233,22 @@ class Client:
     async def _stream_parts(self, job, limit, block_tokens, timeout, deadline):
         """Streams job's parts as concurrent calls, a task each; raises the first part's
         failure after cancelling every call."""
-        calls = [self._open_stream(part.requests(limit, block_tokens),
-                                   self._options(timeout, part.request_id), method)
-                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+        streams = [self._open_stream(part.requests(limit, block_tokens),
+                                     self._options(timeout, part.request_id), deadline, method)
+                   for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+        calls = [call for call, _ in streams]
 
-        async def take(part, call):
+        async def take(part, call, kept):
             try:
                 async for message in call:
                     part.take_message(message)
+            except grpc.RpcError as error:
+                raise part.failure(await kept.of(error)) from None
             except BaseException as error:
-                raise part.failure(_kept_deadline(error, deadline)) from None
+                raise part.failure(error) from None
 
-        tasks = [asyncio.ensure_future(take(part, call)) for part, call in zip(job.parts, calls)]
+        tasks = [asyncio.ensure_future(take(part, *stream))
+                 for part, stream in zip(job.parts, streams)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
@@ -221,8 +286,9 @@ class BlockStream:
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
         deadline = _deadline(client._timeout, self._timeout)
-        call = client._open_stream(feed.async_requests(),
-                                   client._options(self._timeout, self._request_id))
+        call, kept = client._open_stream(feed.async_requests(),
+                                         client._options(self._timeout, self._request_id),
+                                         deadline)
         try:
             async for message in call:
                 block = feed.take_stream_message(message)
@@ -230,6 +296,6 @@ class BlockStream:
                     yield block
             self.info = feed.finish()
         except grpc.RpcError as error:
-            raise feed.failure(_kept_deadline(error, deadline)) from None
+            raise feed.failure(await kept.of(error)) from None
         finally:
             call.cancel()

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -481,6 +482,53 @@ class PythonClientTest(unittest.TestCase):
                             pass
 
         asyncio.run(run())
+
+    def test_asyncio_streams_the_server_ends_mid_transfer_keep_its_status(self):
+        # A stream the server ends while a block is being written: grpc.aio reports the failed
+        # write as INTERNAL "Internal error from Core" (grpc/grpc#36066) whether or not the
+        # server's status came first; before da.aio kept it, 4 of 4 idle streams and 3 of 6
+        # drained ones ended so. A drained server's UNAVAILABLE is what tells a caller to retry.
+        import asyncio
+        import signal
+        q = np.random.default_rng(36).standard_normal((1, 262144, 4, 64)).astype(np.float32)
+        kw = dict(segments=[16], dilations=[16], mode="grouped", precision="fp32")
+
+        def blocks(stall_at):
+            for i in range(0, 262144, 8192):
+                if i == stall_at:
+                    time.sleep(0.6)  # A producer that blocks the event loop past the idle limit.
+                yield (q[:, i:i + 8192],) * 3
+
+        async def idle(server):
+            async with da.aio.Client(server.address, timeout=60) as client:
+                for _ in range(3):
+                    with self.assertRaises(da.DeadlineExceeded) as caught:
+                        async for _ in client.attend_blocks(blocks(65536), seq_len=262144, **kw):
+                            pass
+                    self.assertIn("stream idle: no message from the client", str(caught.exception))
+
+        with da_testing.Server(ARGS.server_binary, ["--stream-idle-timeout-ms", "300"]) as server:
+            asyncio.run(idle(server))
+
+        async def drained(server, parts):
+            signalled = []
+
+            def stop_server(sent, to_send, received, to_receive):
+                if not signalled and sent >= to_send // 4:  # Three quarters still to write.
+                    signalled.append(server.process.send_signal(signal.SIGTERM))
+
+            async with da.aio.Client(server.address, timeout=60) as client:
+                with self.assertRaises(da.Unavailable, msg=f"{parts} streams") as caught:
+                    await client.attend(q, q, q, stream=True, block_tokens=8192,
+                                        parallel_streams=parts, progress=stop_server, **kw)
+                self.assertEqual(len(signalled), 1)
+                return str(caught.exception)
+
+        for parts in (1, 1, 2, 2):
+            # No time for calls in flight: the server cancels them as it stops.
+            with da_testing.Server(ARGS.server_binary, ["--drain-timeout-ms", "0"]) as server:
+                self.assertIn("UNAVAILABLE", asyncio.run(drained(server, parts)))
+                self.assertEqual(server.stop(), 0)
 
     def test_parallel_streams_cut_only_where_no_segment_crosses(self):
         self.assertEqual(_client._chunk_tokens([2048, 4096, 8192], 65536), 8192)
