@@ -696,13 +696,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   gather.join();
   relay.join();
   if (run.separate_plane()) {
-    // Every worker that computed is sending its output over the plane, in rank order. Each is
-    // taken even after a failure (another worker lost), so that no worker is left waiting in its
-    // send (a plane that failed refuses the rest at once).
+    // Every worker that computed waits for its output word, then sends its output over the
+    // plane, in rank order. Each is taken even after a failure (another worker lost), so that no
+    // worker is left waiting (a communicator that failed refuses the rest at once).
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world; ++r) {
       if (sends_output[r] == 0) continue;
-      const absl::Status received = receive_output(r, options.timeout, buffer);
+      const int64_t word = 1;
+      absl::Status received = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
+      if (received.ok()) received = receive_output(r, options.timeout, buffer);
       if (gathered.ok()) gathered = received;
     }
   }
@@ -819,18 +821,22 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
     traffic.Count(run.stats());
     // The kRun frame (received before this call), the stop word (unless it came already: a
-    // cancelled run) and what is sent below belong to the run.
-    run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes);
+    // cancelled run), the output word and what is sent below belong to the run.
+    const bool output_word = computed.ok() && run.separate_plane();
+    run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes) +
+                                  (output_word ? kOutputWordBytes : 0);
     run.stats().bytes_sent += kStatsWords * 8 + (computed.ok() ? run.out.bytes : 0);
     const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
-    // Over a separate plane rank 0 takes the outputs only after its own compute (up to
-    // compute_timeout), then in rank order (up to a timeout each), so the send waits that long.
-    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag,
-                            run.separate_plane()
-                                ? options.compute_timeout + options.timeout * comm.rank()
-                                : options.timeout);
+    if (output_word) {
+      // Rank 0 takes the outputs only after its own compute (up to compute_timeout), then in rank
+      // order (up to a timeout each); the wait is here, on the control communicator.
+      int64_t word = 0;
+      DA_RETURN_IF_ERROR(comm.Recv(&word, kOutputWordBytes, 0, kOutputTag,
+                                   options.compute_timeout + options.timeout * comm.rank()));
+    }
+    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
   }));
   listener.join();
   DA_RETURN_IF_ERROR(heard);

@@ -73,12 +73,21 @@ inline constexpr int kExchangeTag = 3;  // Kept K/V rows of spanning segments, r
 inline constexpr int kGatherTag = 4;    // Output shares and stats, worker -> rank 0.
 inline constexpr int kStopTag = 5;      // One stop word per run, rank 0 -> worker.
 inline constexpr int kPieceTag = 6;     // A piece word before each scatter piece, rank 0 -> worker.
+inline constexpr int kOutputTag = 7;    // Data plane: rank 0 -> worker, "send your output now".
 
 // A piece word's size: 1, a scatter piece follows; 0, the scatter stopped (a cancelled request).
 inline constexpr int64_t kPieceWordBytes = 8;
 
 // The stop word's size: 1 stops the worker's compute (the request was cancelled), 0 ends the run.
 inline constexpr int64_t kStopWordBytes = 8;
+
+// With a data plane, rank 0 sends a worker that computed this word on the control communicator
+// just before it receives the worker's output over the plane. The worker's long wait (rank 0's
+// compute, then the outputs of the ranks before it) is thus a receive on the control
+// communicator, where Gloo reports a rank 0 that is gone; its plane send starts only once rank 0
+// is receiving, and waits one timeout. A plane send to a peer that died is not always reported:
+// NCCL between processes on one node waits in shared memory until its timeout.
+inline constexpr int64_t kOutputWordBytes = 8;
 
 // Every control frame has exactly this size.
 inline constexpr int64_t kControlFrameBytes = 4096;
@@ -141,7 +150,8 @@ struct ShardRunOptions {
   // one thread per rank in one fixed order, with no tags (messages between two ranks match in
   // issue order) and blocking sends, which is what NCCL offers: scatter in rank order, then the
   // exchange pair by pair ((a, b) with a < b in lexicographic order, a sending first), then,
-  // after rank 0's compute, the outputs in rank order. Every rank must set it, or none. Its
+  // after rank 0's compute, the outputs in rank order, each after its output word on the first
+  // communicator (kOutputWordBytes). Every rank must set it, or none. Its
   // buffers are the shares' (host memory here: a device data plane needs device-resident
   // shares).
   Communicator* data_plane = nullptr;

@@ -110,6 +110,90 @@ class SlowShares final : public engine::Backend {
   const milliseconds delay_;
 };
 
+// "plane_root_lost": rank 0's process ends in the middle of its compute, after its worker
+// computed and while the worker waits to send its output over a plane that, as NCCL between
+// processes on one node, does not hear of a lost peer (DeafToLostPeers).
+constexpr milliseconds kRootLostTimeout{1000};
+constexpr milliseconds kRootLostComputeTimeout{30000};
+
+// A backend whose every share ends the process after `delay`, as a rank that crashes does.
+class ExitInCompute final : public engine::Backend {
+ public:
+  ExitInCompute(engine::Backend& inner, milliseconds delay) : inner_(inner), delay_(delay) {}
+  std::string Name() const override { return inner_.Name(); }
+  std::vector<engine::Precision> Precisions() const override { return inner_.Precisions(); }
+  absl::StatusOr<engine::PrecisionChoice> ChoosePrecision(
+      const AttentionSpec& spec) const override {
+    return inner_.ChoosePrecision(spec);
+  }
+  absl::Status Supports(const ProblemShape& shape, DType dtype,
+                        const AttentionSpec& spec) const override {
+    return inner_.Supports(shape, dtype, spec);
+  }
+  absl::StatusOr<std::shared_ptr<engine::Plan>> BuildPlan(const engine::PlanKey& key,
+                                                          const std::atomic<bool>* stop) override {
+    return inner_.BuildPlan(key, stop);
+  }
+  int64_t PlanWorkspaceBytes(const engine::PlanKey& key) const override {
+    return inner_.PlanWorkspaceBytes(key);
+  }
+  absl::Status RunShare(engine::Plan&, const engine::ShareProblem&,
+                        const engine::RunContext&) override {
+    std::this_thread::sleep_for(delay_);
+    std::fprintf(stderr, "rank 0: ends in the middle of its compute, as planned\n");
+    std::_Exit(0);
+  }
+
+ private:
+  engine::Backend& inner_;
+  const milliseconds delay_;
+};
+
+// A plane whose failed point-to-point calls report only at their timeout, as NCCL's do where
+// the peer is another process on the same node (shared memory: nothing tells it the peer died).
+class DeafToLostPeers final : public Communicator {
+ public:
+  explicit DeafToLostPeers(std::unique_ptr<Communicator> inner) : inner_(std::move(inner)) {}
+  int rank() const override { return inner_->rank(); }
+  int size() const override { return inner_->size(); }
+  std::string backend() const override { return inner_->backend(); }
+  Capabilities capabilities() const override { return inner_->capabilities(); }
+  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
+                         milliseconds timeout) override {
+    const auto begin = std::chrono::steady_clock::now();
+    return Deaf(begin, inner_->AllGather(send, recv, bytes, timeout), timeout);
+  }
+  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
+    const auto begin = std::chrono::steady_clock::now();
+    return Deaf(begin, inner_->Broadcast(data, bytes, root, timeout), timeout);
+  }
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    const auto begin = std::chrono::steady_clock::now();
+    return Deaf(begin, inner_->Send(data, bytes, peer, tag, timeout), timeout);
+  }
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    const auto begin = std::chrono::steady_clock::now();
+    return Deaf(begin, inner_->Recv(data, bytes, peer, tag, timeout), timeout);
+  }
+  absl::Status Barrier(milliseconds timeout) override {
+    const auto begin = std::chrono::steady_clock::now();
+    return Deaf(begin, inner_->Barrier(timeout), timeout);
+  }
+  Counters counters() const override { return inner_->counters(); }
+
+ private:
+  static absl::Status Deaf(std::chrono::steady_clock::time_point begin, absl::Status status,
+                           milliseconds timeout) {
+    if (status.ok()) return status;
+    std::this_thread::sleep_until(begin + timeout);
+    return absl::DeadlineExceededError(
+        absl::StrCat("no answer within ", timeout.count(), " ms (", status.message(), ")"));
+  }
+
+  std::unique_ptr<Communicator> inner_;
+};
+
 // A problem with the default precision (fp32) and strategy (SEQUENCE), computed with nothing
 // set yet (the caller sets compute).
 ShardedProblem Problem(const engine::TensorView& q, const engine::TensorView& k,
@@ -249,11 +333,12 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
         2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
     const int64_t words = PieceWordBytes(c, share, options.scatter_piece_bytes);
     if (piece_words != nullptr) *piece_words += words;
+    const int64_t output_word = plane != nullptr ? kOutputWordBytes : 0;
     RANK_CHECK(stats->ranks[r].bytes_received ==
-                   kControlFrameBytes + words + kStopWordBytes + scatter + exchange,
+                   kControlFrameBytes + words + kStopWordBytes + output_word + scatter + exchange,
                c.name, ": rank ", r, " received ", stats->ranks[r].bytes_received,
-               "; frame + piece words + stop word + share + exchange = ",
-               kControlFrameBytes + words + kStopWordBytes + scatter + exchange);
+               "; frame + piece words + stop word + output word + share + exchange = ",
+               kControlFrameBytes + words + kStopWordBytes + output_word + scatter + exchange);
   }
   if (c.name == "volume") {
     int64_t total = 0;
@@ -336,6 +421,9 @@ int RunRank(const RankFlags& flags) {
     if (flags.scenario == "plane_staged") {
       plane = MakeStagedPlane(std::move(plane), MakeHostStaging(), 65536);
     }
+    if (flags.scenario == "plane_root_lost" && flags.rank == 1) {
+      plane = std::make_unique<DeafToLostPeers>(std::move(plane));
+    }
   }
   engine::ThreadPool pool(1);
   // In "worker_fails" the workers compute on the portable path, which has no bf16 products; in
@@ -381,6 +469,10 @@ int RunRank(const RankFlags& flags) {
       const Communicator::Counters before = (*comm)->counters();
       ShardRunOptions serve_options = Options(&compute, &buffers, plane.get());
       if (flags.scenario == "plane_slow_root") serve_options.timeout = kSlowRootTimeout;
+      if (flags.scenario == "plane_root_lost") {
+        serve_options.timeout = kRootLostTimeout;
+        serve_options.compute_timeout = kRootLostComputeTimeout;
+      }
       // Were rank 1's output not taken, its send would wait compute_timeout + a timeout: 25 s.
       if (flags.scenario == "plane_worker_fails")
         serve_options.compute_timeout = milliseconds(5000);
@@ -400,6 +492,17 @@ int RunRank(const RankFlags& flags) {
                      "rank 2: ", served.ToString());
         }
         continue;
+      }
+      if (flags.scenario == "plane_root_lost") {
+        // Rank 0 ended while this worker waited to send its output: the worker hears it at once
+        // on the control communicator and leaves the group, instead of waiting in a plane send
+        // for rank 0's compute timeout (30 s) and one timeout more.
+        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
+        RANK_CHECK(serve_s < 10, "rank 1 took ", serve_s, " s to hear that rank 0 is gone (",
+                   served.ToString(), ")");
+        std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
+                     served.ToString().c_str());
+        return 0;
       }
       if (flags.scenario == "scatter_cancel" && run < 3) {
         // Told by a piece word that the request was cancelled (runs 0 and 1: the first word; run
@@ -454,6 +557,24 @@ int RunRank(const RankFlags& flags) {
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
     RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
     return 0;
+  }
+  if (flags.scenario == "plane_root_lost") {
+    // HEADS, half the heads each: the worker computes its half at once and waits to send its
+    // output; rank 0 ends its process 2 s into its own compute.
+    const ProblemShape shape{1, 2048, 4, 4, 32};
+    engine::testing::OwnedProblem p =
+        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
+    p.spec.patterns = {{512, 1}, {2048, 4}};
+    ExitInCompute exiting(rank_backend, milliseconds(2000));
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
+    problem.strategy = ShardPolicy::kHeads;
+    problem.compute = {&exiting, nullptr, &pool};
+    ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
+    run_options.timeout = kRootLostTimeout;
+    run_options.compute_timeout = kRootLostComputeTimeout;
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
+    RANK_CHECK(false, "rank 0 outlived its compute: ", result.status().ToString());
   }
   if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
     // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
@@ -645,16 +766,17 @@ int RunRank(const RankFlags& flags) {
     ++runs;
   }
   if (plane != nullptr && flags.size > 1) {
-    // The control communicator carried the frames, piece words, stop words and stats, the plane
-    // the rest.
+    // The control communicator carried the frames, piece words, stop words, output words and
+    // stats, the plane the rest.
     const Communicator::Counters control = (*comm)->counters();
     const int64_t workers = flags.size - 1;
     RANK_CHECK(piece_words > runs * workers * 3 * kPieceWordBytes,
                "the shares went in one piece each: ", piece_words, " bytes of piece words");
-    RANK_CHECK(control.bytes_sent - control_before.bytes_sent ==
-                   runs * workers * (kControlFrameBytes + kStopWordBytes) + piece_words,
-               "rank 0 sent ", control.bytes_sent - control_before.bytes_sent,
-               " bytes of control for ", runs, " runs");
+    RANK_CHECK(
+        control.bytes_sent - control_before.bytes_sent ==
+            runs * workers * (kControlFrameBytes + kStopWordBytes + kOutputWordBytes) + piece_words,
+        "rank 0 sent ", control.bytes_sent - control_before.bytes_sent, " bytes of control for ",
+        runs, " runs");
     RANK_CHECK(control.bytes_received - control_before.bytes_received == runs * workers * 6 * 8,
                "rank 0 received ", control.bytes_received - control_before.bytes_received,
                " bytes of control for ", runs, " runs");
@@ -700,6 +822,11 @@ TEST(ShardedRunDataPlaneTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGr
 
 TEST(ShardedRunDataPlaneTest, AWorkerWaitsForARank0ThatComputesLongerThanATimeout) {
   testing::RankGroup group(2, "plane_slow_root");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, AWorkerWhoseRank0IsLostLeavesAtOnce) {
+  testing::RankGroup group(2, "plane_root_lost");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
