@@ -329,8 +329,11 @@ TEST(MultiProcessServingTest, AnNcclDataPlaneWithoutAGpuIsRefusedAtStartNamingTh
   std::filesystem::remove_all(dir);
 }
 
-TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItReturns) {
-  Group group(2);
+// The data plane: none (Gloo carries everything) or gloo-staged, which re-forms with the group.
+class LostWorkerTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(LostWorkerTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItReturns) {
+  Group group(2, {"--data-plane", GetParam()});
   ASSERT_TRUE(group.Start()) << group.Logs();
   ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
   client::AttentionClient client(group.channel());
@@ -391,6 +394,12 @@ TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItR
   EXPECT_EQ(response.info().devices_size(), 2);
   EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(small, 2)), 1e-6);
   EXPECT_GE(testing::MetricValue(group.Metrics(), "da_group_generation").value_or(0), 2);
+  if (GetParam() != "none") {
+    EXPECT_NE(
+        group.Logs().find("rank 1 joined generation 2; data plane: gloo held to nccl's terms"),
+        std::string::npos)
+        << group.Logs();
+  }
 
   // A worker's SIGTERM ends it with 0, and rank 0 is not ready without it.
   ASSERT_EQ(kill(group.worker(1)->pid(), SIGTERM), 0);
@@ -399,6 +408,12 @@ TEST(MultiProcessServingTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItR
   EXPECT_TRUE(WIFEXITED(*exited) && WEXITSTATUS(*exited) == 0) << group.Logs();
   EXPECT_TRUE(group.WaitForReadiness(HealthCheckResponse::NOT_SERVING, seconds(5))) << group.Logs();
 }
+
+INSTANTIATE_TEST_SUITE_P(DataPlanes, LostWorkerTest, ::testing::Values("none", "gloo-staged"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param == "none" ? std::string("None")
+                                                       : std::string("GlooStaged");
+                         });
 
 // A request that is no longer wanted (here its deadline passes mid-compute) stops on every rank:
 // rank 0 sends the workers a stop word, their compute stops, and the group stays whole.
