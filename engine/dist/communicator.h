@@ -14,7 +14,9 @@
 //   operation, the byte count, this rank, the peer when known and the timeout.
 // - After any failed operation the group is unusable (like an aborted NCCL communicator):
 //   every later call returns UNAVAILABLE quoting the first failure. Re-form the group with a
-//   new communicator (a fresh store prefix) to recover.
+//   new communicator (a fresh store prefix) to recover. Gloo also ends its calls in flight on
+//   other threads that way and closes its connections, so that every peer's calls with this
+//   rank fail at once: a failure anywhere reaches every rank, not only the two it was between.
 // - Collectives must be called in the same order with the same sizes on every rank. Send
 //   completes when the peer has received the message (a synchronous send). Messages between two
 //   ranks arrive in the order they were sent.

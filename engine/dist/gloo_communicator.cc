@@ -3,6 +3,8 @@
 #include <csignal>
 #include <cstring>
 #include <mutex>
+#include <set>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -24,6 +26,9 @@ using std::chrono::milliseconds;
 
 // Slot prefix of Send/Recv; Gloo's own collectives use 0x01..0x08 (gloo/types.h).
 constexpr uint64_t kPointToPointSlotPrefix = 0xDA;
+
+// Thrown inside Run when the group failed while the call was in flight (its wait was aborted).
+struct EndedByFailure {};
 
 // What one call moves, for the counters.
 struct Traffic {
@@ -125,8 +130,9 @@ class GlooCommunicator : public Communicator {
     return Run(what, absl::StrCat("peer ", peer), timeout, Traffic{bytes, 0}, [&] {
       if (bytes == 0) return;
       auto buffer = context_->createUnboundBuffer(const_cast<void*>(data), bytes);
+      InFlight in_flight(*this, buffer.get(), /*send=*/true);
       buffer->send(peer, Slot(tag));
-      buffer->waitSend(timeout);
+      if (!buffer->waitSend(timeout)) throw EndedByFailure{};
     });
   }
 
@@ -137,8 +143,9 @@ class GlooCommunicator : public Communicator {
     return Run(what, absl::StrCat("peer ", peer), timeout, Traffic{0, bytes}, [&] {
       if (bytes == 0) return;
       auto buffer = context_->createUnboundBuffer(data, bytes);
+      InFlight in_flight(*this, buffer.get(), /*send=*/false);
       buffer->recv(peer, Slot(tag));
-      buffer->waitRecv(timeout);
+      if (!buffer->waitRecv(timeout)) throw EndedByFailure{};
     });
   }
 
@@ -197,8 +204,57 @@ class GlooCommunicator : public Communicator {
     return absl::OkStatus();
   }
 
+  // A point-to-point call's buffer while it waits, so that a failure elsewhere ends the wait
+  // (Break). Registered before the buffer is posted: an abort that comes first ends the wait at
+  // once.
+  class InFlight {
+   public:
+    InFlight(GlooCommunicator& comm, gloo::transport::UnboundBuffer* buffer, bool send)
+        : comm_(comm), entry_(buffer, send) {
+      std::lock_guard<std::mutex> lock(comm_.mu_);
+      comm_.in_flight_.insert(entry_);
+      if (!comm_.broken_.ok()) Abort(entry_);
+    }
+    ~InFlight() {
+      std::lock_guard<std::mutex> lock(comm_.mu_);
+      comm_.in_flight_.erase(entry_);
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+
+   private:
+    GlooCommunicator& comm_;
+    const std::pair<gloo::transport::UnboundBuffer*, bool> entry_;
+  };
+
+  static void Abort(const std::pair<gloo::transport::UnboundBuffer*, bool>& entry) {
+    if (entry.second) {
+      entry.first->abortWaitSend();
+    } else {
+      entry.first->abortWaitRecv();
+    }
+  }
+
+  // Under mu_, at the group's first failure: closes every connection, so that every peer hears
+  // of it at once (its calls with this rank fail; a worker that computes stops, rank 0 gathers no
+  // more), and ends every point-to-point call in flight here (they return UNAVAILABLE quoting
+  // the failure instead of waiting for a peer that will never answer). Closed first, so that no
+  // data lands in a buffer whose call has returned.
+  void Break() {
+    for (int r = 0; r < size(); ++r) {
+      if (r == rank()) continue;
+      try {
+        if (auto& pair = context_->getPair(r); pair) pair->close();
+      } catch (const std::exception&) {
+        // Closed already, or never made: nothing more to close.
+      }
+    }
+    for (const auto& entry : in_flight_) Abort(entry);
+  }
+
   // Runs one Gloo call: refuses when the group already failed, converts Gloo's exceptions,
-  // counts the traffic of successful calls and the time of every call.
+  // counts the traffic of successful calls and the time of every call. The first failure breaks
+  // the group (Break).
   template <typename Fn>
   absl::Status Run(const std::string& what, const std::string& peer, milliseconds timeout,
                    Traffic traffic, Fn&& fn) {
@@ -214,6 +270,11 @@ class GlooCommunicator : public Communicator {
     absl::Status status;
     try {
       fn();
+    } catch (const EndedByFailure&) {
+      std::lock_guard<std::mutex> lock(mu_);
+      counters_.seconds += std::chrono::duration<double>(Clock::now() - start).count();
+      return absl::UnavailableError(absl::StrCat(
+          "Gloo ", what, " on ", Where(), " ended: the group failed (", broken_.message(), ")"));
     } catch (const gloo::IoException& e) {
       status = IoError(what, peer, timeout, start, e.what());
     } catch (const gloo::EnforceNotMet& e) {
@@ -231,6 +292,7 @@ class GlooCommunicator : public Communicator {
       ++counters_.operations;
     } else if (broken_.ok()) {
       broken_ = status;
+      Break();
     }
     return status;
   }
@@ -264,6 +326,8 @@ class GlooCommunicator : public Communicator {
   mutable std::mutex mu_;
   Counters counters_;    // Guarded by mu_.
   absl::Status broken_;  // Guarded by mu_; the first failure.
+  // Guarded by mu_: the buffers of point-to-point calls in flight, and whether each sends.
+  std::set<std::pair<gloo::transport::UnboundBuffer*, bool>> in_flight_;
 };
 
 }  // namespace

@@ -25,9 +25,11 @@ using Clock = std::chrono::steady_clock;
 using engine::ShardGroupStatus;
 
 // Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
-// failed (lost or stalled peer) or something unexpected happened. A cancelled run, or one refused
-// before any message (bad geometry), leaves the group usable.
+// failed (lost or stalled peer) or something unexpected happened. A run every rank answered (a
+// rank's compute failed, with whatever code: AnsweredInStep), a cancelled run, or one refused
+// before any message (bad geometry) leaves the group usable.
 bool BreaksGroup(const absl::Status& status) {
+  if (AnsweredInStep(status)) return false;
   switch (status.code()) {
     case absl::StatusCode::kOk:
     case absl::StatusCode::kCancelled:
@@ -209,6 +211,9 @@ class CoordinatorGroup::Impl {
   }
 
   void SetStatus(bool whole, std::string reason, int64_t generation = -1) {
+    // Held across the change and its report, so that two threads' reports reach the listener in
+    // the order of their changes (a run's Break and the loop's formation race).
+    std::lock_guard<std::mutex> report_lock(listener_mu_);
     ShardGroupStatus copy;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -219,7 +224,6 @@ class CoordinatorGroup::Impl {
       s.reason = std::move(reason);
       copy = s;
     }
-    std::lock_guard<std::mutex> lock(listener_mu_);
     if (listener_) listener_(copy);
   }
 

@@ -653,10 +653,12 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       workers.emplace_back([&, r] {
         absl::Status status = gather_worker(r);
         if (!status.ok()) {
-          stop = true;     // A lost worker stops rank 0's compute at once,
-          abandon = true;  // and the other workers' waits at their next progress frame.
-          // A timeout is the cause: Gloo then closes the other pairs too, which fail the other
-          // workers' receives a moment later, naming bystanders.
+          stop = true;     // A lost worker stops rank 0's compute at once, and the other
+          abandon = true;  // workers' waits at their next progress frame (the communicator,
+                           // broken, has ended the waits in flight and closed every connection,
+                           // which stops the other workers' compute: ServeShardedRun).
+          // A timeout is the cause, where one comes: the calls it ended name it in their
+          // messages, but as UNAVAILABLE.
           std::lock_guard<std::mutex> lock(gather_mutex);
           if (gathered.ok() ||
               (absl::IsDeadlineExceeded(status) && !absl::IsDeadlineExceeded(gathered))) {
@@ -697,15 +699,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   relay.join();
   if (run.separate_plane()) {
     // Every worker that computed waits for its output word, then sends its output over the
-    // plane, in rank order. Each is taken even after a failure (another worker lost), so that no
-    // worker is left waiting (a communicator that failed refuses the rest at once).
+    // plane, in rank order. Each is taken even when another worker failed to compute, so that no
+    // worker is left waiting. After a lost worker (the gather failed) none is: the caller drops
+    // the communicators and the workers' waits for their words end at once.
     std::vector<uint8_t> buffer;
-    for (int r = 1; r < world; ++r) {
+    for (int r = 1; r < world && gathered.ok(); ++r) {
       if (sends_output[r] == 0) continue;
       const int64_t word = 1;
-      absl::Status received = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
-      if (received.ok()) received = receive_output(r, options.timeout, buffer);
-      if (gathered.ok()) gathered = received;
+      gathered = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
+      if (gathered.ok()) gathered = receive_output(r, options.timeout, buffer);
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
@@ -720,18 +722,24 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
   // only the workers (CANCELLED in their stats).
+  // Every rank answered and has its stop word: the group is in step, whatever failed.
+  const auto in_step = [](absl::Status status) {
+    status.SetPayload(kAnsweredPayload, absl::Cord("1"));
+    return status;
+  };
   const bool cancelled = request_cancelled();
   for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
     if (failed->ok()) continue;
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
-      return absl::CancelledError("sharded run cancelled");
+      return in_step(absl::CancelledError("sharded run cancelled"));
     }
     if (failed == &computed && !worker_failed.ok()) {
       // Both sides failed (the same unsupported request, say): name every rank that did.
-      return absl::Status(computed.code(), absl::StrCat("rank 0 failed: ", computed.message(), "; ",
-                                                        worker_failed.message()));
+      return in_step(absl::Status(
+          computed.code(),
+          absl::StrCat("rank 0 failed: ", computed.message(), "; ", worker_failed.message())));
     }
-    return *failed;
+    return in_step(*failed);
   }
   return stats;
 }
@@ -764,8 +772,14 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       const int64_t row_bytes = view->bytes / rows;
       const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
       for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
+        // Rank 0 scatters to the workers in rank order: the first word waits for the shares of
+        // every rank before this one, of any size (a lost rank 0 is heard at once; a cut link
+        // no later than the compute timeout), each later word one piece.
         int64_t word = 0;
-        DA_RETURN_IF_ERROR(comm.Recv(&word, kPieceWordBytes, 0, kPieceTag, options.timeout));
+        const bool first = view == &run.q && r0 == 0;
+        DA_RETURN_IF_ERROR(
+            comm.Recv(&word, kPieceWordBytes, 0, kPieceTag,
+                      first ? options.compute_timeout + options.timeout : options.timeout));
         if (word == 0) {
           scatter_stopped = true;
           return absl::OkStatus();
@@ -779,15 +793,17 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   }));
   // From here on this worker answers rank 0 whatever happens (or its communicator has failed, and
   // with it this receive), so it listens for the run's stop word: rank 0 sends 1 as soon as the
-  // request is cancelled, 0 after it has every worker's answer. The compute polls the flag.
+  // request is cancelled, 0 after its own compute and every worker's answer (and output). The
+  // compute polls the flag, which a failed receive raises too: rank 0 is gone, or gave the run up
+  // and dropped its communicator, and nobody will take this worker's answer.
   std::atomic<bool> stop{scatter_stopped};
   std::atomic<bool> listened{false};
   int64_t stop_word = 0;
   absl::Status heard;
   std::thread listener([&] {
     heard = comm.Recv(&stop_word, kStopWordBytes, 0, kStopTag,
-                      options.timeout + options.compute_timeout);
-    if (heard.ok() && stop_word != 0) stop = true;
+                      options.compute_timeout + options.timeout * (comm.size() + 1));
+    if (!heard.ok() || stop_word != 0) stop = true;
     listened = true;
   });
   JoinOnExit joiner{listener};
@@ -806,7 +822,10 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       const absl::Status sent =
           comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout);
       lock.lock();
-      if (!sent.ok()) return;  // The stats send below fails the same way.
+      if (!sent.ok()) {
+        stop = true;  // Rank 0 is not listening: nobody will take the answer.
+        return;       // The stats send below fails the same way.
+      }
     }
   });
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned

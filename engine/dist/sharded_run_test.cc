@@ -116,6 +116,11 @@ class SlowShares final : public engine::Backend {
 constexpr milliseconds kRootLostTimeout{1000};
 constexpr milliseconds kRootLostComputeTimeout{30000};
 
+// "worker_lost" (3 ranks: rank 2 ends as it starts computing) and "root_lost" (2 ranks: rank 0
+// ends 300 ms into its compute): the rank left computing, about two seconds of work, stops at
+// once. HEADS, two heads of one dense segment per rank.
+ProblemShape LostRankShape(int ranks) { return {1, 24576, 2 * ranks, 2 * ranks, 64}; }
+
 // A backend whose every share ends the process after `delay`, as a rank that crashes does.
 class ExitInCompute final : public engine::Backend {
  public:
@@ -140,7 +145,7 @@ class ExitInCompute final : public engine::Backend {
   absl::Status RunShare(engine::Plan&, const engine::ShareProblem&,
                         const engine::RunContext&) override {
     std::this_thread::sleep_for(delay_);
-    std::fprintf(stderr, "rank 0: ends in the middle of its compute, as planned\n");
+    std::fprintf(stderr, "a rank ends in the middle of its compute, as planned\n");
     std::_Exit(0);
   }
 
@@ -446,6 +451,11 @@ int RunRank(const RankFlags& flags) {
     staged_backend = *std::move(made);
     compute = {staged_backend.get(), &plans, &pool, "staged:0"};
   }
+  std::unique_ptr<ExitInCompute> exiting;
+  if (flags.scenario == "worker_lost" && flags.rank == 2) {
+    exiting = std::make_unique<ExitInCompute>(rank_backend, milliseconds(0));
+    compute = {exiting.get(), &plans, &pool};
+  }
   RankBuffers buffers;
   if (flags.rank != 0) {
     // A worker: serve runs until rank 0 says shut down.
@@ -500,6 +510,24 @@ int RunRank(const RankFlags& flags) {
         RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
         RANK_CHECK(serve_s < 10, "rank 1 took ", serve_s, " s to hear that rank 0 is gone (",
                    served.ToString(), ")");
+        std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
+                     served.ToString().c_str());
+        return 0;
+      }
+      if (flags.scenario == "worker_lost") {
+        // Rank 2 ended; rank 0's communicator broke and closed its connections, which this
+        // worker heard (its stop word's receive failed) and stopped computing.
+        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
+        RANK_CHECK(serve_s < 1, "rank 1 computed for ", serve_s, " s after rank 2 was lost");
+        std::fprintf(stderr, "rank 1: stopped %.2f s after the run began: %s\n", serve_s,
+                     served.ToString().c_str());
+        return 0;
+      }
+      if (flags.scenario == "root_lost") {
+        // Rank 0 ended 300 ms into the run: this worker heard it (its stop word's receive failed)
+        // and stopped computing.
+        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
+        RANK_CHECK(serve_s < 1, "rank 1 computed for ", serve_s, " s after rank 0 was lost");
         std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
                      served.ToString().c_str());
         return 0;
@@ -576,6 +604,32 @@ int RunRank(const RankFlags& flags) {
     const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
     RANK_CHECK(false, "rank 0 outlived its compute: ", result.status().ToString());
   }
+  if (flags.scenario == "worker_lost" || flags.scenario == "root_lost") {
+    const ProblemShape shape = LostRankShape(flags.size);
+    engine::testing::OwnedProblem p =
+        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
+    p.spec.patterns = {{shape.seq_len, 1}};
+    ExitInCompute exiting_root(rank_backend, milliseconds(300));
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
+    problem.strategy = ShardPolicy::kHeads;
+    problem.compute = compute;
+    if (flags.scenario == "root_lost") problem.compute = {&exiting_root, nullptr, &pool};
+    const auto started = std::chrono::steady_clock::now();
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, Options());
+    const double run_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    // The run fails at once (worker_lost: without waiting for rank 1), to be re-formed.
+    RANK_CHECK(result.status().code() == absl::StatusCode::kUnavailable &&
+                   !AnsweredInStep(result.status()) &&
+                   result.status().message().find("with peer 2") != std::string::npos,
+               result.status().ToString());
+    RANK_CHECK(run_s < 1, "the run took ", run_s, " s to fail after rank 2 was lost");
+    std::fprintf(stderr, "rank 0: the run failed after %.2f s: %s\n", run_s,
+                 result.status().ToString().c_str());
+    comm->reset();  // As a serving group re-forming: rank 1's connection closes.
+    return 0;
+  }
   if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
     // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
     // 4 heads of 64, two heads per rank. Cancelled 300 ms in, every rank stops within 100 ms.
@@ -604,7 +658,9 @@ int RunRank(const RankFlags& flags) {
         CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
     const auto returned = std::chrono::steady_clock::now();
     canceller.join();
-    RANK_CHECK(result.status().code() == absl::StatusCode::kCancelled, result.status().ToString());
+    RANK_CHECK(
+        result.status().code() == absl::StatusCode::kCancelled && AnsweredInStep(result.status()),
+        result.status().ToString());
     const double stop_ms =
         std::chrono::duration<double, std::milli>(returned - cancelled_at).count();
     std::fprintf(stderr, "rank 0: cancelled after %.0f ms, returned %.1f ms later\n",
@@ -741,6 +797,7 @@ int RunRank(const RankFlags& flags) {
     const bool rank0_has_bf16 = engine::cpu::SelectedIsa() == engine::cpu::Isa::kAvx512 &&
                                 engine::cpu::HasBf16DotProducts();
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
+                   AnsweredInStep(failed.status()) &&
                    failed.status().message().find("rank 1 failed") != std::string::npos &&
                    (rank0_has_bf16 ||
                     failed.status().message().find("rank 0 failed: bf16 plan requested") !=
@@ -847,6 +904,16 @@ TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
 
 TEST(ShardedRunFailureTest, AWorkerThatCannotComputeIsNamedAndTheGroupGoesOn) {
   testing::RankGroup group(2, "worker_fails");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunFailureTest, ALostWorkerStopsTheOthersAtOnce) {
+  testing::RankGroup group(3, "worker_lost");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunFailureTest, AWorkerWhoseRank0IsLostStopsComputing) {
+  testing::RankGroup group(2, "root_lost");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
