@@ -2,9 +2,12 @@
 requests (tensor bytes copied once, da/_wire.py), the output filled as blocks arrive, the
 execution info. The two clients differ only in how a call is made and awaited."""
 
+import contextlib
 import math
 import queue
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -127,7 +130,8 @@ class Client:
         self._health = self._channel.unary_unary(_HEALTH_CHECK)
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
-        self._message_limit = None  # The server's max_message_bytes, read once.
+        self._message_limit = None  # The server's max_message_bytes (at most ours), read once.
+        self._max_message_bytes = max_message_bytes
         # Parallel streams: connections of their own, made when first needed and kept.
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
@@ -218,9 +222,11 @@ class Client:
         sent for inputs the server would refuse).
         """
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
-                      request_id, priority, progress)
+                      request_id, priority, progress, block_tokens)
         parts = _check_parallel_streams(parallel_streams)
+        started = time.monotonic()
         limit = self._server_message_limit(timeout)
+        timeout = _left(self._timeout if timeout is None else timeout, started)
         options = self._options(timeout, request_id)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
@@ -236,7 +242,7 @@ class Client:
             else:
                 job.take_unary_response(self._attend(job.unary_request(), **options))
         except grpc.RpcError as error:
-            raise errors.from_rpc_error(error) from None
+            raise job.parts[0].failure(error) from None
         return job.result(return_info)
 
     def attend_blocks(self, blocks, *, seq_len, segments, dilations, causal=False,
@@ -251,14 +257,17 @@ class Client:
         the server computes them; its `info` is the execution info once it has ended. Stopping
         early (break, close()) cancels the call on the server.
         """
+        _check_priority(priority)  # Before the server is asked anything.
+        started = time.monotonic()
         feed = _BlockFeed(blocks, seq_len,
                           _spec(segments, dilations, causal, mode, precision, scale),
                           request_id, priority, self._server_message_limit(timeout))
+        timeout = _left(self._timeout if timeout is None else timeout, started)
         return BlockStream(self._attend_stream, feed, self._options(timeout, request_id))
 
     def _server_message_limit(self, timeout):
         if self._message_limit is None:
-            self._message_limit = _message_limit(self.info(timeout))
+            self._message_limit = _message_limit(self.info(timeout), self._max_message_bytes)
         return self._message_limit
 
     def _stream_methods(self, count):
@@ -417,9 +426,20 @@ def _call_options(token_metadata, default_timeout, timeout, request_id):
             "metadata": metadata}
 
 
-def _message_limit(info):
+def _message_limit(info, client_limit):
+    """The largest message both ends take: the server's max_message_bytes and this client's
+    (max_message_bytes; gRPC takes -1 for no limit)."""
     limit = info.limits.max_message_bytes
-    return limit if limit > 0 else _DEFAULT_MESSAGE_BYTES
+    limit = limit if limit > 0 else _DEFAULT_MESSAGE_BYTES
+    return min(limit, client_limit) if client_limit > 0 else limit
+
+
+def _left(timeout, started):
+    """What is left of a timeout (seconds; None: none) that began at time.monotonic() started,
+    for a call made after another (the first call's GetServerInfo) took some of it."""
+    if timeout is None:
+        return None
+    return max(0.0, timeout - (time.monotonic() - started))
 
 
 def _spec(segments, dilations, causal, mode, precision, scale):
@@ -455,6 +475,10 @@ def _host_tensors(q, k, v):
     if v.shape != k.shape:
         raise errors.invalid(f"value shape {list(v.shape)} differs from key shape "
                              f"{list(k.shape)}")
+    for name, tensor in (("query", q), ("key", k), ("value", v)):
+        for dim, size in zip(("batch", "seq_len", "heads", "head_dim"), tensor.shape):
+            if size < 1:
+                raise errors.invalid(f"{name}.shape {dim} is {size}; must be >= 1")
     if q.shape[2] % k.shape[2] != 0:
         raise errors.invalid(f"heads {q.shape[2]} is not a multiple of kv_heads {k.shape[2]}")
     return q, k, v
@@ -515,6 +539,19 @@ def _rows_from_wire(data, dtype, shape, what):
     if rows.size != int(np.prod(shape)):
         raise _internal(f"{what} has {rows.size} elements, expected {list(shape)}")
     return rows.reshape(shape)
+
+
+def _check_int(name, value, low, high):
+    """value as an int in [low, high] (a Python or numpy integer, not a bool), or
+    InvalidArgument naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not (
+            low <= value <= high):
+        raise errors.invalid(f"{name} {value!r} must be an int from {low} to {high}")
+    return int(value)
+
+
+def _check_priority(priority):
+    return _check_int("priority", priority, -2**31, 2**31 - 1)  # The wire's int32.
 
 
 def _check_parallel_streams(parallel_streams):
@@ -578,12 +615,13 @@ class _Attend:
     the sync and the asyncio client. Streamed, it is one or more parts (_Part), each a request
     of its own."""
 
-    def __init__(self, q, k, v, out, spec, request_id, priority, progress=None):
+    def __init__(self, q, k, v, out, spec, request_id, priority, progress=None, block_tokens=0):
         self.q, self.k, self.v = _host_tensors(q, k, v)
         self.output = _tensors.Output(self.q, out)
         self.spec = spec
         self.request_id = request_id
-        self.priority = priority
+        self.priority = _check_priority(priority)
+        _check_int("block_tokens", block_tokens, 0, 2**62)
         self.info = None
         self.progress = progress
         self.to_send = self.q.nbytes + self.k.nbytes + self.v.nbytes
@@ -678,6 +716,7 @@ class _Part:
         self.sent = 0  # Bytes of q, k and v; written by gRPC's thread that pulls the requests.
         self.received = 0
         self.info = None
+        self.error = None  # What made requests() fail.
 
     def where(self):
         """How messages name the part ("" for a whole call)."""
@@ -688,7 +727,15 @@ class _Part:
 
     def requests(self, message_limit, block_tokens):
         """The encoded AttendStream requests: the header, then blocks of block_tokens tokens,
-        numbered from the part's start."""
+        numbered from the part's start. An exception here is kept (gRPC cancels the call and
+        says only that the requests failed) and raised by failure()."""
+        try:
+            yield from self._requests(message_limit, block_tokens)
+        except Exception as error:
+            self.error = error
+            raise
+
+    def _requests(self, message_limit, block_tokens):
         job = self.job
         q, k, v = job.q, job.k, job.v
         yield _stream_header(q, k, self.end - self.begin, job.spec, self.request_id,
@@ -729,11 +776,17 @@ class _Part:
                             f"{self.begin + self.next_token} of {self.end} tokens")
 
     def failure(self, error):
-        """The exception for the part's failed call, its message naming the part."""
+        """The exception for the part's failed call, its message naming the part: the error of
+        its requests where they failed (gRPC then cancels the call), else the call's status."""
+        if self.error is not None:
+            return self.error
         if not isinstance(error, grpc.RpcError):
             return error
         failed = errors.from_rpc_error(error)
         return type(failed)(failed.code, self.where() + failed.message)
+
+
+_ENDED = object()  # next()'s default: the blocks have ended.
 
 
 class _BlockFeed:
@@ -748,7 +801,7 @@ class _BlockFeed:
         self.seq_len = int(seq_len)
         self.spec = spec
         self.request_id = request_id
-        self.priority = priority
+        self.priority = _check_priority(priority)
         self.message_limit = message_limit
         self.first = None  # The first block's query: the shape and kind every block must have.
         self.first_kv = None
@@ -756,12 +809,26 @@ class _BlockFeed:
         self.received = 0  # Tokens received.
         self.error = None
         self.info = None
+        # The caller's torch grad mode (thread-local): gRPC's sync client pulls the blocks on a
+        # thread of its own, where the caller's torch.no_grad() does not hold.
+        torch = sys.modules.get("torch")
+        if torch is not None and not torch.is_grad_enabled():
+            self._grad_mode = torch.no_grad
+        else:
+            self._grad_mode = contextlib.nullcontext
 
     def requests(self):
-        """The encoded requests, from a sync iterable of blocks."""
+        """The encoded requests, from a sync iterable of blocks (pulled, and checked, in the
+        caller's grad mode)."""
         try:
-            for block in self.blocks:
-                yield from self._messages(block)
+            blocks = iter(self.blocks)
+            while True:
+                with self._grad_mode():
+                    block = next(blocks, _ENDED)
+                    if block is _ENDED:
+                        break
+                    messages = self._messages(block)
+                yield from messages
             self._check_complete()
         except Exception as error:
             self.error = error
@@ -771,7 +838,9 @@ class _BlockFeed:
         """The encoded requests, from an async or a sync iterable of blocks."""
         try:
             async for block in _as_async(self.blocks):
-                for message in self._messages(block):
+                with self._grad_mode():
+                    messages = self._messages(block)
+                for message in messages:
                     yield message
             self._check_complete()
         except Exception as error:

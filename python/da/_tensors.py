@@ -110,8 +110,8 @@ class Output:
             if not isinstance(out, np.ndarray):
                 raise errors.invalid(f"out: expected a numpy array or torch tensor, got "
                                      f"{type(out).__name__}")
-            self._check_out(out.shape, str(out.dtype), out.flags.c_contiguous and
-                            out.flags.writeable)
+            # Any strides: the output is written into its rows by slices.
+            self._check_out(out.shape, str(out.dtype), out.flags.writeable)
             self.raw = out.view(_RAW[query.wire])
         self._in_place = True
 
@@ -130,7 +130,7 @@ class Output:
             raise errors.invalid(f"out: shape {list(shape)} and dtype {dtype_name}, expected the "
                                  f"query's {list(query.shape)} and {query.dtype_name}")
         if not usable:
-            raise errors.invalid("out: must be C-contiguous and writeable")
+            raise errors.invalid("out: must be writeable")
 
     def result(self):
         if self._out is None:

@@ -37,6 +37,16 @@ class _Status(grpc.RpcError):
         return self._details
 
 
+def _raise_requests_error(error):
+    """Inside `except asyncio.CancelledError`: grpc.aio cancels a call whose request iterator
+    raised (logging the exception at DEBUG only), and reading the call then raises CancelledError;
+    raises the iterator's exception (`error`, kept by da) instead, else re-raises the
+    cancellation (the caller's own)."""
+    if error is not None:
+        raise error from None
+    raise
+
+
 def _deadline(default_timeout, timeout):
     """The time.monotonic() by which a call made now ends, or None: taken before the call is
     made, so no later than the deadline gRPC gives it."""
@@ -128,6 +138,7 @@ class Client:
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._message_limit = None
+        self._max_message_bytes = max_message_bytes
         self._admits_streams = False  # The server lists _client._STREAM_ADMITTED.
         # Parallel streams: connections of their own, made when first needed and kept.
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
@@ -173,7 +184,7 @@ class Client:
         if self._message_limit is None:
             info = await self.info(timeout)
             self._admits_streams = _client._STREAM_ADMITTED in info.protocol_features
-            self._message_limit = _client._message_limit(info)
+            self._message_limit = _client._message_limit(info, self._max_message_bytes)
         return self._message_limit
 
     def _open_stream(self, requests, options, deadline, method=None):
@@ -198,11 +209,13 @@ class Client:
         are tasks on it)."""
         job = _client._Attend(q, k, v, out, _client._spec(segments, dilations, causal, mode,
                                                           precision, scale),
-                              request_id, priority, progress)
+                              request_id, priority, progress, block_tokens)
         parts = _client._check_parallel_streams(parallel_streams)
-        limit = await self._server_message_limit(timeout)
-        options = self._options(timeout, request_id)
         deadline = _deadline(self._timeout, timeout)
+        started = time.monotonic()
+        limit = await self._server_message_limit(timeout)
+        timeout = _client._left(self._timeout if timeout is None else timeout, started)
+        options = self._options(timeout, request_id)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
                 await self._stream_parts(job, limit, block_tokens, timeout, deadline)
@@ -213,7 +226,9 @@ class Client:
                     async for message in call:
                         job.take_stream_message(message)
                 except grpc.RpcError as error:
-                    raise errors.from_rpc_error(await kept.of(error)) from None
+                    raise job.parts[0].failure(await kept.of(error)) from None
+                except asyncio.CancelledError:
+                    _raise_requests_error(job.parts[0].error)
                 finally:
                     call.cancel()
             else:
@@ -244,8 +259,8 @@ class Client:
                     part.take_message(message)
             except grpc.RpcError as error:
                 raise part.failure(await kept.of(error)) from None
-            except BaseException as error:
-                raise part.failure(error) from None
+            except asyncio.CancelledError:
+                _raise_requests_error(part.error)
 
         tasks = [asyncio.ensure_future(take(part, *stream))
                  for part, stream in zip(job.parts, streams)]
@@ -267,6 +282,7 @@ class Client:
         """da.Client.attend_blocks for `async for`; blocks may be an async or a sync iterable.
         Returns a BlockStream whose `info` is the execution info once it has ended."""
         spec = _client._spec(segments, dilations, causal, mode, precision, scale)
+        _client._check_priority(priority)
         return BlockStream(self, blocks, seq_len, spec, request_id, priority, timeout)
 
 
@@ -280,15 +296,19 @@ class BlockStream:
         self._args = (blocks, seq_len, spec, request_id, priority)
         self._timeout = timeout
         self._request_id = request_id
+        self._call = None
 
     async def __aiter__(self):
         client = self._client
+        deadline = _deadline(client._timeout, self._timeout)
+        started = time.monotonic()
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
-        deadline = _deadline(client._timeout, self._timeout)
+        timeout = _client._left(client._timeout if self._timeout is None else self._timeout,
+                                started)
         call, kept = client._open_stream(feed.async_requests(),
-                                         client._options(self._timeout, self._request_id),
-                                         deadline)
+                                         client._options(timeout, self._request_id), deadline)
+        self._call = call
         try:
             async for message in call:
                 block = feed.take_stream_message(message)
@@ -297,5 +317,13 @@ class BlockStream:
             self.info = feed.finish()
         except grpc.RpcError as error:
             raise feed.failure(await kept.of(error)) from None
+        except asyncio.CancelledError:
+            _raise_requests_error(feed.error)
         finally:
             call.cancel()
+
+    def close(self):
+        """Cancels the call (if it has not ended), as leaving the loop early does; for a loop
+        left early, where the async generator's own clean-up waits for the event loop's."""
+        if self._call is not None:
+            self._call.cancel()

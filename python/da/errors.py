@@ -14,6 +14,11 @@ class Error(Exception):
         self.code = code
         self.message = message
 
+    def __reduce__(self):
+        # Pickled by its arguments (for multiprocessing and concurrent.futures across
+        # processes), not by the formatted text that Exception keeps.
+        return type(self), (self.code, self.message)
+
 
 class InvalidArgument(Error, ValueError):
     """Bad shapes, dtypes, patterns or byte counts (the message names the field, value, limit)."""

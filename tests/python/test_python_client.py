@@ -166,6 +166,12 @@ class PythonClientTest(unittest.TestCase):
             ((q.astype(np.float64), q, q), {}, "is not float32, float16 or bfloat16"),
             ((q, q.astype(np.float16), q.astype(np.float16)), {}, "differs from query dtype"),
             ((q, q, q), {"segments": [4, 8], "dilations": [1]}, "must be equal in number"),
+            ((q[:, :0], q[:, :0], q[:, :0]), {"stream": True}, "query.shape seq_len is 0"),
+            ((q, q, q), {"stream": True, "block_tokens": 2.0}, "block_tokens 2.0 must be an int"),
+            ((q, q, q), {"block_tokens": -1}, "block_tokens -1 must be an int from 0"),
+            ((q, q, q), {"priority": 2**31}, "priority 2147483648 must be an int from "
+                                             "-2147483648 to 2147483647"),
+            ((q, q, q), {"stream": True, "priority": 1.5}, "priority 1.5 must be an int"),
         ]
         for args, kw, text in cases:
             with self.subTest(text=text):
@@ -174,7 +180,17 @@ class PythonClientTest(unittest.TestCase):
                     nowhere.attend(*args, **kw)
                 self.assertIsInstance(caught.exception, ValueError)
                 self.assertIn(text, str(caught.exception))
+        with self.assertRaises(da.InvalidArgument) as caught:
+            nowhere.attend_blocks([(q, q, q)], seq_len=8, segments=[4], dilations=[1],
+                                  priority=True)
+        self.assertIn("priority True must be an int", str(caught.exception))
         nowhere.close()
+        # Errors cross process boundaries (multiprocessing, concurrent.futures) whole.
+        import pickle
+        copied = pickle.loads(pickle.dumps(caught.exception))
+        self.assertIsInstance(copied, da.InvalidArgument)
+        self.assertEqual((copied.code, copied.message, str(copied)),
+                         (caught.exception.code, caught.exception.message, str(caught.exception)))
 
     def test_errors_are_exceptions_with_the_code_and_the_servers_message(self):
         q = np.ones((1, 64, 2, 8), np.float32)
@@ -365,6 +381,15 @@ class PythonClientTest(unittest.TestCase):
                 got = self.client.attend(tq, tq, tq, out=tout, stream=stream, **kw)
                 self.assertIs(got, tout)
                 self.assertTrue(np.array_equal(tout.numpy(), want))
+        # An out with strides of its own (a slice of a wider buffer) is filled in place too.
+        for stream in (False, True):
+            with self.subTest(stream=stream, out="strided"):
+                wide = np.full((2, 96, 2, 16), np.nan, np.float16)
+                out = wide[:, 16:80]
+                got = self.client.attend(q, q, q, out=out, stream=stream, block_tokens=20, **kw)
+                self.assertIs(got, out)
+                self.assertTrue(np.array_equal(wide[:, 16:80], want))
+                self.assertTrue(np.isnan(wide[:, :16]).all() and np.isnan(wide[:, 80:]).all())
         with self.assertRaises(da.InvalidArgument) as caught:
             self.client.attend(q, q, q, out=np.empty(q.shape, np.float32), **kw)
         self.assertIn("expected the query's [2, 64, 2, 16] and float16", str(caught.exception))
@@ -736,6 +761,68 @@ class PythonClientTest(unittest.TestCase):
         got, info = asyncio.run(run())
         self.assertIsNotNone(info)
         self.assertTrue(np.array_equal(got, self.client.attend(q, q, q, **kw)))
+
+
+    def test_asyncio_block_iterator_refuses_bad_blocks_and_passes_the_callers_errors_on(self):
+        # grpc.aio cancels a call whose request iterator raised and reading it raises
+        # asyncio.CancelledError, which `except Exception` does not catch; da.aio raises the
+        # iterator's error instead, as da.Client does.
+        import asyncio
+        x = np.ones((1, 16, 2, 8), np.float32)
+        kw = dict(segments=[8], dilations=[1])
+
+        class Broken(Exception):
+            pass
+
+        async def failing():
+            yield x, x, x
+            raise Broken("the producer failed")
+
+        async def run():
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                wide = np.ones((1, 16, 4, 8), np.float32)
+                cases = [([(x, x, x), (wide, x, x)], da.InvalidArgument,
+                          "the block at token 16 has query shape [1, 16, 4, 8]"),
+                         ([(x, x, x)], da.InvalidArgument, "ended after 16 of seq_len 32 tokens"),
+                         (failing(), Broken, "the producer failed")]
+                for blocks, kind, text in cases:
+                    with self.assertRaises(kind) as caught:
+                        async for _ in client.attend_blocks(blocks, seq_len=32, **kw):
+                            pass
+                    self.assertIn(text, str(caught.exception))
+                # Leaving early and closing cancels the call; the server is there for the next.
+                stream = client.attend_blocks([(x, x, x)] * 64, seq_len=1024, **kw)
+                async for _ in stream:
+                    break
+                stream.close()
+                return await client.health("da.v1.AttentionService")
+
+        self.assertEqual(asyncio.run(run()), "SERVING")
+
+    def test_the_block_iterator_pulls_blocks_in_the_callers_grad_mode(self):
+        # gRPC's sync client pulls the blocks on a thread of its own, where torch.no_grad() of
+        # the caller's thread does not hold: a producer computing with a module's parameters made
+        # tensors that require grad there, refused as if the caller had not asked for no_grad.
+        layer = torch.nn.Linear(16, 16)
+        x = torch.from_numpy(np.random.default_rng(37).standard_normal((1, 64, 2, 16))
+                             .astype(np.float32))
+        kw = dict(segments=[16], dilations=[1], precision="fp32")
+        with torch.no_grad():
+            y = layer(x)
+            want = self.client.attend(y, y, y, **kw)
+            got = [block.output for block in self.client.attend_blocks(
+                ((layer(x[:, i:i + 16]),) * 3 for i in range(0, 64, 16)), seq_len=64, **kw)]
+        self.assertTrue(torch.equal(torch.cat(got, dim=1), want))
+
+    def test_a_client_limit_below_the_servers_makes_requests_stream(self):
+        # A 12 MiB q, k, v and output (48 MiB) fit the server's 64 MiB message limit but not this
+        # client's 16 MiB: the request streams (in blocks under 16 MiB) instead of failing here.
+        q = np.random.default_rng(38).standard_normal((1, 49152, 1, 64)).astype(np.float32)
+        kw = dict(segments=[64], dilations=[1], precision="fp32")
+        with da.Client(self.server.address, max_message_bytes=16 << 20, timeout=120) as small:
+            got = small.attend(q, q, q, return_info=True, **kw)
+        self.assertGreater(got.info.stream_buffer_bytes, 0)
+        self.assertTrue(np.array_equal(got.output, self.client.attend(q, q, q, **kw)))
 
 
 class PackageTest(unittest.TestCase):
