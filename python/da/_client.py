@@ -693,12 +693,19 @@ class _Attend:
         self.parts[0].take_message(data)
 
     def result(self, return_info):
+        self.complete()
+        return self.packaged(self.output.result(), return_info)
+
+    def complete(self):
+        """Checks that every part has its whole answer, merges the infos, reports progress."""
         for part in self.parts:
             part.check_complete()
         infos = [part.info for part in self.parts]
         self.info = infos[0] if len(infos) == 1 else _merge_infos(infos)
         self.report()
-        output = self.output.result()
+
+    def packaged(self, output, return_info):
+        """What the caller gets for output (self.output.result(), after complete())."""
         return Result(output, self.info) if return_info else output
 
 
@@ -789,6 +796,15 @@ class _Part:
 _ENDED = object()  # next()'s default: the blocks have ended.
 
 
+def _callers_grad_mode():
+    """A context manager factory that puts another thread in this thread's torch grad mode
+    (thread-local): torch.no_grad where the caller has grad off (no_grad, inference_mode)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and not torch.is_grad_enabled():
+        return torch.no_grad
+    return contextlib.nullcontext
+
+
 class _BlockFeed:
     """The iterator form's requests, pulled from the caller's blocks as the transport asks, and
     its output blocks. An exception raised by the caller's iterable (or a check of its blocks)
@@ -811,11 +827,7 @@ class _BlockFeed:
         self.info = None
         # The caller's torch grad mode (thread-local): gRPC's sync client pulls the blocks on a
         # thread of its own, where the caller's torch.no_grad() does not hold.
-        torch = sys.modules.get("torch")
-        if torch is not None and not torch.is_grad_enabled():
-            self._grad_mode = torch.no_grad
-        else:
-            self._grad_mode = contextlib.nullcontext
+        self._grad_mode = _callers_grad_mode()
 
     def requests(self):
         """The encoded requests, from a sync iterable of blocks (pulled, and checked, in the

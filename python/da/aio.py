@@ -37,6 +37,27 @@ class _Status(grpc.RpcError):
         return self._details
 
 
+# Requests at least this large (q, k and v) are prepared and given back off the event loop.
+_OFF_LOOP_BYTES = 16 << 20
+
+
+def _nbytes(tensor):
+    return int(getattr(tensor, "nbytes", 0) or 0)
+
+
+async def _maybe_off_loop(off, fn, *args):
+    """fn(*args): on a worker thread, in the caller's torch grad mode, when off; else here."""
+    if not off:
+        return fn(*args)
+    grad_mode = _client._callers_grad_mode()
+
+    def run():
+        with grad_mode():
+            return fn(*args)
+
+    return await asyncio.to_thread(run)
+
+
 def _raise_requests_error(error):
     """Inside `except asyncio.CancelledError`: grpc.aio cancels a call whose request iterator
     raised (logging the exception at DEBUG only), and reading the call then raises CancelledError;
@@ -207,10 +228,13 @@ class Client:
                      return_info=False, progress=None):
         """da.Client.attend, awaited (progress is called on the event loop; parallel streams
         are tasks on it)."""
-        job = _client._Attend(q, k, v, out, _client._spec(segments, dilations, causal, mode,
-                                                          precision, scale),
-                              request_id, priority, progress, block_tokens)
+        spec = _client._spec(segments, dilations, causal, mode, precision, scale)
         parts = _client._check_parallel_streams(parallel_streams)
+        # A large request's copies (a strided or GPU input gathered on the host, the unary
+        # message, the output given back) run on a worker thread, so that the event loop goes on.
+        large = sum(_nbytes(t) for t in (q, k, v)) >= _OFF_LOOP_BYTES
+        job = await _maybe_off_loop(large, _client._Attend, q, k, v, out, spec, request_id,
+                                    priority, progress, block_tokens)
         deadline = _deadline(self._timeout, timeout)
         started = time.monotonic()
         limit = await self._server_message_limit(timeout)
@@ -232,10 +256,13 @@ class Client:
                 finally:
                     call.cancel()
             else:
-                job.take_unary_response(await self._attend(job.unary_request(), **options))
+                request = await _maybe_off_loop(large, job.unary_request)
+                response = await self._attend(request, **options)
+                await _maybe_off_loop(large, job.take_unary_response, response)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
-        return job.result(return_info)
+        job.complete()  # Progress is reported on the event loop.
+        return job.packaged(await _maybe_off_loop(large, job.output.result), return_info)
 
     def _stream_methods(self, count):
         """AttendStream on count connections, as da.Client's."""

@@ -799,6 +799,45 @@ class PythonClientTest(unittest.TestCase):
 
         self.assertEqual(asyncio.run(run()), "SERVING")
 
+    def test_asyncio_client_prepares_large_requests_off_the_event_loop(self):
+        # Gathering a request on the host, joining its unary message and giving its output back
+        # copy every byte: for a large request (24 MiB here) they run on a worker thread, in the
+        # caller's torch grad mode (a tensor that requires grad, under no_grad); a small one's
+        # stay on the loop.
+        import asyncio
+        import threading
+        from da import _client
+        made_on, original = [], _client._Attend
+
+        class Recorded(original):
+            def __init__(self, *args, **kwargs):
+                made_on.append(threading.get_ident())
+                super().__init__(*args, **kwargs)
+
+            def unary_request(self):
+                made_on.append(threading.get_ident())
+                return super().unary_request()
+
+        x = torch.randn(1, 32768, 4, 16, requires_grad=True)
+        kw = dict(segments=[64], dilations=[1], precision="fp32", stream=False)
+
+        async def run(tensor):
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                return await client.attend(tensor, tensor, tensor, **kw), threading.get_ident()
+
+        _client._Attend = Recorded
+        try:
+            with torch.no_grad():
+                got, loop = asyncio.run(run(x))
+                self.assertEqual(len(made_on), 2)
+                self.assertNotIn(loop, made_on)
+                self.assertTrue(torch.equal(got, self.client.attend(x, x, x, **kw)))
+                made_on.clear()
+                _, loop = asyncio.run(run(x[:, :64]))
+                self.assertEqual(made_on, [loop, loop])
+        finally:
+            _client._Attend = original
+
     def test_the_block_iterator_pulls_blocks_in_the_callers_grad_mode(self):
         # gRPC's sync client pulls the blocks on a thread of its own, where torch.no_grad() of
         # the caller's thread does not hold: a producer computing with a module's parameters made
