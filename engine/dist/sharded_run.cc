@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -492,6 +493,114 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     DA_RETURN_IF_ERROR(
         comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
   }
+  // The gather runs on a thread posted before the scatter: a worker that computes before rank 0
+  // has scattered to the others (HEADS) is not left waiting in its (synchronous) Send, a worker
+  // lost at any time is noticed at once and stops rank 0's compute. Each worker's first frame
+  // comes only once it holds its share, has exchanged and computed a while, after the shares of
+  // the ranks before it (and for SEQUENCE its peers'), which may take longer than a timeout: the
+  // first receive waits up to the compute timeout, the later ones (progress frames, every third
+  // of a timeout) a timeout. Workers write disjoint parts of the output. With a data plane the
+  // thread takes the stats only; the outputs come over the plane after rank 0's compute.
+  ShardRunStats stats;
+  stats.strategy = problem.strategy;
+  stats.precision = problem.precision;
+  stats.ranks.resize(world);
+  std::atomic<bool> stop{false};
+  std::atomic<bool> gather_done{false};
+  absl::Status gathered, worker_failed;
+  std::vector<char> sends_output(world, 0);  // The worker computed its share (one writer each).
+  // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
+  // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
+  std::atomic<bool> stop_words_sent{false};
+  const auto send_stop_words = [&](int64_t word) -> absl::Status {
+    if (stop_words_sent.exchange(true)) return absl::OkStatus();
+    for (int r = 1; r < world; ++r) {
+      DA_RETURN_IF_ERROR(comm.Send(&word, kStopWordBytes, r, kStopTag, options.timeout));
+    }
+    return absl::OkStatus();
+  };
+  // Worker r's output share, into its place in the whole output.
+  const auto receive_output = [&](int r, std::chrono::milliseconds limit,
+                                  std::vector<uint8_t>& buffer) -> absl::Status {
+    const Share& share = run.layout().shares[r];
+    const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
+    if (engine::ShareIsContiguous(shape, share)) {
+      return plane.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
+                                                                shape.heads, problem.out.dtype)),
+                        bytes, r, kGatherTag, limit);
+    }
+    buffer.resize(bytes);
+    DA_RETURN_IF_ERROR(plane.Recv(buffer.data(), bytes, r, kGatherTag, limit));
+    engine::CopyShareIn(buffer.data(), share, problem.out);
+    return absl::OkStatus();
+  };
+  // One thread per worker, so that a worker lost while another computes is noticed within the
+  // collective timeout: a computing worker sends a progress frame at least every third of it
+  // (kProgressWord), so silence for a whole timeout means the worker (or its link) is gone, even
+  // when no connection closes. Its compute may take up to compute_timeout in all.
+  std::mutex gather_mutex;  // worker_failed and gathered.
+  std::atomic<bool> abandon{false};
+  const auto gather_worker = [&](int r) -> absl::Status {
+    std::vector<uint8_t> buffer;
+    std::optional<Clock::time_point> begin;  // The first frame: the worker computes.
+    std::vector<int64_t> words(kStatsWords);
+    for (;;) {
+      DA_RETURN_IF_ERROR(
+          comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag,
+                    begin ? options.timeout : options.compute_timeout + options.timeout));
+      if (!begin) begin = Clock::now();
+      if (words[5] != kProgressWord) break;
+      // Another worker is lost: the run fails and the group re-forms; stop waiting for this one.
+      if (abandon.load()) return absl::AbortedError("run abandoned");
+      if (Clock::now() - *begin > options.timeout + options.compute_timeout) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("rank ", r, " computed its share for longer than ",
+                         (options.timeout + options.compute_timeout).count(), " ms"));
+      }
+    }
+    // The stats first: a worker that failed or was stopped sends no output.
+    stats.ranks[r] = StatsFromWords(words);
+    if (words[5] != 0) {
+      std::lock_guard<std::mutex> lock(gather_mutex);
+      if (worker_failed.ok()) {
+        // The worker's own log has its message; the code and the rank reach the caller.
+        worker_failed = absl::Status(
+            static_cast<absl::StatusCode>(words[5]),
+            absl::StrCat("rank ", r, " failed to compute its share (",
+                         absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
+                         "; see that rank's log)"));
+      }
+      return absl::OkStatus();
+    }
+    sends_output[r] = 1;
+    if (!run.separate_plane()) return receive_output(r, options.timeout, buffer);
+    return absl::OkStatus();
+  };
+  std::thread gather([&] {
+    std::vector<std::thread> workers;
+    for (int r = 1; r < world; ++r) {
+      workers.emplace_back([&, r] {
+        absl::Status status = gather_worker(r);
+        if (!status.ok()) {
+          stop = true;     // A lost worker stops rank 0's compute at once, and the other
+          abandon = true;  // workers' waits at their next progress frame (the communicator,
+                           // broken, has ended the waits in flight and closed every connection,
+                           // which stops the other workers' compute: ServeShardedRun).
+          // A timeout is the cause, where one comes: the calls it ended name it in their
+          // messages, but as UNAVAILABLE.
+          std::lock_guard<std::mutex> lock(gather_mutex);
+          if (gathered.ok() ||
+              (absl::IsDeadlineExceeded(status) && !absl::IsDeadlineExceeded(gathered))) {
+            gathered = std::move(status);
+          }
+        }
+      });
+    }
+    for (std::thread& t : workers) t.join();
+    gather_done = true;
+  });
+  JoinOnExit gather_joiner{gather};
+
   absl::Status scattered;
   // Each worker's q, k and v share in pieces of whole rows, each announced by a piece word. The
   // request's flag is looked at before every piece: once it is up, the worker being sent to and
@@ -570,107 +679,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     engine::CopyShareOut(problem.v, mine, true, const_cast<void*>(run.v.data));
   }
   DA_RETURN_IF_ERROR(run.Exchange());
-
-  // The gather runs on a thread posted before rank 0 computes: a worker that finishes first is
-  // not left waiting in its (synchronous) Send, and a worker lost at any time is noticed at once
-  // and stops rank 0's compute. Workers write disjoint parts of the output. With a data plane the
-  // thread takes the stats only; the outputs come over the plane after rank 0's compute.
-  ShardRunStats stats;
-  stats.strategy = problem.strategy;
-  stats.precision = problem.precision;
-  stats.ranks.resize(world);
-  std::atomic<bool> stop{false};
-  std::atomic<bool> gather_done{false};
-  absl::Status gathered, worker_failed;
-  std::vector<char> sends_output(world, 0);  // The worker computed its share (one writer each).
-  // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
-  // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
-  std::atomic<bool> stop_words_sent{false};
-  const auto send_stop_words = [&](int64_t word) -> absl::Status {
-    if (stop_words_sent.exchange(true)) return absl::OkStatus();
-    for (int r = 1; r < world; ++r) {
-      DA_RETURN_IF_ERROR(comm.Send(&word, kStopWordBytes, r, kStopTag, options.timeout));
-    }
-    return absl::OkStatus();
-  };
-  // Worker r's output share, into its place in the whole output.
-  const auto receive_output = [&](int r, std::chrono::milliseconds limit,
-                                  std::vector<uint8_t>& buffer) -> absl::Status {
-    const Share& share = run.layout().shares[r];
-    const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
-    if (engine::ShareIsContiguous(shape, share)) {
-      return plane.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
-                                                                shape.heads, problem.out.dtype)),
-                        bytes, r, kGatherTag, limit);
-    }
-    buffer.resize(bytes);
-    DA_RETURN_IF_ERROR(plane.Recv(buffer.data(), bytes, r, kGatherTag, limit));
-    engine::CopyShareIn(buffer.data(), share, problem.out);
-    return absl::OkStatus();
-  };
-  // One thread per worker, so that a worker lost while another computes is noticed within the
-  // collective timeout: a computing worker sends a progress frame at least every third of it
-  // (kProgressWord), so silence for a whole timeout means the worker (or its link) is gone, even
-  // when no connection closes. Its compute may take up to compute_timeout in all.
-  std::mutex gather_mutex;  // worker_failed and gathered.
-  std::atomic<bool> abandon{false};
-  const auto gather_worker = [&](int r) -> absl::Status {
-    std::vector<uint8_t> buffer;
-    const Clock::time_point begin = Clock::now();
-    std::vector<int64_t> words(kStatsWords);
-    for (;;) {
-      DA_RETURN_IF_ERROR(comm.Recv(words.data(), kStatsWords * 8, r, kGatherTag, options.timeout));
-      if (words[5] != kProgressWord) break;
-      // Another worker is lost: the run fails and the group re-forms; stop waiting for this one.
-      if (abandon.load()) return absl::AbortedError("run abandoned");
-      if (Clock::now() - begin > options.timeout + options.compute_timeout) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("rank ", r, " computed its share for longer than ",
-                         (options.timeout + options.compute_timeout).count(), " ms"));
-      }
-    }
-    // The stats first: a worker that failed or was stopped sends no output.
-    stats.ranks[r] = StatsFromWords(words);
-    if (words[5] != 0) {
-      std::lock_guard<std::mutex> lock(gather_mutex);
-      if (worker_failed.ok()) {
-        // The worker's own log has its message; the code and the rank reach the caller.
-        worker_failed = absl::Status(
-            static_cast<absl::StatusCode>(words[5]),
-            absl::StrCat("rank ", r, " failed to compute its share (",
-                         absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
-                         "; see that rank's log)"));
-      }
-      return absl::OkStatus();
-    }
-    sends_output[r] = 1;
-    if (!run.separate_plane()) return receive_output(r, options.timeout, buffer);
-    return absl::OkStatus();
-  };
-  std::thread gather([&] {
-    std::vector<std::thread> workers;
-    for (int r = 1; r < world; ++r) {
-      workers.emplace_back([&, r] {
-        absl::Status status = gather_worker(r);
-        if (!status.ok()) {
-          stop = true;     // A lost worker stops rank 0's compute at once, and the other
-          abandon = true;  // workers' waits at their next progress frame (the communicator,
-                           // broken, has ended the waits in flight and closed every connection,
-                           // which stops the other workers' compute: ServeShardedRun).
-          // A timeout is the cause, where one comes: the calls it ended name it in their
-          // messages, but as UNAVAILABLE.
-          std::lock_guard<std::mutex> lock(gather_mutex);
-          if (gathered.ok() ||
-              (absl::IsDeadlineExceeded(status) && !absl::IsDeadlineExceeded(gathered))) {
-            gathered = std::move(status);
-          }
-        }
-      });
-    }
-    for (std::thread& t : workers) t.join();
-    gather_done = true;
-  });
-  JoinOnExit gather_joiner{gather};
 
   // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
   // polls the caller's cancellation every millisecond until every worker has answered, and on

@@ -363,6 +363,45 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   return 0;
 }
 
+// "slow_scatter" and "plane_slow_scatter": every scatter piece takes 150 ms to send (a slow link)
+// and a timeout is 1 s, so that the scatter to each worker takes longer than a timeout: the last
+// worker waits for the others' shares, and rank 0 for the workers' first frames, longer than one.
+constexpr milliseconds kSlowScatterTimeout{1000};
+constexpr milliseconds kSlowScatterPieceDelay{150};
+
+// Rank 0's communicator (or plane) whose Sends with `tag` (every Send: -1) take `delay` longer.
+class SlowSends final : public Communicator {
+ public:
+  SlowSends(Communicator& inner, int tag, milliseconds delay)
+      : inner_(inner), tag_(tag), delay_(delay) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  std::string backend() const override { return inner_.backend(); }
+  Capabilities capabilities() const override { return inner_.capabilities(); }
+  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
+                         milliseconds timeout) override {
+    return inner_.AllGather(send, recv, bytes, timeout);
+  }
+  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
+    return inner_.Broadcast(data, bytes, root, timeout);
+  }
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    if (tag_ < 0 || tag == tag_) std::this_thread::sleep_for(delay_);
+    return inner_.Send(data, bytes, peer, tag, timeout);
+  }
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    return inner_.Recv(data, bytes, peer, tag, timeout);
+  }
+  absl::Status Barrier(milliseconds timeout) override { return inner_.Barrier(timeout); }
+  Counters counters() const override { return inner_.counters(); }
+
+ private:
+  Communicator& inner_;
+  const int tag_;
+  const milliseconds delay_;
+};
+
 // Rank 0's communicator, which raises a flag once it has sent its n-th piece word saying a piece
 // follows: a cancel at a known point in the middle of a scatter.
 class CancelAfterPieceWords final : public Communicator {
@@ -479,6 +518,9 @@ int RunRank(const RankFlags& flags) {
       const Communicator::Counters before = (*comm)->counters();
       ShardRunOptions serve_options = Options(&compute, &buffers, plane.get());
       if (flags.scenario == "plane_slow_root") serve_options.timeout = kSlowRootTimeout;
+      if (flags.scenario == "slow_scatter" || flags.scenario == "plane_slow_scatter") {
+        serve_options.timeout = kSlowScatterTimeout;
+      }
       if (flags.scenario == "plane_root_lost") {
         serve_options.timeout = kRootLostTimeout;
         serve_options.compute_timeout = kRootLostComputeTimeout;
@@ -557,6 +599,44 @@ int RunRank(const RankFlags& flags) {
                                  AnsweredInStep(served)),
                  served.ToString());
     }
+  }
+  if (flags.scenario == "slow_scatter" || flags.scenario == "plane_slow_scatter") {
+    // HEADS, two heads per rank: each worker's share is 12 pieces of 128 KiB, 1.8 s to send; the
+    // run is exact.
+    const ProblemShape shape{1, 2048, 6, 6, 32};
+    engine::testing::OwnedProblem p =
+        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
+    p.spec.patterns = {{256, 1}, {2048, 4}};
+    OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
+    RANK_CHECK_OK(rank_backend.Run(p.q.view(), p.k.view(), p.v.view(), p.spec,
+                                   single.mutable_view(), {compute.pool}));
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
+    problem.strategy = ShardPolicy::kHeads;
+    problem.compute = compute;
+    // Without a plane the pieces go on the control communicator with their tag; on a plane
+    // (tags dropped) rank 0 sends nothing but pieces for HEADS.
+    const bool on_plane = plane != nullptr;
+    SlowSends slow(on_plane ? *plane : **comm, on_plane ? -1 : kScatterTag, kSlowScatterPieceDelay);
+    ShardRunOptions run_options = Options(nullptr, nullptr, on_plane ? &slow : nullptr);
+    run_options.timeout = kSlowScatterTimeout;
+    run_options.scatter_piece_bytes = 128 << 10;
+    const auto started = std::chrono::steady_clock::now();
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(on_plane ? **comm : slow, problem, run_options);
+    RANK_CHECK(result.ok(), result.status().ToString());
+    const double run_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    RANK_CHECK(run_s > 3 * kSlowScatterTimeout.count() / 1000.0, "the scatter took only ", run_s,
+               " s");
+    const double error = engine::testing::MaxRelativeError(p.out, single);
+    RANK_CHECK(error <= 1e-6, "max relative error ", error);
+    std::fprintf(stderr, "rank 0: a %.1f s scatter with a 1 s timeout, exact\n", run_s);
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    for (int r = 1; r < flags.size; ++r) {
+      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+    }
+    return 0;
   }
   if (flags.scenario == "plane_slow_root") {
     // HEADS, half the heads each: the worker computes its half at once and sends its output over
@@ -915,6 +995,16 @@ TEST(ShardedRunFailureTest, ALostWorkerStopsTheOthersAtOnce) {
 TEST(ShardedRunFailureTest, AWorkerWhoseRank0IsLostStopsComputing) {
   testing::RankGroup group(2, "root_lost");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunTest, AScatterLongerThanATimeoutRuns) {
+  testing::RankGroup group(3, "slow_scatter");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, AScatterLongerThanATimeoutRuns) {
+  testing::RankGroup group(3, "plane_slow_scatter");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunCancelTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
