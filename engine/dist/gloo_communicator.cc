@@ -293,6 +293,12 @@ class GlooCommunicator : public Communicator {
     } else if (broken_.ok()) {
       broken_ = status;
       Break();
+    } else if (!absl::IsDeadlineExceeded(status)) {
+      // Another call's failure broke the group while this one ran (its connection closed under
+      // it): that failure is the cause. A timeout is a cause of its own (Gloo closes every
+      // connection as it times out, so a bystander's failure may be recorded first).
+      return absl::UnavailableError(absl::StrCat(
+          "Gloo ", what, " on ", Where(), " ended: the group failed (", broken_.message(), ")"));
     }
     return status;
   }
