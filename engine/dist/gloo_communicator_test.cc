@@ -220,6 +220,52 @@ int RunKilledPeer(const RankFlags& flags, KeyValueStore& store, Communicator& co
   return 0;
 }
 
+// Rank 2 ends while rank 0 waits, on two threads, for a message from rank 1 (which never sends)
+// and one from rank 2, and rank 1 waits for one from rank 0: rank 0's failure with rank 2 ends
+// its other wait at once and closes its connection to rank 1, whose wait fails at once too, all
+// long before their 10 s timeout.
+int RunFailureReachesEveryone(const RankFlags& flags, KeyValueStore& store, Communicator& comm) {
+  std::vector<char> one(64), all(64 * flags.size);
+  RANK_CHECK_OK(comm.AllGather(one.data(), all.data(), 64, kOpTimeout));  // All connected.
+  if (flags.rank == 2) {
+    std::this_thread::sleep_for(milliseconds(300));  // The others are waiting by then.
+    std::_Exit(0);
+  }
+  std::vector<char> data(64);
+  const auto start = Clock::now();
+  if (flags.rank == 1) {
+    const absl::Status waited = comm.Recv(data.data(), data.size(), 0, 7, kOpTimeout);
+    const int64_t ms = MsSince(start);
+    RANK_CHECK(waited.code() == absl::StatusCode::kUnavailable, waited.ToString());
+    RANK_CHECK(ms < 2000, "rank 1 heard of the failure after ", ms, " ms");
+    std::fprintf(stderr, "rank 1: %lld ms: %s\n", static_cast<long long>(ms),
+                 waited.ToString().c_str());
+    return 0;
+  }
+  absl::Status from_1;
+  int64_t from_1_ms = 0;
+  std::thread waiter([&] {
+    from_1 = comm.Recv(data.data(), data.size(), 1, 7, kOpTimeout);
+    from_1_ms = MsSince(start);
+  });
+  std::vector<char> more(64);
+  const absl::Status from_2 = comm.Recv(more.data(), more.size(), 2, 7, kOpTimeout);
+  const int64_t from_2_ms = MsSince(start);
+  waiter.join();
+  RANK_CHECK(from_2.code() == absl::StatusCode::kUnavailable &&
+                 from_2.message().find("with peer 2") != std::string::npos,
+             from_2.ToString());
+  RANK_CHECK(from_1.code() == absl::StatusCode::kUnavailable &&
+                 from_1.message().find("ended: the group failed (") != std::string::npos &&
+                 from_1.message().find("with peer 2") != std::string::npos,
+             from_1.ToString());
+  RANK_CHECK(from_1_ms - from_2_ms < 500, "the wait for rank 1 ended ", from_1_ms - from_2_ms,
+             " ms after the failure");
+  std::fprintf(stderr, "rank 0: %lld ms: %s\n", static_cast<long long>(from_1_ms),
+               from_1.ToString().c_str());
+  return 0;
+}
+
 // Rank 1 never takes part: rank 0's Recv and then (in a re-formed group) AllGather must return
 // DEADLINE_EXCEEDED close to their 300 ms timeout.
 int RunTimeout(const RankFlags& flags, KeyValueStore& store, Communicator& comm) {
@@ -268,6 +314,9 @@ int RunRank(const RankFlags& flags) {
   if (flags.scenario == "killed_in_operation") return RunKilledPeer(flags, **store, **comm, true);
   if (flags.scenario == "killed_while_idle") return RunKilledPeer(flags, **store, **comm, false);
   if (flags.scenario == "timeout") return RunTimeout(flags, **store, **comm);
+  if (flags.scenario == "failure_reaches_everyone") {
+    return RunFailureReachesEveryone(flags, **store, **comm);
+  }
   RANK_CHECK(false, "unknown scenario ", flags.scenario);
 }
 
@@ -318,6 +367,11 @@ void KillOneRankAndCheckTheOthers(bool in_operation) {
         rank, in_operation ? "AllGather" : "next", after_kill_ms,
         static_cast<long long>(call_time_ms));
   }
+}
+
+TEST(GlooCommunicatorTest, AFailureEndsTheCallsInFlightAndReachesEveryPeer) {
+  Group group(3, "failure_reaches_everyone");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(GlooCommunicatorTest, PeerKilledDuringAllGatherMakesTheOthersFailWithUnavailable) {
