@@ -433,16 +433,28 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
   // Write on a thread of its own while this one reads: the server answers chunks while later
   // blocks are still arriving, and would otherwise fill both flow-control windows and leave both
   // sides waiting.
+  // Out of memory on either thread (a block, the whole output) ends the call with
+  // RESOURCE_EXHAUSTED instead of the process (an exception must not leave a thread's function).
+  const auto out_of_memory = [](const char* what) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        std::string("out of memory on this client while ") + what);
+  };
+  grpc::Status writer_status;
   std::thread writer([&] {
-    v1::AttendStreamRequest first;
-    *first.mutable_header() = header;
-    grpc::Slice serialized(first.SerializeAsString());
-    grpc::ByteBuffer buffer(&serialized, 1);
-    if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
-    while (next_buffer(&buffer)) {
-      if (!stream->Write(buffer)) return;
+    try {
+      v1::AttendStreamRequest first;
+      *first.mutable_header() = header;
+      grpc::Slice serialized(first.SerializeAsString());
+      grpc::ByteBuffer buffer(&serialized, 1);
+      if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
+      while (next_buffer(&buffer)) {
+        if (!stream->Write(buffer)) return;
+      }
+      stream->WritesDone();
+    } catch (const std::bad_alloc&) {
+      writer_status = out_of_memory("making a block to send");
+      context.TryCancel();
     }
-    stream->WritesDone();
   });
 
   grpc::Status answer_status;
@@ -454,22 +466,26 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
   while (stream->Read(&buffer)) {
     slices.clear();
     pieces.clear();
-    if (grpc::Status dumped = buffer.Dump(&slices); !dumped.ok()) {
-      answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
-                                   "cannot read an answer message: " + dumped.error_message());
-    } else {
-      for (const grpc::Slice& slice : slices) {
-        pieces.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
-      }
-      if (absl::Status parsed = ParseAnswer(pieces, &message, &block); !parsed.ok()) {
-        answer_status = grpc::Status(
-            grpc::StatusCode::INTERNAL,
-            "the server's answer is not an AttendStreamResponse: " + std::string(parsed.message()));
-      } else if (message.has_block()) {
-        answer_status = answers.on_block(block);
+    try {
+      if (grpc::Status dumped = buffer.Dump(&slices); !dumped.ok()) {
+        answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
+                                     "cannot read an answer message: " + dumped.error_message());
       } else {
-        answer_status = answers.on_message(message);
+        for (const grpc::Slice& slice : slices) {
+          pieces.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
+        }
+        if (absl::Status parsed = ParseAnswer(pieces, &message, &block); !parsed.ok()) {
+          answer_status = grpc::Status(grpc::StatusCode::INTERNAL,
+                                       "the server's answer is not an AttendStreamResponse: " +
+                                           std::string(parsed.message()));
+        } else if (message.has_block()) {
+          answer_status = answers.on_block(block);
+        } else {
+          answer_status = answers.on_message(message);
+        }
       }
+    } catch (const std::bad_alloc&) {
+      answer_status = out_of_memory("taking the answer");
     }
     if (!answer_status.ok()) {
       // The caller refused the answer: stop the call and drain so that Finish() returns promptly.
@@ -482,6 +498,7 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
   writer.join();
   const grpc::Status call_status = stream->Finish();
   if (!answer_status.ok()) return answer_status;
+  if (!writer_status.ok()) return writer_status;
   return call_status;
 }
 

@@ -115,6 +115,51 @@ TEST_F(AttentionClientTest, DeadlinesEndUnaryAndStreamedCalls) {
   }
 }
 
+// Running out of memory while making a block or taking an answer (the whole output is reserved
+// as the first block arrives) ends the call with RESOURCE_EXHAUSTED, not the process: the
+// exception must not leave the writer thread or skip its join.
+TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
+  v1::StreamHeader header;
+  *header.mutable_spec() = request.spec();
+  header.set_dtype(v1::DTYPE_FP32);
+  header.set_batch(1);
+  header.set_seq_len(256);
+  header.set_heads(2);
+  header.set_kv_heads(2);
+  header.set_head_dim(8);
+  const auto blocks = [&](int* sent, bool fail) {
+    return [&request, sent, fail](v1::TokenBlock* block) {
+      if (*sent == 256) return false;
+      if (fail && *sent == 128) throw std::bad_alloc();
+      block->set_token_start(*sent);
+      block->set_token_count(64);
+      const int64_t row = 2 * 8 * 4;
+      block->set_query(request.query().data().substr(*sent * row, 64 * row));
+      block->set_key(request.key().data().substr(*sent * row, 64 * row));
+      block->set_value(request.value().data().substr(*sent * row, 64 * row));
+      *sent += 64;
+      return true;
+    };
+  };
+  int sent = 0;
+  grpc::Status status =
+      client_.AttendStreamBlocks(header, blocks(&sent, false),
+                                 [](const v1::AttendStreamResponse& message) -> grpc::Status {
+                                   if (message.has_block()) throw std::bad_alloc();
+                                   return grpc::Status::OK;
+                                 },
+                                 {.timeout_ms = 20000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("out of memory on this client while taking"));
+  sent = 0;
+  status = client_.AttendStreamBlocks(
+      header, blocks(&sent, true), [](const v1::AttendStreamResponse&) { return grpc::Status::OK; },
+      {.timeout_ms = 20000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("out of memory on this client while making"));
+}
+
 TEST_F(AttentionClientTest, AttendStreamRejectsAnUnsplittableRequestLocally) {
   v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
   request.mutable_value()->mutable_data()->resize(3);

@@ -52,6 +52,11 @@ absl::Status CallFlags::Check() const {
   if (absl::Status status = CheckAtLeast(timeout_ms, 0, "--timeout-ms"); !status.ok()) {
     return status;
   }
+  if (timeout_ms > kMaxTimeoutMs) {
+    // Past it the deadline would overflow the clock into the past.
+    return Invalid(absl::StrCat("--timeout-ms: ", timeout_ms, " is above the limit of ",
+                                kMaxTimeoutMs, " (a year; 0: no deadline)"));
+  }
   if (absl::Status status = CheckAtLeast(parallel_streams, 0, "--parallel-streams"); !status.ok()) {
     return status;
   }

@@ -28,6 +28,7 @@ namespace da::client {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 constexpr auto kTimeLimit = std::chrono::seconds(20);
@@ -142,6 +143,24 @@ TEST_F(CliTest, MissingFileIsOneErrorLine) {
   ExpectOneErrorLine(result, 1, "da-client: error: " + Path("missing.npy") + ": cannot open");
 }
 
+TEST_F(CliTest, ADirectoryIsNotAnInputFile) {
+  const RunResult result = RunClient(Attend(ScratchDir(), "127.0.0.1:1"));
+  ExpectOneErrorLine(result, 1, "da-client: error: " + ScratchDir() + ": not a regular file");
+}
+
+// A TLS file without a PEM block (empty, a directory, /dev/null) is refused before anything is
+// sent: an empty CA would have gRPC trust the system's public roots instead of the user's CA.
+TEST_F(CliTest, ATlsFileWithoutPemIsRefused) {
+  std::ofstream(Path("empty.pem")).flush();
+  for (const std::string& path : {std::string("/dev/null"), Path("empty.pem"), ScratchDir()}) {
+    SCOPED_TRACE(path);
+    const RunResult result = RunClient({"info", "--server", "127.0.0.1:1", "--tls-ca", path});
+    EXPECT_EQ(result.exit_code, 1) << result.err;
+    EXPECT_THAT(result.err, HasSubstr("--tls-ca " + path + ": "));
+    EXPECT_THAT(result.err, Not(HasSubstr("UNAVAILABLE")));
+  }
+}
+
 TEST_F(CliTest, UnsupportedDtypeIsOneErrorLine) {
   const RunResult result = RunClient(Attend(Path("f8.npy"), "127.0.0.1:1"));
   ExpectOneErrorLine(result, 1,
@@ -196,6 +215,10 @@ TEST_F(CliTest, BadFlagValuesAreOneErrorLineWithUsageExit) {
        "da-client: error: "},
       {{"attend", "--k", "k.npy", "--v", "v.npy", "--segments", "4", "--dilations", "1"},
        "da-client: error: --q is required"},
+      {{"random", "--seq-len", "8", "--heads", "2", "--head-dim", "4", "--segments", "4",
+        "--dilations", "1", "--timeout-ms", "9999999999999"},
+       "da-client: error: --timeout-ms: 9999999999999 is above the limit of 31536000000 (a year; "
+       "0: no deadline)"},
       {{"frobnicate"}, "da-client: error: unknown subcommand 'frobnicate'"},
       {{}, "da-client: error: A subcommand is required"},
   };

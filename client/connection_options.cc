@@ -29,6 +29,18 @@ absl::StatusOr<std::string> ReadFile(const char* flag, const std::string& path) 
   return text.str();
 }
 
+// A TLS file's PEM text. An empty or unreadable one (a directory, /dev/null, a file that failed to
+// generate) is refused: an empty CA would make gRPC trust the system's public roots instead.
+absl::StatusOr<std::string> ReadPem(const char* flag, const std::string& path) {
+  absl::StatusOr<std::string> text = ReadFile(flag, path);
+  if (!text.ok()) return text.status();
+  if (text->find("-----BEGIN ") == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, " ", path, ": no PEM block ('-----BEGIN') in its ", text->size(), " bytes"));
+  }
+  return text;
+}
+
 absl::StatusOr<std::string> ReadToken(const std::string& path) {
   absl::StatusOr<std::string> text = ReadFile("--token-file", path);
   if (!text.ok()) return text.status();
@@ -88,7 +100,7 @@ absl::StatusOr<ConnectionOptions> LoadConnectionOptions(const ConnectionFiles& f
                                  {"--tls-cert", &files.tls_cert, &options.tls_cert_chain_pem},
                                  {"--tls-key", &files.tls_key, &options.tls_private_key_pem}}) {
     if (path->empty()) continue;
-    absl::StatusOr<std::string> text = ReadFile(flag, *path);
+    absl::StatusOr<std::string> text = ReadPem(flag, *path);
     if (!text.ok()) return text.status();
     *pem = *std::move(text);
   }

@@ -23,6 +23,10 @@
 
 namespace da::client {
 
+// The longest deadline a flag may ask for (--timeout-ms, --deadline-ms): a year. Far past it the
+// deadline, a nanosecond count, overflows into the past; 0 asks for none.
+inline constexpr int64_t kMaxTimeoutMs = int64_t{365} * 24 * 3600 * 1000;
+
 // What the channel uses: PEM contents and the token, already read.
 struct ConnectionOptions {
   bool tls = false;

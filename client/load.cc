@@ -223,6 +223,10 @@ absl::Status LoadOptions::Check() const {
   if (deadline_ms < 0) {
     return Invalid(absl::StrCat("--deadline-ms is ", deadline_ms, "; must be >= 0 (0: none)"));
   }
+  if (deadline_ms > kMaxTimeoutMs) {
+    return Invalid(absl::StrCat("--deadline-ms is ", deadline_ms, "; must be at most ",
+                                kMaxTimeoutMs, " (a year; 0: none)"));
+  }
   if (stream_override < -1 || stream_override > 1) {
     return Invalid(absl::StrCat("stream_override is ", stream_override, "; must be -1, 0 or 1"));
   }

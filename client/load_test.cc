@@ -385,6 +385,8 @@ TEST(LoadOptionsTest, ChecksNameTheFlagTheValueAndTheLimit) {
       {[](LoadOptions& o) { o.malformed_fraction = 1.5; },
        "--malformed-fraction is 1.5; must be in [0, 1]"},
       {[](LoadOptions& o) { o.deadline_ms = -5; }, "--deadline-ms is -5; must be >= 0 (0: none)"},
+      {[](LoadOptions& o) { o.deadline_ms = int64_t{1} << 50; },
+       "--deadline-ms is 1125899906842624; must be at most 31536000000 (a year; 0: none)"},
       {[](LoadOptions& o) { o.server = ""; }, "--server must not be empty"},
   };
   for (const auto& [mutate, message] : cases) {

@@ -1,5 +1,7 @@
 #include "client/npy.h"
 
+#include <sys/stat.h>
+
 #include <cctype>
 #include <cerrno>
 #include <cstring>
@@ -203,12 +205,12 @@ absl::StatusOr<size_t> ParseHeader(absl::string_view bytes, absl::string_view na
     array->dtype = NpyDType::kFloat16;
   } else if (*descr == "<V2" || *descr == "|V2" || *descr == "bfloat16") {
     array->dtype = NpyDType::kBFloat16;  // ml_dtypes' bfloat16, as np.save writes it.
-  } else if (*descr == "<u2" && options.bf16_as_uint16) {
-    array->dtype = NpyDType::kBFloat16;
+  } else if ((*descr == "<u2" || *descr == "<i2") && options.bf16_as_uint16) {
+    array->dtype = NpyDType::kBFloat16;  // The bits, as numpy holds them (torch: view(int16)).
   } else if (*descr == "<u2" || *descr == "<i2") {
     return fail(absl::StrCat("unsupported dtype '", *descr,
                              "' (expected '<f4', '<f2' or bfloat16 as '<V2'; for bf16 bits in a "
-                             "uint16 array, pass --bf16-as-uint16)"));
+                             "uint16 or int16 array, pass --bf16-as-uint16)"));
   } else {
     return fail(absl::StrCat("unsupported dtype '", *descr,
                              "' (expected '<f4', '<f2' or bfloat16 as '<V2')"));
@@ -299,6 +301,10 @@ absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view nam
 }
 
 absl::StatusOr<NpyArray> ReadNpy(const std::string& path, const NpyOptions& options) {
+  struct stat info {};
+  if (stat(path.c_str(), &info) == 0 && !S_ISREG(info.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   if (!file)
     return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));

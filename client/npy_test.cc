@@ -99,8 +99,15 @@ TEST(NpyTest, ReadsBFloat16InBothConventions) {
       RawNpy(1, "{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }", bits);
   EXPECT_EQ(ParseError(uint16),
             "x.npy: unsupported dtype '<u2' (expected '<f4', '<f2' or bfloat16 as '<V2'; for bf16 "
-            "bits in a uint16 array, pass --bf16-as-uint16)");
+            "bits in a uint16 or int16 array, pass --bf16-as-uint16)");
   absl::StatusOr<NpyArray> parsed = ParseNpy(uint16, "b.npy", {.bf16_as_uint16 = true});
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->dtype, NpyDType::kBFloat16);
+  EXPECT_EQ(parsed->data, bits);
+  // torch's bf16 bits come out of .view(torch.int16).numpy() as int16: the same bits.
+  const std::string int16 =
+      RawNpy(1, "{'descr': '<i2', 'fortran_order': False, 'shape': (2,), }", bits);
+  parsed = ParseNpy(int16, "b.npy", {.bf16_as_uint16 = true});
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(parsed->dtype, NpyDType::kBFloat16);
   EXPECT_EQ(parsed->data, bits);

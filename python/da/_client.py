@@ -362,15 +362,24 @@ def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_messag
     if bool(tls_cert) != bool(tls_key):
         raise errors.invalid("tls_cert and tls_key go together")
 
-    def read(path):
+    def read(name, path):
+        """The PEM file's bytes; one without a PEM block (empty, a directory, /dev/null) is
+        refused: an empty CA must not stand for the system's public roots."""
         if path is None:
             return None
-        with open(path, "rb") as f:
-            return f.read()
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+        except OSError as error:
+            raise errors.invalid(f"{name} {path}: cannot read: {error.strerror}") from None
+        if b"-----BEGIN " not in pem:
+            raise errors.invalid(f"{name} {path}: no PEM block ('-----BEGIN') in its "
+                                 f"{len(pem)} bytes")
+        return pem
 
-    credentials = grpc.ssl_channel_credentials(root_certificates=read(tls_ca),
-                                               private_key=read(tls_key),
-                                               certificate_chain=read(tls_cert))
+    credentials = grpc.ssl_channel_credentials(root_certificates=read("tls_ca", tls_ca),
+                                               private_key=read("tls_key", tls_key),
+                                               certificate_chain=read("tls_cert", tls_cert))
     return module.secure_channel(target, credentials, options=channel_options)
 
 

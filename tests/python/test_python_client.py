@@ -185,6 +185,11 @@ class PythonClientTest(unittest.TestCase):
                                   priority=True)
         self.assertIn("priority True must be an int", str(caught.exception))
         nowhere.close()
+        # A CA file without a PEM block would stand for the system's roots: refused by name.
+        for path in (os.devnull, os.path.dirname(os.path.abspath(__file__))):
+            with self.subTest(tls_ca=path), self.assertRaises(da.InvalidArgument) as empty:
+                da.Client("127.0.0.1:1", tls_ca=path)
+            self.assertIn(f"tls_ca {path}: ", str(empty.exception))
         # Errors cross process boundaries (multiprocessing, concurrent.futures) whole.
         import pickle
         copied = pickle.loads(pickle.dumps(caught.exception))
