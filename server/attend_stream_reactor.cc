@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 
+#include "absl/numeric/int128.h"
 #include "absl/strings/str_format.h"
 #include "engine/admission.h"
 #include "engine/status_macros.h"
@@ -15,6 +17,8 @@ namespace da::server {
 namespace {
 
 constexpr int64_t kOutputMessageBytes = int64_t{4} << 20;
+// A block message's bytes besides its tokens' (field tags and lengths, token_start and count).
+constexpr int64_t kBlockFramingBytes = 64;
 
 // A small message (a header or a trailer) as one slice.
 grpc::ByteBuffer SerializedMessage(const v1::AttendStreamResponse& message) {
@@ -51,7 +55,7 @@ bool AttendStreamReactor::CheckIdle(StreamWatch::Clock::time_point now,
   if (finished_ || idle_ended_ || computing_) return false;
   // A failed stream finishes as soon as nothing is in flight, unless its last write waits on a
   // client that reads nothing: that one is ended like an idle stream, keeping its error.
-  if (!error_.ok() && !write_in_flight_) return false;
+  if (!error_.ok() && !write_in_flight_ && !metadata_in_flight_) return false;
   const auto idle = std::chrono::duration_cast<std::chrono::milliseconds>(now - last_progress_);
   if (idle <= idle_timeout) return false;
   if (!error_.ok()) {
@@ -65,7 +69,7 @@ bool AttendStreamReactor::CheckIdle(StreamWatch::Clock::time_point now,
       "(--stream-idle-timeout-ms %d)",
       assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len, chunks_computed_,
       reserved, idle_timeout.count());
-  if (write_in_flight_) {
+  if (write_in_flight_ || metadata_in_flight_) {
     Fail(WithServerRejectReason(
         absl::CancelledError(absl::StrFormat(
             "stream idle: the client read no answer message for %d ms %s", idle.count(), progress)),
@@ -85,10 +89,11 @@ void AttendStreamReactor::EndIdle() {
   bool cancel = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    cancel = write_in_flight_;
+    cancel = write_in_flight_ || metadata_in_flight_;
   }
-  // A write the client does not read never completes by itself: cancelling the call returns it
-  // (ok false), and then the stream finishes. Called while starting_ still holds the stream open.
+  // A write (or the initial metadata) the client does not read never completes by itself:
+  // cancelling the call returns it (ok false), and then the stream finishes. Called while starting_
+  // still holds the stream open.
   if (cancel) context_->TryCancel();
   Advance([&] { --starting_; });  // May finish the stream: the last use of this object.
 }
@@ -112,7 +117,7 @@ void AttendStreamReactor::OnReadDone(bool ok) {
     read_in_flight_ = false;
     last_progress_ = std::chrono::steady_clock::now();
     if (finished_ || !error_.ok()) {
-      request_buffer_.Clear();  // A message that arrived after the failure is not needed.
+      ReleaseMessage();  // A message that arrived after the failure is not needed.
       return;
     }
     if (!ok) {  // The client half-closed, or the call is gone.
@@ -141,7 +146,13 @@ void AttendStreamReactor::OnReadDone(bool ok) {
     if (!status.ok()) {
       // Reported below with the rest.
     } else if (message_.kind == StreamMessage::Kind::kHeader) {
-      status = AcceptHeader(message_.header);
+      const int64_t bytes = static_cast<int64_t>(request_buffer_.Length());
+      status = bytes > kMaxHeaderMessageBytes
+                   ? absl::InvalidArgumentError(
+                         absl::StrFormat("header: its message is %d bytes; a header is at most %d",
+                                         bytes, kMaxHeaderMessageBytes))
+                   : AcceptHeader(message_.header);
+      if (status.ok()) ReleaseMessage();  // Everything the stream needs of it is copied.
     } else if (message_.kind == StreamMessage::Kind::kBlock) {
       status = AcceptBlock(message_.block);
     } else {
@@ -168,6 +179,14 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   engine::Limits limits = engine_->limits();
   limits.max_request_bytes = 0;
   DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits));
+  // A block holds whole tokens of every batch element: one token must fit a message.
+  const int64_t token_bytes = problem_.shape.batch * (QueryRowBytes() + 2 * KeyRowBytes());
+  if (token_bytes > settings_.max_message_bytes - kBlockFramingBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header: one token across batch %d needs %d bytes of query, key and value in a block "
+        "message, over --max-message-bytes %d (less %d of framing)",
+        problem_.shape.batch, token_bytes, settings_.max_message_bytes, kBlockFramingBytes));
+  }
 
   DA_ASSIGN_OR_RETURN(
       const StreamLayout layout,
@@ -190,9 +209,9 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
                           out_slot_bytes, layout.chunk_tokens));
     }
   }
-  // Output messages of about 4 MiB (at most half the message limit): small enough that a chunk's
-  // answer starts moving while it is still being copied out, and that gRPC's copies of one
-  // message stay small next to the window.
+  // Output messages of about 4 MiB (at most half the message limit, or one token where that is
+  // more: Admit reserved it): small enough that a chunk's answer starts moving while it is still
+  // being copied out, and that gRPC's copies of one message stay small next to the window.
   const int64_t message_bytes =
       std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
   output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
@@ -223,10 +242,26 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   DA_ASSIGN_OR_RETURN(
       const engine::MemoryEstimate chunk,
       engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.dtype, problem_.spec));
+  // In 128 bits: with --max-request-bytes 0 (no limit) a chunk may be near 2^63 bytes.
+  const absl::int128 wide = absl::int128(settings_.pipeline_depth) * chunk.inputs +
+                            absl::int128(2) * chunk.outputs + chunk.workspace +
+                            settings_.max_message_bytes + (int64_t{16} << 20) +
+                            absl::int128(layout.batch) * layout.q_row_bytes;
+  if (wide > absl::int128(std::numeric_limits<int64_t>::max() / 2)) {
+    return engine::WithRejectReason(
+        absl::ResourceExhaustedError(absl::StrFormat(
+            "the stream's window (%d chunks of %d tokens, %d bytes of inputs each) is beyond any "
+            "memory budget",
+            settings_.pipeline_depth, layout.chunk_tokens, chunk.inputs)),
+        engine::RejectReason::kMemory);
+  }
   const int64_t inputs = settings_.pipeline_depth * chunk.inputs;
   const int64_t outputs = 2 * chunk.outputs;
-  const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes +
-                           std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
+  // The outgoing message: about 4 MiB of whole tokens, or one token where that is larger.
+  const int64_t outgoing =
+      std::max(std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2),
+               layout.batch * layout.q_row_bytes + kBlockFramingBytes);
+  const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes + outgoing;
   // The workspace is host memory on a CPU device; on a GPU it is the device's, which the engine
   // reserves there for each chunk.
   const int64_t workspace = chunk.workspace_on_host ? chunk.workspace : 0;
@@ -271,7 +306,19 @@ void AttendStreamReactor::FeedPendingBlock() {
   if (!pending_block_) return;
   const BlockView& view = message_.block;
   pending_taken_ += assembler_->Fill(view, pending_taken_);
-  if (pending_taken_ == view.token_count) pending_block_ = false;
+  if (pending_taken_ == view.token_count) {
+    pending_block_ = false;
+    // Its bytes are in the chunk: the message goes now, not when the next one arrives (no read is
+    // in flight while a block is pending), so the stream holds one incoming message, not two.
+    ReleaseMessage();
+  }
+}
+
+void AttendStreamReactor::ReleaseMessage() {
+  request_slices_.clear();
+  if (!read_in_flight_) request_buffer_.Clear();  // Otherwise gRPC is filling it.
+  v1::AttendStreamRequest().Swap(&fallback_);     // Clear() would keep its bytes' capacity.
+  message_ = StreamMessage();
 }
 
 AttendStreamReactor::Actions AttendStreamReactor::Decide() {
@@ -336,8 +383,8 @@ void AttendStreamReactor::ReturnWindow() {
   // the read in flight may still receive.
   assembler_.reset();
   out_slots_.clear();
-  request_slices_.clear();
   pending_block_ = false;
+  ReleaseMessage();
   queue_place_.Reset();
   const int64_t held = (write_in_flight_ ? response_bytes_ : 0) +
                        (read_in_flight_ ? settings_.max_message_bytes : 0);

@@ -79,6 +79,10 @@ namespace da::server {
 // server has stopped reading (flow control). Server::Start sets it on the gRPC server.
 inline constexpr int64_t kStreamLookaheadBytes = int64_t{8} << 20;
 
+// The largest header message taken: a StreamHeader is well under a kilobyte, and one padded with
+// unknown fields would be held, uncounted, until admitted.
+inline constexpr int64_t kMaxHeaderMessageBytes = int64_t{1} << 20;
+
 // A client that sends kStreamAdmissionRequest in its request metadata gets the call's initial
 // metadata as soon as the header is admitted (its window reserved), with kStreamWindowMetadata
 // giving the window's bytes, rather than with the first answer; it may wait for it before it
@@ -154,8 +158,11 @@ class AttendStreamReactor final
   absl::Status AcceptBlock(const BlockView& block);           // Under mu_.
   void Fail(absl::Status status);                             // Under mu_; the first error wins.
   void FeedPendingBlock();                                    // Under mu_.
-  Actions Decide();                                           // Under mu_.
-  bool FillNextWrite();                                       // Under mu_: response_buffer_.
+  // Under mu_: drops the last message's bytes (its slices, gRPC's buffer unless a read fills
+  // it, the protobuf fallback, the parsed view) once the stream has what it needs of them.
+  void ReleaseMessage();
+  Actions Decide();      // Under mu_.
+  bool FillNextWrite();  // Under mu_: response_buffer_.
   // Under mu_, once the stream has failed and no run uses its buffers: frees the window and
   // keeps counted only what gRPC still holds for it (ReturnWindow's comment).
   void ReturnWindow();

@@ -72,6 +72,9 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
         context_(context),
         answer_(answer) {
     absl::Status status = ParseUnaryRequest(*body, "Attend", &request_);
+    // The request's bytes are in request_ now: gRPC's copy would otherwise stay until OnDone,
+    // uncounted (the engine counts q, k and v once), also while the answer waits on the client.
+    const_cast<grpc::ByteBuffer*>(body)->Clear();
     if (status.ok()) {
       record_.SetRequestIdField(request_.request_id());
       status = Submit(engine);
@@ -184,7 +187,11 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
       FinishWith(serialized, nullptr);
       return;
     }
-    response_.Clear();  // The answer buffer holds its own copy.
+    // The answer buffer holds its own copy, and the inputs are used: only the answer stays while
+    // it waits on the client (HoldMemory below counts it). Swapped, not cleared: Clear() keeps
+    // the strings' capacity.
+    v1::AttendResponse().Swap(&response_);
+    v1::AttendRequest().Swap(&request_);
     if (before_answer_ != nullptr) (*before_answer_)(*context_);
     finished_ok_ = true;
     // From here the answer waits on the client (see the class comment).

@@ -185,6 +185,44 @@ TEST_F(StreamTest, HeaderAboveMaxTokensIsRefusedBeforeAnyBlock) {
   EXPECT_TRUE(result.responses.empty());
 }
 
+// Headers whose stream could never be held or sent are refused naming the numbers: a header
+// message padded past 1 MiB (held, uncounted, until admitted), a token too wide for one message
+// (no block could ever carry it), and, with no request limit, a window past any budget (its byte
+// count would overflow).
+TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
+  v1::AttendStreamRequest padded = Header();
+  padded.mutable_header()->set_request_id(std::string((1 << 20) + 1, 'x'));
+  ExpectInvalid({padded, Block(0)}, {"header: its message is ", "a header is at most 1048576"});
+
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_message_bytes = 64 << 10;
+  Start(options);
+  v1::AttendStreamRequest wide = Header();
+  wide.mutable_header()->set_batch(256);  // 256 x (4 + 2 x 2) heads x 16 x 4 bytes = 128 KiB.
+  ExpectInvalid({wide},
+                {"one token across batch 256 needs 131072 bytes", "--max-message-bytes 65536"});
+
+  options = testing::LoopbackOptions();
+  options.max_request_bytes = 0;  // No limit: only the budget bounds a stream's window.
+  Start(options);
+  v1::AttendStreamRequest huge = Header();
+  v1::StreamHeader* h = huge.mutable_header();
+  h->set_batch(1);
+  h->set_heads(1);
+  h->set_kv_heads(1);
+  h->set_head_dim(1);
+  h->set_seq_len(int64_t{1} << 58);  // One segment: one chunk of 2^58 tokens, 12 x 2^58 bytes.
+  h->mutable_spec()->clear_segment_lengths();
+  h->mutable_spec()->clear_dilation_rates();
+  h->mutable_spec()->add_segment_lengths(int64_t{1} << 58);
+  h->mutable_spec()->add_dilation_rates(1);
+  const StreamResult result = Run({huge});
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << result.status.error_message();
+  EXPECT_NE(result.status.error_message().find("window"), std::string::npos)
+      << result.status.error_message();
+}
+
 // max_request_bytes bounds what a unary request holds whole; a stream holds only its window.
 TEST_F(StreamTest, StreamAboveMaxRequestBytesIsComputedInItsWindow) {
   ServerOptions options = testing::LoopbackOptions();
