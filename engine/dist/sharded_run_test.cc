@@ -26,7 +26,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -78,10 +81,11 @@ ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
 constexpr milliseconds kSlowRootTimeout{1000};
 constexpr milliseconds kSlowRootDelay{3000};
 
-// A backend that waits `delay` before each share it computes with `inner`.
-class SlowShares final : public engine::Backend {
+// A backend that computes with `inner`, after `before_share` (a delay, a crash) for each share.
+class WrappedShares final : public engine::Backend {
  public:
-  SlowShares(engine::Backend& inner, milliseconds delay) : inner_(inner), delay_(delay) {}
+  WrappedShares(engine::Backend& inner, std::function<void()> before_share)
+      : inner_(inner), before_share_(std::move(before_share)) {}
   std::string Name() const override { return inner_.Name(); }
   std::vector<engine::Precision> Precisions() const override { return inner_.Precisions(); }
   absl::StatusOr<engine::PrecisionChoice> ChoosePrecision(
@@ -101,14 +105,28 @@ class SlowShares final : public engine::Backend {
   }
   absl::Status RunShare(engine::Plan& plan, const engine::ShareProblem& problem,
                         const engine::RunContext& context) override {
-    std::this_thread::sleep_for(delay_);
+    before_share_();
     return inner_.RunShare(plan, problem, context);
   }
 
  private:
   engine::Backend& inner_;
-  const milliseconds delay_;
+  const std::function<void()> before_share_;
 };
+
+// Waits `delay` before each share.
+WrappedShares SlowShares(engine::Backend& inner, milliseconds delay) {
+  return WrappedShares(inner, [delay] { std::this_thread::sleep_for(delay); });
+}
+
+// Ends the process `delay` into each share, as a rank that crashes does.
+WrappedShares ExitInCompute(engine::Backend& inner, milliseconds delay) {
+  return WrappedShares(inner, [delay] {
+    std::this_thread::sleep_for(delay);
+    std::fprintf(stderr, "a rank ends in the middle of its compute, as planned\n");
+    std::_Exit(0);
+  });
+}
 
 // "plane_root_lost": rank 0's process ends in the middle of its compute, after its worker
 // computed and while the worker waits to send its output over a plane that, as NCCL between
@@ -120,39 +138,6 @@ constexpr milliseconds kRootLostComputeTimeout{30000};
 // ends 300 ms into its compute): the rank left computing, about two seconds of work, stops at
 // once. HEADS, two heads of one dense segment per rank.
 ProblemShape LostRankShape(int ranks) { return {1, 24576, 2 * ranks, 2 * ranks, 64}; }
-
-// A backend whose every share ends the process after `delay`, as a rank that crashes does.
-class ExitInCompute final : public engine::Backend {
- public:
-  ExitInCompute(engine::Backend& inner, milliseconds delay) : inner_(inner), delay_(delay) {}
-  std::string Name() const override { return inner_.Name(); }
-  std::vector<engine::Precision> Precisions() const override { return inner_.Precisions(); }
-  absl::StatusOr<engine::PrecisionChoice> ChoosePrecision(
-      const AttentionSpec& spec) const override {
-    return inner_.ChoosePrecision(spec);
-  }
-  absl::Status Supports(const ProblemShape& shape, DType dtype,
-                        const AttentionSpec& spec) const override {
-    return inner_.Supports(shape, dtype, spec);
-  }
-  absl::StatusOr<std::shared_ptr<engine::Plan>> BuildPlan(const engine::PlanKey& key,
-                                                          const std::atomic<bool>* stop) override {
-    return inner_.BuildPlan(key, stop);
-  }
-  int64_t PlanWorkspaceBytes(const engine::PlanKey& key) const override {
-    return inner_.PlanWorkspaceBytes(key);
-  }
-  absl::Status RunShare(engine::Plan&, const engine::ShareProblem&,
-                        const engine::RunContext&) override {
-    std::this_thread::sleep_for(delay_);
-    std::fprintf(stderr, "a rank ends in the middle of its compute, as planned\n");
-    std::_Exit(0);
-  }
-
- private:
-  engine::Backend& inner_;
-  const milliseconds delay_;
-};
 
 // A plane whose failed point-to-point calls report only at their timeout, as NCCL's do where
 // the peer is another process on the same node (shared memory: nothing tells it the peer died).
@@ -212,6 +197,24 @@ ShardedProblem Problem(const engine::TensorView& q, const engine::TensorView& k,
   problem.out = out;
   return problem;
 }
+
+// A random problem of `shape` and `patterns` (p), its single-process output (single, once
+// ComputeSingle ran) and p as a HEADS run writing p.out (problem; its compute is the caller's).
+struct HeadsCase {
+  HeadsCase(const ProblemShape& shape, decltype(AttentionSpec::patterns) patterns, uint32_t seed)
+      : p(engine::testing::RandomProblem(shape, seed)),
+        single(engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape())) {
+    p.spec.patterns = std::move(patterns);
+    problem = Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
+    problem.strategy = ShardPolicy::kHeads;
+  }
+  absl::Status ComputeSingle(engine::Backend& backend, engine::ThreadPool* pool) {
+    return backend.Run(p.q.view(), p.k.view(), p.v.view(), p.spec, single.mutable_view(), {pool});
+  }
+  engine::testing::OwnedProblem p;
+  OwnedTensor single;
+  ShardedProblem problem;
+};
 
 struct Case {
   ProblemShape shape;
@@ -369,11 +372,10 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
 constexpr milliseconds kSlowScatterTimeout{1000};
 constexpr milliseconds kSlowScatterPieceDelay{150};
 
-// Rank 0's communicator (or plane) whose Sends with `tag` (every Send: -1) take `delay` longer.
-class SlowSends final : public Communicator {
+// A communicator that passes every call to `inner`; tests override what they watch or slow.
+class ForwardingCommunicator : public Communicator {
  public:
-  SlowSends(Communicator& inner, int tag, milliseconds delay)
-      : inner_(inner), tag_(tag), delay_(delay) {}
+  explicit ForwardingCommunicator(Communicator& inner) : inner_(inner) {}
   int rank() const override { return inner_.rank(); }
   int size() const override { return inner_.size(); }
   std::string backend() const override { return inner_.backend(); }
@@ -387,7 +389,6 @@ class SlowSends final : public Communicator {
   }
   absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
                     milliseconds timeout) override {
-    if (tag_ < 0 || tag == tag_) std::this_thread::sleep_for(delay_);
     return inner_.Send(data, bytes, peer, tag, timeout);
   }
   absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
@@ -398,44 +399,41 @@ class SlowSends final : public Communicator {
 
  private:
   Communicator& inner_;
+};
+
+// Rank 0's communicator (or plane) whose Sends with `tag` (every Send: -1) take `delay` longer.
+class SlowSends final : public ForwardingCommunicator {
+ public:
+  SlowSends(Communicator& inner, int tag, milliseconds delay)
+      : ForwardingCommunicator(inner), tag_(tag), delay_(delay) {}
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    if (tag_ < 0 || tag == tag_) std::this_thread::sleep_for(delay_);
+    return ForwardingCommunicator::Send(data, bytes, peer, tag, timeout);
+  }
+
+ private:
   const int tag_;
   const milliseconds delay_;
 };
 
 // Rank 0's communicator, which raises a flag once it has sent its n-th piece word saying a piece
 // follows: a cancel at a known point in the middle of a scatter.
-class CancelAfterPieceWords final : public Communicator {
+class CancelAfterPieceWords final : public ForwardingCommunicator {
  public:
   CancelAfterPieceWords(Communicator& inner, std::atomic<bool>* flag, int n)
-      : inner_(inner), flag_(flag), n_(n) {}
-  int rank() const override { return inner_.rank(); }
-  int size() const override { return inner_.size(); }
-  std::string backend() const override { return inner_.backend(); }
-  Capabilities capabilities() const override { return inner_.capabilities(); }
-  absl::Status AllGather(const void* send, void* recv, int64_t bytes,
-                         milliseconds timeout) override {
-    return inner_.AllGather(send, recv, bytes, timeout);
-  }
-  absl::Status Broadcast(void* data, int64_t bytes, int root, milliseconds timeout) override {
-    return inner_.Broadcast(data, bytes, root, timeout);
-  }
+      : ForwardingCommunicator(inner), flag_(flag), n_(n) {}
   absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
                     milliseconds timeout) override {
-    absl::Status sent = inner_.Send(data, bytes, peer, tag, timeout);
+    absl::Status sent = ForwardingCommunicator::Send(data, bytes, peer, tag, timeout);
     if (tag == kPieceTag && bytes == kPieceWordBytes && *static_cast<const int64_t*>(data) == 1 &&
         ++words_ == n_) {
       *flag_ = true;
     }
     return sent;
   }
-  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
-    return inner_.Recv(data, bytes, peer, tag, timeout);
-  }
-  absl::Status Barrier(milliseconds timeout) override { return inner_.Barrier(timeout); }
-  Counters counters() const override { return inner_.counters(); }
 
  private:
-  Communicator& inner_;
   std::atomic<bool>* flag_;
   const int n_;
   std::atomic<int> words_{0};
@@ -490,10 +488,10 @@ int RunRank(const RankFlags& flags) {
     staged_backend = *std::move(made);
     compute = {staged_backend.get(), &plans, &pool, "staged:0"};
   }
-  std::unique_ptr<ExitInCompute> exiting;
+  std::optional<WrappedShares> exiting;
   if (flags.scenario == "worker_lost" && flags.rank == 2) {
-    exiting = std::make_unique<ExitInCompute>(rank_backend, milliseconds(0));
-    compute = {exiting.get(), &plans, &pool};
+    exiting.emplace(ExitInCompute(rank_backend, milliseconds(0)));
+    compute = {&*exiting, &plans, &pool};
   }
   RankBuffers buffers;
   if (flags.rank != 0) {
@@ -545,31 +543,18 @@ int RunRank(const RankFlags& flags) {
         }
         continue;
       }
-      if (flags.scenario == "plane_root_lost") {
-        // Rank 0 ended while this worker waited to send its output: the worker hears it at once
-        // on the control communicator and leaves the group, instead of waiting in a plane send
-        // for rank 0's compute timeout (30 s) and one timeout more.
+      // A rank lost in the run: this worker hears it at once and leaves the group (not in step).
+      //   plane_root_lost: rank 0 ended while this worker waited to send its output; heard on the
+      //     control communicator, not after a plane send's compute timeout (30 s) and more.
+      //   worker_lost: rank 2 ended; rank 0's communicator broke and closed its connections, and
+      //     this worker's stop word's receive failed: it stopped computing.
+      //   root_lost: rank 0 ended 300 ms into the run; the same, from rank 0's own connection.
+      const std::map<std::string, double> lost_rank_limit_s = {
+          {"plane_root_lost", 10}, {"worker_lost", 1}, {"root_lost", 1}};
+      if (auto lost = lost_rank_limit_s.find(flags.scenario); lost != lost_rank_limit_s.end()) {
         RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
-        RANK_CHECK(serve_s < 10, "rank 1 took ", serve_s, " s to hear that rank 0 is gone (",
+        RANK_CHECK(serve_s < lost->second, "rank 1 took ", serve_s, " s to hear of the lost rank (",
                    served.ToString(), ")");
-        std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
-                     served.ToString().c_str());
-        return 0;
-      }
-      if (flags.scenario == "worker_lost") {
-        // Rank 2 ended; rank 0's communicator broke and closed its connections, which this
-        // worker heard (its stop word's receive failed) and stopped computing.
-        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
-        RANK_CHECK(serve_s < 1, "rank 1 computed for ", serve_s, " s after rank 2 was lost");
-        std::fprintf(stderr, "rank 1: stopped %.2f s after the run began: %s\n", serve_s,
-                     served.ToString().c_str());
-        return 0;
-      }
-      if (flags.scenario == "root_lost") {
-        // Rank 0 ended 300 ms into the run: this worker heard it (its stop word's receive failed)
-        // and stopped computing.
-        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
-        RANK_CHECK(serve_s < 1, "rank 1 computed for ", serve_s, " s after rank 0 was lost");
         std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
                      served.ToString().c_str());
         return 0;
@@ -603,17 +588,9 @@ int RunRank(const RankFlags& flags) {
   if (flags.scenario == "slow_scatter" || flags.scenario == "plane_slow_scatter") {
     // HEADS, two heads per rank: each worker's share is 12 pieces of 128 KiB, 1.8 s to send; the
     // run is exact.
-    const ProblemShape shape{1, 2048, 6, 6, 32};
-    engine::testing::OwnedProblem p =
-        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
-    p.spec.patterns = {{256, 1}, {2048, 4}};
-    OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-    RANK_CHECK_OK(rank_backend.Run(p.q.view(), p.k.view(), p.v.view(), p.spec,
-                                   single.mutable_view(), {compute.pool}));
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
-    problem.strategy = ShardPolicy::kHeads;
-    problem.compute = compute;
+    HeadsCase c({1, 2048, 6, 6, 32}, {{256, 1}, {2048, 4}}, static_cast<uint32_t>(flags.seed));
+    RANK_CHECK_OK(c.ComputeSingle(rank_backend, compute.pool));
+    c.problem.compute = compute;
     // Without a plane the pieces go on the control communicator with their tag; on a plane
     // (tags dropped) rank 0 sends nothing but pieces for HEADS.
     const bool on_plane = plane != nullptr;
@@ -623,13 +600,13 @@ int RunRank(const RankFlags& flags) {
     run_options.scatter_piece_bytes = 128 << 10;
     const auto started = std::chrono::steady_clock::now();
     const absl::StatusOr<ShardRunStats> result =
-        CoordinateShardedRun(on_plane ? **comm : slow, problem, run_options);
+        CoordinateShardedRun(on_plane ? **comm : slow, c.problem, run_options);
     RANK_CHECK(result.ok(), result.status().ToString());
     const double run_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     RANK_CHECK(run_s > 3 * kSlowScatterTimeout.count() / 1000.0, "the scatter took only ", run_s,
                " s");
-    const double error = engine::testing::MaxRelativeError(p.out, single);
+    const double error = engine::testing::MaxRelativeError(c.p.out, c.single);
     RANK_CHECK(error <= 1e-6, "max relative error ", error);
     std::fprintf(stderr, "rank 0: a %.1f s scatter with a 1 s timeout, exact\n", run_s);
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
@@ -643,24 +620,17 @@ int RunRank(const RankFlags& flags) {
     // the plane, where rank 0 takes it only after its own compute, 3 s (3 timeouts) later. The
     // worker waits for that as long as rank 0's compute may take (compute_timeout), not for one
     // timeout: the run is exact.
-    const ProblemShape shape{1, 2048, 4, 4, 32};
-    engine::testing::OwnedProblem p =
-        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
-    p.spec.patterns = {{512, 1}, {2048, 4}};
-    OwnedTensor single = engine::testing::PoisonedTensor(DType::kFloat32, shape.QueryShape());
-    RANK_CHECK_OK(rank_backend.Run(p.q.view(), p.k.view(), p.v.view(), p.spec,
-                                   single.mutable_view(), {compute.pool}));
-    SlowShares slow(rank_backend, kSlowRootDelay);
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
-    problem.strategy = ShardPolicy::kHeads;
-    problem.compute = {&slow, nullptr, &pool};
+    HeadsCase c({1, 2048, 4, 4, 32}, {{512, 1}, {2048, 4}}, static_cast<uint32_t>(flags.seed));
+    RANK_CHECK_OK(c.ComputeSingle(rank_backend, compute.pool));
+    WrappedShares slow = SlowShares(rank_backend, kSlowRootDelay);
+    c.problem.compute = {&slow, nullptr, &pool};
     ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
     run_options.timeout = kSlowRootTimeout;
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(**comm, c.problem, run_options);
     RANK_CHECK(result.ok(), result.status().ToString());
     // Every element written (finite) and within 1e-6 of the single-process output's largest.
-    const double error = engine::testing::MaxRelativeError(p.out, single);
+    const double error = engine::testing::MaxRelativeError(c.p.out, c.single);
     RANK_CHECK(error <= 1e-6, "max relative error ", error);
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
     RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
@@ -669,34 +639,24 @@ int RunRank(const RankFlags& flags) {
   if (flags.scenario == "plane_root_lost") {
     // HEADS, half the heads each: the worker computes its half at once and waits to send its
     // output; rank 0 ends its process 2 s into its own compute.
-    const ProblemShape shape{1, 2048, 4, 4, 32};
-    engine::testing::OwnedProblem p =
-        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
-    p.spec.patterns = {{512, 1}, {2048, 4}};
-    ExitInCompute exiting(rank_backend, milliseconds(2000));
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
-    problem.strategy = ShardPolicy::kHeads;
-    problem.compute = {&exiting, nullptr, &pool};
+    HeadsCase c({1, 2048, 4, 4, 32}, {{512, 1}, {2048, 4}}, static_cast<uint32_t>(flags.seed));
+    WrappedShares exiting = ExitInCompute(rank_backend, milliseconds(2000));
+    c.problem.compute = {&exiting, nullptr, &pool};
     ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
     run_options.timeout = kRootLostTimeout;
     run_options.compute_timeout = kRootLostComputeTimeout;
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, run_options);
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(**comm, c.problem, run_options);
     RANK_CHECK(false, "rank 0 outlived its compute: ", result.status().ToString());
   }
   if (flags.scenario == "worker_lost" || flags.scenario == "root_lost") {
     const ProblemShape shape = LostRankShape(flags.size);
-    engine::testing::OwnedProblem p =
-        engine::testing::RandomProblem(shape, static_cast<uint32_t>(flags.seed));
-    p.spec.patterns = {{shape.seq_len, 1}};
-    ExitInCompute exiting_root(rank_backend, milliseconds(300));
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), p.spec, p.out.mutable_view());
-    problem.strategy = ShardPolicy::kHeads;
-    problem.compute = compute;
-    if (flags.scenario == "root_lost") problem.compute = {&exiting_root, nullptr, &pool};
+    HeadsCase c(shape, {{shape.seq_len, 1}}, static_cast<uint32_t>(flags.seed));
+    WrappedShares exiting_root = ExitInCompute(rank_backend, milliseconds(300));
+    c.problem.compute = compute;
+    if (flags.scenario == "root_lost") c.problem.compute = {&exiting_root, nullptr, &pool};
     const auto started = std::chrono::steady_clock::now();
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, problem, Options());
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, c.problem, Options());
     const double run_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
     // The run fails at once (worker_lost: without waiting for rank 1), to be re-formed.
