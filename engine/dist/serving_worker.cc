@@ -77,8 +77,13 @@ class Worker {
         continue;
       }
       last_ = *generation;
-      absl::StatusOr<Joined> joined = Join(*generation);
+      bool announced = false;
+      absl::StatusOr<Joined> joined = Join(*generation, &announced);
       if (!joined.ok()) {
+        // Not announced (the store refused the keys): rank 0 still waits for this worker in this
+        // generation, so it joins it again rather than waiting for the next, which rank 0 opens
+        // only once this one has formed or failed.
+        if (!announced) last_ = *generation - 1;
         if (!stop_.load()) {
           Log(absl::StrCat("generation ", *generation,
                            " did not form: ", joined.status().message()));
@@ -143,18 +148,27 @@ class Worker {
     std::unique_ptr<Communicator> plane;  // Null: comm carries everything.
   };
 
-  // Joins `generation`: announces itself, waits for rank 0's go, forms the Gloo group and the
-  // data plane.
-  absl::StatusOr<Joined> Join(int64_t generation) {
+  // Joins `generation`: announces itself (*announced once it has), waits for rank 0's go, forms
+  // the Gloo group and the data plane. A generation rank 0 gave up on before its go (a newer one
+  // opened) is left.
+  absl::StatusOr<Joined> Join(int64_t generation, bool* announced) {
     DA_RETURN_IF_ERROR(store_->Set(serving::DeviceKey(session_, generation, o_.rank), device_));
     DA_RETURN_IF_ERROR(
         store_->Set(serving::JoinedKey(session_, generation, o_.rank), absl::StrCat(getpid())));
+    *announced = true;
     for (;;) {
       if (stop_.load()) return absl::CancelledError("stopping");
       absl::StatusOr<std::string> go =
           store_->Get(serving::GoKey(session_, generation), serving::kStoreSlice);
       if (go.ok()) break;
       if (!absl::IsDeadlineExceeded(go.status())) return go.status();
+      absl::StatusOr<std::string> newest =
+          store_->Get(serving::GenerationKey(session_), std::chrono::milliseconds(0));
+      int64_t opened = 0;
+      if (newest.ok() && absl::SimpleAtoi(*newest, &opened) && opened > generation) {
+        return absl::UnavailableError(
+            absl::StrCat("rank 0 gave generation ", generation, " up and opened ", opened));
+      }
     }
     GlooOptions gloo{.rank = o_.rank,
                      .size = o_.world_size,
