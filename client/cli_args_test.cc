@@ -144,6 +144,25 @@ TEST(CliFormatTest, Fp8ScalesArePrintedOnlyForFp8Runs) {
   EXPECT_FALSE(ExecutionInfoJson(info).contains("fp8_scales"));
 }
 
+// A streamed request's chunking reaches both forms; a unary one shows none.
+TEST(CliFormatTest, StreamChunksArePrintedOnlyForStreams) {
+  v1::ExecutionInfo info;
+  std::ostringstream printed;
+  PrintExecutionInfo(info, printed);
+  EXPECT_THAT(printed.str(), testing::Not(testing::HasSubstr("stream_chunks")));
+  EXPECT_FALSE(ExecutionInfoJson(info).contains("stream_chunks"));
+  info.set_stream_chunk_tokens(8192);
+  info.set_stream_chunks(64);
+  info.set_stream_buffer_bytes(201326592);
+  PrintExecutionInfo(info, printed);
+  EXPECT_THAT(printed.str(), testing::HasSubstr("stream_chunks       64 of 8192 tokens, 201326592 "
+                                                "bytes of stream buffers\n"));
+  const nlohmann::json json = ExecutionInfoJson(info);
+  EXPECT_EQ(json["stream_chunk_tokens"], 8192);
+  EXPECT_EQ(json["stream_chunks"], 64);
+  EXPECT_EQ(json["stream_buffer_bytes"], 201326592);
+}
+
 TEST(CliFormatTest, ProgressLineSaysHowMuchOfEachDirectionMovedAndHowFast) {
   // 1.5 of 2 GiB sent, 0.25 of 0.5 GiB received, in 2 s: 1.75 GiB (1.88 GB) at 0.94 GB/s.
   EXPECT_EQ(ProgressLine(3LL << 29, 2LL << 30, 1LL << 28, 1LL << 29, 2.0),

@@ -91,6 +91,11 @@ nlohmann::json ExecutionInfoJson(const v1::ExecutionInfo& info) {
       {"plan_cache_hit", info.plan_cache_hit()},
   };
   if (!fp8.empty()) json["fp8_scales"] = fp8;  // fp8 runs only: q, k, v each.
+  if (info.stream_chunks() > 0) {              // Streamed requests only.
+    json["stream_chunk_tokens"] = info.stream_chunk_tokens();
+    json["stream_chunks"] = info.stream_chunks();
+    json["stream_buffer_bytes"] = info.stream_buffer_bytes();
+  }
   return json;
 }
 
@@ -106,6 +111,10 @@ void PrintExecutionInfo(const v1::ExecutionInfo& info, std::ostream& out) {
       << "plan_build_time_us  " << info.plan_build_time_us() << "\n"
       << "total_time_us       " << info.total_time_us() << "\n"
       << "plan_cache_hit      " << (info.plan_cache_hit() ? "true" : "false") << "\n";
+  if (info.stream_chunks() > 0) {
+    out << "stream_chunks       " << info.stream_chunks() << " of " << info.stream_chunk_tokens()
+        << " tokens, " << info.stream_buffer_bytes() << " bytes of stream buffers\n";
+  }
   for (const v1::Fp8Scales& s : info.fp8_scales()) {  // fp8 runs: each device's (and chunk's).
     out << "fp8_scales          " << s.device() << ": q " << s.query_scale() << " (amax "
         << s.query_amax() << "), k " << s.key_scale() << " (amax " << s.key_amax() << "), v "
