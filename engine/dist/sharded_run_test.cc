@@ -135,9 +135,12 @@ constexpr milliseconds kRootLostTimeout{1000};
 constexpr milliseconds kRootLostComputeTimeout{30000};
 
 // "worker_lost" (3 ranks: rank 2 ends as it starts computing) and "root_lost" (2 ranks: rank 0
-// ends 300 ms into its compute): the rank left computing, about two seconds of work, stops at
-// once. HEADS, two heads of one dense segment per rank.
-ProblemShape LostRankShape(int ranks) { return {1, 24576, 2 * ranks, 2 * ranks, 64}; }
+// ends 300 ms into its compute): the rank left computing, about 6 s of work alone (more under
+// load), stops at once: within kLostRankLimitS of the run's start, scatter included, which the
+// loaded CI machine needs (1.2 s seen under load; a 1 s limit failed 2 runs in 12).
+// HEADS, two heads of one dense segment per rank.
+constexpr double kLostRankLimitS = 2.5;
+ProblemShape LostRankShape(int ranks) { return {1, 36864, 2 * ranks, 2 * ranks, 64}; }
 
 // A plane whose failed point-to-point calls report only at their timeout, as NCCL's do where
 // the peer is another process on the same node (shared memory: nothing tells it the peer died).
@@ -549,8 +552,9 @@ int RunRank(const RankFlags& flags) {
       //   worker_lost: rank 2 ended; rank 0's communicator broke and closed its connections, and
       //     this worker's stop word's receive failed: it stopped computing.
       //   root_lost: rank 0 ended 300 ms into the run; the same, from rank 0's own connection.
-      const std::map<std::string, double> lost_rank_limit_s = {
-          {"plane_root_lost", 10}, {"worker_lost", 1}, {"root_lost", 1}};
+      const std::map<std::string, double> lost_rank_limit_s = {{"plane_root_lost", 10},
+                                                               {"worker_lost", kLostRankLimitS},
+                                                               {"root_lost", kLostRankLimitS}};
       if (auto lost = lost_rank_limit_s.find(flags.scenario); lost != lost_rank_limit_s.end()) {
         RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
         RANK_CHECK(serve_s < lost->second, "rank 1 took ", serve_s, " s to hear of the lost rank (",
@@ -664,7 +668,7 @@ int RunRank(const RankFlags& flags) {
                    !AnsweredInStep(result.status()) &&
                    result.status().message().find("with peer 2") != std::string::npos,
                result.status().ToString());
-    RANK_CHECK(run_s < 1, "the run took ", run_s, " s to fail after rank 2 was lost");
+    RANK_CHECK(run_s < kLostRankLimitS, "the run took ", run_s, " s to fail after rank 2 was lost");
     std::fprintf(stderr, "rank 0: the run failed after %.2f s: %s\n", run_s,
                  result.status().ToString().c_str());
     comm->reset();  // As a serving group re-forming: rank 1's connection closes.
