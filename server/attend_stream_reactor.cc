@@ -242,11 +242,18 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   DA_ASSIGN_OR_RETURN(
       const engine::MemoryEstimate chunk,
       engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.dtype, problem_.spec));
-  // In 128 bits: with --max-request-bytes 0 (no limit) a chunk may be near 2^63 bytes.
+  // The outgoing message: about 4 MiB of whole tokens, or one token where that is larger.
+  const int64_t outgoing =
+      std::max(std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2),
+               layout.batch * layout.q_row_bytes + kBlockFramingBytes);
+  const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes + outgoing;
+  // The workspace is host memory on a CPU device; on a GPU it is the device's, which the engine
+  // reserves there for each chunk.
+  const int64_t workspace = chunk.workspace_on_host ? chunk.workspace : 0;
+  // In 128 bits: with --max-request-bytes 0 (no limit) a chunk may be near 2^63 bytes. Half the
+  // int64 range at most, so that the budget's own sums cannot overflow either.
   const absl::int128 wide = absl::int128(settings_.pipeline_depth) * chunk.inputs +
-                            absl::int128(2) * chunk.outputs + chunk.workspace +
-                            settings_.max_message_bytes + (int64_t{16} << 20) +
-                            absl::int128(layout.batch) * layout.q_row_bytes;
+                            absl::int128(2) * chunk.outputs + workspace + messages;
   if (wide > absl::int128(std::numeric_limits<int64_t>::max() / 2)) {
     return engine::WithRejectReason(
         absl::ResourceExhaustedError(absl::StrFormat(
@@ -257,15 +264,7 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   }
   const int64_t inputs = settings_.pipeline_depth * chunk.inputs;
   const int64_t outputs = 2 * chunk.outputs;
-  // The outgoing message: about 4 MiB of whole tokens, or one token where that is larger.
-  const int64_t outgoing =
-      std::max(std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2),
-               layout.batch * layout.q_row_bytes + kBlockFramingBytes);
-  const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes + outgoing;
-  // The workspace is host memory on a CPU device; on a GPU it is the device's, which the engine
-  // reserves there for each chunk.
-  const int64_t workspace = chunk.workspace_on_host ? chunk.workspace : 0;
-  const int64_t total = inputs + outputs + workspace + messages;
+  const int64_t total = static_cast<int64_t>(wide);
   // One place in the engine's queue for all the stream's chunks, so chunks never push the queue
   // past --max-queue; then the budget (a window it can never hold is refused for that); then
   // this client's share of stream memory.

@@ -271,10 +271,8 @@ class GlooCommunicator : public Communicator {
     try {
       fn();
     } catch (const EndedByFailure&) {
-      std::lock_guard<std::mutex> lock(mu_);
-      counters_.seconds += std::chrono::duration<double>(Clock::now() - start).count();
-      return absl::UnavailableError(absl::StrCat(
-          "Gloo ", what, " on ", Where(), " ended: the group failed (", broken_.message(), ")"));
+      // Aborted by Break: the group failed already, which the tail below reports.
+      status = absl::AbortedError("ended by the group's failure");
     } catch (const gloo::IoException& e) {
       status = IoError(what, peer, timeout, start, e.what());
     } catch (const gloo::EnforceNotMet& e) {
@@ -294,9 +292,10 @@ class GlooCommunicator : public Communicator {
       broken_ = status;
       Break();
     } else if (!absl::IsDeadlineExceeded(status)) {
-      // Another call's failure broke the group while this one ran (its connection closed under
-      // it): that failure is the cause. A timeout is a cause of its own (Gloo closes every
-      // connection as it times out, so a bystander's failure may be recorded first).
+      // Another call's failure broke the group while this one ran (its wait aborted, or its
+      // connection closed under it): that failure is the cause. A timeout is a cause of its own
+      // (Gloo closes every connection as it times out, so a bystander's failure may be recorded
+      // first).
       return absl::UnavailableError(absl::StrCat(
           "Gloo ", what, " on ", Where(), " ended: the group failed (", broken_.message(), ")"));
     }

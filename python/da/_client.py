@@ -224,9 +224,9 @@ class Client:
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
                       request_id, priority, progress, block_tokens)
         parts = _check_parallel_streams(parallel_streams)
-        started = time.monotonic()
+        deadline = _deadline(self._timeout, timeout)
         limit = self._server_message_limit(timeout)
-        timeout = _left(self._timeout if timeout is None else timeout, started)
+        timeout = _left(deadline)
         options = self._options(timeout, request_id)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
@@ -258,11 +258,11 @@ class Client:
         early (break, close()) cancels the call on the server.
         """
         _check_priority(priority)  # Before the server is asked anything.
-        started = time.monotonic()
+        deadline = _deadline(self._timeout, timeout)
         feed = _BlockFeed(blocks, seq_len,
                           _spec(segments, dilations, causal, mode, precision, scale),
                           request_id, priority, self._server_message_limit(timeout))
-        timeout = _left(self._timeout if timeout is None else timeout, started)
+        timeout = _left(deadline)
         return BlockStream(self._attend_stream, feed, self._options(timeout, request_id))
 
     def _server_message_limit(self, timeout):
@@ -443,12 +443,17 @@ def _message_limit(info, client_limit):
     return min(limit, client_limit) if client_limit > 0 else limit
 
 
-def _left(timeout, started):
-    """What is left of a timeout (seconds; None: none) that began at time.monotonic() started,
-    for a call made after another (the first call's GetServerInfo) took some of it."""
-    if timeout is None:
-        return None
-    return max(0.0, timeout - (time.monotonic() - started))
+def _deadline(default_timeout, timeout):
+    """The time.monotonic() by which a call made now ends, or None: taken before the call is
+    made, so no later than the deadline gRPC gives it."""
+    seconds = timeout if timeout is not None else default_timeout
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def _left(deadline):
+    """Seconds left until a _deadline (None: none), for a call made after another (the first
+    call's GetServerInfo) took some of the time."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _spec(segments, dilations, causal, mode, precision, scale):

@@ -68,13 +68,6 @@ def _raise_requests_error(error):
     raise
 
 
-def _deadline(default_timeout, timeout):
-    """The time.monotonic() by which a call made now ends, or None: taken before the call is
-    made, so no later than the deadline gRPC gives it."""
-    seconds = timeout if timeout is not None else default_timeout
-    return None if seconds is None else time.monotonic() + seconds
-
-
 def _at_once(coroutine):
     """The value of a coroutine that returns without waiting (a finished call's code() or
     details()); None, closing it, where it would wait."""
@@ -114,9 +107,8 @@ class _KeptStatus:
         self._first = None
         call.add_done_callback(self._finished)
 
-    def _finished(self, call):
-        if self._first is None:
-            self._first = (_at_once(call.code()), _at_once(call.details()))
+    def _finished(self, call):  # Once: as the call's first status is set.
+        self._first = (_at_once(call.code()), _at_once(call.details()))
 
     async def of(self, error):
         """error, or the call's own status where grpc.aio lost it."""
@@ -130,18 +122,12 @@ class _KeptStatus:
             if _failed(code, details):
                 return _Status(code, details)
             await asyncio.sleep(0.005)
-        return _kept_deadline(error, self._deadline)
-
-
-def _kept_deadline(error, deadline):
-    """error, or DEADLINE_EXCEEDED where grpc.aio lost it (_LOST_STATUS) and no status of the
-    server's or Core's followed (_KeptStatus): past the call's deadline, the deadline is what
-    ended it, as the sync client reports. Before _KeptStatus, 7 of 8 streams whose deadline
-    passed mid-transfer ended so."""
-    if (deadline is not None and isinstance(error, grpc.RpcError)
-            and _lost(error.code(), error.details()) and time.monotonic() >= deadline):
-        return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-    return error
+        # No status followed: past the call's deadline, the deadline is what ended it, as the sync
+        # client reports (before _KeptStatus, 7 of 8 streams whose deadline passed mid-transfer
+        # ended as INTERNAL).
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        return error
 
 
 class Client:
@@ -235,10 +221,9 @@ class Client:
         large = sum(_nbytes(t) for t in (q, k, v)) >= _OFF_LOOP_BYTES
         job = await _maybe_off_loop(large, _client._Attend, q, k, v, out, spec, request_id,
                                     priority, progress, block_tokens)
-        deadline = _deadline(self._timeout, timeout)
-        started = time.monotonic()
+        deadline = _client._deadline(self._timeout, timeout)
         limit = await self._server_message_limit(timeout)
-        timeout = _client._left(self._timeout if timeout is None else timeout, started)
+        timeout = _client._left(deadline)
         options = self._options(timeout, request_id)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
@@ -327,12 +312,10 @@ class BlockStream:
 
     async def __aiter__(self):
         client = self._client
-        deadline = _deadline(client._timeout, self._timeout)
-        started = time.monotonic()
+        deadline = _client._deadline(client._timeout, self._timeout)
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
-        timeout = _client._left(client._timeout if self._timeout is None else self._timeout,
-                                started)
+        timeout = _client._left(deadline)
         call, kept = client._open_stream(feed.async_requests(),
                                          client._options(timeout, self._request_id), deadline)
         self._call = call
