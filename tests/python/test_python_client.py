@@ -523,17 +523,21 @@ class PythonClientTest(unittest.TestCase):
         q = np.random.default_rng(36).standard_normal((1, 262144, 4, 64)).astype(np.float32)
         kw = dict(segments=[16], dilations=[16], mode="grouped", precision="fp32")
 
-        def blocks(stall_at):
+        def blocks():
+            # A producer that blocks the event loop past the idle limit before its first block:
+            # the client then reads nothing either, so the stall comes before any answer is due.
+            # Stalled later (at token 65536, as before), a server whose answer write was in flight
+            # ended the call as a client that reads nothing, which gRPC reports as CANCELLED
+            # "Cancelled on the server side" (a CI run).
+            time.sleep(0.6)
             for i in range(0, 262144, 8192):
-                if i == stall_at:
-                    time.sleep(0.6)  # A producer that blocks the event loop past the idle limit.
                 yield (q[:, i:i + 8192],) * 3
 
         async def idle(server):
             async with da.aio.Client(server.address, timeout=60) as client:
                 for _ in range(3):
                     with self.assertRaises(da.DeadlineExceeded) as caught:
-                        async for _ in client.attend_blocks(blocks(65536), seq_len=262144, **kw):
+                        async for _ in client.attend_blocks(blocks(), seq_len=262144, **kw):
                             pass
                     self.assertIn("stream idle: no message from the client", str(caught.exception))
 
