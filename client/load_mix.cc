@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
@@ -222,6 +223,13 @@ std::vector<RequestKind> MalformedKinds(uint64_t seed) {
   RequestKind zero = Malformed("zero-segment", "spec.segment_lengths[0] is 0", seed++);
   Mutable(zero)->mutable_spec()->set_segment_lengths(0, 0);
   kinds.push_back(std::move(zero));
+
+  // Unbounded, this pattern made the server divide by zero (LONGNET head offsets) and stop.
+  RequestKind huge =
+      Malformed("huge-segment", "spec.segment_lengths[0] is 9223372036854775807", seed++);
+  Mutable(huge)->mutable_spec()->set_segment_lengths(0, std::numeric_limits<int64_t>::max());
+  Mutable(huge)->mutable_spec()->set_dilation_rates(0, std::numeric_limits<int64_t>::max());
+  kinds.push_back(std::move(huge));
 
   RequestKind dilation =
       Malformed("dilation-over-segment", "spec.dilation_rates[1] is 129", seed++);

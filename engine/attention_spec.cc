@@ -82,6 +82,11 @@ absl::Status AttentionSpec::Validate() const {
       return Invalid(
           absl::StrCat("spec.segment_lengths[", i, "] is ", p.segment_len, "; must be >= 1"));
     }
+    if (p.segment_len > kMaxSegmentLen) {
+      return Invalid(absl::StrCat("spec.segment_lengths[", i, "] is ", p.segment_len,
+                                  "; must be at most ", kMaxSegmentLen,
+                                  " (2^31; a segment as long as the sequence covers all of it)"));
+    }
     if (p.dilation < 1 || p.dilation > p.segment_len) {
       return Invalid(absl::StrCat("spec.dilation_rates[", i, "] is ", p.dilation,
                                   "; must be in [1, segment_lengths[", i, "] = ", p.segment_len,

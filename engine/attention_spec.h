@@ -47,6 +47,13 @@ std::string ShardPolicyName(ShardPolicy policy);
 // it already make the softmax an argmax, so no real use is refused.
 inline constexpr double kMaxSoftmaxScale = 1e6;
 
+// The longest segment a request may name: 2^31 tokens. A segment at least as long as the sequence
+// is one segment of the whole sequence, so no real use is refused, and every count derived from a
+// segment or a dilation (ceil divisions, strides w * H * D in elements, with H * D within a
+// message) stays inside int64. Unbounded, w = r = 2^63 - 1 wrapped (H + r - 1) / r to zero: a
+// division by zero that stopped the server.
+inline constexpr int64_t kMaxSegmentLen = int64_t{1} << 31;
+
 struct AttentionSpec {
   std::vector<Pattern> patterns;
   bool causal = false;

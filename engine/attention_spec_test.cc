@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <vector>
 
 namespace da::engine {
@@ -55,6 +56,17 @@ TEST(AttentionSpecTest, SegmentLengthAtLeastOne) {
   Problem p;
   p.spec.patterns = {{4, 1}, {0, 1}};
   ExpectInvalid(p, "spec.segment_lengths[1] is 0; must be >= 1");
+}
+
+// Unbounded, w = r = 2^63 - 1 made the LONGNET head offsets divide by zero and stopped the server.
+TEST(AttentionSpecTest, SegmentLengthAtMost2To31) {
+  Problem p;
+  p.spec.patterns = {{4, 1}, {int64_t{1} << 31, int64_t{1} << 31}};
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  p.spec.patterns = {{4, 1}, {(int64_t{1} << 31) + 1, 1}};
+  ExpectInvalid(p, "spec.segment_lengths[1] is 2147483649; must be at most 2147483648");
+  p.spec.patterns = {{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max()}};
+  ExpectInvalid(p, "spec.segment_lengths[0] is 9223372036854775807; must be at most");
 }
 
 TEST(AttentionSpecTest, DilationBetweenOneAndSegmentLength) {
