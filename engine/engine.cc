@@ -558,6 +558,7 @@ struct Engine::Impl {
                                     precision.precision, device.info.id, device.pool->size());
     bool hit = false;
     ExecutionInfo info;
+    absl::Status ran;
     {
       absl::StatusOr<std::shared_ptr<Plan>> got = GetPlan(device, key, &hit, stop);
       if (!got.ok()) {
@@ -566,12 +567,15 @@ struct Engine::Impl {
       }
       const std::shared_ptr<Plan>& plan = *got;
       RunContext context{device.pool.get(), stop};
-      DA_RETURN_IF_ERROR(device.backend->RunShare(
-          *plan, WholeProblem(request.q, request.k, request.v, request.spec, request.out),
-          context));
+      ran = device.backend->RunShare(
+          *plan, WholeProblem(request.q, request.k, request.v, request.spec, request.out), context);
       info.plan_build_time_us = hit ? 0 : plan->build_time_us;
     }
-    plans->Trim();  // The plan is released: bring the cache back within budget if it was over.
+    // The plan is released: bring the cache back within budget if it was over, after a failed or
+    // cancelled run too (a fresh plan over the budget stayed because it was in use; left there,
+    // its memory would stay held while admission counts it free).
+    plans->Trim();
+    DA_RETURN_IF_ERROR(ran);
     info.plan_cache_hit = hit;
     info.precision_used = precision.precision;
     info.precision_reason = precision.reason;
@@ -1057,6 +1061,11 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     }
   }
   result.already_warm = true;
+  // Within budget on every return, even when a plan does not fit (none is held then).
+  struct Trim {
+    PlanCache& plans;
+    ~Trim() { plans.Trim(); }
+  } trim{*impl_->plans};
   for (auto& [device, key] : keys) {
     bool warm = false;
     {
@@ -1069,7 +1078,6 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     if (result.plan_key.empty()) result.plan_key = key.ToString();
   }
   result.precision = precision.precision;
-  impl_->plans->Trim();  // Within budget even when this plan does not fit (it is not held now).
   return result;
 }
 

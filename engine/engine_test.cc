@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <mutex>
@@ -257,6 +259,36 @@ TEST(EngineTest, ZeroPlanCacheBudgetStillComputes) {
   // A warmed plan that does not fit the budget is not kept either.
   ASSERT_TRUE((*engine)->WarmUp({1, 64, 2, 2, 8}, DType::kFloat32, DType::kFloat32, in.spec).ok());
   EXPECT_EQ((*engine)->plan_cache_stats().entries, 0);
+}
+
+// A fresh plan larger than the cache stays while its run uses it; a run cancelled mid-compute
+// must still give it up, or its memory stays held while admission counts it free.
+TEST(EngineTest, ACancelledRunLeavesThePlanCacheWithinItsBudget) {
+  EngineOptions options = Options(2);
+  options.plan_cache_bytes = 1 << 20;  // The plan's per-thread buffers alone take 16 MiB.
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok());
+  Inputs in = MakeInputs({1, 8192, 8, 64}, 13);
+  in.spec.patterns = {{8192, 1}};  // About 137 GFLOP: far longer than the cancel takes.
+  std::atomic<bool> cancelled{false};
+  std::atomic<bool> ran{false};
+  std::thread canceller([&] {
+    // Cancels once the plan is in the cache, that is while its run computes.
+    while (!ran.load() && (*engine)->plan_cache_stats().entries == 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    cancelled = true;
+  });
+  RunRequest request = in.Request();
+  request.cancelled = &cancelled;
+  const absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
+  ran = true;
+  canceller.join();
+  EXPECT_EQ(info.status().code(), absl::StatusCode::kCancelled) << info.status();
+  const PlanCacheStats stats = (*engine)->plan_cache_stats();
+  EXPECT_EQ(stats.builds, 1);
+  EXPECT_EQ(stats.entries, 0);
+  EXPECT_LE(stats.bytes, stats.capacity_bytes);
 }
 
 TEST(EngineTest, UnknownBackendAndBadOptionsAreRefused) {
