@@ -124,10 +124,10 @@ class Backend {
   virtual absl::StatusOr<std::shared_ptr<Plan>> BuildPlan(const PlanKey& key,
                                                           const std::atomic<bool>* stop) = 0;
 
-  // The workspace bytes BuildPlan(key) allocates, computed without allocating anything: the
-  // engine's admission control counts them. A run that finds its plan's workspace taken by a
-  // concurrent run allocates the same amount again, so this is also what one run needs. 0 for a
-  // backend whose plans hold no workspace.
+  // The bytes BuildPlan(key) allocates (its workspace, and tables such as the CPU's tasks),
+  // computed without allocating anything: the engine's admission control counts them. A run that
+  // finds its plan's workspace taken by a concurrent run allocates the workspace again, so this
+  // also covers what one run needs. 0 for a backend whose plans hold no workspace.
   virtual int64_t PlanWorkspaceBytes(const PlanKey& key) const {
     (void)key;
     return 0;

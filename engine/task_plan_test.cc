@@ -27,16 +27,20 @@ double TotalCost(const std::vector<Task>& tasks) {
 TEST(TaskPlanTest, EveryKeptRowIsCoveredOnce) {
   const Shape4 shape{2, 1000, 5, 16};
   for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
-    const AttentionSpec spec = Spec({{64, 1}, {300, 3}, {2000, 8}}, mode, true);
+    // (1, 1) and (5, 2): runs of small segments, cut by kRunRows and by the partial last one.
+    const AttentionSpec spec = Spec({{64, 1}, {300, 3}, {2000, 8}, {1, 1}, {5, 2}}, mode, true);
     const auto work = AssignHeadPatterns(shape.heads, spec);
     // (batch, head, pattern, position) -> times computed.
     std::map<std::tuple<int64_t, int64_t, int, int64_t>, int> covered;
     for (int threads : {1, 2, 3}) {
       covered.clear();
       for (const std::vector<Task>& loop : PlanTasks(shape, spec, work, threads)) {
-        for (const Task& t : loop) {
-          for (int64_t i = t.row_begin; i < t.row_end; ++i) {
-            ++covered[{t.batch, t.head, t.work->pattern_index, t.kept.first + i * t.kept.stride}];
+        for (const Task& run : loop) {
+          for (int64_t s = 0; s < run.segments; ++s) {
+            const Task t = SegmentOf(run, s);
+            for (int64_t i = t.row_begin; i < t.row_end; ++i) {
+              ++covered[{t.batch, t.head, t.work->pattern_index, t.kept.first + i * t.kept.stride}];
+            }
           }
         }
       }
@@ -50,6 +54,61 @@ TEST(TaskPlanTest, EveryKeptRowIsCoveredOnce) {
       }
       EXPECT_EQ(covered.size(), expected * shape.batch);
       for (const auto& [key, count] : covered) ASSERT_EQ(count, 1);
+    }
+  }
+}
+
+// Small segments share tasks: one task per segment made the table B * H * P * N / w tasks of 80
+// bytes (167 MB for this shape's first case; 40 GB for w = 1 at N = 512K, H = 16, P = 64). Every
+// share's table stays within TaskTableBytes, which admission counts.
+TEST(TaskPlanTest, SmallSegmentsShareTasksAndTheTableStaysWithinItsBound) {
+  const ProblemShape shape{2, 65536, 4, 4, 8};
+  const std::vector<std::vector<Pattern>> pattern_sets = {
+      {{1, 1}, {2, 1}, {4, 1}, {8, 1}, {16, 1}, {32, 1}, {64, 1}, {128, 1}},
+      {{16, 4}, {2048, 2}, {5000, 1}},
+      {{3, 3}, {1000, 7}, {100000, 1}}};
+  const auto share = [](int64_t token_begin, int64_t token_end, int64_t head_begin,
+                        int64_t head_end) {
+    return Share{.token_begin = token_begin,
+                 .token_end = token_end,
+                 .head_begin = head_begin,
+                 .head_end = head_end,
+                 .kv_head_begin = head_begin,
+                 .kv_head_end = head_end};
+  };
+  const std::vector<Share> shares = {WholeShare(shape), share(0, 65536, 1, 3),
+                                     share(1000, 33333, 0, 4), share(65535, 65536, 0, 4)};
+  for (const std::vector<Pattern>& patterns : pattern_sets) {
+    for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+      for (bool causal : {false, true}) {
+        const AttentionSpec spec = Spec(patterns, mode, causal);
+        const auto work = AssignHeadPatterns(shape.heads, spec);
+        for (const Share& part : shares) {
+          for (int threads : {1, 2, 16}) {
+            const ShareTasks plan = PlanShareTasks(shape, spec, part, work, threads);
+            int64_t tasks = 0, rows = 0;
+            for (const std::vector<Task>& loop : plan.loops) {
+              tasks += std::ssize(loop);
+              for (const Task& t : loop) {
+                EXPECT_LE((t.row_end - t.row_begin) * t.segments, std::max(kRunRows, t.kept.count));
+                if (t.segments > 1) {
+                  EXPECT_EQ(t.spanning, -1);
+                }
+                rows += (t.row_end - t.row_begin) * t.segments;
+              }
+            }
+            const int64_t table =
+                tasks * static_cast<int64_t>(sizeof(Task)) +
+                std::ssize(plan.spanning) * static_cast<int64_t>(sizeof(SpanningId));
+            EXPECT_LE(table, TaskTableBytes(shape, spec, part, threads))
+                << spec.PatternsToString() << " " << part.ToString() << " " << threads;
+            if (patterns.size() == 8 && part.tokens() == 65536) {
+              // About rows / (kRunRows / 2) tasks where one per segment made rows / 2 of them.
+              EXPECT_LE(tasks, rows / (kRunRows / 4)) << spec.PatternsToString();
+            }
+          }
+        }
+      }
     }
   }
 }

@@ -62,9 +62,7 @@ absl::StatusOr<std::shared_ptr<Plan>> CpuBackend::BuildPlan(const PlanKey& key,
   return std::shared_ptr<Plan>(std::move(plan));
 }
 
-int64_t CpuBackend::PlanWorkspaceBytes(const PlanKey& key) const {
-  return cpu::WorkspaceBytes(cpu::SizesFor(key));
-}
+int64_t CpuBackend::PlanWorkspaceBytes(const PlanKey& key) const { return cpu::PlanBytesFor(key); }
 
 absl::StatusOr<PrecisionChoice> CpuBackend::ChoosePrecision(const AttentionSpec& spec) const {
   return engine::ChoosePrecision(capabilities_, spec.precision, precision_options_);
@@ -136,30 +134,35 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
   DA_RETURN_IF_ERROR(fold.Reset(context.pool, context.cancelled));
   DA_RETURN_IF_ERROR(cpu::RunLoops(
       plan->loops(), context.pool, context.cancelled, "cpu run",
-      [&](const cpu::Task& task, int thread) {
-        cpu::ThreadSpace& ts = ws->threads[thread];
-        const int64_t local_head = task.head - share.head_begin;
-        cpu::SegmentTaskIo io;
-        io.q = cpu::TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
-        if (task.spanning < 0) {
-          const int64_t local_kv = KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
-          io.k = cpu::TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
-          io.v = cpu::TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
-        } else {
-          const GatheredKeys& g = *gathered[task.spanning];
-          const int64_t base = task.batch * task.kept.count * head_dim;
-          io.k = {p.k.dtype, g.k, base, head_dim};
-          io.v = {p.v.dtype, g.v, base, head_dim};
-        }
-        io.keys = p.spec.causal ? task.row_end : task.kept.count;
-        io.row_begin = task.row_begin;
-        io.row_end = task.row_end;
-        io.head_dim = head_dim;
-        io.dim_pad = z.dim_pad;
-        io.q_factor = q_factor;
-        io.causal = p.spec.causal;
-        if (cpu::RunSegmentTask(isa_, z.bf16 ? bf16_kernel_ : cpu::Bf16Kernel::kNone, io, ts,
-                                context.cancelled)) {
+      [&](const cpu::Task& run, int thread) {
+        for (int64_t segment = 0; segment < run.segments; ++segment) {
+          const cpu::Task task = cpu::SegmentOf(run, segment);
+          cpu::ThreadSpace& ts = ws->threads[thread];
+          const int64_t local_head = task.head - share.head_begin;
+          cpu::SegmentTaskIo io;
+          io.q = cpu::TensorRows(p.q, task.batch, local_head, task.kept, share.token_begin);
+          if (task.spanning < 0) {
+            const int64_t local_kv =
+                KvHeadFor(task.head, s.heads, s.kv_heads) - share.kv_head_begin;
+            io.k = cpu::TensorRows(p.k, task.batch, local_kv, task.kept, share.token_begin);
+            io.v = cpu::TensorRows(p.v, task.batch, local_kv, task.kept, share.token_begin);
+          } else {
+            const GatheredKeys& g = *gathered[task.spanning];
+            const int64_t base = task.batch * task.kept.count * head_dim;
+            io.k = {p.k.dtype, g.k, base, head_dim};
+            io.v = {p.v.dtype, g.v, base, head_dim};
+          }
+          io.keys = p.spec.causal ? task.row_end : task.kept.count;
+          io.row_begin = task.row_begin;
+          io.row_end = task.row_end;
+          io.head_dim = head_dim;
+          io.dim_pad = z.dim_pad;
+          io.q_factor = q_factor;
+          io.causal = p.spec.causal;
+          if (!cpu::RunSegmentTask(isa_, z.bf16 ? bf16_kernel_ : cpu::Bf16Kernel::kNone, io, ts,
+                                   context.cancelled)) {
+            return;  // Cancelled: RunLoops reports it.
+          }
           fold.AddTask(task, ts, local_head, share.token_begin);
         }
       }));

@@ -116,6 +116,12 @@ absl::Status CpuPlan::Build(const std::atomic<bool>* stop) {
   return absl::OkStatus();
 }
 
+int64_t PlanBytesFor(const PlanKey& key) {
+  const WorkspaceSizes sizes = SizesFor(key);
+  return WorkspaceBytes(sizes) +
+         TaskTableBytes(key.shape, SpecOf(key), key.ShareOrWhole(), sizes.threads);
+}
+
 WorkspaceSizes SizesFor(const PlanKey& key) {
   WorkspaceSizes z;
   z.threads = std::max(1, key.threads);

@@ -58,6 +58,10 @@ absl::Status PrepareWorkspace(Workspace& ws, const WorkspaceSizes& sizes, bool t
 // without allocating: admission control counts it before a plan exists.
 int64_t WorkspaceBytes(const WorkspaceSizes& sizes);
 
+// What BuildCpuPlan(key) keeps: WorkspaceBytes(SizesFor(key)) and at most its task table's bytes
+// (TaskTableBytes), computed without building anything.
+int64_t PlanBytesFor(const PlanKey& key);
+
 class CpuPlan final : public Plan {
  public:
   CpuPlan(const PlanKey& key, const WorkspaceSizes& sizes) : key_(key), sizes_(sizes) {}

@@ -43,6 +43,7 @@ ShareTasks PlanShareTasks(const ProblemShape& s, const AttentionSpec& spec, cons
       const int64_t kv_head = KvHeadFor(head, s.heads, s.kv_heads);
       for (const HeadWork& hw : work[head]) {
         const int64_t w = hw.pattern.segment_len;
+        int64_t run = -1;  // The loop's open run of small whole segments, which the next may join.
         for (int64_t t = share.token_begin / w; t * w < share.token_end; ++t) {
           Task task;
           task.batch = b;
@@ -52,14 +53,24 @@ ShareTasks PlanShareTasks(const ProblemShape& s, const AttentionSpec& spec, cons
           std::tie(task.row_begin, task.row_end) =
               KeptRowsIn(task.kept, share.token_begin, share.token_end);
           if (task.row_begin == task.row_end) continue;
-          if (task.row_begin != 0 || task.row_end != task.kept.count) {
+          const bool whole = task.row_begin == 0 && task.row_end == task.kept.count;
+          std::vector<Task>& loop = plan.loops[longnet ? hw.pattern_index : 0];
+          if (whole && run >= 0 && loop[run].kept.count == task.kept.count &&
+              loop[run].kept.first + loop[run].segments * w == task.kept.first &&
+              (loop[run].segments + 1) * task.kept.count <= kRunRows) {
+            ++loop[run].segments;  // The next segment of the run: same rows, w tokens on.
+            continue;
+          }
+          run = -1;
+          if (!whole) {
             const SpanningId id{hw.pattern_index, t, kv_head, hw.offset};
             const auto [found, added] =
                 spanning.emplace(id, static_cast<int>(plan.spanning.size()));
             if (added) plan.spanning.push_back(id);
             task.spanning = found->second;
           }
-          plan.loops[longnet ? hw.pattern_index : 0].push_back(task);
+          loop.push_back(task);
+          if (whole && 2 * task.kept.count <= kRunRows) run = std::ssize(loop) - 1;
         }
       }
     }
@@ -82,10 +93,42 @@ void BalanceLoop(std::vector<Task>& tasks, bool causal, int threads) {
   for (Task& task : tasks) {
     // Causal: a chunk sees keys up to its last row, so its cost grows with row_end.
     const double keys = causal ? task.row_end : task.kept.count;
-    task.cost = static_cast<double>(task.row_end - task.row_begin) * keys;
+    task.cost = static_cast<double>(task.row_end - task.row_begin) * keys *
+                static_cast<double>(task.segments);
   }
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const Task& a, const Task& b) { return a.cost > b.cost; });
+}
+
+Task SegmentOf(const Task& task, int64_t s) {
+  Task one = task;
+  one.kept.first += s * task.work->pattern.segment_len;
+  one.segments = 1;
+  return one;
+}
+
+int64_t TaskTableBytes(const ProblemShape& s, const AttentionSpec& spec, const Share& share,
+                       int threads) {
+  // Per (batch, head, pattern): the runs of whole segments in the share (each at least
+  // kRunRows / 2 rows, or one segment), plus the share's two ends (partial or spanning), plus the
+  // last segment's run cut short. BalanceLoop's chunks: at most 4 * threads + the tasks in all.
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, spec);
+  int64_t tasks = 0;
+  for (int64_t head = share.head_begin; head < share.head_end; ++head) {
+    for (const HeadWork& hw : work[head]) {
+      const int64_t w = hw.pattern.segment_len;
+      const int64_t kept = (std::min(w, s.seq_len) + hw.pattern.dilation - 1) / hw.pattern.dilation;
+      const int64_t per_run = std::max<int64_t>(1, kRunRows / std::max<int64_t>(1, kept));
+      const int64_t segments = share.tokens() / w + 2;
+      tasks += s.batch * ((segments + per_run - 1) / per_run + 3);
+    }
+  }
+  const int64_t loops =
+      spec.mode == CombineMode::kLongNet ? static_cast<int64_t>(spec.patterns.size()) : 1;
+  const int64_t chunked = tasks + loops * 4 * static_cast<int64_t>(std::max(threads, 1));
+  // Spanning ids: at most one per task.
+  return chunked * static_cast<int64_t>(sizeof(Task)) +
+         tasks * static_cast<int64_t>(sizeof(SpanningId));
 }
 
 double SimulatedMakespan(const std::vector<Task>& tasks, int threads) {

@@ -5,7 +5,8 @@
 //     pool.ParallelFor(loop.size(), ...);  // tasks of one loop write disjoint output rows
 //   }
 //
-// A task is the queries [row_begin, row_end) of one segment of one pattern for one (batch, head).
+// A task is the queries [row_begin, row_end) of one segment of one pattern for one (batch, head),
+// or of a run of consecutive whole segments where segments are small (Task::segments).
 // When a loop has fewer than four tasks per thread, segments are cut into query chunks (at least
 // kMinChunkRows rows); tasks are ordered biggest first, so the pool's dynamic hand-out balances
 // them, causal (triangular) work included.
@@ -23,6 +24,12 @@ namespace da::engine::cpu {
 // packing would dominate.
 constexpr int64_t kMinChunkRows = 128;
 
+// Consecutive whole segments of one (batch, head, pattern) with fewer kept rows than this share one
+// task, up to this many rows in all. One task per segment made the table B * H * P * N / w tasks
+// of 80 bytes: 40 GB for w = 1 at N = 512K, H = 16, P = 64 (a 48 MiB request), and a plan's
+// table outweighed its inputs from w = 16 on.
+constexpr int64_t kRunRows = 1024;
+
 struct Task {
   int64_t batch = 0;
   int64_t head = 0;
@@ -30,7 +37,10 @@ struct Task {
   KeptRange kept;
   int64_t row_begin = 0;
   int64_t row_end = 0;
-  double cost = 0.0;  // Score entries computed: rows x visible keys.
+  // The task runs `segments` segments: kept, then kept.first w tokens later each time, with the
+  // same rows (whole segments of one kept count whose keys are in the share; 1 otherwise).
+  int64_t segments = 1;
+  double cost = 0.0;  // Score entries computed: rows x visible keys x segments.
   // A share's task whose segment reads keys outside the share: its index in the plan's
   // spanning sets (ShareTasks::spanning), whose gathered rows it reads; -1: the keys are in the
   // share's own k and v.
@@ -69,6 +79,14 @@ std::vector<std::vector<Task>> PlanTasks(const Shape4& q_shape, const AttentionS
 // task's rows [row_begin, row_end) into chunks of at least kMinChunkRows; then sets the costs and
 // orders the tasks biggest first. PlanTasks does this to every loop it makes.
 void BalanceLoop(std::vector<Task>& tasks, bool causal, int threads);
+
+// Segment s (< task.segments) of a task on its own: kept.first moved s segments on, segments 1.
+Task SegmentOf(const Task& task, int64_t s);
+
+// At most the bytes PlanShareTasks' table takes for `share` (tasks and spanning ids; admission
+// counts it with the workspace).
+int64_t TaskTableBytes(const ProblemShape& shape, const AttentionSpec& spec, const Share& share,
+                       int threads);
 
 // The finishing time of `threads` threads that each take the next task in order when free, as
 // ThreadPool::ParallelFor does, in units of Task::cost.
