@@ -19,8 +19,9 @@
 //   da-server --world-size 3 --rank 0 --coordinator host0:29500 --rank-address 10.0.0.5
 //   da-server --world-size 3 --rank 1 --coordinator host0:29500 --rank-address 10.0.0.6
 // Rank 0 serves gRPC and /metrics as above, with readiness NOT_SERVING while the group is not
-// whole; the other ranks serve neither, compute their shares, and exit 0 on SIGTERM or SIGINT
-// (after the run in progress, if any; at most --drain-timeout-ms later).
+// whole; the other ranks serve no gRPC (only /metrics, /livez and /readyz), compute their shares,
+// and exit 0 on SIGTERM or SIGINT (after the run in progress, if any; at most --drain-timeout-ms
+// later).
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -241,8 +242,9 @@ int main(int argc, char** argv) {
   app.add_option("--memory-budget-bytes", options.memory_budget_bytes,
                  "Bytes all admitted requests may hold at once (inputs, outputs, plan workspace); "
                  "over it a request gets RESOURCE_EXHAUSTED. Default: max(M / 4, 3/4 M - "
-                 "--plan-cache-bytes), M the memory this process may use (physical or its "
-                 "container's limit); 0: unlimited")
+                 "--plan-cache-bytes - min(512 MiB, M / 16)), M the memory this process may use "
+                 "(physical or its container's limit; the last term is the process's own); 0: "
+                 "unlimited")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--grpc-memory-bytes", options.grpc_memory_bytes,
                  "What gRPC's own buffers may hold at once, above all unary requests still "
@@ -416,8 +418,9 @@ int main(int argc, char** argv) {
       host.memory_bytes, host.memory_from, options.plan_cache_bytes,
       app.count("--plan-cache-bytes") > 0 ? " (--plan-cache-bytes)" : " (min(1 GiB, memory / 8))",
       options.memory_budget_bytes,
-      app.count("--memory-budget-bytes") > 0 ? " (--memory-budget-bytes)"
-                                             : " (max(memory / 4, 3/4 memory - plan cache))",
+      app.count("--memory-budget-bytes") > 0
+          ? " (--memory-budget-bytes)"
+          : " (max(memory / 4, 3/4 memory - plan cache - min(512 MiB, memory / 16)))",
       options.grpc_memory_bytes,
       app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
                                            : " (max(memory / 4, 256 MiB))");

@@ -37,8 +37,13 @@ int64_t DefaultPlanCacheBytes(int64_t memory_bytes) {
   return std::min<int64_t>(int64_t{1} << 30, memory_bytes / 8);
 }
 
+int64_t DefaultProcessReserveBytes(int64_t memory_bytes) {
+  return std::min<int64_t>(int64_t{512} << 20, memory_bytes / 16);
+}
+
 int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes) {
-  return std::max(memory_bytes / 4, memory_bytes / 4 * 3 - plan_cache_bytes);
+  return std::max(memory_bytes / 4, memory_bytes / 4 * 3 - plan_cache_bytes -
+                                        DefaultProcessReserveBytes(memory_bytes));
 }
 
 int64_t DefaultGrpcMemoryBytes(int64_t memory_bytes) {

@@ -136,15 +136,19 @@ struct ServerOptions {
 // Defaults from the memory this process may use (engine::HostResources: the smaller of physical
 // memory and the container's cgroup limit), M:
 // - the plan cache: min(1 GiB, M / 8);
-// - the admission budget: max(M / 4, 3/4 M - plan cache bytes). The stream buffer pool is kept
-//   inside the budget; the quarter of M outside it is left to gRPC's buffers and the process, and
-//   the plan cache has its own budget beside it.
+// - the admission budget: max(M / 4, 3/4 M - plan cache bytes - the process's reserve). The
+//   stream buffer pool is kept inside the budget; the quarter of M outside it is gRPC's buffers
+//   (DefaultGrpcMemoryBytes), the plan cache has its own budget beside it, and the reserve,
+//   min(512 MiB, M / 16), is the process's own (code, stacks, allocator caches): with all three
+//   budgets full a pod stays under its memory limit and refuses work instead of being killed.
 int64_t DefaultPlanCacheBytes(int64_t memory_bytes);
 
 // da_build_info on metrics: this build's version, source revision and features (worker ranks,
 // which run no Server, call it themselves).
 void DescribeBuild(Metrics& metrics);
 int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
+// What the default budgets leave to the process itself: min(512 MiB, M / 16).
+int64_t DefaultProcessReserveBytes(int64_t memory_bytes);
 // ServerOptions::grpc_memory_bytes from M: max(M / 4, 256 MiB), the quarter of M the admission
 // budget leaves to gRPC and the process. (A bound costs some transport speed: on the 2-core build
 // machine the near-zero-compute stream at K = 1 took 3-11% longer under bounds from M / 8 to

@@ -330,6 +330,20 @@ TEST_F(ServerTest, AnAnswerNobodyReadsIsCountedThenEndedAfterTheIdleLimit) {
   EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
 }
 
+// The default budgets leave the process room of its own: an 8 GiB pod with every budget full
+// stays 512 MiB under its limit (plan cache 1 GiB, admission 4.5 GiB, gRPC 2 GiB), where the sum
+// was the whole limit before.
+TEST(ServerOptionsTest, DefaultBudgetsLeaveTheProcessRoomOfItsOwn) {
+  for (const int64_t m : {int64_t{1} << 30, int64_t{8} << 30, int64_t{64} << 30}) {
+    const int64_t cache = DefaultPlanCacheBytes(m);
+    const int64_t budget = DefaultMemoryBudgetBytes(m, cache);
+    const int64_t grpc = DefaultGrpcMemoryBytes(m);
+    EXPECT_EQ(m - cache - budget - grpc, DefaultProcessReserveBytes(m)) << m;
+    EXPECT_GE(DefaultProcessReserveBytes(m), std::min<int64_t>(m / 16, int64_t{512} << 20));
+  }
+  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{8} << 30, int64_t{1} << 30), int64_t{9} << 29);
+}
+
 // gRPC's own buffers: bounded by default from the process's memory, refused when negative.
 TEST(ServerOptionsTest, GrpcMemoryIsAQuarterOfMemoryAtLeast256MiBAndNeverNegative) {
   EXPECT_EQ(DefaultGrpcMemoryBytes(int64_t{64} << 30), int64_t{16} << 30);
