@@ -1,10 +1,10 @@
 # da-server images, CPU or GPU, built from source in a multi-stage build.
 #
-#   docker build -t da:cpu .                                        # Debian slim, CPU backend
-#   docker build -t da:gpu --build-arg VARIANT=gpu .                # CUDA runtime, CUDA backend
-#   docker build -t da:cpu --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
-#   docker run --rm -p 50051:50051 -p 9464:9464 da:cpu
-#   docker run --rm --gpus all -p 50051:50051 -p 9464:9464 da:gpu
+#   docker build -t da-server:0.1.0-cpu .                           # Debian slim, CPU backend
+#   docker build -t da-server:0.1.0-gpu --build-arg VARIANT=gpu .   # CUDA runtime, CUDA backend
+#   docker build -t da-server:0.1.0-cpu --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+#   docker run --rm -p 50051:50051 -p 9464:9464 da-server:0.1.0-cpu
+#   docker run --rm --gpus all -p 50051:50051 -p 9464:9464 da-server:0.1.0-gpu
 #
 # The build stage installs what serving needs (scripts/install-deps serve) and builds only
 # da-server and da-client; the runtime stage gets the two binaries and the shared libraries they
