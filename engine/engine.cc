@@ -210,6 +210,20 @@ struct Engine::Impl {
     return estimate;
   }
 
+  // The plan key of one share of a problem on `device`, as the run builds it.
+  static PlanKey ShareKeyOn(const ProblemShape& shape, DType dtype, DType out_dtype,
+                            const AttentionSpec& spec, const Share& part, Precision precision,
+                            const Device& device) {
+    ShareProblem share;
+    share.shape = shape;
+    share.spec = spec;
+    share.share = part;
+    share.q = {dtype, part.QueryShape(shape), nullptr, 0};
+    share.k = share.v = {dtype, part.KeyShape(shape), nullptr, 0};
+    share.out = {out_dtype, part.QueryShape(shape), nullptr, 0};
+    return MakeShareKey(share, precision, device.info.id, device.pool->size());
+  }
+
   // Which local devices compute a validated request (engine/placement.h), and the memory that
   // placement holds. A request for the multi-process shard group is the group's to place.
   struct Placed {
@@ -249,11 +263,19 @@ struct Engine::Impl {
     }
     if (placement->devices > 1) {
       // Every share's copy of its inputs and output (none in place), and the gathered rows,
-      // beside the whole tensors; each device's workspace is about its share of the whole
-      // problem's.
+      // beside the whole tensors; and every device's plan for its share (each of its threads
+      // holds whole segments, so the shares' workspaces add up to more than the whole's).
       DA_ASSIGN_OR_RETURN(
           const ShardLayout layout,
           MakeShardLayout(shape, request.spec, placement->strategy, placement->devices));
+      DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
+                          first.backend->ChoosePrecision(request.spec));
+      estimate.workspace = 0;
+      for (int d = 0; d < placement->devices; ++d) {
+        estimate.workspace += placeable[d]->backend->PlanWorkspaceBytes(
+            ShareKeyOn(shape, request.q.dtype, request.out.dtype, request.spec, layout.shares[d],
+                       precision.precision, *placeable[d]));
+      }
       // Devices with memory of their own: the copies pass through host staging (and the
       // gathered rows are host memory first), and land in the devices' memory.
       const int64_t copies = LocalShardCopyBytes(shape, request.q.dtype, request.out.dtype,
@@ -291,6 +313,17 @@ struct Engine::Impl {
     const MemoryEstimate& estimate = placed.estimate;
     if (request.reservation == nullptr) {
       DA_ASSIGN_OR_RETURN(held.host, ReserveOn(memory, estimate.total, estimate.ToString()));
+    } else if (placed.placement.devices > 1 && DeviceFor(request).host() &&
+               estimate.total > request.reservation->bytes()) {
+      // The caller reserved for the request computed whole (a stream's chunk); split over the
+      // local devices it also needs the shares' copies and plans: the rest is reserved here.
+      const int64_t rest = estimate.total - request.reservation->bytes();
+      DA_ASSIGN_OR_RETURN(
+          held.host,
+          ReserveOn(memory, rest,
+                    absl::StrCat(rest, " bytes beyond the caller's ", request.reservation->bytes(),
+                                 " for a run split over ", placed.placement.devices, " devices (",
+                                 estimate.ToString(), ")")));
     }
     const Device& first = DeviceFor(request);
     if (first.host()) return held;
@@ -466,8 +499,9 @@ struct Engine::Impl {
       stats = RunLocalSharded(problem, computes, exchange);
     }
     for (Device* device : on) ReleaseDevice(*device);
+    // The plans are released: bring the cache back within budget if it was over, failed or not.
+    plans->Trim();
     DA_RETURN_IF_ERROR(stats.status());
-    plans->Trim();  // The plans are released: bring the cache back within budget if it was over.
     ExecutionInfo info;
     info.precision_used = precision->precision;
     info.precision_reason = precision->reason;
@@ -1044,15 +1078,8 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     result.shares = placed->placement.devices;
     for (int d = 0; d < placed->placement.devices; ++d) {
       Impl::Device* device = impl_->placeable[d];
-      ShareProblem share;
-      share.shape = shape;
-      share.spec = spec;
-      share.share = layout.shares[d];
-      share.q = {dtype, share.share.QueryShape(shape), nullptr, 0};
-      share.k = share.v = {dtype, share.share.KeyShape(shape), nullptr, 0};
-      share.out = {out_dtype, share.share.QueryShape(shape), nullptr, 0};
-      keys.emplace_back(
-          device, MakeShareKey(share, precision.precision, device->info.id, device->pool->size()));
+      keys.emplace_back(device, Impl::ShareKeyOn(shape, dtype, out_dtype, spec, layout.shares[d],
+                                                 precision.precision, *device));
     }
   } else {
     for (Impl::Device* device : impl_->placeable) {

@@ -5,17 +5,21 @@
 // refused under NONE naming both numbers; the CPU-device plan and the NUMA topology reader.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <future>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "engine/device.h"
 #include "engine/engine.h"
+#include "engine/local_shard.h"
 #include "engine/placement.h"
 #include "engine/test_tensors.h"
 
@@ -193,10 +197,11 @@ TEST(MultiDeviceTest, OverOneDeviceBudgetIsShardedUnderAutoAndRefusedUnderNone) 
   absl::StatusOr<MemoryEstimate> estimate =
       (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, in.spec);
   ASSERT_TRUE(estimate.ok()) << estimate.status();
-  // The whole fits the engine's budget with room for the HEADS shares' copies of the inputs and
-  // the output, but not one device's half of it (the workspace is not nothing).
+  // One byte short of two wholes: the whole does not fit one device's half, while the shares'
+  // copies of the inputs and the output and the two devices' plans (each about the whole's
+  // workspace: a thread's buffers hold whole segments) fit the budget.
   ASSERT_GT(estimate->workspace, 0);
-  options.memory_budget_bytes = estimate->total + estimate->inputs + estimate->outputs;
+  options.memory_budget_bytes = 2 * estimate->total - 1;
   auto engine = Engine::Create(options);
   ASSERT_TRUE(engine.ok()) << engine.status();
 
@@ -222,6 +227,66 @@ TEST(MultiDeviceTest, OverOneDeviceBudgetIsShardedUnderAutoAndRefusedUnderNone) 
   ASSERT_TRUE(sharded.ok()) << sharded.status();
   EXPECT_EQ(sharded->shard_strategy, ShardPolicy::kHeads);
   EXPECT_EQ(sharded->devices.size(), 2u);
+}
+
+// A run split over the local devices reserves every device's plan for its share: each device's
+// threads hold whole segments, so the shares' plans add up to more than the whole problem's plan
+// on one device, which was all it reserved (8.8 MB against 17.3 MB built, here). A caller that
+// reserved for the whole request (a stream's chunk) gets the rest reserved by the engine.
+TEST(MultiDeviceTest, ASplitRunReservesEveryDevicesPlan) {
+  const ProblemShape shape{1, 8192, 4, 4, 64};
+  EngineOptions options = Devices(2, 2);
+  options.plan_cache_bytes = int64_t{1} << 30;  // Both share plans stay, to be counted.
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Inputs in = MakeInputs(shape, 21);
+  in.spec.patterns = {{8192, 1}};
+  in.spec.causal = true;  // HEADS, copied shares.
+  // Runs the request, with the caller's reservation if any; the most bytes reserved meanwhile.
+  const auto run = [&](const MemoryReservation* reservation, ExecutionInfo* info) {
+    std::atomic<bool> ran{false};
+    int64_t most_reserved = 0;
+    std::thread watcher([&] {
+      while (!ran.load()) {
+        most_reserved = std::max(most_reserved, (*engine)->stats().memory_reserved_bytes);
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+    });
+    RunRequest request = in.Request();
+    request.reservation = reservation;
+    const absl::StatusOr<ExecutionInfo> ran_info = (*engine)->Run(request);
+    ran = true;
+    watcher.join();
+    EXPECT_TRUE(ran_info.ok()) << ran_info.status();
+    if (ran_info.ok()) *info = *ran_info;
+    return most_reserved;
+  };
+  ExecutionInfo first;
+  const int64_t most_reserved = run(nullptr, &first);
+  const ExecutionInfo* info = &first;
+  ASSERT_EQ(info->devices.size(), 2u);
+  const absl::StatusOr<ShardLayout> layout =
+      MakeShardLayout(shape, in.spec, info->shard_strategy, 2);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const int64_t tensors = (2 * shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) *
+                          DTypeSize(DType::kFloat32);
+  const int64_t copies =
+      LocalShardCopyBytes(shape, DType::kFloat32, DType::kFloat32, in.spec, *layout, true);
+  const PlanCacheStats plans = (*engine)->plan_cache_stats();
+  ASSERT_EQ(plans.entries, 2);
+  EXPECT_GE(most_reserved - tensors - copies, plans.bytes)
+      << "reserved " << most_reserved << ", tensors " << tensors << ", copies " << copies;
+
+  const absl::StatusOr<MemoryEstimate> whole =
+      (*engine)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, in.spec);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  absl::StatusOr<MemoryReservation> callers = (*engine)->ReserveMemory(whole->total, "a chunk");
+  ASSERT_TRUE(callers.ok()) << callers.status();
+  ExecutionInfo second;
+  const int64_t with_callers = run(&*callers, &second);
+  EXPECT_EQ(second.devices.size(), 2u);
+  EXPECT_GE(with_callers - tensors - copies, plans.bytes)
+      << "reserved " << with_callers << " with the caller's " << whole->total;
 }
 
 TEST(MultiDeviceTest, BadDeviceOptionsNameTheValue) {

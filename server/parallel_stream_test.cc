@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <random>
 #include <string>
 #include <tuple>
@@ -134,13 +135,26 @@ TEST(ParallelStreamFailureTest, OnePartFailingFailsTheRequestAndCancelsTheOthers
   EXPECT_THAT(status.error_message(), StartsWith("part 2 of 2 (tokens 8192..24576): "));
   EXPECT_THAT(status.error_message(), HasSubstr("12000"));
   EXPECT_FALSE(response.has_output());
-  // The first part ended as cancelled on the server, not computed to the end.
+  // The first part was not computed to the end: it ended as cancelled on the server, or (a loaded
+  // machine: seen once in a local `ctest -j2` run) the client cancelled it before it reached the
+  // server.
+  // Not cancelled, it would end OK within a second.
   const std::string cancelled = R"(da_requests_total{code="CANCELLED",method="AttendStream"})";
-  EXPECT_TRUE(testing::WaitFor([&] { return Metric(server->metrics_port(), cancelled) == 1; },
-                               std::chrono::seconds(10)))
-      << Metric(server->metrics_port(), cancelled);
-  EXPECT_EQ(Metric(server->metrics_port(), R"(da_requests_total{code="OK",method="AttendStream"})"),
-            0);
+  const std::string ok = R"(da_requests_total{code="OK",method="AttendStream"})";
+  const std::string refused =
+      R"(da_requests_total{code="RESOURCE_EXHAUSTED",method="AttendStream"})";
+  testing::WaitFor(
+      [&] {
+        return Metric(server->metrics_port(), cancelled) + Metric(server->metrics_port(), ok) >= 1;
+      },
+      std::chrono::seconds(5));
+  EXPECT_EQ(Metric(server->metrics_port(), ok), 0);
+  EXPECT_EQ(Metric(server->metrics_port(), refused), 1);
+  if (Metric(server->metrics_port(), cancelled) == 0) {
+    std::printf("the first part was cancelled before it reached the server\n");
+  } else {
+    EXPECT_EQ(Metric(server->metrics_port(), cancelled), 1);
+  }
 }
 
 // A segment as long as the sequence: nothing to cut, so four streams asked for are one call.

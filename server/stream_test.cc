@@ -211,10 +211,14 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   h->set_heads(1);
   h->set_kv_heads(1);
   h->set_head_dim(1);
-  h->set_seq_len(int64_t{1} << 58);  // One segment: one chunk of 2^58 tokens, 12 x 2^58 bytes.
+  // Segments of 2^31 - 1 and 2^31 - 2 tokens (the longest allowed) repeat together only past
+  // the sequence: one chunk of 2^58 tokens, 12 x 2^58 bytes.
+  h->set_seq_len(int64_t{1} << 58);
   h->mutable_spec()->clear_segment_lengths();
   h->mutable_spec()->clear_dilation_rates();
-  h->mutable_spec()->add_segment_lengths(int64_t{1} << 58);
+  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
+  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 2);
+  h->mutable_spec()->add_dilation_rates(1);
   h->mutable_spec()->add_dilation_rates(1);
   const StreamResult result = Run({huge});
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
