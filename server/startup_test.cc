@@ -212,10 +212,10 @@ TEST(StartupTest, ThreadsAndMemoryComeFromTheContainerAndFlagsFromTheEnvironment
       << log;
   EXPECT_NE(log.find("memory 2147483648 bytes from the cgroup memory limit"), std::string::npos)
       << log;
-  // min(1 GiB, 2 GiB / 8) and max(2 GiB / 4, 3/4 * 2 GiB - 256 MiB).
+  // min(1 GiB, 2 GiB / 8) and max(2 GiB / 4, 3/4 * 2 GiB - 256 MiB - min(512 MiB, 2 GiB / 16)).
   EXPECT_NE(log.find("plan cache 268435456 bytes (min(1 GiB, memory / 8))"), std::string::npos)
       << log;
-  EXPECT_NE(log.find("admission budget 1342177280 bytes"), std::string::npos) << log;
+  EXPECT_NE(log.find("admission budget 1207959552 bytes"), std::string::npos) << log;
 
   client::AttentionClient client(testing::ChannelTo(port));
   v1::GetServerInfoResponse info;
@@ -226,7 +226,7 @@ TEST(StartupTest, ThreadsAndMemoryComeFromTheContainerAndFlagsFromTheEnvironment
   const std::optional<std::string> text = testing::HttpGet(metrics_port, "/metrics");
   ASSERT_TRUE(text.has_value());
   EXPECT_EQ(testing::MetricValue(*text, "da_device_memory_bytes{device=\"cpu:0\"}"), 2147483648.0);
-  EXPECT_EQ(testing::MetricValue(*text, "da_memory_budget_bytes"), 1342177280.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_memory_budget_bytes"), 1207959552.0);
   EXPECT_EQ(testing::MetricValue(*text, "da_queue_capacity"), 7.0);
   std::filesystem::remove_all(dir);
 }
