@@ -362,11 +362,21 @@ int main(int argc, char** argv) {
   app.add_option("--port-file", port_file, "Once serving, write the bound gRPC port to this file");
   app.add_option("--metrics-port-file", metrics_port_file,
                  "Once serving, write the bound /metrics port to this file");
+  // An optional config file (TOML, or INI): `max-queue = 16`, one flag per line by its long name;
+  // a name that is no flag is refused, as on the command line. DA_CONFIG names it too (CLI11 reads
+  // the file before the environment, so the variable is its default here).
+  const char* config_from_env = std::getenv("DA_CONFIG");
+  app.set_config("--config", config_from_env != nullptr ? config_from_env : "",
+                 "A TOML file of flags by their long names (max-queue = 16, listen = "
+                 "\"0.0.0.0:50051\"); the command line wins over it, and it over the other DA_* "
+                 "variables. Env: DA_CONFIG",
+                 /*config_required=*/config_from_env != nullptr && *config_from_env != '\0');
+  app.allow_config_extras(CLI::config_extras_mode::error);
   // Every flag also from the environment, as containers are configured: --max-queue from
-  // DA_MAX_QUEUE. A flag on the command line wins.
+  // DA_MAX_QUEUE. A flag on the command line (or in --config's file) wins.
   for (CLI::Option* option : app.get_options()) {
     const std::string& name = option->get_single_name();
-    if (name.empty() || name == "help") continue;
+    if (name.empty() || name == "help" || name == "config") continue;
     std::string env = "DA_" + name;
     for (char& c : env) c = c == '-' ? '_' : static_cast<char>(std::toupper(c));
     option->envname(env);

@@ -8,7 +8,11 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <random>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "client/attention_client.h"
 #include "server/attention_service.h"
@@ -181,6 +185,45 @@ TEST(StartupTest, PlanCacheBytesZeroNeverHitsAndPrecisionFallbackReplacesFp8) {
   EXPECT_EQ(info.plan_cache().capacity_bytes(), 0);
   EXPECT_EQ(info.plan_cache().hits(), 0);
   EXPECT_EQ(info.plan_cache().entries(), 0);
+}
+
+// --config (or DA_CONFIG): flags from a TOML file by their long names. The command line wins over
+// the file, the file over the other DA_* variables; a name that is no flag is refused, as a
+// missing file is.
+TEST(StartupTest, FlagsComeFromAConfigFile) {
+  const std::string dir = testing::MakeTempDir();
+  std::ofstream(dir + "/da.toml") << "# da-server flags\nmax-queue = 5\nplan-cache-bytes = 4096\n"
+                                  << "log-level = \"warn\"\n";
+  const auto serve = [&](const std::string& name, std::vector<std::string> args) {
+    args.insert(args.end(), {"--listen", "127.0.0.1:0", "--port-file", dir + "/" + name + ".port",
+                             "--metrics-listen", "127.0.0.1:0", "--metrics-port-file",
+                             dir + "/" + name + ".metrics_port"});
+    std::unique_ptr<testing::ChildProcess> child =
+        testing::ChildProcess::Spawn(DA_SERVER_BINARY, args, dir + "/" + name + ".log");
+    const int metrics_port = testing::ReadPortFile(dir + "/" + name + ".metrics_port", seconds(60));
+    EXPECT_GT(metrics_port, 0) << name;
+    const std::optional<std::string> text = testing::HttpGet(metrics_port, "/metrics");
+    EXPECT_TRUE(text.has_value()) << name;
+    return std::make_pair(testing::MetricValue(text.value_or(""), "da_queue_capacity"),
+                          testing::MetricValue(text.value_or(""), "da_plan_cache_capacity_bytes"));
+  };
+  EXPECT_EQ(serve("file", {"--config", dir + "/da.toml"}),
+            std::make_pair(std::optional<double>(5.0), std::optional<double>(4096.0)));
+  setenv("DA_CONFIG", (dir + "/da.toml").c_str(), 1);
+  setenv("DA_MAX_QUEUE", "9", 1);
+  EXPECT_EQ(serve("env", {}).first, 5.0);
+  EXPECT_EQ(serve("command-line", {"--max-queue", "3"}).first, 3.0);
+  unsetenv("DA_MAX_QUEUE");
+  unsetenv("DA_CONFIG");
+
+  std::ofstream(dir + "/typo.toml") << "max-queu = 5\n";
+  for (const std::string& file : {dir + "/typo.toml", dir + "/missing.toml"}) {
+    std::unique_ptr<testing::ChildProcess> child = testing::ChildProcess::Spawn(
+        DA_SERVER_BINARY, {"--config", file, "--listen", "127.0.0.1:0"}, dir + "/refused.log");
+    const std::optional<int> status = child->WaitForExit(seconds(30));
+    ASSERT_TRUE(status.has_value()) << file << " was not refused";
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) != 0) << file;
+  }
 }
 
 // A pod of one CPU and 2 GiB (cgroup v2 files under --resources-root), and DA_MAX_QUEUE in the
