@@ -1052,7 +1052,8 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
 }
 
 absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
-                                            const AttentionSpec& spec) {
+                                            const AttentionSpec& spec,
+                                            const std::atomic<bool>* stop) {
   DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
   DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
   DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend().ChoosePrecision(spec));
@@ -1097,7 +1098,8 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     bool warm = false;
     {
       const ScopedAffinity pinned(device->cpus);
-      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan, impl_->GetPlan(*device, key, &warm));
+      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,
+                          impl_->GetPlan(*device, key, &warm, stop));
       result.plan_bytes += plan->bytes();
       result.build_time_us += warm ? 0 : plan->build_time_us;
     }

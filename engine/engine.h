@@ -184,9 +184,11 @@ class Engine {
   void Submit(const RunRequest& request, RunCallback done);
 
   // Builds (or finds) the plan of a problem without running it, so that the first real request
-  // of this shape is a cache hit. out_dtype is the dtype the requests will want back.
+  // of this shape is a cache hit. out_dtype is the dtype the requests will want back. `stop`
+  // (optional) turning true ends a build with CANCELLED.
   absl::StatusOr<WarmUpResult> WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
-                                      const AttentionSpec& spec);
+                                      const AttentionSpec& spec,
+                                      const std::atomic<bool>* stop = nullptr);
 
   // The memory a problem would hold while queued and computed: q, k, v, the output and the
   // workspace of its plan (Backend::PlanWorkspaceBytes). The workspace is always counted in full,

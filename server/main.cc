@@ -415,7 +415,8 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
-  if (group.rank > 0) sigaddset(&stop_signals, SIGUSR1);  // RunWorkerMain: the loop ended.
+  // RunWorkerMain: the loop ended; rank 0: the warm-up ended.
+  sigaddset(&stop_signals, SIGUSR1);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
@@ -485,24 +486,45 @@ int main(int argc, char** argv) {
     return 1;
   }
 
-  if (!options.warmup.empty()) {
-    const auto start = std::chrono::steady_clock::now();
-    if (absl::Status warmed = (*server)->WarmUp(); !warmed.ok()) {
-      spdlog::error("--warmup {}: {}", warmup_file, std::string(warmed.message()));
-      return 1;
-    }
-    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
-    spdlog::info("warm-up done: {} plans in {:.3f} s", options.warmup.size(), elapsed.count());
-  }
-  // Readiness also needs the self-check and the devices (server/health.h); say which way it went.
-  if (const std::string not_ready = (*server)->health().NotReadyReason(); not_ready.empty()) {
-    spdlog::info("ready");
-  } else {
-    spdlog::warn("not ready: {}; liveness stays SERVING", not_ready);
-  }
-
   int signal_number = 0;
-  sigwait(&stop_signals, &signal_number);
+  if (!options.warmup.empty()) {
+    // On a thread of its own, so that a stop signal during a long warm-up (minutes of plans)
+    // stops it and drains at once, instead of waiting for the kubelet's SIGKILL.
+    const auto start = std::chrono::steady_clock::now();
+    spdlog::info("warm-up: {} plans from {}", options.warmup.size(), warmup_file);
+    std::atomic<bool> stop_warm_up{false};
+    absl::Status warmed;
+    std::thread warming([&] {
+      warmed = (*server)->WarmUp(&stop_warm_up);
+      kill(getpid(), SIGUSR1);
+    });
+    sigwait(&stop_signals, &signal_number);
+    if (signal_number != SIGUSR1) {
+      spdlog::info("{} during the warm-up: stopping it", strsignal(signal_number));
+      stop_warm_up.store(true);
+    }
+    warming.join();
+    if (signal_number == SIGUSR1) {
+      if (!warmed.ok()) {
+        spdlog::error("--warmup {}: {}", warmup_file, std::string(warmed.message()));
+        return 1;
+      }
+      const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+      spdlog::info("warm-up done: {} plans in {:.3f} s", options.warmup.size(), elapsed.count());
+    }
+  }
+  if (signal_number == 0 || signal_number == SIGUSR1) {
+    // Readiness also needs the self-check and the devices (server/health.h); say which way it
+    // went.
+    if (const std::string not_ready = (*server)->health().NotReadyReason(); not_ready.empty()) {
+      spdlog::info("ready");
+    } else {
+      spdlog::warn("not ready: {}; liveness stays SERVING", not_ready);
+    }
+    do {
+      sigwait(&stop_signals, &signal_number);
+    } while (signal_number == SIGUSR1);  // Only the warm-up raises it, once.
+  }
   spdlog::info(
       "{}: draining: new calls refused; {} ms of grace, then up to {} ms for the calls in "
       "flight",

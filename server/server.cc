@@ -326,9 +326,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   return server;
 }
 
-absl::Status Server::WarmUp() {
+absl::Status Server::WarmUp(const std::atomic<bool>* stop) {
   for (size_t i = 0; i < warmup_.size(); ++i) {
-    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i]);
+    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i], stop);
     if (!result.ok()) {
       return absl::Status(result.status().code(),
                           absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]),

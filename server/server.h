@@ -174,7 +174,8 @@ class Server {
   // SERVING unless Shutdown has begun. On the first shape the engine refuses it returns that
   // error, prefixed with "entry <i> (<shape>): ", and readiness stays NOT_SERVING. Call once,
   // after Start, and not concurrently with Shutdown.
-  absl::Status WarmUp();
+  // `stop` (optional) turning true ends it with CANCELLED (a SIGTERM during a long warm-up).
+  absl::Status WarmUp(const std::atomic<bool>* stop = nullptr);
 
   // Readiness NOT_SERVING and Watch streams ended; new attention calls are refused with
   // UNAVAILABLE ("draining") for `grace` while gRPC still accepts them (time for load balancers

@@ -4,6 +4,7 @@
 // threads and memory come from the container (a mocked cgroup tree) and flags from DA_*
 // environment variables.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
 
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
 #include "server/attention_service.h"
 #include "server/test_util.h"
@@ -185,6 +187,40 @@ TEST(StartupTest, PlanCacheBytesZeroNeverHitsAndPrecisionFallbackReplacesFp8) {
   EXPECT_EQ(info.plan_cache().capacity_bytes(), 0);
   EXPECT_EQ(info.plan_cache().hits(), 0);
   EXPECT_EQ(info.plan_cache().entries(), 0);
+}
+
+// A stop signal during a long warm-up stops it and drains at once: before, the warm-up ran to its
+// end first (in a pod, until the kubelet's SIGKILL).
+TEST(StartupTest, SigtermDuringTheWarmUpStopsItAtOnce) {
+  std::string shapes = "[";
+  constexpr int kShapes = 16;  // Distinct plans, each of some 32 MiB buffers per thread.
+  for (int i = 0; i < kShapes; ++i) {
+    shapes += absl::StrCat(i == 0 ? "" : ",", R"({"batch": 1, "seq_len": )", 65536 + 256 * i,
+                           R"(, "heads": 4, "head_dim": 128, "segments": [65536],
+                              "dilations": [1], "precision": "fp32"})");
+  }
+  shapes += "]";
+  const std::string dir = testing::MakeTempDir();
+  std::ofstream(dir + "/warmup.json") << shapes;
+  testing::SpawnedServer server(DA_SERVER_BINARY,
+                                {"--warmup", dir + "/warmup.json", "--plan-cache-bytes", "0"});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  ASSERT_TRUE(
+      testing::WaitFor([&] { return CountOf(server.Log(), "warm-up plan=") >= 1; }, seconds(60)))
+      << server.Log();
+  const auto signalled = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(server.process().pid(), SIGTERM), 0);
+  const std::optional<int> status = server.process().WaitForExit(seconds(30));
+  const double stop_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
+  ASSERT_TRUE(status.has_value()) << server.Log();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0) << server.Log();
+  const std::string log = server.Log();
+  EXPECT_NE(log.find("Terminated during the warm-up: stopping it"), std::string::npos) << log;
+  EXPECT_EQ(log.find("warm-up done"), std::string::npos) << log;
+  // The rest of the warm-up was not built first (without the stop, all 16 plans were).
+  EXPECT_LT(CountOf(log, "warm-up plan="), kShapes) << log;
+  EXPECT_LT(stop_s, 2.0) << log;
 }
 
 // --config (or DA_CONFIG): flags from a TOML file by their long names. The command line wins over

@@ -10,9 +10,10 @@
 namespace da::server {
 
 absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics& metrics,
-                                                const WarmUpShape& shape) {
+                                                const WarmUpShape& shape,
+                                                const std::atomic<bool>* stop) {
   DA_ASSIGN_OR_RETURN(engine::WarmUpResult result,
-                      engine.WarmUp(shape.shape, shape.dtype, shape.dtype, shape.spec));
+                      engine.WarmUp(shape.shape, shape.dtype, shape.dtype, shape.spec, stop));
   if (!result.already_warm) metrics.PlanBuilt(result.build_time_us / 1e6);
   spdlog::info("warm-up plan=\"{}\" already_warm={} bytes={} build_ms={:.3f} shares={}",
                result.plan_key, result.already_warm ? 1 : 0, result.plan_bytes,

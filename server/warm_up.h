@@ -28,7 +28,8 @@ using WarmUpShape = StreamProblem;
 // (plan key, bytes, build ms) and, when it built, observes da_plan_build_duration_seconds.
 // Errors are the engine's (INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED for a limit).
 absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics& metrics,
-                                                const WarmUpShape& shape);
+                                                const WarmUpShape& shape,
+                                                const std::atomic<bool>* stop = nullptr);
 
 // "1x4096x8x64 kv_heads=8 fp32 (2048,1) longnet auto": a shape in error and log messages.
 std::string DescribeWarmUpShape(const WarmUpShape& shape);
