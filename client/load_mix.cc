@@ -227,8 +227,9 @@ std::vector<RequestKind> MalformedKinds(uint64_t seed) {
   // Unbounded, this pattern made the server divide by zero (LONGNET head offsets) and stop.
   RequestKind huge =
       Malformed("huge-segment", "spec.segment_lengths[0] is 9223372036854775807", seed++);
-  Mutable(huge)->mutable_spec()->set_segment_lengths(0, std::numeric_limits<int64_t>::max());
-  Mutable(huge)->mutable_spec()->set_dilation_rates(0, std::numeric_limits<int64_t>::max());
+  v1::AttentionSpec* huge_spec = Mutable(huge)->mutable_spec();
+  huge_spec->set_segment_lengths(0, std::numeric_limits<int64_t>::max());
+  huge_spec->set_dilation_rates(0, std::numeric_limits<int64_t>::max());
   kinds.push_back(std::move(huge));
 
   RequestKind dilation =

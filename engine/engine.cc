@@ -311,9 +311,10 @@ struct Engine::Impl {
   absl::StatusOr<Held> ReserveFor(const RunRequest& request, const Placed& placed) {
     Held held;
     const MemoryEstimate& estimate = placed.estimate;
+    const Device& first = DeviceFor(request);
     if (request.reservation == nullptr) {
       DA_ASSIGN_OR_RETURN(held.host, ReserveOn(memory, estimate.total, estimate.ToString()));
-    } else if (placed.placement.devices > 1 && DeviceFor(request).host() &&
+    } else if (placed.placement.devices > 1 && first.host() &&
                estimate.total > request.reservation->bytes()) {
       // The caller reserved for the request computed whole (a stream's chunk); split over the
       // local devices it also needs the shares' copies and plans: the rest is reserved here.
@@ -325,7 +326,6 @@ struct Engine::Impl {
                                  " for a run split over ", placed.placement.devices, " devices (",
                                  estimate.ToString(), ")")));
     }
-    const Device& first = DeviceFor(request);
     if (first.host()) return held;
     const std::string what =
         absl::StrCat(estimate.device, " bytes in device memory (", estimate.ToString(), ")");

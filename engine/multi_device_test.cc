@@ -263,10 +263,9 @@ TEST(MultiDeviceTest, ASplitRunReservesEveryDevicesPlan) {
   };
   ExecutionInfo first;
   const int64_t most_reserved = run(nullptr, &first);
-  const ExecutionInfo* info = &first;
-  ASSERT_EQ(info->devices.size(), 2u);
+  ASSERT_EQ(first.devices.size(), 2u);
   const absl::StatusOr<ShardLayout> layout =
-      MakeShardLayout(shape, in.spec, info->shard_strategy, 2);
+      MakeShardLayout(shape, in.spec, first.shard_strategy, 2);
   ASSERT_TRUE(layout.ok()) << layout.status();
   const int64_t tensors = (2 * shape.QueryShape().elements() + 2 * shape.KeyShape().elements()) *
                           DTypeSize(DType::kFloat32);

@@ -230,15 +230,10 @@ TEST(StartupTest, FlagsComeFromAConfigFile) {
   const std::string dir = testing::MakeTempDir();
   std::ofstream(dir + "/da.toml") << "# da-server flags\nmax-queue = 5\nplan-cache-bytes = 4096\n"
                                   << "log-level = \"warn\"\n";
-  const auto serve = [&](const std::string& name, std::vector<std::string> args) {
-    args.insert(args.end(), {"--listen", "127.0.0.1:0", "--port-file", dir + "/" + name + ".port",
-                             "--metrics-listen", "127.0.0.1:0", "--metrics-port-file",
-                             dir + "/" + name + ".metrics_port"});
-    std::unique_ptr<testing::ChildProcess> child =
-        testing::ChildProcess::Spawn(DA_SERVER_BINARY, args, dir + "/" + name + ".log");
-    const int metrics_port = testing::ReadPortFile(dir + "/" + name + ".metrics_port", seconds(60));
-    EXPECT_GT(metrics_port, 0) << name;
-    const std::optional<std::string> text = testing::HttpGet(metrics_port, "/metrics");
+  const auto serve = [&](const std::string& name, const std::vector<std::string>& args) {
+    testing::SpawnedServer server(DA_SERVER_BINARY, args);
+    EXPECT_TRUE(server.WaitForPorts(seconds(60))) << name << ": " << server.Log();
+    const std::optional<std::string> text = testing::HttpGet(server.metrics_port(), "/metrics");
     EXPECT_TRUE(text.has_value()) << name;
     return std::make_pair(testing::MetricValue(text.value_or(""), "da_queue_capacity"),
                           testing::MetricValue(text.value_or(""), "da_plan_cache_capacity_bytes"));
