@@ -23,7 +23,7 @@ double SecondsSince(Clock::time_point start) {
 
 absl::StatusOr<std::vector<GatheredKeys>> HostKeyExchange::Gather(
     const TensorView& whole_k, const TensorView& whole_v, const ShardLayout& layout,
-    const std::vector<SpanningKeys>& sets, int device) {
+    const std::vector<SpanningKeys>& sets, int device, const std::atomic<bool>* stop) {
   const Shape4& s = whole_k.shape;
   const ProblemShape shape{s.batch, s.seq_len, s.heads, s.heads, s.head_dim};
   const Share whole = WholeShare(shape);
@@ -42,8 +42,10 @@ absl::StatusOr<std::vector<GatheredKeys>> HostKeyExchange::Gather(
     if (!done_[i]) {
       k_[i].resize(s.batch * set.kept.count * row_bytes);
       v_[i].resize(s.batch * set.kept.count * row_bytes);
-      CopyKeptRows(whole_k, whole, set, 0, set.kept.count, k_[i].data());
-      CopyKeptRows(whole_v, whole, set, 0, set.kept.count, v_[i].data());
+      if (!CopyKeptRowsUnlessStopped(whole_k, whole, set, k_[i].data(), stop) ||
+          !CopyKeptRowsUnlessStopped(whole_v, whole, set, v_[i].data(), stop)) {
+        return absl::CancelledError("cancelled while gathering the kept rows of spanning segments");
+      }
       done_[i] = true;
     }
     views[i] = {k_[i].data(), v_[i].data()};
@@ -109,6 +111,10 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     const bool in_place = backend.Space().host() && contiguous;
     DeviceBuffer q, k, v, out;
     std::vector<uint8_t> staging;
+    const auto stopped_copying = [&] {
+      return absl::CancelledError(
+          absl::StrCat("cancelled while copying the inputs of ", devices[r].device, "'s share"));
+    };
     const auto put = [&](const void* host, int64_t bytes, const DeviceBuffer& dst) {
       return backend.CopyToDevice(dst.data(), host, bytes, io);
     };
@@ -121,14 +127,18 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
            {std::tuple{&problem.q, false, &q}, std::tuple{&problem.k, true, &k},
             std::tuple{&problem.v, true, &v}}) {
         if (dst->space().host()) {
-          CopyShareOut(*whole, share, kv, dst->data());
+          if (!CopyShareOutUnlessStopped(*whole, share, kv, dst->data(), problem.stop)) {
+            return stopped_copying();
+          }
         } else if (contiguous) {  // Straight from the whole tensor: no staging.
           const int64_t heads = kv ? shape.kv_heads : shape.heads;
           DA_RETURN_IF_ERROR(
               put(ShareStart(whole->data, shape, share, heads, whole->dtype), dst->bytes(), *dst));
         } else {
           staging.resize(dst->bytes());
-          CopyShareOut(*whole, share, kv, staging.data());
+          if (!CopyShareOutUnlessStopped(*whole, share, kv, staging.data(), problem.stop)) {
+            return stopped_copying();
+          }
           DA_RETURN_IF_ERROR(put(staging.data(), dst->bytes(), *dst));
           DA_RETURN_IF_ERROR(backend.Synchronize(io));
         }
@@ -156,7 +166,8 @@ absl::StatusOr<LocalShardStats> RunLocalSharded(const ShardedProblem& problem,
     std::vector<GatheredKeys> gathered;
     std::vector<DeviceBuffer> gathered_buffers;  // The rows in device memory, when not host.
     if (!sets.empty()) {
-      DA_ASSIGN_OR_RETURN(gathered, exchange.Gather(problem.k, problem.v, layout, sets, r));
+      DA_ASSIGN_OR_RETURN(gathered,
+                          exchange.Gather(problem.k, problem.v, layout, sets, r, problem.stop));
       if (!backend.Space().host()) {
         DA_RETURN_IF_ERROR(CopyGatheredRowsIn(backend, shape, problem.k.dtype, sets, gathered, io,
                                               gathered_buffers));

@@ -34,15 +34,14 @@ namespace da::engine {
 // share holds no rows of), in host memory; RunLocalSharded moves them into a device's memory
 // through its backend when the device computes elsewhere (a peer-to-peer exchange between GPUs
 // will hand out device memory directly). Called once per device per run, from the device's own
-// thread; the views stay valid until the exchange is destroyed.
+// thread; the views stay valid until the exchange is destroyed. `stop` (optional) set during the
+// copies returns CANCELLED within one piece of kStopCheckBytes (engine/shard_data.h).
 class KeyExchange {
  public:
   virtual ~KeyExchange() = default;
-  virtual absl::StatusOr<std::vector<GatheredKeys>> Gather(const TensorView& whole_k,
-                                                           const TensorView& whole_v,
-                                                           const ShardLayout& layout,
-                                                           const std::vector<SpanningKeys>& sets,
-                                                           int device) = 0;
+  virtual absl::StatusOr<std::vector<GatheredKeys>> Gather(
+      const TensorView& whole_k, const TensorView& whole_v, const ShardLayout& layout,
+      const std::vector<SpanningKeys>& sets, int device, const std::atomic<bool>* stop) = 0;
   // Bytes of kept rows moved so far.
   virtual int64_t bytes() const = 0;
 };
@@ -51,11 +50,9 @@ class KeyExchange {
 // first use, under a lock) and read by every device that needs them.
 class HostKeyExchange final : public KeyExchange {
  public:
-  absl::StatusOr<std::vector<GatheredKeys>> Gather(const TensorView& whole_k,
-                                                   const TensorView& whole_v,
-                                                   const ShardLayout& layout,
-                                                   const std::vector<SpanningKeys>& sets,
-                                                   int device) override;
+  absl::StatusOr<std::vector<GatheredKeys>> Gather(
+      const TensorView& whole_k, const TensorView& whole_v, const ShardLayout& layout,
+      const std::vector<SpanningKeys>& sets, int device, const std::atomic<bool>* stop) override;
   int64_t bytes() const override;
 
  private:

@@ -21,6 +21,19 @@ void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* ds
   CopyShareOutRows(whole, share, kv, 0, whole.shape.batch * share.tokens(), dst);
 }
 
+bool CopyShareOutUnlessStopped(const TensorView& whole, const Share& share, bool kv, void* dst,
+                               const std::atomic<bool>* stop, int64_t piece_bytes) {
+  const int64_t row_bytes = ShareHeads(share, kv) * whole.shape.head_dim * DTypeSize(whole.dtype);
+  const int64_t rows = whole.shape.batch * share.tokens();
+  const int64_t piece = std::max<int64_t>(1, piece_bytes / std::max<int64_t>(1, row_bytes));
+  for (int64_t begin = 0; begin < rows; begin += piece) {
+    if (stop != nullptr && stop->load(std::memory_order_relaxed)) return false;
+    CopyShareOutRows(whole, share, kv, begin, std::min(rows, begin + piece),
+                     static_cast<uint8_t*>(dst) + begin * row_bytes);
+  }
+  return true;
+}
+
 void CopyShareOutRows(const TensorView& whole, const Share& share, bool kv, int64_t row_begin,
                       int64_t row_end, void* dst) {
   const Shape4& s = whole.shape;
@@ -82,6 +95,29 @@ void CopyKeptRows(const TensorView& share_kv, const Share& share, const Spanning
       out += row_bytes;
     }
   }
+}
+
+bool CopyKeptRowsUnlessStopped(const TensorView& share_kv, const Share& share,
+                               const SpanningKeys& set, void* dst, const std::atomic<bool>* stop,
+                               int64_t piece_bytes) {
+  const Shape4& s = share_kv.shape;
+  const int64_t row_bytes = s.head_dim * DTypeSize(share_kv.dtype);
+  const int64_t piece = std::max<int64_t>(1, piece_bytes / std::max<int64_t>(1, row_bytes));
+  // One batch at a time: CopyKeptRows writes [B, rows, D], so a piece of rows is contiguous in
+  // dst only within a batch.
+  TensorView batch = share_kv;
+  const int64_t batch_bytes = s.seq_len * s.heads * row_bytes;
+  batch.shape.batch = 1;
+  batch.bytes = batch_bytes;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    batch.data = static_cast<const uint8_t*>(share_kv.data) + b * batch_bytes;
+    for (int64_t begin = 0; begin < set.kept.count; begin += piece) {
+      if (stop != nullptr && stop->load(std::memory_order_relaxed)) return false;
+      CopyKeptRows(batch, share, set, begin, std::min(set.kept.count, begin + piece),
+                   static_cast<uint8_t*>(dst) + (b * set.kept.count + begin) * row_bytes);
+    }
+  }
+  return true;
 }
 
 void PlaceKeptRows(const void* piece, const SpanningKeys& set, int64_t row_begin, int64_t row_end,

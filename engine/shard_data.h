@@ -9,6 +9,7 @@
 //   PlaceKeptRows(piece.data(), set, begin, end, dtype, batch, head_dim, gathered_k.data());
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "engine/shard_plan.h"
@@ -38,6 +39,14 @@ int64_t ShareBytes(const Shape4& whole, const Share& share, DType dtype, bool kv
 // [B, share.tokens(), heads, D].
 void CopyShareOut(const TensorView& whole, const Share& share, bool kv, void* dst);
 
+// CopyShareOut in pieces of about piece_bytes (whole rows), looking at `stop` (optional) before
+// each, so that a cancelled request does not wait for a multi-GiB copy. Returns false, with dst
+// partly written, when it found `stop` set.
+inline constexpr int64_t kStopCheckBytes = int64_t{64} << 20;
+bool CopyShareOutUnlessStopped(const TensorView& whole, const Share& share, bool kv, void* dst,
+                               const std::atomic<bool>* stop,
+                               int64_t piece_bytes = kStopCheckBytes);
+
 // Rows [row_begin, row_end) of that contiguous share (row i: batch i / share.tokens(), token
 // share.token_begin + i % share.tokens(); share heads x D elements) into dst.
 void CopyShareOutRows(const TensorView& whole, const Share& share, bool kv, int64_t row_begin,
@@ -50,6 +59,13 @@ void CopyShareIn(const void* src, const Share& share, const MutableTensorView& w
 // (shape share.KeyShape) into dst, contiguous [B, row_end - row_begin, D].
 void CopyKeptRows(const TensorView& share_kv, const Share& share, const SpanningKeys& set,
                   int64_t row_begin, int64_t row_end, void* dst);
+
+// Every kept row of the set, [B, set.kept.count, D], as CopyKeptRows(..., 0, set.kept.count, dst)
+// does, in pieces of about piece_bytes (whole rows) with `stop` (optional) looked at before each.
+// Returns false, with dst partly written, when it found `stop` set.
+bool CopyKeptRowsUnlessStopped(const TensorView& share_kv, const Share& share,
+                               const SpanningKeys& set, void* dst, const std::atomic<bool>* stop,
+                               int64_t piece_bytes = kStopCheckBytes);
 
 // Places a piece [B, row_end - row_begin, D] (CopyKeptRows' output) at rows [row_begin, row_end)
 // of a gathered buffer [B, set.kept.count, D].

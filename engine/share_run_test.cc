@@ -8,6 +8,7 @@
 // kernel on the same packed rows; the bound leaves room for a kernel whose row chunking changes.)
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <random>
 #include <tuple>
@@ -186,6 +187,62 @@ TEST(ShareRunTest, SharesHaveTheirOwnPlans) {
   whole.share = WholeShare(shape);
   EXPECT_NE(MakeShareKey(part, Precision::kFloat32, "cpu:0", 1).ToString(),
             MakeShareKey(whole, Precision::kFloat32, "cpu:0", 1).ToString());
+}
+
+// The copies a cancelled run stops part-way (shard_data.h's *UnlessStopped) equal the plain
+// copies when not stopped, at piece sizes that cut rows, batches and head groups anywhere, and
+// touch nothing once the stop is up.
+TEST(ShardDataTest, CopiesInPiecesEqualTheWholeCopiesAndStopAtOnce) {
+  AttentionSpec spec;
+  spec.patterns = {{48, 1}, {96, 3}};
+  const ProblemShape shape{3, 200, 6, 3, 8};
+  std::mt19937 rng(11);
+  const OwnedTensor whole_q = testing::RandomTensor(DType::kFloat16, shape.QueryShape(), rng);
+  const OwnedTensor whole_k = testing::RandomTensor(DType::kFloat16, shape.KeyShape(), rng);
+  const std::atomic<bool> running{false};
+  const std::atomic<bool> stopped{true};
+  for (const ShardPolicy policy : {ShardPolicy::kSequence, ShardPolicy::kHeads}) {
+    absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, policy, 3);
+    ASSERT_TRUE(layout.ok()) << layout.status();
+    for (const Share& share : layout->shares) {
+      for (const auto& [whole, kv] : {std::pair{&whole_q, false}, std::pair{&whole_k, true}}) {
+        const int64_t bytes = ShareBytes(whole->shape, share, whole->dtype, kv);
+        std::vector<uint8_t> expected(bytes, 0xAB);
+        CopyShareOut(whole->view(), share, kv, expected.data());
+        for (const int64_t piece : {int64_t{1}, int64_t{40}, int64_t{1000}, kStopCheckBytes}) {
+          std::vector<uint8_t> copied(bytes, 0xCD);
+          EXPECT_TRUE(
+              CopyShareOutUnlessStopped(whole->view(), share, kv, copied.data(), &running, piece));
+          EXPECT_EQ(copied, expected) << share.ToString() << " kv " << kv << " piece " << piece;
+          std::vector<uint8_t> untouched(bytes, 0xCD);
+          EXPECT_FALSE(CopyShareOutUnlessStopped(whole->view(), share, kv, untouched.data(),
+                                                 &stopped, piece));
+          EXPECT_EQ(untouched, std::vector<uint8_t>(bytes, 0xCD));
+        }
+      }
+    }
+  }
+  absl::StatusOr<ShardLayout> layout = MakeShardLayout(shape, spec, ShardPolicy::kSequence, 3);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const std::vector<SpanningKeys> sets = SpanningKeySets(shape, spec, *layout);
+  ASSERT_FALSE(sets.empty());
+  const Share whole_share = WholeShare(shape);
+  const int64_t row_bytes = shape.head_dim * DTypeSize(DType::kFloat16);
+  for (const SpanningKeys& set : sets) {
+    const int64_t bytes = shape.batch * set.kept.count * row_bytes;
+    std::vector<uint8_t> expected(bytes, 0xAB);
+    CopyKeptRows(whole_k.view(), whole_share, set, 0, set.kept.count, expected.data());
+    for (const int64_t piece : {int64_t{1}, int64_t{3} * row_bytes, kStopCheckBytes}) {
+      std::vector<uint8_t> copied(bytes, 0xCD);
+      EXPECT_TRUE(CopyKeptRowsUnlessStopped(whole_k.view(), whole_share, set, copied.data(),
+                                            &running, piece));
+      EXPECT_EQ(copied, expected) << "kv head " << set.kv_head << " piece " << piece;
+      std::vector<uint8_t> untouched(bytes, 0xCD);
+      EXPECT_FALSE(CopyKeptRowsUnlessStopped(whole_k.view(), whole_share, set, untouched.data(),
+                                             &stopped, piece));
+      EXPECT_EQ(untouched, std::vector<uint8_t>(bytes, 0xCD));
+    }
+  }
 }
 
 }  // namespace

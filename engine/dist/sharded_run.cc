@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -673,10 +674,17 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, mine, shape.heads,
                                                        problem.out.dtype)),
                engine::ShareBytes(problem.out.shape, mine, problem.out.dtype, false)};
-  } else if (!request_cancelled()) {  // Allocated above; not needed for a cancelled run.
-    engine::CopyShareOut(problem.q, mine, false, const_cast<void*>(run.q.data));
-    engine::CopyShareOut(problem.k, mine, true, const_cast<void*>(run.k.data));
-    engine::CopyShareOut(problem.v, mine, true, const_cast<void*>(run.v.data));
+  } else {
+    // Into the buffers allocated above. A copy that stops part-way leaves rows nobody reads: the
+    // exchange below still runs (the ranks stay in step) and the compute stops at once.
+    for (auto [whole, kv, dst] :
+         {std::tuple{&problem.q, false, &run.q}, std::tuple{&problem.k, true, &run.k},
+          std::tuple{&problem.v, true, &run.v}}) {
+      if (!engine::CopyShareOutUnlessStopped(*whole, mine, kv, const_cast<void*>(dst->data),
+                                             problem.stop)) {
+        break;
+      }
+    }
   }
   DA_RETURN_IF_ERROR(run.Exchange());
 
