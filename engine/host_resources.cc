@@ -172,6 +172,27 @@ HostResources ReadHostResources(const std::string& root_text, int affinity_cpus,
   return host;
 }
 
+HostResources LessMemoryElsewhere(HostResources host, int64_t elsewhere_bytes) {
+  if (elsewhere_bytes <= 0) return host;
+  if (elsewhere_bytes >= host.memory_bytes) {
+    host.memory_from =
+        absl::StrCat(host.memory_from, ", all of it used elsewhere (", elsewhere_bytes, " bytes)");
+    host.memory_bytes = 0;
+    return host;
+  }
+  host.memory_bytes -= elsewhere_bytes;
+  host.memory_from =
+      absl::StrCat(host.memory_from, ", less ", elsewhere_bytes, " bytes used elsewhere");
+  return host;
+}
+
+int64_t& MemoryElsewhere() {
+  static int64_t bytes = 0;
+  return bytes;
+}
+
+void SetMemoryElsewhere(int64_t bytes) { MemoryElsewhere() = bytes; }
+
 std::string& ResourcesRoot() {
   static std::string root = "/";
   return root;
@@ -190,7 +211,8 @@ const HostResources& HostResourcesOfThisProcess() {
     const long page_size = sysconf(_SC_PAGE_SIZE);
     const int64_t physical =
         pages > 0 && page_size > 0 ? static_cast<int64_t>(pages) * page_size : 0;
-    return ReadHostResources(ResourcesRoot(), affinity, physical);
+    return LessMemoryElsewhere(ReadHostResources(ResourcesRoot(), affinity, physical),
+                               MemoryElsewhere());
   }();
   return host;
 }

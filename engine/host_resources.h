@@ -33,6 +33,15 @@ HostResources ReadHostResources(const std::string& root, int affinity_cpus,
 // SetHostResourcesRoot said otherwise).
 const HostResources& HostResourcesOfThisProcess();
 
+// Bytes that count against this process's memory limit without being its own allocations (a
+// memory-backed /dev/shm in its pod, a sidecar under the same limit) taken off memory_bytes, and
+// said in memory_from; more than the memory leaves memory_bytes 0, which the caller refuses.
+HostResources LessMemoryElsewhere(HostResources host, int64_t elsewhere_bytes);
+
+// What HostResourcesOfThisProcess takes off with LessMemoryElsewhere (da-server
+// --memory-elsewhere-bytes); only before its first call.
+void SetMemoryElsewhere(int64_t bytes);
+
 // Where HostResourcesOfThisProcess reads /proc and /sys from (da-server --resources-root, for
 // tests); only before its first call.
 void SetHostResourcesRoot(const std::string& root);

@@ -116,5 +116,22 @@ TEST_F(HostResourcesTest, TheTighterOfMaskAndQuotaAndNothingFromGarbage) {
   EXPECT_EQ(Read(2, 64 * kGiB).cpus, 1);
 }
 
+// Memory used elsewhere under the same limit (a memory-backed /dev/shm) comes off M and is said;
+// all of it or more leaves nothing, for the caller to refuse.
+TEST(LessMemoryElsewhereTest, TakesTheBytesOffAndSaysSo) {
+  HostResources host;
+  host.memory_bytes = 8 * kGiB;
+  host.memory_from = "the cgroup memory limit";
+  EXPECT_EQ(LessMemoryElsewhere(host, 0).memory_bytes, 8 * kGiB);
+  EXPECT_EQ(LessMemoryElsewhere(host, 0).memory_from, "the cgroup memory limit");
+  const HostResources less = LessMemoryElsewhere(host, kGiB);
+  EXPECT_EQ(less.memory_bytes, 7 * kGiB);
+  EXPECT_EQ(less.memory_from, "the cgroup memory limit, less 1073741824 bytes used elsewhere");
+  EXPECT_EQ(LessMemoryElsewhere(host, 8 * kGiB).memory_bytes, 0);
+  EXPECT_EQ(LessMemoryElsewhere(host, 9 * kGiB).memory_bytes, 0);
+  EXPECT_NE(LessMemoryElsewhere(host, 9 * kGiB).memory_from.find("all of it used elsewhere"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace da::engine

@@ -83,9 +83,10 @@ std::string WithPort(const std::string& address, int port) {
 int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset_t& signals,
                   int64_t drain_timeout_ms, const std::string& metrics_address,
                   const std::string& metrics_port_file) {
-  std::unique_ptr<da::server::Metrics> metrics;
+  // The probes' state before the metrics server that reads it: destroyed after it.
   std::mutex state_mutex;
   std::string not_serving = "starting";
+  std::unique_ptr<da::server::Metrics> metrics;
   if (!metrics_address.empty()) {
     absl::StatusOr<std::unique_ptr<da::server::Metrics>> made =
         da::server::Metrics::Create(metrics_address);
@@ -154,6 +155,7 @@ int main(int argc, char** argv) {
   da::server::KeepFreedMessageMemory();  // Before any thread starts (server/malloc_tuning.h).
   da::server::ServerOptions options;
   std::string resources_root = "/";
+  int64_t memory_elsewhere_bytes = 0;
   std::string log_level = "info";
   std::string port_file;
   std::string metrics_port_file;
@@ -310,9 +312,9 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--drain-timeout-ms", drain_timeout_ms,
-                 "On SIGTERM, how long calls in flight may take to finish")
+                 "On SIGTERM, how long calls in flight may take to finish (at most a day)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(int64_t{0}, int64_t{86400000}));
   app.add_option("--drain-grace-ms", drain_grace_ms,
                  "On SIGTERM, how long new calls are still taken and refused with UNAVAILABLE "
                  "(readiness already NOT_SERVING) before the server stops accepting; then "
@@ -352,6 +354,12 @@ int main(int argc, char** argv) {
   app.add_option("--data-plane-device", group.data_plane_device,
                  "With --data-plane nccl: this rank's CUDA device")
       ->capture_default_str();
+  app.add_option("--memory-elsewhere-bytes", memory_elsewhere_bytes,
+                 "Bytes of this process's memory limit used by something else under it (a "
+                 "memory-backed /dev/shm in the pod, a sidecar): taken off M before the default "
+                 "budgets are derived from it")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--resources-root", resources_root,
                  "Where /proc/self/cgroup and /sys/fs/cgroup are read from for the default "
                  "threads and memory (tests)")
@@ -384,7 +392,14 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   // Defaults from what the container gives this process (engine/host_resources.h).
   da::engine::SetHostResourcesRoot(resources_root);
+  da::engine::SetMemoryElsewhere(memory_elsewhere_bytes);
   const da::engine::HostResources& host = da::engine::HostResourcesOfThisProcess();
+  if (host.memory_bytes <= 0) {
+    std::fprintf(stderr,
+                 "da-server: --memory-elsewhere-bytes %lld leaves no memory to this process: %s\n",
+                 static_cast<long long>(memory_elsewhere_bytes), host.memory_from.c_str());
+    return 1;
+  }
   const bool threads_given = options.threads > 0;
   if (!threads_given) options.threads = host.cpus;
   if (app.count("--plan-cache-bytes") == 0) {

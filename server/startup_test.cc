@@ -260,13 +260,17 @@ TEST(StartupTest, FlagsComeFromAConfigFile) {
 // A pod of one CPU and 2 GiB (cgroup v2 files under --resources-root), and DA_MAX_QUEUE in the
 // environment: one compute thread, the memory limit for the CPU device, the plan cache and
 // budget from it, the queue from the variable, and a log line that says where each came from.
+void WritePodOfOneCpuAnd2GiB(const std::string& root) {
+  std::filesystem::create_directories(root + "/proc/self");
+  std::filesystem::create_directories(root + "/sys/fs/cgroup");
+  std::ofstream(root + "/proc/self/cgroup") << "0::/\n";
+  std::ofstream(root + "/sys/fs/cgroup/cpu.max") << "100000 100000\n";
+  std::ofstream(root + "/sys/fs/cgroup/memory.max") << "2147483648\n";
+}
+
 TEST(StartupTest, ThreadsAndMemoryComeFromTheContainerAndFlagsFromTheEnvironment) {
   const std::string dir = testing::MakeTempDir();
-  std::filesystem::create_directories(dir + "/root/proc/self");
-  std::filesystem::create_directories(dir + "/root/sys/fs/cgroup");
-  std::ofstream(dir + "/root/proc/self/cgroup") << "0::/\n";
-  std::ofstream(dir + "/root/sys/fs/cgroup/cpu.max") << "100000 100000\n";
-  std::ofstream(dir + "/root/sys/fs/cgroup/memory.max") << "2147483648\n";
+  WritePodOfOneCpuAnd2GiB(dir + "/root");
   setenv("DA_MAX_QUEUE", "7", 1);
   std::unique_ptr<testing::ChildProcess> child = testing::ChildProcess::Spawn(
       DA_SERVER_BINARY,
@@ -302,6 +306,38 @@ TEST(StartupTest, ThreadsAndMemoryComeFromTheContainerAndFlagsFromTheEnvironment
   EXPECT_EQ(testing::MetricValue(*text, "da_device_memory_bytes{device=\"cpu:0\"}"), 2147483648.0);
   EXPECT_EQ(testing::MetricValue(*text, "da_memory_budget_bytes"), 1207959552.0);
   EXPECT_EQ(testing::MetricValue(*text, "da_queue_capacity"), 7.0);
+  std::filesystem::remove_all(dir);
+}
+
+// The same pod with 1 GiB of it used elsewhere (a memory-backed /dev/shm): M is 1 GiB, and the
+// budgets and the CPU device's memory follow from it; all of it used elsewhere is refused.
+TEST(StartupTest, MemoryUsedElsewhereComesOffTheContainersLimit) {
+  const std::string dir = testing::MakeTempDir();
+  WritePodOfOneCpuAnd2GiB(dir + "/root");
+  setenv("DA_MEMORY_ELSEWHERE_BYTES", "1073741824", 1);
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--resources-root", dir + "/root"});
+  unsetenv("DA_MEMORY_ELSEWHERE_BYTES");
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  const std::string log = server.Log();
+  EXPECT_NE(log.find("memory 1073741824 bytes from the cgroup memory limit"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("less 1073741824 bytes used elsewhere"), std::string::npos) << log;
+  // min(1 GiB, 1 GiB / 8) and max(1 GiB / 4, 3/4 GiB - 128 MiB - min(512 MiB, 1 GiB / 16)).
+  EXPECT_NE(log.find("plan cache 134217728 bytes"), std::string::npos) << log;
+  EXPECT_NE(log.find("admission budget 603979776 bytes"), std::string::npos) << log;
+  const std::optional<std::string> text = testing::HttpGet(server.metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_device_memory_bytes{device=\"cpu:0\"}"), 1073741824.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_memory_budget_bytes"), 603979776.0);
+
+  testing::SpawnedServer refused(DA_SERVER_BINARY, {"--resources-root", dir + "/root",
+                                                    "--memory-elsewhere-bytes", "2147483648"});
+  const std::optional<int> status = refused.process().WaitForExit(seconds(30));
+  ASSERT_TRUE(status.has_value()) << "not refused: " << refused.Log();
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) != 0);
+  EXPECT_NE(refused.Log().find("--memory-elsewhere-bytes 2147483648 leaves no memory"),
+            std::string::npos)
+      << refused.Log();
   std::filesystem::remove_all(dir);
 }
 
