@@ -471,7 +471,18 @@ TEST(MultiProcessServingTest, AWorkerWithoutItsCoordinatorIsLiveButNotReady) {
         return ready.has_value() && ready->status == 503 && ready->body != "starting\n";
       },
       seconds(10)));
-  EXPECT_EQ(ready->body, "waiting for the coordinator at 127.0.0.1:1\n");
+  EXPECT_EQ(ready->body.rfind("waiting for the coordinator at 127.0.0.1:1", 0), 0u) << ready->body;
+  // Once a connection attempt has failed, the reason follows.
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        ready = testing::HttpRequest(port, "/readyz");
+        return ready.has_value() && ready->body.find("not reachable") != std::string::npos;
+      },
+      seconds(30)))
+      << (ready.has_value() ? ready->body : "no answer");
+  EXPECT_EQ(ready->status, 503);
+  EXPECT_EQ(ready->body.rfind("waiting for the coordinator at 127.0.0.1:1: ", 0), 0u)
+      << ready->body;
   EXPECT_EQ(testing::HttpRequest(port, "/livez")->status, 200);
   worker.reset();
   std::filesystem::remove_all(dir);

@@ -73,6 +73,18 @@ class FileStore final : public KeyValueStore {
     return content.str();
   }
 
+  absl::Status DeletePrefix(const std::string& prefix) override {
+    const std::string name_prefix = std::filesystem::path(PathOf(prefix)).filename().string();
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(dir_, error)) {
+      if (entry.path().filename().string().rfind(name_prefix, 0) == 0) {
+        std::filesystem::remove(entry.path(), error);
+      }
+    }
+    if (error) return absl::InternalError(absl::StrCat("FileStore: deleting '", prefix, "'"));
+    return absl::OkStatus();
+  }
+
  private:
   std::string PathOf(std::string key) const {
     for (char& c : key) {

@@ -248,6 +248,7 @@ class CoordinatorGroup::Impl {
         continue;
       }
       SetStatus(true, "", generation);
+      DeleteGenerationsBefore(generation);
       Heartbeats();
     }
   }
@@ -315,6 +316,19 @@ class CoordinatorGroup::Impl {
     return absl::OkStatus();
   }
 
+  // Once `generation` has formed, no rank needs the keys of an older one: every worker joined
+  // `generation` and entered its barriers, so it is done with their rendezvous keys, and a worker
+  // looks only for generations newer than the last it joined (a new worker process reads the
+  // "generation" key first). Without this a worker that keeps failing would grow the store by a
+  // generation's Gloo addresses (about 136 * world_size^2 bytes) every time. A failed delete is
+  // retried after the next formation.
+  void DeleteGenerationsBefore(int64_t generation) {
+    for (; oldest_kept_ < generation; ++oldest_kept_) {
+      const std::string prefix = serving::GenerationPrefix(session, oldest_kept_);
+      if (!store->DeletePrefix(prefix).ok()) return;
+    }
+  }
+
   // While the group is formed: a heartbeat to every worker whenever the group has been idle for
   // a heartbeat period. Returns when the group breaks (here or in a run) or on Stop.
   void Heartbeats() {
@@ -347,6 +361,7 @@ class CoordinatorGroup::Impl {
   engine::ShardGroupStats stats_;
   bool stopping_ = false;
   bool broken_ = false;
+  int64_t oldest_kept_ = 1;  // The loop's: generations before it are deleted from the store.
 
   std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_.
   std::unique_ptr<Communicator> comm_;

@@ -10,10 +10,12 @@
 // How the group forms (generations). Rank 0 serves the rendezvous store (store.h) on every
 // interface at the port of `coordinator` and publishes a random session id under "da/session";
 // every key below lives under "da/<session>/". A rank 0 that restarts has a new session, so
-// workers never mistake its keys for the old one's. Keys are never deleted: each attempt to form
-// the group is a new generation g = 1, 2, ... with keys of its own:
+// workers never mistake its keys for the old one's. Each attempt to form the group is a new
+// generation g = 1, 2, ... with keys of its own; once g has formed, rank 0 deletes the keys of
+// every older one (every worker has joined g by then):
 //   1. rank 0 sets "generation" = g, then "g<g>/open";
-//   2. a worker waits for "g<last+1>/open" (last: the newest generation it tried), reads
+//   2. a worker that starts reads "generation"; one that tried generation `last` before waits
+//      for "g<last+1>/open"; it then reads
 //      "generation" (the newest open one), skips it if "g<g>/go" is already set (it formed, or is
 //      forming, without this worker), else sets "g<g>/joined/<rank>" and waits for "g<g>/go";
 //   3. rank 0 waits, without a time limit, until every rank has joined (readiness says which are

@@ -1,9 +1,15 @@
-// The serving group's pure parts: which device a worker computes on, and the options it refuses.
+// The serving group's pure parts (which device a worker computes on, the options it refuses)
+// and what a worker that cannot reach its coordinator reports.
 #include "engine/dist/serving_group.h"
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace da::dist {
@@ -58,6 +64,40 @@ TEST(ServingGroupTest, ADataPlaneThisMachineCannotFormIsRefusedSayingWhy) {
   EXPECT_EQ(ParseDataPlane("gloo-staged").value(), DataPlaneKind::kGlooStaged);
   EXPECT_EQ(ParseDataPlane("ib").status().message(),
             "data plane is 'ib'; must be none, nccl or gloo-staged");
+}
+
+// Readiness names what keeps a worker waiting, not only that it waits.
+TEST(ServingGroupTest, AWorkerThatCannotReachItsCoordinatorSaysWhyInItsState) {
+  ServingGroupOptions options;
+  options.world_size = 2;
+  options.rank = 1;
+  options.coordinator = "127.0.0.1:1";  // Nobody listens on port 1.
+  options.threads = 1;
+  std::mutex mu;
+  std::condition_variable changed;
+  std::vector<std::string> states;
+  options.on_state = [&](const std::string& state) {
+    std::lock_guard<std::mutex> lock(mu);
+    states.push_back(state);
+    changed.notify_all();
+  };
+  std::atomic<bool> stop{false};
+  absl::Status ended;
+  std::thread worker([&] { ended = RunWorker(options, stop); });
+  const std::string waiting = "waiting for the coordinator at 127.0.0.1:1";
+  bool said_why = false;
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    said_why = changed.wait_for(lock, std::chrono::seconds(10), [&] {
+      return !states.empty() && states.back().rfind(waiting + ": ", 0) == 0;
+    });
+  }
+  stop = true;
+  worker.join();
+  EXPECT_TRUE(ended.ok()) << ended;
+  ASSERT_TRUE(said_why) << (states.empty() ? "no state" : states.back());
+  EXPECT_EQ(states.front(), waiting);
+  EXPECT_NE(states.back().find("not reachable within 1000 ms"), std::string::npos) << states.back();
 }
 
 }  // namespace

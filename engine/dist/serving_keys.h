@@ -25,21 +25,26 @@ inline std::string SessionPrefix(const std::string& session) {
 inline std::string GenerationKey(const std::string& session) {
   return SessionPrefix(session) + "generation";
 }
+// Every key of one generation starts with this ("da/<session>/g12/": the slash keeps g1 apart
+// from g12); rank 0 deletes the older generations' keys by it.
+inline std::string GenerationPrefix(const std::string& session, int64_t generation) {
+  return absl::StrCat(SessionPrefix(session), "g", generation, "/");
+}
 inline std::string OpenKey(const std::string& session, int64_t generation) {
-  return absl::StrCat(SessionPrefix(session), "g", generation, "/open");
+  return GenerationPrefix(session, generation) + "open";
 }
 inline std::string JoinedKey(const std::string& session, int64_t generation, int rank) {
-  return absl::StrCat(SessionPrefix(session), "g", generation, "/joined/", rank);
+  return absl::StrCat(GenerationPrefix(session, generation), "joined/", rank);
 }
 // The device a worker computes on ("cpu:0", "cuda:0"), set before its joined key.
 inline std::string DeviceKey(const std::string& session, int64_t generation, int rank) {
-  return absl::StrCat(SessionPrefix(session), "g", generation, "/device/", rank);
+  return absl::StrCat(GenerationPrefix(session, generation), "device/", rank);
 }
 inline std::string GoKey(const std::string& session, int64_t generation) {
-  return absl::StrCat(SessionPrefix(session), "g", generation, "/go");
+  return GenerationPrefix(session, generation) + "go";
 }
 inline std::string GlooPrefix(const std::string& session, int64_t generation) {
-  return absl::StrCat(SessionPrefix(session), "g", generation, "/gloo");
+  return GenerationPrefix(session, generation) + "gloo";
 }
 
 // The values of the go key.

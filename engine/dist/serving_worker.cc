@@ -1,6 +1,7 @@
 // RunWorker (serving_group.h): a worker rank's loop of join, serve, re-join.
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -22,6 +23,9 @@ namespace {
 
 // The worker logs to stderr itself: engine/ has no logging library (DESIGN §3).
 void Log(const std::string& line) { std::fprintf(stderr, "[worker] %s\n", line.c_str()); }
+
+// How often the same store error is logged again while the worker keeps waiting.
+constexpr std::chrono::seconds kRepeatedErrorLogPeriod{30};
 
 }  // namespace
 
@@ -66,23 +70,29 @@ class Worker {
         if (store.ok()) {
           store_ = *std::move(store);
         } else {
+          Waiting(store.status());
           Pause();  // E.g. a coordinator name that does not resolve yet: no tight loop.
         }
         continue;
       }
       absl::StatusOr<int64_t> generation = NextGeneration();
       if (!generation.ok()) {
-        // Not yet (a slice passed): look again; anything else (the coordinator is down): pause.
-        if (!absl::IsDeadlineExceeded(generation.status())) Pause();
+        // Not yet (a slice passed): look again; anything else (the coordinator is down): say why
+        // and pause.
+        const bool not_yet = absl::IsDeadlineExceeded(generation.status());
+        Waiting(not_yet ? absl::OkStatus() : generation.status());
+        if (!not_yet) Pause();
         continue;
       }
+      waiting_error_ = absl::OkStatus();
       last_ = *generation;
       bool announced = false;
       absl::StatusOr<Joined> joined = Join(*generation, &announced);
       if (!joined.ok()) {
         // Not announced (the store refused the keys): rank 0 still waits for this worker in this
         // generation, so it joins it again rather than waiting for the next, which rank 0 opens
-        // only once this one has formed or failed.
+        // only once this one has formed or failed; after a pause, since a full store refuses at
+        // once.
         if (!announced) last_ = *generation - 1;
         if (!stop_.load()) {
           Log(absl::StrCat("generation ", *generation,
@@ -90,6 +100,7 @@ class Worker {
           State(absl::StrCat("generation ", *generation,
                              " did not form: ", joined.status().message()));
         }
+        if (!announced) Pause();
         continue;
       }
       Log(absl::StrCat("rank ", o_.rank, " joined generation ", *generation,
@@ -116,6 +127,22 @@ class Worker {
     if (o_.on_state) o_.on_state(not_serving_reason);
   }
 
+  // While the worker waits for the coordinator: the error that keeps it waiting (OK: none any
+  // more) goes into its state when it changes, and into the log at once when new, again at most
+  // every kRepeatedErrorLogPeriod (it recurs at every attempt).
+  void Waiting(const absl::Status& error) {
+    std::string text = absl::StrCat("waiting for the coordinator at ", o_.coordinator);
+    if (!error.ok()) absl::StrAppend(&text, ": ", error.message());
+    const auto now = std::chrono::steady_clock::now();
+    if (!error.ok() &&
+        (error != waiting_error_ || now - error_logged_ >= kRepeatedErrorLogPeriod)) {
+      Log(text);
+      error_logged_ = now;
+    }
+    if (error != waiting_error_) State(text);
+    waiting_error_ = error;
+  }
+
   // Waits (in store slices, watching stop) for a generation newer than last_ to open and returns
   // the newest open one this worker may still join. DEADLINE_EXCEEDED / CANCELLED: look again.
   absl::StatusOr<int64_t> NextGeneration() {
@@ -126,8 +153,13 @@ class Worker {
       session_ = session;
       last_ = 0;
     }
-    DA_RETURN_IF_ERROR(
-        store_->Get(serving::OpenKey(session_, last_ + 1), serving::kStoreSlice).status());
+    // A worker that tried a generation waits for the next to open; a new one (or one of a new
+    // session) reads the newest at once, since rank 0 deletes the keys of generations before the
+    // one that last formed.
+    if (last_ > 0) {
+      DA_RETURN_IF_ERROR(
+          store_->Get(serving::OpenKey(session_, last_ + 1), serving::kStoreSlice).status());
+    }
     DA_ASSIGN_OR_RETURN(const std::string text,
                         store_->Get(serving::GenerationKey(session_), serving::kStoreSlice));
     int64_t generation = 0;
@@ -239,7 +271,9 @@ class Worker {
   RankBuffers buffers_;  // The share buffers, kept between runs.
   std::unique_ptr<KeyValueStore> store_;
   std::string session_;
-  int64_t last_ = 0;  // The newest generation this worker tried (or skipped) in session_.
+  int64_t last_ = 0;            // The newest generation this worker tried (or skipped) in session_.
+  absl::Status waiting_error_;  // The store error its state names; OK: none.
+  std::chrono::steady_clock::time_point error_logged_;
   bool shutdown_ = false;
 };
 

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -205,7 +206,7 @@ absl::Status WriteFrame(int fd, const std::string& body, Clock::time_point deadl
 }
 
 absl::StatusOr<std::string> ReadFrame(int fd, size_t max_bytes, Clock::time_point deadline,
-                                      int wake_fd) {
+                                      int wake_fd, Clock::duration body_timeout) {
   unsigned char header[4];
   absl::Status status = ReadAll(fd, header, 4, deadline, wake_fd);
   if (!status.ok()) return status;
@@ -215,9 +216,16 @@ absl::StatusOr<std::string> ReadFrame(int fd, size_t max_bytes, Clock::time_poin
     return absl::InvalidArgumentError(
         absl::StrCat("frame of ", length, " bytes exceeds the limit of ", max_bytes));
   }
-  std::string body(length, '\0');
-  status = ReadAll(fd, body.data(), length, deadline, wake_fd);
-  if (!status.ok()) return status;
+  const Clock::time_point now = Clock::now();
+  const Clock::time_point body_deadline =
+      deadline - now > body_timeout ? now + body_timeout : deadline;
+  std::string body;
+  while (body.size() < length) {
+    const size_t got = body.size();
+    body.resize(got + std::min<size_t>(length - got, kFrameReadStep));
+    status = ReadAll(fd, body.data() + got, body.size() - got, body_deadline, wake_fd);
+    if (!status.ok()) return status;
+  }
   return body;
 }
 

@@ -40,8 +40,14 @@ absl::Status ReadAll(int fd, void* data, size_t bytes, Clock::time_point deadlin
 
 // Frames: u32 little-endian length, then the body.
 absl::Status WriteFrame(int fd, const std::string& body, Clock::time_point deadline);
+// Reads one frame of at most max_bytes (INVALID_ARGUMENT above). The header must come by
+// `deadline`; the body by the earlier of `deadline` and the header's arrival + `body_timeout`.
+// The body's buffer grows as its bytes arrive, kFrameReadStep at a time, so a header that
+// announces a large frame commits no memory by itself.
+inline constexpr size_t kFrameReadStep = size_t{1} << 20;
 absl::StatusOr<std::string> ReadFrame(int fd, size_t max_bytes, Clock::time_point deadline,
-                                      int wake_fd = -1);
+                                      int wake_fd = -1,
+                                      Clock::duration body_timeout = Clock::duration::max());
 
 // Little-endian field encoding inside a frame body.
 void PutU32(std::string& out, uint32_t value);

@@ -13,7 +13,9 @@
 #include <cstring>
 #include <list>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -26,23 +28,29 @@ using internal::Clock;
 
 constexpr uint8_t kOpSet = 1;
 constexpr uint8_t kOpGet = 2;
+constexpr uint8_t kOpDeletePrefix = 3;
 constexpr uint8_t kReplyOk = 0;
 constexpr uint8_t kReplyTimedOut = 1;
+constexpr uint8_t kReplyFull = 2;
 // A frame carries a key, a value and a few header bytes.
 constexpr size_t kMaxFrameBytes = kMaxStoreKeyBytes + kMaxStoreValueBytes + 64;
-// How long the server gives a client to send the rest of a frame or take a reply.
-constexpr std::chrono::seconds kServerIoTimeout{30};
 // The client waits this much longer than a GET's own timeout for the server's answer.
 constexpr std::chrono::seconds kGetReplyGrace{5};
-// Longest wait a GET may ask for; keeps deadline arithmetic far from overflow.
-constexpr std::chrono::milliseconds kMaxGetTimeout = std::chrono::hours(24 * 7);
+// How long the accept loop rests after accept failed for want of a resource (descriptors,
+// memory): the pending connection keeps the listening socket readable, so without a rest the loop
+// would spin until the resource frees.
+constexpr int kAcceptBackoffMs = 100;
+
+bool IsOutOfResources(int error) {
+  return error == EMFILE || error == ENFILE || error == ENOBUFS || error == ENOMEM;
+}
 
 }  // namespace
 
 class CoordinatorStoreServer::Impl {
  public:
-  Impl(int listen_fd, int wake_fd, int port)
-      : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port) {
+  Impl(int listen_fd, int wake_fd, int port, const CoordinatorStoreOptions& options)
+      : listen_fd_(listen_fd), wake_fd_(wake_fd), port_(port), options_(options) {
     accept_thread_ = std::thread([this] { AcceptLoop(); });
   }
 
@@ -70,6 +78,13 @@ class CoordinatorStoreServer::Impl {
     bool done = false;  // Guarded by mu_.
   };
 
+  // A reply frame's body: a few header bytes, then (GET) the value, shared with the store so
+  // that replies in flight never copy a value.
+  struct Reply {
+    std::string head;
+    std::shared_ptr<const std::string> value;
+  };
+
   void AcceptLoop() {
     while (true) {
       pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
@@ -79,15 +94,28 @@ class CoordinatorStoreServer::Impl {
       }
       if (fds[1].revents & POLLIN) return;
       int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) continue;
+      if (fd < 0) {
+        if (IsOutOfResources(errno) && poll(&fds[1], 1, kAcceptBackoffMs) > 0) return;
+        continue;
+      }
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       std::lock_guard<std::mutex> lock(mu_);
       ReapFinishedLocked();
+      if (connections_.size() >= static_cast<size_t>(options_.max_connections)) {
+        close(fd);  // Over the cap: the client sees its connection closed at once.
+        continue;
+      }
       connections_.emplace_back();
       Connection* connection = &connections_.back();
       connection->fd = fd;
-      connection->thread = std::thread([this, connection] { Serve(connection); });
+      try {
+        connection->thread = std::thread([this, connection] { Serve(connection); });
+      } catch (const std::system_error&) {
+        // No thread to be had (the process's limit): refuse this client, keep the others.
+        connections_.pop_back();
+        close(fd);
+      }
     }
   }
 
@@ -108,21 +136,33 @@ class CoordinatorStoreServer::Impl {
   void Serve(Connection* connection) {
     const int fd = connection->fd;
     while (true) {
-      // Idle clients stay connected indefinitely; the thread ends when the client disconnects
-      // or the server stops.
-      auto request = internal::ReadFrame(fd, kMaxFrameBytes, Clock::time_point::max(), wake_fd_);
+      // Idle clients stay connected indefinitely; once a frame has begun, its body must come
+      // within io_timeout. The thread ends when the client disconnects or the server stops.
+      auto request = internal::ReadFrame(fd, kMaxFrameBytes, Clock::time_point::max(), wake_fd_,
+                                         options_.io_timeout);
       if (!request.ok()) break;
-      std::string reply;
+      Reply reply;
       if (!Handle(*request, reply)) break;
-      if (!internal::WriteFrame(fd, reply, Clock::now() + kServerIoTimeout).ok()) break;
+      if (!WriteReply(fd, reply, Clock::now() + options_.io_timeout).ok()) break;
     }
     shutdown(fd, SHUT_RDWR);
     std::lock_guard<std::mutex> lock(mu_);
     connection->done = true;
   }
 
+  static absl::Status WriteReply(int fd, const Reply& reply, Clock::time_point deadline) {
+    if (reply.value == nullptr) return internal::WriteFrame(fd, reply.head, deadline);
+    std::string head;
+    internal::PutU32(head, static_cast<uint32_t>(reply.head.size() + 4 + reply.value->size()));
+    head += reply.head;
+    internal::PutU32(head, static_cast<uint32_t>(reply.value->size()));
+    absl::Status status = internal::WriteAll(fd, head.data(), head.size(), deadline);
+    if (!status.ok()) return status;
+    return internal::WriteAll(fd, reply.value->data(), reply.value->size(), deadline);
+  }
+
   // Returns false for a malformed request (the connection is then closed).
-  bool Handle(const std::string& request, std::string& reply) {
+  bool Handle(const std::string& request, Reply& reply) {
     size_t pos = 0;
     uint8_t op = 0;
     std::string key;
@@ -133,13 +173,7 @@ class CoordinatorStoreServer::Impl {
     if (op == kOpSet) {
       std::string value;
       if (!internal::GetString(request, pos, kMaxStoreValueBytes, value)) return false;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        values_[key] = std::move(value);
-      }
-      set_cv_.notify_all();
-      reply.push_back(static_cast<char>(kReplyOk));
-      return true;
+      return HandleSet(std::move(key), std::move(value), reply);
     }
     if (op == kOpGet) {
       int64_t timeout_ms = 0;
@@ -150,26 +184,56 @@ class CoordinatorStoreServer::Impl {
       bool found =
           set_cv_.wait_until(lock, deadline, [&] { return stopping_ || values_.count(key) > 0; });
       if (stopping_) return false;
-      if (!found) {
-        reply.push_back(static_cast<char>(kReplyTimedOut));
-        return true;
+      reply.head.push_back(static_cast<char>(found ? kReplyOk : kReplyTimedOut));
+      if (found) reply.value = values_.at(key);
+      return true;
+    }
+    if (op == kOpDeletePrefix) {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = values_.lower_bound(key);
+           it != values_.end() && it->first.compare(0, key.size(), key) == 0;) {
+        held_bytes_ -= static_cast<int64_t>(it->first.size() + it->second->size());
+        it = values_.erase(it);
       }
-      reply.push_back(static_cast<char>(kReplyOk));
-      internal::PutString(reply, values_[key]);
+      reply.head.push_back(static_cast<char>(kReplyOk));
       return true;
     }
     return false;
   }
 
+  bool HandleSet(std::string key, std::string value, Reply& reply) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = values_.find(key);
+      const int64_t replaced =
+          it == values_.end() ? 0 : static_cast<int64_t>(key.size() + it->second->size());
+      const int64_t held = held_bytes_ - replaced + static_cast<int64_t>(key.size() + value.size());
+      if (held > options_.max_bytes) {
+        reply.head.push_back(static_cast<char>(kReplyFull));
+        internal::PutI64(reply.head, held_bytes_);
+        internal::PutI64(reply.head, options_.max_bytes);
+        return true;
+      }
+      held_bytes_ = held;
+      values_[std::move(key)] = std::make_shared<const std::string>(std::move(value));
+    }
+    set_cv_.notify_all();
+    reply.head.push_back(static_cast<char>(kReplyOk));
+    return true;
+  }
+
   const int listen_fd_;
   const int wake_fd_;  // An eventfd: readable once the server is stopping.
   const int port_;
+  const CoordinatorStoreOptions options_;
   std::thread accept_thread_;
   std::mutex mu_;
   std::condition_variable set_cv_;
-  bool stopping_ = false;                      // Guarded by mu_.
-  std::map<std::string, std::string> values_;  // Guarded by mu_.
-  std::list<Connection> connections_;          // Guarded by mu_ (list: stable addresses).
+  bool stopping_ = false;  // Guarded by mu_.
+  // Guarded by mu_, as is held_bytes_ (the sum of its keys' and values' sizes).
+  std::map<std::string, std::shared_ptr<const std::string>> values_;
+  int64_t held_bytes_ = 0;
+  std::list<Connection> connections_;  // Guarded by mu_ (list: stable addresses).
 };
 
 CoordinatorStoreServer::CoordinatorStoreServer(std::unique_ptr<Impl> impl)
@@ -178,7 +242,19 @@ CoordinatorStoreServer::~CoordinatorStoreServer() = default;
 int CoordinatorStoreServer::port() const { return impl_->port(); }
 
 absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::Start(
-    const std::string& host_port) {
+    const std::string& host_port, const CoordinatorStoreOptions& options) {
+  if (options.max_connections < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("coordinator store: max_connections is ",
+                                                   options.max_connections, "; must be >= 1"));
+  }
+  if (options.max_bytes < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coordinator store: max_bytes is ", options.max_bytes, "; must be >= 0"));
+  }
+  if (options.io_timeout.count() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "coordinator store: io_timeout is ", options.io_timeout.count(), " ms; must be >= 1 ms"));
+  }
   auto address = internal::ParseHostPort(host_port);
   if (!address.ok()) return address.status();
   if (address->host == "0.0.0.0") address->host.clear();
@@ -196,7 +272,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::
                                             std::strerror(errno), ")"));
   }
   return std::unique_ptr<CoordinatorStoreServer>(
-      new CoordinatorStoreServer(std::make_unique<Impl>(*listen_fd, wake_fd, *port)));
+      new CoordinatorStoreServer(std::make_unique<Impl>(*listen_fd, wake_fd, *port, options)));
 }
 
 namespace {
@@ -224,9 +300,38 @@ class CoordinatorStoreClient : public KeyValueStore {
     std::string request(1, static_cast<char>(kOpSet));
     internal::PutString(request, key);
     internal::PutString(request, value);
-    auto reply = Call(request, Clock::now() + io_timeout_, absl::StrCat("Set of key '", key, "'"),
-                      io_timeout_);
+    const std::string what = absl::StrCat("Set of key '", key, "'");
+    auto reply = Call(request, Clock::now() + io_timeout_, what, io_timeout_);
     if (!reply.ok()) return reply.status();
+    size_t pos = 0;
+    uint8_t code = 0;
+    int64_t held_bytes = 0;
+    int64_t max_bytes = 0;
+    if (internal::GetU8(*reply, pos, code) && code == kReplyFull &&
+        internal::GetI64(*reply, pos, held_bytes) && internal::GetI64(*reply, pos, max_bytes)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "coordinator store ", host_port_, ": ", what, " (", key.size() + value.size(),
+          " bytes) refused: the store holds ", held_bytes, " bytes of its limit of ", max_bytes));
+    }
+    if (code != kReplyOk) return Broken(what, "malformed reply");
+    return absl::OkStatus();
+  }
+
+  absl::Status DeletePrefix(const std::string& prefix) override {
+    if (prefix.size() > kMaxStoreKeyBytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "store DeletePrefix: prefix of ", prefix.size(), " bytes exceeds ", kMaxStoreKeyBytes));
+    }
+    std::string request(1, static_cast<char>(kOpDeletePrefix));
+    internal::PutString(request, prefix);
+    const std::string what = absl::StrCat("DeletePrefix of '", prefix, "'");
+    auto reply = Call(request, Clock::now() + io_timeout_, what, io_timeout_);
+    if (!reply.ok()) return reply.status();
+    size_t pos = 0;
+    uint8_t code = 0;
+    if (!internal::GetU8(*reply, pos, code) || code != kReplyOk) {
+      return Broken(what, "malformed reply");
+    }
     return absl::OkStatus();
   }
 

@@ -12,15 +12,23 @@
 //   DA_ASSIGN_OR_RETURN(std::string id, store->Get("nccl/id", 30s));
 //
 // Protocol (no gRPC, no protobuf): every message is a frame `u32 length (little-endian) | body`.
-//   SET request:  u8 1 | u32 key_len | key | u32 value_len | value    reply: u8 0
-//   GET request:  u8 2 | u32 key_len | key | i64 timeout_ms           reply: u8 0 | u32 len | value
-//                                                                     or     u8 1 (timed out)
-// The server holds a GET until the key is set or timeout_ms passes. Keys are at most 4 KiB,
-// values at most 64 MiB; a malformed frame closes that connection. Keys are never deleted: a
-// group that re-forms uses a fresh key prefix.
+//   SET request:    u8 1 | u32 key_len | key | u32 value_len | value  reply: u8 0
+//                                                                     or u8 2 | i64 held_bytes |
+//                                                                        i64 max_bytes (full)
+//   GET request:    u8 2 | u32 key_len | key | i64 timeout_ms         reply: u8 0 | u32 len | value
+//                                                                     or u8 1 (timed out)
+//   DELETE_PREFIX:  u8 3 | u32 prefix_len | prefix                    reply: u8 0
+// The server holds a GET until the key is set or timeout_ms passes (at most kMaxGetTimeout).
+// Keys are at most 4 KiB, values at most 64 MiB; a malformed frame closes that connection.
+//
+// Limits against buggy or hostile peers (CoordinatorStoreOptions): a cap on open connections
+// (more are closed as soon as they are accepted), a deadline for the rest of a frame once its
+// header has come, and a budget for the bytes held (keys plus values), over which a SET is
+// refused. Nothing is authenticated: the port must be reachable by the ranks only.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -31,6 +39,9 @@ namespace da::dist {
 
 inline constexpr size_t kMaxStoreKeyBytes = 4096;
 inline constexpr size_t kMaxStoreValueBytes = size_t{64} << 20;
+// Longest wait a GET may ask for; longer ones are cut to it. The longest a caller in this project
+// asks is a rendezvous within da-server's --collective-timeout-ms, at most an hour.
+inline constexpr std::chrono::milliseconds kMaxGetTimeout = std::chrono::hours(1);
 
 class KeyValueStore {
  public:
@@ -41,16 +52,32 @@ class KeyValueStore {
   // UNAVAILABLE when the coordinator cannot be reached or goes away while waiting.
   virtual absl::StatusOr<std::string> Get(const std::string& key,
                                           std::chrono::milliseconds timeout) = 0;
+  // Deletes every key that starts with prefix (none: OK). Waiting Gets are not woken.
+  // UNAVAILABLE when the coordinator cannot be reached.
+  virtual absl::Status DeletePrefix(const std::string& prefix) = 0;
 };
 
-// The coordinator's side. Serves any number of clients, each on its own thread; thread-safe.
-// The destructor stops serving: clients waiting in Get see UNAVAILABLE.
+// The coordinator's limits; the defaults suit a group of up to 1024 ranks.
+struct CoordinatorStoreOptions {
+  // Client connections served at once; one more is closed as soon as it is accepted.
+  int max_connections = 256;
+  // Bytes of keys and values held; a SET that would pass it is refused (RESOURCE_EXHAUSTED at
+  // the client) until DeletePrefix frees room.
+  int64_t max_bytes = int64_t{1} << 30;
+  // How long a client may take to send the rest of a frame once its header has come, and to
+  // take a reply; past it the connection is closed. An idle connection may stay open.
+  std::chrono::milliseconds io_timeout{30000};
+};
+
+// The coordinator's side. Serves up to options.max_connections clients, each on its own
+// thread; thread-safe. The destructor stops serving: clients waiting in Get see UNAVAILABLE.
 class CoordinatorStoreServer {
  public:
   // Listens on host_port ("host:port", "[v6]:port"; port 0 picks a free one, see port()).
-  // An empty host or "0.0.0.0" listens on every IPv4 interface.
+  // An empty host or "0.0.0.0" listens on every IPv4 interface. INVALID_ARGUMENT naming the
+  // field for a limit below 1 (max_bytes: below 0).
   static absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> Start(
-      const std::string& host_port);
+      const std::string& host_port, const CoordinatorStoreOptions& options = {});
   int port() const;
   ~CoordinatorStoreServer();
 
@@ -66,7 +93,8 @@ class CoordinatorStoreServer {
 // Connects to the coordinator at host_port, retrying until timeout (rank 0 may start after the
 // workers); UNAVAILABLE naming host_port and timeout when it never answers. The client is
 // thread-safe (requests are serialized on one connection) and reconnects after a lost
-// connection on its next call. Set uses `timeout` as its I/O limit.
+// connection on its next call. Set and DeletePrefix use `timeout` as their I/O limit; a Set the
+// coordinator's byte budget refuses is RESOURCE_EXHAUSTED naming the bytes held and the limit.
 absl::StatusOr<std::unique_ptr<KeyValueStore>> ConnectCoordinatorStore(
     const std::string& host_port, std::chrono::milliseconds timeout);
 

@@ -1,14 +1,24 @@
 // Tests of the coordinator store: in-process, and across real processes on loopback.
 #include "engine/dist/store.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
 #include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engine/dist/multi_process_test_util.h"
+#include "engine/dist/socket_io.h"
 
 namespace da::dist {
 namespace {
@@ -28,14 +38,41 @@ int64_t MsSince(Clock::time_point start) {
   return std::chrono::duration_cast<milliseconds>(Clock::now() - start).count();
 }
 
-std::unique_ptr<CoordinatorStoreServer> StartServer() {
-  auto server = CoordinatorStoreServer::Start("127.0.0.1:0");
+std::unique_ptr<CoordinatorStoreServer> StartServer(const CoordinatorStoreOptions& options = {}) {
+  auto server = CoordinatorStoreServer::Start("127.0.0.1:0", options);
   EXPECT_TRUE(server.ok()) << server.status();
   return server.ok() ? *std::move(server) : nullptr;
 }
 
 std::string Address(const CoordinatorStoreServer& server) {
   return absl::StrCat("127.0.0.1:", server.port());
+}
+
+// A connection that speaks no protocol, as a hostile or broken peer would.
+int ConnectRaw(const CoordinatorStoreServer& server) {
+  auto fd = internal::ConnectTcp({"127.0.0.1", server.port()}, Clock::now() + milliseconds(2000));
+  EXPECT_TRUE(fd.ok()) << fd.status();
+  return fd.ok() ? *fd : -1;
+}
+
+// True when the server ends the connection (end of stream or reset) within timeout.
+bool ClosedByServerWithin(int fd, milliseconds timeout) {
+  const auto deadline = Clock::now() + timeout;
+  char byte = 0;
+  while (Clock::now() < deadline) {
+    pollfd waiting = {fd, POLLIN, 0};
+    const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now());
+    if (poll(&waiting, 1, static_cast<int>(left.count()) + 1) <= 0) continue;
+    const ssize_t n = recv(fd, &byte, 1, MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return true;
+  }
+  return false;
+}
+
+int64_t ProcessCpuMs() {
+  timespec now{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+  return int64_t{now.tv_sec} * 1000 + now.tv_nsec / 1'000'000;
 }
 
 TEST(CoordinatorStoreTest, SetThenGetReturnsTheValueAndOverwrites) {
@@ -120,6 +157,144 @@ TEST(CoordinatorStoreTest, ConnectToNobodyIsUnavailableAfterTheTimeout) {
   EXPECT_LT(MsSince(start), 2000);
   EXPECT_EQ(ConnectCoordinatorStore("no-port", milliseconds(10)).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CoordinatorStoreTest, ConnectionsOverTheCapAreClosedAtOnceWhileTheOthersWork) {
+  auto server = StartServer({.max_connections = 2});
+  ASSERT_NE(server, nullptr);
+  auto first = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  auto second = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  ASSERT_TRUE(first.ok() && second.ok());
+  // Served, so both hold their places before the third comes.
+  ASSERT_TRUE((*first)->Set("first", "1").ok());
+  ASSERT_TRUE((*second)->Set("second", "2").ok());
+  const int third = ConnectRaw(*server);
+  ASSERT_GE(third, 0);
+  const auto start = Clock::now();
+  EXPECT_TRUE(ClosedByServerWithin(third, milliseconds(5000)));
+  EXPECT_LT(MsSince(start), 2000);
+  close(third);
+  EXPECT_EQ(*(*first)->Get("second", milliseconds(1000)), "2");
+  EXPECT_EQ(*(*second)->Get("first", milliseconds(1000)), "1");
+  // A place a client gives up is free again (once the server has seen it go).
+  first->reset();
+  auto later = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  ASSERT_TRUE(later.ok());
+  absl::Status set = absl::UnknownError("not tried");
+  for (const auto deadline = Clock::now() + milliseconds(5000);
+       !set.ok() && Clock::now() < deadline;) {
+    set = (*later)->Set("later", "3");  // Reconnects after a refused attempt.
+  }
+  EXPECT_TRUE(set.ok()) << set;
+  EXPECT_EQ(*(*second)->Get("later", milliseconds(1000)), "3");
+}
+
+TEST(CoordinatorStoreTest, AFrameHeaderWithoutItsBodyIsClosedAfterTheIoTimeout) {
+  auto server = StartServer({.io_timeout = milliseconds(300)});
+  ASSERT_NE(server, nullptr);
+  const int stalled = ConnectRaw(*server);
+  ASSERT_GE(stalled, 0);
+  std::string header;
+  internal::PutU32(header, 32u << 20);  // Announces 32 MiB, sends none of it.
+  ASSERT_TRUE(
+      internal::WriteAll(stalled, header.data(), header.size(), Clock::now() + milliseconds(1000))
+          .ok());
+  const auto start = Clock::now();
+  // Others are served meanwhile.
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Set("k", "v").ok());
+  EXPECT_EQ(*(*store)->Get("k", milliseconds(1000)), "v");
+  EXPECT_TRUE(ClosedByServerWithin(stalled, milliseconds(5000)));
+  EXPECT_GE(MsSince(start), 250);
+  EXPECT_LT(MsSince(start), 3000);
+  close(stalled);
+  EXPECT_EQ(*(*store)->Get("k", milliseconds(1000)), "v");
+}
+
+TEST(CoordinatorStoreTest, ASetOverTheByteBudgetIsRefusedUntilDeletePrefixFreesRoom) {
+  auto server = StartServer({.max_bytes = 1000});
+  ASSERT_NE(server, nullptr);
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Set("a/1", std::string(397, 'x')).ok());  // 400 bytes with its key.
+  ASSERT_TRUE((*store)->Set("a/2", std::string(397, 'y')).ok());  // 800 held.
+  const absl::Status refused = (*store)->Set("b/1", std::string(297, 'z'));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("'b/1' (300 bytes) refused: the store holds 800 bytes of its "
+                                   "limit of 1000"),
+            std::string::npos)
+      << refused;
+  // An overwrite counts its new size only: 800 - 400 + 100.
+  ASSERT_TRUE((*store)->Set("a/1", std::string(97, 'x')).ok());
+  EXPECT_EQ((*store)->Set("b/1", std::string(498, 'z')).code(),
+            absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE((*store)->DeletePrefix("a/").ok());
+  EXPECT_TRUE((*store)->Set("b/1", std::string(997, 'z')).ok());
+  EXPECT_EQ((*store)->Set("b/2", "").code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(CoordinatorStoreTest, DeletePrefixRemovesExactlyTheKeysUnderThePrefix) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000));
+  ASSERT_TRUE(store.ok());
+  for (const char* key : {"s/g1/open", "s/g1/gloo/rank_0", "s/g1", "s/g12/open", "s/g0", "t"}) {
+    ASSERT_TRUE((*store)->Set(key, key).ok());
+  }
+  ASSERT_TRUE((*store)->DeletePrefix("s/g1/").ok());
+  for (const char* deleted : {"s/g1/open", "s/g1/gloo/rank_0"}) {
+    EXPECT_EQ((*store)->Get(deleted, milliseconds(50)).status().code(),
+              absl::StatusCode::kDeadlineExceeded)
+        << deleted;
+  }
+  for (const char* kept : {"s/g1", "s/g12/open", "s/g0", "t"}) {
+    auto got = (*store)->Get(kept, milliseconds(0));
+    ASSERT_TRUE(got.ok()) << kept << ": " << got.status();
+    EXPECT_EQ(*got, kept);
+  }
+  EXPECT_TRUE((*store)->DeletePrefix("nothing/").ok());
+  // A deleted key can be set again.
+  ASSERT_TRUE((*store)->Set("s/g1/open", "again").ok());
+  EXPECT_EQ(*(*store)->Get("s/g1/open", milliseconds(0)), "again");
+}
+
+// With no descriptor left, accept fails while the pending connection keeps the listening socket
+// readable; the server must rest between attempts rather than spin, and serve the connection
+// once descriptors are back.
+TEST(CoordinatorStoreTest, AcceptFailingForWantOfDescriptorsDoesNotSpin) {
+  auto server = StartServer();
+  ASSERT_NE(server, nullptr);
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &saved), 0);
+  const int client = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(client, 0);
+  // socket() took the lowest free descriptor, so with the limit just above it none is left.
+  rlimit tight = saved;
+  tight.rlim_cur = static_cast<rlim_t>(client) + 1;
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &tight), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(server->port()));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const int connected = connect(client, reinterpret_cast<sockaddr*>(&address), sizeof(address));
+  // A window of time to measure the CPU the server burns in, not a wait for a condition.
+  const int64_t cpu_before_ms = ProcessCpuMs();
+  std::this_thread::sleep_for(milliseconds(500));
+  const int64_t cpu_ms = ProcessCpuMs() - cpu_before_ms;
+  ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_EQ(connected, 0) << std::strerror(errno);
+  ASSERT_EQ(fcntl(client, F_SETFL, O_NONBLOCK), 0);  // For the deadlines of the reads below.
+  EXPECT_LT(cpu_ms, 100) << "the accept loop spins";
+  // Descriptors are back: the waiting connection is served.
+  std::string request(1, '\x02');  // GET "k", timeout 0: the server answers "timed out".
+  internal::PutString(request, "k");
+  internal::PutI64(request, 0);
+  ASSERT_TRUE(internal::WriteFrame(client, request, Clock::now() + milliseconds(2000)).ok());
+  auto reply = internal::ReadFrame(client, 16, Clock::now() + milliseconds(5000));
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(*reply, std::string(1, '\x01'));
+  close(client);
 }
 
 // Child ranks: each publishes a random value, then reads every other rank's and checks it.
