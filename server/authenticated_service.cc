@@ -13,7 +13,7 @@ grpc::Status AuthenticatedAttentionService::Authenticate(const char* method,
     spdlog::warn("request id={} method={} peer={} code=UNAUTHENTICATED error=\"{}\"",
                  RequestIdOf(context), method, context.peer(), status.error_message());
     if (metrics_ != nullptr) {
-      metrics_->RequestFinished(method, status.error_code(), 0.0);
+      metrics_->RequestRefusedBeforeRunning(method, status.error_code());
       metrics_->RequestRejected("unauthenticated");
     }
   }

@@ -1,6 +1,7 @@
 // AttentionService behind bearer-token authentication: every method checks the call's
 // `authorization` metadata before the wrapped service sees the call, and answers UNAUTHENTICATED
-// (counted in da_requests_total, logged without the token) when it is missing or wrong.
+// (counted in da_requests_total and da_requests_rejected_total{reason="unauthenticated"}, not in
+// da_request_duration_seconds, and logged without the token) when it is missing or wrong.
 //
 //   AttentionService service(engine, metrics, options);
 //   AuthenticatedAttentionService guarded(&service, authenticator.get(), metrics);

@@ -1,12 +1,13 @@
 #include "server/client_quota.h"
 
 #include <algorithm>
-#include <functional>
-#include <string_view>
+#include <optional>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "server/request_record.h"
+#include "server/security.h"
 
 namespace da::server {
 
@@ -14,9 +15,11 @@ std::string ClientKeyOf(const grpc::ServerContextBase& context, bool by_token) {
   if (by_token) {
     auto it = context.client_metadata().find("authorization");
     if (it != context.client_metadata().end()) {
-      const std::string_view value(it->second.data(), it->second.length());
-      return absl::StrFormat("token %08x",
-                             static_cast<uint32_t>(std::hash<std::string_view>{}(value)));
+      // The token as the authenticator read it, not the metadata as sent: "bearer  t" is the
+      // same client as "Bearer t".
+      const std::optional<absl::string_view> token =
+          BearerTokenOf(absl::string_view(it->second.data(), it->second.length()));
+      if (token.has_value()) return absl::StrCat("token ", TokenFingerprint(*token));
     }
   }
   const std::string peer = context.peer();
@@ -58,6 +61,18 @@ absl::StatusOr<ClientQuota::Share> ClientQuota::Reserve(const std::string& clien
   if (cap_bytes_ > 0 && bytes > cap_bytes_ - held) {
     const int64_t holding = held;
     if (held == 0) held_.erase(client);
+    if (bytes > cap_bytes_) {
+      // Waiting cannot help: the window alone is over the cap.
+      return WithServerRejectReason(
+          absl::ResourceExhaustedError(absl::StrFormat(
+              "client %s asks for %d bytes for one stream's window, more than the %d a client may "
+              "hold in all (--max-client-stream-bytes), so this stream can never be admitted: "
+              "make the window smaller (fewer tokens per chunk with a smaller "
+              "--stream-min-chunk-tokens, a smaller --stream-pipeline-depth or "
+              "--max-message-bytes) or raise --max-client-stream-bytes",
+              client, bytes, cap_bytes_)),
+          "client_memory");
+    }
     return WithServerRejectReason(
         absl::ResourceExhaustedError(absl::StrFormat(
             "client %s asks for %d more bytes of stream windows but holds %d of its %d "

@@ -21,9 +21,11 @@
 
 namespace da::server {
 
-// Who a call comes from, for per-client limits: with by_token, "token <8 hex digits of a hash>"
-// of the call's bearer token (never the token itself); else, or without a token, the peer's
-// address without its port ("ipv4:10.0.0.5"), so that every connection of one host is one client.
+// Who a call comes from, for per-client limits: with by_token, "token <TokenFingerprint>" (64 bits
+// of the SHA-256, never the token itself) of the call's bearer token as the authenticator reads it
+// (BearerTokenOf: the scheme in any case, whitespace around the token dropped), so that one token
+// is one client however it is written; else, or without a bearer token, the peer's address without
+// its port ("ipv4:10.0.0.5"), so that every connection of one host is one client.
 std::string ClientKeyOf(const grpc::ServerContextBase& context, bool by_token);
 
 class ClientQuota {
@@ -51,7 +53,8 @@ class ClientQuota {
   };
 
   // RESOURCE_EXHAUSTED (reject reason "client_memory") naming the client, the bytes asked, the
-  // bytes it holds and the cap, when the client would pass the cap.
+  // bytes it holds and the cap, when the client would pass the cap; when `bytes` alone is over
+  // the cap (so waiting for its other streams cannot help), saying what would shrink the window.
   absl::StatusOr<Share> Reserve(const std::string& client, int64_t bytes);
 
   int64_t cap_bytes() const { return cap_bytes_; }

@@ -50,6 +50,25 @@ TEST(ClientQuotaTest, AShrunkShareKeepsOnlyWhatItWasShrunkTo) {
   EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 0);
 }
 
+// A window over the whole cap can never be admitted, however many streams end: the refusal
+// says so and names what shrinks the window, instead of advising to wait.
+TEST(ClientQuotaTest, AWindowOverTheWholeCapIsRefusedSayingWhatToChange) {
+  ClientQuota quota(1000);
+  absl::StatusOr<ClientQuota::Share> share = quota.Reserve("ipv4:10.0.0.1", 1001);
+  ASSERT_FALSE(share.ok());
+  EXPECT_EQ(share.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(share.status().message(),
+            "client ipv4:10.0.0.1 asks for 1001 bytes for one stream's window, more than the 1000 "
+            "a client may hold in all (--max-client-stream-bytes), so this stream can never be "
+            "admitted: make the window smaller (fewer tokens per chunk with a smaller "
+            "--stream-min-chunk-tokens, a smaller --stream-pipeline-depth or --max-message-bytes) "
+            "or raise --max-client-stream-bytes");
+  EXPECT_EQ(RejectionReason(share.status()), "client_memory");
+  EXPECT_EQ(quota.held_bytes("ipv4:10.0.0.1"), 0);
+  // Exactly the cap fits.
+  EXPECT_TRUE(quota.Reserve("ipv4:10.0.0.1", 1000).ok());
+}
+
 TEST(ClientQuotaTest, ZeroCapMeansNoCap) {
   ClientQuota quota(0);
   absl::StatusOr<ClientQuota::Share> share = quota.Reserve("token 0000abcd", int64_t{1} << 50);

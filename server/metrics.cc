@@ -463,10 +463,20 @@ Metrics::~Metrics() { http_.reset(); }  // No scrape may run while the members g
 
 // The HTTP port: /metrics (the text exposition format, Scrape()), /livez and /readyz (200 "ok"
 // or 503 with the reason, from the probes), served by CivetWeb.
+//
+// CivetWeb gives each connection a worker thread from the moment it is accepted, and that thread
+// waits for the request for up to request_timeout_ms (30 s by default): with 4 threads and that
+// default, 4 connections that send nothing would hold /livez back for 30 s, long enough for the
+// kubelet to restart a healthy pod. Hence more threads (cheap: they sleep) and a request timeout
+// well inside a probe's period: a worker held by a silent connection is free again after 3 s.
+constexpr char kHttpThreads[] = "8";
+constexpr char kHttpRequestTimeoutMs[] = "3000";
+
 class Metrics::HttpEndpoints {
  public:
   HttpEndpoints(const std::string& listen_address, Metrics& metrics)
-      : server_({"listening_ports", listen_address, "num_threads", "4"}),
+      : server_({"listening_ports", listen_address, "num_threads", kHttpThreads,
+                 "request_timeout_ms", kHttpRequestTimeoutMs}),
         metrics_(&metrics),
         live_(this, true),
         ready_(this, false) {
@@ -562,6 +572,10 @@ void Metrics::RequestFinished(std::string_view method, grpc::StatusCode code,
   requests_->Add({{"method", std::string(method)}, {"code", StatusCodeName(code)}}).Increment();
   request_duration_->Add({{"method", std::string(method)}}, LatencyBuckets())
       .Observe(total_seconds);
+}
+
+void Metrics::RequestRefusedBeforeRunning(std::string_view method, grpc::StatusCode code) {
+  requests_->Add({{"method", std::string(method)}, {"code", StatusCodeName(code)}}).Increment();
 }
 
 void Metrics::RunFinished(double queue_seconds, double compute_seconds, int64_t tokens) {

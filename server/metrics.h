@@ -96,7 +96,9 @@ inline constexpr const char* kRejectReasons[] = {
 
 class Metrics {
  public:
-  // listen_address "host:port" (port 0 picks a free one); empty: no HTTP endpoint.
+  // listen_address "host:port" (port 0 picks a free one); empty: no HTTP endpoint. The endpoint
+  // serves 8 connections at once and closes one that has not sent its request within 3 s, so
+  // that idle connections cannot hold the probes back for long.
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& listen_address);
   ~Metrics();
 
@@ -108,6 +110,10 @@ class Metrics {
   void RequestEnded();
   // Any RPC's outcome and latency.
   void RequestFinished(std::string_view method, grpc::StatusCode code, double total_seconds);
+  // An RPC refused before it ran (its token was missing or wrong): counted in da_requests_total
+  // like RequestFinished, but with no latency, so that a flood of refused calls does not pull
+  // da_request_duration_seconds towards zero.
+  void RequestRefusedBeforeRunning(std::string_view method, grpc::StatusCode code);
   // A completed engine run: its queue and compute times and its batch * seq_len.
   void RunFinished(double queue_seconds, double compute_seconds, int64_t tokens);
   void AddBytes(int64_t bytes_in, int64_t bytes_out);

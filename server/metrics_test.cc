@@ -1,15 +1,28 @@
 // /metrics after real traffic: scraped over HTTP from a server with an exposer on a kernel-chosen
-// port, checked by `promtool check metrics`, and holding the expected series.
-#include <gtest/gtest.h>
-#include <sys/wait.h>
+// port, checked by `promtool check metrics`, and holding the expected series; and the probes
+// answering while connections that send nothing are open.
+#include "server/metrics.h"
 
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <optional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "client/attention_client.h"
 #include "server/server.h"
@@ -132,6 +145,50 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   // plan lookups, so the two agree to within a few milliseconds.
   EXPECT_GE(*busy, *compute_sum * 0.999) << text;
   EXPECT_LT(*busy, *compute_sum + 0.05) << text;
+}
+
+// A TCP connection to 127.0.0.1:port that sends nothing; -1 when it cannot connect.
+int ConnectSilently(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+    close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// The HTTP server gives each connection a thread until its request arrives: connections that send
+// nothing (a stuck scraper, a port scan) must neither take every thread nor keep theirs for long,
+// or /livez goes unanswered and the orchestrator restarts a healthy server.
+TEST(MetricsTest, SilentConnectionsDoNotHoldBackTheProbes) {
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create("127.0.0.1:0");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  const int port = (*metrics)->port();
+  std::vector<int> silent;
+  for (int i = 0; i < 6; ++i) {
+    silent.push_back(ConnectSilently(port));
+    ASSERT_GE(silent.back(), 0);
+  }
+  // Accepted in order, so the probe comes after every silent connection.
+  std::future<std::optional<std::string>> live =
+      std::async(std::launch::async, [port] { return testing::HttpGet(port, "/livez"); });
+  const bool answered = live.wait_for(std::chrono::seconds(2)) == std::future_status::ready;
+  EXPECT_TRUE(answered) << "/livez unanswered for 2 s behind 6 silent connections";
+
+  // The server closes a silent connection after its request timeout (3 s): recv sees the end (or
+  // an error answer) within 10 s, where SO_RCVTIMEO would make it fail with EAGAIN.
+  const timeval bound{.tv_sec = 10, .tv_usec = 0};
+  ASSERT_EQ(setsockopt(silent[0], SOL_SOCKET, SO_RCVTIMEO, &bound, sizeof(bound)), 0);
+  char byte = 0;
+  const ssize_t received = recv(silent[0], &byte, 1, 0);
+  EXPECT_GE(received, 0) << "a silent connection still open after 10 s: " << std::strerror(errno);
+  for (int fd : silent) close(fd);  // Frees the threads they hold, should the probe still wait.
+  EXPECT_EQ(live.get(), "ok\n");
 }
 
 TEST(MetricsTest, PromtoolRejectsABrokenExposition) {

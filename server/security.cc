@@ -6,12 +6,15 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
+#include <array>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -47,6 +50,20 @@ struct KeyDeleter {
   void operator()(EVP_PKEY* key) const { EVP_PKEY_free(key); }
 };
 
+using Digest = std::array<unsigned char, 32>;
+
+Digest Sha256(absl::string_view text) {
+  Digest digest{};
+  unsigned int size = 0;
+  EVP_Digest(text.data(), text.size(), digest.data(), &size, EVP_sha256(), nullptr);
+  return digest;
+}
+
+// The passphrase callback of PEM reads: none. Without a callback OpenSSL would ask for an
+// encrypted key's passphrase on the terminal (or read it from stdin), and the server would hang
+// at start-up waiting for it.
+int NoPassphrase(char* /*buffer*/, int /*size*/, int /*rwflag*/, void* /*userdata*/) { return 0; }
+
 std::unique_ptr<BIO, BioDeleter> MemoryBio(const std::string& pem) {
   return std::unique_ptr<BIO, BioDeleter>(
       BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
@@ -74,7 +91,7 @@ absl::Status CheckKeyMatchesCertificate(const std::string& key_path, const std::
                                         const std::string& cert_path, const std::string& cert_pem) {
   auto bio = MemoryBio(key_pem);
   std::unique_ptr<EVP_PKEY, KeyDeleter> key(
-      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+      bio ? PEM_read_bio_PrivateKey(bio.get(), nullptr, NoPassphrase, nullptr) : nullptr);
   if (key == nullptr) {
     return FileError(kKeyFlag, key_path, "no unencrypted PEM private key in the file");
   }
@@ -161,15 +178,24 @@ absl::StatusOr<std::unique_ptr<BearerTokenAuthenticator>> BearerTokenAuthenticat
   return std::make_unique<BearerTokenAuthenticator>(*tokens);
 }
 
-BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens) {
-  for (const std::string& token : tokens) token_digests_.push_back(Sha256(token));
+std::optional<absl::string_view> BearerTokenOf(absl::string_view authorization) {
+  constexpr absl::string_view kScheme = "Bearer ";
+  // The scheme is case-insensitive (RFC 7235).
+  if (authorization.size() <= kScheme.size() ||
+      !absl::EqualsIgnoreCase(authorization.substr(0, kScheme.size()), kScheme)) {
+    return std::nullopt;
+  }
+  return absl::StripAsciiWhitespace(authorization.substr(kScheme.size()));
 }
 
-BearerTokenAuthenticator::Digest BearerTokenAuthenticator::Sha256(absl::string_view text) {
-  Digest digest{};
-  unsigned int size = 0;
-  EVP_Digest(text.data(), text.size(), digest.data(), &size, EVP_sha256(), nullptr);
-  return digest;
+std::string TokenFingerprint(absl::string_view token) {
+  const Digest digest = Sha256(token);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest.data()), sizeof(uint64_t)));
+}
+
+BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens) {
+  for (const std::string& token : tokens) token_digests_.push_back(Sha256(token));
 }
 
 grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& context) const {
@@ -182,20 +208,17 @@ grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& cont
 
 grpc::Status BearerTokenAuthenticator::CheckAuthorization(
     const absl::string_view* authorization) const {
-  constexpr absl::string_view kScheme = "Bearer ";
   if (authorization == nullptr) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "no authorization metadata: this server requires "
                         "'authorization: Bearer <token>'");
   }
-  // The scheme is case-insensitive (RFC 7235).
-  if (authorization->size() <= kScheme.size() ||
-      !absl::EqualsIgnoreCase(authorization->substr(0, kScheme.size()), kScheme)) {
+  const std::optional<absl::string_view> token = BearerTokenOf(*authorization);
+  if (!token.has_value()) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the authorization metadata is not of the form 'Bearer <token>'");
   }
-  const Digest presented =
-      Sha256(absl::StripAsciiWhitespace(authorization->substr(kScheme.size())));
+  const Digest presented = Sha256(*token);
   // No early exit: every digest is compared, whichever matches.
   int matches = 0;
   for (const Digest& digest : token_digests_) {

@@ -18,6 +18,7 @@
 
 #include <array>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,15 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
 // or a token has a character outside printable ASCII (named by line number, never echoed).
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
 
+// The token of an `authorization` metadata value of the form "Bearer <token>": the scheme is
+// case-insensitive (RFC 7235) and whitespace around the token is dropped, so "Bearer t",
+// "bearer t" and "BEARER   t " all give "t". nullopt when the value is not of that form.
+std::optional<absl::string_view> BearerTokenOf(absl::string_view authorization);
+
+// A name for a token that does not contain it, the same for the same token: the first 64 bits of
+// its SHA-256, as 16 hex digits. What per-client limits and logs call a token's client.
+std::string TokenFingerprint(absl::string_view token);
+
 // Checks the `authorization: Bearer <token>` metadata of a call. Only SHA-256 digests of the
 // tokens are kept, and the presented token's digest is compared with every one of them in
 // constant time, so neither the time taken nor the memory reveals where a guess differs.
@@ -68,9 +78,7 @@ class BearerTokenAuthenticator {
   grpc::Status CheckAuthorization(const absl::string_view* authorization) const;
 
  private:
-  using Digest = std::array<unsigned char, 32>;
-  static Digest Sha256(absl::string_view text);
-  std::vector<Digest> token_digests_;
+  std::vector<std::array<unsigned char, 32>> token_digests_;  // SHA-256 of each token.
 };
 
 }  // namespace da::server

@@ -224,10 +224,21 @@ TEST_F(SecurityTest, TokenIsRequiredOnEveryMethodButNotForHealth) {
     EXPECT_THAT(status.error_message(), HasSubstr("bearer token is not valid")) << method;
     EXPECT_THAT(status.error_message(), Not(HasSubstr(wrong_token))) << method;
   }
-  // Eight refusals (four methods, twice), each counted by reason.
-  EXPECT_EQ(testing::MetricValue(server->metrics().Scrape(),
-                                 "da_requests_rejected_total{reason=\"unauthenticated\"}"),
+  // Eight refusals (four methods, twice), each counted by reason and by method and code, but
+  // none in the latency histogram: calls refused before they ran would pull it towards zero.
+  const std::string scraped = server->metrics().Scrape();
+  EXPECT_EQ(testing::MetricValue(scraped, "da_requests_rejected_total{reason=\"unauthenticated\"}"),
             8);
+  for (const std::string method : {"Attend", "AttendStream", "GetServerInfo", "WarmUp"}) {
+    EXPECT_EQ(testing::MetricValue(
+                  scraped, "da_requests_total{code=\"UNAUTHENTICATED\",method=\"" + method + "\"}"),
+              2)
+        << scraped;
+    EXPECT_EQ(testing::MetricValue(scraped,
+                                   "da_request_duration_seconds_count{method=\"" + method + "\"}"),
+              0)
+        << scraped;
+  }
 
   // Both tokens of the file are accepted (the first one is indented and commented around).
   for (const std::string token : {kToken, kOtherToken}) {
@@ -262,11 +273,99 @@ TEST_F(SecurityTest, TokenOverMutualTls) {
   EXPECT_EQ(status.error_code(), StatusCode::UNAUTHENTICATED) << status.error_message();
 }
 
+// An AttendStream call that has sent its header, with `authorization` as its metadata, and has
+// asked to be told of its admission (da-stream-admission): admitted with its window, or refused
+// with its status. Cancelled on destruction.
+class HeaderOnlyStream {
+ public:
+  HeaderOnlyStream(int port, const std::string& authorization, const v1::StreamHeader& header)
+      : stub_(v1::AttentionService::NewStub(testing::ChannelTo(port))) {
+    context_.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(kTimeoutMs));
+    context_.AddMetadata("authorization", authorization);
+    context_.AddMetadata("da-stream-admission", "1");
+    call_ = stub_->AttendStream(&context_);
+    v1::AttendStreamRequest request;
+    *request.mutable_header() = header;
+    call_->Write(request);
+    call_->WaitForInitialMetadata();  // Until the server admits the stream, or the call ends.
+    const auto& metadata = context_.GetServerInitialMetadata();
+    const auto window = metadata.find("da-stream-window-bytes");
+    if (window != metadata.end()) {
+      window_bytes_ = std::stoll(std::string(window->second.data(), window->second.size()));
+    } else {
+      status_ = Drain();
+    }
+  }
+  ~HeaderOnlyStream() {
+    if (!admitted()) return;
+    context_.TryCancel();
+    Drain();
+  }
+
+  bool admitted() const { return window_bytes_ > 0; }
+  int64_t window_bytes() const { return window_bytes_; }
+  const grpc::Status& status() const { return status_; }  // Of a refused stream.
+
+ private:
+  grpc::Status Drain() {
+    v1::AttendStreamResponse response;
+    while (call_->Read(&response)) {
+    }
+    return call_->Finish();
+  }
+
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::AttendStreamRequest, v1::AttendStreamResponse>>
+      call_;
+  int64_t window_bytes_ = 0;
+  grpc::Status status_;
+};
+
+// --max-client-stream-bytes counts a client's streams by its token as the authenticator reads it:
+// the same token with the scheme in another case, or other spacing, is the same client and
+// shares its cap; another token has a cap of its own.
+TEST_F(SecurityTest, OneTokenHoweverWrittenIsOneClientOfTheStreamCap) {
+  const v1::StreamHeader header = testing::HeaderFor(SmallRequest());
+  ServerOptions options = testing::LoopbackOptions();
+  options.security.auth_token_file = Certificates::Get().Path("tokens.txt");
+  options.max_client_stream_bytes = 0;  // No cap: to learn how large one stream's window is.
+  int64_t window_bytes = 0;
+  {
+    std::unique_ptr<Server> server = testing::StartServer(options);
+    ASSERT_NE(server, nullptr);
+    HeaderOnlyStream stream(server->port(), std::string("Bearer ") + kToken, header);
+    ASSERT_TRUE(stream.admitted()) << stream.status().error_message();
+    window_bytes = stream.window_bytes();
+  }
+  // A cap of one window: each client may have one such stream open.
+  options.max_client_stream_bytes = window_bytes;
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  HeaderOnlyStream first(server->port(), std::string("Bearer ") + kToken, header);
+  ASSERT_TRUE(first.admitted()) << first.status().error_message();
+  for (const std::string scheme : {"bearer ", "BEARER   ", "bEaReR  "}) {
+    for (const std::string trailing : {"", "  "}) {
+      const std::string authorization = scheme + kToken + trailing;
+      HeaderOnlyStream same_token(server->port(), authorization, header);
+      EXPECT_FALSE(same_token.admitted()) << "'" << authorization << "' is another client";
+      const grpc::Status& status = same_token.status();
+      EXPECT_EQ(status.error_code(), StatusCode::RESOURCE_EXHAUSTED)
+          << "'" << authorization << "': " << status.error_message();
+      EXPECT_THAT(status.error_message(), HasSubstr("--max-client-stream-bytes"));
+      EXPECT_THAT(status.error_message(), Not(HasSubstr(kToken)));
+    }
+  }
+  HeaderOnlyStream other_token(server->port(), std::string("Bearer ") + kOtherToken, header);
+  EXPECT_TRUE(other_token.admitted()) << other_token.status().error_message();
+}
+
 TEST(BearerTokenAuthenticatorTest, ChecksTheSchemeAndTheTokenWithoutEchoingIt) {
   BearerTokenAuthenticator authenticator({"alpha-1", "beta-2"});
   auto check = [&](absl::string_view value) { return authenticator.CheckAuthorization(&value); };
   EXPECT_TRUE(check("Bearer alpha-1").ok());
   EXPECT_TRUE(check("bearer beta-2").ok());
+  EXPECT_TRUE(check("BEARER   beta-2  ").ok());
   EXPECT_EQ(authenticator.CheckAuthorization(nullptr).error_code(), StatusCode::UNAUTHENTICATED);
   for (absl::string_view refused : {"Bearer alpha-2", "Bearer alpha-1x", "Bearer alpha-", "Bearer ",
                                     "Basic alpha-1", "alpha-1"}) {
@@ -275,6 +374,19 @@ TEST(BearerTokenAuthenticatorTest, ChecksTheSchemeAndTheTokenWithoutEchoingIt) {
     EXPECT_THAT(status.error_message(), Not(HasSubstr("alpha"))) << refused;
   }
   EXPECT_THAT(check("Basic alpha-1").error_message(), HasSubstr("'Bearer <token>'"));
+}
+
+TEST(BearerTokenOfTest, ReadsTheTokenAsTheAuthenticatorDoes) {
+  EXPECT_EQ(BearerTokenOf("Bearer t-1"), "t-1");
+  EXPECT_EQ(BearerTokenOf("bearer t-1"), "t-1");
+  EXPECT_EQ(BearerTokenOf("BEARER   t-1  "), "t-1");
+  EXPECT_EQ(BearerTokenOf("Basic t-1"), std::nullopt);
+  EXPECT_EQ(BearerTokenOf("Bearer"), std::nullopt);
+  EXPECT_EQ(BearerTokenOf("t-1"), std::nullopt);
+  // 64 bits, the same for the same token, never the token itself.
+  EXPECT_EQ(TokenFingerprint("t-1").size(), 16);
+  EXPECT_EQ(TokenFingerprint("t-1"), TokenFingerprint("t-1"));
+  EXPECT_NE(TokenFingerprint("t-1"), TokenFingerprint("t-2"));
 }
 
 TEST(ReadTokenFileTest, SkipsCommentsAndBlankLinesAndRefusesFilesWithoutTokens) {
@@ -434,6 +546,30 @@ std::pair<int, std::string> RunCommand(const std::string& command) {
   for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) output.append(buffer, n);
   const int status = pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+// An encrypted key is refused at start-up like any key the server cannot read. Given no
+// passphrase callback, OpenSSL asks for the passphrase on the terminal, or reads it from stdin
+// where there is none: the server would hang at start-up, or read a passphrase nobody meant for
+// it. Here the server has no terminal (a session of its own) and the right passphrase on stdin, so
+// it is refused only because it never asks.
+TEST(StartupFlagsTest, AnEncryptedKeyIsRefusedWithoutAskingForItsPassphrase) {
+  const Certificates& certs = Certificates::Get();
+  ASSERT_TRUE(certs.ok());
+  const std::string encrypted = certs.Path("server_encrypted.key");
+  const auto [made_code, made_output] =
+      RunCommand("openssl pkey -in " + certs.Path("server.key") +
+                 " -aes256 -passout pass:da-test-passphrase -out " + encrypted);
+  ASSERT_EQ(made_code, 0) << made_output;
+  ASSERT_THAT(ReadFile(encrypted), HasSubstr("ENCRYPTED"));
+  // `timeout` exits 124 when the server is still running: it read the passphrase and started.
+  const auto [code, output] = RunCommand(
+      "printf 'da-test-passphrase\\n' | timeout 60 setsid " + std::string(DA_SERVER_BINARY) +
+      " --listen 127.0.0.1:0 --metrics-listen '' --threads 2 --tls-cert " +
+      certs.Path("server.pem") + " --tls-key " + encrypted);
+  EXPECT_EQ(code, 1) << output;
+  EXPECT_THAT(output, HasSubstr("--tls-key " + encrypted + ": no unencrypted PEM private key"));
+  EXPECT_THAT(output, Not(HasSubstr("pass phrase")));  // OpenSSL's prompt.
 }
 
 // The real da-server with TLS, mutual TLS and the test's token file.

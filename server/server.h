@@ -134,7 +134,7 @@ struct ServerOptions {
 };
 
 // Defaults from the memory this process may use (engine::HostResources: the smaller of physical
-// memory and the container's cgroup limit), M:
+// memory and the container's cgroup limit, less --memory-elsewhere-bytes), M:
 // - the plan cache: min(1 GiB, M / 8);
 // - the admission budget: max(M / 4, 3/4 M - plan cache bytes - the process's reserve). The
 //   stream buffer pool is kept inside the budget; the quarter of M outside it is gRPC's buffers
@@ -196,8 +196,10 @@ class Server {
   std::vector<WarmUpShape> warmup_;
   std::shared_ptr<engine::ShardGroup> shard_group_;  // Outlives engine_ (it runs through it).
   std::unique_ptr<engine::Engine> engine_;
-  std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<Health> health_;  // Outlives server_: gRPC calls into it until it is gone.
+  // Outlives server_ (gRPC calls into it until it is gone) and metrics_ (whose HTTP threads call
+  // into it through the probes and the device source, also when Start failed after setting them).
+  std::unique_ptr<Health> health_;
+  std::unique_ptr<Metrics> metrics_;  // Destroyed before engine_ and health_, which it reads.
   std::unique_ptr<AttentionService> service_;
   std::unique_ptr<BearerTokenAuthenticator> authenticator_;  // Null: no authentication.
   std::unique_ptr<AttentionServiceBase> guarded_;            // service_ behind the tokens.
