@@ -21,6 +21,7 @@
 #include "engine/shard_plan.h"
 #include "engine/status_macros.h"
 #include "engine/thread_pool.h"
+#include "engine/value_scan.h"
 
 namespace da::engine {
 namespace {
@@ -559,10 +560,19 @@ struct Engine::Impl {
                                         const Device* bound, int64_t queue_time_us,
                                         const std::atomic<bool>* stop, bool* failed_in_plan,
                                         std::vector<std::string>* used) {
+    // A request holding a NaN, an infinity or values whose scores overflow fp32 is refused
+    // before it computes (engine/value_scan.h): here, on this thread, unless it runs on one host
+    // device, whose pool scans it below.
+    const auto check_values = [&](ThreadPool* pool) {
+      return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
+                              stop, pool);
+    };
     if (Sharded(request.spec) && request.device.empty()) {
+      DA_RETURN_IF_ERROR(check_values(nullptr));
       return ComputeSharded(request, queue_time_us, stop, used);
     }
     if (placement.devices > 1) {
+      DA_RETURN_IF_ERROR(check_values(nullptr));
       std::vector<Device*> on;
       {
         std::lock_guard<std::mutex> lock(mutex);
@@ -578,6 +588,7 @@ struct Engine::Impl {
     Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
     used->push_back(device.info.id);
     if (!device.host()) {
+      DA_RETURN_IF_ERROR(check_values(nullptr));
       return ComputeOnDevices(request, {&device}, ShardPolicy::kNone, queue_time_us, stop);
     }
     struct Release {
@@ -586,6 +597,7 @@ struct Engine::Impl {
       ~Release() { impl->ReleaseDevice(device); }
     } release{this, device};
     const ScopedAffinity pinned(device.cpus);  // NUMA: plans and buffers first-touched there.
+    DA_RETURN_IF_ERROR(check_values(device.pool.get()));
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
                         device.backend->ChoosePrecision(request.spec));
     const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,
@@ -1098,8 +1110,19 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     bool warm = false;
     {
       const ScopedAffinity pinned(device->cpus);
+      // A plan built here counts its workspace in the device's budget while it is built, as a
+      // request's does: a warm-up cannot allocate past what admission allows. Built, it is the
+      // plan cache's (within the cache's own budget, or trimmed below).
+      const auto build = [&, device = device,
+                          key = &key]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+        const int64_t bytes = device->backend->PlanWorkspaceBytes(*key);
+        DA_RETURN_IF_ERROR(device->memory->Reserve(
+            bytes, absl::StrCat(bytes, " bytes of plan workspace to warm up ", key->ToString())));
+        const MemoryReservation held(device->memory, bytes);
+        return device->backend->BuildPlan(*key, stop);
+      };
       DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,
-                          impl_->GetPlan(*device, key, &warm, stop));
+                          impl_->plans->GetOrBuild(key, build, &warm, stop));
       result.plan_bytes += plan->bytes();
       result.build_time_us += warm ? 0 : plan->build_time_us;
     }

@@ -129,6 +129,9 @@ struct RunRequest {
   // The device to compute on (an id of Engine::devices()); empty: wherever placement puts it.
   // The self-check uses it to check every device.
   std::string device;
+  // Where q's first token lies in the caller's whole sequence (a stream's chunk): messages about
+  // the inputs' values name positions in it.
+  int64_t first_token = 0;
 };
 
 struct ExecutionInfo {
@@ -185,7 +188,9 @@ class Engine {
 
   // Builds (or finds) the plan of a problem without running it, so that the first real request
   // of this shape is a cache hit. out_dtype is the dtype the requests will want back. `stop`
-  // (optional) turning true ends a build with CANCELLED.
+  // (optional) turning true ends a build with CANCELLED. A plan it builds reserves its workspace
+  // (Backend::PlanWorkspaceBytes) in its device's memory budget while it is built:
+  // RESOURCE_EXHAUSTED naming the bytes and the budget when they do not fit.
   absl::StatusOr<WarmUpResult> WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
                                       const AttentionSpec& spec,
                                       const std::atomic<bool>* stop = nullptr);

@@ -501,6 +501,7 @@ void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
   run.deadline = deadline_;
   run.reservation = &*reservation_;
   run.queue_place = &queue_place_;
+  run.first_token = chunk.token_start;
   const Outgoing outgoing{chunk.index, chunk.token_start, chunk.token_count, slot, 0};
   engine_->Submit(run, [this, outgoing](absl::StatusOr<engine::ExecutionInfo> info) {
     OnComputed(outgoing, std::move(info));

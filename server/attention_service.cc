@@ -235,11 +235,34 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// Shapes one WarmUp call may name: a deployment warms a handful; thousands would hold the warm-up
+// worker (and a drain) for as many plan builds.
+constexpr int kMaxWarmUpShapes = 256;
+
+// The WarmUp call's reactor: a call that is cancelled (its client gave up, its deadline passed,
+// the server is shutting down) stops the plan build in progress and the shapes after it.
+class WarmUpReactor final : public grpc::ServerUnaryReactor {
+ public:
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+  // Outlives the reactor: the worker's job reads it until it calls Finish.
+  std::shared_ptr<const std::atomic<bool>> cancelled() const { return cancelled_; }
+
+ private:
+  const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+};
+
 // Every shape is converted and checked against the limits before any is built, so a malformed
 // request warms nothing; a shape the engine then refuses (e.g. an unsupported precision) stops
 // the call after the shapes before it.
 absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
-                          const v1::WarmUpRequest& request, v1::WarmUpResponse* response) {
+                          const v1::WarmUpRequest& request, const std::atomic<bool>& stop,
+                          v1::WarmUpResponse* response) {
+  if (request.shapes_size() > kMaxWarmUpShapes) {
+    return absl::InvalidArgumentError(absl::StrCat("shapes holds ", request.shapes_size(),
+                                                   " shapes; one WarmUp call takes at most ",
+                                                   kMaxWarmUpShapes));
+  }
   std::vector<WarmUpShape> shapes;
   for (int i = 0; i < request.shapes_size(); ++i) {
     const std::string field = absl::StrCat("shapes[", i, "]");
@@ -253,7 +276,11 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
     shapes.push_back(*std::move(shape));
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
-    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i]);
+    if (stop.load()) {
+      return absl::CancelledError(
+          absl::StrCat("cancelled after warming ", i, " of ", shapes.size(), " shapes"));
+    }
+    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i], &stop);
     if (!result.ok()) {
       return absl::Status(result.status().code(),
                           absl::StrCat("shapes[", i, "]: ", result.status().message()));
@@ -397,14 +424,15 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
     return RefuseUnparsable("WarmUp", context, status);
   }
   const auto start = std::chrono::steady_clock::now();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new WarmUpReactor;
   // gRPC keeps context and the answer buffer alive until Finish.
-  warm_up_worker_.Post([this, context, request, answer, reactor, start] {
+  warm_up_worker_.Post([this, context, request, answer, reactor, cancelled = reactor->cancelled(),
+                        start] {
     v1::WarmUpResponse reply;
     v1::WarmUpResponse* response = &reply;
-    absl::Status status = context->IsCancelled()
+    absl::Status status = cancelled->load()
                               ? absl::CancelledError("cancelled before the warm-up started")
-                              : WarmUpShapes(*engine_, *metrics_, *request, response);
+                              : WarmUpShapes(*engine_, *metrics_, *request, *cancelled, response);
     if (status.ok()) {
       PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
       status = SerializeUnaryResponse(reply, answer);

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
@@ -249,6 +251,28 @@ TEST_F(StreamTest, StreamAboveMaxRequestBytesIsComputedInItsWindow) {
   EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_NE(refused.status.error_message().find("chunk of 32 tokens"), std::string::npos)
       << refused.status.error_message();
+}
+
+// A value that is not finite in a later chunk fails the stream with INVALID_ARGUMENT naming its
+// token in the whole sequence, not in the chunk.
+TEST_F(StreamTest, ANonFiniteValueIsRefusedNamingItsTokenInTheWholeStream) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_min_chunk_tokens = 1;  // Chunks of 32 tokens: the second starts at token 32.
+  Start(options);
+  // v is fp32 [2, 40, 2, 16]: batch 1, token 35, kv head 1, dim 2.
+  const float inf = std::numeric_limits<float>::infinity();
+  std::memcpy(request_.mutable_value()->mutable_data()->data() +
+                  (((1 * 40 + 35) * 2 + 1) * 16 + 2) * sizeof(float),
+              &inf, sizeof(float));
+  std::vector<v1::AttendStreamRequest> messages = {Header()};
+  for (int64_t start = 0; start < 40; start += 8) messages.push_back(Block(start));
+  const StreamResult result = Run(messages);
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+      << result.status.error_message();
+  EXPECT_NE(result.status.error_message().find(
+                "v holds +inf at batch 1, token 35, head 1, dim 2; q, k and v must be finite"),
+            std::string::npos)
+      << result.status.error_message();
 }
 
 TEST_F(StreamTest, OutputBlocksStayWithinHalfTheMessageLimit) {

@@ -140,6 +140,67 @@ TEST(WarmUpRpcTest, UnsupportedPrecisionNamesTheShapeAndWhatIsSupported) {
   EXPECT_EQ(Info(client).plan_cache().entries(), 1);  // shapes[0] was warmed before.
 }
 
+// A plan whose workspace does not fit the memory budget is not built: the warm-up reserves it
+// as a request would, and is refused naming both numbers.
+TEST(WarmUpRpcTest, APlanOverTheMemoryBudgetIsRefusedNamingBoth) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.memory_budget_bytes = int64_t{1} << 20;
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  v1::WarmUpRequest request;
+  // One segment of 16384 tokens: each thread packs K and V of the whole segment (8 MiB).
+  v1::StreamHeader* shape = request.add_shapes();
+  *shape = testing::HeaderFor(Fp32Request(
+      {.seq_len = 16384, .heads = 1, .kv_heads = 1, .head_dim = 64, .patterns = {{16384, 1}}}));
+  v1::WarmUpResponse response;
+  const grpc::Status status = client.WarmUp(request, &response, testing::WithTimeout(60000));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  EXPECT_EQ(status.error_message().rfind("shapes[0]: ", 0), 0u) << status.error_message();
+  EXPECT_NE(status.error_message().find("bytes of plan workspace to warm up"), std::string::npos)
+      << status.error_message();
+  EXPECT_NE(status.error_message().find("1048576"), std::string::npos) << status.error_message();
+  EXPECT_EQ(Info(client).plan_cache().entries(), 0);
+}
+
+// A call whose deadline passes stops warming: the shapes after it are not built (the warm-up
+// worker is free for the next call at once), and a call naming too many shapes is refused.
+TEST(WarmUpRpcTest, ACancelledCallStopsBuildingAndTooManyShapesAreRefused) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.plan_cache_bytes = int64_t{16} << 20;  // The plans built need not stay.
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  // 256 distinct shapes of several MiB of workspace each: about a second or more of builds.
+  const v1::StreamHeader small = testing::HeaderFor(
+      Fp32Request({.heads = 1, .kv_heads = 1, .head_dim = 64, .patterns = {{64, 1}}}));
+  v1::WarmUpRequest many;
+  for (int i = 0; i < 256; ++i) {
+    v1::StreamHeader* shape = many.add_shapes();
+    *shape = small;
+    shape->set_seq_len(8192 + 64 * i);
+    shape->mutable_spec()->set_segment_lengths(0, shape->seq_len());
+  }
+  v1::WarmUpResponse response;
+  grpc::Status status = client.WarmUp(many, &response, testing::WithTimeout(100));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << status.error_message();
+  // The next call runs after the first one's job on the one warm-up worker.
+  v1::WarmUpRequest one;
+  *one.add_shapes() = testing::HeaderFor(Fp32Request({}));
+  status = client.WarmUp(one, &response, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const int64_t builds = Info(client).plan_cache().builds();
+  EXPECT_LT(builds, 128) << "the cancelled call went on building";
+  EXPECT_GE(builds, 1);
+
+  *many.add_shapes() = many.shapes(0);  // 257.
+  status = client.WarmUp(many, &response, testing::WithTimeout(60000));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+  EXPECT_NE(status.error_message().find("257 shapes; one WarmUp call takes at most 256"),
+            std::string::npos)
+      << status.error_message();
+}
+
 TEST(ServerWarmUpTest, ReadinessWaitsForTheWarmUpPlans) {
   ServerOptions options = testing::LoopbackOptions();
   const v1::AttendRequest small = Fp32Request({.seq_len = 128});
