@@ -50,14 +50,16 @@ std::string ReadFile(const std::string& path) {
 class Group {
  public:
   // every_rank: extra flags for every rank (the data plane).
-  explicit Group(int world_size, std::vector<std::string> every_rank = {})
+  explicit Group(int world_size, std::vector<std::string> every_rank = {},
+                 int heartbeat_ms = kHeartbeatMs)
       : world_size_(world_size),
+        heartbeat_ms_(heartbeat_ms),
         every_rank_(std::move(every_rank)),
         dir_(testing::MakeTempDir()),
         rank0_(DA_SERVER_BINARY,
                Concat({"--world-size", std::to_string(world_size), "--rank", "0", "--coordinator",
                        "127.0.0.1:0", "--coordinator-port-file", dir_ + "/coordinator_port",
-                       "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+                       "--heartbeat-ms", std::to_string(heartbeat_ms), "--collective-timeout-ms",
                        std::to_string(kCollectiveTimeoutMs)},
                       every_rank_)) {}
   ~Group() { std::filesystem::remove_all(dir_); }
@@ -78,7 +80,7 @@ class Group {
         DA_SERVER_BINARY,
         Concat({"--world-size", std::to_string(world_size_), "--rank", std::to_string(rank),
                 "--coordinator", "127.0.0.1:" + std::to_string(coordinator_port_), "--threads", "1",
-                "--heartbeat-ms", std::to_string(kHeartbeatMs), "--collective-timeout-ms",
+                "--heartbeat-ms", std::to_string(heartbeat_ms_), "--collective-timeout-ms",
                 std::to_string(kCollectiveTimeoutMs), "--metrics-listen", "127.0.0.1:0",
                 "--metrics-port-file", WorkerMetricsPortFile(rank)},
                every_rank_),
@@ -132,6 +134,7 @@ class Group {
   }
 
   const int world_size_;
+  const int heartbeat_ms_;
   const std::vector<std::string> every_rank_;
   const std::string dir_;
   testing::SpawnedServer rank0_;
@@ -452,6 +455,52 @@ TEST(MultiProcessServingTest, ACancelledRequestStopsTheWorkersAndTheGroupStaysWh
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_generation"), 1) << metrics;
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_whole"), 1) << metrics;
   EXPECT_NE(group.Logs().find("run ended early"), std::string::npos) << group.Logs();
+}
+
+// A stalled worker (SIGSTOP) holds rank 0's heartbeat to it: a request waiting for the group
+// meanwhile is answered when its deadline passes, not when the heartbeat gives up, and the worker
+// is lost after kIdleHeartbeats heartbeats (2 s here), not after the collective timeout (10 s).
+TEST(MultiProcessServingTest,
+     AStalledWorkerHoldsNoRequestPastItsDeadlineAndIsLostWithinHeartbeats) {
+  Group group(2, {}, /*heartbeat_ms=*/400);
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+  const v1::AttendRequest small =
+      Fp32Request({.seq_len = 128, .heads = 4, .kv_heads = 4}, v1::SHARD_POLICY_AUTO);
+  v1::AttendResponse response;
+  ASSERT_TRUE(client.Attend(small, &response, testing::WithTimeout(20000)).ok()) << group.Logs();
+
+  ASSERT_EQ(kill(group.worker(1)->pid(), SIGSTOP), 0);
+  const Clock::time_point stopped = Clock::now();
+  // Past one heartbeat period of idleness (400 ms after the request) and the loop's next look:
+  // a heartbeat to the worker is under way, and gives up 2 s after it began.
+  std::this_thread::sleep_for(milliseconds(900));
+  const grpc::Status expired = client.Attend(small, &response, testing::WithTimeout(300));
+  EXPECT_EQ(expired.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << expired.error_message();
+  // What the server answered, and when: its request log line.
+  std::string line;
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        const std::string log = group.rank0().Log();
+        const size_t at = log.find("code=DEADLINE_EXCEEDED");
+        if (at == std::string::npos) return false;
+        line = log.substr(log.rfind('\n', at) + 1, log.find('\n', at) - log.rfind('\n', at) - 1);
+        return true;
+      },
+      seconds(15)))
+      << group.Logs();
+  const size_t total = line.find("total_ms=");
+  ASSERT_NE(total, std::string::npos) << line;
+  const double total_ms = std::stod(line.substr(total + 9));
+  EXPECT_LT(total_ms, 700) << line;
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::NOT_SERVING, seconds(5))) << group.Logs();
+  const double lost_ms = std::chrono::duration<double, std::milli>(Clock::now() - stopped).count();
+  std::printf(
+      "the server answered in %.0f ms (deadline 300 ms); not ready %.0f ms after the "
+      "worker stalled\n",
+      total_ms, lost_ms);
+  kill(group.worker(1)->pid(), SIGKILL);
 }
 
 // A worker with no coordinator to reach is live but not ready, and says why.

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <random>
@@ -23,6 +24,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using engine::ShardGroupStatus;
+
+// How often a run waiting for the group looks at its stop flag.
+constexpr std::chrono::milliseconds kRunWaitSlice{5};
 
 // Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
 // failed (lost or stalled peer) or something unexpected happened. A run every rank answered (a
@@ -128,7 +132,7 @@ class CoordinatorGroup::Impl {
     // Waits in the store (joins, Gloo's rendezvous) end at once when the store stops serving.
     store_server.reset();
     if (loop_.joinable()) loop_.join();
-    std::lock_guard<std::mutex> run_lock(run_mu_);
+    std::lock_guard<std::timed_mutex> run_lock(run_mu_);
     plane_.reset();
     comm_.reset();  // The workers see their connections close.
   }
@@ -149,7 +153,14 @@ class CoordinatorGroup::Impl {
   }
 
   absl::StatusOr<engine::ShardGroupRunInfo> Run(const engine::ShardedProblem& problem) {
-    std::lock_guard<std::mutex> run_lock(run_mu_);
+    // The group is taken in turns (a heartbeat to a stalled worker may hold it for its whole
+    // timeout): a request cancelled or past its deadline while it waits is answered at once.
+    std::unique_lock<std::timed_mutex> run_lock(run_mu_, std::defer_lock);
+    while (!run_lock.try_lock_for(kRunWaitSlice)) {
+      if (problem.stop != nullptr && problem.stop->load()) {
+        return absl::CancelledError("cancelled while waiting for the group (a run or a heartbeat)");
+      }
+    }
     const ShardGroupStatus now = status();
     if (comm_ == nullptr || !now.whole) {
       return absl::UnavailableError(
@@ -308,7 +319,7 @@ class CoordinatorGroup::Impl {
     DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> plane,
                         serving::FormServingDataPlane(options, *store, gloo.prefix));
     if (plane != nullptr) DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
-    std::lock_guard<std::mutex> run_lock(run_mu_);
+    std::lock_guard<std::timed_mutex> run_lock(run_mu_);
     plane_ = std::move(plane);
     comm_ = std::move(comm);
     rank_devices_ = std::move(devices);
@@ -339,12 +350,12 @@ class CoordinatorGroup::Impl {
         cv_.wait_for(lock, options.heartbeat, [&] { return stopping_ || broken_; });
         if (stopping_ || broken_) return;
       }
-      std::lock_guard<std::mutex> run_lock(run_mu_);
+      std::lock_guard<std::timed_mutex> run_lock(run_mu_);
       if (comm_ == nullptr) return;
       if (Clock::now() - last_activity_ < options.heartbeat) continue;
       for (int r = 1; r < options.world_size; ++r) {
-        absl::Status sent = comm_->Send(frame.data(), kControlFrameBytes, r, kControlTag,
-                                        options.collective_timeout);
+        absl::Status sent =
+            comm_->Send(frame.data(), kControlFrameBytes, r, kControlTag, HeartbeatTimeout());
         if (!sent.ok()) {
           Break(absl::StrCat("rank ", r, " lost (heartbeat): ", sent.message()));
           return;
@@ -356,6 +367,13 @@ class CoordinatorGroup::Impl {
     }
   }
 
+  // A worker that has not taken a heartbeat within the time it would itself wait for one
+  // (kIdleHeartbeats periods) is stalled: the group breaks then, not after collective_timeout,
+  // with the group held meanwhile.
+  std::chrono::milliseconds HeartbeatTimeout() const {
+    return std::min(options.collective_timeout, options.heartbeat * kIdleHeartbeats);
+  }
+
   mutable std::mutex mu_;  // stats_, stopping_, broken_.
   std::condition_variable cv_;
   engine::ShardGroupStats stats_;
@@ -363,7 +381,9 @@ class CoordinatorGroup::Impl {
   bool broken_ = false;
   int64_t oldest_kept_ = 1;  // The loop's: generations before it are deleted from the store.
 
-  std::mutex run_mu_;  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_.
+  // Runs and heartbeats take turns on comm_; guards comm_ and buffers_. Timed: a waiting run
+  // looks at its stop flag every kRunWaitSlice.
+  std::timed_mutex run_mu_;
   std::unique_ptr<Communicator> comm_;
   std::unique_ptr<Communicator> plane_;    // The data plane; null: comm_ carries everything.
   std::vector<std::string> rank_devices_;  // What each worker computes on ("cpu:0", "cuda:0").

@@ -32,11 +32,14 @@
 //
 // While formed, rank 0 sends a heartbeat control frame to every worker when it has been idle for
 // `heartbeat`; a worker that receives no frame for kIdleHeartbeats heartbeats takes rank 0 as lost
-// and re-joins. A run (CoordinateShardedRun, sharded_run.h) and the heartbeats take turns; runs
-// are serialised. A run that fails on the communicator (a rank lost: UNAVAILABLE at once; a rank
-// stalled: after collective_timeout) breaks the generation: rank 0 drops its communicator (the
-// workers see their connections close) and re-forms; Run returns UNAVAILABLE naming the cause,
-// and refuses new runs with UNAVAILABLE until the group is whole again.
+// and re-joins, and a worker that does not take a heartbeat within kIdleHeartbeats periods (or
+// collective_timeout, if shorter) is lost to rank 0. A run (CoordinateShardedRun, sharded_run.h)
+// and the heartbeats take turns; runs are serialised, and a run waiting for its turn is answered
+// at once when its request is cancelled or its deadline passes. A run that fails on the
+// communicator (a rank lost: UNAVAILABLE at once; a rank stalled: after collective_timeout) breaks
+// the generation: rank 0 drops its communicator (the workers see their connections close) and
+// re-forms; Run returns UNAVAILABLE naming the cause, and refuses new runs with UNAVAILABLE until
+// the group is whole again.
 //
 // Shutdown: destroying the CoordinatorGroup stops the rendezvous and closes the group; workers
 // see rank 0 gone and wait for the next rank 0 (they do not exit: each rank's lifetime is its
