@@ -71,6 +71,11 @@ class Communicator {
     double seconds = 0;
   };
   virtual Counters counters() const = 0;  // Thread safe; for metrics and the volume test.
+  // Fails the group from outside its calls, as a failure of its own would (its owner gave up on
+  // them: a rank does not answer a stop): every call in flight on any thread and every later one
+  // returns UNAVAILABLE quoting `why`. Thread safe. The default does nothing (a call in flight
+  // then ends at its timeout); NCCL's would be ncclCommAbort.
+  virtual void Abort(const std::string& why) { (void)why; }
 };
 
 }  // namespace da::dist

@@ -47,6 +47,7 @@ class NcclTerms final : public Communicator {
     return OneAtATime([&] { return inner_->Barrier(timeout); });
   }
   Counters counters() const override { return inner_->counters(); }
+  void Abort(const std::string& why) override { inner_->Abort(why); }
 
  private:
   template <typename Call>

@@ -164,6 +164,12 @@ class GlooCommunicator : public Communicator {
     std::lock_guard<std::mutex> lock(mu_);
     return counters_;
   }
+  void Abort(const std::string& why) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!broken_.ok()) return;
+    broken_ = absl::UnavailableError(why);
+    Break();
+  }
 
  private:
   static uint64_t Slot(int tag) {

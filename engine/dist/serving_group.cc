@@ -6,6 +6,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -27,6 +28,56 @@ using engine::ShardGroupStatus;
 
 // How often a run waiting for the group looks at its stop flag.
 constexpr std::chrono::milliseconds kRunWaitSlice{5};
+// How long a stopped run may take to end before the group is failed under it. Every rank hears a
+// stop within milliseconds (its stop word, or its compute's stop flag) and the run ends in step;
+// one that has not ended by then waits on a rank that does not answer (stalled: SIGSTOP, a frozen
+// node), which would otherwise hold the request until the collective timeout.
+constexpr std::chrono::milliseconds kStopGrace{1000};
+
+// While a run is in progress: once its request's stop flag is up and kStopGrace has passed
+// without the run ending, aborts its communicators (every call in flight returns UNAVAILABLE, so
+// the run returns and the group re-forms).
+class StopWatch {
+ public:
+  StopWatch(const std::atomic<bool>* stop, std::vector<Communicator*> comms)
+      : stop_(stop), comms_(std::move(comms)) {
+    if (stop_ != nullptr) thread_ = std::thread([this] { Watch(); });
+  }
+  ~StopWatch() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_one();
+    if (thread_.joinable()) thread_.join();
+  }
+  StopWatch(const StopWatch&) = delete;
+  StopWatch& operator=(const StopWatch&) = delete;
+
+ private:
+  void Watch() {
+    std::unique_lock<std::mutex> lock(mu_);
+    std::optional<Clock::time_point> stopped_at;
+    while (!cv_.wait_for(lock, kRunWaitSlice, [&] { return done_; })) {
+      if (!stop_->load()) continue;
+      if (!stopped_at) stopped_at = Clock::now();
+      if (Clock::now() - *stopped_at < kStopGrace) continue;
+      const std::string why = absl::StrCat("the run was stopped and had not ended ",
+                                           kStopGrace.count(), " ms later: a rank does not answer");
+      for (Communicator* comm : comms_) {
+        if (comm != nullptr) comm->Abort(why);
+      }
+      return;
+    }
+  }
+
+  const std::atomic<bool>* const stop_;
+  const std::vector<Communicator*> comms_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;  // Guarded by mu_.
+  std::thread thread_;
+};
 
 // Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
 // failed (lost or stalled peer) or something unexpected happened. A run every rank answered (a
@@ -170,7 +221,11 @@ class CoordinatorGroup::Impl {
     run_options.timeout = options.collective_timeout;
     run_options.buffers = &buffers_;
     run_options.data_plane = plane_.get();
-    absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(*comm_, problem, run_options);
+    absl::StatusOr<ShardRunStats> result;
+    {
+      const StopWatch watch(problem.stop, {comm_.get(), plane_.get()});
+      result = CoordinateShardedRun(*comm_, problem, run_options);
+    }
     last_activity_ = Clock::now();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(mu_);

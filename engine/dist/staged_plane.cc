@@ -46,6 +46,7 @@ class StagedPlane final : public Communicator {
   }
   Capabilities capabilities() const override { return inner_->capabilities(); }
   Counters counters() const override { return inner_->counters(); }
+  void Abort(const std::string& why) override { inner_->Abort(why); }
   absl::Status Barrier(std::chrono::milliseconds timeout) override {
     return inner_->Barrier(timeout);
   }
