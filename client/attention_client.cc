@@ -91,10 +91,11 @@ grpc::ByteBuffer EncodeBlock(int64_t token_start, int64_t token_count,
 
 // The next block of a request held whole, as a message ready to write. A block's rows of each
 // batch element are contiguous in the request's tensors ([batch, seq_len, heads, head_dim]) and
-// are sent where they lie, one slice per batch element (the request outlives the call). Returns
+// are sent where they lie, one slice per batch element, borrowed: the call returns only once
+// gRPC has released them. Returns
 // the block's q, k and v bytes, 0 when there are no more blocks.
 int64_t NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& plan,
-                         int64_t* next_block, grpc::ByteBuffer* buffer) {
+                         int64_t* next_block, BorrowedSlices& borrowed, grpc::ByteBuffer* buffer) {
   if (*next_block == plan.block_count) return 0;
   const int64_t token_start = (*next_block)++ * plan.block_tokens;
   const int64_t count = std::min(plan.block_tokens, plan.header.seq_len() - token_start);
@@ -112,9 +113,8 @@ int64_t NextRequestBlock(const v1::AttendRequest& request, const StreamPlan& pla
     }
     payload += batch * count * row_bytes;
   }
-  *buffer = EncodeBlock(token_start, count, rows, [](std::string_view bytes) {
-    return grpc::Slice(bytes.data(), bytes.size(), grpc::Slice::STATIC_SLICE);
-  });
+  *buffer = EncodeBlock(token_start, count, rows,
+                        [&](std::string_view bytes) { return borrowed.Borrow(bytes); });
   return payload;
 }
 
@@ -129,6 +129,30 @@ int64_t AnswerOutputBytes(const v1::AttendStreamResponse& message) {
 }
 
 }  // namespace
+
+grpc::Slice BorrowedSlices::Borrow(std::string_view bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++held_;
+  }
+  return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &BorrowedSlices::Release, this);
+}
+
+void BorrowedSlices::Release(void* self) {
+  auto* slices = static_cast<BorrowedSlices*>(self);
+  std::lock_guard<std::mutex> lock(slices->mutex_);
+  if (--slices->held_ == 0) slices->released_.notify_all();
+}
+
+void BorrowedSlices::WaitUntilReleased() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  released_.wait(lock, [&] { return held_ == 0; });
+}
+
+int64_t BorrowedSlices::held() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return held_;
+}
 
 grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
   const std::shared_ptr<const v1::TokenBlock> owned(std::move(block));
@@ -268,10 +292,12 @@ grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel
                                              StreamProgress* progress, const CallOptions& options,
                                              CallGroup* group) {
   int64_t next_block = 0;
+  // Declared first, destroyed last: the call and its buffers are gone when it waits.
+  BorrowedSlices borrowed;
   return AttendStreamOn(
       channel, plan.header,
       [&](grpc::ByteBuffer* buffer) {
-        const int64_t bytes = NextRequestBlock(request, plan, &next_block, buffer);
+        const int64_t bytes = NextRequestBlock(request, plan, &next_block, borrowed, buffer);
         AddProgress(&StreamProgress::sent_bytes, progress, bytes);
         return bytes > 0;
       },

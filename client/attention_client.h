@@ -17,10 +17,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "client/answer_wire.h"
@@ -72,6 +75,30 @@ grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms);
 // referenced where they are (the block lives until gRPC releases the last slice). The same bytes
 // as block.SerializeAsString() inside an AttendStreamRequest, without the copy.
 grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block);
+
+// Slices over memory the caller owns (a request's tensors), counted until gRPC lets go of them:
+// a write cut short by a cancel or a deadline may leave the transport holding slices after the
+// call has ended, to be written (or dropped) later, so a call over a caller's request returns
+// only once none is held (WaitUntilReleased), and the caller may free the request at once.
+class BorrowedSlices {
+ public:
+  BorrowedSlices() = default;
+  ~BorrowedSlices() { WaitUntilReleased(); }
+  BorrowedSlices(const BorrowedSlices&) = delete;
+  BorrowedSlices& operator=(const BorrowedSlices&) = delete;
+
+  // A slice over bytes, counted until gRPC (and every copy) releases it.
+  grpc::Slice Borrow(std::string_view bytes);
+  // Blocks until every slice Borrow made has been released.
+  void WaitUntilReleased();
+  int64_t held() const;
+
+ private:
+  static void Release(void* self);
+  mutable std::mutex mutex_;
+  std::condition_variable released_;
+  int64_t held_ = 0;  // Guarded by mutex_.
+};
 
 class AttentionClient {
  public:

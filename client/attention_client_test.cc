@@ -3,9 +3,14 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 #include "client/echo_server_test_util.h"
@@ -228,6 +233,34 @@ TEST(TokenBlockBufferTest, SameBytesAsProtobufSerialization) {
     }
     EXPECT_TRUE(got == expected.SerializeAsString()) << "block " << i;
   }
+}
+
+// Slices over a caller's memory are counted until every holder lets go: a wait returns only then
+// (what a streamed call does before it returns, so that a transport still holding a block of a
+// cancelled write never reads a request its caller has freed).
+TEST(BorrowedSlicesTest, WaitReturnsOnlyOnceEveryCopyIsReleased) {
+  const std::string bytes(4096, 'x');
+  auto borrowed = std::make_unique<BorrowedSlices>();
+  std::optional<grpc::ByteBuffer> held;
+  {
+    grpc::Slice slices[2] = {borrowed->Borrow(std::string_view(bytes).substr(0, 100)),
+                             borrowed->Borrow(std::string_view(bytes).substr(100))};
+    held.emplace(slices, 2);  // The buffer takes references of its own.
+    EXPECT_EQ(borrowed->held(), 2);
+  }
+  EXPECT_EQ(borrowed->held(), 2);  // Our slices went; the buffer's remain.
+  std::atomic<bool> returned{false};
+  std::thread waiter([&] {
+    borrowed->WaitUntilReleased();
+    returned = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_FALSE(returned.load());
+  held.reset();
+  waiter.join();
+  EXPECT_TRUE(returned.load());
+  EXPECT_EQ(borrowed->held(), 0);
+  borrowed.reset();  // Nothing held: the destructor does not wait.
 }
 
 }  // namespace
