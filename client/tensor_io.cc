@@ -1,6 +1,7 @@
 #include "client/tensor_io.h"
 
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -102,10 +103,22 @@ absl::Status WriteTensorNpy(const std::string& path, v1::Tensor tensor, const Np
                                                      " tensor to .npy (fp32, fp16 or bf16)"));
   }
   array.shape.assign(tensor.shape().begin(), tensor.shape().end());
-  if (static_cast<int64_t>(tensor.data().size()) != array.elements() * NpyDTypeSize(array.dtype)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": tensor of shape ", ShapeString(tensor), " has ", tensor.data().size(),
-                     " bytes, expected ", array.elements() * NpyDTypeSize(array.dtype)));
+  // The shape comes from the server: every dimension non-negative and their product in range
+  // before it is compared with the bytes (a wrapped or sign-cancelled product would write a .npy
+  // whose header numpy refuses).
+  int64_t expected_bytes = NpyDTypeSize(array.dtype);
+  for (const int64_t dim : array.shape) {
+    if (dim < 0 || (dim != 0 && expected_bytes > std::numeric_limits<int64_t>::max() / dim)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor of shape ",
+                                                     ShapeString(tensor),
+                                                     " has a negative or too large dimension"));
+    }
+    expected_bytes *= dim;
+  }
+  if (static_cast<int64_t>(tensor.data().size()) != expected_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor of shape ", ShapeString(tensor),
+                                                   " has ", tensor.data().size(),
+                                                   " bytes, expected ", expected_bytes));
   }
   array.data = std::move(*tensor.mutable_data());
   return WriteNpy(path, array, options);

@@ -79,6 +79,21 @@ TEST(TensorIoTest, RefusesUnspecifiedOrInconsistentTensors) {
   tensor.mutable_data()->pop_back();
   status = WriteTensorNpy(path, tensor);
   EXPECT_THAT(std::string(status.message()), HasSubstr("has 7 bytes, expected 8"));
+  // Shapes a server might send that multiply to the byte count only by wrapping or by signs
+  // cancelling: [-1, -1, 1, 2] against 8 bytes, [2^62, 4, 1, 1] (product 2^66 wraps to 0) against
+  // none.
+  v1::Tensor negative = RandomTensor(v1::DTYPE_FP32, {1, 1, 1, 2}, 0, 0);
+  negative.set_shape(0, -1);
+  negative.set_shape(1, -1);
+  status = WriteTensorNpy(path, negative);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("negative or too large dimension"));
+  v1::Tensor huge;
+  huge.set_dtype(v1::DTYPE_FP32);
+  for (const int64_t dim : {int64_t{1} << 62, int64_t{4}, int64_t{1}, int64_t{1}}) {
+    huge.add_shape(dim);
+  }
+  status = WriteTensorNpy(path, huge);
+  EXPECT_THAT(std::string(status.message()), HasSubstr("negative or too large dimension"));
 }
 
 TEST(TensorIoTest, RandomTensorsAreSeededUniformAndDistinctPerStream) {
