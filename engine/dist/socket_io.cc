@@ -52,7 +52,7 @@ absl::StatusOr<addrinfo*> Resolve(const HostPort& address, bool passive) {
   if (passive) hints.ai_flags = AI_PASSIVE;
   std::string port = std::to_string(address.port);
   const char* host = address.host.empty() ? nullptr : address.host.c_str();
-  if (passive && address.host.empty()) hints.ai_family = AF_INET;
+  if (passive && address.host.empty()) hints.ai_family = AF_INET;  // ListenTcp's fallback.
   addrinfo* result = nullptr;
   int rc = getaddrinfo(host, port.c_str(), &hints, &result);
   if (rc != 0) {
@@ -118,7 +118,33 @@ absl::StatusOr<int> ConnectTcp(const HostPort& address, Clock::time_point deadli
       absl::StrCat("connect to ", address.host, ":", address.port, " failed: ", last_error));
 }
 
+namespace {
+
+// Every interface, IPv6 and IPv4 alike: one socket on "::" that also takes IPv4 (IPV6_V6ONLY
+// off); -1 where the host has no IPv6 (the socket or the bind fails), for the IPv4 fallback.
+int ListenDualStack(int port) {
+  const int fd = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -1;
+  int one = 1, zero = 0;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in6 any{};
+  any.sin6_family = AF_INET6;
+  any.sin6_addr = in6addr_any;
+  any.sin6_port = htons(static_cast<uint16_t>(port));
+  if (setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) == 0 &&
+      bind(fd, reinterpret_cast<const sockaddr*>(&any), sizeof(any)) == 0 && listen(fd, 128) == 0) {
+    return fd;
+  }
+  close(fd);
+  return -1;
+}
+
+}  // namespace
+
 absl::StatusOr<int> ListenTcp(const HostPort& address) {
+  if (address.host.empty()) {
+    if (const int fd = ListenDualStack(address.port); fd >= 0) return fd;
+  }
   auto resolved = Resolve(address, /*passive=*/true);
   if (!resolved.ok()) return resolved.status();
   std::string last_error = "no address";

@@ -28,7 +28,8 @@ absl::StatusOr<HostPort> ParseHostPort(const std::string& host_port);
 // Connects once; UNAVAILABLE with the errno text when refused or unreachable by the deadline.
 absl::StatusOr<int> ConnectTcp(const HostPort& address, Clock::time_point deadline);
 
-// Binds and listens; returns the socket. `port` 0 picks a free port (see LocalPort).
+// Binds and listens; returns the socket. `port` 0 picks a free port (see LocalPort). An empty host
+// is every interface: IPv6 and IPv4 on one dual-stack socket, IPv4 alone without IPv6.
 absl::StatusOr<int> ListenTcp(const HostPort& address);
 absl::StatusOr<int> LocalPort(int fd);
 

@@ -74,7 +74,8 @@ struct CoordinatorStoreOptions {
 class CoordinatorStoreServer {
  public:
   // Listens on host_port ("host:port", "[v6]:port"; port 0 picks a free one, see port()).
-  // An empty host or "0.0.0.0" listens on every IPv4 interface. INVALID_ARGUMENT naming the
+  // An empty host or "0.0.0.0" listens on every interface, IPv6 and IPv4 (IPv4 only on a host
+  // without IPv6). INVALID_ARGUMENT naming the
   // field for a limit below 1 (max_bytes: below 0).
   static absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> Start(
       const std::string& host_port, const CoordinatorStoreOptions& options = {});

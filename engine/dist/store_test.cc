@@ -92,6 +92,28 @@ TEST(CoordinatorStoreTest, SetThenGetReturnsTheValueAndOverwrites) {
   EXPECT_EQ(*(*store)->Get("empty", milliseconds(1000)), "");
 }
 
+// "0.0.0.0" (every interface, as rank 0 listens) takes IPv6 clients too where the host has IPv6:
+// a cluster whose names resolve only to IPv6 addresses can form its group.
+TEST(CoordinatorStoreTest, EveryInterfaceMeansIPv6AndIPv4Alike) {
+  const int probe = socket(AF_INET6, SOCK_STREAM, 0);
+  sockaddr_in6 loopback{};
+  loopback.sin6_family = AF_INET6;
+  loopback.sin6_addr = in6addr_loopback;
+  const bool has_ipv6 = probe >= 0 && bind(probe, reinterpret_cast<const sockaddr*>(&loopback),
+                                           sizeof(loopback)) == 0;
+  if (probe >= 0) close(probe);
+  if (!has_ipv6) GTEST_SKIP() << "no IPv6 loopback on this host";
+  auto server = CoordinatorStoreServer::Start("0.0.0.0:0");
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  for (const std::string host : {"[::1]", "127.0.0.1"}) {
+    auto store = ConnectCoordinatorStore(host + ":" + std::to_string(port), milliseconds(2000));
+    ASSERT_TRUE(store.ok()) << host << ": " << store.status();
+    ASSERT_TRUE((*store)->Set("from " + host, host).ok()) << host;
+    EXPECT_EQ(*(*store)->Get("from " + host, milliseconds(1000)), host);
+  }
+}
+
 TEST(CoordinatorStoreTest, GetOfAMissingKeyTimesOutNamingKeyAndTimeout) {
   auto server = StartServer();
   ASSERT_NE(server, nullptr);
