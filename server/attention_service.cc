@@ -282,8 +282,12 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
     }
     absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i], &stop);
     if (!result.ok()) {
-      return absl::Status(result.status().code(),
-                          absl::StrCat("shapes[", i, "]: ", result.status().message()));
+      absl::Status named(result.status().code(),
+                         absl::StrCat("shapes[", i, "]: ", result.status().message()));
+      // The payloads (the engine's reason for a refusal) go along.
+      result.status().ForEachPayload(
+          [&](absl::string_view url, const absl::Cord& payload) { named.SetPayload(url, payload); });
+      return named;
     }
     WarmUpResultToProto(*result, response->add_results());
   }
@@ -444,6 +448,11 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
     }
     const grpc::Status grpc_status = ToGrpcStatus(status);
     metrics_->RequestFinished("WarmUp", grpc_status.error_code(), SecondsSince(start));
+    // Refused, as other calls' refusals are counted: a malformed shape, one over the memory
+    // budget (reason memory), ...
+    if (const std::string reason = RejectionReason(status); !reason.empty()) {
+      metrics_->RequestRejected(reason);
+    }
     reactor->Finish(grpc_status);
   });
   return reactor;

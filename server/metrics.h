@@ -32,7 +32,9 @@
 // da_rank_collective_seconds_total{rank} (scatter, exchange and gather, waits included). A single
 // process reports world size 1, whole, generation 0 and no per-rank samples.
 //
-// da_requests_rejected_total{reason} counts attention RPCs refused without a result; the reasons
+// da_requests_rejected_total{reason} counts calls refused without a result (every
+// AttentionService method: GetServerInfo and WarmUp too, while draining, unparsable, or a WarmUp
+// shape refused); the reasons
 // (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
 // deadline (refused up front or expired while queued), cancelled (by the client before compute
 // began), unauthenticated, unavailable (e.g. draining), idle (a stream whose client made no
@@ -119,7 +121,7 @@ class Metrics {
   void AddBytes(int64_t bytes_in, int64_t bytes_out);
   // A plan was built, by a request that missed the cache or by warm-up.
   void PlanBuilt(double build_seconds);
-  // An attention RPC was refused; reason is one of kRejectReasons.
+  // An AttentionService call was refused; reason is one of kRejectReasons.
   void RequestRejected(std::string_view reason);
   // A unary call finished OK whose answer did not reach the client (da_answers_undelivered_total).
   void AnswerUndelivered(std::string_view method);

@@ -161,6 +161,9 @@ TEST(WarmUpRpcTest, APlanOverTheMemoryBudgetIsRefusedNamingBoth) {
       << status.error_message();
   EXPECT_NE(status.error_message().find("1048576"), std::string::npos) << status.error_message();
   EXPECT_EQ(Info(client).plan_cache().entries(), 0);
+  const std::string metrics = server->metrics().Scrape();
+  EXPECT_EQ(testing::MetricValue(metrics, "da_requests_rejected_total{reason=\"memory\"}"), 1.0)
+      << metrics;
 }
 
 // A call whose deadline passes stops warming: the shapes after it are not built (the warm-up
