@@ -1,5 +1,7 @@
 #include "server/security.h"
 
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 #include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -122,6 +124,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
                                                    ": mutual TLS runs over TLS"));
   }
   if (!has_cert) return grpc::InsecureServerCredentials();
+  if (options.tls_reload_seconds < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tls_reload_seconds is ", options.tls_reload_seconds, "; must be at least 1"));
+  }
 
   absl::StatusOr<std::string> cert = ReadCertificateFile(kCertFlag, options.tls_cert_file);
   if (!cert.ok()) return cert.status();
@@ -133,15 +139,41 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     return matched;
   }
 
-  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
-  if (!options.tls_client_ca_file.empty()) {
+  const bool mutual = !options.tls_client_ca_file.empty();
+  if (mutual) {
     absl::StatusOr<std::string> ca = ReadCertificateFile(kClientCaFlag, options.tls_client_ca_file);
     if (!ca.ok()) return ca.status();
-    ssl.pem_root_certs = *std::move(ca);
-    ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
-  ssl.pem_key_cert_pairs.push_back({*std::move(key), *std::move(cert)});
-  return grpc::SslServerCredentials(ssl);
+
+  // The files, not their contents, go to gRPC: its provider reads them again every
+  // tls_reload_seconds on a thread of its own and serves what changed from the next handshake on
+  // (connections already open keep the certificate they were made with), so a renewed
+  // certificate (cert-manager, a Kubernetes Secret swapped in through its ..data symlink) is
+  // served without a restart. What gRPC 1.51 does with files that are bad after start-up:
+  // - missing or unreadable (also while being replaced, if not atomically): it logs "Reading file
+  //   ... failed", keeps serving the pair it has, and tries again at the next interval;
+  // - key or certificate changed while it read them (mtime before and after differs): it reads
+  //   again, three times at most, then keeps the pair it has until the next interval;
+  // - readable but wrong (not PEM, a key that does not match the certificate, e.g. a writer that
+  //   replaces the certificate and the key one after the other without a symlink swap): it does
+  //   NOT check them (grpc/grpc#26709, which would have, was never merged); the TLS context
+  //   cannot be built ("Update handshaker factory failed" in the log) and every new handshake
+  //   fails until good files are read at a later interval. Connections already open are not
+  //   affected. Replace both files in one atomic step to avoid that window.
+  // (Seen with the Debian build of 1.51.1: a mismatched key or a non-PEM certificate swapped in
+  // refused every new connection; a deleted certificate left the old pair in use.)
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      options.tls_key_file, options.tls_cert_file, options.tls_client_ca_file,
+      static_cast<unsigned int>(options.tls_reload_seconds));
+  grpc::experimental::TlsServerCredentialsOptions tls(provider);
+  tls.watch_identity_key_cert_pairs();
+  if (mutual) {
+    tls.watch_root_certs();
+    tls.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return grpc::experimental::TlsServerCredentials(tls);
 }
 
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {

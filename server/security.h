@@ -11,6 +11,9 @@
 // Every file is read and checked when the server starts, so that a bad file stops the server
 // instead of failing the first handshake or call. Error messages name the flag and the file
 // (the fields below mirror da-server's flags) and never contain key material or tokens.
+// The TLS files are read again every tls_reload_seconds while the server runs, so that a renewed
+// certificate (or client CA) is served from the next handshake on without a restart; the token
+// file is read only at start.
 #pragma once
 
 #include <grpcpp/security/server_credentials.h>
@@ -37,14 +40,19 @@ struct SecurityOptions {
   // PEM CA certificate(s): mutual TLS, every client must present a certificate signed by one of
   // them. Requires tls_cert_file and tls_key_file.
   std::string tls_client_ca_file = {};
+  // How often the three TLS files are read again for a renewed certificate, key or client CA
+  // (seconds, at least 1). Files are compared by content; a change takes effect from the next
+  // handshake on.
+  int tls_reload_seconds = 60;
   // Bearer tokens, one per line; blank lines and lines starting with '#' are ignored. Empty: no
   // authentication.
   std::string auth_token_file = {};
 };
 
-// Insecure credentials when no TLS file is set, otherwise TLS (mutual with tls_client_ca_file).
-// InvalidArgument naming the flag and the file when a file is missing, unreadable or not PEM, when
-// the key does not belong to the certificate, or when only one of cert and key is given.
+// Insecure credentials when no TLS file is set, otherwise TLS (mutual with tls_client_ca_file)
+// that watches the files (see tls_reload_seconds). InvalidArgument naming the flag and the file
+// when a file is missing, unreadable or not PEM, when the key does not belong to the certificate,
+// or when only one of cert and key is given; InvalidArgument when tls_reload_seconds < 1.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const SecurityOptions& options);
 

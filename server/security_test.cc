@@ -12,8 +12,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/str_replace.h"
 #include "client/attention_client.h"
@@ -44,7 +46,8 @@ std::string ReadFile(const std::string& path) {
 void WriteFile(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 // A CA, a server certificate for localhost and 127.0.0.1, a client certificate from that CA, and a
-// client certificate from another CA, made once per test program (EC P-256: fast to generate).
+// server and a client certificate from another CA, made once per test program (EC P-256: fast to
+// generate).
 class Certificates {
  public:
   static const Certificates& Get() {
@@ -72,11 +75,13 @@ class Certificates {
              ".ext && openssl x509 -req -in " + name + ".csr -CA " + ca + ".pem -CAkey " + ca +
              ".key -CAcreateserial -out " + name + ".pem -days 2 -extfile " + name + ".ext";
     };
+    const std::string server_extensions =
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n";
     const std::string script =
         "(cd " + dir_ + " && " + make_ca("ca") + " && " + make_ca("other_ca") + " && " +
-        make_leaf("server", "ca",
-                  "subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n") +
-        " && " + make_leaf("client", "ca", "extendedKeyUsage=clientAuth\\n") + " && " +
+        make_leaf("server", "ca", server_extensions) + " && " +
+        make_leaf("other_server", "other_ca", server_extensions) + " && " +
+        make_leaf("client", "ca", "extendedKeyUsage=clientAuth\\n") + " && " +
         make_leaf("other_client", "other_ca", "extendedKeyUsage=clientAuth\\n") + ") > " + dir_ +
         "/openssl.log 2>&1";
     ok_ = std::system(script.c_str()) == 0;
@@ -186,6 +191,102 @@ TEST_F(SecurityTest, MutualTlsNeedsAClientCertificateFromTheClientCa) {
 
   Client other_ca(server->port(), MutualTls("other_client"));
   EXPECT_EQ(CallInfo(other_ca).error_code(), StatusCode::UNAVAILABLE);
+}
+
+// A folder laid out as the kubelet mounts a Secret: each file is a symlink into `..data`, itself a
+// symlink to the folder of the current version. Update writes a new version beside it and swaps
+// `..data` to it with one rename, so a reader sees the old files or the new ones, never a mix.
+class SecretVolume {
+ public:
+  SecretVolume() : dir_(testing::MakeTempDir()) {}
+  ~SecretVolume() { std::filesystem::remove_all(dir_); }
+  std::string Path(const std::string& name) const { return dir_ + "/" + name; }
+
+  // Each name with its new content; names not given keep theirs.
+  void Update(const std::map<std::string, std::string>& changed) {
+    for (const auto& [name, text] : changed) files_[name] = text;
+    const std::string version = "..v" + std::to_string(++version_);
+    std::filesystem::create_directory(Path(version));
+    for (const auto& [name, text] : files_) WriteFile(Path(version + "/" + name), text);
+    std::filesystem::create_symlink(version, Path("..data_tmp"));
+    std::filesystem::rename(Path("..data_tmp"), Path("..data"));
+    for (const auto& [name, text] : files_) {
+      if (!std::filesystem::is_symlink(Path(name))) {
+        std::filesystem::create_symlink("..data/" + name, Path(name));
+      }
+    }
+    if (version_ > 1) std::filesystem::remove_all(Path("..v" + std::to_string(version_ - 1)));
+  }
+
+ private:
+  std::string dir_;
+  std::map<std::string, std::string> files_;
+  int version_ = 0;
+};
+
+class CertificateRenewalTest : public SecurityTest {
+ protected:
+  // GetServerInfo over a connection of its own: a channel argument no other channel has keeps
+  // gRPC from reusing a connection made before the files changed.
+  grpc::Status CallOnANewConnection(client::ConnectionOptions options) {
+    options.channel_id = ++channels_;
+    Client c(server_->port(), options);
+    return CallInfo(c);
+  }
+
+  // Until a call on a new connection succeeds, for at most 30 reload intervals of 1 s.
+  grpc::Status WaitForANewConnectionToSucceed(const client::ConnectionOptions& options) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(30);
+    grpc::Status status = CallOnANewConnection(options);
+    while (!status.ok() && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      status = CallOnANewConnection(options);
+    }
+    return status;
+  }
+
+  const Certificates& certs_ = Certificates::Get();
+  SecretVolume secret_;
+  std::unique_ptr<Server> server_;
+  int channels_ = 0;
+};
+
+TEST_F(CertificateRenewalTest, ANewServerCertificateIsServedWithoutARestart) {
+  secret_.Update({{"tls.crt", certs_.Pem("server.pem")}, {"tls.key", certs_.Pem("server.key")}});
+  server_ = Start({.tls_cert_file = secret_.Path("tls.crt"),
+                   .tls_key_file = secret_.Path("tls.key"),
+                   .tls_reload_seconds = 1});
+  ASSERT_NE(server_, nullptr);
+  Client opened_before(server_->port(), Tls("ca.pem"));
+  ASSERT_TRUE(CallInfo(opened_before).ok());
+  ASSERT_EQ(CallOnANewConnection(Tls("other_ca.pem")).error_code(), StatusCode::UNAVAILABLE);
+
+  secret_.Update(
+      {{"tls.crt", certs_.Pem("other_server.pem")}, {"tls.key", certs_.Pem("other_server.key")}});
+  const grpc::Status renewed = WaitForANewConnectionToSucceed(Tls("other_ca.pem"));
+  EXPECT_TRUE(renewed.ok()) << renewed.error_code() << ": " << renewed.error_message();
+  // The old certificate is no longer served; a connection made with it stays.
+  EXPECT_EQ(CallOnANewConnection(Tls("ca.pem")).error_code(), StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(CallInfo(opened_before).ok());
+}
+
+TEST_F(CertificateRenewalTest, ANewClientCaIsTrustedWithoutARestart) {
+  secret_.Update({{"tls.crt", certs_.Pem("server.pem")},
+                  {"tls.key", certs_.Pem("server.key")},
+                  {"ca.crt", certs_.Pem("ca.pem")}});
+  server_ = Start({.tls_cert_file = secret_.Path("tls.crt"),
+                   .tls_key_file = secret_.Path("tls.key"),
+                   .tls_client_ca_file = secret_.Path("ca.crt"),
+                   .tls_reload_seconds = 1});
+  ASSERT_NE(server_, nullptr);
+  ASSERT_TRUE(CallOnANewConnection(MutualTls("client")).ok());
+  ASSERT_EQ(CallOnANewConnection(MutualTls("other_client")).error_code(), StatusCode::UNAVAILABLE);
+
+  secret_.Update({{"ca.crt", certs_.Pem("other_ca.pem")}});
+  const grpc::Status renewed = WaitForANewConnectionToSucceed(MutualTls("other_client"));
+  EXPECT_TRUE(renewed.ok()) << renewed.error_code() << ": " << renewed.error_message();
+  EXPECT_EQ(CallOnANewConnection(MutualTls("client")).error_code(), StatusCode::UNAVAILABLE);
+  EXPECT_EQ(CallOnANewConnection(Tls()).error_code(), StatusCode::UNAVAILABLE);
 }
 
 // Every AttentionService method, called with the given client; the statuses in method order.
