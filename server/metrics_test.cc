@@ -3,9 +3,7 @@
 // answering while connections that send nothing are open.
 #include "server/metrics.h"
 
-#include <arpa/inet.h>
 #include <gtest/gtest.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/wait.h>
@@ -147,21 +145,6 @@ TEST(MetricsTest, ScrapeAfterTrafficPassesPromtoolAndCountsRequests) {
   EXPECT_LT(*busy, *compute_sum + 0.05) << text;
 }
 
-// A TCP connection to 127.0.0.1:port that sends nothing; -1 when it cannot connect.
-int ConnectSilently(int port) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return -1;
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
-    close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // The HTTP server gives each connection a thread until its request arrives: connections that send
 // nothing (a stuck scraper, a port scan) must neither take every thread nor keep theirs for long,
 // or /livez goes unanswered and the orchestrator restarts a healthy server.
@@ -171,7 +154,7 @@ TEST(MetricsTest, SilentConnectionsDoNotHoldBackTheProbes) {
   const int port = (*metrics)->port();
   std::vector<int> silent;
   for (int i = 0; i < 6; ++i) {
-    silent.push_back(ConnectSilently(port));
+    silent.push_back(testing::ConnectLoopback(port));
     ASSERT_GE(silent.back(), 0);
   }
   // Accepted in order, so the probe comes after every silent connection.

@@ -138,17 +138,23 @@ std::optional<std::string> HttpGet(int port, const std::string& path) {
   return std::move(answer->body);
 }
 
-std::optional<HttpAnswer> HttpRequest(int port, const std::string& path) {
+int ConnectLoopback(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return std::nullopt;
+  if (fd < 0) return -1;
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(static_cast<uint16_t>(port));
   address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
     close(fd);
-    return std::nullopt;
+    return -1;
   }
+  return fd;
+}
+
+std::optional<HttpAnswer> HttpRequest(int port, const std::string& path) {
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return std::nullopt;
   // HTTP/1.0: the server closes the connection after the answer, which ends the read loop.
   const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
   if (send(fd, request.data(), request.size(), 0) != static_cast<ssize_t>(request.size())) {

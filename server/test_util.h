@@ -82,6 +82,8 @@ struct HttpAnswer {
   std::string body;
 };
 std::optional<HttpAnswer> HttpRequest(int port, const std::string& path);
+// A TCP connection to 127.0.0.1:port (the caller closes it); -1 when it cannot connect.
+int ConnectLoopback(int port);
 
 // The value of the sample `series` (name plus labels, exactly as exposed, e.g.
 // `da_plan_cache_hits_total`) in Prometheus text, or nullopt when absent.
