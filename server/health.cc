@@ -134,6 +134,13 @@ void Health::SetGroup(bool whole, const std::string& reason) {
   PublishLocked();
 }
 
+void Health::SetTlsFiles(bool good, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  tls_files_good_ = good;
+  tls_files_reason_ = good ? "" : (reason.empty() ? "bad files" : reason);
+  PublishLocked();
+}
+
 void Health::BeginDrain() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (draining_) return;
@@ -180,6 +187,7 @@ std::string Health::NotReadyReasonLocked() const {
     return absl::StrCat("device ", id, " down: ", reason);
   }
   if (!group_whole_) return absl::StrCat("group: ", group_reason_);
+  if (!tls_files_good_) return absl::StrCat("tls: ", tls_files_reason_);
   if (!warm_) return "warming up";
   return "";
 }

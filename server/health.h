@@ -5,6 +5,7 @@
 //   health.SetWarm(true);                          // Warm-up plans built (or none to build).
 //   health.SetDeviceUp("cpu:0", false, "self-check failed: ...");
 //   health.SetGroup(false, "rank 2 missing; ...");  // Multi-process: the shard group's state.
+//   health.SetTlsFiles(false, "--tls-key ...: ...");  // TLS: the files fail the start-up checks.
 //   health.BeginDrain();                           // Shutdown: readiness off, watches end.
 //
 // Services: liveness ("") and readiness (kServiceName, "da.v1.AttentionService"); Check on any
@@ -12,12 +13,13 @@
 //
 // Rules:
 // - Liveness is SERVING for as long as the server answers: the process is sound. A failed
-//   self-check, a device down, warm-up or draining never turn it off (a restart would not help
-//   them, and during a drain the process is healthy and busy finishing work).
+//   self-check, a device down, bad TLS files, warm-up or draining never turn it off (a restart
+//   would not help them, and during a drain the process is healthy and busy finishing work).
 // - Readiness is SERVING only when all of these hold: the server is warm (SetWarm), at least one
 //   device was discovered and every device is up (SetDeviceUp), the shard group (multi-process
 //   serving, engine/shard_group.h) is whole (SetGroup; a single process has no group and is
-//   always whole), and the server is not draining (BeginDrain). It starts NOT_SERVING (not warm).
+//   always whole), the TLS files pass the start-up checks (SetTlsFiles; without TLS they always
+//   do), and the server is not draining (BeginDrain). It starts NOT_SERVING (not warm).
 // - Check answers the current status. Watch sends the current status at once, then every change
 //   (intermediate changes may be coalesced, the latest always arrives). BeginDrain sends the final
 //   statuses, then ends every Watch call with UNAVAILABLE ("draining") and ends any Watch call
@@ -55,13 +57,15 @@ class Health final : public grpc::health::v1::Health::CallbackService {
   // The shard group is whole, or not and why ("rank 2 missing; waiting for it to join
   // generation 5"); NotReadyReason reports "group: <reason>".
   void SetGroup(bool whole, const std::string& reason = "");
+  // The TLS files pass the start-up checks, or not and why (the flag, the file and what is
+  // wrong; TlsFileWatcher); NotReadyReason reports "tls: <reason>".
+  void SetTlsFiles(bool good, const std::string& reason = "");
   // Readiness NOT_SERVING for good; every Watch call gets its last status and ends.
   void BeginDrain();
 
   ServingStatus Status(const std::string& service) const;
   // Why readiness is NOT_SERVING ("warming up", "device cpu:0 down: ...", "group: ...",
-  // "draining"); empty
-  // when it is SERVING.
+  // "tls: ...", "draining"); empty when it is SERVING.
   std::string NotReadyReason() const;
   // Every discovered device with its state, in discovery order.
   std::vector<std::pair<std::string, bool>> DevicesUp() const;
@@ -89,6 +93,8 @@ class Health final : public grpc::health::v1::Health::CallbackService {
   std::map<std::string, std::string> down_reasons_;  // Devices down, with why.
   bool group_whole_ = true;
   std::string group_reason_;
+  bool tls_files_good_ = true;
+  std::string tls_files_reason_;
   std::set<WatchReactor*> watchers_;
   std::condition_variable watchers_done_;  // The destructor waits for every Watch to be done.
 };

@@ -615,6 +615,20 @@ void Metrics::SetGroupSource(std::function<engine::ShardGroupStats()> source) {
   group_->SetSource(std::move(source));
 }
 
+void Metrics::SetTlsCertificateExpiry(int64_t not_after_unix_seconds) {
+  // Registered on first use, so that a server without TLS exports no such gauge.
+  std::call_once(tls_expiry_once_, [this] {
+    tls_expiry_ = &prometheus::BuildGauge()
+                       .Name("da_tls_certificate_expiry_timestamp_seconds")
+                       .Help(
+                           "notAfter of the serving TLS certificate (the first of --tls-cert), "
+                           "in Unix seconds, as of the last time the TLS files passed the checks.")
+                       .Register(*registry_)
+                       .Add({});
+  });
+  tls_expiry_->Set(static_cast<double>(not_after_unix_seconds));
+}
+
 void Metrics::SetBuildInfo(const std::string& version, const std::string& revision,
                            const std::string& features) {
   prometheus::BuildGauge()

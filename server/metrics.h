@@ -32,6 +32,11 @@
 // da_rank_collective_seconds_total{rank} (scatter, exchange and gather, waits included). A single
 // process reports world size 1, whole, generation 0 and no per-rank samples.
 //
+// TLS (SetTlsCertificateExpiry, from the server's TlsFileWatcher):
+// da_tls_certificate_expiry_timestamp_seconds, the notAfter of the serving certificate (the first
+// one of --tls-cert) in Unix seconds, as of the last time the files passed the checks; absent
+// when TLS is off.
+//
 // da_requests_rejected_total{reason} counts calls refused without a result (every
 // AttentionService method: GetServerInfo and WarmUp too, while draining, unparsable, or a WarmUp
 // shape refused); the reasons
@@ -48,6 +53,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -138,6 +144,9 @@ class Metrics {
   // The same for the shard group (da_group_*, da_rank_*); until a source is set, one process.
   void SetGroupSource(std::function<engine::ShardGroupStats()> source);
 
+  // da_tls_certificate_expiry_timestamp_seconds: exported from the first call on.
+  void SetTlsCertificateExpiry(int64_t not_after_unix_seconds);
+
   // da_build_info{version,revision,features} 1: what is running (features joined by ',').
   void SetBuildInfo(const std::string& version, const std::string& revision,
                     const std::string& features);
@@ -169,6 +178,8 @@ class Metrics {
   prometheus::Histogram* plan_build_duration_ = nullptr;
   prometheus::Family<prometheus::Counter>* rejected_ = nullptr;
   prometheus::Family<prometheus::Counter>* undelivered_ = nullptr;
+  std::once_flag tls_expiry_once_;
+  prometheus::Gauge* tls_expiry_ = nullptr;  // Set once, by the first SetTlsCertificateExpiry.
   std::shared_ptr<PlanCacheCollector> plan_cache_;
   std::shared_ptr<EngineCollector> engine_;
   std::shared_ptr<DeviceCollector> devices_;

@@ -181,5 +181,20 @@ TEST(MetricsTest, PromtoolRejectsABrokenExposition) {
       << output;
 }
 
+// The certificate expiry exists only once a TLS watcher has set it (a server without TLS never
+// does), and then passes promtool.
+TEST(MetricsTest, TlsCertificateExpiryIsExportedOnceSet) {
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create("");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_FALSE(Contains((*metrics)->Scrape(), "da_tls_certificate_expiry_timestamp_seconds"));
+  (*metrics)->SetTlsCertificateExpiry(1798761600);  // 2027-01-01T00:00:00Z.
+  (*metrics)->SetTlsCertificateExpiry(1830297600);  // Renewed: 2028-01-01T00:00:00Z.
+  const std::string text = (*metrics)->Scrape();
+  EXPECT_EQ(testing::MetricValue(text, "da_tls_certificate_expiry_timestamp_seconds"), 1830297600)
+      << text;
+  std::string promtool_output;
+  EXPECT_EQ(PromtoolCheck(text, &promtool_output), 0) << promtool_output << "\n" << text;
+}
+
 }  // namespace
 }  // namespace da::server

@@ -10,10 +10,13 @@
 
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <sstream>
+#include <utility>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
@@ -108,6 +111,27 @@ absl::Status CheckKeyMatchesCertificate(const std::string& key_path, const std::
 
 }  // namespace
 
+absl::StatusOr<TlsFilesState> CheckTlsFiles(const SecurityOptions& options) {
+  absl::StatusOr<std::string> cert = ReadCertificateFile(kCertFlag, options.tls_cert_file);
+  if (!cert.ok()) return cert.status();
+  absl::StatusOr<std::string> key = ReadWholeFile(kKeyFlag, options.tls_key_file);
+  if (!key.ok()) return key.status();
+  if (absl::Status matched =
+          CheckKeyMatchesCertificate(options.tls_key_file, *key, options.tls_cert_file, *cert);
+      !matched.ok()) {
+    return matched;
+  }
+  if (!options.tls_client_ca_file.empty()) {
+    absl::StatusOr<std::string> ca = ReadCertificateFile(kClientCaFlag, options.tls_client_ca_file);
+    if (!ca.ok()) return ca.status();
+  }
+  std::tm not_after{};
+  if (ASN1_TIME_to_tm(X509_get0_notAfter(FirstCertificate(*cert).get()), &not_after) != 1) {
+    return FileError(kCertFlag, options.tls_cert_file, "the certificate's notAfter is unreadable");
+  }
+  return TlsFilesState{.certificate_not_after_unix_seconds = timegm(&not_after)};
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const SecurityOptions& options) {
   const bool has_cert = !options.tls_cert_file.empty();
@@ -128,22 +152,10 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     return absl::InvalidArgumentError(
         absl::StrCat("tls_reload_seconds is ", options.tls_reload_seconds, "; must be at least 1"));
   }
-
-  absl::StatusOr<std::string> cert = ReadCertificateFile(kCertFlag, options.tls_cert_file);
-  if (!cert.ok()) return cert.status();
-  absl::StatusOr<std::string> key = ReadWholeFile(kKeyFlag, options.tls_key_file);
-  if (!key.ok()) return key.status();
-  if (absl::Status matched =
-          CheckKeyMatchesCertificate(options.tls_key_file, *key, options.tls_cert_file, *cert);
-      !matched.ok()) {
-    return matched;
+  if (absl::StatusOr<TlsFilesState> files = CheckTlsFiles(options); !files.ok()) {
+    return files.status();
   }
-
   const bool mutual = !options.tls_client_ca_file.empty();
-  if (mutual) {
-    absl::StatusOr<std::string> ca = ReadCertificateFile(kClientCaFlag, options.tls_client_ca_file);
-    if (!ca.ok()) return ca.status();
-  }
 
   // The files, not their contents, go to gRPC: its provider reads them again every
   // tls_reload_seconds on a thread of its own and serves what changed from the next handshake on
@@ -159,7 +171,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
   //   NOT check them (grpc/grpc#26709, which would have, was never merged); the TLS context
   //   cannot be built ("Update handshaker factory failed" in the log) and every new handshake
   //   fails until good files are read at a later interval. Connections already open are not
-  //   affected. Replace both files in one atomic step to avoid that window.
+  //   affected. Replace both files in one atomic step to avoid that window; TlsFileWatcher
+  //   finds such files at the same interval, so that readiness can say so.
   // (Seen with the Debian build of 1.51.1: a mismatched key or a non-PEM certificate swapped in
   // refused every new connection; a deleted certificate left the old pair in use.)
   auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
@@ -174,6 +187,40 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     tls.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
   }
   return grpc::experimental::TlsServerCredentials(tls);
+}
+
+bool TlsFilesReadable(const SecurityOptions& options) {
+  for (const std::string* path :
+       {&options.tls_cert_file, &options.tls_key_file, &options.tls_client_ca_file}) {
+    if (!path->empty() && !std::ifstream(*path, std::ios::binary)) return false;
+  }
+  return true;
+}
+
+TlsFileWatcher::TlsFileWatcher(const SecurityOptions& options,
+                               std::function<void(const absl::StatusOr<TlsFilesState>&)> on_check)
+    : options_(options), on_check_(std::move(on_check)) {
+  on_check_(CheckTlsFiles(options_));
+  thread_ = std::thread([this] { Run(); });
+}
+
+TlsFileWatcher::~TlsFileWatcher() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  stop_cv_.notify_all();
+  thread_.join();
+}
+
+void TlsFileWatcher::Run() {
+  const auto interval = std::chrono::seconds(options_.tls_reload_seconds);
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!stop_cv_.wait_for(lock, interval, [this] { return stop_; })) {
+    lock.unlock();  // The files are read, and on_check_ runs, without holding up the destructor.
+    on_check_(CheckTlsFiles(options_));
+    lock.lock();
+  }
 }
 
 absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {

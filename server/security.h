@@ -12,17 +12,24 @@
 // instead of failing the first handshake or call. Error messages name the flag and the file
 // (the fields below mirror da-server's flags) and never contain key material or tokens.
 // The TLS files are read again every tls_reload_seconds while the server runs, so that a renewed
-// certificate (or client CA) is served from the next handshake on without a restart; the token
-// file is read only at start.
+// certificate (or client CA) is served from the next handshake on without a restart; gRPC does
+// not check what it reloads, so TlsFileWatcher runs the start-up checks again at the same
+// interval (the server turns readiness off while they fail). The token file is read only at
+// start.
 #pragma once
 
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server_context.h>
 
 #include <array>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -55,6 +62,53 @@ struct SecurityOptions {
 // or when only one of cert and key is given; InvalidArgument when tls_reload_seconds < 1.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> MakeServerCredentials(
     const SecurityOptions& options);
+
+// What the TLS files hold, once they passed the checks.
+struct TlsFilesState {
+  // notAfter of the first certificate of tls_cert_file (the serving certificate), in Unix
+  // seconds.
+  int64_t certificate_not_after_unix_seconds = 0;
+};
+
+// The file checks MakeServerCredentials runs at start, run on the files as they are now: the
+// certificate file holds a PEM certificate, the key file an unencrypted PEM key that belongs to
+// its first certificate, and the client CA file (when set) a PEM certificate. InvalidArgument
+// naming the flag, the file and what is wrong. Requires tls_cert_file and tls_key_file.
+absl::StatusOr<TlsFilesState> CheckTlsFiles(const SecurityOptions& options);
+
+// Whether every TLS file (certificate, key, client CA when set) can be opened now. gRPC keeps
+// serving the pair it has while one cannot (a writer that is not atomic, a Secret being
+// replaced), so such a moment is no reason to turn readiness off, unlike files it reads but
+// cannot use.
+bool TlsFilesReadable(const SecurityOptions& options);
+
+// Runs CheckTlsFiles every tls_reload_seconds on a thread of its own and hands each result to
+// on_check, so that files that went bad after start-up (gRPC 1.51 serves a reloaded pair
+// without checking it) are seen while the server runs:
+//
+//   TlsFileWatcher watcher(security, [&](const absl::StatusOr<TlsFilesState>& files) { ... });
+//
+// The first check runs in the constructor, before it returns; the destructor stops the thread
+// (at once, not at the next interval). on_check is called from one thread at a time.
+class TlsFileWatcher {
+ public:
+  TlsFileWatcher(const SecurityOptions& options,
+                 std::function<void(const absl::StatusOr<TlsFilesState>&)> on_check);
+  ~TlsFileWatcher();
+
+  TlsFileWatcher(const TlsFileWatcher&) = delete;
+  TlsFileWatcher& operator=(const TlsFileWatcher&) = delete;
+
+ private:
+  void Run();
+
+  const SecurityOptions options_;
+  const std::function<void(const absl::StatusOr<TlsFilesState>&)> on_check_;
+  std::mutex mutex_;
+  std::condition_variable stop_cv_;
+  bool stop_ = false;
+  std::thread thread_;  // Last: starts once the members above exist.
+};
 
 // The tokens of a token file: each non-blank line that does not start with '#', trimmed.
 // InvalidArgument naming --auth-token-file and the file when it cannot be read, holds no token,

@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -45,9 +46,9 @@ std::string ReadFile(const std::string& path) {
 
 void WriteFile(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-// A CA, a server certificate for localhost and 127.0.0.1, a client certificate from that CA, and a
-// server and a client certificate from another CA, made once per test program (EC P-256: fast to
-// generate).
+// A CA, a server certificate for localhost and 127.0.0.1 (and a renewed one, valid a day longer),
+// a client certificate from that CA, and a server and a client certificate from another CA, made
+// once per test program (EC P-256: fast to generate).
 class Certificates {
  public:
   static const Certificates& Get() {
@@ -69,17 +70,19 @@ class Certificates {
              " -addext keyUsage=critical,keyCertSign,cRLSign";
     };
     auto make_leaf = [&](const std::string& name, const std::string& ca,
-                         const std::string& extensions) {
+                         const std::string& extensions, const std::string& days = "2") {
       return "openssl req -new " + key + "-keyout " + name + ".key -out " + name +
              ".csr -subj /CN=" + name + " && printf '" + extensions + "' > " + name +
              ".ext && openssl x509 -req -in " + name + ".csr -CA " + ca + ".pem -CAkey " + ca +
-             ".key -CAcreateserial -out " + name + ".pem -days 2 -extfile " + name + ".ext";
+             ".key -CAcreateserial -out " + name + ".pem -days " + days + " -extfile " + name +
+             ".ext";
     };
     const std::string server_extensions =
         "subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n";
     const std::string script =
         "(cd " + dir_ + " && " + make_ca("ca") + " && " + make_ca("other_ca") + " && " +
         make_leaf("server", "ca", server_extensions) + " && " +
+        make_leaf("renewed_server", "ca", server_extensions, "3") + " && " +
         make_leaf("other_server", "other_ca", server_extensions) + " && " +
         make_leaf("client", "ca", "extendedKeyUsage=clientAuth\\n") + " && " +
         make_leaf("other_client", "other_ca", "extendedKeyUsage=clientAuth\\n") + ") > " + dir_ +
@@ -287,6 +290,101 @@ TEST_F(CertificateRenewalTest, ANewClientCaIsTrustedWithoutARestart) {
   EXPECT_TRUE(renewed.ok()) << renewed.error_code() << ": " << renewed.error_message();
   EXPECT_EQ(CallOnANewConnection(MutualTls("client")).error_code(), StatusCode::UNAVAILABLE);
   EXPECT_EQ(CallOnANewConnection(Tls()).error_code(), StatusCode::UNAVAILABLE);
+}
+
+// notAfter of the first certificate in a PEM file, in Unix seconds, as the openssl CLI prints it;
+// -1 when it cannot be read.
+int64_t NotAfterUnixSeconds(const std::string& pem_path) {
+  const std::string command = "openssl x509 -noout -enddate -in " + pem_path;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char line[256] = {};
+  const bool read = std::fgets(line, sizeof(line), pipe) != nullptr;
+  pclose(pipe);
+  std::tm not_after{};
+  if (!read || strptime(line, "notAfter=%b %d %H:%M:%S %Y GMT", &not_after) == nullptr) return -1;
+  return timegm(&not_after);
+}
+
+// Files that turn bad after start-up are served by gRPC unchecked (every new handshake fails):
+// readiness goes NOT_SERVING naming the flag, the file and the fault, while liveness stays up,
+// and comes back with good files; the expiry gauge follows the certificate served.
+TEST_F(CertificateRenewalTest, BadFilesTurnReadinessOffUntilGoodOnesAreBack) {
+  secret_.Update({{"tls.crt", certs_.Pem("server.pem")}, {"tls.key", certs_.Pem("server.key")}});
+  ServerOptions options = testing::LoopbackOptions();
+  options.metrics_address = "127.0.0.1:0";
+  options.security = {.tls_cert_file = secret_.Path("tls.crt"),
+                      .tls_key_file = secret_.Path("tls.key"),
+                      .tls_reload_seconds = 1};
+  server_ = testing::StartServer(options);
+  ASSERT_NE(server_, nullptr);
+  const int port = server_->metrics_port();
+  auto probe = [port](const std::string& path) {
+    return testing::HttpRequest(port, path).value_or(testing::HttpAnswer{});
+  };
+  auto expiry = [&] {
+    return testing::MetricValue(server_->metrics().Scrape(),
+                                "da_tls_certificate_expiry_timestamp_seconds");
+  };
+  // Ten reload intervals of 1 s: a busy machine may be late for a few.
+  constexpr auto kWithinIntervals = std::chrono::milliseconds(10000);
+  ASSERT_EQ(probe("/readyz").body, "ok\n");
+  const int64_t not_after = NotAfterUnixSeconds(certs_.Path("server.pem"));
+  ASSERT_GT(not_after, 0);
+  EXPECT_EQ(expiry(), not_after);
+
+  // The key of another certificate: the pair no longer matches.
+  secret_.Update({{"tls.key", certs_.Pem("other_server.key")}});
+  const std::string mismatch = "tls: --tls-key " + secret_.Path("tls.key") +
+                               ": the private key does not match the certificate of --tls-cert " +
+                               secret_.Path("tls.crt") + "\n";
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        const testing::HttpAnswer ready = probe("/readyz");
+        return ready.status == 503 && ready.body == mismatch;
+      },
+      kWithinIntervals))
+      << probe("/readyz").body;
+  EXPECT_EQ(probe("/livez").status, 200);
+  EXPECT_EQ(server_->health().Status(""), HealthCheckResponse::SERVING);
+  EXPECT_EQ(server_->health().Status(kServiceName), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(expiry(), not_after);  // What was last served.
+
+  // A certificate file that is not PEM.
+  secret_.Update({{"tls.crt", "not a certificate\n"}, {"tls.key", certs_.Pem("server.key")}});
+  const std::string not_pem =
+      "tls: --tls-cert " + secret_.Path("tls.crt") + ": no PEM certificate in the file\n";
+  EXPECT_TRUE(testing::WaitFor([&] { return probe("/readyz").body == not_pem; }, kWithinIntervals))
+      << probe("/readyz").body;
+  EXPECT_EQ(probe("/livez").status, 200);
+
+  // A good pair again, renewed: ready, served, and its expiry exported.
+  secret_.Update({{"tls.crt", certs_.Pem("renewed_server.pem")},
+                  {"tls.key", certs_.Pem("renewed_server.key")}});
+  EXPECT_TRUE(testing::WaitFor([&] { return probe("/readyz").status == 200; }, kWithinIntervals))
+      << probe("/readyz").body;
+  EXPECT_EQ(server_->health().NotReadyReason(), "");
+  const int64_t renewed_not_after = NotAfterUnixSeconds(certs_.Path("renewed_server.pem"));
+  ASSERT_GT(renewed_not_after, not_after);
+  EXPECT_TRUE(testing::WaitFor([&] { return expiry() == renewed_not_after; }, kWithinIntervals))
+      << expiry().value_or(-1);
+  const grpc::Status served = WaitForANewConnectionToSucceed(Tls("ca.pem"));
+  EXPECT_TRUE(served.ok()) << served.error_code() << ": " << served.error_message();
+
+  // A key file that cannot be opened: gRPC keeps serving the pair it has, so readiness stays.
+  ASSERT_TRUE(std::filesystem::remove(secret_.Path("tls.key")));
+  std::this_thread::sleep_for(std::chrono::milliseconds(3500));  // Three checks.
+  EXPECT_EQ(probe("/readyz").body, "ok\n");
+  const grpc::Status still = WaitForANewConnectionToSucceed(Tls("ca.pem"));
+  EXPECT_TRUE(still.ok()) << still.error_code() << ": " << still.error_message();
+}
+
+TEST_F(SecurityTest, NoCertificateExpiryIsExportedWithoutTls) {
+  std::unique_ptr<Server> server = Start({});
+  ASSERT_NE(server, nullptr);
+  EXPECT_THAT(server->metrics().Scrape(),
+              Not(HasSubstr("da_tls_certificate_expiry_timestamp_seconds")));
+  EXPECT_EQ(server->health().NotReadyReason(), "");
 }
 
 // Every AttentionService method, called with the given client; the statuses in method order.

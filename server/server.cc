@@ -136,6 +136,34 @@ void Server::RunSelfCheck(const engine::EngineOptions& engine_options,
   }
 }
 
+void Server::WatchTlsFiles(const SecurityOptions& security) {
+  // Called from one thread at a time (TlsFileWatcher), so `logged` needs no lock: it keeps the log
+  // to one line per change instead of one per interval.
+  tls_watcher_ = std::make_unique<TlsFileWatcher>(
+      security, [security, health = health_.get(), metrics = metrics_.get(),
+                 logged = std::string()](const absl::StatusOr<TlsFilesState>& files) mutable {
+        const std::string reason = files.ok() ? "" : std::string(files.status().message());
+        if (!files.ok() && !TlsFilesReadable(security)) {
+          // gRPC serves the pair it has meanwhile: readiness stays as it was.
+          if (reason != logged) {
+            spdlog::warn("TLS files unreadable; the pair read before is still served: {}", reason);
+            logged = reason;
+          }
+          return;
+        }
+        if (files.ok()) metrics->SetTlsCertificateExpiry(files->certificate_not_after_unix_seconds);
+        health->SetTlsFiles(files.ok(), reason);
+        if (reason == logged) return;
+        if (files.ok()) {
+          spdlog::info("TLS files pass the checks again; readiness no longer held off by them");
+        } else {
+          spdlog::error("TLS files fail the checks, new handshakes fail, readiness NOT_SERVING: {}",
+                        reason);
+        }
+        logged = reason;
+      });
+}
+
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   if (options.stream_pipeline_depth < 1) {
     return absl::InvalidArgumentError(
@@ -219,6 +247,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                                                             .reason = std::move(reason)};
                               });
   server->RunSelfCheck(engine_options, options.self_check);
+  if (!options.security.tls_cert_file.empty()) server->WatchTlsFiles(options.security);
   if (server->shard_group_ != nullptr) {
     // The listener first, then the current state: a change in between is reported twice, never
     // lost.

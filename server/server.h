@@ -18,7 +18,12 @@
 //       self-check marks the device it ran on down, and keeps it down: da_device_up shows 0);
 //   (c) with options.shard_group, the group is whole (every rank joined; "group: ..." says
 //       which rank is missing while it re-forms);
-//   (d) the server is not draining: Shutdown turns it NOT_SERVING for good before anything else.
+//   (d) with TLS, the TLS files pass the start-up checks (server/security.h's TlsFileWatcher
+//       runs them every tls_reload_seconds: a key that no longer matches the certificate, or a
+//       file that is not PEM, makes every new handshake fail; "tls: ..." names the flag, the file
+//       and what is wrong; da_tls_certificate_expiry_timestamp_seconds is set from the same
+//       check);
+//   (e) the server is not draining: Shutdown turns it NOT_SERVING for good before anything else.
 // The server answers calls whatever readiness says; only load balancers and probes read it.
 // Watch streams get every change and end (UNAVAILABLE) when Shutdown begins, so they never hold
 // up the drain. Thread safety: Shutdown may be called from any thread, more than once; the
@@ -192,6 +197,9 @@ class Server {
   // marks engine_'s first device down on failure.
   void RunSelfCheck(const engine::EngineOptions& engine_options,
                     const std::function<absl::Status(engine::Engine&)>& hook);
+  // Starts tls_watcher_: readiness and da_tls_certificate_expiry_timestamp_seconds follow the
+  // TLS files' checks.
+  void WatchTlsFiles(const SecurityOptions& security);
 
   std::vector<WarmUpShape> warmup_;
   std::shared_ptr<engine::ShardGroup> shard_group_;  // Outlives engine_ (it runs through it).
@@ -200,6 +208,7 @@ class Server {
   // into it through the probes and the device source, also when Start failed after setting them).
   std::unique_ptr<Health> health_;
   std::unique_ptr<Metrics> metrics_;  // Destroyed before engine_ and health_, which it reads.
+  std::unique_ptr<TlsFileWatcher> tls_watcher_;  // Null without TLS; calls into health_, metrics_.
   std::unique_ptr<AttentionService> service_;
   std::unique_ptr<BearerTokenAuthenticator> authenticator_;  // Null: no authentication.
   std::unique_ptr<AttentionServiceBase> guarded_;            // service_ behind the tokens.
