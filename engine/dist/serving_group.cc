@@ -28,19 +28,25 @@ using engine::ShardGroupStatus;
 
 // How often a run waiting for the group looks at its stop flag.
 constexpr std::chrono::milliseconds kRunWaitSlice{5};
-// How long a stopped run may take to end before the group is failed under it. Every rank hears a
-// stop within milliseconds (its stop word, or its compute's stop flag) and the run ends in step;
-// one that has not ended by then waits on a rank that does not answer (stalled: SIGSTOP, a frozen
-// node), which would otherwise hold the request until the collective timeout.
-constexpr std::chrono::milliseconds kStopGrace{1000};
+// The least time between two attempts to form the group.
+constexpr std::chrono::milliseconds kReformPause{200};
 
-// While a run is in progress: once its request's stop flag is up and kStopGrace has passed
-// without the run ending, aborts its communicators (every call in flight returns UNAVAILABLE, so
-// the run returns and the group re-forms).
+// The least time a stopped run may take to end before the group is failed under it (StopWatch;
+// kIdleHeartbeats heartbeat periods when longer). Every rank hears a stop within milliseconds (its
+// stop word, or its compute's stop flag), but a run also finishes what no stop interrupts (an
+// output already on its way, a scatter piece); one that has not ended by then waits on a rank
+// that does not answer (stalled: SIGSTOP, a frozen node), which would otherwise hold the request
+// until the collective timeout.
+constexpr std::chrono::milliseconds kMinStopGrace{1000};
+
+// While a run is in progress: once its request's stop flag is up and `grace` has passed without
+// the run ending, aborts its communicators (every call in flight returns UNAVAILABLE, so the run
+// returns); fired() then says the group must re-form, whatever the run returned.
 class StopWatch {
  public:
-  StopWatch(const std::atomic<bool>* stop, std::vector<Communicator*> comms)
-      : stop_(stop), comms_(std::move(comms)) {
+  StopWatch(const std::atomic<bool>* stop, std::chrono::milliseconds grace,
+            std::vector<Communicator*> comms)
+      : stop_(stop), grace_(grace), comms_(std::move(comms)) {
     if (stop_ != nullptr) thread_ = std::thread([this] { Watch(); });
   }
   ~StopWatch() {
@@ -54,6 +60,13 @@ class StopWatch {
   StopWatch(const StopWatch&) = delete;
   StopWatch& operator=(const StopWatch&) = delete;
 
+  // Whether it aborted the communicators (read once the run has returned).
+  bool fired() const { return fired_.load(); }
+  std::string why() const {
+    return absl::StrCat("the run was stopped and had not ended ", grace_.count(),
+                        " ms later: a rank does not answer");
+  }
+
  private:
   void Watch() {
     std::unique_lock<std::mutex> lock(mu_);
@@ -61,18 +74,19 @@ class StopWatch {
     while (!cv_.wait_for(lock, kRunWaitSlice, [&] { return done_; })) {
       if (!stop_->load()) continue;
       if (!stopped_at) stopped_at = Clock::now();
-      if (Clock::now() - *stopped_at < kStopGrace) continue;
-      const std::string why = absl::StrCat("the run was stopped and had not ended ",
-                                           kStopGrace.count(), " ms later: a rank does not answer");
+      if (Clock::now() - *stopped_at < grace_) continue;
+      fired_ = true;
       for (Communicator* comm : comms_) {
-        if (comm != nullptr) comm->Abort(why);
+        if (comm != nullptr) comm->Abort(why());
       }
       return;
     }
   }
 
   const std::atomic<bool>* const stop_;
+  const std::chrono::milliseconds grace_;
   const std::vector<Communicator*> comms_;
+  std::atomic<bool> fired_{false};
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;  // Guarded by mu_.
@@ -222,10 +236,19 @@ class CoordinatorGroup::Impl {
     run_options.buffers = &buffers_;
     run_options.data_plane = plane_.get();
     absl::StatusOr<ShardRunStats> result;
+    bool aborted = false;
+    std::string aborted_why;
     {
-      const StopWatch watch(problem.stop, {comm_.get(), plane_.get()});
+      const StopWatch watch(
+          problem.stop,
+          std::max<std::chrono::milliseconds>(kMinStopGrace, options.heartbeat * kIdleHeartbeats),
+          {comm_.get(), plane_.get()});
       result = CoordinateShardedRun(*comm_, problem, run_options);
+      aborted = watch.fired();
+      aborted_why = watch.why();
     }
+    // Aborted just as the run ended (OK, or in step): the communicators are unusable all the same.
+    if (aborted && !BreaksGroup(result.status())) result = absl::UnavailableError(aborted_why);
     last_activity_ = Clock::now();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -306,11 +329,18 @@ class CoordinatorGroup::Impl {
     int64_t generation = 0;
     while (!stopping()) {
       ++generation;
+      // Keys of generations before the last one are no one's any more (a worker that tried the
+      // last one waits for this one's open key): deleted before this one opens, those of failed
+      // attempts too, so that a run of failures cannot fill the store.
+      DeleteGenerationsBefore(generation - 1);
       absl::Status formed = Form(generation);
       if (stopping()) break;
       if (!formed.ok()) {
         SetStatus(false, absl::StrCat("generation ", generation,
                                       " failed to form: ", formed.message(), "; re-forming"));
+        // A failure that came at once (the store refused a key) is not retried in a tight loop.
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait_for(lock, kReformPause, [&] { return stopping_; });
         continue;
       }
       SetStatus(true, "", generation);
@@ -465,7 +495,12 @@ absl::StatusOr<std::shared_ptr<CoordinatorGroup>> CoordinatorGroup::Start(
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   const std::string listen = absl::StrCat("0.0.0.0", options.coordinator.substr(colon));
-  DA_ASSIGN_OR_RETURN(impl->store_server, CoordinatorStoreServer::Start(listen));
+  // Every rank keeps one connection (rank 0's own client too), and a rank that restarts opens a
+  // new one before the kernel has noticed its old one gone: room for twice the group.
+  CoordinatorStoreOptions store_options;
+  store_options.max_connections =
+      std::max(store_options.max_connections, 2 * options.world_size + 16);
+  DA_ASSIGN_OR_RETURN(impl->store_server, CoordinatorStoreServer::Start(listen, store_options));
   impl->port = impl->store_server->port();
   DA_ASSIGN_OR_RETURN(
       impl->store, ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", impl->store_server->port()),

@@ -307,8 +307,9 @@ class CoordinatorStoreClient : public KeyValueStore {
     uint8_t code = 0;
     int64_t held_bytes = 0;
     int64_t max_bytes = 0;
-    if (internal::GetU8(*reply, pos, code) && code == kReplyFull &&
-        internal::GetI64(*reply, pos, held_bytes) && internal::GetI64(*reply, pos, max_bytes)) {
+    if (!internal::GetU8(*reply, pos, code)) return Broken(what, "empty reply");
+    if (code == kReplyFull && internal::GetI64(*reply, pos, held_bytes) &&
+        internal::GetI64(*reply, pos, max_bytes)) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "coordinator store ", host_port_, ": ", what, " (", key.size() + value.size(),
           " bytes) refused: the store holds ", held_bytes, " bytes of its limit of ", max_bytes));
