@@ -132,26 +132,28 @@ int64_t AnswerOutputBytes(const v1::AttendStreamResponse& message) {
 
 grpc::Slice BorrowedSlices::Borrow(std::string_view bytes) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++held_;
+    std::lock_guard<std::mutex> lock(count_->mutex);
+    ++count_->held;
   }
-  return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &BorrowedSlices::Release, this);
+  return grpc::Slice(const_cast<char*>(bytes.data()), bytes.size(), &BorrowedSlices::Release,
+                     new std::shared_ptr<Count>(count_));
 }
 
-void BorrowedSlices::Release(void* self) {
-  auto* slices = static_cast<BorrowedSlices*>(self);
-  std::lock_guard<std::mutex> lock(slices->mutex_);
-  if (--slices->held_ == 0) slices->released_.notify_all();
+void BorrowedSlices::Release(void* count) {
+  const std::unique_ptr<std::shared_ptr<Count>> owned(static_cast<std::shared_ptr<Count>*>(count));
+  Count& c = **owned;
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (--c.held == 0) c.released.notify_all();
 }
 
-void BorrowedSlices::WaitUntilReleased() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  released_.wait(lock, [&] { return held_ == 0; });
+bool BorrowedSlices::WaitUntilReleased(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(count_->mutex);
+  return count_->released.wait_for(lock, timeout, [&] { return count_->held == 0; });
 }
 
 int64_t BorrowedSlices::held() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return held_;
+  std::lock_guard<std::mutex> lock(count_->mutex);
+  return count_->held;
 }
 
 grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block) {
@@ -292,7 +294,8 @@ grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel
                                              StreamProgress* progress, const CallOptions& options,
                                              CallGroup* group) {
   int64_t next_block = 0;
-  // Declared first, destroyed last: the call and its buffers are gone when it waits.
+  // Declared first, destroyed last: the call and its buffers are gone when it waits
+  // (BorrowedSlices::kReleaseWait at most).
   BorrowedSlices borrowed;
   return AttendStreamOn(
       channel, plan.header,

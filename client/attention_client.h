@@ -17,6 +17,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -78,26 +79,36 @@ grpc::ByteBuffer TokenBlockBuffer(std::shared_ptr<const v1::TokenBlock> block);
 
 // Slices over memory the caller owns (a request's tensors), counted until gRPC lets go of them:
 // a write cut short by a cancel or a deadline may leave the transport holding slices after the
-// call has ended, to be written (or dropped) later, so a call over a caller's request returns
-// only once none is held (WaitUntilReleased), and the caller may free the request at once.
+// call has ended, to be written (or dropped) later. A call over a caller's request waits for them
+// (the destructor) up to kReleaseWait, then returns all the same: a transport whose peer stopped
+// reading (a stalled server) may hold them until the connection ends, and a call must not outlast
+// its deadline for that. In that case only, the kernel may still copy bytes the caller has since
+// freed onto a stream already reset (the peer drops them), or fail the connection's write with
+// EFAULT where the memory was unmapped; gRPC's TLS encrypts before it writes, so over TLS nothing
+// is read late. The count itself lives as long as any slice does.
 class BorrowedSlices {
  public:
+  static constexpr std::chrono::milliseconds kReleaseWait{1000};
+
   BorrowedSlices() = default;
-  ~BorrowedSlices() { WaitUntilReleased(); }
+  ~BorrowedSlices() { WaitUntilReleased(kReleaseWait); }
   BorrowedSlices(const BorrowedSlices&) = delete;
   BorrowedSlices& operator=(const BorrowedSlices&) = delete;
 
   // A slice over bytes, counted until gRPC (and every copy) releases it.
   grpc::Slice Borrow(std::string_view bytes);
-  // Blocks until every slice Borrow made has been released.
-  void WaitUntilReleased();
+  // Waits up to `timeout` until every slice Borrow made has been released; whether they were.
+  bool WaitUntilReleased(std::chrono::milliseconds timeout);
   int64_t held() const;
 
  private:
-  static void Release(void* self);
-  mutable std::mutex mutex_;
-  std::condition_variable released_;
-  int64_t held_ = 0;  // Guarded by mutex_.
+  struct Count {
+    std::mutex mutex;
+    std::condition_variable released;
+    int64_t held = 0;  // Guarded by mutex.
+  };
+  static void Release(void* count);  // A std::shared_ptr<Count>*, one per slice.
+  const std::shared_ptr<Count> count_ = std::make_shared<Count>();
 };
 
 class AttentionClient {
