@@ -134,6 +134,19 @@ absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const Te
         amax[0], amax[1], q.shape.head_dim, std::abs(spec.ScaleFor(q.shape.head_dim)),
         std::max(folded, score), kMaxScoreMagnitude));
   }
+  // A row's unnormalized sum of weights (each at most 1) times values, over the keys one pattern
+  // keeps for it: at most min(w, N) of them.
+  int64_t keys = 0;
+  for (const Pattern& pattern : spec.patterns) {
+    keys = std::max(keys, std::min(pattern.segment_len, q.shape.seq_len));
+  }
+  const double sum = static_cast<double>(amax[2]) * static_cast<double>(keys);
+  if (sum > kMaxScoreMagnitude) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "v is too large for fp32 sums: max|v| %g * %d keys a row may attend to is %g, over %g; "
+        "scale v down",
+        amax[2], keys, sum, kMaxScoreMagnitude));
+  }
   return absl::OkStatus();
 }
 

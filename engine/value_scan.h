@@ -34,8 +34,9 @@ inline constexpr double kMaxScoreMagnitude = 1e38;
 // Scans q, k and v (in pieces, on `pool`'s threads when given, looking at `stop`, optional,
 // between them: CANCELLED), then
 // checks max|q| * |scale| * log2(e) and max|q| * max|k| * head_dim * |scale| * log2(e) against
-// kMaxScoreMagnitude. `first_token` is where the tensors' first token lies in the caller's whole
-// sequence (a stream's chunk), so that messages name positions the caller knows.
+// kMaxScoreMagnitude, and max|v| times the most keys a row attends to (the unnormalized sum of
+// weights times values) too. `first_token` is where the tensors' first token lies in the caller's
+// whole sequence (a stream's chunk), so that messages name positions the caller knows.
 absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const TensorView& v,
                               const AttentionSpec& spec, int64_t first_token,
                               const std::atomic<bool>* stop, ThreadPool* pool = nullptr);

@@ -119,6 +119,15 @@ TEST(CheckInputValuesTest, ScoresPastFp32AreRefusedAndStopIsHeard) {
   StoreFromFloat(DType::kFloat16, fp16.k.bytes.data(), 0, -65504.0f);
   EXPECT_TRUE(Check(fp16, 0, nullptr, /*scale=*/1e6).ok());
 
+  // v: max|v| * 32 keys (the pattern's segment) past 1e38 is refused, naming v.
+  Inputs large_v = RandomInputs(DType::kFloat32, rng);
+  StoreFromFloat(DType::kFloat32, large_v.v.bytes.data(), 5, 1e37f);
+  EXPECT_EQ(Check(large_v).message(),
+            "v is too large for fp32 sums: max|v| 1e+37 * 32 keys a row may attend to is 3.2e+38, "
+            "over 1e+38; scale v down");
+  StoreFromFloat(DType::kFloat32, large_v.v.bytes.data(), 5, 1e36f);  // 3.2e37: within.
+  EXPECT_TRUE(Check(large_v).ok());
+
   const std::atomic<bool> stopped{true};
   EXPECT_EQ(Check(fp16, 0, &stopped).code(), absl::StatusCode::kCancelled);
 }
