@@ -564,8 +564,8 @@ TEST(AdmissionTest, CancellationDuringAColdPlanBuildStopsWithin100Ms) {
   Outcome outcome;
   (*engine)->Submit(request, outcome.Callback());
   // Running, past the check of its inputs' values: the plan build has begun.
-  ASSERT_TRUE(WaitFor([&] { return (*engine)->plan_cache_stats().builds == 1; },
-                      milliseconds(10000)));
+  ASSERT_TRUE(
+      WaitFor([&] { return (*engine)->plan_cache_stats().builds == 1; }, milliseconds(10000)));
   const Clock::time_point cancelled_at = Clock::now();
   cancelled = true;
   ASSERT_TRUE(outcome.Wait(milliseconds(10000)));

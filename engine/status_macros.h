@@ -4,6 +4,8 @@
 //   DA_ASSIGN_OR_RETURN(auto plan, planner.Build(shape));
 //
 // DA_CHECK aborts with the failed condition; it is never used for request data.
+//
+//   return Prefixed(status, "shapes[2]: ");  // Same code and payloads, message prefixed.
 #pragma once
 
 #include <cstdio>
@@ -11,6 +13,21 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+
+namespace da {
+
+// `status` with `prefix` before its message, its code and payloads (the engine's refusal reason)
+// kept.
+inline absl::Status Prefixed(const absl::Status& status, absl::string_view prefix) {
+  absl::Status named(status.code(), absl::StrCat(prefix, status.message()));
+  status.ForEachPayload(
+      [&](absl::string_view url, const absl::Cord& payload) { named.SetPayload(url, payload); });
+  return named;
+}
+
+}  // namespace da
 
 #define DA_RETURN_IF_ERROR(expr)             \
   do {                                       \

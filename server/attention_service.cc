@@ -272,7 +272,7 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
     if (valid.ok()) {
       valid = engine::ValidateShape(shape->shape, shape->dtype, shape->spec, engine.limits());
     }
-    if (!valid.ok()) return absl::Status(valid.code(), absl::StrCat(field, ": ", valid.message()));
+    if (!valid.ok()) return Prefixed(valid, absl::StrCat(field, ": "));
     shapes.push_back(*std::move(shape));
   }
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -282,12 +282,7 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
     }
     absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i], &stop);
     if (!result.ok()) {
-      absl::Status named(result.status().code(),
-                         absl::StrCat("shapes[", i, "]: ", result.status().message()));
-      // The payloads (the engine's reason for a refusal) go along.
-      result.status().ForEachPayload(
-          [&](absl::string_view url, const absl::Cord& payload) { named.SetPayload(url, payload); });
-      return named;
+      return Prefixed(result.status(), absl::StrCat("shapes[", i, "]: "));
     }
     WarmUpResultToProto(*result, response->add_results());
   }

@@ -359,9 +359,8 @@ absl::Status Server::WarmUp(const std::atomic<bool>* stop) {
   for (size_t i = 0; i < warmup_.size(); ++i) {
     absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i], stop);
     if (!result.ok()) {
-      return absl::Status(result.status().code(),
-                          absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]),
-                                       "): ", result.status().message()));
+      return Prefixed(result.status(),
+                      absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]), "): "));
     }
   }
   health_->SetWarm(true);  // Draining, if it has begun, still keeps readiness off.

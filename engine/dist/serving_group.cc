@@ -236,19 +236,17 @@ class CoordinatorGroup::Impl {
     run_options.buffers = &buffers_;
     run_options.data_plane = plane_.get();
     absl::StatusOr<ShardRunStats> result;
-    bool aborted = false;
-    std::string aborted_why;
+    std::optional<std::string> aborted;  // Why, when the stop watch aborted the run.
     {
       const StopWatch watch(
           problem.stop,
           std::max<std::chrono::milliseconds>(kMinStopGrace, options.heartbeat * kIdleHeartbeats),
           {comm_.get(), plane_.get()});
       result = CoordinateShardedRun(*comm_, problem, run_options);
-      aborted = watch.fired();
-      aborted_why = watch.why();
+      if (watch.fired()) aborted = watch.why();
     }
     // Aborted just as the run ended (OK, or in step): the communicators are unusable all the same.
-    if (aborted && !BreaksGroup(result.status())) result = absl::UnavailableError(aborted_why);
+    if (aborted && !BreaksGroup(result.status())) result = absl::UnavailableError(*aborted);
     last_activity_ = Clock::now();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
