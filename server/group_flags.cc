@@ -1,5 +1,10 @@
 #include "server/group_flags.h"
 
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -60,6 +65,34 @@ absl::Status ValidateGroupFlags(const GroupFlags& f) {
         "--coordinator-port-file is for rank 0 (the rank that listens); this is rank ", f.rank));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> ReadCoordinatorSecret(const GroupFlags& flags) {
+  if (flags.coordinator_secret_file.empty()) return std::string();
+  const std::string flag =
+      absl::StrCat("--coordinator-secret-file ", flags.coordinator_secret_file);
+  std::ifstream file(flags.coordinator_secret_file, std::ios::binary);
+  if (!file) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": cannot be read (", std::strerror(errno), ")"));
+  }
+  // Read at most one byte past the limit: a large file is refused without being held.
+  std::string secret(kMaxCoordinatorSecretBytes + 1, '\0');
+  file.read(secret.data(), static_cast<std::streamsize>(secret.size()));
+  if (file.bad()) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot be read"));
+  }
+  secret.resize(static_cast<size_t>(file.gcount()));
+  const size_t end = secret.find_last_not_of(" \t\r\n");
+  secret.resize(end == std::string::npos ? 0 : end + 1);
+  if (secret.size() < kMinCoordinatorSecretBytes || secret.size() > kMaxCoordinatorSecretBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        flag, " holds ", secret.size() > kMaxCoordinatorSecretBytes ? "over " : "",
+        std::min(secret.size(), kMaxCoordinatorSecretBytes), " bytes (trailing whitespace aside); ",
+        "a secret needs ", kMinCoordinatorSecretBytes, " to ", kMaxCoordinatorSecretBytes,
+        ", the same on every rank (e.g. `openssl rand -hex 32 > FILE`)"));
+  }
+  return secret;
 }
 
 }  // namespace da::server

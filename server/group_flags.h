@@ -29,6 +29,7 @@ struct GroupFlags {
   int64_t collective_timeout_ms = 30000;   // --collective-timeout-ms
   int64_t heartbeat_ms = 1000;             // --heartbeat-ms
   std::string coordinator_port_file;       // --coordinator-port-file (rank 0)
+  std::string coordinator_secret_file;     // --coordinator-secret-file: every rank the same
   std::string data_plane = "none";         // --data-plane: none, nccl or gloo-staged
   int data_plane_device = 0;               // --data-plane-device: the CUDA device (nccl)
 };
@@ -36,6 +37,15 @@ struct GroupFlags {
 // INVALID_ARGUMENT naming the flag, its value and the limit, e.g. "--rank is 3; must be in
 // [0, 3) (below --world-size 3)".
 absl::Status ValidateGroupFlags(const GroupFlags& flags);
+
+// A coordinator secret's length limits (engine/dist/store_auth.h's, checked there too).
+inline constexpr size_t kMinCoordinatorSecretBytes = 16;
+inline constexpr size_t kMaxCoordinatorSecretBytes = 4096;
+
+// The secret in --coordinator-secret-file (empty without the flag), without trailing whitespace
+// (a file written by `echo` or a Kubernetes Secret ends in a newline). INVALID_ARGUMENT naming
+// the flag and the file when it cannot be read or its length is outside the limits.
+absl::StatusOr<std::string> ReadCoordinatorSecret(const GroupFlags& flags);
 
 // Implemented in group_launch.cc when the build has Gloo (engine/dist), else in
 // group_launch_none.cc (UNIMPLEMENTED naming the missing library); part of da-server only.

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 namespace da::server {
 namespace {
 
@@ -69,6 +71,39 @@ TEST(GroupFlagsTest, RefusesEachBadFlagNamingValueAndLimit) {
   f = Good();
   f.rank_address = "";
   ExpectRefused(f, "--rank-address is empty");
+}
+
+TEST(GroupFlagsTest, TheSecretFileIsReadWithoutTrailingWhitespaceAndItsLengthChecked) {
+  GroupFlags f = Good();
+  auto none = ReadCoordinatorSecret(f);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(*none, "");  // No flag: no secret.
+  const std::string dir = ::testing::TempDir();
+  auto write = [&](const std::string& name, const std::string& text) {
+    const std::string path = dir + "/" + name;
+    std::ofstream(path, std::ios::binary) << text;
+    return path;
+  };
+  f.coordinator_secret_file = write("secret_good", " 0123456789abcdef 0123\r\n\n");
+  auto good = ReadCoordinatorSecret(f);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(*good, " 0123456789abcdef 0123");  // Leading and inner whitespace are kept.
+  auto expect_refused = [&](const std::string& part) {
+    auto read = ReadCoordinatorSecret(f);
+    EXPECT_EQ(read.status().code(), absl::StatusCode::kInvalidArgument) << read.status();
+    EXPECT_NE(read.status().message().find(part), std::string::npos)
+        << read.status() << " lacks: " << part;
+  };
+  f.coordinator_secret_file = write("secret_short", "fifteen-bytes!!\n");
+  expect_refused("--coordinator-secret-file " + f.coordinator_secret_file +
+                 " holds 15 bytes (trailing whitespace aside); a secret needs 16 to 4096");
+  f.coordinator_secret_file = write("secret_long", std::string(5000, 'x'));
+  expect_refused("holds over 4096 bytes");
+  f.coordinator_secret_file = write("secret_blank", "\n\n");
+  expect_refused("holds 0 bytes");
+  f.coordinator_secret_file = dir + "/no_such_secret";
+  expect_refused("--coordinator-secret-file " + f.coordinator_secret_file +
+                 ": cannot be read (No such file or directory)");
 }
 
 }  // namespace

@@ -4,11 +4,15 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dist/data_plane.h"
 #include "engine/dist/serving_group.h"
+#include "engine/dist/store_auth.h"
 #include "engine/status_macros.h"
 #include "server/group_flags.h"
 
 namespace da::server {
 namespace {
+
+static_assert(kMinCoordinatorSecretBytes == dist::internal::kMinStoreSecretBytes &&
+              kMaxCoordinatorSecretBytes == dist::internal::kMaxStoreSecretBytes);
 
 // The flags as options; a data plane this build or machine cannot form is refused here, at
 // start-up, naming the flag.
@@ -18,10 +22,12 @@ absl::StatusOr<dist::ServingGroupOptions> ToOptions(const GroupFlags& flags, int
     return absl::FailedPreconditionError(
         absl::StrCat("--data-plane ", flags.data_plane, ": ", usable.message()));
   }
+  DA_ASSIGN_OR_RETURN(std::string secret, ReadCoordinatorSecret(flags));
   return dist::ServingGroupOptions{
       .world_size = flags.world_size,
       .rank = flags.rank,
       .coordinator = flags.coordinator,
+      .coordinator_secret = std::move(secret),
       .interface_address = flags.rank_address,
       .collective_timeout = std::chrono::milliseconds(flags.collective_timeout_ms),
       .heartbeat = std::chrono::milliseconds(flags.heartbeat_ms),

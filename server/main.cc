@@ -345,6 +345,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--coordinator-port-file", group.coordinator_port_file,
                  "Rank 0: write the port the coordinator listens on to this file");
+  app.add_option("--coordinator-secret-file", group.coordinator_secret_file,
+                 "A file holding a secret every rank shares (16 to 4096 bytes; trailing "
+                 "whitespace ignored): rank 0's rendezvous store then admits only ranks that "
+                 "prove they know it and tags every frame. Without it the store authenticates "
+                 "nobody and its port must be reachable by the ranks only");
   app.add_option("--data-plane", group.data_plane,
                  "What carries a sharded run's bulk bytes between ranks (every rank the same): "
                  "none (the Gloo group over TCP), nccl (NCCL between the ranks' GPUs; needs a "

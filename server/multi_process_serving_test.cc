@@ -118,6 +118,7 @@ class Group {
   }
 
   testing::SpawnedServer& rank0() { return rank0_; }
+  int coordinator_port() const { return coordinator_port_; }
   std::unique_ptr<testing::ChildProcess>& worker(int rank) { return workers_[rank]; }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
 
@@ -610,6 +611,60 @@ TEST(MultiProcessServingTest, AWorkerWithoutItsCoordinatorIsLiveButNotReady) {
       << ready->body;
   EXPECT_EQ(testing::HttpRequest(port, "/livez")->status, 200);
   worker.reset();
+  std::filesystem::remove_all(dir);
+}
+
+// Every rank of the group has the secret file; a process with another secret is refused at the
+// store, says why in its readiness, rank 0 logs it, and the group serves on.
+TEST(MultiProcessServingTest, ASharedSecretFormsTheGroupAndAnotherSecretIsRefusedSayingWhy) {
+  const std::string dir = testing::MakeTempDir();
+  std::ofstream(dir + "/secret") << "3b0c1fd86a2e4c5f9d7e1a2b3c4d5e6f\n";  // echo's newline.
+  std::ofstream(dir + "/other") << "00000000000000000000000000000000";
+  Group group(2, {"--coordinator-secret-file", dir + "/secret"});
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+  // A sequence-sharded request: its exchange rides the group the tagged store formed.
+  const v1::AttendRequest request =
+      Fp32Request({.seq_len = 301, .heads = 4, .kv_heads = 2, .patterns = {{64, 1}, {256, 4}}},
+                  v1::SHARD_POLICY_SEQUENCE);
+  v1::AttendResponse response;
+  const grpc::Status served = client.Attend(request, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(served.ok()) << served.error_message() << group.Logs();
+  EXPECT_EQ(response.info().devices_size(), 2);
+
+  auto impostor = testing::ChildProcess::Spawn(
+      DA_SERVER_BINARY,
+      {"--world-size", "2", "--rank", "1", "--coordinator",
+       "127.0.0.1:" + std::to_string(group.coordinator_port()), "--threads", "1",
+       "--coordinator-secret-file", dir + "/other", "--metrics-listen", "127.0.0.1:0",
+       "--metrics-port-file", dir + "/metrics_port"},
+      dir + "/impostor.log");
+  const int port = testing::ReadPortFile(dir + "/metrics_port", seconds(10));
+  ASSERT_GT(port, 0) << ReadFile(dir + "/impostor.log");
+  std::optional<testing::HttpAnswer> ready;
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        ready = testing::HttpRequest(port, "/readyz");
+        return ready.has_value() &&
+               ready->body.find("refused this rank's shared secret") != std::string::npos;
+      },
+      seconds(20)))
+      << (ready.has_value() ? ready->body : "no answer") << ReadFile(dir + "/impostor.log");
+  EXPECT_EQ(ready->status, 503);
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        return group.rank0().Log().find(
+                   "refused a client at 127.0.0.1: its shared secret does "
+                   "not match") != std::string::npos;
+      },
+      seconds(10)))
+      << group.Logs();
+  EXPECT_EQ(group.Readiness(), HealthCheckResponse::SERVING);
+  const grpc::Status again = client.Attend(request, &response, testing::WithTimeout(20000));
+  EXPECT_TRUE(again.ok()) << again.error_message();
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(request, 2)), 1e-6);
+  impostor.reset();
   std::filesystem::remove_all(dir);
 }
 

@@ -18,6 +18,7 @@
 #include "engine/dist/serving_keys.h"
 #include "engine/dist/sharded_run.h"
 #include "engine/dist/store.h"
+#include "engine/dist/store_auth.h"
 #include "engine/status_macros.h"
 
 namespace da::dist {
@@ -142,6 +143,7 @@ absl::Status ValidateServingGroupOptions(const ServingGroupOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("a group of ", o.world_size, " ranks needs the coordinator's HOST:PORT"));
   }
+  DA_RETURN_IF_ERROR(internal::CheckStoreSecret(o.coordinator_secret, "the coordinator secret"));
   if (o.collective_timeout.count() < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "collective timeout is ", o.collective_timeout.count(), " ms; must be >= 1 ms"));
@@ -498,11 +500,12 @@ absl::StatusOr<std::shared_ptr<CoordinatorGroup>> CoordinatorGroup::Start(
   CoordinatorStoreOptions store_options;
   store_options.max_connections =
       std::max(store_options.max_connections, 2 * options.world_size + 16);
+  store_options.secret = options.coordinator_secret;
   DA_ASSIGN_OR_RETURN(impl->store_server, CoordinatorStoreServer::Start(listen, store_options));
   impl->port = impl->store_server->port();
   DA_ASSIGN_OR_RETURN(
       impl->store, ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", impl->store_server->port()),
-                                           options.collective_timeout));
+                                           options.collective_timeout, options.coordinator_secret));
   impl->StartLoop();
   return std::shared_ptr<CoordinatorGroup>(new CoordinatorGroup(std::move(impl)));
 }

@@ -69,6 +69,9 @@ struct ServingGroupOptions {
   // HOST:PORT of rank 0's store. Rank 0 listens on every interface at PORT (0: a free port, see
   // CoordinatorGroup::coordinator_port); workers connect to HOST:PORT.
   std::string coordinator;
+  // Shared by every rank (empty: none): the coordinator's store lets in only clients that prove
+  // they know it, and tags every frame (store.h, store_auth.h). 16 to 4096 bytes.
+  std::string coordinator_secret;
   // The address this rank's Gloo device listens on and advertises; every other rank must reach
   // it (a pod IP in Kubernetes, 127.0.0.1 for ranks on one machine).
   std::string interface_address = "127.0.0.1";

@@ -65,8 +65,8 @@ class Worker {
     State(absl::StrCat("waiting for the coordinator at ", o_.coordinator));
     while (!stop_.load()) {
       if (store_ == nullptr) {
-        absl::StatusOr<std::unique_ptr<KeyValueStore>> store =
-            ConnectCoordinatorStore(o_.coordinator, std::chrono::milliseconds(1000));
+        absl::StatusOr<std::unique_ptr<KeyValueStore>> store = ConnectCoordinatorStore(
+            o_.coordinator, std::chrono::milliseconds(1000), o_.coordinator_secret);
         if (store.ok()) {
           store_ = *std::move(store);
         } else {

@@ -141,6 +141,21 @@ int ListenDualStack(int port) {
 
 }  // namespace
 
+absl::Status EnableKeepAlive(int fd, std::chrono::seconds idle, std::chrono::seconds interval,
+                             int probes) {
+  const int on = 1;
+  const int idle_s = static_cast<int>(idle.count());
+  const int interval_s = static_cast<int>(interval.count());
+  if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on)) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof(idle_s)) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof(interval_s)) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes)) != 0) {
+    return absl::InternalError(
+        absl::StrCat("cannot turn on TCP keep-alive: ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int> ListenTcp(const HostPort& address) {
   if (address.host.empty()) {
     if (const int fd = ListenDualStack(address.port); fd >= 0) return fd;

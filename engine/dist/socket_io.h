@@ -28,6 +28,12 @@ absl::StatusOr<HostPort> ParseHostPort(const std::string& host_port);
 // Connects once; UNAVAILABLE with the errno text when refused or unreachable by the deadline.
 absl::StatusOr<int> ConnectTcp(const HostPort& address, Clock::time_point deadline);
 
+// Turns on TCP keep-alive probes: after `idle` without traffic, one every `interval`, and the
+// connection fails after `probes` unanswered (defaults: a vanished peer is found within 2 min).
+absl::Status EnableKeepAlive(int fd, std::chrono::seconds idle = std::chrono::seconds(60),
+                             std::chrono::seconds interval = std::chrono::seconds(10),
+                             int probes = 6);
+
 // Binds and listens; returns the socket. `port` 0 picks a free port (see LocalPort). An empty host
 // is every interface: IPv6 and IPv4 on one dual-stack socket, IPv4 alone without IPv6.
 absl::StatusOr<int> ListenTcp(const HostPort& address);

@@ -1,5 +1,6 @@
 #include "engine/dist/store.h"
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -15,11 +16,15 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <system_error>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/dist/socket_io.h"
+#include "engine/dist/store_auth.h"
+#include "engine/status_macros.h"
 
 namespace da::dist {
 namespace {
@@ -32,8 +37,17 @@ constexpr uint8_t kOpDeletePrefix = 3;
 constexpr uint8_t kReplyOk = 0;
 constexpr uint8_t kReplyTimedOut = 1;
 constexpr uint8_t kReplyFull = 2;
-// A frame carries a key, a value and a few header bytes.
-constexpr size_t kMaxFrameBytes = kMaxStoreKeyBytes + kMaxStoreValueBytes + 64;
+// A frame carries a key, a value, a few header bytes and (with a secret) its tag.
+constexpr size_t kMaxFrameBytes =
+    kMaxStoreKeyBytes + kMaxStoreValueBytes + 64 + internal::kStoreMacBytes;
+// The hello's longest form, and the handshake's frames (store_auth.h).
+constexpr size_t kHelloBytes = internal::kStoreHelloMagic.size() + 1 + internal::kStoreNonceBytes;
+constexpr size_t kClientProofBytes = internal::kStoreNonceBytes + internal::kStoreMacBytes;
+constexpr size_t kServerProofBytes = 1 + internal::kStoreMacBytes;
+constexpr char kProofAccepted = 0;
+constexpr char kProofRefused = 1;
+// How often the coordinator logs refused secrets again while they keep coming.
+constexpr std::chrono::seconds kRefusalLogPeriod{30};
 // The client waits this much longer than a GET's own timeout for the server's answer.
 constexpr std::chrono::seconds kGetReplyGrace{5};
 // How long the accept loop rests after accept failed for want of a resource (descriptors,
@@ -71,6 +85,11 @@ class CoordinatorStoreServer::Impl {
 
   int port() const { return port_; }
 
+  int64_t refused_clients() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return refused_clients_;
+  }
+
  private:
   struct Connection {
     int fd = -1;
@@ -100,6 +119,9 @@ class CoordinatorStoreServer::Impl {
       }
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+      // A client whose host vanished (no FIN, no RST) would hold its place until the process
+      // ends: probes find it within a few minutes.
+      (void)internal::EnableKeepAlive(fd);
       std::lock_guard<std::mutex> lock(mu_);
       ReapFinishedLocked();
       if (connections_.size() >= static_cast<size_t>(options_.max_connections)) {
@@ -135,30 +157,114 @@ class CoordinatorStoreServer::Impl {
 
   void Serve(Connection* connection) {
     const int fd = connection->fd;
-    while (true) {
+    std::optional<internal::FrameTagger> tagger;
+    const bool greeted = Greet(fd, tagger);
+    while (greeted) {
       // Idle clients stay connected indefinitely; once a frame has begun, its body must come
       // within io_timeout. The thread ends when the client disconnects or the server stops.
       auto request = internal::ReadFrame(fd, kMaxFrameBytes, Clock::time_point::max(), wake_fd_,
                                          options_.io_timeout);
       if (!request.ok()) break;
+      if (tagger.has_value() && !tagger->CheckReceived(*request)) break;
       Reply reply;
       if (!Handle(*request, reply)) break;
-      if (!WriteReply(fd, reply, Clock::now() + options_.io_timeout).ok()) break;
+      if (!WriteReply(fd, reply, tagger.has_value() ? &*tagger : nullptr,
+                      Clock::now() + options_.io_timeout)
+               .ok()) {
+        break;
+      }
     }
     shutdown(fd, SHUT_RDWR);
     std::lock_guard<std::mutex> lock(mu_);
     connection->done = true;
   }
 
-  static absl::Status WriteReply(int fd, const Reply& reply, Clock::time_point deadline) {
-    if (reply.value == nullptr) return internal::WriteFrame(fd, reply.head, deadline);
+  // Sends the hello on a new connection and, with a secret, runs the handshake (store_auth.h);
+  // true once the connection may carry requests. False when the client failed the handshake,
+  // went away or took longer than io_timeout.
+  bool Greet(int fd, std::optional<internal::FrameTagger>& tagger) {
+    const auto deadline = Clock::now() + options_.io_timeout;
+    std::string hello(internal::kStoreHelloMagic);
+    hello.push_back(options_.secret.empty() ? 0 : 1);
+    absl::StatusOr<std::string> server_nonce = std::string();
+    if (!options_.secret.empty()) {
+      server_nonce = internal::StoreRandomBytes(internal::kStoreNonceBytes);
+      if (!server_nonce.ok()) return false;
+      hello += *server_nonce;
+    }
+    if (!internal::WriteFrame(fd, hello, deadline).ok()) return false;
+    if (!options_.secret.empty()) {
+      auto answer = internal::ReadFrame(fd, kClientProofBytes, deadline, wake_fd_);
+      if (!answer.ok()) return false;
+      const std::string client_nonce = answer->substr(0, internal::kStoreNonceBytes);
+      if (answer->size() != kClientProofBytes ||
+          !internal::SameDigest(
+              answer->substr(internal::kStoreNonceBytes),
+              internal::StoreClientProof(options_.secret, *server_nonce, client_nonce))) {
+        LogRefusal(fd);  // Counted before the client can hear it.
+        (void)internal::WriteFrame(fd, std::string(1, kProofRefused), deadline);
+        return false;
+      }
+      std::string proof(1, kProofAccepted);
+      proof += internal::StoreServerProof(options_.secret, *server_nonce, client_nonce);
+      if (!internal::WriteFrame(fd, proof, deadline).ok()) return false;
+      tagger.emplace(internal::StoreSessionKey(options_.secret, *server_nonce, client_nonce),
+                     /*server_end=*/true);
+    }
+    return true;
+  }
+
+  // A refused secret goes to the log, naming the peer, at most every kRefusalLogPeriod.
+  void LogRefusal(int fd) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++refused_clients_;
+      const auto now = Clock::now();
+      if (refusal_logged_ != Clock::time_point() && now - refusal_logged_ < kRefusalLogPeriod) {
+        return;
+      }
+      refusal_logged_ = now;
+    }
+    sockaddr_storage peer{};
+    socklen_t length = sizeof(peer);
+    char host[INET6_ADDRSTRLEN] = "?";
+    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
+      if (peer.ss_family == AF_INET6) {
+        const in6_addr& address = reinterpret_cast<sockaddr_in6*>(&peer)->sin6_addr;
+        // An IPv4 client of the dual-stack socket is named as IPv4, not ::ffff:a.b.c.d.
+        if (IN6_IS_ADDR_V4MAPPED(&address)) {
+          inet_ntop(AF_INET, &address.s6_addr[12], host, sizeof(host));
+        } else {
+          inet_ntop(AF_INET6, &address, host, sizeof(host));
+        }
+      } else {
+        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&peer)->sin_addr, host, sizeof(host));
+      }
+    }
+    std::fprintf(stderr,
+                 "[coordinator store] refused a client at %s: its shared secret does not match "
+                 "(every rank needs the same --coordinator-secret-file)\n",
+                 host);
+  }
+
+  static absl::Status WriteReply(int fd, const Reply& reply, internal::FrameTagger* tagger,
+                                 Clock::time_point deadline) {
+    std::string length_field;  // A value's length, before the value.
+    if (reply.value != nullptr) {
+      internal::PutU32(length_field, static_cast<uint32_t>(reply.value->size()));
+    }
+    const absl::string_view value = reply.value != nullptr ? *reply.value : absl::string_view();
+    const std::string tag =
+        tagger != nullptr ? tagger->NextSendTag({reply.head, length_field, value}) : "";
     std::string head;
-    internal::PutU32(head, static_cast<uint32_t>(reply.head.size() + 4 + reply.value->size()));
+    internal::PutU32(head, static_cast<uint32_t>(reply.head.size() + length_field.size() +
+                                                 value.size() + tag.size()));
     head += reply.head;
-    internal::PutU32(head, static_cast<uint32_t>(reply.value->size()));
+    head += length_field;
     absl::Status status = internal::WriteAll(fd, head.data(), head.size(), deadline);
-    if (!status.ok()) return status;
-    return internal::WriteAll(fd, reply.value->data(), reply.value->size(), deadline);
+    if (status.ok()) status = internal::WriteAll(fd, value.data(), value.size(), deadline);
+    if (status.ok()) status = internal::WriteAll(fd, tag.data(), tag.size(), deadline);
+    return status;
   }
 
   // Returns false for a malformed request (the connection is then closed).
@@ -233,6 +339,8 @@ class CoordinatorStoreServer::Impl {
   // Guarded by mu_, as is held_bytes_ (the sum of its keys' and values' sizes).
   std::map<std::string, std::shared_ptr<const std::string>> values_;
   int64_t held_bytes_ = 0;
+  int64_t refused_clients_ = 0;        // Guarded by mu_, as is refusal_logged_.
+  Clock::time_point refusal_logged_;   // When a refusal was last logged (epoch: never).
   std::list<Connection> connections_;  // Guarded by mu_ (list: stable addresses).
 };
 
@@ -240,6 +348,7 @@ CoordinatorStoreServer::CoordinatorStoreServer(std::unique_ptr<Impl> impl)
     : impl_(std::move(impl)) {}
 CoordinatorStoreServer::~CoordinatorStoreServer() = default;
 int CoordinatorStoreServer::port() const { return impl_->port(); }
+int64_t CoordinatorStoreServer::refused_clients() const { return impl_->refused_clients(); }
 
 absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::Start(
     const std::string& host_port, const CoordinatorStoreOptions& options) {
@@ -255,6 +364,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::
     return absl::InvalidArgumentError(absl::StrCat(
         "coordinator store: io_timeout is ", options.io_timeout.count(), " ms; must be >= 1 ms"));
   }
+  DA_RETURN_IF_ERROR(internal::CheckStoreSecret(options.secret, "coordinator store: secret"));
   auto address = internal::ParseHostPort(host_port);
   if (!address.ok()) return address.status();
   if (address->host == "0.0.0.0") address->host.clear();
@@ -277,14 +387,78 @@ absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::
 
 namespace {
 
+// Reads the coordinator's hello on a new connection and, when it or this client has a secret,
+// runs the handshake (store_auth.h). Returns the connection's tagger (none without a secret).
+// UNAUTHENTICATED when the secrets differ and FAILED_PRECONDITION when the peer is no store
+// (retrying cannot help), UNAVAILABLE otherwise.
+absl::StatusOr<std::optional<internal::FrameTagger>> Handshake(int fd, const std::string& secret,
+                                                               Clock::time_point deadline,
+                                                               const std::string& host_port) {
+  const std::string where = absl::StrCat("coordinator store ", host_port);
+  const char* const fix = "every rank needs the same --coordinator-secret-file";
+  auto hello = internal::ReadFrame(fd, kHelloBytes, deadline);
+  // Another protocol's first bytes read as a frame too long for a hello.
+  if (!hello.ok() && !absl::IsInvalidArgument(hello.status())) {
+    return absl::UnavailableError(
+        absl::StrCat(where, ": no greeting (", hello.status().message(), ")"));
+  }
+  if (!hello.ok() || hello->size() <= internal::kStoreHelloMagic.size() ||
+      !absl::StartsWith(*hello, internal::kStoreHelloMagic)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(where, " did not greet as a da coordinator store: is it rank 0's port?"));
+  }
+  const bool authenticated = (*hello)[internal::kStoreHelloMagic.size()] != 0;
+  if (authenticated && secret.empty()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat(where, " has a shared secret and this rank has none: ", fix));
+  }
+  if (!authenticated && !secret.empty()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat(where, " has no shared secret and this rank has one: ", fix));
+  }
+  if (!authenticated) return std::nullopt;
+  if (hello->size() != kHelloBytes) {
+    return absl::UnavailableError(absl::StrCat(where, ": malformed greeting"));
+  }
+  const std::string server_nonce = hello->substr(kHelloBytes - internal::kStoreNonceBytes);
+  DA_ASSIGN_OR_RETURN(const std::string client_nonce,
+                      internal::StoreRandomBytes(internal::kStoreNonceBytes));
+  absl::Status sent = internal::WriteFrame(
+      fd, client_nonce + internal::StoreClientProof(secret, server_nonce, client_nonce), deadline);
+  auto answer = sent.ok() ? internal::ReadFrame(fd, kServerProofBytes, deadline)
+                          : absl::StatusOr<std::string>(sent);
+  if (!answer.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat(where, ": handshake failed (", answer.status().message(), ")"));
+  }
+  if (*answer == std::string(1, kProofRefused)) {
+    return absl::UnauthenticatedError(
+        absl::StrCat(where, " refused this rank's shared secret: ", fix));
+  }
+  if (answer->size() != kServerProofBytes || (*answer)[0] != kProofAccepted ||
+      !internal::SameDigest(answer->substr(1),
+                            internal::StoreServerProof(secret, server_nonce, client_nonce))) {
+    return absl::UnauthenticatedError(absl::StrCat(
+        where,
+        " could not prove it knows this rank's shared secret (another secret, or not the "
+        "coordinator): ",
+        fix));
+  }
+  return internal::FrameTagger(internal::StoreSessionKey(secret, server_nonce, client_nonce),
+                               /*server_end=*/false);
+}
+
 class CoordinatorStoreClient : public KeyValueStore {
  public:
   CoordinatorStoreClient(std::string host_port, internal::HostPort address,
-                         std::chrono::milliseconds io_timeout, int fd)
+                         std::chrono::milliseconds io_timeout, std::string secret, int fd,
+                         std::optional<internal::FrameTagger> tagger)
       : host_port_(std::move(host_port)),
         address_(std::move(address)),
         io_timeout_(io_timeout),
-        fd_(fd) {}
+        secret_(std::move(secret)),
+        fd_(fd),
+        tagger_(std::move(tagger)) {}
 
   ~CoordinatorStoreClient() override {
     if (fd_ >= 0) close(fd_);
@@ -301,7 +475,7 @@ class CoordinatorStoreClient : public KeyValueStore {
     internal::PutString(request, key);
     internal::PutString(request, value);
     const std::string what = absl::StrCat("Set of key '", key, "'");
-    auto reply = Call(request, Clock::now() + io_timeout_, what, io_timeout_);
+    auto reply = Call(std::move(request), Clock::now() + io_timeout_, what, io_timeout_);
     if (!reply.ok()) return reply.status();
     size_t pos = 0;
     uint8_t code = 0;
@@ -326,7 +500,7 @@ class CoordinatorStoreClient : public KeyValueStore {
     std::string request(1, static_cast<char>(kOpDeletePrefix));
     internal::PutString(request, prefix);
     const std::string what = absl::StrCat("DeletePrefix of '", prefix, "'");
-    auto reply = Call(request, Clock::now() + io_timeout_, what, io_timeout_);
+    auto reply = Call(std::move(request), Clock::now() + io_timeout_, what, io_timeout_);
     if (!reply.ok()) return reply.status();
     size_t pos = 0;
     uint8_t code = 0;
@@ -347,7 +521,7 @@ class CoordinatorStoreClient : public KeyValueStore {
     internal::PutString(request, key);
     internal::PutI64(request, timeout.count());
     std::string what = absl::StrCat("Get of key '", key, "'");
-    auto reply = Call(request, Clock::now() + timeout + kGetReplyGrace, what, timeout);
+    auto reply = Call(std::move(request), Clock::now() + timeout + kGetReplyGrace, what, timeout);
     if (!reply.ok()) return reply.status();
     size_t pos = 0;
     uint8_t code = 0;
@@ -365,21 +539,34 @@ class CoordinatorStoreClient : public KeyValueStore {
  private:
   // Sends one request and reads its reply on the shared connection, reconnecting first if an
   // earlier call lost it.
-  absl::StatusOr<std::string> Call(const std::string& request, Clock::time_point deadline,
+  absl::StatusOr<std::string> Call(std::string request, Clock::time_point deadline,
                                    const std::string& what, std::chrono::milliseconds timeout) {
     std::lock_guard<std::mutex> lock(mu_);
     if (fd_ < 0) {
-      auto fd = internal::ConnectTcp(address_, Clock::now() + io_timeout_);
+      const auto connect_deadline = Clock::now() + io_timeout_;
+      auto fd = internal::ConnectTcp(address_, connect_deadline);
       if (!fd.ok()) {
         return absl::UnavailableError(absl::StrCat("coordinator store ", host_port_, ": ", what,
                                                    ": ", fd.status().message()));
       }
+      auto tagger = Handshake(*fd, secret_, connect_deadline, host_port_);
+      if (!tagger.ok()) {
+        close(*fd);
+        return absl::Status(tagger.status().code(),
+                            absl::StrCat(tagger.status().message(), " (", what, ")"));
+      }
+      (void)internal::EnableKeepAlive(*fd);
       fd_ = *fd;
+      tagger_ = *std::move(tagger);
     }
+    if (tagger_.has_value()) request += tagger_->NextSendTag({request});
     absl::Status status = internal::WriteFrame(fd_, request, deadline);
     absl::StatusOr<std::string> reply =
         status.ok() ? internal::ReadFrame(fd_, kMaxFrameBytes, deadline) : status;
-    if (reply.ok()) return reply;
+    if (reply.ok() && (!tagger_.has_value() || tagger_->CheckReceived(*reply))) return reply;
+    if (reply.ok()) {
+      reply = absl::UnavailableError("the reply failed its authentication tag");
+    }
     // The connection is in an unknown state (a reply may still come): drop it.
     close(fd_);
     fd_ = -1;
@@ -402,14 +589,17 @@ class CoordinatorStoreClient : public KeyValueStore {
   const std::string host_port_;
   const internal::HostPort address_;
   const std::chrono::milliseconds io_timeout_;
+  const std::string secret_;  // Empty: no authentication.
   std::mutex mu_;
-  int fd_;  // Guarded by mu_; -1 when disconnected.
+  int fd_;                                       // Guarded by mu_; -1 when disconnected.
+  std::optional<internal::FrameTagger> tagger_;  // Guarded by mu_; fd_'s, with a secret.
 };
 
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<KeyValueStore>> ConnectCoordinatorStore(
-    const std::string& host_port, std::chrono::milliseconds timeout) {
+    const std::string& host_port, std::chrono::milliseconds timeout, const std::string& secret) {
+  DA_RETURN_IF_ERROR(internal::CheckStoreSecret(secret, "the coordinator store's secret"));
   auto address = internal::ParseHostPort(host_port);
   if (!address.ok()) return address.status();
   if (address->port == 0) {
@@ -423,10 +613,20 @@ absl::StatusOr<std::unique_ptr<KeyValueStore>> ConnectCoordinatorStore(
   while (true) {
     auto fd = internal::ConnectTcp(*address, deadline);
     if (fd.ok()) {
-      return std::unique_ptr<KeyValueStore>(
-          new CoordinatorStoreClient(host_port, *address, timeout, *fd));
+      // A connection the coordinator closes at once (over its cap) is retried like a refused
+      // one; another secret, or a peer that is no store, is not.
+      auto tagger = Handshake(*fd, secret, deadline, host_port);
+      if (tagger.ok()) {
+        (void)internal::EnableKeepAlive(*fd);
+        return std::unique_ptr<KeyValueStore>(new CoordinatorStoreClient(
+            host_port, *address, timeout, secret, *fd, *std::move(tagger)));
+      }
+      close(*fd);
+      if (!absl::IsUnavailable(tagger.status())) return tagger.status();
+      last = tagger.status();
+    } else {
+      last = fd.status();
     }
-    last = fd.status();
     if (last.code() == absl::StatusCode::kInvalidArgument) return last;
     const auto now = Clock::now();
     if (now >= deadline) break;

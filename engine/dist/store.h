@@ -12,6 +12,8 @@
 //   DA_ASSIGN_OR_RETURN(std::string id, store->Get("nccl/id", 30s));
 //
 // Protocol (no gRPC, no protobuf): every message is a frame `u32 length (little-endian) | body`.
+// A new connection begins with the coordinator's hello; with a shared secret, a handshake
+// follows and every later frame carries a tag (store_auth.h). Then requests and replies:
 //   SET request:    u8 1 | u32 key_len | key | u32 value_len | value  reply: u8 0
 //                                                                     or u8 2 | i64 held_bytes |
 //                                                                        i64 max_bytes (full)
@@ -24,7 +26,9 @@
 // Limits against buggy or hostile peers (CoordinatorStoreOptions): a cap on open connections
 // (more are closed as soon as they are accepted), a deadline for the rest of a frame once its
 // header has come, and a budget for the bytes held (keys plus values), over which a SET is
-// refused. Nothing is authenticated: the port must be reachable by the ranks only.
+// refused. Accepted connections (and clients') send TCP keep-alive probes, so a peer whose host
+// vanished is dropped within minutes. Without a secret nothing is authenticated, and the port
+// must be reachable by the ranks only; with one, a peer must know it to use the store.
 #pragma once
 
 #include <chrono>
@@ -67,6 +71,9 @@ struct CoordinatorStoreOptions {
   // How long a client may take to send the rest of a frame once its header has come, and to
   // take a reply; past it the connection is closed. An idle connection may stay open.
   std::chrono::milliseconds io_timeout{30000};
+  // Shared with every rank (empty: no authentication); 16 to 4096 bytes (store_auth.h). A client
+  // with another secret, or none, is refused at its handshake.
+  std::string secret = "";
 };
 
 // The coordinator's side. Serves up to options.max_connections clients, each on its own
@@ -80,6 +87,9 @@ class CoordinatorStoreServer {
   static absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> Start(
       const std::string& host_port, const CoordinatorStoreOptions& options = {});
   int port() const;
+  // Clients refused at the handshake for a secret that did not match; each refusal is also
+  // logged (to stderr, naming the peer, at most every 30 s).
+  int64_t refused_clients() const;
   ~CoordinatorStoreServer();
 
   CoordinatorStoreServer(const CoordinatorStoreServer&) = delete;
@@ -96,7 +106,10 @@ class CoordinatorStoreServer {
 // thread-safe (requests are serialized on one connection) and reconnects after a lost
 // connection on its next call. Set and DeletePrefix use `timeout` as their I/O limit; a Set the
 // coordinator's byte budget refuses is RESOURCE_EXHAUSTED naming the bytes held and the limit.
+// `secret` must be the coordinator's (empty: none); UNAUTHENTICATED at once, saying which side
+// lacks it or that they differ, otherwise.
 absl::StatusOr<std::unique_ptr<KeyValueStore>> ConnectCoordinatorStore(
-    const std::string& host_port, std::chrono::milliseconds timeout);
+    const std::string& host_port, std::chrono::milliseconds timeout,
+    const std::string& secret = "");
 
 }  // namespace da::dist

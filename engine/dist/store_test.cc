@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -19,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dist/multi_process_test_util.h"
 #include "engine/dist/socket_io.h"
+#include "engine/dist/store_auth.h"
 
 namespace da::dist {
 namespace {
@@ -308,7 +310,10 @@ TEST(CoordinatorStoreTest, AcceptFailingForWantOfDescriptorsDoesNotSpin) {
   ASSERT_EQ(connected, 0) << std::strerror(errno);
   ASSERT_EQ(fcntl(client, F_SETFL, O_NONBLOCK), 0);  // For the deadlines of the reads below.
   EXPECT_LT(cpu_ms, 100) << "the accept loop spins";
-  // Descriptors are back: the waiting connection is served.
+  // Descriptors are back: the waiting connection is greeted, then served.
+  auto hello = internal::ReadFrame(client, 64, Clock::now() + milliseconds(5000));
+  ASSERT_TRUE(hello.ok()) << hello.status();
+  EXPECT_EQ(*hello, std::string("DAS1\0", 5));  // No secret.
   std::string request(1, '\x02');  // GET "k", timeout 0: the server answers "timed out".
   internal::PutString(request, "k");
   internal::PutI64(request, 0);
@@ -317,6 +322,237 @@ TEST(CoordinatorStoreTest, AcceptFailingForWantOfDescriptorsDoesNotSpin) {
   ASSERT_TRUE(reply.ok()) << reply.status();
   EXPECT_EQ(*reply, std::string(1, '\x01'));
   close(client);
+}
+
+TEST(StoreAuthTest, HmacSha256MatchesRfc4231OverItsParts) {
+  // RFC 4231, test case 2; the data split into parts gives the digest of their concatenation.
+  const std::string expected(
+      "\x5b\xdc\xc1\x46\xbf\x60\x75\x4e\x6a\x04\x24\x26\x08\x95\x75\xc7"
+      "\x5a\x00\x3f\x08\x9d\x27\x39\x83\x9d\xec\x58\xb9\x64\xec\x38\x43",
+      32);
+  EXPECT_EQ(internal::HmacSha256("Jefe", {"what do ya want for nothing?"}), expected);
+  EXPECT_EQ(internal::HmacSha256("Jefe", {"what do ya ", "", "want for nothing?"}), expected);
+  EXPECT_NE(internal::HmacSha256("Jeff", {"what do ya want for nothing?"}), expected);
+}
+
+TEST(StoreAuthTest, ATaggerAcceptsEachFrameOnceInOrderAndNothingAltered) {
+  internal::FrameTagger client(std::string(32, 'k'), /*server_end=*/false);
+  internal::FrameTagger server(std::string(32, 'k'), /*server_end=*/true);
+  std::string first = "first";
+  first += client.NextSendTag({"fir", "st"});
+  std::string second = "second";
+  second += client.NextSendTag({second});
+  std::string altered = second;
+  altered[0] = 'S';
+  EXPECT_FALSE(server.CheckReceived(altered));  // Altered.
+  std::string early = second;
+  EXPECT_FALSE(server.CheckReceived(early));  // Out of order.
+  std::string replayed = first;
+  ASSERT_TRUE(server.CheckReceived(first));
+  EXPECT_EQ(first, "first");
+  EXPECT_FALSE(server.CheckReceived(replayed));  // Once only.
+  ASSERT_TRUE(server.CheckReceived(second));
+  EXPECT_EQ(second, "second");
+  // A frame the server sends is not one the client sent (directions differ).
+  std::string reflected = "third";
+  reflected += client.NextSendTag({reflected});
+  std::string back = reflected;
+  internal::FrameTagger other_client(std::string(32, 'k'), /*server_end=*/false);
+  EXPECT_FALSE(other_client.CheckReceived(back));
+  std::string short_frame = "x";
+  EXPECT_FALSE(server.CheckReceived(short_frame));
+}
+
+TEST(StoreAuthTest, KeepAliveIsTurnedOnWithItsPeriods) {
+  const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(internal::EnableKeepAlive(fd).ok());
+  auto option = [&](int level, int name) {
+    int value = -1;
+    socklen_t length = sizeof(value);
+    EXPECT_EQ(getsockopt(fd, level, name, &value, &length), 0);
+    return value;
+  };
+  EXPECT_EQ(option(SOL_SOCKET, SO_KEEPALIVE), 1);
+  EXPECT_EQ(option(IPPROTO_TCP, TCP_KEEPIDLE), 60);
+  EXPECT_EQ(option(IPPROTO_TCP, TCP_KEEPINTVL), 10);
+  EXPECT_EQ(option(IPPROTO_TCP, TCP_KEEPCNT), 6);
+  close(fd);
+}
+
+const std::string kSecret = "0123456789abcdef0123456789abcdef";
+
+TEST(CoordinatorStoreTest, ASharedSecretLetsInOnlyClientsThatKnowIt) {
+  auto server = StartServer({.secret = kSecret});
+  ASSERT_NE(server, nullptr);
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000), kSecret);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string large = RandomBytes(7, 3 << 20);  // Several reads and writes each way.
+  ASSERT_TRUE((*store)->Set("k", large).ok());
+  ASSERT_TRUE((*store)->Set("small", "v").ok());
+  EXPECT_EQ(*(*store)->Get("k", milliseconds(1000)), large);
+  EXPECT_EQ(*(*store)->Get("small", milliseconds(1000)), "v");
+  EXPECT_EQ((*store)->Get("absent", milliseconds(10)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE((*store)->DeletePrefix("sm").ok());
+  EXPECT_EQ(server->refused_clients(), 0);
+
+  // Refusals come at once, not after the connect timeout, and say what to fix.
+  const auto start = Clock::now();
+  auto none = ConnectCoordinatorStore(Address(*server), milliseconds(10000));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnauthenticated) << none.status();
+  EXPECT_NE(none.status().message().find("has a shared secret and this rank has none: every "
+                                         "rank needs the same --coordinator-secret-file"),
+            std::string::npos)
+      << none.status();
+  auto other = ConnectCoordinatorStore(Address(*server), milliseconds(10000),
+                                       "fedcba9876543210fedcba9876543210");
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kUnauthenticated) << other.status();
+  EXPECT_NE(other.status().message().find("refused this rank's shared secret"), std::string::npos)
+      << other.status();
+  EXPECT_LT(MsSince(start), 2000);
+  EXPECT_EQ(server->refused_clients(), 1);
+
+  // A secret on the client only is refused too: the coordinator could not prove itself.
+  auto open_server = StartServer();
+  ASSERT_NE(open_server, nullptr);
+  auto only_client = ConnectCoordinatorStore(Address(*open_server), milliseconds(2000), kSecret);
+  EXPECT_EQ(only_client.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_NE(only_client.status().message().find("has no shared secret and this rank has one"),
+            std::string::npos)
+      << only_client.status();
+  // Secrets shorter than 128 bits are refused on both sides.
+  auto weak = CoordinatorStoreServer::Start("127.0.0.1:0", {.secret = "short"});
+  EXPECT_EQ(weak.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(weak.status().message().find("holds 5 bytes; a secret needs 16 to 4096"),
+            std::string::npos)
+      << weak.status();
+  EXPECT_EQ(ConnectCoordinatorStore(Address(*server), milliseconds(100), "short").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // The authenticated client still works, and its value was never touched.
+  EXPECT_EQ(*(*store)->Get("k", milliseconds(1000)), large);
+}
+
+// Performs the client's handshake on a raw connection, returning its session key.
+std::string RawHandshake(int fd, const std::string& secret) {
+  auto hello = internal::ReadFrame(fd, 64, Clock::now() + milliseconds(2000));
+  EXPECT_TRUE(hello.ok() && hello->size() == 37) << hello.status();
+  if (!hello.ok() || hello->size() != 37) return "";
+  const std::string server_nonce = hello->substr(5);
+  const std::string client_nonce(32, 'n');
+  EXPECT_TRUE(internal::WriteFrame(
+                  fd, client_nonce + internal::StoreClientProof(secret, server_nonce, client_nonce),
+                  Clock::now() + milliseconds(2000))
+                  .ok());
+  auto answer = internal::ReadFrame(fd, 64, Clock::now() + milliseconds(2000));
+  EXPECT_TRUE(answer.ok() && answer->size() == 33 && (*answer)[0] == 0) << answer.status();
+  return internal::StoreSessionKey(secret, server_nonce, client_nonce);
+}
+
+std::string SetRequest(const std::string& key, const std::string& value) {
+  std::string request(1, '\x01');
+  internal::PutString(request, key);
+  internal::PutString(request, value);
+  return request;
+}
+
+TEST(CoordinatorStoreTest, AFrameWithoutItsTagOrReplayedClosesTheConnectionUnserved) {
+  auto server = StartServer({.secret = kSecret});
+  ASSERT_NE(server, nullptr);
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000), kSecret);
+  ASSERT_TRUE(store.ok()) << store.status();
+  const auto deadline = [] { return Clock::now() + milliseconds(2000); };
+
+  // No handshake at all: a request in place of the client's proof.
+  const int bare = ConnectRaw(*server);
+  ASSERT_GE(bare, 0);
+  ASSERT_TRUE(internal::ReadFrame(bare, 64, deadline()).ok());  // The hello.
+  ASSERT_TRUE(internal::WriteFrame(bare, SetRequest("bare", "x"), deadline()).ok());
+  EXPECT_TRUE(ClosedByServerWithin(bare, milliseconds(5000)));
+  close(bare);
+
+  // A good handshake, then a frame whose tag is wrong.
+  const int forged = ConnectRaw(*server);
+  ASSERT_GE(forged, 0);
+  const std::string key = RawHandshake(forged, kSecret);
+  ASSERT_FALSE(key.empty());
+  internal::FrameTagger tagger(key, /*server_end=*/false);
+  std::string good = SetRequest("tagged", "1");
+  good += tagger.NextSendTag({good});
+  ASSERT_TRUE(internal::WriteFrame(forged, good, deadline()).ok());
+  auto reply = internal::ReadFrame(forged, 64, deadline());
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  internal::FrameTagger reader(key, /*server_end=*/false);
+  // The reply is tagged as the server's first frame.
+  internal::FrameTagger server_side(key, /*server_end=*/true);
+  std::string expected_reply(1, '\0');
+  expected_reply += server_side.NextSendTag({std::string(1, '\0')});
+  EXPECT_EQ(*reply, expected_reply);
+  // The same frame again (a replay) is not the client's second.
+  ASSERT_TRUE(internal::WriteFrame(forged, good, deadline()).ok());
+  EXPECT_TRUE(ClosedByServerWithin(forged, milliseconds(5000)));
+  close(forged);
+
+  // A tampered value under a tag made for another.
+  const int tampered = ConnectRaw(*server);
+  ASSERT_GE(tampered, 0);
+  const std::string key2 = RawHandshake(tampered, kSecret);
+  internal::FrameTagger tagger2(key2, /*server_end=*/false);
+  std::string frame = SetRequest("tampered", "honest");
+  const std::string tag = tagger2.NextSendTag({frame});
+  frame = SetRequest("tampered", "wicked") + tag;
+  ASSERT_TRUE(internal::WriteFrame(tampered, frame, deadline()).ok());
+  EXPECT_TRUE(ClosedByServerWithin(tampered, milliseconds(5000)));
+  close(tampered);
+
+  EXPECT_EQ(*(*store)->Get("tagged", milliseconds(1000)), "1");
+  for (const char* unset : {"bare", "tampered"}) {
+    EXPECT_EQ((*store)->Get(unset, milliseconds(50)).status().code(),
+              absl::StatusCode::kDeadlineExceeded)
+        << unset;
+  }
+}
+
+// A listener that greets like a coordinator with a secret but cannot prove it (an impostor
+// reached through a wrong address or a poisoned name), or does not speak the protocol at all.
+TEST(CoordinatorStoreTest, AClientRefusesACoordinatorThatCannotProveTheSecretOrIsNoStore) {
+  auto listen_fd = internal::ListenTcp({"127.0.0.1", 0});
+  ASSERT_TRUE(listen_fd.ok()) << listen_fd.status();
+  const int port = *internal::LocalPort(*listen_fd);
+  std::thread impostor([fd = *listen_fd] {
+    for (int i = 0; i < 2; ++i) {
+      pollfd waiting = {fd, POLLIN, 0};
+      if (poll(&waiting, 1, 5000) <= 0) return;
+      const int client = accept4(fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (client < 0) return;
+      const auto deadline = Clock::now() + milliseconds(2000);
+      if (i == 0) {
+        (void)internal::WriteFrame(client, std::string("DAS1\x01", 5) + std::string(32, 's'),
+                                   deadline);
+        (void)internal::ReadFrame(client, 64, deadline);
+        (void)internal::WriteFrame(client, std::string(1, '\0') + std::string(32, 'p'), deadline);
+      } else {
+        const std::string http = "HTTP/1.1 400 Bad Request\r\n\r\n";
+        (void)internal::WriteAll(client, http.data(), http.size(), deadline);
+      }
+      pollfd hang_up = {client, POLLIN, 0};
+      (void)poll(&hang_up, 1, 5000);  // Until the client hangs up (or gives up on us).
+      close(client);
+    }
+  });
+  const std::string address = absl::StrCat("127.0.0.1:", port);
+  auto fooled = ConnectCoordinatorStore(address, milliseconds(2000), kSecret);
+  EXPECT_EQ(fooled.status().code(), absl::StatusCode::kUnauthenticated) << fooled.status();
+  EXPECT_NE(fooled.status().message().find("could not prove it knows this rank's shared secret"),
+            std::string::npos)
+      << fooled.status();
+  auto not_a_store = ConnectCoordinatorStore(address, milliseconds(300));
+  EXPECT_EQ(not_a_store.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(not_a_store.status().message().find("did not greet as a da coordinator store"),
+            std::string::npos)
+      << not_a_store.status();
+  impostor.join();
+  close(*listen_fd);
 }
 
 // Child ranks: each publishes a random value, then reads every other rank's and checks it.
