@@ -7,12 +7,15 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <exception>
 #include <mutex>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "client/connection_options.h"
 #include "client/stream_blocks.h"
 
 namespace da::client {
@@ -24,7 +27,7 @@ void ConfigureContext(const CallOptions& options, const std::string& request_id,
                       grpc::ClientContext* context) {
   if (options.timeout_ms > 0) {
     context->set_deadline(std::chrono::system_clock::now() +
-                          std::chrono::milliseconds(options.timeout_ms));
+                          std::chrono::milliseconds(std::min(options.timeout_ms, kMaxTimeoutMs)));
   }
   const std::string& id = options.request_id.empty() ? request_id : options.request_id;
   if (!id.empty()) context->AddMetadata("x-request-id", id);
@@ -36,6 +39,24 @@ void AppendVarint(uint64_t value, std::string* out) {
     value >>= 7;
   }
   out->push_back(static_cast<char>(value));
+}
+
+grpc::Status CannotStartThread(const std::system_error& error) {
+  return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                      std::string("cannot start a thread: ") + error.what());
+}
+
+// The status for the exception being handled, thrown by a caller's callback; only inside a catch.
+grpc::Status CallbackThrew(const char* while_doing) {
+  std::string what = "an exception that is not a std::exception";
+  try {
+    throw;
+  } catch (const std::exception& exception) {
+    what = exception.what();
+  } catch (...) {
+  }
+  return grpc::Status(grpc::StatusCode::INTERNAL,
+                      absl::StrCat("callback threw: ", what, " (while ", while_doing, ")"));
 }
 
 void ReleaseBlock(void* block) {
@@ -173,6 +194,11 @@ grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes) {
   grpc::ChannelArguments arguments;
   arguments.SetMaxReceiveMessageSize(bytes);
   arguments.SetMaxSendMessageSize(bytes);
+  // Pings only while calls are open (no GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS), as many as it
+  // takes: gRPC's default stops after two pings without data, and a long unary call sends none.
+  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  arguments.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  arguments.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   return arguments;
 }
 
@@ -182,8 +208,9 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target, int64_t ma
 }
 
 grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms) {
-  const auto deadline = std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(std::max<int64_t>(timeout_ms, 0));
+  const auto deadline =
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(std::clamp<int64_t>(timeout_ms, 0, kMaxTimeoutMs));
   grpc_connectivity_state state = channel.GetState(/*try_to_connect=*/true);
   while (state != GRPC_CHANNEL_READY) {
     if (state == GRPC_CHANNEL_TRANSIENT_FAILURE || state == GRPC_CHANNEL_SHUTDOWN) {
@@ -345,7 +372,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
     ReserveOutput(output.mutable_data(), output_bytes);
     ResizeUninitialized(output.mutable_data(), output_bytes);
   } catch (const std::bad_alloc&) {
-    response->Clear();
+    v1::AttendResponse().Swap(response);
     return grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
         absl::StrCat("cannot allocate the output's ", output_bytes, " bytes in this client"));
@@ -357,33 +384,48 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   std::vector<v1::AttendResponse> answers(parts.size());
   auto run_part = [&](size_t i) {
     const TokenRange& part = parts[i];
-    const std::string where = parts.size() == 1
-                                  ? ""
-                                  : absl::StrCat("part ", i + 1, " of ", parts.size(), " (tokens ",
-                                                 part.first, "..", part.first + part.count, "): ");
-    StreamPlan plan;
-    grpc::Status status = MakePartPlan(request, stream_options.block_tokens, part, &plan);
-    if (status.ok()) {
-      CallOptions part_options = options;
-      part_options.request_id =
-          base_id.empty() || parts.size() == 1 ? base_id : absl::StrCat(base_id, "/", i + 1);
-      plan.header.set_request_id(part_options.request_id);
-      OutputAssembler assembler(plan.header, &output, seq_len, part.first);
-      status = StreamPlanInto(channels_[i % channels_.size()], request, plan, assembler,
-                              stream_options.progress, part_options, &group);
-      if (status.ok()) status = assembler.Finish(&answers[i]);
+    grpc::Status status;
+    // Out of memory ends the request, not the process (the exception must not leave a thread).
+    try {
+      StreamPlan plan;
+      status = MakePartPlan(request, stream_options.block_tokens, part, &plan);
+      if (status.ok()) {
+        CallOptions part_options = options;
+        part_options.request_id =
+            base_id.empty() || parts.size() == 1 ? base_id : absl::StrCat(base_id, "/", i + 1);
+        plan.header.set_request_id(part_options.request_id);
+        OutputAssembler assembler(plan.header, &output, seq_len, part.first);
+        status = StreamPlanInto(channels_[i % channels_.size()], request, plan, assembler,
+                                stream_options.progress, part_options, &group);
+        if (status.ok()) status = assembler.Finish(&answers[i]);
+      }
+    } catch (const std::bad_alloc&) {
+      status = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "out of memory on this client");
     }
     if (!status.ok()) {
+      const std::string where =
+          parts.size() == 1 ? ""
+                            : absl::StrCat("part ", i + 1, " of ", parts.size(), " (tokens ",
+                                           part.first, "..", part.first + part.count, "): ");
       group.Fail(grpc::Status(status.error_code(), where + status.error_message(),
                               status.error_details()));
     }
   };
   std::vector<std::thread> threads;
-  for (size_t i = 1; i < parts.size(); ++i) threads.emplace_back(run_part, i);
-  run_part(0);
+  threads.reserve(parts.size() - 1);
+  for (size_t i = 1; i < parts.size(); ++i) {
+    try {
+      threads.emplace_back(run_part, i);
+    } catch (const std::system_error& error) {
+      group.Fail(CannotStartThread(error));  // Cancels the parts already started.
+      break;
+    }
+  }
+  if (threads.size() == parts.size() - 1) run_part(0);
   for (std::thread& thread : threads) thread.join();
   if (grpc::Status failure = group.failure(); !failure.ok()) {
-    response->Clear();
+    // Swapped with an empty response rather than cleared, which would keep the output's memory.
+    v1::AttendResponse().Swap(response);
     return failure;
   }
   std::vector<v1::ExecutionInfo> infos;
@@ -469,22 +511,32 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
                         std::string("out of memory on this client while ") + what);
   };
   grpc::Status writer_status;
-  std::thread writer([&] {
-    try {
-      v1::AttendStreamRequest first;
-      *first.mutable_header() = header;
-      grpc::Slice serialized(first.SerializeAsString());
-      grpc::ByteBuffer buffer(&serialized, 1);
-      if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
-      while (next_buffer(&buffer)) {
-        if (!stream->Write(buffer)) return;
+  std::thread writer;
+  try {
+    writer = std::thread([&] {
+      try {
+        v1::AttendStreamRequest first;
+        *first.mutable_header() = header;
+        grpc::Slice serialized(first.SerializeAsString());
+        grpc::ByteBuffer buffer(&serialized, 1);
+        if (!stream->Write(buffer)) return;  // The call is over; Finish() says why.
+        while (next_buffer(&buffer)) {
+          if (!stream->Write(buffer)) return;
+        }
+        stream->WritesDone();
+      } catch (const std::bad_alloc&) {
+        writer_status = out_of_memory("making a block to send");
+        context.TryCancel();
+      } catch (...) {
+        writer_status = CallbackThrew("making a block to send");
+        context.TryCancel();
       }
-      stream->WritesDone();
-    } catch (const std::bad_alloc&) {
-      writer_status = out_of_memory("making a block to send");
-      context.TryCancel();
-    }
-  });
+    });
+  } catch (const std::system_error& error) {
+    context.TryCancel();
+    stream->Finish();
+    return CannotStartThread(error);
+  }
 
   grpc::Status answer_status;
   grpc::ByteBuffer buffer;
@@ -515,6 +567,8 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
       }
     } catch (const std::bad_alloc&) {
       answer_status = out_of_memory("taking the answer");
+    } catch (...) {
+      answer_status = CallbackThrew("taking the answer");
     }
     if (!answer_status.ok()) {
       // The caller refused the answer: stop the call and drain so that Finish() returns promptly.

@@ -37,7 +37,9 @@ class OutputAssembler;  // client/stream_blocks.h
 struct StreamPlan;
 
 struct CallOptions {
-  int64_t timeout_ms = 0;  // 0: no deadline.
+  // 0 (or less): no deadline. Values above kMaxTimeoutMs (a year, client/connection_options.h)
+  // count as kMaxTimeoutMs: the deadline, a nanosecond count, would overflow into the past.
+  int64_t timeout_ms = 0;
   // Sent as x-request-id metadata when set. The "= {}" keeps -Wextra quiet about designated
   // initializers such as {.timeout_ms = 5000} that leave it out.
   std::string request_id = {};
@@ -60,16 +62,20 @@ struct StreamOptions {
   StreamProgress* progress = {};  // Null: nobody watches.
 };
 
-// Channel arguments that lift gRPC's 4 MiB receive default to max_message_bytes.
+// Channel arguments that lift gRPC's 4 MiB receive default to max_message_bytes, and keep calls
+// alive: while a call is open the client pings the server after 30 s without traffic, and fails
+// the call when no answer comes within 10 s, so that a call without a deadline ends when the
+// server's host vanishes silently. da-server accepts pings every 10 s (server/server.cc).
 grpc::ChannelArguments DefaultChannelArguments(int64_t max_message_bytes = 1LL << 30);
 
 // An insecure channel to target with DefaultChannelArguments.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            int64_t max_message_bytes = 1LL << 30);
 
-// Connects channel, waiting at most timeout_ms. Returns OK once connected, and also when the
-// connection attempt has already failed (TRANSIENT_FAILURE): the next call then fails at once with
-// gRPC's own reason. UNAVAILABLE when no connection is made in time (e.g. a black-holed address).
+// Connects channel, waiting at most timeout_ms (at most kMaxTimeoutMs). Returns OK once
+// connected, and also when the connection attempt has already failed (TRANSIENT_FAILURE): the next
+// call then fails at once with gRPC's own reason. UNAVAILABLE when no connection is made in time
+// (e.g. a black-holed address).
 grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms);
 
 // The serialized AttendStreamRequest{block} as slices: the tags and lengths copied, q, k and v
@@ -136,7 +142,9 @@ class AttentionClient {
 
   // The streaming call without whole tensors on either side: blocks are produced on demand (on a
   // writer thread) and answers are handed over as they arrive (on the calling thread), so the
-  // client's memory can stay as bounded as the server's.
+  // client's memory can stay as bounded as the server's. A callback that throws cancels the call,
+  // which returns INTERNAL "callback threw: ..." (RESOURCE_EXHAUSTED for std::bad_alloc); a thread
+  // that cannot be started fails it with RESOURCE_EXHAUSTED.
   grpc::Status AttendStreamBlocks(const v1::StreamHeader& header, const BlockSource& next_block,
                                   const AnswerSink& on_answer, const CallOptions& options = {});
 
@@ -154,7 +162,8 @@ class AttentionClient {
   };
 
   // AttendStreamBlocks without copies on the client: blocks go out as slices over the shared
-  // blocks, output rows are handed over where they were received.
+  // blocks, output rows are handed over where they were received. Callbacks that throw and
+  // threads that cannot start fail the call as in AttendStreamBlocks.
   grpc::Status AttendStreamShared(const v1::StreamHeader& header,
                                   const SharedBlockSource& next_block, const AnswerViews& answers,
                                   const CallOptions& options = {});

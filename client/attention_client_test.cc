@@ -5,14 +5,18 @@
 
 #include <atomic>
 #include <chrono>
+#include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
 
+#include "client/connection_options.h"
 #include "client/echo_server_test_util.h"
 #include "client/tensor_io.h"
 
@@ -165,6 +169,93 @@ TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
   EXPECT_THAT(status.error_message(), HasSubstr("out of memory on this client while making"));
 }
 
+// A callback that throws anything else ends the call with INTERNAL naming the exception: it must
+// not leave the writer thread, nor skip the writer's join on the reading thread.
+TEST_F(AttentionClientTest, ACallbackThatThrowsEndsTheCallWithInternal) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
+  v1::StreamHeader header;
+  *header.mutable_spec() = request.spec();
+  header.set_dtype(v1::DTYPE_FP32);
+  header.set_batch(1);
+  header.set_seq_len(256);
+  header.set_heads(2);
+  header.set_kv_heads(2);
+  header.set_head_dim(8);
+  int sent = 0;
+  const auto blocks = [&](bool fail) {
+    return [&request, &sent, fail](v1::TokenBlock* block) {
+      if (sent == 256) return false;
+      if (fail && sent == 128) throw std::runtime_error("no more blocks today");
+      const int64_t row = 2 * 8 * 4;
+      block->set_token_start(sent);
+      block->set_token_count(64);
+      block->set_query(request.query().data().substr(sent * row, 64 * row));
+      block->set_key(request.key().data().substr(sent * row, 64 * row));
+      block->set_value(request.value().data().substr(sent * row, 64 * row));
+      sent += 64;
+      return true;
+    };
+  };
+  grpc::Status status =
+      client_.AttendStreamBlocks(header, blocks(false),
+                                 [](const v1::AttendStreamResponse& message) -> grpc::Status {
+                                   if (message.has_block()) {
+                                     throw std::runtime_error("cannot take this block");
+                                   }
+                                   return grpc::Status::OK;
+                                 },
+                                 {.timeout_ms = 20000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("callback threw: cannot take this block"));
+
+  sent = 0;
+  status = client_.AttendStreamBlocks(
+      header, blocks(true), [](const v1::AttendStreamResponse&) { return grpc::Status::OK; },
+      {.timeout_ms = 20000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("callback threw: no more blocks today"));
+
+  // Not a std::exception, thrown by the zero-copy interface's output block callback.
+  sent = 0;
+  const auto next_block = blocks(false);
+  status = client_.AttendStreamShared(
+      header,
+      [&]() -> std::shared_ptr<const v1::TokenBlock> {
+        auto block = std::make_shared<v1::TokenBlock>();
+        if (!next_block(block.get())) return nullptr;
+        return block;
+      },
+      {.on_block = [](const OutputBlockView&) -> grpc::Status { throw 42; },
+       .on_message = [](const v1::AttendStreamResponse&) { return grpc::Status::OK; }},
+      {.timeout_ms = 20000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("callback threw: an exception that is not"));
+
+  // The client still works.
+  v1::AttendResponse response;
+  EXPECT_TRUE(client_.AttendStream(request, &response, {.timeout_ms = 20000}).ok());
+}
+
+// A timeout past what the clock can hold (a year) is a year, not a deadline in the past.
+TEST_F(AttentionClientTest, TimeoutsBeyondAYearAreAYear) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  for (int64_t timeout_ms :
+       {kMaxTimeoutMs, kMaxTimeoutMs + 1, int64_t{1} << 53, std::numeric_limits<int64_t>::max()}) {
+    SCOPED_TRACE(timeout_ms);
+    v1::AttendResponse response;
+    grpc::Status status = client_.Attend(request, &response, {.timeout_ms = timeout_ms});
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    status = client_.AttendStream(request, &response, {.timeout_ms = timeout_ms});
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    v1::GetServerInfoResponse info;
+    status = client_.GetServerInfo(&info, {.timeout_ms = timeout_ms});
+    EXPECT_TRUE(status.ok()) << status.error_message();
+  }
+  std::shared_ptr<grpc::Channel> channel = MakeChannel(server_.address());
+  EXPECT_TRUE(WaitForConnection(*channel, std::numeric_limits<int64_t>::max()).ok());
+  EXPECT_EQ(channel->GetState(false), GRPC_CHANNEL_READY);
+}
+
 TEST_F(AttentionClientTest, AttendStreamRejectsAnUnsplittableRequestLocally) {
   v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
   request.mutable_value()->mutable_data()->resize(3);
@@ -198,6 +289,25 @@ TEST(AttentionClientUnreachableTest, FailsFastWithUnavailable) {
   EXPECT_EQ(client.Attend(request, &response).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_EQ(client.AttendStream(request, &response).error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+}
+
+// Without keepalive a call with no deadline waits forever on a server whose host vanished
+// without closing the connection. The values are read back as gRPC receives them.
+TEST(DefaultChannelArgumentsTest, PingTheServerDuringCallsAndGiveUpOnSilence) {
+  const grpc::ChannelArguments arguments = DefaultChannelArguments();
+  grpc_channel_args args;
+  arguments.SetChannelArgs(&args);
+  std::map<std::string, int> ints;
+  for (size_t i = 0; i < args.num_args; ++i) {
+    if (args.args[i].type == GRPC_ARG_INTEGER) ints[args.args[i].key] = args.args[i].value.integer;
+  }
+  EXPECT_EQ(ints[GRPC_ARG_KEEPALIVE_TIME_MS], 30000);
+  EXPECT_EQ(ints[GRPC_ARG_KEEPALIVE_TIMEOUT_MS], 10000);
+  // Unlimited pings while a call sends nothing (a long computation); gRPC's default allows two.
+  ASSERT_EQ(ints.count(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA), 1u);
+  EXPECT_EQ(ints[GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA], 0);
+  // Only while calls are open: an idle client does not ping.
+  EXPECT_EQ(ints.count(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS), 0u);
 }
 
 TEST(AttentionClientConnectTest, WaitForConnectionReachesARunningServer) {

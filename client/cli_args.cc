@@ -64,7 +64,21 @@ absl::Status CallFlags::Check() const {
     return Invalid(absl::StrCat("--parallel-streams: ", parallel_streams, " is above the limit of ",
                                 kMaxParallelStreamsFlag));
   }
-  return CheckAtLeast(block_tokens, 0, "--block-tokens");
+  if (absl::Status status = CheckAtLeast(block_tokens, 0, "--block-tokens"); !status.ok()) {
+    return status;
+  }
+  // A unary call would ignore them.
+  const bool streamed = stream || parallel_streams > 0;
+  if (block_tokens > 0 && !streamed) {
+    return Invalid(absl::StrCat("--block-tokens ", block_tokens,
+                                " needs --stream or --parallel-streams (a unary call sends the "
+                                "request in one message)"));
+  }
+  if (progress > 0 && !streamed) {
+    return Invalid(
+        "--progress needs --stream or --parallel-streams (only a streamed request reports it)");
+  }
+  return absl::OkStatus();
 }
 
 absl::Status RandomFlags::Check() const {
@@ -113,10 +127,12 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
   if (!attend) return;
   command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");
   command->add_option("--block-tokens", flags->block_tokens,
-                      "Tokens per streamed block (0: blocks of about 4 MiB)");
+                      "Tokens per streamed block (0: blocks of about 4 MiB); needs --stream or "
+                      "--parallel-streams");
   command->add_option("--parallel-streams", flags->parallel_streams,
                       "Stream the request as K concurrent parts cut at chunk boundaries, each on a "
-                      "connection of its own (0: with --stream, one per 256 MiB, at most 4)");
+                      "connection of its own; any K >= 1 streams, even without --stream (0: with "
+                      "--stream, one per 256 MiB, at most 4; without it, a unary call)");
   command->add_flag("--progress,!--no-progress", flags->progress,
                     "While a request streams, print the bytes sent and received, the rate and the "
                     "time about once a second on stderr (default: when stderr is a terminal)");

@@ -23,11 +23,13 @@ struct CallFlags {
   // attend and random only.
   bool stream = false;
   int64_t block_tokens = 0;
-  // Concurrent streams per request, each on a connection of its own (implies streaming when
-  // above 1); 0: with --stream, chosen from the request's size.
+  // Concurrent streams per request, each on a connection of its own; any value from 1 implies
+  // streaming (1: one stream, as --stream). 0: with --stream, chosen from the request's size;
+  // without it, a unary call.
   int64_t parallel_streams = 0;
   // A progress line on stderr about once a second while a request streams: 1 (--progress), -1
-  // (--no-progress), 0: when stderr is a terminal.
+  // (--no-progress), 0: when stderr is a terminal. block_tokens > 0 and progress 1 need streaming
+  // (stream or parallel_streams > 0); Check refuses them otherwise.
   int progress = 0;
   std::string request_id;
   // --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file.

@@ -188,5 +188,35 @@ TEST(CallFlagsTest, ProgressIsOnOffOrLeftToTheTerminal) {
   }
 }
 
+// A unary call would ignore them; any --parallel-streams from 1 streams (1 is one stream).
+TEST(CallFlagsTest, StreamingFlagsNeedStreaming) {
+  CallFlags flags;
+  flags.block_tokens = 64;
+  EXPECT_EQ(ErrorOf(flags.Check()),
+            "--block-tokens 64 needs --stream or --parallel-streams (a unary call sends the "
+            "request in one message)");
+  flags.block_tokens = 0;
+  flags.progress = 1;
+  EXPECT_EQ(ErrorOf(flags.Check()),
+            "--progress needs --stream or --parallel-streams (only a streamed request reports it)");
+  flags.progress = -1;  // --no-progress says nothing to a unary call.
+  EXPECT_TRUE(flags.Check().ok());
+
+  for (auto [stream, parallel_streams] : {std::pair{true, 0}, {false, 1}, {true, 3}}) {
+    flags.stream = stream;
+    flags.parallel_streams = parallel_streams;
+    flags.block_tokens = 64;
+    flags.progress = 1;
+    EXPECT_TRUE(flags.Check().ok()) << stream << " " << parallel_streams;
+  }
+
+  RandomFlags random;
+  random.seq_len = 128;
+  random.heads = 4;
+  random.head_dim = 16;
+  random.call.progress = 1;
+  EXPECT_THAT(ErrorOf(random.Check()), testing::StartsWith("--progress needs --stream"));
+}
+
 }  // namespace
 }  // namespace da::client

@@ -1,12 +1,14 @@
 #include "client/load.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <iomanip>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <sstream>
+#include <system_error>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +23,9 @@ constexpr int64_t kConnectTimeoutMs = 10000;
 constexpr size_t kMaxUnexpectedSamples = 10;
 // Far above anything one machine can drive; refuses typos such as 16000 before 16000 threads.
 constexpr int kMaxConcurrency = 4096;
+// The longest --duration-s and --warmup-s: --deadline-ms's limit. Far past it the run's end, a
+// nanosecond count, overflows and the run ends at once.
+constexpr int64_t kMaxDurationS = kMaxTimeoutMs / 1000;
 
 absl::Status Invalid(std::string message) { return absl::InvalidArgumentError(std::move(message)); }
 
@@ -70,16 +75,17 @@ absl::Status CheckServer(Connection& connection, const std::string& server) {
   return absl::OkStatus();
 }
 
-// The loop of one worker: pick a kind, send it, judge the answer, until the end of the run.
+// The loop of one worker: pick a kind, send it, judge the answer, until the end of the run (or
+// until stop is set).
 void RunWorker(int index, const LoadOptions& options, const std::vector<RequestKind>& kinds,
                const KindPicker& picker, const std::set<grpc::StatusCode>& load_codes,
                Connection& connection, Clock::time_point measure_start, Clock::time_point end,
-               WorkerStats* stats) {
+               const std::atomic<bool>& stop, WorkerStats* stats) {
   std::mt19937_64 rng(options.seed * 1000003 + static_cast<uint64_t>(index));
   stats->kinds.resize(kinds.size());
   for (int64_t n = 0;; ++n) {
     const Clock::time_point start = Clock::now();
-    if (start >= end) break;
+    if (start >= end || stop.load()) break;
     const size_t k = n == 0 ? picker.First(index) : picker.Pick(rng);
     const RequestKind& kind = kinds[k];
     CallOptions call{.timeout_ms = options.deadline_ms,
@@ -213,8 +219,16 @@ absl::Status LoadOptions::Check() const {
   if (!(duration_s > 0) || !std::isfinite(duration_s)) {
     return Invalid(absl::StrCat("--duration-s is ", duration_s, "; must be > 0"));
   }
+  if (duration_s > kMaxDurationS) {
+    return Invalid(absl::StrCat("--duration-s is ", duration_s, "; must be at most ", kMaxDurationS,
+                                " (a year)"));
+  }
   if (!(warmup_s >= 0) || !std::isfinite(warmup_s)) {
     return Invalid(absl::StrCat("--warmup-s is ", warmup_s, "; must be >= 0"));
+  }
+  if (warmup_s > kMaxDurationS) {
+    return Invalid(
+        absl::StrCat("--warmup-s is ", warmup_s, "; must be at most ", kMaxDurationS, " (a year)"));
   }
   if (!(malformed_fraction >= 0 && malformed_fraction <= 1)) {
     return Invalid(
@@ -367,12 +381,22 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options) {
       measure_start + std::chrono::duration_cast<Clock::duration>(
                           std::chrono::duration<double>(options.duration_s));
   std::vector<WorkerStats> stats(options.concurrency);
+  std::atomic<bool> stop{false};
   std::vector<std::thread> workers;
   workers.reserve(options.concurrency);
   for (int i = 0; i < options.concurrency; ++i) {
-    workers.emplace_back(RunWorker, i, std::cref(options), std::cref(kinds), std::cref(picker),
-                         std::cref(load_codes), std::ref(connections[i % connections.size()]),
-                         measure_start, end, &stats[i]);
+    try {
+      workers.emplace_back(RunWorker, i, std::cref(options), std::cref(kinds), std::cref(picker),
+                           std::cref(load_codes), std::ref(connections[i % connections.size()]),
+                           measure_start, end, std::cref(stop), &stats[i]);
+    } catch (const std::system_error& error) {
+      // The workers started stop after their call in flight (bounded by --deadline-ms, if any).
+      stop = true;
+      for (std::thread& worker : workers) worker.join();
+      return absl::ResourceExhaustedError(absl::StrCat("cannot start a thread: ", error.what(),
+                                                       " (worker ", i + 1, " of ",
+                                                       options.concurrency, ")"));
+    }
   }
   for (std::thread& worker : workers) worker.join();
   // Calls started before the end finish after it; their time counts, so throughput is not

@@ -42,8 +42,8 @@ struct LoadOptions {
   ConnectionOptions connection;
   int concurrency = 1;     // Worker threads, each with at most one call in flight.
   int channels = 1;        // gRPC channels (connections); workers use them round robin.
-  double duration_s = 10;  // Measured time, after warm-up.
-  double warmup_s = 0;     // Requests before this are sent but not counted.
+  double duration_s = 10;  // Measured time, after warm-up; at most a year.
+  double warmup_s = 0;     // Requests before this are sent but not counted; at most a year.
   Mix mix = Mix::kSmall;
   double malformed_fraction = 0;  // Share of requests that are malformed on purpose, in [0, 1].
   uint64_t seed = 1;              // Inputs and each worker's choice of kinds.
@@ -121,7 +121,8 @@ struct LoadReport {
 };
 
 // Connects (failing with UNAVAILABLE when the server does not answer a health check within 10 s),
-// runs the workers and returns the report. InvalidArgument when options fail Check.
+// runs the workers and returns the report. InvalidArgument when options fail Check;
+// RESOURCE_EXHAUSTED when a worker thread cannot be started (the started ones are stopped).
 absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options);
 
 }  // namespace da::client

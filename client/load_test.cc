@@ -382,6 +382,13 @@ TEST(LoadOptionsTest, ChecksNameTheFlagTheValueAndTheLimit) {
        "--channels is 3; must be in [1, --concurrency = 1]"},
       {[](LoadOptions& o) { o.duration_s = 0; }, "--duration-s is 0; must be > 0"},
       {[](LoadOptions& o) { o.warmup_s = -1; }, "--warmup-s is -1; must be >= 0"},
+      {[](LoadOptions& o) { o.duration_s = std::nan(""); }, "--duration-s is nan; must be > 0"},
+      {[](LoadOptions& o) { o.warmup_s = HUGE_VAL; }, "--warmup-s is inf; must be >= 0"},
+      // Past a year the run's end overflows the clock: the run would end at once, sending nothing.
+      {[](LoadOptions& o) { o.duration_s = 1e10; },
+       "--duration-s is 1e+10; must be at most 31536000 (a year)"},
+      {[](LoadOptions& o) { o.warmup_s = 4e7; },
+       "--warmup-s is 4e+07; must be at most 31536000 (a year)"},
       {[](LoadOptions& o) { o.malformed_fraction = 1.5; },
        "--malformed-fraction is 1.5; must be in [0, 1]"},
       {[](LoadOptions& o) { o.deadline_ms = -5; }, "--deadline-ms is -5; must be >= 0 (0: none)"},

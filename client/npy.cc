@@ -4,10 +4,12 @@
 
 #include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <map>
+#include <new>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -310,7 +312,13 @@ absl::StatusOr<NpyArray> ReadNpy(const std::string& path, const NpyOptions& opti
     return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
   const std::streamoff size = file.tellg();
   if (size < 0) return absl::DataLossError(absl::StrCat(path, ": cannot read its size"));
-  std::string contents(static_cast<size_t>(size), '\0');
+  std::string contents;
+  try {
+    contents.resize(static_cast<size_t>(size));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(path, ": its ", size, " bytes do not fit in this client's memory"));
+  }
   file.seekg(0);
   file.read(contents.data(), size);
   if (!file) return absl::DataLossError(absl::StrCat(path, ": read failed"));
@@ -338,10 +346,18 @@ absl::Status WriteNpy(const std::string& path, const NpyArray& array, const NpyO
         absl::StrCat(path, ": cannot create: ", std::strerror(errno)));
   }
   const std::string header = NpyHeader(array, options);
+  errno = 0;
   file.write(header.data(), static_cast<std::streamsize>(header.size()));
   file.write(array.data.data(), static_cast<std::streamsize>(array.data.size()));
   file.close();
-  if (!file) return absl::DataLossError(absl::StrCat(path, ": write failed"));
+  if (!file) {
+    const int error = errno;
+    // A truncated .npy must not be mistaken for an output; a device or a pipe is not removed.
+    struct stat info {};
+    if (stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode)) std::remove(path.c_str());
+    return absl::DataLossError(absl::StrCat(
+        path, ": write failed: ", error != 0 ? std::strerror(error) : "unknown error"));
+  }
   return absl::OkStatus();
 }
 

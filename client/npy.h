@@ -50,12 +50,14 @@ struct NpyArray {
 // Parses the bytes of a whole .npy file; name only labels error messages.
 absl::StatusOr<NpyArray> ParseNpy(absl::string_view bytes, absl::string_view name,
                                   const NpyOptions& options = {});
+// ResourceExhausted naming the path when the file does not fit in memory.
 absl::StatusOr<NpyArray> ReadNpy(const std::string& path, const NpyOptions& options = {});
 
 // The bytes of a .npy file holding array. major_version 0 picks 1.0, or 2.0 when the header does
 // not fit 1.0's 16-bit length; 1, 2 or 3 force that version.
 std::string SerializeNpy(const NpyArray& array, int major_version = 0,
                          const NpyOptions& options = {});
+// A write that fails (e.g. a full disk) removes the partial file and names errno's reason.
 absl::Status WriteNpy(const std::string& path, const NpyArray& array,
                       const NpyOptions& options = {});
 

@@ -2,10 +2,13 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 
 namespace da::client {
 namespace {
@@ -125,7 +128,7 @@ TEST(NpyTest, WritesBFloat16AsVoidOrAsUint16) {
 
 TEST(NpyTest, RoundTripsThroughFiles) {
   const std::string path =
-      testing::TempDir() + "/npy_test_round_trip." + std::to_string(getpid()) + ".npy";
+      testing::TempDir() + "npy_test_round_trip." + std::to_string(getpid()) + ".npy";
   const NpyArray array = SampleArray(NpyDType::kFloat16);
   ASSERT_TRUE(WriteNpy(path, array).ok());
   absl::StatusOr<NpyArray> read = ReadNpy(path);
@@ -230,6 +233,71 @@ TEST(NpyTest, RejectsShapesWhoseSizeOverflows) {
   const std::string bytes =
       RawNpy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4)}", "");
   EXPECT_THAT(ParseError(bytes), HasSubstr("too large"));
+}
+
+// Lowers a resource limit of this process for a scope. The test programs are single-threaded.
+class ScopedLimit {
+ public:
+  ScopedLimit(int resource, rlim_t soft) : resource_(resource) {
+    EXPECT_EQ(getrlimit(resource_, &saved_), 0);
+    rlimit lowered = saved_;
+    lowered.rlim_cur = soft;
+    EXPECT_EQ(setrlimit(resource_, &lowered), 0) << std::strerror(errno);
+  }
+  ~ScopedLimit() { EXPECT_EQ(setrlimit(resource_, &saved_), 0); }
+
+ private:
+  const int resource_;
+  rlimit saved_{};
+};
+
+TEST(NpyTest, AFailedWriteSaysWhyAndRemovesThePartialFile) {
+  // A device is written to, never removed.
+  absl::Status status = WriteNpy("/dev/full", SampleArray(NpyDType::kFloat32));
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(status.message(), "/dev/full: write failed: No space left on device");
+  EXPECT_EQ(access("/dev/full", F_OK), 0);
+
+  // A regular file cut short by the file size limit (EFBIG once SIGXFSZ is ignored).
+  const std::string path =
+      testing::TempDir() + "npy_test_cut_short." + std::to_string(getpid()) + ".npy";
+  NpyArray large = SampleArray(NpyDType::kFloat32);
+  large.shape = {1 << 16};
+  large.data.assign(4 << 16, 'x');
+  void (*previous)(int) = std::signal(SIGXFSZ, SIG_IGN);
+  {
+    ScopedLimit limit(RLIMIT_FSIZE, 4096);
+    status = WriteNpy(path, large);
+  }
+  std::signal(SIGXFSZ, previous);
+  EXPECT_EQ(status.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(status.message(), path + ": write failed: File too large");
+  EXPECT_NE(access(path.c_str(), F_OK), 0) << "the partial file is still there";
+  std::remove(path.c_str());
+}
+
+TEST(NpyTest, AFileLargerThanMemoryIsRefusedNamingIt) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer aborts on a failed allocation instead of throwing";
+#endif
+  // A sparse 8 GiB file, read with the address space limited to 1 GiB more than is in use.
+  const std::string path =
+      testing::TempDir() + "npy_test_too_large." + std::to_string(getpid()) + ".npy";
+  std::ofstream(path, std::ios::binary | std::ios::trunc).close();
+  ASSERT_EQ(truncate(path.c_str(), int64_t{8} << 30), 0) << std::strerror(errno);
+  std::ifstream statm("/proc/self/statm");
+  long pages = 0;
+  ASSERT_TRUE(statm >> pages);
+  absl::StatusOr<NpyArray> array;
+  {
+    ScopedLimit limit(RLIMIT_AS, static_cast<rlim_t>(pages) * sysconf(_SC_PAGESIZE) + (1 << 30));
+    array = ReadNpy(path);
+  }
+  std::remove(path.c_str());
+  ASSERT_FALSE(array.ok());
+  EXPECT_EQ(array.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(array.status().message(),
+            path + ": its 8589934592 bytes do not fit in this client's memory");
 }
 
 }  // namespace

@@ -30,18 +30,27 @@ grpc::Status CheckTensor(const v1::Tensor& tensor, const char* name) {
                                         ": expected rank 4 (batch, seq_len, heads, head_dim), ",
                                         "got shape ", ShapeString(tensor)));
   }
-  int64_t elements = 1;
   for (int64_t dim : tensor.shape()) {
     if (dim < 1) {
       return InvalidArgument(
           absl::StrCat(name, ": every dimension must be >= 1, got shape ", ShapeString(tensor)));
     }
-    elements *= dim;
   }
   if (DTypeBytes(tensor.dtype()) == 0) {
-    return InvalidArgument(absl::StrCat(name, ": dtype must be fp32, fp16 or bf16"));
+    return InvalidArgument(absl::StrCat(
+        name, ": dtype must be fp32, fp16 or bf16, got ",
+        v1::DType_IsValid(tensor.dtype()) ? v1::DType_Name(tensor.dtype()) : "an unknown dtype",
+        " (", static_cast<int>(tensor.dtype()), ")"));
   }
-  const int64_t expected_bytes = elements * DTypeBytes(tensor.dtype());
+  // A product that wraps (e.g. to 0, matching empty data) would pass and divide by zero later.
+  int64_t expected_bytes = DTypeBytes(tensor.dtype());
+  for (int64_t dim : tensor.shape()) {
+    if (__builtin_mul_overflow(expected_bytes, dim, &expected_bytes)) {
+      return InvalidArgument(absl::StrCat(name, ": shape ", ShapeString(tensor), " of ",
+                                          DTypeName(tensor.dtype()),
+                                          " is too large (its byte count overflows 64 bits)"));
+    }
+  }
   if (static_cast<int64_t>(tensor.data().size()) != expected_bytes) {
     return InvalidArgument(absl::StrCat(name, ": shape ", ShapeString(tensor), " of ",
                                         DTypeName(tensor.dtype()), " needs ", expected_bytes,

@@ -4,9 +4,13 @@
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
+#include <array>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "client/tensor_io.h"
 
 namespace da::client {
 namespace {
@@ -164,6 +168,48 @@ TEST(StreamBlocksTest, RejectsRequestsThatCannotBeSplit) {
   const grpc::Status status = MakeStreamPlan(request, 0, &plan);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(status.error_message(), HasSubstr("needs 336 bytes, data has 335"));
+
+  request = SampleRequest();
+  request.mutable_value()->set_dtype(v1::DTYPE_UNSPECIFIED);
+  EXPECT_THAT(MakeStreamPlan(request, 0, &plan).error_message(),
+              HasSubstr("value: dtype must be fp32, fp16 or bf16, got DTYPE_UNSPECIFIED (0)"));
+  request.mutable_value()->set_dtype(static_cast<v1::DType>(9));
+  EXPECT_THAT(MakeStreamPlan(request, 0, &plan).error_message(),
+              HasSubstr("got an unknown dtype (9)"));
+
+  request = SampleRequest();
+  request.mutable_query()->set_shape(0, -2);
+  EXPECT_THAT(MakeStreamPlan(request, 0, &plan).error_message(),
+              HasSubstr("query: every dimension must be >= 1, got shape [-2, 7, 2, 3]"));
+}
+
+// Dimensions whose product wraps (here to 0 bytes, which empty data would match) are refused
+// before anything divides by them.
+TEST(StreamBlocksTest, RejectsShapesWhoseByteCountOverflows) {
+  for (const std::array<int64_t, 4>& shape :
+       {std::array<int64_t, 4>{4294967296, 4294967296, 1, 1},
+        std::array<int64_t, 4>{1, int64_t{1} << 62, 1, 2}, std::array<int64_t, 4>{3, 3, 3, 3}}) {
+    for (int which = 0; which < 3; ++which) {
+      v1::AttendRequest request = SampleRequest();
+      v1::Tensor* tensors[3] = {request.mutable_query(), request.mutable_key(),
+                                request.mutable_value()};
+      const char* names[3] = {"query", "key", "value"};
+      tensors[which]->clear_shape();
+      tensors[which]->mutable_shape()->Add(shape.begin(), shape.end());
+      tensors[which]->clear_data();
+      SCOPED_TRACE(testing::Message() << names[which] << " " << ShapeString(*tensors[which]));
+      StreamPlan plan;
+      const grpc::Status status = MakeStreamPlan(request, 0, &plan);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      if (shape[0] == 3) {  // 81 elements of 4 bytes: in range, refused for its missing bytes.
+        EXPECT_THAT(status.error_message(), HasSubstr("needs 324 bytes, data has 0"));
+        continue;
+      }
+      EXPECT_THAT(status.error_message(),
+                  HasSubstr(absl::StrCat(names[which], ": shape ", ShapeString(*tensors[which]),
+                                         " of fp32 is too large")));
+    }
+  }
 }
 
 TEST(StreamBlocksTest, ReassemblesOutputFromBlocksOfAnySize) {
