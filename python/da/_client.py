@@ -23,6 +23,7 @@ _PRECISION_NAMES = {value: name for name, value in _PRECISIONS.items()}
 _DTYPES = {"float32": pb.DTYPE_FP32, "float16": pb.DTYPE_FP16, "bfloat16": pb.DTYPE_BF16}
 # A streamed block carries about this many bytes of q, k and v (as da-client's blocks).
 _BLOCK_BYTES = 4 << 20
+_BLOCK_FRAMING_BYTES = 80  # More than a block message's tags and lengths take (66 at most).
 _DEFAULT_MESSAGE_BYTES = 64 << 20  # The server's default --max-message-bytes.
 # parallel_streams=0 sends one stream per this many bytes of q, k, v and output, at most
 # _AUTO_PARALLEL_STREAMS (as da-client chooses); at most _MAX_PARALLEL_STREAMS when asked.
@@ -38,6 +39,7 @@ _WINDOW_METADATA = "da-stream-window-bytes"
 _ATTEND = _stub.method_path("Attend")
 _ATTEND_STREAM = _stub.method_path("AttendStream")
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_MAX_INT64 = 2**63 - 1
 
 
 @dataclass
@@ -137,10 +139,13 @@ class Client:
                               max_message_bytes)
         self._part_channels = []
         self._part_lock = threading.Lock()
+        self._closed = False
 
     def close(self):
-        """Closes the channels; calls in flight are cancelled."""
+        """Closes the channels; calls in flight are cancelled, and later calls raise
+        da.Cancelled."""
         with self._part_lock:
+            self._closed = True
             for channel in self._part_channels:
                 channel.close()
             self._part_channels = []
@@ -153,6 +158,8 @@ class Client:
         self.close()
 
     def _options(self, timeout, request_id=""):
+        """A call's options; every call takes them first (Cancelled once closed)."""
+        _check_open(self._closed)
         return _call_options(self._token_metadata, self._timeout, timeout, request_id)
 
     def _call(self, method, request, timeout, request_id=""):
@@ -197,7 +204,8 @@ class Client:
         is allocated). stream None chooses: one message when q, k, v and the output fit the
         server's message limit, else AttendStream in blocks of block_tokens tokens (0: about 4
         MiB, at most half the server's message limit), the output filled as blocks arrive.
-        Either way each tensor's bytes are copied once going out and once coming back.
+        Either way each tensor's bytes are copied once going out and once coming back (a strided
+        input's rows are gathered first: whole for one message, a block at a time for a stream).
 
         parallel_streams: a streamed request is cut where no segment crosses (multiples of every
         segment length) into at most this many parts, sent as concurrent AttendStream calls on
@@ -256,8 +264,14 @@ class Client:
         number of tokens. Returns a BlockStream: iterate it for OutputBlocks in token order, as
         the server computes them; its `info` is the execution info once it has ended. Stopping
         early (break, close()) cancels the call on the server.
+
+        gRPC pulls the blocks on a thread of its own, which only sees the call end when the
+        iterable returns its next block: one that never returns (waiting for input that never
+        comes) holds that thread, and what it refers to, after the call has failed. da cannot
+        interrupt it; give such a producer a timeout or an end of its own.
         """
         _check_priority(priority)  # Before the server is asked anything.
+        _check_seq_len(seq_len)
         deadline = _deadline(self._timeout, timeout)
         feed = _BlockFeed(blocks, seq_len,
                           _spec(segments, dilations, causal, mode, precision, scale),
@@ -274,6 +288,7 @@ class Client:
         """AttendStream on count connections: this client's own, then channels of their own
         (distinct arguments, so that gRPC does not share one connection among them)."""
         with self._part_lock:
+            _check_open(self._closed)  # No channel made after close() (none would be closed).
             while len(self._part_channels) < count - 1:
                 self._part_channels.append(_part_channel(grpc, self._channel_args,
                                                          len(self._part_channels) + 1))
@@ -402,7 +417,7 @@ def _part_channel(module, channel_args, number):
                          (*options, ("da.channel_id", number)), max_bytes)
 
 
-async def _after_admission(requests, made):
+async def _after_admission(requests, call):
     """requests (a sync or async iterable of encoded AttendStream requests) for a grpc.aio call
     to a server that admits streams with its initial metadata (_STREAM_ADMITTED): the header,
     then, once the server has admitted the stream, the rest; nothing more when it refused it.
@@ -411,12 +426,12 @@ async def _after_admission(requests, made):
     call as INTERNAL "Internal error from Core", in place of the server's status
     (grpc/grpc#36066): a stream refused at its header (over the memory budget, the queue full,
     too many tokens) while a block was being written lost its RESOURCE_EXHAUSTED. Waiting for
-    the admission means no block is in flight when a header is refused. made: a list that holds
-    the call once it is made (before this generator first runs)."""
+    the admission means no block is in flight when a header is refused. call: the call they are
+    written to (da.aio writes them itself, call.write)."""
     admitted = None
 
     async def admit():
-        metadata = await made[0].initial_metadata()
+        metadata = await call.initial_metadata()
         return any(key == _WINDOW_METADATA for key, _ in (metadata or ()))
 
     async for message in _as_async(requests):
@@ -425,6 +440,13 @@ async def _after_admission(requests, made):
             admitted = await admit()
         if not admitted:
             return
+
+
+def _check_open(closed):
+    """Cancelled for a call on a client that has been closed (gRPC's own refusal is a
+    ValueError)."""
+    if closed:
+        raise errors.Cancelled(grpc.StatusCode.CANCELLED, "the client is closed")
 
 
 def _call_options(token_metadata, default_timeout, timeout, request_id):
@@ -466,8 +488,12 @@ def _spec(segments, dilations, causal, mode, precision, scale):
         raise errors.invalid(f"mode '{mode}' is not longnet or grouped")
     if precision not in _PRECISIONS:
         raise errors.invalid(f"precision '{precision}' is not one of {sorted(_PRECISIONS)}")
-    spec = pb.AttentionSpec(segment_lengths=[int(w) for w in segments],
-                            dilation_rates=[int(r) for r in dilations], causal=bool(causal),
+    # Whole numbers the wire's int64 holds (the server checks the ranges): 2048.7 is not 2048.
+    spec = pb.AttentionSpec(segment_lengths=[_check_int(f"segments[{i}]", w, 1, _MAX_INT64)
+                                             for i, w in enumerate(segments)],
+                            dilation_rates=[_check_int(f"dilations[{i}]", r, 1, _MAX_INT64)
+                                            for i, r in enumerate(dilations)],
+                            causal=bool(causal),
                             combine_mode=_MODES[mode], precision=_PRECISIONS[precision])
     if scale is not None:
         spec.softmax_scale = float(scale)
@@ -499,11 +525,17 @@ def _host_tensors(q, k, v):
 
 
 def _block_tokens(q, k, message_limit, requested):
-    """Tokens per streamed block: as requested, or about 4 MiB of q, k and v and never more than
-    half a message."""
-    if requested > 0:
-        return requested
+    """Tokens per streamed block: as requested (InvalidArgument where its block, of at most q's
+    tokens, does not fit a message), or about 4 MiB of q, k and v and never more than half a
+    message."""
     token_bytes = q.shape[0] * (q.shape[2] + 2 * k.shape[2]) * q.shape[3] * q.raw.itemsize
+    if requested > 0:
+        block_bytes = min(requested, q.shape[1]) * token_bytes + _BLOCK_FRAMING_BYTES
+        if block_bytes > message_limit:
+            raise errors.invalid(f"block_tokens {requested}: a block's message of up to "
+                                 f"{block_bytes} bytes exceeds the message limit of "
+                                 f"{message_limit} bytes")
+        return requested
     return max(1, min(_BLOCK_BYTES, message_limit // 2) // token_bytes)
 
 
@@ -516,8 +548,9 @@ def _stream_header(q, k, seq_len, spec, request_id, priority):
 
 
 def _rows(raw, start, end):
-    """The buffers of tokens [start, end) of every batch of raw: one contiguous run per batch."""
-    return [memoryview(raw[b, start:end]) for b in range(raw.shape[0])]
+    """The buffers of tokens [start, end) of every batch of raw: one contiguous run per batch
+    (gathered here where raw is strided, so that a strided input is never copied whole)."""
+    return [memoryview(np.ascontiguousarray(raw[b, start:end])) for b in range(raw.shape[0])]
 
 
 def _block_message(token_start, q, k, v, start, end):
@@ -568,13 +601,18 @@ def _check_priority(priority):
     return _check_int("priority", priority, -2**31, 2**31 - 1)  # The wire's int32.
 
 
+def _check_seq_len(seq_len):
+    return _check_int("seq_len", seq_len, 1, _MAX_INT64)
+
+
 def _check_parallel_streams(parallel_streams):
     """parallel_streams as an int in [0, _MAX_PARALLEL_STREAMS], or InvalidArgument."""
-    if isinstance(parallel_streams, bool) or not isinstance(parallel_streams, int) or not (
+    if isinstance(parallel_streams, (bool, np.bool_)) or not isinstance(
+            parallel_streams, (int, np.integer)) or not (
             0 <= parallel_streams <= _MAX_PARALLEL_STREAMS):
         raise errors.invalid(f"parallel_streams {parallel_streams!r} must be an int from 0 "
                              f"(chosen from the request's size) to {_MAX_PARALLEL_STREAMS}")
-    return parallel_streams
+    return int(parallel_streams)
 
 
 def _chunk_tokens(segments, seq_len):
@@ -635,7 +673,7 @@ class _Attend:
         self.spec = spec
         self.request_id = request_id
         self.priority = _check_priority(priority)
-        _check_int("block_tokens", block_tokens, 0, 2**62)
+        self.block_tokens = _check_int("block_tokens", block_tokens, 0, 2**62)
         self.info = None
         self.progress = progress
         self.to_send = self.q.nbytes + self.k.nbytes + self.v.nbytes
@@ -656,10 +694,12 @@ class _Attend:
 
     def streams(self, stream, message_limit):
         """Whether to stream: as asked, or when q, k, v and the output do not fit one message
-        (with room for framing)."""
-        if stream is not None:
-            return stream
-        return self.q.nbytes * 2 + self.k.nbytes + self.v.nbytes > 0.9 * message_limit
+        (with room for framing). A stream's block_tokens is checked here, before it is sent."""
+        if stream is None:
+            stream = self.q.nbytes * 2 + self.k.nbytes + self.v.nbytes > 0.9 * message_limit
+        if stream:
+            _block_tokens(self.q, self.k, message_limit, self.block_tokens)
+        return stream
 
     def cut(self, parallel_streams):
         """Cuts the call into at most parallel_streams parts (0: one per
@@ -679,7 +719,8 @@ class _Attend:
         parts.append(_wire.message_field(2, self.spec))
         for field, tensor in ((3, self.q), (4, self.k), (5, self.v)):
             header = pb.Tensor(dtype=tensor.wire, shape=tensor.shape).SerializeToString()
-            parts += _wire.bytes_field(field, [header, *_wire.bytes_field(3, [tensor.raw])])
+            data = np.ascontiguousarray(tensor.raw)  # A strided input gathered whole.
+            parts += _wire.bytes_field(field, [header, *_wire.bytes_field(3, [data])])
         parts.append(_wire.int_field(6, self.priority))
         return _wire.join(parts)
 
@@ -825,10 +866,8 @@ class _BlockFeed:
     is kept and raised in place of the cancelled call's status."""
 
     def __init__(self, blocks, seq_len, spec, request_id, priority, message_limit):
-        if int(seq_len) < 1:
-            raise errors.invalid(f"seq_len {seq_len} must be at least 1")
         self.blocks = blocks
-        self.seq_len = int(seq_len)
+        self.seq_len = _check_seq_len(seq_len)
         self.spec = spec
         self.request_id = request_id
         self.priority = _check_priority(priority)
@@ -853,7 +892,7 @@ class _BlockFeed:
                     block = next(blocks, _ENDED)
                     if block is _ENDED:
                         break
-                    messages = self._messages(block)
+                    messages = self._messages(block)  # Checked here; encoded as sent.
                 yield from messages
             self._check_complete()
         except Exception as error:
@@ -874,17 +913,19 @@ class _BlockFeed:
             raise
 
     def _messages(self, block):
+        """Checks block (in the caller's grad mode) and counts its tokens as sent; returns an
+        iterator that encodes its messages one at a time, as the transport takes them."""
         try:
             q, k, v = block
         except (TypeError, ValueError):
             raise errors.invalid(f"blocks: each block is (q, k, v), got {type(block).__name__}")
         q, k, v = _host_tensors(q, k, v)
         tokens = q.shape[1]
-        messages = []
+        header = None
         if self.first is None:
             self.first, self.first_kv = q, k
-            messages.append(_stream_header(q, k, self.seq_len, self.spec, self.request_id,
-                                           self.priority))
+            header = _stream_header(q, k, self.seq_len, self.spec, self.request_id,
+                                    self.priority)
         elif (q.shape[0], q.shape[2], q.shape[3], k.shape[2]) != (
                 self.first.shape[0], self.first.shape[2], self.first.shape[3],
                 self.first_kv.shape[2]) or not q.same_kind(self.first):
@@ -896,12 +937,17 @@ class _BlockFeed:
         if self.sent + tokens > self.seq_len:
             raise errors.invalid(f"blocks: {self.sent + tokens} tokens so far, past seq_len "
                                  f"{self.seq_len}")
-        step = _block_tokens(q, k, self.message_limit, 0)
-        for start in range(0, tokens, step):
-            end = min(tokens, start + step)
-            messages.append(_block_message(self.sent + start, q, k, v, start, end))
+        token_start = self.sent
         self.sent += tokens
-        return messages
+        return self._encoded(header, token_start, q, k, v)
+
+    def _encoded(self, header, token_start, q, k, v):
+        if header is not None:
+            yield header
+        step = _block_tokens(q, k, self.message_limit, 0)
+        for start in range(0, q.shape[1], step):
+            end = min(q.shape[1], start + step)
+            yield _block_message(token_start + start, q, k, v, start, end)
 
     def _check_complete(self):
         if self.sent != self.seq_len:

@@ -1,6 +1,7 @@
 """Inputs and outputs: numpy arrays (float32, float16, ml_dtypes.bfloat16) or torch tensors
-(float32, float16, bfloat16, on any device), seen as C-contiguous numpy arrays of their bytes on
-the host (bf16 as uint16), and an output given back in the input's kind, dtype and device.
+(float32, float16, bfloat16, on any device), seen as numpy arrays of their bytes on the host (bf16
+as uint16; a strided input keeps its strides, its rows gathered as they are sent), and an output
+given back in the input's kind, dtype and device.
 
 torch is never imported here: a tensor is recognised through `sys.modules`, so the package works
 without torch and costs nothing when torch is not used.
@@ -24,8 +25,10 @@ def _torch_of(value):
 
 
 class HostTensor:
-    """A caller's tensor as a C-contiguous numpy array on the host (`raw`, bf16 as uint16), its
-    wire dtype and how to give an output of the same kind back (`like`)."""
+    """A caller's tensor as a numpy array on the host (`raw`, bf16 as uint16), its wire dtype and
+    how to give an output of the same kind back (`give_back`). `raw` is a view of the caller's
+    array or CPU tensor, strides and all (not copied: a stream gathers each block's rows as it
+    sends them), or a contiguous copy of a tensor on another device."""
 
     def __init__(self, name, value):
         torch = _torch_of(value)
@@ -42,7 +45,7 @@ class HostTensor:
         # A non-native byte order has the same name: refused, the wire is little-endian.
         self.wire = _WIRE.get(array.dtype.name) if array.dtype.isnative else None
         self._check(name, array.ndim, array.shape, "float32, float16 or bfloat16 (ml_dtypes)")
-        self.raw = np.ascontiguousarray(array).view(_RAW[self.wire])
+        self.raw = array.view(_RAW[self.wire])  # Same item size: any strides.
         self.torch = None
         self.numpy_dtype = array.dtype
 
@@ -60,7 +63,9 @@ class HostTensor:
         self.torch = torch
         self.device = tensor.device
         self.torch_dtype = tensor.dtype
-        host = tensor.detach().to("cpu").contiguous()
+        host = tensor.detach()
+        if host.device.type != "cpu":
+            host = host.to("cpu").contiguous()
         if tensor.dtype == torch.bfloat16:
             host = host.view(torch.int16)
         self.raw = host.numpy().view(_RAW[self.wire])
@@ -117,9 +122,15 @@ class Output:
 
     def _init_torch_out(self, out, torch):
         self._check_out(tuple(out.shape), str(out.dtype), True)
+        if out.requires_grad and torch.is_grad_enabled():
+            raise errors.invalid(
+                "out requires grad, but da writes it in place, without gradients: call it under "
+                "torch.no_grad() (or torch.inference_mode()), or pass an out that does not "
+                "require grad")
         self._in_place = out.device.type == "cpu" and out.is_contiguous()
         if self._in_place:
-            host = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
+            host = out.detach()  # The same memory; numpy() refuses a tensor requiring grad.
+            host = host.view(torch.int16) if out.dtype == torch.bfloat16 else host
             self.raw = host.numpy().view(_RAW[self._query.wire])
         else:
             self.raw = self._query.empty(self._query.shape)

@@ -58,14 +58,62 @@ async def _maybe_off_loop(off, fn, *args):
     return await asyncio.to_thread(run)
 
 
-def _raise_requests_error(error):
-    """Inside `except asyncio.CancelledError`: grpc.aio cancels a call whose request iterator
-    raised (logging the exception at DEBUG only), and reading the call then raises CancelledError;
-    raises the iterator's exception (`error`, kept by da) instead, else re-raises the
-    cancellation (the caller's own)."""
+def _raise_cancelled(call):
+    """Inside `except asyncio.CancelledError` around awaiting call: da.Cancelled, as da.Client
+    raises, where the call was cancelled (close() of the client or of a BlockStream) and the
+    current task was not; else re-raises the task's own cancellation. Before Python 3.11
+    (no Task.cancelling()) the two cannot be told apart, and the CancelledError stays."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    if call.cancelled() and cancelling is not None and cancelling() == 0:
+        raise errors.Cancelled(grpc.StatusCode.CANCELLED,
+                               _at_once(call.details()) or "cancelled") from None
+    raise
+
+
+def _raise_requests_error(error, call):
+    """Inside `except asyncio.CancelledError` around reading a stream call: a call whose
+    requests raised is cancelled (_write_requests), and reading it then raises CancelledError;
+    raises the requests' exception (`error`, kept by da) instead, else as _raise_cancelled."""
     if error is not None:
         raise error from None
-    raise
+    _raise_cancelled(call)
+
+
+async def _write_requests(call, requests):
+    """Writes requests (a sync or async iterable) to call, then half-closes it: the task of da's
+    that pulls a stream's requests. grpc.aio's own (for a request iterator given to the call)
+    is cancelled with the call only while the call has not ended: one waiting in the caller's
+    generator when the server ended the call stayed pending for good, holding the call and
+    its blocks. A failed write ends this one (reading the call gives its status); requests that
+    raise cancel the call, as grpc.aio does (da keeps their exception)."""
+    try:
+        async for request in _client._as_async(requests):
+            await call.write(request)
+        await call.done_writing()
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        pass  # The call has ended.
+    except Exception:  # Kept by the requests' generator (_Part.requests, _BlockFeed).
+        call.cancel()
+
+
+class _Stream:
+    """An AttendStream call, its _KeptStatus, and the task that writes its requests."""
+
+    def __init__(self, call, requests, deadline):
+        self.call = call
+        self.kept = _KeptStatus(call, deadline)
+        self._writer = asyncio.ensure_future(_write_requests(call, requests))
+
+    def cancel(self):
+        """Cancels the call (nothing once it has ended; else it stops the server's work) and
+        the writer."""
+        self.call.cancel()
+        self._writer.cancel()
+
+    async def end(self):
+        """cancel(), then waits for the writer to end (the caller's generator closed with it)."""
+        self.cancel()
+        await asyncio.wait([self._writer])
 
 
 def _at_once(coroutine):
@@ -151,9 +199,12 @@ class Client:
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
         self._part_channels = []
+        self._closed = False
 
     async def close(self):
-        """Closes the channels; calls in flight are cancelled."""
+        """Closes the channels; calls in flight are cancelled, and later calls raise
+        da.Cancelled."""
+        self._closed = True
         channels, self._part_channels = self._part_channels, []
         for channel in channels:
             await channel.close()
@@ -166,13 +217,18 @@ class Client:
         await self.close()
 
     def _options(self, timeout, request_id=""):
+        """A call's options; every call takes them first (Cancelled once closed)."""
+        _client._check_open(self._closed)
         return _client._call_options(self._token_metadata, self._timeout, timeout, request_id)
 
     async def _call(self, method, request, timeout, request_id=""):
+        call = method(request, **self._options(timeout, request_id))
         try:
-            return await method(request, **self._options(timeout, request_id))
+            return await call
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
+        except asyncio.CancelledError:
+            _raise_cancelled(call)
 
     async def info(self, timeout=None):
         """da.Client.info, awaited."""
@@ -195,18 +251,16 @@ class Client:
         return self._message_limit
 
     def _open_stream(self, requests, options, deadline, method=None):
-        """An AttendStream call sending requests, and its _KeptStatus; its blocks wait for the
-        server's admission where the server gives one (_client._after_admission: a refusal then
-        never meets a write in flight). After _server_message_limit."""
+        """A _Stream: an AttendStream call sending requests; its blocks wait for the server's
+        admission where the server gives one (_client._after_admission: a refusal then never
+        meets a write in flight). After _server_message_limit."""
         method = method or self._attend_stream
-        if not self._admits_streams:
-            call = method(requests, **options)
-            return call, _KeptStatus(call, deadline)
-        made = []
-        options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
-        call = method(_client._after_admission(requests, made), **options)
-        made.append(call)
-        return call, _KeptStatus(call, deadline)
+        if self._admits_streams:
+            options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
+        call = method(**options)
+        if self._admits_streams:
+            requests = _client._after_admission(requests, call)
+        return _Stream(call, requests, deadline)
 
     async def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                      precision="auto", scale=None, out=None, stream=None, block_tokens=0,
@@ -229,20 +283,24 @@ class Client:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
                 await self._stream_parts(job, limit, block_tokens, timeout, deadline)
             elif job.streams(stream, limit):
-                call, kept = self._open_stream(job.stream_requests(limit, block_tokens),
-                                               options, deadline)
+                opened = self._open_stream(job.stream_requests(limit, block_tokens), options,
+                                           deadline)
                 try:
-                    async for message in call:
+                    async for message in opened.call:
                         job.take_stream_message(message)
                 except grpc.RpcError as error:
-                    raise job.parts[0].failure(await kept.of(error)) from None
+                    raise job.parts[0].failure(await opened.kept.of(error)) from None
                 except asyncio.CancelledError:
-                    _raise_requests_error(job.parts[0].error)
+                    _raise_requests_error(job.parts[0].error, opened.call)
                 finally:
-                    call.cancel()
+                    await opened.end()
             else:
                 request = await _maybe_off_loop(large, job.unary_request)
-                response = await self._attend(request, **options)
+                call = self._attend(request, **options)
+                try:
+                    response = await call
+                except asyncio.CancelledError:
+                    _raise_cancelled(call)
                 await _maybe_off_loop(large, job.take_unary_response, response)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
@@ -251,6 +309,7 @@ class Client:
 
     def _stream_methods(self, count):
         """AttendStream on count connections, as da.Client's."""
+        _client._check_open(self._closed)
         while len(self._part_channels) < count - 1:
             self._part_channels.append(_client._part_channel(grpc.aio, self._channel_args,
                                                              len(self._part_channels) + 1))
@@ -263,18 +322,17 @@ class Client:
         streams = [self._open_stream(part.requests(limit, block_tokens),
                                      self._options(timeout, part.request_id), deadline, method)
                    for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
-        calls = [call for call, _ in streams]
 
-        async def take(part, call, kept):
+        async def take(part, stream):
             try:
-                async for message in call:
+                async for message in stream.call:
                     part.take_message(message)
             except grpc.RpcError as error:
-                raise part.failure(await kept.of(error)) from None
+                raise part.failure(await stream.kept.of(error)) from None
             except asyncio.CancelledError:
-                _raise_requests_error(part.error)
+                _raise_requests_error(part.error, stream.call)
 
-        tasks = [asyncio.ensure_future(take(part, *stream))
+        tasks = [asyncio.ensure_future(take(part, stream))
                  for part, stream in zip(job.parts, streams)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -282,11 +340,12 @@ class Client:
                 if task in done and task.exception() is not None:
                     raise task.exception()
         finally:
-            for call in calls:
-                call.cancel()  # Nothing for a call that has ended; else stops its server work.
+            for stream in streams:
+                stream.cancel()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *(stream.end() for stream in streams),
+                                 return_exceptions=True)
 
     def attend_blocks(self, blocks, *, seq_len, segments, dilations, causal=False,
                       mode="longnet", precision="auto", scale=None, request_id="", priority=0,
@@ -295,6 +354,7 @@ class Client:
         Returns a BlockStream whose `info` is the execution info once it has ended."""
         spec = _client._spec(segments, dilations, causal, mode, precision, scale)
         _client._check_priority(priority)
+        _client._check_seq_len(seq_len)
         return BlockStream(self, blocks, seq_len, spec, request_id, priority, timeout)
 
 
@@ -308,7 +368,7 @@ class BlockStream:
         self._args = (blocks, seq_len, spec, request_id, priority)
         self._timeout = timeout
         self._request_id = request_id
-        self._call = None
+        self._stream = None
 
     async def __aiter__(self):
         client = self._client
@@ -316,24 +376,24 @@ class BlockStream:
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
         timeout = _client._left(deadline)
-        call, kept = client._open_stream(feed.async_requests(),
-                                         client._options(timeout, self._request_id), deadline)
-        self._call = call
+        stream = client._open_stream(feed.async_requests(),
+                                     client._options(timeout, self._request_id), deadline)
+        self._stream = stream
         try:
-            async for message in call:
+            async for message in stream.call:
                 block = feed.take_stream_message(message)
                 if block is not None:
                     yield block
             self.info = feed.finish()
         except grpc.RpcError as error:
-            raise feed.failure(await kept.of(error)) from None
+            raise feed.failure(await stream.kept.of(error)) from None
         except asyncio.CancelledError:
-            _raise_requests_error(feed.error)
+            _raise_requests_error(feed.error, stream.call)
         finally:
-            call.cancel()
+            await stream.end()
 
     def close(self):
         """Cancels the call (if it has not ended), as leaving the loop early does; for a loop
         left early, where the async generator's own clean-up waits for the event loop's."""
-        if self._call is not None:
-            self._call.cancel()
+        if self._stream is not None:
+            self._stream.cancel()

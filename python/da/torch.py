@@ -42,14 +42,15 @@ class DilatedAttention(torch.nn.Module):
                  precision="auto", stream=None, parallel_streams=1, timeout=None):
         super().__init__()
         # The same checks as a request's, now rather than at the first forward.
-        _client._spec(segment_lengths, dilation_rates, False, mode, precision, softmax_scale)
+        spec = _client._spec(segment_lengths, dilation_rates, False, mode, precision,
+                             softmax_scale)
         if attention_dropout != 0:
             raise ValueError(f"attention_dropout {attention_dropout}: da computes inference "
                              "only, without dropout; use 0")
         if op is not None:
             raise ValueError("op: da computes on its server; an xformers op does not apply")
-        self.segment_lengths = [int(w) for w in segment_lengths]
-        self.dilation_rates = [int(r) for r in dilation_rates]
+        self.segment_lengths = list(spec.segment_lengths)
+        self.dilation_rates = list(spec.dilation_rates)
         self.softmax_scale = softmax_scale
         self.mode = mode
         self.precision = precision

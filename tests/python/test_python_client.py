@@ -172,6 +172,14 @@ class PythonClientTest(unittest.TestCase):
             ((q, q, q), {"priority": 2**31}, "priority 2147483648 must be an int from "
                                              "-2147483648 to 2147483647"),
             ((q, q, q), {"stream": True, "priority": 1.5}, "priority 1.5 must be an int"),
+            # Pattern values are whole numbers the wire's int64 holds, not truncated.
+            ((q, q, q), {"segments": [2048.7]}, "segments[0] 2048.7 must be an int from 1 to "
+                                                "9223372036854775807"),
+            ((q, q, q), {"segments": [4, 2**70], "dilations": [1, 1]},
+             f"segments[1] {2**70} must be an int"),
+            ((q, q, q), {"segments": [4, 0], "dilations": [1, 1]}, "segments[1] 0 must be"),
+            ((q, q, q), {"dilations": [True]}, "dilations[0] True must be an int"),
+            ((q, q, q), {"dilations": [1.0]}, "dilations[0] 1.0 must be an int"),
         ]
         for args, kw, text in cases:
             with self.subTest(text=text):
@@ -184,6 +192,12 @@ class PythonClientTest(unittest.TestCase):
             nowhere.attend_blocks([(q, q, q)], seq_len=8, segments=[4], dilations=[1],
                                   priority=True)
         self.assertIn("priority True must be an int", str(caught.exception))
+        for seq_len in (8.0, 0, 2**63):
+            with self.subTest(seq_len=seq_len), self.assertRaises(da.InvalidArgument) as bad:
+                nowhere.attend_blocks([(q, q, q)], seq_len=seq_len, segments=[4], dilations=[1])
+            self.assertIn(f"seq_len {seq_len!r} must be an int from 1", str(bad.exception))
+        spec = _client._spec([np.int64(4), 8], [np.int32(1), 2], False, "longnet", "auto", None)
+        self.assertEqual((list(spec.segment_lengths), list(spec.dilation_rates)), ([4, 8], [1, 2]))
         nowhere.close()
         # A CA file without a PEM block would stand for the system's roots: refused by name.
         for path in (os.devnull, os.path.dirname(os.path.abspath(__file__))):
@@ -200,8 +214,8 @@ class PythonClientTest(unittest.TestCase):
     def test_errors_are_exceptions_with_the_code_and_the_servers_message(self):
         q = np.ones((1, 64, 2, 8), np.float32)
         with self.assertRaises(da.InvalidArgument) as caught:
-            self.client.attend(q, q, q, segments=[16, 0], dilations=[1, 1])
-        self.assertIn("spec.segment_lengths[1] is 0", caught.exception.message)
+            self.client.attend(q, q, q, segments=[16, 16], dilations=[1, 32])
+        self.assertIn("spec.dilation_rates[1] is 32", caught.exception.message)
         # One dense segment of 32768 tokens: seconds of compute, far past 50 ms.
         long_q = np.random.default_rng(13).standard_normal((1, 32768, 1, 32)).astype(np.float32)
         with self.assertRaises(da.DeadlineExceeded) as caught:
@@ -398,6 +412,15 @@ class PythonClientTest(unittest.TestCase):
         with self.assertRaises(da.InvalidArgument) as caught:
             self.client.attend(q, q, q, out=np.empty(q.shape, np.float32), **kw)
         self.assertIn("expected the query's [2, 64, 2, 16] and float16", str(caught.exception))
+        # An out that requires grad: refused as inputs are, written in place under no_grad.
+        tq = torch.from_numpy(q)
+        tout = torch.zeros(q.shape, dtype=torch.float16, requires_grad=True)
+        with self.assertRaises(da.InvalidArgument) as caught:
+            self.client.attend(tq, tq, tq, out=tout, **kw)
+        self.assertIn("out requires grad", str(caught.exception))
+        with torch.no_grad():
+            self.assertIs(self.client.attend(tq, tq, tq, out=tout, **kw), tout)
+        self.assertTrue(np.array_equal(tout.detach().numpy(), want))
 
     def test_a_96_mib_request_streams_by_itself(self):
         # 16,384 x 8 x 64 fp32: q, k and v are 96 MiB, past the default 64 MiB message.
@@ -589,7 +612,11 @@ class PythonClientTest(unittest.TestCase):
         got = self.client.attend(q, q, q, stream=True, parallel_streams=0, return_info=True,
                                  segments=[16], dilations=[1], precision="fp32")
         self.assertNotIn(",", got.info.request_id)
-        for bad in (-1, 65, 1.5, True, "2"):
+        got = self.client.attend(q, q, q, stream=True, parallel_streams=np.int64(4),
+                                 request_id="np", return_info=True, segments=[16],
+                                 dilations=[1], precision="fp32")
+        self.assertEqual(got.info.request_id, "np/1,np/2,np/3,np/4")
+        for bad in (-1, 65, 1.5, True, np.True_, "2"):
             with self.subTest(parallel_streams=bad):
                 with self.assertRaises(da.InvalidArgument) as caught:
                     self.client.attend(q, q, q, parallel_streams=bad, **kw)
@@ -748,6 +775,9 @@ class PythonClientTest(unittest.TestCase):
             da.torch.DilatedAttention([32], [1], attention_dropout=0.1, client=self.client)
         with self.assertRaises(da.InvalidArgument):
             da.torch.DilatedAttention([32, 64], [1], client=self.client)
+        with self.assertRaises(da.InvalidArgument) as caught:
+            da.torch.DilatedAttention([2048.7], [1], client=self.client)
+        self.assertIn("segments[0] 2048.7 must be an int", str(caught.exception))
 
     def test_asyncio_block_iterator_takes_an_async_generator(self):
         import asyncio
@@ -799,6 +829,9 @@ class PythonClientTest(unittest.TestCase):
                         async for _ in client.attend_blocks(blocks, seq_len=32, **kw):
                             pass
                     self.assertIn(text, str(caught.exception))
+                with self.assertRaises(da.InvalidArgument) as caught:  # Before any call.
+                    client.attend_blocks([(x, x, x)], seq_len=32.0, **kw)
+                self.assertIn("seq_len 32.0 must be an int", str(caught.exception))
                 # Leaving early and closing cancels the call; the server is there for the next.
                 stream = client.attend_blocks([(x, x, x)] * 64, seq_len=1024, **kw)
                 async for _ in stream:
@@ -871,6 +904,218 @@ class PythonClientTest(unittest.TestCase):
             got = small.attend(q, q, q, return_info=True, **kw)
         self.assertGreater(got.info.stream_buffer_bytes, 0)
         self.assertTrue(np.array_equal(got.output, self.client.attend(q, q, q, **kw)))
+
+
+class ClientReviewTest(unittest.TestCase):
+    """Strided inputs, block sizes, closing, cancellation and the asyncio client's tasks."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = da_testing.Server(ARGS.server_binary, ["--threads", "2"],
+                                       metrics=True).start()
+        cls.client = da.Client(cls.server.address, timeout=60)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.server.stop_and_close()
+
+    def test_strided_inputs_give_the_bytes_of_contiguous_ones_and_stream_without_a_copy(self):
+        rng = np.random.default_rng(39)
+        q = rng.standard_normal((2, 96, 4, 16)).astype(np.float32)
+        k = rng.standard_normal((2, 96, 2, 16)).astype(np.float32)
+        kw = dict(segments=[32], dilations=[2], precision="fp32")
+        want = self.client.attend(q, k, k, stream=False, **kw)
+
+        def heads_major(a):  # The same values, each head's tokens together in memory.
+            return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
+        for layout, make in (("heads-major", heads_major), ("fortran", np.asfortranarray)):
+            sq, sk = make(q), make(k)
+            self.assertFalse(sq.flags.c_contiguous)
+            for stream in (False, True):
+                with self.subTest(layout=layout, stream=stream):
+                    got = self.client.attend(sq, sk, sk, stream=stream, block_tokens=20, **kw)
+                    self.assertTrue(np.array_equal(got.view(np.uint8), want.view(np.uint8)))
+        tq, tk = (torch.from_numpy(a).transpose(1, 2).contiguous().transpose(1, 2)
+                  for a in (q, k))
+        self.assertFalse(tq.is_contiguous())
+        got = self.client.attend(tq, tk, tk, stream=True, block_tokens=20, **kw)
+        self.assertTrue(np.array_equal(got.numpy().view(np.uint8), want.view(np.uint8)))
+        self.assertTrue(np.shares_memory(_client._Attend(tq, tk, tk, None, _client._spec(
+            [32], [2], False, "longnet", "auto", None), "", 0).q.raw, tq.numpy()))
+        # 16 MiB each for q, k and v (one array), streamed in blocks of 64 tokens: what is
+        # allocated at once is a block's rows and message, not a copy of the input.
+        import tracemalloc
+        big = heads_major(rng.standard_normal((1, 8192, 8, 64)).astype(np.float32))
+        out = np.empty_like(big)
+        spec = _client._spec([64], [1], False, "longnet", "fp32", None)
+        tracemalloc.start()
+        try:
+            job = _client._Attend(big, big, big, out, spec, "", 0, block_tokens=64)
+            sent = sum(len(message) for message in job.stream_requests(64 << 20, 64))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertGreater(sent, 3 * big.nbytes)
+        self.assertLess(peak, big.nbytes // 8, f"{peak} bytes allocated at the peak")
+
+    def test_the_block_iterator_encodes_a_blocks_messages_one_at_a_time(self):
+        x = np.ones((1, 1024, 2, 16), np.float32)  # 384 bytes of q, k and v a token.
+        spec = _client._spec([16], [1], False, "longnet", "auto", None)
+        # A message limit of 128 tokens: blocks of 64 (half a message), 16 for x.
+        feed = _client._BlockFeed([(x, x, x)], 1024, spec, "", 0, 128 * 384)
+        made, original = [], _client._block_message
+
+        def recorded(token_start, *args):
+            made.append(token_start)
+            return original(token_start, *args)
+
+        _client._block_message = recorded
+        try:
+            requests = feed.requests()
+            next(requests)  # The header.
+            next(requests)
+            self.assertEqual(made, [0])
+            self.assertEqual(len(list(requests)), 15)
+            self.assertEqual(made, list(range(0, 1024, 64)))
+        finally:
+            _client._block_message = original
+
+    def test_a_block_larger_than_a_message_is_refused_before_sending(self):
+        import asyncio
+        q = np.ones((1, 4096, 2, 16), np.float32)  # 384 bytes of q, k and v a token.
+        kw = dict(segments=[16], dilations=[1], stream=True)
+        refusal = ("block_tokens 4096: a block's message of up to 1572944 bytes exceeds the "
+                   "message limit of 1048576 bytes")
+        with da.Client(self.server.address, max_message_bytes=1 << 20, timeout=60) as small:
+            with self.assertRaises(da.InvalidArgument) as caught:
+                small.attend(q, q, q, block_tokens=4096, **kw)
+            self.assertIn(refusal, str(caught.exception))
+            # A block that fits goes; so does a larger block_tokens than the sequence has.
+            self.assertEqual(small.attend(q, q, q, block_tokens=2048, **kw).shape, q.shape)
+            self.assertEqual(small.attend(q[:, :16], q[:, :16], q[:, :16], block_tokens=4096,
+                                          **kw).shape, (1, 16, 2, 16))
+
+        async def run():
+            async with da.aio.Client(self.server.address, max_message_bytes=1 << 20,
+                                     timeout=60) as small:
+                with self.assertRaises(da.InvalidArgument) as caught:
+                    await small.attend(q, q, q, block_tokens=4096, **kw)
+                return str(caught.exception)
+
+        self.assertIn(refusal, asyncio.run(run()))
+
+    def test_a_closed_client_refuses_calls_with_cancelled_and_makes_no_channel(self):
+        import asyncio
+        q = np.ones((1, 128, 2, 16), np.float32)
+        kw = dict(segments=[16], dilations=[1], precision="fp32")
+        parts = dict(stream=True, parallel_streams=2, **kw)
+        client = da.Client(self.server.address, timeout=60)
+        client.attend(q, q, q, **parts)  # The server's limit read, a part's channel made.
+        client.close()
+        for name, call in (("parallel", lambda: client.attend(q, q, q, **parts)),
+                           ("unary", lambda: client.attend(q, q, q, stream=False, **kw)),
+                           ("info", client.info),
+                           ("blocks", lambda: list(client.attend_blocks([(q, q, q)],
+                                                                        seq_len=128, **kw)))):
+            with self.subTest(call=name), self.assertRaises(da.Cancelled) as caught:
+                call()
+            self.assertIn("the client is closed", str(caught.exception))
+        self.assertEqual(client._part_channels, [])
+
+        async def run():
+            client = da.aio.Client(self.server.address, timeout=60)
+            await client.attend(q, q, q, **parts)
+            await client.close()
+            refused = []
+            for call in (lambda: client.attend(q, q, q, **parts),
+                         lambda: client.attend(q, q, q, stream=False, **kw), client.info):
+                with self.assertRaises(da.Cancelled) as caught:
+                    await call()
+                refused.append(str(caught.exception))
+            with self.assertRaises(da.Cancelled) as caught:
+                async for _ in client.attend_blocks([(q, q, q)], seq_len=128, **kw):
+                    pass
+            refused.append(str(caught.exception))
+            return refused, client._part_channels
+
+        refused, channels = asyncio.run(run())
+        self.assertEqual(len(refused), 4)
+        self.assertTrue(all("the client is closed" in text for text in refused), refused)
+        self.assertEqual(channels, [])
+
+    def test_asyncio_streams_leave_no_task_waiting_in_the_callers_generator(self):
+        # grpc.aio cancels the task that pulls a call's requests only while the call has not
+        # ended: one waiting in the caller's generator when the call failed stayed pending for
+        # good ("Task was destroyed but it is pending!"), holding the call and the blocks.
+        import asyncio
+        x = np.ones((1, 16, 2, 8), np.float32)
+
+        async def run():
+            never = asyncio.Queue()
+
+            async def blocks():
+                yield x, x, x
+                yield await never.get()  # Nothing ever comes.
+
+            producer = blocks()
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                began = time.monotonic()
+                with self.assertRaises(da.DeadlineExceeded):
+                    async for _ in client.attend_blocks(producer, seq_len=32, segments=[8],
+                                                        dilations=[1], timeout=0.5):
+                        pass
+                took = time.monotonic() - began
+                left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                return took, left, producer.ag_frame is None
+
+        took, left, closed = asyncio.run(run())
+        self.assertLess(took, 10)
+        self.assertEqual(left, [])
+        self.assertTrue(closed, "the caller's generator was left open")
+
+    def test_asyncio_calls_in_flight_when_the_client_closes_raise_cancelled(self):
+        # As da.Client's: close() from another task cancels the calls in flight, whose tasks
+        # were not cancelled themselves: they get da.Cancelled, not asyncio.CancelledError
+        # (which Python before 3.11 cannot tell from the task's own cancellation).
+        import asyncio
+        x = np.ones((1, 16, 2, 8), np.float32)
+        # One dense segment of 32768 tokens: seconds of compute.
+        long_q = np.random.default_rng(40).standard_normal((1, 32768, 1, 32)).astype(np.float32)
+        in_flight = "da_in_flight_requests"
+
+        async def run():
+            never = asyncio.Queue()
+
+            async def blocks():
+                yield x, x, x
+                yield await never.get()  # Nothing ever comes.
+
+            async def stream(client):
+                async for _ in client.attend_blocks(blocks(), seq_len=32, segments=[8],
+                                                    dilations=[1]):
+                    pass
+
+            client = da.aio.Client(self.server.address, timeout=60)
+            await client.info()
+            calls = [asyncio.ensure_future(stream(client)),
+                     asyncio.ensure_future(client.attend(long_q, long_q, long_q,
+                                                         segments=[32768], dilations=[1],
+                                                         stream=False))]
+            await asyncio.to_thread(da_testing.wait_until,
+                                    lambda: self.server.metric(in_flight) == 2, 30,
+                                    "both calls in flight")
+            await client.close()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return outcomes, left
+
+        outcomes, left = asyncio.run(run())
+        want = da.Cancelled if sys.version_info >= (3, 11) else asyncio.CancelledError
+        for outcome in outcomes:
+            self.assertIsInstance(outcome, want)
+        self.assertEqual(left, [])
 
 
 class PackageTest(unittest.TestCase):
