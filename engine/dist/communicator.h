@@ -74,7 +74,8 @@ class Communicator {
   // Fails the group from outside its calls, as a failure of its own would (its owner gave up on
   // them: a rank does not answer a stop): every call in flight on any thread and every later one
   // returns UNAVAILABLE quoting `why`. Thread safe. The default does nothing (a call in flight
-  // then ends at its timeout); NCCL's would be ncclCommAbort.
+  // then ends at its timeout). NCCL's call in flight carries it out (ncclCommAbort) on its own
+  // thread at its next poll.
   virtual void Abort(const std::string& why) { (void)why; }
 };
 

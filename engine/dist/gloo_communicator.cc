@@ -10,7 +10,6 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dist/gloo_store_adapter.h"
 #include "gloo/allgather.h"
-#include "gloo/barrier.h"
 #include "gloo/broadcast.h"
 #include "gloo/common/error.h"
 #include "gloo/common/logging.h"
@@ -26,6 +25,8 @@ using std::chrono::milliseconds;
 
 // Slot prefix of Send/Recv; Gloo's own collectives use 0x01..0x08 (gloo/types.h).
 constexpr uint64_t kPointToPointSlotPrefix = 0xDA;
+// The slot of Barrier's messages (point to point too, see Barrier), apart from every Send/Recv.
+constexpr uint64_t kBarrierSlot = uint64_t{0xDB} << 56;
 
 // Thrown inside Run when the group failed while the call was in flight (its wait was aborted).
 struct EndedByFailure {};
@@ -154,9 +155,30 @@ class GlooCommunicator : public Communicator {
     std::lock_guard<std::mutex> lock(collective_mu_);
     return Run("Barrier", "", timeout, Traffic{}, [&] {
       if (size() == 1) return;
-      gloo::BarrierOptions options(context_);
-      options.setTimeout(timeout);
-      gloo::barrier(options);
+      // Point to point through registered buffers rather than gloo::barrier, whose buffers are
+      // Gloo's own: Abort (or another call's failure) then ends a barrier in flight as it ends
+      // Send and Recv; a group forming on a rank that stalled would otherwise hold its caller for
+      // the whole timeout. Every rank tells rank 0 it has arrived; rank 0, once all have, tells
+      // each to go on.
+      uint64_t word = 0;
+      const auto step = [&](int peer, bool send) {
+        auto buffer = context_->createUnboundBuffer(&word, sizeof(word));
+        const InFlight in_flight(*this, buffer.get(), send);
+        if (send) {
+          buffer->send(peer, kBarrierSlot);
+          if (!buffer->waitSend(timeout)) throw EndedByFailure{};
+        } else {
+          buffer->recv(peer, kBarrierSlot);
+          if (!buffer->waitRecv(timeout)) throw EndedByFailure{};
+        }
+      };
+      if (rank() == 0) {
+        for (int r = 1; r < size(); ++r) step(r, /*send=*/false);
+        for (int r = 1; r < size(); ++r) step(r, /*send=*/true);
+      } else {
+        step(0, /*send=*/true);
+        step(0, /*send=*/false);
+      }
     });
   }
 

@@ -112,7 +112,27 @@ absl::Status NcclCommunicator::Abort(absl::Status why) {
   return why;
 }
 
-absl::Status NcclCommunicator::Prepare(absl::string_view op) const {
+void NcclCommunicator::Abort(const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    if (!requested_why_.has_value()) requested_why_ = why;
+  }
+  abort_requested_.store(true);
+}
+
+absl::Status NcclCommunicator::TakeRequestedAbort(absl::string_view op) {
+  if (!abort_requested_.load() || comm_ == nullptr) return absl::OkStatus();
+  std::string why;
+  {
+    std::lock_guard<std::mutex> lock(abort_mutex_);
+    why = requested_why_.value_or("aborted");
+  }
+  return Abort(absl::UnavailableError(
+      absl::StrCat("NCCL ", op, " on ", Where(), " ended: ", why, "; communicator aborted")));
+}
+
+absl::Status NcclCommunicator::Prepare(absl::string_view op) {
+  (void)TakeRequestedAbort(op);  // Then refused below, quoting it.
   if (comm_ == nullptr) {
     return absl::UnavailableError(absl::StrCat("NCCL ", op, " on ", Where(),
                                                " refused: the communicator was aborted after an "
@@ -131,6 +151,7 @@ absl::Status NcclCommunicator::Enqueue(absl::string_view op, ncclResult_t result
 absl::Status NcclCommunicator::Complete(absl::string_view op, Clock::time_point deadline,
                                         std::chrono::milliseconds timeout) {
   while (true) {
+    DA_RETURN_IF_ERROR(TakeRequestedAbort(op));
     ncclResult_t state = ncclSuccess;
     ncclResult_t result = ncclCommGetAsyncError(comm_, &state);
     if (result != ncclSuccess) state = result;

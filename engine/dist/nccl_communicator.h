@@ -22,7 +22,9 @@
 // - Timeout: past it the communicator is aborted (ncclCommAbort) and the call returns
 //   DEADLINE_EXCEEDED naming the operation and the timeout. An error NCCL reports asynchronously
 //   (a lost peer, a network failure) aborts it too and returns UNAVAILABLE. After an abort every
-//   call returns FAILED_PRECONDITION: build a new communicator (the group must re-form).
+//   call returns UNAVAILABLE quoting the first failure: build a new communicator (the group must
+//   re-form). Abort(why) from another thread ends the call in flight the same way at its next
+//   poll, with ncclCommAbort on the calling thread.
 // - Bad arguments (negative bytes, a rank out of range, peer == rank) return INVALID_ARGUMENT.
 // - Send/Recv: NCCL has no tags. Messages between one pair of ranks match in the order they were
 //   issued; that order is the contract, and `tag` is only checked to be >= 0. A Send blocks until

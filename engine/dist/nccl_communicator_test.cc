@@ -451,6 +451,34 @@ TEST(NcclCommunicatorTest, CollectiveWithoutPeersTimesOutAndAborts) {
       << refused;
 }
 
+// Abort from another thread (the Communicator contract: a stop watch giving up on a stalled run)
+// ends a call in flight at once, not at its timeout, and later calls are refused quoting it.
+TEST(NcclCommunicatorTest, AbortFromAnotherThreadEndsTheCallInFlight) {
+  DA_REQUIRE_GPUS(2);
+  auto comms = CreateLocalNcclCommunicators({0, 1});
+  ASSERT_TRUE(comms.ok()) << comms.status();
+  cudaSetDevice(0);
+  DeviceBuffer send(kBytes), recv(2 * kBytes);
+  Communicator& comm = *(*comms)[0];
+  std::thread aborter([&comm] {
+    std::this_thread::sleep_for(milliseconds(200));
+    comm.Abort("the test gave up on the run");
+  });
+  const auto start = std::chrono::steady_clock::now();
+  // Rank 1 never joins: without the abort this waits out its 20 s.
+  const absl::Status status = comm.AllGather(send.get(), recv.get(), kBytes, milliseconds(20000));
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  aborter.join();
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_NE(status.message().find("the test gave up on the run"), absl::string_view::npos)
+      << status;
+  EXPECT_LT(elapsed, std::chrono::seconds(3));
+  const absl::Status refused = comm.Barrier(kTimeout);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable) << refused;
+  EXPECT_NE(refused.message().find("the test gave up on the run"), absl::string_view::npos)
+      << refused;
+}
+
 // Spawns this binary once per rank with the child environment; returns the ranks' exit codes.
 std::vector<int> RunRanks(int size, const std::string& mode, uint64_t seed) {
   const ScratchDir scratch;

@@ -6,10 +6,12 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -63,11 +65,15 @@ class NcclCommunicator final : public Communicator {
                     std::chrono::milliseconds timeout) override;
   absl::Status Barrier(std::chrono::milliseconds timeout) override;
   Counters counters() const override;
+  // From any thread (the Communicator contract): the call in flight aborts the communicator at
+  // its next poll (every 50 us) and returns UNAVAILABLE quoting why; with none in flight, the
+  // next call does. ncclCommAbort itself always runs on the thread that uses the communicator.
+  void Abort(const std::string& why) override;
 
   // Pieces of an operation, also used by the grouped local operations. Enqueue aborts the
   // communicator when the call failed, unless `in_group` (inside ncclGroupStart/End, where the
   // caller aborts every member once the group has ended).
-  absl::Status Prepare(absl::string_view op) const;
+  absl::Status Prepare(absl::string_view op);
   absl::Status Enqueue(absl::string_view op, ncclResult_t result, bool in_group = false);
   absl::Status Complete(absl::string_view op, Clock::time_point deadline,
                         std::chrono::milliseconds timeout);
@@ -75,6 +81,9 @@ class NcclCommunicator final : public Communicator {
   // Ends the communicator (its kernels in flight stop) for `why`, which later calls quote as
   // they are refused (UNAVAILABLE, the communicator contract); returns why.
   absl::Status Abort(absl::Status why);
+
+  // An Abort(why) asked for from another thread, carried out on this one: OK when none was.
+  absl::Status TakeRequestedAbort(absl::string_view op);
 
   ncclComm_t comm() const { return comm_; }
   cudaStream_t stream() const { return stream_; }
@@ -97,6 +106,9 @@ class NcclCommunicator final : public Communicator {
   float* barrier_word_ = nullptr;  // Device memory all-reduced by Barrier.
   mutable std::mutex counters_mutex_;
   Counters counters_;
+  std::atomic<bool> abort_requested_{false};
+  std::mutex abort_mutex_;
+  std::optional<std::string> requested_why_;  // Guarded by abort_mutex_.
 };
 
 // Takes ownership of an initialised `comm` and gives it its stream and barrier word.

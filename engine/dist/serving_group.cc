@@ -194,6 +194,8 @@ class CoordinatorGroup::Impl {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
       stopping_ = true;
+      // A generation forming now would wait out its barriers' timeouts on a stalled rank.
+      for (Communicator* comm : forming_) comm->Abort(kStoppingDuringFormation);
     }
     cv_.notify_all();
     // Waits in the store (joins, Gloo's rendezvous) end at once when the store stops serving.
@@ -400,10 +402,15 @@ class CoordinatorGroup::Impl {
                      .prefix = serving::GlooPrefix(session, generation),
                      .timeout = options.collective_timeout};
     DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> comm, MakeGlooCommunicator(*store, gloo));
+    std::unique_ptr<Communicator> plane;
+    const Forming forming(this);  // After the communicators: gone before they are.
+    forming.Add(comm.get());
     DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
-    DA_ASSIGN_OR_RETURN(std::unique_ptr<Communicator> plane,
-                        serving::FormServingDataPlane(options, *store, gloo.prefix));
-    if (plane != nullptr) DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
+    DA_ASSIGN_OR_RETURN(plane, serving::FormServingDataPlane(options, *store, gloo.prefix));
+    if (plane != nullptr) {
+      forming.Add(plane.get());
+      DA_RETURN_IF_ERROR(comm->Barrier(options.collective_timeout));
+    }
     std::lock_guard<std::timed_mutex> run_lock(run_mu_);
     plane_ = std::move(plane);
     comm_ = std::move(comm);
@@ -411,6 +418,26 @@ class CoordinatorGroup::Impl {
     last_activity_ = Clock::now();
     return absl::OkStatus();
   }
+
+  // The communicators of the generation being formed, for Stop to abort: registered while Form
+  // holds them (Add aborts at once when Stop came first), unregistered when Form returns.
+  class Forming {
+   public:
+    explicit Forming(Impl* impl) : impl_(impl) {}
+    ~Forming() {
+      std::lock_guard<std::mutex> lock(impl_->mu_);
+      impl_->forming_.clear();
+    }
+    void Add(Communicator* comm) const {
+      std::lock_guard<std::mutex> lock(impl_->mu_);
+      if (impl_->stopping_) comm->Abort(kStoppingDuringFormation);
+      impl_->forming_.push_back(comm);
+    }
+
+   private:
+    Impl* const impl_;
+  };
+  static constexpr char kStoppingDuringFormation[] = "rank 0 is stopping";
 
   // Once `generation` has formed, no rank needs the keys of an older one: every worker joined
   // `generation` and entered its barriers, so it is done with their rendezvous keys, and a worker
@@ -459,12 +486,13 @@ class CoordinatorGroup::Impl {
     return std::min(options.collective_timeout, options.heartbeat * kIdleHeartbeats);
   }
 
-  mutable std::mutex mu_;  // stats_, stopping_, broken_.
+  mutable std::mutex mu_;  // stats_, stopping_, broken_, forming_.
   std::condition_variable cv_;
   engine::ShardGroupStats stats_;
   bool stopping_ = false;
   bool broken_ = false;
   int64_t oldest_kept_ = 1;  // The loop's: generations before it are deleted from the store.
+  std::vector<Communicator*> forming_;  // Form's communicators while it forms (Forming).
 
   // Runs and heartbeats take turns on comm_; guards comm_ and buffers_. Timed: a waiting run
   // looks at its stop flag every kRunWaitSlice.

@@ -12,6 +12,11 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "engine/dist/gloo_communicator.h"
+#include "engine/dist/serving_keys.h"
+#include "engine/dist/store.h"
+
 namespace da::dist {
 namespace {
 
@@ -98,6 +103,45 @@ TEST(ServingGroupTest, AWorkerThatCannotReachItsCoordinatorSaysWhyInItsState) {
   ASSERT_TRUE(said_why) << (states.empty() ? "no state" : states.back());
   EXPECT_EQ(states.front(), waiting);
   EXPECT_NE(states.back().find("not reachable within 1000 ms"), std::string::npos) << states.back();
+}
+
+// Rank 0 told to stop while a generation forms, with a rank that joined, connected and then
+// stalled (a frozen node): its barrier waits on that rank for the collective timeout unless the
+// stop aborts it.
+TEST(ServingGroupTest, StoppingRankZeroEndsAFormationHeldByAStalledRankAtOnce) {
+  using std::chrono::milliseconds;
+  constexpr milliseconds kTimeout{20000};
+  ServingGroupOptions options;
+  options.world_size = 2;
+  options.coordinator = "127.0.0.1:0";
+  options.collective_timeout = kTimeout;
+  auto group = CoordinatorGroup::Start(options);
+  ASSERT_TRUE(group.ok()) << group.status();
+  // Rank 1 by hand, through the serving protocol's keys (serving_group.h).
+  auto store = ConnectCoordinatorStore(absl::StrCat("127.0.0.1:", (*group)->coordinator_port()),
+                                       milliseconds(2000));
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto session = (*store)->Get(serving::kSessionKey, milliseconds(5000));
+  ASSERT_TRUE(session.ok()) << session.status();
+  ASSERT_TRUE((*store)->Get(serving::OpenKey(*session, 1), milliseconds(5000)).ok());
+  ASSERT_TRUE((*store)->Set(serving::DeviceKey(*session, 1, 1), "cpu:0").ok());
+  ASSERT_TRUE((*store)->Set(serving::JoinedKey(*session, 1, 1), "1").ok());
+  ASSERT_TRUE((*store)->Get(serving::GoKey(*session, 1), milliseconds(5000)).ok());
+  auto stalled = MakeGlooCommunicator(**store, {.rank = 1,
+                                                .size = 2,
+                                                .interface_address = "127.0.0.1",
+                                                .prefix = serving::GlooPrefix(*session, 1),
+                                                .timeout = kTimeout});
+  ASSERT_TRUE(stalled.ok()) << stalled.status();
+  // Rank 1 never enters the barrier. Rank 0 has connected too (the mesh is formed on both
+  // sides), so it is in its barrier or about to be; a moment lets it get there.
+  std::this_thread::sleep_for(milliseconds(200));
+  EXPECT_FALSE((*group)->status().whole);
+  const auto start = std::chrono::steady_clock::now();
+  group->reset();
+  const auto stopped_ms =
+      std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_LT(stopped_ms, 3000) << "a stopping rank 0 waited out its formation barrier";
 }
 
 }  // namespace
