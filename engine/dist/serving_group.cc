@@ -17,6 +17,7 @@
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/serving_keys.h"
 #include "engine/dist/sharded_run.h"
+#include "engine/dist/stop_watch.h"
 #include "engine/dist/store.h"
 #include "engine/dist/store_auth.h"
 #include "engine/status_macros.h"
@@ -37,62 +38,9 @@ constexpr std::chrono::milliseconds kReformPause{200};
 // stop word, or its compute's stop flag), but a run also finishes what no stop interrupts (an
 // output already on its way, a scatter piece); one that has not ended by then waits on a rank
 // that does not answer (stalled: SIGSTOP, a frozen node), which would otherwise hold the request
-// until the collective timeout.
+// until the collective timeout. The grace counts from the last byte the run moved
+// (internal::StopWatch).
 constexpr std::chrono::milliseconds kMinStopGrace{1000};
-
-// While a run is in progress: once its request's stop flag is up and `grace` has passed without
-// the run ending, aborts its communicators (every call in flight returns UNAVAILABLE, so the run
-// returns); fired() then says the group must re-form, whatever the run returned.
-class StopWatch {
- public:
-  StopWatch(const std::atomic<bool>* stop, std::chrono::milliseconds grace,
-            std::vector<Communicator*> comms)
-      : stop_(stop), grace_(grace), comms_(std::move(comms)) {
-    if (stop_ != nullptr) thread_ = std::thread([this] { Watch(); });
-  }
-  ~StopWatch() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_one();
-    if (thread_.joinable()) thread_.join();
-  }
-  StopWatch(const StopWatch&) = delete;
-  StopWatch& operator=(const StopWatch&) = delete;
-
-  // Whether it aborted the communicators (read once the run has returned).
-  bool fired() const { return fired_.load(); }
-  std::string why() const {
-    return absl::StrCat("the run was stopped and had not ended ", grace_.count(),
-                        " ms later: a rank does not answer");
-  }
-
- private:
-  void Watch() {
-    std::unique_lock<std::mutex> lock(mu_);
-    std::optional<Clock::time_point> stopped_at;
-    while (!cv_.wait_for(lock, kRunWaitSlice, [&] { return done_; })) {
-      if (!stop_->load()) continue;
-      if (!stopped_at) stopped_at = Clock::now();
-      if (Clock::now() - *stopped_at < grace_) continue;
-      fired_ = true;
-      for (Communicator* comm : comms_) {
-        if (comm != nullptr) comm->Abort(why());
-      }
-      return;
-    }
-  }
-
-  const std::atomic<bool>* const stop_;
-  const std::chrono::milliseconds grace_;
-  const std::vector<Communicator*> comms_;
-  std::atomic<bool> fired_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;  // Guarded by mu_.
-  std::thread thread_;
-};
 
 // Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
 // failed (lost or stalled peer) or something unexpected happened. A run every rank answered (a
@@ -242,7 +190,7 @@ class CoordinatorGroup::Impl {
     absl::StatusOr<ShardRunStats> result;
     std::optional<std::string> aborted;  // Why, when the stop watch aborted the run.
     {
-      const StopWatch watch(
+      const internal::StopWatch watch(
           problem.stop,
           std::max<std::chrono::milliseconds>(kMinStopGrace, options.heartbeat * kIdleHeartbeats),
           {comm_.get(), plane_.get()});

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/serving_keys.h"
+#include "engine/dist/stop_watch.h"
 #include "engine/dist/store.h"
 
 namespace da::dist {
@@ -142,6 +143,79 @@ TEST(ServingGroupTest, StoppingRankZeroEndsAFormationHeldByAStalledRankAtOnce) {
   const auto stopped_ms =
       std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - start).count();
   EXPECT_LT(stopped_ms, 3000) << "a stopping rank 0 waited out its formation barrier";
+}
+
+// A communicator whose completed operations the test moves by hand; Abort is recorded.
+class CountedCommunicator : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 2; }
+  std::string backend() const override { return "counted"; }
+  Capabilities capabilities() const override { return {}; }
+  absl::Status AllGather(const void*, void*, int64_t, std::chrono::milliseconds) override {
+    return absl::UnimplementedError("counted");
+  }
+  absl::Status Broadcast(void*, int64_t, int, std::chrono::milliseconds) override {
+    return absl::UnimplementedError("counted");
+  }
+  absl::Status Send(const void*, int64_t, int, int, std::chrono::milliseconds) override {
+    return absl::UnimplementedError("counted");
+  }
+  absl::Status Recv(void*, int64_t, int, int, std::chrono::milliseconds) override {
+    return absl::UnimplementedError("counted");
+  }
+  absl::Status Barrier(std::chrono::milliseconds) override {
+    return absl::UnimplementedError("counted");
+  }
+  Counters counters() const override {
+    Counters counters;
+    counters.operations = operations_.load();
+    counters.bytes_received = 32 * counters.operations;
+    return counters;
+  }
+  void Abort(const std::string& why) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    aborted_ = why;
+  }
+  void CompletePiece() { ++operations_; }
+  std::string aborted() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return aborted_;
+  }
+
+ private:
+  std::atomic<int64_t> operations_{0};
+  mutable std::mutex mu_;
+  std::string aborted_;
+};
+
+// A stopped run that still moves bytes (outputs arriving piece by piece) is left to end; one that
+// moves nothing for the grace is aborted.
+TEST(StopWatchTest, AbortsAStoppedRunOnlyOnceItHasMovedNothingForTheGrace) {
+  using std::chrono::milliseconds;
+  using Clock = std::chrono::steady_clock;
+  CountedCommunicator comm;
+  std::atomic<bool> stop{false};
+  internal::StopWatch watch(&stop, milliseconds(300), {&comm, nullptr});
+  std::this_thread::sleep_for(milliseconds(400));  // Not stopped: nothing happens.
+  EXPECT_EQ(comm.aborted(), "");
+  stop = true;
+  // A piece every 50 ms for 1.5 s: five times the grace in all, a sixth of it between pieces.
+  for (int piece = 0; piece < 30; ++piece) {
+    comm.CompletePiece();
+    std::this_thread::sleep_for(milliseconds(50));
+  }
+  EXPECT_EQ(comm.aborted(), "") << "aborted while bytes were still moving";
+  EXPECT_FALSE(watch.fired());
+  const auto quiet = Clock::now();
+  while (comm.aborted().empty() && Clock::now() - quiet < milliseconds(5000)) {
+    std::this_thread::sleep_for(milliseconds(5));
+  }
+  const auto after_ms = std::chrono::duration_cast<milliseconds>(Clock::now() - quiet).count();
+  EXPECT_TRUE(watch.fired());
+  EXPECT_NE(comm.aborted().find("moved no bytes for 300 ms"), std::string::npos) << comm.aborted();
+  EXPECT_GE(after_ms, 250);
+  EXPECT_LT(after_ms, 1500);
 }
 
 }  // namespace

@@ -53,6 +53,34 @@ int64_t PieceRows(int64_t row_bytes, int64_t piece_bytes) {
   return std::max<int64_t>(1, piece_bytes / std::max<int64_t>(1, row_bytes));
 }
 
+// An output share goes from a worker to rank 0 in pieces of at most `piece_bytes` (the run
+// header's scatter_piece_bytes, so both sides cut alike): each piece within the timeout however
+// large the share, and each one completed shows in the communicators' counters, by which a
+// stopped run's watch (stop_watch.h) tells outputs still arriving from a rank that stalled.
+absl::Status SendInPieces(Communicator& comm, const void* data, int64_t bytes, int peer, int tag,
+                          int64_t piece_bytes, std::chrono::milliseconds timeout) {
+  const auto* bytes_at = static_cast<const uint8_t*>(data);
+  int64_t offset = 0;
+  do {  // Once for an empty share, as one call of 0 bytes.
+    const int64_t piece = std::min(piece_bytes, bytes - offset);
+    DA_RETURN_IF_ERROR(comm.Send(bytes_at + offset, piece, peer, tag, timeout));
+    offset += piece;
+  } while (offset < bytes);
+  return absl::OkStatus();
+}
+
+absl::Status RecvInPieces(Communicator& comm, void* data, int64_t bytes, int peer, int tag,
+                          int64_t piece_bytes, std::chrono::milliseconds timeout) {
+  auto* bytes_at = static_cast<uint8_t*>(data);
+  int64_t offset = 0;
+  do {
+    const int64_t piece = std::min(piece_bytes, bytes - offset);
+    DA_RETURN_IF_ERROR(comm.Recv(bytes_at + offset, piece, peer, tag, timeout));
+    offset += piece;
+  } while (offset < bytes);
+  return absl::OkStatus();
+}
+
 // The problem description of a kRun frame: little-endian int64 words.
 struct RunHeader {
   ProblemShape shape;
@@ -526,12 +554,14 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     const Share& share = run.layout().shares[r];
     const int64_t bytes = engine::ShareBytes(problem.out.shape, share, problem.out.dtype, false);
     if (engine::ShareIsContiguous(shape, share)) {
-      return plane.Recv(const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
-                                                                shape.heads, problem.out.dtype)),
-                        bytes, r, kGatherTag, limit);
+      return RecvInPieces(plane,
+                          const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
+                                                                  shape.heads, problem.out.dtype)),
+                          bytes, r, kGatherTag, header.scatter_piece_bytes, limit);
     }
     buffer.resize(bytes);
-    DA_RETURN_IF_ERROR(plane.Recv(buffer.data(), bytes, r, kGatherTag, limit));
+    DA_RETURN_IF_ERROR(RecvInPieces(plane, buffer.data(), bytes, r, kGatherTag,
+                                    header.scatter_piece_bytes, limit));
     engine::CopyShareIn(buffer.data(), share, problem.out);
     return absl::OkStatus();
   };
@@ -871,7 +901,8 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       DA_RETURN_IF_ERROR(comm.Recv(&word, kOutputWordBytes, 0, kOutputTag,
                                    options.compute_timeout + options.timeout * comm.rank()));
     }
-    return run.plane().Send(run.out.data, run.out.bytes, 0, kGatherTag, options.timeout);
+    return SendInPieces(run.plane(), run.out.data, run.out.bytes, 0, kGatherTag,
+                        header.scatter_piece_bytes, options.timeout);
   }));
   listener.join();
   DA_RETURN_IF_ERROR(heard);

@@ -158,7 +158,8 @@ struct ShardRunOptions {
   // The most bytes of a share that go in one scatter piece (whole token rows of the share, at
   // least one): rank 0's run header carries it, so the workers cut alike. A piece is the unit in
   // which a cancel takes effect during the scatter (32 MiB: tens of milliseconds on a 10 Gb/s
-  // link) and the most rank 0 copies out of a non-contiguous share at a time.
+  // link) and the most rank 0 copies out of a non-contiguous share at a time. Output shares go
+  // back in pieces of the same size (bytes, not rows; no piece words), each within `timeout`.
   int64_t scatter_piece_bytes = int64_t{32} << 20;
 };
 
