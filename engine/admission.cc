@@ -65,6 +65,15 @@ absl::Status WithRejectReason(absl::Status status, RejectReason reason) {
   return status;
 }
 
+absl::Status FailedWhileRunning(absl::Status status) {
+  if (!status.ok()) status.SetPayload(kFailedWhileRunningPayload, absl::Cord("1"));
+  return status;
+}
+
+bool IsFailedWhileRunning(const absl::Status& status) {
+  return status.GetPayload(kFailedWhileRunningPayload).has_value();
+}
+
 RejectReason RejectReasonOf(const absl::Status& status) {
   // absl::optional: Debian's Abseil is built without std::optional aliasing.
   const auto payload = status.GetPayload(kRejectReasonPayload);

@@ -63,6 +63,13 @@ enum class RejectReason {
 
 inline constexpr char kRejectReasonPayload[] = "type.googleapis.com/da.engine.RejectReason";
 
+// A run that failed after it began (a rank lost mid-run: UNAVAILABLE) is no refusal, whatever its
+// code: marked with this payload, a status is counted as a failed run, never as a rejection.
+inline constexpr char kFailedWhileRunningPayload[] =
+    "type.googleapis.com/da.engine.FailedWhileRunning";
+absl::Status FailedWhileRunning(absl::Status status);
+bool IsFailedWhileRunning(const absl::Status& status);
+
 // "queue_full", "memory", "deadline", "cancelled"; "" for kNone.
 std::string RejectReasonName(RejectReason reason);
 // status with the reason attached as its payload.

@@ -45,7 +45,8 @@
 // began), unauthenticated, unavailable (e.g. draining), idle (a stream whose client made no
 // progress for --stream-idle-timeout-ms) and client_memory (one client's streams at
 // --max-client-stream-bytes). Runs stopped during compute are not
-// rejections: they count in da_engine_runs_{cancelled,deadline_exceeded}_total.
+// rejections: they count in da_engine_runs_{cancelled,deadline_exceeded}_total; nor are runs that
+// failed after they began (a rank lost mid-run: da_group_runs_total{outcome="failed"}).
 #pragma once
 
 #include <grpcpp/support/status.h>

@@ -405,6 +405,9 @@ TEST_P(LostWorkerTest, LostWorkerFailsTheRequestAndTheGroupReformsWhenItReturns)
   const std::string broken = group.Metrics();
   EXPECT_EQ(testing::MetricValue(broken, "da_group_whole"), 0) << broken;
   EXPECT_EQ(testing::MetricValue(broken, "da_group_runs_total{outcome=\"failed\"}"), 1) << broken;
+  // The refusal above is a rejection; the run that failed mid-way is not.
+  EXPECT_EQ(testing::MetricValue(broken, "da_requests_rejected_total{reason=\"unavailable\"}"), 1)
+      << broken;
 
   // The worker comes back: the group re-forms and serves again.
   group.StartWorker(1);

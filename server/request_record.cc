@@ -9,6 +9,7 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "engine/admission.h"
 #include "server/status_conversion.h"
 
 namespace da::server {
@@ -36,6 +37,7 @@ absl::Status WithServerRejectReason(absl::Status status, std::string_view reason
 }
 
 std::string RejectionReason(const absl::Status& status) {
+  if (engine::IsFailedWhileRunning(status)) return "";  // It ran: a failure, not a refusal.
   const engine::RejectReason reason = engine::RejectReasonOf(status);
   if (reason != engine::RejectReason::kNone) return engine::RejectReasonName(reason);
   if (const auto payload = status.GetPayload(engine::kRejectReasonPayload); payload.has_value()) {

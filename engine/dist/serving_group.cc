@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "engine/admission.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/serving_keys.h"
 #include "engine/dist/sharded_run.h"
@@ -232,7 +233,8 @@ class CoordinatorGroup::Impl {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.runs_failed;
     }
-    return absl::UnavailableError(absl::StrCat(cause, "; the group is re-forming"));
+    return engine::FailedWhileRunning(
+        absl::UnavailableError(absl::StrCat(cause, "; the group is re-forming")));
   }
 
  private:
