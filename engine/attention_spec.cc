@@ -110,9 +110,14 @@ double AttentionSpec::ScaleFor(int64_t head_dim) const {
 }
 
 std::string AttentionSpec::PatternsToString() const {
+  constexpr size_t kShown = 16;  // A log line's worth; the count says how many more.
   std::string out;
-  for (const Pattern& p : patterns) {
-    absl::StrAppend(&out, out.empty() ? "" : ",", "(", p.segment_len, ",", p.dilation, ")");
+  for (size_t i = 0; i < patterns.size() && i < kShown; ++i) {
+    absl::StrAppend(&out, i == 0 ? "" : ",", "(", patterns[i].segment_len, ",",
+                    patterns[i].dilation, ")");
+  }
+  if (patterns.size() > kShown) {
+    absl::StrAppend(&out, ",...(", patterns.size(), "_in_all)");
   }
   return out;
 }
@@ -137,9 +142,12 @@ absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const Attenti
   if (shape.head_dim < 1) {
     return Invalid(absl::StrCat("head_dim is ", shape.head_dim, "; must be >= 1"));
   }
+  if (limits.max_heads > 0 && shape.heads > limits.max_heads) {
+    return Invalid(absl::StrCat("heads is ", shape.heads, "; at most ", limits.max_heads));
+  }
   if (shape.heads % shape.kv_heads != 0) {
-    return Invalid(absl::StrCat("key.shape heads is ", shape.kv_heads, "; must divide query heads ",
-                                shape.heads));
+    return Invalid(absl::StrCat("kv_heads (the key's heads) is ", shape.kv_heads,
+                                "; must divide query heads ", shape.heads));
   }
   if (limits.max_head_dim > 0 && shape.head_dim > limits.max_head_dim) {
     return Invalid(absl::StrCat("head_dim is ", shape.head_dim, "; at most ", limits.max_head_dim));

@@ -68,7 +68,9 @@ struct AttentionSpec {
   // The scale used for a given head_dim.
   double ScaleFor(int64_t head_dim) const;
 
-  std::string PatternsToString() const;  // "(2048,1),(4096,2)".
+  // "(2048,1),(4096,2)"; past 16 patterns the first 16 and ",...(N_in_all)" (no spaces: a
+  // log line's value).
+  std::string PatternsToString() const;
 };
 
 // Configured ceilings; 0 means unlimited.
@@ -77,6 +79,9 @@ struct Limits {
   int64_t max_request_bytes = 0;  // Per request: q + k + v + output bytes.
   int64_t max_patterns = 64;
   int64_t max_head_dim = 1024;
+  // Query heads (and so key heads): far above any model's, and a bound on what per-head tables
+  // (plans, estimates) can cost before a request's memory is reserved.
+  int64_t max_heads = 65536;
 };
 
 // The shape of a problem, as implied by q and k.

@@ -124,7 +124,7 @@ TEST(AttentionSpecTest, HeadDimMustMatch) {
 TEST(AttentionSpecTest, KeyHeadsMustDivideQueryHeads) {
   Problem p;
   p.kv_shape.heads = 3;
-  ExpectInvalid(p, "key.shape heads is 3; must divide query heads 4");
+  ExpectInvalid(p, "kv_heads (the key's heads) is 3; must divide query heads 4");
 }
 
 TEST(AttentionSpecTest, ByteCountMustMatchShape) {
@@ -152,6 +152,19 @@ TEST(AttentionSpecTest, HeadDimLimit) {
   Problem p;
   p.limits.max_head_dim = 2;
   ExpectInvalid(p, "head_dim is 4; at most 2");
+}
+
+// The review's header: 33,554,398 heads of one token and one dim fit one message, and the
+// memory estimate's per-head tables then took tens of GB before any memory was reserved.
+TEST(AttentionSpecTest, HeadsAboveTheLimitAreRefusedByDefault) {
+  AttentionSpec spec;
+  spec.patterns = {{1, 1}};
+  const absl::Status refused =
+      ValidateShape({1, 1, 33554398, 1, 1}, DType::kFloat16, spec, Limits{});
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_NE(refused.message().find("heads is 33554398; at most 65536"), std::string::npos)
+      << refused;
+  EXPECT_TRUE(ValidateShape({1, 1, 65536, 1, 1}, DType::kFloat16, spec, Limits{}).ok());
 }
 
 TEST(AttentionSpecTest, ShapeOverflowIsRefused) {

@@ -563,16 +563,27 @@ struct Engine::Impl {
     // A request holding a NaN, an infinity or values whose scores overflow fp32 is refused
     // before it computes (engine/value_scan.h): here, on this thread, unless it runs on one host
     // device, whose pool scans it below.
-    const auto check_values = [&](ThreadPool* pool) {
+    // With fp16 inputs' bound as well where a device computes in fp16 (a GPU's choice; the
+    // ranks of a sharded run choose their own, so there the request's explicit wish counts).
+    const auto check_values = [&](ThreadPool* pool, const std::vector<Device*>& devices) {
+      Precision compute = request.spec.precision == Precision::kFloat16 && devices.empty()
+                              ? Precision::kFloat16
+                              : Precision::kFloat32;
+      for (Device* device : devices) {
+        const absl::StatusOr<PrecisionChoice> choice =
+            device->backend->ChoosePrecision(request.spec);
+        if (choice.ok() && choice->precision == Precision::kFloat16) compute = Precision::kFloat16;
+      }
       return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
-                              stop, pool);
+                              stop, pool, compute);
     };
     if (Sharded(request.spec) && request.device.empty()) {
-      DA_RETURN_IF_ERROR(check_values(nullptr));
+      DA_RETURN_IF_ERROR(check_values(nullptr, {}));
       return ComputeSharded(request, queue_time_us, stop, used);
     }
     if (placement.devices > 1) {
-      DA_RETURN_IF_ERROR(check_values(nullptr));
+      DA_RETURN_IF_ERROR(check_values(
+          nullptr, std::vector<Device*>(placeable.begin(), placeable.begin() + placement.devices)));
       std::vector<Device*> on;
       {
         std::lock_guard<std::mutex> lock(mutex);
@@ -588,7 +599,7 @@ struct Engine::Impl {
     Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
     used->push_back(device.info.id);
     if (!device.host()) {
-      DA_RETURN_IF_ERROR(check_values(nullptr));
+      DA_RETURN_IF_ERROR(check_values(nullptr, {&device}));
       return ComputeOnDevices(request, {&device}, ShardPolicy::kNone, queue_time_us, stop);
     }
     struct Release {
@@ -597,7 +608,7 @@ struct Engine::Impl {
       ~Release() { impl->ReleaseDevice(device); }
     } release{this, device};
     const ScopedAffinity pinned(device.cpus);  // NUMA: plans and buffers first-touched there.
-    DA_RETURN_IF_ERROR(check_values(device.pool.get()));
+    DA_RETURN_IF_ERROR(check_values(device.pool.get(), {&device}));
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
                         device.backend->ChoosePrecision(request.spec));
     const PlanKey key = MakePlanKey(request.q, request.k, request.out.dtype, request.spec,

@@ -46,6 +46,32 @@ TEST(ShardPlanTest, HeadSharesCarryTheKvHeadsTheyRead) {
   }
 }
 
+// HeadCosts sums segments in closed form; it equals the segment-by-segment sum, partial last
+// segments, offsets, r not dividing w, w > N and causal included.
+TEST(ShardPlanTest, HeadCostsEqualTheSumOverEverySegment) {
+  for (bool causal : {false, true}) {
+    for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+      const ProblemShape shape{1, 1001, 6, 3, 8};
+      AttentionSpec spec = Spec({{7, 3}, {64, 1}, {100, 8}, {2048, 2}, {1, 1}});
+      spec.mode = mode;
+      spec.causal = causal;
+      const std::vector<double> costs = HeadCosts(shape, spec);
+      const auto work = AssignHeadPatterns(shape.heads, spec);
+      for (int64_t head = 0; head < shape.heads; ++head) {
+        double expected = 0;
+        for (const HeadWork& hw : work[head]) {
+          for (int64_t t = 0; t < NumSegments(shape.seq_len, hw.pattern.segment_len); ++t) {
+            const double m =
+                static_cast<double>(KeptPositions(hw.pattern, hw.offset, shape.seq_len, t).count);
+            expected += causal ? m * (m + 1) / 2 : m * m;
+          }
+        }
+        EXPECT_DOUBLE_EQ(costs[head], expected) << "head " << head << " causal " << causal;
+      }
+    }
+  }
+}
+
 TEST(ShardPlanTest, HeadSharesBalanceCostNotHeadCount) {
   // GROUPED, 8 heads, 3 patterns: heads 0-2 run (2048, 1), 3-5 (4096, 2), 6-7 (8192, 4); per head
   // the costs are 4 : 2 : 1 (32 segments of 2048 rows, 16 of 2048, 8 of 2048).

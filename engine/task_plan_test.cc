@@ -113,6 +113,49 @@ TEST(TaskPlanTest, SmallSegmentsShareTasksAndTheTableStaysWithinItsBound) {
   }
 }
 
+// TaskTableBytes counts per pattern in closed form (a request's estimate must not cost per-head
+// tables); it equals the sum over the share's heads of what each head's patterns need.
+TEST(TaskPlanTest, TheTableBoundInClosedFormIsThePerHeadSum) {
+  for (const int64_t heads : {1, 3, 4, 7, 16}) {
+    const ProblemShape shape{2, 5000, heads, 1, 8};
+    for (const std::vector<Pattern>& patterns :
+         std::vector<std::vector<Pattern>>{{{1, 1}, {2, 1}, {4, 2}, {8, 1}, {16, 4}},
+                                           {{16, 4}, {2048, 2}, {7000, 1}},
+                                           {{3, 3}}}) {
+      for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+        const AttentionSpec spec = Spec(patterns, mode, false);
+        const auto work = AssignHeadPatterns(heads, spec);
+        for (const Share& part : {WholeShare(shape), Share{.token_begin = 100,
+                                                     .token_end = 4000,
+                                                     .head_begin = heads / 2,
+                                                     .head_end = heads,
+                                                     .kv_head_begin = 0,
+                                                     .kv_head_end = 1}}) {
+          int64_t tasks = 0;
+          for (int64_t head = part.head_begin; head < part.head_end; ++head) {
+            for (const HeadWork& hw : work[head]) {
+              const int64_t w = hw.pattern.segment_len;
+              const int64_t kept =
+                  (std::min(w, shape.seq_len) + hw.pattern.dilation - 1) / hw.pattern.dilation;
+              const int64_t per_run = std::max<int64_t>(1, kRunRows / std::max<int64_t>(1, kept));
+              const int64_t segments = part.tokens() / w + 2;
+              tasks += shape.batch * ((segments + per_run - 1) / per_run + 3);
+            }
+          }
+          const int threads = 3;
+          const int64_t loops =
+              mode == CombineMode::kLongNet ? static_cast<int64_t>(patterns.size()) : 1;
+          const int64_t expected =
+              (tasks + loops * 4 * threads) * static_cast<int64_t>(sizeof(Task)) +
+              tasks * static_cast<int64_t>(sizeof(SpanningId));
+          EXPECT_EQ(TaskTableBytes(shape, spec, part, threads), expected)
+              << heads << " heads " << spec.PatternsToString() << " " << part.ToString();
+        }
+      }
+    }
+  }
+}
+
 TEST(TaskPlanTest, OneCausalSegmentIsBalancedAcrossThreads) {
   // A single triangular segment: without chunking one thread would do all of it.
   const Shape4 shape{1, 65536, 1, 64};

@@ -84,7 +84,7 @@ ValueScan ScanValues(const TensorView& tensor, int64_t begin, int64_t end) {
 
 absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const TensorView& v,
                               const AttentionSpec& spec, int64_t first_token,
-                              const std::atomic<bool>* stop, ThreadPool* pool) {
+                              const std::atomic<bool>* stop, ThreadPool* pool, Precision compute) {
   float amax[3] = {0, 0, 0};
   const TensorView* tensors[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
@@ -120,6 +120,15 @@ absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const Te
       return absl::InvalidArgumentError(
           absl::StrCat(names[t], " holds ", NonFiniteName(tensor, i), " at batch ", b, ", token ",
                        first_token + n, ", head ", h, ", dim ", d, "; q, k and v must be finite"));
+    }
+  }
+  if (compute == Precision::kFloat16 && q.dtype != DType::kFloat16) {
+    for (int t = 0; t < 3; ++t) {
+      if (amax[t] <= kMaxFloat16Magnitude) continue;
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s holds a value of magnitude %g; this request computes in fp16, which holds at most "
+          "%g: ask for spec.precision bf16 or fp32, or scale the inputs down",
+          names[t], amax[t], kMaxFloat16Magnitude));
     }
   }
   // |score| <= max|q| * max|k| * head_dim * |scale|, in base 2 as the backends compute it.

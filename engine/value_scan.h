@@ -37,8 +37,15 @@ inline constexpr double kMaxScoreMagnitude = 1e38;
 // kMaxScoreMagnitude, and max|v| times the most keys a row attends to (the unnormalized sum of
 // weights times values) too. `first_token` is where the tensors' first token lies in the caller's
 // whole sequence (a stream's chunk), so that messages name positions the caller knows.
+// `compute` is the precision a device computes in: kFloat16 holds magnitudes up to
+// kMaxFloat16Magnitude, so fp32 or bf16 inputs past it (which would turn into infinities, and the
+// output into NaN) are refused too.
 absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const TensorView& v,
                               const AttentionSpec& spec, int64_t first_token,
-                              const std::atomic<bool>* stop, ThreadPool* pool = nullptr);
+                              const std::atomic<bool>* stop, ThreadPool* pool = nullptr,
+                              Precision compute = Precision::kFloat32);
+
+// fp16's largest finite value.
+inline constexpr double kMaxFloat16Magnitude = 65504;
 
 }  // namespace da::engine

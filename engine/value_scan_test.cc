@@ -132,6 +132,36 @@ TEST(CheckInputValuesTest, ScoresPastFp32AreRefusedAndStopIsHeard) {
   EXPECT_EQ(Check(fp16, 0, &stopped).code(), absl::StatusCode::kCancelled);
 }
 
+// A device computing in fp16 converts fp32 or bf16 inputs to it: magnitudes past 65504 would
+// become infinities (and the output NaN), so they are refused, naming the tensor and the bound.
+TEST(CheckInputValuesTest, InputsPastFp16AreRefusedWhereTheComputeIsFp16) {
+  std::mt19937 rng(11);
+  AttentionSpec spec;
+  spec.patterns = {{32, 1}};
+  for (const DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    Inputs in = RandomInputs(dtype, rng);
+    StoreFromFloat(dtype, in.v.bytes.data(), 40, -1e5f);
+    const auto check = [&](Precision compute) {
+      return CheckInputValues(in.q.view(), in.k.view(), in.v.view(), spec, 0, nullptr, nullptr,
+                              compute);
+    };
+    for (const Precision fine : {Precision::kFloat32, Precision::kBFloat16}) {
+      EXPECT_TRUE(check(fine).ok()) << PrecisionName(fine);
+    }
+    const absl::Status refused = check(Precision::kFloat16);
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(refused.message().find("v holds a value of magnitude "), std::string::npos)
+        << refused;
+    EXPECT_NE(refused.message().find("computes in fp16, which holds at most 65504: ask for "
+                                     "spec.precision bf16 or fp32"),
+              std::string::npos)
+        << refused;
+    StoreFromFloat(dtype, in.v.bytes.data(), 40, -6e4f);  // Within fp16's range.
+    EXPECT_TRUE(check(Precision::kFloat16).ok());
+  }
+}
+
 // Tensors of several pieces, scanned on a pool's threads or on the caller's: the first
 // non-finite element in order, whichever piece finishes first.
 TEST(CheckInputValuesTest, PiecesOnAPoolReportTheFirstElementInOrder) {

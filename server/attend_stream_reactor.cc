@@ -135,13 +135,25 @@ void AttendStreamReactor::OnReadDone(bool ok) {
     request_slices_.clear();
     std::vector<std::string_view> pieces;
     absl::Status status;
-    if (grpc::Status dumped = request_buffer_.Dump(&request_slices_); !dumped.ok()) {
+    // The first message must be the header: one larger than a header may be is refused before
+    // it is parsed (a parse would copy it whole, unaccounted, before admission).
+    if (const int64_t bytes = static_cast<int64_t>(request_buffer_.Length());
+        !have_header_ && bytes > kMaxHeaderMessageBytes) {
+      status = absl::InvalidArgumentError(
+          absl::StrFormat("header: the stream's first message is %d bytes; a header is at most %d",
+                          bytes, kMaxHeaderMessageBytes));
+    } else if (grpc::Status dumped = request_buffer_.Dump(&request_slices_); !dumped.ok()) {
       status = absl::InternalError("cannot read a stream message: " + dumped.error_message());
     } else {
       for (const grpc::Slice& slice : request_slices_) {
         pieces.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
       }
       status = ParseStreamMessage(pieces, &fallback_, &message_);
+      // Parsed by protobuf, the message's bytes are fallback_'s now: the wire's copy goes.
+      if (message_.parsed_by_protobuf) {
+        request_slices_.clear();
+        if (!read_in_flight_) request_buffer_.Clear();
+      }
     }
     if (!status.ok()) {
       // Reported below with the rest.
@@ -222,7 +234,7 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
 }
 
 absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
-  deadline_ = SteadyDeadline(context_->deadline());
+  deadline_ = SteadyDeadline(ClientDeadline(*context_));
   if (deadline_) {
     const double left_s =
         std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
@@ -557,7 +569,7 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
 
 void AttendStreamReactor::OnCancel() {
   Advance([&] {
-    if (CancelledByDeadline(context_->deadline())) {
+    if (CancelledByDeadline(ClientDeadline(*context_))) {
       Fail(engine::WithRejectReason(
           absl::DeadlineExceededError(absl::StrFormat(
               "the deadline passed after %d of %d tokens arrived and %d chunks were computed",

@@ -4,6 +4,7 @@
 #include <grpcpp/support/proto_buffer_reader.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -40,7 +41,10 @@ int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes)
   *output.mutable_shape() = request.query().shape();
   const int64_t tensor = static_cast<int64_t>(output.ByteSizeLong()) + 1 +
                          VarintBytes(static_cast<uint64_t>(output_bytes)) + output_bytes;
-  const int64_t info = kInfoBytesAllowance + static_cast<int64_t>(request.request_id().size()) + 32;
+  // The answer carries the id as the record keeps it: at most kMaxRequestIdChars.
+  const int64_t info =
+      kInfoBytesAllowance +
+      static_cast<int64_t>(std::min(request.request_id().size(), kMaxRequestIdChars)) + 32;
   return 1 + VarintBytes(static_cast<uint64_t>(tensor)) + tensor + 1 + VarintBytes(info) + info;
 }
 
@@ -85,7 +89,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   // The engine watches the deadline itself and reports DEADLINE_EXCEEDED, so only a cancellation
   // that is not the deadline's raises the flag.
   void OnCancel() override {
-    if (!CancelledByDeadline(context_->deadline())) cancelled_.store(true);
+    if (!CancelledByDeadline(ClientDeadline(*context_))) cancelled_.store(true);
   }
   // A call finished OK and then cancelled lost its answer on the way (the client went away, the
   // transport refused the message, or the client took too long to read it): counted and logged
@@ -169,7 +173,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     run.request_id = record_.id();
     run.cancelled = &cancelled_;
     run.priority = request_.priority();
-    run.deadline = SteadyDeadline(context_->deadline());
+    run.deadline = SteadyDeadline(ClientDeadline(*context_));
     engine->Submit(
         run, [this](absl::StatusOr<engine::ExecutionInfo> info) { OnComputed(std::move(info)); });
     return absl::OkStatus();

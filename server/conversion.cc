@@ -129,6 +129,13 @@ absl::StatusOr<engine::AttentionSpec> SpecFromProto(const v1::AttentionSpec& spe
         absl::StrCat("has ", spec.segment_lengths_size(), " entries but spec.dilation_rates has ",
                      spec.dilation_rates_size(), "; they must have equal lengths"));
   }
+  // Refused before a pattern is built: the wire allows millions, which would otherwise be copied
+  // into the spec and the request's log line only to be refused by ValidateShape.
+  const int64_t max_patterns = engine::Limits{}.max_patterns;
+  if (spec.segment_lengths_size() > max_patterns) {
+    return Invalid("spec.segment_lengths", absl::StrCat("has ", spec.segment_lengths_size(),
+                                                        " patterns; at most ", max_patterns));
+  }
   engine::AttentionSpec out;
   for (int i = 0; i < spec.segment_lengths_size(); ++i) {
     out.patterns.push_back({spec.segment_lengths(i), spec.dilation_rates(i)});
@@ -178,6 +185,18 @@ absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
   problem.shape.head_dim = header.head_dim();
   DA_ASSIGN_OR_RETURN(problem.spec, SpecFromProto(header.spec()));
   return problem;
+}
+
+std::chrono::system_clock::time_point ClientDeadline(gpr_timespec raw_deadline) {
+  constexpr int64_t kFarthestSeconds = int64_t{1} << 33;
+  if (gpr_time_cmp(raw_deadline, gpr_inf_future(raw_deadline.clock_type)) == 0) {
+    return std::chrono::system_clock::time_point::max();
+  }
+  const gpr_timespec realtime = gpr_convert_clock_type(raw_deadline, GPR_CLOCK_REALTIME);
+  if (realtime.tv_sec >= kFarthestSeconds) return std::chrono::system_clock::time_point::max();
+  return std::chrono::system_clock::time_point(
+      std::chrono::duration_cast<std::chrono::system_clock::duration>(
+          std::chrono::seconds(realtime.tv_sec) + std::chrono::nanoseconds(realtime.tv_nsec)));
 }
 
 std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(

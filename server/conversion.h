@@ -8,6 +8,9 @@
 // proto field. Everything else is the engine's ValidateProblem / ValidateShape.
 #pragma once
 
+#include <grpc/support/time.h>
+#include <grpcpp/server_context.h>
+
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -53,8 +56,18 @@ struct StreamProblem {
 absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
                                                 const std::string& dtype_field = "header.dtype");
 
-// The client's deadline on the engine's clock; none when the client set none (gRPC reports an
-// infinite deadline as the largest time point).
+// A call's deadline on system_clock: the largest time point for none, or for one so far away
+// (past 2^33 s after 1970, about the year 2242) that gRPC's own conversion
+// (ServerContextBase::deadline) would overflow system_clock's nanoseconds and put it in the past
+// (a client's timeout of 1e10 s).
+std::chrono::system_clock::time_point ClientDeadline(gpr_timespec raw_deadline);
+inline std::chrono::system_clock::time_point ClientDeadline(
+    const grpc::ServerContextBase& context) {
+  return ClientDeadline(context.raw_deadline());
+}
+
+// The client's deadline on the engine's clock; none when the client set none (ClientDeadline
+// gives the largest time point).
 std::optional<std::chrono::steady_clock::time_point> SteadyDeadline(
     std::chrono::system_clock::time_point deadline);
 

@@ -45,6 +45,44 @@ TEST(ConversionTest, SpecDefaultsAndFields) {
   EXPECT_EQ(spec->shard_policy, engine::ShardPolicy::kHeads);
 }
 
+// Millions of patterns fit one message; they are refused before any is copied, and a spec's
+// log text stays a line however many it has.
+TEST(ConversionTest, TooManyPatternsAreRefusedBeforeTheSpecIsBuilt) {
+  v1::AttentionSpec proto;
+  for (int i = 0; i < 100000; ++i) {
+    proto.add_segment_lengths(1);
+    proto.add_dilation_rates(1);
+  }
+  const absl::StatusOr<engine::AttentionSpec> refused = SpecFromProto(proto);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(refused.status().message(), "spec.segment_lengths has 100000 patterns; at most 64");
+  engine::AttentionSpec many;
+  for (int i = 1; i <= 40; ++i) many.patterns.push_back({i, 1});
+  EXPECT_EQ(many.PatternsToString(),
+            "(1,1),(2,1),(3,1),(4,1),(5,1),(6,1),(7,1),(8,1),(9,1),(10,1),(11,1),(12,1),(13,1),"
+            "(14,1),(15,1),(16,1),...(40_in_all)");
+}
+
+// A timeout of 1e10 s (a Python client's "forever") reaches the server as a deadline past 2262,
+// where gRPC's own conversion wraps system_clock into the past; it counts as none here.
+TEST(ConversionTest, FarFutureDeadlinesAreNoneAndNearOnesKept) {
+  using std::chrono::system_clock;
+  EXPECT_EQ(ClientDeadline(gpr_inf_future(GPR_CLOCK_MONOTONIC)), system_clock::time_point::max());
+  const gpr_timespec far = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                        gpr_time_from_seconds(10'000'000'000, GPR_TIMESPAN));
+  EXPECT_EQ(ClientDeadline(far), system_clock::time_point::max());
+  EXPECT_FALSE(SteadyDeadline(ClientDeadline(far)).has_value());
+  const gpr_timespec near =
+      gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_seconds(10, GPR_TIMESPAN));
+  const double left =
+      std::chrono::duration<double>(ClientDeadline(near) - system_clock::now()).count();
+  EXPECT_NEAR(left, 10.0, 0.5);
+  // A century ahead is still a deadline, in the future.
+  const gpr_timespec century = gpr_time_add(
+      gpr_now(GPR_CLOCK_REALTIME), gpr_time_from_seconds(int64_t{100} * 365 * 86400, GPR_TIMESPAN));
+  EXPECT_GT(ClientDeadline(century), system_clock::now() + std::chrono::hours(24 * 365 * 99));
+}
+
 TEST(ConversionTest, TensorViewPointsIntoTheMessage) {
   v1::Tensor tensor;
   tensor.set_dtype(v1::DTYPE_FP16);

@@ -15,8 +15,6 @@
 namespace da::server {
 namespace {
 
-constexpr size_t kMaxRequestIdChars = 128;
-
 // Ids come from clients and end up in log lines: keep them short and printable.
 std::string SanitizeRequestId(std::string_view id) {
   std::string out(id.substr(0, kMaxRequestIdChars));

@@ -13,6 +13,7 @@
 #include <grpcpp/server_context.h>
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -23,6 +24,10 @@
 #include "server/metrics.h"
 
 namespace da::server {
+
+// A request id's longest form: ids come from clients and end up in log lines and answers, cut to
+// this many printable characters.
+inline constexpr size_t kMaxRequestIdChars = 128;
 
 class RequestRecord {
  public:

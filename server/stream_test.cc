@@ -161,7 +161,7 @@ TEST_F(StreamTest, HeaderRules) {
       {[](v1::StreamHeader* h) { h->clear_dtype(); }, "header.dtype"},
       {[](v1::StreamHeader* h) { h->set_seq_len(0); }, "seq_len is 0"},
       {[](v1::StreamHeader* h) { h->set_batch(-1); }, "batch is -1"},
-      {[](v1::StreamHeader* h) { h->set_kv_heads(3); }, "heads is 3"},
+      {[](v1::StreamHeader* h) { h->set_kv_heads(3); }, "kv_heads (the key's heads) is 3"},
       {[](v1::StreamHeader* h) { h->mutable_spec()->clear_dilation_rates(); },
        "spec.dilation_rates"},
       {[](v1::StreamHeader* h) { h->mutable_spec()->set_dilation_rates(0, 0); },
@@ -194,7 +194,12 @@ TEST_F(StreamTest, HeaderAboveMaxTokensIsRefusedBeforeAnyBlock) {
 TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   v1::AttendStreamRequest padded = Header();
   padded.mutable_header()->set_request_id(std::string((1 << 20) + 1, 'x'));
-  ExpectInvalid({padded, Block(0)}, {"header: its message is ", "a header is at most 1048576"});
+  ExpectInvalid({padded, Block(0)},
+                {"header: the stream's first message is ", "a header is at most 1048576"});
+  // A first message of block size is refused before it is parsed, not after a whole copy.
+  v1::AttendStreamRequest large_block = Block(0);
+  large_block.mutable_block()->set_query(std::string((1 << 20) + 1, 'q'));
+  ExpectInvalid({large_block}, {"header: the stream's first message is ", "at most 1048576"});
 
   ServerOptions options = testing::LoopbackOptions();
   options.max_message_bytes = 64 << 10;

@@ -1,5 +1,7 @@
 #include "server/stream_wire.h"
 
+#include <google/protobuf/io/zero_copy_stream.h>
+
 #include <algorithm>
 #include <optional>
 
@@ -194,6 +196,47 @@ int VarintSize(uint64_t value) {
   return size;
 }
 
+// The message's pieces as one stream for protobuf's parser, so that the fallback parse makes no
+// contiguous copy of a message of up to the message limit.
+class PiecesInputStream final : public google::protobuf::io::ZeroCopyInputStream {
+ public:
+  explicit PiecesInputStream(const std::vector<std::string_view>& pieces) : pieces_(pieces) {}
+
+  bool Next(const void** data, int* size) override {
+    while (piece_ < pieces_.size() && offset_ == pieces_[piece_].size()) {
+      ++piece_;
+      offset_ = 0;
+    }
+    if (piece_ == pieces_.size()) return false;
+    const std::string_view piece = pieces_[piece_];
+    *data = piece.data() + offset_;
+    *size = static_cast<int>(piece.size() - offset_);
+    count_ += *size;
+    offset_ = piece.size();
+    return true;
+  }
+  void BackUp(int count) override {  // Only into the piece Next returned last.
+    offset_ -= static_cast<size_t>(count);
+    count_ -= count;
+  }
+  bool Skip(int count) override {
+    const void* data = nullptr;
+    int size = 0;
+    while (count > 0 && Next(&data, &size)) {
+      if (size > count) BackUp(size - count);
+      count -= std::min(size, count);
+    }
+    return count == 0;
+  }
+  int64_t ByteCount() const override { return count_; }
+
+ private:
+  const std::vector<std::string_view>& pieces_;
+  size_t piece_ = 0;
+  size_t offset_ = 0;  // Into pieces_[piece_].
+  int64_t count_ = 0;
+};
+
 }  // namespace
 
 absl::Status ParseStreamMessage(const std::vector<std::string_view>& pieces,
@@ -205,12 +248,12 @@ absl::Status ParseStreamMessage(const std::vector<std::string_view>& pieces,
 
   *out = StreamMessage();
   out->parsed_by_protobuf = true;
-  std::string bytes;
-  bytes.reserve(static_cast<size_t>(size));
-  for (std::string_view piece : pieces) bytes.append(piece);
-  if (!fallback->ParseFromString(bytes)) {
+  PiecesInputStream input(pieces);
+  if (!fallback->ParseFromZeroCopyStream(&input)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "a stream message of ", size, " bytes is not a valid da.v1.AttendStreamRequest"));
+        "a stream message of ", size,
+        " bytes is not a valid da.v1.AttendStreamRequest (malformed, or a string field such as "
+        "header.request_id that is not UTF-8)"));
   }
   if (fallback->has_header()) {
     out->kind = StreamMessage::Kind::kHeader;

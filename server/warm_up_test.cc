@@ -104,7 +104,7 @@ TEST(WarmUpRpcTest, MalformedShapesNameTheirIndexAndWarmNothing) {
        },
        ": spec.segment_lengths"},
       {"kv_heads not dividing heads", [](v1::StreamHeader* h) { h->set_kv_heads(3); },
-       "heads is 3"},
+       "kv_heads (the key's heads) is 3"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

@@ -112,16 +112,25 @@ int64_t TaskTableBytes(const ProblemShape& s, const AttentionSpec& spec, const S
   // Per (batch, head, pattern): the runs of whole segments in the share (each at least
   // kRunRows / 2 rows, or one segment), plus the share's two ends (partial or spanning), plus the
   // last segment's run cut short. BalanceLoop's chunks: at most 4 * threads + the tasks in all.
-  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(s.heads, spec);
+  // Counted per pattern, times the share's heads that run it (AssignHeadPatterns' assignment in
+  // closed form): an estimate must not itself cost memory or time in the number of heads.
+  const int64_t num_patterns = static_cast<int64_t>(spec.patterns.size());
   int64_t tasks = 0;
-  for (int64_t head = share.head_begin; head < share.head_end; ++head) {
-    for (const HeadWork& hw : work[head]) {
-      const int64_t w = hw.pattern.segment_len;
-      const int64_t kept = (std::min(w, s.seq_len) + hw.pattern.dilation - 1) / hw.pattern.dilation;
-      const int64_t per_run = std::max<int64_t>(1, kRunRows / std::max<int64_t>(1, kept));
-      const int64_t segments = share.tokens() / w + 2;
-      tasks += s.batch * ((segments + per_run - 1) / per_run + 3);
+  int64_t group_begin = 0;  // GROUPED: the first head of pattern i's group.
+  for (int64_t i = 0; i < num_patterns; ++i) {
+    const Pattern& p = spec.patterns[i];
+    int64_t heads = share.head_end - share.head_begin;  // LONGNET: every head runs every pattern.
+    if (spec.mode != CombineMode::kLongNet) {
+      const int64_t group = s.heads / num_patterns + (i < s.heads % num_patterns ? 1 : 0);
+      heads = std::max<int64_t>(0, std::min(group_begin + group, share.head_end) -
+                                       std::max(group_begin, share.head_begin));
+      group_begin += group;
     }
+    const int64_t w = p.segment_len;
+    const int64_t kept = (std::min(w, s.seq_len) + p.dilation - 1) / p.dilation;
+    const int64_t per_run = std::max<int64_t>(1, kRunRows / std::max<int64_t>(1, kept));
+    const int64_t segments = share.tokens() / w + 2;
+    tasks += heads * s.batch * ((segments + per_run - 1) / per_run + 3);
   }
   const int64_t loops =
       spec.mode == CombineMode::kLongNet ? static_cast<int64_t>(spec.patterns.size()) : 1;
