@@ -12,6 +12,9 @@
 // kept (bench/peak.h), on the vector unit of the path that ran: ymm FMAs when DA_CPU_ISA=avx2
 // forces the AVX2 kernel on an AVX-512 machine; for bf16 precision, bf16 dot products or AMX tile
 // products, whichever kernel ran (DA_CPU_BF16=avx512_bf16 forces the dot products on an AMX CPU).
+// On a GPU: the cuBLAS GEMM rate in the precision the engine computed in; fp8 runs are held
+// against the bf16 GEMM rate (no fp8 GEMM is sampled), so their ratio is not to an fp8 peak.
+// Medians of an even count are the mean of the two middle values (bench/median.h).
 #include <sys/resource.h>
 
 #include <CLI/CLI.hpp>
@@ -29,6 +32,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/gpu_peak.h"
+#include "bench/median.h"
 #include "bench/peak.h"
 #include "bench/problem_flags.h"
 #include "engine/cpu/attention_kernel.h"
@@ -132,16 +136,23 @@ int Main(int argc, char** argv) {
   CLI::App app{"da-bench: check the engine against the reference, then time it"};
   o.AddTo(app);
   app.add_option("--dtype", o.dtype)->check(CLI::IsMember({"fp32", "fp16", "bf16"}));
-  app.add_option("--precision", o.precision)
+  app.add_option("--precision", o.precision,
+                 "on a GPU, fp8's ratio is to the bf16 GEMM rate (no fp8 GEMM is sampled)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16", "fp16", "fp8"}));
   app.add_option("--device", o.device,
                  "the device to compute on, e.g. cuda:0 (default: the engine's placement)");
   app.add_option("--threads", o.threads, "0: every core");
   app.add_option("--repeat", o.repeat)->check(CLI::PositiveNumber);
-  app.add_option("--check-rows", o.check_rows, "rows sampled when the whole check is too costly");
+  app.add_option("--check-rows", o.check_rows,
+                 "rows sampled when the whole check is too costly (at least 1)");
   app.add_option("--seed", o.seed);
   app.add_flag("--json", o.json);
   CLI11_PARSE(app, argc, argv);
+  if (o.check_rows < 1) {
+    std::cerr << "da-bench: --check-rows " << o.check_rows
+              << ": at least 1 row must be checked before timing\n";
+    return 2;
+  }
   absl::StatusOr<engine::AttentionSpec> resolved = o.ResolveSpec();
   if (!resolved.ok()) {
     std::cerr << "da-bench: " << resolved.status().message() << "\n";
@@ -204,14 +215,17 @@ int Main(int argc, char** argv) {
   const engine::cpu::Bf16Kernel bf16_kernel = engine::cpu::SelectedBf16Kernel(isa);
   PeakSampler bf16_peak(Bf16PeakLoop(bf16_kernel), threads);
   // A run the engine placed on a GPU is held against that GPU's cuBLAS GEMM rate in the precision
-  // it computed in (before and after the timed runs, the best kept), not the CPU's loops.
-  // A copy: `info` is reassigned by the timed runs below.
+  // it computed in (before and after the timed runs, the best kept), not the CPU's loops. fp8 has
+  // no GEMM sampled here: it is held against the bf16 rate, so its ratio is not to an fp8 peak.
+  // Copies: `info` is reassigned by the timed runs below.
   const std::string first_device = info->devices.empty() ? o.device : info->devices[0];
   const bool on_gpu = first_device.rfind("cuda:", 0) == 0;
-  const GemmType gemm_type =
-      info->precision_used == engine::Precision::kBFloat16  ? GemmType::kBFloat16
-      : info->precision_used == engine::Precision::kFloat16 ? GemmType::kFloat16
-                                                            : GemmType::kFloat32;
+  const engine::Precision first_precision = info->precision_used;
+  const bool fp8_against_bf16 = on_gpu && first_precision == engine::Precision::kFloat8;
+  const bool bf16_gemm = first_precision == engine::Precision::kBFloat16 || fp8_against_bf16;
+  const GemmType gemm_type = bf16_gemm                                        ? GemmType::kBFloat16
+                             : first_precision == engine::Precision::kFloat16 ? GemmType::kFloat16
+                                                                              : GemmType::kFloat32;
   GemmRate gpu_peak;
   const auto sample_peaks = [&](int count) {
     if (!on_gpu) {
@@ -245,13 +259,14 @@ int Main(int argc, char** argv) {
   sample_peaks(2);
 
   std::sort(times.begin(), times.end());
-  const double median = times.empty() ? 0 : times[times.size() / 2];
+  const double median = Median(times);
   const double gflops = median > 0 ? flops / median / 1e9 : 0;
   const bool bf16_used = info->precision_used == engine::Precision::kBFloat16;
   const PeakSampler& used_peak = bf16_used ? bf16_peak : fp32_peak;
   const double peak = on_gpu ? gpu_peak.flops_per_second / 1e9 : used_peak.Best();
   const std::string peak_name =
-      on_gpu ? absl::StrCat("cuBLAS ", GemmTypeName(gemm_type), " GEMM on ", gpu_peak.device_name)
+      on_gpu ? absl::StrCat("cuBLAS ", GemmTypeName(gemm_type), " GEMM on ", gpu_peak.device_name,
+                            fp8_against_bf16 ? " (fp8 compute, no fp8 GEMM sampled)" : "")
              : PeakLoopName(used_peak.loop());
   // The kernel that ran: the GPU's, the bf16 kernel (dot products or AMX tiles), or the fp32
   // kernel of the selected ISA.
@@ -299,15 +314,16 @@ int Main(int argc, char** argv) {
   j["peak_fp32"] = peak_json(fp32_peak);
   j["peak_bf16"] = peak_json(bf16_peak);
   j["ratio_peak_loop"] = peak_name;
-  if (on_gpu) j["peak_gpu_gemm_gflops"] = peak;
+  if (on_gpu) {
+    j["peak_gpu_gemm_gflops"] = peak;
+    j["peak_gpu_gemm_type"] = GemmTypeName(gemm_type);
+  }
   j["ratio_to_peak"] = peak > 0 ? gflops / peak : 0;
   if (on_gpu) {
-    // The GPU's own time: the median run's RunShare, without the host<->device copies.
-    std::sort(device_us.begin(), device_us.end());
-    const double device_s = device_us.empty() ? 0 : device_us[device_us.size() / 2] / 1e6;
-    std::sort(copy_us.begin(), copy_us.end());
+    // The GPU's own time: the median of the runs' RunShare, without the host<->device copies.
+    const double device_s = Median(device_us) / 1e6;
     j["device_compute_s"] = device_s;
-    j["device_copy_s"] = copy_us.empty() ? 0 : copy_us[copy_us.size() / 2] / 1e6;
+    j["device_copy_s"] = Median(copy_us) / 1e6;
     j["device_gflops"] = device_s > 0 ? flops / device_s / 1e9 : 0;
     j["device_ratio_to_peak"] = device_s > 0 && peak > 0 ? flops / device_s / 1e9 / peak : 0;
   }

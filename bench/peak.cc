@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/median.h"
 #include "engine/device.h"
 
 namespace da::bench {
@@ -123,11 +124,6 @@ double PeakSampler::Min() const {
   return gflops_.empty() ? 0.0 : *std::min_element(gflops_.begin(), gflops_.end());
 }
 
-double PeakSampler::Median() const {
-  if (gflops_.empty()) return 0.0;
-  std::vector<double> sorted = gflops_;
-  std::sort(sorted.begin(), sorted.end());
-  return sorted[sorted.size() / 2];
-}
+double PeakSampler::Median() const { return bench::Median(gflops_); }
 
 }  // namespace da::bench

@@ -49,7 +49,7 @@ class PeakSampler {
 
   double Best() const;  // 0 without samples.
   double Min() const;
-  double Median() const;
+  double Median() const;  // Of an even count: the mean of the two middle samples.
   int Count() const { return static_cast<int>(gflops_.size()); }
   PeakLoop loop() const { return loop_; }
 

@@ -15,6 +15,7 @@ almost no compute, the transport alone).
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 
@@ -51,9 +52,10 @@ def main():
                 times[k].append(time.perf_counter() - wall)
         for k, runs in times.items():
             runs.sort()
-            print(f"parallel_streams {k}: median {runs[len(runs) // 2]:.3f} s, best "
+            median = statistics.median(runs)  # Of an even count: the mean of the middle two.
+            print(f"parallel_streams {k}: median {median:.3f} s, best "
                   f"{runs[0]:.3f} s ({' '.join(f'{t:.3f}' for t in runs)}); "
-                  f"{4 * q.nbytes / runs[len(runs) // 2] / 1e9:.2f} GB/s of q, k, v, out")
+                  f"{4 * q.nbytes / median / 1e9:.2f} GB/s of q, k, v, out")
         return
     for stream in (True,) if args.stream_only else (True, False):
         best = None

@@ -10,10 +10,16 @@
 // Without --server it starts an in-process server (127.0.0.1, port 0, --threads compute
 // threads). Inputs are generated block by block (server/synthetic_stream.h), so the client holds
 // no whole tensors; with the in-process baseline on, the whole streamed output is compared byte
-// for byte with the engine's. With --parallel-streams K the client holds the whole request (made
-// before the clock) and sends it as a user of the client library does, AttendStream cut into K
-// parts on K connections of their own (K = 1: the same library path in one stream). --server-pid
-// reads that process's peak RSS (VmHWM) after the run.
+// for byte with the engine's (with one stream of shared blocks at --batch 1 only; the ratio line
+// says when it was not compared). With --parallel-streams K the client holds the whole request
+// (made before the clock) and sends it as a user of the client library does, AttendStream cut
+// into K parts on K connections of their own (K = 1: the same library path in one stream).
+// --server-pid reads that process's peak RSS (VmHWM) after the run.
+//
+// The plain-TCP floor (unless --skip-plain-tcp) moves the inputs, then the output, in sequence:
+// not full duplex, while the stream overlaps its output with its inputs. A floor that overlapped
+// them could be faster by up to the output's transfer time, so ratios against this floor may
+// flatter the stream by up to that much.
 //
 // A client that does not share the server's cores (as a remote client does not), on a machine
 // with four or more:
@@ -41,6 +47,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_join.h"
+#include "bench/median.h"
 #include "client/attention_client.h"
 #include "client/connection_options.h"
 #include "client/grpc_poller.h"
@@ -55,6 +62,7 @@
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using da::bench::Median;
 
 double Seconds(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -190,7 +198,8 @@ class Baseline {
 };
 
 // The same bytes over a plain loopback TCP connection between two threads of this process:
-// in_bytes one way, then out_bytes back, in 4 MiB blocking writes and reads, no framing and no
+// in_bytes one way, then, once they have all arrived, out_bytes back (in sequence, not full
+// duplex: the stream overlaps the two), in 4 MiB blocking writes and reads, no framing and no
 // copies of our own. Its CPU time is what the kernel alone charges for moving a stream's bytes,
 // the part of the stream's cost beyond the engine that no server code can remove.
 absl::StatusOr<Measurement> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
@@ -237,11 +246,6 @@ absl::StatusOr<Measurement> MovePlainTcp(int64_t in_bytes, int64_t out_bytes) {
   DA_RETURN_IF_ERROR(transfer(client.fd, server.fd, in_bytes));   // Inputs in,
   DA_RETURN_IF_ERROR(transfer(server.fd, client.fd, out_bytes));  // the output back.
   return meter.Stop();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
 }
 
 }  // namespace
@@ -292,7 +296,8 @@ int main(int argc, char** argv) {
                "Make each block as it is sent (bounded client memory, e.g. for 4M tokens) instead "
                "of before the clock starts");
   app.add_flag("--skip-plain-tcp", skip_plain_tcp,
-               "Do not measure the same bytes over a plain loopback TCP connection");
+               "Do not measure the same bytes over a plain loopback TCP connection (inputs, "
+               "then output, in sequence: not full duplex)");
   app.add_option("--engine-cpus", engine_cpus,
                  "CPUs of the in-process baseline (e.g. those a --server is pinned to)")
       ->delimiter(',');
@@ -401,6 +406,10 @@ int main(int argc, char** argv) {
     parts_client = std::make_unique<da::client::AttentionClient>(std::move(channels));
   }
 
+  // Whether the stream's output is compared with the engine's: always with --parallel-streams (the
+  // whole output), with shared blocks at batch 1 only (blocks are compared at their offsets in
+  // the [B, N, H, D] output, which holds for one batch).
+  const bool compared = !expected.empty() && (parallel_streams > 0 || batch == 1);
   Runs stream_runs;
   std::vector<double> server_cpu;
   da::v1::ExecutionInfo info;
@@ -417,7 +426,7 @@ int main(int argc, char** argv) {
       if (i > 0) engine_runs.Add(measured);
     }
     int64_t received = 0;
-    bool same = true;
+    bool same = true;  // Stays true when nothing is compared (see `compared`).
     // Blocks are made before the clock starts (unless --generate-while-sending): on a shared
     // loopback machine the client's random number generation would otherwise compete with the
     // server's compute, which a client on its own machine does not. They are shared with the
@@ -442,7 +451,7 @@ int main(int argc, char** argv) {
     da::client::AttentionClient::AnswerViews answers;
     answers.on_block = [&](const da::client::OutputBlockView& block) {
       // Checked on the warm-up run, outside the timed runs.
-      if (i == 0 && !expected.empty() && batch == 1 &&
+      if (i == 0 && compared &&
           (received + block.output_bytes() > static_cast<int64_t>(expected.size()) ||
            !block.Equals(std::string_view(expected).substr(received, block.output_bytes())))) {
         same = false;
@@ -551,10 +560,11 @@ int main(int argc, char** argv) {
     }
     std::printf(
         "ratio stream / in-process: best %.3f, median %.3f, median of pairs %.3f (pairs %.3f to "
-        "%.3f); output identical: yes\n",
+        "%.3f); output identical: %s\n",
         stream_best / engine_best, Median(stream_runs.seconds) / Median(engine_runs.seconds),
         Median(paired), *std::min_element(paired.begin(), paired.end()),
-        *std::max_element(paired.begin(), paired.end()));
+        *std::max_element(paired.begin(), paired.end()),
+        compared ? "yes" : "not compared (batch > 1 without --parallel-streams)");
   }
   if (!skip_plain_tcp) {
     // After the stream runs, so that it does not disturb them; the in-process server is idle.
@@ -569,10 +579,13 @@ int main(int argc, char** argv) {
       tcp_runs.Add(*moved);
     }
     std::printf(
-        "plain loopback TCP, the same %.0f MiB in and %.0f MiB out between two threads, no gRPC "
-        "(median): %.3f CPU s, %.3f s\n",
+        "plain loopback TCP, the same %.0f MiB in, then %.0f MiB out, between two threads, no "
+        "gRPC (median): %.3f CPU s, %.3f s\n",
         in_bytes / 1048576.0, out_bytes / 1048576.0, Median(tcp_runs.cpu_s),
         Median(tcp_runs.seconds));
+    std::printf(
+        "  in sequence, not full duplex (the stream overlaps its output with its inputs): a ratio "
+        "to this floor may flatter the stream by up to the output's transfer time\n");
     if (server != nullptr && !engine_runs.cpu_s.empty()) {
       std::printf(
           "  the stream's CPU beyond the in-process engine's (median - median): %.3f CPU s, "
