@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -124,11 +125,8 @@ TEST_F(AttentionClientTest, DeadlinesEndUnaryAndStreamedCalls) {
   }
 }
 
-// Running out of memory while making a block or taking an answer (the whole output is reserved
-// as the first block arrives) ends the call with RESOURCE_EXHAUSTED, not the process: the
-// exception must not leave the writer thread or skip its join.
-TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
-  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
+// The stream header of RandomRequest(DTYPE_FP32, 1, 256, 2, 2, 8).
+v1::StreamHeader SmallStreamHeader(const v1::AttendRequest& request) {
   v1::StreamHeader header;
   *header.mutable_spec() = request.spec();
   header.set_dtype(v1::DTYPE_FP32);
@@ -137,19 +135,37 @@ TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
   header.set_heads(2);
   header.set_kv_heads(2);
   header.set_head_dim(8);
+  return header;
+}
+
+// That request's blocks of 64 tokens, *sent counting the tokens made; at token 128, `at_half`
+// runs first (a test's way to throw from the block source).
+std::function<bool(v1::TokenBlock*)> SmallStreamBlocks(const v1::AttendRequest& request, int* sent,
+                                                       std::function<void()> at_half) {
+  return [&request, sent, at_half = std::move(at_half)](v1::TokenBlock* block) {
+    if (*sent == 256) return false;
+    if (*sent == 128) at_half();
+    const int64_t row = 2 * 8 * 4;
+    block->set_token_start(*sent);
+    block->set_token_count(64);
+    block->set_query(request.query().data().substr(*sent * row, 64 * row));
+    block->set_key(request.key().data().substr(*sent * row, 64 * row));
+    block->set_value(request.value().data().substr(*sent * row, 64 * row));
+    *sent += 64;
+    return true;
+  };
+}
+
+// Running out of memory while making a block or taking an answer (the whole output is reserved
+// as the first block arrives) ends the call with RESOURCE_EXHAUSTED, not the process: the
+// exception must not leave the writer thread or skip its join.
+TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
+  const v1::StreamHeader header = SmallStreamHeader(request);
   const auto blocks = [&](int* sent, bool fail) {
-    return [&request, sent, fail](v1::TokenBlock* block) {
-      if (*sent == 256) return false;
-      if (fail && *sent == 128) throw std::bad_alloc();
-      block->set_token_start(*sent);
-      block->set_token_count(64);
-      const int64_t row = 2 * 8 * 4;
-      block->set_query(request.query().data().substr(*sent * row, 64 * row));
-      block->set_key(request.key().data().substr(*sent * row, 64 * row));
-      block->set_value(request.value().data().substr(*sent * row, 64 * row));
-      *sent += 64;
-      return true;
-    };
+    return SmallStreamBlocks(request, sent, [fail] {
+      if (fail) throw std::bad_alloc();
+    });
   };
   int sent = 0;
   grpc::Status status =
@@ -173,28 +189,12 @@ TEST_F(AttentionClientTest, OutOfMemoryOnEitherSideOfAStreamEndsTheCall) {
 // not leave the writer thread, nor skip the writer's join on the reading thread.
 TEST_F(AttentionClientTest, ACallbackThatThrowsEndsTheCallWithInternal) {
   const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
-  v1::StreamHeader header;
-  *header.mutable_spec() = request.spec();
-  header.set_dtype(v1::DTYPE_FP32);
-  header.set_batch(1);
-  header.set_seq_len(256);
-  header.set_heads(2);
-  header.set_kv_heads(2);
-  header.set_head_dim(8);
+  const v1::StreamHeader header = SmallStreamHeader(request);
   int sent = 0;
   const auto blocks = [&](bool fail) {
-    return [&request, &sent, fail](v1::TokenBlock* block) {
-      if (sent == 256) return false;
-      if (fail && sent == 128) throw std::runtime_error("no more blocks today");
-      const int64_t row = 2 * 8 * 4;
-      block->set_token_start(sent);
-      block->set_token_count(64);
-      block->set_query(request.query().data().substr(sent * row, 64 * row));
-      block->set_key(request.key().data().substr(sent * row, 64 * row));
-      block->set_value(request.value().data().substr(sent * row, 64 * row));
-      sent += 64;
-      return true;
-    };
+    return SmallStreamBlocks(request, &sent, [fail] {
+      if (fail) throw std::runtime_error("no more blocks today");
+    });
   };
   grpc::Status status =
       client_.AttendStreamBlocks(header, blocks(false),

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <set>
 #include <tuple>
 
@@ -109,25 +108,46 @@ absl::StatusOr<ShardPolicy> ChooseShardStrategy(const ProblemShape& shape, DType
 }
 
 std::vector<double> HeadCosts(const ProblemShape& shape, const AttentionSpec& spec) {
-  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
-  std::map<std::pair<int, int64_t>, double> by_pattern_offset;  // Heads share these.
-  std::vector<double> costs(shape.heads, 0.0);
-  for (int64_t head = 0; head < shape.heads; ++head) {
-    for (const HeadWork& hw : work[head]) {
-      auto [it, fresh] = by_pattern_offset.insert({{hw.pattern_index, hw.offset}, 0.0});
-      if (fresh) {
-        // Every segment but the last is whole and keeps as many positions as the first: the sum
-        // in closed form, so that placement costs no time in the number of segments.
-        const auto cost = [&](int64_t t) {
-          const double m =
-              static_cast<double>(KeptPositions(hw.pattern, hw.offset, shape.seq_len, t).count);
-          return spec.causal ? m * (m + 1) / 2 : m * m;
-        };
-        const int64_t segments = NumSegments(shape.seq_len, hw.pattern.segment_len);
-        it->second = static_cast<double>(segments - 1) * cost(0) + cost(segments - 1);
-      }
-      costs[head] += it->second;
+  // AssignHeadPatterns' assignment in closed form, without its heads x patterns table: each
+  // (pattern, offset) costs the same for every head that runs it, and those heads are one range.
+  // Ranges are added through a difference array: time in patterns x offsets + heads.
+  const int64_t heads = shape.heads;
+  const int64_t num_patterns = static_cast<int64_t>(spec.patterns.size());
+  std::vector<double> diff(heads + 1, 0.0);
+  const auto add = [&](int64_t begin, int64_t end, double cost) {
+    if (begin >= end) return;
+    diff[begin] += cost;
+    diff[end] -= cost;
+  };
+  // A (pattern, offset)'s cost: every segment but the last is whole and keeps as many positions
+  // as the first.
+  const auto cost = [&](const Pattern& pattern, int64_t offset) {
+    const auto segment = [&](int64_t t) {
+      const double m = static_cast<double>(KeptPositions(pattern, offset, shape.seq_len, t).count);
+      return spec.causal ? m * (m + 1) / 2 : m * m;
+    };
+    const int64_t segments = NumSegments(shape.seq_len, pattern.segment_len);
+    return static_cast<double>(segments - 1) * segment(0) + segment(segments - 1);
+  };
+  int64_t group_begin = 0;
+  for (int64_t i = 0; i < num_patterns; ++i) {
+    const Pattern& p = spec.patterns[i];
+    if (spec.mode == CombineMode::kLongNet) {
+      // Heads [o * per, (o + 1) * per) run offset o.
+      const int64_t per = (heads + p.dilation - 1) / p.dilation;
+      for (int64_t o = 0; o * per < heads; ++o)
+        add(o * per, std::min(heads, (o + 1) * per), cost(p, o));
+    } else {
+      const int64_t group = heads / num_patterns + (i < heads % num_patterns ? 1 : 0);
+      add(group_begin, group_begin + group, cost(p, i % p.dilation));
+      group_begin += group;
     }
+  }
+  std::vector<double> costs(heads, 0.0);
+  double running = 0;
+  for (int64_t h = 0; h < heads; ++h) {
+    running += diff[h];
+    costs[h] = running;
   }
   return costs;
 }

@@ -34,17 +34,15 @@ int64_t VarintBytes(uint64_t value) {
 }
 
 // The size of the AttendResponse that answers request with output_bytes of output: the output
-// tensor exactly (its dtype, shape, data and their framing), the execution info bounded.
-int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes) {
+// tensor exactly (its dtype, shape, data and their framing), the execution info bounded; the
+// info carries the call's id (id_bytes: the record's, from the metadata or the request).
+int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes, size_t id_bytes) {
   v1::Tensor output;
   output.set_dtype(request.query().dtype());
   *output.mutable_shape() = request.query().shape();
   const int64_t tensor = static_cast<int64_t>(output.ByteSizeLong()) + 1 +
                          VarintBytes(static_cast<uint64_t>(output_bytes)) + output_bytes;
-  // The answer carries the id as the record keeps it: at most kMaxRequestIdChars.
-  const int64_t info =
-      kInfoBytesAllowance +
-      static_cast<int64_t>(std::min(request.request_id().size(), kMaxRequestIdChars)) + 32;
+  const int64_t info = kInfoBytesAllowance + static_cast<int64_t>(id_bytes) + 32;
   return 1 + VarintBytes(static_cast<uint64_t>(tensor)) + tensor + 1 + VarintBytes(info) + info;
 }
 
@@ -148,7 +146,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     DA_RETURN_IF_ERROR(
         engine::ValidateProblem(q, problem.k, problem.v, problem.spec, engine->limits()));
     // The answer's size is known now: one that could not be sent is refused before any compute.
-    answer_bytes_ = UnaryAnswerBytes(request_, q.bytes);
+    answer_bytes_ = UnaryAnswerBytes(request_, q.bytes, record_.id().size());
     if (answer_bytes_ > max_message_bytes_) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "the answer would take %d bytes (output %s of %s: %d bytes) but the message limit "

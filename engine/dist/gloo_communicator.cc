@@ -1,5 +1,6 @@
 #include "engine/dist/gloo_communicator.h"
 
+#include <algorithm>
 #include <csignal>
 #include <cstring>
 #include <mutex>
@@ -160,16 +161,20 @@ class GlooCommunicator : public Communicator {
       // Send and Recv; a group forming on a rank that stalled would otherwise hold its caller for
       // the whole timeout. Every rank tells rank 0 it has arrived; rank 0, once all have, tells
       // each to go on.
+      // One deadline for the whole barrier, as gloo::barrier's timeout was.
       uint64_t word = 0;
+      const auto deadline = Clock::now() + timeout;
       const auto step = [&](int peer, bool send) {
+        const milliseconds left = std::max(
+            milliseconds(1), std::chrono::duration_cast<milliseconds>(deadline - Clock::now()));
         auto buffer = context_->createUnboundBuffer(&word, sizeof(word));
         const InFlight in_flight(*this, buffer.get(), send);
         if (send) {
           buffer->send(peer, kBarrierSlot);
-          if (!buffer->waitSend(timeout)) throw EndedByFailure{};
+          if (!buffer->waitSend(left)) throw EndedByFailure{};
         } else {
           buffer->recv(peer, kBarrierSlot);
-          if (!buffer->waitRecv(timeout)) throw EndedByFailure{};
+          if (!buffer->waitRecv(left)) throw EndedByFailure{};
         }
       };
       if (rank() == 0) {

@@ -57,28 +57,30 @@ int64_t PieceRows(int64_t row_bytes, int64_t piece_bytes) {
 // header's scatter_piece_bytes, so both sides cut alike): each piece within the timeout however
 // large the share, and each one completed shows in the communicators' counters, by which a
 // stopped run's watch (stop_watch.h) tells outputs still arriving from a rank that stalled.
-absl::Status SendInPieces(Communicator& comm, const void* data, int64_t bytes, int peer, int tag,
-                          int64_t piece_bytes, std::chrono::milliseconds timeout) {
-  const auto* bytes_at = static_cast<const uint8_t*>(data);
+// InPieces calls move(offset, piece) for each piece of `bytes` in order (once, with 0, for none).
+template <typename Move>
+absl::Status InPieces(int64_t bytes, int64_t piece_bytes, Move move) {
   int64_t offset = 0;
-  do {  // Once for an empty share, as one call of 0 bytes.
+  do {
     const int64_t piece = std::min(piece_bytes, bytes - offset);
-    DA_RETURN_IF_ERROR(comm.Send(bytes_at + offset, piece, peer, tag, timeout));
+    DA_RETURN_IF_ERROR(move(offset, piece));
     offset += piece;
   } while (offset < bytes);
   return absl::OkStatus();
 }
 
+absl::Status SendInPieces(Communicator& comm, const void* data, int64_t bytes, int peer, int tag,
+                          int64_t piece_bytes, std::chrono::milliseconds timeout) {
+  return InPieces(bytes, piece_bytes, [&](int64_t offset, int64_t piece) {
+    return comm.Send(static_cast<const uint8_t*>(data) + offset, piece, peer, tag, timeout);
+  });
+}
+
 absl::Status RecvInPieces(Communicator& comm, void* data, int64_t bytes, int peer, int tag,
                           int64_t piece_bytes, std::chrono::milliseconds timeout) {
-  auto* bytes_at = static_cast<uint8_t*>(data);
-  int64_t offset = 0;
-  do {
-    const int64_t piece = std::min(piece_bytes, bytes - offset);
-    DA_RETURN_IF_ERROR(comm.Recv(bytes_at + offset, piece, peer, tag, timeout));
-    offset += piece;
-  } while (offset < bytes);
-  return absl::OkStatus();
+  return InPieces(bytes, piece_bytes, [&](int64_t offset, int64_t piece) {
+    return comm.Recv(static_cast<uint8_t*>(data) + offset, piece, peer, tag, timeout);
+  });
 }
 
 // The problem description of a kRun frame: little-endian int64 words.

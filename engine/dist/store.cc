@@ -183,7 +183,7 @@ class CoordinatorStoreServer::Impl {
   // true once the connection may carry requests. False when the client failed the handshake,
   // went away or took longer than io_timeout.
   bool Greet(int fd, std::optional<internal::FrameTagger>& tagger) {
-    const auto deadline = Clock::now() + options_.io_timeout;
+    const auto deadline = Clock::now() + options_.handshake_timeout;
     std::string hello(internal::kStoreHelloMagic);
     hello.push_back(options_.secret.empty() ? 0 : 1);
     absl::StatusOr<std::string> server_nonce = std::string();
@@ -363,6 +363,11 @@ absl::StatusOr<std::unique_ptr<CoordinatorStoreServer>> CoordinatorStoreServer::
   if (options.io_timeout.count() < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "coordinator store: io_timeout is ", options.io_timeout.count(), " ms; must be >= 1 ms"));
+  }
+  if (options.handshake_timeout.count() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("coordinator store: handshake_timeout is ",
+                                                   options.handshake_timeout.count(),
+                                                   " ms; must be >= 1 ms"));
   }
   DA_RETURN_IF_ERROR(internal::CheckStoreSecret(options.secret, "coordinator store: secret"));
   auto address = internal::ParseHostPort(host_port);

@@ -74,6 +74,9 @@ struct CoordinatorStoreOptions {
   // Shared with every rank (empty: no authentication); 16 to 4096 bytes (store_auth.h). A client
   // with another secret, or none, is refused at its handshake.
   std::string secret = "";
+  // How long a new connection may take to answer the hello (a few small frames): a peer that
+  // does not (it lacks the secret, or speaks another protocol) gives its place back then.
+  std::chrono::milliseconds handshake_timeout{5000};
 };
 
 // The coordinator's side. Serves up to options.max_connections clients, each on its own

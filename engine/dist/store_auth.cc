@@ -67,9 +67,10 @@ std::string HmacSha256(absl::string_view key, absl::Span<const absl::string_view
   }
   ok = ok && EVP_MAC_final(context.get(), reinterpret_cast<unsigned char*>(out.data()), &length,
                            out.size()) == 1;
-  // OpenSSL's HMAC-SHA256 fails only without memory or without its default provider; a tag of
-  // zeros then matches no honest peer's, so the connection is refused rather than trusted.
-  if (!ok || length != kStoreMacBytes) return std::string(kStoreMacBytes, '\0');
+  // OpenSSL's HMAC-SHA256 fails only without memory or without its default provider. The empty
+  // digest it then gives matches nothing (SameDigest takes digests of kStoreMacBytes only), so
+  // the connection is refused rather than trusted, on whichever side failed.
+  if (!ok || length != kStoreMacBytes) return std::string();
   return out;
 }
 
@@ -89,7 +90,8 @@ std::string StoreSessionKey(absl::string_view secret, absl::string_view server_n
 }
 
 bool SameDigest(absl::string_view a, absl::string_view b) {
-  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+  return a.size() == kStoreMacBytes && b.size() == kStoreMacBytes &&
+         CRYPTO_memcmp(a.data(), b.data(), kStoreMacBytes) == 0;
 }
 
 FrameTagger::FrameTagger(std::string session_key, bool server_end)

@@ -38,7 +38,8 @@ absl::Status CheckStoreSecret(absl::string_view secret, absl::string_view what);
 // `bytes` random bytes; INTERNAL when the generator fails.
 absl::StatusOr<std::string> StoreRandomBytes(size_t bytes);
 
-// HMAC-SHA256 over the parts in order (32 bytes).
+// HMAC-SHA256 over the parts in order (32 bytes); empty if OpenSSL fails, which SameDigest never
+// matches.
 std::string HmacSha256(absl::string_view key, absl::Span<const absl::string_view> parts);
 
 // The handshake's values (see the file comment).
@@ -49,7 +50,8 @@ std::string StoreServerProof(absl::string_view secret, absl::string_view server_
 std::string StoreSessionKey(absl::string_view secret, absl::string_view server_nonce,
                             absl::string_view client_nonce);
 
-// Equality in time that does not depend on where two digests differ.
+// Whether a and b are the same digest of kStoreMacBytes, in time that does not depend on where
+// they differ; false for any other size (an empty, failed digest included).
 bool SameDigest(absl::string_view a, absl::string_view b);
 
 // One end of one authenticated connection: tags the frames it sends and checks the frames it

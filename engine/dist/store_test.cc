@@ -333,6 +333,11 @@ TEST(StoreAuthTest, HmacSha256MatchesRfc4231OverItsParts) {
   EXPECT_EQ(internal::HmacSha256("Jefe", {"what do ya want for nothing?"}), expected);
   EXPECT_EQ(internal::HmacSha256("Jefe", {"what do ya ", "", "want for nothing?"}), expected);
   EXPECT_NE(internal::HmacSha256("Jeff", {"what do ya want for nothing?"}), expected);
+  // Only whole digests compare equal: a failed HMAC's empty digest matches nothing, itself
+  // included, so a failure on either side refuses rather than trusts.
+  EXPECT_TRUE(internal::SameDigest(expected, expected));
+  EXPECT_FALSE(internal::SameDigest("", ""));
+  EXPECT_FALSE(internal::SameDigest("short", "short"));
 }
 
 TEST(StoreAuthTest, ATaggerAcceptsEachFrameOnceInOrderAndNothingAltered) {
@@ -353,12 +358,17 @@ TEST(StoreAuthTest, ATaggerAcceptsEachFrameOnceInOrderAndNothingAltered) {
   EXPECT_FALSE(server.CheckReceived(replayed));  // Once only.
   ASSERT_TRUE(server.CheckReceived(second));
   EXPECT_EQ(second, "second");
-  // A frame the server sends is not one the client sent (directions differ).
+  // A client's frame reflected back to a client is refused: only the direction differs from a
+  // server's frame 0 (the same key and number), and the direction is in the tag.
+  internal::FrameTagger sender(std::string(32, 'k'), /*server_end=*/false);
   std::string reflected = "third";
-  reflected += client.NextSendTag({reflected});
-  std::string back = reflected;
+  reflected += sender.NextSendTag({reflected});
   internal::FrameTagger other_client(std::string(32, 'k'), /*server_end=*/false);
+  std::string back = reflected;
   EXPECT_FALSE(other_client.CheckReceived(back));
+  internal::FrameTagger a_server(std::string(32, 'k'), /*server_end=*/true);
+  std::string forward = reflected;
+  EXPECT_TRUE(a_server.CheckReceived(forward));  // The same frame, the right way.
   std::string short_frame = "x";
   EXPECT_FALSE(server.CheckReceived(short_frame));
 }
@@ -433,6 +443,23 @@ TEST(CoordinatorStoreTest, ASharedSecretLetsInOnlyClientsThatKnowIt) {
   EXPECT_EQ(*(*store)->Get("k", milliseconds(1000)), large);
 }
 
+// A peer that connects and never answers the hello gives its place back after the handshake's
+// timeout, not the I/O timeout.
+TEST(CoordinatorStoreTest, APeerThatNeverAnswersTheHelloIsClosedAfterTheHandshakeTimeout) {
+  auto server = StartServer({.secret = kSecret, .handshake_timeout = milliseconds(300)});
+  ASSERT_NE(server, nullptr);
+  const int silent = ConnectRaw(*server);
+  ASSERT_GE(silent, 0);
+  const auto start = Clock::now();
+  EXPECT_TRUE(ClosedByServerWithin(silent, milliseconds(5000)));
+  EXPECT_GE(MsSince(start), 250);
+  EXPECT_LT(MsSince(start), 3000);  // The I/O timeout is 30 s.
+  close(silent);
+  auto store = ConnectCoordinatorStore(Address(*server), milliseconds(2000), kSecret);
+  ASSERT_TRUE(store.ok()) << store.status();
+  EXPECT_TRUE((*store)->Set("k", "v").ok());
+}
+
 // Performs the client's handshake on a raw connection, returning its session key.
 std::string RawHandshake(int fd, const std::string& secret) {
   auto hello = internal::ReadFrame(fd, 64, Clock::now() + milliseconds(2000));
@@ -482,7 +509,6 @@ TEST(CoordinatorStoreTest, AFrameWithoutItsTagOrReplayedClosesTheConnectionUnser
   ASSERT_TRUE(internal::WriteFrame(forged, good, deadline()).ok());
   auto reply = internal::ReadFrame(forged, 64, deadline());
   ASSERT_TRUE(reply.ok()) << reply.status();
-  internal::FrameTagger reader(key, /*server_end=*/false);
   // The reply is tagged as the server's first frame.
   internal::FrameTagger server_side(key, /*server_end=*/true);
   std::string expected_reply(1, '\0');

@@ -238,35 +238,63 @@ class HostileClientTest(unittest.TestCase):
 
     # --- Answers that cannot be sent ----------------------------------------------------------
 
-    def test_a_request_whose_answer_would_pass_the_message_limit_is_refused_before_any_compute(self):
-        server, _, stub = self.start()
-        # 67,108,820 bytes in, an answer of 2,097,147 heads x 16 fp16 (67,108,704 bytes) plus its
-        # framing and info out: over the 64 MiB limit only on the way back. Such a shape needs
-        # millions of heads (the answer exceeds q by a few hundred bytes, while k and v add q's
-        # size / heads each), so the head limit refuses it first, naming it; the answer's own
-        # check (the answer would take ...) stays behind it.
-        heads = 2097147
-        q = np.ones((1, 1, heads, 16), dtype="<f2")
-        kv = np.ones((1, 1, 1, 16), dtype="<f2")
+    def test_a_request_whose_answer_would_pass_the_message_limit_is_refused_before_compute(self):
+        server, _, stub = self.start("--max-message-bytes", str(8 << 20))
+        # 8,388,224 bytes of q (65,533 heads x 64 fp16, one token), k and v of one head: the
+        # request fits 8 MiB, the answer (the output plus its framing and info) does not. Past the
+        # head limit's reach: an answer exceeds q by a few hundred bytes, while k and v add
+        # q / heads each, so it takes a key of one head and few dims to be over only on the way
+        # back.
+        heads = 65533
+        q = np.ones((1, 1, heads, 64), dtype="<f2")
+        kv = np.ones((1, 1, 1, 64), dtype="<f2")
         request = pb2.AttendRequest(
             query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
             key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
             value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
         request.spec.segment_lengths.append(1)
         request.spec.dilation_rates.append(1)
+        self.assertLess(request.ByteSize(), 8 << 20)
+        cpu_before = cpu_seconds(server.process.pid)
+        with self.assertRaises(grpc.RpcError) as refused:
+            stub.Attend(request, timeout=TIMEOUT_S)
+        cpu = cpu_seconds(server.process.pid) - cpu_before
+        self.assertEqual(refused.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        details = refused.exception.details()
+        for part in ("the answer would take", "8388224 bytes", "(--max-message-bytes) is 8388608",
+                     "AttendStream"):
+            self.assertIn(part, details)
+        values = server.metric_values()
+        self.assertEqual(values["da_plan_cache_builds_total"], 0)
+        self.assertEqual(values["da_engine_runs_completed_total"], 0)
+        self.assertEqual(values['da_requests_total{code="RESOURCE_EXHAUSTED",method="Attend"}'], 1)
+        self.assertEqual(values.get('da_requests_total{code="OK",method="Attend"}', 0), 0)
+        self.assertLess(cpu, 1.0)
+
+    def test_millions_of_heads_are_refused_before_any_compute(self):
+        server, _, stub = self.start()
+        # 2,097,140 heads of 16 fp16 dims and one token, 64 patterns, fit a 64 MiB message;
+        # per-head tables (plans, estimates) would cost more than the request, so heads stop at
+        # 65,536.
+        heads = 2097140
+        q = np.ones((1, 1, heads, 16), dtype="<f2")
+        kv = np.ones((1, 1, 1, 16), dtype="<f2")
+        request = pb2.AttendRequest(
+            query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
+            key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
+            value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
+        request.spec.segment_lengths.extend([1] * 64)
+        request.spec.dilation_rates.extend([1] * 64)
         self.assertLess(request.ByteSize(), 64 << 20)
         cpu_before = cpu_seconds(server.process.pid)
         with self.assertRaises(grpc.RpcError) as refused:
             stub.Attend(request, timeout=TIMEOUT_S)
         cpu = cpu_seconds(server.process.pid) - cpu_before
         self.assertEqual(refused.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn("heads is 2097147; at most 65536", refused.exception.details())
+        self.assertIn("heads is 2097140; at most 65536", refused.exception.details())
         values = server.metric_values()
         self.assertEqual(values["da_plan_cache_builds_total"], 0)
-        self.assertEqual(values["da_engine_runs_completed_total"], 0)
         self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="Attend"}'], 1)
-        self.assertEqual(values.get('da_requests_total{code="OK",method="Attend"}', 0), 0)
-        # Receiving and parsing 64 MiB costs tens of milliseconds; the compute took 2.1 s.
         self.assertLess(cpu, 1.0)
 
     # --- Fair queueing -------------------------------------------------------------------------
