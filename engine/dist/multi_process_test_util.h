@@ -73,7 +73,7 @@ class RankGroup {
   KeyValueStore& store() { return *store_; }
   const std::string& prefix() const { return flags_.prefix; }
   pid_t pid(int rank) const { return pids_[rank]; }
-  // The rank's exit code (WaitForExit) within 20 s.
+  // The rank's exit code (WaitForExit) within 45 s.
   int Wait(int rank);
 
  private:
