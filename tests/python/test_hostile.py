@@ -238,6 +238,26 @@ class HostileClientTest(unittest.TestCase):
 
     # --- Answers that cannot be sent ----------------------------------------------------------
 
+    @staticmethod
+    def one_token_request(heads, dims, patterns=1):
+        """fp16, one token: q of `heads` heads, k and v of one head, `patterns` patterns (1, 1)."""
+        q = np.ones((1, 1, heads, dims), dtype="<f2")
+        kv = np.ones((1, 1, 1, dims), dtype="<f2")
+        request = pb2.AttendRequest(
+            query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
+            key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
+            value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
+        request.spec.segment_lengths.extend([1] * patterns)
+        request.spec.dilation_rates.extend([1] * patterns)
+        return request
+
+    def refused_with_cpu(self, server, stub, request):
+        """The RpcError an Attend of request ends with, and the server's CPU seconds meanwhile."""
+        cpu_before = cpu_seconds(server.process.pid)
+        with self.assertRaises(grpc.RpcError) as refused:
+            stub.Attend(request, timeout=TIMEOUT_S)
+        return refused.exception, cpu_seconds(server.process.pid) - cpu_before
+
     def test_a_request_whose_answer_would_pass_the_message_limit_is_refused_before_compute(self):
         server, _, stub = self.start("--max-message-bytes", str(8 << 20))
         # 8,388,224 bytes of q (65,533 heads x 64 fp16, one token), k and v of one head: the
@@ -245,22 +265,11 @@ class HostileClientTest(unittest.TestCase):
         # head limit's reach: an answer exceeds q by a few hundred bytes, while k and v add
         # q / heads each, so it takes a key of one head and few dims to be over only on the way
         # back.
-        heads = 65533
-        q = np.ones((1, 1, heads, 64), dtype="<f2")
-        kv = np.ones((1, 1, 1, 64), dtype="<f2")
-        request = pb2.AttendRequest(
-            query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
-            key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
-            value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
-        request.spec.segment_lengths.append(1)
-        request.spec.dilation_rates.append(1)
+        request = self.one_token_request(heads=65533, dims=64)
         self.assertLess(request.ByteSize(), 8 << 20)
-        cpu_before = cpu_seconds(server.process.pid)
-        with self.assertRaises(grpc.RpcError) as refused:
-            stub.Attend(request, timeout=TIMEOUT_S)
-        cpu = cpu_seconds(server.process.pid) - cpu_before
-        self.assertEqual(refused.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        details = refused.exception.details()
+        refused, cpu = self.refused_with_cpu(server, stub, request)
+        self.assertEqual(refused.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        details = refused.details()
         for part in ("the answer would take", "8388224 bytes", "(--max-message-bytes) is 8388608",
                      "AttendStream"):
             self.assertIn(part, details)
@@ -276,22 +285,11 @@ class HostileClientTest(unittest.TestCase):
         # 2,097,140 heads of 16 fp16 dims and one token, 64 patterns, fit a 64 MiB message;
         # per-head tables (plans, estimates) would cost more than the request, so heads stop at
         # 65,536.
-        heads = 2097140
-        q = np.ones((1, 1, heads, 16), dtype="<f2")
-        kv = np.ones((1, 1, 1, 16), dtype="<f2")
-        request = pb2.AttendRequest(
-            query=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=q.shape, data=q.tobytes()),
-            key=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()),
-            value=pb2.Tensor(dtype=pb2.DTYPE_FP16, shape=kv.shape, data=kv.tobytes()))
-        request.spec.segment_lengths.extend([1] * 64)
-        request.spec.dilation_rates.extend([1] * 64)
+        request = self.one_token_request(heads=2097140, dims=16, patterns=64)
         self.assertLess(request.ByteSize(), 64 << 20)
-        cpu_before = cpu_seconds(server.process.pid)
-        with self.assertRaises(grpc.RpcError) as refused:
-            stub.Attend(request, timeout=TIMEOUT_S)
-        cpu = cpu_seconds(server.process.pid) - cpu_before
-        self.assertEqual(refused.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn("heads is 2097140; at most 65536", refused.exception.details())
+        refused, cpu = self.refused_with_cpu(server, stub, request)
+        self.assertEqual(refused.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("heads is 2097140; at most 65536", refused.details())
         values = server.metric_values()
         self.assertEqual(values["da_plan_cache_builds_total"], 0)
         self.assertEqual(values['da_requests_total{code="INVALID_ARGUMENT",method="Attend"}'], 1)
