@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/numbers.h"
@@ -137,6 +139,12 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
                     "While a request streams, print the bytes sent and received, the rate and the "
                     "time about once a second on stderr (default: when stderr is a terminal)");
   command->add_option("--request-id", flags->request_id, "Request id sent to the server");
+  command
+      ->add_option("--priority", flags->priority,
+                   "Higher runs first among the server's queued requests; at most the cap "
+                   "`info` shows as max_priority")
+      ->capture_default_str()
+      ->check(CLI::Range(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()));
 }
 
 CLI::App* AddAttendCommand(CLI::App& app, AttendFlags* flags) {

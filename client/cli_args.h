@@ -32,6 +32,7 @@ struct CallFlags {
   // (stream or parallel_streams > 0); Check refuses them otherwise.
   int progress = 0;
   std::string request_id;
+  int32_t priority = 0;  // Higher leaves the server's queue first (up to the server's cap).
   // --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file.
   ConnectionFiles connection;
 

@@ -145,7 +145,8 @@ nlohmann::json ServerInfoJson(const v1::GetServerInfoResponse& info) {
       {"limits",
        {{"max_message_bytes", info.limits().max_message_bytes()},
         {"max_request_bytes", info.limits().max_request_bytes()},
-        {"max_tokens", info.limits().max_tokens()}}},
+        {"max_tokens", info.limits().max_tokens()},
+        {"max_priority", info.limits().max_priority()}}},
       {"plan_cache",
        {{"hits", info.plan_cache().hits()},
         {"misses", info.plan_cache().misses()},
@@ -168,7 +169,7 @@ void PrintServerInfo(const v1::GetServerInfoResponse& info, std::ostream& out) {
   const v1::Limits& limits = info.limits();
   out << "limits          max_message_bytes " << limits.max_message_bytes()
       << ", max_request_bytes " << limits.max_request_bytes() << ", max_tokens "
-      << limits.max_tokens() << "\n";
+      << limits.max_tokens() << ", max_priority " << limits.max_priority() << "\n";
   const v1::PlanCacheStats& cache = info.plan_cache();
   out << "plan_cache      hits " << cache.hits() << ", misses " << cache.misses() << ", evictions "
       << cache.evictions() << ", entries " << cache.entries() << ", bytes " << cache.bytes()

@@ -358,8 +358,33 @@ TEST_F(CliEchoTest, InfoPrintsTheServer) {
   const nlohmann::json json = nlohmann::json::parse(result.out);
   EXPECT_EQ(json["version"], "echo-1");
   EXPECT_EQ(json["devices"][0]["precisions"], nlohmann::json({"fp32"}));
+  EXPECT_EQ(json["limits"]["max_priority"], kEchoMaxPriority);
   result = RunClient({"info", "--server", server_.address()});
   EXPECT_THAT(result.out, HasSubstr("version         echo-1"));
+  EXPECT_THAT(result.out, HasSubstr("max_priority 3"));
+}
+
+// --priority reaches the server on every path: the echo server refuses one above its cap.
+TEST_F(CliEchoTest, PriorityIsSentUnaryAndStreamed) {
+  for (const std::vector<std::string>& mode :
+       {std::vector<std::string>{}, {"--stream"}, {"--parallel-streams", "2"}}) {
+    SCOPED_TRACE(mode.empty() ? "unary" : mode[0]);
+    std::vector<std::string> allowed = mode;
+    allowed.insert(allowed.end(), {"--priority", "3"});
+    const RunResult ok = RunClient(Attend(allowed));
+    EXPECT_EQ(ok.exit_code, 0) << ok.err;
+    std::vector<std::string> above = mode;
+    above.insert(above.end(), {"--priority", "4"});
+    const RunResult refused = RunClient(Attend(above));
+    EXPECT_NE(refused.exit_code, 0);
+    EXPECT_THAT(refused.err, HasSubstr("PERMISSION_DENIED"));
+    EXPECT_THAT(refused.err, HasSubstr("priority 4 is above 3"));
+  }
+  const RunResult random = RunClient({"random", "--server", server_.address(), "--batch", "1",
+                                      "--seq-len", "16", "--heads", "1", "--head-dim", "4",
+                                      "--segments", "8", "--dilations", "1", "--priority", "9"});
+  EXPECT_NE(random.exit_code, 0);
+  EXPECT_THAT(random.err, HasSubstr("priority 9 is above 3"));
 }
 
 }  // namespace

@@ -24,12 +24,21 @@ grpc::Status WaitForClientToGiveUp(grpc::ServerContext* context) {
   return grpc::Status(grpc::StatusCode::CANCELLED, "client gave up");
 }
 
+// The real server refuses a priority above the caller's cap; the echo's cap is kEchoMaxPriority.
+grpc::Status CheckPriority(int32_t priority) {
+  if (priority <= kEchoMaxPriority) return grpc::Status::OK;
+  return grpc::Status(
+      grpc::StatusCode::PERMISSION_DENIED,
+      "priority " + std::to_string(priority) + " is above " + std::to_string(kEchoMaxPriority));
+}
+
 }  // namespace
 
 class EchoServer::AttentionService final : public v1::AttentionService::Service {
   grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
                       v1::AttendResponse* response) override {
     if (RequestId(*context) == "wait") return WaitForClientToGiveUp(context);
+    if (grpc::Status refused = CheckPriority(request->priority()); !refused.ok()) return refused;
     *response->mutable_output() = request->query();
     response->mutable_info()->set_request_id(RequestId(*context));
     response->mutable_info()->set_backend("echo");
@@ -45,6 +54,7 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     }
     const v1::StreamHeader header = request.header();
     if (header.request_id() == "wait") return WaitForClientToGiveUp(context);
+    if (grpc::Status refused = CheckPriority(header.priority()); !refused.ok()) return refused;
     v1::AttendStreamResponse response;
     response.mutable_header()->set_request_id(header.request_id());
     response.mutable_header()->set_dtype(header.dtype());
@@ -76,6 +86,7 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     device->set_id("cpu:0");
     device->set_kind("cpu");
     device->add_precisions(v1::PRECISION_FP32);
+    response->mutable_limits()->set_max_priority(kEchoMaxPriority);
     return grpc::Status::OK;
   }
 };

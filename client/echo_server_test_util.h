@@ -7,15 +7,20 @@
 //   AttentionClient client(MakeChannel(server.address()));
 //
 // Request ids steer misbehaviour: "bad-block" answers with a block at the wrong token, "wait"
-// holds the call until the client's deadline or cancellation (at most 10 s).
+// holds the call until the client's deadline or cancellation (at most 10 s). A priority above
+// kEchoMaxPriority is refused with PERMISSION_DENIED, as the server refuses one above its cap, and
+// GetServerInfo reports it as limits.max_priority.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
 namespace da::client {
+
+inline constexpr int32_t kEchoMaxPriority = 3;
 
 class EchoServer {
  public:

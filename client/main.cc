@@ -184,6 +184,7 @@ int RunAttend(const AttendFlags& flags) {
   if (!spec.ok()) return Fail(spec.status().message(), kExitUsage);
   *request.mutable_spec() = *std::move(spec);
   request.set_request_id(flags.call.request_id);
+  request.set_priority(flags.call.priority);
   for (auto [path, tensor] : {std::pair{&flags.q_path, request.mutable_query()},
                               {&flags.k_path, request.mutable_key()},
                               {&flags.v_path, request.mutable_value()}}) {
@@ -239,6 +240,7 @@ int RunRandom(const RandomFlags& flags) {
   absl::StatusOr<v1::AttentionSpec> spec = BuildSpec(flags.spec);
   if (!spec.ok()) return Fail(spec.status().message(), kExitUsage);
   *request.mutable_spec() = *std::move(spec);
+  request.set_priority(flags.call.priority);
   const v1::DType dtype = *ParseDType(flags.dtype);
   const int64_t kv_heads = flags.kv_heads > 0 ? flags.kv_heads : flags.heads;
   const uint64_t seed = static_cast<uint64_t>(flags.seed);

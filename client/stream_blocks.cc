@@ -192,6 +192,7 @@ grpc::Status MakePartPlan(const v1::AttendRequest& request, int64_t block_tokens
   header.set_heads(q.shape(2));
   header.set_kv_heads(k.shape(2));
   header.set_head_dim(q.shape(3));
+  header.set_priority(request.priority());
 
   if (block_tokens == 0) {
     const int64_t token_bytes = header.batch() * (header.heads() + 2 * header.kv_heads()) *

@@ -45,6 +45,7 @@ float At(const std::string& bytes, int64_t index) {
 v1::AttendRequest SampleRequest() {
   v1::AttendRequest request;
   request.set_request_id("req-1");
+  request.set_priority(-7);
   request.mutable_spec()->add_segment_lengths(4);
   request.mutable_spec()->add_dilation_rates(2);
   *request.mutable_query() = IndexedTensor({2, 7, 2, 3}, 0);
@@ -111,6 +112,7 @@ TEST(StreamBlocksTest, HeaderDescribesTheRequest) {
   EXPECT_EQ(plan.header.heads(), 2);
   EXPECT_EQ(plan.header.kv_heads(), 1);
   EXPECT_EQ(plan.header.head_dim(), 3);
+  EXPECT_EQ(plan.header.priority(), -7);
   EXPECT_EQ(plan.block_tokens, 3);
   EXPECT_EQ(plan.block_count, 3);
 }

@@ -204,6 +204,10 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
       const StreamLayout layout,
       MakeStreamLayout(problem_.shape, problem_.dtype, problem_.spec, settings_.min_chunk_tokens,
                        engine_->limits().max_request_bytes));
+  if (settings_.priority_cap != nullptr) {
+    DA_RETURN_IF_ERROR(
+        settings_.priority_cap->Check(*context_, "header: priority", header.priority()));
+  }
   priority_ = header.priority();
   DA_RETURN_IF_ERROR(Admit(layout));
   DA_ASSIGN_OR_RETURN(assembler_,

@@ -69,6 +69,7 @@
 #include "server/host_buffer.h"
 #include "server/metrics.h"
 #include "server/request_record.h"
+#include "server/security.h"
 #include "server/stream_assembler.h"
 #include "server/stream_watch.h"
 #include "server/stream_wire.h"
@@ -108,6 +109,7 @@ struct StreamSettings {
   StreamWatch* watch = nullptr;          // Ends idle streams; null: none (tests).
   ClientQuota* quota = nullptr;          // Caps each client's windows; null: no cap.
   bool client_by_token = false;          // Clients are told apart by token (auth on), else peer.
+  const PriorityCap* priority_cap = nullptr;  // Caps the header's priority; null: no cap.
   int64_t progress_log_ms = 0;  // A progress line this often while the stream runs; 0: none.
 };
 

@@ -61,7 +61,7 @@ int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes,
 class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch::Watched {
  public:
   AttendReactor(engine::Engine* engine, Metrics* metrics, StreamWatch* watch,
-                int64_t max_message_bytes,
+                int64_t max_message_bytes, const PriorityCap* priority_cap,
                 const std::function<void(grpc::CallbackServerContext&)>* before_answer,
                 grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
                 grpc::ByteBuffer* answer)
@@ -70,6 +70,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
         watch_(watch),
         metrics_(metrics),
         max_message_bytes_(max_message_bytes),
+        priority_cap_(priority_cap),
         before_answer_(before_answer),
         context_(context),
         answer_(answer) {
@@ -141,6 +142,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
         {q.shape.batch, q.shape.seq_len, q.shape.heads, problem.k.shape.heads, q.shape.head_dim},
         q.dtype, problem.spec);
     record_.AddBytes(q.bytes + problem.k.bytes + problem.v.bytes, 0);
+    DA_RETURN_IF_ERROR(priority_cap_->Check(*context_, "priority", request_.priority()));
     // Checked here as well as in the engine so that an oversized request is refused before the
     // output is allocated.
     DA_RETURN_IF_ERROR(
@@ -214,6 +216,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   StreamWatch* watch_;
   Metrics* metrics_;
   const int64_t max_message_bytes_;
+  const PriorityCap* const priority_cap_;
   const std::function<void(grpc::CallbackServerContext&)>* before_answer_;  // Test hook.
   grpc::CallbackServerContext* context_;
   grpc::ByteBuffer* answer_;
@@ -299,6 +302,7 @@ AttentionService::AttentionService(engine::Engine* engine, Metrics* metrics, Ser
       options_(std::move(options)),
       stream_buffers_(options_.stream_buffer_pool_bytes),
       client_quota_(options_.max_client_stream_bytes),
+      priority_cap_(options_.max_priority, options_.authenticator),
       stream_watch_(std::chrono::milliseconds(options_.stream_idle_timeout_ms)),
       build_features_(engine::BuildFeatures()) {}
 
@@ -351,6 +355,7 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
     return FinishedWith(context, refused);
   }
   return new AttendReactor(engine_, metrics_, &stream_watch_, options_.max_message_bytes,
+                           &priority_cap_,
                            options_.before_unary_answer ? &options_.before_unary_answer : nullptr,
                            context, request, response);
 }
@@ -374,6 +379,7 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
                                 .watch = &stream_watch_,
                                 .quota = &client_quota_,
                                 .client_by_token = options_.client_by_token,
+                                .priority_cap = &priority_cap_,
                                 .progress_log_ms = options_.stream_progress_log_ms};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
@@ -402,6 +408,7 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
   limits->set_max_message_bytes(options_.max_message_bytes);
   limits->set_max_request_bytes(engine_->limits().max_request_bytes);
   limits->set_max_tokens(engine_->limits().max_tokens);
+  limits->set_max_priority(priority_cap_.CapOf(*context));
   PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
   const grpc::Status status = ToGrpcStatus(SerializeUnaryResponse(reply, answer));
 

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "server/attend_stream_reactor.h"
 #include "server/client_quota.h"
 #include "server/metrics.h"
+#include "server/security.h"
 #include "server/stream_watch.h"
 #include "server/warm_up.h"
 
@@ -72,6 +74,10 @@ struct ServiceOptions {
   int64_t stream_progress_log_ms = 10000;  // A running stream's progress line; 0: none.
   int64_t max_client_stream_bytes = 0;     // Stream windows one client may hold; 0: no cap.
   bool client_by_token = false;            // Clients told apart by bearer token (auth on).
+  // The highest priority a call may ask for, unless its token's line in the token file gives its
+  // own (PriorityCap); INT32_MAX: no cap.
+  int32_t max_priority = std::numeric_limits<int32_t>::max();
+  const BearerTokenAuthenticator* authenticator = nullptr;  // Auth on; outlives the service.
   // Test hook: runs after a unary Attend computed OK, just before its answer is sent. Null: none.
   std::function<void(grpc::CallbackServerContext&)> before_unary_answer;
 };
@@ -114,9 +120,10 @@ class AttentionService final : public AttentionServiceBase {
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;
-  HostBufferPool stream_buffers_;  // Outlives the streams: the service outlives the grpc::Server.
-  ClientQuota client_quota_;       // Likewise.
-  StreamWatch stream_watch_;       // Likewise; its thread ends with the service.
+  HostBufferPool stream_buffers_;   // Outlives the streams: the service outlives the grpc::Server.
+  ClientQuota client_quota_;        // Likewise.
+  const PriorityCap priority_cap_;  // Likewise.
+  StreamWatch stream_watch_;        // Likewise; its thread ends with the service.
   std::vector<std::string> build_features_;
   WarmUpWorker warm_up_worker_;
 };

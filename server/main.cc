@@ -272,6 +272,11 @@ int main(int argc, char** argv) {
                  "arrival")
       ->capture_default_str()
       ->check(CLI::IsMember({"fair", "arrival"}));
+  app.add_option("--max-priority", options.max_priority,
+                 "The highest request priority a client may ask for (higher: PERMISSION_DENIED); "
+                 "a token's own max_priority=N in --auth-token-file overrides it for that token. "
+                 "Default: no cap")
+      ->check(CLI::Range(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()));
   app.add_option("--warmup", warmup_file,
                  "JSON file of shapes whose plans are built before readiness turns SERVING");
   // Security and per-connection limits (server/security.h); files are checked before listening.
@@ -282,8 +287,9 @@ int main(int argc, char** argv) {
   app.add_option("--tls-client-ca", options.security.tls_client_ca_file,
                  "PEM CA certificate(s): mutual TLS, clients must present a certificate it signed");
   app.add_option("--auth-token-file", options.security.auth_token_file,
-                 "Bearer tokens, one per line (# comments): AttentionService calls need "
-                 "'authorization: Bearer <token>'; health and reflection stay open");
+                 "Bearer tokens, one per line (# comments), each optionally followed by "
+                 "max_priority=N: AttentionService calls need 'authorization: Bearer <token>'; "
+                 "health and reflection stay open");
   app.add_option("--max-concurrent-streams", options.max_concurrent_streams,
                  "Calls one connection may have open at once; more wait on the client")
       ->capture_default_str()

@@ -436,7 +436,7 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                    .Help(
                        "Attention RPCs refused without a result, by reason (invalid_argument, "
                        "too_large, queue_full, memory, deadline, cancelled, unauthenticated, "
-                       "unavailable, idle, client_memory).")
+                       "unavailable, idle, client_memory, priority).")
                    .Register(*registry_);
   for (const char* reason : kRejectReasons) rejected_->Add({{"reason", reason}});
   undelivered_ = &prometheus::BuildCounter()

@@ -43,10 +43,11 @@
 // (kRejectReasons) are invalid_argument, too_large (a configured size limit), queue_full, memory,
 // deadline (refused up front or expired while queued), cancelled (by the client before compute
 // began), unauthenticated, unavailable (e.g. draining), idle (a stream whose client made no
-// progress for --stream-idle-timeout-ms) and client_memory (one client's streams at
-// --max-client-stream-bytes). Runs stopped during compute are not
-// rejections: they count in da_engine_runs_{cancelled,deadline_exceeded}_total; nor are runs that
-// failed after they began (a rank lost mid-run: da_group_runs_total{outcome="failed"}).
+// progress for --stream-idle-timeout-ms), client_memory (one client's streams at
+// --max-client-stream-bytes) and priority (above the client's cap, --max-priority). Runs stopped
+// during compute are not rejections: they count in
+// da_engine_runs_{cancelled,deadline_exceeded}_total; nor are runs that failed after they began (a
+// rank lost mid-run: da_group_runs_total{outcome="failed"}).
 #pragma once
 
 #include <grpcpp/support/status.h>
@@ -100,8 +101,8 @@ struct DeviceSample {
 
 // Every reason da_requests_rejected_total is exported with (all start at 0).
 inline constexpr const char* kRejectReasons[] = {
-    "invalid_argument", "too_large",       "queue_full",  "memory", "deadline",
-    "cancelled",        "unauthenticated", "unavailable", "idle",   "client_memory"};
+    "invalid_argument", "too_large",   "queue_full", "memory",        "deadline", "cancelled",
+    "unauthenticated",  "unavailable", "idle",       "client_memory", "priority"};
 
 class Metrics {
  public:

@@ -21,8 +21,10 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/request_record.h"
 
 namespace da::server {
 namespace {
@@ -223,25 +225,47 @@ void TlsFileWatcher::Run() {
   }
 }
 
-absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) {
+absl::StatusOr<std::vector<TokenEntry>> ReadTokenFile(const std::string& path) {
   absl::StatusOr<std::string> text = ReadWholeFile(kTokenFlag, path);
   if (!text.ok()) return text.status();
-  std::vector<std::string> tokens;
+  std::vector<TokenEntry> tokens;
   int line_number = 0;
   for (absl::string_view line : absl::StrSplit(*text, '\n')) {
     ++line_number;
     line = absl::StripAsciiWhitespace(line);
     if (line.empty() || line[0] == '#') continue;
-    for (char c : line) {
+    const auto line_error = [&](absl::string_view what) {
+      return FileError(kTokenFlag, path, absl::StrCat("line ", line_number, ": ", what));
+    };
+    std::vector<absl::string_view> words =
+        absl::StrSplit(line, absl::ByAnyChar(" \t\r\f\v"), absl::SkipEmpty());
+    for (char c : words[0]) {
       // What gRPC allows in a metadata value: printable ASCII. A token with anything else could
       // never be sent, so it is a mistake in the file.
       if (c < 0x21 || c > 0x7e) {
-        return FileError(kTokenFlag, path,
-                         absl::StrCat("line ", line_number,
-                                      ": a token may hold only printable ASCII without spaces"));
+        return line_error("a token may hold only printable ASCII without spaces");
       }
     }
-    tokens.emplace_back(line);
+    TokenEntry entry{.token = std::string(words[0]), .max_priority = std::nullopt};
+    for (size_t i = 1; i < words.size(); ++i) {
+      constexpr absl::string_view kMaxPriority = "max_priority=";
+      if (!absl::StartsWith(words[i], kMaxPriority)) {
+        // Named by its place only: the word may be half of a token written with a space, which
+        // must not reach the log.
+        return line_error(absl::StrCat("word ", i + 1,
+                                       " of the line is not max_priority=N, the one option after "
+                                       "a token (a token holds no spaces)"));
+      }
+      if (entry.max_priority.has_value()) return line_error("max_priority is given twice");
+      int32_t value = 0;
+      const absl::string_view number = words[i].substr(kMaxPriority.size());
+      if (!absl::SimpleAtoi(number, &value)) {
+        return line_error(absl::StrCat("max_priority '", number.size() <= 32 ? number : "...",
+                                       "' is not an integer from -2147483648 to 2147483647"));
+      }
+      entry.max_priority = value;
+    }
+    tokens.push_back(std::move(entry));
   }
   if (tokens.empty()) {
     return FileError(kTokenFlag, path,
@@ -252,7 +276,7 @@ absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path) 
 
 absl::StatusOr<std::unique_ptr<BearerTokenAuthenticator>> BearerTokenAuthenticator::FromFile(
     const std::string& path) {
-  absl::StatusOr<std::vector<std::string>> tokens = ReadTokenFile(path);
+  absl::StatusOr<std::vector<TokenEntry>> tokens = ReadTokenFile(path);
   if (!tokens.ok()) return tokens.status();
   return std::make_unique<BearerTokenAuthenticator>(*tokens);
 }
@@ -273,8 +297,30 @@ std::string TokenFingerprint(absl::string_view token) {
       absl::string_view(reinterpret_cast<const char*>(digest.data()), sizeof(uint64_t)));
 }
 
+BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<TokenEntry>& tokens) {
+  for (const TokenEntry& entry : tokens) {
+    token_digests_.push_back(Sha256(entry.token));
+    max_priorities_.push_back(entry.max_priority);
+  }
+}
+
 BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens) {
-  for (const std::string& token : tokens) token_digests_.push_back(Sha256(token));
+  for (const std::string& token : tokens) {
+    token_digests_.push_back(Sha256(token));
+    max_priorities_.push_back(std::nullopt);
+  }
+}
+
+int BearerTokenAuthenticator::Match(absl::string_view token) const {
+  const Digest presented = Sha256(token);
+  // No early exit: every digest is compared, whichever matches.
+  int match = -1;
+  for (size_t i = 0; i < token_digests_.size(); ++i) {
+    const bool same =
+        CRYPTO_memcmp(presented.data(), token_digests_[i].data(), presented.size()) == 0;
+    match = same ? static_cast<int>(i) : match;
+  }
+  return match;
 }
 
 grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& context) const {
@@ -297,17 +343,49 @@ grpc::Status BearerTokenAuthenticator::CheckAuthorization(
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the authorization metadata is not of the form 'Bearer <token>'");
   }
-  const Digest presented = Sha256(*token);
-  // No early exit: every digest is compared, whichever matches.
-  int matches = 0;
-  for (const Digest& digest : token_digests_) {
-    matches |= CRYPTO_memcmp(presented.data(), digest.data(), digest.size()) == 0;
-  }
-  if (matches == 0) {
+  if (Match(*token) < 0) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "the bearer token is not valid for this server");
   }
   return grpc::Status::OK;
+}
+
+std::optional<int32_t> BearerTokenAuthenticator::MaxPriorityOf(
+    const grpc::ServerContextBase& context) const {
+  const auto& metadata = context.client_metadata();
+  const auto found = metadata.find("authorization");
+  if (found == metadata.end()) return std::nullopt;
+  return MaxPriorityOf(absl::string_view(found->second.data(), found->second.size()));
+}
+
+std::optional<int32_t> BearerTokenAuthenticator::MaxPriorityOf(
+    absl::string_view authorization) const {
+  const std::optional<absl::string_view> token = BearerTokenOf(authorization);
+  if (!token.has_value()) return std::nullopt;
+  const int match = Match(*token);
+  return match < 0 ? std::nullopt : max_priorities_[static_cast<size_t>(match)];
+}
+
+int32_t PriorityCap::CapOf(const grpc::ServerContextBase& context) const {
+  const std::optional<int32_t> token_max =
+      tokens_ != nullptr ? tokens_->MaxPriorityOf(context) : std::nullopt;
+  return token_max.value_or(server_max_);
+}
+
+absl::Status PriorityCap::Check(const grpc::ServerContextBase& context, absl::string_view field,
+                                int32_t priority) const {
+  if (priority <= server_max_ && tokens_ == nullptr) return absl::OkStatus();
+  const std::optional<int32_t> token_max =
+      tokens_ != nullptr ? tokens_->MaxPriorityOf(context) : std::nullopt;
+  const int32_t cap = token_max.value_or(server_max_);
+  if (priority <= cap) return absl::OkStatus();
+  return WithServerRejectReason(
+      absl::PermissionDeniedError(absl::StrCat(
+          field, " ", priority, " is above ", cap, ", the highest this client may ask for (",
+          token_max.has_value() ? "max_priority of its token in --auth-token-file"
+                                : "--max-priority",
+          "); send a lower priority, or ask the operator for a higher cap")),
+      "priority");
 }
 
 }  // namespace da::server

@@ -51,8 +51,8 @@ struct SecurityOptions {
   // (seconds, at least 1). Files are compared by content; a change takes effect from the next
   // handshake on.
   int tls_reload_seconds = 60;
-  // Bearer tokens, one per line; blank lines and lines starting with '#' are ignored. Empty: no
-  // authentication.
+  // Bearer tokens, one per line, each optionally followed by "max_priority=N" (TokenEntry); blank
+  // lines and lines starting with '#' are ignored. Empty: no authentication.
   std::string auth_token_file = {};
 };
 
@@ -110,10 +110,20 @@ class TlsFileWatcher {
   std::thread thread_;  // Last: starts once the members above exist.
 };
 
-// The tokens of a token file: each non-blank line that does not start with '#', trimmed.
-// InvalidArgument naming --auth-token-file and the file when it cannot be read, holds no token,
-// or a token has a character outside printable ASCII (named by line number, never echoed).
-absl::StatusOr<std::vector<std::string>> ReadTokenFile(const std::string& path);
+// One line of a token file: "TOKEN" or "TOKEN max_priority=N", where N (an int32) is the highest
+// request priority a call with this token may ask for (PriorityCap); without it the server's
+// --max-priority applies.
+struct TokenEntry {
+  std::string token;
+  std::optional<int32_t> max_priority;
+};
+
+// The tokens of a token file: each non-blank line that does not start with '#', trimmed, as a
+// token and its options, separated by whitespace. InvalidArgument naming --auth-token-file and
+// the file when it cannot be read or holds no token, or naming the line (never echoing a token)
+// when a token has a character outside printable ASCII, an option is unknown or given twice, or
+// max_priority is not an int32.
+absl::StatusOr<std::vector<TokenEntry>> ReadTokenFile(const std::string& path);
 
 // The token of an `authorization` metadata value of the form "Bearer <token>": the scheme is
 // case-insensitive (RFC 7235) and whitespace around the token is dropped, so "Bearer t",
@@ -132,15 +142,50 @@ class BearerTokenAuthenticator {
  public:
   static absl::StatusOr<std::unique_ptr<BearerTokenAuthenticator>> FromFile(
       const std::string& path);
-  explicit BearerTokenAuthenticator(const std::vector<std::string>& tokens);
+  explicit BearerTokenAuthenticator(const std::vector<TokenEntry>& tokens);
+  explicit BearerTokenAuthenticator(const std::vector<std::string>& tokens);  // No options.
 
   // OK, or UNAUTHENTICATED saying what was missing or wrong (never echoing what was sent).
   grpc::Status Check(const grpc::ServerContextBase& context) const;
   // The same check on the value of the authorization metadata (nullptr: absent).
   grpc::Status CheckAuthorization(const absl::string_view* authorization) const;
 
+  // The max_priority of the call's token where its line gives one; nullopt where it gives none,
+  // or the call has no valid token. Compared as Check compares, in constant time.
+  std::optional<int32_t> MaxPriorityOf(const grpc::ServerContextBase& context) const;
+  // The same on the value of the authorization metadata.
+  std::optional<int32_t> MaxPriorityOf(absl::string_view authorization) const;
+
  private:
+  // The index of the token whose digest is `presented`'s, or -1; every digest is compared.
+  int Match(absl::string_view token) const;
+
   std::vector<std::array<unsigned char, 32>> token_digests_;  // SHA-256 of each token.
+  std::vector<std::optional<int32_t>> max_priorities_;        // Of each token, as in its line.
+};
+
+// The highest priority a call may ask for: its bearer token's max_priority where the token file
+// gives one (so an operator can give one client more, or less, than the rest), else the server's
+// --max-priority. INT32_MAX: no cap, which is the default. Lower priorities are always allowed.
+//
+//   PriorityCap cap(/*server_max=*/0, authenticator.get());
+//   DA_RETURN_IF_ERROR(cap.Check(*context, "priority", request.priority()));
+class PriorityCap {
+ public:
+  // tokens: null where the server has no token file. Must outlive the cap.
+  PriorityCap(int32_t server_max, const BearerTokenAuthenticator* tokens)
+      : server_max_(server_max), tokens_(tokens) {}
+
+  // OK, or PERMISSION_DENIED (reject reason "priority") naming `field`, the priority asked, the
+  // cap and where the cap comes from.
+  absl::Status Check(const grpc::ServerContextBase& context, absl::string_view field,
+                     int32_t priority) const;
+  // The cap for the call (what GetServerInfo reports to it).
+  int32_t CapOf(const grpc::ServerContextBase& context) const;
+
+ private:
+  const int32_t server_max_;
+  const BearerTokenAuthenticator* const tokens_;
 };
 
 }  // namespace da::server

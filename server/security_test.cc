@@ -13,6 +13,7 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 #include <sstream>
@@ -559,8 +560,109 @@ TEST_F(SecurityTest, OneTokenHoweverWrittenIsOneClientOfTheStreamCap) {
   EXPECT_TRUE(other_token.admitted()) << other_token.status().error_message();
 }
 
+// --max-priority caps every client's request priority, and a token's max_priority=N in the token
+// file replaces it for that token (higher or lower); above the cap a call is PERMISSION_DENIED
+// naming the priority, the cap and where the cap comes from, and counted as reason "priority".
+// Unary and streamed requests alike; GetServerInfo tells each caller its cap.
+TEST_F(SecurityTest, PriorityAboveTheCallersCapIsRefusedNamingTheCap) {
+  const std::string dir = testing::MakeTempDir();
+  const std::string raised = "raised-token-7c1a";    // max_priority=5, above the server's 0.
+  const std::string lowered = "lowered-token-2b9e";  // max_priority=-2, below it.
+  const std::string plain = "plain-token-91fd";      // The server's cap.
+  WriteFile(dir + "/tokens",
+            raised + " max_priority=5\n" + lowered + "\tmax_priority=-2\n" + plain + "\n");
+  ServerOptions options = testing::LoopbackOptions();
+  options.security.auth_token_file = dir + "/tokens";
+  options.max_priority = 0;
+  std::unique_ptr<Server> server = testing::StartServer(options);
+  ASSERT_NE(server, nullptr);
+
+  const auto attend = [&](const std::string& token, int priority) {
+    Client c(server->port(), WithToken(client::ConnectionOptions{}, token));
+    v1::AttendRequest request = SmallRequest();
+    request.set_priority(priority);
+    v1::AttendResponse response;
+    const grpc::Status status =
+        c.client.Attend(request, &response, testing::WithTimeout(kTimeoutMs));
+    if (status.ok()) {
+      EXPECT_EQ(response.output().data(), testing::InProcessOutput(request, 2));
+    }
+    return status;
+  };
+  const auto expect_refused = [&](const grpc::Status& status, const std::string& token,
+                                  const std::string& what, const std::string& source) {
+    EXPECT_EQ(status.error_code(), StatusCode::PERMISSION_DENIED) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr(what));
+    EXPECT_THAT(status.error_message(), HasSubstr(source));
+    EXPECT_THAT(status.error_message(), Not(HasSubstr(token)));
+  };
+  const std::string token_source = "max_priority of its token in --auth-token-file";
+  for (const int allowed : {5, 0, -100}) {
+    const grpc::Status status = attend(raised, allowed);
+    EXPECT_TRUE(status.ok()) << allowed << ": " << status.error_message();
+  }
+  expect_refused(attend(raised, 6), raised, "priority 6 is above 5", token_source);
+  expect_refused(attend(raised, std::numeric_limits<int32_t>::max()), raised,
+                 "priority 2147483647 is above 5", token_source);
+  EXPECT_TRUE(attend(lowered, -2).ok());
+  expect_refused(attend(lowered, 0), lowered, "priority 0 is above -2", token_source);
+  EXPECT_TRUE(attend(plain, 0).ok());
+  expect_refused(attend(plain, 1), plain, "priority 1 is above 0", "(--max-priority)");
+
+  // A stream's header is held to the same cap before it is admitted.
+  v1::StreamHeader header = testing::HeaderFor(SmallRequest());
+  header.set_priority(6);
+  HeaderOnlyStream refused_stream(server->port(), "Bearer " + raised, header);
+  EXPECT_FALSE(refused_stream.admitted());
+  expect_refused(refused_stream.status(), raised, "header: priority 6 is above 5", token_source);
+  header.set_priority(5);
+  HeaderOnlyStream admitted_stream(server->port(), "Bearer " + raised, header);
+  EXPECT_TRUE(admitted_stream.admitted()) << admitted_stream.status().error_message();
+
+  for (const auto& [token, cap] : {std::pair{raised, 5}, {lowered, -2}, {plain, 0}}) {
+    Client c(server->port(), WithToken(client::ConnectionOptions{}, token));
+    v1::GetServerInfoResponse info;
+    ASSERT_TRUE(c.client.GetServerInfo(&info, testing::WithTimeout(kTimeoutMs)).ok());
+    EXPECT_EQ(info.limits().max_priority(), cap) << token;
+  }
+  const std::string scraped = server->metrics().Scrape();
+  EXPECT_EQ(testing::MetricValue(scraped, "da_requests_rejected_total{reason=\"priority\"}"), 5)
+      << scraped;
+  EXPECT_EQ(
+      testing::MetricValue(scraped, "da_requests_total{code=\"PERMISSION_DENIED\",method=\"Attend\"}"),
+      4)
+      << scraped;
+  std::filesystem::remove_all(dir);
+}
+
+// Without --max-priority or token caps, any priority is allowed, and GetServerInfo says so.
+TEST_F(SecurityTest, PriorityIsUncappedByDefault) {
+  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  Client c(server->port(), client::ConnectionOptions{});
+  v1::AttendRequest request = SmallRequest();
+  request.set_priority(std::numeric_limits<int32_t>::max());
+  v1::AttendResponse response;
+  const grpc::Status status = c.client.Attend(request, &response, testing::WithTimeout(kTimeoutMs));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().data(), testing::InProcessOutput(request, 2));
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(c.client.GetServerInfo(&info, testing::WithTimeout(kTimeoutMs)).ok());
+  EXPECT_EQ(info.limits().max_priority(), std::numeric_limits<int32_t>::max());
+}
+
+TEST(BearerTokenAuthenticatorTest, MaxPriorityIsTheMatchedTokensOwn) {
+  BearerTokenAuthenticator authenticator(std::vector<TokenEntry>{
+      {.token = "alpha-1", .max_priority = 7}, {.token = "beta-2", .max_priority = std::nullopt}});
+  EXPECT_EQ(authenticator.MaxPriorityOf("Bearer alpha-1"), 7);
+  EXPECT_EQ(authenticator.MaxPriorityOf("bearer  alpha-1 "), 7);
+  EXPECT_EQ(authenticator.MaxPriorityOf("Bearer beta-2"), std::nullopt);
+  EXPECT_EQ(authenticator.MaxPriorityOf("Bearer alpha-2"), std::nullopt);
+  EXPECT_EQ(authenticator.MaxPriorityOf("Basic alpha-1"), std::nullopt);
+}
+
 TEST(BearerTokenAuthenticatorTest, ChecksTheSchemeAndTheTokenWithoutEchoingIt) {
-  BearerTokenAuthenticator authenticator({"alpha-1", "beta-2"});
+  BearerTokenAuthenticator authenticator(std::vector<std::string>{"alpha-1", "beta-2"});
   auto check = [&](absl::string_view value) { return authenticator.CheckAuthorization(&value); };
   EXPECT_TRUE(check("Bearer alpha-1").ok());
   EXPECT_TRUE(check("bearer beta-2").ok());
@@ -591,24 +693,65 @@ TEST(BearerTokenOfTest, ReadsTheTokenAsTheAuthenticatorDoes) {
 TEST(ReadTokenFileTest, SkipsCommentsAndBlankLinesAndRefusesFilesWithoutTokens) {
   const std::string dir = testing::MakeTempDir();
   WriteFile(dir + "/tokens", "# comment\n\n  first\t\r\nsecond\n   # indented comment\n");
-  EXPECT_THAT(ReadTokenFile(dir + "/tokens").value(), ::testing::ElementsAre("first", "second"));
+  const absl::StatusOr<std::vector<TokenEntry>> tokens = ReadTokenFile(dir + "/tokens");
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  ASSERT_EQ(tokens->size(), 2);
+  EXPECT_EQ((*tokens)[0].token, "first");
+  EXPECT_EQ((*tokens)[1].token, "second");
+  EXPECT_EQ((*tokens)[0].max_priority, std::nullopt);
 
   WriteFile(dir + "/empty", "# only a comment\n\n \n");
-  absl::StatusOr<std::vector<std::string>> empty = ReadTokenFile(dir + "/empty");
+  absl::StatusOr<std::vector<TokenEntry>> empty = ReadTokenFile(dir + "/empty");
   ASSERT_FALSE(empty.ok());
   EXPECT_THAT(std::string(empty.status().message()),
               HasSubstr("--auth-token-file " + dir + "/empty: no token"));
 
   WriteFile(dir + "/spaces", "ok-token\nhas a space\n");
-  absl::StatusOr<std::vector<std::string>> spaces = ReadTokenFile(dir + "/spaces");
+  absl::StatusOr<std::vector<TokenEntry>> spaces = ReadTokenFile(dir + "/spaces");
   ASSERT_FALSE(spaces.ok());
   EXPECT_THAT(std::string(spaces.status().message()), HasSubstr("line 2"));
   EXPECT_THAT(std::string(spaces.status().message()), Not(HasSubstr("has a space")));
 
-  absl::StatusOr<std::vector<std::string>> missing = ReadTokenFile(dir + "/missing");
+  absl::StatusOr<std::vector<TokenEntry>> missing = ReadTokenFile(dir + "/missing");
   ASSERT_FALSE(missing.ok());
   EXPECT_THAT(std::string(missing.status().message()),
               HasSubstr("--auth-token-file " + dir + "/missing: cannot read"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ReadTokenFileTest, ReadsEachTokensMaxPriorityAndRefusesWhatItCannotRead) {
+  const std::string dir = testing::MakeTempDir();
+  WriteFile(dir + "/tokens",
+            "high max_priority=100\n low\tmax_priority=-5 \nplain\nedge max_priority=2147483647\n");
+  const absl::StatusOr<std::vector<TokenEntry>> tokens = ReadTokenFile(dir + "/tokens");
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  ASSERT_EQ(tokens->size(), 4);
+  EXPECT_EQ((*tokens)[0].token, "high");
+  EXPECT_EQ((*tokens)[0].max_priority, 100);
+  EXPECT_EQ((*tokens)[1].token, "low");
+  EXPECT_EQ((*tokens)[1].max_priority, -5);
+  EXPECT_EQ((*tokens)[2].token, "plain");
+  EXPECT_EQ((*tokens)[2].max_priority, std::nullopt);
+  EXPECT_EQ((*tokens)[3].max_priority, std::numeric_limits<int32_t>::max());
+
+  // Each refusal names the file and the line and never repeats a token (nor a word that may be
+  // half of one).
+  for (const auto& [text, says] : std::vector<std::pair<std::string, std::string>>{
+           {"ok\nsecret-part max_priority=high\n", "line 2: max_priority 'high' is not an integer"},
+           {"secret-part max_priority=2147483648\n", "line 1: max_priority '2147483648' is not"},
+           {"secret-part max_priority=\n", "line 1: max_priority '' is not an integer"},
+           {"secret-part max_priority=1 max_priority=2\n", "line 1: max_priority is given twice"},
+           {"secret-part priority=1\n", "line 1: word 2 of the line is not max_priority=N"},
+           {"secret-part other-half\n", "line 1: word 2 of the line is not max_priority=N"},
+           {"secret-part other=half\n", "line 1: word 2 of the line is not max_priority=N"}}) {
+    WriteFile(dir + "/bad", text);
+    const absl::StatusOr<std::vector<TokenEntry>> bad = ReadTokenFile(dir + "/bad");
+    ASSERT_FALSE(bad.ok()) << text;
+    const std::string message(bad.status().message());
+    EXPECT_THAT(message, HasSubstr("--auth-token-file " + dir + "/bad: " + says)) << text;
+    EXPECT_THAT(message, Not(HasSubstr("secret-part"))) << text;
+    EXPECT_THAT(message, Not(HasSubstr("half"))) << text;
+  }
   std::filesystem::remove_all(dir);
 }
 

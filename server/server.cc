@@ -292,6 +292,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                      .stream_progress_log_ms = options.stream_progress_log_ms,
                      .max_client_stream_bytes = client_cap,
                      .client_by_token = server->authenticator_ != nullptr,
+                     .max_priority = options.max_priority,
+                     .authenticator = server->authenticator_.get(),
                      .before_unary_answer = options.before_unary_answer});
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -101,6 +101,9 @@ struct ServerOptions {
   int64_t device_memory_budget_bytes = 0;
   int max_queue = 64;
   engine::QueueOrder queue_order = engine::QueueOrder::kFair;
+  // The highest request priority a client may ask for, unless its token's line in the token file
+  // gives its own max_priority (PriorityCap); higher is PERMISSION_DENIED. INT32_MAX: no cap.
+  int32_t max_priority = std::numeric_limits<int32_t>::max();
   // TLS, mutual TLS and bearer tokens on the gRPC port (server/security.h); default: plaintext,
   // no authentication. Health and reflection never require a token.
   SecurityOptions security;

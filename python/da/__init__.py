@@ -15,10 +15,10 @@ needs torch) is an nn.Module computing on the server.
 
 from da import aio
 from da._client import BlockStream, Client, OutputBlock, Result
-from da.errors import (Cancelled, DeadlineExceeded, Error, InvalidArgument, ResourceExhausted,
-                       Unauthenticated, Unavailable)
+from da.errors import (Cancelled, DeadlineExceeded, Error, InvalidArgument, PermissionDenied,
+                       ResourceExhausted, Unauthenticated, Unavailable)
 
 __all__ = ["Client", "Result", "OutputBlock", "BlockStream", "aio", "Error", "InvalidArgument",
            "ResourceExhausted", "DeadlineExceeded", "Unavailable", "Unauthenticated",
-           "Cancelled"]
+           "PermissionDenied", "Cancelled"]
 __version__ = "0.1.0"

@@ -40,6 +40,10 @@ class Unauthenticated(Error):
     """The bearer token is missing or wrong."""
 
 
+class PermissionDenied(Error):
+    """The token may not do this, e.g. a priority above the client's cap (Limits.max_priority)."""
+
+
 class Cancelled(Error):
     """The call was cancelled."""
 
@@ -50,6 +54,7 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.CANCELLED: Cancelled,
 }
 

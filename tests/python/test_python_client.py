@@ -303,17 +303,30 @@ class PythonClientTest(unittest.TestCase):
         self.assertTrue(info.version)
         self.assertEqual(info.devices[0].id, "cpu:0")
         with tempfile.NamedTemporaryFile("w", suffix=".tokens") as tokens:
-            tokens.write("s3cret-token\n")
+            tokens.write("s3cret-token max_priority=3\nplain-token\n")
             tokens.flush()
             with da_testing.Server(ARGS.server_binary,
-                                   ["--threads", "1", "--auth-token-file", tokens.name]) as guarded:
+                                   ["--threads", "1", "--auth-token-file", tokens.name,
+                                    "--max-priority", "0"]) as guarded:
                 q = np.ones((1, 32, 2, 8), np.float32)
                 with self.assertRaises(da.Unauthenticated):
                     da.Client(guarded.address).attend(q, q, q, segments=[16], dilations=[1],
                                                       stream=False)
-                out = da.Client(guarded.address, token="s3cret-token").attend(
-                    q, q, q, segments=[16], dilations=[1], stream=False)
+                client = da.Client(guarded.address, token="s3cret-token")
+                out = client.attend(q, q, q, segments=[16], dilations=[1], stream=False,
+                                    priority=3)
                 self.assertEqual(out.shape, q.shape)
+                self.assertEqual(client.info().limits.max_priority, 3)
+                # Above the token's cap, unary or streamed: refused, naming the cap.
+                for stream in (False, True):
+                    with self.assertRaisesRegex(da.PermissionDenied, "priority 4 is above 3"):
+                        client.attend(q, q, q, segments=[16], dilations=[1], stream=stream,
+                                      priority=4)
+                plain = da.Client(guarded.address, token="plain-token")
+                self.assertEqual(plain.info().limits.max_priority, 0)
+                with self.assertRaisesRegex(da.PermissionDenied, r"\(--max-priority\)"):
+                    plain.attend(q, q, q, segments=[16], dilations=[1], stream=False,
+                                 priority=1)
 
     def test_tensor_bytes_framed_by_hand_equal_protobufs_encoding(self):
         rng = np.random.default_rng(21)
