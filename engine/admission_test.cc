@@ -445,6 +445,55 @@ TEST(AdmissionTest, NoQueueMeansOnlyImmediateRuns) {
   EXPECT_EQ(RejectReasonOf(refused.result.status()), RejectReason::kQueueFull);
 }
 
+// With several devices there are max_concurrent_runs dispatchers per device, and an idle device's
+// dispatcher takes a request at once: max_queue 0 refuses only what would have to wait. Before,
+// the queue counted one device's dispatchers, and refused a request while a device idled.
+TEST(AdmissionTest, AnIdleDeviceTakesARequestWithNoQueue) {
+  EngineOptions options = Options();
+  options.cpu_devices = 2;  // One thread each.
+  options.max_queue = 0;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  // A long run bound to `device`, running when this returns true.
+  const auto occupy = [&](Problem& problem, const char* device, Outcome& outcome, int running) {
+    RunRequest request = problem.Request();
+    request.device = device;
+    (*engine)->Submit(request, outcome.Callback());
+    return WaitFor([&] { return (*engine)->stats().running == running; }, milliseconds(10000));
+  };
+  std::unique_ptr<Problem> long_problem = LongProblem(98);
+  Outcome busy;
+  ASSERT_TRUE(occupy(*long_problem, "cpu:0", busy, 1));
+
+  auto small = SmallProblem(4);
+  RunRequest request = small->Request();
+  request.device = "cpu:1";
+  Outcome taken;
+  (*engine)->Submit(request, taken.Callback());
+  ASSERT_TRUE(taken.Wait(milliseconds(10000)));
+  EXPECT_TRUE(taken.result.ok()) << taken.result.status();
+  if (taken.result.ok()) {
+    EXPECT_EQ(taken.result->devices, std::vector<std::string>{"cpu:1"});
+  }
+  EXPECT_FALSE(busy.Wait(milliseconds(0))) << "the long run ended first; the test proves nothing";
+
+  // Both devices busy: the next would wait, and there is no queue.
+  Outcome refused;
+  auto other = SmallProblem(5);
+  std::unique_ptr<Problem> second_long = LongProblem(97);
+  Outcome busy_too;
+  ASSERT_TRUE(occupy(*second_long, "cpu:1", busy_too, 2));
+  (*engine)->Submit(other->Request(), refused.Callback());
+  ASSERT_TRUE(refused.Wait(milliseconds(0)));
+  EXPECT_EQ(RejectReasonOf(refused.result.status()), RejectReason::kQueueFull);
+  EXPECT_EQ(refused.result.status().message(),
+            "queue full: 0 requests wait for 2 busy dispatcher(s) and max_queue is 0");
+  long_problem->cancelled = true;
+  second_long->cancelled = true;
+  ASSERT_TRUE(busy.Wait(milliseconds(10000)));
+  ASSERT_TRUE(busy_too.Wait(milliseconds(10000)));
+}
+
 TEST(AdmissionTest, HigherPriorityRunsFirstAndEqualPrioritiesInArrivalOrder) {
   auto engine = Engine::Create(Options());
   ASSERT_TRUE(engine.ok());

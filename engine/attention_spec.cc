@@ -157,10 +157,13 @@ absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const Attenti
                                 " patterns; at most ", limits.max_patterns));
   }
   // Overflow guard before any multiplication: each dimension is far below 2^31 in practice,
-  // but a hostile header may claim anything.
-  const double approx_bytes = static_cast<double>(shape.batch) * shape.seq_len * shape.head_dim *
-                              (2.0 * shape.heads + 2.0 * shape.kv_heads) * DTypeSize(dtype);
-  if (approx_bytes > 9.0e18) {
+  // but a hostile header (or a WarmUp shape, which carries no tensors) may claim anything. The
+  // output is counted at 4 bytes an element (an engine's output may be wider than the input), and
+  // the bound, 2^61, leaves room for the estimates that add workspace and copies to it.
+  const double approx_bytes =
+      static_cast<double>(shape.batch) * shape.seq_len * shape.head_dim *
+      ((shape.heads + 2.0 * shape.kv_heads) * DTypeSize(dtype) + 4.0 * shape.heads);
+  if (approx_bytes > 0x1p61) {
     return absl::ResourceExhaustedError(
         absl::StrCat("request needs ", approx_bytes, " bytes; too large to represent"));
   }

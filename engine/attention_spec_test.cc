@@ -173,6 +173,13 @@ TEST(AttentionSpecTest, ShapeOverflowIsRefused) {
   const ProblemShape huge{1LL << 40, 1LL << 40, 8, 8, 64};
   EXPECT_EQ(ValidateShape(huge, DType::kFloat32, spec, {}).code(),
             absl::StatusCode::kResourceExhausted);
+  // fp16 q, k, v and output of 2^61 bytes: within int64, but with an fp32 output and the
+  // estimates' workspace and copies added, not.
+  const ProblemShape near{1LL << 20, 1LL << 20, 256, 256, 1024};
+  EXPECT_EQ(ValidateShape(near, DType::kFloat16, spec, {}).code(),
+            absl::StatusCode::kResourceExhausted);
+  const ProblemShape large{1LL << 20, 1LL << 20, 1, 1, 1024};  // About 2^53 bytes: allowed.
+  EXPECT_TRUE(ValidateShape(large, DType::kFloat16, spec, {}).ok());
 }
 
 // A client may claim any shape: the byte count must not overflow before it is compared (found by

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <future>
+#include <limits>
 #include <string>
 #include <thread>
 
@@ -36,6 +37,14 @@ EngineOptions Staged(int count, int64_t memory) {
   options.device_memory_fraction = 1.0;  // The budget is the device's memory: easy to reason.
   for (int i = 0; i < count; ++i) options.added_devices.push_back(StagedDevice(i, memory));
   return options;
+}
+
+// What an engine of `devices` staged devices (no budgets) estimates for fp32 in and out.
+absl::StatusOr<MemoryEstimate> StagedEstimate(int devices, const ProblemShape& shape,
+                                              const AttentionSpec& spec) {
+  auto probe = Engine::Create(Staged(devices, 0));
+  if (!probe.ok()) return probe.status();
+  return (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, spec);
 }
 
 OwnedProblem Problem(const ProblemShape& shape, uint32_t seed, ShardPolicy policy) {
@@ -100,6 +109,28 @@ TEST(DeviceMemoryTest, StagedDevicesTakeRequestsAndTheCpuOnlyThoseThatNameIt) {
   info = (*engine)->Run(again.Request());
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_TRUE(info->plan_cache_hit);
+}
+
+// A request the value check refuses on a device gives the device back. Before, the device stayed
+// counted as running for good, and admission, which ranks devices of equal room by their runs,
+// sent every later request elsewhere.
+TEST(DeviceMemoryTest, ARequestRefusedOnADeviceGivesItBack) {
+  auto engine = Engine::Create(Staged(2, 0));  // No budgets: equal room, ranked by runs.
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const ProblemShape shape{1, 256, 2, 2, 16};
+  for (int i = 0; i < 3; ++i) {
+    OwnedProblem bad = Problem(shape, 20 + i, ShardPolicy::kNone);
+    reinterpret_cast<float*>(bad.k.bytes.data())[i] = std::numeric_limits<float>::quiet_NaN();
+    RunRequest request = bad.Request();
+    request.device = "staged:0";
+    const absl::StatusOr<ExecutionInfo> refused = (*engine)->Run(request);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  }
+  OwnedProblem good = Problem(shape, 30, ShardPolicy::kNone);
+  const absl::StatusOr<ExecutionInfo> info = (*engine)->Run(good.Request());
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->devices, std::vector<std::string>{"staged:0"});
 }
 
 TEST(DeviceMemoryTest, EachDeviceHasItsOwnAccountAndTheHostHoldsOnlyHostBytes) {
@@ -201,12 +232,8 @@ TEST(DeviceMemoryTest, AdmissionPlacesRequestsOnTheDeviceWithRoom) {
 TEST(DeviceMemoryTest, ARequestOverOneDeviceIsShardedOrRefused) {
   const ProblemShape shape{1, 2048, 4, 2, 32};
   OwnedProblem p = Problem(shape, 9, ShardPolicy::kNone);
-  auto probe = Engine::Create(Staged(2, 0));
-  ASSERT_TRUE(probe.ok()) << probe.status();
-  absl::StatusOr<MemoryEstimate> estimate =
-      (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, p.spec);
+  const absl::StatusOr<MemoryEstimate> estimate = StagedEstimate(2, shape, p.spec);
   ASSERT_TRUE(estimate.ok()) << estimate.status();
-  probe->reset();
   const OwnedProblem expected = OnCpu(p);
 
   const int64_t budget = estimate->device * 3 / 4;
@@ -337,12 +364,8 @@ TEST(DeviceMemoryTest, FallbacksAreReportedWithTheDevicesThatFellBack) {
 TEST(DeviceMemoryTest, ACallersHostReservationDoesNotCoverTheDevice) {
   const ProblemShape shape{1, 1024, 2, 2, 32};
   OwnedProblem p = Problem(shape, 13, ShardPolicy::kNone);
-  auto probe = Engine::Create(Staged(1, 0));
-  ASSERT_TRUE(probe.ok()) << probe.status();
-  absl::StatusOr<MemoryEstimate> estimate =
-      (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, p.spec);
+  const absl::StatusOr<MemoryEstimate> estimate = StagedEstimate(1, shape, p.spec);
   ASSERT_TRUE(estimate.ok()) << estimate.status();
-  probe->reset();
 
   auto engine = Engine::Create(Staged(1, estimate->device - 1));
   ASSERT_TRUE(engine.ok()) << engine.status();
@@ -355,6 +378,50 @@ TEST(DeviceMemoryTest, ACallersHostReservationDoesNotCoverTheDevice) {
   EXPECT_NE(info.status().message().find(absl::StrCat(estimate->device - 1)), std::string::npos)
       << info.status();
   EXPECT_EQ(StagedCountersOf(0).allocations, 0);  // Refused before any device memory was taken.
+}
+
+// A caller's reservation (a stream's chunk: the request computed whole) does not cover the host
+// copies that a run split over devices stages its shares through: the engine reserves the rest,
+// and refuses the run when the host budget cannot hold it. Before, a split over devices with
+// memory of their own used those bytes unreserved.
+TEST(DeviceMemoryTest, ACallersReservationIsToppedUpForTheCopiesOfASplitRun) {
+  const ProblemShape shape{1, 2048, 4, 2, 32};
+  OwnedProblem p = Problem(shape, 15, ShardPolicy::kHeads);
+  const absl::StatusOr<MemoryEstimate> estimate = StagedEstimate(2, shape, p.spec);
+  ASSERT_TRUE(estimate.ok()) << estimate.status();
+
+  // Neither device holds the request alone, and the host budget is the caller's reservation.
+  EngineOptions options = Staged(2, estimate->device * 3 / 4);
+  options.memory_budget_bytes = estimate->total;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  absl::StatusOr<MemoryReservation> host = (*engine)->ReserveMemory(estimate->total, "stream");
+  ASSERT_TRUE(host.ok()) << host.status();
+  RunRequest request = p.Request();
+  request.reservation = &*host;
+  absl::StatusOr<ExecutionInfo> info = (*engine)->Run(request);
+  ASSERT_TRUE(absl::IsResourceExhausted(info.status())) << info.status();
+  EXPECT_NE(
+      info.status().message().find(absl::StrCat(" bytes beyond the caller's ", estimate->total,
+                                                " for a run split over 2 "
+                                                "devices")),
+      std::string::npos)
+      << info.status();
+  EXPECT_EQ(StagedCountersOf(0).allocations, 0);
+
+  // With room for the copies on the host, it runs split, and gives the top-up back.
+  options.memory_budget_bytes = 0;
+  host->Reset();
+  engine->reset();
+  engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  host = (*engine)->ReserveMemory(estimate->total, "stream");
+  ASSERT_TRUE(host.ok()) << host.status();
+  request.reservation = &*host;
+  info = (*engine)->Run(request);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->devices, (std::vector<std::string>{"staged:0", "staged:1"}));
+  EXPECT_EQ((*engine)->stats().memory_reserved_bytes, estimate->total);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <new>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -315,10 +316,10 @@ struct Engine::Impl {
     const Device& first = DeviceFor(request);
     if (request.reservation == nullptr) {
       DA_ASSIGN_OR_RETURN(held.host, ReserveOn(memory, estimate.total, estimate.ToString()));
-    } else if (placed.placement.devices > 1 && first.host() &&
-               estimate.total > request.reservation->bytes()) {
+    } else if (placed.placement.devices > 1 && estimate.total > request.reservation->bytes()) {
       // The caller reserved for the request computed whole (a stream's chunk); split over the
-      // local devices it also needs the shares' copies and plans: the rest is reserved here.
+      // local devices it also needs the shares' copies (and, on the CPU, their plans), which pass
+      // through host memory also for devices with memory of their own: the rest is reserved here.
       const int64_t rest = estimate.total - request.reservation->bytes();
       DA_ASSIGN_OR_RETURN(
           held.host,
@@ -346,15 +347,26 @@ struct Engine::Impl {
       order.push_back(FindDevice(request.device));
     } else {
       std::lock_guard<std::mutex> lock(mutex);
-      order = placeable;
-      const auto room = [](const Device* d) {
-        const int64_t budget = d->memory->budget_bytes();
-        return budget == 0 ? std::numeric_limits<int64_t>::max()
-                           : budget - d->memory->reserved_bytes() - d->memory->kept_bytes();
+      // Each device's room is read once, before sorting: other threads reserve and release
+      // without this lock, and a comparison whose answer changes during the sort is undefined
+      // behaviour (std::stable_sort may then run past the vector's ends).
+      struct Ranked {
+        int64_t room;
+        int running;
+        Device* device;
       };
-      std::stable_sort(order.begin(), order.end(), [&](const Device* a, const Device* b) {
-        return std::pair(-room(a), a->running) < std::pair(-room(b), b->running);
+      std::vector<Ranked> ranked;
+      for (Device* d : placeable) {
+        const int64_t budget = d->memory->budget_bytes();
+        ranked.push_back({budget == 0
+                              ? std::numeric_limits<int64_t>::max()
+                              : budget - d->memory->reserved_bytes() - d->memory->kept_bytes(),
+                          d->running, d});
+      }
+      std::stable_sort(ranked.begin(), ranked.end(), [](const Ranked& a, const Ranked& b) {
+        return std::pair(-a.room, a.running) < std::pair(-b.room, b.running);
       });
+      for (const Ranked& r : ranked) order.push_back(r.device);
     }
     absl::Status first_refusal;
     for (Device* device : order) {
@@ -599,7 +611,11 @@ struct Engine::Impl {
     Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
     used->push_back(device.info.id);
     if (!device.host()) {
-      DA_RETURN_IF_ERROR(check_values(nullptr, {&device}));
+      // ComputeOnDevices gives the device back; a refusal before it must too.
+      if (absl::Status checked = check_values(nullptr, {&device}); !checked.ok()) {
+        ReleaseDevice(device);
+        return checked;
+      }
       return ComputeOnDevices(request, {&device}, ShardPolicy::kNone, queue_time_us, stop);
     }
     struct Release {
@@ -710,7 +726,10 @@ struct Engine::Impl {
   // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would
   // pass max_queue (OK when it fits).
   absl::Status CheckQueueRoom() {
-    const int64_t idle = options.max_concurrent_runs - dispatching;
+    // Every device's dispatchers (max_concurrent_runs per device), not one device's: with several
+    // devices, an idle one's dispatcher takes the next request at once.
+    const int64_t dispatcher_count = static_cast<int64_t>(dispatchers.size());
+    const int64_t idle = dispatcher_count - dispatching;
     int64_t unplaced = admitting;
     for (const auto& [key, job] : queue) {
       if (job.request.queue_place == nullptr) ++unplaced;
@@ -721,7 +740,7 @@ struct Engine::Impl {
     ++counters.rejected_queue_full;
     return WithRejectReason(
         absl::ResourceExhaustedError(absl::StrCat(
-            "queue full: ", waiting, " requests wait for ", options.max_concurrent_runs,
+            "queue full: ", waiting, " requests wait for ", dispatcher_count,
             " busy dispatcher(s) and max_queue is ", options.max_queue,
             places > 0 ? absl::StrCat(" (", places, " of them open streams, one place each)")
                        : "")),
@@ -766,7 +785,15 @@ struct Engine::Impl {
                  !in_time.ok()) {
         result = in_time;
       } else {
-        result = Execute(job.request, job.placement, job.held.bound, queue_time_us, job.flops);
+        // An exception must not end the process (std::terminate on this thread): the request
+        // fails with it, and the server serves on.
+        try {
+          result = Execute(job.request, job.placement, job.held.bound, queue_time_us, job.flops);
+        } catch (const std::bad_alloc&) {
+          result = absl::ResourceExhaustedError("out of memory while running (std::bad_alloc)");
+        } catch (const std::exception& e) {
+          result = absl::InternalError(absl::StrCat("the run threw: ", e.what()));
+        }
       }
       {
         std::lock_guard<std::mutex> lock(mutex);

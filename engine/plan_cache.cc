@@ -2,6 +2,8 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <exception>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 
@@ -89,8 +91,18 @@ absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
     flights_.emplace(id, flight);
     ++stats_.builds;
   }
-  // Build outside the lock: other keys proceed meanwhile.
-  absl::StatusOr<std::shared_ptr<Plan>> result = build();
+  // Build outside the lock: other keys proceed meanwhile. A builder that throws (std::bad_alloc
+  // from a plan's tables) must still end its flight, or every later request of the key would wait
+  // for it.
+  absl::StatusOr<std::shared_ptr<Plan>> result = absl::InternalError("not built");
+  try {
+    result = build();
+  } catch (const std::bad_alloc&) {
+    result = absl::ResourceExhaustedError(
+        absl::StrCat("out of memory building plan ", id, " (std::bad_alloc)"));
+  } catch (const std::exception& e) {
+    result = absl::InternalError(absl::StrCat("building plan ", id, " threw: ", e.what()));
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   if (result.ok() && *result != nullptr) {
     recency_.push_front(id);

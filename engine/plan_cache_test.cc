@@ -6,6 +6,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <thread>
 
 namespace da::engine {
@@ -94,6 +97,27 @@ TEST(PlanCacheTest, FailedBuildIsReturnedAndNotCached) {
   auto result = cache.GetOrBuild(Key(1), failing, nullptr);
   EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(cache.stats().entries, 0);
+  bool hit = true;
+  EXPECT_TRUE(cache.GetOrBuild(Key(1), Makes(10), &hit).ok());
+  EXPECT_FALSE(hit);
+}
+
+// A builder that throws ends its build like one that fails: the caller gets a status, and the key
+// is built again by the next caller instead of waiting for a build that never ends.
+TEST(PlanCacheTest, ABuilderThatThrowsFailsItsBuildAndTheKeyBuildsAgain) {
+  PlanCache cache(100);
+  auto out_of_memory = []() -> absl::StatusOr<std::shared_ptr<Plan>> { throw std::bad_alloc(); };
+  auto result = cache.GetOrBuild(Key(1), out_of_memory, nullptr);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kResourceExhausted) << result.status();
+  EXPECT_NE(result.status().message().find("std::bad_alloc"), std::string::npos);
+  auto throws = []() -> absl::StatusOr<std::shared_ptr<Plan>> {
+    throw std::runtime_error("table too large");
+  };
+  result = cache.GetOrBuild(Key(1), throws, nullptr);
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal) << result.status();
+  EXPECT_NE(result.status().message().find("table too large"), std::string::npos);
+  EXPECT_EQ(cache.stats().entries, 0);
+  // No build is left in flight: a waiter without a stop flag would otherwise wait for ever.
   bool hit = true;
   EXPECT_TRUE(cache.GetOrBuild(Key(1), Makes(10), &hit).ok());
   EXPECT_FALSE(hit);

@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/admission.h"
 #include "engine/status_macros.h"
+#include "server/status_conversion.h"
 
 namespace da::server {
 namespace {
@@ -45,12 +46,30 @@ AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metric
 void AttendStreamReactor::OnDone() {
   // Waits for a CheckIdle in progress; afterwards the watch no longer sees this stream.
   if (settings_.watch != nullptr) settings_.watch->Remove(this);
+  if (ended_early_) {
+    // The last callback: nothing else runs now, and IsCancelled is final.
+    absl::Status status = error_;
+    if (context_->IsCancelled()) {
+      status = CancelledByDeadline(ClientDeadline(*context_))
+                   ? engine::WithRejectReason(
+                         absl::DeadlineExceededError(
+                             "the deadline passed before the stream's input was complete"),
+                         chunks_computed_ == 0 ? engine::RejectReason::kDeadline
+                                               : engine::RejectReason::kNone)
+                   : absl::CancelledError("the stream was cancelled before its input was complete");
+    }
+    record_.Finish(status, any_computed_ ? &info_ : nullptr);
+  }
   delete this;
 }
 
 bool AttendStreamReactor::CheckIdle(StreamWatch::Clock::time_point now,
                                     std::chrono::milliseconds idle_timeout) {
-  std::lock_guard<std::mutex> lock(mu_);
+  // A stream whose lock is held is busy (copying a block in, an answer out): not idle. Waiting
+  // for it would hold the watch's lock, and with it every OnDone and every unary answer, for
+  // the length of that copy.
+  std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
   // A chunk computing (or queued) is the engine's time, not the client's.
   if (finished_ || idle_ended_ || computing_) return false;
   // A failed stream finishes as soon as nothing is in flight, unless its last write waits on a
@@ -124,10 +143,14 @@ void AttendStreamReactor::OnReadDone(bool ok) {
       if (context_->IsCancelled()) {
         Fail(absl::CancelledError("the stream was cancelled before its input was complete"));
       } else if (!have_header_) {
+        ended_early_ = true;
         Fail(absl::InvalidArgumentError("the stream ended before its header"));
       } else {
         input_done_ = true;
-        if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) Fail(complete);
+        if (absl::Status complete = assembler_->CheckComplete(); !complete.ok()) {
+          ended_early_ = true;
+          Fail(complete);
+        }
       }
       return;
     }
@@ -343,7 +366,8 @@ AttendStreamReactor::Actions AttendStreamReactor::Decide() {
   if (!error_.ok() || trailer_sent_) {
     if (quiet) {
       finished_ = true;
-      actions.finish = record_.Finish(error_, any_computed_ ? &info_ : nullptr);
+      actions.finish = ended_early_ ? ToGrpcStatus(error_)  // Recorded in OnDone.
+                                    : record_.Finish(error_, any_computed_ ? &info_ : nullptr);
       // Nothing uses the window any more (no run, no write in flight): return it now rather
       // than when gRPC calls OnDone.
       assembler_.reset();

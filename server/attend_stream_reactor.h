@@ -206,6 +206,11 @@ class AttendStreamReactor final
   StreamMessage message_;
   bool read_in_flight_ = false;
   bool input_done_ = false;  // The client half-closed.
+  // The input ended too early (no header, tokens missing) with no cancellation known yet: gRPC
+  // reports a failed read and a cancellation on separate threads, in either order, so the call
+  // is recorded in OnDone, where IsCancelled is final, and a client's cancel or a passed deadline
+  // is not counted as invalid input.
+  bool ended_early_ = false;
   bool have_header_ = false;
   bool pending_block_ = false;  // request_ holds a checked block not yet copied in full.
   int64_t pending_taken_ = 0;

@@ -97,6 +97,50 @@ TEST_F(StreamTest, WellFormedStreamIsAnsweredWithHeaderBlocksAndTrailer) {
   EXPECT_EQ(result.responses.back().trailer().info().backend(), "cpu");
 }
 
+// A client that cancels its stream before its input is complete (a parallel-streams client whose
+// sibling part failed, a caller that gave up) is recorded as CANCELLED, never as invalid input:
+// gRPC may report the failed read before the cancellation, and the record waits for the latter.
+// Before, such streams were now and then counted as invalid_argument ("tokens missing", "ended
+// before its header").
+TEST_F(StreamTest, AStreamCancelledBeforeItsInputIsCompleteIsRecordedAsCancelled) {
+  constexpr int kTries = 40;
+  for (int i = 0; i < kTries; ++i) {
+    grpc::ClientContext context;
+    auto stream = stub_->AttendStream(&context);
+    if (i % 2 == 1) {  // Half of them after the header and a block, half before anything.
+      ASSERT_TRUE(stream->Write(Header()));
+      ASSERT_TRUE(stream->Write(Block(0)));
+    }
+    context.TryCancel();
+    v1::AttendStreamResponse response;
+    while (stream->Read(&response)) {
+    }
+    const grpc::Status status = stream->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED) << status.error_message();
+  }
+  // A call cancelled before its first message may never reach the server; every one that did is
+  // recorded once it is done.
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        return testing::MetricValue(server_->metrics().Scrape(), "da_in_flight_requests") == 0;
+      },
+      std::chrono::seconds(10)));
+  const std::string scraped = server_->metrics().Scrape();
+  EXPECT_GE(
+      testing::MetricValue(scraped, "da_requests_total{code=\"CANCELLED\",method=\"AttendStream\"}")
+          .value_or(0),
+      kTries / 4)
+      << scraped;
+  EXPECT_EQ(testing::MetricValue(
+                scraped, "da_requests_total{code=\"INVALID_ARGUMENT\",method=\"AttendStream\"}")
+                .value_or(0),
+            0)
+      << scraped;
+  EXPECT_EQ(
+      testing::MetricValue(scraped, "da_requests_rejected_total{reason=\"invalid_argument\"}"), 0)
+      << scraped;
+}
+
 TEST_F(StreamTest, BlockBeforeHeader) {
   ExpectInvalid({Block(0), Header()}, {"block 0", "header"});
 }
@@ -219,8 +263,9 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   h->set_kv_heads(1);
   h->set_head_dim(1);
   // Segments of 2^31 - 1 and 2^31 - 2 tokens (the longest allowed) repeat together only past
-  // the sequence: one chunk of 2^58 tokens, 12 x 2^58 bytes.
-  h->set_seq_len(int64_t{1} << 58);
+  // the sequence: one chunk of 2^57 tokens, 12 x 2^57 bytes (within the shape's overflow guard,
+  // 2^61 bytes).
+  h->set_seq_len(int64_t{1} << 57);
   h->mutable_spec()->clear_segment_lengths();
   h->mutable_spec()->clear_dilation_rates();
   h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
