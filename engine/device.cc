@@ -185,8 +185,10 @@ absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
   } else {
     if (threads <= 0) threads = HostResourcesOfThisProcess().cpus;
     if (count < 1 || count > threads) {
-      return absl::InvalidArgumentError(absl::StrCat("cpu devices is ", count, "; must be in [1, ",
-                                                     threads, "] (the compute threads)"));
+      // Named as da-server's flags, since that is where both numbers come from.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu devices (--cpu-devices) is ", count, "; must be in [1, ", threads,
+          "], the compute threads (--threads, by default the CPUs this process may use)"));
     }
     for (int i = 0; i < count; ++i) {
       plans.push_back({cpu, threads / count + (i < threads % count ? 1 : 0), {}});

@@ -292,7 +292,9 @@ TEST(MultiDeviceTest, BadDeviceOptionsNameTheValue) {
   EngineOptions too_many = Devices(3, 2);
   absl::Status status = Engine::Create(too_many).status();
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
-  EXPECT_NE(status.message().find("cpu devices is 3; must be in [1, 2]"), std::string::npos)
+  EXPECT_NE(status.message().find(
+                "cpu devices (--cpu-devices) is 3; must be in [1, 2], the compute threads"),
+            std::string::npos)
       << status;
   EngineOptions unknown = Devices(1, 1);
   unknown.devices = {"cuda:7"};

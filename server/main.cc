@@ -243,10 +243,10 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--memory-budget-bytes", options.memory_budget_bytes,
                  "Bytes all admitted requests may hold at once (inputs, outputs, plan workspace); "
-                 "over it a request gets RESOURCE_EXHAUSTED. Default: max(M / 4, 3/4 M - "
-                 "--plan-cache-bytes - min(512 MiB, M / 16)), M the memory this process may use "
-                 "(physical or its container's limit; the last term is the process's own); 0: "
-                 "unlimited")
+                 "over it a request gets RESOURCE_EXHAUSTED. Default: max(M / 8, M - "
+                 "--grpc-memory-bytes - --plan-cache-bytes - min(512 MiB, M / 16)), M the memory "
+                 "this process may use (physical or its container's limit; the last term is the "
+                 "process's own); 0: unlimited")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--grpc-memory-bytes", options.grpc_memory_bytes,
                  "What gRPC's own buffers may hold at once, above all unary requests still "
@@ -401,6 +401,12 @@ int main(int argc, char** argv) {
     option->envname(env);
   }
   CLI11_PARSE(app, argc, argv);
+  // CLI11 skips a variable set to "", but an empty --metrics-listen is what turns /metrics off:
+  // DA_METRICS_LISTEN="" must do so too, or the unauthenticated port stays open on 0.0.0.0.
+  if (const char* metrics_env = std::getenv("DA_METRICS_LISTEN");
+      metrics_env != nullptr && *metrics_env == '\0' && app.count("--metrics-listen") == 0) {
+    options.metrics_address.clear();
+  }
   // Defaults from what the container gives this process (engine/host_resources.h).
   da::engine::SetHostResourcesRoot(resources_root);
   da::engine::SetMemoryElsewhere(memory_elsewhere_bytes);
@@ -416,12 +422,12 @@ int main(int argc, char** argv) {
   if (app.count("--plan-cache-bytes") == 0) {
     options.plan_cache_bytes = da::server::DefaultPlanCacheBytes(host.memory_bytes);
   }
-  if (app.count("--memory-budget-bytes") == 0) {
-    options.memory_budget_bytes =
-        da::server::DefaultMemoryBudgetBytes(host.memory_bytes, options.plan_cache_bytes);
-  }
   if (app.count("--grpc-memory-bytes") == 0) {
     options.grpc_memory_bytes = da::server::DefaultGrpcMemoryBytes(host.memory_bytes);
+  }
+  if (app.count("--memory-budget-bytes") == 0) {
+    options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes(
+        host.memory_bytes, options.plan_cache_bytes, options.grpc_memory_bytes);
   }
   options.queue_order =
       queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
@@ -457,10 +463,25 @@ int main(int argc, char** argv) {
       options.memory_budget_bytes,
       app.count("--memory-budget-bytes") > 0
           ? " (--memory-budget-bytes)"
-          : " (max(memory / 4, 3/4 memory - plan cache - min(512 MiB, memory / 16)))",
+          : " (max(memory / 8, memory - gRPC buffers - plan cache - min(512 MiB, memory / 16)))",
       options.grpc_memory_bytes,
       app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
                                            : " (max(memory / 4, 256 MiB))");
+  // Every bound full at once should leave the process's own reserve within its memory; say so
+  // when the flags (or a pod too small for the defaults) make them add up to more.
+  if (options.memory_budget_bytes > 0 && options.grpc_memory_bytes > 0) {
+    const int64_t bounds = options.memory_budget_bytes + options.plan_cache_bytes +
+                           options.grpc_memory_bytes +
+                           da::server::DefaultProcessReserveBytes(host.memory_bytes);
+    if (bounds > host.memory_bytes) {
+      spdlog::warn(
+          "the admission budget, plan cache, gRPC buffers and the process's reserve ({} bytes) "
+          "add up to {} bytes, more than the {} bytes of memory: under full load the process may "
+          "be killed rather than refuse work; lower --memory-budget-bytes, --plan-cache-bytes or "
+          "--grpc-memory-bytes",
+          da::server::DefaultProcessReserveBytes(host.memory_bytes), bounds, host.memory_bytes);
+    }
+  }
   if (group.rank > 0) {
     return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
                          options.metrics_address, metrics_port_file);
@@ -555,6 +576,19 @@ int main(int argc, char** argv) {
       "{}: draining: new calls refused; {} ms of grace, then up to {} ms for the calls in "
       "flight",
       strsignal(signal_number), drain_grace_ms, drain_timeout_ms);
+  // A second SIGTERM or SIGINT during the drain (an operator's second Ctrl-C) ends the process at
+  // once rather than after the grace and the drain, which may be minutes; the calls in flight are
+  // cut off. Detached: it waits for a signal that may never come.
+  std::thread([stop_signals] {
+    sigset_t again_signals = stop_signals;
+    sigdelset(&again_signals, SIGUSR1);  // Only the warm-up raises it.
+    int again = 0;
+    if (sigwait(&again_signals, &again) != 0) return;
+    spdlog::warn("{} again while draining: exiting now, without the calls in flight",
+                 strsignal(again));
+    spdlog::default_logger()->flush();
+    std::_Exit(128 + again);
+  }).detach();
   (*server)->Shutdown(std::chrono::milliseconds(drain_timeout_ms),
                       std::chrono::milliseconds(drain_grace_ms));
   spdlog::info("stopped");

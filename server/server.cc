@@ -41,8 +41,13 @@ int64_t DefaultProcessReserveBytes(int64_t memory_bytes) {
   return std::min<int64_t>(int64_t{512} << 20, memory_bytes / 16);
 }
 
-int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes) {
-  return std::max(memory_bytes / 4, memory_bytes / 4 * 3 - plan_cache_bytes -
+int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes,
+                                 int64_t grpc_memory_bytes) {
+  // gRPC's real bound, at least 256 MiB: in a pod under 1 GiB that is more than a quarter. An
+  // unbounded gRPC (0) is counted at its default.
+  const int64_t grpc =
+      grpc_memory_bytes > 0 ? grpc_memory_bytes : DefaultGrpcMemoryBytes(memory_bytes);
+  return std::max(memory_bytes / 8, memory_bytes - grpc - plan_cache_bytes -
                                         DefaultProcessReserveBytes(memory_bytes));
 }
 
@@ -319,7 +324,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   }
   // Dead peers and idle connections (ServerOptions): without these a vanished client's calls stay
   // open until TCP notices, which may be never.
-  if (options.keepalive_time_ms > 0) {
+  // Both or neither: a timeout of 0 would close every connection at its first ping.
+  if (options.keepalive_time_ms > 0 && options.keepalive_timeout_ms > 0) {
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
                                static_cast<int>(options.keepalive_time_ms));
     builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
@@ -358,12 +364,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 }
 
 absl::Status Server::WarmUp(const std::atomic<bool>* stop) {
+  const int64_t evicted_before = engine_->plan_cache_stats().evictions;
   for (size_t i = 0; i < warmup_.size(); ++i) {
     absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i], stop);
     if (!result.ok()) {
       return Prefixed(result.status(),
                       absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]), "): "));
     }
+  }
+  // Plans that did not stay are built again by their first requests: the warm-up did not do what
+  // the operator asked, which only the evictions counter would otherwise show.
+  const engine::PlanCacheStats cache = engine_->plan_cache_stats();
+  if (const int64_t evicted = cache.evictions - evicted_before; evicted > 0) {
+    spdlog::warn(
+        "warm-up: {} plans were dropped from the plan cache to stay within its {} bytes "
+        "(--plan-cache-bytes); the first requests of those shapes will build them again",
+        evicted, cache.capacity_bytes);
   }
   health_->SetWarm(true);  // Draining, if it has begun, still keeps readiness off.
   return absl::OkStatus();

@@ -144,17 +144,21 @@ struct ServerOptions {
 // Defaults from the memory this process may use (engine::HostResources: the smaller of physical
 // memory and the container's cgroup limit, less --memory-elsewhere-bytes), M:
 // - the plan cache: min(1 GiB, M / 8);
-// - the admission budget: max(M / 4, 3/4 M - plan cache bytes - the process's reserve). The
-//   stream buffer pool is kept inside the budget; the quarter of M outside it is gRPC's buffers
-//   (DefaultGrpcMemoryBytes), the plan cache has its own budget beside it, and the reserve,
-//   min(512 MiB, M / 16), is the process's own (code, stacks, allocator caches): with all three
-//   budgets full a pod stays under its memory limit and refuses work instead of being killed.
+// - the admission budget: max(M / 8, M - gRPC's buffers - plan cache bytes - the process's
+//   reserve). The stream buffer pool is kept inside the budget; gRPC's buffers have their own
+//   bound (--grpc-memory-bytes, by default DefaultGrpcMemoryBytes: a quarter of M, at least
+//   256 MiB), the plan cache has its own budget beside it, and the reserve, min(512 MiB, M / 16),
+//   is the process's own (code, stacks, allocator caches): with every budget full a pod stays
+//   under its memory limit and refuses work instead of being killed. Only the floor (a pod too
+//   small for the rest, or a plan cache of most of M) passes M; da-server warns when it does.
 int64_t DefaultPlanCacheBytes(int64_t memory_bytes);
 
 // da_build_info on metrics: this build's version, source revision and features (worker ranks,
 // which run no Server, call it themselves).
 void DescribeBuild(Metrics& metrics);
-int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
+// grpc_memory_bytes: the bound gRPC's buffers have (0, unbounded: counted at the default).
+int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes,
+                                 int64_t grpc_memory_bytes);
 // What the default budgets leave to the process itself: min(512 MiB, M / 16).
 int64_t DefaultProcessReserveBytes(int64_t memory_bytes);
 // ServerOptions::grpc_memory_bytes from M: max(M / 4, 256 MiB), the quarter of M the admission

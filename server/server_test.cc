@@ -241,6 +241,26 @@ TEST_F(ServerTest, TwoCpuDevicesAreListedShardAcrossAndCountedPerDevice) {
       << later.value_or("no /metrics");
 }
 
+// --keepalive-timeout-ms 0 turns keepalive off, as the flag says, rather than closing every
+// connection at its first ping (gRPC starts the ping's watchdog at now + 0): a call whose client
+// waits 2.5 s in silence, past a 1 s keepalive time, is answered.
+TEST_F(ServerTest, AKeepaliveTimeoutOfZeroTurnsKeepaliveOff) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.keepalive_time_ms = 1000;
+  options.keepalive_timeout_ms = 0;
+  options.before_unary_answer = [](grpc::CallbackServerContext&) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2500));  // Nothing moves meanwhile.
+  };
+  Start(options);
+  std::mt19937 rng(9);
+  const v1::AttendRequest request = testing::RandomRequest({}, rng);
+  client::AttentionClient client(testing::ChannelTo(server_->port()));
+  v1::AttendResponse response;
+  const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
+  EXPECT_EQ(response.output().data(), testing::InProcessOutput(request, kThreads));
+}
+
 // An answer computed OK whose call is cancelled before it is sent (the client went away) is
 // counted as undelivered and logged with CANCELLED, not counted as delivered. The test hook holds
 // the answer until the server has seen the client's cancellation.
@@ -332,16 +352,29 @@ TEST_F(ServerTest, AnAnswerNobodyReadsIsCountedThenEndedAfterTheIdleLimit) {
 
 // The default budgets leave the process room of its own: an 8 GiB pod with every budget full
 // stays 512 MiB under its limit (plan cache 1 GiB, admission 4.5 GiB, gRPC 2 GiB), where the sum
-// was the whole limit before.
+// was the whole limit before. Also in a pod under 1 GiB, where gRPC's 256 MiB is more than a
+// quarter (a 512 MiB pod: 64 + 160 + 256 + 32 MiB), and beside a plan cache of half the memory.
 TEST(ServerOptionsTest, DefaultBudgetsLeaveTheProcessRoomOfItsOwn) {
-  for (const int64_t m : {int64_t{1} << 30, int64_t{8} << 30, int64_t{64} << 30}) {
+  for (const int64_t m :
+       {int64_t{512} << 20, int64_t{1} << 30, int64_t{8} << 30, int64_t{64} << 30}) {
     const int64_t cache = DefaultPlanCacheBytes(m);
-    const int64_t budget = DefaultMemoryBudgetBytes(m, cache);
     const int64_t grpc = DefaultGrpcMemoryBytes(m);
+    const int64_t budget = DefaultMemoryBudgetBytes(m, cache, grpc);
     EXPECT_EQ(m - cache - budget - grpc, DefaultProcessReserveBytes(m)) << m;
     EXPECT_GE(DefaultProcessReserveBytes(m), std::min<int64_t>(m / 16, int64_t{512} << 20));
+    // An unbounded gRPC is counted at its default.
+    EXPECT_EQ(DefaultMemoryBudgetBytes(m, cache, 0), budget) << m;
   }
-  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{8} << 30, int64_t{1} << 30), int64_t{9} << 29);
+  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{8} << 30, int64_t{1} << 30, int64_t{2} << 30),
+            int64_t{9} << 29);
+  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{512} << 20, int64_t{64} << 20, int64_t{256} << 20),
+            int64_t{160} << 20);
+  // 8 GiB with a 4 GiB plan cache: 8 - 4 - 2 - 0.5 GiB (a quarter would have passed the limit).
+  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{8} << 30, int64_t{4} << 30, int64_t{2} << 30),
+            int64_t{3} << 29);
+  // Only the floor, an eighth, passes the memory.
+  EXPECT_EQ(DefaultMemoryBudgetBytes(int64_t{256} << 20, int64_t{32} << 20, int64_t{256} << 20),
+            int64_t{32} << 20);
 }
 
 // gRPC's own buffers: bounded by default from the process's memory, refused when negative.

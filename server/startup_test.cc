@@ -223,6 +223,73 @@ TEST(StartupTest, SigtermDuringTheWarmUpStopsItAtOnce) {
   EXPECT_LT(stop_s, 2.0) << log;
 }
 
+// Warm-up plans that do not stay in the plan cache are named in a warning: readiness still turns
+// SERVING, but the first requests of those shapes build them again.
+TEST(StartupTest, AWarmUpWhosePlansDoNotStayCachedIsWarnedOf) {
+  const std::string dir = testing::MakeTempDir();
+  std::ofstream(dir + "/warmup.json") << "[" << kSmallShape << "]";
+  testing::SpawnedServer server(DA_SERVER_BINARY,
+                                {"--warmup", dir + "/warmup.json", "--plan-cache-bytes", "0"});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return server.Log().find("warm-up done") != std::string::npos; }, seconds(60)))
+      << server.Log();
+  EXPECT_NE(server.Log().find("warm-up: 1 plans were dropped from the plan cache to stay within "
+                              "its 0 bytes (--plan-cache-bytes)"),
+            std::string::npos)
+      << server.Log();
+  std::filesystem::remove_all(dir);
+}
+
+// A second stop signal during the drain ends the process at once (an operator's second Ctrl-C),
+// instead of after the grace and the drain.
+TEST(StartupTest, ASecondSigtermDuringTheDrainExitsAtOnce) {
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--drain-grace-ms", "30000"});
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  ASSERT_EQ(kill(server.process().pid(), SIGTERM), 0);
+  ASSERT_TRUE(testing::WaitFor([&] { return server.Log().find("draining") != std::string::npos; },
+                               seconds(10)))
+      << server.Log();
+  // The first signal alone waits out the 30 s grace.
+  EXPECT_FALSE(server.process().WaitForExit(std::chrono::milliseconds(300)).has_value());
+  const auto signalled = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(server.process().pid(), SIGTERM), 0);
+  const std::optional<int> status = server.process().WaitForExit(seconds(10));
+  ASSERT_TRUE(status.has_value()) << server.Log();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count(),
+            5.0);
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 128 + SIGTERM) << *status;
+  EXPECT_NE(server.Log().find("Terminated again while draining: exiting now"), std::string::npos)
+      << server.Log();
+}
+
+// DA_METRICS_LISTEN="" turns /metrics off as --metrics-listen "" does (CLI11 skips empty
+// variables, so it used to leave the unauthenticated port open on 0.0.0.0:9464).
+TEST(StartupTest, AnEmptyMetricsListenVariableTurnsMetricsOff) {
+  const std::string dir = testing::MakeTempDir();
+  setenv("DA_METRICS_LISTEN", "", 1);
+  std::unique_ptr<testing::ChildProcess> child = testing::ChildProcess::Spawn(
+      DA_SERVER_BINARY, {"--listen", "127.0.0.1:0", "--port-file", dir + "/port", "--threads", "1"},
+      dir + "/log");
+  unsetenv("DA_METRICS_LISTEN");
+  ASSERT_GT(testing::ReadPortFile(dir + "/port", seconds(60)), 0);
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        std::ifstream log_file(dir + "/log");
+        const std::string log((std::istreambuf_iterator<char>(log_file)),
+                              std::istreambuf_iterator<char>());
+        return log.find("listening on") != std::string::npos;
+      },
+      seconds(10)));
+  std::ifstream log_file(dir + "/log");
+  const std::string log((std::istreambuf_iterator<char>(log_file)),
+                        std::istreambuf_iterator<char>());
+  EXPECT_EQ(log.find("metrics on http://"), std::string::npos) << log;
+  kill(child->pid(), SIGTERM);
+  EXPECT_TRUE(child->WaitForExit(seconds(30)).has_value());
+  std::filesystem::remove_all(dir);
+}
+
 // --config (or DA_CONFIG): flags from a TOML file by their long names. The command line wins over
 // the file, the file over the other DA_* variables; a name that is no flag is refused, as a
 // missing file is.

@@ -51,6 +51,28 @@ const std::map<std::string, engine::Precision>& PrecisionNames() {
   return *kNames;
 }
 
+// A value for an error message: a scalar or a short flat array as written (a string cut to 64
+// characters), any other array or object by its size. Never json::dump() of a container: it
+// recurses, and a file of a million nested brackets would overflow the stack (the parser itself
+// does not recurse), and a large value would be copied whole into the log line.
+std::string Describe(const json& value) {
+  if (value.is_array()) {
+    bool flat = value.size() <= 16;
+    for (const json& element : value) flat = flat && element.is_primitive();
+    if (!flat) return absl::StrCat("an array of ", value.size(), " values");
+  }
+  if (value.is_object() && !value.empty()) {
+    return absl::StrCat("an object of ", value.size(), " keys");
+  }
+  if (value.is_string() && value.get_ref<const std::string&>().size() > 64) {
+    // Cut at a byte: a character cut in two is replaced, not an exception.
+    return absl::StrCat(json(value.get_ref<const std::string&>().substr(0, 64))
+                            .dump(-1, ' ', false, json::error_handler_t::replace),
+                        "...");
+  }
+  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
 // Reads the fields of one entry, with messages that name the entry and the field.
 class EntryReader {
  public:
@@ -129,7 +151,7 @@ class EntryReader {
     return Invalid(absl::StrCat("\"", key, "\" is missing"));
   }
   absl::Status WrongType(const char* key, const json& value, const std::string& expected) const {
-    return Invalid(absl::StrCat("\"", key, "\" is ", value.dump(), "; expected ", expected));
+    return Invalid(absl::StrCat("\"", key, "\" is ", Describe(value), "; expected ", expected));
   }
 
   const json& entry_;
@@ -139,7 +161,7 @@ class EntryReader {
 absl::StatusOr<WarmUpShape> ShapeFromEntry(const json& entry, size_t index) {
   EntryReader reader(entry, index);
   if (!entry.is_object()) {
-    return reader.Invalid(absl::StrCat("is ", entry.dump(), "; expected an object"));
+    return reader.Invalid(absl::StrCat("is ", Describe(entry), "; expected an object"));
   }
   DA_RETURN_IF_ERROR(reader.CheckKeys());
   WarmUpShape out;

@@ -124,6 +124,21 @@ INSTANTIATE_TEST_SUITE_P(
                 SecondEntry(R"({"batch": 1, "seq_len": 64, "heads": 2, "head_dim": 16,
                                 "segments": [32, 64], "dilations": [1]})"),
                 {"entry 1", "\"segments\" has 2 values but \"dilations\" has 1"}},
+        // Containers are named by their size, never written out: json's dump() recurses, so a
+        // million nested brackets crashed the server instead of exiting with this message.
+        BadCase{"DeeplyNestedEntry",
+                SecondEntry(std::string(1000000, '[') + std::string(1000000, ']')),
+                {"entry 1", "is an array of 1 values; expected an object"}},
+        BadCase{"NestedField",
+                SecondEntry(R"({"batch": [[1]], "seq_len": 64, "heads": 2, "head_dim": 16,
+                                "segments": [64], "dilations": [1]})"),
+                {"entry 1", "\"batch\" is an array of 1 values", "expected an integer"}},
+        BadCase{"LongString",
+                SecondEntry(R"({"batch": 1, "seq_len": ")" + std::string(100000, 'x') +
+                            R"(", "heads": 2, "head_dim": 16, "segments": [64],
+                                "dilations": [1]})"),
+                {"entry 1", "\"seq_len\" is \"" + std::string(64, 'x') + "\"...",
+                 "expected an integer"}},
         BadCase{"UnknownField",
                 SecondEntry(R"({"batch": 1, "seq_len": 64, "heads": 2, "head_dim": 16,
                                 "segments": [64], "dilations": [1], "causl": true})"),
