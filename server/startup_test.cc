@@ -290,6 +290,38 @@ TEST(StartupTest, AnEmptyMetricsListenVariableTurnsMetricsOff) {
   std::filesystem::remove_all(dir);
 }
 
+// Integer flags are decimal whatever their leading zeros (CLI11 read "010" as octal 8), from the
+// command line and the environment alike; hexadecimal and values past int64 are refused rather
+// than read as 16 or saturated.
+TEST(StartupTest, IntegerFlagsAreDecimal) {
+  setenv("DA_PLAN_CACHE_BYTES", "04096", 1);
+  testing::SpawnedServer server(DA_SERVER_BINARY, {"--max-queue", "010"});
+  unsetenv("DA_PLAN_CACHE_BYTES");
+  ASSERT_TRUE(server.WaitForPorts(seconds(60))) << server.Log();
+  const std::optional<std::string> text = testing::HttpGet(server.metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_queue_capacity"), 10.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_plan_cache_capacity_bytes"), 4096.0);
+
+  const std::string dir = testing::MakeTempDir();
+  for (const std::vector<std::string>& args : {std::vector<std::string>{"--max-queue", "0x10"},
+                                               {"--max-request-bytes", "99999999999999999999"},
+                                               {"--max-queue", "12abc"}}) {
+    std::vector<std::string> all = args;
+    all.insert(all.end(), {"--listen", "127.0.0.1:0"});
+    std::unique_ptr<testing::ChildProcess> child =
+        testing::ChildProcess::Spawn(DA_SERVER_BINARY, all, dir + "/refused.log");
+    const std::optional<int> status = child->WaitForExit(seconds(30));
+    ASSERT_TRUE(status.has_value()) << args[1] << " was not refused";
+    EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) != 0) << args[1];
+    std::ifstream log_file(dir + "/refused.log");
+    const std::string log((std::istreambuf_iterator<char>(log_file)),
+                          std::istreambuf_iterator<char>());
+    EXPECT_NE(log.find("'" + args[1] + "' is not a decimal integer"), std::string::npos) << log;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // --config (or DA_CONFIG): flags from a TOML file by their long names. The command line wins over
 // the file, the file over the other DA_* variables; a name that is no flag is refused, as a
 // missing file is.
