@@ -46,7 +46,8 @@ constexpr std::chrono::milliseconds kMinStopGrace{1000};
 // Errors of CoordinateShardedRun after which the ranks may be out of step: the communicator
 // failed (lost or stalled peer) or something unexpected happened. A run every rank answered (a
 // rank's compute failed, with whatever code: AnsweredInStep), a cancelled run, or one refused
-// before any message (bad geometry) leaves the group usable.
+// before any message (bad geometry) leaves the group usable. A run given up out of step has
+// aborted the communicators and never returns those codes (sharded_run.h).
 bool BreaksGroup(const absl::Status& status) {
   if (AnsweredInStep(status)) return false;
   switch (status.code()) {
@@ -191,11 +192,14 @@ class CoordinatorGroup::Impl {
     absl::StatusOr<ShardRunStats> result;
     std::optional<std::string> aborted;  // Why, when the stop watch aborted the run.
     {
-      const internal::StopWatch watch(
+      internal::StopWatch watch(
           problem.stop,
           std::max<std::chrono::milliseconds>(kMinStopGrace, options.heartbeat * kIdleHeartbeats),
           {comm_.get(), plane_.get()});
       result = CoordinateShardedRun(*comm_, problem, run_options);
+      // Stopped before it is asked: a grace that ran out between the question and the watch's
+      // end would abort the communicators of a group this run then reports as fine.
+      watch.Stop();
       if (watch.fired()) aborted = watch.why();
     }
     // Aborted just as the run ended (OK, or in step): the communicators are unusable all the same.

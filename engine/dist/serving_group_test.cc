@@ -220,5 +220,23 @@ TEST(StopWatchTest, AbortsAStoppedRunOnlyOnceItHasMovedNothingForTheGrace) {
   EXPECT_LT(after_ms, 1500);
 }
 
+// A run that ends just inside its grace: the group reads fired() once the run has returned and
+// the watch has stopped, and carries on with its communicators when it says false. A watch that
+// went on until its destructor could abort them after that answer (CoordinatorGroup::Run then
+// kept a group whose every later call fails); a stopped one has decided for good.
+TEST(StopWatchTest, AStoppedWatchHasDecidedForGoodAndAbortsNothingAfterwards) {
+  using std::chrono::milliseconds;
+  CountedCommunicator comm;
+  std::atomic<bool> stop{true};  // The request was stopped and its run moves nothing.
+  internal::StopWatch watch(&stop, milliseconds(100), {&comm});
+  watch.Stop();  // The run returned within its grace.
+  const bool fired = watch.fired();
+  std::this_thread::sleep_for(milliseconds(500));  // Five graces: a running watch fires by then.
+  EXPECT_EQ(watch.fired(), fired);
+  // Fired only if the machine was so slow that the grace passed before Stop(); then the group
+  // knows it, and re-forms.
+  EXPECT_EQ(comm.aborted().empty(), !fired) << comm.aborted();
+}
+
 }  // namespace
 }  // namespace da::dist

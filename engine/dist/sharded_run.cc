@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -42,6 +43,54 @@ struct JoinOnExit {
   ~JoinOnExit() {
     if (thread.joinable()) thread.join();
   }
+};
+
+// Fails a run's communicators (the control communicator and the data plane) when the rank gives
+// the run up out of step with the others: its destructor runs before the joins of the threads
+// that still wait on them (declared after their JoinOnExit), unless InStep() was called. Without
+// it a failure on the data plane, which leaves the control communicator healthy, would keep rank
+// 0's gather waiting for each worker's first frame, and a worker's stop-word listener, for the
+// compute timeout and more; aborted, their calls end at once, and Gloo closes this rank's
+// connections, so that the other ranks' waits on it end too. A rank that gives a run up out of
+// step leaves the group anyway (the serving group re-forms it; a worker leaves its generation).
+class AbortUnlessInStep {
+ public:
+  AbortUnlessInStep(Communicator& comm, Communicator& plane) : comm_(comm), plane_(plane) {}
+  ~AbortUnlessInStep() {
+    if (in_step_) return;
+    comm_.Abort(why_);
+    if (&plane_ != &comm_) plane_.Abort(why_);
+  }
+  AbortUnlessInStep(const AbortUnlessInStep&) = delete;
+  AbortUnlessInStep& operator=(const AbortUnlessInStep&) = delete;
+
+  // Every rank answered (or the run succeeded): the communicators stay usable.
+  void InStep() { in_step_ = true; }
+
+  // The run's error, as returned: the communicators' calls in flight quote it. A code that
+  // callers read as a refusal that left the group usable (CANCELLED, INVALID_ARGUMENT and
+  // RESOURCE_EXHAUSTED, from a communicator's argument check or a staging buffer, say) becomes
+  // UNAVAILABLE, since the group is not usable now.
+  absl::Status Fail(absl::Status status) {
+    why_ = absl::StrCat("rank ", comm_.rank(), " gave the run up: ", status.message());
+    switch (status.code()) {
+      case absl::StatusCode::kCancelled:
+      case absl::StatusCode::kInvalidArgument:
+      case absl::StatusCode::kResourceExhausted:
+        return absl::UnavailableError(absl::StrCat(absl::StatusCodeToString(status.code()), ": ",
+                                                   status.message(),
+                                                   " (in the middle of a run: the ranks are out "
+                                                   "of step)"));
+      default:
+        return status;
+    }
+  }
+
+ private:
+  Communicator& comm_;
+  Communicator& plane_;
+  bool in_step_ = false;
+  std::string why_ = "the run was given up out of step";
 };
 
 double SecondsSince(Clock::time_point start) {
@@ -193,8 +242,12 @@ class RankRun {
   }
 
   // SEQUENCE: sends this rank's kept rows of every spanning set to the ranks that read them and
-  // gathers the rows it reads; a no-op for HEADS.
-  absl::Status Exchange() {
+  // gathers the rows it reads; a no-op for HEADS. Each operation waits up to `limit`. Rank 0
+  // without a data plane scatters on another thread meanwhile: share_sent(peer), when set, waits
+  // until peer's share has gone out before any operation with it, which otherwise would wait on
+  // the scatter to peer and the ranks before it.
+  absl::Status Exchange(std::chrono::milliseconds limit,
+                        const std::function<void(int)>& share_sent = nullptr) {
     if (sets_.empty()) return absl::OkStatus();
     const Clock::time_point start = Clock::now();
     const int me = comm_.rank();
@@ -234,14 +287,16 @@ class RankRun {
     }
     const auto send_to = [&](int peer) -> absl::Status {
       if (outgoing[peer].empty()) return absl::OkStatus();
+      if (share_sent) share_sent(peer);
       return plane_.Send(outgoing[peer].data(), static_cast<int64_t>(outgoing[peer].size()), peer,
-                         kExchangeTag, options_.timeout);
+                         kExchangeTag, limit);
     };
     const auto receive_from = [&](int peer) -> absl::Status {
       if (incoming_bytes[peer] == 0) return absl::OkStatus();
+      if (share_sent) share_sent(peer);
       std::vector<uint8_t> message(incoming_bytes[peer]);
       DA_RETURN_IF_ERROR(
-          plane_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, options_.timeout));
+          plane_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, limit));
       stats_.exchange_bytes += incoming_bytes[peer];
       // Unpack in the sender's order: per set, K rows then V rows.
       const uint8_t* cursor = message.data();
@@ -521,8 +576,12 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // exchange, as the plane takes one thread).
   const std::string frame = EncodeControlFrame({ControlKind::kRun, payload});
   for (int r = 1; r < world; ++r) {
-    DA_RETURN_IF_ERROR(
-        comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
+    if (absl::Status sent =
+            comm.Send(frame.data(), kControlFrameBytes, r, kControlTag, options.timeout);
+        !sent.ok()) {
+      AbortUnlessInStep give_up(comm, plane);  // The workers before r wait for their scatter.
+      return give_up.Fail(std::move(sent));
+    }
   }
   // The gather runs on a thread posted before the scatter: a worker that computes before rank 0
   // has scattered to the others (HEADS) is not left waiting in its (synchronous) Send, a worker
@@ -642,6 +701,25 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   const auto send_word = [&](int r, int64_t word) {
     return comm.Send(&word, kPieceWordBytes, r, kPieceTag, options.timeout);
   };
+  // Without a data plane the scatter runs beside rank 0's exchange, which takes a worker up only
+  // once that worker's share has gone out (it exchanges only once it holds it): each exchange
+  // call then waits on its peer's exchange, within a timeout, not on the scatter to the ranks
+  // before it, which may take longer. Workers below shares_out have their share, or the scatter
+  // ended.
+  std::mutex shares_mutex;
+  std::condition_variable shares_cv;
+  int shares_out = 1;  // Guarded by shares_mutex.
+  const auto shares_out_below = [&](int r) {
+    {
+      std::lock_guard<std::mutex> lock(shares_mutex);
+      shares_out = r;
+    }
+    shares_cv.notify_all();
+  };
+  const auto share_sent = [&](int peer) {
+    std::unique_lock<std::mutex> lock(shares_mutex);
+    shares_cv.wait(lock, [&] { return shares_out > peer; });
+  };
   const auto scatter_shares = [&] {
     std::vector<uint8_t> buffer;  // A piece of a share that is not contiguous in the whole.
     bool stopped = false;
@@ -680,13 +758,18 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
         }
       }
       if (stopped && scattered.ok()) scattered = send_word(r, 0);
+      shares_out_below(r + 1);
     }
+    shares_out_below(world);  // Ended, however: nobody waits for a share that will not come.
   };
   std::thread scatter;
   JoinOnExit joiner{scatter};
+  // Runs before the joiners above: an error out of step from here on aborts the communicators
+  // first, which ends the gather's (and the scatter's) waits at once.
+  AbortUnlessInStep abort_unless_in_step(comm, plane);
   if (run.separate_plane()) {
     scatter_shares();
-    DA_RETURN_IF_ERROR(scattered);
+    if (!scattered.ok()) return abort_unless_in_step.Fail(scattered);
   } else {
     scatter = std::thread(scatter_shares);
   }
@@ -718,7 +801,12 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       }
     }
   }
-  DA_RETURN_IF_ERROR(run.Exchange());
+  // With a data plane the scatter is over and each worker waits in its first exchange call.
+  if (absl::Status exchanged = run.separate_plane() ? run.Exchange(options.timeout)
+                                                    : run.Exchange(options.timeout, share_sent);
+      !exchanged.ok()) {
+    return abort_unless_in_step.Fail(std::move(exchanged));
+  }
 
   // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
   // polls the caller's cancellation every millisecond until every worker has answered, and on
@@ -759,13 +847,19 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
-  if (scattered.ok() && gathered.ok()) DA_RETURN_IF_ERROR(send_stop_words(0));
-  DA_RETURN_IF_ERROR(relayed);
+  // Any failure here is out of step: a communicator's, or a worker that computed for too long.
+  if (scattered.ok() && gathered.ok()) {
+    if (absl::Status sent = send_stop_words(0); !sent.ok()) {
+      return abort_unless_in_step.Fail(std::move(sent));
+    }
+  }
+  for (const absl::Status* failed : {&relayed, &scattered, &gathered}) {
+    if (!failed->ok()) return abort_unless_in_step.Fail(*failed);
+  }
+  abort_unless_in_step.InStep();
   // Rank 0's scatter and gather overlap its compute: its communication time is the run's wall
   // time outside its compute (sends, waits and copies).
   run.stats().collective_seconds = SecondsSince(run_start) - run.stats().compute_seconds;
-  DA_RETURN_IF_ERROR(scattered);
-  DA_RETURN_IF_ERROR(gathered);
   traffic.Count(run.stats());
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
@@ -812,7 +906,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   // The share in pieces, each after its piece word; a 0 word (the request was cancelled) ends
   // the scatter early, and the worker then goes through the run's steps without computing.
   bool scatter_stopped = false;
-  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+  absl::Status received = run.Timed([&]() -> absl::Status {
     const int64_t rows = header.shape.batch * run.share().tokens();
     if (rows == 0) return absl::OkStatus();
     for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
@@ -838,7 +932,11 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       }
     }
     return absl::OkStatus();
-  }));
+  });
+  if (!received.ok()) {
+    AbortUnlessInStep give_up(comm, run.plane());  // Rank 0 is scattering, or will exchange.
+    return give_up.Fail(std::move(received));
+  }
   // From here on this worker answers rank 0 whatever happens (or its communicator has failed, and
   // with it this receive), so it listens for the run's stop word: rank 0 sends 1 as soon as the
   // request is cancelled, 0 after its own compute and every worker's answer (and output). The
@@ -855,7 +953,18 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     listened = true;
   });
   JoinOnExit joiner{listener};
-  DA_RETURN_IF_ERROR(run.Exchange());
+  // Runs before the listener's join: an error from here on (every one is out of step) aborts the
+  // communicators first, which ends the listener's wait for the stop word at once.
+  AbortUnlessInStep abort_unless_in_step(comm, run.plane());
+  // Each exchange call may wait for the shares of the ranks after this one (the peer's share,
+  // or, on a data plane, rank 0's scatter to them), of any size, as the first piece word waits
+  // for those before it: up to the compute timeout and a timeout. A peer lost meanwhile is heard
+  // at once; one that stalls, by rank 0 within a timeout (its own exchange calls with it) or
+  // when its first gather frame does not come, and rank 0 then aborts the run everywhere.
+  if (absl::Status exchanged = run.Exchange(options.compute_timeout + options.timeout);
+      !exchanged.ok()) {
+    return abort_unless_in_step.Fail(std::move(exchanged));
+  }
   // While it computes, a progress frame to rank 0 every third of the timeout: rank 0 takes a
   // whole timeout of silence for a lost worker (a cut link closes no connection).
   std::mutex progress_mutex;
@@ -885,7 +994,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   }
   progress_wake.notify_all();
   progress.join();  // Its frames go before the stats, in order.
-  DA_RETURN_IF_ERROR(run.Timed([&]() -> absl::Status {
+  absl::Status answered = run.Timed([&]() -> absl::Status {
     traffic.Count(run.stats());
     // The kRun frame (received before this call), the stop word (unless it came already: a
     // cancelled run), the output word and what is sent below belong to the run.
@@ -905,13 +1014,15 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     }
     return SendInPieces(run.plane(), run.out.data, run.out.bytes, 0, kGatherTag,
                         header.scatter_piece_bytes, options.timeout);
-  }));
+  });
+  if (!answered.ok()) return abort_unless_in_step.Fail(std::move(answered));
   listener.join();
-  DA_RETURN_IF_ERROR(heard);
+  if (!heard.ok()) return abort_unless_in_step.Fail(heard);
+  abort_unless_in_step.InStep();
   if (!computed.ok()) {
-    absl::Status answered = computed;
-    answered.SetPayload(kAnsweredPayload, absl::Cord("1"));
-    return answered;
+    absl::Status failed = computed;
+    failed.SetPayload(kAnsweredPayload, absl::Cord("1"));
+    return failed;
   }
   ShardRunStats stats;
   stats.strategy = header.spec.shard_policy;

@@ -30,11 +30,16 @@
 //
 // Errors: a failed collective (lost peer: UNAVAILABLE, timeout: DEADLINE_EXCEEDED) is returned
 // as the communicator reported it; after it the communicator is unusable (communicator.h) and
-// the caller re-forms the group. Rank 0 receives each worker's answer on a thread of its own
-// posted before it computes, so a worker lost while rank 0 computes stops rank 0's compute and
-// fails the run at once; a computing worker sends a progress frame every third of the timeout,
-// so a worker whose link is cut (no connection closes) fails the run within one timeout. A worker's
-// compute failure comes back as its status code, naming the rank.
+// the caller re-forms the group. A rank that gives a run up out of step (any error once its
+// messages began, other than one marked AnsweredInStep) aborts both its communicators before it
+// returns: a data plane's failure leaves the control communicator healthy, and the other ranks'
+// waits on it (rank 0's gather, a worker's stop word) would otherwise last the compute timeout
+// and more. Such an error is never CANCELLED, INVALID_ARGUMENT or RESOURCE_EXHAUSTED (those
+// become UNAVAILABLE), the codes of a run refused before any message. Rank 0 receives each worker's
+// answer on a thread of its own posted before it computes, so a worker lost while rank 0 computes
+// stops rank 0's compute and fails the run at once; a computing worker sends a progress frame every
+// third of the timeout, so a worker whose link is cut (no connection closes) fails the run within
+// one timeout. A worker's compute failure comes back as its status code, naming the rank.
 //
 // Cancellation: the scatter goes in pieces of at most ShardRunOptions::scatter_piece_bytes, each
 // announced by a piece word (kPieceTag, on the control communicator): 1, the piece follows; 0,

@@ -13,7 +13,9 @@
 // (staged_plane.h) in 64 KiB chunks, the nccl data plane's own path with host staging, with the
 // workers computing on a device with memory of its own (the staged test backend), as GPU workers.
 // A worker whose output waits on the plane for a rank 0 that computes three timeouts longer
-// still answers (its send may take as long as rank 0's compute may).
+// still answers (its send may take as long as rank 0's compute may). A plane that fails on one
+// rank only (rank 0, or a worker) ends the run on every rank within seconds, not the compute
+// timeout.
 //
 // Volume: a worker receives exactly its control frame, its q/k/v share and, for SEQUENCE, the
 // kept K/V rows ExchangeBytesReceived names (nothing else); the exchange of a long problem is
@@ -399,9 +401,45 @@ class ForwardingCommunicator : public Communicator {
   }
   absl::Status Barrier(milliseconds timeout) override { return inner_.Barrier(timeout); }
   Counters counters() const override { return inner_.counters(); }
+  void Abort(const std::string& why) override { inner_.Abort(why); }
 
  private:
   Communicator& inner_;
+};
+
+// "plane_fails_at_0" and "plane_fails_at_2": that rank's data plane fails its first exchange call
+// (rank 0 sends first, rank 2 receives first) and every call after it, as a plane whose failure
+// only this rank sees does (a staging copy that failed, NCCL's error on one rank): nothing of it
+// reaches the other ranks, whose waits on this rank end only when it gives the run up. The
+// compute timeout is 60 s and a timeout 20 s: without the abort the run held every rank for one
+// or the other (the gather's first frames, the workers' stop words, a plane call's timeout).
+constexpr milliseconds kPlaneFailureComputeTimeout{60000};
+constexpr double kPlaneFailureLimitS = 5;
+
+class FailsAnExchange final : public ForwardingCommunicator {
+ public:
+  explicit FailsAnExchange(Communicator& inner) : ForwardingCommunicator(inner) {}
+  absl::Status Send(const void* data, int64_t bytes, int peer, int tag,
+                    milliseconds timeout) override {
+    if (Fails(tag)) return Failure("send", peer);
+    return ForwardingCommunicator::Send(data, bytes, peer, tag, timeout);
+  }
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    if (Fails(tag)) return Failure("recv", peer);
+    return ForwardingCommunicator::Recv(data, bytes, peer, tag, timeout);
+  }
+
+ private:
+  bool Fails(int tag) {
+    if (tag == kExchangeTag) failed_ = true;
+    return failed_;
+  }
+  absl::Status Failure(const char* op, int peer) const {
+    return absl::UnavailableError(
+        absl::StrCat("plane ", op, " with peer ", peer, " failed on this rank only, as planned"));
+  }
+
+  std::atomic<bool> failed_{false};
 };
 
 // Rank 0's communicator (or plane) whose Sends with `tag` (every Send: -1) take `delay` longer.
@@ -491,6 +529,14 @@ int RunRank(const RankFlags& flags) {
     staged_backend = *std::move(made);
     compute = {staged_backend.get(), &plans, &pool, "staged:0"};
   }
+  std::optional<FailsAnExchange> failing_plane;
+  if ((flags.scenario == "plane_fails_at_0" && flags.rank == 0) ||
+      (flags.scenario == "plane_fails_at_2" && flags.rank == 2)) {
+    failing_plane.emplace(*plane);
+  }
+  Communicator* const run_plane = failing_plane ? &*failing_plane : plane.get();
+  const bool plane_fails =
+      flags.scenario == "plane_fails_at_0" || flags.scenario == "plane_fails_at_2";
   std::optional<WrappedShares> exiting;
   if (flags.scenario == "worker_lost" && flags.rank == 2) {
     exiting.emplace(ExitInCompute(rank_backend, milliseconds(0)));
@@ -517,7 +563,8 @@ int RunRank(const RankFlags& flags) {
       RANK_CHECK(control->kind == ControlKind::kRun, "unexpected control frame");
       // Workers keep their share buffers across the sweep's shapes (rank 0 takes fresh ones).
       const Communicator::Counters before = (*comm)->counters();
-      ShardRunOptions serve_options = Options(&compute, &buffers, plane.get());
+      ShardRunOptions serve_options = Options(&compute, &buffers, run_plane);
+      if (plane_fails) serve_options.compute_timeout = kPlaneFailureComputeTimeout;
       if (flags.scenario == "plane_slow_root") serve_options.timeout = kSlowRootTimeout;
       if (flags.scenario == "slow_scatter" || flags.scenario == "plane_slow_scatter") {
         serve_options.timeout = kSlowScatterTimeout;
@@ -552,14 +599,20 @@ int RunRank(const RankFlags& flags) {
       //   worker_lost: rank 2 ended; rank 0's communicator broke and closed its connections, and
       //     this worker's stop word's receive failed: it stopped computing.
       //   root_lost: rank 0 ended 300 ms into the run; the same, from rank 0's own connection.
-      const std::map<std::string, double> lost_rank_limit_s = {{"plane_root_lost", 10},
-                                                               {"worker_lost", kLostRankLimitS},
-                                                               {"root_lost", kLostRankLimitS}};
+      //   plane_fails_at_0, plane_fails_at_2: the plane of rank 0 (of rank 2) failed in the
+      //     exchange; that rank aborted its communicators, which ended the other ranks' waits.
+      const std::map<std::string, double> lost_rank_limit_s = {
+          {"plane_root_lost", 10},
+          {"worker_lost", kLostRankLimitS},
+          {"root_lost", kLostRankLimitS},
+          {"plane_fails_at_0", kPlaneFailureLimitS},
+          {"plane_fails_at_2", kPlaneFailureLimitS}};
       if (auto lost = lost_rank_limit_s.find(flags.scenario); lost != lost_rank_limit_s.end()) {
-        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank 1: ", served.ToString());
-        RANK_CHECK(serve_s < lost->second, "rank 1 took ", serve_s, " s to hear of the lost rank (",
-                   served.ToString(), ")");
-        std::fprintf(stderr, "rank 1: left %.2f s after the run began: %s\n", serve_s,
+        RANK_CHECK(!served.ok() && !AnsweredInStep(served), "rank ", flags.rank, ": ",
+                   served.ToString());
+        RANK_CHECK(serve_s < lost->second, "rank ", flags.rank, " took ", serve_s,
+                   " s to hear of the failure (", served.ToString(), ")");
+        std::fprintf(stderr, "rank %d: left %.2f s after the run began: %s\n", flags.rank, serve_s,
                      served.ToString().c_str());
         return 0;
       }
@@ -590,33 +643,62 @@ int RunRank(const RankFlags& flags) {
     }
   }
   if (flags.scenario == "slow_scatter" || flags.scenario == "plane_slow_scatter") {
-    // HEADS, two heads per rank: each worker's share is 12 pieces of 128 KiB, 1.8 s to send; the
-    // run is exact.
-    HeadsCase c({1, 2048, 6, 6, 32}, {{256, 1}, {2048, 4}}, static_cast<uint32_t>(flags.seed));
-    RANK_CHECK_OK(c.ComputeSingle(rank_backend, compute.pool));
-    c.problem.compute = compute;
-    // Without a plane the pieces go on the control communicator with their tag; on a plane
-    // (tags dropped) rank 0 sends nothing but pieces for HEADS.
-    const bool on_plane = plane != nullptr;
-    SlowSends slow(on_plane ? *plane : **comm, on_plane ? -1 : kScatterTag, kSlowScatterPieceDelay);
-    ShardRunOptions run_options = Options(nullptr, nullptr, on_plane ? &slow : nullptr);
-    run_options.timeout = kSlowScatterTimeout;
-    run_options.scatter_piece_bytes = 128 << 10;
-    const auto started = std::chrono::steady_clock::now();
-    const absl::StatusOr<ShardRunStats> result =
-        CoordinateShardedRun(on_plane ? **comm : slow, c.problem, run_options);
-    RANK_CHECK(result.ok(), result.status().ToString());
-    const double run_s =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-    RANK_CHECK(run_s > 3 * kSlowScatterTimeout.count() / 1000.0, "the scatter took only ", run_s,
-               " s");
-    const double error = engine::testing::MaxRelativeError(c.p.out, c.single);
-    RANK_CHECK(error <= 1e-6, "max relative error ", error);
-    std::fprintf(stderr, "rank 0: a %.1f s scatter with a 1 s timeout, exact\n", run_s);
+    // HEADS, two heads per rank: each worker's share is 12 pieces of 128 KiB, 1.8 s to send.
+    // Then SEQUENCE, a third of the tokens per rank: 15 pieces, 2.25 s, and the (2048, 4) segment
+    // spans every rank, so every pair exchanges: rank 0's exchange with worker 2 and worker 1's
+    // with worker 2 (on a plane: every worker's first exchange call, with rank 0) wait for the
+    // scatter to worker 2, longer than a timeout. Both runs are exact.
+    for (const ShardPolicy strategy : {ShardPolicy::kHeads, ShardPolicy::kSequence}) {
+      HeadsCase c({1, 2048, 6, 6, 32}, {{256, 1}, {2048, 4}}, static_cast<uint32_t>(flags.seed));
+      c.problem.strategy = strategy;
+      RANK_CHECK_OK(c.ComputeSingle(rank_backend, compute.pool));
+      c.problem.compute = compute;
+      // Without a plane the pieces go on the control communicator with their tag; on a plane
+      // (tags dropped) every send is slowed: the pieces, and for SEQUENCE the exchange's.
+      const bool on_plane = plane != nullptr;
+      SlowSends slow(on_plane ? *plane : **comm, on_plane ? -1 : kScatterTag,
+                     kSlowScatterPieceDelay);
+      ShardRunOptions run_options = Options(nullptr, nullptr, on_plane ? &slow : nullptr);
+      run_options.timeout = kSlowScatterTimeout;
+      run_options.scatter_piece_bytes = 128 << 10;
+      const auto started = std::chrono::steady_clock::now();
+      const absl::StatusOr<ShardRunStats> result =
+          CoordinateShardedRun(on_plane ? **comm : slow, c.problem, run_options);
+      RANK_CHECK(result.ok(), engine::ShardPolicyName(strategy), ": ", result.status().ToString());
+      const double run_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+      RANK_CHECK(run_s > 3 * kSlowScatterTimeout.count() / 1000.0, "the scatter took only ", run_s,
+                 " s");
+      const double error = engine::testing::MaxRelativeError(c.p.out, c.single);
+      RANK_CHECK(error <= 1e-6, engine::ShardPolicyName(strategy), ": max relative error ", error);
+      std::fprintf(stderr, "rank 0: %s, a %.1f s scatter with a 1 s timeout, exact\n",
+                   engine::ShardPolicyName(strategy).c_str(), run_s);
+    }
     const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
     for (int r = 1; r < flags.size; ++r) {
       RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
     }
+    return 0;
+  }
+  if (plane_fails) {
+    // SEQUENCE with a segment across every rank, so that every pair exchanges; the run fails at
+    // once on every rank (see FailsAnExchange), as one the group re-forms after.
+    HeadsCase c({1, 3000, 4, 4, 32}, {{500, 1}, {3000, 4}}, static_cast<uint32_t>(flags.seed));
+    c.problem.strategy = ShardPolicy::kSequence;
+    c.problem.compute = compute;
+    ShardRunOptions run_options = Options(nullptr, nullptr, run_plane);
+    run_options.compute_timeout = kPlaneFailureComputeTimeout;
+    const auto started = std::chrono::steady_clock::now();
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(**comm, c.problem, run_options);
+    const double run_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    RANK_CHECK(result.status().code() == absl::StatusCode::kUnavailable &&
+                   !AnsweredInStep(result.status()),
+               result.status().ToString());
+    RANK_CHECK(run_s < kPlaneFailureLimitS, "the run took ", run_s, " s to fail");
+    std::fprintf(stderr, "rank 0: the run failed after %.2f s: %s\n", run_s,
+                 result.status().ToString().c_str());
     return 0;
   }
   if (flags.scenario == "plane_slow_root") {
@@ -929,6 +1011,16 @@ TEST(ShardedRunDataPlaneTest, AWorkerWaitsForARank0ThatComputesLongerThanATimeou
 TEST(ShardedRunDataPlaneTest, AWorkerWhoseRank0IsLostLeavesAtOnce) {
   testing::RankGroup group(2, "plane_root_lost");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, APlaneThatFailsOnRank0EndsTheRunOnEveryRankAtOnce) {
+  testing::RankGroup group(3, "plane_fails_at_0");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, APlaneThatFailsOnAWorkerEndsTheRunOnEveryRankAtOnce) {
+  testing::RankGroup group(3, "plane_fails_at_2");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunDataPlaneTest, AWorkerThatComputedIsAnsweredAtOnceWhenAnotherFails) {

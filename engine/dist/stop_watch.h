@@ -24,6 +24,9 @@ namespace da::dist::internal {
 // still finishes what no stop interrupts, such as outputs already on their way, in pieces), aborts
 // its communicators (every call in flight returns UNAVAILABLE, so the run returns); fired() then
 // says the group must re-form, whatever the run returned. Null communicators are skipped.
+// Stop() once the run has returned, then read fired(): a watch still running could abort the
+// communicators after a fired() that said it had not, and the group would carry on with
+// communicators that fail every later call.
 class StopWatch {
  public:
   // How often the watch looks at the flag and the communicators' counters.
@@ -34,7 +37,13 @@ class StopWatch {
       : stop_(stop), grace_(grace), comms_(std::move(comms)) {
     if (stop_ != nullptr) thread_ = std::thread([this] { Watch(); });
   }
-  ~StopWatch() {
+  ~StopWatch() { Stop(); }
+  StopWatch(const StopWatch&) = delete;
+  StopWatch& operator=(const StopWatch&) = delete;
+
+  // Ends the watch: it aborts nothing after this returns, so fired() is final. The watch aborts
+  // under mu_, so once done_ is set under it the decision cannot change.
+  void Stop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
       done_ = true;
@@ -42,10 +51,8 @@ class StopWatch {
     cv_.notify_one();
     if (thread_.joinable()) thread_.join();
   }
-  StopWatch(const StopWatch&) = delete;
-  StopWatch& operator=(const StopWatch&) = delete;
 
-  // Whether it aborted the communicators (read once the run has returned).
+  // Whether it aborted the communicators; final once Stop() has returned.
   bool fired() const { return fired_.load(); }
   std::string why() const {
     return absl::StrCat("the run was stopped and moved no bytes for ", grace_.count(),
