@@ -6,7 +6,6 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <new>
 #include <set>
 #include <thread>
 #include <tuple>
@@ -785,15 +784,7 @@ struct Engine::Impl {
                  !in_time.ok()) {
         result = in_time;
       } else {
-        // An exception must not end the process (std::terminate on this thread): the request
-        // fails with it, and the server serves on.
-        try {
-          result = Execute(job.request, job.placement, job.held.bound, queue_time_us, job.flops);
-        } catch (const std::bad_alloc&) {
-          result = absl::ResourceExhaustedError("out of memory while running (std::bad_alloc)");
-        } catch (const std::exception& e) {
-          result = absl::InternalError(absl::StrCat("the run threw: ", e.what()));
-        }
+        result = Execute(job.request, job.placement, job.held.bound, queue_time_us, job.flops);
       }
       {
         std::lock_guard<std::mutex> lock(mutex);

@@ -47,9 +47,10 @@ void AttendStreamReactor::OnDone() {
   // Waits for a CheckIdle in progress; afterwards the watch no longer sees this stream.
   if (settings_.watch != nullptr) settings_.watch->Remove(this);
   if (ended_early_) {
-    // The last callback: nothing else runs now, and IsCancelled is final.
+    // The last callback: nothing else runs now, and IsCancelled is final. A stream the idle watch
+    // ended was cancelled by this server (EndIdle), not by its client: it keeps its error.
     absl::Status status = error_;
-    if (context_->IsCancelled()) {
+    if (context_->IsCancelled() && !idle_ended_) {
       status = CancelledByDeadline(ClientDeadline(*context_))
                    ? engine::WithRejectReason(
                          absl::DeadlineExceededError(

@@ -131,9 +131,14 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
     const auto deadline =
         std::chrono::steady_clock::now() + std::chrono::milliseconds(drain_timeout_ms);
     while (!ended.load()) {
-      // The loop ended raises SIGUSR1; a repeated stop signal is ignored.
+      // The loop ended raises SIGUSR1; a second stop signal exits at once, as on rank 0.
       timespec slice{0, 100 * 1000 * 1000};
-      sigtimedwait(&signals, nullptr, &slice);
+      const int again = sigtimedwait(&signals, nullptr, &slice);
+      if (again > 0 && again != SIGUSR1) {
+        spdlog::warn("{} again while leaving the group: exiting now", strsignal(again));
+        spdlog::default_logger()->flush();
+        std::_Exit(128 + again);
+      }
       if (std::chrono::steady_clock::now() >= deadline && !ended.load()) {
         spdlog::warn("the run in progress did not end within {} ms; exiting", drain_timeout_ms);
         std::_Exit(0);
@@ -489,8 +494,13 @@ int main(int argc, char** argv) {
       options.grpc_memory_bytes,
       app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
                                            : " (max(memory / 4, 256 MiB))");
-  // Every bound full at once should leave the process's own reserve within its memory; say so
-  // when the flags (or a pod too small for the defaults) make them add up to more.
+  if (group.rank > 0) {
+    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
+                         options.metrics_address, metrics_port_file);
+  }
+  // Rank 0 (workers admit nothing and run no gRPC): every bound full at once should leave the
+  // process's own reserve within its memory; say so when the flags (or a pod too small for the
+  // defaults) make them add up to more.
   if (options.memory_budget_bytes > 0 && options.grpc_memory_bytes > 0) {
     const int64_t bounds = options.memory_budget_bytes + options.plan_cache_bytes +
                            options.grpc_memory_bytes +
@@ -503,10 +513,6 @@ int main(int argc, char** argv) {
           "--grpc-memory-bytes",
           da::server::DefaultProcessReserveBytes(host.memory_bytes), bounds, host.memory_bytes);
     }
-  }
-  if (group.rank > 0) {
-    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
-                         options.metrics_address, metrics_port_file);
   }
   if (group.world_size > 1) {
     int coordinator_port = 0;

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <utility>
 
@@ -229,6 +230,7 @@ absl::StatusOr<std::vector<TokenEntry>> ReadTokenFile(const std::string& path) {
   absl::StatusOr<std::string> text = ReadWholeFile(kTokenFlag, path);
   if (!text.ok()) return text.status();
   std::vector<TokenEntry> tokens;
+  std::map<std::string, int> line_of;  // Each token's line, to refuse one written twice.
   int line_number = 0;
   for (absl::string_view line : absl::StrSplit(*text, '\n')) {
     ++line_number;
@@ -245,6 +247,10 @@ absl::StatusOr<std::vector<TokenEntry>> ReadTokenFile(const std::string& path) {
       if (c < 0x21 || c > 0x7e) {
         return line_error("a token may hold only printable ASCII without spaces");
       }
+    }
+    // Twice, with two caps, one would silently win: the file is ambiguous.
+    if (const auto [first, added] = line_of.emplace(std::string(words[0]), line_number); !added) {
+      return line_error(absl::StrCat("the token of line ", first->second, " again"));
     }
     TokenEntry entry{.token = std::string(words[0]), .max_priority = std::nullopt};
     for (size_t i = 1; i < words.size(); ++i) {

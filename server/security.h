@@ -121,8 +121,8 @@ struct TokenEntry {
 // The tokens of a token file: each non-blank line that does not start with '#', trimmed, as a
 // token and its options, separated by whitespace. InvalidArgument naming --auth-token-file and
 // the file when it cannot be read or holds no token, or naming the line (never echoing a token)
-// when a token has a character outside printable ASCII, an option is unknown or given twice, or
-// max_priority is not an int32.
+// when a token has a character outside printable ASCII or is on an earlier line too, an option is
+// unknown or given twice, or max_priority is not an int32.
 absl::StatusOr<std::vector<TokenEntry>> ReadTokenFile(const std::string& path);
 
 // The token of an `authorization` metadata value of the form "Bearer <token>": the scheme is

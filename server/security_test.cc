@@ -628,9 +628,9 @@ TEST_F(SecurityTest, PriorityAboveTheCallersCapIsRefusedNamingTheCap) {
   const std::string scraped = server->metrics().Scrape();
   EXPECT_EQ(testing::MetricValue(scraped, "da_requests_rejected_total{reason=\"priority\"}"), 5)
       << scraped;
-  EXPECT_EQ(
-      testing::MetricValue(scraped, "da_requests_total{code=\"PERMISSION_DENIED\",method=\"Attend\"}"),
-      4)
+  EXPECT_EQ(testing::MetricValue(scraped,
+                                 "da_requests_total{code=\"PERMISSION_DENIED\",method=\"Attend\"}"),
+            4)
       << scraped;
   std::filesystem::remove_all(dir);
 }
@@ -743,7 +743,9 @@ TEST(ReadTokenFileTest, ReadsEachTokensMaxPriorityAndRefusesWhatItCannotRead) {
            {"secret-part max_priority=1 max_priority=2\n", "line 1: max_priority is given twice"},
            {"secret-part priority=1\n", "line 1: word 2 of the line is not max_priority=N"},
            {"secret-part other-half\n", "line 1: word 2 of the line is not max_priority=N"},
-           {"secret-part other=half\n", "line 1: word 2 of the line is not max_priority=N"}}) {
+           {"secret-part other=half\n", "line 1: word 2 of the line is not max_priority=N"},
+           {"secret-part max_priority=1\n#\nsecret-part max_priority=9\n",
+            "line 3: the token of line 1 again"}}) {
     WriteFile(dir + "/bad", text);
     const absl::StatusOr<std::vector<TokenEntry>> bad = ReadTokenFile(dir + "/bad");
     ASSERT_FALSE(bad.ok()) << text;

@@ -377,8 +377,9 @@ absl::Status Server::WarmUp(const std::atomic<bool>* stop) {
   const engine::PlanCacheStats cache = engine_->plan_cache_stats();
   if (const int64_t evicted = cache.evictions - evicted_before; evicted > 0) {
     spdlog::warn(
-        "warm-up: {} plans were dropped from the plan cache to stay within its {} bytes "
-        "(--plan-cache-bytes); the first requests of those shapes will build them again",
+        "warm-up: {} plans were dropped from the plan cache while it ran, to stay within its {} "
+        "bytes (--plan-cache-bytes); the first requests of the shapes dropped will build them "
+        "again",
         evicted, cache.capacity_bytes);
   }
   health_->SetWarm(true);  // Draining, if it has begun, still keeps readiness off.

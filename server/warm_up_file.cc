@@ -10,8 +10,11 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/status_macros.h"
 
 namespace da::server {
@@ -60,6 +63,9 @@ std::string Describe(const json& value) {
     bool flat = value.size() <= 16;
     for (const json& element : value) flat = flat && element.is_primitive();
     if (!flat) return absl::StrCat("an array of ", value.size(), " values");
+    std::vector<std::string> elements;
+    for (const json& element : value) elements.push_back(Describe(element));
+    return absl::StrCat("[", absl::StrJoin(elements, ","), "]");
   }
   if (value.is_object() && !value.empty()) {
     return absl::StrCat("an object of ", value.size(), " keys");

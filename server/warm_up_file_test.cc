@@ -139,6 +139,11 @@ INSTANTIATE_TEST_SUITE_P(
                                 "dilations": [1]})"),
                 {"entry 1", "\"seq_len\" is \"" + std::string(64, 'x') + "\"...",
                  "expected an integer"}},
+        BadCase{"LongStringInAnArray",
+                SecondEntry(R"({"batch": 1, "seq_len": 64, "heads": 2, "head_dim": 16,
+                                "segments": [")" +
+                            std::string(100000, 'y') + R"("], "dilations": [1]})"),
+                {"entry 1", "\"segments\" is [\"" + std::string(64, 'y') + "\"...]"}},
         BadCase{"UnknownField",
                 SecondEntry(R"({"batch": 1, "seq_len": 64, "heads": 2, "head_dim": 16,
                                 "segments": [64], "dilations": [1], "causl": true})"),
