@@ -49,17 +49,8 @@ void AttendStreamReactor::OnDone() {
   if (ended_early_) {
     // The last callback: nothing else runs now, and IsCancelled is final. A stream the idle watch
     // ended was cancelled by this server (EndIdle), not by its client: it keeps its error.
-    absl::Status status = error_;
-    if (context_->IsCancelled() && !idle_ended_) {
-      status = CancelledByDeadline(ClientDeadline(*context_))
-                   ? engine::WithRejectReason(
-                         absl::DeadlineExceededError(
-                             "the deadline passed before the stream's input was complete"),
-                         chunks_computed_ == 0 ? engine::RejectReason::kDeadline
-                                               : engine::RejectReason::kNone)
-                   : absl::CancelledError("the stream was cancelled before its input was complete");
-    }
-    record_.Finish(status, any_computed_ ? &info_ : nullptr);
+    const bool cancelled = context_->IsCancelled() && !idle_ended_;
+    record_.Finish(cancelled ? CancellationStatus() : error_, any_computed_ ? &info_ : nullptr);
   }
   delete this;
 }
@@ -596,20 +587,21 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
   });
 }
 
+absl::Status AttendStreamReactor::CancellationStatus() const {
+  if (!CancelledByDeadline(ClientDeadline(*context_))) {
+    return absl::CancelledError("the client cancelled the stream");
+  }
+  return engine::WithRejectReason(
+      absl::DeadlineExceededError(absl::StrFormat(
+          "the deadline passed after %d of %d tokens arrived and %d chunks were computed",
+          assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
+          chunks_computed_)),
+      chunks_computed_ == 0 && !computing_ ? engine::RejectReason::kDeadline
+                                           : engine::RejectReason::kNone);
+}
+
 void AttendStreamReactor::OnCancel() {
-  Advance([&] {
-    if (CancelledByDeadline(ClientDeadline(*context_))) {
-      Fail(engine::WithRejectReason(
-          absl::DeadlineExceededError(absl::StrFormat(
-              "the deadline passed after %d of %d tokens arrived and %d chunks were computed",
-              assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
-              chunks_computed_)),
-          chunks_computed_ == 0 && !computing_ ? engine::RejectReason::kDeadline
-                                               : engine::RejectReason::kNone));
-    } else {
-      Fail(absl::CancelledError("the client cancelled the stream"));
-    }
-  });
+  Advance([&] { Fail(CancellationStatus()); });
 }
 
 }  // namespace da::server

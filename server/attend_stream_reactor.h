@@ -135,6 +135,9 @@ class AttendStreamReactor final
   void EndIdle() override;
 
  private:
+  // Why the call was cancelled, as recorded: its deadline passed (DEADLINE_EXCEEDED, with the
+  // stream's progress) or its client cancelled it. Under mu_, or once nothing else runs (OnDone).
+  absl::Status CancellationStatus() const;
   // A computed chunk whose output is being sent.
   struct Outgoing {
     int64_t index = 0;

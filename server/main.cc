@@ -54,6 +54,15 @@
 
 namespace {
 
+// A SIGINT (a second Ctrl-C) while `what`: exits at once with 128 + the signal, as shells do,
+// cutting off the work in flight.
+[[noreturn]] void ExitNowOn(int signal_number, const char* what) {
+  spdlog::warn("{} while {}: exiting now, without the work in flight", strsignal(signal_number),
+               what);
+  spdlog::default_logger()->flush();
+  std::_Exit(128 + signal_number);
+}
+
 // Writes value to path atomically (temporary file, then rename), so a reader polling for the
 // file never sees it half written.
 bool WritePortFile(const std::string& path, int port) {
@@ -136,9 +145,7 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
       timespec slice{0, 100 * 1000 * 1000};
       const int again = sigtimedwait(&signals, nullptr, &slice);
       if (again == SIGINT) {
-        spdlog::warn("{} while leaving the group: exiting now", strsignal(again));
-        spdlog::default_logger()->flush();
-        std::_Exit(128 + again);
+        ExitNowOn(again, "leaving the group");
       }
       if (std::chrono::steady_clock::now() >= deadline && !ended.load()) {
         spdlog::warn("the run in progress did not end within {} ms; exiting", drain_timeout_ms);
@@ -616,9 +623,7 @@ int main(int argc, char** argv) {
     sigaddset(&interrupt, SIGINT);
     int again = 0;
     if (sigwait(&interrupt, &again) != 0) return;
-    spdlog::warn("{} while draining: exiting now, without the calls in flight", strsignal(again));
-    spdlog::default_logger()->flush();
-    std::_Exit(128 + again);
+    ExitNowOn(again, "draining");
   }).detach();
   (*server)->Shutdown(std::chrono::milliseconds(drain_timeout_ms),
                       std::chrono::milliseconds(drain_grace_ms));

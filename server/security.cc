@@ -310,12 +310,12 @@ BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<TokenEntry>
   }
 }
 
-BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens) {
-  for (const std::string& token : tokens) {
-    token_digests_.push_back(Sha256(token));
-    max_priorities_.push_back(std::nullopt);
-  }
-}
+BearerTokenAuthenticator::BearerTokenAuthenticator(const std::vector<std::string>& tokens)
+    : BearerTokenAuthenticator([&] {
+        std::vector<TokenEntry> entries;
+        for (const std::string& token : tokens) entries.push_back({token, std::nullopt});
+        return entries;
+      }()) {}
 
 int BearerTokenAuthenticator::Match(absl::string_view token) const {
   const Digest presented = Sha256(token);
@@ -329,12 +329,21 @@ int BearerTokenAuthenticator::Match(absl::string_view token) const {
   return match;
 }
 
-grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& context) const {
+namespace {
+
+// The call's authorization metadata, if it has one.
+std::optional<absl::string_view> AuthorizationOf(const grpc::ServerContextBase& context) {
   const auto& metadata = context.client_metadata();
   const auto found = metadata.find("authorization");
-  if (found == metadata.end()) return CheckAuthorization(nullptr);
-  const absl::string_view value(found->second.data(), found->second.size());
-  return CheckAuthorization(&value);
+  if (found == metadata.end()) return std::nullopt;
+  return absl::string_view(found->second.data(), found->second.size());
+}
+
+}  // namespace
+
+grpc::Status BearerTokenAuthenticator::Check(const grpc::ServerContextBase& context) const {
+  const std::optional<absl::string_view> authorization = AuthorizationOf(context);
+  return CheckAuthorization(authorization.has_value() ? &*authorization : nullptr);
 }
 
 grpc::Status BearerTokenAuthenticator::CheckAuthorization(
@@ -358,10 +367,8 @@ grpc::Status BearerTokenAuthenticator::CheckAuthorization(
 
 std::optional<int32_t> BearerTokenAuthenticator::MaxPriorityOf(
     const grpc::ServerContextBase& context) const {
-  const auto& metadata = context.client_metadata();
-  const auto found = metadata.find("authorization");
-  if (found == metadata.end()) return std::nullopt;
-  return MaxPriorityOf(absl::string_view(found->second.data(), found->second.size()));
+  const std::optional<absl::string_view> authorization = AuthorizationOf(context);
+  return authorization.has_value() ? MaxPriorityOf(*authorization) : std::nullopt;
 }
 
 std::optional<int32_t> BearerTokenAuthenticator::MaxPriorityOf(
@@ -372,17 +379,17 @@ std::optional<int32_t> BearerTokenAuthenticator::MaxPriorityOf(
   return match < 0 ? std::nullopt : max_priorities_[static_cast<size_t>(match)];
 }
 
+std::optional<int32_t> PriorityCap::TokenCap(const grpc::ServerContextBase& context) const {
+  return tokens_ != nullptr ? tokens_->MaxPriorityOf(context) : std::nullopt;
+}
+
 int32_t PriorityCap::CapOf(const grpc::ServerContextBase& context) const {
-  const std::optional<int32_t> token_max =
-      tokens_ != nullptr ? tokens_->MaxPriorityOf(context) : std::nullopt;
-  return token_max.value_or(server_max_);
+  return TokenCap(context).value_or(server_max_);
 }
 
 absl::Status PriorityCap::Check(const grpc::ServerContextBase& context, absl::string_view field,
                                 int32_t priority) const {
-  if (priority <= server_max_ && tokens_ == nullptr) return absl::OkStatus();
-  const std::optional<int32_t> token_max =
-      tokens_ != nullptr ? tokens_->MaxPriorityOf(context) : std::nullopt;
+  const std::optional<int32_t> token_max = TokenCap(context);
   const int32_t cap = token_max.value_or(server_max_);
   if (priority <= cap) return absl::OkStatus();
   return WithServerRejectReason(

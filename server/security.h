@@ -184,6 +184,9 @@ class PriorityCap {
   int32_t CapOf(const grpc::ServerContextBase& context) const;
 
  private:
+  // The call's token's own cap, where the token file gives one.
+  std::optional<int32_t> TokenCap(const grpc::ServerContextBase& context) const;
+
   const int32_t server_max_;
   const BearerTokenAuthenticator* const tokens_;
 };
