@@ -189,8 +189,10 @@ class CoordinatorGroup::Impl {
     run_options.timeout = options.collective_timeout;
     run_options.buffers = &buffers_;
     run_options.data_plane = plane_.get();
+    run_options.keepalive = options.heartbeat;  // Workers that left a cancelled run wait on.
     absl::StatusOr<ShardRunStats> result;
     std::optional<std::string> aborted;  // Why, when the stop watch aborted the run.
+    const int64_t sent_before = comm_->counters().bytes_sent;
     {
       internal::StopWatch watch(
           problem.stop,
@@ -204,7 +206,11 @@ class CoordinatorGroup::Impl {
     }
     // Aborted just as the run ended (OK, or in step): the communicators are unusable all the same.
     if (aborted && !BreaksGroup(result.status())) result = absl::UnavailableError(*aborted);
-    last_activity_ = Clock::now();
+    // Only a run that sent its frame is activity the workers heard: one refused before it (a
+    // problem that cannot be sent) put the next heartbeat off all the same, so that refusals
+    // more often than the heartbeat kept every worker from hearing rank 0 until it took rank 0
+    // for lost and the group re-formed.
+    if (comm_->counters().bytes_sent != sent_before) last_activity_ = Clock::now();
     if (result.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.runs_completed;

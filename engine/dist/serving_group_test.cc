@@ -147,6 +147,72 @@ TEST(ServingGroupTest, StoppingRankZeroEndsAFormationHeldByAStalledRankAtOnce) {
   EXPECT_LT(stopped_ms, 3000) << "a stopping rank 0 waited out its formation barrier";
 }
 
+// Runs refused before their first frame move nothing and are not activity. Before, each put the
+// next heartbeat off by a period: refusals more often than the heartbeat kept the worker from
+// hearing rank 0 for its 5 periods, it left, and the group re-formed.
+TEST(ServingGroupTest, RunsRefusedBeforeTheirFrameDoNotHoldTheHeartbeatsBack) {
+  using std::chrono::milliseconds;
+  ServingGroupOptions options;
+  options.world_size = 2;
+  options.coordinator = "127.0.0.1:0";
+  options.heartbeat = milliseconds(100);
+  options.collective_timeout = milliseconds(5000);
+  options.threads = 1;
+  auto group = CoordinatorGroup::Start(options);
+  ASSERT_TRUE(group.ok()) << group.status();
+  ServingGroupOptions worker_options = options;
+  worker_options.rank = 1;
+  worker_options.coordinator = absl::StrCat("127.0.0.1:", (*group)->coordinator_port());
+  std::mutex states_mu;
+  std::vector<std::string> states;
+  worker_options.on_state = [&](const std::string& state) {
+    std::lock_guard<std::mutex> lock(states_mu);
+    states.push_back(state);
+  };
+  std::atomic<bool> stop{false};
+  absl::Status ended;
+  std::thread worker([&] { ended = RunWorker(worker_options, stop); });
+  const auto formed_by = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!(*group)->status().whole && std::chrono::steady_clock::now() < formed_by) {
+    std::this_thread::sleep_for(milliseconds(10));
+  }
+  const engine::ShardGroupStatus formed = (*group)->status();
+  ASSERT_TRUE(formed.whole) << formed.reason;
+
+  // 300 patterns do not fit a control frame: refused before anything is sent.
+  engine::ShardedProblem refused;
+  const engine::ProblemShape shape{1, 64, 2, 2, 8};
+  refused.q = {engine::DType::kFloat32, shape.QueryShape(), nullptr, 0};
+  refused.k = refused.v = {engine::DType::kFloat32, shape.KeyShape(), nullptr, 0};
+  refused.out = {engine::DType::kFloat32, shape.QueryShape(), nullptr, 0};
+  refused.spec.patterns.assign(300, {16, 1});
+  // For 1.5 s (15 heartbeats, 3 of the worker's waits), a refusal every 20 ms.
+  const auto until = std::chrono::steady_clock::now() + milliseconds(1500);
+  int refusals = 0;
+  while (std::chrono::steady_clock::now() < until) {
+    const absl::StatusOr<engine::ShardGroupRunInfo> run = (*group)->Run(refused);
+    ASSERT_EQ(run.status().code(), absl::StatusCode::kInvalidArgument) << run.status();
+    ++refusals;
+    std::this_thread::sleep_for(milliseconds(20));
+  }
+  // A worker that had left would fail the next heartbeat, and the group would re-form.
+  std::this_thread::sleep_for(milliseconds(500));
+  const engine::ShardGroupStatus after = (*group)->status();
+  EXPECT_TRUE(after.whole) << after.reason;
+  EXPECT_EQ(after.generation, formed.generation) << after.reason;
+  EXPECT_GT((*group)->stats().heartbeats_sent, 5) << refusals << " refusals";
+  {
+    std::lock_guard<std::mutex> lock(states_mu);
+    for (const std::string& state : states) {
+      EXPECT_EQ(state.find("left generation"), std::string::npos) << state;
+    }
+  }
+  stop = true;
+  group->reset();
+  worker.join();
+  EXPECT_TRUE(ended.ok()) << ended;
+}
+
 // A communicator whose completed operations the test moves by hand; Abort is recorded.
 class CountedCommunicator : public Communicator {
  public:

@@ -125,10 +125,13 @@ absl::Status SendInPieces(Communicator& comm, const void* data, int64_t bytes, i
   });
 }
 
+// `after_piece` (may be empty) runs after each piece received.
 absl::Status RecvInPieces(Communicator& comm, void* data, int64_t bytes, int peer, int tag,
-                          int64_t piece_bytes, std::chrono::milliseconds timeout) {
+                          int64_t piece_bytes, std::chrono::milliseconds timeout,
+                          const std::function<absl::Status()>& after_piece = nullptr) {
   return InPieces(bytes, piece_bytes, [&](int64_t offset, int64_t piece) {
-    return comm.Recv(static_cast<uint8_t*>(data) + offset, piece, peer, tag, timeout);
+    DA_RETURN_IF_ERROR(comm.Recv(static_cast<uint8_t*>(data) + offset, piece, peer, tag, timeout));
+    return after_piece ? after_piece() : absl::OkStatus();
   });
 }
 
@@ -602,10 +605,38 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // Every worker gets one stop word per run (kStopTag): 1 from the relay below when the request
   // is cancelled, else 0 at the end. Whoever claims `stop_words_sent` first sends them.
   std::atomic<bool> stop_words_sent{false};
+  // Once the relay's words (1) went out, each worker leaves the run as soon as it has answered
+  // (stats, and output unless it comes later over a data plane: `left`), while rank 0 may still
+  // take outputs already on their way from others (worker 2's output of gigabytes over a slow
+  // link, say). A worker that left waits for rank 0's next control frame for only
+  // kIdleHeartbeats heartbeats, so it is kept with heartbeat frames (keep_left_workers).
+  std::atomic<bool> stopped_early{false};
+  std::unique_ptr<std::atomic<bool>[]> left(new std::atomic<bool>[world] {});
   const auto send_stop_words = [&](int64_t word) -> absl::Status {
     if (stop_words_sent.exchange(true)) return absl::OkStatus();
     for (int r = 1; r < world; ++r) {
       DA_RETURN_IF_ERROR(comm.Send(&word, kStopWordBytes, r, kStopTag, options.timeout));
+    }
+    if (word != 0) stopped_early = true;
+    return absl::OkStatus();
+  };
+  // Called after each output piece rank 0 takes: a heartbeat frame to every worker that left,
+  // at most every options.keepalive. Only as the run moves, so that a run that stalls after its
+  // stop still looks stalled (no bytes move) to the serving group's stop watch.
+  std::mutex keepalive_mutex;
+  Clock::time_point last_keepalive = Clock::now();
+  const std::string keepalive_frame = EncodeControlFrame({ControlKind::kHeartbeat, ""});
+  const auto keep_left_workers = [&]() -> absl::Status {
+    if (options.keepalive.count() <= 0 || !stopped_early.load()) return absl::OkStatus();
+    std::unique_lock<std::mutex> lock(keepalive_mutex, std::try_to_lock);
+    if (!lock.owns_lock() || Clock::now() - last_keepalive < options.keepalive) {
+      return absl::OkStatus();  // Another output's thread is at it, or it is not time yet.
+    }
+    last_keepalive = Clock::now();
+    for (int r = 1; r < world; ++r) {
+      if (!left[r].load()) continue;
+      DA_RETURN_IF_ERROR(
+          comm.Send(keepalive_frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
     }
     return absl::OkStatus();
   };
@@ -618,11 +649,12 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       return RecvInPieces(plane,
                           const_cast<uint8_t*>(engine::ShareStart(problem.out.data, shape, share,
                                                                   shape.heads, problem.out.dtype)),
-                          bytes, r, kGatherTag, header.scatter_piece_bytes, limit);
+                          bytes, r, kGatherTag, header.scatter_piece_bytes, limit,
+                          keep_left_workers);
     }
     buffer.resize(bytes);
     DA_RETURN_IF_ERROR(RecvInPieces(plane, buffer.data(), bytes, r, kGatherTag,
-                                    header.scatter_piece_bytes, limit));
+                                    header.scatter_piece_bytes, limit, keep_left_workers));
     engine::CopyShareIn(buffer.data(), share, problem.out);
     return absl::OkStatus();
   };
@@ -668,11 +700,15 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     if (!run.separate_plane()) return receive_output(r, options.timeout, buffer);
     return absl::OkStatus();
   };
+  // Rank 0's compute has returned: the relay below watches the request's flag until then, and
+  // until every worker answered.
+  std::atomic<bool> compute_done{false};
   std::thread gather([&] {
     std::vector<std::thread> workers;
     for (int r = 1; r < world; ++r) {
       workers.emplace_back([&, r] {
         absl::Status status = gather_worker(r);
+        if (status.ok() && (!run.separate_plane() || sends_output[r] == 0)) left[r] = true;
         if (!status.ok()) {
           stop = true;     // A lost worker stops rank 0's compute at once, and the other
           abandon = true;  // workers' waits at their next progress frame (the communicator,
@@ -809,11 +845,13 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   }
 
   // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
-  // polls the caller's cancellation every millisecond until every worker has answered, and on
-  // it also stops the workers.
+  // polls the caller's cancellation every millisecond until every worker has answered and rank
+  // 0's compute has returned, and on it also stops the workers. (A cancel after the workers
+  // answered still stops rank 0's own compute: with a data plane they answer before their
+  // outputs go, and a rank 0 busy with local requests computes longest.)
   absl::Status relayed;
   std::thread relay([&] {
-    while (!gather_done.load()) {
+    while (!gather_done.load() || !compute_done.load()) {
       if (problem.stop != nullptr && problem.stop->load()) {
         stop = true;
         relayed = send_stop_words(1);
@@ -825,6 +863,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   JoinOnExit relay_joiner{relay};
   if (request_cancelled()) stop = true;  // Not one kernel step for a request cancelled already.
   const absl::Status computed = run.Compute(&stop);
+  compute_done = true;
   if (computed.ok() && !engine::ShareIsContiguous(shape, mine)) {
     engine::CopyShareIn(run.out.data, mine, problem.out);
   }
@@ -833,17 +872,22 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   if (scatter.joinable()) scatter.join();
   gather.join();
   relay.join();
+  bool outputs_skipped = false;
   if (run.separate_plane()) {
     // Every worker that computed waits for its output word, then sends its output over the
     // plane, in rank order. Each is taken even when another worker failed to compute, so that no
     // worker is left waiting. After a lost worker (the gather failed) none is: the caller drops
     // the communicators and the workers' waits for their words end at once.
+    // A cancelled request's outputs are not wanted: word 0, and the worker sends none (the run
+    // is then CANCELLED, however the computes ended).
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && gathered.ok(); ++r) {
       if (sends_output[r] == 0) continue;
-      const int64_t word = 1;
+      const int64_t word = request_cancelled() ? 0 : 1;
+      outputs_skipped = outputs_skipped || word == 0;
       gathered = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
-      if (gathered.ok()) gathered = receive_output(r, options.timeout, buffer);
+      if (gathered.ok() && word != 0) gathered = receive_output(r, options.timeout, buffer);
+      if (gathered.ok()) left[r] = true;
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
@@ -870,6 +914,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     return status;
   };
   const bool cancelled = request_cancelled();
+  if (outputs_skipped) return in_step(absl::CancelledError("sharded run cancelled"));
   for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
     if (failed->ok()) continue;
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
@@ -987,17 +1032,25 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   });
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned
   // to the worker's loop.
-  const absl::Status computed = run.Compute(&stop);
+  absl::Status computed = run.Compute(&stop);
+  // Stopped as the compute ended: the output is not wanted (rank 0 may be taking other
+  // outputs, and would take this one before the run ends), so it answers as a stopped compute.
+  if (computed.ok() && stop.load()) {
+    computed = absl::CancelledError("stopped by rank 0 as its compute ended");
+  }
   {
     std::lock_guard<std::mutex> lock(progress_mutex);
     computing = false;
   }
   progress_wake.notify_all();
-  progress.join();  // Its frames go before the stats, in order.
+  progress.join();              // Its frames go before the stats, in order.
+  bool output_dropped = false;  // Rank 0 said (output word 0) it does not want the output.
   absl::Status answered = run.Timed([&]() -> absl::Status {
     traffic.Count(run.stats());
     // The kRun frame (received before this call), the stop word (unless it came already: a
     // cancelled run), the output word and what is sent below belong to the run.
+    // (The stats it reports count the output as sent: with a data plane, rank 0 does not take
+    // the output of a request cancelled meanwhile, but the run is then CANCELLED, with no stats.)
     const bool output_word = computed.ok() && run.separate_plane();
     run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes) +
                                   (output_word ? kOutputWordBytes : 0);
@@ -1007,10 +1060,15 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     if (!computed.ok()) return absl::OkStatus();
     if (output_word) {
       // Rank 0 takes the outputs only after its own compute (up to compute_timeout), then in rank
-      // order (up to a timeout each); the wait is here, on the control communicator.
+      // order (up to a timeout each); the wait is here, on the control communicator. 0: the
+      // request was cancelled, and the output is not wanted.
       int64_t word = 0;
       DA_RETURN_IF_ERROR(comm.Recv(&word, kOutputWordBytes, 0, kOutputTag,
                                    options.compute_timeout + options.timeout * comm.rank()));
+      if (word == 0) {
+        output_dropped = true;
+        return absl::OkStatus();
+      }
     }
     return SendInPieces(run.plane(), run.out.data, run.out.bytes, 0, kGatherTag,
                         header.scatter_piece_bytes, options.timeout);
@@ -1019,6 +1077,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   listener.join();
   if (!heard.ok()) return abort_unless_in_step.Fail(heard);
   abort_unless_in_step.InStep();
+  if (output_dropped) computed = absl::CancelledError("rank 0 did not take the output: cancelled");
   if (!computed.ok()) {
     absl::Status failed = computed;
     failed.SetPayload(kAnsweredPayload, absl::Cord("1"));

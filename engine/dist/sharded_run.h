@@ -51,8 +51,13 @@
 // scatter stopped). A cancelled request makes rank 0 send 1 at once
 // (within a millisecond of the flag); the workers' compute polls it like rank 0's, so every rank
 // stops within the kernel's stop latency, and a stopped worker sends its stats (code CANCELLED)
-// without its output. Otherwise rank 0 sends 0 once it has gathered every worker's answer. Either
-// way the group stays in step for the next run, and rank 0 returns CANCELLED.
+// without its output (also when its compute ended just as the word came). Otherwise rank 0
+// sends 0 once it has gathered every worker's answer. Rank 0 watches the request's flag until
+// its own compute has returned too, so a cancel after the workers answered still stops it, and
+// with a data plane a cancelled request's outputs are not taken (output word 0). Either way the
+// group stays in step for the next run, and rank 0 returns CANCELLED. Workers that answered a
+// cancelled run leave it at once; rank 0 keeps them with heartbeat frames while it still takes
+// other workers' outputs (ShardRunOptions::keepalive).
 #pragma once
 
 #include <atomic>
@@ -166,6 +171,12 @@ struct ShardRunOptions {
   // link) and the most rank 0 copies out of a non-contiguous share at a time. Output shares go
   // back in pieces of the same size (bytes, not rows; no piece words), each within `timeout`.
   int64_t scatter_piece_bytes = int64_t{32} << 20;
+  // Rank 0: once a cancelled request's stop words went out, workers that have answered leave the
+  // run while rank 0 may still take outputs already on their way from others; each is sent a
+  // kHeartbeat control frame at most this often (as output pieces arrive) so that its wait for
+  // the next control frame (a few heartbeats, serving_worker.cc) does not take rank 0 for lost.
+  // 0: none (a caller whose workers wait longer, as the tests' do).
+  std::chrono::milliseconds keepalive{0};
 };
 
 // The pieces (and so the piece words) in which a share of `bytes` bytes, rows of `row_bytes`

@@ -44,9 +44,11 @@
 #include "engine/dist/data_plane.h"
 #include "engine/dist/gloo_communicator.h"
 #include "engine/dist/multi_process_test_util.h"
+#include "engine/dist/serving_group.h"
 #include "engine/dist/staged_plane.h"
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
+#include "engine/status_macros.h"
 #include "engine/test_tensors.h"
 #include "engine/testing/staged_backend.h"
 #include "engine/thread_pool.h"
@@ -83,11 +85,18 @@ ShardRunOptions Options(const engine::ShareCompute* compute = nullptr,
 constexpr milliseconds kSlowRootTimeout{1000};
 constexpr milliseconds kSlowRootDelay{3000};
 
-// A backend that computes with `inner`, after `before_share` (a delay, a crash) for each share.
+// A backend that computes with `inner`, after `before_share` (a delay, a crash, a stall that
+// ends with the run's stop) for each share; a share whose `before_share` fails fails with it.
 class WrappedShares final : public engine::Backend {
  public:
-  WrappedShares(engine::Backend& inner, std::function<void()> before_share)
+  using BeforeShare = std::function<absl::Status(const engine::RunContext&)>;
+  WrappedShares(engine::Backend& inner, BeforeShare before_share)
       : inner_(inner), before_share_(std::move(before_share)) {}
+  WrappedShares(engine::Backend& inner, std::function<void()> before_share)
+      : WrappedShares(inner, [before_share = std::move(before_share)](const engine::RunContext&) {
+          before_share();
+          return absl::OkStatus();
+        }) {}
   std::string Name() const override { return inner_.Name(); }
   std::vector<engine::Precision> Precisions() const override { return inner_.Precisions(); }
   absl::StatusOr<engine::PrecisionChoice> ChoosePrecision(
@@ -107,18 +116,36 @@ class WrappedShares final : public engine::Backend {
   }
   absl::Status RunShare(engine::Plan& plan, const engine::ShareProblem& problem,
                         const engine::RunContext& context) override {
-    before_share_();
+    DA_RETURN_IF_ERROR(before_share_(context));
     return inner_.RunShare(plan, problem, context);
   }
 
  private:
   engine::Backend& inner_;
-  const std::function<void()> before_share_;
+  const BeforeShare before_share_;
 };
 
 // Waits `delay` before each share.
 WrappedShares SlowShares(engine::Backend& inner, milliseconds delay) {
   return WrappedShares(inner, [delay] { std::this_thread::sleep_for(delay); });
+}
+
+// Its first share waits until the run is stopped (CANCELLED) or 20 s pass, as a rank busy with
+// other work computes a long share; later shares compute at once.
+WrappedShares StallsFirstShare(engine::Backend& inner) {
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  return WrappedShares(
+      inner, WrappedShares::BeforeShare([first](const engine::RunContext& context) {
+        if (!first->exchange(false)) return absl::OkStatus();
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (std::chrono::steady_clock::now() < until) {
+          if (context.cancelled != nullptr && context.cancelled->load()) {
+            return absl::CancelledError("the stalled share was stopped");
+          }
+          std::this_thread::sleep_for(milliseconds(1));
+        }
+        return absl::OkStatus();
+      }));
 }
 
 // Ends the process `delay` into each share, as a rank that crashes does.
@@ -480,6 +507,42 @@ class CancelAfterPieceWords final : public ForwardingCommunicator {
   std::atomic<int> words_{0};
 };
 
+// Rank 0's communicator, which raises `flag` once a receive that `when` picks has completed: a
+// cancel at a known point of a run.
+class CancelOnReceive final : public ForwardingCommunicator {
+ public:
+  using Match = std::function<bool(int peer, int tag, const void* data, int64_t bytes)>;
+  CancelOnReceive(Communicator& inner, std::atomic<bool>* flag, Match when)
+      : ForwardingCommunicator(inner), flag_(flag), when_(std::move(when)) {}
+  absl::Status Recv(void* data, int64_t bytes, int peer, int tag, milliseconds timeout) override {
+    absl::Status received = ForwardingCommunicator::Recv(data, bytes, peer, tag, timeout);
+    if (received.ok() && !fired_.load() && when_(peer, tag, data, bytes) &&
+        !fired_.exchange(true)) {
+      cancelled_at_ = std::chrono::steady_clock::now();
+      *flag_ = true;
+    }
+    return received;
+  }
+  // When it raised the flag; read once the run has returned.
+  std::chrono::steady_clock::time_point cancelled_at() const { return cancelled_at_; }
+
+ private:
+  std::atomic<bool>* flag_;
+  const Match when_;
+  std::atomic<bool> fired_{false};
+  std::chrono::steady_clock::time_point cancelled_at_;
+};
+
+// "cancel_slow_output" (3 ranks, HEADS, one head each, no plane): worker 2 computes at once and
+// sends its 1 MiB output in 16 pieces of 64 KiB, each 150 ms late (a slow link); worker 1's share
+// stalls (StallsFirstShare). The request is cancelled as rank 0 takes worker 2's first piece:
+// worker 1 stops and leaves the run, and rank 0 takes the rest of worker 2's output for about
+// 2 s more. Worker 1 waits for each next control frame only 5 keep-alive periods (as a serving
+// worker waits kIdleHeartbeats heartbeats) and must be kept by heartbeat frames.
+constexpr milliseconds kSlowOutputKeepalive{100};
+constexpr int64_t kSlowOutputPieceBytes = 64 << 10;
+constexpr milliseconds kSlowOutputPieceDelay{150};
+
 int RunRank(const RankFlags& flags) {
   auto store = ConnectCoordinatorStore(flags.coordinator, milliseconds(5000));
   RANK_CHECK(store.ok(), store.status().ToString());
@@ -542,14 +605,41 @@ int RunRank(const RankFlags& flags) {
     exiting.emplace(ExitInCompute(rank_backend, milliseconds(0)));
     compute = {&*exiting, &plans, &pool};
   }
+  std::optional<WrappedShares> stalling;
+  if (flags.scenario == "cancel_slow_output" && flags.rank == 1) {
+    stalling.emplace(StallsFirstShare(rank_backend));
+    compute = {&*stalling, &plans, &pool};
+  }
+  std::optional<SlowSends> slow_outputs;
+  if (flags.scenario == "cancel_slow_output" && flags.rank == 2) {
+    slow_outputs.emplace(**comm, kGatherTag, kSlowOutputPieceDelay);
+  }
   RankBuffers buffers;
   if (flags.rank != 0) {
-    // A worker: serve runs until rank 0 says shut down.
+    // A worker: serve runs until rank 0 says shut down. Heartbeat frames (rank 0's keep-alive
+    // in a cancelled run's tail) are counted and skipped.
+    milliseconds frame_wait = kTimeout;
+    int heartbeats = 0;
     for (int run = 0;; ++run) {
       std::string frame(kControlFrameBytes, '\0');
-      RANK_CHECK_OK((*comm)->Recv(frame.data(), kControlFrameBytes, 0, kControlTag, kTimeout));
-      absl::StatusOr<ControlFrame> control = DecodeControlFrame(frame);
-      RANK_CHECK(control.ok(), control.status().ToString());
+      absl::StatusOr<ControlFrame> control;
+      for (;;) {
+        const absl::Status received =
+            (*comm)->Recv(frame.data(), kControlFrameBytes, 0, kControlTag, frame_wait);
+        RANK_CHECK(received.ok(), "rank ", flags.rank, " waited ", frame_wait.count(),
+                   " ms for rank 0's next control frame after ", heartbeats,
+                   " heartbeats: ", received.ToString());
+        control = DecodeControlFrame(frame);
+        RANK_CHECK(control.ok(), control.status().ToString());
+        if (control->kind != ControlKind::kHeartbeat) break;
+        ++heartbeats;
+      }
+      if (flags.scenario == "cancel_slow_output" && run == 1 && flags.rank == 1) {
+        // Rank 0 took worker 2's output for about 2 s after this worker left the cancelled run.
+        RANK_CHECK(heartbeats >= 3, "rank 1 was kept by ", heartbeats, " heartbeats");
+        std::fprintf(stderr, "rank 1: kept by %d heartbeats\n", heartbeats);
+      }
+      frame_wait = kTimeout;
       if (control->kind == ControlKind::kShutdown) {
         if (staged_worker) {
           // Every share ran on the device, its bytes went in and out, and nothing is left.
@@ -577,7 +667,8 @@ int RunRank(const RankFlags& flags) {
       if (flags.scenario == "plane_worker_fails")
         serve_options.compute_timeout = milliseconds(5000);
       const auto serve_started = std::chrono::steady_clock::now();
-      absl::Status served = ServeShardedRun(**comm, *control, serve_options).status();
+      absl::Status served =
+          ServeShardedRun(slow_outputs ? *slow_outputs : **comm, *control, serve_options).status();
       const double serve_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - serve_started).count();
       if (flags.scenario == "plane_worker_fails" && run == 0) {
@@ -626,6 +717,22 @@ int RunRank(const RankFlags& flags) {
         RANK_CHECK(run != 0 || received == kPieceWordBytes + kStopWordBytes, "run ", run,
                    ": received ", received, " bytes; a piece word and a stop word are ",
                    kPieceWordBytes + kStopWordBytes);
+        continue;
+      }
+      if (flags.scenario == "cancel_slow_output" && run == 0) {
+        // Worker 1 was stopped and left at once; worker 2 had computed and sent its output.
+        RANK_CHECK(flags.rank == 2
+                       ? served.ok()
+                       : served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                   "rank ", flags.rank, ": ", served.ToString());
+        frame_wait = kSlowOutputKeepalive * kIdleHeartbeats;
+        continue;
+      }
+      if (flags.scenario == "plane_cancel_late" && run == 0) {
+        // It computed and answered; the request was cancelled before rank 0 took its output,
+        // which rank 0 then did not want (output word 0).
+        RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                   "the run cancelled after this worker answered returned ", served.ToString());
         continue;
       }
       if ((flags.scenario == "cancel" || flags.scenario == "plane_cancel") && run == 0) {
@@ -754,6 +861,65 @@ int RunRank(const RankFlags& flags) {
     std::fprintf(stderr, "rank 0: the run failed after %.2f s: %s\n", run_s,
                  result.status().ToString().c_str());
     comm->reset();  // As a serving group re-forming: rank 1's connection closes.
+    return 0;
+  }
+  if (flags.scenario == "cancel_slow_output" || flags.scenario == "plane_cancel_late") {
+    const bool slow_output = flags.scenario == "cancel_slow_output";
+    // The cancelled run, then a run that shows the group in step (its reference computed first,
+    // so that its control frame follows the cancelled run at once).
+    HeadsCase c(slow_output ? ProblemShape{1, 4096, 3, 3, 64} : ProblemShape{1, 2048, 2, 2, 32},
+                {{slow_output ? 1024 : 512, 1}}, static_cast<uint32_t>(flags.seed));
+    HeadsCase next({1, 500, 4, 4, 24}, {{64, 1}, {500, 4}}, static_cast<uint32_t>(flags.seed) + 1);
+    RANK_CHECK_OK(next.ComputeSingle(rank_backend, compute.pool));
+    next.problem.compute = compute;
+    std::atomic<bool> cancelled{false};
+    c.problem.stop = &cancelled;
+    c.problem.compute = compute;
+    // "plane_cancel_late": rank 0's own share stalls, and the request is cancelled once its
+    // worker has computed and answered (its stats, code 0), before rank 0 takes its output.
+    WrappedShares stalled = StallsFirstShare(rank_backend);
+    if (!slow_output) c.problem.compute = {&stalled, &plans, &pool};
+    CancelOnReceive canceller(
+        **comm, &cancelled, [&](int peer, int tag, const void* data, int64_t bytes) {
+          if (slow_output) return peer == 2 && tag == kGatherTag && bytes == kSlowOutputPieceBytes;
+          return peer == 1 && tag == kGatherTag && bytes == 48 &&
+                 static_cast<const int64_t*>(data)[5] == 0;
+        });
+    ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
+    if (slow_output) {
+      run_options.scatter_piece_bytes = kSlowOutputPieceBytes;
+      run_options.keepalive = kSlowOutputKeepalive;
+    }
+    const Communicator::Counters plane_before =
+        plane != nullptr ? plane->counters() : Communicator::Counters{};
+    const absl::StatusOr<ShardRunStats> result =
+        CoordinateShardedRun(canceller, c.problem, run_options);
+    const auto returned = std::chrono::steady_clock::now();
+    RANK_CHECK(
+        result.status().code() == absl::StatusCode::kCancelled && AnsweredInStep(result.status()),
+        result.status().ToString());
+    const double tail_s =
+        std::chrono::duration<double>(returned - canceller.cancelled_at()).count();
+    std::fprintf(stderr, "rank 0: returned %.3f s after the cancel\n", tail_s);
+    if (slow_output) {
+      // The rest of worker 2's output came after the cancel (15 pieces, 150 ms late each).
+      RANK_CHECK(tail_s > 1.0, "rank 0 took worker 2's output for only ", tail_s,
+                 " s after the cancel: rank 1 waited for nothing");
+    } else {
+      // Rank 0's own compute stopped at once, and it took no output over the plane.
+      RANK_CHECK(tail_s < 0.1, "rank 0 returned ", tail_s, " s after the cancel");
+      const int64_t taken = plane->counters().bytes_received - plane_before.bytes_received;
+      RANK_CHECK(taken == 0, "rank 0 took ", taken, " bytes of a cancelled request's output");
+    }
+    const absl::StatusOr<ShardRunStats> after =
+        CoordinateShardedRun(**comm, next.problem, Options(nullptr, nullptr, plane.get()));
+    RANK_CHECK(after.ok(), "the run after the cancelled one: ", after.status().ToString());
+    const double error = engine::testing::MaxRelativeError(next.p.out, next.single);
+    RANK_CHECK(error <= 1e-6, "the run after the cancelled one: max relative error ", error);
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    for (int r = 1; r < flags.size; ++r) {
+      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+    }
     return 0;
   }
   if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
@@ -1061,6 +1227,16 @@ TEST(ShardedRunTest, AScatterLongerThanATimeoutRuns) {
 TEST(ShardedRunDataPlaneTest, AScatterLongerThanATimeoutRuns) {
   testing::RankGroup group(3, "plane_slow_scatter");
   for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunCancelTest, WorkersThatLeftACancelledRunAreKeptWhileRank0TakesOtherOutputs) {
+  testing::RankGroup group(3, "cancel_slow_output");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, ACancelAfterTheWorkersAnsweredStopsRank0AndTakesNoOutput) {
+  testing::RankGroup group(2, "plane_cancel_late");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunCancelTest, ACancelledRequestStopsEveryRankWithin100MsAndTheGroupGoesOn) {
