@@ -219,6 +219,13 @@ TEST_F(CliTest, BadFlagValuesAreOneErrorLineWithUsageExit) {
         "--dilations", "1", "--timeout-ms", "9999999999999"},
        "da-client: error: --timeout-ms: 9999999999999 is above the limit of 31536000000 (a year; "
        "0: no deadline)"},
+      // Integer flags are decimal: hexadecimal and values past int64 are refused, naming them.
+      {{"random", "--seq-len", "0x10", "--heads", "2", "--head-dim", "4", "--segments", "4",
+        "--dilations", "1"},
+       "da-client: error: --seq-len: '0x10' is not a decimal integer"},
+      {{"random", "--seq-len", "8", "--heads", "2", "--head-dim", "4", "--segments", "4",
+        "--dilations", "1", "--repeat", "99999999999999999999"},
+       "da-client: error: --repeat: '99999999999999999999' is not a decimal integer"},
       {{"frobnicate"}, "da-client: error: unknown subcommand 'frobnicate'"},
       {{}, "da-client: error: A subcommand is required"},
   };
@@ -338,6 +345,18 @@ TEST_F(CliEchoTest, RandomPrintsEveryCallAndASummary) {
   EXPECT_GT(json["summary"]["tokens_per_s"].get<double>(), 0);
   EXPECT_EQ(json["shape"], nlohmann::json({2, 100, 4, 8}));
   EXPECT_EQ(json["kv_heads"], 2);
+}
+
+// CLI11 alone reads integers in base 0: "0100" tokens would be 64 and "010" calls 8.
+TEST_F(CliEchoTest, IntegerFlagsWithLeadingZerosAreDecimal) {
+  const RunResult result =
+      RunClient({"random", "--server", server_.address(), "--batch", "02", "--seq-len", "0100",
+                 "--heads", "2", "--head-dim", "8", "--segments", "16", "--dilations", "1",
+                 "--repeat", "010", "--json"});
+  ASSERT_EQ(result.exit_code, 0) << result.err;
+  const nlohmann::json json = nlohmann::json::parse(result.out);
+  EXPECT_EQ(json["calls"].size(), 10u);
+  EXPECT_EQ(json["shape"], nlohmann::json({2, 100, 2, 8}));
 }
 
 TEST_F(CliEchoTest, HealthExitsZeroOnlyWhenServing) {

@@ -29,6 +29,7 @@
 #include "client/cli_args.h"
 #include "client/cli_format.h"
 #include "client/connection_options.h"
+#include "client/decimal_flags.h"
 #include "client/load_cli.h"
 #include "client/stream_blocks.h"
 #include "client/tensor_io.h"
@@ -383,6 +384,7 @@ int Main(int argc, char** argv) {
                              "Service name: '' (liveness) or da.v1.AttentionService (readiness)");
   LoadFlags load;
   CLI::App* load_command = AddLoadCommand(app, &load);
+  DecimalIntegers(app);  // "--timeout-ms 010" is 10, not 8 (client/decimal_flags.h).
   // CLI11 would call an unknown word "A subcommand is required"; say what was wrong instead.
   const std::string first = argc > 1 ? argv[1] : "-";
   if (first[0] != '-' && first != "attend" && first != "random" && first != "info" &&

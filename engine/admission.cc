@@ -1,6 +1,7 @@
 #include "engine/admission.h"
 
 #include <algorithm>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/cord.h"
@@ -103,6 +104,27 @@ absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
   }
   reserved_bytes_ += bytes;
   return absl::OkStatus();
+}
+
+bool MemoryAccount::FitsWhenFree(int64_t bytes) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return budget_bytes_ <= 0 || bytes <= budget_bytes_ - kept_bytes_;
+}
+
+absl::StatusOr<MemoryReservation> ReserveWhenFree(const std::shared_ptr<MemoryAccount>& account,
+                                                  int64_t bytes, std::string_view what,
+                                                  const std::atomic<bool>* stop,
+                                                  std::chrono::milliseconds poll) {
+  for (;;) {
+    absl::Status reserved = account->Reserve(bytes, what);
+    if (reserved.ok()) return MemoryReservation(account, bytes);
+    if (!account->FitsWhenFree(bytes)) return reserved;
+    if (stop != nullptr && stop->load()) {
+      return absl::CancelledError(absl::StrCat(
+          "stopped while waiting for memory that calls in flight hold: ", reserved.message()));
+    }
+    std::this_thread::sleep_for(poll);
+  }
 }
 
 void MemoryAccount::Hold(int64_t bytes) {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 
 namespace da::engine {
@@ -93,6 +95,8 @@ class MemoryAccount {
   // what (a description of the bytes such as MemoryEstimate::ToString(); empty: the byte count),
   // the budget and the bytes in use.
   absl::Status Reserve(int64_t bytes, std::string_view what);
+  // Whether `bytes` would fit were nothing reserved: the budget less what is kept.
+  bool FitsWhenFree(int64_t bytes) const;
   // Adds bytes that exist already (an answer computed and waiting on its client), past the budget
   // if need be: what is admitted next sees them.
   void Hold(int64_t bytes);
@@ -129,6 +133,13 @@ class MemoryReservation {
   std::shared_ptr<MemoryAccount> account_;
   int64_t bytes_ = 0;
 };
+
+// Reserves `bytes` on `account`; while the refusal is only for memory that others hold and will
+// give back (FitsWhenFree), tries again every `poll` until it succeeds or `stop` (may be null) is
+// set: CANCELLED. Bytes that would not fit even then are refused at once (Reserve's refusal).
+absl::StatusOr<MemoryReservation> ReserveWhenFree(
+    const std::shared_ptr<MemoryAccount>& account, int64_t bytes, std::string_view what,
+    const std::atomic<bool>* stop, std::chrono::milliseconds poll = std::chrono::milliseconds(10));
 
 // One place in the engine's queue, held by a sequence of runs that never wait at the same time
 // (the chunks of one stream): taken once within max_queue (Engine::TakeQueuePlace) and counted

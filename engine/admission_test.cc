@@ -643,6 +643,71 @@ TEST(AdmissionTest, CancellationDuringAColdPlanBuildStopsWithin100Ms) {
               warm->build_time_us / 1e3, stop_ms);
 }
 
+// A warm-up whose plan workspace is held by calls in flight (requests that reached a server
+// before it was ready) waits for them to end; before, it failed at once, and a start-up warm-up
+// ended the server. A stopped wait is CANCELLED; a workspace past the budget is refused at once.
+TEST(AdmissionTest, AWarmUpWaitsForMemoryThatCallsInFlightHold) {
+  const ProblemShape shape{1, 16384, 4, 4, 64};
+  AttentionSpec spec;
+  spec.patterns = {{4096, 1}, {8192, 2}};
+  spec.precision = Precision::kFloat32;
+  int64_t workspace = 0;
+  {
+    auto probe = Engine::Create(Options());
+    ASSERT_TRUE(probe.ok());
+    absl::StatusOr<MemoryEstimate> estimate =
+        (*probe)->EstimateMemory(shape, DType::kFloat32, DType::kFloat32, spec);
+    ASSERT_TRUE(estimate.ok()) << estimate.status();
+    workspace = estimate->workspace;
+  }
+  ASSERT_GT(workspace, 0);
+  auto engine = EngineWithBudget(2 * workspace);
+  ASSERT_TRUE(engine.ok());
+  {
+    // Held by "calls in flight" until 300 ms in.
+    MemoryReservation held = (*engine)->HoldMemory(2 * workspace - workspace / 2);
+    const Clock::time_point start = Clock::now();
+    std::thread release([&] {
+      std::this_thread::sleep_for(milliseconds(300));
+      held.Reset();
+    });
+    absl::StatusOr<WarmUpResult> warm =
+        (*engine)->WarmUp(shape, DType::kFloat32, DType::kFloat32, spec);
+    const double waited_ms = MillisSince(start);
+    release.join();
+    ASSERT_TRUE(warm.ok()) << warm.status();
+    EXPECT_FALSE(warm->already_warm);
+    EXPECT_GE(waited_ms, 290);
+    EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);
+  }
+  {
+    // Stopped while it waits.
+    spec.patterns = {{2048, 1}, {8192, 2}};  // Another plan.
+    MemoryReservation held = (*engine)->HoldMemory(2 * workspace);
+    std::atomic<bool> stop{false};
+    std::thread stopper([&] {
+      std::this_thread::sleep_for(milliseconds(100));
+      stop = true;
+    });
+    absl::StatusOr<WarmUpResult> warm =
+        (*engine)->WarmUp(shape, DType::kFloat32, DType::kFloat32, spec, &stop);
+    stopper.join();
+    EXPECT_EQ(warm.status().code(), absl::StatusCode::kCancelled) << warm.status();
+    EXPECT_TRUE(Contains(warm.status().message(), "waiting for memory that calls in flight hold"))
+        << warm.status();
+  }
+  // A budget the workspace can never fit: refused at once, naming the budget.
+  auto small = EngineWithBudget(workspace / 2);
+  ASSERT_TRUE(small.ok());
+  const Clock::time_point start = Clock::now();
+  absl::StatusOr<WarmUpResult> refused =
+      (*small)->WarmUp(shape, DType::kFloat32, DType::kFloat32, spec);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_TRUE(Contains(refused.status().message(), "plan workspace to warm up"))
+      << refused.status();
+  EXPECT_LT(MillisSince(start), 1000);
+}
+
 TEST(AdmissionTest, DeadlineDuringComputeStopsWithin100Ms) {
   auto engine = Engine::Create(Options());
   ASSERT_TRUE(engine.ok());

@@ -1,5 +1,6 @@
 #include "engine/device.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_split.h"
 #include "engine/host_resources.h"
 #include "engine/precision_policy.h"
+#include "engine/status_macros.h"
 
 #ifdef DA_HAVE_CUDA
 #include "engine/cuda/device_query.cuh"
@@ -164,8 +166,89 @@ std::vector<std::vector<int>> NumaNodeCpus(const std::string& root) {
   return nodes;
 }
 
+std::vector<int> AffinityCpus() {
+  std::vector<int> cpus;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  return cpus;
+}
+
+namespace {
+
+// One plan per NUMA node that has CPUs in `allowed` (null: all), pinned to those, splitting
+// `threads` (0: see PlanCpuDevices) in proportion to them (PlanCpuDevices' comment).
+absl::StatusOr<std::vector<CpuDevicePlan>> PlanNumaDevices(
+    const DeviceInfo& cpu, int threads, const std::vector<std::vector<int>>& numa_nodes,
+    const std::vector<int>* allowed) {
+  std::vector<std::vector<int>> nodes;  // Each node's allowed CPUs; nodes with none left out.
+  int allowed_total = 0;
+  for (const std::vector<int>& node : numa_nodes) {
+    std::vector<int> cpus;
+    for (int c : node) {
+      if (allowed == nullptr || std::find(allowed->begin(), allowed->end(), c) != allowed->end()) {
+        cpus.push_back(c);
+      }
+    }
+    allowed_total += static_cast<int>(cpus.size());
+    if (!cpus.empty()) nodes.push_back(std::move(cpus));
+  }
+  if (numa_nodes.empty()) {
+    return absl::InvalidArgumentError(
+        "cpu devices \"numa\": no NUMA node with CPUs is listed under "
+        "/sys/devices/system/node");
+  }
+  if (nodes.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu devices \"numa\": none of the ", numa_nodes.size(),
+                     " NUMA nodes' CPUs is in this process's affinity mask (",
+                     allowed == nullptr ? std::string("all") : absl::StrJoin(*allowed, ","), ")"));
+  }
+  if (threads <= 0) threads = std::min(allowed_total, HostResourcesOfThisProcess().cpus);
+  threads = std::max(threads, 1);
+  // With fewer threads than nodes, the largest nodes (the first among equals) take one each.
+  if (threads < static_cast<int>(nodes.size())) {
+    std::vector<size_t> order(nodes.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return nodes[a].size() > nodes[b].size(); });
+    std::vector<bool> kept(nodes.size(), false);
+    for (int i = 0; i < threads; ++i) kept[order[i]] = true;
+    std::vector<std::vector<int>> largest;
+    for (size_t i = 0; i < nodes.size(); ++i) {
+      if (kept[i]) largest.push_back(std::move(nodes[i]));
+    }
+    nodes = std::move(largest);
+    allowed_total = 0;
+    for (const std::vector<int>& node : nodes) allowed_total += static_cast<int>(node.size());
+  }
+  // One thread each, the rest in proportion to the nodes' CPUs (largest remainders first).
+  const int n = static_cast<int>(nodes.size());
+  const int64_t rest = threads - n;
+  std::vector<int> share(n, 1);
+  std::vector<std::pair<int64_t, int>> remainders;  // (remainder, node), to sort.
+  int64_t given = 0;
+  for (int i = 0; i < n; ++i) {
+    const int64_t weighted = rest * static_cast<int64_t>(nodes[i].size());
+    share[i] += static_cast<int>(weighted / allowed_total);
+    given += weighted / allowed_total;
+    remainders.emplace_back(weighted % allowed_total, i);
+  }
+  std::stable_sort(remainders.begin(), remainders.end(),
+                   [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (int64_t i = 0; i < rest - given; ++i) ++share[remainders[i].second];
+  std::vector<CpuDevicePlan> plans;
+  for (int i = 0; i < n; ++i) plans.push_back({cpu, share[i], std::move(nodes[i])});
+  return plans;
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
-    int threads, int count, const std::vector<std::vector<int>>* numa_nodes) {
+    int threads, int count, const std::vector<std::vector<int>>* numa_nodes,
+    const std::vector<int>* allowed_cpus) {
   DeviceInfo cpu;
   cpu.kind = "cpu";
   cpu.name = CpuModelName();
@@ -173,15 +256,7 @@ absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
   cpu.capability = DetectCpuFeatures().ToString();
   std::vector<CpuDevicePlan> plans;
   if (numa_nodes != nullptr) {
-    if (numa_nodes->empty()) {
-      return absl::InvalidArgumentError(
-          "cpu devices \"numa\": no NUMA node with CPUs is listed under "
-          "/sys/devices/system/node");
-    }
-    for (const std::vector<int>& node : *numa_nodes) {
-      CpuDevicePlan plan{cpu, static_cast<int>(node.size()), node};
-      plans.push_back(std::move(plan));
-    }
+    DA_ASSIGN_OR_RETURN(plans, PlanNumaDevices(cpu, threads, *numa_nodes, allowed_cpus));
   } else {
     if (threads <= 0) threads = HostResourcesOfThisProcess().cpus;
     if (count < 1 || count > threads) {

@@ -64,12 +64,20 @@ struct CpuDevicePlan {
   std::vector<int> cpus;  // The CPUs its threads are pinned to (NUMA); empty: not pinned.
 };
 
-// `count` devices that split `threads` threads (0: one per hardware thread) as evenly as
-// possible (the first threads % count one more), or with numa_nodes (from NumaNodeCpus) one
-// device per node, its threads that node's CPUs and pinned there. INVALID_ARGUMENT naming the
-// numbers when there are fewer threads than devices, or numa is asked for and no node is known.
+// The CPUs this process may run on (its affinity mask: taskset, a container's cpuset), in order.
+std::vector<int> AffinityCpus();
+
+// `count` devices that split `threads` threads (0: HostResources' CPUs, the affinity mask and any
+// CPU quota) as evenly as possible (the first threads % count one more), or with numa_nodes (from
+// NumaNodeCpus) one device per node, pinned to that node's CPUs among `allowed_cpus` (null: all;
+// nodes with none are left out). With numa_nodes, `threads` (0: the nodes' allowed CPUs, at most
+// HostResources' CPUs, so a CPU quota holds) is split over the nodes in proportion to their
+// allowed CPUs, one at least each; with fewer threads than nodes, the largest nodes take one
+// each and the rest are left out. INVALID_ARGUMENT naming the numbers when there are fewer
+// threads than devices, or numa is asked for and no node has an allowed CPU.
 absl::StatusOr<std::vector<CpuDevicePlan>> PlanCpuDevices(
-    int threads, int count, const std::vector<std::vector<int>>* numa_nodes);
+    int threads, int count, const std::vector<std::vector<int>>* numa_nodes,
+    const std::vector<int>* allowed_cpus = nullptr);
 
 // Features compiled into this build: "cuda" when the CUDA backend was built, and so on.
 std::vector<std::string> BuildFeatures();

@@ -863,10 +863,16 @@ struct Engine::Impl {
   // whose kind has a registered backend; only those named in options.devices when it is set.
   absl::Status MakeDevices() {
     std::vector<std::vector<int>> numa;
-    if (options.cpu_devices_numa) numa = NumaNodeCpus();
-    DA_ASSIGN_OR_RETURN(std::vector<CpuDevicePlan> cpus,
-                        PlanCpuDevices(options.threads, options.cpu_devices,
-                                       options.cpu_devices_numa ? &numa : nullptr));
+    std::vector<int> allowed;
+    if (options.cpu_devices_numa) {
+      numa = NumaNodeCpus();
+      allowed = AffinityCpus();
+    }
+    DA_ASSIGN_OR_RETURN(
+        std::vector<CpuDevicePlan> cpus,
+        PlanCpuDevices(options.threads, options.cpu_devices,
+                       options.cpu_devices_numa ? &numa : nullptr,
+                       options.cpu_devices_numa && !allowed.empty() ? &allowed : nullptr));
     std::vector<std::pair<DeviceInfo, CpuDevicePlan>> found;
     for (CpuDevicePlan& plan : cpus) found.emplace_back(plan.info, std::move(plan));
     for (const DeviceInfo& other : DiscoverDevices(1)) {
@@ -1141,13 +1147,23 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
       const ScopedAffinity pinned(device->cpus);
       // A plan built here counts its workspace in the device's budget while it is built, as a
       // request's does: a warm-up cannot allocate past what admission allows. Built, it is the
-      // plan cache's (within the cache's own budget, or trimmed below).
+      // plan cache's (within the cache's own budget, or trimmed below). Memory that calls in
+      // flight hold (requests that reached the server before it was ready, say) comes back when
+      // they end, so the warm-up waits for it (`stop` ends the wait) rather than fail a start-up
+      // over a passing load; it waits before it claims the key's build, since a request of the
+      // same key waiting for that build would hold memory of its own. A workspace that would not
+      // fit even then is refused at once.
+      MemoryReservation held;
+      if (!impl_->plans->Contains(key)) {
+        const int64_t bytes = device->backend->PlanWorkspaceBytes(key);
+        DA_ASSIGN_OR_RETURN(
+            held,
+            ReserveWhenFree(
+                device->memory, bytes,
+                absl::StrCat(bytes, " bytes of plan workspace to warm up ", key.ToString()), stop));
+      }
       const auto build = [&, device = device,
                           key = &key]() -> absl::StatusOr<std::shared_ptr<Plan>> {
-        const int64_t bytes = device->backend->PlanWorkspaceBytes(*key);
-        DA_RETURN_IF_ERROR(device->memory->Reserve(
-            bytes, absl::StrCat(bytes, " bytes of plan workspace to warm up ", key->ToString())));
-        const MemoryReservation held(device->memory, bytes);
         return device->backend->BuildPlan(*key, stop);
       };
       DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,

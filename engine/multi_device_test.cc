@@ -4,6 +4,7 @@
 // different devices at once; a request over one device's budget is sharded under AUTO and
 // refused under NONE naming both numbers; the CPU-device plan and the NUMA topology reader.
 #include <gtest/gtest.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/device.h"
 #include "engine/engine.h"
+#include "engine/host_resources.h"
 #include "engine/local_shard.h"
 #include "engine/placement.h"
 #include "engine/test_tensors.h"
@@ -333,16 +335,73 @@ TEST(CpuDevicesTest, OneDevicePerNumaNodeFromSysfs) {
   ASSERT_EQ(nodes.size(), 2u);
   EXPECT_EQ(nodes[0], (std::vector<int>{0, 1, 2, 3, 8, 9}));
   EXPECT_EQ(nodes[1], (std::vector<int>{4, 5, 6, 7}));
-  absl::StatusOr<std::vector<CpuDevicePlan>> plans = PlanCpuDevices(0, 1, &nodes);
+  absl::StatusOr<std::vector<CpuDevicePlan>> plans = PlanCpuDevices(10, 1, &nodes);
   ASSERT_TRUE(plans.ok()) << plans.status();
   ASSERT_EQ(plans->size(), 2u);
   EXPECT_EQ((*plans)[0].threads, 6);
+  EXPECT_EQ((*plans)[1].threads, 4);
   EXPECT_EQ((*plans)[1].cpus, (std::vector<int>{4, 5, 6, 7}));
   EXPECT_EQ((*plans)[1].info.id, "cpu:1");
   const std::vector<std::vector<int>> none;
   EXPECT_EQ(PlanCpuDevices(0, 1, &none).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseCpuList("3-1").status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseCpuList("x").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Before, "numa" gave each node all its CPUs' threads whatever this process may use: in a
+// container limited to 3 CPUs of a 2 x 32-CPU machine, 64 threads, half pinned where they could
+// not run. Now the nodes are cut to the affinity mask, and --threads (by default the CPUs that
+// remain, at most the CPU quota) is split over them.
+TEST(CpuDevicesTest, NumaDevicesKeepToTheAffinityMaskAndTheThreads) {
+  const std::vector<std::vector<int>> nodes = {{0, 1, 2, 3, 8, 9}, {4, 5, 6, 7}};
+  // Threads split in proportion, one at least each: 7 over 6 and 4 CPUs.
+  absl::StatusOr<std::vector<CpuDevicePlan>> plans = PlanCpuDevices(7, 1, &nodes);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 2u);
+  EXPECT_EQ((*plans)[0].threads, 4);
+  EXPECT_EQ((*plans)[1].threads, 3);
+  // Only the allowed CPUs, and by default one thread per allowed CPU, at most the quota's.
+  const std::vector<int> allowed = {0, 1, 4};
+  plans = PlanCpuDevices(3, 1, &nodes, &allowed);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 2u);
+  EXPECT_EQ((*plans)[0].cpus, (std::vector<int>{0, 1}));
+  EXPECT_EQ((*plans)[0].threads, 2);
+  EXPECT_EQ((*plans)[1].cpus, (std::vector<int>{4}));
+  EXPECT_EQ((*plans)[1].threads, 1);
+  plans = PlanCpuDevices(0, 1, &nodes, &allowed);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  int threads = 0;
+  for (const CpuDevicePlan& plan : *plans) threads += plan.threads;
+  EXPECT_EQ(threads, std::min(3, HostResourcesOfThisProcess().cpus));
+  // A node with no allowed CPU is left out; the devices are numbered from 0.
+  const std::vector<int> second_only = {5, 7};
+  plans = PlanCpuDevices(0, 1, &nodes, &second_only);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 1u);
+  EXPECT_EQ((*plans)[0].cpus, (std::vector<int>{5, 7}));
+  EXPECT_EQ((*plans)[0].info.id, "cpu:0");
+  // Fewer threads than nodes: the largest node takes the one.
+  plans = PlanCpuDevices(1, 1, &nodes);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  ASSERT_EQ(plans->size(), 1u);
+  EXPECT_EQ((*plans)[0].cpus, nodes[0]);
+  EXPECT_EQ((*plans)[0].threads, 1);
+  // No node has an allowed CPU: refused, naming the mask.
+  const std::vector<int> elsewhere = {20, 21};
+  const absl::Status refused = PlanCpuDevices(0, 1, &nodes, &elsewhere).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("affinity mask (20,21)"), std::string::npos) << refused;
+}
+
+// This process's affinity mask, as the kernel reports it, is what HostResources counts.
+TEST(CpuDevicesTest, AffinityCpusListsThisProcesssMask) {
+  const std::vector<int> cpus = AffinityCpus();
+  ASSERT_FALSE(cpus.empty());
+  EXPECT_TRUE(std::is_sorted(cpus.begin(), cpus.end()));
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  EXPECT_EQ(static_cast<int>(cpus.size()), CPU_COUNT(&set));
 }
 
 // On this machine the real topology reads (at least one node on Linux with sysfs), and an engine
@@ -353,7 +412,12 @@ TEST(CpuDevicesTest, NumaDevicesOnThisMachine) {
   options.cpu_devices_numa = true;
   auto engine = Engine::Create(options);
   ASSERT_TRUE(engine.ok()) << engine.status();
-  EXPECT_EQ((*engine)->devices().size(), NumaNodeCpus().size());
+  // One device per node with CPUs this process may use (all of them, unless a mask says not).
+  const std::vector<std::vector<int>> nodes = NumaNodeCpus();
+  const std::vector<int> allowed = AffinityCpus();
+  absl::StatusOr<std::vector<CpuDevicePlan>> planned = PlanCpuDevices(0, 1, &nodes, &allowed);
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  EXPECT_EQ((*engine)->devices().size(), planned->size());
   Inputs in = MakeInputs({1, 200, 2, 2, 16}, 4);
   in.spec.patterns = {{64, 2}};
   Inputs ref = MakeInputs({1, 200, 2, 2, 16}, 4);

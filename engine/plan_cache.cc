@@ -149,6 +149,12 @@ PlanCacheStats PlanCache::stats() const {
   return s;
 }
 
+bool PlanCache::Contains(const PlanKey& key) const {
+  const std::string name = key.ToString();
+  std::lock_guard<std::mutex> lock(mutex_);
+  return entries_.count(name) > 0;
+}
+
 std::vector<std::string> PlanCache::KeysByRecency() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return {recency_.begin(), recency_.end()};

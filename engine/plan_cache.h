@@ -98,6 +98,8 @@ class PlanCache {
   void Trim();
 
   PlanCacheStats stats() const;
+  // Whether key's plan is cached now (a build in flight is not); does not touch its recency.
+  bool Contains(const PlanKey& key) const;
   // Keys from most to least recently used (for tests and diagnostics).
   std::vector<std::string> KeysByRecency() const;
 

@@ -133,7 +133,7 @@ void AttendStreamReactor::OnReadDone(bool ok) {
     }
     if (!ok) {  // The client half-closed, or the call is gone.
       if (context_->IsCancelled()) {
-        Fail(absl::CancelledError("the stream was cancelled before its input was complete"));
+        Fail(CancellationStatus("the stream was cancelled before its input was complete"));
       } else if (!have_header_) {
         ended_early_ = true;
         Fail(absl::InvalidArgumentError("the stream ended before its header"));
@@ -587,9 +587,16 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
   });
 }
 
-absl::Status AttendStreamReactor::CancellationStatus() const {
+absl::Status AttendStreamReactor::CancellationStatus(std::string_view by_client) const {
   if (!CancelledByDeadline(ClientDeadline(*context_))) {
-    return absl::CancelledError("the client cancelled the stream");
+    if (settings_.drain != nullptr && settings_.drain->Passed()) {
+      return absl::CancelledError(absl::StrFormat(
+          "cut off by the server's drain (--drain-timeout-ms ran out) after %d of %d tokens "
+          "arrived and %d chunks were computed",
+          assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
+          chunks_computed_));
+    }
+    return absl::CancelledError(absl::string_view(by_client.data(), by_client.size()));
   }
   return engine::WithRejectReason(
       absl::DeadlineExceededError(absl::StrFormat(

@@ -101,6 +101,21 @@ inline constexpr std::string_view kStreamAdmissionRequest = "da-stream-admission
 inline constexpr std::string_view kStreamWindowMetadata = "da-stream-window-bytes";
 inline constexpr std::string_view kStreamAdmittedFeature = "stream-admitted-metadata";
 
+// When the server's drain cuts off the calls still in flight (Server::Shutdown's deadline): a call
+// cancelled from then on was cancelled by the drain, not by its client, and is recorded so.
+class DrainCutOff {
+ public:
+  void Set(std::chrono::steady_clock::time_point at) {
+    at_ns_.store(at.time_since_epoch().count());
+  }
+  bool Passed() const {
+    return std::chrono::steady_clock::now().time_since_epoch().count() >= at_ns_.load();
+  }
+
+ private:
+  std::atomic<int64_t> at_ns_{INT64_MAX};  // None yet.
+};
+
 struct StreamSettings {
   int64_t max_message_bytes = 64 << 20;  // Each output message carries at most half of it.
   int pipeline_depth = 2;                // Chunks of inputs held at once (>= 1).
@@ -110,7 +125,8 @@ struct StreamSettings {
   ClientQuota* quota = nullptr;          // Caps each client's windows; null: no cap.
   bool client_by_token = false;          // Clients are told apart by token (auth on), else peer.
   const PriorityCap* priority_cap = nullptr;  // Caps the header's priority; null: no cap.
-  int64_t progress_log_ms = 0;  // A progress line this often while the stream runs; 0: none.
+  int64_t progress_log_ms = 0;         // A progress line this often while the stream runs; 0: none.
+  const DrainCutOff* drain = nullptr;  // Tells the drain's cancels from clients'; null: none.
 };
 
 // Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
@@ -136,8 +152,10 @@ class AttendStreamReactor final
 
  private:
   // Why the call was cancelled, as recorded: its deadline passed (DEADLINE_EXCEEDED, with the
-  // stream's progress) or its client cancelled it. Under mu_, or once nothing else runs (OnDone).
-  absl::Status CancellationStatus() const;
+  // stream's progress), the server's drain cut it off, or its client cancelled it (`by_client`).
+  // Under mu_, or once nothing else runs (OnDone).
+  absl::Status CancellationStatus(
+      std::string_view by_client = "the client cancelled the stream") const;
   // A computed chunk whose output is being sent.
   struct Outgoing {
     int64_t index = 0;

@@ -62,6 +62,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
  public:
   AttendReactor(engine::Engine* engine, Metrics* metrics, StreamWatch* watch,
                 int64_t max_message_bytes, const PriorityCap* priority_cap,
+                const DrainCutOff* drain,
                 const std::function<void(grpc::CallbackServerContext&)>* before_answer,
                 grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
                 grpc::ByteBuffer* answer)
@@ -71,6 +72,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
         metrics_(metrics),
         max_message_bytes_(max_message_bytes),
         priority_cap_(priority_cap),
+        drain_(drain),
         before_answer_(before_answer),
         context_(context),
         answer_(answer) {
@@ -182,6 +184,14 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   // Runs on an engine dispatcher thread.
   void OnComputed(absl::StatusOr<engine::ExecutionInfo> info) {
     if (!info.ok()) {
+      // Stopped by the drain's cut-off, not by the client (whose cancel raised the same flag).
+      if (absl::IsCancelled(info.status()) && drain_->Passed()) {
+        FinishWith(absl::CancelledError(
+                       absl::StrCat("cut off by the server's drain (--drain-timeout-ms ran out): ",
+                                    info.status().message())),
+                   nullptr);
+        return;
+      }
       FinishWith(info.status(), nullptr);
       return;
     }
@@ -217,6 +227,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   Metrics* metrics_;
   const int64_t max_message_bytes_;
   const PriorityCap* const priority_cap_;
+  const DrainCutOff* const drain_;
   const std::function<void(grpc::CallbackServerContext&)>* before_answer_;  // Test hook.
   grpc::CallbackServerContext* context_;
   grpc::ByteBuffer* answer_;
@@ -355,7 +366,7 @@ grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* 
     return FinishedWith(context, refused);
   }
   return new AttendReactor(engine_, metrics_, &stream_watch_, options_.max_message_bytes,
-                           &priority_cap_,
+                           &priority_cap_, &drain_cut_off_,
                            options_.before_unary_answer ? &options_.before_unary_answer : nullptr,
                            context, request, response);
 }
@@ -380,7 +391,8 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
                                 .quota = &client_quota_,
                                 .client_by_token = options_.client_by_token,
                                 .priority_cap = &priority_cap_,
-                                .progress_log_ms = options_.stream_progress_log_ms};
+                                .progress_log_ms = options_.stream_progress_log_ms,
+                                .drain = &drain_cut_off_};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 

@@ -106,6 +106,9 @@ class AttentionService final : public AttentionServiceBase {
   // period, while gRPC still takes calls, so that a client learns of the drain from a status it
   // can retry elsewhere rather than from a call cancelled by the transport.
   void BeginDrain() { draining_.store(true); }
+  // Calls still in flight at `at` are cut off by the drain (Server::Shutdown's deadline); their
+  // cancellation is logged as the drain's, not their clients'.
+  void SetDrainCutOff(std::chrono::steady_clock::time_point at) { drain_cut_off_.Set(at); }
 
  private:
   // A unary call whose body is not its message: INVALID_ARGUMENT, logged and counted.
@@ -117,6 +120,7 @@ class AttentionService final : public AttentionServiceBase {
                             grpc::Status* status);
 
   std::atomic<bool> draining_{false};
+  DrainCutOff drain_cut_off_;
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;

@@ -324,14 +324,36 @@ TEST(DrainTest, DrainDeadlineCancelsWorkStillRunningAndExitsZero) {
     v1::AttendResponse response;
     in_flight_status = client.Attend(request, &response, testing::WithTimeout(300000));
   });
-  ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 1); }, seconds(60)));
+  // And a stream whose last block waits until the server has exited: still receiving input.
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest streamed = testing::RandomRequest(
+      {.seq_len = 4096, .heads = 2, .kv_heads = 2, .head_dim = 32, .patterns = {{1024, 1}}}, rng);
+  Gate last_block;
+  grpc::Status stream_status;
+  std::thread stream([&] {
+    v1::AttendResponse response;
+    stream_status = StreamHeldBack(client, streamed, last_block, &response);
+  });
+  ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 2); }, seconds(60)));
   const auto signalled = std::chrono::steady_clock::now();
   ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
 
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(5))));
+  last_block.Open();
   call.join();
+  stream.join();
   EXPECT_FALSE(in_flight_status.ok());
+  EXPECT_FALSE(stream_status.ok());
   EXPECT_LT(std::chrono::steady_clock::now() - signalled, seconds(5));
+  // Both are logged as cut off by the drain, not as cancelled by their clients.
+  const std::string log = server->Log();
+  EXPECT_NE(log.find("error=\"cut off by the server's drain (--drain-timeout-ms ran out): "),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("error=\"cut off by the server's drain (--drain-timeout-ms ran out) after "),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("the client cancelled"), std::string::npos) << log;
 }
 
 }  // namespace

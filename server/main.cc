@@ -44,6 +44,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "client/decimal_flags.h"
 #include "client/grpc_poller.h"
 #include "engine/host_resources.h"
 #include "server/group_flags.h"
@@ -162,22 +163,6 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
   return 0;
 }
 
-// A transform for integer flags: a decimal integer within int64, written back without leading
-// zeros so that CLI11's own base-0 conversion reads it as decimal; anything else is refused.
-CLI::Validator DecimalInteger() {
-  return CLI::Validator(
-      [](std::string& value) -> std::string {
-        int64_t parsed = 0;
-        if (!absl::SimpleAtoi(value, &parsed)) {
-          return "'" + value +
-                 "' is not a decimal integer from -9223372036854775808 to 9223372036854775807";
-        }
-        value = std::to_string(parsed);
-        return std::string();
-      },
-      "", "decimal");
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -204,10 +189,11 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   std::string cpu_devices = "1";
-  app.add_option("--cpu-devices", cpu_devices,
-                 "The CPU as N compute devices, each with threads/N threads (requests are placed "
-                 "on one or sharded across several), or \"numa\": one device per NUMA node, "
-                 "its threads pinned there")
+  app.add_option(
+         "--cpu-devices", cpu_devices,
+         "The CPU as N compute devices, each with threads/N threads (requests are placed "
+         "on one or sharded across several), or \"numa\": one device per NUMA node with CPUs "
+         "in this process's affinity mask, --threads split over them and pinned there")
       ->capture_default_str()
       ->check([](const std::string& value) -> std::string {
         int n = 0;
@@ -428,13 +414,8 @@ int main(int argc, char** argv) {
     std::string env = "DA_" + name;
     for (char& c : env) c = c == '-' ? '_' : static_cast<char>(std::toupper(c));
     option->envname(env);
-    // CLI11 reads integers in base 0 ("010" is 8, "0x10" is 16) and saturates past the type's
-    // range: da-server's integer flags are decimal, and a value past the range is an error.
-    const std::string type = option->get_type_name();
-    if (type.rfind("INT", 0) == 0 || type.rfind("UINT", 0) == 0) {
-      option->transform(DecimalInteger());
-    }
   }
+  da::client::DecimalIntegers(app);  // Decimal, not CLI11's base 0 (client/decimal_flags.h).
   CLI11_PARSE(app, argc, argv);
   // CLI11 skips a variable set to "", but an empty --metrics-listen is what turns /metrics off:
   // DA_METRICS_LISTEN="" must do so too, or the unauthenticated port stays open on 0.0.0.0.

@@ -402,6 +402,7 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::mill
   // New calls are refused at once; calls in flight run to completion until the deadline, then
   // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
   // reactor is done, so no engine callback can touch the service afterwards.
+  service_->SetDrainCutOff(std::chrono::steady_clock::now() + drain_timeout);
   server_->Shutdown(std::chrono::system_clock::now() + drain_timeout);
   // Scrapes keep the plan cache's and the engine's last statistics; the engine's destructor
   // finishes anything still queued.
