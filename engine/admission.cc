@@ -93,6 +93,17 @@ int64_t MemoryAccount::reserved_bytes() const {
 
 absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
   std::lock_guard<std::mutex> lock(mutex_);
+  if (absl::Status fits = CheckFitsLocked(bytes, what); !fits.ok()) return fits;
+  reserved_bytes_ += bytes;
+  return absl::OkStatus();
+}
+
+absl::Status MemoryAccount::CheckFits(int64_t bytes, std::string_view what) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return CheckFitsLocked(bytes, what);
+}
+
+absl::Status MemoryAccount::CheckFitsLocked(int64_t bytes, std::string_view what) const {
   if (budget_bytes_ > 0 && bytes > budget_bytes_ - reserved_bytes_ - kept_bytes_) {
     return WithRejectReason(
         absl::ResourceExhaustedError(absl::StrCat(
@@ -102,7 +113,6 @@ absl::Status MemoryAccount::Reserve(int64_t bytes, std::string_view what) {
             kept_bytes_ > 0 ? absl::StrCat(" and ", kept_bytes_, " kept for ", kept_what_) : "")),
         RejectReason::kMemory);
   }
-  reserved_bytes_ += bytes;
   return absl::OkStatus();
 }
 
@@ -111,17 +121,22 @@ bool MemoryAccount::FitsWhenFree(int64_t bytes) const {
   return budget_bytes_ <= 0 || bytes <= budget_bytes_ - kept_bytes_;
 }
 
-absl::StatusOr<MemoryReservation> ReserveWhenFree(const std::shared_ptr<MemoryAccount>& account,
-                                                  int64_t bytes, std::string_view what,
-                                                  const std::atomic<bool>* stop,
-                                                  std::chrono::milliseconds poll) {
+absl::Status WaitForRoom(const MemoryAccount& account, int64_t bytes, std::string_view what,
+                         const std::atomic<bool>* stop, std::chrono::milliseconds max_wait,
+                         std::chrono::milliseconds poll) {
+  const auto until = std::chrono::steady_clock::now() + max_wait;
   for (;;) {
-    absl::Status reserved = account->Reserve(bytes, what);
-    if (reserved.ok()) return MemoryReservation(account, bytes);
-    if (!account->FitsWhenFree(bytes)) return reserved;
+    absl::Status fits = account.CheckFits(bytes, what);
+    if (fits.ok() || !account.FitsWhenFree(bytes)) return fits;
     if (stop != nullptr && stop->load()) {
       return absl::CancelledError(absl::StrCat(
-          "stopped while waiting for memory that calls in flight hold: ", reserved.message()));
+          "stopped while waiting for memory that calls in flight hold: ", fits.message()));
+    }
+    if (std::chrono::steady_clock::now() >= until) {
+      return WithRejectReason(absl::ResourceExhaustedError(
+                                  absl::StrCat(fits.message(), " (after waiting ", max_wait.count(),
+                                               " ms for calls in flight to give it back)")),
+                              RejectReason::kMemory);
     }
     std::this_thread::sleep_for(poll);
   }

@@ -95,6 +95,8 @@ class MemoryAccount {
   // what (a description of the bytes such as MemoryEstimate::ToString(); empty: the byte count),
   // the budget and the bytes in use.
   absl::Status Reserve(int64_t bytes, std::string_view what);
+  // Reserve's answer without reserving: OK when the bytes fit now, else its refusal.
+  absl::Status CheckFits(int64_t bytes, std::string_view what) const;
   // Whether `bytes` would fit were nothing reserved: the budget less what is kept.
   bool FitsWhenFree(int64_t bytes) const;
   // Adds bytes that exist already (an answer computed and waiting on its client), past the budget
@@ -103,6 +105,8 @@ class MemoryAccount {
   void Release(int64_t bytes);
 
  private:
+  absl::Status CheckFitsLocked(int64_t bytes, std::string_view what) const;  // Under mutex_.
+
   const int64_t budget_bytes_;
   mutable std::mutex mutex_;
   int64_t reserved_bytes_ = 0;
@@ -134,12 +138,13 @@ class MemoryReservation {
   int64_t bytes_ = 0;
 };
 
-// Reserves `bytes` on `account`; while the refusal is only for memory that others hold and will
-// give back (FitsWhenFree), tries again every `poll` until it succeeds or `stop` (may be null) is
-// set: CANCELLED. Bytes that would not fit even then are refused at once (Reserve's refusal).
-absl::StatusOr<MemoryReservation> ReserveWhenFree(
-    const std::shared_ptr<MemoryAccount>& account, int64_t bytes, std::string_view what,
-    const std::atomic<bool>* stop, std::chrono::milliseconds poll = std::chrono::milliseconds(10));
+// Waits until `bytes` fit on `account` now (CheckFits), reserving nothing: while they do not fit
+// only because of memory that others hold and will give back (FitsWhenFree), it looks again every
+// `poll`. OK once they fit; CANCELLED once `stop` (may be null) is set; the refusal at once for
+// bytes that would not fit even then, or after `max_wait` (saying it waited).
+absl::Status WaitForRoom(const MemoryAccount& account, int64_t bytes, std::string_view what,
+                         const std::atomic<bool>* stop, std::chrono::milliseconds max_wait,
+                         std::chrono::milliseconds poll = std::chrono::milliseconds(10));
 
 // One place in the engine's queue, held by a sequence of runs that never wait at the same time
 // (the chunks of one stream): taken once within max_queue (Engine::TakeQueuePlace) and counted

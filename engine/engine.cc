@@ -1149,27 +1149,38 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
       // request's does: a warm-up cannot allocate past what admission allows. Built, it is the
       // plan cache's (within the cache's own budget, or trimmed below). Memory that calls in
       // flight hold (requests that reached the server before it was ready, say) comes back when
-      // they end, so the warm-up waits for it (`stop` ends the wait) rather than fail a start-up
-      // over a passing load; it waits before it claims the key's build, since a request of the
-      // same key waiting for that build would hold memory of its own. A workspace that would not
-      // fit even then is refused at once.
-      MemoryReservation held;
-      if (!impl_->plans->Contains(key)) {
-        const int64_t bytes = device->backend->PlanWorkspaceBytes(key);
-        DA_ASSIGN_OR_RETURN(
-            held,
-            ReserveWhenFree(
-                device->memory, bytes,
-                absl::StrCat(bytes, " bytes of plan workspace to warm up ", key.ToString()), stop));
-      }
+      // they end, so the warm-up waits for room (`stop` ends the wait, as does
+      // kWarmUpMemoryWait) rather than fail a start-up over a passing load. It waits holding
+      // nothing, before it claims the key's build (a request of the same key waiting for that
+      // build would hold memory of its own), and the build reserves as before; room taken in
+      // between sends it back to wait. A workspace that would not fit even then is refused at
+      // once.
+      const int64_t bytes = device->backend->PlanWorkspaceBytes(key);
+      const std::string what =
+          absl::StrCat(bytes, " bytes of plan workspace to warm up ", key.ToString());
       const auto build = [&, device = device,
                           key = &key]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+        DA_RETURN_IF_ERROR(device->memory->Reserve(bytes, what));
+        const MemoryReservation held(device->memory, bytes);
         return device->backend->BuildPlan(*key, stop);
       };
-      DA_ASSIGN_OR_RETURN(const std::shared_ptr<Plan> plan,
-                          impl_->plans->GetOrBuild(key, build, &warm, stop));
-      result.plan_bytes += plan->bytes();
-      result.build_time_us += warm ? 0 : plan->build_time_us;
+      const auto waited_until = Clock::now() + kWarmUpMemoryWait;
+      absl::StatusOr<std::shared_ptr<Plan>> plan;
+      for (;;) {
+        if (!impl_->plans->Contains(key)) {
+          const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+              std::max(waited_until - Clock::now(), Clock::duration::zero()));
+          DA_RETURN_IF_ERROR(WaitForRoom(*device->memory, bytes, what, stop, left));
+        }
+        plan = impl_->plans->GetOrBuild(key, build, &warm, stop);
+        const bool room_taken = !plan.ok() &&
+                                RejectReasonOf(plan.status()) == RejectReason::kMemory &&
+                                device->memory->FitsWhenFree(bytes) && Clock::now() < waited_until;
+        if (!room_taken) break;
+      }
+      DA_RETURN_IF_ERROR(plan.status());
+      result.plan_bytes += (*plan)->bytes();
+      result.build_time_us += warm ? 0 : (*plan)->build_time_us;
     }
     result.already_warm = result.already_warm && warm;
     if (result.plan_key.empty()) result.plan_key = key.ToString();

@@ -171,6 +171,9 @@ struct WarmUpResult {
   int shares = 0;
 };
 
+// How long Engine::WarmUp waits, per plan, for memory that calls in flight hold.
+inline constexpr std::chrono::milliseconds kWarmUpMemoryWait{60000};
+
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
@@ -190,7 +193,9 @@ class Engine {
   // of this shape is a cache hit. out_dtype is the dtype the requests will want back. `stop`
   // (optional) turning true ends a build with CANCELLED. A plan it builds reserves its workspace
   // (Backend::PlanWorkspaceBytes) in its device's memory budget while it is built:
-  // RESOURCE_EXHAUSTED naming the bytes and the budget when they do not fit.
+  // RESOURCE_EXHAUSTED naming the bytes and the budget when they would not fit even with no call
+  // in flight; while only calls in flight hold the room, it waits for them, at most
+  // kWarmUpMemoryWait per plan (then RESOURCE_EXHAUSTED saying it waited).
   absl::StatusOr<WarmUpResult> WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
                                       const AttentionSpec& spec,
                                       const std::atomic<bool>* stop = nullptr);

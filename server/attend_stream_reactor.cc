@@ -133,6 +133,7 @@ void AttendStreamReactor::OnReadDone(bool ok) {
     }
     if (!ok) {  // The client half-closed, or the call is gone.
       if (context_->IsCancelled()) {
+        SeeCancellation();
         Fail(CancellationStatus("the stream was cancelled before its input was complete"));
       } else if (!have_header_) {
         ended_early_ = true;
@@ -589,7 +590,8 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
 
 absl::Status AttendStreamReactor::CancellationStatus(std::string_view by_client) const {
   if (!CancelledByDeadline(ClientDeadline(*context_))) {
-    if (settings_.drain != nullptr && settings_.drain->Passed()) {
+    const int seen = cut_off_by_drain_.load();
+    if (seen == 1 || (seen < 0 && settings_.drain != nullptr && settings_.drain->Passed())) {
       return absl::CancelledError(absl::StrFormat(
           "cut off by the server's drain (--drain-timeout-ms ran out) after %d of %d tokens "
           "arrived and %d chunks were computed",
@@ -607,7 +609,14 @@ absl::Status AttendStreamReactor::CancellationStatus(std::string_view by_client)
                                            : engine::RejectReason::kNone);
 }
 
+void AttendStreamReactor::SeeCancellation() {
+  int unseen = -1;
+  cut_off_by_drain_.compare_exchange_strong(
+      unseen, settings_.drain != nullptr && settings_.drain->Passed() ? 1 : 0);
+}
+
 void AttendStreamReactor::OnCancel() {
+  SeeCancellation();
   Advance([&] { Fail(CancellationStatus()); });
 }
 

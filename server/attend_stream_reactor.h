@@ -156,6 +156,10 @@ class AttendStreamReactor final
   // Under mu_, or once nothing else runs (OnDone).
   absl::Status CancellationStatus(
       std::string_view by_client = "the client cancelled the stream") const;
+  // Notes whether the drain's cut-off had passed when the cancellation was first seen (OnCancel,
+  // or a read failed on a cancelled call), so that a client's cancel just before the cut-off is
+  // not taken for the drain's when it is recorded later.
+  void SeeCancellation();
   // A computed chunk whose output is being sent.
   struct Outgoing {
     int64_t index = 0;
@@ -211,7 +215,8 @@ class AttendStreamReactor final
   // The last progress of the client (a message read or written) or of the engine (a chunk
   // computed); guarded by mu_. What CheckIdle measures idleness from.
   std::chrono::steady_clock::time_point last_progress_ = std::chrono::steady_clock::now();
-  bool idle_ended_ = false;  // CheckIdle ended the stream; EndIdle still has to run.
+  bool idle_ended_ = false;                // CheckIdle ended the stream; EndIdle still has to run.
+  std::atomic<int> cut_off_by_drain_{-1};  // SeeCancellation's finding; -1: not seen yet.
   // When the next progress line is due (StreamSettings::progress_log_ms); guarded by mu_.
   std::chrono::steady_clock::time_point next_progress_log_;
   std::mutex mu_;

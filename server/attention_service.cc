@@ -90,7 +90,9 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   // The engine watches the deadline itself and reports DEADLINE_EXCEEDED, so only a cancellation
   // that is not the deadline's raises the flag.
   void OnCancel() override {
-    if (!CancelledByDeadline(ClientDeadline(*context_))) cancelled_.store(true);
+    if (CancelledByDeadline(ClientDeadline(*context_))) return;
+    cut_off_by_drain_.store(drain_->Passed());  // Before the flag: OnComputed reads it after.
+    cancelled_.store(true);
   }
   // A call finished OK and then cancelled lost its answer on the way (the client went away, the
   // transport refused the message, or the client took too long to read it): counted and logged
@@ -184,12 +186,17 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   // Runs on an engine dispatcher thread.
   void OnComputed(absl::StatusOr<engine::ExecutionInfo> info) {
     if (!info.ok()) {
-      // Stopped by the drain's cut-off, not by the client (whose cancel raised the same flag).
-      if (absl::IsCancelled(info.status()) && drain_->Passed()) {
-        FinishWith(absl::CancelledError(
-                       absl::StrCat("cut off by the server's drain (--drain-timeout-ms ran out): ",
-                                    info.status().message())),
-                   nullptr);
+      // Stopped by the drain's cut-off, not by the client (whose cancel raised the same flag):
+      // said so, with the engine's payloads (its reject reason) kept.
+      if (absl::IsCancelled(info.status()) && cut_off_by_drain_.load()) {
+        absl::Status cut_off(absl::StatusCode::kCancelled,
+                             absl::StrCat("cut off by the server's drain (--drain-timeout-ms ran "
+                                          "out): ",
+                                          info.status().message()));
+        info.status().ForEachPayload([&](absl::string_view url, const absl::Cord& payload) {
+          cut_off.SetPayload(url, payload);
+        });
+        FinishWith(cut_off, nullptr);
         return;
       }
       FinishWith(info.status(), nullptr);
@@ -236,6 +243,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
   int64_t answer_bytes_ = 0;
   bool finished_ok_ = false;  // Set before Finish; read in OnDone, which comes after it.
   std::atomic<bool> cancelled_{false};
+  std::atomic<bool> cut_off_by_drain_{false};  // Set by OnCancel once the drain's cut-off passed.
   // The answer, from when it exists until OnDone.
   engine::MemoryReservation answer_held_;
   bool watched_ = false;  // In the watch; set before Finish, read in OnDone.

@@ -625,6 +625,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // stop still looks stalled (no bytes move) to the serving group's stop watch.
   std::mutex keepalive_mutex;
   Clock::time_point last_keepalive = Clock::now();
+  std::atomic<int64_t> keepalive_bytes{0};  // Not the run's bytes: taken off its stats.
   const std::string keepalive_frame = EncodeControlFrame({ControlKind::kHeartbeat, ""});
   const auto keep_left_workers = [&]() -> absl::Status {
     if (options.keepalive.count() <= 0 || !stopped_early.load()) return absl::OkStatus();
@@ -637,6 +638,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       if (!left[r].load()) continue;
       DA_RETURN_IF_ERROR(
           comm.Send(keepalive_frame.data(), kControlFrameBytes, r, kControlTag, options.timeout));
+      keepalive_bytes += kControlFrameBytes;
     }
     return absl::OkStatus();
   };
@@ -905,6 +907,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // time outside its compute (sends, waits and copies).
   run.stats().collective_seconds = SecondsSince(run_start) - run.stats().compute_seconds;
   traffic.Count(run.stats());
+  run.stats().bytes_sent -= keepalive_bytes.load();  // Heartbeats to workers that left.
   stats.ranks[0] = run.stats();
   // A cancelled request stops rank 0 (CANCELLED from its compute) or, when rank 0 had finished,
   // only the workers (CANCELLED in their stats).
@@ -914,7 +917,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     return status;
   };
   const bool cancelled = request_cancelled();
-  if (outputs_skipped) return in_step(absl::CancelledError("sharded run cancelled"));
   for (const absl::Status* failed : {&computed, static_cast<const absl::Status*>(&worker_failed)}) {
     if (failed->ok()) continue;
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
@@ -928,6 +930,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
     return in_step(*failed);
   }
+  // Every rank computed, but the outputs were not taken: cancelled (a failure above says more).
+  if (outputs_skipped) return in_step(absl::CancelledError("sharded run cancelled"));
   return stats;
 }
 

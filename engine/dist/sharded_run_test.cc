@@ -86,12 +86,15 @@ constexpr milliseconds kSlowRootTimeout{1000};
 constexpr milliseconds kSlowRootDelay{3000};
 
 // A backend that computes with `inner`, after `before_share` (a delay, a crash, a stall that
-// ends with the run's stop) for each share; a share whose `before_share` fails fails with it.
+// ends with the run's stop) for each share, and then runs `after_share` (may be empty); a share
+// whose hook fails fails with it.
 class WrappedShares final : public engine::Backend {
  public:
   using BeforeShare = std::function<absl::Status(const engine::RunContext&)>;
-  WrappedShares(engine::Backend& inner, BeforeShare before_share)
-      : inner_(inner), before_share_(std::move(before_share)) {}
+  WrappedShares(engine::Backend& inner, BeforeShare before_share, BeforeShare after_share = nullptr)
+      : inner_(inner),
+        before_share_(std::move(before_share)),
+        after_share_(std::move(after_share)) {}
   WrappedShares(engine::Backend& inner, std::function<void()> before_share)
       : WrappedShares(inner, [before_share = std::move(before_share)](const engine::RunContext&) {
           before_share();
@@ -117,12 +120,14 @@ class WrappedShares final : public engine::Backend {
   absl::Status RunShare(engine::Plan& plan, const engine::ShareProblem& problem,
                         const engine::RunContext& context) override {
     DA_RETURN_IF_ERROR(before_share_(context));
-    return inner_.RunShare(plan, problem, context);
+    DA_RETURN_IF_ERROR(inner_.RunShare(plan, problem, context));
+    return after_share_ ? after_share_(context) : absl::OkStatus();
   }
 
  private:
   engine::Backend& inner_;
   const BeforeShare before_share_;
+  const BeforeShare after_share_;
 };
 
 // Waits `delay` before each share.
@@ -146,6 +151,23 @@ WrappedShares StallsFirstShare(engine::Backend& inner) {
         }
         return absl::OkStatus();
       }));
+}
+
+// Computes its first share, then returns OK only once the run is stopped (up to 20 s): a compute
+// that ends just as the stop word comes. Later shares return at once.
+WrappedShares EndsAsTheStopComes(engine::Backend& inner) {
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  return WrappedShares(
+      inner, [](const engine::RunContext&) { return absl::OkStatus(); },
+      [first](const engine::RunContext& context) {
+        if (!first->exchange(false)) return absl::OkStatus();
+        const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+        while (std::chrono::steady_clock::now() < until &&
+               !(context.cancelled != nullptr && context.cancelled->load())) {
+          std::this_thread::sleep_for(milliseconds(1));
+        }
+        return absl::OkStatus();
+      });
 }
 
 // Ends the process `delay` into each share, as a rank that crashes does.
@@ -539,7 +561,7 @@ class CancelOnReceive final : public ForwardingCommunicator {
 // worker 1 stops and leaves the run, and rank 0 takes the rest of worker 2's output for about
 // 2 s more. Worker 1 waits for each next control frame only 5 keep-alive periods (as a serving
 // worker waits kIdleHeartbeats heartbeats) and must be kept by heartbeat frames.
-constexpr milliseconds kSlowOutputKeepalive{100};
+constexpr milliseconds kSlowOutputKeepalive{200};
 constexpr int64_t kSlowOutputPieceBytes = 64 << 10;
 constexpr milliseconds kSlowOutputPieceDelay{150};
 
@@ -608,6 +630,10 @@ int RunRank(const RankFlags& flags) {
   std::optional<WrappedShares> stalling;
   if (flags.scenario == "cancel_slow_output" && flags.rank == 1) {
     stalling.emplace(StallsFirstShare(rank_backend));
+    compute = {&*stalling, &plans, &pool};
+  }
+  if (flags.scenario == "cancel_as_computed" && flags.rank == 1) {
+    stalling.emplace(EndsAsTheStopComes(rank_backend));
     compute = {&*stalling, &plans, &pool};
   }
   std::optional<SlowSends> slow_outputs;
@@ -726,6 +752,14 @@ int RunRank(const RankFlags& flags) {
                        : served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
                    "rank ", flags.rank, ": ", served.ToString());
         frame_wait = kSlowOutputKeepalive * kIdleHeartbeats;
+        continue;
+      }
+      if (flags.scenario == "cancel_as_computed" && run == 0) {
+        // Its compute returned OK with the stop word in: it answered CANCELLED, with no output.
+        RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                   "the run whose compute ended as the stop came returned ", served.ToString());
+        const int64_t sent = (*comm)->counters().bytes_sent - before.bytes_sent;
+        RANK_CHECK(sent < 4096, "rank 1 sent ", sent, " bytes: its output went");
         continue;
       }
       if (flags.scenario == "plane_cancel_late" && run == 0) {
@@ -861,6 +895,38 @@ int RunRank(const RankFlags& flags) {
     std::fprintf(stderr, "rank 0: the run failed after %.2f s: %s\n", run_s,
                  result.status().ToString().c_str());
     comm->reset();  // As a serving group re-forming: rank 1's connection closes.
+    return 0;
+  }
+  if (flags.scenario == "cancel_as_computed") {
+    // One head per rank, a tiny share: rank 1 has computed long before the cancel, 500 ms in,
+    // and its compute returns only as the stop word comes (EndsAsTheStopComes).
+    HeadsCase c({1, 1024, 2, 2, 32}, {{256, 1}}, static_cast<uint32_t>(flags.seed));
+    HeadsCase next({1, 500, 4, 4, 24}, {{64, 1}, {500, 4}}, static_cast<uint32_t>(flags.seed) + 1);
+    RANK_CHECK_OK(next.ComputeSingle(rank_backend, compute.pool));
+    next.problem.compute = compute;
+    std::atomic<bool> cancelled{false};
+    c.problem.stop = &cancelled;
+    c.problem.compute = compute;
+    std::thread canceller([&] {
+      std::this_thread::sleep_for(milliseconds(500));
+      cancelled = true;
+    });
+    const Communicator::Counters before = (*comm)->counters();
+    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, c.problem, Options());
+    canceller.join();
+    // Before, the worker sent its output, rank 0 took it, and the run was OK.
+    RANK_CHECK(
+        result.status().code() == absl::StatusCode::kCancelled && AnsweredInStep(result.status()),
+        result.status().ToString());
+    const int64_t received = (*comm)->counters().bytes_received - before.bytes_received;
+    RANK_CHECK(received < 4096, "rank 0 received ", received, " bytes: the output came");
+    const absl::StatusOr<ShardRunStats> after =
+        CoordinateShardedRun(**comm, next.problem, Options());
+    RANK_CHECK(after.ok(), "the run after the cancelled one: ", after.status().ToString());
+    const double error = engine::testing::MaxRelativeError(next.p.out, next.single);
+    RANK_CHECK(error <= 1e-6, "the run after the cancelled one: max relative error ", error);
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
     return 0;
   }
   if (flags.scenario == "cancel_slow_output" || flags.scenario == "plane_cancel_late") {
@@ -1234,7 +1300,12 @@ TEST(ShardedRunCancelTest, WorkersThatLeftACancelledRunAreKeptWhileRank0TakesOth
   for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
-TEST(ShardedRunDataPlaneTest, ACancelAfterTheWorkersAnsweredStopsRank0AndTakesNoOutput) {
+TEST(ShardedRunCancelTest, AWorkerWhoseComputeEndsAsTheStopComesSendsNoOutput) {
+  testing::RankGroup group(2, "cancel_as_computed");
+  for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, ACancelAfterTheWorkersAnsweredStopsRank0Within100MsAndTakesNoOutput) {
   testing::RankGroup group(2, "plane_cancel_late");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
