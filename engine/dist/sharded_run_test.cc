@@ -565,6 +565,22 @@ constexpr milliseconds kSlowOutputKeepalive{200};
 constexpr int64_t kSlowOutputPieceBytes = 64 << 10;
 constexpr milliseconds kSlowOutputPieceDelay{150};
 
+// After a cancelled run: `next` (its reference computed before, so that its control frame follows
+// that run at once) is exact, which shows the group in step; then every worker shuts down.
+int RunInStepAndShutDown(const RankFlags& flags, Communicator& comm, HeadsCase& next,
+                         Communicator* plane) {
+  const absl::StatusOr<ShardRunStats> after =
+      CoordinateShardedRun(comm, next.problem, Options(nullptr, nullptr, plane));
+  RANK_CHECK(after.ok(), "the run after the cancelled one: ", after.status().ToString());
+  const double error = engine::testing::MaxRelativeError(next.p.out, next.single);
+  RANK_CHECK(error <= 1e-6, "the run after the cancelled one: max relative error ", error);
+  const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+  for (int r = 1; r < flags.size; ++r) {
+    RANK_CHECK_OK(comm.Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+  }
+  return 0;
+}
+
 int RunRank(const RankFlags& flags) {
   auto store = ConnectCoordinatorStore(flags.coordinator, milliseconds(5000));
   RANK_CHECK(store.ok(), store.status().ToString());
@@ -897,44 +913,22 @@ int RunRank(const RankFlags& flags) {
     comm->reset();  // As a serving group re-forming: rank 1's connection closes.
     return 0;
   }
-  if (flags.scenario == "cancel_as_computed") {
-    // One head per rank, a tiny share: rank 1 has computed long before the cancel, 500 ms in,
-    // and its compute returns only as the stop word comes (EndsAsTheStopComes).
-    HeadsCase c({1, 1024, 2, 2, 32}, {{256, 1}}, static_cast<uint32_t>(flags.seed));
-    HeadsCase next({1, 500, 4, 4, 24}, {{64, 1}, {500, 4}}, static_cast<uint32_t>(flags.seed) + 1);
-    RANK_CHECK_OK(next.ComputeSingle(rank_backend, compute.pool));
-    next.problem.compute = compute;
-    std::atomic<bool> cancelled{false};
-    c.problem.stop = &cancelled;
-    c.problem.compute = compute;
-    std::thread canceller([&] {
-      std::this_thread::sleep_for(milliseconds(500));
-      cancelled = true;
-    });
-    const Communicator::Counters before = (*comm)->counters();
-    const absl::StatusOr<ShardRunStats> result = CoordinateShardedRun(**comm, c.problem, Options());
-    canceller.join();
-    // Before, the worker sent its output, rank 0 took it, and the run was OK.
-    RANK_CHECK(
-        result.status().code() == absl::StatusCode::kCancelled && AnsweredInStep(result.status()),
-        result.status().ToString());
-    const int64_t received = (*comm)->counters().bytes_received - before.bytes_received;
-    RANK_CHECK(received < 4096, "rank 0 received ", received, " bytes: the output came");
-    const absl::StatusOr<ShardRunStats> after =
-        CoordinateShardedRun(**comm, next.problem, Options());
-    RANK_CHECK(after.ok(), "the run after the cancelled one: ", after.status().ToString());
-    const double error = engine::testing::MaxRelativeError(next.p.out, next.single);
-    RANK_CHECK(error <= 1e-6, "the run after the cancelled one: max relative error ", error);
-    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
-    RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, 1, kControlTag, kTimeout));
-    return 0;
-  }
-  if (flags.scenario == "cancel_slow_output" || flags.scenario == "plane_cancel_late") {
+  if (flags.scenario == "cancel_slow_output" || flags.scenario == "plane_cancel_late" ||
+      flags.scenario == "cancel_as_computed") {
     const bool slow_output = flags.scenario == "cancel_slow_output";
+    const bool as_computed = flags.scenario == "cancel_as_computed";
     // The cancelled run, then a run that shows the group in step (its reference computed first,
-    // so that its control frame follows the cancelled run at once).
-    HeadsCase c(slow_output ? ProblemShape{1, 4096, 3, 3, 64} : ProblemShape{1, 2048, 2, 2, 32},
-                {{slow_output ? 1024 : 512, 1}}, static_cast<uint32_t>(flags.seed));
+    // so that its control frame follows the cancelled run at once). "cancel_as_computed": one
+    // head per rank, a tiny share: rank 1 has computed long before the cancel, 500 ms in, and its
+    // compute returns only as the stop word comes (EndsAsTheStopComes).
+    HeadsCase c(slow_output   ? ProblemShape{1, 4096, 3, 3, 64}
+                : as_computed ? ProblemShape{1, 1024, 2, 2, 32}
+                              : ProblemShape{1, 2048, 2, 2, 32},
+                {{slow_output   ? 1024
+                  : as_computed ? 256
+                                : 512,
+                  1}},
+                static_cast<uint32_t>(flags.seed));
     HeadsCase next({1, 500, 4, 4, 24}, {{64, 1}, {500, 4}}, static_cast<uint32_t>(flags.seed) + 1);
     RANK_CHECK_OK(next.ComputeSingle(rank_backend, compute.pool));
     next.problem.compute = compute;
@@ -944,26 +938,41 @@ int RunRank(const RankFlags& flags) {
     // "plane_cancel_late": rank 0's own share stalls, and the request is cancelled once its
     // worker has computed and answered (its stats, code 0), before rank 0 takes its output.
     WrappedShares stalled = StallsFirstShare(rank_backend);
-    if (!slow_output) c.problem.compute = {&stalled, &plans, &pool};
+    if (flags.scenario == "plane_cancel_late") c.problem.compute = {&stalled, &plans, &pool};
     CancelOnReceive canceller(
         **comm, &cancelled, [&](int peer, int tag, const void* data, int64_t bytes) {
+          if (as_computed) return false;
           if (slow_output) return peer == 2 && tag == kGatherTag && bytes == kSlowOutputPieceBytes;
           return peer == 1 && tag == kGatherTag && bytes == 48 &&
                  static_cast<const int64_t*>(data)[5] == 0;
         });
+    std::thread timer([&] {
+      if (!as_computed) return;
+      std::this_thread::sleep_for(milliseconds(500));
+      cancelled = true;
+    });
     ShardRunOptions run_options = Options(nullptr, nullptr, plane.get());
     if (slow_output) {
       run_options.scatter_piece_bytes = kSlowOutputPieceBytes;
       run_options.keepalive = kSlowOutputKeepalive;
     }
+    const Communicator::Counters before = (*comm)->counters();
     const Communicator::Counters plane_before =
         plane != nullptr ? plane->counters() : Communicator::Counters{};
     const absl::StatusOr<ShardRunStats> result =
         CoordinateShardedRun(canceller, c.problem, run_options);
     const auto returned = std::chrono::steady_clock::now();
+    timer.join();
+    // "cancel_as_computed": before, the worker sent its output, rank 0 took it, and the run was
+    // OK.
     RANK_CHECK(
         result.status().code() == absl::StatusCode::kCancelled && AnsweredInStep(result.status()),
         result.status().ToString());
+    if (as_computed) {
+      const int64_t received = (*comm)->counters().bytes_received - before.bytes_received;
+      RANK_CHECK(received < 4096, "rank 0 received ", received, " bytes: the output came");
+      return RunInStepAndShutDown(flags, **comm, next, nullptr);
+    }
     const double tail_s =
         std::chrono::duration<double>(returned - canceller.cancelled_at()).count();
     std::fprintf(stderr, "rank 0: returned %.3f s after the cancel\n", tail_s);
@@ -977,16 +986,7 @@ int RunRank(const RankFlags& flags) {
       const int64_t taken = plane->counters().bytes_received - plane_before.bytes_received;
       RANK_CHECK(taken == 0, "rank 0 took ", taken, " bytes of a cancelled request's output");
     }
-    const absl::StatusOr<ShardRunStats> after =
-        CoordinateShardedRun(**comm, next.problem, Options(nullptr, nullptr, plane.get()));
-    RANK_CHECK(after.ok(), "the run after the cancelled one: ", after.status().ToString());
-    const double error = engine::testing::MaxRelativeError(next.p.out, next.single);
-    RANK_CHECK(error <= 1e-6, "the run after the cancelled one: max relative error ", error);
-    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
-    for (int r = 1; r < flags.size; ++r) {
-      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
-    }
-    return 0;
+    return RunInStepAndShutDown(flags, **comm, next, plane.get());
   }
   if (flags.scenario == "cancel" || flags.scenario == "plane_cancel") {
     // About a second of compute per rank (one thread each): one dense segment of 16384 tokens,
