@@ -122,22 +122,18 @@ bool MemoryAccount::FitsWhenFree(int64_t bytes) const {
 }
 
 absl::Status WaitForRoom(const MemoryAccount& account, int64_t bytes, std::string_view what,
-                         const std::atomic<bool>* stop, std::chrono::milliseconds max_wait,
+                         const std::atomic<bool>* stop, std::chrono::steady_clock::time_point until,
+                         const std::function<bool()>& no_longer_needed,
                          std::chrono::milliseconds poll) {
-  const auto until = std::chrono::steady_clock::now() + max_wait;
   for (;;) {
+    if (no_longer_needed && no_longer_needed()) return absl::OkStatus();
     absl::Status fits = account.CheckFits(bytes, what);
     if (fits.ok() || !account.FitsWhenFree(bytes)) return fits;
     if (stop != nullptr && stop->load()) {
       return absl::CancelledError(absl::StrCat(
           "stopped while waiting for memory that calls in flight hold: ", fits.message()));
     }
-    if (std::chrono::steady_clock::now() >= until) {
-      return WithRejectReason(absl::ResourceExhaustedError(
-                                  absl::StrCat(fits.message(), " (after waiting ", max_wait.count(),
-                                               " ms for calls in flight to give it back)")),
-                              RejectReason::kMemory);
-    }
+    if (std::chrono::steady_clock::now() >= until) return fits;
     std::this_thread::sleep_for(poll);
   }
 }

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -140,10 +141,12 @@ class MemoryReservation {
 
 // Waits until `bytes` fit on `account` now (CheckFits), reserving nothing: while they do not fit
 // only because of memory that others hold and will give back (FitsWhenFree), it looks again every
-// `poll`. OK once they fit; CANCELLED once `stop` (may be null) is set; the refusal at once for
-// bytes that would not fit even then, or after `max_wait` (saying it waited).
+// `poll`. OK once they fit, or once `no_longer_needed` (may be empty) says so; CANCELLED once
+// `stop` (may be null) is set; the refusal (CheckFits') at once for bytes that would not fit even
+// then, or once `until` has passed.
 absl::Status WaitForRoom(const MemoryAccount& account, int64_t bytes, std::string_view what,
-                         const std::atomic<bool>* stop, std::chrono::milliseconds max_wait,
+                         const std::atomic<bool>* stop, std::chrono::steady_clock::time_point until,
+                         const std::function<bool()>& no_longer_needed = nullptr,
                          std::chrono::milliseconds poll = std::chrono::milliseconds(10));
 
 // One place in the engine's queue, held by a sequence of runs that never wait at the same time

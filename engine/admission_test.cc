@@ -277,6 +277,46 @@ TEST(AdmissionTest, ReservationsHoldBytesUntilDestroyedAndMove) {
   EXPECT_EQ((*engine)->stats().memory_reserved_bytes, 0);  // The temporary is gone.
 }
 
+// The warm-up's wait for room: it reserves nothing, ends once the room is there or once it is no
+// longer needed (the plan got cached meanwhile), refuses at once what could never fit, and gives
+// up at its deadline with the refusal.
+TEST(AdmissionTest, WaitForRoomReservesNothingAndEndsWhenTheRoomOrTheNeedGoes) {
+  auto account = std::make_shared<MemoryAccount>(1000);
+  const Clock::time_point far = Clock::now() + std::chrono::seconds(30);
+  ASSERT_TRUE(account->Reserve(900, "").ok());
+  std::atomic<bool> cached{false};
+  std::thread cache([&] {
+    std::this_thread::sleep_for(milliseconds(100));
+    cached = true;
+  });
+  Clock::time_point start = Clock::now();
+  EXPECT_TRUE(WaitForRoom(*account, 500, "", nullptr, far, [&] { return cached.load(); }).ok());
+  cache.join();
+  EXPECT_GE(MillisSince(start), 90);
+  EXPECT_EQ(account->reserved_bytes(), 900);
+  // The room comes back.
+  std::thread release([&] {
+    std::this_thread::sleep_for(milliseconds(100));
+    account->Release(900);
+  });
+  EXPECT_TRUE(WaitForRoom(*account, 500, "", nullptr, far).ok());
+  release.join();
+  EXPECT_EQ(account->reserved_bytes(), 0);
+  // Never fits: at once.
+  start = Clock::now();
+  EXPECT_EQ(WaitForRoom(*account, 1001, "", nullptr, far).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_LT(MillisSince(start), 1000);
+  // The deadline: the refusal, once it has passed.
+  ASSERT_TRUE(account->Reserve(900, "").ok());
+  start = Clock::now();
+  const absl::Status late =
+      WaitForRoom(*account, 500, "", nullptr, Clock::now() + milliseconds(100));
+  EXPECT_EQ(late.code(), absl::StatusCode::kResourceExhausted) << late;
+  EXPECT_EQ(RejectReasonOf(late), RejectReason::kMemory);
+  EXPECT_GE(MillisSince(start), 90);
+}
+
 TEST(AdmissionTest, AShrunkReservationKeepsOnlyWhatItWasShrunkTo) {
   absl::StatusOr<std::unique_ptr<Engine>> engine = EngineWithBudget(1000);
   ASSERT_TRUE(engine.ok());

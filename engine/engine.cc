@@ -1152,33 +1152,41 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
       // they end, so the warm-up waits for room (`stop` ends the wait, as does
       // kWarmUpMemoryWait) rather than fail a start-up over a passing load. It waits holding
       // nothing, before it claims the key's build (a request of the same key waiting for that
-      // build would hold memory of its own), and the build reserves as before; room taken in
-      // between sends it back to wait. A workspace that would not fit even then is refused at
-      // once.
+      // build would hold memory of its own), and stops waiting once the plan is cached (a
+      // request of the shape built it). The build reserves as before; room taken in between
+      // sends it back to wait, and that refusal is not handed to requests waiting for the build
+      // (PlanCache::BuilderOnly). A workspace that would not fit even then is refused at once.
       const int64_t bytes = device->backend->PlanWorkspaceBytes(key);
       const std::string what =
           absl::StrCat(bytes, " bytes of plan workspace to warm up ", key.ToString());
       const auto build = [&, device = device,
                           key = &key]() -> absl::StatusOr<std::shared_ptr<Plan>> {
-        DA_RETURN_IF_ERROR(device->memory->Reserve(bytes, what));
+        if (absl::Status reserved = device->memory->Reserve(bytes, what); !reserved.ok()) {
+          return PlanCache::BuilderOnly(std::move(reserved));
+        }
         const MemoryReservation held(device->memory, bytes);
         return device->backend->BuildPlan(*key, stop);
       };
-      const auto waited_until = Clock::now() + kWarmUpMemoryWait;
+      const auto until = Clock::now() + kWarmUpMemoryWait;
+      const auto cached = [&, key = &key] { return impl_->plans->Contains(*key); };
       absl::StatusOr<std::shared_ptr<Plan>> plan;
       for (;;) {
-        if (!impl_->plans->Contains(key)) {
-          const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-              std::max(waited_until - Clock::now(), Clock::duration::zero()));
-          DA_RETURN_IF_ERROR(WaitForRoom(*device->memory, bytes, what, stop, left));
+        absl::Status room = WaitForRoom(*device->memory, bytes, what, stop, until, cached);
+        if (room.ok()) plan = impl_->plans->GetOrBuild(key, build, &warm, stop);
+        const absl::Status& refused = room.ok() ? plan.status() : room;
+        if (refused.ok() || RejectReasonOf(refused) != RejectReason::kMemory ||
+            !device->memory->FitsWhenFree(bytes)) {
+          DA_RETURN_IF_ERROR(refused);
+          break;
         }
-        plan = impl_->plans->GetOrBuild(key, build, &warm, stop);
-        const bool room_taken = !plan.ok() &&
-                                RejectReasonOf(plan.status()) == RejectReason::kMemory &&
-                                device->memory->FitsWhenFree(bytes) && Clock::now() < waited_until;
-        if (!room_taken) break;
+        if (Clock::now() >= until) {
+          return WithRejectReason(
+              absl::ResourceExhaustedError(
+                  absl::StrCat(refused.message(), " (after waiting ", kWarmUpMemoryWait.count(),
+                               " ms for calls in flight to give memory back)")),
+              RejectReason::kMemory);
+        }
       }
-      DA_RETURN_IF_ERROR(plan.status());
       result.plan_bytes += (*plan)->bytes();
       result.build_time_us += warm ? 0 : (*plan)->build_time_us;
     }

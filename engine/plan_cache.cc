@@ -5,6 +5,7 @@
 #include <exception>
 #include <new>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 
 namespace da::engine {
@@ -32,6 +33,9 @@ constexpr std::chrono::milliseconds kStopPollPeriod(2);
 
 bool Stopped(const std::atomic<bool>* stop) { return stop != nullptr && stop->load(); }
 
+// The payload of PlanCache::BuilderOnly.
+constexpr char kBuilderOnlyPayload[] = "da.engine/plan-cache-builder-only";
+
 }  // namespace
 
 std::string PlanKey::ToString() const {
@@ -50,6 +54,11 @@ PlanCache::PlanCache(int64_t capacity_bytes) : capacity_bytes_(capacity_bytes) {
 }
 
 PlanCache::~PlanCache() = default;
+
+absl::Status PlanCache::BuilderOnly(absl::Status status) {
+  if (!status.ok()) status.SetPayload(kBuilderOnlyPayload, absl::Cord("1"));
+  return status;
+}
 
 absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
                                                             const Builder& build, bool* hit,
@@ -114,7 +123,8 @@ absl::StatusOr<std::shared_ptr<Plan>> PlanCache::GetOrBuild(const PlanKey& key,
   } else if (result.ok()) {
     result = absl::InternalError(absl::StrCat("plan builder returned no plan for ", id));
   }
-  flight->abandoned = absl::IsCancelled(result.status()) && Stopped(stop);
+  flight->abandoned = (absl::IsCancelled(result.status()) && Stopped(stop)) ||
+                      result.status().GetPayload(kBuilderOnlyPayload).has_value();
   flight->result = result;
   flight->done = true;
   flight->done_cv.notify_all();

@@ -77,6 +77,11 @@ class PlanCache {
  public:
   using Builder = std::function<absl::StatusOr<std::shared_ptr<Plan>>()>;
 
+  // Marks a builder's error as its own caller's only (a warm-up that could not reserve its
+  // workspace): GetOrBuild returns it to that caller, but the callers waiting for that build look
+  // again (and one of them builds the plan) instead of taking it as their answer.
+  static absl::Status BuilderOnly(absl::Status status);
+
   explicit PlanCache(int64_t capacity_bytes);
   ~PlanCache();
 

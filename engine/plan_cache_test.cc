@@ -235,6 +235,37 @@ TEST(PlanCacheTest, AStoppedBuilderIsNotTheWaitersAnswerTheyBuildAgain) {
   EXPECT_EQ(s.entries, 1);
 }
 
+// A warm-up that could not reserve its workspace fails its own build; the request that waited
+// for that build builds the plan itself instead of taking the warm-up's refusal as its answer.
+TEST(PlanCacheTest, ABuilderOnlyErrorIsNotTheWaitersAnswerTheyBuildAgain) {
+  PlanCache cache(1 << 20);
+  std::atomic<bool> started{false};
+  std::atomic<bool> release{false};
+  absl::StatusOr<std::shared_ptr<Plan>> first = absl::UnknownError("not returned");
+  std::thread builder([&] {
+    first = cache.GetOrBuild(
+        Key(7),
+        [&]() -> absl::StatusOr<std::shared_ptr<Plan>> {
+          started = true;
+          while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          return PlanCache::BuilderOnly(absl::ResourceExhaustedError("no room for its workspace"));
+        },
+        nullptr);
+  });
+  while (!started.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  absl::StatusOr<std::shared_ptr<Plan>> waited = absl::UnknownError("not returned");
+  std::thread waiter([&] { waited = cache.GetOrBuild(Key(7), Makes(32), nullptr); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));  // It waits for the first build.
+  release = true;
+  builder.join();
+  waiter.join();
+  EXPECT_EQ(first.status().code(), absl::StatusCode::kResourceExhausted) << first.status();
+  ASSERT_TRUE(waited.ok()) << waited.status();
+  const PlanCacheStats s = cache.stats();
+  EXPECT_EQ(s.builds, 2);
+  EXPECT_EQ(s.entries, 1);
+}
+
 TEST(PlanCacheTest, ACancelledBuildWithoutAStopIsEveryWaitersAnswer) {
   // CANCELLED from a builder whose caller did not stop is an ordinary failure, shared as such.
   PlanCache cache(1 << 20);

@@ -154,16 +154,27 @@ WrappedShares StallsFirstShare(engine::Backend& inner) {
 }
 
 // Computes its first share, then returns OK only once the run is stopped (up to 20 s): a compute
-// that ends just as the stop word comes. Later shares return at once.
-WrappedShares EndsAsTheStopComes(engine::Backend& inner) {
-  auto first = std::make_shared<std::atomic<bool>>(true);
+// that ends just as the stop word comes; *saw_stop turns true when it did so. Later shares, and a
+// first share whose compute was itself stopped, return at once.
+WrappedShares EndsAsTheStopComes(engine::Backend& inner, std::atomic<bool>* saw_stop) {
+  // 0: no share yet; 1: the first share computes; 2: past it.
+  auto phase = std::make_shared<std::atomic<int>>(0);
   return WrappedShares(
-      inner, [](const engine::RunContext&) { return absl::OkStatus(); },
-      [first](const engine::RunContext& context) {
-        if (!first->exchange(false)) return absl::OkStatus();
+      inner,
+      [phase](const engine::RunContext&) {
+        int none = 0;
+        if (!phase->compare_exchange_strong(none, 1)) *phase = 2;
+        return absl::OkStatus();
+      },
+      [phase, saw_stop](const engine::RunContext& context) {
+        int first = 1;
+        if (!phase->compare_exchange_strong(first, 2)) return absl::OkStatus();
         const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-        while (std::chrono::steady_clock::now() < until &&
-               !(context.cancelled != nullptr && context.cancelled->load())) {
+        while (std::chrono::steady_clock::now() < until) {
+          if (context.cancelled != nullptr && context.cancelled->load()) {
+            *saw_stop = true;
+            break;
+          }
           std::this_thread::sleep_for(milliseconds(1));
         }
         return absl::OkStatus();
@@ -644,12 +655,13 @@ int RunRank(const RankFlags& flags) {
     compute = {&*exiting, &plans, &pool};
   }
   std::optional<WrappedShares> stalling;
+  std::atomic<bool> computed_then_stopped{false};  // "cancel_as_computed" (EndsAsTheStopComes).
   if (flags.scenario == "cancel_slow_output" && flags.rank == 1) {
     stalling.emplace(StallsFirstShare(rank_backend));
     compute = {&*stalling, &plans, &pool};
   }
   if (flags.scenario == "cancel_as_computed" && flags.rank == 1) {
-    stalling.emplace(EndsAsTheStopComes(rank_backend));
+    stalling.emplace(EndsAsTheStopComes(rank_backend, &computed_then_stopped));
     compute = {&*stalling, &plans, &pool};
   }
   std::optional<SlowSends> slow_outputs;
@@ -772,6 +784,8 @@ int RunRank(const RankFlags& flags) {
       }
       if (flags.scenario == "cancel_as_computed" && run == 0) {
         // Its compute returned OK with the stop word in: it answered CANCELLED, with no output.
+        RANK_CHECK(computed_then_stopped.load(),
+                   "rank 1's compute did not end as the stop came (it was stopped before)");
         RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
                    "the run whose compute ended as the stop came returned ", served.ToString());
         const int64_t sent = (*comm)->counters().bytes_sent - before.bytes_sent;
