@@ -142,8 +142,11 @@ bool RunSegmentTask(Isa isa, Bf16Kernel bf16, const SegmentTaskIo& io, ThreadSpa
 
 RowFold::RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out,
                  size_t patterns)
-    : z_(z), out_(out), group_factor_(1.0f / static_cast<float>(patterns)) {
-  if (z.longnet) {
+    : z_(z),
+      out_(out),
+      direct_(!z.longnet || patterns == 1),
+      group_factor_(z.longnet ? 1.0f : 1.0f / static_cast<float>(patterns)) {
+  if (!direct_) {
     acc_ = z.accumulator ? ws.acc.data() : static_cast<float*>(out.data);
     max_lse_ = ws.max_lse.data();
     weight_ = ws.weight.data();
@@ -151,7 +154,7 @@ RowFold::RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView
 }
 
 absl::Status RowFold::Reset(ThreadPool* pool, const std::atomic<bool>* cancelled) const {
-  if (!z_.longnet) {
+  if (direct_) {
     // Zero bits are 0.0 in fp32, fp16 and bf16.
     return Sliced(pool, cancelled, out_.bytes, 1, [&](int64_t begin, int64_t end) {
       std::memset(static_cast<char*>(out_.data) + begin, 0, end - begin);
@@ -177,9 +180,9 @@ void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
   // The rows a task folds into are r * H rows apart (kilobytes): without asking for them ahead
   // each waited for DRAM, as Pack's reads did.
   const char* const dest =
-      z_.longnet ? reinterpret_cast<const char*>(acc_) : static_cast<const char*>(out_.data);
+      direct_ ? static_cast<const char*>(out_.data) : reinterpret_cast<const char*>(acc_);
   const int64_t dest_row_bytes =
-      head_dim * (z_.longnet ? static_cast<int64_t>(sizeof(float)) : DTypeSize(out_.dtype));
+      head_dim * (direct_ ? DTypeSize(out_.dtype) : static_cast<int64_t>(sizeof(float)));
   for (int64_t i = 0; i < rows; ++i) {
     if (i + kPrefetchRows < rows) {
       const char* line = dest + row_of(i + kPrefetchRows) * dest_row_bytes;
@@ -187,7 +190,7 @@ void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
     }
     const int64_t row = row_of(i);
     const float* src = ts.out.data() + i * z_.dim_pad;
-    if (z_.longnet) {
+    if (!direct_) {
       FoldLongNetRow(src, ts.lse.data()[i], head_dim, acc_ + row * head_dim, &max_lse_[row],
                      &weight_[row]);
     } else {
@@ -199,7 +202,7 @@ void RowFold::AddTask(const Task& task, const ThreadSpace& ts, int64_t head,
 }
 
 absl::Status RowFold::Finish(ThreadPool* pool, const std::atomic<bool>* cancelled) const {
-  if (!z_.longnet) return absl::OkStatus();
+  if (direct_) return absl::OkStatus();
   const int64_t head_dim = z_.head_dim;
   return Sliced(pool, cancelled, z_.rows_total, head_dim * sizeof(float),
                 [&](int64_t begin, int64_t end) {

@@ -87,7 +87,10 @@ inline void FoldLongNetRow(const float* src, float lse, int64_t head_dim, float*
 // Where a run's tasks leave their rows. LONGNET: a running state per output row (accumulator,
 // max LSE, weight; the accumulator is the output itself when that is fp32) that each pattern's
 // rows fold into, written out as acc / weight by Finish. GROUPED: each head's rows, times
-// 1 / patterns, stored straight into the zeroed output. Output rows are (b, n, h) of `out`.
+// 1 / patterns, stored straight into the zeroed output. LONGNET with one pattern is stored the
+// same way, times 1: each row has at most one contribution, whose fold would be exactly itself
+// (weight exp(0) = 1), and the accumulator's reset, read-modify-write and write-out were three
+// passes over the output for nothing. Output rows are (b, n, h) of `out`.
 class RowFold {
  public:
   // LONGNET takes acc, max_lse and weight from `ws` (prepared for `z`). Touches nothing: Reset
@@ -111,6 +114,7 @@ class RowFold {
  private:
   const WorkspaceSizes z_;
   const MutableTensorView out_;
+  const bool direct_;  // Rows stored straight into out: GROUPED, or LONGNET with one pattern.
   const float group_factor_;
   float* acc_ = nullptr;
   float* max_lse_ = nullptr;
