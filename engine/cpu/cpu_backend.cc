@@ -130,7 +130,9 @@ absl::Status CpuBackend::RunShare(Plan& plan_base, const ShareProblem& p,
     ~Returner() { plan->ReturnWorkspace(std::move(ws)); }
   } returner{plan, ws};
 
-  const cpu::RowFold fold(z, *ws, p.out, p.spec.patterns.size());
+  // The plan's pattern count, which its loops were made for (a spec of one pattern run on a plan
+  // of several would otherwise store each loop's rows over the last).
+  const cpu::RowFold fold(z, *ws, p.out, plan->key().patterns.size());
   DA_RETURN_IF_ERROR(fold.Reset(context.pool, context.cancelled));
   DA_RETURN_IF_ERROR(cpu::RunLoops(
       plan->loops(), context.pool, context.cancelled, "cpu run",

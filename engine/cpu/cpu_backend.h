@@ -4,8 +4,9 @@
 // A task packs the kept rows of one segment (queries of its chunk, the keys they can see) into
 // padded fp32 tiles, runs the kernel, then writes its rows of the output. LONGNET patterns run one
 // after another, each folding its outputs and LSEs into per-position running state, so patterns
-// combine in the same pass over the output. GROUPED heads run disjoint patterns, so all their
-// tasks run in one parallel loop and write the output directly.
+// combine in the same pass over the output (one pattern: its rows are the output, written
+// directly). GROUPED heads run disjoint patterns, so all their tasks run in one parallel loop and
+// write the output directly.
 //
 // A plan (BuildPlan) holds the task decomposition and one workspace (packed tiles, LONGNET state),
 // allocated and touched when the plan is built: page faults on fresh memory cost more than the

@@ -3,14 +3,14 @@
 // and values they see into padded fp32 tiles, run the fused kernel, and fold its rows into the
 // output.
 //
-//   RowFold fold(sizes, workspace, out, spec.patterns.size());
-//   DA_RETURN_IF_ERROR(fold.Reset(pool, cancelled));  // zeroes out / resets LONGNET
+//   RowFold fold(sizes, workspace, out, plan_key.patterns.size());
+//   DA_RETURN_IF_ERROR(fold.Reset(pool, cancelled));  // zeroes out / resets LONGNET's state
 //   DA_RETURN_IF_ERROR(RunLoops(loops, pool, cancelled, "cpu run", [&](const Task& t, int th) {
 //     SegmentTaskIo io{.q = TensorRows(q, b, head, kept), .k = ..., .v = ..., ...};
 //     if (RunSegmentTask(isa, bf16_kernel, io, workspace.threads[th], cancelled))
 //       fold.AddTask(t, workspace.threads[th], head);
 //   }));
-//   DA_RETURN_IF_ERROR(fold.Finish(pool, cancelled));  // LONGNET: out = acc / weight
+//   DA_RETURN_IF_ERROR(fold.Finish(pool, cancelled));  // LONGNET of 2+: out = acc / weight
 //
 // Rows are addressed through RowSource (row i at element base + i * stride of a buffer), so the
 // same code packs kept rows straight out of a [B, N, H, D] tensor or out of a packed
@@ -93,11 +93,12 @@ inline void FoldLongNetRow(const float* src, float lse, int64_t head_dim, float*
 // passes over the output for nothing. Output rows are (b, n, h) of `out`.
 class RowFold {
  public:
-  // LONGNET takes acc, max_lse and weight from `ws` (prepared for `z`). Touches nothing: Reset
-  // does.
+  // LONGNET of several patterns takes acc, max_lse and weight from `ws` (prepared for `z`).
+  // Touches nothing: Reset does.
   RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out, size_t patterns);
 
-  // Zeroes out (GROUPED) or resets acc, max_lse and weight (LONGNET), in parallel on the pool,
+  // Zeroes out (GROUPED, LONGNET of one pattern) or resets acc, max_lse and weight (LONGNET of
+  // several), in parallel on the pool,
   // in slices of kFoldSliceBytes with a look at `cancelled` before each: a request's output is
   // up to gigabytes, and its first touch (fresh pages) can take longer than a stop may. CANCELLED
   // ("cpu run cancelled") once `cancelled` turns true.
@@ -107,8 +108,8 @@ class RowFold {
   // (batch, n - position0, head) of out (a rank's share starts at global position position0).
   void AddTask(const Task& task, const ThreadSpace& ts, int64_t head, int64_t position0 = 0) const;
 
-  // LONGNET: out = acc / weight, in parallel on the pool, with the same stop checks as Reset.
-  // GROUPED: nothing left to do.
+  // LONGNET of several patterns: out = acc / weight, in parallel on the pool, with the same stop
+  // checks as Reset. Otherwise nothing is left to do.
   absl::Status Finish(ThreadPool* pool, const std::atomic<bool>* cancelled) const;
 
  private:
