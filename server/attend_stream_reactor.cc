@@ -589,30 +589,26 @@ void AttendStreamReactor::OnWriteDone(bool ok) {
 }
 
 absl::Status AttendStreamReactor::CancellationStatus(std::string_view by_client) const {
+  const std::string progress = absl::StrFormat(
+      "after %d of %d tokens arrived and %d chunks were computed",
+      assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len, chunks_computed_);
   if (!CancelledByDeadline(ClientDeadline(*context_))) {
     const int seen = cut_off_by_drain_.load();
-    if (seen == 1 || (seen < 0 && settings_.drain != nullptr && settings_.drain->Passed())) {
-      return absl::CancelledError(absl::StrFormat(
-          "cut off by the server's drain (--drain-timeout-ms ran out) after %d of %d tokens "
-          "arrived and %d chunks were computed",
-          assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
-          chunks_computed_));
+    if (seen == 1 || (seen < 0 && DrainPassed())) {
+      return absl::CancelledError(
+          absl::StrCat("cut off by the server's drain (--drain-timeout-ms ran out) ", progress));
     }
     return absl::CancelledError(absl::string_view(by_client.data(), by_client.size()));
   }
   return engine::WithRejectReason(
-      absl::DeadlineExceededError(absl::StrFormat(
-          "the deadline passed after %d of %d tokens arrived and %d chunks were computed",
-          assembler_ ? assembler_->tokens_received() : 0, problem_.shape.seq_len,
-          chunks_computed_)),
+      absl::DeadlineExceededError(absl::StrCat("the deadline passed ", progress)),
       chunks_computed_ == 0 && !computing_ ? engine::RejectReason::kDeadline
                                            : engine::RejectReason::kNone);
 }
 
 void AttendStreamReactor::SeeCancellation() {
   int unseen = -1;
-  cut_off_by_drain_.compare_exchange_strong(
-      unseen, settings_.drain != nullptr && settings_.drain->Passed() ? 1 : 0);
+  cut_off_by_drain_.compare_exchange_strong(unseen, DrainPassed() ? 1 : 0);
 }
 
 void AttendStreamReactor::OnCancel() {

@@ -160,6 +160,7 @@ class AttendStreamReactor final
   // or a read failed on a cancelled call), so that a client's cancel just before the cut-off is
   // not taken for the drain's when it is recorded later.
   void SeeCancellation();
+  bool DrainPassed() const { return settings_.drain != nullptr && settings_.drain->Passed(); }
   // A computed chunk whose output is being sent.
   struct Outgoing {
     int64_t index = 0;

@@ -188,18 +188,11 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     if (!info.ok()) {
       // Stopped by the drain's cut-off, not by the client (whose cancel raised the same flag):
       // said so, with the engine's payloads (its reject reason) kept.
-      if (absl::IsCancelled(info.status()) && cut_off_by_drain_.load()) {
-        absl::Status cut_off(absl::StatusCode::kCancelled,
-                             absl::StrCat("cut off by the server's drain (--drain-timeout-ms ran "
-                                          "out): ",
-                                          info.status().message()));
-        info.status().ForEachPayload([&](absl::string_view url, const absl::Cord& payload) {
-          cut_off.SetPayload(url, payload);
-        });
-        FinishWith(cut_off, nullptr);
-        return;
-      }
-      FinishWith(info.status(), nullptr);
+      const bool cut_off = absl::IsCancelled(info.status()) && cut_off_by_drain_.load();
+      FinishWith(cut_off ? Prefixed(info.status(),
+                                    "cut off by the server's drain (--drain-timeout-ms ran out): ")
+                         : info.status(),
+                 nullptr);
       return;
     }
     record_.AddBytes(0, static_cast<int64_t>(response_.output().data().size()));

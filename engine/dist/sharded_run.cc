@@ -710,6 +710,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     for (int r = 1; r < world; ++r) {
       workers.emplace_back([&, r] {
         absl::Status status = gather_worker(r);
+        // (With a data plane no output piece arrives after the stop words, so nobody is kept.)
         if (status.ok() && (!run.separate_plane() || sends_output[r] == 0)) left[r] = true;
         if (!status.ok()) {
           stop = true;     // A lost worker stops rank 0's compute at once, and the other
@@ -889,7 +890,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       outputs_skipped = outputs_skipped || word == 0;
       gathered = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
       if (gathered.ok() && word != 0) gathered = receive_output(r, options.timeout, buffer);
-      if (gathered.ok()) left[r] = true;
     }
   }
   // Workers that answered wait for their stop word (0 unless the relay sent 1).
