@@ -209,6 +209,34 @@ TEST(AdmissionTest, EstimateIsInputsOutputsAndTheBuiltPlansWorkspace) {
   }
 }
 
+// LONGNET folds several patterns' rows in a running state per output row (max LSE and weight,
+// and an fp32 accumulator for a bf16 output); one pattern's rows go straight to the output, so its
+// plan holds no state and the estimate counts none: the same workspace as GROUPED's.
+TEST(AdmissionTest, OnlyALongNetOfSeveralPatternsHoldsFoldState) {
+  const ProblemShape shape{2, 4096, 4, 2, 64};
+  auto workspace = [&](std::vector<Pattern> patterns, CombineMode mode) -> int64_t {
+    AttentionSpec spec;
+    spec.patterns = std::move(patterns);
+    spec.mode = mode;
+    const TensorView q{DType::kBFloat16, shape.QueryShape(), nullptr, 0};
+    const TensorView k{DType::kBFloat16, shape.KeyShape(), nullptr, 0};
+    const PlanKey key =
+        MakePlanKey(q, k, DType::kBFloat16, spec, Precision::kFloat32, "cpu:0", /*threads=*/2);
+    absl::StatusOr<std::shared_ptr<cpu::CpuPlan>> plan = cpu::BuildCpuPlan(key);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    if (!plan.ok()) return -1;
+    EXPECT_EQ((*plan)->workspace_bytes(), cpu::WorkspaceBytes(cpu::SizesFor(key)));
+    return (*plan)->workspace_bytes();
+  };
+  const std::vector<Pattern> one = {{1024, 2}};
+  const std::vector<Pattern> two = {{512, 1}, {1024, 2}};
+  EXPECT_EQ(workspace(one, CombineMode::kLongNet), workspace(one, CombineMode::kGrouped));
+  // max LSE and weight (one float each) and the accumulator (64 floats) per output row.
+  const int64_t rows = shape.batch * shape.seq_len * shape.heads;
+  EXPECT_GE(workspace(two, CombineMode::kLongNet) - workspace(two, CombineMode::kGrouped),
+            rows * (2 + 64) * static_cast<int64_t>(sizeof(float)));
+}
+
 TEST(AdmissionTest, OverBudgetIsRefusedWithTheNumbersAndMemoryReturnsToZero) {
   auto small = SmallProblem(1);
   auto probe = Engine::Create(Options());

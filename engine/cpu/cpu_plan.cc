@@ -50,7 +50,7 @@ std::vector<std::pair<AlignedBuffer*, int64_t>> WantedBuffers(Workspace& ws,
     if (z.bf16)
       wanted.push_back({&t.bf16, KernelBf16ScratchFloats(z.rows_pad, z.keys_pad, z.dim_pad)});
   }
-  if (z.longnet) {
+  if (z.fold) {
     if (z.accumulator) wanted.push_back({&ws.acc, z.rows_total * z.head_dim});
     wanted.push_back({&ws.max_lse, z.rows_total});
     wanted.push_back({&ws.weight, z.rows_total});
@@ -137,7 +137,8 @@ WorkspaceSizes SizesFor(const PlanKey& key) {
   const Share share = key.ShareOrWhole();
   z.rows_total = key.shape.batch * share.tokens() * share.heads();
   z.longnet = key.mode == CombineMode::kLongNet;
-  z.accumulator = z.longnet && key.out_dtype != DType::kFloat32;
+  z.fold = z.longnet && key.patterns.size() > 1;
+  z.accumulator = z.fold && key.out_dtype != DType::kFloat32;
   z.bf16 = key.precision == Precision::kBFloat16;
   return z;
 }

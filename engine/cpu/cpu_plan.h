@@ -37,13 +37,16 @@ struct WorkspaceSizes {
   int64_t keys_pad = 0;    // Keys of the largest segment, padded.
   int64_t rows_total = 0;  // batch x share tokens x share heads: LONGNET state rows.
   bool longnet = false;
-  bool accumulator = false;  // LONGNET with a non-fp32 output needs its own fp32 accumulator.
+  // LONGNET of several patterns folds each row's contributions in a running state (max_lse,
+  // weight); one pattern's rows go straight to the output and need none.
+  bool fold = false;
+  bool accumulator = false;  // A fold into a non-fp32 output needs its own fp32 accumulator.
   bool bf16 = false;
 };
 
 struct Workspace {
   std::vector<ThreadSpace> threads;
-  AlignedBuffer acc, max_lse, weight;  // LONGNET running state.
+  AlignedBuffer acc, max_lse, weight;  // The fold's running state (WorkspaceSizes::fold).
 
   int64_t bytes() const;
 };

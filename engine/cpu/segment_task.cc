@@ -144,7 +144,7 @@ RowFold::RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView
                  size_t patterns)
     : z_(z),
       out_(out),
-      direct_(!z.longnet || patterns == 1),
+      direct_(!z.fold),
       group_factor_(z.longnet ? 1.0f : 1.0f / static_cast<float>(patterns)) {
   if (!direct_) {
     acc_ = z.accumulator ? ws.acc.data() : static_cast<float*>(out.data);

@@ -93,7 +93,8 @@ inline void FoldLongNetRow(const float* src, float lse, int64_t head_dim, float*
 // passes over the output for nothing. Output rows are (b, n, h) of `out`.
 class RowFold {
  public:
-  // LONGNET of several patterns takes acc, max_lse and weight from `ws` (prepared for `z`).
+  // LONGNET of several patterns (z.fold) takes acc, max_lse and weight from `ws` (prepared for
+  // `z`); `patterns` is the count of the plan key `z` was sized for.
   // Touches nothing: Reset does.
   RowFold(const WorkspaceSizes& z, Workspace& ws, const MutableTensorView& out, size_t patterns);
 
