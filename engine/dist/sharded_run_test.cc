@@ -153,6 +153,17 @@ WrappedShares StallsFirstShare(engine::Backend& inner) {
       }));
 }
 
+// Its first share fails with INVALID_ARGUMENT, as a rank that cannot compute a request does; later
+// shares compute. (A failure from the CPU's own checks would depend on the build machine: bf16
+// products, say, which only AVX512-BF16 CPUs have.)
+WrappedShares FailsFirstShare(engine::Backend& inner) {
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  return WrappedShares(inner, WrappedShares::BeforeShare([first](const engine::RunContext&) {
+                         if (!first->exchange(false)) return absl::OkStatus();
+                         return absl::InvalidArgumentError("this rank cannot compute its share");
+                       }));
+}
+
 // Computes its first share, then returns OK only once the run is stopped (up to 20 s): a compute
 // that ends just as the stop word comes; *saw_stop turns true when it did so. Later shares, and a
 // first share whose compute was itself stopped, return at once.
@@ -621,10 +632,8 @@ int RunRank(const RankFlags& flags) {
     }
   }
   engine::ThreadPool pool(1);
-  // In "worker_fails" the workers compute on the portable path, which has no bf16 products; in
-  // "plane_worker_fails" only rank 2 does.
-  const bool portable = (flags.scenario == "worker_fails" && flags.rank != 0) ||
-                        (flags.scenario == "plane_worker_fails" && flags.rank == 2);
+  // In "worker_fails" the workers compute on the portable path, which has no bf16 products.
+  const bool portable = flags.scenario == "worker_fails" && flags.rank != 0;
   engine::CpuBackend rank_backend(portable ? engine::cpu::Isa::kPortableSse2
                                            : engine::cpu::SelectedIsa());
   engine::PlanCache plans(int64_t{1} << 28);
@@ -654,15 +663,19 @@ int RunRank(const RankFlags& flags) {
     exiting.emplace(ExitInCompute(rank_backend, milliseconds(0)));
     compute = {&*exiting, &plans, &pool};
   }
-  std::optional<WrappedShares> stalling;
+  std::optional<WrappedShares> wrapped;  // A worker that stalls, fails or ends as stopped.
   std::atomic<bool> computed_then_stopped{false};  // "cancel_as_computed" (EndsAsTheStopComes).
   if (flags.scenario == "cancel_slow_output" && flags.rank == 1) {
-    stalling.emplace(StallsFirstShare(rank_backend));
-    compute = {&*stalling, &plans, &pool};
+    wrapped.emplace(StallsFirstShare(rank_backend));
+    compute = {&*wrapped, &plans, &pool};
+  }
+  if (flags.scenario == "plane_worker_fails" && flags.rank == 2) {
+    wrapped.emplace(FailsFirstShare(rank_backend));
+    compute = {&*wrapped, &plans, &pool};
   }
   if (flags.scenario == "cancel_as_computed" && flags.rank == 1) {
-    stalling.emplace(EndsAsTheStopComes(rank_backend, &computed_then_stopped));
-    compute = {&*stalling, &plans, &pool};
+    wrapped.emplace(EndsAsTheStopComes(rank_backend, &computed_then_stopped));
+    compute = {&*wrapped, &plans, &pool};
   }
   std::optional<SlowSends> slow_outputs;
   if (flags.scenario == "cancel_slow_output" && flags.rank == 2) {
@@ -1130,15 +1143,14 @@ int RunRank(const RankFlags& flags) {
     return 0;
   }
   if (flags.scenario == "plane_worker_fails") {
-    // A bf16 run over a data plane that rank 2 cannot compute and rank 1 can (checked on the
-    // workers' side), then an exact run: the group stayed in step.
+    // A run over a data plane that rank 2 cannot compute (FailsFirstShare) and rank 1 can
+    // (checked on the workers' side), then an exact run: the group stayed in step.
     Case c = SweepCases()[0];
     c.strategy = ShardPolicy::kSequence;
     engine::testing::OwnedProblem p = engine::testing::RandomProblem(c.shape, 4);
     ShardedProblem problem =
         Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
     problem.strategy = c.strategy;
-    problem.precision = engine::Precision::kBFloat16;
     problem.compute = compute;
     const absl::StatusOr<ShardRunStats> failed =
         CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
