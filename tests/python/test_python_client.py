@@ -106,6 +106,19 @@ def reference(q, k, v, segments, dilations, **kw):
     return ref.dilated_attention(*as64, segments, dilations, **kw)
 
 
+async def tasks_left(settle_s=2.0):
+    """The event loop's tasks other than the caller's that are still pending after up to
+    `settle_s`: a task cancelled a moment ago (grpc.aio's own, when a channel closes) ends one
+    loop turn later, while one left waiting for good is still there."""
+    import asyncio
+    until = time.monotonic() + settle_s
+    while True:
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if not left or time.monotonic() >= until:
+            return left
+        await asyncio.sleep(0.01)
+
+
 class PythonClientTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -1080,7 +1093,7 @@ class ClientReviewTest(unittest.TestCase):
                                                         dilations=[1], timeout=0.5):
                         pass
                 took = time.monotonic() - began
-                left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                left = await tasks_left()
                 return took, left, producer.ag_frame is None
 
         took, left, closed = asyncio.run(run())
@@ -1121,7 +1134,7 @@ class ClientReviewTest(unittest.TestCase):
                                     "both calls in flight")
             await client.close()
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
-            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            left = await tasks_left()
             return outcomes, left
 
         outcomes, left = asyncio.run(run())
