@@ -32,7 +32,8 @@ grpc::ByteBuffer SerializedMessage(const v1::AttendStreamResponse& message) {
 AttendStreamReactor::AttendStreamReactor(engine::Engine* engine, Metrics* metrics,
                                          const StreamSettings& settings,
                                          grpc::CallbackServerContext* context)
-    : engine_(engine),
+    : live_(settings.live_calls),
+      engine_(engine),
       settings_(settings),
       context_(context),
       record_(metrics, "AttendStream", *context) {

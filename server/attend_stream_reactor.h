@@ -67,6 +67,7 @@
 #include "server/client_quota.h"
 #include "server/conversion.h"
 #include "server/host_buffer.h"
+#include "server/live_calls.h"
 #include "server/metrics.h"
 #include "server/request_record.h"
 #include "server/security.h"
@@ -127,6 +128,7 @@ struct StreamSettings {
   const PriorityCap* priority_cap = nullptr;  // Caps the header's priority; null: no cap.
   int64_t progress_log_ms = 0;         // A progress line this often while the stream runs; 0: none.
   const DrainCutOff* drain = nullptr;  // Tells the drain's cancels from clients'; null: none.
+  LiveCalls* live_calls = nullptr;     // Counts the stream until OnDone; null: not counted.
 };
 
 // Reads and writes raw ByteBuffers (AttendStream is a raw method of the service): blocks are
@@ -202,6 +204,7 @@ class AttendStreamReactor final
   int64_t QueryRowBytes() const;
   int64_t KeyRowBytes() const;
 
+  LiveCalls::Token live_;  // Held until OnDone deletes the reactor.
   engine::Engine* engine_;
   StreamSettings settings_;
   grpc::CallbackServerContext* context_;

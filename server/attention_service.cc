@@ -64,9 +64,10 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
                 int64_t max_message_bytes, const PriorityCap* priority_cap,
                 const DrainCutOff* drain,
                 const std::function<void(grpc::CallbackServerContext&)>* before_answer,
-                grpc::CallbackServerContext* context, const grpc::ByteBuffer* body,
-                grpc::ByteBuffer* answer)
-      : record_(metrics, "Attend", *context),
+                LiveCalls* live_calls, grpc::CallbackServerContext* context,
+                const grpc::ByteBuffer* body, grpc::ByteBuffer* answer)
+      : live_(live_calls),
+        record_(metrics, "Attend", *context),
         engine_(engine),
         watch_(watch),
         metrics_(metrics),
@@ -221,6 +222,7 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     Finish(record_.Finish(status, info));
   }
 
+  LiveCalls::Token live_;  // Held until OnDone deletes the reactor.
   RequestRecord record_;
   engine::Engine* engine_;
   StreamWatch* watch_;
@@ -260,12 +262,14 @@ constexpr int kMaxWarmUpShapes = 256;
 // the server is shutting down) stops the plan build in progress and the shapes after it.
 class WarmUpReactor final : public grpc::ServerUnaryReactor {
  public:
+  explicit WarmUpReactor(LiveCalls* live_calls) : live_(live_calls) {}
   void OnCancel() override { cancelled_->store(true); }
   void OnDone() override { delete this; }
   // Outlives the reactor: the worker's job reads it until it calls Finish.
   std::shared_ptr<const std::atomic<bool>> cancelled() const { return cancelled_; }
 
  private:
+  LiveCalls::Token live_;
   const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
 };
 
@@ -363,13 +367,14 @@ bool AttentionService::RefusedWhileDraining(const char* method,
 grpc::ServerUnaryReactor* AttentionService::Attend(grpc::CallbackServerContext* context,
                                                    const grpc::ByteBuffer* request,
                                                    grpc::ByteBuffer* response) {
+  const LiveCalls::Token entering(&live_calls_);  // Until the reactor holds its own.
   if (grpc::Status refused; RefusedWhileDraining("Attend", *context, &refused)) {
     return FinishedWith(context, refused);
   }
   return new AttendReactor(engine_, metrics_, &stream_watch_, options_.max_message_bytes,
                            &priority_cap_, &drain_cut_off_,
                            options_.before_unary_answer ? &options_.before_unary_answer : nullptr,
-                           context, request, response);
+                           &live_calls_, context, request, response);
 }
 
 grpc::ServerUnaryReactor* AttentionService::RefuseUnparsable(const char* method,
@@ -381,6 +386,7 @@ grpc::ServerUnaryReactor* AttentionService::RefuseUnparsable(const char* method,
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::AttendStream(
     grpc::CallbackServerContext* context) {
+  const LiveCalls::Token entering(&live_calls_);  // Until the reactor holds its own.
   if (grpc::Status refused; RefusedWhileDraining("AttendStream", *context, &refused)) {
     return new RefusedStreamReactor(refused);
   }
@@ -393,7 +399,8 @@ grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::A
                                 .client_by_token = options_.client_by_token,
                                 .priority_cap = &priority_cap_,
                                 .progress_log_ms = options_.stream_progress_log_ms,
-                                .drain = &drain_cut_off_};
+                                .drain = &drain_cut_off_,
+                                .live_calls = &live_calls_};
   return new AttendStreamReactor(engine_, metrics_, settings, context);
 }
 
@@ -437,6 +444,7 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* context,
                                                    const grpc::ByteBuffer* body,
                                                    grpc::ByteBuffer* answer) {
+  const LiveCalls::Token entering(&live_calls_);  // Until the reactor holds its own.
   if (grpc::Status refused; RefusedWhileDraining("WarmUp", *context, &refused)) {
     return FinishedWith(context, refused);
   }
@@ -445,7 +453,7 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
     return RefuseUnparsable("WarmUp", context, status);
   }
   const auto start = std::chrono::steady_clock::now();
-  auto* reactor = new WarmUpReactor;
+  auto* reactor = new WarmUpReactor(&live_calls_);
   // gRPC keeps context and the answer buffer alive until Finish.
   warm_up_worker_.Post([this, context, request, answer, reactor, cancelled = reactor->cancelled(),
                         start] {

@@ -21,6 +21,7 @@
 #include "engine/engine.h"
 #include "server/attend_stream_reactor.h"
 #include "server/client_quota.h"
+#include "server/live_calls.h"
 #include "server/metrics.h"
 #include "server/security.h"
 #include "server/stream_watch.h"
@@ -109,6 +110,12 @@ class AttentionService final : public AttentionServiceBase {
   // Calls still in flight at `at` are cut off by the drain (Server::Shutdown's deadline); their
   // cancellation is logged as the drain's, not their clients'.
   void SetDrainCutOff(std::chrono::steady_clock::time_point at) { drain_cut_off_.Set(at); }
+  // True once every attention call (Attend, AttendStream, WarmUp) is done, its answer written to
+  // the kernel (gRPC's OnDone); false when `deadline` passes first.
+  bool WaitForCallsToEnd(std::chrono::steady_clock::time_point deadline) const {
+    return live_calls_.WaitForNone(deadline);
+  }
+  int live_calls() const { return live_calls_.count(); }
 
  private:
   // A unary call whose body is not its message: INVALID_ARGUMENT, logged and counted.
@@ -121,6 +128,10 @@ class AttentionService final : public AttentionServiceBase {
 
   std::atomic<bool> draining_{false};
   DrainCutOff drain_cut_off_;
+  // Outlives the calls' reactors: the service outlives the grpc::Server. A handler holds a token
+  // from before it looks at draining_ until its reactor holds its own, so a wait that sees none
+  // after BeginDrain misses no call that was let in.
+  LiveCalls live_calls_;
   engine::Engine* engine_;
   Metrics* metrics_;
   ServiceOptions options_;

@@ -49,14 +49,17 @@ struct LongCallInFlight {
   explicit LongCallInFlight(client::AttentionClient& client)
       : request(testing::LongRequest(40960)), thread([this, &client] {
           status = client.Attend(request, &response, testing::WithTimeout(300000));
+          done.store(true);
         }) {}
   ~LongCallInFlight() {
     if (thread.joinable()) thread.join();
   }
+  bool thread_done() const { return done.load(); }
   const v1::AttendRequest request;
   grpc::Status status;
   v1::AttendResponse response;
-  std::thread thread;
+  std::atomic<bool> done{false};
+  std::thread thread;  // Last: it starts once the members above exist.
 };
 
 TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
@@ -68,12 +71,15 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   ASSERT_TRUE(testing::WaitFor([&] { return InFlight(*server, 1); }, seconds(60)));
   ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
 
-  // Once the server stops accepting, a fresh channel's calls fail, health included.
+  // While the call is in flight the server still takes connections (gRPC's shutdown waits until
+  // its answer has reached the client, Server::DeliverAnswersInFlight): readiness says
+  // NOT_SERVING, and the service refuses new calls with UNAVAILABLE, naming the drain.
   client::AttentionClient late_client(testing::ChannelTo(server->port()));
   EXPECT_TRUE(testing::WaitFor(
       [&] {
         auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
-        return !late_client.CheckHealth("", &serving, testing::WithTimeout(1000)).ok();
+        return late_client.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
+               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
       },
       seconds(10)));
   v1::AttendResponse late_response;
@@ -81,10 +87,20 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   const grpc::Status late = late_client.Attend(testing::RandomRequest({}, rng), &late_response,
                                                testing::WithTimeout(5000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE) << late.error_message();
+  EXPECT_NE(late.error_message().find("draining"), std::string::npos) << late.error_message();
+  EXPECT_FALSE(call.thread_done()) << "the call ended before the checks: they prove nothing";
 
   call.thread.join();
   EXPECT_TRUE(call.status.ok()) << call.status.error_message();
   EXPECT_EQ(call.response.output().data().size(), call.request.query().data().size());
+  // Then the server stops accepting: a fresh channel's calls fail, health included.
+  client::AttentionClient after_client(testing::ChannelTo(server->port()));
+  EXPECT_TRUE(testing::WaitFor(
+      [&] {
+        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+        return !after_client.CheckHealth("", &serving, testing::WithTimeout(1000)).ok();
+      },
+      seconds(10)));
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
 }
 
@@ -269,41 +285,43 @@ TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
   ASSERT_TRUE(watch_end.has_value());
   EXPECT_EQ(watch_end->error_code(), grpc::StatusCode::UNAVAILABLE) << watch_end->error_message();
 
-  // New calls are refused. On a fresh connection at once: UNAVAILABLE when nothing listens any
-  // more, or CANCELLED when gRPC's listener (closed asynchronously by Shutdown) still took the
-  // connection: the server kills streams that arrive after its shutdown began; seen once in a
-  // loaded ctest run. On the connection carrying the calls in flight, once the client has read
-  // the server's GOAWAY (the channel leaves READY): a call sent before that races the GOAWAY, and
-  // gRPC may answer it CANCELLED instead. Either way nothing is computed for it.
+  // New calls are refused with UNAVAILABLE by the service, on a fresh connection and on the one
+  // carrying the calls in flight: gRPC's shutdown (its GOAWAY, the listener closed) waits until
+  // the calls in flight, the held-back streams among them, have ended and their answers reached
+  // the client. Nothing is computed for them.
   std::mt19937 late_rng(std::random_device{}());
   const v1::AttendRequest late_request = testing::RandomRequest({}, late_rng);
   client::AttentionClient late_client(testing::ChannelTo(server->port()));
   v1::AttendResponse late_response;
   grpc::Status late = late_client.Attend(late_request, &late_response, testing::WithTimeout(10000));
-  EXPECT_TRUE(late.error_code() == grpc::StatusCode::UNAVAILABLE ||
-              late.error_code() == grpc::StatusCode::CANCELLED)
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
       << "fresh connection: " << late.error_code() << " " << late.error_message();
   EXPECT_FALSE(late_response.has_output());
-  EXPECT_TRUE(testing::WaitFor(
-      [&] { return channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY; },
-      seconds(30)));
   late = client.Attend(late_request, &late_response, testing::WithTimeout(10000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
       << "connection of the calls in flight: " << late.error_message();
+  EXPECT_NE(late.error_message().find("draining"), std::string::npos) << late.error_message();
 
   // The held-back streams still get to send their last block, after the signal.
   release();
   int finished_after_signal = 0;
   for (size_t i = 0; i < kinds.size(); ++i) {
     SCOPED_TRACE(::testing::Message() << "call " << i << " kind " << static_cast<int>(kinds[i]));
-    ASSERT_TRUE(statuses[i].ok()) << statuses[i].error_code() << ": "
-                                  << statuses[i].error_message();
+    ASSERT_TRUE(statuses[i].ok()) << statuses[i].error_code() << ": " << statuses[i].error_message()
+                                  << " (ended "
+                                  << std::chrono::duration<double>(finished[i] - signalled).count()
+                                  << " s after the signal)\n"
+                                  << server->Log();
     EXPECT_TRUE(responses[i].output().data() == testing::InProcessOutput(requests[i], 2))
         << "output differs from the in-process engine's";
     if (finished[i] > signalled) ++finished_after_signal;
   }
   // The drain did the work: the held-back streams at least completed after the signal.
   EXPECT_GE(finished_after_signal, 2);
+  // Then gRPC's shutdown: the client reads its GOAWAY and the channel leaves READY.
+  EXPECT_TRUE(testing::WaitFor(
+      [&] { return channel->GetState(/*try_to_connect=*/false) != GRPC_CHANNEL_READY; },
+      seconds(30)));
 
   const std::optional<int> exit_status =
       server->process().WaitForExit(milliseconds(kDrainTimeoutMs));

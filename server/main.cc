@@ -338,8 +338,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{86400000}));
   app.add_option("--drain-grace-ms", drain_grace_ms,
                  "On SIGTERM, how long new calls are still taken and refused with UNAVAILABLE "
-                 "(readiness already NOT_SERVING) before the server stops accepting; then "
-                 "--drain-timeout-ms applies")
+                 "(readiness already NOT_SERVING) before the calls in flight are waited for "
+                 "(--drain-timeout-ms); the server stops accepting once they have ended and "
+                 "their answers have reached their clients")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{3600000}));
   // Multi-process serving (server/group_flags.h); checked by ValidateGroupFlags.

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <climits>
 #include <fstream>
+#include <map>
 #include <string>
 #include <thread>
 
@@ -19,6 +20,7 @@
 #include "engine/self_check.h"
 #include "engine/status_macros.h"
 #include "server/authenticated_service.h"
+#include "server/send_queue.h"
 
 #ifndef DA_VERSION
 #define DA_VERSION "unknown"
@@ -392,6 +394,63 @@ Server::~Server() {
   if (shard_group_ != nullptr) shard_group_->SetStatusListener(nullptr);
 }
 
+void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_off) {
+  const auto start = std::chrono::steady_clock::now();
+  if (start >= cut_off) return;  // No drain time (~Server): nothing to wait for.
+  const int calls = service_->live_calls();
+  if (!service_->WaitForCallsToEnd(cut_off)) {
+    spdlog::warn("drain: calls in flight still running at the cut-off; cancelling them");
+    return;
+  }
+  // gRPC may still hold the last bytes of an answer whose call is done (its writer thread
+  // descheduled on a loaded machine), so a connection counts as delivered only once it has shown
+  // nothing unacknowledged at a poll at least kDeliverySettle after the calls ended. Connections
+  // that close meanwhile drop out.
+  const auto settled = std::chrono::steady_clock::now() + kDeliverySettle;
+  std::map<uint64_t, bool> delivered;  // Connection (socket inode) -> seen empty once settled.
+  int64_t most = 0;
+  absl::Status readable;
+  for (;;) {
+    absl::StatusOr<std::vector<SocketQueue>> queues = ServerSocketQueues(port_);
+    if (!queues.ok()) {
+      readable = queues.status();
+      break;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    std::map<uint64_t, bool> seen;
+    int64_t unacknowledged = 0;
+    for (const SocketQueue& queue : *queues) {
+      bool& done = seen[queue.inode];
+      done = delivered[queue.inode] || (queue.unacknowledged == 0 && now >= settled);
+      unacknowledged += queue.unacknowledged;
+    }
+    delivered = std::move(seen);
+    most = std::max(most, unacknowledged);
+    const bool all = std::all_of(delivered.begin(), delivered.end(),
+                                 [](const auto& connection) { return connection.second; });
+    if ((all && now >= settled) || now >= cut_off) {
+      const double ms = std::chrono::duration<double, std::milli>(now - start).count();
+      if (all && now >= settled) {
+        spdlog::info(
+            "drain: {} calls in flight ended and their answers reached the clients (at most {} "
+            "bytes were on the way) in {:.1f} ms; closing the connections",
+            calls, most, ms);
+      } else {
+        spdlog::warn(
+            "drain: {} calls in flight ended; {} bytes of answers still unacknowledged by the "
+            "clients at the cut-off, {:.1f} ms after the drain began; closing the connections",
+            calls, unacknowledged, ms);
+      }
+      return;
+    }
+    std::this_thread::sleep_for(kDeliveryPoll);
+  }
+  spdlog::warn(
+      "drain: {} calls in flight ended; cannot tell whether their answers reached the clients "
+      "({}); closing the connections",
+      calls, readable.ToString());
+}
+
 void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::milliseconds grace) {
   std::lock_guard<std::mutex> lock(shutdown_mu_);
   if (shut_down_ || server_ == nullptr) return;
@@ -399,11 +458,15 @@ void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::mill
   health_->BeginDrain();
   service_->BeginDrain();
   if (grace.count() > 0) std::this_thread::sleep_for(grace);
-  // New calls are refused at once; calls in flight run to completion until the deadline, then
-  // are cancelled (their reactors see OnCancel, the engine stops them). Returns when every
-  // reactor is done, so no engine callback can touch the service afterwards.
-  service_->SetDrainCutOff(std::chrono::steady_clock::now() + drain_timeout);
-  server_->Shutdown(std::chrono::system_clock::now() + drain_timeout);
+  const auto cut_off = std::chrono::steady_clock::now() + drain_timeout;
+  service_->SetDrainCutOff(cut_off);
+  DeliverAnswersInFlight(cut_off);
+  // gRPC sends its GOAWAY and stops taking calls; calls still in flight (only when the cut-off
+  // came first) are cancelled at once (their reactors see OnCancel, the engine stops them).
+  // Returns when every reactor is done, so no engine callback can touch the service afterwards.
+  const auto left = std::max(std::chrono::steady_clock::duration::zero(),
+                             cut_off - std::chrono::steady_clock::now());
+  server_->Shutdown(std::chrono::system_clock::now() + left);
   // Scrapes keep the plan cache's and the engine's last statistics; the engine's destructor
   // finishes anything still queued.
   metrics_->SetPlanCacheSource(nullptr);
