@@ -11,6 +11,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace da::server {
 namespace {
@@ -27,10 +28,10 @@ std::set<uint64_t> OwnSocketInodes() {
     const std::string path = absl::StrCat("/proc/self/fd/", entry->d_name);
     const ssize_t n = readlink(path.c_str(), target, sizeof(target) - 1);
     if (n <= 0) continue;
-    const absl::string_view link(target, static_cast<size_t>(n));
+    absl::string_view link(target, static_cast<size_t>(n));
     uint64_t inode = 0;
-    if (link.size() > 9 && link.substr(0, 8) == "socket:[" && link.back() == ']' &&
-        absl::SimpleAtoi(link.substr(8, link.size() - 9), &inode)) {
+    if (absl::ConsumePrefix(&link, "socket:[") && absl::ConsumeSuffix(&link, "]") &&
+        absl::SimpleAtoi(link, &inode)) {
       inodes.insert(inode);
     }
   }

@@ -10,7 +10,7 @@
 #include <chrono>
 #include <climits>
 #include <fstream>
-#include <map>
+#include <set>
 #include <string>
 #include <thread>
 
@@ -407,30 +407,29 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
   // nothing unacknowledged at a poll at least kDeliverySettle after the calls ended. Connections
   // that close meanwhile drop out.
   const auto settled = std::chrono::steady_clock::now() + kDeliverySettle;
-  std::map<uint64_t, bool> delivered;  // Connection (socket inode) -> seen empty once settled.
+  std::set<uint64_t> delivered;  // Connections (socket inodes) seen empty once settled.
   int64_t most = 0;
-  absl::Status readable;
   for (;;) {
     absl::StatusOr<std::vector<SocketQueue>> queues = ServerSocketQueues(port_);
     if (!queues.ok()) {
-      readable = queues.status();
-      break;
+      spdlog::warn(
+          "drain: {} calls in flight ended; cannot tell whether their answers reached the "
+          "clients ({}); closing the connections",
+          calls, queues.status().ToString());
+      return;
     }
     const auto now = std::chrono::steady_clock::now();
-    std::map<uint64_t, bool> seen;
+    bool pending = now < settled;
     int64_t unacknowledged = 0;
     for (const SocketQueue& queue : *queues) {
-      bool& done = seen[queue.inode];
-      done = delivered[queue.inode] || (queue.unacknowledged == 0 && now >= settled);
       unacknowledged += queue.unacknowledged;
+      if (now >= settled && queue.unacknowledged == 0) delivered.insert(queue.inode);
+      if (delivered.count(queue.inode) == 0) pending = true;
     }
-    delivered = std::move(seen);
     most = std::max(most, unacknowledged);
-    const bool all = std::all_of(delivered.begin(), delivered.end(),
-                                 [](const auto& connection) { return connection.second; });
-    if ((all && now >= settled) || now >= cut_off) {
+    if (!pending || now >= cut_off) {
       const double ms = std::chrono::duration<double, std::milli>(now - start).count();
-      if (all && now >= settled) {
+      if (!pending) {
         spdlog::info(
             "drain: {} calls in flight ended and their answers reached the clients (at most {} "
             "bytes were on the way) in {:.1f} ms; closing the connections",
@@ -445,10 +444,6 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
     }
     std::this_thread::sleep_for(kDeliveryPoll);
   }
-  spdlog::warn(
-      "drain: {} calls in flight ended; cannot tell whether their answers reached the clients "
-      "({}); closing the connections",
-      calls, readable.ToString());
 }
 
 void Server::Shutdown(std::chrono::milliseconds drain_timeout, std::chrono::milliseconds grace) {
