@@ -324,7 +324,9 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--max-connection-age-ms", options.max_connection_age_ms,
                  "GOAWAY to connections older than this (calls in flight finish; clients "
-                 "reconnect and rebalance); 0: no limit")
+                 "reconnect and rebalance); 0: no limit. Off by default: gRPC closes such a "
+                 "connection once its last answer is written, and a client still reading it "
+                 "can lose the answer's tail to a reset")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{2147483647}));
   app.add_option("--max-connection-age-grace-ms", options.max_connection_age_grace_ms,

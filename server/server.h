@@ -114,12 +114,20 @@ struct ServerOptions {
   // not answered within keepalive_timeout_ms, so dead peers do not keep their calls open. 0: off.
   int64_t keepalive_time_ms = 60000;
   int64_t keepalive_timeout_ms = 20000;
-  // A connection with no call open for this long is closed (GOAWAY); 0: never.
+  // A connection with no call open for this long is closed (GOAWAY); 0: never. Clients that
+  // pause between bursts reconnect and so rebalance across replicas. An answer its client reads
+  // later than this after it was written can be lost (below).
   int64_t max_connection_idle_ms = 300000;
   // A connection older than this gets GOAWAY: its calls in flight finish (for up to
   // max_connection_age_grace_ms; 0: as long as they take), new calls go to a new connection, so
-  // clients rebalance across replicas. 0: no limit.
-  int64_t max_connection_age_ms = 3600000;
+  // clients rebalance across replicas. 0 (the default): no limit, because gRPC closes a connection
+  // it sent GOAWAY to as soon as its last call has handed its answer to the kernel, not once the
+  // client has read it: a client frame arriving then (the window update of a client reading the
+  // answer) makes the kernel reset the connection and throw the answer's unsent tail away, and
+  // the client gets UNAVAILABLE for a finished call (tests/python/test_hostile.py's slow reader
+  // lost 3-4 MiB of an 8 MiB answer that way). The drain does not have this race: it sends its
+  // GOAWAY only after the answers in flight have reached their clients.
+  int64_t max_connection_age_ms = 0;
   int64_t max_connection_age_grace_ms = 0;
   // What gRPC's own buffers may hold at once (its resource quota): above all the unary requests
   // still arriving, which nothing else counts (a client that sends all but the last byte of a

@@ -388,6 +388,55 @@ class HostileClientTest(unittest.TestCase):
         # A new call simply reconnects.
         self.assertTrue(stub.GetServerInfo(pb2.GetServerInfoRequest(), timeout=TIMEOUT_S).version)
 
+    # A client that reads its answer late (tests/python/raw_h2.py): with a large window and a
+    # 64 KiB receive buffer, the server writes the whole answer into its socket at once, and the
+    # client reads it a second later, returning window every 256 KiB as a gRPC client does.
+    # Should gRPC close the connection while the answer still waits in the server's socket, the
+    # client's first WINDOW_UPDATE makes the server's kernel reset the connection and throw the
+    # rest away. gRPC does that right after the last call on a connection it sent its final
+    # GOAWAY to has written its answer: with the drain's GOAWAY if that went out while the call
+    # ran, and on its own with --max-connection-age-ms (which is why that is off by default).
+
+    def test_a_slow_reader_gets_its_whole_answer_when_the_server_drains_during_its_call(self):
+        server, _, stub = self.start()
+        # 4096 tokens, H = 2, D = 64, fp32: one chunk, a 2 MiB answer.
+        header = stream_header(4096, heads=2, segment=2048)
+        # Blocks of 1023 tokens: the last one, 4 tokens, fits in the window the client already
+        # has once it stops reading (and so stops seeing the server's WINDOW_UPDATEs).
+        requests = [m.SerializeToString()
+                    for m in stream_requests(header, block_tokens=1023, seed=5)]
+        want = b"".join(r.block.output for r in stub.AttendStream(
+            stream_requests(header, block_tokens=1023, seed=5), timeout=TIMEOUT_S)
+            if r.HasField("block"))
+        self.assertEqual(len(want), 4096 * 2 * 64 * 4)
+        connection = raw_h2.Connection(server.port, window=1 << 30, receive_buffer=64 << 10,
+                                       update_every=256 << 10)
+        self.addCleanup(connection.close)
+        stream = connection.open_call(SERVICE + "AttendStream")
+        for message in requests[:-1]:
+            connection.send_message(stream, message)
+        # The call is in flight when the drain begins, and the client reads (it would answer
+        # the ping of a GOAWAY) until its last block has gone.
+        server.terminate()
+        da_testing.wait_until(lambda: "draining" in server.log(), TIMEOUT_S, "the drain")
+        time.sleep(0.5)
+        connection.reading.clear()
+        connection.send_message(stream, requests[-1], end_stream=True)
+        da_testing.wait_until(lambda: "method=AttendStream" in server.log().split("draining")[-1],
+                              TIMEOUT_S, "the call to finish")
+        time.sleep(1)  # The server must not close the connection while the client has not read.
+        connection.reading.set()
+        ended = connection.wait_ended(stream, TIMEOUT_S)
+        messages = connection.messages(stream)
+        self.assertTrue(ended, f"the answer ended after {len(messages)} messages "
+                               f"({len(connection.received.get(stream, b''))} bytes): "
+                               f"{connection.error}")
+        answers = [pb2.AttendStreamResponse.FromString(m) for m in messages]
+        self.assertTrue(answers[-1].HasField("trailer"))
+        self.assertEqual(b"".join(a.block.output for a in answers if a.HasField("block")), want)
+        self.assertEqual(server.stop(), 0)
+        self.assertRegex(server.log(), r"drain: 1 calls in flight ended and their answers reached")
+
     # --- Memory after load -----------------------------------------------------------------------
 
     def test_resident_memory_returns_near_idle_after_rounds_of_concurrent_streams(self):
