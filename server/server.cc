@@ -20,6 +20,7 @@
 #include "engine/self_check.h"
 #include "engine/status_macros.h"
 #include "server/authenticated_service.h"
+#include "server/open_streams.h"
 #include "server/send_queue.h"
 
 #ifndef DA_VERSION
@@ -405,10 +406,16 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
   // gRPC may still hold the last bytes of an answer whose call is done (its writer thread
   // descheduled on a loaded machine), so a connection counts as delivered only once it has shown
   // nothing unacknowledged at a poll at least kDeliverySettle after the calls ended. Connections
-  // that close meanwhile drop out.
+  // that close meanwhile drop out. Likewise each connection must have shown no open stream
+  // (OpenServerStreams): a call whose request is still arriving has no reactor yet, and a GOAWAY
+  // now would close the connection under it; once whole it is refused ("draining") like any call
+  // that comes during the drain.
   const auto settled = std::chrono::steady_clock::now() + kDeliverySettle;
   std::set<uint64_t> delivered;  // Connections (socket inodes) seen empty once settled.
+  std::set<int64_t> quiet;  // Connections (channelz ids) seen with no open stream once settled.
+  bool streams_known = true;
   int64_t most = 0;
+  int64_t most_arriving = 0;
   for (;;) {
     absl::StatusOr<std::vector<SocketQueue>> queues = ServerSocketQueues(port_);
     if (!queues.ok()) {
@@ -417,6 +424,17 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
           "clients ({}); closing the connections",
           calls, queues.status().ToString());
       return;
+    }
+    absl::StatusOr<std::vector<ConnectionStreams>> streams;
+    if (streams_known) {
+      streams = OpenServerStreams(port_);
+      if (!streams.ok()) {
+        spdlog::warn(
+            "drain: cannot see the calls gRPC has not handed over yet ({}); not waiting "
+            "for them",
+            streams.status().ToString());
+        streams_known = false;
+      }
     }
     const auto now = std::chrono::steady_clock::now();
     bool pending = now < settled;
@@ -427,18 +445,29 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
       if (delivered.count(queue.inode) == 0) pending = true;
     }
     most = std::max(most, unacknowledged);
+    int64_t arriving = 0;
+    if (streams_known) {
+      for (const ConnectionStreams& connection : *streams) {
+        arriving += connection.open;
+        if (now >= settled && connection.open == 0) quiet.insert(connection.socket_id);
+        if (quiet.count(connection.socket_id) == 0) pending = true;
+      }
+    }
+    most_arriving = std::max(most_arriving, arriving);
     if (!pending || now >= cut_off) {
       const double ms = std::chrono::duration<double, std::milli>(now - start).count();
       if (!pending) {
         spdlog::info(
             "drain: {} calls in flight ended and their answers reached the clients (at most {} "
-            "bytes were on the way) in {:.1f} ms; closing the connections",
-            calls, most, ms);
+            "bytes were on the way; at most {} calls were open in gRPC) in {:.1f} ms; closing "
+            "the connections",
+            calls, most, most_arriving, ms);
       } else {
         spdlog::warn(
             "drain: {} calls in flight ended; {} bytes of answers still unacknowledged by the "
-            "clients at the cut-off, {:.1f} ms after the drain began; closing the connections",
-            calls, unacknowledged, ms);
+            "clients and {} calls open in gRPC at the cut-off, {:.1f} ms after the drain began; "
+            "closing the connections",
+            calls, unacknowledged, arriving, ms);
       }
       return;
     }

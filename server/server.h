@@ -215,8 +215,11 @@ class Server {
   // answer it is reading) resets the connection, and the kernel throws away the answer's bytes
   // not yet delivered: the client sees UNAVAILABLE ("Connection reset by peer") for a call the
   // server finished (drain_test under load, about one run in 50; strace showed gRPC's
-  // shutdown(fd) 1 ms after a 3 MB final write). New calls meanwhile are refused by the service
-  // (UNAVAILABLE, "draining"), as during the grace. Logs how long it waited.
+  // shutdown(fd) 1 ms after a 3 MB final write). It also waits until no connection has a stream
+  // open (OpenServerStreams): a unary call whose message is still arriving has no reactor yet,
+  // and the GOAWAY would close its connection under it with no status at all. New calls
+  // meanwhile are refused by the service (UNAVAILABLE, "draining"), as during the grace. Logs how
+  // long it waited.
   void DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_off);
   static constexpr std::chrono::milliseconds kDeliveryPoll{5};
   static constexpr std::chrono::milliseconds kDeliverySettle{50};

@@ -437,6 +437,35 @@ class HostileClientTest(unittest.TestCase):
         self.assertEqual(server.stop(), 0)
         self.assertRegex(server.log(), r"drain: 1 calls in flight ended and their answers reached")
 
+    def test_a_unary_request_still_arriving_when_the_drain_begins_is_answered_not_cut_off(self):
+        # gRPC hands a unary call to the service only once its message is whole, so the drain's
+        # count of calls does not see it; it must wait for the stream all the same (channelz's
+        # open streams) rather than send the GOAWAY that closes the connection under it.
+        server, _, _ = self.start()
+        rng = np.random.default_rng(13)
+        request = pb2.AttendRequest(spec=pb2.AttentionSpec(
+            segment_lengths=[256], dilation_rates=[1], precision=pb2.PRECISION_FP32))
+        for field in (request.query, request.key, request.value):
+            field.dtype = pb2.DTYPE_FP32
+            field.shape[:] = [1, 1024, 2, 64]
+            field.data = rng.standard_normal(1024 * 2 * 64).astype(np.float32).tobytes()
+        connection = raw_h2.Connection(server.port, window=1 << 30)
+        self.addCleanup(connection.close)
+
+        def drain_first():
+            server.terminate()
+            da_testing.wait_until(lambda: "draining" in server.log(), TIMEOUT_S, "the drain")
+            time.sleep(0.5)  # Time for the server to close the connection, were it to.
+
+        stream = connection.call(SERVICE + "Attend", request.SerializeToString(),
+                                 before_last=drain_first)
+        self.assertTrue(connection.wait_ended(stream, TIMEOUT_S),
+                        f"the call got no status: {connection.error}; {server.log()}")
+        self.assertEqual(connection.messages(stream), [])
+        self.assertEqual(connection.reset, {})
+        self.assertEqual(server.stop(), 0)
+        self.assertRegex(server.log(), r"method=Attend .*code=UNAVAILABLE")
+
     # --- Memory after load -----------------------------------------------------------------------
 
     def test_resident_memory_returns_near_idle_after_rounds_of_concurrent_streams(self):
