@@ -112,4 +112,4 @@ test-gpu:
 	scripts/run-gpu-tests
 
 clean:
-	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) $(TSAN_DIR) $(FUZZ_DIR)
+	rm -rf $(BUILD_DIR) build-nocuda $(SANITIZE_DIR) $(TSAN_DIR) $(FUZZ_DIR)

@@ -6,10 +6,11 @@
 // call still arriving then is answered (refused, "draining") instead of having its connection
 // closed under it with no status at all.
 //
-//   absl::StatusOr<std::vector<ConnectionStreams>> open = OpenServerStreams(server.port());
+//   absl::StatusOr<std::vector<ConnectionStreams>> streams = OpenServerStreams(server.port());
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string_view>
 #include <vector>
 
@@ -19,13 +20,16 @@ namespace da::server {
 
 struct ConnectionStreams {
   int64_t socket_id = 0;  // channelz's id of the connection.
-  int64_t open = 0;       // Streams started by the client and not yet ended.
+  int64_t started = 0;    // Streams its client has started,
+  int64_t ended = 0;      // and those that have ended.
+  int64_t open() const { return started - ended; }
 };
 
 // Every connection of this process's gRPC servers whose local port is `port` (channelz must be
-// on, as it is by default). FAILED_PRECONDITION when channelz lists no server at all (turned off);
-// INTERNAL when its answer cannot be parsed.
-absl::StatusOr<std::vector<ConnectionStreams>> OpenServerStreams(int port);
+// on, as it is by default), but those whose ids are in `skip` (may be null). FAILED_PRECONDITION
+// when channelz lists no server at all (turned off); INTERNAL when its answer cannot be parsed.
+absl::StatusOr<std::vector<ConnectionStreams>> OpenServerStreams(
+    int port, const std::set<int64_t>* skip = nullptr);
 
 // Channelz's JSON, parsed (for tests). A listing's ids ("server" entries' ref.serverId, or
 // "socketRef" entries' socketId) and whether it is the last page ("end").
@@ -35,11 +39,12 @@ struct ChannelzPage {
 };
 absl::StatusOr<ChannelzPage> ParseServerList(std::string_view json);
 absl::StatusOr<ChannelzPage> ParseSocketList(std::string_view json);
-// One socket's local port and open streams (streamsStarted - streamsSucceeded - streamsFailed;
-// absent counters are 0).
+// One socket's local port and streams: streamsStarted, and streamsSucceeded + streamsFailed as
+// ended (absent counters are 0).
 struct ChannelzSocket {
   int port = 0;
-  int64_t open = 0;
+  int64_t started = 0;
+  int64_t ended = 0;
 };
 absl::StatusOr<ChannelzSocket> ParseSocket(std::string_view json);
 

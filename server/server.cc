@@ -10,6 +10,7 @@
 #include <chrono>
 #include <climits>
 #include <fstream>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -406,17 +407,51 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
   // gRPC may still hold the last bytes of an answer whose call is done (its writer thread
   // descheduled on a loaded machine), so a connection counts as delivered only once it has shown
   // nothing unacknowledged at a poll at least kDeliverySettle after the calls ended. Connections
-  // that close meanwhile drop out. Likewise each connection must have shown no open stream
-  // (OpenServerStreams): a call whose request is still arriving has no reactor yet, and a GOAWAY
-  // now would close the connection under it; once whole it is refused ("draining") like any call
-  // that comes during the drain.
+  // that close meanwhile drop out.
+  //
+  // The calls still arriving are waited for too (for up to kArrivingWait): a unary call whose
+  // message is not whole has no reactor yet, and gRPC's shutdown would close the connection
+  // under it with no status; once whole it is refused ("draining") like any call of the drain.
+  // Channelz counts streams, not which ones, so a connection's wait ends once as many streams
+  // have ended on it as its client had started when it was first looked at: calls that keep
+  // coming and are refused do not hold the drain. While a connection still waits for one, its
+  // refusal is still to be written, so no connection counts as delivered yet.
   const auto settled = std::chrono::steady_clock::now() + kDeliverySettle;
-  std::set<uint64_t> delivered;  // Connections (socket inodes) seen empty once settled.
-  std::set<int64_t> quiet;  // Connections (channelz ids) seen with no open stream once settled.
+  const auto arriving_until = std::min(cut_off, settled + kArrivingWait);
+  std::set<uint64_t> delivered;        // Connections (socket inodes) seen empty once settled.
+  std::map<int64_t, int64_t> started;  // Channelz id -> streams started when first looked at.
+  std::set<int64_t> answered;          // Channelz ids whose awaited streams have all ended.
   bool streams_known = true;
   int64_t most = 0;
   int64_t most_arriving = 0;
+  int64_t arriving = 0;
   for (;;) {
+    const auto now = std::chrono::steady_clock::now();
+    bool waiting_for_arrivals = false;
+    if (streams_known && now >= settled && now < arriving_until) {
+      absl::StatusOr<std::vector<ConnectionStreams>> streams = OpenServerStreams(port_, &answered);
+      if (!streams.ok()) {
+        spdlog::warn(
+            "drain: cannot see the calls gRPC has not handed over yet ({}); not waiting "
+            "for them",
+            streams.status().ToString());
+        streams_known = false;
+      } else {
+        arriving = 0;
+        for (const ConnectionStreams& connection : *streams) {
+          const int64_t awaited =
+              started.emplace(connection.socket_id, connection.started).first->second;
+          if (connection.ended >= awaited) {
+            answered.insert(connection.socket_id);
+          } else {
+            arriving += std::min(awaited - connection.ended, connection.open());
+          }
+        }
+        most_arriving = std::max(most_arriving, arriving);
+        waiting_for_arrivals = arriving > 0;
+        if (waiting_for_arrivals) delivered.clear();
+      }
+    }
     absl::StatusOr<std::vector<SocketQueue>> queues = ServerSocketQueues(port_);
     if (!queues.ok()) {
       spdlog::warn(
@@ -425,49 +460,33 @@ void Server::DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_of
           calls, queues.status().ToString());
       return;
     }
-    absl::StatusOr<std::vector<ConnectionStreams>> streams;
-    if (streams_known) {
-      streams = OpenServerStreams(port_);
-      if (!streams.ok()) {
-        spdlog::warn(
-            "drain: cannot see the calls gRPC has not handed over yet ({}); not waiting "
-            "for them",
-            streams.status().ToString());
-        streams_known = false;
-      }
-    }
-    const auto now = std::chrono::steady_clock::now();
-    bool pending = now < settled;
+    bool pending = now < settled || waiting_for_arrivals;
     int64_t unacknowledged = 0;
     for (const SocketQueue& queue : *queues) {
       unacknowledged += queue.unacknowledged;
-      if (now >= settled && queue.unacknowledged == 0) delivered.insert(queue.inode);
+      if (now >= settled && !waiting_for_arrivals && queue.unacknowledged == 0) {
+        delivered.insert(queue.inode);
+      }
       if (delivered.count(queue.inode) == 0) pending = true;
     }
     most = std::max(most, unacknowledged);
-    int64_t arriving = 0;
-    if (streams_known) {
-      for (const ConnectionStreams& connection : *streams) {
-        arriving += connection.open;
-        if (now >= settled && connection.open == 0) quiet.insert(connection.socket_id);
-        if (quiet.count(connection.socket_id) == 0) pending = true;
-      }
-    }
-    most_arriving = std::max(most_arriving, arriving);
     if (!pending || now >= cut_off) {
       const double ms = std::chrono::duration<double, std::milli>(now - start).count();
+      const std::string arrivals =
+          !streams_known ? "calls still arriving unknown"
+          : arriving > 0 ? absl::StrCat(arriving, " calls still arriving after ",
+                                        kArrivingWait.count(), " ms left to gRPC")
+                         : absl::StrCat(most_arriving, " calls still arriving answered");
       if (!pending) {
         spdlog::info(
             "drain: {} calls in flight ended and their answers reached the clients (at most {} "
-            "bytes were on the way; at most {} calls were open in gRPC) in {:.1f} ms; closing "
-            "the connections",
-            calls, most, most_arriving, ms);
+            "bytes were on the way; {}) in {:.1f} ms; closing the connections",
+            calls, most, arrivals, ms);
       } else {
         spdlog::warn(
             "drain: {} calls in flight ended; {} bytes of answers still unacknowledged by the "
-            "clients and {} calls open in gRPC at the cut-off, {:.1f} ms after the drain began; "
-            "closing the connections",
-            calls, unacknowledged, arriving, ms);
+            "clients at the cut-off, {:.1f} ms after the drain began; closing the connections",
+            calls, unacknowledged, ms);
       }
       return;
     }

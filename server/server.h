@@ -215,14 +215,18 @@ class Server {
   // answer it is reading) resets the connection, and the kernel throws away the answer's bytes
   // not yet delivered: the client sees UNAVAILABLE ("Connection reset by peer") for a call the
   // server finished (drain_test under load, about one run in 50; strace showed gRPC's
-  // shutdown(fd) 1 ms after a 3 MB final write). It also waits until no connection has a stream
-  // open (OpenServerStreams): a unary call whose message is still arriving has no reactor yet,
-  // and the GOAWAY would close its connection under it with no status at all. New calls
+  // shutdown(fd) 1 ms after a 3 MB final write). It also waits, for up to kArrivingWait, for the
+  // calls that were still arriving when it began (OpenServerStreams): a unary call whose message
+  // is not whole has no reactor yet, and the GOAWAY would close its connection under it with no
+  // status at all. New calls
   // meanwhile are refused by the service (UNAVAILABLE, "draining"), as during the grace. Logs how
   // long it waited.
   void DeliverAnswersInFlight(std::chrono::steady_clock::time_point cut_off);
   static constexpr std::chrono::milliseconds kDeliveryPoll{5};
   static constexpr std::chrono::milliseconds kDeliverySettle{50};
+  // How long the drain waits for calls still arriving (DeliverAnswersInFlight): about a 64 MiB
+  // unary request at 100 Mbit/s.
+  static constexpr std::chrono::milliseconds kArrivingWait{5000};
   // Runs the self-check (hook, or engine::SelfCheck) on an engine configured like engine_ and
   // marks engine_'s first device down on failure.
   void RunSelfCheck(const engine::EngineOptions& engine_options,

@@ -180,10 +180,11 @@ class Connection:
                 sent += n
         return sent
 
-    def send_message(self, stream, message, end_stream=False):
-        """Sends one whole gRPC message on stream (half-closing after it when end_stream)."""
+    def send_message(self, stream, message, end_stream=False, stall_s=None):
+        """Sends one whole gRPC message on stream (half-closing after it when end_stream); raises
+        when it could not (see send_bytes)."""
         body = b"\x00" + struct.pack(">I", len(message)) + message
-        sent = self.send_bytes(stream, body, end_stream=end_stream)
+        sent = self.send_bytes(stream, body, stall_s=stall_s, end_stream=end_stream)
         if sent != len(body):
             raise RuntimeError(f"stream {stream}: sent {sent} bytes of {len(body)}")
 
@@ -212,11 +213,12 @@ class Connection:
         return out
 
     def wait_ended(self, stream, timeout_s):
-        """True once the stream's answer ended; False when the connection closed or the time ran
-        out first."""
+        """True once the stream's answer ended; False when the server reset the stream, the
+        connection closed or the time ran out first."""
         with self.cv:
-            return self.cv.wait_for(lambda: stream in self.ended or self.closed, timeout_s) and (
-                stream in self.ended)
+            return self.cv.wait_for(
+                lambda: stream in self.ended or stream in self.reset or self.closed,
+                timeout_s) and stream in self.ended
 
     def start_call(self, path, length, short=1, stall_s=None):
         """Sends a HEADERS frame and a message of `length` bytes of zeros less its last `short`;

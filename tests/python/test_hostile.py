@@ -23,6 +23,7 @@ Each case starts its own da-server with the flags it is about and reads the serv
 
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -399,8 +400,9 @@ class HostileClientTest(unittest.TestCase):
 
     def test_a_slow_reader_gets_its_whole_answer_when_the_server_drains_during_its_call(self):
         server, _, stub = self.start()
-        # 4096 tokens, H = 2, D = 64, fp32: one chunk, a 2 MiB answer.
-        header = stream_header(4096, heads=2, segment=2048)
+        # 4096 tokens, H = 1, D = 32, fp32: one chunk, a 512 KiB answer (it must fit in the
+        # server's socket while the client does not read).
+        header = stream_header(4096, heads=1, head_dim=32, segment=2048)
         # Blocks of 1023 tokens: the last one, 4 tokens, fits in the window the client already
         # has once it stops reading (and so stops seeing the server's WINDOW_UPDATEs).
         requests = [m.SerializeToString()
@@ -408,7 +410,7 @@ class HostileClientTest(unittest.TestCase):
         want = b"".join(r.block.output for r in stub.AttendStream(
             stream_requests(header, block_tokens=1023, seed=5), timeout=TIMEOUT_S)
             if r.HasField("block"))
-        self.assertEqual(len(want), 4096 * 2 * 64 * 4)
+        self.assertEqual(len(want), 4096 * 32 * 4)
         connection = raw_h2.Connection(server.port, window=1 << 30, receive_buffer=64 << 10,
                                        update_every=256 << 10)
         self.addCleanup(connection.close)
@@ -421,16 +423,18 @@ class HostileClientTest(unittest.TestCase):
         da_testing.wait_until(lambda: "draining" in server.log(), TIMEOUT_S, "the drain")
         time.sleep(0.5)
         connection.reading.clear()
-        connection.send_message(stream, requests[-1], end_stream=True)
-        da_testing.wait_until(lambda: "method=AttendStream" in server.log().split("draining")[-1],
-                              TIMEOUT_S, "the call to finish")
+        connection.send_message(stream, requests[-1], end_stream=True, stall_s=TIMEOUT_S)
+        da_testing.wait_until(
+            lambda: re.search(r"request id=\S+ method=AttendStream",
+                              server.log().split("draining")[-1]),
+            TIMEOUT_S, "the call to finish")
         time.sleep(1)  # The server must not close the connection while the client has not read.
         connection.reading.set()
         ended = connection.wait_ended(stream, TIMEOUT_S)
         messages = connection.messages(stream)
         self.assertTrue(ended, f"the answer ended after {len(messages)} messages "
                                f"({len(connection.received.get(stream, b''))} bytes): "
-                               f"{connection.error}")
+                               f"{connection.error}, resets {connection.reset}")
         answers = [pb2.AttendStreamResponse.FromString(m) for m in messages]
         self.assertTrue(answers[-1].HasField("trailer"))
         self.assertEqual(b"".join(a.block.output for a in answers if a.HasField("block")), want)
@@ -460,7 +464,8 @@ class HostileClientTest(unittest.TestCase):
         stream = connection.call(SERVICE + "Attend", request.SerializeToString(),
                                  before_last=drain_first)
         self.assertTrue(connection.wait_ended(stream, TIMEOUT_S),
-                        f"the call got no status: {connection.error}; {server.log()}")
+                        f"the call got no status: {connection.error}, resets {connection.reset}; "
+                        f"{server.log()}")
         self.assertEqual(connection.messages(stream), [])
         self.assertEqual(connection.reset, {})
         self.assertEqual(server.stop(), 0)
