@@ -471,6 +471,47 @@ class HostileClientTest(unittest.TestCase):
         self.assertEqual(server.stop(), 0)
         self.assertRegex(server.log(), r"method=Attend .*code=UNAVAILABLE")
 
+    def test_calls_that_keep_coming_during_the_drain_do_not_hold_it(self):
+        # Clients that keep sending are refused ("draining") until the GOAWAY moves them; the
+        # drain's wait for calls still arriving counts only those open when it began, so it ends
+        # soon (well inside its 5 s bound for arrivals) however many keep coming. Eight threads
+        # on one connection keep calls of 1.5 MiB open on it nearly all the time.
+        server, _, stub = self.start()
+        request = pb2.AttendRequest(spec=pb2.AttentionSpec(
+            segment_lengths=[64], dilation_rates=[1], precision=pb2.PRECISION_FP32))
+        rng = np.random.default_rng(17)
+        for field in (request.query, request.key, request.value):
+            field.dtype = pb2.DTYPE_FP32
+            field.shape[:] = [1, 4096, 2, 16]
+            field.data = rng.standard_normal(4096 * 2 * 16).astype(np.float32).tobytes()
+        stop = threading.Event()
+        codes = []
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    stub.Attend(request, timeout=TIMEOUT_S)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(stop.set)
+        da_testing.wait_until(lambda: codes.count(grpc.StatusCode.OK) >= 20, TIMEOUT_S,
+                              "calls answered before the drain")
+        server.terminate()
+        self.assertEqual(server.wait(), 0)
+        stop.set()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+        drain = re.search(r"drain: .* in ([0-9.]+) ms; closing", server.log())
+        self.assertIsNotNone(drain, server.log()[-2000:])
+        print(drain.group(0))
+        self.assertLess(float(drain.group(1)), 3000, drain.group(0))
+        self.assertIn(grpc.StatusCode.UNAVAILABLE, codes)  # The drain did refuse some.
+
     # --- Memory after load -----------------------------------------------------------------------
 
     def test_resident_memory_returns_near_idle_after_rounds_of_concurrent_streams(self):
