@@ -36,6 +36,11 @@ def frame(kind, flags, stream, payload=b""):
         ">I", stream) + payload
 
 
+def grpc_message(message):
+    """message as gRPC frames it on a stream: uncompressed, its length, its bytes."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
 def _string(text):
     data = text.encode()
     assert len(data) < 127
@@ -183,7 +188,7 @@ class Connection:
     def send_message(self, stream, message, end_stream=False, stall_s=None):
         """Sends one whole gRPC message on stream (half-closing after it when end_stream); raises
         when it could not (see send_bytes)."""
-        body = b"\x00" + struct.pack(">I", len(message)) + message
+        body = grpc_message(message)
         sent = self.send_bytes(stream, body, stall_s=stall_s, end_stream=end_stream)
         if sent != len(body):
             raise RuntimeError(f"stream {stream}: sent {sent} bytes of {len(body)}")
@@ -192,7 +197,7 @@ class Connection:
         """Sends a whole call: HEADERS, then `message` as one gRPC message, half-closing with its
         last byte. before_last, if given, runs before that byte goes. Returns the stream id."""
         stream = self.open_call(path)
-        body = b"\x00" + struct.pack(">I", len(message)) + message
+        body = grpc_message(message)
         sent = self.send_bytes(stream, body[:-1])
         if sent != len(body) - 1:
             raise RuntimeError(f"stream {stream}: sent {sent} bytes of {len(body)}")
