@@ -33,6 +33,13 @@ void ConfigureContext(const CallOptions& options, const std::string& request_id,
   if (!id.empty()) context->AddMetadata("x-request-id", id);
 }
 
+// options for one attempt of a call (WithRetries): what is left of its timeout.
+CallOptions Attempt(const CallOptions& options, int64_t timeout_ms) {
+  CallOptions attempt = options;
+  attempt.timeout_ms = timeout_ms;
+  return attempt;
+}
+
 void AppendVarint(uint64_t value, std::string* out) {
   while (value >= 0x80) {
     out->push_back(static_cast<char>((value & 0x7f) | 0x80));
@@ -261,6 +268,10 @@ class AttentionClient::CallGroup {
     std::lock_guard<std::mutex> lock(mutex_);
     return failure_;
   }
+  bool failed() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cancelled_;
+  }
 
  private:
   std::mutex mutex_;
@@ -269,11 +280,37 @@ class AttentionClient::CallGroup {
   std::vector<grpc::ClientContext*> contexts_;
 };
 
+RetryWait AttentionClient::BackOffOn(grpc::Channel& channel, CallGroup* group) {
+  // Waiting on the channel's state rather than sleeping makes gRPC read the connection: the
+  // GOAWAY of a server that finished its drain meanwhile is taken in (and its ping answered) as
+  // it comes. A sleeping sync client reads nothing between calls, so the next attempt would go
+  // out on that connection before the GOAWAY was read, and the server, shut down, would cancel
+  // it unstarted (CANCELLED; RefusedUnread allows for it) rather than the client reconnecting.
+  return [&channel, group](std::chrono::milliseconds backoff) {
+    const auto until = std::chrono::system_clock::now() + backoff;
+    for (;;) {
+      if (group != nullptr && group->failed()) return false;
+      const auto now = std::chrono::system_clock::now();
+      if (now >= until) return true;
+      // In slices, so that a failed group is seen within one.
+      channel.WaitForStateChange(channel.GetState(/*try_to_connect=*/false),
+                                 std::min(until, now + std::chrono::milliseconds(20)));
+    }
+  };
+}
+
 grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                                      const CallOptions& options) {
-  grpc::ClientContext context;
-  ConfigureContext(options, request.request_id(), &context);
-  return stub_->Attend(&context, request, response);
+  return WithRetries(
+      options.retry, options.timeout_ms,
+      [&](int64_t timeout_ms, bool* refused) {
+        grpc::ClientContext context;
+        ConfigureContext(Attempt(options, timeout_ms), request.request_id(), &context);
+        const grpc::Status status = stub_->Attend(&context, request, response);
+        *refused = RefusedUnread(status, context);
+        return status;
+      },
+      BackOffOn(*channel_, nullptr));
 }
 
 grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
@@ -320,28 +357,35 @@ grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel
                                              const StreamPlan& plan, OutputAssembler& assembler,
                                              StreamProgress* progress, const CallOptions& options,
                                              CallGroup* group) {
-  int64_t next_block = 0;
-  // Declared first, destroyed last: the call and its buffers are gone when it waits
-  // (BorrowedSlices::kReleaseWait at most).
-  BorrowedSlices borrowed;
-  return AttendStreamOn(
-      channel, plan.header,
-      [&](grpc::ByteBuffer* buffer) {
-        const int64_t bytes = NextRequestBlock(request, plan, &next_block, borrowed, buffer);
-        AddProgress(&StreamProgress::sent_bytes, progress, bytes);
-        return bytes > 0;
-      },
-      {.on_block =
-           [&](const OutputBlockView& block) {
-             AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
-             return assembler.AddBlock(block);
-           },
-       .on_message =
-           [&](const v1::AttendStreamResponse& message) {
-             AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
-             return assembler.Add(message);
-           }},
-      options, group);
+  const auto attempt = [&](int64_t timeout_ms, bool* refused) {
+    int64_t next_block = 0;
+    int64_t sent = 0;  // This attempt's, taken back out of progress when it is refused.
+    // Declared first, destroyed last: the call and its buffers are gone when it waits
+    // (BorrowedSlices::kReleaseWait at most).
+    BorrowedSlices borrowed;
+    grpc::Status status = AttendStreamOn(
+        channel, plan.header,
+        [&](grpc::ByteBuffer* buffer) {
+          const int64_t bytes = NextRequestBlock(request, plan, &next_block, borrowed, buffer);
+          AddProgress(&StreamProgress::sent_bytes, progress, bytes);
+          sent += bytes;
+          return bytes > 0;
+        },
+        {.on_block =
+             [&](const OutputBlockView& block) {
+               AddProgress(&StreamProgress::received_bytes, progress, block.output_bytes());
+               return assembler.AddBlock(block);
+             },
+         .on_message =
+             [&](const v1::AttendStreamResponse& message) {
+               AddProgress(&StreamProgress::received_bytes, progress, AnswerOutputBytes(message));
+               return assembler.Add(message);
+             }},
+        Attempt(options, timeout_ms), group, refused);
+    if (*refused) AddProgress(&StreamProgress::sent_bytes, progress, -sent);
+    return status;
+  };
+  return WithRetries(options.retry, options.timeout_ms, attempt, BackOffOn(*channel, group));
 }
 
 grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
@@ -480,7 +524,7 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
                                              const v1::StreamHeader& header,
                                              const BufferSource& next_buffer,
                                              const AnswerViews& answers, const CallOptions& options,
-                                             CallGroup* group) {
+                                             CallGroup* group, bool* refused) {
   grpc::ClientContext context;
   ConfigureContext(options, header.request_id(), &context);
   // Out of the group (which may cancel it from another thread) before the context goes.
@@ -544,7 +588,9 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
   std::vector<std::string_view> pieces;
   v1::AttendStreamResponse message;
   OutputBlockView block;
+  bool answered = false;
   while (stream->Read(&buffer)) {
+    answered = true;
     slices.clear();
     pieces.clear();
     try {
@@ -580,6 +626,10 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
   }
   writer.join();
   const grpc::Status call_status = stream->Finish();
+  if (refused != nullptr) {  // Not when this client cancelled it (a callback, another part).
+    *refused = !answered && writer_status.ok() && answer_status.ok() &&
+               (group == nullptr || !group->failed()) && RefusedUnread(call_status, context);
+  }
   if (!answer_status.ok()) return answer_status;
   if (!writer_status.ok()) return writer_status;
   return call_status;
@@ -587,16 +637,31 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
 
 grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,
                                             const CallOptions& options) {
-  grpc::ClientContext context;
-  ConfigureContext(options, "", &context);
-  return stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), response);
+  return WithRetries(
+      options.retry, options.timeout_ms,
+      [&](int64_t timeout_ms, bool* refused) {
+        grpc::ClientContext context;
+        ConfigureContext(Attempt(options, timeout_ms), "", &context);
+        const grpc::Status status =
+            stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), response);
+        *refused = RefusedUnread(status, context);
+        return status;
+      },
+      BackOffOn(*channel_, nullptr));
 }
 
 grpc::Status AttentionClient::WarmUp(const v1::WarmUpRequest& request, v1::WarmUpResponse* response,
                                      const CallOptions& options) {
-  grpc::ClientContext context;
-  ConfigureContext(options, "", &context);
-  return stub_->WarmUp(&context, request, response);
+  return WithRetries(
+      options.retry, options.timeout_ms,
+      [&](int64_t timeout_ms, bool* refused) {
+        grpc::ClientContext context;
+        ConfigureContext(Attempt(options, timeout_ms), "", &context);
+        const grpc::Status status = stub_->WarmUp(&context, request, response);
+        *refused = RefusedUnread(status, context);
+        return status;
+      },
+      BackOffOn(*channel_, nullptr));
 }
 
 grpc::Status AttentionClient::CheckHealth(

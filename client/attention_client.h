@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "client/answer_wire.h"
+#include "client/retry.h"
 #include "da/v1/attention.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
@@ -43,6 +44,12 @@ struct CallOptions {
   // Sent as x-request-id metadata when set. The "= {}" keeps -Wextra quiet about designated
   // initializers such as {.timeout_ms = 5000} that leave it out.
   std::string request_id = {};
+  // A call refused before the server read or computed anything (a draining server's
+  // UNAVAILABLE, client/retry.h) is made again after a backoff, within timeout_ms: Attend,
+  // AttendStream (each part of a parallel request on its own), GetServerInfo and WarmUp. Not
+  // AttendStreamBlocks and AttendStreamShared, whose blocks the caller produces once: their
+  // refusal comes back at once (RefusedUnread tells it apart).
+  RetryPolicy retry = {};
 };
 
 // What a streamed call has moved so far, for a progress display: the request's q, k and v bytes
@@ -182,6 +189,9 @@ class AttentionClient {
 
  private:
   class CallGroup;
+  // A retry's wait (WithRetries) for a call on channel: the backoff, reading the channel
+  // meanwhile; false when group (may be null) failed first.
+  static RetryWait BackOffOn(grpc::Channel& channel, CallGroup* group);
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
   // One stream of one batch element, its output appended block by block.
@@ -189,12 +199,14 @@ class AttentionClient {
                                const CallOptions& options, const StreamOptions& stream);
   // Writes the next block's message into *buffer, or returns false when there are no more.
   using BufferSource = std::function<bool(grpc::ByteBuffer* buffer)>;
+  // *refused (may be null): set when the server refused the call unread and no answer was taken.
   grpc::Status AttendStreamOn(const std::shared_ptr<grpc::Channel>& channel,
                               const v1::StreamHeader& header, const BufferSource& next_buffer,
                               const AnswerViews& answers, const CallOptions& options,
-                              CallGroup* group);
+                              CallGroup* group, bool* refused = nullptr);
   // Streams plan's blocks of request (a whole request or a part) on channel into assembler,
-  // counting the bytes in progress (may be null).
+  // counting the bytes in progress (may be null); sent again while the server refuses it unread
+  // (options.retry), the refused attempts' bytes taken back out of progress.
   grpc::Status StreamPlanInto(const std::shared_ptr<grpc::Channel>& channel,
                               const v1::AttendRequest& request, const StreamPlan& plan,
                               OutputAssembler& assembler, StreamProgress* progress,

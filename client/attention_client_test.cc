@@ -17,8 +17,10 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "client/connection_options.h"
 #include "client/echo_server_test_util.h"
+#include "client/retry.h"
 #include "client/tensor_io.h"
 
 namespace da::client {
@@ -98,6 +100,130 @@ TEST_F(AttentionClientTest, AttendStreamCountsTheBytesItMoves) {
       EXPECT_EQ(progress.received_bytes.load(), batch * 1000 * 2 * 8 * 2);
     }
   }
+}
+
+// Quick backoffs, so that the retry tests take milliseconds.
+constexpr RetryPolicy kQuickRetry{
+    .max_attempts = 10, .initial_backoff_ms = 10, .max_backoff_ms = 20};
+
+TEST_F(AttentionClientTest, CallsRefusedUnreadAreSentAgainUntilTheServerTakesThem) {
+  // The echo refuses the first N calls of id "refuse-N..." as a draining server does.
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 1000, 2, 2, 8);
+  v1::AttendResponse response;
+  grpc::Status status =
+      client_.Attend(request, &response, {.request_id = "refuse-3", .retry = kQuickRetry});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().data(), request.query().data());
+  EXPECT_EQ(server_.calls("refuse-3"), 4);
+
+  // A stream, and a request in three parts, each part refused twice and sent again on its own.
+  // The bytes sent count once: a refused attempt's are taken back out of the progress.
+  for (const auto& [parts, id] : {std::pair{1, "refuse-2s"}, {3, "refuse-2p"}}) {
+    SCOPED_TRACE(testing::Message() << parts << " parts");
+    v1::AttendRequest named = request;
+    named.set_request_id(id);  // The stream's header carries it.
+    StreamProgress progress;
+    status = client_.AttendStream(
+        named, &response, {.retry = kQuickRetry},
+        {.block_tokens = 100, .parallel_streams = parts, .progress = &progress});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.output().data(), request.query().data());
+    EXPECT_EQ(progress.sent_bytes.load(), 1000 * (2 + 2 + 2) * 8 * 4);
+    EXPECT_EQ(progress.received_bytes.load(), 1000 * 2 * 8 * 4);
+    if (parts == 1) {
+      EXPECT_EQ(server_.calls(id), 3);
+    } else {
+      for (int part = 1; part <= parts; ++part) {
+        EXPECT_EQ(server_.calls(absl::StrCat(id, "/", part)), 3) << "part " << part;
+      }
+    }
+  }
+}
+
+TEST_F(AttentionClientTest, RetriesEndAtTheirCountAndBeforeTheDeadline) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  v1::AttendResponse response;
+  RetryPolicy three = kQuickRetry;
+  three.max_attempts = 3;
+  grpc::Status status =
+      client_.Attend(request, &response, {.request_id = "refuse-99", .retry = three});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(status.error_message(), HasSubstr("draining: refusal 3 (refused 3 times over "));
+  EXPECT_EQ(server_.calls("refuse-99"), 3);
+
+  // Backoffs of 50-100 ms within 400 ms: the refusal comes back before the deadline, not
+  // DEADLINE_EXCEEDED, after at most 8 attempts and at least 4.
+  v1::AttendRequest named = request;
+  named.set_request_id("refuse-98");  // The stream's header carries it.
+  const auto start = std::chrono::steady_clock::now();
+  status = client_.AttendStream(
+      named, &response,
+      {.timeout_ms = 400,
+       .retry = {.max_attempts = 1000, .initial_backoff_ms = 100, .max_backoff_ms = 100}});
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(400));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_GE(server_.calls("refuse-98"), 4);
+  EXPECT_LE(server_.calls("refuse-98"), 8);
+}
+
+TEST_F(AttentionClientTest, OnlyRefusalsMarkedUnreadAreSentAgain) {
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  v1::AttendResponse response;
+  // UNAVAILABLE without "da-refused": the request may have brought the server down.
+  EXPECT_EQ(client_.Attend(request, &response, {.request_id = "unavailable", .retry = kQuickRetry})
+                .error_code(),
+            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(server_.calls("unavailable"), 1);
+  // Retries off.
+  EXPECT_EQ(
+      client_.Attend(request, &response, {.request_id = "refuse-1", .retry = {.max_attempts = 1}})
+          .error_code(),
+      grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(server_.calls("refuse-1"), 1);
+  // Blocks the caller produces once are not produced again: the refusal comes back.
+  v1::StreamHeader header;
+  header.set_request_id("refuse-1b");
+  header.set_batch(1);
+  header.set_seq_len(64);
+  header.set_heads(2);
+  header.set_kv_heads(2);
+  header.set_head_dim(8);
+  header.set_dtype(v1::DTYPE_FP32);
+  *header.mutable_spec() = request.spec();
+  bool sent = false;
+  const grpc::Status status = client_.AttendStreamBlocks(
+      header,
+      [&](v1::TokenBlock* block) {
+        if (sent) return false;
+        sent = true;
+        block->set_token_count(64);
+        block->set_query(request.query().data());
+        block->set_key(request.key().data());
+        block->set_value(request.value().data());
+        return true;
+      },
+      [](const v1::AttendStreamResponse&) { return grpc::Status::OK; }, {.retry = kQuickRetry});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  EXPECT_EQ(server_.calls("refuse-1b"), 1);
+}
+
+TEST(RetryBackoffTest, DoublesUpToItsCeilingEachDrawnFromItsUpperHalf) {
+  std::mt19937_64 rng(7);
+  const RetryPolicy policy;  // 250 ms doubling to 2 s.
+  const int64_t expected[] = {250, 500, 1000, 2000, 2000, 2000};
+  for (int attempt = 2; attempt < 8; ++attempt) {
+    const int64_t full = expected[attempt - 2];
+    int64_t low = full, high = 0;
+    for (int i = 0; i < 200; ++i) {
+      const int64_t drawn = RetryBackoff(policy, attempt, rng).count();
+      low = std::min(low, drawn);
+      high = std::max(high, drawn);
+    }
+    EXPECT_GE(low, full / 2) << "attempt " << attempt;
+    EXPECT_LE(high, full) << "attempt " << attempt;
+    EXPECT_GT(high - low, full / 4) << "attempt " << attempt << ": not spread";
+  }
+  EXPECT_EQ(RetryBackoff({.initial_backoff_ms = 0, .max_backoff_ms = 0}, 5, rng).count(), 0);
 }
 
 TEST_F(AttentionClientTest, MalformedStreamAnswerIsInternalNamingTheBlock) {

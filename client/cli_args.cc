@@ -17,6 +17,7 @@ namespace {
 // Each parallel stream is two client threads, a connection and a stream window of server memory;
 // far fewer than this fill any link.
 constexpr int64_t kMaxParallelStreamsFlag = 64;
+constexpr int64_t kMaxRetriesFlag = 100;
 
 absl::Status Invalid(std::string message) { return absl::InvalidArgumentError(std::move(message)); }
 
@@ -45,6 +46,12 @@ void AddSpecFlags(CLI::App* command, SpecFlags* flags) {
 
 }  // namespace
 
+RetryPolicy CallFlags::Retry() const {
+  RetryPolicy policy;
+  policy.max_attempts = static_cast<int>(std::clamp<int64_t>(retries, 0, kMaxRetriesFlag)) + 1;
+  return policy;
+}
+
 absl::Status CallFlags::Check() const {
   if (server.empty()) return Invalid("--server must not be empty");
   if (connection.tls_cert.empty() != connection.tls_key.empty()) {
@@ -58,6 +65,11 @@ absl::Status CallFlags::Check() const {
     // Past it the deadline would overflow the clock into the past.
     return Invalid(absl::StrCat("--timeout-ms: ", timeout_ms, " is above the limit of ",
                                 kMaxTimeoutMs, " (a year; 0: no deadline)"));
+  }
+  if (absl::Status status = CheckAtLeast(retries, 0, "--retries"); !status.ok()) return status;
+  if (retries > kMaxRetriesFlag) {
+    return Invalid(
+        absl::StrCat("--retries: ", retries, " is above the limit of ", kMaxRetriesFlag));
   }
   if (absl::Status status = CheckAtLeast(parallel_streams, 0, "--parallel-streams"); !status.ok()) {
     return status;
@@ -125,6 +137,12 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
                       attend ? "Deadline of each call in ms (0: none)"
                              : "Deadline in ms (0: the default of 10000)");
   command->add_flag("--json", flags->json, "Print one JSON object");
+  command
+      ->add_option("--retries", flags->retries,
+                   "Times a call is sent again, after a backoff of 0.25 s doubling up to 2 s and "
+                   "within --timeout-ms, when the server refused it before reading or computing "
+                   "anything (UNAVAILABLE from a draining server); 0: never")
+      ->capture_default_str();
   AddConnectionFlags(command, &flags->connection);
   if (!attend) return;
   command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");

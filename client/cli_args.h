@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "client/connection_options.h"
+#include "client/retry.h"
 #include "da/v1/attention.pb.h"
 
 namespace da::client {
@@ -19,6 +20,9 @@ namespace da::client {
 struct CallFlags {
   std::string server = "localhost:50051";
   int64_t timeout_ms = 0;  // 0: none for attend and random; a 10 s default for info and health.
+  // Times a call the server refused unread (draining) is sent again, within timeout_ms
+  // (client/retry.h); 0: never.
+  int64_t retries = RetryPolicy{}.max_attempts - 1;
   bool json = false;
   // attend and random only.
   bool stream = false;
@@ -37,6 +41,8 @@ struct CallFlags {
   ConnectionFiles connection;
 
   absl::Status Check() const;
+  // The retry policy of --retries.
+  RetryPolicy Retry() const;
 };
 
 // The attention spec, as typed.

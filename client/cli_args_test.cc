@@ -188,6 +188,20 @@ TEST(CallFlagsTest, ProgressIsOnOffOrLeftToTheTerminal) {
   }
 }
 
+TEST(CallFlagsTest, RetriesAreSentAgainAfterTheFirstAttemptUpToAHundred) {
+  CallFlags flags;
+  EXPECT_EQ(flags.Retry().max_attempts, RetryPolicy{}.max_attempts);  // The library's default.
+  flags.retries = 0;
+  EXPECT_TRUE(flags.Check().ok());
+  EXPECT_EQ(flags.Retry().max_attempts, 1);
+  flags.retries = 100;
+  EXPECT_EQ(flags.Retry().max_attempts, 101);
+  flags.retries = 101;
+  EXPECT_EQ(ErrorOf(flags.Check()), "--retries: 101 is above the limit of 100");
+  flags.retries = -1;
+  EXPECT_EQ(ErrorOf(flags.Check()), "--retries must be >= 0, got -1");
+}
+
 // A unary call would ignore them; any --parallel-streams from 1 streams (1 is one stream).
 TEST(CallFlagsTest, StreamingFlagsNeedStreaming) {
   CallFlags flags;

@@ -1,6 +1,8 @@
 #include "client/echo_server_test_util.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <string_view>
 #include <thread>
 
 #include "da/v1/attention.grpc.pb.h"
@@ -35,9 +37,35 @@ grpc::Status CheckPriority(int32_t priority) {
 }  // namespace
 
 class EchoServer::AttentionService final : public v1::AttentionService::Service {
+ public:
+  int calls(const std::string& request_id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = calls_.find(request_id);
+    return it == calls_.end() ? 0 : it->second;
+  }
+
+ private:
+  // Counts the call, and refuses it as the id asks ("refuse-N...", "unavailable"): OK otherwise.
+  grpc::Status Refusal(grpc::ServerContext* context, const std::string& id) {
+    int made = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      made = ++calls_[id];
+    }
+    if (id == "unavailable") return grpc::Status(grpc::StatusCode::UNAVAILABLE, "unavailable");
+    constexpr std::string_view kRefuse = "refuse-";
+    if (id.rfind(kRefuse, 0) != 0) return grpc::Status::OK;
+    if (made > std::atoi(id.c_str() + kRefuse.size())) return grpc::Status::OK;
+    context->AddTrailingMetadata("da-refused", "draining");
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "draining: refusal " + std::to_string(made));
+  }
+
   grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
                       v1::AttendResponse* response) override {
     if (RequestId(*context) == "wait") return WaitForClientToGiveUp(context);
+    if (grpc::Status refused = Refusal(context, RequestId(*context)); !refused.ok()) {
+      return refused;
+    }
     if (grpc::Status refused = CheckPriority(request->priority()); !refused.ok()) return refused;
     *response->mutable_output() = request->query();
     response->mutable_info()->set_request_id(RequestId(*context));
@@ -54,6 +82,9 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     }
     const v1::StreamHeader header = request.header();
     if (header.request_id() == "wait") return WaitForClientToGiveUp(context);
+    if (grpc::Status refused = Refusal(context, header.request_id()); !refused.ok()) {
+      return refused;
+    }
     if (grpc::Status refused = CheckPriority(header.priority()); !refused.ok()) return refused;
     v1::AttendStreamResponse response;
     response.mutable_header()->set_request_id(header.request_id());
@@ -89,6 +120,9 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     response->mutable_limits()->set_max_priority(kEchoMaxPriority);
     return grpc::Status::OK;
   }
+
+  mutable std::mutex mutex_;
+  std::map<std::string, int> calls_;  // Guarded by mutex_.
 };
 
 class EchoServer::HealthService final : public grpc::health::v1::Health::Service {
@@ -121,5 +155,7 @@ EchoServer::EchoServer()
 EchoServer::~EchoServer() {
   server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 }
+
+int EchoServer::calls(const std::string& request_id) const { return attention_->calls(request_id); }
 
 }  // namespace da::client

@@ -7,7 +7,10 @@
 //   AttentionClient client(MakeChannel(server.address()));
 //
 // Request ids steer misbehaviour: "bad-block" answers with a block at the wrong token, "wait"
-// holds the call until the client's deadline or cancellation (at most 10 s). A priority above
+// holds the call until the client's deadline or cancellation (at most 10 s), "refuse-N..." (N
+// digits) refuses the first N calls with that id as a draining da-server does (UNAVAILABLE with
+// "da-refused: draining"), "unavailable" refuses every call with UNAVAILABLE and no such
+// metadata; calls(id) counts the calls made with an id. A priority above
 // kEchoMaxPriority is refused with PERMISSION_DENIED, as the server refuses one above its cap, and
 // GetServerInfo reports it as limits.max_priority.
 #pragma once
@@ -15,7 +18,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace da::client {
@@ -28,6 +33,7 @@ class EchoServer {
   ~EchoServer();
 
   const std::string& address() const { return address_; }  // "127.0.0.1:PORT".
+  int calls(const std::string& request_id) const;
 
  private:
   class AttentionService;

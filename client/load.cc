@@ -88,8 +88,10 @@ void RunWorker(int index, const LoadOptions& options, const std::vector<RequestK
     if (start >= end || stop.load()) break;
     const size_t k = n == 0 ? picker.First(index) : picker.Pick(rng);
     const RequestKind& kind = kinds[k];
+    // Each refusal counted as it came, none sent again: the report is the server's behaviour.
     CallOptions call{.timeout_ms = options.deadline_ms,
-                     .request_id = absl::StrCat("load-", index, "-", n)};
+                     .request_id = absl::StrCat("load-", index, "-", n),
+                     .retry = {.max_attempts = 1}};
     v1::AttendResponse response;
     grpc::Status status = SendKind(kind, *connection.client, *connection.stub, call,
                                    options.stream_override, &response);

@@ -105,6 +105,7 @@ grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* c
 CallOptions QueryOptions(const CallFlags& flags) {
   CallOptions options;
   options.timeout_ms = flags.timeout_ms > 0 ? flags.timeout_ms : kConnectTimeoutMs;
+  options.retry = flags.Retry();
   return options;
 }
 
@@ -159,7 +160,8 @@ class ProgressReporter {
 
 grpc::Status Call(AttentionClient& client, const CallFlags& flags, const v1::AttendRequest& request,
                   v1::AttendResponse* response) {
-  const CallOptions options{.timeout_ms = flags.timeout_ms, .request_id = request.request_id()};
+  const CallOptions options{
+      .timeout_ms = flags.timeout_ms, .request_id = request.request_id(), .retry = flags.Retry()};
   const int streams = ParallelStreams(flags, request);
   if (streams == 0) return client.Attend(request, response, options);
   StreamProgress progress;

@@ -102,6 +102,16 @@ inline constexpr std::string_view kStreamAdmissionRequest = "da-stream-admission
 inline constexpr std::string_view kStreamWindowMetadata = "da-stream-window-bytes";
 inline constexpr std::string_view kStreamAdmittedFeature = "stream-admitted-metadata";
 
+// A call the server refused before reading or computing anything, which may be sent again as it
+// was (to another replica, or to this one after a reconnect), ends with this trailing metadata:
+// the draining refusal (UNAVAILABLE) has kRefusedMetadata: kRefusedDraining. da's clients retry
+// such calls, and only such calls: an UNAVAILABLE without it (a connection reset, a rank lost) may
+// have come from a request that brought a server down, and sending it again could bring down the
+// next. GetServerInfo lists kRefusedFeature among its protocol_features.
+inline constexpr std::string_view kRefusedMetadata = "da-refused";
+inline constexpr std::string_view kRefusedDraining = "draining";
+inline constexpr std::string_view kRefusedFeature = "refused-metadata";
+
 // When the server's drain cuts off the calls still in flight (Server::Shutdown's deadline): a call
 // cancelled from then on was cancelled by the drain, not by its client, and is recorded so.
 class DrainCutOff {

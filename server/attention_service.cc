@@ -358,6 +358,8 @@ bool AttentionService::RefusedWhileDraining(const char* method,
                                             grpc::Status* status) {
   if (!draining_.load()) return false;
   RequestRecord record(metrics_, method, context);
+  // Tells clients that nothing was read or computed, so the call may be sent again as it was.
+  context.AddTrailingMetadata(std::string(kRefusedMetadata), std::string(kRefusedDraining));
   *status = record.Finish(absl::UnavailableError("draining: the server is shutting down and takes "
                                                  "no new calls; send this one to another replica"),
                           nullptr);
@@ -421,6 +423,7 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
   response->set_version(options_.version);
   for (const std::string& feature : build_features_) response->add_build_features(feature);
   response->add_protocol_features(std::string(kStreamAdmittedFeature));
+  response->add_protocol_features(std::string(kRefusedFeature));
   for (const engine::DeviceInfo& device : engine_->devices()) {
     DeviceInfoToProto(device, response->add_devices());
   }

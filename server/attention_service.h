@@ -102,7 +102,8 @@ class AttentionService final : public AttentionServiceBase {
                                    const grpc::ByteBuffer* request,
                                    grpc::ByteBuffer* response) override;
 
-  // From now on every new call is refused with UNAVAILABLE ("draining"), counted and logged as a
+  // From now on every new call is refused with UNAVAILABLE ("draining") and trailing metadata
+  // kRefusedMetadata: kRefusedDraining, counted and logged as a
   // refusal; calls already started are not affected. Server::Shutdown calls it before its grace
   // period, while gRPC still takes calls, so that a client learns of the drain from a status it
   // can retry elsewhere rather than from a call cancelled by the transport.

@@ -12,7 +12,9 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
+#include "client/retry.h"
 #include "client/stream_blocks.h"
 #include "server/test_util.h"
 
@@ -24,12 +26,13 @@ using std::chrono::seconds;
 
 // A da-server process that drains for up to drain_timeout_ms, after drain_grace_ms of grace.
 std::unique_ptr<testing::SpawnedServer> SpawnServer(int64_t drain_timeout_ms,
-                                                    int64_t drain_grace_ms = 0) {
+                                                    int64_t drain_grace_ms = 0,
+                                                    const std::string& log_level = "warn") {
   auto server = std::make_unique<testing::SpawnedServer>(
       DA_SERVER_BINARY,
       std::vector<std::string>{"--drain-timeout-ms", std::to_string(drain_timeout_ms),
                                "--drain-grace-ms", std::to_string(drain_grace_ms),
-                               "--max-message-bytes", "1073741824", "--log-level", "warn"});
+                               "--max-message-bytes", "1073741824", "--log-level", log_level});
   return server->WaitForPorts(seconds(30)) ? std::move(server) : nullptr;
 }
 
@@ -38,6 +41,13 @@ bool InFlight(const testing::SpawnedServer& server, int n) {
   std::optional<std::string> text = testing::HttpGet(server.metrics_port(), "/metrics");
   return text.has_value() &&
          testing::MetricValue(*text, "da_in_flight_requests") == static_cast<double>(n);
+}
+
+// A deadline, and no retry: the call's refusal comes back as the server gave it.
+client::CallOptions Once(int64_t timeout_ms) {
+  client::CallOptions options = testing::WithTimeout(timeout_ms);
+  options.retry.max_attempts = 1;
+  return options;
 }
 
 bool ExitedWithZero(const std::optional<int>& wait_status) {
@@ -84,8 +94,8 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
       seconds(10)));
   v1::AttendResponse late_response;
   std::mt19937 rng(std::random_device{}());
-  const grpc::Status late = late_client.Attend(testing::RandomRequest({}, rng), &late_response,
-                                               testing::WithTimeout(5000));
+  const grpc::Status late =
+      late_client.Attend(testing::RandomRequest({}, rng), &late_response, Once(5000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE) << late.error_message();
   EXPECT_NE(late.error_message().find("draining"), std::string::npos) << late.error_message();
   EXPECT_FALSE(call.thread_done()) << "the call ended before the checks: they prove nothing";
@@ -175,12 +185,15 @@ TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) 
   std::mt19937 rng(std::random_device{}());
   const v1::AttendRequest late_request = testing::RandomRequest({}, rng);
   v1::AttendResponse late_response;
-  const grpc::Status unary =
-      client.Attend(late_request, &late_response, testing::WithTimeout(5000));
-  const grpc::Status streamed =
-      client.AttendStream(late_request, &late_response, testing::WithTimeout(5000));
+  const grpc::Status unary = client.Attend(late_request, &late_response, Once(5000));
+  const grpc::Status streamed = client.AttendStream(late_request, &late_response, Once(5000));
   v1::GetServerInfoResponse info;
-  const grpc::Status info_status = client.GetServerInfo(&info, testing::WithTimeout(5000));
+  const grpc::Status info_status = client.GetServerInfo(&info, Once(5000));
+  // The refusal says that nothing was read or computed, so that clients may send it again.
+  grpc::ClientContext context;
+  const grpc::Status marked =
+      v1::AttentionService::NewStub(channel)->Attend(&context, late_request, &late_response);
+  EXPECT_TRUE(client::RefusedUnread(marked, context)) << marked.error_message();
   const double refused_after_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - signalled).count();
   ASSERT_LT(refused_after_s, 4.5) << "the checks ran past the grace; they prove nothing";
@@ -190,12 +203,108 @@ TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) 
   }
   std::optional<std::string> text = testing::HttpGet(server->metrics_port(), "/metrics");
   ASSERT_TRUE(text.has_value());
-  EXPECT_EQ(testing::MetricValue(*text, "da_requests_rejected_total{reason=\"unavailable\"}"), 3.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_requests_rejected_total{reason=\"unavailable\"}"), 4.0);
 
   call.thread.join();
   EXPECT_TRUE(call.status.ok()) << call.status.error_message();
   EXPECT_EQ(call.response.output().data().size(), call.request.query().data().size());
   EXPECT_TRUE(ExitedWithZero(server->process().WaitForExit(seconds(60))));
+}
+
+// Occurrences of `needle` in text.
+int Count(const std::string& text, const std::string& needle) {
+  int found = 0;
+  for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) {
+    ++found;
+  }
+  return found;
+}
+
+// A rolling update: the replica a client is connected to drains (SIGTERM, 1.5 s of grace) while
+// another one serves. The calls it refuses meanwhile are sent again by the client after a backoff
+// (client/retry.h) and, once the drained replica has closed its connection, reach the other one:
+// the caller sees the right output and none of the refusals. pick_first over the two addresses
+// stands for a load balancer that sends new connections to ready replicas.
+TEST(DrainTest, CallsRefusedByADrainingReplicaAreSentAgainAndServedByTheNextOne) {
+  std::unique_ptr<testing::SpawnedServer> draining =
+      SpawnServer(/*drain_timeout_ms=*/120000, /*drain_grace_ms=*/1500);
+  std::unique_ptr<testing::SpawnedServer> next = SpawnServer(/*drain_timeout_ms=*/120000);
+  ASSERT_NE(draining, nullptr);
+  ASSERT_NE(next, nullptr);
+  client::AttentionClient client(client::MakeChannel(
+      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port())));
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest({.seq_len = 512}, rng);
+  const std::string expected = testing::InProcessOutput(request, 2);
+  v1::AttendResponse response;
+  request.set_request_id("before");
+  ASSERT_TRUE(client.Attend(request, &response, testing::WithTimeout(30000)).ok());
+  std::optional<std::string> text = testing::HttpGet(draining->metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  ASSERT_EQ(testing::MetricValue(*text, "da_requests_total{code=\"OK\",method=\"Attend\"}"), 1.0)
+      << "the first call did not go to the first address";
+
+  ASSERT_EQ(kill(draining->process().pid(), SIGTERM), 0);
+  client::AttentionClient direct(testing::ChannelTo(draining->port()));
+  ASSERT_TRUE(testing::WaitFor(
+      [&] {
+        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+        return direct.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
+               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+      },
+      seconds(10)));
+  request.set_request_id("unary");
+  grpc::Status status = client.Attend(request, &response, testing::WithTimeout(30000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.output().data() == expected) << "unary: output differs";
+  EXPECT_TRUE(ExitedWithZero(draining->process().WaitForExit(seconds(60)))) << draining->Log();
+  // Its refusals, logged as they were given, before the call went to the next replica.
+  const std::string log = draining->Log();
+  EXPECT_GE(Count(log, "request id=unary method=Attend shape=- code=UNAVAILABLE"), 1) << log;
+  EXPECT_EQ(Count(log, "code=OK"), 0) << log;  // Logged at warn: only the refusals.
+
+  // The next calls find the channel on the next replica at once.
+  request.set_request_id("streamed");
+  status = client.AttendStream(request, &response, testing::WithTimeout(30000),
+                               {.block_tokens = 128, .parallel_streams = 2});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.output().data() == expected) << "streamed: output differs";
+  text = testing::HttpGet(next->metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_requests_total{code=\"OK\",method=\"Attend\"}"), 1.0);
+  EXPECT_EQ(testing::MetricValue(*text, "da_requests_total{code=\"OK\",method=\"AttendStream\"}"),
+            2.0);
+}
+
+// A call made after a drained server sent its GOAWAY, before the client read it: a sync client
+// reads nothing between calls, so the call goes out on that connection, and the server's gRPC,
+// shutting down, drops it unstarted (CANCELLED "CANCELLED", grpc/grpc#41785). The client sends it
+// again (client/retry.h, RefusedUnread), and it reaches the next replica.
+TEST(DrainTest, ACallThatCrossesTheGoawayIsSentAgainAndServedByTheNextReplica) {
+  std::unique_ptr<testing::SpawnedServer> draining =
+      SpawnServer(/*drain_timeout_ms=*/120000, /*drain_grace_ms=*/0, "info");
+  std::unique_ptr<testing::SpawnedServer> next = SpawnServer(/*drain_timeout_ms=*/120000);
+  ASSERT_NE(draining, nullptr);
+  ASSERT_NE(next, nullptr);
+  client::AttentionClient client(client::MakeChannel(
+      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port())));
+  std::mt19937 rng(std::random_device{}());
+  const v1::AttendRequest request = testing::RandomRequest({.seq_len = 512}, rng);
+  v1::AttendResponse response;
+  ASSERT_TRUE(client.Attend(request, &response, testing::WithTimeout(30000)).ok());
+
+  ASSERT_EQ(kill(draining->process().pid(), SIGTERM), 0);
+  ASSERT_TRUE(testing::WaitFor(
+      [&] { return draining->Log().find("closing the connections") != std::string::npos; },
+      seconds(30)));
+  std::this_thread::sleep_for(milliseconds(200));  // The GOAWAY is on its way, or there.
+  const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(30000));
+  ASSERT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
+  EXPECT_TRUE(response.output().data() == testing::InProcessOutput(request, 2));
+  const std::optional<std::string> text = testing::HttpGet(next->metrics_port(), "/metrics");
+  ASSERT_TRUE(text.has_value());
+  EXPECT_EQ(testing::MetricValue(*text, "da_requests_total{code=\"OK\",method=\"Attend\"}"), 1.0);
+  EXPECT_TRUE(ExitedWithZero(draining->process().WaitForExit(seconds(60)))) << draining->Log();
 }
 
 TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
@@ -293,11 +402,11 @@ TEST(DrainTest, SigtermUnderLoadFinishesEveryCallInFlightWithTheRightOutput) {
   const v1::AttendRequest late_request = testing::RandomRequest({}, late_rng);
   client::AttentionClient late_client(testing::ChannelTo(server->port()));
   v1::AttendResponse late_response;
-  grpc::Status late = late_client.Attend(late_request, &late_response, testing::WithTimeout(10000));
+  grpc::Status late = late_client.Attend(late_request, &late_response, Once(10000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
       << "fresh connection: " << late.error_code() << " " << late.error_message();
   EXPECT_FALSE(late_response.has_output());
-  late = client.Attend(late_request, &late_response, testing::WithTimeout(10000));
+  late = client.Attend(late_request, &late_response, Once(10000));
   EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE)
       << "connection of the calls in flight: " << late.error_message();
   EXPECT_NE(late.error_message().find("draining"), std::string::npos) << late.error_message();

@@ -223,7 +223,7 @@ TEST_F(StreamAdmissionTest, AnAdmittedStreamSaysSoAtOnceWhenAskedAndARefusedOneE
   ASSERT_TRUE(client_->GetServerInfo(&info).ok());
   EXPECT_EQ(
       std::vector<std::string>(info.protocol_features().begin(), info.protocol_features().end()),
-      std::vector<std::string>{"stream-admitted-metadata"});
+      (std::vector<std::string>{"stream-admitted-metadata", "refused-metadata"}));
   {
     grpc::ClientContext context;
     grpc::Status status;
