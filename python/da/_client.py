@@ -5,6 +5,7 @@ execution info. The two clients differ only in how a call is made and awaited.""
 import contextlib
 import math
 import queue
+import random
 import sys
 import threading
 import time
@@ -36,10 +37,128 @@ _MAX_PARALLEL_STREAMS = 64
 _STREAM_ADMITTED = "stream-admitted-metadata"
 _ADMISSION_REQUEST = ("da-stream-admission", "1")
 _WINDOW_METADATA = "da-stream-window-bytes"
+# A call the server refused before reading or computing anything (a draining server's
+# UNAVAILABLE; protocol feature "refused-metadata") ends with this trailing metadata.
+_REFUSED_METADATA = "da-refused"
 _ATTEND = _stub.method_path("Attend")
 _ATTEND_STREAM = _stub.method_path("AttendStream")
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _MAX_INT64 = 2**63 - 1
+
+
+class Retry:
+    """How a call the server refused before reading or computing anything is sent again.
+
+    A draining da-server (SIGTERM, a rolling update) refuses new calls with UNAVAILABLE and the
+    trailing metadata "da-refused" while it finishes the calls in flight; the client's
+    connection to it stays open until then, and the next one goes to a replica that serves. So
+    the call is sent again after a wait of `backoff` seconds, doubled for each further attempt up
+    to `max_backoff` (each drawn between half and all of it, so that a replica's clients do not
+    come back at once), for at most `attempts` attempts in all (1: never again) and never past
+    the call's timeout. Also retried: a call that reached a server as its gRPC was shutting down
+    and was dropped before any handler saw it (CANCELLED "CANCELLED" with no metadata,
+    grpc/grpc#41785). Nothing else is: an UNAVAILABLE without the metadata (a connection reset)
+    may have come from a request that brought a server down, and would bring down the next.
+    The defaults wait up to about 14 s in all (at least 7 s), longer than the drain grace of
+    da's Kubernetes manifest (5 s).
+    """
+
+    def __init__(self, attempts=10, backoff=0.25, max_backoff=2.0):
+        if isinstance(attempts, bool) or not (isinstance(attempts, int)
+                                              and 1 <= attempts <= 1000):
+            raise errors.invalid(f"Retry attempts is {attempts!r}; it must be an integer from "
+                                 f"1 to 1000")
+        self.attempts = attempts
+        for name, value in (("backoff", backoff), ("max_backoff", max_backoff)):
+            if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                               and 0 <= value <= 3600):
+                raise errors.invalid(f"Retry {name} is {value!r}; it must be a number of "
+                                     f"seconds from 0 to 3600")
+        self.backoff, self.max_backoff = float(backoff), float(max_backoff)
+
+    def wait(self, attempt):
+        """Seconds to wait before attempt `attempt` (2: the first retry)."""
+        full = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 2, 60))
+        return full * random.uniform(0.5, 1.0)
+
+    def __repr__(self):
+        return (f"Retry(attempts={self.attempts}, backoff={self.backoff}, "
+                f"max_backoff={self.max_backoff})")
+
+
+def _refused_unread(error):
+    """Whether a grpc.RpcError (sync or asyncio) is a refusal of a call the server neither read
+    nor computed (see Retry): safe to make again as it was."""
+    if not (hasattr(error, "code") and hasattr(error, "trailing_metadata")):
+        return False
+    code = error.code()
+    trailing = tuple(error.trailing_metadata() or ())
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return any(key == _REFUSED_METADATA for key, _ in trailing)
+    initial = tuple(error.initial_metadata() or ()) if hasattr(error, "initial_metadata") else ()
+    return (code == grpc.StatusCode.CANCELLED and error.details() == "CANCELLED"
+            and not trailing and not initial)
+
+
+class _GivenBack(grpc.RpcError):
+    """A refusal given back after retries: its status, the message saying how many."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class _Attempts:
+    """The attempts of one call under a Retry within its deadline (a _deadline; None: none),
+    for the sync and the asyncio loops (_retrying here, _retrying in da/aio.py)."""
+
+    def __init__(self, retry, deadline):
+        self.retry, self.deadline = retry, deadline
+        self.made = 0
+        self.start = time.monotonic()
+
+    def next_timeout(self):
+        """The timeout of the next attempt (what is left of the deadline), counting it."""
+        self.made += 1
+        return _left(self.deadline)
+
+    def pause(self, error, answered):
+        """Seconds to wait before sending the call again after error, or None where it is not
+        sent again: not a refusal of a call left unread (see Retry), some of its answer taken
+        already (answered), its attempts made, or the next one would start past the deadline."""
+        if answered or not _refused_unread(error) or self.made >= self.retry.attempts:
+            return None
+        pause = self.retry.wait(self.made + 1)
+        if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+            return None
+        return pause
+
+    def given_back(self, error):
+        """error as the call's end: after retries, its message says how many."""
+        if self.made <= 1 or not _refused_unread(error):
+            return error
+        over = (time.monotonic() - self.start) * 1000
+        return _GivenBack(error.code(), f"{error.details()} (refused {self.made} times over "
+                                        f"{over:.0f} ms)")
+
+
+def _retrying(attempts, attempt, answered=lambda: False, stop=None):
+    """attempt(timeout) under attempts (an _Attempts) until it returns or raises other than a
+    refusal to retry; answered() says whether some of the attempt's answer was taken; stop (a
+    threading.Event) ends a wait at once and gives the refusal back (another part failed)."""
+    while True:
+        try:
+            return attempt(attempts.next_timeout())
+        except grpc.RpcError as error:
+            pause = attempts.pause(error, answered())
+            if pause is None or (stop.wait(pause) if stop is not None else time.sleep(pause)):
+                raise attempts.given_back(error) from None
 
 
 @dataclass
@@ -117,12 +236,14 @@ class Client:
     certificate), tls_cert and tls_key (a client certificate for mutual TLS) is given; token: a
     bearer token sent with every call; timeout: the default deadline of each call in seconds
     (None: none); options: extra gRPC channel arguments; max_message_bytes: the largest message
-    this client sends or receives. Thread safe, as a gRPC channel is. Usable as a context manager
-    (closes the channel).
+    this client sends or receives; retry: how a call refused by a draining server is sent again
+    (a da.Retry; None: never), within its timeout: info, warm_up and attend (each part of a
+    parallel request on its own), not attend_blocks, whose blocks the caller produces once.
+    Thread safe, as a gRPC channel is. Usable as a context manager (closes the channel).
     """
 
     def __init__(self, target, *, tls_ca=None, tls_cert=None, tls_key=None, token=None,
-                 timeout=None, options=(), max_message_bytes=1 << 30):
+                 timeout=None, options=(), max_message_bytes=1 << 30, retry=Retry()):
         self._channel = _make_channel(grpc, target, tls_ca, tls_cert, tls_key, options,
                                       max_message_bytes)
         self._stub = _stub.AttentionServiceStub(self._channel)
@@ -132,6 +253,7 @@ class Client:
         self._health = self._channel.unary_unary(_HEALTH_CHECK)
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
+        self._retry = _check_retry(retry)
         self._message_limit = None  # The server's max_message_bytes (at most ours), read once.
         self._max_message_bytes = max_message_bytes
         # Parallel streams: connections of their own, made when first needed and kept.
@@ -163,8 +285,10 @@ class Client:
         return _call_options(self._token_metadata, self._timeout, timeout, request_id)
 
     def _call(self, method, request, timeout, request_id=""):
+        attempts = _Attempts(self._retry, _deadline(self._timeout, timeout))
         try:
-            return method(request, **self._options(timeout, request_id))
+            return _retrying(attempts,
+                             lambda left: method(request, **self._options(left, request_id)))
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -234,21 +358,30 @@ class Client:
         parts = _check_parallel_streams(parallel_streams)
         deadline = _deadline(self._timeout, timeout)
         limit = self._server_message_limit(timeout)
-        timeout = _left(deadline)
-        options = self._options(timeout, request_id)
+        _check_open(self._closed)
+        attempts = _Attempts(self._retry, deadline)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
-                self._stream_parts(job, limit, block_tokens, timeout)
+                self._stream_parts(job, limit, block_tokens, deadline)
             elif job.streams(stream, limit):
-                answers = self._attend_stream(job.stream_requests(limit, block_tokens),
-                                              **options)
-                try:
-                    for message in answers:
-                        job.take_stream_message(message)
-                finally:
-                    answers.cancel()  # Nothing once the stream has ended; else stops the server.
+                part = job.parts[0]
+
+                def attempt(left):
+                    part.restart()
+                    answers = self._attend_stream(job.stream_requests(limit, block_tokens),
+                                                  **self._options(left, request_id))
+                    try:
+                        for message in answers:
+                            job.take_stream_message(message)
+                    finally:
+                        answers.cancel()  # Nothing once the stream has ended; else stops it.
+
+                _retrying(attempts, attempt, lambda: part.answered)
             else:
-                job.take_unary_response(self._attend(job.unary_request(), **options))
+                request = job.unary_request()
+                response = _retrying(
+                    attempts, lambda left: self._attend(request, **self._options(left, request_id)))
+                job.take_unary_response(response)
         except grpc.RpcError as error:
             raise job.parts[0].failure(error) from None
         return job.result(return_info)
@@ -295,20 +428,35 @@ class Client:
             channels = self._part_channels[:count - 1]
         return [self._attend_stream] + [c.stream_stream(_ATTEND_STREAM) for c in channels]
 
-    def _stream_parts(self, job, limit, block_tokens, timeout):
+    def _stream_parts(self, job, limit, block_tokens, deadline):
         """Streams job's parts as concurrent calls. A thread per call hands its answers over a
         bounded queue (a call whose answers are not taken waits, and so does its server); this
-        thread writes them into the output and reports progress. Raises the first part's
-        failure after cancelling every call."""
-        calls = [method(part.requests(limit, block_tokens),
-                        **self._options(timeout, part.request_id))
-                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+        thread writes them into the output and reports progress. A part the server refuses
+        unread is sent again on its own (its thread waits, self._retry). Raises the first
+        part's failure after cancelling every call."""
+        methods = self._stream_methods(len(job.parts))
+        calls = [None] * len(job.parts)  # Each part's call of the moment.
+        lock = threading.Lock()  # Guards calls against the cancelling below.
+        stop = threading.Event()  # Set once the request has ended: no more calls.
         arrived = queue.Queue(maxsize=2 * len(calls))
 
         def pump(index):
-            try:
-                for message in calls[index]:
+            part, answered = job.parts[index], False
+
+            def attempt(left):
+                nonlocal answered
+                part.restart()
+                with lock:
+                    if stop.is_set():
+                        return
+                    call = calls[index] = methods[index](part.requests(limit, block_tokens),
+                                                         **self._options(left, part.request_id))
+                for message in call:
+                    answered = True
                     arrived.put((index, message))
+
+            try:
+                _retrying(_Attempts(self._retry, deadline), attempt, lambda: answered, stop)
                 arrived.put((index, None))  # Ended.
             except BaseException as error:  # Ended; raised on the caller's thread.
                 arrived.put((index, error))
@@ -328,8 +476,11 @@ class Client:
                 else:
                     job.parts[index].take_message(item)
         finally:
-            for call in calls:
-                call.cancel()  # Nothing for a call that has ended; else stops its server work.
+            with lock:
+                stop.set()
+                for call in calls:
+                    if call is not None:
+                        call.cancel()  # Nothing for a call that has ended; else stops its work.
             while ended < len(calls):  # Every pump ends (none waits on a full queue).
                 _, item = arrived.get()
                 ended += item is None or isinstance(item, BaseException)
@@ -440,6 +591,15 @@ async def _after_admission(requests, call):
             admitted = await admit()
         if not admitted:
             return
+
+
+def _check_retry(retry):
+    """retry as a client keeps it: a Retry, None for none."""
+    if retry is None:
+        return Retry(attempts=1)
+    if not isinstance(retry, Retry):
+        raise errors.invalid(f"retry is {retry!r}; it must be a da.Retry or None")
+    return retry
 
 
 def _check_open(closed):
@@ -774,11 +934,17 @@ class _Part:
         self.number = number
         self.request_id = (f"{job.request_id}/{number}" if job.request_id and number
                            else job.request_id)
+        self.restart()
+
+    def restart(self):
+        """The part as before its call: for the call's first attempt, or another after the
+        server refused it unread (nothing of its answer taken)."""
         self.next_token = 0  # Of the part's own tokens: the next output block's start.
         self.sent = 0  # Bytes of q, k and v; written by gRPC's thread that pulls the requests.
         self.received = 0
         self.info = None
         self.error = None  # What made requests() fail.
+        self.answered = False  # A message of the answer was taken.
 
     def where(self):
         """How messages name the part ("" for a whole call)."""
@@ -812,6 +978,7 @@ class _Part:
     def take_message(self, data):
         """Fills the part's rows of the output from an encoded AttendStreamResponse (blocks
         arrive in order); keeps the trailer's info."""
+        self.answered = True
         kind, *rest = _read_stream_message(data)
         if kind == "trailer":
             self.info = rest[0]

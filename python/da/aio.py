@@ -24,17 +24,25 @@ _LOST_STATUS = "Internal error from Core"
 
 
 class _Status(grpc.RpcError):
-    """A call's status where da.aio knows it better than grpc.aio said."""
+    """A call's status where da.aio knows it better than grpc.aio said, with the call's metadata
+    (what tells a refusal to retry, _client._refused_unread)."""
 
-    def __init__(self, code, details):
+    def __init__(self, code, details, initial=(), trailing=()):
         super().__init__(details)
         self._code, self._details = code, details
+        self._initial, self._trailing = tuple(initial or ()), tuple(trailing or ())
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def initial_metadata(self):
+        return self._initial
+
+    def trailing_metadata(self):
+        return self._trailing
 
 
 # Requests at least this large (q, k and v) are prepared and given back off the event loop.
@@ -155,20 +163,21 @@ class _KeptStatus:
         self._first = None
         call.add_done_callback(self._finished)
 
-    def _finished(self, call):  # Once: as the call's first status is set.
-        self._first = (_at_once(call.code()), _at_once(call.details()))
+    def _finished(self, call):  # Once: as the call's first status is set, with its metadata.
+        self._first = (_at_once(call.code()), _at_once(call.details()),
+                       _at_once(call.initial_metadata()), _at_once(call.trailing_metadata()))
 
     async def of(self, error):
         """error, or the call's own status where grpc.aio lost it."""
         if not (isinstance(error, grpc.RpcError) and _lost(error.code(), error.details())):
             return error
-        if self._first is not None and _failed(*self._first):
+        if self._first is not None and _failed(*self._first[:2]):
             return _Status(*self._first)
         give_up = time.monotonic() + self.WAIT_S
         while time.monotonic() < give_up:
             code, details = await self._call.code(), await self._call.details()
             if _failed(code, details):
-                return _Status(code, details)
+                return _Status(code, details, *await self._metadata())
             await asyncio.sleep(0.005)
         # No status followed: past the call's deadline, the deadline is what ended it, as the sync
         # client reports (before _KeptStatus, 7 of 8 streams whose deadline passed mid-transfer
@@ -177,13 +186,31 @@ class _KeptStatus:
             return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         return error
 
+    async def _metadata(self):
+        """The ended call's initial and trailing metadata."""
+        return await self._call.initial_metadata(), await self._call.trailing_metadata()
+
+
+async def _retrying(attempts, attempt, answered=lambda: False):
+    """await attempt(timeout) under attempts (a _client._Attempts) until it returns or raises
+    other than a refusal to retry (see da.Retry); answered() says whether some of the attempt's
+    answer was taken."""
+    while True:
+        try:
+            return await attempt(attempts.next_timeout())
+        except grpc.RpcError as error:
+            pause = attempts.pause(error, answered())
+            if pause is None:
+                raise attempts.given_back(error) from None
+            await asyncio.sleep(pause)
+
 
 class Client:
     """da.Client's asyncio twin; see da.Client for the arguments. Use it as an async context
     manager, or await close()."""
 
     def __init__(self, target, *, tls_ca=None, tls_cert=None, tls_key=None, token=None,
-                 timeout=None, options=(), max_message_bytes=1 << 30):
+                 timeout=None, options=(), max_message_bytes=1 << 30, retry=_client.Retry()):
         self._channel = _client._make_channel(grpc.aio, target, tls_ca, tls_cert, tls_key,
                                               options, max_message_bytes)
         self._stub = _stub.AttentionServiceStub(self._channel)
@@ -192,6 +219,7 @@ class Client:
         self._health = self._channel.unary_unary(_client._HEALTH_CHECK)
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
+        self._retry = _client._check_retry(retry)
         self._message_limit = None
         self._max_message_bytes = max_message_bytes
         self._admits_streams = False  # The server lists _client._STREAM_ADMITTED.
@@ -222,11 +250,20 @@ class Client:
         return _client._call_options(self._token_metadata, self._timeout, timeout, request_id)
 
     async def _call(self, method, request, timeout, request_id=""):
-        call = method(request, **self._options(timeout, request_id))
+        attempts = _client._Attempts(self._retry, _client._deadline(self._timeout, timeout))
         try:
-            return await call
+            return await _retrying(attempts, lambda left: self._unary(method, request,
+                                                                      self._options(left,
+                                                                                    request_id)))
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
+
+    @staticmethod
+    async def _unary(method, request, options):
+        """One unary call; a task cancelled meanwhile cancels it."""
+        call = method(request, **options)
+        try:
+            return await call
         except asyncio.CancelledError:
             _raise_cancelled(call)
 
@@ -277,30 +314,22 @@ class Client:
                                     priority, progress, block_tokens)
         deadline = _client._deadline(self._timeout, timeout)
         limit = await self._server_message_limit(timeout)
-        timeout = _client._left(deadline)
-        options = self._options(timeout, request_id)
+        _client._check_open(self._closed)
+        attempts = _client._Attempts(self._retry, deadline)
         try:
             if job.streams(stream, limit) and len(job.cut(parts)) > 1:
-                await self._stream_parts(job, limit, block_tokens, timeout, deadline)
+                await self._stream_parts(job, limit, block_tokens, deadline)
             elif job.streams(stream, limit):
-                opened = self._open_stream(job.stream_requests(limit, block_tokens), options,
-                                           deadline)
+                part = job.parts[0]
                 try:
-                    async for message in opened.call:
-                        job.take_stream_message(message)
+                    await _retrying(attempts, lambda left: self._stream_part(
+                        part, limit, block_tokens, left, deadline), lambda: part.answered)
                 except grpc.RpcError as error:
-                    raise job.parts[0].failure(await opened.kept.of(error)) from None
-                except asyncio.CancelledError:
-                    _raise_requests_error(job.parts[0].error, opened.call)
-                finally:
-                    await opened.end()
+                    raise part.failure(error) from None
             else:
                 request = await _maybe_off_loop(large, job.unary_request)
-                call = self._attend(request, **options)
-                try:
-                    response = await call
-                except asyncio.CancelledError:
-                    _raise_cancelled(call)
+                response = await _retrying(attempts, lambda left: self._unary(
+                    self._attend, request, self._options(left, request_id)))
                 await _maybe_off_loop(large, job.take_unary_response, response)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
@@ -316,36 +345,48 @@ class Client:
         return [self._attend_stream] + [c.stream_stream(_client._ATTEND_STREAM)
                                         for c in self._part_channels[:count - 1]]
 
-    async def _stream_parts(self, job, limit, block_tokens, timeout, deadline):
-        """Streams job's parts as concurrent calls, a task each; raises the first part's
-        failure after cancelling every call."""
-        streams = [self._open_stream(part.requests(limit, block_tokens),
-                                     self._options(timeout, part.request_id), deadline, method)
-                   for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+    async def _stream_part(self, part, limit, block_tokens, timeout, deadline, method=None):
+        """One attempt of part's stream (the whole request, or a part of a parallel one): its
+        answers written into the output; raises its failure as a grpc.RpcError (the server's
+        status where grpc.aio lost it). The call ends with it (cancelled when it has not)."""
+        part.restart()
+        opened = self._open_stream(part.requests(limit, block_tokens),
+                                   self._options(timeout, part.request_id), deadline, method)
+        try:
+            async for message in opened.call:
+                part.take_message(message)
+        except grpc.RpcError as error:
+            raise (await opened.kept.of(error)) from None
+        except asyncio.CancelledError:
+            _raise_requests_error(part.error, opened.call)
+        finally:
+            await opened.end()
 
-        async def take(part, stream):
+    async def _stream_parts(self, job, limit, block_tokens, deadline):
+        """Streams job's parts as concurrent calls, a task each; a part the server refuses
+        unread is sent again on its own (self._retry). Raises the first part's failure after
+        cancelling every call."""
+
+        async def take(part, method):
             try:
-                async for message in stream.call:
-                    part.take_message(message)
+                await _retrying(_client._Attempts(self._retry, deadline),
+                                lambda left: self._stream_part(part, limit, block_tokens, left,
+                                                               deadline, method),
+                                lambda: part.answered)
             except grpc.RpcError as error:
-                raise part.failure(await stream.kept.of(error)) from None
-            except asyncio.CancelledError:
-                _raise_requests_error(part.error, stream.call)
+                raise part.failure(error) from None
 
-        tasks = [asyncio.ensure_future(take(part, stream))
-                 for part, stream in zip(job.parts, streams)]
+        tasks = [asyncio.ensure_future(take(part, method))
+                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
                 if task in done and task.exception() is not None:
                     raise task.exception()
         finally:
-            for stream in streams:
-                stream.cancel()
             for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, *(stream.end() for stream in streams),
-                                 return_exceptions=True)
+                task.cancel()  # Each ends its call as it ends (_stream_part).
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def attend_blocks(self, blocks, *, seq_len, segments, dilations, causal=False,
                       mode="longnet", precision="auto", scale=None, request_id="", priority=0,

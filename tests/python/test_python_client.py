@@ -80,6 +80,7 @@ if VENV_RUN not in os.environ:
 
 import da  # noqa: E402  (the wheel's, in the venv)
 import da.torch  # noqa: E402
+import grpc  # noqa: E402
 import ml_dtypes  # noqa: E402
 import torch  # noqa: E402
 from da import _client  # noqa: E402  (the framing, compared with protobuf's below)
@@ -238,6 +239,80 @@ class PythonClientTest(unittest.TestCase):
         with self.assertRaises(da.Unavailable):
             da.Client("127.0.0.1:1").attend(q, q, q, segments=[16], dilations=[1], stream=False,
                                             timeout=10)
+
+    def test_calls_a_draining_replica_refuses_are_sent_again_and_reach_the_next_one(self):
+        # A rolling update: the replica the client is connected to drains (SIGTERM, 1.5 s of
+        # grace) while another one serves. Its refusals ("da-refused") are sent again after a
+        # backoff (da.Retry) and, once it has closed its connections, reach the next replica:
+        # unary, one stream and two parallel streams, from the sync and the asyncio client.
+        # pick_first over the two addresses stands for a load balancer sending new connections
+        # to ready replicas.
+        import asyncio
+        import concurrent.futures
+        rng = np.random.default_rng(41)
+        q, k, v = (rng.standard_normal((1, 512, 2, 16)).astype(np.float32) for _ in range(3))
+        kw = dict(segments=[64, 128], dilations=[1, 2], precision="fp32")
+        shapes = {"unary": dict(stream=False),
+                  "stream": dict(stream=True, block_tokens=128),
+                  "parts": dict(stream=True, block_tokens=64, parallel_streams=2)}
+        with da_testing.Server(ARGS.server_binary, ["--threads", "2"], metrics=True) as nxt:
+            want = self.client.attend(q, k, v, **kw)
+            for kind in ("sync", "asyncio"):
+                with da_testing.Server(ARGS.server_binary, ["--threads", "2",
+                                                            "--drain-grace-ms", "1500"],
+                                       metrics=True) as draining:
+                    target = f"ipv4:127.0.0.1:{draining.port},127.0.0.1:{nxt.port}"
+                    before = nxt.metric('da_requests_total{code="OK",method="Attend"}')
+
+                    def refused(name):
+                        return sum(f"request id={kind}-{name}" in line and
+                                   "code=UNAVAILABLE" in line
+                                   for line in draining.log().splitlines())
+
+                    def drain_then(call):
+                        call(None)  # Connected to the first address, the draining one.
+                        self.assertEqual(draining.metric(
+                            'da_requests_total{code="OK",method="Attend"}'), 1.0)
+                        draining.terminate()
+                        da_testing.wait_until(lambda: "draining: new calls refused" in
+                                              draining.log() or None, 10, "the drain")
+                        return call
+
+                    if kind == "sync":
+                        with da.Client(target, timeout=60) as client:
+                            def call(name):
+                                extra = shapes[name] if name else dict(stream=False)
+                                return client.attend(q, k, v, request_id=f"{kind}-{name}",
+                                                     **extra, **kw)
+                            drain_then(call)
+                            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                                got = dict(zip(shapes, pool.map(call, shapes)))
+                    else:
+                        async def run():
+                            async with da.aio.Client(target, timeout=60) as client:
+                                async def call(name):
+                                    extra = shapes[name] if name else dict(stream=False)
+                                    return await client.attend(q, k, v,
+                                                               request_id=f"{kind}-{name}",
+                                                               **extra, **kw)
+                                await call(None)
+                                self.assertEqual(draining.metric(
+                                    'da_requests_total{code="OK",method="Attend"}'), 1.0)
+                                draining.terminate()
+                                await asyncio.to_thread(
+                                    da_testing.wait_until, lambda: "draining: new calls refused"
+                                    in draining.log() or None, 10, "the drain")
+                                return dict(zip(shapes, await asyncio.gather(
+                                    *(call(name) for name in shapes))))
+                        got = asyncio.run(run())
+                    self.assertEqual(draining.wait(), 0)
+                    for name in shapes:
+                        self.assertTrue(np.array_equal(got[name], want), f"{kind} {name}")
+                        self.assertGreaterEqual(refused(name), 1, f"{kind} {name}: never "
+                                                f"refused, so never sent again:\n"
+                                                f"{draining.log()}")
+                    self.assertEqual(nxt.metric('da_requests_total{code="OK",method="Attend"}'),
+                                     before + 1)
 
     def test_asyncio_client_runs_many_requests_from_one_loop(self):
         import asyncio
@@ -612,6 +687,79 @@ class PythonClientTest(unittest.TestCase):
             with da_testing.Server(ARGS.server_binary, ["--drain-timeout-ms", "0"]) as server:
                 self.assertIn("UNAVAILABLE", asyncio.run(drained(server, parts)))
                 self.assertEqual(server.stop(), 0)
+
+    def test_retry_sends_again_only_what_the_server_neither_read_nor_computed(self):
+        class Failed(grpc.RpcError):
+            def __init__(self, code, details, trailing=(), initial=()):
+                self._status = (code, details, trailing, initial)
+
+            def code(self):
+                return self._status[0]
+
+            def details(self):
+                return self._status[1]
+
+            def trailing_metadata(self):
+                return self._status[2]
+
+            def initial_metadata(self):
+                return self._status[3]
+
+        codes = grpc.StatusCode
+        refusal = Failed(codes.UNAVAILABLE, "draining: ...", (("da-refused", "draining"),))
+        self.assertTrue(_client._refused_unread(refusal))
+        # A server's gRPC that dropped the call unstarted as it shut down (grpc/grpc#41785).
+        self.assertTrue(_client._refused_unread(Failed(codes.CANCELLED, "CANCELLED")))
+        for other in (Failed(codes.UNAVAILABLE, "Connection reset by peer"),  # May be a crash.
+                      Failed(codes.CANCELLED, "Locally cancelled by application!"),
+                      Failed(codes.CANCELLED, "Cancelled on the server side"),
+                      Failed(codes.CANCELLED, "CANCELLED", (("x", "1"),)),
+                      Failed(codes.CANCELLED, "CANCELLED", (), (("x", "1"),)),
+                      Failed(codes.RESOURCE_EXHAUSTED, "queue full",
+                             (("da-refused", "draining"),))):
+            self.assertFalse(_client._refused_unread(other), other.details())
+
+        # Waits of 0.25 s doubling to 2 s, each between half and all of it.
+        retry = da.Retry()
+        for attempt, full in ((2, 0.25), (3, 0.5), (4, 1.0), (5, 2.0), (9, 2.0)):
+            waits = [retry.wait(attempt) for _ in range(200)]
+            self.assertGreaterEqual(min(waits), full / 2)
+            self.assertLessEqual(max(waits), full)
+            self.assertGreater(max(waits) - min(waits), full / 4)
+        # Attempts end at their count, and before the deadline, and say how many were made.
+        calls = []
+
+        def refused(timeout):
+            calls.append(timeout)
+            raise refusal
+
+        attempts = _client._Attempts(da.Retry(attempts=3, backoff=0.01, max_backoff=0.01), None)
+        with self.assertRaises(grpc.RpcError) as caught:
+            _client._retrying(attempts, refused)
+        self.assertEqual(len(calls), 3)
+        self.assertRegex(caught.exception.details(), r"^draining: \.\.\. \(refused 3 times over "
+                                                     r"\d+ ms\)$")
+        calls.clear()
+        start = time.monotonic()
+        attempts = _client._Attempts(da.Retry(attempts=1000, backoff=0.1, max_backoff=0.1),
+                                     time.monotonic() + 0.4)
+        with self.assertRaises(grpc.RpcError):
+            _client._retrying(attempts, refused)
+        self.assertLess(time.monotonic() - start, 0.4)
+        self.assertTrue(4 <= len(calls) <= 8, len(calls))
+        self.assertTrue(all(0 < left <= 0.4 for left in calls), calls)  # What is left of it.
+        # Some of the answer taken: never again.
+        calls.clear()
+        with self.assertRaises(grpc.RpcError):
+            _client._retrying(_client._Attempts(da.Retry(), None), refused, lambda: True)
+        self.assertEqual(len(calls), 1)
+
+        for bad in (dict(attempts=0), dict(attempts=1.5), dict(backoff=-1),
+                    dict(max_backoff="1")):
+            with self.assertRaises(da.InvalidArgument):
+                da.Retry(**bad)
+        with self.assertRaises(da.InvalidArgument):
+            da.Client("127.0.0.1:1", retry=3)
 
     def test_parallel_streams_cut_only_where_no_segment_crosses(self):
         self.assertEqual(_client._chunk_tokens([2048, 4096, 8192], 65536), 8192)
