@@ -42,8 +42,8 @@ RUN apt-get update \
 COPY . .
 # Builds the two binaries, then gathers every shared library they load except the C library
 # itself, the CUDA driver (the host's) and, on the GPU image, the CUDA libraries its runtime base
-# already holds.
-RUN cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DDA_BUILD_TESTS=OFF "${DA_CMAKE_FLAGS}" \
+# already holds. Ninja, as `make` uses for a new build tree (install-deps brings it).
+RUN cmake -G Ninja -S . -B build -DCMAKE_BUILD_TYPE=Release -DDA_BUILD_TESTS=OFF "${DA_CMAKE_FLAGS}" \
       -DDA_REVISION="${REVISION}" \
  && cmake --build build --target da-server da-client -j"$(nproc)" \
  && mkdir -p /out/bin /out/lib \
