@@ -299,18 +299,26 @@ RetryWait AttentionClient::BackOffOn(grpc::Channel& channel, CallGroup* group) {
   };
 }
 
-grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
-                                     const CallOptions& options) {
+grpc::Status AttentionClient::RetriedUnary(
+    const CallOptions& options, const std::string& request_id,
+    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
   return WithRetries(
       options.retry, options.timeout_ms,
       [&](int64_t timeout_ms, bool* refused) {
         grpc::ClientContext context;
-        ConfigureContext(Attempt(options, timeout_ms), request.request_id(), &context);
-        const grpc::Status status = stub_->Attend(&context, request, response);
+        ConfigureContext(Attempt(options, timeout_ms), request_id, &context);
+        const grpc::Status status = call(&context);
         *refused = RefusedUnread(status, context);
         return status;
       },
       BackOffOn(*channel_, nullptr));
+}
+
+grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
+                                     const CallOptions& options) {
+  return RetriedUnary(options, request.request_id(), [&](grpc::ClientContext* context) {
+    return stub_->Attend(context, request, response);
+  });
 }
 
 grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
@@ -637,31 +645,16 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
 
 grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,
                                             const CallOptions& options) {
-  return WithRetries(
-      options.retry, options.timeout_ms,
-      [&](int64_t timeout_ms, bool* refused) {
-        grpc::ClientContext context;
-        ConfigureContext(Attempt(options, timeout_ms), "", &context);
-        const grpc::Status status =
-            stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), response);
-        *refused = RefusedUnread(status, context);
-        return status;
-      },
-      BackOffOn(*channel_, nullptr));
+  return RetriedUnary(options, "", [&](grpc::ClientContext* context) {
+    return stub_->GetServerInfo(context, v1::GetServerInfoRequest(), response);
+  });
 }
 
 grpc::Status AttentionClient::WarmUp(const v1::WarmUpRequest& request, v1::WarmUpResponse* response,
                                      const CallOptions& options) {
-  return WithRetries(
-      options.retry, options.timeout_ms,
-      [&](int64_t timeout_ms, bool* refused) {
-        grpc::ClientContext context;
-        ConfigureContext(Attempt(options, timeout_ms), "", &context);
-        const grpc::Status status = stub_->WarmUp(&context, request, response);
-        *refused = RefusedUnread(status, context);
-        return status;
-      },
-      BackOffOn(*channel_, nullptr));
+  return RetriedUnary(options, "", [&](grpc::ClientContext* context) {
+    return stub_->WarmUp(context, request, response);
+  });
 }
 
 grpc::Status AttentionClient::CheckHealth(

@@ -192,6 +192,9 @@ class AttentionClient {
   // A retry's wait (WithRetries) for a call on channel: the backoff, reading the channel
   // meanwhile; false when group (may be null) failed first.
   static RetryWait BackOffOn(grpc::Channel& channel, CallGroup* group);
+  // A unary call on channel_ under options.retry: call(context) makes one attempt.
+  grpc::Status RetriedUnary(const CallOptions& options, const std::string& request_id,
+                            const std::function<grpc::Status(grpc::ClientContext*)>& call);
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
   // One stream of one batch element, its output appended block by block.
