@@ -3,6 +3,7 @@ requests (tensor bytes copied once, da/_wire.py), the output filled as blocks ar
 execution info. The two clients differ only in how a call is made and awaited."""
 
 import contextlib
+import itertools
 import math
 import queue
 import random
@@ -50,9 +51,10 @@ class Retry:
     """How a call the server refused before reading or computing anything is sent again.
 
     A draining da-server (SIGTERM, a rolling update) refuses new calls with UNAVAILABLE and the
-    trailing metadata "da-refused" while it finishes the calls in flight; the client's
-    connection to it stays open until then, and the next one goes to a replica that serves. So
-    the call is sent again after a wait of `backoff` seconds, doubled for each further attempt up
+    trailing metadata "da-refused" while it finishes the calls in flight, on the connections
+    that carry them too, which stay open until then; a load balancer sends new connections to
+    replicas that serve. So the call is sent again, on a connection of its own (closed after
+    it), after a wait of `backoff` seconds, doubled for each further attempt up
     to `max_backoff` (each drawn between half and all of it, so that a replica's clients do not
     come back at once), for at most `attempts` attempts in all (1: never again) and never past
     the call's timeout. Also retried: a call that reached a server as its gRPC was shutting down
@@ -246,11 +248,7 @@ class Client:
                  timeout=None, options=(), max_message_bytes=1 << 30, retry=Retry()):
         self._channel = _make_channel(grpc, target, tls_ca, tls_cert, tls_key, options,
                                       max_message_bytes)
-        self._stub = _stub.AttentionServiceStub(self._channel)
-        # Tensor-carrying calls take and give bytes encoded by da/_wire.py.
-        self._attend = self._channel.unary_unary(_ATTEND)
-        self._attend_stream = self._channel.stream_stream(_ATTEND_STREAM)
-        self._health = self._channel.unary_unary(_HEALTH_CHECK)
+        # Calls take the multicallables of the channel of their attempt (_multicallable).
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._retry = _check_retry(retry)
@@ -260,6 +258,7 @@ class Client:
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
         self._part_channels = []
+        self._retry_channels = set()  # Those of retries in flight (_attempt_channel).
         self._part_lock = threading.Lock()
         self._closed = False
 
@@ -268,10 +267,32 @@ class Client:
         da.Cancelled."""
         with self._part_lock:
             self._closed = True
-            for channel in self._part_channels:
+            for channel in [*self._part_channels, *self._retry_channels]:
                 channel.close()
             self._part_channels = []
+            self._retry_channels = set()
         self._channel.close()
+
+    @contextlib.contextmanager
+    def _attempt_channel(self, attempts, channel):
+        """The channel of a call's attempt (after attempts.next_timeout() counted it): channel
+        for the first; for a retry, a connection of its own, closed after it (da.Retry)."""
+        if attempts.made <= 1:
+            yield channel
+            return
+        fresh = _fresh_channel(grpc, self._channel_args)
+        with self._part_lock:
+            if self._closed:
+                fresh.close()
+            else:
+                self._retry_channels.add(fresh)
+        try:
+            _check_open(self._closed)
+            yield fresh
+        finally:
+            with self._part_lock:
+                self._retry_channels.discard(fresh)
+            fresh.close()
 
     def __enter__(self):
         return self
@@ -284,23 +305,28 @@ class Client:
         _check_open(self._closed)
         return _call_options(self._token_metadata, self._timeout, timeout, request_id)
 
-    def _call(self, method, request, timeout, request_id=""):
+    def _call(self, name, request, timeout, request_id=""):
+        """The unary RPC name (_multicallable) with request, retried under self._retry."""
         attempts = _Attempts(self._retry, _deadline(self._timeout, timeout))
+
+        def attempt(left):
+            with self._attempt_channel(attempts, self._channel) as channel:
+                return _multicallable(channel, name)(request, **self._options(left, request_id))
+
         try:
-            return _retrying(attempts,
-                             lambda left: method(request, **self._options(left, request_id)))
+            return _retrying(attempts, attempt)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
     def info(self, timeout=None):
         """GetServerInfo: version, build features, devices, limits, plan-cache statistics (the
         GetServerInfoResponse message)."""
-        return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        return self._call("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     def health(self, service="", timeout=None):
         """grpc.health.v1 Check of service ("" liveness, "da.v1.AttentionService" readiness):
         "SERVING", "NOT_SERVING", ... (NOT_FOUND for an unknown service raises da.Error)."""
-        return _health_status(self._call(self._health, _health_request(service), timeout))
+        return _health_status(self._call("Health", _health_request(service), timeout))
 
     def warm_up(self, shapes, timeout=None):
         """Builds the server's plans for shapes ahead of requests, so that their first request is
@@ -309,7 +335,7 @@ class Client:
         "bfloat16", or a numpy or torch dtype), "causal", "mode", "precision" and "scale", as
         attend takes them. Returns the WarmUpResponse: one result per shape (plan key, whether it
         was warm already, bytes, build time, precision) and the plan cache after."""
-        return self._call(self._stub.WarmUp, _warm_up_request(shapes), timeout)
+        return self._call("WarmUp", _warm_up_request(shapes), timeout)
 
     def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                precision="auto", scale=None, out=None, stream=None, block_tokens=0,
@@ -368,20 +394,26 @@ class Client:
 
                 def attempt(left):
                     part.restart()
-                    answers = self._attend_stream(job.stream_requests(limit, block_tokens),
-                                                  **self._options(left, request_id))
-                    try:
-                        for message in answers:
-                            job.take_stream_message(message)
-                    finally:
-                        answers.cancel()  # Nothing once the stream has ended; else stops it.
+                    with self._attempt_channel(attempts, self._channel) as channel:
+                        answers = channel.stream_stream(_ATTEND_STREAM)(
+                            job.stream_requests(limit, block_tokens),
+                            **self._options(left, request_id))
+                        try:
+                            for message in answers:
+                                job.take_stream_message(message)
+                        finally:
+                            answers.cancel()  # Nothing once the stream has ended; else stops it.
 
                 _retrying(attempts, attempt, lambda: part.answered)
             else:
                 request = job.unary_request()
-                response = _retrying(
-                    attempts, lambda left: self._attend(request, **self._options(left, request_id)))
-                job.take_unary_response(response)
+
+                def attempt(left):
+                    with self._attempt_channel(attempts, self._channel) as channel:
+                        return channel.unary_unary(_ATTEND)(request,
+                                                            **self._options(left, request_id))
+
+                job.take_unary_response(_retrying(attempts, attempt))
         except grpc.RpcError as error:
             raise job.parts[0].failure(error) from None
         return job.result(return_info)
@@ -410,23 +442,23 @@ class Client:
                           _spec(segments, dilations, causal, mode, precision, scale),
                           request_id, priority, self._server_message_limit(timeout))
         timeout = _left(deadline)
-        return BlockStream(self._attend_stream, feed, self._options(timeout, request_id))
+        return BlockStream(_multicallable(self._channel, "AttendStream"), feed,
+                           self._options(timeout, request_id))
 
     def _server_message_limit(self, timeout):
         if self._message_limit is None:
             self._message_limit = _message_limit(self.info(timeout), self._max_message_bytes)
         return self._message_limit
 
-    def _stream_methods(self, count):
-        """AttendStream on count connections: this client's own, then channels of their own
-        (distinct arguments, so that gRPC does not share one connection among them)."""
+    def _stream_channels(self, count):
+        """count connections for parallel streams: this client's own, then channels of their
+        own (distinct arguments, so that gRPC does not share one connection among them)."""
         with self._part_lock:
             _check_open(self._closed)  # No channel made after close() (none would be closed).
             while len(self._part_channels) < count - 1:
                 self._part_channels.append(_part_channel(grpc, self._channel_args,
                                                          len(self._part_channels) + 1))
-            channels = self._part_channels[:count - 1]
-        return [self._attend_stream] + [c.stream_stream(_ATTEND_STREAM) for c in channels]
+            return [self._channel] + self._part_channels[:count - 1]
 
     def _stream_parts(self, job, limit, block_tokens, deadline):
         """Streams job's parts as concurrent calls. A thread per call hands its answers over a
@@ -434,7 +466,7 @@ class Client:
         thread writes them into the output and reports progress. A part the server refuses
         unread is sent again on its own (its thread waits, self._retry). Raises the first
         part's failure after cancelling every call."""
-        methods = self._stream_methods(len(job.parts))
+        channels = self._stream_channels(len(job.parts))
         calls = [None] * len(job.parts)  # Each part's call of the moment.
         lock = threading.Lock()  # Guards calls against the cancelling below.
         stop = threading.Event()  # Set once the request has ended: no more calls.
@@ -446,17 +478,20 @@ class Client:
             def attempt(left):
                 nonlocal answered
                 part.restart()
-                with lock:
-                    if stop.is_set():
-                        return
-                    call = calls[index] = methods[index](part.requests(limit, block_tokens),
-                                                         **self._options(left, part.request_id))
-                for message in call:
-                    answered = True
-                    arrived.put((index, message))
+                with self._attempt_channel(attempts, channels[index]) as channel:
+                    with lock:
+                        if stop.is_set():
+                            return
+                        call = calls[index] = channel.stream_stream(_ATTEND_STREAM)(
+                            part.requests(limit, block_tokens),
+                            **self._options(left, part.request_id))
+                    for message in call:
+                        answered = True
+                        arrived.put((index, message))
 
+            attempts = _Attempts(self._retry, deadline)
             try:
-                _retrying(_Attempts(self._retry, deadline), attempt, lambda: answered, stop)
+                _retrying(attempts, attempt, lambda: answered, stop)
                 arrived.put((index, None))  # Ended.
             except BaseException as error:  # Ended; raised on the caller's thread.
                 arrived.put((index, error))
@@ -557,6 +592,32 @@ async def _as_async(items):
     else:
         for item in items:
             yield item
+
+
+# Channel arguments that give each retry's channel a connection of its own (_fresh_channel).
+_FRESH_CHANNELS = itertools.count(1)
+
+
+def _fresh_channel(module, channel_args):
+    """A channel of module (grpc or grpc.aio) with the client's channel arguments and one of its
+    own, so that it gets a connection of its own: where a call a draining server refused is sent
+    again (da.Retry)."""
+    target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
+    return _make_channel(module, target, tls_ca, tls_cert, tls_key,
+                         (*options, ("da.retry_channel", next(_FRESH_CHANNELS))), max_bytes)
+
+
+def _multicallable(channel, name):
+    """The multicallable of RPC name on channel (grpc or grpc.aio): "Attend" and "AttendStream"
+    take and give bytes (da/_wire.py), "Health" is grpc.health.v1's Check on bytes, others are
+    da/_stub.py's, on messages."""
+    if name == "Attend":
+        return channel.unary_unary(_ATTEND)
+    if name == "AttendStream":
+        return channel.stream_stream(_ATTEND_STREAM)
+    if name == "Health":
+        return channel.unary_unary(_HEALTH_CHECK)
+    return _stub._multicallable(channel, name)
 
 
 def _part_channel(module, channel_args, number):

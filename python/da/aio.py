@@ -10,12 +10,13 @@ and output assembly it shares; only the calls are awaited.
 """
 
 import asyncio
+import contextlib
 import time
 
 import grpc
 import grpc.aio
 
-from da import _client, _stub, errors
+from da import _client, errors
 from da.v1 import attention_pb2 as pb
 
 # What grpc.aio (up to at least 1.85) reports for a write that fails because the call has ended,
@@ -213,10 +214,7 @@ class Client:
                  timeout=None, options=(), max_message_bytes=1 << 30, retry=_client.Retry()):
         self._channel = _client._make_channel(grpc.aio, target, tls_ca, tls_cert, tls_key,
                                               options, max_message_bytes)
-        self._stub = _stub.AttentionServiceStub(self._channel)
-        self._attend = self._channel.unary_unary(_client._ATTEND)
-        self._attend_stream = self._channel.stream_stream(_client._ATTEND_STREAM)
-        self._health = self._channel.unary_unary(_client._HEALTH_CHECK)
+        # Calls take the multicallables of the channel of their attempt (_multicallable).
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._retry = _client._check_retry(retry)
@@ -227,16 +225,34 @@ class Client:
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
         self._part_channels = []
+        self._retry_channels = set()  # Those of retries in flight (_attempt_channel).
         self._closed = False
 
     async def close(self):
         """Closes the channels; calls in flight are cancelled, and later calls raise
         da.Cancelled."""
         self._closed = True
-        channels, self._part_channels = self._part_channels, []
+        channels = [*self._part_channels, *self._retry_channels]
+        self._part_channels, self._retry_channels = [], set()
         for channel in channels:
             await channel.close()
         await self._channel.close()
+
+    @contextlib.asynccontextmanager
+    async def _attempt_channel(self, attempts, channel):
+        """da.Client._attempt_channel: channel for a call's first attempt, a connection of its
+        own for a retry, closed after it."""
+        if attempts.made <= 1:
+            yield channel
+            return
+        _client._check_open(self._closed)
+        fresh = _client._fresh_channel(grpc.aio, self._channel_args)
+        self._retry_channels.add(fresh)
+        try:
+            yield fresh
+        finally:
+            self._retry_channels.discard(fresh)
+            await fresh.close()
 
     async def __aenter__(self):
         return self
@@ -249,36 +265,37 @@ class Client:
         _client._check_open(self._closed)
         return _client._call_options(self._token_metadata, self._timeout, timeout, request_id)
 
-    async def _call(self, method, request, timeout, request_id=""):
+    async def _call(self, name, request, timeout, request_id=""):
+        """The unary RPC name (_client._multicallable) with request, retried under
+        self._retry."""
         attempts = _client._Attempts(self._retry, _client._deadline(self._timeout, timeout))
         try:
-            return await _retrying(attempts, lambda left: self._unary(method, request,
-                                                                      self._options(left,
-                                                                                    request_id)))
+            return await _retrying(attempts, lambda left: self._unary(
+                attempts, name, request, self._options(left, request_id)))
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
-    @staticmethod
-    async def _unary(method, request, options):
-        """One unary call; a task cancelled meanwhile cancels it."""
-        call = method(request, **options)
-        try:
-            return await call
-        except asyncio.CancelledError:
-            _raise_cancelled(call)
+    async def _unary(self, attempts, name, request, options):
+        """One attempt of a unary call; a task cancelled meanwhile cancels it."""
+        async with self._attempt_channel(attempts, self._channel) as channel:
+            call = _client._multicallable(channel, name)(request, **options)
+            try:
+                return await call
+            except asyncio.CancelledError:
+                _raise_cancelled(call)
 
     async def info(self, timeout=None):
         """da.Client.info, awaited."""
-        return await self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        return await self._call("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     async def health(self, service="", timeout=None):
         """da.Client.health, awaited."""
         return _client._health_status(
-            await self._call(self._health, _client._health_request(service), timeout))
+            await self._call("Health", _client._health_request(service), timeout))
 
     async def warm_up(self, shapes, timeout=None):
         """da.Client.warm_up, awaited."""
-        return await self._call(self._stub.WarmUp, _client._warm_up_request(shapes), timeout)
+        return await self._call("WarmUp", _client._warm_up_request(shapes), timeout)
 
     async def _server_message_limit(self, timeout):
         if self._message_limit is None:
@@ -287,11 +304,12 @@ class Client:
             self._message_limit = _client._message_limit(info, self._max_message_bytes)
         return self._message_limit
 
-    def _open_stream(self, requests, options, deadline, method=None):
-        """A _Stream: an AttendStream call sending requests; its blocks wait for the server's
-        admission where the server gives one (_client._after_admission: a refusal then never
-        meets a write in flight). After _server_message_limit."""
-        method = method or self._attend_stream
+    def _open_stream(self, requests, options, deadline, channel=None):
+        """A _Stream: an AttendStream call on channel (None: the client's) sending requests;
+        its blocks wait for the server's admission where the server gives one
+        (_client._after_admission: a refusal then never meets a write in flight). After
+        _server_message_limit."""
+        method = _client._multicallable(channel or self._channel, "AttendStream")
         if self._admits_streams:
             options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
         call = method(**options)
@@ -323,61 +341,65 @@ class Client:
                 part = job.parts[0]
                 try:
                     await _retrying(attempts, lambda left: self._stream_part(
-                        part, limit, block_tokens, left, deadline), lambda: part.answered)
+                        attempts, part, limit, block_tokens, left, deadline),
+                        lambda: part.answered)
                 except grpc.RpcError as error:
                     raise part.failure(error) from None
             else:
                 request = await _maybe_off_loop(large, job.unary_request)
                 response = await _retrying(attempts, lambda left: self._unary(
-                    self._attend, request, self._options(left, request_id)))
+                    attempts, "Attend", request, self._options(left, request_id)))
                 await _maybe_off_loop(large, job.take_unary_response, response)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
         job.complete()  # Progress is reported on the event loop.
         return job.packaged(await _maybe_off_loop(large, job.output.result), return_info)
 
-    def _stream_methods(self, count):
-        """AttendStream on count connections, as da.Client's."""
+    def _stream_channels(self, count):
+        """count connections for parallel streams, as da.Client's."""
         _client._check_open(self._closed)
         while len(self._part_channels) < count - 1:
             self._part_channels.append(_client._part_channel(grpc.aio, self._channel_args,
                                                              len(self._part_channels) + 1))
-        return [self._attend_stream] + [c.stream_stream(_client._ATTEND_STREAM)
-                                        for c in self._part_channels[:count - 1]]
+        return [self._channel] + self._part_channels[:count - 1]
 
-    async def _stream_part(self, part, limit, block_tokens, timeout, deadline, method=None):
-        """One attempt of part's stream (the whole request, or a part of a parallel one): its
-        answers written into the output; raises its failure as a grpc.RpcError (the server's
-        status where grpc.aio lost it). The call ends with it (cancelled when it has not)."""
+    async def _stream_part(self, attempts, part, limit, block_tokens, timeout, deadline,
+                           channel=None):
+        """One attempt (of attempts) of part's stream (the whole request, or a part of a
+        parallel one) on channel (None: the client's): its answers written into the output;
+        raises its failure as a grpc.RpcError (the server's status where grpc.aio lost it). The
+        call ends with it (cancelled when it has not)."""
         part.restart()
-        opened = self._open_stream(part.requests(limit, block_tokens),
-                                   self._options(timeout, part.request_id), deadline, method)
-        try:
-            async for message in opened.call:
-                part.take_message(message)
-        except grpc.RpcError as error:
-            raise (await opened.kept.of(error)) from None
-        except asyncio.CancelledError:
-            _raise_requests_error(part.error, opened.call)
-        finally:
-            await opened.end()
+        async with self._attempt_channel(attempts, channel or self._channel) as channel:
+            opened = self._open_stream(part.requests(limit, block_tokens),
+                                       self._options(timeout, part.request_id), deadline,
+                                       channel)
+            try:
+                async for message in opened.call:
+                    part.take_message(message)
+            except grpc.RpcError as error:
+                raise (await opened.kept.of(error)) from None
+            except asyncio.CancelledError:
+                _raise_requests_error(part.error, opened.call)
+            finally:
+                await opened.end()
 
     async def _stream_parts(self, job, limit, block_tokens, deadline):
         """Streams job's parts as concurrent calls, a task each; a part the server refuses
         unread is sent again on its own (self._retry). Raises the first part's failure after
         cancelling every call."""
 
-        async def take(part, method):
+        async def take(part, channel):
+            attempts = _client._Attempts(self._retry, deadline)
             try:
-                await _retrying(_client._Attempts(self._retry, deadline),
-                                lambda left: self._stream_part(part, limit, block_tokens, left,
-                                                               deadline, method),
-                                lambda: part.answered)
+                await _retrying(attempts, lambda left: self._stream_part(
+                    attempts, part, limit, block_tokens, left, deadline, channel),
+                    lambda: part.answered)
             except grpc.RpcError as error:
                 raise part.failure(error) from None
 
-        tasks = [asyncio.ensure_future(take(part, method))
-                 for method, part in zip(self._stream_methods(len(job.parts)), job.parts)]
+        tasks = [asyncio.ensure_future(take(part, channel))
+                 for channel, part in zip(self._stream_channels(len(job.parts)), job.parts)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -201,6 +202,66 @@ class Server:
 
     def __enter__(self):
         return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Forwarder:
+    """A TCP forwarder on a loopback port standing for a load balancer: each connection it
+    accepts goes to the port `route` names at that moment (change it as endpoints change);
+    connections already made keep their backend.
+
+        with Forwarder(server_a.port) as lb:
+            client = da.Client(f"127.0.0.1:{lb.port}")
+            ...
+            lb.route = server_b.port   # server_a is no longer ready
+    """
+
+    def __init__(self, route):
+        self.route = route
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # Closed.
+            try:
+                backend = socket.create_connection(("127.0.0.1", self.route))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, backend]
+            for source, sink in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # Either side closed or reset: the other learns of it from its own socket.
+
+    def close(self):
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def __enter__(self):
+        return self
 
     def __exit__(self, *exc):
         self.close()

@@ -314,6 +314,68 @@ class PythonClientTest(unittest.TestCase):
                     self.assertEqual(nxt.metric('da_requests_total{code="OK",method="Attend"}'),
                                      before + 1)
 
+    def test_a_retry_goes_on_a_new_connection_past_a_drain_held_open_by_a_long_call(self):
+        # A draining server keeps refusing new calls on its connections while a call is still
+        # in flight. The client sends a refused call again on a connection of its own, which the
+        # load balancer (a forwarder here) sends to a replica that serves: the call is answered
+        # while the long one still runs, not once it has ended and the connections closed.
+        import asyncio
+        import threading
+        rng = np.random.default_rng(43)
+        small = rng.standard_normal((1, 256, 2, 16)).astype(np.float32)
+        kw = dict(segments=[64, 128], dilations=[1, 2], precision="fp32", stream=False)
+        # One dense segment of 49152 tokens: seconds of compute on two cores.
+        long_q = rng.standard_normal((1, 49152, 1, 32)).astype(np.float32)
+        want = self.client.attend(small, small, small, **kw)
+        with da_testing.Server(ARGS.server_binary, ["--threads", "2"]) as nxt:
+            for kind in ("sync", "asyncio"):
+                with da_testing.Server(ARGS.server_binary, ["--threads", "2",
+                                                            "--drain-timeout-ms", "120000"],
+                                       metrics=True) as draining, \
+                        da_testing.Forwarder(draining.port) as balancer, \
+                        da.Client(f"127.0.0.1:{balancer.port}", timeout=120) as client:
+                    long_call = {}
+
+                    def run_long():
+                        long_call["output"] = client.attend(long_q, long_q, long_q,
+                                                            segments=[49152], dilations=[1],
+                                                            stream=False)
+
+                    long_thread = threading.Thread(target=run_long)
+
+                    def start_long_call_and_drain():
+                        long_thread.start()
+                        da_testing.wait_until(
+                            lambda: draining.metric("da_in_flight_requests") == 1, 60,
+                            "the long call in flight")
+                        draining.terminate()
+                        da_testing.wait_until(lambda: "draining: new calls refused" in
+                                              draining.log() or None, 10, "the drain")
+                        balancer.route = nxt.port  # The draining replica is no longer ready.
+
+                    if kind == "sync":
+                        start_long_call_and_drain()
+                        got = client.attend(small, small, small, request_id=f"{kind}-small",
+                                            **kw)
+                    else:
+                        async def run():
+                            async with da.aio.Client(f"127.0.0.1:{balancer.port}",
+                                                     timeout=60) as aio_client:
+                                await aio_client.info()  # Connected to the draining replica.
+                                start_long_call_and_drain()
+                                return await aio_client.attend(
+                                    small, small, small, request_id=f"{kind}-small", **kw)
+
+                        got = asyncio.run(run())
+                    self.assertTrue(long_thread.is_alive(), f"{kind}: the long call ended "
+                                    f"first, so this proves nothing")
+                    self.assertTrue(np.array_equal(got, want), kind)
+                    self.assertIn(f"request id={kind}-small method=Attend shape=- "
+                                  f"code=UNAVAILABLE", draining.log())
+                    long_thread.join()
+                    self.assertEqual(long_call["output"].shape, long_q.shape)
+                    self.assertEqual(draining.wait(), 0)
+
     def test_asyncio_client_runs_many_requests_from_one_loop(self):
         import asyncio
         rng = np.random.default_rng(14)
