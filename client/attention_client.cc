@@ -235,9 +235,11 @@ grpc::Status WaitForConnection(grpc::Channel& channel, int64_t timeout_ms) {
 AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
     : AttentionClient(std::vector<std::shared_ptr<grpc::Channel>>{std::move(channel)}) {}
 
-AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels)
+AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
+                                 ChannelFactory retry_channels)
     : channels_(std::move(channels)),
       channel_(channels_.at(0)),
+      retry_channels_(std::move(retry_channels)),
       stub_(v1::AttentionService::NewStub(channel_)),
       health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
 
@@ -299,15 +301,28 @@ RetryWait AttentionClient::BackOffOn(grpc::Channel& channel, CallGroup* group) {
   };
 }
 
+std::shared_ptr<grpc::Channel> AttentionClient::AttemptChannel(
+    int attempt, const std::shared_ptr<grpc::Channel>& first) const {
+  if (attempt <= 1 || !retry_channels_) return first;
+  return retry_channels_();
+}
+
 grpc::Status AttentionClient::RetriedUnary(
     const CallOptions& options, const std::string& request_id,
-    const std::function<grpc::Status(grpc::ClientContext*)>& call) {
+    const std::function<grpc::Status(v1::AttentionService::Stub&, grpc::ClientContext*)>& call) {
   return WithRetries(
       options.retry, options.timeout_ms,
-      [&](int64_t timeout_ms, bool* refused) {
+      [&](int attempt, int64_t timeout_ms, bool* refused) {
+        std::unique_ptr<v1::AttentionService::Stub> retry_stub;
+        v1::AttentionService::Stub* stub = stub_.get();
+        if (std::shared_ptr<grpc::Channel> channel = AttemptChannel(attempt, channel_);
+            channel != channel_) {
+          retry_stub = v1::AttentionService::NewStub(channel);
+          stub = retry_stub.get();
+        }
         grpc::ClientContext context;
         ConfigureContext(Attempt(options, timeout_ms), request_id, &context);
-        const grpc::Status status = call(&context);
+        const grpc::Status status = call(*stub, &context);
         *refused = RefusedUnread(status, context);
         return status;
       },
@@ -316,9 +331,10 @@ grpc::Status AttentionClient::RetriedUnary(
 
 grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                                      const CallOptions& options) {
-  return RetriedUnary(options, request.request_id(), [&](grpc::ClientContext* context) {
-    return stub_->Attend(context, request, response);
-  });
+  return RetriedUnary(options, request.request_id(),
+                      [&](v1::AttentionService::Stub& stub, grpc::ClientContext* context) {
+                        return stub.Attend(context, request, response);
+                      });
 }
 
 grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
@@ -365,14 +381,14 @@ grpc::Status AttentionClient::StreamPlanInto(const std::shared_ptr<grpc::Channel
                                              const StreamPlan& plan, OutputAssembler& assembler,
                                              StreamProgress* progress, const CallOptions& options,
                                              CallGroup* group) {
-  const auto attempt = [&](int64_t timeout_ms, bool* refused) {
+  const auto attempt = [&](int attempt_number, int64_t timeout_ms, bool* refused) {
     int64_t next_block = 0;
     int64_t sent = 0;  // This attempt's, taken back out of progress when it is refused.
     // Declared first, destroyed last: the call and its buffers are gone when it waits
     // (BorrowedSlices::kReleaseWait at most).
     BorrowedSlices borrowed;
     grpc::Status status = AttendStreamOn(
-        channel, plan.header,
+        AttemptChannel(attempt_number, channel), plan.header,
         [&](grpc::ByteBuffer* buffer) {
           const int64_t bytes = NextRequestBlock(request, plan, &next_block, borrowed, buffer);
           AddProgress(&StreamProgress::sent_bytes, progress, bytes);
@@ -645,16 +661,18 @@ grpc::Status AttentionClient::AttendStreamOn(const std::shared_ptr<grpc::Channel
 
 grpc::Status AttentionClient::GetServerInfo(v1::GetServerInfoResponse* response,
                                             const CallOptions& options) {
-  return RetriedUnary(options, "", [&](grpc::ClientContext* context) {
-    return stub_->GetServerInfo(context, v1::GetServerInfoRequest(), response);
-  });
+  return RetriedUnary(options, "",
+                      [&](v1::AttentionService::Stub& stub, grpc::ClientContext* context) {
+                        return stub.GetServerInfo(context, v1::GetServerInfoRequest(), response);
+                      });
 }
 
 grpc::Status AttentionClient::WarmUp(const v1::WarmUpRequest& request, v1::WarmUpResponse* response,
                                      const CallOptions& options) {
-  return RetriedUnary(options, "", [&](grpc::ClientContext* context) {
-    return stub_->WarmUp(context, request, response);
-  });
+  return RetriedUnary(options, "",
+                      [&](v1::AttentionService::Stub& stub, grpc::ClientContext* context) {
+                        return stub.WarmUp(context, request, response);
+                      });
 }
 
 grpc::Status AttentionClient::CheckHealth(

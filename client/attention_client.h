@@ -126,10 +126,20 @@ class BorrowedSlices {
 
 class AttentionClient {
  public:
+  // Makes a channel with a connection of its own to the server the client's channels reach
+  // (FreshChannels, client/connection_options.h).
+  using ChannelFactory = std::function<std::shared_ptr<grpc::Channel>()>;
+
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
   // Calls go on the first channel; the parts of a parallel AttendStream on the channels in turn
-  // (give channels distinct ConnectionOptions::channel_id for connections of their own).
-  explicit AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels);
+  // (give channels distinct ConnectionOptions::channel_id for connections of their own). With
+  // retry_channels, a call the server refused unread is sent again on a channel it makes, used
+  // for that attempt only: a draining server refuses new calls on its open connections for as
+  // long as any call on them runs, and a load balancer sends a new connection to a replica that
+  // serves. Without it, on the call's own channel, which reaches another replica only once the
+  // drained server has closed its connection.
+  explicit AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
+                           ChannelFactory retry_channels = {});
 
   grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                       const CallOptions& options = {});
@@ -192,9 +202,14 @@ class AttentionClient {
   // A retry's wait (WithRetries) for a call on channel: the backoff, reading the channel
   // meanwhile; false when group (may be null) failed first.
   static RetryWait BackOffOn(grpc::Channel& channel, CallGroup* group);
-  // A unary call on channel_ under options.retry: call(context) makes one attempt.
-  grpc::Status RetriedUnary(const CallOptions& options, const std::string& request_id,
-                            const std::function<grpc::Status(grpc::ClientContext*)>& call);
+  // A unary call under options.retry: call(stub, context) makes one attempt, on stub_ first and
+  // then on a stub of a retry channel (when the client makes them).
+  grpc::Status RetriedUnary(
+      const CallOptions& options, const std::string& request_id,
+      const std::function<grpc::Status(v1::AttentionService::Stub&, grpc::ClientContext*)>& call);
+  // The channel of attempt `attempt` of a call whose first went on `first`.
+  std::shared_ptr<grpc::Channel> AttemptChannel(int attempt,
+                                                const std::shared_ptr<grpc::Channel>& first) const;
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
   // One stream of one batch element, its output appended block by block.
@@ -217,6 +232,7 @@ class AttentionClient {
 
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::shared_ptr<grpc::Channel> channel_;  // channels_[0].
+  ChannelFactory retry_channels_;           // Empty: retries go on the call's channel.
   std::unique_ptr<v1::AttentionService::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
 };

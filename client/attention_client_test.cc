@@ -207,6 +207,37 @@ TEST_F(AttentionClientTest, OnlyRefusalsMarkedUnreadAreSentAgain) {
   EXPECT_EQ(server_.calls("refuse-1b"), 1);
 }
 
+// A draining server refuses new calls on every open connection while any call on it runs; a
+// retry on a connection of its own reaches, through a load balancer, a replica that serves.
+TEST(AttentionClientRetryTest, WithRetryChannelsEachRetryGoesOnAConnectionOfItsOwn) {
+  EchoServer server;
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 300, 2, 2, 8);
+  v1::AttendResponse response;
+  AttentionClient same(MakeChannel(server.address()));
+  ASSERT_TRUE(
+      same.Attend(request, &response, {.request_id = "refuse-2a", .retry = kQuickRetry}).ok());
+  EXPECT_EQ(server.calls("refuse-2a"), 3);
+  EXPECT_EQ(server.peers("refuse-2a").size(), 1u);
+
+  AttentionClient fresh({MakeChannel(server.address())},
+                        FreshChannels(server.address(), ConnectionOptions{}));
+  ASSERT_TRUE(
+      fresh.Attend(request, &response, {.request_id = "refuse-2b", .retry = kQuickRetry}).ok());
+  EXPECT_EQ(response.output().data(), request.query().data());
+  EXPECT_EQ(server.calls("refuse-2b"), 3);
+  EXPECT_EQ(server.peers("refuse-2b").size(), 3u);
+  for (const auto& [parts, id] : {std::pair{1, "refuse-2c"}, {2, "refuse-2d"}}) {
+    request.set_request_id(id);
+    const grpc::Status status = fresh.AttendStream(request, &response, {.retry = kQuickRetry},
+                                                   {.block_tokens = 50, .parallel_streams = parts});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.output().data(), request.query().data());
+    const std::string part = parts == 1 ? id : absl::StrCat(id, "/2");
+    EXPECT_EQ(server.calls(part), 3) << part;
+    EXPECT_EQ(server.peers(part).size(), 3u) << part;
+  }
+}
+
 TEST(RetryBackoffTest, DoublesUpToItsCeilingEachDrawnFromItsUpperHalf) {
   std::mt19937_64 rng(7);
   const RetryPolicy policy;  // 250 ms doubling to 2 s.

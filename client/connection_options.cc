@@ -2,6 +2,7 @@
 
 #include <grpcpp/support/client_interceptor.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -111,6 +112,17 @@ absl::StatusOr<ConnectionOptions> LoadConnectionOptions(const ConnectionFiles& f
     options.bearer_token = *std::move(token);
   }
   return options;
+}
+
+std::function<std::shared_ptr<grpc::Channel>()> FreshChannels(const std::string& target,
+                                                              const ConnectionOptions& options) {
+  return [target, options] {
+    // Negative: never an id of the channels a caller numbers from 0 (parallel streams).
+    static std::atomic<int> made{0};
+    ConnectionOptions fresh = options;
+    fresh.channel_id = -1 - made.fetch_add(1) % (1 << 30);
+    return MakeChannel(target, fresh);
+  };
 }
 
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,

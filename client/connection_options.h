@@ -16,6 +16,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -62,5 +63,10 @@ absl::StatusOr<ConnectionOptions> LoadConnectionOptions(const ConnectionFiles& f
 // TLS when options.tls, and the bearer token on every call when set.
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& target,
                                            const ConnectionOptions& options);
+
+// Makes channels to target with options, each with a connection of its own (a channel_id no
+// other channel has): what AttentionClient sends a retry on (client/retry.h). Thread safe.
+std::function<std::shared_ptr<grpc::Channel>()> FreshChannels(const std::string& target,
+                                                              const ConnectionOptions& options);
 
 }  // namespace da::client

@@ -43,6 +43,11 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     auto it = calls_.find(request_id);
     return it == calls_.end() ? 0 : it->second;
   }
+  std::set<std::string> peers(const std::string& request_id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = peers_.find(request_id);
+    return it == peers_.end() ? std::set<std::string>{} : it->second;
+  }
 
  private:
   // Counts the call, and refuses it as the id asks ("refuse-N...", "unavailable"): OK otherwise.
@@ -51,6 +56,7 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     {
       std::lock_guard<std::mutex> lock(mutex_);
       made = ++calls_[id];
+      peers_[id].insert(context->peer());
     }
     if (id == "unavailable") return grpc::Status(grpc::StatusCode::UNAVAILABLE, "unavailable");
     constexpr std::string_view kRefuse = "refuse-";
@@ -122,7 +128,8 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
   }
 
   mutable std::mutex mutex_;
-  std::map<std::string, int> calls_;  // Guarded by mutex_.
+  std::map<std::string, int> calls_;                    // Guarded by mutex_.
+  std::map<std::string, std::set<std::string>> peers_;  // Guarded by mutex_.
 };
 
 class EchoServer::HealthService final : public grpc::health::v1::Health::Service {
@@ -157,5 +164,9 @@ EchoServer::~EchoServer() {
 }
 
 int EchoServer::calls(const std::string& request_id) const { return attention_->calls(request_id); }
+
+std::set<std::string> EchoServer::peers(const std::string& request_id) const {
+  return attention_->peers(request_id);
+}
 
 }  // namespace da::client

@@ -10,7 +10,8 @@
 // holds the call until the client's deadline or cancellation (at most 10 s), "refuse-N..." (N
 // digits) refuses the first N calls with that id as a draining da-server does (UNAVAILABLE with
 // "da-refused: draining"), "unavailable" refuses every call with UNAVAILABLE and no such
-// metadata; calls(id) counts the calls made with an id. A priority above
+// metadata; calls(id) counts the calls made with an id, peers(id) the client addresses (one per
+// connection) they came from. A priority above
 // kEchoMaxPriority is refused with PERMISSION_DENIED, as the server refuses one above its cap, and
 // GetServerInfo reports it as limits.max_priority.
 #pragma once
@@ -21,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 
 namespace da::client {
@@ -34,6 +36,7 @@ class EchoServer {
 
   const std::string& address() const { return address_; }  // "127.0.0.1:PORT".
   int calls(const std::string& request_id) const;
+  std::set<std::string> peers(const std::string& request_id) const;
 
  private:
   class AttentionService;

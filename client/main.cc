@@ -97,7 +97,9 @@ grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* c
       return status;
     }
   }
-  *client = std::make_unique<AttentionClient>(std::move(made));
+  // A retry goes on a connection of its own (client/retry.h).
+  *client =
+      std::make_unique<AttentionClient>(std::move(made), FreshChannels(flags.server, *connection));
   return grpc::Status::OK;
 }
 

@@ -50,7 +50,7 @@ grpc::Status WithRetries(const RetryPolicy& policy, int64_t timeout_ms, const Re
       left_ms = std::max<int64_t>(left.count(), 1);
     }
     bool refused = false;
-    grpc::Status status = attempt(left_ms, &refused);
+    grpc::Status status = attempt(made, left_ms, &refused);
     if (!refused) return status;
     const auto given_back = [&] {
       if (made == 1) return status;

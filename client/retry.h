@@ -50,10 +50,10 @@ bool RefusedUnread(const grpc::Status& status, const grpc::ClientContext& contex
 std::chrono::milliseconds RetryBackoff(const RetryPolicy& policy, int attempt,
                                        std::mt19937_64& rng);
 
-// One attempt of a call: makes it with timeout_ms (0: no deadline) and returns its status, with
-// *refused set when the server refused it unread (RefusedUnread) and nothing of its answer was
-// taken, so that it may be made again as it was.
-using RetryAttempt = std::function<grpc::Status(int64_t timeout_ms, bool* refused)>;
+// Attempt `attempt` (from 1) of a call: makes it with timeout_ms (0: no deadline) and returns its
+// status, with *refused set when the server refused it unread (RefusedUnread) and nothing of its
+// answer was taken, so that it may be made again as it was.
+using RetryAttempt = std::function<grpc::Status(int attempt, int64_t timeout_ms, bool* refused)>;
 // Sleeps for a backoff; false when the call was given up meanwhile (another part failed).
 using RetryWait = std::function<bool(std::chrono::milliseconds)>;
 

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/attention_client.h"
+#include "client/connection_options.h"
 #include "client/retry.h"
 #include "client/stream_blocks.h"
 #include "server/test_util.h"
@@ -222,17 +223,21 @@ int Count(const std::string& text, const std::string& needle) {
 
 // A rolling update: the replica a client is connected to drains (SIGTERM, 1.5 s of grace) while
 // another one serves. The calls it refuses meanwhile are sent again by the client after a backoff
-// (client/retry.h) and, once the drained replica has closed its connection, reach the other one:
-// the caller sees the right output and none of the refusals. pick_first over the two addresses
-// stands for a load balancer that sends new connections to ready replicas.
+// (client/retry.h), each on a connection of its own, and once the drained replica has stopped
+// listening they reach the other one: the caller sees the right output and none of the
+// refusals. pick_first over the two addresses (the draining one first while it listens) stands
+// for a load balancer.
 TEST(DrainTest, CallsRefusedByADrainingReplicaAreSentAgainAndServedByTheNextOne) {
   std::unique_ptr<testing::SpawnedServer> draining =
       SpawnServer(/*drain_timeout_ms=*/120000, /*drain_grace_ms=*/1500);
   std::unique_ptr<testing::SpawnedServer> next = SpawnServer(/*drain_timeout_ms=*/120000);
   ASSERT_NE(draining, nullptr);
   ASSERT_NE(next, nullptr);
-  client::AttentionClient client(client::MakeChannel(
-      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port())));
+  // As da-client makes it: retries on connections of their own.
+  const std::string target =
+      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port());
+  client::AttentionClient client({client::MakeChannel(target)},
+                                 client::FreshChannels(target, client::ConnectionOptions{}));
   std::mt19937 rng(std::random_device{}());
   v1::AttendRequest request = testing::RandomRequest({.seq_len = 512}, rng);
   const std::string expected = testing::InProcessOutput(request, 2);
