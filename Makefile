@@ -124,7 +124,9 @@ sanitize-server: $(DEPS_STAMP)
 	cd $(SANITIZE_SERVER_DIR) && $(SANITIZE_SERVER_ENV) ctest -j $(JOBS) --output-on-failure \
 	  -L 'server|client|python|e2e|load' -E '$(SANITIZE_SERVER_SKIP)'
 	$(SANITIZE_SERVER_ENV) $(SANITIZE_SERVER_DIR)/bin/drain_test --gtest_brief=1 \
-	  --gtest_filter='-DrainTest.DrainDeadline*'
+	  --gtest_filter='-DrainTest.DrainDeadline*:*CrossesTheGoaway*'
+	$(SANITIZE_SERVER_ENV) $(SANITIZE_SERVER_DIR)/bin/drain_goaway_test --gtest_brief=1 \
+	  --gtest_filter='*CrossesTheGoaway*'
 	@if grep -l -E 'ERROR: |runtime error' $(SANITIZE_SERVER_DIR)/reports/* 2>/dev/null; then \
 	  cat $(SANITIZE_SERVER_DIR)/reports/*; exit 1; fi
 

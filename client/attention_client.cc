@@ -289,14 +289,17 @@ RetryWait AttentionClient::BackOffOn(grpc::Channel& channel, CallGroup* group) {
   // out on that connection before the GOAWAY was read, and the server, shut down, would cancel
   // it unstarted (CANCELLED; RefusedUnread allows for it) rather than the client reconnecting.
   return [&channel, group](std::chrono::milliseconds backoff) {
-    const auto until = std::chrono::system_clock::now() + backoff;
+    const auto until = std::chrono::steady_clock::now() + backoff;
     for (;;) {
       if (group != nullptr && group->failed()) return false;
-      const auto now = std::chrono::system_clock::now();
+      const auto now = std::chrono::steady_clock::now();
       if (now >= until) return true;
-      // In slices, so that a failed group is seen within one.
+      // In slices, so that a failed group is seen within one (gRPC's deadline is a wall-clock
+      // time; the wait is measured on the steady clock, as the call's deadline is).
+      const auto slice =
+          std::min<std::chrono::steady_clock::duration>(until - now, std::chrono::milliseconds(20));
       channel.WaitForStateChange(channel.GetState(/*try_to_connect=*/false),
-                                 std::min(until, now + std::chrono::milliseconds(20)));
+                                 std::chrono::system_clock::now() + slice);
     }
   };
 }

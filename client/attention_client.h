@@ -48,7 +48,7 @@ struct CallOptions {
   // UNAVAILABLE, client/retry.h) is made again after a backoff, within timeout_ms: Attend,
   // AttendStream (each part of a parallel request on its own), GetServerInfo and WarmUp. Not
   // AttendStreamBlocks and AttendStreamShared, whose blocks the caller produces once: their
-  // refusal comes back at once (RefusedUnread tells it apart).
+  // refusal comes back at once (UNAVAILABLE, "draining: ..."), for the caller to send again.
   RetryPolicy retry = {};
 };
 

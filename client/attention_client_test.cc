@@ -151,8 +151,8 @@ TEST_F(AttentionClientTest, RetriesEndAtTheirCountAndBeforeTheDeadline) {
   EXPECT_THAT(status.error_message(), HasSubstr("draining: refusal 3 (refused 3 times over "));
   EXPECT_EQ(server_.calls("refuse-99"), 3);
 
-  // Backoffs of 50-100 ms within 400 ms: the refusal comes back before the deadline, not
-  // DEADLINE_EXCEEDED, after at most 8 attempts and at least 4.
+  // Backoffs of 50-100 ms within 400 ms, each attempt left at least as long as its backoff: the
+  // refusal comes back before the deadline, not DEADLINE_EXCEEDED, after 3 to 8 attempts.
   v1::AttendRequest named = request;
   named.set_request_id("refuse-98");  // The stream's header carries it.
   const auto start = std::chrono::steady_clock::now();
@@ -162,7 +162,7 @@ TEST_F(AttentionClientTest, RetriesEndAtTheirCountAndBeforeTheDeadline) {
        .retry = {.max_attempts = 1000, .initial_backoff_ms = 100, .max_backoff_ms = 100}});
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(400));
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
-  EXPECT_GE(server_.calls("refuse-98"), 4);
+  EXPECT_GE(server_.calls("refuse-98"), 3);
   EXPECT_LE(server_.calls("refuse-98"), 8);
 }
 

@@ -9,6 +9,11 @@
 #include "client/connection_options.h"
 
 namespace da::client {
+namespace {
+
+constexpr std::chrono::milliseconds kLeastAttemptTime{10};
+
+}  // namespace
 
 bool RefusedUnread(const grpc::Status& status, const grpc::ClientContext& context) {
   const auto& trailing = context.GetServerTrailingMetadata();
@@ -63,7 +68,10 @@ grpc::Status WithRetries(const RetryPolicy& policy, int64_t timeout_ms, const Re
     };
     if (made >= policy.max_attempts) return given_back();
     const std::chrono::milliseconds backoff = RetryBackoff(policy, made + 1, rng);
-    if (deadline.has_value() && Clock::now() + backoff >= *deadline) return given_back();
+    // An attempt gets at least as long as the wait before it (10 ms at least): one started with
+    // a millisecond left would only end in DEADLINE_EXCEEDED in place of the refusal.
+    const auto least = std::max<std::chrono::milliseconds>(backoff, kLeastAttemptTime);
+    if (deadline.has_value() && Clock::now() + backoff + least > *deadline) return given_back();
     if (wait) {
       if (!wait(backoff)) return given_back();
     } else {

@@ -4,10 +4,12 @@
 // trailing metadata "da-refused: draining" (GetServerInfo's protocol feature "refused-metadata")
 // while it finishes the calls in flight; the client's connection to it stays open until then,
 // and the next connection goes to a replica that serves. So the client waits and sends the call
-// again, on the same channel: after a backoff that doubles from initial_backoff_ms up to
-// max_backoff_ms (each wait drawn between half and all of it, so that the clients of one
-// draining replica do not come back at once), for at most max_attempts attempts and never past
-// the call's deadline. Only such refusals are retried: an UNAVAILABLE without the metadata (a
+// again, after a backoff that doubles from initial_backoff_ms up to max_backoff_ms (each wait
+// drawn between half and all of it, so that the clients of one draining replica do not come back
+// at once), for at most max_attempts attempts, and only while what is left of the call's
+// deadline after the wait is at least as long as the wait (10 ms at least). AttentionClient
+// sends it on a connection of its own where it has a channel factory (FreshChannels), else on
+// the call's channel. Only such refusals are retried: an UNAVAILABLE without the metadata (a
 // connection reset, a rank lost) may have come from a request that brought a server down, and
 // sending it again could bring down the next.
 //
@@ -58,9 +60,9 @@ using RetryAttempt = std::function<grpc::Status(int attempt, int64_t timeout_ms,
 using RetryWait = std::function<bool(std::chrono::milliseconds)>;
 
 // Runs attempt until it ends other than refused, policy.max_attempts have been made, or the next
-// attempt would start past the deadline that timeout_ms (0: none) sets from now; each attempt
-// gets what is left of it. A refusal given back after retries says how many attempts were made
-// over how long. wait defaults to sleeping.
+// attempt would have less time before the deadline that timeout_ms (0: none) sets from now than
+// the wait before it; each attempt gets what is left of it. A refusal given back after retries says
+// how many attempts were made over how long. wait defaults to sleeping.
 grpc::Status WithRetries(const RetryPolicy& policy, int64_t timeout_ms, const RetryAttempt& attempt,
                          const RetryWait& wait = {});
 

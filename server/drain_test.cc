@@ -4,6 +4,7 @@
 // deadline cancels what is still running.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -24,6 +25,18 @@ namespace {
 
 using std::chrono::milliseconds;
 using std::chrono::seconds;
+
+// drain_goaway_test is this file built with DA_NO_BACKUP_POLLER: no client backup poller in the
+// process (gRPC reads the variable as it starts, after static initialization), so that a sync
+// client reads its connections only while it has a call, as
+// ACallThatCrossesTheGoawayIsSentAgainAndServedByTheNextReplica's control needs (with it, gRPC
+// polls idle channels every 5 s, which could let the control fail by chance). It runs only there:
+// SigtermUnderLoad... needs the poller, to see its idle channel leave READY.
+#ifdef DA_NO_BACKUP_POLLER
+const bool kNoBackupPoller = setenv("GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS", "0", 1) == 0;
+#else
+const bool kNoBackupPoller = false;
+#endif
 
 // A da-server process that drains for up to drain_timeout_ms, after drain_grace_ms of grace.
 std::unique_ptr<testing::SpawnedServer> SpawnServer(int64_t drain_timeout_ms,
@@ -286,23 +299,35 @@ TEST(DrainTest, CallsRefusedByADrainingReplicaAreSentAgainAndServedByTheNextOne)
 // shutting down, drops it unstarted (CANCELLED "CANCELLED", grpc/grpc#41785). The client sends it
 // again (client/retry.h, RefusedUnread), and it reaches the next replica.
 TEST(DrainTest, ACallThatCrossesTheGoawayIsSentAgainAndServedByTheNextReplica) {
+  if (!kNoBackupPoller) GTEST_SKIP() << "runs in drain_goaway_test, without the backup poller";
   std::unique_ptr<testing::SpawnedServer> draining =
       SpawnServer(/*drain_timeout_ms=*/120000, /*drain_grace_ms=*/0, "info");
   std::unique_ptr<testing::SpawnedServer> next = SpawnServer(/*drain_timeout_ms=*/120000);
   ASSERT_NE(draining, nullptr);
   ASSERT_NE(next, nullptr);
-  client::AttentionClient client(client::MakeChannel(
-      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port())));
+  const std::string target =
+      absl::StrCat("ipv4:127.0.0.1:", draining->port(), ",127.0.0.1:", next->port());
+  client::AttentionClient client(client::MakeChannel(target));
+  // The control: a connection of its own (a distinct channel argument), its call made once.
+  client::ConnectionOptions control_options;
+  control_options.channel_id = 1;
+  client::AttentionClient control(client::MakeChannel(target, control_options));
   std::mt19937 rng(std::random_device{}());
   const v1::AttendRequest request = testing::RandomRequest({.seq_len = 512}, rng);
   v1::AttendResponse response;
   ASSERT_TRUE(client.Attend(request, &response, testing::WithTimeout(30000)).ok());
+  ASSERT_TRUE(control.Attend(request, &response, testing::WithTimeout(30000)).ok());
 
   ASSERT_EQ(kill(draining->process().pid(), SIGTERM), 0);
   ASSERT_TRUE(testing::WaitFor(
       [&] { return draining->Log().find("closing the connections") != std::string::npos; },
       seconds(30)));
-  std::this_thread::sleep_for(milliseconds(200));  // The GOAWAY is on its way, or there.
+  std::this_thread::sleep_for(milliseconds(200));  // The GOAWAYs are on their way, or there.
+  // Made once, the control's call goes out on the connection the server has shut down, and is
+  // dropped unstarted: the case is really there.
+  const grpc::Status dropped = control.Attend(request, &response, Once(30000));
+  EXPECT_EQ(dropped.error_code(), grpc::StatusCode::CANCELLED) << dropped.error_message();
+  EXPECT_EQ(dropped.error_message(), "CANCELLED");
   const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(30000));
   ASSERT_TRUE(status.ok()) << status.error_code() << " " << status.error_message();
   EXPECT_TRUE(response.output().data() == testing::InProcessOutput(request, 2));

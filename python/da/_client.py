@@ -56,8 +56,8 @@ class Retry:
     replicas that serve. So the call is sent again, on a connection of its own (closed after
     it), after a wait of `backoff` seconds, doubled for each further attempt up
     to `max_backoff` (each drawn between half and all of it, so that a replica's clients do not
-    come back at once), for at most `attempts` attempts in all (1: never again) and never past
-    the call's timeout. Also retried: a call that reached a server as its gRPC was shutting down
+    come back at once), for at most `attempts` attempts in all (1: never again), and only while
+    what is left of the call's timeout after the wait is at least as long as the wait. Also retried: a call that reached a server as its gRPC was shutting down
     and was dropped before any handler saw it (CANCELLED "CANCELLED" with no metadata,
     grpc/grpc#41785). Nothing else is: an UNAVAILABLE without the metadata (a connection reset)
     may have come from a request that brought a server down, and would bring down the next.
@@ -137,7 +137,10 @@ class _Attempts:
         if answered or not _refused_unread(error) or self.made >= self.retry.attempts:
             return None
         pause = self.retry.wait(self.made + 1)
-        if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+        # The attempt gets at least as long as the wait before it (10 ms at least): one started
+        # with a moment left would only end in DEADLINE_EXCEEDED in place of the refusal.
+        if (self.deadline is not None
+                and time.monotonic() + pause + max(pause, 0.01) > self.deadline):
             return None
         return pause
 
@@ -305,9 +308,10 @@ class Client:
         _check_open(self._closed)
         return _call_options(self._token_metadata, self._timeout, timeout, request_id)
 
-    def _call(self, name, request, timeout, request_id=""):
-        """The unary RPC name (_multicallable) with request, retried under self._retry."""
-        attempts = _Attempts(self._retry, _deadline(self._timeout, timeout))
+    def _call(self, name, request, timeout, request_id="", retry=True):
+        """The unary RPC name (_multicallable) with request, retried under self._retry (when
+        retry)."""
+        attempts = _Attempts(self._retry if retry else _ONCE, _deadline(self._timeout, timeout))
 
         def attempt(left):
             with self._attempt_channel(attempts, self._channel) as channel:
@@ -326,7 +330,9 @@ class Client:
     def health(self, service="", timeout=None):
         """grpc.health.v1 Check of service ("" liveness, "da.v1.AttentionService" readiness):
         "SERVING", "NOT_SERVING", ... (NOT_FOUND for an unknown service raises da.Error)."""
-        return _health_status(self._call("Health", _health_request(service), timeout))
+        # Not retried: a probe answers for the replica it reached.
+        return _health_status(self._call("Health", _health_request(service), timeout,
+                                         retry=False))
 
     def warm_up(self, shapes, timeout=None):
         """Builds the server's plans for shapes ahead of requests, so that their first request is
@@ -654,10 +660,13 @@ async def _after_admission(requests, call):
             return
 
 
+_ONCE = Retry(attempts=1)
+
+
 def _check_retry(retry):
     """retry as a client keeps it: a Retry, None for none."""
     if retry is None:
-        return Retry(attempts=1)
+        return _ONCE
     if not isinstance(retry, Retry):
         raise errors.invalid(f"retry is {retry!r}; it must be a da.Retry or None")
     return retry
@@ -999,7 +1008,9 @@ class _Part:
 
     def restart(self):
         """The part as before its call: for the call's first attempt, or another after the
-        server refused it unread (nothing of its answer taken)."""
+        server refused it unread (nothing of its answer taken). The requests of an attempt
+        before (gRPC's thread may still pull one more) count nothing any more."""
+        self.attempt = getattr(self, "attempt", 0) + 1
         self.next_token = 0  # Of the part's own tokens: the next output block's start.
         self.sent = 0  # Bytes of q, k and v; written by gRPC's thread that pulls the requests.
         self.received = 0
@@ -1018,13 +1029,15 @@ class _Part:
         """The encoded AttendStream requests: the header, then blocks of block_tokens tokens,
         numbered from the part's start. An exception here is kept (gRPC cancels the call and
         says only that the requests failed) and raised by failure()."""
+        attempt = self.attempt
         try:
-            yield from self._requests(message_limit, block_tokens)
+            yield from self._requests(message_limit, block_tokens, attempt)
         except Exception as error:
-            self.error = error
+            if attempt == self.attempt:
+                self.error = error
             raise
 
-    def _requests(self, message_limit, block_tokens):
+    def _requests(self, message_limit, block_tokens, attempt):
         job = self.job
         q, k, v = job.q, job.k, job.v
         yield _stream_header(q, k, self.end - self.begin, job.spec, self.request_id,
@@ -1033,7 +1046,8 @@ class _Part:
         token_bytes = job.to_send // q.shape[1]
         for start in range(self.begin, self.end, step):
             end = min(self.end, start + step)
-            self.sent += (end - start) * token_bytes
+            if attempt == self.attempt:
+                self.sent += (end - start) * token_bytes
             yield _block_message(start - self.begin, q, k, v, start, end)
 
     def take_message(self, data):

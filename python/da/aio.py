@@ -251,8 +251,10 @@ class Client:
         try:
             yield fresh
         finally:
-            self._retry_channels.discard(fresh)
-            await fresh.close()
+            try:  # Closed even when the task is cancelled meanwhile.
+                await asyncio.shield(fresh.close())
+            finally:
+                self._retry_channels.discard(fresh)
 
     async def __aenter__(self):
         return self
@@ -265,10 +267,11 @@ class Client:
         _client._check_open(self._closed)
         return _client._call_options(self._token_metadata, self._timeout, timeout, request_id)
 
-    async def _call(self, name, request, timeout, request_id=""):
-        """The unary RPC name (_client._multicallable) with request, retried under
-        self._retry."""
-        attempts = _client._Attempts(self._retry, _client._deadline(self._timeout, timeout))
+    async def _call(self, name, request, timeout, request_id="", retry=True):
+        """The unary RPC name (_client._multicallable) with request, retried under self._retry
+        (when retry)."""
+        attempts = _client._Attempts(self._retry if retry else _client._ONCE,
+                                     _client._deadline(self._timeout, timeout))
         try:
             return await _retrying(attempts, lambda left: self._unary(
                 attempts, name, request, self._options(left, request_id)))
@@ -291,7 +294,7 @@ class Client:
     async def health(self, service="", timeout=None):
         """da.Client.health, awaited."""
         return _client._health_status(
-            await self._call("Health", _client._health_request(service), timeout))
+            await self._call("Health", _client._health_request(service), timeout, retry=False))
 
     async def warm_up(self, shapes, timeout=None):
         """da.Client.warm_up, awaited."""

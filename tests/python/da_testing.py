@@ -255,6 +255,12 @@ class Forwarder:
             pass  # Either side closed or reset: the other learns of it from its own socket.
 
     def close(self):
+        # shutdown() first: close() alone wakes no thread blocked in accept() or recv().
+        for sock in [self._listener, *self._sockets]:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # Not connected, or closed by its peer.
         self._listener.close()
         with self._lock:
             for sock in self._sockets:
