@@ -64,6 +64,17 @@ client::CallOptions Once(int64_t timeout_ms) {
   return options;
 }
 
+// True once client's readiness check (kServiceName) answers NOT_SERVING, within timeout.
+bool ReadinessTurnsNotServing(client::AttentionClient& client, std::chrono::seconds timeout) {
+  return testing::WaitFor(
+      [&] {
+        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
+        return client.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
+               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
+      },
+      timeout);
+}
+
 bool ExitedWithZero(const std::optional<int>& wait_status) {
   return wait_status.has_value() && WIFEXITED(*wait_status) && WEXITSTATUS(*wait_status) == 0;
 }
@@ -99,13 +110,7 @@ TEST(DrainTest, SigtermFinishesTheCallInFlightRefusesNewCallsAndExitsZero) {
   // its answer has reached the client, Server::DeliverAnswersInFlight): readiness says
   // NOT_SERVING, and the service refuses new calls with UNAVAILABLE, naming the drain.
   client::AttentionClient late_client(testing::ChannelTo(server->port()));
-  EXPECT_TRUE(testing::WaitFor(
-      [&] {
-        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
-        return late_client.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
-               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
-      },
-      seconds(10)));
+  EXPECT_TRUE(ReadinessTurnsNotServing(late_client, seconds(10)));
   v1::AttendResponse late_response;
   std::mt19937 rng(std::random_device{}());
   const grpc::Status late =
@@ -189,13 +194,7 @@ TEST(DrainTest, DuringTheGraceNewCallsOnTheLiveConnectionAreRefusedUnavailable) 
   ASSERT_EQ(kill(server->process().pid(), SIGTERM), 0);
 
   // Readiness goes NOT_SERVING first; liveness and the connection stay up through the grace.
-  EXPECT_TRUE(testing::WaitFor(
-      [&] {
-        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
-        return client.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
-               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
-      },
-      seconds(4)));
+  EXPECT_TRUE(ReadinessTurnsNotServing(client, seconds(4)));
   std::mt19937 rng(std::random_device{}());
   const v1::AttendRequest late_request = testing::RandomRequest({}, rng);
   v1::AttendResponse late_response;
@@ -264,13 +263,7 @@ TEST(DrainTest, CallsRefusedByADrainingReplicaAreSentAgainAndServedByTheNextOne)
 
   ASSERT_EQ(kill(draining->process().pid(), SIGTERM), 0);
   client::AttentionClient direct(testing::ChannelTo(draining->port()));
-  ASSERT_TRUE(testing::WaitFor(
-      [&] {
-        auto serving = grpc::health::v1::HealthCheckResponse::UNKNOWN;
-        return direct.CheckHealth(kServiceName, &serving, testing::WithTimeout(1000)).ok() &&
-               serving == grpc::health::v1::HealthCheckResponse::NOT_SERVING;
-      },
-      seconds(10)));
+  ASSERT_TRUE(ReadinessTurnsNotServing(direct, seconds(10)));
   request.set_request_id("unary");
   grpc::Status status = client.Attend(request, &response, testing::WithTimeout(30000));
   ASSERT_TRUE(status.ok()) << status.error_message();

@@ -102,18 +102,27 @@ def _refused_unread(error):
             and not trailing and not initial)
 
 
-class _GivenBack(grpc.RpcError):
-    """A refusal given back after retries: its status, the message saying how many."""
+class _Status(grpc.RpcError):
+    """A call's status as da tells it (a refusal given back after retries; in da.aio, the
+    server's status where grpc.aio lost it), with the call's metadata (what tells a refusal to
+    retry, _refused_unread)."""
 
-    def __init__(self, code, details):
+    def __init__(self, code, details, initial=(), trailing=()):
         super().__init__(details)
         self._code, self._details = code, details
+        self._initial, self._trailing = tuple(initial or ()), tuple(trailing or ())
 
     def code(self):
         return self._code
 
     def details(self):
         return self._details
+
+    def initial_metadata(self):
+        return self._initial
+
+    def trailing_metadata(self):
+        return self._trailing
 
 
 class _Attempts:
@@ -149,8 +158,8 @@ class _Attempts:
         if self.made <= 1 or not _refused_unread(error):
             return error
         over = (time.monotonic() - self.start) * 1000
-        return _GivenBack(error.code(), f"{error.details()} (refused {self.made} times over "
-                                        f"{over:.0f} ms)")
+        return _Status(error.code(), f"{error.details()} (refused {self.made} times over "
+                                     f"{over:.0f} ms)")
 
 
 def _retrying(attempts, attempt, answered=lambda: False, stop=None):
@@ -600,17 +609,14 @@ async def _as_async(items):
             yield item
 
 
-# Channel arguments that give each retry's channel a connection of its own (_fresh_channel).
+# Numbers the retries' channels (_fresh_channel).
 _FRESH_CHANNELS = itertools.count(1)
 
 
 def _fresh_channel(module, channel_args):
-    """A channel of module (grpc or grpc.aio) with the client's channel arguments and one of its
-    own, so that it gets a connection of its own: where a call a draining server refused is sent
-    again (da.Retry)."""
-    target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
-    return _make_channel(module, target, tls_ca, tls_cert, tls_key,
-                         (*options, ("da.retry_channel", next(_FRESH_CHANNELS))), max_bytes)
+    """A channel of module (grpc or grpc.aio) with a connection of its own: where a call a
+    draining server refused is sent again (da.Retry)."""
+    return _own_channel(module, channel_args, ("da.retry_channel", next(_FRESH_CHANNELS)))
 
 
 def _multicallable(channel, name):
@@ -627,12 +633,16 @@ def _multicallable(channel, name):
 
 
 def _part_channel(module, channel_args, number):
-    """Channel `number` (from 1) of a client's parallel streams, for module (grpc or grpc.aio):
-    the client's channel arguments plus one of its own, so that gRPC does not share one
-    connection among them."""
+    """Channel `number` (from 1) of a client's parallel streams, for module (grpc or grpc.aio)."""
+    return _own_channel(module, channel_args, ("da.channel_id", number))
+
+
+def _own_channel(module, channel_args, argument):
+    """A channel of module (grpc or grpc.aio) with the client's channel arguments plus
+    `argument`, one no other channel has, so that gRPC gives it a connection of its own."""
     target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
-    return _make_channel(module, target, tls_ca, tls_cert, tls_key,
-                         (*options, ("da.channel_id", number)), max_bytes)
+    return _make_channel(module, target, tls_ca, tls_cert, tls_key, (*options, argument),
+                         max_bytes)
 
 
 async def _after_admission(requests, call):
@@ -1004,13 +1014,14 @@ class _Part:
         self.number = number
         self.request_id = (f"{job.request_id}/{number}" if job.request_id and number
                            else job.request_id)
+        self.attempt = 0  # Counted by restart().
         self.restart()
 
     def restart(self):
         """The part as before its call: for the call's first attempt, or another after the
         server refused it unread (nothing of its answer taken). The requests of an attempt
         before (gRPC's thread may still pull one more) count nothing any more."""
-        self.attempt = getattr(self, "attempt", 0) + 1
+        self.attempt += 1
         self.next_token = 0  # Of the part's own tokens: the next output block's start.
         self.sent = 0  # Bytes of q, k and v; written by gRPC's thread that pulls the requests.
         self.received = 0

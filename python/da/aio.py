@@ -24,28 +24,6 @@ from da.v1 import attention_pb2 as pb
 _LOST_STATUS = "Internal error from Core"
 
 
-class _Status(grpc.RpcError):
-    """A call's status where da.aio knows it better than grpc.aio said, with the call's metadata
-    (what tells a refusal to retry, _client._refused_unread)."""
-
-    def __init__(self, code, details, initial=(), trailing=()):
-        super().__init__(details)
-        self._code, self._details = code, details
-        self._initial, self._trailing = tuple(initial or ()), tuple(trailing or ())
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def initial_metadata(self):
-        return self._initial
-
-    def trailing_metadata(self):
-        return self._trailing
-
-
 # Requests at least this large (q, k and v) are prepared and given back off the event loop.
 _OFF_LOOP_BYTES = 16 << 20
 
@@ -173,18 +151,18 @@ class _KeptStatus:
         if not (isinstance(error, grpc.RpcError) and _lost(error.code(), error.details())):
             return error
         if self._first is not None and _failed(*self._first[:2]):
-            return _Status(*self._first)
+            return _client._Status(*self._first)
         give_up = time.monotonic() + self.WAIT_S
         while time.monotonic() < give_up:
             code, details = await self._call.code(), await self._call.details()
             if _failed(code, details):
-                return _Status(code, details, *await self._metadata())
+                return _client._Status(code, details, *await self._metadata())
             await asyncio.sleep(0.005)
         # No status followed: past the call's deadline, the deadline is what ended it, as the sync
         # client reports (before _KeptStatus, 7 of 8 streams whose deadline passed mid-transfer
         # ended as INTERNAL).
         if self._deadline is not None and time.monotonic() >= self._deadline:
-            return _Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            return _client._Status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         return error
 
     async def _metadata(self):
