@@ -10,6 +10,8 @@
 #include <exception>
 #include <mutex>
 #include <new>
+#include <random>
+#include <stdexcept>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -236,12 +238,47 @@ AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
     : AttentionClient(std::vector<std::shared_ptr<grpc::Channel>>{std::move(channel)}) {}
 
 AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
-                                 ChannelFactory retry_channels)
-    : channels_(std::move(channels)),
-      channel_(channels_.at(0)),
-      retry_channels_(std::move(retry_channels)),
-      stub_(v1::AttentionService::NewStub(channel_)),
-      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+                                 ChannelFactory fresh_channels, int64_t max_connection_age_ms)
+    : fresh_channels_(std::move(fresh_channels)),
+      max_connection_age_ms_(max_connection_age_ms),
+      rng_(std::random_device()()) {
+  if (channels.empty()) throw std::invalid_argument("AttentionClient needs a channel");
+  if (max_connection_age_ms_ > 0 && !fresh_channels_) {
+    throw std::invalid_argument(
+        "AttentionClient: max_connection_age_ms needs fresh_channels to make the new ones");
+  }
+  const auto now = std::chrono::steady_clock::now();
+  for (std::shared_ptr<grpc::Channel>& channel : channels) {
+    slots_.push_back({std::move(channel), RenewAt(now)});
+  }
+}
+
+std::chrono::steady_clock::time_point AttentionClient::RenewAt(
+    std::chrono::steady_clock::time_point now) {
+  if (max_connection_age_ms_ <= 0) return std::chrono::steady_clock::time_point::max();
+  const double age_ms = max_connection_age_ms_ * std::uniform_real_distribution(0.9, 1.0)(rng_);
+  return now + std::chrono::microseconds(static_cast<int64_t>(age_ms * 1000));
+}
+
+std::shared_ptr<grpc::Channel> AttentionClient::Channel(size_t index) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Slot& slot = slots_[index % slots_.size()];
+  const auto now = std::chrono::steady_clock::now();
+  if (now >= slot.renew_at) {
+    // Dropping the old channel here leaves it to the calls that hold it: gRPC closes its
+    // connection when the last of them lets go. The new one starts connecting at once.
+    slot.channel = fresh_channels_();
+    slot.channel->GetState(/*try_to_connect=*/true);
+    slot.renew_at = RenewAt(now);
+    ++renewed_;
+  }
+  return slot.channel;
+}
+
+int64_t AttentionClient::connections_renewed() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return renewed_;
+}
 
 // The calls of one request streamed in parts: the first part to fail cancels the others.
 class AttentionClient::CallGroup {
@@ -306,30 +343,26 @@ RetryWait AttentionClient::BackOffOn(grpc::Channel& channel, CallGroup* group) {
 
 std::shared_ptr<grpc::Channel> AttentionClient::AttemptChannel(
     int attempt, const std::shared_ptr<grpc::Channel>& first) const {
-  if (attempt <= 1 || !retry_channels_) return first;
-  return retry_channels_();
+  if (attempt <= 1 || !fresh_channels_) return first;
+  return fresh_channels_();
 }
 
 grpc::Status AttentionClient::RetriedUnary(
     const CallOptions& options, const std::string& request_id,
     const std::function<grpc::Status(v1::AttentionService::Stub&, grpc::ClientContext*)>& call) {
+  const std::shared_ptr<grpc::Channel> first = Channel(0);
   return WithRetries(
       options.retry, options.timeout_ms,
       [&](int attempt, int64_t timeout_ms, bool* refused) {
-        std::unique_ptr<v1::AttentionService::Stub> retry_stub;
-        v1::AttentionService::Stub* stub = stub_.get();
-        if (std::shared_ptr<grpc::Channel> channel = AttemptChannel(attempt, channel_);
-            channel != channel_) {
-          retry_stub = v1::AttentionService::NewStub(channel);
-          stub = retry_stub.get();
-        }
+        const std::unique_ptr<v1::AttentionService::Stub> stub =
+            v1::AttentionService::NewStub(AttemptChannel(attempt, first));
         grpc::ClientContext context;
         ConfigureContext(Attempt(options, timeout_ms), request_id, &context);
         const grpc::Status status = call(*stub, &context);
         *refused = RefusedUnread(status, context);
         return status;
       },
-      BackOffOn(*channel_, nullptr));
+      BackOffOn(*first, nullptr));
 }
 
 grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
@@ -373,8 +406,8 @@ grpc::Status AttentionClient::AttendOneStream(const v1::AttendRequest& request,
   }
   if (plan.header.request_id().empty()) plan.header.set_request_id(request.request_id());
   OutputAssembler assembler(plan.header);
-  const grpc::Status status =
-      StreamPlanInto(channel_, request, plan, assembler, stream_options.progress, options, nullptr);
+  const grpc::Status status = StreamPlanInto(Channel(0), request, plan, assembler,
+                                             stream_options.progress, options, nullptr);
   if (!status.ok()) return status;
   return assembler.Finish(response);
 }
@@ -466,8 +499,8 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
             base_id.empty() || parts.size() == 1 ? base_id : absl::StrCat(base_id, "/", i + 1);
         plan.header.set_request_id(part_options.request_id);
         OutputAssembler assembler(plan.header, &output, seq_len, part.first);
-        status = StreamPlanInto(channels_[i % channels_.size()], request, plan, assembler,
-                                stream_options.progress, part_options, &group);
+        status = StreamPlanInto(Channel(i), request, plan, assembler, stream_options.progress,
+                                part_options, &group);
         if (status.ok()) status = assembler.Finish(&answers[i]);
       }
     } catch (const std::bad_alloc&) {
@@ -537,7 +570,7 @@ grpc::Status AttentionClient::AttendStreamShared(const v1::StreamHeader& header,
                                                  const AnswerViews& answers,
                                                  const CallOptions& options) {
   return AttendStreamOn(
-      channel_, header,
+      Channel(0), header,
       [&](grpc::ByteBuffer* buffer) {
         std::shared_ptr<const v1::TokenBlock> block = next_block();
         if (block == nullptr) return false;
@@ -686,7 +719,8 @@ grpc::Status AttentionClient::CheckHealth(
   grpc::health::v1::HealthCheckRequest request;
   request.set_service(service);
   grpc::health::v1::HealthCheckResponse response;
-  grpc::Status call_status = health_stub_->Check(&context, request, &response);
+  grpc::Status call_status =
+      grpc::health::v1::Health::NewStub(Channel(0))->Check(&context, request, &response);
   if (call_status.ok()) *status = response.status();
   return call_status;
 }

@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -132,14 +133,29 @@ class AttentionClient {
 
   explicit AttentionClient(std::shared_ptr<grpc::Channel> channel);
   // Calls go on the first channel; the parts of a parallel AttendStream on the channels in turn
-  // (give channels distinct ConnectionOptions::channel_id for connections of their own). With
-  // retry_channels, a call the server refused unread is sent again on a channel it makes, used
-  // for that attempt only: a draining server refuses new calls on its open connections for as
-  // long as any call on them runs, and a load balancer sends a new connection to a replica that
-  // serves. Without it, on the call's own channel, which reaches another replica only once the
-  // drained server has closed its connection.
+  // (give channels distinct ConnectionOptions::channel_id for connections of their own).
+  //
+  // With fresh_channels, a call the server refused unread is sent again on a channel it makes,
+  // used for that attempt only: a draining server refuses new calls on its open connections for
+  // as long as any call on them runs, and a load balancer sends a new connection to a replica
+  // that serves. Without it, on the call's own channel, which reaches another replica only once
+  // the drained server has closed its connection.
+  //
+  // With max_connection_age_ms > 0 (which needs fresh_channels), a channel that has taken new
+  // calls for that long (drawn per channel between 0.9 and 1 times it, so that the clients of a
+  // replica do not all reconnect at once) is replaced for new calls by one fresh_channels makes;
+  // the calls still running on the old one finish there, and its connection closes when the
+  // last of them ends. A client that calls without pause otherwise keeps its first connection,
+  // and so its first replica, for as long as it lives: behind a load balancer that spreads
+  // connections (a Kubernetes ClusterIP Service), replicas added later (a scale-up) would never
+  // see its calls. Doing this in the client, not with the server's --max-connection-age-ms,
+  // closes a connection only once its answers have been read. std::invalid_argument when
+  // max_connection_age_ms > 0 comes without fresh_channels.
   explicit AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
-                           ChannelFactory retry_channels = {});
+                           ChannelFactory fresh_channels = {}, int64_t max_connection_age_ms = 0);
+
+  // How many channels have been replaced for their age so far.
+  int64_t connections_renewed() const;
 
   grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                       const CallOptions& options = {});
@@ -210,6 +226,8 @@ class AttentionClient {
   // The channel of attempt `attempt` of a call whose first went on `first`.
   std::shared_ptr<grpc::Channel> AttemptChannel(int attempt,
                                                 const std::shared_ptr<grpc::Channel>& first) const;
+  // Channel index (modulo their count) for a new call: replaced first when it is too old.
+  std::shared_ptr<grpc::Channel> Channel(size_t index);
   grpc::Status AttendParts(const v1::AttendRequest& request, v1::AttendResponse* response,
                            const CallOptions& options, const StreamOptions& stream, int parts);
   // One stream of one batch element, its output appended block by block.
@@ -230,11 +248,20 @@ class AttentionClient {
                               OutputAssembler& assembler, StreamProgress* progress,
                               const CallOptions& options, CallGroup* group);
 
-  std::vector<std::shared_ptr<grpc::Channel>> channels_;
-  std::shared_ptr<grpc::Channel> channel_;  // channels_[0].
-  ChannelFactory retry_channels_;           // Empty: retries go on the call's channel.
-  std::unique_ptr<v1::AttentionService::Stub> stub_;
-  std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+  struct Slot {
+    std::shared_ptr<grpc::Channel> channel;
+    // When it is replaced (Channel); time_point::max(): never.
+    std::chrono::steady_clock::time_point renew_at;
+  };
+  // When a channel made at `now` is replaced.
+  std::chrono::steady_clock::time_point RenewAt(std::chrono::steady_clock::time_point now);
+
+  ChannelFactory fresh_channels_;  // Empty: retries go on the call's channel, none is renewed.
+  const int64_t max_connection_age_ms_;
+  mutable std::mutex mutex_;
+  std::vector<Slot> slots_;  // Guarded by mutex_; never empty.
+  std::mt19937_64 rng_;      // Guarded by mutex_: draws the ages.
+  int64_t renewed_ = 0;      // Guarded by mutex_.
 };
 
 }  // namespace da::client

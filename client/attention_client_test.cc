@@ -5,12 +5,15 @@
 
 #include <atomic>
 #include <chrono>
+#include <fstream>
 #include <functional>
+#include <future>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -283,6 +286,64 @@ TEST_F(AttentionClientTest, DeadlinesEndUnaryAndStreamedCalls) {
 }
 
 // The stream header of RandomRequest(DTYPE_FP32, 1, 256, 2, 2, 8).
+// The connections established to the server at address ("127.0.0.1:PORT"), counted on the
+// server's side (/proc/net/tcp and tcp6, where a dual-stack listener's are: the local port is the
+// server's, state 01 is ESTABLISHED).
+int EstablishedConnections(const std::string& address) {
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  int count = 0;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream tcp(table);
+    std::string line;
+    std::getline(tcp, line);  // The column names.
+    while (std::getline(tcp, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state;
+      fields >> slot >> local >> remote >> state;
+      if (std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16) == port && state == "01") {
+        ++count;
+      }
+    }
+  }
+  return count;
+}
+
+// A client that calls without pause keeps its first connection, and so its first server, for
+// as long as it lives; renewed by age, each new connection goes where a load balancer sends new
+// ones: here a factory that reaches a second server, standing for a replica added by a scale-up.
+TEST(AttentionClientAgeTest, ConnectionsPastTheirAgeAreReplacedAndReachAReplicaAddedSince) {
+  EchoServer first, added;
+  const v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8);
+  for (const int64_t age_ms : {0, 200}) {
+    AttentionClient client({MakeChannel(first.address())},
+                           FreshChannels(added.address(), ConnectionOptions{}), age_ms);
+    const std::string id = absl::StrCat("age-", age_ms);
+    int calls = 0;
+    for (const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+         std::chrono::steady_clock::now() < until; ++calls) {
+      v1::AttendResponse response;
+      const grpc::Status status = client.Attend(request, &response, {.request_id = id});
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      ASSERT_EQ(response.output().data(), request.query().data());
+    }
+    EXPECT_EQ(first.calls(id) + added.calls(id), calls);
+    EXPECT_EQ(first.peers(id).size(), 1u);
+    if (age_ms == 0) {
+      EXPECT_EQ(added.calls(id), 0);
+      EXPECT_EQ(client.connections_renewed(), 0);
+    } else {
+      // Ages of 180-200 ms: 5 renewals in the second at most, and at least 3 however slow the
+      // calls (a renewal waits for the next call), each on a connection of its own.
+      EXPECT_GT(first.calls(id), 0);
+      EXPECT_GT(added.calls(id), 0);
+      EXPECT_GE(client.connections_renewed(), 3);
+      EXPECT_LE(client.connections_renewed(), 5);
+      EXPECT_EQ(static_cast<int64_t>(added.peers(id).size()), client.connections_renewed());
+    }
+  }
+  EXPECT_THROW(AttentionClient({MakeChannel(first.address())}, {}, 1000), std::invalid_argument);
+}
+
 v1::StreamHeader SmallStreamHeader(const v1::AttendRequest& request) {
   v1::StreamHeader header;
   *header.mutable_spec() = request.spec();
@@ -311,6 +372,54 @@ std::function<bool(v1::TokenBlock*)> SmallStreamBlocks(const v1::AttendRequest& 
     *sent += 64;
     return true;
   };
+}
+
+// A call still running on a connection past its age finishes there, while new calls go on a new
+// connection; the old one closes once the call has ended, its answer read.
+TEST(AttentionClientAgeTest, ACallOnAnAgedConnectionFinishesThereAndItsConnectionClosesAfter) {
+  EchoServer server;
+  AttentionClient client({MakeChannel(server.address())},
+                         FreshChannels(server.address(), ConnectionOptions{}), 100);
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 256, 2, 2, 8);
+  v1::StreamHeader header = SmallStreamHeader(request);
+  header.set_request_id("long");
+  std::promise<void> release;
+  std::promise<void> halfway;
+  std::string output;
+  grpc::Status long_status;
+  std::thread long_call([&] {
+    int sent = 0;
+    long_status = client.AttendStreamBlocks(header,
+                                            SmallStreamBlocks(request, &sent,
+                                                              [&] {
+                                                                halfway.set_value();
+                                                                release.get_future().wait();
+                                                              }),
+                                            [&](const v1::AttendStreamResponse& message) {
+                                              if (message.has_block())
+                                                output += message.block().output();
+                                              return grpc::Status::OK;
+                                            });
+  });
+  halfway.get_future().wait();
+  EXPECT_EQ(EstablishedConnections(server.address()), 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(150));  // Past the age.
+  v1::AttendResponse response;
+  request.set_request_id("after");
+  ASSERT_TRUE(client.Attend(request, &response).ok());
+  EXPECT_EQ(client.connections_renewed(), 1);
+  EXPECT_NE(server.peers("after"), server.peers("long"));
+  EXPECT_EQ(EstablishedConnections(server.address()), 2);
+
+  release.set_value();
+  long_call.join();
+  ASSERT_TRUE(long_status.ok()) << long_status.error_message();
+  EXPECT_EQ(output, request.query().data());
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (EstablishedConnections(server.address()) > 1 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(EstablishedConnections(server.address()), 1) << "the aged connection is still open";
 }
 
 // Running out of memory while making a block or taking an answer (the whole output is reserved

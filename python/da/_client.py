@@ -253,37 +253,64 @@ class Client:
     this client sends or receives; retry: how a call refused by a draining server is sent again
     (a da.Retry; None: never), within its timeout: info, warm_up and attend (each part of a
     parallel request on its own), not attend_blocks, whose blocks the caller produces once.
-    Thread safe, as a gRPC channel is. Usable as a context manager (closes the channel).
+
+    max_connection_age: seconds (None: no limit) after which a connection takes no new calls
+    (drawn between 0.9 and 1 times it per connection, so that the clients of one server do not
+    all reconnect at once): the next call goes on a new connection, and so, behind a load
+    balancer that spreads connections (a Kubernetes ClusterIP Service), possibly to a replica
+    added since (a scale-up), which a client that calls without pause would otherwise never
+    reach. Calls still running on the old connection finish there; it closes after the last.
+
+    Thread safe, as a gRPC channel is. Usable as a context manager (closes the channels).
     """
 
     def __init__(self, target, *, tls_ca=None, tls_cert=None, tls_key=None, token=None,
-                 timeout=None, options=(), max_message_bytes=1 << 30, retry=Retry()):
-        self._channel = _make_channel(grpc, target, tls_ca, tls_cert, tls_key, options,
-                                      max_message_bytes)
+                 timeout=None, options=(), max_message_bytes=1 << 30, retry=Retry(),
+                 max_connection_age=None):
         # Calls take the multicallables of the channel of their attempt (_multicallable).
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
         self._retry = _check_retry(retry)
         self._message_limit = None  # The server's max_message_bytes (at most ours), read once.
         self._max_message_bytes = max_message_bytes
-        # Parallel streams: connections of their own, made when first needed and kept.
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
-        self._part_channels = []
+        # The client's channel and those of parallel streams (made when first needed and kept),
+        # renewed by age.
+        self._connections = _Connections(grpc, self._channel_args,
+                                         _check_connection_age(max_connection_age))
         self._retry_channels = set()  # Those of retries in flight (_attempt_channel).
-        self._part_lock = threading.Lock()
+        self._retry_lock = threading.Lock()
         self._closed = False
+
+    @property
+    def connections_renewed(self):
+        """How many of this client's connections have been replaced for their age so far."""
+        return self._connections.renewed
 
     def close(self):
         """Closes the channels; calls in flight are cancelled, and later calls raise
         da.Cancelled."""
-        with self._part_lock:
+        with self._retry_lock:
             self._closed = True
-            for channel in [*self._part_channels, *self._retry_channels]:
-                channel.close()
-            self._part_channels = []
+            channels = [*self._retry_channels, *self._connections.close()]
             self._retry_channels = set()
-        self._channel.close()
+        for channel in channels:
+            channel.close()
+
+    @contextlib.contextmanager
+    def _held(self, index=0):
+        """Channel `index` (0: the client's; 1..: those of parallel streams) for one call, from
+        its first attempt to its end (_Connections)."""
+        channel, stale = self._connections.take(index)
+        if stale is not None:
+            stale.close()
+        try:
+            yield channel
+        finally:
+            done = self._connections.give_back(channel)
+            if done is not None:
+                done.close()
 
     @contextlib.contextmanager
     def _attempt_channel(self, attempts, channel):
@@ -293,7 +320,7 @@ class Client:
             yield channel
             return
         fresh = _fresh_channel(grpc, self._channel_args)
-        with self._part_lock:
+        with self._retry_lock:
             if self._closed:
                 fresh.close()
             else:
@@ -302,7 +329,7 @@ class Client:
             _check_open(self._closed)
             yield fresh
         finally:
-            with self._part_lock:
+            with self._retry_lock:
                 self._retry_channels.discard(fresh)
             fresh.close()
 
@@ -323,11 +350,12 @@ class Client:
         attempts = _Attempts(self._retry if retry else _ONCE, _deadline(self._timeout, timeout))
 
         def attempt(left):
-            with self._attempt_channel(attempts, self._channel) as channel:
+            with self._attempt_channel(attempts, first) as channel:
                 return _multicallable(channel, name)(request, **self._options(left, request_id))
 
         try:
-            return _retrying(attempts, attempt)
+            with self._held() as first:
+                return _retrying(attempts, attempt)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
@@ -409,7 +437,7 @@ class Client:
 
                 def attempt(left):
                     part.restart()
-                    with self._attempt_channel(attempts, self._channel) as channel:
+                    with self._attempt_channel(attempts, first) as channel:
                         answers = channel.stream_stream(_ATTEND_STREAM)(
                             job.stream_requests(limit, block_tokens),
                             **self._options(left, request_id))
@@ -419,16 +447,18 @@ class Client:
                         finally:
                             answers.cancel()  # Nothing once the stream has ended; else stops it.
 
-                _retrying(attempts, attempt, lambda: part.answered)
+                with self._held() as first:
+                    _retrying(attempts, attempt, lambda: part.answered)
             else:
                 request = job.unary_request()
 
                 def attempt(left):
-                    with self._attempt_channel(attempts, self._channel) as channel:
+                    with self._attempt_channel(attempts, first) as channel:
                         return channel.unary_unary(_ATTEND)(request,
                                                             **self._options(left, request_id))
 
-                job.take_unary_response(_retrying(attempts, attempt))
+                with self._held() as first:
+                    job.take_unary_response(_retrying(attempts, attempt))
         except grpc.RpcError as error:
             raise job.parts[0].failure(error) from None
         return job.result(return_info)
@@ -457,23 +487,12 @@ class Client:
                           _spec(segments, dilations, causal, mode, precision, scale),
                           request_id, priority, self._server_message_limit(timeout))
         timeout = _left(deadline)
-        return BlockStream(_multicallable(self._channel, "AttendStream"), feed,
-                           self._options(timeout, request_id))
+        return BlockStream(self._held, feed, self._options(timeout, request_id))
 
     def _server_message_limit(self, timeout):
         if self._message_limit is None:
             self._message_limit = _message_limit(self.info(timeout), self._max_message_bytes)
         return self._message_limit
-
-    def _stream_channels(self, count):
-        """count connections for parallel streams: this client's own, then channels of their
-        own (distinct arguments, so that gRPC does not share one connection among them)."""
-        with self._part_lock:
-            _check_open(self._closed)  # No channel made after close() (none would be closed).
-            while len(self._part_channels) < count - 1:
-                self._part_channels.append(_part_channel(grpc, self._channel_args,
-                                                         len(self._part_channels) + 1))
-            return [self._channel] + self._part_channels[:count - 1]
 
     def _stream_parts(self, job, limit, block_tokens, deadline):
         """Streams job's parts as concurrent calls. A thread per call hands its answers over a
@@ -481,7 +500,13 @@ class Client:
         thread writes them into the output and reports progress. A part the server refuses
         unread is sent again on its own (its thread waits, self._retry). Raises the first
         part's failure after cancelling every call."""
-        channels = self._stream_channels(len(job.parts))
+        with contextlib.ExitStack() as held:
+            # This client's connection, then those of the parts, connections of their own.
+            channels = [held.enter_context(self._held(i)) for i in range(len(job.parts))]
+            self._stream_parts_on(channels, job, limit, block_tokens, deadline)
+
+    def _stream_parts_on(self, channels, job, limit, block_tokens, deadline):
+        """_stream_parts, on channels (one per part)."""
         calls = [None] * len(job.parts)  # Each part's call of the moment.
         lock = threading.Lock()  # Guards calls against the cancelling below.
         stop = threading.Event()  # Set once the request has ended: no more calls.
@@ -542,25 +567,28 @@ class BlockStream:
     """The output of Client.attend_blocks: an iterator of OutputBlocks, and `info` (the
     ExecutionInfo message) once it has ended."""
 
-    def __init__(self, method, feed, options):
+    def __init__(self, held, feed, options):
         self.info = None
-        self._method = method
+        self._held = held  # The client's _held: its channel for the call's duration.
         self._feed = feed
         self._options = options
         self._answers = None
 
     def __iter__(self):
-        self._answers = self._method(self._feed.requests(), **self._options)
-        try:
-            for message in self._answers:
-                block = self._feed.take_stream_message(message)
-                if block is not None:
-                    yield block
-            self.info = self._feed.finish()
-        except grpc.RpcError as error:
-            raise self._feed.failure(error) from None
-        finally:
-            self._answers.cancel()
+        with self._held() as channel:
+            self._answers = _multicallable(channel, "AttendStream")(self._feed.requests(),
+                                                                    **self._options)
+            try:
+                for message in self._answers:
+                    block = self._feed.take_stream_message(message)
+                    if block is not None:
+                        yield block
+                self.info = self._feed.finish()
+            except grpc.RpcError as error:
+                raise self._feed.failure(error) from None
+            finally:
+                self._answers.cancel()
+                self._answers = None  # Not kept past its end (aio's BlockStream says why).
 
     def close(self):
         """Cancels the call (if it has not ended)."""
@@ -645,6 +673,85 @@ def _own_channel(module, channel_args, argument):
                          max_bytes)
 
 
+# Numbers the channels made to replace aged ones (_Connections).
+_RENEWED_CHANNELS = itertools.count(1)
+
+
+class _Connections:
+    """A client's channels, for da.Client and da.aio.Client (module grpc or grpc.aio): slot 0
+    the client's own, slots 1.. those of parallel streams, made when first needed. Each call
+    takes its slot's channel with take() and gives it back with give_back(). With max_age
+    (seconds), a slot whose channel has taken new calls for that long (drawn between 0.9 and 1
+    times it) gets a new channel of its own for the calls after; the calls still on the old one
+    finish there, and it is closed once the last of them has given it back. The closing is the
+    caller's (grpc.aio's close() is awaited): take(), give_back() and close() return the
+    channels to close."""
+
+    def __init__(self, module, channel_args, max_age):
+        self._module = module
+        self._channel_args = channel_args
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
+        first = _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_bytes)
+        self._slots = [[first, self._renew_at()]]  # [channel, when it is replaced]
+        self._calls = {}  # Channel: calls on it now.
+        self._retired = set()  # Replaced channels that calls still hold.
+        self.renewed = 0  # Channels replaced for their age.
+        self.closed = False
+
+    def _renew_at(self):
+        if self._max_age is None:
+            return math.inf
+        return time.monotonic() + self._max_age * random.uniform(0.9, 1.0)
+
+    def take(self, index):
+        """(channel, stale): slot index's channel, counted as held by one more call, and the
+        channel it replaced when it was too old and no call held it (else None). Cancelled
+        once closed."""
+        with self._lock:
+            _check_open(self.closed)
+            while len(self._slots) <= index:
+                number = len(self._slots)
+                self._slots.append([_part_channel(self._module, self._channel_args, number),
+                                    self._renew_at()])
+            slot, stale = self._slots[index], None
+            if time.monotonic() >= slot[1]:
+                old = slot[0]
+                slot[0] = _own_channel(self._module, self._channel_args,
+                                       ("da.renewed_channel", next(_RENEWED_CHANNELS)))
+                slot[1] = self._renew_at()
+                self.renewed += 1
+                if old in self._calls:
+                    self._retired.add(old)
+                else:
+                    stale = old
+            channel = slot[0]
+            self._calls[channel] = self._calls.get(channel, 0) + 1
+            return channel, stale
+
+    def give_back(self, channel):
+        """A call is done with channel; the channel to close now (a replaced one that no call
+        holds any more), else None."""
+        with self._lock:
+            self._calls[channel] -= 1
+            if self._calls[channel] > 0:
+                return None
+            del self._calls[channel]
+            if channel in self._retired:
+                self._retired.discard(channel)
+                return channel
+            return None
+
+    def close(self):
+        """Every channel, to close; later take()s raise da.Cancelled."""
+        with self._lock:
+            self.closed = True
+            channels = [slot[0] for slot in self._slots] + list(self._retired)
+            self._retired = set()
+            return channels
+
+
 async def _after_admission(requests, call):
     """requests (a sync or async iterable of encoded AttendStream requests) for a grpc.aio call
     to a server that admits streams with its initial metadata (_STREAM_ADMITTED): the header,
@@ -680,6 +787,17 @@ def _check_retry(retry):
     if not isinstance(retry, Retry):
         raise errors.invalid(f"retry is {retry!r}; it must be a da.Retry or None")
     return retry
+
+
+def _check_connection_age(max_connection_age):
+    """max_connection_age (seconds, or None) checked: above 0."""
+    if max_connection_age is None:
+        return None
+    if isinstance(max_connection_age, bool) or not isinstance(max_connection_age, (int, float)) \
+            or not max_connection_age > 0:
+        raise errors.invalid(f"max_connection_age is {max_connection_age!r}; it must be a "
+                             f"number of seconds above 0, or None")
+    return float(max_connection_age)
 
 
 def _check_open(closed):

@@ -189,9 +189,8 @@ class Client:
     manager, or await close()."""
 
     def __init__(self, target, *, tls_ca=None, tls_cert=None, tls_key=None, token=None,
-                 timeout=None, options=(), max_message_bytes=1 << 30, retry=_client.Retry()):
-        self._channel = _client._make_channel(grpc.aio, target, tls_ca, tls_cert, tls_key,
-                                              options, max_message_bytes)
+                 timeout=None, options=(), max_message_bytes=1 << 30, retry=_client.Retry(),
+                 max_connection_age=None):
         # Calls take the multicallables of the channel of their attempt (_multicallable).
         self._token_metadata = [("authorization", f"Bearer {token}")] if token else []
         self._timeout = timeout
@@ -199,22 +198,40 @@ class Client:
         self._message_limit = None
         self._max_message_bytes = max_message_bytes
         self._admits_streams = False  # The server lists _client._STREAM_ADMITTED.
-        # Parallel streams: connections of their own, made when first needed and kept.
         self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
                               max_message_bytes)
-        self._part_channels = []
+        # The client's channel and those of parallel streams, renewed by age (as da.Client's).
+        self._connections = _client._Connections(
+            grpc.aio, self._channel_args, _client._check_connection_age(max_connection_age))
         self._retry_channels = set()  # Those of retries in flight (_attempt_channel).
         self._closed = False
+
+    @property
+    def connections_renewed(self):
+        """da.Client.connections_renewed."""
+        return self._connections.renewed
 
     async def close(self):
         """Closes the channels; calls in flight are cancelled, and later calls raise
         da.Cancelled."""
         self._closed = True
-        channels = [*self._part_channels, *self._retry_channels]
-        self._part_channels, self._retry_channels = [], set()
+        channels = [*self._retry_channels, *self._connections.close()]
+        self._retry_channels = set()
         for channel in channels:
             await channel.close()
-        await self._channel.close()
+
+    @contextlib.asynccontextmanager
+    async def _held(self, index=0):
+        """da.Client._held: channel `index` for one call, from its first attempt to its end."""
+        channel, stale = self._connections.take(index)
+        try:
+            if stale is not None:
+                await asyncio.shield(stale.close())
+            yield channel
+        finally:
+            done = self._connections.give_back(channel)
+            if done is not None:  # Closed even when the task is cancelled meanwhile.
+                await asyncio.shield(done.close())
 
     @contextlib.asynccontextmanager
     async def _attempt_channel(self, attempts, channel):
@@ -251,14 +268,16 @@ class Client:
         attempts = _client._Attempts(self._retry if retry else _client._ONCE,
                                      _client._deadline(self._timeout, timeout))
         try:
-            return await _retrying(attempts, lambda left: self._unary(
-                attempts, name, request, self._options(left, request_id)))
+            async with self._held() as first:
+                return await _retrying(attempts, lambda left: self._unary(
+                    attempts, first, name, request, self._options(left, request_id)))
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
 
-    async def _unary(self, attempts, name, request, options):
-        """One attempt of a unary call; a task cancelled meanwhile cancels it."""
-        async with self._attempt_channel(attempts, self._channel) as channel:
+    async def _unary(self, attempts, first, name, request, options):
+        """One attempt of a unary call whose first went on channel first; a task cancelled
+        meanwhile cancels it."""
+        async with self._attempt_channel(attempts, first) as channel:
             call = _client._multicallable(channel, name)(request, **options)
             try:
                 return await call
@@ -285,12 +304,12 @@ class Client:
             self._message_limit = _client._message_limit(info, self._max_message_bytes)
         return self._message_limit
 
-    def _open_stream(self, requests, options, deadline, channel=None):
-        """A _Stream: an AttendStream call on channel (None: the client's) sending requests;
+    def _open_stream(self, requests, options, deadline, channel):
+        """A _Stream: an AttendStream call on channel sending requests;
         its blocks wait for the server's admission where the server gives one
         (_client._after_admission: a refusal then never meets a write in flight). After
         _server_message_limit."""
-        method = _client._multicallable(channel or self._channel, "AttendStream")
+        method = _client._multicallable(channel, "AttendStream")
         if self._admits_streams:
             options = dict(options, metadata=[*options["metadata"], _client._ADMISSION_REQUEST])
         call = method(**options)
@@ -321,37 +340,32 @@ class Client:
             elif job.streams(stream, limit):
                 part = job.parts[0]
                 try:
-                    await _retrying(attempts, lambda left: self._stream_part(
-                        attempts, part, limit, block_tokens, left, deadline),
-                        lambda: part.answered)
+                    async with self._held() as first:
+                        await _retrying(attempts, lambda left: self._stream_part(
+                            attempts, part, limit, block_tokens, left, deadline, first),
+                            lambda: part.answered)
                 except grpc.RpcError as error:
                     raise part.failure(error) from None
             else:
                 request = await _maybe_off_loop(large, job.unary_request)
-                response = await _retrying(attempts, lambda left: self._unary(
-                    attempts, "Attend", request, self._options(left, request_id)))
+                async with self._held() as first:
+                    response = await _retrying(attempts, lambda left: self._unary(
+                        attempts, first, "Attend", request, self._options(left, request_id)))
                 await _maybe_off_loop(large, job.take_unary_response, response)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error) from None
         job.complete()  # Progress is reported on the event loop.
         return job.packaged(await _maybe_off_loop(large, job.output.result), return_info)
 
-    def _stream_channels(self, count):
-        """count connections for parallel streams, as da.Client's."""
-        _client._check_open(self._closed)
-        while len(self._part_channels) < count - 1:
-            self._part_channels.append(_client._part_channel(grpc.aio, self._channel_args,
-                                                             len(self._part_channels) + 1))
-        return [self._channel] + self._part_channels[:count - 1]
-
     async def _stream_part(self, attempts, part, limit, block_tokens, timeout, deadline,
-                           channel=None):
+                           first):
         """One attempt (of attempts) of part's stream (the whole request, or a part of a
-        parallel one) on channel (None: the client's): its answers written into the output;
+        parallel one), whose first attempt went on channel first: its answers written into the
+        output;
         raises its failure as a grpc.RpcError (the server's status where grpc.aio lost it). The
         call ends with it (cancelled when it has not)."""
         part.restart()
-        async with self._attempt_channel(attempts, channel or self._channel) as channel:
+        async with self._attempt_channel(attempts, first) as channel:
             opened = self._open_stream(part.requests(limit, block_tokens),
                                        self._options(timeout, part.request_id), deadline,
                                        channel)
@@ -370,17 +384,20 @@ class Client:
         unread is sent again on its own (self._retry). Raises the first part's failure after
         cancelling every call."""
 
-        async def take(part, channel):
+        async def take(index, part):
             attempts = _client._Attempts(self._retry, deadline)
             try:
-                await _retrying(attempts, lambda left: self._stream_part(
-                    attempts, part, limit, block_tokens, left, deadline, channel),
-                    lambda: part.answered)
+                # This client's connection for the first part, connections of their own for
+                # the others.
+                async with self._held(index) as channel:
+                    await _retrying(attempts, lambda left: self._stream_part(
+                        attempts, part, limit, block_tokens, left, deadline, channel),
+                        lambda: part.answered)
             except grpc.RpcError as error:
                 raise part.failure(error) from None
 
-        tasks = [asyncio.ensure_future(take(part, channel))
-                 for channel, part in zip(self._stream_channels(len(job.parts)), job.parts)]
+        _client._check_open(self._closed)
+        tasks = [asyncio.ensure_future(take(index, part)) for index, part in enumerate(job.parts)]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in tasks:
@@ -420,21 +437,26 @@ class BlockStream:
         feed = _client._BlockFeed(*self._args,
                                   await client._server_message_limit(self._timeout))
         timeout = _client._left(deadline)
-        stream = client._open_stream(feed.async_requests(),
-                                     client._options(timeout, self._request_id), deadline)
-        self._stream = stream
-        try:
-            async for message in stream.call:
-                block = feed.take_stream_message(message)
-                if block is not None:
-                    yield block
-            self.info = feed.finish()
-        except grpc.RpcError as error:
-            raise feed.failure(await stream.kept.of(error)) from None
-        except asyncio.CancelledError:
-            _raise_requests_error(feed.error, stream.call)
-        finally:
-            await stream.end()
+        async with client._held() as channel:
+            stream = client._open_stream(feed.async_requests(),
+                                         client._options(timeout, self._request_id), deadline,
+                                         channel)
+            self._stream = stream
+            try:
+                async for message in stream.call:
+                    block = feed.take_stream_message(message)
+                    if block is not None:
+                        yield block
+                self.info = feed.finish()
+            except grpc.RpcError as error:
+                raise feed.failure(await stream.kept.of(error)) from None
+            except asyncio.CancelledError:
+                _raise_requests_error(feed.error, stream.call)
+            finally:
+                await stream.end()
+                # Not kept past its end: a grpc.aio call holds its connection open, even once
+                # the channel is closed (a channel replaced for its age, _Connections).
+                self._stream = None
 
     def close(self):
         """Cancels the call (if it has not ended), as leaving the loop early does; for a loop

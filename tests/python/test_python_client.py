@@ -102,6 +102,18 @@ def random_qkv(rng, seq_len, kv_heads, dtype):
             for heads in (4, kv_heads, kv_heads))
 
 
+def established(port):
+    """Connections established to a server's port on this host, counted on the server's side
+    (/proc/net/tcp and tcp6: local port `port`, state 01)."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as table:
+            for line in list(table)[1:]:
+                fields = line.split()
+                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+    return count
+
+
 def reference(q, k, v, segments, dilations, **kw):
     as64 = [np.asarray(t, dtype=np.float64) for t in (q, k, v)]
     return ref.dilated_attention(*as64, segments, dilations, **kw)
@@ -313,6 +325,121 @@ class PythonClientTest(unittest.TestCase):
                                                 f"{draining.log()}")
                     self.assertEqual(nxt.metric('da_requests_total{code="OK",method="Attend"}'),
                                      before + 1)
+
+    def test_connections_past_their_age_reach_a_replica_added_since(self):
+        # A client that calls without pause keeps its connection, and so its replica, for as
+        # long as it lives: behind a load balancer that spreads connections (a forwarder here,
+        # whose new connections go to a replica added since), the added replica never sees its
+        # calls. With max_connection_age each connection is replaced as it ages, the next goes
+        # where the balancer sends it, and a call running on the aged one finishes there, the
+        # connection closed after it.
+        import asyncio
+        import threading
+        rng = np.random.default_rng(47)
+        q = rng.standard_normal((1, 256, 2, 16)).astype(np.float32)
+        kw = dict(segments=[64, 128], dilations=[1, 2], precision="fp32")
+        want = self.client.attend(q, q, q, stream=False, **kw)
+        shapes = (dict(stream=False), dict(stream=True, block_tokens=64),
+                  dict(stream=True, block_tokens=64, parallel_streams=2))
+
+        def wait_closed(port):
+            """Whether no connection to port is left within 10 s."""
+            try:
+                return da_testing.wait_until(lambda: established(port) == 0, 10, "")
+            except TimeoutError:
+                return False
+
+        def served(server):
+            return sum(server.metric(f'da_requests_total{{code="OK",method="{method}"}}')
+                       for method in ("Attend", "AttendStream"))
+
+        with da_testing.Server(ARGS.server_binary, ["--threads", "1"], metrics=True) as first, \
+                da_testing.Server(ARGS.server_binary, ["--threads", "1"],
+                                  metrics=True) as added, \
+                da_testing.Forwarder(first.port) as balancer:
+            target = f"127.0.0.1:{balancer.port}"
+            for kind, age in itertools.product(("sync", "asyncio"), (None, 0.5)):
+                balancer.route = first.port
+                # Gone by now: the connections of the client before (closed with it).
+                da_testing.wait_until(lambda: established(first.port) == 0 or None, 10,
+                                      "the last client's connections to close")
+                before = served(added)
+                # Every connection made on the first replica (a call of each shape), then a
+                # streamed call held open past the age by its blocks, and calls for 1.5 s.
+                release = threading.Event()
+
+                def blocks():
+                    yield q[:, :128], q[:, :128], q[:, :128]
+                    release.wait(30)
+                    yield q[:, 128:], q[:, 128:], q[:, 128:]
+
+                async def async_blocks():
+                    yield q[:, :128], q[:, :128], q[:, :128]
+                    while not release.is_set():
+                        await asyncio.sleep(0.01)
+                    yield q[:, 128:], q[:, 128:], q[:, 128:]
+
+                if kind == "sync":
+                    with da.Client(target, timeout=60, max_connection_age=age) as client:
+                        for shape in shapes:
+                            client.attend(q, q, q, **shape, **kw)
+                        balancer.route = added.port  # A replica added: new connections go there.
+                        held = client.attend_blocks(blocks(), seq_len=256, **kw)
+                        pieces = []
+                        reader = threading.Thread(
+                            target=lambda: pieces.extend(block.output for block in held))
+                        reader.start()
+                        got, until = [], time.monotonic() + 2
+                        while time.monotonic() < until:
+                            got.append(client.attend(q, q, q, **shapes[len(got) % 3], **kw))
+                        still_open = established(first.port)
+                        release.set()
+                        reader.join(30)
+                        renewed = client.connections_renewed
+                        closed_after = age is None or wait_closed(first.port)
+                else:
+                    async def run():
+                        async with da.aio.Client(target, timeout=60,
+                                                 max_connection_age=age) as client:
+                            for shape in shapes:
+                                await client.attend(q, q, q, **shape, **kw)
+                            balancer.route = added.port
+                            held = client.attend_blocks(async_blocks(), seq_len=256, **kw)
+
+                            async def read():
+                                return [block.output async for block in held]
+
+                            reader = asyncio.ensure_future(read())
+                            got, until = [], time.monotonic() + 2
+                            while time.monotonic() < until:
+                                got.append(await client.attend(q, q, q,
+                                                               **shapes[len(got) % 3], **kw))
+                            still_open = established(first.port)
+                            release.set()
+                            pieces = await reader
+                            closed_after = age is None or await asyncio.to_thread(
+                                wait_closed, first.port)
+                            return got, pieces, client.connections_renewed, still_open, \
+                                closed_after
+
+                    got, pieces, renewed, still_open, closed_after = asyncio.run(run())
+                label = f"{kind}, max_connection_age {age}"
+                self.assertGreaterEqual(len(got), 6, label)
+                for output in got:
+                    self.assertTrue(np.array_equal(output, want), label)
+                self.assertTrue(np.array_equal(np.concatenate(pieces, axis=1), want), label)
+                if age is None:
+                    self.assertEqual(served(added), before, label)
+                    self.assertEqual(renewed, 0, label)
+                else:
+                    # Ages of 0.45-0.5 s over 2 s: both connections renewed, more than once.
+                    self.assertGreater(served(added), before, label)
+                    self.assertGreaterEqual(renewed, 4, label)
+                    # Past their age, the connections to the first replica were closed, but for
+                    # the one the held call still ran on; it closed after the call, while the
+                    # client lived on.
+                    self.assertEqual(still_open, 1, label)
+                    self.assertTrue(closed_after, label)
 
     def test_a_retry_goes_on_a_new_connection_past_a_drain_held_open_by_a_long_call(self):
         # A draining server keeps refusing new calls on its connections while a call is still
@@ -1264,7 +1391,7 @@ class ClientReviewTest(unittest.TestCase):
             with self.subTest(call=name), self.assertRaises(da.Cancelled) as caught:
                 call()
             self.assertIn("the client is closed", str(caught.exception))
-        self.assertEqual(client._part_channels, [])
+        self.assertEqual(len(client._connections._slots), 2)  # None made after close().
 
         async def run():
             client = da.aio.Client(self.server.address, timeout=60)
@@ -1280,12 +1407,12 @@ class ClientReviewTest(unittest.TestCase):
                 async for _ in client.attend_blocks([(q, q, q)], seq_len=128, **kw):
                     pass
             refused.append(str(caught.exception))
-            return refused, client._part_channels
+            return refused, len(client._connections._slots)
 
-        refused, channels = asyncio.run(run())
+        refused, slots = asyncio.run(run())
         self.assertEqual(len(refused), 4)
         self.assertTrue(all("the client is closed" in text for text in refused), refused)
-        self.assertEqual(channels, [])
+        self.assertEqual(slots, 2)
 
     def test_asyncio_streams_leave_no_task_waiting_in_the_callers_generator(self):
         # grpc.aio cancels the task that pulls a call's requests only while the call has not
