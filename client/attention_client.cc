@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -240,13 +241,13 @@ AttentionClient::AttentionClient(std::shared_ptr<grpc::Channel> channel)
 AttentionClient::AttentionClient(std::vector<std::shared_ptr<grpc::Channel>> channels,
                                  ChannelFactory fresh_channels, int64_t max_connection_age_ms)
     : fresh_channels_(std::move(fresh_channels)),
-      max_connection_age_ms_(max_connection_age_ms),
-      rng_(std::random_device()()) {
+      max_connection_age_ms_(std::min(max_connection_age_ms, kMaxTimeoutMs)) {
   if (channels.empty()) throw std::invalid_argument("AttentionClient needs a channel");
   if (max_connection_age_ms_ > 0 && !fresh_channels_) {
     throw std::invalid_argument(
         "AttentionClient: max_connection_age_ms needs fresh_channels to make the new ones");
   }
+  if (max_connection_age_ms_ > 0) rng_.seed(std::random_device()());
   const auto now = std::chrono::steady_clock::now();
   for (std::shared_ptr<grpc::Channel>& channel : channels) {
     slots_.push_back({std::move(channel), RenewAt(now)});
@@ -261,14 +262,15 @@ std::chrono::steady_clock::time_point AttentionClient::RenewAt(
 }
 
 std::shared_ptr<grpc::Channel> AttentionClient::Channel(size_t index) {
+  // Dropped after the lock is let go: the calls that hold it keep it, and gRPC closes its
+  // connection when the last of them lets go (at once when none does).
+  std::shared_ptr<grpc::Channel> replaced;
   std::lock_guard<std::mutex> lock(mutex_);
   Slot& slot = slots_[index % slots_.size()];
   const auto now = std::chrono::steady_clock::now();
   if (now >= slot.renew_at) {
-    // Dropping the old channel here leaves it to the calls that hold it: gRPC closes its
-    // connection when the last of them lets go. The new one starts connecting at once.
-    slot.channel = fresh_channels_();
-    slot.channel->GetState(/*try_to_connect=*/true);
+    replaced = std::exchange(slot.channel, fresh_channels_());
+    slot.channel->GetState(/*try_to_connect=*/true);  // Connecting at once.
     slot.renew_at = RenewAt(now);
     ++renewed_;
   }

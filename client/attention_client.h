@@ -218,8 +218,8 @@ class AttentionClient {
   // A retry's wait (WithRetries) for a call on channel: the backoff, reading the channel
   // meanwhile; false when group (may be null) failed first.
   static RetryWait BackOffOn(grpc::Channel& channel, CallGroup* group);
-  // A unary call under options.retry: call(stub, context) makes one attempt, on stub_ first and
-  // then on a stub of a retry channel (when the client makes them).
+  // A unary call under options.retry: call(stub, context) makes one attempt, on a stub of
+  // Channel(0) first and then on one of a retry channel (when the client makes them).
   grpc::Status RetriedUnary(
       const CallOptions& options, const std::string& request_id,
       const std::function<grpc::Status(v1::AttentionService::Stub&, grpc::ClientContext*)>& call);

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/cuda/device_scope.h"
+#include "engine/cuda/nvrtc_on_demand.h"
 
 namespace da::engine::cuda {
 namespace fe = cudnn_frontend;
@@ -75,6 +76,7 @@ absl::StatusOr<std::unique_ptr<SdpaGraphs>> SdpaGraphs::Build(const std::vector<
   impl->device = device;
   impl->fp8 = fp8;
   DeviceScope scope(device);
+  LoadNvrtc();  // For cuDNN's runtime-compiled engines (nvrtc_on_demand.h); they say if it failed.
   if (cudnnStatus_t created = cudnnCreate(&impl->handle); created != CUDNN_STATUS_SUCCESS) {
     return absl::InternalError(
         absl::StrCat("cudnnCreate on cuda:", device, ": ", cudnnGetErrorString(created)));

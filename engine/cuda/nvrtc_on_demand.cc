@@ -8,6 +8,9 @@
 // functions below stand in for the library's: each opens it on its first call (dlopen of the
 // soname of the toolkit built against, DA_NVRTC_SONAME) and calls the library's own. Where it
 // cannot be opened, they return NVRTC_ERROR_INTERNAL_ERROR, and the reason goes to stderr once.
+// Before cuDNN is first used it is opened anyway (LoadNvrtc, nvrtc_on_demand.h says why).
+#include "engine/cuda/nvrtc_on_demand.h"
+
 #include <dlfcn.h>
 #include <nvrtc.h>
 
@@ -34,7 +37,12 @@ nvrtcResult Forward(const char* name, Args... args) {
   using Function = std::remove_pointer_t<decltype(declared)>;
   static Function* const real = [name] {
     void* handle = Library();
-    return handle == nullptr ? nullptr : reinterpret_cast<Function*>(dlsym(handle, name));
+    if (handle == nullptr) return static_cast<Function*>(nullptr);
+    auto* found = reinterpret_cast<Function*>(dlsym(handle, name));
+    if (found == nullptr) {
+      std::fprintf(stderr, "da: %s has no %s: %s\n", DA_NVRTC_SONAME, name, dlerror());
+    }
+    return found;
   }();
   if (real == nullptr) return NVRTC_ERROR_INTERNAL_ERROR;
   return real(args...);
@@ -42,6 +50,15 @@ nvrtcResult Forward(const char* name, Args... args) {
 
 }  // namespace
 
+namespace da::engine::cuda {
+
+bool LoadNvrtc() { return Library() != nullptr; }
+
+}  // namespace da::engine::cuda
+
+// Hidden: they stand in for libnvrtc's inside the binary they are linked into, never for another
+// library's calls.
+#pragma GCC visibility push(hidden)
 extern "C" {
 
 nvrtcResult nvrtcCreateProgram(nvrtcProgram* prog, const char* src, const char* name,
@@ -76,3 +93,4 @@ nvrtcResult nvrtcGetProgramLog(nvrtcProgram prog, char* log) {
 }
 
 }  // extern "C"
+#pragma GCC visibility pop

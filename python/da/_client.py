@@ -45,6 +45,9 @@ _ATTEND = _stub.method_path("Attend")
 _ATTEND_STREAM = _stub.method_path("AttendStream")
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _MAX_INT64 = 2**63 - 1
+# Draws the jitter of retries' backoffs and connections' ages: a generator of da's own, which a
+# caller's random.seed() does not make the same in every process.
+_RANDOM = random.Random()
 
 
 class Retry:
@@ -57,10 +60,11 @@ class Retry:
     it), after a wait of `backoff` seconds, doubled for each further attempt up
     to `max_backoff` (each drawn between half and all of it, so that a replica's clients do not
     come back at once), for at most `attempts` attempts in all (1: never again), and only while
-    what is left of the call's timeout after the wait is at least as long as the wait. Also retried: a call that reached a server as its gRPC was shutting down
-    and was dropped before any handler saw it (CANCELLED "CANCELLED" with no metadata,
-    grpc/grpc#41785). Nothing else is: an UNAVAILABLE without the metadata (a connection reset)
-    may have come from a request that brought a server down, and would bring down the next.
+    what is left of the call's timeout after the wait is at least as long as the wait. Also
+    retried: a call that reached a server as its gRPC was shutting down and was dropped before
+    any handler saw it (CANCELLED "CANCELLED" with no metadata, grpc/grpc#41785). Nothing else
+    is: an UNAVAILABLE without the metadata (a connection reset) may have come from a request
+    that brought a server down, and would bring down the next.
     The defaults wait up to about 14 s in all (at least 7 s), longer than the drain grace of
     da's Kubernetes manifest (5 s).
     """
@@ -81,7 +85,7 @@ class Retry:
     def wait(self, attempt):
         """Seconds to wait before attempt `attempt` (2: the first retry)."""
         full = min(self.max_backoff, self.backoff * 2.0 ** min(attempt - 2, 60))
-        return full * random.uniform(0.5, 1.0)
+        return full * _RANDOM.uniform(0.5, 1.0)
 
     def __repr__(self):
         return (f"Retry(attempts={self.attempts}, backoff={self.backoff}, "
@@ -273,8 +277,8 @@ class Client:
         self._retry = _check_retry(retry)
         self._message_limit = None  # The server's max_message_bytes (at most ours), read once.
         self._max_message_bytes = max_message_bytes
-        self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
-                              max_message_bytes)
+        self._channel_args = _channel_args(target, tls_ca, tls_cert, tls_key, options,
+                                           max_message_bytes)
         # The client's channel and those of parallel streams (made when first needed and kept),
         # renewed by age.
         self._connections = _Connections(grpc, self._channel_args,
@@ -303,9 +307,9 @@ class Client:
         """Channel `index` (0: the client's; 1..: those of parallel streams) for one call, from
         its first attempt to its end (_Connections)."""
         channel, stale = self._connections.take(index)
-        if stale is not None:
-            stale.close()
         try:
+            if stale is not None:
+                stale.close()
             yield channel
         finally:
             done = self._connections.give_back(channel)
@@ -592,17 +596,35 @@ class BlockStream:
 
     def close(self):
         """Cancels the call (if it has not ended)."""
-        if self._answers is not None:
-            self._answers.cancel()
+        answers = self._answers  # Once: the iterating thread drops it as the call ends.
+        if answers is not None:
+            answers.cancel()
 
 
-def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_message_bytes):
-    """A channel of module (grpc or grpc.aio): TLS when any TLS file is given, messages up to
+def _channel_args(target, tls_ca, tls_cert, tls_key, options, max_message_bytes):
+    """What a client makes its channels from (_make_channel): target, the credentials (None:
+    plaintext; TLS when any TLS file is given, read here, once, so that channels made later
+    need neither the files nor their paths), the channel options with messages up to
     max_message_bytes both ways."""
-    channel_options = [("grpc.max_receive_message_length", max_message_bytes),
-                       ("grpc.max_send_message_length", max_message_bytes), *options]
+    channel_options = (("grpc.max_receive_message_length", max_message_bytes),
+                       ("grpc.max_send_message_length", max_message_bytes), *options)
+    return target, _credentials(tls_ca, tls_cert, tls_key), channel_options
+
+
+def _make_channel(module, channel_args, argument=None):
+    """A channel of module (grpc or grpc.aio) from _channel_args, plus the channel argument
+    `argument` when given."""
+    target, credentials, options = channel_args
+    options = [*options, argument] if argument else list(options)
+    if credentials is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, credentials, options=options)
+
+
+def _credentials(tls_ca, tls_cert, tls_key):
+    """TLS channel credentials from the PEM files given, None for plaintext (none given)."""
     if not (tls_ca or tls_cert or tls_key):
-        return module.insecure_channel(target, options=channel_options)
+        return None
     if bool(tls_cert) != bool(tls_key):
         raise errors.invalid("tls_cert and tls_key go together")
 
@@ -621,10 +643,9 @@ def _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_messag
                                  f"{len(pem)} bytes")
         return pem
 
-    credentials = grpc.ssl_channel_credentials(root_certificates=read("tls_ca", tls_ca),
-                                               private_key=read("tls_key", tls_key),
-                                               certificate_chain=read("tls_cert", tls_cert))
-    return module.secure_channel(target, credentials, options=channel_options)
+    return grpc.ssl_channel_credentials(root_certificates=read("tls_ca", tls_ca),
+                                        private_key=read("tls_key", tls_key),
+                                        certificate_chain=read("tls_cert", tls_cert))
 
 
 async def _as_async(items):
@@ -668,9 +689,7 @@ def _part_channel(module, channel_args, number):
 def _own_channel(module, channel_args, argument):
     """A channel of module (grpc or grpc.aio) with the client's channel arguments plus
     `argument`, one no other channel has, so that gRPC gives it a connection of its own."""
-    target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
-    return _make_channel(module, target, tls_ca, tls_cert, tls_key, (*options, argument),
-                         max_bytes)
+    return _make_channel(module, channel_args, argument)
 
 
 # Numbers the channels made to replace aged ones (_Connections).
@@ -691,9 +710,10 @@ class _Connections:
         self._module = module
         self._channel_args = channel_args
         self._max_age = max_age
-        self._lock = threading.Lock()
-        target, tls_ca, tls_cert, tls_key, options, max_bytes = channel_args
-        first = _make_channel(module, target, tls_ca, tls_cert, tls_key, options, max_bytes)
+        # Reentrant: a channel made under it may start the garbage collector, whose finalizing
+        # of an abandoned BlockStream gives its channel back on this thread.
+        self._lock = threading.RLock()
+        first = _make_channel(module, channel_args)
         self._slots = [[first, self._renew_at()]]  # [channel, when it is replaced]
         self._calls = {}  # Channel: calls on it now.
         self._retired = set()  # Replaced channels that calls still hold.
@@ -703,7 +723,7 @@ class _Connections:
     def _renew_at(self):
         if self._max_age is None:
             return math.inf
-        return time.monotonic() + self._max_age * random.uniform(0.9, 1.0)
+        return time.monotonic() + self._max_age * _RANDOM.uniform(0.9, 1.0)
 
     def take(self, index):
         """(channel, stale): slot index's channel, counted as held by one more call, and the

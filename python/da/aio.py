@@ -198,8 +198,8 @@ class Client:
         self._message_limit = None
         self._max_message_bytes = max_message_bytes
         self._admits_streams = False  # The server lists _client._STREAM_ADMITTED.
-        self._channel_args = (target, tls_ca, tls_cert, tls_key, tuple(options),
-                              max_message_bytes)
+        self._channel_args = _client._channel_args(target, tls_ca, tls_cert, tls_key, options,
+                                                   max_message_bytes)
         # The client's channel and those of parallel streams, renewed by age (as da.Client's).
         self._connections = _client._Connections(
             grpc.aio, self._channel_args, _client._check_connection_age(max_connection_age))
