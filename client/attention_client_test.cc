@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -13,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -285,11 +287,21 @@ TEST_F(AttentionClientTest, DeadlinesEndUnaryAndStreamedCalls) {
   }
 }
 
-// The connections established to the server at address ("127.0.0.1:PORT"), counted on the
-// server's side (/proc/net/tcp and tcp6, where a dual-stack listener's are: the local port is the
-// server's, state 01 is ESTABLISHED).
+// This process's connections established to the server at address ("127.0.0.1:PORT"), counted
+// on the client's side: /proc/net/tcp and tcp6 (where a dual-stack listener's are) lines whose
+// remote port is the server's, in state 01 (ESTABLISHED), whose socket is one of this process's
+// open files. Not the server's side: another test's process (ctest runs them side by side) may
+// connect to a port it was told is free, as this server's may be by then.
 int EstablishedConnections(const std::string& address) {
   const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  std::set<std::string> own;  // Socket inodes.
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code error;
+    const std::string target = std::filesystem::read_symlink(entry.path(), error).string();
+    if (!error && target.rfind("socket:[", 0) == 0) {
+      own.insert(target.substr(8, target.size() - 9));
+    }
+  }
   int count = 0;
   for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
     std::ifstream tcp(table);
@@ -297,9 +309,11 @@ int EstablishedConnections(const std::string& address) {
     std::getline(tcp, line);  // The column names.
     while (std::getline(tcp, line)) {
       std::istringstream fields(line);
-      std::string slot, local, remote, state;
-      fields >> slot >> local >> remote >> state;
-      if (std::stoi(local.substr(local.rfind(':') + 1), nullptr, 16) == port && state == "01") {
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      fields >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >>
+          timeout >> inode;
+      if (std::stoi(remote.substr(remote.rfind(':') + 1), nullptr, 16) == port && state == "01" &&
+          own.count(inode) != 0) {
         ++count;
       }
     }

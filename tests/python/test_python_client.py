@@ -103,8 +103,18 @@ def random_qkv(rng, seq_len, kv_heads, dtype):
 
 
 def established(port):
-    """Connections established to a server's port on this host, counted on the server's side
-    (/proc/net/tcp and tcp6: local port `port`, state 01)."""
+    """This process's connections established to a server's port, counted on the client's side
+    (/proc/net/tcp and tcp6: remote port `port`, state 01, a socket among this process's open
+    files). Not the server's side: another test's process (ctest runs them side by side) may
+    connect to a port it was told is free, as the server's may be by then."""
+    own = set()  # Socket inodes.
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # Closed meanwhile.
+        if target.startswith("socket:["):
+            own.add(target[8:-1])
     count = 0
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         if not os.path.exists(name):  # No IPv6.
@@ -112,7 +122,8 @@ def established(port):
         with open(name) as table:
             for line in list(table)[1:]:
                 fields = line.split()
-                count += int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+                count += (int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+                          and fields[9] in own)
     return count
 
 
