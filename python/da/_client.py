@@ -613,7 +613,7 @@ def _channel_args(target, tls_ca, tls_cert, tls_key, options, max_message_bytes)
 
 def _make_channel(module, channel_args, argument=None):
     """A channel of module (grpc or grpc.aio) from _channel_args, plus the channel argument
-    `argument` when given."""
+    `argument` when given: one no other channel has gets a connection of its own from gRPC."""
     target, credentials, options = channel_args
     options = [*options, argument] if argument else list(options)
     if credentials is None:
@@ -665,7 +665,7 @@ _FRESH_CHANNELS = itertools.count(1)
 def _fresh_channel(module, channel_args):
     """A channel of module (grpc or grpc.aio) with a connection of its own: where a call a
     draining server refused is sent again (da.Retry)."""
-    return _own_channel(module, channel_args, ("da.retry_channel", next(_FRESH_CHANNELS)))
+    return _make_channel(module, channel_args, ("da.retry_channel", next(_FRESH_CHANNELS)))
 
 
 def _multicallable(channel, name):
@@ -683,13 +683,7 @@ def _multicallable(channel, name):
 
 def _part_channel(module, channel_args, number):
     """Channel `number` (from 1) of a client's parallel streams, for module (grpc or grpc.aio)."""
-    return _own_channel(module, channel_args, ("da.channel_id", number))
-
-
-def _own_channel(module, channel_args, argument):
-    """A channel of module (grpc or grpc.aio) with the client's channel arguments plus
-    `argument`, one no other channel has, so that gRPC gives it a connection of its own."""
-    return _make_channel(module, channel_args, argument)
+    return _make_channel(module, channel_args, ("da.channel_id", number))
 
 
 # Numbers the channels made to replace aged ones (_Connections).
@@ -738,8 +732,8 @@ class _Connections:
             slot, stale = self._slots[index], None
             if time.monotonic() >= slot[1]:
                 old = slot[0]
-                slot[0] = _own_channel(self._module, self._channel_args,
-                                       ("da.renewed_channel", next(_RENEWED_CHANNELS)))
+                slot[0] = _make_channel(self._module, self._channel_args,
+                                        ("da.renewed_channel", next(_RENEWED_CHANNELS)))
                 slot[1] = self._renew_at()
                 self.renewed += 1
                 if old in self._calls:
