@@ -156,6 +156,9 @@ class AttentionClient {
 
   // How many channels have been replaced for their age so far.
   int64_t connections_renewed() const;
+  // The channel a new call goes on now (the first one, replaced for its age as above), for calls
+  // made outside the client with a stub of their own; hold it for the call.
+  std::shared_ptr<grpc::Channel> channel() { return Channel(0); }
 
   grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                       const CallOptions& options = {});

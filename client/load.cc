@@ -42,31 +42,27 @@ struct WorkerStats {
   double tokens = 0;
 };
 
-struct Connection {
-  std::shared_ptr<grpc::Channel> channel;
-  std::unique_ptr<AttentionClient> client;
-  std::unique_ptr<v1::AttentionService::Stub> stub;
-};
-
-std::vector<Connection> Connect(const LoadOptions& options) {
-  std::vector<Connection> connections(options.channels);
+// One client per channel: a worker's calls, faulty streams included, go on its client's channel,
+// replaced for its age where the run asks for it.
+std::vector<std::unique_ptr<AttentionClient>> Connect(const LoadOptions& options) {
+  std::vector<std::unique_ptr<AttentionClient>> clients;
   for (int i = 0; i < options.channels; ++i) {
     // Channels with equal arguments share one connection; a distinct id gives each its own.
     ConnectionOptions connection = options.connection;
     connection.channel_id = i;
-    connections[i].channel = MakeChannel(options.server, connection);
-    connections[i].client = std::make_unique<AttentionClient>(connections[i].channel);
-    connections[i].stub = v1::AttentionService::NewStub(connections[i].channel);
+    std::vector<std::shared_ptr<grpc::Channel>> channel{MakeChannel(options.server, connection)};
+    AttentionClient::ChannelFactory fresh;
+    if (options.max_connection_age_ms > 0) fresh = FreshChannels(options.server, connection);
+    clients.push_back(std::make_unique<AttentionClient>(std::move(channel), std::move(fresh),
+                                                        options.max_connection_age_ms));
   }
-  return connections;
+  return clients;
 }
 
-absl::Status CheckServer(Connection& connection, const std::string& server) {
-  grpc::Status status = WaitForConnection(*connection.channel, kConnectTimeoutMs);
+absl::Status CheckServer(AttentionClient& client, const std::string& server) {
+  grpc::Status status = WaitForConnection(*client.channel(), kConnectTimeoutMs);
   grpc::health::v1::HealthCheckResponse::ServingStatus serving;
-  if (status.ok()) {
-    status = connection.client->CheckHealth("", &serving, {.timeout_ms = kConnectTimeoutMs});
-  }
+  if (status.ok()) status = client.CheckHealth("", &serving, {.timeout_ms = kConnectTimeoutMs});
   if (!status.ok()) {
     return absl::UnavailableError(
         absl::StrCat("server ", server, " does not answer: ", StatusCodeName(status.error_code()),
@@ -79,7 +75,7 @@ absl::Status CheckServer(Connection& connection, const std::string& server) {
 // until stop is set).
 void RunWorker(int index, const LoadOptions& options, const std::vector<RequestKind>& kinds,
                const KindPicker& picker, const std::set<grpc::StatusCode>& load_codes,
-               Connection& connection, Clock::time_point measure_start, Clock::time_point end,
+               AttentionClient& client, Clock::time_point measure_start, Clock::time_point end,
                const std::atomic<bool>& stop, WorkerStats* stats) {
   std::mt19937_64 rng(options.seed * 1000003 + static_cast<uint64_t>(index));
   stats->kinds.resize(kinds.size());
@@ -93,8 +89,7 @@ void RunWorker(int index, const LoadOptions& options, const std::vector<RequestK
                      .request_id = absl::StrCat("load-", index, "-", n),
                      .retry = {.max_attempts = 1}};
     v1::AttendResponse response;
-    grpc::Status status = SendKind(kind, *connection.client, *connection.stub, call,
-                                   options.stream_override, &response);
+    grpc::Status status = SendKind(kind, client, call, options.stream_override, &response);
     const double latency_ms =
         std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     if (start < measure_start) continue;
@@ -127,11 +122,15 @@ void RunWorker(int index, const LoadOptions& options, const std::vector<RequestK
 }
 
 LoadReport Merge(const LoadOptions& options, const std::vector<RequestKind>& kinds,
-                 const std::vector<WorkerStats>& workers, double elapsed_s) {
+                 const std::vector<WorkerStats>& workers, double elapsed_s,
+                 int64_t connections_renewed) {
   LoadReport report;
   report.server = options.server;
   report.mix = MixName(options.mix);
   report.concurrency = options.concurrency;
+  report.channels = options.channels;
+  report.max_connection_age_ms = options.max_connection_age_ms;
+  report.connections_renewed = connections_renewed;
   report.duration_s = options.duration_s;
   report.warmup_s = options.warmup_s;
   report.malformed_fraction = options.malformed_fraction;
@@ -243,6 +242,10 @@ absl::Status LoadOptions::Check() const {
     return Invalid(absl::StrCat("--deadline-ms is ", deadline_ms, "; must be at most ",
                                 kMaxTimeoutMs, " (a year; 0: none)"));
   }
+  if (max_connection_age_ms < 0 || max_connection_age_ms > kMaxTimeoutMs) {
+    return Invalid(absl::StrCat("--max-connection-age-ms is ", max_connection_age_ms,
+                                "; must be in [0, ", kMaxTimeoutMs, "] (a year; 0: never renew)"));
+  }
   if (stream_override < -1 || stream_override > 1) {
     return Invalid(absl::StrCat("stream_override is ", stream_override, "; must be -1, 0 or 1"));
   }
@@ -282,6 +285,9 @@ std::string LoadReport::ToJson() const {
       {"server", server},
       {"mix", mix},
       {"concurrency", concurrency},
+      {"channels", channels},
+      {"max_connection_age_ms", max_connection_age_ms},
+      {"connections_renewed", connections_renewed},
       {"duration_s", duration_s},
       {"warmup_s", warmup_s},
       {"malformed_fraction", malformed_fraction},
@@ -329,6 +335,12 @@ std::string LoadReport::ToText() const {
       << duration_s << " s (+" << warmup_s << " s warm-up), malformed fraction "
       << malformed_fraction << ", deadline "
       << (deadline_ms > 0 ? absl::StrCat(deadline_ms, " ms") : std::string("none")) << "\n";
+  out << "connections         " << channels;
+  if (max_connection_age_ms > 0) {
+    out << ", renewed after about " << max_connection_age_ms << " ms: " << connections_renewed
+        << " times";
+  }
+  out << "\n";
   out << "elapsed             " << elapsed_s << " s\n";
   out << "sent                " << sent << "\n";
   out << "completed           " << completed << "\n";
@@ -369,11 +381,9 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options) {
   const KindPicker picker(kinds, options.malformed_fraction);
   const std::set<grpc::StatusCode> load_codes = options.LoadCodes();
 
-  std::vector<Connection> connections = Connect(options);
-  for (Connection& connection : connections) {
-    if (absl::Status status = CheckServer(connection, options.server); !status.ok()) {
-      return status;
-    }
+  std::vector<std::unique_ptr<AttentionClient>> clients = Connect(options);
+  for (std::unique_ptr<AttentionClient>& client : clients) {
+    if (absl::Status status = CheckServer(*client, options.server); !status.ok()) return status;
   }
 
   const Clock::time_point measure_start =
@@ -389,7 +399,7 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options) {
   for (int i = 0; i < options.concurrency; ++i) {
     try {
       workers.emplace_back(RunWorker, i, std::cref(options), std::cref(kinds), std::cref(picker),
-                           std::cref(load_codes), std::ref(connections[i % connections.size()]),
+                           std::cref(load_codes), std::ref(*clients[i % clients.size()]),
                            measure_start, end, std::cref(stop), &stats[i]);
     } catch (const std::system_error& error) {
       // The workers started stop after their call in flight (bounded by --deadline-ms, if any).
@@ -404,7 +414,11 @@ absl::StatusOr<LoadReport> RunLoad(const LoadOptions& options) {
   // Calls started before the end finish after it; their time counts, so throughput is not
   // inflated by work that spilled past the nominal duration.
   const double elapsed_s = std::chrono::duration<double>(Clock::now() - measure_start).count();
-  return Merge(options, kinds, stats, elapsed_s);
+  int64_t renewed = 0;
+  for (const std::unique_ptr<AttentionClient>& client : clients) {
+    renewed += client->connections_renewed();
+  }
+  return Merge(options, kinds, stats, elapsed_s, renewed);
 }
 
 }  // namespace da::client

@@ -40,8 +40,12 @@ struct LoadOptions {
   std::string server = "localhost:50051";
   // Plaintext without a token by default; the CLI fills it from the connection flags.
   ConnectionOptions connection;
-  int concurrency = 1;     // Worker threads, each with at most one call in flight.
-  int channels = 1;        // gRPC channels (connections); workers use them round robin.
+  int concurrency = 1;  // Worker threads, each with at most one call in flight.
+  int channels = 1;     // gRPC channels (connections); workers use them round robin.
+  // > 0: each channel is replaced by a new connection once it has taken calls for about this long
+  // (AttentionClient's max_connection_age_ms), so that behind a load balancer the run reaches
+  // replicas added while it runs. 0: the run keeps its first connections.
+  int64_t max_connection_age_ms = 0;
   double duration_s = 10;  // Measured time, after warm-up; at most a year.
   double warmup_s = 0;     // Requests before this are sent but not counted; at most a year.
   Mix mix = Mix::kSmall;
@@ -95,8 +99,10 @@ struct LoadReport {
   std::string server;
   std::string mix;
   int concurrency = 0;
+  int channels = 0;
   double duration_s = 0, warmup_s = 0, malformed_fraction = 0;
   int64_t deadline_ms = 0;
+  int64_t max_connection_age_ms = 0;
   uint64_t seed = 0;
   std::vector<std::string> load_codes;  // Codes expected for any request (LoadOptions::LoadCodes).
 
@@ -111,6 +117,7 @@ struct LoadReport {
   std::map<std::string, CodeCounts> codes;  // By code name ("OK", "INVALID_ARGUMENT", ...).
   std::map<std::string, KindReport> kinds;  // By kind name; every kind of the mix is listed.
   int64_t max_request_bytes = 0;            // Largest request_bytes among the well-formed kinds.
+  int64_t connections_renewed = 0;          // Channels replaced for their age, warm-up included.
   std::vector<UnexpectedSample> unexpected_samples;
 
   // One JSON object on one line (fields as above; latency as {"p50_ms", ...}; codes as

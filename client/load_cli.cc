@@ -83,6 +83,11 @@ CLI::App* AddLoadCommand(CLI::App& app, LoadFlags* flags) {
       ->capture_default_str();
   command->add_option("--channels", o.channels, "gRPC channels (connections) shared by workers")
       ->capture_default_str();
+  command
+      ->add_option("--max-connection-age-ms", o.max_connection_age_ms,
+                   "Replace each connection by a new one after about this long (0: never), so "
+                   "that behind a load balancer the run reaches replicas added meanwhile")
+      ->capture_default_str();
   command->add_option("--expect-codes", flags->expect_codes,
                       "Codes expected for any request under load, e.g. RESOURCE_EXHAUSTED against "
                       "a server with --max-queue");

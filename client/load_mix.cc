@@ -146,7 +146,7 @@ void ConfigureContext(const CallOptions& options, grpc::ClientContext* context) 
 // Sends kind's request as a stream whose blocks break the protocol as kind.fault says. The
 // request is small (a few blocks of a few KiB), so writing everything before reading cannot fill
 // the flow-control windows.
-grpc::Status SendFaultyStream(const RequestKind& kind, v1::AttentionService::Stub& stub,
+grpc::Status SendFaultyStream(const RequestKind& kind, std::shared_ptr<grpc::Channel> channel,
                               const CallOptions& options) {
   StreamPlan plan;
   if (grpc::Status status = MakeStreamPlan(*kind.request, kind.block_tokens, &plan); !status.ok()) {
@@ -162,7 +162,7 @@ grpc::Status SendFaultyStream(const RequestKind& kind, v1::AttentionService::Stu
 
   grpc::ClientContext context;
   ConfigureContext(options, &context);
-  auto stream = stub.AttendStream(&context);
+  auto stream = v1::AttentionService::NewStub(channel)->AttendStream(&context);
   v1::AttendStreamRequest message;
   *message.mutable_header() = plan.header;
   bool open = stream->Write(message);
@@ -305,10 +305,9 @@ size_t KindPicker::First(int worker) const {
   return well_formed_[static_cast<size_t>(worker) % well_formed_.size()];
 }
 
-grpc::Status SendKind(const RequestKind& kind, AttentionClient& client,
-                      v1::AttentionService::Stub& stub, const CallOptions& options,
+grpc::Status SendKind(const RequestKind& kind, AttentionClient& client, const CallOptions& options,
                       int stream_override, v1::AttendResponse* response) {
-  if (kind.fault != StreamFault::kNone) return SendFaultyStream(kind, stub, options);
+  if (kind.fault != StreamFault::kNone) return SendFaultyStream(kind, client.channel(), options);
   // A malformed unary request stays unary: streaming it would let the client library refuse it
   // before it reaches the server.
   const bool stream =

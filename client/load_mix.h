@@ -5,7 +5,7 @@
 //   KindPicker picker(kinds, /*malformed_fraction=*/0.1);
 //   std::mt19937_64 rng(7);
 //   const RequestKind& kind = kinds[picker.Pick(rng)];
-//   grpc::Status status = SendKind(kind, client, stub, options, &response);
+//   grpc::Status status = SendKind(kind, client, options, -1, &response);
 //
 // Mixes (every input is random in [-1, 1), generated once per kind and shared by all workers, so
 // the generator does not spend its CPU on random numbers):
@@ -98,10 +98,10 @@ class KindPicker {
 };
 
 // Sends one request of kind: unary or streamed through client, or, for a stream fault, message by
-// message through stub (the client library only sends well-formed streams). stream_override:
-// -1 keeps the kind's choice, 0 forces unary, 1 forces streaming (faulty streams stay streams).
-grpc::Status SendKind(const RequestKind& kind, AttentionClient& client,
-                      v1::AttentionService::Stub& stub, const CallOptions& options,
+// message through a stub on the client's channel (the client library only sends well-formed
+// streams). stream_override: -1 keeps the kind's choice, 0 forces unary, 1 forces streaming
+// (faulty streams stay streams).
+grpc::Status SendKind(const RequestKind& kind, AttentionClient& client, const CallOptions& options,
                       int stream_override, v1::AttendResponse* response);
 
 // OK when response is what kind's request must produce: the output's dtype, shape and byte count.

@@ -229,14 +229,12 @@ class LoadServerTest : public testing::Test {
     address_ = "127.0.0.1:" + std::to_string(server_->port());
     channel_ = MakeChannel(address_);
     client_ = std::make_unique<AttentionClient>(channel_);
-    stub_ = v1::AttentionService::NewStub(channel_);
   }
 
   std::unique_ptr<server::Server> server_;
   std::string address_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<AttentionClient> client_;
-  std::unique_ptr<v1::AttentionService::Stub> stub_;
 };
 
 TEST_F(LoadServerTest, MalformedRequestsAreRefusedForTheirFault) {
@@ -244,8 +242,7 @@ TEST_F(LoadServerTest, MalformedRequestsAreRefusedForTheirFault) {
   ASSERT_GE(kinds.size(), 9u);
   for (const RequestKind& kind : kinds) {
     v1::AttendResponse response;
-    const grpc::Status status =
-        SendKind(kind, *client_, *stub_, {.timeout_ms = 30000}, -1, &response);
+    const grpc::Status status = SendKind(kind, *client_, {.timeout_ms = 30000}, -1, &response);
     EXPECT_EQ(status.error_code(), kind.expected_code)
         << kind.name << ": " << status.error_message();
     EXPECT_EQ(kind.expected_code, grpc::StatusCode::INVALID_ARGUMENT) << kind.name;
@@ -261,8 +258,7 @@ TEST_F(LoadServerTest, WellFormedRequestsSucceedUnaryAndStreamed) {
   for (int override : {-1, 0, 1}) {
     for (const RequestKind& kind : BuildMix(Mix::kMixed, false, 2)) {
       v1::AttendResponse response;
-      grpc::Status status =
-          SendKind(kind, *client_, *stub_, {.timeout_ms = 60000}, override, &response);
+      grpc::Status status = SendKind(kind, *client_, {.timeout_ms = 60000}, override, &response);
       ASSERT_TRUE(status.ok()) << kind.name << ": " << status.error_message();
       status = CheckResponse(kind, response);
       EXPECT_TRUE(status.ok()) << kind.name << ": " << status.error_message();
@@ -273,7 +269,7 @@ TEST_F(LoadServerTest, WellFormedRequestsSucceedUnaryAndStreamed) {
 TEST_F(LoadServerTest, CheckResponseRejectsAWrongOutput) {
   const RequestKind kind = BuildMix(Mix::kSmall, false, 1)[0];
   v1::AttendResponse response;
-  ASSERT_TRUE(SendKind(kind, *client_, *stub_, {.timeout_ms = 60000}, -1, &response).ok());
+  ASSERT_TRUE(SendKind(kind, *client_, {.timeout_ms = 60000}, -1, &response).ok());
   response.mutable_output()->mutable_data()->pop_back();
   const grpc::Status status = CheckResponse(kind, response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL);
@@ -313,6 +309,8 @@ TEST_F(LoadServerTest, RunLoadCountsEveryAnswerAsExpected) {
   EXPECT_EQ(json["kinds"]["tiny-unary"]["expected_code"], "OK");
   EXPECT_EQ(json["kinds"]["stream-missing-block"]["expected_code"], "INVALID_ARGUMENT");
   EXPECT_EQ(json["max_request_bytes"], report->max_request_bytes);
+  EXPECT_EQ(json["channels"], 2);
+  EXPECT_EQ(json["connections_renewed"], 0);  // No age: the run keeps its first connections.
   for (const char* field : {"p50", "p90", "p99", "max", "mean"}) {
     EXPECT_TRUE(json["latency_ms"].contains(field)) << field;
   }
@@ -331,6 +329,34 @@ TEST_F(LoadServerTest, RunLoadCountsEveryAnswerAsExpected) {
   }
   EXPECT_GT(most, 0);
   EXPECT_LE(most - fewest, 1);
+}
+
+TEST_F(LoadServerTest, ConnectionsPastTheirAgeAreRenewedWithEveryKindStillAnswered) {
+  // Every kind, faulty streams (sent on the client's channel) included, goes on renewed
+  // connections; test_load.py checks that a renewed connection reaches a replica added behind a
+  // load balancer.
+  LoadOptions options;
+  options.server = address_;
+  options.concurrency = 2;
+  options.channels = 2;
+  options.duration_s = 1.2;
+  options.mix = Mix::kMixed;
+  options.malformed_fraction = 0.3;
+  options.max_connection_age_ms = 150;
+  const absl::StatusOr<LoadReport> report = RunLoad(options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_EQ(report->unexpected_errors, 0) << report->ToText();
+  EXPECT_GT(report->completed, 0);
+  EXPECT_GT(report->expected_errors, 0);
+  // Each of the 2 channels is renewed about every 135-150 ms while its worker calls: at least
+  // 3 times each in 1.2 s (the mix's largest call takes well under 0.5 s here).
+  EXPECT_GE(report->connections_renewed, 6) << report->ToText();
+  const nlohmann::json json = nlohmann::json::parse(report->ToJson());
+  EXPECT_EQ(json["max_connection_age_ms"], 150);
+  EXPECT_EQ(json["connections_renewed"], report->connections_renewed);
+  EXPECT_THAT(report->ToText(),
+              HasSubstr(absl::StrCat("connections         2, renewed after about 150 ms: ",
+                                     report->connections_renewed, " times")));
 }
 
 TEST(LoadRefusalTest, UnexpectedCodesCountUnlessExpectedUnderLoad) {
@@ -394,6 +420,11 @@ TEST(LoadOptionsTest, ChecksNameTheFlagTheValueAndTheLimit) {
       {[](LoadOptions& o) { o.deadline_ms = -5; }, "--deadline-ms is -5; must be >= 0 (0: none)"},
       {[](LoadOptions& o) { o.deadline_ms = int64_t{1} << 50; },
        "--deadline-ms is 1125899906842624; must be at most 31536000000 (a year; 0: none)"},
+      {[](LoadOptions& o) { o.max_connection_age_ms = -1; },
+       "--max-connection-age-ms is -1; must be in [0, 31536000000] (a year; 0: never renew)"},
+      {[](LoadOptions& o) { o.max_connection_age_ms = int64_t{1} << 40; },
+       "--max-connection-age-ms is 1099511627776; must be in [0, 31536000000] (a year; 0: never "
+       "renew)"},
       {[](LoadOptions& o) { o.server = ""; }, "--server must not be empty"},
   };
   for (const auto& [mutate, message] : cases) {

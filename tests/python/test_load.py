@@ -9,6 +9,7 @@ the mix, and SIGTERM must make it exit 0.
 """
 
 import json
+import subprocess
 import unittest
 
 import da_testing
@@ -125,13 +126,66 @@ class LoadSmokeTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
 
 
+class LoadBehindABalancerTest(unittest.TestCase):
+    def test_renewed_connections_reach_a_replica_added_during_the_run(self):
+        # `da-client load` through a load balancer (a forwarder whose new connections go to a
+        # replica added once the run has started, as a Kubernetes Service does after a
+        # scale-up): without --max-connection-age-ms the run keeps its first connections and the
+        # added replica sees none of its calls; with it, the renewed connections go there.
+        def served(server):
+            return sum(server.metric(f'da_requests_total{{code="OK",method="{method}"}}')
+                       for method in ("Attend", "AttendStream"))
+
+        with da_testing.Server(ARGS.server_binary, ["--threads", "1"], metrics=True) as first, \
+                da_testing.Server(ARGS.server_binary, ["--threads", "1"],
+                                  metrics=True) as added, \
+                da_testing.Forwarder(first.port) as balancer:
+            for age_ms in (0, 300):
+                with self.subTest(age_ms=age_ms):
+                    balancer.route = first.port
+                    on_first, on_added = served(first), served(added)
+                    load = subprocess.Popen(
+                        [ARGS.client_binary, "load", "--server", f"127.0.0.1:{balancer.port}",
+                         "--concurrency", "2", "--channels", "2", "--duration-s", "3",
+                         "--max-connection-age-ms", str(age_ms), "--json"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    try:
+                        # The run has made its connections (each checked before the first call).
+                        da_testing.wait_until(lambda: served(first) > on_first, 30,
+                                              "the run's first answer")
+                        balancer.route = added.port
+                        out, err = load.communicate(timeout=60)
+                    finally:
+                        if load.poll() is None:
+                            load.kill()
+                            load.wait()
+                    self.assertEqual(load.returncode, 0, err)
+                    report = json.loads(out)
+                    self.assertEqual(report["unexpected_errors"], 0, report["unexpected_samples"])
+                    self.assertEqual(report["max_connection_age_ms"], age_ms)
+                    reached = served(added) - on_added
+                    print(f"age {age_ms} ms: {report['completed']} answers, "
+                          f"{report['connections_renewed']} connections renewed, "
+                          f"{reached:.0f} answers from the added replica")
+                    if age_ms == 0:
+                        self.assertEqual(report["connections_renewed"], 0)
+                        self.assertEqual(reached, 0)
+                    else:
+                        # Two channels, each renewed every 270-300 ms of its 3 s (about 20 in
+                        # all; at least 4 with calls slowed down by a loaded machine).
+                        self.assertGreaterEqual(report["connections_renewed"], 4)
+                        self.assertGreater(reached, report["completed"] / 2)
+
+
 class LoadUsageTest(unittest.TestCase):
     def test_bad_flags_exit_2_with_one_line(self):
         for args, message in (
                 (["--mix", "huge"], "--mix: 'huge' is not small, mixed or large"),
                 (["--malformed-fraction", "2"], "--malformed-fraction is 2; must be in [0, 1]"),
                 (["--expect-codes", "NOPE"], "--expect-codes: 'NOPE' is not a gRPC status code"),
-                (["--transport", "pigeon"], "--transport: 'pigeon' is not auto, unary or stream")):
+                (["--transport", "pigeon"], "--transport: 'pigeon' is not auto, unary or stream"),
+                (["--max-connection-age-ms", "-1"],
+                 "--max-connection-age-ms is -1; must be in [0, 31536000000]")):
             with self.subTest(args=args):
                 done = da_testing.run_cli(ARGS.client_binary, "load", *args)
                 self.assertEqual(done.returncode, 2, done.stderr)
