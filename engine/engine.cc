@@ -1192,6 +1192,7 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
     }
     result.already_warm = result.already_warm && warm;
     if (result.plan_key.empty()) result.plan_key = key.ToString();
+    result.plan_keys.push_back(key.ToString());
   }
   result.precision = precision.precision;
   return result;

@@ -165,7 +165,8 @@ struct WarmUpResult {
   int64_t plan_bytes = 0;
   int64_t build_time_us = 0;
   Precision precision = Precision::kFloat32;
-  std::string plan_key;  // The first plan's.
+  std::string plan_key;                // The first plan's.
+  std::vector<std::string> plan_keys;  // Every plan's (one per device or share), plan_key first.
   // 0: the whole problem's plan on every placeable device; 2 or more: the share plans of a
   // request placement shards across that many local devices (one per device).
   int shares = 0;

@@ -277,8 +277,8 @@ class WarmUpReactor final : public grpc::ServerUnaryReactor {
 // request warms nothing; a shape the engine then refuses (e.g. an unsupported precision) stops
 // the call after the shapes before it.
 absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
-                          const v1::WarmUpRequest& request, const std::atomic<bool>& stop,
-                          v1::WarmUpResponse* response) {
+                          const WarmUpTransport& transport, const v1::WarmUpRequest& request,
+                          const std::atomic<bool>& stop, v1::WarmUpResponse* response) {
   if (request.shapes_size() > kMaxWarmUpShapes) {
     return absl::InvalidArgumentError(absl::StrCat("shapes holds ", request.shapes_size(),
                                                    " shapes; one WarmUp call takes at most ",
@@ -301,7 +301,8 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
       return absl::CancelledError(
           absl::StrCat("cancelled after warming ", i, " of ", shapes.size(), " shapes"));
     }
-    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(engine, metrics, shapes[i], &stop);
+    absl::StatusOr<engine::WarmUpResult> result =
+        WarmUpPlan(engine, metrics, shapes[i], transport, &stop);
     if (!result.ok()) {
       return Prefixed(result.status(), absl::StrCat("shapes[", i, "]: "));
     }
@@ -458,31 +459,35 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
   const auto start = std::chrono::steady_clock::now();
   auto* reactor = new WarmUpReactor(&live_calls_);
   // gRPC keeps context and the answer buffer alive until Finish.
-  warm_up_worker_.Post([this, context, request, answer, reactor, cancelled = reactor->cancelled(),
-                        start] {
-    v1::WarmUpResponse reply;
-    v1::WarmUpResponse* response = &reply;
-    absl::Status status = cancelled->load()
-                              ? absl::CancelledError("cancelled before the warm-up started")
-                              : WarmUpShapes(*engine_, *metrics_, *request, *cancelled, response);
-    if (status.ok()) {
-      PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
-      status = SerializeUnaryResponse(reply, answer);
-    }
-    if (!status.ok()) {
-      spdlog::warn("request id={} method=WarmUp shapes={} code={} error=\"{}\"",
-                   RequestIdOf(*context), request->shapes_size(),
-                   absl::StatusCodeToString(status.code()), std::string(status.message()));
-    }
-    const grpc::Status grpc_status = ToGrpcStatus(status);
-    metrics_->RequestFinished("WarmUp", grpc_status.error_code(), SecondsSince(start));
-    // Refused, as other calls' refusals are counted: a malformed shape, one over the memory
-    // budget (reason memory), ...
-    if (const std::string reason = RejectionReason(status); !reason.empty()) {
-      metrics_->RequestRejected(reason);
-    }
-    reactor->Finish(grpc_status);
-  });
+  warm_up_worker_.Post(
+      [this, context, request, answer, reactor, cancelled = reactor->cancelled(), start] {
+        v1::WarmUpResponse reply;
+        v1::WarmUpResponse* response = &reply;
+        absl::Status status =
+            cancelled->load()
+                ? absl::CancelledError("cancelled before the warm-up started")
+                : WarmUpShapes(*engine_, *metrics_,
+                               {.max_message_bytes = options_.max_message_bytes,
+                                .stream_min_chunk_tokens = options_.stream_min_chunk_tokens},
+                               *request, *cancelled, response);
+        if (status.ok()) {
+          PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());
+          status = SerializeUnaryResponse(reply, answer);
+        }
+        if (!status.ok()) {
+          spdlog::warn("request id={} method=WarmUp shapes={} code={} error=\"{}\"",
+                       RequestIdOf(*context), request->shapes_size(),
+                       absl::StatusCodeToString(status.code()), std::string(status.message()));
+        }
+        const grpc::Status grpc_status = ToGrpcStatus(status);
+        metrics_->RequestFinished("WarmUp", grpc_status.error_code(), SecondsSince(start));
+        // Refused, as other calls' refusals are counted: a malformed shape, one over the memory
+        // budget (reason memory), ...
+        if (const std::string reason = RejectionReason(status); !reason.empty()) {
+          metrics_->RequestRejected(reason);
+        }
+        reactor->Finish(grpc_status);
+      });
   return reactor;
 }
 

@@ -265,6 +265,7 @@ void WarmUpResultToProto(const engine::WarmUpResult& result, v1::WarmUpResult* o
   out->set_plan_bytes(result.plan_bytes);
   out->set_build_time_us(result.build_time_us);
   out->set_precision(PrecisionToProto(result.precision));
+  for (const std::string& key : result.plan_keys) out->add_plan_keys(key);
 }
 
 }  // namespace da::server

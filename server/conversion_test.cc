@@ -172,7 +172,8 @@ TEST(ConversionTest, PlanCacheStatsAndWarmUpResultCarryEveryField) {
                                     .plan_bytes = 8,
                                     .build_time_us = 9,
                                     .precision = engine::Precision::kBFloat16,
-                                    .plan_key = "key"};
+                                    .plan_key = "key",
+                                    .plan_keys = {"key", "chunk key"}};
   v1::WarmUpResult result_proto;
   WarmUpResultToProto(result, &result_proto);
   EXPECT_TRUE(result_proto.already_warm());
@@ -180,6 +181,9 @@ TEST(ConversionTest, PlanCacheStatsAndWarmUpResultCarryEveryField) {
   EXPECT_EQ(result_proto.build_time_us(), 9);
   EXPECT_EQ(result_proto.precision(), v1::PRECISION_BF16);
   EXPECT_EQ(result_proto.plan_key(), "key");
+  ASSERT_EQ(result_proto.plan_keys_size(), 2);
+  EXPECT_EQ(result_proto.plan_keys(0), "key");
+  EXPECT_EQ(result_proto.plan_keys(1), "chunk key");
 }
 
 }  // namespace

@@ -280,6 +280,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         return DeviceSamples(*engine, *health);
       });
   server->warmup_ = options.warmup;
+  server->warmup_transport_ = {.max_message_bytes = options.max_message_bytes,
+                               .stream_min_chunk_tokens = options.stream_min_chunk_tokens};
   // The stream buffer pool keeps memory the budget must count: its capacity is kept out of the
   // budget for good (cut to a quarter of it, so that streams keep most of it).
   int64_t pool_bytes = options.stream_buffer_pool_bytes;
@@ -370,7 +372,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 absl::Status Server::WarmUp(const std::atomic<bool>* stop) {
   const int64_t evicted_before = engine_->plan_cache_stats().evictions;
   for (size_t i = 0; i < warmup_.size(); ++i) {
-    absl::StatusOr<engine::WarmUpResult> result = WarmUpPlan(*engine_, *metrics_, warmup_[i], stop);
+    absl::StatusOr<engine::WarmUpResult> result =
+        WarmUpPlan(*engine_, *metrics_, warmup_[i], warmup_transport_, stop);
     if (!result.ok()) {
       return Prefixed(result.status(),
                       absl::StrCat("entry ", i, " (", DescribeWarmUpShape(warmup_[i]), "): "));

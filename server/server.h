@@ -236,6 +236,7 @@ class Server {
   void WatchTlsFiles(const SecurityOptions& security);
 
   std::vector<WarmUpShape> warmup_;
+  WarmUpTransport warmup_transport_;
   std::shared_ptr<engine::ShardGroup> shard_group_;  // Outlives engine_ (it runs through it).
   std::unique_ptr<engine::Engine> engine_;
   // Outlives server_ (gRPC calls into it until it is gone) and metrics_ (whose HTTP threads call

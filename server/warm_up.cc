@@ -2,22 +2,62 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <utility>
 
+#include "absl/numeric/int128.h"
 #include "absl/strings/str_format.h"
 #include "engine/status_macros.h"
+#include "server/stream_assembler.h"
 
 namespace da::server {
 
+std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
+                                             const WarmUpTransport& transport) {
+  const engine::ProblemShape& whole = shape.shape;
+  std::vector<engine::ProblemShape> shapes;
+  const auto add = [&](int64_t seq_len) {
+    engine::ProblemShape s = whole;
+    s.seq_len = seq_len;
+    const auto same = [&](const engine::ProblemShape& t) { return t.seq_len == seq_len; };
+    if (std::none_of(shapes.begin(), shapes.end(), same)) shapes.push_back(s);
+  };
+  // In 128 bits: a validated shape's tensors are within int64, their sum need not be.
+  const absl::int128 unary_bytes =
+      (absl::int128(whole.QueryShape().elements()) + 2 * whole.KeyShape().elements()) *
+      engine::DTypeSize(shape.dtype);
+  if (unary_bytes <= transport.max_message_bytes) add(whole.seq_len);
+  const int64_t chunk = ChooseChunkTokens(shape.spec, whole.seq_len,
+                                          std::max<int64_t>(1, transport.stream_min_chunk_tokens));
+  add(chunk);
+  if (chunk > 0 && whole.seq_len % chunk != 0) add(whole.seq_len % chunk);
+  return shapes;
+}
+
 absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics& metrics,
                                                 const WarmUpShape& shape,
+                                                const WarmUpTransport& transport,
                                                 const std::atomic<bool>* stop) {
-  DA_ASSIGN_OR_RETURN(engine::WarmUpResult result,
-                      engine.WarmUp(shape.shape, shape.dtype, shape.dtype, shape.spec, stop));
-  if (!result.already_warm) metrics.PlanBuilt(result.build_time_us / 1e6);
-  spdlog::info("warm-up plan=\"{}\" already_warm={} bytes={} build_ms={:.3f} shares={}",
-               result.plan_key, result.already_warm ? 1 : 0, result.plan_bytes,
-               result.build_time_us / 1e3, result.shares);
+  engine::WarmUpResult result;
+  result.already_warm = true;
+  for (const engine::ProblemShape& plan_shape : PlanShapes(shape, transport)) {
+    DA_ASSIGN_OR_RETURN(engine::WarmUpResult one,
+                        engine.WarmUp(plan_shape, shape.dtype, shape.dtype, shape.spec, stop));
+    if (!one.already_warm) metrics.PlanBuilt(one.build_time_us / 1e6);
+    spdlog::info("warm-up plan=\"{}\" for={} already_warm={} bytes={} build_ms={:.3f} shares={}",
+                 one.plan_key,
+                 plan_shape.seq_len == shape.shape.seq_len ? "the whole sequence" : "stream chunks",
+                 one.already_warm ? 1 : 0, one.plan_bytes, one.build_time_us / 1e3, one.shares);
+    if (result.plan_keys.empty()) {
+      result.plan_key = one.plan_key;
+      result.precision = one.precision;
+      result.shares = one.shares;
+    }
+    result.already_warm = result.already_warm && one.already_warm;
+    result.plan_bytes += one.plan_bytes;
+    result.build_time_us += one.build_time_us;
+    result.plan_keys.insert(result.plan_keys.end(), one.plan_keys.begin(), one.plan_keys.end());
+  }
   return result;
 }
 

@@ -1,7 +1,8 @@
 // Building plans ahead of requests: one shape at a time, logged and counted, and the worker
 // thread that runs WarmUp RPCs so that no gRPC thread builds a plan.
 //
-//   DA_ASSIGN_OR_RETURN(engine::WarmUpResult result, WarmUpPlan(*engine, *metrics, shape));
+//   DA_ASSIGN_OR_RETURN(engine::WarmUpResult result,
+//                       WarmUpPlan(*engine, *metrics, shape, {.max_message_bytes = 64 << 20}));
 //
 //   WarmUpWorker worker;
 //   worker.Post([] { ...; reactor->Finish(status); });  // Runs on the worker's thread, in order.
@@ -13,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/engine.h"
@@ -24,11 +26,28 @@ namespace da::server {
 // What a warm-up names: a shape, an input dtype (the output has the same dtype) and a spec.
 using WarmUpShape = StreamProblem;
 
-// Builds (or finds) the plan of shape; Engine::WarmUp checks it first. Logs one line
-// (plan key, bytes, build ms) and, when it built, observes da_plan_build_duration_seconds.
+// What decides the plans a shape's requests run: the server's message limit and stream chunks.
+struct WarmUpTransport {
+  int64_t max_message_bytes = 64LL << 20;  // A unary call sends q, k and v in one message.
+  int64_t stream_min_chunk_tokens = 4096;  // A stream computes chunks (ChooseChunkTokens).
+};
+
+// The problem shapes whose plans requests of `shape` run, each once: the whole shape's for a
+// unary call, where q, k and v fit in one message; then a stream's chunks' (ChooseChunkTokens
+// tokens, and the last chunk's where it is shorter), which is the whole shape again when one
+// chunk holds the sequence. A stream computes chunk by chunk, so without its chunk plans a warmed
+// shape's first stream still builds.
+std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
+                                             const WarmUpTransport& transport);
+
+// Builds (or finds) the plans of shape (PlanShapes); Engine::WarmUp checks each first. Logs one
+// line per plan (plan key, bytes, build ms) and, for each it built, observes
+// da_plan_build_duration_seconds. The result sums the plans' bytes and build times, is
+// already_warm when every plan was, and lists every plan key (plan_key: the first).
 // Errors are the engine's (INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED for a limit).
 absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics& metrics,
                                                 const WarmUpShape& shape,
+                                                const WarmUpTransport& transport,
                                                 const std::atomic<bool>* stop = nullptr);
 
 // "1x4096x8x64 kv_heads=8 fp32 (2048,1) longnet auto": a shape in error and log messages.

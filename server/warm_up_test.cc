@@ -82,6 +82,100 @@ TEST(WarmUpRpcTest, BuildsOnceThenFindsThePlanAndTheNextRequestIsAHit) {
   EXPECT_EQ(info.plan_cache().entries(), 1);
 }
 
+// The plans of a shape: the whole sequence's where a unary call can carry it, and a stream's
+// chunks', each once.
+TEST(PlanShapesTest, TheWholeSequenceWhereItFitsAMessageThenTheStreamsChunks) {
+  const auto lengths = [](const v1::AttendRequest& request, const WarmUpTransport& transport) {
+    std::vector<int64_t> out;
+    for (const engine::ProblemShape& shape :
+         PlanShapes(*ProblemFromHeader(testing::HeaderFor(request)), transport)) {
+      out.push_back(shape.seq_len);
+    }
+    return out;
+  };
+  // 10000 tokens, 2 heads of 32, fp32: q, k and v are 7,680,000 bytes.
+  const v1::AttendRequest odd = Fp32Request({.seq_len = 10000,
+                                             .heads = 2,
+                                             .kv_heads = 2,
+                                             .head_dim = 32,
+                                             .patterns = {{512, 1}, {1024, 2}}});
+  EXPECT_EQ(lengths(odd, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 4096}),
+            (std::vector<int64_t>{10000, 4096, 10000 % 4096}));
+  EXPECT_EQ(lengths(odd, {.max_message_bytes = 7680000, .stream_min_chunk_tokens = 4096}),
+            (std::vector<int64_t>{10000, 4096, 10000 % 4096}));
+  // One byte short of a message: streamed only.
+  EXPECT_EQ(lengths(odd, {.max_message_bytes = 7679999, .stream_min_chunk_tokens = 4096}),
+            (std::vector<int64_t>{4096, 10000 % 4096}));
+  // Chunks that divide the sequence: no shorter last chunk.
+  EXPECT_EQ(lengths(odd, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 5000}),
+            (std::vector<int64_t>{10000, 5120, 10000 - 5120}));
+  // One chunk holds the sequence (chunks of at least 16384 tokens; a segment as long as the
+  // sequence): the stream runs the whole sequence's plan, warmed once.
+  EXPECT_EQ(lengths(odd, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 16384}),
+            (std::vector<int64_t>{10000}));
+  const v1::AttendRequest one_segment = Fp32Request({.seq_len = 8192, .patterns = {{8192, 1}}});
+  EXPECT_EQ(lengths(one_segment, {.max_message_bytes = 1, .stream_min_chunk_tokens = 4096}),
+            (std::vector<int64_t>{8192}));
+  const v1::AttendRequest even = Fp32Request({.seq_len = 8192, .patterns = {{1024, 1}}});
+  EXPECT_EQ(lengths(even, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 4096}),
+            (std::vector<int64_t>{8192, 4096}));
+}
+
+// A shape's first stream after a warm-up finds its chunks' plans, whether or not the shape also
+// fits a unary call; without them its first chunks built them (the warm-up warmed only the whole
+// sequence's plan, which a stream never runs).
+TEST(WarmUpRpcTest, AStreamOfAWarmedShapeFindsItsChunkPlans) {
+  for (const int64_t max_message_bytes : {int64_t{64} << 20, int64_t{1} << 20}) {
+    SCOPED_TRACE(::testing::Message() << "max_message_bytes " << max_message_bytes);
+    ServerOptions options = testing::LoopbackOptions();
+    options.max_message_bytes = max_message_bytes;
+    options.stream_min_chunk_tokens = 2048;
+    std::unique_ptr<Server> server = testing::StartServer(options);
+    ASSERT_NE(server, nullptr);
+    client::AttentionClient client(testing::ChannelTo(server->port()));
+    // Chunks of 2048 tokens and a last one of 808; q, k and v are 6,912,000 bytes.
+    const v1::AttendRequest request = Fp32Request({.seq_len = 9000,
+                                                   .heads = 2,
+                                                   .kv_heads = 2,
+                                                   .head_dim = 32,
+                                                   .patterns = {{512, 1}, {1024, 2}}});
+    const bool unary = max_message_bytes > 6912000;
+    v1::WarmUpRequest warm_up;
+    *warm_up.add_shapes() = testing::HeaderFor(request);
+    v1::WarmUpResponse warmed;
+    grpc::Status status = client.WarmUp(warm_up, &warmed, testing::WithTimeout(60000));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    ASSERT_EQ(warmed.results_size(), 1);
+    const v1::WarmUpResult& result = warmed.results(0);
+    ASSERT_EQ(result.plan_keys_size(), unary ? 3 : 2) << warmed.DebugString();
+    EXPECT_EQ(result.plan_key(), result.plan_keys(0));
+    const int first = unary ? 1 : 0;
+    EXPECT_NE(result.plan_keys(0).find(unary ? "n9000" : "n2048"), std::string::npos)
+        << warmed.DebugString();
+    EXPECT_NE(result.plan_keys(first).find("n2048"), std::string::npos) << warmed.DebugString();
+    EXPECT_NE(result.plan_keys(first + 1).find("n808"), std::string::npos) << warmed.DebugString();
+    EXPECT_FALSE(result.already_warm());
+    EXPECT_EQ(warmed.plan_cache().entries(), result.plan_keys_size());
+    EXPECT_EQ(warmed.plan_cache().bytes(), result.plan_bytes());
+
+    v1::AttendResponse streamed;
+    status =
+        client.AttendStream(request, &streamed, testing::WithTimeout(60000), {.block_tokens = 500});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(streamed.info().stream_chunk_tokens(), 2048);
+    EXPECT_TRUE(streamed.info().plan_cache_hit());
+    EXPECT_EQ(streamed.info().plan_build_time_us(), 0);
+    if (unary) {
+      v1::AttendResponse response;
+      status = client.Attend(request, &response, testing::WithTimeout(60000));
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_TRUE(response.info().plan_cache_hit());
+      EXPECT_EQ(response.output().data(), streamed.output().data());
+    }
+    EXPECT_EQ(Info(client).plan_cache().builds(), result.plan_keys_size());
+  }
+}
+
 TEST(WarmUpRpcTest, MalformedShapesNameTheirIndexAndWarmNothing) {
   std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
   ASSERT_NE(server, nullptr);
