@@ -145,14 +145,17 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
       ->capture_default_str();
   AddConnectionFlags(command, &flags->connection);
   if (!attend) return;
-  command->add_flag("--stream", flags->stream, "Use the streaming RPC (AttendStream)");
+  command->add_flag("--stream", flags->stream,
+                    "Use the streaming RPC (AttendStream); without it, a request that does not fit "
+                    "one message is streamed all the same");
   command->add_option("--block-tokens", flags->block_tokens,
-                      "Tokens per streamed block (0: blocks of about 4 MiB); needs --stream or "
-                      "--parallel-streams");
+                      "Tokens per streamed block (0: blocks of about 4 MiB, at most half a "
+                      "message); needs --stream or --parallel-streams");
   command->add_option("--parallel-streams", flags->parallel_streams,
                       "Stream the request as K concurrent parts cut at chunk boundaries, each on a "
                       "connection of its own; any K >= 1 streams, even without --stream (0: with "
-                      "--stream, one per 256 MiB, at most 4; without it, a unary call)");
+                      "--stream, one per 256 MiB, at most 4; without it, a unary call where the "
+                      "request fits one message)");
   command->add_flag("--progress,!--no-progress", flags->progress,
                     "While a request streams, print the bytes sent and received, the rate and the "
                     "time about once a second on stderr (default: when stderr is a terminal)");

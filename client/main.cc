@@ -111,6 +111,38 @@ CallOptions QueryOptions(const CallFlags& flags) {
   return options;
 }
 
+// A connected client for request, with the transport settled in *flags as the Python client
+// settles it, from the message limit (the smaller of the server's, from GetServerInfo, and this
+// client's): a request the flags leave unary (neither --stream nor --parallel-streams) is
+// streamed when it does not fit one message (NeedsStream), with parallel streams chosen from its
+// size; it would otherwise fail with gRPC's "larger than max" once the whole request was sent. A
+// stream's blocks, unless --block-tokens sets them, stay within half a message (BlockTokensFor).
+grpc::Status ConnectFor(CallFlags* flags, const v1::AttendRequest& request,
+                        std::unique_ptr<AttentionClient>* client) {
+  const bool transport_open = !flags->stream && flags->parallel_streams == 0;
+  if (grpc::Status status = Connect(*flags, client, ParallelStreams(*flags, request));
+      !status.ok() || (!transport_open && flags->block_tokens > 0)) {
+    return status;
+  }
+  v1::GetServerInfoResponse info;
+  if (grpc::Status status = (*client)->GetServerInfo(&info, QueryOptions(*flags)); !status.ok()) {
+    return status;
+  }
+  int64_t limit = info.limits().max_message_bytes();
+  if (limit <= 0) limit = kDefaultMessageBytes;
+  if (absl::StatusOr<ConnectionOptions> connection = LoadConnectionOptions(flags->connection);
+      connection.ok() && connection->max_message_bytes > 0) {
+    limit = std::min(limit, connection->max_message_bytes);
+  }
+  if (transport_open) {
+    if (!NeedsStream(request, limit)) return grpc::Status::OK;
+    flags->stream = true;
+  }
+  if (flags->block_tokens == 0) flags->block_tokens = BlockTokensFor(request, limit);
+  const int streams = ParallelStreams(*flags, request);
+  return transport_open && streams > 1 ? Connect(*flags, client, streams) : grpc::Status::OK;
+}
+
 // Prints a streamed request's progress on stderr about once a second while it lives, and a last
 // line when it ends: on a terminal one line rewritten in place, otherwise a line each time.
 class ProgressReporter {
@@ -199,14 +231,14 @@ int RunAttend(const AttendFlags& flags) {
     *tensor = *std::move(read);
   }
 
+  CallFlags call = flags.call;
   std::unique_ptr<AttentionClient> client;
-  if (grpc::Status status = Connect(flags.call, &client, ParallelStreams(flags.call, request));
-      !status.ok()) {
-    return FailRpc(status, flags.call.server);
+  if (grpc::Status status = ConnectFor(&call, request, &client); !status.ok()) {
+    return FailRpc(status, call.server);
   }
   v1::AttendResponse response;
   const auto start = std::chrono::steady_clock::now();
-  const grpc::Status status = Call(*client, flags.call, request, &response);
+  const grpc::Status status = Call(*client, call, request, &response);
   const double latency_ms = MillisecondsSince(start);
   if (!status.ok()) return FailRpc(status, flags.call.server);
 
@@ -223,8 +255,8 @@ int RunAttend(const AttendFlags& flags) {
     nlohmann::json json = ExecutionInfoJson(response.info());
     json["shape"] = dims;
     json["dtype"] = dtype;
-    json["stream"] = ParallelStreams(flags.call, request) > 0;
-    json["parallel_streams"] = ParallelStreams(flags.call, request);
+    json["stream"] = ParallelStreams(call, request) > 0;
+    json["parallel_streams"] = ParallelStreams(call, request);
     json["client_latency_ms"] = latency_ms;
     json["output"] =
         flags.out_path.empty() ? nlohmann::json(nullptr) : nlohmann::json(flags.out_path);
@@ -256,10 +288,10 @@ int RunRandom(const RandomFlags& flags) {
   *request.mutable_value() =
       RandomTensor(dtype, {flags.batch, flags.seq_len, kv_heads, flags.head_dim}, seed, 2);
 
+  CallFlags call = flags.call;
   std::unique_ptr<AttentionClient> client;
-  if (grpc::Status status = Connect(flags.call, &client, ParallelStreams(flags.call, request));
-      !status.ok()) {
-    return FailRpc(status, flags.call.server);
+  if (grpc::Status status = ConnectFor(&call, request, &client); !status.ok()) {
+    return FailRpc(status, call.server);
   }
   const double tokens = static_cast<double>(flags.batch * flags.seq_len);
   std::vector<double> latencies_ms;
@@ -267,9 +299,9 @@ int RunRandom(const RandomFlags& flags) {
   if (!flags.call.json) {
     std::cout << "random: q " << ShapeString(request.query()) << ", k/v "
               << ShapeString(request.key()) << " " << DTypeName(dtype)
-              << (ParallelStreams(flags.call, request) == 0
+              << (ParallelStreams(call, request) == 0
                       ? std::string(", unary")
-                      : absl::StrCat(", streamed (", ParallelStreams(flags.call, request),
+                      : absl::StrCat(", streamed (", ParallelStreams(call, request),
                                      " parallel streams)"))
               << std::endl;
   }
@@ -279,9 +311,9 @@ int RunRandom(const RandomFlags& flags) {
     }
     v1::AttendResponse response;
     const auto start = std::chrono::steady_clock::now();
-    const grpc::Status status = Call(*client, flags.call, request, &response);
+    const grpc::Status status = Call(*client, call, request, &response);
     const double latency_ms = MillisecondsSince(start);
-    if (!status.ok()) return FailRpc(status, flags.call.server);
+    if (!status.ok()) return FailRpc(status, call.server);
     latencies_ms.push_back(latency_ms);
     const double tokens_per_s = tokens / (latency_ms / 1e3);
     if (flags.call.json) {
@@ -303,8 +335,8 @@ int RunRandom(const RandomFlags& flags) {
     nlohmann::json json = {{"shape", {flags.batch, flags.seq_len, flags.heads, flags.head_dim}},
                            {"kv_heads", kv_heads},
                            {"dtype", DTypeName(dtype)},
-                           {"stream", ParallelStreams(flags.call, request) > 0},
-                           {"parallel_streams", ParallelStreams(flags.call, request)},
+                           {"stream", ParallelStreams(call, request) > 0},
+                           {"parallel_streams", ParallelStreams(call, request)},
                            {"calls", calls},
                            {"summary",
                             {{"calls", flags.repeat},

@@ -132,6 +132,25 @@ int DefaultParallelStreams(int64_t total_bytes) {
       std::clamp<int64_t>(total_bytes / kParallelStreamBytes, 1, kMaxParallelStreams));
 }
 
+bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit) {
+  const int64_t limit = message_limit > 0 ? message_limit : kDefaultMessageBytes;
+  const double bytes = 2.0 * static_cast<double>(request.query().data().size()) +
+                       static_cast<double>(request.key().data().size()) +
+                       static_cast<double>(request.value().data().size());
+  return bytes > 0.9 * static_cast<double>(limit);
+}
+
+int64_t BlockTokensFor(const v1::AttendRequest& request, int64_t message_limit) {
+  const v1::Tensor& q = request.query();
+  const v1::Tensor& k = request.key();
+  if (q.shape_size() != 4 || k.shape_size() != 4) return 0;
+  const int64_t limit = message_limit > 0 ? message_limit : kDefaultMessageBytes;
+  const int64_t token_bytes = q.shape(0) * (q.shape(2) + 2 * k.shape(2)) * q.shape(3) *
+                              std::max<int64_t>(1, DTypeBytes(q.dtype()));
+  if (token_bytes <= 0) return 0;
+  return std::max<int64_t>(1, std::min(kDefaultBlockBytes, limit / 2) / token_bytes);
+}
+
 v1::ExecutionInfo MergePartInfos(const std::vector<v1::ExecutionInfo>& parts) {
   v1::ExecutionInfo merged;
   if (parts.empty()) return merged;

@@ -70,6 +70,19 @@ inline constexpr int64_t kParallelStreamBytes = 256LL << 20;
 inline constexpr int kMaxParallelStreams = 4;
 int DefaultParallelStreams(int64_t total_bytes);
 
+// Whether a request goes as a stream when its caller leaves the choice open: when its q, k and v
+// and its output, together, come within a tenth of message_limit (the smaller of the server's
+// GetServerInfo limits.max_message_bytes and the client's own; 0 or less: the server's default,
+// kDefaultMessageBytes). The Python client decides the same way.
+inline constexpr int64_t kDefaultMessageBytes = 64LL << 20;
+bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit);
+
+// Tokens per streamed block of request under message_limit (as NeedsStream's): blocks of about
+// kDefaultBlockBytes of q, k and v, and never more than half a message (at least one token), as
+// the Python client picks them. 0 for a request whose q or k is not of rank 4 (refused later,
+// naming the tensor).
+int64_t BlockTokensFor(const v1::AttendRequest& request, int64_t message_limit);
+
 // One execution info for a request streamed in parts, from the parts' (in token order):
 // request_id the parts' ids joined by ','; precision, reason, strategy and backend the first
 // part's; devices every part's, each once; compute and plan build time summed over the parts (the

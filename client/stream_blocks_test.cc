@@ -147,6 +147,30 @@ TEST(StreamBlocksTest, DefaultBlocksHoldAboutFourMebibytes) {
   EXPECT_EQ(SamplePlan(SampleRequest(), 0).block_count, 1);
 }
 
+// The client's choice where its caller leaves it open, the Python client's rule: a stream once q,
+// k, v and the output come within a tenth of the message limit, in blocks of about 4 MiB and at
+// most half a message.
+TEST(StreamBlocksTest, AutoStreamsWhatDoesNotFitAMessageInBlocksOfAtMostHalfOne) {
+  v1::AttendRequest request;  // q 1 MiB, k and v 256 KiB each (GQA): 2.5 MiB with the output.
+  *request.mutable_query() = IndexedTensor({1, 1024, 8, 32}, 0);
+  *request.mutable_key() = IndexedTensor({1, 1024, 2, 32}, 0);
+  *request.mutable_value() = IndexedTensor({1, 1024, 2, 32}, 0);
+  const int64_t bytes = (2 << 20) + (512 << 10);
+  EXPECT_FALSE(NeedsStream(request, static_cast<int64_t>(bytes / 0.9) + 1));
+  EXPECT_TRUE(NeedsStream(request, static_cast<int64_t>(bytes / 0.9) - 1));
+  EXPECT_TRUE(NeedsStream(request, 1 << 20));
+  EXPECT_FALSE(NeedsStream(request, 0));             // The server's default, 64 MiB.
+  EXPECT_FALSE(NeedsStream(SampleRequest(), 2048));  // 1008 bytes.
+
+  const int64_t token_bytes = (8 + 2 * 2) * 32 * 4;  // A token of q, k and v: 1536 bytes.
+  EXPECT_EQ(BlockTokensFor(request, 64 << 20), kDefaultBlockBytes / token_bytes);
+  EXPECT_EQ(BlockTokensFor(request, 0), kDefaultBlockBytes / token_bytes);
+  EXPECT_EQ(BlockTokensFor(request, 1 << 20), (512 << 10) / token_bytes);
+  EXPECT_EQ(BlockTokensFor(request, 100), 1);  // At least one token, however small the limit.
+  request.mutable_key()->mutable_shape()->RemoveLast();
+  EXPECT_EQ(BlockTokensFor(request, 1 << 20), 0);  // Not rank 4: refused later, named there.
+}
+
 TEST(StreamBlocksTest, RejectsRequestsThatCannotBeSplit) {
   StreamPlan plan;
   v1::AttendRequest request = SampleRequest();

@@ -73,6 +73,36 @@ class CliTest(unittest.TestCase):
                 self.assertTrue(objects and all(isinstance(o, dict) for o in objects),
                                 done.stdout)
 
+    def test_requests_over_a_message_are_streamed_unasked(self):
+        # A server taking messages of at most 1 MiB: a 2 MiB query goes as a stream (in blocks
+        # under half a message) where gRPC would refuse it unary; a small request stays unary.
+        with da_testing.Server(ARGS.server_binary, ["--max-message-bytes", "1048576"]) as server:
+            for seq_len, streamed, extra in ((4096, True, []), (256, False, []),
+                                             (4096, True, ["--stream"])):
+                with self.subTest(seq_len=seq_len, extra=extra):
+                    done = self.cli("random", "--server", server.address, "--seq-len", seq_len,
+                                    "--heads", 4, "--head-dim", 32, "--segments", "512,1024",
+                                    "--dilations", "1,2", "--json", *extra)
+                    self.assert_ok(done)
+                    report = parse_json_output(done.stdout)[-1]
+                    self.assertEqual(report["stream"], streamed, done.stdout)
+                    self.assertEqual(report["parallel_streams"], 1 if streamed else 0)
+                    info = report["calls"][0]["info"]
+                    if streamed:
+                        self.assertEqual(info["stream_chunk_tokens"], 4096, info)
+            # The same 2 MiB query from .npy files through `attend`.
+            rng = np.random.default_rng(5)
+            paths = []
+            for name in ("q", "k", "v"):
+                paths.append(self.path(f"big-{name}.npy"))
+                np.save(paths[-1], rng.standard_normal((1, 4096, 4, 32)).astype(np.float32))
+            done = self.cli("attend", "--server", server.address, "--q", paths[0], "--k",
+                            paths[1], "--v", paths[2], "--segments", "512,1024", "--dilations",
+                            "1,2", "--out", self.path("big-out.npy"), "--json")
+            self.assert_ok(done)
+            self.assertTrue(parse_json_output(done.stdout)[-1]["stream"], done.stdout)
+            self.assertEqual(np.load(self.path("big-out.npy")).shape, (1, 4096, 4, 32))
+
     def test_random_plain_output(self):
         done = self.cli("random", "--server", self.server.address, "--batch", 1, "--seq-len",
                         256, "--heads", 2, "--head-dim", 8, "--segments", "64", "--dilations", "2")
