@@ -844,14 +844,14 @@ TEST(AdmissionTest, NeitherASmallRunNorASlowOneLowersTheThroughputDeadlinesAreJu
   ASSERT_GE(ran->compute_time_us, 1000) << "the small run is too fast for this test";
   EXPECT_EQ((*engine)->stats().measured_flops_per_second, 0)
       << "a run of " << EstimateFlops(small.shape(), small.spec) << " FLOP was measured";
-  EXPECT_EQ((*engine)->DeadlineThroughput(small.spec), kStartup);
+  EXPECT_EQ((*engine)->DeadlineThroughput(small.shape(), small.spec), kStartup);
 
   Problem measured({1, 4096, 2, 64}, {{4096, 1}}, 7);  // About 8.6 GFLOP: counted.
   ASSERT_TRUE((*engine)->Run(measured.Request()).ok());
   const double flops_per_second = (*engine)->stats().measured_flops_per_second;
   EXPECT_GT(flops_per_second, 0);
   EXPECT_LT(flops_per_second, kStartup);
-  EXPECT_EQ((*engine)->DeadlineThroughput(measured.spec), kStartup)
+  EXPECT_EQ((*engine)->DeadlineThroughput(measured.shape(), measured.spec), kStartup)
       << "a measured run slower than the start-up figure lowered it";
   EXPECT_EQ((*engine)->stats().deadline_flops_per_second, kStartup);
 }

@@ -242,8 +242,9 @@ struct Engine::Impl {
     DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
                         Estimate(shape, request.q.dtype, request.out.dtype, request.spec, first));
     PlacementOptions o;
-    o.devices =
-        Sharded(request.spec) || !request.device.empty() ? 1 : static_cast<int>(placeable.size());
+    o.devices = GroupShards(ShapeOf(request), request.spec) || !request.device.empty()
+                    ? 1
+                    : static_cast<int>(placeable.size());
     o.computes_shares = first.backend->ComputesShares();
     if (first.host()) {
       o.device_budget_bytes =
@@ -251,7 +252,7 @@ struct Engine::Impl {
     } else {
       o.device_budget_bytes = first.memory->budget_bytes();
     }
-    o.min_shard_flops = options.local_shard_min_flops;
+    o.min_shard_flops = options.shard_min_flops;
     o.shares_request_memory = first.host();
     absl::StatusOr<Placement> placement =
         PlaceRequest(shape, request.q.dtype, request.out.dtype, request.spec, estimate, flops, o);
@@ -406,7 +407,7 @@ struct Engine::Impl {
       double flops_per_second = 0;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        flops_per_second = DeadlineFlopsPerSecond(request.spec);
+        flops_per_second = DeadlineFlopsPerSecond(ShapeOf(request), request.spec);
       }
       const double left_ms = Millis(*request.deadline - now);
       if (flops_per_second > 0 && flops / flops_per_second * 1e3 > left_ms) {
@@ -430,9 +431,16 @@ struct Engine::Impl {
         key, [&] { return device.backend->BuildPlan(key, stop); }, hit, stop);
   }
 
-  bool Sharded(const AttentionSpec& spec) const {
-    return options.shard_group != nullptr && options.shard_group->world_size() > 1 &&
-           spec.shard_policy != ShardPolicy::kNone;
+  // Whether a run of `shape` goes to the multi-process shard group (EngineOptions::shard_group):
+  // HEADS and SEQUENCE always; AUTO from shard_min_flops, where every rank can take some heads or
+  // some tokens (else ChooseShardStrategy could only refuse it).
+  bool GroupShards(const ProblemShape& shape, const AttentionSpec& spec) const {
+    if (options.shard_group == nullptr || spec.shard_policy == ShardPolicy::kNone) return false;
+    const int world = options.shard_group->world_size();
+    if (world <= 1) return false;
+    if (spec.shard_policy != ShardPolicy::kAuto) return true;
+    return EstimateFlops(shape, spec) >= options.shard_min_flops &&
+           (shape.heads >= world || shape.seq_len >= world);
   }
 
   // The device asked for, else the least busy placeable one (the first among equals), now
@@ -588,7 +596,7 @@ struct Engine::Impl {
       return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
                               stop, pool, compute);
     };
-    if (Sharded(request.spec) && request.device.empty()) {
+    if (GroupShards(ShapeOf(request), request.spec) && request.device.empty()) {
       DA_RETURN_IF_ERROR(check_values(nullptr, {}));
       return ComputeSharded(request, queue_time_us, stop, used);
     }
@@ -718,8 +726,8 @@ struct Engine::Impl {
 
   // Under mutex. The start-up figure is of this process's compute path; a sharded request's speed
   // depends on the group, so it waits for a measured run.
-  double DeadlineFlopsPerSecond(const AttentionSpec& spec) const {
-    return Sharded(spec) ? counters.measured_flops_per_second : KnownFlopsPerSecond();
+  double DeadlineFlopsPerSecond(const ProblemShape& shape, const AttentionSpec& spec) const {
+    return GroupShards(shape, spec) ? counters.measured_flops_per_second : KnownFlopsPerSecond();
   }
 
   // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would
@@ -1232,9 +1240,9 @@ absl::StatusOr<QueuePlace> Engine::TakeQueuePlace() {
   return QueuePlace(impl_->places_held);
 }
 
-double Engine::DeadlineThroughput(const AttentionSpec& spec) const {
+double Engine::DeadlineThroughput(const ProblemShape& shape, const AttentionSpec& spec) const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->DeadlineFlopsPerSecond(spec);
+  return impl_->DeadlineFlopsPerSecond(shape, spec);
 }
 
 void Engine::SetKeptMemory(int64_t bytes, std::string what) {

@@ -73,9 +73,10 @@ struct EngineOptions {
   // The devices to compute on, by id ("cpu:0", "cuda:1"); empty: every discovered device this
   // build has a backend for.
   std::vector<std::string> devices;
-  // AUTO requests of at least this many FLOPs are sharded across the local devices
-  // (engine/placement.h); smaller ones take one device each, side by side.
-  double local_shard_min_flops = 1e9;
+  // AUTO requests of at least this many FLOPs are sharded: across the shard group's ranks where
+  // there is one (below), else across the local devices (engine/placement.h). Smaller ones take
+  // one device each, side by side (with a group, on rank 0, while the group runs others).
+  double shard_min_flops = 1e9;
   // The backend by name (engine/backend_registry.h): "cpu" (the default of CPU devices) or
   // "reference".
   std::string backend = "cpu";
@@ -102,9 +103,11 @@ struct EngineOptions {
   int max_queue = 64;
   QueueOrder queue_order = QueueOrder::kFair;
   // Ranks that compute requests together (engine/shard_group.h); null or one rank: this process
-  // alone. With a group of several ranks, every request whose shard policy is not NONE runs
-  // across it (strategy: ChooseShardStrategy with memory_budget_bytes as the per-rank budget);
-  // a backend that computes shares only.
+  // alone. With a group of several ranks, a request runs across it (strategy: ChooseShardStrategy
+  // with memory_budget_bytes as the per-rank budget) when its shard policy asks for HEADS or
+  // SEQUENCE, or is AUTO with at least shard_min_flops and enough heads or tokens to give every
+  // rank some (GroupShards); the others run here, on rank 0's devices, as in a process of its own
+  // (the group runs one request at a time, each paying to move its tensors to the ranks).
   std::shared_ptr<ShardGroup> shard_group;
 };
 
@@ -232,9 +235,9 @@ class Engine {
   void SetKeptMemory(int64_t bytes, std::string what);
 
   // FLOP/s the up-front deadline check divides a request's estimated FLOPs by: the best measured
-  // so far, or before any run was measured the start-up figure (not for a request sharded across
-  // a group, whose speed is the group's); 0: nothing is refused up front.
-  double DeadlineThroughput(const AttentionSpec& spec) const;
+  // so far, or before any run was measured the start-up figure (not for a run of `shape` the
+  // group computes, whose speed is the group's); 0: nothing is refused up front.
+  double DeadlineThroughput(const ProblemShape& shape, const AttentionSpec& spec) const;
 
   PlanCacheStats plan_cache_stats() const;
   EngineStats stats() const;

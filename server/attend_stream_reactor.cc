@@ -259,7 +259,10 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   if (deadline_) {
     const double left_s =
         std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
-    const double rate = engine_->DeadlineThroughput(problem_.spec);
+    // Judged by what computes a chunk: the group, or this process.
+    const engine::ProblemShape chunk_shape{layout.batch, layout.chunk_tokens, problem_.shape.heads,
+                                           problem_.shape.kv_heads, problem_.shape.head_dim};
+    const double rate = engine_->DeadlineThroughput(chunk_shape, problem_.spec);
     const double flops = engine::EstimateFlops(problem_.shape, problem_.spec);
     if (left_s <= 0 || (rate > 0 && flops / rate > left_s)) {
       return engine::WithRejectReason(

@@ -280,6 +280,14 @@ int main(int argc, char** argv) {
                  "get RESOURCE_EXHAUSTED. 0: only requests the engine can start at once")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  app.add_option("--shard-min-flops", options.shard_min_flops,
+                 "Requests with shard policy AUTO and at least this many FLOPs (4*N*D*w/r^2 per "
+                 "head and pattern, docs/MATH.md) are sharded: across the ranks with --world-size "
+                 "> 1, else "
+                 "across the CPU devices or GPUs; smaller ones run on one device (rank 0's), side "
+                 "by side")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   std::string queue_order = "fair";
   app.add_option("--queue-order", queue_order,
                  "Order of waiting requests of equal priority: fair (least work first across "

@@ -49,9 +49,10 @@ std::string ReadFile(const std::string& path) {
 // directory of the group's own.
 class Group {
  public:
-  // every_rank: extra flags for every rank (the data plane).
+  // every_rank: extra flags for every rank (the data plane). shard_min_flops: rank 0's
+  // --shard-min-flops; 0 by default, so that the small problems here are sharded.
   explicit Group(int world_size, std::vector<std::string> every_rank = {},
-                 int heartbeat_ms = kHeartbeatMs)
+                 int heartbeat_ms = kHeartbeatMs, const std::string& shard_min_flops = "0")
       : world_size_(world_size),
         heartbeat_ms_(heartbeat_ms),
         every_rank_(std::move(every_rank)),
@@ -60,7 +61,7 @@ class Group {
                Concat({"--world-size", std::to_string(world_size), "--rank", "0", "--coordinator",
                        "127.0.0.1:0", "--coordinator-port-file", dir_ + "/coordinator_port",
                        "--heartbeat-ms", std::to_string(heartbeat_ms), "--collective-timeout-ms",
-                       std::to_string(kCollectiveTimeoutMs)},
+                       std::to_string(kCollectiveTimeoutMs), "--shard-min-flops", shard_min_flops},
                       every_rank_)) {}
   ~Group() { std::filesystem::remove_all(dir_); }
 
@@ -236,6 +237,11 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
       {{.batch = 2, .seq_len = 150, .heads = 2, .kv_heads = 1, .patterns = {{150, 3}}},
        v1::SHARD_POLICY_AUTO,
        v1::SHARD_POLICY_SEQUENCE},
+      // AUTO with fewer heads and fewer tokens than ranks: rank 0 alone, where sharding could
+      // only refuse it.
+      {{.seq_len = 2, .heads = 2, .kv_heads = 2, .patterns = {{2, 1}}},
+       v1::SHARD_POLICY_AUTO,
+       v1::SHARD_POLICY_NONE},
   };
   for (const Case& c : cases) {
     const v1::AttendRequest request = Fp32Request(c.config, c.policy);
@@ -246,6 +252,10 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
     EXPECT_LE(MaxRelativeError(response.output().data(), expected), 1e-6);
     EXPECT_EQ(response.info().shard_strategy(), c.expected);
     EXPECT_EQ(response.info().precision_used(), v1::PRECISION_FP32);
+    if (c.expected == v1::SHARD_POLICY_NONE) {
+      EXPECT_EQ(response.info().devices_size(), 1);
+      continue;
+    }
     ASSERT_EQ(response.info().devices_size(), 3);
     for (int r = 0; r < 3; ++r) {
       EXPECT_EQ(response.info().devices(r), "rank" + std::to_string(r) + ":cpu");
@@ -288,6 +298,67 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
   }
   // The SEQUENCE cases exchanged kept K/V rows of spanning segments.
   EXPECT_GT(testing::MetricValue(text, "da_rank_exchange_bytes_total{rank=\"1\"}").value_or(0), 0);
+}
+
+// An AUTO request below --shard-min-flops runs on rank 0 alone, side by side with others, not
+// across the group (one run at a time, its tensors moved to every rank); one at or above it is
+// sharded, as are HEADS and SEQUENCE requests of any size.
+TEST(MultiProcessServingTest, AutoRequestsBelowTheShardMinimumRunOnRankZeroAlone) {
+  Group group(2, {}, kHeartbeatMs, "1e7");
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+  // About 3.7 MFLOP (6 heads of 4 * 200 * 16 * (32 + 64 / 4)) and 134 MFLOP.
+  const testing::ProblemConfig small{
+      .seq_len = 200, .heads = 6, .kv_heads = 2, .patterns = {{32, 1}, {64, 2}}};
+  const testing::ProblemConfig large{
+      .seq_len = 2048, .heads = 4, .kv_heads = 4, .patterns = {{256, 1}}};
+  struct Case {
+    testing::ProblemConfig config;
+    v1::ShardPolicy policy;
+    bool sharded;
+  };
+  const Case cases[] = {{small, v1::SHARD_POLICY_AUTO, false},
+                        {large, v1::SHARD_POLICY_AUTO, true},
+                        {small, v1::SHARD_POLICY_HEADS, true}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "seq_len " << c.config.seq_len << ", policy "
+                                      << v1::ShardPolicy_Name(c.policy));
+    const double runs_before =
+        testing::MetricValue(group.Metrics(), "da_group_runs_total{outcome=\"completed\"}")
+            .value_or(0);
+    const v1::AttendRequest request = Fp32Request(c.config, c.policy);
+    v1::AttendResponse response;
+    const grpc::Status status = client.Attend(request, &response, testing::WithTimeout(20000));
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+    EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(request, 2)),
+              1e-6);
+    const double runs =
+        testing::MetricValue(group.Metrics(), "da_group_runs_total{outcome=\"completed\"}")
+            .value_or(0);
+    if (c.sharded) {
+      EXPECT_NE(response.info().shard_strategy(), v1::SHARD_POLICY_NONE);
+      EXPECT_EQ(response.info().devices_size(), 2);
+      EXPECT_EQ(runs, runs_before + 1);
+    } else {
+      EXPECT_EQ(response.info().shard_strategy(), v1::SHARD_POLICY_NONE);
+      EXPECT_EQ(response.info().devices_size(), 1);
+      EXPECT_EQ(runs, runs_before);
+    }
+  }
+  // Without the group (its worker lost), requests for the group are refused and the others are
+  // still answered.
+  ASSERT_EQ(kill(group.worker(1)->pid(), SIGKILL), 0);
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::NOT_SERVING, seconds(10)))
+      << group.Logs();
+  v1::AttendResponse response;
+  const grpc::Status refused = client.Attend(Fp32Request(small, v1::SHARD_POLICY_HEADS), &response,
+                                             testing::WithTimeout(10000));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  const v1::AttendRequest request = Fp32Request(small, v1::SHARD_POLICY_AUTO);
+  const grpc::Status answered = client.Attend(request, &response, testing::WithTimeout(10000));
+  ASSERT_TRUE(answered.ok()) << answered.error_message();
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(request, 2)), 1e-6);
 }
 
 // The nccl data plane's path (staged_plane.h: host shares staged through "device" buffers, a

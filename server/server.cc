@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <fstream>
 #include <map>
 #include <set>
@@ -182,6 +183,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::InvalidArgumentError(absl::StrCat(
         "stream_min_chunk_tokens is ", options.stream_min_chunk_tokens, "; must be >= 1"));
   }
+  if (!(options.shard_min_flops >= 0) || !std::isfinite(options.shard_min_flops)) {
+    return absl::InvalidArgumentError(absl::StrCat("shard_min_flops is ", options.shard_min_flops,
+                                                   "; must be a finite number >= 0"));
+  }
   if (options.stream_buffer_pool_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "stream_buffer_pool_bytes is ", options.stream_buffer_pool_bytes, "; must be >= 0"));
@@ -238,6 +243,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   engine_options.memory_budget_bytes = options.memory_budget_bytes;
   engine_options.device_memory_budget_bytes = options.device_memory_budget_bytes;
   engine_options.max_queue = options.max_queue;
+  engine_options.shard_min_flops = options.shard_min_flops;
   engine_options.queue_order = options.queue_order;
   engine_options.shard_group = options.shard_group;
   server->shard_group_ = options.shard_group;

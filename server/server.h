@@ -100,6 +100,8 @@ struct ServerOptions {
   // A GPU's admission budget (EngineOptions::device_memory_budget_bytes); 0: 90% of its memory.
   int64_t device_memory_budget_bytes = 0;
   int max_queue = 64;
+  // AUTO requests of at least this many FLOPs are sharded (EngineOptions::shard_min_flops).
+  double shard_min_flops = 1e9;
   engine::QueueOrder queue_order = engine::QueueOrder::kFair;
   // The highest request priority a client may ask for, unless its token's line in the token file
   // gives its own max_priority (PriorityCap); higher is PERMISSION_DENIED. INT32_MAX: no cap.

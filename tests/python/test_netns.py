@@ -90,7 +90,9 @@ class ThreeHostsTest(unittest.TestCase):
             RANKS[rank], ARGS.server_binary, "--world-size", 3, "--rank", rank, "--coordinator",
             COORDINATOR, "--rank-address", ADDRESSES[rank], "--listen", "127.0.0.1:50051",
             "--metrics-listen", "127.0.0.1:9464", "--threads", 1, "--heartbeat-ms", 200,
-            "--collective-timeout-ms", COLLECTIVE_TIMEOUT_MS)
+            "--collective-timeout-ms", COLLECTIVE_TIMEOUT_MS,
+            # Every request across the ranks, however small: this test is about the group.
+            "--shard-min-flops", 0)
         cls.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
 
     @classmethod
