@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "client/connection_options.h"
 #include "client/stream_blocks.h"
+#include "client/tensor_io.h"
 
 namespace da::client {
 namespace {
@@ -466,14 +467,16 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   // The output, written by the parts where their tokens lie.
   response->Clear();
   v1::Tensor& output = *response->mutable_output();
-  output.set_dtype(request.query().dtype());
+  output.set_dtype(OutputDType(request));
   *output.mutable_shape() = request.query().shape();
   // Sized at once and not zeroed: each part writes its rows where they lie, and every byte is
   // written before the call succeeds (a failure clears the response). Zeroing first cost as much
   // as the transfer's slowest runs: the first touch of 512 MiB took 0.2 s on the build machine,
   // and up to 1 s when the VM's host had to back the pages, with every part's answers waiting
   // for it; now each part's reading thread pays for its own pages as their rows arrive.
-  const size_t output_bytes = request.query().data().size();
+  const size_t output_bytes = request.query().data().size() /
+                              std::max<int64_t>(1, DTypeBytes(request.query().dtype())) *
+                              DTypeBytes(OutputDType(request));
   try {
     ReserveOutput(output.mutable_data(), output_bytes);
     ResizeUninitialized(output.mutable_data(), output_bytes);

@@ -92,6 +92,7 @@ absl::Status CallFlags::Check() const {
     return Invalid(
         "--progress needs --stream or --parallel-streams (only a streamed request reports it)");
   }
+  if (absl::StatusOr<v1::DType> out = ParseOutputDType(out_dtype); !out.ok()) return out.status();
   return absl::OkStatus();
 }
 
@@ -160,6 +161,9 @@ void AddCallFlags(CLI::App* command, CallFlags* flags, bool attend) {
                     "While a request streams, print the bytes sent and received, the rate and the "
                     "time about once a second on stderr (default: when stderr is a terminal)");
   command->add_option("--request-id", flags->request_id, "Request id sent to the server");
+  command->add_option("--out-dtype", flags->out_dtype,
+                      "Output dtype: fp32, fp16 or bf16 (default: the inputs'), e.g. fp32 for "
+                      "bf16 inputs");
   command
       ->add_option("--priority", flags->priority,
                    "Higher runs first among the server's queued requests; at most the cap "
@@ -259,11 +263,16 @@ absl::StatusOr<v1::AttentionSpec> BuildSpec(const SpecFlags& flags) {
   return spec;
 }
 
-absl::StatusOr<v1::DType> ParseDType(const std::string& name) {
+absl::StatusOr<v1::DType> ParseDType(const std::string& name, const std::string& flag) {
   if (name == "fp32") return v1::DTYPE_FP32;
   if (name == "fp16") return v1::DTYPE_FP16;
   if (name == "bf16") return v1::DTYPE_BF16;
-  return Invalid(absl::StrCat("--dtype: '", name, "' is not fp32, fp16 or bf16"));
+  return Invalid(absl::StrCat(flag, ": '", name, "' is not fp32, fp16 or bf16"));
+}
+
+absl::StatusOr<v1::DType> ParseOutputDType(const std::string& name) {
+  if (name.empty()) return v1::DTYPE_UNSPECIFIED;
+  return ParseDType(name, "--out-dtype");
 }
 
 LatencySummary Summarize(std::vector<double> latencies_ms) {

@@ -36,7 +36,8 @@ struct CallFlags {
   // (stream or parallel_streams > 0); Check refuses them otherwise.
   int progress = 0;
   std::string request_id;
-  int32_t priority = 0;  // Higher leaves the server's queue first (up to the server's cap).
+  int32_t priority = 0;   // Higher leaves the server's queue first (up to the server's cap).
+  std::string out_dtype;  // "fp32", "fp16", "bf16"; empty: the inputs' dtype.
   // --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file.
   ConnectionFiles connection;
 
@@ -91,7 +92,10 @@ CLI::App* AddRandomCommand(CLI::App& app, RandomFlags* flags);
 // "2048,4096" -> {2048, 4096}; flag names the list in errors.
 absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& text, const char* flag);
 absl::StatusOr<v1::AttentionSpec> BuildSpec(const SpecFlags& flags);
-absl::StatusOr<v1::DType> ParseDType(const std::string& name);  // "fp32", "fp16", "bf16".
+// "fp32", "fp16", "bf16"; flag names the flag in the error.
+absl::StatusOr<v1::DType> ParseDType(const std::string& name, const std::string& flag = "--dtype");
+// --out-dtype: DTYPE_UNSPECIFIED (the inputs' dtype) when empty.
+absl::StatusOr<v1::DType> ParseOutputDType(const std::string& name);
 
 struct LatencySummary {
   double mean_ms = 0, min_ms = 0, median_ms = 0, max_ms = 0;

@@ -320,16 +320,18 @@ grpc::Status CheckResponse(const RequestKind& kind, const v1::AttendResponse& re
   const v1::Tensor& query = kind.request->query();
   const v1::Tensor& output = response.output();
   const std::string expected_shape = ShapeString(query);
-  if (output.dtype() != query.dtype() || ShapeString(output) != expected_shape) {
+  const v1::DType dtype = OutputDType(*kind.request);
+  if (output.dtype() != dtype || ShapeString(output) != expected_shape) {
     return grpc::Status(
         grpc::StatusCode::INTERNAL,
         absl::StrCat("output is ", ShapeString(output), " ", DTypeName(output.dtype()),
-                     "; expected ", expected_shape, " ", DTypeName(query.dtype())));
+                     "; expected ", expected_shape, " ", DTypeName(dtype)));
   }
-  if (output.data().size() != query.data().size()) {
-    return grpc::Status(grpc::StatusCode::INTERNAL,
-                        absl::StrCat("output has ", output.data().size(), " bytes; expected ",
-                                     query.data().size()));
+  const size_t expected_bytes = query.data().size() / DTypeBytes(query.dtype()) * DTypeBytes(dtype);
+  if (output.data().size() != expected_bytes) {
+    return grpc::Status(
+        grpc::StatusCode::INTERNAL,
+        absl::StrCat("output has ", output.data().size(), " bytes; expected ", expected_bytes));
   }
   return grpc::Status::OK;
 }

@@ -222,6 +222,7 @@ int RunAttend(const AttendFlags& flags) {
   *request.mutable_spec() = *std::move(spec);
   request.set_request_id(flags.call.request_id);
   request.set_priority(flags.call.priority);
+  request.set_output_dtype(*ParseOutputDType(flags.call.out_dtype));  // Checked above.
   for (auto [path, tensor] : {std::pair{&flags.q_path, request.mutable_query()},
                               {&flags.k_path, request.mutable_key()},
                               {&flags.v_path, request.mutable_value()}}) {
@@ -278,6 +279,7 @@ int RunRandom(const RandomFlags& flags) {
   if (!spec.ok()) return Fail(spec.status().message(), kExitUsage);
   *request.mutable_spec() = *std::move(spec);
   request.set_priority(flags.call.priority);
+  request.set_output_dtype(*ParseOutputDType(flags.call.out_dtype));  // Checked above.
   const v1::DType dtype = *ParseDType(flags.dtype);
   const int64_t kv_heads = flags.kv_heads > 0 ? flags.kv_heads : flags.heads;
   const uint64_t seed = static_cast<uint64_t>(flags.seed);
@@ -335,6 +337,7 @@ int RunRandom(const RandomFlags& flags) {
     nlohmann::json json = {{"shape", {flags.batch, flags.seq_len, flags.heads, flags.head_dim}},
                            {"kv_heads", kv_heads},
                            {"dtype", DTypeName(dtype)},
+                           {"output_dtype", DTypeName(OutputDType(request))},
                            {"stream", ParallelStreams(call, request) > 0},
                            {"parallel_streams", ParallelStreams(call, request)},
                            {"calls", calls},

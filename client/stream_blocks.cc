@@ -97,6 +97,13 @@ grpc::Status CheckStreamable(const v1::AttendRequest& request) {
     return InvalidArgument(
         absl::StrCat("value shape ", ShapeString(v), " differs from key shape ", ShapeString(k)));
   }
+  if (request.output_dtype() != v1::DTYPE_UNSPECIFIED && DTypeBytes(request.output_dtype()) == 0) {
+    return InvalidArgument(absl::StrCat(
+        "output_dtype must be fp32, fp16 or bf16 (or unspecified: the query's), got ",
+        v1::DType_IsValid(request.output_dtype()) ? v1::DType_Name(request.output_dtype())
+                                                  : "an unknown dtype",
+        " (", static_cast<int>(request.output_dtype()), ")"));
+  }
   return grpc::Status::OK;
 }
 
@@ -132,9 +139,17 @@ int DefaultParallelStreams(int64_t total_bytes) {
       std::clamp<int64_t>(total_bytes / kParallelStreamBytes, 1, kMaxParallelStreams));
 }
 
+v1::DType OutputDType(const v1::AttendRequest& request) {
+  return request.output_dtype() != v1::DTYPE_UNSPECIFIED ? request.output_dtype()
+                                                         : request.query().dtype();
+}
+
 bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit) {
   const int64_t limit = message_limit > 0 ? message_limit : kDefaultMessageBytes;
-  const double bytes = 2.0 * static_cast<double>(request.query().data().size()) +
+  const double output_bytes = static_cast<double>(request.query().data().size()) /
+                              std::max<int64_t>(1, DTypeBytes(request.query().dtype())) *
+                              DTypeBytes(OutputDType(request));
+  const double bytes = output_bytes + static_cast<double>(request.query().data().size()) +
                        static_cast<double>(request.key().data().size()) +
                        static_cast<double>(request.value().data().size());
   return bytes > 0.9 * static_cast<double>(limit);
@@ -206,6 +221,7 @@ grpc::Status MakePartPlan(const v1::AttendRequest& request, int64_t block_tokens
   header.set_request_id(request.request_id());
   *header.mutable_spec() = request.spec();
   header.set_dtype(q.dtype());
+  header.set_output_dtype(request.output_dtype());
   header.set_batch(q.shape(0));
   header.set_seq_len(part.count);
   header.set_heads(q.shape(2));
@@ -330,6 +346,13 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
                                  " differs from the request's [", expected_shape[0], ", ",
                                  expected_shape[1], ", ", expected_shape[2], ", ",
                                  expected_shape[3], "]"));
+  }
+  const v1::DType wanted = expected_.output_dtype() != v1::DTYPE_UNSPECIFIED
+                               ? expected_.output_dtype()
+                               : expected_.dtype();
+  if (header.dtype() != wanted) {
+    return Internal(absl::StrCat("stream response header dtype ", DTypeName(header.dtype()),
+                                 " differs from the ", DTypeName(wanted), " asked for"));
   }
   token_bytes_ = expected_.heads() * expected_.head_dim() * dtype_bytes;
   if (target_ != nullptr) {

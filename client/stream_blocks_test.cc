@@ -472,6 +472,45 @@ TEST(ParallelPartsTest, PartPlanStreamsThePartsTokensNumberedFromZero) {
   }
 }
 
+// A request's output_dtype goes in its stream header; the answer must come in it, and a dtype
+// that is none is refused before anything is sent.
+TEST(StreamBlocksTest, TheOutputDtypeIsAskedForAndChecked) {
+  v1::AttendRequest request = SampleRequest();  // fp32 inputs.
+  request.set_output_dtype(v1::DTYPE_BF16);
+  EXPECT_EQ(OutputDType(request), v1::DTYPE_BF16);
+  StreamPlan plan;
+  ASSERT_TRUE(MakeStreamPlan(request, 0, &plan).ok());
+  EXPECT_EQ(plan.header.dtype(), v1::DTYPE_FP32);
+  EXPECT_EQ(plan.header.output_dtype(), v1::DTYPE_BF16);
+  OutputAssembler assembler(plan.header);
+  v1::AttendStreamResponse fp32 = Header({2, 7, 2, 3});
+  EXPECT_THAT(assembler.Add(fp32).error_message(),
+              HasSubstr("dtype fp32 differs from the bf16 asked for"));
+  OutputAssembler bf16_assembler(plan.header);
+  v1::AttendStreamResponse bf16 = Header({2, 7, 2, 3});
+  bf16.mutable_header()->set_dtype(v1::DTYPE_BF16);
+  v1::AttendStreamResponse block;
+  block.mutable_block()->set_token_start(0);
+  block.mutable_block()->set_token_count(7);
+  block.mutable_block()->mutable_output()->assign(2 * 7 * 2 * 3 * 2, 'x');  // bf16: 2 bytes.
+  ASSERT_TRUE(bf16_assembler.Add(bf16).ok());
+  ASSERT_TRUE(bf16_assembler.Add(block).ok());
+  ASSERT_TRUE(bf16_assembler.Add(Trailer()).ok());
+  v1::AttendResponse response;
+  ASSERT_TRUE(bf16_assembler.Finish(&response).ok());
+  EXPECT_EQ(response.output().dtype(), v1::DTYPE_BF16);
+  EXPECT_EQ(response.output().data().size(), 2u * 7 * 2 * 3 * 2);
+
+  request.set_output_dtype(static_cast<v1::DType>(9));
+  const grpc::Status refused = MakeStreamPlan(request, 0, &plan);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.error_message(),
+              HasSubstr("output_dtype must be fp32, fp16 or bf16 (or unspecified: the query's), "
+                        "got an unknown dtype (9)"));
+  request.set_output_dtype(v1::DTYPE_UNSPECIFIED);
+  EXPECT_EQ(OutputDType(request), v1::DTYPE_FP32);
+}
+
 TEST(ParallelPartsTest, PartAssemblersWriteTheirTokensIntoOneOutput) {
   const v1::AttendRequest request = SampleRequest();
   const v1::Tensor expected = IndexedTensor({2, 7, 2, 3}, 5000);
@@ -501,8 +540,7 @@ TEST(ParallelPartsTest, PartAssemblersWriteTheirTokensIntoOneOutput) {
   OutputAssembler c(second.header, &whole, 7, 4);
   v1::AttendStreamResponse half = Header({2, 3, 2, 3});
   half.mutable_header()->set_dtype(v1::DTYPE_FP16);
-  EXPECT_THAT(c.Add(half).error_message(),
-              HasSubstr("dtype fp16 differs from the other parts' fp32"));
+  EXPECT_THAT(c.Add(half).error_message(), HasSubstr("dtype fp16 differs from the fp32 asked for"));
 }
 
 TEST(ParallelPartsTest, MergedInfoSumsWorkAndKeepsTheLongestWait) {

@@ -114,6 +114,10 @@ int64_t AttendStreamReactor::QueryRowBytes() const {
   return problem_.shape.heads * problem_.shape.head_dim * engine::DTypeSize(problem_.dtype);
 }
 
+int64_t AttendStreamReactor::OutputRowBytes() const {
+  return problem_.shape.heads * problem_.shape.head_dim * engine::DTypeSize(problem_.out_dtype);
+}
+
 int64_t AttendStreamReactor::KeyRowBytes() const {
   return problem_.shape.kv_heads * problem_.shape.head_dim * engine::DTypeSize(problem_.dtype);
 }
@@ -219,8 +223,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
 
   DA_ASSIGN_OR_RETURN(
       const StreamLayout layout,
-      MakeStreamLayout(problem_.shape, problem_.dtype, problem_.spec, settings_.min_chunk_tokens,
-                       engine_->limits().max_request_bytes));
+      MakeStreamLayout(problem_.shape, problem_.dtype, problem_.out_dtype, problem_.spec,
+                       settings_.min_chunk_tokens, engine_->limits().max_request_bytes));
   if (settings_.priority_cap != nullptr) {
     DA_RETURN_IF_ERROR(
         settings_.priority_cap->Check(*context_, "header: priority", header.priority()));
@@ -229,7 +233,7 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   DA_RETURN_IF_ERROR(Admit(layout));
   DA_ASSIGN_OR_RETURN(assembler_,
                       StreamAssembler::Create(layout, settings_.pipeline_depth, settings_.buffers));
-  const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.q_row_bytes;
+  const int64_t out_slot_bytes = layout.chunk_tokens * layout.batch * layout.out_row_bytes;
   for (int i = 0; i < 2; ++i) {
     out_slots_.push_back(
         settings_.buffers != nullptr
@@ -247,7 +251,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   // being copied out, and that gRPC's copies of one message stay small next to the window.
   const int64_t message_bytes =
       std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2);
-  output_block_tokens_ = std::max<int64_t>(1, message_bytes / (layout.batch * layout.q_row_bytes));
+  output_block_tokens_ =
+      std::max<int64_t>(1, message_bytes / (layout.batch * layout.out_row_bytes));
   have_header_ = true;
   metadata_due_ = context_->client_metadata().count(grpc::string_ref(
                       kStreamAdmissionRequest.data(), kStreamAdmissionRequest.size())) > 0;
@@ -277,11 +282,11 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
                                          problem_.shape.kv_heads, problem_.shape.head_dim};
   DA_ASSIGN_OR_RETURN(
       const engine::MemoryEstimate chunk,
-      engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.dtype, problem_.spec));
+      engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.out_dtype, problem_.spec));
   // The outgoing message: about 4 MiB of whole tokens, or one token where that is larger.
   const int64_t outgoing =
       std::max(std::min<int64_t>(kOutputMessageBytes, settings_.max_message_bytes / 2),
-               layout.batch * layout.q_row_bytes + kBlockFramingBytes);
+               layout.batch * layout.out_row_bytes + kBlockFramingBytes);
   const int64_t messages = kStreamLookaheadBytes + settings_.max_message_bytes + outgoing;
   // The workspace is host memory on a CPU device; on a GPU it is the device's, which the engine
   // reserves there for each chunk.
@@ -438,7 +443,7 @@ bool AttendStreamReactor::FillNextWrite() {
   if (!header_sent_ && (!outgoing_.empty() || trailer_ready)) {
     v1::StreamResponseHeader* header = response.mutable_header();
     header->set_request_id(record_.id());
-    header->set_dtype(DTypeToProto(problem_.dtype));
+    header->set_dtype(DTypeToProto(problem_.out_dtype));
     const engine::Shape4 shape = problem_.shape.QueryShape();
     for (int64_t dim : {shape.batch, shape.seq_len, shape.heads, shape.head_dim}) {
       header->add_shape(dim);
@@ -450,7 +455,7 @@ bool AttendStreamReactor::FillNextWrite() {
   if (!outgoing_.empty()) {
     Outgoing& chunk = outgoing_.front();
     const int64_t count = std::min(output_block_tokens_, chunk.token_count - chunk.sent);
-    const int64_t row_bytes = QueryRowBytes();
+    const int64_t row_bytes = OutputRowBytes();
     const int64_t batch = problem_.shape.batch;
     // The serialized message, written straight into one slice: its prefix, then the rows copied
     // once from the output slot.
@@ -531,7 +536,8 @@ void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
   run.k = {problem_.dtype, kv_shape, chunk.k, kv_bytes};
   run.v = {problem_.dtype, kv_shape, chunk.v, kv_bytes};
   run.spec = problem_.spec;
-  run.out = {problem_.dtype, q_shape, out_slots_[slot].get(), q_bytes};
+  run.out = {problem_.out_dtype, q_shape, out_slots_[slot].get(),
+             q_shape.elements() * engine::DTypeSize(problem_.out_dtype)};
   run.request_id = record_.id();
   run.cancelled = &cancelled_;
   run.priority = priority_;

@@ -213,6 +213,7 @@ class AttendStreamReactor final
 
   int64_t QueryRowBytes() const;
   int64_t KeyRowBytes() const;
+  int64_t OutputRowBytes() const;
 
   LiveCalls::Token live_;  // Held until OnDone deletes the reactor.
   engine::Engine* engine_;

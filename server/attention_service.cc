@@ -36,9 +36,10 @@ int64_t VarintBytes(uint64_t value) {
 // The size of the AttendResponse that answers request with output_bytes of output: the output
 // tensor exactly (its dtype, shape, data and their framing), the execution info bounded; the
 // info carries the call's id (id_bytes: the record's, from the metadata or the request).
-int64_t UnaryAnswerBytes(const v1::AttendRequest& request, int64_t output_bytes, size_t id_bytes) {
+int64_t UnaryAnswerBytes(const v1::AttendRequest& request, v1::DType output_dtype,
+                         int64_t output_bytes, size_t id_bytes) {
   v1::Tensor output;
-  output.set_dtype(request.query().dtype());
+  output.set_dtype(output_dtype);
   *output.mutable_shape() = request.query().shape();
   const int64_t tensor = static_cast<int64_t>(output.ByteSizeLong()) + 1 +
                          VarintBytes(static_cast<uint64_t>(output_bytes)) + output_bytes;
@@ -153,28 +154,30 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     DA_RETURN_IF_ERROR(
         engine::ValidateProblem(q, problem.k, problem.v, problem.spec, engine->limits()));
     // The answer's size is known now: one that could not be sent is refused before any compute.
-    answer_bytes_ = UnaryAnswerBytes(request_, q.bytes, record_.id().size());
+    const int64_t out_bytes = q.shape.elements() * engine::DTypeSize(problem.out_dtype);
+    answer_bytes_ =
+        UnaryAnswerBytes(request_, DTypeToProto(problem.out_dtype), out_bytes, record_.id().size());
     if (answer_bytes_ > max_message_bytes_) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "the answer would take %d bytes (output %s of %s: %d bytes) but the message limit "
           "(--max-message-bytes) is %d; send this request with AttendStream, which returns the "
           "output in blocks and has no size limit",
-          answer_bytes_, q.shape.ToString(), engine::DTypeName(q.dtype), q.bytes,
+          answer_bytes_, q.shape.ToString(), engine::DTypeName(problem.out_dtype), out_bytes,
           max_message_bytes_));
     }
 
     v1::Tensor* output = response_.mutable_output();
-    output->set_dtype(request_.query().dtype());
+    output->set_dtype(DTypeToProto(problem.out_dtype));
     output->mutable_shape()->CopyFrom(request_.query().shape());
     std::string* bytes = output->mutable_data();
-    bytes->resize(static_cast<size_t>(q.bytes));
+    bytes->resize(static_cast<size_t>(out_bytes));
 
     engine::RunRequest run;
     run.q = problem.q;
     run.k = problem.k;
     run.v = problem.v;
     run.spec = problem.spec;
-    run.out = {q.dtype, q.shape, bytes->data(), q.bytes};
+    run.out = {problem.out_dtype, q.shape, bytes->data(), out_bytes};
     run.request_id = record_.id();
     run.cancelled = &cancelled_;
     run.priority = request_.priority();

@@ -1,5 +1,8 @@
 #include "server/conversion.h"
 
+#include <string_view>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/status_macros.h"
 
@@ -163,6 +166,13 @@ absl::StatusOr<engine::TensorView> TensorViewFromProto(const v1::Tensor& tensor,
   return view;
 }
 
+// The output's dtype: `wanted`, or the inputs' when it is DTYPE_UNSPECIFIED.
+absl::StatusOr<engine::DType> OutputDType(v1::DType wanted, engine::DType inputs,
+                                          const std::string& field) {
+  if (wanted == v1::DTYPE_UNSPECIFIED) return inputs;
+  return DTypeFromProto(wanted, field);
+}
+
 absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request) {
   UnaryProblem problem;
   DA_ASSIGN_OR_RETURN(problem.q, TensorViewFromProto(request.query(), "query"));
@@ -170,6 +180,8 @@ absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request
   DA_ASSIGN_OR_RETURN(problem.v, TensorViewFromProto(request.value(), "value"));
   DA_RETURN_IF_ERROR(CheckSameDType(request.query(), request.key(), "key"));
   DA_RETURN_IF_ERROR(CheckSameDType(request.query(), request.value(), "value"));
+  DA_ASSIGN_OR_RETURN(problem.out_dtype,
+                      OutputDType(request.output_dtype(), problem.q.dtype, "output_dtype"));
   DA_ASSIGN_OR_RETURN(problem.spec, SpecFromProto(request.spec()));
   return problem;
 }
@@ -178,6 +190,12 @@ absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
                                                 const std::string& dtype_field) {
   StreamProblem problem;
   DA_ASSIGN_OR_RETURN(problem.dtype, DTypeFromProto(header.dtype(), dtype_field));
+  const std::string prefix =
+      absl::EndsWith(dtype_field, "dtype")
+          ? dtype_field.substr(0, dtype_field.size() - std::string_view("dtype").size())
+          : dtype_field + ".";
+  DA_ASSIGN_OR_RETURN(problem.out_dtype,
+                      OutputDType(header.output_dtype(), problem.dtype, prefix + "output_dtype"));
   problem.shape.batch = header.batch();
   problem.shape.seq_len = header.seq_len();
   problem.shape.heads = header.heads();

@@ -43,6 +43,7 @@ struct UnaryProblem {
   engine::TensorView k;
   engine::TensorView v;
   engine::AttentionSpec spec;
+  engine::DType out_dtype = engine::DType::kFloat32;  // output_dtype, else the query's.
 };
 absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request);
 
@@ -50,9 +51,11 @@ absl::StatusOr<UnaryProblem> ProblemFromRequest(const v1::AttendRequest& request
 struct StreamProblem {
   engine::ProblemShape shape;
   engine::DType dtype = engine::DType::kFloat32;
+  engine::DType out_dtype = engine::DType::kFloat32;  // output_dtype, else dtype.
   engine::AttentionSpec spec;
 };
-// dtype_field names the header's dtype in messages.
+// dtype_field names the header's dtype in messages ("header.dtype"; its output_dtype is then
+// "header.output_dtype").
 absl::StatusOr<StreamProblem> ProblemFromHeader(const v1::StreamHeader& header,
                                                 const std::string& dtype_field = "header.dtype");
 

@@ -112,6 +112,41 @@ TEST(ConversionTest, HeaderKvHeadsZeroMeansHeads) {
   problem = ProblemFromHeader(header);
   ASSERT_TRUE(problem.ok()) << problem.status();
   EXPECT_EQ(problem->shape.kv_heads, 2);
+  EXPECT_EQ(problem->out_dtype, engine::DType::kBFloat16);  // Unspecified: the inputs'.
+}
+
+TEST(ConversionTest, AnOutputDtypeIsTakenOrRefusedNamingItsField) {
+  v1::AttendRequest request;
+  for (v1::Tensor* t : {request.mutable_query(), request.mutable_key(), request.mutable_value()}) {
+    t->set_dtype(v1::DTYPE_BF16);
+    for (int64_t d : {1, 4, 2, 8}) t->add_shape(d);
+  }
+  request.mutable_spec()->add_segment_lengths(4);
+  request.mutable_spec()->add_dilation_rates(1);
+  absl::StatusOr<UnaryProblem> unary = ProblemFromRequest(request);
+  ASSERT_TRUE(unary.ok()) << unary.status();
+  EXPECT_EQ(unary->out_dtype, engine::DType::kBFloat16);
+  request.set_output_dtype(v1::DTYPE_FP32);
+  unary = ProblemFromRequest(request);
+  ASSERT_TRUE(unary.ok()) << unary.status();
+  EXPECT_EQ(unary->out_dtype, engine::DType::kFloat32);
+  request.set_output_dtype(static_cast<v1::DType>(9));
+  EXPECT_EQ(ProblemFromRequest(request).status().message(), "output_dtype has unknown value 9");
+
+  v1::StreamHeader header;
+  header.set_dtype(v1::DTYPE_FP16);
+  header.set_output_dtype(v1::DTYPE_FP32);
+  header.mutable_spec()->add_segment_lengths(4);
+  header.mutable_spec()->add_dilation_rates(1);
+  absl::StatusOr<StreamProblem> stream = ProblemFromHeader(header);
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  EXPECT_EQ(stream->dtype, engine::DType::kFloat16);
+  EXPECT_EQ(stream->out_dtype, engine::DType::kFloat32);
+  header.set_output_dtype(static_cast<v1::DType>(9));
+  EXPECT_EQ(ProblemFromHeader(header).status().message(),
+            "header.output_dtype has unknown value 9");
+  EXPECT_EQ(ProblemFromHeader(header, "shapes[3].dtype").status().message(),
+            "shapes[3].output_dtype has unknown value 9");
 }
 
 TEST(ConversionTest, ExecutionInfoCarriesEveryField) {

@@ -5,12 +5,15 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <future>
 #include <random>
 #include <thread>
 
 #include "client/attention_client.h"
 #include "da/v1/attention.grpc.pb.h"
+#include "engine/tensor.h"
 #include "server/test_util.h"
 
 namespace da::server {
@@ -23,6 +26,7 @@ constexpr int kThreads = 2;
 struct Case {
   std::string name;
   ProblemConfig config;
+  v1::DType output_dtype = v1::DTYPE_UNSPECIFIED;  // The request's output_dtype.
 };
 
 // Keeps test listings (and so ctest's names) readable and stable.
@@ -42,14 +46,17 @@ class ServerAnswerTest : public ::testing::TestWithParam<Case> {
 
 TEST_P(ServerAnswerTest, UnaryAndStreamEqualInProcessEngineBytes) {
   std::mt19937 rng(std::random_device{}());
-  const v1::AttendRequest request = testing::RandomRequest(GetParam().config, rng);
+  v1::AttendRequest request = testing::RandomRequest(GetParam().config, rng);
+  request.set_output_dtype(GetParam().output_dtype);
   const std::string expected = testing::InProcessOutput(request, kThreads);
   ASSERT_FALSE(expected.empty());
 
   v1::AttendResponse unary;
   grpc::Status status = client_->Attend(request, &unary);
   ASSERT_TRUE(status.ok()) << status.error_message();
-  EXPECT_EQ(unary.output().dtype(), request.query().dtype());
+  EXPECT_EQ(unary.output().dtype(), GetParam().output_dtype == v1::DTYPE_UNSPECIFIED
+                                        ? request.query().dtype()
+                                        : GetParam().output_dtype);
   EXPECT_EQ(unary.output().shape().size(), 4);
   for (int i = 0; i < 4; ++i) EXPECT_EQ(unary.output().shape(i), request.query().shape(i));
   EXPECT_TRUE(unary.output().data() == expected) << "unary output differs from the engine's";
@@ -68,6 +75,7 @@ TEST_P(ServerAnswerTest, UnaryAndStreamEqualInProcessEngineBytes) {
     ASSERT_TRUE(status.ok()) << status.error_message();
     EXPECT_TRUE(streamed.output().data() == expected)
         << "stream output (block_tokens " << block_tokens << ") differs from the engine's";
+    EXPECT_EQ(streamed.output().dtype(), unary.output().dtype());
     EXPECT_EQ(streamed.info().backend(), "cpu");
     EXPECT_EQ(streamed.info().request_id().size(), 16u);
   }
@@ -89,7 +97,20 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"fp32_gqa_causal_longnet", Config(1, 300, 8, 2, 32, {{128, 2}, {300, 3}}, true,
                                                v1::COMBINE_MODE_LONGNET, v1::DTYPE_FP32)},
         Case{"bf16_mqa_grouped",
-             Config(3, 50, 3, 1, 24, {{20, 1}}, false, v1::COMBINE_MODE_GROUPED, v1::DTYPE_BF16)}),
+             Config(3, 50, 3, 1, 24, {{20, 1}}, false, v1::COMBINE_MODE_GROUPED, v1::DTYPE_BF16)},
+        // An output dtype other than the inputs' (output_dtype).
+        Case{"bf16_in_fp32_out",
+             Config(1, 300, 4, 2, 32, {{64, 1}, {128, 2}}, false, v1::COMBINE_MODE_LONGNET,
+                    v1::DTYPE_BF16),
+             v1::DTYPE_FP32},
+        Case{"fp32_in_bf16_out_causal",
+             Config(2, 90, 4, 4, 16, {{32, 1}, {64, 4}}, true, v1::COMBINE_MODE_LONGNET,
+                    v1::DTYPE_FP32),
+             v1::DTYPE_BF16},
+        Case{"fp16_in_fp32_out_grouped",
+             Config(1, 130, 6, 3, 8, {{40, 1}, {130, 2}}, false, v1::COMBINE_MODE_GROUPED,
+                    v1::DTYPE_FP16),
+             v1::DTYPE_FP32}),
     [](const ::testing::TestParamInfo<Case>& info) { return info.param.name; });
 
 class ServerTest : public ::testing::Test {
@@ -109,6 +130,73 @@ class ServerTest : public ::testing::Test {
   std::unique_ptr<Server> server_;
   std::unique_ptr<client::AttentionClient> client_;
 };
+
+// bf16 inputs answered in fp32 carry the fp32 compute unrounded: they equal the same inputs sent
+// as fp32 (bf16 widens exactly), and their bf16 answer is that rounded. An output dtype that is
+// none is refused naming the field.
+TEST_F(ServerTest, AnFp32OutputOfBf16InputsIsTheComputeUnrounded) {
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request = testing::RandomRequest({.seq_len = 256,
+                                                      .heads = 4,
+                                                      .kv_heads = 2,
+                                                      .head_dim = 32,
+                                                      .patterns = {{64, 1}, {128, 2}},
+                                                      .dtype = v1::DTYPE_BF16},
+                                                     rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  v1::AttendRequest widened = request;
+  for (v1::Tensor* tensor :
+       {widened.mutable_query(), widened.mutable_key(), widened.mutable_value()}) {
+    const std::string bits = tensor->data();
+    std::string wide(bits.size() * 2, '\0');
+    for (size_t i = 0; i < bits.size() / 2; ++i) {
+      uint16_t b;
+      std::memcpy(&b, bits.data() + 2 * i, 2);
+      const float f = engine::BFloat16ToFloat(b);
+      std::memcpy(wide.data() + 4 * i, &f, 4);
+    }
+    tensor->set_dtype(v1::DTYPE_FP32);
+    *tensor->mutable_data() = std::move(wide);
+  }
+  v1::AttendResponse reference;
+  ASSERT_TRUE(client_->Attend(widened, &reference, testing::WithTimeout(30000)).ok());
+  const auto* want = reinterpret_cast<const float*>(reference.output().data().data());
+  const size_t n = reference.output().data().size() / 4;
+
+  request.set_output_dtype(v1::DTYPE_FP32);
+  v1::AttendResponse fp32;
+  grpc::Status status = client_->Attend(request, &fp32, testing::WithTimeout(30000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(fp32.output().dtype(), v1::DTYPE_FP32);
+  ASSERT_EQ(fp32.output().data().size(), n * 4);
+  const auto* got = reinterpret_cast<const float*>(fp32.output().data().data());
+  double worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    worst = std::max(worst, std::abs(double{got[i]} - want[i]) / (1e-3 + std::abs(want[i])));
+  }
+  EXPECT_LE(worst, 1e-5);
+
+  request.set_output_dtype(v1::DTYPE_BF16);
+  v1::AttendResponse bf16;
+  status = client_->AttendStream(request, &bf16, testing::WithTimeout(30000), {.block_tokens = 50});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_EQ(bf16.output().dtype(), v1::DTYPE_BF16);
+  ASSERT_EQ(bf16.output().data().size(), n * 2);
+  worst = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t b;
+    std::memcpy(&b, bf16.output().data().data() + 2 * i, 2);
+    worst = std::max(
+        worst, std::abs(double{engine::BFloat16ToFloat(b)} - want[i]) / (1e-3 + std::abs(want[i])));
+  }
+  EXPECT_LE(worst, 1.0 / 256);  // Half a bf16 ulp from rounding, and the compute's 1e-5.
+
+  request.set_output_dtype(static_cast<v1::DType>(7));
+  status = client_->Attend(request, &bf16, testing::WithTimeout(30000));
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("output_dtype has unknown value 7"), std::string::npos)
+      << status.error_message();
+}
 
 TEST_F(ServerTest, RequestIdComesFromMetadataThenFieldThenIsGenerated) {
   v1::AttendRequest request = SmallRequest();

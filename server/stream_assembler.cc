@@ -63,7 +63,7 @@ void ByteSpans::CopyTo(int64_t offset, int64_t n, char* dst) const {
 }
 
 absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
-                                              engine::DType dtype,
+                                              engine::DType dtype, engine::DType out_dtype,
                                               const engine::AttentionSpec& spec,
                                               int64_t min_chunk_tokens, int64_t max_request_bytes) {
   StreamLayout layout;
@@ -71,10 +71,12 @@ absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
   layout.seq_len = shape.seq_len;
   layout.q_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(dtype);
   layout.kv_row_bytes = shape.kv_heads * shape.head_dim * engine::DTypeSize(dtype);
+  layout.out_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(out_dtype);
   layout.chunk_tokens = ChooseChunkTokens(spec, shape.seq_len, min_chunk_tokens);
   // Validated shapes fit the engine's limits, but compute without trusting that.
   const int64_t rows = CheckedMul(layout.chunk_tokens, layout.batch);
-  const int64_t chunk_bytes = CheckedMul(rows, 2 * layout.q_row_bytes + 2 * layout.kv_row_bytes);
+  const int64_t chunk_bytes =
+      CheckedMul(rows, layout.q_row_bytes + 2 * layout.kv_row_bytes + layout.out_row_bytes);
   if (rows < 0 || chunk_bytes < 0 || (max_request_bytes > 0 && chunk_bytes > max_request_bytes)) {
     return absl::ResourceExhaustedError(absl::StrFormat(
         "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "

@@ -41,9 +41,10 @@ namespace da::server {
 struct StreamLayout {
   int64_t batch = 1;
   int64_t seq_len = 0;
-  int64_t q_row_bytes = 0;   // Bytes of one token of q: heads * head_dim * dtype size.
-  int64_t kv_row_bytes = 0;  // Bytes of one token of k (or v): kv_heads * head_dim * dtype size.
-  int64_t chunk_tokens = 0;  // Tokens per chunk; the last chunk may be shorter.
+  int64_t q_row_bytes = 0;    // Bytes of one token of q: heads * head_dim * dtype size.
+  int64_t kv_row_bytes = 0;   // Bytes of one token of k (or v): kv_heads * head_dim * dtype size.
+  int64_t out_row_bytes = 0;  // Bytes of one token of the output: heads * head_dim * its size.
+  int64_t chunk_tokens = 0;   // Tokens per chunk; the last chunk may be shorter.
 
   int64_t chunk_count() const {
     return chunk_tokens > 0 ? (seq_len + chunk_tokens - 1) / chunk_tokens : 0;
@@ -99,7 +100,7 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
 // chunk is one engine run and, like a unary request, must fit max_request_bytes (q, k, v and
 // output; 0: unlimited): RESOURCE_EXHAUSTED naming the chunk otherwise.
 absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
-                                              engine::DType dtype,
+                                              engine::DType dtype, engine::DType out_dtype,
                                               const engine::AttentionSpec& spec,
                                               int64_t min_chunk_tokens, int64_t max_request_bytes);
 

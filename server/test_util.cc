@@ -82,13 +82,14 @@ std::string InProcessOutput(const v1::AttendRequest& request, int threads) {
   auto engine = engine::Engine::Create(options);
   EXPECT_TRUE(engine.ok()) << engine.status();
   if (!engine.ok()) return "";
-  std::string out(static_cast<size_t>(problem->q.bytes), '\xff');
+  const int64_t out_bytes = problem->q.shape.elements() * engine::DTypeSize(problem->out_dtype);
+  std::string out(static_cast<size_t>(out_bytes), '\xff');
   engine::RunRequest run;
   run.q = problem->q;
   run.k = problem->k;
   run.v = problem->v;
   run.spec = problem->spec;
-  run.out = {problem->q.dtype, problem->q.shape, out.data(), problem->q.bytes};
+  run.out = {problem->out_dtype, problem->q.shape, out.data(), out_bytes};
   absl::StatusOr<engine::ExecutionInfo> info = (*engine)->Run(run);
   EXPECT_TRUE(info.ok()) << info.status();
   return out;

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/numeric/int128.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/status_macros.h"
 #include "server/stream_assembler.h"
@@ -42,7 +43,7 @@ absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics&
   result.already_warm = true;
   for (const engine::ProblemShape& plan_shape : PlanShapes(shape, transport)) {
     DA_ASSIGN_OR_RETURN(engine::WarmUpResult one,
-                        engine.WarmUp(plan_shape, shape.dtype, shape.dtype, shape.spec, stop));
+                        engine.WarmUp(plan_shape, shape.dtype, shape.out_dtype, shape.spec, stop));
     if (!one.already_warm) metrics.PlanBuilt(one.build_time_us / 1e6);
     spdlog::info("warm-up plan=\"{}\" for={} already_warm={} bytes={} build_ms={:.3f} shares={}",
                  one.plan_key,
@@ -63,11 +64,13 @@ absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics&
 
 std::string DescribeWarmUpShape(const WarmUpShape& shape) {
   const engine::ProblemShape& s = shape.shape;
-  return absl::StrFormat("%dx%dx%dx%d kv_heads=%d %s %s %s%s %s", s.batch, s.seq_len, s.heads,
-                         s.head_dim, s.kv_heads, engine::DTypeName(shape.dtype),
-                         shape.spec.PatternsToString(), engine::CombineModeName(shape.spec.mode),
-                         shape.spec.causal ? " causal" : "",
-                         engine::PrecisionName(shape.spec.precision));
+  return absl::StrFormat(
+      "%dx%dx%dx%d kv_heads=%d %s%s %s %s%s %s", s.batch, s.seq_len, s.heads, s.head_dim,
+      s.kv_heads, engine::DTypeName(shape.dtype),
+      shape.out_dtype == shape.dtype ? std::string()
+                                     : absl::StrCat("->", engine::DTypeName(shape.out_dtype)),
+      shape.spec.PatternsToString(), engine::CombineModeName(shape.spec.mode),
+      shape.spec.causal ? " causal" : "", engine::PrecisionName(shape.spec.precision));
 }
 
 WarmUpWorker::WarmUpWorker() : thread_([this] { Loop(); }) {}

@@ -86,14 +86,15 @@ class EntryReader {
       : entry_(entry), where_(absl::StrCat("entry ", index)) {}
 
   absl::Status CheckKeys() const {
-    static const char* const kKeys[] = {"batch",    "seq_len", "heads",    "kv_heads",
-                                        "head_dim", "dtype",   "segments", "dilations",
-                                        "causal",   "mode",    "precision"};
+    static const char* const kKeys[] = {"batch",    "seq_len", "heads",     "kv_heads",
+                                        "head_dim", "dtype",   "segments",  "dilations",
+                                        "causal",   "mode",    "precision", "output_dtype"};
     for (const auto& [key, value] : entry_.items()) {
       if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
         return Invalid(absl::StrCat("has unknown field \"", key,
                                     "\"; expected batch, seq_len, heads, kv_heads, head_dim, "
-                                    "dtype, segments, dilations, causal, mode, precision"));
+                                    "dtype, output_dtype, segments, dilations, causal, mode, "
+                                    "precision"));
       }
     }
     return absl::OkStatus();
@@ -178,6 +179,7 @@ absl::StatusOr<WarmUpShape> ShapeFromEntry(const json& entry, size_t index) {
   DA_ASSIGN_OR_RETURN(shape.kv_heads, reader.Integer("kv_heads", shape.heads));
   DA_ASSIGN_OR_RETURN(shape.head_dim, reader.Integer("head_dim"));
   DA_ASSIGN_OR_RETURN(out.dtype, reader.Choice("dtype", DTypeNames(), engine::DType::kFloat32));
+  DA_ASSIGN_OR_RETURN(out.out_dtype, reader.Choice("output_dtype", DTypeNames(), out.dtype));
   DA_ASSIGN_OR_RETURN(const std::vector<int64_t> segments, reader.Integers("segments"));
   DA_ASSIGN_OR_RETURN(const std::vector<int64_t> dilations, reader.Integers("dilations"));
   if (segments.size() != dilations.size()) {

@@ -17,7 +17,7 @@ TEST(WarmUpFileTest, ParsesEveryFieldAndAppliesDefaults) {
      "dilations": [1]},
     {"batch": 2, "seq_len": 8192, "heads": 8, "kv_heads": 2, "head_dim": 128, "dtype": "bf16",
      "segments": [2048, 4096], "dilations": [1, 2], "causal": true, "mode": "grouped",
-     "precision": "fp32"}
+     "precision": "fp32", "output_dtype": "fp32"}
   ])");
   ASSERT_TRUE(shapes.ok()) << shapes.status();
   ASSERT_EQ(shapes->size(), 2u);
@@ -29,6 +29,7 @@ TEST(WarmUpFileTest, ParsesEveryFieldAndAppliesDefaults) {
   EXPECT_EQ(first.shape.kv_heads, 8);  // Defaults to heads.
   EXPECT_EQ(first.shape.head_dim, 64);
   EXPECT_EQ(first.dtype, engine::DType::kFloat32);
+  EXPECT_EQ(first.out_dtype, engine::DType::kFloat32);  // Defaults to dtype.
   EXPECT_EQ(first.spec.PatternsToString(), "(2048,1)");
   EXPECT_FALSE(first.spec.causal);
   EXPECT_EQ(first.spec.mode, engine::CombineMode::kLongNet);
@@ -39,6 +40,7 @@ TEST(WarmUpFileTest, ParsesEveryFieldAndAppliesDefaults) {
   EXPECT_EQ(second.shape.kv_heads, 2);
   EXPECT_EQ(second.shape.head_dim, 128);
   EXPECT_EQ(second.dtype, engine::DType::kBFloat16);
+  EXPECT_EQ(second.out_dtype, engine::DType::kFloat32);
   EXPECT_EQ(second.spec.PatternsToString(), "(2048,1),(4096,2)");
   EXPECT_TRUE(second.spec.causal);
   EXPECT_EQ(second.spec.mode, engine::CombineMode::kGrouped);

@@ -176,6 +176,33 @@ TEST(WarmUpRpcTest, AStreamOfAWarmedShapeFindsItsChunkPlans) {
   }
 }
 
+// A plan is built for its output dtype: a warm-up naming one warms requests asking for it.
+TEST(WarmUpRpcTest, AnOutputDtypeWarmsThePlansOfRequestsAskingForIt) {
+  std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
+  ASSERT_NE(server, nullptr);
+  client::AttentionClient client(testing::ChannelTo(server->port()));
+  std::mt19937 rng(std::random_device{}());
+  v1::AttendRequest request =
+      testing::RandomRequest({.seq_len = 256, .head_dim = 32, .dtype = v1::DTYPE_BF16}, rng);
+  request.mutable_spec()->set_precision(v1::PRECISION_FP32);
+  request.set_output_dtype(v1::DTYPE_FP32);
+  v1::WarmUpRequest warm_up;
+  *warm_up.add_shapes() = testing::HeaderFor(request);
+  v1::WarmUpResponse warmed;
+  grpc::Status status = client.WarmUp(warm_up, &warmed, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_NE(warmed.results(0).plan_key().find("bf16->fp32"), std::string::npos)
+      << warmed.DebugString();
+  v1::AttendResponse response;
+  status = client.Attend(request, &response, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(response.info().plan_cache_hit());
+  request.clear_output_dtype();  // bf16 out: a plan of its own.
+  status = client.Attend(request, &response, testing::WithTimeout(60000));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_FALSE(response.info().plan_cache_hit());
+}
+
 TEST(WarmUpRpcTest, MalformedShapesNameTheirIndexAndWarmNothing) {
   std::unique_ptr<Server> server = testing::StartServer(testing::LoopbackOptions());
   ASSERT_NE(server, nullptr);

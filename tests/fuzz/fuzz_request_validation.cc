@@ -262,8 +262,8 @@ void FuzzStreamHeader(const v1::StreamHeader& header) {
   const int64_t seq_len = problem->shape.seq_len;
   for (int64_t min_chunk : {int64_t{1}, int64_t{4096}}) {
     absl::StatusOr<StreamLayout> layout =
-        MakeStreamLayout(problem->shape, problem->dtype, problem->spec, min_chunk,
-                         DefaultServerLimits().max_request_bytes);
+        MakeStreamLayout(problem->shape, problem->dtype, problem->out_dtype, problem->spec,
+                         min_chunk, DefaultServerLimits().max_request_bytes);
     if (!layout.ok()) {
       if (layout.status().code() != absl::StatusCode::kResourceExhausted ||
           layout.status().message().find("stream chunk of") == std::string::npos) {
