@@ -79,6 +79,15 @@ TEST_P(ServerAnswerTest, UnaryAndStreamEqualInProcessEngineBytes) {
     EXPECT_EQ(streamed.info().backend(), "cpu");
     EXPECT_EQ(streamed.info().request_id().size(), 16u);
   }
+  // In two parts where the patterns allow a cut (each part's answer written into one output of
+  // the dtype asked for).
+  {
+    v1::AttendResponse parts;
+    status = client_->AttendStream(request, &parts, {}, {.block_tokens = 7, .parallel_streams = 2});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(parts.output().data() == expected) << "parallel parts differ from the engine's";
+    EXPECT_EQ(parts.output().dtype(), unary.output().dtype());
+  }
 }
 
 ProblemConfig Config(int64_t batch, int64_t seq_len, int64_t heads, int64_t kv_heads,

@@ -387,7 +387,7 @@ class Client:
     def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                precision="auto", scale=None, out=None, stream=None, block_tokens=0,
                parallel_streams=1, request_id="", priority=0, timeout=None, return_info=False,
-               progress=None):
+               progress=None, out_dtype=None):
         """Dilated attention of q over k and v.
 
         q is [batch, seq_len, heads, head_dim], k and v [batch, seq_len, kv_heads, head_dim]
@@ -397,8 +397,12 @@ class Client:
         "longnet" or "grouped"; precision "auto", "fp32", "bf16", "fp16" or "fp8"; scale the
         softmax scale (default 1/sqrt(head_dim)); causal masks keys after the query.
 
-        out: an array or tensor of q's shape and dtype to write the output into (otherwise one
-        is allocated). stream None chooses: one message when q, k, v and the output fit the
+        out_dtype: the output's dtype ("float32", "float16", "bfloat16", or a numpy or torch
+        dtype) where it is not q's, e.g. float32 for bfloat16 inputs, which keeps the compute's
+        fp32 result unrounded; None: q's.
+
+        out: an array or tensor of q's shape and the output's dtype to write the output into
+        (otherwise one is allocated). stream None chooses: one message when q, k, v and the output fit the
         server's message limit, else AttendStream in blocks of block_tokens tokens (0: about 4
         MiB, at most half the server's message limit), the output filled as blocks arrive.
         Either way each tensor's bytes are copied once going out and once coming back (a strided
@@ -427,7 +431,7 @@ class Client:
         sent for inputs the server would refuse).
         """
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
-                      request_id, priority, progress, block_tokens)
+                      request_id, priority, progress, block_tokens, out_dtype)
         parts = _check_parallel_streams(parallel_streams)
         deadline = _deadline(self._timeout, timeout)
         limit = self._server_message_limit(timeout)
@@ -911,11 +915,11 @@ def _block_tokens(q, k, message_limit, requested):
     return max(1, min(_BLOCK_BYTES, message_limit // 2) // token_bytes)
 
 
-def _stream_header(q, k, seq_len, spec, request_id, priority):
+def _stream_header(q, k, seq_len, spec, request_id, priority, out_wire=pb.DTYPE_UNSPECIFIED):
     batch, _, heads, head_dim = q.shape
     header = pb.StreamHeader(request_id=request_id, spec=spec, dtype=q.wire, batch=batch,
                              seq_len=seq_len, heads=heads, kv_heads=k.shape[2],
-                             head_dim=head_dim, priority=priority)
+                             head_dim=head_dim, priority=priority, output_dtype=out_wire)
     return _wire.message_field(1, header)
 
 
@@ -1039,9 +1043,12 @@ class _Attend:
     the sync and the asyncio client. Streamed, it is one or more parts (_Part), each a request
     of its own."""
 
-    def __init__(self, q, k, v, out, spec, request_id, priority, progress=None, block_tokens=0):
+    def __init__(self, q, k, v, out, spec, request_id, priority, progress=None, block_tokens=0,
+                 out_dtype=None):
         self.q, self.k, self.v = _host_tensors(q, k, v)
-        self.output = _tensors.Output(self.q, out)
+        self.out_wire = _output_wire(out_dtype)  # DTYPE_UNSPECIFIED: q's.
+        self.output = _tensors.Output(
+            self.q.with_dtype(self.out_wire) if self.out_wire else self.q, out)
         self.spec = spec
         self.request_id = request_id
         self.priority = _check_priority(priority)
@@ -1062,13 +1069,14 @@ class _Attend:
 
     def report(self):
         if self.progress is not None:
-            self.progress(self.sent, self.to_send, self.received, self.q.nbytes)
+            self.progress(self.sent, self.to_send, self.received, self.output.raw.nbytes)
 
     def streams(self, stream, message_limit):
         """Whether to stream: as asked, or when q, k, v and the output do not fit one message
         (with room for framing). A stream's block_tokens is checked here, before it is sent."""
         if stream is None:
-            stream = self.q.nbytes * 2 + self.k.nbytes + self.v.nbytes > 0.9 * message_limit
+            stream = (self.q.nbytes + self.output.raw.nbytes + self.k.nbytes + self.v.nbytes >
+                      0.9 * message_limit)
         if stream:
             _block_tokens(self.q, self.k, message_limit, self.block_tokens)
         return stream
@@ -1077,7 +1085,7 @@ class _Attend:
         """Cuts the call into at most parallel_streams parts (0: one per
         _PARALLEL_STREAM_BYTES, at most _AUTO_PARALLEL_STREAMS); returns them."""
         wanted = parallel_streams or min(_AUTO_PARALLEL_STREAMS, max(
-            1, (self.to_send + self.q.nbytes) // _PARALLEL_STREAM_BYTES))
+            1, (self.to_send + self.output.raw.nbytes) // _PARALLEL_STREAM_BYTES))
         ranges = _cut_parts(self.spec.segment_lengths, self.q.shape[1], wanted)
         self.parts = [_Part(self, begin, end, i + 1 if len(ranges) > 1 else 0)
                       for i, (begin, end) in enumerate(ranges)]
@@ -1094,6 +1102,8 @@ class _Attend:
             data = np.ascontiguousarray(tensor.raw)  # A strided input gathered whole.
             parts += _wire.bytes_field(field, [header, *_wire.bytes_field(3, [data])])
         parts.append(_wire.int_field(6, self.priority))
+        if self.out_wire:
+            parts.append(_wire.int_field(7, self.out_wire))
         return _wire.join(parts)
 
     def take_unary_response(self, data):
@@ -1184,7 +1194,7 @@ class _Part:
         job = self.job
         q, k, v = job.q, job.k, job.v
         yield _stream_header(q, k, self.end - self.begin, job.spec, self.request_id,
-                             job.priority)
+                             job.priority, job.out_wire)
         step = _block_tokens(q, k, message_limit, block_tokens)
         token_bytes = job.to_send // q.shape[1]
         for start in range(self.begin, self.end, step):
@@ -1214,7 +1224,7 @@ class _Part:
                 data, raw.dtype, (batch, count, heads, head_dim), "an output block")
             self.next_token += count
             self.received += len(data)
-            if job.received < job.q.nbytes:  # The last block's report is result()'s.
+            if job.received < raw.nbytes:  # The last block's report is result()'s.
                 job.report()
 
     def check_complete(self):
@@ -1373,7 +1383,7 @@ class _BlockFeed:
 def _warm_up_request(shapes):
     request = pb.WarmUpRequest()
     known = {"shape", "segments", "dilations", "kv_heads", "dtype", "causal", "mode",
-             "precision", "scale"}
+             "precision", "scale", "out_dtype"}
     for i, shape in enumerate(shapes):
         unknown = sorted(set(shape) - known)
         if unknown or not {"shape", "segments", "dilations"} <= set(shape):
@@ -1391,10 +1401,24 @@ def _warm_up_request(shapes):
         spec = _spec(shape["segments"], shape["dilations"], shape.get("causal", False),
                      shape.get("mode", "longnet"), shape.get("precision", "auto"),
                      shape.get("scale"))
+        try:
+            out_wire = _output_wire(shape.get("out_dtype"))
+        except errors.InvalidArgument as error:
+            raise errors.invalid(f"shapes[{i}].{error.message}") from None
         request.shapes.append(pb.StreamHeader(
             spec=spec, dtype=_DTYPES[dtype], batch=batch, seq_len=seq_len, heads=heads,
-            kv_heads=int(shape.get("kv_heads", heads)), head_dim=head_dim))
+            kv_heads=int(shape.get("kv_heads", heads)), head_dim=head_dim, output_dtype=out_wire))
     return request
+
+
+def _output_wire(out_dtype):
+    """The wire dtype of attend's out_dtype; DTYPE_UNSPECIFIED (0) for None."""
+    if out_dtype is None:
+        return pb.DTYPE_UNSPECIFIED
+    name = _dtype_name(out_dtype)
+    if name not in _DTYPES:
+        raise errors.invalid(f"out_dtype {name} is not float32, float16 or bfloat16")
+    return _DTYPES[name]
 
 
 def _dtype_name(dtype):

@@ -77,6 +77,33 @@ class HostTensor:
         if self.wire is None:
             raise errors.invalid(f"{name}: dtype {self.dtype_name} is not {accepted}")
 
+    def with_dtype(self, wire):
+        """The output kind for an output in another dtype (a wire dtype): this tensor's kind
+        (numpy or torch) and device, that dtype."""
+        if wire == self.wire:
+            return self
+        out = object.__new__(HostTensor)
+        out.shape, out.wire, out.torch = self.shape, wire, self.torch
+        out.nbytes = self.raw.size * np.dtype(_RAW[wire]).itemsize
+        if self.torch is None:
+            if wire == pb.DTYPE_BF16:
+                try:
+                    import ml_dtypes  # noqa: PLC0415 (only numpy's bfloat16 output needs it)
+                except ImportError:
+                    raise errors.invalid("out_dtype bfloat16 for numpy inputs needs the ml_dtypes "
+                                         "package (numpy has no bfloat16)") from None
+                out.numpy_dtype = np.dtype(ml_dtypes.bfloat16)
+            else:
+                out.numpy_dtype = np.dtype(_RAW[wire])
+            out.dtype_name = str(out.numpy_dtype)
+        else:
+            torch = self.torch
+            out.device = self.device
+            out.torch_dtype = {pb.DTYPE_FP32: torch.float32, pb.DTYPE_FP16: torch.float16,
+                               pb.DTYPE_BF16: torch.bfloat16}[wire]
+            out.dtype_name = str(out.torch_dtype)
+        return out
+
     def same_kind(self, other):
         return self.wire == other.wire and (self.torch is None) == (other.torch is None)
 
@@ -98,9 +125,10 @@ class HostTensor:
 
 class Output:
     """Where an output lands: `raw`, a host array filled block by block, and `result()`, what the
-    caller gets. With `out` (an array or tensor of the query's shape and dtype) the output is
-    written there: in place for numpy and for C-contiguous CPU tensors, else copied once at the
-    end (a GPU tensor)."""
+    caller gets. `query` is the output's kind: the query's, or HostTensor.with_dtype's for an
+    output dtype of its own. With `out` (an array or tensor of that shape and dtype) the output
+    is written there: in place for numpy and for C-contiguous CPU tensors, else copied once at
+    the end (a GPU tensor)."""
 
     def __init__(self, query, out=None):
         self._query = query

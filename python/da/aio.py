@@ -320,7 +320,7 @@ class Client:
     async def attend(self, q, k, v, *, segments, dilations, causal=False, mode="longnet",
                      precision="auto", scale=None, out=None, stream=None, block_tokens=0,
                      parallel_streams=1, request_id="", priority=0, timeout=None,
-                     return_info=False, progress=None):
+                     return_info=False, progress=None, out_dtype=None):
         """da.Client.attend, awaited (progress is called on the event loop; parallel streams
         are tasks on it)."""
         spec = _client._spec(segments, dilations, causal, mode, precision, scale)
@@ -329,7 +329,7 @@ class Client:
         # message, the output given back) run on a worker thread, so that the event loop goes on.
         large = sum(_nbytes(t) for t in (q, k, v)) >= _OFF_LOOP_BYTES
         job = await _maybe_off_loop(large, _client._Attend, q, k, v, out, spec, request_id,
-                                    priority, progress, block_tokens)
+                                    priority, progress, block_tokens, out_dtype)
         deadline = _client._deadline(self._timeout, timeout)
         limit = await self._server_message_limit(timeout)
         _client._check_open(self._closed)

@@ -103,6 +103,34 @@ class CliTest(unittest.TestCase):
             self.assertTrue(parse_json_output(done.stdout)[-1]["stream"], done.stdout)
             self.assertEqual(np.load(self.path("big-out.npy")).shape, (1, 4096, 4, 32))
 
+    def test_out_dtype_answers_in_the_dtype_asked_for(self):
+        # bf16 inputs answered in fp32, unary and streamed; a dtype that is none is one line.
+        for extra in ([], ["--stream"]):
+            with self.subTest(extra=extra):
+                done = self.cli("random", "--server", self.server.address, "--seq-len", 256,
+                                "--heads", 4, "--head-dim", 16, "--segments", "64,128",
+                                "--dilations", "1,2", "--dtype", "bf16", "--out-dtype", "fp32",
+                                "--json", *extra)
+                self.assert_ok(done)
+                report = parse_json_output(done.stdout)[-1]
+                self.assertEqual((report["dtype"], report["output_dtype"]), ("bf16", "fp32"))
+        rng = np.random.default_rng(9)
+        paths = []
+        for name in ("q", "k", "v"):
+            paths.append(self.path(f"half-{name}.npy"))
+            np.save(paths[-1], rng.standard_normal((1, 128, 2, 16)).astype(np.float16))
+        done = self.cli("attend", "--server", self.server.address, "--q", paths[0], "--k",
+                        paths[1], "--v", paths[2], "--segments", "64", "--dilations", "1",
+                        "--out", self.path("half-out.npy"), "--out-dtype", "fp32", "--json")
+        self.assert_ok(done)
+        out = np.load(self.path("half-out.npy"))
+        self.assertEqual((out.dtype, out.shape), (np.float32, (1, 128, 2, 16)))
+        done = self.cli("attend", "--server", self.server.address, "--q", paths[0], "--k",
+                        paths[1], "--v", paths[2], "--segments", "64", "--dilations", "1",
+                        "--out-dtype", "fp64")
+        self.assert_fails_with_one_line(done)
+        self.assertIn("--out-dtype: 'fp64' is not fp32, fp16 or bf16", done.stderr)
+
     def test_random_plain_output(self):
         done = self.cli("random", "--server", self.server.address, "--batch", 1, "--seq-len",
                         256, "--heads", 2, "--head-dim", 8, "--segments", "64", "--dilations", "2")

@@ -1141,6 +1141,63 @@ class PythonClientTest(unittest.TestCase):
         stream.close()
         self.assertEqual(self.client.health("da.v1.AttentionService"), "SERVING")
 
+    def test_an_output_dtype_of_its_own_keeps_the_compute_unrounded(self):
+        import asyncio
+        # bf16 inputs answered in fp32 equal the same inputs sent widened to fp32 (bf16 widens
+        # exactly), unary, streamed and in parallel parts, numpy and torch; out= takes the
+        # output's dtype; a warm-up names it; a dtype that is none is refused before sending.
+        rng = np.random.default_rng(23)
+        q = rng.standard_normal((1, 512, 4, 16)).astype(ml_dtypes.bfloat16)
+        k = rng.standard_normal((1, 512, 2, 16)).astype(ml_dtypes.bfloat16)
+        v = rng.standard_normal((1, 512, 2, 16)).astype(ml_dtypes.bfloat16)
+        kw = dict(segments=[128, 256], dilations=[1, 2], precision="fp32")
+        want = self.client.attend(*(t.astype(np.float32) for t in (q, k, v)), **kw)
+        shapes = (dict(stream=False), dict(stream=True, block_tokens=50),
+                  dict(stream=True, block_tokens=50, parallel_streams=2))
+        for shape in shapes:
+            with self.subTest(**shape):
+                got = self.client.attend(q, k, v, out_dtype="float32", **shape, **kw)
+                self.assertEqual((got.dtype, got.shape), (np.float32, q.shape))
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+                half = self.client.attend(q, k, v, out_dtype=np.float16, **shape, **kw)
+                self.assertEqual(half.dtype, np.float16)
+                np.testing.assert_allclose(half.astype(np.float32), want, rtol=1e-3, atol=1e-3)
+        out = np.empty(q.shape, np.float32)
+        self.assertIs(self.client.attend(q, k, v, out=out, out_dtype="float32", **kw), out)
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        with self.assertRaises(da.InvalidArgument) as caught:
+            self.client.attend(q, k, v, out=np.empty(q.shape, np.float32), **kw)
+        self.assertIn("expected the query's", str(caught.exception))
+        tq, tk, tv = (torch.from_numpy(t.astype(np.float32)).bfloat16() for t in (q, k, v))
+        got = self.client.attend(tq, tk, tv, out_dtype=torch.float32, stream=True, **kw)
+        self.assertEqual((got.dtype, tuple(got.shape)), (torch.float32, q.shape))
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+        fp32 = np.float32(want)
+        back = self.client.attend(*(t.astype(np.float32) for t in (q, k, v)),
+                                  out_dtype="bfloat16", **kw)
+        self.assertEqual(back.dtype, ml_dtypes.bfloat16)
+        np.testing.assert_allclose(back.astype(np.float32), fp32, rtol=1 / 128, atol=1e-3)
+
+        async def in_asyncio():
+            async with da.aio.Client(self.server.address, timeout=60) as client:
+                return [await client.attend(q, k, v, out_dtype="float32", **shape, **kw)
+                        for shape in shapes]
+
+        for got in asyncio.run(in_asyncio()):
+            self.assertEqual(got.dtype, np.float32)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+        shape = dict(shape=q.shape, kv_heads=2, dtype="bfloat16", out_dtype="float32", **kw)
+        warmed = self.client.warm_up([shape])
+        self.assertIn("bf16->fp32", warmed.results[0].plan_key)
+        result = self.client.attend(q, k, v, out_dtype="float32", stream=False,
+                                    return_info=True, **kw)
+        self.assertTrue(result.plan_cache_hit)
+        for bad in ("float64", np.int8):
+            with self.assertRaises(da.InvalidArgument) as caught:
+                self.client.attend(q, k, v, out_dtype=bad, **kw)
+            self.assertIn("is not float32, float16 or bfloat16", str(caught.exception))
+
     def test_warm_up_makes_the_first_request_a_plan_cache_hit(self):
         shape = dict(shape=(1, 640, 4, 32), kv_heads=2, dtype=torch.float16, segments=[64, 128],
                      dilations=[1, 2], mode="grouped", precision="fp32")
