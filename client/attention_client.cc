@@ -385,9 +385,10 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
                         absl::StrCat("parallel_streams must be >= 0, got ", parts));
   }
   if (parts == 0) {
-    const auto& q = request.query();
-    parts = DefaultParallelStreams(static_cast<int64_t>(
-        2 * q.data().size() + request.key().data().size() + request.value().data().size()));
+    parts = DefaultParallelStreams(static_cast<int64_t>(request.query().data().size() +
+                                                        request.key().data().size() +
+                                                        request.value().data().size()) +
+                                   OutputBytes(request));
   }
   // Several batch elements: their rows of a block lie apart in the output, which is sized whole
   // at once and written where the rows lie, as with parts (AttendParts).
@@ -474,9 +475,7 @@ grpc::Status AttentionClient::AttendParts(const v1::AttendRequest& request,
   // as the transfer's slowest runs: the first touch of 512 MiB took 0.2 s on the build machine,
   // and up to 1 s when the VM's host had to back the pages, with every part's answers waiting
   // for it; now each part's reading thread pays for its own pages as their rows arrive.
-  const size_t output_bytes = request.query().data().size() /
-                              std::max<int64_t>(1, DTypeBytes(request.query().dtype())) *
-                              DTypeBytes(OutputDType(request));
+  const size_t output_bytes = static_cast<size_t>(OutputBytes(request));
   try {
     ReserveOutput(output.mutable_data(), output_bytes);
     ResizeUninitialized(output.mutable_data(), output_bytes);

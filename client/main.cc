@@ -70,9 +70,10 @@ int ParallelStreams(const CallFlags& flags, const v1::AttendRequest& request) {
   if (!flags.stream && flags.parallel_streams <= 1) return flags.parallel_streams == 1 ? 1 : 0;
   int64_t wanted = flags.parallel_streams;
   if (wanted == 0) {
-    wanted = DefaultParallelStreams(static_cast<int64_t>(2 * request.query().data().size() +
+    wanted = DefaultParallelStreams(static_cast<int64_t>(request.query().data().size() +
                                                          request.key().data().size() +
-                                                         request.value().data().size()));
+                                                         request.value().data().size()) +
+                                    OutputBytes(request));
   }
   const int64_t seq_len = request.query().shape_size() == 4 ? request.query().shape(1) : 1;
   return static_cast<int>(CutParts(request.spec(), seq_len, static_cast<int>(wanted)).size());
@@ -205,7 +206,7 @@ grpc::Status Call(AttentionClient& client, const CallFlags& flags, const v1::Att
     reporter.emplace(
         &progress,
         q_bytes + static_cast<int64_t>(request.key().data().size() + request.value().data().size()),
-        q_bytes);
+        OutputBytes(request));
   }
   return client.AttendStream(
       request, response, options,

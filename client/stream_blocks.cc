@@ -144,12 +144,17 @@ v1::DType OutputDType(const v1::AttendRequest& request) {
                                                          : request.query().dtype();
 }
 
+int64_t OutputBytes(const v1::AttendRequest& request) {
+  const int64_t q_size = DTypeBytes(request.query().dtype());
+  if (q_size == 0) return 0;
+  return static_cast<int64_t>(request.query().data().size()) / q_size *
+         DTypeBytes(OutputDType(request));
+}
+
 bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit) {
   const int64_t limit = message_limit > 0 ? message_limit : kDefaultMessageBytes;
-  const double output_bytes = static_cast<double>(request.query().data().size()) /
-                              std::max<int64_t>(1, DTypeBytes(request.query().dtype())) *
-                              DTypeBytes(OutputDType(request));
-  const double bytes = output_bytes + static_cast<double>(request.query().data().size()) +
+  const double bytes = static_cast<double>(OutputBytes(request)) +
+                       static_cast<double>(request.query().data().size()) +
                        static_cast<double>(request.key().data().size()) +
                        static_cast<double>(request.value().data().size());
   return bytes > 0.9 * static_cast<double>(limit);

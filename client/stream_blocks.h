@@ -70,8 +70,10 @@ inline constexpr int64_t kParallelStreamBytes = 256LL << 20;
 inline constexpr int kMaxParallelStreams = 4;
 int DefaultParallelStreams(int64_t total_bytes);
 
-// The dtype request's output comes in: its output_dtype, else the query's.
+// The dtype request's output comes in: its output_dtype, else the query's; and its bytes (the
+// query's element count in that dtype; 0 for a query without a valid dtype).
 v1::DType OutputDType(const v1::AttendRequest& request);
+int64_t OutputBytes(const v1::AttendRequest& request);
 
 // Whether a request goes as a stream when its caller leaves the choice open: when its q, k and v
 // and its output, together, come within a tenth of message_limit (the smaller of the server's

@@ -122,14 +122,15 @@ std::string AttentionSpec::PatternsToString() const {
   return out;
 }
 
-int64_t RequestBytes(const ProblemShape& shape, DType dtype) {
+int64_t RequestBytes(const ProblemShape& shape, DType dtype, std::optional<DType> out_dtype) {
   const int64_t rows = shape.batch * shape.seq_len * shape.head_dim;
   // q and output have `heads` heads; k and v have `kv_heads`.
-  return rows * (2 * shape.heads + 2 * shape.kv_heads) * DTypeSize(dtype);
+  return rows * ((shape.heads + 2 * shape.kv_heads) * DTypeSize(dtype) +
+                 shape.heads * DTypeSize(out_dtype.value_or(dtype)));
 }
 
 absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const AttentionSpec& spec,
-                           const Limits& limits) {
+                           const Limits& limits, std::optional<DType> out_dtype) {
   DA_RETURN_IF_ERROR(spec.Validate());
   if (shape.batch < 1) return Invalid(absl::StrCat("batch is ", shape.batch, "; must be >= 1"));
   if (shape.seq_len < 1) {
@@ -173,7 +174,7 @@ absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const Attenti
                                                      " tokens (batch x seq); limit is ",
                                                      limits.max_tokens, " (--max-tokens)"));
   }
-  const int64_t bytes = RequestBytes(shape, dtype);
+  const int64_t bytes = RequestBytes(shape, dtype, out_dtype);
   if (limits.max_request_bytes > 0 && bytes > limits.max_request_bytes) {
     return absl::ResourceExhaustedError(
         absl::StrCat("request needs ", bytes, " bytes for query, key, value and output; limit is ",
@@ -183,7 +184,8 @@ absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const Attenti
 }
 
 absl::Status ValidateProblem(const TensorView& q, const TensorView& k, const TensorView& v,
-                             const AttentionSpec& spec, const Limits& limits) {
+                             const AttentionSpec& spec, const Limits& limits,
+                             std::optional<DType> out_dtype) {
   DA_RETURN_IF_ERROR(ValidateTensor("query", q));
   DA_RETURN_IF_ERROR(ValidateTensor("key", k));
   DA_RETURN_IF_ERROR(ValidateTensor("value", v));
@@ -212,7 +214,7 @@ absl::Status ValidateProblem(const TensorView& q, const TensorView& k, const Ten
   }
   const ProblemShape shape{q.shape.batch, q.shape.seq_len, q.shape.heads, k.shape.heads,
                            q.shape.head_dim};
-  return ValidateShape(shape, q.dtype, spec, limits);
+  return ValidateShape(shape, q.dtype, spec, limits, out_dtype);
 }
 
 }  // namespace da::engine

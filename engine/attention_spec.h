@@ -97,15 +97,18 @@ struct ProblemShape {
 };
 
 // Validates the shape and the spec against each other and the limits, without touching data.
+// out_dtype: the output's dtype (for max_request_bytes); none: dtype.
 absl::Status ValidateShape(const ProblemShape& shape, DType dtype, const AttentionSpec& spec,
-                           const Limits& limits);
+                           const Limits& limits, std::optional<DType> out_dtype = std::nullopt);
 
 // Validates q, k, v views: rank-4 shapes, equal batch/seq/head_dim, H % Hkv == 0, equal dtypes,
 // byte counts equal to shape x dtype size, then everything ValidateShape checks.
 absl::Status ValidateProblem(const TensorView& q, const TensorView& k, const TensorView& v,
-                             const AttentionSpec& spec, const Limits& limits);
+                             const AttentionSpec& spec, const Limits& limits,
+                             std::optional<DType> out_dtype = std::nullopt);
 
-// Total bytes of q, k, v and the output of a problem.
-int64_t RequestBytes(const ProblemShape& shape, DType dtype);
+// Total bytes of q, k, v (of dtype) and the output (of out_dtype; none: dtype) of a problem.
+int64_t RequestBytes(const ProblemShape& shape, DType dtype,
+                     std::optional<DType> out_dtype = std::nullopt);
 
 }  // namespace da::engine

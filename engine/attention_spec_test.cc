@@ -148,6 +148,27 @@ TEST(AttentionSpecTest, ByteLimit) {
                 absl::StatusCode::kResourceExhausted);
 }
 
+// The output counts in its own dtype: bf16 inputs with an fp32 output take more room than bf16
+// throughout, and less than fp32 throughout.
+TEST(AttentionSpecTest, TheByteLimitCountsTheOutputInItsDtype) {
+  const ProblemShape shape{1, 100, 8, 2, 16};
+  const int64_t rows = 100 * 16;
+  EXPECT_EQ(RequestBytes(shape, DType::kBFloat16), rows * (8 + 2 * 2 + 8) * 2);
+  EXPECT_EQ(RequestBytes(shape, DType::kBFloat16, DType::kFloat32),
+            rows * ((8 + 2 * 2) * 2 + 8 * 4));
+  AttentionSpec spec;
+  spec.patterns = {{16, 1}};
+  Limits limits;
+  limits.max_request_bytes = rows * ((8 + 2 * 2) * 2 + 8 * 4);
+  EXPECT_TRUE(ValidateShape(shape, DType::kBFloat16, spec, limits, DType::kFloat32).ok());
+  limits.max_request_bytes -= 1;
+  const absl::Status refused =
+      ValidateShape(shape, DType::kBFloat16, spec, limits, DType::kFloat32);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("request needs 89600 bytes"), std::string::npos) << refused;
+  EXPECT_TRUE(ValidateShape(shape, DType::kBFloat16, spec, limits).ok());  // bf16 out: 64000.
+}
+
 TEST(AttentionSpecTest, HeadDimLimit) {
   Problem p;
   p.limits.max_head_dim = 2;

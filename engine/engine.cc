@@ -139,8 +139,8 @@ struct Engine::Impl {
   EngineStats counters;  // Only the counters and stop latencies are kept here.
 
   absl::Status Validate(const RunRequest& request) const {
-    DA_RETURN_IF_ERROR(
-        ValidateProblem(request.q, request.k, request.v, request.spec, options.limits));
+    DA_RETURN_IF_ERROR(ValidateProblem(request.q, request.k, request.v, request.spec,
+                                       options.limits, request.out.dtype));
     const Shape4& qs = request.q.shape;
     const Shape4& os = request.out.shape;
     if (os.batch != qs.batch || os.seq_len != qs.seq_len || os.heads != qs.heads ||
@@ -468,6 +468,17 @@ struct Engine::Impl {
     const Clock::time_point start = Clock::now();
     ShardGroup& group = *options.shard_group;
     Device& device = *slots.front();
+    // Rank 0's share computes there: counted as running, so that the runs of requests the group
+    // does not take go to another device, where there is one, while it does.
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ++device.running;
+    }
+    struct Release {
+      Impl* impl;
+      Device& device;
+      ~Release() { impl->ReleaseDevice(device); }
+    } release{this, device};
     used->push_back(device.info.id);
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
                         device.backend->ChoosePrecision(request.spec));
@@ -1109,7 +1120,7 @@ void Engine::Submit(const RunRequest& request, RunCallback done) {
 absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dtype, DType out_dtype,
                                             const AttentionSpec& spec,
                                             const std::atomic<bool>* stop) {
-  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
+  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits, out_dtype));
   DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
   DA_ASSIGN_OR_RETURN(const PrecisionChoice precision, impl_->backend().ChoosePrecision(spec));
   const TensorView q{dtype, shape.QueryShape(), nullptr, 0};
@@ -1209,7 +1220,7 @@ absl::StatusOr<WarmUpResult> Engine::WarmUp(const ProblemShape& shape, DType dty
 absl::StatusOr<MemoryEstimate> Engine::EstimateMemory(const ProblemShape& shape, DType dtype,
                                                       DType out_dtype,
                                                       const AttentionSpec& spec) const {
-  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits));
+  DA_RETURN_IF_ERROR(ValidateShape(shape, dtype, spec, impl_->options.limits, out_dtype));
   DA_RETURN_IF_ERROR(impl_->backend().Supports(shape, dtype, spec));
   return impl_->Estimate(shape, dtype, out_dtype, spec, impl_->Default());
 }

@@ -75,7 +75,7 @@ struct EngineOptions {
   std::vector<std::string> devices;
   // AUTO requests of at least this many FLOPs are sharded: across the shard group's ranks where
   // there is one (below), else across the local devices (engine/placement.h). Smaller ones take
-  // one device each, side by side (with a group, on rank 0, while the group runs others).
+  // one device each (with a group, one of rank 0's, taking turns with the group's runs there).
   double shard_min_flops = 1e9;
   // The backend by name (engine/backend_registry.h): "cpu" (the default of CPU devices) or
   // "reference".

@@ -211,7 +211,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   // by its window instead (see the class comment).
   engine::Limits limits = engine_->limits();
   limits.max_request_bytes = 0;
-  DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits));
+  DA_RETURN_IF_ERROR(engine::ValidateShape(problem_.shape, problem_.dtype, problem_.spec, limits,
+                                           problem_.out_dtype));
   // A block holds whole tokens of every batch element: one token must fit a message.
   const int64_t token_bytes = problem_.shape.batch * (QueryRowBytes() + 2 * KeyRowBytes());
   if (token_bytes > settings_.max_message_bytes - kBlockFramingBytes) {
@@ -219,6 +220,14 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
         "header: one token across batch %d needs %d bytes of query, key and value in a block "
         "message, over --max-message-bytes %d (less %d of framing)",
         problem_.shape.batch, token_bytes, settings_.max_message_bytes, kBlockFramingBytes));
+  }
+  // And one token of output an answer message (an output dtype wider than the inputs').
+  const int64_t out_token_bytes = problem_.shape.batch * OutputRowBytes();
+  if (out_token_bytes > settings_.max_message_bytes - kBlockFramingBytes) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "header: one token of output across batch %d needs %d bytes in an answer message, over "
+        "--max-message-bytes %d (less %d of framing)",
+        problem_.shape.batch, out_token_bytes, settings_.max_message_bytes, kBlockFramingBytes));
   }
 
   DA_ASSIGN_OR_RETURN(

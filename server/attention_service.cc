@@ -151,8 +151,8 @@ class AttendReactor final : public grpc::ServerUnaryReactor, public StreamWatch:
     DA_RETURN_IF_ERROR(priority_cap_->Check(*context_, "priority", request_.priority()));
     // Checked here as well as in the engine so that an oversized request is refused before the
     // output is allocated.
-    DA_RETURN_IF_ERROR(
-        engine::ValidateProblem(q, problem.k, problem.v, problem.spec, engine->limits()));
+    DA_RETURN_IF_ERROR(engine::ValidateProblem(q, problem.k, problem.v, problem.spec,
+                                               engine->limits(), problem.out_dtype));
     // The answer's size is known now: one that could not be sent is refused before any compute.
     const int64_t out_bytes = q.shape.elements() * engine::DTypeSize(problem.out_dtype);
     answer_bytes_ =
@@ -294,7 +294,8 @@ absl::Status WarmUpShapes(engine::Engine& engine, Metrics& metrics,
         ProblemFromHeader(request.shapes(i), absl::StrCat(field, ".dtype"));
     absl::Status valid = shape.status();
     if (valid.ok()) {
-      valid = engine::ValidateShape(shape->shape, shape->dtype, shape->spec, engine.limits());
+      valid = engine::ValidateShape(shape->shape, shape->dtype, shape->spec, engine.limits(),
+                                    shape->out_dtype);
     }
     if (!valid.ok()) return Prefixed(valid, absl::StrCat(field, ": "));
     shapes.push_back(*std::move(shape));

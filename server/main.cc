@@ -284,8 +284,7 @@ int main(int argc, char** argv) {
                  "Requests with shard policy AUTO and at least this many FLOPs (4*N*D*w/r^2 per "
                  "head and pattern, docs/MATH.md) are sharded: across the ranks with --world-size "
                  "> 1, else "
-                 "across the CPU devices or GPUs; smaller ones run on one device (rank 0's), side "
-                 "by side")
+                 "across the CPU devices or GPUs; smaller ones run on one device (rank 0's) each")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   std::string queue_order = "fair";

@@ -207,6 +207,35 @@ TEST_F(ServerTest, AnFp32OutputOfBf16InputsIsTheComputeUnrounded) {
       << status.error_message();
 }
 
+// A token of a wider output than its inputs must fit an answer message too: refused at the
+// header, before anything is computed.
+TEST_F(ServerTest, AnOutputTokenOverTheMessageLimitIsRefusedAtTheHeader) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.max_message_bytes = 2048;
+  Start(options);
+  std::mt19937 rng(std::random_device{}());
+  // A token: 1280 bytes of bf16 q, k and v (8 heads, 1 kv head, 64 dims); 2048 of fp32 output.
+  v1::AttendRequest request = testing::RandomRequest({.seq_len = 16,
+                                                      .heads = 8,
+                                                      .kv_heads = 1,
+                                                      .head_dim = 64,
+                                                      .patterns = {{16, 1}},
+                                                      .dtype = v1::DTYPE_BF16},
+                                                     rng);
+  v1::AttendResponse response;
+  grpc::Status status =
+      client_->AttendStream(request, &response, testing::WithTimeout(30000), {.block_tokens = 1});
+  ASSERT_TRUE(status.ok()) << status.error_message();  // bf16 out: the answer fits.
+  request.set_output_dtype(v1::DTYPE_FP32);
+  status =
+      client_->AttendStream(request, &response, testing::WithTimeout(30000), {.block_tokens = 1});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("one token of output across batch 1 needs 2048 bytes in "
+                                        "an answer message, over --max-message-bytes 2048"),
+            std::string::npos)
+      << status.error_message();
+}
+
 TEST_F(ServerTest, RequestIdComesFromMetadataThenFieldThenIsGenerated) {
   v1::AttendRequest request = SmallRequest();
   request.set_request_id("from-field");

@@ -27,7 +27,11 @@ std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
   const absl::int128 unary_bytes =
       (absl::int128(whole.QueryShape().elements()) + 2 * whole.KeyShape().elements()) *
       engine::DTypeSize(shape.dtype);
-  if (unary_bytes <= transport.max_message_bytes) add(whole.seq_len);
+  const absl::int128 answer_bytes =
+      absl::int128(whole.QueryShape().elements()) * engine::DTypeSize(shape.out_dtype);
+  if (unary_bytes <= transport.max_message_bytes && answer_bytes <= transport.max_message_bytes) {
+    add(whole.seq_len);
+  }
   const int64_t chunk = ChooseChunkTokens(shape.spec, whole.seq_len,
                                           std::max<int64_t>(1, transport.stream_min_chunk_tokens));
   add(chunk);

@@ -23,7 +23,7 @@
 
 namespace da::server {
 
-// What a warm-up names: a shape, an input dtype (the output has the same dtype) and a spec.
+// What a warm-up names: a shape, an input and an output dtype, and a spec.
 using WarmUpShape = StreamProblem;
 
 // What decides the plans a shape's requests run: the server's message limit and stream chunks.
@@ -33,10 +33,10 @@ struct WarmUpTransport {
 };
 
 // The problem shapes whose plans requests of `shape` run, each once: the whole shape's for a
-// unary call, where q, k and v fit in one message; then a stream's chunks' (ChooseChunkTokens
-// tokens, and the last chunk's where it is shorter), which is the whole shape again when one
-// chunk holds the sequence. A stream computes chunk by chunk, so without its chunk plans a warmed
-// shape's first stream still builds.
+// unary call, where q, k and v fit in one message and so does the output; then a stream's chunks'
+// (ChooseChunkTokens tokens, and the last chunk's where it is shorter), which is the whole shape
+// again when one chunk holds the sequence. A stream computes chunk by chunk, so without its chunk
+// plans a warmed shape's first stream still builds.
 std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
                                              const WarmUpTransport& transport);
 

@@ -106,7 +106,7 @@ TEST(PlanShapesTest, TheWholeSequenceWhereItFitsAMessageThenTheStreamsChunks) {
   // One byte short of a message: streamed only.
   EXPECT_EQ(lengths(odd, {.max_message_bytes = 7679999, .stream_min_chunk_tokens = 4096}),
             (std::vector<int64_t>{4096, 10000 % 4096}));
-  // Chunks that divide the sequence: no shorter last chunk.
+  // Chunks of 5120 tokens (the first multiple of 1024 from 5000) and a last one of 4880.
   EXPECT_EQ(lengths(odd, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 5000}),
             (std::vector<int64_t>{10000, 5120, 10000 - 5120}));
   // One chunk holds the sequence (chunks of at least 16384 tokens; a segment as long as the
@@ -116,6 +116,7 @@ TEST(PlanShapesTest, TheWholeSequenceWhereItFitsAMessageThenTheStreamsChunks) {
   const v1::AttendRequest one_segment = Fp32Request({.seq_len = 8192, .patterns = {{8192, 1}}});
   EXPECT_EQ(lengths(one_segment, {.max_message_bytes = 1, .stream_min_chunk_tokens = 4096}),
             (std::vector<int64_t>{8192}));
+  // Chunks that divide the sequence: no shorter last chunk.
   const v1::AttendRequest even = Fp32Request({.seq_len = 8192, .patterns = {{1024, 1}}});
   EXPECT_EQ(lengths(even, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 4096}),
             (std::vector<int64_t>{8192, 4096}));

@@ -423,11 +423,12 @@ class Client:
         calling thread: as each output block of a stream arrives, and once when the answer is
         complete, e.g. to drive a progress bar:
 
-            bar = tqdm.tqdm(total=2 * q.nbytes + k.nbytes + v.nbytes, unit="B", unit_scale=True)
+            bar = tqdm.tqdm(total=q.nbytes + k.nbytes + v.nbytes + out_nbytes, unit="B",
+                            unit_scale=True)
             client.attend(q, k, v, ..., progress=lambda s, _, r, __: bar.update(s + r - bar.n))
 
-        Returns the output (q's shape, kind, dtype and device), or a Result with the execution
-        info when return_info. Raises da.Error subclasses (InvalidArgument before anything is
+        Returns the output (q's shape, kind and device; out_dtype, else q's dtype), or a Result
+        with the execution info when return_info. Raises da.Error subclasses (InvalidArgument before anything is
         sent for inputs the server would refuse).
         """
         job = _Attend(q, k, v, out, _spec(segments, dilations, causal, mode, precision, scale),
@@ -940,7 +941,7 @@ def _block_message(token_start, q, k, v, start, end):
 
 def _read_stream_message(data):
     """An encoded AttendStreamResponse as ("block", token_start, token_count, output bytes),
-    ("trailer", ExecutionInfo) or ("header",)."""
+    ("trailer", ExecutionInfo) or ("header", output dtype)."""
     for field, value in _wire.fields(data):
         if field == 2:
             block = dict(_wire.fields(value))
@@ -948,8 +949,17 @@ def _read_stream_message(data):
         if field == 3:
             return "trailer", pb.StreamTrailer.FromString(value).info
         if field == 1:
-            return ("header",)
-    return ("header",)
+            return "header", dict(_wire.fields(value)).get(2, pb.DTYPE_UNSPECIFIED)
+    return "header", pb.DTYPE_UNSPECIFIED
+
+
+def _check_answer_dtype(got, wanted, where=""):
+    """The answer's dtype must be the one asked for: a server older than output_dtype answers
+    in the inputs' dtype."""
+    if got != wanted:
+        name = pb.DType.Name(got) if got in pb.DType.values() else str(got)
+        raise _internal(f"{where}the answer is {name}, not the {pb.DType.Name(wanted)} asked for "
+                        "(a server older than output_dtype answers in the inputs' dtype)")
 
 
 def _internal(message):
@@ -1047,6 +1057,7 @@ class _Attend:
                  out_dtype=None):
         self.q, self.k, self.v = _host_tensors(q, k, v)
         self.out_wire = _output_wire(out_dtype)  # DTYPE_UNSPECIFIED: q's.
+        self.answer_wire = self.out_wire or self.q.wire  # The dtype the output comes in.
         self.output = _tensors.Output(
             self.q.with_dtype(self.out_wire) if self.out_wire else self.q, out)
         self.spec = spec
@@ -1112,6 +1123,7 @@ class _Attend:
         for field, value in _wire.fields(data):
             if field == 1:
                 tensor = dict(_wire.fields(value))
+                _check_answer_dtype(tensor.get(1, pb.DTYPE_UNSPECIFIED), self.answer_wire)
                 raw = self.output.raw
                 np.copyto(raw, _rows_from_wire(tensor.get(3, b""), raw.dtype, raw.shape,
                                                "the output"))
@@ -1210,6 +1222,8 @@ class _Part:
         kind, *rest = _read_stream_message(data)
         if kind == "trailer":
             self.info = rest[0]
+        elif kind == "header":
+            _check_answer_dtype(rest[0], self.job.answer_wire, self.where())
         elif kind == "block":
             start, count, data = rest
             job = self.job

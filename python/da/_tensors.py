@@ -167,7 +167,8 @@ class Output:
         query = self._query
         if tuple(shape) != tuple(query.shape) or dtype_name != query.dtype_name:
             raise errors.invalid(f"out: shape {list(shape)} and dtype {dtype_name}, expected the "
-                                 f"query's {list(query.shape)} and {query.dtype_name}")
+                                 f"query's shape {list(query.shape)} and the output's dtype "
+                                 f"{query.dtype_name}")
         if not usable:
             raise errors.invalid("out: must be writeable")
 

@@ -755,7 +755,8 @@ class PythonClientTest(unittest.TestCase):
                 self.assertTrue(np.isnan(wide[:, :16]).all() and np.isnan(wide[:, 80:]).all())
         with self.assertRaises(da.InvalidArgument) as caught:
             self.client.attend(q, q, q, out=np.empty(q.shape, np.float32), **kw)
-        self.assertIn("expected the query's [2, 64, 2, 16] and float16", str(caught.exception))
+        self.assertIn("expected the query's shape [2, 64, 2, 16] and the output's dtype float16",
+                      str(caught.exception))
         # An out that requires grad: refused as inputs are, written in place under no_grad.
         tq = torch.from_numpy(q)
         tout = torch.zeros(q.shape, dtype=torch.float16, requires_grad=True)
@@ -1167,7 +1168,7 @@ class PythonClientTest(unittest.TestCase):
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
         with self.assertRaises(da.InvalidArgument) as caught:
             self.client.attend(q, k, v, out=np.empty(q.shape, np.float32), **kw)
-        self.assertIn("expected the query's", str(caught.exception))
+        self.assertIn("and the output's dtype bfloat16", str(caught.exception))
         tq, tk, tv = (torch.from_numpy(t.astype(np.float32)).bfloat16() for t in (q, k, v))
         got = self.client.attend(tq, tk, tv, out_dtype=torch.float32, stream=True, **kw)
         self.assertEqual((got.dtype, tuple(got.shape)), (torch.float32, q.shape))
@@ -1187,16 +1188,36 @@ class PythonClientTest(unittest.TestCase):
             self.assertEqual(got.dtype, np.float32)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
-        shape = dict(shape=q.shape, kv_heads=2, dtype="bfloat16", out_dtype="float32", **kw)
+        # A shape no call above had (384 tokens): its plan is the warm-up's.
+        shape = dict(shape=(1, 384, 4, 16), kv_heads=2, dtype="bfloat16", out_dtype="float32",
+                     **kw)
         warmed = self.client.warm_up([shape])
+        self.assertFalse(warmed.results[0].already_warm)
         self.assertIn("bf16->fp32", warmed.results[0].plan_key)
-        result = self.client.attend(q, k, v, out_dtype="float32", stream=False,
-                                    return_info=True, **kw)
+        result = self.client.attend(q[:, :384], k[:, :384], v[:, :384], out_dtype="float32",
+                                    stream=False, return_info=True, **kw)
         self.assertTrue(result.plan_cache_hit)
         for bad in ("float64", np.int8):
             with self.assertRaises(da.InvalidArgument) as caught:
                 self.client.attend(q, k, v, out_dtype=bad, **kw)
             self.assertIn("is not float32, float16 or bfloat16", str(caught.exception))
+
+        # An answer in another dtype than the one asked for (a server older than output_dtype
+        # answers in the inputs'), unary or streamed, is refused rather than misread.
+        spec = _client._spec([128, 256], [1, 2], False, "longnet", "fp32", None)
+        job = _client._Attend(q, k, v, None, spec, "", 0, out_dtype="float16")
+        answer = pb.AttendResponse(output=pb.Tensor(dtype=pb.DTYPE_BF16, shape=q.shape,
+                                                    data=q.tobytes()))
+        with self.assertRaises(da.Error) as caught:
+            job.take_unary_response(answer.SerializeToString())
+        self.assertIn("the answer is DTYPE_BF16, not the DTYPE_FP16 asked for",
+                      str(caught.exception))
+        header = pb.AttendStreamResponse(header=pb.StreamResponseHeader(
+            dtype=pb.DTYPE_BF16, shape=q.shape))
+        with self.assertRaises(da.Error) as caught:
+            job.parts[0].take_message(header.SerializeToString())
+        self.assertIn("the answer is DTYPE_BF16, not the DTYPE_FP16 asked for",
+                      str(caught.exception))
 
     def test_warm_up_makes_the_first_request_a_plan_cache_hit(self):
         shape = dict(shape=(1, 640, 4, 32), kv_heads=2, dtype=torch.float16, segments=[64, 128],
