@@ -208,8 +208,8 @@ void FuzzAttendRequest(const v1::AttendRequest& request) {
     }
     return;
   }
-  const absl::Status valid =
-      engine::ValidateProblem(problem->q, problem->k, problem->v, problem->spec, limits);
+  const absl::Status valid = engine::ValidateProblem(problem->q, problem->k, problem->v,
+                                                     problem->spec, limits, problem->out_dtype);
   if (!valid.ok()) {
     CheckRefusal(valid, "ValidateProblem");
     return;
@@ -219,7 +219,7 @@ void FuzzAttendRequest(const v1::AttendRequest& request) {
                                    problem->q.shape.head_dim};
   // What passed must also pass the header path's check: the two RPCs accept the same problems.
   const absl::Status shape_valid =
-      engine::ValidateShape(shape, problem->q.dtype, problem->spec, limits);
+      engine::ValidateShape(shape, problem->q.dtype, problem->spec, limits, problem->out_dtype);
   if (!shape_valid.ok()) {
     Fail(absl::StrCat("ValidateProblem accepted what ValidateShape refuses: ",
                       shape_valid.ToString()));
@@ -238,14 +238,19 @@ std::optional<StreamProblem> CheckHeader(const v1::StreamHeader& header,
   absl::StatusOr<StreamProblem> problem = ProblemFromHeader(header, dtype_field);
   if (!problem.ok()) {
     CheckRefusal(problem.status(), "ProblemFromHeader");
-    if (problem.status().message().find("spec.") == std::string::npos &&
-        problem.status().message().find(dtype_field) == std::string::npos) {
+    // "header.dtype" names the output's "header.output_dtype".
+    const std::string output_field =
+        dtype_field.substr(0, dtype_field.size() - std::string("dtype").size()) + "output_dtype";
+    const std::string message(problem.status().message());
+    if (message.find("spec.") == std::string::npos &&
+        message.find(dtype_field) == std::string::npos &&
+        message.find(output_field) == std::string::npos) {
       Fail(absl::StrCat("a header error names no field: ", problem.status().ToString()));
     }
     return std::nullopt;
   }
-  const absl::Status valid =
-      engine::ValidateShape(problem->shape, problem->dtype, problem->spec, limits);
+  const absl::Status valid = engine::ValidateShape(problem->shape, problem->dtype, problem->spec,
+                                                   limits, problem->out_dtype);
   if (!valid.ok()) {
     CheckRefusal(valid, "ValidateShape");
     return std::nullopt;

@@ -140,6 +140,12 @@ class Server:
     def metric(self, series):
         return self.metric_values().get(series, 0.0)
 
+    def answered_ok(self):
+        """Attend and AttendStream calls the server answered OK so far (metrics=True)."""
+        values = self.metric_values()
+        return sum(values.get(f'da_requests_total{{code="OK",method="{method}"}}', 0.0)
+                   for method in ("Attend", "AttendStream"))
+
     def _read_port(self, path):
         if self.process.poll() is not None:
             raise RuntimeError(f"da-server exited with {self.process.returncode} before "

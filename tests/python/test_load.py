@@ -132,10 +132,6 @@ class LoadBehindABalancerTest(unittest.TestCase):
         # replica added once the run has started, as a Kubernetes Service does after a
         # scale-up): without --max-connection-age-ms the run keeps its first connections and the
         # added replica sees none of its calls; with it, the renewed connections go there.
-        def served(server):
-            return sum(server.metric(f'da_requests_total{{code="OK",method="{method}"}}')
-                       for method in ("Attend", "AttendStream"))
-
         with da_testing.Server(ARGS.server_binary, ["--threads", "1"], metrics=True) as first, \
                 da_testing.Server(ARGS.server_binary, ["--threads", "1"],
                                   metrics=True) as added, \
@@ -143,7 +139,7 @@ class LoadBehindABalancerTest(unittest.TestCase):
             for age_ms in (0, 300):
                 with self.subTest(age_ms=age_ms):
                     balancer.route = first.port
-                    on_first, on_added = served(first), served(added)
+                    on_first, on_added = first.answered_ok(), added.answered_ok()
                     load = subprocess.Popen(
                         [ARGS.client_binary, "load", "--server", f"127.0.0.1:{balancer.port}",
                          "--concurrency", "2", "--channels", "2", "--duration-s", "3",
@@ -151,7 +147,7 @@ class LoadBehindABalancerTest(unittest.TestCase):
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     try:
                         # The run has made its connections (each checked before the first call).
-                        da_testing.wait_until(lambda: served(first) > on_first, 30,
+                        da_testing.wait_until(lambda: first.answered_ok() > on_first, 30,
                                               "the run's first answer")
                         balancer.route = added.port
                         out, err = load.communicate(timeout=60)
@@ -163,7 +159,7 @@ class LoadBehindABalancerTest(unittest.TestCase):
                     report = json.loads(out)
                     self.assertEqual(report["unexpected_errors"], 0, report["unexpected_samples"])
                     self.assertEqual(report["max_connection_age_ms"], age_ms)
-                    reached = served(added) - on_added
+                    reached = added.answered_ok() - on_added
                     print(f"age {age_ms} ms: {report['completed']} answers, "
                           f"{report['connections_renewed']} connections renewed, "
                           f"{reached:.0f} answers from the added replica")
