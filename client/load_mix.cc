@@ -29,6 +29,7 @@ struct KindSpec {
   v1::Precision precision = v1::PRECISION_FP32;
   bool stream = false;
   int64_t block_tokens = 0;
+  v1::DType output_dtype = v1::DTYPE_UNSPECIFIED;  // The request's output_dtype.
 };
 
 std::shared_ptr<v1::AttendRequest> BuildRequest(const KindSpec& spec, uint64_t seed) {
@@ -41,6 +42,7 @@ std::shared_ptr<v1::AttendRequest> BuildRequest(const KindSpec& spec, uint64_t s
   out->set_causal(spec.causal);
   out->set_combine_mode(spec.mode);
   out->set_precision(spec.precision);
+  request->set_output_dtype(spec.output_dtype);
   const Shape& s = spec.shape;
   *request->mutable_query() =
       RandomTensor(spec.dtype, {s.batch, s.seq_len, s.heads, s.head_dim}, seed, 0);
@@ -61,7 +63,8 @@ RequestKind MakeKind(const KindSpec& spec, uint64_t seed) {
   const Shape& s = spec.shape;
   kind.tokens = s.batch * s.seq_len;
   kind.request_bytes =
-      kind.tokens * s.head_dim * (2 * s.heads + 2 * s.kv_heads) * DTypeBytes(spec.dtype);
+      kind.tokens * s.head_dim * (s.heads + 2 * s.kv_heads) * DTypeBytes(spec.dtype) +
+      OutputBytes(*kind.request);
   return kind;
 }
 
@@ -96,7 +99,7 @@ std::vector<KindSpec> WellFormedSpecs(Mix mix) {
        .patterns = {{256, 1}, {512, 2}, {1024, 4}},
        .mode = v1::COMBINE_MODE_GROUPED,
        .precision = v1::PRECISION_AUTO},
-      {.name = "causal-gqa-fp16-stream",
+      {.name = "causal-gqa-fp16-to-fp32-stream",
        .weight = 2,
        .shape = {1, 4096, 8, 2, 64},
        .dtype = v1::DTYPE_FP16,
@@ -104,7 +107,8 @@ std::vector<KindSpec> WellFormedSpecs(Mix mix) {
        .causal = true,
        .precision = v1::PRECISION_AUTO,
        .stream = true,
-       .block_tokens = 1000},
+       .block_tokens = 1000,
+       .output_dtype = v1::DTYPE_FP32},
       {.name = "medium-stream",
        .weight = 1,
        .shape = {1, 16384, 4, 4, 32},

@@ -15,8 +15,9 @@
 //           tiny-unary            (4) B=2 N=384 H=4 D=32 fp32, (128,1),(256,2)
 //           small-unary           (3) N=2048 H=8 D=64 fp32, (512,1),(1024,2),(2048,4)
 //           odd-bf16-grouped      (2) N=3001 H=6 Hkv=3 D=32 bf16 GROUPED, (256,1),(512,2),(1024,4)
-//           causal-gqa-fp16-stream(2) N=4096 H=8 Hkv=2 D=64 fp16 causal, streamed in 1000-token
-//                                     blocks, (1024,1),(2048,2)
+//           causal-gqa-fp16-to-fp32-stream (2) N=4096 H=8 Hkv=2 D=64 fp16 in, fp32 out
+//                                     (output_dtype), causal, streamed in 1000-token blocks,
+//                                     (1024,1),(2048,2)
 //           medium-stream         (1) N=16384 H=4 D=32 fp32 streamed, (1024,1),(2048,4)
 // Malformed kinds (any mix; chosen with the malformed fraction, then in turn) all expect
 // INVALID_ARGUMENT: a rank-3 query, a query one element short, a segment length of 0, a dilation

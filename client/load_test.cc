@@ -105,7 +105,7 @@ TEST(LoadMixTest, LargeIsOneStreamed64KTokenShape) {
 TEST(LoadMixTest, MixedCoversTransportsDtypesCausalGqaAndOddLengths) {
   const std::vector<RequestKind> kinds = BuildMix(Mix::kMixed, false, 3);
   bool unary = false, stream = false, fp16 = false, bf16 = false, fp32 = false, causal = false;
-  bool gqa = false, odd = false, grouped = false, batched = false;
+  bool gqa = false, odd = false, grouped = false, batched = false, wider_output = false;
   int64_t smallest = INT64_MAX, largest = 0;
   for (const RequestKind& kind : kinds) {
     EXPECT_FALSE(kind.malformed()) << kind.name;
@@ -119,13 +119,14 @@ TEST(LoadMixTest, MixedCoversTransportsDtypesCausalGqaAndOddLengths) {
     gqa |= r.key().shape(2) < r.query().shape(2);
     odd |= r.query().shape(1) % 2 == 1;
     batched |= r.query().shape(0) > 1;
+    wider_output |= r.output_dtype() == v1::DTYPE_FP32 && r.query().dtype() != v1::DTYPE_FP32;
     smallest = std::min(smallest, kind.tokens);
     largest = std::max(largest, kind.tokens);
     EXPECT_EQ(kind.tokens, r.query().shape(0) * r.query().shape(1)) << kind.name;
     ExpectRandomInputs(kind);
   }
   EXPECT_TRUE(unary && stream && fp16 && bf16 && fp32 && causal && gqa && odd && grouped &&
-              batched);
+              batched && wider_output);
   EXPECT_LE(smallest, 1024);
   EXPECT_GE(largest, 16384);
 }
