@@ -385,10 +385,7 @@ grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
                         absl::StrCat("parallel_streams must be >= 0, got ", parts));
   }
   if (parts == 0) {
-    parts = DefaultParallelStreams(static_cast<int64_t>(request.query().data().size() +
-                                                        request.key().data().size() +
-                                                        request.value().data().size()) +
-                                   OutputBytes(request));
+    parts = DefaultParallelStreams(RequestAndAnswerBytes(request));
   }
   // Several batch elements: their rows of a block lie apart in the output, which is sized whole
   // at once and written where the rows lie, as with parts (AttendParts).

@@ -277,15 +277,20 @@ TEST_F(LoadServerTest, CheckResponseRejectsAWrongOutput) {
   EXPECT_THAT(status.error_message(), HasSubstr("bytes; expected 4194304"));
 }
 
-TEST_F(LoadServerTest, RunLoadCountsEveryAnswerAsExpected) {
+// The mixed mix with 30% malformed requests over 2 channels against the test's server.
+LoadOptions MixedRun(const std::string& server, int concurrency, double duration_s) {
   LoadOptions options;
-  options.server = address_;
-  options.concurrency = 4;
+  options.server = server;
+  options.concurrency = concurrency;
   options.channels = 2;
-  options.duration_s = 1.5;
+  options.duration_s = duration_s;
   options.mix = Mix::kMixed;
   options.malformed_fraction = 0.3;
-  const absl::StatusOr<LoadReport> report = RunLoad(options);
+  return options;
+}
+
+TEST_F(LoadServerTest, RunLoadCountsEveryAnswerAsExpected) {
+  const absl::StatusOr<LoadReport> report = RunLoad(MixedRun(address_, 4, 1.5));
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_EQ(report->unexpected_errors, 0) << report->ToText();
   EXPECT_GT(report->completed, 0);
@@ -336,13 +341,7 @@ TEST_F(LoadServerTest, ConnectionsPastTheirAgeAreRenewedWithEveryKindStillAnswer
   // Every kind, faulty streams (sent on the client's channel) included, goes on renewed
   // connections; test_load.py checks that a renewed connection reaches a replica added behind a
   // load balancer.
-  LoadOptions options;
-  options.server = address_;
-  options.concurrency = 2;
-  options.channels = 2;
-  options.duration_s = 1.2;
-  options.mix = Mix::kMixed;
-  options.malformed_fraction = 0.3;
+  LoadOptions options = MixedRun(address_, 2, 1.2);
   options.max_connection_age_ms = 150;
   const absl::StatusOr<LoadReport> report = RunLoad(options);
   ASSERT_TRUE(report.ok()) << report.status();

@@ -70,24 +70,22 @@ int ParallelStreams(const CallFlags& flags, const v1::AttendRequest& request) {
   if (!flags.stream && flags.parallel_streams <= 1) return flags.parallel_streams == 1 ? 1 : 0;
   int64_t wanted = flags.parallel_streams;
   if (wanted == 0) {
-    wanted = DefaultParallelStreams(static_cast<int64_t>(request.query().data().size() +
-                                                         request.key().data().size() +
-                                                         request.value().data().size()) +
-                                    OutputBytes(request));
+    wanted = DefaultParallelStreams(RequestAndAnswerBytes(request));
   }
   const int64_t seq_len = request.query().shape_size() == 4 ? request.query().shape(1) : 1;
   return static_cast<int>(CutParts(request.spec(), seq_len, static_cast<int>(wanted)).size());
 }
 
 // A connected client, or the status that says why not; with `channels` connections of its own
-// (one per parallel stream).
+// (one per parallel stream). `loaded` (optional) gets the connection options it used.
 grpc::Status Connect(const CallFlags& flags, std::unique_ptr<AttentionClient>* client,
-                     int channels = 1) {
+                     int channels = 1, ConnectionOptions* loaded = nullptr) {
   absl::StatusOr<ConnectionOptions> connection = LoadConnectionOptions(flags.connection);
   if (!connection.ok()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         std::string(connection.status().message()));
   }
+  if (loaded != nullptr) *loaded = *connection;
   const int64_t connect_ms =
       flags.timeout_ms > 0 ? std::min(flags.timeout_ms, kConnectTimeoutMs) : kConnectTimeoutMs;
   std::vector<std::shared_ptr<grpc::Channel>> made;
@@ -121,7 +119,8 @@ CallOptions QueryOptions(const CallFlags& flags) {
 grpc::Status ConnectFor(CallFlags* flags, const v1::AttendRequest& request,
                         std::unique_ptr<AttentionClient>* client) {
   const bool transport_open = !flags->stream && flags->parallel_streams == 0;
-  if (grpc::Status status = Connect(*flags, client, ParallelStreams(*flags, request));
+  ConnectionOptions connection;
+  if (grpc::Status status = Connect(*flags, client, ParallelStreams(*flags, request), &connection);
       !status.ok() || (!transport_open && flags->block_tokens > 0)) {
     return status;
   }
@@ -131,10 +130,7 @@ grpc::Status ConnectFor(CallFlags* flags, const v1::AttendRequest& request,
   }
   int64_t limit = info.limits().max_message_bytes();
   if (limit <= 0) limit = kDefaultMessageBytes;
-  if (absl::StatusOr<ConnectionOptions> connection = LoadConnectionOptions(flags->connection);
-      connection.ok() && connection->max_message_bytes > 0) {
-    limit = std::min(limit, connection->max_message_bytes);
-  }
+  if (connection.max_message_bytes > 0) limit = std::min(limit, connection.max_message_bytes);
   if (transport_open) {
     if (!NeedsStream(request, limit)) return grpc::Status::OK;
     flags->stream = true;

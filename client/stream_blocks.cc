@@ -151,13 +151,15 @@ int64_t OutputBytes(const v1::AttendRequest& request) {
          DTypeBytes(OutputDType(request));
 }
 
+int64_t RequestAndAnswerBytes(const v1::AttendRequest& request) {
+  return static_cast<int64_t>(request.query().data().size() + request.key().data().size() +
+                              request.value().data().size()) +
+         OutputBytes(request);
+}
+
 bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit) {
   const int64_t limit = message_limit > 0 ? message_limit : kDefaultMessageBytes;
-  const double bytes = static_cast<double>(OutputBytes(request)) +
-                       static_cast<double>(request.query().data().size()) +
-                       static_cast<double>(request.key().data().size()) +
-                       static_cast<double>(request.value().data().size());
-  return bytes > 0.9 * static_cast<double>(limit);
+  return static_cast<double>(RequestAndAnswerBytes(request)) > 0.9 * static_cast<double>(limit);
 }
 
 int64_t BlockTokensFor(const v1::AttendRequest& request, int64_t message_limit) {
@@ -362,10 +364,6 @@ grpc::Status OutputAssembler::AddHeader(const v1::StreamResponseHeader& header) 
   token_bytes_ = expected_.heads() * expected_.head_dim() * dtype_bytes;
   if (target_ != nullptr) {
     const int64_t whole_bytes = expected_.batch() * target_seq_len_ * token_bytes_;
-    if (header.dtype() != target_->dtype()) {
-      return Internal(absl::StrCat("stream response header dtype ", DTypeName(header.dtype()),
-                                   " differs from the other parts' ", DTypeName(target_->dtype())));
-    }
     if (static_cast<int64_t>(target_->data().size()) != whole_bytes) {
       return Internal(absl::StrCat("the whole output holds ", target_->data().size(),
                                    " bytes; its shape needs ", whole_bytes));

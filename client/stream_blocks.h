@@ -74,6 +74,8 @@ int DefaultParallelStreams(int64_t total_bytes);
 // query's element count in that dtype; 0 for a query without a valid dtype).
 v1::DType OutputDType(const v1::AttendRequest& request);
 int64_t OutputBytes(const v1::AttendRequest& request);
+// q, k and v's bytes and the output's: what a call moves both ways.
+int64_t RequestAndAnswerBytes(const v1::AttendRequest& request);
 
 // Whether a request goes as a stream when its caller leaves the choice open: when its q, k and v
 // and its output, together, come within a tenth of message_limit (the smaller of the server's

@@ -269,13 +269,13 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
 }
 
 absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
+  const engine::ProblemShape chunk_shape{layout.batch, layout.chunk_tokens, problem_.shape.heads,
+                                         problem_.shape.kv_heads, problem_.shape.head_dim};
   deadline_ = SteadyDeadline(ClientDeadline(*context_));
   if (deadline_) {
     const double left_s =
         std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
     // Judged by what computes a chunk: the group, or this process.
-    const engine::ProblemShape chunk_shape{layout.batch, layout.chunk_tokens, problem_.shape.heads,
-                                           problem_.shape.kv_heads, problem_.shape.head_dim};
     const double rate = engine_->DeadlineThroughput(chunk_shape, problem_.spec);
     const double flops = engine::EstimateFlops(problem_.shape, problem_.spec);
     if (left_s <= 0 || (rate > 0 && flops / rate > left_s)) {
@@ -287,8 +287,6 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
           engine::RejectReason::kDeadline);
     }
   }
-  const engine::ProblemShape chunk_shape{layout.batch, layout.chunk_tokens, problem_.shape.heads,
-                                         problem_.shape.kv_heads, problem_.shape.head_dim};
   DA_ASSIGN_OR_RETURN(
       const engine::MemoryEstimate chunk,
       engine_->EstimateMemory(chunk_shape, problem_.dtype, problem_.out_dtype, problem_.spec));
