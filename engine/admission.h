@@ -196,8 +196,12 @@ struct EngineStats {
   int64_t runs_completed = 0;          // Computed successfully.
   int64_t runs_cancelled = 0;          // Stopped during compute by their cancelled flag.
   int64_t runs_deadline_exceeded = 0;  // Stopped during compute by their deadline.
-  // Best seen over completed runs of at least 1 ms and 1e8 FLOP; 0 before the first.
+  // Best seen over completed runs of at least 1 ms and 1e8 FLOP computed in this process (on its
+  // devices); 0 before the first.
   double measured_flops_per_second = 0;
+  // The same over runs of the multi-process shard group (EngineOptions::shard_group), which the
+  // up-front deadline checks of the group's requests divide by; 0 before the first.
+  double measured_group_flops_per_second = 0;
   // What the up-front deadline checks of requests computed in this process divide by: the
   // measured throughput, or before the first measurement the start-up figure
   // (Engine::SetStartupThroughput); 0 when neither exists.

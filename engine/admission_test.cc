@@ -21,6 +21,8 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/cpu_plan.h"
 #include "engine/engine.h"
+#include "engine/shard_group.h"
+#include "engine/status_macros.h"
 #include "engine/test_tensors.h"
 
 namespace da::engine {
@@ -854,6 +856,61 @@ TEST(AdmissionTest, NeitherASmallRunNorASlowOneLowersTheThroughputDeadlinesAreJu
   EXPECT_EQ((*engine)->DeadlineThroughput(measured.shape(), measured.spec), kStartup)
       << "a measured run slower than the start-up figure lowered it";
   EXPECT_EQ((*engine)->stats().deadline_flops_per_second, kStartup);
+}
+
+// A two-rank group whose runs are slower than this process alone: it computes the whole problem
+// here, then waits, as a group behind a slow network would.
+class SlowGroup : public ShardGroup {
+ public:
+  int world_size() const override { return 2; }
+  ShardGroupStatus status() const override {
+    ShardGroupStatus status;
+    status.world_size = 2;
+    return status;
+  }
+  absl::StatusOr<ShardGroupRunInfo> Run(const ShardedProblem& p) override {
+    DA_RETURN_IF_ERROR(RunShareWithPlan(p.compute, WholeProblem(p.q, p.k, p.v, p.spec, p.out),
+                                        p.precision, p.stop));
+    std::this_thread::sleep_for(milliseconds(300));
+    return ShardGroupRunInfo{.strategy = p.strategy, .devices = {"rank0:cpu", "rank1:cpu"}};
+  }
+  ShardGroupStats stats() const override { return {}; }
+  void SetStatusListener(std::function<void(const ShardGroupStatus&)>) override {}
+};
+
+TEST(AdmissionTest, TheGroupsRunsAndThisProcesssOwnAreMeasuredApart) {
+  // Deadlines of requests the group runs are judged by the group's speed, and those of requests
+  // computed here by this process's: neither lends the other its figure.
+  EngineOptions options = Options();
+  options.shard_group = std::make_shared<SlowGroup>();
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Problem problem({1, 4096, 2, 64}, {{4096, 1}}, 7);  // About 8.6 GFLOP: counted.
+  problem.spec.shard_policy = ShardPolicy::kHeads;
+  AttentionSpec local = problem.spec;
+  local.shard_policy = ShardPolicy::kNone;
+
+  const absl::StatusOr<ExecutionInfo> grouped = (*engine)->Run(problem.Request());
+  ASSERT_TRUE(grouped.ok()) << grouped.status();
+  ASSERT_EQ(grouped->devices.size(), 2u) << "the request did not run on the group";
+  const double group_rate = (*engine)->stats().measured_group_flops_per_second;
+  EXPECT_GT(group_rate, 0);
+  EXPECT_EQ((*engine)->stats().measured_flops_per_second, 0) << "the group's run was counted here";
+  EXPECT_EQ((*engine)->DeadlineThroughput(problem.shape(), problem.spec), group_rate);
+  EXPECT_EQ((*engine)->DeadlineThroughput(problem.shape(), local), 0);
+
+  problem.spec = local;
+  const absl::StatusOr<ExecutionInfo> alone = (*engine)->Run(problem.Request());
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  ASSERT_EQ(alone->devices.size(), 1u);
+  const double local_rate = (*engine)->stats().measured_flops_per_second;
+  ASSERT_GT(local_rate, group_rate) << "the group is not slower than this process alone";
+  EXPECT_EQ((*engine)->stats().measured_group_flops_per_second, group_rate)
+      << "this process's run was counted as the group's";
+  problem.spec.shard_policy = ShardPolicy::kHeads;
+  EXPECT_EQ((*engine)->DeadlineThroughput(problem.shape(), problem.spec), group_rate);
+  EXPECT_EQ((*engine)->DeadlineThroughput(problem.shape(), local), local_rate);
+  EXPECT_EQ((*engine)->stats().deadline_flops_per_second, local_rate);
 }
 
 TEST(AdmissionTest, EstimateFlopsFollowsTheCostFormula) {

@@ -431,6 +431,12 @@ struct Engine::Impl {
         key, [&] { return device.backend->BuildPlan(key, stop); }, hit, stop);
   }
 
+  // Whether this request runs on the multi-process shard group: a run bound to a device (the
+  // self-check's) never does.
+  bool RunsOnGroup(const RunRequest& request) const {
+    return GroupShards(ShapeOf(request), request.spec) && request.device.empty();
+  }
+
   // Whether a run of `shape` goes to the multi-process shard group (EngineOptions::shard_group):
   // HEADS and SEQUENCE always; AUTO from shard_min_flops, where every rank can take some heads or
   // some tokens (else ChooseShardStrategy could only refuse it).
@@ -607,7 +613,7 @@ struct Engine::Impl {
       return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
                               stop, pool, compute);
     };
-    if (GroupShards(ShapeOf(request), request.spec) && request.device.empty()) {
+    if (RunsOnGroup(request)) {
       DA_RETURN_IF_ERROR(check_values(nullptr, {}));
       return ComputeSharded(request, queue_time_us, stop, used);
     }
@@ -721,9 +727,12 @@ struct Engine::Impl {
     if (result.ok()) {
       ++counters.runs_completed;
       if (result->compute_time_us >= kMinMeasuredComputeUs && flops >= kMinMeasuredFlops) {
-        // The best throughput seen: a refusal then only happens when even that is too slow.
-        counters.measured_flops_per_second =
-            std::max(counters.measured_flops_per_second, flops / (result->compute_time_us / 1e6));
+        // The best throughput seen, of this process alone or of the group: a refusal then only
+        // happens when even that is too slow. Kept apart because the two differ by the ranks'
+        // number and the network between them.
+        double& best = RunsOnGroup(request) ? counters.measured_group_flops_per_second
+                                            : counters.measured_flops_per_second;
+        best = std::max(best, flops / (result->compute_time_us / 1e6));
       }
     }
     return result;
@@ -735,10 +744,11 @@ struct Engine::Impl {
     return std::max(counters.measured_flops_per_second, startup_flops_per_second);
   }
 
-  // Under mutex. The start-up figure is of this process's compute path; a sharded request's speed
-  // depends on the group, so it waits for a measured run.
+  // Under mutex. The start-up figure and the measured runs of this process are of its own compute
+  // path; a request the group runs is judged by the group's measured runs alone (none yet: 0).
   double DeadlineFlopsPerSecond(const ProblemShape& shape, const AttentionSpec& spec) const {
-    return GroupShards(shape, spec) ? counters.measured_flops_per_second : KnownFlopsPerSecond();
+    return GroupShards(shape, spec) ? counters.measured_group_flops_per_second
+                                    : KnownFlopsPerSecond();
   }
 
   // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would

@@ -221,6 +221,11 @@ class EngineCollector final : public SourcedCollector<engine::EngineStats> {
                        "Throughput the up-front deadline checks use: the best measured, or the "
                        "start-up self-check's before the first measured run; 0: none.",
                        MetricType::Gauge, static_cast<int64_t>(stats.deadline_flops_per_second)),
+        OneValueFamily("da_engine_group_deadline_flops_per_second",
+                       "Throughput the up-front deadline checks of requests the multi-process "
+                       "group runs use: the best measured group run; 0: none yet, or no group.",
+                       MetricType::Gauge,
+                       static_cast<int64_t>(stats.measured_group_flops_per_second)),
         OneValueFamily("da_engine_runs_cancelled_total",
                        "Runs stopped during compute because their request was cancelled.",
                        MetricType::Counter, stats.runs_cancelled),
