@@ -376,6 +376,53 @@ grpc::Status AttentionClient::Attend(const v1::AttendRequest& request, v1::Atten
                       });
 }
 
+void AttentionClient::SetMessageLimit(int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  client_message_limit_ = std::max<int64_t>(bytes, 0);
+}
+
+grpc::Status AttentionClient::AttendAuto(const v1::AttendRequest& request,
+                                         v1::AttendResponse* response, const CallOptions& options,
+                                         const StreamOptions& stream) {
+  const auto start = std::chrono::steady_clock::now();
+  int64_t server_limit = 0;
+  int64_t client_limit = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    server_limit = server_message_limit_;
+    client_limit = client_message_limit_;
+  }
+  CallOptions call = options;
+  if (server_limit < 0) {
+    v1::GetServerInfoResponse info;
+    CallOptions ask = options;
+    ask.request_id.clear();
+    if (grpc::Status status = GetServerInfo(&info, ask); !status.ok()) return status;
+    server_limit = std::max<int64_t>(info.limits().max_message_bytes(), 0);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      server_message_limit_ = server_limit;
+    }
+    if (options.timeout_ms > 0) {
+      // The call has what is left of the caller's timeout.
+      const int64_t spent = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::steady_clock::now() - start)
+                                .count();
+      if (spent >= options.timeout_ms) {
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            absl::StrCat("the timeout of ", options.timeout_ms,
+                                         " ms passed while asking the server for its limits"));
+      }
+      call.timeout_ms = options.timeout_ms - spent;
+    }
+  }
+  const int64_t limit = MessageLimit(server_limit, client_limit);
+  if (!NeedsStream(request, limit)) return Attend(request, response, call);
+  StreamOptions chosen = stream;
+  if (chosen.block_tokens == 0) chosen.block_tokens = BlockTokensFor(request, limit);
+  return AttendStream(request, response, call, chosen);
+}
+
 grpc::Status AttentionClient::AttendStream(const v1::AttendRequest& request,
                                            v1::AttendResponse* response, const CallOptions& options,
                                            const StreamOptions& stream_options) {

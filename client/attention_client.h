@@ -6,6 +6,7 @@
 //   da::v1::AttendResponse response;
 //   grpc::Status status = client.Attend(request, &response, {.timeout_ms = 5000});
 //
+// AttendAuto sends the same request in one message or streams it, as its size asks.
 // AttendStream takes the same AttendRequest, sends it as a header plus token blocks, and
 // reassembles the streamed output into the same AttendResponse shape, so callers can switch
 // between the two with one flag. With StreamOptions::parallel_streams it cuts the request at
@@ -163,6 +164,22 @@ class AttentionClient {
   grpc::Status Attend(const v1::AttendRequest& request, v1::AttendResponse* response,
                       const CallOptions& options = {});
 
+  // Sends request the way its size asks, as the Python client and da-client do, so that a caller
+  // need not know the message limits: in one message (Attend) when q, k, v and the output fit
+  // well within one (NeedsStream), else streamed (AttendStream) in blocks within half a message
+  // unless stream.block_tokens sets them, and in as many parallel parts as its size calls for
+  // (DefaultParallelStreams) unless stream.parallel_streams sets them. The limit is the smaller
+  // of the server's, asked once (GetServerInfo, within options.timeout_ms) and kept, and
+  // SetMessageLimit's. A failed GetServerInfo fails the call with its status.
+  grpc::Status AttendAuto(const v1::AttendRequest& request, v1::AttendResponse* response,
+                          const CallOptions& options = {},
+                          const StreamOptions& stream = {.parallel_streams = 0});
+
+  // The receive limit this client's channels were made with (ConnectionOptions::max_message_bytes,
+  // MakeChannel's max_message_bytes: 1 GiB by default), for AttendAuto; 0, as until it is set:
+  // the server's limit alone.
+  void SetMessageLimit(int64_t bytes);
+
   // Streams request (header, then token blocks) and collects the answer into response. With
   // several parallel streams, the first part to fail fails the request with its status (the
   // message names the part) and cancels the others; response's execution info is the parts'
@@ -262,9 +279,11 @@ class AttentionClient {
   ChannelFactory fresh_channels_;  // Empty: retries go on the call's channel, none is renewed.
   const int64_t max_connection_age_ms_;
   mutable std::mutex mutex_;
-  std::vector<Slot> slots_;  // Guarded by mutex_; never empty.
-  std::mt19937_64 rng_;      // Guarded by mutex_: draws the ages.
-  int64_t renewed_ = 0;      // Guarded by mutex_.
+  std::vector<Slot> slots_;            // Guarded by mutex_; never empty.
+  std::mt19937_64 rng_;                // Guarded by mutex_: draws the ages.
+  int64_t renewed_ = 0;                // Guarded by mutex_.
+  int64_t client_message_limit_ = 0;   // Guarded by mutex_: SetMessageLimit's.
+  int64_t server_message_limit_ = -1;  // Guarded by mutex_: from GetServerInfo; -1: not asked yet.
 };
 
 }  // namespace da::client

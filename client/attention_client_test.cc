@@ -107,6 +107,70 @@ TEST_F(AttentionClientTest, AttendStreamCountsTheBytesItMoves) {
   }
 }
 
+TEST(AttentionClientAutoTest, SendsWhatFitsAMessageWholeAndStreamsTheRestWithinHalfAMessage) {
+  constexpr int64_t kMessage = 1 << 20;
+  EchoServer server(kMessage);
+  AttentionClient client(MakeChannel(server.address()));
+  // q, k, v and the output: 4 x 128 KiB fit the server's 1 MiB; 4 x 1 MiB do not.
+  v1::AttendRequest small = RandomRequest(v1::DTYPE_FP32, 1, 64, 8, 8, 64);
+  small.set_request_id("small");
+  v1::AttendRequest large = RandomRequest(v1::DTYPE_FP32, 1, 512, 8, 8, 64);
+  large.set_request_id("large");
+  for (const v1::AttendRequest* request : {&small, &large, &small}) {
+    v1::AttendResponse response;
+    const grpc::Status status =
+        client.AttendAuto(*request, &response, {.request_id = request->request_id()});
+    ASSERT_TRUE(status.ok()) << request->request_id() << ": " << status.error_message();
+    EXPECT_EQ(response.output().data(), request->query().data());
+    EXPECT_THAT(response.output().shape(), ElementsAre(1, request->query().shape(1), 8, 64));
+  }
+  EXPECT_EQ(server.calls("small"), 2);
+  EXPECT_EQ(server.streams("small"), 0) << "a request that fits a message was streamed";
+  EXPECT_EQ(server.calls("large"), 1);
+  EXPECT_EQ(server.streams("large"), 1) << "a request over the limit went in one message";
+  EXPECT_GT(server.largest_block_bytes("large"), 0);
+  EXPECT_LE(server.largest_block_bytes("large"), kMessage / 2);
+  EXPECT_EQ(server.info_calls(), 1) << "the server's limit is asked once per client";
+
+  // Parts when asked for: the echo's chunks are 64 tokens.
+  large.set_request_id("large-parts");
+  v1::AttendResponse response;
+  const grpc::Status status =
+      client.AttendAuto(large, &response, {.request_id = "large-parts"}, {.parallel_streams = 3});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().data(), large.query().data());
+  for (const char* part : {"large-parts/1", "large-parts/2", "large-parts/3"}) {
+    EXPECT_EQ(server.streams(part), 1) << part;
+  }
+}
+
+TEST(AttentionClientAutoTest, TheClientsOwnLimitCountsWhereItIsTheSmaller) {
+  EchoServer server;  // Reports no limit: the server's default, 64 MiB.
+  AttentionClient client(MakeChannel(server.address(), 1 << 20));
+  v1::AttendRequest request = RandomRequest(v1::DTYPE_FP32, 1, 512, 8, 8, 64);  // 4 MiB in all.
+  request.set_request_id("unary");
+  v1::AttendResponse response;
+  // Sent whole, its 1 MiB answer is over what the channel takes.
+  const grpc::Status refused = client.AttendAuto(request, &response, {.request_id = "unary"});
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_EQ(server.streams("unary"), 0);
+  client.SetMessageLimit(1 << 20);  // What its channel was made with.
+  request.set_request_id("streamed");
+  const grpc::Status status = client.AttendAuto(request, &response, {.request_id = "streamed"});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(response.output().data(), request.query().data());
+  EXPECT_EQ(server.streams("streamed"), 1);
+  EXPECT_LE(server.largest_block_bytes("streamed"), (1 << 20) / 2);
+}
+
+TEST(AttentionClientAutoTest, AFailedAskForTheLimitFailsTheCall) {
+  AttentionClient client(MakeChannel("127.0.0.1:1"));  // Nobody listens there.
+  v1::AttendResponse response;
+  const grpc::Status status = client.AttendAuto(RandomRequest(v1::DTYPE_FP32, 1, 64, 2, 2, 8),
+                                                &response, {.timeout_ms = 5000});
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+}
+
 // Quick backoffs, so that the retry tests take milliseconds.
 constexpr RetryPolicy kQuickRetry{
     .max_attempts = 10, .initial_backoff_ms = 10, .max_backoff_ms = 20};

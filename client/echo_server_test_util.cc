@@ -1,5 +1,6 @@
 #include "client/echo_server_test_util.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <string_view>
@@ -38,10 +39,27 @@ grpc::Status CheckPriority(int32_t priority) {
 
 class EchoServer::AttentionService final : public v1::AttentionService::Service {
  public:
+  explicit AttentionService(int64_t reported_message_bytes)
+      : reported_message_bytes_(reported_message_bytes) {}
+
   int calls(const std::string& request_id) const {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = calls_.find(request_id);
     return it == calls_.end() ? 0 : it->second;
+  }
+  int streams(const std::string& request_id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = streams_.find(request_id);
+    return it == streams_.end() ? 0 : it->second;
+  }
+  int64_t largest_block_bytes(const std::string& request_id) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = largest_block_bytes_.find(request_id);
+    return it == largest_block_bytes_.end() ? 0 : it->second;
+  }
+  int info_calls() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return info_calls_;
   }
   std::set<std::string> peers(const std::string& request_id) const {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -91,6 +109,10 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     if (grpc::Status refused = Refusal(context, header.request_id()); !refused.ok()) {
       return refused;
     }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++streams_[header.request_id()];
+    }
     if (grpc::Status refused = CheckPriority(header.priority()); !refused.ok()) return refused;
     v1::AttendStreamResponse response;
     response.mutable_header()->set_request_id(header.request_id());
@@ -102,6 +124,14 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     while (stream->Read(&request)) {
       if (!request.has_block()) {
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "expected token blocks");
+      }
+      {
+        const v1::TokenBlock& in = request.block();
+        const int64_t bytes =
+            static_cast<int64_t>(in.query().size() + in.key().size() + in.value().size());
+        std::lock_guard<std::mutex> lock(mutex_);
+        int64_t& largest = largest_block_bytes_[header.request_id()];
+        largest = std::max(largest, bytes);
       }
       v1::OutputBlock& block = *response.mutable_block();
       block.set_token_start(request.block().token_start() +
@@ -124,11 +154,18 @@ class EchoServer::AttentionService final : public v1::AttentionService::Service 
     device->set_kind("cpu");
     device->add_precisions(v1::PRECISION_FP32);
     response->mutable_limits()->set_max_priority(kEchoMaxPriority);
+    response->mutable_limits()->set_max_message_bytes(reported_message_bytes_);
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++info_calls_;
     return grpc::Status::OK;
   }
 
+  const int64_t reported_message_bytes_;
   mutable std::mutex mutex_;
   std::map<std::string, int> calls_;                    // Guarded by mutex_.
+  std::map<std::string, int> streams_;                  // Guarded by mutex_.
+  std::map<std::string, int64_t> largest_block_bytes_;  // Guarded by mutex_.
+  int info_calls_ = 0;                                  // Guarded by mutex_.
   std::map<std::string, std::set<std::string>> peers_;  // Guarded by mutex_.
 };
 
@@ -146,13 +183,15 @@ class EchoServer::HealthService final : public grpc::health::v1::Health::Service
   }
 };
 
-EchoServer::EchoServer()
-    : attention_(std::make_unique<AttentionService>()), health_(std::make_unique<HealthService>()) {
+EchoServer::EchoServer(int64_t max_message_bytes)
+    : attention_(std::make_unique<AttentionService>(max_message_bytes)),
+      health_(std::make_unique<HealthService>()) {
+  const int message_bytes = max_message_bytes > 0 ? static_cast<int>(max_message_bytes) : 1 << 30;
   int port = 0;
   grpc::ServerBuilder builder;
   builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  builder.SetMaxReceiveMessageSize(1 << 30);
-  builder.SetMaxSendMessageSize(1 << 30);
+  builder.SetMaxReceiveMessageSize(message_bytes);
+  builder.SetMaxSendMessageSize(message_bytes);
   builder.RegisterService(attention_.get());
   builder.RegisterService(health_.get());
   server_ = builder.BuildAndStart();
@@ -164,6 +203,16 @@ EchoServer::~EchoServer() {
 }
 
 int EchoServer::calls(const std::string& request_id) const { return attention_->calls(request_id); }
+
+int EchoServer::streams(const std::string& request_id) const {
+  return attention_->streams(request_id);
+}
+
+int64_t EchoServer::largest_block_bytes(const std::string& request_id) const {
+  return attention_->largest_block_bytes(request_id);
+}
+
+int EchoServer::info_calls() const { return attention_->info_calls(); }
 
 std::set<std::string> EchoServer::peers(const std::string& request_id) const {
   return attention_->peers(request_id);

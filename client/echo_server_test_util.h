@@ -13,7 +13,11 @@
 // metadata; calls(id) counts the calls made with an id, peers(id) the client addresses (one per
 // connection) they came from. A priority above
 // kEchoMaxPriority is refused with PERMISSION_DENIED, as the server refuses one above its cap, and
-// GetServerInfo reports it as limits.max_priority.
+// GetServerInfo reports it as limits.max_priority. A server made with max_message_bytes receives
+// and sends messages up to that size and reports it as limits.max_message_bytes (default: 1 GiB,
+// reported as 0, the server's default); streams(id) counts the AttendStream calls among calls(id),
+// largest_block_bytes(id) the largest q + k + v of their blocks, info_calls() the GetServerInfo
+// calls.
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -31,11 +35,14 @@ inline constexpr int32_t kEchoMaxPriority = 3;
 
 class EchoServer {
  public:
-  EchoServer();
+  explicit EchoServer(int64_t max_message_bytes = 0);
   ~EchoServer();
 
   const std::string& address() const { return address_; }  // "127.0.0.1:PORT".
   int calls(const std::string& request_id) const;
+  int streams(const std::string& request_id) const;
+  int64_t largest_block_bytes(const std::string& request_id) const;
+  int info_calls() const;
   std::set<std::string> peers(const std::string& request_id) const;
 
  private:

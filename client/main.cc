@@ -128,9 +128,8 @@ grpc::Status ConnectFor(CallFlags* flags, const v1::AttendRequest& request,
   if (grpc::Status status = (*client)->GetServerInfo(&info, QueryOptions(*flags)); !status.ok()) {
     return status;
   }
-  int64_t limit = info.limits().max_message_bytes();
-  if (limit <= 0) limit = kDefaultMessageBytes;
-  if (connection.max_message_bytes > 0) limit = std::min(limit, connection.max_message_bytes);
+  const int64_t limit =
+      MessageLimit(info.limits().max_message_bytes(), connection.max_message_bytes);
   if (transport_open) {
     if (!NeedsStream(request, limit)) return grpc::Status::OK;
     flags->stream = true;

@@ -162,6 +162,11 @@ bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit) {
   return static_cast<double>(RequestAndAnswerBytes(request)) > 0.9 * static_cast<double>(limit);
 }
 
+int64_t MessageLimit(int64_t server_limit, int64_t client_limit) {
+  const int64_t limit = server_limit > 0 ? server_limit : kDefaultMessageBytes;
+  return client_limit > 0 ? std::min(limit, client_limit) : limit;
+}
+
 int64_t BlockTokensFor(const v1::AttendRequest& request, int64_t message_limit) {
   const v1::Tensor& q = request.query();
   const v1::Tensor& k = request.key();

@@ -84,6 +84,11 @@ int64_t RequestAndAnswerBytes(const v1::AttendRequest& request);
 inline constexpr int64_t kDefaultMessageBytes = 64LL << 20;
 bool NeedsStream(const v1::AttendRequest& request, int64_t message_limit);
 
+// The message limit a call lives within: the server's (GetServerInfo limits.max_message_bytes;
+// 0 or less: kDefaultMessageBytes), or the client's own receive limit where that is smaller (0
+// or less: none of its own).
+int64_t MessageLimit(int64_t server_limit, int64_t client_limit);
+
 // Tokens per streamed block of request under message_limit (as NeedsStream's): blocks of about
 // kDefaultBlockBytes of q, k and v, and never more than half a message (at least one token), as
 // the Python client picks them. 0 for a request whose q or k is not of rank 4 (refused later,
