@@ -31,6 +31,8 @@
 #include "absl/status/statusor.h"
 #include "engine/attention_spec.h"
 #include "engine/backend.h"
+#include "engine/device.h"
+#include "engine/plan_cache.h"
 #include "engine/tensor.h"
 
 namespace da::engine {
@@ -77,6 +79,17 @@ struct ShardGroupStats {
     double collective_seconds = 0;  // Time in scatter, exchange and gather, waits included.
   };
   std::vector<Rank> ranks;  // world_size entries; completed runs only.
+};
+
+// What a worker rank (1..W-1) has computed, for its own /metrics: cumulative since it started,
+// across generations. Rank 0's view of the same ranks is ShardGroupStats.
+struct WorkerStats {
+  DeviceInfo device;            // The device it computes its shares on; empty id until discovered.
+  int64_t shares_computed = 0;  // Runs whose share it computed to the end.
+  int64_t shares_stopped = 0;   // Runs it answered in step without an output (cancelled, or a
+                                // compute failure rank 0 was told of).
+  double compute_seconds = 0;   // Kernel time of the shares computed to the end.
+  PlanCacheStats plans;         // Its plan cache, as of its last run.
 };
 
 class ShardGroup {

@@ -55,8 +55,10 @@ absl::StatusOr<std::string> ReadCoordinatorSecret(const GroupFlags& flags);
 absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const GroupFlags& flags,
                                                                      int* coordinator_port);
 // A worker rank: serves the group until stop is set or rank 0 sends kShutdown.
-// on_state: ServingGroupOptions::on_state (the worker's readiness), may be null.
+// on_state: ServingGroupOptions::on_state (the worker's readiness), may be null; on_stats:
+// ServingGroupOptions::on_stats (what it computed, for its /metrics), may be null.
 absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop,
-                           std::function<void(const std::string&)> on_state = nullptr);
+                           std::function<void(const std::string&)> on_state = nullptr,
+                           std::function<void(const engine::WorkerStats&)> on_stats = nullptr);
 
 }  // namespace da::server

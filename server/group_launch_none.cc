@@ -20,7 +20,8 @@ absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const Group
 }
 
 absl::Status RunWorkerRank(const GroupFlags& flags, int, const std::atomic<bool>&,
-                           std::function<void(const std::string&)>) {
+                           std::function<void(const std::string&)>,
+                           std::function<void(const engine::WorkerStats&)>) {
   return NoGloo(flags);
 }
 

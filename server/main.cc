@@ -87,15 +87,16 @@ std::string WithPort(const std::string& address, int port) {
 // after the run in progress, within drain_timeout_ms) or until it ends by itself (a kShutdown
 // frame, which it reports by raising SIGUSR1: every thread blocks the stop signals, so sigwait
 // here is the one place that hears them).
-// It serves no gRPC; with metrics_address, /metrics (build and process metrics), /livez and
-// /readyz (200 while it is in a generation of the group) on that address, so that every rank can
-// be scraped and probed.
+// It serves no gRPC; with metrics_address, /metrics (build, process, its device's and its plan
+// cache's metrics), /livez and /readyz (200 while it is in a generation of the group) on that
+// address, so that every rank can be scraped and probed.
 int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset_t& signals,
                   int64_t drain_timeout_ms, const std::string& metrics_address,
                   const std::string& metrics_port_file) {
   // The probes' state before the metrics server that reads it: destroyed after it.
   std::mutex state_mutex;
   std::string not_serving = "starting";
+  da::engine::WorkerStats computed;  // What the worker has computed (its device and plan cache).
   std::unique_ptr<da::server::Metrics> metrics;
   if (!metrics_address.empty()) {
     absl::StatusOr<std::unique_ptr<da::server::Metrics>> made =
@@ -112,6 +113,28 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
                          return da::server::Metrics::ProbeResult{.ok = not_serving.empty(),
                                                                  .reason = not_serving};
                        });
+    // Its device and plan cache, as on rank 0; no memory account (admission is rank 0's).
+    metrics->SetDeviceSource([&] {
+      std::lock_guard<std::mutex> lock(state_mutex);
+      std::vector<da::server::DeviceSample> samples;
+      if (computed.device.id.empty()) return samples;
+      const da::engine::DeviceInfo& device = computed.device;
+      samples.push_back({.id = device.id,
+                         .kind = device.kind,
+                         .name = device.name,
+                         .capability = device.capability,
+                         .memory_bytes = device.memory_bytes,
+                         .busy_seconds = computed.compute_seconds,
+                         .runs = computed.shares_computed,
+                         .plan_cache_bytes = computed.plans.bytes,
+                         .accounted = false,
+                         .up = true});
+      return samples;
+    });
+    metrics->SetPlanCacheSource([&] {
+      std::lock_guard<std::mutex> lock(state_mutex);
+      return computed.plans;
+    });
     if (!metrics_port_file.empty() && !WritePortFile(metrics_port_file, metrics->port())) {
       spdlog::error("cannot write {}", metrics_port_file);
       return 1;
@@ -126,10 +149,16 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
   std::atomic<bool> ended{false};
   absl::Status result;
   std::thread loop([&] {
-    result = da::server::RunWorkerRank(group, threads, stop, [&](const std::string& reason) {
-      std::lock_guard<std::mutex> lock(state_mutex);
-      not_serving = reason;
-    });
+    result = da::server::RunWorkerRank(
+        group, threads, stop,
+        [&](const std::string& reason) {
+          std::lock_guard<std::mutex> lock(state_mutex);
+          not_serving = reason;
+        },
+        [&](const da::engine::WorkerStats& stats) {
+          std::lock_guard<std::mutex> lock(state_mutex);
+          computed = stats;
+        });
     ended.store(true);
     kill(getpid(), SIGUSR1);
   });

@@ -303,12 +303,14 @@ class DeviceCollector final : public SourcedCollector<std::vector<DeviceSample>>
       metric.counter.value = 0;
       metric.gauge.value = static_cast<double>(device.plan_cache_bytes);
       plans.metric.push_back(metric);
-      prometheus::ClientMetric accounted;
-      accounted.label = {{"account", device.memory_account}, {"device", device.id}};
-      accounted.gauge.value = static_cast<double>(device.memory_reserved_bytes);
-      reserved.metric.push_back(accounted);
-      accounted.gauge.value = static_cast<double>(device.memory_budget_bytes);
-      budget.metric.push_back(accounted);
+      if (device.accounted) {
+        prometheus::ClientMetric accounted;
+        accounted.label = {{"account", device.memory_account}, {"device", device.id}};
+        accounted.gauge.value = static_cast<double>(device.memory_reserved_bytes);
+        reserved.metric.push_back(accounted);
+        accounted.gauge.value = static_cast<double>(device.memory_budget_bytes);
+        budget.metric.push_back(accounted);
+      }
       prometheus::ClientMetric labelled;
       labelled.label = {{"capability", device.capability},
                         {"device", device.id},

@@ -92,6 +92,9 @@ struct DeviceSample {
   double busy_seconds = 0;
   int64_t runs = 0;  // Runs that computed on it (a sharded run counts on each of its devices).
   int64_t plan_cache_bytes = 0;  // Its plans' bytes in the engine's plan cache.
+  // Whether its requests hold memory in an account (false on a worker rank, whose admission is
+  // rank 0's: no da_device_memory_reserved_bytes or _budget_bytes for it).
+  bool accounted = true;
   // The memory account its requests hold bytes in: "host" (CPU devices share it) or its own id.
   std::string memory_account = "host";
   int64_t memory_reserved_bytes = 0;  // In that account now.

@@ -298,6 +298,42 @@ TEST(MultiProcessServingTest, ThreeRanksAnswerLikeOneProcess) {
   }
   // The SEQUENCE cases exchanged kept K/V rows of spanning segments.
   EXPECT_GT(testing::MetricValue(text, "da_rank_exchange_bytes_total{rank=\"1\"}").value_or(0), 0);
+
+  // Each worker exports its own device and plan cache: a share of every group run computed there
+  // (reported as its run ends, which may be just after rank 0 answered).
+  const double group_runs =
+      testing::MetricValue(text, "da_group_runs_total{outcome=\"completed\"}").value_or(0);
+  for (int rank = 1; rank < 3; ++rank) {
+    SCOPED_TRACE(::testing::Message() << "rank " << rank);
+    const int port = group.WorkerMetricsPort(rank);
+    std::string worker;
+    EXPECT_TRUE(testing::WaitFor(
+        [&] {
+          worker = testing::HttpGet(port, "/metrics").value_or("");
+          return testing::MetricValue(worker, "da_device_runs_total{device=\"cpu:0\"}") ==
+                 group_runs;
+        },
+        seconds(5)))
+        << group_runs << " group runs\n"
+        << worker;
+    EXPECT_EQ(PromtoolCheck(worker, &promtool_output), 0) << promtool_output << "\n" << worker;
+    EXPECT_NE(worker.find("da_device_info{capability=\""), std::string::npos) << worker;
+    EXPECT_EQ(testing::MetricValue(worker, "da_device_up{device=\"cpu:0\"}"), 1) << worker;
+    EXPECT_GT(
+        testing::MetricValue(worker, "da_device_busy_seconds_total{device=\"cpu:0\"}").value_or(0),
+        0)
+        << worker;
+    EXPECT_GT(testing::MetricValue(worker, "da_device_memory_bytes{device=\"cpu:0\"}").value_or(0),
+              0)
+        << worker;
+    // Its shares' plans: built on first sight, warm for the repeated stream shape.
+    EXPECT_GE(testing::MetricValue(worker, "da_plan_cache_builds_total").value_or(0), 3) << worker;
+    EXPECT_GE(testing::MetricValue(worker, "da_plan_cache_hits_total").value_or(0), 1) << worker;
+    EXPECT_GT(testing::MetricValue(worker, "da_plan_cache_bytes").value_or(0), 0) << worker;
+    EXPECT_EQ(worker.find("da_device_memory_reserved_bytes{"), std::string::npos)
+        << "a worker has no memory account of its own\n"
+        << worker;
+  }
 }
 
 // An AUTO request below --shard-min-flops runs on rank 0 alone, side by side with others, not

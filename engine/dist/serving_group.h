@@ -91,6 +91,9 @@ struct ServingGroupOptions {
   // otherwise ("waiting for the coordinator at ...", "left generation 3: ..."): its readiness.
   // Called from the worker's thread; null: nobody listens.
   std::function<void(const std::string& not_serving_reason)> on_state = nullptr;
+  // Workers: told what the worker has computed so far, once its device is known and after every
+  // run (its /metrics). Called from the worker's thread; null: nobody listens.
+  std::function<void(const engine::WorkerStats& stats)> on_stats = nullptr;
 };
 
 // INVALID_ARGUMENT naming the field, its value and the limit.

@@ -59,6 +59,8 @@ class Worker {
                         WorkerDevice(engine::DiscoverDevices(pool_.size()), o_));
     DA_ASSIGN_OR_RETURN(backend_, engine::MakeBackend("", device));
     device_ = device.id;
+    stats_.device = device;
+    Report();
     Log(absl::StrCat("rank ", o_.rank, " computes on ", device.id, " (", device.name, ")"));
     Log(absl::StrCat("rank ", o_.rank, " of ", o_.world_size, ": waiting for the coordinator at ",
                      o_.coordinator));
@@ -242,7 +244,17 @@ class Worker {
           shutdown_ = true;
           return absl::OkStatus();
         case ControlKind::kRun: {
-          const absl::Status served = ServeShardedRun(comm, frame, run_options).status();
+          const absl::StatusOr<ShardRunStats> run = ServeShardedRun(comm, frame, run_options);
+          const absl::Status served = run.status();
+          if (run.ok()) {
+            ++stats_.shares_computed;
+            const size_t me = static_cast<size_t>(comm.rank());
+            if (me < run->ranks.size()) stats_.compute_seconds += run->ranks[me].compute_seconds;
+          } else if (AnsweredInStep(served)) {
+            ++stats_.shares_stopped;
+          }
+          stats_.plans = plans_.stats();
+          Report();
           if (!AnsweredInStep(served)) DA_RETURN_IF_ERROR(served);
           // Stopped by rank 0 (the request was cancelled) or failed in compute, and answered:
           // rank 0 has the code, the group stays in step.
@@ -252,6 +264,10 @@ class Worker {
       }
       if (stop_.load()) return absl::CancelledError("stopping");
     }
+  }
+
+  void Report() {
+    if (o_.on_stats) o_.on_stats(stats_);
   }
 
   // After the coordinator refused a connection: wait a little before asking again (it may be
@@ -275,6 +291,7 @@ class Worker {
   absl::Status waiting_error_;  // The store error its state names; OK: none.
   std::chrono::steady_clock::time_point error_logged_;
   bool shutdown_ = false;
+  engine::WorkerStats stats_;  // What it has computed (ServingGroupOptions::on_stats).
 };
 
 }  // namespace
