@@ -73,8 +73,9 @@ RUN echo /usr/local/lib/da > /etc/ld.so.conf.d/da.conf \
 USER 10001:10001
 # gRPC (AttentionService, health, reflection); HTTP /metrics, /livez and /readyz.
 EXPOSE 50051 9464
-# Readiness over gRPC, plaintext: with TLS on the gRPC port (--tls-cert), use the orchestrator's
-# HTTP probes on /readyz instead (deploy/kubernetes) or override this check.
+# Readiness from the plaintext /readyz on the metrics port, which answers whether or not the gRPC
+# port is TLS-only (--tls-cert); with the metrics port moved or off (--metrics-listen), override
+# this check.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["/usr/local/bin/da-client", "health", "--server", "127.0.0.1:50051", "--service", "da.v1.AttentionService"]
+  CMD ["/usr/local/bin/da-client", "health", "--http", "127.0.0.1:9464", "--service", "da.v1.AttentionService"]
 ENTRYPOINT ["/usr/local/bin/da-server"]

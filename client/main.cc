@@ -4,6 +4,7 @@
 //   da-client random --seq-len 65536 --heads 8 --head-dim 64 --segments 2048 --dilations 1 --json
 //   da-client info
 //   da-client health --service da.v1.AttentionService
+//   da-client health --service da.v1.AttentionService --http 127.0.0.1:9464   # /readyz, no gRPC
 //   da-client load --concurrency 16 --duration-s 20 --mix mixed --json
 //   da-client info --server db:50051 --tls-ca ca.pem --token-file token.txt
 //
@@ -30,6 +31,7 @@
 #include "client/cli_format.h"
 #include "client/connection_options.h"
 #include "client/decimal_flags.h"
+#include "client/http_probe.h"
 #include "client/load_cli.h"
 #include "client/stream_blocks.h"
 #include "client/tensor_io.h"
@@ -373,8 +375,53 @@ int RunInfo(const CallFlags& flags) {
   return 0;
 }
 
-int RunHealth(const CallFlags& flags, const std::string& service) {
+// health --http: the server's plaintext probe on its metrics port, /livez for the service "" and
+// /readyz for da.v1.AttentionService (what the gRPC health service answers, without TLS).
+int RunHttpHealth(const CallFlags& flags, const std::string& service, const std::string& http) {
+  std::string path;
+  if (service.empty()) {
+    path = "/livez";
+  } else if (service == "da.v1.AttentionService") {
+    path = "/readyz";
+  } else {
+    return Fail(absl::StrCat("--http probes the service '' (/livez) or da.v1.AttentionService "
+                             "(/readyz), not '",
+                             service, "'"),
+                kExitUsage);
+  }
+  const absl::StatusOr<HttpAnswer> answer = HttpGet(http, path, QueryOptions(flags).timeout_ms);
+  if (!answer.ok()) {
+    if (absl::IsInvalidArgument(answer.status())) {
+      return Fail(answer.status().message(), kExitUsage);
+    }
+    std::cerr << "da-client: " << absl::StatusCodeToString(answer.status().code()) << ": "
+              << OneLine(std::string(answer.status().message()))
+              << (absl::IsInternal(answer.status())
+                      ? " (--http takes the metrics port, --metrics-listen, not the gRPC port)"
+                      : "")
+              << std::endl;
+    return kExitFailure;
+  }
+  if (answer->status != 200 && answer->status != 503) {
+    return Fail(absl::StrCat("http://", http, path, " answered HTTP ", answer->status,
+                             ", not a da-server probe's 200 or 503"));
+  }
+  const bool serving = answer->status == 200;
+  const std::string name = serving ? "SERVING" : "NOT_SERVING";
+  const std::string reason = serving ? "" : OneLine(answer->body);
+  if (flags.json) {
+    nlohmann::json line = {{"service", service}, {"status", name}};
+    if (!serving) line["reason"] = reason;
+    std::cout << JsonLine(line) << std::endl;
+  } else {
+    std::cout << name << (serving ? "" : absl::StrCat(": ", reason)) << std::endl;
+  }
+  return serving ? 0 : kExitFailure;
+}
+
+int RunHealth(const CallFlags& flags, const std::string& service, const std::string& http) {
   if (absl::Status status = flags.Check(); !status.ok()) return Fail(status.message(), kExitUsage);
+  if (!http.empty()) return RunHttpHealth(flags, service, http);
   std::unique_ptr<AttentionClient> client;
   if (grpc::Status status = Connect(flags, &client); !status.ok()) {
     return FailRpc(status, flags.server);
@@ -417,6 +464,11 @@ int Main(int argc, char** argv) {
   AddCallFlags(health_command, &health, /*attend=*/false);
   health_command->add_option("--service", health_service,
                              "Service name: '' (liveness) or da.v1.AttentionService (readiness)");
+  std::string health_http;
+  health_command->add_option(
+      "--http", health_http,
+      "Ask the server's plaintext probe on its metrics port (HOST:PORT, e.g. 127.0.0.1:9464: "
+      "/livez or /readyz) instead of gRPC: works when the gRPC port is TLS-only");
   LoadFlags load;
   CLI::App* load_command = AddLoadCommand(app, &load);
   DecimalIntegers(app);  // "--timeout-ms 010" is 10, not 8 (client/decimal_flags.h).
@@ -440,7 +492,7 @@ int Main(int argc, char** argv) {
   if (random_command->parsed()) return RunRandom(random);
   if (info_command->parsed()) return RunInfo(info);
   if (load_command->parsed()) return RunLoadCommand(load);
-  return RunHealth(health, health_service);
+  return RunHealth(health, health_service, health_http);
 }
 
 }  // namespace

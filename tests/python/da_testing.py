@@ -285,6 +285,29 @@ def run_cli(binary, *args, timeout_s=CALL_TIMEOUT_S):
                           timeout=timeout_s)
 
 
+EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def make_certificates(folder):
+    """A CA (ca.pem, ca.key) and CA-signed server.pem/.key (for localhost and 127.0.0.1) and
+    client.pem/.key in folder, made by openssl: EC P-256 keys, valid for two days."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-new", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=da-py-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, extensions in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                        "extendedKeyUsage=serverAuth\n"),
+                             ("client", "extendedKeyUsage=clientAuth\n")):
+        run("req", "-new", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
+            f.write(extensions)
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
 def generate_stubs(proto_dir, out_dir):
     """Generates the Python messages and stubs of da/v1/attention.proto into out_dir and imports
     them. Returns (attention_pb2, attention_pb2_grpc).

@@ -9,6 +9,7 @@ outputs compared with numpy_reference (docs/MATH.md), and the failure behaviour 
 import json
 import os
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -250,6 +251,92 @@ class CliTest(unittest.TestCase):
                 done = self.cli(args[0], "--server", address, *args[1:])
                 self.assert_fails_with_one_line(done)
 
+
+
+class HttpHealthTest(unittest.TestCase):
+    """`da-client health --http`: the server's plaintext probes on its metrics port, for a
+    container's health check where the gRPC port is TLS-only (the Dockerfile's HEALTHCHECK)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory(prefix="da-cli-http-")
+        da_testing.make_certificates(cls.tmp.name)
+        path = lambda name: os.path.join(cls.tmp.name, name)
+        cls.tls = da_testing.Server(ARGS.server_binary, [
+            "--threads", "1", "--tls-cert", path("server.pem"), "--tls-key", path("server.key")],
+            metrics=True).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            cls.tls.stop_and_close()
+        finally:
+            cls.tmp.cleanup()
+
+    def cli(self, *args):
+        return da_testing.run_cli(ARGS.client_binary, *args)
+
+    def test_a_tls_only_server_is_probed_over_http(self):
+        probe = f"127.0.0.1:{self.tls.metrics_port}"
+        # Ready once its start-up self-check has passed.
+        done = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done = self.cli("health", "--http", probe, "--service", "da.v1.AttentionService",
+                            "--json")
+            if done.returncode == 0:
+                break
+            time.sleep(0.1)
+        self.assertEqual(done.returncode, 0, f"stdout: {done.stdout}\nstderr: {done.stderr}")
+        self.assertEqual(json.loads(done.stdout),
+                         {"service": "da.v1.AttentionService", "status": "SERVING"})
+        live = self.cli("health", "--http", probe)
+        self.assertEqual(live.returncode, 0, live.stderr)
+        self.assertEqual(live.stdout.strip(), "SERVING")
+        # The same question over plaintext gRPC does not reach a TLS-only port.
+        plain = self.cli("health", "--server", self.tls.address, "--service",
+                         "da.v1.AttentionService", "--timeout-ms", "5000")
+        self.assertEqual(plain.returncode, 1, plain.stdout)
+        self.assertIn("UNAVAILABLE", plain.stderr)
+
+    def test_not_ready_says_why_and_exits_one(self):
+        # Rank 0 of a group of two whose worker never comes: alive, not ready.
+        server = da_testing.Server(ARGS.server_binary, [
+            "--threads", "1", "--world-size", "2", "--rank", "0", "--coordinator",
+            f"127.0.0.1:{da_testing.free_port()}", "--rank-address", "127.0.0.1"],
+            metrics=True).start()
+        try:
+            probe = f"127.0.0.1:{server.metrics_port}"
+            done = self.cli("health", "--http", probe, "--service", "da.v1.AttentionService")
+            self.assertEqual(done.returncode, 1, f"stdout: {done.stdout}\nstderr: {done.stderr}")
+            self.assertTrue(done.stdout.startswith("NOT_SERVING: "), done.stdout)
+            self.assertIn("rank 1", done.stdout)
+            done = self.cli("health", "--http", probe, "--service", "da.v1.AttentionService",
+                            "--json")
+            self.assertEqual(done.returncode, 1, done.stderr)
+            answer = json.loads(done.stdout)
+            self.assertEqual(answer["status"], "NOT_SERVING")
+            self.assertIn("rank 1", answer["reason"])
+            self.assertEqual(self.cli("health", "--http", probe).returncode, 0, "not alive")
+        finally:
+            server.stop_and_close()
+
+    def test_wrong_ports_and_services_fail_with_one_line(self):
+        cases = [
+            # The gRPC port speaks HTTP/2, not a probe's HTTP/1.1.
+            (["--http", self.tls.address], 1, "not the gRPC port"),
+            (["--http", f"127.0.0.1:{da_testing.free_port()}"], 1, "UNAVAILABLE"),
+            (["--http", "localhost"], 2, "HOST:PORT"),
+            (["--http", f"127.0.0.1:{self.tls.metrics_port}", "--service", "nosuch"], 2,
+             "/readyz"),
+        ]
+        for args, code, said in cases:
+            with self.subTest(args=args):
+                done = self.cli("health", *args, "--timeout-ms", "5000")
+                self.assertEqual(done.returncode, code, f"{done.stdout}\n{done.stderr}")
+                lines = [line for line in done.stderr.splitlines() if line.strip()]
+                self.assertEqual(len(lines), 1, done.stderr)
+                self.assertIn(said, lines[0])
 
 if __name__ == "__main__":
     da_testing.run_unittest(UNITTEST_ARGV)

@@ -11,7 +11,6 @@ certificate, or in plaintext, nothing connects (UNAVAILABLE).
 """
 
 import os
-import subprocess
 import tempfile
 import unittest
 
@@ -26,25 +25,10 @@ pb2, pb2_grpc = da_testing.generate_stubs(ARGS.proto_dir, STUB_DIR.name)
 
 TOKEN = "py-token-4c0ffee"
 TIMEOUT_S = 20.0
-EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 
 def make_certificates(folder):
-    def run(*args):
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    run("req", "-x509", "-new", *EC_KEY, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=da-py-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    for name, extensions in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                                        "extendedKeyUsage=serverAuth\n"),
-                             ("client", "extendedKeyUsage=clientAuth\n")):
-        run("req", "-new", *EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
-        with open(os.path.join(folder, f"{name}.ext"), "w") as f:
-            f.write(extensions)
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+    da_testing.make_certificates(folder)
     with open(os.path.join(folder, "tokens.txt"), "w") as f:
         f.write(f"# tokens\n{TOKEN}\n")
 
