@@ -138,9 +138,26 @@ struct Engine::Impl {
   std::thread watchdog;
   EngineStats counters;  // Only the counters and stop latencies are kept here.
 
+  // The share problem of a request for a share of a larger one (RunRequest::share_of).
+  static ShareProblem ShareOf(const RunRequest& request) {
+    const ShareOfRequest& of = *request.share_of;
+    ShareProblem p;
+    p.shape = of.whole;
+    p.spec = request.spec;
+    p.share = of.share;
+    p.q = request.q;
+    p.k = request.k;
+    p.v = request.v;
+    p.out = request.out;
+    p.spanning = of.spanning;
+    p.gathered = of.gathered;
+    return p;
+  }
+
   absl::Status Validate(const RunRequest& request) const {
     DA_RETURN_IF_ERROR(ValidateProblem(request.q, request.k, request.v, request.spec,
                                        options.limits, request.out.dtype));
+    if (request.share_of != nullptr) DA_RETURN_IF_ERROR(CheckShareViews(ShareOf(request)));
     const Shape4& qs = request.q.shape;
     const Shape4& os = request.out.shape;
     if (os.batch != qs.batch || os.seq_len != qs.seq_len || os.heads != qs.heads ||
@@ -242,7 +259,8 @@ struct Engine::Impl {
     DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
                         Estimate(shape, request.q.dtype, request.out.dtype, request.spec, first));
     PlacementOptions o;
-    o.devices = GroupShards(ShapeOf(request), request.spec) || !request.device.empty()
+    o.devices = GroupShards(ShapeOf(request), request.spec) || !request.device.empty() ||
+                        request.share_of != nullptr
                     ? 1
                     : static_cast<int>(placeable.size());
     o.computes_shares = first.backend->ComputesShares();
@@ -434,7 +452,8 @@ struct Engine::Impl {
   // Whether this request runs on the multi-process shard group: a run bound to a device (the
   // self-check's) never does.
   bool RunsOnGroup(const RunRequest& request) const {
-    return GroupShards(ShapeOf(request), request.spec) && request.device.empty();
+    return GroupShards(ShapeOf(request), request.spec) && request.device.empty() &&
+           request.share_of == nullptr;
   }
 
   // Whether a run of `shape` goes to the multi-process shard group (EngineOptions::shard_group):
@@ -589,6 +608,53 @@ struct Engine::Impl {
     return info;
   }
 
+  // A request for a share of a larger problem (RunRequest::share_of), on one device: its inputs'
+  // values checked (check_values), a plan built for this run alone (a window's share rarely
+  // repeats, and would only push warm plans out of the cache), its inputs and gathered rows
+  // copied to a device with memory of its own and its output back (RunHostShareWithPlan).
+  absl::StatusOr<ExecutionInfo> ComputeShareOf(
+      const RunRequest& request, const Device* bound, int64_t queue_time_us,
+      const std::atomic<bool>* stop, std::vector<std::string>* used,
+      const std::function<absl::Status(Device&)>& check_values) {
+    const Clock::time_point start = Clock::now();
+    Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
+    used->push_back(device.info.id);
+    struct Release {
+      Impl* impl;
+      Device& device;
+      ~Release() { impl->ReleaseDevice(device); }
+    } release{this, device};
+    const ScopedAffinity pinned(device.cpus);
+    DA_RETURN_IF_ERROR(check_values(device));
+    DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
+                        device.backend->ChoosePrecision(request.spec));
+    RunReport report;
+    DA_RETURN_IF_ERROR(RunHostShareWithPlan(device.Compute(nullptr), ShareOf(request),
+                                            precision.precision, stop, nullptr, &report));
+    ExecutionInfo info;
+    info.precision_used = precision.precision;
+    info.precision_reason = precision.reason;
+    if (report.fallback != Precision::kAuto) {
+      info.precision_used = report.fallback;
+      info.precision_reason = absl::StrCat("fallback: computed ", PrecisionName(report.fallback),
+                                           ", not ", PrecisionName(precision.precision), " (",
+                                           precision.reason, "); ", report.fallback_why);
+    }
+    if (report.fp8) {
+      ExecutionInfo::Fp8Scales scales{device.info.id};
+      std::copy(report.amax, report.amax + 3, scales.amax);
+      std::copy(report.scale, report.scale + 3, scales.scale);
+      info.fp8_scales.push_back(scales);
+    }
+    info.plan_cache_hit = false;
+    info.shard_strategy = ShardPolicy::kNone;
+    info.backend = device.backend->Name();
+    info.devices = {device.info.id};
+    info.queue_time_us = queue_time_us;
+    info.compute_time_us = MicrosSince(start);
+    return info;
+  }
+
   // Runs a validated request where it was placed; the plan build and the backend poll `stop`.
   // *failed_in_plan says whether a failure came from getting the plan; *used names the devices
   // it occupied.
@@ -613,6 +679,11 @@ struct Engine::Impl {
       return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
                               stop, pool, compute);
     };
+    if (request.share_of != nullptr) {
+      return ComputeShareOf(request, bound, queue_time_us, stop, used, [&](Device& device) {
+        return check_values(device.host() ? device.pool.get() : nullptr, {&device});
+      });
+    }
     if (RunsOnGroup(request)) {
       DA_RETURN_IF_ERROR(check_values(nullptr, {}));
       return ComputeSharded(request, queue_time_us, stop, used);

@@ -111,6 +111,19 @@ struct EngineOptions {
   std::shared_ptr<ShardGroup> shard_group;
 };
 
+// A share of a larger problem, run as a request of its own: a stream's window where the segment
+// lengths leave no chunk boundary that every segment respects (server/stream_assembler.h). The
+// request's q, k, v and out hold the share's tokens; segments, kept positions and offsets follow
+// `whole` (engine/share.h), and `spanning` and `gathered` carry the kept K/V rows, in host
+// memory, of the segments that reach outside the share. Its output rows equal those rows of the
+// whole problem's output on the same backend.
+struct ShareOfRequest {
+  ProblemShape whole;
+  Share share;
+  const std::vector<SpanningKeys>* spanning = nullptr;
+  const std::vector<GatheredKeys>* gathered = nullptr;
+};
+
 struct RunRequest {
   TensorView q;
   TensorView k;
@@ -135,6 +148,10 @@ struct RunRequest {
   // Where q's first token lies in the caller's whole sequence (a stream's chunk): messages about
   // the inputs' values name positions in it.
   int64_t first_token = 0;
+  // Set: the request is this share of a larger problem (its geometry), computed on one device
+  // with a plan built for the run alone, never sharded or sent to the group. Must outlive the
+  // run (Submit: until its callback).
+  const ShareOfRequest* share_of = nullptr;
 };
 
 struct ExecutionInfo {

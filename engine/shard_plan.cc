@@ -211,6 +211,39 @@ std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begi
   return {begin, std::max(begin, end)};
 }
 
+std::vector<SpanningKeys> SpanningKeySetsOf(const ProblemShape& shape, const AttentionSpec& spec,
+                                            const Share& share) {
+  std::vector<SpanningKeys> sets;
+  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
+  std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(spec.patterns.size());
+  for (int64_t head = share.head_begin; head < share.head_end; ++head) {
+    for (const HeadWork& hw : work[head]) {
+      pairs[hw.pattern_index].insert({KvHeadFor(head, shape.heads, shape.kv_heads), hw.offset});
+    }
+  }
+  for (size_t i = 0; i < spec.patterns.size(); ++i) {
+    const Pattern& pattern = spec.patterns[i];
+    const int64_t w = pattern.segment_len;
+    for (int64_t t = share.token_begin / w; t * w < share.token_end; ++t) {
+      const int64_t start = t * w;
+      const int64_t end = std::min(shape.seq_len, start + w);
+      if (share.token_begin <= start && end <= share.token_end) continue;  // Inside the share.
+      for (const auto& [kv_head, offset] : pairs[i]) {
+        SpanningKeys set;
+        set.pattern_index = static_cast<int>(i);
+        set.segment = t;
+        set.kv_head = kv_head;
+        set.offset = offset;
+        set.kept = KeptPositions(pattern, offset, shape.seq_len, t);
+        const auto [b, e] = KeptRowsIn(set.kept, share.token_begin, share.token_end);
+        // Rows inside the share (its queries) and outside it (keys it must be given).
+        if (b < e && (b > 0 || e < set.kept.count)) sets.push_back(set);
+      }
+    }
+  }
+  return sets;
+}
+
 std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const AttentionSpec& spec,
                                           const ShardLayout& layout) {
   std::vector<SpanningKeys> sets;

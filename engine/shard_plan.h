@@ -60,6 +60,13 @@ std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begi
 std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const AttentionSpec& spec,
                                           const ShardLayout& layout);
 
+// The spanning sets one share reads: for every (kv head, offset) pair some query head of the
+// share reads under the spec's combine mode, each segment that holds kept rows inside the share
+// and outside it, in the order (pattern, segment, kv head, offset). What a share computed apart
+// from any layout (a stream's window) needs gathered; first_rank and last_rank are 0.
+std::vector<SpanningKeys> SpanningKeySetsOf(const ProblemShape& shape, const AttentionSpec& spec,
+                                            const Share& share);
+
 // Rows of set.kept that rank `rank` holds.
 std::pair<int64_t, int64_t> RowsOf(const SpanningKeys& set, const ShardLayout& layout, int rank);
 

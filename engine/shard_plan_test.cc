@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <random>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 namespace da::engine {
 namespace {
@@ -202,6 +205,49 @@ TEST(ShardPlanTest, SpanningSetsPartitionTheirRowsAmongContiguousRanks) {
                 RowsOf(set, layout, set.last_rank).second);
     }
   }
+}
+
+// One share's sets, found without a layout (a stream's window), are exactly the sets a layout
+// that cuts the sequence at the share's ends has the share take part in.
+TEST(ShardPlanTest, OneSharesSpanningSetsAreThoseItsLayoutWouldExchange) {
+  std::mt19937 rng(11);
+  int compared = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t seq_len = 3 + static_cast<int64_t>(rng() % 500);
+    const ProblemShape shape{1, seq_len, 6, 3, 8};
+    AttentionSpec spec = Spec(
+        {{1 + static_cast<int64_t>(rng() % 200), 1}, {8 + static_cast<int64_t>(rng() % 300), 0}});
+    spec.patterns[1].dilation = 1 + static_cast<int64_t>(rng() % spec.patterns[1].segment_len);
+    spec.mode = trial % 2 ? CombineMode::kLongNet : CombineMode::kGrouped;
+    const int64_t begin = 1 + static_cast<int64_t>(rng() % (seq_len - 2));
+    const int64_t end = begin + 1 + static_cast<int64_t>(rng() % (seq_len - begin - 1));
+    ShardLayout layout;
+    for (const auto& [b, e] : {std::pair{int64_t{0}, begin}, {begin, end}, {end, seq_len}}) {
+      Share share = WholeShare(shape);
+      share.rank = static_cast<int>(layout.shares.size());
+      share.token_begin = b;
+      share.token_end = e;
+      layout.shares.push_back(share);
+    }
+    std::vector<SpanningKeys> expected;
+    for (const SpanningKeys& set : SpanningKeySets(shape, spec, layout)) {
+      const auto [b, e] = RowsOf(set, layout, 1);
+      if (b < e) expected.push_back(set);
+    }
+    const std::vector<SpanningKeys> found = SpanningKeySetsOf(shape, spec, layout.shares[1]);
+    ASSERT_EQ(found.size(), expected.size()) << "trial " << trial;
+    for (size_t i = 0; i < found.size(); ++i) {
+      const SpanningKeys& f = found[i];
+      const SpanningKeys& x = expected[i];
+      ASSERT_EQ(std::tie(f.pattern_index, f.segment, f.kv_head, f.offset, f.kept.first,
+                         f.kept.stride, f.kept.count),
+                std::tie(x.pattern_index, x.segment, x.kv_head, x.offset, x.kept.first,
+                         x.kept.stride, x.kept.count))
+          << "trial " << trial << " set " << i;
+    }
+    compared += static_cast<int>(found.size());
+  }
+  EXPECT_GT(compared, 300);
 }
 
 }  // namespace

@@ -300,17 +300,20 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   const int64_t workspace = chunk.workspace_on_host ? chunk.workspace : 0;
   // In 128 bits: with --max-request-bytes 0 (no limit) a chunk may be near 2^63 bytes. Half the
   // int64 range at most, so that the budget's own sums cannot overflow either.
-  const absl::int128 wide = absl::int128(settings_.pipeline_depth) * chunk.inputs +
+  // Windows hold two chunks more (the ones beside the chunk taken) and the rows gathered for it.
+  const int slots = InputSlots(layout, settings_.pipeline_depth);
+  const int64_t gathered = GatheredBytesBound(layout);
+  const absl::int128 wide = absl::int128(slots) * chunk.inputs + gathered +
                             absl::int128(2) * chunk.outputs + workspace + messages;
   if (wide > absl::int128(std::numeric_limits<int64_t>::max() / 2)) {
     return engine::WithRejectReason(
         absl::ResourceExhaustedError(absl::StrFormat(
             "the stream's window (%d chunks of %d tokens, %d bytes of inputs each) is beyond any "
             "memory budget",
-            settings_.pipeline_depth, layout.chunk_tokens, chunk.inputs)),
+            slots, layout.chunk_tokens, chunk.inputs)),
         engine::RejectReason::kMemory);
   }
-  const int64_t inputs = settings_.pipeline_depth * chunk.inputs;
+  const int64_t inputs = slots * chunk.inputs + gathered;
   const int64_t outputs = 2 * chunk.outputs;
   const int64_t total = static_cast<int64_t>(wide);
   // One place in the engine's queue for all the stream's chunks, so chunks never push the queue
@@ -320,10 +323,12 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   DA_ASSIGN_OR_RETURN(
       reservation_,
       engine_->ReserveMemory(
-          total, absl::StrFormat("%d bytes for the stream's window (inputs %d: %d chunks of %d "
-                                 "tokens; outputs %d; workspace %d; messages %d)",
-                                 total, inputs, settings_.pipeline_depth, layout.chunk_tokens,
-                                 outputs, workspace, messages)));
+          total,
+          absl::StrFormat("%d bytes for the stream's window (inputs %d: %d chunks of %d "
+                          "tokens%s; outputs %d; workspace %d; messages %d)",
+                          total, inputs, slots, layout.chunk_tokens,
+                          gathered > 0 ? absl::StrFormat(" and %d of gathered rows", gathered) : "",
+                          outputs, workspace, messages)));
   if (settings_.quota != nullptr) {
     DA_ASSIGN_OR_RETURN(
         client_share_,
@@ -552,6 +557,7 @@ void AttendStreamReactor::Compute(const Chunk& chunk, int slot) {
   run.reservation = &*reservation_;
   run.queue_place = &queue_place_;
   run.first_token = chunk.token_start;
+  run.share_of = chunk.share_of;
   const Outgoing outgoing{chunk.index, chunk.token_start, chunk.token_count, slot, 0};
   engine_->Submit(run, [this, outgoing](absl::StatusOr<engine::ExecutionInfo> info) {
     OnComputed(outgoing, std::move(info));

@@ -7,9 +7,12 @@
 // min_chunk_tokens and clipped to seq_len). No segment then spans two chunks, and the patterns'
 // geometry is the same in every chunk (segments and offsets are relative to a segment's start),
 // so each chunk is an independent attention problem whose output rows are exactly the rows of
-// the whole problem: a streamed answer has the same bytes as the unary one.
+// the whole problem: a streamed answer has the same bytes as the unary one. Where that multiple
+// is far longer than the longest segment, chunks are windows instead (server/stream_assembler.h:
+// shares of the whole problem, engine::ShareOfRequest), with the same bytes as the unary answer.
 //
-// Memory. A stream holds `pipeline_depth` chunks of inputs (the StreamAssembler's slots), two
+// Memory. A stream holds `pipeline_depth` chunks of inputs (the StreamAssembler's slots; windows:
+// two more, and one window's gathered rows), two
 // chunks of output (one being computed into, one being sent), the chunk plan's workspace, and
 // its messages (the HTTP/2 window, one incoming message of at most max_message_bytes, one
 // outgoing of at most 4 MiB): all independent of seq_len. That sum is reserved against the

@@ -4,9 +4,12 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_format.h"
+#include "engine/dilation.h"
+#include "engine/shard_plan.h"
 #include "engine/status_macros.h"
 
 namespace da::server {
@@ -35,6 +38,45 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
   const int64_t factor = std::max<int64_t>(1, (min_chunk_tokens + period - 1) / period);
   if (factor > seq_len / period) return seq_len;
   return std::min(seq_len, factor * period);
+}
+
+StreamChunking ChooseStreamChunking(const engine::AttentionSpec& spec, int64_t seq_len,
+                                    int64_t min_chunk_tokens) {
+  const int64_t chunk = ChooseChunkTokens(spec, seq_len, min_chunk_tokens);
+  int64_t longest = 1;
+  for (const engine::Pattern& pattern : spec.patterns) {
+    longest = std::max(longest, std::min(pattern.segment_len, seq_len));
+  }
+  // A window holds its longest segment whole, so that it reads only the chunks beside it.
+  const int64_t window = std::min(seq_len, std::max(longest, min_chunk_tokens));
+  if (chunk / 2 > window) return {window, true};
+  return {chunk, false};
+}
+
+int InputSlots(const StreamLayout& layout, int pipeline_depth) {
+  return layout.windowed ? pipeline_depth + 2 : pipeline_depth;
+}
+
+int64_t GatheredBytesBound(const StreamLayout& layout) {
+  if (!layout.windowed) return 0;
+  const std::vector<std::vector<engine::HeadWork>> work =
+      engine::AssignHeadPatterns(layout.shape.heads, layout.spec);
+  std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(layout.spec.patterns.size());
+  for (int64_t head = 0; head < layout.shape.heads; ++head) {
+    for (const engine::HeadWork& hw : work[head]) {
+      pairs[hw.pattern_index].insert(
+          {engine::KvHeadFor(head, layout.shape.heads, layout.shape.kv_heads), hw.offset});
+    }
+  }
+  int64_t bytes = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const engine::Pattern& pattern = layout.spec.patterns[i];
+    const int64_t kept = (pattern.segment_len + pattern.dilation - 1) / pattern.dilation;
+    // Both ends, K and V.
+    bytes +=
+        2 * static_cast<int64_t>(pairs[i].size()) * kept * layout.batch * layout.head_bytes * 2;
+  }
+  return bytes;
 }
 
 void ByteSpans::Append(std::string_view piece) {
@@ -72,17 +114,26 @@ absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
   layout.q_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(dtype);
   layout.kv_row_bytes = shape.kv_heads * shape.head_dim * engine::DTypeSize(dtype);
   layout.out_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(out_dtype);
-  layout.chunk_tokens = ChooseChunkTokens(spec, shape.seq_len, min_chunk_tokens);
+  const StreamChunking chunking = ChooseStreamChunking(spec, shape.seq_len, min_chunk_tokens);
+  layout.chunk_tokens = chunking.chunk_tokens;
+  if (chunking.windowed) {
+    layout.windowed = true;
+    layout.shape = shape;
+    layout.spec = spec;
+    layout.head_bytes = shape.head_dim * engine::DTypeSize(dtype);
+  }
   // Validated shapes fit the engine's limits, but compute without trusting that.
   const int64_t rows = CheckedMul(layout.chunk_tokens, layout.batch);
   const int64_t chunk_bytes =
       CheckedMul(rows, layout.q_row_bytes + 2 * layout.kv_row_bytes + layout.out_row_bytes);
   if (rows < 0 || chunk_bytes < 0 || (max_request_bytes > 0 && chunk_bytes > max_request_bytes)) {
     return absl::ResourceExhaustedError(absl::StrFormat(
-        "a stream chunk of %d tokens (a multiple of every segment length) needs %d bytes for "
-        "query, key, value and output; limit is %d (--max-request-bytes)",
-        layout.chunk_tokens, chunk_bytes < 0 ? std::numeric_limits<int64_t>::max() : chunk_bytes,
-        max_request_bytes));
+        "a stream chunk of %d tokens (%s) needs %d bytes for query, key, value and output; limit "
+        "is %d (--max-request-bytes)",
+        layout.chunk_tokens,
+        layout.windowed ? "a window at least as long as the longest segment"
+                        : "a multiple of every segment length",
+        chunk_bytes < 0 ? std::numeric_limits<int64_t>::max() : chunk_bytes, max_request_bytes));
   }
   return layout;
 }
@@ -105,6 +156,12 @@ absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(const S
     return absl::InvalidArgumentError(
         absl::StrFormat("stream layout: slots is %d; must be >= 1", slots));
   }
+  if (layout.windowed && (layout.head_bytes < 1 || layout.shape.seq_len != layout.seq_len ||
+                          layout.shape.batch != layout.batch)) {
+    return absl::InvalidArgumentError(
+        "stream layout: a windowed layout needs its whole shape and head_bytes");
+  }
+  slots = InputSlots(layout, slots);
   auto assembler = std::unique_ptr<StreamAssembler>(new StreamAssembler(layout, slots));
   const int64_t tokens = CheckedMul(layout.chunk_tokens, layout.batch);
   const int64_t row_bytes = layout.q_row_bytes + 2 * layout.kv_row_bytes;
@@ -214,7 +271,7 @@ int64_t StreamAssembler::Fill(const BlockView& block, int64_t taken) {
   int64_t took = 0;
   while (tokens_received_ < block_end_) {
     const int64_t index = tokens_received_ / chunk_tokens;
-    if (index >= released_ + slots_) break;  // Every slot holds an unreleased chunk.
+    if (index >= freed_ + slots_) break;  // Every slot holds a chunk not yet freed.
     const Chunk chunk = ChunkAt(index);
     const int64_t first = tokens_received_;
     const int64_t last = std::min(block_end_, chunk.token_start + chunk.token_count);
@@ -236,15 +293,90 @@ int64_t StreamAssembler::Fill(const BlockView& block, int64_t taken) {
 
 std::optional<Chunk> StreamAssembler::TakeReadyChunk() {
   if (next_take_ >= layout_.chunk_count()) return std::nullopt;
-  const int64_t end = ChunkStart(next_take_) + ChunkCount(next_take_);
+  const int64_t end = layout_.windowed ? WindowInputEnd(next_take_)
+                                       : ChunkStart(next_take_) + ChunkCount(next_take_);
   if (tokens_received_ < end) return std::nullopt;
-  return ChunkAt(next_take_++);
+  Chunk chunk = ChunkAt(next_take_);
+  if (layout_.windowed) TakeWindow(chunk);
+  ++next_take_;
+  FreeSlots();
+  return chunk;
 }
 
 void StreamAssembler::ReleaseChunk(int64_t index) {
   DA_CHECK(index == released_);  // Chunks are released in order,
   DA_CHECK(index < next_take_);  // after they were taken.
   ++released_;
+  if (layout_.windowed) windows_.pop_front();
+  FreeSlots();
+}
+
+void StreamAssembler::FreeSlots() {
+  if (!layout_.windowed) {
+    freed_ = released_;
+    return;
+  }
+  // A window reads the tail of the chunk before it: a chunk's slot is free once the chunk is
+  // released and the next one taken (or it is the last).
+  while (freed_ < released_ && (freed_ + 1 < next_take_ || freed_ + 1 >= layout_.chunk_count())) {
+    ++freed_;
+  }
+}
+
+int64_t StreamAssembler::WindowInputEnd(int64_t index) const {
+  const int64_t end = ChunkStart(index) + ChunkCount(index);
+  if (end == layout_.seq_len) return end;
+  int64_t reach = end;
+  for (const engine::Pattern& pattern : layout_.spec.patterns) {
+    const int64_t w = pattern.segment_len;
+    reach = std::max(reach, std::min(layout_.seq_len, (end + w - 1) / w * w));
+  }
+  return reach;
+}
+
+void StreamAssembler::TakeWindow(Chunk& chunk) {
+  const engine::ProblemShape& shape = layout_.shape;
+  Window& window = windows_.emplace_back();
+  engine::Share& share = window.share_of.share;
+  share.token_begin = chunk.token_start;
+  share.token_end = chunk.token_start + chunk.token_count;
+  share.head_end = shape.heads;
+  share.kv_head_end = shape.kv_heads;
+  window.sets = engine::SpanningKeySetsOf(shape, layout_.spec, share);
+  int64_t bytes = 0;
+  for (const engine::SpanningKeys& set : window.sets) {
+    bytes += 2 * layout_.batch * set.kept.count * layout_.head_bytes;
+  }
+  window.rows.resize(static_cast<size_t>(bytes));
+  const int64_t head = layout_.head_bytes;
+  const int64_t kv_row = layout_.kv_row_bytes;
+  char* write = window.rows.data();
+  for (const engine::SpanningKeys& set : window.sets) {
+    engine::GatheredKeys& gathered = window.gathered.emplace_back();
+    char* k = write;
+    char* v = write + layout_.batch * set.kept.count * head;
+    gathered.k = k;
+    gathered.v = v;
+    write = v + layout_.batch * set.kept.count * head;
+    for (int64_t r = 0; r < set.kept.count; ++r) {
+      const int64_t position = set.kept.first + r * set.kept.stride;
+      const int64_t index = position / layout_.chunk_tokens;
+      // Every row a window reads is in a slot still held: the chunk before, its own, the next.
+      DA_CHECK(index >= freed_ && index < freed_ + slots_ && position < tokens_received_);
+      const Chunk from = ChunkAt(index);
+      const int64_t within = position - from.token_start;
+      for (int64_t b = 0; b < layout_.batch; ++b) {
+        const int64_t source = (b * from.token_count + within) * kv_row + set.kv_head * head;
+        const int64_t target = (b * set.kept.count + r) * head;
+        std::memcpy(k + target, from.k + source, static_cast<size_t>(head));
+        std::memcpy(v + target, from.v + source, static_cast<size_t>(head));
+      }
+    }
+  }
+  window.share_of.whole = shape;
+  window.share_of.spanning = &window.sets;
+  window.share_of.gathered = &window.gathered;
+  chunk.share_of = &window.share_of;
 }
 
 absl::Status StreamAssembler::CheckComplete() const {

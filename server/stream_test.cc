@@ -233,8 +233,7 @@ TEST_F(StreamTest, HeaderAboveMaxTokensIsRefusedBeforeAnyBlock) {
 
 // Headers whose stream could never be held or sent are refused naming the numbers: a header
 // message padded past 1 MiB (held, uncounted, until admitted), a token too wide for one message
-// (no block could ever carry it), and, with no request limit, a window past any budget (its byte
-// count would overflow).
+// (no block could ever carry it), and, with no request limit, a window past the budget.
 TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   v1::AttendStreamRequest padded = Header();
   padded.mutable_header()->set_request_id(std::string((1 << 20) + 1, 'x'));
@@ -255,6 +254,7 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
 
   options = testing::LoopbackOptions();
   options.max_request_bytes = 0;  // No limit: only the budget bounds a stream's window.
+  options.memory_budget_bytes = int64_t{1} << 30;
   Start(options);
   v1::AttendStreamRequest huge = Header();
   v1::StreamHeader* h = huge.mutable_header();
@@ -263,8 +263,8 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   h->set_kv_heads(1);
   h->set_head_dim(1);
   // Segments of 2^31 - 1 and 2^31 - 2 tokens (the longest allowed) repeat together only past
-  // the sequence: one chunk of 2^57 tokens, 12 x 2^57 bytes (within the shape's overflow guard,
-  // 2^61 bytes).
+  // the sequence of 2^57 tokens: the stream computes windows of 2^31 - 1 tokens, 4 of them held
+  // at 12 bytes a token, about 96 GiB, over the 1 GiB budget.
   h->set_seq_len(int64_t{1} << 57);
   h->mutable_spec()->clear_segment_lengths();
   h->mutable_spec()->clear_dilation_rates();
@@ -275,8 +275,10 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   const StreamResult result = Run({huge});
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << result.status.error_message();
-  EXPECT_NE(result.status.error_message().find("window"), std::string::npos)
-      << result.status.error_message();
+  for (const char* said : {"window", "4 chunks of 2147483647 tokens", "1073741824"}) {
+    EXPECT_NE(result.status.error_message().find(said), std::string::npos)
+        << said << " in " << result.status.error_message();
+  }
 }
 
 // max_request_bytes bounds what a unary request holds whole; a stream holds only its window.
@@ -414,6 +416,99 @@ TEST_F(StreamTest, StreamedBytesEqualUnaryBytesAcrossTheSweep) {
     EXPECT_EQ(streamed.info().stream_chunks(),
               (c.config.seq_len + streamed.info().stream_chunk_tokens() - 1) /
                   streamed.info().stream_chunk_tokens());
+  }
+}
+
+// Segment lengths whose least common multiple is far beyond the longest (48 and 80: 240; 30 and
+// 77: 2310) stream in windows as long as the longest segment, each a share of the whole problem
+// computed with the crossing segments' rows gathered from the chunks beside it: the answer is
+// still byte for byte the unary one, and the window, not the sequence, sizes the stream.
+TEST_F(StreamTest, WindowsOfSegmentLengthsWithoutACommonChunkGiveTheUnaryBytes) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_min_chunk_tokens = 1;
+  Start(options);
+  client::AttentionClient client(testing::ChannelTo(server_->port()));
+  std::mt19937 rng(std::random_device{}());
+  struct Case {
+    testing::ProblemConfig config;
+    v1::Precision precision;
+    int64_t window;
+  };
+  std::vector<Case> cases;
+  for (bool causal : {false, true}) {
+    for (v1::CombineMode mode : {v1::COMBINE_MODE_LONGNET, v1::COMBINE_MODE_GROUPED}) {
+      for (int p = 0; p < 2; ++p) {
+        testing::ProblemConfig config;
+        config.batch = 1 + static_cast<int64_t>(rng() % 2);
+        config.seq_len = 250 + static_cast<int64_t>(rng() % 300);  // Partial last segments.
+        config.heads = 4;
+        config.kv_heads = (rng() % 2 == 0) ? 4 : 2;  // With and without GQA.
+        config.patterns = p == 0 ? std::vector<std::pair<int64_t, int64_t>>{{48, 1}, {80, 2}}
+                                 : std::vector<std::pair<int64_t, int64_t>>{{30, 1}, {77, 3}};
+        config.causal = causal;
+        config.mode = mode;
+        cases.push_back(
+            {config, p == 0 ? v1::PRECISION_FP32 : v1::PRECISION_AUTO, p == 0 ? 80 : 77});
+      }
+    }
+  }
+  testing::ProblemConfig bf16 = cases.front().config;
+  bf16.dtype = v1::DTYPE_BF16;
+  bf16.patterns = {{33, 1}, {50, 2}, {64, 4}};  // lcm 52800.
+  cases.push_back({bf16, v1::PRECISION_AUTO, 64});
+
+  for (const Case& c : cases) {
+    v1::AttendRequest request = testing::RandomRequest(c.config, rng);
+    request.mutable_spec()->set_precision(c.precision);
+    SCOPED_TRACE(testing::HeaderFor(request).DebugString());
+    v1::AttendResponse unary;
+    ASSERT_TRUE(client.Attend(request, &unary).ok());
+    v1::AttendResponse streamed;
+    const int64_t block_tokens = 1 + static_cast<int64_t>(rng() % 70);
+    const grpc::Status status =
+        client.AttendStream(request, &streamed, {}, {.block_tokens = block_tokens});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(streamed.output().data() == unary.output().data())
+        << "block_tokens " << block_tokens;
+    EXPECT_EQ(streamed.info().precision_used(), unary.info().precision_used());
+    EXPECT_EQ(streamed.info().stream_chunk_tokens(), c.window);
+    EXPECT_EQ(streamed.info().stream_chunks(), (c.config.seq_len + c.window - 1) / c.window);
+  }
+}
+
+// A windowed stream holds the same window however long it is: 300 and 409 have a least common
+// multiple of 122,700 tokens, so before windows each of these streams was one chunk holding its
+// whole input.
+TEST_F(StreamTest, AWindowedStreamsMemoryFollowsTheLongestSegmentNotTheSequence) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_min_chunk_tokens = 512;
+  Start(options);
+  client::AttentionClient client(testing::ChannelTo(server_->port()));
+  std::mt19937 rng(5);
+  int64_t window_bytes = -1;
+  for (int64_t seq_len : {20000, 80000}) {
+    SCOPED_TRACE(::testing::Message() << "seq_len " << seq_len);
+    testing::ProblemConfig config;
+    config.seq_len = seq_len;
+    config.heads = 2;
+    config.kv_heads = 1;
+    config.patterns = {{300, 1}, {409, 2}};
+    const v1::AttendRequest request = testing::RandomRequest(config, rng);
+    v1::AttendResponse streamed;
+    const grpc::Status status =
+        client.AttendStream(request, &streamed, {.timeout_ms = 60000}, {.block_tokens = 1000});
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(streamed.info().stream_chunk_tokens(), 512);
+    EXPECT_EQ(streamed.info().stream_chunks(), (seq_len + 511) / 512);
+    if (window_bytes < 0) {
+      window_bytes = streamed.info().stream_buffer_bytes();
+    } else {
+      EXPECT_EQ(streamed.info().stream_buffer_bytes(), window_bytes);
+    }
+    // Spot check against the unary answer: the windows' rows equal the whole problem's.
+    v1::AttendResponse unary;
+    ASSERT_TRUE(client.Attend(request, &unary, {.timeout_ms = 60000}).ok());
+    EXPECT_TRUE(streamed.output().data() == unary.output().data());
   }
 }
 

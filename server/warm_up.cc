@@ -32,8 +32,12 @@ std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
   if (unary_bytes <= transport.max_message_bytes && answer_bytes <= transport.max_message_bytes) {
     add(whole.seq_len);
   }
-  const int64_t chunk = ChooseChunkTokens(shape.spec, whole.seq_len,
-                                          std::max<int64_t>(1, transport.stream_min_chunk_tokens));
+  const StreamChunking chunking = ChooseStreamChunking(
+      shape.spec, whole.seq_len, std::max<int64_t>(1, transport.stream_min_chunk_tokens));
+  // A windowed stream's chunks are shares of the whole, each with a plan built for it alone:
+  // nothing of theirs can be warmed.
+  if (chunking.windowed) return shapes;
+  const int64_t chunk = chunking.chunk_tokens;
   add(chunk);
   if (chunk > 0 && whole.seq_len % chunk != 0) add(whole.seq_len % chunk);
   return shapes;
@@ -45,7 +49,14 @@ absl::StatusOr<engine::WarmUpResult> WarmUpPlan(engine::Engine& engine, Metrics&
                                                 const std::atomic<bool>* stop) {
   engine::WarmUpResult result;
   result.already_warm = true;
-  for (const engine::ProblemShape& plan_shape : PlanShapes(shape, transport)) {
+  const std::vector<engine::ProblemShape> plan_shapes = PlanShapes(shape, transport);
+  if (plan_shapes.empty()) {
+    spdlog::info(
+        "warm-up {}: no plan to build: too large for one message, it streams in windows, "
+        "each with a plan of its own",
+        DescribeWarmUpShape(shape));
+  }
+  for (const engine::ProblemShape& plan_shape : plan_shapes) {
     DA_ASSIGN_OR_RETURN(engine::WarmUpResult one,
                         engine.WarmUp(plan_shape, shape.dtype, shape.out_dtype, shape.spec, stop));
     if (!one.already_warm) metrics.PlanBuilt(one.build_time_us / 1e6);

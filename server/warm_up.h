@@ -29,14 +29,15 @@ using WarmUpShape = StreamProblem;
 // What decides the plans a shape's requests run: the server's message limit and stream chunks.
 struct WarmUpTransport {
   int64_t max_message_bytes = 64LL << 20;  // A unary call sends q, k and v in one message.
-  int64_t stream_min_chunk_tokens = 4096;  // A stream computes chunks (ChooseChunkTokens).
+  int64_t stream_min_chunk_tokens = 4096;  // A stream computes chunks (ChooseStreamChunking).
 };
 
 // The problem shapes whose plans requests of `shape` run, each once: the whole shape's for a
 // unary call, where q, k and v fit in one message and so does the output; then a stream's chunks'
-// (ChooseChunkTokens tokens, and the last chunk's where it is shorter), which is the whole shape
-// again when one chunk holds the sequence. A stream computes chunk by chunk, so without its chunk
-// plans a warmed shape's first stream still builds.
+// (ChooseStreamChunking's tokens, and the last chunk's where it is shorter), which is the whole
+// shape again when one chunk holds the sequence. A stream computes chunk by chunk, so without its
+// chunk plans a warmed shape's first stream still builds. A stream of windows (segment lengths
+// without a common chunk) builds a plan per window, which nothing can warm: none of its shapes.
 std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
                                              const WarmUpTransport& transport);
 

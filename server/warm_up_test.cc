@@ -120,6 +120,16 @@ TEST(PlanShapesTest, TheWholeSequenceWhereItFitsAMessageThenTheStreamsChunks) {
   const v1::AttendRequest even = Fp32Request({.seq_len = 8192, .patterns = {{1024, 1}}});
   EXPECT_EQ(lengths(even, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 4096}),
             (std::vector<int64_t>{8192, 4096}));
+  // Segment lengths without a common chunk (lcm 1,536,000): a stream computes windows, each with
+  // a plan of its own, so only the unary call's plan can be warmed.
+  const v1::AttendRequest windows = Fp32Request({.seq_len = 10000,
+                                                 .heads = 2,
+                                                 .kv_heads = 2,
+                                                 .head_dim = 32,
+                                                 .patterns = {{3000, 1}, {4096, 2}}});
+  EXPECT_EQ(lengths(windows, {.max_message_bytes = 64 << 20, .stream_min_chunk_tokens = 1024}),
+            (std::vector<int64_t>{10000}));
+  EXPECT_TRUE(lengths(windows, {.max_message_bytes = 1, .stream_min_chunk_tokens = 1024}).empty());
 }
 
 // A shape's first stream after a warm-up finds its chunks' plans, whether or not the shape also

@@ -281,7 +281,15 @@ void FuzzStreamHeader(const v1::StreamHeader& header) {
       Fail(absl::StrCat("chunk_tokens ", chunk, " outside [min(", min_chunk, ", ", seq_len,
                         "), seq_len]"));
     }
-    if (chunk != seq_len) {
+    if (layout->windowed) {
+      // A window holds the longest segment whole (it reads only the chunks beside it).
+      for (const engine::Pattern& pattern : problem->spec.patterns) {
+        if (chunk < std::min(pattern.segment_len, seq_len)) {
+          Fail(absl::StrCat("window of ", chunk, " tokens is shorter than segment length ",
+                            pattern.segment_len));
+        }
+      }
+    } else if (chunk != seq_len) {
       for (const engine::Pattern& pattern : problem->spec.patterns) {
         if (chunk % pattern.segment_len != 0) {
           Fail(absl::StrCat("chunk_tokens ", chunk, " is not a multiple of segment length ",
