@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -253,6 +254,84 @@ TEST(HostBufferPoolTest, AssemblersReturnTheirSlotsToThePool) {
   ASSERT_TRUE(b.ok());
   EXPECT_EQ((*b)->ChunkBufferForTest(), slot);
   EXPECT_EQ(pool.idle_bytes(), 0);
+}
+
+// Windows (segments of 10 and 7 tokens, lcm 70, over 100 tokens): chunks of 10, each taken once
+// the segments holding its last token have arrived, with the rows of the segments crossing its
+// ends gathered from the slots beside it, and a slot freed only once the next window is taken.
+TEST(StreamAssemblerWindowsTest, AWindowWaitsForItsSegmentsAndGathersTheirCrossingRows) {
+  engine::AttentionSpec spec;
+  spec.patterns = {{10, 1}, {7, 1}};
+  const engine::ProblemShape shape{2, 100, 1, 1, 1};  // One fp32 per head: k[p] = p.
+  const absl::StatusOr<StreamLayout> layout =
+      MakeStreamLayout(shape, engine::DType::kFloat32, engine::DType::kFloat32, spec, 1, 0);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  ASSERT_TRUE(layout->windowed);
+  ASSERT_EQ(layout->chunk_tokens, 10);
+  EXPECT_EQ(InputSlots(*layout, 1), 3);
+  // Per pattern, two ends' crossing segments of (at most) 10 and 7 rows, K and V, 2 batches.
+  EXPECT_EQ(GatheredBytesBound(*layout), 2 * (10 + 7) * 2 * 2 * 4);
+  auto made = StreamAssembler::Create(*layout, /*slots=*/1);
+  ASSERT_TRUE(made.ok()) << made.status();
+  StreamAssembler& assembler = **made;
+  EXPECT_EQ(assembler.slots(), 3);
+
+  // Batch b holds k = v = 1000 b + p and q = -p at position p.
+  std::string q, k;
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t p = 0; p < 100; ++p) {
+      const float key = static_cast<float>(1000 * b + p);
+      const float query = static_cast<float>(-p);
+      k.append(reinterpret_cast<const char*>(&key), 4);
+      q.append(reinterpret_cast<const char*>(&query), 4);
+    }
+  }
+  const BlockView all{0, 100, q, k, k};
+  ASSERT_TRUE(assembler.CheckBlock(all).ok());
+  int64_t taken = assembler.Fill(all, 0);
+  EXPECT_EQ(taken, 30) << "three slots of 10 tokens";
+  EXPECT_EQ(assembler.Fill(all, taken), 0);
+
+  const std::optional<Chunk> first = assembler.TakeReadyChunk();
+  ASSERT_TRUE(first.has_value());
+  ASSERT_NE(first->share_of, nullptr);
+  EXPECT_EQ(first->share_of->share.token_begin, 0);
+  EXPECT_EQ(first->share_of->share.token_end, 10);
+  // Tokens [0, 10) cross only the 7-token segment [7, 14): its rows 7..13, gathered.
+  ASSERT_EQ(first->share_of->spanning->size(), 1u);
+  const engine::SpanningKeys& set = first->share_of->spanning->front();
+  EXPECT_EQ(set.kept.first, 7);
+  EXPECT_EQ(set.kept.count, 7);
+  const auto* rows = static_cast<const float*>(first->share_of->gathered->front().k);
+  for (int64_t b = 0; b < 2; ++b) {
+    for (int64_t r = 0; r < 7; ++r) EXPECT_EQ(rows[b * 7 + r], 1000 * b + 7 + r) << b << " " << r;
+  }
+  // The window's own q is its slot, [batch, 10, 1, 1].
+  EXPECT_EQ(reinterpret_cast<const float*>(first->q)[10 + 3], -3);
+
+  // [10, 20) reaches 21 (the segment [14, 21)): in; [20, 30) reaches 35: not yet.
+  const std::optional<Chunk> second = assembler.TakeReadyChunk();
+  ASSERT_TRUE(second.has_value());
+  EXPECT_EQ(second->share_of->spanning->size(), 2u);  // The 7-token [7, 14) and [14, 21).
+  EXPECT_FALSE(assembler.TakeReadyChunk().has_value());
+  EXPECT_EQ(assembler.Fill(all, taken), 0) << "every slot is still read";
+
+  // Both released: window 0's slot is free (window 1, taken, read it), window 1's is not (window
+  // 2, not yet taken, reads its tail [14, 20)).
+  assembler.ReleaseChunk(0);
+  assembler.ReleaseChunk(1);
+  int64_t more = assembler.Fill(all, taken);
+  EXPECT_EQ(more, 10);
+  taken += more;
+  EXPECT_EQ(assembler.Fill(all, taken), 0) << "window 1's slot was freed before window 2 read it";
+  // [20, 30) reaches 35, and 40 tokens arrived: taken, and window 1's slot is free.
+  const std::optional<Chunk> third = assembler.TakeReadyChunk();
+  ASSERT_TRUE(third.has_value());
+  EXPECT_EQ(third->token_start, 20);
+  more = assembler.Fill(all, taken);
+  EXPECT_EQ(more, 10);
+  taken += more;
+  EXPECT_EQ(assembler.Fill(all, taken), 0);
 }
 
 }  // namespace
