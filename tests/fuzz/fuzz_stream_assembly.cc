@@ -12,6 +12,10 @@
 //   - every chunk comes in order, with the right tokens, and its bytes equal what was sent for
 //     them, both when taken and when released (so no later block overwrote a held slot);
 //   - counters and CheckComplete agree with what was sent.
+// Some inputs make a layout of windows instead (MakeStreamLayout of a fuzzed spec whose segment
+// lengths have no common chunk within reach): a window is due once the segments holding its
+// last token have arrived, the ring has two slots more, a slot is freed only once the next
+// window is taken, and every gathered K/V row equals the row sent at its kept position.
 // A violation aborts; ASan/UBSan catch out-of-bounds copies and overflow.
 #include <fuzzer/FuzzedDataProvider.h>
 
@@ -49,12 +53,13 @@ class StreamModel {
  public:
   StreamModel(const StreamLayout& layout, int slots, std::unique_ptr<StreamAssembler> assembler)
       : layout_(layout),
-        slots_(slots),
+        slots_(layout.windowed ? slots + 2 : slots),
         assembler_(std::move(assembler)),
         sent_q_(Bytes(layout.q_row_bytes)),
         sent_k_(Bytes(layout.kv_row_bytes)),
         sent_v_(Bytes(layout.kv_row_bytes)) {
-    FUZZ_CHECK(assembler_->buffer_bytes() == slots * layout.chunk_tokens * layout.batch *
+    FUZZ_CHECK(assembler_->slots() == slots_);
+    FUZZ_CHECK(assembler_->buffer_bytes() == slots_ * layout.chunk_tokens * layout.batch *
                                                  (layout.q_row_bytes + 2 * layout.kv_row_bytes));
   }
 
@@ -96,6 +101,24 @@ class StreamModel {
   }
   int64_t ChunkEnd(int64_t index) const {
     return std::min(layout_.seq_len, (index + 1) * layout_.chunk_tokens);
+  }
+  // The tokens a chunk needs before it is due: its own, and a window's segments' to their ends.
+  int64_t DueAt(int64_t index) const {
+    const int64_t end = ChunkEnd(index);
+    if (!layout_.windowed || end == layout_.seq_len) return end;
+    int64_t reach = end;
+    for (const engine::Pattern& pattern : layout_.spec.patterns) {
+      const int64_t w = pattern.segment_len;
+      reach = std::max(reach, std::min(layout_.seq_len, (end + w - 1) / w * w));
+    }
+    return reach;
+  }
+  // Chunks whose slots are free: released, and (windows) the next one taken.
+  int64_t Freed() const {
+    if (!layout_.windowed) return released_;
+    int64_t freed = released_;
+    if (freed > 0 && freed >= next_take_ && freed < ChunkCount()) --freed;
+    return freed;
   }
 
   // Block bytes [batch, count, row], different for every block sent so that a byte the
@@ -183,11 +206,11 @@ class StreamModel {
       tokens_ += n;
       taken += n;
       FUZZ_CHECK(assembler_->tokens_received() == tokens_);
-      // Never more than the slots hold beyond the last released chunk.
-      FUZZ_CHECK(tokens_ <= (released_ + slots_) * layout_.chunk_tokens);
+      // Never more than the slots hold beyond the last freed chunk.
+      FUZZ_CHECK(tokens_ <= (Freed() + slots_) * layout_.chunk_tokens);
       if (n == 0) {
         // Only a full ring may refuse: the next token belongs to the chunk after the window.
-        FUZZ_CHECK(tokens_ == (released_ + slots_) * layout_.chunk_tokens);
+        FUZZ_CHECK(tokens_ == (Freed() + slots_) * layout_.chunk_tokens);
         if (taken_.empty()) {
           const bool took_one = TakeReady();
           FUZZ_CHECK(took_one);  // A full ring holds a ready chunk.
@@ -229,13 +252,15 @@ class StreamModel {
   // Takes the next ready chunk if there is one; checks it is the one due.
   bool TakeReady() {
     const std::optional<Chunk> chunk = assembler_->TakeReadyChunk();
-    const bool due = next_take_ < ChunkCount() && tokens_ >= ChunkEnd(next_take_);
+    const bool due = next_take_ < ChunkCount() && tokens_ >= DueAt(next_take_);
     FUZZ_CHECK(chunk.has_value() == due);
     if (!chunk) return false;
     FUZZ_CHECK(chunk->index == next_take_);
     FUZZ_CHECK(chunk->token_start == next_take_ * layout_.chunk_tokens);
     FUZZ_CHECK(chunk->token_count == ChunkEnd(next_take_) - chunk->token_start);
     CheckChunkBytes(*chunk);
+    FUZZ_CHECK((chunk->share_of != nullptr) == layout_.windowed);
+    if (layout_.windowed) CheckGathered(*chunk);
     taken_.push_back(*chunk);
     ++next_take_;
     return true;
@@ -261,6 +286,33 @@ class StreamModel {
         const char* want = sent->data() + (b * layout_.seq_len + chunk.token_start) * row;
         const char* got = held + b * chunk.token_count * row;
         FUZZ_CHECK(std::equal(got, got + chunk.token_count * row, want));
+      }
+    }
+  }
+
+  // A window's share is its tokens, and each gathered row is the row sent at its kept position.
+  void CheckGathered(const Chunk& chunk) const {
+    const engine::ShareOfRequest& of = *chunk.share_of;
+    FUZZ_CHECK(of.share.token_begin == chunk.token_start);
+    FUZZ_CHECK(of.share.token_end == chunk.token_start + chunk.token_count);
+    FUZZ_CHECK(of.spanning != nullptr && of.gathered != nullptr);
+    FUZZ_CHECK(of.spanning->size() == of.gathered->size());
+    const int64_t head = layout_.head_bytes;
+    const int64_t row = layout_.kv_row_bytes;
+    for (size_t i = 0; i < of.spanning->size(); ++i) {
+      const engine::SpanningKeys& set = (*of.spanning)[i];
+      const engine::GatheredKeys& rows = (*of.gathered)[i];
+      for (int64_t r = 0; r < set.kept.count; ++r) {
+        const int64_t position = set.kept.first + r * set.kept.stride;
+        FUZZ_CHECK(position >= 0 && position < tokens_);
+        for (int64_t b = 0; b < layout_.batch; ++b) {
+          const int64_t at = (b * layout_.seq_len + position) * row + set.kv_head * head;
+          const int64_t got = (b * set.kept.count + r) * head;
+          FUZZ_CHECK(std::equal(sent_k_.data() + at, sent_k_.data() + at + head,
+                                static_cast<const char*>(rows.k) + got));
+          FUZZ_CHECK(std::equal(sent_v_.data() + at, sent_v_.data() + at + head,
+                                static_cast<const char*>(rows.v) + got));
+        }
       }
     }
   }
@@ -330,6 +382,33 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider fdp(data, size);
   if (fdp.ConsumeIntegralInRange<int>(0, 15) == 0) {
     da::server::FuzzBadLayout(fdp);
+    return 0;
+  }
+  if (fdp.ConsumeIntegralInRange<int>(0, 3) == 0) {
+    // Windows: segment lengths drawn until they have no common chunk within reach.
+    da::engine::AttentionSpec spec;
+    const int patterns = fdp.ConsumeIntegralInRange<int>(1, 3);
+    for (int i = 0; i < patterns; ++i) {
+      const int64_t w = fdp.ConsumeIntegralInRange<int64_t>(1, 40);
+      spec.patterns.push_back({w, fdp.ConsumeIntegralInRange<int64_t>(1, w)});
+    }
+    spec.mode =
+        fdp.ConsumeBool() ? da::engine::CombineMode::kLongNet : da::engine::CombineMode::kGrouped;
+    const int64_t kv_heads = fdp.ConsumeIntegralInRange<int64_t>(1, 2);
+    const da::engine::ProblemShape shape{fdp.ConsumeIntegralInRange<int64_t>(1, 2),
+                                         fdp.ConsumeIntegralInRange<int64_t>(1, 300),
+                                         kv_heads * fdp.ConsumeIntegralInRange<int64_t>(1, 3),
+                                         kv_heads, fdp.ConsumeIntegralInRange<int64_t>(1, 2)};
+    const int64_t min_chunk = fdp.ConsumeIntegralInRange<int64_t>(1, 48);
+    const absl::StatusOr<StreamLayout> windows = da::server::MakeStreamLayout(
+        shape, da::engine::DType::kFloat32, da::engine::DType::kFloat32, spec, min_chunk, 0);
+    FUZZ_CHECK(windows.ok());
+    if (!windows->windowed) return 0;
+    const int slots = fdp.ConsumeIntegralInRange<int>(1, 3);
+    auto made = da::server::StreamAssembler::Create(*windows, slots);
+    FUZZ_CHECK(made.ok());
+    da::server::StreamModel model(*windows, slots, *std::move(made));
+    model.Run(fdp);
     return 0;
   }
   // Small enough that an input runs in microseconds, large enough for several chunks per slot.
