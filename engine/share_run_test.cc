@@ -10,11 +10,15 @@
 
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <random>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/engine.h"
 #include "engine/shard_data.h"
 #include "engine/share.h"
 #include "engine/test_tensors.h"
@@ -243,6 +247,66 @@ TEST(ShardDataTest, CopiesInPiecesEqualTheWholeCopiesAndStopAtOnce) {
       EXPECT_EQ(untouched, std::vector<uint8_t>(bytes, 0xCD));
     }
   }
+}
+
+// A share given to the engine as a request of its own (RunRequest::share_of, what a stream's
+// window is) computes the whole problem's rows, bit for bit on the CPU, with a plan built for it
+// alone; views that do not match the share are refused.
+TEST(EngineShareOfTest, AShareRunByTheEngineEqualsThoseRowsOfTheWholeProblem) {
+  EngineOptions options;
+  options.threads = 2;
+  auto engine = Engine::Create(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const ProblemShape shape{2, 301, 4, 2, 16};
+  int cases = 0;
+  for (bool causal : {false, true}) {
+    for (CombineMode mode : {CombineMode::kLongNet, CombineMode::kGrouped}) {
+      for (Precision precision : {Precision::kFloat32, Precision::kAuto}) {
+        SCOPED_TRACE(::testing::Message() << "causal " << causal << ", " << CombineModeName(mode)
+                                          << ", " << PrecisionName(precision));
+        testing::OwnedProblem whole = testing::RandomProblem(shape, 40 + cases++);
+        whole.spec.patterns = {{48, 1}, {80, 2}};  // No common chunk below 240 tokens.
+        whole.spec.causal = causal;
+        whole.spec.mode = mode;
+        whole.spec.precision = precision;
+        const absl::StatusOr<ExecutionInfo> all = (*engine)->Run(whole.Request());
+        ASSERT_TRUE(all.ok()) << all.status();
+        std::unique_ptr<testing::ShareRequest> share =
+            testing::MakeShareRequest(whole, shape, 100, 220);
+        ASSERT_FALSE(share->sets.empty());
+        const int64_t plans = (*engine)->plan_cache_stats().entries;
+        const absl::StatusOr<ExecutionInfo> part = (*engine)->Run(share->Request(whole.spec));
+        ASSERT_TRUE(part.ok()) << part.status();
+        EXPECT_FALSE(part->plan_cache_hit);
+        EXPECT_EQ(part->precision_used, all->precision_used);
+        EXPECT_EQ(part->devices, std::vector<std::string>{"cpu:0"});
+        EXPECT_EQ((*engine)->plan_cache_stats().entries, plans) << "a share's plan was cached";
+        int64_t differ = 0;
+        for (int64_t b = 0; b < shape.batch; ++b) {
+          for (int64_t t = 100; t < 220; ++t) {
+            for (int64_t i = 0; i < shape.heads * shape.head_dim; ++i) {
+              differ += share->Mine(b, t, i) != share->Whole(whole.out, b, t, i);
+            }
+          }
+        }
+        EXPECT_EQ(differ, 0);
+      }
+    }
+  }
+  // The share's views must be the share's: here the tokens before it, consistent among
+  // themselves.
+  testing::OwnedProblem whole = testing::RandomProblem(shape, 7);
+  whole.spec.patterns = {{48, 1}, {80, 2}};
+  std::unique_ptr<testing::ShareRequest> share = testing::MakeShareRequest(whole, shape, 100, 220);
+  RunRequest wrong = share->Request(whole.spec);
+  wrong.q = share->inputs.q[0].view();
+  wrong.k = share->inputs.k[0].view();
+  wrong.v = share->inputs.v[0].view();
+  testing::OwnedTensor out = testing::PoisonedTensor(DType::kFloat32, wrong.q.shape);
+  wrong.out = out.mutable_view();
+  const absl::Status refused = (*engine)->Run(wrong).status();
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_NE(refused.message().find("share"), std::string::npos) << refused;
 }
 
 }  // namespace

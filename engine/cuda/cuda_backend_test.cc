@@ -24,6 +24,7 @@
 #include "engine/engine.h"
 #include "engine/test_tensors.h"
 #include "engine/testing/reference_output.h"
+#include "engine/testing/share_testing.h"
 
 namespace da::engine {
 namespace {
@@ -272,6 +273,44 @@ TEST_F(CudaFusedTest, SpanningSharesFallBackToFp32AndSaySo) {
   EXPECT_NE(info->precision_reason.find("span devices"), std::string::npos)
       << info->precision_reason;
   EXPECT_LE(testing::MaxRelativeError(many.out, one.out), 1e-5);
+}
+
+// A stream's window on the GPU (RunRequest::share_of: a share of the whole problem, with the
+// crossing segments' rows gathered on the host and copied in): the whole problem's rows, within
+// fp32's bound. The fused path cannot take a share whose segments cross its ends, so a bf16
+// request's window computes in fp32 on the row kernel and says so.
+TEST_F(CudaFusedTest, AWindowsShareEqualsThoseRowsOfTheWholeProblem) {
+  const ProblemShape shape{2, 1999, 8, 2, 64};
+  auto engine = Engine::Create(OnGpu());
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  for (Precision precision : {Precision::kFloat32, Precision::kBFloat16}) {
+    SCOPED_TRACE(PrecisionName(precision));
+    testing::OwnedProblem whole = testing::RandomProblem(shape, 31);
+    whole.spec.patterns = {{300, 1}, {409, 2}};  // lcm 122,700: a stream computes windows.
+    whole.spec.precision = Precision::kFloat32;
+    ASSERT_TRUE((*engine)->Run(whole.Request()).ok());
+    whole.spec.precision = precision;
+    std::unique_ptr<testing::ShareRequest> share =
+        testing::MakeShareRequest(whole, shape, 700, 1300);
+    const absl::StatusOr<ExecutionInfo> info = (*engine)->Run(share->Request(whole.spec));
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->devices, std::vector<std::string>{"cuda:0"});
+    EXPECT_EQ(info->precision_used, Precision::kFloat32) << info->precision_reason;
+    if (precision == Precision::kBFloat16) {
+      EXPECT_NE(info->precision_reason.find("fallback: computed fp32, not bf16"), std::string::npos)
+          << info->precision_reason;
+    }
+    double worst = 0;
+    for (int64_t b = 0; b < shape.batch; ++b) {
+      for (int64_t t = 700; t < 1300; ++t) {
+        for (int64_t i = 0; i < shape.heads * shape.head_dim; ++i) {
+          const double want = share->Whole(whole.out, b, t, i);
+          worst = std::max(worst, std::abs(share->Mine(b, t, i) - want) / (std::abs(want) + 1e-3));
+        }
+      }
+    }
+    EXPECT_LE(worst, 1e-4);
+  }
 }
 
 // On the row kernel (DA_CUDA_FUSED=0), whose launches the stop is polled between.

@@ -3,9 +3,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "engine/engine.h"
 #include "engine/shard_data.h"
 #include "engine/shard_plan.h"
 #include "engine/share.h"
@@ -69,6 +72,61 @@ inline ShareInputs CutShares(const ProblemShape& shape, const ShardLayout& layou
     }
   }
   return inputs;
+}
+
+// Tokens [begin, end) of a whole problem as a request of its own (RunRequest::share_of), as a
+// stream's window is: the share's q, k and v cut out of the whole tensors, the rows of the
+// segments crossing its ends gathered from the shares before and after it, and a poisoned output.
+struct ShareRequest {
+  ProblemShape whole;
+  ShardLayout layout;  // [0, begin), [begin, end), [end, seq_len): the share is rank 1.
+  std::vector<SpanningKeys> sets;
+  ShareInputs inputs;
+  Gathered gathered;
+  ShareOfRequest share_of;
+  OwnedTensor out;
+
+  RunRequest Request(const AttentionSpec& spec) {
+    RunRequest r;
+    r.q = inputs.q[1].view();
+    r.k = inputs.k[1].view();
+    r.v = inputs.v[1].view();
+    r.out = out.mutable_view();
+    r.spec = spec;
+    r.share_of = &share_of;
+    return r;
+  }
+  // Row t (global) of batch b of the whole output, and the share's, as floats.
+  float Whole(const OwnedTensor& whole_out, int64_t b, int64_t t, int64_t i) const {
+    const int64_t row = whole.heads * whole.head_dim;
+    return whole_out.at((b * whole.seq_len + t) * row + i);
+  }
+  float Mine(int64_t b, int64_t t, int64_t i) const {
+    const Share& share = layout.shares[1];
+    const int64_t row = whole.heads * whole.head_dim;
+    return out.at((b * share.tokens() + t - share.token_begin) * row + i);
+  }
+};
+
+inline std::unique_ptr<ShareRequest> MakeShareRequest(const OwnedProblem& p,
+                                                      const ProblemShape& whole, int64_t begin,
+                                                      int64_t end) {
+  auto r = std::make_unique<ShareRequest>();
+  r->whole = whole;
+  r->layout.strategy = ShardPolicy::kSequence;
+  for (const auto& [b, e] : {std::pair{int64_t{0}, begin}, {begin, end}, {end, whole.seq_len}}) {
+    Share share = WholeShare(whole);
+    share.rank = static_cast<int>(r->layout.shares.size());
+    share.token_begin = b;
+    share.token_end = e;
+    r->layout.shares.push_back(share);
+  }
+  r->sets = SpanningKeySets(whole, p.spec, r->layout);
+  r->inputs = CutShares(whole, r->layout, p.q, p.k, p.v);
+  r->gathered = GatherFor(1, whole, p.spec, r->layout, r->sets, r->inputs.k, r->inputs.v);
+  r->share_of = {whole, r->layout.shares[1], &r->sets, &r->gathered.views};
+  r->out = PoisonedTensor(p.out.dtype, r->layout.shares[1].QueryShape(whole));
+  return r;
 }
 
 }  // namespace da::engine::testing
