@@ -157,7 +157,15 @@ struct Engine::Impl {
   absl::Status Validate(const RunRequest& request) const {
     DA_RETURN_IF_ERROR(ValidateProblem(request.q, request.k, request.v, request.spec,
                                        options.limits, request.out.dtype));
-    if (request.share_of != nullptr) DA_RETURN_IF_ERROR(CheckShareViews(ShareOf(request)));
+    if (request.share_of != nullptr) {
+      if (!DeviceFor(request).backend->ComputesShares()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("a share of a problem (a stream's window) needs a backend that computes "
+                         "shares; ",
+                         DeviceFor(request).backend->Name(), " computes whole problems only"));
+      }
+      DA_RETURN_IF_ERROR(CheckShareViews(ShareOf(request)));
+    }
     const Shape4& qs = request.q.shape;
     const Shape4& os = request.out.shape;
     if (os.batch != qs.batch || os.seq_len != qs.seq_len || os.heads != qs.heads ||
@@ -258,6 +266,12 @@ struct Engine::Impl {
     const ProblemShape shape = ShapeOf(request);
     DA_ASSIGN_OR_RETURN(MemoryEstimate estimate,
                         Estimate(shape, request.q.dtype, request.out.dtype, request.spec, first));
+    if (request.share_of != nullptr && !first.host() && request.share_of->spanning != nullptr) {
+      // A device with memory of its own also holds the share's gathered rows, copied in.
+      for (const SpanningKeys& set : *request.share_of->spanning) {
+        estimate.device += 2 * GatheredRowsBytes(request.share_of->whole, set, request.k.dtype);
+      }
+    }
     PlacementOptions o;
     o.devices = GroupShards(ShapeOf(request), request.spec) || !request.device.empty() ||
                         request.share_of != nullptr
@@ -425,7 +439,9 @@ struct Engine::Impl {
       double flops_per_second = 0;
       {
         std::lock_guard<std::mutex> lock(mutex);
-        flops_per_second = DeadlineFlopsPerSecond(ShapeOf(request), request.spec);
+        // A request bound to a device, or a share, runs here whatever its shard policy.
+        flops_per_second =
+            RunsOnGroup(request) ? counters.measured_group_flops_per_second : KnownFlopsPerSecond();
       }
       const double left_ms = Millis(*request.deadline - now);
       if (flops_per_second > 0 && flops / flops_per_second * 1e3 > left_ms) {
@@ -608,6 +624,50 @@ struct Engine::Impl {
     return info;
   }
 
+  // The gathered rows of a share request, scanned as CheckInputValues scans q, k and v: a NaN or
+  // an infinity among them is refused naming where it lies in the whole sequence, and their
+  // largest magnitudes bound the scores and sums with the share's own.
+  static absl::StatusOr<OutsideKeys> ScanGatheredRows(const RunRequest& request) {
+    const ShareOfRequest& of = *request.share_of;
+    OutsideKeys outside;
+    outside.seq_len = of.whole.seq_len;
+    if (of.spanning == nullptr || of.gathered == nullptr) return outside;
+    const ProblemShape& whole = of.whole;
+    for (size_t i = 0; i < of.spanning->size(); ++i) {
+      const SpanningKeys& set = (*of.spanning)[i];
+      const GatheredKeys& rows = (*of.gathered)[i];
+      const Shape4 shape{whole.batch, set.kept.count, 1, whole.head_dim};
+      const int64_t bytes = shape.elements() * DTypeSize(request.k.dtype);
+      const std::pair<const void*, const char*> tensors[] = {{rows.k, "k"}, {rows.v, "v"}};
+      // With causal attention the share reads no key after its last token: those rows may not
+      // even have been gathered.
+      const int64_t read =
+          request.spec.causal ? KeptRowsIn(set.kept, 0, of.share.token_end).second : set.kept.count;
+      for (const auto& [data, name] : tensors) {
+        if (data == nullptr) continue;
+        ValueScan scan;
+        for (int64_t b = 0; b < whole.batch && scan.first_non_finite < 0; ++b) {
+          const int64_t begin = b * set.kept.count * whole.head_dim;
+          const ValueScan part = ScanValues({request.k.dtype, shape, data, bytes}, begin,
+                                            begin + read * whole.head_dim);
+          scan.amax = std::max(scan.amax, part.amax);
+          scan.first_non_finite = part.first_non_finite;
+        }
+        float& amax = name[0] == 'k' ? outside.k_amax : outside.v_amax;
+        amax = std::max(amax, scan.amax);
+        if (scan.first_non_finite < 0) continue;
+        const int64_t e = scan.first_non_finite;
+        const int64_t row = (e / whole.head_dim) % set.kept.count;
+        return absl::InvalidArgumentError(
+            absl::StrCat(name, " holds a value that is not finite at batch ",
+                         e / (whole.head_dim * set.kept.count), ", token ",
+                         set.kept.first + row * set.kept.stride, ", kv head ", set.kv_head,
+                         ", dim ", e % whole.head_dim, "; q, k and v must be finite"));
+      }
+    }
+    return outside;
+  }
+
   // A request for a share of a larger problem (RunRequest::share_of), on one device: its inputs'
   // values checked (check_values), a plan built for this run alone (a window's share rarely
   // repeats, and would only push warm plans out of the cache), its inputs and gathered rows
@@ -615,7 +675,7 @@ struct Engine::Impl {
   absl::StatusOr<ExecutionInfo> ComputeShareOf(
       const RunRequest& request, const Device* bound, int64_t queue_time_us,
       const std::atomic<bool>* stop, std::vector<std::string>* used,
-      const std::function<absl::Status(Device&)>& check_values) {
+      const std::function<absl::Status(Device&, const OutsideKeys*)>& check_values) {
     const Clock::time_point start = Clock::now();
     Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
     used->push_back(device.info.id);
@@ -625,7 +685,8 @@ struct Engine::Impl {
       ~Release() { impl->ReleaseDevice(device); }
     } release{this, device};
     const ScopedAffinity pinned(device.cpus);
-    DA_RETURN_IF_ERROR(check_values(device));
+    DA_ASSIGN_OR_RETURN(const OutsideKeys outside, ScanGatheredRows(request));
+    DA_RETURN_IF_ERROR(check_values(device, &outside));
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
                         device.backend->ChoosePrecision(request.spec));
     RunReport report;
@@ -667,7 +728,8 @@ struct Engine::Impl {
     // device, whose pool scans it below.
     // With fp16 inputs' bound as well where a device computes in fp16 (a GPU's choice; the
     // ranks of a sharded run choose their own, so there the request's explicit wish counts).
-    const auto check_values = [&](ThreadPool* pool, const std::vector<Device*>& devices) {
+    const auto check_values = [&](ThreadPool* pool, const std::vector<Device*>& devices,
+                                  const OutsideKeys* outside = nullptr) {
       Precision compute = request.spec.precision == Precision::kFloat16 && devices.empty()
                               ? Precision::kFloat16
                               : Precision::kFloat32;
@@ -677,12 +739,14 @@ struct Engine::Impl {
         if (choice.ok() && choice->precision == Precision::kFloat16) compute = Precision::kFloat16;
       }
       return CheckInputValues(request.q, request.k, request.v, request.spec, request.first_token,
-                              stop, pool, compute);
+                              stop, pool, compute, outside);
     };
     if (request.share_of != nullptr) {
-      return ComputeShareOf(request, bound, queue_time_us, stop, used, [&](Device& device) {
-        return check_values(device.host() ? device.pool.get() : nullptr, {&device});
-      });
+      return ComputeShareOf(request, bound, queue_time_us, stop, used,
+                            [&](Device& device, const OutsideKeys* outside) {
+                              return check_values(device.host() ? device.pool.get() : nullptr,
+                                                  {&device}, outside);
+                            });
     }
     if (RunsOnGroup(request)) {
       DA_RETURN_IF_ERROR(check_values(nullptr, {}));
@@ -1376,6 +1440,8 @@ int64_t Engine::pending() const {
 
 const std::vector<DeviceInfo>& Engine::devices() const { return impl_->devices; }
 const Limits& Engine::limits() const { return impl_->options.limits; }
+bool Engine::ComputesShares() const { return impl_->backend().ComputesShares(); }
+
 int Engine::threads() const {
   int threads = 0;
   for (const auto& device : impl_->slots) threads += device->pool->size();

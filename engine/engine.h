@@ -251,9 +251,11 @@ class Engine {
   // budget must leave room for: later reservations fit in budget - reserved - kept.
   void SetKeptMemory(int64_t bytes, std::string what);
 
-  // FLOP/s the up-front deadline check divides a request's estimated FLOPs by: the best measured
-  // so far, or before any run was measured the start-up figure (not for a run of `shape` the
-  // group computes, whose speed is the group's); 0: nothing is refused up front.
+  // FLOP/s the up-front deadline check divides a request's estimated FLOPs by: for a run of
+  // `shape` the multi-process group computes, the best group run measured; otherwise the best
+  // run of this process's own devices, or before any was measured the start-up figure. 0:
+  // nothing is refused up front. (A share request, RunRequest::share_of, always runs here: ask
+  // with shard_policy NONE for it.)
   double DeadlineThroughput(const ProblemShape& shape, const AttentionSpec& spec) const;
 
   PlanCacheStats plan_cache_stats() const;
@@ -265,6 +267,9 @@ class Engine {
   const std::vector<DeviceInfo>& devices() const;
   const Limits& limits() const;
   int threads() const;
+  // Whether its backend computes shares of a problem (Backend::ComputesShares), which a share
+  // request (RunRequest::share_of) needs; the reference backend computes whole problems only.
+  bool ComputesShares() const;
 
  private:
   struct Impl;

@@ -307,6 +307,17 @@ TEST(EngineShareOfTest, AShareRunByTheEngineEqualsThoseRowsOfTheWholeProblem) {
   const absl::Status refused = (*engine)->Run(wrong).status();
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
   EXPECT_NE(refused.message().find("share"), std::string::npos) << refused;
+
+  // A backend that computes whole problems only is not given shares.
+  EngineOptions reference = options;
+  reference.backend = "reference";
+  auto whole_only = Engine::Create(reference);
+  ASSERT_TRUE(whole_only.ok()) << whole_only.status();
+  EXPECT_FALSE((*whole_only)->ComputesShares());
+  const absl::Status not_shares = (*whole_only)->Run(share->Request(whole.spec)).status();
+  EXPECT_EQ(not_shares.code(), absl::StatusCode::kInvalidArgument) << not_shares;
+  EXPECT_NE(not_shares.message().find("computes whole problems only"), std::string::npos)
+      << not_shares;
 }
 
 }  // namespace

@@ -84,7 +84,8 @@ ValueScan ScanValues(const TensorView& tensor, int64_t begin, int64_t end) {
 
 absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const TensorView& v,
                               const AttentionSpec& spec, int64_t first_token,
-                              const std::atomic<bool>* stop, ThreadPool* pool, Precision compute) {
+                              const std::atomic<bool>* stop, ThreadPool* pool, Precision compute,
+                              const OutsideKeys* outside) {
   float amax[3] = {0, 0, 0};
   const TensorView* tensors[3] = {&q, &k, &v};
   const char* names[3] = {"q", "k", "v"};
@@ -122,6 +123,10 @@ absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const Te
                        first_token + n, ", head ", h, ", dim ", d, "; q, k and v must be finite"));
     }
   }
+  if (outside != nullptr) {
+    amax[1] = std::max(amax[1], outside->k_amax);
+    amax[2] = std::max(amax[2], outside->v_amax);
+  }
   if (compute == Precision::kFloat16 && q.dtype != DType::kFloat16) {
     for (int t = 0; t < 3; ++t) {
       if (amax[t] <= kMaxFloat16Magnitude) continue;
@@ -145,9 +150,10 @@ absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const Te
   }
   // A row's unnormalized sum of weights (each at most 1) times values, over the keys one pattern
   // keeps for it: at most min(w, N) of them.
+  const int64_t seq_len = outside != nullptr ? outside->seq_len : q.shape.seq_len;
   int64_t keys = 0;
   for (const Pattern& pattern : spec.patterns) {
-    keys = std::max(keys, std::min(pattern.segment_len, q.shape.seq_len));
+    keys = std::max(keys, std::min(pattern.segment_len, seq_len));
   }
   const double sum = static_cast<double>(amax[2]) * static_cast<double>(keys);
   if (sum > kMaxScoreMagnitude) {

@@ -40,10 +40,20 @@ inline constexpr double kMaxScoreMagnitude = 1e38;
 // `compute` is the precision a device computes in: kFloat16 holds magnitudes up to
 // kMaxFloat16Magnitude, so fp32 or bf16 inputs past it (which would turn into infinities, and the
 // output into NaN) are refused too.
+// Keys and values outside q's tokens that its rows attend to (a share's gathered rows, which the
+// caller scanned for non-finite values): their largest magnitudes, and the whole sequence's
+// length, which bounds the keys a row attends to.
+struct OutsideKeys {
+  float k_amax = 0;
+  float v_amax = 0;
+  int64_t seq_len = 0;
+};
+
 absl::Status CheckInputValues(const TensorView& q, const TensorView& k, const TensorView& v,
                               const AttentionSpec& spec, int64_t first_token,
                               const std::atomic<bool>* stop, ThreadPool* pool = nullptr,
-                              Precision compute = Precision::kFloat32);
+                              Precision compute = Precision::kFloat32,
+                              const OutsideKeys* outside = nullptr);
 
 // fp16's largest finite value.
 inline constexpr double kMaxFloat16Magnitude = 65504;

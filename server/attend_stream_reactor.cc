@@ -233,7 +233,8 @@ absl::Status AttendStreamReactor::AcceptHeader(const v1::StreamHeader& header) {
   DA_ASSIGN_OR_RETURN(
       const StreamLayout layout,
       MakeStreamLayout(problem_.shape, problem_.dtype, problem_.out_dtype, problem_.spec,
-                       settings_.min_chunk_tokens, engine_->limits().max_request_bytes));
+                       settings_.min_chunk_tokens, engine_->limits().max_request_bytes,
+                       engine_->ComputesShares()));
   if (settings_.priority_cap != nullptr) {
     DA_RETURN_IF_ERROR(
         settings_.priority_cap->Check(*context_, "header: priority", header.priority()));
@@ -275,8 +276,10 @@ absl::Status AttendStreamReactor::Admit(const StreamLayout& layout) {
   if (deadline_) {
     const double left_s =
         std::chrono::duration<double>(*deadline_ - std::chrono::steady_clock::now()).count();
-    // Judged by what computes a chunk: the group, or this process.
-    const double rate = engine_->DeadlineThroughput(chunk_shape, problem_.spec);
+    // Judged by what computes a chunk: the group, or this process (always for windows).
+    engine::AttentionSpec computed_by = problem_.spec;
+    if (layout.windowed) computed_by.shard_policy = engine::ShardPolicy::kNone;
+    const double rate = engine_->DeadlineThroughput(chunk_shape, computed_by);
     const double flops = engine::EstimateFlops(problem_.shape, problem_.spec);
     if (left_s <= 0 || (rate > 0 && flops / rate > left_s)) {
       return engine::WithRejectReason(

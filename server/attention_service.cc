@@ -472,7 +472,8 @@ grpc::ServerUnaryReactor* AttentionService::WarmUp(grpc::CallbackServerContext* 
                 ? absl::CancelledError("cancelled before the warm-up started")
                 : WarmUpShapes(*engine_, *metrics_,
                                {.max_message_bytes = options_.max_message_bytes,
-                                .stream_min_chunk_tokens = options_.stream_min_chunk_tokens},
+                                .stream_min_chunk_tokens = options_.stream_min_chunk_tokens,
+                                .stream_windows = engine_->ComputesShares()},
                                *request, *cancelled, response);
         if (status.ok()) {
           PlanCacheStatsToProto(engine_->plan_cache_stats(), response->mutable_plan_cache());

@@ -218,8 +218,9 @@ class EngineCollector final : public SourcedCollector<engine::EngineStats> {
         OneValueFamily("da_engine_runs_completed_total", "Runs computed to the end.",
                        MetricType::Counter, stats.runs_completed),
         OneValueFamily("da_engine_deadline_flops_per_second",
-                       "Throughput the up-front deadline checks use: the best measured, or the "
-                       "start-up self-check's before the first measured run; 0: none.",
+                       "Throughput the up-front deadline checks of requests computed in this "
+                       "process use: the best run measured on its own devices, or the start-up "
+                       "self-check's before the first; 0: none.",
                        MetricType::Gauge, static_cast<int64_t>(stats.deadline_flops_per_second)),
         OneValueFamily("da_engine_group_deadline_flops_per_second",
                        "Throughput the up-front deadline checks of requests the multi-process "

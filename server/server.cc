@@ -287,7 +287,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       });
   server->warmup_ = options.warmup;
   server->warmup_transport_ = {.max_message_bytes = options.max_message_bytes,
-                               .stream_min_chunk_tokens = options.stream_min_chunk_tokens};
+                               .stream_min_chunk_tokens = options.stream_min_chunk_tokens,
+                               .stream_windows = server->engine_->ComputesShares()};
   // The stream buffer pool keeps memory the budget must count: its capacity is kept out of the
   // budget for good (cut to a quarter of it, so that streams keep most of it).
   int64_t pool_bytes = options.stream_buffer_pool_bytes;

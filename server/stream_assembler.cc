@@ -41,8 +41,9 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
 }
 
 StreamChunking ChooseStreamChunking(const engine::AttentionSpec& spec, int64_t seq_len,
-                                    int64_t min_chunk_tokens) {
+                                    int64_t min_chunk_tokens, bool windows) {
   const int64_t chunk = ChooseChunkTokens(spec, seq_len, min_chunk_tokens);
+  if (!windows) return {chunk, false};
   int64_t longest = 1;
   for (const engine::Pattern& pattern : spec.patterns) {
     longest = std::max(longest, std::min(pattern.segment_len, seq_len));
@@ -107,14 +108,16 @@ void ByteSpans::CopyTo(int64_t offset, int64_t n, char* dst) const {
 absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
                                               engine::DType dtype, engine::DType out_dtype,
                                               const engine::AttentionSpec& spec,
-                                              int64_t min_chunk_tokens, int64_t max_request_bytes) {
+                                              int64_t min_chunk_tokens, int64_t max_request_bytes,
+                                              bool windows) {
   StreamLayout layout;
   layout.batch = shape.batch;
   layout.seq_len = shape.seq_len;
   layout.q_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(dtype);
   layout.kv_row_bytes = shape.kv_heads * shape.head_dim * engine::DTypeSize(dtype);
   layout.out_row_bytes = shape.heads * shape.head_dim * engine::DTypeSize(out_dtype);
-  const StreamChunking chunking = ChooseStreamChunking(spec, shape.seq_len, min_chunk_tokens);
+  const StreamChunking chunking =
+      ChooseStreamChunking(spec, shape.seq_len, min_chunk_tokens, windows);
   layout.chunk_tokens = chunking.chunk_tokens;
   if (chunking.windowed) {
     layout.windowed = true;

@@ -117,14 +117,15 @@ int64_t ChooseChunkTokens(const engine::AttentionSpec& spec, int64_t seq_len,
                           int64_t min_chunk_tokens);
 
 // How a stream is cut: ChooseChunkTokens' chunks, or, where those are more than twice as long as
-// a window, windows of the larger of min_chunk_tokens and the longest segment (clipped to
-// seq_len), which need no common multiple of the segment lengths.
+// a window and `windows` allows them (an engine whose backend computes shares), windows of the
+// larger of min_chunk_tokens and the longest segment (clipped to seq_len), which need no common
+// multiple of the segment lengths.
 struct StreamChunking {
   int64_t chunk_tokens = 0;
   bool windowed = false;
 };
 StreamChunking ChooseStreamChunking(const engine::AttentionSpec& spec, int64_t seq_len,
-                                    int64_t min_chunk_tokens);
+                                    int64_t min_chunk_tokens, bool windows = true);
 
 // The input slots a stream of `layout` holds for a pipeline depth: the depth, and two more for
 // windows (the chunks before and after the one taken).
@@ -141,7 +142,8 @@ int64_t GatheredBytesBound(const StreamLayout& layout);
 absl::StatusOr<StreamLayout> MakeStreamLayout(const engine::ProblemShape& shape,
                                               engine::DType dtype, engine::DType out_dtype,
                                               const engine::AttentionSpec& spec,
-                                              int64_t min_chunk_tokens, int64_t max_request_bytes);
+                                              int64_t min_chunk_tokens, int64_t max_request_bytes,
+                                              bool windows = true);
 
 class StreamAssembler {
  public:

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -473,6 +474,73 @@ TEST_F(StreamTest, WindowsOfSegmentLengthsWithoutACommonChunkGiveTheUnaryBytes) 
     EXPECT_EQ(streamed.info().precision_used(), unary.info().precision_used());
     EXPECT_EQ(streamed.info().stream_chunk_tokens(), c.window);
     EXPECT_EQ(streamed.info().stream_chunks(), (c.config.seq_len + c.window - 1) / c.window);
+  }
+}
+
+// The reference backend computes whole problems only: its streams never cut windows (before,
+// they were refused at the first window; EngineShareOfTest checks the engine's refusal).
+TEST_F(StreamTest, TheReferenceBackendStreamsInCommonChunksOnly) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.backend = "reference";
+  options.stream_min_chunk_tokens = 1;
+  Start(options);
+  client::AttentionClient client(testing::ChannelTo(server_->port()));
+  std::mt19937 rng(9);
+  testing::ProblemConfig config;
+  config.seq_len = 300;
+  config.patterns = {{48, 1}, {80, 2}};
+  const v1::AttendRequest request = testing::RandomRequest(config, rng);
+  v1::AttendResponse unary, streamed;
+  ASSERT_TRUE(client.Attend(request, &unary).ok());
+  const grpc::Status status = client.AttendStream(request, &streamed, {}, {.block_tokens = 50});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(streamed.info().stream_chunk_tokens(), 240);  // lcm(48, 80).
+  EXPECT_TRUE(streamed.output().data() == unary.output().data());
+}
+
+// A window computes with keys gathered from the chunk after it: a NaN there is refused before
+// the window is computed, naming its token in the whole sequence, and nothing is answered (before
+// the gathered rows were checked, the first window's output went out with NaN in it). Large keys
+// there bound the scores with the window's own queries.
+TEST_F(StreamTest, AWindowChecksTheKeysItGathersBeforeItComputes) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.stream_min_chunk_tokens = 1;
+  Start(options);
+  std::mt19937 rng(3);
+  testing::ProblemConfig config;
+  config.seq_len = 400;
+  config.heads = 2;
+  config.kv_heads = 1;
+  config.head_dim = 4;
+  config.patterns = {{48, 1}, {80, 2}};  // Windows of 80: [0, 80) reads the segment [48, 96).
+  for (const float poison : {std::numeric_limits<float>::quiet_NaN(), 1e20f}) {
+    SCOPED_TRACE(::testing::Message() << "a key of " << poison << " at token 85");
+    v1::AttendRequest request = testing::RandomRequest(config, rng);
+    std::memcpy(request.mutable_key()->mutable_data()->data() + 85 * 4 * sizeof(float), &poison,
+                sizeof(float));
+    if (!std::isnan(poison)) {
+      // And a query of the first window as large: their scores pass fp32's range, though each
+      // window's own q and k alone would not.
+      std::memcpy(request.mutable_query()->mutable_data()->data() + 5 * 8 * sizeof(float), &poison,
+                  sizeof(float));
+    }
+    client::StreamPlan plan;
+    ASSERT_TRUE(client::MakeStreamPlan(request, 40, &plan).ok());
+    std::vector<v1::AttendStreamRequest> messages(1);
+    *messages[0].mutable_header() = plan.header;
+    for (int64_t start = 0; start < config.seq_len; start += 40) {
+      messages.emplace_back();
+      *messages.back().mutable_block() = client::MakeTokenBlock(request, plan, start);
+    }
+    const StreamResult result = Run(messages);
+    EXPECT_EQ(result.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << result.status.error_message();
+    const std::string said = std::isnan(poison) ? "token 85" : "too large for fp32 scores";
+    EXPECT_NE(result.status.error_message().find(said), std::string::npos)
+        << result.status.error_message();
+    for (const v1::AttendStreamResponse& response : result.responses) {
+      EXPECT_FALSE(response.has_block()) << "an output block went out before the refusal";
+    }
   }
 }
 

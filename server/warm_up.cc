@@ -33,7 +33,8 @@ std::vector<engine::ProblemShape> PlanShapes(const WarmUpShape& shape,
     add(whole.seq_len);
   }
   const StreamChunking chunking = ChooseStreamChunking(
-      shape.spec, whole.seq_len, std::max<int64_t>(1, transport.stream_min_chunk_tokens));
+      shape.spec, whole.seq_len, std::max<int64_t>(1, transport.stream_min_chunk_tokens),
+      transport.stream_windows);
   // A windowed stream's chunks are shares of the whole, each with a plan built for it alone:
   // nothing of theirs can be warmed.
   if (chunking.windowed) return shapes;

@@ -30,6 +30,7 @@ using WarmUpShape = StreamProblem;
 struct WarmUpTransport {
   int64_t max_message_bytes = 64LL << 20;  // A unary call sends q, k and v in one message.
   int64_t stream_min_chunk_tokens = 4096;  // A stream computes chunks (ChooseStreamChunking).
+  bool stream_windows = true;  // Whether streams may compute windows (Engine::ComputesShares).
 };
 
 // The problem shapes whose plans requests of `shape` run, each once: the whole shape's for a
