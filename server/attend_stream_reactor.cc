@@ -584,6 +584,12 @@ void AttendStreamReactor::OnComputed(const Outgoing& chunk,
       info_.compute_time_us += info->compute_time_us;
       info_.plan_build_time_us += info->plan_build_time_us;
       info_.plan_cache_hit = info_.plan_cache_hit && info->plan_cache_hit;
+      // The answer is as precise as its least precise chunk (a GPU computes a window its fused
+      // path cannot take in fp32, and a window without crossing segments fused).
+      if (engine::ErrorBound(info->precision_used) > engine::ErrorBound(info_.precision_used)) {
+        info_.precision_used = info->precision_used;
+        info_.precision_reason = info->precision_reason;
+      }
       // fp8: each chunk was quantized with scales of its own; all of them, in chunk order.
       info_.fp8_scales.insert(info_.fp8_scales.end(), info->fp8_scales.begin(),
                               info->fp8_scales.end());

@@ -9,7 +9,9 @@
 // so each chunk is an independent attention problem whose output rows are exactly the rows of
 // the whole problem: a streamed answer has the same bytes as the unary one. Where that multiple
 // is far longer than the longest segment, chunks are windows instead (server/stream_assembler.h:
-// shares of the whole problem, engine::ShareOfRequest), with the same bytes as the unary answer.
+// shares of the whole problem, engine::ShareOfRequest): on a CPU the same bytes as the unary
+// answer; on a GPU in fp32 where the fused path cannot take a window (the trailer reports the
+// least precise chunk's precision).
 //
 // Memory. A stream holds `pipeline_depth` chunks of inputs (the StreamAssembler's slots; windows:
 // two more, and one window's gathered rows), two

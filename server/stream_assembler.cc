@@ -7,6 +7,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/numeric/int128.h"
 #include "absl/strings/str_format.h"
 #include "engine/dilation.h"
 #include "engine/shard_plan.h"
@@ -69,15 +70,17 @@ int64_t GatheredBytesBound(const StreamLayout& layout) {
           {engine::KvHeadFor(head, layout.shape.heads, layout.shape.kv_heads), hw.offset});
     }
   }
-  int64_t bytes = 0;
+  // Saturating at the int64 range: the caller's budget check refuses it then.
+  absl::int128 bytes = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {
     const engine::Pattern& pattern = layout.spec.patterns[i];
-    const int64_t kept = (pattern.segment_len + pattern.dilation - 1) / pattern.dilation;
+    const int64_t dilation = std::max<int64_t>(1, pattern.dilation);
+    const int64_t kept = (pattern.segment_len + dilation - 1) / dilation;
     // Both ends, K and V.
-    bytes +=
-        2 * static_cast<int64_t>(pairs[i].size()) * kept * layout.batch * layout.head_bytes * 2;
+    bytes += absl::int128(4) * static_cast<int64_t>(pairs[i].size()) * kept * layout.batch *
+             layout.head_bytes;
   }
-  return bytes;
+  return bytes > kMaxInt64 ? kMaxInt64 : static_cast<int64_t>(bytes);
 }
 
 void ByteSpans::Append(std::string_view piece) {
@@ -159,10 +162,23 @@ absl::StatusOr<std::unique_ptr<StreamAssembler>> StreamAssembler::Create(const S
     return absl::InvalidArgumentError(
         absl::StrFormat("stream layout: slots is %d; must be >= 1", slots));
   }
-  if (layout.windowed && (layout.head_bytes < 1 || layout.shape.seq_len != layout.seq_len ||
-                          layout.shape.batch != layout.batch)) {
-    return absl::InvalidArgumentError(
-        "stream layout: a windowed layout needs its whole shape and head_bytes");
+  if (layout.windowed) {
+    // What TakeWindow relies on: rows laid out as the shape says, and windows at least as long
+    // as every segment (clipped to the sequence), so that a window reads only its neighbours.
+    bool whole = layout.head_bytes >= 1 && layout.shape.seq_len == layout.seq_len &&
+                 layout.shape.batch == layout.batch &&
+                 layout.kv_row_bytes == layout.shape.kv_heads * layout.head_bytes &&
+                 layout.q_row_bytes == layout.shape.heads * layout.head_bytes &&
+                 !layout.spec.patterns.empty();
+    for (const engine::Pattern& pattern : layout.spec.patterns) {
+      whole = whole && pattern.segment_len >= 1 &&
+              layout.chunk_tokens >= std::min(pattern.segment_len, layout.seq_len);
+    }
+    if (!whole) {
+      return absl::InvalidArgumentError(
+          "stream layout: a windowed layout needs its whole shape, rows of its heads and windows "
+          "at least as long as every segment");
+    }
   }
   slots = InputSlots(layout, slots);
   auto assembler = std::unique_ptr<StreamAssembler>(new StreamAssembler(layout, slots));
@@ -350,10 +366,10 @@ void StreamAssembler::TakeWindow(Chunk& chunk) {
   for (const engine::SpanningKeys& set : window.sets) {
     bytes += 2 * layout_.batch * set.kept.count * layout_.head_bytes;
   }
-  window.rows.resize(static_cast<size_t>(bytes));
+  window.rows.reset(new char[static_cast<size_t>(bytes)]);  // Every byte is written below.
   const int64_t head = layout_.head_bytes;
   const int64_t kv_row = layout_.kv_row_bytes;
-  char* write = window.rows.data();
+  char* write = window.rows.get();
   for (const engine::SpanningKeys& set : window.sets) {
     engine::GatheredKeys& gathered = window.gathered.emplace_back();
     char* k = write;

@@ -18,8 +18,8 @@
 //   int64_t taken = 0;
 //   while (taken < block.token_count) {
 //     int64_t n = assembler->Fill(block, taken);
-//     if (n == 0) { /* every slot is full: compute, then ReleaseChunk, then Fill again */ }
-//     taken += n;
+//     if (n == 0) { /* every slot is full: compute, ReleaseChunk and TakeReadyChunk, Fill again */
+//     } taken += n;
 //   }
 //   while (std::optional<Chunk> chunk = assembler->TakeReadyChunk()) { ... ReleaseChunk(index); }
 //
@@ -161,7 +161,8 @@ class StreamAssembler {
   absl::Status CheckBlock(const BlockView& block);
 
   // Copies tokens [block.token_start + taken, ...) of the checked block into free slots and
-  // returns how many it took: 0 when every slot is full (call again after ReleaseChunk).
+  // returns how many it took: 0 when every slot is full (call again after ReleaseChunk; windows:
+  // and after the next TakeReadyChunk).
   int64_t Fill(const BlockView& block, int64_t taken);
 
   // The next chunk whose tokens have all arrived and that has not been taken yet, in order (a
@@ -200,7 +201,7 @@ class StreamAssembler {
     engine::ShareOfRequest share_of;
     std::vector<engine::SpanningKeys> sets;
     std::vector<engine::GatheredKeys> gathered;
-    std::vector<char> rows;  // Each set's K then V rows, [batch, kept count, head_dim] each.
+    std::unique_ptr<char[]> rows;  // Each set's K then V rows, [batch, kept count, head_dim].
   };
 
   StreamLayout layout_;

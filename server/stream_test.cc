@@ -265,7 +265,7 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   h->set_head_dim(1);
   // Segments of 2^31 - 1 and 2^31 - 2 tokens (the longest allowed) repeat together only past
   // the sequence of 2^57 tokens: the stream computes windows of 2^31 - 1 tokens, 4 of them held
-  // at 12 bytes a token, about 96 GiB, over the 1 GiB budget.
+  // at 12 bytes a token (96 GiB) with their gathered rows and outputs, far over the 1 GiB budget.
   h->set_seq_len(int64_t{1} << 57);
   h->mutable_spec()->clear_segment_lengths();
   h->mutable_spec()->clear_dilation_rates();

@@ -297,6 +297,11 @@ class StreamModel {
     FUZZ_CHECK(of.share.token_end == chunk.token_start + chunk.token_count);
     FUZZ_CHECK(of.spanning != nullptr && of.gathered != nullptr);
     FUZZ_CHECK(of.spanning->size() == of.gathered->size());
+    int64_t gathered = 0;
+    for (const engine::SpanningKeys& set : *of.spanning) {
+      gathered += 2 * layout_.batch * set.kept.count * layout_.head_bytes;
+    }
+    FUZZ_CHECK(gathered <= GatheredBytesBound(layout_));  // What the stream's window reserved.
     const int64_t head = layout_.head_bytes;
     const int64_t row = layout_.kv_row_bytes;
     for (size_t i = 0; i < of.spanning->size(); ++i) {
