@@ -211,16 +211,41 @@ std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begi
   return {begin, std::max(begin, end)};
 }
 
-std::vector<SpanningKeys> SpanningKeySetsOf(const ProblemShape& shape, const AttentionSpec& spec,
-                                            const Share& share) {
-  std::vector<SpanningKeys> sets;
+std::vector<std::set<std::pair<int64_t, int64_t>>> KvHeadOffsets(const ProblemShape& shape,
+                                                                 const AttentionSpec& spec,
+                                                                 int64_t head_begin,
+                                                                 int64_t head_end) {
   const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
   std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(spec.patterns.size());
-  for (int64_t head = share.head_begin; head < share.head_end; ++head) {
+  for (int64_t head = head_begin; head < head_end; ++head) {
     for (const HeadWork& hw : work[head]) {
       pairs[hw.pattern_index].insert({KvHeadFor(head, shape.heads, shape.kv_heads), hw.offset});
     }
   }
+  return pairs;
+}
+
+namespace {
+
+// The set of segment t of pattern i for one (kv head, offset); ranks 0 until a layout says more.
+SpanningKeys SetOf(const ProblemShape& shape, const AttentionSpec& spec, size_t i, int64_t t,
+                   int64_t kv_head, int64_t offset) {
+  SpanningKeys set;
+  set.pattern_index = static_cast<int>(i);
+  set.segment = t;
+  set.kv_head = kv_head;
+  set.offset = offset;
+  set.kept = KeptPositions(spec.patterns[i], offset, shape.seq_len, t);
+  return set;
+}
+
+}  // namespace
+
+std::vector<SpanningKeys> SpanningKeySetsOf(const ProblemShape& shape, const AttentionSpec& spec,
+                                            const Share& share) {
+  std::vector<SpanningKeys> sets;
+  const std::vector<std::set<std::pair<int64_t, int64_t>>> pairs =
+      KvHeadOffsets(shape, spec, share.head_begin, share.head_end);
   for (size_t i = 0; i < spec.patterns.size(); ++i) {
     const Pattern& pattern = spec.patterns[i];
     const int64_t w = pattern.segment_len;
@@ -229,12 +254,7 @@ std::vector<SpanningKeys> SpanningKeySetsOf(const ProblemShape& shape, const Att
       const int64_t end = std::min(shape.seq_len, start + w);
       if (share.token_begin <= start && end <= share.token_end) continue;  // Inside the share.
       for (const auto& [kv_head, offset] : pairs[i]) {
-        SpanningKeys set;
-        set.pattern_index = static_cast<int>(i);
-        set.segment = t;
-        set.kv_head = kv_head;
-        set.offset = offset;
-        set.kept = KeptPositions(pattern, offset, shape.seq_len, t);
+        const SpanningKeys set = SetOf(shape, spec, i, t, kv_head, offset);
         const auto [b, e] = KeptRowsIn(set.kept, share.token_begin, share.token_end);
         // Rows inside the share (its queries) and outside it (keys it must be given).
         if (b < e && (b > 0 || e < set.kept.count)) sets.push_back(set);
@@ -249,13 +269,8 @@ std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const Atten
   std::vector<SpanningKeys> sets;
   if (layout.strategy != ShardPolicy::kSequence || layout.shares.size() < 2) return sets;
   // The (kv head, offset) pairs each pattern's query heads read.
-  const std::vector<std::vector<HeadWork>> work = AssignHeadPatterns(shape.heads, spec);
-  std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(spec.patterns.size());
-  for (int64_t head = 0; head < shape.heads; ++head) {
-    for (const HeadWork& hw : work[head]) {
-      pairs[hw.pattern_index].insert({KvHeadFor(head, shape.heads, shape.kv_heads), hw.offset});
-    }
-  }
+  const std::vector<std::set<std::pair<int64_t, int64_t>>> pairs =
+      KvHeadOffsets(shape, spec, 0, shape.heads);
   const int world = static_cast<int>(layout.shares.size());
   for (size_t i = 0; i < spec.patterns.size(); ++i) {
     const Pattern& pattern = spec.patterns[i];
@@ -273,12 +288,7 @@ std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const Atten
       }
       if (first_touch == last_touch) continue;
       for (const auto& [kv_head, offset] : pairs[i]) {
-        SpanningKeys set;
-        set.pattern_index = static_cast<int>(i);
-        set.segment = t;
-        set.kv_head = kv_head;
-        set.offset = offset;
-        set.kept = KeptPositions(pattern, offset, shape.seq_len, t);
+        SpanningKeys set = SetOf(shape, spec, i, t, kv_head, offset);
         // Only ranks holding at least one kept row take part.
         int first = world, last = -1;
         for (int r = first_touch; r <= last_touch; ++r) {

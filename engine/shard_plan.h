@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -59,6 +60,13 @@ std::pair<int64_t, int64_t> KeptRowsIn(const KeptRange& kept, int64_t token_begi
 // HEADS.
 std::vector<SpanningKeys> SpanningKeySets(const ProblemShape& shape, const AttentionSpec& spec,
                                           const ShardLayout& layout);
+
+// Per pattern, the (kv head, offset) pairs query heads [head_begin, head_end) read under the
+// spec's combine mode.
+std::vector<std::set<std::pair<int64_t, int64_t>>> KvHeadOffsets(const ProblemShape& shape,
+                                                                 const AttentionSpec& spec,
+                                                                 int64_t head_begin,
+                                                                 int64_t head_end);
 
 // The spanning sets one share reads: for every (kv head, offset) pair some query head of the
 // share reads under the spec's combine mode, each segment that holds kept rows inside the share

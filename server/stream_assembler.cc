@@ -61,15 +61,8 @@ int InputSlots(const StreamLayout& layout, int pipeline_depth) {
 
 int64_t GatheredBytesBound(const StreamLayout& layout) {
   if (!layout.windowed) return 0;
-  const std::vector<std::vector<engine::HeadWork>> work =
-      engine::AssignHeadPatterns(layout.shape.heads, layout.spec);
-  std::vector<std::set<std::pair<int64_t, int64_t>>> pairs(layout.spec.patterns.size());
-  for (int64_t head = 0; head < layout.shape.heads; ++head) {
-    for (const engine::HeadWork& hw : work[head]) {
-      pairs[hw.pattern_index].insert(
-          {engine::KvHeadFor(head, layout.shape.heads, layout.shape.kv_heads), hw.offset});
-    }
-  }
+  const std::vector<std::set<std::pair<int64_t, int64_t>>> pairs =
+      engine::KvHeadOffsets(layout.shape, layout.spec, 0, layout.shape.heads);
   // Saturating at the int64 range: the caller's budget check refuses it then.
   absl::int128 bytes = 0;
   for (size_t i = 0; i < pairs.size(); ++i) {

@@ -362,6 +362,26 @@ TEST_F(StreamTest, OutputBlocksStayWithinHalfTheMessageLimit) {
   EXPECT_TRUE(output == testing::InProcessOutput(request_, 2));
 }
 
+// A request of `config` in `precision`, fresh random inputs, streamed in blocks of a random size
+// (so that blocks straddle chunks): its answer must be byte for byte the unary one, in the same
+// precision. *streamed gets the streamed answer.
+void StreamAndCompareWithUnary(client::AttentionClient& client,
+                               const testing::ProblemConfig& config, v1::Precision precision,
+                               std::mt19937& rng, v1::AttendResponse* streamed) {
+  v1::AttendRequest request = testing::RandomRequest(config, rng);
+  request.mutable_spec()->set_precision(precision);
+  SCOPED_TRACE(testing::HeaderFor(request).DebugString());
+  v1::AttendResponse unary;
+  ASSERT_TRUE(client.Attend(request, &unary).ok());
+  const int64_t block_tokens = 1 + static_cast<int64_t>(rng() % 70);
+  const grpc::Status status =
+      client.AttendStream(request, streamed, {}, {.block_tokens = block_tokens});
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(streamed->output().data() == unary.output().data())
+      << "block_tokens " << block_tokens;
+  EXPECT_EQ(streamed->info().precision_used(), unary.info().precision_used());
+}
+
 // The pipelined stream computes chunk by chunk; its answer must be byte for byte the unary
 // answer. Chunks here are the least common multiple of the segment lengths (min chunk 1), so
 // every case runs several chunks, with block sizes drawn at random so that blocks straddle chunks.
@@ -400,19 +420,9 @@ TEST_F(StreamTest, StreamedBytesEqualUnaryBytesAcrossTheSweep) {
   cases.push_back({bf16, v1::PRECISION_AUTO});
 
   for (const Case& c : cases) {
-    v1::AttendRequest request = testing::RandomRequest(c.config, rng);
-    request.mutable_spec()->set_precision(c.precision);
-    SCOPED_TRACE(testing::HeaderFor(request).DebugString());
-    v1::AttendResponse unary;
-    ASSERT_TRUE(client.Attend(request, &unary).ok());
     v1::AttendResponse streamed;
-    const int64_t block_tokens = 1 + static_cast<int64_t>(rng() % 70);
-    const grpc::Status status =
-        client.AttendStream(request, &streamed, {}, {.block_tokens = block_tokens});
-    ASSERT_TRUE(status.ok()) << status.error_message();
-    EXPECT_TRUE(streamed.output().data() == unary.output().data())
-        << "block_tokens " << block_tokens;
-    EXPECT_EQ(streamed.info().precision_used(), unary.info().precision_used());
+    ASSERT_NO_FATAL_FAILURE(
+        StreamAndCompareWithUnary(client, c.config, c.precision, rng, &streamed));
     EXPECT_GE(streamed.info().stream_chunks(), 2);
     EXPECT_EQ(streamed.info().stream_chunks(),
               (c.config.seq_len + streamed.info().stream_chunk_tokens() - 1) /
@@ -459,19 +469,9 @@ TEST_F(StreamTest, WindowsOfSegmentLengthsWithoutACommonChunkGiveTheUnaryBytes) 
   cases.push_back({bf16, v1::PRECISION_AUTO, 64});
 
   for (const Case& c : cases) {
-    v1::AttendRequest request = testing::RandomRequest(c.config, rng);
-    request.mutable_spec()->set_precision(c.precision);
-    SCOPED_TRACE(testing::HeaderFor(request).DebugString());
-    v1::AttendResponse unary;
-    ASSERT_TRUE(client.Attend(request, &unary).ok());
     v1::AttendResponse streamed;
-    const int64_t block_tokens = 1 + static_cast<int64_t>(rng() % 70);
-    const grpc::Status status =
-        client.AttendStream(request, &streamed, {}, {.block_tokens = block_tokens});
-    ASSERT_TRUE(status.ok()) << status.error_message();
-    EXPECT_TRUE(streamed.output().data() == unary.output().data())
-        << "block_tokens " << block_tokens;
-    EXPECT_EQ(streamed.info().precision_used(), unary.info().precision_used());
+    ASSERT_NO_FATAL_FAILURE(
+        StreamAndCompareWithUnary(client, c.config, c.precision, rng, &streamed));
     EXPECT_EQ(streamed.info().stream_chunk_tokens(), c.window);
     EXPECT_EQ(streamed.info().stream_chunks(), (c.config.seq_len + c.window - 1) / c.window);
   }
