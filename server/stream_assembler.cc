@@ -337,7 +337,8 @@ void StreamAssembler::FreeSlots() {
 
 int64_t StreamAssembler::WindowInputEnd(int64_t index) const {
   const int64_t end = ChunkStart(index) + ChunkCount(index);
-  if (end == layout_.seq_len) return end;
+  // With causal attention a window reads no key after its last token: it waits for nothing more.
+  if (end == layout_.seq_len || layout_.spec.causal) return end;
   int64_t reach = end;
   for (const engine::Pattern& pattern : layout_.spec.patterns) {
     const int64_t w = pattern.segment_len;
@@ -370,7 +371,17 @@ void StreamAssembler::TakeWindow(Chunk& chunk) {
     gathered.k = k;
     gathered.v = v;
     write = v + layout_.batch * set.kept.count * head;
-    for (int64_t r = 0; r < set.kept.count; ++r) {
+    // Causal: the rows after the window's last token are never read (nor arrived, perhaps).
+    const int64_t read = layout_.spec.causal
+                             ? engine::KeptRowsIn(set.kept, 0, share.token_end).second
+                             : set.kept.count;
+    for (int64_t b = 0; b < layout_.batch && read < set.kept.count; ++b) {
+      const int64_t unread = (b * set.kept.count + read) * head;
+      const size_t bytes = static_cast<size_t>((set.kept.count - read) * head);
+      std::memset(k + unread, 0, bytes);
+      std::memset(v + unread, 0, bytes);
+    }
+    for (int64_t r = 0; r < read; ++r) {
       const int64_t position = set.kept.first + r * set.kept.stride;
       const int64_t index = position / layout_.chunk_tokens;
       // Every row a window reads is in a slot still held: the chunk before, its own, the next.

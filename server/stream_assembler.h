@@ -7,7 +7,8 @@
 // far larger than the longest segment (3000 and 4096: 1,536,000 tokens), a chunk is instead a
 // *window*: a share of the whole problem (engine::ShareOfRequest), at least as long as the longest
 // segment, computed with the kept K/V rows of the segments that cross its ends gathered from the
-// chunks beside it. A window is taken once the segments holding its last token have arrived, so
+// chunks beside it. A window is taken once the segments holding its last token have arrived
+// (with causal attention, once its own tokens have: it reads no key after them), so
 // the ring holds two chunks beyond the pipeline depth (the one before, whose tail it reads, and
 // the one after), and memory still follows the longest segment, not the sequence.
 // Blocks need not line up with chunks: one block may fill the end of one chunk and the start of

@@ -334,5 +334,34 @@ TEST(StreamAssemblerWindowsTest, AWindowWaitsForItsSegmentsAndGathersTheirCrossi
   EXPECT_EQ(assembler.Fill(all, taken), 0);
 }
 
+// A causal window reads no key after its last token: it is taken as soon as its own tokens are
+// in, and the crossing segment's rows after it are not gathered (zeros, never read).
+TEST(StreamAssemblerWindowsTest, ACausalWindowIsTakenWithItsOwnTokens) {
+  engine::AttentionSpec spec;
+  spec.patterns = {{10, 1}, {7, 1}};
+  spec.causal = true;
+  const engine::ProblemShape shape{1, 100, 1, 1, 1};
+  const absl::StatusOr<StreamLayout> layout =
+      MakeStreamLayout(shape, engine::DType::kFloat32, engine::DType::kFloat32, spec, 1, 0);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  ASSERT_TRUE(layout->windowed);
+  auto made = StreamAssembler::Create(*layout, /*slots=*/1);
+  ASSERT_TRUE(made.ok()) << made.status();
+  StreamAssembler& assembler = **made;
+  std::string k;
+  for (int64_t p = 0; p < 100; ++p) {
+    const float key = static_cast<float>(p + 1);
+    k.append(reinterpret_cast<const char*>(&key), 4);
+  }
+  const BlockView first_ten{0, 10, k.substr(0, 40), k.substr(0, 40), k.substr(0, 40)};
+  ASSERT_TRUE(assembler.CheckBlock(first_ten).ok());
+  ASSERT_EQ(assembler.Fill(first_ten, 0), 10);
+  const std::optional<Chunk> first = assembler.TakeReadyChunk();
+  ASSERT_TRUE(first.has_value()) << "a causal window waited for tokens after it";
+  ASSERT_EQ(first->share_of->spanning->size(), 1u);  // The 7-token segment [7, 14).
+  const auto* rows = static_cast<const float*>(first->share_of->gathered->front().k);
+  EXPECT_EQ(std::vector<float>(rows, rows + 7), (std::vector<float>{8, 9, 10, 0, 0, 0, 0}));
+}
+
 }  // namespace
 }  // namespace da::server

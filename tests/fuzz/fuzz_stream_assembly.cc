@@ -105,7 +105,8 @@ class StreamModel {
   // The tokens a chunk needs before it is due: its own, and a window's segments' to their ends.
   int64_t DueAt(int64_t index) const {
     const int64_t end = ChunkEnd(index);
-    if (!layout_.windowed || end == layout_.seq_len) return end;
+    // Causal windows read no key after their last token.
+    if (!layout_.windowed || end == layout_.seq_len || layout_.spec.causal) return end;
     int64_t reach = end;
     for (const engine::Pattern& pattern : layout_.spec.patterns) {
       const int64_t w = pattern.segment_len;
@@ -309,6 +310,7 @@ class StreamModel {
       const engine::GatheredKeys& rows = (*of.gathered)[i];
       for (int64_t r = 0; r < set.kept.count; ++r) {
         const int64_t position = set.kept.first + r * set.kept.stride;
+        if (layout_.spec.causal && position >= of.share.token_end) break;  // Never read.
         FUZZ_CHECK(position >= 0 && position < tokens_);
         for (int64_t b = 0; b < layout_.batch; ++b) {
           const int64_t at = (b * layout_.seq_len + position) * row + set.kv_head * head;
@@ -399,6 +401,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     spec.mode =
         fdp.ConsumeBool() ? da::engine::CombineMode::kLongNet : da::engine::CombineMode::kGrouped;
+    spec.causal = fdp.ConsumeBool();
     const int64_t kv_heads = fdp.ConsumeIntegralInRange<int64_t>(1, 2);
     const da::engine::ProblemShape shape{fdp.ConsumeIntegralInRange<int64_t>(1, 2),
                                          fdp.ConsumeIntegralInRange<int64_t>(1, 300),
