@@ -674,7 +674,7 @@ struct Engine::Impl {
   // copied to a device with memory of its own and its output back (RunHostShareWithPlan).
   absl::StatusOr<ExecutionInfo> ComputeShareOf(
       const RunRequest& request, const Device* bound, int64_t queue_time_us,
-      const std::atomic<bool>* stop, std::vector<std::string>* used,
+      const std::atomic<bool>* stop, std::vector<std::string>* used, bool* failed_in_plan,
       const std::function<absl::Status(Device&, const OutsideKeys*)>& check_values) {
     const Clock::time_point start = Clock::now();
     Device& device = TakeDevice(bound != nullptr ? bound->info.id : request.device);
@@ -689,10 +689,25 @@ struct Engine::Impl {
     DA_RETURN_IF_ERROR(check_values(device, &outside));
     DA_ASSIGN_OR_RETURN(const PrecisionChoice precision,
                         device.backend->ChoosePrecision(request.spec));
+    // The plan is built first, into a cache of this run alone, so that its build is timed (and a
+    // stop during it reported) apart from the compute.
+    PlanCache own(std::numeric_limits<int64_t>::max());
+    const ShareProblem problem = ShareOf(request);
+    const PlanKey key = MakeShareKey(problem, precision.precision, device.info.id,
+                                     device.pool != nullptr ? device.pool->size() : 1);
+    bool hit = false;
+    const absl::StatusOr<std::shared_ptr<Plan>> plan = own.GetOrBuild(
+        key, [&] { return device.backend->BuildPlan(key, stop); }, &hit, stop);
+    if (!plan.ok()) {
+      *failed_in_plan = true;
+      return plan.status();
+    }
+    const int64_t build_us = (*plan)->build_time_us;
     RunReport report;
-    DA_RETURN_IF_ERROR(RunHostShareWithPlan(device.Compute(nullptr), ShareOf(request),
-                                            precision.precision, stop, nullptr, &report));
+    DA_RETURN_IF_ERROR(RunHostShareWithPlan(device.Compute(&own), problem, precision.precision,
+                                            stop, nullptr, &report));
     ExecutionInfo info;
+    info.plan_build_time_us = build_us;
     info.precision_used = precision.precision;
     info.precision_reason = precision.reason;
     if (report.fallback != Precision::kAuto) {
@@ -712,7 +727,7 @@ struct Engine::Impl {
     info.backend = device.backend->Name();
     info.devices = {device.info.id};
     info.queue_time_us = queue_time_us;
-    info.compute_time_us = MicrosSince(start);
+    info.compute_time_us = MicrosSince(start) - build_us;
     return info;
   }
 
@@ -742,7 +757,7 @@ struct Engine::Impl {
                               stop, pool, compute, outside);
     };
     if (request.share_of != nullptr) {
-      return ComputeShareOf(request, bound, queue_time_us, stop, used,
+      return ComputeShareOf(request, bound, queue_time_us, stop, used, failed_in_plan,
                             [&](Device& device, const OutsideKeys* outside) {
                               return check_values(device.host() ? device.pool.get() : nullptr,
                                                   {&device}, outside);

@@ -278,6 +278,7 @@ TEST(EngineShareOfTest, AShareRunByTheEngineEqualsThoseRowsOfTheWholeProblem) {
         const absl::StatusOr<ExecutionInfo> part = (*engine)->Run(share->Request(whole.spec));
         ASSERT_TRUE(part.ok()) << part.status();
         EXPECT_FALSE(part->plan_cache_hit);
+        EXPECT_GT(part->plan_build_time_us, 0) << "the share's plan build was not timed apart";
         EXPECT_EQ(part->precision_used, all->precision_used);
         EXPECT_EQ(part->devices, std::vector<std::string>{"cpu:0"});
         EXPECT_EQ((*engine)->plan_cache_stats().entries, plans) << "a share's plan was cached";
