@@ -859,7 +859,8 @@ TEST(AdmissionTest, NeitherASmallRunNorASlowOneLowersTheThroughputDeadlinesAreJu
 }
 
 // A two-rank group whose runs are slower than this process alone: it computes the whole problem
-// here, then waits, as a group behind a slow network would.
+// here, then waits as long again (at least 300 ms), as a group behind a slow network would; so
+// its measured speed is at most half this process's, whatever the machine's (a sanitizer's) pace.
 class SlowGroup : public ShardGroup {
  public:
   int world_size() const override { return 2; }
@@ -869,9 +870,10 @@ class SlowGroup : public ShardGroup {
     return status;
   }
   absl::StatusOr<ShardGroupRunInfo> Run(const ShardedProblem& p) override {
+    const Clock::time_point start = Clock::now();
     DA_RETURN_IF_ERROR(RunShareWithPlan(p.compute, WholeProblem(p.q, p.k, p.v, p.spec, p.out),
                                         p.precision, p.stop));
-    std::this_thread::sleep_for(milliseconds(300));
+    std::this_thread::sleep_for(std::max<Clock::duration>(Clock::now() - start, milliseconds(300)));
     return ShardGroupRunInfo{.strategy = p.strategy, .devices = {"rank0:cpu", "rank1:cpu"}};
   }
   ShardGroupStats stats() const override { return {}; }
