@@ -16,8 +16,10 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 
 namespace da::client {
 namespace {
@@ -90,6 +92,23 @@ absl::Status Connect(const std::string& host, const std::string& port, const std
   }
   freeaddrinfo(found);
   return absl::UnavailableError(absl::StrCat("cannot connect to ", address, ": ", last_error));
+}
+
+// The Content-Length of an answer's head (status line and headers); -1 when it has none.
+int64_t ContentLength(const std::string& head) {
+  for (absl::string_view line : absl::StrSplit(head, "\r\n")) {
+    const size_t colon = line.find(':');
+    if (colon == absl::string_view::npos ||
+        !absl::EqualsIgnoreCase(line.substr(0, colon), "content-length")) {
+      continue;
+    }
+    int64_t value = 0;
+    if (absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(colon + 1)), &value) &&
+        value >= 0) {
+      return value;
+    }
+  }
+  return -1;
 }
 
 }  // namespace
@@ -165,22 +184,7 @@ absl::StatusOr<HttpAnswer> HttpGet(const std::string& host_port, const std::stri
     if (head_end == std::string::npos) {
       head_end = answer.find("\r\n\r\n");
       if (head_end == std::string::npos && answer.size() > kMaxHttpBody) break;
-      if (head_end != std::string::npos) {
-        const std::string head = absl::AsciiStrToLower(answer.substr(0, head_end));
-        constexpr std::string_view kLength = "\r\ncontent-length:";
-        if (const size_t at = head.find(kLength); at != std::string::npos) {
-          const size_t end = head.find("\r\n", at + kLength.size());
-          int64_t value = 0;
-          if (absl::SimpleAtoi(
-                  absl::StripAsciiWhitespace(head.substr(
-                      at + kLength.size(),
-                      end == std::string::npos ? std::string::npos : end - at - kLength.size())),
-                  &value) &&
-              value >= 0) {
-            content_length = value;
-          }
-        }
-      }
+      if (head_end != std::string::npos) content_length = ContentLength(answer.substr(0, head_end));
     }
   }
 

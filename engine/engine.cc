@@ -440,8 +440,7 @@ struct Engine::Impl {
       {
         std::lock_guard<std::mutex> lock(mutex);
         // A request bound to a device, or a share, runs here whatever its shard policy.
-        flops_per_second =
-            RunsOnGroup(request) ? counters.measured_group_flops_per_second : KnownFlopsPerSecond();
+        flops_per_second = DeadlineFlopsPerSecond(RunsOnGroup(request));
       }
       const double left_ms = Millis(*request.deadline - now);
       if (flops_per_second > 0 && flops / flops_per_second * 1e3 > left_ms) {
@@ -896,9 +895,8 @@ struct Engine::Impl {
 
   // Under mutex. The start-up figure and the measured runs of this process are of its own compute
   // path; a request the group runs is judged by the group's measured runs alone (none yet: 0).
-  double DeadlineFlopsPerSecond(const ProblemShape& shape, const AttentionSpec& spec) const {
-    return GroupShards(shape, spec) ? counters.measured_group_flops_per_second
-                                    : KnownFlopsPerSecond();
+  double DeadlineFlopsPerSecond(bool on_group) const {
+    return on_group ? counters.measured_group_flops_per_second : KnownFlopsPerSecond();
   }
 
   // Under mutex: requests that wait or hold a place to wait, and the refusal when one more would
@@ -1413,7 +1411,7 @@ absl::StatusOr<QueuePlace> Engine::TakeQueuePlace() {
 
 double Engine::DeadlineThroughput(const ProblemShape& shape, const AttentionSpec& spec) const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->DeadlineFlopsPerSecond(shape, spec);
+  return impl_->DeadlineFlopsPerSecond(impl_->GroupShards(shape, spec));
 }
 
 void Engine::SetKeptMemory(int64_t bytes, std::string what) {
