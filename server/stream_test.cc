@@ -282,6 +282,43 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   }
 }
 
+// A backend that computes whole problems only keeps common chunks, however long. With no request
+// limit, the largest request the shape check lets through (2^61 bytes counted) whose segment
+// lengths repeat together only past its end is one chunk, and three of them in the pipeline come
+// to more bytes than any budget could count (half the int64 range): the header is refused naming
+// the window rather than overflowing the budget's sums.
+TEST_F(StreamTest, AStreamWhoseWindowIsBeyondAnyBudgetIsRefusedAtItsHeader) {
+  ServerOptions options = testing::LoopbackOptions();
+  options.backend = "reference";
+  options.max_request_bytes = 0;
+  options.memory_budget_bytes = int64_t{1} << 30;
+  options.stream_pipeline_depth = 3;
+  Start(options);
+  v1::AttendStreamRequest huge = Header();
+  v1::StreamHeader* h = huge.mutable_header();
+  h->set_batch(1);
+  h->set_heads(1);
+  h->set_kv_heads(1);
+  h->set_head_dim(1);
+  h->set_seq_len(int64_t{1} << 57);  // 2^57 x (12 + 4) bytes: the 2^61 the shape check allows.
+  h->mutable_spec()->clear_segment_lengths();
+  h->mutable_spec()->clear_dilation_rates();
+  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
+  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 2);
+  h->mutable_spec()->add_dilation_rates(1);
+  h->mutable_spec()->add_dilation_rates(1);
+  const StreamResult result = Run({huge});
+  EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << result.status.error_message();
+  // 3 x 2^57 tokens x 12 bytes of inputs (5.2e18) > 2^62 (4.6e18).
+  for (const char* said : {"beyond any memory budget", "3 chunks of 144115188075855872 tokens",
+                           "1729382256910270464 bytes of inputs each"}) {
+    EXPECT_NE(result.status.error_message().find(said), std::string::npos)
+        << said << " in " << result.status.error_message();
+  }
+  EXPECT_TRUE(result.responses.empty());
+}
+
 // max_request_bytes bounds what a unary request holds whole; a stream holds only its window.
 TEST_F(StreamTest, StreamAboveMaxRequestBytesIsComputedInItsWindow) {
   ServerOptions options = testing::LoopbackOptions();
