@@ -764,7 +764,15 @@ struct Engine::Impl {
     }
     if (RunsOnGroup(request)) {
       DA_RETURN_IF_ERROR(check_values(nullptr, {}));
-      return ComputeSharded(request, queue_time_us, stop, used);
+      absl::StatusOr<ExecutionInfo> sharded = ComputeSharded(request, queue_time_us, stop, used);
+      // An AUTO request some worker cannot hold its part of (its memory budget) is computed here
+      // alone, as one below the group's threshold is: it was admitted for this process's memory.
+      // Its ExecutionInfo names this process's device only.
+      if (sharded.ok() || request.spec.shard_policy != ShardPolicy::kAuto ||
+          !absl::IsResourceExhausted(sharded.status())) {
+        return sharded;
+      }
+      used->clear();
     }
     if (placement.devices > 1) {
       DA_RETURN_IF_ERROR(check_values(

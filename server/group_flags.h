@@ -54,10 +54,15 @@ absl::StatusOr<std::string> ReadCoordinatorSecret(const GroupFlags& flags);
 // ServerOptions::shard_group; *coordinator_port is the port it listens on.
 absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const GroupFlags& flags,
                                                                      int* coordinator_port);
+// The plan cache a worker rank keeps its shares' plans warm in.
+inline constexpr int64_t kWorkerPlanCacheBytes = int64_t{256} << 20;
+
 // A worker rank: serves the group until stop is set or rank 0 sends kShutdown.
+// memory_budget_bytes: the most its part of one run may hold (0: no limit), published to rank 0.
 // on_state: ServingGroupOptions::on_state (the worker's readiness), may be null; on_stats:
 // ServingGroupOptions::on_stats (what it computed, for its /metrics), may be null.
-absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop,
+absl::Status RunWorkerRank(const GroupFlags& flags, int threads, int64_t memory_budget_bytes,
+                           const std::atomic<bool>& stop,
                            std::function<void(const std::string&)> on_state = nullptr,
                            std::function<void(const engine::WorkerStats&)> on_stats = nullptr);
 

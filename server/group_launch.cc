@@ -47,10 +47,13 @@ absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const Group
   return group;
 }
 
-absl::Status RunWorkerRank(const GroupFlags& flags, int threads, const std::atomic<bool>& stop,
+absl::Status RunWorkerRank(const GroupFlags& flags, int threads, int64_t memory_budget_bytes,
+                           const std::atomic<bool>& stop,
                            std::function<void(const std::string&)> on_state,
                            std::function<void(const engine::WorkerStats&)> on_stats) {
   DA_ASSIGN_OR_RETURN(dist::ServingGroupOptions options, ToOptions(flags, threads));
+  options.plan_cache_bytes = kWorkerPlanCacheBytes;
+  options.memory_budget_bytes = memory_budget_bytes;
   options.on_state = std::move(on_state);
   options.on_stats = std::move(on_stats);
   return dist::RunWorker(options, stop);

@@ -19,7 +19,7 @@ absl::StatusOr<std::shared_ptr<engine::ShardGroup>> StartCoordinator(const Group
   return NoGloo(flags);
 }
 
-absl::Status RunWorkerRank(const GroupFlags& flags, int, const std::atomic<bool>&,
+absl::Status RunWorkerRank(const GroupFlags& flags, int, int64_t, const std::atomic<bool>&,
                            std::function<void(const std::string&)>,
                            std::function<void(const engine::WorkerStats&)>) {
   return NoGloo(flags);

@@ -90,9 +90,9 @@ std::string WithPort(const std::string& address, int port) {
 // It serves no gRPC; with metrics_address, /metrics (build, process, its device's and its plan
 // cache's metrics), /livez and /readyz (200 while it is in a generation of the group) on that
 // address, so that every rank can be scraped and probed.
-int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset_t& signals,
-                  int64_t drain_timeout_ms, const std::string& metrics_address,
-                  const std::string& metrics_port_file) {
+int RunWorkerMain(const da::server::GroupFlags& group, int threads, int64_t memory_budget_bytes,
+                  const sigset_t& signals, int64_t drain_timeout_ms,
+                  const std::string& metrics_address, const std::string& metrics_port_file) {
   // The probes' state before the metrics server that reads it: destroyed after it.
   std::mutex state_mutex;
   std::string not_serving = "starting";
@@ -150,7 +150,7 @@ int RunWorkerMain(const da::server::GroupFlags& group, int threads, const sigset
   absl::Status result;
   std::thread loop([&] {
     result = da::server::RunWorkerRank(
-        group, threads, stop,
+        group, threads, memory_budget_bytes, stop,
         [&](const std::string& reason) {
           std::lock_guard<std::mutex> lock(state_mutex);
           not_serving = reason;
@@ -290,7 +290,11 @@ int main(int argc, char** argv) {
                  "over it a request gets RESOURCE_EXHAUSTED. Default: max(M / 8, M - "
                  "--grpc-memory-bytes - --plan-cache-bytes - min(512 MiB, M / 16)), M the memory "
                  "this process may use (physical or its container's limit; the last term is the "
-                 "process's own); 0: unlimited")
+                 "process's own); 0: unlimited. On a worker rank (--rank > 0): the most its part "
+                 "of one sharded run may hold (its shares of q, k, v and the output, and the kept "
+                 "K/V rows it exchanges), published to rank 0, which refuses a request whose part "
+                 "does not fit with RESOURCE_EXHAUSTED naming the rank; default max(M / 8, M - "
+                 "256 MiB of plan cache - min(512 MiB, M / 16))")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--grpc-memory-bytes", options.grpc_memory_bytes,
                  "What gRPC's own buffers may hold at once, above all unary requests still "
@@ -481,8 +485,12 @@ int main(int argc, char** argv) {
     options.grpc_memory_bytes = da::server::DefaultGrpcMemoryBytes(host.memory_bytes);
   }
   if (app.count("--memory-budget-bytes") == 0) {
-    options.memory_budget_bytes = da::server::DefaultMemoryBudgetBytes(
-        host.memory_bytes, options.plan_cache_bytes, options.grpc_memory_bytes);
+    options.memory_budget_bytes =
+        group.rank > 0
+            ? da::server::DefaultWorkerMemoryBudgetBytes(host.memory_bytes,
+                                                         da::server::kWorkerPlanCacheBytes)
+            : da::server::DefaultMemoryBudgetBytes(host.memory_bytes, options.plan_cache_bytes,
+                                                   options.grpc_memory_bytes);
   }
   options.queue_order =
       queue_order == "arrival" ? da::engine::QueueOrder::kArrival : da::engine::QueueOrder::kFair;
@@ -523,8 +531,14 @@ int main(int argc, char** argv) {
       app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
                                            : " (max(memory / 4, 256 MiB))");
   if (group.rank > 0) {
-    return RunWorkerMain(group, options.threads, stop_signals, drain_timeout_ms,
-                         options.metrics_address, metrics_port_file);
+    spdlog::info("rank {}: its part of a run may hold {} bytes{}; plan cache {} bytes", group.rank,
+                 options.memory_budget_bytes,
+                 app.count("--memory-budget-bytes") > 0
+                     ? " (--memory-budget-bytes)"
+                     : " (max(memory / 8, memory - plan cache - min(512 MiB, memory / 16)))",
+                 da::server::kWorkerPlanCacheBytes);
+    return RunWorkerMain(group, options.threads, options.memory_budget_bytes, stop_signals,
+                         drain_timeout_ms, options.metrics_address, metrics_port_file);
   }
   // Rank 0 (workers admit nothing and run no gRPC): every bound full at once should leave the
   // process's own reserve within its memory; say so when the flags (or a pod too small for the

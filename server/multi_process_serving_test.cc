@@ -65,6 +65,9 @@ class Group {
                       every_rank_)) {}
   ~Group() { std::filesystem::remove_all(dir_); }
 
+  // Flags for the workers only (before Start).
+  void SetWorkerFlags(std::vector<std::string> flags) { worker_flags_ = std::move(flags); }
+
   // Waits for rank 0's ports, then starts every worker.
   bool Start() {
     if (!rank0_.WaitForPorts(seconds(30))) return false;
@@ -84,7 +87,7 @@ class Group {
                 "--heartbeat-ms", std::to_string(heartbeat_ms_), "--collective-timeout-ms",
                 std::to_string(kCollectiveTimeoutMs), "--metrics-listen", "127.0.0.1:0",
                 "--metrics-port-file", WorkerMetricsPortFile(rank)},
-               every_rank_),
+               Concat(every_rank_, worker_flags_)),
         WorkerLog(rank));
   }
 
@@ -138,6 +141,7 @@ class Group {
   const int world_size_;
   const int heartbeat_ms_;
   const std::vector<std::string> every_rank_;
+  std::vector<std::string> worker_flags_;
   const std::string dir_;
   testing::SpawnedServer rank0_;
   int coordinator_port_ = 0;
@@ -587,6 +591,56 @@ TEST(MultiProcessServingTest, ACancelledRequestStopsTheWorkersAndTheGroupStaysWh
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_generation"), 1) << metrics;
   EXPECT_EQ(testing::MetricValue(metrics, "da_group_whole"), 1) << metrics;
   EXPECT_NE(group.Logs().find("run ended early"), std::string::npos) << group.Logs();
+}
+
+// A worker's --memory-budget-bytes bounds its part of a run and reaches rank 0 when it joins: a
+// request whose part there does not fit is refused before anything is sent to it, naming the
+// rank and both numbers, the group stays whole, and a request that fits is computed exactly.
+TEST(MultiProcessServingTest, ARequestWhosePartDoesNotFitAWorkersBudgetIsRefusedNamingIt) {
+  Group group(2);
+  group.SetWorkerFlags({"--memory-budget-bytes", "1048576"});
+  ASSERT_TRUE(group.Start()) << group.Logs();
+  ASSERT_TRUE(group.WaitForReadiness(HealthCheckResponse::SERVING, seconds(20))) << group.Logs();
+  client::AttentionClient client(group.channel());
+
+  // Half of 16384 tokens x 4 heads x 16 x 4 bytes is 2 MiB for each of q, k, v and the output.
+  const v1::AttendRequest large =
+      Fp32Request({.seq_len = 16384, .heads = 4, .kv_heads = 4}, v1::SHARD_POLICY_SEQUENCE);
+  v1::AttendResponse response;
+  const grpc::Status refused = client.Attend(large, &response, testing::WithTimeout(20000));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  for (const char* said : {"rank 1's part of this run needs ", "its memory budget is 1048576 bytes",
+                           "--memory-budget-bytes on that rank"}) {
+    EXPECT_NE(refused.error_message().find(said), std::string::npos)
+        << said << " in " << refused.error_message();
+  }
+
+  // The same request with AUTO (the group takes AUTO requests of any size here) is computed on
+  // rank 0 alone, which admitted it.
+  v1::AttendRequest automatic = large;
+  automatic.mutable_spec()->set_shard_policy(v1::SHARD_POLICY_AUTO);
+  grpc::Status status = client.Attend(automatic, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+  ASSERT_EQ(response.info().devices_size(), 1);
+  EXPECT_EQ(response.info().devices(0), "cpu:0");
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(automatic, 1)),
+            1e-6);
+
+  const v1::AttendRequest small =
+      Fp32Request({.seq_len = 128, .heads = 4, .kv_heads = 4}, v1::SHARD_POLICY_SEQUENCE);
+  status = client.Attend(small, &response, testing::WithTimeout(20000));
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << group.Logs();
+  EXPECT_EQ(response.info().devices_size(), 2);
+  EXPECT_LE(MaxRelativeError(response.output().data(), testing::InProcessOutput(small, 2)), 1e-6);
+  const std::string metrics = group.Metrics();
+  EXPECT_EQ(testing::MetricValue(metrics, "da_group_generation"), 1) << metrics;
+  EXPECT_EQ(testing::MetricValue(metrics, "da_group_whole"), 1) << metrics;
+  const std::string logs = group.Logs();
+  // The worker said its budget, and never saw the refused run (it ended no run early).
+  EXPECT_NE(logs.find("rank 1: its part of a run may hold 1048576 bytes (--memory-budget-bytes)"),
+            std::string::npos)
+      << logs;
+  EXPECT_EQ(logs.find("run ended early"), std::string::npos) << logs;
 }
 
 // A stalled worker (SIGSTOP) holds rank 0's heartbeat to it: a request waiting for the group

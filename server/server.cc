@@ -56,6 +56,11 @@ int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes,
                                         DefaultProcessReserveBytes(memory_bytes));
 }
 
+int64_t DefaultWorkerMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes) {
+  return std::max(memory_bytes / 8,
+                  memory_bytes - plan_cache_bytes - DefaultProcessReserveBytes(memory_bytes));
+}
+
 int64_t DefaultGrpcMemoryBytes(int64_t memory_bytes) {
   return std::max(memory_bytes / 4, int64_t{256} << 20);
 }

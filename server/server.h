@@ -169,6 +169,9 @@ void DescribeBuild(Metrics& metrics);
 // grpc_memory_bytes: the bound gRPC's buffers have (0, unbounded: counted at the default).
 int64_t DefaultMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes,
                                  int64_t grpc_memory_bytes);
+// A worker rank's budget for its part of a run (it runs no gRPC and admits nothing):
+// max(M / 8, M - plan_cache_bytes - min(512 MiB, M / 16)).
+int64_t DefaultWorkerMemoryBudgetBytes(int64_t memory_bytes, int64_t plan_cache_bytes);
 // What the default budgets leave to the process itself: min(512 MiB, M / 16).
 int64_t DefaultProcessReserveBytes(int64_t memory_bytes);
 // ServerOptions::grpc_memory_bytes from M: max(M / 4, 256 MiB), the quarter of M the admission

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "engine/admission.h"
@@ -120,6 +121,10 @@ absl::Status ValidateServingGroupOptions(const ServingGroupOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("plan_cache_bytes is ", o.plan_cache_bytes,
                                                    "; must be >= 0 (0 caches nothing)"));
   }
+  if (o.memory_budget_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("memory_budget_bytes is ", o.memory_budget_bytes,
+                                                   "; must be >= 0 (0 = no limit)"));
+  }
   return absl::OkStatus();
 }
 
@@ -190,6 +195,7 @@ class CoordinatorGroup::Impl {
     run_options.buffers = &buffers_;
     run_options.data_plane = plane_.get();
     run_options.keepalive = options.heartbeat;  // Workers that left a cancelled run wait on.
+    run_options.rank_memory_budgets = rank_budgets_;
     absl::StatusOr<ShardRunStats> result;
     std::optional<std::string> aborted;  // Why, when the stop watch aborted the run.
     const int64_t sent_before = comm_->counters().bytes_sent;
@@ -347,12 +353,17 @@ class CoordinatorGroup::Impl {
       }
       missing = std::move(still);
     }
-    // The device each worker computes on (set before its joined key), for ExecutionInfo.
+    // The device each worker computes on (set before its joined key), for ExecutionInfo, and
+    // the memory budget of its part of a run (0: none, or a worker that publishes none).
     std::vector<std::string> devices(world);
+    std::vector<int64_t> budgets(world, 0);
     for (int r = 1; r < world; ++r) {
       absl::StatusOr<std::string> device =
           store->Get(serving::DeviceKey(session, generation, r), std::chrono::milliseconds(0));
       if (device.ok()) devices[r] = *device;
+      absl::StatusOr<std::string> budget = store->Get(
+          serving::MemoryBudgetKey(session, generation, r), std::chrono::milliseconds(0));
+      if (budget.ok() && !absl::SimpleAtoi(*budget, &budgets[r])) budgets[r] = 0;
     }
     SetStatus(false, absl::StrCat("every rank joined generation ", generation, "; connecting"));
     DA_RETURN_IF_ERROR(store->Set(serving::GoKey(session, generation), serving::kGoForm));
@@ -375,6 +386,7 @@ class CoordinatorGroup::Impl {
     plane_ = std::move(plane);
     comm_ = std::move(comm);
     rank_devices_ = std::move(devices);
+    rank_budgets_ = std::move(budgets);
     last_activity_ = Clock::now();
     return absl::OkStatus();
   }
@@ -460,6 +472,7 @@ class CoordinatorGroup::Impl {
   std::unique_ptr<Communicator> comm_;
   std::unique_ptr<Communicator> plane_;    // The data plane; null: comm_ carries everything.
   std::vector<std::string> rank_devices_;  // What each worker computes on ("cpu:0", "cuda:0").
+  std::vector<int64_t> rank_budgets_;      // Each worker's memory_budget_bytes (0: none).
   RankBuffers buffers_;                    // Rank 0's share when not contiguous, kept between runs.
   Clock::time_point last_activity_;
 

@@ -87,6 +87,11 @@ struct ServingGroupOptions {
   // Workers: the budget of the plan cache their shares' plans stay warm in. Rank 0 uses the
   // engine's cache.
   int64_t plan_cache_bytes = int64_t{256} << 20;
+  // Workers: the most host memory the worker's part of one run may hold (its shares, output and
+  // exchanged rows; ShardRunOptions::memory_budget_bytes); 0, no limit. Published when it joins,
+  // so that rank 0 refuses a run whose part does not fit before sending anything (the worker
+  // refuses it in step too).
+  int64_t memory_budget_bytes = 0;
   // Workers: told "" when the worker has joined a generation (it serves runs), and why not
   // otherwise ("waiting for the coordinator at ...", "left generation 3: ..."): its readiness.
   // Called from the worker's thread; null: nobody listens.

@@ -72,6 +72,18 @@ TEST(ServingGroupTest, ADataPlaneThisMachineCannotFormIsRefusedSayingWhy) {
             "data plane is 'ib'; must be none, nccl or gloo-staged");
 }
 
+TEST(ServingGroupTest, ANegativeMemoryBudgetIsRefusedNamingIt) {
+  ServingGroupOptions options;
+  options.world_size = 2;
+  options.rank = 1;
+  options.coordinator = "127.0.0.1:1";
+  options.memory_budget_bytes = 1;
+  EXPECT_TRUE(ValidateServingGroupOptions(options).ok());
+  options.memory_budget_bytes = -1;
+  EXPECT_EQ(ValidateServingGroupOptions(options).message(),
+            "memory_budget_bytes is -1; must be >= 0 (0 = no limit)");
+}
+
 // Readiness names what keeps a worker waiting, not only that it waits.
 TEST(ServingGroupTest, AWorkerThatCannotReachItsCoordinatorSaysWhyInItsState) {
   ServingGroupOptions options;

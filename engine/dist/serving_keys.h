@@ -40,6 +40,11 @@ inline std::string JoinedKey(const std::string& session, int64_t generation, int
 inline std::string DeviceKey(const std::string& session, int64_t generation, int rank) {
   return absl::StrCat(GenerationPrefix(session, generation), "device/", rank);
 }
+// The memory budget of a worker's part of a run (ServingGroupOptions::memory_budget_bytes), in
+// decimal, set before its joined key; absent or "0": no limit.
+inline std::string MemoryBudgetKey(const std::string& session, int64_t generation, int rank) {
+  return absl::StrCat(GenerationPrefix(session, generation), "memory_budget/", rank);
+}
 inline std::string GoKey(const std::string& session, int64_t generation) {
   return GenerationPrefix(session, generation) + "go";
 }

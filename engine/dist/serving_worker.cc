@@ -187,6 +187,8 @@ class Worker {
   // opened) is left.
   absl::StatusOr<Joined> Join(int64_t generation, bool* announced) {
     DA_RETURN_IF_ERROR(store_->Set(serving::DeviceKey(session_, generation, o_.rank), device_));
+    DA_RETURN_IF_ERROR(store_->Set(serving::MemoryBudgetKey(session_, generation, o_.rank),
+                                   absl::StrCat(o_.memory_budget_bytes)));
     DA_RETURN_IF_ERROR(
         store_->Set(serving::JoinedKey(session_, generation, o_.rank), absl::StrCat(getpid())));
     *announced = true;
@@ -227,6 +229,7 @@ class Worker {
     run_options.compute = {backend_.get(), &plans_, &pool_, device_};
     run_options.buffers = &buffers_;
     run_options.data_plane = plane;
+    run_options.memory_budget_bytes = o_.memory_budget_bytes;
     for (;;) {
       absl::Status received =
           comm.Recv(bytes.data(), kControlFrameBytes, 0, kControlTag, idle_timeout);

@@ -31,7 +31,8 @@ using Clock = std::chrono::steady_clock;
 
 constexpr uint32_t kFrameMagic = 0x44414331;  // "DAC1"
 constexpr int64_t kFrameHeaderBytes = 16;     // magic, kind, payload length, reserved.
-constexpr int64_t kStatsWords = 6;            // ShardRunStats::Rank and a status code.
+// ShardRunStats::Rank, a status code and, for a refused part, its bytes and budget.
+constexpr int64_t kStatsWords = kStatsFrameBytes / 8;
 // In a stats frame's code word: not the stats but a worker saying it is still computing.
 constexpr int64_t kProgressWord = -1;
 // Marks a worker's error after which it answered rank 0 (AnsweredInStep).
@@ -92,6 +93,15 @@ class AbortUnlessInStep {
   bool in_step_ = false;
   std::string why_ = "the run was given up out of step";
 };
+
+// A worker's part of a run that does not fit its memory budget.
+absl::Status OverMemoryBudget(int rank, int64_t needs, int64_t budget) {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "rank ", rank, "'s part of this run needs ", needs,
+      " bytes (its shares of q, k, v and the output, and the kept K/V rows it exchanges) but its "
+      "memory budget is ",
+      budget, " bytes (--memory-budget-bytes on that rank); fewer tokens, heads or batch fit"));
+}
 
 double SecondsSince(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -230,11 +240,18 @@ class RankRun {
   engine::TensorView q, k, v;
   engine::MutableTensorView out;
 
+  // Bytes of this rank's share of q, of k (and of v) and of the output.
+  int64_t q_bytes() const { return ShareBytes(h_.shape.QueryShape(), share_, h_.dtype, false); }
+  int64_t kv_bytes() const { return ShareBytes(h_.shape.KeyShape(), share_, h_.dtype, true); }
+  int64_t out_bytes() const {
+    return ShareBytes(h_.shape.QueryShape(), share_, h_.out_dtype, false);
+  }
+
   // The share's inputs and output in the rank's kept buffers (or fresh ones).
   absl::Status AllocateShare() {
-    const int64_t q_bytes = ShareBytes(h_.shape.QueryShape(), share_, h_.dtype, false);
-    const int64_t kv_bytes = ShareBytes(h_.shape.KeyShape(), share_, h_.dtype, true);
-    const int64_t out_bytes = ShareBytes(h_.shape.QueryShape(), share_, h_.out_dtype, false);
+    const int64_t q_bytes = this->q_bytes();
+    const int64_t kv_bytes = this->kv_bytes();
+    const int64_t out_bytes = this->out_bytes();
     RankBuffers& b = options_.buffers != nullptr ? *options_.buffers : own_buffers_;
     DA_RETURN_IF_ERROR(b.Reserve(q_bytes, kv_bytes, out_bytes));
     q = {h_.dtype, share_.QueryShape(h_.shape), b.q(), q_bytes};
@@ -243,6 +260,11 @@ class RankRun {
     out = {h_.out_dtype, share_.QueryShape(h_.shape), b.out(), out_bytes};
     return absl::OkStatus();
   }
+
+  // A worker that refused the run (its part is over its memory budget): it holds no share, and
+  // its exchange sends zero rows in place of its kept rows and keeps nothing it receives.
+  void HoldNoShare() { no_share_ = true; }
+  bool holds_share() const { return !no_share_; }
 
   // SEQUENCE: sends this rank's kept rows of every spanning set to the ranks that read them and
   // gathers the rows it reads; a no-op for HEADS. Each operation waits up to `limit`. Rank 0
@@ -268,15 +290,19 @@ class RankRun {
       const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
       if (mine_begin == mine_end) continue;
       const int64_t piece_bytes = h_.shape.batch * (mine_end - mine_begin) * row_bytes;
-      gathered_k_[i].resize(h_.shape.batch * set.kept.count * row_bytes);
-      gathered_v_[i].resize(gathered_k_[i].size());
-      views_[i] = {gathered_k_[i].data(), gathered_v_[i].data()};
-      std::vector<uint8_t> piece(piece_bytes);
+      if (!no_share_) {
+        gathered_k_[i].resize(h_.shape.batch * set.kept.count * row_bytes);
+        gathered_v_[i].resize(gathered_k_[i].size());
+        views_[i] = {gathered_k_[i].data(), gathered_v_[i].data()};
+      }
+      std::vector<uint8_t> piece(piece_bytes);  // Zeros from a rank that holds no share.
       for (auto [source, gathered] :
            {std::pair{&k, &gathered_k_[i]}, std::pair{&v, &gathered_v_[i]}}) {
-        engine::CopyKeptRows(*source, share_, set, mine_begin, mine_end, piece.data());
-        engine::PlaceKeptRows(piece.data(), set, mine_begin, mine_end, h_.dtype, h_.shape.batch,
-                              h_.shape.head_dim, gathered->data());
+        if (!no_share_) {
+          engine::CopyKeptRows(*source, share_, set, mine_begin, mine_end, piece.data());
+          engine::PlaceKeptRows(piece.data(), set, mine_begin, mine_end, h_.dtype, h_.shape.batch,
+                                h_.shape.head_dim, gathered->data());
+        }
         for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
           if (!engine::SendsRows(set, layout_, h_.spec.causal, me, peer)) continue;
           outgoing[peer].insert(outgoing[peer].end(), piece.begin(), piece.end());
@@ -301,6 +327,7 @@ class RankRun {
       DA_RETURN_IF_ERROR(
           plane_.Recv(message.data(), incoming_bytes[peer], peer, kExchangeTag, limit));
       stats_.exchange_bytes += incoming_bytes[peer];
+      if (no_share_) return absl::OkStatus();
       // Unpack in the sender's order: per set, K rows then V rows.
       const uint8_t* cursor = message.data();
       for (size_t i = 0; i < sets_.size(); ++i) {
@@ -394,6 +421,7 @@ class RankRun {
   std::vector<SpanningKeys> sets_;
   std::vector<std::vector<uint8_t>> gathered_k_, gathered_v_;
   std::vector<engine::GatheredKeys> views_;
+  bool no_share_ = false;
   RankBuffers own_buffers_;
   ShardRunStats::Rank stats_;
 };
@@ -425,11 +453,14 @@ class Traffic {
   const Communicator::Counters before_;
 };
 
-std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r, absl::StatusCode code) {
+// A refused part (ShardRunOptions::memory_budget_bytes) also sends the bytes it needed and the
+// budget it was over (0: its share buffers could not be had).
+std::vector<int64_t> StatsWords(const ShardRunStats::Rank& r, absl::StatusCode code,
+                                int64_t refused_needs = 0, int64_t refused_budget = 0) {
   int64_t compute_ns = static_cast<int64_t>(r.compute_seconds * 1e9);
   int64_t collective_ns = static_cast<int64_t>(r.collective_seconds * 1e9);
-  return {r.bytes_sent, r.bytes_received, r.exchange_bytes,
-          compute_ns,   collective_ns,    static_cast<int64_t>(code)};
+  return {r.bytes_sent,  r.bytes_received,           r.exchange_bytes, compute_ns,
+          collective_ns, static_cast<int64_t>(code), refused_needs,    refused_budget};
 }
 
 ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
@@ -445,6 +476,37 @@ ShardRunStats::Rank StatsFromWords(const std::vector<int64_t>& w) {
 // Views of a rank-0 share straight into the whole tensors, when the share is contiguous there
 // (SEQUENCE with batch 1): no copy in or out.
 }  // namespace
+
+int64_t RankRunBytes(const ProblemShape& shape, DType dtype, DType out_dtype,
+                     const engine::AttentionSpec& spec, const ShardLayout& layout, int rank) {
+  const Share& share = layout.shares[rank];
+  int64_t bytes = ShareBytes(shape.QueryShape(), share, dtype, false) +
+                  2 * ShareBytes(shape.KeyShape(), share, dtype, true) +
+                  ShareBytes(shape.QueryShape(), share, out_dtype, false);
+  if (layout.strategy != engine::ShardPolicy::kSequence) return bytes;
+  // As RankRun::Exchange holds them: per set it has rows of, the whole set's K and V rows and a
+  // copy of its own rows for each peer that reads them (one piece of them at a time besides),
+  // and one incoming message at a time.
+  const int64_t row_bytes = shape.head_dim * engine::DTypeSize(dtype);
+  const int world = static_cast<int>(layout.shares.size());
+  std::vector<int64_t> incoming(world, 0);
+  int64_t largest_piece = 0;
+  for (const SpanningKeys& set : engine::SpanningKeySets(shape, spec, layout)) {
+    const auto [mine_begin, mine_end] = engine::RowsOf(set, layout, rank);
+    if (mine_begin == mine_end) continue;
+    const int64_t piece = shape.batch * (mine_end - mine_begin) * row_bytes;
+    largest_piece = std::max(largest_piece, piece);
+    bytes += 2 * shape.batch * set.kept.count * row_bytes;
+    for (int peer = set.first_rank; peer <= set.last_rank; ++peer) {
+      if (engine::SendsRows(set, layout, spec.causal, rank, peer)) bytes += 2 * piece;
+      if (engine::SendsRows(set, layout, spec.causal, peer, rank)) {
+        const auto [b, e] = engine::RowsOf(set, layout, peer);
+        incoming[peer] += 2 * shape.batch * (e - b) * row_bytes;
+      }
+    }
+  }
+  return bytes + largest_piece + *std::max_element(incoming.begin(), incoming.end());
+}
 
 int64_t ScatterPieceCount(int64_t bytes, int64_t row_bytes, int64_t piece_bytes) {
   if (bytes <= 0) return 0;
@@ -563,6 +625,17 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   }
   DA_ASSIGN_OR_RETURN(ShardLayout layout, engine::MakeShardLayout(header.shape, header.spec,
                                                                   problem.strategy, comm.size()));
+  // A worker's part over its memory budget is refused here, before any message: the group stays
+  // in step. (A worker whose budget rank 0 does not know refuses in step itself.)
+  for (int r = 1; r < comm.size(); ++r) {
+    const int64_t budget = static_cast<size_t>(r) < options.rank_memory_budgets.size()
+                               ? options.rank_memory_budgets[r]
+                               : 0;
+    if (budget <= 0) continue;
+    const int64_t needs =
+        RankRunBytes(header.shape, header.dtype, header.out_dtype, header.spec, layout, r);
+    if (needs > budget) return OverMemoryBudget(r, needs, budget);
+  }
   const Clock::time_point run_start = Clock::now();
   const Traffic traffic(comm, options.data_plane);
   RankRun run(comm, header, std::move(layout), options, problem.compute);
@@ -664,7 +737,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // collective timeout: a computing worker sends a progress frame at least every third of it
   // (kProgressWord), so silence for a whole timeout means the worker (or its link) is gone, even
   // when no connection closes. Its compute may take up to compute_timeout in all.
-  std::mutex gather_mutex;  // worker_failed and gathered.
+  std::mutex gather_mutex;                       // worker_failed and gathered.
+  std::atomic<bool> worker_failed_early{false};  // A worker answered with a failure.
   std::atomic<bool> abandon{false};
   const auto gather_worker = [&](int r) -> absl::Status {
     std::vector<uint8_t> buffer;
@@ -688,7 +762,14 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     stats.ranks[r] = StatsFromWords(words);
     if (words[5] != 0) {
       std::lock_guard<std::mutex> lock(gather_mutex);
-      if (worker_failed.ok()) {
+      const absl::StatusCode code = static_cast<absl::StatusCode>(words[5]);
+      if (worker_failed.ok() && code == absl::StatusCode::kResourceExhausted && words[6] > 0) {
+        // A part the worker refused: its numbers reach the caller.
+        worker_failed = words[7] > 0 ? OverMemoryBudget(r, words[6], words[7])
+                                     : absl::ResourceExhaustedError(absl::StrCat(
+                                           "rank ", r, " could not allocate the ", words[6],
+                                           " bytes of its part of this run"));
+      } else if (worker_failed.ok()) {
         // The worker's own log has its message; the code and the rank reach the caller.
         worker_failed = absl::Status(
             static_cast<absl::StatusCode>(words[5]),
@@ -696,6 +777,9 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                          absl::StatusCodeToString(static_cast<absl::StatusCode>(words[5])),
                          "; see that rank's log)"));
       }
+      // The run has failed: the relay stops every other rank's compute (the group stays in
+      // step, as for a cancelled request).
+      if (!absl::IsCancelled(worker_failed)) worker_failed_early = true;
       return absl::OkStatus();
     }
     sends_output[r] = 1;
@@ -848,14 +932,16 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   }
 
   // Rank 0's compute polls one flag: set by the gather on a lost worker, or by a watcher that
-  // polls the caller's cancellation every millisecond until every worker has answered and rank
-  // 0's compute has returned, and on it also stops the workers. (A cancel after the workers
+  // polls the caller's cancellation (and whether a worker answered with a failure, after which
+  // nobody's output is wanted) every millisecond until every worker has answered and rank 0's
+  // compute has returned, and on it also stops the workers. (A cancel after the workers
   // answered still stops rank 0's own compute: with a data plane they answer before their
   // outputs go, and a rank 0 busy with local requests computes longest.)
+  const auto run_unwanted = [&] { return request_cancelled() || worker_failed_early.load(); };
   absl::Status relayed;
   std::thread relay([&] {
     while (!gather_done.load() || !compute_done.load()) {
-      if (problem.stop != nullptr && problem.stop->load()) {
+      if (run_unwanted()) {
         stop = true;
         relayed = send_stop_words(1);
         return;
@@ -864,7 +950,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     }
   });
   JoinOnExit relay_joiner{relay};
-  if (request_cancelled()) stop = true;  // Not one kernel step for a request cancelled already.
+  if (run_unwanted()) stop = true;  // Not one kernel step for a run that is not wanted.
   const absl::Status computed = run.Compute(&stop);
   compute_done = true;
   if (computed.ok() && !engine::ShareIsContiguous(shape, mine)) {
@@ -886,7 +972,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && gathered.ok(); ++r) {
       if (sends_output[r] == 0) continue;
-      const int64_t word = request_cancelled() ? 0 : 1;
+      const int64_t word = run_unwanted() ? 0 : 1;
       outputs_skipped = outputs_skipped || word == 0;
       gathered = comm.Send(&word, kOutputWordBytes, r, kOutputTag, options.timeout);
       if (gathered.ok() && word != 0) gathered = receive_output(r, options.timeout, buffer);
@@ -922,6 +1008,8 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     if (cancelled && failed->code() == absl::StatusCode::kCancelled) {
       return in_step(absl::CancelledError("sharded run cancelled"));
     }
+    // Rank 0 stopped because a worker failed: that worker's failure is the run's.
+    if (failed == &computed && absl::IsCancelled(computed) && !worker_failed.ok()) continue;
     if (failed == &computed && !worker_failed.ok()) {
       // Both sides failed (the same unsupported request, say): name every rank that did.
       return in_step(absl::Status(
@@ -951,16 +1039,31 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
       engine::MakeShardLayout(header.shape, header.spec, header.spec.shard_policy, comm.size()));
   const Traffic traffic(comm, options.data_plane);
   RankRun run(comm, header, std::move(layout), options, options.compute);
-  DA_RETURN_IF_ERROR(run.AllocateShare());
+  // A part over this rank's memory budget, or whose share buffers cannot be had, is refused in
+  // step: the worker goes through the run's steps holding no share and answers with the refusal.
+  const int64_t needs = RankRunBytes(header.shape, header.dtype, header.out_dtype, header.spec,
+                                     run.layout(), comm.rank());
+  absl::Status refused;
+  int64_t refused_budget = 0;  // The budget it was over; 0 when its buffers could not be had.
+  if (options.memory_budget_bytes > 0 && needs > options.memory_budget_bytes) {
+    refused_budget = options.memory_budget_bytes;
+    refused = OverMemoryBudget(comm.rank(), needs, refused_budget);
+  } else {
+    refused = run.AllocateShare();
+  }
+  if (!refused.ok()) run.HoldNoShare();
+  std::vector<uint8_t> scratch;  // A refused run's scatter pieces, one at a time, not kept.
   // The share in pieces, each after its piece word; a 0 word (the request was cancelled) ends
   // the scatter early, and the worker then goes through the run's steps without computing.
   bool scatter_stopped = false;
   absl::Status received = run.Timed([&]() -> absl::Status {
     const int64_t rows = header.shape.batch * run.share().tokens();
     if (rows == 0) return absl::OkStatus();
-    for (const engine::TensorView* view : {&run.q, &run.k, &run.v}) {
+    const int64_t kv_bytes = run.kv_bytes();
+    for (auto [view, bytes] : {std::pair{&run.q, run.q_bytes()}, std::pair{&run.k, kv_bytes},
+                               std::pair{&run.v, kv_bytes}}) {
       auto* share_data = static_cast<uint8_t*>(const_cast<void*>(view->data));
-      const int64_t row_bytes = view->bytes / rows;
+      const int64_t row_bytes = bytes / rows;
       const int64_t piece_rows = PieceRows(row_bytes, header.scatter_piece_bytes);
       for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
         // Rank 0 scatters to the workers in rank order: the first word waits for the shares of
@@ -976,8 +1079,15 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
           return absl::OkStatus();
         }
         const int64_t r1 = std::min(rows, r0 + piece_rows);
-        DA_RETURN_IF_ERROR(run.plane().Recv(share_data + r0 * row_bytes, (r1 - r0) * row_bytes, 0,
-                                            kScatterTag, options.timeout));
+        uint8_t* into = share_data + r0 * row_bytes;
+        if (!run.holds_share()) {
+          if (scratch.size() < static_cast<size_t>((r1 - r0) * row_bytes)) {
+            scratch.resize((r1 - r0) * row_bytes);
+          }
+          into = scratch.data();
+        }
+        DA_RETURN_IF_ERROR(
+            run.plane().Recv(into, (r1 - r0) * row_bytes, 0, kScatterTag, options.timeout));
       }
     }
     return absl::OkStatus();
@@ -1036,7 +1146,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   });
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned
   // to the worker's loop.
-  absl::Status computed = run.Compute(&stop);
+  absl::Status computed = refused.ok() ? run.Compute(&stop) : refused;
   // Stopped as the compute ended: the output is not wanted (rank 0 may be taking other
   // outputs, and would take this one before the run ends), so it answers as a stopped compute.
   if (computed.ok() && stop.load()) {
@@ -1059,7 +1169,9 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     run.stats().bytes_received += kControlFrameBytes + (listened.load() ? 0 : kStopWordBytes) +
                                   (output_word ? kOutputWordBytes : 0);
     run.stats().bytes_sent += kStatsWords * 8 + (computed.ok() ? run.out.bytes : 0);
-    const std::vector<int64_t> words = StatsWords(run.stats(), computed.code());
+    const std::vector<int64_t> words =
+        refused.ok() ? StatsWords(run.stats(), computed.code())
+                     : StatsWords(run.stats(), refused.code(), needs, refused_budget);
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
     if (output_word) {

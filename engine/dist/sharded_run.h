@@ -72,6 +72,7 @@
 #include "engine/backend.h"
 #include "engine/dist/communicator.h"
 #include "engine/shard_group.h"
+#include "engine/shard_plan.h"
 #include "engine/tensor.h"
 
 namespace da::dist {
@@ -98,6 +99,10 @@ inline constexpr int64_t kStopWordBytes = 8;
 // is receiving, and waits one timeout. A plane send to a peer that died is not always reported:
 // NCCL between processes on one node waits in shared memory until its timeout.
 inline constexpr int64_t kOutputWordBytes = 8;
+
+// A worker's answer (kGatherTag, before its output) and its progress frames have this size: its
+// stats, a status code and, for a part it refused, the bytes it needed and its budget.
+inline constexpr int64_t kStatsFrameBytes = 64;
 
 // Every control frame has exactly this size.
 inline constexpr int64_t kControlFrameBytes = 4096;
@@ -177,7 +182,24 @@ struct ShardRunOptions {
   // the next control frame (a few heartbeats, serving_worker.cc) does not take rank 0 for lost.
   // 0: none (a caller whose workers wait longer, as the tests' do).
   std::chrono::milliseconds keepalive{0};
+  // A worker: the most bytes of host memory its part of one run may hold (RankRunBytes); 0, no
+  // limit. A run that needs more, or whose share buffers cannot be had, is refused in step: the
+  // worker takes its scatter and its exchange without keeping them, computes nothing and answers
+  // RESOURCE_EXHAUSTED with both numbers, which rank 0 returns naming it; the group goes on.
+  int64_t memory_budget_bytes = 0;
+  // Rank 0: each rank's memory_budget_bytes (index = rank; 0 or absent: not known). A run whose
+  // part on some worker is over that worker's budget is refused with RESOURCE_EXHAUSTED before
+  // anything is sent.
+  std::vector<int64_t> rank_memory_budgets;
 };
+
+// Host bytes rank `rank`'s part of a run holds at its peak (a worker's; rank 0 also holds the
+// whole tensors): its q, k, v and output shares and, for SEQUENCE, the kept K/V rows of the
+// spanning sets it gathers, its outgoing exchange messages, one of its own pieces and the largest
+// incoming message.
+int64_t RankRunBytes(const engine::ProblemShape& shape, engine::DType dtype,
+                     engine::DType out_dtype, const engine::AttentionSpec& spec,
+                     const engine::ShardLayout& layout, int rank);
 
 // The pieces (and so the piece words) in which a share of `bytes` bytes, rows of `row_bytes`
 // each, is scattered with pieces of at most `piece_bytes`: every piece holds whole rows.

@@ -67,6 +67,8 @@ using std::chrono::milliseconds;
 using testing::RankFlags;
 
 constexpr milliseconds kTimeout{20000};
+// "worker_budget": rank 2's memory budget for its first run, far below its part.
+constexpr int64_t kTinyBudget = 4096;
 
 // A run's options: the timeout, for a worker what it computes with and its kept buffers, and the
 // data plane when the scenario has one.
@@ -415,6 +417,14 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
     const int64_t scatter =
         engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false) +
         2 * engine::ShareBytes(c.shape.KeyShape(), share, DType::kFloat32, true);
+    // What the worker holds: its shares, output and every exchanged row (placed) at least.
+    const int64_t held =
+        RankRunBytes(c.shape, DType::kFloat32, DType::kFloat32, c.spec, *layout, r);
+    const int64_t out_share =
+        engine::ShareBytes(c.shape.QueryShape(), share, DType::kFloat32, false);
+    RANK_CHECK(held >= scatter + out_share + exchange, c.name, ": rank ", r, " holds ", held,
+               " bytes by RankRunBytes; its shares, output and exchanged rows are ",
+               scatter + out_share + exchange);
     const int64_t words = PieceWordBytes(c, share, options.scatter_piece_bytes);
     if (piece_words != nullptr) *piece_words += words;
     const int64_t output_word = plane != nullptr ? kOutputWordBytes : 0;
@@ -733,17 +743,40 @@ int RunRank(const RankFlags& flags) {
       // Were rank 1's output not taken, its send would wait compute_timeout + a timeout: 25 s.
       if (flags.scenario == "plane_worker_fails")
         serve_options.compute_timeout = milliseconds(5000);
+      const bool budget_scenario =
+          flags.scenario == "worker_budget" || flags.scenario == "plane_worker_budget";
+      if (budget_scenario && flags.rank == 2 && run == 0) {
+        serve_options.memory_budget_bytes = kTinyBudget;
+      }
       const auto serve_started = std::chrono::steady_clock::now();
       absl::Status served =
           ServeShardedRun(slow_outputs ? *slow_outputs : **comm, *control, serve_options).status();
       const double serve_s =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - serve_started).count();
+      if (budget_scenario && run == 0) {
+        // Rank 2 refused its part in step, holding no share; rank 1 was stopped once rank 2
+        // answered, or had computed (and, over a plane, was told its output is not wanted).
+        if (flags.rank == 2) {
+          RANK_CHECK(served.code() == absl::StatusCode::kResourceExhausted &&
+                         AnsweredInStep(served) &&
+                         served.message().find("memory budget is 4096 bytes") != std::string::npos,
+                     "rank 2: ", served.ToString());
+          RANK_CHECK(buffers.q() == nullptr, "rank 2 took share buffers for a part it refused");
+        } else {
+          RANK_CHECK(served.ok() ||
+                         (served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served)),
+                     "rank 1: ", served.ToString());
+        }
+        continue;
+      }
       if (flags.scenario == "plane_worker_fails" && run == 0) {
-        // Rank 2 cannot compute (it says so in its stats); rank 1 can, and rank 0 takes its
-        // output over the plane although the run fails: rank 1 answers at once instead of
+        // Rank 2 cannot compute (it says so in its stats); rank 1 can, but nobody wants its
+        // output once rank 2 failed: rank 0's stop word stops its compute, or its output word 0
+        // tells it not to send. Either way it answers at once instead of computing on or
         // waiting in its send.
         if (flags.rank == 1) {
-          RANK_CHECK(served.ok(), "rank 1: ", served.ToString());
+          RANK_CHECK(served.code() == absl::StatusCode::kCancelled && AnsweredInStep(served),
+                     "rank 1: ", served.ToString());
           RANK_CHECK(serve_s < 10, "rank 1's run took ", serve_s, " s: its output waited");
         } else {
           RANK_CHECK(served.code() == absl::StatusCode::kInvalidArgument && AnsweredInStep(served),
@@ -970,7 +1003,7 @@ int RunRank(const RankFlags& flags) {
         **comm, &cancelled, [&](int peer, int tag, const void* data, int64_t bytes) {
           if (as_computed) return false;
           if (slow_output) return peer == 2 && tag == kGatherTag && bytes == kSlowOutputPieceBytes;
-          return peer == 1 && tag == kGatherTag && bytes == 48 &&
+          return peer == 1 && tag == kGatherTag && bytes == kStatsFrameBytes &&
                  static_cast<const int64_t*>(data)[5] == 0;
         });
     std::thread timer([&] {
@@ -1142,6 +1175,52 @@ int RunRank(const RankFlags& flags) {
     }
     return 0;
   }
+  if (flags.scenario == "worker_budget" || flags.scenario == "plane_worker_budget") {
+    // Rank 2's part of a SEQUENCE run with spanning segments is over its memory budget
+    // (kTinyBudget, its first run only). Known to rank 0, the run is refused before any message;
+    // not known, rank 2 refuses it in step, naming both numbers; then an exact run: the group
+    // stayed in step.
+    Case c = SweepCases()[0];
+    c.strategy = ShardPolicy::kSequence;
+    engine::testing::OwnedProblem p = engine::testing::RandomProblem(c.shape, 4);
+    ShardedProblem problem =
+        Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
+    problem.strategy = c.strategy;
+    problem.compute = compute;
+    const absl::StatusOr<engine::ShardLayout> layout =
+        engine::MakeShardLayout(c.shape, c.spec, c.strategy, flags.size);
+    RANK_CHECK(layout.ok(), layout.status().ToString());
+    const int64_t needs =
+        RankRunBytes(c.shape, DType::kFloat32, DType::kFloat32, c.spec, *layout, 2);
+    const std::string said = absl::StrCat("rank 2's part of this run needs ", needs,
+                                          " bytes (its shares of q, k, v and the output, and the "
+                                          "kept K/V rows it exchanges) but its memory budget is ",
+                                          kTinyBudget, " bytes");
+    ShardRunOptions known = Options(nullptr, nullptr, plane.get());
+    known.rank_memory_budgets = {0, 0, kTinyBudget};
+    const Communicator::Counters before = (*comm)->counters();
+    const absl::StatusOr<ShardRunStats> refused = CoordinateShardedRun(**comm, problem, known);
+    RANK_CHECK(refused.status().code() == absl::StatusCode::kResourceExhausted &&
+                   refused.status().message().find(said) != std::string::npos,
+               refused.status().ToString());
+    RANK_CHECK((*comm)->counters().bytes_sent == before.bytes_sent &&
+                   (plane == nullptr || plane->counters().bytes_sent == 0),
+               "rank 0 sent ", (*comm)->counters().bytes_sent - before.bytes_sent,
+               " bytes for a run it refused");
+    const absl::StatusOr<ShardRunStats> answered =
+        CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
+    RANK_CHECK(answered.status().code() == absl::StatusCode::kResourceExhausted &&
+                   AnsweredInStep(answered.status()) &&
+                   answered.status().message().find(said) != std::string::npos,
+               answered.status().ToString());
+    std::fprintf(stderr, "rank 0: %s\n", answered.status().ToString().c_str());
+    if (int bad = CoordinateCase(flags, **comm, c, flags.seed, compute, plane.get())) return bad;
+    const std::string shutdown = EncodeControlFrame({ControlKind::kShutdown, ""});
+    for (int r = 1; r < flags.size; ++r) {
+      RANK_CHECK_OK((*comm)->Send(shutdown.data(), kControlFrameBytes, r, kControlTag, kTimeout));
+    }
+    return 0;
+  }
   if (flags.scenario == "plane_worker_fails") {
     // A run over a data plane that rank 2 cannot compute (FailsFirstShare) and rank 1 can
     // (checked on the workers' side), then an exact run: the group stayed in step.
@@ -1178,14 +1257,11 @@ int RunRank(const RankFlags& flags) {
     problem.precision = engine::Precision::kBFloat16;
     problem.compute = compute;
     absl::StatusOr<ShardRunStats> failed = CoordinateShardedRun(**comm, problem, Options());
-    const bool rank0_has_bf16 = engine::cpu::SelectedIsa() == engine::cpu::Isa::kAvx512 &&
-                                engine::cpu::HasBf16DotProducts();
+    // (A rank 0 that cannot compute it either names its own failure too, unless rank 1's came
+    // first and stopped it before it began.)
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
                    AnsweredInStep(failed.status()) &&
-                   failed.status().message().find("rank 1 failed") != std::string::npos &&
-                   (rank0_has_bf16 ||
-                    failed.status().message().find("rank 0 failed: bf16 plan requested") !=
-                        std::string::npos),
+                   failed.status().message().find("rank 1 failed") != std::string::npos,
                failed.status().ToString());
     std::fprintf(stderr, "rank 0: %s\n", failed.status().ToString().c_str());
     c.strategy = ShardPolicy::kSequence;
@@ -1218,9 +1294,10 @@ int RunRank(const RankFlags& flags) {
             runs * workers * (kControlFrameBytes + kStopWordBytes + kOutputWordBytes) + piece_words,
         "rank 0 sent ", control.bytes_sent - control_before.bytes_sent, " bytes of control for ",
         runs, " runs");
-    RANK_CHECK(control.bytes_received - control_before.bytes_received == runs * workers * 6 * 8,
-               "rank 0 received ", control.bytes_received - control_before.bytes_received,
-               " bytes of control for ", runs, " runs");
+    RANK_CHECK(
+        control.bytes_received - control_before.bytes_received == runs * workers * kStatsFrameBytes,
+        "rank 0 received ", control.bytes_received - control_before.bytes_received,
+        " bytes of control for ", runs, " runs");
     RANK_CHECK(plane->counters().bytes_sent > 0 && plane->counters().bytes_received > 0,
                "nothing crossed the data plane");
   }
@@ -1299,6 +1376,16 @@ TEST(ShardedRunVolumeTest, ExchangeIsTheSpanningSegmentsKeptKeysAndValues) {
 TEST(ShardedRunFailureTest, AWorkerThatCannotComputeIsNamedAndTheGroupGoesOn) {
   testing::RankGroup group(2, "worker_fails");
   for (int rank = 0; rank < 2; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunFailureTest, APartOverAWorkersMemoryBudgetIsRefusedAndTheGroupGoesOn) {
+  testing::RankGroup group(3, "worker_budget");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
+}
+
+TEST(ShardedRunDataPlaneTest, APartOverAWorkersMemoryBudgetIsRefusedAndTheGroupGoesOn) {
+  testing::RankGroup group(3, "plane_worker_budget");
+  for (int rank = 0; rank < 3; ++rank) EXPECT_EQ(group.Wait(rank), 0) << "rank " << rank;
 }
 
 TEST(ShardedRunFailureTest, ALostWorkerStopsTheOthersAtOnce) {
