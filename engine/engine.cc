@@ -767,9 +767,9 @@ struct Engine::Impl {
       absl::StatusOr<ExecutionInfo> sharded = ComputeSharded(request, queue_time_us, stop, used);
       // An AUTO request some worker cannot hold its part of (its memory budget) is computed here
       // alone, as one below the group's threshold is: it was admitted for this process's memory.
-      // Its ExecutionInfo names this process's device only.
+      // Its ExecutionInfo names this process's device only (strategy NONE).
       if (sharded.ok() || request.spec.shard_policy != ShardPolicy::kAuto ||
-          !absl::IsResourceExhausted(sharded.status())) {
+          !PartRefused(sharded.status())) {
         return sharded;
       }
       used->clear();
@@ -887,8 +887,11 @@ struct Engine::Impl {
         // The best throughput seen, of this process alone or of the group: a refusal then only
         // happens when even that is too slow. Kept apart because the two differ by the ranks'
         // number and the network between them.
-        double& best = RunsOnGroup(request) ? counters.measured_group_flops_per_second
-                                            : counters.measured_flops_per_second;
+        // (A group request computed here alone, a worker having refused its part, ran on one
+        // device: strategy NONE.)
+        const bool on_group = RunsOnGroup(request) && result->shard_strategy != ShardPolicy::kNone;
+        double& best = on_group ? counters.measured_group_flops_per_second
+                                : counters.measured_flops_per_second;
         best = std::max(best, flops / (result->compute_time_us / 1e6));
       }
     }

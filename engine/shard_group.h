@@ -92,6 +92,13 @@ struct WorkerStats {
   PlanCacheStats plans;         // Its plan cache, as of its last run.
 };
 
+// Marks a Run error that means a worker cannot hold its part of the problem (over its memory
+// budget, or its share buffers could not be had): the problem may still fit this process alone.
+inline constexpr char kPartRefusedPayload[] = "da.engine/part-refused";
+inline bool PartRefused(const absl::Status& status) {
+  return status.GetPayload(kPartRefusedPayload).has_value();
+}
+
 class ShardGroup {
  public:
   virtual ~ShardGroup() = default;

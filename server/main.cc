@@ -517,6 +517,20 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("da-server"));
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::info("gRPC poller: {}", da::client::GrpcPollerName());
+  if (group.rank > 0) {
+    spdlog::info(
+        "rank {}: {} compute threads{}; memory {} bytes from {}; its part of a run may hold {} "
+        "bytes{}; plan cache {} bytes",
+        group.rank, options.threads,
+        threads_given ? " (--threads)" : absl::StrCat(" from ", host.cpus_from), host.memory_bytes,
+        host.memory_from, options.memory_budget_bytes,
+        app.count("--memory-budget-bytes") > 0
+            ? " (--memory-budget-bytes)"
+            : " (max(memory / 8, memory - plan cache - min(512 MiB, memory / 16)))",
+        da::server::kWorkerPlanCacheBytes);
+    return RunWorkerMain(group, options.threads, options.memory_budget_bytes, stop_signals,
+                         drain_timeout_ms, options.metrics_address, metrics_port_file);
+  }
   spdlog::info(
       "resources: {} compute threads{}; memory {} bytes from {}; plan cache {} bytes{}; admission "
       "budget {} bytes{}; gRPC buffers {} bytes{}",
@@ -530,16 +544,6 @@ int main(int argc, char** argv) {
       options.grpc_memory_bytes,
       app.count("--grpc-memory-bytes") > 0 ? " (--grpc-memory-bytes)"
                                            : " (max(memory / 4, 256 MiB))");
-  if (group.rank > 0) {
-    spdlog::info("rank {}: its part of a run may hold {} bytes{}; plan cache {} bytes", group.rank,
-                 options.memory_budget_bytes,
-                 app.count("--memory-budget-bytes") > 0
-                     ? " (--memory-budget-bytes)"
-                     : " (max(memory / 8, memory - plan cache - min(512 MiB, memory / 16)))",
-                 da::server::kWorkerPlanCacheBytes);
-    return RunWorkerMain(group, options.threads, options.memory_budget_bytes, stop_signals,
-                         drain_timeout_ms, options.metrics_address, metrics_port_file);
-  }
   // Rank 0 (workers admit nothing and run no gRPC): every bound full at once should leave the
   // process's own reserve within its memory; say so when the flags (or a pod too small for the
   // defaults) make them add up to more.

@@ -94,13 +94,22 @@ class AbortUnlessInStep {
   std::string why_ = "the run was given up out of step";
 };
 
-// A worker's part of a run that does not fit its memory budget.
-absl::Status OverMemoryBudget(int rank, int64_t needs, int64_t budget) {
-  return absl::ResourceExhaustedError(absl::StrCat(
-      "rank ", rank, "'s part of this run needs ", needs,
-      " bytes (its shares of q, k, v and the output, and the kept K/V rows it exchanges) but its "
-      "memory budget is ",
-      budget, " bytes (--memory-budget-bytes on that rank); fewer tokens, heads or batch fit"));
+// A worker's part of a run that does not fit its memory budget (budget 0: whose share buffers
+// could not be had), marked engine::kPartRefusedPayload.
+absl::Status PartRefused(int rank, int64_t needs, int64_t budget) {
+  absl::Status refused = absl::ResourceExhaustedError(
+      budget > 0
+          ? absl::StrCat("rank ", rank, "'s part of this run needs ", needs,
+                         " bytes (its shares of q, k, v and the output, and the kept K/V rows it "
+                         "exchanges) but its memory budget is ",
+                         budget,
+                         " bytes (--memory-budget-bytes on that rank); fewer tokens, heads or "
+                         "batch fit")
+          : absl::StrCat("rank ", rank,
+                         " could not allocate its share buffers (its part of this run needs ",
+                         needs, " bytes)"));
+  refused.SetPayload(engine::kPartRefusedPayload, absl::Cord("1"));
+  return refused;
 }
 
 double SecondsSince(Clock::time_point start) {
@@ -285,6 +294,18 @@ class RankRun {
     // peer reads, this rank's K rows then V rows.
     std::vector<std::vector<uint8_t>> outgoing(world);
     std::vector<int64_t> incoming_bytes(world, 0);
+    {
+      // Each message at its size at once (RankRunBytes counts them so, not grown by doubling).
+      std::vector<int64_t> outgoing_bytes(world, 0);
+      for (const SpanningKeys& set : sets_) {
+        const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
+        for (int peer = set.first_rank; peer <= set.last_rank && mine_begin < mine_end; ++peer) {
+          if (!engine::SendsRows(set, layout_, h_.spec.causal, me, peer)) continue;
+          outgoing_bytes[peer] += 2 * h_.shape.batch * (mine_end - mine_begin) * row_bytes;
+        }
+      }
+      for (int peer = 0; peer < world; ++peer) outgoing[peer].reserve(outgoing_bytes[peer]);
+    }
     for (size_t i = 0; i < sets_.size(); ++i) {
       const SpanningKeys& set = sets_[i];
       const auto [mine_begin, mine_end] = engine::RowsOf(set, layout_, me);
@@ -634,7 +655,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
     if (budget <= 0) continue;
     const int64_t needs =
         RankRunBytes(header.shape, header.dtype, header.out_dtype, header.spec, layout, r);
-    if (needs > budget) return OverMemoryBudget(r, needs, budget);
+    if (needs > budget) return PartRefused(r, needs, budget);
   }
   const Clock::time_point run_start = Clock::now();
   const Traffic traffic(comm, options.data_plane);
@@ -765,10 +786,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
       const absl::StatusCode code = static_cast<absl::StatusCode>(words[5]);
       if (worker_failed.ok() && code == absl::StatusCode::kResourceExhausted && words[6] > 0) {
         // A part the worker refused: its numbers reach the caller.
-        worker_failed = words[7] > 0 ? OverMemoryBudget(r, words[6], words[7])
-                                     : absl::ResourceExhaustedError(absl::StrCat(
-                                           "rank ", r, " could not allocate the ", words[6],
-                                           " bytes of its part of this run"));
+        worker_failed = PartRefused(r, words[6], words[7]);
       } else if (worker_failed.ok()) {
         // The worker's own log has its message; the code and the rank reach the caller.
         worker_failed = absl::Status(
@@ -817,10 +835,13 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   JoinOnExit gather_joiner{gather};
 
   absl::Status scattered;
-  // Each worker's q, k and v share in pieces of whole rows, each announced by a piece word. The
-  // request's flag is looked at before every piece: once it is up, the worker being sent to and
-  // every later one are told 0 (nothing more comes) instead.
+  // Each worker's q, k and v share in pieces of whole rows, each announced by a piece word.
+  // Before every piece rank 0 looks whether the run is still wanted (its request not cancelled,
+  // no worker failed): once not, the worker being sent to and every later one are told 0
+  // (nothing more comes) instead.
   const auto request_cancelled = [&] { return problem.stop != nullptr && problem.stop->load(); };
+  // A run is not wanted once its request is cancelled or a worker answered with a failure.
+  const auto run_unwanted = [&] { return request_cancelled() || worker_failed_early.load(); };
   const auto send_word = [&](int r, int64_t word) {
     return comm.Send(&word, kPieceWordBytes, r, kPieceTag, options.timeout);
   };
@@ -860,7 +881,7 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
                                                                view->shape.heads, view->dtype)
                                           : nullptr;
         for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
-          if (request_cancelled()) {
+          if (run_unwanted()) {
             stopped = true;
             break;
           }
@@ -937,7 +958,6 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   // compute has returned, and on it also stops the workers. (A cancel after the workers
   // answered still stops rank 0's own compute: with a data plane they answer before their
   // outputs go, and a rank 0 busy with local requests computes longest.)
-  const auto run_unwanted = [&] { return request_cancelled() || worker_failed_early.load(); };
   absl::Status relayed;
   std::thread relay([&] {
     while (!gather_done.load() || !compute_done.load()) {
@@ -964,11 +984,11 @@ absl::StatusOr<ShardRunStats> CoordinateShardedRun(Communicator& comm,
   bool outputs_skipped = false;
   if (run.separate_plane()) {
     // Every worker that computed waits for its output word, then sends its output over the
-    // plane, in rank order. Each is taken even when another worker failed to compute, so that no
-    // worker is left waiting. After a lost worker (the gather failed) none is: the caller drops
-    // the communicators and the workers' waits for their words end at once.
-    // A cancelled request's outputs are not wanted: word 0, and the worker sends none (the run
-    // is then CANCELLED, however the computes ended).
+    // plane, in rank order; each is told, so that no worker is left waiting. After a lost worker
+    // (the gather failed) none is: the caller drops the communicators and the workers' waits for
+    // their words end at once. The outputs of a run that is not wanted (its request cancelled,
+    // or another worker failed) are not taken: word 0, and the worker sends none (the run is then
+    // CANCELLED or that worker's failure, however the computes ended).
     std::vector<uint8_t> buffer;
     for (int r = 1; r < world && gathered.ok(); ++r) {
       if (sends_output[r] == 0) continue;
@@ -1047,7 +1067,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   int64_t refused_budget = 0;  // The budget it was over; 0 when its buffers could not be had.
   if (options.memory_budget_bytes > 0 && needs > options.memory_budget_bytes) {
     refused_budget = options.memory_budget_bytes;
-    refused = OverMemoryBudget(comm.rank(), needs, refused_budget);
+    refused = PartRefused(comm.rank(), needs, refused_budget);
   } else {
     refused = run.AllocateShare();
   }
@@ -1079,8 +1099,10 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
           return absl::OkStatus();
         }
         const int64_t r1 = std::min(rows, r0 + piece_rows);
-        uint8_t* into = share_data + r0 * row_bytes;
-        if (!run.holds_share()) {
+        uint8_t* into = nullptr;
+        if (run.holds_share()) {
+          into = share_data + r0 * row_bytes;
+        } else {
           if (scratch.size() < static_cast<size_t>((r1 - r0) * row_bytes)) {
             scratch.resize((r1 - r0) * row_bytes);
           }
@@ -1146,7 +1168,15 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   });
   // A failed or stopped compute sends only its stats, whose code says why; the error is returned
   // to the worker's loop.
-  absl::Status computed = refused.ok() ? run.Compute(&stop) : refused;
+  // A refused part answers its refusal, unless the run was stopped meanwhile (a cancel says
+  // more: nobody wanted the part).
+  absl::Status computed = refused;
+  if (refused.ok()) {
+    computed = run.Compute(&stop);
+  } else if (stop.load()) {
+    computed = absl::CancelledError("stopped by rank 0 before its refused part mattered");
+  }
+  const bool answers_refusal = !refused.ok() && computed.code() == refused.code();
   // Stopped as the compute ended: the output is not wanted (rank 0 may be taking other
   // outputs, and would take this one before the run ends), so it answers as a stopped compute.
   if (computed.ok() && stop.load()) {
@@ -1170,8 +1200,8 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
                                   (output_word ? kOutputWordBytes : 0);
     run.stats().bytes_sent += kStatsWords * 8 + (computed.ok() ? run.out.bytes : 0);
     const std::vector<int64_t> words =
-        refused.ok() ? StatsWords(run.stats(), computed.code())
-                     : StatsWords(run.stats(), refused.code(), needs, refused_budget);
+        answers_refusal ? StatsWords(run.stats(), computed.code(), needs, refused_budget)
+                        : StatsWords(run.stats(), computed.code());
     DA_RETURN_IF_ERROR(comm.Send(words.data(), kStatsWords * 8, 0, kGatherTag, options.timeout));
     if (!computed.ok()) return absl::OkStatus();
     if (output_word) {

@@ -57,7 +57,10 @@
 // with a data plane a cancelled request's outputs are not taken (output word 0). Either way the
 // group stays in step for the next run, and rank 0 returns CANCELLED. Workers that answered a
 // cancelled run leave it at once; rank 0 keeps them with heartbeat frames while it still takes
-// other workers' outputs (ShardRunOptions::keepalive).
+// other workers' outputs (ShardRunOptions::keepalive). A worker that answers with a failure (its
+// compute failed, or it refused its part: ShardRunOptions::memory_budget_bytes) makes the run
+// unwanted in the same way: the rest of the scatter is told 0, every rank is sent stop word 1,
+// and rank 0 returns that worker's error.
 #pragma once
 
 #include <atomic>
@@ -86,10 +89,11 @@ inline constexpr int kStopTag = 5;      // One stop word per run, rank 0 -> work
 inline constexpr int kPieceTag = 6;     // A piece word before each scatter piece, rank 0 -> worker.
 inline constexpr int kOutputTag = 7;    // Data plane: rank 0 -> worker, "send your output now".
 
-// A piece word's size: 1, a scatter piece follows; 0, the scatter stopped (a cancelled request).
+// A piece word's size: 1, a scatter piece follows; 0, the scatter stopped (the run is not wanted:
+// its request was cancelled, or a worker failed).
 inline constexpr int64_t kPieceWordBytes = 8;
 
-// The stop word's size: 1 stops the worker's compute (the request was cancelled), 0 ends the run.
+// The stop word's size: 1 stops the worker's compute (the run is not wanted), 0 ends the run.
 inline constexpr int64_t kStopWordBytes = 8;
 
 // With a data plane, rank 0 sends a worker that computed this word on the control communicator
@@ -176,7 +180,7 @@ struct ShardRunOptions {
   // link) and the most rank 0 copies out of a non-contiguous share at a time. Output shares go
   // back in pieces of the same size (bytes, not rows; no piece words), each within `timeout`.
   int64_t scatter_piece_bytes = int64_t{32} << 20;
-  // Rank 0: once a cancelled request's stop words went out, workers that have answered leave the
+  // Rank 0: once a stopped run's stop words (1) went out, workers that have answered leave the
   // run while rank 0 may still take outputs already on their way from others; each is sent a
   // kHeartbeat control frame at most this often (as output pieces arrive) so that its wait for
   // the next control frame (a few heartbeats, serving_worker.cc) does not take rank 0 for lost.

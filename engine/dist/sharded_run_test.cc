@@ -1207,8 +1207,10 @@ int RunRank(const RankFlags& flags) {
                    (plane == nullptr || plane->counters().bytes_sent == 0),
                "rank 0 sent ", (*comm)->counters().bytes_sent - before.bytes_sent,
                " bytes for a run it refused");
-    const absl::StatusOr<ShardRunStats> answered =
-        CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
+    // Pieces of 4 KiB: the refusing worker takes its share in many pieces into one scratch piece.
+    ShardRunOptions unknown = Options(nullptr, nullptr, plane.get());
+    unknown.scatter_piece_bytes = 4096;
+    const absl::StatusOr<ShardRunStats> answered = CoordinateShardedRun(**comm, problem, unknown);
     RANK_CHECK(answered.status().code() == absl::StatusCode::kResourceExhausted &&
                    AnsweredInStep(answered.status()) &&
                    answered.status().message().find(said) != std::string::npos,
