@@ -65,6 +65,25 @@ class StreamTest : public ::testing::Test {
     *message.mutable_header() = plan_.header;
     return message;
   }
+  // A header of 2^57 tokens of one head of one element (16 bytes a token counted by the shape
+  // check, with the output), whose segment lengths, 2^31 - 1 and 2^31 - 2 tokens (the longest
+  // allowed), repeat together only past the sequence's end.
+  v1::AttendStreamRequest CoprimeSegmentsHeader() const {
+    v1::AttendStreamRequest message = Header();
+    v1::StreamHeader* h = message.mutable_header();
+    h->set_batch(1);
+    h->set_heads(1);
+    h->set_kv_heads(1);
+    h->set_head_dim(1);
+    h->set_seq_len(int64_t{1} << 57);
+    h->mutable_spec()->clear_segment_lengths();
+    h->mutable_spec()->clear_dilation_rates();
+    h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
+    h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 2);
+    h->mutable_spec()->add_dilation_rates(1);
+    h->mutable_spec()->add_dilation_rates(1);
+    return message;
+  }
   v1::AttendStreamRequest Block(int64_t token_start) const {
     v1::AttendStreamRequest message;
     *message.mutable_block() = client::MakeTokenBlock(request_, plan_, token_start);
@@ -257,23 +276,9 @@ TEST_F(StreamTest, HeadersThatCannotBeHeldOrSentAreRefused) {
   options.max_request_bytes = 0;  // No limit: only the budget bounds a stream's window.
   options.memory_budget_bytes = int64_t{1} << 30;
   Start(options);
-  v1::AttendStreamRequest huge = Header();
-  v1::StreamHeader* h = huge.mutable_header();
-  h->set_batch(1);
-  h->set_heads(1);
-  h->set_kv_heads(1);
-  h->set_head_dim(1);
-  // Segments of 2^31 - 1 and 2^31 - 2 tokens (the longest allowed) repeat together only past
-  // the sequence of 2^57 tokens: the stream computes windows of 2^31 - 1 tokens, 4 of them held
-  // at 12 bytes a token (96 GiB) with their gathered rows and outputs, far over the 1 GiB budget.
-  h->set_seq_len(int64_t{1} << 57);
-  h->mutable_spec()->clear_segment_lengths();
-  h->mutable_spec()->clear_dilation_rates();
-  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
-  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 2);
-  h->mutable_spec()->add_dilation_rates(1);
-  h->mutable_spec()->add_dilation_rates(1);
-  const StreamResult result = Run({huge});
+  // The stream computes windows of 2^31 - 1 tokens, 4 of them held at 12 bytes a token (96 GiB)
+  // with their gathered rows and outputs, far over the 1 GiB budget.
+  const StreamResult result = Run({CoprimeSegmentsHeader()});
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << result.status.error_message();
   for (const char* said : {"window", "4 chunks of 2147483647 tokens", "1073741824"}) {
@@ -294,20 +299,8 @@ TEST_F(StreamTest, AStreamWhoseWindowIsBeyondAnyBudgetIsRefusedAtItsHeader) {
   options.memory_budget_bytes = int64_t{1} << 30;
   options.stream_pipeline_depth = 3;
   Start(options);
-  v1::AttendStreamRequest huge = Header();
-  v1::StreamHeader* h = huge.mutable_header();
-  h->set_batch(1);
-  h->set_heads(1);
-  h->set_kv_heads(1);
-  h->set_head_dim(1);
-  h->set_seq_len(int64_t{1} << 57);  // 2^57 x (12 + 4) bytes: the 2^61 the shape check allows.
-  h->mutable_spec()->clear_segment_lengths();
-  h->mutable_spec()->clear_dilation_rates();
-  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 1);
-  h->mutable_spec()->add_segment_lengths((int64_t{1} << 31) - 2);
-  h->mutable_spec()->add_dilation_rates(1);
-  h->mutable_spec()->add_dilation_rates(1);
-  const StreamResult result = Run({huge});
+  // 2^57 x (12 + 4) bytes: the 2^61 the shape check allows.
+  const StreamResult result = Run({CoprimeSegmentsHeader()});
   EXPECT_EQ(result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << result.status.error_message();
   // 3 x 2^57 tokens x 12 bytes of inputs (5.2e18) > 2^62 (4.6e18).

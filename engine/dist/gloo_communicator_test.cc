@@ -224,7 +224,8 @@ int RunKilledPeer(const RankFlags& flags, KeyValueStore& store, Communicator& co
 // and one from rank 2, and rank 1 waits for one from rank 0: rank 0's failure with rank 2 ends
 // its other wait at once and closes its connection to rank 1, whose wait fails at once too, all
 // long before their 10 s timeout.
-int RunFailureReachesEveryone(const RankFlags& flags, KeyValueStore& store, Communicator& comm) {
+int RunFailureReachesEveryone(const RankFlags& flags, KeyValueStore& /*store*/,
+                              Communicator& comm) {
   std::vector<char> one(64), all(64 * flags.size);
   RANK_CHECK_OK(comm.AllGather(one.data(), all.data(), 64, kOpTimeout));  // All connected.
   if (flags.rank == 2) {

@@ -452,6 +452,16 @@ int CoordinateCase(const RankFlags& flags, Communicator& comm, const Case& c, ui
   return 0;
 }
 
+// Case c's problem (SEQUENCE) over p's tensors, computed with `compute` on rank 0.
+ShardedProblem SequenceProblem(const Case& c, engine::testing::OwnedProblem& p,
+                               const engine::ShareCompute& compute) {
+  ShardedProblem problem =
+      Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
+  problem.strategy = ShardPolicy::kSequence;
+  problem.compute = compute;
+  return problem;
+}
+
 // "slow_scatter" and "plane_slow_scatter": every scatter piece takes 150 ms to send (a slow link)
 // and a timeout is 1 s, so that the scatter to each worker takes longer than a timeout: the last
 // worker waits for the others' shares, and rank 0 for the workers' first frames, longer than one.
@@ -1183,10 +1193,7 @@ int RunRank(const RankFlags& flags) {
     Case c = SweepCases()[0];
     c.strategy = ShardPolicy::kSequence;
     engine::testing::OwnedProblem p = engine::testing::RandomProblem(c.shape, 4);
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
-    problem.strategy = c.strategy;
-    problem.compute = compute;
+    const ShardedProblem problem = SequenceProblem(c, p, compute);
     const absl::StatusOr<engine::ShardLayout> layout =
         engine::MakeShardLayout(c.shape, c.spec, c.strategy, flags.size);
     RANK_CHECK(layout.ok(), layout.status().ToString());
@@ -1229,10 +1236,7 @@ int RunRank(const RankFlags& flags) {
     Case c = SweepCases()[0];
     c.strategy = ShardPolicy::kSequence;
     engine::testing::OwnedProblem p = engine::testing::RandomProblem(c.shape, 4);
-    ShardedProblem problem =
-        Problem(p.q.view(), p.k.view(), p.v.view(), c.spec, p.out.mutable_view());
-    problem.strategy = c.strategy;
-    problem.compute = compute;
+    const ShardedProblem problem = SequenceProblem(c, p, compute);
     const absl::StatusOr<ShardRunStats> failed =
         CoordinateShardedRun(**comm, problem, Options(nullptr, nullptr, plane.get()));
     RANK_CHECK(failed.status().code() == absl::StatusCode::kInvalidArgument &&
