@@ -1061,8 +1061,13 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
   RankRun run(comm, header, std::move(layout), options, options.compute);
   // A part over this rank's memory budget, or whose share buffers cannot be had, is refused in
   // step: the worker goes through the run's steps holding no share and answers with the refusal.
-  const int64_t needs = RankRunBytes(header.shape, header.dtype, header.out_dtype, header.spec,
-                                     run.layout(), comm.rank());
+  // Its part's bytes are worked out only where they matter: a budget to hold them to, or a
+  // refusal to report them in.
+  const auto part_bytes = [&] {
+    return RankRunBytes(header.shape, header.dtype, header.out_dtype, header.spec, run.layout(),
+                        comm.rank());
+  };
+  int64_t needs = options.memory_budget_bytes > 0 ? part_bytes() : 0;
   absl::Status refused;
   int64_t refused_budget = 0;  // The budget it was over; 0 when its buffers could not be had.
   if (options.memory_budget_bytes > 0 && needs > options.memory_budget_bytes) {
@@ -1070,6 +1075,7 @@ absl::StatusOr<ShardRunStats> ServeShardedRun(Communicator& comm, const ControlF
     refused = PartRefused(comm.rank(), needs, refused_budget);
   } else {
     refused = run.AllocateShare();
+    if (!refused.ok() && needs == 0) needs = part_bytes();
   }
   if (!refused.ok()) run.HoldNoShare();
   std::vector<uint8_t> scratch;  // A refused run's scatter pieces, one at a time, not kept.
